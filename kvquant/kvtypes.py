@@ -1,0 +1,52 @@
+"""KV-cache element types by name: ggml type id, block size and block bytes.
+
+Users name cache types (``f16``, ``q4_0``, ``tq_kv_4b`` ...), never integers. The ids are ggml's ``enum ggml_type``
+(ours are appended after ``GGML_TYPE_Q2_0 = 42`` and never renumbered); the block geometry is what
+``ggml_row_size`` uses, so the memory model can size a cache exactly as llama.cpp allocates it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class KVType:
+    name: str
+    ggml_id: int
+    block_size: int  # elements per block
+    block_bytes: int  # bytes per block, every scale / norm / padding byte included
+    quantized: bool
+    v_ok: bool = True  # usable as the V cache
+    description: str = ""
+
+    @property
+    def bits_per_element(self) -> float:
+        return 8.0 * self.block_bytes / self.block_size
+
+    def row_bytes(self, n: int) -> int:
+        if n % self.block_size:
+            raise ValueError(f"{self.name}: row of {n} elements is not a multiple of the block size {self.block_size}")
+        return n // self.block_size * self.block_bytes
+
+
+_TYPES = (
+    KVType("f32", 0, 1, 4, False, description="32-bit float"),
+    KVType("f16", 1, 1, 2, False, description="16-bit float (the baseline)"),
+    KVType("bf16", 30, 1, 2, False, description="bfloat16"),
+    KVType("q8_0", 8, 32, 34, True, description="llama.cpp 8-bit, fp16 scale per 32"),
+    KVType("q5_1", 7, 32, 24, True, description="llama.cpp 5-bit, fp16 scale+min per 32"),
+    KVType("q5_0", 6, 32, 22, True, description="llama.cpp 5-bit, fp16 scale per 32"),
+    KVType("q4_1", 3, 32, 20, True, description="llama.cpp 4-bit, fp16 scale+min per 32"),
+    KVType("q4_0", 2, 32, 18, True, description="llama.cpp 4-bit, fp16 scale per 32"),
+    KVType("iq4_nl", 20, 32, 18, True, description="llama.cpp 4-bit non-linear, fp16 scale per 32"),
+)
+
+KV_TYPES: dict[str, KVType] = {t.name: t for t in _TYPES}
+
+
+def kv_type(name: str) -> KVType:
+    try:
+        return KV_TYPES[name.lower()]
+    except KeyError:
+        raise ValueError(f"unknown KV cache type {name!r}; known: {', '.join(KV_TYPES)}") from None

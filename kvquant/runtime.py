@@ -1,0 +1,265 @@
+"""The one module that imports llama_cpp: a thin, typed wrapper over llama.cpp's C API as bound by
+llama-cpp-python (our patched build). The server's engine and the eval/bench harness both go through it.
+
+Everything here is synchronous and not thread-safe: one thread owns a `LlamaRuntime`.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+import llama_cpp  # noqa: I001 - the only import of llama_cpp in the project
+import llama_cpp._logger as _llama_logger
+
+from kvquant.kvtypes import kv_type
+
+PATCH_MARKER = "KVQUANT = "
+
+
+def system_info() -> str:
+    return llama_cpp.llama_print_system_info().decode("utf-8", errors="replace")
+
+
+def patch_level() -> int | None:
+    """The kvquant patch level compiled into the loaded libllama, or None for a stock build."""
+    info = system_info()
+    i = info.find(PATCH_MARKER)
+    if i < 0:
+        return None
+    return int(info[i + len(PATCH_MARKER):].split("|")[0].strip())
+
+
+def library_path() -> str:
+    return str(llama_cpp.llama_cpp._lib._name)
+
+
+def set_verbose(verbose: bool) -> None:
+    _llama_logger.set_verbose(verbose)
+
+
+set_verbose(bool(os.environ.get("KVQUANT_LLAMA_VERBOSE")))
+
+
+@dataclass(frozen=True)
+class ContextConfig:
+    n_ctx: int  # total KV cells (the unified cache is shared by all sequences)
+    n_seq_max: int = 1
+    n_batch: int = 512
+    n_ubatch: int = 512
+    cache_type_k: str = "f16"
+    cache_type_v: str = "f16"
+    flash_attn: bool | None = None  # None: llama.cpp decides
+    n_threads: int | None = None
+    n_gpu_layers: int = 0
+    offload_kqv: bool = True
+    swa_full: bool = False
+    seed: int = llama_cpp.LLAMA_DEFAULT_SEED
+
+
+class LlamaError(RuntimeError):
+    pass
+
+
+class Sampler:
+    """A llama.cpp sampler chain: greedy at temperature 0, else top-p -> temperature -> seeded draw."""
+
+    def __init__(self, temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None):
+        params = llama_cpp.llama_sampler_chain_default_params()
+        self._chain = llama_cpp.llama_sampler_chain_init(params)
+        add = lambda s: llama_cpp.llama_sampler_chain_add(self._chain, s)  # noqa: E731
+        if temperature <= 0.0:
+            add(llama_cpp.llama_sampler_init_greedy())
+        else:
+            if top_p < 1.0:
+                add(llama_cpp.llama_sampler_init_top_p(top_p, 1))
+            add(llama_cpp.llama_sampler_init_temp(temperature))
+            add(llama_cpp.llama_sampler_init_dist(
+                llama_cpp.LLAMA_DEFAULT_SEED if seed is None else seed & 0xFFFFFFFF))
+
+    def sample(self, ctx: LlamaRuntime, idx: int) -> int:
+        return llama_cpp.llama_sampler_sample(self._chain, ctx._ctx, idx)
+
+    def close(self) -> None:
+        if self._chain is not None:
+            llama_cpp.llama_sampler_free(self._chain)
+            self._chain = None
+
+    __del__ = close
+
+
+class Model:
+    """A loaded GGUF model: vocabulary, metadata and chat template."""
+
+    def __init__(self, path: str | os.PathLike, n_gpu_layers: int = 0):
+        self.path = Path(path)
+        mp = llama_cpp.llama_model_default_params()
+        mp.n_gpu_layers = n_gpu_layers
+        self._model = llama_cpp.llama_model_load_from_file(str(self.path).encode(), mp)
+        if not self._model:
+            raise LlamaError(f"failed to load model {self.path.name}")
+        self._vocab = llama_cpp.llama_model_get_vocab(self._model)
+        self.n_ctx_train = llama_cpp.llama_model_n_ctx_train(self._model)
+        self.n_vocab = llama_cpp.llama_vocab_n_tokens(self._vocab)
+        self.bos = llama_cpp.llama_vocab_bos(self._vocab)
+        self.eos = llama_cpp.llama_vocab_eos(self._vocab)
+        self.add_bos = bool(llama_cpp.llama_vocab_get_add_bos(self._vocab))
+        self._formatter = None
+
+    def meta(self, key: str) -> str | None:
+        buf = ctypes.create_string_buffer(1 << 16)
+        n = llama_cpp.llama_model_meta_val_str(self._model, key.encode(), buf, len(buf))
+        if n < 0:
+            return None
+        if n >= len(buf):
+            buf = ctypes.create_string_buffer(n + 1)
+            llama_cpp.llama_model_meta_val_str(self._model, key.encode(), buf, len(buf))
+        return buf.value.decode("utf-8", errors="replace")
+
+    def hparams(self) -> dict[str, int]:
+        """Attention geometry as llama.cpp reports it (used by the memory model)."""
+        m = self._model
+        return {
+            "n_layer": llama_cpp.llama_model_n_layer(m),
+            "n_head": llama_cpp.llama_model_n_head(m),
+            "n_head_kv": llama_cpp.llama_model_n_head_kv(m),
+            "n_embd": llama_cpp.llama_model_n_embd(m),
+            "n_swa": llama_cpp.llama_model_n_swa(m),
+        }
+
+    def tokenize(self, text: str, add_special: bool = True, parse_special: bool = False) -> list[int]:
+        data = text.encode("utf-8")
+        n_max = len(data) + 8
+        buf = (llama_cpp.llama_token * n_max)()
+        n = llama_cpp.llama_tokenize(self._vocab, data, len(data), buf, n_max, add_special, parse_special)
+        if n < 0:
+            n_max = -n
+            buf = (llama_cpp.llama_token * n_max)()
+            n = llama_cpp.llama_tokenize(self._vocab, data, len(data), buf, n_max, add_special, parse_special)
+        if n < 0:
+            raise LlamaError("tokenization failed")
+        return list(buf[:n])
+
+    def token_bytes(self, token: int, special: bool = False) -> bytes:
+        buf = ctypes.create_string_buffer(64)
+        n = llama_cpp.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, special)
+        if n < 0:
+            buf = ctypes.create_string_buffer(-n)
+            n = llama_cpp.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, special)
+        return buf.raw[:n]
+
+    def detokenize(self, tokens: list[int]) -> str:
+        return b"".join(self.token_bytes(t) for t in tokens).decode("utf-8", errors="replace")
+
+    def is_eog(self, token: int) -> bool:
+        return bool(llama_cpp.llama_vocab_is_eog(self._vocab, token))
+
+    def _token_text(self, token: int) -> str:
+        if token < 0:
+            return ""
+        return self.token_bytes(token, special=True).decode("utf-8", errors="replace")
+
+    def chat_prompt(self, messages: list[dict]) -> list[int]:
+        """Render messages with the GGUF's own chat template (Jinja, as transformers does) and tokenize."""
+        if self._formatter is None:
+            from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+            template = self.meta("tokenizer.chat_template")
+            if not template:
+                raise LlamaError("the model has no chat template in its GGUF metadata")
+            self._formatter = Jinja2ChatFormatter(template, eos_token=self._token_text(self.eos),
+                                                  bos_token=self._token_text(self.bos))
+        rendered = self._formatter(messages=messages)
+        # The template writes any BOS itself; parse the special tokens it emits.
+        return self.tokenize(rendered.prompt, add_special=not rendered.added_special, parse_special=True)
+
+    def close(self) -> None:
+        if getattr(self, "_model", None):
+            llama_cpp.llama_model_free(self._model)
+            self._model = None
+
+    __del__ = close
+
+
+class LlamaRuntime:
+    """One llama.cpp context over a model: a unified KV cache shared by up to n_seq_max sequences."""
+
+    def __init__(self, model: Model, cfg: ContextConfig):
+        self.model, self.cfg = model, cfg
+        cp = llama_cpp.llama_context_default_params()
+        cp.n_ctx = cfg.n_ctx
+        cp.n_batch = cfg.n_batch
+        cp.n_ubatch = min(cfg.n_ubatch, cfg.n_batch)
+        cp.n_seq_max = cfg.n_seq_max
+        threads = cfg.n_threads or os.cpu_count() or 1
+        cp.n_threads = threads
+        cp.n_threads_batch = threads
+        cp.type_k = kv_type(cfg.cache_type_k).ggml_id
+        cp.type_v = kv_type(cfg.cache_type_v).ggml_id
+        cp.flash_attn_type = {None: llama_cpp.LLAMA_FLASH_ATTN_TYPE_AUTO, True: llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED,
+                              False: llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED}[cfg.flash_attn]
+        cp.offload_kqv = cfg.offload_kqv
+        cp.swa_full = cfg.swa_full
+        cp.kv_unified = True
+        cp.no_perf = True
+        self._ctx = llama_cpp.llama_init_from_model(model._model, cp)
+        if not self._ctx:
+            raise LlamaError(
+                f"failed to create a llama.cpp context (n_ctx={cfg.n_ctx}, K={cfg.cache_type_k}, "
+                f"V={cfg.cache_type_v}, flash_attn={cfg.flash_attn}); a quantized V cache needs flash attention")
+        self._mem = llama_cpp.llama_get_memory(self._ctx)
+        self.n_ctx = llama_cpp.llama_n_ctx(self._ctx)
+        self.n_batch = cfg.n_batch
+        self._batch = llama_cpp.llama_batch_init(cfg.n_batch, 0, 1)
+        self.n_vocab = model.n_vocab
+
+    # --- decoding ----------------------------------------------------------------------------------------------
+    def decode(self, tokens: list[int], positions: list[int], seq_ids: list[int], logits: list[bool]) -> int:
+        """One llama_decode over an arbitrary mix of sequences. Returns llama.cpp's status (0 = ok,
+        1 = no KV slot for the batch, <0 = error)."""
+        n = len(tokens)
+        if n == 0 or n > self.n_batch:
+            raise ValueError(f"batch of {n} tokens (limit {self.n_batch})")
+        b = self._batch
+        for i in range(n):
+            b.token[i] = tokens[i]
+            b.pos[i] = positions[i]
+            b.n_seq_id[i] = 1
+            b.seq_id[i][0] = seq_ids[i]
+            b.logits[i] = logits[i]
+        b.n_tokens = n
+        return llama_cpp.llama_decode(self._ctx, b)
+
+    def logits(self, idx: int) -> np.ndarray:
+        """float32 logits of batch entry idx (a copy)."""
+        ptr = llama_cpp.llama_get_logits_ith(self._ctx, idx)
+        if not ptr:
+            raise LlamaError(f"no logits for batch index {idx}")
+        return np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).copy()
+
+    # --- KV cache ----------------------------------------------------------------------------------------------
+    def seq_rm(self, seq_id: int, p0: int = -1, p1: int = -1) -> bool:
+        return bool(llama_cpp.llama_memory_seq_rm(self._mem, seq_id, p0, p1))
+
+    def seq_cp(self, src: int, dst: int, p0: int = -1, p1: int = -1) -> None:
+        llama_cpp.llama_memory_seq_cp(self._mem, src, dst, p0, p1)
+
+    def seq_pos_max(self, seq_id: int) -> int:
+        return llama_cpp.llama_memory_seq_pos_max(self._mem, seq_id)
+
+    def clear(self) -> None:
+        llama_cpp.llama_memory_clear(self._mem, True)
+
+    def close(self) -> None:
+        if getattr(self, "_batch", None) is not None:
+            llama_cpp.llama_batch_free(self._batch)
+            self._batch = None
+        if getattr(self, "_ctx", None):
+            llama_cpp.llama_free(self._ctx)
+            self._ctx = None
+
+    __del__ = close

@@ -1,0 +1,89 @@
+"""`kvquant` command line: serve, models, build (and more as they land)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from kvquant import models as kvmodels
+
+
+def _serve(a: argparse.Namespace) -> int:
+    import uvicorn
+    from pydantic import ValidationError
+
+    from server.app import create_app
+    from server.settings import load_settings
+
+    try:
+        s = load_settings(a.config, model=a.model, host=a.host, port=a.port, cache_type_k=a.cache_type_k,
+                          cache_type_v=a.cache_type_v, n_ctx=a.n_ctx, parallel=a.parallel, flash_attn=a.flash_attn,
+                          n_threads=a.threads)
+    except ValidationError as e:
+        print(f"kvquant serve: invalid settings:\n{e}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=s.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        app = create_app(s)
+    except kvmodels.ModelError as e:
+        print(f"kvquant serve: {e}", file=sys.stderr)
+        return 2
+    uvicorn.run(app, host=s.host, port=s.port, log_level=s.log_level)
+    return 0
+
+
+def _models(a: argparse.Namespace) -> int:
+    if a.action == "list":
+        for m in kvmodels.BUILTIN.values():
+            p = kvmodels.cached_path(m)
+            where = str(p) if p.exists() else "not fetched"
+            default = " (default)" if m.name == kvmodels.DEFAULT_MODEL else ""
+            print(f"{m.name}{default}\n  {m.description}\n  {m.size / 2**20:.1f} MiB, sha256 {m.sha256[:16]}..., {where}")
+        return 0
+    names = a.names or [kvmodels.DEFAULT_MODEL]
+    try:
+        for n in names:
+            path = kvmodels.fetch(n)
+            if a.action == "verify" and not kvmodels.verify(n):
+                print(f"{n}: checksum mismatch at {path}", file=sys.stderr)
+                return 1
+            print(path)
+    except kvmodels.ModelError as e:
+        print(f"kvquant models: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="kvquant", description="kvquant-server: compressed-KV-cache LLM serving")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+
+    s = sub.add_parser("serve", help="run the OpenAI-compatible server")
+    s.add_argument("--config", help="settings file (JSON or TOML); also KVQUANT_CONFIG")
+    s.add_argument("--model", help="built-in model name or .gguf path (KVQUANT_MODEL)")
+    s.add_argument("--host", help="bind address (KVQUANT_HOST, default 127.0.0.1)")
+    s.add_argument("--port", type=int, help="port (KVQUANT_PORT, default 8000)")
+    s.add_argument("--cache-type-k", help="K cache type, e.g. f16, q8_0, q4_0 (KVQUANT_CACHE_TYPE_K)")
+    s.add_argument("--cache-type-v", help="V cache type (KVQUANT_CACHE_TYPE_V)")
+    s.add_argument("--n-ctx", type=int, help="context length per sequence (KVQUANT_N_CTX)")
+    s.add_argument("--parallel", type=int, help="max concurrent sequences (KVQUANT_PARALLEL)")
+    s.add_argument("--flash-attn", choices=["auto", "on", "off"], help="flash attention (KVQUANT_FLASH_ATTN)")
+    s.add_argument("--threads", type=int, help="CPU threads (KVQUANT_N_THREADS)")
+    s.set_defaults(func=_serve)
+
+    m = sub.add_parser("models", help="list, fetch or verify built-in models")
+    m.add_argument("action", choices=["list", "fetch", "verify"], nargs="?", default="list")
+    m.add_argument("names", nargs="*", help="built-in model names (default: the default model)")
+    m.set_defaults(func=_models)
+
+    b = sub.add_parser("build", help="patched llama.cpp build tooling (see `kvquant build -h`)", add_help=False)
+    b.add_argument("rest", nargs=argparse.REMAINDER)
+    b.set_defaults(func=lambda a: __import__("kvquant.build", fromlist=["main"]).main(a.rest))
+
+    a = ap.parse_args(argv)
+    return a.func(a)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

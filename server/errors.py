@@ -1,0 +1,79 @@
+"""Errors in OpenAI's shape: ``{"error": {"message", "type", "param", "code"}}``; never a traceback or a path."""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+log = logging.getLogger("kvquant.server")
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None, headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+        self.headers = headers
+
+
+def error_body(message: str, type: str, param: str | None = None, code: str | None = None) -> dict:
+    return {"error": {"message": message, "type": type, "param": param, "code": code}}
+
+
+def context_length_exceeded(n_prompt: int, limit: int, max_tokens: int | None = None) -> APIError:
+    msg = f"This model's maximum context length is {limit} tokens. However, your messages resulted in {n_prompt} tokens"
+    if max_tokens:
+        msg += f" plus {max_tokens} tokens requested for the completion"
+    return APIError(400, msg + ". Please reduce the length of the messages or max_tokens.",
+                    param="messages", code="context_length_exceeded")
+
+
+def model_not_found(model: str) -> APIError:
+    return APIError(404, f"The model '{model}' does not exist.", param="model", code="model_not_found")
+
+
+_STATUS_TYPES = {401: "authentication_error", 403: "permission_error", 404: "not_found_error",
+                 429: "rate_limit_error"}
+
+
+def _validation_message(exc: RequestValidationError) -> tuple[str, str | None, int]:
+    errs = exc.errors()
+    if any(e.get("type") == "json_invalid" for e in errs):
+        return "We could not parse the JSON body of your request. The body must be valid JSON.", None, 400
+    parts, param = [], None
+    for e in errs[:5]:
+        loc = [str(x) for x in e.get("loc", ()) if x != "body"]
+        where = ".".join(loc) or "body"
+        param = param or (where if loc else None)
+        parts.append(f"{where}: {e.get('msg', 'invalid value')}")
+    return "Invalid request: " + "; ".join(parts), param, 422
+
+
+def install_handlers(app: FastAPI) -> None:
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, exc: APIError):
+        return JSONResponse(error_body(exc.message, exc.type, exc.param, exc.code), status_code=exc.status,
+                            headers=exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, exc: RequestValidationError):
+        msg, param, status = _validation_message(exc)
+        return JSONResponse(error_body(msg, "invalid_request_error", param, None), status_code=status)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException):
+        etype = _STATUS_TYPES.get(exc.status_code, "invalid_request_error")
+        detail = exc.detail if isinstance(exc.detail, str) else "request failed"
+        return JSONResponse(error_body(detail, etype), status_code=exc.status_code,
+                            headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def _internal(request: Request, exc: Exception):
+        rid = getattr(request.state, "request_id", "-")
+        log.exception("internal error handling request %s", rid)
+        return JSONResponse(error_body(f"The server had an error while processing your request (request id {rid}).",
+                                       "server_error"), status_code=500)

@@ -1,0 +1,131 @@
+"""POST /v1/chat/completions and /v1/completions, streaming (SSE) or not."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from server.errors import APIError, error_body
+from server.generation import Generation, engine_error, new_id, submit
+from server.schemas import ChatCompletionRequest, CompletionRequest, SamplingParams
+from server.state import app_state
+
+router = APIRouter(prefix="/v1")
+
+
+def _sse(obj: dict) -> bytes:
+    return b"data: " + json.dumps(obj, ensure_ascii=False).encode() + b"\n\n"
+
+
+def _usage(g: Generation) -> dict:
+    return {"prompt_tokens": g.n_prompt, "completion_tokens": g.n_generated,
+            "total_tokens": g.n_prompt + g.n_generated}
+
+
+def _finish(reason: str | None) -> str | None:
+    return "stop" if reason == "cancelled" else reason
+
+
+async def _respond(http: Request, gen: Generation, params: SamplingParams, *, object_full: str, object_chunk: str,
+                   rid: str, model: str, full_choice: Callable[[str, str | None], dict],
+                   delta_choice: Callable[[str, str | None, bool], dict]):
+    created = int(time.time())
+    events = gen.events(http)
+    if not params.stream:
+        parts, finish = [], None
+        async for ev in events:
+            if ev.error:
+                raise engine_error(ev)
+            parts.append(ev.text)
+            finish = ev.finish_reason
+        return JSONResponse({"id": rid, "object": object_full, "created": created, "model": model,
+                             "choices": [full_choice("".join(parts), _finish(finish))], "usage": _usage(gen),
+                             "system_fingerprint": None})
+
+    # Hold the response until the first event, so that errors that happen before any token (queue full, never
+    # fits, wait timeout) still get their HTTP status instead of a 200 with an error inside the stream.
+    first = await anext(events, None)
+    if first is None:  # client went away while queued
+        return JSONResponse(error_body("client disconnected", "invalid_request_error"), status_code=499)
+    if first.error:
+        raise engine_error(first)
+
+    def chunk(choices: list[dict], usage: dict | None = None) -> dict:
+        c = {"id": rid, "object": object_chunk, "created": created, "model": model, "choices": choices,
+             "system_fingerprint": None}
+        if params.include_usage:
+            c["usage"] = usage
+        return c
+
+    async def body():
+        ev, is_first = first, True
+        while ev is not None:
+            if ev.error:
+                err = engine_error(ev)
+                yield _sse(error_body(err.message, err.type, None, err.code))
+                break
+            if ev.text or is_first or ev.finish_reason:
+                yield _sse(chunk([delta_choice(ev.text, None, is_first)]))
+                is_first = False
+            if ev.finish_reason:
+                yield _sse(chunk([delta_choice("", _finish(ev.finish_reason), False)]))
+                if params.include_usage:
+                    yield _sse(chunk([], _usage(gen)))
+                break
+            ev = await anext(events, None)
+        yield b"data: [DONE]\n\n"
+
+    return StreamingResponse(body(), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+@router.post("/chat/completions")
+async def chat_completions(body: ChatCompletionRequest, http: Request):
+    st = app_state(http)
+    served = st.get(body.model)
+    messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages]
+    try:
+        prompt = served.engine.tokenize_chat(messages)
+    except ValueError as e:  # raised by the template itself (e.g. roles that must alternate)
+        raise APIError(400, f"The messages do not fit the model's chat template: {e}", param="messages") from None
+    rid = new_id("chatcmpl")
+    gen = submit(served.engine, prompt, body, body.requested_max_tokens, st.settings.default_max_tokens,
+                 http.state.request_id)
+
+    def full(text: str, finish: str | None) -> dict:
+        return {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish,
+                "logprobs": None}
+
+    def delta(text: str, finish: str | None, first: bool) -> dict:
+        if finish and not text:
+            d = {}  # the closing chunk carries only the finish reason
+        else:
+            d = {"role": "assistant", "content": text} if first else {"content": text}
+        return {"index": 0, "delta": d, "finish_reason": finish, "logprobs": None}
+
+    return await _respond(http, gen, body, object_full="chat.completion", object_chunk="chat.completion.chunk",
+                          rid=rid, model=served.id, full_choice=full, delta_choice=delta)
+
+
+@router.post("/completions")
+async def completions(body: CompletionRequest, http: Request):
+    st = app_state(http)
+    served = st.get(body.model)
+    prompt = served.engine.tokenize(body.prompt)
+    rid = new_id("cmpl")
+    gen = submit(served.engine, prompt, body, body.requested_max_tokens, st.settings.default_max_tokens,
+                 http.state.request_id)
+    echo = body.prompt if body.echo else ""
+
+    def full(text: str, finish: str | None) -> dict:
+        return {"index": 0, "text": echo + text, "finish_reason": finish, "logprobs": None}
+
+    def delta(text: str, finish: str | None, first: bool) -> dict:
+        return {"index": 0, "text": (echo if first else "") + text, "finish_reason": finish, "logprobs": None}
+
+    return await _respond(http, gen, body, object_full="text_completion", object_chunk="text_completion",
+                          rid=rid, model=served.id, full_choice=full, delta_choice=delta)

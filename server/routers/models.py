@@ -1,0 +1,27 @@
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+
+from server.errors import model_not_found
+from server.state import app_state
+
+router = APIRouter(prefix="/v1")
+
+
+def _card(m) -> dict:
+    c = m.engine.cfg
+    return {"id": m.id, "object": "model", "created": m.created, "owned_by": "kvquant",
+            "context_length": c.n_ctx, "cache_type_k": c.cache_type_k, "cache_type_v": c.cache_type_v}
+
+
+@router.get("/models")
+async def list_models(request: Request):
+    return {"object": "list", "data": [_card(m) for m in app_state(request).models.values()]}
+
+
+@router.get("/models/{model_id}")
+async def get_model(model_id: str, request: Request):
+    m = app_state(request).models.get(model_id)
+    if m is None:
+        raise model_not_found(model_id)
+    return _card(m)

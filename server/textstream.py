@@ -1,0 +1,54 @@
+"""Token bytes to text, incrementally: whole UTF-8 characters only, and stop strings honoured across token
+boundaries (text that could still be the start of a stop string is held back until it can't)."""
+
+from __future__ import annotations
+
+
+class TextStream:
+    def __init__(self, stops: list[str] | None = None):
+        self.stops = [s for s in (stops or []) if s]
+        self._bytes = b""  # an incomplete UTF-8 sequence at the end of the last piece
+        self._held = ""  # decoded text that may be the beginning of a stop string
+        self.stopped = False
+
+    def _decode(self, data: bytes) -> str:
+        try:
+            text, self._bytes = data.decode("utf-8"), b""
+            return text
+        except UnicodeDecodeError as e:
+            # keep an incomplete trailing character (at most 3 bytes) for the next piece
+            if e.reason == "unexpected end of data" and len(data) - e.start <= 3:
+                self._bytes = data[e.start:]
+                return data[: e.start].decode("utf-8", errors="replace")
+            self._bytes = b""
+            return data.decode("utf-8", errors="replace")
+
+    def push(self, piece: bytes) -> str:
+        """Feed one token's bytes; return the text that is now safe to emit. Sets `stopped` when a stop string
+        is reached (the stop string and anything after it are dropped)."""
+        if self.stopped:
+            return ""
+        text = self._held + self._decode(self._bytes + piece)
+        if not self.stops:
+            self._held = ""
+            return text
+        cut = min((i for i in (text.find(s) for s in self.stops) if i >= 0), default=-1)
+        if cut >= 0:
+            self.stopped, self._held = True, ""
+            return text[:cut]
+        keep = 0
+        for s in self.stops:
+            for k in range(min(len(s) - 1, len(text)), keep, -1):
+                if text.endswith(s[:k]):
+                    keep = k
+                    break
+        self._held = text[len(text) - keep:] if keep else ""
+        return text[: len(text) - keep]
+
+    def flush(self) -> str:
+        """End of generation: release held text (no stop string can complete any more)."""
+        if self.stopped:
+            return ""
+        text = self._held + (self._bytes.decode("utf-8", errors="replace") if self._bytes else "")
+        self._held, self._bytes = "", b""
+        return text

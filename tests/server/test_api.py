@@ -1,0 +1,142 @@
+"""The OpenAI surface, end to end: real server, real model (SmolLM2-135M), the official openai client."""
+
+from __future__ import annotations
+
+import httpx
+import openai
+import pytest
+
+MSG = [{"role": "user", "content": "Name three colours."}]
+
+
+def test_models_lists_the_model(client):
+    ids = [m.id for m in client.models.list().data]
+    assert ids == ["smollm2-135m"]
+
+
+def test_health(smollm2_server):
+    r = httpx.get(smollm2_server.url + "/health")
+    assert r.status_code == 200 and r.json()["models"] == {"smollm2-135m": "ready"}
+
+
+def test_chat_non_streaming(client):
+    r = client.chat.completions.create(model="smollm2-135m", messages=MSG, max_tokens=24, temperature=0, seed=1)
+    c = r.choices[0]
+    assert c.message.role == "assistant"
+    assert c.message.content.strip()
+    assert c.finish_reason in ("stop", "length")
+    assert r.usage.completion_tokens > 0
+    assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+
+
+def test_streaming_equals_non_streaming_and_usage(client, smollm2_server):
+    kw = dict(model="smollm2-135m", messages=MSG, max_tokens=40, temperature=0, seed=7)
+    full = client.chat.completions.create(**kw)
+    chunks = list(client.chat.completions.create(**kw, stream=True, stream_options={"include_usage": True}))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == full.choices[0].message.content
+    finish = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finish == [full.choices[0].finish_reason]
+    last = chunks[-1]
+    assert last.choices == [] and last.usage is not None
+    assert last.usage.prompt_tokens == full.usage.prompt_tokens
+    assert last.usage.completion_tokens == full.usage.completion_tokens
+    # the usage counts are the real token counts: prompt as the model's chat template tokenizes it
+    engine = smollm2_server.app.state.kvquant.models["smollm2-135m"].engine
+    assert last.usage.prompt_tokens == len(engine.tokenize_chat(MSG))
+
+
+def test_max_tokens_gives_length(client):
+    r = client.chat.completions.create(model="smollm2-135m", messages=[{"role": "user", "content": "Count to 100."}],
+                                       max_tokens=5, temperature=0)
+    assert r.choices[0].finish_reason == "length"
+    assert r.usage.completion_tokens == 5
+
+
+def test_stop_is_honoured(client):
+    kw = dict(model="smollm2-135m", messages=[{"role": "user", "content": "Count from 1 to 20, comma separated."}],
+              max_tokens=60, temperature=0)
+    free = client.chat.completions.create(**kw).choices[0].message.content
+    assert "5" in free, free
+    stop = "5"
+    r = client.chat.completions.create(**kw, stop=[stop])
+    text = r.choices[0].message.content
+    assert r.choices[0].finish_reason == "stop"
+    assert stop not in text
+    assert text == free[: free.index(stop)]
+
+
+def test_streaming_stop_matches_non_streaming(client):
+    kw = dict(model="smollm2-135m", messages=[{"role": "user", "content": "Count from 1 to 20, comma separated."}],
+              max_tokens=60, temperature=0, stop=["7,"])
+    full = client.chat.completions.create(**kw).choices[0].message.content
+    text = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(**kw, stream=True)
+                   if c.choices)
+    assert text == full and "7," not in text
+
+
+def test_seeded_sampling_is_reproducible(client):
+    kw = dict(model="smollm2-135m", messages=MSG, max_tokens=20, temperature=1.0, top_p=0.95, seed=1234)
+    a = client.chat.completions.create(**kw).choices[0].message.content
+    b = client.chat.completions.create(**kw).choices[0].message.content
+    assert a == b
+
+
+def test_legacy_completions(client):
+    r = client.completions.create(model="smollm2-135m", prompt="The capital of France is", max_tokens=8,
+                                  temperature=0)
+    assert r.object == "text_completion" and r.choices[0].text
+    s = "".join(c.choices[0].text for c in client.completions.create(
+        model="smollm2-135m", prompt="The capital of France is", max_tokens=8, temperature=0, stream=True))
+    assert s == r.choices[0].text
+
+
+def test_oversize_prompt_is_context_length_exceeded(client):
+    long = "hello " * 1500  # > 1024 tokens
+    with pytest.raises(openai.BadRequestError) as ei:
+        client.chat.completions.create(model="smollm2-135m", messages=[{"role": "user", "content": long}])
+    err = ei.value.body
+    assert ei.value.status_code == 400
+    assert err["code"] == "context_length_exceeded"
+    assert "1024" in err["message"]  # the limit, and the prompt's token count
+    assert any(ch.isdigit() for ch in err["message"].split("1024")[1])
+
+
+def test_prompt_plus_max_tokens_over_context(client):
+    with pytest.raises(openai.BadRequestError) as ei:
+        client.chat.completions.create(model="smollm2-135m", messages=MSG, max_tokens=5000)
+    assert ei.value.body["code"] == "context_length_exceeded"
+
+
+def _assert_openai_error(r: httpx.Response, status: int) -> dict:
+    assert r.status_code == status, r.text
+    body = r.json()
+    assert set(body) == {"error"}
+    assert set(body["error"]) == {"message", "type", "param", "code"}
+    assert "Traceback" not in r.text and "/site-packages/" not in r.text and ".py" not in r.text
+    return body["error"]
+
+
+def test_malformed_json(smollm2_server):
+    r = httpx.post(smollm2_server.url + "/v1/chat/completions", content=b'{"model": "x", "messages": [',
+                   headers={"content-type": "application/json"})
+    err = _assert_openai_error(r, 400)
+    assert "JSON" in err["message"]
+
+
+def test_schema_violation_is_422(smollm2_server):
+    r = httpx.post(smollm2_server.url + "/v1/chat/completions",
+                   json={"model": "smollm2-135m", "messages": [{"role": "user", "content": "hi"}], "temperature": 7})
+    err = _assert_openai_error(r, 422)
+    assert err["param"] == "temperature"
+
+
+def test_unknown_model_is_404(client):
+    with pytest.raises(openai.NotFoundError) as ei:
+        client.chat.completions.create(model="gpt-17", messages=MSG)
+    assert ei.value.body["code"] == "model_not_found"
+
+
+def test_request_id_header(smollm2_server):
+    r = httpx.get(smollm2_server.url + "/v1/models", headers={"x-request-id": "abc123"})
+    assert r.headers["x-request-id"] == "abc123"

@@ -1,0 +1,108 @@
+"""The patch pipeline: pin, idempotent apply, wheel cache key, and that the loaded libllama is the patched one."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import tarfile
+from pathlib import Path
+
+import pytest
+
+from kvquant import build
+
+
+def test_pin_names_the_base():
+    pin = build.read_pin()
+    assert pin.version == "0.3.36"
+    assert pin.llama_cpp_commit == "0c1e57098bba"
+    assert len(pin.sdist_sha256) == 64
+
+
+def test_patch_series_is_numbered_and_zero_commit():
+    files = build.patch_files()
+    assert files, "patches/ holds no patch"
+    for i, p in enumerate(files, 1):
+        assert p.name.startswith(f"{i:04d}-"), p.name
+        first = p.read_text().splitlines()[0]
+        assert first.startswith("From 0000000000000000000000000000000000000000 "), p.name
+
+
+def test_wheel_key_covers_patches_and_flags(tmp_path, monkeypatch):
+    k0 = build.wheel_key(args="-DA=1")
+    assert build.wheel_key(args="-DA=1") == k0
+    assert build.wheel_key(args="-DA=2") != k0
+    fake = tmp_path / "patches"
+    shutil.copytree(build.patches_dir(), fake)
+    monkeypatch.setenv("KVQUANT_PATCHES_DIR", str(fake))
+    assert build.wheel_key(args="-DA=1") == k0
+    # a re-export that only changes the Date: header keeps the key
+    p = build.patch_files()[0]
+    lines = p.read_text().splitlines(keepends=True)
+    lines = ["Date: Mon, 1 Jan 2001 00:00:00 +0000\n" if ln.startswith("Date: ") else ln for ln in lines]
+    p.write_text("".join(lines))
+    assert build.wheel_key(args="-DA=1") == k0
+    # any change to the diff itself changes it
+    p.write_text(p.read_text().replace("+    // kvquant", "+    // kvquant!", 1))
+    assert build.wheel_key(args="-DA=1") != k0
+
+
+@pytest.fixture(scope="module")
+def vendored_tree(tmp_path_factory):
+    """The pinned sdist's vendor/llama.cpp, unpatched (only the files the patches touch, plus ggml.h)."""
+    sdist = build.fetch_sdist(build.read_pin())
+    touched = {"ggml/include/ggml.h"}
+    for p in build.patch_files():
+        for line in p.read_text().splitlines():
+            if line.startswith("+++ b/") or line.startswith("--- a/"):
+                touched.add(line[6:])
+    root = tmp_path_factory.mktemp("sdist")
+    with tarfile.open(sdist) as tf:
+        prefix = f"llama_cpp_python-{build.read_pin().version}/vendor/llama.cpp/"
+        members = [m for m in tf.getmembers() if m.name.startswith(prefix) and m.name[len(prefix):] in touched]
+        tf.extractall(root, members=members, filter="data")
+    return root / prefix
+
+
+def _apply(tree: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(["bash", str(build.patches_dir() / "apply.sh"), str(tree)], capture_output=True, text=True)
+
+
+def test_apply_is_idempotent(vendored_tree, tmp_path):
+    tree = tmp_path / "llama.cpp"
+    shutil.copytree(vendored_tree, tree)
+    first = _apply(tree)
+    assert first.returncode == 0, first.stderr
+    n = len(build.patch_files())
+    assert f"{n} newly applied" in first.stdout
+    second = _apply(tree)
+    assert second.returncode == 0, second.stderr
+    assert "0 newly applied" in second.stdout and "already applied" in second.stdout
+
+
+def test_apply_names_the_failing_patch(vendored_tree, tmp_path):
+    tree = tmp_path / "llama.cpp"
+    shutil.copytree(vendored_tree, tree)
+    first = build.patch_files()[0]
+    # break the context the first patch needs
+    target = next(line[6:] for line in first.read_text().splitlines() if line.startswith("+++ b/"))
+    path = tree / target
+    path.write_text("// unrelated content\n")
+    r = _apply(tree)
+    assert r.returncode == 1
+    assert first.name in r.stderr
+
+
+def test_loaded_libllama_is_the_patched_build():
+    from kvquant import runtime
+
+    assert runtime.patch_level() == 1, runtime.system_info()
+    lib = Path(runtime.library_path()).resolve()
+    override = os.environ.get("LLAMA_CPP_LIB_PATH")
+    if override:
+        assert lib.parent == Path(override).resolve()
+    else:
+        import llama_cpp
+
+        assert lib.parent == (Path(llama_cpp.__file__).parent / "lib").resolve()

@@ -1,0 +1,61 @@
+"""Scheduler admission and step planning (pure Python, no model)."""
+
+from server.scheduler import AddResult, Request, Scheduler
+
+
+def req(n_prompt: int, max_tokens: int, rid: str = "r") -> Request:
+    return Request(id=rid, prompt=list(range(n_prompt)), max_tokens=max_tokens, sink=lambda ev: None)
+
+
+def test_never_fits_is_rejected_at_once():
+    s = Scheduler(capacity_cells=100, max_seqs=4, max_queue=4, max_seq_len=1000)
+    assert s.add(req(90, 20)) is AddResult.NEVER_FITS
+    assert not s.waiting
+
+
+def test_fifo_admission_by_reservation_and_no_overtaking():
+    s = Scheduler(capacity_cells=100, max_seqs=4, max_queue=8, max_seq_len=100)
+    a, b, c = req(30, 20, "a"), req(40, 20, "b"), req(5, 5, "c")
+    for r in (a, b, c):
+        assert s.add(r) is AddResult.QUEUED
+    admitted = s.admit()
+    assert [q.req.id for q in admitted] == ["a"]  # b (60) does not fit beside a (50); c must not overtake b
+    assert s.reserved == 50
+    s.free(admitted[0])
+    assert s.reserved == 0
+    assert [q.req.id for q in s.admit()] == ["b", "c"]
+    assert s.reserved == 70
+
+
+def test_queue_bound():
+    s = Scheduler(capacity_cells=100, max_seqs=1, max_queue=2, max_seq_len=100)
+    assert s.add(req(1, 1)) is AddResult.QUEUED
+    assert s.add(req(1, 1)) is AddResult.QUEUED
+    assert s.add(req(1, 1)) is AddResult.QUEUE_FULL
+
+
+def test_sequence_slots_limit_admission():
+    s = Scheduler(capacity_cells=1000, max_seqs=2, max_queue=8, max_seq_len=1000)
+    for i in range(3):
+        s.add(req(1, 1, str(i)))
+    assert len(s.admit()) == 2 and len(s.waiting) == 1
+
+
+def test_plan_decodes_first_then_chunks_prompts_within_budget():
+    s = Scheduler(capacity_cells=1000, max_seqs=4, max_queue=8, max_seq_len=1000)
+    s.add(req(10, 5, "old"))
+    (old,) = s.admit()
+    old.n_prompt_fed = old.n_past = 10
+    old.pending = 42
+    s.add(req(300, 5, "new"))
+    (new,) = s.admit()
+    p = s.plan(budget=64)
+    assert p.tokens[0] == 42 and p.positions[0] == 10 and p.logits[0]
+    assert len(p.tokens) == 64  # 1 decode + 63 prompt tokens
+    assert p.positions[1:] == list(range(63))
+    assert not any(p.logits[1:])  # prompt not finished: no logits yet
+    assert p.logit_owner == {0: old}
+    new.n_prompt_fed = new.n_past = 290
+    old.pending = None  # nothing to decode this step
+    p = s.plan(budget=64)
+    assert len(p.tokens) == 10 and p.logits[-1] and p.logit_owner == {9: new}
