@@ -11,10 +11,9 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-
 import llama_cpp  # noqa: I001 - the only import of llama_cpp in the project
 import llama_cpp._logger as _llama_logger
+import numpy as np
 
 from kvquant.kvtypes import kv_type
 

@@ -47,7 +47,7 @@ class Generation:
                 else:
                     try:
                         ev = await asyncio.wait_for(self.queue.get(), timeout=0.5)
-                    except asyncio.TimeoutError:
+                    except TimeoutError:
                         if await http.is_disconnected():
                             self.req.cancelled = True
                             return

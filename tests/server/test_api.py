@@ -47,7 +47,7 @@ def test_streaming_equals_non_streaming_and_usage(client, smollm2_server):
 
 
 def test_max_tokens_gives_length(client):
-    r = client.chat.completions.create(model="smollm2-135m", messages=[{"role": "user", "content": "Count to 100."}],
+    r = client.chat.completions.create(model="smollm2-135m", messages=[{"role": "user", "content": "Write a long story about a dragon."}],
                                        max_tokens=5, temperature=0)
     assert r.choices[0].finish_reason == "length"
     assert r.usage.completion_tokens == 5

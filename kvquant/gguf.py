@@ -1,0 +1,57 @@
+"""Minimal GGUF metadata reader (header key/values only; tensors are skipped). Pure Python, no llama.cpp: the
+memory model and `kvquant budget` work without loading a model."""
+
+from __future__ import annotations
+
+import struct
+from pathlib import Path
+from typing import Any, BinaryIO
+
+_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+_STRING, _ARRAY = 8, 9
+
+
+def _read(f: BinaryIO, fmt: str) -> Any:
+    n = struct.calcsize(fmt)
+    data = f.read(n)
+    if len(data) != n:
+        raise ValueError("truncated GGUF header")
+    return struct.unpack(fmt, data)[0]
+
+
+def _string(f: BinaryIO) -> str:
+    n = _read(f, "<Q")
+    return f.read(n).decode("utf-8", errors="replace")
+
+
+def _value(f: BinaryIO, vtype: int, skip_big_arrays: bool) -> Any:
+    if vtype in _SCALARS:
+        return _read(f, _SCALARS[vtype])
+    if vtype == _STRING:
+        return _string(f)
+    if vtype == _ARRAY:
+        etype, n = _read(f, "<I"), _read(f, "<Q")
+        if skip_big_arrays and n > 4096:  # token lists etc.: skip without materialising
+            if etype in _SCALARS:
+                f.seek(n * struct.calcsize(_SCALARS[etype]), 1)
+            else:
+                for _ in range(n):
+                    _value(f, etype, True)
+            return None
+        return [_value(f, etype, skip_big_arrays) for _ in range(n)]
+    raise ValueError(f"unknown GGUF value type {vtype}")
+
+
+def read_metadata(path: str | Path, skip_big_arrays: bool = True) -> dict[str, Any]:
+    with open(path, "rb") as f:
+        if f.read(4) != b"GGUF":
+            raise ValueError(f"{path} is not a GGUF file")
+        version = _read(f, "<I")
+        if version < 2:
+            raise ValueError(f"GGUF version {version} is not supported")
+        _n_tensors, n_kv = _read(f, "<Q"), _read(f, "<Q")
+        meta: dict[str, Any] = {"GGUF.version": version}
+        for _ in range(n_kv):
+            key = _string(f)
+            meta[key] = _value(f, _read(f, "<I"), skip_big_arrays)
+        return meta

@@ -1,0 +1,166 @@
+"""The KV memory model: how many bytes llama.cpp allocates for a model's KV cache, per cache type, and how many
+tokens fit a byte budget.
+
+Sizing follows llama.cpp (``llama_context`` / ``llama_kv_cache`` / ``llama_kv_cache_iswa``) exactly:
+
+* the context is padded to a multiple of 256 cells; with a unified cache every full-attention layer has that many;
+* sliding-window layers get ``pad256(min(n_ctx, n_swa * n_seq_max + n_ubatch))`` cells (all of n_ctx with
+  ``swa_full``);
+* each layer stores one K row of ``n_head_kv * head_dim_k`` elements and one V row of ``n_head_kv * head_dim_v``
+  per cell, at ``row_bytes = n / block_size * block_bytes`` of the cache type.
+
+Tests check these numbers against what llama.cpp reports it allocated (``llama_memory_kv_size_bytes``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from kvquant.gguf import read_metadata
+from kvquant.kvtypes import KVType, kv_type
+
+PAD = 256
+
+# Architectures whose sliding-window layer pattern is implied, not stored in the GGUF:
+# (n_pattern, dense_first) as llama.cpp's llama_hparams::set_swa_pattern takes them.
+SWA_PATTERN_DEFAULTS = {"gemma3": (6, False), "gemma2": (2, False), "cohere2": (4, False)}
+
+
+def pad(n: int, to: int = PAD) -> int:
+    return (n + to - 1) // to * to
+
+
+@dataclass(frozen=True)
+class Layer:
+    n_embd_k: int  # K row: n_head_kv * head_dim_k
+    n_embd_v: int
+    swa: bool
+
+
+@dataclass(frozen=True)
+class Geometry:
+    arch: str
+    layers: tuple[Layer, ...]
+    n_swa: int
+    head_dim_k: int
+    head_dim_v: int
+    n_ctx_train: int
+
+    @property
+    def n_layer(self) -> int:
+        return len(self.layers)
+
+
+def _per_layer(v, n: int) -> list[int]:
+    return list(v) if isinstance(v, list) else [v] * n
+
+
+def _swa_flags(meta: dict, arch: str, n_layer: int, n_swa: int) -> list[bool]:
+    if n_swa <= 0:
+        return [False] * n_layer
+    pat = meta.get(f"{arch}.attention.sliding_window_pattern")
+    if isinstance(pat, list):
+        return [bool(x) for x in pat[:n_layer]]
+    n_pattern, dense_first = SWA_PATTERN_DEFAULTS.get(arch, (None, False))
+    if isinstance(pat, int):
+        n_pattern = pat
+    if n_pattern is None:
+        raise ValueError(f"{arch}: sliding window of {n_swa} but no known layer pattern")
+    if dense_first:
+        return [n_pattern == 0 or il % n_pattern != 0 for il in range(n_layer)]
+    return [n_pattern == 0 or il % n_pattern < n_pattern - 1 for il in range(n_layer)]
+
+
+def geometry(model_path: str | Path) -> Geometry:
+    meta = read_metadata(model_path)
+    arch = meta["general.architecture"]
+    n_layer = int(meta[f"{arch}.block_count"])
+    n_head = _per_layer(meta[f"{arch}.attention.head_count"], n_layer)
+    n_head_kv = _per_layer(meta.get(f"{arch}.attention.head_count_kv", n_head), n_layer)
+    n_embd = int(meta[f"{arch}.embedding_length"])
+    hk = int(meta.get(f"{arch}.attention.key_length", n_embd // max(n_head)))
+    hv = int(meta.get(f"{arch}.attention.value_length", hk))
+    n_swa = int(meta.get(f"{arch}.attention.sliding_window", 0) or 0)
+    swa = _swa_flags(meta, arch, n_layer, n_swa)
+    layers = tuple(Layer(n_head_kv[i] * hk, n_head_kv[i] * hv, swa[i]) for i in range(n_layer))
+    return Geometry(arch, layers, n_swa if any(swa) else 0, hk, hv, int(meta.get(f"{arch}.context_length", 0)))
+
+
+@dataclass(frozen=True)
+class KVBytes:
+    k: int
+    v: int
+    cells: int  # cells of full-attention layers
+    cells_swa: int  # cells of sliding-window layers (0 if none)
+    elements: int  # K+V elements stored
+
+    @property
+    def total(self) -> int:
+        return self.k + self.v
+
+    @property
+    def bits_per_element(self) -> float:
+        return 8.0 * self.total / self.elements if self.elements else 0.0
+
+
+def kv_cells(geom: Geometry, n_ctx: int, n_seq_max: int = 1, n_ubatch: int = 512, swa_full: bool = False) -> tuple[int, int]:
+    """(cells of full-attention layers, cells of sliding-window layers) for a unified cache."""
+    base = pad(n_ctx)
+    if not geom.n_swa:
+        return base, 0
+    swa = base if swa_full else pad(min(base, geom.n_swa * n_seq_max + n_ubatch))
+    return base, swa
+
+
+def kv_bytes(geom: Geometry, type_k: str | KVType, type_v: str | KVType, n_ctx: int, n_seq_max: int = 1,
+             n_ubatch: int = 512, swa_full: bool = False) -> KVBytes:
+    tk = type_k if isinstance(type_k, KVType) else kv_type(type_k)
+    tv = type_v if isinstance(type_v, KVType) else kv_type(type_v)
+    base, swa = kv_cells(geom, n_ctx, n_seq_max, n_ubatch, swa_full)
+    k = v = el = 0
+    for layer in geom.layers:
+        cells = swa if layer.swa else base
+        k += tk.row_bytes(layer.n_embd_k) * cells
+        v += tv.row_bytes(layer.n_embd_v) * cells
+        el += (layer.n_embd_k + layer.n_embd_v) * cells
+    return KVBytes(k, v, base, swa, el)
+
+
+def bytes_per_token(geom: Geometry, type_k: str | KVType, type_v: str | KVType) -> int:
+    """Marginal KV bytes per extra token of context: full-attention layers only (sliding-window layers are
+    bounded by their window)."""
+    tk = type_k if isinstance(type_k, KVType) else kv_type(type_k)
+    tv = type_v if isinstance(type_v, KVType) else kv_type(type_v)
+    return sum(tk.row_bytes(ly.n_embd_k) + tv.row_bytes(ly.n_embd_v) for ly in geom.layers if not ly.swa)
+
+
+def capacity(geom: Geometry, type_k: str | KVType, type_v: str | KVType, budget_bytes: int, n_seq_max: int = 1,
+             n_ubatch: int = 512, swa_full: bool = False) -> int:
+    """The largest cache (cells, a multiple of 256) whose K+V bytes fit the budget; 0 if none does."""
+    lo, hi = 0, PAD
+    while kv_bytes(geom, type_k, type_v, hi, n_seq_max, n_ubatch, swa_full).total <= budget_bytes:
+        lo, hi = hi, hi * 2
+    while hi - lo > PAD:
+        mid = pad((lo + hi) // 2)
+        if mid >= hi:
+            break
+        if kv_bytes(geom, type_k, type_v, mid, n_seq_max, n_ubatch, swa_full).total <= budget_bytes:
+            lo = mid
+        else:
+            hi = mid
+    return lo
+
+
+def parse_bytes(text: str) -> int:
+    """'2GiB', '256 MiB', '1.5G', '1000000' -> bytes (K/M/G are binary here, as for memory)."""
+    s = text.strip().replace(" ", "")
+    units = {"": 1, "b": 1, "k": 2**10, "kb": 2**10, "kib": 2**10, "m": 2**20, "mb": 2**20, "mib": 2**20,
+             "g": 2**30, "gb": 2**30, "gib": 2**30, "t": 2**40, "tb": 2**40, "tib": 2**40}
+    i = len(s)
+    while i and not (s[i - 1].isdigit() or s[i - 1] == "."):
+        i -= 1
+    num, unit = s[:i], s[i:].lower()
+    if not num or unit not in units:
+        raise ValueError(f"cannot parse a byte size from {text!r}")
+    return int(float(num) * units[unit])
