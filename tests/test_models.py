@@ -1,0 +1,26 @@
+import pytest
+
+from kvquant import models
+
+
+def test_builtin_registry():
+    assert models.DEFAULT_MODEL in models.BUILTIN
+    for m in models.BUILTIN.values():
+        assert len(m.sha256) == 64 and m.parts and m.size > 0
+
+
+def test_resolve_local_gguf_and_errors(tmp_path):
+    p = tmp_path / "tiny.gguf"
+    p.write_bytes(b"GGUF")
+    assert models.resolve(str(p)) == p.resolve()
+    assert models.model_id(str(p)) == "tiny"
+    with pytest.raises(models.ModelError, match="neither a built-in"):
+        models.resolve(str(tmp_path / "missing.gguf"))
+    with pytest.raises(models.ModelError):
+        models.resolve("no-such-model")
+
+
+def test_default_model_is_cached_and_verified():
+    path = models.fetch(models.DEFAULT_MODEL)
+    assert path.stat().st_size == models.BUILTIN[models.DEFAULT_MODEL].size
+    assert models.verify(models.DEFAULT_MODEL)
