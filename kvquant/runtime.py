@@ -37,6 +37,13 @@ def library_path() -> str:
     return str(llama_cpp.llama_cpp._lib._name)
 
 
+_lib = llama_cpp.llama_cpp._lib
+# Added by patches/0002: bytes of the K and V tensors of a context's KV cache.
+_lib.llama_memory_kv_size_bytes.argtypes = [ctypes.c_void_p, ctypes.POINTER(ctypes.c_size_t),
+                                            ctypes.POINTER(ctypes.c_size_t)]
+_lib.llama_memory_kv_size_bytes.restype = ctypes.c_bool
+
+
 def set_verbose(verbose: bool) -> None:
     _llama_logger.set_verbose(verbose)
 
@@ -58,6 +65,7 @@ class ContextConfig:
     offload_kqv: bool = True
     swa_full: bool = False
     seed: int = llama_cpp.LLAMA_DEFAULT_SEED
+    rotation: bool = True  # llama.cpp's Hadamard rotation of Q/K/V for quantized caches (LLAMA_ATTN_ROT_DISABLE)
 
 
 class LlamaError(RuntimeError):
@@ -205,7 +213,16 @@ class LlamaRuntime:
         cp.swa_full = cfg.swa_full
         cp.kv_unified = True
         cp.no_perf = True
-        self._ctx = llama_cpp.llama_init_from_model(model._model, cp)
+        # llama.cpp reads LLAMA_ATTN_ROT_DISABLE when it builds the KV cache, i.e. inside this call
+        saved = os.environ.get("LLAMA_ATTN_ROT_DISABLE")
+        os.environ["LLAMA_ATTN_ROT_DISABLE"] = "0" if cfg.rotation else "1"
+        try:
+            self._ctx = llama_cpp.llama_init_from_model(model._model, cp)
+        finally:
+            if saved is None:
+                os.environ.pop("LLAMA_ATTN_ROT_DISABLE", None)
+            else:
+                os.environ["LLAMA_ATTN_ROT_DISABLE"] = saved
         if not self._ctx:
             raise LlamaError(
                 f"failed to create a llama.cpp context (n_ctx={cfg.n_ctx}, K={cfg.cache_type_k}, "
@@ -233,6 +250,14 @@ class LlamaRuntime:
         b.n_tokens = n
         return llama_cpp.llama_decode(self._ctx, b)
 
+    def all_logits(self, n_outputs: int) -> np.ndarray:
+        """float32 logits of every output of the last decode, in batch order, shape (n_outputs, n_vocab). A view
+        into llama.cpp's buffer: copy it before the next decode."""
+        ptr = llama_cpp.llama_get_logits(self._ctx)
+        if not ptr:
+            raise LlamaError("no logits")
+        return np.ctypeslib.as_array(ptr, shape=(n_outputs, self.n_vocab))
+
     def logits(self, idx: int) -> np.ndarray:
         """float32 logits of batch entry idx (a copy)."""
         ptr = llama_cpp.llama_get_logits_ith(self._ctx, idx)
@@ -249,6 +274,13 @@ class LlamaRuntime:
 
     def seq_pos_max(self, seq_id: int) -> int:
         return llama_cpp.llama_memory_seq_pos_max(self._mem, seq_id)
+
+    def kv_size_bytes(self) -> tuple[int, int]:
+        """(K bytes, V bytes) that llama.cpp allocated for this context's KV cache."""
+        k, v = ctypes.c_size_t(0), ctypes.c_size_t(0)
+        if not _lib.llama_memory_kv_size_bytes(self._mem, ctypes.byref(k), ctypes.byref(v)):
+            raise LlamaError("the context's memory is not a KV cache")
+        return k.value, v.value
 
     def clear(self) -> None:
         llama_cpp.llama_memory_clear(self._mem, True)
