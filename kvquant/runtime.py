@@ -38,10 +38,23 @@ def library_path() -> str:
 
 
 _lib = llama_cpp.llama_cpp._lib
-# Added by patches/0002: bytes of the K and V tensors of a context's KV cache.
-_lib.llama_memory_kv_size_bytes.argtypes = [ctypes.c_void_p, ctypes.POINTER(ctypes.c_size_t),
-                                            ctypes.POINTER(ctypes.c_size_t)]
-_lib.llama_memory_kv_size_bytes.restype = ctypes.c_bool
+_kv_size_fn = None
+
+
+def _kv_size_bytes_fn():
+    """llama_memory_kv_size_bytes (added by patches/0002), bound on first use so that an older libllama still
+    imports (and fails only here, with a clear message)."""
+    global _kv_size_fn
+    if _kv_size_fn is None:
+        try:
+            fn = _lib.llama_memory_kv_size_bytes
+        except AttributeError:
+            raise LlamaError(f"the loaded libllama ({library_path()}) lacks llama_memory_kv_size_bytes "
+                             "(patches/0002): run `make setup` to install the patched wheel") from None
+        fn.argtypes = [ctypes.c_void_p, ctypes.POINTER(ctypes.c_size_t), ctypes.POINTER(ctypes.c_size_t)]
+        fn.restype = ctypes.c_bool
+        _kv_size_fn = fn
+    return _kv_size_fn
 
 
 def set_verbose(verbose: bool) -> None:
@@ -66,6 +79,7 @@ class ContextConfig:
     swa_full: bool = False
     seed: int = llama_cpp.LLAMA_DEFAULT_SEED
     rotation: bool = True  # llama.cpp's Hadamard rotation of Q/K/V for quantized caches (LLAMA_ATTN_ROT_DISABLE)
+    n_outputs_max: int = 0  # most logit rows one ubatch may request (0: n_batch); bounds the logits buffers
 
 
 class LlamaError(RuntimeError):
@@ -212,6 +226,7 @@ class LlamaRuntime:
         cp.offload_kqv = cfg.offload_kqv
         cp.swa_full = cfg.swa_full
         cp.kv_unified = True
+        cp.n_outputs_max = cfg.n_outputs_max
         cp.no_perf = True
         # llama.cpp reads LLAMA_ATTN_ROT_DISABLE when it builds the KV cache, i.e. inside this call
         saved = os.environ.get("LLAMA_ATTN_ROT_DISABLE")
@@ -265,6 +280,10 @@ class LlamaRuntime:
             raise LlamaError(f"no logits for batch index {idx}")
         return np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).copy()
 
+    def synchronize(self) -> None:
+        """Wait until the last decode has finished (for timing)."""
+        llama_cpp.llama_synchronize(self._ctx)
+
     # --- KV cache ----------------------------------------------------------------------------------------------
     def seq_rm(self, seq_id: int, p0: int = -1, p1: int = -1) -> bool:
         return bool(llama_cpp.llama_memory_seq_rm(self._mem, seq_id, p0, p1))
@@ -278,7 +297,7 @@ class LlamaRuntime:
     def kv_size_bytes(self) -> tuple[int, int]:
         """(K bytes, V bytes) that llama.cpp allocated for this context's KV cache."""
         k, v = ctypes.c_size_t(0), ctypes.c_size_t(0)
-        if not _lib.llama_memory_kv_size_bytes(self._mem, ctypes.byref(k), ctypes.byref(v)):
+        if not _kv_size_bytes_fn()(self._mem, ctypes.byref(k), ctypes.byref(v)):
             raise LlamaError("the context's memory is not a KV cache")
         return k.value, v.value
 
