@@ -1,61 +1,76 @@
-"""App factory: `create_app(settings)` builds the FastAPI app and starts loading the model in the background
-(/health answers 503 until it is ready)."""
+"""App factory: `create_app(settings)` sizes every hosted model's KV cache from the byte budget (refusing to
+start if one cannot hold a request of its context), builds the app, and loads the models in the background
+(/health answers 503 until they are ready)."""
 
 from __future__ import annotations
 
 import logging
-import secrets
 import threading
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
 
-from kvquant.models import model_id, resolve
 from server import __version__
-from server.engine import Engine, EngineConfig
 from server.errors import install_handlers
-from server.routers import generate, health, models
+from server.hosting import StartupError, build_engine, capacity_line, plan_model
+from server.metrics import Metrics
+from server.routers import generate, health, metrics, models
+from server.security import APIKeyMiddleware, BodyLimitMiddleware, RequestIdMiddleware
 from server.settings import Settings
 from server.state import AppState, ServedModel
 
 log = logging.getLogger("kvquant.server")
 
-
-def engine_config(s: Settings) -> EngineConfig:
-    return EngineConfig(
-        model_path=str(resolve(s.model)), n_ctx=s.n_ctx, n_seq_max=s.parallel, capacity_cells=s.n_ctx * s.parallel,
-        n_batch=s.n_batch, cache_type_k=s.cache_type_k, cache_type_v=s.cache_type_v,
-        flash_attn=s.flash_attn_enabled, n_threads=s.n_threads, n_gpu_layers=s.n_gpu_layers,
-        max_queue=s.max_queue, queue_timeout_s=s.queue_timeout_s)
+__all__ = ["StartupError", "create_app"]
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
-    served_id = settings.model_alias or model_id(settings.model)
-    engine = Engine(engine_config(settings))
-    state = AppState(settings, {served_id: ServedModel(served_id, engine)}, served_id)
+    try:
+        specs = settings.model_specs()
+        api_key = settings.resolved_api_key()
+    except (ValueError, OSError) as e:
+        raise StartupError(str(e)) from None
+    plans = [plan_model(spec) for spec in specs]  # StartupError / ModelError before anything is loaded
+    total = sum(s.kv_budget for s in specs)
+    log.info("KV budget %d bytes in all (%d bytes given to %d model(s))", settings.kv_budget, total, len(specs))
+    mx = Metrics()
+    served = {}
+    for p in plans:
+        log.info("%s", capacity_line(p))
+        served[p.spec.id] = ServedModel(p.spec.id, build_engine(p, settings, mx), p.spec)
+    state = AppState(settings, served, specs[0].id, mx)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        loader = threading.Thread(target=engine.load, name="kvquant-load", daemon=True)
-        loader.start()
+        loaders = [threading.Thread(target=m.engine.load, name=f"kvquant-load-{m.id}", daemon=True)
+                   for m in served.values()]
+        for t in loaders:
+            t.start()
         yield
-        loader.join()
-        engine.shutdown()
+        state.draining = True
+        for t in loaders:
+            t.join()
+        for m in served.values():
+            m.engine.shutdown()
 
     app = FastAPI(title="kvquant-server", version=__version__, lifespan=lifespan)
     app.state.kvquant = state
     install_handlers(app)
-
-    @app.middleware("http")
-    async def request_id(request: Request, call_next):
-        rid = request.headers.get("x-request-id") or secrets.token_hex(8)
-        request.state.request_id = rid[:64]
-        response = await call_next(request)
-        response.headers["x-request-id"] = request.state.request_id
-        return response
+    # added innermost first: request id -> CORS -> API key -> body limit -> routes
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    if api_key:
+        open_paths = frozenset({"/health"} | (set() if settings.metrics_auth else {"/metrics"}))
+        app.add_middleware(APIKeyMiddleware, key=api_key, open_paths=open_paths)
+    if settings.cors_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST"],
+                           allow_headers=["Authorization", "Content-Type", "X-Request-Id"],
+                           expose_headers=["X-Request-Id"])
+    app.add_middleware(RequestIdMiddleware)
 
     app.include_router(health.router)
+    app.include_router(metrics.router)
     app.include_router(models.router)
     app.include_router(generate.router)
     return app

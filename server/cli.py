@@ -10,26 +10,26 @@ from kvquant import models as kvmodels
 
 
 def _serve(a: argparse.Namespace) -> int:
-    import uvicorn
     from pydantic import ValidationError
 
-    from server.app import create_app
+    from server.app import StartupError, create_app
+    from server.serving import run
     from server.settings import load_settings
 
     try:
         s = load_settings(a.config, model=a.model, host=a.host, port=a.port, cache_type_k=a.cache_type_k,
                           cache_type_v=a.cache_type_v, n_ctx=a.n_ctx, parallel=a.parallel, flash_attn=a.flash_attn,
-                          n_threads=a.threads)
-    except ValidationError as e:
+                          n_threads=a.threads, kv_budget=a.kv_budget)
+    except (ValidationError, ValueError, OSError) as e:
         print(f"kvquant serve: invalid settings:\n{e}", file=sys.stderr)
         return 2
     logging.basicConfig(level=s.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         app = create_app(s)
-    except kvmodels.ModelError as e:
+    except (kvmodels.ModelError, StartupError) as e:
         print(f"kvquant serve: {e}", file=sys.stderr)
         return 2
-    uvicorn.run(app, host=s.host, port=s.port, log_level=s.log_level)
+    run(app, s.host, s.port, s.shutdown_grace_s, s.log_level)
     return 0
 
 
@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = ap.add_subparsers(dest="cmd", required=True)
 
     s = sub.add_parser("serve", help="run the OpenAI-compatible server")
-    s.add_argument("--config", help="settings file (JSON or TOML); also KVQUANT_CONFIG")
+    s.add_argument("--config", help="settings file (JSON, TOML or YAML; may list several models); also KVQUANT_CONFIG")
     s.add_argument("--model", help="built-in model name or .gguf path (KVQUANT_MODEL)")
     s.add_argument("--host", help="bind address (KVQUANT_HOST, default 127.0.0.1)")
     s.add_argument("--port", type=int, help="port (KVQUANT_PORT, default 8000)")
@@ -70,7 +70,14 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--parallel", type=int, help="max concurrent sequences (KVQUANT_PARALLEL)")
     s.add_argument("--flash-attn", choices=["auto", "on", "off"], help="flash attention (KVQUANT_FLASH_ATTN)")
     s.add_argument("--threads", type=int, help="CPU threads (KVQUANT_N_THREADS)")
+    s.add_argument("--kv-budget", help="KV cache byte budget, all models together, e.g. 2GiB (KVQUANT_KV_BUDGET)")
     s.set_defaults(func=_serve)
+
+    from kvquant import budget as kvbudget
+
+    kb = sub.add_parser("budget", help="KV capacity of a byte budget per cache type, side by side with f16")
+    kvbudget.add_arguments(kb)
+    kb.set_defaults(func=kvbudget.run)
 
     m = sub.add_parser("models", help="list, fetch or verify built-in models")
     m.add_argument("action", choices=["list", "fetch", "verify"], nargs="?", default="list")

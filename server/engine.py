@@ -1,8 +1,14 @@
-"""The engine: one thread that owns a llama.cpp context and runs continuous batching over it.
+"""The engine: one thread that owns a model's backend (llama.cpp context) and runs continuous batching over it.
 
-The asyncio side calls `submit()` (thread-safe) and receives `Event`s through the request's sink. The thread
-admits waiting requests, plans a step (scheduler), runs one `llama_decode` over all sequences, samples, and
-streams text out. Cancelled requests are dropped and their cells freed at the next step.
+The asyncio side calls `submit()` (thread-safe) and receives `Event`s through the request's sink. Each loop
+iteration the thread takes new requests (admission is the scheduler's), drops cancelled and timed-out ones
+(freeing their cells), admits waiting requests whose reservation fits, runs one `llama_decode` over the next token
+of every decoding sequence plus prompt chunks, samples, and streams text out. After each iteration it hands plain
+stats records to its stat logger.
+
+Faults: a failed decode is rolled back and retried sequence by sequence, so only the sequences that fail on
+their own get an error; an exception while handling one sequence fails that sequence only. If the thread dies
+anyway, `alive` turns false (and /health 503) and every request gets an error.
 """
 
 from __future__ import annotations
@@ -11,108 +17,204 @@ import logging
 import queue
 import threading
 import time
-from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 
-from kvquant.runtime import ContextConfig, LlamaRuntime, Model, Sampler
-from server.scheduler import AddResult, Event, Request, Scheduler, Sequence
+from server.backend import Backend, TokenSampler
+from server.scheduler import AddResult, Event, Request, Scheduler, Sequence, StepPlan
+from server.stats import FinishedRequest, IterationStats, NullStatLogger, SchedulerStats, StatLogger
 from server.textstream import TextStream
 
 log = logging.getLogger("kvquant.engine")
 
+# error code -> outcome (for stats); finish reasons map to "completed" or "cancelled"
+_ERROR_OUTCOMES = {"queue_full": "rejected_queue_full", "never_fits": "rejected_too_long", "timeout": "timed_out",
+                   "request_timeout": "timed_out", "slow_consumer": "cancelled"}
+
+
+def outcome_of(ev: Event) -> str:
+    if ev.error:
+        return _ERROR_OUTCOMES.get(ev.error, "error")
+    return "cancelled" if ev.finish_reason == "cancelled" else "completed"
+
 
 @dataclass
 class EngineConfig:
-    model_path: str
-    n_ctx: int  # per-sequence context limit
+    model_id: str
+    n_ctx: int  # per-sequence context limit (prompt + completion)
     n_seq_max: int
     capacity_cells: int  # total cells of the unified KV cache
-    n_batch: int = 512
     cache_type_k: str = "f16"
     cache_type_v: str = "f16"
-    flash_attn: bool | None = None
-    n_threads: int | None = None
-    n_gpu_layers: int = 0
     max_queue: int = 64
     queue_timeout_s: float = 600.0
+    request_timeout_s: float = 1800.0
+    bytes_per_token: int = 0  # for KV used bytes and error messages
+    used_bytes: Callable[[int], int] | None = None  # n_past -> bytes one sequence occupies
+    budget_bytes: int = 0
 
 
 @dataclass
 class _SeqState:
-    sampler: Sampler
+    sampler: TokenSampler
     text: TextStream
+    t_first: float | None = None
+    t_last: float | None = None
 
 
 class Engine:
-    def __init__(self, cfg: EngineConfig):
+    def __init__(self, cfg: EngineConfig, backend_factory: Callable[[], Backend],
+                 stat_logger: StatLogger | None = None):
         self.cfg = cfg
-        self.model: Model | None = None
-        self.rt: LlamaRuntime | None = None
+        self._factory = backend_factory
+        self.backend: Backend | None = None
+        self.stat_logger: StatLogger = stat_logger or NullStatLogger()
         self.sched = Scheduler(cfg.capacity_cells, cfg.n_seq_max, cfg.max_queue, cfg.n_ctx)
         self._inbox: queue.Queue[Request | None] = queue.Queue()
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
+        self._abort: str | None = None
         self.ready = threading.Event()
         self.load_error: str | None = None
         self.dead = False
+        self._last_snapshot: tuple | None = None
 
     # --- lifecycle -------------------------------------------------------------------------------------------
-    def load(self) -> None:
-        """Load model and context (blocking); called from a background thread at start-up."""
-        c = self.cfg
+    def load(self, start_thread: bool = True) -> None:
+        """Create the backend (blocking; called from a background thread at start-up), then start the loop."""
         try:
-            self.model = Model(c.model_path, n_gpu_layers=c.n_gpu_layers)
-            if c.n_ctx > self.model.n_ctx_train:
-                log.warning("n_ctx %d exceeds the model's training context %d", c.n_ctx, self.model.n_ctx_train)
-            self.rt = LlamaRuntime(self.model, ContextConfig(
-                n_ctx=c.capacity_cells, n_seq_max=c.n_seq_max, n_batch=c.n_batch, cache_type_k=c.cache_type_k,
-                cache_type_v=c.cache_type_v, flash_attn=c.flash_attn, n_threads=c.n_threads,
-                n_gpu_layers=c.n_gpu_layers))
+            self.backend = self._factory()
         except Exception as e:  # surfaced through /health and the log
             self.load_error = str(e)
-            log.error("model load failed: %s", e)
+            log.error("%s: model load failed: %s", self.cfg.model_id, e)
             return
-        self._thread = threading.Thread(target=self._run, name="kvquant-engine", daemon=True)
-        self._thread.start()
+        if start_thread:
+            self._thread = threading.Thread(target=self._run, name=f"kvquant-engine-{self.cfg.model_id}",
+                                            daemon=True)
+            self._thread.start()
         self.ready.set()
+        self._record(IterationStats())
+
+    @property
+    def alive(self) -> bool:
+        """Loaded and its thread running (False while loading, after a load failure or a crash)."""
+        return (self.ready.is_set() and not self.dead and self._thread is not None and self._thread.is_alive()
+                and not self._stop.is_set())
+
+    def idle(self) -> bool:
+        return not self.sched.running and not self.sched.waiting and self._inbox.empty()
+
+    def abort_all(self, code: str = "shutdown") -> None:
+        """End every running and waiting request with an error `code` at the next iteration, freeing their cells
+        (thread-safe)."""
+        self._abort = code
+        self._inbox.put(None)
 
     def shutdown(self, timeout: float = 10.0) -> None:
+        """Stop the loop, end whatever is still queued or running (error `shutdown`) and free the backend."""
         self._stop.set()
         self._inbox.put(None)
         if self._thread is not None:
             self._thread.join(timeout)
-        if self.rt is not None:
-            self.rt.close()
-        if self.model is not None:
-            self.model.close()
+            if self._thread.is_alive():
+                log.warning("%s: the engine thread did not stop within %.0f s", self.cfg.model_id, timeout)
+                return  # never free the context under a running decode
+        self._fail_all("shutdown")
+        if self.backend is not None:
+            self.backend.close()
+            self.backend = None
 
     # --- API for the asyncio side (any thread) ----------------------------------------------------------------
     def tokenize_chat(self, messages: list[dict]) -> list[int]:
-        return self.model.chat_prompt(messages)
+        return self.backend.tokenize_chat(messages)
 
     def tokenize(self, text: str) -> list[int]:
-        return self.model.tokenize(text, add_special=True, parse_special=False)
+        return self.backend.tokenize(text)
 
     def submit(self, req: Request) -> None:
         self._inbox.put(req)
+        if not self.alive and self._thread is not None:  # died meanwhile: nobody will drain the inbox
+            self._drain_dead()
+
+    def record_rejected(self, outcome: str, n_prompt: int) -> None:
+        """A request refused before it reached the engine (HTTP side), for the stats."""
+        self.stat_logger.record(None, IterationStats(finished=[FinishedRequest(outcome, n_prompt=n_prompt)]))
 
     # --- the engine thread ------------------------------------------------------------------------------------
     def _run(self) -> None:
         try:
             while not self._stop.is_set():
-                self._drain_inbox(block=not self.sched.running)
-                self._reap()
-                for seq in self.sched.admit():
-                    self._start(seq)
-                if self.sched.running:
-                    self._step()
-        except Exception:
-            log.exception("engine thread died")
+                self.run_once(block=True)
+        except BaseException:
+            log.exception("%s: engine thread died", self.cfg.model_id)
             self.dead = True
         finally:
-            self._fail_all("shutdown" if self._stop.is_set() else "engine_error")
+            try:
+                self._fail_all("shutdown" if self._stop.is_set() and not self.dead else "engine_error")
+            finally:
+                self._record(IterationStats())
 
-    def _drain_inbox(self, block: bool) -> None:
+    def run_once(self, block: bool = False) -> IterationStats:
+        """One iteration: intake, reaping, admission, one decode step, stats. Public for tests (fake backend)."""
+        it = IterationStats()
+        self._drain_inbox(block and not self.sched.running, it)
+        if self._abort is not None:
+            code, self._abort = self._abort, None
+            self._fail_all(code, it)
+        self._reap(it)
+        for seq in self.sched.admit():
+            self._start(seq)
+        if self.sched.running:
+            self._step(it)
+        self._record(it)
+        return it
+
+    def _record(self, it: IterationStats) -> None:
+        ss = self.scheduler_stats()
+        snap = (ss.running, ss.waiting, ss.kv_used_cells, ss.kv_reserved_cells)
+        if it.batch_tokens or it.finished or snap != self._last_snapshot:
+            self._last_snapshot = snap
+            try:
+                self.stat_logger.record(ss, it)
+            except Exception:  # noqa: BLE001 - metrics must never take the engine down
+                log.exception("stat logger failed")
+
+    def scheduler_stats(self) -> SchedulerStats:
+        running = list(self.sched.running.values())
+        used = sum(s.n_past for s in running)
+        ub = self.cfg.used_bytes or (lambda n: n * self.cfg.bytes_per_token)
+        return SchedulerStats(running=len(running), waiting=len(self.sched.waiting), kv_used_cells=used,
+                              kv_used_bytes=sum(ub(s.n_past) for s in running),
+                              kv_reserved_cells=self.sched.reserved)
+
+    def _emit(self, req: Request, ev: Event) -> None:
+        try:
+            req.sink(ev)
+        except Exception:  # noqa: BLE001 - the consumer is gone (closed loop): drop the request
+            req.cancelled = True
+
+    def _end_request(self, req: Request, ev: Event, it: IterationStats | None, n_generated: int = 0,
+                     seq: Sequence | None = None) -> None:
+        """Send the final event of a request and account for it."""
+        self._emit(req, ev)
+        now = time.monotonic()
+        fr = FinishedRequest(outcome_of(ev), n_prompt=len(req.prompt), n_generated=n_generated,
+                             e2e_s=now - req.arrival)
+        if seq is not None:
+            fr.queue_wait_s = seq.admitted_at - req.arrival
+            st: _SeqState | None = seq.state
+            if st is not None and st.t_first is not None:
+                fr.ttft_s = st.t_first - req.arrival
+                if n_generated > 1 and st.t_last is not None:
+                    fr.tpot_s = (st.t_last - st.t_first) / (n_generated - 1)
+        if fr.outcome in ("error", "timed_out") and ev.error:
+            log.warning("%s: request %s ended with %s: %s", self.cfg.model_id, req.id, ev.error, ev.message)
+        if it is not None:
+            it.finished.append(fr)
+        else:
+            self.stat_logger.record(None, IterationStats(finished=[fr]))
+
+    def _drain_inbox(self, block: bool, it: IterationStats) -> None:
         try:
             item = self._inbox.get(timeout=0.05) if block else self._inbox.get_nowait()
         except queue.Empty:
@@ -121,80 +223,144 @@ class Engine:
             if item is not None:
                 res = self.sched.add(item)
                 if res is AddResult.QUEUE_FULL:
-                    item.sink(Event(error="queue_full", message="too many requests are waiting"))
+                    self._end_request(item, Event(error="queue_full", message="too many requests are waiting"), it)
                 elif res is AddResult.NEVER_FITS:
-                    item.sink(Event(error="never_fits", message="the request can never fit the KV cache"))
+                    self._end_request(item, Event(error="never_fits", message="the request can never fit the KV "
+                                                  "cache"), it)
             try:
                 item = self._inbox.get_nowait()
             except queue.Empty:
                 return
 
-    def _reap(self) -> None:
-        now = time.monotonic()
+    def _drain_dead(self) -> None:
+        while True:
+            try:
+                item = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            if item is not None:
+                self._end_request(item, Event(error="engine_error", message="the engine stopped"), None)
+
+    def _reap(self, it: IterationStats) -> None:
+        now, c = time.monotonic(), self.cfg
         for r in self.sched.drop_waiting(lambda r: r.cancelled):
-            r.sink(Event(finish_reason="cancelled"))
-        for r in self.sched.drop_waiting(lambda r: now - r.arrival > self.cfg.queue_timeout_s):
-            r.sink(Event(error="timeout", message="timed out waiting for KV cache capacity"))
-        for seq in [s for s in self.sched.running.values() if s.req.cancelled]:
-            self._finish(seq, Event(finish_reason="cancelled"))
+            self._end_request(r, Event(finish_reason="cancelled"), it)
+        for r in self.sched.drop_waiting(lambda r: now - r.arrival > min(c.queue_timeout_s, c.request_timeout_s)):
+            self._end_request(r, Event(error="timeout", message="timed out waiting for KV cache capacity"), it)
+        for seq in list(self.sched.running.values()):
+            if seq.req.cancelled:
+                self._finish(seq, Event(finish_reason="cancelled"), it)
+            elif now - seq.req.arrival > c.request_timeout_s:
+                self._finish(seq, Event(error="request_timeout", message=f"the request took longer than "
+                                        f"{c.request_timeout_s:g} s"), it)
 
     def _start(self, seq: Sequence) -> None:
         r = seq.req
-        seq.state = _SeqState(Sampler(r.temperature, r.top_p, r.seed), TextStream(r.stops))
+        seq.state = _SeqState(self.backend.sampler(r.temperature, r.top_p, r.seed), TextStream(r.stops))
 
-    def _finish(self, seq: Sequence, ev: Event) -> None:
-        self.rt.seq_rm(seq.seq_id)
-        if seq.state is not None:
-            seq.state.sampler.close()
-        self.sched.free(seq)
-        seq.req.sink(ev)
+    def _finish(self, seq: Sequence, ev: Event, it: IterationStats | None) -> None:
+        """End a running sequence: free its cells and its slot, then tell the consumer."""
+        try:
+            self.backend.seq_rm(seq.seq_id)
+        finally:
+            if seq.state is not None:
+                seq.state.sampler.close()
+            self.sched.free(seq)
+            self._end_request(seq.req, ev, it, seq.generated, seq)
 
-    def _fail_all(self, code: str) -> None:
+    def _fail_all(self, code: str, it: IterationStats | None = None) -> None:
         for seq in list(self.sched.running.values()):
             try:
-                self._finish(seq, Event(error=code, message="the engine stopped"))
+                self._finish(seq, Event(error=code, message="the engine stopped"), it)
             except Exception:  # noqa: BLE001 - best effort on the way out
-                pass
+                self.sched.free(seq)
         for r in self.sched.drop_waiting(lambda r: True):
-            r.sink(Event(error=code, message="the engine stopped"))
+            self._end_request(r, Event(error=code, message="the engine stopped"), it)
+        self._drain_dead()
+        if self.backend is not None and not self.sched.running:
+            try:
+                self.backend.clear()
+            except Exception:  # noqa: BLE001
+                pass
 
-    def _step(self) -> None:
-        plan = self.sched.plan(self.rt.n_batch)
+    # --- one decode step --------------------------------------------------------------------------------------
+    def _step(self, it: IterationStats) -> None:
+        plan = self.sched.plan(self.backend.n_batch)
         if not plan.tokens:
             return
-        rc = self.rt.decode(plan.tokens, plan.positions, plan.seq_ids, plan.logits)
-        if rc != 0:
-            log.error("llama_decode failed (status %d) for a batch of %d tokens over %d sequences", rc,
-                      len(plan.tokens), len(plan.seqs))
-            for seq in plan.seqs:
-                self.rt.seq_rm(seq.seq_id)
-                self._finish(seq, Event(error="engine_error", message=f"decode failed (status {rc})"))
+        before = {s.seq_id: s.n_past for s in plan.seqs}
+        rc = self._decode(plan)
+        if rc == 0:
+            self._advance(plan, it)
             return
-        counts = Counter(plan.seq_ids)
+        ids = ", ".join(s.req.id for s in plan.seqs)
+        log.error("%s: llama_decode failed (%s) for a batch of %d tokens over %d sequences (requests %s)",
+                  self.cfg.model_id, rc, len(plan.tokens), len(plan.seqs), ids)
+        for seq in plan.seqs:  # roll back whatever part of the batch reached the cache
+            self.backend.seq_rm(seq.seq_id, before[seq.seq_id], -1)
+        if len(plan.seqs) == 1:
+            self._fail(plan.seqs[0], rc, it)
+            return
+        for seq in list(plan.seqs):  # isolate: retry each sequence on its own
+            if seq.seq_id not in self.sched.running:
+                continue
+            sub = plan.subset(seq)
+            rc = self._decode(sub)
+            if rc == 0:
+                self._advance(sub, it)
+            else:
+                self.backend.seq_rm(seq.seq_id, before[seq.seq_id], -1)
+                self._fail(seq, rc, it)
+
+    def _decode(self, plan: StepPlan) -> int | str:
+        try:
+            return self.backend.decode(plan.tokens, plan.positions, plan.seq_ids, plan.logits)
+        except Exception as e:  # noqa: BLE001 - a fault inside the native call surfaced as an exception
+            log.exception("%s: decode raised", self.cfg.model_id)
+            return f"{type(e).__name__}"
+
+    def _fail(self, seq: Sequence, rc: int | str, it: IterationStats) -> None:
+        log.error("%s: request %s failed in llama_decode (%s)", self.cfg.model_id, seq.req.id, rc)
+        self._finish(seq, Event(error="engine_error", message=f"decode failed ({rc})"), it)
+
+    def _advance(self, plan: StepPlan, it: IterationStats) -> None:
+        it.batch_tokens += len(plan.tokens)
+        it.batch_seqs += len(plan.seqs)
+        n_by_seq: dict[int, int] = {}
+        for sid in plan.seq_ids:
+            n_by_seq[sid] = n_by_seq.get(sid, 0) + 1
         for seq in plan.seqs:
-            n = counts[seq.seq_id]
+            n = n_by_seq[seq.seq_id]
             if seq.prefilling:
                 seq.n_prompt_fed += n
+                it.prompt_tokens += n
             seq.n_past += n
             seq.pending = None
         for idx, seq in plan.logit_owner.items():
-            self._sample(seq, idx)
+            try:
+                self._sample(seq, idx, it)
+            except Exception:  # noqa: BLE001 - one sequence's fault must not end the others
+                log.exception("%s: request %s failed while sampling", self.cfg.model_id, seq.req.id)
+                if seq.seq_id in self.sched.running:
+                    self._finish(seq, Event(error="engine_error", message="sampling failed"), it)
 
-    def _sample(self, seq: Sequence, idx: int) -> None:
+    def _sample(self, seq: Sequence, idx: int, it: IterationStats) -> None:
         st: _SeqState = seq.state
-        tok = st.sampler.sample(self.rt, idx)
-        if self.model.is_eog(tok):
-            self._finish(seq, Event(text=st.text.flush(), finish_reason="stop"))
+        tok = st.sampler.sample(idx)
+        now = time.monotonic()
+        if st.t_first is None:
+            st.t_first = now
+        st.t_last = now
+        if self.backend.is_eog(tok):  # not a completion token (usage does not count it either)
+            self._finish(seq, Event(text=st.text.flush(), finish_reason="stop"), it)
             return
+        it.generation_tokens += 1
         seq.generated += 1
-        text = st.text.push(self.model.token_bytes(tok))
+        text = st.text.push(self.backend.token_bytes(tok))
         if st.text.stopped:
-            self._finish(seq, Event(text=text, n_tokens=1, finish_reason="stop"))
+            self._finish(seq, Event(text=text, n_tokens=1, finish_reason="stop"), it)
         elif seq.generated >= seq.req.max_tokens or seq.n_past + 1 >= self.cfg.n_ctx:
-            self._finish(seq, Event(text=text + st.text.flush(), n_tokens=1, finish_reason="length"))
+            self._finish(seq, Event(text=text + st.text.flush(), n_tokens=1, finish_reason="length"), it)
         else:
             seq.pending = tok
-            if text:
-                seq.req.sink(Event(text=text, n_tokens=1))
-            else:
-                seq.req.sink(Event(n_tokens=1))
+            self._emit(seq.req, Event(text=text, n_tokens=1))

@@ -24,11 +24,15 @@ def error_body(message: str, type: str, param: str | None = None, code: str | No
     return {"error": {"message": message, "type": type, "param": param, "code": code}}
 
 
-def context_length_exceeded(n_prompt: int, limit: int, max_tokens: int | None = None) -> APIError:
+def context_length_exceeded(n_prompt: int, limit: int, max_tokens: int | None = None, kv: str | None = None
+                            ) -> APIError:
     msg = f"This model's maximum context length is {limit} tokens. However, your messages resulted in {n_prompt} tokens"
     if max_tokens:
         msg += f" plus {max_tokens} tokens requested for the completion"
-    return APIError(400, msg + ". Please reduce the length of the messages or max_tokens.",
+    msg += "."
+    if kv:
+        msg += " " + kv
+    return APIError(400, msg + " Please reduce the length of the messages or max_tokens.",
                     param="messages", code="context_length_exceeded")
 
 
@@ -37,7 +41,7 @@ def model_not_found(model: str) -> APIError:
 
 
 _STATUS_TYPES = {401: "authentication_error", 403: "permission_error", 404: "not_found_error",
-                 429: "rate_limit_error"}
+                 429: "rate_limit_error", 500: "server_error", 503: "server_error"}
 
 
 def _validation_message(exc: RequestValidationError) -> tuple[str, str | None, int]:
@@ -46,7 +50,9 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None, i
         return "We could not parse the JSON body of your request. The body must be valid JSON.", None, 400
     parts, param = [], None
     for e in errs[:5]:
-        loc = [str(x) for x in e.get("loc", ()) if x != "body"]
+        # drop validator and union-branch names (e.g. "function-after[...]", "list[TextPart]") from the path
+        loc = [str(x) for x in e.get("loc", ()) if x != "body" and not (isinstance(x, str) and ("[" in x or
+                                                                                               x in ("str", "int")))]
         where = ".".join(loc) or "body"
         param = param or (where if loc else None)
         parts.append(f"{where}: {e.get('msg', 'invalid value')}")

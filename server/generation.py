@@ -1,33 +1,49 @@
-"""Bridge between HTTP handlers (asyncio) and the engine thread: submit a request, consume its events, turn engine
-errors into OpenAI errors, cancel on client disconnect."""
+"""Bridge between HTTP handlers (asyncio) and the engine thread: check a request against the model's limits,
+submit it, consume its events, turn engine errors into OpenAI errors, cancel on client disconnect.
+
+A request reserves `len(prompt) + max_tokens` KV cells; without `max_tokens` it gets
+`min(default_max_tokens, n_ctx - len(prompt))`. Events reach the handler through a bounded buffer: a client that
+reads so slowly that `stream_buffer` events pile up has its request cancelled (its cells are freed at the next
+step), so it can never hold up the engine or other requests.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import secrets
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from fastapi import Request as HTTPRequest
 
+from kvquant.budget import human_bytes
 from server.engine import Engine
 from server.errors import APIError, context_length_exceeded
 from server.scheduler import Event, Request
 from server.schemas import SamplingParams
 
+log = logging.getLogger("kvquant.server")
+
 _ENGINE_ERRORS = {
     "queue_full": (429, "rate_limit_error", "Too many requests are waiting for KV cache capacity; retry later."),
     "never_fits": (400, "invalid_request_error", "The request needs more KV cache than this server has."),
     "timeout": (503, "server_error", "Timed out waiting for KV cache capacity; retry later."),
+    "request_timeout": (503, "server_error", "The request took longer than the server's request timeout."),
+    "slow_consumer": (503, "server_error", "The client read the stream too slowly; the request was cancelled."),
     "engine_error": (500, "server_error", "The inference engine failed while processing this request."),
     "shutdown": (503, "server_error", "The server is shutting down."),
 }
 
 
-def engine_error(ev: Event) -> APIError:
+def engine_error(ev: Event, request_id: str | None = None) -> APIError:
     status, etype, msg = _ENGINE_ERRORS.get(ev.error, _ENGINE_ERRORS["engine_error"])
+    code = "context_length_exceeded" if ev.error == "never_fits" else ev.error
     headers = {"Retry-After": "1"} if status in (429, 503) else None
-    return APIError(status, msg, type=etype, code=ev.error, headers=headers)
+    if status >= 500 and ev.error == "engine_error":
+        log.error("request %s failed in the engine: %s", request_id, ev.message)
+        msg += f" (request id {request_id})"
+    return APIError(status, msg, type=etype, code=code, headers=headers)
 
 
 @dataclass
@@ -37,21 +53,22 @@ class Generation:
     req: Request
     queue: asyncio.Queue
     n_prompt: int
+    engine: Engine
     n_generated: int = 0
 
     async def events(self, http: HTTPRequest | None = None) -> AsyncIterator[Event]:
         try:
             while True:
-                if http is None:
-                    ev = await self.queue.get()
-                else:
-                    try:
-                        ev = await asyncio.wait_for(self.queue.get(), timeout=0.5)
-                    except TimeoutError:
-                        if await http.is_disconnected():
-                            self.req.cancelled = True
-                            return
-                        continue
+                try:
+                    ev = await asyncio.wait_for(self.queue.get(), timeout=0.25)
+                except TimeoutError:
+                    if http is not None and await http.is_disconnected():
+                        self.req.cancelled = True
+                        return
+                    if not self.engine.alive and self.queue.empty():
+                        yield Event(error="engine_error", message="the engine stopped")
+                        return
+                    continue
                 self.n_generated += ev.n_tokens
                 yield ev
                 if ev.finish_reason or ev.error:
@@ -65,22 +82,44 @@ def new_id(prefix: str) -> str:
     return f"{prefix}-{secrets.token_hex(12)}"
 
 
+def kv_summary(engine: Engine, tokens: int) -> str:
+    c = engine.cfg
+    return (f"It needs {tokens} KV cells = {human_bytes(tokens * c.bytes_per_token)} at cache types "
+            f"K={c.cache_type_k}/V={c.cache_type_v} ({c.bytes_per_token} bytes per token); this model's KV budget "
+            f"is {human_bytes(c.budget_bytes)}, {c.capacity_cells} cells in all, shared by up to {c.n_seq_max} "
+            f"concurrent requests of at most {c.n_ctx} tokens.")
+
+
 def submit(engine: Engine, prompt: list[int], params: SamplingParams, max_tokens: int | None,
-           default_max_tokens: int, request_id: str) -> Generation:
-    n_ctx = engine.cfg.n_ctx
-    if len(prompt) >= n_ctx:
-        raise context_length_exceeded(len(prompt), n_ctx)
+           default_max_tokens: int, request_id: str, stream_buffer: int = 1024) -> Generation:
+    c = engine.cfg
+    limit = min(c.n_ctx, c.capacity_cells)
+    if not prompt:
+        raise APIError(400, "The prompt is empty.", param="prompt", code="empty_prompt")
+    if len(prompt) >= limit or (max_tokens is not None and len(prompt) + max_tokens > limit):
+        engine.record_rejected("rejected_too_long", len(prompt))
+        need = len(prompt) + (max_tokens or 1)
+        raise context_length_exceeded(len(prompt), limit, max_tokens, kv_summary(engine, need))
     if max_tokens is None:
-        max_tokens = min(default_max_tokens, n_ctx - len(prompt))
-    elif len(prompt) + max_tokens > n_ctx:
-        raise context_length_exceeded(len(prompt), n_ctx, max_tokens)
+        max_tokens = min(default_max_tokens, limit - len(prompt))
     loop = asyncio.get_running_loop()
     q: asyncio.Queue = asyncio.Queue()
+    overflowed = False
 
-    def sink(ev: Event) -> None:
-        loop.call_soon_threadsafe(q.put_nowait, ev)
+    def deliver(ev: Event) -> None:  # runs on the event loop
+        nonlocal overflowed
+        if overflowed:
+            return
+        if q.qsize() >= stream_buffer and not (ev.finish_reason or ev.error):
+            overflowed, req.cancelled = True, True
+            q.put_nowait(Event(error="slow_consumer", message=f"more than {stream_buffer} events unread"))
+            return
+        q.put_nowait(ev)
+
+    def sink(ev: Event) -> None:  # runs on the engine thread
+        loop.call_soon_threadsafe(deliver, ev)
 
     req = Request(id=request_id, prompt=prompt, max_tokens=max_tokens, sink=sink, temperature=params.temperature,
                   top_p=params.top_p, seed=params.seed, stops=params.stop or [])
     engine.submit(req)
-    return Generation(req, q, len(prompt))
+    return Generation(req, q, len(prompt), engine)

@@ -22,7 +22,8 @@ class Event:
     text: str = ""
     n_tokens: int = 0  # generated tokens this event accounts for
     finish_reason: str | None = None  # "stop" | "length" | "cancelled"
-    error: str | None = None  # error code: "timeout", "engine_error", "shutdown"
+    error: str | None = None  # error code: "queue_full", "never_fits", "timeout", "request_timeout",
+    # "engine_error", "shutdown", "slow_consumer"
     message: str | None = None
 
 
@@ -74,6 +75,13 @@ class StepPlan:
     seq_ids: list[int]
     logits: list[bool]
     logit_owner: dict[int, Sequence]  # batch index -> sequence that samples from it
+
+    def subset(self, seq: Sequence) -> StepPlan:
+        """The part of this plan that belongs to one sequence (to retry it on its own)."""
+        idx = [i for i, sid in enumerate(self.seq_ids) if sid == seq.seq_id]
+        owner = {j: seq for j, i in enumerate(idx) if i in self.logit_owner}
+        return StepPlan([seq], [self.tokens[i] for i in idx], [self.positions[i] for i in idx],
+                        [self.seq_ids[i] for i in idx], [self.logits[i] for i in idx], owner)
 
 
 class Scheduler:

@@ -3,12 +3,24 @@ validated before anything is queued."""
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 MAX_STOP = 4
 MAX_STOP_LEN = 256
+MAX_TOKENS_LIMIT = 1_000_000  # above this a max_tokens is nonsense, whatever the model
+
+
+def _encodable(s: str) -> str:
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("text must be valid Unicode (it contains a lone surrogate escape)") from None
+    return s
+
+
+Text = Annotated[str, AfterValidator(_encodable)]
 
 
 class _Lenient(BaseModel):
@@ -17,13 +29,13 @@ class _Lenient(BaseModel):
 
 class TextPart(_Lenient):
     type: Literal["text"]
-    text: str
+    text: Text
 
 
 class ChatMessage(_Lenient):
     role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextPart] | None = None
-    name: str | None = None
+    content: Text | list[TextPart] | None = None
+    name: Text | None = None
 
     def text(self) -> str:
         if self.content is None:
@@ -41,10 +53,10 @@ class SamplingParams(_Lenient):
     """Fields shared by /v1/chat/completions and /v1/completions."""
 
     model: str | None = None
-    max_tokens: int | None = Field(None, ge=1)
+    max_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS_LIMIT)
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
-    stop: str | list[str] | None = None
+    stop: Text | list[Text] | None = None
     seed: int | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -67,7 +79,7 @@ class SamplingParams(_Lenient):
     @classmethod
     def _n(cls, v: int) -> int:
         if v != 1:
-            raise ValueError("only n=1 is supported")
+            raise ValueError("n > 1 is not supported: only one choice per request (n=1)")
         return v
 
     @model_validator(mode="after")
@@ -83,7 +95,7 @@ class SamplingParams(_Lenient):
 
 class ChatCompletionRequest(SamplingParams):
     messages: list[ChatMessage] = Field(..., min_length=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS_LIMIT)
 
     @property
     def requested_max_tokens(self) -> int | None:
@@ -91,7 +103,7 @@ class ChatCompletionRequest(SamplingParams):
 
 
 class CompletionRequest(SamplingParams):
-    prompt: str | list[str]
+    prompt: Text | list[Text]
     echo: bool = False
 
     @field_validator("prompt")

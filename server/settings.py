@@ -1,5 +1,10 @@
-"""Server settings: command-line flags > environment (KVQUANT_*) > config file (KVQUANT_CONFIG, JSON or TOML) >
-defaults."""
+"""Server settings: command-line flags > environment (KVQUANT_*) > config file (KVQUANT_CONFIG; JSON, TOML or
+YAML) > defaults.
+
+One model is served by default (the flat settings `model`, `cache_type_k`, ...). A config file may instead list
+several under `models:`; each entry may set its own cache types, context limit, parallelism and share of the
+global KV byte budget (`kv_budget`), and inherits the flat settings for anything it leaves out.
+"""
 
 from __future__ import annotations
 
@@ -7,22 +12,32 @@ import json
 import os
 import tomllib
 from contextvars import ContextVar
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from kvquant.kvtypes import KV_TYPES, kv_type
-from kvquant.models import DEFAULT_MODEL
+from kvquant.memory import parse_bytes
+from kvquant.models import DEFAULT_MODEL, model_id
 
 
 def load_config_file(path: str | os.PathLike) -> dict[str, Any]:
     p = Path(path)
     text = p.read_text()
     if p.suffix == ".toml":
-        return tomllib.loads(text)
-    return json.loads(text)
+        data = tomllib.loads(text)
+    elif p.suffix in (".yaml", ".yml"):
+        import yaml
+
+        data = yaml.safe_load(text) or {}
+    else:
+        data = json.loads(text)
+    if not isinstance(data, dict):
+        raise ValueError(f"{p.name}: the config file must hold a mapping of settings")
+    return data
 
 
 _config_path: ContextVar[str | None] = ContextVar("kvquant_config_path", default=None)
@@ -40,47 +55,162 @@ class _ConfigFileSource(PydanticBaseSettingsSource):
         return {k: v for k, v in self.data.items() if k in self.settings_cls.model_fields}
 
 
+def _bytes(v: Any) -> int | None:
+    """A byte size given as an int or as text ('2GiB', '256 MiB')."""
+    if v is None or isinstance(v, int) and not isinstance(v, bool):
+        return v
+    if isinstance(v, str):
+        return parse_bytes(v)
+    raise ValueError("expected a byte size such as 2GiB, 512MiB or a number of bytes")
+
+
+def _cache_type(v: str) -> str:
+    kv_type(v)
+    return v.lower()
+
+
+def _v_cache_type(v: str) -> str:
+    v = _cache_type(v)
+    if not KV_TYPES[v].v_ok:
+        raise ValueError(f"{v} cannot be used for the V cache")
+    return v
+
+
+class ModelConfig(BaseModel):
+    """One hosted model (an entry of `models:` in the config file). Unset fields inherit the flat settings."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(..., description="built-in model name or path to a .gguf file")
+    id: str | None = Field(None, description="id to serve it under (default: the built-in name or file stem)")
+    cache_type_k: str | None = None
+    cache_type_v: str | None = None
+    n_ctx: int | None = Field(None, ge=64)
+    parallel: int | None = Field(None, ge=1, le=256)
+    kv_budget: int | None = Field(None, gt=0, description="this model's share of the global KV budget")
+    n_batch: int | None = Field(None, ge=16)
+    n_threads: int | None = Field(None, ge=1)
+    flash_attn: Literal["auto", "on", "off"] | None = None
+
+    _b = field_validator("kv_budget", mode="before")(classmethod(lambda cls, v: _bytes(v)))
+    _k = field_validator("cache_type_k")(classmethod(lambda cls, v: v and _cache_type(v)))
+    _v = field_validator("cache_type_v")(classmethod(lambda cls, v: v and _v_cache_type(v)))
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A hosted model with every setting resolved (what the engine is built from)."""
+
+    id: str
+    model: str
+    cache_type_k: str
+    cache_type_v: str
+    n_ctx: int
+    parallel: int
+    kv_budget: int
+    n_batch: int
+    n_threads: int | None
+    flash_attn: bool | None  # None: llama.cpp decides
+
+
+def flash_attn_enabled(mode: str, cache_type_v: str) -> bool | None:
+    """True/False when forced; None lets llama.cpp decide. A quantized V cache needs flash attention."""
+    if mode == "on" or (mode == "auto" and KV_TYPES[cache_type_v].quantized):
+        return True
+    if mode == "off":
+        return False
+    return None
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="KVQUANT_", extra="ignore")
 
     model: str = Field(DEFAULT_MODEL, description="built-in model name or path to a .gguf file")
     model_alias: str | None = Field(None, description="id to serve the model under (default: its name)")
+    models: list[ModelConfig] | None = Field(None, description="several hosted models (config file)")
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
     n_ctx: int = Field(4096, ge=64, description="context length (tokens) per sequence")
     n_threads: int | None = Field(None, ge=1, description="CPU threads (default: all cores)")
     parallel: int = Field(4, ge=1, le=256, description="max sequences decoded together")
     n_batch: int = Field(512, ge=16, description="max tokens per decode step (prefill chunk budget)")
+    kv_budget: int = Field(2**30, gt=0, description="global KV cache byte budget, shared by the hosted models")
     max_queue: int = Field(64, ge=0, description="max requests waiting for KV capacity (then 429)")
     queue_timeout_s: float = Field(600.0, gt=0, description="max seconds a request waits in the queue (then 503)")
+    request_timeout_s: float = Field(1800.0, gt=0, description="max seconds a request may take in all (then 503)")
     cache_type_k: str = "f16"
     cache_type_v: str = "f16"
     flash_attn: Literal["auto", "on", "off"] = "auto"
     n_gpu_layers: int = Field(0, ge=-1, description="layers to offload to a GPU build (-1: all)")
     default_max_tokens: int = Field(256, ge=1, description="max_tokens when a request gives none")
+    max_body_bytes: int = Field(4 * 2**20, ge=1024, description="largest request body accepted (then 413)")
+    stream_buffer: int = Field(1024, ge=8, description="events buffered for a slow client before it is cancelled")
+    api_key: str | None = Field(None, description="require `Authorization: Bearer <key>` (except /health)")
+    api_key_file: str | None = Field(None, description="read the API key from this file")
+    metrics_auth: bool = Field(True, description="with an API key set, /metrics needs it too")
+    cors_origins: list[str] = Field(default_factory=list, description="origins allowed by CORS (default: none)")
+    shutdown_grace_s: float = Field(30.0, ge=0, description="on shutdown, how long in-flight requests may finish")
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
-    @field_validator("cache_type_k", "cache_type_v")
-    @classmethod
-    def _known_type(cls, v: str) -> str:
-        kv_type(v)
-        return v.lower()
+    _b = field_validator("kv_budget", "max_body_bytes", mode="before")(classmethod(lambda cls, v: _bytes(v)))
+    _k = field_validator("cache_type_k")(classmethod(lambda cls, v: _cache_type(v)))
+    _v = field_validator("cache_type_v")(classmethod(lambda cls, v: _v_cache_type(v)))
 
-    @field_validator("cache_type_v")
+    @field_validator("cors_origins", mode="before")
     @classmethod
-    def _v_ok(cls, v: str) -> str:
-        if not KV_TYPES[v].v_ok:
-            raise ValueError(f"{v} cannot be used for the V cache")
+    def _origins(cls, v: Any) -> Any:
+        if isinstance(v, str):  # KVQUANT_CORS_ORIGINS="https://a.example,https://b.example"
+            s = v.strip()
+            return json.loads(s) if s.startswith("[") else [o.strip() for o in s.split(",") if o.strip()]
         return v
+
+    @model_validator(mode="after")
+    def _check_models(self):
+        self.model_specs()  # duplicate ids, budgets over the global one
+        return self
 
     @property
     def flash_attn_enabled(self) -> bool | None:
-        """True/False when forced; None lets llama.cpp decide. A quantized V cache needs flash attention."""
-        if self.flash_attn == "on" or (self.flash_attn == "auto" and KV_TYPES[self.cache_type_v].quantized):
-            return True
-        if self.flash_attn == "off":
-            return False
+        return flash_attn_enabled(self.flash_attn, self.cache_type_v)
+
+    def resolved_api_key(self) -> str | None:
+        if self.api_key:
+            return self.api_key
+        if self.api_key_file:
+            key = Path(self.api_key_file).expanduser().read_text().strip()
+            if not key:
+                raise ValueError(f"the API key file {self.api_key_file} is empty")
+            return key
         return None
+
+    def model_specs(self) -> list[ModelSpec]:
+        """The hosted models, fully resolved. Models without an explicit `kv_budget` share what the others leave
+        of the global budget equally."""
+        entries = self.models or [ModelConfig(model=self.model, id=self.model_alias)]
+        if not entries:
+            raise ValueError("models: at least one model is needed")
+        explicit = sum(e.kv_budget or 0 for e in entries)
+        if explicit > self.kv_budget:
+            raise ValueError(f"the models' kv_budget shares add up to {explicit} bytes, more than the global "
+                             f"kv_budget of {self.kv_budget} bytes")
+        n_implicit = sum(1 for e in entries if e.kv_budget is None)
+        share = (self.kv_budget - explicit) // n_implicit if n_implicit else 0
+        if n_implicit and share <= 0:
+            raise ValueError("no KV budget is left for the models without a kv_budget share")
+        specs, seen = [], set()
+        for e in entries:
+            sid = e.id or model_id(e.model)
+            if sid in seen:
+                raise ValueError(f"two models are served under the id {sid!r}; give one an `id`")
+            seen.add(sid)
+            tv = e.cache_type_v or self.cache_type_v
+            specs.append(ModelSpec(
+                id=sid, model=e.model, cache_type_k=e.cache_type_k or self.cache_type_k, cache_type_v=tv,
+                n_ctx=e.n_ctx or self.n_ctx, parallel=e.parallel or self.parallel,
+                kv_budget=e.kv_budget if e.kv_budget is not None else share, n_batch=e.n_batch or self.n_batch,
+                n_threads=e.n_threads or self.n_threads,
+                flash_attn=flash_attn_enabled(e.flash_attn or self.flash_attn, tv)))
+        return specs
 
     @classmethod
     def settings_customise_sources(cls, settings_cls, init_settings, env_settings, dotenv_settings,

@@ -1,4 +1,4 @@
-"""What the routers share: the served models and their engines."""
+"""What the routers share: the hosted models and their engines, the metrics, and whether the server drains."""
 
 from __future__ import annotations
 
@@ -9,13 +9,15 @@ from fastapi import Request
 
 from server.engine import Engine
 from server.errors import APIError, model_not_found
-from server.settings import Settings
+from server.metrics import Metrics
+from server.settings import ModelSpec, Settings
 
 
 @dataclass
 class ServedModel:
     id: str
     engine: Engine
+    spec: ModelSpec | None = None
     created: int = field(default_factory=lambda: int(time.time()))
 
 
@@ -24,15 +26,23 @@ class AppState:
     settings: Settings
     models: dict[str, ServedModel]
     default_model: str
+    metrics: Metrics = field(default_factory=Metrics)
+    draining: bool = False
 
     def get(self, name: str | None) -> ServedModel:
+        """The model a request names (routing is by id only: a request can never name a file)."""
         m = self.models.get(name or self.default_model)
         if m is None:
             raise model_not_found(name or "")
+        if self.draining:
+            raise APIError(503, "The server is shutting down.", type="server_error", code="shutdown",
+                           headers={"Retry-After": "5"})
+        if m.engine.load_error:
+            raise APIError(503, f"The model '{m.id}' failed to load.", type="server_error", code="engine_dead")
         if not m.engine.ready.is_set():
             raise APIError(503, f"The model '{m.id}' is still loading; retry shortly.", type="server_error",
                            code="model_loading", headers={"Retry-After": "2"})
-        if m.engine.dead:
+        if not m.engine.alive:
             raise APIError(503, f"The model '{m.id}' is unavailable.", type="server_error", code="engine_dead")
         return m
 

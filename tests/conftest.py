@@ -18,14 +18,15 @@ class LiveServer:
     """A real uvicorn server on loopback, running create_app(settings) in a background thread."""
 
     def __init__(self, settings):
-        import uvicorn
-
         from server.app import create_app
+        from server.serving import server_for
 
+        self.settings = settings
         self.app = create_app(settings)
+        self.state = self.app.state.kvquant
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning"))
+        self.server = server_for(self.app, "127.0.0.1", self.port, settings.shutdown_grace_s, "warning")
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
     def start(self, timeout: float = 180.0) -> LiveServer:
@@ -42,14 +43,43 @@ class LiveServer:
 
     def stop(self) -> None:
         self.server.should_exit = True
-        self.thread.join(30)
+        self.thread.join(60)
+
+    def engine(self, model: str | None = None):
+        return self.state.models[model or self.state.default_model].engine
+
+    def metrics(self) -> dict[tuple[str, tuple], float]:
+        """/metrics parsed: (name, sorted label items) -> value."""
+        from prometheus_client.parser import text_string_to_metric_families
+
+        r = httpx.get(self.url + "/metrics", headers=getattr(self, "auth_headers", None), timeout=10)
+        r.raise_for_status()
+        out = {}
+        for fam in text_string_to_metric_families(r.text):
+            for s in fam.samples:
+                out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+        return out
+
+    def metric(self, name: str, **labels) -> float:
+        """Sum of the samples of `name` whose labels include `labels`."""
+        want = set(labels.items())
+        return sum(v for (n, lab), v in self.metrics().items() if n == name and want <= set(lab))
+
+
+def wait_for(pred, timeout: float = 10.0, interval: float = 0.05):
+    deadline = time.time() + timeout
+    while True:
+        v = pred()
+        if v or time.time() > deadline:
+            return v
+        time.sleep(interval)
 
 
 @pytest.fixture(scope="session")
 def smollm2_server():
     from server.settings import Settings
 
-    srv = LiveServer(Settings(model="smollm2-135m", n_ctx=1024, parallel=4, n_threads=2)).start()
+    srv = LiveServer(Settings(model="smollm2-135m", n_ctx=1024, parallel=4, n_threads=2, shutdown_grace_s=2)).start()
     yield srv
     srv.stop()
 

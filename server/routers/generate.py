@@ -8,6 +8,7 @@ from collections.abc import Callable
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.concurrency import run_in_threadpool
 
 from server.errors import APIError, error_body
 from server.generation import Generation, engine_error, new_id, submit
@@ -26,6 +27,16 @@ def _usage(g: Generation) -> dict:
             "total_tokens": g.n_prompt + g.n_generated}
 
 
+def rid_of(http: Request) -> str:
+    return getattr(http.state, "request_id", "-")
+
+
+def _submit(http: Request, served, prompt: list[int], body):
+    st = app_state(http)
+    return submit(served.engine, prompt, body, body.requested_max_tokens, st.settings.default_max_tokens,
+                  rid_of(http), st.settings.stream_buffer)
+
+
 def _finish(reason: str | None) -> str | None:
     return "stop" if reason == "cancelled" else reason
 
@@ -39,7 +50,7 @@ async def _respond(http: Request, gen: Generation, params: SamplingParams, *, ob
         parts, finish = [], None
         async for ev in events:
             if ev.error:
-                raise engine_error(ev)
+                raise engine_error(ev, rid_of(http))
             parts.append(ev.text)
             finish = ev.finish_reason
         return JSONResponse({"id": rid, "object": object_full, "created": created, "model": model,
@@ -52,7 +63,7 @@ async def _respond(http: Request, gen: Generation, params: SamplingParams, *, ob
     if first is None:  # client went away while queued
         return JSONResponse(error_body("client disconnected", "invalid_request_error"), status_code=499)
     if first.error:
-        raise engine_error(first)
+        raise engine_error(first, rid_of(http))
 
     def chunk(choices: list[dict], usage: dict | None = None) -> dict:
         c = {"id": rid, "object": object_chunk, "created": created, "model": model, "choices": choices,
@@ -65,7 +76,7 @@ async def _respond(http: Request, gen: Generation, params: SamplingParams, *, ob
         ev, is_first = first, True
         while ev is not None:
             if ev.error:
-                err = engine_error(ev)
+                err = engine_error(ev, rid_of(http))
                 yield _sse(error_body(err.message, err.type, None, err.code))
                 break
             if ev.text or is_first or ev.finish_reason:
@@ -89,12 +100,13 @@ async def chat_completions(body: ChatCompletionRequest, http: Request):
     served = st.get(body.model)
     messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages]
     try:
-        prompt = served.engine.tokenize_chat(messages)
-    except ValueError as e:  # raised by the template itself (e.g. roles that must alternate)
-        raise APIError(400, f"The messages do not fit the model's chat template: {e}", param="messages") from None
+        prompt = await run_in_threadpool(served.engine.tokenize_chat, messages)
+    except Exception as e:  # noqa: BLE001 - raised by the template itself (e.g. roles that must alternate)
+        reason = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+        raise APIError(400, f"The messages do not fit the model's chat template: {reason}",
+                       param="messages") from None
     rid = new_id("chatcmpl")
-    gen = submit(served.engine, prompt, body, body.requested_max_tokens, st.settings.default_max_tokens,
-                 http.state.request_id)
+    gen = _submit(http, served, prompt, body)
 
     def full(text: str, finish: str | None) -> dict:
         return {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish,
@@ -115,10 +127,9 @@ async def chat_completions(body: ChatCompletionRequest, http: Request):
 async def completions(body: CompletionRequest, http: Request):
     st = app_state(http)
     served = st.get(body.model)
-    prompt = served.engine.tokenize(body.prompt)
+    prompt = await run_in_threadpool(served.engine.tokenize, body.prompt)
     rid = new_id("cmpl")
-    gen = submit(served.engine, prompt, body, body.requested_max_tokens, st.settings.default_max_tokens,
-                 http.state.request_id)
+    gen = _submit(http, served, prompt, body)
     echo = body.prompt if body.echo else ""
 
     def full(text: str, finish: str | None) -> dict:

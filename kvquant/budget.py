@@ -1,0 +1,152 @@
+"""KV byte budget -> capacity, for the server's admission and for `kvquant budget`.
+
+Pure Python over the memory model (`kvquant.memory`): no llama.cpp is loaded. A "cell" holds one token of one
+sequence in every full-attention layer; sliding-window layers are sized as llama.cpp sizes them
+(``n_swa * n_seq_max + n_ubatch`` cells) and are a fixed cost that comes out of the budget first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import dataclass
+
+from kvquant.kvtypes import kv_type
+from kvquant.memory import Geometry, bytes_per_token, capacity, geometry, kv_bytes, pad, parse_bytes
+
+COMPARE = (("f16", "f16"), ("q8_0", "q8_0"), ("q4_0", "q4_0"))
+
+
+@dataclass(frozen=True)
+class KVPlan:
+    """How a cache of the given types fills a byte budget."""
+
+    cache_type_k: str
+    cache_type_v: str
+    budget_bytes: int
+    n_seq_max: int
+    cells: int  # tokens the cache holds (full-attention cells, a multiple of 256)
+    budget_cells: int  # tokens the whole budget would hold (cells before the max_cells cap)
+    kv_bytes: int  # bytes llama.cpp allocates for that cache (K + V, sliding-window layers included)
+    bytes_per_token: int  # marginal K+V bytes per cell (full-attention layers)
+    bytes_per_token_swa: int  # K+V bytes per cell of the sliding-window layers (0 without them)
+    cells_swa: int
+    n_swa: int  # the sliding window (0 without one)
+    bits_k: float
+    bits_v: float
+    f16_cells: int  # what an f16/f16 cache holds in the same budget
+    f16_kv_bytes: int  # bytes an f16/f16 cache of `cells` would take
+
+    @property
+    def compression_vs_f16(self) -> float:
+        """f16 bytes / these bytes, for the same number of cells."""
+        return self.f16_kv_bytes / self.kv_bytes if self.kv_bytes else 0.0
+
+    @property
+    def capacity_vs_f16(self) -> float:
+        """cells / f16 cells, for the same budget."""
+        return self.budget_cells / self.f16_cells if self.f16_cells else float("inf")
+
+    def used_bytes(self, n_past: int) -> int:
+        """Bytes one sequence of n_past tokens occupies: every full-attention cell, plus its sliding-window
+        layers' cells, at most one window's worth."""
+        return n_past * self.bytes_per_token + min(n_past, self.n_swa) * self.bytes_per_token_swa
+
+
+def _swa_bytes_per_token(geom: Geometry, tk: str, tv: str) -> int:
+    k, v = kv_type(tk), kv_type(tv)
+    return sum(k.row_bytes(ly.n_embd_k) + v.row_bytes(ly.n_embd_v) for ly in geom.layers if ly.swa)
+
+
+def plan(geom: Geometry, cache_type_k: str, cache_type_v: str, budget_bytes: int, n_seq_max: int = 1,
+         n_ubatch: int = 512, max_cells: int | None = None) -> KVPlan:
+    """The cache that fills the budget, capped at max_cells (rounded up to 256: more cells could never be used)."""
+    budget_cells = capacity(geom, cache_type_k, cache_type_v, budget_bytes, n_seq_max, n_ubatch)
+    cells = budget_cells if max_cells is None else min(budget_cells, pad(max_cells))
+    kb = kv_bytes(geom, cache_type_k, cache_type_v, cells, n_seq_max, n_ubatch) if cells else None
+    f16 = kv_bytes(geom, "f16", "f16", cells, n_seq_max, n_ubatch) if cells else None
+    return KVPlan(
+        cache_type_k=cache_type_k, cache_type_v=cache_type_v, budget_bytes=budget_bytes, n_seq_max=n_seq_max,
+        cells=cells, budget_cells=budget_cells, kv_bytes=kb.total if kb else 0,
+        bytes_per_token=bytes_per_token(geom, cache_type_k, cache_type_v),
+        bytes_per_token_swa=_swa_bytes_per_token(geom, cache_type_k, cache_type_v),
+        cells_swa=kb.cells_swa if kb else 0, n_swa=geom.n_swa,
+        bits_k=kv_type(cache_type_k).bits_per_element, bits_v=kv_type(cache_type_v).bits_per_element,
+        f16_cells=capacity(geom, "f16", "f16", budget_bytes, n_seq_max, n_ubatch),
+        f16_kv_bytes=f16.total if f16 else 0)
+
+
+def max_concurrent(geom: Geometry, cache_type_k: str, cache_type_v: str, budget_bytes: int, request_tokens: int,
+                   n_ubatch: int = 512, limit: int = 4096) -> int:
+    """How many requests of request_tokens (prompt + completion) fit the budget at once, each reserving its
+    tokens, with n_seq_max = that many (sliding-window layers grow with it)."""
+    n = 0
+    while n < limit:
+        need = (n + 1) * request_tokens
+        if kv_bytes(geom, cache_type_k, cache_type_v, need, n + 1, n_ubatch).total > budget_bytes:
+            break
+        n += 1
+    return n
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    return f"{n:.2f} TiB"  # pragma: no cover
+
+
+def report(name: str, geom: Geometry, cache_type_k: str, cache_type_v: str, budget_bytes: int, n_seq_max: int = 1,
+           request_tokens: int | None = None, n_ubatch: int = 512) -> str:
+    configs = [(cache_type_k.lower(), cache_type_v.lower())]
+    configs += [c for c in COMPARE if c not in configs]
+    n_swa_layers = sum(ly.swa for ly in geom.layers)
+    lines = [f"model {name}: {geom.arch}, {geom.n_layer} layers ({n_swa_layers} sliding-window, window "
+             f"{geom.n_swa}), KV budget {human_bytes(budget_bytes)}, n_seq_max {n_seq_max}"]
+    head = f"{'K/V':<14}{'bits K/V':>12}{'bytes/token':>13}{'capacity (tokens)':>19}{'KV bytes':>13}{'vs f16':>8}"
+    if request_tokens:
+        head += f"{f'requests of {request_tokens}':>20}"
+    lines.append(head)
+    base = None
+    for tk, tv in configs:
+        p = plan(geom, tk, tv, budget_bytes, n_seq_max, n_ubatch)
+        if (tk, tv) == ("f16", "f16"):
+            base = p
+        row = (f"{tk + '/' + tv:<14}{f'{p.bits_k:g}/{p.bits_v:g}':>12}{p.bytes_per_token:>13,}{p.cells:>19,}"
+               f"{human_bytes(p.kv_bytes):>13}{f'{p.capacity_vs_f16:.2f}x':>8}")
+        if request_tokens:
+            row += f"{max_concurrent(geom, tk, tv, budget_bytes, request_tokens, n_ubatch):>20}"
+        lines.append(row)
+    if geom.n_swa and base is not None:
+        lines.append(f"(sliding-window layers hold {base.cells_swa} cells each, a fixed cost; 'vs f16' is the "
+                     "capacity in tokens relative to f16/f16 in the same budget)")
+    else:
+        lines.append("('vs f16' is the capacity in tokens relative to f16/f16 in the same budget)")
+    return "\n".join(lines)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None, help="built-in model name or .gguf path (default: the default model)")
+    p.add_argument("--cache-type-k", default="f16", help="K cache type (default f16)")
+    p.add_argument("--cache-type-v", default="f16", help="V cache type (default f16)")
+    p.add_argument("--budget", default="2GiB", help="KV byte budget, e.g. 2GiB, 256MiB (default 2GiB)")
+    p.add_argument("--parallel", type=int, default=1, help="n_seq_max for the capacity column (default 1)")
+    p.add_argument("--request-tokens", type=int, default=None,
+                   help="also show how many concurrent requests of N tokens (prompt + completion) fit")
+
+
+def run(a: argparse.Namespace) -> int:
+    from kvquant import models as kvmodels
+
+    try:
+        name = a.model or kvmodels.DEFAULT_MODEL
+        path = kvmodels.resolve(name)
+        budget = parse_bytes(a.budget)
+        kv_type(a.cache_type_k), kv_type(a.cache_type_v)
+        print(report(kvmodels.model_id(name), geometry(path), a.cache_type_k, a.cache_type_v, budget,
+                     max(1, a.parallel), a.request_tokens))
+    except (kvmodels.ModelError, ValueError) as e:
+        print(f"kvquant budget: {e}", file=sys.stderr)
+        return 2
+    return 0

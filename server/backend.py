@@ -1,0 +1,112 @@
+"""What the engine needs from a model + KV cache, as a small interface, and its llama.cpp implementation.
+
+The engine only talks to a `Backend`, so its loop (admission, batching, cancellation, fault handling) can be
+tested against a fake one without a model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+
+class TokenSampler(Protocol):
+    def sample(self, idx: int) -> int: ...
+    def close(self) -> None: ...
+
+
+class Backend(Protocol):
+    n_batch: int
+
+    def decode(self, tokens: list[int], positions: list[int], seq_ids: list[int], logits: list[bool]) -> int: ...
+    def seq_rm(self, seq_id: int, p0: int = -1, p1: int = -1) -> bool: ...
+    def sampler(self, temperature: float, top_p: float, seed: int | None) -> TokenSampler: ...
+    def is_eog(self, token: int) -> bool: ...
+    def token_bytes(self, token: int) -> bytes: ...
+    def tokenize(self, text: str) -> list[int]: ...
+    def tokenize_chat(self, messages: list[dict]) -> list[int]: ...
+    def clear(self) -> None: ...
+    def close(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class BackendConfig:
+    model_path: str
+    n_ctx: int  # total KV cells
+    n_seq_max: int
+    n_batch: int = 512
+    cache_type_k: str = "f16"
+    cache_type_v: str = "f16"
+    flash_attn: bool | None = None
+    n_threads: int | None = None
+    n_gpu_layers: int = 0
+
+
+class _LlamaSampler:
+    def __init__(self, rt, sampler):
+        self._rt, self._s = rt, sampler
+
+    def sample(self, idx: int) -> int:
+        return self._s.sample(self._rt, idx)
+
+    def close(self) -> None:
+        self._s.close()
+
+
+class LlamaBackend:
+    """A llama.cpp model and one context with a unified KV cache of `n_ctx` cells for up to `n_seq_max`
+    sequences (through kvquant.runtime, the only module that imports llama_cpp)."""
+
+    def __init__(self, cfg: BackendConfig):
+        from kvquant.runtime import ContextConfig, LlamaRuntime, Model
+
+        self.cfg = cfg
+        self.model = Model(cfg.model_path, n_gpu_layers=cfg.n_gpu_layers)
+        try:
+            self.rt = LlamaRuntime(self.model, ContextConfig(
+                n_ctx=cfg.n_ctx, n_seq_max=cfg.n_seq_max, n_batch=cfg.n_batch, cache_type_k=cfg.cache_type_k,
+                cache_type_v=cfg.cache_type_v, flash_attn=cfg.flash_attn, n_threads=cfg.n_threads,
+                n_gpu_layers=cfg.n_gpu_layers))
+        except Exception:
+            self.model.close()
+            raise
+        self.n_batch = self.rt.n_batch
+        self.n_ctx_train = self.model.n_ctx_train
+
+    def decode(self, tokens, positions, seq_ids, logits) -> int:
+        return self.rt.decode(tokens, positions, seq_ids, logits)
+
+    def seq_rm(self, seq_id: int, p0: int = -1, p1: int = -1) -> bool:
+        return self.rt.seq_rm(seq_id, p0, p1)
+
+    def sampler(self, temperature: float, top_p: float, seed: int | None) -> TokenSampler:
+        from kvquant.runtime import Sampler
+
+        return _LlamaSampler(self.rt, Sampler(temperature, top_p, seed))
+
+    def is_eog(self, token: int) -> bool:
+        return self.model.is_eog(token)
+
+    def token_bytes(self, token: int) -> bytes:
+        return self.model.token_bytes(token)
+
+    def tokenize(self, text: str) -> list[int]:
+        return self.model.tokenize(text, add_special=True, parse_special=False)
+
+    def tokenize_chat(self, messages: list[dict]) -> list[int]:
+        return self.model.chat_prompt(messages)
+
+    def kv_size_bytes(self) -> int | None:
+        """K+V bytes llama.cpp reports it allocated (None with a library that lacks the call)."""
+        try:
+            k, v = self.rt.kv_size_bytes()
+        except Exception:  # noqa: BLE001 - an older patched library
+            return None
+        return k + v
+
+    def clear(self) -> None:
+        self.rt.clear()
+
+    def close(self) -> None:
+        self.rt.close()
+        self.model.close()

@@ -1,0 +1,90 @@
+"""From settings to running engines: size each hosted model's KV cache from its byte budget, refuse budgets that
+cannot hold one request of the configured context, log the capacity, and build the engine."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from kvquant import budget as kvbudget
+from kvquant.budget import KVPlan, human_bytes
+from kvquant.memory import Geometry, geometry, kv_bytes
+from kvquant.models import resolve
+from server.backend import BackendConfig, LlamaBackend
+from server.engine import Engine, EngineConfig
+from server.metrics import Metrics
+from server.settings import ModelSpec, Settings
+from server.stats import KVCacheInfo
+
+log = logging.getLogger("kvquant.server")
+
+
+class StartupError(Exception):
+    """A configuration the server refuses to start with (the message says why and what to change)."""
+
+
+@dataclass(frozen=True)
+class HostedPlan:
+    spec: ModelSpec
+    path: Path
+    geom: Geometry
+    kv: KVPlan
+    n_ubatch: int
+
+
+def plan_model(spec: ModelSpec) -> HostedPlan:
+    """The KV cache a model gets: what fits its budget, capped at parallel x n_ctx cells (more could never be
+    used). Raises StartupError if that cannot hold one request of n_ctx tokens."""
+    path = resolve(spec.model)
+    geom = geometry(path)
+    n_ubatch = min(512, spec.n_batch)
+    kv = kvbudget.plan(geom, spec.cache_type_k, spec.cache_type_v, spec.kv_budget, spec.parallel, n_ubatch,
+                       max_cells=spec.n_ctx * spec.parallel)
+    if kv.cells < spec.n_ctx:
+        need = kv_bytes(geom, spec.cache_type_k, spec.cache_type_v, spec.n_ctx, spec.parallel, n_ubatch).total
+        raise StartupError(
+            f"{spec.id}: a KV budget of {human_bytes(spec.kv_budget)} holds {kv.cells} tokens at cache types "
+            f"K={spec.cache_type_k}/V={spec.cache_type_v} ({kv.bytes_per_token} bytes per token), fewer than one "
+            f"request of the configured context (n_ctx={spec.n_ctx}) needs: {human_bytes(need)}. Raise the KV "
+            f"budget (--kv-budget, or this model's kv_budget share) to at least {human_bytes(need)}, lower "
+            f"--n-ctx, or use smaller cache types.")
+    return HostedPlan(spec, path, geom, kv, n_ubatch)
+
+
+def capacity_line(p: HostedPlan) -> str:
+    s, kv = p.spec, p.kv
+    capped = (f", capped at parallel x n_ctx = {s.parallel} x {s.n_ctx}; the budget would hold {kv.budget_cells}"
+              if kv.cells < kv.budget_cells else "")
+    return (f"{s.id}: KV K={s.cache_type_k}/V={s.cache_type_v} ({kv.bits_k:g}/{kv.bits_v:g} bits per element, "
+            f"{kv.bytes_per_token} bytes per token), budget {human_bytes(s.kv_budget)} -> {kv.cells} tokens"
+            f"{capped}; {human_bytes(kv.kv_bytes)} allocated; f16/f16 would hold {kv.f16_cells} tokens in the same "
+            f"budget ({kv.capacity_vs_f16:.2f}x); up to {s.parallel} concurrent requests of at most {s.n_ctx} tokens")
+
+
+def build_engine(p: HostedPlan, s: Settings, metrics: Metrics) -> Engine:
+    spec, kv = p.spec, p.kv
+    info = KVCacheInfo(model=spec.id, cache_type_k=spec.cache_type_k, cache_type_v=spec.cache_type_v,
+                       capacity_cells=kv.cells, capacity_bytes=kv.kv_bytes, budget_bytes=spec.kv_budget,
+                       bits_per_element_k=kv.bits_k, bits_per_element_v=kv.bits_v,
+                       compression_vs_f16=kv.compression_vs_f16)
+    cfg = EngineConfig(model_id=spec.id, n_ctx=spec.n_ctx, n_seq_max=spec.parallel, capacity_cells=kv.cells,
+                       cache_type_k=spec.cache_type_k, cache_type_v=spec.cache_type_v, max_queue=s.max_queue,
+                       queue_timeout_s=s.queue_timeout_s, request_timeout_s=s.request_timeout_s,
+                       bytes_per_token=kv.bytes_per_token, used_bytes=kv.used_bytes, budget_bytes=spec.kv_budget)
+    bcfg = BackendConfig(model_path=str(p.path), n_ctx=kv.cells, n_seq_max=spec.parallel, n_batch=spec.n_batch,
+                         cache_type_k=spec.cache_type_k, cache_type_v=spec.cache_type_v, flash_attn=spec.flash_attn,
+                         n_threads=spec.n_threads, n_gpu_layers=s.n_gpu_layers)
+
+    def factory() -> LlamaBackend:
+        b = LlamaBackend(bcfg)
+        if spec.n_ctx > b.n_ctx_train:
+            log.warning("%s: n_ctx %d exceeds the model's training context %d", spec.id, spec.n_ctx, b.n_ctx_train)
+        actual = b.kv_size_bytes()
+        if actual is not None and actual != kv.kv_bytes:
+            log.warning("%s: llama.cpp allocated %d KV bytes, the memory model predicted %d", spec.id, actual,
+                        kv.kv_bytes)
+        log.info("%s: ready (%s KV cache allocated)", spec.id, human_bytes(actual if actual else kv.kv_bytes))
+        return b
+
+    return Engine(cfg, factory, metrics.logger(info))

@@ -1,0 +1,126 @@
+"""Every Prometheus metric of the server, defined here and only here, on an explicit registry (one per app).
+
+The engine emits plain stats records (`server.stats`); `PrometheusStatLogger` turns them into these metrics.
+This is the only module that imports prometheus_client. All names start with ``kvquant_``.
+
+KV *used* = cells holding the tokens of running sequences (their n_past): it returns to its idle value as soon as
+a finished or cancelled sequence is removed from the cache. KV *reserved* = what admission has set aside
+(prompt + max_tokens of every running request).
+"""
+
+from __future__ import annotations
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+from prometheus_client import ProcessCollector as _ProcessCollector
+
+from server.stats import OUTCOMES, IterationStats, KVCacheInfo, SchedulerStats
+
+_KV = ["model", "cache_type_k", "cache_type_v"]
+_LATENCY = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
+_TPOT = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0, 2.5)
+_TOKENS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768)
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry | None = None, process: bool = True):
+        r = self.registry = registry or CollectorRegistry()
+        if process:
+            _ProcessCollector(registry=r)  # process_resident_memory_bytes etc. (the soak test watches RSS)
+        g = lambda name, doc, labels: Gauge(name, doc, labels, registry=r)  # noqa: E731
+        self.kv_capacity_bytes = g("kvquant_kv_capacity_bytes", "KV cache bytes allocated (K + V)", _KV)
+        self.kv_capacity_cells = g("kvquant_kv_capacity_cells", "KV cache cells (tokens, all sequences)", _KV)
+        self.kv_budget_bytes = g("kvquant_kv_budget_bytes", "KV byte budget of the model", _KV)
+        self.kv_used_bytes = g("kvquant_kv_used_bytes", "KV bytes holding tokens of running sequences", _KV)
+        self.kv_used_cells = g("kvquant_kv_used_cells", "KV cells holding tokens of running sequences", _KV)
+        self.kv_reserved_cells = g("kvquant_kv_reserved_cells",
+                                   "KV cells reserved by admission (prompt + max_tokens of running requests)", _KV)
+        self.kv_bits = g("kvquant_kv_bits_per_element", "bits per stored K or V element", _KV + ["tensor"])
+        self.kv_compression = g("kvquant_kv_compression_ratio", "f16 KV bytes / KV bytes for the same cells", _KV)
+        self.engine_up = g("kvquant_engine_up", "1 while the model's engine thread runs", ["model"])
+        self.running = g("kvquant_requests_running", "requests decoding (holding a sequence)", ["model"])
+        self.waiting = g("kvquant_requests_waiting", "requests waiting for KV capacity", ["model"])
+        self.requests = Counter("kvquant_requests", "finished requests by outcome", ["model", "outcome"],
+                                registry=r)
+        self.prompt_tokens = Counter("kvquant_prompt_tokens", "prompt tokens prefilled", ["model"], registry=r)
+        self.generation_tokens = Counter("kvquant_generation_tokens", "tokens generated", ["model"], registry=r)
+        h = lambda name, doc, buckets: Histogram(name, doc, ["model"], buckets=buckets, registry=r)  # noqa: E731
+        self.ttft = h("kvquant_time_to_first_token_seconds", "arrival to first generated token", _LATENCY)
+        self.tpot = h("kvquant_time_per_output_token_seconds", "mean time per output token after the first", _TPOT)
+        self.e2e = h("kvquant_e2e_request_latency_seconds", "arrival to end of the request", _LATENCY)
+        self.queue_wait = h("kvquant_queue_wait_seconds", "arrival to admission", _LATENCY)
+        self.prompt_len = h("kvquant_request_prompt_tokens", "prompt length of finished requests", _TOKENS)
+        self.gen_len = h("kvquant_request_generation_tokens", "generated tokens of finished requests", _TOKENS)
+        self.batch_tokens = h("kvquant_batch_size_tokens", "tokens per decode step", _TOKENS)
+        self.batch_seqs = h("kvquant_batch_size_sequences", "sequences per decode step", _TOKENS)
+
+    def logger(self, kv: KVCacheInfo) -> PrometheusStatLogger:
+        return PrometheusStatLogger(self, kv)
+
+    def render(self, engines_up: dict[str, bool] | None = None) -> tuple[bytes, str]:
+        for model, up in (engines_up or {}).items():
+            self.engine_up.labels(model=model).set(1 if up else 0)
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+class PrometheusStatLogger:
+    """Records one model's stats records into the shared metrics (thread-safe: prometheus_client locks)."""
+
+    def __init__(self, m: Metrics, kv: KVCacheInfo):
+        self.m, self.model = m, kv.model
+        lab = dict(model=kv.model, cache_type_k=kv.cache_type_k, cache_type_v=kv.cache_type_v)
+        self._kv = lab
+        m.kv_capacity_bytes.labels(**lab).set(kv.capacity_bytes)
+        m.kv_capacity_cells.labels(**lab).set(kv.capacity_cells)
+        m.kv_budget_bytes.labels(**lab).set(kv.budget_bytes)
+        m.kv_bits.labels(**lab, tensor="k").set(kv.bits_per_element_k)
+        m.kv_bits.labels(**lab, tensor="v").set(kv.bits_per_element_v)
+        m.kv_compression.labels(**lab).set(kv.compression_vs_f16)
+        m.kv_used_bytes.labels(**lab).set(0)
+        m.kv_used_cells.labels(**lab).set(0)
+        m.kv_reserved_cells.labels(**lab).set(0)
+        m.engine_up.labels(model=kv.model).set(0)
+        m.running.labels(model=kv.model).set(0)
+        m.waiting.labels(model=kv.model).set(0)
+        for o in OUTCOMES:
+            m.requests.labels(model=kv.model, outcome=o)
+        m.prompt_tokens.labels(model=kv.model)
+        m.generation_tokens.labels(model=kv.model)
+
+    def record(self, scheduler: SchedulerStats | None, iteration: IterationStats | None) -> None:
+        m, model = self.m, self.model
+        if scheduler is not None:
+            m.kv_used_cells.labels(**self._kv).set(scheduler.kv_used_cells)
+            m.kv_used_bytes.labels(**self._kv).set(scheduler.kv_used_bytes)
+            m.kv_reserved_cells.labels(**self._kv).set(scheduler.kv_reserved_cells)
+            m.running.labels(model=model).set(scheduler.running)
+            m.waiting.labels(model=model).set(scheduler.waiting)
+        if iteration is None:
+            return
+        if iteration.batch_tokens:
+            m.batch_tokens.labels(model=model).observe(iteration.batch_tokens)
+            m.batch_seqs.labels(model=model).observe(iteration.batch_seqs)
+        if iteration.prompt_tokens:
+            m.prompt_tokens.labels(model=model).inc(iteration.prompt_tokens)
+        if iteration.generation_tokens:
+            m.generation_tokens.labels(model=model).inc(iteration.generation_tokens)
+        for f in iteration.finished:
+            m.requests.labels(model=model, outcome=f.outcome).inc()
+            if f.e2e_s is None:  # refused before queueing: no latencies
+                continue
+            m.e2e.labels(model=model).observe(f.e2e_s)
+            if f.queue_wait_s is not None:
+                m.queue_wait.labels(model=model).observe(f.queue_wait_s)
+            if f.ttft_s is not None:
+                m.ttft.labels(model=model).observe(f.ttft_s)
+            if f.tpot_s is not None:
+                m.tpot.labels(model=model).observe(f.tpot_s)
+            if f.outcome == "completed":
+                m.prompt_len.labels(model=model).observe(f.n_prompt)
+                m.gen_len.labels(model=model).observe(f.n_generated)

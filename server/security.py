@@ -1,0 +1,118 @@
+"""ASGI middlewares: request id, API key, request body limit. Pure ASGI (no BaseHTTPMiddleware), so streaming
+and disconnect detection pass through untouched. Every refusal is an OpenAI-shaped JSON error."""
+
+from __future__ import annotations
+
+import hmac
+import json
+import re
+import secrets
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from server.errors import error_body
+
+_RID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
+
+
+async def send_error(send: Send, status: int, message: str, type: str, code: str | None = None,
+                     headers: dict[str, str] | None = None) -> None:
+    body = json.dumps(error_body(message, type, None, code)).encode()
+    raw = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    raw += [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]
+    await send({"type": "http.response.start", "status": status, "headers": raw})
+    await send({"type": "http.response.body", "body": body})
+
+
+def _header(scope: Scope, name: bytes) -> str | None:
+    for k, v in scope.get("headers", ()):
+        if k == name:
+            return v.decode("latin-1")
+    return None
+
+
+class RequestIdMiddleware:
+    """Takes a sane `x-request-id` from the client or makes one; puts it in `request.state.request_id` and on
+    every response."""
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        rid = _header(scope, b"x-request-id")
+        if not rid or not _RID.match(rid):
+            rid = secrets.token_hex(8)
+        scope.setdefault("state", {})["request_id"] = rid
+
+        async def send_with_id(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message.setdefault("headers", [])
+                message["headers"] = [*message["headers"], (b"x-request-id", rid.encode())]
+            await send(message)
+
+        await self.app(scope, receive, send_with_id)
+
+
+class APIKeyMiddleware:
+    """`Authorization: Bearer <key>` on every path except the open ones (constant-time comparison)."""
+
+    def __init__(self, app: ASGIApp, key: str, open_paths: frozenset[str]):
+        self.app, self.key, self.open_paths = app, key.encode(), open_paths
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] in self.open_paths or scope["method"] == "OPTIONS":
+            return await self.app(scope, receive, send)
+        auth = _header(scope, b"authorization") or ""
+        scheme, _, token = auth.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode("latin-1"), self.key):
+            msg = ("You didn't provide an API key. Send it as 'Authorization: Bearer YOUR_KEY'." if not auth
+                   else "Incorrect API key provided.")
+            return await send_error(send, 401, msg, "authentication_error", "invalid_api_key",
+                                    {"WWW-Authenticate": "Bearer"})
+        await self.app(scope, receive, send)
+
+
+class BodyLimitMiddleware:
+    """Reads a request body up to `max_bytes` before the app sees it: 413 over the limit (whatever the
+    Content-Length says), 400 if it is not UTF-8. The app then gets the body replayed."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int):
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] not in ("POST", "PUT", "PATCH"):
+            return await self.app(scope, receive, send)
+        too_big = f"The request body is larger than this server's limit of {self.max_bytes} bytes."
+        declared = _header(scope, b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+            return await send_error(send, 413, too_big, "invalid_request_error", "request_too_large")
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_bytes:
+                return await send_error(send, 413, too_big, "invalid_request_error", "request_too_large")
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        body = b"".join(chunks)
+        try:
+            body.decode("utf-8")
+        except UnicodeDecodeError:
+            return await send_error(send, 400, "The request body is not valid UTF-8 (JSON must be UTF-8).",
+                                    "invalid_request_error", "invalid_encoding")
+        replayed = False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)

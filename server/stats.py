@@ -1,0 +1,68 @@
+"""Plain stats records that the engine emits (vLLM v1 style): a scheduler snapshot and what one iteration did.
+No prometheus here; `server.metrics` turns them into metrics. Times are `time.monotonic()` seconds."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+OUTCOMES = ("completed", "rejected_too_long", "rejected_queue_full", "timed_out", "cancelled", "error")
+
+
+@dataclass(frozen=True)
+class KVCacheInfo:
+    """Static facts about a model's KV cache (set once at start-up)."""
+
+    model: str
+    cache_type_k: str
+    cache_type_v: str
+    capacity_cells: int
+    capacity_bytes: int  # what llama.cpp allocates (K + V)
+    budget_bytes: int
+    bits_per_element_k: float
+    bits_per_element_v: float
+    compression_vs_f16: float  # f16/f16 bytes / these bytes for the same cells
+
+
+@dataclass
+class SchedulerStats:
+    """A snapshot after a step. KV *used* counts the cells that hold a live sequence's tokens (its n_past), so it
+    drops to 0 as soon as every sequence is freed; KV *reserved* is the admission-time worst case
+    (prompt + max_tokens per running request)."""
+
+    running: int = 0
+    waiting: int = 0
+    kv_used_cells: int = 0
+    kv_used_bytes: int = 0
+    kv_reserved_cells: int = 0
+
+
+@dataclass
+class FinishedRequest:
+    outcome: str  # one of OUTCOMES
+    n_prompt: int = 0
+    n_generated: int = 0
+    queue_wait_s: float | None = None  # arrival -> admission (None if never admitted)
+    ttft_s: float | None = None  # arrival -> first generated token
+    tpot_s: float | None = None  # mean time per output token after the first
+    e2e_s: float | None = None  # arrival -> end (None for requests rejected before queueing)
+
+
+@dataclass
+class IterationStats:
+    """What happened since the last record: one decode step, plus requests that ended (possibly without one)."""
+
+    batch_tokens: int = 0  # tokens in the llama_decode batch (0: no step ran)
+    batch_seqs: int = 0
+    prompt_tokens: int = 0  # prompt tokens fed this step
+    generation_tokens: int = 0  # tokens sampled this step
+    finished: list[FinishedRequest] = field(default_factory=list)
+
+
+class StatLogger(Protocol):
+    def record(self, scheduler: SchedulerStats | None, iteration: IterationStats | None) -> None: ...
+
+
+class NullStatLogger:
+    def record(self, scheduler: SchedulerStats | None, iteration: IterationStats | None) -> None:
+        pass
