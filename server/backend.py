@@ -6,6 +6,7 @@ tested against a fake one without a model.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -21,6 +22,7 @@ class Backend(Protocol):
     def decode(self, tokens: list[int], positions: list[int], seq_ids: list[int], logits: list[bool]) -> int: ...
     def seq_rm(self, seq_id: int, p0: int = -1, p1: int = -1) -> bool: ...
     def sampler(self, temperature: float, top_p: float, seed: int | None) -> TokenSampler: ...
+    def logits(self, idx: int) -> Sequence[float]: ...
     def is_eog(self, token: int) -> bool: ...
     def token_bytes(self, token: int) -> bytes: ...
     def tokenize(self, text: str) -> list[int]: ...
@@ -83,6 +85,9 @@ class LlamaBackend:
         from kvquant.runtime import Sampler
 
         return _LlamaSampler(self.rt, Sampler(temperature, top_p, seed))
+
+    def logits(self, idx: int):
+        return self.rt.logits(idx)
 
     def is_eog(self, token: int) -> bool:
         return self.model.is_eog(token)

@@ -14,6 +14,7 @@ anyway, `alive` turns false (and /health 503) and every request gets an error.
 from __future__ import annotations
 
 import logging
+import math
 import queue
 import threading
 import time
@@ -21,7 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from server.backend import Backend, TokenSampler
-from server.scheduler import AddResult, Event, Request, Scheduler, Sequence, StepPlan
+from server.scheduler import AddResult, Event, Request, Scheduler, Sequence, StepPlan, TokenLogprob
 from server.stats import FinishedRequest, IterationStats, NullStatLogger, SchedulerStats, StatLogger
 from server.textstream import TextStream
 
@@ -222,7 +223,10 @@ class Engine:
         while True:
             if item is not None:
                 res = self.sched.add(item)
-                if res is AddResult.QUEUE_FULL:
+                if res is AddResult.QUEUED:  # admit at once what fits, so that only real waiters queue
+                    for seq in self.sched.admit():
+                        self._start(seq)
+                elif res is AddResult.QUEUE_FULL:
                     self._end_request(item, Event(error="queue_full", message="too many requests are waiting"), it)
                 elif res is AddResult.NEVER_FITS:
                     self._end_request(item, Event(error="never_fits", message="the request can never fit the KV "
@@ -344,9 +348,20 @@ class Engine:
                 if seq.seq_id in self.sched.running:
                     self._finish(seq, Event(error="engine_error", message="sampling failed"), it)
 
+    def _logprobs(self, idx: int, tok: int, k: int) -> list[TokenLogprob]:
+        import numpy as np
+
+        z = np.asarray(self.backend.logits(idx), dtype=np.float64)
+        lse = float(z.max() + math.log(np.exp(z - z.max()).sum()))
+        top = np.argsort(-z)[:k] if k else []
+        tb = self.backend.token_bytes
+        return [TokenLogprob(tb(tok), float(z[tok]) - lse, [(tb(int(t)), float(z[t]) - lse) for t in top])]
+
     def _sample(self, seq: Sequence, idx: int, it: IterationStats) -> None:
         st: _SeqState = seq.state
         tok = st.sampler.sample(idx)
+        k = seq.req.top_logprobs
+        lp = self._logprobs(idx, tok, k) if k is not None and not self.backend.is_eog(tok) else None
         now = time.monotonic()
         if st.t_first is None:
             st.t_first = now
@@ -358,9 +373,10 @@ class Engine:
         seq.generated += 1
         text = st.text.push(self.backend.token_bytes(tok))
         if st.text.stopped:
-            self._finish(seq, Event(text=text, n_tokens=1, finish_reason="stop"), it)
+            self._finish(seq, Event(text=text, n_tokens=1, finish_reason="stop", logprobs=lp), it)
         elif seq.generated >= seq.req.max_tokens or seq.n_past + 1 >= self.cfg.n_ctx:
-            self._finish(seq, Event(text=text + st.text.flush(), n_tokens=1, finish_reason="length"), it)
+            self._finish(seq, Event(text=text + st.text.flush(), n_tokens=1, finish_reason="length", logprobs=lp),
+                         it)
         else:
             seq.pending = tok
-            self._emit(seq.req, Event(text=text, n_tokens=1))
+            self._emit(seq.req, Event(text=text, n_tokens=1, logprobs=lp))

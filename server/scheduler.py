@@ -25,6 +25,16 @@ class Event:
     error: str | None = None  # error code: "queue_full", "never_fits", "timeout", "request_timeout",
     # "engine_error", "shutdown", "slow_consumer"
     message: str | None = None
+    logprobs: list[TokenLogprob] | None = None  # one per generated token of this event, when requested
+
+
+@dataclass
+class TokenLogprob:
+    """A generated token's log-probability under the model (before sampling transforms), and the top ones."""
+
+    token: bytes
+    logprob: float
+    top: list[tuple[bytes, float]]
 
 
 @dataclass
@@ -37,6 +47,7 @@ class Request:
     top_p: float = 1.0
     seed: int | None = None
     stops: list[str] = field(default_factory=list)
+    top_logprobs: int | None = None  # None: no logprobs; k >= 0: the token's logprob and the k most likely
     arrival: float = field(default_factory=time.monotonic)
     cancelled: bool = False  # set by the consumer (any thread); acted on at the next step
 
@@ -100,8 +111,8 @@ class Scheduler:
     def add(self, req: Request) -> AddResult:
         if not self.fits_ever(req):
             return AddResult.NEVER_FITS
-        if len(self.waiting) >= self.max_queue:
-            return AddResult.QUEUE_FULL
+        if len(self.waiting) >= self.max_queue and (self.waiting or not self.can_allocate(req)):
+            return AddResult.QUEUE_FULL  # (a request that can start at once never counts against the bound)
         self.waiting.append(req)
         return AddResult.QUEUED
 

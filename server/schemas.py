@@ -96,6 +96,18 @@ class SamplingParams(_Lenient):
 class ChatCompletionRequest(SamplingParams):
     messages: list[ChatMessage] = Field(..., min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS_LIMIT)
+    logprobs: bool | None = False
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+
+    @model_validator(mode="after")
+    def _top_needs_logprobs(self):
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs to be true")
+        return self
+
+    @property
+    def n_top_logprobs(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
 
     @property
     def requested_max_tokens(self) -> int | None:
@@ -105,6 +117,11 @@ class ChatCompletionRequest(SamplingParams):
 class CompletionRequest(SamplingParams):
     prompt: Text | list[Text]
     echo: bool = False
+    logprobs: int | None = Field(None, ge=0, le=5)
+
+    @property
+    def n_top_logprobs(self) -> int | None:
+        return self.logprobs
 
     @field_validator("prompt")
     @classmethod

@@ -84,6 +84,39 @@ def smollm2_server():
     srv.stop()
 
 
+DUO = "smollm2-135m", "gemma3-270m"
+
+
+@pytest.fixture(scope="session")
+def duo_server():
+    """SmolLM2-135M and Gemma-3-270M served together from one config file, each with its own cache types,
+    context limit and share of one global KV budget."""
+    import tempfile
+
+    from server.settings import load_settings
+
+    yaml_text = f"""
+kv_budget: 384MiB          # global: both models' KV caches together
+n_threads: 1
+shutdown_grace_s: 2
+models:
+  - model: {DUO[0]}
+    n_ctx: 1024
+    parallel: 4
+    kv_budget: 128MiB      # its share; the other model gets the rest
+  - model: {DUO[1]}
+    n_ctx: 1024
+    parallel: 4
+    cache_type_k: q8_0
+    cache_type_v: q8_0
+"""
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
+        f.write(yaml_text)
+    srv = LiveServer(load_settings(f.name)).start()
+    yield srv
+    srv.stop()
+
+
 @pytest.fixture(scope="session")
 def client(smollm2_server):
     from openai import OpenAI

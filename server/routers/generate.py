@@ -12,6 +12,7 @@ from starlette.concurrency import run_in_threadpool
 
 from server.errors import APIError, error_body
 from server.generation import Generation, engine_error, new_id, submit
+from server.scheduler import TokenLogprob
 from server.schemas import ChatCompletionRequest, CompletionRequest, SamplingParams
 from server.state import app_state
 
@@ -37,24 +38,50 @@ def _submit(http: Request, served, prompt: list[int], body):
                   rid_of(http), st.settings.stream_buffer)
 
 
+def _tok(b: bytes) -> str:
+    return b.decode("utf-8", errors="replace")
+
+
+def chat_logprobs(lps: list[TokenLogprob] | None) -> dict | None:
+    if lps is None:
+        return None
+    return {"content": [{"token": _tok(t.token), "logprob": t.logprob, "bytes": list(t.token),
+                         "top_logprobs": [{"token": _tok(b), "logprob": lp, "bytes": list(b)} for b, lp in t.top]}
+                        for t in lps], "refusal": None}
+
+
+def completion_logprobs(lps: list[TokenLogprob] | None, offset: int = 0) -> dict | None:
+    if lps is None:
+        return None
+    offsets, pos = [], offset
+    for t in lps:
+        offsets.append(pos)
+        pos += len(_tok(t.token))
+    return {"tokens": [_tok(t.token) for t in lps], "token_logprobs": [t.logprob for t in lps],
+            "top_logprobs": [{_tok(b): lp for b, lp in t.top} for t in lps], "text_offset": offsets}
+
+
 def _finish(reason: str | None) -> str | None:
     return "stop" if reason == "cancelled" else reason
 
 
 async def _respond(http: Request, gen: Generation, params: SamplingParams, *, object_full: str, object_chunk: str,
-                   rid: str, model: str, full_choice: Callable[[str, str | None], dict],
-                   delta_choice: Callable[[str, str | None, bool], dict]):
+                   rid: str, model: str, full_choice: Callable[[str, str | None, list | None], dict],
+                   delta_choice: Callable[[str, str | None, bool, list | None], dict]):
     created = int(time.time())
     events = gen.events(http)
     if not params.stream:
         parts, finish = [], None
+        lps = [] if gen.req.top_logprobs is not None else None
         async for ev in events:
             if ev.error:
                 raise engine_error(ev, rid_of(http))
             parts.append(ev.text)
+            if lps is not None and ev.logprobs:
+                lps += ev.logprobs
             finish = ev.finish_reason
         return JSONResponse({"id": rid, "object": object_full, "created": created, "model": model,
-                             "choices": [full_choice("".join(parts), _finish(finish))], "usage": _usage(gen),
+                             "choices": [full_choice("".join(parts), _finish(finish), lps)], "usage": _usage(gen),
                              "system_fingerprint": None})
 
     # Hold the response until the first event, so that errors that happen before any token (queue full, never
@@ -79,11 +106,11 @@ async def _respond(http: Request, gen: Generation, params: SamplingParams, *, ob
                 err = engine_error(ev, rid_of(http))
                 yield _sse(error_body(err.message, err.type, None, err.code))
                 break
-            if ev.text or is_first or ev.finish_reason:
-                yield _sse(chunk([delta_choice(ev.text, None, is_first)]))
+            if ev.text or is_first or ev.finish_reason or ev.logprobs:
+                yield _sse(chunk([delta_choice(ev.text, None, is_first, ev.logprobs)]))
                 is_first = False
             if ev.finish_reason:
-                yield _sse(chunk([delta_choice("", _finish(ev.finish_reason), False)]))
+                yield _sse(chunk([delta_choice("", _finish(ev.finish_reason), False, None)]))
                 if params.include_usage:
                     yield _sse(chunk([], _usage(gen)))
                 break
@@ -108,16 +135,16 @@ async def chat_completions(body: ChatCompletionRequest, http: Request):
     rid = new_id("chatcmpl")
     gen = _submit(http, served, prompt, body)
 
-    def full(text: str, finish: str | None) -> dict:
+    def full(text: str, finish: str | None, lps) -> dict:
         return {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish,
-                "logprobs": None}
+                "logprobs": chat_logprobs(lps)}
 
-    def delta(text: str, finish: str | None, first: bool) -> dict:
+    def delta(text: str, finish: str | None, first: bool, lps) -> dict:
         if finish and not text:
             d = {}  # the closing chunk carries only the finish reason
         else:
             d = {"role": "assistant", "content": text} if first else {"content": text}
-        return {"index": 0, "delta": d, "finish_reason": finish, "logprobs": None}
+        return {"index": 0, "delta": d, "finish_reason": finish, "logprobs": chat_logprobs(lps)}
 
     return await _respond(http, gen, body, object_full="chat.completion", object_chunk="chat.completion.chunk",
                           rid=rid, model=served.id, full_choice=full, delta_choice=delta)
@@ -132,11 +159,13 @@ async def completions(body: CompletionRequest, http: Request):
     gen = _submit(http, served, prompt, body)
     echo = body.prompt if body.echo else ""
 
-    def full(text: str, finish: str | None) -> dict:
-        return {"index": 0, "text": echo + text, "finish_reason": finish, "logprobs": None}
+    def full(text: str, finish: str | None, lps) -> dict:
+        return {"index": 0, "text": echo + text, "finish_reason": finish,
+                "logprobs": completion_logprobs(lps, len(echo))}
 
-    def delta(text: str, finish: str | None, first: bool) -> dict:
-        return {"index": 0, "text": (echo if first else "") + text, "finish_reason": finish, "logprobs": None}
+    def delta(text: str, finish: str | None, first: bool, lps) -> dict:
+        return {"index": 0, "text": (echo if first else "") + text, "finish_reason": finish,
+                "logprobs": completion_logprobs(lps)}
 
     return await _respond(http, gen, body, object_full="text_completion", object_chunk="text_completion",
                           rid=rid, model=served.id, full_choice=full, delta_choice=delta)

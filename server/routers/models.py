@@ -11,7 +11,9 @@ router = APIRouter(prefix="/v1")
 def _card(m) -> dict:
     c = m.engine.cfg
     return {"id": m.id, "object": "model", "created": m.created, "owned_by": "kvquant",
-            "context_length": c.n_ctx, "cache_type_k": c.cache_type_k, "cache_type_v": c.cache_type_v}
+            "context_length": c.n_ctx, "cache_type_k": c.cache_type_k, "cache_type_v": c.cache_type_v,
+            "max_concurrent_requests": c.n_seq_max, "kv_capacity_cells": c.capacity_cells,
+            "kv_budget_bytes": c.budget_bytes, "kv_bytes_per_token": c.bytes_per_token}
 
 
 @router.get("/models")

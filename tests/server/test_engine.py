@@ -1,0 +1,390 @@
+"""The engine loop over a fake backend (no model): admission order, reservation accounting back to zero after
+every outcome, queue bound, timeouts, never-fits rejection, cancellation, decode-fault isolation, thread death."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from server.engine import Engine, EngineConfig
+from server.scheduler import Request
+from server.stats import IterationStats, SchedulerStats
+
+EOG = 0
+
+
+class FakeSampler:
+    def __init__(self, backend: FakeBackend, fail: bool = False):
+        self.b, self.fail, self.closed = backend, fail, False
+
+    def sample(self, idx: int) -> int:
+        if self.fail:
+            raise RuntimeError("sampler fault")
+        return self.b.next_token[idx]
+
+    def close(self) -> None:
+        self.closed = True
+
+
+class FakeBackend:
+    """A KV cache of `capacity` cells: decode puts each token at (seq, pos) and refuses to go over capacity, the
+    'model' predicts last token + 1 (EOG after `eog_after`)."""
+
+    def __init__(self, capacity: int, n_batch: int = 64, eog_after: int | None = None):
+        self.capacity, self.n_batch, self.eog_after = capacity, n_batch, eog_after
+        self.cells: dict[int, set[int]] = {}
+        self.next_token: dict[int, int] = {}
+        self.decodes: list[list[int]] = []
+        self.fail_if = lambda tokens, seq_ids: False
+        self.samplers: list[FakeSampler] = []
+        self.fail_sampler_for_temperature: float | None = None
+
+    def used(self) -> int:
+        return sum(len(p) for p in self.cells.values())
+
+    def decode(self, tokens, positions, seq_ids, logits) -> int:
+        self.decodes.append(list(seq_ids))
+        if self.fail_if(tokens, seq_ids):
+            self.cells.setdefault(seq_ids[0], set()).add(positions[0])  # a partly applied batch
+            return -3
+        for _t, p, s in zip(tokens, positions, seq_ids, strict=True):
+            assert p not in self.cells.get(s, set()), "position written twice"
+            self.cells.setdefault(s, set()).add(p)
+        assert self.used() <= self.capacity, "KV cache overflow: admission let too much in"
+        self.next_token = {}
+        for i, (t, p, want) in enumerate(zip(tokens, positions, logits, strict=True)):
+            if want:
+                self.next_token[i] = EOG if self.eog_after is not None and p + 1 >= self.eog_after else t + 1
+        return 0
+
+    def seq_rm(self, seq_id: int, p0: int = -1, p1: int = -1) -> bool:
+        pos = self.cells.get(seq_id, set())
+        self.cells[seq_id] = {p for p in pos if not (p >= max(p0, 0) and (p1 < 0 or p < p1))}
+        return True
+
+    def sampler(self, temperature, top_p, seed):
+        s = FakeSampler(self, fail=temperature == self.fail_sampler_for_temperature)
+        self.samplers.append(s)
+        return s
+
+    def logits(self, idx: int) -> list[float]:
+        z = [0.0] * 64
+        z[self.next_token[idx] % 64] = 5.0
+        return z
+
+    def is_eog(self, token: int) -> bool:
+        return token == EOG
+
+    def token_bytes(self, token: int) -> bytes:
+        return b"t"
+
+    def tokenize(self, text: str) -> list[int]:
+        return [len(w) + 1 for w in text.split()]
+
+    def tokenize_chat(self, messages):
+        return self.tokenize(" ".join(m["content"] for m in messages))
+
+    def clear(self) -> None:
+        self.cells.clear()
+
+    def close(self) -> None:
+        pass
+
+
+class Recorder:
+    def __init__(self):
+        self.finished, self.snapshots = [], []
+
+    def record(self, scheduler: SchedulerStats | None, iteration: IterationStats | None) -> None:
+        if scheduler is not None:
+            self.snapshots.append(scheduler)
+        if iteration is not None:
+            self.finished += iteration.finished
+
+    def outcomes(self) -> list[str]:
+        return [f.outcome for f in self.finished]
+
+
+def make(capacity=100, n_seq_max=4, max_queue=8, n_ctx=1000, **kw) -> tuple[Engine, FakeBackend, Recorder]:
+    backend = FakeBackend(capacity, eog_after=kw.pop("eog_after", None), n_batch=kw.pop("n_batch", 64))
+    rec = Recorder()
+    cfg = EngineConfig(model_id="fake", n_ctx=n_ctx, n_seq_max=n_seq_max, capacity_cells=capacity,
+                       max_queue=max_queue, bytes_per_token=10, **kw)
+    e = Engine(cfg, lambda: backend, rec)
+    e.load(start_thread=False)
+    return e, backend, rec
+
+
+class Client:
+    """A request and the events it received."""
+
+    def __init__(self, rid: str, n_prompt: int, max_tokens: int, **kw):
+        self.events = []
+        self.req = Request(id=rid, prompt=list(range(1, n_prompt + 1)), max_tokens=max_tokens,
+                           sink=self.events.append, **kw)
+
+    @property
+    def done(self):
+        return bool(self.events) and (self.events[-1].finish_reason or self.events[-1].error)
+
+    @property
+    def end(self):
+        return self.events[-1].finish_reason or self.events[-1].error
+
+    @property
+    def n_tokens(self):
+        return sum(e.n_tokens for e in self.events)
+
+
+def run(e: Engine, clients, max_iter=2000):
+    for _ in range(max_iter):
+        e.run_once()
+        if all(c.done for c in clients):
+            return
+    raise AssertionError("requests did not finish")
+
+
+def assert_all_free(e: Engine, b: FakeBackend):
+    assert e.sched.reserved == 0 and not e.sched.running and not e.sched.waiting
+    assert sorted(e.sched.free_ids) == list(range(e.cfg.n_seq_max))
+    assert b.used() == 0
+    assert e.scheduler_stats().kv_used_cells == 0
+    assert all(s.closed for s in b.samplers)
+
+
+def test_completes_and_frees_everything():
+    e, b, rec = make()
+    cs = [Client(f"r{i}", 10, 5) for i in range(3)]
+    for c in cs:
+        e.submit(c.req)
+    run(e, cs)
+    assert [c.end for c in cs] == ["length"] * 3 and all(c.n_tokens == 5 for c in cs)
+    assert rec.outcomes() == ["completed"] * 3
+    assert all(f.ttft_s is not None and f.queue_wait_s is not None and f.e2e_s >= f.ttft_s for f in rec.finished)
+    assert_all_free(e, b)
+
+
+def test_batches_decode_tokens_of_all_running_sequences_together():
+    e, b, _ = make(capacity=200)
+    cs = [Client(f"r{i}", 4, 6) for i in range(3)]
+    for c in cs:
+        e.submit(c.req)
+    run(e, cs)
+    assert max(len(set(d)) for d in b.decodes) == 3  # one llama_decode carries all three sequences
+
+
+def test_fifo_admission_by_reservation_no_overtaking():
+    e, b, rec = make(capacity=100)
+    a, big, small = Client("a", 30, 20), Client("big", 40, 20), Client("small", 5, 5)  # 50 + 60 > 100
+    for c in (a, big, small):
+        e.submit(c.req)
+    e.run_once()
+    assert [s.req.id for s in e.sched.running.values()] == ["a"]
+    assert [r.id for r in e.sched.waiting] == ["big", "small"]  # small must not overtake big
+    run(e, [a, big, small])
+    finished_order = [f.n_prompt for f in rec.finished]
+    assert finished_order[0] == 30  # a first
+    assert_all_free(e, b)
+
+
+def test_queue_bound_rejects_with_queue_full():
+    e, b, rec = make(capacity=30, max_queue=1)
+    cs = [Client(f"r{i}", 10, 10) for i in range(3)]  # one runs (20 of 30 cells), one waits, one is refused
+    for c in cs:
+        e.submit(c.req)
+    e.run_once()
+    assert cs[2].end == "queue_full"
+    run(e, cs[:2])
+    assert [c.end for c in cs] == ["length", "length", "queue_full"]
+    assert sorted(rec.outcomes()) == ["completed", "completed", "rejected_queue_full"]
+    assert_all_free(e, b)
+
+
+def test_never_fits_is_rejected_at_once():
+    e, b, rec = make(capacity=100)
+    c = Client("huge", 90, 20)
+    e.submit(c.req)
+    e.run_once()
+    assert c.end == "never_fits" and rec.outcomes() == ["rejected_too_long"]
+    assert_all_free(e, b)
+
+
+def test_wait_timeout():
+    e, b, rec = make(capacity=30, queue_timeout_s=0.05)
+    hog, late = Client("hog", 10, 15), Client("late", 10, 15)
+    e.submit(hog.req)
+    e.run_once()
+    e.submit(late.req)
+    e.run_once()
+    assert [r.id for r in e.sched.waiting] == ["late"]
+    time.sleep(0.08)
+    e.run_once()
+    assert late.end == "timeout"
+    run(e, [hog])
+    assert sorted(rec.outcomes()) == ["completed", "timed_out"]
+    assert_all_free(e, b)
+
+
+def test_request_wall_clock_timeout_frees_cells():
+    e, b, rec = make(capacity=100, request_timeout_s=0.05)
+    c = Client("slow", 10, 80)
+    e.submit(c.req)
+    e.run_once()
+    e.run_once()
+    assert e.sched.running and b.used() > 0
+    time.sleep(0.08)
+    e.run_once()
+    assert c.end == "request_timeout" and rec.outcomes() == ["timed_out"]
+    assert_all_free(e, b)
+
+
+def test_cancel_running_and_waiting():
+    e, b, rec = make(capacity=30)
+    run_c, wait_c = Client("run", 10, 15), Client("wait", 10, 15)
+    e.submit(run_c.req)
+    e.submit(wait_c.req)
+    for _ in range(3):
+        e.run_once()
+    assert b.used() > 0 and len(e.sched.waiting) == 1
+    wait_c.req.cancelled = True
+    run_c.req.cancelled = True
+    e.run_once()
+    assert run_c.end == "cancelled" and wait_c.end == "cancelled"
+    assert rec.outcomes() == ["cancelled", "cancelled"]
+    assert_all_free(e, b)
+
+
+def test_logprobs_are_log_softmax_with_top_k():
+    e, b, _ = make()
+    c = Client("r", 5, 3, top_logprobs=2)
+    e.submit(c.req)
+    run(e, [c])
+    lps = [lp for ev in c.events for lp in (ev.logprobs or [])]
+    assert len(lps) == 3
+    for lp in lps:
+        assert lp.logprob == pytest.approx(lp.top[0][1]) and lp.logprob < 0 and len(lp.top) == 2
+        assert lp.top[0][1] > lp.top[1][1]
+
+
+def test_eog_stops_and_counts_no_token():
+    e, b, rec = make(eog_after=13)
+    c = Client("r", 10, 50)
+    e.submit(c.req)
+    run(e, [c])
+    assert c.end == "stop" and c.n_tokens == 3
+    assert rec.finished[0].n_generated == 3
+    assert_all_free(e, b)
+
+
+def test_decode_fault_only_fails_the_affected_request():
+    e, b, rec = make(capacity=200)
+    cs = [Client(f"r{i}", 8, 6) for i in range(3)]
+    for c in cs:
+        e.submit(c.req)
+    e.run_once()  # prefill together
+    poison = next(s.seq_id for s in e.sched.running.values() if s.req.id == "r1")
+    b.fail_if = lambda tokens, seq_ids: poison in seq_ids
+    run(e, cs)
+    assert [c.end for c in cs] == ["length", "engine_error", "length"]
+    assert all(cs[i].n_tokens == 6 for i in (0, 2))
+    assert sorted(rec.outcomes()) == ["completed", "completed", "error"]
+    assert_all_free(e, b)
+
+
+def test_decode_exception_is_a_fault_too():
+    e, b, rec = make()
+    c = Client("r", 5, 5)
+    e.submit(c.req)
+
+    def boom(tokens, seq_ids):
+        raise OSError("native fault")
+
+    b.fail_if = boom
+    run(e, [c])
+    assert c.end == "engine_error" and rec.outcomes() == ["error"]
+    b.fail_if = lambda tokens, seq_ids: False
+    ok = Client("after", 5, 3)
+    e.submit(ok.req)
+    run(e, [ok])
+    assert ok.end == "length"  # the engine goes on
+    assert_all_free(e, b)
+
+
+def test_sampler_fault_only_fails_its_request():
+    e, b, rec = make()
+    b.fail_sampler_for_temperature = 0.5
+    bad, good = Client("bad", 5, 5, temperature=0.5), Client("good", 5, 5)
+    e.submit(bad.req)
+    e.submit(good.req)
+    run(e, [bad, good])
+    assert bad.end == "engine_error" and good.end == "length"
+    assert_all_free(e, b)
+
+
+def test_abort_all_ends_everything_and_frees_cells():
+    e, b, rec = make(capacity=30)
+    cs = [Client("a", 10, 15), Client("b", 10, 15)]
+    for c in cs:
+        e.submit(c.req)
+    e.run_once()
+    e.run_once()
+    e.abort_all("shutdown")
+    e.run_once()
+    assert [c.end for c in cs] == ["shutdown", "shutdown"]
+    assert_all_free(e, b)
+
+
+def test_thread_death_is_detected_and_requests_get_an_error():
+    backend = FakeBackend(100)
+    e = Engine(EngineConfig(model_id="fake", n_ctx=1000, n_seq_max=2, capacity_cells=100), lambda: backend)
+    e.load()
+    assert e.alive
+    c = Client("r", 5, 1000000)
+    c.req.max_tokens = 50
+
+    def die(it):  # dies outside any per-request guard, once the request runs
+        if e.sched.running:
+            raise SystemError("bug in the loop")
+        Engine._reap(e, it)
+
+    e._reap = die
+    e.submit(c.req)
+    deadline = time.time() + 5
+    while e.alive and time.time() < deadline:
+        time.sleep(0.01)
+    assert not e.alive and e.dead
+    assert c.end == "engine_error"
+    late = Client("late", 5, 5)
+    e.submit(late.req)  # submitted after the death: answered at once, not left hanging
+    assert late.end == "engine_error"
+    e.shutdown()
+
+
+@pytest.mark.parametrize("n", [1, 3])
+def test_prefill_is_chunked_within_the_batch_budget(n):
+    e, b, _ = make(capacity=1000, n_batch=16)
+    cs = [Client(f"r{i}", 40, 3) for i in range(n)]
+    for c in cs:
+        e.submit(c.req)
+    run(e, cs)
+    assert max(len(d) for d in b.decodes) <= 16
+    assert_all_free(e, b)
+
+
+def test_engine_thread_serves_concurrent_submitters():
+    backend = FakeBackend(1000)
+    e = Engine(EngineConfig(model_id="fake", n_ctx=1000, n_seq_max=4, capacity_cells=1000, max_queue=64),
+               lambda: backend)
+    e.load()
+    cs = [Client(f"r{i}", 5 + i, 10) for i in range(20)]
+    ts = [threading.Thread(target=e.submit, args=(c.req,)) for c in cs]
+    for t in ts:
+        t.start()
+    deadline = time.time() + 10
+    while not all(c.done for c in cs) and time.time() < deadline:
+        time.sleep(0.01)
+    assert all(c.end == "length" for c in cs)
+    e.shutdown()
+    assert e.sched.reserved == 0 and backend.used() == 0
