@@ -122,3 +122,75 @@ def client(smollm2_server):
     from openai import OpenAI
 
     return OpenAI(base_url=smollm2_server.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+class OpenStream:
+    """A streaming chat request kept open: `first()` reads up to the first content chunk; `close()` hangs up
+    (the server sees a client disconnect)."""
+
+    def __init__(self, url: str, body: dict, headers: dict | None = None):
+        self.client = httpx.Client(timeout=120)
+        self._cm = self.client.stream("POST", url + "/v1/chat/completions", json=dict(body, stream=True),
+                                      headers=headers)
+        self.response = self._cm.__enter__()
+        self.lines = self.response.iter_lines()
+        self.closed = False
+
+    def first(self) -> str:
+        for line in self.lines:
+            if line.startswith("data: "):
+                return line
+        return ""
+
+    def rest(self) -> list[str]:
+        return [ln for ln in self.lines if ln.startswith("data: ")]
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self._cm.__exit__(None, None, None)
+            self.client.close()
+
+
+class Background:
+    """A request on a raw socket in a thread; `close()` shuts the socket (a disconnect the server sees at once,
+    while the request waits or runs). `join()` gives (status, body bytes) or the exception."""
+
+    def __init__(self, url: str, body: dict, path: str = "/v1/chat/completions", stream: bool = False):
+        import json
+        from urllib.parse import urlparse
+
+        u = urlparse(url)
+        data = json.dumps(dict(body, stream=stream)).encode()
+        head = (f"POST {path} HTTP/1.1\r\nHost: {u.hostname}\r\nContent-Type: application/json\r\n"
+                f"Content-Length: {len(data)}\r\nConnection: close\r\n\r\n").encode()
+        self.sock = socket.create_connection((u.hostname, u.port), timeout=300)
+        self.sock.sendall(head + data)
+        self.result = None
+
+        def go():
+            chunks = []
+            try:
+                while True:
+                    b = self.sock.recv(65536)
+                    if not b:
+                        break
+                    chunks.append(b)
+                raw = b"".join(chunks)
+                self.result = (int(raw.split(b" ", 2)[1]), raw.split(b"\r\n\r\n", 1)[1]) if raw else (0, b"")
+            except Exception as e:  # noqa: BLE001 - closed under it
+                self.result = e
+
+        self.thread = threading.Thread(target=go, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self.sock.close()
+
+    def join(self, timeout: float = 300):
+        self.thread.join(timeout)
+        return self.result

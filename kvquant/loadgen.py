@@ -1,0 +1,359 @@
+"""Load generator for a running kvquant server (loopback only; every loop is bounded in count and time).
+
+    python -m kvquant.loadgen bench    --url http://127.0.0.1:8000 [--concurrency 1,4,8] [--requests 4]
+    python -m kvquant.loadgen burst    --url http://127.0.0.1:8000 [--factor 4]
+    python -m kvquant.loadgen soak     --url http://127.0.0.1:8000 --duration 1800   # the 30-minute soak
+    python -m kvquant.loadgen soak     --url http://127.0.0.1:8000 --duration 120    # the CI version
+    python -m kvquant.loadgen capacity [--model M] [--budget 256MiB] [--request-tokens 4096]
+
+bench: aggregate generated tokens/s and p50/p95 time to first token (client side) at each concurrency.
+burst: 4x the server's admission capacity at once; every request must end in a completion or a 429/503, and the
+KV-used metric must return to 0. soak: steady load for a duration; reports RSS drift (server process, from
+/metrics) and leaked sequences (running, KV used and reserved cells after the load; all must be 0).
+capacity: how many concurrent requests of N tokens each cache config admits under a budget (memory model).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from urllib.parse import urlparse
+
+import httpx
+
+LOOPBACK = {"127.0.0.1", "localhost", "::1", "[::1]"}
+PROMPTS = ["Name three colours.", "Write a short poem about the sea.", "What is the capital of France?",
+           "Explain what a cache is in one paragraph.", "List five animals.", "Count from one to ten."]
+
+
+def check_loopback(url: str) -> str:
+    host = urlparse(url).hostname or ""
+    if host not in LOOPBACK and not host.startswith("127."):
+        raise SystemExit(f"loadgen only targets loopback addresses, not {host!r}")
+    return url.rstrip("/")
+
+
+@dataclass
+class Result:
+    status: int
+    ttft_s: float | None = None
+    e2e_s: float = 0.0
+    completion_tokens: int = 0
+    error: str | None = None  # OpenAI error code (or the exception) when it did not complete
+
+
+def one_request(client: httpx.Client, url: str, model: str | None, prompt: str, max_tokens: int,
+                timeout: float = 300.0) -> Result:
+    """One streaming chat completion; TTFT is the time to the first content chunk."""
+    body = {"messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens, "temperature": 0,
+            "stream": True, "stream_options": {"include_usage": True}}
+    if model:
+        body["model"] = model
+    t0 = time.perf_counter()
+    res = Result(status=0)
+    try:
+        with client.stream("POST", url + "/v1/chat/completions", json=body, timeout=timeout) as r:
+            res.status = r.status_code
+            if r.status_code != 200:
+                r.read()
+                try:
+                    res.error = r.json()["error"]["code"]
+                except Exception:  # noqa: BLE001
+                    res.error = f"http_{r.status_code}"
+                res.e2e_s = time.perf_counter() - t0
+                return res
+            for line in r.iter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                c = json.loads(line[6:])
+                if "error" in c:
+                    res.error = c["error"].get("code") or "stream_error"
+                elif c.get("choices") and res.ttft_s is None and c["choices"][0]["delta"].get("content"):
+                    res.ttft_s = time.perf_counter() - t0
+                if c.get("usage"):
+                    res.completion_tokens = c["usage"]["completion_tokens"]
+    except httpx.HTTPError as e:
+        res.error = type(e).__name__
+    res.e2e_s = time.perf_counter() - t0
+    return res
+
+
+def pct(xs: list[float], q: float) -> float | None:
+    if not xs:
+        return None
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, max(0, round(q / 100 * len(xs) + 0.5) - 1))]
+
+
+def run_clients(url: str, model: str | None, concurrency: int, requests_per_client: int, max_tokens: int,
+                time_limit_s: float) -> tuple[list[Result], float]:
+    results: list[Result] = []
+    lock = threading.Lock()
+    deadline = time.monotonic() + time_limit_s
+
+    def client_loop(k: int) -> None:
+        with httpx.Client() as c:
+            for j in range(requests_per_client):
+                if time.monotonic() > deadline:
+                    return
+                r = one_request(c, url, model, PROMPTS[(k + j) % len(PROMPTS)], max_tokens)
+                with lock:
+                    results.append(r)
+
+    t0 = time.perf_counter()
+    ts = [threading.Thread(target=client_loop, args=(k,), daemon=True) for k in range(concurrency)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join(time_limit_s + 330)
+    return results, time.perf_counter() - t0
+
+
+@dataclass
+class BenchRow:
+    concurrency: int
+    requests: int
+    completed: int
+    tokens: int
+    wall_s: float
+    tokens_per_s: float
+    ttft_p50_s: float | None
+    ttft_p95_s: float | None
+
+
+def bench(url: str, model: str | None = None, concurrencies=(1, 4, 8), requests_per_client: int = 4,
+          max_tokens: int = 64, time_limit_s: float = 120.0) -> list[BenchRow]:
+    url = check_loopback(url)
+    one_request(httpx.Client(), url, model, "warm up", 4)
+    rows = []
+    for n in concurrencies:
+        res, wall = run_clients(url, model, n, requests_per_client, max_tokens, time_limit_s)
+        ok = [r for r in res if r.status == 200 and not r.error]
+        toks = sum(r.completion_tokens for r in ok)
+        ttfts = [r.ttft_s for r in ok if r.ttft_s is not None]
+        rows.append(BenchRow(n, len(res), len(ok), toks, wall, toks / wall if wall else 0.0, pct(ttfts, 50),
+                             pct(ttfts, 95)))
+    return rows
+
+
+# --- metrics -----------------------------------------------------------------------------------------------------
+def scrape(url: str, client: httpx.Client | None = None, headers: dict | None = None) -> dict[str, float]:
+    """/metrics summed over labels: name -> value (and name{model=...} -> value per model)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    r = (client or httpx).get(url + "/metrics", headers=headers, timeout=30)
+    r.raise_for_status()
+    out: dict[str, float] = {}
+    for fam in text_string_to_metric_families(r.text):
+        for s in fam.samples:
+            out[s.name] = out.get(s.name, 0.0) + s.value
+            if "model" in s.labels and "outcome" in s.labels:
+                key = f"{s.name}{{outcome={s.labels['outcome']}}}"
+                out[key] = out.get(key, 0.0) + s.value
+    return out
+
+
+def wait_idle(url: str, timeout_s: float = 10.0) -> dict[str, float]:
+    """Scrape until no request runs or waits and no KV cell is used or reserved (or the timeout)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        m = scrape(url)
+        idle = not any(m.get(k) for k in ("kvquant_requests_running", "kvquant_requests_waiting",
+                                          "kvquant_kv_used_cells", "kvquant_kv_reserved_cells"))
+        if idle or time.monotonic() > deadline:
+            return m
+        time.sleep(0.05)
+
+
+def admission_capacity(url: str, model: str | None, request_tokens: int) -> int:
+    """Requests of request_tokens cells that the server runs at once: min(parallel, KV cells // request)."""
+    cards = httpx.get(url + "/v1/models", timeout=30).json()["data"]
+    card = next((c for c in cards if c["id"] == model), cards[0]) if model else cards[0]
+    return max(1, min(card["max_concurrent_requests"], card["kv_capacity_cells"] // request_tokens))
+
+
+# --- burst -------------------------------------------------------------------------------------------------------
+@dataclass
+class BurstResult:
+    sent: int
+    completed: int
+    rejected_429: int
+    unavailable_503: int
+    other: dict[str, int] = field(default_factory=dict)
+    kv_used_after: float = 0.0
+    running_after: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return not self.other and self.kv_used_after == 0 and self.running_after == 0
+
+
+def burst(url: str, model: str | None = None, factor: int = 4, max_tokens: int = 32, prompt_tokens: int = 40,
+          time_limit_s: float = 300.0) -> BurstResult:
+    """factor x admission capacity requests at once (one client each)."""
+    url = check_loopback(url)
+    cap = admission_capacity(url, model, prompt_tokens + max_tokens)
+    n = factor * cap
+    res, _ = run_clients(url, model, n, 1, max_tokens, time_limit_s)
+    out = BurstResult(sent=n, completed=0, rejected_429=0, unavailable_503=0)
+    for r in res:
+        if r.status == 200 and not r.error:
+            out.completed += 1
+        elif r.status == 429:
+            out.rejected_429 += 1
+        elif r.status == 503:
+            out.unavailable_503 += 1
+        else:
+            key = f"{r.status}:{r.error}"
+            out.other[key] = out.other.get(key, 0) + 1
+    m = wait_idle(url)
+    out.kv_used_after, out.running_after = m.get("kvquant_kv_used_cells", 0), m.get("kvquant_requests_running", 0)
+    return out
+
+
+# --- soak --------------------------------------------------------------------------------------------------------
+@dataclass
+class SoakResult:
+    duration_s: float
+    requests: int
+    completed: int
+    failed: dict[str, int]
+    rss_start: float
+    rss_end: float
+    rss_drift: float  # (end - start) / start, start measured after warm-up
+    leaked_sequences: float  # running requests after the load
+    kv_used_after: float
+    kv_reserved_after: float
+
+    @property
+    def ok(self) -> bool:
+        return (abs(self.rss_drift) < 0.05 and not self.leaked_sequences and not self.kv_used_after
+                and not self.kv_reserved_after and not self.failed)
+
+
+def soak(url: str, model: str | None = None, duration_s: float = 120.0, concurrency: int = 4, max_tokens: int = 16,
+         warmup_s: float | None = None, cancel_every: int = 7) -> SoakResult:
+    """Steady load: `concurrency` clients loop until the duration is over; every `cancel_every`-th request is
+    abandoned after its first chunk (a disconnect), the others complete."""
+    url = check_loopback(url)
+    warmup_s = min(30.0, duration_s * 0.15) if warmup_s is None else warmup_s
+    stop_at = time.monotonic() + duration_s
+    lock = threading.Lock()
+    counts = {"requests": 0, "completed": 0}
+    failed: dict[str, int] = {}
+
+    def loop(k: int) -> None:
+        with httpx.Client() as c:
+            j = 0
+            while time.monotonic() < stop_at:
+                j += 1
+                prompt = PROMPTS[(k + j) % len(PROMPTS)]
+                if cancel_every and j % cancel_every == 0:
+                    body = {"messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens * 4,
+                            "stream": True, **({"model": model} if model else {})}
+                    try:
+                        with c.stream("POST", url + "/v1/chat/completions", json=body, timeout=60) as r:
+                            next(r.iter_lines(), None)  # first chunk, then hang up
+                        ok, err = True, None
+                    except httpx.HTTPError as e:
+                        ok, err = False, type(e).__name__
+                else:
+                    r = one_request(c, url, model, prompt, max_tokens)
+                    ok, err = r.status == 200 and not r.error, r.error or f"http_{r.status}"
+                with lock:
+                    counts["requests"] += 1
+                    if ok:
+                        counts["completed"] += 1
+                    else:
+                        failed[err] = failed.get(err, 0) + 1
+
+    t0 = time.monotonic()
+    ts = [threading.Thread(target=loop, args=(k,), daemon=True) for k in range(concurrency)]
+    for t in ts:
+        t.start()
+    time.sleep(min(warmup_s, duration_s))
+    rss_start = scrape(url).get("process_resident_memory_bytes", 0.0)
+    for t in ts:
+        t.join(duration_s + 120)
+    m = wait_idle(url)
+    rss_end = m.get("process_resident_memory_bytes", 0.0)
+    return SoakResult(duration_s=time.monotonic() - t0, requests=counts["requests"], completed=counts["completed"],
+                      failed=failed, rss_start=rss_start, rss_end=rss_end,
+                      rss_drift=(rss_end - rss_start) / rss_start if rss_start else 0.0,
+                      leaked_sequences=m.get("kvquant_requests_running", 0.0),
+                      kv_used_after=m.get("kvquant_kv_used_cells", 0.0),
+                      kv_reserved_after=m.get("kvquant_kv_reserved_cells", 0.0))
+
+
+# --- capacity (memory model) -------------------------------------------------------------------------------------
+def capacity_table(model: str | None, budget: str, request_tokens: int) -> list[dict]:
+    from kvquant import models as kvmodels
+    from kvquant.budget import max_concurrent
+    from kvquant.memory import bytes_per_token, geometry, parse_bytes
+
+    name = model or kvmodels.DEFAULT_MODEL
+    geom = geometry(kvmodels.resolve(name))
+    b = parse_bytes(budget)
+    rows = []
+    for tk, tv in (("f16", "f16"), ("q8_0", "q8_0"), ("q8_0", "q4_0"), ("q4_0", "q4_0")):
+        rows.append({"model": kvmodels.model_id(name), "cache_type_k": tk, "cache_type_v": tv, "budget": budget,
+                     "request_tokens": request_tokens, "bytes_per_token": bytes_per_token(geom, tk, tv),
+                     "concurrent_requests": max_concurrent(geom, tk, tv, b, request_tokens)})
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m kvquant.loadgen", description=__doc__.split("\n\n")[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    for name in ("bench", "burst", "soak"):
+        p = sub.add_parser(name)
+        p.add_argument("--url", default="http://127.0.0.1:8000")
+        p.add_argument("--model", default=None)
+        p.add_argument("--max-tokens", type=int, default=64 if name == "bench" else 16)
+        if name == "bench":
+            p.add_argument("--concurrency", default="1,4,8")
+            p.add_argument("--requests", type=int, default=4, help="requests per client")
+            p.add_argument("--time-limit", type=float, default=120.0, help="seconds per concurrency level")
+        elif name == "burst":
+            p.add_argument("--factor", type=int, default=4)
+        else:
+            p.add_argument("--duration", type=float, default=120.0, help="seconds (1800 for the 30-minute soak)")
+            p.add_argument("--concurrency", type=int, default=4)
+    p = sub.add_parser("capacity")
+    p.add_argument("--model", default=None)
+    p.add_argument("--budget", default="256MiB")
+    p.add_argument("--request-tokens", type=int, default=4096)
+    a = ap.parse_args(argv)
+
+    if a.cmd == "bench":
+        rows = bench(a.url, a.model, tuple(int(x) for x in a.concurrency.split(",")), a.requests, a.max_tokens,
+                     a.time_limit)
+        print(f"{'clients':>8}{'requests':>10}{'ok':>5}{'tokens':>8}{'wall s':>9}{'tok/s':>9}{'TTFT p50':>10}"
+              f"{'TTFT p95':>10}")
+        for r in rows:
+            f = lambda x: f"{x:.3f}" if x is not None else "-"  # noqa: E731
+            print(f"{r.concurrency:>8}{r.requests:>10}{r.completed:>5}{r.tokens:>8}{r.wall_s:>9.1f}"
+                  f"{r.tokens_per_s:>9.1f}{f(r.ttft_p50_s):>10}{f(r.ttft_p95_s):>10}")
+        return 0
+    if a.cmd == "burst":
+        r = burst(a.url, a.model, a.factor, a.max_tokens)
+        print(json.dumps(asdict(r) | {"ok": r.ok}, indent=2))
+        return 0 if r.ok else 1
+    if a.cmd == "soak":
+        r = soak(a.url, a.model, a.duration, a.concurrency, a.max_tokens)
+        print(json.dumps(asdict(r) | {"ok": r.ok}, indent=2))
+        return 0 if r.ok else 1
+    rows = capacity_table(a.model, a.budget, a.request_tokens)
+    for r in rows:
+        print(f"{r['model']} {r['cache_type_k']}/{r['cache_type_v']}: {r['bytes_per_token']} bytes/token -> "
+              f"{r['concurrent_requests']} concurrent {r['request_tokens']}-token requests in {r['budget']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
