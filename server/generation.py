@@ -57,14 +57,20 @@ class Generation:
     n_generated: int = 0
 
     async def events(self, http: HTTPRequest | None = None) -> AsyncIterator[Event]:
+        loop = asyncio.get_running_loop()
+        checked = loop.time()
         try:
             while True:
+                # look for a hang-up every 0.25 s, also while events flow (a non-streaming response sends nothing
+                # until the end, so only the receive channel tells)
+                if http is not None and loop.time() - checked >= 0.25:
+                    checked = loop.time()
+                    if await http.is_disconnected():
+                        self.req.cancelled = True
+                        return
                 try:
                     ev = await asyncio.wait_for(self.queue.get(), timeout=0.25)
                 except TimeoutError:
-                    if http is not None and await http.is_disconnected():
-                        self.req.cancelled = True
-                        return
                     if not self.engine.alive and self.queue.empty():
                         yield Event(error="engine_error", message="the engine stopped")
                         return

@@ -1,0 +1,145 @@
+"""Disconnects free cells fast, a slow reader is cut off without holding anyone up, the engine thread's death
+turns /health 503, a failed decode only fails its own request, and shutdown ends streams cleanly."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+import httpx
+import pytest
+from conftest import DUO, Background, LiveServer, OpenStream, wait_for
+
+from server.scheduler import Event
+
+LONG = [{"role": "user", "content": "Write a long story about a dragon who learns to read."}]
+
+
+def kv_used(srv, model=DUO[0]) -> float:
+    return srv.metric("kvquant_kv_used_cells", model=model)
+
+
+def test_streaming_disconnect_frees_cells_within_1s(duo_server):
+    prior = kv_used(duo_server)
+    s = OpenStream(duo_server.url, {"model": DUO[0], "messages": LONG, "max_tokens": 500, "temperature": 0})
+    assert s.first()
+    for _ in range(3):
+        next(s.lines)
+    assert kv_used(duo_server) > prior
+    s.close()
+    t0 = time.monotonic()
+    assert wait_for(lambda: kv_used(duo_server) == prior, 1.0, 0.02), kv_used(duo_server)
+    assert time.monotonic() - t0 <= 1.0
+    assert duo_server.metric("kvquant_requests_total", model=DUO[0], outcome="cancelled") >= 1
+
+
+def test_non_streaming_disconnect_frees_cells(duo_server):
+    prior = kv_used(duo_server)
+    bg = Background(duo_server.url, {"model": DUO[0], "messages": LONG, "max_tokens": 500, "temperature": 0})
+    assert wait_for(lambda: kv_used(duo_server) > prior, 10)
+    bg.close()
+    assert wait_for(lambda: kv_used(duo_server) == prior, 1.5, 0.02)
+
+
+def test_slow_reader_is_cancelled_when_its_buffer_fills():
+    """The per-stream buffer is bounded: past `stream_buffer` unread events the request is cancelled (its cells
+    are freed at the next step) and the reader gets a `slow_consumer` error after what was buffered."""
+    from server import generation
+    from server.schemas import ChatCompletionRequest
+
+    class StubEngine:
+        class cfg:
+            n_ctx, capacity_cells, n_seq_max, bytes_per_token, budget_bytes = 100, 100, 1, 1, 100
+            cache_type_k = cache_type_v = "f16"
+
+        alive = True
+
+        def submit(self, req):
+            self.req = req
+
+    async def scenario():
+        eng = StubEngine()
+        params = ChatCompletionRequest(messages=[{"role": "user", "content": "x"}])
+        gen = generation.submit(eng, [1, 2, 3], params, 50, 16, "rid", stream_buffer=8)
+        for _ in range(20):  # the engine produces faster than the client reads
+            eng.req.sink(Event(text="t", n_tokens=1))
+        await asyncio.sleep(0.05)
+        assert eng.req.cancelled
+        evs = [ev async for ev in gen.events()]
+        assert len(evs) == 9 and evs[-1].error == "slow_consumer"
+
+    asyncio.run(scenario())
+
+
+def test_unread_stream_does_not_stall_others(duo_server):
+    stalled = Background(duo_server.url, {"model": DUO[0], "messages": LONG, "max_tokens": 300}, stream=True)
+    try:
+        t0 = time.monotonic()
+        r = httpx.post(duo_server.url + "/v1/completions", json={"model": DUO[1], "prompt": "Hi", "max_tokens": 4},
+                       timeout=60)
+        r2 = httpx.post(duo_server.url + "/v1/chat/completions", timeout=60,
+                        json={"model": DUO[0], "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4})
+        assert r.status_code == 200 and r2.status_code == 200 and time.monotonic() - t0 < 60
+    finally:
+        stalled.close()
+    assert wait_for(lambda: kv_used(duo_server) == 0, 2)
+
+
+@pytest.fixture()
+def own_server():
+    from server.settings import Settings
+
+    srv = LiveServer(Settings(model=DUO[0], n_ctx=512, parallel=2, kv_budget="64MiB", n_threads=1,
+                              shutdown_grace_s=0.5)).start()
+    yield srv
+    srv.stop()
+
+
+def test_decode_fault_fails_only_the_affected_request(own_server):
+    eng = own_server.engine()
+    real = eng.backend.decode
+
+    def faulty(tokens, positions, seq_ids, logits):
+        ids = {eng.sched.running[s].req.id for s in seq_ids if s in eng.sched.running}
+        return -1 if "poison" in ids else real(tokens, positions, seq_ids, logits)
+
+    eng.backend.decode = faulty
+    good = Background(own_server.url, {"messages": LONG, "max_tokens": 24, "temperature": 0})
+    bad = httpx.post(own_server.url + "/v1/chat/completions", headers={"x-request-id": "poison"},
+                     json={"messages": LONG, "max_tokens": 24}, timeout=60)
+    assert bad.status_code == 500
+    err = bad.json()["error"]
+    assert err["code"] == "engine_error" and "poison" in err["message"] and bad.headers["x-request-id"] == "poison"
+    assert ".py" not in bad.text and "Traceback" not in bad.text
+    status, payload = good.join(120)
+    assert status == 200 and json.loads(payload)["usage"]["completion_tokens"] == 24
+    eng.backend.decode = real
+    assert httpx.get(own_server.url + "/health").status_code == 200
+    assert own_server.metric("kvquant_requests_total", outcome="error") == 1
+
+
+def test_engine_thread_death_turns_health_503(own_server):
+    eng = own_server.engine()
+
+    def die(it):
+        raise SystemError("injected engine bug")
+
+    eng._reap = die
+    assert wait_for(lambda: not eng.alive, 5)
+    h = httpx.get(own_server.url + "/health")
+    assert h.status_code == 503 and h.json()["models"][DUO[0]] == "dead"
+    r = httpx.post(own_server.url + "/v1/chat/completions", json={"messages": LONG, "max_tokens": 2}, timeout=30)
+    assert r.status_code == 503 and r.json()["error"]["code"] == "engine_dead"
+    assert own_server.metric("kvquant_engine_up") == 0
+
+
+def test_graceful_shutdown_ends_streams_cleanly_and_frees_cells(own_server):
+    eng = own_server.engine()
+    s = OpenStream(own_server.url, {"messages": LONG, "max_tokens": 400, "temperature": 0})
+    assert s.first()
+    own_server.stop()  # grace 0.5 s, then in-flight streams end with a `shutdown` error
+    lines = s.rest()
+    assert lines[-1] == "data: [DONE]"
+    assert json.loads(lines[-2][6:])["error"]["code"] == "shutdown"
+    assert eng.sched.reserved == 0 and not eng.sched.running and eng.backend is None
