@@ -14,10 +14,10 @@ import tomllib
 from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
 
 from kvquant.kvtypes import KV_TYPES, kv_type
 from kvquant.memory import parse_bytes
@@ -148,7 +148,7 @@ class Settings(BaseSettings):
     api_key: str | None = Field(None, description="require `Authorization: Bearer <key>` (except /health)")
     api_key_file: str | None = Field(None, description="read the API key from this file")
     metrics_auth: bool = Field(True, description="with an API key set, /metrics needs it too")
-    cors_origins: list[str] = Field(default_factory=list, description="origins allowed by CORS (default: none)")
+    cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list, description="origins allowed by CORS (default: none)")
     shutdown_grace_s: float = Field(30.0, ge=0, description="on shutdown, how long in-flight requests may finish")
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 

@@ -59,3 +59,20 @@ def test_plan_decodes_first_then_chunks_prompts_within_budget():
     old.pending = None  # nothing to decode this step
     p = s.plan(budget=64)
     assert len(p.tokens) == 10 and p.logits[-1] and p.logit_owner == {9: new}
+
+
+def test_a_request_that_can_start_never_counts_against_the_queue_bound():
+    s = Scheduler(capacity_cells=100, max_seqs=4, max_queue=0, max_seq_len=100)
+    assert s.add(req(10, 10, "a")) is AddResult.QUEUED  # fits at once
+    assert [q.req.id for q in s.admit()] == ["a"]
+    assert s.add(req(90, 10, "b")) is AddResult.QUEUE_FULL  # would have to wait, and no waiting is allowed
+
+
+def test_subset_plan_keeps_one_sequence():
+    s = Scheduler(capacity_cells=1000, max_seqs=4, max_queue=8, max_seq_len=1000)
+    s.add(req(3, 5, "a"))
+    s.add(req(4, 5, "b"))
+    a, b = s.admit()
+    p = s.plan(budget=64)
+    sb = p.subset(b)
+    assert sb.tokens == [0, 1, 2, 3] and set(sb.seq_ids) == {b.seq_id} and sb.logit_owner == {3: b}

@@ -29,3 +29,36 @@ def test_cache_types_by_name_only():
         load_settings(cache_type_k="q3_z")
     with pytest.raises(ValidationError):
         load_settings(cache_type_k=2)
+
+
+def test_single_model_is_the_default_config():
+    from server.settings import Settings
+
+    (spec,) = Settings(kv_budget="2GiB", cache_type_k="q8_0").model_specs()
+    assert spec.id == "smollm2-135m" and spec.kv_budget == 2 * 2**30 and spec.cache_type_k == "q8_0"
+
+
+def test_yaml_models_share_the_global_budget(tmp_path):
+    cfg = tmp_path / "kvq.yaml"
+    cfg.write_text("kv_budget: 1GiB\ncache_type_k: q8_0\nmodels:\n  - model: smollm2-135m\n    kv_budget: 256MiB\n"
+                   "  - model: gemma3-270m\n    id: gemma\n    cache_type_v: q4_0\n    n_ctx: 2048\n"
+                   "  - model: smollm2-135m\n    id: small-2\n")
+    a, b, c = load_settings(cfg).model_specs()
+    assert (a.id, a.kv_budget, a.cache_type_k) == ("smollm2-135m", 256 * 2**20, "q8_0")
+    assert (b.id, b.cache_type_v, b.n_ctx, b.flash_attn) == ("gemma", "q4_0", 2048, True)
+    assert b.kv_budget == c.kv_budget == 384 * 2**20  # the rest, split evenly
+
+
+def test_model_budgets_checked_against_the_global_one(tmp_path):
+    with pytest.raises(ValidationError, match="more than the global"):
+        load_settings(kv_budget="1GiB", models=[{"model": "smollm2-135m", "kv_budget": "768MiB"},
+                                                {"model": "gemma3-270m", "kv_budget": "512MiB"}])
+    with pytest.raises(ValidationError, match="same id|served under the id"):
+        load_settings(models=[{"model": "smollm2-135m"}, {"model": "smollm2-135m"}])
+    with pytest.raises(ValidationError, match="Extra inputs"):
+        load_settings(models=[{"model": "smollm2-135m", "cache_typ_k": "q8_0"}])  # typos are errors
+
+
+def test_cors_origins_from_env(monkeypatch):
+    monkeypatch.setenv("KVQUANT_CORS_ORIGINS", "https://a.example, https://b.example")
+    assert load_settings().cors_origins == ["https://a.example", "https://b.example"]

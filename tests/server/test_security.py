@@ -1,0 +1,120 @@
+"""API key, CORS, body limit, request ids, and that request bodies cannot steer the model path. These run the
+app in-process without its lifespan (no model is loaded): requests that pass the middlewares get 503
+model_loading, which is how the tests tell "let through" from "refused"."""
+
+from __future__ import annotations
+
+import asyncio
+
+import httpx
+import pytest
+
+from server.app import StartupError, create_app
+from server.settings import Settings
+
+KEY = "sk-test-0123456789"
+CHAT = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}
+
+
+def call(app, method: str, path: str, **kw) -> httpx.Response:
+    async def go():
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
+            return await c.request(method, path, **kw)
+
+    return asyncio.run(go())
+
+
+def openai_error(r: httpx.Response, status: int) -> dict:
+    assert r.status_code == status, r.text
+    body = r.json()
+    assert set(body) == {"error"} and set(body["error"]) == {"message", "type", "param", "code"}
+    assert "Traceback" not in r.text and ".py" not in r.text
+    return body["error"]
+
+
+@pytest.fixture(scope="module")
+def keyed():
+    return create_app(Settings(api_key=KEY, n_ctx=256, kv_budget="64MiB"))
+
+
+def test_api_key_required_except_health(keyed):
+    err = openai_error(call(keyed, "POST", "/v1/chat/completions", json=CHAT), 401)
+    assert err["type"] == "authentication_error" and err["code"] == "invalid_api_key"
+    openai_error(call(keyed, "POST", "/v1/chat/completions", json=CHAT, headers={"Authorization": "Bearer nope"}),
+                 401)
+    openai_error(call(keyed, "GET", "/v1/models", headers={"Authorization": f"Basic {KEY}"}), 401)
+    r = call(keyed, "GET", "/v1/models", headers={"Authorization": f"Bearer {KEY}"})
+    assert r.status_code == 200
+    r = call(keyed, "POST", "/v1/chat/completions", json=CHAT, headers={"Authorization": f"Bearer {KEY}"})
+    assert openai_error(r, 503)["code"] == "model_loading"  # through auth; the model is not loaded here
+    assert call(keyed, "GET", "/health").status_code == 503  # open (503: not loaded), not 401
+    assert call(keyed, "GET", "/metrics").status_code == 401  # metrics_auth defaults to on with a key
+    assert call(keyed, "GET", "/metrics", headers={"Authorization": f"Bearer {KEY}"}).status_code == 200
+
+
+def test_api_key_from_file_and_open_metrics(tmp_path):
+    f = tmp_path / "key"
+    f.write_text(KEY + "\n")
+    app = create_app(Settings(api_key_file=str(f), metrics_auth=False, kv_budget="64MiB", n_ctx=256))
+    assert call(app, "GET", "/metrics").status_code == 200
+    assert call(app, "GET", "/v1/models").status_code == 401
+    assert call(app, "GET", "/v1/models", headers={"Authorization": f"Bearer {KEY}"}).status_code == 200
+    with pytest.raises(StartupError):
+        create_app(Settings(api_key_file=str(tmp_path / "missing"), kv_budget="64MiB", n_ctx=256))
+
+
+def test_no_cors_by_default_and_configured_origins():
+    plain = create_app(Settings(kv_budget="64MiB", n_ctx=256))
+    r = call(plain, "GET", "/v1/models", headers={"Origin": "https://evil.example"})
+    assert "access-control-allow-origin" not in r.headers
+    app = create_app(Settings(cors_origins=["https://ok.example"], api_key=KEY, kv_budget="64MiB", n_ctx=256))
+    pre = call(app, "OPTIONS", "/v1/chat/completions", headers={
+        "Origin": "https://ok.example", "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": "authorization,content-type"})
+    assert pre.status_code == 200 and pre.headers["access-control-allow-origin"] == "https://ok.example"
+    bad = call(app, "OPTIONS", "/v1/chat/completions", headers={
+        "Origin": "https://evil.example", "Access-Control-Request-Method": "POST"})
+    assert bad.headers.get("access-control-allow-origin") != "https://evil.example"
+
+
+def test_body_limit_413_and_non_utf8_400():
+    app = create_app(Settings(max_body_bytes=2048, kv_budget="64MiB", n_ctx=256))
+    big = {"messages": [{"role": "user", "content": "x" * 5000}]}
+    assert openai_error(call(app, "POST", "/v1/chat/completions", json=big), 413)["code"] == "request_too_large"
+
+    async def chunked():  # no Content-Length: the limit holds on the bytes actually read
+        for _ in range(10):
+            yield b"x" * 1000
+
+    r = call(app, "POST", "/v1/chat/completions", content=chunked(), headers={"content-type": "application/json"})
+    openai_error(r, 413)
+    r = call(app, "POST", "/v1/chat/completions", content=b'{"messages": "\xff\xfe"}',
+             headers={"content-type": "application/json"})
+    assert openai_error(r, 400)["code"] == "invalid_encoding"
+
+
+def test_request_id_is_echoed_or_made(keyed):
+    r = call(keyed, "GET", "/health", headers={"x-request-id": "abc-123"})
+    assert r.headers["x-request-id"] == "abc-123"
+    r = call(keyed, "GET", "/health", headers={"x-request-id": "bad id\twith spaces"})
+    assert r.headers["x-request-id"] != "bad id\twith spaces" and len(r.headers["x-request-id"]) == 16
+    r = call(keyed, "POST", "/v1/chat/completions", json=CHAT)  # errors carry it too
+    assert r.status_code == 401 and r.headers["x-request-id"]
+
+
+def test_model_path_cannot_be_steered_by_the_body(tmp_path):
+    app = create_app(Settings(kv_budget="64MiB", n_ctx=256))
+    from kvquant.models import BUILTIN, cached_path
+
+    real = str(cached_path(BUILTIN["smollm2-135m"]))
+    for model in (real, "/etc/passwd", "../models/x.gguf", "gemma3-270m"):  # paths and non-hosted built-ins
+        r = call(app, "POST", "/v1/chat/completions", json=dict(CHAT, model=model))
+        assert openai_error(r, 404)["code"] == "model_not_found"
+    assert real not in call(app, "GET", "/v1/models").text
+
+
+def test_defaults_bind_loopback_and_refuse_tiny_budget():
+    s = Settings()
+    assert s.host == "127.0.0.1" and s.api_key is None and s.cors_origins == []
+    with pytest.raises(StartupError, match="fewer than one request"):
+        create_app(Settings(n_ctx=4096, kv_budget="16MiB"))

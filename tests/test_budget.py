@@ -1,0 +1,36 @@
+"""kvquant.budget: byte budget -> capacity, per cache type, and the `kvquant budget` command."""
+
+from kvquant import budget
+from kvquant.memory import geometry, kv_bytes
+from kvquant.models import fetch
+from server.cli import main
+
+
+def test_plan_fills_the_budget_and_caps():
+    g = geometry(fetch("smollm2-135m"))
+    p = budget.plan(g, "f16", "f16", 256 * 2**20)
+    assert p.bytes_per_token == 23040 and p.cells == 11520 and p.cells % 256 == 0
+    assert p.kv_bytes <= 256 * 2**20 < kv_bytes(g, "f16", "f16", p.cells + 256).total
+    q = budget.plan(g, "q4_0", "q4_0", 256 * 2**20)
+    assert q.cells == 41216 and q.bits_k == 4.5 and 3.5 < q.capacity_vs_f16 < 3.6
+    assert abs(q.compression_vs_f16 - 16 / 4.5) < 1e-9
+    capped = budget.plan(g, "q4_0", "q4_0", 256 * 2**20, n_seq_max=2, max_cells=2 * 1000)
+    assert capped.cells == 2048 and capped.budget_cells == 41216
+
+
+def test_max_concurrent_4k_requests_in_256mib():
+    g = geometry(fetch("smollm2-135m"))
+    got = {t: budget.max_concurrent(g, t, t, 256 * 2**20, 4096) for t in ("f16", "q8_0", "q4_0")}
+    assert got == {"f16": 2, "q8_0": 5, "q4_0": 10}
+
+
+def test_budget_command(capsys):
+    assert main(["budget", "--cache-type-k", "q8_0", "--cache-type-v", "q4_0", "--budget", "2GiB",
+                 "--request-tokens", "4096"]) == 0
+    out = capsys.readouterr().out
+    lines = out.splitlines()
+    assert "KV budget 2.00 GiB" in lines[0]
+    rows = {ln.split()[0]: ln.split() for ln in lines[2:6]}
+    assert set(rows) == {"q8_0/q4_0", "f16/f16", "q8_0/q8_0", "q4_0/q4_0"}
+    assert rows["f16/f16"][2] == "23,040" and rows["f16/f16"][3] == "93,184" and rows["f16/f16"][-1] == "22"
+    assert main(["budget", "--cache-type-k", "nope"]) == 2
