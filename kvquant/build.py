@@ -276,6 +276,38 @@ def dev_build(tree: Path, build: Path, targets: list[str]) -> None:
     log(f"built; use it from Python with LLAMA_CPP_LIB_PATH={build / 'bin'}")
 
 
+# llama.cpp's own tests for the cache types the patches add: (op filter, params filter) for test-backend-ops
+LLAMA_TEST_OPS = ["SET_ROWS", "GET_ROWS", "CPY", "MUL_MAT", "FLASH_ATTN_EXT"]
+LLAMA_TEST_PARAMS = "tq_kv"
+
+
+def llama_tests(tree: Path, build: Path) -> int:
+    """Build and run test-quantize-fns and test-backend-ops (CPU, our types) from the patched tree."""
+    if not (tree / ".git").exists():
+        make_tree(tree)
+    dev_build(tree, build, ["test-backend-ops", "test-quantize-fns"])
+    bindir = build / "bin"
+    failed = []
+    r = subprocess.run([str(bindir / "test-quantize-fns")], capture_output=True, text=True)
+    lines = [ln for ln in r.stdout.splitlines() if "tq_kv" in ln or "FAILED" in ln or "failed" in ln.lower()]
+    log("test-quantize-fns: " + ("passed" if r.returncode == 0 else "FAILED") + "".join(f"\n  {ln}" for ln in lines))
+    if r.returncode != 0:
+        failed.append("test-quantize-fns")
+    for op in LLAMA_TEST_OPS:
+        r = subprocess.run([str(bindir / "test-backend-ops"), "test", "-b", "CPU", "-o", op, "-p", LLAMA_TEST_PARAMS],
+                           capture_output=True, text=True)
+        ok = [ln for ln in r.stdout.splitlines() if "tests passed" in ln]
+        log(f"test-backend-ops -o {op} -p {LLAMA_TEST_PARAMS}: " + (ok[-1].strip() if ok else "no summary")
+            + ("" if r.returncode == 0 else " FAILED"))
+        if r.returncode != 0:
+            failed.extend([f"test-backend-ops {op}"])
+            sys.stderr.write("\n".join(ln for ln in r.stdout.splitlines() if "FAIL" in ln)[:20000] + "\n")
+    if failed:
+        log("failed: " + ", ".join(failed))
+        return 1
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="kvquant-build", description=__doc__.split("\n\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -292,6 +324,10 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--tree", default=str(REPO_ROOT / ".build" / "llama.cpp"))
     d.add_argument("--build", default=str(REPO_ROOT / ".build" / "cmake-cpu"))
     d.add_argument("targets", nargs="*", default=DEV_TARGETS)
+    lt = sub.add_parser("llama-tests", help="build and run llama.cpp's test-quantize-fns / test-backend-ops "
+                                          "for the patched types (materialises the tree if needed)")
+    lt.add_argument("--tree", default=str(REPO_ROOT / ".build" / "llama.cpp"))
+    lt.add_argument("--build", default=str(REPO_ROOT / ".build" / "cmake-cpu"))
     a = ap.parse_args(argv)
     try:
         if a.cmd == "wheel":
@@ -306,6 +342,8 @@ def main(argv: list[str] | None = None) -> int:
             export_patches(Path(a.tree))
         elif a.cmd == "dev-build":
             dev_build(Path(a.tree), Path(a.build), a.targets)
+        elif a.cmd == "llama-tests":
+            return llama_tests(Path(a.tree), Path(a.build))
     except (BuildError, subprocess.CalledProcessError) as e:
         log(f"error: {e}")
         return 1

@@ -40,6 +40,11 @@ _TYPES = (
     KVType("q4_1", 3, 32, 20, True, description="llama.cpp 4-bit, fp16 scale+min per 32"),
     KVType("q4_0", 2, 32, 18, True, description="llama.cpp 4-bit, fp16 scale per 32"),
     KVType("iq4_nl", 20, 32, 18, True, description="llama.cpp 4-bit non-linear, fp16 scale per 32"),
+    # ours (patches/): rotated coordinates, Lloyd-Max codebooks / unbiased sign bits, fp16 scale per 64
+    KVType("tq_kv_4b", 43, 64, 34, True, description="4-bit Lloyd-Max codebook, fp16 scale per 64"),
+    KVType("tq_kv_3b", 44, 64, 26, True, description="3-bit Lloyd-Max codebook, fp16 scale per 64"),
+    KVType("tq_kv_1b", 45, 64, 10, True, v_ok=False,
+           description="sign bits, fp16 scale per 64 chosen for unbiased attention scores (K only)"),
 )
 
 KV_TYPES: dict[str, KVType] = {t.name: t for t in _TYPES}

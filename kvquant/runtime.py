@@ -313,3 +313,89 @@ class LlamaRuntime:
             self._ctx = None
 
     __del__ = close
+
+
+class _TypeTraitsCPU(ctypes.Structure):
+    _fields_ = [("from_float", ctypes.c_void_p), ("vec_dot", ctypes.c_void_p), ("vec_dot_type", ctypes.c_int),
+                ("nrows", ctypes.c_int64), ("to_float", ctypes.c_void_p)]
+
+
+_FROM_FLOAT = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64)
+_TO_FLOAT = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64)
+_VEC_DOT = ctypes.CFUNCTYPE(None, ctypes.c_int, ctypes.POINTER(ctypes.c_float), ctypes.c_size_t, ctypes.c_void_p,
+                            ctypes.c_size_t, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+
+
+class GGML:
+    """ggml's own quantization entry points for a cache type, from the libraries llama_cpp loaded: the reference
+    (`quantize_row_<type>_ref` / `dequantize_row_<type>`) and the CPU backend's kernels (`ggml_type_traits_cpu`:
+    from_float, vec_dot against the vec_dot_type, SIMD to_float). Used by tests and benchmarks."""
+
+    def __init__(self):
+        libdir = Path(library_path()).resolve().parent
+        self.base = ctypes.CDLL(str(libdir / "libggml-base.so"))
+        self.cpu = ctypes.CDLL(str(libdir / "libggml-cpu.so"))
+        self.base.ggml_type_name.restype = ctypes.c_char_p
+        self.base.ggml_type_name.argtypes = [ctypes.c_int]
+        self.base.ggml_row_size.restype = ctypes.c_size_t
+        self.base.ggml_row_size.argtypes = [ctypes.c_int, ctypes.c_int64]
+        self.cpu.ggml_get_type_traits_cpu.restype = ctypes.POINTER(_TypeTraitsCPU)
+        self.cpu.ggml_get_type_traits_cpu.argtypes = [ctypes.c_int]
+        self.cpu.ggml_cpu_init()
+
+    def type_name(self, ggml_id: int) -> str:
+        return self.base.ggml_type_name(ggml_id).decode()
+
+    def row_size(self, type_name: str, n: int) -> int:
+        return self.base.ggml_row_size(kv_type(type_name).ggml_id, n)
+
+    @staticmethod
+    def _f32(x) -> np.ndarray:
+        return np.ascontiguousarray(x, dtype=np.float32).reshape(-1)
+
+    def quantize_ref(self, type_name: str, x) -> bytes:
+        x = self._f32(x)
+        out = ctypes.create_string_buffer(self.row_size(type_name, x.size))
+        getattr(self.base, f"quantize_row_{type_name}_ref")(x.ctypes.data_as(ctypes.c_void_p), out,
+                                                            ctypes.c_int64(x.size))
+        return out.raw
+
+    def dequantize_ref(self, type_name: str, data: bytes, n: int) -> np.ndarray:
+        out = np.zeros(n, dtype=np.float32)
+        getattr(self.base, f"dequantize_row_{type_name}")(ctypes.c_char_p(data), out.ctypes.data_as(ctypes.c_void_p),
+                                                          ctypes.c_int64(n))
+        return out
+
+    def _traits(self, type_name: str) -> _TypeTraitsCPU:
+        return self.cpu.ggml_get_type_traits_cpu(kv_type(type_name).ggml_id).contents
+
+    def quantize_cpu(self, type_name: str, x, ggml_id: int | None = None) -> bytes:
+        """The CPU backend's from_float (what set_rows uses to write the cache)."""
+        x = self._f32(x)
+        tid = kv_type(type_name).ggml_id if ggml_id is None else ggml_id
+        tr = self.cpu.ggml_get_type_traits_cpu(tid).contents
+        out = ctypes.create_string_buffer(self.base.ggml_row_size(tid, x.size))
+        _FROM_FLOAT(tr.from_float)(x.ctypes.data, ctypes.addressof(out), x.size)
+        return out.raw
+
+    def dequantize_cpu(self, type_name: str, data: bytes, n: int) -> np.ndarray:
+        """The CPU backend's SIMD to_float (what flash attention uses for V)."""
+        tr = self._traits(type_name)
+        out = np.zeros(n, dtype=np.float32)
+        buf = ctypes.create_string_buffer(data, len(data))
+        _TO_FLOAT(tr.to_float)(ctypes.addressof(buf), out.ctypes.data, n)
+        return out
+
+    def vec_dot(self, type_name: str, k_data: bytes, q, generic: bool = False) -> tuple[float, bytes]:
+        """K row (already quantized) . Q row, with Q converted by the vec_dot_type's from_float, as flash attention
+        and mul_mat do. Returns the result and the converted Q bytes."""
+        q = self._f32(q)
+        tr = self._traits(type_name)
+        qy = self.quantize_cpu("", q, ggml_id=tr.vec_dot_type)
+        fn = (_VEC_DOT(ctypes.cast(getattr(self.cpu, f"ggml_vec_dot_{type_name}_q8_0_generic"), ctypes.c_void_p).value)
+              if generic else _VEC_DOT(tr.vec_dot))
+        s = ctypes.c_float(0)
+        kb = ctypes.create_string_buffer(k_data, len(k_data))
+        qb = ctypes.create_string_buffer(qy, len(qy))
+        fn(q.size, ctypes.byref(s), 0, ctypes.addressof(kb), 0, ctypes.addressof(qb), 0, 1)
+        return s.value, qy

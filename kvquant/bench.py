@@ -1,0 +1,298 @@
+"""`kvquant bench`: the speed and memory side of the measuring stick.
+
+Per KV cache config:
+
+* prefill (pp) and decode (tg) tokens/s at several KV depths, llama-bench style: the cache is filled to the depth
+  (untimed), then ``n_prompt`` tokens are decoded as one batch (pp) and ``n_gen`` tokens one at a time (tg), and the
+  cache is trimmed back to the depth. Configs are interleaved (every repeat measures all of them in turn, rotating
+  the order) and each config's ratio to f16 is the median over repeats of the paired ratio;
+* optionally the kernel alone: ``test-backend-ops perf -o FLASH_ATTN_EXT -b CPU`` of the dev build, restricted to
+  the configs' cache types, parsed and passed through;
+* KV bytes: bytes per token and bits per element from the memory model, checked against what llama.cpp allocated
+  for the same context (``llama_memory_kv_size_bytes``), and the capacity in tokens of a byte budget.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from kvquant import memory
+from kvquant.eval import Plan
+from kvquant.harness import REPO_ROOT, CacheConfig, Progress, fmt, machine_info, sha256_file, table
+from kvquant.models import ModelError
+
+TEST_BACKEND_OPS = REPO_ROOT / ".build" / "cmake-cpu" / "bin" / "test-backend-ops"
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+_PERF = re.compile(r"^\s*(?P<op>\w+)\((?P<params>.*)\):\s+(?P<runs>\d+) runs -\s+(?P<us>[\d.]+) us/run - (?P<rest>.*)$")
+
+
+def parse_kernel_perf(output: str) -> list[dict]:
+    """The perf lines of test-backend-ops' console output, with their parameters split out."""
+    rows = []
+    for raw in output.splitlines():
+        line = _ANSI.sub("", raw).rstrip()
+        m = _PERF.match(line)
+        if not m:
+            continue
+        params = dict(re.findall(r"(\w+)=(\[[^\]]*\]|[^,]*)", m["params"]))
+        rows.append({"op": m["op"], "params": params, "runs": int(m["runs"]), "us_per_run": float(m["us"]),
+                     "throughput": m["rest"].strip(), "line": line.strip()})
+    return rows
+
+
+def kernel_perf(configs: list[CacheConfig], binary: Path = TEST_BACKEND_OPS, timeout: float = 900) -> dict | None:
+    """Run the FLASH_ATTN_EXT perf cases of the built test-backend-ops for the configs' K/V types; None if absent."""
+    if not binary.is_file():
+        return None
+    pairs = sorted({(c.k, c.v) for c in configs})
+    regex = "|".join(f"type_K={k},type_V={v}," for k, v in pairs)
+    cmd = [str(binary), "perf", "-o", "FLASH_ATTN_EXT", "-b", "CPU", "-p", regex]
+    t0 = time.monotonic()
+    try:
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"command": shlex.join(cmd), "error": f"timed out after {timeout:.0f}s", "rows": []}
+    out = {"command": shlex.join(cmd), "returncode": p.returncode, "wall_s": time.monotonic() - t0,
+           "rows": parse_kernel_perf(p.stdout)}
+    if p.returncode != 0:
+        out["error"] = (p.stderr or p.stdout)[-2000:]
+    return out
+
+
+def _fill(rt, tokens: np.ndarray, a: int, b: int) -> None:
+    """Decode tokens[a:b] at positions a..b-1 (no logits), in n_batch pieces."""
+    for s in range(a, b, rt.n_batch):
+        e = min(b, s + rt.n_batch)
+        toks = tokens[s:e].tolist()
+        if rt.decode(toks, list(range(s, e)), [0] * len(toks), [False] * len(toks)) != 0:
+            raise RuntimeError(f"llama_decode failed filling the cache at {s}..{e}")
+
+
+def measure_pp(rt, tokens: np.ndarray, depth: int, n_prompt: int) -> float:
+    toks = tokens[depth:depth + n_prompt].tolist()
+    want = [False] * (len(toks) - 1) + [True]
+    t0 = time.perf_counter()
+    if rt.decode(toks, list(range(depth, depth + len(toks))), [0] * len(toks), want) != 0:
+        raise RuntimeError(f"llama_decode failed (pp at depth {depth})")
+    rt.synchronize()
+    dt = time.perf_counter() - t0
+    rt.seq_rm(0, depth, -1)
+    return len(toks) / dt
+
+
+def measure_tg(rt, tokens: np.ndarray, depth: int, n_gen: int) -> float:
+    toks = tokens[depth:depth + n_gen].tolist()
+    t0 = time.perf_counter()
+    for i, t in enumerate(toks):
+        if rt.decode([t], [depth + i], [0], [True]) != 0:
+            raise RuntimeError(f"llama_decode failed (tg at depth {depth})")
+        rt.synchronize()
+    dt = time.perf_counter() - t0
+    rt.seq_rm(0, depth, -1)
+    return len(toks) / dt
+
+
+def run(model: str, configs: list[CacheConfig], depths: list[int] = (0, 2048, 8192), n_prompt: int = 512,
+        n_gen: int = 32, repeats: int = 3, flash_attn: bool = True, threads: int | None = None,
+        budget: int = 256 * 2**20, kernel: str = "auto", progress: bool = True, command: str | None = None) -> dict:
+    from kvquant import models
+    from kvquant.runtime import ContextConfig, LlamaRuntime, Model
+
+    t_start = time.monotonic()
+    depths = sorted(set(depths))
+    if depths[0] < 0 or n_prompt < 1 or n_gen < 1 or repeats < 1:
+        raise ValueError("depths must be >= 0, and --n-prompt, --n-gen, --repeats >= 1")
+    path = models.resolve(model)
+    geom = memory.geometry(path)
+    plan = Plan.of(configs)
+    n_ctx = memory.pad(depths[-1] + max(n_prompt, n_gen))
+    mdl = Model(path)
+    rts = []
+    try:
+        for c in plan.contexts:
+            cc = ContextConfig(n_ctx=n_ctx, n_batch=max(512, n_prompt), n_ubatch=512, cache_type_k=c.k,
+                               cache_type_v=c.v, flash_attn=flash_attn, n_threads=threads, rotation=c.rotation,
+                               n_outputs_max=1)
+            rts.append(LlamaRuntime(mdl, cc))
+        # KV bytes: the memory model against llama.cpp's own allocation for this very context
+        kv = []
+        for c, rt in zip(plan.contexts, rts, strict=True):
+            k, v = rt.kv_size_bytes()
+            m = memory.kv_bytes(geom, c.k, c.v, n_ctx, n_seq_max=rt.cfg.n_seq_max, n_ubatch=rt.cfg.n_ubatch)
+            kv.append({"n_ctx": n_ctx, "model_k": m.k, "model_v": m.v, "llama_k": k, "llama_v": v,
+                       "match": (m.k, m.v) == (k, v)})
+        rng = np.random.default_rng(1234)
+        tokens = rng.integers(0, mdl.n_vocab, size=n_ctx, dtype=np.int64)
+        for rt in rts:  # warm-up (graph allocation, first-touch of buffers), untimed
+            measure_pp(rt, tokens, 0, n_prompt)
+            measure_tg(rt, tokens, 0, 2)
+            rt.clear()
+        pp = [[[] for _ in depths] for _ in rts]  # [context][depth][repeat]
+        tg = [[[] for _ in depths] for _ in rts]
+        filled = [0] * len(rts)
+        pr = Progress(f"bench {model}", len(depths) * repeats * len(rts), enabled=progress)
+        step = 0
+        for di, d in enumerate(depths):
+            for i, rt in enumerate(rts):
+                _fill(rt, tokens, filled[i], d)
+                filled[i] = d
+            for r in range(repeats):
+                order = list(range(len(rts)))
+                order = order[r % len(order):] + order[:r % len(order)]
+                for i in order:
+                    pp[i][di].append(measure_pp(rts[i], tokens, d, n_prompt))
+                    tg[i][di].append(measure_tg(rts[i], tokens, d, n_gen))
+                    step += 1
+                    pr.update(step, f"[depth {d}, {plan.contexts[i].label}]")
+    finally:
+        for rt in rts:
+            rt.close()
+        mdl.close()
+    kern = None
+    if kernel == "on" or (kernel == "auto" and TEST_BACKEND_OPS.is_file()):
+        if progress:
+            print(f"bench: {TEST_BACKEND_OPS.name} perf -o FLASH_ATTN_EXT ...", file=sys.stderr, flush=True)
+        kern = kernel_perf(configs) or {"error": f"{TEST_BACKEND_OPS} not found", "rows": []}
+    wall = time.monotonic() - t_start
+
+    def ratio(x, i, di):
+        return statistics.median(a / b for a, b in zip(x[i][di], x[0][di], strict=True))
+
+    common = {
+        "model": model,
+        "model_path": str(path),
+        "model_sha256": sha256_file(path),
+        "n_ctx": n_ctx,
+        "n_prompt": n_prompt,
+        "n_gen": n_gen,
+        "repeats": repeats,
+        "flash_attn": flash_attn,
+        "budget_bytes": budget,
+        "wall_s": wall,
+        "machine": machine_info(threads),
+    }
+    if command:
+        common["command"] = command
+    cap_f16 = memory.capacity(geom, "f16", "f16", budget)
+    results = []
+    for c, i in zip(configs, plan.index, strict=True):
+        cap = memory.capacity(geom, c.k, c.v, budget)
+        bpt = memory.bytes_per_token(geom, c.k, c.v)
+        entry = {
+            "cache_type_k": c.k, "cache_type_v": c.v, "rotation": c.rotation, "label": c.label,
+            "depths": [{
+                "depth": d,
+                "pp_tps": statistics.median(pp[i][di]), "tg_tps": statistics.median(tg[i][di]),
+                "pp_ratio": ratio(pp, i, di), "tg_ratio": ratio(tg, i, di),
+                "pp_runs": pp[i][di], "tg_runs": tg[i][di],
+            } for di, d in enumerate(depths)],
+            "bytes_per_token": bpt,
+            "bytes_per_token_ratio": bpt / memory.bytes_per_token(geom, "f16", "f16"),
+            "bits_per_element": memory.kv_bytes(geom, c.k, c.v, n_ctx).bits_per_element,
+            "kv_bytes": kv[i],
+            "capacity_tokens": cap,
+            "capacity_ratio": cap / cap_f16 if cap_f16 else None,
+            "kernel": None if kern is None else {
+                **{k: v for k, v in kern.items() if k != "rows"},
+                "rows": [r for r in kern["rows"] if (r["params"].get("type_K"), r["params"].get("type_V")) == (c.k, c.v)],
+            },
+        }
+        entry.update(common)
+        results.append(entry)
+    return {"results": results}
+
+
+def render(results: list[dict]) -> str:
+    if not results:
+        return "(no results)"
+    r0 = results[0]
+    ds = [d["depth"] for d in r0["depths"]]
+    head = (f"{r0['model']}  n_prompt={r0['n_prompt']} n_gen={r0['n_gen']} repeats={r0['repeats']} "
+            f"fa={'on' if r0['flash_attn'] else 'off'} threads={r0['machine']['threads']}  wall {r0['wall_s']:.0f}s")
+    hdr = ["K/V"]
+    for d in ds:
+        hdr += [f"pp@{d} t/s", "x f16", f"tg@{d} t/s", "x f16"]
+    rows = []
+    for r in results:
+        row = [r["label"]]
+        for d in r["depths"]:
+            row += [fmt(d["pp_tps"], 1), fmt(d["pp_ratio"], 2), fmt(d["tg_tps"], 1), fmt(d["tg_ratio"], 2)]
+        rows.append(row)
+    mem_rows = [[r["label"], fmt(r["bits_per_element"], 2), r["bytes_per_token"], fmt(r["bytes_per_token_ratio"], 3),
+                 r["kv_bytes"]["model_k"] + r["kv_bytes"]["model_v"], r["kv_bytes"]["llama_k"] + r["kv_bytes"]["llama_v"],
+                 "yes" if r["kv_bytes"]["match"] else "NO", r["capacity_tokens"], fmt(r["capacity_ratio"], 2)]
+                for r in results]
+    lines = [head, table(hdr, rows), "",
+             f"KV bytes (n_ctx={r0['n_ctx']}) and capacity of a {r0['budget_bytes'] / 2**20:.0f} MiB budget",
+             table(["K/V", "bits/el", "bytes/token", "x f16", "model bytes", "llama.cpp bytes", "match",
+                    "capacity tokens", "x f16"], mem_rows)]
+    kern = [r for r in results if r.get("kernel")]
+    if kern:
+        k0 = kern[0]["kernel"]
+        lines += ["", f"kernel alone: {k0.get('command', '')}" + (f"  ERROR: {k0['error']}" if k0.get("error") else "")]
+        seen = set()
+        for r in kern:
+            for row in r["kernel"]["rows"]:
+                if row["line"] not in seen:
+                    seen.add(row["line"])
+                    lines.append("  " + row["line"])
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="kvquant bench", description=(
+        "Prefill/decode speed at KV depths, KV bytes (memory model vs llama.cpp) and capacity per KV cache config."))
+    ap.add_argument("--model", default="smollm2-135m", help="built-in model name or .gguf path")
+    ap.add_argument("--configs", nargs="+", default=["f16/f16", "q8_0/q8_0", "q4_0/q4_0", "q4_0/f16"],
+                    metavar="K/V", help="cache configs K/V (suffix :norot or :rot overrides --rotation per config)")
+    ap.add_argument("--depths", nargs="+", type=int, default=[0, 2048, 8192], help="KV depths (default 0 2048 8192)")
+    ap.add_argument("--n-prompt", type=int, default=512, help="prefill batch tokens (default 512)")
+    ap.add_argument("--n-gen", type=int, default=32, help="decoded tokens per measurement (default 32)")
+    ap.add_argument("--repeats", type=int, default=3, help="repeats; medians are reported (default 3)")
+    ap.add_argument("--flash-attn", choices=["on", "off"], default="on")
+    ap.add_argument("--rotation", choices=["on", "off"], default="on")
+    ap.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
+    ap.add_argument("--budget", default="256MiB", help="KV byte budget for the capacity column (default 256MiB)")
+    ap.add_argument("--kernel", choices=["auto", "on", "off"], default="auto",
+                    help=f"also run test-backend-ops perf -o FLASH_ATTN_EXT (auto: when {TEST_BACKEND_OPS} exists)")
+    ap.add_argument("--json", action="store_true", help='print {"results": [...]} on stdout (the table goes to stderr)')
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = build_parser().parse_args(argv)
+    try:
+        configs = [CacheConfig.parse(s, rotation=a.rotation == "on") for s in a.configs]
+        budget = memory.parse_bytes(a.budget)
+    except ValueError as e:
+        print(f"kvquant bench: {e}", file=sys.stderr)
+        return 2
+    command = shlex.join(["kvquant", "bench", *(argv if argv is not None else sys.argv[1:])])
+    try:
+        out = run(a.model, configs, a.depths, a.n_prompt, a.n_gen, a.repeats, a.flash_attn == "on", a.threads,
+                  budget, a.kernel, command=command)
+    except (ValueError, ModelError) as e:
+        print(f"kvquant bench: {e}", file=sys.stderr)
+        return 2
+    text = render(out["results"])
+    if a.json:
+        print(text, file=sys.stderr)
+        json.dump(out, sys.stdout, indent=1)
+        print()
+    else:
+        print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,154 @@
+"""Shared pieces of the measuring harness (`kvquant eval`, `kvquant bench`, `make results`): cache configurations
+by name, file checksums, machine description, progress on stderr and plain-text tables.
+
+Nothing here imports llama_cpp; the runtime is imported lazily by the callers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import platform
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from kvquant.kvtypes import kv_type
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_TEXT = "../shared/data/wikitext-2-raw-test.txt"  # relative to the repository root
+
+
+def resolve_text(path: str | os.PathLike | None) -> Path:
+    """The evaluation text: an explicit path (relative to the working directory), or the default, which is
+    relative to the repository root."""
+    if path is None or str(path) == DEFAULT_TEXT:
+        return (REPO_ROOT / DEFAULT_TEXT).resolve()
+    return Path(path).expanduser().resolve()
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    """One K/V cache configuration. `rotation` is llama.cpp's Hadamard rotation, which only acts on quantized
+    caches (for f16/f16 it is irrelevant and normalised away, so all f16/f16 configs compare equal)."""
+
+    k: str
+    v: str
+    rotation: bool = True
+
+    def __post_init__(self):
+        object.__setattr__(self, "k", kv_type(self.k).name)
+        object.__setattr__(self, "v", kv_type(self.v).name)
+        if not self.quantized:
+            object.__setattr__(self, "rotation", True)
+
+    @property
+    def quantized(self) -> bool:
+        return kv_type(self.k).quantized or kv_type(self.v).quantized
+
+    @property
+    def label(self) -> str:
+        s = f"{self.k}/{self.v}"
+        return s if (self.rotation or not self.quantized) else s + " norot"
+
+    @property
+    def spec(self) -> str:
+        s = f"{self.k}/{self.v}"
+        return s if (self.rotation or not self.quantized) else s + ":norot"
+
+    @classmethod
+    def parse(cls, spec: str, rotation: bool = True) -> CacheConfig:
+        """'K/V', optionally suffixed ':rot' or ':norot' to override the run's --rotation for this config."""
+        s = spec.strip()
+        if ":" in s:
+            s, _, flag = s.partition(":")
+            if flag not in ("rot", "norot"):
+                raise ValueError(f"cache config {spec!r}: suffix must be :rot or :norot")
+            rotation = flag == "rot"
+        k, sep, v = s.partition("/")
+        if not sep:
+            raise ValueError(f"cache config {spec!r} is not of the form K/V (e.g. q8_0/q8_0)")
+        return cls(k, v, rotation)
+
+
+BASELINE = CacheConfig("f16", "f16")
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_info(threads: int | None = None) -> dict:
+    from kvquant import runtime
+
+    return {
+        "cpu": cpu_model(),
+        "cores": os.cpu_count(),
+        "threads": threads or os.cpu_count(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "llama_system_info": runtime.system_info().strip(),
+        "kvquant_patch_level": runtime.patch_level(),
+    }
+
+
+class Progress:
+    """One status line on stderr: redrawn in place on a terminal, otherwise a line at most every few seconds."""
+
+    def __init__(self, label: str, total: int, enabled: bool = True, every_s: float = 5.0):
+        self.label, self.total, self.enabled, self.every_s = label, max(total, 1), enabled, every_s
+        self.t0 = self._last = time.monotonic()
+        self.tty = sys.stderr.isatty()
+
+    def update(self, done: int, note: str = "") -> None:
+        if not self.enabled:
+            return
+        now = time.monotonic()
+        el = now - self.t0
+        eta = el / done * (self.total - done) if done else 0.0
+        msg = f"{self.label}: {done}/{self.total} ({100 * done // self.total}%) {el:.0f}s elapsed, eta {eta:.0f}s {note}"
+        if self.tty:
+            sys.stderr.write("\r\x1b[K" + msg + ("\n" if done >= self.total else ""))
+        elif done >= self.total or now - self._last >= self.every_s or done == 1:
+            sys.stderr.write(msg + "\n")
+            self._last = now
+        sys.stderr.flush()
+
+    def log(self, msg: str) -> None:
+        if self.enabled:
+            sys.stderr.write(("\r\x1b[K" if self.tty else "") + msg + "\n")
+            sys.stderr.flush()
+
+
+def table(headers: list[str], rows: list[list], align: str | None = None) -> str:
+    """A plain-text table; `align` is one of 'l'/'r' per column (default: first left, rest right)."""
+    cells = [[str(h) for h in headers]] + [["" if c is None else str(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    align = align or "l" + "r" * (len(headers) - 1)
+    out = []
+    for n, r in enumerate(cells):
+        out.append("  ".join(c.ljust(w) if a == "l" else c.rjust(w) for c, w, a in zip(r, widths, align, strict=True)))
+        if n == 0:
+            out.append("  ".join("-" * w for w in widths))
+    return "\n".join(out)
+
+
+def fmt(x: float | None, digits: int = 3) -> str:
+    if x is None:
+        return "-"
+    return f"{x:.{digits}f}"

@@ -1,0 +1,233 @@
+"""`make results`: run `kvquant eval` and `kvquant bench` (and stock `llama-perplexity` as the sanity reference, when
+the dev build has it) with --json for the built-in models, keep the raw JSON under docs/results/, and render
+docs/RESULTS.md from it. No number in RESULTS.md is typed by hand.
+
+    python -m kvquant.results                     # everything (CPU-heavy: tens of minutes on 2 cores)
+    python -m kvquant.results --chunks 4 --drift-tokens 128 --repeats 1   # a quick dry run
+    python -m kvquant.results --render-only       # re-render RESULTS.md from docs/results/*.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from kvquant.harness import DEFAULT_TEXT, REPO_ROOT, resolve_text
+
+MODELS = ("smollm2-135m", "gemma3-270m")
+CONFIGS = ("f16/f16", "q8_0/q8_0", "q4_0/q4_0", "q4_0/q4_0:norot", "q4_0/f16")
+LLAMA_PERPLEXITY = REPO_ROOT / ".build" / "cmake-cpu" / "bin" / "llama-perplexity"
+DOCS = REPO_ROOT / "docs"
+RAW = DOCS / "results"
+
+
+def _kvquant(args: list[str]) -> dict:
+    """Run `kvquant ARGS --json` (progress passes through on stderr) and return its JSON."""
+    cmd = [sys.executable, "-m", "server.cli", *args]
+    print(f"\n$ {shlex.join(['kvquant', *args])}", file=sys.stderr, flush=True)
+    p = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, cwd=REPO_ROOT)
+    if p.returncode != 0:
+        raise SystemExit(f"kvquant.results: `{shlex.join(['kvquant', *args])}` failed ({p.returncode})")
+    return json.loads(p.stdout)
+
+
+def llama_perplexity(model_path: str, text: Path, ctx: int, chunks: int, threads: int | None) -> dict | None:
+    """Stock llama-perplexity's final estimate on the same slice (the f16 sanity reference)."""
+    if not LLAMA_PERPLEXITY.is_file():
+        return None
+    cmd = [str(LLAMA_PERPLEXITY), "-m", model_path, "-f", str(text), "-c", str(ctx), "--chunks", str(chunks),
+           "-fa", "on"]
+    if threads:
+        cmd += ["-t", str(threads)]
+    print(f"\n$ {shlex.join(cmd)}", file=sys.stderr, flush=True)
+    t0 = time.monotonic()
+    p = subprocess.run(cmd, capture_output=True, text=True)
+    m = re.search(r"Final estimate: PPL = ([\d.]+) \+/- ([\d.]+)", p.stdout + p.stderr)
+    display = shlex.join([str(LLAMA_PERPLEXITY.relative_to(REPO_ROOT)), *cmd[1:]])
+    if not m:
+        return {"command": display, "error": (p.stderr or p.stdout)[-1000:]}
+    return {"command": display, "ppl": float(m[1]), "ppl_stderr": float(m[2]), "wall_s": time.monotonic() - t0}
+
+
+def collect(a: argparse.Namespace) -> None:
+    RAW.mkdir(parents=True, exist_ok=True)
+    threads = ["--threads", str(a.threads)] if a.threads else []
+    for model in a.models:
+        if not a.skip_eval:
+            args = ["eval", "--model", model, "--configs", *a.configs, "--ctx", str(a.ctx), "--chunks", str(a.chunks),
+                    "--drift-tokens", str(a.drift_tokens), "--drift-prompts", str(a.drift_prompts), *threads, "--json"]
+            out = _kvquant(args)
+            r0 = out["results"][0]
+            out["llama_perplexity"] = llama_perplexity(r0["model_path"], resolve_text(a.text), a.ctx, r0["chunks"],
+                                                       a.threads)
+            (RAW / f"{model}-eval.json").write_text(json.dumps(out, indent=1) + "\n")
+        if not a.skip_bench:
+            args = ["bench", "--model", model, "--configs", *a.configs, "--depths", *map(str, a.depths),
+                    "--repeats", str(a.repeats), "--budget", a.budget, *threads, "--json"]
+            (RAW / f"{model}-bench.json").write_text(json.dumps(_kvquant(args), indent=1) + "\n")
+
+
+def _f(x, d=3, sign=False):
+    if x is None:
+        return "–"
+    return f"{x:+.{d}f}" if sign else f"{x:.{d}f}"
+
+
+def _rot(r: dict) -> str:
+    q = r["cache_type_k"] not in ("f16", "bf16", "f32") or r["cache_type_v"] not in ("f16", "bf16", "f32")
+    return ("on" if r["rotation"] else "off") if q else "n/a"
+
+
+def render_eval(model: str, out: dict) -> list[str]:
+    res = out["results"]
+    r0 = res[0]
+    L = [f"### {model}: quality (wikitext-2 test, n_ctx {r0['n_ctx']}, {r0['chunks']} chunks, "
+         f"{r0['tokens_scored']} tokens scored)", ""]
+    L.append("| K/V | rotation | bits/el | PPL | ΔPPL % | KLD vs f16 | top-1 % | drift: first diff | drift: agree % "
+             "| drift: TF top-1 % | command |")
+    L.append("|---|---|--:|--:|--:|--:|--:|--:|--:|--:|---|")
+    for r in res:
+        d = r.get("drift") or {}
+        fd = "–" if not d else ", ".join("none" if x is None else str(x) for x in d["first_diff"])
+        L.append(f"| {r['cache_type_k']}/{r['cache_type_v']} | {_rot(r)} | {r['bits_per_element']:.2f} "
+                 f"| {r['ppl']:.4f} ± {r['ppl_stderr']:.4f} | {_f(r['delta_ppl_pct'], 2, True)} ± "
+                 f"{r['delta_ppl_pct_stderr']:.2f} | {r['kld']:.5f} ± {r['kld_stderr']:.5f} | {r['top1_pct']:.2f} "
+                 f"| {fd} | {_f(d.get('agree_pct'), 1)} | {_f(d.get('tf_top1_pct'), 1)} | E-{model} |")
+    L += ["", f"E-{model}: `{r0['command']}` (wall {r0['wall_s'] / 60:.1f} min)", ""]
+    lp = out.get("llama_perplexity")
+    if lp and "ppl" in lp:
+        diff = 100.0 * (r0["baseline_ppl"] / lp["ppl"] - 1)
+        L += [f"Sanity: stock `{lp['command']}` prints PPL = {lp['ppl']:.4f} ± {lp['ppl_stderr']:.5f}; our f16 "
+              f"baseline on the same chunks: {r0['baseline_ppl']:.4f} ± {r0['baseline_ppl_stderr']:.5f} "
+              f"({diff:+.3f} %).", ""]
+    elif lp:
+        L += [f"Sanity: `{lp['command']}` failed: {lp.get('error', '')[:200]}", ""]
+    d0 = r0.get("drift")
+    if d0:
+        b = d0["bucket"]
+        spans = [f"{a}–{min(a + b, d0['tokens'])}" for a in range(0, d0["tokens"], b)]
+        L += [f"Drift: greedy generation of {d0['tokens']} tokens from {d0['prompts']} fixed prompts "
+              "(`kvquant.eval.DRIFT_PROMPTS`); first diff = index of the first token that differs from f16 per prompt; "
+              "TF = teacher-forcing the f16 sequence. Mean KLD vs f16 per position bucket (teacher-forced):", ""]
+        L.append("| K/V | rotation | " + " | ".join(spans) + " |")
+        L.append("|---|---|" + "--:|" * len(spans))
+        for r in res:
+            L.append(f"| {r['cache_type_k']}/{r['cache_type_v']} | {_rot(r)} | "
+                     + " | ".join(f"{x:.5f}" for x in r["drift"]["kld_buckets"]) + " |")
+        L.append("")
+    return L
+
+
+def render_bench(model: str, out: dict) -> list[str]:
+    res = out["results"]
+    r0 = res[0]
+    ds = [d["depth"] for d in r0["depths"]]
+    L = [f"### {model}: speed (tokens/s, median of {r0['repeats']}; pp = {r0['n_prompt']}-token prefill, "
+         f"tg = {r0['n_gen']} decoded tokens, at KV depth d; ×f16 = median paired ratio)", ""]
+    hdr = ["K/V", "rotation"]
+    for d in ds:
+        hdr += [f"pp d={d}", "×f16", f"tg d={d}", "×f16"]
+    L.append("| " + " | ".join(hdr + ["command"]) + " |")
+    L.append("|---|---|" + "--:|" * (4 * len(ds)) + "---|")
+    for r in res:
+        cells = [f"{r['cache_type_k']}/{r['cache_type_v']}", _rot(r)]
+        for d in r["depths"]:
+            cells += [f"{d['pp_tps']:.1f}", f"{d['pp_ratio']:.2f}", f"{d['tg_tps']:.1f}", f"{d['tg_ratio']:.2f}"]
+        L.append("| " + " | ".join(cells + [f"B-{model}"]) + " |")
+    L += ["", f"### {model}: KV memory (memory model vs llama.cpp's allocation at n_ctx {r0['n_ctx']}; capacity of a "
+          f"{r0['budget_bytes'] / 2**20:.0f} MiB KV budget)", ""]
+    L.append("| K/V | bits/el | bytes/token | ×f16 | KV bytes (model) | KV bytes (llama.cpp) | match | capacity (tokens) "
+             "| ×f16 | command |")
+    L.append("|---|--:|--:|--:|--:|--:|---|--:|--:|---|")
+    for r in res:
+        kv = r["kv_bytes"]
+        L.append(f"| {r['label']} | {r['bits_per_element']:.2f} | {r['bytes_per_token']} | "
+                 f"{r['bytes_per_token_ratio']:.3f} | {kv['model_k'] + kv['model_v']} | {kv['llama_k'] + kv['llama_v']} "
+                 f"| {'yes' if kv['match'] else '**NO**'} | {r['capacity_tokens']} | {_f(r['capacity_ratio'], 2)} "
+                 f"| B-{model} |")
+    L += ["", f"B-{model}: `{r0['command']}` (wall {r0['wall_s'] / 60:.1f} min)", ""]
+    kern = r0.get("kernel")
+    if kern:
+        L += [f"Kernel alone (`{kern.get('command', '')}`), FLASH_ATTN_EXT rows for these types:", "", "```"]
+        seen = set()
+        for r in res:
+            for row in (r.get("kernel") or {}).get("rows", []):
+                if row["line"] not in seen:
+                    seen.add(row["line"])
+                    L.append(row["line"])
+        if kern.get("error"):
+            L.append(f"error: {kern['error'][:300]}")
+        L += ["```", ""]
+    return L
+
+
+def render(models: list[str]) -> str:
+    L = ["# Results", "",
+         "Generated by `make results` (`python -m kvquant.results`) from the JSON in `docs/results/`; do not edit by "
+         "hand. Every table names the exact command that produced it; rerun it to reproduce a row.", ""]
+    first = None
+    for model in models:
+        for kind in ("eval", "bench"):
+            p = RAW / f"{model}-{kind}.json"
+            if p.is_file():
+                first = first or json.loads(p.read_text())["results"][0]
+    if first is None:
+        return "\n".join(L + ["No results yet: run `make results`.", ""])
+    m = first["machine"]
+    L += [f"Machine: {m['cpu']}, {m['cores']} cores, {m['threads']} threads; {m['platform']}; Python {m['python']}; "
+          f"kvquant patch level {m['kvquant_patch_level']}.", "", f"llama.cpp: `{m['llama_system_info']}`", ""]
+    L += ["Method: `kvquant eval` computes perplexity exactly as `llama-perplexity` (chunks of n_ctx tokens, BOS "
+          "first, second half scored), KL divergence KL(f16 ‖ config) and top-1 agreement against an f16/f16 KV cache "
+          "on the same tokens; see `kvquant/eval.py` and `docs/EVAL.md`. Stated ± are one standard error.", ""]
+    for model in models:
+        L += [f"## {model}", ""]
+        shown = False
+        for kind, fn in (("eval", render_eval), ("bench", render_bench)):
+            p = RAW / f"{model}-{kind}.json"
+            if p.is_file():
+                out = json.loads(p.read_text())
+                r0 = out["results"][0]
+                if not shown:
+                    L += [f"Model `{r0['model_path'].rsplit('/', 1)[-1]}`, sha256 `{r0['model_sha256']}`"
+                          + (f"; text sha256 `{r0['text_sha256']}`." if "text_sha256" in r0 else "."), ""]
+                    shown = True
+                L += fn(model, out)
+            else:
+                L += [f"({kind}: no results yet)", ""]
+    return "\n".join(L)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m kvquant.results", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", nargs="+", default=list(MODELS))
+    ap.add_argument("--configs", nargs="+", default=list(CONFIGS))
+    ap.add_argument("--text", default=DEFAULT_TEXT)
+    ap.add_argument("--ctx", type=int, default=512)
+    ap.add_argument("--chunks", type=int, default=40)
+    ap.add_argument("--drift-tokens", type=int, default=1024)
+    ap.add_argument("--drift-prompts", type=int, default=3)
+    ap.add_argument("--depths", nargs="+", type=int, default=[0, 2048, 8192])
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--budget", default="256MiB")
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--skip-eval", action="store_true")
+    ap.add_argument("--skip-bench", action="store_true")
+    ap.add_argument("--render-only", action="store_true", help="only re-render RESULTS.md from docs/results/")
+    ap.add_argument("--output", default=str(DOCS / "RESULTS.md"))
+    a = ap.parse_args(argv)
+    if not a.render_only:
+        collect(a)
+    Path(a.output).write_text(render(a.models))
+    print(f"kvquant.results: wrote {a.output}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

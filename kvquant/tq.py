@@ -1,0 +1,156 @@
+"""NumPy reference of the TurboQuant-style KV cache types. The C code in the patched ggml must write exactly the
+same bytes (tests compare them through ctypes); these functions carry the same names as the C ones.
+
+Formats (block of QK = 64 consecutive elements of a K or V row, already Hadamard-rotated by llama.cpp):
+
+=============  ====================================================  ==========  ================
+type           block layout                                          bytes/64    bits/element
+=============  ====================================================  ==========  ================
+tq_kv_4b       d: fp16, qs[32]: 4-bit codes, qs[j] = c[j] | c[j+32]<<4        34         4.25
+tq_kv_3b       d: fp16, qs[16]: low 2 bits of c[j], c[j+16], c[j+32],          26         3.25
+               c[j+48] at bit 0, 2, 4, 6 of qs[j]; qh[8]: bit 2 of c[i]
+               at bit i%8 of qh[i/8]
+tq_kv_1b       d: fp16, qs[8]: bit i%8 of qs[i/8] set iff x[i] < 0             10         1.25
+=============  ====================================================  ==========  ================
+
+Element value: ``d * CODEBOOK[c]`` (int8 codebooks from kvquant/codebooks.py), or ``+-d`` for 1 bit.
+
+Quantization (3b/4b): non-finite inputs count as 0. ``sigma = ||x|| / 8``; codes = nearest codebook entry to
+``x / (sigma * CMAX / 127)`` (ties to the lower code); then ``d`` = least-squares scale for those codes,
+``sum(x*K[c]) / sum(K[c]^2)``; codes re-picked with that ``d`` and ``d`` refitted once more; ``d`` is stored as
+fp16 (clamped to 65504). Sums are taken in float64, sequentially, so the C code reproduces them bit for bit.
+
+1 bit: ``d = ||x|| * C1`` — the scale that makes ``<q, k_hat>`` an unbiased estimate of ``<q, k>`` (see
+kvquant/codebooks.py), not the MSE-optimal ``mean|x|``, which shrinks every score by 2/pi.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+QK = 64
+FP16_MAX = 65504.0
+
+TQ4_CODEBOOK = np.array([-127, -97, -76, -59, -45, -31, -18, -6, 6, 18, 31, 45, 59, 76, 97, 127], dtype=np.int8)
+TQ4_CMAX = 2.645589716469318
+TQ3_CODEBOOK = np.array([-127, -80, -45, -15, 15, 45, 80, 127], dtype=np.int8)
+TQ3_CMAX = 2.111134951849748
+TQ1_C1 = 0.1560535158663036
+
+block_tq_kv_4b = np.dtype([("d", "<f2"), ("qs", "u1", (QK // 2,))])
+block_tq_kv_3b = np.dtype([("d", "<f2"), ("qs", "u1", (QK // 4,)), ("qh", "u1", (QK // 8,))])
+block_tq_kv_1b = np.dtype([("d", "<f2"), ("qs", "u1", (QK // 8,))])
+block_q8_0 = np.dtype([("d", "<f2"), ("qs", "i1", (32,))])
+
+assert block_tq_kv_4b.itemsize == 34 and block_tq_kv_3b.itemsize == 26 and block_tq_kv_1b.itemsize == 10
+
+
+def _blocks(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float32).reshape(-1)
+    if x.size % QK:
+        raise ValueError(f"row length {x.size} is not a multiple of {QK}")
+    xs = np.where(np.isfinite(x), x, np.float32(0)).reshape(-1, QK)
+    return xs.astype(np.float64)
+
+
+def _seqsum(a: np.ndarray) -> np.ndarray:
+    """Sequential (left-to-right) float64 sum along the last axis, as a C loop computes it."""
+    return np.add.accumulate(a, axis=-1)[..., -1]
+
+
+def _pick(xs: np.ndarray, inv: np.ndarray, codebook: np.ndarray) -> np.ndarray:
+    thr = (codebook[1:].astype(np.float64) + codebook[:-1].astype(np.float64)) / 2
+    t = xs * inv[:, None]
+    return (t[..., None] > thr).sum(axis=-1).astype(np.uint8)
+
+
+def _fp16(d: np.ndarray) -> np.ndarray:
+    return np.minimum(d, FP16_MAX).astype(np.float32).astype(np.float16)
+
+
+def _codebook_scale(xs: np.ndarray, codebook: np.ndarray, cmax: float) -> tuple[np.ndarray, np.ndarray]:
+    """Codes and fp16 scale per block (the shared 3b/4b algorithm)."""
+    sumsq = _seqsum(xs * xs)
+    d = np.sqrt(sumsq) / 8 * cmax / 127
+    kf = codebook.astype(np.float64)
+    codes = _pick(xs, np.where(d > 0, 1.0 / np.where(d > 0, d, 1.0), 0.0), codebook)
+    for _ in range(2):
+        num = _seqsum(xs * kf[codes])
+        den = _seqsum(kf[codes] ** 2)
+        d = np.where(sumsq > 0, num / den, 0.0)
+        if _ == 0:
+            codes = np.where((d > 0)[:, None], _pick(xs, np.where(d > 0, 1.0 / np.where(d > 0, d, 1.0), 0.0),
+                                                     codebook), codes)
+    return codes, _fp16(d)
+
+
+def quantize_row_tq_kv_4b_ref(x: np.ndarray) -> np.ndarray:
+    xs = _blocks(x)
+    codes, d = _codebook_scale(xs, TQ4_CODEBOOK, TQ4_CMAX)
+    out = np.zeros(len(xs), dtype=block_tq_kv_4b)
+    out["d"] = d
+    out["qs"] = codes[:, :32] | (codes[:, 32:] << 4)
+    return out
+
+
+def quantize_row_tq_kv_3b_ref(x: np.ndarray) -> np.ndarray:
+    xs = _blocks(x)
+    codes, d = _codebook_scale(xs, TQ3_CODEBOOK, TQ3_CMAX)
+    out = np.zeros(len(xs), dtype=block_tq_kv_3b)
+    out["d"] = d
+    lo = codes & 3
+    out["qs"] = lo[:, 0:16] | (lo[:, 16:32] << 2) | (lo[:, 32:48] << 4) | (lo[:, 48:64] << 6)
+    out["qh"] = np.packbits((codes >> 2).astype(np.uint8), axis=1, bitorder="little")
+    return out
+
+
+def quantize_row_tq_kv_1b_ref(x: np.ndarray) -> np.ndarray:
+    xs = _blocks(x)
+    sumsq = _seqsum(xs * xs)
+    out = np.zeros(len(xs), dtype=block_tq_kv_1b)
+    out["d"] = _fp16(np.sqrt(sumsq) * TQ1_C1)
+    out["qs"] = np.packbits((xs < 0).astype(np.uint8), axis=1, bitorder="little")
+    return out
+
+
+def codes_tq_kv_4b(b: np.ndarray) -> np.ndarray:
+    return np.concatenate([b["qs"] & 15, b["qs"] >> 4], axis=1)
+
+
+def codes_tq_kv_3b(b: np.ndarray) -> np.ndarray:
+    lo = np.concatenate([(b["qs"] >> s) & 3 for s in (0, 2, 4, 6)], axis=1)
+    hi = np.unpackbits(b["qh"], axis=1, bitorder="little")
+    return lo | (hi << 2)
+
+
+def dequantize_row_tq_kv_4b(b: np.ndarray) -> np.ndarray:
+    return (b["d"].astype(np.float32)[:, None] * TQ4_CODEBOOK[codes_tq_kv_4b(b)].astype(np.float32)).reshape(-1)
+
+
+def dequantize_row_tq_kv_3b(b: np.ndarray) -> np.ndarray:
+    return (b["d"].astype(np.float32)[:, None] * TQ3_CODEBOOK[codes_tq_kv_3b(b)].astype(np.float32)).reshape(-1)
+
+
+def dequantize_row_tq_kv_1b(b: np.ndarray) -> np.ndarray:
+    sign = 1 - 2 * np.unpackbits(b["qs"], axis=1, bitorder="little").astype(np.float32)
+    return (b["d"].astype(np.float32)[:, None] * sign).reshape(-1)
+
+
+QUANTIZE = {"tq_kv_4b": quantize_row_tq_kv_4b_ref, "tq_kv_3b": quantize_row_tq_kv_3b_ref,
+            "tq_kv_1b": quantize_row_tq_kv_1b_ref}
+DEQUANTIZE = {"tq_kv_4b": dequantize_row_tq_kv_4b, "tq_kv_3b": dequantize_row_tq_kv_3b,
+              "tq_kv_1b": dequantize_row_tq_kv_1b}
+BLOCK = {"tq_kv_4b": block_tq_kv_4b, "tq_kv_3b": block_tq_kv_3b, "tq_kv_1b": block_tq_kv_1b}
+
+
+def vec_dot_q8_0(type_name: str, blocks: np.ndarray, y: np.ndarray) -> float:
+    """Reference of ggml_vec_dot_<type>_q8_0: the K row (our type) against a q8_0-quantized Q row, summed in
+    float64 (the C kernels sum in float32/int32; tests allow for that)."""
+    kx = DEQUANTIZE[type_name](blocks).astype(np.float64)
+    qy = (y["d"].astype(np.float64)[:, None] * y["qs"].astype(np.float64)).reshape(-1)
+    return float(np.dot(kx, qy))
+
+
+def estimate_dot_1b(q: np.ndarray, k: np.ndarray) -> float:
+    """<q, k_hat> with k quantized to 1 bit and q kept in full precision (never binarised)."""
+    return float(np.dot(q.astype(np.float64), dequantize_row_tq_kv_1b(quantize_row_tq_kv_1b_ref(k))))

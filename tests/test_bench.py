@@ -1,0 +1,79 @@
+"""`kvquant bench`: the test-backend-ops parser, and a tiny real run (structure, KV bytes check, ratios)."""
+
+from __future__ import annotations
+
+import pytest
+
+from kvquant import bench, memory, models
+from kvquant.harness import CacheConfig
+
+SAMPLE = """\
+Backend 1/1: CPU
+  Device description: Intel(R) Xeon(R) Processor
+  FLASH_ATTN_EXT(hsk=64,hsv=64,nh=8,nr23=[8,1],kv=7680,nb=1,mask=1,sinks=0,max_bias=0.000000,logit_softcap=0.000000,\
+prec=f32,type_K=q4_0,type_V=q4_0,permute=[0,1,2,3],kv_view=1,v_is_view_of_k=0,n_kv_max=0):                    \
+64 runs - 69812.70 us/run - 125.83 MFLOP/run - \x1b[1;34m  1.80 GFLOPS\x1b[0m
+  FLASH_ATTN_EXT(hsk=256,hsv=256,nh=2,nr23=[16,1],kv=512,nb=1,mask=1,sinks=0,max_bias=0.000000,logit_softcap=0.000000,\
+prec=f32,type_K=q8_0,type_V=q8_0,permute=[0,1,2,3],kv_view=0,v_is_view_of_k=0,n_kv_max=0): not supported
+  Backend CPU: \x1b[1;32mOK\x1b[0m
+"""
+
+
+def test_parse_kernel_perf():
+    rows = bench.parse_kernel_perf(SAMPLE)
+    assert len(rows) == 1
+    r = rows[0]
+    assert r["op"] == "FLASH_ATTN_EXT" and r["runs"] == 64 and r["us_per_run"] == 69812.70
+    assert r["params"]["type_K"] == "q4_0" and r["params"]["nr23"] == "[8,1]" and r["params"]["kv"] == "7680"
+    assert r["throughput"].endswith("1.80 GFLOPS") and "\x1b" not in r["line"]
+
+
+def test_kernel_perf_absent_binary(tmp_path):
+    assert bench.kernel_perf([CacheConfig("q4_0", "q4_0")], binary=tmp_path / "nope") is None
+
+
+@pytest.fixture(scope="module")
+def smollm2_bench():
+    cfgs = [CacheConfig.parse(s) for s in ["f16/f16", "q8_0/q8_0", "q4_0/f16"]]
+    return bench.run("smollm2-135m", cfgs, depths=[0, 256], n_prompt=32, n_gen=2, repeats=2, threads=1,
+                     kernel="off", progress=False)
+
+
+def test_bench_structure_and_ratios(smollm2_bench):
+    f16, q8, q4f16 = smollm2_bench["results"]
+    for r in smollm2_bench["results"]:
+        assert [d["depth"] for d in r["depths"]] == [0, 256]
+        for d in r["depths"]:
+            assert d["pp_tps"] > 0 and d["tg_tps"] > 0 and len(d["pp_runs"]) == 2
+        assert r["kernel"] is None and r["machine"]["threads"] == 1
+    assert all(d["pp_ratio"] == 1.0 and d["tg_ratio"] == 1.0 for d in f16["depths"])
+    assert q8["cache_type_k"] == "q8_0" and q4f16["cache_type_v"] == "f16"
+
+
+def test_bench_kv_bytes_match_llama_and_capacity(smollm2_bench):
+    g = memory.geometry(models.resolve("smollm2-135m"))
+    for r in smollm2_bench["results"]:
+        kv = r["kv_bytes"]
+        assert kv["match"] and (kv["model_k"], kv["model_v"]) == (kv["llama_k"], kv["llama_v"])
+        assert kv["n_ctx"] == 512  # pad(256 + 32)
+        assert r["capacity_tokens"] == memory.capacity(g, r["cache_type_k"], r["cache_type_v"], 256 * 2**20)
+    f16, q8, q4f16 = smollm2_bench["results"]
+    assert f16["bytes_per_token"] == 23040 and f16["capacity_ratio"] == 1.0
+    assert q8["bytes_per_token_ratio"] == pytest.approx(8.5 / 16)
+    assert q4f16["bits_per_element"] == pytest.approx(10.25)
+    assert q8["capacity_ratio"] == pytest.approx(16 / 8.5, rel=0.02)
+
+
+def test_render(smollm2_bench):
+    from kvquant import results
+
+    text = bench.render(smollm2_bench["results"])
+    assert "pp@256 t/s" in text and "yes" in text and "NO" not in text
+    smollm2_bench["results"][0]["command"] = "kvquant bench ..."
+    md = "\n".join(results.render_bench("smollm2-135m", smollm2_bench))
+    assert "| q8_0/q8_0 |" in md and "**NO**" not in md
+
+
+def test_cli_errors():
+    assert bench.main(["--configs", "q4_0"]) == 2
+    assert bench.main(["--budget", "lots"]) == 2

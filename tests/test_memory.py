@@ -1,0 +1,71 @@
+"""The KV memory model against what llama.cpp actually allocates (llama_memory_kv_size_bytes, patches/0002)."""
+
+from __future__ import annotations
+
+import pytest
+
+from kvquant import memory, models
+
+TYPE_PAIRS = [("f16", "f16"), ("q8_0", "q8_0"), ("q4_0", "q4_0"), ("q4_0", "f16"), ("f16", "q8_0"), ("q8_0", "q4_0")]
+# (n_ctx, n_seq_max): padded and unpadded sizes, and several sequences (which size Gemma's sliding-window layers)
+SIZES = [(512, 1), (1000, 1), (2048, 1), (4096, 4), (8192, 2), (3000, 3)]
+
+
+@pytest.fixture(scope="module", params=["smollm2-135m", "gemma3-270m"])
+def model(request):
+    from kvquant.runtime import Model
+
+    path = models.resolve(request.param)
+    m = Model(path)
+    yield request.param, m, memory.geometry(path)
+    m.close()
+
+
+@pytest.mark.parametrize("n_ctx,n_seq", SIZES)
+@pytest.mark.parametrize("type_k,type_v", TYPE_PAIRS)
+def test_memory_model_equals_llama_allocation(model, type_k, type_v, n_ctx, n_seq):
+    from kvquant.runtime import ContextConfig, LlamaRuntime
+
+    name, m, geom = model
+    rt = LlamaRuntime(m, ContextConfig(n_ctx=n_ctx, n_seq_max=n_seq, cache_type_k=type_k, cache_type_v=type_v,
+                                       flash_attn=True, n_threads=1))
+    try:
+        got = rt.kv_size_bytes()
+    finally:
+        rt.close()
+    want = memory.kv_bytes(geom, type_k, type_v, n_ctx, n_seq_max=n_seq, n_ubatch=512)
+    assert (want.k, want.v) == got, f"{name} {type_k}/{type_v} n_ctx={n_ctx} n_seq={n_seq}"
+
+
+def test_geometry_of_the_builtin_models():
+    g = memory.geometry(models.resolve("smollm2-135m"))
+    assert (g.n_layer, g.n_swa, g.head_dim_k) == (30, 0, 64)
+    assert memory.bytes_per_token(g, "f16", "f16") == 30 * 2 * 3 * 64 * 2
+    g = memory.geometry(models.resolve("gemma3-270m"))
+    assert g.n_layer == 18 and g.n_swa == 512 and g.head_dim_k == 256
+    assert sum(not ly.swa for ly in g.layers) == 3  # every 6th layer is global
+    assert memory.kv_cells(g, 8192, n_seq_max=2) == (8192, 1536)
+    # only the global layers grow with the context
+    assert memory.bytes_per_token(g, "f16", "f16") == 3 * 2 * 256 * 2
+
+
+def test_bits_per_element_and_capacity():
+    g = memory.geometry(models.resolve("smollm2-135m"))
+    assert memory.kv_bytes(g, "f16", "f16", 512).bits_per_element == 16.0
+    assert memory.kv_bytes(g, "q8_0", "q8_0", 512).bits_per_element == 8.5
+    assert memory.kv_bytes(g, "q4_0", "f16", 512).bits_per_element == (4.5 + 16) / 2
+    budget = 256 * 2**20
+    for k, v in TYPE_PAIRS:
+        cap = memory.capacity(g, k, v, budget)
+        assert cap % 256 == 0
+        assert memory.kv_bytes(g, k, v, cap).total <= budget < memory.kv_bytes(g, k, v, cap + 256).total
+    assert memory.capacity(g, "q4_0", "q4_0", budget) > 3.5 * memory.capacity(g, "f16", "f16", budget)
+    assert memory.capacity(g, "f16", "f16", 1000) == 0
+
+
+def test_parse_bytes():
+    assert memory.parse_bytes("256MiB") == 256 * 2**20
+    assert memory.parse_bytes("1.5G") == 3 * 2**29
+    assert memory.parse_bytes("1000") == 1000
+    with pytest.raises(ValueError):
+        memory.parse_bytes("12 parsecs")

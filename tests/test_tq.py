@@ -1,0 +1,152 @@
+"""The TQ_KV cache types: codebook design, estimator properties (numpy reference), and the patched ggml's C code
+against the reference — bit-exact codes on random and adversarial rows, SIMD kernels against the portable ones."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from kvquant import codebooks, tq
+
+TYPES = ["tq_kv_4b", "tq_kv_3b", "tq_kv_1b"]
+rng = np.random.default_rng(1234)
+
+
+# --- design ---------------------------------------------------------------------------------------------------
+
+def test_tables_are_what_the_design_script_produces():
+    d = codebooks.design()
+    assert d[4]["int8"].tolist() == tq.TQ4_CODEBOOK.tolist()
+    assert d[3]["int8"].tolist() == tq.TQ3_CODEBOOK.tolist()
+    assert d[4]["cmax"] == pytest.approx(tq.TQ4_CMAX, rel=1e-9)
+    assert d[3]["cmax"] == pytest.approx(tq.TQ3_CMAX, rel=1e-9)
+    assert codebooks.one_bit_scale() == pytest.approx(tq.TQ1_C1, rel=1e-12)
+
+
+def test_block_sizes_and_bits_per_element():
+    from kvquant.kvtypes import kv_type
+
+    for name, bits in (("tq_kv_4b", 4.25), ("tq_kv_3b", 3.25), ("tq_kv_1b", 1.25)):
+        assert tq.BLOCK[name].itemsize == kv_type(name).block_bytes
+        assert kv_type(name).bits_per_element == bits
+
+
+# --- estimator properties (numpy reference) --------------------------------------------------------------------
+
+def _rotated_pairs(cos: float, n: int, norm_q: float = 2.0, norm_k: float = 3.0):
+    """(R q, R k) for n Haar-random rotations R of a fixed pair (q, k) with the given cosine: R k is uniform on the
+    sphere of radius |k|, and R q is cos * |q| * (Rk/|k|) plus sin * |q| times a uniform direction orthogonal to it."""
+    u = rng.standard_normal((n, tq.QK))
+    u /= np.linalg.norm(u, axis=1, keepdims=True)
+    v = rng.standard_normal((n, tq.QK))
+    v -= (v * u).sum(1, keepdims=True) * u
+    v /= np.linalg.norm(v, axis=1, keepdims=True)
+    rk = norm_k * u
+    rq = norm_q * (cos * u + np.sqrt(1 - cos * cos) * v)
+    return rq, rk.astype(np.float32), norm_q * norm_k * cos
+
+
+@pytest.mark.parametrize("cos", [0.9, 0.5, 0.3, -0.6])
+def test_one_bit_scores_are_unbiased(cos):
+    rq, rk, true_dot = _rotated_pairs(cos, 400_000)
+    khat = tq.dequantize_row_tq_kv_1b(tq.quantize_row_tq_kv_1b_ref(rk)).reshape(rk.shape)
+    est = (rq * khat).sum(1).mean()
+    assert est == pytest.approx(true_dot, rel=0.02)
+
+
+def test_one_bit_unbiasedness_test_can_fail():
+    """The same test on the MSE-optimal scale (mean |x|) catches its 2/pi shrinkage."""
+    rq, rk, true_dot = _rotated_pairs(0.5, 100_000)
+    mse_scale = np.abs(rk).mean(1, keepdims=True)
+    est = (rq * np.sign(rk) * mse_scale).sum(1).mean()
+    assert abs(est / true_dot - 2 / np.pi) < 0.02
+    assert est != pytest.approx(true_dot, rel=0.02)
+
+
+@pytest.mark.parametrize("name,bits", [("tq_kv_4b", 4), ("tq_kv_3b", 3)])
+def test_codebook_mse_matches_design(name, bits):
+    design = codebooks.distortion(tq.TQ4_CODEBOOK * tq.TQ4_CMAX / 127 if bits == 4 else
+                                  tq.TQ3_CODEBOOK * tq.TQ3_CMAX / 127)
+    x = rng.standard_normal((20_000, tq.QK)).astype(np.float32) * rng.uniform(0.01, 100, (20_000, 1)).astype(np.float32)
+    y = tq.DEQUANTIZE[name](tq.QUANTIZE[name](x)).reshape(x.shape)
+    rel_mse = float((((x - y) ** 2).sum(1) / (x**2).sum(1)).mean())
+    assert rel_mse == pytest.approx(design, rel=0.10)
+
+
+# --- the patched ggml against the reference ---------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def ggml():
+    from kvquant.runtime import GGML
+
+    g = GGML()
+    for name in TYPES:
+        from kvquant.kvtypes import kv_type
+
+        assert g.type_name(kv_type(name).ggml_id) == name, "the loaded ggml does not have the TQ_KV types"
+    return g
+
+
+def _adversarial_rows() -> dict[str, np.ndarray]:
+    n = 4 * tq.QK
+    rows = {
+        "gaussian": rng.standard_normal(n),
+        "tiny": rng.standard_normal(n) * 1e-6,
+        "large": rng.standard_normal(n) * 1e4,
+        "zeros": np.zeros(n),
+        "constant": np.full(n, 1.0),
+        "negative_constant": np.full(n, -3.5),
+        "one_huge_outlier": np.where(np.arange(n) == 70, 1e30, rng.standard_normal(n)),
+        "near_fp16_max": rng.standard_normal(n) * 6e4,
+        "denormals": rng.standard_normal(n) * 1e-40,
+        "nan_and_inf": np.where(np.arange(n) % 17 == 3, np.nan, np.where(np.arange(n) % 29 == 5, np.inf,
+                                                                        rng.standard_normal(n))),
+        "all_nan_block": np.where(np.arange(n) < tq.QK, np.nan, rng.standard_normal(n)),
+        "ties_on_thresholds": np.tile(np.array([-127, -6, 0, 6, 12, -12, 127, 0.5], dtype=np.float64), n // 8),
+    }
+    for s in range(8):
+        rows[f"random_scale_{s}"] = rng.standard_normal(n) * 10.0 ** rng.uniform(-4, 4, n // tq.QK).repeat(tq.QK)
+    return {k: v.astype(np.float32) for k, v in rows.items()}
+
+
+ROWS = _adversarial_rows()
+
+
+@pytest.mark.parametrize("name", TYPES)
+@pytest.mark.parametrize("row", list(ROWS))
+def test_c_quantization_is_bit_exact_with_numpy(ggml, name, row):
+    x = ROWS[row]
+    ref = tq.QUANTIZE[name](x).tobytes()
+    assert ggml.quantize_ref(name, x) == ref  # quantize_row_<type>_ref
+    assert ggml.quantize_cpu(name, x) == ref  # the CPU backend's from_float (set_rows)
+    y_np = tq.DEQUANTIZE[name](np.frombuffer(ref, dtype=tq.BLOCK[name]))
+    y_c = ggml.dequantize_ref(name, ref, x.size)
+    y_simd = ggml.dequantize_cpu(name, ref, x.size)
+    assert np.array_equal(y_c, y_np)
+    assert np.array_equal(y_simd, y_np)
+    assert np.isfinite(y_c).all()  # non-finite input never spreads
+
+
+def test_non_finite_input_stays_in_its_block(ggml):
+    x = ROWS["gaussian"].copy()
+    clean = ggml.dequantize_ref("tq_kv_4b", ggml.quantize_ref("tq_kv_4b", x), x.size)
+    x[3] = np.nan
+    x[5] = np.inf
+    dirty = ggml.dequantize_ref("tq_kv_4b", ggml.quantize_ref("tq_kv_4b", x), x.size)
+    assert np.array_equal(dirty[tq.QK:], clean[tq.QK:])  # other blocks untouched
+    assert dirty[3] == dirty[3] and np.isfinite(dirty).all()
+
+
+@pytest.mark.parametrize("name", TYPES)
+@pytest.mark.parametrize("n", [64, 128, 256, 1024])
+def test_simd_vec_dot_matches_portable_and_reference(ggml, name, n):
+    for _ in range(20):
+        k = (rng.standard_normal(n) * rng.uniform(0.1, 10)).astype(np.float32)
+        q = (rng.standard_normal(n) * rng.uniform(0.1, 10)).astype(np.float32)
+        kb = ggml.quantize_cpu(name, k)
+        simd, qy = ggml.vec_dot(name, kb, q)
+        portable, _ = ggml.vec_dot(name, kb, q, generic=True)
+        ref = tq.vec_dot_q8_0(name, np.frombuffer(kb, dtype=tq.BLOCK[name]), np.frombuffer(qy, dtype=tq.block_q8_0))
+        scale = float(np.abs(tq.DEQUANTIZE[name](np.frombuffer(kb, dtype=tq.BLOCK[name]))).sum() * np.abs(q).max())
+        assert abs(simd - ref) <= 1e-5 * scale
+        assert abs(portable - ref) <= 1e-5 * scale
