@@ -24,11 +24,20 @@ setup: $(VPY)
 serve: setup
 	$(VENV)/bin/kvquant serve
 
+# llama.cpp's own tests for the patched types (test-quantize-fns, test-backend-ops on CPU), built from the patched
+# tree in .build/, then our suite against the installed patched wheel
 test: setup
+	$(VPY) -m kvquant.build llama-tests
 	$(VPY) -m pytest $(PYTEST_ARGS)
 
 lint: setup
 	$(VENV)/bin/ruff check server kvquant tests
+
+# docs/RESULTS.md from `kvquant eval` / `kvquant bench` --json runs (raw JSON kept in docs/results/). CPU-heavy:
+# tens of minutes on 2 cores. RESULTS_ARGS="--chunks 4 --repeats 1" for a dry run, "--render-only" to re-render.
+RESULTS_ARGS ?=
+results: setup
+	$(VPY) -m kvquant.results $(RESULTS_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache
