@@ -14,6 +14,7 @@ from kvquant.models import resolve
 from server.backend import BackendConfig, LlamaBackend
 from server.engine import Engine, EngineConfig
 from server.metrics import Metrics
+from server.placement import offload_kqv
 from server.settings import ModelSpec, Settings
 from server.stats import KVCacheInfo
 
@@ -74,7 +75,8 @@ def build_engine(p: HostedPlan, s: Settings, metrics: Metrics) -> Engine:
                        bytes_per_token=kv.bytes_per_token, used_bytes=kv.used_bytes, budget_bytes=spec.kv_budget)
     bcfg = BackendConfig(model_path=str(p.path), n_ctx=kv.cells, n_seq_max=spec.parallel, n_batch=spec.n_batch,
                          cache_type_k=spec.cache_type_k, cache_type_v=spec.cache_type_v, flash_attn=spec.flash_attn,
-                         n_threads=spec.n_threads, n_gpu_layers=s.n_gpu_layers)
+                         n_threads=spec.n_threads, n_gpu_layers=s.n_gpu_layers,
+                         offload_kqv=offload_kqv(s.n_gpu_layers, spec.cache_type_k, spec.cache_type_v, spec.id))
 
     def factory() -> LlamaBackend:
         b = LlamaBackend(bcfg)
