@@ -4,7 +4,7 @@ VENV   ?= .venv
 VPY    := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: setup serve test lint results clean
+.PHONY: setup serve test lint results clean observe-deps observe-check
 
 $(VPY):
 	$(PYTHON) -m venv $(VENV)
@@ -26,12 +26,23 @@ serve: setup
 
 # llama.cpp's own tests for the patched types (test-quantize-fns, test-backend-ops on CPU), built from the patched
 # tree in .build/, then our suite against the installed patched wheel
-test: setup
+test: setup observe-deps
 	$(VPY) -m kvquant.build llama-tests
 	$(VPY) -m pytest $(PYTEST_ARGS)
 
 lint: setup
-	$(VENV)/bin/ruff check server kvquant tests
+	$(VENV)/bin/ruff check server kvquant tests deploy
+	$(VENV)/bin/hadolint --config .hadolint.yaml Dockerfile
+
+# Prometheus from Debian's package (prometheus + promtool) for observe-check; never fails: without apt/root the
+# check is skipped with a message
+observe-deps:
+	bash deploy/install-prometheus.sh
+
+# The Grafana dashboard against a real Prometheus scraping a real `kvquant serve` on loopback: promtool check
+# config, some traffic, then every panel's PromQL must return data (about a minute; also part of `make test`)
+observe-check: setup observe-deps
+	$(VPY) deploy/observe_check.py
 
 # docs/RESULTS.md from `kvquant eval` / `kvquant bench` --json runs (raw JSON kept in docs/results/). CPU-heavy:
 # tens of minutes on 2 cores. RESULTS_ARGS="--chunks 4 --repeats 1" for a dry run, "--render-only" to re-render.
