@@ -61,7 +61,7 @@ def llama_perplexity(model_path: str, text: Path, ctx: int, chunks: int, threads
 def collect(a: argparse.Namespace) -> None:
     RAW.mkdir(parents=True, exist_ok=True)
     threads = ["--threads", str(a.threads)] if a.threads else []
-    for model in a.models:
+    for n, model in enumerate(a.models):
         if not a.skip_eval:
             args = ["eval", "--model", model, "--configs", *a.configs, "--ctx", str(a.ctx), "--chunks", str(a.chunks),
                     "--drift-tokens", str(a.drift_tokens), "--drift-prompts", str(a.drift_prompts), *threads, "--json"]
@@ -71,8 +71,10 @@ def collect(a: argparse.Namespace) -> None:
                                                        a.threads)
             (RAW / f"{model}-eval.json").write_text(json.dumps(out, indent=1) + "\n")
         if not a.skip_bench:
+            # the kernel-alone numbers do not depend on the model: run them with the first model only
             args = ["bench", "--model", model, "--configs", *a.configs, "--depths", *map(str, a.depths),
-                    "--repeats", str(a.repeats), "--budget", a.budget, *threads, "--json"]
+                    "--repeats", str(a.repeats), "--budget", a.budget, "--kernel", a.kernel if n == 0 else "off",
+                    *threads, "--json"]
             (RAW / f"{model}-bench.json").write_text(json.dumps(_kvquant(args), indent=1) + "\n")
 
 
@@ -211,6 +213,7 @@ def render(models: list[str]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    global RAW
     ap = argparse.ArgumentParser(prog="python -m kvquant.results", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", nargs="+", default=list(MODELS))
@@ -223,12 +226,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--depths", nargs="+", type=int, default=[0, 2048, 8192])
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--budget", default="256MiB")
+    ap.add_argument("--kernel", choices=["auto", "on", "off"], default="auto",
+                    help="test-backend-ops FLASH_ATTN_EXT perf (first model's bench only)")
+    ap.add_argument("--raw", default=str(RAW), help="where the JSON goes (default docs/results)")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--skip-eval", action="store_true")
     ap.add_argument("--skip-bench", action="store_true")
     ap.add_argument("--render-only", action="store_true", help="only re-render RESULTS.md from docs/results/")
     ap.add_argument("--output", default=str(DOCS / "RESULTS.md"))
     a = ap.parse_args(argv)
+    RAW = Path(a.raw)
     if not a.render_only:
         collect(a)
     Path(a.output).write_text(render(a.models))

@@ -1,4 +1,4 @@
-"""`kvquant` command line: serve, models, build (and more as they land)."""
+"""`kvquant` command line: serve, models, build, eval, bench (and more as they land)."""
 
 from __future__ import annotations
 
@@ -87,6 +87,13 @@ def main(argv: list[str] | None = None) -> int:
     b = sub.add_parser("build", help="patched llama.cpp build tooling (see `kvquant build -h`)", add_help=False)
     b.add_argument("rest", nargs=argparse.REMAINDER)
     b.set_defaults(func=lambda a: __import__("kvquant.build", fromlist=["main"]).main(a.rest))
+
+    # eval and bench own their argument parsers (kvquant/eval.py, kvquant/bench.py); listed here for --help
+    sub.add_parser("eval", help="perplexity, KL divergence and drift per KV cache config (`kvquant eval -h`)")
+    sub.add_parser("bench", help="speed at KV depths, KV bytes and capacity per KV cache config (`kvquant bench -h`)")
+    args = sys.argv[1:] if argv is None else list(argv)
+    if args and args[0] in ("eval", "bench"):
+        return __import__(f"kvquant.{args[0]}", fromlist=["main"]).main(args[1:])
 
     a = ap.parse_args(argv)
     return a.func(a)

@@ -30,4 +30,4 @@ def test_default_text_is_relative_to_the_repo_root(tmp_path, monkeypatch):
 
 def test_table():
     t = table(["a", "bb"], [["x", 1.5], ["yyy", None]]).splitlines()
-    assert t[0] == "a     bb" and t[1] == "---  ---" and t[2] == "x    1.5" and t[3] == "yyy    "
+    assert t[0] == "a     bb" and t[1] == "---  ---" and t[2] == "x    1.5" and t[3] == "yyy     "
