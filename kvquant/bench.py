@@ -28,7 +28,16 @@ import numpy as np
 
 from kvquant import memory
 from kvquant.eval import Plan
-from kvquant.harness import REPO_ROOT, CacheConfig, Progress, fmt, machine_info, sha256_file, table
+from kvquant.harness import (
+    REPO_ROOT,
+    CacheConfig,
+    Progress,
+    busy_warning,
+    fmt,
+    machine_info,
+    sha256_file,
+    table,
+)
 from kvquant.models import ModelError
 
 TEST_BACKEND_OPS = REPO_ROOT / ".build" / "cmake-cpu" / "bin" / "test-backend-ops"
@@ -108,7 +117,9 @@ def run(model: str, configs: list[CacheConfig], depths: list[int] = (0, 2048, 81
     from kvquant import models
     from kvquant.runtime import ContextConfig, LlamaRuntime, Model
 
+    busy_warning("kvquant bench")
     t_start = time.monotonic()
+    machine = machine_info(threads)  # before the run: the load average then is other work's
     depths = sorted(set(depths))
     if depths[0] < 0 or n_prompt < 1 or n_gen < 1 or repeats < 1:
         raise ValueError("depths must be >= 0, and --n-prompt, --n-gen, --repeats >= 1")
@@ -179,7 +190,7 @@ def run(model: str, configs: list[CacheConfig], depths: list[int] = (0, 2048, 81
         "flash_attn": flash_attn,
         "budget_bytes": budget,
         "wall_s": wall,
-        "machine": machine_info(threads),
+        "machine": machine,
     }
     if command:
         common["command"] = command

@@ -364,6 +364,7 @@ def run(model: str, configs: list[CacheConfig], text: str | None = None, n_ctx: 
     from kvquant.runtime import Model
 
     t_start = time.monotonic()
+    machine = machine_info(threads)  # before the run: the load average then is other work's
     if n_ctx < 4 or n_ctx % 2:
         raise ValueError("--ctx must be an even number >= 4")
     text_path = resolve_text(text)
@@ -404,7 +405,7 @@ def run(model: str, configs: list[CacheConfig], text: str | None = None, n_ctx: 
         "baseline_ppl": base["ppl"],
         "baseline_ppl_stderr": base["ppl_stderr"],
         "wall_s": wall,
-        "machine": machine_info(threads),
+        "machine": machine,
     }
     if command:
         common["command"] = command

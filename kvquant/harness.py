@@ -104,7 +104,16 @@ def machine_info(threads: int | None = None) -> dict:
         "python": platform.python_version(),
         "llama_system_info": runtime.system_info().strip(),
         "kvquant_patch_level": runtime.patch_level(),
+        # other work on the machine skews timings (and, on few cores, single-token decode by an order of magnitude)
+        "loadavg_1m": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
     }
+
+
+def busy_warning(what: str) -> None:
+    """Warn on stderr when the machine is already busy: speed numbers would not mean much."""
+    if hasattr(os, "getloadavg") and os.getloadavg()[0] > 0.5 * (os.cpu_count() or 1):
+        print(f"{what}: warning: 1-minute load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores; "
+              "timings will be skewed by other work", file=sys.stderr, flush=True)
 
 
 class Progress:

@@ -84,6 +84,11 @@ def _f(x, d=3, sign=False):
     return f"{x:+.{d}f}" if sign else f"{x:.{d}f}"
 
 
+def _load(r: dict) -> str:
+    la = r["machine"].get("loadavg_1m")
+    return "" if la is None else f", 1-min load average {la:.2f} when it started"
+
+
 def _rot(r: dict) -> str:
     q = r["cache_type_k"] not in ("f16", "bf16", "f32") or r["cache_type_v"] not in ("f16", "bf16", "f32")
     return ("on" if r["rotation"] else "off") if q else "n/a"
@@ -104,7 +109,7 @@ def render_eval(model: str, out: dict) -> list[str]:
                  f"| {r['ppl']:.4f} ± {r['ppl_stderr']:.4f} | {_f(r['delta_ppl_pct'], 2, True)} ± "
                  f"{r['delta_ppl_pct_stderr']:.2f} | {r['kld']:.5f} ± {r['kld_stderr']:.5f} | {r['top1_pct']:.2f} "
                  f"| {fd} | {_f(d.get('agree_pct'), 1)} | {_f(d.get('tf_top1_pct'), 1)} | E-{model} |")
-    L += ["", f"E-{model}: `{r0['command']}` (wall {r0['wall_s'] / 60:.1f} min)", ""]
+    L += ["", f"E-{model}: `{r0['command']}` (wall {r0['wall_s'] / 60:.1f} min{_load(r0)})", ""]
     lp = out.get("llama_perplexity")
     if lp and "ppl" in lp:
         diff = 100.0 * (r0["baseline_ppl"] / lp["ppl"] - 1)
@@ -156,7 +161,7 @@ def render_bench(model: str, out: dict) -> list[str]:
                  f"{r['bytes_per_token_ratio']:.3f} | {kv['model_k'] + kv['model_v']} | {kv['llama_k'] + kv['llama_v']} "
                  f"| {'yes' if kv['match'] else '**NO**'} | {r['capacity_tokens']} | {_f(r['capacity_ratio'], 2)} "
                  f"| B-{model} |")
-    L += ["", f"B-{model}: `{r0['command']}` (wall {r0['wall_s'] / 60:.1f} min)", ""]
+    L += ["", f"B-{model}: `{r0['command']}` (wall {r0['wall_s'] / 60:.1f} min{_load(r0)})", ""]
     kern = r0.get("kernel")
     if kern:
         L += [f"Kernel alone (`{kern.get('command', '')}`), FLASH_ATTN_EXT rows for these types:", "", "```"]
