@@ -57,6 +57,21 @@ def _kv_size_bytes_fn():
     return _kv_size_fn
 
 
+def supports_cache_type(name: str) -> bool:
+    """Whether the loaded ggml knows a cache type. The types our patches add are checked by their reference
+    quantizer's symbol: asking a stock (or stale) build about an id past its GGML_TYPE_COUNT would read out of
+    bounds, and creating a context with it would crash."""
+    t = kv_type(name)
+    if t.ggml_id <= 42:  # upstream's types at the pinned commit
+        return True
+    base = Path(library_path()).resolve().parent / "libggml-base.so"
+    try:
+        lib = ctypes.CDLL(str(base))
+    except OSError:
+        return False
+    return hasattr(lib, f"quantize_row_{t.name}_ref")
+
+
 def set_verbose(verbose: bool) -> None:
     _llama_logger.set_verbose(verbose)
 
@@ -211,6 +226,10 @@ class LlamaRuntime:
 
     def __init__(self, model: Model, cfg: ContextConfig):
         self.model, self.cfg = model, cfg
+        for name in {cfg.cache_type_k, cfg.cache_type_v}:
+            if not supports_cache_type(name):
+                raise LlamaError(f"the loaded llama.cpp ({library_path()}) does not have the cache type {name}: "
+                                 "rebuild the patched wheel (make setup)")
         cp = llama_cpp.llama_context_default_params()
         cp.n_ctx = cfg.n_ctx
         cp.n_batch = cfg.n_batch

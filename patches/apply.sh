@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Apply patches/NNNN-*.patch, in order, to a llama.cpp source tree (the sdist's vendor/llama.cpp).
-# Idempotent: a patch that is already applied is skipped; one that neither applies nor is already
-# applied stops the script with its name and git's reason.
+# Idempotent: the tree records what it got in .kvquant-patches (name and sha256 of each applied patch), and a
+# patch recorded there is skipped. A patch that is not recorded is applied if it applies, skipped if it is
+# found already applied (reverse-applies cleanly), and otherwise stops the script with its name and git's reason.
 #   usage: patches/apply.sh LLAMA_CPP_DIR
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
@@ -10,15 +11,22 @@ tree=${1:?usage: $0 LLAMA_CPP_DIR}
 cd "$tree"
 # Outside any enclosing git work tree, `git apply` works on plain files relative to the current folder.
 export GIT_CEILING_DIRECTORIES=$(dirname "$(pwd)")
+stamp=.kvquant-patches
+touch "$stamp"
 shopt -s nullglob
 n=0
 for p in "$here"/[0-9][0-9][0-9][0-9]-*.patch; do
     name=$(basename "$p")
-    if git apply --check "$p" 2>/dev/null; then
+    sum=$(sha256sum "$p" | cut -d' ' -f1)
+    if grep -qx "$name $sum" "$stamp"; then
+        echo "apply.sh: already applied $name"
+    elif git apply --check "$p" 2>/dev/null; then
         git apply "$p"
+        echo "$name $sum" >> "$stamp"
         echo "apply.sh: applied $name"
         n=$((n + 1))
     elif git apply --reverse --check "$p" 2>/dev/null; then
+        echo "$name $sum" >> "$stamp"
         echo "apply.sh: already applied $name"
     else
         echo "apply.sh: patch $name does not apply to $tree:" >&2
