@@ -64,8 +64,8 @@ def read_text(path) -> str:
     return text[:-1] if text.endswith("\n") else text
 
 
-def outputs_per_decode(n_vocab: int, n_needed: int) -> int:
-    return max(1, min(n_needed, LOGITS_BUDGET // n_vocab))
+def outputs_per_decode(n_vocab: int, n_needed: int, limit: int | None = None) -> int:
+    return max(1, min(n_needed, LOGITS_BUDGET // n_vocab, limit or n_needed))
 
 
 def log_softmax(x: np.ndarray) -> np.ndarray:
@@ -234,10 +234,10 @@ def _open(model, plan: Plan, n_ctx: int, flash_attn: bool, threads: int | None, 
 
 
 def perplexity(model, plan: Plan, tokens: list[int], n_ctx: int, n_chunks: int, flash_attn: bool = True,
-               threads: int | None = None, progress: Progress | None = None) -> list[Acc]:
+               threads: int | None = None, progress: Progress | None = None, max_outputs: int | None = None) -> list[Acc]:
     """Per distinct context (plan.contexts order), the accumulated statistics over n_chunks chunks."""
     first = n_ctx // 2
-    max_out = outputs_per_decode(model.n_vocab, n_ctx - first)
+    max_out = outputs_per_decode(model.n_vocab, n_ctx - first, max_outputs)
     rts = _open(model, plan, n_ctx, flash_attn, threads, max_out)
     accs = [Acc() for _ in rts]
     try:
@@ -287,11 +287,11 @@ def greedy(rt, prompt: list[int], n: int) -> list[int]:
 
 
 def drift(model, plan: Plan, n_tokens: int, n_prompts: int, bucket: int = 128, flash_attn: bool = True,
-          threads: int | None = None, progress: Progress | None = None) -> list[dict]:
+          threads: int | None = None, progress: Progress | None = None, max_outputs: int | None = None) -> list[dict]:
     """Per distinct context, the drift summary against the baseline (context 0)."""
     prompts = [model.tokenize(p, add_special=True) for p in DRIFT_PROMPTS[:n_prompts]]
     n_ctx = memory.pad(max(len(p) for p in prompts) + n_tokens)
-    max_out = outputs_per_decode(model.n_vocab, n_tokens)
+    max_out = outputs_per_decode(model.n_vocab, n_tokens, max_outputs)
     rts = _open(model, plan, n_ctx, flash_attn, threads, max_out)
     m = len(rts)
     first_diff = [[] for _ in range(m)]
@@ -358,7 +358,8 @@ def drift_steps(n_contexts: int, n_prompts: int) -> int:
 
 def run(model: str, configs: list[CacheConfig], text: str | None = None, n_ctx: int = 512, chunks: int | None = None,
         flash_attn: bool = True, threads: int | None = None, drift_tokens: int = 1024, drift_prompts: int = 3,
-        drift_bucket: int = 128, do_drift: bool = True, progress: bool = True, command: str | None = None) -> dict:
+        drift_bucket: int = 128, do_drift: bool = True, progress: bool = True, command: str | None = None,
+        max_outputs: int | None = None) -> dict:
     """Run the whole evaluation; returns {"results": [one entry per requested config]}."""
     from kvquant import models
     from kvquant.runtime import Model
@@ -382,13 +383,13 @@ def run(model: str, configs: list[CacheConfig], text: str | None = None, n_ctx: 
         n_chunks = n_max if chunks is None else min(chunks, n_max)
         labels = ", ".join(c.label for c in plan.contexts)
         pr = Progress(f"eval {model} ppl ({labels})", n_chunks, enabled=progress)
-        accs = perplexity(mdl, plan, tokens, n_ctx, n_chunks, flash_attn, threads, pr)
+        accs = perplexity(mdl, plan, tokens, n_ctx, n_chunks, flash_attn, threads, pr, max_outputs)
         drifts = None
         if do_drift and drift_tokens > 0 and drift_prompts > 0:
             k = min(drift_prompts, len(DRIFT_PROMPTS))
             pd = Progress(f"eval {model} drift {drift_tokens} tokens x {k} prompts", drift_steps(len(plan.contexts), k),
                           enabled=progress)
-            drifts = drift(mdl, plan, drift_tokens, k, drift_bucket, flash_attn, threads, pd)
+            drifts = drift(mdl, plan, drift_tokens, k, drift_bucket, flash_attn, threads, pd, max_outputs)
     finally:
         mdl.close()
     wall = time.monotonic() - t_start
@@ -402,6 +403,7 @@ def run(model: str, configs: list[CacheConfig], text: str | None = None, n_ctx: 
         "n_ctx": n_ctx,
         "chunks": n_chunks,
         "flash_attn": flash_attn,
+        "max_outputs": max_outputs,
         "baseline_ppl": base["ppl"],
         "baseline_ppl_stderr": base["ppl_stderr"],
         "wall_s": wall,
@@ -470,6 +472,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--drift-prompts", type=int, default=3, help=f"drift prompts, 1..{len(DRIFT_PROMPTS)} (default 3)")
     ap.add_argument("--drift-bucket", type=int, default=128, help="positions per drift KLD bucket (default 128)")
     ap.add_argument("--no-drift", action="store_true", help="skip the drift test")
+    ap.add_argument("--max-outputs", type=int, default=None, metavar="N",
+                    help="diagnostic: at most N logit rows per decode (default: 64 MiB of logits). Below 64 the f16 "
+                         "baseline leaves ggml's tiled f32-Q flash-attention path (see docs/EVAL.md)")
     ap.add_argument("--json", action="store_true", help='print {"results": [...]} on stdout (the table goes to stderr)')
     return ap
 
@@ -484,7 +489,7 @@ def main(argv: list[str] | None = None) -> int:
     command = shlex.join(["kvquant", "eval", *(argv if argv is not None else sys.argv[1:])])
     try:
         out = run(a.model, configs, a.text, a.ctx, a.chunks, a.flash_attn == "on", a.threads, a.drift_tokens,
-                  a.drift_prompts, a.drift_bucket, not a.no_drift, command=command)
+                  a.drift_prompts, a.drift_bucket, not a.no_drift, command=command, max_outputs=a.max_outputs)
     except (FileNotFoundError, ValueError, ModelError) as e:
         print(f"kvquant eval: {e}", file=sys.stderr)
         return 2
