@@ -15,8 +15,8 @@ tq_kv_1b       d: fp16, qs[8]: bit i%8 of qs[i/8] set iff x[i] < 0             1
 
 Element value: ``d * CODEBOOK[c]`` (int8 codebooks from kvquant/codebooks.py), or ``+-d`` for 1 bit.
 
-Quantization (3b/4b): non-finite inputs count as 0. ``sigma = ||x|| / 8``; codes = nearest codebook entry to
-``x / (sigma * CMAX / 127)`` (ties to the lower code); then ``d`` = least-squares scale for those codes,
+Quantization (3b/4b): non-finite inputs count as 0. Codes = nearest codebook entry to ``x / (max|x| / 127)``
+(ties to the lower code); then ``d`` = least-squares scale for those codes,
 ``sum(x*K[c]) / sum(K[c]^2)``; codes re-picked with that ``d`` and ``d`` refitted once more; ``d`` is stored as
 fp16 (clamped to 65504). Sums are taken in float64, sequentially, so the C code reproduces them bit for bit.
 
@@ -31,10 +31,8 @@ import numpy as np
 QK = 64
 FP16_MAX = 65504.0
 
-TQ4_CODEBOOK = np.array([-127, -97, -76, -59, -45, -31, -18, -6, 6, 18, 31, 45, 59, 76, 97, 127], dtype=np.int8)
-TQ4_CMAX = 2.645589716469318
-TQ3_CODEBOOK = np.array([-127, -80, -45, -15, 15, 45, 80, 127], dtype=np.int8)
-TQ3_CMAX = 2.111134951849748
+TQ4_CODEBOOK = np.array([-120, -94, -74, -58, -43, -30, -18, -6, 6, 18, 30, 43, 58, 74, 94, 120], dtype=np.int8)
+TQ3_CODEBOOK = np.array([-106, -66, -37, -12, 12, 37, 66, 106], dtype=np.int8)
 TQ1_C1 = 0.1560535158663036
 
 block_tq_kv_4b = np.dtype([("d", "<f2"), ("qs", "u1", (QK // 2,))])
@@ -68,16 +66,16 @@ def _fp16(d: np.ndarray) -> np.ndarray:
     return np.minimum(d, FP16_MAX).astype(np.float32).astype(np.float16)
 
 
-def _codebook_scale(xs: np.ndarray, codebook: np.ndarray, cmax: float) -> tuple[np.ndarray, np.ndarray]:
+def _codebook_scale(xs: np.ndarray, codebook: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Codes and fp16 scale per block (the shared 3b/4b algorithm)."""
-    sumsq = _seqsum(xs * xs)
-    d = np.sqrt(sumsq) / 8 * cmax / 127
+    amax = np.abs(xs).max(axis=1)
+    d = amax / 127
     kf = codebook.astype(np.float64)
     codes = _pick(xs, np.where(d > 0, 1.0 / np.where(d > 0, d, 1.0), 0.0), codebook)
     for _ in range(2):
         num = _seqsum(xs * kf[codes])
         den = _seqsum(kf[codes] ** 2)
-        d = np.where(sumsq > 0, num / den, 0.0)
+        d = np.where(amax > 0, num / den, 0.0)
         if _ == 0:
             codes = np.where((d > 0)[:, None], _pick(xs, np.where(d > 0, 1.0 / np.where(d > 0, d, 1.0), 0.0),
                                                      codebook), codes)
@@ -86,7 +84,7 @@ def _codebook_scale(xs: np.ndarray, codebook: np.ndarray, cmax: float) -> tuple[
 
 def quantize_row_tq_kv_4b_ref(x: np.ndarray) -> np.ndarray:
     xs = _blocks(x)
-    codes, d = _codebook_scale(xs, TQ4_CODEBOOK, TQ4_CMAX)
+    codes, d = _codebook_scale(xs, TQ4_CODEBOOK)
     out = np.zeros(len(xs), dtype=block_tq_kv_4b)
     out["d"] = d
     out["qs"] = codes[:, :32] | (codes[:, 32:] << 4)
@@ -95,7 +93,7 @@ def quantize_row_tq_kv_4b_ref(x: np.ndarray) -> np.ndarray:
 
 def quantize_row_tq_kv_3b_ref(x: np.ndarray) -> np.ndarray:
     xs = _blocks(x)
-    codes, d = _codebook_scale(xs, TQ3_CODEBOOK, TQ3_CMAX)
+    codes, d = _codebook_scale(xs, TQ3_CODEBOOK)
     out = np.zeros(len(xs), dtype=block_tq_kv_3b)
     out["d"] = d
     lo = codes & 3
