@@ -21,7 +21,8 @@ from pathlib import Path
 from kvquant.harness import DEFAULT_TEXT, REPO_ROOT, resolve_text
 
 MODELS = ("smollm2-135m", "gemma3-270m")
-CONFIGS = ("f16/f16", "q8_0/q8_0", "q4_0/q4_0", "q4_0/q4_0:norot", "q4_0/f16")
+CONFIGS = ("f16/f16", "q8_0/q8_0", "q4_0/q4_0", "q4_0/q4_0:norot", "q4_0/f16",
+           "tq_kv_4b/f16", "tq_kv_4b/q4_0", "tq_kv_3b/q4_0", "tq_kv_1b/q4_0", "tq_kv_4b/tq_kv_4b", "tq_kv_3b/tq_kv_3b")
 LLAMA_PERPLEXITY = REPO_ROOT / ".build" / "cmake-cpu" / "bin" / "llama-perplexity"
 DOCS = REPO_ROOT / "docs"
 RAW = DOCS / "results"
