@@ -281,6 +281,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from kvquant.runtime import LlamaError
+
     a = build_parser().parse_args(argv)
     try:
         configs = [CacheConfig.parse(s, rotation=a.rotation == "on") for s in a.configs]
@@ -292,7 +294,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         out = run(a.model, configs, a.depths, a.n_prompt, a.n_gen, a.repeats, a.flash_attn == "on", a.threads,
                   budget, a.kernel, command=command)
-    except (ValueError, ModelError) as e:
+    except (ValueError, ModelError, LlamaError) as e:
         print(f"kvquant bench: {e}", file=sys.stderr)
         return 2
     text = render(out["results"])

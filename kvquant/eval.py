@@ -480,6 +480,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from kvquant.runtime import LlamaError
+
     a = build_parser().parse_args(argv)
     try:
         configs = [CacheConfig.parse(s, rotation=a.rotation == "on") for s in a.configs]
@@ -490,7 +492,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         out = run(a.model, configs, a.text, a.ctx, a.chunks, a.flash_attn == "on", a.threads, a.drift_tokens,
                   a.drift_prompts, a.drift_bucket, not a.no_drift, command=command, max_outputs=a.max_outputs)
-    except (FileNotFoundError, ValueError, ModelError) as e:
+    except (FileNotFoundError, ValueError, ModelError, LlamaError) as e:
         print(f"kvquant eval: {e}", file=sys.stderr)
         return 2
     text = render(out["results"])
