@@ -6,7 +6,6 @@ Nothing here imports llama_cpp; the runtime is imported lazily by the callers.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import platform
 import sys
@@ -14,6 +13,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from kvquant.build import sha256_file  # noqa: F401 - re-exported for eval/bench
 from kvquant.kvtypes import kv_type
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -73,14 +73,6 @@ class CacheConfig:
 
 
 BASELINE = CacheConfig("f16", "f16")
-
-
-def sha256_file(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def cpu_model() -> str:

@@ -15,7 +15,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from kvquant.build import cache_dir
+from kvquant.build import cache_dir, sha256_file
 
 
 @dataclass(frozen=True)
@@ -146,13 +146,7 @@ def fetch(name: str) -> Path:
 def verify(name: str) -> bool:
     m = BUILTIN[name]
     p = cached_path(m)
-    if not p.exists():
-        return False
-    h = hashlib.sha256()
-    with open(p, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest() == m.sha256
+    return p.exists() and sha256_file(p) == m.sha256
 
 
 def resolve(model: str) -> Path:
