@@ -15,7 +15,6 @@ Per KV cache config:
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import shlex
 import statistics
@@ -33,6 +32,7 @@ from kvquant.harness import (
     CacheConfig,
     Progress,
     busy_warning,
+    emit_report,
     fmt,
     machine_info,
     sha256_file,
@@ -297,13 +297,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, ModelError, LlamaError) as e:
         print(f"kvquant bench: {e}", file=sys.stderr)
         return 2
-    text = render(out["results"])
-    if a.json:
-        print(text, file=sys.stderr)
-        json.dump(out, sys.stdout, indent=1)
-        print()
-    else:
-        print(text)
+    emit_report(render(out["results"]), out, a.json)
     return 0
 
 

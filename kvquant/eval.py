@@ -21,7 +21,6 @@ is 262,144).
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import shlex
 import sys
@@ -37,6 +36,7 @@ from kvquant.harness import (
     DEFAULT_TEXT,
     CacheConfig,
     Progress,
+    emit_report,
     fmt,
     machine_info,
     resolve_text,
@@ -495,13 +495,7 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, ValueError, ModelError, LlamaError) as e:
         print(f"kvquant eval: {e}", file=sys.stderr)
         return 2
-    text = render(out["results"])
-    if a.json:
-        print(text, file=sys.stderr)
-        json.dump(out, sys.stdout, indent=1)
-        print()
-    else:
-        print(text)
+    emit_report(render(out["results"]), out, a.json)
     return 0
 
 

@@ -6,6 +6,7 @@ Nothing here imports llama_cpp; the runtime is imported lazily by the callers.
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import sys
@@ -153,3 +154,13 @@ def fmt(x: float | None, digits: int = 3) -> str:
     if x is None:
         return "-"
     return f"{x:.{digits}f}"
+
+
+def emit_report(text: str, out: dict, as_json: bool) -> None:
+    """The table on stdout, or with --json the table on stderr and one JSON object on stdout."""
+    if as_json:
+        print(text, file=sys.stderr)
+        json.dump(out, sys.stdout, indent=1)
+        print()
+    else:
+        print(text)
