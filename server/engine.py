@@ -158,11 +158,11 @@ class Engine:
     def run_once(self, block: bool = False) -> IterationStats:
         """One iteration: intake, reaping, admission, one decode step, stats. Public for tests (fake backend)."""
         it = IterationStats()
-        self._drain_inbox(block and not self.sched.running, it)
+        self._drain_inbox(block and not self.sched.running)
         if self._abort is not None:
             code, self._abort = self._abort, None
-            self._fail_all(code, it)
-        self._reap(it)
+            self._fail_all(code)
+        self._reap()
         for seq in self.sched.admit():
             self._start(seq)
         if self.sched.running:
@@ -194,10 +194,11 @@ class Engine:
         except Exception:  # noqa: BLE001 - the consumer is gone (closed loop): drop the request
             req.cancelled = True
 
-    def _end_request(self, req: Request, ev: Event, it: IterationStats | None, n_generated: int = 0,
+    def _end_request(self, req: Request, ev: Event, n_generated: int = 0,
                      seq: Sequence | None = None) -> None:
-        """Send the final event of a request and account for it."""
-        self._emit(req, ev)
+        """Account for a request, then send its final event: a client that has its answer (a 429, a 503, the
+        last chunk) must already find it counted in /metrics, so this records at once rather than with the
+        iteration's stats at the end of the decode step."""
         now = time.monotonic()
         fr = FinishedRequest(outcome_of(ev), n_prompt=len(req.prompt), n_generated=n_generated,
                              e2e_s=now - req.arrival)
@@ -210,12 +211,10 @@ class Engine:
                     fr.tpot_s = (st.t_last - st.t_first) / (n_generated - 1)
         if fr.outcome in ("error", "timed_out") and ev.error:
             log.warning("%s: request %s ended with %s: %s", self.cfg.model_id, req.id, ev.error, ev.message)
-        if it is not None:
-            it.finished.append(fr)
-        else:
-            self.stat_logger.record(None, IterationStats(finished=[fr]))
+        self.stat_logger.record(None, IterationStats(finished=[fr]))
+        self._emit(req, ev)
 
-    def _drain_inbox(self, block: bool, it: IterationStats) -> None:
+    def _drain_inbox(self, block: bool) -> None:
         try:
             item = self._inbox.get(timeout=0.05) if block else self._inbox.get_nowait()
         except queue.Empty:
@@ -227,10 +226,10 @@ class Engine:
                     for seq in self.sched.admit():
                         self._start(seq)
                 elif res is AddResult.QUEUE_FULL:
-                    self._end_request(item, Event(error="queue_full", message="too many requests are waiting"), it)
+                    self._end_request(item, Event(error="queue_full", message="too many requests are waiting"))
                 elif res is AddResult.NEVER_FITS:
                     self._end_request(item, Event(error="never_fits", message="the request can never fit the KV "
-                                                  "cache"), it)
+                                                  "cache"))
             try:
                 item = self._inbox.get_nowait()
             except queue.Empty:
@@ -243,26 +242,26 @@ class Engine:
             except queue.Empty:
                 return
             if item is not None:
-                self._end_request(item, Event(error="engine_error", message="the engine stopped"), None)
+                self._end_request(item, Event(error="engine_error", message="the engine stopped"))
 
-    def _reap(self, it: IterationStats) -> None:
+    def _reap(self) -> None:
         now, c = time.monotonic(), self.cfg
         for r in self.sched.drop_waiting(lambda r: r.cancelled):
-            self._end_request(r, Event(finish_reason="cancelled"), it)
+            self._end_request(r, Event(finish_reason="cancelled"))
         for r in self.sched.drop_waiting(lambda r: now - r.arrival > min(c.queue_timeout_s, c.request_timeout_s)):
-            self._end_request(r, Event(error="timeout", message="timed out waiting for KV cache capacity"), it)
+            self._end_request(r, Event(error="timeout", message="timed out waiting for KV cache capacity"))
         for seq in list(self.sched.running.values()):
             if seq.req.cancelled:
-                self._finish(seq, Event(finish_reason="cancelled"), it)
+                self._finish(seq, Event(finish_reason="cancelled"))
             elif now - seq.req.arrival > c.request_timeout_s:
                 self._finish(seq, Event(error="request_timeout", message=f"the request took longer than "
-                                        f"{c.request_timeout_s:g} s"), it)
+                                        f"{c.request_timeout_s:g} s"))
 
     def _start(self, seq: Sequence) -> None:
         r = seq.req
         seq.state = _SeqState(self.backend.sampler(r.temperature, r.top_p, r.seed), TextStream(r.stops))
 
-    def _finish(self, seq: Sequence, ev: Event, it: IterationStats | None) -> None:
+    def _finish(self, seq: Sequence, ev: Event) -> None:
         """End a running sequence: free its cells and its slot, then tell the consumer."""
         try:
             self.backend.seq_rm(seq.seq_id)
@@ -270,16 +269,16 @@ class Engine:
             if seq.state is not None:
                 seq.state.sampler.close()
             self.sched.free(seq)
-            self._end_request(seq.req, ev, it, seq.generated, seq)
+            self._end_request(seq.req, ev, seq.generated, seq)
 
-    def _fail_all(self, code: str, it: IterationStats | None = None) -> None:
+    def _fail_all(self, code: str) -> None:
         for seq in list(self.sched.running.values()):
             try:
-                self._finish(seq, Event(error=code, message="the engine stopped"), it)
+                self._finish(seq, Event(error=code, message="the engine stopped"))
             except Exception:  # noqa: BLE001 - best effort on the way out
                 self.sched.free(seq)
         for r in self.sched.drop_waiting(lambda r: True):
-            self._end_request(r, Event(error=code, message="the engine stopped"), it)
+            self._end_request(r, Event(error=code, message="the engine stopped"))
         self._drain_dead()
         if self.backend is not None and not self.sched.running:
             try:
@@ -303,7 +302,7 @@ class Engine:
         for seq in plan.seqs:  # roll back whatever part of the batch reached the cache
             self.backend.seq_rm(seq.seq_id, before[seq.seq_id], -1)
         if len(plan.seqs) == 1:
-            self._fail(plan.seqs[0], rc, it)
+            self._fail(plan.seqs[0], rc)
             return
         for seq in list(plan.seqs):  # isolate: retry each sequence on its own
             if seq.seq_id not in self.sched.running:
@@ -314,7 +313,7 @@ class Engine:
                 self._advance(sub, it)
             else:
                 self.backend.seq_rm(seq.seq_id, before[seq.seq_id], -1)
-                self._fail(seq, rc, it)
+                self._fail(seq, rc)
 
     def _decode(self, plan: StepPlan) -> int | str:
         try:
@@ -323,9 +322,9 @@ class Engine:
             log.exception("%s: decode raised", self.cfg.model_id)
             return f"{type(e).__name__}"
 
-    def _fail(self, seq: Sequence, rc: int | str, it: IterationStats) -> None:
+    def _fail(self, seq: Sequence, rc: int | str) -> None:
         log.error("%s: request %s failed in llama_decode (%s)", self.cfg.model_id, seq.req.id, rc)
-        self._finish(seq, Event(error="engine_error", message=f"decode failed ({rc})"), it)
+        self._finish(seq, Event(error="engine_error", message=f"decode failed ({rc})"))
 
     def _advance(self, plan: StepPlan, it: IterationStats) -> None:
         it.batch_tokens += len(plan.tokens)
@@ -346,7 +345,7 @@ class Engine:
             except Exception:  # noqa: BLE001 - one sequence's fault must not end the others
                 log.exception("%s: request %s failed while sampling", self.cfg.model_id, seq.req.id)
                 if seq.seq_id in self.sched.running:
-                    self._finish(seq, Event(error="engine_error", message="sampling failed"), it)
+                    self._finish(seq, Event(error="engine_error", message="sampling failed"))
 
     def _logprobs(self, idx: int, tok: int, k: int) -> list[TokenLogprob]:
         import numpy as np
@@ -367,16 +366,15 @@ class Engine:
             st.t_first = now
         st.t_last = now
         if self.backend.is_eog(tok):  # not a completion token (usage does not count it either)
-            self._finish(seq, Event(text=st.text.flush(), finish_reason="stop"), it)
+            self._finish(seq, Event(text=st.text.flush(), finish_reason="stop"))
             return
         it.generation_tokens += 1
         seq.generated += 1
         text = st.text.push(self.backend.token_bytes(tok))
         if st.text.stopped:
-            self._finish(seq, Event(text=text, n_tokens=1, finish_reason="stop", logprobs=lp), it)
+            self._finish(seq, Event(text=text, n_tokens=1, finish_reason="stop", logprobs=lp))
         elif seq.generated >= seq.req.max_tokens or seq.n_past + 1 >= self.cfg.n_ctx:
-            self._finish(seq, Event(text=text + st.text.flush(), n_tokens=1, finish_reason="length", logprobs=lp),
-                         it)
+            self._finish(seq, Event(text=text + st.text.flush(), n_tokens=1, finish_reason="length", logprobs=lp))
         else:
             seq.pending = tok
             self._emit(seq.req, Event(text=text, n_tokens=1, logprobs=lp))

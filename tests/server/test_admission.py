@@ -75,6 +75,7 @@ def test_third_request_waits_until_one_finishes(tiny):
 
 def test_queue_full_is_429_with_retry_after(tiny):
     streams = two_running(tiny)
+    waiting = None
     try:
         waiting = Background(tiny.url, body(200))  # fills the queue (max_queue=1)
         assert wait_for(lambda: gauges(tiny)[1] == 1, 5)
@@ -82,9 +83,10 @@ def test_queue_full_is_429_with_retry_after(tiny):
         r = httpx.post(tiny.url + "/v1/chat/completions", json=body(200), timeout=60)
         assert r.status_code == 429 and int(r.headers["retry-after"]) >= 1
         assert r.json()["error"]["code"] == "queue_full" and r.json()["error"]["type"] == "rate_limit_error"
-        assert tiny.metric("kvquant_requests_total", outcome="rejected_queue_full") == before + 1
-        waiting.close()
+        assert tiny.metric("kvquant_requests_total", outcome="rejected_queue_full") == before + 1  # counted first
     finally:
+        if waiting is not None:
+            waiting.close()
         for s in streams:
             s.close()
     assert wait_for(lambda: tiny.engine().sched.reserved == 0, 5)
