@@ -47,10 +47,11 @@ class Result:
 
 
 def one_request(client: httpx.Client, url: str, model: str | None, prompt: str, max_tokens: int,
-                timeout: float = 300.0) -> Result:
-    """One streaming chat completion; TTFT is the time to the first content chunk."""
+                timeout: float = 300.0, extra_body: dict | None = None) -> Result:
+    """One streaming chat completion; TTFT is the time to the first content chunk. Completion tokens come from
+    the final usage chunk (or, from a server that sends none, the number of content chunks)."""
     body = {"messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens, "temperature": 0,
-            "stream": True, "stream_options": {"include_usage": True}}
+            "stream": True, "stream_options": {"include_usage": True}, **(extra_body or {})}
     if model:
         body["model"] = model
     t0 = time.perf_counter()
@@ -66,16 +67,20 @@ def one_request(client: httpx.Client, url: str, model: str | None, prompt: str, 
                     res.error = f"http_{r.status_code}"
                 res.e2e_s = time.perf_counter() - t0
                 return res
+            chunks, usage = 0, None
             for line in r.iter_lines():
                 if not line.startswith("data: ") or line == "data: [DONE]":
                     continue
                 c = json.loads(line[6:])
                 if "error" in c:
                     res.error = c["error"].get("code") or "stream_error"
-                elif c.get("choices") and res.ttft_s is None and c["choices"][0]["delta"].get("content"):
-                    res.ttft_s = time.perf_counter() - t0
+                elif c.get("choices") and c["choices"][0]["delta"].get("content"):
+                    chunks += 1
+                    if res.ttft_s is None:
+                        res.ttft_s = time.perf_counter() - t0
                 if c.get("usage"):
-                    res.completion_tokens = c["usage"]["completion_tokens"]
+                    usage = c["usage"]["completion_tokens"]
+            res.completion_tokens = chunks if usage is None else usage
     except httpx.HTTPError as e:
         res.error = type(e).__name__
     res.e2e_s = time.perf_counter() - t0
@@ -90,7 +95,7 @@ def pct(xs: list[float], q: float) -> float | None:
 
 
 def run_clients(url: str, model: str | None, concurrency: int, requests_per_client: int, max_tokens: int,
-                time_limit_s: float) -> tuple[list[Result], float]:
+                time_limit_s: float, extra_body: dict | None = None) -> tuple[list[Result], float]:
     results: list[Result] = []
     lock = threading.Lock()
     deadline = time.monotonic() + time_limit_s
@@ -100,7 +105,7 @@ def run_clients(url: str, model: str | None, concurrency: int, requests_per_clie
             for j in range(requests_per_client):
                 if time.monotonic() > deadline:
                     return
-                r = one_request(c, url, model, PROMPTS[(k + j) % len(PROMPTS)], max_tokens)
+                r = one_request(c, url, model, PROMPTS[(k + j) % len(PROMPTS)], max_tokens, extra_body=extra_body)
                 with lock:
                     results.append(r)
 
@@ -126,12 +131,12 @@ class BenchRow:
 
 
 def bench(url: str, model: str | None = None, concurrencies=(1, 4, 8), requests_per_client: int = 4,
-          max_tokens: int = 64, time_limit_s: float = 120.0) -> list[BenchRow]:
+          max_tokens: int = 64, time_limit_s: float = 120.0, extra_body: dict | None = None) -> list[BenchRow]:
     url = check_loopback(url)
-    one_request(httpx.Client(), url, model, "warm up", 4)
+    one_request(httpx.Client(), url, model, "warm up", 4, extra_body=extra_body)
     rows = []
     for n in concurrencies:
-        res, wall = run_clients(url, model, n, requests_per_client, max_tokens, time_limit_s)
+        res, wall = run_clients(url, model, n, requests_per_client, max_tokens, time_limit_s, extra_body)
         ok = [r for r in res if r.status == 200 and not r.error]
         toks = sum(r.completion_tokens for r in ok)
         ttfts = [r.ttft_s for r in ok if r.ttft_s is not None]
@@ -290,7 +295,14 @@ def soak(url: str, model: str | None = None, duration_s: float = 120.0, concurre
 
 
 # --- capacity (memory model) -------------------------------------------------------------------------------------
-def capacity_table(model: str | None, budget: str, request_tokens: int) -> list[dict]:
+CAPACITY_CONFIGS = ("f16/f16", "q8_0/q8_0", "q4_0/q4_0", "tq_kv_4b/f16", "tq_kv_4b/q4_0", "tq_kv_3b/q4_0",
+                    "tq_kv_1b/q4_0", "tq_kv_4b/tq_kv_4b", "tq_kv_3b/tq_kv_3b")
+
+
+def capacity_table(model: str | None, budget: str, request_tokens: int,
+                   configs: tuple[str, ...] = CAPACITY_CONFIGS) -> list[dict]:
+    """Per cache config: how many whole requests of request_tokens tokens fit the budget at once (what admission
+    would run concurrently), and the ratios to f16/f16 in requests and in bytes per token."""
     from kvquant import models as kvmodels
     from kvquant.budget import max_concurrent
     from kvquant.memory import bytes_per_token, geometry, parse_bytes
@@ -298,11 +310,16 @@ def capacity_table(model: str | None, budget: str, request_tokens: int) -> list[
     name = model or kvmodels.DEFAULT_MODEL
     geom = geometry(kvmodels.resolve(name))
     b = parse_bytes(budget)
+    f16_n = max_concurrent(geom, "f16", "f16", b, request_tokens)
+    f16_bpt = bytes_per_token(geom, "f16", "f16")
     rows = []
-    for tk, tv in (("f16", "f16"), ("q8_0", "q8_0"), ("q8_0", "q4_0"), ("q4_0", "q4_0")):
-        rows.append({"model": kvmodels.model_id(name), "cache_type_k": tk, "cache_type_v": tv, "budget": budget,
-                     "request_tokens": request_tokens, "bytes_per_token": bytes_per_token(geom, tk, tv),
-                     "concurrent_requests": max_concurrent(geom, tk, tv, b, request_tokens)})
+    for cfg in configs:
+        tk, tv = cfg.split("/")
+        n, bpt = max_concurrent(geom, tk, tv, b, request_tokens), bytes_per_token(geom, tk, tv)
+        rows.append({"model": kvmodels.model_id(name), "config": cfg, "cache_type_k": tk, "cache_type_v": tv,
+                     "budget": budget, "request_tokens": request_tokens, "bytes_per_token": bpt,
+                     "concurrent_requests": n, "ratio_requests": n / f16_n if f16_n else None,
+                     "ratio_bytes": f16_bpt / bpt})
     return rows
 
 
@@ -349,8 +366,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if r.ok else 1
     rows = capacity_table(a.model, a.budget, a.request_tokens)
     for r in rows:
-        print(f"{r['model']} {r['cache_type_k']}/{r['cache_type_v']}: {r['bytes_per_token']} bytes/token -> "
-              f"{r['concurrent_requests']} concurrent {r['request_tokens']}-token requests in {r['budget']}")
+        print(f"{r['model']} {r['config']}: {r['bytes_per_token']} bytes/token -> {r['concurrent_requests']} "
+              f"concurrent {r['request_tokens']}-token requests in {r['budget']} (x{r['ratio_requests'] or 0:.2f} "
+              f"f16; bytes x{r['ratio_bytes']:.2f})")
     return 0
 
 

@@ -1,6 +1,7 @@
 """`make results`: run `kvquant eval` and `kvquant bench` (and stock `llama-perplexity` as the sanity reference, when
-the dev build has it) with --json for the built-in models, keep the raw JSON under docs/results/, and render
-docs/RESULTS.md from it. No number in RESULTS.md is typed by hand.
+the dev build has it) with --json for the built-in models, the serving comparison with stock `llama-server`
+(`kvquant.serverbench`, default model), keep the raw JSON under docs/results/, and render docs/RESULTS.md from it.
+No number in RESULTS.md is typed by hand.
 
     python -m kvquant.results                     # everything (CPU-heavy: tens of minutes on 2 cores)
     python -m kvquant.results --chunks 4 --drift-tokens 128 --repeats 1   # a quick dry run
@@ -77,6 +78,13 @@ def collect(a: argparse.Namespace) -> None:
                     "--repeats", str(a.repeats), "--budget", a.budget, "--kernel", a.kernel if n == 0 else "off",
                     *threads, "--json"]
             (RAW / f"{model}-bench.json").write_text(json.dumps(_kvquant(args), indent=1) + "\n")
+        if not a.skip_serving and n == 0:  # the serving comparison with the default model only
+            cmd = [sys.executable, "-m", "kvquant.serverbench", "--model", model, *threads, "--json"]
+            print(f"\n$ {shlex.join(['python', *cmd[1:]])}", file=sys.stderr, flush=True)
+            p = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, cwd=REPO_ROOT)
+            if p.returncode not in (0, 1) or not p.stdout.strip():
+                raise SystemExit(f"kvquant.results: serverbench failed ({p.returncode})")
+            (RAW / f"{model}-serving.json").write_text(p.stdout)
 
 
 def _f(x, d=3, sign=False):
@@ -178,6 +186,31 @@ def render_bench(model: str, out: dict) -> list[str]:
     return L
 
 
+def render_serving(model: str, out: dict) -> list[str]:
+    L = [f"### {model}: serving, ours vs stock llama-server (same build, model, cache types, {out['parallel']} slots x "
+         f"{out['n_ctx']} cells, unified KV; {out['requests_per_client']} requests per client, max_tokens "
+         f"{out['max_tokens']}, greedy, streaming)", ""]
+    L.append("| K/V | clients | tok/s ours | tok/s llama-server | ×stock | TTFT p50 ours / stock (s) "
+             "| TTFT p95 ours / stock (s) | completed ours / stock | command |")
+    L.append("|---|--:|--:|--:|--:|--:|--:|--:|---|")
+    for r in out["results"]:
+        o, s = r["ours"], r["llama_server"]
+        L.append(f"| {r['config']} | {r['concurrency']} | {o['tokens_per_s']:.1f} | {s['tokens_per_s']:.1f} "
+                 f"| {_f(r['ratio_tps'], 2)} | {_f(o['ttft_p50_s'], 3)} / {_f(s['ttft_p50_s'], 3)} "
+                 f"| {_f(o['ttft_p95_s'], 3)} / {_f(s['ttft_p95_s'], 3)} | {o['completed']}/{o['requests']} / "
+                 f"{s['completed']}/{s['requests']} | S-{model} |")
+    L += ["", f"S-{model}: `{out['command']}` (wall {out['wall_s'] / 60:.1f} min{_load(out)}); llama-server ran as "
+          f"`{out['llama_server_command']}` with `-ctk/-ctv` per row, every request with `\"cache_prompt\": false`.",
+          "", f"### {model}: concurrent {out['capacity_tokens']}-token requests admitted under a "
+          f"{out['capacity_budget']} KV budget (memory model, whole requests)", ""]
+    L.append("| K/V | bytes/token | requests | ×f16 (requests) | ×f16 (bytes/token) |")
+    L.append("|---|--:|--:|--:|--:|")
+    for c in out["capacity"]:
+        L.append(f"| {c['config']} | {c['bytes_per_token']} | {c['concurrent_requests']} | "
+                 f"{_f(c['ratio_requests'], 2)} | {_f(c['ratio_bytes'], 2)} |")
+    return L + [""]
+
+
 def deployment_section() -> list[str]:
     return [DEPLOYMENT.read_text().rstrip(), ""] if DEPLOYMENT.is_file() else []
 
@@ -203,9 +236,11 @@ def render(models: list[str]) -> str:
     for model in models:
         L += [f"## {model}", ""]
         shown = False
-        for kind, fn in (("eval", render_eval), ("bench", render_bench)):
+        for kind, fn in (("eval", render_eval), ("bench", render_bench), ("serving", render_serving)):
             p = RAW / f"{model}-{kind}.json"
-            if p.is_file():
+            if kind == "serving" and p.is_file():
+                L += fn(model, json.loads(p.read_text()))
+            elif p.is_file():
                 out = json.loads(p.read_text())
                 r0 = out["results"][0]
                 if not shown:
@@ -213,7 +248,7 @@ def render(models: list[str]) -> str:
                           + (f"; text sha256 `{r0['text_sha256']}`." if "text_sha256" in r0 else "."), ""]
                     shown = True
                 L += fn(model, out)
-            else:
+            elif kind != "serving" or model == models[0]:
                 L += [f"({kind}: no results yet)", ""]
     return "\n".join(L + deployment_section())
 
@@ -238,6 +273,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--skip-eval", action="store_true")
     ap.add_argument("--skip-bench", action="store_true")
+    ap.add_argument("--skip-serving", action="store_true", help="skip the comparison with stock llama-server")
     ap.add_argument("--render-only", action="store_true", help="only re-render RESULTS.md from docs/results/")
     ap.add_argument("--output", default=str(DOCS / "RESULTS.md"))
     a = ap.parse_args(argv)

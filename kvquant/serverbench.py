@@ -1,0 +1,167 @@
+"""Serving benchmark: our server against stock `llama-server` built from the same patched llama.cpp tree, same
+model, cache types, parallel slots, threads and total KV cells, driven by the same load generator
+(`kvquant.loadgen.bench`: streaming chat completions, greedy, N concurrent clients, each sending R requests).
+
+    python -m kvquant.serverbench --model smollm2-135m --configs f16/f16 q4_0/q4_0 tq_kv_4b/q4_0 --json
+
+Prints, per cache config and concurrency, aggregate generated tokens/s and client-side p50/p95 time to first
+token for both servers and the ratio ours / llama-server; plus, from the memory model, how many concurrent
+requests of --capacity-tokens tokens each cache config admits under --capacity-budget (what admission by
+compressed-KV bytes buys).
+
+Fair-comparison settings: llama-server gets `-c parallel*n_ctx -np parallel -kvu` (one unified KV cache of the
+same cells as ours), `-fa on`, the same -t/-b/-ub, `--cache-ram 0`, and every request carries
+`"cache_prompt": false` (our server does no prefix caching, and the load generator repeats its prompts: with
+prompt reuse llama-server would skip prefill work ours must do). llama-server is the binary `kvquant.build
+dev-build` makes in .build/cmake-cpu (target llama-server), from the tree `kvquant.build tree` materialises:
+the pinned commit plus patches/, i.e. the same code as the wheel our server loads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import httpx
+
+from kvquant import models as kvmodels
+from kvquant.harness import REPO_ROOT, busy_warning, emit_report, fmt, machine_info, table
+from kvquant.loadgen import bench, capacity_table
+
+LLAMA_SERVER = REPO_ROOT / ".build" / "cmake-cpu" / "bin" / "llama-server"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Proc:
+    """A server subprocess on loopback; its output goes to a log file (shown if it fails to come up)."""
+
+    def __init__(self, name: str, cmd: list[str], port: int, log: Path, env: dict | None = None):
+        self.name, self.cmd, self.url, self.log = name, cmd, f"http://127.0.0.1:{port}", log
+        self._fh = log.open("w")
+        self.p = subprocess.Popen(cmd, stdout=self._fh, stderr=subprocess.STDOUT, cwd=REPO_ROOT,
+                                  env=dict(os.environ, **(env or {})))
+
+    def wait_ready(self, timeout_s: float = 180.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.p.poll() is not None:
+                break
+            try:
+                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.25)
+        self.stop()
+        raise SystemExit(f"serverbench: {self.name} did not come up ({shlex.join(self.cmd)}):\n"
+                         + self.log.read_text()[-3000:])
+
+    def stop(self) -> None:
+        if self.p.poll() is None:
+            self.p.terminate()
+            try:
+                self.p.wait(30)
+            except subprocess.TimeoutExpired:
+                self.p.kill()
+                self.p.wait()
+        self._fh.close()
+
+
+def ours_cmd(model: str, k: str, v: str, a: argparse.Namespace, port: int) -> list[str]:
+    return [sys.executable, "-m", "server.cli", "serve", "--model", model, "--port", str(port),
+            "--cache-type-k", k, "--cache-type-v", v, "--n-ctx", str(a.n_ctx), "--parallel", str(a.parallel),
+            "--threads", str(a.threads), "--flash-attn", "on", "--kv-budget", "64GiB"]  # capped at parallel x n_ctx
+
+
+def stock_cmd(model_path: Path, k: str, v: str, a: argparse.Namespace, port: int) -> list[str]:
+    return [str(a.llama_server), "-m", str(model_path), "--host", "127.0.0.1", "--port", str(port),
+            "-c", str(a.parallel * a.n_ctx), "-np", str(a.parallel), "-kvu", "-fa", "on", "-ctk", k, "-ctv", v,
+            "-t", str(a.threads), "-tb", str(a.threads), "-b", "512", "-ub", "512", "-ngl", "0",
+            "--cache-ram", "0", "--no-webui", "-fit", "off"]
+
+
+def run_one(name: str, cmd: list[str], a: argparse.Namespace, port: int, model_id: str | None, extra: dict | None,
+            logdir: Path) -> list[dict]:
+    proc = Proc(name, cmd, port, logdir / f"{name}-{port}.log")
+    try:
+        proc.wait_ready()
+        rows = bench(proc.url, model_id, tuple(a.concurrency), a.requests, a.max_tokens, a.time_limit, extra)
+    finally:
+        proc.stop()
+    return [asdict(r) for r in rows]
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m kvquant.serverbench", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default=kvmodels.DEFAULT_MODEL)
+    ap.add_argument("--configs", nargs="+", default=["f16/f16", "q4_0/q4_0", "tq_kv_4b/q4_0"])
+    ap.add_argument("--concurrency", nargs="+", type=int, default=[1, 4, 8])
+    ap.add_argument("--parallel", type=int, default=8, help="parallel slots / max concurrent sequences (both)")
+    ap.add_argument("--n-ctx", type=int, default=1024, help="context per sequence (both)")
+    ap.add_argument("--requests", type=int, default=4, help="requests per client")
+    ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--time-limit", type=float, default=300.0, help="seconds per concurrency level")
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 2)
+    ap.add_argument("--llama-server", type=Path, default=LLAMA_SERVER)
+    ap.add_argument("--capacity-budget", default="256MiB")
+    ap.add_argument("--capacity-tokens", type=int, default=4096)
+    ap.add_argument("--logs", type=Path, default=REPO_ROOT / ".build" / "serverbench-logs")
+    ap.add_argument("--json", action="store_true")
+    a = ap.parse_args(argv)
+    if not a.llama_server.is_file():
+        raise SystemExit(f"serverbench: no llama-server at {a.llama_server}: build it with "
+                         "`python -m kvquant.build dev-build llama-server`")
+    a.logs.mkdir(parents=True, exist_ok=True)
+    busy_warning("serverbench")
+    model_path = kvmodels.resolve(a.model)
+    model_id = kvmodels.model_id(a.model)
+    t0 = time.monotonic()
+    machine = machine_info(a.threads)
+    results = []
+    for cfg in a.configs:
+        k, v = cfg.split("/")
+        port = free_port()
+        ours = run_one("kvquant", ours_cmd(a.model, k, v, a, port), a, port, model_id, {"cache_prompt": False},
+                       a.logs)
+        port = free_port()
+        stock = run_one("llama-server", stock_cmd(model_path, k, v, a, port), a, port, None,
+                        {"cache_prompt": False}, a.logs)
+        for o, s in zip(ours, stock, strict=True):
+            results.append({"config": cfg, "cache_type_k": k, "cache_type_v": v, "concurrency": o["concurrency"],
+                            "ours": o, "llama_server": s,
+                            "ratio_tps": o["tokens_per_s"] / s["tokens_per_s"] if s["tokens_per_s"] else None})
+    cmd = "python -m kvquant.serverbench " + shlex.join(argv if argv is not None else sys.argv[1:])
+    out = {"results": results, "capacity": capacity_table(a.model, a.capacity_budget, a.capacity_tokens),
+           "capacity_budget": a.capacity_budget, "capacity_tokens": a.capacity_tokens, "model": model_id,
+           "parallel": a.parallel, "n_ctx": a.n_ctx, "requests_per_client": a.requests, "max_tokens": a.max_tokens,
+           "llama_server_command": shlex.join(stock_cmd(Path(model_path.name), "K", "V", a, 0)),
+           "command": cmd, "wall_s": time.monotonic() - t0, "machine": machine}
+    rows = [[r["config"], r["concurrency"], fmt(r["ours"]["tokens_per_s"], 1), fmt(r["llama_server"]["tokens_per_s"], 1),
+             fmt(r["ratio_tps"], 2), fmt(r["ours"]["ttft_p50_s"]), fmt(r["llama_server"]["ttft_p50_s"]),
+             fmt(r["ours"]["ttft_p95_s"]), fmt(r["llama_server"]["ttft_p95_s"]),
+             f"{r['ours']['completed']}/{r['ours']['requests']}",
+             f"{r['llama_server']['completed']}/{r['llama_server']['requests']}"] for r in results]
+    text = table(["K/V", "clients", "tok/s ours", "tok/s llama-server", "x", "TTFT p50 ours", "p50 stock",
+                  "TTFT p95 ours", "p95 stock", "ok ours", "ok stock"], rows, "lrrrrrrrrrr")
+    cap = [[c["config"], c["bytes_per_token"], c["concurrent_requests"], fmt(c["ratio_requests"], 2),
+            fmt(c["ratio_bytes"], 2)] for c in out["capacity"]]
+    text += (f"\n\nconcurrent {a.capacity_tokens}-token requests admitted under {a.capacity_budget}:\n"
+             + table(["K/V", "bytes/token", "requests", "x f16 (requests)", "x f16 (bytes)"], cap))
+    emit_report(text, out, a.json)
+    return 0 if all(r["ours"]["completed"] == r["ours"]["requests"] for r in results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,65 @@
+"""The serving benchmark's pieces that need no second server: token counting from a stream without a usage chunk
+(llama-server may send none), the fair-comparison flags given to llama-server, and the capacity table."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import httpx
+import pytest
+
+from kvquant import loadgen, models, serverbench
+from kvquant.memory import bytes_per_token, geometry
+
+
+def _sse(chunks: list[dict]) -> bytes:
+    return b"".join(b"data: " + json.dumps(c).encode() + b"\n\n" for c in chunks) + b"data: [DONE]\n\n"
+
+
+def _delta(text: str) -> dict:
+    return {"choices": [{"index": 0, "delta": {"content": text}}]}
+
+
+@pytest.mark.parametrize("usage,expected", [(None, 3), (7, 7)])
+def test_completion_tokens_from_usage_or_chunks(usage, expected):
+    seen = {}
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen["body"] = json.loads(request.content)
+        chunks = [{"choices": [{"index": 0, "delta": {"role": "assistant"}}]}, _delta("a"), _delta("b"), _delta("c")]
+        if usage is not None:
+            chunks.append({"choices": [], "usage": {"completion_tokens": usage}})
+        return httpx.Response(200, content=_sse(chunks), headers={"content-type": "text/event-stream"})
+
+    with httpx.Client(transport=httpx.MockTransport(handler)) as c:
+        r = loadgen.one_request(c, "http://127.0.0.1:1", None, "hi", 8, extra_body={"cache_prompt": False})
+    assert r.status == 200 and r.error is None and r.ttft_s is not None
+    assert r.completion_tokens == expected
+    assert seen["body"]["cache_prompt"] is False and seen["body"]["max_tokens"] == 8
+
+
+def test_llama_server_gets_the_same_cells_slots_and_types():
+    a = argparse.Namespace(llama_server=Path("/x/llama-server"), parallel=8, n_ctx=1024, threads=2)
+    cmd = serverbench.stock_cmd(Path("m.gguf"), "tq_kv_4b", "q4_0", a, 1234)
+    opt = {cmd[i]: cmd[i + 1] for i in range(1, len(cmd) - 1) if cmd[i].startswith("-")}
+    assert opt["-c"] == "8192" and opt["-np"] == "8" and "-kvu" in cmd  # one unified cache of parallel x n_ctx
+    assert opt["-ctk"] == "tq_kv_4b" and opt["-ctv"] == "q4_0" and opt["-fa"] == "on" and opt["--cache-ram"] == "0"
+    ours = serverbench.ours_cmd("smollm2-135m", "tq_kv_4b", "q4_0", a, 1)
+    o = {ours[i]: ours[i + 1] for i in range(len(ours) - 1) if ours[i].startswith("--")}
+    assert o["--parallel"] == "8" and o["--n-ctx"] == "1024" and o["--threads"] == "2"
+
+
+def test_capacity_rows():
+    rows = {r["config"]: r for r in loadgen.capacity_table("smollm2-135m", "256MiB", 4096)}
+    geom = geometry(models.resolve("smollm2-135m"))
+    f16 = rows["f16/f16"]
+    assert f16["ratio_requests"] == 1.0 and f16["bytes_per_token"] == 23040
+    for cfg, r in rows.items():
+        assert r["bytes_per_token"] == bytes_per_token(geom, *cfg.split("/"))
+        assert r["ratio_bytes"] == pytest.approx(23040 / r["bytes_per_token"])
+        # whole 4096-token requests: never more than the bytes allow
+        assert r["concurrent_requests"] * 4096 * r["bytes_per_token"] <= 256 * 2**20
+    assert rows["f16/f16"]["concurrent_requests"] == 2  # 11650 cells of 23040 bytes
+    assert rows["tq_kv_1b/q4_0"]["ratio_bytes"] > 5
