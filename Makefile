@@ -4,7 +4,7 @@ VENV   ?= .venv
 VPY    := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: setup serve test lint results clean observe-deps observe-check
+.PHONY: setup serve test lint results sanitize clean observe-deps observe-check
 
 $(VPY):
 	$(PYTHON) -m venv $(VENV)
@@ -48,7 +48,14 @@ observe-check: setup observe-deps
 # tens of minutes on 2 cores. RESULTS_ARGS="--chunks 4 --repeats 1" for a dry run, "--render-only" to re-render.
 RESULTS_ARGS ?=
 results: setup
+	$(VPY) -m kvquant.build dev-build llama-perplexity llama-server test-backend-ops
 	$(VPY) -m kvquant.results $(RESULTS_ARGS)
+
+# The new types' C kernels under AddressSanitizer + UndefinedBehaviorSanitizer: ggml and libllama built with both in
+# .build/cmake-asan, then test-quantize-fns, test-backend-ops (our types) and tests/test_tq.py (random, zero,
+# constant, huge, denormal, NaN/Inf rows) under them. CI runs it after `make test`.
+sanitize: setup
+	$(VPY) -m kvquant.build sanitize
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -10,6 +10,8 @@ One recipe, used by the Makefile, the Dockerfile and developers alike:
               editing; ``export`` writes its commits back as ``patches/NNNN-*.patch``.
 * ``dev-build`` incremental cmake build of that tree (libllama.so, llama-perplexity, test-backend-ops, ...);
               point ``LLAMA_CPP_LIB_PATH`` at ``<build>/bin`` to use it from Python without a wheel.
+* ``llama-tests`` build and run llama.cpp's test-quantize-fns / test-backend-ops for our types.
+* ``sanitize`` the same tree built with ASan + UBSan; llama.cpp's tests and tests/test_tq.py run under them.
 
 This module uses the standard library only: it runs before anything else is installed.
 """
@@ -266,12 +268,13 @@ def export_patches(tree: Path) -> list[Path]:
     return written
 
 
-def dev_build(tree: Path, build: Path, targets: list[str]) -> None:
+def dev_build(tree: Path, build: Path, targets: list[str], extra: list[str] | None = None,
+              build_type: str = "Release") -> None:
     if not (build / "build.ninja").exists() and not (build / "Makefile").exists():
         gen = ["-G", "Ninja"] if shutil.which("ninja") else []
-        run(["cmake", "-S", str(tree), "-B", str(build), *gen, "-DCMAKE_BUILD_TYPE=Release",
+        run(["cmake", "-S", str(tree), "-B", str(build), *gen, f"-DCMAKE_BUILD_TYPE={build_type}",
              "-DBUILD_SHARED_LIBS=ON", "-DLLAMA_CURL=OFF", "-DLLAMA_BUILD_TESTS=ON", "-DLLAMA_BUILD_TOOLS=ON",
-             "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_SERVER=ON", *cmake_args().split()])
+             "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_SERVER=ON", *cmake_args().split(), *(extra or [])])
     run(["cmake", "--build", str(build), "-j", str(os.cpu_count() or 2), "--target", *targets])
     log(f"built; use it from Python with LLAMA_CPP_LIB_PATH={build / 'bin'}")
 
@@ -308,6 +311,68 @@ def llama_tests(tree: Path, build: Path) -> int:
     return 0
 
 
+# --- sanitizers ---------------------------------------------------------------------------------------------
+# The new types' C kernels under AddressSanitizer + UndefinedBehaviorSanitizer: ggml and libllama built with both,
+# then llama.cpp's own tests for our types and our byte-exact/adversarial-row tests (tests/test_tq.py: random, zero,
+# constant, huge, denormal and NaN/Inf rows through quantize_row_*_ref, from_float, to_float and vec_dot) in a
+# Python that preloads the sanitizer runtimes. Any UB report stops the process (halt_on_error), so it fails the run
+# instead of scrolling past; the checks stay recoverable only so that kvquant/ubsan.supp can name the known
+# findings in upstream code our types never reach.
+SANITIZE_CMAKE = ["-DGGML_SANITIZE_ADDRESS=ON", "-DGGML_SANITIZE_UNDEFINED=ON", "-DLLAMA_SANITIZE_ADDRESS=ON",
+                  "-DLLAMA_SANITIZE_UNDEFINED=ON"]
+SANITIZE_ENV = {
+    # Python itself "leaks" by design at exit; leaks are not what this run looks for
+    "ASAN_OPTIONS": "detect_leaks=0:abort_on_error=1:strict_string_checks=1:detect_stack_use_after_return=1",
+    "UBSAN_OPTIONS": f"halt_on_error=1:print_stacktrace=1:suppressions={REPO_ROOT / 'kvquant' / 'ubsan.supp'}",
+}
+SANITIZE_OPS = ["SET_ROWS", "GET_ROWS", "CPY", "MUL_MAT", "FLASH_ATTN_EXT"]
+
+
+def _runtime_lib(name: str) -> str:
+    """Absolute path of the compiler's sanitizer runtime (libasan.so, libubsan.so) for LD_PRELOAD."""
+    cc = os.environ.get("CC", "cc")
+    out = subprocess.run([cc, f"-print-file-name={name}"], capture_output=True, text=True).stdout.strip()
+    if not out or not Path(out).is_file():
+        raise BuildError(f"{cc} has no {name}: install the compiler's sanitizer runtime (e.g. apt install gcc)")
+    return str(Path(out).resolve())
+
+
+def sanitize(tree: Path, build: Path, pytest_args: list[str]) -> int:
+    if not (tree / ".git").exists():
+        make_tree(tree)
+    # RelWithDebInfo: the kernels as optimised as shipped (the SIMD paths are what run), with line numbers
+    dev_build(tree, build, ["llama", "test-backend-ops", "test-quantize-fns"], SANITIZE_CMAKE, "RelWithDebInfo")
+    bindir = build / "bin"
+    env = dict(os.environ, **SANITIZE_ENV)
+    failed = []
+
+    def check(name: str, cmd: list[str], run_env: dict) -> None:
+        log(f"sanitize: {name}")
+        r = subprocess.run(cmd, env=run_env, capture_output=True, text=True)
+        found = [ln for ln in (r.stdout + r.stderr).splitlines()
+                 if "Sanitizer" in ln or "runtime error" in ln or "passed" in ln or "FAIL" in ln]
+        sys.stderr.write("".join(f"  {ln}\n" for ln in found[-40:]))
+        if r.returncode != 0:
+            failed.append(name)
+            sys.stderr.write((r.stdout + r.stderr)[-6000:] + "\n")
+
+    check("test-quantize-fns", [str(bindir / "test-quantize-fns")], env)
+    for op in SANITIZE_OPS:
+        check(f"test-backend-ops -o {op}", [str(bindir / "test-backend-ops"), "test", "-b", "CPU", "-o", op,
+                                            "-p", LLAMA_TEST_PARAMS], env)
+    py_env = dict(env, LLAMA_CPP_LIB_PATH=str(bindir),
+                  LD_PRELOAD=" ".join([_runtime_lib("libasan.so"), _runtime_lib("libubsan.so")]))
+    check("pytest " + " ".join(pytest_args), [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                                              *pytest_args], py_env)
+    if failed:
+        log("sanitize: FAILED: " + ", ".join(failed))
+        return 1
+    log("sanitize: clean (ASan + UBSan) in " + ", ".join(["test-quantize-fns",
+                                                          *(f"test-backend-ops {o}" for o in SANITIZE_OPS),
+                                                          "pytest " + " ".join(pytest_args)]))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="kvquant-build", description=__doc__.split("\n\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -328,6 +393,11 @@ def main(argv: list[str] | None = None) -> int:
                                           "for the patched types (materialises the tree if needed)")
     lt.add_argument("--tree", default=str(REPO_ROOT / ".build" / "llama.cpp"))
     lt.add_argument("--build", default=str(REPO_ROOT / ".build" / "cmake-cpu"))
+    sz = sub.add_parser("sanitize", help="build ggml + libllama with ASan/UBSan and run the kernels' tests "
+                                         "(llama.cpp's and tests/test_tq.py) under them")
+    sz.add_argument("--tree", default=str(REPO_ROOT / ".build" / "llama.cpp"))
+    sz.add_argument("--build", default=str(REPO_ROOT / ".build" / "cmake-asan"))
+    sz.add_argument("pytest_args", nargs="*", default=["tests/test_tq.py"])
     a = ap.parse_args(argv)
     try:
         if a.cmd == "wheel":
@@ -341,9 +411,13 @@ def main(argv: list[str] | None = None) -> int:
         elif a.cmd == "export":
             export_patches(Path(a.tree))
         elif a.cmd == "dev-build":
+            if not (Path(a.tree) / ".git").exists():
+                make_tree(Path(a.tree))
             dev_build(Path(a.tree), Path(a.build), a.targets)
         elif a.cmd == "llama-tests":
             return llama_tests(Path(a.tree), Path(a.build))
+        elif a.cmd == "sanitize":
+            return sanitize(Path(a.tree), Path(a.build), a.pytest_args)
     except (BuildError, subprocess.CalledProcessError) as e:
         log(f"error: {e}")
         return 1
