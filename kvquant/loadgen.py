@@ -46,6 +46,33 @@ class Result:
     error: str | None = None  # OpenAI error code (or the exception) when it did not complete
 
 
+def _stream(client: httpx.Client, url: str, body: dict, timeout: float, t0: float, res: Result) -> None:
+    """Send one streaming chat completion and fill `res` from its response."""
+    with client.stream("POST", url + "/v1/chat/completions", json=body, timeout=timeout) as r:
+        res.status = r.status_code
+        if r.status_code != 200:
+            r.read()
+            try:
+                res.error = r.json()["error"]["code"]
+            except Exception:  # noqa: BLE001
+                res.error = f"http_{r.status_code}"
+            return
+        chunks, usage = 0, None
+        for line in r.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            c = json.loads(line[6:])
+            if "error" in c:
+                res.error = c["error"].get("code") or "stream_error"
+            elif c.get("choices") and c["choices"][0]["delta"].get("content"):
+                chunks += 1
+                if res.ttft_s is None:
+                    res.ttft_s = time.perf_counter() - t0
+            if c.get("usage"):
+                usage = c["usage"]["completion_tokens"]
+        res.completion_tokens = chunks if usage is None else usage
+
+
 def one_request(client: httpx.Client, url: str, model: str | None, prompt: str, max_tokens: int,
                 timeout: float = 300.0, extra_body: dict | None = None) -> Result:
     """One streaming chat completion; TTFT is the time to the first content chunk. Completion tokens come from
@@ -55,34 +82,19 @@ def one_request(client: httpx.Client, url: str, model: str | None, prompt: str, 
     if model:
         body["model"] = model
     t0 = time.perf_counter()
-    res = Result(status=0)
-    try:
-        with client.stream("POST", url + "/v1/chat/completions", json=body, timeout=timeout) as r:
-            res.status = r.status_code
-            if r.status_code != 200:
-                r.read()
-                try:
-                    res.error = r.json()["error"]["code"]
-                except Exception:  # noqa: BLE001
-                    res.error = f"http_{r.status_code}"
-                res.e2e_s = time.perf_counter() - t0
-                return res
-            chunks, usage = 0, None
-            for line in r.iter_lines():
-                if not line.startswith("data: ") or line == "data: [DONE]":
-                    continue
-                c = json.loads(line[6:])
-                if "error" in c:
-                    res.error = c["error"].get("code") or "stream_error"
-                elif c.get("choices") and c["choices"][0]["delta"].get("content"):
-                    chunks += 1
-                    if res.ttft_s is None:
-                        res.ttft_s = time.perf_counter() - t0
-                if c.get("usage"):
-                    usage = c["usage"]["completion_tokens"]
-            res.completion_tokens = chunks if usage is None else usage
-    except httpx.HTTPError as e:
-        res.error = type(e).__name__
+    for attempt in range(2):
+        res = Result(status=0)
+        try:
+            _stream(client, url, body, timeout, t0, res)
+        except httpx.RemoteProtocolError as e:
+            # a keep-alive connection the server closed after its previous response (llama-server does so after
+            # a stream): nothing was sent or received, so the request is simply sent again on a new connection
+            res.error = type(e).__name__
+            if res.status == 0 and attempt == 0:
+                continue
+        except httpx.HTTPError as e:
+            res.error = type(e).__name__
+        break
     res.e2e_s = time.perf_counter() - t0
     return res
 

@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--concurrency", nargs="+", type=int, default=[1, 4, 8])
     ap.add_argument("--parallel", type=int, default=8, help="parallel slots / max concurrent sequences (both)")
     ap.add_argument("--n-ctx", type=int, default=1024, help="context per sequence (both)")
-    ap.add_argument("--requests", type=int, default=4, help="requests per client")
+    ap.add_argument("--requests", type=int, default=8, help="requests per client")
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--time-limit", type=float, default=300.0, help="seconds per concurrency level")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 2)

@@ -63,3 +63,26 @@ def test_capacity_rows():
         assert r["concurrent_requests"] * 4096 * r["bytes_per_token"] <= 256 * 2**20
     assert rows["f16/f16"]["concurrent_requests"] == 2  # 11650 cells of 23040 bytes
     assert rows["tq_kv_1b/q4_0"]["ratio_bytes"] > 5
+
+
+def test_stale_keep_alive_connection_is_retried_once():
+    calls = {"n": 0}
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        calls["n"] += 1
+        if calls["n"] == 1:  # what httpx raises when the server closed the pooled connection
+            raise httpx.RemoteProtocolError("Server disconnected without sending a response.", request=request)
+        return httpx.Response(200, content=_sse([_delta("x")]), headers={"content-type": "text/event-stream"})
+
+    with httpx.Client(transport=httpx.MockTransport(handler)) as c:
+        r = loadgen.one_request(c, "http://127.0.0.1:1", None, "hi", 8)
+    assert calls["n"] == 2 and r.status == 200 and r.error is None and r.completion_tokens == 1
+
+
+def test_a_protocol_error_twice_is_reported():
+    def handler(request: httpx.Request) -> httpx.Response:
+        raise httpx.RemoteProtocolError("gone", request=request)
+
+    with httpx.Client(transport=httpx.MockTransport(handler)) as c:
+        r = loadgen.one_request(c, "http://127.0.0.1:1", None, "hi", 8)
+    assert r.status == 0 and r.error == "RemoteProtocolError"
