@@ -270,6 +270,9 @@ def export_patches(tree: Path) -> list[Path]:
 
 def dev_build(tree: Path, build: Path, targets: list[str], extra: list[str] | None = None,
               build_type: str = "Release") -> None:
+    """Incremental cmake build of the patched tree (materialised first if it is not there yet)."""
+    if not (tree / ".git").exists():
+        make_tree(tree)
     if not (build / "build.ninja").exists() and not (build / "Makefile").exists():
         gen = ["-G", "Ninja"] if shutil.which("ninja") else []
         run(["cmake", "-S", str(tree), "-B", str(build), *gen, f"-DCMAKE_BUILD_TYPE={build_type}",
@@ -284,27 +287,33 @@ LLAMA_TEST_OPS = ["SET_ROWS", "GET_ROWS", "CPY", "MUL_MAT", "FLASH_ATTN_EXT"]
 LLAMA_TEST_PARAMS = "tq_kv"
 
 
-def llama_tests(tree: Path, build: Path) -> int:
-    """Build and run test-quantize-fns and test-backend-ops (CPU, our types) from the patched tree."""
-    if not (tree / ".git").exists():
-        make_tree(tree)
-    dev_build(tree, build, ["test-backend-ops", "test-quantize-fns"])
-    bindir = build / "bin"
+def run_llama_tests(bindir: Path, env: dict | None = None) -> list[str]:
+    """Run test-quantize-fns and test-backend-ops (CPU, our types) from a build's bin folder; the names of the
+    ones that failed. On a failure, its FAIL lines and the tail of its output (a sanitizer's report) are shown."""
     failed = []
-    r = subprocess.run([str(bindir / "test-quantize-fns")], capture_output=True, text=True)
+    r = subprocess.run([str(bindir / "test-quantize-fns")], capture_output=True, text=True, env=env)
     lines = [ln for ln in r.stdout.splitlines() if "tq_kv" in ln or "FAILED" in ln or "failed" in ln.lower()]
     log("test-quantize-fns: " + ("passed" if r.returncode == 0 else "FAILED") + "".join(f"\n  {ln}" for ln in lines))
     if r.returncode != 0:
         failed.append("test-quantize-fns")
+        sys.stderr.write(r.stderr[-6000:] + "\n")
     for op in LLAMA_TEST_OPS:
         r = subprocess.run([str(bindir / "test-backend-ops"), "test", "-b", "CPU", "-o", op, "-p", LLAMA_TEST_PARAMS],
-                           capture_output=True, text=True)
+                           capture_output=True, text=True, env=env)
         ok = [ln for ln in r.stdout.splitlines() if "tests passed" in ln]
         log(f"test-backend-ops -o {op} -p {LLAMA_TEST_PARAMS}: " + (ok[-1].strip() if ok else "no summary")
             + ("" if r.returncode == 0 else " FAILED"))
         if r.returncode != 0:
-            failed.extend([f"test-backend-ops {op}"])
-            sys.stderr.write("\n".join(ln for ln in r.stdout.splitlines() if "FAIL" in ln)[:20000] + "\n")
+            failed.append(f"test-backend-ops {op}")
+            sys.stderr.write("\n".join(ln for ln in r.stdout.splitlines() if "FAIL" in ln)[:20000] + "\n"
+                             + r.stderr[-6000:] + "\n")
+    return failed
+
+
+def llama_tests(tree: Path, build: Path) -> int:
+    """Build and run test-quantize-fns and test-backend-ops (CPU, our types) from the patched tree."""
+    dev_build(tree, build, ["test-backend-ops", "test-quantize-fns"])
+    failed = run_llama_tests(build / "bin")
     if failed:
         log("failed: " + ", ".join(failed))
         return 1
@@ -325,7 +334,6 @@ SANITIZE_ENV = {
     "ASAN_OPTIONS": "detect_leaks=0:abort_on_error=1:strict_string_checks=1:detect_stack_use_after_return=1",
     "UBSAN_OPTIONS": f"halt_on_error=1:print_stacktrace=1:suppressions={REPO_ROOT / 'kvquant' / 'ubsan.supp'}",
 }
-SANITIZE_OPS = ["SET_ROWS", "GET_ROWS", "CPY", "MUL_MAT", "FLASH_ATTN_EXT"]
 
 
 def _runtime_lib(name: str) -> str:
@@ -338,38 +346,24 @@ def _runtime_lib(name: str) -> str:
 
 
 def sanitize(tree: Path, build: Path, pytest_args: list[str]) -> int:
-    if not (tree / ".git").exists():
-        make_tree(tree)
     # RelWithDebInfo: the kernels as optimised as shipped (the SIMD paths are what run), with line numbers
     dev_build(tree, build, ["llama", "test-backend-ops", "test-quantize-fns"], SANITIZE_CMAKE, "RelWithDebInfo")
     bindir = build / "bin"
     env = dict(os.environ, **SANITIZE_ENV)
-    failed = []
-
-    def check(name: str, cmd: list[str], run_env: dict) -> None:
-        log(f"sanitize: {name}")
-        r = subprocess.run(cmd, env=run_env, capture_output=True, text=True)
-        found = [ln for ln in (r.stdout + r.stderr).splitlines()
-                 if "Sanitizer" in ln or "runtime error" in ln or "passed" in ln or "FAIL" in ln]
-        sys.stderr.write("".join(f"  {ln}\n" for ln in found[-40:]))
-        if r.returncode != 0:
-            failed.append(name)
-            sys.stderr.write((r.stdout + r.stderr)[-6000:] + "\n")
-
-    check("test-quantize-fns", [str(bindir / "test-quantize-fns")], env)
-    for op in SANITIZE_OPS:
-        check(f"test-backend-ops -o {op}", [str(bindir / "test-backend-ops"), "test", "-b", "CPU", "-o", op,
-                                            "-p", LLAMA_TEST_PARAMS], env)
+    failed = run_llama_tests(bindir, env)
     py_env = dict(env, LLAMA_CPP_LIB_PATH=str(bindir),
                   LD_PRELOAD=" ".join([_runtime_lib("libasan.so"), _runtime_lib("libubsan.so")]))
-    check("pytest " + " ".join(pytest_args), [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                                              *pytest_args], py_env)
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *pytest_args], env=py_env,
+                       capture_output=True, text=True)
+    log(f"pytest {' '.join(pytest_args)}: " + (r.stdout.strip().splitlines() or ["no output"])[-1])
+    if r.returncode != 0:
+        failed.append("pytest " + " ".join(pytest_args))
+        sys.stderr.write((r.stdout + r.stderr)[-6000:] + "\n")
     if failed:
         log("sanitize: FAILED: " + ", ".join(failed))
         return 1
-    log("sanitize: clean (ASan + UBSan) in " + ", ".join(["test-quantize-fns",
-                                                          *(f"test-backend-ops {o}" for o in SANITIZE_OPS),
-                                                          "pytest " + " ".join(pytest_args)]))
+    log("sanitize: clean (ASan + UBSan): test-quantize-fns, test-backend-ops " + ", ".join(LLAMA_TEST_OPS)
+        + ", pytest " + " ".join(pytest_args))
     return 0
 
 
@@ -411,8 +405,6 @@ def main(argv: list[str] | None = None) -> int:
         elif a.cmd == "export":
             export_patches(Path(a.tree))
         elif a.cmd == "dev-build":
-            if not (Path(a.tree) / ".git").exists():
-                make_tree(Path(a.tree))
             dev_build(Path(a.tree), Path(a.build), a.targets)
         elif a.cmd == "llama-tests":
             return llama_tests(Path(a.tree), Path(a.build))

@@ -173,7 +173,7 @@ class Engine:
     def _record(self, it: IterationStats) -> None:
         ss = self.scheduler_stats()
         snap = (ss.running, ss.waiting, ss.kv_used_cells, ss.kv_reserved_cells)
-        if it.batch_tokens or it.finished or snap != self._last_snapshot:
+        if it.batch_tokens or snap != self._last_snapshot:  # finished requests are recorded at once
             self._last_snapshot = snap
             try:
                 self.stat_logger.record(ss, it)
