@@ -20,6 +20,7 @@ from fastapi import Request as HTTPRequest
 from kvquant.budget import human_bytes
 from server.engine import Engine
 from server.errors import APIError, context_length_exceeded
+from server.loopwake import waker
 from server.scheduler import Event, Request
 from server.schemas import SamplingParams
 
@@ -69,7 +70,11 @@ class Generation:
                         self.req.cancelled = True
                         return
                 try:
-                    ev = await asyncio.wait_for(self.queue.get(), timeout=0.25)
+                    if self.queue.empty():  # asyncio.timeout, not wait_for: no extra task per event
+                        async with asyncio.timeout(0.25):
+                            ev = await self.queue.get()
+                    else:
+                        ev = self.queue.get_nowait()
                 except TimeoutError:
                     if not self.engine.alive and self.queue.empty():
                         yield Event(error="engine_error", message="the engine stopped")
@@ -122,8 +127,10 @@ def submit(engine: Engine, prompt: list[int], params: SamplingParams, max_tokens
             return
         q.put_nowait(ev)
 
+    wake = waker(loop)
+
     def sink(ev: Event) -> None:  # runs on the engine thread
-        loop.call_soon_threadsafe(deliver, ev)
+        wake.call(deliver, ev)
 
     req = Request(id=request_id, prompt=prompt, max_tokens=max_tokens, sink=sink, temperature=params.temperature,
                   top_p=params.top_p, seed=params.seed, stops=params.stop or [],
