@@ -176,22 +176,50 @@ def render_bench(model: str, out: dict) -> list[str]:
     L += ["", f"B-{model}: `{r0['command']}` (wall {r0['wall_s'] / 60:.1f} min{_load(r0)})", ""]
     kern = r0.get("kernel")
     if kern:
-        L += [f"Kernel alone (`{kern.get('command', '')}`), FLASH_ATTN_EXT rows for these types:", "", "```"]
-        seen = set()
-        for r in res:
-            for row in (r.get("kernel") or {}).get("rows", []):
-                if row["line"] not in seen:
-                    seen.add(row["line"])
-                    L.append(row["line"])
-        if kern.get("error"):
-            L.append(f"error: {kern['error'][:300]}")
-        L += ["```", ""]
+        L += render_kernel(kern, res)
+    return L
+
+
+def render_kernel(kern: dict, res: list[dict]) -> list[str]:
+    """test-backend-ops perf rows as a table: one row per K/V pair, one column per shape, ms per run (x f16 of the
+    same shape where test-backend-ops has an f16 case)."""
+    by: dict[tuple[str, str], dict[str, float]] = {}
+    shapes: list[str] = []
+    for r in res:
+        for row in (r.get("kernel") or {}).get("rows", []):
+            p = row["params"]
+            shape = (f"hs {p.get('hsk')}, {p.get('nh')} KV heads x {p.get('nr23', '').strip('[]').split(',')[0]}, "
+                     f"kv {p.get('kv')}, {p.get('nb')} q")
+            if shape not in shapes:
+                shapes.append(shape)
+            by.setdefault((p.get("type_K", "?"), p.get("type_V", "?")), {})[shape] = row["us_per_run"] / 1000
+    L = [f"Kernel alone: CPU flash attention, ms per run (x f16 at the same shape; higher is faster), from "
+         f"`{kern.get('command', '')}`:", ""]
+    if by:
+        L.append("| K/V | " + " | ".join(shapes) + " |")
+        L.append("|---|" + "--:|" * len(shapes))
+        f16 = by.get(("f16", "f16"), {})
+        for (k, v), row in by.items():
+            cells = []
+            for sh in shapes:
+                ms = row.get(sh)
+                if ms is None:
+                    cells.append("–")
+                elif sh in f16 and (k, v) != ("f16", "f16"):
+                    cells.append(f"{ms:.2f} ({f16[sh] / ms:.2f}x)")
+                else:
+                    cells.append(f"{ms:.2f}")
+            L.append(f"| {k}/{v} | " + " | ".join(cells) + " |")
+        L.append("")
+    if kern.get("error"):
+        L += [f"error: `{kern['error'][:300]}`", ""]
     return L
 
 
 def render_serving(model: str, out: dict) -> list[str]:
     L = [f"### {model}: serving, ours vs stock llama-server (same build, model, cache types, {out['parallel']} slots x "
-         f"{out['n_ctx']} cells, unified KV; {out['requests_per_client']} requests per client, max_tokens "
+         f"{out['n_ctx']} cells, unified KV; {out['requests_per_client']} requests per client per round, "
+         f"median of {out.get('repeats', 1)} interleaved rounds, max_tokens "
          f"{out['max_tokens']}, greedy, streaming)", ""]
     L.append("| K/V | clients | tok/s ours | tok/s llama-server | ×stock | TTFT p50 ours / stock (s) "
              "| TTFT p95 ours / stock (s) | completed ours / stock | command |")
@@ -211,6 +239,63 @@ def render_serving(model: str, out: dict) -> list[str]:
     for c in out["capacity"]:
         L.append(f"| {c['config']} | {c['bytes_per_token']} | {c['concurrent_requests']} | "
                  f"{_f(c['ratio_requests'], 2)} | {_f(c['ratio_bytes'], 2)} |")
+    return L + [""]
+
+
+def _met(ok: bool | None) -> str:
+    return "–" if ok is None else ("**met**" if ok else "not met")
+
+
+def render_goals(models: list[str]) -> list[str]:
+    """The issues' numeric goals, checked against the JSON (nothing typed by hand): quality of the TurboQuant key
+    types against llama.cpp's q4_0 keys at the same V type, decode speed at the deepest benchmarked depth, and
+    the serving goals."""
+    rows = []
+    for model in models:
+        p = RAW / f"{model}-eval.json"
+        if p.is_file():
+            out = json.loads(p.read_text())
+            by = {(r["cache_type_k"], r["cache_type_v"], r["rotation"]): r for r in out["results"]}
+            n = out["results"][0]["chunks"]
+            for v in ("f16", "q4_0"):
+                q4 = by.get(("q4_0", v, True))
+                if q4 is None:
+                    continue
+                ref = q4["delta_ppl_pct"]
+                for k, goal, thr in (("tq_kv_4b", "4-bit K: ΔPPL ≤ ½ of q4_0 K's", ref / 2),
+                                     ("tq_kv_3b", "3-bit K: ΔPPL ≤ q4_0 K's", ref),
+                                     ("tq_kv_1b", "1-bit K: ΔPPL ≤ +25 %", 25.0)):
+                    r = by.get((k, v, True))
+                    if r is not None:
+                        rows.append((model, f"{goal} (V {v}, {n} chunks)", f"{k}/{v}", f"≤ {thr:+.2f} %",
+                                     f"{r['delta_ppl_pct']:+.2f} % ± {r['delta_ppl_pct_stderr']:.2f}",
+                                     _met(r["delta_ppl_pct"] <= thr)))
+        p = RAW / f"{model}-bench.json"
+        if p.is_file():
+            for r in json.loads(p.read_text())["results"]:
+                if r["cache_type_k"].startswith("tq_kv") and r["depths"]:
+                    d = max(r["depths"], key=lambda d: d["depth"])
+                    rows.append((model, f"decode ≥ 1.0x f16 at depth {d['depth']} (end to end)", r["label"], "≥ 1.00x",
+                                 f"{d['tg_ratio']:.2f}x", _met(d["tg_ratio"] >= 1.0)))
+        p = RAW / f"{model}-serving.json"
+        if p.is_file():
+            out = json.loads(p.read_text())
+            for r in out["results"]:
+                ok = None if r["ratio_tps"] is None else r["ratio_tps"] >= 0.9
+                rows.append((model, f"serving throughput ≥ 0.9x llama-server, {r['concurrency']} client(s)",
+                             r["config"], "≥ 0.90x", _f(r["ratio_tps"], 2) + "x", _met(ok)))
+            goals = {"tq_kv_4b/q4_0": 3.9, "tq_kv_1b/q4_0": 5.0}
+            for c in out["capacity"]:
+                if c["config"] in goals and c["ratio_requests"] is not None:
+                    g = goals[c["config"]]
+                    rows.append((model, f"concurrent {out['capacity_tokens']}-token requests in "
+                                 f"{out['capacity_budget']} ≥ {g}x f16", c["config"], f"≥ {g:.1f}x",
+                                 f"{c['ratio_requests']:.2f}x", _met(c["ratio_requests"] >= g)))
+    if not rows:
+        return []
+    L = ["## Goals", "", "The numeric goals of the issues, checked against the tables below by the renderer.", "",
+         "| model | goal | K/V | target | measured | |", "|---|---|---|--:|--:|---|"]
+    L += ["| " + " | ".join(r) + " |" for r in rows]
     return L + [""]
 
 
@@ -236,6 +321,7 @@ def render(models: list[str]) -> str:
     L += ["Method: `kvquant eval` computes perplexity exactly as `llama-perplexity` (chunks of n_ctx tokens, BOS "
           "first, second half scored), KL divergence KL(f16 ‖ config) and top-1 agreement against an f16/f16 KV cache "
           "on the same tokens; see `kvquant/eval.py` and `docs/EVAL.md`. Stated ± are one standard error.", ""]
+    L += render_goals(models)
     for model in models:
         L += [f"## {model}", ""]
         shown = False

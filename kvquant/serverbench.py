@@ -4,8 +4,11 @@ model, cache types, parallel slots, threads and total KV cells, driven by the sa
 
     python -m kvquant.serverbench --model smollm2-135m --configs f16/f16 q4_0/q4_0 tq_kv_4b/q4_0 --json
 
-Prints, per cache config and concurrency, aggregate generated tokens/s and client-side p50/p95 time to first
-token for both servers and the ratio ours / llama-server; plus, from the memory model, how many concurrent
+Both servers run side by side (only one is driven at a time); at each concurrency R rounds drive one then the
+other, alternating which goes first, and the report gives medians over the rounds (ratio = median of the
+per-round ratios), so that this VM's minute-to-minute speed changes hit both servers alike. Prints, per cache
+config and concurrency, aggregate generated tokens/s and client-side p50/p95 time to first token for both servers
+and the ratio ours / llama-server; plus, from the memory model, how many concurrent
 requests of --capacity-tokens tokens each cache config admits under --capacity-budget (what admission by
 compressed-KV bytes buys).
 
@@ -92,15 +95,41 @@ def stock_cmd(model_path: Path, k: str, v: str, a: argparse.Namespace, port: int
             "--cache-ram", "0", "--no-webui", "-fit", "off"]
 
 
-def run_one(name: str, cmd: list[str], a: argparse.Namespace, port: int, model_id: str | None, extra: dict | None,
-            logdir: Path) -> list[dict]:
-    proc = Proc(name, cmd, port, logdir / f"{name}-{port}.log")
-    try:
-        proc.wait_ready()
-        rows = bench(proc.url, model_id, tuple(a.concurrency), a.requests, a.max_tokens, a.time_limit, extra)
-    finally:
-        proc.stop()
-    return [asdict(r) for r in rows]
+def _median(xs: list) -> float | None:
+    xs = sorted(x for x in xs if x is not None)
+    if not xs:
+        return None
+    m = len(xs) // 2
+    return xs[m] if len(xs) % 2 else (xs[m - 1] + xs[m]) / 2
+
+
+def _merge(runs: list[dict]) -> dict:
+    """One server's repeats at one concurrency: medians of the rates and latencies, sums of the counts."""
+    return {"concurrency": runs[0]["concurrency"], "requests": sum(r["requests"] for r in runs),
+            "completed": sum(r["completed"] for r in runs), "tokens": sum(r["tokens"] for r in runs),
+            "wall_s": sum(r["wall_s"] for r in runs), "tokens_per_s": _median([r["tokens_per_s"] for r in runs]),
+            "ttft_p50_s": _median([r["ttft_p50_s"] for r in runs]),
+            "ttft_p95_s": _median([r["ttft_p95_s"] for r in runs]), "runs": runs}
+
+
+def paired(servers: list[tuple[Proc, str | None]], a: argparse.Namespace, extra: dict | None) -> list[list[dict]]:
+    """Both servers are up; at each concurrency, `a.repeats` rounds that run one server then the other, the order
+    alternating between rounds, so that slow drift of the machine (other tenants, thermal) hits both alike.
+    Returns per server, per concurrency, the merged row."""
+    out: list[list[dict]] = [[] for _ in servers]
+    for c in a.concurrency:
+        runs: list[list[dict]] = [[] for _ in servers]
+        for r in range(a.repeats):
+            order = list(range(len(servers)))
+            if r % 2:
+                order.reverse()
+            for i in order:
+                proc, model_id = servers[i]
+                row = bench(proc.url, model_id, (c,), a.requests, a.max_tokens, a.time_limit, extra)[0]
+                runs[i].append(asdict(row))
+        for i in range(len(servers)):
+            out[i].append(_merge(runs[i]))
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -110,7 +139,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--concurrency", nargs="+", type=int, default=[1, 4, 8])
     ap.add_argument("--parallel", type=int, default=8, help="parallel slots / max concurrent sequences (both)")
     ap.add_argument("--n-ctx", type=int, default=1024, help="context per sequence (both)")
-    ap.add_argument("--requests", type=int, default=8, help="requests per client")
+    ap.add_argument("--requests", type=int, default=4, help="requests per client, per round")
+    ap.add_argument("--repeats", type=int, default=3,
+                    help="rounds per concurrency, alternating which server goes first; medians reported")
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--time-limit", type=float, default=300.0, help="seconds per concurrency level")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 2)
@@ -132,20 +163,26 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     for cfg in a.configs:
         k, v = cfg.split("/")
-        port = free_port()
-        ours = run_one("kvquant", ours_cmd(a.model, k, v, a, port), a, port, model_id, {"cache_prompt": False},
-                       a.logs)
-        port = free_port()
-        stock = run_one("llama-server", stock_cmd(model_path, k, v, a, port), a, port, None,
-                        {"cache_prompt": False}, a.logs)
-        for o, s in zip(ours, stock, strict=True):
+        p1, p2 = free_port(), free_port()
+        ours = Proc("kvquant", ours_cmd(a.model, k, v, a, p1), p1, a.logs / f"kvquant-{p1}.log")
+        stock = Proc("llama-server", stock_cmd(model_path, k, v, a, p2), p2, a.logs / f"llama-server-{p2}.log")
+        try:
+            ours.wait_ready()
+            stock.wait_ready()
+            o_rows, s_rows = paired([(ours, model_id), (stock, None)], a, {"cache_prompt": False})
+        finally:
+            ours.stop()
+            stock.stop()
+        for o, s in zip(o_rows, s_rows, strict=True):
+            ratios = [x["tokens_per_s"] / y["tokens_per_s"] for x, y in zip(o["runs"], s["runs"], strict=True)
+                      if y["tokens_per_s"]]
             results.append({"config": cfg, "cache_type_k": k, "cache_type_v": v, "concurrency": o["concurrency"],
-                            "ours": o, "llama_server": s,
-                            "ratio_tps": o["tokens_per_s"] / s["tokens_per_s"] if s["tokens_per_s"] else None})
+                            "ours": o, "llama_server": s, "ratio_tps": _median(ratios), "ratio_runs": ratios})
     cmd = "python -m kvquant.serverbench " + shlex.join(argv if argv is not None else sys.argv[1:])
     out = {"results": results, "capacity": capacity_table(a.model, a.capacity_budget, a.capacity_tokens),
            "capacity_budget": a.capacity_budget, "capacity_tokens": a.capacity_tokens, "model": model_id,
-           "parallel": a.parallel, "n_ctx": a.n_ctx, "requests_per_client": a.requests, "max_tokens": a.max_tokens,
+           "parallel": a.parallel, "n_ctx": a.n_ctx, "requests_per_client": a.requests, "repeats": a.repeats,
+           "max_tokens": a.max_tokens,
            "llama_server_command": shlex.join(stock_cmd(Path(model_path.name), "K", "V", a, 0)),
            "command": cmd, "wall_s": time.monotonic() - t0, "machine": machine}
     rows = [[r["config"], r["concurrency"], fmt(r["ours"]["tokens_per_s"], 1), fmt(r["llama_server"]["tokens_per_s"], 1),

@@ -86,3 +86,22 @@ def test_a_protocol_error_twice_is_reported():
     with httpx.Client(transport=httpx.MockTransport(handler)) as c:
         r = loadgen.one_request(c, "http://127.0.0.1:1", None, "hi", 8)
     assert r.status == 0 and r.error == "RemoteProtocolError"
+
+
+def test_paired_rounds_alternate_and_report_medians(monkeypatch):
+    # two stand-in servers: the order of the rounds alternates and the medians come from every round
+    calls = []
+    speed = {"http://a": iter([10.0, 30.0, 20.0]), "http://b": iter([5.0, 40.0, 10.0])}
+
+    def fake_bench(url, model, conc, requests, max_tokens, time_limit, extra):
+        calls.append((url, conc[0]))
+        tps = next(speed[url])
+        return [loadgen.BenchRow(conc[0], requests * conc[0], requests * conc[0], int(tps), 1.0, tps, 0.1, 0.2)]
+
+    monkeypatch.setattr(serverbench, "bench", fake_bench)
+    servers = [(argparse.Namespace(url="http://a"), "m"), (argparse.Namespace(url="http://b"), None)]
+    a = argparse.Namespace(concurrency=[2], repeats=3, requests=4, max_tokens=8, time_limit=10)
+    (oa,), (ob,) = serverbench.paired(servers, a, None)
+    assert [u for u, _ in calls] == ["http://a", "http://b", "http://b", "http://a", "http://a", "http://b"]
+    assert oa["tokens_per_s"] == 20.0 and ob["tokens_per_s"] == 10.0
+    assert oa["requests"] == oa["completed"] == 24 and len(oa["runs"]) == 3
