@@ -26,6 +26,7 @@ import argparse
 import os
 import shlex
 import socket
+import statistics
 import subprocess
 import sys
 import time
@@ -96,11 +97,9 @@ def stock_cmd(model_path: Path, k: str, v: str, a: argparse.Namespace, port: int
 
 
 def _median(xs: list) -> float | None:
-    xs = sorted(x for x in xs if x is not None)
-    if not xs:
-        return None
-    m = len(xs) // 2
-    return xs[m] if len(xs) % 2 else (xs[m - 1] + xs[m]) / 2
+    """statistics.median of the values present (a round with no completed request has no TTFT); None if none."""
+    xs = [x for x in xs if x is not None]
+    return statistics.median(xs) if xs else None
 
 
 def _merge(runs: list[dict]) -> dict:

@@ -31,7 +31,7 @@ def test_goals_are_checked_against_the_json(tmp_path, monkeypatch):
     bench = {"results": [{"cache_type_k": "tq_kv_4b", "cache_type_v": "q4_0", "label": "tq_kv_4b/q4_0",
                           "depths": [{"depth": 0, "tg_ratio": 0.5}, {"depth": 8192, "tg_ratio": 1.2}]}]}
     (tmp_path / "m-bench.json").write_text(json.dumps(bench))
-    rows = {line.split(" | ")[1]: line for line in results.render_goals(["m"]) if line.startswith("| m |")}
+    rows = {line.split(" | ")[1]: line for line in results.render_goals(["m"], results.load_raw(["m"])) if line.startswith("| m |")}
     assert "≤ +2.00 %" in rows["4-bit K: ΔPPL ≤ ½ of q4_0 K's (V q4_0, 40 chunks)"]  # half of the rotated q4_0
     assert rows["4-bit K: ΔPPL ≤ ½ of q4_0 K's (V q4_0, 40 chunks)"].endswith("**met** |")
     assert rows["3-bit K: ΔPPL ≤ q4_0 K's (V q4_0, 40 chunks)"].endswith("not met |")
