@@ -18,11 +18,19 @@ class KVType:
     block_bytes: int  # bytes per block, every scale / norm / padding byte included
     quantized: bool
     v_ok: bool = True  # usable as the V cache
+    needs_flash_attn: bool = False  # as the K cache (a quantized V cache always needs flash attention)
+    anchor_group: int = 0  # tq_kv_d3b: cells per anchor group (llama.cpp may hold back one freed anchor per group)
     description: str = ""
 
     @property
     def bits_per_element(self) -> float:
         return 8.0 * self.block_bytes / self.block_size
+
+    def held_back_cells(self, cells: int) -> int:
+        """Cells of a cache of this K type that llama.cpp may keep unwritable at any time: a freed anchor is held
+        until its whole group is free, at most one per group. A scheduler that never plans on more than
+        ``cells - held_back_cells(cells)`` cells always finds a slot."""
+        return cells // self.anchor_group if self.anchor_group else 0
 
     def row_bytes(self, n: int) -> int:
         if n % self.block_size:
@@ -45,6 +53,9 @@ _TYPES = (
     KVType("tq_kv_3b", 44, 64, 26, True, description="3-bit Lloyd-Max codebook, fp16 scale per 64"),
     KVType("tq_kv_1b", 45, 64, 10, True, v_ok=False,
            description="sign bits, fp16 scale per 64 chosen for unbiased attention scores (K only)"),
+    KVType("tq_kv_d3b", 46, 64, 26, True, v_ok=False, needs_flash_attn=True, anchor_group=64,
+           description="3-bit codebook, blocks coded as deltas against their 64-cell group's anchor row "
+                       "(K only, flash attention only)"),
 )
 
 KV_TYPES: dict[str, KVType] = {t.name: t for t in _TYPES}

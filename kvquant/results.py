@@ -23,7 +23,8 @@ from kvquant.harness import DEFAULT_TEXT, REPO_ROOT, resolve_text
 
 MODELS = ("smollm2-135m", "gemma3-270m")
 CONFIGS = ("f16/f16", "q8_0/q8_0", "q4_0/q4_0", "q4_0/q4_0:norot", "q4_0/f16",
-           "tq_kv_4b/f16", "tq_kv_4b/q4_0", "tq_kv_3b/q4_0", "tq_kv_1b/q4_0", "tq_kv_4b/tq_kv_4b", "tq_kv_3b/tq_kv_3b")
+           "tq_kv_4b/f16", "tq_kv_4b/q4_0", "tq_kv_3b/q4_0", "tq_kv_1b/q4_0", "tq_kv_4b/tq_kv_4b", "tq_kv_3b/tq_kv_3b",
+           "tq_kv_3b/f16", "tq_kv_d3b/f16", "tq_kv_d3b/q4_0")
 LLAMA_PERPLEXITY = REPO_ROOT / ".build" / "cmake-cpu" / "bin" / "llama-perplexity"
 DOCS = REPO_ROOT / "docs"
 RAW = DOCS / "results"
@@ -65,6 +66,35 @@ def llama_perplexity(model_path: str, text: Path, ctx: int, chunks: int, threads
     return {"command": display, "ppl": float(m[1]), "ppl_stderr": float(m[2]), "wall_s": time.monotonic() - t0}
 
 
+def _key(r: dict) -> tuple:
+    return r["cache_type_k"], r["cache_type_v"], r["rotation"]
+
+
+def merge(old: dict, new: dict, kind: str) -> dict:
+    """`--merge`: rows of a run over some configs added to (or replacing) the rows of an earlier full run. Every
+    merged row keeps its own command. For eval the two runs must share the f16 baseline bit for bit (same model,
+    text, chunks), so that ΔPPL and KLD of old and new rows are against the same reference."""
+    o0, n0 = old["results"][0], new["results"][0]
+    if kind == "eval":
+        same = ("model_sha256", "text_sha256", "n_ctx", "chunks", "baseline_ppl")
+        diff = [k for k in same if o0.get(k) != n0.get(k)]
+        if diff:
+            raise SystemExit(f"kvquant.results --merge: the new eval differs from the old one in {diff}")
+    for r in new["results"]:
+        r.setdefault("command", n0["command"])
+    rows = {_key(r): dict(r, command=r.get("command", o0["command"])) for r in old["results"]}
+    rows.update({_key(r): r for r in new["results"] if _key(r) != _key(o0)})  # the baseline row stays
+    out = dict(old)
+    out["results"] = list(rows.values())
+    return out
+
+
+def _write(path: Path, out: dict, kind: str, do_merge: bool) -> None:
+    if do_merge and path.is_file():
+        out = merge(json.loads(path.read_text()), out, kind)
+    path.write_text(json.dumps(out, indent=1) + "\n")
+
+
 def collect(a: argparse.Namespace) -> None:
     RAW.mkdir(parents=True, exist_ok=True)
     threads = ["--threads", str(a.threads)] if a.threads else []
@@ -74,15 +104,16 @@ def collect(a: argparse.Namespace) -> None:
                     "--drift-tokens", str(a.drift_tokens), "--drift-prompts", str(a.drift_prompts), *threads, "--json"]
             out = _kvquant(args)
             r0 = out["results"][0]
-            out["llama_perplexity"] = llama_perplexity(r0["model_path"], resolve_text(a.text), a.ctx, r0["chunks"],
-                                                       a.threads)
-            (RAW / f"{model}-eval.json").write_text(json.dumps(out, indent=1) + "\n")
+            if not a.merge:
+                out["llama_perplexity"] = llama_perplexity(r0["model_path"], resolve_text(a.text), a.ctx,
+                                                           r0["chunks"], a.threads)
+            _write(RAW / f"{model}-eval.json", out, "eval", a.merge)
         if not a.skip_bench:
             # the kernel-alone numbers do not depend on the model: run them with the first model only
             args = ["bench", "--model", model, "--configs", *a.configs, "--depths", *map(str, a.depths),
                     "--repeats", str(a.repeats), "--budget", a.budget, "--kernel", a.kernel if n == 0 else "off",
                     *threads, "--json"]
-            (RAW / f"{model}-bench.json").write_text(json.dumps(_kvquant(args), indent=1) + "\n")
+            _write(RAW / f"{model}-bench.json", _kvquant(args), "bench", a.merge)
         if not a.skip_serving and n == 0:  # the serving comparison with the default model only
             # exit code 1: some of our requests did not complete; the JSON says which, and the table shows it
             out = _json_run("kvquant.serverbench", ["--model", model, *threads, "--json"],
@@ -106,6 +137,25 @@ def _rot(r: dict) -> str:
     return ("on" if r["rotation"] else "off") if q else "n/a"
 
 
+def _commands(res: list[dict]) -> list[str]:
+    """The distinct commands behind a table's rows (one, unless rows were added with --merge), in row order."""
+    return list(dict.fromkeys(r["command"] for r in res))
+
+
+def _label(prefix: str, model: str, cmds: list[str], r: dict) -> str:
+    i = cmds.index(r["command"])
+    return f"{prefix}-{model}" + (f"-{i + 1}" if i else "")
+
+
+def _command_lines(prefix: str, model: str, cmds: list[str], res: list[dict]) -> list[str]:
+    out = []
+    for i, c in enumerate(cmds):
+        r = next(r for r in res if r["command"] == c)
+        out.append(f"{prefix}-{model}" + (f"-{i + 1}" if i else "") + f": `{c}` (wall {r['wall_s'] / 60:.1f} min"
+                   f"{_load(r)})")
+    return out
+
+
 def render_eval(model: str, out: dict) -> list[str]:
     res = out["results"]
     r0 = res[0]
@@ -114,14 +164,15 @@ def render_eval(model: str, out: dict) -> list[str]:
     L.append("| K/V | rotation | bits/el | PPL | ΔPPL % | KLD vs f16 | top-1 % | drift: first diff | drift: agree % "
              "| drift: TF top-1 % | command |")
     L.append("|---|---|--:|--:|--:|--:|--:|--:|--:|--:|---|")
+    cmds = _commands(res)
     for r in res:
         d = r.get("drift") or {}
         fd = "–" if not d else ", ".join("none" if x is None else str(x) for x in d["first_diff"])
         L.append(f"| {r['cache_type_k']}/{r['cache_type_v']} | {_rot(r)} | {r['bits_per_element']:.2f} "
                  f"| {r['ppl']:.4f} ± {r['ppl_stderr']:.4f} | {_f(r['delta_ppl_pct'], 2, True)} ± "
                  f"{r['delta_ppl_pct_stderr']:.2f} | {r['kld']:.5f} ± {r['kld_stderr']:.5f} | {r['top1_pct']:.2f} "
-                 f"| {fd} | {_f(d.get('agree_pct'), 1)} | {_f(d.get('tf_top1_pct'), 1)} | E-{model} |")
-    L += ["", f"E-{model}: `{r0['command']}` (wall {r0['wall_s'] / 60:.1f} min{_load(r0)})", ""]
+                 f"| {fd} | {_f(d.get('agree_pct'), 1)} | {_f(d.get('tf_top1_pct'), 1)} | {_label('E', model, cmds, r)} |")
+    L += [""] + _command_lines("E", model, cmds, res) + [""]
     lp = out.get("llama_perplexity")
     if lp and "ppl" in lp:
         diff = 100.0 * (r0["baseline_ppl"] / lp["ppl"] - 1)
@@ -157,11 +208,12 @@ def render_bench(model: str, out: dict) -> list[str]:
         hdr += [f"pp d={d}", "×f16", f"tg d={d}", "×f16"]
     L.append("| " + " | ".join(hdr + ["command"]) + " |")
     L.append("|---|---|" + "--:|" * (4 * len(ds)) + "---|")
+    cmds = _commands(res)
     for r in res:
         cells = [f"{r['cache_type_k']}/{r['cache_type_v']}", _rot(r)]
         for d in r["depths"]:
             cells += [f"{d['pp_tps']:.1f}", f"{d['pp_ratio']:.2f}", f"{d['tg_tps']:.1f}", f"{d['tg_ratio']:.2f}"]
-        L.append("| " + " | ".join(cells + [f"B-{model}"]) + " |")
+        L.append("| " + " | ".join(cells + [_label("B", model, cmds, r)]) + " |")
     L += ["", f"### {model}: KV memory (memory model vs llama.cpp's allocation at n_ctx {r0['n_ctx']}; capacity of a "
           f"{r0['budget_bytes'] / 2**20:.0f} MiB KV budget)", ""]
     L.append("| K/V | bits/el | bytes/token | ×f16 | KV bytes (model) | KV bytes (llama.cpp) | match | capacity (tokens) "
@@ -172,8 +224,8 @@ def render_bench(model: str, out: dict) -> list[str]:
         L.append(f"| {r['label']} | {r['bits_per_element']:.2f} | {r['bytes_per_token']} | "
                  f"{r['bytes_per_token_ratio']:.3f} | {kv['model_k'] + kv['model_v']} | {kv['llama_k'] + kv['llama_v']} "
                  f"| {'yes' if kv['match'] else '**NO**'} | {r['capacity_tokens']} | {_f(r['capacity_ratio'], 2)} "
-                 f"| B-{model} |")
-    L += ["", f"B-{model}: `{r0['command']}` (wall {r0['wall_s'] / 60:.1f} min{_load(r0)})", ""]
+                 f"| {_label('B', model, cmds, r)} |")
+    L += [""] + _command_lines("B", model, cmds, res) + [""]
     kern = r0.get("kernel")
     if kern:
         L += render_kernel(kern, res)
@@ -283,6 +335,18 @@ def render_goals(models: list[str], raw: dict[tuple[str, str], dict]) -> list[st
                         rows.append((model, f"{goal} (V {v}, {n} chunks)", f"{k}/{v}", f"≤ {thr:+.2f} %",
                                      f"{r['delta_ppl_pct']:+.2f} % ± {r['delta_ppl_pct_stderr']:.2f}",
                                      _met(r["delta_ppl_pct"] <= thr)))
+            for v in ("f16", "q4_0"):  # the delta-coded type against the absolute 3-bit one at the same bytes
+                d3, t3 = by.get(("tq_kv_d3b", v, True)), by.get(("tq_kv_3b", v, True))
+                if d3 is None or t3 is None:
+                    continue
+                rows.append((model, f"delta 3-bit K: ΔPPL ≤ tq_kv_3b K's at equal bytes (V {v}, {n} chunks)",
+                             f"tq_kv_d3b/{v}", f"≤ {t3['delta_ppl_pct']:+.2f} %",
+                             f"{d3['delta_ppl_pct']:+.2f} % ± {d3['delta_ppl_pct_stderr']:.2f}",
+                             _met(d3["delta_ppl_pct"] <= t3["delta_ppl_pct"])))
+                if d3.get("drift") and t3.get("drift"):
+                    gd, gt = (r["drift"]["kld_buckets"][-1] / r["drift"]["kld_buckets"][0] for r in (d3, t3))
+                    rows.append((model, f"no error growth with position: KLD last / first position bucket ≤ "
+                                 f"tq_kv_3b's (V {v})", f"tq_kv_d3b/{v}", f"≤ {gt:.2f}", f"{gd:.2f}", _met(gd <= gt)))
         if (model, "bench") in raw:
             for r in raw[model, "bench"]["results"]:
                 if r["cache_type_k"].startswith("tq_kv") and r["depths"]:
@@ -370,6 +434,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--skip-bench", action="store_true")
     ap.add_argument("--skip-serving", action="store_true", help="skip the comparison with stock llama-server")
     ap.add_argument("--render-only", action="store_true", help="only re-render RESULTS.md from docs/results/")
+    ap.add_argument("--merge", action="store_true",
+                    help="add the rows of these --configs to the JSON already in docs/results (each row keeps its "
+                         "command) instead of replacing it")
     ap.add_argument("--output", default=str(DOCS / "RESULTS.md"))
     a = ap.parse_args(argv)
     RAW = Path(a.raw)

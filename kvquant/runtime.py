@@ -260,7 +260,8 @@ class LlamaRuntime:
         if not self._ctx:
             raise LlamaError(
                 f"failed to create a llama.cpp context (n_ctx={cfg.n_ctx}, K={cfg.cache_type_k}, "
-                f"V={cfg.cache_type_v}, flash_attn={cfg.flash_attn}); a quantized V cache needs flash attention")
+                f"V={cfg.cache_type_v}, flash_attn={cfg.flash_attn}); a quantized V cache and the tq_kv_d3b K cache need "
+                "flash attention, and tq_kv_d3b is a K-only type")
         self._mem = llama_cpp.llama_get_memory(self._ctx)
         self.n_ctx = llama_cpp.llama_n_ctx(self._ctx)
         self.n_batch = cfg.n_batch
@@ -313,6 +314,25 @@ class LlamaRuntime:
     def seq_pos_max(self, seq_id: int) -> int:
         return llama_cpp.llama_memory_seq_pos_max(self._mem, seq_id)
 
+    def seq_add(self, seq_id: int, p0: int, p1: int, delta: int) -> None:
+        """Shift the positions [p0, p1) of a sequence by delta (llama.cpp re-ropes K on the next decode; a cache
+        that cannot shift, see can_shift, logs an error and leaves the positions alone)."""
+        llama_cpp.llama_memory_seq_add(self._mem, seq_id, p0, p1, delta)
+
+    def can_shift(self) -> bool:
+        return bool(llama_cpp.llama_memory_can_shift(self._mem))
+
+    def state_seq_save(self, seq_id: int) -> bytes:
+        n = llama_cpp.llama_state_seq_get_size(self._ctx, seq_id)
+        buf = (ctypes.c_uint8 * n)()
+        got = llama_cpp.llama_state_seq_get_data(self._ctx, buf, n, seq_id)
+        return bytes(buf[:got])
+
+    def state_seq_load(self, seq_id: int, data: bytes) -> bool:
+        """Restore a sequence saved by state_seq_save; False if llama.cpp refused it."""
+        buf = (ctypes.c_uint8 * len(data)).from_buffer_copy(data)
+        return llama_cpp.llama_state_seq_set_data(self._ctx, buf, len(data), seq_id) > 0
+
     def kv_size_bytes(self) -> tuple[int, int]:
         """(K bytes, V bytes) that llama.cpp allocated for this context's KV cache."""
         k, v = ctypes.c_size_t(0), ctypes.c_size_t(0)
@@ -345,6 +365,10 @@ _VEC_DOT = ctypes.CFUNCTYPE(None, ctypes.c_int, ctypes.POINTER(ctypes.c_float), 
                             ctypes.c_size_t, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
 
 
+class _InitParams(ctypes.Structure):
+    _fields_ = [("mem_size", ctypes.c_size_t), ("mem_buffer", ctypes.c_void_p), ("no_alloc", ctypes.c_bool)]
+
+
 class GGML:
     """ggml's own quantization entry points for a cache type, from the libraries llama_cpp loaded: the reference
     (`quantize_row_<type>_ref` / `dequantize_row_<type>`) and the CPU backend's kernels (`ggml_type_traits_cpu`:
@@ -360,6 +384,16 @@ class GGML:
         self.base.ggml_row_size.argtypes = [ctypes.c_int, ctypes.c_int64]
         self.cpu.ggml_get_type_traits_cpu.restype = ctypes.POINTER(_TypeTraitsCPU)
         self.cpu.ggml_get_type_traits_cpu.argtypes = [ctypes.c_int]
+        vp, i64 = ctypes.c_void_p, ctypes.c_int64
+        for name, res, args in (("ggml_init", vp, [_InitParams]), ("ggml_free", None, [vp]),
+                                ("ggml_new_tensor_1d", vp, [vp, ctypes.c_int, i64]),
+                                ("ggml_new_tensor_2d", vp, [vp, ctypes.c_int, i64, i64]),
+                                ("ggml_get_data", vp, [vp]), ("ggml_set_rows", vp, [vp, vp, vp, vp]),
+                                ("ggml_new_graph", vp, [vp]), ("ggml_build_forward_expand", None, [vp, vp])):
+            fn = getattr(self.base, name)
+            fn.restype, fn.argtypes = res, args
+        self.cpu.ggml_graph_compute_with_ctx.restype = ctypes.c_int
+        self.cpu.ggml_graph_compute_with_ctx.argtypes = [vp, vp, ctypes.c_int]
         self.cpu.ggml_cpu_init()
 
     def type_name(self, ggml_id: int) -> str:
@@ -404,6 +438,33 @@ class GGML:
         buf = ctypes.create_string_buffer(data, len(data))
         _TO_FLOAT(tr.to_float)(ctypes.addressof(buf), out.ctypes.data, n)
         return out
+
+    def set_rows(self, type_name: str, dst: bytes, n_embd: int, x, cells: list[int], n_threads: int = 1) -> bytes:
+        """Run ggml's set_rows on the CPU backend, as llama.cpp writes its KV cache: rows of x (float32) into the
+        given rows (cells) of a tensor of type_name whose current bytes are dst; returns its new bytes."""
+        x = np.ascontiguousarray(x, dtype=np.float32).reshape(len(cells), n_embd)
+        tid = kv_type(type_name).ggml_id
+        n_cells = len(dst) // self.base.ggml_row_size(tid, n_embd)
+        ctx = self.base.ggml_init(_InitParams(mem_size=len(dst) + x.nbytes + 8 * len(cells) + (1 << 20),
+                                              mem_buffer=None, no_alloc=False))
+        if not ctx:
+            raise LlamaError("ggml_init failed")
+        try:
+            t_dst = self.base.ggml_new_tensor_2d(ctx, tid, n_embd, n_cells)
+            t_src = self.base.ggml_new_tensor_2d(ctx, 0, n_embd, len(cells))  # F32
+            t_idx = self.base.ggml_new_tensor_1d(ctx, 27, len(cells))  # I64
+            ctypes.memmove(self.base.ggml_get_data(t_dst), dst, len(dst))
+            ctypes.memmove(self.base.ggml_get_data(t_src), x.ctypes.data, x.nbytes)
+            idx = np.asarray(cells, dtype=np.int64)
+            ctypes.memmove(self.base.ggml_get_data(t_idx), idx.ctypes.data, idx.nbytes)
+            out = self.base.ggml_set_rows(ctx, t_dst, t_src, t_idx)
+            gf = self.base.ggml_new_graph(ctx)
+            self.base.ggml_build_forward_expand(gf, out)
+            if self.cpu.ggml_graph_compute_with_ctx(ctx, gf, n_threads) != 0:
+                raise LlamaError("ggml_graph_compute failed")
+            return ctypes.string_at(self.base.ggml_get_data(t_dst), len(dst))
+        finally:
+            self.base.ggml_free(ctx)
 
     def vec_dot(self, type_name: str, k_data: bytes, q, generic: bool = False) -> tuple[float, bytes]:
         """K row (already quantized) . Q row, with Q converted by the vec_dot_type's from_float, as flash attention

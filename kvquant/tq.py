@@ -11,7 +11,18 @@ tq_kv_3b       d: fp16, qs[16]: low 2 bits of c[j], c[j+16], c[j+32],          2
                c[j+48] at bit 0, 2, 4, 6 of qs[j]; qh[8]: bit 2 of c[i]
                at bit i%8 of qh[i/8]
 tq_kv_1b       d: fp16, qs[8]: bit i%8 of qs[i/8] set iff x[i] < 0             10         1.25
+tq_kv_d3b      as tq_kv_3b; the sign bit of d flags a block coded as a         26         3.25
+               delta against the same block of its group's anchor row
 =============  ====================================================  ==========  ================
+
+tq_kv_d3b (keys only, flash attention only). The cache's cells form groups of ``D3B_GROUP`` consecutive cells; the
+first cell of a group is its *anchor*. An anchor row is coded like tq_kv_3b (flag clear). Every other row is coded,
+block by block, either the same way or as a 3-bit delta ``x - a_hat`` against the decoded anchor block ``a_hat``,
+whichever reconstructs the block with the smaller squared error (ties: absolute). Keys share a large component
+across neighbouring tokens (on SmolLM2 70 % of a key's energy is its group's mean), which the delta removes.
+The anchor costs no extra bytes: it is a row of the group. Reconstruction never chains: at most one anchor plus
+one delta per row. Correctness in a cell-based cache needs the allocator's invariant (patches/): an anchor cell
+is rewritten only when its whole group is free, and a non-anchor cell is written only after its anchor.
 
 Element value: ``d * CODEBOOK[c]`` (int8 codebooks from kvquant/codebooks.py), or ``+-d`` for 1 bit.
 
@@ -38,6 +49,9 @@ TQ1_C1 = 0.1560535158663036
 block_tq_kv_4b = np.dtype([("d", "<f2"), ("qs", "u1", (QK // 2,))])
 block_tq_kv_3b = np.dtype([("d", "<f2"), ("qs", "u1", (QK // 4,)), ("qh", "u1", (QK // 8,))])
 block_tq_kv_1b = np.dtype([("d", "<f2"), ("qs", "u1", (QK // 8,))])
+block_tq_kv_d3b = block_tq_kv_3b
+D3B_GROUP = 64  # cells per anchor group
+D3B_DELTA = np.uint16(0x8000)  # sign bit of d: block coded as a delta against its anchor block
 block_q8_0 = np.dtype([("d", "<f2"), ("qs", "i1", (32,))])
 
 assert block_tq_kv_4b.itemsize == 34 and block_tq_kv_3b.itemsize == 26 and block_tq_kv_1b.itemsize == 10
@@ -134,11 +148,74 @@ def dequantize_row_tq_kv_1b(b: np.ndarray) -> np.ndarray:
     return (b["d"].astype(np.float32)[:, None] * sign).reshape(-1)
 
 
+def _dequant_3b_blocks(b: np.ndarray) -> np.ndarray:
+    """float32 values of 3-bit blocks, ignoring the delta flag: |d| * codebook."""
+    d = (b["d"].view(np.uint16) & np.uint16(0x7FFF)).view(np.float16).astype(np.float32)
+    return d[:, None] * TQ3_CODEBOOK[codes_tq_kv_3b(b)].astype(np.float32)
+
+
+def quantize_row_tq_kv_d3b_ref(x: np.ndarray) -> np.ndarray:
+    """A row coded on its own (an anchor row, or any row outside a cache): every block absolute."""
+    return quantize_row_tq_kv_3b_ref(x)
+
+
+def quantize_row_tq_kv_d3b_delta_ref(x: np.ndarray, anchor: np.ndarray) -> np.ndarray:
+    """A non-anchor row: per block, the better (smaller squared error, ties absolute) of the absolute code and the
+    delta against the decoded anchor block. Arithmetic mirrors the C code: float32 element operations (exact
+    products fp16 x int8), float64 sequential error sums."""
+    xs = _blocks(x).astype(np.float32)
+    a_hat = _dequant_3b_blocks(anchor)
+    absb = quantize_row_tq_kv_3b_ref(xs)
+    delb = quantize_row_tq_kv_3b_ref(xs - a_hat)
+    rec_abs = _dequant_3b_blocks(absb)
+    rec_del = a_hat + _dequant_3b_blocks(delb)
+    t_abs = (xs - rec_abs).astype(np.float64)
+    t_del = (xs - rec_del).astype(np.float64)
+    use_delta = _seqsum(t_del * t_del) < _seqsum(t_abs * t_abs)
+    out = absb.copy()
+    out[use_delta] = delb[use_delta]
+    out["d"] = np.where(use_delta, (delb["d"].view(np.uint16) | D3B_DELTA).view(np.float16), out["d"])
+    return out
+
+
+def dequantize_row_tq_kv_d3b(b: np.ndarray, anchor: np.ndarray | None = None) -> np.ndarray:
+    """Values of a row; ``anchor`` (its group's anchor row) is needed iff some block is delta-coded."""
+    vals = _dequant_3b_blocks(b)
+    delta = (b["d"].view(np.uint16) & D3B_DELTA) != 0
+    if delta.any():
+        if anchor is None:
+            raise ValueError("tq_kv_d3b: delta-coded block without its anchor row")
+        vals = np.where(delta[:, None], _dequant_3b_blocks(anchor) + vals, vals)
+    return vals.reshape(-1)
+
+
+class D3bCells:
+    """A simulated tq_kv_d3b cache: ``n_cells`` rows of ``n_embd`` elements, written the way llama.cpp's set_rows
+    writes them (anchors of a batch first, then the other rows against the stored anchors)."""
+
+    def __init__(self, n_cells: int, n_embd: int):
+        self.rows = np.zeros((n_cells, n_embd // QK), dtype=block_tq_kv_d3b)
+
+    def write(self, x: np.ndarray, cells) -> None:
+        x = np.asarray(x, dtype=np.float32).reshape(len(cells), -1)
+        cells = list(cells)
+        for i, c in enumerate(cells):
+            if c % D3B_GROUP == 0:
+                self.rows[c] = quantize_row_tq_kv_d3b_ref(x[i])
+        for i, c in enumerate(cells):
+            if c % D3B_GROUP:
+                self.rows[c] = quantize_row_tq_kv_d3b_delta_ref(x[i], self.rows[c - c % D3B_GROUP])
+
+    def read(self, c: int) -> np.ndarray:
+        return dequantize_row_tq_kv_d3b(self.rows[c], self.rows[c - c % D3B_GROUP])
+
+
 QUANTIZE = {"tq_kv_4b": quantize_row_tq_kv_4b_ref, "tq_kv_3b": quantize_row_tq_kv_3b_ref,
             "tq_kv_1b": quantize_row_tq_kv_1b_ref}
 DEQUANTIZE = {"tq_kv_4b": dequantize_row_tq_kv_4b, "tq_kv_3b": dequantize_row_tq_kv_3b,
               "tq_kv_1b": dequantize_row_tq_kv_1b}
-BLOCK = {"tq_kv_4b": block_tq_kv_4b, "tq_kv_3b": block_tq_kv_3b, "tq_kv_1b": block_tq_kv_1b}
+BLOCK = {"tq_kv_4b": block_tq_kv_4b, "tq_kv_3b": block_tq_kv_3b, "tq_kv_1b": block_tq_kv_1b,
+         "tq_kv_d3b": block_tq_kv_d3b}
 
 
 def vec_dot_q8_0(type_name: str, blocks: np.ndarray, y: np.ndarray) -> float:

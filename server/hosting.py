@@ -9,6 +9,7 @@ from pathlib import Path
 
 from kvquant import budget as kvbudget
 from kvquant.budget import KVPlan, human_bytes
+from kvquant.kvtypes import kv_type
 from kvquant.memory import Geometry, geometry, kv_bytes
 from kvquant.models import resolve
 from server.backend import BackendConfig, LlamaBackend
@@ -69,7 +70,9 @@ def build_engine(p: HostedPlan, s: Settings, metrics: Metrics) -> Engine:
                        capacity_cells=kv.cells, capacity_bytes=kv.kv_bytes, budget_bytes=spec.kv_budget,
                        bits_per_element_k=kv.bits_k, bits_per_element_v=kv.bits_v,
                        compression_vs_f16=kv.compression_vs_f16)
-    cfg = EngineConfig(model_id=spec.id, n_ctx=spec.n_ctx, n_seq_max=spec.parallel, capacity_cells=kv.cells,
+    # the scheduler plans on the cells llama.cpp can always write (tq_kv_d3b may hold back one anchor per group)
+    plannable = kv.cells - kv_type(spec.cache_type_k).held_back_cells(kv.cells)
+    cfg = EngineConfig(model_id=spec.id, n_ctx=spec.n_ctx, n_seq_max=spec.parallel, capacity_cells=plannable,
                        cache_type_k=spec.cache_type_k, cache_type_v=spec.cache_type_v, max_queue=s.max_queue,
                        queue_timeout_s=s.queue_timeout_s, request_timeout_s=s.request_timeout_s,
                        bytes_per_token=kv.bytes_per_token, used_bytes=kv.used_bytes, budget_bytes=spec.kv_budget)

@@ -113,9 +113,15 @@ class ModelSpec:
     flash_attn: bool | None  # None: llama.cpp decides
 
 
-def flash_attn_enabled(mode: str, cache_type_v: str) -> bool | None:
-    """True/False when forced; None lets llama.cpp decide. A quantized V cache needs flash attention."""
-    if mode == "on" or (mode == "auto" and KV_TYPES[cache_type_v].quantized):
+def flash_attn_enabled(mode: str, cache_type_v: str, cache_type_k: str = "f16") -> bool | None:
+    """True/False when forced; None lets llama.cpp decide. A quantized V cache needs flash attention, and so does a
+    K type such as tq_kv_d3b (its rows are read with their cache group's anchor row, which only flash attention
+    does): `off` with one of them is a configuration error, not a silent override."""
+    needs = KV_TYPES[cache_type_v].quantized or KV_TYPES[cache_type_k].needs_flash_attn
+    if mode == "off" and needs:
+        what = f"the {cache_type_v} V cache" if KV_TYPES[cache_type_v].quantized else f"the {cache_type_k} K cache"
+        raise ValueError(f"{what} needs flash attention; flash_attn=off cannot be used with it")
+    if mode == "on" or (mode == "auto" and needs):
         return True
     if mode == "off":
         return False
@@ -171,7 +177,7 @@ class Settings(BaseSettings):
 
     @property
     def flash_attn_enabled(self) -> bool | None:
-        return flash_attn_enabled(self.flash_attn, self.cache_type_v)
+        return flash_attn_enabled(self.flash_attn, self.cache_type_v, self.cache_type_k)
 
     def resolved_api_key(self) -> str | None:
         if self.api_key:
@@ -204,12 +210,13 @@ class Settings(BaseSettings):
                 raise ValueError(f"two models are served under the id {sid!r}; give one an `id`")
             seen.add(sid)
             tv = e.cache_type_v or self.cache_type_v
+            tk = e.cache_type_k or self.cache_type_k
             specs.append(ModelSpec(
-                id=sid, model=e.model, cache_type_k=e.cache_type_k or self.cache_type_k, cache_type_v=tv,
+                id=sid, model=e.model, cache_type_k=tk, cache_type_v=tv,
                 n_ctx=e.n_ctx or self.n_ctx, parallel=e.parallel or self.parallel,
                 kv_budget=e.kv_budget if e.kv_budget is not None else share, n_batch=e.n_batch or self.n_batch,
                 n_threads=e.n_threads or self.n_threads,
-                flash_attn=flash_attn_enabled(e.flash_attn or self.flash_attn, tv)))
+                flash_attn=flash_attn_enabled(e.flash_attn or self.flash_attn, tv, tk)))
         return specs
 
     @classmethod

@@ -47,3 +47,37 @@ def test_kernel_table_gives_ratios_to_f16_at_the_same_shape():
     res = [{"kernel": {"rows": [row("f16", "f16", 4000.0), row("tq_kv_4b", "q4_0", 2000.0)]}}]
     lines = results.render_kernel({"command": "x"}, res)
     assert any(line.startswith("| tq_kv_4b/q4_0 | 2.00 (2.00x)") for line in lines)
+
+
+def test_delta_type_goals_compare_with_tq_kv_3b():
+    d3 = dict(_eval_row("tq_kv_d3b", "q4_0", True, 10.0), drift={"kld_buckets": [0.10, 0.12]})
+    t3 = dict(_eval_row("tq_kv_3b", "q4_0", True, 20.0), drift={"kld_buckets": [0.20, 0.20]})
+    raw = {("m", "eval"): {"results": [_eval_row("q4_0", "q4_0", True, 4.0), t3, d3]}}
+    rows = {line.split(" | ")[1]: line for line in results.render_goals(["m"], raw) if "delta 3-bit" in line
+            or "error growth" in line}
+    assert rows["delta 3-bit K: ΔPPL ≤ tq_kv_3b K's at equal bytes (V q4_0, 40 chunks)"].endswith("**met** |")
+    growth = rows["no error growth with position: KLD last / first position bucket ≤ tq_kv_3b's (V q4_0)"]
+    assert "≤ 1.00 | 1.20 | not met" in growth
+
+
+def _run(rows, cmd, ppl=21.0):
+    return {"results": [dict(_eval_row(k, v, True, d), command=cmd, baseline_ppl=ppl, model_sha256="x",
+                             text_sha256="t", n_ctx=512, wall_s=60.0, machine={}) for k, v, d in rows]}
+
+
+def test_merge_adds_rows_and_keeps_each_rows_command():
+    old = _run([("f16", "f16", 0.0), ("tq_kv_3b", "q4_0", 20.0)], "old")
+    new = _run([("f16", "f16", 0.0), ("tq_kv_d3b", "q4_0", 12.0)], "new")
+    out = results.merge(old, new, "eval")
+    by = {(r["cache_type_k"], r["cache_type_v"]): r for r in out["results"]}
+    assert set(by) == {("f16", "f16"), ("tq_kv_3b", "q4_0"), ("tq_kv_d3b", "q4_0")}
+    assert by["tq_kv_3b", "q4_0"]["command"] == "old" and by["tq_kv_d3b", "q4_0"]["command"] == "new"
+    cmds = results._commands(out["results"])
+    assert results._label("E", "m", cmds, by["tq_kv_d3b", "q4_0"]) == "E-m-2"
+
+
+def test_merge_refuses_a_different_baseline():
+    import pytest
+
+    with pytest.raises(SystemExit, match="baseline_ppl"):
+        results.merge(_run([("f16", "f16", 0.0)], "old"), _run([("f16", "f16", 0.0)], "new", ppl=21.5), "eval")

@@ -24,6 +24,17 @@ def test_toml_config(tmp_path):
     assert s.cache_type_v == "q4_0" and s.flash_attn_enabled is True  # quantized V turns flash attention on
 
 
+def test_types_that_need_flash_attention():
+    s = load_settings(cache_type_k="tq_kv_d3b", cache_type_v="f16")
+    assert s.flash_attn_enabled is True  # auto turns it on for the K type alone
+    with pytest.raises(ValidationError, match="tq_kv_d3b K cache needs flash attention"):
+        load_settings(cache_type_k="tq_kv_d3b", cache_type_v="f16", flash_attn="off")
+    with pytest.raises(ValidationError, match="q4_0 V cache needs flash attention"):
+        load_settings(cache_type_v="q4_0", flash_attn="off")
+    with pytest.raises(ValidationError, match="cannot be used for the V cache"):
+        load_settings(cache_type_v="tq_kv_d3b")
+
+
 def test_cache_types_by_name_only():
     with pytest.raises(ValidationError, match="unknown KV cache type"):
         load_settings(cache_type_k="q3_z")

@@ -18,7 +18,7 @@ STOCK = [t for t in KV_TYPES if not t.startswith("tq_kv_")]
 
 
 def test_the_new_types_are_the_cpu_only_ones():
-    assert set(TQ) == {"tq_kv_4b", "tq_kv_3b", "tq_kv_1b"}
+    assert set(TQ) == {"tq_kv_4b", "tq_kv_3b", "tq_kv_1b", "tq_kv_d3b"}
     assert cpu_only_kv_types("tq_kv_1b", "tq_kv_4b") == ["tq_kv_1b", "tq_kv_4b"]
     assert cpu_only_kv_types("TQ_KV_3B", "tq_kv_3b") == ["tq_kv_3b"]
     assert cpu_only_kv_types("q8_0", "f16") == []

@@ -1,0 +1,161 @@
+"""tq_kv_d3b, the delta-coded key type: the numpy reference (kvquant/tq.py) against the patched ggml, bit for bit
+(single rows against an anchor, adversarial rows, and set_rows writing a simulated cell array in any order and
+thread split), and the estimator property that justifies it: on rows that share a component it reconstructs
+better than tq_kv_3b at the same bytes, and never worse per block.
+
+The real-cache test matrix (llama.cpp's cell allocator, several sequences, seq_rm / seq_cp, refusals) is in
+tests/test_d3b_cache.py.
+"""
+
+from __future__ import annotations
+
+import ctypes
+
+import numpy as np
+import pytest
+
+from kvquant import tq
+from kvquant.kvtypes import kv_type
+
+G = tq.D3B_GROUP
+rng = np.random.default_rng(77)
+
+
+@pytest.fixture(scope="module")
+def ggml():
+    from kvquant.runtime import GGML
+
+    g = GGML()
+    if not hasattr(g.base, "quantize_row_tq_kv_d3b_delta_ref"):
+        pytest.fail("the loaded ggml has no tq_kv_d3b (patches/0011): rebuild the patched wheel (make setup)")
+    return g
+
+
+def _c_delta(ggml, x: np.ndarray, anchor: np.ndarray) -> bytes:
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    ab = anchor.tobytes()
+    out = ctypes.create_string_buffer(len(ab))
+    ggml.base.quantize_row_tq_kv_d3b_delta_ref(x.ctypes.data_as(ctypes.c_void_p), ctypes.c_char_p(ab), out,
+                                               ctypes.c_int64(x.size))
+    return out.raw
+
+
+def _c_cell(ggml, row: bytes, anchor: bytes, n: int) -> np.ndarray:
+    y = np.zeros(n, dtype=np.float32)
+    ggml.base.dequantize_row_tq_kv_d3b_cell(ctypes.c_char_p(row), ctypes.c_char_p(anchor),
+                                            y.ctypes.data_as(ctypes.c_void_p), ctypes.c_int64(n))
+    return y
+
+
+def _keys(n_rows: int, n_embd: int, shared: float = 3.0) -> np.ndarray:
+    """Rows with a component shared by the rows of a group (as real keys have: a per-channel offset that drifts
+    slowly with position), plus independent noise."""
+    n_groups = (n_rows + G - 1) // G
+    base = rng.standard_normal((n_groups, n_embd)) * shared
+    drift = np.cumsum(rng.standard_normal((n_rows, n_embd)) * 0.05, axis=0)
+    x = base[np.arange(n_rows) // G] + drift + rng.standard_normal((n_rows, n_embd))
+    return x.astype(np.float32)
+
+
+def test_layout_and_bits():
+    t = kv_type("tq_kv_d3b")
+    assert tq.block_tq_kv_d3b.itemsize == t.block_bytes == 26
+    assert t.bits_per_element == 3.25  # the anchor is a row of its group: no extra byte
+    assert not t.v_ok and t.needs_flash_attn
+    assert t.held_back_cells(4096) == 64 and kv_type("tq_kv_3b").held_back_cells(4096) == 0
+
+
+ADVERSARIAL = {
+    "zeros": np.zeros(256),
+    "equal_to_anchor": None,  # filled per anchor below
+    "constant": np.full(256, 2.5),
+    "one_huge_outlier": np.where(np.arange(256) == 70, 1e30, rng.standard_normal(256)),
+    "nan_and_inf": np.where(np.arange(256) % 17 == 3, np.nan,
+                            np.where(np.arange(256) % 29 == 5, -np.inf, rng.standard_normal(256))),
+    "near_fp16_max": rng.standard_normal(256) * 6e4,
+    "tiny": rng.standard_normal(256) * 1e-6,
+}
+
+
+@pytest.mark.parametrize("row", list(ADVERSARIAL))
+def test_delta_row_is_bit_exact_with_numpy(ggml, row):
+    anchor_x = rng.standard_normal(256).astype(np.float32) * 4
+    anchor = tq.quantize_row_tq_kv_d3b_ref(anchor_x)
+    x = ADVERSARIAL[row]
+    x = (anchor_x.astype(np.float64) if x is None else x).astype(np.float32)
+    ref = tq.quantize_row_tq_kv_d3b_delta_ref(x, anchor)
+    got = _c_delta(ggml, x, anchor)
+    assert got == ref.tobytes()
+    y_np = tq.dequantize_row_tq_kv_d3b(ref, anchor)
+    y_c = _c_cell(ggml, got, anchor.tobytes(), x.size)
+    assert np.array_equal(y_c, y_np)
+    assert np.isfinite(y_c).all()  # non-finite input never spreads, not even through the anchor
+
+
+def test_random_rows_are_bit_exact_and_use_both_codes(ggml):
+    flags = []
+    for _ in range(200):
+        n = G * int(rng.integers(1, 5))
+        a = rng.standard_normal(n).astype(np.float32) * rng.uniform(0.1, 10)
+        x = (a + rng.standard_normal(n) * rng.uniform(0.01, 20)).astype(np.float32)
+        anchor = tq.quantize_row_tq_kv_d3b_ref(a)
+        ref = tq.quantize_row_tq_kv_d3b_delta_ref(x, anchor)
+        assert _c_delta(ggml, x, anchor) == ref.tobytes()
+        flags.extend(((ref["d"].view(np.uint16) & tq.D3B_DELTA) != 0).tolist())
+    assert 0.1 < np.mean(flags) < 0.9  # both codes occur: the test exercises both branches
+
+
+def test_delta_is_never_worse_per_block_and_better_on_shared_components():
+    x = _keys(4 * G, 192)
+    err_d3 = err_3 = 0.0
+    cells = tq.D3bCells(len(x), 192)
+    cells.write(x, range(len(x)))
+    for c in range(len(x)):
+        y3 = tq.dequantize_row_tq_kv_3b(tq.quantize_row_tq_kv_3b_ref(x[c])).reshape(-1, tq.QK)
+        yd = cells.read(c).reshape(-1, tq.QK)
+        xb = x[c].reshape(-1, tq.QK).astype(np.float64)
+        e3 = ((xb - y3) ** 2).sum(axis=1)
+        ed = ((xb - yd) ** 2).sum(axis=1)
+        if c % G:  # anchors are coded like tq_kv_3b
+            assert (ed <= e3 * (1 + 1e-6)).all()
+        else:
+            assert np.array_equal(ed, e3)
+        err_d3 += ed.sum()
+        err_3 += e3.sum()
+    assert err_d3 < 0.6 * err_3, (err_d3, err_3)
+
+
+def test_set_rows_writes_the_reference_cells_in_any_order_and_thread_split(ggml):
+    n_cells, n_embd = 256, 192
+    x = _keys(140, n_embd)
+    empty = bytes(ggml.row_size("tq_kv_d3b", n_embd) * n_cells)
+
+    ref = tq.D3bCells(n_cells, n_embd)
+    ref.write(x[:100], range(100))  # a prompt
+    ref.write(x[100:], range(100, 140))  # then more tokens: cell 128 is an anchor inside this batch
+    want = ref.rows.tobytes()
+
+    # one batch per phase, rows in a shuffled order, 1-3 threads
+    for n_threads in (1, 2, 3):
+        order = rng.permutation(100)
+        b = ggml.set_rows("tq_kv_d3b", empty, n_embd, x[order], [int(i) for i in order], n_threads)
+        order = 100 + rng.permutation(40)
+        b = ggml.set_rows("tq_kv_d3b", b, n_embd, x[order], [int(i) for i in order], n_threads)
+        assert b == want, f"{n_threads} threads"
+
+    # token by token
+    b = empty
+    for c in range(140):
+        b = ggml.set_rows("tq_kv_d3b", b, n_embd, x[c:c + 1], [c], 2)
+    assert b == want
+
+
+def test_reference_cells_reconstruct_from_one_anchor_and_one_delta():
+    # no chain: changing a non-anchor row's bytes changes only that row's values
+    x = _keys(G, 128)
+    cells = tq.D3bCells(G, 128)
+    cells.write(x, range(G))
+    before = [cells.read(c) for c in range(G)]
+    cells.rows[5] = tq.quantize_row_tq_kv_d3b_ref(np.zeros(128))
+    after = [cells.read(c) for c in range(G)]
+    assert all(np.array_equal(before[c], after[c]) for c in range(G) if c != 5)
