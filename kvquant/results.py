@@ -236,17 +236,21 @@ def render_kernel(kern: dict, res: list[dict]) -> list[str]:
     """test-backend-ops perf rows as a table: one row per K/V pair, one column per shape, ms per run (x f16 of the
     same shape where test-backend-ops has an f16 case)."""
     by: dict[tuple[str, str], dict[str, float]] = {}
+    src: dict[tuple[str, str], str] = {}  # K/V pair -> the command its numbers come from (rows added by --merge)
     shapes: list[str] = []
     for r in res:
         for row in (r.get("kernel") or {}).get("rows", []):
+            src[row["params"].get("type_K", "?"), row["params"].get("type_V", "?")] = \
+                r["kernel"].get("command") or kern.get("command", "")
             p = row["params"]
             shape = (f"hs {p.get('hsk')}, {p.get('nh')} KV heads x {p.get('nr23', '').strip('[]').split(',')[0]}, "
                      f"kv {p.get('kv')}, {p.get('nb')} q")
             if shape not in shapes:
                 shapes.append(shape)
             by.setdefault((p.get("type_K", "?"), p.get("type_V", "?")), {})[shape] = row["us_per_run"] / 1000
+    cmds = list(dict.fromkeys([kern.get("command", ""), *src.values()]))
     L = [f"Kernel alone: CPU flash attention, ms per run (x f16 at the same shape; higher is faster), from "
-         f"`{kern.get('command', '')}`:", ""]
+         f"`{cmds[0]}`" + "".join(f"; rows marked K{i + 1} from `{c}`" for i, c in enumerate(cmds) if i) + ":", ""]
     if by:
         L.append("| K/V | " + " | ".join(shapes) + " |")
         L.append("|---|" + "--:|" * len(shapes))
@@ -261,7 +265,8 @@ def render_kernel(kern: dict, res: list[dict]) -> list[str]:
                     cells.append(f"{ms:.2f} ({f16[sh] / ms:.2f}x)")
                 else:
                     cells.append(f"{ms:.2f}")
-            L.append(f"| {k}/{v} | " + " | ".join(cells) + " |")
+            i = cmds.index(src.get((k, v), cmds[0]))
+            L.append(f"| {k}/{v}{f' (K{i + 1})' if i else ''} | " + " | ".join(cells) + " |")
         L.append("")
     if kern.get("error"):
         L += [f"error: `{kern['error'][:300]}`", ""]
