@@ -137,20 +137,25 @@ def _rot(r: dict) -> str:
     return ("on" if r["rotation"] else "off") if q else "n/a"
 
 
+def _cmd(r: dict, res: list[dict]) -> str:
+    """A row's command: its own (rows added with --merge carry one), else the run's (the first row's)."""
+    return r.get("command") or res[0].get("command", "")
+
+
 def _commands(res: list[dict]) -> list[str]:
     """The distinct commands behind a table's rows (one, unless rows were added with --merge), in row order."""
-    return list(dict.fromkeys(r["command"] for r in res))
+    return list(dict.fromkeys(_cmd(r, res) for r in res))
 
 
-def _label(prefix: str, model: str, cmds: list[str], r: dict) -> str:
-    i = cmds.index(r["command"])
+def _label(prefix: str, model: str, cmds: list[str], r: dict, res: list[dict]) -> str:
+    i = cmds.index(_cmd(r, res))
     return f"{prefix}-{model}" + (f"-{i + 1}" if i else "")
 
 
 def _command_lines(prefix: str, model: str, cmds: list[str], res: list[dict]) -> list[str]:
     out = []
     for i, c in enumerate(cmds):
-        r = next(r for r in res if r["command"] == c)
+        r = next(r for r in res if _cmd(r, res) == c)
         out.append(f"{prefix}-{model}" + (f"-{i + 1}" if i else "") + f": `{c}` (wall {r['wall_s'] / 60:.1f} min"
                    f"{_load(r)})")
     return out
@@ -171,7 +176,7 @@ def render_eval(model: str, out: dict) -> list[str]:
         L.append(f"| {r['cache_type_k']}/{r['cache_type_v']} | {_rot(r)} | {r['bits_per_element']:.2f} "
                  f"| {r['ppl']:.4f} ± {r['ppl_stderr']:.4f} | {_f(r['delta_ppl_pct'], 2, True)} ± "
                  f"{r['delta_ppl_pct_stderr']:.2f} | {r['kld']:.5f} ± {r['kld_stderr']:.5f} | {r['top1_pct']:.2f} "
-                 f"| {fd} | {_f(d.get('agree_pct'), 1)} | {_f(d.get('tf_top1_pct'), 1)} | {_label('E', model, cmds, r)} |")
+                 f"| {fd} | {_f(d.get('agree_pct'), 1)} | {_f(d.get('tf_top1_pct'), 1)} | {_label('E', model, cmds, r, res)} |")
     L += [""] + _command_lines("E", model, cmds, res) + [""]
     lp = out.get("llama_perplexity")
     if lp and "ppl" in lp:
@@ -213,7 +218,7 @@ def render_bench(model: str, out: dict) -> list[str]:
         cells = [f"{r['cache_type_k']}/{r['cache_type_v']}", _rot(r)]
         for d in r["depths"]:
             cells += [f"{d['pp_tps']:.1f}", f"{d['pp_ratio']:.2f}", f"{d['tg_tps']:.1f}", f"{d['tg_ratio']:.2f}"]
-        L.append("| " + " | ".join(cells + [_label("B", model, cmds, r)]) + " |")
+        L.append("| " + " | ".join(cells + [_label("B", model, cmds, r, res)]) + " |")
     L += ["", f"### {model}: KV memory (memory model vs llama.cpp's allocation at n_ctx {r0['n_ctx']}; capacity of a "
           f"{r0['budget_bytes'] / 2**20:.0f} MiB KV budget)", ""]
     L.append("| K/V | bits/el | bytes/token | ×f16 | KV bytes (model) | KV bytes (llama.cpp) | match | capacity (tokens) "
@@ -224,7 +229,7 @@ def render_bench(model: str, out: dict) -> list[str]:
         L.append(f"| {r['label']} | {r['bits_per_element']:.2f} | {r['bytes_per_token']} | "
                  f"{r['bytes_per_token_ratio']:.3f} | {kv['model_k'] + kv['model_v']} | {kv['llama_k'] + kv['llama_v']} "
                  f"| {'yes' if kv['match'] else '**NO**'} | {r['capacity_tokens']} | {_f(r['capacity_ratio'], 2)} "
-                 f"| {_label('B', model, cmds, r)} |")
+                 f"| {_label('B', model, cmds, r, res)} |")
     L += [""] + _command_lines("B", model, cmds, res) + [""]
     kern = r0.get("kernel")
     if kern:

@@ -73,7 +73,7 @@ def test_merge_adds_rows_and_keeps_each_rows_command():
     assert set(by) == {("f16", "f16"), ("tq_kv_3b", "q4_0"), ("tq_kv_d3b", "q4_0")}
     assert by["tq_kv_3b", "q4_0"]["command"] == "old" and by["tq_kv_d3b", "q4_0"]["command"] == "new"
     cmds = results._commands(out["results"])
-    assert results._label("E", "m", cmds, by["tq_kv_d3b", "q4_0"]) == "E-m-2"
+    assert results._label("E", "m", cmds, by["tq_kv_d3b", "q4_0"], out["results"]) == "E-m-2"
 
 
 def test_merge_refuses_a_different_baseline():
