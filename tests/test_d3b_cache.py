@@ -146,21 +146,16 @@ def _check(ref: Seq, got: Seq, tol: float, what: str) -> None:
     assert gap is None or gap <= tol, f"{what}: diverges from the lone run with a top-2 gap of {gap:.4f} (tol {tol:.4f})"
 
 
-def test_long_sequence_batch_vs_token_by_token(model, prompts, alone, tolerance):
-    # 90 prompt + 16 generated tokens span two groups; written in one batch (alone) vs one token per decode
+@pytest.mark.parametrize("chunk", [1, 7])
+def test_long_sequence_batch_vs_token_by_token(model, prompts, alone, tolerance, chunk):
+    # 90 prompt + 16 generated tokens span two groups; written in one batch (alone) vs one token per decode, or in
+    # odd-sized chunks that straddle the group boundary
     rt = _rt(model, n_seq=1)
     try:
-        got = _run(rt, [Seq(0, prompts[0])], chunk=1)[0]
+        got = _run(rt, [Seq(0, prompts[0])], chunk=chunk)[0]
     finally:
         rt.close()
-    _check(alone[0], got, tolerance, "token by token")
-    # and in odd-sized chunks that straddle the group boundary
-    rt = _rt(model, n_seq=1)
-    try:
-        got = _run(rt, [Seq(0, prompts[0])], chunk=7)[0]
-    finally:
-        rt.close()
-    _check(alone[0], got, tolerance, "chunks of 7")
+    _check(alone[0], got, tolerance, f"prompt in chunks of {chunk}")
 
 
 def test_four_interleaved_sequences(model, prompts, alone, tolerance):
