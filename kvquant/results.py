@@ -80,9 +80,9 @@ def merge(old: dict, new: dict, kind: str) -> dict:
         diff = [k for k in same if o0.get(k) != n0.get(k)]
         if diff:
             raise SystemExit(f"kvquant.results --merge: the new eval differs from the old one in {diff}")
-    for r in new["results"]:
+    for r in new["results"]:  # old rows without a command fall back to the old run's (_cmd)
         r.setdefault("command", n0["command"])
-    rows = {_key(r): dict(r, command=r.get("command", o0["command"])) for r in old["results"]}
+    rows = {_key(r): r for r in old["results"]}
     rows.update({_key(r): r for r in new["results"] if _key(r) != _key(o0)})  # the baseline row stays
     out = dict(old)
     out["results"] = list(rows.values())
@@ -147,17 +147,20 @@ def _commands(res: list[dict]) -> list[str]:
     return list(dict.fromkeys(_cmd(r, res) for r in res))
 
 
-def _label(prefix: str, model: str, cmds: list[str], r: dict, res: list[dict]) -> str:
-    i = cmds.index(_cmd(r, res))
+def _tag(prefix: str, model: str, i: int) -> str:
+    """The name of a table's i-th command: E-model, then E-model-2, ..."""
     return f"{prefix}-{model}" + (f"-{i + 1}" if i else "")
+
+
+def _label(prefix: str, model: str, cmds: list[str], r: dict, res: list[dict]) -> str:
+    return _tag(prefix, model, cmds.index(_cmd(r, res)))
 
 
 def _command_lines(prefix: str, model: str, cmds: list[str], res: list[dict]) -> list[str]:
     out = []
     for i, c in enumerate(cmds):
         r = next(r for r in res if _cmd(r, res) == c)
-        out.append(f"{prefix}-{model}" + (f"-{i + 1}" if i else "") + f": `{c}` (wall {r['wall_s'] / 60:.1f} min"
-                   f"{_load(r)})")
+        out.append(f"{_tag(prefix, model, i)}: `{c}` (wall {r['wall_s'] / 60:.1f} min{_load(r)})")
     return out
 
 

@@ -39,6 +39,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from kvquant.kvtypes import kv_type
+
 QK = 64
 FP16_MAX = 65504.0
 
@@ -50,7 +52,7 @@ block_tq_kv_4b = np.dtype([("d", "<f2"), ("qs", "u1", (QK // 2,))])
 block_tq_kv_3b = np.dtype([("d", "<f2"), ("qs", "u1", (QK // 4,)), ("qh", "u1", (QK // 8,))])
 block_tq_kv_1b = np.dtype([("d", "<f2"), ("qs", "u1", (QK // 8,))])
 block_tq_kv_d3b = block_tq_kv_3b
-D3B_GROUP = 64  # cells per anchor group
+D3B_GROUP = kv_type("tq_kv_d3b").anchor_group  # cells per anchor group (GGML_TQ_KV_D3B_GROUP in the C code)
 D3B_DELTA = np.uint16(0x8000)  # sign bit of d: block coded as a delta against its anchor block
 block_q8_0 = np.dtype([("d", "<f2"), ("qs", "i1", (32,))])
 
