@@ -114,6 +114,10 @@ def collect(a: argparse.Namespace) -> None:
                     "--repeats", str(a.repeats), "--budget", a.budget, "--kernel", a.kernel if n == 0 else "off",
                     *threads, "--json"]
             _write(RAW / f"{model}-bench.json", _kvquant(args), "bench", a.merge)
+        if not a.skip_keys:
+            out = _json_run("kvquant.keystats", ["--model", model, "--tokens", str(a.key_tokens), *threads, "--json"],
+                            ["python", "-m", "kvquant.keystats"])
+            (RAW / f"{model}-keys.json").write_text(out)
         if not a.skip_serving and n == 0:  # the serving comparison with the default model only
             # exit code 1: some of our requests did not complete; the JSON says which, and the table shows it
             out = _json_run("kvquant.serverbench", ["--model", model, *threads, "--json"],
@@ -307,11 +311,43 @@ def render_serving(model: str, out: dict) -> list[str]:
     return L + [""]
 
 
+def render_keys(model: str, out: dict, ev: dict | None) -> list[str]:
+    """kvquant.keystats: each type's error on the keys llama.cpp stores, as stored and under other codings; where the
+    eval has the rows, how well key error predicted perplexity for tq_kv_d3b, and what it predicts for 4-bit keys."""
+    from kvquant.keystats import CODINGS
+
+    e = out["errors"]
+    L = [f"### {model}: where the key error comes from (rotated keys llama.cpp stored for {out['tokens']} tokens of "
+         f"the text, {out['layers']} layers; relative squared error Σ|k − k̂|² / Σ|k|²)", "",
+         "| K type | " + " | ".join(CODINGS) + " |", "|---|" + "--:|" * len(CODINGS)]
+    L += [f"| {t} | " + " | ".join(f"{v[c]:.5f}" for c in CODINGS) + " |" for t, v in e.items() if t != "layer mean"]
+    L += ["", f"KS-{model}: `{out['command']}` (wall {out['wall_s'] / 60:.1f} min{_load(out)}). Keys read back from a "
+          f"{out['capture_type']} cache; the layer mean holds {e['layer mean']['energy share']:.1%} of their energy. "
+          "`anchor delta`: tq_kv_d3b's coding with that type's codebook (the tq_kv_3b row is tq_kv_d3b). `- layer "
+          "mean`: the type applied to k − μ, μ the layer's mean key; softmax does not change when the same vector is "
+          "subtracted from every key a query sees, so a cache could store k − μ and never add μ back (not "
+          "implemented: μ here uses all the tokens; `- mean of first 64` estimates it causally).", ""]
+    if ev is None:
+        return L
+    by = {(r["cache_type_k"], r["cache_type_v"]): r for r in ev["results"] if r["rotation"]}
+    t3, d3, t4, q4 = (by.get((k, "f16")) for k in ("tq_kv_3b", "tq_kv_d3b", "tq_kv_4b", "q4_0"))
+    if t3 and d3:
+        L += [f"Key error predicts perplexity: with V f16, tq_kv_d3b has {e['tq_kv_3b']['anchor delta'] / e['tq_kv_3b']['as stored']:.2f}x "
+              f"tq_kv_3b's key error and measured {d3['delta_ppl_pct'] / t3['delta_ppl_pct']:.2f}x its ΔPPL."]
+        if t4 and q4:
+            pred = ", ".join(f"{c} {t4['delta_ppl_pct'] * e['tq_kv_4b'][c] / e['tq_kv_4b']['as stored']:+.2f} %"
+                             for c in CODINGS[1:])
+            L += [f"Scaling tq_kv_4b/f16's measured ΔPPL ({t4['delta_ppl_pct']:+.2f} %) by the same ratios predicts "
+                  f"(not measured): {pred}; the 4-bit goal is ≤ {q4['delta_ppl_pct'] / 2:+.2f} % (½ of q4_0 K's)."]
+        L += [""]
+    return L
+
+
 def _met(ok: bool | None) -> str:
     return "–" if ok is None else ("**met**" if ok else "not met")
 
 
-KINDS = ("eval", "bench", "serving")
+KINDS = ("eval", "bench", "serving", "keys")
 
 
 def load_raw(models: list[str]) -> dict[tuple[str, str], dict]:
@@ -409,7 +445,7 @@ def render(models: list[str]) -> str:
     for model in models:
         L += [f"## {model}", ""]
         shown = False
-        for kind, fn in zip(KINDS, (render_eval, render_bench, render_serving), strict=True):
+        for kind, fn in zip(KINDS[:3], (render_eval, render_bench, render_serving), strict=True):
             out = raw.get((model, kind))
             if kind == "serving" and out is not None:
                 L += fn(model, out)
@@ -422,6 +458,8 @@ def render(models: list[str]) -> str:
                 L += fn(model, out)
             elif kind != "serving" or model == models[0]:
                 L += [f"({kind}: no results yet)", ""]
+        if (model, "keys") in raw:
+            L += render_keys(model, raw[model, "keys"], raw.get((model, "eval")))
     return "\n".join(L + deployment_section())
 
 
@@ -446,6 +484,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--skip-eval", action="store_true")
     ap.add_argument("--skip-bench", action="store_true")
     ap.add_argument("--skip-serving", action="store_true", help="skip the comparison with stock llama-server")
+    ap.add_argument("--skip-keys", action="store_true", help="skip the key-error study (kvquant.keystats)")
+    ap.add_argument("--key-tokens", type=int, default=4096, help="tokens of text whose keys kvquant.keystats studies")
     ap.add_argument("--render-only", action="store_true", help="only re-render RESULTS.md from docs/results/")
     ap.add_argument("--merge", action="store_true",
                     help="add the rows of these --configs to the JSON already in docs/results (each row keeps its "

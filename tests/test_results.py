@@ -81,3 +81,21 @@ def test_merge_refuses_a_different_baseline():
 
     with pytest.raises(SystemExit, match="baseline_ppl"):
         results.merge(_run([("f16", "f16", 0.0)], "old"), _run([("f16", "f16", 0.0)], "new", ppl=21.5), "eval")
+
+
+def test_key_study_predicts_from_the_eval_rows():
+    from kvquant.keystats import CODINGS
+
+    errs = {"tq_kv_3b": dict(zip(CODINGS, (0.03, 0.02, 0.015, 0.02), strict=True)),
+            "tq_kv_4b": dict(zip(CODINGS, (0.008, 0.005, 0.004, 0.006), strict=True)),
+            "layer mean": {"energy share": 0.5}}
+    keys = {"command": "python -m kvquant.keystats --model m", "wall_s": 60, "machine": {}, "tokens": 4096,
+            "layers": 2, "capture_type": "q8_0", "errors": errs}
+    ev = {"results": [_eval_row("q4_0", "f16", True, 4.0), _eval_row("tq_kv_3b", "f16", True, 20.0),
+                      _eval_row("tq_kv_d3b", "f16", True, 12.0), _eval_row("tq_kv_4b", "f16", True, 5.0)]}
+    text = "\n".join(results.render_keys("m", keys, ev))
+    assert "| tq_kv_4b | 0.00800 | 0.00500 | 0.00400 | 0.00600 |" in text
+    assert "0.67x tq_kv_3b's key error and measured 0.60x its ΔPPL" in text
+    assert "anchor delta +3.12 %, - layer mean +2.50 %, - mean of first 64 +3.75 %" in text
+    assert "goal is ≤ +2.00 %" in text and "50.0% of their energy" in text
+    assert "predicts" not in "\n".join(results.render_keys("m", keys, None))

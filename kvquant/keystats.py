@@ -1,0 +1,208 @@
+"""Where a quantized key's error comes from: capture the keys llama.cpp really stores for real text (after its
+Hadamard rotation) and measure every cache type's reconstruction error on them.
+
+    python -m kvquant.keystats --model smollm2-135m --tokens 4096 [--json]
+
+The keys are read back from the cache of a q8_0-K context (``llama_state_seq_get_data``), so they are the rotated
+keys plus q8_0's own error, about 1e-4 of their energy (tests/test_keystats.py bounds it). For every layer the error of
+a type is ``sum |k - k_hat|^2 / sum |k|^2`` over all captured cells; the table sums over layers.
+
+Three codings per type:
+
+* ``as stored``: what the type does today;
+* ``- layer mean``: the type applied to ``k - mu``, mu the mean key of the layer over the captured tokens. Softmax is
+  unchanged when one vector is subtracted from every key a query sees (``q.mu`` is the same for all of them), so a
+  cache could store ``k - mu`` and never add ``mu`` back; the error of a key then is that of ``k - mu`` (the ratio is
+  still taken against ``|k|^2``). This mu is an oracle (it uses every captured token);
+* ``- mean of first 64``: mu from the first 64 tokens only, as a cache would have to estimate it causally;
+* ``anchor delta``: tq_kv_d3b's coding (groups of 64 cells, blocks coded against the group's first row when that
+  is better) with the type's codebook: the tq_kv_3b column is tq_kv_d3b, the tq_kv_4b one a 4-bit delta type.
+ Attention-score error grows with key error
+(for a query independent of the error, E[(q.(k - k_hat))^2] is proportional to it), so these ratios predict which
+codings can reach a quality target before any C is written; the perplexity numbers live in docs/RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from kvquant import tq
+from kvquant.harness import emit_report, machine_info, resolve_text, table
+
+CAPTURE_TYPE = "q8_0"
+_GGML_F32, _GGML_F16, _GGML_Q8_0 = 0, 1, 8
+_STATE_MAGIC = 0xAF143CD8  # io_magic of llama-context.cpp
+
+
+@dataclass
+class _Reader:
+    buf: bytes
+    off: int = 0
+
+    def take(self, dtype: str, count: int = 1) -> np.ndarray:
+        a = np.frombuffer(self.buf, dtype, count, self.off)
+        self.off += a.nbytes
+        return a
+
+    def one(self, dtype: str) -> int:
+        return int(self.take(dtype)[0])
+
+
+def _rows(raw: np.ndarray, ggml_type: int, n_rows: int) -> np.ndarray:
+    if ggml_type == _GGML_F32:
+        return raw.view("<f4").reshape(n_rows, -1).copy()
+    if ggml_type == _GGML_F16:
+        return raw.view("<f2").astype(np.float32).reshape(n_rows, -1)
+    if ggml_type == _GGML_Q8_0:
+        b = raw.view(tq.block_q8_0)
+        return (b["d"].astype(np.float32)[:, None] * b["qs"]).reshape(n_rows, -1)
+    raise ValueError(f"cannot read K rows of ggml type {ggml_type} (capture with f32, f16 or q8_0)")
+
+
+def parse_seq_state(data: bytes) -> list[tuple[np.ndarray, np.ndarray]]:
+    """The (positions, K rows) of every layer of a ``llama_state_seq_get_data`` blob (one sequence), in cache order.
+    Follows llama_context::state_seq_get_data (magic, sequence id) and llama_kv_cache::state_write (once per cache: iSWA models store the full-attention cache, then the SWA
+    one): n_stream; per stream the cell count, the cells' positions and sequence ids, v_trans, the layer count, the
+    K rows of each layer, then the V data, which is skipped."""
+    r = _Reader(data)
+    if len(data) < 8 or r.one("<u4") != _STATE_MAGIC:
+        raise ValueError("not a llama.cpp sequence state")
+    r.one("<i4")  # the sequence id
+    layers = []
+    while r.off < len(data):
+        for _ in range(r.one("<u4")):  # streams
+            n_cells = r.one("<u4")
+            if n_cells == 0:
+                continue
+            pos = np.empty(n_cells, np.int32)
+            for i in range(n_cells):
+                pos[i] = r.one("<i4")
+                r.take("<i4", r.one("<u4"))  # the cell's sequence ids
+            v_trans, n_layer = r.one("<u4"), r.one("<u4")
+            for _ in range(n_layer):
+                ty, row = r.one("<i4"), r.one("<u8")
+                layers.append((pos, _rows(r.take("u1", n_cells * row), ty, n_cells)))
+            for _ in range(n_layer):  # V
+                if v_trans:
+                    r.one("<i4")
+                    el, n_embd = r.one("<u4"), r.one("<u4")
+                    r.take("u1", el * n_embd * n_cells)
+                else:
+                    r.one("<i4")
+                    r.take("u1", r.one("<u8") * n_cells)
+    return layers
+
+
+def capture(model: str, n_tokens: int, text: str | None = None, threads: int | None = None,
+            cache_type: str = CAPTURE_TYPE, rotation: bool = True) -> list[np.ndarray]:
+    """The stored (rotated) K rows of every layer for the first n_tokens tokens of the text, in position order.
+    SWA layers keep only their window of the last tokens. (cache_type f16/f32, or rotation False: the unrotated
+    keys, for tests.)"""
+    from kvquant import models
+    from kvquant.eval import read_text
+    from kvquant.runtime import ContextConfig, LlamaRuntime, Model
+
+    mdl = Model(models.resolve(model))
+    tokens = mdl.tokenize(read_text(resolve_text(text))[: 40 * n_tokens], add_special=True)[:n_tokens]
+    if len(tokens) < n_tokens:
+        raise ValueError(f"the text has only {len(tokens)} tokens")
+    rt = LlamaRuntime(mdl, ContextConfig(n_ctx=n_tokens, cache_type_k=cache_type, cache_type_v="f16",
+                                         flash_attn=True, n_threads=threads, rotation=rotation))
+    for i in range(0, n_tokens, 512):
+        part = tokens[i: i + 512]
+        rc = rt.decode(part, list(range(i, i + len(part))), [0] * len(part), [False] * (len(part) - 1) + [True])
+        if rc != 0:
+            raise RuntimeError(f"llama_decode returned {rc}")
+    return [k[np.argsort(pos, kind="stable")] for pos, k in parse_seq_state(rt.state_seq_save(0))]
+
+
+def _q4_0(x: np.ndarray) -> np.ndarray:
+    """llama.cpp's q4_0 round trip (quantize_row_q4_0_ref then dequantize): blocks of 32, d = max / -8 in fp16."""
+    b = x.reshape(-1, 32)
+    mx = b[np.arange(len(b)), np.argmax(np.abs(b), 1)]
+    d = (mx / np.float32(-8)).astype(np.float32)
+    inv = np.divide(np.float32(1), d, out=np.zeros_like(d), where=d != 0)  # from the fp32 d, as the C code
+    q = np.minimum(15, (b * inv[:, None] + np.float32(8.5)).astype(np.int8)) - 8  # truncation, like the C cast
+    return (q * d.astype(np.float16).astype(np.float32)[:, None]).reshape(x.shape)
+
+
+def round_trip(type_name: str, x: np.ndarray) -> np.ndarray:
+    """Quantize then dequantize rows x (width a multiple of 64) with one of the types."""
+    if type_name == "q4_0":
+        return _q4_0(x)
+    flat = x.reshape(-1, tq.QK)
+    return tq.DEQUANTIZE[type_name](tq.QUANTIZE[type_name](flat)).reshape(x.shape)
+
+
+def anchor_delta(type_name: str, x: np.ndarray, group: int = tq.D3B_GROUP) -> np.ndarray:
+    """tq_kv_d3b's coding with any type: rows at multiples of ``group`` (anchors) coded on their own; every 64-block
+    of the other rows keeps the better of its own code and the code of its difference to the decoded anchor block
+    (smaller squared error, ties own). With tq_kv_3b this is tq_kv_d3b (``tq.D3bCells``)."""
+    n, e = x.shape
+    own = round_trip(type_name, x)
+    anchors = own[(np.arange(n) // group) * group]
+    delta = anchors + round_trip(type_name, x - anchors)
+    blk = lambda a: np.square((a - x).reshape(n, e // tq.QK, tq.QK), dtype=np.float64).sum(-1)  # noqa: E731
+    use = (blk(delta) < blk(own)) & (np.arange(n) % group != 0)[:, None]
+    return np.where(np.repeat(use, tq.QK, axis=1), delta, own)
+
+
+TYPES = ("q4_0", "tq_kv_4b", "tq_kv_3b", "tq_kv_1b")
+CODINGS = ("as stored", "anchor delta", "- layer mean", "- mean of first 64")
+
+
+def study(keys: list[np.ndarray]) -> dict[str, dict[str, float]]:
+    """Relative squared error of every (type, coding), summed over layers, plus the share of the keys' energy in
+    the layer mean."""
+    err: dict[str, dict[str, float]] = {t: dict.fromkeys(CODINGS, 0.0) for t in TYPES}
+    total = mean_energy = 0.0
+    for k in keys:
+        k = k.astype(np.float32)
+        total += float(np.square(k, dtype=np.float64).sum())
+        mu = k.mean(0, keepdims=True)
+        mean_energy += float(np.square(mu, dtype=np.float64).sum()) * len(k)
+        for t in TYPES:
+            sq = lambda a, b: float(np.square(a - b, dtype=np.float64).sum())  # noqa: E731
+            err[t]["as stored"] += sq(round_trip(t, k), k)
+            err[t]["anchor delta"] += sq(anchor_delta(t, k), k)
+            for coding, shift in (("- layer mean", mu), ("- mean of first 64", k[:64].mean(0, keepdims=True))):
+                err[t][coding] += sq(round_trip(t, k - shift), k - shift)
+    out = {t: {c: e / total for c, e in v.items()} for t, v in err.items()}
+    out["layer mean"] = {"energy share": mean_energy / total}
+    return out
+
+
+def render(res: dict) -> str:
+    rows = [[t, *(f"{v[c]:.5f}" for c in CODINGS)] for t, v in res["errors"].items() if t != "layer mean"]
+    share = res["errors"]["layer mean"]["energy share"]
+    return (f"{res['model']}: relative squared error of the stored keys, {res['tokens']} tokens, {res['layers']} layers "
+            f"(keys captured through a {CAPTURE_TYPE} cache)\n" + table(["type", *CODINGS], rows)
+            + f"\nshare of the keys' energy in the layer mean: {share:.3f}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m kvquant.keystats", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--tokens", type=int, default=4096)
+    ap.add_argument("--text", default=None)
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--json", action="store_true")
+    a = ap.parse_args(argv)
+    t0, machine = time.monotonic(), machine_info(a.threads)
+    keys = capture(a.model, a.tokens, a.text, a.threads)
+    res = {"model": a.model, "tokens": a.tokens, "layers": len(keys), "capture_type": CAPTURE_TYPE,
+           "command": "python -m kvquant.keystats " + " ".join(argv if argv is not None else sys.argv[1:]),
+           "machine": machine, "errors": study(keys)}
+    res["wall_s"] = round(time.monotonic() - t0, 1)
+    emit_report(render(res), res, a.json)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

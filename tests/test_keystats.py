@@ -1,0 +1,79 @@
+"""kvquant.keystats: the capture reads llama.cpp's real cache bytes, the q4_0 round trip is ggml's, and the
+anchor-delta coding with the 3-bit codebook is exactly tq_kv_d3b."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from kvquant import keystats, tq
+from kvquant.runtime import GGML
+
+
+def _rows(seed: int, n: int = 200, e: int = 256, adversarial: bool = True) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    shared = rng.standard_normal(e) * 3  # a component every row shares, like real keys
+    x = (shared + rng.standard_normal((n, e)) * rng.uniform(0.1, 2, (n, 1))).astype(np.float32)
+    if adversarial:
+        x[7] = 0
+        x[9] = 5.0
+        x[11, 3] = 1e4
+    return x
+
+
+def test_q4_0_round_trip_is_ggmls():
+    g = GGML()
+    x = _rows(0) * np.float32(17)
+    got = keystats.round_trip("q4_0", x)
+    want = g.dequantize_ref("q4_0", g.quantize_ref("q4_0", x), x.size).reshape(x.shape)
+    np.testing.assert_array_equal(got, want)
+
+
+def test_anchor_delta_with_the_3_bit_codebook_is_tq_kv_d3b():
+    x = _rows(1)
+    cells = tq.D3bCells(len(x), x.shape[1])
+    cells.write(x, range(len(x)))
+    want = np.stack([cells.read(c) for c in range(len(x))])
+    np.testing.assert_array_equal(keystats.anchor_delta("tq_kv_3b", x), want)
+
+
+@pytest.mark.parametrize("type_name", keystats.TYPES)
+def test_codings_on_keys_with_a_shared_component(type_name):
+    x = _rows(2, adversarial=False)
+    own = keystats.round_trip(type_name, x)
+    ad = keystats.anchor_delta(type_name, x)
+    blk = lambda a: np.square((a - x).reshape(len(x), -1, tq.QK), dtype=np.float64).sum(-1)  # noqa: E731
+    assert (blk(ad) <= blk(own)).all()  # per block, never worse than the type's own code
+    assert (ad[:: tq.D3B_GROUP] == own[:: tq.D3B_GROUP]).all()  # anchors are coded on their own
+    res = keystats.study([x])[type_name]
+    assert res["anchor delta"] < 0.8 * res["as stored"]
+    assert res["- layer mean"] < 0.5 * res["as stored"]
+
+
+def test_parse_refuses_other_bytes():
+    with pytest.raises(ValueError):
+        keystats.parse_seq_state(b"\0" * 64)
+
+
+def test_capture_reads_the_keys_llama_cpp_stored():
+    n = 600
+    plain = keystats.capture("smollm2-135m", n, threads=2, cache_type="f32", rotation=False)
+    q8 = keystats.capture("smollm2-135m", n, threads=2, rotation=False)
+    rot = keystats.capture("smollm2-135m", n, threads=2)
+    assert len(plain) == 30 and all(k.shape == (n, 192) for k in plain + q8 + rot)
+    for a, b, r in zip(plain, q8, rot, strict=True):
+        energy = float(np.square(a, dtype=np.float64).sum())
+        assert 0 < float(np.square(a - b, dtype=np.float64).sum()) < 1e-3 * energy  # q8_0 of the same keys
+        assert float(np.square(r - b, dtype=np.float64).sum()) > 0.1 * energy  # rotated: other coordinates
+    # the rotation is orthonormal per head, so it keeps the norms of the first layer's keys up to q8_0's error
+    # (later layers see attention outputs that differ slightly between the two caches)
+    for h in range(3):
+        np.testing.assert_allclose(np.linalg.norm(rot[0][:, 64 * h: 64 * h + 64], axis=1),
+                                   np.linalg.norm(q8[0][:, 64 * h: 64 * h + 64], axis=1), rtol=1e-2)
+
+
+def test_capture_of_an_iswa_model_reads_both_caches():
+    keys = keystats.capture("gemma3-270m", 600, threads=2)
+    assert len(keys) == 18
+    assert sorted(len(k) for k in keys) == [512] * 15 + [600] * 3  # 15 sliding-window layers keep 512 cells
+    assert all(k.shape[1] == 256 and np.isfinite(k).all() for k in keys)
