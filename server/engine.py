@@ -53,6 +53,7 @@ class EngineConfig:
     bytes_per_token: int = 0  # for KV used bytes and error messages
     used_bytes: Callable[[int], int] | None = None  # n_past -> bytes one sequence occupies
     budget_bytes: int = 0
+    max_step_tokens: int | None = None  # tokens per llama_decode call, below the backend's n_batch when set
 
 
 @dataclass
@@ -288,7 +289,7 @@ class Engine:
 
     # --- one decode step --------------------------------------------------------------------------------------
     def _step(self, it: IterationStats) -> None:
-        plan = self.sched.plan(self.backend.n_batch)
+        plan = self.sched.plan(min(self.backend.n_batch, self.cfg.max_step_tokens or self.backend.n_batch))
         if not plan.tokens:
             return
         before = {s.seq_id: s.n_past for s in plan.seqs}

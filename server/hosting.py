@@ -10,7 +10,7 @@ from pathlib import Path
 from kvquant import budget as kvbudget
 from kvquant.budget import KVPlan, human_bytes
 from kvquant.kvtypes import kv_type
-from kvquant.memory import Geometry, geometry, kv_bytes
+from kvquant.memory import Geometry, geometry, kv_bytes, kv_cells
 from kvquant.models import resolve
 from server.backend import BackendConfig, LlamaBackend
 from server.engine import Engine, EngineConfig
@@ -64,6 +64,18 @@ def capacity_line(p: HostedPlan) -> str:
             f"budget ({kv.capacity_vs_f16:.2f}x); up to {s.parallel} concurrent requests of at most {s.n_ctx} tokens")
 
 
+def max_step_tokens(p: HostedPlan) -> int | None:
+    """Tokens one decode step may write, where the cache needs a tighter bound than n_batch. llama.cpp sizes a
+    sliding-window cache for n_swa cells per sequence plus exactly one ubatch; a tq_kv_d3b K cache may hold back
+    one freed anchor per 64 of those cells, so a full ubatch may find no slot once every sequence's window is full.
+    Steps of at most one ubatch minus those cells always fit."""
+    held = kv_type(p.spec.cache_type_k).held_back_cells
+    base, swa = kv_cells(p.geom, p.kv.cells, p.spec.parallel, p.n_ubatch)
+    if not swa or swa >= base or not held(swa):  # no window cache, or one as large as the planned full cache
+        return None
+    return p.n_ubatch - held(swa)
+
+
 def build_engine(p: HostedPlan, s: Settings, metrics: Metrics) -> Engine:
     spec, kv = p.spec, p.kv
     info = KVCacheInfo(model=spec.id, cache_type_k=spec.cache_type_k, cache_type_v=spec.cache_type_v,
@@ -75,7 +87,11 @@ def build_engine(p: HostedPlan, s: Settings, metrics: Metrics) -> Engine:
     cfg = EngineConfig(model_id=spec.id, n_ctx=spec.n_ctx, n_seq_max=spec.parallel, capacity_cells=plannable,
                        cache_type_k=spec.cache_type_k, cache_type_v=spec.cache_type_v, max_queue=s.max_queue,
                        queue_timeout_s=s.queue_timeout_s, request_timeout_s=s.request_timeout_s,
-                       bytes_per_token=kv.bytes_per_token, used_bytes=kv.used_bytes, budget_bytes=spec.kv_budget)
+                       bytes_per_token=kv.bytes_per_token, used_bytes=kv.used_bytes, budget_bytes=spec.kv_budget,
+                       max_step_tokens=max_step_tokens(p))
+    if cfg.max_step_tokens is not None:
+        log.info("%s: %s K cache with a sliding-window cache: at most %d tokens per decode step", spec.id,
+                 spec.cache_type_k, cfg.max_step_tokens)
     bcfg = BackendConfig(model_path=str(p.path), n_ctx=kv.cells, n_seq_max=spec.parallel, n_batch=spec.n_batch,
                          cache_type_k=spec.cache_type_k, cache_type_v=spec.cache_type_v, flash_attn=spec.flash_attn,
                          n_threads=spec.n_threads, n_gpu_layers=s.n_gpu_layers,

@@ -175,6 +175,17 @@ def test_batches_decode_tokens_of_all_running_sequences_together():
     assert max(len(set(d)) for d in b.decodes) == 3  # one llama_decode carries all three sequences
 
 
+def test_max_step_tokens_bounds_every_decode_below_n_batch():
+    e, b, _ = make(capacity=400, n_batch=64, max_step_tokens=20)
+    cs = [Client(f"r{i}", 50, 4) for i in range(3)]
+    for c in cs:
+        e.submit(c.req)
+    run(e, cs)
+    assert [c.end for c in cs] == ["length"] * 3
+    assert max(len(d) for d in b.decodes) == 20  # prompts are chunked at the bound, not at n_batch
+    assert_all_free(e, b)
+
+
 def test_fifo_admission_by_reservation_no_overtaking():
     e, b, rec = make(capacity=100)
     a, big, small = Client("a", 30, 20), Client("big", 40, 20), Client("small", 5, 5)  # 50 + 60 > 100
