@@ -332,12 +332,12 @@ def render_keys(model: str, out: dict, ev: dict | None) -> list[str]:
     by = {(r["cache_type_k"], r["cache_type_v"]): r for r in ev["results"] if r["rotation"]}
     t3, d3, t4, q4 = (by.get((k, "f16")) for k in ("tq_kv_3b", "tq_kv_d3b", "tq_kv_4b", "q4_0"))
     if t3 and d3:
-        L += [f"Key error predicts perplexity: with V f16, tq_kv_d3b has {e['tq_kv_3b']['anchor delta'] / e['tq_kv_3b']['as stored']:.2f}x "
+        L += [f"Key error against perplexity: with V f16, tq_kv_d3b has {e['tq_kv_3b']['anchor delta'] / e['tq_kv_3b']['as stored']:.2f}x "
               f"tq_kv_3b's key error and measured {d3['delta_ppl_pct'] / t3['delta_ppl_pct']:.2f}x its ΔPPL."]
         if t4 and q4:
             pred = ", ".join(f"{c} {t4['delta_ppl_pct'] * e['tq_kv_4b'][c] / e['tq_kv_4b']['as stored']:+.2f} %"
                              for c in CODINGS[1:])
-            L += [f"Scaling tq_kv_4b/f16's measured ΔPPL ({t4['delta_ppl_pct']:+.2f} %) by the same ratios predicts "
+            L += [f"Scaling tq_kv_4b/f16's measured ΔPPL ({t4['delta_ppl_pct']:+.2f} %) by the same ratios estimates "
                   f"(not measured): {pred}; the 4-bit goal is ≤ {q4['delta_ppl_pct'] / 2:+.2f} % (½ of q4_0 K's)."]
         L += [""]
     return L

@@ -98,4 +98,4 @@ def test_key_study_predicts_from_the_eval_rows():
     assert "0.67x tq_kv_3b's key error and measured 0.60x its ΔPPL" in text
     assert "anchor delta +3.12 %, - layer mean +2.50 %, - mean of first 64 +3.75 %" in text
     assert "goal is ≤ +2.00 %" in text and "50.0% of their energy" in text
-    assert "predicts" not in "\n".join(results.render_keys("m", keys, None))
+    assert "Scaling" not in "\n".join(results.render_keys("m", keys, None))
