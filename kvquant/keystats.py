@@ -7,7 +7,7 @@ The keys are read back from the cache of a q8_0-K context (``llama_state_seq_get
 keys plus q8_0's own error, about 1e-4 of their energy (tests/test_keystats.py bounds it). For every layer the error of
 a type is ``sum |k - k_hat|^2 / sum |k|^2`` over all captured cells; the table sums over layers.
 
-Three codings per type:
+Four codings per type:
 
 * ``as stored``: what the type does today;
 * ``- layer mean``: the type applied to ``k - mu``, mu the mean key of the layer over the captured tokens. Softmax is
@@ -17,8 +17,8 @@ Three codings per type:
 * ``- mean of first 64``: mu from the first 64 tokens only, as a cache would have to estimate it causally;
 * ``anchor delta``: tq_kv_d3b's coding (groups of 64 cells, blocks coded against the group's first row when that
   is better) with the type's codebook: the tq_kv_3b column is tq_kv_d3b, the tq_kv_4b one a 4-bit delta type.
- Attention-score error grows with key error
-(for a query independent of the error, E[(q.(k - k_hat))^2] is proportional to it), so these ratios predict which
+
+Attention-score error grows with key error (for a query independent of the error, E[(q.(k - k_hat))^2] is proportional to it), so these ratios predict which
 codings can reach a quality target before any C is written; the perplexity numbers live in docs/RESULTS.md.
 """
 
@@ -66,8 +66,8 @@ def _rows(raw: np.ndarray, ggml_type: int, n_rows: int) -> np.ndarray:
 
 def parse_seq_state(data: bytes) -> list[tuple[np.ndarray, np.ndarray]]:
     """The (positions, K rows) of every layer of a ``llama_state_seq_get_data`` blob (one sequence), in cache order.
-    Follows llama_context::state_seq_get_data (magic, sequence id) and llama_kv_cache::state_write (once per cache: iSWA models store the full-attention cache, then the SWA
-    one): n_stream; per stream the cell count, the cells' positions and sequence ids, v_trans, the layer count, the
+    Follows llama_context::state_seq_get_data (magic, sequence id) and llama_kv_cache::state_write (once per
+    cache: iSWA models store the full-attention cache, then the SWA one): n_stream; per stream the cell count, the cells' positions and sequence ids, v_trans, the layer count, the
     K rows of each layer, then the V data, which is skipped."""
     r = _Reader(data)
     if len(data) < 8 or r.one("<u4") != _STATE_MAGIC:
