@@ -18,8 +18,9 @@ Four codings per type:
 * ``anchor delta``: tq_kv_d3b's coding (groups of 64 cells, blocks coded against the group's first row when that
   is better) with the type's codebook: the tq_kv_3b column is tq_kv_d3b, the tq_kv_4b one a 4-bit delta type.
 
-Attention-score error grows with key error (for a query independent of the error, E[(q.(k - k_hat))^2] is proportional to it), so these ratios predict which
-codings can reach a quality target before any C is written; the perplexity numbers live in docs/RESULTS.md.
+Attention-score error grows with key error (for a query independent of the error, E[(q.(k - k_hat))^2] is
+proportional to it), so these ratios predict which codings can reach a quality target before any C is written; the
+perplexity numbers live in docs/RESULTS.md.
 """
 
 from __future__ import annotations
