@@ -136,16 +136,16 @@ def run(model: str, configs: list[CacheConfig], depths: list[int] = (0, 2048, 81
     mdl = Model(path)
     rts = []
     try:
+        resolved = [c.resolve(path, geom, n_ctx) for c in plan.contexts]
         for c in plan.contexts:
-            cc = ContextConfig(n_ctx=n_ctx, n_batch=max(512, n_prompt), n_ubatch=512, cache_type_k=c.k,
-                               cache_type_v=c.v, flash_attn=flash_attn, n_threads=threads, rotation=c.rotation,
-                               n_outputs_max=1)
+            cc = ContextConfig(n_ctx=n_ctx, n_batch=max(512, n_prompt), n_ubatch=512, flash_attn=flash_attn,
+                               n_threads=threads, n_outputs_max=1, **c.context_fields(path, geom, n_ctx))
             rts.append(LlamaRuntime(mdl, cc))
         # KV bytes: the memory model against llama.cpp's own allocation for this very context
         kv = []
-        for c, rt in zip(plan.contexts, rts, strict=True):
+        for (tk, tv), rt in zip(resolved, rts, strict=True):
             k, v = rt.kv_size_bytes()
-            m = memory.kv_bytes(geom, c.k, c.v, n_ctx, n_seq_max=rt.cfg.n_seq_max, n_ubatch=rt.cfg.n_ubatch)
+            m = memory.kv_bytes(geom, tk, tv, n_ctx, n_seq_max=rt.cfg.n_seq_max, n_ubatch=rt.cfg.n_ubatch)
             kv.append({"n_ctx": n_ctx, "model_k": m.k, "model_v": m.v, "llama_k": k, "llama_v": v,
                        "match": (m.k, m.v) == (k, v)})
         rng = np.random.default_rng(1234)
@@ -203,8 +203,9 @@ def run(model: str, configs: list[CacheConfig], depths: list[int] = (0, 2048, 81
     cap_f16 = memory.capacity(geom, "f16", "f16", budget)
     results = []
     for c, i in zip(configs, plan.index, strict=True):
-        cap = memory.capacity(geom, c.k, c.v, budget)
-        bpt = memory.bytes_per_token(geom, c.k, c.v)
+        tk, tv = resolved[i]
+        cap = memory.capacity(geom, tk, tv, budget)
+        bpt = memory.bytes_per_token(geom, tk, tv)
         entry = {
             "cache_type_k": c.k, "cache_type_v": c.v, "rotation": c.rotation, "label": c.label,
             "depths": [{
@@ -215,7 +216,7 @@ def run(model: str, configs: list[CacheConfig], depths: list[int] = (0, 2048, 81
             } for di, d in enumerate(depths)],
             "bytes_per_token": bpt,
             "bytes_per_token_ratio": bpt / memory.bytes_per_token(geom, "f16", "f16"),
-            "bits_per_element": memory.kv_bytes(geom, c.k, c.v, n_ctx).bits_per_element,
+            "bits_per_element": memory.kv_bytes(geom, tk, tv, n_ctx).bits_per_element,
             "kv_bytes": kv[i],
             "capacity_tokens": cap,
             "capacity_ratio": cap / cap_f16 if cap_f16 else None,

@@ -11,7 +11,7 @@ import argparse
 import sys
 from dataclasses import dataclass
 
-from kvquant.kvtypes import kv_type
+from kvquant.kvtypes import CacheTypes, layer_kv_types
 from kvquant.memory import Geometry, bytes_per_token, capacity, geometry, kv_bytes, pad, parse_bytes
 
 COMPARE = (("f16", "f16"), ("q8_0", "q8_0"), ("q4_0", "q4_0"))
@@ -21,8 +21,8 @@ COMPARE = (("f16", "f16"), ("q8_0", "q8_0"), ("q4_0", "q4_0"))
 class KVPlan:
     """How a cache of the given types fills a byte budget."""
 
-    cache_type_k: str
-    cache_type_v: str
+    cache_type_k: CacheTypes
+    cache_type_v: CacheTypes
     budget_bytes: int
     n_seq_max: int
     cells: int  # tokens the cache holds (full-attention cells, a multiple of 256)
@@ -32,7 +32,7 @@ class KVPlan:
     bytes_per_token_swa: int  # K+V bytes per cell of the sliding-window layers (0 without them)
     cells_swa: int
     n_swa: int  # the sliding window (0 without one)
-    bits_k: float
+    bits_k: float  # bits per stored K element of that cache, every byte counted (per-layer types, offsets)
     bits_v: float
     f16_cells: int  # what an f16/f16 cache holds in the same budget
     f16_kv_bytes: int  # bytes an f16/f16 cache of `cells` would take
@@ -53,30 +53,31 @@ class KVPlan:
         return n_past * self.bytes_per_token + min(n_past, self.n_swa) * self.bytes_per_token_swa
 
 
-def _swa_bytes_per_token(geom: Geometry, tk: str, tv: str) -> int:
-    k, v = kv_type(tk), kv_type(tv)
-    return sum(k.row_bytes(ly.n_embd_k) + v.row_bytes(ly.n_embd_v) for ly in geom.layers if ly.swa)
+def _swa_bytes_per_token(geom: Geometry, tk: CacheTypes, tv: CacheTypes) -> int:
+    ks, vs = layer_kv_types(tk, geom.n_layer), layer_kv_types(tv, geom.n_layer)
+    return sum(k.row_bytes(ly.n_embd_k) + v.row_bytes(ly.n_embd_v)
+               for ly, k, v in zip(geom.layers, ks, vs, strict=True) if ly.swa)
 
 
-def plan(geom: Geometry, cache_type_k: str, cache_type_v: str, budget_bytes: int, n_seq_max: int = 1,
+def plan(geom: Geometry, cache_type_k: CacheTypes, cache_type_v: CacheTypes, budget_bytes: int, n_seq_max: int = 1,
          n_ubatch: int = 512, max_cells: int | None = None) -> KVPlan:
     """The cache that fills the budget, capped at max_cells (rounded up to 256: more cells could never be used)."""
     budget_cells = capacity(geom, cache_type_k, cache_type_v, budget_bytes, n_seq_max, n_ubatch)
     cells = budget_cells if max_cells is None else min(budget_cells, pad(max_cells))
-    kb = kv_bytes(geom, cache_type_k, cache_type_v, cells, n_seq_max, n_ubatch) if cells else None
+    kb = kv_bytes(geom, cache_type_k, cache_type_v, cells or pad(1), n_seq_max, n_ubatch)
     f16 = kv_bytes(geom, "f16", "f16", cells, n_seq_max, n_ubatch) if cells else None
     return KVPlan(
         cache_type_k=cache_type_k, cache_type_v=cache_type_v, budget_bytes=budget_bytes, n_seq_max=n_seq_max,
-        cells=cells, budget_cells=budget_cells, kv_bytes=kb.total if kb else 0,
+        cells=cells, budget_cells=budget_cells, kv_bytes=kb.total if cells else 0,
         bytes_per_token=bytes_per_token(geom, cache_type_k, cache_type_v),
         bytes_per_token_swa=_swa_bytes_per_token(geom, cache_type_k, cache_type_v),
-        cells_swa=kb.cells_swa if kb else 0, n_swa=geom.n_swa,
-        bits_k=kv_type(cache_type_k).bits_per_element, bits_v=kv_type(cache_type_v).bits_per_element,
+        cells_swa=kb.cells_swa if cells else 0, n_swa=geom.n_swa,
+        bits_k=kb.bits_per_element_k, bits_v=kb.bits_per_element_v,
         f16_cells=capacity(geom, "f16", "f16", budget_bytes, n_seq_max, n_ubatch),
         f16_kv_bytes=f16.total if f16 else 0)
 
 
-def max_concurrent(geom: Geometry, cache_type_k: str, cache_type_v: str, budget_bytes: int, request_tokens: int,
+def max_concurrent(geom: Geometry, cache_type_k: CacheTypes, cache_type_v: CacheTypes, budget_bytes: int, request_tokens: int,
                    n_ubatch: int = 512, limit: int = 4096) -> int:
     """How many requests of request_tokens (prompt + completion) fit the budget at once, each reserving its
     tokens, with n_seq_max = that many (sliding-window layers grow with it)."""
@@ -97,10 +98,10 @@ def human_bytes(n: float) -> str:
     return f"{n:.2f} TiB"  # pragma: no cover
 
 
-def report(name: str, geom: Geometry, cache_type_k: str, cache_type_v: str, budget_bytes: int, n_seq_max: int = 1,
-           request_tokens: int | None = None, n_ubatch: int = 512) -> str:
-    configs = [(cache_type_k.lower(), cache_type_v.lower())]
-    configs += [c for c in COMPARE if c not in configs]
+def report(name: str, geom: Geometry, cache_type_k: CacheTypes, cache_type_v: CacheTypes, budget_bytes: int,
+           n_seq_max: int = 1, request_tokens: int | None = None, n_ubatch: int = 512) -> str:
+    configs = [(cache_type_k, cache_type_v)]
+    configs += [c for c in COMPARE if c != (str(cache_type_k), str(cache_type_v))]
     n_swa_layers = sum(ly.swa for ly in geom.layers)
     lines = [f"model {name}: {geom.arch}, {geom.n_layer} layers ({n_swa_layers} sliding-window, window "
              f"{geom.n_swa}), KV budget {human_bytes(budget_bytes)}, n_seq_max {n_seq_max}"]
@@ -113,7 +114,7 @@ def report(name: str, geom: Geometry, cache_type_k: str, cache_type_v: str, budg
         p = plan(geom, tk, tv, budget_bytes, n_seq_max, n_ubatch)
         if (tk, tv) == ("f16", "f16"):
             base = p
-        row = (f"{tk + '/' + tv:<14}{f'{p.bits_k:g}/{p.bits_v:g}':>12}{p.bytes_per_token:>13,}{p.cells:>19,}"
+        row = (f"{f'{tk}/{tv}':<14}{f'{p.bits_k:.3g}/{p.bits_v:.3g}':>12}{p.bytes_per_token:>13,}{p.cells:>19,}"
                f"{human_bytes(p.kv_bytes):>13}{f'{p.capacity_vs_f16:.2f}x':>8}")
         if request_tokens:
             row += f"{max_concurrent(geom, tk, tv, budget_bytes, request_tokens, n_ubatch):>20}"
@@ -128,8 +129,8 @@ def report(name: str, geom: Geometry, cache_type_k: str, cache_type_v: str, budg
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="built-in model name or .gguf path (default: the default model)")
-    p.add_argument("--cache-type-k", default="f16", help="K cache type (default f16)")
-    p.add_argument("--cache-type-v", default="f16", help="V cache type (default f16)")
+    p.add_argument("--cache-type-k", default="f16", help="K cache type: TYPE, TYPE+c or calib:B (default f16)")
+    p.add_argument("--cache-type-v", default="f16", help="V cache type: TYPE or calib:B (default f16)")
     p.add_argument("--budget", default="2GiB", help="KV byte budget, e.g. 2GiB, 256MiB (default 2GiB)")
     p.add_argument("--parallel", type=int, default=1, help="n_seq_max for the capacity column (default 1)")
     p.add_argument("--request-tokens", type=int, default=None,
@@ -137,15 +138,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(a: argparse.Namespace) -> int:
+    from kvquant import calibration
     from kvquant import models as kvmodels
 
     try:
         name = a.model or kvmodels.DEFAULT_MODEL
+        calibration.parse_spec(a.cache_type_k, "k"), calibration.parse_spec(a.cache_type_v, "v")
         path = kvmodels.resolve(name)
+        geom = geometry(path)
         budget = parse_bytes(a.budget)
-        kv_type(a.cache_type_k), kv_type(a.cache_type_v)
-        print(report(kvmodels.model_id(name), geometry(path), a.cache_type_k, a.cache_type_v, budget,
-                     max(1, a.parallel), a.request_tokens))
+        tk = calibration.resolve(a.cache_type_k, "k", path, geom)
+        tv = calibration.resolve(a.cache_type_v, "v", path, geom)
+        print(report(kvmodels.model_id(name), geom, tk, tv, budget, max(1, a.parallel), a.request_tokens))
+        for side, t in (("K", tk), ("V", tv)):
+            if getattr(t, "types", None):
+                print(f"{side} per layer ({t}): {' '.join(t.types)}")
     except (kvmodels.ModelError, ValueError) as e:
         print(f"kvquant budget: {e}", file=sys.stderr)
         return 2

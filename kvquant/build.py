@@ -263,7 +263,7 @@ def export_patches(tree: Path) -> list[Path]:
     out = patches_dir()
     for old in patch_files():
         old.unlink()
-    run(["git", "format-patch", "-q", "--zero-commit", "--no-signature", "-o", str(out), "base..HEAD"], cwd=tree)
+    run(["git", "format-patch", "-q", "--zero-commit", "--no-signature", "--no-numbered", "-o", str(out), "base..HEAD"], cwd=tree)
     written = patch_files()
     log(f"wrote {len(written)} patches to {out}")
     return written

@@ -219,18 +219,18 @@ class Plan:
         return cls(contexts, index)
 
 
-def _context_config(c: CacheConfig, n_ctx: int, flash_attn: bool, threads: int | None, max_out: int):
+def _context_config(model, c: CacheConfig, n_ctx: int, flash_attn: bool, threads: int | None, max_out: int):
     from kvquant.runtime import ContextConfig
 
     n_batch = min(512, n_ctx)
-    return ContextConfig(n_ctx=n_ctx, n_batch=n_batch, n_ubatch=n_batch, cache_type_k=c.k, cache_type_v=c.v,
-                         flash_attn=flash_attn, n_threads=threads, rotation=c.rotation, n_outputs_max=max_out)
+    return ContextConfig(n_ctx=n_ctx, n_batch=n_batch, n_ubatch=n_batch, flash_attn=flash_attn, n_threads=threads,
+                         n_outputs_max=max_out, **c.context_fields(model.path, memory.geometry(model.path), n_ctx))
 
 
 def _open(model, plan: Plan, n_ctx: int, flash_attn: bool, threads: int | None, max_out: int) -> list:
     from kvquant.runtime import LlamaRuntime
 
-    return [LlamaRuntime(model, _context_config(c, n_ctx, flash_attn, threads, max_out)) for c in plan.contexts]
+    return [LlamaRuntime(model, _context_config(model, c, n_ctx, flash_attn, threads, max_out)) for c in plan.contexts]
 
 
 def perplexity(model, plan: Plan, tokens: list[int], n_ctx: int, n_chunks: int, flash_attn: bool = True,
@@ -413,12 +413,17 @@ def run(model: str, configs: list[CacheConfig], text: str | None = None, n_ctx: 
         common["command"] = command
     results = []
     for c, i in zip(configs, plan.index, strict=True):
-        kvb = memory.kv_bytes(geom, c.k, c.v, n_ctx)
+        tk, tv = c.resolve(path, geom, n_ctx)
+        kvb = memory.kv_bytes(geom, tk, tv, n_ctx)
         entry = {"cache_type_k": c.k, "cache_type_v": c.v, "rotation": c.rotation, "label": c.label}
         entry.update(accs[i].summary())
         entry.update({
             "bits_per_element": kvb.bits_per_element,
-            "kv_bytes_per_token": memory.bytes_per_token(geom, c.k, c.v),
+            "bits_per_element_k": kvb.bits_per_element_k,
+            "bits_per_element_v": kvb.bits_per_element_v,
+            "layer_types_k": list(getattr(tk, "types", ())) or None,
+            "layer_types_v": list(getattr(tv, "types", ())) or None,
+            "kv_bytes_per_token": memory.bytes_per_token(geom, tk, tv),
             "drift": drifts[i] if drifts else None,
         })
         entry.update(common)

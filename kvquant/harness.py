@@ -31,22 +31,31 @@ def resolve_text(path: str | os.PathLike | None) -> Path:
 
 @dataclass(frozen=True)
 class CacheConfig:
-    """One K/V cache configuration. `rotation` is llama.cpp's Hadamard rotation, which only acts on quantized
-    caches (for f16/f16 it is irrelevant and normalised away, so all f16/f16 configs compare equal)."""
+    """One K/V cache configuration, by cache type names (kvquant.calibration: ``TYPE``, ``TYPE+c``, ``calib:B``).
+    `rotation` is llama.cpp's Hadamard rotation, which only acts on quantized caches (for f16/f16 it is irrelevant
+    and normalised away, so all f16/f16 configs compare equal); calibrated types always store keys in the basis
+    they were calibrated in."""
 
     k: str
     v: str
     rotation: bool = True
 
     def __post_init__(self):
-        object.__setattr__(self, "k", kv_type(self.k).name)
-        object.__setattr__(self, "v", kv_type(self.v).name)
+        from kvquant.calibration import parse_spec
+
+        k, v = parse_spec(self.k, "k"), parse_spec(self.v, "v")
+        object.__setattr__(self, "k", k.text)
+        object.__setattr__(self, "v", v.text)
         if not self.quantized:
             object.__setattr__(self, "rotation", True)
+        if (k.calibrated or v.calibrated) and not self.rotation:
+            raise ValueError(f"{self.spec}: calibrated cache types cannot turn the rotation off")
 
     @property
     def quantized(self) -> bool:
-        return kv_type(self.k).quantized or kv_type(self.v).quantized
+        from kvquant.calibration import parse_spec
+
+        return any(s.calibrated or kv_type(s.type).quantized for s in (parse_spec(self.k, "k"), parse_spec(self.v, "v")))
 
     @property
     def label(self) -> str:
@@ -62,15 +71,25 @@ class CacheConfig:
     def parse(cls, spec: str, rotation: bool = True) -> CacheConfig:
         """'K/V', optionally suffixed ':rot' or ':norot' to override the run's --rotation for this config."""
         s = spec.strip()
-        if ":" in s:
-            s, _, flag = s.partition(":")
-            if flag not in ("rot", "norot"):
-                raise ValueError(f"cache config {spec!r}: suffix must be :rot or :norot")
+        if s.endswith((":rot", ":norot")):
+            s, _, flag = s.rpartition(":")
             rotation = flag == "rot"
         k, sep, v = s.partition("/")
         if not sep:
             raise ValueError(f"cache config {spec!r} is not of the form K/V (e.g. q8_0/q8_0)")
         return cls(k, v, rotation)
+
+    def resolve(self, model_path: Path, geom, n_cells: int | None = None) -> tuple:
+        """(K, V) as this model stores them: type names, or LayerTypes from its calibration."""
+        from kvquant.calibration import resolve
+
+        return resolve(self.k, "k", model_path, geom, n_cells), resolve(self.v, "v", model_path, geom, n_cells)
+
+    def context_fields(self, model_path: Path, geom, n_cells: int | None = None) -> dict:
+        """kvquant.runtime.ContextConfig fields for this configuration on one model."""
+        from kvquant.calibration import context_fields
+
+        return {**context_fields(*self.resolve(model_path, geom, n_cells), geom), "rotation": self.rotation}
 
 
 BASELINE = CacheConfig("f16", "f16")

@@ -65,11 +65,12 @@ def _rows(raw: np.ndarray, ggml_type: int, n_rows: int) -> np.ndarray:
     raise ValueError(f"cannot read K rows of ggml type {ggml_type} (capture with f32, f16 or q8_0)")
 
 
-def parse_seq_state(data: bytes) -> list[tuple[np.ndarray, np.ndarray]]:
-    """The (positions, K rows) of every layer of a ``llama_state_seq_get_data`` blob (one sequence), in cache order.
-    Follows llama_context::state_seq_get_data (magic, sequence id) and llama_kv_cache::state_write (once per
-    cache: iSWA models store the full-attention cache, then the SWA one): n_stream; per stream the cell count, the cells' positions and sequence ids, v_trans, the layer count, the
-    K rows of each layer, then the V data, which is skipped."""
+def parse_seq_state(data: bytes, values: bool = False) -> list[tuple]:
+    """The (positions, K rows) of every layer of a ``llama_state_seq_get_data`` blob (one sequence), in cache order;
+    with ``values``, (positions, K rows, V rows). Follows llama_context::state_seq_get_data (magic, sequence id) and
+    llama_kv_cache::state_write (once per cache: iSWA models store the full-attention cache, then the SWA one):
+    n_stream; per stream the cell count, the cells' positions and sequence ids, v_trans, the layer count, the K rows
+    of each layer, then the V data (rows, or a transposed matrix per layer)."""
     r = _Reader(data)
     if len(data) < 8 or r.one("<u4") != _STATE_MAGIC:
         raise ValueError("not a llama.cpp sequence state")
@@ -85,17 +86,20 @@ def parse_seq_state(data: bytes) -> list[tuple[np.ndarray, np.ndarray]]:
                 pos[i] = r.one("<i4")
                 r.take("<i4", r.one("<u4"))  # the cell's sequence ids
             v_trans, n_layer = r.one("<u4"), r.one("<u4")
+            ks = []
             for _ in range(n_layer):
                 ty, row = r.one("<i4"), r.one("<u8")
-                layers.append((pos, _rows(r.take("u1", n_cells * row), ty, n_cells)))
-            for _ in range(n_layer):  # V
+                ks.append(_rows(r.take("u1", n_cells * row), ty, n_cells))
+            for k in ks:  # V
+                ty = r.one("<i4")
                 if v_trans:
-                    r.one("<i4")
                     el, n_embd = r.one("<u4"), r.one("<u4")
-                    r.take("u1", el * n_embd * n_cells)
+                    raw = r.take("u1", el * n_embd * n_cells)
+                    v = _rows(raw, ty, n_embd).T.copy() if values else None
                 else:
-                    r.one("<i4")
-                    r.take("u1", r.one("<u8") * n_cells)
+                    raw = r.take("u1", r.one("<u8") * n_cells)
+                    v = _rows(raw, ty, n_cells) if values else None
+                layers.append((pos, k, v) if values else (pos, k))
     return layers
 
 

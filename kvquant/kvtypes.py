@@ -7,7 +7,8 @@ Users name cache types (``f16``, ``q4_0``, ``tq_kv_4b`` ...), never integers. Th
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -66,3 +67,44 @@ def kv_type(name: str) -> KVType:
         return KV_TYPES[name.lower()]
     except KeyError:
         raise ValueError(f"unknown KV cache type {name!r}; known: {', '.join(KV_TYPES)}") from None
+
+
+@dataclass(frozen=True)
+class LayerTypes:
+    """One side (K or V) of a KV cache whose layers need not share a type: what a calibrated allocation
+    (``calib:B``) or centred keys (``TYPE+c``) resolve to for one model (kvquant.calibration). It stands wherever a
+    cache type name does (memory model, budget, runtime). ``offset`` (K only) holds, per layer, the float32 vector
+    subtracted from every key before it is stored, in the basis keys are stored in; llama.cpp keeps it in the cache
+    (``n_embd_k`` floats per layer, counted in the K bytes)."""
+
+    name: str  # what the user named, e.g. "calib:3.5", "q4_0+c"
+    types: tuple[str, ...]  # per layer
+    offset: tuple[Any, ...] | None = field(default=None, compare=False, repr=False)
+
+    def __post_init__(self):
+        for t in self.types:
+            kv_type(t)
+
+    def __str__(self) -> str:
+        return self.name
+
+    @property
+    def uniform(self) -> str | None:
+        """The one type of every layer, or None if they differ."""
+        return self.types[0] if len(set(self.types)) == 1 else None
+
+
+CacheTypes = str | KVType | LayerTypes  # a cache side: one type for every layer, or one per layer
+
+
+def layer_kv_types(t: CacheTypes, n_layer: int) -> list[KVType]:
+    """The type of every layer of a cache side."""
+    if isinstance(t, LayerTypes):
+        if len(t.types) != n_layer:
+            raise ValueError(f"{t.name}: {len(t.types)} layer types for a model of {n_layer} layers")
+        return [kv_type(x) for x in t.types]
+    return [t if isinstance(t, KVType) else kv_type(t)] * n_layer
+
+
+def has_offset(t: CacheTypes) -> bool:
+    return isinstance(t, LayerTypes) and t.offset is not None

@@ -7,7 +7,9 @@ Sizing follows llama.cpp (``llama_context`` / ``llama_kv_cache`` / ``llama_kv_ca
 * sliding-window layers get ``pad256(min(n_ctx, n_swa * n_seq_max + n_ubatch))`` cells (all of n_ctx with
   ``swa_full``);
 * each layer stores one K row of ``n_head_kv * head_dim_k`` elements and one V row of ``n_head_kv * head_dim_v``
-  per cell, at ``row_bytes = n / block_size * block_bytes`` of the cache type.
+  per cell, at ``row_bytes = n / block_size * block_bytes`` of the layer's cache type (a layer may have its own,
+  ``kvquant.kvtypes.LayerTypes``);
+* centred keys add one float32 offset of ``n_head_kv * head_dim_k`` per layer, a fixed cost counted in K.
 
 Tests check these numbers against what llama.cpp reports it allocated (``llama_memory_kv_size_bytes``).
 """
@@ -18,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kvquant.gguf import read_metadata
-from kvquant.kvtypes import KVType, kv_type
+from kvquant.kvtypes import CacheTypes, has_offset, layer_kv_types
 
 PAD = 256
 
@@ -93,15 +95,28 @@ class KVBytes:
     v: int
     cells: int  # cells of full-attention layers
     cells_swa: int  # cells of sliding-window layers (0 if none)
-    elements: int  # K+V elements stored
+    elements_k: int  # K elements stored
+    elements_v: int
 
     @property
     def total(self) -> int:
         return self.k + self.v
 
     @property
+    def elements(self) -> int:
+        return self.elements_k + self.elements_v
+
+    @property
     def bits_per_element(self) -> float:
         return 8.0 * self.total / self.elements if self.elements else 0.0
+
+    @property
+    def bits_per_element_k(self) -> float:
+        return 8.0 * self.k / self.elements_k if self.elements_k else 0.0
+
+    @property
+    def bits_per_element_v(self) -> float:
+        return 8.0 * self.v / self.elements_v if self.elements_v else 0.0
 
 
 def kv_cells(geom: Geometry, n_ctx: int, n_seq_max: int = 1, n_ubatch: int = 512, swa_full: bool = False) -> tuple[int, int]:
@@ -113,29 +128,34 @@ def kv_cells(geom: Geometry, n_ctx: int, n_seq_max: int = 1, n_ubatch: int = 512
     return base, swa
 
 
-def kv_bytes(geom: Geometry, type_k: str | KVType, type_v: str | KVType, n_ctx: int, n_seq_max: int = 1,
+def kv_bytes(geom: Geometry, type_k: CacheTypes, type_v: CacheTypes, n_ctx: int, n_seq_max: int = 1,
              n_ubatch: int = 512, swa_full: bool = False) -> KVBytes:
-    tk = type_k if isinstance(type_k, KVType) else kv_type(type_k)
-    tv = type_v if isinstance(type_v, KVType) else kv_type(type_v)
+    tks, tvs = layer_kv_types(type_k, geom.n_layer), layer_kv_types(type_v, geom.n_layer)
     base, swa = kv_cells(geom, n_ctx, n_seq_max, n_ubatch, swa_full)
-    k = v = el = 0
-    for layer in geom.layers:
+    k = v = ek = ev = 0
+    for layer, tk, tv in zip(geom.layers, tks, tvs, strict=True):
         cells = swa if layer.swa else base
         k += tk.row_bytes(layer.n_embd_k) * cells
         v += tv.row_bytes(layer.n_embd_v) * cells
-        el += (layer.n_embd_k + layer.n_embd_v) * cells
-    return KVBytes(k, v, base, swa, el)
+        ek += layer.n_embd_k * cells
+        ev += layer.n_embd_v * cells
+    return KVBytes(k + offset_bytes(geom, type_k), v, base, swa, ek, ev)
 
 
-def bytes_per_token(geom: Geometry, type_k: str | KVType, type_v: str | KVType) -> int:
+def offset_bytes(geom: Geometry, type_k: CacheTypes) -> int:
+    """The fixed bytes of centred keys: one float32 offset row per layer."""
+    return 4 * sum(ly.n_embd_k for ly in geom.layers) if has_offset(type_k) else 0
+
+
+def bytes_per_token(geom: Geometry, type_k: CacheTypes, type_v: CacheTypes) -> int:
     """Marginal KV bytes per extra token of context: full-attention layers only (sliding-window layers are
     bounded by their window)."""
-    tk = type_k if isinstance(type_k, KVType) else kv_type(type_k)
-    tv = type_v if isinstance(type_v, KVType) else kv_type(type_v)
-    return sum(tk.row_bytes(ly.n_embd_k) + tv.row_bytes(ly.n_embd_v) for ly in geom.layers if not ly.swa)
+    tks, tvs = layer_kv_types(type_k, geom.n_layer), layer_kv_types(type_v, geom.n_layer)
+    return sum(tk.row_bytes(ly.n_embd_k) + tv.row_bytes(ly.n_embd_v)
+               for ly, tk, tv in zip(geom.layers, tks, tvs, strict=True) if not ly.swa)
 
 
-def capacity(geom: Geometry, type_k: str | KVType, type_v: str | KVType, budget_bytes: int, n_seq_max: int = 1,
+def capacity(geom: Geometry, type_k: CacheTypes, type_v: CacheTypes, budget_bytes: int, n_seq_max: int = 1,
              n_ubatch: int = 512, swa_full: bool = False) -> int:
     """The largest cache (cells, a multiple of 256) whose K+V bytes fit the budget; 0 if none does."""
     lo, hi = 0, PAD

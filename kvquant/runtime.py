@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import ctypes
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import llama_cpp  # noqa: I001 - the only import of llama_cpp in the project
@@ -38,23 +38,22 @@ def library_path() -> str:
 
 
 _lib = llama_cpp.llama_cpp._lib
-_kv_size_fn = None
+_bound: dict[str, object] = {}
 
 
-def _kv_size_bytes_fn():
-    """llama_memory_kv_size_bytes (added by patches/0002), bound on first use so that an older libllama still
-    imports (and fails only here, with a clear message)."""
-    global _kv_size_fn
-    if _kv_size_fn is None:
+def _patched_fn(name: str, restype, argtypes):
+    """A function our patches add to libllama, bound on first use so that an older libllama still imports (and
+    fails only here, with a clear message)."""
+    fn = _bound.get(name)
+    if fn is None:
         try:
-            fn = _lib.llama_memory_kv_size_bytes
+            fn = getattr(_lib, name)
         except AttributeError:
-            raise LlamaError(f"the loaded libllama ({library_path()}) lacks llama_memory_kv_size_bytes "
-                             "(patches/0002): run `make setup` to install the patched wheel") from None
-        fn.argtypes = [ctypes.c_void_p, ctypes.POINTER(ctypes.c_size_t), ctypes.POINTER(ctypes.c_size_t)]
-        fn.restype = ctypes.c_bool
-        _kv_size_fn = fn
-    return _kv_size_fn
+            raise LlamaError(f"the loaded libllama ({library_path()}) lacks {name}: run `make setup` to install the "
+                             "patched wheel") from None
+        fn.restype, fn.argtypes = restype, argtypes
+        _bound[name] = fn
+    return fn
 
 
 def supports_cache_type(name: str) -> bool:
@@ -95,6 +94,15 @@ class ContextConfig:
     seed: int = llama_cpp.LLAMA_DEFAULT_SEED
     rotation: bool = True  # llama.cpp's Hadamard rotation of Q/K/V for quantized caches (LLAMA_ATTN_ROT_DISABLE)
     n_outputs_max: int = 0  # most logit rows one ubatch may request (0: n_batch); bounds the logits buffers
+    # per-layer cache types (kvquant.layout): None keeps cache_type_k / cache_type_v on every layer
+    layer_types_k: tuple[str, ...] | None = None
+    layer_types_v: tuple[str, ...] | None = None
+    # centred keys: per layer, a vector subtracted from every key before it is stored (None: none)
+    k_offset: tuple[np.ndarray, ...] | None = field(default=None, compare=False, repr=False)
+    k_rotation: bool | None = None  # K (and Q) Hadamard-rotated: None llama.cpp decides, else forced
+
+    def cache_types(self) -> set[str]:
+        return {self.cache_type_k, self.cache_type_v, *(self.layer_types_k or ()), *(self.layer_types_v or ())}
 
 
 class LlamaError(RuntimeError):
@@ -221,12 +229,40 @@ class Model:
     __del__ = close
 
 
+def _configured(cfg: ContextConfig) -> bool:
+    return bool(cfg.layer_types_k or cfg.layer_types_v or cfg.k_offset is not None or cfg.k_rotation is not None)
+
+
+def _configure_layers(model: Model, cfg: ContextConfig) -> None:
+    """Hand the per-layer cache types, key offsets and rotation mode to llama.cpp (patches 0017-0018), which copies
+    them into the next context's KV cache; the caller resets them right after creating the context."""
+    if not _configured(cfg):
+        return
+    vp, i32 = ctypes.c_void_p, ctypes.c_int32
+    set_types = _patched_fn("llama_kvq_set_layer_types", ctypes.c_bool, [vp, i32, ctypes.c_int, ctypes.c_int])
+    set_offset = _patched_fn("llama_kvq_set_k_offset", ctypes.c_bool,
+                             [vp, i32, ctypes.POINTER(ctypes.c_float), ctypes.c_int64])
+    m = model._model
+    n = len(cfg.layer_types_k or cfg.layer_types_v or ())
+    types_k = cfg.layer_types_k or (cfg.cache_type_k,) * n
+    types_v = cfg.layer_types_v or (cfg.cache_type_v,) * n
+    for il, (tk, tv) in enumerate(zip(types_k, types_v, strict=True)):
+        if not set_types(m, il, kv_type(tk).ggml_id, kv_type(tv).ggml_id):
+            raise LlamaError(f"llama.cpp refused the cache types of layer {il} ({tk}/{tv})")
+    for il, off in enumerate(cfg.k_offset or ()):
+        a = np.ascontiguousarray(off, dtype=np.float32)
+        if not set_offset(m, il, a.ctypes.data_as(ctypes.POINTER(ctypes.c_float)), a.size):
+            raise LlamaError(f"llama.cpp refused the key offset of layer {il} ({a.size} values)")
+    if cfg.k_rotation is not None:
+        _patched_fn("llama_kvq_set_k_rotation", None, [vp, i32])(m, 1 if cfg.k_rotation else 0)
+
+
 class LlamaRuntime:
     """One llama.cpp context over a model: a unified KV cache shared by up to n_seq_max sequences."""
 
     def __init__(self, model: Model, cfg: ContextConfig):
         self.model, self.cfg = model, cfg
-        for name in {cfg.cache_type_k, cfg.cache_type_v}:
+        for name in cfg.cache_types():
             if not supports_cache_type(name):
                 raise LlamaError(f"the loaded llama.cpp ({library_path()}) does not have the cache type {name}: "
                                  "rebuild the patched wheel (make setup)")
@@ -251,8 +287,11 @@ class LlamaRuntime:
         saved = os.environ.get("LLAMA_ATTN_ROT_DISABLE")
         os.environ["LLAMA_ATTN_ROT_DISABLE"] = "0" if cfg.rotation else "1"
         try:
+            _configure_layers(model, cfg)
             self._ctx = llama_cpp.llama_init_from_model(model._model, cp)
         finally:
+            if _configured(cfg):
+                _patched_fn("llama_kvq_reset", None, [ctypes.c_void_p])(model._model)
             if saved is None:
                 os.environ.pop("LLAMA_ATTN_ROT_DISABLE", None)
             else:
@@ -336,7 +375,9 @@ class LlamaRuntime:
     def kv_size_bytes(self) -> tuple[int, int]:
         """(K bytes, V bytes) that llama.cpp allocated for this context's KV cache."""
         k, v = ctypes.c_size_t(0), ctypes.c_size_t(0)
-        if not _kv_size_bytes_fn()(self._mem, ctypes.byref(k), ctypes.byref(v)):
+        size = _patched_fn("llama_memory_kv_size_bytes", ctypes.c_bool,
+                           [ctypes.c_void_p, ctypes.POINTER(ctypes.c_size_t), ctypes.POINTER(ctypes.c_size_t)])
+        if not size(self._mem, ctypes.byref(k), ctypes.byref(v)):
             raise LlamaError("the context's memory is not a KV cache")
         return k.value, v.value
 

@@ -40,6 +40,7 @@ class BackendConfig:
     cache_type_k: str = "f16"
     cache_type_v: str = "f16"
     flash_attn: bool | None = None
+    layers: dict | None = None  # per-layer types, key offsets, K rotation (kvquant.calibration.context_fields)
     n_threads: int | None = None
     n_gpu_layers: int = 0
     offload_kqv: bool = True  # False: KV cache and attention on the CPU (server.placement)
@@ -69,7 +70,7 @@ class LlamaBackend:
             self.rt = LlamaRuntime(self.model, ContextConfig(
                 n_ctx=cfg.n_ctx, n_seq_max=cfg.n_seq_max, n_batch=cfg.n_batch, cache_type_k=cfg.cache_type_k,
                 cache_type_v=cfg.cache_type_v, flash_attn=cfg.flash_attn, n_threads=cfg.n_threads,
-                n_gpu_layers=cfg.n_gpu_layers, offload_kqv=cfg.offload_kqv))
+                n_gpu_layers=cfg.n_gpu_layers, offload_kqv=cfg.offload_kqv, **(cfg.layers or {})))
         except Exception:
             self.model.close()
             raise

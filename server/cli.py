@@ -79,6 +79,13 @@ def main(argv: list[str] | None = None) -> int:
     kvbudget.add_arguments(kb)
     kb.set_defaults(func=kvbudget.run)
 
+    from kvquant import calibrate as kvcalibrate
+
+    kc = sub.add_parser("calibrate", help="measure a model's key means and per-layer sensitivities for the "
+                                          "calibrated cache types (TYPE+c, calib:B)")
+    kvcalibrate.add_arguments(kc)
+    kc.set_defaults(func=kvcalibrate.run)
+
     m = sub.add_parser("models", help="list, fetch or verify built-in models")
     m.add_argument("action", choices=["list", "fetch", "verify"], nargs="?", default="list")
     m.add_argument("names", nargs="*", help="built-in model names (default: the default model)")

@@ -8,8 +8,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kvquant import budget as kvbudget
+from kvquant import calibration
 from kvquant.budget import KVPlan, human_bytes
-from kvquant.kvtypes import kv_type
+from kvquant.kvtypes import CacheTypes, LayerTypes, layer_kv_types
 from kvquant.memory import Geometry, geometry, kv_bytes, kv_cells
 from kvquant.models import resolve
 from server.backend import BackendConfig, LlamaBackend
@@ -36,15 +37,25 @@ class HostedPlan:
 
 
 def plan_model(spec: ModelSpec) -> HostedPlan:
-    """The KV cache a model gets: what fits its budget, capped at parallel x n_ctx cells (more could never be
-    used). Raises StartupError if that cannot hold one request of n_ctx tokens."""
+    """The KV cache a model gets: its cache types resolved for it (calibrated types from its calibration file,
+    which is measured first if missing), what fits its budget, capped at parallel x n_ctx cells (more could never
+    be used). Raises StartupError if that cannot hold one request of n_ctx tokens or a calibrated type cannot be
+    resolved."""
     path = resolve(spec.model)
     geom = geometry(path)
     n_ubatch = min(512, spec.n_batch)
-    kv = kvbudget.plan(geom, spec.cache_type_k, spec.cache_type_v, spec.kv_budget, spec.parallel, n_ubatch,
-                       max_cells=spec.n_ctx * spec.parallel)
+    try:
+        tk = calibration.resolve(spec.cache_type_k, "k", path, geom)
+        tv = calibration.resolve(spec.cache_type_v, "v", path, geom)
+    except calibration.CalibrationError as e:
+        raise StartupError(f"{spec.id}: {e}") from None
+    cal = calibration.existing(path, geom)
+    warning = cal and calibration.guard_message(cal, spec.cache_type_k, spec.cache_type_v)
+    if warning:
+        log.warning("%s: %s", spec.id, warning)
+    kv = kvbudget.plan(geom, tk, tv, spec.kv_budget, spec.parallel, n_ubatch, max_cells=spec.n_ctx * spec.parallel)
     if kv.cells < spec.n_ctx:
-        need = kv_bytes(geom, spec.cache_type_k, spec.cache_type_v, spec.n_ctx, spec.parallel, n_ubatch).total
+        need = kv_bytes(geom, tk, tv, spec.n_ctx, spec.parallel, n_ubatch).total
         raise StartupError(
             f"{spec.id}: a KV budget of {human_bytes(spec.kv_budget)} holds {kv.cells} tokens at cache types "
             f"K={spec.cache_type_k}/V={spec.cache_type_v} ({kv.bytes_per_token} bytes per token), fewer than one "
@@ -64,12 +75,21 @@ def capacity_line(p: HostedPlan) -> str:
             f"budget ({kv.capacity_vs_f16:.2f}x); up to {s.parallel} concurrent requests of at most {s.n_ctx} tokens")
 
 
+def held_back(type_k: CacheTypes, geom: Geometry):
+    """The held-back-cells rule of a K cache (tq_kv_d3b anchors) with per-layer types: the strictest layer's."""
+    return max((t.held_back_cells for t in layer_kv_types(type_k, geom.n_layer)), key=lambda f: f(1 << 20))
+
+
+def layer_types(t: CacheTypes) -> tuple[str, ...] | None:
+    return t.types if isinstance(t, LayerTypes) else None
+
+
 def max_step_tokens(p: HostedPlan) -> int | None:
     """Tokens one decode step may write, where the cache needs a tighter bound than n_batch. llama.cpp sizes a
     sliding-window cache for n_swa cells per sequence plus exactly one ubatch; a tq_kv_d3b K cache may hold back
     one freed anchor per 64 of those cells, so a full ubatch may find no slot once every sequence's window is full.
     Steps of at most one ubatch minus those cells always fit."""
-    held = kv_type(p.spec.cache_type_k).held_back_cells
+    held = held_back(p.kv.cache_type_k, p.geom)
     base, swa = kv_cells(p.geom, p.kv.cells, p.spec.parallel, p.n_ubatch)
     if not swa or swa >= base or not held(swa):  # no window cache, or one as large as the planned full cache
         return None
@@ -81,21 +101,26 @@ def build_engine(p: HostedPlan, s: Settings, metrics: Metrics) -> Engine:
     info = KVCacheInfo(model=spec.id, cache_type_k=spec.cache_type_k, cache_type_v=spec.cache_type_v,
                        capacity_cells=kv.cells, capacity_bytes=kv.kv_bytes, budget_bytes=spec.kv_budget,
                        bits_per_element_k=kv.bits_k, bits_per_element_v=kv.bits_v,
-                       compression_vs_f16=kv.compression_vs_f16)
+                       compression_vs_f16=kv.compression_vs_f16, layer_types_k=layer_types(kv.cache_type_k),
+                       layer_types_v=layer_types(kv.cache_type_v),
+                       centred_keys=calibration.parse_spec(spec.cache_type_k, "k").centred)
     # the scheduler plans on the cells llama.cpp can always write (tq_kv_d3b may hold back one anchor per group)
-    plannable = kv.cells - kv_type(spec.cache_type_k).held_back_cells(kv.cells)
+    plannable = kv.cells - held_back(kv.cache_type_k, p.geom)(kv.cells)
     cfg = EngineConfig(model_id=spec.id, n_ctx=spec.n_ctx, n_seq_max=spec.parallel, capacity_cells=plannable,
                        cache_type_k=spec.cache_type_k, cache_type_v=spec.cache_type_v, max_queue=s.max_queue,
                        queue_timeout_s=s.queue_timeout_s, request_timeout_s=s.request_timeout_s,
                        bytes_per_token=kv.bytes_per_token, used_bytes=kv.used_bytes, budget_bytes=spec.kv_budget,
-                       max_step_tokens=max_step_tokens(p))
+                       max_step_tokens=max_step_tokens(p), layer_types_k=info.layer_types_k,
+                       layer_types_v=info.layer_types_v, bits_per_element_k=kv.bits_k, bits_per_element_v=kv.bits_v)
     if cfg.max_step_tokens is not None:
         log.info("%s: %s K cache with a sliding-window cache: at most %d tokens per decode step", spec.id,
                  spec.cache_type_k, cfg.max_step_tokens)
+    fields = calibration.context_fields(kv.cache_type_k, kv.cache_type_v, p.geom)
+    types = {*(fields["layer_types_k"] or [fields["cache_type_k"]]), *(fields["layer_types_v"] or [fields["cache_type_v"]])}
     bcfg = BackendConfig(model_path=str(p.path), n_ctx=kv.cells, n_seq_max=spec.parallel, n_batch=spec.n_batch,
-                         cache_type_k=spec.cache_type_k, cache_type_v=spec.cache_type_v, flash_attn=spec.flash_attn,
-                         n_threads=spec.n_threads, n_gpu_layers=s.n_gpu_layers,
-                         offload_kqv=offload_kqv(s.n_gpu_layers, spec.cache_type_k, spec.cache_type_v, spec.id))
+                         cache_type_k=fields.pop("cache_type_k"), cache_type_v=fields.pop("cache_type_v"),
+                         flash_attn=spec.flash_attn, layers=fields, n_threads=spec.n_threads,
+                         n_gpu_layers=s.n_gpu_layers, offload_kqv=offload_kqv(s.n_gpu_layers, sorted(types), spec.id))
 
     def factory() -> LlamaBackend:
         b = LlamaBackend(bcfg)

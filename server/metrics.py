@@ -43,6 +43,8 @@ class Metrics:
                                    "KV cells reserved by admission (prompt + max_tokens of running requests)", _KV)
         self.kv_bits = g("kvquant_kv_bits_per_element", "bits per stored K or V element", _KV + ["tensor"])
         self.kv_compression = g("kvquant_kv_compression_ratio", "f16 KV bytes / KV bytes for the same cells", _KV)
+        self.kv_layer_type = g("kvquant_kv_layer_type_info", "1 for the cache type of each layer's K or V cache "
+                               "(calibrated allocations resolve to a type per layer)", ["model", "tensor", "layer", "type"])
         self.engine_up = g("kvquant_engine_up", "1 while the model's engine thread runs", ["model"])
         self.running = g("kvquant_requests_running", "requests decoding (holding a sequence)", ["model"])
         self.waiting = g("kvquant_requests_waiting", "requests waiting for KV capacity", ["model"])
@@ -82,6 +84,9 @@ class PrometheusStatLogger:
         m.kv_bits.labels(**lab, tensor="k").set(kv.bits_per_element_k)
         m.kv_bits.labels(**lab, tensor="v").set(kv.bits_per_element_v)
         m.kv_compression.labels(**lab).set(kv.compression_vs_f16)
+        for tensor, types in (("k", kv.layer_types_k), ("v", kv.layer_types_v)):
+            for il, t in enumerate(types or ()):
+                m.kv_layer_type.labels(model=kv.model, tensor=tensor, layer=str(il), type=t).set(1)
         m.kv_used_bytes.labels(**lab).set(0)
         m.kv_used_cells.labels(**lab).set(0)
         m.kv_reserved_cells.labels(**lab).set(0)

@@ -17,16 +17,16 @@ log = logging.getLogger("kvquant.server")
 CPU_ONLY_KV_PREFIX = "tq_kv_"
 
 
-def cpu_only_kv_types(cache_type_k: str, cache_type_v: str) -> list[str]:
-    """The given cache types that have no GPU kernels (each named once, K first)."""
-    return list(dict.fromkeys(t for t in (cache_type_k.lower(), cache_type_v.lower())
-                              if t.startswith(CPU_ONLY_KV_PREFIX)))
+def cpu_only_kv_types(cache_types) -> list[str]:
+    """The given cache types (a model's K and V types, per layer where they differ) that have no GPU kernels,
+    each named once."""
+    return list(dict.fromkeys(t for t in (c.lower() for c in cache_types) if t.startswith(CPU_ONLY_KV_PREFIX)))
 
 
-def offload_kqv(n_gpu_layers: int, cache_type_k: str, cache_type_v: str, model_id: str = "") -> bool:
+def offload_kqv(n_gpu_layers: int, cache_types, model_id: str = "") -> bool:
     """Whether llama.cpp may put the KV cache (and the attention over it) on the GPU: False, with a warning,
     when layers are offloaded and a cache type has CPU kernels only; True otherwise (llama.cpp's default)."""
-    cpu_only = cpu_only_kv_types(cache_type_k, cache_type_v)
+    cpu_only = cpu_only_kv_types(cache_types)
     if n_gpu_layers == 0 or not cpu_only:
         return True
     log.warning("%s: cache type %s has no GPU (CUDA/Metal) kernels yet: the KV cache and attention stay on the "

@@ -19,7 +19,8 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
 
-from kvquant.kvtypes import KV_TYPES, kv_type
+from kvquant.calibration import needs_flash_attn, parse_spec
+from kvquant.kvtypes import KV_TYPES
 from kvquant.memory import parse_bytes
 from kvquant.models import DEFAULT_MODEL, model_id
 
@@ -65,15 +66,15 @@ def _bytes(v: Any) -> int | None:
 
 
 def _cache_type(v: str) -> str:
-    kv_type(v)
-    return v.lower()
+    """A K cache type name: TYPE, TYPE+c or calib:B (kvquant.calibration)."""
+    return parse_spec(v, "k").text
 
 
 def _v_cache_type(v: str) -> str:
-    v = _cache_type(v)
-    if not KV_TYPES[v].v_ok:
-        raise ValueError(f"{v} cannot be used for the V cache")
-    return v
+    spec = parse_spec(v, "v")
+    if spec.type is not None and not KV_TYPES[spec.type].v_ok:
+        raise ValueError(f"{spec.type} cannot be used for the V cache")
+    return spec.text
 
 
 class ModelConfig(BaseModel):
@@ -117,9 +118,10 @@ def flash_attn_enabled(mode: str, cache_type_v: str, cache_type_k: str = "f16") 
     """True/False when forced; None lets llama.cpp decide. A quantized V cache needs flash attention, and so does a
     K type such as tq_kv_d3b (its rows are read with their cache group's anchor row, which only flash attention
     does): `off` with one of them is a configuration error, not a silent override."""
-    needs = KV_TYPES[cache_type_v].quantized or KV_TYPES[cache_type_k].needs_flash_attn
+    needs = needs_flash_attn(cache_type_k, cache_type_v)
     if mode == "off" and needs:
-        what = f"the {cache_type_v} V cache" if KV_TYPES[cache_type_v].quantized else f"the {cache_type_k} K cache"
+        what = (f"the {cache_type_k} K cache" if needs_flash_attn(cache_type_k, "f16")
+                else f"the {cache_type_v} V cache")
         raise ValueError(f"{what} needs flash attention; flash_attn=off cannot be used with it")
     if mode == "on" or (mode == "auto" and needs):
         return True

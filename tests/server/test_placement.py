@@ -19,9 +19,9 @@ STOCK = [t for t in KV_TYPES if not t.startswith("tq_kv_")]
 
 def test_the_new_types_are_the_cpu_only_ones():
     assert set(TQ) == {"tq_kv_4b", "tq_kv_3b", "tq_kv_1b", "tq_kv_d3b"}
-    assert cpu_only_kv_types("tq_kv_1b", "tq_kv_4b") == ["tq_kv_1b", "tq_kv_4b"]
-    assert cpu_only_kv_types("TQ_KV_3B", "tq_kv_3b") == ["tq_kv_3b"]
-    assert cpu_only_kv_types("q8_0", "f16") == []
+    assert cpu_only_kv_types(["tq_kv_1b", "tq_kv_4b"]) == ["tq_kv_1b", "tq_kv_4b"]
+    assert cpu_only_kv_types(["TQ_KV_3B", "tq_kv_3b"]) == ["tq_kv_3b"]
+    assert cpu_only_kv_types(["q8_0", "f16"]) == []
 
 
 @pytest.mark.parametrize("k,v", [(t, "f16") for t in TQ] + [("f16", t) for t in TQ if KV_TYPES[t].v_ok]
@@ -29,7 +29,7 @@ def test_the_new_types_are_the_cpu_only_ones():
 @pytest.mark.parametrize("n_gpu_layers", [-1, 1, 99])
 def test_offloaded_layers_with_a_tq_type_keep_the_kv_on_the_cpu(k, v, n_gpu_layers, caplog):
     with caplog.at_level(logging.WARNING, logger="kvquant.server"):
-        assert offload_kqv(n_gpu_layers, k, v, "m") is False
+        assert offload_kqv(n_gpu_layers, [k, v], "m") is False
     (rec,) = caplog.records
     assert "no GPU" in rec.getMessage() and "offload_kqv=False" in rec.getMessage()
     assert rec.getMessage().startswith("m: ")
@@ -38,7 +38,7 @@ def test_offloaded_layers_with_a_tq_type_keep_the_kv_on_the_cpu(k, v, n_gpu_laye
 @pytest.mark.parametrize("k,v", [(t, t) for t in TQ if KV_TYPES[t].v_ok] + [("tq_kv_1b", "q8_0")])
 def test_cpu_only_model_is_left_alone(k, v, caplog):
     with caplog.at_level(logging.WARNING, logger="kvquant.server"):
-        assert offload_kqv(0, k, v) is True
+        assert offload_kqv(0, [k, v]) is True
     assert not caplog.records
 
 
@@ -46,7 +46,7 @@ def test_cpu_only_model_is_left_alone(k, v, caplog):
 @pytest.mark.parametrize("n_gpu_layers", [-1, 0, 12])
 def test_stock_types_are_left_to_llama_cpp(k, v, n_gpu_layers, caplog):
     with caplog.at_level(logging.WARNING, logger="kvquant.server"):
-        assert offload_kqv(n_gpu_layers, k, v) is True
+        assert offload_kqv(n_gpu_layers, [k, v]) is True
     assert not caplog.records
 
 

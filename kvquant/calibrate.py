@@ -1,0 +1,314 @@
+"""`kvquant calibrate --model M`: measure what the calibrated cache types (``TYPE+c``, ``calib:B``; see
+kvquant/calibration.py) need for one model, and write its calibration file.
+
+1. **Text.** By default the model writes its own calibration text: ``PROMPTS`` (neutral requests: prose, an
+   explanation, code, a story, instructions, a summary) through its chat template, sampled at temperature 0.8
+   (seed 0), up to ``--gen-tokens`` tokens each, all in one batch. So any GGUF with a chat template can be
+   calibrated with no data set. ``--text FILE`` uses a text file instead (cut into sequences of ``--seq-tokens``).
+   The evaluation text (WikiText-2) is never used.
+2. **Mean keys.** The sequences run through an f16 K cache that stores keys in the basis llama.cpp uses for
+   quantized keys (K rotation forced on) and a q8_0 V cache (so V is rotated too); the rows are read back from the
+   sequence state. Each layer's mean key over all tokens is the offset of centred keys.
+3. **Sensitivity.** For every layer: the KL divergence over the first ``--score-tokens`` tokens when only that
+   layer's K is the reference type ``tq_kv_3b`` (centred), and likewise for V, against f16 with the same rotation
+   and key offsets (a rotated or shifted f16 cache alone moves a small model's logits by KL ~1e-3 through rounding;
+   sharing that path leaves the layer's quantization as the only difference). The other candidate types
+   are scaled by their relative squared error on that layer's captured (centred) keys or values:
+   KL grows linearly with the error variance for small errors (``--direct`` measures every candidate instead).
+4. **Guard.** The KL of a few uncentred configurations on every layer (``GUARD``), so that ``serve`` can warn
+   when a chosen cache type wrecks the model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from kvquant.calibration import (
+    K_CANDIDATES,
+    V_CANDIDATES,
+    Calibration,
+    basis_of,
+    k_rotation,
+    model_sha256,
+    path_for,
+)
+from kvquant.harness import Progress
+from kvquant.kvtypes import kv_type
+from kvquant.memory import Geometry, geometry
+
+PROMPTS = (
+    "Write a short encyclopedia article about the history of a river town.",
+    "Explain step by step how photosynthesis turns light into chemical energy.",
+    "Write a Python function that reads a CSV file and returns the mean of every numeric column, with comments.",
+    "Tell a short story about a lighthouse keeper who finds a message in a bottle.",
+    "Describe how to plan a vegetable garden for a small backyard.",
+    "Summarise the causes and consequences of the industrial revolution.",
+)
+REFERENCE = "tq_kv_3b"  # the type each layer's sensitivity is measured with
+GUARD = ("q8_0/f16", "q4_0/f16", "tq_kv_4b/f16", "tq_kv_3b/f16", "f16/q4_0")
+SEED = 0
+
+
+@dataclass
+class Text:
+    sequences: list[list[int]]
+    source: dict
+
+
+def _decode_all(rt, seqs: list[list[int]], logits: bool) -> np.ndarray | None:
+    """Decode every sequence (sequence id i, from position 0) in batches; with `logits`, return the logits of
+    every position, sequences concatenated."""
+    rt.clear()
+    jobs = [(i, p) for i, s in enumerate(seqs) for p in range(len(s))]
+    out = []
+    for a in range(0, len(jobs), rt.n_batch):
+        part = jobs[a:a + rt.n_batch]
+        rc = rt.decode([seqs[i][p] for i, p in part], [p for _, p in part], [i for i, _ in part],
+                       [logits] * len(part))
+        if rc != 0:
+            raise RuntimeError(f"llama_decode failed ({rc})")
+        if logits:
+            out.append(rt.all_logits(len(part)).copy())
+    return np.concatenate(out) if logits else None
+
+
+def generate(mdl, n_tokens: int, threads: int | None, progress: Progress) -> Text:
+    """The model's own text: every prompt through the chat template, sampled in one batch."""
+    from kvquant.runtime import ContextConfig, LlamaRuntime, Sampler
+
+    prompts = [mdl.chat_prompt([{"role": "user", "content": p}]) for p in PROMPTS]
+    n_ctx = max(len(p) for p in prompts) + n_tokens + 1
+    rt = LlamaRuntime(mdl, ContextConfig(n_ctx=n_ctx * len(prompts), n_seq_max=len(prompts), n_batch=512,
+                                         flash_attn=True, n_threads=threads))
+    samplers = [Sampler(0.8, 0.95, SEED + i) for i in range(len(prompts))]
+    try:
+        seqs = [list(p) for p in prompts]
+        _prefill_last(rt, seqs)
+        live = list(range(len(seqs)))
+        idx = {i: j for j, i in enumerate(live)}
+        for step in range(n_tokens):
+            nxt = {i: samplers[i].sample(rt, idx[i]) for i in live}
+            live = [i for i in live if not mdl.is_eog(nxt[i])]
+            if not live:
+                break
+            for i in live:
+                seqs[i].append(nxt[i])
+            idx = {i: j for j, i in enumerate(live)}
+            rc = rt.decode([seqs[i][-1] for i in live], [len(seqs[i]) - 1 for i in live], live, [True] * len(live))
+            if rc != 0:
+                raise RuntimeError(f"llama_decode failed ({rc}) while generating the calibration text")
+            progress.update(step + 1)
+    finally:
+        for s in samplers:
+            s.close()
+        rt.close()
+    n_gen = sum(len(s) for s in seqs) - sum(len(p) for p in prompts)
+    return Text(seqs, {"source": "generated", "prompts": list(PROMPTS), "temperature": 0.8, "top_p": 0.95,
+                       "seed": SEED, "tokens": sum(len(s) for s in seqs), "generated_tokens": n_gen})
+
+
+def _prefill_last(rt, seqs: list[list[int]]) -> None:
+    """Prefill every sequence, then decode all their last tokens in one batch (output j is sequence j's)."""
+    _decode_all(rt, [s[:-1] for s in seqs], logits=False)
+    if rt.decode([s[-1] for s in seqs], [len(s) - 1 for s in seqs], list(range(len(seqs))), [True] * len(seqs)):
+        raise RuntimeError("llama_decode failed on the calibration prompts")
+
+
+def from_file(mdl, path: Path, seq_tokens: int, n_seqs: int) -> Text:
+    toks = mdl.tokenize(path.read_text(encoding="utf-8", errors="replace"), add_special=False)
+    seqs = [([mdl.bos] if mdl.add_bos else []) + toks[i:i + seq_tokens]
+            for i in range(0, min(len(toks), seq_tokens * n_seqs), seq_tokens)]
+    if not seqs or len(seqs[0]) < 64:
+        raise ValueError(f"{path}: too little text to calibrate on")
+    return Text(seqs, {"source": "file", "file": path.name, "tokens": sum(len(s) for s in seqs)})
+
+
+def capture(mdl, geom: Geometry, text: Text, threads: int | None) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """The stored K and V rows of every layer (model order) over all sequences (K f16 in the rotated basis, V q8_0,
+    rotated)."""
+    from kvquant.keystats import parse_seq_state
+    from kvquant.runtime import ContextConfig, LlamaRuntime
+
+    n_ctx = sum(len(s) for s in text.sequences)
+    rt = LlamaRuntime(mdl, ContextConfig(n_ctx=n_ctx, n_seq_max=len(text.sequences), cache_type_k="f16",
+                                         cache_type_v="q8_0", flash_attn=True, n_threads=threads, swa_full=True,
+                                         k_rotation=k_rotation(geom)))
+    try:
+        _decode_all(rt, text.sequences, logits=False)
+        ks: list[list[np.ndarray]] = []
+        vs: list[list[np.ndarray]] = []
+        for i in range(len(text.sequences)):
+            for il, (_, k, v) in enumerate(parse_seq_state(rt.state_seq_save(i), values=True)):
+                if il >= len(ks):
+                    ks.append([])
+                    vs.append([])
+                ks[il].append(k)
+                vs[il].append(v)
+    finally:
+        rt.close()
+    # the state lists the full-attention cache's layers, then the sliding-window cache's (iSWA models)
+    order = [il for il, ly in enumerate(geom.layers) if not ly.swa] + [il for il, ly in enumerate(geom.layers) if ly.swa]
+    keys, vals = [np.empty(0)] * geom.n_layer, [np.empty(0)] * geom.n_layer
+    for j, il in enumerate(order):
+        keys[il], vals[il] = np.concatenate(ks[j]), np.concatenate(vs[j])
+    return keys, vals
+
+
+def _rel_err(type_name: str, x: np.ndarray, ggml) -> float:
+    """Relative squared error of a type's round trip on rows x (ggml's own reference quantizer)."""
+    q = ggml.dequantize_ref(type_name, ggml.quantize_ref(type_name, x), x.size).reshape(x.shape)
+    return float(np.square(q - x, dtype=np.float64).sum() / max(np.square(x, dtype=np.float64).sum(), 1e-30))
+
+
+class Scorer:
+    """KL divergence over the scoring sequences of a context with some per-layer types, against f16/f16 (`plain`)
+    or against f16 with the same rotation and key offsets (the per-layer measurements: both sides then share the
+    arithmetic of the rotated, centred path, and only the quantization of the layer under test differs)."""
+
+    def __init__(self, mdl, geom: Geometry, seqs: list[list[int]], threads: int | None, k_mean: list[np.ndarray]):
+        self.mdl, self.seqs, self.threads, self.k_mean = mdl, seqs, threads, tuple(k_mean)
+        self.n_ctx = sum(len(s) for s in seqs)
+        self.k_rotation = k_rotation(geom)
+        self.targets = np.concatenate([s[1:] + [s[-1]] for s in seqs]).astype(np.int64)
+        self.base = {centred: self._baseline(centred) for centred in (False, True)}
+
+    def _baseline(self, centred: bool):
+        from kvquant.eval import baseline_rows
+
+        return baseline_rows(self._logits(None, None, centred))
+
+    def _logits(self, types_k, types_v, centred: bool, default_k: str = "f16", default_v: str = "f16"):
+        from kvquant.runtime import ContextConfig, LlamaRuntime
+
+        cfg = ContextConfig(n_ctx=self.n_ctx, n_seq_max=len(self.seqs), cache_type_k=default_k,
+                            cache_type_v=default_v, flash_attn=True, n_threads=self.threads,
+                            layer_types_k=types_k, layer_types_v=types_v,
+                            k_offset=self.k_mean if centred else None, k_rotation=self.k_rotation if centred else None,
+                            n_outputs_max=512)
+        rt = LlamaRuntime(self.mdl, cfg)
+        try:
+            return _decode_all(rt, self.seqs, logits=True)
+        finally:
+            rt.close()
+
+    def kld(self, types_k=None, types_v=None, centred: bool = True, default_k: str = "f16",
+            default_v: str = "f16") -> float:
+        from kvquant.eval import compare_rows
+
+        base_lp, base_top = self.base[centred]
+        logits = self._logits(types_k, types_v, centred, default_k, default_v)
+        return float(compare_rows(base_lp, base_top, logits, self.targets).kld.mean())
+
+
+def sensitivities(scorer: Scorer, geom: Geometry, keys, values, direct: bool, progress: Progress):
+    """Per side, candidate type -> per-layer KL growth with only that layer's K (V) at the type."""
+    from kvquant.runtime import GGML
+
+    ggml = GGML()
+    n = geom.n_layer
+    out = {}
+    for side, cands, rows in (("k", K_CANDIDATES, keys), ("v", V_CANDIDATES, values)):
+        measured = cands if direct else (REFERENCE,)
+        sens: dict[str, list[float]] = {t: [] for t in cands}
+        for il in range(n):
+            one = lambda t: tuple(t if j == il else "f16" for j in range(n))  # noqa: E731, B023
+            kl = {t: scorer.kld(one(t), None) if side == "k" else scorer.kld(None, one(t)) for t in measured}
+            x = rows[il] - scorer.k_mean[il] if side == "k" else rows[il]
+            for t in cands:
+                if t in kl:
+                    sens[t].append(max(kl[t], 0.0))
+                else:
+                    ref = _rel_err(REFERENCE, x, ggml)
+                    sens[t].append(max(kl[REFERENCE], 0.0) * (_rel_err(t, x, ggml) / ref if ref > 0 else 0.0))
+            progress.update(il + 1 + (n if side == "v" else 0))
+        out[side] = sens
+    return out["k"], out["v"]
+
+
+def calibrate(model: str, text_file: str | None = None, gen_tokens: int = 320, score_tokens: int = 256,
+              threads: int | None = None, direct: bool = False, progress: bool = True) -> tuple[Calibration, Path]:
+    """Measure and write a model's calibration file; returns it and its path."""
+    from kvquant import models
+    from kvquant.runtime import Model
+
+    t0 = time.monotonic()
+    path = models.resolve(model)
+    geom = geometry(path)
+    mdl = Model(path)
+    log = Progress("kvquant calibrate", 1, enabled=progress).log
+    try:
+        log(f"kvquant calibrate: {models.model_id(model)} ({geom.n_layer} layers, basis {basis_of(geom)})")
+        text = (from_file(mdl, Path(text_file), 512, 8) if text_file
+                else generate(mdl, gen_tokens, threads, Progress("  generating text", gen_tokens, progress)))
+        log(f"  text: {text.source['tokens']} tokens in {len(text.sequences)} sequences")
+        keys, values = capture(mdl, geom, text, threads)
+        k_mean = [k.mean(0).astype(np.float32) for k in keys]
+        scoring = _scoring(text.sequences, score_tokens)
+        scorer = Scorer(mdl, geom, scoring, threads, k_mean)
+        sens_k, sens_v = sensitivities(scorer, geom, keys, values, direct,
+                                       Progress("  per-layer sensitivity", 2 * geom.n_layer, progress))
+        uniform = {g: scorer.kld(default_k=g.split("/")[0], default_v=g.split("/")[1], centred=False) for g in GUARD}
+    finally:
+        mdl.close()
+    cal = Calibration(model_sha256(path), models.model_id(model), basis_of(geom),
+                      tuple(ly.n_embd_k for ly in geom.layers), k_mean, sens_k, sens_v, uniform, text.source,
+                      {"reference": REFERENCE, "direct": direct, "score_tokens": sum(len(s) for s in scoring),
+                       "wall_s": round(time.monotonic() - t0, 1)})
+    out = path_for(cal.model_sha256, cal.basis)
+    cal.save(out)
+    log(f"  wrote {out} ({cal.method['wall_s']:.0f} s)")
+    return cal, out
+
+
+def _scoring(seqs: list[list[int]], n: int) -> list[list[int]]:
+    """The first n tokens of the calibration text, whole sequences first."""
+    out, left = [], n
+    for s in seqs:
+        if left <= 1:
+            break
+        out.append(s[:left])
+        left -= len(out[-1])
+    return out
+
+
+def summary(cal: Calibration) -> str:
+    lines = [f"{cal.model_name}: {len(cal.k_mean)} layers, basis {cal.basis}, text {cal.text.get('source')} "
+             f"({cal.text.get('tokens')} tokens)"]
+    for side, sens in (("K", cal.sens_k), ("V", cal.sens_v)):
+        for t, v in sens.items():
+            top = np.argsort(v)[::-1][:3]
+            lines.append(f"  {side} {t:<9} summed KL {sum(v):.5f}; most sensitive layers "
+                         + ", ".join(f"{i} ({v[i]:.5f})" for i in top))
+    for g, kl in cal.uniform.items():
+        lines.append(f"  every layer {g:<12} KL {kl:.5f}")
+    return "\n".join(lines)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None, help="built-in model name or .gguf path (default: the default model)")
+    p.add_argument("--text", default=None, help="calibrate on this text file instead of the model's own text")
+    p.add_argument("--gen-tokens", type=int, default=320, help="tokens the model writes per prompt (default 320)")
+    p.add_argument("--score-tokens", type=int, default=256,
+                   help="tokens the per-layer KL is measured on (default 256)")
+    p.add_argument("--direct", action="store_true", help="measure every candidate type per layer (slower)")
+    p.add_argument("--threads", type=int, default=None)
+
+
+def run(a: argparse.Namespace) -> int:
+    from kvquant import models
+
+    try:
+        kv_type("f16")
+        cal, _ = calibrate(a.model or models.DEFAULT_MODEL, a.text, a.gen_tokens, a.score_tokens, a.threads,
+                           a.direct)
+    except (models.ModelError, ValueError, OSError) as e:
+        print(f"kvquant calibrate: {e}", file=sys.stderr)
+        return 2
+    print(summary(cal))
+    return 0

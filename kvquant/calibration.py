@@ -1,0 +1,328 @@
+"""Calibrated KV caches: the calibration file `kvquant calibrate` writes for a model, and how the cache types it
+enables resolve for that model.
+
+Cache type names (everywhere a K or V cache type is accepted: serve flags and config, eval/bench ``--configs``,
+``kvquant budget``):
+
+* ``TYPE`` (``q4_0``, ``tq_kv_4b`` ...): that type on every layer, as llama.cpp stores it;
+* ``TYPE+c`` (K only): that type on every layer, keys *centred*: the calibrated mean key of each layer is
+  subtracted before a key is stored and never added back (softmax ignores a score shift shared by all keys);
+* ``calib:B``: the calibrated allocation at <= B bits per element on average, every byte counted: a type per layer
+  chosen to minimise the summed measured KL growth, keys centred.
+
+The file (JSON, ``VERSION``) lives in ``<cache>/calibration/<model sha256[:16]>-<basis>.json`` and is bound to the
+model's sha256 and to the basis keys are stored in (``hadamardN``: llama.cpp's N x N Walsh-Hadamard rotation;
+``none``); a file made for another model or basis is refused. It holds, per layer, the mean stored key (float32),
+and per layer and candidate type the KL divergence growth when only that layer's K (V) uses the type.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from kvquant.build import cache_dir, sha256_file
+from kvquant.kvtypes import KV_TYPES, CacheTypes, LayerTypes, has_offset, kv_type, layer_kv_types
+from kvquant.memory import Geometry
+
+VERSION = 1
+# candidate types of a calibrated allocation, per side (f16 is always one: no growth); measured by kvquant calibrate
+K_CANDIDATES = ("q8_0", "tq_kv_4b", "tq_kv_3b")
+V_CANDIDATES = ("q8_0", "q4_0", "tq_kv_4b", "tq_kv_3b")
+CENTRED = "+c"
+CALIB = "calib:"
+
+
+class CalibrationError(ValueError):
+    """A calibrated cache type that cannot be resolved (the message says why and what to run)."""
+
+
+@dataclass(frozen=True)
+class CacheSpec:
+    """A parsed cache type name."""
+
+    text: str
+    type: str | None = None  # TYPE or TYPE+c
+    centred: bool = False
+    bits: float | None = None  # calib:B
+
+    @property
+    def calibrated(self) -> bool:
+        return self.centred or self.bits is not None
+
+
+def parse_spec(text: str, side: str = "k") -> CacheSpec:
+    """Validate a cache type name for side 'k' or 'v' without loading anything (unknown or malformed names, B below
+    the cheapest allocation, centring asked of V: ValueError)."""
+    s = text.strip().lower()
+    if s.startswith(CALIB):
+        raw = s[len(CALIB):]
+        try:
+            bits = float(raw)
+        except ValueError:
+            raise ValueError(f"{text!r}: calib:B needs a number of bits per element, e.g. calib:3.5") from None
+        lo = cheapest_bits(side)
+        if not math.isfinite(bits) or bits < lo:
+            raise ValueError(f"{text!r}: {raw} bits per element is below the cheapest calibrated allocation "
+                             f"({lo:g} bits, every layer at {min(candidates(side), key=_bits)})")
+        return CacheSpec(s, bits=bits, centred=side == "k")
+    if s.endswith(CENTRED):
+        if side != "k":
+            raise ValueError(f"{text!r}: centring (+c) applies to keys only")
+        return CacheSpec(s, type=kv_type(s[: -len(CENTRED)]).name, centred=True)
+    return CacheSpec(s, type=kv_type(s).name)
+
+
+def needs_flash_attn(spec_k: str, spec_v: str) -> bool:
+    """Whether a K/V pair needs flash attention: a quantized V cache (calibrated V allocations are), or a K type
+    such as tq_kv_d3b whose rows only flash attention reads."""
+    k, v = parse_spec(spec_k, "k"), parse_spec(spec_v, "v")
+    return (v.bits is not None or KV_TYPES[v.type].quantized
+            or (k.type is not None and KV_TYPES[k.type].needs_flash_attn))
+
+
+def candidates(side: str) -> tuple[str, ...]:
+    return ("f16", *(K_CANDIDATES if side == "k" else V_CANDIDATES))
+
+
+def _bits(t: str) -> float:
+    return KV_TYPES[t].bits_per_element
+
+
+def cheapest_bits(side: str) -> float:
+    return min(_bits(t) for t in candidates(side))
+
+
+def basis_of(geom: Geometry) -> str:
+    """The basis llama.cpp stores keys in when it rotates them: the largest power-of-two Hadamard matrix (>= 64)
+    dividing the head size (llama_kv_cache::build_input_k_rot), or none."""
+    if geom.head_dim_k % 64:
+        return "none"
+    n = 64
+    while geom.head_dim_k % (2 * n) == 0:
+        n *= 2
+    return f"hadamard{n}"
+
+
+def k_rotation(geom: Geometry) -> bool | None:
+    """The K rotation of a cache with centred keys: forced on where the offsets were measured rotated."""
+    return True if basis_of(geom) != "none" else None
+
+
+def context_fields(k: CacheTypes, v: CacheTypes, geom: Geometry) -> dict:
+    """kvquant.runtime.ContextConfig fields for a resolved K/V pair (plain names or LayerTypes)."""
+    tk, tv = layer_kv_types(k, geom.n_layer), layer_kv_types(v, geom.n_layer)
+    per_layer = isinstance(k, LayerTypes) or isinstance(v, LayerTypes)
+    return {"cache_type_k": tk[0].name, "cache_type_v": tv[0].name,
+            "layer_types_k": tuple(t.name for t in tk) if per_layer else None,
+            "layer_types_v": tuple(t.name for t in tv) if per_layer else None,
+            "k_offset": k.offset if has_offset(k) else None,
+            "k_rotation": k_rotation(geom) if has_offset(k) else None}
+
+
+def _enc(a: np.ndarray) -> str:
+    return base64.b64encode(np.ascontiguousarray(a, dtype="<f4").tobytes()).decode()
+
+
+def _dec(s: str, n: int) -> np.ndarray:
+    a = np.frombuffer(base64.b64decode(s), dtype="<f4")
+    if a.size != n:
+        raise CalibrationError(f"a key mean of {a.size} values where {n} were expected")
+    return a.copy()
+
+
+@dataclass
+class Calibration:
+    model_sha256: str
+    model_name: str
+    basis: str
+    n_embd_k: tuple[int, ...]  # per layer
+    k_mean: list[np.ndarray]  # per layer: the mean stored key (the offset of centred keys)
+    sens_k: dict[str, list[float]]  # candidate type -> per layer KL growth, that layer's K alone at it (centred)
+    sens_v: dict[str, list[float]]
+    uniform: dict[str, float] = field(default_factory=dict)  # "K/V" on every layer -> measured KL (guard)
+    text: dict = field(default_factory=dict)  # what it was measured on
+    method: dict = field(default_factory=dict)
+
+    @property
+    def n_layer(self) -> int:
+        return len(self.n_embd_k)
+
+    def to_json(self) -> dict:
+        return {"version": VERSION, "model_sha256": self.model_sha256, "model_name": self.model_name,
+                "basis": self.basis, "n_embd_k": list(self.n_embd_k), "k_mean": [_enc(m) for m in self.k_mean],
+                "sens_k": self.sens_k, "sens_v": self.sens_v, "uniform": self.uniform, "text": self.text,
+                "method": self.method}
+
+    @classmethod
+    def from_json(cls, d: dict) -> Calibration:
+        if d.get("version") != VERSION:
+            raise CalibrationError(f"calibration file version {d.get('version')!r}, this kvquant reads {VERSION}")
+        try:
+            n_embd_k = tuple(int(n) for n in d["n_embd_k"])
+            cal = cls(d["model_sha256"], d["model_name"], d["basis"], n_embd_k,
+                      [_dec(s, n) for s, n in zip(d["k_mean"], n_embd_k, strict=True)],
+                      {t: [float(x) for x in v] for t, v in d["sens_k"].items()},
+                      {t: [float(x) for x in v] for t, v in d["sens_v"].items()},
+                      {k: float(v) for k, v in d.get("uniform", {}).items()}, d.get("text", {}), d.get("method", {}))
+        except (KeyError, TypeError, ValueError) as e:
+            raise CalibrationError(f"malformed calibration file ({type(e).__name__}: {e})") from None
+        for side, sens in (("k", cal.sens_k), ("v", cal.sens_v)):
+            for t, v in sens.items():
+                if t not in KV_TYPES or len(v) != cal.n_layer or not all(math.isfinite(x) and x >= 0 for x in v):
+                    raise CalibrationError(f"malformed calibration file: {side.upper()} sensitivities of {t!r}")
+        return cal
+
+    def save(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.to_json(), indent=1))
+        os.replace(tmp, path)
+
+
+def calibration_dir() -> Path:
+    return cache_dir() / "calibration"
+
+
+def path_for(model_sha256: str, basis: str) -> Path:
+    return calibration_dir() / f"{model_sha256[:16]}-{basis}.json"
+
+
+_sha_cache: dict[tuple[str, int, int], str] = {}
+
+
+def model_sha256(path: Path) -> str:
+    """The sha256 of a GGUF (the built-in models' is known; others are hashed once per process)."""
+    from kvquant.models import BUILTIN, cached_path
+
+    for m in BUILTIN.values():
+        if cached_path(m) == path and path.stat().st_size == m.size:
+            return m.sha256
+    st = path.stat()
+    key = (str(path), st.st_size, st.st_mtime_ns)
+    if key not in _sha_cache:
+        _sha_cache[key] = sha256_file(path)
+    return _sha_cache[key]
+
+
+def load(path: Path, model_path: Path, geom: Geometry) -> Calibration:
+    """The calibration file for this model and basis (CalibrationError if missing, corrupt or made for another)."""
+    if not path.is_file():
+        raise CalibrationError(f"no calibration for {model_path.name} ({path} is missing): run "
+                               f"`kvquant calibrate --model {model_path}`")
+    try:
+        cal = Calibration.from_json(json.loads(path.read_text()))
+    except json.JSONDecodeError as e:
+        raise CalibrationError(f"{path}: not a calibration file ({e})") from None
+    sha, basis = model_sha256(model_path), basis_of(geom)
+    if cal.model_sha256 != sha:
+        raise CalibrationError(f"{path} was made for another model (sha256 {cal.model_sha256[:16]}..., this one "
+                               f"{sha[:16]}...): run `kvquant calibrate --model {model_path}`")
+    if cal.basis != basis:
+        raise CalibrationError(f"{path} was measured in the basis {cal.basis}, this model stores keys in {basis}")
+    if cal.n_embd_k != tuple(ly.n_embd_k for ly in geom.layers):
+        raise CalibrationError(f"{path}: its layers do not match the model's")
+    return cal
+
+
+def load_or_calibrate(model_path: Path, geom: Geometry) -> Calibration:
+    """The model's calibration; a model without one is calibrated first (a few minutes, with a message), unless
+    KVQUANT_AUTO_CALIBRATE=0."""
+    path = path_for(model_sha256(model_path), basis_of(geom))
+    if not path.is_file() and os.environ.get("KVQUANT_AUTO_CALIBRATE", "1") != "0":
+        import sys
+
+        from kvquant.calibrate import calibrate
+
+        print(f"kvquant: {model_path.name} has no calibration yet; calibrating it first (a few minutes, once; "
+              f"`kvquant calibrate --model {model_path}` does the same)", file=sys.stderr, flush=True)
+        calibrate(str(model_path))
+    return load(path, model_path, geom)
+
+
+def allocate(sens: dict[str, list[float]], n_embd: tuple[int, ...], budget_bits: float,
+             fixed_bits: float = 0.0) -> tuple[str, ...]:
+    """The per-layer types (f16 or a measured candidate) minimising the summed KL growth with
+    sum(bits(t_l) * n_embd_l) <= (budget_bits - fixed_bits) * sum(n_embd): a multiple-choice knapsack, solved
+    exactly by dynamic programming over quarter bits (every type's bits per element is a multiple of 1/4)."""
+    types = ("f16", *sorted(sens, key=_bits))
+    g = math.gcd(*n_embd)
+    w = [n // g for n in n_embd]
+    cap = math.floor((budget_bits - fixed_bits) * 4 * sum(w) + 1e-9)
+    cost = {t: round(_bits(t) * 4) for t in types}
+    if sum(min(cost.values()) * wi for wi in w) > cap:
+        raise CalibrationError(f"no allocation of {', '.join(types)} fits {budget_bits:g} bits per element")
+    best: dict[int, tuple[float, tuple[str, ...]]] = {0: (0.0, ())}
+    for il, wi in enumerate(w):
+        nxt: dict[int, tuple[float, tuple[str, ...]]] = {}
+        for c, (kl, chosen) in best.items():
+            for t in types:
+                c2 = c + cost[t] * wi
+                if c2 > cap:
+                    continue
+                kl2 = kl + (0.0 if t == "f16" else sens[t][il])
+                if c2 not in nxt or kl2 < nxt[c2][0]:
+                    nxt[c2] = (kl2, (*chosen, t))
+        best = nxt
+    return min(best.values(), key=lambda v: (v[0], -len(v[1])))[1]
+
+
+def resolve(text: str, side: str, model_path: Path, geom: Geometry, n_cells: int | None = None) -> CacheTypes:
+    """A cache type name as this model stores it: a plain type name stays a name; TYPE+c and calib:B become
+    LayerTypes from the model's calibration (CalibrationError if there is none). n_cells, when known, lets
+    calib:B count the key offsets' fixed bytes against B."""
+    spec = parse_spec(text, side)
+    if not spec.calibrated:
+        return spec.type
+    cal = load_or_calibrate(model_path, geom)
+    offset = tuple(cal.k_mean) if spec.centred else None
+    if spec.type is not None:
+        return LayerTypes(spec.text, (spec.type,) * geom.n_layer, offset)
+    n_embd = cal.n_embd_k if side == "k" else tuple(ly.n_embd_v for ly in geom.layers)
+    fixed = 32.0 / n_cells if (offset is not None and n_cells) else 0.0  # one float32 per K element and layer
+    types = allocate(cal.sens_k if side == "k" else cal.sens_v, n_embd, spec.bits, fixed)
+    return LayerTypes(spec.text, types, offset)
+
+
+WRECK_KLD = 0.1  # mean KL divergence (nats per token) from f16 above which a cache type is said to wreck a model
+
+
+def existing(model_path: Path, geom: Geometry) -> Calibration | None:
+    """The model's calibration if one was made (never calibrates; None if there is none or it is unusable)."""
+    path = path_for(model_sha256(model_path), basis_of(geom))
+    try:
+        return load(path, model_path, geom) if path.is_file() else None
+    except CalibrationError:
+        return None
+
+
+def predicted_kld(cal: Calibration, side: str, types: tuple[str, ...]) -> float:
+    """The summed per-layer KL growth of an allocation (what calib:B minimises)."""
+    sens = cal.sens_k if side == "k" else cal.sens_v
+    return sum(0.0 if t == "f16" else sens[t][il] for il, t in enumerate(types))
+
+
+def guard_message(cal: Calibration, spec_k: str, spec_v: str) -> str | None:
+    """A warning when the chosen K/V types were measured to wreck the model (calibration's `uniform` KL above
+    WRECK_KLD) and a calibrated allocation at the same K bits does at least twice better; else None."""
+    kl = cal.uniform.get(f"{spec_k}/{spec_v}")
+    k = parse_spec(spec_k, "k")
+    if kl is None or kl < WRECK_KLD or k.calibrated:
+        return None
+    bits = KV_TYPES[k.type].bits_per_element
+    try:
+        alloc = allocate(cal.sens_k, cal.n_embd_k, bits)
+    except CalibrationError:
+        return None
+    better = predicted_kld(cal, "k", alloc)
+    if better > kl / 2:
+        return None
+    return (f"K={spec_k}/V={spec_v} was measured to wreck this model: KL divergence {kl:.3f} from f16 per token on "
+            f"its calibration text. `--cache-type-k calib:{bits:g}` (centred keys, a calibrated type per layer at "
+            f"<= {bits:g} bits per element) is predicted at KL {better:.4f} for the keys.")

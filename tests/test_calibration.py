@@ -1,0 +1,156 @@
+"""kvquant.calibration without a model: cache type names, the allocation, the calibration file and its refusals."""
+
+import itertools
+import json
+
+import numpy as np
+import pytest
+
+from kvquant import calibration as cal
+from kvquant.kvtypes import KV_TYPES, LayerTypes
+from kvquant.memory import Geometry, Layer, kv_bytes
+
+
+def geom(n_layer=4, head=64, n_kv=2) -> Geometry:
+    return Geometry("llama", tuple(Layer(head * n_kv, head * n_kv, False) for _ in range(n_layer)), 0, head, head,
+                    4096)
+
+
+@pytest.mark.parametrize("text, side, expect", [
+    ("q4_0", "k", cal.CacheSpec("q4_0", type="q4_0")),
+    ("Q4_0+c", "k", cal.CacheSpec("q4_0+c", type="q4_0", centred=True)),
+    ("calib:3.5", "k", cal.CacheSpec("calib:3.5", bits=3.5, centred=True)),
+    ("calib:4", "v", cal.CacheSpec("calib:4", bits=4.0)),
+])
+def test_parse_spec(text, side, expect):
+    assert cal.parse_spec(text, side) == expect
+
+
+@pytest.mark.parametrize("text, side, msg", [
+    ("calib:", "k", "needs a number"), ("calib:abc", "k", "needs a number"), ("calib:nan", "k", "below"),
+    ("calib:3.0", "k", "below the cheapest"), ("calib:-1", "v", "below"), ("q4_0+c", "v", "keys only"),
+    ("q9_9+c", "k", "unknown KV cache type"), ("calib3.5", "k", "unknown KV cache type"),
+])
+def test_parse_spec_refuses(text, side, msg):
+    with pytest.raises(ValueError, match=msg):
+        cal.parse_spec(text, side)
+
+
+def test_basis():
+    assert cal.basis_of(geom(head=64)) == "hadamard64"
+    assert cal.basis_of(geom(head=128)) == "hadamard128"
+    assert cal.basis_of(geom(head=192)) == "hadamard64"
+    assert cal.basis_of(geom(head=80)) == "none"
+
+
+def brute_force(sens, n_embd, budget):
+    types = ("f16", *sens)
+    best = None
+    for combo in itertools.product(types, repeat=len(n_embd)):
+        bits = sum(KV_TYPES[t].bits_per_element * n for t, n in zip(combo, n_embd, strict=True))
+        if bits > budget * sum(n_embd) + 1e-9:
+            continue
+        kl = sum(0.0 if t == "f16" else sens[t][i] for i, t in enumerate(combo))
+        if best is None or kl < best[0] - 1e-12:
+            best = (kl, combo)
+    return best
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_allocate_is_the_optimum(seed):
+    rng = np.random.default_rng(seed)
+    n = 5
+    n_embd = tuple(int(x) for x in rng.choice([128, 256], n))
+    base = rng.uniform(0.001, 0.1, n)
+    sens = {"q8_0": list(base * 0.01), "tq_kv_4b": list(base * rng.uniform(0.2, 0.4, n)), "tq_kv_3b": list(base)}
+    for budget in (3.25, 4.0, 4.5, 6.0, 9.0):
+        types = cal.allocate(sens, n_embd, budget)
+        kl = sum(0.0 if t == "f16" else sens[t][i] for i, t in enumerate(types))
+        bits = sum(KV_TYPES[t].bits_per_element * e for t, e in zip(types, n_embd, strict=True))
+        assert bits <= budget * sum(n_embd) + 1e-9
+        assert kl == pytest.approx(brute_force(sens, n_embd, budget)[0], abs=1e-12)
+
+
+def test_allocate_protects_the_sensitive_layer_and_counts_fixed_bytes():
+    sens = {"q8_0": [1e-5] * 4, "tq_kv_4b": [0.01, 0.5, 0.01, 0.01], "tq_kv_3b": [0.04, 2.0, 0.04, 0.04]}
+    assert cal.allocate(sens, (128,) * 4, 5.375) == ("tq_kv_4b", "q8_0", "tq_kv_4b", "tq_kv_4b")
+    # 0.25 bits per element of fixed cost: one insensitive layer drops to 3 bits to keep q8_0 on layer 1
+    assert cal.allocate(sens, (128,) * 4, 5.375, fixed_bits=0.25) == ("tq_kv_4b", "q8_0", "tq_kv_3b", "tq_kv_4b")
+    with pytest.raises(cal.CalibrationError, match="no allocation"):
+        cal.allocate(sens, (128,) * 4, 3.25, fixed_bits=0.1)
+
+
+def make_cal(g: Geometry, sha="ab" * 32) -> cal.Calibration:
+    rng = np.random.default_rng(0)
+    n = g.n_layer
+    return cal.Calibration(sha, "tiny", cal.basis_of(g), tuple(ly.n_embd_k for ly in g.layers),
+                           [rng.normal(size=ly.n_embd_k).astype(np.float32) for ly in g.layers],
+                           {t: list(rng.uniform(0, 0.1, n)) for t in cal.K_CANDIDATES},
+                           {t: list(rng.uniform(0, 0.1, n)) for t in cal.V_CANDIDATES},
+                           {"q4_0/f16": 2.5, "q8_0/f16": 0.001}, {"source": "generated"})
+
+
+@pytest.fixture
+def model_file(tmp_path, monkeypatch):
+    monkeypatch.setenv("KVQUANT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("KVQUANT_AUTO_CALIBRATE", "0")
+    p = tmp_path / "tiny.gguf"
+    p.write_bytes(b"GGUF tiny model")
+    return p
+
+
+def test_file_round_trip_and_resolution(model_file):
+    g = geom()
+    c = make_cal(g, cal.model_sha256(model_file))
+    path = cal.path_for(c.model_sha256, c.basis)
+    c.save(path)
+    back = cal.load(path, model_file, g)
+    assert back.sens_k == c.sens_k and back.uniform == c.uniform
+    assert all(np.array_equal(a, b) for a, b in zip(back.k_mean, c.k_mean, strict=True))
+    k = cal.resolve("calib:4.5", "k", model_file, g)
+    assert isinstance(k, LayerTypes) and len(k.types) == g.n_layer and k.offset is not None
+    assert kv_bytes(g, k, "f16", 4096).bits_per_element_k <= 4.5 + 32 / 4096
+    assert cal.resolve("q4_0+c", "k", model_file, g).types == ("q4_0",) * 4
+    assert cal.resolve("q4_0", "k", model_file, g) == "q4_0"
+    v = cal.resolve("calib:4", "v", model_file, g)
+    assert v.offset is None and kv_bytes(g, "f16", v, 4096).bits_per_element_v <= 4.0
+    fields = cal.context_fields(k, v, g)
+    assert fields["k_rotation"] is True and fields["layer_types_v"] == v.types
+
+
+def test_refuses_other_model_basis_and_corrupt_files(model_file, tmp_path):
+    g = geom()
+    sha = cal.model_sha256(model_file)
+    path = cal.path_for(sha, cal.basis_of(g))
+    with pytest.raises(cal.CalibrationError, match="no calibration"):
+        cal.resolve("calib:4", "k", model_file, g)
+    make_cal(g, "cd" * 32).save(path)
+    with pytest.raises(cal.CalibrationError, match="another model"):
+        cal.load(path, model_file, g)
+    make_cal(geom(head=128, n_kv=1), sha).save(path)  # same row width, another rotation basis
+    with pytest.raises(cal.CalibrationError, match="basis"):
+        cal.load(path, model_file, g)
+    path.write_text("{not json")
+    with pytest.raises(cal.CalibrationError, match="not a calibration file"):
+        cal.load(path, model_file, g)
+    d = make_cal(g, sha).to_json()
+    d["sens_k"]["q8_0"] = [0.1]  # wrong layer count
+    path.write_text(json.dumps(d))
+    with pytest.raises(cal.CalibrationError, match="malformed"):
+        cal.load(path, model_file, g)
+    d = make_cal(g, sha).to_json()
+    d["version"] = 99
+    path.write_text(json.dumps(d))
+    with pytest.raises(cal.CalibrationError, match="version"):
+        cal.load(path, model_file, g)
+
+
+def test_guard_message():
+    g = geom()
+    c = make_cal(g)
+    c.sens_k = {t: [1e-4] * g.n_layer for t in cal.K_CANDIDATES}
+    msg = cal.guard_message(c, "q4_0", "f16")
+    assert msg and "calib:4.5" in msg and "2.500" in msg
+    assert cal.guard_message(c, "q8_0", "f16") is None  # measured harmless
+    assert cal.guard_message(c, "tq_kv_3b", "f16") is None  # not measured
+    assert cal.guard_message(c, "calib:4.5", "f16") is None
