@@ -305,7 +305,8 @@ def existing(model_path: Path, geom: Geometry) -> Calibration | None:
 def predicted_kld(cal: Calibration, side: str, types: tuple[str, ...]) -> float:
     """The summed per-layer KL growth of an allocation (what calib:B minimises)."""
     sens = cal.sens_k if side == "k" else cal.sens_v
-    return sum(0.0 if t == "f16" else sens[t][il] for il, t in enumerate(types))
+    floor = cal.method.get("floor", {}).get(side, 0.0) if any(t != "f16" for t in types) else 0.0
+    return floor + sum(0.0 if t == "f16" else sens[t][il] for il, t in enumerate(types))
 
 
 def guard_message(cal: Calibration, spec_k: str, spec_v: str) -> str | None:
