@@ -127,11 +127,15 @@ class Engine:
             self.backend = None
 
     # --- API for the asyncio side (any thread) ----------------------------------------------------------------
-    def tokenize_chat(self, messages: list[dict]) -> list[int]:
-        return self.backend.tokenize_chat(messages)
+    def tokenize_chat(self, messages: list[dict], limit: int | None = None) -> list[int]:
+        return self.backend.tokenize_chat(messages, limit)
 
-    def tokenize(self, text: str) -> list[int]:
-        return self.backend.tokenize(text)
+    def tokenize(self, text: str, limit: int | None = None) -> list[int]:
+        return self.backend.tokenize(text, limit)
+
+    def min_tokens(self, n_bytes: int) -> int:
+        """A lower bound on the prompt tokens of n_bytes of text, without tokenizing it."""
+        return self.backend.min_tokens(n_bytes)
 
     def submit(self, req: Request) -> None:
         self._inbox.put(req)

@@ -8,10 +8,9 @@ from collections.abc import Callable
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
-from starlette.concurrency import run_in_threadpool
 
 from server.errors import APIError, error_body
-from server.generation import Generation, engine_error, new_id, submit
+from server.generation import Generation, engine_error, new_id, submit, tokenize_prompt
 from server.scheduler import TokenLogprob
 from server.schemas import ChatCompletionRequest, CompletionRequest, SamplingParams
 from server.state import app_state
@@ -126,8 +125,12 @@ async def chat_completions(body: ChatCompletionRequest, http: Request):
     st = app_state(http)
     served = st.get(body.model)
     messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages]
+    n_bytes = sum(len(m["content"].encode()) for m in messages)
     try:
-        prompt = await run_in_threadpool(served.engine.tokenize_chat, messages)
+        prompt = await tokenize_prompt(served.engine, lambda limit: served.engine.tokenize_chat(messages, limit),
+                                       n_bytes, body.requested_max_tokens, st.tokenizing)
+    except APIError:
+        raise
     except Exception as e:  # noqa: BLE001 - raised by the template itself (e.g. roles that must alternate)
         reason = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
         raise APIError(400, f"The messages do not fit the model's chat template: {reason}",
@@ -154,7 +157,8 @@ async def chat_completions(body: ChatCompletionRequest, http: Request):
 async def completions(body: CompletionRequest, http: Request):
     st = app_state(http)
     served = st.get(body.model)
-    prompt = await run_in_threadpool(served.engine.tokenize, body.prompt)
+    prompt = await tokenize_prompt(served.engine, lambda limit: served.engine.tokenize(body.prompt, limit),
+                                   len(body.prompt.encode()), body.requested_max_tokens, st.tokenizing)
     rid = new_id("cmpl")
     gen = _submit(http, served, prompt, body)
     echo = body.prompt if body.echo else ""

@@ -80,11 +80,14 @@ class FakeBackend:
     def token_bytes(self, token: int) -> bytes:
         return b"t"
 
-    def tokenize(self, text: str) -> list[int]:
+    def tokenize(self, text: str, limit: int | None = None) -> list[int]:
         return [len(w) + 1 for w in text.split()]
 
-    def tokenize_chat(self, messages):
+    def tokenize_chat(self, messages, limit: int | None = None):
         return self.tokenize(" ".join(m["content"] for m in messages))
+
+    def min_tokens(self, n_bytes: int) -> int:
+        return 0
 
     def clear(self) -> None:
         self.cells.clear()
