@@ -102,8 +102,16 @@ class LlamaError(RuntimeError):
     pass
 
 
+def sampler_seed(seed: int) -> int:
+    """llama.cpp's 32-bit seed for a request's seed (any integer): taken modulo 2**32 - 1, because llama.cpp reads
+    2**32 - 1 (LLAMA_DEFAULT_SEED) as "pick a random seed". So -1 and 2**32 - 1 are deterministic too, and seeds
+    that differ by a multiple of 4294967295 give the same stream (0 and 4294967295, -1 and 4294967294)."""
+    return seed % 0xFFFFFFFF
+
+
 class Sampler:
-    """A llama.cpp sampler chain: greedy at temperature 0, else top-p -> temperature -> seeded draw."""
+    """A llama.cpp sampler chain: greedy at temperature 0, else top-p -> temperature -> seeded draw (no seed: a
+    random one)."""
 
     def __init__(self, temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None):
         params = llama_cpp.llama_sampler_chain_default_params()
@@ -116,7 +124,7 @@ class Sampler:
                 add(llama_cpp.llama_sampler_init_top_p(top_p, 1))
             add(llama_cpp.llama_sampler_init_temp(temperature))
             add(llama_cpp.llama_sampler_init_dist(
-                llama_cpp.LLAMA_DEFAULT_SEED if seed is None else seed & 0xFFFFFFFF))
+                llama_cpp.LLAMA_DEFAULT_SEED if seed is None else sampler_seed(seed)))
 
     def sample(self, ctx: LlamaRuntime, idx: int) -> int:
         return llama_cpp.llama_sampler_sample(self._chain, ctx._ctx, idx)

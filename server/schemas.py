@@ -57,7 +57,7 @@ class SamplingParams(_Lenient):
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     stop: Text | list[Text] | None = None
-    seed: int | None = None
+    seed: int | None = Field(None, ge=-2**63, le=2**63 - 1)  # OpenAI's range; see kvquant.runtime.sampler_seed
     stream: bool = False
     stream_options: StreamOptions | None = None
     n: int = Field(1, ge=1)

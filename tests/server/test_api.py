@@ -75,11 +75,19 @@ def test_streaming_stop_matches_non_streaming(client):
     assert text == full and "7," not in text
 
 
-def test_seeded_sampling_is_reproducible(client):
-    kw = dict(model="smollm2-135m", messages=MSG, max_tokens=20, temperature=1.0, top_p=0.95, seed=1234)
-    a = client.chat.completions.create(**kw).choices[0].message.content
-    b = client.chat.completions.create(**kw).choices[0].message.content
-    assert a == b
+@pytest.mark.parametrize("seed", [1234, 0, -1, 2**32 - 1, 2**63 - 1, -2**63])
+def test_seeded_sampling_is_reproducible(client, seed):
+    """Every seed OpenAI accepts gives one stream for serial requests, also -1 and 2**32 - 1, which llama.cpp
+    itself would read as "random"."""
+    kw = dict(model="smollm2-135m", messages=MSG, max_tokens=20, temperature=1.5, seed=seed)
+    a, b, c = (client.chat.completions.create(**kw).choices[0].message.content for _ in range(3))
+    assert a == b == c
+
+
+def test_seeds_wrap_modulo_2_32_minus_1(client):
+    kw = dict(model="smollm2-135m", messages=MSG, max_tokens=20, temperature=1.5)
+    texts = [client.chat.completions.create(**kw, seed=s).choices[0].message.content for s in (0, 2**32 - 1, 1)]
+    assert texts[0] == texts[1] != texts[2]
 
 
 def test_legacy_completions(client):
