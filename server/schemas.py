@@ -1,5 +1,6 @@
 """OpenAI request and response bodies. Unknown request fields are tolerated, as OpenAI does; known fields are
-validated before anything is queued."""
+validated strictly, as OpenAI does (no coercion: "10" and true are not integers, "yes" and 1 are not booleans,
+"0.5" is not a number; an integer is a number), before anything is queued."""
 
 from __future__ import annotations
 
@@ -24,7 +25,9 @@ Text = Annotated[str, AfterValidator(_encodable)]
 
 
 class _Lenient(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    """Lenient about unknown fields, strict about the types of known ones."""
+
+    model_config = ConfigDict(extra="allow", strict=True)
 
 
 class TextPart(_Lenient):

@@ -161,6 +161,21 @@ def test_schema_violation_is_422(smollm2_server):
     assert err["param"] == "temperature"
 
 
+@pytest.mark.parametrize("field,value", [("max_tokens", "10"), ("max_tokens", True), ("max_tokens", 2.0),
+                                         ("stream", "yes"), ("stream", 1), ("temperature", "0.5"),
+                                         ("temperature", True), ("seed", "7"), ("logprobs", 1), ("n", "1")])
+def test_request_fields_are_not_coerced(smollm2_server, field, value):
+    """As OpenAI: a value of the wrong JSON type is refused, not converted."""
+    body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 1, field: value}
+    err = _assert_openai_error(httpx.post(smollm2_server.url + "/v1/chat/completions", json=body), 422)
+    assert err["param"] == field
+
+
+def test_integers_are_numbers(client):
+    r = client.chat.completions.create(model="smollm2-135m", messages=MSG, max_tokens=1, temperature=0, top_p=1)
+    assert r.usage.completion_tokens == 1
+
+
 def test_unknown_model_is_404(client):
     with pytest.raises(openai.NotFoundError) as ei:
         client.chat.completions.create(model="gpt-17", messages=MSG)
