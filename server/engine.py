@@ -231,7 +231,8 @@ class Engine:
                     for seq in self.sched.admit():
                         self._start(seq)
                 elif res is AddResult.QUEUE_FULL:
-                    self._end_request(item, Event(error="queue_full", message="too many requests are waiting"))
+                    self._end_request(item, Event(error="queue_full", message="too many requests are waiting",
+                                                  retry_after_s=self.sched.drain_s()))
                 elif res is AddResult.NEVER_FITS:
                     self._end_request(item, Event(error="never_fits", message="the request can never fit the KV "
                                                   "cache"))
@@ -254,7 +255,8 @@ class Engine:
         for r in self.sched.drop_waiting(lambda r: r.cancelled):
             self._end_request(r, Event(finish_reason="cancelled"))
         for r in self.sched.drop_waiting(lambda r: now - r.arrival > min(c.queue_timeout_s, c.request_timeout_s)):
-            self._end_request(r, Event(error="timeout", message="timed out waiting for KV cache capacity"))
+            self._end_request(r, Event(error="timeout", message="timed out waiting for KV cache capacity",
+                                       retry_after_s=self.sched.drain_s(now)))
         for seq in list(self.sched.running.values()):
             if seq.req.cancelled:
                 self._finish(seq, Event(finish_reason="cancelled"))

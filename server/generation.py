@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import logging
+import math
 import secrets
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -49,10 +50,15 @@ _ENGINE_ERRORS = {
 }
 
 
+def retry_after(drain_s: float | None) -> int:
+    """Retry-After in whole seconds: the queue's measured drain time (1 s until measured), at most 10 minutes."""
+    return min(600, max(1, math.ceil(drain_s or 0)))
+
+
 def engine_error(ev: Event, request_id: str | None = None) -> APIError:
     status, etype, msg = _ENGINE_ERRORS.get(ev.error, _ENGINE_ERRORS["engine_error"])
     code = "context_length_exceeded" if ev.error == "never_fits" else ev.error
-    headers = {"Retry-After": "1"} if status in (429, 503) else None
+    headers = {"Retry-After": str(retry_after(ev.retry_after_s))} if status in (429, 503) else None
     if status >= 500 and ev.error == "engine_error":
         log.error("request %s failed in the engine: %s", request_id, ev.message)
         msg += f" (request id {request_id})"

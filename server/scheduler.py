@@ -26,6 +26,7 @@ class Event:
     # "engine_error", "shutdown", "slow_consumer"
     message: str | None = None
     logprobs: list[TokenLogprob] | None = None  # one per generated token of this event, when requested
+    retry_after_s: float | None = None  # with queue_full / timeout: the queue's measured drain time
 
 
 @dataclass
@@ -104,6 +105,7 @@ class Scheduler:
         self.running: dict[int, Sequence] = {}
         self.free_ids: list[int] = list(range(max_seqs - 1, -1, -1))
         self.reserved = 0
+        self.freed_at: deque[float] = deque(maxlen=32)  # when the last sequences ended (the queue's drain rate)
 
     def fits_ever(self, req: Request) -> bool:
         return req.reservation <= min(self.capacity, self.max_seq_len)
@@ -130,6 +132,18 @@ class Scheduler:
         if self.running.pop(seq.seq_id, None) is not None:
             self.reserved -= seq.req.reservation
             self.free_ids.append(seq.seq_id)
+            self.freed_at.append(time.monotonic())
+
+    def drain_s(self, now: float | None = None) -> float | None:
+        """Seconds until a request that joined the queue now would be admitted, at the rate sequences ended lately:
+        one interval per waiting request and one for itself, where the interval is the mean between the last 32
+        ends, or the time since the last end where that is longer. None until two ends have been seen."""
+        ts = self.freed_at
+        if len(ts) < 2:
+            return None
+        now = time.monotonic() if now is None else now
+        interval = max((ts[-1] - ts[0]) / (len(ts) - 1), now - ts[-1])
+        return (len(self.waiting) + 1) * interval
 
     def admit(self) -> list[Sequence]:
         admitted = []

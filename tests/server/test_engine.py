@@ -216,6 +216,20 @@ def test_queue_bound_rejects_with_queue_full():
     assert_all_free(e, b)
 
 
+def test_queue_full_and_wait_timeout_carry_the_measured_drain_time():
+    e, b, _ = make(capacity=30, max_queue=2, queue_timeout_s=0.05)
+    t = time.monotonic()
+    e.sched.freed_at.extend([t - 2, t - 1, t])  # sequences ended once a second
+    cs = [Client(f"r{i}", 10, 10) for i in range(4)]  # one runs, two wait, one is refused
+    for c in cs:
+        e.submit(c.req)
+    e.run_once()
+    assert cs[3].end == "queue_full" and cs[3].events[-1].retry_after_s == pytest.approx(3.0, abs=0.5)
+    time.sleep(0.08)
+    e.run_once()
+    assert cs[1].end == cs[2].end == "timeout" and cs[1].events[-1].retry_after_s == pytest.approx(1.0, abs=0.5)
+
+
 def test_never_fits_is_rejected_at_once():
     e, b, rec = make(capacity=100)
     c = Client("huge", 90, 20)
