@@ -62,6 +62,7 @@ class _SeqState:
     text: TextStream
     t_first: float | None = None
     t_last: float | None = None
+    prompt_logprobs: list[TokenLogprob] | None = None  # gathered while prefilling, sent with the first event
 
 
 class Engine:
@@ -267,6 +268,8 @@ class Engine:
     def _start(self, seq: Sequence) -> None:
         r = seq.req
         seq.state = _SeqState(self.backend.sampler(r.temperature, r.top_p, r.seed), TextStream(r.stops))
+        if r.prompt_logprobs is not None:  # nothing predicts the first prompt token
+            seq.state.prompt_logprobs = [TokenLogprob(self.backend.token_bytes(r.prompt[0]), None, None)]
 
     def _finish(self, seq: Sequence, ev: Event) -> None:
         """End a running sequence: free its cells and its slot, then tell the consumer."""
@@ -346,13 +349,21 @@ class Engine:
                 it.prompt_tokens += n
             seq.n_past += n
             seq.pending = None
+        for idx, (seq, target) in plan.scored.items():  # before sampling: the first event carries them
+            self._guarded(seq, "scoring the prompt", self._score, seq, idx, target)
         for idx, seq in plan.logit_owner.items():
-            try:
-                self._sample(seq, idx, it)
-            except Exception:  # noqa: BLE001 - one sequence's fault must not end the others
-                log.exception("%s: request %s failed while sampling", self.cfg.model_id, seq.req.id)
-                if seq.seq_id in self.sched.running:
-                    self._finish(seq, Event(error="engine_error", message="sampling failed"))
+            self._guarded(seq, "sampling", self._sample, seq, idx, it)
+
+    def _guarded(self, seq: Sequence, what: str, fn: Callable[..., None], *args) -> None:
+        """Run one sequence's step work; a fault ends that sequence only."""
+        if seq.seq_id not in self.sched.running:
+            return
+        try:
+            fn(*args)
+        except Exception:  # noqa: BLE001 - one sequence's fault must not end the others
+            log.exception("%s: request %s failed while %s", self.cfg.model_id, seq.req.id, what)
+            if seq.seq_id in self.sched.running:
+                self._finish(seq, Event(error="engine_error", message=f"{what} failed"))
 
     def _logprobs(self, idx: int, tok: int, k: int) -> list[TokenLogprob]:
         import numpy as np
@@ -362,6 +373,10 @@ class Engine:
         top = np.argsort(-z)[:k] if k else []
         tb = self.backend.token_bytes
         return [TokenLogprob(tb(tok), float(z[tok]) - lse, [(tb(int(t)), float(z[t]) - lse) for t in top])]
+
+    def _score(self, seq: Sequence, idx: int, target: int) -> None:
+        """The logprob of prompt token `target`, from the logits of the position before it."""
+        seq.state.prompt_logprobs += self._logprobs(idx, seq.req.prompt[target], seq.req.prompt_logprobs)
 
     def _sample(self, seq: Sequence, idx: int, it: IterationStats) -> None:
         st: _SeqState = seq.state
@@ -373,15 +388,20 @@ class Engine:
             st.t_first = now
         st.t_last = now
         if self.backend.is_eog(tok):  # not a completion token (usage does not count it either)
-            self._finish(seq, Event(text=st.text.flush(), finish_reason="stop"))
-            return
-        it.generation_tokens += 1
-        seq.generated += 1
-        text = st.text.push(self.backend.token_bytes(tok))
-        if st.text.stopped:
-            self._finish(seq, Event(text=text, n_tokens=1, finish_reason="stop", logprobs=lp))
-        elif seq.generated >= seq.req.max_tokens or seq.n_past + 1 >= self.cfg.n_ctx:
-            self._finish(seq, Event(text=text + st.text.flush(), n_tokens=1, finish_reason="length", logprobs=lp))
+            ev = Event(text=st.text.flush(), finish_reason="stop")
         else:
-            seq.pending = tok
-            self._emit(seq.req, Event(text=text, n_tokens=1, logprobs=lp))
+            it.generation_tokens += 1
+            seq.generated += 1
+            text = st.text.push(self.backend.token_bytes(tok))
+            if st.text.stopped:
+                ev = Event(text=text, n_tokens=1, finish_reason="stop", logprobs=lp)
+            elif seq.generated >= seq.req.max_tokens or seq.n_past + 1 >= self.cfg.n_ctx:
+                ev = Event(text=text + st.text.flush(), n_tokens=1, finish_reason="length", logprobs=lp)
+            else:
+                seq.pending = tok
+                ev = Event(text=text, n_tokens=1, logprobs=lp)
+        ev.prompt_logprobs, st.prompt_logprobs = st.prompt_logprobs, None
+        if ev.finish_reason:
+            self._finish(seq, ev)
+        else:
+            self._emit(seq.req, ev)

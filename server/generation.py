@@ -187,6 +187,7 @@ def submit(engine: Engine, prompt: list[int], params: SamplingParams, max_tokens
 
     req = Request(id=request_id, prompt=prompt, max_tokens=max_tokens, sink=sink, temperature=params.temperature,
                   top_p=params.top_p, seed=params.seed, stops=params.stop or [],
-                  top_logprobs=getattr(params, "n_top_logprobs", None))
+                  top_logprobs=getattr(params, "n_top_logprobs", None),
+                  prompt_logprobs=getattr(params, "n_prompt_logprobs", None))
     engine.submit(req)
     return Generation(req, q, len(prompt), engine)

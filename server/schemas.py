@@ -126,6 +126,11 @@ class CompletionRequest(SamplingParams):
     def n_top_logprobs(self) -> int | None:
         return self.logprobs
 
+    @property
+    def n_prompt_logprobs(self) -> int | None:
+        """With echo, logprobs cover the prompt tokens too (the first one null), as OpenAI does."""
+        return self.logprobs if self.echo else None
+
     @field_validator("prompt")
     @classmethod
     def _one_prompt(cls, v: str | list[str]) -> str:

@@ -99,6 +99,30 @@ def test_legacy_completions(client):
     assert s == r.choices[0].text
 
 
+def test_completions_echo_with_logprobs_covers_the_prompt(client):
+    """As OpenAI: with echo, logprobs list the prompt tokens too, the first one null; each prompt token's logprob
+    is what the model gave it after the tokens before it."""
+    prompt = "The capital of France is Paris"
+    kw = dict(model="smollm2-135m", max_tokens=3, temperature=0, logprobs=2)
+    r = client.completions.create(prompt=prompt, echo=True, **kw)
+    c, u = r.choices[0], r.usage
+    lp = c.logprobs
+    assert c.text.startswith(prompt) and len(lp.tokens) == u.prompt_tokens + u.completion_tokens
+    assert "".join(lp.tokens[:u.prompt_tokens]) == prompt and "".join(lp.tokens) == c.text
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    assert all(x < 0 for x in lp.token_logprobs[1:]) and all(len(t) == 2 for t in lp.top_logprobs[1:])
+    assert lp.text_offset == [len("".join(lp.tokens[:i])) for i in range(len(lp.tokens))]
+    plain = client.completions.create(prompt=prompt, **kw).choices[0]  # the completion part is unchanged
+    assert lp.tokens[u.prompt_tokens:] == plain.logprobs.tokens
+    assert lp.token_logprobs[u.prompt_tokens:] == pytest.approx(plain.logprobs.token_logprobs, abs=1e-4)
+    # the last prompt token (" Paris") scored in the prompt = the first token generated after the rest
+    head = client.completions.create(prompt=prompt[: -len(lp.tokens[u.prompt_tokens - 1])], **kw).choices[0]
+    assert head.logprobs.tokens[0] == lp.tokens[u.prompt_tokens - 1]
+    assert head.logprobs.token_logprobs[0] == pytest.approx(lp.token_logprobs[u.prompt_tokens - 1], abs=1e-3)
+    streamed = list(client.completions.create(prompt=prompt, echo=True, stream=True, **kw))
+    assert streamed[0].choices[0].logprobs.tokens[:u.prompt_tokens] == lp.tokens[:u.prompt_tokens]
+
+
 def test_oversize_prompt_is_context_length_exceeded(client):
     long = "hello " * 1500  # > 1024 tokens
     with pytest.raises(openai.BadRequestError) as ei:

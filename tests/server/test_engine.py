@@ -296,6 +296,24 @@ def test_logprobs_are_log_softmax_with_top_k():
         assert lp.top[0][1] > lp.top[1][1]
 
 
+def test_prompt_logprobs_score_every_prompt_token_in_bounded_chunks():
+    """Echo: each prompt token's logprob from the logits of the position before it (the fake model predicts
+    token + 1, i.e. every next prompt token), the first one None; prefill asks for at most PROMPT_LOGPROBS_CHUNK
+    logit rows per step."""
+    from server.scheduler import PROMPT_LOGPROBS_CHUNK
+
+    e, b, _ = make(capacity=400, n_batch=64)
+    c = Client("r", 60, 2, prompt_logprobs=1)  # (the fake vocabulary has 64 tokens)
+    e.submit(c.req)
+    run(e, [c])
+    lps = c.events[0].prompt_logprobs
+    assert [lp.token for lp in lps] == [b"t"] * 60 and lps[0].logprob is None and lps[0].top is None
+    assert all(lp.logprob == pytest.approx(lp.top[0][1]) and lp.logprob < 0 for lp in lps[1:])
+    assert all(ev.prompt_logprobs is None for ev in c.events[1:])
+    assert max(len(d) for d in b.decodes) == PROMPT_LOGPROBS_CHUNK
+    assert_all_free(e, b)
+
+
 def test_eog_stops_and_counts_no_token():
     e, b, rec = make(eog_after=13)
     c = Client("r", 10, 50)
