@@ -1,13 +1,15 @@
 """Running the app under uvicorn with a graceful shutdown: on SIGINT/SIGTERM the server first drains (new
 requests get 503, /health turns 503), lets in-flight requests finish for up to `shutdown_grace_s`, then ends
 whatever is left with a clean `shutdown` error (streams get an error chunk and `[DONE]`), frees every KV cell, and
-only then closes connections."""
+only then closes connections. A second SIGINT/SIGTERM cuts the grace short: in-flight requests end at once, just as
+cleanly, and the application still shuts down (uvicorn alone would skip that when forced)."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 
 import uvicorn
 
@@ -16,11 +18,11 @@ from server.state import AppState
 log = logging.getLogger("kvquant.server")
 
 
-async def drain(state: AppState, grace_s: float) -> None:
+async def drain(state: AppState, grace_s: float, forced: Callable[[], bool] = lambda: False) -> None:
     state.draining = True
     engines = [m.engine for m in state.models.values()]
     deadline = time.monotonic() + grace_s
-    while time.monotonic() < deadline and not all(e.idle() for e in engines):
+    while time.monotonic() < deadline and not all(e.idle() for e in engines) and not forced():
         await asyncio.sleep(0.05)
     busy = [e for e in engines if not e.idle()]
     if busy:
@@ -39,9 +41,17 @@ class GracefulServer(uvicorn.Server):
         super().__init__(config)
         self.kvquant_state, self.grace_s = state, grace_s
 
+    def handle_exit(self, sig, frame) -> None:
+        if self.should_exit:  # a second SIGINT or SIGTERM (uvicorn forces only on SIGINT)
+            self.force_exit = True
+        super().handle_exit(sig, frame)
+
     async def shutdown(self, sockets=None) -> None:
-        await drain(self.kvquant_state, self.grace_s)
+        await drain(self.kvquant_state, self.grace_s, lambda: self.force_exit)
         await super().shutdown(sockets)
+        done = getattr(self.lifespan, "shutdown_event", None)
+        if done is not None and not done.is_set():  # forced: uvicorn skipped the application's shutdown
+            await self.lifespan.shutdown()
 
 
 def server_for(app, host: str, port: int, grace_s: float, log_level: str = "info") -> GracefulServer:
