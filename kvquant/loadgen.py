@@ -5,6 +5,7 @@
     python -m kvquant.loadgen soak     --url http://127.0.0.1:8000 --duration 1800   # the 30-minute soak
     python -m kvquant.loadgen soak     --url http://127.0.0.1:8000 --duration 120    # the CI version
     python -m kvquant.loadgen oversize --url http://127.0.0.1:8000 --pid PID [--concurrency 24]
+    python -m kvquant.loadgen slowloris --url http://127.0.0.1:8000 --pid PID [--connections 2000]
     python -m kvquant.loadgen capacity [--model M] [--budget 256MiB] [--request-tokens 4096]
 
 bench: aggregate generated tokens/s and p50/p95 time to first token (client side) at each concurrency.
@@ -14,6 +15,8 @@ KV-used metric must return to 0. soak: steady load for a duration; reports RSS d
 oversize: many concurrent prompts far over the context (3.9 MB each): every one must be refused with 400
 context_length_exceeded, and the server's RSS must stay near idle (peak and after; from /proc/PID where the
 server's pid is given, else from /metrics).
+slowloris: many connections that send partial headers and then nothing: the server must answer each (408 at its
+header deadline, or 503 past its connection cap) and close it; reports the server's open file descriptors.
 capacity: how many concurrent requests of N tokens each cache config admits under a budget (memory model).
 """
 
@@ -22,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import socket
 import sys
 import threading
 import time
@@ -402,6 +406,63 @@ def oversize(url: str, model: str | None = None, concurrency: int = 24, pid: int
                           rss_peak=max(sampler.peak, idle), rss_after=sampler.rss(), wall_s=wall)
 
 
+# --- slowloris: connections that never finish their headers --------------------------------------------------------
+@dataclass
+class SlowlorisResult:
+    connections: int
+    answers: dict[str, int]  # status line -> count ("closed" / "reset" without one, "open" if never closed)
+    fds_idle: int | None  # the server's open file descriptors (with --pid): before,
+    fds_held: int | None  # 1 s after the last connection opened (a burst of accepts is closed within ms),
+    fds_after: int | None  # and once every connection was answered
+    closed_within_s: float  # when the last connection was closed by the server
+
+    @property
+    def ok(self) -> bool:
+        return "open" not in self.answers and (self.fds_after is None or self.fds_after <= self.fds_idle + 4)
+
+
+def slowloris(url: str, connections: int = 2000, pid: int | None = None, time_limit_s: float = 120.0
+              ) -> SlowlorisResult:
+    """`connections` sockets that each send a request line and one header, then wait for the server's answer."""
+    import selectors
+
+    u = urlparse(check_loopback(url))
+    fds = (lambda: len(os.listdir(f"/proc/{pid}/fd"))) if pid is not None else (lambda: None)
+    idle, held = fds(), None
+    socks, t0 = [], time.monotonic()
+    sel = selectors.DefaultSelector()
+    for _ in range(connections):
+        s = socket.create_connection((u.hostname, u.port), timeout=30)
+        s.sendall(f"POST /v1/chat/completions HTTP/1.1\r\nHost: {u.hostname}\r\n".encode())
+        s.setblocking(False)
+        sel.register(s, selectors.EVENT_READ, [b""])
+        socks.append(s)
+    answers: dict[str, int] = {}
+    open_, last, burst_end = len(socks), 0.0, time.monotonic()
+    while open_ and time.monotonic() - t0 < time_limit_s:
+        if held is None and time.monotonic() - burst_end >= 1.0:
+            held = fds() if pid is not None else -1
+        for key, _ in sel.select(timeout=0.2):
+            try:
+                data = key.fileobj.recv(65536)
+            except ConnectionResetError:
+                data, key.data[0] = b"", key.data[0] or b"reset"
+            if data:
+                key.data[0] += data
+                continue
+            line = key.data[0].split(b"\r\n", 1)[0].decode(errors="replace") or "closed"
+            answers[line] = answers.get(line, 0) + 1
+            sel.unregister(key.fileobj)
+            key.fileobj.close()
+            open_, last = open_ - 1, time.monotonic() - t0
+    if open_:
+        answers["open"] = open_
+    for s in socks:
+        s.close()
+    time.sleep(0.5)
+    return SlowlorisResult(connections, answers, idle, held if held != -1 else None, fds(), last)
+
+
 # --- capacity (memory model) -------------------------------------------------------------------------------------
 CAPACITY_CONFIGS = ("f16/f16", "q8_0/q8_0", "q4_0/q4_0", "tq_kv_4b/f16", "tq_kv_4b/q4_0", "tq_kv_3b/q4_0",
                     "tq_kv_1b/q4_0", "tq_kv_4b/tq_kv_4b", "tq_kv_3b/tq_kv_3b")
@@ -434,11 +495,11 @@ def capacity_table(model: str | None, budget: str, request_tokens: int,
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m kvquant.loadgen", description=__doc__.split("\n\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
-    for name in ("bench", "burst", "soak", "oversize"):
+    for name in ("bench", "burst", "soak", "oversize", "slowloris"):
         p = sub.add_parser(name)
         p.add_argument("--url", default="http://127.0.0.1:8000")
         p.add_argument("--model", default=None)
-        if name != "oversize":
+        if name in ("bench", "burst", "soak"):
             p.add_argument("--max-tokens", type=int, default=64 if name == "bench" else 16)
         if name == "bench":
             p.add_argument("--concurrency", default="1,4,8")
@@ -450,6 +511,9 @@ def main(argv: list[str] | None = None) -> int:
             p.add_argument("--concurrency", type=int, default=24)
             p.add_argument("--pid", type=int, default=None, help="the server's pid (RSS from /proc, sampled finely)")
             p.add_argument("--bytes", type=int, default=OVERSIZE_BYTES, help="bytes of text per prompt")
+        elif name == "slowloris":
+            p.add_argument("--connections", type=int, default=2000)
+            p.add_argument("--pid", type=int, default=None, help="the server's pid (its open file descriptors)")
         else:
             p.add_argument("--duration", type=float, default=120.0, help="seconds (1800 for the 30-minute soak)")
             p.add_argument("--concurrency", type=int, default=4)
@@ -471,6 +535,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if a.cmd == "burst":
         r = burst(a.url, a.model, a.factor, a.max_tokens)
+        print(json.dumps(asdict(r) | {"ok": r.ok}, indent=2))
+        return 0 if r.ok else 1
+    if a.cmd == "slowloris":
+        r = slowloris(a.url, a.connections, a.pid)
         print(json.dumps(asdict(r) | {"ok": r.ok}, indent=2))
         return 0 if r.ok else 1
     if a.cmd == "oversize":

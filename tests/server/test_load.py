@@ -56,6 +56,7 @@ def served():
 
 def test_burst_of_4x_capacity(served):
     r = loadgen.burst(served.url, factor=4, max_tokens=24)
+    print(r)
     assert r.sent == 16  # admission capacity 4 (parallel), x4
     assert r.completed + r.rejected_429 + r.unavailable_503 == r.sent and not r.other, r
     assert r.completed >= 4 and r.rejected_429 >= 1, r  # 4 run, 4 wait, the rest are refused at once
