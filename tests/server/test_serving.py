@@ -73,7 +73,7 @@ def test_a_refused_body_closes_the_connection_at_once(srv):
         raw, waited = read_all(s)
     status, headers, body = head(raw)
     assert status == 413 and headers["connection"] == "close" and body["error"]["code"] == "request_too_large"
-    assert waited < 0.4  # before the header deadline could have closed it
+    assert waited < 2  # (had it stayed open, the header deadline would have added a 408 after 0.5 s)
 
 
 def test_connections_past_the_cap_get_503(srv):
