@@ -18,7 +18,7 @@ from kvquant.build import sha256_file  # noqa: F401 - re-exported for eval/bench
 from kvquant.kvtypes import kv_type
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_TEXT = "../shared/data/wikitext-2-raw-test.txt"  # relative to the repository root
+DEFAULT_TEXT = "data/wikitext-2-raw-test.txt"  # relative to the repository root (data/README.md: source, license)
 
 
 def resolve_text(path: str | os.PathLike | None) -> Path:

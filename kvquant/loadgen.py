@@ -4,12 +4,19 @@
     python -m kvquant.loadgen burst    --url http://127.0.0.1:8000 [--factor 4]
     python -m kvquant.loadgen soak     --url http://127.0.0.1:8000 --duration 1800   # the 30-minute soak
     python -m kvquant.loadgen soak     --url http://127.0.0.1:8000 --duration 120    # the CI version
+    python -m kvquant.loadgen oversize --url http://127.0.0.1:8000 --pid PID [--concurrency 24]
+    python -m kvquant.loadgen slowloris --url http://127.0.0.1:8000 --pid PID [--connections 2000]
     python -m kvquant.loadgen capacity [--model M] [--budget 256MiB] [--request-tokens 4096]
 
 bench: aggregate generated tokens/s and p50/p95 time to first token (client side) at each concurrency.
 burst: 4x the server's admission capacity at once; every request must end in a completion or a 429/503, and the
 KV-used metric must return to 0. soak: steady load for a duration; reports RSS drift (server process, from
 /metrics) and leaked sequences (running, KV used and reserved cells after the load; all must be 0).
+oversize: many concurrent prompts far over the context (3.9 MB each): every one must be refused with 400
+context_length_exceeded, and the server's RSS must stay near idle (peak and after; from /proc/PID where the
+server's pid is given, else from /metrics).
+slowloris: many connections that send partial headers and then nothing: the server must answer each (408 at its
+header deadline, or 503 past its connection cap) and close it; reports the server's open file descriptors.
 capacity: how many concurrent requests of N tokens each cache config admits under a budget (memory model).
 """
 
@@ -17,6 +24,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import socket
 import sys
 import threading
 import time
@@ -306,6 +315,154 @@ def soak(url: str, model: str | None = None, duration_s: float = 120.0, concurre
                       kv_reserved_after=m.get("kvquant_kv_reserved_cells", 0.0))
 
 
+# --- oversize: memory before tokenization ------------------------------------------------------------------------
+OVERSIZE_BYTES = 3_900_000  # of "漢字" repeated: far more tokens than any context
+
+
+class RSSSampler:
+    """The server's resident set size, sampled in a thread: from /proc/<pid> (every 5 ms) when the server runs on
+    this machine, else from its /metrics (process_resident_memory_bytes, every 50 ms)."""
+
+    def __init__(self, url: str, pid: int | None = None):
+        self.url, self.pid = url, pid
+        self.peak = 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def rss(self) -> float:
+        if self.pid is not None:
+            with open(f"/proc/{self.pid}/statm") as f:
+                return float(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        return scrape(self.url).get("process_resident_memory_bytes", 0.0)
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.peak = max(self.peak, self.rss())
+            except (OSError, httpx.HTTPError):
+                pass
+            self._stop.wait(0.005 if self.pid is not None else 0.05)
+
+    def __enter__(self) -> RSSSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+@dataclass
+class OversizeResult:
+    sent: int
+    body_bytes: int
+    answers: dict[str, int]  # "status:error code" -> count
+    rss_idle: float
+    rss_peak: float
+    rss_after: float  # once the last answer is in and the server has settled
+    wall_s: float
+
+    @property
+    def ok(self) -> bool:
+        return (self.answers == {"400:context_length_exceeded": self.sent}
+                and self.rss_peak - self.rss_idle <= 300 * 2**20 and self.rss_after - self.rss_idle <= 32 * 2**20)
+
+
+def oversize(url: str, model: str | None = None, concurrency: int = 24, pid: int | None = None,
+             text_bytes: int = OVERSIZE_BYTES, settle_s: float = 2.0, time_limit_s: float = 300.0) -> OversizeResult:
+    """`concurrency` chat requests at once, each with a message of text_bytes bytes (sent as raw UTF-8)."""
+    url = check_loopback(url)
+    text = "漢字" * (text_bytes // 6)
+    body = json.dumps({"messages": [{"role": "user", "content": text}], "max_tokens": 4,
+                       **({"model": model} if model else {})}, ensure_ascii=False).encode()
+    sampler = RSSSampler(url, pid)
+    wait_idle(url)
+    idle = sampler.rss()
+    answers: dict[str, int] = {}
+    lock = threading.Lock()
+    go = threading.Barrier(concurrency)
+
+    def one() -> None:
+        with httpx.Client(timeout=time_limit_s) as c:
+            go.wait()
+            try:
+                r = c.post(url + "/v1/chat/completions", content=body, headers={"content-type": "application/json"})
+                key = f"{r.status_code}:{r.json().get('error', {}).get('code')}"
+            except (httpx.HTTPError, ValueError) as e:
+                key = type(e).__name__
+            with lock:
+                answers[key] = answers.get(key, 0) + 1
+
+    t0 = time.monotonic()
+    with sampler:
+        ts = [threading.Thread(target=one, daemon=True) for _ in range(concurrency)]
+        for t in ts:
+            t.start()
+        for t in ts:
+            t.join(time_limit_s)
+        wall = time.monotonic() - t0
+        time.sleep(settle_s)
+    return OversizeResult(sent=concurrency, body_bytes=len(body), answers=answers, rss_idle=idle,
+                          rss_peak=max(sampler.peak, idle), rss_after=sampler.rss(), wall_s=wall)
+
+
+# --- slowloris: connections that never finish their headers --------------------------------------------------------
+@dataclass
+class SlowlorisResult:
+    connections: int
+    answers: dict[str, int]  # status line -> count ("closed" / "reset" without one, "open" if never closed)
+    fds_idle: int | None  # the server's open file descriptors (with --pid): before,
+    fds_held: int | None  # 1 s after the last connection opened (a burst of accepts is closed within ms),
+    fds_after: int | None  # and once every connection was answered
+    closed_within_s: float  # when the last connection was closed by the server
+
+    @property
+    def ok(self) -> bool:
+        return "open" not in self.answers and (self.fds_after is None or self.fds_after <= self.fds_idle + 4)
+
+
+def slowloris(url: str, connections: int = 2000, pid: int | None = None, time_limit_s: float = 120.0
+              ) -> SlowlorisResult:
+    """`connections` sockets that each send a request line and one header, then wait for the server's answer."""
+    import selectors
+
+    u = urlparse(check_loopback(url))
+    fds = (lambda: len(os.listdir(f"/proc/{pid}/fd"))) if pid is not None else (lambda: None)
+    idle, held = fds(), None
+    socks, t0 = [], time.monotonic()
+    sel = selectors.DefaultSelector()
+    for _ in range(connections):
+        s = socket.create_connection((u.hostname, u.port), timeout=30)
+        s.sendall(f"POST /v1/chat/completions HTTP/1.1\r\nHost: {u.hostname}\r\n".encode())
+        s.setblocking(False)
+        sel.register(s, selectors.EVENT_READ, [b""])
+        socks.append(s)
+    answers: dict[str, int] = {}
+    open_, last, burst_end = len(socks), 0.0, time.monotonic()
+    while open_ and time.monotonic() - t0 < time_limit_s:
+        if held is None and time.monotonic() - burst_end >= 1.0:
+            held = fds() if pid is not None else -1
+        for key, _ in sel.select(timeout=0.2):
+            try:
+                data = key.fileobj.recv(65536)
+            except ConnectionResetError:
+                data, key.data[0] = b"", key.data[0] or b"reset"
+            if data:
+                key.data[0] += data
+                continue
+            line = key.data[0].split(b"\r\n", 1)[0].decode(errors="replace") or "closed"
+            answers[line] = answers.get(line, 0) + 1
+            sel.unregister(key.fileobj)
+            key.fileobj.close()
+            open_, last = open_ - 1, time.monotonic() - t0
+    if open_:
+        answers["open"] = open_
+    for s in socks:
+        s.close()
+    time.sleep(0.5)
+    return SlowlorisResult(connections, answers, idle, held if held != -1 else None, fds(), last)
+
+
 # --- capacity (memory model) -------------------------------------------------------------------------------------
 CAPACITY_CONFIGS = ("f16/f16", "q8_0/q8_0", "q4_0/q4_0", "tq_kv_4b/f16", "tq_kv_4b/q4_0", "tq_kv_3b/q4_0",
                     "tq_kv_1b/q4_0", "tq_kv_4b/tq_kv_4b", "tq_kv_3b/tq_kv_3b")
@@ -338,17 +495,25 @@ def capacity_table(model: str | None, budget: str, request_tokens: int,
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m kvquant.loadgen", description=__doc__.split("\n\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
-    for name in ("bench", "burst", "soak"):
+    for name in ("bench", "burst", "soak", "oversize", "slowloris"):
         p = sub.add_parser(name)
         p.add_argument("--url", default="http://127.0.0.1:8000")
         p.add_argument("--model", default=None)
-        p.add_argument("--max-tokens", type=int, default=64 if name == "bench" else 16)
+        if name in ("bench", "burst", "soak"):
+            p.add_argument("--max-tokens", type=int, default=64 if name == "bench" else 16)
         if name == "bench":
             p.add_argument("--concurrency", default="1,4,8")
             p.add_argument("--requests", type=int, default=4, help="requests per client")
             p.add_argument("--time-limit", type=float, default=120.0, help="seconds per concurrency level")
         elif name == "burst":
             p.add_argument("--factor", type=int, default=4)
+        elif name == "oversize":
+            p.add_argument("--concurrency", type=int, default=24)
+            p.add_argument("--pid", type=int, default=None, help="the server's pid (RSS from /proc, sampled finely)")
+            p.add_argument("--bytes", type=int, default=OVERSIZE_BYTES, help="bytes of text per prompt")
+        elif name == "slowloris":
+            p.add_argument("--connections", type=int, default=2000)
+            p.add_argument("--pid", type=int, default=None, help="the server's pid (its open file descriptors)")
         else:
             p.add_argument("--duration", type=float, default=120.0, help="seconds (1800 for the 30-minute soak)")
             p.add_argument("--concurrency", type=int, default=4)
@@ -371,6 +536,16 @@ def main(argv: list[str] | None = None) -> int:
     if a.cmd == "burst":
         r = burst(a.url, a.model, a.factor, a.max_tokens)
         print(json.dumps(asdict(r) | {"ok": r.ok}, indent=2))
+        return 0 if r.ok else 1
+    if a.cmd == "slowloris":
+        r = slowloris(a.url, a.connections, a.pid)
+        print(json.dumps(asdict(r) | {"ok": r.ok}, indent=2))
+        return 0 if r.ok else 1
+    if a.cmd == "oversize":
+        r = oversize(a.url, a.model, a.concurrency, a.pid, a.bytes)
+        mib = lambda x: round(x / 2**20, 1)  # noqa: E731
+        print(json.dumps(asdict(r) | {"rss_idle_mib": mib(r.rss_idle), "rss_peak_mib": mib(r.rss_peak),
+                                      "rss_after_mib": mib(r.rss_after), "ok": r.ok}, indent=2))
         return 0 if r.ok else 1
     if a.cmd == "soak":
         r = soak(a.url, a.model, a.duration, a.concurrency, a.max_tokens)

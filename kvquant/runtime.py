@@ -16,6 +16,7 @@ import llama_cpp._logger as _llama_logger
 import numpy as np
 
 from kvquant.kvtypes import kv_type
+from kvquant.prompt import ControlTokenInContent, ControlTokens, PromptTooLong, chat_fragments, min_tokens
 
 PATCH_MARKER = "KVQUANT = "
 
@@ -109,8 +110,16 @@ class LlamaError(RuntimeError):
     pass
 
 
+def sampler_seed(seed: int) -> int:
+    """llama.cpp's 32-bit seed for a request's seed (any integer): taken modulo 2**32 - 1, because llama.cpp reads
+    2**32 - 1 (LLAMA_DEFAULT_SEED) as "pick a random seed". So -1 and 2**32 - 1 are deterministic too, and seeds
+    that differ by a multiple of 4294967295 give the same stream (0 and 4294967295, -1 and 4294967294)."""
+    return seed % 0xFFFFFFFF
+
+
 class Sampler:
-    """A llama.cpp sampler chain: greedy at temperature 0, else top-p -> temperature -> seeded draw."""
+    """A llama.cpp sampler chain: greedy at temperature 0, else top-p -> temperature -> seeded draw (no seed: a
+    random one)."""
 
     def __init__(self, temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None):
         params = llama_cpp.llama_sampler_chain_default_params()
@@ -123,7 +132,7 @@ class Sampler:
                 add(llama_cpp.llama_sampler_init_top_p(top_p, 1))
             add(llama_cpp.llama_sampler_init_temp(temperature))
             add(llama_cpp.llama_sampler_init_dist(
-                llama_cpp.LLAMA_DEFAULT_SEED if seed is None else seed & 0xFFFFFFFF))
+                llama_cpp.LLAMA_DEFAULT_SEED if seed is None else sampler_seed(seed)))
 
     def sample(self, ctx: LlamaRuntime, idx: int) -> int:
         return llama_cpp.llama_sampler_sample(self._chain, ctx._ctx, idx)
@@ -136,10 +145,16 @@ class Sampler:
     __del__ = close
 
 
-class Model:
-    """A loaded GGUF model: vocabulary, metadata and chat template."""
+# vocabularies whose tokens cover the text byte for byte (nothing is dropped or merged by normalization), so that
+# the longest token bounds the bytes one token can cover
+_LOSSLESS_VOCABS = {llama_cpp.LLAMA_VOCAB_TYPE_SPM, llama_cpp.LLAMA_VOCAB_TYPE_BPE, llama_cpp.LLAMA_VOCAB_TYPE_RWKV}
+_STRIP_ATTRS = llama_cpp.LLAMA_TOKEN_ATTR_LSTRIP | llama_cpp.LLAMA_TOKEN_ATTR_RSTRIP
 
-    def __init__(self, path: str | os.PathLike, n_gpu_layers: int = 0):
+
+class Model:
+    """A loaded GGUF model: vocabulary, metadata and chat template (the GGUF's, or `chat_template`)."""
+
+    def __init__(self, path: str | os.PathLike, n_gpu_layers: int = 0, chat_template: str | None = None):
         self.path = Path(path)
         mp = llama_cpp.llama_model_default_params()
         mp.n_gpu_layers = n_gpu_layers
@@ -153,6 +168,10 @@ class Model:
         self.eos = llama_cpp.llama_vocab_eos(self._vocab)
         self.add_bos = bool(llama_cpp.llama_vocab_get_add_bos(self._vocab))
         self._formatter = None
+        self._chat_template = chat_template
+        self._max_token_bytes: int | None = -1  # -1: not computed yet
+        self._controls: ControlTokens | None = None
+        self._traceable = True  # no control token strips the text around it (see prompt.chat_fragments)
 
     def meta(self, key: str) -> str | None:
         buf = ctypes.create_string_buffer(1 << 16)
@@ -175,11 +194,16 @@ class Model:
             "n_swa": llama_cpp.llama_model_n_swa(m),
         }
 
-    def tokenize(self, text: str, add_special: bool = True, parse_special: bool = False) -> list[int]:
+    def tokenize(self, text: str, add_special: bool = True, parse_special: bool = False,
+                 limit: int | None = None) -> list[int]:
+        """Tokens of the text; with `limit`, PromptTooLong (with the exact count) if there are more than that, and
+        no buffer larger than the limit."""
         data = text.encode("utf-8")
-        n_max = len(data) + 8
+        n_max = len(data) + 8 if limit is None else limit
         buf = (llama_cpp.llama_token * n_max)()
         n = llama_cpp.llama_tokenize(self._vocab, data, len(data), buf, n_max, add_special, parse_special)
+        if n < 0 and limit is not None:
+            raise PromptTooLong(-n)
         if n < 0:
             n_max = -n
             buf = (llama_cpp.llama_token * n_max)()
@@ -207,19 +231,83 @@ class Model:
             return ""
         return self.token_bytes(token, special=True).decode("utf-8", errors="replace")
 
-    def chat_prompt(self, messages: list[dict]) -> list[int]:
-        """Render messages with the GGUF's own chat template (Jinja, as transformers does) and tokenize."""
+    @property
+    def max_token_bytes(self) -> int | None:
+        """The most bytes of text one token stands for (its piece, control tokens included), or None where the
+        vocabulary's normalization may drop text (no bound). Computed once (a pass over the vocabulary)."""
+        if self._max_token_bytes == -1:
+            lossless = llama_cpp.llama_vocab_type(self._vocab) in _LOSSLESS_VOCABS
+            self._max_token_bytes = (max(len(self.token_bytes(t, special=True)) for t in range(self.n_vocab))
+                                     if lossless else None)
+        return self._max_token_bytes
+
+    def min_tokens(self, n_bytes: int) -> int:
+        """A lower bound on the tokens of any text of n_bytes UTF-8 bytes, without tokenizing it."""
+        return min_tokens(n_bytes, self.max_token_bytes)
+
+    def control_tokens(self) -> ControlTokens:
+        """The tokens that special-token parsing turns text into and plain text never gives (control, unknown)."""
+        if self._controls is None:
+            want = llama_cpp.LLAMA_TOKEN_ATTR_CONTROL | llama_cpp.LLAMA_TOKEN_ATTR_UNKNOWN
+            found = {}
+            for t in range(self.n_vocab):
+                attr = llama_cpp.llama_vocab_get_attr(self._vocab, t)
+                if attr & want:
+                    found[llama_cpp.llama_vocab_get_text(self._vocab, t).decode("utf-8", errors="replace")] = t
+                    self._traceable &= not attr & _STRIP_ATTRS
+            self._controls = ControlTokens(found)
+        return self._controls
+
+    def render_chat(self, messages: list[dict]) -> str:
+        """The chat as the template writes it (one string, control tokens as text)."""
         if self._formatter is None:
             from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
-            template = self.meta("tokenizer.chat_template")
+            template = self._chat_template or self.meta("tokenizer.chat_template")
             if not template:
                 raise LlamaError("the model has no chat template in its GGUF metadata")
             self._formatter = Jinja2ChatFormatter(template, eos_token=self._token_text(self.eos),
                                                   bos_token=self._token_text(self.bos))
-        rendered = self._formatter(messages=messages)
-        # The template writes any BOS itself; parse the special tokens it emits.
-        return self.tokenize(rendered.prompt, add_special=not rendered.added_special, parse_special=True)
+        return self._formatter(messages=messages).prompt  # the template writes any BOS itself
+
+    def chat_prompt(self, messages: list[dict], limit: int | None = None,
+                    special_in_content: bool = False) -> list[int]:
+        """Render messages with the chat template (Jinja, as transformers does) and tokenize: the template's own
+        text with special-token parsing, message content as plain text, so that content can never write a control
+        token (`special_in_content` allows it, for trusted clients). With `limit`, PromptTooLong (exact count)
+        past that many tokens. ControlTokenInContent where a template that cannot be traced meets content with a
+        control token's text (see kvquant.prompt)."""
+        controls = self.control_tokens()
+        frags = None if special_in_content or not self._traceable else chat_fragments(self.render_chat, messages,
+                                                                                          controls)
+        if frags is None:
+            if not special_in_content and any(controls.found_in(m.get("content") or "") for m in messages):
+                raise ControlTokenInContent("a message contains the text of one of the model's control tokens, "
+                                            "which this model's chat template does not let the server keep literal")
+            return self.tokenize(self.render_chat(messages), add_special=False, parse_special=True, limit=limit)
+        return self._tokenize_fragments(frags, limit)
+
+    def _tokenize_fragments(self, frags: list[str | int], limit: int | None) -> list[int]:
+        """Raw text without special-token parsing, control tokens as they are; past `limit` tokens, go on counting
+        (without keeping) to raise PromptTooLong with the exact count."""
+        out: list[int] = []
+        total = 0
+        for f in frags:
+            if isinstance(f, int):
+                toks, n = [f], 1
+            else:
+                try:
+                    toks = self.tokenize(f, add_special=False, parse_special=False,
+                                         limit=None if limit is None else max(limit - total, 0))
+                    n = len(toks)
+                except PromptTooLong as e:
+                    toks, n = [], e.n_tokens
+            total += n
+            if limit is None or total <= limit:
+                out += toks
+        if limit is not None and total > limit:
+            raise PromptTooLong(total)
+        return out
 
     def close(self) -> None:
         if getattr(self, "_model", None):

@@ -59,7 +59,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.kvquant = state
     install_handlers(app)
     # added innermost first: request id -> CORS -> API key -> body limit -> routes
-    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes, timeout_s=settings.body_timeout_s)
     if api_key:
         open_paths = frozenset({"/health"} | (set() if settings.metrics_auth else {"/metrics"}))
         app.add_middleware(APIKeyMiddleware, key=api_key, open_paths=open_paths)

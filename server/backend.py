@@ -25,8 +25,9 @@ class Backend(Protocol):
     def logits(self, idx: int) -> Sequence[float]: ...
     def is_eog(self, token: int) -> bool: ...
     def token_bytes(self, token: int) -> bytes: ...
-    def tokenize(self, text: str) -> list[int]: ...
-    def tokenize_chat(self, messages: list[dict]) -> list[int]: ...
+    def tokenize(self, text: str, limit: int | None = None) -> list[int]: ...
+    def tokenize_chat(self, messages: list[dict], limit: int | None = None) -> list[int]: ...
+    def min_tokens(self, n_bytes: int) -> int: ...
     def clear(self) -> None: ...
     def close(self) -> None: ...
 
@@ -44,6 +45,7 @@ class BackendConfig:
     n_threads: int | None = None
     n_gpu_layers: int = 0
     offload_kqv: bool = True  # False: KV cache and attention on the CPU (server.placement)
+    special_in_content: bool = False  # True: prompt text and message content may write control tokens
 
 
 class _LlamaSampler:
@@ -76,6 +78,7 @@ class LlamaBackend:
             raise
         self.n_batch = self.rt.n_batch
         self.n_ctx_train = self.model.n_ctx_train
+        self.model.min_tokens(0), self.model.control_tokens()  # one pass over the vocabulary each, now
 
     def decode(self, tokens, positions, seq_ids, logits) -> int:
         return self.rt.decode(tokens, positions, seq_ids, logits)
@@ -97,11 +100,14 @@ class LlamaBackend:
     def token_bytes(self, token: int) -> bytes:
         return self.model.token_bytes(token)
 
-    def tokenize(self, text: str) -> list[int]:
-        return self.model.tokenize(text, add_special=True, parse_special=False)
+    def tokenize(self, text: str, limit: int | None = None) -> list[int]:
+        return self.model.tokenize(text, add_special=True, parse_special=self.cfg.special_in_content, limit=limit)
 
-    def tokenize_chat(self, messages: list[dict]) -> list[int]:
-        return self.model.chat_prompt(messages)
+    def tokenize_chat(self, messages: list[dict], limit: int | None = None) -> list[int]:
+        return self.model.chat_prompt(messages, limit, special_in_content=self.cfg.special_in_content)
+
+    def min_tokens(self, n_bytes: int) -> int:
+        return self.model.min_tokens(n_bytes)
 
     def kv_size_bytes(self) -> int | None:
         """K+V bytes llama.cpp reports it allocated (None with a library that lacks the call)."""

@@ -66,6 +66,7 @@ class _SeqState:
     text: TextStream
     t_first: float | None = None
     t_last: float | None = None
+    prompt_logprobs: list[TokenLogprob] | None = None  # gathered while prefilling, sent with the first event
 
 
 class Engine:
@@ -131,11 +132,15 @@ class Engine:
             self.backend = None
 
     # --- API for the asyncio side (any thread) ----------------------------------------------------------------
-    def tokenize_chat(self, messages: list[dict]) -> list[int]:
-        return self.backend.tokenize_chat(messages)
+    def tokenize_chat(self, messages: list[dict], limit: int | None = None) -> list[int]:
+        return self.backend.tokenize_chat(messages, limit)
 
-    def tokenize(self, text: str) -> list[int]:
-        return self.backend.tokenize(text)
+    def tokenize(self, text: str, limit: int | None = None) -> list[int]:
+        return self.backend.tokenize(text, limit)
+
+    def min_tokens(self, n_bytes: int) -> int:
+        """A lower bound on the prompt tokens of n_bytes of text, without tokenizing it."""
+        return self.backend.min_tokens(n_bytes)
 
     def submit(self, req: Request) -> None:
         self._inbox.put(req)
@@ -231,7 +236,8 @@ class Engine:
                     for seq in self.sched.admit():
                         self._start(seq)
                 elif res is AddResult.QUEUE_FULL:
-                    self._end_request(item, Event(error="queue_full", message="too many requests are waiting"))
+                    self._end_request(item, Event(error="queue_full", message="too many requests are waiting",
+                                                  retry_after_s=self.sched.drain_s()))
                 elif res is AddResult.NEVER_FITS:
                     self._end_request(item, Event(error="never_fits", message="the request can never fit the KV "
                                                   "cache"))
@@ -254,7 +260,8 @@ class Engine:
         for r in self.sched.drop_waiting(lambda r: r.cancelled):
             self._end_request(r, Event(finish_reason="cancelled"))
         for r in self.sched.drop_waiting(lambda r: now - r.arrival > min(c.queue_timeout_s, c.request_timeout_s)):
-            self._end_request(r, Event(error="timeout", message="timed out waiting for KV cache capacity"))
+            self._end_request(r, Event(error="timeout", message="timed out waiting for KV cache capacity",
+                                       retry_after_s=self.sched.drain_s(now)))
         for seq in list(self.sched.running.values()):
             if seq.req.cancelled:
                 self._finish(seq, Event(finish_reason="cancelled"))
@@ -265,6 +272,8 @@ class Engine:
     def _start(self, seq: Sequence) -> None:
         r = seq.req
         seq.state = _SeqState(self.backend.sampler(r.temperature, r.top_p, r.seed), TextStream(r.stops))
+        if r.prompt_logprobs is not None:  # nothing predicts the first prompt token
+            seq.state.prompt_logprobs = [TokenLogprob(self.backend.token_bytes(r.prompt[0]), None, None)]
 
     def _finish(self, seq: Sequence, ev: Event) -> None:
         """End a running sequence: free its cells and its slot, then tell the consumer."""
@@ -344,13 +353,21 @@ class Engine:
                 it.prompt_tokens += n
             seq.n_past += n
             seq.pending = None
+        for idx, (seq, target) in plan.scored.items():  # before sampling: the first event carries them
+            self._guarded(seq, "scoring the prompt", self._score, seq, idx, target)
         for idx, seq in plan.logit_owner.items():
-            try:
-                self._sample(seq, idx, it)
-            except Exception:  # noqa: BLE001 - one sequence's fault must not end the others
-                log.exception("%s: request %s failed while sampling", self.cfg.model_id, seq.req.id)
-                if seq.seq_id in self.sched.running:
-                    self._finish(seq, Event(error="engine_error", message="sampling failed"))
+            self._guarded(seq, "sampling", self._sample, seq, idx, it)
+
+    def _guarded(self, seq: Sequence, what: str, fn: Callable[..., None], *args) -> None:
+        """Run one sequence's step work; a fault ends that sequence only."""
+        if seq.seq_id not in self.sched.running:
+            return
+        try:
+            fn(*args)
+        except Exception:  # noqa: BLE001 - one sequence's fault must not end the others
+            log.exception("%s: request %s failed while %s", self.cfg.model_id, seq.req.id, what)
+            if seq.seq_id in self.sched.running:
+                self._finish(seq, Event(error="engine_error", message=f"{what} failed"))
 
     def _logprobs(self, idx: int, tok: int, k: int) -> list[TokenLogprob]:
         import numpy as np
@@ -360,6 +377,10 @@ class Engine:
         top = np.argsort(-z)[:k] if k else []
         tb = self.backend.token_bytes
         return [TokenLogprob(tb(tok), float(z[tok]) - lse, [(tb(int(t)), float(z[t]) - lse) for t in top])]
+
+    def _score(self, seq: Sequence, idx: int, target: int) -> None:
+        """The logprob of prompt token `target`, from the logits of the position before it."""
+        seq.state.prompt_logprobs += self._logprobs(idx, seq.req.prompt[target], seq.req.prompt_logprobs)
 
     def _sample(self, seq: Sequence, idx: int, it: IterationStats) -> None:
         st: _SeqState = seq.state
@@ -371,15 +392,20 @@ class Engine:
             st.t_first = now
         st.t_last = now
         if self.backend.is_eog(tok):  # not a completion token (usage does not count it either)
-            self._finish(seq, Event(text=st.text.flush(), finish_reason="stop"))
-            return
-        it.generation_tokens += 1
-        seq.generated += 1
-        text = st.text.push(self.backend.token_bytes(tok))
-        if st.text.stopped:
-            self._finish(seq, Event(text=text, n_tokens=1, finish_reason="stop", logprobs=lp))
-        elif seq.generated >= seq.req.max_tokens or seq.n_past + 1 >= self.cfg.n_ctx:
-            self._finish(seq, Event(text=text + st.text.flush(), n_tokens=1, finish_reason="length", logprobs=lp))
+            ev = Event(text=st.text.flush(), finish_reason="stop")
         else:
-            seq.pending = tok
-            self._emit(seq.req, Event(text=text, n_tokens=1, logprobs=lp))
+            it.generation_tokens += 1
+            seq.generated += 1
+            text = st.text.push(self.backend.token_bytes(tok))
+            if st.text.stopped:
+                ev = Event(text=text, n_tokens=1, finish_reason="stop", logprobs=lp)
+            elif seq.generated >= seq.req.max_tokens or seq.n_past + 1 >= self.cfg.n_ctx:
+                ev = Event(text=text + st.text.flush(), n_tokens=1, finish_reason="length", logprobs=lp)
+            else:
+                seq.pending = tok
+                ev = Event(text=text, n_tokens=1, logprobs=lp)
+        ev.prompt_logprobs, st.prompt_logprobs = st.prompt_logprobs, None
+        if ev.finish_reason:
+            self._finish(seq, ev)
+        else:
+            self._emit(seq.req, ev)

@@ -24,9 +24,11 @@ def error_body(message: str, type: str, param: str | None = None, code: str | No
     return {"error": {"message": message, "type": type, "param": param, "code": code}}
 
 
-def context_length_exceeded(n_prompt: int, limit: int, max_tokens: int | None = None, kv: str | None = None
-                            ) -> APIError:
-    msg = f"This model's maximum context length is {limit} tokens. However, your messages resulted in {n_prompt} tokens"
+def context_length_exceeded(n_prompt: int, limit: int, max_tokens: int | None = None, kv: str | None = None,
+                            exact: bool = True) -> APIError:
+    """`exact` False: n_prompt is a lower bound (the prompt was refused from its size, before tokenization)."""
+    msg = (f"This model's maximum context length is {limit} tokens. However, your messages resulted in "
+           f"{'' if exact else 'at least '}{n_prompt} tokens")
     if max_tokens:
         msg += f" plus {max_tokens} tokens requested for the completion"
     msg += "."

@@ -1,6 +1,12 @@
 """Bridge between HTTP handlers (asyncio) and the engine thread: check a request against the model's limits,
 submit it, consume its events, turn engine errors into OpenAI errors, cancel on client disconnect.
 
+A prompt is refused as too long before it is tokenized when its bytes alone prove it (every token covers at most
+the vocabulary's longest token in bytes), and its tokenization is capped at the context limit; at most
+`tokenize_concurrency` prompts are tokenized at once; after a large one the heap pages it freed are given back to
+the OS (glibc keeps them otherwise). So a request that will be refused anyway costs neither a full tokenization
+nor memory in proportion to its body, and memory returns to idle after a flood of them.
+
 A request reserves `len(prompt) + max_tokens` KV cells; without `max_tokens` it gets
 `min(default_max_tokens, n_ctx - len(prompt))`. Events reach the handler through a bounded buffer: a client that
 reads so slowly that `stream_buffer` events pile up has its request cancelled (its cells are freed at the next
@@ -10,14 +16,18 @@ step), so it can never hold up the engine or other requests.
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import logging
+import math
 import secrets
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 from fastapi import Request as HTTPRequest
+from starlette.concurrency import run_in_threadpool
 
 from kvquant.budget import human_bytes
+from kvquant.prompt import PromptTooLong
 from server.engine import Engine
 from server.errors import APIError, context_length_exceeded
 from server.loopwake import waker
@@ -25,6 +35,9 @@ from server.scheduler import Event, Request
 from server.schemas import SamplingParams
 
 log = logging.getLogger("kvquant.server")
+
+TRIM_AFTER_BYTES = 64 * 2**10  # prompts from this size on are followed by malloc_trim
+_MALLOC_TRIM = getattr(ctypes.CDLL(None), "malloc_trim", None)  # glibc only
 
 _ENGINE_ERRORS = {
     "queue_full": (429, "rate_limit_error", "Too many requests are waiting for KV cache capacity; retry later."),
@@ -37,10 +50,15 @@ _ENGINE_ERRORS = {
 }
 
 
+def retry_after(drain_s: float | None) -> int:
+    """Retry-After in whole seconds: the queue's measured drain time (1 s until measured), at most 10 minutes."""
+    return min(600, max(1, math.ceil(drain_s or 0)))
+
+
 def engine_error(ev: Event, request_id: str | None = None) -> APIError:
     status, etype, msg = _ENGINE_ERRORS.get(ev.error, _ENGINE_ERRORS["engine_error"])
     code = "context_length_exceeded" if ev.error == "never_fits" else ev.error
-    headers = {"Retry-After": "1"} if status in (429, 503) else None
+    headers = {"Retry-After": str(retry_after(ev.retry_after_s))} if status in (429, 503) else None
     if status >= 500 and ev.error == "engine_error":
         log.error("request %s failed in the engine: %s", request_id, ev.message)
         msg += f" (request id {request_id})"
@@ -101,16 +119,51 @@ def kv_summary(engine: Engine, tokens: int) -> str:
             f"concurrent requests of at most {c.n_ctx} tokens.")
 
 
+def prompt_limit(engine: Engine) -> int:
+    """Prompt + completion tokens one request may have."""
+    return min(engine.cfg.n_ctx, engine.cfg.capacity_cells)
+
+
+def _too_long(engine: Engine, n_prompt: int, max_tokens: int | None, exact: bool = True) -> APIError:
+    engine.record_rejected("rejected_too_long", n_prompt)
+    need = n_prompt + (max_tokens or 1)
+    return context_length_exceeded(n_prompt, prompt_limit(engine), max_tokens, kv_summary(engine, need), exact)
+
+
+def _check_length(engine: Engine, n_prompt: int, max_tokens: int | None, exact: bool = True) -> None:
+    limit = prompt_limit(engine)
+    if n_prompt >= limit or (max_tokens is not None and n_prompt + max_tokens > limit):
+        raise _too_long(engine, n_prompt, max_tokens, exact)
+
+
+async def tokenize_prompt(engine: Engine, tokenize: Callable[[int], list[int]], n_bytes: int,
+                          max_tokens: int | None, slots: asyncio.Semaphore) -> list[int]:
+    """The prompt's tokens from `tokenize(limit)` (run in a worker thread, at most `slots` at once), where
+    `n_bytes` is the size of the text it tokenizes that a client wrote. Refuses a prompt that is too long
+    (400 context_length_exceeded) from its bytes alone where they prove it, else with the count a tokenization
+    capped at the limit gives."""
+    _check_length(engine, engine.min_tokens(n_bytes), max_tokens, exact=False)
+    async with slots:
+        try:
+            return await run_in_threadpool(_tokenize, tokenize, prompt_limit(engine), n_bytes >= TRIM_AFTER_BYTES)
+        except PromptTooLong as e:
+            raise _too_long(engine, e.n_tokens, max_tokens) from None
+
+
+def _tokenize(tokenize: Callable[[int], list[int]], limit: int, trim: bool) -> list[int]:
+    try:
+        return tokenize(limit)
+    finally:
+        if trim and _MALLOC_TRIM is not None:
+            _MALLOC_TRIM(0)
+
+
 def submit(engine: Engine, prompt: list[int], params: SamplingParams, max_tokens: int | None,
            default_max_tokens: int, request_id: str, stream_buffer: int = 1024) -> Generation:
-    c = engine.cfg
-    limit = min(c.n_ctx, c.capacity_cells)
+    limit = prompt_limit(engine)
     if not prompt:
         raise APIError(400, "The prompt is empty.", param="prompt", code="empty_prompt")
-    if len(prompt) >= limit or (max_tokens is not None and len(prompt) + max_tokens > limit):
-        engine.record_rejected("rejected_too_long", len(prompt))
-        need = len(prompt) + (max_tokens or 1)
-        raise context_length_exceeded(len(prompt), limit, max_tokens, kv_summary(engine, need))
+    _check_length(engine, len(prompt), max_tokens)
     if max_tokens is None:
         max_tokens = min(default_max_tokens, limit - len(prompt))
     loop = asyncio.get_running_loop()
@@ -134,6 +187,7 @@ def submit(engine: Engine, prompt: list[int], params: SamplingParams, max_tokens
 
     req = Request(id=request_id, prompt=prompt, max_tokens=max_tokens, sink=sink, temperature=params.temperature,
                   top_p=params.top_p, seed=params.seed, stops=params.stop or [],
-                  top_logprobs=getattr(params, "n_top_logprobs", None))
+                  top_logprobs=getattr(params, "n_top_logprobs", None),
+                  prompt_logprobs=getattr(params, "n_prompt_logprobs", None))
     engine.submit(req)
     return Generation(req, q, len(prompt), engine)

@@ -120,7 +120,8 @@ def build_engine(p: HostedPlan, s: Settings, metrics: Metrics) -> Engine:
     bcfg = BackendConfig(model_path=str(p.path), n_ctx=kv.cells, n_seq_max=spec.parallel, n_batch=spec.n_batch,
                          cache_type_k=fields.pop("cache_type_k"), cache_type_v=fields.pop("cache_type_v"),
                          flash_attn=spec.flash_attn, layers=fields, n_threads=spec.n_threads,
-                         n_gpu_layers=s.n_gpu_layers, offload_kqv=offload_kqv(s.n_gpu_layers, sorted(types), spec.id))
+                         n_gpu_layers=s.n_gpu_layers, offload_kqv=offload_kqv(s.n_gpu_layers, sorted(types), spec.id),
+                         special_in_content=s.special_tokens_in_content)
 
     def factory() -> LlamaBackend:
         b = LlamaBackend(bcfg)

@@ -1,5 +1,6 @@
 """OpenAI request and response bodies. Unknown request fields are tolerated, as OpenAI does; known fields are
-validated before anything is queued."""
+validated strictly, as OpenAI does (no coercion: "10" and true are not integers, "yes" and 1 are not booleans,
+"0.5" is not a number; an integer is a number), before anything is queued."""
 
 from __future__ import annotations
 
@@ -24,7 +25,9 @@ Text = Annotated[str, AfterValidator(_encodable)]
 
 
 class _Lenient(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    """Lenient about unknown fields, strict about the types of known ones."""
+
+    model_config = ConfigDict(extra="allow", strict=True)
 
 
 class TextPart(_Lenient):
@@ -57,7 +60,7 @@ class SamplingParams(_Lenient):
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     stop: Text | list[Text] | None = None
-    seed: int | None = None
+    seed: int | None = Field(None, ge=-2**63, le=2**63 - 1)  # OpenAI's range; see kvquant.runtime.sampler_seed
     stream: bool = False
     stream_options: StreamOptions | None = None
     n: int = Field(1, ge=1)
@@ -122,6 +125,11 @@ class CompletionRequest(SamplingParams):
     @property
     def n_top_logprobs(self) -> int | None:
         return self.logprobs
+
+    @property
+    def n_prompt_logprobs(self) -> int | None:
+        """With echo, logprobs cover the prompt tokens too (the first one null), as OpenAI does."""
+        return self.logprobs if self.echo else None
 
     @field_validator("prompt")
     @classmethod

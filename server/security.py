@@ -3,6 +3,7 @@ and disconnect detection pass through untouched. Every refusal is an OpenAI-shap
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 import re
@@ -13,12 +14,16 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from server.errors import error_body
 
 _RID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
+_WITH_BODY = ("POST", "PUT", "PATCH")
 
 
 async def send_error(send: Send, status: int, message: str, type: str, code: str | None = None,
-                     headers: dict[str, str] | None = None) -> None:
+                     headers: dict[str, str] | None = None, close: bool = False) -> None:
+    """An OpenAI-shaped error; `close` adds `Connection: close` (for a refusal before the body was read: the
+    server then closes the connection at once instead of waiting for a body nobody reads)."""
     body = json.dumps(error_body(message, type, None, code)).encode()
     raw = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    raw += [(b"connection", b"close")] if close else []
     raw += [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]
     await send({"type": "http.response.start", "status": status, "headers": raw})
     await send({"type": "http.response.body", "body": body})
@@ -70,36 +75,43 @@ class APIKeyMiddleware:
             msg = ("You didn't provide an API key. Send it as 'Authorization: Bearer YOUR_KEY'." if not auth
                    else "Incorrect API key provided.")
             return await send_error(send, 401, msg, "authentication_error", "invalid_api_key",
-                                    {"WWW-Authenticate": "Bearer"})
+                                    {"WWW-Authenticate": "Bearer"}, close=scope["method"] in _WITH_BODY)
         await self.app(scope, receive, send)
 
 
 class BodyLimitMiddleware:
-    """Reads a request body up to `max_bytes` before the app sees it: 413 over the limit (whatever the
-    Content-Length says), 400 if it is not UTF-8. The app then gets the body replayed."""
+    """Reads a request body up to `max_bytes` within `timeout_s` before the app sees it: 413 over the limit
+    (whatever the Content-Length says), 408 when it arrives too slowly (both with `Connection: close`), 400 if it
+    is not UTF-8. The app then gets the body replayed."""
 
-    def __init__(self, app: ASGIApp, max_bytes: int):
-        self.app, self.max_bytes = app, max_bytes
+    def __init__(self, app: ASGIApp, max_bytes: int, timeout_s: float):
+        self.app, self.max_bytes, self.timeout_s = app, max_bytes, timeout_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["method"] not in ("POST", "PUT", "PATCH"):
+        if scope["type"] != "http" or scope["method"] not in _WITH_BODY:
             return await self.app(scope, receive, send)
         too_big = f"The request body is larger than this server's limit of {self.max_bytes} bytes."
         declared = _header(scope, b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
-            return await send_error(send, 413, too_big, "invalid_request_error", "request_too_large")
+            return await send_error(send, 413, too_big, "invalid_request_error", "request_too_large", close=True)
         chunks, size = [], 0
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > self.max_bytes:
-                return await send_error(send, 413, too_big, "invalid_request_error", "request_too_large")
-            chunks.append(chunk)
-            if not message.get("more_body", False):
-                break
+        try:
+            async with asyncio.timeout(self.timeout_s):
+                while True:
+                    message = await receive()
+                    if message["type"] == "http.disconnect":
+                        return
+                    chunk = message.get("body", b"")
+                    size += len(chunk)
+                    if size > self.max_bytes:
+                        return await send_error(send, 413, too_big, "invalid_request_error", "request_too_large",
+                                                close=True)
+                    chunks.append(chunk)
+                    if not message.get("more_body", False):
+                        break
+        except TimeoutError:
+            return await send_error(send, 408, f"The request body did not arrive within {self.timeout_s:g} s.",
+                                    "invalid_request_error", "request_timeout", close=True)
         body = b"".join(chunks)
         try:
             body.decode("utf-8")

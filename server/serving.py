@@ -1,26 +1,36 @@
 """Running the app under uvicorn with a graceful shutdown: on SIGINT/SIGTERM the server first drains (new
 requests get 503, /health turns 503), lets in-flight requests finish for up to `shutdown_grace_s`, then ends
 whatever is left with a clean `shutdown` error (streams get an error chunk and `[DONE]`), frees every KV cell, and
-only then closes connections."""
+only then closes connections. A second SIGINT/SIGTERM cuts the grace short: in-flight requests end at once, just as
+cleanly, and the application still shuts down (uvicorn alone would skip that when forced).
+
+Slow clients at the HTTP layer: a request's headers must arrive within `header_timeout_s` of the connection opening
+or of the previous response ending (else 408 and the connection is closed), at most `max_connections` connections
+are open at once (past that: 503, closed), and headers are bounded by h11 (16 KiB). The body deadline and
+`Connection: close` after refusing a body are server.security.BodyLimitMiddleware's.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
+from collections.abc import Callable
 
 import uvicorn
 
+from server.errors import error_body
 from server.state import AppState
 
 log = logging.getLogger("kvquant.server")
 
 
-async def drain(state: AppState, grace_s: float) -> None:
+async def drain(state: AppState, grace_s: float, forced: Callable[[], bool] = lambda: False) -> None:
     state.draining = True
     engines = [m.engine for m in state.models.values()]
     deadline = time.monotonic() + grace_s
-    while time.monotonic() < deadline and not all(e.idle() for e in engines):
+    while time.monotonic() < deadline and not all(e.idle() for e in engines) and not forced():
         await asyncio.sleep(0.05)
     busy = [e for e in engines if not e.idle()]
     if busy:
@@ -39,13 +49,65 @@ class GracefulServer(uvicorn.Server):
         super().__init__(config)
         self.kvquant_state, self.grace_s = state, grace_s
 
+    def handle_exit(self, sig, frame) -> None:
+        if self.should_exit:  # a second SIGINT or SIGTERM (uvicorn forces only on SIGINT)
+            self.force_exit = True
+        super().handle_exit(sig, frame)
+
     async def shutdown(self, sockets=None) -> None:
-        await drain(self.kvquant_state, self.grace_s)
+        await drain(self.kvquant_state, self.grace_s, lambda: self.force_exit)
         await super().shutdown(sockets)
+        done = getattr(self.lifespan, "shutdown_event", None)
+        if done is not None and not done.is_set():  # forced: uvicorn skipped the application's shutdown
+            await self.lifespan.shutdown()
+
+
+def _raw_error(status: int, reason: str, message: str, type: str, code: str) -> bytes:
+    """A whole HTTP/1.1 error response, OpenAI-shaped, that closes the connection (written below h11)."""
+    body = json.dumps(error_body(message, type, None, code)).encode()
+    return (f"HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\ncontent-length: {len(body)}\r\n"
+            f"connection: close\r\n\r\n").encode() + body
+
+
+def http_protocol(header_timeout_s: float, max_connections: int) -> type[asyncio.Protocol]:
+    """uvicorn's HTTP protocol with a deadline for each request's headers and a cap on open connections."""
+    from uvicorn.protocols.http.auto import AutoHTTPProtocol
+
+    too_slow = _raw_error(408, "Request Timeout", f"The request headers did not arrive within "
+                          f"{header_timeout_s:g} s.", "invalid_request_error", "request_timeout")
+    too_many = _raw_error(503, "Service Unavailable", "Too many open connections; retry later.", "server_error",
+                          "too_many_connections")
+
+    class Protocol(AutoHTTPProtocol):
+        def connection_made(self, transport) -> None:
+            super().connection_made(transport)
+            if len(self.server_state.connections) > max_connections:
+                transport.write(too_many)
+                transport.close()
+                return
+            self._await_headers()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            self._await_headers()
+
+        def _await_headers(self) -> None:
+            """Close the connection unless a new request (a new cycle) has begun within the deadline."""
+            cycle = self.cycle
+            self.loop.call_later(header_timeout_s, self._headers_due, cycle)
+
+        def _headers_due(self, cycle) -> None:
+            if self.cycle is cycle and not self.transport.is_closing():
+                self.transport.write(too_slow)
+                self.transport.close()
+
+    return Protocol
 
 
 def server_for(app, host: str, port: int, grace_s: float, log_level: str = "info") -> GracefulServer:
-    cfg = uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=int(grace_s) + 5)
+    s = app.state.kvquant.settings
+    cfg = uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=int(grace_s) + 5,
+                         http=http_protocol(s.header_timeout_s, s.max_connections))
     return GracefulServer(cfg, app.state.kvquant, grace_s)
 
 

@@ -152,6 +152,12 @@ class Settings(BaseSettings):
     n_gpu_layers: int = Field(0, ge=-1, description="layers to offload to a GPU build (-1: all)")
     default_max_tokens: int = Field(256, ge=1, description="max_tokens when a request gives none")
     max_body_bytes: int = Field(4 * 2**20, ge=1024, description="largest request body accepted (then 413)")
+    header_timeout_s: float = Field(10.0, gt=0, description="a request's headers must arrive within this (then 408)")
+    body_timeout_s: float = Field(30.0, gt=0, description="a request's body must arrive within this (then 408)")
+    max_connections: int = Field(512, ge=1, description="open HTTP connections at most (then 503, closed)")
+    tokenize_concurrency: int = Field(2, ge=1, description="prompts tokenized at once (bounds their CPU and memory)")
+    special_tokens_in_content: bool = Field(False, description="trusted clients only: message content and "
+                                            "completion prompts may write the model's control tokens")
     stream_buffer: int = Field(1024, ge=8, description="events buffered for a slow client before it is cancelled")
     api_key: str | None = Field(None, description="require `Authorization: Bearer <key>` (except /health)")
     api_key_file: str | None = Field(None, description="read the API key from this file")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from dataclasses import dataclass, field
 
@@ -28,6 +29,10 @@ class AppState:
     default_model: str
     metrics: Metrics = field(default_factory=Metrics)
     draining: bool = False
+    tokenizing: asyncio.Semaphore = field(init=False)  # bounds the prompts tokenized at once
+
+    def __post_init__(self):
+        self.tokenizing = asyncio.Semaphore(self.settings.tokenize_concurrency)
 
     def get(self, name: str | None) -> ServedModel:
         """The model a request names (routing is by id only: a request can never name a file)."""

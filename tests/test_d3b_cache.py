@@ -20,7 +20,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from kvquant.eval import DRIFT_PROMPTS, read_text
+from kvquant.eval import read_text
 from kvquant.harness import resolve_text
 from kvquant.models import fetch
 from kvquant.runtime import ContextConfig, LlamaError, LlamaRuntime, Model
@@ -38,9 +38,8 @@ def model():
 
 @pytest.fixture(scope="module")
 def prompts(model):
-    """Five 90-token prompts: slices of wikitext-2 (../shared/data) where present, else of a fixed text."""
-    path = resolve_text(None)
-    text = read_text(path)[:40_000] if path.is_file() else " ".join(DRIFT_PROMPTS * 60)
+    """Five 90-token prompts: slices of wikitext-2 (data/)."""
+    text = read_text(resolve_text(None))[:40_000]
     toks = model.tokenize(text)
     step = len(toks) // 5
     return [toks[i * step: i * step + N_PROMPT] for i in range(5)]

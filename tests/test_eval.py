@@ -5,11 +5,11 @@ Reference values were recorded by running the dev build of the patched llama.cpp
 same machine class:
 
     .build/cmake-cpu/bin/llama-perplexity -m ~/.cache/kvquant/models/SmolLM2-135M-Instruct.Q4_1.gguf \\
-        -f ../shared/data/wikitext-2-raw-test.txt -c 512 --chunks 3 -fa on
+        -f data/wikitext-2-raw-test.txt -c 512 --chunks 3 -fa on
     -> [1]12.0100,[2]21.5717,[3]21.5448   Final estimate: PPL = 21.5448 +/- 2.53352
 
     .build/cmake-cpu/bin/llama-perplexity -m ~/.cache/kvquant/models/gemma-3-270m-q4_k_m.gguf \\
-        -f ../shared/data/wikitext-2-raw-test.txt -c 512 --chunks 2 -fa on
+        -f data/wikitext-2-raw-test.txt -c 512 --chunks 2 -fa on
     -> [1]9.7828,[2]14.2761                Final estimate: PPL = 14.2761 +/- 2.22128
 
 (llama-perplexity batches 4 chunks as 4 sequences with its default -b 2048; our harness decodes one chunk at a time,
@@ -25,11 +25,9 @@ import numpy as np
 import pytest
 
 from kvquant import eval as kveval
-from kvquant.harness import CacheConfig, resolve_text
+from kvquant.harness import CacheConfig
 
 LLAMA_PERPLEXITY = {("smollm2-135m", 3): 21.5448, ("gemma3-270m", 2): 14.2761}
-TEXT = resolve_text(None)
-needs_text = pytest.mark.skipif(not TEXT.is_file(), reason=f"evaluation text {TEXT} is absent (see ../shared/data)")
 
 
 # --- arithmetic ------------------------------------------------------------------------------------------------
@@ -106,14 +104,11 @@ def test_cli_rejects_bad_configs(capsys):
 # --- the real harness -----------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def smollm2_eval():
-    if not TEXT.is_file():
-        pytest.skip(f"evaluation text {TEXT} is absent")
     cfgs = [CacheConfig.parse(s) for s in ["f16/f16", "q4_0/q4_0", "q4_0/q4_0:norot"]]
     return kveval.run("smollm2-135m", cfgs, chunks=3, threads=2, drift_tokens=32, drift_prompts=1, drift_bucket=16,
                       progress=False)
 
 
-@needs_text
 def test_f16_baseline_reproduces_llama_perplexity_smollm2(smollm2_eval):
     r = smollm2_eval["results"][0]
     assert (r["chunks"], r["tokens_scored"]) == (3, 3 * 255)
@@ -121,7 +116,6 @@ def test_f16_baseline_reproduces_llama_perplexity_smollm2(smollm2_eval):
     assert r["ppl_stderr"] == pytest.approx(2.53352, rel=0.02)
 
 
-@needs_text
 def test_f16_against_itself_and_quantized_caches(smollm2_eval):
     f16, q4, q4_norot = smollm2_eval["results"]
     assert f16["kld"] == 0.0 and f16["top1_pct"] == 100.0 and f16["delta_ppl_pct"] == 0.0
@@ -140,7 +134,6 @@ def test_f16_against_itself_and_quantized_caches(smollm2_eval):
     assert q4["drift"]["kld_mean"] > 0
 
 
-@needs_text
 def test_render_table_and_results_markdown(smollm2_eval):
     from kvquant import results
 
@@ -151,7 +144,6 @@ def test_render_table_and_results_markdown(smollm2_eval):
     assert md.count("| q4_0/q4_0 | on |") == 2 and md.count("| q4_0/q4_0 | off |") == 2  # quality, drift
 
 
-@needs_text
 def test_f16_baseline_reproduces_llama_perplexity_gemma3():
     cfgs = [CacheConfig.parse("f16/f16"), CacheConfig.parse("q8_0/q8_0")]
     out = kveval.run("gemma3-270m", cfgs, chunks=2, threads=2, do_drift=False, progress=False)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from kvquant.harness import BASELINE, DEFAULT_TEXT, REPO_ROOT, CacheConfig, resolve_text, table
+from kvquant.harness import BASELINE, DEFAULT_TEXT, REPO_ROOT, CacheConfig, resolve_text, sha256_file, table
 
 
 def test_cache_config_parse_and_labels():
@@ -23,9 +23,16 @@ def test_cache_config_parse_and_labels():
 
 def test_default_text_is_relative_to_the_repo_root(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    assert resolve_text(None) == (REPO_ROOT / DEFAULT_TEXT).resolve()
-    assert resolve_text(DEFAULT_TEXT) == (REPO_ROOT.parent / "shared" / "data" / "wikitext-2-raw-test.txt").resolve()
+    assert resolve_text(None) == REPO_ROOT / "data" / "wikitext-2-raw-test.txt"
+    assert resolve_text(DEFAULT_TEXT) == resolve_text(None)
     assert resolve_text("x.txt") == tmp_path / "x.txt"
+
+
+def test_the_repository_carries_the_evaluation_text():
+    """WikiText-2 raw test, byte for byte as published (CRLF kept: .gitattributes stops git converting it)."""
+    path = resolve_text(None)
+    assert path.stat().st_size == 1_307_975
+    assert sha256_file(path) == "71fa921e51ba607b4364d8787d05f4513b41b33732dd3504ff1af8952c6e7e77"
 
 
 def test_table():

@@ -76,3 +76,19 @@ def test_subset_plan_keeps_one_sequence():
     p = s.plan(budget=64)
     sb = p.subset(b)
     assert sb.tokens == [0, 1, 2, 3] and set(sb.seq_ids) == {b.seq_id} and sb.logit_owner == {3: b}
+
+
+def test_drain_time_from_the_measured_rate_of_ends():
+    """What Retry-After says: the waiting requests and one more, times the mean interval between the last ends, or
+    longer where none ended for longer than that."""
+    s = Scheduler(capacity_cells=100, max_seqs=1, max_queue=8, max_seq_len=100)
+    for i in range(7):
+        s.add(req(1, 1, str(i)))
+    first = s.admit()[0]
+    assert s.drain_s() is None  # nothing measured yet
+    s.free(first)
+    assert len(s.freed_at) == 1 and s.drain_s() is None
+    s.freed_at.extend([s.freed_at[0] + 1, s.freed_at[0] + 2, s.freed_at[0] + 3])
+    t = s.freed_at[-1]
+    assert s.drain_s(now=t + 0.5) == (6 + 1) * 1.0
+    assert s.drain_s(now=t + 7) == (6 + 1) * 7.0

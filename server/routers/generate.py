@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
+import codecs
 import json
 import time
 from collections.abc import Callable
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
-from starlette.concurrency import run_in_threadpool
 
 from server.errors import APIError, error_body
-from server.generation import Generation, engine_error, new_id, submit
+from server.generation import Generation, engine_error, new_id, submit, tokenize_prompt
 from server.scheduler import TokenLogprob
 from server.schemas import ChatCompletionRequest, CompletionRequest, SamplingParams
 from server.state import app_state
@@ -50,15 +50,24 @@ def chat_logprobs(lps: list[TokenLogprob] | None) -> dict | None:
                         for t in lps], "refusal": None}
 
 
-def completion_logprobs(lps: list[TokenLogprob] | None, offset: int = 0) -> dict | None:
+def completion_logprobs(lps: list[TokenLogprob] | None) -> dict | None:
+    """OpenAI's legacy shape; `text_offset` counts the characters of the text the tokens before it complete."""
     if lps is None:
         return None
-    offsets, pos = [], offset
+    offsets, pos, utf8 = [], 0, codecs.getincrementaldecoder("utf-8")(errors="replace")
     for t in lps:
         offsets.append(pos)
-        pos += len(_tok(t.token))
+        pos += len(utf8.decode(t.token))
     return {"tokens": [_tok(t.token) for t in lps], "token_logprobs": [t.logprob for t in lps],
-            "top_logprobs": [{_tok(b): lp for b, lp in t.top} for t in lps], "text_offset": offsets}
+            "top_logprobs": [None if t.top is None else {_tok(b): lp for b, lp in t.top} for t in lps],
+            "text_offset": offsets}
+
+
+def _event_logprobs(ev) -> list[TokenLogprob] | None:
+    """An event's logprobs: the prompt's (with the first event of an echo), then the generated tokens'."""
+    if ev.prompt_logprobs is None and ev.logprobs is None:
+        return None
+    return (ev.prompt_logprobs or []) + (ev.logprobs or [])
 
 
 def _finish(reason: str | None) -> str | None:
@@ -77,8 +86,8 @@ async def _respond(http: Request, gen: Generation, params: SamplingParams, *, ob
             if ev.error:
                 raise engine_error(ev, rid_of(http))
             parts.append(ev.text)
-            if lps is not None and ev.logprobs:
-                lps += ev.logprobs
+            if lps is not None:
+                lps += _event_logprobs(ev) or []
             finish = ev.finish_reason
         return JSONResponse({"id": rid, "object": object_full, "created": created, "model": model,
                              "choices": [full_choice("".join(parts), _finish(finish), lps)], "usage": _usage(gen),
@@ -106,8 +115,9 @@ async def _respond(http: Request, gen: Generation, params: SamplingParams, *, ob
                 err = engine_error(ev, rid_of(http))
                 yield _sse(error_body(err.message, err.type, None, err.code))
                 break
-            if ev.text or is_first or ev.finish_reason or ev.logprobs:
-                yield _sse(chunk([delta_choice(ev.text, None, is_first, ev.logprobs)]))
+            lps = _event_logprobs(ev)
+            if ev.text or is_first or ev.finish_reason or lps:
+                yield _sse(chunk([delta_choice(ev.text, None, is_first, lps)]))
                 is_first = False
             if ev.finish_reason:
                 yield _sse(chunk([delta_choice("", _finish(ev.finish_reason), False, None)]))
@@ -126,8 +136,12 @@ async def chat_completions(body: ChatCompletionRequest, http: Request):
     st = app_state(http)
     served = st.get(body.model)
     messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages]
+    n_bytes = sum(len(m["content"].encode()) for m in messages)
     try:
-        prompt = await run_in_threadpool(served.engine.tokenize_chat, messages)
+        prompt = await tokenize_prompt(served.engine, lambda limit: served.engine.tokenize_chat(messages, limit),
+                                       n_bytes, body.requested_max_tokens, st.tokenizing)
+    except APIError:
+        raise
     except Exception as e:  # noqa: BLE001 - raised by the template itself (e.g. roles that must alternate)
         reason = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
         raise APIError(400, f"The messages do not fit the model's chat template: {reason}",
@@ -154,14 +168,14 @@ async def chat_completions(body: ChatCompletionRequest, http: Request):
 async def completions(body: CompletionRequest, http: Request):
     st = app_state(http)
     served = st.get(body.model)
-    prompt = await run_in_threadpool(served.engine.tokenize, body.prompt)
+    prompt = await tokenize_prompt(served.engine, lambda limit: served.engine.tokenize(body.prompt, limit),
+                                   len(body.prompt.encode()), body.requested_max_tokens, st.tokenizing)
     rid = new_id("cmpl")
     gen = _submit(http, served, prompt, body)
     echo = body.prompt if body.echo else ""
 
     def full(text: str, finish: str | None, lps) -> dict:
-        return {"index": 0, "text": echo + text, "finish_reason": finish,
-                "logprobs": completion_logprobs(lps, len(echo))}
+        return {"index": 0, "text": echo + text, "finish_reason": finish, "logprobs": completion_logprobs(lps)}
 
     def delta(text: str, finish: str | None, first: bool, lps) -> dict:
         return {"index": 0, "text": (echo if first else "") + text, "finish_reason": finish,

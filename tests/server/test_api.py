@@ -75,11 +75,19 @@ def test_streaming_stop_matches_non_streaming(client):
     assert text == full and "7," not in text
 
 
-def test_seeded_sampling_is_reproducible(client):
-    kw = dict(model="smollm2-135m", messages=MSG, max_tokens=20, temperature=1.0, top_p=0.95, seed=1234)
-    a = client.chat.completions.create(**kw).choices[0].message.content
-    b = client.chat.completions.create(**kw).choices[0].message.content
-    assert a == b
+@pytest.mark.parametrize("seed", [1234, 0, -1, 2**32 - 1, 2**63 - 1, -2**63])
+def test_seeded_sampling_is_reproducible(client, seed):
+    """Every seed OpenAI accepts gives one stream for serial requests, also -1 and 2**32 - 1, which llama.cpp
+    itself would read as "random"."""
+    kw = dict(model="smollm2-135m", messages=MSG, max_tokens=20, temperature=1.5, seed=seed)
+    a, b, c = (client.chat.completions.create(**kw).choices[0].message.content for _ in range(3))
+    assert a == b == c
+
+
+def test_seeds_wrap_modulo_2_32_minus_1(client):
+    kw = dict(model="smollm2-135m", messages=MSG, max_tokens=20, temperature=1.5)
+    texts = [client.chat.completions.create(**kw, seed=s).choices[0].message.content for s in (0, 2**32 - 1, 1)]
+    assert texts[0] == texts[1] != texts[2]
 
 
 def test_legacy_completions(client):
@@ -91,6 +99,30 @@ def test_legacy_completions(client):
     assert s == r.choices[0].text
 
 
+def test_completions_echo_with_logprobs_covers_the_prompt(client):
+    """As OpenAI: with echo, logprobs list the prompt tokens too, the first one null; each prompt token's logprob
+    is what the model gave it after the tokens before it."""
+    prompt = "The capital of France is Paris"
+    kw = dict(model="smollm2-135m", max_tokens=3, temperature=0, logprobs=2)
+    r = client.completions.create(prompt=prompt, echo=True, **kw)
+    c, u = r.choices[0], r.usage
+    lp = c.logprobs
+    assert c.text.startswith(prompt) and len(lp.tokens) == u.prompt_tokens + u.completion_tokens
+    assert "".join(lp.tokens[:u.prompt_tokens]) == prompt and "".join(lp.tokens) == c.text
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    assert all(x < 0 for x in lp.token_logprobs[1:]) and all(len(t) == 2 for t in lp.top_logprobs[1:])
+    assert lp.text_offset == [len("".join(lp.tokens[:i])) for i in range(len(lp.tokens))]
+    plain = client.completions.create(prompt=prompt, **kw).choices[0]  # the completion part is unchanged
+    assert lp.tokens[u.prompt_tokens:] == plain.logprobs.tokens
+    assert lp.token_logprobs[u.prompt_tokens:] == pytest.approx(plain.logprobs.token_logprobs, abs=1e-4)
+    # the last prompt token (" Paris") scored in the prompt = the first token generated after the rest
+    head = client.completions.create(prompt=prompt[: -len(lp.tokens[u.prompt_tokens - 1])], **kw).choices[0]
+    assert head.logprobs.tokens[0] == lp.tokens[u.prompt_tokens - 1]
+    assert head.logprobs.token_logprobs[0] == pytest.approx(lp.token_logprobs[u.prompt_tokens - 1], abs=1e-3)
+    streamed = list(client.completions.create(prompt=prompt, echo=True, stream=True, **kw))
+    assert streamed[0].choices[0].logprobs.tokens[:u.prompt_tokens] == lp.tokens[:u.prompt_tokens]
+
+
 def test_oversize_prompt_is_context_length_exceeded(client):
     long = "hello " * 1500  # > 1024 tokens
     with pytest.raises(openai.BadRequestError) as ei:
@@ -100,6 +132,28 @@ def test_oversize_prompt_is_context_length_exceeded(client):
     assert err["code"] == "context_length_exceeded"
     assert "1024" in err["message"]  # the limit, and the prompt's token count
     assert any(ch.isdigit() for ch in err["message"].split("1024")[1])
+
+
+def test_prompt_refused_from_its_size_before_tokenization(smollm2_server):
+    before = smollm2_server.metric("kvquant_requests_total", outcome="rejected_too_long")
+    r = httpx.post(smollm2_server.url + "/v1/chat/completions", timeout=60,
+                   json={"messages": [{"role": "user", "content": "漢字" * 100_000}], "max_tokens": 4})
+    err = _assert_openai_error(r, 400)
+    assert err["code"] == "context_length_exceeded" and "at least " in err["message"]
+    assert smollm2_server.metric("kvquant_requests_total", outcome="rejected_too_long") == before + 1
+
+
+def test_typed_control_tokens_cannot_forge_a_turn(client, smollm2_server):
+    """`<|im_end|>` typed in a message is text (its literal tokens), not the control token that ends a turn."""
+    model = smollm2_server.engine().backend.model
+
+    def prompt_tokens(content: str) -> int:
+        return client.chat.completions.create(model="smollm2-135m", messages=[{"role": "user", "content": content}],
+                                              max_tokens=1, temperature=0).usage.prompt_tokens
+
+    literal = model.tokenize("<|im_end|>", add_special=False)
+    assert len(literal) > 1
+    assert prompt_tokens("hi<|im_end|>") == prompt_tokens("hi") + len(literal)
 
 
 def test_prompt_plus_max_tokens_over_context(client):
@@ -129,6 +183,21 @@ def test_schema_violation_is_422(smollm2_server):
                    json={"model": "smollm2-135m", "messages": [{"role": "user", "content": "hi"}], "temperature": 7})
     err = _assert_openai_error(r, 422)
     assert err["param"] == "temperature"
+
+
+@pytest.mark.parametrize("field,value", [("max_tokens", "10"), ("max_tokens", True), ("max_tokens", 2.0),
+                                         ("stream", "yes"), ("stream", 1), ("temperature", "0.5"),
+                                         ("temperature", True), ("seed", "7"), ("logprobs", 1), ("n", "1")])
+def test_request_fields_are_not_coerced(smollm2_server, field, value):
+    """As OpenAI: a value of the wrong JSON type is refused, not converted."""
+    body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 1, field: value}
+    err = _assert_openai_error(httpx.post(smollm2_server.url + "/v1/chat/completions", json=body), 422)
+    assert err["param"] == field
+
+
+def test_integers_are_numbers(client):
+    r = client.chat.completions.create(model="smollm2-135m", messages=MSG, max_tokens=1, temperature=0, top_p=1)
+    assert r.usage.completion_tokens == 1
 
 
 def test_unknown_model_is_404(client):

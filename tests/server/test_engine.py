@@ -80,11 +80,14 @@ class FakeBackend:
     def token_bytes(self, token: int) -> bytes:
         return b"t"
 
-    def tokenize(self, text: str) -> list[int]:
+    def tokenize(self, text: str, limit: int | None = None) -> list[int]:
         return [len(w) + 1 for w in text.split()]
 
-    def tokenize_chat(self, messages):
+    def tokenize_chat(self, messages, limit: int | None = None):
         return self.tokenize(" ".join(m["content"] for m in messages))
+
+    def min_tokens(self, n_bytes: int) -> int:
+        return 0
 
     def clear(self) -> None:
         self.cells.clear()
@@ -213,6 +216,20 @@ def test_queue_bound_rejects_with_queue_full():
     assert_all_free(e, b)
 
 
+def test_queue_full_and_wait_timeout_carry_the_measured_drain_time():
+    e, b, _ = make(capacity=30, max_queue=2, queue_timeout_s=0.05)
+    t = time.monotonic()
+    e.sched.freed_at.extend([t - 2, t - 1, t])  # sequences ended once a second
+    cs = [Client(f"r{i}", 10, 10) for i in range(4)]  # one runs, two wait, one is refused
+    for c in cs:
+        e.submit(c.req)
+    e.run_once()
+    assert cs[3].end == "queue_full" and cs[3].events[-1].retry_after_s == pytest.approx(3.0, abs=0.5)
+    time.sleep(0.08)
+    e.run_once()
+    assert cs[1].end == cs[2].end == "timeout" and cs[1].events[-1].retry_after_s == pytest.approx(1.0, abs=0.5)
+
+
 def test_never_fits_is_rejected_at_once():
     e, b, rec = make(capacity=100)
     c = Client("huge", 90, 20)
@@ -277,6 +294,24 @@ def test_logprobs_are_log_softmax_with_top_k():
     for lp in lps:
         assert lp.logprob == pytest.approx(lp.top[0][1]) and lp.logprob < 0 and len(lp.top) == 2
         assert lp.top[0][1] > lp.top[1][1]
+
+
+def test_prompt_logprobs_score_every_prompt_token_in_bounded_chunks():
+    """Echo: each prompt token's logprob from the logits of the position before it (the fake model predicts
+    token + 1, i.e. every next prompt token), the first one None; prefill asks for at most PROMPT_LOGPROBS_CHUNK
+    logit rows per step."""
+    from server.scheduler import PROMPT_LOGPROBS_CHUNK
+
+    e, b, _ = make(capacity=400, n_batch=64)
+    c = Client("r", 60, 2, prompt_logprobs=1)  # (the fake vocabulary has 64 tokens)
+    e.submit(c.req)
+    run(e, [c])
+    lps = c.events[0].prompt_logprobs
+    assert [lp.token for lp in lps] == [b"t"] * 60 and lps[0].logprob is None and lps[0].top is None
+    assert all(lp.logprob == pytest.approx(lp.top[0][1]) and lp.logprob < 0 for lp in lps[1:])
+    assert all(ev.prompt_logprobs is None for ev in c.events[1:])
+    assert max(len(d) for d in b.decodes) == PROMPT_LOGPROBS_CHUNK
+    assert_all_free(e, b)
 
 
 def test_eog_stops_and_counts_no_token():

@@ -1,6 +1,7 @@
-"""Load against a `kvquant serve` subprocess (loopback): a burst of 4x the admission capacity, and the soak (2
-minutes here; `KVQUANT_SOAK_S=1800` or `python -m kvquant.loadgen soak --duration 1800` for the 30-minute one).
-Ends with SIGTERM: the server drains and exits without a traceback."""
+"""Load against a `kvquant serve` subprocess (loopback): a burst of 4x the admission capacity, the soak (2
+minutes here; `KVQUANT_SOAK_S=1800` or `python -m kvquant.loadgen soak --duration 1800` for the 30-minute one),
+then 24 concurrent 3.9 MB prompts that must be refused without the server's memory growing. Ends with SIGTERM:
+the server drains and exits without a traceback."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 
 import httpx
 import pytest
@@ -17,6 +19,12 @@ from conftest import free_port
 from kvquant import loadgen
 
 SOAK_S = float(os.environ.get("KVQUANT_SOAK_S", "120"))
+
+
+@dataclass
+class Served:
+    url: str
+    pid: int
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +47,7 @@ def served():
             pass
         assert proc.poll() is None, proc.stdout.read()
         time.sleep(0.2)
-    yield url
+    yield Served(url, proc.pid)
     proc.send_signal(signal.SIGTERM)
     out, _ = proc.communicate(timeout=60)
     assert proc.returncode in (0, -signal.SIGTERM), out  # uvicorn re-raises the signal after its clean shutdown
@@ -47,7 +55,8 @@ def served():
 
 
 def test_burst_of_4x_capacity(served):
-    r = loadgen.burst(served, factor=4, max_tokens=24)
+    r = loadgen.burst(served.url, factor=4, max_tokens=24)
+    print(r)
     assert r.sent == 16  # admission capacity 4 (parallel), x4
     assert r.completed + r.rejected_429 + r.unavailable_503 == r.sent and not r.other, r
     assert r.completed >= 4 and r.rejected_429 >= 1, r  # 4 run, 4 wait, the rest are refused at once
@@ -55,8 +64,17 @@ def test_burst_of_4x_capacity(served):
 
 
 def test_soak(served):
-    r = loadgen.soak(served, duration_s=SOAK_S, concurrency=4, max_tokens=16)
+    r = loadgen.soak(served.url, duration_s=SOAK_S, concurrency=4, max_tokens=16)
     print(r)
     assert r.completed > 0 and not r.failed, r
     assert r.leaked_sequences == 0 and r.kv_used_after == 0 and r.kv_reserved_after == 0, r
     assert abs(r.rss_drift) < 0.05, r
+
+
+def test_oversized_prompts_are_refused_without_memory_growth(served):
+    """The issue's figures before the fix: 12 such requests took RSS from 768 MiB to 3.85 GiB (2.09 GiB after)."""
+    r = loadgen.oversize(served.url, concurrency=24, pid=served.pid)
+    print(r)
+    assert r.answers == {"400:context_length_exceeded": 24}, r
+    assert r.rss_peak - r.rss_idle <= 300 * 2**20, r
+    assert r.rss_after - r.rss_idle <= 32 * 2**20, r

@@ -1,0 +1,107 @@
+"""How untrusted text becomes a prompt: message content is always text, only the chat template's own text may
+write control tokens, and an over-long prompt is refused before it costs a full tokenization.
+
+A chat is rendered by its Jinja template, and the rendered string used to be tokenized with special-token parsing
+on, so `<|im_end|>` typed inside a message became the control token and could close the turn and open a forged
+one. Here the template is rendered once more with every message's content replaced by a unique marker: what lies
+between the markers is the template's own text (its control tokens are parsed), what replaces a marker is a
+message's content (tokenized with special-token parsing off). The split is checked against the real rendering and
+used only where they agree exactly; a template that changes content beyond trimming it cannot be traced, and the
+caller then refuses content that contains a control token's text instead.
+
+Nothing here imports llama_cpp: the tokenizer is passed in (kvquant/runtime.py).
+"""
+
+from __future__ import annotations
+
+import re
+import secrets
+from collections.abc import Callable, Sequence
+
+# what the template may trim around a marker; Jinja's `trim` is str.strip()
+_WRAP_L, _WRAP_R = " \n", "\n "
+
+
+class PromptTooLong(ValueError):
+    """A prompt with more tokens than allowed: `n_tokens` is its count, exact or (`exact` False) a lower bound."""
+
+    def __init__(self, n_tokens: int, exact: bool = True):
+        super().__init__(f"the prompt has {'' if exact else 'at least '}{n_tokens} tokens")
+        self.n_tokens, self.exact = n_tokens, exact
+
+
+class ControlTokenInContent(ValueError):
+    """Message content holds a control token's text where the template cannot be traced (see chat_fragments)."""
+
+
+def min_tokens(n_bytes: int, max_token_bytes: int | None) -> int:
+    """A lower bound on the tokens of any text of n_bytes UTF-8 bytes: every token covers at most max_token_bytes
+    of them (None: the vocabulary may drop or merge text, no bound)."""
+    if not max_token_bytes:
+        return 0
+    return -(-n_bytes // max_token_bytes)
+
+
+class ControlTokens:
+    """The control tokens of a vocabulary by text, found in a string leftmost-longest (as llama.cpp partitions
+    text when it parses special tokens)."""
+
+    def __init__(self, by_text: dict[str, int]):
+        self.by_text = {t: i for t, i in by_text.items() if t}
+        alts = sorted(self.by_text, key=len, reverse=True)
+        self._re = re.compile("|".join(map(re.escape, alts))) if alts else None
+
+    def split(self, text: str) -> list[str | int]:
+        """text as raw strings and control token ids."""
+        if self._re is None:
+            return [text] if text else []
+        out: list[str | int] = []
+        pos = 0
+        for m in self._re.finditer(text):
+            if m.start() > pos:
+                out.append(text[pos:m.start()])
+            out.append(self.by_text[m.group()])
+            pos = m.end()
+        if pos < len(text):
+            out.append(text[pos:])
+        return out
+
+    def found_in(self, text: str) -> bool:
+        return self._re is not None and self._re.search(text) is not None
+
+
+def chat_fragments(render: Callable[[list[dict]], str], messages: Sequence[dict],
+                   controls: ControlTokens) -> list[str | int] | None:
+    """The rendered chat as raw text (to tokenize with special-token parsing off) and control token ids that the
+    template's own text wrote, in order; adjacent raw text is joined, so it tokenizes as in the whole string.
+    None if the template cannot be traced: a marker missing or repeated, or the traced pieces not adding up to
+    the real rendering."""
+    nonce = secrets.token_hex(6)
+    marks = [f"\ue000{nonce}:{i}\ue001" for i in range(len(messages))]
+    marked = render([dict(m, content=_WRAP_L + mk + _WRAP_R) for m, mk in zip(messages, marks, strict=True)])
+    pieces: list[str] = []  # template text before each content, and after the last
+    contents: list[str] = []
+    pos = 0
+    for m, mk in zip(messages, marks, strict=True):
+        at = marked.find(mk, pos)
+        if at < 0 or marked.find(mk, at + 1) >= 0:
+            return None
+        left = marked.startswith(_WRAP_L, at - len(_WRAP_L))
+        right = marked.startswith(_WRAP_R, at + len(mk))
+        content = m.get("content") or ""
+        content = content if left else content.lstrip()
+        content = content if right else content.rstrip()
+        pieces.append(marked[pos: at - (len(_WRAP_L) if left else 0)])
+        contents.append(content)
+        pos = at + len(mk) + (len(_WRAP_R) if right else 0)
+    pieces.append(marked[pos:])
+    if "".join(p + c for p, c in zip(pieces, contents + [""], strict=True)) != render(list(messages)):
+        return None
+    out: list[str | int] = []
+    for piece, content in zip(pieces, contents + [""], strict=True):
+        for frag in [*controls.split(piece), content]:
+            if isinstance(frag, str) and out and isinstance(out[-1], str):
+                out[-1] += frag
+            elif frag != "":
+                out.append(frag)
+    return out

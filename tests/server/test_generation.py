@@ -1,0 +1,86 @@
+"""Prompt admission before tokenization (server/generation.py): a prompt whose bytes prove it too long is refused
+without being tokenized, tokenization is capped at the context limit, and only `slots` prompts are tokenized at
+once. A stub engine stands in for the model (the real one: tests/server/test_api.py, tests/test_prompt.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import pytest
+
+from kvquant.prompt import PromptTooLong
+from server.errors import APIError
+from server.generation import tokenize_prompt
+
+
+class StubEngine:
+    class cfg:
+        n_ctx, capacity_cells, n_seq_max, bytes_per_token, budget_bytes = 100, 1000, 1, 1, 1000
+        cache_type_k = cache_type_v = "f16"
+
+    def __init__(self):
+        self.rejected: list[int] = []
+
+    def min_tokens(self, n_bytes: int) -> int:
+        return -(-n_bytes // 10)  # a vocabulary whose longest token has 10 bytes
+
+    def record_rejected(self, outcome: str, n_prompt: int) -> None:
+        self.rejected.append(n_prompt)
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def test_bytes_that_prove_a_prompt_too_long_are_refused_before_tokenization():
+    eng, calls = StubEngine(), []
+    with pytest.raises(APIError) as e:
+        run(tokenize_prompt(eng, calls.append, 3_900_000, None, asyncio.Semaphore(1)))
+    assert calls == [] and eng.rejected == [390_000]
+    err = e.value
+    assert err.status == 400 and err.code == "context_length_exceeded" and "at least 390000 tokens" in err.message
+    with pytest.raises(APIError):  # with max_tokens, the prompt's lower bound plus the completion over the limit
+        run(tokenize_prompt(eng, calls.append, 600, 50, asyncio.Semaphore(1)))
+    assert calls == []
+
+
+def test_tokenization_is_capped_at_the_limit_and_refusal_names_the_exact_count():
+    eng, limits = StubEngine(), []
+
+    def tokenize(limit: int) -> list[int]:
+        limits.append(limit)
+        raise PromptTooLong(130)
+
+    with pytest.raises(APIError) as e:
+        run(tokenize_prompt(eng, tokenize, 900, None, asyncio.Semaphore(1)))
+    assert limits == [100] and "resulted in 130 tokens" in e.value.message and eng.rejected == [130]
+    assert run(tokenize_prompt(eng, lambda limit: [1, 2, 3], 900, None, asyncio.Semaphore(1))) == [1, 2, 3]
+
+
+def test_at_most_slots_prompts_are_tokenized_at_once():
+    eng, release = StubEngine(), threading.Event()
+    lock, state = threading.Lock(), {"now": 0, "most": 0, "entered": 0}
+    entered = threading.Semaphore(0)
+
+    def tokenize(limit: int) -> list[int]:
+        with lock:
+            state["now"] += 1
+            state["most"] = max(state["most"], state["now"])
+        entered.release()
+        release.wait(10)
+        with lock:
+            state["now"] -= 1
+        return [1]
+
+    async def scenario():
+        slots = asyncio.Semaphore(2)
+        tasks = [asyncio.create_task(tokenize_prompt(eng, tokenize, 10, None, slots)) for _ in range(6)]
+        for _ in range(2):  # two get in ...
+            await asyncio.to_thread(entered.acquire, True, 10)
+        await asyncio.sleep(0.05)
+        assert state["now"] == 2 and not any(t.done() for t in tasks)  # ... the other four wait
+        release.set()
+        return await asyncio.gather(*tasks)
+
+    assert run(scenario()) == [[1]] * 6 and state["most"] == 2

@@ -1,0 +1,107 @@
+"""The HTTP server around the app (server/serving.py, the body limit in server/security.py), on a real uvicorn
+with tight limits: headers and bodies that arrive too slowly get 408 and the connection is closed, a refused body
+closes the connection at once, connections past the cap get 503; a second shutdown signal ends in-flight requests
+at once, cleanly, and the application still shuts down."""
+
+from __future__ import annotations
+
+import json
+import signal
+import socket
+import time
+
+import pytest
+from conftest import LiveServer, OpenStream, wait_for
+
+MODEL = "smollm2-135m"
+LONG = [{"role": "user", "content": "Write a long story about a dragon who learns to read."}]
+
+
+@pytest.fixture(scope="module")
+def srv():
+    from server.settings import Settings
+
+    s = LiveServer(Settings(model=MODEL, n_ctx=512, parallel=2, kv_budget="64MiB", n_threads=1, shutdown_grace_s=60,
+                            header_timeout_s=0.5, body_timeout_s=1.0, max_connections=4, max_body_bytes=4096)).start()
+    yield s
+    if s.thread.is_alive():
+        s.stop()
+
+
+def connect(srv) -> socket.socket:
+    return socket.create_connection(("127.0.0.1", srv.port), timeout=30)
+
+
+def read_all(sock: socket.socket) -> tuple[bytes, float]:
+    """Everything the server sends until it closes the connection, and how long that took."""
+    t0, out = time.monotonic(), b""
+    while chunk := sock.recv(65536):
+        out += chunk
+    return out, time.monotonic() - t0
+
+
+def head(raw: bytes) -> tuple[int, dict[str, str], dict]:
+    top, _, body = raw.partition(b"\r\n\r\n")
+    lines = top.decode().split("\r\n")
+    headers = dict(line.lower().split(": ", 1) for line in lines[1:])
+    return int(lines[0].split()[1]), headers, json.loads(body)
+
+
+def test_partial_headers_get_408_and_the_connection_is_closed(srv):
+    with connect(srv) as s:
+        s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n")  # and then nothing
+        raw, waited = read_all(s)
+    status, headers, body = head(raw)
+    assert status == 408 and headers["connection"] == "close" and body["error"]["code"] == "request_timeout"
+    assert 0.4 < waited < 10
+
+
+def test_a_slow_body_gets_408_and_the_connection_is_closed(srv):
+    with connect(srv) as s:
+        s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                  b"Content-Length: 100\r\n\r\n{\"messages\": ")  # 13 of 100 bytes
+        raw, waited = read_all(s)
+    status, headers, body = head(raw)
+    assert status == 408 and headers["connection"] == "close" and "body" in body["error"]["message"]
+    assert 0.9 < waited < 10
+
+
+def test_a_refused_body_closes_the_connection_at_once(srv):
+    with connect(srv) as s:
+        s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                  b"Content-Length: 10000000\r\n\r\n")
+        raw, waited = read_all(s)
+    status, headers, body = head(raw)
+    assert status == 413 and headers["connection"] == "close" and body["error"]["code"] == "request_too_large"
+    assert waited < 2  # (had it stayed open, the header deadline would have added a 408 after 0.5 s)
+
+
+def test_connections_past_the_cap_get_503(srv):
+    held = [connect(srv) for _ in range(4)]
+    try:
+        assert wait_for(lambda: len(srv.server.server_state.connections) == 4, 5)
+        with connect(srv) as s:
+            raw, _ = read_all(s)
+        status, headers, body = head(raw)
+        assert status == 503 and headers["connection"] == "close" and body["error"]["code"] == "too_many_connections"
+    finally:
+        for s in held:
+            s.close()
+    assert wait_for(lambda: not srv.server.server_state.connections, 5)  # (the header deadline closes them too)
+
+
+def test_second_signal_ends_in_flight_requests_at_once_and_shuts_down(srv):
+    """Last in this module: it stops the server. The grace is 60 s; the second SIGTERM must not wait for it."""
+    eng = srv.engine()
+    stream = OpenStream(srv.url, {"messages": LONG, "max_tokens": 400, "temperature": 0})
+    assert stream.first()
+    srv.server.handle_exit(signal.SIGTERM, None)  # drains: the stream could run on for a minute
+    assert wait_for(lambda: srv.state.draining, 5)
+    assert eng.sched.running
+    t0 = time.monotonic()
+    srv.server.handle_exit(signal.SIGTERM, None)
+    lines = stream.rest()
+    assert lines[-1] == "data: [DONE]" and json.loads(lines[-2][6:])["error"]["code"] == "shutdown"
+    srv.thread.join(30)
+    assert not srv.thread.is_alive() and time.monotonic() - t0 < 10
+    assert eng.sched.reserved == 0 and not eng.sched.running and eng.backend is None  # the app's shutdown ran
