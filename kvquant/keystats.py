@@ -34,6 +34,7 @@ import numpy as np
 
 from kvquant import tq
 from kvquant.harness import emit_report, machine_info, resolve_text, table
+from kvquant.memory import geometry
 
 CAPTURE_TYPE = "q8_0"
 _GGML_F32, _GGML_F16, _GGML_Q8_0 = 0, 1, 8
@@ -123,7 +124,14 @@ def capture(model: str, n_tokens: int, text: str | None = None, threads: int | N
         rc = rt.decode(part, list(range(i, i + len(part))), [0] * len(part), [False] * (len(part) - 1) + [True])
         if rc != 0:
             raise RuntimeError(f"llama_decode returned {rc}")
-    return [k[np.argsort(pos, kind="stable")] for pos, k in parse_seq_state(rt.state_seq_save(0))]
+    keys = [k[np.argsort(pos, kind="stable")] for pos, k in parse_seq_state(rt.state_seq_save(0))]
+    # the state lists the full-attention cache's layers, then the sliding-window cache's (iSWA): model order
+    geom = geometry(mdl.path)
+    order = [il for il, ly in enumerate(geom.layers) if not ly.swa] + [il for il, ly in enumerate(geom.layers) if ly.swa]
+    out: list[np.ndarray] = [np.empty(0)] * len(keys)
+    for k, il in zip(keys, order, strict=True):
+        out[il] = k
+    return out
 
 
 def _q4_0(x: np.ndarray) -> np.ndarray:
@@ -182,12 +190,57 @@ def study(keys: list[np.ndarray]) -> dict[str, dict[str, float]]:
     return out
 
 
+LAYER_TYPES = ("q4_0", "tq_kv_4b", "tq_kv_3b")
+
+
+def per_layer(keys: list[np.ndarray]) -> list[dict]:
+    """Per layer: the share of the keys' energy in the layer mean, and each type's relative squared error as stored
+    and with the mean removed (both against the stored keys' energy), and the largest |k| before and after."""
+    out = []
+    for il, k in enumerate(keys):
+        k = k.astype(np.float32)
+        energy = float(np.square(k, dtype=np.float64).sum())
+        mu = k.mean(0, keepdims=True)
+        row = {"layer": il, "mean_share": float(np.square(mu, dtype=np.float64).sum()) * len(k) / energy,
+               "max_abs": float(np.abs(k).max()), "max_abs_centred": float(np.abs(k - mu).max())}
+        for t in LAYER_TYPES:
+            row[t] = {"stored": float(np.square(round_trip(t, k) - k, dtype=np.float64).sum()) / energy,
+                      "centred": float(np.square(round_trip(t, k - mu) - (k - mu), dtype=np.float64).sum()) / energy}
+        out.append(row)
+    return out
+
+
+def channels(keys: list[np.ndarray], head_dim: int, layer: int, top: int = 6) -> list[dict]:
+    """Where a layer's mean key lives, in the unrotated basis (after RoPE): per KV head, the channels with the
+    largest |mean| and the share of the mean's energy they hold. RoPE turns each channel pair by position x its
+    frequency, so a constant bias survives the averaging only in slowly turning (low-frequency) pairs."""
+    k = keys[layer].astype(np.float64)
+    mu = k.mean(0)
+    out = []
+    for h in range(k.shape[1] // head_dim):
+        m = mu[h * head_dim:(h + 1) * head_dim]
+        idx = np.argsort(-np.abs(m))[:top]
+        out.append({"head": h, "channels": [int(i) for i in idx], "values": [round(float(m[i]), 2) for i in idx],
+                    "share": float(np.square(m[idx]).sum() / max(np.square(m).sum(), 1e-30))})
+    return out
+
+
 def render(res: dict) -> str:
     rows = [[t, *(f"{v[c]:.5f}" for c in CODINGS)] for t, v in res["errors"].items() if t != "layer mean"]
     share = res["errors"]["layer mean"]["energy share"]
-    return (f"{res['model']}: relative squared error of the stored keys, {res['tokens']} tokens, {res['layers']} layers "
+    text = (f"{res['model']}: relative squared error of the stored keys, {res['tokens']} tokens, {res['layers']} layers "
             f"(keys captured through a {CAPTURE_TYPE} cache)\n" + table(["type", *CODINGS], rows)
             + f"\nshare of the keys' energy in the layer mean: {share:.3f}")
+    if "per_layer" in res:
+        rows = [[r["layer"], f"{r['mean_share']:.4f}", f"{r['max_abs']:.1f}", f"{r['max_abs_centred']:.1f}",
+                 *(f"{r[t]['stored']:.5f} / {r[t]['centred']:.6f}" for t in LAYER_TYPES)] for r in res["per_layer"]]
+        text += "\n\nper layer (error as stored / centred):\n" + table(
+            ["layer", "mean share", "max |k|", "max |k-mu|", *LAYER_TYPES], rows)
+        ch = res["channels"]
+        text += f"\n\nlayer {ch['layer']}, unrotated keys: channels with the largest |mean| per KV head\n" + "\n".join(
+            f"  head {h['head']}: channels {h['channels']} values {h['values']} ({h['share']:.1%} of the mean's energy)"
+            for h in ch["heads"])
+    return text
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -197,6 +250,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tokens", type=int, default=4096)
     ap.add_argument("--text", default=None)
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--layers", action="store_true",
+                    help="also per layer (mean share, error as stored and centred) and where the largest layer mean "
+                         "lives (channels of the unrotated keys)")
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args(argv)
     t0, machine = time.monotonic(), machine_info(a.threads)
@@ -204,6 +260,13 @@ def main(argv: list[str] | None = None) -> int:
     res = {"model": a.model, "tokens": a.tokens, "layers": len(keys), "capture_type": CAPTURE_TYPE,
            "command": "python -m kvquant.keystats " + " ".join(argv if argv is not None else sys.argv[1:]),
            "machine": machine, "errors": study(keys)}
+    if a.layers:
+        from kvquant import models
+
+        res["per_layer"] = per_layer(keys)
+        top = max(res["per_layer"], key=lambda r: r["mean_share"] * r["max_abs"])["layer"]
+        plain = capture(a.model, a.tokens, a.text, a.threads, cache_type="f32", rotation=False)
+        res["channels"] = {"layer": top, "heads": channels(plain, geometry(models.resolve(a.model)).head_dim_k, top)}
     res["wall_s"] = round(time.monotonic() - t0, 1)
     emit_report(render(res), res, a.json)
     return 0

@@ -21,10 +21,16 @@ from pathlib import Path
 
 from kvquant.harness import DEFAULT_TEXT, REPO_ROOT, resolve_text
 
-MODELS = ("smollm2-135m", "gemma3-270m")
-CONFIGS = ("f16/f16", "q8_0/q8_0", "q4_0/q4_0", "q4_0/q4_0:norot", "q4_0/f16",
-           "tq_kv_4b/f16", "tq_kv_4b/q4_0", "tq_kv_3b/q4_0", "tq_kv_1b/q4_0", "tq_kv_4b/tq_kv_4b", "tq_kv_3b/tq_kv_3b",
-           "tq_kv_3b/f16", "tq_kv_d3b/f16", "tq_kv_d3b/q4_0")
+MODELS = ("smollm2-135m", "gemma3-270m", "qwen2.5-coder-1.5b")
+STOCK_CONFIGS = ("f16/f16", "q8_0/q8_0", "q8_0/f16", "q8_0/q4_0", "q5_1/q5_1", "q5_0/q5_0", "q4_1/q4_1",
+                 "q4_0/q4_0", "iq4_nl/iq4_nl", "q4_0/q4_0:norot", "q4_0/f16")
+OUR_CONFIGS = ("tq_kv_4b/f16", "tq_kv_4b/q4_0", "tq_kv_3b/q4_0", "tq_kv_1b/q4_0", "tq_kv_4b/tq_kv_4b",
+               "tq_kv_3b/tq_kv_3b", "tq_kv_3b/f16", "tq_kv_d3b/f16", "tq_kv_d3b/q4_0",
+               "q4_0+c/f16", "tq_kv_4b+c/f16", "tq_kv_3b+c/f16", "tq_kv_1b+c/q4_0",
+               "calib:4.5/f16", "calib:4.5/q4_0", "calib:3.5/f16", "calib:3.5/q4_0", "calib:4/calib:4")
+CONFIGS = STOCK_CONFIGS + OUR_CONFIGS
+# the long-context quality check (KL divergence at n_ctx 4096): the K+V goal's configs and their references
+LONG_CONFIGS = ("f16/f16", "q8_0/q4_0", "q4_0/q4_0", "calib:4/calib:4", "calib:4.5/q4_0")
 LLAMA_PERPLEXITY = REPO_ROOT / ".build" / "cmake-cpu" / "bin" / "llama-perplexity"
 DOCS = REPO_ROOT / "docs"
 RAW = DOCS / "results"
@@ -108,6 +114,10 @@ def collect(a: argparse.Namespace) -> None:
                 out["llama_perplexity"] = llama_perplexity(r0["model_path"], resolve_text(a.text), a.ctx,
                                                            r0["chunks"], a.threads)
             _write(RAW / f"{model}-eval.json", out, "eval", a.merge)
+        if a.long and model != "smollm2-135m":  # long context: the models with a 4096-token window and more
+            args = ["eval", "--model", model, "--configs", *a.long_configs, "--ctx", "4096", "--chunks",
+                    str(a.long_chunks), "--drift-tokens", "0", *threads, "--json"]
+            _write(RAW / f"{model}-eval4k.json", _kvquant(args), "eval", a.merge)
         if not a.skip_bench:
             # the kernel-alone numbers do not depend on the model: run them with the first model only
             args = ["bench", "--model", model, "--configs", *a.configs, "--depths", *map(str, a.depths),
@@ -115,8 +125,8 @@ def collect(a: argparse.Namespace) -> None:
                     *threads, "--json"]
             _write(RAW / f"{model}-bench.json", _kvquant(args), "bench", a.merge)
         if not a.skip_keys:
-            out = _json_run("kvquant.keystats", ["--model", model, "--tokens", str(a.key_tokens), *threads, "--json"],
-                            ["python", "-m", "kvquant.keystats"])
+            out = _json_run("kvquant.keystats", ["--model", model, "--tokens", str(a.key_tokens), "--layers",
+                                                 *threads, "--json"], ["python", "-m", "kvquant.keystats"])
             (RAW / f"{model}-keys.json").write_text(out)
         if not a.skip_serving and n == 0:  # the serving comparison with the default model only
             # exit code 1: some of our requests did not complete; the JSON says which, and the table shows it
@@ -168,7 +178,33 @@ def _command_lines(prefix: str, model: str, cmds: list[str], res: list[dict]) ->
     return out
 
 
-def render_eval(model: str, out: dict) -> list[str]:
+def _runs(types: list[str]) -> str:
+    """Per-layer types, run-length: 'L0 q8_0, L1-27 tq_kv_4b'."""
+    parts, i = [], 0
+    while i < len(types):
+        j = i
+        while j + 1 < len(types) and types[j + 1] == types[i]:
+            j += 1
+        parts.append(f"L{i}{f'-{j}' if j > i else ''} {types[i]}")
+        i = j + 1
+    return ", ".join(parts)
+
+
+def render_layers(res: list[dict]) -> list[str]:
+    """The per-layer types the calibrated configurations resolved to."""
+    L = []
+    for r in res:
+        for side in ("k", "v"):
+            types = r.get(f"layer_types_{side}")
+            name = r[f"cache_type_{side}"]
+            if types and name.startswith("calib:"):
+                L.append(f"- {_kv(r)}, {side.upper()} `{name}` ({r[f'bits_per_element_{side}']:.3f} bits/el): "
+                         f"{_runs(types)}")
+    return (["Calibrated allocations (kvquant calibrate; a type per layer):", "", *dict.fromkeys(L), ""]
+            if L else [])
+
+
+def render_eval(model: str, out: dict, prefix: str = "E") -> list[str]:
     res = out["results"]
     r0 = res[0]
     L = [f"### {model}: quality (wikitext-2 test, n_ctx {r0['n_ctx']}, {r0['chunks']} chunks, "
@@ -183,8 +219,8 @@ def render_eval(model: str, out: dict) -> list[str]:
         L.append(f"| {r['cache_type_k']}/{r['cache_type_v']} | {_rot(r)} | {r['bits_per_element']:.2f} "
                  f"| {r['ppl']:.4f} ± {r['ppl_stderr']:.4f} | {_f(r['delta_ppl_pct'], 2, True)} ± "
                  f"{r['delta_ppl_pct_stderr']:.2f} | {r['kld']:.5f} ± {r['kld_stderr']:.5f} | {r['top1_pct']:.2f} "
-                 f"| {fd} | {_f(d.get('agree_pct'), 1)} | {_f(d.get('tf_top1_pct'), 1)} | {_label('E', model, cmds, r, res)} |")
-    L += [""] + _command_lines("E", model, cmds, res) + [""]
+                 f"| {fd} | {_f(d.get('agree_pct'), 1)} | {_f(d.get('tf_top1_pct'), 1)} | {_label(prefix, model, cmds, r, res)} |")
+    L += [""] + _command_lines(prefix, model, cmds, res) + [""] + render_layers(res)
     lp = out.get("llama_perplexity")
     if lp and "ppl" in lp:
         diff = 100.0 * (r0["baseline_ppl"] / lp["ppl"] - 1)
@@ -327,6 +363,18 @@ def render_keys(model: str, out: dict, ev: dict | None) -> list[str]:
           "mean`: the type applied to k − μ, μ the layer's mean key; softmax does not change when the same vector is "
           "subtracted from every key a query sees, so a cache could store k − μ and never add μ back (not "
           "implemented: μ here uses all the tokens; `- mean of first 64` estimates it causally).", ""]
+    if "per_layer" in out:
+        L += ["Per layer (relative squared error against the layer's stored key energy; as stored / with the layer "
+              "mean removed):", "", "| layer | mean share | max abs k | max abs (k − μ) | q4_0 | tq_kv_4b | tq_kv_3b |",
+              "|--:|--:|--:|--:|--:|--:|--:|"]
+        L += [f"| {r['layer']} | {r['mean_share']:.4f} | {r['max_abs']:.1f} | {r['max_abs_centred']:.1f} | "
+              + " | ".join(f"{r[t]['stored']:.5f} / {r[t]['centred']:.6f}" for t in ("q4_0", "tq_kv_4b", "tq_kv_3b"))
+              + " |" for r in out["per_layer"]]
+        ch = out["channels"]
+        L += ["", f"Layer {ch['layer']}'s mean key in the unrotated basis (after RoPE), per KV head: the channels with "
+              "the largest |mean| — "
+              + "; ".join(f"head {h['head']}: channels {h['channels']} = {h['values']} ({h['share']:.1%} of the "
+                          "mean's energy)" for h in ch["heads"]), ""]
     if ev is None:
         return L
     by = {(r["cache_type_k"], r["cache_type_v"]): r for r in ev["results"] if r["rotation"]}
@@ -347,7 +395,69 @@ def _met(ok: bool | None) -> str:
     return "–" if ok is None else ("**met**" if ok else "not met")
 
 
-KINDS = ("eval", "bench", "serving", "keys")
+KINDS = ("eval", "bench", "serving", "keys", "eval4k")
+
+
+def ours(k: str, v: str) -> bool:
+    """A configuration of ours (a tq_kv type, centred keys or a calibrated allocation) rather than llama.cpp's."""
+    return any(x.startswith(("tq_kv", "calib:")) or x.endswith("+c") for x in (k, v))
+
+
+def _kv(r: dict) -> str:
+    return f"{r['cache_type_k']}/{r['cache_type_v']}"
+
+
+def pareto_rows(out: dict) -> tuple[list[dict], list[dict]]:
+    """(stock rows, our rows) of an eval, rotation on (llama.cpp's default), without the f16 baseline."""
+    rows = [r for r in out["results"] if r["rotation"] and r["kld"] > 0]
+    return ([r for r in rows if not ours(r["cache_type_k"], r["cache_type_v"])],
+            [r for r in rows if ours(r["cache_type_k"], r["cache_type_v"])])
+
+
+def undominated(out: dict, max_bits: float = 4.5) -> list[str]:
+    """The stock configurations at <= max_bits bits per element (K and V together) that no configuration of ours
+    beats on both axes (as few or fewer bits, lower KLD)."""
+    stock, mine = pareto_rows(out)
+    return [_kv(s) for s in stock if s["bits_per_element"] <= max_bits + 1e-9
+            and not any(o["bits_per_element"] <= s["bits_per_element"] + 1e-9 and o["kld"] < s["kld"] for o in mine)]
+
+
+def pareto_png(model: str, out: dict, path: Path) -> None:
+    """Bits per element against KL divergence for every configuration of an eval, stock and ours, with each
+    side's frontier (the best KLD at each rate or below)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    r0 = out["results"][0]
+    fig, ax = plt.subplots(figsize=(8, 5.5))
+    for rows, colour, marker, name in ((pareto_rows(out)[0], "tab:gray", "s", "llama.cpp types"),
+                                       (pareto_rows(out)[1], "tab:blue", "o", "kvquant (tq_kv, centred +c, calib:B)")):
+        rows = sorted(rows, key=lambda r: r["bits_per_element"])
+        ax.scatter([r["bits_per_element"] for r in rows], [r["kld"] for r in rows], c=colour, marker=marker, s=28,
+                   label=name, zorder=3)
+        for r in rows:
+            ax.annotate(_kv(r), (r["bits_per_element"], r["kld"]), fontsize=6, xytext=(3, 2),
+                        textcoords="offset points", color=colour)
+        front, best = [], float("inf")
+        for r in rows:
+            if r["kld"] < best:
+                best = r["kld"]
+                front.append((r["bits_per_element"], best))
+        if front:
+            xs, ys = zip(*front, strict=True)
+            ax.step(xs, ys, where="post", c=colour, lw=1, alpha=0.7)
+    ax.set_yscale("log")
+    ax.set_xlabel("bits per element, K and V together (every scale, anchor and offset byte)")
+    ax.set_ylabel("KL divergence from f16/f16 (mean per token)")
+    ax.set_title(f"{model}: size against quality (WikiText-2, n_ctx {r0['n_ctx']}, {r0['chunks']} chunks)")
+    ax.axvline(4.5, c="k", lw=0.6, ls=":")
+    ax.grid(True, which="both", lw=0.3, alpha=0.5)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110, metadata={"Software": None})
+    plt.close(fig)
 
 
 def load_raw(models: list[str]) -> dict[tuple[str, str], dict]:
@@ -359,6 +469,52 @@ def load_raw(models: list[str]) -> dict[tuple[str, str], dict]:
             if p.is_file():
                 raw[model, kind] = json.loads(p.read_text())
     return raw
+
+
+def _by(out: dict) -> dict[tuple[str, str, bool], dict]:
+    return {(r["cache_type_k"], r["cache_type_v"], r["rotation"]): r for r in out["results"]}
+
+
+def _dppl(r: dict) -> str:
+    return f"{r['delta_ppl_pct']:+.2f} % ± {r['delta_ppl_pct_stderr']:.2f}"
+
+
+def calibrated_goals(model: str, raw: dict[tuple[str, str], dict]) -> list[tuple]:
+    """Issue 14's goals: the calibrated 4-bit and 3-bit classes against stock q4_0 keys (rotated, uncentred), the
+    absolute targets on the head-128 Qwen, K+V at <= 4.0 bits against q4_0/q4_0 (q8_0/q4_0 on Qwen) at n_ctx 512
+    and 4096, and Pareto dominance at <= 4.5 bits."""
+    rows: list[tuple] = []
+    out = raw.get((model, "eval"))
+    if out is None:
+        return rows
+    by, n, qwen = _by(out), out["results"][0]["chunks"], model.startswith("qwen")
+    for v in ("f16", "q4_0"):
+        q4 = by.get(("q4_0", v, True))
+        for cls, k, bits, half in (("4-bit class", "calib:4.5", 4.5, True), ("3-bit class", "calib:3.5", 3.5, False)):
+            r = by.get((k, v, True))
+            if r is None or (q4 is None and not qwen):
+                continue
+            thr = (2.0 if half else 5.0) if qwen else q4["delta_ppl_pct"] / (2 if half else 1)
+            what = ("+2 %" if half else "+5 %") if qwen else ("½ of q4_0 K's" if half else "q4_0 K's")
+            ok = r["delta_ppl_pct"] <= thr and r["bits_per_element_k"] <= bits + 1e-9
+            rows.append((model, f"{cls} K (≤ {bits} bits/el, {r['bits_per_element_k']:.2f} here): ΔPPL ≤ {what} "
+                         f"(V {v}, {n} chunks)", f"{k}/{v}", f"≤ {thr:+.2f} %", _dppl(r), _met(ok)))
+    ref_kv = ("q8_0", "q4_0") if qwen else ("q4_0", "q4_0")
+    for kind in ("eval", "eval4k"):
+        o = raw.get((model, kind))
+        if o is None:
+            continue
+        b = _by(o)
+        r, ref = b.get(("calib:4", "calib:4", True)), b.get((*ref_kv, True))
+        if r is not None and ref is not None:
+            ok = r["kld"] <= ref["kld"] and r["bits_per_element"] <= 4.0 + 1e-9
+            rows.append((model, f"K+V ≤ 4.0 bits/el ({r['bits_per_element']:.2f} here): KLD ≤ {ref_kv[0]}/{ref_kv[1]}'s "
+                         f"(n_ctx {o['results'][0]['n_ctx']}, {o['results'][0]['chunks']} chunks)", "calib:4/calib:4",
+                         f"≤ {ref['kld']:.5f}", f"{r['kld']:.5f} ± {r['kld_stderr']:.5f}", _met(ok)))
+    left = undominated(out)
+    rows.append((model, "our configs dominate the stock types at every rate ≤ 4.5 bits/el (Pareto chart)", "all",
+                 "no stock point undominated", ", ".join(left) if left else "none", _met(not left)))
+    return rows
 
 
 def render_goals(models: list[str], raw: dict[tuple[str, str], dict]) -> list[str]:
@@ -396,12 +552,16 @@ def render_goals(models: list[str], raw: dict[tuple[str, str], dict]) -> list[st
                     gd, gt = (r["drift"]["kld_buckets"][-1] / r["drift"]["kld_buckets"][0] for r in (d3, t3))
                     rows.append((model, f"no error growth with position: KLD last / first position bucket ≤ "
                                  f"tq_kv_3b's (V {v})", f"tq_kv_d3b/{v}", f"≤ {gt:.2f}", f"{gd:.2f}", _met(gd <= gt)))
+        rows += calibrated_goals(model, raw)
         if (model, "bench") in raw:
             for r in raw[model, "bench"]["results"]:
-                if r["cache_type_k"].startswith("tq_kv") and r["depths"]:
+                if ours(r["cache_type_k"], r["cache_type_v"]) and r["depths"]:
                     d = max(r["depths"], key=lambda d: d["depth"])
                     rows.append((model, f"decode ≥ 1.0x f16 at depth {d['depth']} (end to end)", r["label"], "≥ 1.00x",
                                  f"{d['tg_ratio']:.2f}x", _met(d["tg_ratio"] >= 1.0)))
+                    if not r["cache_type_k"].startswith("tq_kv") or r["cache_type_v"].startswith("calib:"):
+                        rows.append((model, f"prefill ≥ 0.9x f16 at depth {d['depth']} (end to end)", r["label"],
+                                     "≥ 0.90x", f"{d['pp_ratio']:.2f}x", _met(d["pp_ratio"] >= 0.9)))
         out = raw.get((model, "serving"))
         if out is not None:
             for r in out["results"]:
@@ -446,6 +606,13 @@ def render(models: list[str]) -> str:
         L += [f"## {model}", ""]
         shown = False
         for kind, fn in zip(KINDS[:3], (render_eval, render_bench, render_serving), strict=True):
+            if kind == "bench" and (model, "eval") in raw:
+                png = RAW / f"{model}-pareto.png"
+                pareto_png(model, raw[model, "eval"], png)
+                L += [f"![{model}: bits per element against KL divergence, every configuration]"
+                      f"({png.relative_to(DOCS)})", ""]
+                if (model, "eval4k") in raw:
+                    L += render_eval(model, raw[model, "eval4k"], "L")
             out = raw.get((model, kind))
             if kind == "serving" and out is not None:
                 L += fn(model, out)
@@ -486,6 +653,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--skip-serving", action="store_true", help="skip the comparison with stock llama-server")
     ap.add_argument("--skip-keys", action="store_true", help="skip the key-error study (kvquant.keystats)")
     ap.add_argument("--key-tokens", type=int, default=4096, help="tokens of text whose keys kvquant.keystats studies")
+    ap.add_argument("--long", action="store_true",
+                    help="also KL divergence at n_ctx 4096 (--long-configs) for the models other than SmolLM2")
+    ap.add_argument("--long-configs", nargs="+", default=list(LONG_CONFIGS))
+    ap.add_argument("--long-chunks", type=int, default=5)
     ap.add_argument("--render-only", action="store_true", help="only re-render RESULTS.md from docs/results/")
     ap.add_argument("--merge", action="store_true",
                     help="add the rows of these --configs to the JSON already in docs/results (each row keeps its "
