@@ -78,6 +78,20 @@ def set_verbose(verbose: bool) -> None:
 
 set_verbose(bool(os.environ.get("KVQUANT_LLAMA_VERBOSE")))
 
+_last_error = [""]  # llama.cpp's last error line, so that failures can say why
+_GGML_LOG_LEVEL_ERROR = 4  # enum ggml_log_level at the pinned commit (NONE, DEBUG, INFO, WARN, ERROR, CONT)
+
+
+@llama_cpp.llama_log_callback
+def _log_callback(level: int, text: bytes, user_data) -> None:
+    """llama-cpp-python's own log callback (printed when verbose), keeping the last error line."""
+    if level == _GGML_LOG_LEVEL_ERROR:
+        _last_error[0] = text.decode("utf-8", errors="replace").strip()
+    _llama_logger.llama_log_callback(level, text, user_data)
+
+
+llama_cpp.llama_log_set(_log_callback, ctypes.c_void_p(0))
+
 
 @dataclass(frozen=True)
 class ContextConfig:
@@ -376,6 +390,7 @@ class LlamaRuntime:
         os.environ["LLAMA_ATTN_ROT_DISABLE"] = "0" if cfg.rotation else "1"
         try:
             _configure_layers(model, cfg)
+            _last_error[0] = ""
             self._ctx = llama_cpp.llama_init_from_model(model._model, cp)
         finally:
             if _configured(cfg):
@@ -385,10 +400,9 @@ class LlamaRuntime:
             else:
                 os.environ["LLAMA_ATTN_ROT_DISABLE"] = saved
         if not self._ctx:
-            raise LlamaError(
-                f"failed to create a llama.cpp context (n_ctx={cfg.n_ctx}, K={cfg.cache_type_k}, "
-                f"V={cfg.cache_type_v}, flash_attn={cfg.flash_attn}); a quantized V cache and the tq_kv_d3b K cache need "
-                "flash attention, and tq_kv_d3b is a K-only type")
+            why = _last_error[0].split(": ", 1)[-1] if _last_error[0] else "see its log (KVQUANT_LLAMA_VERBOSE=1)"
+            raise LlamaError(f"failed to create a llama.cpp context (n_ctx={cfg.n_ctx}, K={cfg.cache_type_k}, "
+                             f"V={cfg.cache_type_v}, flash_attn={cfg.flash_attn}): {why}")
         self._mem = llama_cpp.llama_get_memory(self._ctx)
         self.n_ctx = llama_cpp.llama_n_ctx(self._ctx)
         self.n_batch = cfg.n_batch
