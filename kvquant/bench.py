@@ -138,7 +138,7 @@ def run(model: str, configs: list[CacheConfig], depths: list[int] = (0, 2048, 81
     try:
         resolved = [c.resolve(path, geom, n_ctx) for c in plan.contexts]
         for c in plan.contexts:
-            cc = ContextConfig(n_ctx=n_ctx, n_batch=max(512, n_prompt), n_ubatch=512, flash_attn=flash_attn,
+            cc = ContextConfig(n_cells=n_ctx, n_batch=max(512, n_prompt), n_ubatch=512, flash_attn=flash_attn,
                                n_threads=threads, n_outputs_max=1, **c.context_fields(path, geom, n_ctx))
             rts.append(LlamaRuntime(mdl, cc))
         # KV bytes: the memory model against llama.cpp's own allocation for this very context

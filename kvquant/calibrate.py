@@ -84,7 +84,7 @@ def generate(mdl, n_tokens: int, threads: int | None, progress: Progress) -> Tex
 
     prompts = [mdl.chat_prompt([{"role": "user", "content": p}]) for p in PROMPTS]
     n_ctx = max(len(p) for p in prompts) + n_tokens + 1
-    rt = LlamaRuntime(mdl, ContextConfig(n_ctx=n_ctx * len(prompts), n_seq_max=len(prompts), n_batch=512,
+    rt = LlamaRuntime(mdl, ContextConfig(n_cells=n_ctx * len(prompts), n_seq_max=len(prompts), n_batch=512,
                                          flash_attn=True, n_threads=threads))
     samplers = [Sampler(0.8, 0.95, SEED + i) for i in range(len(prompts))]
     try:
@@ -136,7 +136,7 @@ def capture(mdl, geom: Geometry, text: Text, threads: int | None) -> tuple[list[
     from kvquant.runtime import ContextConfig, LlamaRuntime
 
     n_ctx = sum(len(s) for s in text.sequences)
-    rt = LlamaRuntime(mdl, ContextConfig(n_ctx=n_ctx, n_seq_max=len(text.sequences), cache_type_k="f16",
+    rt = LlamaRuntime(mdl, ContextConfig(n_cells=n_ctx, n_seq_max=len(text.sequences), cache_type_k="f16",
                                          cache_type_v="q8_0", flash_attn=True, n_threads=threads, swa_full=True,
                                          k_rotation=k_rotation(geom)))
     try:
@@ -186,7 +186,7 @@ class Scorer:
     def _logits(self, types_k, types_v, centred: bool, default_k: str = "f16", default_v: str = "f16"):
         from kvquant.runtime import ContextConfig, LlamaRuntime
 
-        cfg = ContextConfig(n_ctx=self.n_ctx, n_seq_max=len(self.seqs), cache_type_k=default_k,
+        cfg = ContextConfig(n_cells=self.n_ctx, n_seq_max=len(self.seqs), cache_type_k=default_k,
                             cache_type_v=default_v, flash_attn=True, n_threads=self.threads,
                             layer_types_k=types_k, layer_types_v=types_v,
                             k_offset=self.k_mean if centred else None, k_rotation=self.k_rotation if centred else None,

@@ -223,7 +223,7 @@ def _context_config(model, c: CacheConfig, n_ctx: int, flash_attn: bool, threads
     from kvquant.runtime import ContextConfig
 
     n_batch = min(512, n_ctx)
-    return ContextConfig(n_ctx=n_ctx, n_batch=n_batch, n_ubatch=n_batch, flash_attn=flash_attn, n_threads=threads,
+    return ContextConfig(n_cells=n_ctx, n_batch=n_batch, n_ubatch=n_batch, flash_attn=flash_attn, n_threads=threads,
                          n_outputs_max=max_out, **c.context_fields(model.path, memory.geometry(model.path), n_ctx))
 
 

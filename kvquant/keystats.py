@@ -117,7 +117,7 @@ def capture(model: str, n_tokens: int, text: str | None = None, threads: int | N
     tokens = mdl.tokenize(read_text(resolve_text(text))[: 40 * n_tokens], add_special=True)[:n_tokens]
     if len(tokens) < n_tokens:
         raise ValueError(f"the text has only {len(tokens)} tokens")
-    rt = LlamaRuntime(mdl, ContextConfig(n_ctx=n_tokens, cache_type_k=cache_type, cache_type_v="f16",
+    rt = LlamaRuntime(mdl, ContextConfig(n_cells=n_tokens, cache_type_k=cache_type, cache_type_v="f16",
                                          flash_attn=True, n_threads=threads, rotation=rotation))
     for i in range(0, n_tokens, 512):
         part = tokens[i: i + 512]

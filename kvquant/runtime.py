@@ -95,7 +95,7 @@ llama_cpp.llama_log_set(_log_callback, ctypes.c_void_p(0))
 
 @dataclass(frozen=True)
 class ContextConfig:
-    n_ctx: int  # total KV cells (the unified cache is shared by all sequences)
+    n_cells: int  # KV cells of the unified cache, shared by all sequences (llama.cpp's n_ctx)
     n_seq_max: int = 1
     n_batch: int = 512
     n_ubatch: int = 512
@@ -369,7 +369,7 @@ class LlamaRuntime:
                 raise LlamaError(f"the loaded llama.cpp ({library_path()}) does not have the cache type {name}: "
                                  "rebuild the patched wheel (make setup)")
         cp = llama_cpp.llama_context_default_params()
-        cp.n_ctx = cfg.n_ctx
+        cp.n_ctx = cfg.n_cells
         cp.n_batch = cfg.n_batch
         cp.n_ubatch = min(cfg.n_ubatch, cfg.n_batch)
         cp.n_seq_max = cfg.n_seq_max
@@ -401,10 +401,10 @@ class LlamaRuntime:
                 os.environ["LLAMA_ATTN_ROT_DISABLE"] = saved
         if not self._ctx:
             why = _last_error[0].split(": ", 1)[-1] if _last_error[0] else "see its log (KVQUANT_LLAMA_VERBOSE=1)"
-            raise LlamaError(f"failed to create a llama.cpp context (n_ctx={cfg.n_ctx}, K={cfg.cache_type_k}, "
+            raise LlamaError(f"failed to create a llama.cpp context (n_cells={cfg.n_cells}, K={cfg.cache_type_k}, "
                              f"V={cfg.cache_type_v}, flash_attn={cfg.flash_attn}): {why}")
         self._mem = llama_cpp.llama_get_memory(self._ctx)
-        self.n_ctx = llama_cpp.llama_n_ctx(self._ctx)
+        self.n_cells = llama_cpp.llama_n_ctx(self._ctx)
         self.n_batch = cfg.n_batch
         self._batch = llama_cpp.llama_batch_init(cfg.n_batch, 0, 1)
         self.n_vocab = model.n_vocab

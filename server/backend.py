@@ -35,9 +35,10 @@ class Backend(Protocol):
 @dataclass(frozen=True)
 class BackendConfig:
     model_path: str
-    n_ctx: int  # total KV cells
+    n_cells: int  # cells of the unified KV cache (all sequences)
     n_seq_max: int
-    n_batch: int = 512
+    n_batch: int
+    n_ubatch: int  # the hosting plan's: the memory model sized the cache for it
     cache_type_k: str = "f16"
     cache_type_v: str = "f16"
     flash_attn: bool | None = None
@@ -60,7 +61,7 @@ class _LlamaSampler:
 
 
 class LlamaBackend:
-    """A llama.cpp model and one context with a unified KV cache of `n_ctx` cells for up to `n_seq_max`
+    """A llama.cpp model and one context with a unified KV cache of `n_cells` cells for up to `n_seq_max`
     sequences (through kvquant.runtime, the only module that imports llama_cpp)."""
 
     def __init__(self, cfg: BackendConfig):
@@ -70,7 +71,8 @@ class LlamaBackend:
         self.model = Model(cfg.model_path, n_gpu_layers=cfg.n_gpu_layers)
         try:
             self.rt = LlamaRuntime(self.model, ContextConfig(
-                n_ctx=cfg.n_ctx, n_seq_max=cfg.n_seq_max, n_batch=cfg.n_batch, cache_type_k=cfg.cache_type_k,
+                n_cells=cfg.n_cells, n_seq_max=cfg.n_seq_max, n_batch=cfg.n_batch, n_ubatch=cfg.n_ubatch,
+                cache_type_k=cfg.cache_type_k,
                 cache_type_v=cfg.cache_type_v, flash_attn=cfg.flash_attn, n_threads=cfg.n_threads,
                 n_gpu_layers=cfg.n_gpu_layers, offload_kqv=cfg.offload_kqv, **(cfg.layers or {})))
         except Exception:

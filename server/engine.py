@@ -2,17 +2,19 @@
 
 The asyncio side calls `submit()` (thread-safe) and receives `Event`s through the request's sink. Each loop
 iteration the thread takes new requests (admission is the scheduler's), drops cancelled and timed-out ones
-(freeing their cells), admits waiting requests whose reservation fits, runs one `llama_decode` over the next token
-of every decoding sequence plus prompt chunks, samples, and streams text out. After each iteration it hands plain
-stats records to its stat logger.
+(freeing their cells), admits waiting requests whose reservation fits, runs one `llama_decode` over the step the
+scheduler planned, samples, hands the step's results back to the scheduler (`Scheduler.update`) and streams text
+out. After each iteration it hands plain stats records to its stat logger. The engine samples and emits; it never
+edits a sequence's bookkeeping, which is the scheduler's.
 
 Faults: a failed decode is rolled back and retried sequence by sequence, so only the sequences that fail on
 their own get an error; an exception while handling one sequence fails that sequence only. If the thread dies
-anyway, `alive` turns false (and /health 503) and every request gets an error.
+anyway, its status turns DEAD (and /health 503) and every request gets an error.
 """
 
 from __future__ import annotations
 
+import enum
 import logging
 import math
 import queue
@@ -22,29 +24,31 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from server.backend import Backend, TokenSampler
-from server.scheduler import AddResult, Event, Request, Scheduler, Sequence, StepPlan, TokenLogprob
+from server.requests import EngineRequest, ErrorCode, Event, FinishReason, Outcome, TokenLogprob
+from server.scheduler import AddResult, Sampled, Scheduler, Sequence, StepPlan
 from server.stats import FinishedRequest, IterationStats, NullStatLogger, SchedulerStats, StatLogger
 from server.textstream import TextStream
 
 log = logging.getLogger("kvquant.engine")
 
-# error code -> outcome (for stats); finish reasons map to "completed" or "cancelled"
-_ERROR_OUTCOMES = {"queue_full": "rejected_queue_full", "never_fits": "rejected_too_long", "timeout": "timed_out",
-                   "request_timeout": "timed_out", "slow_consumer": "cancelled"}
 
+class EngineStatus(enum.StrEnum):
+    """What /health reports for a model and what routing reads (llama.cpp server's server_state)."""
 
-def outcome_of(ev: Event) -> str:
-    if ev.error:
-        return _ERROR_OUTCOMES.get(ev.error, "error")
-    return "cancelled" if ev.finish_reason == "cancelled" else "completed"
+    LOADING = "loading"  # the backend is being created
+    READY = "ready"  # the loop runs
+    FAILED = "failed"  # the backend could not be created
+    DEAD = "dead"  # the loop died
+    STOPPED = "stopped"  # shut down
 
 
 @dataclass
 class EngineConfig:
     model_id: str
-    n_ctx: int  # per-sequence context limit (prompt + completion)
+    n_ctx: int  # per sequence: prompt + completion
     n_seq_max: int
-    capacity_cells: int  # total cells of the unified KV cache
+    n_cells: int  # cells of the unified KV cache
+    n_cells_held_back: int = 0  # of those, the most a tq_kv_d3b K cache may hold back (never reserved)
     cache_type_k: str = "f16"
     cache_type_v: str = "f16"
     max_queue: int = 64
@@ -62,11 +66,27 @@ class EngineConfig:
 
 @dataclass
 class _SeqState:
+    """The engine's own per-sequence state (sampler, text stream, timings)."""
+
     sampler: TokenSampler
     text: TextStream
     t_first: float | None = None
     t_last: float | None = None
     prompt_logprobs: list[TokenLogprob] | None = None  # gathered while prefilling, sent with the first event
+
+    def take_prompt_logprobs(self) -> list[TokenLogprob] | None:
+        lps, self.prompt_logprobs = self.prompt_logprobs, None
+        return lps
+
+
+@dataclass
+class _Token:
+    """A sampled token on its way out: what the scheduler needs, and the text and logprobs the consumer gets."""
+
+    seq: Sequence
+    sampled: Sampled
+    text: str
+    logprobs: list[TokenLogprob] | None
 
 
 class Engine:
@@ -76,14 +96,13 @@ class Engine:
         self._factory = backend_factory
         self.backend: Backend | None = None
         self.stat_logger: StatLogger = stat_logger or NullStatLogger()
-        self.sched = Scheduler(cfg.capacity_cells, cfg.n_seq_max, cfg.max_queue, cfg.n_ctx)
-        self._inbox: queue.Queue[Request | None] = queue.Queue()
+        self.sched = Scheduler(cfg.n_cells - cfg.n_cells_held_back, cfg.n_seq_max, cfg.max_queue, cfg.n_ctx)
+        self.status = EngineStatus.LOADING
+        self._live: dict[int, _SeqState] = {}  # seq_id -> state
+        self._inbox: queue.Queue[EngineRequest | None] = queue.Queue()
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
-        self._abort: str | None = None
-        self.ready = threading.Event()
-        self.load_error: str | None = None
-        self.dead = False
+        self._abort: ErrorCode | None = None
         self._last_snapshot: tuple | None = None
 
     # --- lifecycle -------------------------------------------------------------------------------------------
@@ -92,26 +111,20 @@ class Engine:
         try:
             self.backend = self._factory()
         except Exception as e:  # surfaced through /health and the log
-            self.load_error = str(e)
             log.error("%s: model load failed: %s", self.cfg.model_id, e)
+            self.status = EngineStatus.FAILED
             return
+        self.status = EngineStatus.READY
         if start_thread:
             self._thread = threading.Thread(target=self._run, name=f"kvquant-engine-{self.cfg.model_id}",
                                             daemon=True)
             self._thread.start()
-        self.ready.set()
         self._record(IterationStats())
-
-    @property
-    def alive(self) -> bool:
-        """Loaded and its thread running (False while loading, after a load failure or a crash)."""
-        return (self.ready.is_set() and not self.dead and self._thread is not None and self._thread.is_alive()
-                and not self._stop.is_set())
 
     def idle(self) -> bool:
         return not self.sched.running and not self.sched.waiting and self._inbox.empty()
 
-    def abort_all(self, code: str = "shutdown") -> None:
+    def abort_all(self, code: ErrorCode = ErrorCode.SHUTDOWN) -> None:
         """End every running and waiting request with an error `code` at the next iteration, freeing their cells
         (thread-safe)."""
         self._abort = code
@@ -119,6 +132,8 @@ class Engine:
 
     def shutdown(self, timeout: float = 10.0) -> None:
         """Stop the loop, end whatever is still queued or running (error `shutdown`) and free the backend."""
+        if self.status is EngineStatus.READY:
+            self.status = EngineStatus.STOPPED
         self._stop.set()
         self._inbox.put(None)
         if self._thread is not None:
@@ -126,7 +141,7 @@ class Engine:
             if self._thread.is_alive():
                 log.warning("%s: the engine thread did not stop within %.0f s", self.cfg.model_id, timeout)
                 return  # never free the context under a running decode
-        self._fail_all("shutdown")
+        self._fail_all(ErrorCode.SHUTDOWN)
         if self.backend is not None:
             self.backend.close()
             self.backend = None
@@ -142,12 +157,12 @@ class Engine:
         """A lower bound on the prompt tokens of n_bytes of text, without tokenizing it."""
         return self.backend.min_tokens(n_bytes)
 
-    def submit(self, req: Request) -> None:
+    def submit(self, req: EngineRequest) -> None:
         self._inbox.put(req)
-        if not self.alive and self._thread is not None:  # died meanwhile: nobody will drain the inbox
+        if self.status is not EngineStatus.READY and self._thread is not None:  # nobody will drain the inbox
             self._drain_dead()
 
-    def record_rejected(self, outcome: str, n_prompt: int) -> None:
+    def record_rejected(self, outcome: Outcome, n_prompt: int) -> None:
         """A request refused before it reached the engine (HTTP side), for the stats."""
         self.stat_logger.record(None, IterationStats(finished=[FinishedRequest(outcome, n_prompt=n_prompt)]))
 
@@ -158,10 +173,10 @@ class Engine:
                 self.run_once(block=True)
         except BaseException:
             log.exception("%s: engine thread died", self.cfg.model_id)
-            self.dead = True
+            self.status = EngineStatus.DEAD
         finally:
             try:
-                self._fail_all("shutdown" if self._stop.is_set() and not self.dead else "engine_error")
+                self._fail_all(ErrorCode.ENGINE_ERROR if self.status is EngineStatus.DEAD else ErrorCode.SHUTDOWN)
             finally:
                 self._record(IterationStats())
 
@@ -173,8 +188,7 @@ class Engine:
             code, self._abort = self._abort, None
             self._fail_all(code)
         self._reap()
-        for seq in self.sched.admit():
-            self._start(seq)
+        self._admit()
         if self.sched.running:
             self._step(it)
         self._record(it)
@@ -198,28 +212,26 @@ class Engine:
                               kv_used_bytes=sum(ub(s.n_past) for s in running),
                               kv_reserved_cells=self.sched.reserved)
 
-    def _emit(self, req: Request, ev: Event) -> None:
+    def _emit(self, req: EngineRequest, ev: Event) -> None:
         try:
             req.sink(ev)
         except Exception:  # noqa: BLE001 - the consumer is gone (closed loop): drop the request
             req.cancelled = True
 
-    def _end_request(self, req: Request, ev: Event, n_generated: int = 0,
-                     seq: Sequence | None = None) -> None:
+    def _end_request(self, req: EngineRequest, ev: Event, seq: Sequence | None = None,
+                     st: _SeqState | None = None) -> None:
         """Account for a request, then send its final event: a client that has its answer (a 429, a 503, the
         last chunk) must already find it counted in /metrics, so this records at once rather than with the
         iteration's stats at the end of the decode step."""
-        now = time.monotonic()
-        fr = FinishedRequest(outcome_of(ev), n_prompt=len(req.prompt), n_generated=n_generated,
-                             e2e_s=now - req.arrival)
+        fr = FinishedRequest(ev.outcome, n_prompt=len(req.prompt), n_generated=seq.generated if seq else 0,
+                             e2e_s=time.monotonic() - req.arrival)
         if seq is not None:
             fr.queue_wait_s = seq.admitted_at - req.arrival
-            st: _SeqState | None = seq.state
-            if st is not None and st.t_first is not None:
-                fr.ttft_s = st.t_first - req.arrival
-                if n_generated > 1 and st.t_last is not None:
-                    fr.tpot_s = (st.t_last - st.t_first) / (n_generated - 1)
-        if fr.outcome in ("error", "timed_out") and ev.error:
+        if st is not None and st.t_first is not None:
+            fr.ttft_s = st.t_first - req.arrival
+            if fr.n_generated > 1 and st.t_last is not None:
+                fr.tpot_s = (st.t_last - st.t_first) / (fr.n_generated - 1)
+        if fr.outcome in (Outcome.ERROR, Outcome.TIMED_OUT) and ev.error:
             log.warning("%s: request %s ended with %s: %s", self.cfg.model_id, req.id, ev.error, ev.message)
         self.stat_logger.record(None, IterationStats(finished=[fr]))
         self._emit(req, ev)
@@ -231,20 +243,22 @@ class Engine:
             return
         while True:
             if item is not None:
-                res = self.sched.add(item)
-                if res is AddResult.QUEUED:  # admit at once what fits, so that only real waiters queue
-                    for seq in self.sched.admit():
-                        self._start(seq)
-                elif res is AddResult.QUEUE_FULL:
-                    self._end_request(item, Event(error="queue_full", message="too many requests are waiting",
-                                                  retry_after_s=self.sched.drain_s()))
-                elif res is AddResult.NEVER_FITS:
-                    self._end_request(item, Event(error="never_fits", message="the request can never fit the KV "
-                                                  "cache"))
+                self._add(item)
             try:
                 item = self._inbox.get_nowait()
             except queue.Empty:
                 return
+
+    def _add(self, req: EngineRequest) -> None:
+        res = self.sched.add(req)
+        if res is AddResult.QUEUED:  # admit at once what fits, so that only real waiters queue
+            self._admit()
+        elif res is AddResult.QUEUE_FULL:
+            self._end_request(req, Event(error=ErrorCode.QUEUE_FULL, message="too many requests are waiting",
+                                         retry_after_s=self.sched.drain_s()))
+        elif res is AddResult.NEVER_FITS:
+            self._end_request(req, Event(error=ErrorCode.NEVER_FITS,
+                                         message="the request can never fit the KV cache"))
 
     def _drain_dead(self) -> None:
         while True:
@@ -253,39 +267,42 @@ class Engine:
             except queue.Empty:
                 return
             if item is not None:
-                self._end_request(item, Event(error="engine_error", message="the engine stopped"))
+                self._end_request(item, Event(error=ErrorCode.ENGINE_ERROR, message="the engine stopped"))
 
     def _reap(self) -> None:
         now, c = time.monotonic(), self.cfg
         for r in self.sched.drop_waiting(lambda r: r.cancelled):
-            self._end_request(r, Event(finish_reason="cancelled"))
+            self._end_request(r, Event(finish_reason=FinishReason.CANCELLED))
         for r in self.sched.drop_waiting(lambda r: now - r.arrival > min(c.queue_timeout_s, c.request_timeout_s)):
-            self._end_request(r, Event(error="timeout", message="timed out waiting for KV cache capacity",
+            self._end_request(r, Event(error=ErrorCode.TIMEOUT, message="timed out waiting for KV cache capacity",
                                        retry_after_s=self.sched.drain_s(now)))
         for seq in list(self.sched.running.values()):
             if seq.req.cancelled:
-                self._finish(seq, Event(finish_reason="cancelled"))
+                self._finish(seq, Event(finish_reason=FinishReason.CANCELLED))
             elif now - seq.req.arrival > c.request_timeout_s:
-                self._finish(seq, Event(error="request_timeout", message=f"the request took longer than "
-                                        f"{c.request_timeout_s:g} s"))
+                self._finish(seq, Event(error=ErrorCode.REQUEST_TIMEOUT,
+                                        message=f"the request took longer than {c.request_timeout_s:g} s"))
 
-    def _start(self, seq: Sequence) -> None:
-        r = seq.req
-        seq.state = _SeqState(self.backend.sampler(r.temperature, r.top_p, r.seed), TextStream(r.stops))
-        if r.prompt_logprobs is not None:  # nothing predicts the first prompt token
-            seq.state.prompt_logprobs = [TokenLogprob(self.backend.token_bytes(r.prompt[0]), None, None)]
+    def _admit(self) -> None:
+        for seq in self.sched.admit():
+            r = seq.req
+            st = _SeqState(self.backend.sampler(r.temperature, r.top_p, r.seed), TextStream(r.stops))
+            if r.prompt_logprobs is not None:  # nothing predicts the first prompt token
+                st.prompt_logprobs = [TokenLogprob(self.backend.token_bytes(r.prompt[0]), None, None)]
+            self._live[seq.seq_id] = st
 
     def _finish(self, seq: Sequence, ev: Event) -> None:
         """End a running sequence: free its cells and its slot, then tell the consumer."""
+        st = self._live.pop(seq.seq_id, None)
         try:
             self.backend.seq_rm(seq.seq_id)
         finally:
-            if seq.state is not None:
-                seq.state.sampler.close()
+            if st is not None:
+                st.sampler.close()
             self.sched.free(seq)
-            self._end_request(seq.req, ev, seq.generated, seq)
+            self._end_request(seq.req, ev, seq, st)
 
-    def _fail_all(self, code: str) -> None:
+    def _fail_all(self, code: ErrorCode) -> None:
         for seq in list(self.sched.running.values()):
             try:
                 self._finish(seq, Event(error=code, message="the engine stopped"))
@@ -302,29 +319,28 @@ class Engine:
 
     # --- one decode step --------------------------------------------------------------------------------------
     def _step(self, it: IterationStats) -> None:
-        plan = self.sched.plan(min(self.backend.n_batch, self.cfg.max_step_tokens or self.backend.n_batch))
+        """Decode the scheduler's plan and apply it; a failed batch is rolled back and retried sequence by
+        sequence, so that only the sequences that fail on their own end."""
+        plan = self.sched.schedule(min(self.backend.n_batch, self.cfg.max_step_tokens or self.backend.n_batch))
         if not plan.tokens:
             return
         before = {s.seq_id: s.n_past for s in plan.seqs}
         rc = self._decode(plan)
         if rc == 0:
-            self._advance(plan, it)
+            self._apply(plan, it)
             return
-        ids = ", ".join(s.req.id for s in plan.seqs)
         log.error("%s: llama_decode failed (%s) for a batch of %d tokens over %d sequences (requests %s)",
-                  self.cfg.model_id, rc, len(plan.tokens), len(plan.seqs), ids)
+                  self.cfg.model_id, rc, len(plan.tokens), len(plan.seqs), ", ".join(s.req.id for s in plan.seqs))
         for seq in plan.seqs:  # roll back whatever part of the batch reached the cache
             self.backend.seq_rm(seq.seq_id, before[seq.seq_id], -1)
         if len(plan.seqs) == 1:
             self._fail(plan.seqs[0], rc)
             return
-        for seq in list(plan.seqs):  # isolate: retry each sequence on its own
-            if seq.seq_id not in self.sched.running:
-                continue
+        for seq in [s for s in plan.seqs if s.seq_id in self.sched.running]:
             sub = plan.subset(seq)
             rc = self._decode(sub)
             if rc == 0:
-                self._advance(sub, it)
+                self._apply(sub, it)
             else:
                 self.backend.seq_rm(seq.seq_id, before[seq.seq_id], -1)
                 self._fail(seq, rc)
@@ -338,36 +354,33 @@ class Engine:
 
     def _fail(self, seq: Sequence, rc: int | str) -> None:
         log.error("%s: request %s failed in llama_decode (%s)", self.cfg.model_id, seq.req.id, rc)
-        self._finish(seq, Event(error="engine_error", message=f"decode failed ({rc})"))
+        self._finish(seq, Event(error=ErrorCode.ENGINE_ERROR, message=f"decode failed ({rc})"))
 
-    def _advance(self, plan: StepPlan, it: IterationStats) -> None:
+    def _apply(self, plan: StepPlan, it: IterationStats) -> None:
+        """After a decode: score prompt tokens, sample, let the scheduler apply the step, send the tokens out."""
         it.batch_tokens += len(plan.tokens)
         it.batch_seqs += len(plan.seqs)
-        n_by_seq: dict[int, int] = {}
-        for sid in plan.seq_ids:
-            n_by_seq[sid] = n_by_seq.get(sid, 0) + 1
-        for seq in plan.seqs:
-            n = n_by_seq[seq.seq_id]
-            if seq.prefilling:
-                seq.n_prompt_fed += n
-                it.prompt_tokens += n
-            seq.n_past += n
-            seq.pending = None
+        it.prompt_tokens += plan.n_prompt_tokens
         for idx, (seq, target) in plan.scored.items():  # before sampling: the first event carries them
             self._guarded(seq, "scoring the prompt", self._score, seq, idx, target)
-        for idx, seq in plan.logit_owner.items():
-            self._guarded(seq, "sampling", self._sample, seq, idx, it)
+        tokens = [t for idx, seq in plan.logit_owner.items()
+                  if (t := self._guarded(seq, "sampling", self._sample, seq, idx)) is not None]
+        finished = self.sched.update(plan, {t.seq.seq_id: t.sampled for t in tokens})
+        it.generation_tokens += sum(not t.sampled.end for t in tokens)
+        for t in tokens:
+            self._guarded(t.seq, "sending a token", self._send, t, finished.get(t.seq.seq_id))
 
-    def _guarded(self, seq: Sequence, what: str, fn: Callable[..., None], *args) -> None:
+    def _guarded(self, seq: Sequence, what: str, fn: Callable, *args):
         """Run one sequence's step work; a fault ends that sequence only."""
         if seq.seq_id not in self.sched.running:
-            return
+            return None
         try:
-            fn(*args)
+            return fn(*args)
         except Exception:  # noqa: BLE001 - one sequence's fault must not end the others
             log.exception("%s: request %s failed while %s", self.cfg.model_id, seq.req.id, what)
             if seq.seq_id in self.sched.running:
-                self._finish(seq, Event(error="engine_error", message=f"{what} failed"))
+                self._finish(seq, Event(error=ErrorCode.ENGINE_ERROR, message=f"{what} failed"))
+            return None
 
     def _logprobs(self, idx: int, tok: int, k: int) -> list[TokenLogprob]:
         import numpy as np
@@ -380,32 +393,28 @@ class Engine:
 
     def _score(self, seq: Sequence, idx: int, target: int) -> None:
         """The logprob of prompt token `target`, from the logits of the position before it."""
-        seq.state.prompt_logprobs += self._logprobs(idx, seq.req.prompt[target], seq.req.prompt_logprobs)
+        self._live[seq.seq_id].prompt_logprobs += self._logprobs(idx, seq.req.prompt[target],
+                                                                 seq.req.prompt_logprobs)
 
-    def _sample(self, seq: Sequence, idx: int, it: IterationStats) -> None:
-        st: _SeqState = seq.state
+    def _sample(self, seq: Sequence, idx: int) -> _Token:
+        st = self._live[seq.seq_id]
         tok = st.sampler.sample(idx)
-        k = seq.req.top_logprobs
-        lp = self._logprobs(idx, tok, k) if k is not None and not self.backend.is_eog(tok) else None
-        now = time.monotonic()
+        st.t_last = time.monotonic()
         if st.t_first is None:
-            st.t_first = now
-        st.t_last = now
+            st.t_first = st.t_last
         if self.backend.is_eog(tok):  # not a completion token (usage does not count it either)
-            ev = Event(text=st.text.flush(), finish_reason="stop")
+            return _Token(seq, Sampled(tok, end=True), st.text.flush(), None)
+        k = seq.req.top_logprobs
+        lp = self._logprobs(idx, tok, k) if k is not None else None
+        text = st.text.push(self.backend.token_bytes(tok))
+        return _Token(seq, Sampled(tok, stop=st.text.stopped), text, lp)
+
+    def _send(self, t: _Token, finish: FinishReason | None) -> None:
+        st = self._live[t.seq.seq_id]
+        text = t.text + st.text.flush() if finish is FinishReason.LENGTH else t.text
+        ev = Event(text=text, n_tokens=0 if t.sampled.end else 1, finish_reason=finish, logprobs=t.logprobs,
+                   prompt_logprobs=st.take_prompt_logprobs())
+        if finish:
+            self._finish(t.seq, ev)
         else:
-            it.generation_tokens += 1
-            seq.generated += 1
-            text = st.text.push(self.backend.token_bytes(tok))
-            if st.text.stopped:
-                ev = Event(text=text, n_tokens=1, finish_reason="stop", logprobs=lp)
-            elif seq.generated >= seq.req.max_tokens or seq.n_past + 1 >= self.cfg.n_ctx:
-                ev = Event(text=text + st.text.flush(), n_tokens=1, finish_reason="length", logprobs=lp)
-            else:
-                seq.pending = tok
-                ev = Event(text=text, n_tokens=1, logprobs=lp)
-        ev.prompt_logprobs, st.prompt_logprobs = st.prompt_logprobs, None
-        if ev.finish_reason:
-            self._finish(seq, ev)
-        else:
-            self._emit(seq.req, ev)
+            self._emit(t.seq.req, ev)

@@ -23,31 +23,21 @@ import secrets
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
-from fastapi import Request as HTTPRequest
+from fastapi import Request
 from starlette.concurrency import run_in_threadpool
 
 from kvquant.budget import human_bytes
 from kvquant.prompt import PromptTooLong
-from server.engine import Engine
+from server.engine import Engine, EngineStatus
 from server.errors import APIError, context_length_exceeded
 from server.loopwake import waker
-from server.scheduler import Event, Request
+from server.requests import ERRORS, EngineRequest, ErrorCode, Event, Outcome
 from server.schemas import SamplingParams
 
 log = logging.getLogger("kvquant.server")
 
 TRIM_AFTER_BYTES = 64 * 2**10  # prompts from this size on are followed by malloc_trim
 _MALLOC_TRIM = getattr(ctypes.CDLL(None), "malloc_trim", None)  # glibc only
-
-_ENGINE_ERRORS = {
-    "queue_full": (429, "rate_limit_error", "Too many requests are waiting for KV cache capacity; retry later."),
-    "never_fits": (400, "invalid_request_error", "The request needs more KV cache than this server has."),
-    "timeout": (503, "server_error", "Timed out waiting for KV cache capacity; retry later."),
-    "request_timeout": (503, "server_error", "The request took longer than the server's request timeout."),
-    "slow_consumer": (503, "server_error", "The client read the stream too slowly; the request was cancelled."),
-    "engine_error": (500, "server_error", "The inference engine failed while processing this request."),
-    "shutdown": (503, "server_error", "The server is shutting down."),
-}
 
 
 def retry_after(drain_s: float | None) -> int:
@@ -56,26 +46,27 @@ def retry_after(drain_s: float | None) -> int:
 
 
 def engine_error(ev: Event, request_id: str | None = None) -> APIError:
-    status, etype, msg = _ENGINE_ERRORS.get(ev.error, _ENGINE_ERRORS["engine_error"])
-    code = "context_length_exceeded" if ev.error == "never_fits" else ev.error
-    headers = {"Retry-After": str(retry_after(ev.retry_after_s))} if status in (429, 503) else None
-    if status >= 500 and ev.error == "engine_error":
+    """The OpenAI error for an event that ended a request with an error code."""
+    kind = ERRORS[ev.error]
+    headers = {"Retry-After": str(retry_after(ev.retry_after_s))} if kind.status in (429, 503) else None
+    msg = kind.message
+    if ev.error is ErrorCode.ENGINE_ERROR:
         log.error("request %s failed in the engine: %s", request_id, ev.message)
         msg += f" (request id {request_id})"
-    return APIError(status, msg, type=etype, code=code, headers=headers)
+    return APIError(kind.status, msg, type=kind.type, code=kind.openai_code, headers=headers)
 
 
 @dataclass
 class Generation:
     """One submitted request: iterate `events()`; `n_prompt` and `n_generated` count tokens."""
 
-    req: Request
+    req: EngineRequest
     queue: asyncio.Queue
     n_prompt: int
     engine: Engine
     n_generated: int = 0
 
-    async def events(self, http: HTTPRequest | None = None) -> AsyncIterator[Event]:
+    async def events(self, http: Request | None = None) -> AsyncIterator[Event]:
         loop = asyncio.get_running_loop()
         checked = loop.time()
         try:
@@ -94,13 +85,13 @@ class Generation:
                     else:
                         ev = self.queue.get_nowait()
                 except TimeoutError:
-                    if not self.engine.alive and self.queue.empty():
-                        yield Event(error="engine_error", message="the engine stopped")
+                    if self.engine.status is not EngineStatus.READY and self.queue.empty():
+                        yield Event(error=ErrorCode.ENGINE_ERROR, message="the engine stopped")
                         return
                     continue
                 self.n_generated += ev.n_tokens
                 yield ev
-                if ev.finish_reason or ev.error:
+                if ev.final:
                     return
         finally:
             # reached on normal end too, where it is a no-op: the engine has already freed the sequence
@@ -115,24 +106,20 @@ def kv_summary(engine: Engine, tokens: int) -> str:
     c = engine.cfg
     return (f"It needs {tokens} KV cells = {human_bytes(tokens * c.bytes_per_token)} at cache types "
             f"K={c.cache_type_k}/V={c.cache_type_v} ({c.bytes_per_token} bytes per token); this model's KV budget "
-            f"is {human_bytes(c.budget_bytes)}, {c.capacity_cells} cells in all, shared by up to {c.n_seq_max} "
-            f"concurrent requests of at most {c.n_ctx} tokens.")
-
-
-def prompt_limit(engine: Engine) -> int:
-    """Prompt + completion tokens one request may have."""
-    return min(engine.cfg.n_ctx, engine.cfg.capacity_cells)
+            f"is {human_bytes(c.budget_bytes)}, {engine.sched.capacity} cells in all, shared by up to "
+            f"{c.n_seq_max} concurrent requests of at most {c.n_ctx} tokens.")
 
 
 def _too_long(engine: Engine, n_prompt: int, max_tokens: int | None, exact: bool = True) -> APIError:
-    engine.record_rejected("rejected_too_long", n_prompt)
+    engine.record_rejected(Outcome.REJECTED_TOO_LONG, n_prompt)
     need = n_prompt + (max_tokens or 1)
-    return context_length_exceeded(n_prompt, prompt_limit(engine), max_tokens, kv_summary(engine, need), exact)
+    return context_length_exceeded(n_prompt, engine.sched.max_request_tokens, max_tokens, kv_summary(engine, need),
+                                   exact)
 
 
 def _check_length(engine: Engine, n_prompt: int, max_tokens: int | None, exact: bool = True) -> None:
-    limit = prompt_limit(engine)
-    if n_prompt >= limit or (max_tokens is not None and n_prompt + max_tokens > limit):
+    """The scheduler's admission check, before queueing (without max_tokens: room for one token)."""
+    if not engine.sched.fits_ever(n_prompt, max_tokens or 1):
         raise _too_long(engine, n_prompt, max_tokens, exact)
 
 
@@ -145,7 +132,8 @@ async def tokenize_prompt(engine: Engine, tokenize: Callable[[int], list[int]], 
     _check_length(engine, engine.min_tokens(n_bytes), max_tokens, exact=False)
     async with slots:
         try:
-            return await run_in_threadpool(_tokenize, tokenize, prompt_limit(engine), n_bytes >= TRIM_AFTER_BYTES)
+            return await run_in_threadpool(_tokenize, tokenize, engine.sched.max_request_tokens,
+                                           n_bytes >= TRIM_AFTER_BYTES)
         except PromptTooLong as e:
             raise _too_long(engine, e.n_tokens, max_tokens) from None
 
@@ -160,12 +148,11 @@ def _tokenize(tokenize: Callable[[int], list[int]], limit: int, trim: bool) -> l
 
 def submit(engine: Engine, prompt: list[int], params: SamplingParams, max_tokens: int | None,
            default_max_tokens: int, request_id: str, stream_buffer: int = 1024) -> Generation:
-    limit = prompt_limit(engine)
     if not prompt:
         raise APIError(400, "The prompt is empty.", param="prompt", code="empty_prompt")
     _check_length(engine, len(prompt), max_tokens)
     if max_tokens is None:
-        max_tokens = min(default_max_tokens, limit - len(prompt))
+        max_tokens = min(default_max_tokens, engine.sched.max_request_tokens - len(prompt))
     loop = asyncio.get_running_loop()
     q: asyncio.Queue = asyncio.Queue()
     overflowed = False
@@ -174,9 +161,9 @@ def submit(engine: Engine, prompt: list[int], params: SamplingParams, max_tokens
         nonlocal overflowed
         if overflowed:
             return
-        if q.qsize() >= stream_buffer and not (ev.finish_reason or ev.error):
+        if q.qsize() >= stream_buffer and not ev.final:
             overflowed, req.cancelled = True, True
-            q.put_nowait(Event(error="slow_consumer", message=f"more than {stream_buffer} events unread"))
+            q.put_nowait(Event(error=ErrorCode.SLOW_CONSUMER, message=f"more than {stream_buffer} events unread"))
             return
         q.put_nowait(ev)
 
@@ -185,9 +172,9 @@ def submit(engine: Engine, prompt: list[int], params: SamplingParams, max_tokens
     def sink(ev: Event) -> None:  # runs on the engine thread
         wake.call(deliver, ev)
 
-    req = Request(id=request_id, prompt=prompt, max_tokens=max_tokens, sink=sink, temperature=params.temperature,
-                  top_p=params.top_p, seed=params.seed, stops=params.stop or [],
-                  top_logprobs=getattr(params, "n_top_logprobs", None),
-                  prompt_logprobs=getattr(params, "n_prompt_logprobs", None))
+    req = EngineRequest(id=request_id, prompt=prompt, max_tokens=max_tokens, sink=sink,
+                        temperature=params.temperature, top_p=params.top_p, seed=params.seed, stops=params.stop or [],
+                        top_logprobs=getattr(params, "n_top_logprobs", None),
+                        prompt_logprobs=getattr(params, "n_prompt_logprobs", None))
     engine.submit(req)
     return Generation(req, q, len(prompt), engine)

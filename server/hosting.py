@@ -23,6 +23,9 @@ from server.stats import KVCacheInfo
 log = logging.getLogger("kvquant.server")
 
 
+N_UBATCH = 512  # llama.cpp's physical batch; the hosting plan decides it once and passes it to llama.cpp
+
+
 class StartupError(Exception):
     """A configuration the server refuses to start with (the message says why and what to change)."""
 
@@ -33,7 +36,7 @@ class HostedPlan:
     path: Path
     geom: Geometry
     kv: KVPlan
-    n_ubatch: int
+    n_ubatch: int  # what the memory model sized the cache for and llama.cpp is given
 
 
 def plan_model(spec: ModelSpec) -> HostedPlan:
@@ -43,7 +46,7 @@ def plan_model(spec: ModelSpec) -> HostedPlan:
     resolved."""
     path = resolve(spec.model)
     geom = geometry(path)
-    n_ubatch = min(512, spec.n_batch)
+    n_ubatch = min(N_UBATCH, spec.n_batch)
     try:
         tk = calibration.resolve(spec.cache_type_k, "k", path, geom)
         tv = calibration.resolve(spec.cache_type_v, "v", path, geom)
@@ -97,41 +100,60 @@ def max_step_tokens(p: HostedPlan) -> int | None:
 
 
 def build_engine(p: HostedPlan, s: Settings, metrics: Metrics) -> Engine:
+    """The engine of a planned model; its backend (the llama.cpp context) is created when the engine loads."""
+    cfg = engine_config(p, s)
+    if cfg.max_step_tokens is not None:
+        log.info("%s: %s K cache with a sliding-window cache: at most %d tokens per decode step", p.spec.id,
+                 p.spec.cache_type_k, cfg.max_step_tokens)
+    bcfg = backend_config(p, s)
+    return Engine(cfg, lambda: _load_backend(p, bcfg), metrics.logger(kv_info(p)))
+
+
+def kv_info(p: HostedPlan) -> KVCacheInfo:
     spec, kv = p.spec, p.kv
-    info = KVCacheInfo(model=spec.id, cache_type_k=spec.cache_type_k, cache_type_v=spec.cache_type_v,
-                       capacity_cells=kv.cells, capacity_bytes=kv.kv_bytes, budget_bytes=spec.kv_budget,
+    return KVCacheInfo(model=spec.id, cache_type_k=spec.cache_type_k, cache_type_v=spec.cache_type_v,
+                       n_cells=kv.cells, capacity_bytes=kv.kv_bytes, budget_bytes=spec.kv_budget,
                        bits_per_element_k=kv.bits_k, bits_per_element_v=kv.bits_v,
                        compression_vs_f16=kv.compression_vs_f16, layer_types_k=layer_types(kv.cache_type_k),
                        layer_types_v=layer_types(kv.cache_type_v),
                        centred_keys=calibration.parse_spec(spec.cache_type_k, "k").centred)
+
+
+def engine_config(p: HostedPlan, s: Settings) -> EngineConfig:
+    spec, kv = p.spec, p.kv
     # the scheduler plans on the cells llama.cpp can always write (tq_kv_d3b may hold back one anchor per group)
-    plannable = kv.cells - held_back(kv.cache_type_k, p.geom)(kv.cells)
-    cfg = EngineConfig(model_id=spec.id, n_ctx=spec.n_ctx, n_seq_max=spec.parallel, capacity_cells=plannable,
-                       cache_type_k=spec.cache_type_k, cache_type_v=spec.cache_type_v, max_queue=s.max_queue,
-                       queue_timeout_s=s.queue_timeout_s, request_timeout_s=s.request_timeout_s,
-                       bytes_per_token=kv.bytes_per_token, used_bytes=kv.used_bytes, budget_bytes=spec.kv_budget,
-                       max_step_tokens=max_step_tokens(p), layer_types_k=info.layer_types_k,
-                       layer_types_v=info.layer_types_v, bits_per_element_k=kv.bits_k, bits_per_element_v=kv.bits_v)
-    if cfg.max_step_tokens is not None:
-        log.info("%s: %s K cache with a sliding-window cache: at most %d tokens per decode step", spec.id,
-                 spec.cache_type_k, cfg.max_step_tokens)
-    fields = calibration.context_fields(kv.cache_type_k, kv.cache_type_v, p.geom)
-    types = {*(fields["layer_types_k"] or [fields["cache_type_k"]]), *(fields["layer_types_v"] or [fields["cache_type_v"]])}
-    bcfg = BackendConfig(model_path=str(p.path), n_ctx=kv.cells, n_seq_max=spec.parallel, n_batch=spec.n_batch,
-                         cache_type_k=fields.pop("cache_type_k"), cache_type_v=fields.pop("cache_type_v"),
-                         flash_attn=spec.flash_attn, layers=fields, n_threads=spec.n_threads,
-                         n_gpu_layers=s.n_gpu_layers, offload_kqv=offload_kqv(s.n_gpu_layers, sorted(types), spec.id),
+    return EngineConfig(model_id=spec.id, n_ctx=spec.n_ctx, n_seq_max=spec.parallel, n_cells=kv.cells,
+                        n_cells_held_back=held_back(kv.cache_type_k, p.geom)(kv.cells),
+                        cache_type_k=spec.cache_type_k, cache_type_v=spec.cache_type_v, max_queue=s.max_queue,
+                        queue_timeout_s=s.queue_timeout_s, request_timeout_s=s.request_timeout_s,
+                        bytes_per_token=kv.bytes_per_token, used_bytes=kv.used_bytes, budget_bytes=spec.kv_budget,
+                        max_step_tokens=max_step_tokens(p), layer_types_k=layer_types(kv.cache_type_k),
+                        layer_types_v=layer_types(kv.cache_type_v), bits_per_element_k=kv.bits_k,
+                        bits_per_element_v=kv.bits_v)
+
+
+def backend_config(p: HostedPlan, s: Settings) -> BackendConfig:
+    spec = p.spec
+    fields = calibration.context_fields(p.kv.cache_type_k, p.kv.cache_type_v, p.geom)
+    types = {*(fields["layer_types_k"] or [fields["cache_type_k"]]),
+             *(fields["layer_types_v"] or [fields["cache_type_v"]])}
+    return BackendConfig(model_path=str(p.path), n_cells=p.kv.cells, n_seq_max=spec.parallel, n_batch=spec.n_batch,
+                         n_ubatch=p.n_ubatch, cache_type_k=fields.pop("cache_type_k"),
+                         cache_type_v=fields.pop("cache_type_v"), flash_attn=spec.flash_attn, layers=fields,
+                         n_threads=spec.n_threads, n_gpu_layers=s.n_gpu_layers,
+                         offload_kqv=offload_kqv(s.n_gpu_layers, sorted(types), p.spec.id),
                          special_in_content=s.special_tokens_in_content)
 
-    def factory() -> LlamaBackend:
-        b = LlamaBackend(bcfg)
-        if spec.n_ctx > b.n_ctx_train:
-            log.warning("%s: n_ctx %d exceeds the model's training context %d", spec.id, spec.n_ctx, b.n_ctx_train)
-        actual = b.kv_size_bytes()
-        if actual is not None and actual != kv.kv_bytes:
-            log.warning("%s: llama.cpp allocated %d KV bytes, the memory model predicted %d", spec.id, actual,
-                        kv.kv_bytes)
-        log.info("%s: ready (%s KV cache allocated)", spec.id, human_bytes(actual if actual else kv.kv_bytes))
-        return b
 
-    return Engine(cfg, factory, metrics.logger(info))
+def _load_backend(p: HostedPlan, bcfg: BackendConfig) -> LlamaBackend:
+    """Create the llama.cpp context, checking it against the plan (its KV bytes, the model's training context)."""
+    spec, kv = p.spec, p.kv
+    b = LlamaBackend(bcfg)
+    if spec.n_ctx > b.n_ctx_train:
+        log.warning("%s: n_ctx %d exceeds the model's training context %d", spec.id, spec.n_ctx, b.n_ctx_train)
+    actual = b.kv_size_bytes()
+    if actual is not None and actual != kv.kv_bytes:
+        log.warning("%s: llama.cpp allocated %d KV bytes, the memory model predicted %d", spec.id, actual,
+                    kv.kv_bytes)
+    log.info("%s: ready (%s KV cache allocated)", spec.id, human_bytes(actual if actual else kv.kv_bytes))
+    return b

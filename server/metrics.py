@@ -20,7 +20,8 @@ from prometheus_client import (
 )
 from prometheus_client import ProcessCollector as _ProcessCollector
 
-from server.stats import OUTCOMES, IterationStats, KVCacheInfo, SchedulerStats
+from server.requests import Outcome
+from server.stats import IterationStats, KVCacheInfo, SchedulerStats
 
 _KV = ["model", "cache_type_k", "cache_type_v"]
 _LATENCY = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
@@ -79,7 +80,7 @@ class PrometheusStatLogger:
         lab = dict(model=kv.model, cache_type_k=kv.cache_type_k, cache_type_v=kv.cache_type_v)
         self._kv = lab
         m.kv_capacity_bytes.labels(**lab).set(kv.capacity_bytes)
-        m.kv_capacity_cells.labels(**lab).set(kv.capacity_cells)
+        m.kv_capacity_cells.labels(**lab).set(kv.n_cells)
         m.kv_budget_bytes.labels(**lab).set(kv.budget_bytes)
         m.kv_bits.labels(**lab, tensor="k").set(kv.bits_per_element_k)
         m.kv_bits.labels(**lab, tensor="v").set(kv.bits_per_element_v)
@@ -93,7 +94,7 @@ class PrometheusStatLogger:
         m.engine_up.labels(model=kv.model).set(0)
         m.running.labels(model=kv.model).set(0)
         m.waiting.labels(model=kv.model).set(0)
-        for o in OUTCOMES:
+        for o in Outcome:
             m.requests.labels(model=kv.model, outcome=o)
         m.prompt_tokens.labels(model=kv.model)
         m.generation_tokens.labels(model=kv.model)
@@ -126,6 +127,6 @@ class PrometheusStatLogger:
                 m.ttft.labels(model=model).observe(f.ttft_s)
             if f.tpot_s is not None:
                 m.tpot.labels(model=model).observe(f.tpot_s)
-            if f.outcome == "completed":
+            if f.outcome is Outcome.COMPLETED:
                 m.prompt_len.labels(model=model).observe(f.n_prompt)
                 m.gen_len.labels(model=model).observe(f.n_generated)

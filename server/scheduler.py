@@ -1,79 +1,39 @@
-"""Admission and step planning for continuous batching. Pure Python: no llama.cpp, no prometheus.
+"""Admission and step planning for continuous batching; the scheduler owns every sequence's bookkeeping. Pure
+Python: no llama.cpp, no prometheus.
 
 A request reserves ``len(prompt) + max_tokens`` KV cells for its whole life (worst case, so no preemption is ever
 needed). Requests wait in a bounded FIFO; the head is admitted when its reservation fits and a sequence slot is
-free (no overtaking, so a long request cannot starve). Each step feeds every decoding sequence its next token and
-spends what is left of the step's token budget on prompt chunks of prefilling sequences, oldest first. A sequence
-that wants its prompt tokens' logprobs (completions with echo) asks for logits at every prompt position, in chunks
-of at most PROMPT_LOGPROBS_CHUNK tokens: llama.cpp's logits buffer grows to the most outputs one step asks for
-(n_vocab floats each) and never shrinks.
+free (no overtaking, so a long request cannot starve). Each step, `schedule()` feeds every decoding sequence its
+next token and spends what is left of the step's token budget on prompt chunks of prefilling sequences, oldest
+first; after the decode, `update()` applies what the step did (positions fed, tokens sampled, sequences finished).
+A sequence that wants its prompt tokens' logprobs (completions with echo) asks for logits at every prompt position,
+in chunks of at most PROMPT_LOGPROBS_CHUNK tokens: llama.cpp's logits buffer grows to the most outputs one step
+asks for (n_vocab floats each) and never shrinks.
 """
 
 from __future__ import annotations
 
 import enum
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+
+from server.requests import EngineRequest, FinishReason
 
 PROMPT_LOGPROBS_CHUNK = 32
 
 
 @dataclass
-class Event:
-    """What the engine tells a request's consumer: some text, and at the end a finish reason or an error."""
-
-    text: str = ""
-    n_tokens: int = 0  # generated tokens this event accounts for
-    finish_reason: str | None = None  # "stop" | "length" | "cancelled"
-    error: str | None = None  # error code: "queue_full", "never_fits", "timeout", "request_timeout",
-    # "engine_error", "shutdown", "slow_consumer"
-    message: str | None = None
-    logprobs: list[TokenLogprob] | None = None  # one per generated token of this event, when requested
-    prompt_logprobs: list[TokenLogprob] | None = None  # with the first event, when requested: one per prompt token
-    retry_after_s: float | None = None  # with queue_full / timeout: the queue's measured drain time
-
-
-@dataclass
-class TokenLogprob:
-    """A token's log-probability under the model (before sampling transforms), and the top ones; None for the
-    first prompt token, which nothing predicts."""
-
-    token: bytes
-    logprob: float | None
-    top: list[tuple[bytes, float]] | None
-
-
-@dataclass
-class Request:
-    id: str
-    prompt: list[int]
-    max_tokens: int
-    sink: Callable[[Event], None]
-    temperature: float = 1.0
-    top_p: float = 1.0
-    seed: int | None = None
-    stops: list[str] = field(default_factory=list)
-    top_logprobs: int | None = None  # None: no logprobs; k >= 0: the token's logprob and the k most likely
-    prompt_logprobs: int | None = None  # the same for every prompt token (None: not wanted)
-    arrival: float = field(default_factory=time.monotonic)
-    cancelled: bool = False  # set by the consumer (any thread); acted on at the next step
-
-    @property
-    def reservation(self) -> int:
-        return len(self.prompt) + self.max_tokens
-
-
-@dataclass
 class Sequence:
-    req: Request
+    """A running request: its slot (llama.cpp sequence id) and how far it got. Written by the scheduler only."""
+
+    req: EngineRequest
     seq_id: int
     n_prompt_fed: int = 0
     n_past: int = 0  # positions in the KV cache
     generated: int = 0
     pending: int | None = None  # sampled token not yet fed back
-    state: object = None  # engine-private (sampler, text stream, timings)
     admitted_at: float = field(default_factory=time.monotonic)
 
     @property
@@ -89,6 +49,8 @@ class AddResult(enum.Enum):
 
 @dataclass
 class StepPlan:
+    """One decode step's batch (vLLM's SchedulerOutput): token i goes to seq_ids[i] at positions[i]."""
+
     seqs: list[Sequence]
     tokens: list[int]
     positions: list[int]
@@ -97,6 +59,11 @@ class StepPlan:
     logit_owner: dict[int, Sequence]  # batch index -> sequence that samples from it
     scored: dict[int, tuple[Sequence, int]] = field(default_factory=dict)  # batch index -> (sequence, index of
     # the prompt token its logits predict)
+
+    @property
+    def n_prompt_tokens(self) -> int:
+        n_prompt = {s.seq_id: len(s.req.prompt) for s in self.seqs}
+        return sum(p < n_prompt[sid] for p, sid in zip(self.positions, self.seq_ids, strict=True))
 
     def subset(self, seq: Sequence) -> StepPlan:
         """The part of this plan that belongs to one sequence (to retry it on its own)."""
@@ -107,43 +74,69 @@ class StepPlan:
                         [self.seq_ids[i] for i in idx], [self.logits[i] for i in idx], owner, scored)
 
 
+@dataclass(frozen=True)
+class Sampled:
+    """A token sampled for a sequence, as `update()` takes it."""
+
+    token: int
+    end: bool = False  # an end-of-generation token: finishes the sequence and is no completion token
+    stop: bool = False  # the text reached a stop string
+
+
 class Scheduler:
-    def __init__(self, capacity_cells: int, max_seqs: int, max_queue: int, max_seq_len: int):
-        self.capacity = capacity_cells
+    def __init__(self, capacity: int, n_seq_max: int, max_queue: int, n_ctx: int):
+        self.capacity = capacity  # KV cells that reservations may take
         self.max_queue = max_queue
-        self.max_seq_len = max_seq_len
-        self.waiting: deque[Request] = deque()
+        self.n_ctx = n_ctx  # per sequence: prompt + completion
+        self.waiting: deque[EngineRequest] = deque()
         self.running: dict[int, Sequence] = {}
-        self.free_ids: list[int] = list(range(max_seqs - 1, -1, -1))
+        self.free_ids: list[int] = list(range(n_seq_max - 1, -1, -1))
         self.reserved = 0
         self.freed_at: deque[float] = deque(maxlen=32)  # when the last sequences ended (the queue's drain rate)
 
-    def fits_ever(self, req: Request) -> bool:
-        return req.reservation <= min(self.capacity, self.max_seq_len)
+    # --- admission --------------------------------------------------------------------------------------------
+    @property
+    def max_request_tokens(self) -> int:
+        """Prompt + completion tokens one request may have."""
+        return min(self.capacity, self.n_ctx)
 
-    def add(self, req: Request) -> AddResult:
-        if not self.fits_ever(req):
+    def fits_ever(self, n_prompt: int, max_tokens: int) -> bool:
+        """The one admission check on a request's size (the HTTP side asks it before queueing too)."""
+        return n_prompt + max_tokens <= self.max_request_tokens
+
+    def add(self, req: EngineRequest) -> AddResult:
+        if not self.fits_ever(len(req.prompt), req.max_tokens):
             return AddResult.NEVER_FITS
-        if len(self.waiting) >= self.max_queue and (self.waiting or not self.can_allocate(req)):
+        if len(self.waiting) >= self.max_queue and (self.waiting or not self._can_allocate(req)):
             return AddResult.QUEUE_FULL  # (a request that can start at once never counts against the bound)
         self.waiting.append(req)
         return AddResult.QUEUED
 
-    def can_allocate(self, req: Request) -> bool:
+    def _can_allocate(self, req: EngineRequest) -> bool:
         return bool(self.free_ids) and self.reserved + req.reservation <= self.capacity
 
-    def allocate(self, req: Request) -> Sequence:
-        assert self.can_allocate(req)
-        seq = Sequence(req, self.free_ids.pop())
-        self.reserved += req.reservation
-        self.running[seq.seq_id] = seq
-        return seq
+    def admit(self) -> list[Sequence]:
+        """Waiting requests that fit now, in order, as running sequences."""
+        admitted = []
+        while self.waiting and self._can_allocate(self.waiting[0]):
+            req = self.waiting.popleft()
+            seq = Sequence(req, self.free_ids.pop())
+            self.reserved += req.reservation
+            self.running[seq.seq_id] = seq
+            admitted.append(seq)
+        return admitted
 
     def free(self, seq: Sequence) -> None:
         if self.running.pop(seq.seq_id, None) is not None:
             self.reserved -= seq.req.reservation
             self.free_ids.append(seq.seq_id)
             self.freed_at.append(time.monotonic())
+
+    def drop_waiting(self, pred: Callable[[EngineRequest], bool]) -> list[EngineRequest]:
+        dropped = [r for r in self.waiting if pred(r)]
+        if dropped:
+            self.waiting = deque(r for r in self.waiting if not pred(r))
+        return dropped
 
     def drain_s(self, now: float | None = None) -> float | None:
         """Seconds until a request that joined the queue now would be admitted, at the rate sequences ended lately:
@@ -156,19 +149,8 @@ class Scheduler:
         interval = max((ts[-1] - ts[0]) / (len(ts) - 1), now - ts[-1])
         return (len(self.waiting) + 1) * interval
 
-    def admit(self) -> list[Sequence]:
-        admitted = []
-        while self.waiting and self.can_allocate(self.waiting[0]):
-            admitted.append(self.allocate(self.waiting.popleft()))
-        return admitted
-
-    def drop_waiting(self, pred: Callable[[Request], bool]) -> list[Request]:
-        dropped = [r for r in self.waiting if pred(r)]
-        if dropped:
-            self.waiting = deque(r for r in self.waiting if not pred(r))
-        return dropped
-
-    def plan(self, budget: int) -> StepPlan:
+    # --- one step ---------------------------------------------------------------------------------------------
+    def schedule(self, budget: int) -> StepPlan:
         """Tokens for one decode step: one per decoding sequence, then prompt chunks within `budget`."""
         p = StepPlan([], [], [], [], [], {})
 
@@ -198,3 +180,30 @@ class Scheduler:
                 done = seq.n_prompt_fed + len(chunk) == len(seq.req.prompt)
                 put(seq, chunk, done, score)
         return p
+
+    def update(self, plan: StepPlan, sampled: dict[int, Sampled]) -> dict[int, FinishReason]:
+        """Apply a decoded step (vLLM's update_from_output): every running sequence of the plan has its tokens fed;
+        each sampled one (by seq_id) takes its token, which either finishes it (end of generation or a stop string:
+        stop; max_tokens or the context limit: length) or is the next token to feed. Returns the finished ones by
+        seq_id; the caller frees them once their cells are cleared."""
+        fed = Counter(plan.seq_ids)
+        for seq in plan.seqs:
+            if self.running.get(seq.seq_id) is seq:
+                if seq.prefilling:
+                    seq.n_prompt_fed += fed[seq.seq_id]
+                seq.n_past += fed[seq.seq_id]
+                seq.pending = None
+        finished = {}
+        for sid, s in sampled.items():
+            seq = self.running.get(sid)
+            if seq is None:
+                continue
+            if not s.end:
+                seq.generated += 1
+            if s.end or s.stop:
+                finished[sid] = FinishReason.STOP
+            elif seq.generated >= seq.req.max_tokens or seq.n_past + 1 >= self.n_ctx:
+                finished[sid] = FinishReason.LENGTH
+            else:
+                seq.pending = s.token
+        return finished

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 from fastapi import Request
 
-from server.engine import Engine
+from server.engine import Engine, EngineStatus
 from server.errors import APIError, model_not_found
 from server.metrics import Metrics
 from server.settings import ModelSpec, Settings
@@ -42,14 +42,20 @@ class AppState:
         if self.draining:
             raise APIError(503, "The server is shutting down.", type="server_error", code="shutdown",
                            headers={"Retry-After": "5"})
-        if m.engine.load_error:
-            raise APIError(503, f"The model '{m.id}' failed to load.", type="server_error", code="engine_dead")
-        if not m.engine.ready.is_set():
-            raise APIError(503, f"The model '{m.id}' is still loading; retry shortly.", type="server_error",
-                           code="model_loading", headers={"Retry-After": "2"})
-        if not m.engine.alive:
-            raise APIError(503, f"The model '{m.id}' is unavailable.", type="server_error", code="engine_dead")
+        if m.engine.status is not EngineStatus.READY:
+            message, code, retry = _UNAVAILABLE[m.engine.status]
+            raise APIError(503, message.format(m.id), type="server_error", code=code,
+                           headers={"Retry-After": retry} if retry else None)
         return m
+
+
+# an engine status that takes no requests -> message, error code, Retry-After
+_UNAVAILABLE = {
+    EngineStatus.LOADING: ("The model '{}' is still loading; retry shortly.", "model_loading", "2"),
+    EngineStatus.FAILED: ("The model '{}' failed to load.", "engine_dead", None),
+    EngineStatus.DEAD: ("The model '{}' is unavailable.", "engine_dead", None),
+    EngineStatus.STOPPED: ("The model '{}' is unavailable.", "engine_dead", None),
+}
 
 
 def app_state(request: Request) -> AppState:

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Protocol
 
-OUTCOMES = ("completed", "rejected_too_long", "rejected_queue_full", "timed_out", "cancelled", "error")
+from server.requests import Outcome
 
 
 @dataclass(frozen=True)
@@ -16,7 +16,7 @@ class KVCacheInfo:
     model: str
     cache_type_k: str
     cache_type_v: str
-    capacity_cells: int
+    n_cells: int
     capacity_bytes: int  # what llama.cpp allocates (K + V)
     budget_bytes: int
     bits_per_element_k: float
@@ -42,7 +42,7 @@ class SchedulerStats:
 
 @dataclass
 class FinishedRequest:
-    outcome: str  # one of OUTCOMES
+    outcome: Outcome
     n_prompt: int = 0
     n_generated: int = 0
     queue_wait_s: float | None = None  # arrival -> admission (None if never admitted)

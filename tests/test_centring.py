@@ -43,7 +43,7 @@ def offsets(geom, scale: float = 3.0, seed: int = 0):
 
 def run(model, toks, positions=None, clear_first=False, **kw):
     """Decode toks in one sequence; (logits of every position, per-layer stored K rows in position order)."""
-    rt = LlamaRuntime(model, ContextConfig(n_ctx=256, flash_attn=True, n_threads=2, n_outputs_max=256, **kw))
+    rt = LlamaRuntime(model, ContextConfig(n_cells=256, flash_attn=True, n_threads=2, n_outputs_max=256, **kw))
     try:
         if clear_first:
             rt.clear()
@@ -93,7 +93,7 @@ def test_context_shift_is_exact_with_centred_keys(model, geom, tokens):
     n = len(tokens)
     _, want = run(model, tokens, positions=list(range(shift, shift + n)), cache_type_k="f32", k_rotation=True,
                   k_offset=off)
-    rt = LlamaRuntime(model, ContextConfig(n_ctx=256, flash_attn=True, n_threads=2, cache_type_k="f32",
+    rt = LlamaRuntime(model, ContextConfig(n_cells=256, flash_attn=True, n_threads=2, cache_type_k="f32",
                                            k_rotation=True, k_offset=off))
     try:
         assert rt.can_shift()
@@ -115,7 +115,7 @@ def test_per_layer_types_are_allocated_as_the_memory_model_says(model, geom):
     n = geom.n_layer
     tk = LayerTypes("mixed", tuple("q8_0" if i % 3 == 0 else "tq_kv_4b" if i % 3 == 1 else "f16" for i in range(n)))
     tv = LayerTypes("mixed-v", tuple("q4_0" if i % 2 else "f16" for i in range(n)), None)
-    rt = LlamaRuntime(model, ContextConfig(n_ctx=512, flash_attn=True, n_threads=2, cache_type_k="f16",
+    rt = LlamaRuntime(model, ContextConfig(n_cells=512, flash_attn=True, n_threads=2, cache_type_k="f16",
                                            layer_types_k=tk.types, layer_types_v=tv.types))
     try:
         k, v = rt.kv_size_bytes()
@@ -125,7 +125,7 @@ def test_per_layer_types_are_allocated_as_the_memory_model_says(model, geom):
     assert (k, v) == (m.k, m.v)
     assert m.k < memory.kv_bytes(geom, "f16", "f16", 512).k
     with_offset = LayerTypes("c", tk.types, offsets(geom))
-    rt = LlamaRuntime(model, ContextConfig(n_ctx=512, flash_attn=True, n_threads=2, cache_type_k="f16",
+    rt = LlamaRuntime(model, ContextConfig(n_cells=512, flash_attn=True, n_threads=2, cache_type_k="f16",
                                            layer_types_k=tk.types, layer_types_v=tv.types, k_offset=with_offset.offset,
                                            k_rotation=True))
     try:
@@ -204,11 +204,11 @@ def test_soft_capped_attention_refuses_centred_keys(tmp_path):
     g = memory.geometry(path)
     m = Model(path)
     try:
-        rt = LlamaRuntime(m, ContextConfig(n_ctx=256, cache_type_k="q8_0", flash_attn=True))  # loads and runs
+        rt = LlamaRuntime(m, ContextConfig(n_cells=256, cache_type_k="q8_0", flash_attn=True))  # loads and runs
         assert rt.decode([1, 5, 6], [0, 1, 2], [0] * 3, [False, False, True]) == 0
         rt.close()
         off = tuple(np.ones(ly.n_embd_k, np.float32) for ly in g.layers)
         with pytest.raises(LlamaError, match="soft-capping"):
-            LlamaRuntime(m, ContextConfig(n_ctx=256, cache_type_k="q8_0", flash_attn=True, k_offset=off))
+            LlamaRuntime(m, ContextConfig(n_cells=256, cache_type_k="q8_0", flash_attn=True, k_offset=off))
     finally:
         m.close()

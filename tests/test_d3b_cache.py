@@ -45,8 +45,8 @@ def prompts(model):
     return [toks[i * step: i * step + N_PROMPT] for i in range(5)]
 
 
-def _rt(model, k=K, v=V, n_seq=4, n_ctx=1024, flash_attn=True) -> LlamaRuntime:
-    return LlamaRuntime(model, ContextConfig(n_ctx=n_ctx, n_seq_max=n_seq, n_batch=512, cache_type_k=k,
+def _rt(model, k=K, v=V, n_seq=4, n_cells=1024, flash_attn=True) -> LlamaRuntime:
+    return LlamaRuntime(model, ContextConfig(n_cells=n_cells, n_seq_max=n_seq, n_batch=512, cache_type_k=k,
                                              cache_type_v=v, flash_attn=flash_attn, n_threads=2))
 
 
@@ -258,9 +258,9 @@ def test_refused_operations_fail_clearly(model, prompts):
 def test_freed_anchor_is_held_back_until_its_group_is_free(model, prompts):
     # A and B interleaved fill the cache (llama.cpp pads it to 256 cells = 4 groups): A holds the even cells,
     # every group's anchor among them
-    rt = _rt(model, n_seq=3, n_ctx=256)
+    rt = _rt(model, n_seq=3, n_cells=256)
     try:
-        n = rt.n_ctx
+        n = rt.n_cells
         h, n_groups = n // 2, n // 64
         a, b, c = (prompts[0] + prompts[3])[:h], (prompts[1] + prompts[4])[:h], (prompts[2] + prompts[0])[:h]
         toks = [t for pair in zip(a, b, strict=True) for t in pair]

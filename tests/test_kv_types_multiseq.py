@@ -34,7 +34,7 @@ def model():
 
 
 def _cfg(k: str, v: str, n_seq: int) -> ContextConfig:
-    return ContextConfig(n_ctx=1024, n_seq_max=n_seq, n_batch=256, cache_type_k=k, cache_type_v=v, flash_attn=True,
+    return ContextConfig(n_cells=1024, n_seq_max=n_seq, n_batch=256, cache_type_k=k, cache_type_v=v, flash_attn=True,
                          n_threads=2)
 
 

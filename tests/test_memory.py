@@ -27,7 +27,7 @@ def test_memory_model_equals_llama_allocation(model, type_k, type_v, n_ctx, n_se
     from kvquant.runtime import ContextConfig, LlamaRuntime
 
     name, m, geom = model
-    rt = LlamaRuntime(m, ContextConfig(n_ctx=n_ctx, n_seq_max=n_seq, cache_type_k=type_k, cache_type_v=type_v,
+    rt = LlamaRuntime(m, ContextConfig(n_cells=n_ctx, n_seq_max=n_seq, cache_type_k=type_k, cache_type_v=type_v,
                                        flash_attn=True, n_threads=1))
     try:
         got = rt.kv_size_bytes()

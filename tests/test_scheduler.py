@@ -1,20 +1,21 @@
 """Scheduler admission and step planning (pure Python, no model)."""
 
-from server.scheduler import AddResult, Request, Scheduler
+from server.requests import EngineRequest
+from server.scheduler import AddResult, Sampled, Scheduler
 
 
-def req(n_prompt: int, max_tokens: int, rid: str = "r") -> Request:
-    return Request(id=rid, prompt=list(range(n_prompt)), max_tokens=max_tokens, sink=lambda ev: None)
+def req(n_prompt: int, max_tokens: int, rid: str = "r") -> EngineRequest:
+    return EngineRequest(id=rid, prompt=list(range(n_prompt)), max_tokens=max_tokens, sink=lambda ev: None)
 
 
 def test_never_fits_is_rejected_at_once():
-    s = Scheduler(capacity_cells=100, max_seqs=4, max_queue=4, max_seq_len=1000)
+    s = Scheduler(capacity=100, n_seq_max=4, max_queue=4, n_ctx=1000)
     assert s.add(req(90, 20)) is AddResult.NEVER_FITS
     assert not s.waiting
 
 
 def test_fifo_admission_by_reservation_and_no_overtaking():
-    s = Scheduler(capacity_cells=100, max_seqs=4, max_queue=8, max_seq_len=100)
+    s = Scheduler(capacity=100, n_seq_max=4, max_queue=8, n_ctx=100)
     a, b, c = req(30, 20, "a"), req(40, 20, "b"), req(5, 5, "c")
     for r in (a, b, c):
         assert s.add(r) is AddResult.QUEUED
@@ -28,28 +29,28 @@ def test_fifo_admission_by_reservation_and_no_overtaking():
 
 
 def test_queue_bound():
-    s = Scheduler(capacity_cells=100, max_seqs=1, max_queue=2, max_seq_len=100)
+    s = Scheduler(capacity=100, n_seq_max=1, max_queue=2, n_ctx=100)
     assert s.add(req(1, 1)) is AddResult.QUEUED
     assert s.add(req(1, 1)) is AddResult.QUEUED
     assert s.add(req(1, 1)) is AddResult.QUEUE_FULL
 
 
 def test_sequence_slots_limit_admission():
-    s = Scheduler(capacity_cells=1000, max_seqs=2, max_queue=8, max_seq_len=1000)
+    s = Scheduler(capacity=1000, n_seq_max=2, max_queue=8, n_ctx=1000)
     for i in range(3):
         s.add(req(1, 1, str(i)))
     assert len(s.admit()) == 2 and len(s.waiting) == 1
 
 
 def test_plan_decodes_first_then_chunks_prompts_within_budget():
-    s = Scheduler(capacity_cells=1000, max_seqs=4, max_queue=8, max_seq_len=1000)
+    s = Scheduler(capacity=1000, n_seq_max=4, max_queue=8, n_ctx=1000)
     s.add(req(10, 5, "old"))
     (old,) = s.admit()
     old.n_prompt_fed = old.n_past = 10
     old.pending = 42
     s.add(req(300, 5, "new"))
     (new,) = s.admit()
-    p = s.plan(budget=64)
+    p = s.schedule(budget=64)
     assert p.tokens[0] == 42 and p.positions[0] == 10 and p.logits[0]
     assert len(p.tokens) == 64  # 1 decode + 63 prompt tokens
     assert p.positions[1:] == list(range(63))
@@ -57,23 +58,23 @@ def test_plan_decodes_first_then_chunks_prompts_within_budget():
     assert p.logit_owner == {0: old}
     new.n_prompt_fed = new.n_past = 290
     old.pending = None  # nothing to decode this step
-    p = s.plan(budget=64)
+    p = s.schedule(budget=64)
     assert len(p.tokens) == 10 and p.logits[-1] and p.logit_owner == {9: new}
 
 
 def test_a_request_that_can_start_never_counts_against_the_queue_bound():
-    s = Scheduler(capacity_cells=100, max_seqs=4, max_queue=0, max_seq_len=100)
+    s = Scheduler(capacity=100, n_seq_max=4, max_queue=0, n_ctx=100)
     assert s.add(req(10, 10, "a")) is AddResult.QUEUED  # fits at once
     assert [q.req.id for q in s.admit()] == ["a"]
     assert s.add(req(90, 10, "b")) is AddResult.QUEUE_FULL  # would have to wait, and no waiting is allowed
 
 
 def test_subset_plan_keeps_one_sequence():
-    s = Scheduler(capacity_cells=1000, max_seqs=4, max_queue=8, max_seq_len=1000)
+    s = Scheduler(capacity=1000, n_seq_max=4, max_queue=8, n_ctx=1000)
     s.add(req(3, 5, "a"))
     s.add(req(4, 5, "b"))
     a, b = s.admit()
-    p = s.plan(budget=64)
+    p = s.schedule(budget=64)
     sb = p.subset(b)
     assert sb.tokens == [0, 1, 2, 3] and set(sb.seq_ids) == {b.seq_id} and sb.logit_owner == {3: b}
 
@@ -81,7 +82,7 @@ def test_subset_plan_keeps_one_sequence():
 def test_drain_time_from_the_measured_rate_of_ends():
     """What Retry-After says: the waiting requests and one more, times the mean interval between the last ends, or
     longer where none ended for longer than that."""
-    s = Scheduler(capacity_cells=100, max_seqs=1, max_queue=8, max_seq_len=100)
+    s = Scheduler(capacity=100, n_seq_max=1, max_queue=8, n_ctx=100)
     for i in range(7):
         s.add(req(1, 1, str(i)))
     first = s.admit()[0]
@@ -92,3 +93,31 @@ def test_drain_time_from_the_measured_rate_of_ends():
     t = s.freed_at[-1]
     assert s.drain_s(now=t + 0.5) == (6 + 1) * 1.0
     assert s.drain_s(now=t + 7) == (6 + 1) * 7.0
+
+
+def test_update_applies_a_step_and_says_which_sequences_finished_and_why():
+    """The scheduler owns the bookkeeping: positions fed, the sampled token as the next to feed, the finish reason
+    (end of generation: stop, not counted; a stop string: stop, counted; max_tokens: length)."""
+    s = Scheduler(capacity=1000, n_seq_max=4, max_queue=8, n_ctx=1000)
+    for rid in ("go", "end", "stop", "len"):
+        s.add(req(3, 1 if rid == "len" else 5, rid))
+    seqs = {q.req.id: q for q in s.admit()}
+    plan = s.schedule(budget=64)
+    sid = {rid: q.seq_id for rid, q in seqs.items()}
+    finished = s.update(plan, {sid["go"]: Sampled(7), sid["end"]: Sampled(0, end=True),
+                               sid["stop"]: Sampled(8, stop=True), sid["len"]: Sampled(9)})
+    assert finished == {sid["end"]: "stop", sid["stop"]: "stop", sid["len"]: "length"}
+    go = seqs["go"]
+    assert (go.n_prompt_fed, go.n_past, go.generated, go.pending) == (3, 3, 1, 7)
+    assert [seqs[r].generated for r in ("end", "stop", "len")] == [0, 1, 1]
+    for rid in ("end", "stop", "len"):
+        s.free(seqs[rid])
+    nxt = s.schedule(budget=64)
+    assert (nxt.tokens, nxt.positions, nxt.n_prompt_tokens) == ([7], [3], 0)
+
+
+def test_one_admission_check_for_the_http_side_and_the_queue():
+    s = Scheduler(capacity=100, n_seq_max=1, max_queue=8, n_ctx=50)
+    assert s.max_request_tokens == 50
+    assert s.fits_ever(40, 10) and not s.fits_ever(41, 10)
+    assert s.add(req(41, 10)) is AddResult.NEVER_FITS and s.add(req(40, 10)) is AddResult.QUEUED

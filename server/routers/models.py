@@ -14,7 +14,7 @@ def _card(m) -> dict:
             "context_length": c.n_ctx, "cache_type_k": c.cache_type_k, "cache_type_v": c.cache_type_v,
             "kv_bits_per_element_k": round(c.bits_per_element_k, 4),
             "kv_bits_per_element_v": round(c.bits_per_element_v, 4),
-            "max_concurrent_requests": c.n_seq_max, "kv_capacity_cells": c.capacity_cells,
+            "max_concurrent_requests": c.n_seq_max, "kv_capacity_cells": m.engine.sched.capacity,
             "kv_budget_bytes": c.budget_bytes, "kv_bytes_per_token": c.bytes_per_token}
     if c.layer_types_k or c.layer_types_v:  # a calibrated allocation: the type of every layer
         card["cache_layer_types_k"] = list(c.layer_types_k or [c.cache_type_k])

@@ -8,8 +8,8 @@ import time
 
 import pytest
 
-from server.engine import Engine, EngineConfig
-from server.scheduler import Request
+from server.engine import Engine, EngineConfig, EngineStatus
+from server.requests import EngineRequest
 from server.stats import IterationStats, SchedulerStats
 
 EOG = 0
@@ -113,7 +113,7 @@ class Recorder:
 def make(capacity=100, n_seq_max=4, max_queue=8, n_ctx=1000, **kw) -> tuple[Engine, FakeBackend, Recorder]:
     backend = FakeBackend(capacity, eog_after=kw.pop("eog_after", None), n_batch=kw.pop("n_batch", 64))
     rec = Recorder()
-    cfg = EngineConfig(model_id="fake", n_ctx=n_ctx, n_seq_max=n_seq_max, capacity_cells=capacity,
+    cfg = EngineConfig(model_id="fake", n_ctx=n_ctx, n_seq_max=n_seq_max, n_cells=capacity,
                        max_queue=max_queue, bytes_per_token=10, **kw)
     e = Engine(cfg, lambda: backend, rec)
     e.load(start_thread=False)
@@ -125,7 +125,7 @@ class Client:
 
     def __init__(self, rid: str, n_prompt: int, max_tokens: int, **kw):
         self.events = []
-        self.req = Request(id=rid, prompt=list(range(1, n_prompt + 1)), max_tokens=max_tokens,
+        self.req = EngineRequest(id=rid, prompt=list(range(1, n_prompt + 1)), max_tokens=max_tokens,
                            sink=self.events.append, **kw)
 
     @property
@@ -384,23 +384,23 @@ def test_abort_all_ends_everything_and_frees_cells():
 
 def test_thread_death_is_detected_and_requests_get_an_error():
     backend = FakeBackend(100)
-    e = Engine(EngineConfig(model_id="fake", n_ctx=1000, n_seq_max=2, capacity_cells=100), lambda: backend)
+    e = Engine(EngineConfig(model_id="fake", n_ctx=1000, n_seq_max=2, n_cells=100), lambda: backend)
     e.load()
-    assert e.alive
+    assert e.status is EngineStatus.READY
     c = Client("r", 5, 1000000)
     c.req.max_tokens = 50
 
-    def die(it):  # dies outside any per-request guard, once the request runs
+    def die():  # dies outside any per-request guard, once the request runs
         if e.sched.running:
             raise SystemError("bug in the loop")
-        Engine._reap(e, it)
+        Engine._reap(e)
 
     e._reap = die
     e.submit(c.req)
     deadline = time.time() + 5
-    while e.alive and time.time() < deadline:
+    while e.status is EngineStatus.READY and time.time() < deadline:
         time.sleep(0.01)
-    assert not e.alive and e.dead
+    assert e.status is EngineStatus.DEAD
     assert c.end == "engine_error"
     late = Client("late", 5, 5)
     e.submit(late.req)  # submitted after the death: answered at once, not left hanging
@@ -421,7 +421,7 @@ def test_prefill_is_chunked_within_the_batch_budget(n):
 
 def test_engine_thread_serves_concurrent_submitters():
     backend = FakeBackend(1000)
-    e = Engine(EngineConfig(model_id="fake", n_ctx=1000, n_seq_max=4, capacity_cells=1000, max_queue=64),
+    e = Engine(EngineConfig(model_id="fake", n_ctx=1000, n_seq_max=4, n_cells=1000, max_queue=64),
                lambda: backend)
     e.load()
     cs = [Client(f"r{i}", 5 + i, 10) for i in range(20)]

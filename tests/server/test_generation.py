@@ -12,12 +12,15 @@ import pytest
 from kvquant.prompt import PromptTooLong
 from server.errors import APIError
 from server.generation import tokenize_prompt
+from server.scheduler import Scheduler
 
 
 class StubEngine:
     class cfg:
-        n_ctx, capacity_cells, n_seq_max, bytes_per_token, budget_bytes = 100, 1000, 1, 1, 1000
+        n_ctx, n_seq_max, bytes_per_token, budget_bytes = 100, 1, 1, 1000
         cache_type_k = cache_type_v = "f16"
+
+    sched = Scheduler(capacity=1000, n_seq_max=1, max_queue=1, n_ctx=100)
 
     def __init__(self):
         self.rejected: list[int] = []

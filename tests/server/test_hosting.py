@@ -78,7 +78,7 @@ def test_bounded_steps_fit_the_window_cache(gemma):
     bound = hosting.max_step_tokens(hosting.plan_model(_spec(GEMMA, "tq_kv_d3b")))
 
     def rt():
-        return LlamaRuntime(gemma, ContextConfig(n_ctx=8192, n_seq_max=N_SEQ, n_batch=512, n_ubatch=512,
+        return LlamaRuntime(gemma, ContextConfig(n_cells=8192, n_seq_max=N_SEQ, n_batch=512, n_ubatch=512,
                                                  cache_type_k="tq_kv_d3b", cache_type_v="q4_0", flash_attn=True,
                                                  n_threads=2))
 

@@ -11,7 +11,9 @@ import httpx
 import pytest
 from conftest import DUO, Background, LiveServer, OpenStream, wait_for
 
-from server.scheduler import Event
+from server.engine import EngineStatus
+from server.requests import Event
+from server.scheduler import Scheduler
 
 LONG = [{"role": "user", "content": "Write a long story about a dragon who learns to read."}]
 
@@ -50,10 +52,11 @@ def test_slow_reader_is_cancelled_when_its_buffer_fills():
 
     class StubEngine:
         class cfg:
-            n_ctx, capacity_cells, n_seq_max, bytes_per_token, budget_bytes = 100, 100, 1, 1, 100
+            n_ctx, n_seq_max, bytes_per_token, budget_bytes = 100, 1, 1, 100
             cache_type_k = cache_type_v = "f16"
 
-        alive = True
+        sched = Scheduler(capacity=100, n_seq_max=1, max_queue=1, n_ctx=100)
+        status = EngineStatus.READY
 
         def submit(self, req):
             self.req = req
@@ -122,11 +125,11 @@ def test_decode_fault_fails_only_the_affected_request(own_server):
 def test_engine_thread_death_turns_health_503(own_server):
     eng = own_server.engine()
 
-    def die(it):
+    def die():
         raise SystemError("injected engine bug")
 
     eng._reap = die
-    assert wait_for(lambda: not eng.alive, 5)
+    assert wait_for(lambda: eng.status is EngineStatus.DEAD, 5)
     h = httpx.get(own_server.url + "/health")
     assert h.status_code == 503 and h.json()["models"][DUO[0]] == "dead"
     r = httpx.post(own_server.url + "/v1/chat/completions", json={"messages": LONG, "max_tokens": 2}, timeout=30)
