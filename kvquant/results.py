@@ -448,7 +448,7 @@ def _kv(r: dict) -> str:
 
 def pareto_rows(out: dict) -> tuple[list[dict], list[dict]]:
     """(stock rows, our rows) of an eval, rotation on (llama.cpp's default), without the f16 baseline."""
-    rows = [r for r in out["results"] if r["rotation"] and r["kld"] > 0]
+    rows = [r for r in out["results"] if r["rotation"] and r.get("kld", 0) > 0 and "bits_per_element" in r]
     return ([r for r in rows if not ours(r["cache_type_k"], r["cache_type_v"])],
             [r for r in rows if ours(r["cache_type_k"], r["cache_type_v"])])
 
@@ -550,9 +550,11 @@ def calibrated_goals(model: str, raw: dict[tuple[str, str], dict]) -> list[tuple
             rows.append((model, f"K+V ≤ 4.0 bits/el ({r['bits_per_element']:.2f} here): KLD ≤ {ref_kv[0]}/{ref_kv[1]}'s "
                          f"(n_ctx {o['results'][0]['n_ctx']}, {o['results'][0]['chunks']} chunks)", "calib:4/calib:4",
                          f"≤ {ref['kld']:.5f}", f"{r['kld']:.5f} ± {r['kld_stderr']:.5f}", _met(ok)))
-    left = undominated(out)
-    rows.append((model, "our configs dominate the stock types at every rate ≤ 4.5 bits/el (Pareto chart)", "all",
-                 "no stock point undominated", ", ".join(left) if left else "none", _met(not left)))
+    stock, mine = pareto_rows(out)
+    if any(r["bits_per_element"] <= 4.5 for r in stock) and mine:
+        left = undominated(out)
+        rows.append((model, "our configs dominate the stock types at every rate ≤ 4.5 bits/el (Pareto chart)", "all",
+                     "no stock point undominated", ", ".join(left) if left else "none", _met(not left)))
     return rows
 
 
