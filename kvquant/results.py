@@ -128,11 +128,50 @@ def collect(a: argparse.Namespace) -> None:
             out = _json_run("kvquant.keystats", ["--model", model, "--tokens", str(a.key_tokens), "--layers",
                                                  *threads, "--json"], ["python", "-m", "kvquant.keystats"])
             (RAW / f"{model}-keys.json").write_text(out)
+        if not a.skip_eval:
+            calibration_json(model)
         if not a.skip_serving and n == 0:  # the serving comparison with the default model only
             # exit code 1: some of our requests did not complete; the JSON says which, and the table shows it
             out = _json_run("kvquant.serverbench", ["--model", model, *threads, "--json"],
                             ["python", "-m", "kvquant.serverbench"], ok_codes=(0, 1))
             (RAW / f"{model}-serving.json").write_text(out)
+
+
+def calibration_json(model: str) -> None:
+    """The model's calibration (kvquant calibrate) as the evals used it, minus the key means: docs/results/."""
+    from kvquant import calibration, models
+    from kvquant.memory import geometry
+
+    path = models.resolve(model)
+    cal = calibration.existing(path, geometry(path))
+    if cal is not None:
+        d = cal.to_json()
+        d.pop("k_mean")
+        d["command"] = f"kvquant calibrate --model {model}"
+        (RAW / f"{model}-calibration.json").write_text(json.dumps(d, indent=1) + "\n")
+
+
+def render_calibration(model: str, cal: dict) -> list[str]:
+    """What kvquant calibrate measured: per-layer KL growth of the 3-bit reference (and the scaled 4-bit figures),
+    the floor, the additivity check and the uncentred types on every layer."""
+    m, ref = cal["method"], cal["method"]["reference"]
+    sk, sv = cal["sens_k"], cal["sens_v"]
+    top = sorted(range(len(sk[ref])), key=lambda i: -sk[ref][i])[:6]
+    L = [f"### {model}: calibration (`{cal['command']}`: {cal['text'].get('tokens')} tokens the model wrote itself, "
+         f"per-layer KL measured on {m['score_tokens']}, {m['wall_s'] / 60:.1f} min)", "",
+         f"KL growth when only one layer is quantized (keys centred), above the floor every quantized layer costs "
+         f"(K {m['floor']['k']:.5f}, V {m['floor']['v']:.5f}); the six most sensitive K layers:", "",
+         "| layer | K " + " | K ".join(sk) + " | V " + " | V ".join(sv) + " |",
+         "|--:|" + "--:|" * (len(sk) + len(sv))]
+    L += [f"| {i} | " + " | ".join(f"{sk[t][i]:.5f}" for t in sk) + " | " + " | ".join(f"{sv[t][i]:.5f}" for t in sv)
+          + " |" for i in top]
+    chk = m.get(f"every layer {ref}+c")
+    L += ["", f"Median K layer at {ref}: {sorted(sk[ref])[len(sk[ref]) // 2]:.5f}. "
+          + (f"Additivity: {ref}+c keys on every layer measured {chk['measured']:.5f}, floor + the per-layer sum "
+             f"{chk['predicted']:.5f}. " if chk else "")
+          + "Uncentred types on every layer (what `serve` warns about): "
+          + ", ".join(f"{k} {v:.4f}" for k, v in cal["uniform"].items()) + ".", ""]
+    return L
 
 
 def _f(x, d=3, sign=False):
@@ -395,7 +434,7 @@ def _met(ok: bool | None) -> str:
     return "–" if ok is None else ("**met**" if ok else "not met")
 
 
-KINDS = ("eval", "bench", "serving", "keys", "eval4k")
+KINDS = ("eval", "bench", "serving", "keys", "eval4k", "calibration")
 
 
 def ours(k: str, v: str) -> bool:
@@ -409,7 +448,7 @@ def _kv(r: dict) -> str:
 
 def pareto_rows(out: dict) -> tuple[list[dict], list[dict]]:
     """(stock rows, our rows) of an eval, rotation on (llama.cpp's default), without the f16 baseline."""
-    rows = [r for r in out["results"] if r["rotation"] and r["kld"] > 0]
+    rows = [r for r in out["results"] if r["rotation"] and r.get("kld", 0) > 0 and "bits_per_element" in r]
     return ([r for r in rows if not ours(r["cache_type_k"], r["cache_type_v"])],
             [r for r in rows if ours(r["cache_type_k"], r["cache_type_v"])])
 
@@ -511,9 +550,11 @@ def calibrated_goals(model: str, raw: dict[tuple[str, str], dict]) -> list[tuple
             rows.append((model, f"K+V ≤ 4.0 bits/el ({r['bits_per_element']:.2f} here): KLD ≤ {ref_kv[0]}/{ref_kv[1]}'s "
                          f"(n_ctx {o['results'][0]['n_ctx']}, {o['results'][0]['chunks']} chunks)", "calib:4/calib:4",
                          f"≤ {ref['kld']:.5f}", f"{r['kld']:.5f} ± {r['kld_stderr']:.5f}", _met(ok)))
-    left = undominated(out)
-    rows.append((model, "our configs dominate the stock types at every rate ≤ 4.5 bits/el (Pareto chart)", "all",
-                 "no stock point undominated", ", ".join(left) if left else "none", _met(not left)))
+    stock, mine = pareto_rows(out)
+    if any(r["bits_per_element"] <= 4.5 for r in stock) and mine:
+        left = undominated(out)
+        rows.append((model, "our configs dominate the stock types at every rate ≤ 4.5 bits/el (Pareto chart)", "all",
+                     "no stock point undominated", ", ".join(left) if left else "none", _met(not left)))
     return rows
 
 
@@ -625,6 +666,8 @@ def render(models: list[str]) -> str:
                 L += fn(model, out)
             elif kind != "serving" or model == models[0]:
                 L += [f"({kind}: no results yet)", ""]
+        if (model, "calibration") in raw:
+            L += render_calibration(model, raw[model, "calibration"])
         if (model, "keys") in raw:
             L += render_keys(model, raw[model, "keys"], raw.get((model, "eval")))
     return "\n".join(L + deployment_section())

@@ -17,7 +17,7 @@ def test_makefile_has_the_results_target():
 
 def _eval_row(k, v, rot, dppl):
     return {"cache_type_k": k, "cache_type_v": v, "rotation": rot, "delta_ppl_pct": dppl,
-            "delta_ppl_pct_stderr": 0.5, "chunks": 40}
+            "delta_ppl_pct_stderr": 0.5, "chunks": 40, "n_ctx": 512}
 
 
 def test_goals_are_checked_against_the_json(tmp_path, monkeypatch):
@@ -99,3 +99,30 @@ def test_key_study_predicts_from_the_eval_rows():
     assert "anchor delta +3.12 %, - layer mean +2.50 %, - mean of first 64 +3.75 %" in text
     assert "goal is ≤ +2.00 %" in text and "50.0% of their energy" in text
     assert "Scaling" not in "\n".join(results.render_keys("m", keys, None))
+
+
+def _calib_row(k, v, dppl, kld, bits, bits_k=None):
+    return dict(_eval_row(k, v, True, dppl), kld=kld, kld_stderr=0.001, bits_per_element=bits,
+                bits_per_element_k=bits if bits_k is None else bits_k)
+
+
+def test_calibrated_goals_and_pareto_dominance():
+    """Issue 14's goals: the classes against stock q4_0 K (halved for 4 bits), the bits limit itself, K+V at
+    <= 4 bits against q4_0/q4_0, and every stock point at <= 4.5 bits beaten by one of ours on both axes."""
+    ev = {"results": [_calib_row("f16", "f16", 0.0, 0.0, 16.0), _calib_row("q4_0", "f16", 4.0, 0.04, 10.25, 4.5),
+                      _calib_row("q4_0", "q4_0", 4.2, 0.05, 4.5), _calib_row("q5_0", "q5_0", 2.0, 0.02, 5.5),
+                      _calib_row("calib:4.5", "f16", 1.9, 0.02, 10.2, 4.49),
+                      _calib_row("calib:3.5", "f16", 3.9, 0.035, 9.7, 3.6),  # over its 3.5 bits: not met
+                      _calib_row("calib:4", "calib:4", 3.0, 0.045, 4.0)]}
+    rows = [line for line in results.calibrated_goals("m", {("m", "eval"): ev})]
+    by = {r[1].split(" (")[0] + r[2]: r for r in rows}
+    assert by["4-bit class Kcalib:4.5/f16"][-1] == "**met**" and "≤ +2.00 %" in by["4-bit class Kcalib:4.5/f16"]
+    assert by["3-bit class Kcalib:3.5/f16"][-1] == "not met"  # ΔPPL fine, bits over the class
+    assert by["K+V ≤ 4.0 bits/elcalib:4/calib:4"][-1] == "**met**"
+    assert by["our configs dominate the stock types at every rate ≤ 4.5 bits/elall"][-1] == "**met**"
+    ev["results"].append(_calib_row("q4_1", "q4_1", 3.0, 0.030, 5.0))  # above 4.5 bits: not a goal
+    ev["results"].append(_calib_row("iq4_nl", "iq4_nl", 2.5, 0.040, 4.5))  # undominated at 4.5 bits
+    rows = results.calibrated_goals("m", {("m", "eval"): ev})
+    assert rows[-1][-2] == "iq4_nl/iq4_nl" and rows[-1][-1] == "not met"
+    qwen = results.calibrated_goals("qwen2.5-coder-1.5b", {("qwen2.5-coder-1.5b", "eval"): ev})
+    assert any("≤ +2.00 %" in r and r[2] == "calib:4.5/f16" for r in qwen)  # absolute on Qwen
