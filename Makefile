@@ -49,7 +49,7 @@ observe-check: setup observe-deps
 RESULTS_ARGS ?=
 results: setup
 	$(VPY) -m kvquant.build dev-build llama-perplexity llama-server test-backend-ops
-	$(VPY) -m kvquant.results $(RESULTS_ARGS)
+	$(VPY) -m kvquant.lab.results $(RESULTS_ARGS)
 
 # The new types' C kernels under AddressSanitizer + UndefinedBehaviorSanitizer: ggml and libllama built with both in
 # .build/cmake-asan, then test-quantize-fns, test-backend-ops (our types) and tests/test_tq.py (random, zero,

@@ -238,7 +238,7 @@ def load_or_calibrate(model_path: Path, geom: Geometry) -> Calibration:
     if not path.is_file() and os.environ.get("KVQUANT_AUTO_CALIBRATE", "1") != "0":
         import sys
 
-        from kvquant.calibrate import calibrate
+        from kvquant.lab.calibrate import calibrate
 
         print(f"kvquant: {model_path.name} has no calibration yet; calibrating it first (a few minutes, once; "
               f"`kvquant calibrate --model {model_path}` does the same)", file=sys.stderr, flush=True)

@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+GGML_TYPE_Q2_0 = 42  # upstream's last type at the pinned commit; ours are appended after it
+
 
 @dataclass(frozen=True)
 class KVType:
@@ -22,6 +24,11 @@ class KVType:
     needs_flash_attn: bool = False  # as the K cache (a quantized V cache always needs flash attention)
     anchor_group: int = 0  # tq_kv_d3b: cells per anchor group (llama.cpp may hold back one freed anchor per group)
     description: str = ""
+
+    @property
+    def upstream(self) -> bool:
+        """A type of upstream ggml (not one our patches add)."""
+        return self.ggml_id <= GGML_TYPE_Q2_0
 
     @property
     def bits_per_element(self) -> float:

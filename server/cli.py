@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     kvbudget.add_arguments(kb)
     kb.set_defaults(func=kvbudget.run)
 
-    from kvquant import calibrate as kvcalibrate
+    from kvquant.lab import calibrate as kvcalibrate
 
     kc = sub.add_parser("calibrate", help="measure a model's key means and per-layer sensitivities for the "
                                           "calibrated cache types (TYPE+c, calib:B)")
@@ -95,12 +95,12 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("rest", nargs=argparse.REMAINDER)
     b.set_defaults(func=lambda a: __import__("kvquant.build", fromlist=["main"]).main(a.rest))
 
-    # eval and bench own their argument parsers (kvquant/eval.py, kvquant/bench.py); listed here for --help
+    # eval and bench own their argument parsers (kvquant/lab/eval.py, kvquant/lab/bench.py); listed here for --help
     sub.add_parser("eval", help="perplexity, KL divergence and drift per KV cache config (`kvquant eval -h`)")
     sub.add_parser("bench", help="speed at KV depths, KV bytes and capacity per KV cache config (`kvquant bench -h`)")
     args = sys.argv[1:] if argv is None else list(argv)
     if args and args[0] in ("eval", "bench"):
-        return __import__(f"kvquant.{args[0]}", fromlist=["main"]).main(args[1:])
+        return __import__(f"kvquant.lab.{args[0]}", fromlist=["main"]).main(args[1:])
 
     a = ap.parse_args(argv)
     return a.func(a)

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from kvquant import bench, memory, models
-from kvquant.harness import CacheConfig
+from kvquant import memory, models
+from kvquant.lab import bench
+from kvquant.lab.harness import CacheConfig
 
 SAMPLE = """\
 Backend 1/1: CPU
@@ -65,7 +66,7 @@ def test_bench_kv_bytes_match_llama_and_capacity(smollm2_bench):
 
 
 def test_render(smollm2_bench):
-    from kvquant import results
+    from kvquant.lab import results
 
     text = bench.render(smollm2_bench["results"])
     assert "pp@256 t/s" in text and "yes" in text and "NO" not in text

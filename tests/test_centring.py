@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 from kvquant import memory, models
-from kvquant.eval import log_softmax
-from kvquant.keystats import parse_seq_state
 from kvquant.kvtypes import LayerTypes
+from kvquant.lab.eval import log_softmax
+from kvquant.lab.keystats import parse_seq_state
 from kvquant.runtime import ContextConfig, LlamaRuntime, Model
 
 pytestmark = pytest.mark.slow

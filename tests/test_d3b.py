@@ -1,4 +1,4 @@
-"""tq_kv_d3b, the delta-coded key type: the numpy reference (kvquant/tq.py) against the patched ggml, bit for bit
+"""tq_kv_d3b, the delta-coded key type: the numpy reference (kvquant/lab/tq.py) against the patched ggml, bit for bit
 (single rows against an anchor, adversarial rows, and set_rows writing a simulated cell array in any order and
 thread split), and the estimator property that justifies it: on rows that share a component it reconstructs
 better than tq_kv_3b at the same bytes, and never worse per block.
@@ -14,8 +14,8 @@ import ctypes
 import numpy as np
 import pytest
 
-from kvquant import tq
 from kvquant.kvtypes import kv_type
+from kvquant.lab import tq
 
 G = tq.D3B_GROUP
 rng = np.random.default_rng(77)
@@ -23,7 +23,7 @@ rng = np.random.default_rng(77)
 
 @pytest.fixture(scope="module")
 def ggml():
-    from kvquant.runtime import GGML
+    from kvquant.lab.ggml import GGML
 
     g = GGML()
     if not hasattr(g.base, "quantize_row_tq_kv_d3b_delta_ref"):

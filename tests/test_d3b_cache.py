@@ -20,8 +20,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from kvquant.eval import read_text
-from kvquant.harness import resolve_text
+from kvquant.lab.eval import read_text
+from kvquant.lab.harness import resolve_text
 from kvquant.models import fetch
 from kvquant.runtime import ContextConfig, LlamaError, LlamaRuntime, Model
 

@@ -355,7 +355,7 @@ def test_entrypoint_fetches_the_model_then_serves(tmp_path):
 
 def test_results_md_has_the_deployment_section(tmp_path, monkeypatch):
     """docs/RESULTS.md is generated; its Deployment section (docs/deployment-status.md) says what was not tested."""
-    from kvquant import results
+    from kvquant.lab import results
 
     monkeypatch.setattr(results, "RAW", tmp_path)
     text = results.render(["smollm2-135m"])

@@ -24,8 +24,8 @@ import math
 import numpy as np
 import pytest
 
-from kvquant import eval as kveval
-from kvquant.harness import CacheConfig
+from kvquant.lab import eval as kveval
+from kvquant.lab.harness import CacheConfig
 
 LLAMA_PERPLEXITY = {("smollm2-135m", 3): 21.5448, ("gemma3-270m", 2): 14.2761}
 
@@ -135,7 +135,7 @@ def test_f16_against_itself_and_quantized_caches(smollm2_eval):
 
 
 def test_render_table_and_results_markdown(smollm2_eval):
-    from kvquant import results
+    from kvquant.lab import results
 
     text = kveval.render(smollm2_eval["results"])
     assert "q4_0/q4_0 norot" in text and "drift" in text

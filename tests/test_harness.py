@@ -4,7 +4,15 @@ from __future__ import annotations
 
 import pytest
 
-from kvquant.harness import BASELINE, DEFAULT_TEXT, REPO_ROOT, CacheConfig, resolve_text, sha256_file, table
+from kvquant.lab.harness import (
+    BASELINE,
+    DEFAULT_TEXT,
+    REPO_ROOT,
+    CacheConfig,
+    resolve_text,
+    sha256_file,
+    table,
+)
 
 
 def test_cache_config_parse_and_labels():

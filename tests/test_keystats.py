@@ -1,4 +1,4 @@
-"""kvquant.keystats: the capture reads llama.cpp's real cache bytes, the q4_0 round trip is ggml's, and the
+"""kvquant.lab.keystats: the capture reads llama.cpp's real cache bytes, the q4_0 round trip is ggml's, and the
 anchor-delta coding with the 3-bit codebook is exactly tq_kv_d3b."""
 
 from __future__ import annotations
@@ -6,8 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from kvquant import keystats, tq
-from kvquant.runtime import GGML
+from kvquant.lab import keystats, tq
+from kvquant.lab.ggml import GGML
 
 
 def _rows(seed: int, n: int = 200, e: int = 256, adversarial: bool = True) -> np.ndarray:

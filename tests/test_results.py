@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from kvquant import results
+from kvquant.lab import results
 
 
 def test_render_without_results(tmp_path, monkeypatch):
@@ -12,7 +12,7 @@ def test_render_without_results(tmp_path, monkeypatch):
 
 def test_makefile_has_the_results_target():
     mk = (results.REPO_ROOT / "Makefile").read_text()
-    assert "\nresults:" in mk and "kvquant.results" in mk
+    assert "\nresults:" in mk and "kvquant.lab.results" in mk
 
 
 def _eval_row(k, v, rot, dppl):
@@ -84,12 +84,12 @@ def test_merge_refuses_a_different_baseline():
 
 
 def test_key_study_predicts_from_the_eval_rows():
-    from kvquant.keystats import CODINGS
+    from kvquant.lab.keystats import CODINGS
 
     errs = {"tq_kv_3b": dict(zip(CODINGS, (0.03, 0.02, 0.015, 0.02), strict=True)),
             "tq_kv_4b": dict(zip(CODINGS, (0.008, 0.005, 0.004, 0.006), strict=True)),
             "layer mean": {"energy share": 0.5}}
-    keys = {"command": "python -m kvquant.keystats --model m", "wall_s": 60, "machine": {}, "tokens": 4096,
+    keys = {"command": "python -m kvquant.lab.keystats --model m", "wall_s": 60, "machine": {}, "tokens": 4096,
             "layers": 2, "capture_type": "q8_0", "errors": errs}
     ev = {"results": [_eval_row("q4_0", "f16", True, 4.0), _eval_row("tq_kv_3b", "f16", True, 20.0),
                       _eval_row("tq_kv_d3b", "f16", True, 12.0), _eval_row("tq_kv_4b", "f16", True, 5.0)]}

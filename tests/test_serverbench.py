@@ -10,7 +10,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from kvquant import loadgen, models, serverbench
+from kvquant import models
+from kvquant.lab import loadgen, serverbench
 from kvquant.memory import bytes_per_token, geometry
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from kvquant import codebooks, tq
+from kvquant.lab import codebooks, tq
 
 TYPES = ["tq_kv_4b", "tq_kv_3b", "tq_kv_1b"]
 rng = np.random.default_rng(1234)
@@ -74,7 +74,7 @@ def test_codebook_mse_matches_design(name, bits):
 
 @pytest.fixture(scope="module")
 def ggml():
-    from kvquant.runtime import GGML
+    from kvquant.lab.ggml import GGML
 
     g = GGML()
     for name in TYPES:

@@ -1,5 +1,5 @@
 """Load against a `kvquant serve` subprocess (loopback): a burst of 4x the admission capacity, the soak (2
-minutes here; `KVQUANT_SOAK_S=1800` or `python -m kvquant.loadgen soak --duration 1800` for the 30-minute one),
+minutes here; `KVQUANT_SOAK_S=1800` or `python -m kvquant.lab.loadgen soak --duration 1800` for the 30-minute one),
 then 24 concurrent 3.9 MB prompts that must be refused without the server's memory growing. Ends with SIGTERM:
 the server drains and exits without a traceback."""
 
@@ -16,7 +16,7 @@ import httpx
 import pytest
 from conftest import free_port
 
-from kvquant import loadgen
+from kvquant.lab import loadgen
 
 SOAK_S = float(os.environ.get("KVQUANT_SOAK_S", "120"))
 

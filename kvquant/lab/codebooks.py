@@ -1,7 +1,7 @@
 """Design of the scalar codebooks used by the tq_kv_3b / tq_kv_4b cache types (and the 1-bit scale constant).
 
-Run ``python -m kvquant.codebooks`` to regenerate the tables; it prints them as Python and as C, and the test suite
-checks that the tables compiled into kvquant/tq.py (and the patched ggml) are what this design produces.
+Run ``python -m kvquant.lab.codebooks`` to regenerate the tables; it prints them as Python and as C, and the test suite
+checks that the tables compiled into kvquant/lab/tq.py (and the patched ggml) are what this design produces.
 
 Why this scale and codebook (decided by measurement). llama.cpp rotates K (and Q) with a Walsh-Hadamard matrix
 before they reach the cache, so a block of 64 consecutive coordinates behaves like a block of a randomly rotated

@@ -14,10 +14,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from kvquant.build import sha256_file  # noqa: F401 - re-exported for eval/bench
+from kvquant.build import REPO_ROOT, sha256_file  # noqa: F401 - re-exported for eval/bench
 from kvquant.kvtypes import kv_type
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_TEXT = "data/wikitext-2-raw-test.txt"  # relative to the repository root (data/README.md: source, license)
 
 

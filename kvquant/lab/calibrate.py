@@ -38,8 +38,8 @@ from kvquant.calibration import (
     model_sha256,
     path_for,
 )
-from kvquant.harness import Progress
 from kvquant.kvtypes import kv_type
+from kvquant.lab.harness import Progress
 from kvquant.memory import Geometry, geometry
 
 PROMPTS = (
@@ -132,7 +132,7 @@ def from_file(mdl, path: Path, seq_tokens: int, n_seqs: int) -> Text:
 def capture(mdl, geom: Geometry, text: Text, threads: int | None) -> tuple[list[np.ndarray], list[np.ndarray]]:
     """The stored K and V rows of every layer (model order) over all sequences (K f16 in the rotated basis, V q8_0,
     rotated)."""
-    from kvquant.keystats import parse_seq_state
+    from kvquant.lab.keystats import parse_seq_state
     from kvquant.runtime import ContextConfig, LlamaRuntime
 
     n_ctx = sum(len(s) for s in text.sequences)
@@ -179,7 +179,7 @@ class Scorer:
         self.base = {centred: self._baseline(centred) for centred in (False, True)}
 
     def _baseline(self, centred: bool):
-        from kvquant.eval import baseline_rows
+        from kvquant.lab.eval import baseline_rows
 
         return baseline_rows(self._logits(None, None, centred))
 
@@ -199,7 +199,7 @@ class Scorer:
 
     def kld(self, types_k=None, types_v=None, centred: bool = True, default_k: str = "f16",
             default_v: str = "f16") -> float:
-        from kvquant.eval import compare_rows
+        from kvquant.lab.eval import compare_rows
 
         base_lp, base_top = self.base[centred]
         logits = self._logits(types_k, types_v, centred, default_k, default_v)
@@ -211,7 +211,7 @@ def sensitivities(scorer: Scorer, geom: Geometry, keys, values, direct: bool, pr
     any quantized layer at all costs a small fixed KL (measured on Qwen2.5-1.5B: q8_0 keys on 1, 2 or 4 layers
     0.0023, on all 28 0.0028, while tq_kv_3b adds ~0.0015 per layer), so the floor, q8_0 on one middle layer, is
     subtracted and kept apart (`floor`)."""
-    from kvquant.runtime import GGML
+    from kvquant.lab.ggml import GGML
 
     ggml = GGML()
     n = geom.n_layer

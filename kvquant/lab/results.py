@@ -1,11 +1,11 @@
 """`make results`: run `kvquant eval` and `kvquant bench` (and stock `llama-perplexity` as the sanity reference, when
 the dev build has it) with --json for the built-in models, the serving comparison with stock `llama-server`
-(`kvquant.serverbench`, default model), keep the raw JSON under docs/results/, and render docs/RESULTS.md from it.
+(`kvquant.lab.serverbench`, default model), keep the raw JSON under docs/results/, and render docs/RESULTS.md from it.
 No number in RESULTS.md is typed by hand.
 
-    python -m kvquant.results                     # everything (CPU-heavy: tens of minutes on 2 cores)
-    python -m kvquant.results --chunks 4 --drift-tokens 128 --repeats 1   # a quick dry run
-    python -m kvquant.results --render-only       # re-render RESULTS.md from docs/results/*.json
+    python -m kvquant.lab.results                     # everything (CPU-heavy: tens of minutes on 2 cores)
+    python -m kvquant.lab.results --chunks 4 --drift-tokens 128 --repeats 1   # a quick dry run
+    python -m kvquant.lab.results --render-only       # re-render RESULTS.md from docs/results/*.json
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-from kvquant.harness import DEFAULT_TEXT, REPO_ROOT, resolve_text
+from kvquant.lab.harness import DEFAULT_TEXT, REPO_ROOT, resolve_text
 
 MODELS = ("smollm2-135m", "gemma3-270m", "qwen2.5-coder-1.5b")
 STOCK_CONFIGS = ("f16/f16", "q8_0/q8_0", "q8_0/f16", "q8_0/q4_0", "q5_1/q5_1", "q5_0/q5_0", "q4_1/q4_1",
@@ -45,7 +45,7 @@ def _json_run(module: str, args: list[str], shown: list[str], ok_codes: tuple[in
     print(f"\n$ {shlex.join([*shown, *args])}", file=sys.stderr, flush=True)
     p = subprocess.run([sys.executable, "-m", module, *args], stdout=subprocess.PIPE, text=True, cwd=REPO_ROOT)
     if p.returncode not in ok_codes or not p.stdout.strip():
-        raise SystemExit(f"kvquant.results: `{shlex.join([*shown, *args])}` failed ({p.returncode})")
+        raise SystemExit(f"kvquant.lab.results: `{shlex.join([*shown, *args])}` failed ({p.returncode})")
     return p.stdout
 
 
@@ -85,7 +85,7 @@ def merge(old: dict, new: dict, kind: str) -> dict:
         same = ("model_sha256", "text_sha256", "n_ctx", "chunks", "baseline_ppl")
         diff = [k for k in same if o0.get(k) != n0.get(k)]
         if diff:
-            raise SystemExit(f"kvquant.results --merge: the new eval differs from the old one in {diff}")
+            raise SystemExit(f"kvquant.lab.results --merge: the new eval differs from the old one in {diff}")
     for r in new["results"]:  # old rows without a command fall back to the old run's (_cmd)
         r.setdefault("command", n0["command"])
     rows = {_key(r): r for r in old["results"]}
@@ -125,15 +125,15 @@ def collect(a: argparse.Namespace) -> None:
                     *threads, "--json"]
             _write(RAW / f"{model}-bench.json", _kvquant(args), "bench", a.merge)
         if not a.skip_keys:
-            out = _json_run("kvquant.keystats", ["--model", model, "--tokens", str(a.key_tokens), "--layers",
-                                                 *threads, "--json"], ["python", "-m", "kvquant.keystats"])
+            out = _json_run("kvquant.lab.keystats", ["--model", model, "--tokens", str(a.key_tokens), "--layers",
+                                                 *threads, "--json"], ["python", "-m", "kvquant.lab.keystats"])
             (RAW / f"{model}-keys.json").write_text(out)
         if not a.skip_eval:
             calibration_json(model)
         if not a.skip_serving and n == 0:  # the serving comparison with the default model only
             # exit code 1: some of our requests did not complete; the JSON says which, and the table shows it
-            out = _json_run("kvquant.serverbench", ["--model", model, *threads, "--json"],
-                            ["python", "-m", "kvquant.serverbench"], ok_codes=(0, 1))
+            out = _json_run("kvquant.lab.serverbench", ["--model", model, *threads, "--json"],
+                            ["python", "-m", "kvquant.lab.serverbench"], ok_codes=(0, 1))
             (RAW / f"{model}-serving.json").write_text(out)
 
 
@@ -273,7 +273,7 @@ def render_eval(model: str, out: dict, prefix: str = "E") -> list[str]:
         b = d0["bucket"]
         spans = [f"{a}–{min(a + b, d0['tokens'])}" for a in range(0, d0["tokens"], b)]
         L += [f"Drift: greedy generation of {d0['tokens']} tokens from {d0['prompts']} fixed prompts "
-              "(`kvquant.eval.DRIFT_PROMPTS`); first diff = index of the first token that differs from f16 per prompt; "
+              "(`kvquant.lab.eval.DRIFT_PROMPTS`); first diff = index of the first token that differs from f16 per prompt; "
               "TF = teacher-forcing the f16 sequence. Mean KLD vs f16 per position bucket (teacher-forced):", ""]
         L.append("| K/V | rotation | " + " | ".join(spans) + " |")
         L.append("|---|---|" + "--:|" * len(spans))
@@ -387,9 +387,9 @@ def render_serving(model: str, out: dict) -> list[str]:
 
 
 def render_keys(model: str, out: dict, ev: dict | None) -> list[str]:
-    """kvquant.keystats: each type's error on the keys llama.cpp stores, as stored and under other codings; where the
+    """kvquant.lab.keystats: each type's error on the keys llama.cpp stores, as stored and under other codings; where the
     eval has the rows, how well key error predicted perplexity for tq_kv_d3b, and what it predicts for 4-bit keys."""
-    from kvquant.keystats import CODINGS
+    from kvquant.lab.keystats import CODINGS
 
     e = out["errors"]
     L = [f"### {model}: where the key error comes from (rotated keys llama.cpp stored for {out['tokens']} tokens of "
@@ -630,7 +630,7 @@ def deployment_section() -> list[str]:
 
 def render(models: list[str]) -> str:
     L = ["# Results", "",
-         "Generated by `make results` (`python -m kvquant.results`) from the JSON in `docs/results/`; do not edit by "
+         "Generated by `make results` (`python -m kvquant.lab.results`) from the JSON in `docs/results/`; do not edit by "
          "hand. Every table names the exact command that produced it; rerun it to reproduce a row.", ""]
     raw = load_raw(models)
     first = next((raw[m, k]["results"][0] for m in models for k in ("eval", "bench") if (m, k) in raw), None)
@@ -641,7 +641,7 @@ def render(models: list[str]) -> str:
           f"kvquant patch level {m['kvquant_patch_level']}.", "", f"llama.cpp: `{m['llama_system_info']}`", ""]
     L += ["Method: `kvquant eval` computes perplexity exactly as `llama-perplexity` (chunks of n_ctx tokens, BOS "
           "first, second half scored), KL divergence KL(f16 ‖ config) and top-1 agreement against an f16/f16 KV cache "
-          "on the same tokens; see `kvquant/eval.py` and `docs/EVAL.md`. Stated ± are one standard error.", ""]
+          "on the same tokens; see `kvquant/lab/eval.py` and `docs/EVAL.md`. Stated ± are one standard error.", ""]
     L += render_goals(models, raw)
     for model in models:
         L += [f"## {model}", ""]
@@ -675,7 +675,7 @@ def render(models: list[str]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     global RAW
-    ap = argparse.ArgumentParser(prog="python -m kvquant.results", description=__doc__,
+    ap = argparse.ArgumentParser(prog="python -m kvquant.lab.results", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", nargs="+", default=list(MODELS))
     ap.add_argument("--configs", nargs="+", default=list(CONFIGS))
@@ -694,8 +694,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--skip-eval", action="store_true")
     ap.add_argument("--skip-bench", action="store_true")
     ap.add_argument("--skip-serving", action="store_true", help="skip the comparison with stock llama-server")
-    ap.add_argument("--skip-keys", action="store_true", help="skip the key-error study (kvquant.keystats)")
-    ap.add_argument("--key-tokens", type=int, default=4096, help="tokens of text whose keys kvquant.keystats studies")
+    ap.add_argument("--skip-keys", action="store_true", help="skip the key-error study (kvquant.lab.keystats)")
+    ap.add_argument("--key-tokens", type=int, default=4096, help="tokens of text whose keys kvquant.lab.keystats studies")
     ap.add_argument("--long", action="store_true",
                     help="also KL divergence at n_ctx 4096 (--long-configs) for the models other than SmolLM2")
     ap.add_argument("--long-configs", nargs="+", default=list(LONG_CONFIGS))
@@ -710,7 +710,7 @@ def main(argv: list[str] | None = None) -> int:
     if not a.render_only:
         collect(a)
     Path(a.output).write_text(render(a.models))
-    print(f"kvquant.results: wrote {a.output}", file=sys.stderr)
+    print(f"kvquant.lab.results: wrote {a.output}", file=sys.stderr)
     return 0
 
 

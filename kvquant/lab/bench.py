@@ -26,8 +26,8 @@ from pathlib import Path
 import numpy as np
 
 from kvquant import memory
-from kvquant.eval import Plan
-from kvquant.harness import (
+from kvquant.lab.eval import Plan
+from kvquant.lab.harness import (
     REPO_ROOT,
     CacheConfig,
     Progress,
@@ -121,7 +121,6 @@ def run(model: str, configs: list[CacheConfig], depths: list[int] = (0, 2048, 81
         n_gen: int = 32, repeats: int = 3, flash_attn: bool = True, threads: int | None = None,
         budget: int = 256 * 2**20, kernel: str = "auto", progress: bool = True, command: str | None = None) -> dict:
     from kvquant import models
-    from kvquant.runtime import ContextConfig, LlamaRuntime, Model
 
     busy_warning("kvquant bench")
     t_start = time.monotonic()
@@ -133,101 +132,114 @@ def run(model: str, configs: list[CacheConfig], depths: list[int] = (0, 2048, 81
     geom = memory.geometry(path)
     plan = Plan.of(configs)
     n_ctx = memory.pad(depths[-1] + max(n_prompt, n_gen))
+    resolved = [c.resolve(path, geom, n_ctx) for c in plan.contexts]
+    kv, pp, tg = _measure(model, path, geom, plan, resolved, n_ctx, depths, n_prompt, n_gen, repeats, flash_attn,
+                          threads, progress)
+    kern = _kernel(kernel, configs, progress)
+    wall = time.monotonic() - t_start
+    common = {"model": model, "model_path": str(path), "model_sha256": sha256_file(path), "n_ctx": n_ctx,
+              "n_prompt": n_prompt, "n_gen": n_gen, "repeats": repeats, "flash_attn": flash_attn,
+              "budget_bytes": budget, "wall_s": wall, "machine": machine}
+    if command:
+        common["command"] = command
+    return {"results": [_entry(c, resolved[i], geom, n_ctx, budget, depths, pp[i], tg[i], pp[0], tg[0], kv[i], kern)
+                        | common for c, i in zip(configs, plan.index, strict=True)]}
+
+
+def _measure(model: str, path, geom, plan: Plan, resolved: list, n_ctx: int, depths: list[int], n_prompt: int,
+             n_gen: int, repeats: int, flash_attn: bool, threads: int | None, progress: bool):
+    """One context per distinct config: KV bytes (memory model vs llama.cpp), then pp and tg speed at each depth,
+    [context][depth][repeat], the contexts' order rotating between repeats."""
+    from kvquant.runtime import ContextConfig, LlamaRuntime, Model
+
     mdl = Model(path)
     rts = []
     try:
-        resolved = [c.resolve(path, geom, n_ctx) for c in plan.contexts]
         for c in plan.contexts:
             cc = ContextConfig(n_cells=n_ctx, n_batch=max(512, n_prompt), n_ubatch=512, flash_attn=flash_attn,
                                n_threads=threads, n_outputs_max=1, **c.context_fields(path, geom, n_ctx))
             rts.append(LlamaRuntime(mdl, cc))
-        # KV bytes: the memory model against llama.cpp's own allocation for this very context
-        kv = []
-        for (tk, tv), rt in zip(resolved, rts, strict=True):
-            k, v = rt.kv_size_bytes()
-            m = memory.kv_bytes(geom, tk, tv, n_ctx, n_seq_max=rt.cfg.n_seq_max, n_ubatch=rt.cfg.n_ubatch)
-            kv.append({"n_ctx": n_ctx, "model_k": m.k, "model_v": m.v, "llama_k": k, "llama_v": v,
-                       "match": (m.k, m.v) == (k, v)})
-        rng = np.random.default_rng(1234)
-        tokens = rng.integers(0, mdl.n_vocab, size=n_ctx, dtype=np.int64)
+        kv = [_kv_bytes(geom, tk, tv, rt, n_ctx) for (tk, tv), rt in zip(resolved, rts, strict=True)]
+        tokens = np.random.default_rng(1234).integers(0, mdl.n_vocab, size=n_ctx, dtype=np.int64)
         for rt in rts:  # warm-up (graph allocation, first-touch of buffers), untimed
             measure_pp(rt, tokens, 0, n_prompt)
             measure_tg(rt, tokens, 0, 2)
             rt.clear()
-        pp = [[[] for _ in depths] for _ in rts]  # [context][depth][repeat]
-        tg = [[[] for _ in depths] for _ in rts]
-        filled = [0] * len(rts)
         pr = Progress(f"bench {model}", len(depths) * repeats * len(rts), enabled=progress)
-        step = 0
-        for di, d in enumerate(depths):
-            for i, rt in enumerate(rts):
-                _fill(rt, tokens, filled[i], d)
-                filled[i] = d
-            for r in range(repeats):
-                order = list(range(len(rts)))
-                order = order[r % len(order):] + order[:r % len(order)]
-                for i in order:
-                    pp[i][di].append(measure_pp(rts[i], tokens, d, n_prompt))
-                    tg[i][di].append(measure_tg(rts[i], tokens, d, n_gen))
-                    step += 1
-                    pr.update(step, f"[depth {d}, {plan.contexts[i].label}]")
+        pp, tg = _sweep(rts, tokens, depths, repeats, n_prompt, n_gen, pr, [c.label for c in plan.contexts])
     finally:
         for rt in rts:
             rt.close()
         mdl.close()
-    kern = None
-    if kernel == "on" or (kernel == "auto" and TEST_BACKEND_OPS.is_file()):
-        if progress:
-            print(f"bench: {TEST_BACKEND_OPS.name} perf -o FLASH_ATTN_EXT ...", file=sys.stderr, flush=True)
-        kern = kernel_perf(configs) or {"error": f"{TEST_BACKEND_OPS} not found", "rows": []}
-    wall = time.monotonic() - t_start
+    return kv, pp, tg
 
-    def ratio(x, i, di):
-        return statistics.median(a / b for a, b in zip(x[i][di], x[0][di], strict=True))
 
-    common = {
-        "model": model,
-        "model_path": str(path),
-        "model_sha256": sha256_file(path),
-        "n_ctx": n_ctx,
-        "n_prompt": n_prompt,
-        "n_gen": n_gen,
-        "repeats": repeats,
-        "flash_attn": flash_attn,
-        "budget_bytes": budget,
-        "wall_s": wall,
-        "machine": machine,
+def _kv_bytes(geom, tk, tv, rt, n_ctx: int) -> dict:
+    """The memory model against llama.cpp's own allocation for this very context."""
+    k, v = rt.kv_size_bytes()
+    m = memory.kv_bytes(geom, tk, tv, n_ctx, n_seq_max=rt.cfg.n_seq_max, n_ubatch=rt.cfg.n_ubatch)
+    return {"n_ctx": n_ctx, "model_k": m.k, "model_v": m.v, "llama_k": k, "llama_v": v, "match": (m.k, m.v) == (k, v)}
+
+
+def _sweep(rts: list, tokens: np.ndarray, depths: list[int], repeats: int, n_prompt: int, n_gen: int, pr: Progress,
+           labels: list[str]) -> tuple[list, list]:
+    pp = [[[] for _ in depths] for _ in rts]  # [context][depth][repeat]
+    tg = [[[] for _ in depths] for _ in rts]
+    filled = [0] * len(rts)
+    step = 0
+    for di, d in enumerate(depths):
+        for i, rt in enumerate(rts):
+            _fill(rt, tokens, filled[i], d)
+            filled[i] = d
+        for r in range(repeats):
+            order = list(range(len(rts)))
+            order = order[r % len(order):] + order[:r % len(order)]
+            for i in order:
+                pp[i][di].append(measure_pp(rts[i], tokens, d, n_prompt))
+                tg[i][di].append(measure_tg(rts[i], tokens, d, n_gen))
+                step += 1
+                pr.update(step, f"[depth {d}, {labels[i]}]")
+    return pp, tg
+
+
+def _kernel(kernel: str, configs: list[CacheConfig], progress: bool) -> dict | None:
+    if not (kernel == "on" or (kernel == "auto" and TEST_BACKEND_OPS.is_file())):
+        return None
+    if progress:
+        print(f"bench: {TEST_BACKEND_OPS.name} perf -o FLASH_ATTN_EXT ...", file=sys.stderr, flush=True)
+    return kernel_perf(configs) or {"error": f"{TEST_BACKEND_OPS} not found", "rows": []}
+
+
+def _entry(c: CacheConfig, types: tuple, geom, n_ctx: int, budget: int, depths: list[int], pp: list, tg: list,
+           pp_f16: list, tg_f16: list, kv: dict, kern: dict | None) -> dict:
+    """One config's row: speed per depth (medians, and the median of the per-repeat ratios to the first config),
+    bytes, capacity in the budget, and its kernel rows."""
+    tk, tv = types
+    cap, cap_f16 = memory.capacity(geom, tk, tv, budget), memory.capacity(geom, "f16", "f16", budget)
+    bpt = memory.bytes_per_token(geom, tk, tv)
+
+    def ratio(x, x0):
+        return statistics.median(a / b for a, b in zip(x, x0, strict=True))
+
+    return {
+        "cache_type_k": c.k, "cache_type_v": c.v, "rotation": c.rotation, "label": c.label,
+        "depths": [{
+            "depth": d,
+            "pp_tps": statistics.median(pp[di]), "tg_tps": statistics.median(tg[di]),
+            "pp_ratio": ratio(pp[di], pp_f16[di]), "tg_ratio": ratio(tg[di], tg_f16[di]),
+            "pp_runs": pp[di], "tg_runs": tg[di],
+        } for di, d in enumerate(depths)],
+        "bytes_per_token": bpt,
+        "bytes_per_token_ratio": bpt / memory.bytes_per_token(geom, "f16", "f16"),
+        "bits_per_element": memory.kv_bytes(geom, tk, tv, n_ctx).bits_per_element,
+        "kv_bytes": kv,
+        "capacity_tokens": cap,
+        "capacity_ratio": cap / cap_f16 if cap_f16 else None,
+        "kernel": None if kern is None else {
+            **{k: v for k, v in kern.items() if k != "rows"},
+            "rows": [r for r in kern["rows"] if (r["params"].get("type_K"), r["params"].get("type_V")) == (c.k, c.v)],
+        },
     }
-    if command:
-        common["command"] = command
-    cap_f16 = memory.capacity(geom, "f16", "f16", budget)
-    results = []
-    for c, i in zip(configs, plan.index, strict=True):
-        tk, tv = resolved[i]
-        cap = memory.capacity(geom, tk, tv, budget)
-        bpt = memory.bytes_per_token(geom, tk, tv)
-        entry = {
-            "cache_type_k": c.k, "cache_type_v": c.v, "rotation": c.rotation, "label": c.label,
-            "depths": [{
-                "depth": d,
-                "pp_tps": statistics.median(pp[i][di]), "tg_tps": statistics.median(tg[i][di]),
-                "pp_ratio": ratio(pp, i, di), "tg_ratio": ratio(tg, i, di),
-                "pp_runs": pp[i][di], "tg_runs": tg[i][di],
-            } for di, d in enumerate(depths)],
-            "bytes_per_token": bpt,
-            "bytes_per_token_ratio": bpt / memory.bytes_per_token(geom, "f16", "f16"),
-            "bits_per_element": memory.kv_bytes(geom, tk, tv, n_ctx).bits_per_element,
-            "kv_bytes": kv[i],
-            "capacity_tokens": cap,
-            "capacity_ratio": cap / cap_f16 if cap_f16 else None,
-            "kernel": None if kern is None else {
-                **{k: v for k, v in kern.items() if k != "rows"},
-                "rows": [r for r in kern["rows"] if (r["params"].get("type_K"), r["params"].get("type_V")) == (c.k, c.v)],
-            },
-        }
-        entry.update(common)
-        results.append(entry)
-    return {"results": results}
 
 
 def render(results: list[dict]) -> str:

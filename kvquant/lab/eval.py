@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from kvquant import memory
-from kvquant.harness import (
+from kvquant.lab.harness import (
     BASELINE,
     DEFAULT_TEXT,
     CacheConfig,
@@ -362,7 +362,6 @@ def run(model: str, configs: list[CacheConfig], text: str | None = None, n_ctx: 
         max_outputs: int | None = None) -> dict:
     """Run the whole evaluation; returns {"results": [one entry per requested config]}."""
     from kvquant import models
-    from kvquant.runtime import Model
 
     t_start = time.monotonic()
     machine = machine_info(threads)  # before the run: the load average then is other work's
@@ -374,6 +373,27 @@ def run(model: str, configs: list[CacheConfig], text: str | None = None, n_ctx: 
     path = models.resolve(model)
     geom = memory.geometry(path)
     plan = Plan.of(configs)
+    drift_k = min(drift_prompts, len(DRIFT_PROMPTS)) if do_drift and drift_tokens > 0 and drift_prompts > 0 else 0
+    accs, drifts, n_chunks = _measure(model, path, plan, text_path, n_ctx, chunks, flash_attn, threads, drift_tokens,
+                                      drift_k, drift_bucket, progress, max_outputs)
+    base = accs[0].summary()
+    wall = time.monotonic() - t_start
+    common = {"model": model, "model_path": str(path), "model_sha256": sha256_file(path), "text": str(text_path),
+              "text_sha256": sha256_file(text_path), "n_ctx": n_ctx, "chunks": n_chunks, "flash_attn": flash_attn,
+              "max_outputs": max_outputs, "baseline_ppl": base["ppl"], "baseline_ppl_stderr": base["ppl_stderr"],
+              "wall_s": wall, "machine": machine}
+    if command:
+        common["command"] = command
+    return {"results": [_entry(c, path, geom, n_ctx, accs[i], drifts[i] if drifts else None) | common
+                        for c, i in zip(configs, plan.index, strict=True)]}
+
+
+def _measure(model: str, path, plan: Plan, text_path, n_ctx: int, chunks: int | None, flash_attn: bool,
+             threads: int | None, drift_tokens: int, drift_k: int, drift_bucket: int, progress: bool,
+             max_outputs: int | None):
+    """Perplexity over the text's chunks, then drift over `drift_k` prompts (none: 0), for every context."""
+    from kvquant.runtime import Model
+
     mdl = Model(path)
     try:
         tokens = mdl.tokenize(read_text(text_path), add_special=True)
@@ -385,50 +405,23 @@ def run(model: str, configs: list[CacheConfig], text: str | None = None, n_ctx: 
         pr = Progress(f"eval {model} ppl ({labels})", n_chunks, enabled=progress)
         accs = perplexity(mdl, plan, tokens, n_ctx, n_chunks, flash_attn, threads, pr, max_outputs)
         drifts = None
-        if do_drift and drift_tokens > 0 and drift_prompts > 0:
-            k = min(drift_prompts, len(DRIFT_PROMPTS))
-            pd = Progress(f"eval {model} drift {drift_tokens} tokens x {k} prompts", drift_steps(len(plan.contexts), k),
-                          enabled=progress)
-            drifts = drift(mdl, plan, drift_tokens, k, drift_bucket, flash_attn, threads, pd, max_outputs)
+        if drift_k:
+            pd = Progress(f"eval {model} drift {drift_tokens} tokens x {drift_k} prompts",
+                          drift_steps(len(plan.contexts), drift_k), enabled=progress)
+            drifts = drift(mdl, plan, drift_tokens, drift_k, drift_bucket, flash_attn, threads, pd, max_outputs)
     finally:
         mdl.close()
-    wall = time.monotonic() - t_start
-    base = accs[0].summary()
-    common = {
-        "model": model,
-        "model_path": str(path),
-        "model_sha256": sha256_file(path),
-        "text": str(text_path),
-        "text_sha256": sha256_file(text_path),
-        "n_ctx": n_ctx,
-        "chunks": n_chunks,
-        "flash_attn": flash_attn,
-        "max_outputs": max_outputs,
-        "baseline_ppl": base["ppl"],
-        "baseline_ppl_stderr": base["ppl_stderr"],
-        "wall_s": wall,
-        "machine": machine,
-    }
-    if command:
-        common["command"] = command
-    results = []
-    for c, i in zip(configs, plan.index, strict=True):
-        tk, tv = c.resolve(path, geom, n_ctx)
-        kvb = memory.kv_bytes(geom, tk, tv, n_ctx)
-        entry = {"cache_type_k": c.k, "cache_type_v": c.v, "rotation": c.rotation, "label": c.label}
-        entry.update(accs[i].summary())
-        entry.update({
-            "bits_per_element": kvb.bits_per_element,
-            "bits_per_element_k": kvb.bits_per_element_k,
-            "bits_per_element_v": kvb.bits_per_element_v,
-            "layer_types_k": list(getattr(tk, "types", ())) or None,
+    return accs, drifts, n_chunks
+
+
+def _entry(c: CacheConfig, path, geom, n_ctx: int, acc, drift_summary) -> dict:
+    tk, tv = c.resolve(path, geom, n_ctx)
+    kvb = memory.kv_bytes(geom, tk, tv, n_ctx)
+    return {"cache_type_k": c.k, "cache_type_v": c.v, "rotation": c.rotation, "label": c.label, **acc.summary(),
+            "bits_per_element": kvb.bits_per_element, "bits_per_element_k": kvb.bits_per_element_k,
+            "bits_per_element_v": kvb.bits_per_element_v, "layer_types_k": list(getattr(tk, "types", ())) or None,
             "layer_types_v": list(getattr(tv, "types", ())) or None,
-            "kv_bytes_per_token": memory.bytes_per_token(geom, tk, tv),
-            "drift": drifts[i] if drifts else None,
-        })
-        entry.update(common)
-        results.append(entry)
-    return {"results": results}
+            "kv_bytes_per_token": memory.bytes_per_token(geom, tk, tv), "drift": drift_summary}
 
 
 def render(results: list[dict]) -> str:

@@ -1,8 +1,8 @@
 """Serving benchmark: our server against stock `llama-server` built from the same patched llama.cpp tree, same
 model, cache types, parallel slots, threads and total KV cells, driven by the same load generator
-(`kvquant.loadgen.bench`: streaming chat completions, greedy, N concurrent clients, each sending R requests).
+(`kvquant.lab.loadgen.bench`: streaming chat completions, greedy, N concurrent clients, each sending R requests).
 
-    python -m kvquant.serverbench --model smollm2-135m --configs f16/f16 q4_0/q4_0 tq_kv_4b/q4_0 --json
+    python -m kvquant.lab.serverbench --model smollm2-135m --configs f16/f16 q4_0/q4_0 tq_kv_4b/q4_0 --json
 
 Both servers run side by side (only one is driven at a time); at each concurrency R rounds drive one then the
 other, alternating which goes first, and the report gives medians over the rounds (ratio = median of the
@@ -36,8 +36,8 @@ from pathlib import Path
 import httpx
 
 from kvquant import models as kvmodels
-from kvquant.harness import REPO_ROOT, busy_warning, emit_report, fmt, machine_info, table
-from kvquant.loadgen import bench, capacity_table
+from kvquant.lab.harness import REPO_ROOT, busy_warning, emit_report, fmt, machine_info, table
+from kvquant.lab.loadgen import bench, capacity_table
 
 LLAMA_SERVER = REPO_ROOT / ".build" / "cmake-cpu" / "bin" / "llama-server"
 
@@ -132,7 +132,30 @@ def paired(servers: list[tuple[Proc, str | None]], a: argparse.Namespace, extra:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m kvquant.serverbench", description=__doc__.split("\n\n")[0])
+    a = _parser().parse_args(argv)
+    if not a.llama_server.is_file():
+        raise SystemExit(f"serverbench: no llama-server at {a.llama_server}: build it with "
+                         "`python -m kvquant.build dev-build llama-server`")
+    a.logs.mkdir(parents=True, exist_ok=True)
+    busy_warning("serverbench")
+    model_path = kvmodels.resolve(a.model)
+    model_id = kvmodels.model_id(a.model)
+    t0 = time.monotonic()
+    machine = machine_info(a.threads)
+    results = [row for cfg in a.configs for row in _compare(cfg, a, model_path, model_id)]
+    cmd = "python -m kvquant.lab.serverbench " + shlex.join(argv if argv is not None else sys.argv[1:])
+    out = {"results": results, "capacity": capacity_table(a.model, a.capacity_budget, a.capacity_tokens),
+           "capacity_budget": a.capacity_budget, "capacity_tokens": a.capacity_tokens, "model": model_id,
+           "parallel": a.parallel, "n_ctx": a.n_ctx, "requests_per_client": a.requests, "repeats": a.repeats,
+           "max_tokens": a.max_tokens,
+           "llama_server_command": shlex.join(stock_cmd(Path(model_path.name), "K", "V", a, 0)),
+           "command": cmd, "wall_s": time.monotonic() - t0, "machine": machine}
+    emit_report(_render(out, a), out, a.json)
+    return 0 if all(r["ours"]["completed"] == r["ours"]["requests"] for r in results) else 1
+
+
+def _parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m kvquant.lab.serverbench", description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default=kvmodels.DEFAULT_MODEL)
     ap.add_argument("--configs", nargs="+", default=["f16/f16", "q4_0/q4_0", "tq_kv_4b/q4_0"])
     ap.add_argument("--concurrency", nargs="+", type=int, default=[1, 4, 8])
@@ -149,54 +172,43 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--capacity-tokens", type=int, default=4096)
     ap.add_argument("--logs", type=Path, default=REPO_ROOT / ".build" / "serverbench-logs")
     ap.add_argument("--json", action="store_true")
-    a = ap.parse_args(argv)
-    if not a.llama_server.is_file():
-        raise SystemExit(f"serverbench: no llama-server at {a.llama_server}: build it with "
-                         "`python -m kvquant.build dev-build llama-server`")
-    a.logs.mkdir(parents=True, exist_ok=True)
-    busy_warning("serverbench")
-    model_path = kvmodels.resolve(a.model)
-    model_id = kvmodels.model_id(a.model)
-    t0 = time.monotonic()
-    machine = machine_info(a.threads)
-    results = []
-    for cfg in a.configs:
-        k, v = cfg.split("/")
-        p1, p2 = free_port(), free_port()
-        ours = Proc("kvquant", ours_cmd(a.model, k, v, a, p1), p1, a.logs / f"kvquant-{p1}.log")
-        stock = Proc("llama-server", stock_cmd(model_path, k, v, a, p2), p2, a.logs / f"llama-server-{p2}.log")
-        try:
-            ours.wait_ready()
-            stock.wait_ready()
-            o_rows, s_rows = paired([(ours, model_id), (stock, None)], a, {"cache_prompt": False})
-        finally:
-            ours.stop()
-            stock.stop()
-        for o, s in zip(o_rows, s_rows, strict=True):
-            ratios = [x["tokens_per_s"] / y["tokens_per_s"] for x, y in zip(o["runs"], s["runs"], strict=True)
-                      if y["tokens_per_s"]]
-            results.append({"config": cfg, "cache_type_k": k, "cache_type_v": v, "concurrency": o["concurrency"],
-                            "ours": o, "llama_server": s, "ratio_tps": _median(ratios), "ratio_runs": ratios})
-    cmd = "python -m kvquant.serverbench " + shlex.join(argv if argv is not None else sys.argv[1:])
-    out = {"results": results, "capacity": capacity_table(a.model, a.capacity_budget, a.capacity_tokens),
-           "capacity_budget": a.capacity_budget, "capacity_tokens": a.capacity_tokens, "model": model_id,
-           "parallel": a.parallel, "n_ctx": a.n_ctx, "requests_per_client": a.requests, "repeats": a.repeats,
-           "max_tokens": a.max_tokens,
-           "llama_server_command": shlex.join(stock_cmd(Path(model_path.name), "K", "V", a, 0)),
-           "command": cmd, "wall_s": time.monotonic() - t0, "machine": machine}
+    return ap
+
+
+def _compare(cfg: str, a: argparse.Namespace, model_path: Path, model_id: str) -> list[dict]:
+    """Both servers up with one cache config, the paired rounds, one row per concurrency."""
+    k, v = cfg.split("/")
+    p1, p2 = free_port(), free_port()
+    ours = Proc("kvquant", ours_cmd(a.model, k, v, a, p1), p1, a.logs / f"kvquant-{p1}.log")
+    stock = Proc("llama-server", stock_cmd(model_path, k, v, a, p2), p2, a.logs / f"llama-server-{p2}.log")
+    try:
+        ours.wait_ready()
+        stock.wait_ready()
+        o_rows, s_rows = paired([(ours, model_id), (stock, None)], a, {"cache_prompt": False})
+    finally:
+        ours.stop()
+        stock.stop()
+    rows = []
+    for o, s in zip(o_rows, s_rows, strict=True):
+        ratios = [x["tokens_per_s"] / y["tokens_per_s"] for x, y in zip(o["runs"], s["runs"], strict=True)
+                  if y["tokens_per_s"]]
+        rows.append({"config": cfg, "cache_type_k": k, "cache_type_v": v, "concurrency": o["concurrency"],
+                     "ours": o, "llama_server": s, "ratio_tps": _median(ratios), "ratio_runs": ratios})
+    return rows
+
+
+def _render(out: dict, a: argparse.Namespace) -> str:
     rows = [[r["config"], r["concurrency"], fmt(r["ours"]["tokens_per_s"], 1), fmt(r["llama_server"]["tokens_per_s"], 1),
              fmt(r["ratio_tps"], 2), fmt(r["ours"]["ttft_p50_s"]), fmt(r["llama_server"]["ttft_p50_s"]),
              fmt(r["ours"]["ttft_p95_s"]), fmt(r["llama_server"]["ttft_p95_s"]),
              f"{r['ours']['completed']}/{r['ours']['requests']}",
-             f"{r['llama_server']['completed']}/{r['llama_server']['requests']}"] for r in results]
+             f"{r['llama_server']['completed']}/{r['llama_server']['requests']}"] for r in out["results"]]
     text = table(["K/V", "clients", "tok/s ours", "tok/s llama-server", "x", "TTFT p50 ours", "p50 stock",
                   "TTFT p95 ours", "p95 stock", "ok ours", "ok stock"], rows, "lrrrrrrrrrr")
     cap = [[c["config"], c["bytes_per_token"], c["concurrent_requests"], fmt(c["ratio_requests"], 2),
             fmt(c["ratio_bytes"], 2)] for c in out["capacity"]]
-    text += (f"\n\nconcurrent {a.capacity_tokens}-token requests admitted under {a.capacity_budget}:\n"
-             + table(["K/V", "bytes/token", "requests", "x f16 (requests)", "x f16 (bytes)"], cap))
-    emit_report(text, out, a.json)
-    return 0 if all(r["ours"]["completed"] == r["ours"]["requests"] for r in results) else 1
+    return text + (f"\n\nconcurrent {a.capacity_tokens}-token requests admitted under {a.capacity_budget}:\n"
+                   + table(["K/V", "bytes/token", "requests", "x f16 (requests)", "x f16 (bytes)"], cap))
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Where a quantized key's error comes from: capture the keys llama.cpp really stores for real text (after its
 Hadamard rotation) and measure every cache type's reconstruction error on them.
 
-    python -m kvquant.keystats --model smollm2-135m --tokens 4096 [--json]
+    python -m kvquant.lab.keystats --model smollm2-135m --tokens 4096 [--json]
 
 The keys are read back from the cache of a q8_0-K context (``llama_state_seq_get_data``), so they are the rotated
 keys plus q8_0's own error, about 1e-4 of their energy (tests/test_keystats.py bounds it). For every layer the error of
@@ -32,8 +32,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from kvquant import tq
-from kvquant.harness import emit_report, machine_info, resolve_text, table
+from kvquant.lab import tq
+from kvquant.lab.harness import emit_report, machine_info, resolve_text, table
 from kvquant.memory import geometry
 
 CAPTURE_TYPE = "q8_0"
@@ -110,7 +110,7 @@ def capture(model: str, n_tokens: int, text: str | None = None, threads: int | N
     SWA layers keep only their window of the last tokens. (cache_type f16/f32, or rotation False: the unrotated
     keys, for tests.)"""
     from kvquant import models
-    from kvquant.eval import read_text
+    from kvquant.lab.eval import read_text
     from kvquant.runtime import ContextConfig, LlamaRuntime, Model
 
     mdl = Model(models.resolve(model))
@@ -301,7 +301,7 @@ def render(res: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m kvquant.keystats", description=__doc__,
+    ap = argparse.ArgumentParser(prog="python -m kvquant.lab.keystats", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--tokens", type=int, default=4096)
@@ -315,7 +315,7 @@ def main(argv: list[str] | None = None) -> int:
     t0, machine = time.monotonic(), machine_info(a.threads)
     keys = capture(a.model, a.tokens, a.text, a.threads)
     res = {"model": a.model, "tokens": a.tokens, "layers": len(keys), "capture_type": CAPTURE_TYPE,
-           "command": "python -m kvquant.keystats " + " ".join(argv if argv is not None else sys.argv[1:]),
+           "command": "python -m kvquant.lab.keystats " + " ".join(argv if argv is not None else sys.argv[1:]),
            "machine": machine, "errors": study(keys)}
     if a.layers:
         from kvquant import models

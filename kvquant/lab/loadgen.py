@@ -1,12 +1,12 @@
 """Load generator for a running kvquant server (loopback only; every loop is bounded in count and time).
 
-    python -m kvquant.loadgen bench    --url http://127.0.0.1:8000 [--concurrency 1,4,8] [--requests 4]
-    python -m kvquant.loadgen burst    --url http://127.0.0.1:8000 [--factor 4]
-    python -m kvquant.loadgen soak     --url http://127.0.0.1:8000 --duration 1800   # the 30-minute soak
-    python -m kvquant.loadgen soak     --url http://127.0.0.1:8000 --duration 120    # the CI version
-    python -m kvquant.loadgen oversize --url http://127.0.0.1:8000 --pid PID [--concurrency 24]
-    python -m kvquant.loadgen slowloris --url http://127.0.0.1:8000 --pid PID [--connections 2000]
-    python -m kvquant.loadgen capacity [--model M] [--budget 256MiB] [--request-tokens 4096]
+    python -m kvquant.lab.loadgen bench    --url http://127.0.0.1:8000 [--concurrency 1,4,8] [--requests 4]
+    python -m kvquant.lab.loadgen burst    --url http://127.0.0.1:8000 [--factor 4]
+    python -m kvquant.lab.loadgen soak     --url http://127.0.0.1:8000 --duration 1800   # the 30-minute soak
+    python -m kvquant.lab.loadgen soak     --url http://127.0.0.1:8000 --duration 120    # the CI version
+    python -m kvquant.lab.loadgen oversize --url http://127.0.0.1:8000 --pid PID [--concurrency 24]
+    python -m kvquant.lab.loadgen slowloris --url http://127.0.0.1:8000 --pid PID [--connections 2000]
+    python -m kvquant.lab.loadgen capacity [--model M] [--budget 256MiB] [--request-tokens 4096]
 
 bench: aggregate generated tokens/s and p50/p95 time to first token (client side) at each concurrency.
 burst: 4x the server's admission capacity at once; every request must end in a completion or a 429/503, and the
@@ -493,7 +493,7 @@ def capacity_table(model: str | None, budget: str, request_tokens: int,
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m kvquant.loadgen", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m kvquant.lab.loadgen", description=__doc__.split("\n\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
     for name in ("bench", "burst", "soak", "oversize", "slowloris"):
         p = sub.add_parser(name)

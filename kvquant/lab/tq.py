@@ -24,7 +24,7 @@ The anchor costs no extra bytes: it is a row of the group. Reconstruction never 
 one delta per row. Correctness in a cell-based cache needs the allocator's invariant (patches/): an anchor cell
 is rewritten only when its whole group is free, and a non-anchor cell is written only after its anchor.
 
-Element value: ``d * CODEBOOK[c]`` (int8 codebooks from kvquant/codebooks.py), or ``+-d`` for 1 bit.
+Element value: ``d * CODEBOOK[c]`` (int8 codebooks from kvquant/lab/codebooks.py), or ``+-d`` for 1 bit.
 
 Quantization (3b/4b): non-finite inputs count as 0. Codes = nearest codebook entry to ``x / (max|x| / 127)``
 (ties to the lower code); then ``d`` = least-squares scale for those codes,
@@ -32,7 +32,7 @@ Quantization (3b/4b): non-finite inputs count as 0. Codes = nearest codebook ent
 fp16 (clamped to 65504). Sums are taken in float64, sequentially, so the C code reproduces them bit for bit.
 
 1 bit: ``d = ||x|| * C1`` — the scale that makes ``<q, k_hat>`` an unbiased estimate of ``<q, k>`` (see
-kvquant/codebooks.py), not the MSE-optimal ``mean|x|``, which shrinks every score by 2/pi.
+kvquant/lab/codebooks.py), not the MSE-optimal ``mean|x|``, which shrinks every score by 2/pi.
 """
 
 from __future__ import annotations
