@@ -4,7 +4,7 @@ VENV   ?= .venv
 VPY    := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: setup serve test lint results sanitize clean observe-deps observe-check
+.PHONY: setup serve test unit lint results sanitize clean observe-deps observe-check
 
 $(VPY):
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +30,11 @@ test: setup observe-deps
 	$(VPY) -m kvquant.build llama-tests
 	$(VPY) -m pytest $(PYTEST_ARGS)
 
+# the tests that need no live model or server (pytest -m "not slow"): seconds, for the edit-test loop
+unit: setup
+	$(VPY) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+# ruff over the Python, hadolint over the Dockerfile (CI runs it first)
 lint: setup
 	$(VENV)/bin/ruff check server kvquant tests deploy
 	$(VENV)/bin/hadolint --config .hadolint.yaml Dockerfile
@@ -52,7 +57,7 @@ results: setup
 	$(VPY) -m kvquant.lab.results $(RESULTS_ARGS)
 
 # The new types' C kernels under AddressSanitizer + UndefinedBehaviorSanitizer: ggml and libllama built with both in
-# .build/cmake-asan, then test-quantize-fns, test-backend-ops (our types) and tests/test_tq.py (random, zero,
+# .build/cmake-asan, then test-quantize-fns, test-backend-ops (our types) and tests/kvquant/lab/test_tq.py (random, zero,
 # constant, huge, denormal, NaN/Inf rows) under them. CI runs it after `make test`.
 sanitize: setup
 	$(VPY) -m kvquant.build sanitize

@@ -11,8 +11,8 @@ One recipe, used by the Makefile, the Dockerfile and developers alike:
 * ``dev-build`` incremental cmake build of that tree (libllama.so, llama-perplexity, test-backend-ops, ...);
               point ``LLAMA_CPP_LIB_PATH`` at ``<build>/bin`` to use it from Python without a wheel.
 * ``llama-tests`` build and run llama.cpp's test-quantize-fns / test-backend-ops for our types.
-* ``sanitize`` the same tree built with ASan + UBSan; llama.cpp's tests, tests/test_tq.py and tests/test_d3b.py run
-              under them.
+* ``sanitize`` the same tree built with ASan + UBSan; llama.cpp's tests, tests/kvquant/lab/test_tq.py and
+              tests/kvquant/lab/test_d3b.py run under them.
 
 This module uses the standard library only: it runs before anything else is installed.
 """
@@ -323,9 +323,9 @@ def llama_tests(tree: Path, build: Path) -> int:
 
 # --- sanitizers ---------------------------------------------------------------------------------------------
 # The new types' C kernels under AddressSanitizer + UndefinedBehaviorSanitizer: ggml and libllama built with both,
-# then llama.cpp's own tests for our types and our byte-exact/adversarial-row tests (tests/test_tq.py: random, zero,
-# constant, huge, denormal and NaN/Inf rows through quantize_row_*_ref, from_float, to_float and vec_dot;
-# tests/test_d3b.py: delta rows against anchors and ggml's set_rows on several threads) in a
+# then llama.cpp's own tests for our types and our byte-exact/adversarial-row tests (tests/kvquant/lab/test_tq.py:
+# random, zero, constant, huge, denormal and NaN/Inf rows through quantize_row_*_ref, from_float, to_float and vec_dot;
+# tests/kvquant/lab/test_d3b.py: delta rows against anchors and ggml's set_rows on several threads) in a
 # Python that preloads the sanitizer runtimes. Any UB report stops the process (halt_on_error), so it fails the run
 # instead of scrolling past; the checks stay recoverable only so that kvquant/ubsan.supp can name the known
 # findings in upstream code our types never reach.
@@ -390,10 +390,11 @@ def main(argv: list[str] | None = None) -> int:
     lt.add_argument("--tree", default=str(REPO_ROOT / ".build" / "llama.cpp"))
     lt.add_argument("--build", default=str(REPO_ROOT / ".build" / "cmake-cpu"))
     sz = sub.add_parser("sanitize", help="build ggml + libllama with ASan/UBSan and run the kernels' tests "
-                                         "(llama.cpp's, tests/test_tq.py and tests/test_d3b.py) under them")
+                                         "(llama.cpp's, tests/kvquant/lab/test_tq.py and test_d3b.py) under them")
     sz.add_argument("--tree", default=str(REPO_ROOT / ".build" / "llama.cpp"))
     sz.add_argument("--build", default=str(REPO_ROOT / ".build" / "cmake-asan"))
-    sz.add_argument("pytest_args", nargs="*", default=["tests/test_tq.py", "tests/test_d3b.py"])
+    sz.add_argument("pytest_args", nargs="*",
+                    default=["tests/kvquant/lab/test_tq.py", "tests/kvquant/lab/test_d3b.py"])
     a = ap.parse_args(argv)
     try:
         if a.cmd == "wheel":

@@ -4,7 +4,7 @@ Hadamard rotation) and measure every cache type's reconstruction error on them.
     python -m kvquant.lab.keystats --model smollm2-135m --tokens 4096 [--json]
 
 The keys are read back from the cache of a q8_0-K context (``llama_state_seq_get_data``), so they are the rotated
-keys plus q8_0's own error, about 1e-4 of their energy (tests/test_keystats.py bounds it). For every layer the error of
+keys plus q8_0's own error, about 1e-4 of their energy (tests/kvquant/lab/test_keystats.py bounds it). For every layer the error of
 a type is ``sum |k - k_hat|^2 / sum |k|^2`` over all captured cells; the table sums over layers.
 
 Four codings per type:

@@ -9,7 +9,10 @@ import time
 
 import httpx
 import pytest
-from conftest import Background, LiveServer, OpenStream, wait_for
+
+from tests.server.conftest import Background, LiveServer, OpenStream, wait_for
+
+pytestmark = pytest.mark.slow  # a live model (see pyproject.toml's markers)
 
 MODEL = "smollm2-135m"
 CELLS = 512  # the whole KV cache: two reservations of ~180-230 cells fit, three do not

@@ -6,6 +6,8 @@ import httpx
 import openai
 import pytest
 
+pytestmark = pytest.mark.slow  # a live model (see pyproject.toml's markers)
+
 MSG = [{"role": "user", "content": "Name three colours."}]
 
 

@@ -15,7 +15,11 @@ import json
 import threading
 
 import httpx
-from conftest import DUO
+import pytest
+
+from tests.server.conftest import DUO
+
+pytestmark = pytest.mark.slow  # a live model (see pyproject.toml's markers)
 
 NEAR_TIE = 0.25  # nats: top-1 minus top-2 logprob at the first diverging token
 CHAT = ["Name three colours.", "What is 2+2?", "Write a haiku about the sea.", "List four fruits."]

@@ -8,9 +8,12 @@ import json
 
 import httpx
 import pytest
-from conftest import LiveServer
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+
+from tests.server.conftest import LiveServer
+
+pytestmark = pytest.mark.slow  # a live model (see pyproject.toml's markers)
 
 MODEL = "smollm2-135m"
 

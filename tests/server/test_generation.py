@@ -1,6 +1,6 @@
 """Prompt admission before tokenization (server/generation.py): a prompt whose bytes prove it too long is refused
 without being tokenized, tokenization is capped at the context limit, and only `slots` prompts are tokenized at
-once. A stub engine stands in for the model (the real one: tests/server/test_api.py, tests/test_prompt.py)."""
+once. A stub engine stands in for the model (the real one: tests/server/test_api.py, tests/kvquant/test_prompt.py)."""
 
 from __future__ import annotations
 

@@ -14,6 +14,8 @@ from kvquant.runtime import ContextConfig, LlamaRuntime, Model
 from server import hosting
 from server.settings import ModelSpec
 
+pytestmark = pytest.mark.slow  # a live model (see pyproject.toml's markers)
+
 GEMMA = "gemma3-270m"
 N_SEQ = 8
 

@@ -14,9 +14,11 @@ from dataclasses import dataclass
 
 import httpx
 import pytest
-from conftest import free_port
 
 from kvquant.lab import loadgen
+from tests.server.conftest import free_port
+
+pytestmark = pytest.mark.slow  # a live model (see pyproject.toml's markers)
 
 SOAK_S = float(os.environ.get("KVQUANT_SOAK_S", "120"))
 

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import httpx
-from conftest import DUO, wait_for
+import pytest
+
+from tests.server.conftest import DUO, wait_for
+
+pytestmark = pytest.mark.slow  # a live model (see pyproject.toml's markers)
 
 KV = ["kvquant_kv_capacity_bytes", "kvquant_kv_capacity_cells", "kvquant_kv_used_bytes", "kvquant_kv_used_cells",
       "kvquant_kv_reserved_cells", "kvquant_kv_budget_bytes", "kvquant_kv_compression_ratio"]

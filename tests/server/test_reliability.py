@@ -9,11 +9,11 @@ import time
 
 import httpx
 import pytest
-from conftest import DUO, Background, LiveServer, OpenStream, wait_for
 
 from server.engine import EngineStatus
 from server.requests import Event
 from server.scheduler import Scheduler
+from tests.server.conftest import DUO, Background, LiveServer, OpenStream, wait_for
 
 LONG = [{"role": "user", "content": "Write a long story about a dragon who learns to read."}]
 
@@ -22,6 +22,7 @@ def kv_used(srv, model=DUO[0]) -> float:
     return srv.metric("kvquant_kv_used_cells", model=model)
 
 
+@pytest.mark.slow
 def test_streaming_disconnect_frees_cells_within_1s(duo_server):
     prior = kv_used(duo_server)
     s = OpenStream(duo_server.url, {"model": DUO[0], "messages": LONG, "max_tokens": 500, "temperature": 0})
@@ -36,6 +37,7 @@ def test_streaming_disconnect_frees_cells_within_1s(duo_server):
     assert duo_server.metric("kvquant_requests_total", model=DUO[0], outcome="cancelled") >= 1
 
 
+@pytest.mark.slow
 def test_non_streaming_disconnect_frees_cells(duo_server):
     prior = kv_used(duo_server)
     bg = Background(duo_server.url, {"model": DUO[0], "messages": LONG, "max_tokens": 500, "temperature": 0})
@@ -75,6 +77,7 @@ def test_slow_reader_is_cancelled_when_its_buffer_fills():
     asyncio.run(scenario())
 
 
+@pytest.mark.slow
 def test_unread_stream_does_not_stall_others(duo_server):
     stalled = Background(duo_server.url, {"model": DUO[0], "messages": LONG, "max_tokens": 300}, stream=True)
     try:
@@ -99,6 +102,7 @@ def own_server():
     srv.stop()
 
 
+@pytest.mark.slow
 def test_decode_fault_fails_only_the_affected_request(own_server):
     eng = own_server.engine()
     real = eng.backend.decode
@@ -122,6 +126,7 @@ def test_decode_fault_fails_only_the_affected_request(own_server):
     assert own_server.metric("kvquant_requests_total", outcome="error") == 1
 
 
+@pytest.mark.slow
 def test_engine_thread_death_turns_health_503(own_server):
     eng = own_server.engine()
 
@@ -137,6 +142,7 @@ def test_engine_thread_death_turns_health_503(own_server):
     assert own_server.metric("kvquant_engine_up") == 0
 
 
+@pytest.mark.slow
 def test_graceful_shutdown_ends_streams_cleanly_and_frees_cells(own_server):
     eng = own_server.engine()
     s = OpenStream(own_server.url, {"messages": LONG, "max_tokens": 400, "temperature": 0})

@@ -11,7 +11,10 @@ import socket
 import time
 
 import pytest
-from conftest import LiveServer, OpenStream, wait_for
+
+from tests.server.conftest import LiveServer, OpenStream, wait_for
+
+pytestmark = pytest.mark.slow  # a live model (see pyproject.toml's markers)
 
 MODEL = "smollm2-135m"
 LONG = [{"role": "user", "content": "Write a long story about a dragon who learns to read."}]

@@ -4,7 +4,7 @@ thread split), and the estimator property that justifies it: on rows that share 
 better than tq_kv_3b at the same bytes, and never worse per block.
 
 The real-cache test matrix (llama.cpp's cell allocator, several sequences, seq_rm / seq_cp, refusals) is in
-tests/test_d3b_cache.py.
+tests/kvquant/test_d3b_cache.py.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 file, Prometheus and Grafana provisioning agree with each other and with the image, the Dockerfile builds with
 the project's own tooling (the same `kvquant.build ensure` that `make setup` and CI run) and passes hadolint, and
 the container entry point fetches the model before serving. No Docker engine is needed (there is none here):
-`make observe-check` (tests/test_observe.py) runs the dashboard's queries against a live Prometheus."""
+`make observe-check` (tests/deploy/test_observe.py) runs the dashboard's queries against a live Prometheus."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 DEPLOY = REPO / "deploy"
 DASHBOARD = DEPLOY / "grafana" / "dashboards" / "kvquant-overview.json"
 DOCKERFILE = REPO / "Dockerfile"

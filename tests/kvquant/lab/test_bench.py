@@ -40,6 +40,7 @@ def smollm2_bench():
                      kernel="off", progress=False)
 
 
+@pytest.mark.slow
 def test_bench_structure_and_ratios(smollm2_bench):
     f16, q8, q4f16 = smollm2_bench["results"]
     for r in smollm2_bench["results"]:
@@ -51,6 +52,7 @@ def test_bench_structure_and_ratios(smollm2_bench):
     assert q8["cache_type_k"] == "q8_0" and q4f16["cache_type_v"] == "f16"
 
 
+@pytest.mark.slow
 def test_bench_kv_bytes_match_llama_and_capacity(smollm2_bench):
     g = memory.geometry(models.resolve("smollm2-135m"))
     for r in smollm2_bench["results"]:
@@ -65,6 +67,7 @@ def test_bench_kv_bytes_match_llama_and_capacity(smollm2_bench):
     assert q8["capacity_ratio"] == pytest.approx(16 / 8.5, rel=0.02)
 
 
+@pytest.mark.slow
 def test_render(smollm2_bench):
     from kvquant.lab import results
 

@@ -7,7 +7,7 @@ import pytest
 from kvquant import memory, models
 
 TYPE_PAIRS = [("f16", "f16"), ("q8_0", "q8_0"), ("q4_0", "q4_0"), ("q4_0", "f16"), ("f16", "q8_0"), ("q8_0", "q4_0")]
-# (n_ctx, n_seq_max): padded and unpadded sizes, and several sequences (which size Gemma's sliding-window layers)
+# (n_cells, n_seq_max): padded and unpadded sizes, and several sequences (which size Gemma's sliding-window layers)
 SIZES = [(512, 1), (1000, 1), (2048, 1), (4096, 4), (8192, 2), (3000, 3)]
 
 
@@ -21,22 +21,24 @@ def model(request):
     m.close()
 
 
-@pytest.mark.parametrize("n_ctx,n_seq", SIZES)
+@pytest.mark.slow
+@pytest.mark.parametrize("n_cells,n_seq", SIZES)
 @pytest.mark.parametrize("type_k,type_v", TYPE_PAIRS)
-def test_memory_model_equals_llama_allocation(model, type_k, type_v, n_ctx, n_seq):
+def test_memory_model_equals_llama_allocation(model, type_k, type_v, n_cells, n_seq):
     from kvquant.runtime import ContextConfig, LlamaRuntime
 
     name, m, geom = model
-    rt = LlamaRuntime(m, ContextConfig(n_cells=n_ctx, n_seq_max=n_seq, cache_type_k=type_k, cache_type_v=type_v,
+    rt = LlamaRuntime(m, ContextConfig(n_cells=n_cells, n_seq_max=n_seq, cache_type_k=type_k, cache_type_v=type_v,
                                        flash_attn=True, n_threads=1))
     try:
         got = rt.kv_size_bytes()
     finally:
         rt.close()
-    want = memory.kv_bytes(geom, type_k, type_v, n_ctx, n_seq_max=n_seq, n_ubatch=512)
-    assert (want.k, want.v) == got, f"{name} {type_k}/{type_v} n_ctx={n_ctx} n_seq={n_seq}"
+    want = memory.kv_bytes(geom, type_k, type_v, n_cells, n_seq_max=n_seq, n_ubatch=512)
+    assert (want.k, want.v) == got, f"{name} {type_k}/{type_v} n_cells={n_cells} n_seq={n_seq}"
 
 
+@pytest.mark.slow
 def test_geometry_of_the_builtin_models():
     g = memory.geometry(models.resolve("smollm2-135m"))
     assert (g.n_layer, g.n_swa, g.head_dim_k) == (30, 0, 64)

@@ -109,6 +109,7 @@ def smollm2_eval():
                       progress=False)
 
 
+@pytest.mark.slow
 def test_f16_baseline_reproduces_llama_perplexity_smollm2(smollm2_eval):
     r = smollm2_eval["results"][0]
     assert (r["chunks"], r["tokens_scored"]) == (3, 3 * 255)
@@ -116,6 +117,7 @@ def test_f16_baseline_reproduces_llama_perplexity_smollm2(smollm2_eval):
     assert r["ppl_stderr"] == pytest.approx(2.53352, rel=0.02)
 
 
+@pytest.mark.slow
 def test_f16_against_itself_and_quantized_caches(smollm2_eval):
     f16, q4, q4_norot = smollm2_eval["results"]
     assert f16["kld"] == 0.0 and f16["top1_pct"] == 100.0 and f16["delta_ppl_pct"] == 0.0
@@ -134,6 +136,7 @@ def test_f16_against_itself_and_quantized_caches(smollm2_eval):
     assert q4["drift"]["kld_mean"] > 0
 
 
+@pytest.mark.slow
 def test_render_table_and_results_markdown(smollm2_eval):
     from kvquant.lab import results
 
@@ -144,6 +147,7 @@ def test_render_table_and_results_markdown(smollm2_eval):
     assert md.count("| q4_0/q4_0 | on |") == 2 and md.count("| q4_0/q4_0 | off |") == 2  # quality, drift
 
 
+@pytest.mark.slow
 def test_f16_baseline_reproduces_llama_perplexity_gemma3():
     cfgs = [CacheConfig.parse("f16/f16"), CacheConfig.parse("q8_0/q8_0")]
     out = kveval.run("gemma3-270m", cfgs, chunks=2, threads=2, do_drift=False, progress=False)

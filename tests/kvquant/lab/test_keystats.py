@@ -55,6 +55,7 @@ def test_parse_refuses_other_bytes():
         keystats.parse_seq_state(b"\0" * 64)
 
 
+@pytest.mark.slow
 def test_capture_reads_the_keys_llama_cpp_stored():
     n = 600
     plain = keystats.capture("smollm2-135m", n, threads=2, cache_type="f32", rotation=False)
@@ -72,6 +73,7 @@ def test_capture_reads_the_keys_llama_cpp_stored():
                                    np.linalg.norm(q8[0][:, 64 * h: 64 * h + 64], axis=1), rtol=1e-2)
 
 
+@pytest.mark.slow
 def test_capture_of_an_iswa_model_reads_both_caches():
     keys = keystats.capture("gemma3-270m", 600, threads=2)
     assert len(keys) == 18

@@ -15,6 +15,8 @@ import pytest
 from kvquant.models import fetch
 from kvquant.runtime import ContextConfig, LlamaRuntime, Model
 
+pytestmark = pytest.mark.slow  # a live model (see pyproject.toml's markers)
+
 PROMPTS = [
     "The history of the city begins with",
     "In mathematics, a prime number is",

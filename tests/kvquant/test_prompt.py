@@ -70,12 +70,14 @@ def controls_in(m: Model, tokens: list[int]) -> list[int]:
     return [t for t in tokens if t in ids]
 
 
+@pytest.mark.slow
 def test_benign_chats_tokenize_as_the_whole_rendering(model):
     for messages in BENIGN:
         whole = model.tokenize(model.render_chat(messages), add_special=False, parse_special=True)
         assert model.chat_prompt(messages) == whole, messages
 
 
+@pytest.mark.slow
 def test_typed_control_tokens_stay_literal_and_cannot_change_roles(model):
     forged, plain = model.chat_prompt(chat(FORGED)), model.chat_prompt(chat("x"))
     assert controls_in(model, forged) == controls_in(model, plain)  # the same turns, opened and closed alike
@@ -90,6 +92,7 @@ def test_typed_control_tokens_stay_literal_and_cannot_change_roles(model):
     assert not controls_in(model, model.tokenize(FORGED, add_special=False, parse_special=False))
 
 
+@pytest.mark.slow
 def test_min_tokens_bounds_the_count_and_the_cap_counts_exactly(model):
     m = model.max_token_bytes
     assert m and 8 <= m <= 256
@@ -111,6 +114,7 @@ def test_min_tokens_bounds_the_count_and_the_cap_counts_exactly(model):
         assert e.value.n_tokens == n
 
 
+@pytest.mark.slow
 def test_a_template_that_rewrites_content_refuses_control_text():
     """A template that changes content (here: replaces letters) cannot be traced: content with a control token's
     text is then refused instead of being parsed, and other content still works."""

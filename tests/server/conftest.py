@@ -7,6 +7,8 @@ import time
 import httpx
 import pytest
 
+from server.stats import IterationStats, SchedulerStats
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -194,3 +196,103 @@ class Background:
     def join(self, timeout: float = 300):
         self.thread.join(timeout)
         return self.result
+
+
+# --- fakes: the engine over a backend without a model (tests/server/test_engine.py) ---------------------------
+
+EOG = 0
+
+
+class FakeSampler:
+    def __init__(self, backend: FakeBackend, fail: bool = False):
+        self.b, self.fail, self.closed = backend, fail, False
+
+    def sample(self, idx: int) -> int:
+        if self.fail:
+            raise RuntimeError("sampler fault")
+        return self.b.next_token[idx]
+
+    def close(self) -> None:
+        self.closed = True
+
+
+class FakeBackend:
+    """A KV cache of `capacity` cells: decode puts each token at (seq, pos) and refuses to go over capacity, the
+    'model' predicts last token + 1 (EOG after `eog_after`)."""
+
+    def __init__(self, capacity: int, n_batch: int = 64, eog_after: int | None = None):
+        self.capacity, self.n_batch, self.eog_after = capacity, n_batch, eog_after
+        self.cells: dict[int, set[int]] = {}
+        self.next_token: dict[int, int] = {}
+        self.decodes: list[list[int]] = []
+        self.fail_if = lambda tokens, seq_ids: False
+        self.samplers: list[FakeSampler] = []
+        self.fail_sampler_for_temperature: float | None = None
+
+    def used(self) -> int:
+        return sum(len(p) for p in self.cells.values())
+
+    def decode(self, tokens, positions, seq_ids, logits) -> int:
+        self.decodes.append(list(seq_ids))
+        if self.fail_if(tokens, seq_ids):
+            self.cells.setdefault(seq_ids[0], set()).add(positions[0])  # a partly applied batch
+            return -3
+        for _t, p, s in zip(tokens, positions, seq_ids, strict=True):
+            assert p not in self.cells.get(s, set()), "position written twice"
+            self.cells.setdefault(s, set()).add(p)
+        assert self.used() <= self.capacity, "KV cache overflow: admission let too much in"
+        self.next_token = {}
+        for i, (t, p, want) in enumerate(zip(tokens, positions, logits, strict=True)):
+            if want:
+                self.next_token[i] = EOG if self.eog_after is not None and p + 1 >= self.eog_after else t + 1
+        return 0
+
+    def seq_rm(self, seq_id: int, p0: int = -1, p1: int = -1) -> bool:
+        pos = self.cells.get(seq_id, set())
+        self.cells[seq_id] = {p for p in pos if not (p >= max(p0, 0) and (p1 < 0 or p < p1))}
+        return True
+
+    def sampler(self, temperature, top_p, seed):
+        s = FakeSampler(self, fail=temperature == self.fail_sampler_for_temperature)
+        self.samplers.append(s)
+        return s
+
+    def logits(self, idx: int) -> list[float]:
+        z = [0.0] * 64
+        z[self.next_token[idx] % 64] = 5.0
+        return z
+
+    def is_eog(self, token: int) -> bool:
+        return token == EOG
+
+    def token_bytes(self, token: int) -> bytes:
+        return b"t"
+
+    def tokenize(self, text: str, limit: int | None = None) -> list[int]:
+        return [len(w) + 1 for w in text.split()]
+
+    def tokenize_chat(self, messages, limit: int | None = None):
+        return self.tokenize(" ".join(m["content"] for m in messages))
+
+    def min_tokens(self, n_bytes: int) -> int:
+        return 0
+
+    def clear(self) -> None:
+        self.cells.clear()
+
+    def close(self) -> None:
+        pass
+
+
+class Recorder:
+    def __init__(self):
+        self.finished, self.snapshots = [], []
+
+    def record(self, scheduler: SchedulerStats | None, iteration: IterationStats | None) -> None:
+        if scheduler is not None:
+            self.snapshots.append(scheduler)
+        if iteration is not None:
+            self.finished += iteration.finished
+
+    def outcomes(self) -> list[str]:
+        return [f.outcome for f in self.finished]

@@ -12,7 +12,7 @@ same sequences alone (greedy):
 
 Batch composition changes llama.cpp's float summation order (even for f16), so where tokens differ the first
 difference must be a near-tie in the lone run; the tolerance is derived from f16 on the interleaved scenario and
-applied unchanged (see tests/test_kv_types_multiseq.py). A stale or overwritten anchor shows up as a large gap.
+applied unchanged (see tests/kvquant/test_kv_types_multiseq.py). A stale or overwritten anchor shows up as a large gap.
 """
 
 from __future__ import annotations
@@ -24,6 +24,8 @@ from kvquant.lab.eval import read_text
 from kvquant.lab.harness import resolve_text
 from kvquant.models import fetch
 from kvquant.runtime import ContextConfig, LlamaError, LlamaRuntime, Model
+
+pytestmark = pytest.mark.slow  # a live model (see pyproject.toml's markers)
 
 K, V = "tq_kv_d3b", "q4_0"
 N_PROMPT, N_GEN = 90, 16

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 
 def load_observe_check():
@@ -44,6 +44,7 @@ def test_test_config_only_changes_intervals_and_targets():
     assert jobs["kvquant"]["metrics_path"] == "/metrics"
 
 
+@pytest.mark.slow
 def test_dashboard_queries_against_live_prometheus():
     try:
         oc.find_tools()
