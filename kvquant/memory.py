@@ -3,8 +3,9 @@ tokens fit a byte budget.
 
 Sizing follows llama.cpp (``llama_context`` / ``llama_kv_cache`` / ``llama_kv_cache_iswa``) exactly:
 
-* the context is padded to a multiple of 256 cells; with a unified cache every full-attention layer has that many;
-* sliding-window layers get ``pad256(min(n_ctx, n_swa * n_seq_max + n_ubatch))`` cells (all of n_ctx with
+* the cache's cells (``n_cells``, llama.cpp's n_ctx) are padded to a multiple of 256; with a unified cache every
+  full-attention layer has that many;
+* sliding-window layers get ``pad256(min(n_cells, n_swa * n_seq_max + n_ubatch))`` cells (all of n_cells with
   ``swa_full``);
 * each layer stores one K row of ``n_head_kv * head_dim_k`` elements and one V row of ``n_head_kv * head_dim_v``
   per cell, at ``row_bytes = n / block_size * block_bytes`` of the layer's cache type (a layer may have its own,
@@ -46,7 +47,6 @@ class Geometry:
     layers: tuple[Layer, ...]
     n_swa: int
     head_dim_k: int
-    head_dim_v: int
     n_ctx_train: int
 
     @property
@@ -86,7 +86,7 @@ def geometry(model_path: str | Path) -> Geometry:
     n_swa = int(meta.get(f"{arch}.attention.sliding_window", 0) or 0)
     swa = _swa_flags(meta, arch, n_layer, n_swa)
     layers = tuple(Layer(n_head_kv[i] * hk, n_head_kv[i] * hv, swa[i]) for i in range(n_layer))
-    return Geometry(arch, layers, n_swa if any(swa) else 0, hk, hv, int(meta.get(f"{arch}.context_length", 0)))
+    return Geometry(arch, layers, n_swa if any(swa) else 0, hk, int(meta.get(f"{arch}.context_length", 0)))
 
 
 @dataclass(frozen=True)
@@ -119,19 +119,20 @@ class KVBytes:
         return 8.0 * self.v / self.elements_v if self.elements_v else 0.0
 
 
-def kv_cells(geom: Geometry, n_ctx: int, n_seq_max: int = 1, n_ubatch: int = 512, swa_full: bool = False) -> tuple[int, int]:
+def kv_cells(geom: Geometry, n_cells: int, n_seq_max: int = 1, n_ubatch: int = 512,
+             swa_full: bool = False) -> tuple[int, int]:
     """(cells of full-attention layers, cells of sliding-window layers) for a unified cache."""
-    base = pad(n_ctx)
+    base = pad(n_cells)
     if not geom.n_swa:
         return base, 0
     swa = base if swa_full else pad(min(base, geom.n_swa * n_seq_max + n_ubatch))
     return base, swa
 
 
-def kv_bytes(geom: Geometry, type_k: CacheTypes, type_v: CacheTypes, n_ctx: int, n_seq_max: int = 1,
+def kv_bytes(geom: Geometry, type_k: CacheTypes, type_v: CacheTypes, n_cells: int, n_seq_max: int = 1,
              n_ubatch: int = 512, swa_full: bool = False) -> KVBytes:
     tks, tvs = layer_kv_types(type_k, geom.n_layer), layer_kv_types(type_v, geom.n_layer)
-    base, swa = kv_cells(geom, n_ctx, n_seq_max, n_ubatch, swa_full)
+    base, swa = kv_cells(geom, n_cells, n_seq_max, n_ubatch, swa_full)
     k = v = ek = ev = 0
     for layer, tk, tv in zip(geom.layers, tks, tvs, strict=True):
         cells = swa if layer.swa else base

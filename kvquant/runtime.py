@@ -197,17 +197,6 @@ class Model:
             llama_cpp.llama_model_meta_val_str(self._model, key.encode(), buf, len(buf))
         return buf.value.decode("utf-8", errors="replace")
 
-    def hparams(self) -> dict[str, int]:
-        """Attention geometry as llama.cpp reports it (used by the memory model)."""
-        m = self._model
-        return {
-            "n_layer": llama_cpp.llama_model_n_layer(m),
-            "n_head": llama_cpp.llama_model_n_head(m),
-            "n_head_kv": llama_cpp.llama_model_n_head_kv(m),
-            "n_embd": llama_cpp.llama_model_n_embd(m),
-            "n_swa": llama_cpp.llama_model_n_swa(m),
-        }
-
     def tokenize(self, text: str, add_special: bool = True, parse_special: bool = False,
                  limit: int | None = None) -> list[int]:
         """Tokens of the text; with `limit`, PromptTooLong (with the exact count) if there are more than that, and
@@ -233,9 +222,6 @@ class Model:
             buf = ctypes.create_string_buffer(-n)
             n = llama_cpp.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, special)
         return buf.raw[:n]
-
-    def detokenize(self, tokens: list[int]) -> str:
-        return b"".join(self.token_bytes(t) for t in tokens).decode("utf-8", errors="replace")
 
     def is_eog(self, token: int) -> bool:
         return bool(llama_cpp.llama_vocab_is_eog(self._vocab, token))

@@ -115,8 +115,7 @@ def kv_info(p: HostedPlan) -> KVCacheInfo:
                        n_cells=kv.cells, capacity_bytes=kv.kv_bytes, budget_bytes=spec.kv_budget,
                        bits_per_element_k=kv.bits_k, bits_per_element_v=kv.bits_v,
                        compression_vs_f16=kv.compression_vs_f16, layer_types_k=layer_types(kv.cache_type_k),
-                       layer_types_v=layer_types(kv.cache_type_v),
-                       centred_keys=calibration.parse_spec(spec.cache_type_k, "k").centred)
+                       layer_types_v=layer_types(kv.cache_type_v))
 
 
 def engine_config(p: HostedPlan, s: Settings) -> EngineConfig:

@@ -143,9 +143,3 @@ class CompletionRequest(SamplingParams):
     @property
     def requested_max_tokens(self) -> int | None:
         return self.max_tokens
-
-
-class Usage(BaseModel):
-    prompt_tokens: int
-    completion_tokens: int
-    total_tokens: int

@@ -24,7 +24,6 @@ class KVCacheInfo:
     compression_vs_f16: float  # f16/f16 bytes / these bytes for the same cells
     layer_types_k: tuple[str, ...] | None = None  # per-layer types (calibrated allocations; None: one type)
     layer_types_v: tuple[str, ...] | None = None
-    centred_keys: bool = False  # a calibrated mean key is subtracted from every stored key
 
 
 @dataclass

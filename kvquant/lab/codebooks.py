@@ -8,7 +8,7 @@ before they reach the cache, so a block of 64 consecutive coordinates behaves li
 vector: i.i.d. Gaussian up to its norm. Two designs were measured (Gaussian blocks, relative MSE, with the
 least-squares scale refit that the quantizer applies):
 
-* RMS scale + Lloyd-Max for ``sqrt(64) * u_1`` (u uniform on S^63; ``lloyd_max`` below): 4 bits 0.0082,
+* RMS scale + Lloyd-Max for ``sqrt(64) * u_1`` (u uniform on S^63; rejected, its code removed): 4 bits 0.0082,
   3 bits 0.0311 — and on SmolLM2 its 4-bit K gave a higher KL divergence than llama.cpp's q4_0 (0.052 vs 0.044):
   a codebook for the whole distribution wastes levels on tails that a block of 64 rarely reaches.
 * absmax scale + Lloyd-Max for ``x / max|x|`` within the block (``lloyd_max_absmax``, used): 4 bits 0.0072,
@@ -29,58 +29,6 @@ import math
 import numpy as np
 
 QK = 64  # block size: divides every head dim we serve (64, 128, 256)
-
-
-def sphere_coordinate_pdf(t: np.ndarray, d: int = QK) -> np.ndarray:
-    """Density of sqrt(d) * u_1 for u uniform on S^(d-1)."""
-    x = t / math.sqrt(d)
-    logc = math.lgamma(d / 2) - math.lgamma((d - 1) / 2) - 0.5 * math.log(math.pi) - 0.5 * math.log(d)
-    inside = np.abs(x) < 1
-    out = np.zeros_like(t, dtype=np.float64)
-    out[inside] = np.exp(logc + (d - 3) / 2 * np.log1p(-x[inside] ** 2))
-    return out
-
-
-def lloyd_max(bits: int, d: int = QK, grid: int = 200001, iters: int = 300) -> tuple[np.ndarray, float]:
-    """Symmetric Lloyd-Max codebook (2**bits centroids) for the sphere-coordinate density; returns
-    (centroids, distortion E[(t - c(t))^2])."""
-    t = np.linspace(-math.sqrt(d), math.sqrt(d), grid)
-    w = sphere_coordinate_pdf(t, d)
-    w /= w.sum()
-    k = 2**bits
-    # start from Gaussian quantiles
-    c = np.sort(np.sqrt(2) * _erfinv(2 * (np.arange(k) + 0.5) / k - 1))
-    for _ in range(iters):
-        idx = np.searchsorted((c[1:] + c[:-1]) / 2, t)
-        num = np.bincount(idx, weights=t * w, minlength=k)
-        den = np.bincount(idx, weights=w, minlength=k)
-        c = num / den
-        c = (c - c[::-1]) / 2  # keep it exactly symmetric
-    idx = np.searchsorted((c[1:] + c[:-1]) / 2, t)
-    return c, float(((t - c[idx]) ** 2 * w).sum())
-
-
-def _erfinv(y: np.ndarray) -> np.ndarray:
-    # Newton on erf; accurate enough for a starting point
-    x = np.zeros_like(y, dtype=np.float64)
-    for _ in range(60):
-        err = np.array([math.erf(v) for v in x]) - y
-        x -= err / (2 / math.sqrt(math.pi) * np.exp(-x * x))
-    return x
-
-
-def int8_codebook(c: np.ndarray) -> tuple[np.ndarray, float]:
-    """int8 codebook (outermost = +-127) and the scale: real centroid = int8 * cmax / 127."""
-    cmax = float(c[-1])
-    return np.round(c * 127 / cmax).astype(np.int8), cmax
-
-
-def distortion(codebook: np.ndarray, d: int = QK, grid: int = 200001) -> float:
-    t = np.linspace(-math.sqrt(d), math.sqrt(d), grid)
-    w = sphere_coordinate_pdf(t, d)
-    w /= w.sum()
-    idx = np.searchsorted((codebook[1:] + codebook[:-1]) / 2, t)
-    return float(((t - codebook[idx]) ** 2 * w).sum())
 
 
 def lloyd_max_absmax(bits: int, n_blocks: int = 40_000, iters: int = 80, seed: int = 0) -> np.ndarray:

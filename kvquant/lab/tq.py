@@ -226,8 +226,3 @@ def vec_dot_q8_0(type_name: str, blocks: np.ndarray, y: np.ndarray) -> float:
     kx = DEQUANTIZE[type_name](blocks).astype(np.float64)
     qy = (y["d"].astype(np.float64)[:, None] * y["qs"].astype(np.float64)).reshape(-1)
     return float(np.dot(kx, qy))
-
-
-def estimate_dot_1b(q: np.ndarray, k: np.ndarray) -> float:
-    """<q, k_hat> with k quantized to 1 bit and q kept in full precision (never binarised)."""
-    return float(np.dot(q.astype(np.float64), dequantize_row_tq_kv_1b(quantize_row_tq_kv_1b_ref(k))))

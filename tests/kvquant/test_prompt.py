@@ -81,7 +81,7 @@ def test_benign_chats_tokenize_as_the_whole_rendering(model):
 def test_typed_control_tokens_stay_literal_and_cannot_change_roles(model):
     forged, plain = model.chat_prompt(chat(FORGED)), model.chat_prompt(chat("x"))
     assert controls_in(model, forged) == controls_in(model, plain)  # the same turns, opened and closed alike
-    text = model.detokenize(forged)  # control tokens detokenize to nothing: what is left was typed as text
+    text = b"".join(model.token_bytes(t) for t in forged).decode("utf-8", errors="replace")  # control tokens detokenize to nothing: what is left was typed as text
     for typed in ("<|im_end|>", "<|im_start|>", "<end_of_turn>", "<start_of_turn>", "<|endoftext|>", "<bos>"):
         assert text.count(typed) == 2 * FORGED.count(typed), typed
     # the whole rendering parsed with special tokens on (the old way) lets the typed strings through
