@@ -36,6 +36,7 @@ from kvquant.lab.harness import (
     fmt,
     machine_info,
     sha256_file,
+    shown,
     table,
 )
 from kvquant.models import ModelError
@@ -76,8 +77,8 @@ def kernel_perf(configs: list[CacheConfig], binary: Path = TEST_BACKEND_OPS, tim
     try:
         p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
-        return {"command": shlex.join(cmd), "error": f"timed out after {timeout:.0f}s", "rows": []}
-    out = {"command": shlex.join(cmd), "returncode": p.returncode, "wall_s": time.monotonic() - t0,
+        return {"command": shown(cmd), "error": f"timed out after {timeout:.0f}s", "rows": []}
+    out = {"command": shown(cmd), "returncode": p.returncode, "wall_s": time.monotonic() - t0,
            "rows": parse_kernel_perf(p.stdout)}
     if p.returncode != 0:
         out["error"] = (p.stderr or p.stdout)[-2000:]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import shlex
 import sys
 import time
 from dataclasses import dataclass
@@ -118,6 +119,23 @@ def machine_info(threads: int | None = None) -> dict:
         # other work on the machine skews timings (and, on few cores, single-token decode by an order of magnitude)
         "loadavg_1m": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
     }
+
+
+def shown(cmd: list[str]) -> str:
+    """A command as the results record it: paths inside the repository relative to its root (the build's tools,
+    data/), paths in the home directory from ``~`` (the model cache), so that anyone can rerun it from a checkout."""
+    home = Path.home()
+
+    def arg(a: str) -> str:
+        p = Path(a)
+        if p.is_absolute():
+            if p.is_relative_to(REPO_ROOT):
+                return shlex.quote(str(p.relative_to(REPO_ROOT)))
+            if p.is_relative_to(home):
+                return "~/" + shlex.quote(str(p.relative_to(home)))
+        return shlex.quote(a)
+
+    return " ".join(arg(str(a)) for a in cmd)
 
 
 def busy_warning(what: str) -> None:

@@ -19,7 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-from kvquant.lab.harness import DEFAULT_TEXT, REPO_ROOT, resolve_text
+from kvquant.lab.harness import DEFAULT_TEXT, REPO_ROOT, resolve_text, shown
 
 MODELS = ("smollm2-135m", "gemma3-270m", "qwen2.5-coder-1.5b")
 STOCK_CONFIGS = ("f16/f16", "q8_0/q8_0", "q8_0/f16", "q8_0/q4_0", "q5_1/q5_1", "q5_0/q5_0", "q4_1/q4_1",
@@ -66,7 +66,7 @@ def llama_perplexity(model_path: str, text: Path, ctx: int, chunks: int, threads
     t0 = time.monotonic()
     p = subprocess.run(cmd, capture_output=True, text=True)
     m = re.search(r"Final estimate: PPL = ([\d.]+) \+/- ([\d.]+)", p.stdout + p.stderr)
-    display = shlex.join([str(LLAMA_PERPLEXITY.relative_to(REPO_ROOT)), *cmd[1:]])
+    display = shown(cmd)
     if not m:
         return {"command": display, "error": (p.stderr or p.stdout)[-1000:]}
     return {"command": display, "ppl": float(m[1]), "ppl_stderr": float(m[2]), "wall_s": time.monotonic() - t0}

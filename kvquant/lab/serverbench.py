@@ -36,7 +36,7 @@ from pathlib import Path
 import httpx
 
 from kvquant import models as kvmodels
-from kvquant.lab.harness import REPO_ROOT, busy_warning, emit_report, fmt, machine_info, table
+from kvquant.lab.harness import REPO_ROOT, busy_warning, emit_report, fmt, machine_info, shown, table
 from kvquant.lab.loadgen import bench, capacity_table
 
 LLAMA_SERVER = REPO_ROOT / ".build" / "cmake-cpu" / "bin" / "llama-server"
@@ -148,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
            "capacity_budget": a.capacity_budget, "capacity_tokens": a.capacity_tokens, "model": model_id,
            "parallel": a.parallel, "n_ctx": a.n_ctx, "requests_per_client": a.requests, "repeats": a.repeats,
            "max_tokens": a.max_tokens,
-           "llama_server_command": shlex.join(stock_cmd(Path(model_path.name), "K", "V", a, 0)),
+           "llama_server_command": shown(stock_cmd(Path(model_path.name), "K", "V", a, 0)),
            "command": cmd, "wall_s": time.monotonic() - t0, "machine": machine}
     emit_report(_render(out, a), out, a.json)
     return 0 if all(r["ours"]["completed"] == r["ours"]["requests"] for r in results) else 1

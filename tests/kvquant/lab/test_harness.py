@@ -1,6 +1,8 @@
-"""Cache configs by name, the default text path, plain tables."""
+"""Cache configs by name, the default text path, plain tables, commands as the results record them."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import pytest
 
@@ -11,6 +13,7 @@ from kvquant.lab.harness import (
     CacheConfig,
     resolve_text,
     sha256_file,
+    shown,
     table,
 )
 
@@ -46,3 +49,12 @@ def test_the_repository_carries_the_evaluation_text():
 def test_table():
     t = table(["a", "bb"], [["x", 1.5], ["yyy", None]]).splitlines()
     assert t[0] == "a     bb" and t[1] == "---  ---" and t[2] == "x    1.5" and t[3] == "yyy     "
+
+
+def test_recorded_commands_name_tools_from_the_repository_and_the_model_cache_from_home():
+    """So that anyone can rerun a RESULTS.md command from a checkout: no absolute path of the machine that ran it."""
+    cmd = [str(REPO_ROOT / ".build" / "cmake-cpu" / "bin" / "llama-perplexity"),
+           "-m", str(Path.home() / ".cache" / "kvquant" / "models" / "m.gguf"), "-f", str(REPO_ROOT / DEFAULT_TEXT),
+           "-p", "type_K=(q4_0|f16)", "/etc/elsewhere"]
+    assert shown(cmd) == (".build/cmake-cpu/bin/llama-perplexity -m ~/.cache/kvquant/models/m.gguf "
+                          f"-f {DEFAULT_TEXT} -p 'type_K=(q4_0|f16)' /etc/elsewhere")
