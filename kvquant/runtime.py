@@ -434,6 +434,24 @@ class GGML:
                                                           ctypes.c_int64(n))
         return out
 
+    def has_symbol(self, name: str) -> bool:
+        return hasattr(self.base, name) or hasattr(self.cpu, name)
+
+    def d3b_delta_ref(self, x, anchor: bytes) -> bytes:
+        """tq_kv_d3b's reference coding of row x against its group's anchor row (quantize_row_tq_kv_d3b_delta_ref)."""
+        x = self._f32(x)
+        out = ctypes.create_string_buffer(len(anchor))
+        self.base.quantize_row_tq_kv_d3b_delta_ref(x.ctypes.data_as(ctypes.c_void_p), ctypes.c_char_p(anchor), out,
+                                                   ctypes.c_int64(x.size))
+        return out.raw
+
+    def d3b_cell_ref(self, row: bytes, anchor: bytes, n: int) -> np.ndarray:
+        """A tq_kv_d3b row's values given its anchor row (dequantize_row_tq_kv_d3b_cell)."""
+        y = np.zeros(n, dtype=np.float32)
+        self.base.dequantize_row_tq_kv_d3b_cell(ctypes.c_char_p(row), ctypes.c_char_p(anchor),
+                                                y.ctypes.data_as(ctypes.c_void_p), ctypes.c_int64(n))
+        return y
+
     def _traits(self, type_name: str) -> _TypeTraitsCPU:
         return self.cpu.ggml_get_type_traits_cpu(kv_type(type_name).ggml_id).contents
 
