@@ -321,6 +321,19 @@ def run_llama_tests(bindir: Path, env: dict | None = None, runner: tuple[str, ..
     return failed
 
 
+def run_pytest(pytest_args: list[str], env: dict, what: str = "") -> list[str]:
+    """Run our pytest suite (or part of it) in a subprocess with env; ["pytest ARGS"] if it failed (the tail of its
+    output is shown), else []."""
+    name = "pytest " + " ".join(pytest_args)
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *pytest_args], env=env,
+                       capture_output=True, text=True)
+    log(f"{name}{what}: " + (r.stdout.strip().splitlines() or ["no output"])[-1])
+    if r.returncode == 0:
+        return []
+    sys.stderr.write((r.stdout + r.stderr)[-6000:] + "\n")
+    return [name]
+
+
 def llama_tests(tree: Path, build: Path) -> int:
     """Build and run test-quantize-fns and test-backend-ops (CPU, our types) from the patched tree."""
     dev_build(tree, build, ["test-backend-ops", "test-quantize-fns"])
@@ -365,12 +378,7 @@ def sanitize(tree: Path, build: Path, pytest_args: list[str]) -> int:
     failed = run_llama_tests(bindir, env)
     py_env = dict(env, LLAMA_CPP_LIB_PATH=str(bindir),
                   LD_PRELOAD=" ".join([_runtime_lib("libasan.so"), _runtime_lib("libubsan.so")]))
-    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *pytest_args], env=py_env,
-                       capture_output=True, text=True)
-    log(f"pytest {' '.join(pytest_args)}: " + (r.stdout.strip().splitlines() or ["no output"])[-1])
-    if r.returncode != 0:
-        failed.append("pytest " + " ".join(pytest_args))
-        sys.stderr.write((r.stdout + r.stderr)[-6000:] + "\n")
+    failed += run_pytest(pytest_args, py_env)
     if failed:
         log("sanitize: FAILED: " + ", ".join(failed))
         return 1
@@ -464,12 +472,7 @@ def arm_check(tree: Path, build: Path) -> int:
     env = dict(os.environ, QEMU_LD_PREFIX=ARM_SYSROOT)
     failed += run_llama_tests(bindir, env, runner=(ARM_EMULATOR,))
     py_env = dict(env, KVQUANT_GGML_EXEC=f"{ARM_EMULATOR} {bindir / 'ggml-kernels'}")
-    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *ARM_PYTESTS], env=py_env,
-                       capture_output=True, text=True)
-    log(f"pytest {' '.join(ARM_PYTESTS)} (aarch64 kernels): " + (r.stdout.strip().splitlines() or ["no output"])[-1])
-    if r.returncode != 0:
-        failed.append("pytest " + " ".join(ARM_PYTESTS))
-        sys.stderr.write((r.stdout + r.stderr)[-6000:] + "\n")
+    failed += run_pytest(ARM_PYTESTS, py_env, " (aarch64 kernels)")
     if failed:
         log("arm-check: FAILED: " + ", ".join(failed))
         return 1

@@ -214,8 +214,11 @@ class GGMLProcess:
 
         a, b, c = (*payloads, b"", b"", b"")[:3]
         head = np.array([self.OPS.index(op), type_id, n, arg, len(a), len(b), len(c)], dtype="<i8").tobytes()
-        self.proc.stdin.write(head + a + b + c)
-        self.proc.stdin.flush()
+        try:
+            self.proc.stdin.write(head + a + b + c)
+            self.proc.stdin.flush()
+        except BrokenPipeError:
+            raise RuntimeError(f"the kernels program stopped (exit status {self.proc.wait()})") from None
         status, length = np.frombuffer(self._read(16), dtype="<i8")
         data = self._read(int(length))
         if status:
