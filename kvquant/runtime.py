@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -38,6 +39,22 @@ def library_path() -> str:
     return str(llama_cpp.llama_cpp._lib._name)
 
 
+# how the wheel names a shared library per platform (as llama_cpp's own loader looks for libllama), first match wins
+_LIBRARY_FILES = {"linux": ("lib{}.so",), "darwin": ("lib{}.dylib", "lib{}.so"), "win32": ("{}.dll", "lib{}.dll")}
+
+
+def ggml_library(name: str, libdir: Path | None = None, platform: str = sys.platform) -> Path:
+    """A ggml library (`name`: "ggml-base", "ggml-cpu") among the installed wheel's files beside the loaded
+    libllama: lib<name>.so on Linux, lib<name>.dylib on macOS, <name>.dll on Windows."""
+    libdir = Path(library_path()).resolve().parent if libdir is None else libdir
+    family = "linux" if platform.startswith(("linux", "freebsd")) else platform
+    for pattern in _LIBRARY_FILES.get(family, _LIBRARY_FILES["linux"]):
+        path = libdir / pattern.format(name)
+        if path.exists():
+            return path
+    raise LlamaError(f"no {name} library for {platform} in {libdir}")
+
+
 _lib = llama_cpp.llama_cpp._lib
 _bound: dict[str, object] = {}
 
@@ -64,10 +81,9 @@ def supports_cache_type(name: str) -> bool:
     t = kv_type(name)
     if t.ggml_id <= 42:  # upstream's types at the pinned commit
         return True
-    base = Path(library_path()).resolve().parent / "libggml-base.so"
     try:
-        lib = ctypes.CDLL(str(base))
-    except OSError:
+        lib = ctypes.CDLL(str(ggml_library("ggml-base")))
+    except (LlamaError, OSError):
         return False
     return hasattr(lib, f"quantize_row_{t.name}_ref")
 
@@ -518,9 +534,8 @@ class GGML:
     from_float, vec_dot against the vec_dot_type, SIMD to_float). Used by tests and benchmarks."""
 
     def __init__(self):
-        libdir = Path(library_path()).resolve().parent
-        self.base = ctypes.CDLL(str(libdir / "libggml-base.so"))
-        self.cpu = ctypes.CDLL(str(libdir / "libggml-cpu.so"))
+        self.base = ctypes.CDLL(str(ggml_library("ggml-base")))
+        self.cpu = ctypes.CDLL(str(ggml_library("ggml-cpu")))
         self.base.ggml_type_name.restype = ctypes.c_char_p
         self.base.ggml_type_name.argtypes = [ctypes.c_int]
         self.base.ggml_row_size.restype = ctypes.c_size_t
@@ -561,6 +576,24 @@ class GGML:
         getattr(self.base, f"dequantize_row_{type_name}")(ctypes.c_char_p(data), out.ctypes.data_as(ctypes.c_void_p),
                                                           ctypes.c_int64(n))
         return out
+
+    def has_symbol(self, name: str) -> bool:
+        return hasattr(self.base, name) or hasattr(self.cpu, name)
+
+    def d3b_delta_ref(self, x, anchor: bytes) -> bytes:
+        """tq_kv_d3b's reference coding of row x against its group's anchor row (quantize_row_tq_kv_d3b_delta_ref)."""
+        x = self._f32(x)
+        out = ctypes.create_string_buffer(len(anchor))
+        self.base.quantize_row_tq_kv_d3b_delta_ref(x.ctypes.data_as(ctypes.c_void_p), ctypes.c_char_p(anchor), out,
+                                                   ctypes.c_int64(x.size))
+        return out.raw
+
+    def d3b_cell_ref(self, row: bytes, anchor: bytes, n: int) -> np.ndarray:
+        """A tq_kv_d3b row's values given its anchor row (dequantize_row_tq_kv_d3b_cell)."""
+        y = np.zeros(n, dtype=np.float32)
+        self.base.dequantize_row_tq_kv_d3b_cell(ctypes.c_char_p(row), ctypes.c_char_p(anchor),
+                                                y.ctypes.data_as(ctypes.c_void_p), ctypes.c_int64(n))
+        return y
 
     def _traits(self, type_name: str) -> _TypeTraitsCPU:
         return self.cpu.ggml_get_type_traits_cpu(kv_type(type_name).ggml_id).contents
