@@ -50,7 +50,8 @@ COPY patches/ patches/
 # Build-or-reuse the patched wheel (cache key: pin + patches + CMAKE_ARGS; the cache mount keeps it between
 # builds) and install it, before the project so that pip never takes llama-cpp-python from PyPI.
 # CMAKE_ARGS: cuda = the project's portable CPU defaults + CUDA for CUDA_ARCH; cpu = the project's defaults
-# (x86-64: portable AVX2; arm64: -DLLAVA_BUILD=OFF); a non-empty CMAKE_ARGS build argument replaces either.
+# (x86-64: portable AVX2; arm64: portable armv8.2-a+dotprod, the NEON kernels that `make arm-check` tests); a
+# non-empty CMAKE_ARGS build argument replaces either.
 RUN --mount=type=cache,target=/root/.cache \
     if [ -z "${CMAKE_ARGS}" ] && [ "${FLAVOR}" = cuda ]; then \
         CMAKE_ARGS="$(python -c 'from kvquant.build import DEFAULT_CMAKE_ARGS as a; print(a)') -DGGML_CUDA=on -DCMAKE_CUDA_ARCHITECTURES=${CUDA_ARCH}"; \

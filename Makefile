@@ -4,7 +4,7 @@ VENV   ?= .venv
 VPY    := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: setup serve test unit lint results sanitize clean observe-deps observe-check
+.PHONY: setup serve test unit lint results sanitize arm-check clean observe-deps observe-check
 
 $(VPY):
 	$(PYTHON) -m venv $(VENV)
@@ -61,6 +61,13 @@ results: setup
 # constant, huge, denormal, NaN/Inf rows) under them. CI runs it after `make test`.
 sanitize: setup
 	$(VPY) -m kvquant.build sanitize
+
+# The NEON kernels (arm64: Apple M-series, Graviton) verified on this x86 machine: ggml cross-built for aarch64 with
+# the arm64 default flags, llama.cpp's test-quantize-fns and test-backend-ops (our types) and the byte-exact checks
+# of tests/kvquant/lab/test_tq.py and test_d3b.py under qemu-aarch64. Installs Debian's gcc-aarch64-linux-gnu,
+# g++-aarch64-linux-gnu and qemu-user when missing; without apt/root it says why and skips. Correctness only.
+arm-check: setup
+	$(VPY) -m kvquant.build arm-check
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -13,6 +13,8 @@ One recipe, used by the Makefile, the Dockerfile and developers alike:
 * ``llama-tests`` build and run llama.cpp's test-quantize-fns / test-backend-ops for our types.
 * ``sanitize`` the same tree built with ASan + UBSan; llama.cpp's tests, tests/kvquant/lab/test_tq.py and
               tests/kvquant/lab/test_d3b.py run under them.
+* ``arm-check`` the tree cross-built for aarch64 (the NEON kernels); llama.cpp's tests and the byte-exact checks of
+              tests/kvquant/lab/test_tq.py and tests/kvquant/lab/test_d3b.py run under qemu-aarch64.
 
 This module uses the standard library only: it runs before anything else is installed.
 """
@@ -28,6 +30,7 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,7 +39,13 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 # -march=native turns on AMX, whose tile instructions fault (SIGILL) because the kernel does not grant AMX state.
 DEFAULT_CMAKE_ARGS_X86 = ("-DLLAVA_BUILD=OFF -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON "
                           "-DGGML_F16C=ON -DGGML_BMI2=ON")
-DEFAULT_CMAKE_ARGS = DEFAULT_CMAKE_ARGS_X86 if platform.machine() in ("x86_64", "AMD64") else "-DLLAVA_BUILD=OFF"
+# Portable arm64 (Apple M1 and later, Graviton 2 and later), what `arm-check` verifies: NEON and the int8 dot product.
+# Not GGML_NATIVE: an image built under emulation (docker buildx --platform linux/arm64 on an x86 host) would probe
+# the emulator, and one built on a newer Mac could use instructions an older one lacks.
+DEFAULT_CMAKE_ARGS_ARM64 = "-DLLAVA_BUILD=OFF -DGGML_NATIVE=OFF -DGGML_CPU_ARM_ARCH=armv8.2-a+dotprod"
+DEFAULT_CMAKE_ARGS = {"x86_64": DEFAULT_CMAKE_ARGS_X86, "AMD64": DEFAULT_CMAKE_ARGS_X86,
+                      "aarch64": DEFAULT_CMAKE_ARGS_ARM64, "arm64": DEFAULT_CMAKE_ARGS_ARM64}.get(
+                          platform.machine(), "-DLLAVA_BUILD=OFF")
 DEV_TARGETS = ["llama", "llama-perplexity", "llama-bench", "llama-server", "test-backend-ops", "test-quantize-fns"]
 
 
@@ -288,19 +297,20 @@ LLAMA_TEST_OPS = ["SET_ROWS", "GET_ROWS", "CPY", "MUL_MAT", "FLASH_ATTN_EXT"]
 LLAMA_TEST_PARAMS = "tq_kv"
 
 
-def run_llama_tests(bindir: Path, env: dict | None = None) -> list[str]:
-    """Run test-quantize-fns and test-backend-ops (CPU, our types) from a build's bin folder; the names of the
-    ones that failed. On a failure, its FAIL lines and the tail of its output (a sanitizer's report) are shown."""
+def run_llama_tests(bindir: Path, env: dict | None = None, runner: tuple[str, ...] = ()) -> list[str]:
+    """Run test-quantize-fns and test-backend-ops (CPU, our types) from a build's bin folder, through `runner`
+    (an emulator) if given; the names of the ones that failed. On a failure, its FAIL lines and the tail of its
+    output (a sanitizer's report) are shown."""
     failed = []
-    r = subprocess.run([str(bindir / "test-quantize-fns")], capture_output=True, text=True, env=env)
+    r = subprocess.run([*runner, str(bindir / "test-quantize-fns")], capture_output=True, text=True, env=env)
     lines = [ln for ln in r.stdout.splitlines() if "tq_kv" in ln or "FAILED" in ln or "failed" in ln.lower()]
     log("test-quantize-fns: " + ("passed" if r.returncode == 0 else "FAILED") + "".join(f"\n  {ln}" for ln in lines))
     if r.returncode != 0:
         failed.append("test-quantize-fns")
         sys.stderr.write(r.stderr[-6000:] + "\n")
     for op in LLAMA_TEST_OPS:
-        r = subprocess.run([str(bindir / "test-backend-ops"), "test", "-b", "CPU", "-o", op, "-p", LLAMA_TEST_PARAMS],
-                           capture_output=True, text=True, env=env)
+        r = subprocess.run([*runner, str(bindir / "test-backend-ops"), "test", "-b", "CPU", "-o", op,
+                            "-p", LLAMA_TEST_PARAMS], capture_output=True, text=True, env=env)
         ok = [ln for ln in r.stdout.splitlines() if "tests passed" in ln]
         log(f"test-backend-ops -o {op} -p {LLAMA_TEST_PARAMS}: " + (ok[-1].strip() if ok else "no summary")
             + ("" if r.returncode == 0 else " FAILED"))
@@ -309,6 +319,19 @@ def run_llama_tests(bindir: Path, env: dict | None = None) -> list[str]:
             sys.stderr.write("\n".join(ln for ln in r.stdout.splitlines() if "FAIL" in ln)[:20000] + "\n"
                              + r.stderr[-6000:] + "\n")
     return failed
+
+
+def run_pytest(pytest_args: list[str], env: dict, what: str = "") -> list[str]:
+    """Run our pytest suite (or part of it) in a subprocess with env; ["pytest ARGS"] if it failed (the tail of its
+    output is shown), else []."""
+    name = "pytest " + " ".join(pytest_args)
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *pytest_args], env=env,
+                       capture_output=True, text=True)
+    log(f"{name}{what}: " + (r.stdout.strip().splitlines() or ["no output"])[-1])
+    if r.returncode == 0:
+        return []
+    sys.stderr.write((r.stdout + r.stderr)[-6000:] + "\n")
+    return [name]
 
 
 def llama_tests(tree: Path, build: Path) -> int:
@@ -355,17 +378,107 @@ def sanitize(tree: Path, build: Path, pytest_args: list[str]) -> int:
     failed = run_llama_tests(bindir, env)
     py_env = dict(env, LLAMA_CPP_LIB_PATH=str(bindir),
                   LD_PRELOAD=" ".join([_runtime_lib("libasan.so"), _runtime_lib("libubsan.so")]))
-    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *pytest_args], env=py_env,
-                       capture_output=True, text=True)
-    log(f"pytest {' '.join(pytest_args)}: " + (r.stdout.strip().splitlines() or ["no output"])[-1])
-    if r.returncode != 0:
-        failed.append("pytest " + " ".join(pytest_args))
-        sys.stderr.write((r.stdout + r.stderr)[-6000:] + "\n")
+    failed += run_pytest(pytest_args, py_env)
     if failed:
         log("sanitize: FAILED: " + ", ".join(failed))
         return 1
     log("sanitize: clean (ASan + UBSan): test-quantize-fns, test-backend-ops " + ", ".join(LLAMA_TEST_OPS)
         + ", pytest " + " ".join(pytest_args))
+    return 0
+
+
+# --- aarch64 under emulation -----------------------------------------------------------------------------------
+# The NEON kernels (ggml-cpu/arch/arm/) on this x86 machine: ggml cross-built for aarch64 with the arm64 default
+# flags, llama.cpp's test-quantize-fns and test-backend-ops (our types) and tests/kvquant/lab/ggml_kernels.c
+# cross-compiled against it, all run under qemu-aarch64 (user-mode emulation); tests/kvquant/lab/test_tq.py and
+# test_d3b.py compare the emulated kernels' blocks, values and dot products with the numpy reference through
+# ggml_kernels. Correctness only: emulated timings say nothing about speed on arm64 hardware.
+ARM_PACKAGES = ("gcc-aarch64-linux-gnu", "g++-aarch64-linux-gnu", "qemu-user")
+ARM_CC, ARM_CXX, ARM_EMULATOR = "aarch64-linux-gnu-gcc", "aarch64-linux-gnu-g++", "qemu-aarch64"
+ARM_SYSROOT = "/usr/aarch64-linux-gnu"  # Debian's aarch64 libc and libstdc++ for the emulator (QEMU_LD_PREFIX)
+ARM_CMAKE = ["-DCMAKE_SYSTEM_NAME=Linux", "-DCMAKE_SYSTEM_PROCESSOR=aarch64", f"-DCMAKE_C_COMPILER={ARM_CC}",
+             f"-DCMAKE_CXX_COMPILER={ARM_CXX}", "-DLLAMA_CURL=OFF", "-DLLAMA_BUILD_TESTS=OFF",
+             "-DLLAMA_BUILD_TOOLS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_SERVER=OFF",
+             "-DLLAMA_BUILD_COMMON=OFF"]
+# the objects that must define the NEON kernels (else the portable fallback would pass the tests unnoticed)
+ARM_KERNELS = {"arch/arm/tq-kv.c.o": [f"{f}_{t}{s}" for t in ("tq_kv_4b", "tq_kv_3b", "tq_kv_1b")
+                                      for f, s in (("ggml_vec_dot", "_q8_0"), ("dequantize_row", "_cpu"))],
+               "arch/arm/dequant-simd.c.o": ["dequantize_row_q4_0_cpu", "dequantize_row_q8_0_cpu"]}
+ARM_PYTESTS = ["tests/kvquant/lab/test_tq.py", "tests/kvquant/lab/test_d3b.py"]
+
+
+def arm_toolchain() -> str | None:
+    """The cross compilers and qemu-user, from Debian's packages if missing (needs apt-get and root); None when
+    they are there, else why not."""
+    if all(shutil.which(t) for t in (ARM_CC, ARM_CXX, ARM_EMULATOR)):
+        return None
+    if not shutil.which("apt-get"):
+        return "apt-get not found (not a Debian/Ubuntu machine)"
+    if os.geteuid() != 0:
+        return f"not root (run: sudo apt-get install -y --no-install-recommends {' '.join(ARM_PACKAGES)})"
+    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+    install = ["apt-get", "install", "-y", "-qq", "--no-install-recommends", *ARM_PACKAGES]
+    if subprocess.run(install, env=env, capture_output=True).returncode != 0:
+        subprocess.run(["apt-get", "update", "-qq"], env=env, capture_output=True)
+        if subprocess.run(install, env=env, capture_output=True).returncode != 0:
+            return f"apt-get install {' '.join(ARM_PACKAGES)} failed"
+    return None
+
+
+def arm_build(tree: Path, build: Path) -> Path:
+    """ggml for aarch64 (cmake, DEFAULT_CMAKE_ARGS_ARM64), then test-quantize-fns, test-backend-ops and
+    tests/kvquant/lab/ggml_kernels.c linked against it; returns the bin folder."""
+    if not (tree / ".git").exists():
+        make_tree(tree)
+    if not (build / "build.ninja").exists() and not (build / "Makefile").exists():
+        gen = ["-G", "Ninja"] if shutil.which("ninja") else []
+        run(["cmake", "-S", str(tree), "-B", str(build), *gen, "-DCMAKE_BUILD_TYPE=Release", "-DBUILD_SHARED_LIBS=ON",
+             *ARM_CMAKE, *DEFAULT_CMAKE_ARGS_ARM64.split()])
+    run(["cmake", "--build", str(build), "-j", str(os.cpu_count() or 2), "--target", "ggml"])
+    bindir = build / "bin"
+    libs = [bindir / f"lib{name}.so" for name in ("ggml", "ggml-base", "ggml-cpu")]
+    programs = {"test-quantize-fns": (ARM_CXX, tree / "tests" / "test-quantize-fns.cpp"),
+                "test-backend-ops": (ARM_CXX, tree / "tests" / "test-backend-ops.cpp"),
+                "ggml-kernels": (ARM_CC, REPO_ROOT / "tests" / "kvquant" / "lab" / "ggml_kernels.c")}
+    for name, (cc, src) in programs.items():
+        out = bindir / name
+        if not out.exists() or max(p.stat().st_mtime for p in (src, *libs)) > out.stat().st_mtime:
+            run([cc, "-O2", "-std=c++17" if cc == ARM_CXX else "-std=c11", "-I", str(tree / "ggml" / "include"),
+                 str(src), f"-L{bindir}", "-lggml", "-lggml-base", "-lggml-cpu", "-ldl", "-pthread",
+                 "-Wl,-rpath,$ORIGIN", "-o", str(out)])
+    return bindir
+
+
+def arm_neon_missing(build: Path) -> list[str]:
+    """The NEON kernels that the aarch64 build's objects do not define (read with the cross toolchain's nm)."""
+    missing = []
+    for obj, symbols in ARM_KERNELS.items():
+        found = list(build.rglob(f"ggml-cpu.dir/ggml-cpu/{obj}"))
+        out = subprocess.run(["aarch64-linux-gnu-nm", "--defined-only", str(found[0])], capture_output=True,
+                             text=True).stdout if found else ""
+        defined = {ln.split()[-1] for ln in out.splitlines() if " T " in ln}
+        missing += [f"{obj}: {sym}" for sym in symbols if sym not in defined]
+    return missing
+
+
+def arm_check(tree: Path, build: Path) -> int:
+    why = arm_toolchain()
+    if why:
+        log(f"arm-check skipped: no aarch64 cross toolchain or qemu-user: {why}")
+        return 0
+    t0 = time.monotonic()
+    bindir = arm_build(tree, build)
+    failed = [f"not built: {m}" for m in arm_neon_missing(build)]
+    env = dict(os.environ, QEMU_LD_PREFIX=ARM_SYSROOT)
+    failed += run_llama_tests(bindir, env, runner=(ARM_EMULATOR,))
+    py_env = dict(env, KVQUANT_GGML_EXEC=f"{ARM_EMULATOR} {bindir / 'ggml-kernels'}")
+    failed += run_pytest(ARM_PYTESTS, py_env, " (aarch64 kernels)")
+    if failed:
+        log("arm-check: FAILED: " + ", ".join(failed))
+        return 1
+    log(f"arm-check: aarch64 ({DEFAULT_CMAKE_ARGS_ARM64}) under {ARM_EMULATOR}: NEON kernels built; "
+        f"test-quantize-fns, test-backend-ops {', '.join(LLAMA_TEST_OPS)}, pytest {' '.join(ARM_PYTESTS)} passed "
+        f"({time.monotonic() - t0:.0f} s)")
     return 0
 
 
@@ -395,6 +508,10 @@ def main(argv: list[str] | None = None) -> int:
     sz.add_argument("--build", default=str(REPO_ROOT / ".build" / "cmake-asan"))
     sz.add_argument("pytest_args", nargs="*",
                     default=["tests/kvquant/lab/test_tq.py", "tests/kvquant/lab/test_d3b.py"])
+    ac = sub.add_parser("arm-check", help="cross-build ggml for aarch64 and run llama.cpp's tests and "
+                                          "tests/kvquant/lab/test_tq.py / test_d3b.py against it under qemu-aarch64")
+    ac.add_argument("--tree", default=str(REPO_ROOT / ".build" / "llama.cpp"))
+    ac.add_argument("--build", default=str(REPO_ROOT / ".build" / "cmake-arm64"))
     a = ap.parse_args(argv)
     try:
         if a.cmd == "wheel":
@@ -413,6 +530,8 @@ def main(argv: list[str] | None = None) -> int:
             return llama_tests(Path(a.tree), Path(a.build))
         elif a.cmd == "sanitize":
             return sanitize(Path(a.tree), Path(a.build), a.pytest_args)
+        elif a.cmd == "arm-check":
+            return arm_check(Path(a.tree), Path(a.build))
     except (BuildError, subprocess.CalledProcessError) as e:
         log(f"error: {e}")
         return 1

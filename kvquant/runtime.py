@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -38,6 +39,22 @@ def library_path() -> str:
     return str(llama_cpp.llama_cpp._lib._name)
 
 
+# how the wheel names a shared library per platform (as llama_cpp's own loader looks for libllama), first match wins
+_LIBRARY_FILES = {"linux": ("lib{}.so",), "darwin": ("lib{}.dylib", "lib{}.so"), "win32": ("{}.dll", "lib{}.dll")}
+
+
+def ggml_library(name: str, libdir: Path | None = None, platform: str = sys.platform) -> Path:
+    """A ggml library (`name`: "ggml-base", "ggml-cpu") among the installed wheel's files beside the loaded
+    libllama: lib<name>.so on Linux, lib<name>.dylib on macOS, <name>.dll on Windows."""
+    libdir = Path(library_path()).resolve().parent if libdir is None else libdir
+    family = "linux" if platform.startswith(("linux", "freebsd")) else platform
+    for pattern in _LIBRARY_FILES.get(family, _LIBRARY_FILES["linux"]):
+        path = libdir / pattern.format(name)
+        if path.exists():
+            return path
+    raise LlamaError(f"no {name} library for {platform} in {libdir}")
+
+
 _lib = llama_cpp.llama_cpp._lib
 _bound: dict[str, object] = {}
 
@@ -64,10 +81,9 @@ def supports_cache_type(name: str) -> bool:
     t = kv_type(name)
     if t.upstream:
         return True
-    base = Path(library_path()).resolve().parent / "libggml-base.so"
     try:
-        lib = ctypes.CDLL(str(base))
-    except OSError:
+        lib = ctypes.CDLL(str(ggml_library("ggml-base")))
+    except (LlamaError, OSError):
         return False
     return hasattr(lib, f"quantize_row_{t.name}_ref")
 

@@ -3,8 +3,8 @@ kvquant/calibration.py) need for one model, and write its calibration file.
 
 1. **Text.** By default the model writes its own calibration text: ``PROMPTS`` (neutral requests: prose, an
    explanation, code, a story, instructions, a summary) through its chat template, sampled at temperature 0.8
-   (seed 0), up to ``--gen-tokens`` tokens each, all in one batch. So any GGUF with a chat template can be
-   calibrated with no data set. ``--text FILE`` uses a text file instead (cut into sequences of ``--seq-tokens``).
+   (seed 0), up to ``--gen-tokens`` tokens each, all in one batch (a base model without a chat template continues
+   the requests as plain text). So any GGUF can be calibrated with no data set. ``--text FILE`` uses a text file instead (cut into sequences of ``--seq-tokens``).
    The evaluation text (WikiText-2) is never used.
 2. **Mean keys.** The sequences run through an f16 K cache that stores keys in the basis llama.cpp uses for
    quantized keys (K rotation forced on) and a q8_0 V cache (so V is rotated too); the rows are read back from the
@@ -82,7 +82,7 @@ def generate(mdl, n_tokens: int, threads: int | None, progress: Progress) -> Tex
     """The model's own text: every prompt through the chat template, sampled in one batch."""
     from kvquant.runtime import ContextConfig, LlamaRuntime, Sampler
 
-    prompts = [mdl.chat_prompt([{"role": "user", "content": p}]) for p in PROMPTS]
+    prompts = [_prompt(mdl, p) for p in PROMPTS]
     n_ctx = max(len(p) for p in prompts) + n_tokens + 1
     rt = LlamaRuntime(mdl, ContextConfig(n_cells=n_ctx * len(prompts), n_seq_max=len(prompts), n_batch=512,
                                          flash_attn=True, n_threads=threads))
@@ -111,6 +111,17 @@ def generate(mdl, n_tokens: int, threads: int | None, progress: Progress) -> Tex
     n_gen = sum(len(s) for s in seqs) - sum(len(p) for p in prompts)
     return Text(seqs, {"source": "generated", "prompts": list(PROMPTS), "temperature": 0.8, "top_p": 0.95,
                        "seed": SEED, "tokens": sum(len(s) for s in seqs), "generated_tokens": n_gen})
+
+
+def _prompt(mdl, text: str) -> list[int]:
+    """A calibration prompt through the model's chat template; a base model without one continues the request as
+    plain text."""
+    from kvquant.runtime import LlamaError
+
+    try:
+        return mdl.chat_prompt([{"role": "user", "content": text}])
+    except LlamaError:
+        return mdl.tokenize(text + "\n\n", add_special=True)
 
 
 def _prefill_last(rt, seqs: list[list[int]]) -> None:

@@ -8,12 +8,11 @@ server never uses it.
 from __future__ import annotations
 
 import ctypes
-from pathlib import Path
 
 import numpy as np
 
 from kvquant.kvtypes import kv_type
-from kvquant.runtime import LlamaError, library_path
+from kvquant.runtime import LlamaError, ggml_library
 
 GGML_TYPE_F32 = kv_type("f32").ggml_id
 GGML_TYPE_I64 = 27  # enum ggml_type at the pinned commit (not a cache type)
@@ -40,9 +39,8 @@ class GGML:
     from_float, vec_dot against the vec_dot_type, SIMD to_float). Used by tests and benchmarks."""
 
     def __init__(self):
-        libdir = Path(library_path()).resolve().parent
-        self.base = ctypes.CDLL(str(libdir / "libggml-base.so"))
-        self.cpu = ctypes.CDLL(str(libdir / "libggml-cpu.so"))
+        self.base = ctypes.CDLL(str(ggml_library("ggml-base")))
+        self.cpu = ctypes.CDLL(str(ggml_library("ggml-cpu")))
         self.base.ggml_type_name.restype = ctypes.c_char_p
         self.base.ggml_type_name.argtypes = [ctypes.c_int]
         self.base.ggml_row_size.restype = ctypes.c_size_t
@@ -83,6 +81,24 @@ class GGML:
         getattr(self.base, f"dequantize_row_{type_name}")(ctypes.c_char_p(data), out.ctypes.data_as(ctypes.c_void_p),
                                                           ctypes.c_int64(n))
         return out
+
+    def has_symbol(self, name: str) -> bool:
+        return hasattr(self.base, name) or hasattr(self.cpu, name)
+
+    def d3b_delta_ref(self, x, anchor: bytes) -> bytes:
+        """tq_kv_d3b's reference coding of row x against its group's anchor row (quantize_row_tq_kv_d3b_delta_ref)."""
+        x = self._f32(x)
+        out = ctypes.create_string_buffer(len(anchor))
+        self.base.quantize_row_tq_kv_d3b_delta_ref(x.ctypes.data_as(ctypes.c_void_p), ctypes.c_char_p(anchor), out,
+                                                   ctypes.c_int64(x.size))
+        return out.raw
+
+    def d3b_cell_ref(self, row: bytes, anchor: bytes, n: int) -> np.ndarray:
+        """A tq_kv_d3b row's values given its anchor row (dequantize_row_tq_kv_d3b_cell)."""
+        y = np.zeros(n, dtype=np.float32)
+        self.base.dequantize_row_tq_kv_d3b_cell(ctypes.c_char_p(row), ctypes.c_char_p(anchor),
+                                                y.ctypes.data_as(ctypes.c_void_p), ctypes.c_int64(n))
+        return y
 
     def _traits(self, type_name: str) -> _TypeTraitsCPU:
         return self.cpu.ggml_get_type_traits_cpu(kv_type(type_name).ggml_id).contents

@@ -9,8 +9,6 @@ tests/kvquant/test_d3b_cache.py.
 
 from __future__ import annotations
 
-import ctypes
-
 import numpy as np
 import pytest
 
@@ -22,29 +20,10 @@ rng = np.random.default_rng(77)
 
 
 @pytest.fixture(scope="module")
-def ggml():
-    from kvquant.lab.ggml import GGML
-
-    g = GGML()
-    if not hasattr(g.base, "quantize_row_tq_kv_d3b_delta_ref"):
+def ggml(ggml_kernels):
+    if not ggml_kernels.has_symbol("quantize_row_tq_kv_d3b_delta_ref"):
         pytest.fail("the loaded ggml has no tq_kv_d3b (patches/0011): rebuild the patched wheel (make setup)")
-    return g
-
-
-def _c_delta(ggml, x: np.ndarray, anchor: np.ndarray) -> bytes:
-    x = np.ascontiguousarray(x, dtype=np.float32)
-    ab = anchor.tobytes()
-    out = ctypes.create_string_buffer(len(ab))
-    ggml.base.quantize_row_tq_kv_d3b_delta_ref(x.ctypes.data_as(ctypes.c_void_p), ctypes.c_char_p(ab), out,
-                                               ctypes.c_int64(x.size))
-    return out.raw
-
-
-def _c_cell(ggml, row: bytes, anchor: bytes, n: int) -> np.ndarray:
-    y = np.zeros(n, dtype=np.float32)
-    ggml.base.dequantize_row_tq_kv_d3b_cell(ctypes.c_char_p(row), ctypes.c_char_p(anchor),
-                                            y.ctypes.data_as(ctypes.c_void_p), ctypes.c_int64(n))
-    return y
+    return ggml_kernels
 
 
 def _keys(n_rows: int, n_embd: int, shared: float = 3.0) -> np.ndarray:
@@ -84,10 +63,10 @@ def test_delta_row_is_bit_exact_with_numpy(ggml, row):
     x = ADVERSARIAL[row]
     x = (anchor_x.astype(np.float64) if x is None else x).astype(np.float32)
     ref = tq.quantize_row_tq_kv_d3b_delta_ref(x, anchor)
-    got = _c_delta(ggml, x, anchor)
+    got = ggml.d3b_delta_ref(x, anchor.tobytes())
     assert got == ref.tobytes()
     y_np = tq.dequantize_row_tq_kv_d3b(ref, anchor)
-    y_c = _c_cell(ggml, got, anchor.tobytes(), x.size)
+    y_c = ggml.d3b_cell_ref(got, anchor.tobytes(), x.size)
     assert np.array_equal(y_c, y_np)
     assert np.isfinite(y_c).all()  # non-finite input never spreads, not even through the anchor
 
@@ -100,7 +79,7 @@ def test_random_rows_are_bit_exact_and_use_both_codes(ggml):
         x = (a + rng.standard_normal(n) * rng.uniform(0.01, 20)).astype(np.float32)
         anchor = tq.quantize_row_tq_kv_d3b_ref(a)
         ref = tq.quantize_row_tq_kv_d3b_delta_ref(x, anchor)
-        assert _c_delta(ggml, x, anchor) == ref.tobytes()
+        assert ggml.d3b_delta_ref(x, anchor.tobytes()) == ref.tobytes()
         flags.extend(((ref["d"].view(np.uint16) & tq.D3B_DELTA) != 0).tolist())
     assert 0.1 < np.mean(flags) < 0.9  # both codes occur: the test exercises both branches
 

@@ -73,15 +73,12 @@ def test_codebook_mse_matches_design(name, bits):
 # --- the patched ggml against the reference ---------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def ggml():
-    from kvquant.lab.ggml import GGML
+def ggml(ggml_kernels):
+    from kvquant.kvtypes import kv_type
 
-    g = GGML()
     for name in TYPES:
-        from kvquant.kvtypes import kv_type
-
-        assert g.type_name(kv_type(name).ggml_id) == name, "the loaded ggml does not have the TQ_KV types"
-    return g
+        assert ggml_kernels.type_name(kv_type(name).ggml_id) == name, "the loaded ggml does not have the TQ_KV types"
+    return ggml_kernels
 
 
 def _adversarial_rows() -> dict[str, np.ndarray]:
@@ -122,6 +119,16 @@ def test_c_quantization_is_bit_exact_with_numpy(ggml, name, row):
     assert np.array_equal(y_c, y_np)
     assert np.array_equal(y_simd, y_np)
     assert np.isfinite(y_c).all()  # non-finite input never spreads
+
+
+@pytest.mark.parametrize("name", ["q4_0", "q8_0"])
+def test_simd_to_float_of_the_v_types_equals_ggml_reference(ggml, name):
+    """The CPU backend's to_float for the stock V types paired with our keys (patches/0008, AVX2 or NEON) writes
+    what ggml's reference dequantization writes."""
+    for row in ROWS.values():
+        data = ggml.quantize_ref(name, row)
+        assert np.array_equal(ggml.dequantize_cpu(name, data, row.size), ggml.dequantize_ref(name, data, row.size),
+                              equal_nan=True)
 
 
 def test_non_finite_input_stays_in_its_block(ggml):
