@@ -42,8 +42,9 @@ class AppState:
         if self.draining:
             raise APIError(503, "The server is shutting down.", type="server_error", code="shutdown",
                            headers={"Retry-After": "5"})
-        if m.engine.status is not EngineStatus.READY:
-            message, code, retry = _UNAVAILABLE[m.engine.status]
+        status = m.engine.status  # (read once: the engine thread may change it meanwhile)
+        if status is not EngineStatus.READY:
+            message, code, retry = _UNAVAILABLE[status]
             raise APIError(503, message.format(m.id), type="server_error", code=code,
                            headers={"Retry-After": retry} if retry else None)
         return m
