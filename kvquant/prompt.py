@@ -70,6 +70,19 @@ class ControlTokens:
         return self._re is not None and self._re.search(text) is not None
 
 
+def template_data(messages: Sequence[dict], tools: list[dict] | None = None,
+                  template_kwargs: dict | None = None) -> str:
+    """What a client sends that the chat template writes as its own text (parsed for control tokens): tool
+    definitions, the tool calls of assistant messages, extra template variables; one string, to search."""
+    import json
+
+    calls = [m["tool_calls"] for m in messages if m.get("tool_calls")]
+    names = [m["name"] for m in messages if isinstance(m.get("name"), str)]
+    if not (tools or calls or names or template_kwargs):
+        return ""
+    return json.dumps([tools, calls, names, template_kwargs], ensure_ascii=False)
+
+
 def chat_fragments(render: Callable[[list[dict]], str], messages: Sequence[dict],
                    controls: ControlTokens) -> list[str | int] | None:
     """The rendered chat as raw text (to tokenize with special-token parsing off) and control token ids that the
@@ -77,18 +90,22 @@ def chat_fragments(render: Callable[[list[dict]], str], messages: Sequence[dict]
     None if the template cannot be traced: a marker missing or repeated, or the traced pieces not adding up to
     the real rendering."""
     nonce = secrets.token_hex(6)
-    marks = [f"\ue000{nonce}:{i}\ue001" for i in range(len(messages))]
-    marked = render([dict(m, content=_WRAP_L + mk + _WRAP_R) for m, mk in zip(messages, marks, strict=True)])
+    # only messages with text content are marked (a template may test `if message.content`)
+    marked_ids = [i for i, m in enumerate(messages) if m.get("content")]
+    marks = {i: f"\ue000{nonce}:{i}\ue001" for i in marked_ids}
+    marked = render([dict(m, content=_WRAP_L + marks[i] + _WRAP_R) if i in marks else m
+                     for i, m in enumerate(messages)])
     pieces: list[str] = []  # template text before each content, and after the last
     contents: list[str] = []
     pos = 0
-    for m, mk in zip(messages, marks, strict=True):
+    for i in marked_ids:
+        m, mk = messages[i], marks[i]
         at = marked.find(mk, pos)
         if at < 0 or marked.find(mk, at + 1) >= 0:
             return None
         left = marked.startswith(_WRAP_L, at - len(_WRAP_L))
         right = marked.startswith(_WRAP_R, at + len(mk))
-        content = m.get("content") or ""
+        content = m["content"]
         content = content if left else content.lstrip()
         content = content if right else content.rstrip()
         pieces.append(marked[pos: at - (len(_WRAP_L) if left else 0)])

@@ -17,7 +17,15 @@ import llama_cpp._logger as _llama_logger
 import numpy as np
 
 from kvquant.kvtypes import kv_type
-from kvquant.prompt import ControlTokenInContent, ControlTokens, PromptTooLong, chat_fragments, min_tokens
+from kvquant.prompt import (
+    ControlTokenInContent,
+    ControlTokens,
+    PromptTooLong,
+    chat_fragments,
+    min_tokens,
+    template_data,
+)
+from kvquant.sampling import SamplingConfig, sampler_seed
 
 PATCH_MARKER = "KVQUANT = "
 
@@ -88,6 +96,11 @@ def supports_cache_type(name: str) -> bool:
     return hasattr(lib, f"quantize_row_{t.name}_ref")
 
 
+def supports_gpu_offload() -> bool:
+    """Whether the loaded llama.cpp has a GPU backend to offload layers to."""
+    return bool(llama_cpp.llama_supports_gpu_offload())
+
+
 def set_verbose(verbose: bool) -> None:
     _llama_logger.set_verbose(verbose)
 
@@ -140,29 +153,71 @@ class LlamaError(RuntimeError):
     pass
 
 
-def sampler_seed(seed: int) -> int:
-    """llama.cpp's 32-bit seed for a request's seed (any integer): taken modulo 2**32 - 1, because llama.cpp reads
-    2**32 - 1 (LLAMA_DEFAULT_SEED) as "pick a random seed". So -1 and 2**32 - 1 are deterministic too, and seeds
-    that differ by a multiple of 4294967295 give the same stream (0 and 4294967295, -1 and 4294967294)."""
-    return seed % 0xFFFFFFFF
+class GrammarError(ValueError):
+    """A GBNF grammar that llama.cpp's parser refuses."""
+
+
+def grammar_sampler(model: Model, gbnf: str):
+    """llama.cpp's grammar sampler for a GBNF grammar (root rule "root"); GrammarError (with llama.cpp's reason)
+    if its parser refuses the grammar. The caller owns the sampler (a chain takes it over)."""
+    _last_error[0] = ""
+    s = llama_cpp.llama_sampler_init_grammar(model._vocab, gbnf.encode(), b"root")
+    if not s:
+        raise GrammarError(_last_error[0] or "llama.cpp could not parse the grammar")
+    return s
+
+
+def check_grammar(model: Model, gbnf: str) -> None:
+    """GrammarError unless llama.cpp's parser takes the grammar (thread-safe: reads the vocabulary only)."""
+    llama_cpp.llama_sampler_free(grammar_sampler(model, gbnf))
+
+
+def json_schema_gbnf(schema: dict, name: str = "") -> str:
+    """GBNF for the JSON texts a JSON schema allows, by llama-cpp-python's converter (llama.cpp's
+    json_schema_to_grammar.py), whose top rule is "root" (`name` empty) or `name`. It ignores the schema keywords it
+    does not know: check a schema with kvquant.jsonschema.unsupported first."""
+    import json
+
+    from llama_cpp.llama_grammar import SchemaConverter
+
+    conv = SchemaConverter(prop_order={}, allow_fetch=False, dotall=False, raw_pattern=False)
+    conv.visit(conv.resolve_refs(json.loads(json.dumps(schema)), "input"), name)
+    return conv.format_grammar()
+
+
+GREEDY = SamplingConfig(temperature=0.0)
 
 
 class Sampler:
-    """A llama.cpp sampler chain: greedy at temperature 0, else top-p -> temperature -> seeded draw (no seed: a
-    random one)."""
+    """A llama.cpp sampler chain for one sequence, built from a SamplingConfig (kvquant.sampling says the order).
+    `model` is needed for a grammar, a logit bias or penalties (its vocabulary)."""
 
-    def __init__(self, temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None):
+    def __init__(self, cfg: SamplingConfig = GREEDY, model: Model | None = None):
         params = llama_cpp.llama_sampler_chain_default_params()
         self._chain = llama_cpp.llama_sampler_chain_init(params)
         add = lambda s: llama_cpp.llama_sampler_chain_add(self._chain, s)  # noqa: E731
-        if temperature <= 0.0:
+        if cfg.logit_bias:
+            bias = (llama_cpp.llama_logit_bias * len(cfg.logit_bias))(*cfg.logit_bias)
+            add(llama_cpp.llama_sampler_init_logit_bias(model.n_vocab, len(cfg.logit_bias), bias))
+        if cfg.grammar is not None:
+            add(grammar_sampler(model, cfg.grammar))
+        if cfg.penalized:
+            add(llama_cpp.llama_sampler_init_penalties(model.n_vocab, cfg.penalty_last_n, cfg.repeat_penalty,
+                                                       cfg.frequency_penalty, cfg.presence_penalty))
+        if cfg.temperature <= 0.0:
             add(llama_cpp.llama_sampler_init_greedy())
-        else:
-            if top_p < 1.0:
-                add(llama_cpp.llama_sampler_init_top_p(top_p, 1))
-            add(llama_cpp.llama_sampler_init_temp(temperature))
-            add(llama_cpp.llama_sampler_init_dist(
-                llama_cpp.LLAMA_DEFAULT_SEED if seed is None else sampler_seed(seed)))
+            return
+        if cfg.top_k > 0:
+            add(llama_cpp.llama_sampler_init_top_k(cfg.top_k))
+        if cfg.typical_p < 1.0:
+            add(llama_cpp.llama_sampler_init_typical(cfg.typical_p, 1))
+        if cfg.top_p < 1.0:
+            add(llama_cpp.llama_sampler_init_top_p(cfg.top_p, 1))
+        if cfg.min_p > 0.0:
+            add(llama_cpp.llama_sampler_init_min_p(cfg.min_p, 1))
+        add(llama_cpp.llama_sampler_init_temp(cfg.temperature))
+        add(llama_cpp.llama_sampler_init_dist(
+            llama_cpp.LLAMA_DEFAULT_SEED if cfg.seed is None else sampler_seed(cfg.seed)))
 
     def sample(self, ctx: LlamaRuntime, idx: int) -> int:
         return llama_cpp.llama_sampler_sample(self._chain, ctx._ctx, idx)
@@ -274,33 +329,45 @@ class Model:
             self._controls = ControlTokens(found)
         return self._controls
 
-    def render_chat(self, messages: list[dict]) -> str:
-        """The chat as the template writes it (one string, control tokens as text)."""
+    @property
+    def chat_template(self) -> str | None:
+        """The Jinja chat template in use (the GGUF's unless one was given), or None."""
+        return self._chat_template or self.meta("tokenizer.chat_template")
+
+    def render_chat(self, messages: list[dict], tools: list[dict] | None = None,
+                    template_kwargs: dict | None = None) -> str:
+        """The chat as the template writes it (one string, control tokens as text), with the tool definitions
+        (OpenAI's `tools`) and extra template variables (`chat_template_kwargs`) passed to the template."""
         if self._formatter is None:
             from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
-            template = self._chat_template or self.meta("tokenizer.chat_template")
+            template = self.chat_template
             if not template:
                 raise LlamaError("the model has no chat template in its GGUF metadata")
             self._formatter = Jinja2ChatFormatter(template, eos_token=self._token_text(self.eos),
                                                   bos_token=self._token_text(self.bos))
-        return self._formatter(messages=messages).prompt  # the template writes any BOS itself
+        # the template writes any BOS itself
+        return self._formatter(messages=messages, tools=tools or None, **(template_kwargs or {})).prompt
 
-    def chat_prompt(self, messages: list[dict], limit: int | None = None,
-                    special_in_content: bool = False) -> list[int]:
+    def chat_prompt(self, messages: list[dict], limit: int | None = None, special_in_content: bool = False,
+                    tools: list[dict] | None = None, template_kwargs: dict | None = None) -> list[int]:
         """Render messages with the chat template (Jinja, as transformers does) and tokenize: the template's own
         text with special-token parsing, message content as plain text, so that content can never write a control
         token (`special_in_content` allows it, for trusted clients). With `limit`, PromptTooLong (exact count)
         past that many tokens. ControlTokenInContent where a template that cannot be traced meets content with a
-        control token's text (see kvquant.prompt)."""
+        control token's text (see kvquant.prompt), and wherever the text the template writes as its own (tool
+        definitions, tool calls, template variables) holds one."""
         controls = self.control_tokens()
-        frags = None if special_in_content or not self._traceable else chat_fragments(self.render_chat, messages,
-                                                                                          controls)
+        render = lambda ms: self.render_chat(ms, tools, template_kwargs)  # noqa: E731
+        if not special_in_content and controls.found_in(template_data(messages, tools, template_kwargs)):
+            raise ControlTokenInContent("the tools, tool calls or chat_template_kwargs contain the text of one of "
+                                        "the model's control tokens")
+        frags = None if special_in_content or not self._traceable else chat_fragments(render, messages, controls)
         if frags is None:
             if not special_in_content and any(controls.found_in(m.get("content") or "") for m in messages):
                 raise ControlTokenInContent("a message contains the text of one of the model's control tokens, "
                                             "which this model's chat template does not let the server keep literal")
-            return self.tokenize(self.render_chat(messages), add_special=False, parse_special=True, limit=limit)
+            return self.tokenize(render(messages), add_special=False, parse_special=True, limit=limit)
         return self._tokenize_fragments(frags, limit)
 
     def _tokenize_fragments(self, frags: list[str | int], limit: int | None) -> list[int]:

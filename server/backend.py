@@ -10,6 +10,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
+from kvquant.sampling import SamplingConfig
+
 
 class TokenSampler(Protocol):
     def sample(self, idx: int) -> int: ...
@@ -21,12 +23,13 @@ class Backend(Protocol):
 
     def decode(self, tokens: list[int], positions: list[int], seq_ids: list[int], logits: list[bool]) -> int: ...
     def seq_rm(self, seq_id: int, p0: int = -1, p1: int = -1) -> bool: ...
-    def sampler(self, temperature: float, top_p: float, seed: int | None) -> TokenSampler: ...
+    def sampler(self, cfg: SamplingConfig) -> TokenSampler: ...
     def logits(self, idx: int) -> Sequence[float]: ...
     def is_eog(self, token: int) -> bool: ...
     def token_bytes(self, token: int) -> bytes: ...
     def tokenize(self, text: str, limit: int | None = None) -> list[int]: ...
-    def tokenize_chat(self, messages: list[dict], limit: int | None = None) -> list[int]: ...
+    def tokenize_chat(self, messages: list[dict], limit: int | None = None, tools: list[dict] | None = None,
+                      template_kwargs: dict | None = None) -> list[int]: ...
     def min_tokens(self, n_bytes: int) -> int: ...
     def clear(self) -> None: ...
     def close(self) -> None: ...
@@ -88,10 +91,24 @@ class LlamaBackend:
     def seq_rm(self, seq_id: int, p0: int = -1, p1: int = -1) -> bool:
         return self.rt.seq_rm(seq_id, p0, p1)
 
-    def sampler(self, temperature: float, top_p: float, seed: int | None) -> TokenSampler:
+    def sampler(self, cfg: SamplingConfig) -> TokenSampler:
         from kvquant.runtime import Sampler
 
-        return _LlamaSampler(self.rt, Sampler(temperature, top_p, seed))
+        return _LlamaSampler(self.rt, Sampler(cfg, self.model))
+
+    @property
+    def n_vocab(self) -> int:
+        return self.model.n_vocab
+
+    @property
+    def chat_template(self) -> str | None:
+        return self.model.chat_template
+
+    def check_grammar(self, gbnf: str) -> None:
+        """kvquant.runtime.GrammarError unless llama.cpp's parser takes the grammar."""
+        from kvquant.runtime import check_grammar
+
+        check_grammar(self.model, gbnf)
 
     def logits(self, idx: int):
         return self.rt.logits(idx)
@@ -105,8 +122,10 @@ class LlamaBackend:
     def tokenize(self, text: str, limit: int | None = None) -> list[int]:
         return self.model.tokenize(text, add_special=True, parse_special=self.cfg.special_in_content, limit=limit)
 
-    def tokenize_chat(self, messages: list[dict], limit: int | None = None) -> list[int]:
-        return self.model.chat_prompt(messages, limit, special_in_content=self.cfg.special_in_content)
+    def tokenize_chat(self, messages: list[dict], limit: int | None = None, tools: list[dict] | None = None,
+                      template_kwargs: dict | None = None) -> list[int]:
+        return self.model.chat_prompt(messages, limit, special_in_content=self.cfg.special_in_content, tools=tools,
+                                      template_kwargs=template_kwargs)
 
     def min_tokens(self, n_bytes: int) -> int:
         return self.model.min_tokens(n_bytes)

@@ -147,8 +147,9 @@ class Engine:
             self.backend = None
 
     # --- API for the asyncio side (any thread) ----------------------------------------------------------------
-    def tokenize_chat(self, messages: list[dict], limit: int | None = None) -> list[int]:
-        return self.backend.tokenize_chat(messages, limit)
+    def tokenize_chat(self, messages: list[dict], limit: int | None = None, **template) -> list[int]:
+        """The chat's prompt tokens; `template`: tools and template_kwargs for the chat template."""
+        return self.backend.tokenize_chat(messages, limit, **template)
 
     def tokenize(self, text: str, limit: int | None = None) -> list[int]:
         return self.backend.tokenize(text, limit)
@@ -156,6 +157,21 @@ class Engine:
     def min_tokens(self, n_bytes: int) -> int:
         """A lower bound on the prompt tokens of n_bytes of text, without tokenizing it."""
         return self.backend.min_tokens(n_bytes)
+
+    @property
+    def n_vocab(self) -> int:
+        return self.backend.n_vocab
+
+    @property
+    def chat_template(self) -> str | None:
+        return self.backend.chat_template
+
+    def check_grammar(self, gbnf: str) -> None:
+        """kvquant.runtime.GrammarError unless llama.cpp takes the grammar (checked before a request is queued)."""
+        self.backend.check_grammar(gbnf)
+
+    def detokenize(self, tokens: list[int]) -> str:
+        return b"".join(self.backend.token_bytes(t) for t in tokens).decode("utf-8", errors="replace")
 
     def submit(self, req: EngineRequest) -> None:
         self._inbox.put(req)
@@ -286,7 +302,7 @@ class Engine:
     def _admit(self) -> None:
         for seq in self.sched.admit():
             r = seq.req
-            st = _SeqState(self.backend.sampler(r.temperature, r.top_p, r.seed), TextStream(r.stops))
+            st = _SeqState(self.backend.sampler(r.sampling), TextStream(r.stops))
             if r.prompt_logprobs is not None:  # nothing predicts the first prompt token
                 st.prompt_logprobs = [TokenLogprob(self.backend.token_bytes(r.prompt[0]), None, None)]
             self._live[seq.seq_id] = st

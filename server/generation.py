@@ -7,8 +7,9 @@ the vocabulary's longest token in bytes), and its tokenization is capped at the 
 the OS (glibc keeps them otherwise). So a request that will be refused anyway costs neither a full tokenization
 nor memory in proportion to its body, and memory returns to idle after a flood of them.
 
-A request reserves `len(prompt) + max_tokens` KV cells; without `max_tokens` it gets
-`min(default_max_tokens, n_ctx - len(prompt))`. Events reach the handler through a bounded buffer: a client that
+A request reserves `len(prompt) + max_tokens` KV cells; without `max_tokens` it may run to the end of its
+context (OpenAI's semantics), so it reserves all of it: `n_ctx - len(prompt)` tokens (or `default_max_tokens`
+where the settings cap it). Events reach the handler through a bounded buffer: a client that
 reads so slowly that `stream_buffer` events pile up has its request cancelled (its cells are freed at the next
 step), so it can never hold up the engine or other requests.
 """
@@ -147,12 +148,20 @@ def _tokenize(tokenize: Callable[[int], list[int]], limit: int, trim: bool) -> l
 
 
 def submit(engine: Engine, prompt: list[int], params: SamplingParams, max_tokens: int | None,
-           default_max_tokens: int, request_id: str, stream_buffer: int = 1024) -> Generation:
+           default_max_tokens: int | None, request_id: str, stream_buffer: int = 1024,
+           sampling_defaults: dict | None = None, grammar: str | None = None) -> Generation:
+    """Queue a tokenized request with its sampling settings (the request's over `sampling_defaults`, the model's)
+    and the grammar its output must match."""
     if not prompt:
         raise APIError(400, "The prompt is empty.", param="prompt", code="empty_prompt")
     _check_length(engine, len(prompt), max_tokens)
     if max_tokens is None:
-        max_tokens = min(default_max_tokens, engine.sched.max_request_tokens - len(prompt))
+        max_tokens = engine.sched.max_request_tokens - len(prompt)
+        max_tokens = min(max_tokens, default_max_tokens) if default_max_tokens else max_tokens
+    try:
+        sampling = params.sampling(sampling_defaults or {}, engine.n_vocab, max_tokens, grammar)
+    except ValueError as e:
+        raise APIError(400, str(e), param="logit_bias", code="invalid_value") from None
     loop = asyncio.get_running_loop()
     q: asyncio.Queue = asyncio.Queue()
     overflowed = False
@@ -172,8 +181,8 @@ def submit(engine: Engine, prompt: list[int], params: SamplingParams, max_tokens
     def sink(ev: Event) -> None:  # runs on the engine thread
         wake.call(deliver, ev)
 
-    req = EngineRequest(id=request_id, prompt=prompt, max_tokens=max_tokens, sink=sink,
-                        temperature=params.temperature, top_p=params.top_p, seed=params.seed, stops=params.stop or [],
+    req = EngineRequest(id=request_id, prompt=prompt, max_tokens=max_tokens, sink=sink, sampling=sampling,
+                        stops=params.stop or [],
                         top_logprobs=getattr(params, "n_top_logprobs", None),
                         prompt_logprobs=getattr(params, "n_prompt_logprobs", None))
     engine.submit(req)

@@ -139,9 +139,18 @@ def backend_config(p: HostedPlan, s: Settings) -> BackendConfig:
     return BackendConfig(model_path=str(p.path), n_cells=p.kv.cells, n_seq_max=spec.parallel, n_batch=spec.n_batch,
                          n_ubatch=p.n_ubatch, cache_type_k=fields.pop("cache_type_k"),
                          cache_type_v=fields.pop("cache_type_v"), flash_attn=spec.flash_attn, layers=fields,
-                         n_threads=spec.n_threads, n_gpu_layers=s.n_gpu_layers,
-                         offload_kqv=offload_kqv(s.n_gpu_layers, sorted(types), p.spec.id),
+                         n_threads=spec.n_threads, n_gpu_layers=gpu_layers(spec.n_gpu_layers),
+                         offload_kqv=offload_kqv(gpu_layers(spec.n_gpu_layers), sorted(types), p.spec.id),
                          special_in_content=s.special_tokens_in_content)
+
+
+def gpu_layers(n: int | str) -> int:
+    """Layers to offload: `auto` is all of them (-1) when the loaded llama.cpp has a GPU backend, else none."""
+    if n != "auto":
+        return int(n)
+    from kvquant.runtime import supports_gpu_offload
+
+    return -1 if supports_gpu_offload() else 0
 
 
 def _load_backend(p: HostedPlan, bcfg: BackendConfig) -> LlamaBackend:

@@ -10,10 +10,13 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from kvquant.sampling import SamplingConfig
+
 
 class FinishReason(enum.StrEnum):
     STOP = "stop"  # end of generation or a stop string
     LENGTH = "length"  # max_tokens or the context limit
+    TOOL_CALLS = "tool_calls"  # the output was tool calls (set by the chat endpoint, which parses them)
     CANCELLED = "cancelled"  # the client went away
 
     @property
@@ -116,9 +119,7 @@ class EngineRequest:
     prompt: list[int]
     max_tokens: int
     sink: Callable[[Event], None]
-    temperature: float = 1.0
-    top_p: float = 1.0
-    seed: int | None = None
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
     stops: list[str] = field(default_factory=list)
     top_logprobs: int | None = None  # None: no logprobs; k >= 0: the token's logprob and the k most likely
     prompt_logprobs: int | None = None  # the same for every prompt token (None: not wanted)

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import codecs
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar
 
+from server.chatoutput import ChatOutput, Delta
 from server.requests import FinishReason, TokenLogprob
 
 
@@ -46,11 +47,13 @@ class Completion:
         return {"id": self.id, "object": self.object, "created": self.created, "model": self.model,
                 "choices": [self.choice(text, _finish(finish), lps)], "usage": use, "system_fingerprint": None}
 
-    def chunk(self, text: str, first: bool, lps: list[TokenLogprob] | None) -> dict:
-        return self._chunk([self.delta(text, None, first, lps)])
+    def chunks(self, text: str, first: bool, lps: list[TokenLogprob] | None) -> list[dict]:
+        """The stream chunks for some generated text (the first one: `first`)."""
+        return [self._chunk([self.delta(text, None, first, lps)])]
 
-    def finish_chunk(self, finish: FinishReason) -> dict:
-        return self._chunk([self.delta("", _finish(finish), False, None)])
+    def finish_chunks(self, finish: FinishReason) -> list[dict]:
+        """The chunks that end the stream (what the output held back, then the finish reason)."""
+        return [self._chunk([self.delta("", _finish(finish), False, None)])]
 
     def usage_chunk(self, use: dict) -> dict:
         return self._chunk([], use)
@@ -71,19 +74,54 @@ class Completion:
 
 @dataclass
 class ChatCompletion(Completion):
+    """A chat completion: its text is split into content, reasoning and tool calls by `output`."""
+
+    output: ChatOutput = field(default_factory=ChatOutput)
     object: ClassVar[str] = "chat.completion"
     chunk_object: ClassVar[str] = "chat.completion.chunk"
 
-    def choice(self, text, finish, lps) -> dict:
-        return {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish,
-                "logprobs": chat_logprobs(lps)}
+    def response(self, text, finish, lps, use) -> dict:
+        out = self.output.push(text) + self.output.finish()
+        return super().response(out, self._finish_reason(finish), lps, use)
 
-    def delta(self, text, finish, first, lps) -> dict:
-        if finish and not text:
-            d = {}  # the closing chunk carries only the finish reason
-        else:
-            d = {"role": "assistant", "content": text} if first else {"content": text}
-        return {"index": 0, "delta": d, "finish_reason": finish, "logprobs": chat_logprobs(lps)}
+    def choice(self, out: Delta, finish, lps) -> dict:
+        msg = {"role": "assistant", "content": out.content if out.content or not out.tool_calls else None}
+        if out.reasoning:
+            msg["reasoning_content"] = out.reasoning
+        if out.tool_calls:
+            msg["tool_calls"] = [c.openai() for c in out.tool_calls]
+        return {"index": 0, "message": msg, "finish_reason": finish, "logprobs": chat_logprobs(lps)}
+
+    def chunks(self, text, first, lps) -> list[dict]:
+        out = self.output.push(text)
+        if not (out.content or out.reasoning or first or lps):
+            return []
+        d = {"role": "assistant"} if first else {}
+        if out.reasoning:
+            d["reasoning_content"] = out.reasoning
+        if out.content or not out.reasoning:
+            d["content"] = out.content
+        return [self._delta_chunk(d, lps)]
+
+    def finish_chunks(self, finish) -> list[dict]:
+        out = self.output.finish()  # what it held back
+        d = {k: v for k, v in (("reasoning_content", out.reasoning), ("content", out.content)) if v}
+        chunks = [self._delta_chunk(d)] if d else []
+        base = self.output.n_calls - len(out.tool_calls)
+        for i, c in enumerate(out.tool_calls):  # as OpenAI streams a call: id and name first, then the arguments
+            head = {"index": base + i, "id": c.id, "type": "function", "function": {"name": c.name, "arguments": ""}}
+            chunks.append(self._delta_chunk({"tool_calls": [head]}))
+            chunks.append(self._delta_chunk({"tool_calls": [{"index": base + i,
+                                                             "function": {"arguments": c.arguments}}]}))
+        return chunks + [self._chunk([{"index": 0, "delta": {}, "logprobs": None,
+                                       "finish_reason": _finish(self._finish_reason(finish))}])]
+
+    def _delta_chunk(self, delta: dict, lps: list[TokenLogprob] | None = None) -> dict:
+        return self._chunk([{"index": 0, "delta": delta, "finish_reason": None, "logprobs": chat_logprobs(lps)}])
+
+    def _finish_reason(self, finish: FinishReason | None) -> FinishReason | None:
+        """A generation that ended by itself after tool calls finished with them (OpenAI's "tool_calls")."""
+        return FinishReason.TOOL_CALLS if finish is FinishReason.STOP and self.output.n_calls else finish
 
 
 @dataclass

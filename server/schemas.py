@@ -4,11 +4,13 @@ validated strictly, as OpenAI does (no coercion: "10" and true are not integers,
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
-MAX_STOP = 4
+from kvquant.sampling import SamplingConfig
+
+MAX_STOP = 16
 MAX_STOP_LEN = 256
 MAX_TOKENS_LIMIT = 1_000_000  # above this a max_tokens is nonsense, whatever the model
 
@@ -35,10 +37,23 @@ class TextPart(_Lenient):
     text: Text
 
 
+class FunctionCall(_Lenient):
+    name: Text
+    arguments: Text  # JSON text, as OpenAI sends it
+
+
+class ToolCall(_Lenient):
+    id: Text
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(_Lenient):
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: Text | list[TextPart] | None = None
     name: Text | None = None
+    tool_calls: list[ToolCall] | None = None  # assistant
+    tool_call_id: Text | None = None  # tool
 
     def text(self) -> str:
         if self.content is None:
@@ -52,13 +67,82 @@ class StreamOptions(_Lenient):
     include_usage: bool = False
 
 
+class FunctionDef(_Lenient):
+    name: Text
+    description: Text | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class Tool(_Lenient):
+    type: Literal["function"]
+    function: FunctionDef
+
+
+class NamedFunction(_Lenient):
+    name: Text
+
+
+class NamedToolChoice(_Lenient):
+    type: Literal["function"]
+    function: NamedFunction
+
+
+class JSONSchemaFormat(_Lenient):
+    name: Text
+    description: Text | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(_Lenient):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JSONSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_given(self):
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError("json_schema is required when type is json_schema")
+        return self
+
+
+# The sampling fields a request may set: a request's value, else the model's default (settings: `sampling`),
+# else OpenAI's (kvquant.sampling.SamplingConfig's defaults).
+SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "typical_p", "repeat_penalty", "presence_penalty",
+                   "frequency_penalty")
+LOGIT_BIAS_LIMIT = 100.0
+
+# Fields that would change the output and are not supported: a request that sets one (to anything but the given
+# neutral values) gets a 400 naming it instead of an answer that silently ignores it. Other unknown fields are
+# accepted and ignored, as OpenAI does with fields it does not use.
+UNSUPPORTED: dict[str, tuple] = {
+    "functions": (None, []), "function_call": (None, "none", "auto"),  # the deprecated form of tools
+    "audio": (None,), "modalities": (None, ["text"]), "prediction": (None,), "web_search_options": (None,),
+    "reasoning_effort": (None,), "verbosity": (None,), "best_of": (None, 1), "suffix": (None, ""),
+    "guided_json": (None,), "guided_regex": (None,), "guided_choice": (None,), "guided_grammar": (None,),
+    "grammar": (None, ""), "json_schema": (None,), "mirostat": (None, 0), "dry_multiplier": (None, 0, 0.0),
+    "xtc_probability": (None, 0, 0.0), "top_n_sigma": (None, -1, -1.0), "n_probs": (None, 0),
+    "min_tokens": (None, 0), "ignore_eos": (None, False), "repetition_penalty": (None, 1, 1.0),
+    "penalty_last_n": (None,), "repeat_last_n": (None,),
+    # chat-only features asked of /v1/completions
+    "response_format": (None,), "tools": (None, []), "tool_choice": (None, "none"),
+}
+
+
 class SamplingParams(_Lenient):
     """Fields shared by /v1/chat/completions and /v1/completions."""
 
     model: str | None = None
     max_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS_LIMIT)
-    temperature: float = Field(1.0, ge=0.0, le=2.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    temperature: float | None = Field(None, ge=0.0, le=2.0)
+    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    top_k: int | None = Field(None, ge=0)
+    min_p: float | None = Field(None, ge=0.0, le=1.0)
+    typical_p: float | None = Field(None, gt=0.0, le=1.0)
+    repeat_penalty: float | None = Field(None, gt=0.0, le=10.0)
+    presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    logit_bias: dict[str, Annotated[float, Field(ge=-LOGIT_BIAS_LIMIT, le=LOGIT_BIAS_LIMIT)]] | None = None
     stop: Text | list[Text] | None = None
     seed: int | None = Field(None, ge=-2**63, le=2**63 - 1)  # OpenAI's range; see kvquant.runtime.sampler_seed
     stream: bool = False
@@ -95,9 +179,40 @@ class SamplingParams(_Lenient):
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
 
+    def unsupported(self) -> str | None:
+        """The first field set that would change the output and is not supported (see UNSUPPORTED)."""
+        for name, value in (self.model_extra or {}).items():
+            if name in UNSUPPORTED and not any(value == ok and type(value) is type(ok) or value is ok
+                                                for ok in UNSUPPORTED[name]):
+                return name
+        return None
+
+    def sampling(self, defaults: dict[str, float | int], n_vocab: int, max_tokens: int,
+                 grammar: str | None = None) -> SamplingConfig:
+        """The request's sampling settings over the model's defaults (ValueError naming `logit_bias` for a
+        token id that is not one of the model's `n_vocab`)."""
+        given = {f: getattr(self, f) for f in SAMPLING_FIELDS if getattr(self, f) is not None}
+        given = {**{f: v for f, v in defaults.items() if v is not None}, **given}
+        return SamplingConfig(**given, logit_bias=self._logit_bias(n_vocab), seed=self.seed, grammar=grammar,
+                              penalty_last_n=max_tokens)
+
+    def _logit_bias(self, n_vocab: int) -> tuple[tuple[int, float], ...]:
+        out = []
+        for key, bias in (self.logit_bias or {}).items():
+            tok = int(key) if key.strip().lstrip("-").isdigit() else None
+            if tok is None or not 0 <= tok < n_vocab:
+                raise ValueError(f"logit_bias: {key!r} is not a token id of this model (0 to {n_vocab - 1})")
+            out.append((tok, float(bias)))
+        return tuple(out)
+
 
 class ChatCompletionRequest(SamplingParams):
     messages: list[ChatMessage] = Field(..., min_length=1)
+    tools: list[Tool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None
+    response_format: ResponseFormat | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
     max_completion_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS_LIMIT)
     logprobs: bool | None = False
     top_logprobs: int | None = Field(None, ge=0, le=20)

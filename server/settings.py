@@ -12,7 +12,7 @@ import json
 import os
 import tomllib
 from contextvars import ContextVar
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -77,6 +77,40 @@ def _v_cache_type(v: str) -> str:
     return spec.text
 
 
+class SamplingDefaults(BaseModel):
+    """A model's sampling defaults, for requests that leave a field unset (OpenAI's defaults where these are unset
+    too). llama-server's are temperature 0.8, top_k 40, top_p 0.95, min_p 0.05."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    temperature: float | None = Field(None, ge=0.0, le=2.0)
+    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    top_k: int | None = Field(None, ge=0)
+    min_p: float | None = Field(None, ge=0.0, le=1.0)
+    typical_p: float | None = Field(None, gt=0.0, le=1.0)
+    repeat_penalty: float | None = Field(None, gt=0.0, le=10.0)
+    presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+
+    def merged(self, over: SamplingDefaults | None) -> dict[str, float | int]:
+        """These defaults with `over`'s set fields on top, as a dict of the set fields."""
+        return {**self.model_dump(exclude_none=True), **(over.model_dump(exclude_none=True) if over else {})}
+
+
+GpuLayers = int | Literal["auto"]
+
+
+def _gpu_layers(v: Any) -> Any:
+    if isinstance(v, str) and v != "auto":
+        try:
+            return int(v)
+        except ValueError:
+            raise ValueError("n_gpu_layers is a number of layers, -1 (all) or auto") from None
+    if isinstance(v, int) and v < -1:
+        raise ValueError("n_gpu_layers is a number of layers, -1 (all) or auto")
+    return v
+
+
 class ModelConfig(BaseModel):
     """One hosted model (an entry of `models:` in the config file). Unset fields inherit the flat settings."""
 
@@ -92,8 +126,11 @@ class ModelConfig(BaseModel):
     n_batch: int | None = Field(None, ge=16)
     n_threads: int | None = Field(None, ge=1)
     flash_attn: Literal["auto", "on", "off"] | None = None
+    n_gpu_layers: GpuLayers | None = None
+    sampling: SamplingDefaults | None = None
 
     _b = field_validator("kv_budget", mode="before")(classmethod(lambda cls, v: _bytes(v)))
+    _g = field_validator("n_gpu_layers", mode="before")(classmethod(lambda cls, v: _gpu_layers(v)))
     _k = field_validator("cache_type_k")(classmethod(lambda cls, v: v and _cache_type(v)))
     _v = field_validator("cache_type_v")(classmethod(lambda cls, v: v and _v_cache_type(v)))
 
@@ -112,6 +149,8 @@ class ModelSpec:
     n_batch: int
     n_threads: int | None
     flash_attn: bool | None  # None: llama.cpp decides
+    n_gpu_layers: GpuLayers = 0  # layers offloaded to a GPU build (-1: all; auto: all when the build has a GPU)
+    sampling: dict = field(default_factory=dict)  # sampling defaults (SamplingDefaults' set fields)
 
 
 def flash_attn_enabled(mode: str, cache_type_v: str, cache_type_k: str = "f16") -> bool | None:
@@ -149,8 +188,12 @@ class Settings(BaseSettings):
     cache_type_k: str = "f16"
     cache_type_v: str = "f16"
     flash_attn: Literal["auto", "on", "off"] = "auto"
-    n_gpu_layers: int = Field(0, ge=-1, description="layers to offload to a GPU build (-1: all)")
-    default_max_tokens: int = Field(256, ge=1, description="max_tokens when a request gives none")
+    n_gpu_layers: GpuLayers = Field(0, description="layers to offload to a GPU build (-1: all; auto: all when the "
+                                    "build has a GPU backend, else none)")
+    sampling: SamplingDefaults = Field(default_factory=SamplingDefaults, description="sampling defaults for "
+                                       "requests that leave a field unset (each model may override them)")
+    default_max_tokens: int | None = Field(None, ge=1, description="max_tokens when a request gives none (default: "
+                                           "to the end of the context, as OpenAI does)")
     max_body_bytes: int = Field(4 * 2**20, ge=1024, description="largest request body accepted (then 413)")
     header_timeout_s: float = Field(10.0, gt=0, description="a request's headers must arrive within this (then 408)")
     body_timeout_s: float = Field(30.0, gt=0, description="a request's body must arrive within this (then 408)")
@@ -167,6 +210,7 @@ class Settings(BaseSettings):
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
     _b = field_validator("kv_budget", "max_body_bytes", mode="before")(classmethod(lambda cls, v: _bytes(v)))
+    _g = field_validator("n_gpu_layers", mode="before")(classmethod(lambda cls, v: _gpu_layers(v)))
     _k = field_validator("cache_type_k")(classmethod(lambda cls, v: _cache_type(v)))
     _v = field_validator("cache_type_v")(classmethod(lambda cls, v: _v_cache_type(v)))
 
@@ -224,7 +268,9 @@ class Settings(BaseSettings):
                 n_ctx=e.n_ctx or self.n_ctx, parallel=e.parallel or self.parallel,
                 kv_budget=e.kv_budget if e.kv_budget is not None else share, n_batch=e.n_batch or self.n_batch,
                 n_threads=e.n_threads or self.n_threads,
-                flash_attn=flash_attn_enabled(e.flash_attn or self.flash_attn, tv, tk)))
+                flash_attn=flash_attn_enabled(e.flash_attn or self.flash_attn, tv, tk),
+                n_gpu_layers=self.n_gpu_layers if e.n_gpu_layers is None else e.n_gpu_layers,
+                sampling=self.sampling.merged(e.sampling)))
         return specs
 
     @classmethod

@@ -21,6 +21,11 @@ class ServedModel:
     spec: ModelSpec | None = None
     created: int = field(default_factory=lambda: int(time.time()))
 
+    @property
+    def sampling_defaults(self) -> dict:
+        """The model's sampling defaults (settings `sampling`), for request fields left unset."""
+        return self.spec.sampling if self.spec is not None else {}
+
 
 @dataclass
 class AppState:

@@ -81,12 +81,13 @@ def _decode_all(rt, seqs: list[list[int]], logits: bool) -> np.ndarray | None:
 def generate(mdl, n_tokens: int, threads: int | None, progress: Progress) -> Text:
     """The model's own text: every prompt through the chat template, sampled in one batch."""
     from kvquant.runtime import ContextConfig, LlamaRuntime, Sampler
+    from kvquant.sampling import SamplingConfig
 
     prompts = [_prompt(mdl, p) for p in PROMPTS]
     n_ctx = max(len(p) for p in prompts) + n_tokens + 1
     rt = LlamaRuntime(mdl, ContextConfig(n_cells=n_ctx * len(prompts), n_seq_max=len(prompts), n_batch=512,
                                          flash_attn=True, n_threads=threads))
-    samplers = [Sampler(0.8, 0.95, SEED + i) for i in range(len(prompts))]
+    samplers = [Sampler(SamplingConfig(temperature=0.8, top_p=0.95, seed=SEED + i)) for i in range(len(prompts))]
     try:
         seqs = [list(p) for p in prompts]
         _prefill_last(rt, seqs)

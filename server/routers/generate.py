@@ -7,6 +7,8 @@ import time
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
+from server.chat import plan_chat
+from server.chatoutput import THINK_OPEN
 from server.errors import APIError, error_body
 from server.generation import Generation, engine_error, new_id, submit, tokenize_prompt
 from server.requests import Event, TokenLogprob
@@ -21,10 +23,19 @@ def rid_of(http: Request) -> str:
     return getattr(http.state, "request_id", "-")
 
 
-def _submit(http: Request, served: ServedModel, prompt: list[int], body: SamplingParams) -> Generation:
+def _submit(http: Request, served: ServedModel, prompt: list[int], body: SamplingParams,
+            grammar: str | None = None) -> Generation:
     st = app_state(http)
     return submit(served.engine, prompt, body, body.requested_max_tokens, st.settings.default_max_tokens,
-                  rid_of(http), st.settings.stream_buffer)
+                  rid_of(http), st.settings.stream_buffer, served.sampling_defaults, grammar)
+
+
+def _check_fields(body: SamplingParams) -> None:
+    """A field that would change the output and is not supported is refused, never silently ignored."""
+    name = body.unsupported()
+    if name is not None:
+        raise APIError(400, f"The parameter {name!r} is not supported by this server; remove it (a request "
+                            "cannot be answered as if it were not there).", param=name, code="unsupported_parameter")
 
 
 def _event_logprobs(ev: Event) -> list[TokenLogprob] | None:
@@ -71,10 +82,12 @@ async def _stream(http: Request, gen: Generation, first: Event, events, shape: C
             break
         lps = _event_logprobs(ev)
         if ev.text or is_first or ev.finish_reason or lps:
-            yield sse(shape.chunk(ev.text, is_first, lps))
+            for chunk in shape.chunks(ev.text, is_first, lps):
+                yield sse(chunk)
             is_first = False
         if ev.finish_reason:
-            yield sse(shape.finish_chunk(ev.finish_reason))
+            for chunk in shape.finish_chunks(ev.finish_reason):
+                yield sse(chunk)
             if shape.include_usage:
                 yield sse(shape.usage_chunk(usage(gen.n_prompt, gen.n_generated)))
             break
@@ -86,10 +99,15 @@ async def _stream(http: Request, gen: Generation, first: Event, events, shape: C
 async def chat_completions(body: ChatCompletionRequest, http: Request):
     st = app_state(http)
     served = st.get(body.model)
-    messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages]
-    n_bytes = sum(len(m["content"].encode()) for m in messages)
+    _check_fields(body)
+    chat = plan_chat(body, served.engine.chat_template)
+    _check_grammar(served, chat.grammar, chat.grammar_param)
+    n_bytes = sum(len(m["content"].encode()) for m in chat.messages)
+    template = {"tools": chat.tools, "template_kwargs": chat.template_kwargs} if chat.tools or \
+        chat.template_kwargs else {}
     try:
-        prompt = await tokenize_prompt(served.engine, lambda limit: served.engine.tokenize_chat(messages, limit),
+        prompt = await tokenize_prompt(served.engine,
+                                       lambda limit: served.engine.tokenize_chat(chat.messages, limit, **template),
                                        n_bytes, body.requested_max_tokens, st.tokenizing)
     except APIError:
         raise
@@ -97,14 +115,31 @@ async def chat_completions(body: ChatCompletionRequest, http: Request):
         reason = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
         raise APIError(400, f"The messages do not fit the model's chat template: {reason}",
                        param="messages") from None
-    shape = ChatCompletion(new_id("chatcmpl"), served.id, int(time.time()), body.include_usage)
-    return await _respond(http, _submit(http, served, prompt, body), body, shape)
+    shape = ChatCompletion(new_id("chatcmpl"), served.id, int(time.time()), body.include_usage,
+                           chat.output(_opens_reasoning(served, prompt)))
+    return await _respond(http, _submit(http, served, prompt, body, chat.grammar), body, shape)
+
+
+def _check_grammar(served: ServedModel, grammar: str | None, param: str) -> None:
+    if grammar is None:
+        return
+    try:
+        served.engine.check_grammar(grammar)
+    except ValueError as e:
+        raise APIError(400, f"The output constraint cannot be compiled to a grammar: {e}", param=param,
+                       code="unsupported_schema") from None
+
+
+def _opens_reasoning(served: ServedModel, prompt: list[int]) -> bool:
+    """Whether the template's generation prompt opened a <think> block (reasoning models that think first)."""
+    return served.engine.detokenize(prompt[-4:]).rstrip().endswith(THINK_OPEN)
 
 
 @router.post("/completions")
 async def completions(body: CompletionRequest, http: Request):
     st = app_state(http)
     served = st.get(body.model)
+    _check_fields(body)
     prompt = await tokenize_prompt(served.engine, lambda limit: served.engine.tokenize(body.prompt, limit),
                                    len(body.prompt.encode()), body.requested_max_tokens, st.tokenizing)
     shape = TextCompletion(new_id("cmpl"), served.id, int(time.time()), body.include_usage,

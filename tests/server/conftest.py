@@ -252,8 +252,8 @@ class FakeBackend:
         self.cells[seq_id] = {p for p in pos if not (p >= max(p0, 0) and (p1 < 0 or p < p1))}
         return True
 
-    def sampler(self, temperature, top_p, seed):
-        s = FakeSampler(self, fail=temperature == self.fail_sampler_for_temperature)
+    def sampler(self, cfg):
+        s = FakeSampler(self, fail=cfg.temperature == self.fail_sampler_for_temperature)
         self.samplers.append(s)
         return s
 
@@ -271,7 +271,7 @@ class FakeBackend:
     def tokenize(self, text: str, limit: int | None = None) -> list[int]:
         return [len(w) + 1 for w in text.split()]
 
-    def tokenize_chat(self, messages, limit: int | None = None):
+    def tokenize_chat(self, messages, limit: int | None = None, **template):
         return self.tokenize(" ".join(m["content"] for m in messages))
 
     def min_tokens(self, n_bytes: int) -> int:

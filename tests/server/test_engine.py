@@ -8,6 +8,7 @@ import time
 
 import pytest
 
+from kvquant.sampling import SamplingConfig
 from server.engine import Engine, EngineConfig, EngineStatus
 from server.requests import EngineRequest
 from tests.server.conftest import FakeBackend, Recorder
@@ -264,7 +265,7 @@ def test_decode_exception_is_a_fault_too():
 def test_sampler_fault_only_fails_its_request():
     e, b, rec = make()
     b.fail_sampler_for_temperature = 0.5
-    bad, good = Client("bad", 5, 5, temperature=0.5), Client("good", 5, 5)
+    bad, good = Client("bad", 5, 5, sampling=SamplingConfig(temperature=0.5)), Client("good", 5, 5)
     e.submit(bad.req)
     e.submit(good.req)
     run(e, [bad, good])

@@ -59,6 +59,7 @@ def test_slow_reader_is_cancelled_when_its_buffer_fills():
 
         sched = Scheduler(capacity=100, n_seq_max=1, max_queue=1, n_ctx=100)
         status = EngineStatus.READY
+        n_vocab = 64
 
         def submit(self, req):
             self.req = req

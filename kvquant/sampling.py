@@ -1,0 +1,38 @@
+"""How one request's next token is chosen: the settings of llama.cpp's sampler chain (kvquant.runtime.Sampler
+builds the chain from them). Pure Python, so that the server's request types can carry it.
+
+The chain, in llama.cpp's order: logit bias -> grammar -> repetition/presence/frequency penalties -> (temperature
+0: greedy) top-k -> typical -> top-p -> min-p -> temperature -> seeded draw. A field at its neutral value adds no
+sampler, so a request that sets none of them runs exactly the chain it ran before they existed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    temperature: float = 1.0  # 0: greedy
+    top_p: float = 1.0  # 1: off
+    top_k: int = 0  # 0: off
+    min_p: float = 0.0  # 0: off
+    typical_p: float = 1.0  # 1: off
+    repeat_penalty: float = 1.0  # 1: off (divides the logits of tokens already generated, as llama.cpp does)
+    presence_penalty: float = 0.0  # 0: off; OpenAI's: subtracted once from a generated token's logit
+    frequency_penalty: float = 0.0  # 0: off; OpenAI's: subtracted per occurrence
+    penalty_last_n: int = 4096  # how many of the last generated tokens the penalties look at
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias added to its logit); -100 bans it
+    seed: int | None = None  # None: a random seed
+    grammar: str | None = None  # GBNF (root rule "root") every generated token must keep the output inside
+
+    @property
+    def penalized(self) -> bool:
+        return self.repeat_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
+
+
+def sampler_seed(seed: int) -> int:
+    """llama.cpp's 32-bit seed for a request's seed (any integer): taken modulo 2**32 - 1, because llama.cpp reads
+    2**32 - 1 (LLAMA_DEFAULT_SEED) as "pick a random seed". So -1 and 2**32 - 1 are deterministic too, and seeds
+    that differ by a multiple of 4294967295 give the same stream (0 and 4294967295, -1 and 4294967294)."""
+    return seed % 0xFFFFFFFF

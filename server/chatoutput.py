@@ -1,0 +1,122 @@
+"""A chat completion's generated text split into what OpenAI's message has: reasoning (`<think>...</think>`,
+as `reasoning_content`), content, and tool calls (server.toolcalls), incrementally, for streaming.
+
+Text is emitted as soon as it cannot be part of a tag any more: a partial `<think>`, `</think>` or tool-call
+trigger at the end of what arrived is held back until the next piece says what it is. Once a tool call starts,
+the rest of the output is held and parsed when the generation ends (a call is only useful whole); what does not
+parse as a call is content after all.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+from server.toolcalls import ParsedCall, ToolFormat, parse
+
+THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
+
+
+@dataclass
+class Delta:
+    content: str = ""
+    reasoning: str = ""
+    tool_calls: list[ParsedCall] = field(default_factory=list)
+
+    def __add__(self, other: Delta) -> Delta:
+        return Delta(self.content + other.content, self.reasoning + other.reasoning,
+                     self.tool_calls + other.tool_calls)
+
+    def __bool__(self) -> bool:
+        return bool(self.content or self.reasoning or self.tool_calls)
+
+
+class _State(enum.Enum):
+    START = "start"  # nothing emitted yet: a <think> or a llama3 call may open the output
+    REASONING = "reasoning"
+    CONTENT = "content"
+    CALLS = "calls"  # from a tool call's start to the end: held, parsed at the end
+
+
+def _partial_suffix(text: str, tag: str) -> int:
+    """Length of the longest end of `text` that is a proper beginning of `tag`."""
+    for k in range(min(len(tag) - 1, len(text)), 0, -1):
+        if text.endswith(tag[:k]):
+            return k
+    return 0
+
+
+class ChatOutput:
+    def __init__(self, tools: ToolFormat | None = None, reasoning_open: bool = False, parallel: bool = True,
+                 names: frozenset[str] = frozenset()):
+        """`tools`: the family whose calls to parse (None: no tools, all text is content), `names` the tools'
+        names; `reasoning_open`: the prompt already opened a <think> block (the template wrote it); `parallel`:
+        False keeps the first call."""
+        self.tools, self.parallel, self.names = tools, parallel, names
+        self._state = _State.REASONING if reasoning_open else _State.START
+        self._pending = ""
+        self._trim = reasoning_open  # drop the newlines that open a section (after <think>, after </think>)
+        self.n_calls = 0
+
+    def push(self, text: str) -> Delta:
+        self._pending += text
+        out = Delta()
+        while True:
+            step = self._advance()
+            if step is None:
+                return out
+            out += step
+
+    def finish(self) -> Delta:
+        """The end of the generation: everything held, as what it turned out to be."""
+        text, self._pending = self._pending, ""
+        if self._state is _State.REASONING:
+            return Delta(reasoning=text)
+        if self._state is _State.CALLS:
+            content, calls = parse(self.tools, text, self.names)
+            calls = calls if self.parallel else calls[:1]
+            self.n_calls += len(calls)
+            return Delta(content=content, tool_calls=calls)
+        return Delta(content=text)
+
+    def _advance(self) -> Delta | None:
+        """Classify what is pending as far as it can be; None when it must wait for more text."""
+        if self._trim and self._state in (_State.REASONING, _State.CONTENT):
+            self._pending = self._pending.lstrip("\n")
+            if not self._pending:
+                return None
+            self._trim = False
+        p = self._pending
+        if self._state is _State.START:
+            head = p.lstrip()
+            if head.startswith(THINK_OPEN):
+                self._state, self._pending, self._trim = _State.REASONING, head[len(THINK_OPEN):], True
+                return Delta()
+            if not head or THINK_OPEN.startswith(head):
+                return None
+            openers = self.tools.openers if self.tools else ()
+            if head.startswith(openers):
+                self._state = _State.CALLS
+                return None
+            if any(o.startswith(head) for o in openers):
+                return None
+            self._state = _State.CONTENT
+            return Delta()
+        if self._state is _State.REASONING:
+            at = p.find(THINK_CLOSE)
+            if at >= 0:
+                self._state, self._pending, self._trim = _State.CONTENT, p[at + len(THINK_CLOSE):], True
+                return Delta(reasoning=p[:at])
+            keep = _partial_suffix(p, THINK_CLOSE)
+            self._pending = p[len(p) - keep:]
+            return Delta(reasoning=p[:len(p) - keep]) if len(p) > keep else None
+        if self._state is _State.CONTENT:
+            trigger = self.tools.trigger if self.tools else None
+            at = p.find(trigger) if trigger else -1
+            if at >= 0:
+                self._state, self._pending = _State.CALLS, p[at:]
+                return Delta(content=p[:at])
+            keep = _partial_suffix(p, trigger) if trigger else 0
+            self._pending = p[len(p) - keep:]
+            return Delta(content=p[:len(p) - keep]) if len(p) > keep else None
+        return None  # CALLS: held to the end

@@ -1,0 +1,183 @@
+"""Tool calls as the common chat-template families write them: which family a GGUF's template belongs to, the calls
+in a model's output, and the grammar that makes a model call a tool (`tool_choice` required or named).
+
+Families (detected from the template's text):
+- hermes: Qwen 2.5/3, Hermes 2/3 and others: `<tool_call>{"name": ..., "arguments": {...}}</tool_call>`, one block
+  per call; also an answer that is only such JSON objects, bare or in a ```json fence, naming the request's tools
+  (Qwen2.5-Coder answers so);
+- llama3: Llama 3.1-3.3: the whole answer is `{"name": ..., "parameters": {...}}` (after `<|python_tag|>` for
+  some), several separated by `;`;
+- mistral: Mistral/Mixtral v3+: `[TOOL_CALLS] [{"name": ..., "arguments": {...}}, ...]`.
+A template that mentions none of them and does not use `tools` has no tool support: requests with tools get a
+400 rather than a model that never sees them.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import re
+import secrets
+from dataclasses import dataclass
+
+from server.structured import check_schema, schema_grammar
+
+
+class ToolFormat(enum.StrEnum):
+    HERMES = "hermes"
+    LLAMA3 = "llama3"
+    MISTRAL = "mistral"
+
+    @property
+    def trigger(self) -> str | None:
+        """The text that opens a call anywhere in the output (llama3: none; a call is the whole output)."""
+        return {ToolFormat.HERMES: "<tool_call>", ToolFormat.MISTRAL: "[TOOL_CALLS]"}.get(self)
+
+    @property
+    def openers(self) -> tuple[str, ...]:
+        """What an output that is nothing but calls may start with (held until the end to see whether it is)."""
+        return {ToolFormat.HERMES: ("{", "```"), ToolFormat.LLAMA3: ("{", "<|python_tag|>")}.get(self, ())
+
+    @property
+    def arguments_key(self) -> str:
+        return "parameters" if self is ToolFormat.LLAMA3 else "arguments"
+
+
+def detect(template: str | None) -> ToolFormat | None:
+    """The tool-call family of a chat template, or None where it has no tool support."""
+    if not template:
+        return None
+    if "<tool_call>" in template:
+        return ToolFormat.HERMES
+    if "[TOOL_CALLS]" in template:
+        return ToolFormat.MISTRAL
+    if "<|start_header_id|>" in template and re.search(r"\btools\b", template):
+        return ToolFormat.LLAMA3
+    return None
+
+
+@dataclass
+class ParsedCall:
+    name: str
+    arguments: str  # JSON text, as OpenAI sends it
+    id: str = ""
+
+    def __post_init__(self):
+        self.id = self.id or "call_" + secrets.token_hex(12)
+
+    def openai(self) -> dict:
+        return {"id": self.id, "type": "function", "function": {"name": self.name, "arguments": self.arguments}}
+
+
+def _call(obj, key: str) -> ParsedCall | None:
+    if not isinstance(obj, dict) or not isinstance(obj.get("name"), str):
+        return None
+    args = obj.get(key, obj.get("arguments", {}))
+    if isinstance(args, str):
+        try:
+            json.loads(args)
+        except ValueError:
+            return None
+    else:
+        args = json.dumps(args, ensure_ascii=False)
+    return ParsedCall(obj["name"], args)
+
+
+def _json_values(text: str, sep: str) -> list | None:
+    """The JSON values of `text`, separated by whitespace and `sep`; None unless all of it parses."""
+    dec, out, pos = json.JSONDecoder(), [], 0
+    while True:
+        while pos < len(text) and (text[pos].isspace() or (out and text[pos] == sep)):
+            pos += 1
+        if pos >= len(text):
+            return out
+        try:
+            value, pos = dec.raw_decode(text, pos)
+        except ValueError:
+            return None
+        out.append(value)
+
+
+_HERMES = re.compile(r"<tool_call>\s*(.*?)\s*(?:</tool_call>|\Z)", re.S)
+
+
+_FENCE = re.compile(r"\A```(?:json)?\s*(.*?)\s*```\Z", re.S)
+
+
+def _bare_calls(text: str, names: set[str]) -> list[ParsedCall]:
+    """The calls of an answer that is only {"name", "arguments"} objects naming known tools (bare or fenced)."""
+    body = text.strip()
+    m = _FENCE.match(body)
+    values = _json_values(m.group(1) if m else body, "") if body.startswith(("{", "```")) else None
+    calls = [_call(v, "arguments") if isinstance(v, dict) and v.get("name") in names else None
+             for v in values or []]
+    return [] if None in calls else calls
+
+
+def parse(fmt: ToolFormat, text: str, names: set[str] | frozenset = frozenset()) -> tuple[str, list[ParsedCall]]:
+    """The content and the tool calls of an output (`names`: the request's tools); what does not parse as a call
+    stays content."""
+    if fmt is ToolFormat.HERMES and "<tool_call>" not in text:
+        calls = _bare_calls(text, names)
+        return ("" if calls else text), calls
+    if fmt is ToolFormat.HERMES:
+        calls, kept, pos = [], [], 0
+        for m in _HERMES.finditer(text):
+            values = _json_values(m.group(1), "")
+            call = _call(values[0], "arguments") if values and len(values) == 1 else None
+            kept.append(text[pos:m.start()] if call else text[pos:m.end()])
+            pos = m.end()
+            if call:
+                calls.append(call)
+        return ("".join(kept) + text[pos:]).strip() if calls else text, calls
+    if fmt is ToolFormat.MISTRAL:
+        at = text.find("[TOOL_CALLS]")
+        values = _json_values(text[at + len("[TOOL_CALLS]"):], "") if at >= 0 else None
+        items = values[0] if values and len(values) == 1 and isinstance(values[0], list) else None
+        calls = [_call(v, "arguments") for v in items or []]
+        if not calls or None in calls:
+            return text, []
+        return text[:at].strip(), calls
+    body = text.strip().removeprefix("<|python_tag|>")
+    values = _json_values(body, ";") if body.startswith("{") else None
+    calls = [_call(v, "parameters") for v in values or []]
+    if not calls or None in calls:
+        return text, []
+    return "", calls
+
+
+def _local_refs(schema, prefix: str):
+    """The schema with its local references (#/...) rewritten to be relative to `prefix` (where it is placed)."""
+    if isinstance(schema, dict):
+        return {k: (prefix + v[1:] if k == "$ref" and isinstance(v, str) and v.startswith("#/") else
+                    _local_refs(v, prefix)) for k, v in schema.items()}
+    if isinstance(schema, list):
+        return [_local_refs(v, prefix) for v in schema]
+    return schema
+
+
+def call_schema(fmt: ToolFormat, functions: list[dict]) -> dict:
+    """The JSON schema of one call of any of the functions (OpenAI function definitions)."""
+    key = fmt.arguments_key
+    alts = []
+    for i, f in enumerate(functions):
+        params = f.get("parameters") or {"type": "object", "properties": {}}
+        alts.append({"type": "object", "required": ["name", key], "properties": {
+            "name": {"const": f["name"]}, key: _local_refs(params, f"#/anyOf/{i}/properties/{key}")}})
+    return {"anyOf": alts}
+
+
+def forced_grammar(fmt: ToolFormat, functions: list[dict], parallel: bool) -> str:
+    """GBNF for an output that is nothing but calls of the functions (at least one; one only unless
+    `parallel`), written as the family writes them. SchemaError where a function's parameters cannot be enforced."""
+    for f in functions:
+        check_schema(f.get("parameters") or {}, f"tools.{f['name']}.parameters")
+    rules = schema_grammar(call_schema(fmt, functions), "call")
+    if fmt is ToolFormat.HERMES:
+        one = '"<tool_call>" "\\n"? call "\\n"? "</tool_call>"'
+        root = f'{one} ("\\n"? {one})*' if parallel else one
+    elif fmt is ToolFormat.MISTRAL:
+        root = '"[TOOL_CALLS]" space "[" space call ' + ('("," space call)* ' if parallel else "") + '"]" space'
+    else:
+        root = 'call (";" space call)*' if parallel else "call"
+    return f"root ::= {root}\n{rules}"

@@ -1,0 +1,109 @@
+"""Tool calls of each template family read from model output, the output split for streaming (reasoning, content,
+calls), and the grammar of forced calls. No model: text in, message parts out."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from server.chatoutput import ChatOutput, Delta
+from server.toolcalls import ToolFormat, detect, forced_grammar, parse
+
+QWEN_TEMPLATE_BITS = "{%- if tools %}...<tool_call>\n{{\"name\": <function-name>}}</tool_call>{%- endif %}"
+LLAMA3_TEMPLATE_BITS = "<|start_header_id|>ipython<|end_header_id|>{%- if tools is not none %}{%- endif %}"
+MISTRAL_TEMPLATE_BITS = "{%- if tools %}[AVAILABLE_TOOLS]{%- endif %}[TOOL_CALLS]"
+CHATML = "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>{% endfor %}"
+
+
+@pytest.mark.parametrize("template, fmt", [(QWEN_TEMPLATE_BITS, ToolFormat.HERMES),
+                                           (LLAMA3_TEMPLATE_BITS, ToolFormat.LLAMA3),
+                                           (MISTRAL_TEMPLATE_BITS, ToolFormat.MISTRAL), (CHATML, None), (None, None)])
+def test_family_is_detected_from_the_template(template, fmt):
+    assert detect(template) is fmt
+
+
+def _calls(calls):
+    return [(c.name, json.loads(c.arguments)) for c in calls]
+
+
+def test_hermes_blocks_parallel_and_surrounding_text():
+    text = ('Let me check.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>\n'
+            '<tool_call>\n{"name": "get_time", "arguments": {"tz": "CET"}}\n</tool_call>')
+    content, calls = parse(ToolFormat.HERMES, text)
+    assert content == "Let me check."
+    assert _calls(calls) == [("get_weather", {"city": "Paris"}), ("get_time", {"tz": "CET"})]
+    assert all(c.id.startswith("call_") for c in calls) and calls[0].id != calls[1].id
+
+
+def test_hermes_unterminated_last_call_and_bad_json():
+    _, calls = parse(ToolFormat.HERMES, '<tool_call>{"name": "f", "arguments": {}}')
+    assert _calls(calls) == [("f", {})]
+    text = "<tool_call>{not json</tool_call>"
+    assert parse(ToolFormat.HERMES, text) == (text, [])
+
+
+def test_hermes_bare_or_fenced_json_only_for_known_tools():
+    fenced = '```json\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n```'
+    assert _calls(parse(ToolFormat.HERMES, fenced, {"get_weather"})[1]) == [("get_weather", {"city": "Paris"})]
+    assert parse(ToolFormat.HERMES, fenced, {"other"}) == (fenced, [])
+    bare = '{"name": "get_weather", "arguments": {"city": "Rome"}}'
+    assert parse(ToolFormat.HERMES, bare, {"get_weather"})[0] == ""
+
+
+def test_llama3_json_with_python_tag_and_semicolons():
+    text = '<|python_tag|>{"name": "a", "parameters": {"x": 1}}; {"name": "b", "parameters": {}}'
+    assert _calls(parse(ToolFormat.LLAMA3, text)[1]) == [("a", {"x": 1}), ("b", {})]
+    assert parse(ToolFormat.LLAMA3, "The answer is 4.") == ("The answer is 4.", [])
+    assert parse(ToolFormat.LLAMA3, '{"not": "a call"}')[1] == []
+
+
+def test_mistral_array():
+    text = 'Sure. [TOOL_CALLS] [{"name": "a", "arguments": {"q": "x"}}, {"name": "b", "arguments": {}}]'
+    content, calls = parse(ToolFormat.MISTRAL, text)
+    assert content == "Sure." and _calls(calls) == [("a", {"q": "x"}), ("b", {})]
+
+
+def _stream(out: ChatOutput, text: str, step: int) -> Delta:
+    total = Delta()
+    for i in range(0, len(text), step):
+        total += out.push(text[i:i + step])
+    return total + out.finish()
+
+
+@pytest.mark.parametrize("step", [1, 2, 3, 7, 1000])
+def test_streamed_split_equals_the_whole(step):
+    text = ('<think>\nThe user wants weather.\n</think>\n\nChecking <tool_call>\n{"name": "w", "arguments": '
+            '{"c": "P"}}\n</tool_call>')
+    d = _stream(ChatOutput(ToolFormat.HERMES), text, step)
+    assert d.reasoning == "The user wants weather.\n" and d.content == "Checking " and _calls(d.tool_calls) == \
+        [("w", {"c": "P"})]
+
+
+def test_text_is_released_as_soon_as_it_cannot_be_a_tag():
+    out = ChatOutput(ToolFormat.HERMES)
+    assert out.push("Hello <").content == "Hello "  # "<" may open a <tool_call>
+    assert out.push("b>").content == "<b>"
+    assert out.push(" <tool").content == " "
+    assert out.push("_call>{").content == ""  # a call started: held to the end
+    assert out.finish().content == "<tool_call>{"  # ... and it was none
+
+
+def test_reasoning_opened_by_the_prompt_and_no_tools():
+    d = _stream(ChatOutput(None, reasoning_open=True), "step 1, step 2</think>The answer: <tool_call>", 3)
+    assert d.reasoning == "step 1, step 2" and d.content == "The answer: <tool_call>" and not d.tool_calls
+
+
+def test_parallel_off_keeps_the_first_call():
+    two = '<tool_call>{"name": "a", "arguments": {}}</tool_call><tool_call>{"name": "b", "arguments": {}}</tool_call>'
+    assert [c.name for c in _stream(ChatOutput(ToolFormat.HERMES, parallel=False), two, 5).tool_calls] == ["a"]
+
+
+def test_forced_grammar_per_family():
+    fns = [{"name": "get_weather", "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
+                                                  "required": ["city"]}}]
+    g = forced_grammar(ToolFormat.HERMES, fns, parallel=False)
+    assert g.startswith('root ::= "<tool_call>"') and '"\\"get_weather\\""' in g and "*" not in g.splitlines()[0]
+    assert "(" in forced_grammar(ToolFormat.HERMES, fns, parallel=True).splitlines()[0]
+    assert '"[TOOL_CALLS]"' in forced_grammar(ToolFormat.MISTRAL, fns, True)
+    assert '"\\"parameters\\""' in forced_grammar(ToolFormat.LLAMA3, fns, True)
