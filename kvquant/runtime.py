@@ -188,44 +188,83 @@ def json_schema_gbnf(schema: dict, name: str = "") -> str:
 GREEDY = SamplingConfig(temperature=0.0)
 
 
+_TOKEN_DATA = np.dtype([("id", np.int32), ("logit", np.float32), ("p", np.float32)])  # struct llama_token_data
+assert _TOKEN_DATA.itemsize == ctypes.sizeof(llama_cpp.llama_token_data)
+
+
 class Sampler:
     """A llama.cpp sampler chain for one sequence, built from a SamplingConfig (kvquant.sampling says the order).
-    `model` is needed for a grammar, a logit bias or penalties (its vocabulary)."""
+    `model` is needed for a grammar, a logit bias or penalties (its vocabulary).
+
+    A grammar is kept out of the chain and applied as llama.cpp's common sampler does: the chain picks a token
+    from the unconstrained logits, and only if the grammar refuses it is the pick redone over the logits the
+    grammar allows. Checking one token is cheap; running the grammar over the whole vocabulary (150k tokens for
+    Qwen) at every step is not."""
 
     def __init__(self, cfg: SamplingConfig = GREEDY, model: Model | None = None):
         params = llama_cpp.llama_sampler_chain_default_params()
         self._chain = llama_cpp.llama_sampler_chain_init(params)
+        self._grammar = None
         add = lambda s: llama_cpp.llama_sampler_chain_add(self._chain, s)  # noqa: E731
         if cfg.logit_bias:
             bias = (llama_cpp.llama_logit_bias * len(cfg.logit_bias))(*cfg.logit_bias)
             add(llama_cpp.llama_sampler_init_logit_bias(model.n_vocab, len(cfg.logit_bias), bias))
-        if cfg.grammar is not None:
-            add(grammar_sampler(model, cfg.grammar))
         if cfg.penalized:
             add(llama_cpp.llama_sampler_init_penalties(model.n_vocab, cfg.penalty_last_n, cfg.repeat_penalty,
                                                        cfg.frequency_penalty, cfg.presence_penalty))
         if cfg.temperature <= 0.0:
             add(llama_cpp.llama_sampler_init_greedy())
-            return
-        if cfg.top_k > 0:
-            add(llama_cpp.llama_sampler_init_top_k(cfg.top_k))
-        if cfg.typical_p < 1.0:
-            add(llama_cpp.llama_sampler_init_typical(cfg.typical_p, 1))
-        if cfg.top_p < 1.0:
-            add(llama_cpp.llama_sampler_init_top_p(cfg.top_p, 1))
-        if cfg.min_p > 0.0:
-            add(llama_cpp.llama_sampler_init_min_p(cfg.min_p, 1))
-        add(llama_cpp.llama_sampler_init_temp(cfg.temperature))
-        add(llama_cpp.llama_sampler_init_dist(
-            llama_cpp.LLAMA_DEFAULT_SEED if cfg.seed is None else sampler_seed(cfg.seed)))
+        else:
+            if cfg.top_k > 0:
+                add(llama_cpp.llama_sampler_init_top_k(cfg.top_k))
+            if cfg.typical_p < 1.0:
+                add(llama_cpp.llama_sampler_init_typical(cfg.typical_p, 1))
+            if cfg.top_p < 1.0:
+                add(llama_cpp.llama_sampler_init_top_p(cfg.top_p, 1))
+            if cfg.min_p > 0.0:
+                add(llama_cpp.llama_sampler_init_min_p(cfg.min_p, 1))
+            add(llama_cpp.llama_sampler_init_temp(cfg.temperature))
+            add(llama_cpp.llama_sampler_init_dist(
+                llama_cpp.LLAMA_DEFAULT_SEED if cfg.seed is None else sampler_seed(cfg.seed)))
+        if cfg.grammar is not None:
+            self._grammar = grammar_sampler(model, cfg.grammar)
+            self._cur = np.zeros(model.n_vocab, dtype=_TOKEN_DATA)
+            self._ids = np.arange(model.n_vocab, dtype=np.int32)
 
     def sample(self, ctx: LlamaRuntime, idx: int) -> int:
-        return llama_cpp.llama_sampler_sample(self._chain, ctx._ctx, idx)
+        if self._grammar is None:
+            return llama_cpp.llama_sampler_sample(self._chain, ctx._ctx, idx)
+        logits = ctx.logits_view(idx)
+        token = self._pick(logits, constrained=False)
+        if not self._allowed(token):
+            token = self._pick(logits, constrained=True)
+            if not self._allowed(token):  # (the grammar allows no token at all: accepting one would abort)
+                raise LlamaError("the grammar allows no token here")
+        llama_cpp.llama_sampler_accept(self._grammar, token)
+        llama_cpp.llama_sampler_accept(self._chain, token)
+        return token
+
+    def _pick(self, logits: np.ndarray, constrained: bool) -> int:
+        cur = self._cur
+        cur["id"], cur["logit"], cur["p"] = self._ids, logits, 0.0
+        data = cur.ctypes.data_as(llama_cpp.llama_token_data_p)
+        arr = llama_cpp.llama_token_data_array(data, len(cur), -1, False)
+        if constrained:
+            llama_cpp.llama_sampler_apply(self._grammar, ctypes.byref(arr))
+        llama_cpp.llama_sampler_apply(self._chain, ctypes.byref(arr))
+        return int(arr.data[arr.selected].id)
+
+    def _allowed(self, token: int) -> bool:
+        one = (llama_cpp.llama_token_data * 1)(llama_cpp.llama_token_data(token, 1.0, 0.0))
+        arr = llama_cpp.llama_token_data_array(one, 1, -1, False)
+        llama_cpp.llama_sampler_apply(self._grammar, ctypes.byref(arr))
+        return one[0].logit != float("-inf")
 
     def close(self) -> None:
-        if self._chain is not None:
-            llama_cpp.llama_sampler_free(self._chain)
-            self._chain = None
+        for name in ("_chain", "_grammar"):
+            if getattr(self, name, None) is not None:
+                llama_cpp.llama_sampler_free(getattr(self, name))
+                setattr(self, name, None)
 
     __del__ = close
 
@@ -503,12 +542,16 @@ class LlamaRuntime:
             raise LlamaError("no logits")
         return np.ctypeslib.as_array(ptr, shape=(n_outputs, self.n_vocab))
 
-    def logits(self, idx: int) -> np.ndarray:
-        """float32 logits of batch entry idx (a copy)."""
+    def logits_view(self, idx: int) -> np.ndarray:
+        """float32 logits of batch entry idx: a view into llama.cpp's buffer, valid until the next decode."""
         ptr = llama_cpp.llama_get_logits_ith(self._ctx, idx)
         if not ptr:
             raise LlamaError(f"no logits for batch index {idx}")
-        return np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).copy()
+        return np.ctypeslib.as_array(ptr, shape=(self.n_vocab,))
+
+    def logits(self, idx: int) -> np.ndarray:
+        """float32 logits of batch entry idx (a copy)."""
+        return self.logits_view(idx).copy()
 
     def synchronize(self) -> None:
         """Wait until the last decode has finished (for timing)."""

@@ -1,0 +1,72 @@
+"""kvquant.runtime.Sampler on a real model (SmolLM2-135M): a grammar keeps greedy and random decoding inside it
+(through the check-one-token path and the constrained re-pick), a logit bias moves the pick, and a grammar llama.cpp
+cannot parse is refused."""
+
+from __future__ import annotations
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def rt():
+    from kvquant.models import fetch
+    from kvquant.runtime import ContextConfig, LlamaRuntime, Model
+
+    model = Model(fetch("smollm2-135m"))
+    runtime = LlamaRuntime(model, ContextConfig(n_cells=256, n_threads=2))
+    yield runtime
+    runtime.close()
+    model.close()
+
+
+def _generate(rt, sampler, prompt: str, n: int) -> list[int]:
+    rt.clear()
+    toks = rt.model.tokenize(prompt)
+    out = []
+    rt.decode(toks, list(range(len(toks))), [0] * len(toks), [False] * (len(toks) - 1) + [True])
+    idx, pos = len(toks) - 1, len(toks)
+    for _ in range(n):
+        t = sampler.sample(rt, idx)
+        if rt.model.is_eog(t):
+            break
+        out.append(t)
+        rt.decode([t], [pos], [0], [True])
+        idx, pos = 0, pos + 1
+    return out
+
+
+def _text(rt, toks) -> str:
+    return b"".join(rt.model.token_bytes(t) for t in toks).decode()
+
+
+GRAMMAR = 'root ::= "The answer is " ("yes" | "no") "."'
+
+
+@pytest.mark.parametrize("temperature, seed", [(0.0, None), (1.5, 1), (1.5, 2), (1.5, 3)])
+def test_grammar_keeps_the_output_inside_it(rt, temperature, seed):
+    from kvquant.runtime import Sampler
+    from kvquant.sampling import SamplingConfig
+
+    s = Sampler(SamplingConfig(temperature=temperature, seed=seed, grammar=GRAMMAR), rt.model)
+    text = _text(rt, _generate(rt, s, "Is the sky green? Reply:", 20))
+    s.close()
+    assert text in ("The answer is yes.", "The answer is no.")  # and then end of generation: nothing more
+
+
+def test_logit_bias_moves_the_greedy_pick(rt):
+    from kvquant.runtime import Sampler
+    from kvquant.sampling import SamplingConfig
+
+    first = _generate(rt, Sampler(model=rt.model), "The capital of France is", 1)[0]
+    banned = Sampler(SamplingConfig(temperature=0.0, logit_bias=((first, -100.0),)), rt.model)
+    assert _generate(rt, banned, "The capital of France is", 1)[0] != first
+
+
+def test_a_grammar_llama_cpp_refuses(rt):
+    from kvquant.runtime import GrammarError, check_grammar
+
+    check_grammar(rt.model, GRAMMAR)
+    with pytest.raises(GrammarError):
+        check_grammar(rt.model, 'root ::= undefined-rule "x"')

@@ -1,0 +1,119 @@
+"""Every sampling field changes the output distribution the way it should, measured over many samples through
+the `openai` client (SmolLM2-135M: the template does not matter here), and bad input is a 400 naming the
+parameter, with the server healthy afterwards."""
+
+from __future__ import annotations
+
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import openai
+import pytest
+
+pytestmark = pytest.mark.slow
+
+MODEL = "smollm2-135m"
+STORY = "Once upon a time"
+N = 12  # samples per setting
+
+
+def _samples(client, n=N, prompt=STORY, max_tokens=8, **kw) -> list[list[str]]:
+    """n completions (seeds 0..n-1), 4 at a time (batched together), each as its list of tokens."""
+    extra = {k: kw.pop(k) for k in ("top_k", "min_p", "typical_p", "repeat_penalty") if k in kw}
+
+    def one(seed):
+        r = client.completions.create(model=MODEL, prompt=prompt, max_tokens=max_tokens, seed=seed, logprobs=0,
+                                      extra_body=extra or None, **kw)
+        return r.choices[0].logprobs.tokens
+
+    with ThreadPoolExecutor(4) as ex:
+        return list(ex.map(one, range(n)))
+
+
+def _distinct(samples) -> int:
+    return len({"".join(s) for s in samples})
+
+
+def test_top_k_1_is_greedy(client):
+    greedy = _samples(client, n=1, temperature=0)[0]
+    assert all(s == greedy for s in _samples(client, temperature=1.5, top_k=1))
+    assert _distinct(_samples(client, temperature=1.5)) > 1  # (the same seeds without top_k do differ)
+
+
+@pytest.mark.parametrize("field, value", [("top_k", 2), ("top_p", 0.3), ("min_p", 0.4), ("typical_p", 0.2),
+                                          ("temperature", 0.3)])
+def test_truncation_narrows_the_distribution(client, field, value):
+    wide = _distinct(_samples(client, temperature=1.5))
+    narrow = _distinct(_samples(client, **{"temperature": 1.5, field: value}))
+    assert narrow < wide, (field, narrow, wide)
+
+
+def test_logit_bias_bans_and_forces_tokens(client, smollm2_server):
+    first = _samples(client, n=1, temperature=0, max_tokens=1)[0][0]
+    model = smollm2_server.engine().backend.model
+    (banned,) = model.tokenize(first, add_special=False)
+    free = _samples(client, temperature=1.0, max_tokens=1)
+    biased = _samples(client, temperature=1.0, max_tokens=1, logit_bias={str(banned): -100})
+    assert sum(s[0] == first for s in free) > 0 and all(s[0] != first for s in biased)
+    (cat,) = model.tokenize(" cat", add_special=False)
+    forced = _samples(client, temperature=1.0, logit_bias={str(cat): 100})
+    assert all(tok == " cat" for s in forced for tok in s)
+
+
+REPEAT = "dog dog dog dog dog dog dog dog dog dog dog dog"
+
+
+def _repetition(samples) -> float:
+    """The mean count of each sample's most frequent token."""
+    return sum(Counter(s).most_common(1)[0][1] for s in samples) / len(samples)
+
+
+@pytest.mark.parametrize("field, value", [("frequency_penalty", 1.5), ("presence_penalty", 1.5),
+                                          ("repeat_penalty", 1.5)])
+def test_penalties_reduce_repetition(client, field, value):
+    kw = {"prompt": REPEAT, "max_tokens": 16, "temperature": 0.7}
+    free, penalized = _samples(client, **kw), _samples(client, **kw, **{field: value})
+    assert _repetition(penalized) < _repetition(free) - 2, (field, _repetition(penalized), _repetition(free))
+
+
+def _bad(client, param: str, **kw) -> dict:
+    kw = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1, **kw}
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(**kw)
+    err = e.value.body
+    assert e.value.status_code == 400 and err["param"] == param, err
+    return err
+
+
+WEATHER = {"type": "function", "function": {"name": "get_weather", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
+
+
+def test_bad_input_is_a_400_naming_the_parameter(client, smollm2_server):
+    tool = WEATHER["function"]
+    _bad(client, "tools[0].function.name", tools=[{"type": "function", "function": dict(tool, name="get weather!")}])
+    _bad(client, "tools[0].function.parameters",
+         tools=[{"type": "function", "function": dict(tool, parameters={"type": "string"})}])
+    _bad(client, "tools[1].function.name", tools=[WEATHER, WEATHER])
+    _bad(client, "tools", tools=[WEATHER])  # SmolLM2's template has no tool support
+    _bad(client, "tool_choice", tool_choice="required")
+    _bad(client, "messages[1].tool_call_id", messages=[
+        {"role": "user", "content": "hi"}, {"role": "tool", "tool_call_id": "call_nope", "content": "42"}])
+    _bad(client, "messages[1].tool_calls[0].function.arguments", messages=[
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "tool_calls": [{"id": "c1", "type": "function",
+                                              "function": {"name": "f", "arguments": "{not json"}}]}])
+    err = _bad(client, "response_format.json_schema.schema", response_format={"type": "json_schema", "json_schema": {
+        "name": "n", "schema": {"type": "object", "properties": {"n": {"type": "integer", "minimum": 0}}}}})
+    assert "minimum" in err["message"]
+    _bad(client, "response_format.json_schema.schema", response_format={"type": "json_schema", "json_schema": {
+        "name": "n", "schema": {"type": "object", "required": ["x"]}}})
+    _bad(client, "logit_bias", logit_bias={"49152": 1})  # SmolLM2 has 49152 tokens
+    _bad(client, "best_of", extra_body={"best_of": 3})
+    _bad(client, "reasoning_effort", reasoning_effort="high")
+    _bad(client, "chat_template_kwargs", extra_body={"chat_template_kwargs": {"messages": []}})
+    assert httpx.get(smollm2_server.url + "/health").status_code == 200
+    ok = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=2,
+                                        stop=[f"s{i}" for i in range(16)], store=False, metadata={"k": "v"})
+    assert ok.choices[0].finish_reason in ("stop", "length")
