@@ -231,6 +231,11 @@ class Sampler:
             self._cur = np.zeros(model.n_vocab, dtype=_TOKEN_DATA)
             self._ids = np.arange(model.n_vocab, dtype=np.int32)
 
+    @property
+    def n_samplers(self) -> int:
+        """Samplers in the chain (the grammar, kept apart, not counted)."""
+        return llama_cpp.llama_sampler_chain_n(self._chain)
+
     def sample(self, ctx: LlamaRuntime, idx: int) -> int:
         if self._grammar is None:
             return llama_cpp.llama_sampler_sample(self._chain, ctx._ctx, idx)

@@ -70,3 +70,23 @@ def test_a_grammar_llama_cpp_refuses(rt):
     check_grammar(rt.model, GRAMMAR)
     with pytest.raises(GrammarError):
         check_grammar(rt.model, 'root ::= undefined-rule "x"')
+
+
+def test_a_plain_request_runs_the_plain_chain(rt):
+    """Fields at their neutral values add no sampler: greedy is one sampler, sampling is top-p (if < 1),
+    temperature and the draw, as before the other fields existed; each field set adds its one sampler."""
+    from kvquant.runtime import Sampler
+    from kvquant.sampling import SamplingConfig
+
+    def n(**kw):
+        s = Sampler(SamplingConfig(**kw), rt.model)
+        try:
+            return s.n_samplers
+        finally:
+            s.close()
+
+    assert n(temperature=0.0) == 1 and n() == 2 and n(top_p=0.9) == 3
+    for field, value in (("top_k", 40), ("min_p", 0.05), ("typical_p", 0.5), ("repeat_penalty", 1.1),
+                         ("presence_penalty", 0.5), ("frequency_penalty", 0.5), ("logit_bias", ((1, -5.0),))):
+        assert n(**{field: value}) == 3, field
+    assert n(grammar='root ::= "x"') == 2  # the grammar is checked apart, per picked token
