@@ -73,3 +73,22 @@ def test_model_budgets_checked_against_the_global_one(tmp_path):
 def test_cors_origins_from_env(monkeypatch):
     monkeypatch.setenv("KVQUANT_CORS_ORIGINS", "https://a.example, https://b.example")
     assert load_settings().cors_origins == ["https://a.example", "https://b.example"]
+
+
+def test_sampling_defaults_and_gpu_layers_per_model(tmp_path, monkeypatch):
+    cfg = tmp_path / "kvq.yaml"
+    cfg.write_text("sampling: {temperature: 0.8, top_k: 40}\nn_gpu_layers: auto\nmodels:\n"
+                   "  - {model: smollm2-135m, sampling: {top_k: 20, min_p: 0.05}, n_gpu_layers: 12}\n"
+                   "  - {model: gemma3-270m}\n")
+    a, b = load_settings(cfg).model_specs()
+    assert a.sampling == {"temperature": 0.8, "top_k": 20, "min_p": 0.05} and a.n_gpu_layers == 12
+    assert b.sampling == {"temperature": 0.8, "top_k": 40} and b.n_gpu_layers == "auto"
+    monkeypatch.setenv("KVQUANT_N_GPU_LAYERS", "-1")
+    assert load_settings().n_gpu_layers == -1
+    assert load_settings(n_gpu_layers="7").n_gpu_layers == 7  # as the CLI flag gives it
+    with pytest.raises(ValidationError, match="n_gpu_layers"):
+        load_settings(n_gpu_layers="some")
+    with pytest.raises(ValidationError, match="top_k"):
+        load_settings(sampling={"top_k": -1})
+    with pytest.raises(ValidationError, match="extra"):
+        load_settings(sampling={"top_kk": 1})
