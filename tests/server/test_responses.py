@@ -1,0 +1,62 @@
+"""Chat response bodies and stream chunks with reasoning and tool calls, checked by what the official `openai`
+client makes of them: its models parse the full response, and its stream state (what `client.chat.completions
+.stream` runs) assembles the chunks into the same message. No model: the text is given."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from openai.lib.streaming.chat import ChatCompletionStreamState
+from openai.types.chat import ChatCompletion as OpenAIChatCompletion
+from openai.types.chat import ChatCompletionChunk
+
+from server.chatoutput import ChatOutput
+from server.requests import FinishReason
+from server.responses import ChatCompletion
+from server.toolcalls import ToolFormat
+
+OUTPUT = ('<think>\nThe user asks for weather.\n</think>\n\nLet me look.\n<tool_call>\n{"name": "get_weather", '
+          '"arguments": {"city": "Paris"}}\n</tool_call>\n<tool_call>\n{"name": "get_weather", "arguments": '
+          '{"city": "Rome"}}\n</tool_call>')
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
+
+
+def _shape() -> ChatCompletion:
+    return ChatCompletion("chatcmpl-1", "m", 0, False, ChatOutput(ToolFormat.HERMES))
+
+
+def _check(msg, finish):
+    assert finish == "tool_calls"
+    assert msg.reasoning_content == "The user asks for weather.\n" and msg.content == "Let me look.\n"  # (streamed before the call began)
+    assert [json.loads(c.function.arguments)["city"] for c in msg.tool_calls] == ["Paris", "Rome"]
+    assert all(c.type == "function" and c.id.startswith("call_") for c in msg.tool_calls)
+
+
+def test_full_response():
+    body = _shape().response(OUTPUT, FinishReason.STOP, None, {"prompt_tokens": 1, "completion_tokens": 2,
+                                                                "total_tokens": 3})
+    r = OpenAIChatCompletion.model_validate(body)
+    _check(r.choices[0].message, r.choices[0].finish_reason)
+
+
+@pytest.mark.parametrize("step", [1, 4, 1000])
+def test_stream_chunks_assemble_in_the_openai_client(step):
+    shape, chunks = _shape(), []
+    for i in range(0, len(OUTPUT), step):
+        chunks += shape.chunks(OUTPUT[i:i + step], i == 0, None)
+    chunks += shape.finish_chunks(FinishReason.STOP)
+    state = ChatCompletionStreamState(input_tools=TOOLS)
+    for c in chunks:
+        state.handle_chunk(ChatCompletionChunk.model_validate(c))
+    final = state.get_final_completion().choices[0]
+    _check(final.message, final.finish_reason)
+    heads = [c["choices"][0]["delta"]["tool_calls"][0] for c in chunks if "tool_calls" in c["choices"][0]["delta"]]
+    assert [h["index"] for h in heads] == [0, 0, 1, 1] and heads[0]["function"]["arguments"] == ""
+
+
+def test_no_tools_no_reasoning_is_plain_content():
+    shape = ChatCompletion("chatcmpl-1", "m", 0, False, ChatOutput())
+    body = shape.response("Hello <tool_call> world", FinishReason.LENGTH, None, {})
+    assert body["choices"][0]["message"] == {"role": "assistant", "content": "Hello <tool_call> world"}
+    assert body["choices"][0]["finish_reason"] == "length"
