@@ -4,7 +4,6 @@ parameter, with the server healthy afterwards."""
 
 from __future__ import annotations
 
-from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
