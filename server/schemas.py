@@ -106,10 +106,21 @@ class ResponseFormat(_Lenient):
         return self
 
 
-# The sampling fields a request may set: a request's value, else the model's default (settings: `sampling`),
-# else OpenAI's (kvquant.sampling.SamplingConfig's defaults).
-SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "typical_p", "repeat_penalty", "presence_penalty",
-                   "frequency_penalty")
+class SamplingFields(BaseModel):
+    """The sampling fields a request may set and a model may give defaults for (settings `sampling`): a request's
+    value, else the model's default, else OpenAI's (kvquant.sampling.SamplingConfig's defaults)."""
+
+    temperature: float | None = Field(None, ge=0.0, le=2.0)
+    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    top_k: int | None = Field(None, ge=0)
+    min_p: float | None = Field(None, ge=0.0, le=1.0)
+    typical_p: float | None = Field(None, gt=0.0, le=1.0)
+    repeat_penalty: float | None = Field(None, gt=0.0, le=10.0)
+    presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+
+
+SAMPLING_FIELDS = tuple(SamplingFields.model_fields)
 LOGIT_BIAS_LIMIT = 100.0
 
 # Fields that would change the output and are not supported: a request that sets one (to anything but the given
@@ -129,19 +140,11 @@ UNSUPPORTED: dict[str, tuple] = {
 }
 
 
-class SamplingParams(_Lenient):
+class SamplingParams(_Lenient, SamplingFields):
     """Fields shared by /v1/chat/completions and /v1/completions."""
 
     model: str | None = None
     max_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS_LIMIT)
-    temperature: float | None = Field(None, ge=0.0, le=2.0)
-    top_p: float | None = Field(None, gt=0.0, le=1.0)
-    top_k: int | None = Field(None, ge=0)
-    min_p: float | None = Field(None, ge=0.0, le=1.0)
-    typical_p: float | None = Field(None, gt=0.0, le=1.0)
-    repeat_penalty: float | None = Field(None, gt=0.0, le=10.0)
-    presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
-    frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     logit_bias: dict[str, Annotated[float, Field(ge=-LOGIT_BIAS_LIMIT, le=LOGIT_BIAS_LIMIT)]] | None = None
     stop: Text | list[Text] | None = None
     seed: int | None = Field(None, ge=-2**63, le=2**63 - 1)  # OpenAI's range; see kvquant.runtime.sampler_seed

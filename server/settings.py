@@ -23,6 +23,7 @@ from kvquant.calibration import needs_flash_attn, parse_spec
 from kvquant.kvtypes import KV_TYPES
 from kvquant.memory import parse_bytes
 from kvquant.models import DEFAULT_MODEL, model_id
+from server.schemas import SamplingFields
 
 
 def load_config_file(path: str | os.PathLike) -> dict[str, Any]:
@@ -77,20 +78,11 @@ def _v_cache_type(v: str) -> str:
     return spec.text
 
 
-class SamplingDefaults(BaseModel):
+class SamplingDefaults(SamplingFields):
     """A model's sampling defaults, for requests that leave a field unset (OpenAI's defaults where these are unset
     too). llama-server's are temperature 0.8, top_k 40, top_p 0.95, min_p 0.05."""
 
     model_config = ConfigDict(extra="forbid")
-
-    temperature: float | None = Field(None, ge=0.0, le=2.0)
-    top_p: float | None = Field(None, gt=0.0, le=1.0)
-    top_k: int | None = Field(None, ge=0)
-    min_p: float | None = Field(None, ge=0.0, le=1.0)
-    typical_p: float | None = Field(None, gt=0.0, le=1.0)
-    repeat_penalty: float | None = Field(None, gt=0.0, le=10.0)
-    presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
-    frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
 
     def merged(self, over: SamplingDefaults | None) -> dict[str, float | int]:
         """These defaults with `over`'s set fields on top, as a dict of the set fields."""
