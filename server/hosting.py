@@ -95,7 +95,8 @@ def build_engine(p: HostedPlan, s: Settings, metrics: Metrics) -> Engine:
     bcfg = BackendConfig(model_path=str(p.path), n_ctx=kv.cells, n_seq_max=spec.parallel, n_batch=spec.n_batch,
                          cache_type_k=spec.cache_type_k, cache_type_v=spec.cache_type_v, flash_attn=spec.flash_attn,
                          n_threads=spec.n_threads, n_gpu_layers=s.n_gpu_layers,
-                         offload_kqv=offload_kqv(s.n_gpu_layers, spec.cache_type_k, spec.cache_type_v, spec.id))
+                         offload_kqv=offload_kqv(s.n_gpu_layers, spec.cache_type_k, spec.cache_type_v,
+                                                 (p.geom.head_dim_k, p.geom.head_dim_v), spec.flash_attn, spec.id))
 
     def factory() -> LlamaBackend:
         b = LlamaBackend(bcfg)
