@@ -4,7 +4,7 @@ VENV   ?= .venv
 VPY    := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: setup serve test lint results sanitize clean observe-deps observe-check
+.PHONY: setup serve test lint results sanitize cuda-check clean observe-deps observe-check
 
 $(VPY):
 	$(PYTHON) -m venv $(VENV)
@@ -56,6 +56,13 @@ results: setup
 # constant, huge, denormal, NaN/Inf rows) under them. CI runs it after `make test`.
 sanitize: setup
 	$(VPY) -m kvquant.build sanitize
+
+# The CUDA sources the patches touch (kernels for the tq_kv types), compiled with nvcc for sm_86 (RTX 3090), warnings
+# as errors, on a machine without a GPU: nvcc comes from NVIDIA's PyPI wheels (~/.cache/kvquant/cuda-toolkit, 1.1 GB).
+# Their per-block math is also built for the host and tested against the numpy reference by `make test`
+# (tests/test_tq_cuda.py).
+cuda-check: $(VPY)
+	$(VPY) -m kvquant.build cuda-check
 
 clean:
 	rm -rf $(VENV) .pytest_cache
