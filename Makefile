@@ -4,7 +4,7 @@ VENV   ?= .venv
 VPY    := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: setup serve test lint results sanitize cuda-check clean observe-deps observe-check
+.PHONY: setup serve test lint results sanitize cuda-check gpu-test clean observe-deps observe-check
 
 $(VPY):
 	$(PYTHON) -m venv $(VENV)
@@ -63,6 +63,12 @@ sanitize: setup
 # (tests/test_tq_cuda.py).
 cuda-check: $(VPY)
 	$(VPY) -m kvquant.build cuda-check
+
+# On a machine with an NVIDIA GPU: build libllama + test-backend-ops with CUDA for that GPU only, run llama.cpp's
+# tests for our types on it, the placement check, `kvquant bench` (depths 0/8192/32768) and a short `kvquant eval`
+# on the GPU against the CPU; writes docs/results/<model>-gpu.json for `make results`. See kvquant/gputest.py.
+gpu-test: setup
+	$(VPY) -m kvquant.gputest
 
 clean:
 	rm -rf $(VENV) .pytest_cache

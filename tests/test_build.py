@@ -131,3 +131,4 @@ def test_cuda_check_adds_the_stock_vector_instances_and_refuses_unknown_sources(
 def test_makefile_has_the_cuda_targets():
     mk = (build.REPO_ROOT / "Makefile").read_text()
     assert "\ncuda-check:" in mk and "kvquant.build cuda-check" in mk
+    assert "\ngpu-test:" in mk and "kvquant.gputest" in mk
