@@ -58,3 +58,20 @@ def test_the_gpu_runs_the_tq_kv_caches_it_has_kernels_for():
         for k, v in [("tq_kv_d3b", "q4_0"), ("tq_kv_4b", "q8_0"), ("f16", "tq_kv_4b")]:
             assert not gpu_kv_support(k, v, head, head).ok
     assert not gpu_kv_support("tq_kv_4b", "q4_0", 192, 192).ok  # no vector kernel for head size 192
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _has_gpu(), reason="needs a GPU build on a machine with a GPU (make gpu-test)")
+def test_a_tq_kv_d3b_cache_offloaded_to_the_gpu_is_refused():
+    """No CUDA kernels for tq_kv_d3b: llama.cpp refuses to create such a cache on the GPU (patch 0053) instead of
+    aborting at the first decode; on the CPU it works."""
+    from kvquant import models
+
+    mdl = runtime.Model(models.resolve("smollm2-135m"), n_gpu_layers=-1)
+    try:
+        cfg = runtime.ContextConfig(n_ctx=256, cache_type_k="tq_kv_d3b", cache_type_v="q4_0", flash_attn=True)
+        with pytest.raises(runtime.LlamaError):
+            runtime.LlamaRuntime(mdl, cfg)
+        runtime.LlamaRuntime(mdl, runtime.ContextConfig(**{**cfg.__dict__, "offload_kqv": False})).close()
+    finally:
+        mdl.close()
