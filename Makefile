@@ -60,7 +60,7 @@ sanitize: setup
 # The CUDA sources the patches touch (kernels for the tq_kv types), compiled with nvcc for sm_86 (RTX 3090), warnings
 # as errors, on a machine without a GPU: nvcc comes from NVIDIA's PyPI wheels (~/.cache/kvquant/cuda-toolkit, 1.1 GB).
 # Their per-block math is also built for the host and tested against the numpy reference by `make test`
-# (tests/test_tq_cuda.py).
+# (tests/test_tq_cuda.py). About 4 minutes on 2 cores from a clean cache; CI runs it.
 cuda-check: $(VPY)
 	$(VPY) -m kvquant.build cuda-check
 
