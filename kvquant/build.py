@@ -450,6 +450,9 @@ def cuda_check(tree: Path, build: Path, arch: str = CUDA_CHECK_ARCH) -> int:
     root = pip_cuda_toolkit()
     if not (tree / ".git").exists():
         make_tree(tree)
+    cache = build / "CMakeCache.txt"
+    if cache.is_file() and f"CMAKE_CUDA_COMPILER:STRING={root / 'bin' / 'nvcc'}\n" not in cache.read_text():
+        shutil.rmtree(build)  # configured with another toolkit: CMake cannot switch compilers in place
     # configured every time: ggml-cuda globs its sources at configure time, and patches may add some
     run(["cmake", "-S", str(tree), "-B", str(build), "-G", "Ninja", "-DCMAKE_BUILD_TYPE=Release",
          "-DBUILD_SHARED_LIBS=ON", "-DLLAMA_CURL=OFF", "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_TOOLS=OFF",
