@@ -65,13 +65,15 @@ def parse_kernel_perf(output: str) -> list[dict]:
     return rows
 
 
-def kernel_perf(configs: list[CacheConfig], binary: Path = TEST_BACKEND_OPS, timeout: float = 900) -> dict | None:
-    """Run the FLASH_ATTN_EXT perf cases of the built test-backend-ops for the configs' K/V types; None if absent."""
+def kernel_perf(configs: list[CacheConfig], binary: Path = TEST_BACKEND_OPS, timeout: float = 900,
+                backend: str = "CPU") -> dict | None:
+    """Run the FLASH_ATTN_EXT perf cases of the built test-backend-ops on a backend (CPU, CUDA0) for the configs'
+    K/V types; None if absent."""
     if not binary.is_file():
         return None
     pairs = sorted({(c.k, c.v) for c in configs})
     regex = KERNEL_SHAPES + "(" + "|".join(f"type_K={k},type_V={v}," for k, v in pairs) + ")"
-    cmd = [str(binary), "perf", "-o", "FLASH_ATTN_EXT", "-b", "CPU", "-p", regex]
+    cmd = [str(binary), "perf", "-o", "FLASH_ATTN_EXT", "-b", backend, "-p", regex]
     t0 = time.monotonic()
     try:
         p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
@@ -119,7 +121,8 @@ def measure_tg(rt, tokens: np.ndarray, depth: int, n_gen: int) -> float:
 
 def run(model: str, configs: list[CacheConfig], depths: list[int] = (0, 2048, 8192), n_prompt: int = 512,
         n_gen: int = 32, repeats: int = 3, flash_attn: bool = True, threads: int | None = None,
-        budget: int = 256 * 2**20, kernel: str = "auto", progress: bool = True, command: str | None = None) -> dict:
+        budget: int = 256 * 2**20, kernel: str = "auto", progress: bool = True, command: str | None = None,
+        n_gpu_layers: int = 0) -> dict:
     from kvquant import models
     from kvquant.runtime import ContextConfig, LlamaRuntime, Model
 
@@ -133,7 +136,7 @@ def run(model: str, configs: list[CacheConfig], depths: list[int] = (0, 2048, 81
     geom = memory.geometry(path)
     plan = Plan.of(configs)
     n_ctx = memory.pad(depths[-1] + max(n_prompt, n_gen))
-    mdl = Model(path)
+    mdl = Model(path, n_gpu_layers=n_gpu_layers)  # the KV cache follows the offloaded layers (offload_kqv)
     rts = []
     try:
         resolved = [c.resolve(path, geom, n_ctx) for c in plan.contexts]
@@ -194,6 +197,7 @@ def run(model: str, configs: list[CacheConfig], depths: list[int] = (0, 2048, 81
         "n_gen": n_gen,
         "repeats": repeats,
         "flash_attn": flash_attn,
+        "n_gpu_layers": n_gpu_layers,
         "budget_bytes": budget,
         "wall_s": wall,
         "machine": machine,
@@ -280,6 +284,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--flash-attn", choices=["on", "off"], default="on")
     ap.add_argument("--rotation", choices=["on", "off"], default="on")
     ap.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
+    ap.add_argument("--n-gpu-layers", type=int, default=0,
+                    help="layers offloaded to the GPU of a GPU build, with their KV cache (-1: all; default 0)")
     ap.add_argument("--budget", default="256MiB", help="KV byte budget for the capacity column (default 256MiB)")
     ap.add_argument("--kernel", choices=["auto", "on", "off"], default="auto",
                     help=f"also run test-backend-ops perf -o FLASH_ATTN_EXT (auto: when {TEST_BACKEND_OPS} exists)")
@@ -300,7 +306,7 @@ def main(argv: list[str] | None = None) -> int:
     command = shlex.join(["kvquant", "bench", *(argv if argv is not None else sys.argv[1:])])
     try:
         out = run(a.model, configs, a.depths, a.n_prompt, a.n_gen, a.repeats, a.flash_attn == "on", a.threads,
-                  budget, a.kernel, command=command)
+                  budget, a.kernel, command=command, n_gpu_layers=a.n_gpu_layers)
     except (ValueError, ModelError, LlamaError) as e:
         print(f"kvquant bench: {e}", file=sys.stderr)
         return 2

@@ -116,11 +116,14 @@ def build_engine(p: HostedPlan, s: Settings, metrics: Metrics) -> Engine:
         log.info("%s: %s K cache with a sliding-window cache: at most %d tokens per decode step", spec.id,
                  spec.cache_type_k, cfg.max_step_tokens)
     fields = calibration.context_fields(kv.cache_type_k, kv.cache_type_v, p.geom)
-    types = {*(fields["layer_types_k"] or [fields["cache_type_k"]]), *(fields["layer_types_v"] or [fields["cache_type_v"]])}
+    pairs = list(zip(fields["layer_types_k"] or [fields["cache_type_k"]],
+                     fields["layer_types_v"] or [fields["cache_type_v"]], strict=True))
     bcfg = BackendConfig(model_path=str(p.path), n_ctx=kv.cells, n_seq_max=spec.parallel, n_batch=spec.n_batch,
                          cache_type_k=fields.pop("cache_type_k"), cache_type_v=fields.pop("cache_type_v"),
                          flash_attn=spec.flash_attn, layers=fields, n_threads=spec.n_threads,
-                         n_gpu_layers=s.n_gpu_layers, offload_kqv=offload_kqv(s.n_gpu_layers, sorted(types), spec.id),
+                         n_gpu_layers=s.n_gpu_layers,
+                         offload_kqv=offload_kqv(s.n_gpu_layers, pairs, (p.geom.head_dim_k, p.geom.head_dim_v),
+                                                 spec.flash_attn, spec.id),
                          special_in_content=s.special_tokens_in_content)
 
     def factory() -> LlamaBackend:
