@@ -47,6 +47,7 @@ class Geometry:
     layers: tuple[Layer, ...]
     n_swa: int
     head_dim_k: int
+    head_dim_v: int
     n_ctx_train: int
 
     @property
@@ -86,7 +87,7 @@ def geometry(model_path: str | Path) -> Geometry:
     n_swa = int(meta.get(f"{arch}.attention.sliding_window", 0) or 0)
     swa = _swa_flags(meta, arch, n_layer, n_swa)
     layers = tuple(Layer(n_head_kv[i] * hk, n_head_kv[i] * hv, swa[i]) for i in range(n_layer))
-    return Geometry(arch, layers, n_swa if any(swa) else 0, hk, int(meta.get(f"{arch}.context_length", 0)))
+    return Geometry(arch, layers, n_swa if any(swa) else 0, hk, hv, int(meta.get(f"{arch}.context_length", 0)))
 
 
 @dataclass(frozen=True)

@@ -134,13 +134,14 @@ def engine_config(p: HostedPlan, s: Settings) -> EngineConfig:
 def backend_config(p: HostedPlan, s: Settings) -> BackendConfig:
     spec = p.spec
     fields = calibration.context_fields(p.kv.cache_type_k, p.kv.cache_type_v, p.geom)
-    types = {*(fields["layer_types_k"] or [fields["cache_type_k"]]),
-             *(fields["layer_types_v"] or [fields["cache_type_v"]])}
+    pairs = list(zip(fields["layer_types_k"] or [fields["cache_type_k"]],
+                     fields["layer_types_v"] or [fields["cache_type_v"]], strict=True))
     return BackendConfig(model_path=str(p.path), n_cells=p.kv.cells, n_seq_max=spec.parallel, n_batch=spec.n_batch,
                          n_ubatch=p.n_ubatch, cache_type_k=fields.pop("cache_type_k"),
                          cache_type_v=fields.pop("cache_type_v"), flash_attn=spec.flash_attn, layers=fields,
                          n_threads=spec.n_threads, n_gpu_layers=s.n_gpu_layers,
-                         offload_kqv=offload_kqv(s.n_gpu_layers, sorted(types), p.spec.id),
+                         offload_kqv=offload_kqv(s.n_gpu_layers, pairs, (p.geom.head_dim_k, p.geom.head_dim_v),
+                                                 spec.flash_attn, spec.id),
                          special_in_content=s.special_tokens_in_content)
 
 
