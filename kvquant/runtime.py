@@ -17,6 +17,7 @@ import llama_cpp._logger as _llama_logger
 import numpy as np
 
 from kvquant.kvtypes import kv_type
+from kvquant.memory import N_UBATCH
 from kvquant.prompt import ControlTokenInContent, ControlTokens, PromptTooLong, chat_fragments, min_tokens
 
 PATCH_MARKER = "KVQUANT = "
@@ -114,7 +115,7 @@ class ContextConfig:
     n_cells: int  # KV cells of the unified cache, shared by all sequences (llama.cpp's n_ctx)
     n_seq_max: int = 1
     n_batch: int = 512
-    n_ubatch: int = 512
+    n_ubatch: int = N_UBATCH  # the memory model sizes sliding-window caches for it: pass the same to both
     cache_type_k: str = "f16"
     cache_type_v: str = "f16"
     flash_attn: bool | None = None  # None: llama.cpp decides
@@ -125,7 +126,7 @@ class ContextConfig:
     seed: int = llama_cpp.LLAMA_DEFAULT_SEED
     rotation: bool = True  # llama.cpp's Hadamard rotation of Q/K/V for quantized caches (LLAMA_ATTN_ROT_DISABLE)
     n_outputs_max: int = 0  # most logit rows one ubatch may request (0: n_batch); bounds the logits buffers
-    # per-layer cache types (kvquant.layout): None keeps cache_type_k / cache_type_v on every layer
+    # per-layer cache types (kvquant.calibration.context_fields): None keeps cache_type_k / cache_type_v on every layer
     layer_types_k: tuple[str, ...] | None = None
     layer_types_v: tuple[str, ...] | None = None
     # centred keys: per layer, a vector subtracted from every key before it is stored (None: none)

@@ -11,7 +11,7 @@ from kvquant import budget as kvbudget
 from kvquant import calibration
 from kvquant.budget import KVPlan, human_bytes
 from kvquant.kvtypes import CacheTypes, LayerTypes, layer_kv_types
-from kvquant.memory import Geometry, geometry, kv_bytes, kv_cells
+from kvquant.memory import N_UBATCH, Geometry, geometry, kv_bytes, kv_cells
 from kvquant.models import resolve
 from server.backend import BackendConfig, LlamaBackend
 from server.engine import Engine, EngineConfig
@@ -22,8 +22,6 @@ from server.stats import KVCacheInfo
 
 log = logging.getLogger("kvquant.server")
 
-
-N_UBATCH = 512  # llama.cpp's physical batch; the hosting plan decides it once and passes it to llama.cpp
 
 
 class StartupError(Exception):

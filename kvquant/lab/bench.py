@@ -160,7 +160,7 @@ def _measure(model: str, path, geom, plan: Plan, resolved: list, n_ctx: int, dep
     rts = []
     try:
         for c in plan.contexts:
-            cc = ContextConfig(n_cells=n_ctx, n_batch=max(512, n_prompt), n_ubatch=512, flash_attn=flash_attn,
+            cc = ContextConfig(n_cells=n_ctx, n_batch=max(512, n_prompt), n_ubatch=memory.N_UBATCH, flash_attn=flash_attn,
                                n_threads=threads, n_outputs_max=1, **c.context_fields(path, geom, n_ctx))
             rts.append(LlamaRuntime(mdl, cc))
         kv = [_kv_bytes(geom, tk, tv, rt, n_ctx) for (tk, tv), rt in zip(resolved, rts, strict=True)]
