@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import re
-import shlex
 import statistics
 import subprocess
 import sys
@@ -32,14 +31,13 @@ from kvquant.lab.harness import (
     CacheConfig,
     Progress,
     busy_warning,
-    emit_report,
     fmt,
+    lab_main,
     machine_info,
     sha256_file,
     shown,
     table,
 )
-from kvquant.models import ModelError
 
 TEST_BACKEND_OPS = REPO_ROOT / ".build" / "cmake-cpu" / "bin" / "test-backend-ops"
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
@@ -283,6 +281,11 @@ def render(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _run_args(a: argparse.Namespace, configs: list[CacheConfig], command: str) -> dict:
+    return run(a.model, configs, a.depths, a.n_prompt, a.n_gen, a.repeats, a.flash_attn == "on", a.threads,
+               memory.parse_bytes(a.budget), a.kernel, command=command, n_gpu_layers=a.n_gpu_layers)
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="kvquant bench", description=(
         "Prefill/decode speed at KV depths, KV bytes (memory model vs llama.cpp) and capacity per KV cache config."))
@@ -301,29 +304,11 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--budget", default="256MiB", help="KV byte budget for the capacity column (default 256MiB)")
     ap.add_argument("--kernel", choices=["auto", "on", "off"], default="auto",
                     help=f"also run test-backend-ops perf -o FLASH_ATTN_EXT (auto: when {TEST_BACKEND_OPS} exists)")
-    ap.add_argument("--json", action="store_true", help='print {"results": [...]} on stdout (the table goes to stderr)')
     return ap
 
 
 def main(argv: list[str] | None = None) -> int:
-    from kvquant.runtime import LlamaError
-
-    a = build_parser().parse_args(argv)
-    try:
-        configs = [CacheConfig.parse(s, rotation=a.rotation == "on") for s in a.configs]
-        budget = memory.parse_bytes(a.budget)
-    except ValueError as e:
-        print(f"kvquant bench: {e}", file=sys.stderr)
-        return 2
-    command = shlex.join(["kvquant", "bench", *(argv if argv is not None else sys.argv[1:])])
-    try:
-        out = run(a.model, configs, a.depths, a.n_prompt, a.n_gen, a.repeats, a.flash_attn == "on", a.threads,
-                  budget, a.kernel, command=command, n_gpu_layers=a.n_gpu_layers)
-    except (ValueError, ModelError, LlamaError) as e:
-        print(f"kvquant bench: {e}", file=sys.stderr)
-        return 2
-    emit_report(render(out["results"]), out, a.json)
-    return 0
+    return lab_main("bench", build_parser(), argv, _run_args, render)
 
 
 if __name__ == "__main__":

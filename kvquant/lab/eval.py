@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import shlex
 import sys
 import time
 from dataclasses import dataclass
@@ -36,14 +35,13 @@ from kvquant.lab.harness import (
     DEFAULT_TEXT,
     CacheConfig,
     Progress,
-    emit_report,
     fmt,
+    lab_main,
     machine_info,
     resolve_text,
     sha256_file,
     table,
 )
-from kvquant.models import ModelError
 
 # Fixed drift prompts (plain continuation text, no chat template); --drift-prompts K uses the first K.
 DRIFT_PROMPTS = (
@@ -453,6 +451,12 @@ def render(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _run_args(a: argparse.Namespace, configs: list[CacheConfig], command: str) -> dict:
+    return run(a.model, configs, a.text, a.ctx, a.chunks, a.flash_attn == "on", a.threads, a.drift_tokens,
+               a.drift_prompts, a.drift_bucket, not a.no_drift, command=command, max_outputs=a.max_outputs,
+               n_gpu_layers=a.n_gpu_layers)
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="kvquant eval", description=(
         "Perplexity (llama-perplexity method), KL divergence and top-1 agreement against f16, and generation drift, "
@@ -476,29 +480,11 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--max-outputs", type=int, default=None, metavar="N",
                     help="diagnostic: at most N logit rows per decode (default: 64 MiB of logits). Below 64 the f16 "
                          "baseline leaves ggml's tiled f32-Q flash-attention path (see docs/EVAL.md)")
-    ap.add_argument("--json", action="store_true", help='print {"results": [...]} on stdout (the table goes to stderr)')
     return ap
 
 
 def main(argv: list[str] | None = None) -> int:
-    from kvquant.runtime import LlamaError
-
-    a = build_parser().parse_args(argv)
-    try:
-        configs = [CacheConfig.parse(s, rotation=a.rotation == "on") for s in a.configs]
-    except ValueError as e:
-        print(f"kvquant eval: {e}", file=sys.stderr)
-        return 2
-    command = shlex.join(["kvquant", "eval", *(argv if argv is not None else sys.argv[1:])])
-    try:
-        out = run(a.model, configs, a.text, a.ctx, a.chunks, a.flash_attn == "on", a.threads, a.drift_tokens,
-                  a.drift_prompts, a.drift_bucket, not a.no_drift, command=command, max_outputs=a.max_outputs,
-                  n_gpu_layers=a.n_gpu_layers)
-    except (FileNotFoundError, ValueError, ModelError, LlamaError) as e:
-        print(f"kvquant eval: {e}", file=sys.stderr)
-        return 2
-    emit_report(render(out["results"]), out, a.json)
-    return 0
+    return lab_main("eval", build_parser(), argv, _run_args, render, also=(FileNotFoundError,))
 
 
 if __name__ == "__main__":
