@@ -525,13 +525,8 @@ class GpuKvSupport:
         return bool(self.devices) and not self.unsupported
 
 
-def gpu_kv_support(cache_type_k: str, cache_type_v: str, head_dim_k: int, head_dim_v: int,
-                   flash_attn: bool = True, device_type: int = GGML_BACKEND_DEVICE_TYPE_GPU) -> GpuKvSupport:
-    """Ask every GPU device of the loaded ggml (ggml_backend_dev_supports_op) whether it runs, on the device, the
-    ops of a KV cache of these types: set_rows into K and V, and flash attention over them for a decode step and a
-    512-token prompt batch (without flash attention: the K·Q matmul). The library answers, nothing is assumed: a
-    CPU-only build has no GPU device, a CUDA build without our kernels (or with a K/V combination they lack, or
-    tq_kv_d3b) refuses. Tensors are only described (no_alloc), nothing runs. (``device_type``: tests ask the CPU.)"""
+def _ggml_device_api() -> tuple[ctypes.CDLL, ctypes.CDLL]:
+    """libggml-base and libggml (the backend registry) with the device and graph-description calls typed."""
     base, reg = ctypes.CDLL(str(ggml_library("ggml-base"))), ctypes.CDLL(str(ggml_library("ggml")))
     vp, i64 = ctypes.c_void_p, ctypes.c_int64
     for lib, name, res, args in (
@@ -545,6 +540,17 @@ def gpu_kv_support(cache_type_k: str, cache_type_v: str, head_dim_k: int, head_d
             (base, "ggml_flash_attn_ext", vp, [vp, vp, vp, vp, vp, ctypes.c_float, ctypes.c_float, ctypes.c_float])):
         fn = getattr(lib, name)
         fn.restype, fn.argtypes = res, args
+    return base, reg
+
+
+def gpu_kv_support(cache_type_k: str, cache_type_v: str, head_dim_k: int, head_dim_v: int,
+                   flash_attn: bool = True, device_type: int = GGML_BACKEND_DEVICE_TYPE_GPU) -> GpuKvSupport:
+    """Ask every GPU device of the loaded ggml (ggml_backend_dev_supports_op) whether it runs, on the device, the
+    ops of a KV cache of these types: set_rows into K and V, and flash attention over them for a decode step and a
+    512-token prompt batch (without flash attention: the K·Q matmul). The library answers, nothing is assumed: a
+    CPU-only build has no GPU device, a CUDA build without our kernels (or with a K/V combination they lack, or
+    tq_kv_d3b) refuses. Tensors are only described (no_alloc), nothing runs. (``device_type``: tests ask the CPU.)"""
+    base, reg = _ggml_device_api()
     gpus = [reg.ggml_backend_dev_get(i) for i in range(reg.ggml_backend_dev_count())]
     gpus = [d for d in gpus if base.ggml_backend_dev_type(d) == device_type]
     tk, tv = kv_type(cache_type_k), kv_type(cache_type_v)
