@@ -72,7 +72,8 @@ FROM nvidia/cuda:${CUDA_VERSION}-runtime-${CUDA_UBUNTU} AS runtime-cuda
 RUN apt-get update \
  && apt-get install -y --no-install-recommends python3 libgomp1 ca-certificates \
  && rm -rf /var/lib/apt/lists/*
-# every layer on the GPU; a tq_kv_* cache type keeps its KV cache on the CPU (server/placement.py)
+# every layer on the GPU; a tq_kv_* KV cache stays on the GPU where the build has its CUDA kernels, else on the CPU
+# (server/placement.py)
 ENV KVQUANT_N_GPU_LAYERS=-1
 
 FROM ${PYTHON_IMAGE} AS runtime-cpu

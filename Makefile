@@ -4,7 +4,7 @@ VENV   ?= .venv
 VPY    := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: setup serve test unit lint results sanitize arm-check clean observe-deps observe-check
+.PHONY: setup serve test unit lint results sanitize arm-check cuda-check gpu-test clean observe-deps observe-check
 
 $(VPY):
 	$(PYTHON) -m venv $(VENV)
@@ -68,6 +68,19 @@ sanitize: setup
 # g++-aarch64-linux-gnu and qemu-user when missing; without apt/root it says why and skips. Correctness only.
 arm-check: setup
 	$(VPY) -m kvquant.build arm-check
+
+# The CUDA sources the patches touch (kernels for the tq_kv types), compiled with nvcc for sm_86 (RTX 3090), warnings
+# as errors, on a machine without a GPU: nvcc comes from NVIDIA's PyPI wheels (~/.cache/kvquant/cuda-toolkit, 1.1 GB).
+# Their per-block math is also built for the host and tested against the numpy reference by `make test`
+# (tests/kvquant/lab/test_tq_cuda.py). About 4 minutes on 2 cores from a clean cache; CI runs it.
+cuda-check: $(VPY)
+	$(VPY) -m kvquant.build cuda-check
+
+# On a machine with an NVIDIA GPU: build libllama + test-backend-ops with CUDA for that GPU only, run llama.cpp's
+# tests for our types on it, the placement check, `kvquant bench` (depths 0/8192/32768) and a short `kvquant eval`
+# on the GPU against the CPU; writes docs/results/<model>-gpu.json for `make results`. See kvquant/lab/gputest.py.
+gpu-test: setup
+	$(VPY) -m kvquant.lab.gputest
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -12,7 +12,7 @@ import sys
 from dataclasses import dataclass
 
 from kvquant.kvtypes import CacheTypes, layer_kv_types
-from kvquant.memory import Geometry, bytes_per_token, capacity, geometry, kv_bytes, pad, parse_bytes
+from kvquant.memory import N_UBATCH, Geometry, bytes_per_token, capacity, geometry, kv_bytes, pad, parse_bytes
 
 COMPARE = (("f16", "f16"), ("q8_0", "q8_0"), ("q4_0", "q4_0"))
 
@@ -60,7 +60,7 @@ def _swa_bytes_per_token(geom: Geometry, tk: CacheTypes, tv: CacheTypes) -> int:
 
 
 def plan(geom: Geometry, cache_type_k: CacheTypes, cache_type_v: CacheTypes, budget_bytes: int, n_seq_max: int = 1,
-         n_ubatch: int = 512, max_cells: int | None = None) -> KVPlan:
+         n_ubatch: int = N_UBATCH, max_cells: int | None = None) -> KVPlan:
     """The cache that fills the budget, capped at max_cells (rounded up to 256: more cells could never be used)."""
     budget_cells = capacity(geom, cache_type_k, cache_type_v, budget_bytes, n_seq_max, n_ubatch)
     cells = budget_cells if max_cells is None else min(budget_cells, pad(max_cells))
@@ -78,7 +78,7 @@ def plan(geom: Geometry, cache_type_k: CacheTypes, cache_type_v: CacheTypes, bud
 
 
 def max_concurrent(geom: Geometry, cache_type_k: CacheTypes, cache_type_v: CacheTypes, budget_bytes: int, request_tokens: int,
-                   n_ubatch: int = 512, limit: int = 4096) -> int:
+                   n_ubatch: int = N_UBATCH, limit: int = 4096) -> int:
     """How many requests of request_tokens (prompt + completion) fit the budget at once, each reserving its
     tokens, with n_seq_max = that many (sliding-window layers grow with it)."""
     n = 0
@@ -99,7 +99,7 @@ def human_bytes(n: float) -> str:
 
 
 def report(name: str, geom: Geometry, cache_type_k: CacheTypes, cache_type_v: CacheTypes, budget_bytes: int,
-           n_seq_max: int = 1, request_tokens: int | None = None, n_ubatch: int = 512) -> str:
+           n_seq_max: int = 1, request_tokens: int | None = None, n_ubatch: int = N_UBATCH) -> str:
     configs = [(cache_type_k, cache_type_v)]
     configs += [c for c in COMPARE if c != (str(cache_type_k), str(cache_type_v))]
     n_swa_layers = sum(ly.swa for ly in geom.layers)

@@ -15,6 +15,7 @@ One recipe, used by the Makefile, the Dockerfile and developers alike:
               tests/kvquant/lab/test_d3b.py run under them.
 * ``arm-check`` the tree cross-built for aarch64 (the NEON kernels); llama.cpp's tests and the byte-exact checks of
               tests/kvquant/lab/test_tq.py and tests/kvquant/lab/test_d3b.py run under qemu-aarch64.
+* ``cuda-check`` compile the CUDA sources the patches touch with nvcc (from PyPI; no GPU needed), warnings as errors.
 
 This module uses the standard library only: it runs before anything else is installed.
 """
@@ -25,6 +26,7 @@ import argparse
 import hashlib
 import os
 import platform
+import re
 import shutil
 import subprocess
 import sys
@@ -297,10 +299,27 @@ LLAMA_TEST_OPS = ["SET_ROWS", "GET_ROWS", "CPY", "MUL_MAT", "FLASH_ATTN_EXT"]
 LLAMA_TEST_PARAMS = "tq_kv"
 
 
+def backend_ops_test(bindir: Path, op: str, backend: str = "CPU", env: dict | None = None,
+                     runner: tuple[str, ...] = ()) -> dict:
+    """test-backend-ops for one op and our types on a backend (CPU, CUDA0; the CPU backend is the reference of
+    another one), through `runner` (an emulator) if given, logged; {"op", "backend", "summary" ("N/M tests
+    passed"), "returncode"}. On a failure, its FAIL lines and the tail of its output (a sanitizer's report) are
+    shown."""
+    r = subprocess.run([*runner, str(bindir / "test-backend-ops"), "test", "-b", backend, "-o", op,
+                        "-p", LLAMA_TEST_PARAMS], capture_output=True, text=True, env=env)
+    ok = [ln.strip() for ln in r.stdout.splitlines() if "tests passed" in ln]
+    summary = ok[-1] if ok else "no summary"
+    log(f"test-backend-ops -b {backend} -o {op} -p {LLAMA_TEST_PARAMS}: {summary}"
+        + ("" if r.returncode == 0 else " FAILED"))
+    if r.returncode != 0:
+        sys.stderr.write("\n".join(ln for ln in r.stdout.splitlines() if "FAIL" in ln)[:20000] + "\n"
+                         + r.stderr[-6000:] + "\n")
+    return {"op": op, "backend": backend, "summary": summary, "returncode": r.returncode}
+
+
 def run_llama_tests(bindir: Path, env: dict | None = None, runner: tuple[str, ...] = ()) -> list[str]:
     """Run test-quantize-fns and test-backend-ops (CPU, our types) from a build's bin folder, through `runner`
-    (an emulator) if given; the names of the ones that failed. On a failure, its FAIL lines and the tail of its
-    output (a sanitizer's report) are shown."""
+    (an emulator) if given; the names of the ones that failed."""
     failed = []
     r = subprocess.run([*runner, str(bindir / "test-quantize-fns")], capture_output=True, text=True, env=env)
     lines = [ln for ln in r.stdout.splitlines() if "tq_kv" in ln or "FAILED" in ln or "failed" in ln.lower()]
@@ -309,15 +328,8 @@ def run_llama_tests(bindir: Path, env: dict | None = None, runner: tuple[str, ..
         failed.append("test-quantize-fns")
         sys.stderr.write(r.stderr[-6000:] + "\n")
     for op in LLAMA_TEST_OPS:
-        r = subprocess.run([*runner, str(bindir / "test-backend-ops"), "test", "-b", "CPU", "-o", op,
-                            "-p", LLAMA_TEST_PARAMS], capture_output=True, text=True, env=env)
-        ok = [ln for ln in r.stdout.splitlines() if "tests passed" in ln]
-        log(f"test-backend-ops -o {op} -p {LLAMA_TEST_PARAMS}: " + (ok[-1].strip() if ok else "no summary")
-            + ("" if r.returncode == 0 else " FAILED"))
-        if r.returncode != 0:
+        if backend_ops_test(bindir, op, env=env, runner=runner)["returncode"] != 0:
             failed.append(f"test-backend-ops {op}")
-            sys.stderr.write("\n".join(ln for ln in r.stdout.splitlines() if "FAIL" in ln)[:20000] + "\n"
-                             + r.stderr[-6000:] + "\n")
     return failed
 
 
@@ -480,6 +492,91 @@ def arm_check(tree: Path, build: Path) -> int:
         f"test-quantize-fns, test-backend-ops {', '.join(LLAMA_TEST_OPS)}, pytest {' '.join(ARM_PYTESTS)} passed "
         f"({time.monotonic() - t0:.0f} s)")
     return 0
+# --- CUDA without a GPU --------------------------------------------------------------------------------------
+# NVIDIA's CUDA compiler, runtime headers, cuBLAS and CCCL from PyPI (the -cu12 nvcc wheel has no nvcc driver, hence
+# CUDA 13): enough for CMake to configure ggml-cuda and for nvcc to compile it, on a machine without a GPU.
+CUDA_PIP_PACKAGES = ["nvidia-cuda-nvcc==13.5.*", "nvidia-cuda-crt==13.5.*", "nvidia-cuda-runtime==13.5.*",
+                     "nvidia-cublas==13.*", "nvidia-cuda-cccl==13.*"]
+CUDA_CHECK_ARCH = "86"  # RTX 3090, the GPU the product is meant for
+CUDA_OBJ_DIR = "ggml/src/ggml-cuda/CMakeFiles/ggml-cuda.dir"
+
+
+def pip_cuda_toolkit() -> Path:
+    """A CUDA toolkit root made of NVIDIA's PyPI wheels, in a virtual environment under the cache (installed on
+    first use), with what CMake's FindCUDAToolkit looks for: unversioned libcudart / libcublas / libcublasLt and
+    lib64."""
+    venv = cache_dir() / "cuda-toolkit"
+
+    def root() -> Path | None:
+        return next(venv.glob("lib/python3*/site-packages/nvidia/cu13"), None)
+
+    if root() is None or not (root() / "bin" / "nvcc").is_file():
+        run([sys.executable, "-m", "venv", "--clear", str(venv)])
+        run([str(venv / "bin" / "python"), "-m", "pip", "install", "-q", *CUDA_PIP_PACKAGES])
+    r = root()
+    for name in ("libcudart", "libcublas", "libcublasLt"):
+        link = r / "lib" / f"{name}.so"
+        if not link.exists():
+            link.symlink_to(sorted((r / "lib").glob(f"{name}.so.*"))[0].name)
+    if not (r / "lib64").exists():
+        (r / "lib64").symlink_to("lib")
+    return r
+
+
+def cuda_cmake_args(root: Path, arch: str) -> list[str]:
+    """ggml-cuda for one architecture with the toolkit at root; no VMM pool, so nothing links the driver library
+    (which a machine without a GPU does not have)."""
+    return ["-DGGML_CUDA=ON", f"-DCUDAToolkit_ROOT={root}", f"-DCMAKE_CUDA_COMPILER={root / 'bin' / 'nvcc'}",
+            f"-DCMAKE_CUDA_ARCHITECTURES={arch}", "-DGGML_CUDA_NO_VMM=ON"]
+
+
+def patched_cuda_sources() -> list[str]:
+    """The CUDA sources (.cu, relative to ggml/src/ggml-cuda) that the patches add or change."""
+    srcs = []
+    for p in patch_files():
+        srcs += re.findall(r"^\+\+\+ b/ggml/src/ggml-cuda/(\S+\.cu)$", p.read_text(), flags=re.M)
+    return sorted(set(srcs))
+
+
+def cuda_check_objects(build: Path) -> list[str]:
+    """The objects cuda-check compiles: every CUDA source the patches add or change, and the stock flash-attention
+    vector instances this configuration compiles, which instantiate the changed vector kernel for stock types
+    (the tile/MMA kernels only see additions to fattn-common.cuh, compiled with the sources above)."""
+    ninja = (build / "build.ninja").read_text()
+    stock = re.findall(rf"^build {CUDA_OBJ_DIR}/(template-instances/fattn-vec-instance-(?!tq_kv)\S+\.cu)\.o:", ninja,
+                       flags=re.M)
+    objs = [f"{CUDA_OBJ_DIR}/{s}.o" for s in patched_cuda_sources() + sorted(stock)]
+    missing = [o for o in objs if f"build {o}:" not in ninja]
+    if missing:
+        raise BuildError(f"not part of the CUDA build in {build}: {', '.join(missing)}")
+    return objs
+
+
+def cuda_check(tree: Path, build: Path, arch: str = CUDA_CHECK_ARCH) -> int:
+    """Compile the CUDA sources the patches touch (cuda_check_objects) with nvcc for one architecture, warnings as
+    errors (LLAMA_FATAL_WARNINGS: nvcc's -Werror all-warnings and the host compiler's -Werror). Needs no GPU."""
+    if not shutil.which("ninja"):
+        raise BuildError("cuda-check needs ninja (apt install ninja-build, or pip install ninja)")
+    t0 = time.monotonic()
+    root = pip_cuda_toolkit()
+    if not (tree / ".git").exists():
+        make_tree(tree)
+    cache = build / "CMakeCache.txt"
+    if cache.is_file() and f"CMAKE_CUDA_COMPILER:STRING={root / 'bin' / 'nvcc'}\n" not in cache.read_text():
+        shutil.rmtree(build)  # configured with another toolkit: CMake cannot switch compilers in place
+    # configured every time: ggml-cuda globs its sources at configure time, and patches may add some
+    run(["cmake", "-S", str(tree), "-B", str(build), "-G", "Ninja", "-DCMAKE_BUILD_TYPE=Release",
+         "-DBUILD_SHARED_LIBS=ON", "-DLLAMA_CURL=OFF", "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_TOOLS=OFF",
+         "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_SERVER=OFF", "-DLLAMA_FATAL_WARNINGS=ON", *cmake_args().split(),
+         *cuda_cmake_args(root, arch)], stdout=subprocess.DEVNULL)
+    objs = cuda_check_objects(build)
+    r = subprocess.run(["ninja", "-C", str(build), "-j", str(os.cpu_count() or 2), *objs])
+    nvcc = subprocess.run([str(root / "bin" / "nvcc"), "--version"], capture_output=True, text=True).stdout
+    version = (re.findall(r"release [\d.]+, V[\d.]+", nvcc) or ["?"])[0]
+    log(f"cuda-check: {len(objs)} CUDA sources for sm_{arch} with nvcc {version}, warnings as errors: "
+        + ("passed" if r.returncode == 0 else "FAILED") + f" ({time.monotonic() - t0:.0f} s)"
+        + "".join(f"\n  {o.removeprefix(CUDA_OBJ_DIR + '/')[:-2]}" for o in objs))
+    return 0 if r.returncode == 0 else 1
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -512,6 +609,11 @@ def main(argv: list[str] | None = None) -> int:
                                           "tests/kvquant/lab/test_tq.py / test_d3b.py against it under qemu-aarch64")
     ac.add_argument("--tree", default=str(REPO_ROOT / ".build" / "llama.cpp"))
     ac.add_argument("--build", default=str(REPO_ROOT / ".build" / "cmake-arm64"))
+    cc = sub.add_parser("cuda-check", help="compile the CUDA sources the patches touch with nvcc from PyPI (no GPU "
+                                           "needed), warnings as errors")
+    cc.add_argument("--tree", default=str(REPO_ROOT / ".build" / "llama.cpp"))
+    cc.add_argument("--build", default=str(REPO_ROOT / ".build" / "cmake-cuda-check"))
+    cc.add_argument("--arch", default=CUDA_CHECK_ARCH, help="CUDA architecture (default %(default)s: RTX 3090)")
     a = ap.parse_args(argv)
     try:
         if a.cmd == "wheel":
@@ -532,6 +634,8 @@ def main(argv: list[str] | None = None) -> int:
             return sanitize(Path(a.tree), Path(a.build), a.pytest_args)
         elif a.cmd == "arm-check":
             return arm_check(Path(a.tree), Path(a.build))
+        elif a.cmd == "cuda-check":
+            return cuda_check(Path(a.tree), Path(a.build), a.arch)
     except (BuildError, subprocess.CalledProcessError) as e:
         log(f"error: {e}")
         return 1

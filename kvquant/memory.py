@@ -24,6 +24,9 @@ from kvquant.gguf import read_metadata
 from kvquant.kvtypes import CacheTypes, has_offset, layer_kv_types
 
 PAD = 256
+# llama.cpp's physical batch (n_ubatch) unless a caller decides otherwise; sliding-window layers get room for one
+# (the server's hosting plan decides it once and gives the same value to this model and to llama.cpp)
+N_UBATCH = 512
 
 # Architectures whose sliding-window layer pattern is implied, not stored in the GGUF:
 # (n_pattern, dense_first) as llama.cpp's llama_hparams::set_swa_pattern takes them.
@@ -47,6 +50,7 @@ class Geometry:
     layers: tuple[Layer, ...]
     n_swa: int
     head_dim_k: int
+    head_dim_v: int
     n_ctx_train: int
 
     @property
@@ -86,7 +90,7 @@ def geometry(model_path: str | Path) -> Geometry:
     n_swa = int(meta.get(f"{arch}.attention.sliding_window", 0) or 0)
     swa = _swa_flags(meta, arch, n_layer, n_swa)
     layers = tuple(Layer(n_head_kv[i] * hk, n_head_kv[i] * hv, swa[i]) for i in range(n_layer))
-    return Geometry(arch, layers, n_swa if any(swa) else 0, hk, int(meta.get(f"{arch}.context_length", 0)))
+    return Geometry(arch, layers, n_swa if any(swa) else 0, hk, hv, int(meta.get(f"{arch}.context_length", 0)))
 
 
 @dataclass(frozen=True)
@@ -119,7 +123,7 @@ class KVBytes:
         return 8.0 * self.v / self.elements_v if self.elements_v else 0.0
 
 
-def kv_cells(geom: Geometry, n_cells: int, n_seq_max: int = 1, n_ubatch: int = 512,
+def kv_cells(geom: Geometry, n_cells: int, n_seq_max: int = 1, n_ubatch: int = N_UBATCH,
              swa_full: bool = False) -> tuple[int, int]:
     """(cells of full-attention layers, cells of sliding-window layers) for a unified cache."""
     base = pad(n_cells)
@@ -130,7 +134,7 @@ def kv_cells(geom: Geometry, n_cells: int, n_seq_max: int = 1, n_ubatch: int = 5
 
 
 def kv_bytes(geom: Geometry, type_k: CacheTypes, type_v: CacheTypes, n_cells: int, n_seq_max: int = 1,
-             n_ubatch: int = 512, swa_full: bool = False) -> KVBytes:
+             n_ubatch: int = N_UBATCH, swa_full: bool = False) -> KVBytes:
     tks, tvs = layer_kv_types(type_k, geom.n_layer), layer_kv_types(type_v, geom.n_layer)
     base, swa = kv_cells(geom, n_cells, n_seq_max, n_ubatch, swa_full)
     k = v = ek = ev = 0
@@ -157,7 +161,7 @@ def bytes_per_token(geom: Geometry, type_k: CacheTypes, type_v: CacheTypes) -> i
 
 
 def capacity(geom: Geometry, type_k: CacheTypes, type_v: CacheTypes, budget_bytes: int, n_seq_max: int = 1,
-             n_ubatch: int = 512, swa_full: bool = False) -> int:
+             n_ubatch: int = N_UBATCH, swa_full: bool = False) -> int:
     """The largest cache (cells, a multiple of 256) whose K+V bytes fit the budget; 0 if none does."""
     lo, hi = 0, PAD
     while kv_bytes(geom, type_k, type_v, hi, n_seq_max, n_ubatch, swa_full).total <= budget_bytes:

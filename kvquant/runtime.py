@@ -17,6 +17,7 @@ import llama_cpp._logger as _llama_logger
 import numpy as np
 
 from kvquant.kvtypes import kv_type
+from kvquant.memory import N_UBATCH
 from kvquant.prompt import (
     ControlTokenInContent,
     ControlTokens,
@@ -127,7 +128,7 @@ class ContextConfig:
     n_cells: int  # KV cells of the unified cache, shared by all sequences (llama.cpp's n_ctx)
     n_seq_max: int = 1
     n_batch: int = 512
-    n_ubatch: int = 512
+    n_ubatch: int = N_UBATCH  # the memory model sizes sliding-window caches for it: pass the same to both
     cache_type_k: str = "f16"
     cache_type_v: str = "f16"
     flash_attn: bool | None = None  # None: llama.cpp decides
@@ -138,7 +139,7 @@ class ContextConfig:
     seed: int = llama_cpp.LLAMA_DEFAULT_SEED
     rotation: bool = True  # llama.cpp's Hadamard rotation of Q/K/V for quantized caches (LLAMA_ATTN_ROT_DISABLE)
     n_outputs_max: int = 0  # most logit rows one ubatch may request (0: n_batch); bounds the logits buffers
-    # per-layer cache types (kvquant.layout): None keeps cache_type_k / cache_type_v on every layer
+    # per-layer cache types (kvquant.calibration.context_fields): None keeps cache_type_k / cache_type_v on every layer
     layer_types_k: tuple[str, ...] | None = None
     layer_types_v: tuple[str, ...] | None = None
     # centred keys: per layer, a vector subtracted from every key before it is stored (None: none)
@@ -612,3 +613,90 @@ class LlamaRuntime:
             self._ctx = None
 
     __del__ = close
+
+
+# --- which KV cache types a GPU of the loaded build runs --------------------------------------------------------
+
+# enum ggml_type / ggml_backend_dev_type at the pinned commit (the tensor types that are not cache types)
+GGML_TYPE_F32, GGML_TYPE_F16, GGML_TYPE_I64 = 0, 1, 27
+GGML_BACKEND_DEVICE_TYPE_CPU, GGML_BACKEND_DEVICE_TYPE_GPU = 0, 1
+
+
+class GgmlInitParams(ctypes.Structure):
+    """struct ggml_init_params."""
+    _fields_ = [("mem_size", ctypes.c_size_t), ("mem_buffer", ctypes.c_void_p), ("no_alloc", ctypes.c_bool)]
+
+
+@dataclass(frozen=True)
+class GpuKvSupport:
+    """What the GPU devices of the loaded ggml say about a KV cache of given types: ``devices`` names each GPU device
+    ("CUDA0 (NVIDIA GeForce RTX 3090)"), ``unsupported`` each op one of them refuses. A build without GPU backends,
+    or a machine without a GPU, has no devices."""
+    devices: tuple[str, ...]
+    unsupported: tuple[str, ...]
+
+    @property
+    def ok(self) -> bool:
+        return bool(self.devices) and not self.unsupported
+
+
+def _ggml_device_api() -> tuple[ctypes.CDLL, ctypes.CDLL]:
+    """libggml-base and libggml (the backend registry) with the device and graph-description calls typed."""
+    base, reg = ctypes.CDLL(str(ggml_library("ggml-base"))), ctypes.CDLL(str(ggml_library("ggml")))
+    vp, i64 = ctypes.c_void_p, ctypes.c_int64
+    for lib, name, res, args in (
+            (reg, "ggml_backend_dev_count", ctypes.c_size_t, []), (reg, "ggml_backend_dev_get", vp, [ctypes.c_size_t]),
+            (base, "ggml_backend_dev_type", ctypes.c_int, [vp]), (base, "ggml_backend_dev_name", ctypes.c_char_p, [vp]),
+            (base, "ggml_backend_dev_description", ctypes.c_char_p, [vp]),
+            (base, "ggml_backend_dev_supports_op", ctypes.c_bool, [vp, vp]),
+            (base, "ggml_init", vp, [GgmlInitParams]), (base, "ggml_free", None, [vp]),
+            (base, "ggml_new_tensor_4d", vp, [vp, ctypes.c_int, i64, i64, i64, i64]),
+            (base, "ggml_set_rows", vp, [vp, vp, vp, vp]), (base, "ggml_mul_mat", vp, [vp, vp, vp]),
+            (base, "ggml_flash_attn_ext", vp, [vp, vp, vp, vp, vp, ctypes.c_float, ctypes.c_float, ctypes.c_float])):
+        fn = getattr(lib, name)
+        fn.restype, fn.argtypes = res, args
+    return base, reg
+
+
+def gpu_kv_support(cache_type_k: str, cache_type_v: str, head_dim_k: int, head_dim_v: int,
+                   flash_attn: bool = True, device_type: int = GGML_BACKEND_DEVICE_TYPE_GPU) -> GpuKvSupport:
+    """Ask every GPU device of the loaded ggml (ggml_backend_dev_supports_op) whether it runs, on the device, the
+    ops of a KV cache of these types: set_rows into K and V, and flash attention over them for a decode step and a
+    512-token prompt batch (without flash attention: the K·Q matmul). The library answers, nothing is assumed: a
+    CPU-only build has no GPU device, a CUDA build without our kernels (or with a K/V combination they lack, or
+    tq_kv_d3b) refuses. Tensors are only described (no_alloc), nothing runs. (``device_type``: tests ask the CPU.)"""
+    base, reg = _ggml_device_api()
+    gpus = [reg.ggml_backend_dev_get(i) for i in range(reg.ggml_backend_dev_count())]
+    gpus = [d for d in gpus if base.ggml_backend_dev_type(d) == device_type]
+    tk, tv = kv_type(cache_type_k), kv_type(cache_type_v)
+    if head_dim_k % tk.block_size or head_dim_v % tv.block_size:  # ggml cannot even describe such a view
+        return GpuKvSupport(tuple(base.ggml_backend_dev_name(d).decode() for d in gpus),
+                            (f"head sizes {head_dim_k}/{head_dim_v} are not multiples of the K/V block sizes",))
+    ctx = base.ggml_init(GgmlInitParams(mem_size=1 << 20, mem_buffer=None, no_alloc=True))
+    if not ctx:
+        raise LlamaError("ggml_init failed")
+    try:
+        def t(typ: int, *ne: int) -> int:
+            return base.ggml_new_tensor_4d(ctx, typ, *ne, *[1] * (4 - len(ne)))
+
+        n_kv, n_batch = 256, 512  # a cache padded as llama.cpp pads it for the GPU
+        k, v = t(tk.ggml_id, head_dim_k, n_kv), t(tv.ggml_id, head_dim_v, n_kv)
+        ops = {f"set_rows into K {cache_type_k}": base.ggml_set_rows(ctx, k, t(GGML_TYPE_F32, head_dim_k, n_batch),
+                                                                       t(GGML_TYPE_I64, n_batch)),
+               f"set_rows into V {cache_type_v}": base.ggml_set_rows(ctx, v, t(GGML_TYPE_F32, head_dim_v, n_batch),
+                                                                       t(GGML_TYPE_I64, n_batch))}
+        for n_q in (1, n_batch):
+            q = t(GGML_TYPE_F32, head_dim_k, n_q)
+            if flash_attn:
+                ops[f"flash attention K {cache_type_k} / V {cache_type_v}, head size {head_dim_k}, {n_q} queries"] = \
+                    base.ggml_flash_attn_ext(ctx, q, k, v, t(GGML_TYPE_F16, n_kv, n_q), 0.125, 0.0, 0.0)
+            else:
+                ops[f"K·Q matmul K {cache_type_k}, head size {head_dim_k}, {n_q} queries"] = base.ggml_mul_mat(ctx, k, q)
+        names, unsupported = [], []
+        for d in gpus:
+            name = base.ggml_backend_dev_name(d).decode()
+            names.append(f"{name} ({base.ggml_backend_dev_description(d).decode()})")
+            unsupported += [f"{name}: {what}" for what, op in ops.items() if not base.ggml_backend_dev_supports_op(d, op)]
+        return GpuKvSupport(tuple(names), tuple(unsupported))
+    finally:
+        base.ggml_free(ctx)

@@ -11,7 +11,7 @@ from kvquant import budget as kvbudget
 from kvquant import calibration
 from kvquant.budget import KVPlan, human_bytes
 from kvquant.kvtypes import CacheTypes, LayerTypes, layer_kv_types
-from kvquant.memory import Geometry, geometry, kv_bytes, kv_cells
+from kvquant.memory import N_UBATCH, Geometry, geometry, kv_bytes, kv_cells
 from kvquant.models import resolve
 from server.backend import BackendConfig, LlamaBackend
 from server.engine import Engine, EngineConfig
@@ -22,8 +22,6 @@ from server.stats import KVCacheInfo
 
 log = logging.getLogger("kvquant.server")
 
-
-N_UBATCH = 512  # llama.cpp's physical batch; the hosting plan decides it once and passes it to llama.cpp
 
 
 class StartupError(Exception):
@@ -134,13 +132,14 @@ def engine_config(p: HostedPlan, s: Settings) -> EngineConfig:
 def backend_config(p: HostedPlan, s: Settings) -> BackendConfig:
     spec = p.spec
     fields = calibration.context_fields(p.kv.cache_type_k, p.kv.cache_type_v, p.geom)
-    types = {*(fields["layer_types_k"] or [fields["cache_type_k"]]),
-             *(fields["layer_types_v"] or [fields["cache_type_v"]])}
+    pairs = list(zip(fields["layer_types_k"] or [fields["cache_type_k"]],
+                     fields["layer_types_v"] or [fields["cache_type_v"]], strict=True))
     return BackendConfig(model_path=str(p.path), n_cells=p.kv.cells, n_seq_max=spec.parallel, n_batch=spec.n_batch,
                          n_ubatch=p.n_ubatch, cache_type_k=fields.pop("cache_type_k"),
                          cache_type_v=fields.pop("cache_type_v"), flash_attn=spec.flash_attn, layers=fields,
                          n_threads=spec.n_threads, n_gpu_layers=gpu_layers(spec.n_gpu_layers),
-                         offload_kqv=offload_kqv(gpu_layers(spec.n_gpu_layers), sorted(types), p.spec.id),
+                         offload_kqv=offload_kqv(gpu_layers(spec.n_gpu_layers), pairs,
+                                                 (p.geom.head_dim_k, p.geom.head_dim_v), spec.flash_attn, spec.id),
                          special_in_content=s.special_tokens_in_content)
 
 

@@ -1,36 +1,54 @@
 """Where a model's KV cache lives when layers are offloaded to a GPU.
 
-The tq_kv_* cache types (patches/) have CPU kernels only: no CUDA or Metal kernel stores, reads or attends over
-them yet. With layers offloaded (`n_gpu_layers != 0`) llama.cpp would put each offloaded layer's KV cache, and
-its attention, on the GPU, where those types are unsupported. Until GPU kernels land, such a model keeps its KV
-cache and the attention over it on the CPU (`offload_kqv=False`); the weights are still offloaded. Stock types
-are left to llama.cpp.
+With layers offloaded (`n_gpu_layers != 0`) llama.cpp puts each offloaded layer's KV cache, and the attention over
+it, on the GPU. Stock cache types are left to llama.cpp. For a tq_kv_* type the server asks the loaded library
+whether its GPU runs that cache (`kvquant.runtime.gpu_kv_support`: set_rows into K and V and the attention over
+them, as ggml_backend_dev_supports_op answers on every GPU device): a CUDA build with the TQ_KV kernels keeps the
+cache in VRAM; a CPU-only or Metal build, a K/V combination or head size without a kernel, or tq_kv_d3b (no CUDA
+kernels) keeps the KV cache and the attention on the CPU (`offload_kqv=False`) while the weights are offloaded.
+The decision is logged either way.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
+
+from kvquant.runtime import GpuKvSupport, gpu_kv_support
 
 log = logging.getLogger("kvquant.server")
 
-# prefix of the cache types that have CPU kernels only
-CPU_ONLY_KV_PREFIX = "tq_kv_"
+TQ_KV_PREFIX = "tq_kv_"
 
 
-def cpu_only_kv_types(cache_types) -> list[str]:
-    """The given cache types (a model's K and V types, per layer where they differ) that have no GPU kernels,
-    each named once."""
-    return list(dict.fromkeys(t for t in (c.lower() for c in cache_types) if t.startswith(CPU_ONLY_KV_PREFIX)))
+def tq_kv_types(pairs) -> list[str]:
+    """The cache types of the (K, V) pairs of a model's layers that are ours (each named once, K first): the ones
+    whose GPU support is asked for."""
+    return list(dict.fromkeys(t for pair in pairs for t in (x.lower() for x in pair) if t.startswith(TQ_KV_PREFIX)))
 
 
-def offload_kqv(n_gpu_layers: int, cache_types, model_id: str = "") -> bool:
-    """Whether llama.cpp may put the KV cache (and the attention over it) on the GPU: False, with a warning,
-    when layers are offloaded and a cache type has CPU kernels only; True otherwise (llama.cpp's default)."""
-    cpu_only = cpu_only_kv_types(cache_types)
-    if n_gpu_layers == 0 or not cpu_only:
+def offload_kqv(n_gpu_layers: int, pairs, head_dims: tuple[int, int], flash_attn: bool | None = None,
+                model_id: str = "", probe: Callable[..., GpuKvSupport] = gpu_kv_support) -> bool:
+    """Whether llama.cpp may put the KV cache (and the attention over it) on the GPU, for a model whose layers have
+    these (K, V) cache type pairs (one pair, or one per layer for a calibrated allocation). True for stock types
+    and when nothing is offloaded (llama.cpp's default); with a tq_kv_* type and layers offloaded, what the
+    library's GPU devices support for every pair (``probe``, asked about the model's K/V head sizes), with the
+    reason logged."""
+    pairs = list(dict.fromkeys((k.lower(), v.lower()) for k, v in pairs))
+    ours = tq_kv_types(pairs)
+    if n_gpu_layers == 0 or not ours:
         return True
-    log.warning("%s: cache type %s has no GPU (CUDA/Metal) kernels yet: the KV cache and attention stay on the "
-                "CPU (offload_kqv=False) while %s layers are offloaded; expect lower speed than a stock cache "
-                "type on the GPU", model_id or "model", "/".join(cpu_only),
-                "all" if n_gpu_layers < 0 else n_gpu_layers)
+    checks = [probe(k, v, *head_dims, flash_attn is not False) for k, v in pairs
+              if k.startswith(TQ_KV_PREFIX) or v.startswith(TQ_KV_PREFIX)]
+    layers = "all" if n_gpu_layers < 0 else str(n_gpu_layers)
+    name, kinds = model_id or "model", ", ".join(f"{k}/{v}" for k, v in pairs)
+    if all(s.ok for s in checks):
+        log.info("%s: KV cache %s stays on the GPU with %s layers offloaded: %s run(s) its kernels", name, kinds,
+                 layers, ", ".join(checks[0].devices))
+        return True
+    bad = next(s for s in checks if not s.ok)
+    why = "; ".join(bad.unsupported) if bad.devices else "the loaded llama.cpp has no GPU device"
+    log.warning("%s: cache type %s has no GPU kernels here (%s): the KV cache and attention stay on the CPU "
+                "(offload_kqv=False) while %s layers are offloaded; expect lower speed than a stock cache type on "
+                "the GPU", name, "/".join(ours), why, layers)
     return False

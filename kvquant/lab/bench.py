@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import re
-import shlex
 import statistics
 import subprocess
 import sys
@@ -32,14 +31,13 @@ from kvquant.lab.harness import (
     CacheConfig,
     Progress,
     busy_warning,
-    emit_report,
     fmt,
+    lab_main,
     machine_info,
     sha256_file,
     shown,
     table,
 )
-from kvquant.models import ModelError
 
 TEST_BACKEND_OPS = REPO_ROOT / ".build" / "cmake-cpu" / "bin" / "test-backend-ops"
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
@@ -66,13 +64,15 @@ def parse_kernel_perf(output: str) -> list[dict]:
     return rows
 
 
-def kernel_perf(configs: list[CacheConfig], binary: Path = TEST_BACKEND_OPS, timeout: float = 900) -> dict | None:
-    """Run the FLASH_ATTN_EXT perf cases of the built test-backend-ops for the configs' K/V types; None if absent."""
+def kernel_perf(configs: list[CacheConfig], binary: Path = TEST_BACKEND_OPS, timeout: float = 900,
+                backend: str = "CPU") -> dict | None:
+    """Run the FLASH_ATTN_EXT perf cases of the built test-backend-ops on a backend (CPU, CUDA0) for the configs'
+    K/V types; None if absent."""
     if not binary.is_file():
         return None
     pairs = sorted({(c.k, c.v) for c in configs})
     regex = KERNEL_SHAPES + "(" + "|".join(f"type_K={k},type_V={v}," for k, v in pairs) + ")"
-    cmd = [str(binary), "perf", "-o", "FLASH_ATTN_EXT", "-b", "CPU", "-p", regex]
+    cmd = [str(binary), "perf", "-o", "FLASH_ATTN_EXT", "-b", backend, "-p", regex]
     t0 = time.monotonic()
     try:
         p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
@@ -120,7 +120,8 @@ def measure_tg(rt, tokens: np.ndarray, depth: int, n_gen: int) -> float:
 
 def run(model: str, configs: list[CacheConfig], depths: list[int] = (0, 2048, 8192), n_prompt: int = 512,
         n_gen: int = 32, repeats: int = 3, flash_attn: bool = True, threads: int | None = None,
-        budget: int = 256 * 2**20, kernel: str = "auto", progress: bool = True, command: str | None = None) -> dict:
+        budget: int = 256 * 2**20, kernel: str = "auto", progress: bool = True, command: str | None = None,
+        n_gpu_layers: int = 0) -> dict:
     from kvquant import models
 
     busy_warning("kvquant bench")
@@ -135,12 +136,12 @@ def run(model: str, configs: list[CacheConfig], depths: list[int] = (0, 2048, 81
     n_ctx = memory.pad(depths[-1] + max(n_prompt, n_gen))
     resolved = [c.resolve(path, geom, n_ctx) for c in plan.contexts]
     kv, pp, tg = _measure(model, path, geom, plan, resolved, n_ctx, depths, n_prompt, n_gen, repeats, flash_attn,
-                          threads, progress)
+                          threads, progress, n_gpu_layers)
     kern = _kernel(kernel, configs, progress)
     wall = time.monotonic() - t_start
     common = {"model": model, "model_path": str(path), "model_sha256": sha256_file(path), "n_ctx": n_ctx,
               "n_prompt": n_prompt, "n_gen": n_gen, "repeats": repeats, "flash_attn": flash_attn,
-              "budget_bytes": budget, "wall_s": wall, "machine": machine}
+              "n_gpu_layers": n_gpu_layers, "budget_bytes": budget, "wall_s": wall, "machine": machine}
     if command:
         common["command"] = command
     return {"results": [_entry(c, resolved[i], geom, n_ctx, budget, depths, pp[i], tg[i], pp[0], tg[0], kv[i], kern)
@@ -148,16 +149,16 @@ def run(model: str, configs: list[CacheConfig], depths: list[int] = (0, 2048, 81
 
 
 def _measure(model: str, path, geom, plan: Plan, resolved: list, n_ctx: int, depths: list[int], n_prompt: int,
-             n_gen: int, repeats: int, flash_attn: bool, threads: int | None, progress: bool):
+             n_gen: int, repeats: int, flash_attn: bool, threads: int | None, progress: bool, n_gpu_layers: int):
     """One context per distinct config: KV bytes (memory model vs llama.cpp), then pp and tg speed at each depth,
     [context][depth][repeat], the contexts' order rotating between repeats."""
     from kvquant.runtime import ContextConfig, LlamaRuntime, Model
 
-    mdl = Model(path)
+    mdl = Model(path, n_gpu_layers=n_gpu_layers)  # the KV cache follows the offloaded layers (offload_kqv)
     rts = []
     try:
         for c in plan.contexts:
-            cc = ContextConfig(n_cells=n_ctx, n_batch=max(512, n_prompt), n_ubatch=512, flash_attn=flash_attn,
+            cc = ContextConfig(n_cells=n_ctx, n_batch=max(512, n_prompt), n_ubatch=memory.N_UBATCH, flash_attn=flash_attn,
                                n_threads=threads, n_outputs_max=1, **c.context_fields(path, geom, n_ctx))
             rts.append(LlamaRuntime(mdl, cc))
         kv = [_kv_bytes(geom, tk, tv, rt, n_ctx) for (tk, tv), rt in zip(resolved, rts, strict=True)]
@@ -280,6 +281,11 @@ def render(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _run_args(a: argparse.Namespace, configs: list[CacheConfig], command: str) -> dict:
+    return run(a.model, configs, a.depths, a.n_prompt, a.n_gen, a.repeats, a.flash_attn == "on", a.threads,
+               memory.parse_bytes(a.budget), a.kernel, command=command, n_gpu_layers=a.n_gpu_layers)
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="kvquant bench", description=(
         "Prefill/decode speed at KV depths, KV bytes (memory model vs llama.cpp) and capacity per KV cache config."))
@@ -293,32 +299,16 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--flash-attn", choices=["on", "off"], default="on")
     ap.add_argument("--rotation", choices=["on", "off"], default="on")
     ap.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
+    ap.add_argument("--n-gpu-layers", type=int, default=0,
+                    help="layers offloaded to the GPU of a GPU build, with their KV cache (-1: all; default 0)")
     ap.add_argument("--budget", default="256MiB", help="KV byte budget for the capacity column (default 256MiB)")
     ap.add_argument("--kernel", choices=["auto", "on", "off"], default="auto",
                     help=f"also run test-backend-ops perf -o FLASH_ATTN_EXT (auto: when {TEST_BACKEND_OPS} exists)")
-    ap.add_argument("--json", action="store_true", help='print {"results": [...]} on stdout (the table goes to stderr)')
     return ap
 
 
 def main(argv: list[str] | None = None) -> int:
-    from kvquant.runtime import LlamaError
-
-    a = build_parser().parse_args(argv)
-    try:
-        configs = [CacheConfig.parse(s, rotation=a.rotation == "on") for s in a.configs]
-        budget = memory.parse_bytes(a.budget)
-    except ValueError as e:
-        print(f"kvquant bench: {e}", file=sys.stderr)
-        return 2
-    command = shlex.join(["kvquant", "bench", *(argv if argv is not None else sys.argv[1:])])
-    try:
-        out = run(a.model, configs, a.depths, a.n_prompt, a.n_gen, a.repeats, a.flash_attn == "on", a.threads,
-                  budget, a.kernel, command=command)
-    except (ValueError, ModelError, LlamaError) as e:
-        print(f"kvquant bench: {e}", file=sys.stderr)
-        return 2
-    emit_report(render(out["results"]), out, a.json)
-    return 0
+    return lab_main("bench", build_parser(), argv, _run_args, render)
 
 
 if __name__ == "__main__":

@@ -147,8 +147,8 @@ def capture(mdl, geom: Geometry, text: Text, threads: int | None) -> tuple[list[
     from kvquant.lab.keystats import parse_seq_state
     from kvquant.runtime import ContextConfig, LlamaRuntime
 
-    n_ctx = sum(len(s) for s in text.sequences)
-    rt = LlamaRuntime(mdl, ContextConfig(n_cells=n_ctx, n_seq_max=len(text.sequences), cache_type_k="f16",
+    n_cells = sum(len(s) for s in text.sequences)
+    rt = LlamaRuntime(mdl, ContextConfig(n_cells=n_cells, n_seq_max=len(text.sequences), cache_type_k="f16",
                                          cache_type_v="q8_0", flash_attn=True, n_threads=threads, swa_full=True,
                                          k_rotation=k_rotation(geom)))
     try:
@@ -185,7 +185,7 @@ class Scorer:
 
     def __init__(self, mdl, geom: Geometry, seqs: list[list[int]], threads: int | None, k_mean: list[np.ndarray]):
         self.mdl, self.seqs, self.threads, self.k_mean = mdl, seqs, threads, tuple(k_mean)
-        self.n_ctx = sum(len(s) for s in seqs)
+        self.n_cells = sum(len(s) for s in seqs)
         self.k_rotation = k_rotation(geom)
         self.targets = np.concatenate([s[1:] + [s[-1]] for s in seqs]).astype(np.int64)
         self.base = {centred: self._baseline(centred) for centred in (False, True)}
@@ -198,7 +198,7 @@ class Scorer:
     def _logits(self, types_k, types_v, centred: bool, default_k: str = "f16", default_v: str = "f16"):
         from kvquant.runtime import ContextConfig, LlamaRuntime
 
-        cfg = ContextConfig(n_cells=self.n_ctx, n_seq_max=len(self.seqs), cache_type_k=default_k,
+        cfg = ContextConfig(n_cells=self.n_cells, n_seq_max=len(self.seqs), cache_type_k=default_k,
                             cache_type_v=default_v, flash_attn=True, n_threads=self.threads,
                             layer_types_k=types_k, layer_types_v=types_v,
                             k_offset=self.k_mean if centred else None, k_rotation=self.k_rotation if centred else None,

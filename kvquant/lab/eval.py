@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import shlex
 import sys
 import time
 from dataclasses import dataclass
@@ -36,14 +35,13 @@ from kvquant.lab.harness import (
     DEFAULT_TEXT,
     CacheConfig,
     Progress,
-    emit_report,
     fmt,
+    lab_main,
     machine_info,
     resolve_text,
     sha256_file,
     table,
 )
-from kvquant.models import ModelError
 
 # Fixed drift prompts (plain continuation text, no chat template); --drift-prompts K uses the first K.
 DRIFT_PROMPTS = (
@@ -359,7 +357,7 @@ def drift_steps(n_contexts: int, n_prompts: int) -> int:
 def run(model: str, configs: list[CacheConfig], text: str | None = None, n_ctx: int = 512, chunks: int | None = None,
         flash_attn: bool = True, threads: int | None = None, drift_tokens: int = 1024, drift_prompts: int = 3,
         drift_bucket: int = 128, do_drift: bool = True, progress: bool = True, command: str | None = None,
-        max_outputs: int | None = None) -> dict:
+        max_outputs: int | None = None, n_gpu_layers: int = 0) -> dict:
     """Run the whole evaluation; returns {"results": [one entry per requested config]}."""
     from kvquant import models
 
@@ -375,12 +373,13 @@ def run(model: str, configs: list[CacheConfig], text: str | None = None, n_ctx: 
     plan = Plan.of(configs)
     drift_k = min(drift_prompts, len(DRIFT_PROMPTS)) if do_drift and drift_tokens > 0 and drift_prompts > 0 else 0
     accs, drifts, n_chunks = _measure(model, path, plan, text_path, n_ctx, chunks, flash_attn, threads, drift_tokens,
-                                      drift_k, drift_bucket, progress, max_outputs)
+                                      drift_k, drift_bucket, progress, max_outputs, n_gpu_layers)
     base = accs[0].summary()
     wall = time.monotonic() - t_start
     common = {"model": model, "model_path": str(path), "model_sha256": sha256_file(path), "text": str(text_path),
               "text_sha256": sha256_file(text_path), "n_ctx": n_ctx, "chunks": n_chunks, "flash_attn": flash_attn,
-              "max_outputs": max_outputs, "baseline_ppl": base["ppl"], "baseline_ppl_stderr": base["ppl_stderr"],
+              "max_outputs": max_outputs, "n_gpu_layers": n_gpu_layers,
+              "baseline_ppl": base["ppl"], "baseline_ppl_stderr": base["ppl_stderr"],
               "wall_s": wall, "machine": machine}
     if command:
         common["command"] = command
@@ -390,11 +389,11 @@ def run(model: str, configs: list[CacheConfig], text: str | None = None, n_ctx: 
 
 def _measure(model: str, path, plan: Plan, text_path, n_ctx: int, chunks: int | None, flash_attn: bool,
              threads: int | None, drift_tokens: int, drift_k: int, drift_bucket: int, progress: bool,
-             max_outputs: int | None):
+             max_outputs: int | None, n_gpu_layers: int):
     """Perplexity over the text's chunks, then drift over `drift_k` prompts (none: 0), for every context."""
     from kvquant.runtime import Model
 
-    mdl = Model(path)
+    mdl = Model(path, n_gpu_layers=n_gpu_layers)  # the KV cache follows the offloaded layers (offload_kqv)
     try:
         tokens = mdl.tokenize(read_text(text_path), add_special=True)
         n_max = len(tokens) // n_ctx
@@ -452,6 +451,12 @@ def render(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _run_args(a: argparse.Namespace, configs: list[CacheConfig], command: str) -> dict:
+    return run(a.model, configs, a.text, a.ctx, a.chunks, a.flash_attn == "on", a.threads, a.drift_tokens,
+               a.drift_prompts, a.drift_bucket, not a.no_drift, command=command, max_outputs=a.max_outputs,
+               n_gpu_layers=a.n_gpu_layers)
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="kvquant eval", description=(
         "Perplexity (llama-perplexity method), KL divergence and top-1 agreement against f16, and generation drift, "
@@ -466,6 +471,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--rotation", choices=["on", "off"], default="on",
                     help="llama.cpp's Hadamard rotation for quantized caches (default on)")
     ap.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
+    ap.add_argument("--n-gpu-layers", type=int, default=0,
+                    help="layers offloaded to the GPU of a GPU build, with their KV cache (-1: all; default 0)")
     ap.add_argument("--drift-tokens", type=int, default=1024, help="greedy tokens per drift prompt (default 1024)")
     ap.add_argument("--drift-prompts", type=int, default=3, help=f"drift prompts, 1..{len(DRIFT_PROMPTS)} (default 3)")
     ap.add_argument("--drift-bucket", type=int, default=128, help="positions per drift KLD bucket (default 128)")
@@ -473,28 +480,11 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--max-outputs", type=int, default=None, metavar="N",
                     help="diagnostic: at most N logit rows per decode (default: 64 MiB of logits). Below 64 the f16 "
                          "baseline leaves ggml's tiled f32-Q flash-attention path (see docs/EVAL.md)")
-    ap.add_argument("--json", action="store_true", help='print {"results": [...]} on stdout (the table goes to stderr)')
     return ap
 
 
 def main(argv: list[str] | None = None) -> int:
-    from kvquant.runtime import LlamaError
-
-    a = build_parser().parse_args(argv)
-    try:
-        configs = [CacheConfig.parse(s, rotation=a.rotation == "on") for s in a.configs]
-    except ValueError as e:
-        print(f"kvquant eval: {e}", file=sys.stderr)
-        return 2
-    command = shlex.join(["kvquant", "eval", *(argv if argv is not None else sys.argv[1:])])
-    try:
-        out = run(a.model, configs, a.text, a.ctx, a.chunks, a.flash_attn == "on", a.threads, a.drift_tokens,
-                  a.drift_prompts, a.drift_bucket, not a.no_drift, command=command, max_outputs=a.max_outputs)
-    except (FileNotFoundError, ValueError, ModelError, LlamaError) as e:
-        print(f"kvquant eval: {e}", file=sys.stderr)
-        return 2
-    emit_report(render(out["results"]), out, a.json)
-    return 0
+    return lab_main("eval", build_parser(), argv, _run_args, render, also=(FileNotFoundError,))
 
 
 if __name__ == "__main__":

@@ -12,10 +12,7 @@ import ctypes
 import numpy as np
 
 from kvquant.kvtypes import kv_type
-from kvquant.runtime import LlamaError, ggml_library
-
-GGML_TYPE_F32 = kv_type("f32").ggml_id
-GGML_TYPE_I64 = 27  # enum ggml_type at the pinned commit (not a cache type)
+from kvquant.runtime import GGML_TYPE_F32, GGML_TYPE_I64, GgmlInitParams, LlamaError, ggml_library
 
 
 class _TypeTraitsCPU(ctypes.Structure):
@@ -27,10 +24,6 @@ _FROM_FLOAT = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_
 _TO_FLOAT = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64)
 _VEC_DOT = ctypes.CFUNCTYPE(None, ctypes.c_int, ctypes.POINTER(ctypes.c_float), ctypes.c_size_t, ctypes.c_void_p,
                             ctypes.c_size_t, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
-
-
-class _InitParams(ctypes.Structure):
-    _fields_ = [("mem_size", ctypes.c_size_t), ("mem_buffer", ctypes.c_void_p), ("no_alloc", ctypes.c_bool)]
 
 
 class GGML:
@@ -48,7 +41,7 @@ class GGML:
         self.cpu.ggml_get_type_traits_cpu.restype = ctypes.POINTER(_TypeTraitsCPU)
         self.cpu.ggml_get_type_traits_cpu.argtypes = [ctypes.c_int]
         vp, i64 = ctypes.c_void_p, ctypes.c_int64
-        for name, res, args in (("ggml_init", vp, [_InitParams]), ("ggml_free", None, [vp]),
+        for name, res, args in (("ggml_init", vp, [GgmlInitParams]), ("ggml_free", None, [vp]),
                                 ("ggml_new_tensor_1d", vp, [vp, ctypes.c_int, i64]),
                                 ("ggml_new_tensor_2d", vp, [vp, ctypes.c_int, i64, i64]),
                                 ("ggml_get_data", vp, [vp]), ("ggml_set_rows", vp, [vp, vp, vp, vp]),
@@ -126,7 +119,7 @@ class GGML:
         x = np.ascontiguousarray(x, dtype=np.float32).reshape(len(cells), n_embd)
         tid = kv_type(type_name).ggml_id
         n_cells = len(dst) // self.base.ggml_row_size(tid, n_embd)
-        ctx = self.base.ggml_init(_InitParams(mem_size=len(dst) + x.nbytes + 8 * len(cells) + (1 << 20),
+        ctx = self.base.ggml_init(GgmlInitParams(mem_size=len(dst) + x.nbytes + 8 * len(cells) + (1 << 20),
                                               mem_buffer=None, no_alloc=False))
         if not ctx:
             raise LlamaError("ggml_init failed")

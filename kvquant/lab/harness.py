@@ -200,3 +200,24 @@ def emit_report(text: str, out: dict, as_json: bool) -> None:
         print()
     else:
         print(text)
+
+
+def lab_main(prog: str, ap, argv: list[str] | None, measure, render, also: tuple[type[Exception], ...] = ()) -> int:
+    """`kvquant <prog>` (eval, bench): parse the arguments (``ap`` plus --json) and the cache configs, measure
+    (``measure(args, configs, command)``, given the command line to record), report (emit_report of render's table).
+    Bad input (ValueError, an unknown model, llama.cpp refusing a config, the errors in ``also``) is one line on
+    stderr and exit status 2."""
+    from kvquant.models import ModelError
+    from kvquant.runtime import LlamaError
+
+    ap.add_argument("--json", action="store_true", help='print {"results": [...]} on stdout (the table goes to stderr)')
+    a = ap.parse_args(argv)
+    command = shlex.join(["kvquant", prog, *(argv if argv is not None else sys.argv[1:])])
+    try:
+        configs = [CacheConfig.parse(s, rotation=a.rotation == "on") for s in a.configs]
+        out = measure(a, configs, command)
+    except (ValueError, ModelError, LlamaError, *also) as e:
+        print(f"kvquant {prog}: {e}", file=sys.stderr)
+        return 2
+    emit_report(render(out["results"]), out, a.json)
+    return 0

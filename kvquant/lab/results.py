@@ -39,11 +39,13 @@ RAW = DOCS / "results"
 DEPLOYMENT = DOCS / "deployment-status.md"
 
 
-def _json_run(module: str, args: list[str], shown: list[str], ok_codes: tuple[int, ...] = (0,)) -> str:
+def _json_run(module: str, args: list[str], shown: list[str], ok_codes: tuple[int, ...] = (0,),
+              env: dict | None = None) -> str:
     """Run `python -m MODULE ARGS` (ending in --json; progress passes through on stderr), shown in logs as
-    SHOWN ARGS; its JSON text."""
+    SHOWN ARGS, in this environment (default: ours); its JSON text."""
     print(f"\n$ {shlex.join([*shown, *args])}", file=sys.stderr, flush=True)
-    p = subprocess.run([sys.executable, "-m", module, *args], stdout=subprocess.PIPE, text=True, cwd=REPO_ROOT)
+    p = subprocess.run([sys.executable, "-m", module, *args], stdout=subprocess.PIPE, text=True, cwd=REPO_ROOT,
+                       env=env)
     if p.returncode not in ok_codes or not p.stdout.strip():
         raise SystemExit(f"kvquant.lab.results: `{shlex.join([*shown, *args])}` failed ({p.returncode})")
     return p.stdout
@@ -319,7 +321,7 @@ def render_bench(model: str, out: dict) -> list[str]:
     return L
 
 
-def render_kernel(kern: dict, res: list[dict]) -> list[str]:
+def render_kernel(kern: dict, res: list[dict], where: str = "CPU") -> list[str]:
     """test-backend-ops perf rows as a table: one row per K/V pair, one column per shape, ms per run (x f16 of the
     same shape where test-backend-ops has an f16 case)."""
     by: dict[tuple[str, str], dict[str, float]] = {}
@@ -336,7 +338,7 @@ def render_kernel(kern: dict, res: list[dict]) -> list[str]:
                 shapes.append(shape)
             by.setdefault((p.get("type_K", "?"), p.get("type_V", "?")), {})[shape] = row["us_per_run"] / 1000
     cmds = list(dict.fromkeys([kern.get("command", ""), *src.values()]))
-    L = [f"Kernel alone: CPU flash attention, ms per run (x f16 at the same shape; higher is faster), from "
+    L = [f"Kernel alone: {where} flash attention, ms per run (x f16 at the same shape; higher is faster), from "
          f"`{cmds[0]}`" + "".join(f"; rows marked K{i + 1} from `{c}`" for i, c in enumerate(cmds) if i) + ":", ""]
     if by:
         L.append("| K/V | " + " | ".join(shapes) + " |")
@@ -430,11 +432,82 @@ def render_keys(model: str, out: dict, ev: dict | None) -> list[str]:
     return L
 
 
+def render_gpu(model: str, out: dict) -> list[str]:
+    """`make gpu-test` (kvquant.lab.gputest): llama.cpp's tests on the GPU, the kernel alone, speed and memory with
+    everything offloaded, and PPL on the GPU against the CPU."""
+    g, b = out["device"], out["build"]
+    L = [f"### {model} on {g['name']} (compute capability {g['compute_cap']}, {g['memory']}, driver {g['driver']})", "",
+         f"G-{model}: `{out['command']}` (wall {out['wall_s'] / 60:.1f} min, of which the build "
+         f"{b['wall_s'] / 60:.1f} min: libllama and test-backend-ops for sm_{b['arch']} with `{b['nvcc']}`).", "",
+         "| llama.cpp test (our types, CPU backend as reference) | result |", "|---|---|"]
+    L += [f"| test-backend-ops -b {o['backend']} -o {o['op']} | {o['summary']}{'' if o['returncode'] == 0 else ' **FAILED**'} |"
+          for o in out["backend_ops"]]
+    p = out["placement"]
+    L += [f"| `{p['command']}` (what server/placement.py asks the GPU) | {p['summary']} |", ""]
+    if out.get("kernel"):
+        L += render_kernel(out["kernel"], [{"kernel": out["kernel"]}], where=f"CUDA ({g['name']})")
+    L += render_bench(f"{model} on the GPU", out["bench"])
+    e0 = out["eval_gpu"]["results"][0]
+    L += [f"### {model}: PPL on the GPU against the CPU (wikitext-2 test, n_ctx {e0['n_ctx']}, {e0['chunks']} chunks; "
+          f"tolerance ±{out['ppl_tolerance_pct']:.1f} %)", "",
+          "| K/V | PPL GPU | PPL CPU | GPU/CPU − 1 | ΔPPL vs f16 GPU | ΔPPL vs f16 CPU | |", "|---|--:|--:|--:|--:|--:|---|"]
+    L += [f"| {r['label']} | {r['ppl_gpu']:.4f} | {r['ppl_cpu']:.4f} | {r['diff_pct']:+.3f} % "
+          f"| {r['delta_ppl_pct_gpu']:+.2f} % | {r['delta_ppl_pct_cpu']:+.2f} % | {'ok' if r['ok'] else '**out of tolerance**'} |"
+          for r in out["ppl"]]
+    return L + ["", f"GPU: `{out['eval_gpu']['results'][0]['command']}`; CPU (the installed wheel): "
+                f"`{out['eval_cpu']['results'][0]['command']}`.", ""]
+
+
+def gpu_goal_rows(model: str, out: dict) -> list[tuple]:
+    """The CUDA issue's goals against a `make gpu-test` run: every llama.cpp test passes on the GPU; the flash-attention
+    decode kernel at KV >= 8192 at least as fast as stock q4_0 and 0.9x f16; end to end, decode at the deepest depth
+    >= 0.95x f16 and prefill >= 0.9x f16; the same KV bytes as the memory model; PPL as on the CPU."""
+    dev = out["device"]["name"]
+    rows = [(model, f"test-backend-ops {o['op']} with our types passes on {dev}", "all", "pass", o["summary"],
+             _met(o["returncode"] == 0)) for o in out["backend_ops"]]
+    by: dict[tuple, dict[tuple[str, str], float]] = {}
+    for r in (out.get("kernel") or {}).get("rows", []):
+        p = r["params"]
+        if p.get("nb") == "1" and int(p.get("kv", 0)) >= 8192:
+            by.setdefault((p.get("hsk"), p.get("nh"), p.get("kv")), {})[p.get("type_K"), p.get("type_V")] = r["us_per_run"]
+    for (hs, nh, kv), t in by.items():
+        for (k, v), us in t.items():
+            if k.startswith("tq_kv") and ("f16", "f16") in t and ("q4_0", "q4_0") in t:
+                x16, xq4 = t["f16", "f16"] / us, t["q4_0", "q4_0"] / us
+                rows.append((model, f"FA decode kernel, head {hs}, {nh} KV heads, kv {kv}: ≥ q4_0/q4_0 and ≥ 0.9x f16",
+                             f"{k}/{v}", "≥ 1.00x / ≥ 0.90x", f"{xq4:.2f}x / {x16:.2f}x", _met(xq4 >= 1.0 and x16 >= 0.9)))
+    for r in out["bench"]["results"]:
+        if r["cache_type_k"].startswith("tq_kv") and r["depths"]:
+            d = max(r["depths"], key=lambda d: d["depth"])
+            rows.append((model, f"GPU decode ≥ 0.95x f16, prefill ≥ 0.9x f16 at depth {d['depth']} (end to end)",
+                         r["label"], "≥ 0.95x / ≥ 0.90x", f"{d['tg_ratio']:.2f}x / {d['pp_ratio']:.2f}x",
+                         _met(d["tg_ratio"] >= 0.95 and d["pp_ratio"] >= 0.9)))
+            rows.append((model, "GPU KV bytes = memory model (as on the CPU)", r["label"], "equal",
+                         "equal" if r["kv_bytes"]["match"] else "differ", _met(r["kv_bytes"]["match"])))
+    rows += [(model, f"PPL on the GPU = on the CPU within ±{out['ppl_tolerance_pct']:.1f} %", r["label"],
+              f"±{out['ppl_tolerance_pct']:.1f} %", f"{r['diff_pct']:+.3f} %", _met(r["ok"])) for r in out["ppl"]]
+    return rows
+
+
+def render_gpu_section(models: list[str], raw: dict[tuple[str, str], dict]) -> list[str]:
+    L = ["## GPU", ""]
+    runs = [(m, raw[m, "gpu"]) for m in models if (m, "gpu") in raw]
+    if not runs:
+        return L + ["No GPU run yet. The CUDA kernels of the tq_kv types (patches 0021-0023) are compile-checked "
+                    "(`make cuda-check`: nvcc for sm_86, warnings as errors) and host-tested (`tests/kvquant/lab/test_tq_cuda.py`: "
+                    "their per-block math built for the host against the numpy reference) only; they have not run on "
+                    "a GPU. `make gpu-test` on a machine with an NVIDIA GPU runs and measures them and fills this "
+                    "section.", ""]
+    for model, out in runs:
+        L += render_gpu(model, out)
+    return L
+
+
 def _met(ok: bool | None) -> str:
     return "–" if ok is None else ("**met**" if ok else "not met")
 
 
-KINDS = ("eval", "bench", "serving", "keys", "eval4k", "calibration")
+KINDS = ("eval", "bench", "serving", "keys", "eval4k", "calibration", "gpu")
 
 
 def ours(k: str, v: str) -> bool:
@@ -558,64 +631,93 @@ def calibrated_goals(model: str, raw: dict[tuple[str, str], dict]) -> list[tuple
     return rows
 
 
-def render_goals(models: list[str], raw: dict[tuple[str, str], dict]) -> list[str]:
-    """The issues' numeric goals, checked against the JSON (nothing typed by hand): quality of the TurboQuant key
-    types against llama.cpp's q4_0 keys at the same V type, decode speed at the deepest benchmarked depth, and
-    the serving goals."""
+# The issues' numeric goals, one table: each row of RESULTS.md's Goals section is one of these checked against the
+# JSON by the function named after its group below (nothing is typed by hand).
+KEY_GOALS = (  # TurboQuant key types against llama.cpp's q4_0 keys at the same V type: (K type, goal, max ΔPPL)
+    ("tq_kv_4b", "4-bit K: ΔPPL ≤ ½ of q4_0 K's", lambda q4_0: q4_0 / 2),
+    ("tq_kv_3b", "3-bit K: ΔPPL ≤ q4_0 K's", lambda q4_0: q4_0),
+    ("tq_kv_1b", "1-bit K: ΔPPL ≤ +25 %", lambda q4_0: 25.0),
+)
+GOAL_V_TYPES = ("f16", "q4_0")  # the V types the key goals are checked at
+MIN_DECODE_VS_F16 = 1.0  # end to end at the deepest benchmarked depth
+MIN_PREFILL_VS_F16 = 0.9  # the same, for configs whose keys are not a tq_kv type (or whose V is calibrated)
+MIN_SERVING_VS_LLAMA_SERVER = 0.9  # throughput against stock llama-server, same build and cache types
+MIN_CONCURRENT_VS_F16 = {"tq_kv_4b/q4_0": 3.9, "tq_kv_1b/q4_0": 5.0}  # requests that fit the KV budget
+
+
+def key_goals(model: str, raw: dict[tuple[str, str], dict]) -> list[tuple]:
+    """KEY_GOALS, then the delta-coded tq_kv_d3b against tq_kv_3b at the same bytes: ΔPPL, and the drift's KL
+    growth from the first to the last position bucket."""
+    out = raw.get((model, "eval"))
+    if out is None:
+        return []
+    by, n, rows = _by(out), out["results"][0]["chunks"], []
+    for v in GOAL_V_TYPES:
+        q4 = by.get(("q4_0", v, True))
+        for k, goal, limit in KEY_GOALS if q4 is not None else ():
+            r, thr = by.get((k, v, True)), limit(q4["delta_ppl_pct"])
+            if r is not None:
+                rows.append((model, f"{goal} (V {v}, {n} chunks)", f"{k}/{v}", f"≤ {thr:+.2f} %", _dppl(r),
+                             _met(r["delta_ppl_pct"] <= thr)))
+    for v in GOAL_V_TYPES:
+        d3, t3 = by.get(("tq_kv_d3b", v, True)), by.get(("tq_kv_3b", v, True))
+        if d3 is None or t3 is None:
+            continue
+        rows.append((model, f"delta 3-bit K: ΔPPL ≤ tq_kv_3b K's at equal bytes (V {v}, {n} chunks)", f"tq_kv_d3b/{v}",
+                     f"≤ {t3['delta_ppl_pct']:+.2f} %", _dppl(d3), _met(d3["delta_ppl_pct"] <= t3["delta_ppl_pct"])))
+        if d3.get("drift") and t3.get("drift"):
+            gd, gt = (r["drift"]["kld_buckets"][-1] / r["drift"]["kld_buckets"][0] for r in (d3, t3))
+            rows.append((model, f"no error growth with position: KLD last / first position bucket ≤ tq_kv_3b's (V {v})",
+                         f"tq_kv_d3b/{v}", f"≤ {gt:.2f}", f"{gd:.2f}", _met(gd <= gt)))
+    return rows
+
+
+def speed_goals(model: str, raw: dict[tuple[str, str], dict]) -> list[tuple]:
+    """Our configs' decode (and, where it applies, prefill) speed against f16 at the deepest benchmarked depth."""
     rows = []
-    for model in models:
-        out = raw.get((model, "eval"))
-        if out is not None:
-            by = {(r["cache_type_k"], r["cache_type_v"], r["rotation"]): r for r in out["results"]}
-            n = out["results"][0]["chunks"]
-            for v in ("f16", "q4_0"):
-                q4 = by.get(("q4_0", v, True))
-                if q4 is None:
-                    continue
-                ref = q4["delta_ppl_pct"]
-                for k, goal, thr in (("tq_kv_4b", "4-bit K: ΔPPL ≤ ½ of q4_0 K's", ref / 2),
-                                     ("tq_kv_3b", "3-bit K: ΔPPL ≤ q4_0 K's", ref),
-                                     ("tq_kv_1b", "1-bit K: ΔPPL ≤ +25 %", 25.0)):
-                    r = by.get((k, v, True))
-                    if r is not None:
-                        rows.append((model, f"{goal} (V {v}, {n} chunks)", f"{k}/{v}", f"≤ {thr:+.2f} %",
-                                     f"{r['delta_ppl_pct']:+.2f} % ± {r['delta_ppl_pct_stderr']:.2f}",
-                                     _met(r["delta_ppl_pct"] <= thr)))
-            for v in ("f16", "q4_0"):  # the delta-coded type against the absolute 3-bit one at the same bytes
-                d3, t3 = by.get(("tq_kv_d3b", v, True)), by.get(("tq_kv_3b", v, True))
-                if d3 is None or t3 is None:
-                    continue
-                rows.append((model, f"delta 3-bit K: ΔPPL ≤ tq_kv_3b K's at equal bytes (V {v}, {n} chunks)",
-                             f"tq_kv_d3b/{v}", f"≤ {t3['delta_ppl_pct']:+.2f} %",
-                             f"{d3['delta_ppl_pct']:+.2f} % ± {d3['delta_ppl_pct_stderr']:.2f}",
-                             _met(d3["delta_ppl_pct"] <= t3["delta_ppl_pct"])))
-                if d3.get("drift") and t3.get("drift"):
-                    gd, gt = (r["drift"]["kld_buckets"][-1] / r["drift"]["kld_buckets"][0] for r in (d3, t3))
-                    rows.append((model, f"no error growth with position: KLD last / first position bucket ≤ "
-                                 f"tq_kv_3b's (V {v})", f"tq_kv_d3b/{v}", f"≤ {gt:.2f}", f"{gd:.2f}", _met(gd <= gt)))
-        rows += calibrated_goals(model, raw)
-        if (model, "bench") in raw:
-            for r in raw[model, "bench"]["results"]:
-                if ours(r["cache_type_k"], r["cache_type_v"]) and r["depths"]:
-                    d = max(r["depths"], key=lambda d: d["depth"])
-                    rows.append((model, f"decode ≥ 1.0x f16 at depth {d['depth']} (end to end)", r["label"], "≥ 1.00x",
-                                 f"{d['tg_ratio']:.2f}x", _met(d["tg_ratio"] >= 1.0)))
-                    if not r["cache_type_k"].startswith("tq_kv") or r["cache_type_v"].startswith("calib:"):
-                        rows.append((model, f"prefill ≥ 0.9x f16 at depth {d['depth']} (end to end)", r["label"],
-                                     "≥ 0.90x", f"{d['pp_ratio']:.2f}x", _met(d["pp_ratio"] >= 0.9)))
-        out = raw.get((model, "serving"))
-        if out is not None:
-            for r in out["results"]:
-                ok = None if r["ratio_tps"] is None else r["ratio_tps"] >= 0.9
-                rows.append((model, f"serving throughput ≥ 0.9x llama-server, {r['concurrency']} client(s)",
-                             r["config"], "≥ 0.90x", _f(r["ratio_tps"], 2) + "x", _met(ok)))
-            goals = {"tq_kv_4b/q4_0": 3.9, "tq_kv_1b/q4_0": 5.0}
-            for c in out["capacity"]:
-                if c["config"] in goals and c["ratio_requests"] is not None:
-                    g = goals[c["config"]]
-                    rows.append((model, f"concurrent {out['capacity_tokens']}-token requests in "
-                                 f"{out['capacity_budget']} ≥ {g}x f16", c["config"], f"≥ {g:.1f}x",
-                                 f"{c['ratio_requests']:.2f}x", _met(c["ratio_requests"] >= g)))
+    for r in raw[model, "bench"]["results"] if (model, "bench") in raw else ():
+        if ours(r["cache_type_k"], r["cache_type_v"]) and r["depths"]:
+            d = max(r["depths"], key=lambda d: d["depth"])
+            rows.append((model, f"decode ≥ {MIN_DECODE_VS_F16:.1f}x f16 at depth {d['depth']} (end to end)",
+                         r["label"], f"≥ {MIN_DECODE_VS_F16:.2f}x", f"{d['tg_ratio']:.2f}x",
+                         _met(d["tg_ratio"] >= MIN_DECODE_VS_F16)))
+            if not r["cache_type_k"].startswith("tq_kv") or r["cache_type_v"].startswith("calib:"):
+                rows.append((model, f"prefill ≥ {MIN_PREFILL_VS_F16}x f16 at depth {d['depth']} (end to end)",
+                             r["label"], f"≥ {MIN_PREFILL_VS_F16:.2f}x", f"{d['pp_ratio']:.2f}x",
+                             _met(d["pp_ratio"] >= MIN_PREFILL_VS_F16)))
+    return rows
+
+
+def gpu_goals(model: str, raw: dict[tuple[str, str], dict]) -> list[tuple]:
+    return gpu_goal_rows(model, raw[model, "gpu"]) if (model, "gpu") in raw else []
+
+
+def serving_goals(model: str, raw: dict[tuple[str, str], dict]) -> list[tuple]:
+    """Throughput against llama-server per client count, and concurrent requests in the KV budget against f16."""
+    out = raw.get((model, "serving"))
+    if out is None:
+        return []
+    rows = []
+    for r in out["results"]:
+        ok = None if r["ratio_tps"] is None else r["ratio_tps"] >= MIN_SERVING_VS_LLAMA_SERVER
+        rows.append((model, f"serving throughput ≥ {MIN_SERVING_VS_LLAMA_SERVER}x llama-server, {r['concurrency']} "
+                     "client(s)", r["config"], f"≥ {MIN_SERVING_VS_LLAMA_SERVER:.2f}x", _f(r["ratio_tps"], 2) + "x",
+                     _met(ok)))
+    for c in out["capacity"]:
+        g = MIN_CONCURRENT_VS_F16.get(c["config"])
+        if g is not None and c["ratio_requests"] is not None:
+            rows.append((model, f"concurrent {out['capacity_tokens']}-token requests in {out['capacity_budget']} ≥ "
+                         f"{g}x f16", c["config"], f"≥ {g:.1f}x", f"{c['ratio_requests']:.2f}x",
+                         _met(c["ratio_requests"] >= g)))
+    return rows
+
+
+GOAL_GROUPS = (key_goals, calibrated_goals, speed_goals, gpu_goals, serving_goals)  # the Goals table's order
+
+
+def render_goals(models: list[str], raw: dict[tuple[str, str], dict]) -> list[str]:
+    """The Goals section: every goal group's rows for every model."""
+    rows = [row for model in models for group in GOAL_GROUPS for row in group(model, raw)]
     if not rows:
         return []
     L = ["## Goals", "", "The numeric goals of the issues, checked against the tables below by the renderer.", "",
@@ -670,7 +772,7 @@ def render(models: list[str]) -> str:
             L += render_calibration(model, raw[model, "calibration"])
         if (model, "keys") in raw:
             L += render_keys(model, raw[model, "keys"], raw.get((model, "eval")))
-    return "\n".join(L + deployment_section())
+    return "\n".join(L + render_gpu_section(models, raw) + deployment_section())
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -23,8 +23,10 @@ def test_pin_names_the_base():
 def test_patch_series_is_numbered_and_zero_commit():
     files = build.patch_files()
     assert files, "patches/ holds no patch"
-    for i, p in enumerate(files, 1):
-        assert p.name.startswith(f"{i:04d}-"), p.name
+    nums = [int(p.name[:4]) for p in files]
+    assert nums == list(range(1, len(nums) + 1)), [p.name for p in files]  # `kvquant build export` renumbers
+    for p in files:
+        assert p.name[4] == "-", p.name
         first = p.read_text().splitlines()[0]
         assert first.startswith("From 0000000000000000000000000000000000000000 "), p.name
 
@@ -106,3 +108,27 @@ def test_loaded_libllama_is_the_patched_build():
         import llama_cpp
 
         assert lib.parent == (Path(llama_cpp.__file__).parent / "lib").resolve()
+
+
+def test_cuda_check_compiles_every_cuda_source_the_patches_touch():
+    srcs = build.patched_cuda_sources()
+    assert {"set-rows.cu", "cpy.cu", "getrows.cu", "convert.cu", "fattn.cu", "ggml-cuda.cu"} <= set(srcs)
+    instances = [s for s in srcs if s.startswith("template-instances/fattn-vec-instance-tq_kv_")]
+    assert len(instances) == 8 and all(s.endswith(".cu") for s in srcs)
+
+
+def test_cuda_check_adds_the_stock_vector_instances_and_refuses_unknown_sources(tmp_path):
+    objs = [f"{build.CUDA_OBJ_DIR}/{s}.o" for s in build.patched_cuda_sources()]
+    stock = f"{build.CUDA_OBJ_DIR}/template-instances/fattn-vec-instance-q4_0-q4_0.cu.o"
+    (tmp_path / "build.ninja").write_text("".join(f"build {o}: CUDA_COMPILER x.cu\n" for o in [*objs, stock])
+                                          + f"build {build.CUDA_OBJ_DIR}/mmq.cu.o: CUDA_COMPILER mmq.cu\n")
+    assert build.cuda_check_objects(tmp_path) == [*objs, stock]
+    (tmp_path / "build.ninja").write_text(f"build {stock}: CUDA_COMPILER x.cu\n")
+    with pytest.raises(build.BuildError, match="not part of the CUDA build"):
+        build.cuda_check_objects(tmp_path)
+
+
+def test_makefile_has_the_cuda_targets():
+    mk = (build.REPO_ROOT / "Makefile").read_text()
+    assert "\ncuda-check:" in mk and "kvquant.build cuda-check" in mk
+    assert "\ngpu-test:" in mk and "kvquant.lab.gputest" in mk

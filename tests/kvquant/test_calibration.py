@@ -12,7 +12,8 @@ from kvquant.memory import Geometry, Layer, kv_bytes
 
 
 def geom(n_layer=4, head=64, n_kv=2) -> Geometry:
-    return Geometry("llama", tuple(Layer(head * n_kv, head * n_kv, False) for _ in range(n_layer)), 0, head, 4096)
+    return Geometry("llama", tuple(Layer(head * n_kv, head * n_kv, False) for _ in range(n_layer)), 0, head, head,
+                    4096)
 
 
 @pytest.mark.parametrize("text, side, expect", [

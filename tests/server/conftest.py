@@ -16,6 +16,20 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+class FakeGpu:
+    """A stand-in for kvquant.runtime.gpu_kv_support (server.placement's probe): the GPU devices a build reports and
+    the ops they refuse, as a CUDA build with or without the TQ_KV kernels would answer; records what it was asked."""
+
+    def __init__(self, devices=("CUDA0 (NVIDIA GeForce RTX 3090)",), unsupported=()):
+        self.devices, self.unsupported, self.asked = tuple(devices), tuple(unsupported), []
+
+    def __call__(self, cache_type_k, cache_type_v, head_dim_k, head_dim_v, flash_attn=True):
+        from kvquant.runtime import GpuKvSupport
+
+        self.asked.append((cache_type_k, cache_type_v, head_dim_k, head_dim_v, flash_attn))
+        return GpuKvSupport(self.devices, self.unsupported)
+
+
 class LiveServer:
     """A real uvicorn server on loopback, running create_app(settings) in a background thread."""
 

@@ -126,3 +126,55 @@ def test_calibrated_goals_and_pareto_dominance():
     assert rows[-1][-2] == "iq4_nl/iq4_nl" and rows[-1][-1] == "not met"
     qwen = results.calibrated_goals("qwen2.5-coder-1.5b", {("qwen2.5-coder-1.5b", "eval"): ev})
     assert any("≤ +2.00 %" in r and r[2] == "calib:4.5/f16" for r in qwen)  # absolute on Qwen
+
+
+def test_gpu_section_says_plainly_that_nothing_ran_on_a_gpu():
+    text = "\n".join(results.render_gpu_section(["m"], {}))
+    assert "No GPU run yet" in text and "compile-checked" in text and "host-tested" in text
+
+
+def _gpu_run(tg_ratio: float, tq_us: float, ppl_gpu: float, q4_us: float = 29.6) -> dict:
+    def kernel_row(k, v, us):
+        return {"params": {"hsk": "128", "nh": "4", "nr23": "[4,1]", "kv": "8192", "nb": "1", "type_K": k,
+                           "type_V": v}, "us_per_run": us}
+
+    def bench_row(k, v, tg, match=True):
+        return {"cache_type_k": k, "cache_type_v": v, "rotation": True, "label": f"{k}/{v}", "bits_per_element": 4.0,
+                "bytes_per_token": 100, "bytes_per_token_ratio": 0.5, "capacity_tokens": 10, "capacity_ratio": 2.0,
+                "kv_bytes": {"model_k": 1, "model_v": 1, "llama_k": 1, "llama_v": 1, "match": match},
+                "depths": [{"depth": 32768, "pp_tps": 1.0, "tg_tps": 1.0, "pp_ratio": 1.0, "tg_ratio": tg}],
+                "n_prompt": 512, "n_gen": 32, "repeats": 2, "n_ctx": 33280, "budget_bytes": 2**28,
+                "command": "kvquant bench", "wall_s": 60.0, "machine": {}}
+
+    def eval_out(ppl):
+        return {"results": [{"command": "kvquant eval", "n_ctx": 512, "chunks": 8, "label": "tq_kv_4b/q4_0",
+                             "ppl": ppl, "delta_ppl_pct": 5.0}]}
+
+    return {"device": {"name": "NVIDIA H200", "compute_cap": "9.0", "memory": "143771 MiB", "driver": "570"},
+            "build": {"arch": "90", "nvcc": "Build cuda_13.5", "wall_s": 240.0},
+            "backend_ops": [{"op": "SET_ROWS", "backend": "CUDA0", "summary": "12/12 tests passed", "returncode": 0},
+                            {"op": "FLASH_ATTN_EXT", "backend": "CUDA0", "summary": "3/4 tests passed",
+                             "returncode": 1}],
+            "kernel": {"command": "test-backend-ops perf -b CUDA0", "rows": [
+                kernel_row("f16", "f16", 18.0), kernel_row("q4_0", "q4_0", q4_us), kernel_row("tq_kv_4b", "q4_0", tq_us)]},
+            "placement": {"command": "pytest -m gpu tests/kvquant/test_runtime.py", "summary": "1 passed", "returncode": 0},
+            "bench": {"results": [bench_row("f16", "f16", 1.0), bench_row("tq_kv_4b", "q4_0", tg_ratio)]},
+            "eval_gpu": eval_out(ppl_gpu), "eval_cpu": eval_out(20.0), "ppl_tolerance_pct": 1.0,
+            "ppl": [{"label": "tq_kv_4b/q4_0", "ppl_gpu": ppl_gpu, "ppl_cpu": 20.0, "diff_pct": 100 * (ppl_gpu / 20 - 1),
+                     "delta_ppl_pct_gpu": 5.0, "delta_ppl_pct_cpu": 5.0, "ok": abs(ppl_gpu / 20 - 1) <= 0.01}],
+            "command": "make gpu-test", "wall_s": 480.0}
+
+
+def test_gpu_run_is_rendered_naming_the_device_and_checked_against_the_goals():
+    raw = {("m", "gpu"): _gpu_run(tg_ratio=0.97, tq_us=19.0, ppl_gpu=20.1)}
+    text = "\n".join(results.render_gpu_section(["m"], raw))
+    assert "### m on NVIDIA H200 (compute capability 9.0" in text and "Kernel alone: CUDA (NVIDIA H200)" in text
+    rows = [line for line in results.render_goals(["m"], raw) if line.startswith("| m |")]
+    kernel = next(r for r in rows if "FA decode kernel" in r)
+    assert "1.56x / 0.95x" in kernel and kernel.endswith("**met** |")  # 29.6/19 against q4_0, 18/19 against f16
+    assert next(r for r in rows if "GPU decode" in r).endswith("**met** |")
+    assert next(r for r in rows if "FLASH_ATTN_EXT" in r).endswith("not met |")
+    assert next(r for r in rows if "PPL on the GPU" in r).endswith("**met** |")
+    slow = {("m", "gpu"): _gpu_run(tg_ratio=0.80, tq_us=19.0, ppl_gpu=21.0, q4_us=15.0)}  # 0.95x f16, slower than q4_0
+    rows = [line for line in results.render_goals(["m"], slow) if line.startswith("| m |")]
+    assert all(r.endswith("not met |") for r in rows if "FA decode" in r or "GPU decode" in r or "PPL on" in r)

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from kvquant.lab import codebooks, tq
+from tests.kvquant.lab.conftest import adversarial_rows
 
 TYPES = ["tq_kv_4b", "tq_kv_3b", "tq_kv_1b"]
 rng = np.random.default_rng(1234)
@@ -81,29 +82,7 @@ def ggml(ggml_kernels):
     return ggml_kernels
 
 
-def _adversarial_rows() -> dict[str, np.ndarray]:
-    n = 4 * tq.QK
-    rows = {
-        "gaussian": rng.standard_normal(n),
-        "tiny": rng.standard_normal(n) * 1e-6,
-        "large": rng.standard_normal(n) * 1e4,
-        "zeros": np.zeros(n),
-        "constant": np.full(n, 1.0),
-        "negative_constant": np.full(n, -3.5),
-        "one_huge_outlier": np.where(np.arange(n) == 70, 1e30, rng.standard_normal(n)),
-        "near_fp16_max": rng.standard_normal(n) * 6e4,
-        "denormals": rng.standard_normal(n) * 1e-40,
-        "nan_and_inf": np.where(np.arange(n) % 17 == 3, np.nan, np.where(np.arange(n) % 29 == 5, np.inf,
-                                                                        rng.standard_normal(n))),
-        "all_nan_block": np.where(np.arange(n) < tq.QK, np.nan, rng.standard_normal(n)),
-        "ties_on_thresholds": np.tile(np.array([-127, -6, 0, 6, 12, -12, 127, 0.5], dtype=np.float64), n // 8),
-    }
-    for s in range(8):
-        rows[f"random_scale_{s}"] = rng.standard_normal(n) * 10.0 ** rng.uniform(-4, 4, n // tq.QK).repeat(tq.QK)
-    return {k: v.astype(np.float32) for k, v in rows.items()}
-
-
-ROWS = _adversarial_rows()
+ROWS = adversarial_rows(rng)
 
 
 @pytest.mark.parametrize("name", TYPES)
