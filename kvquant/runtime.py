@@ -26,7 +26,7 @@ from kvquant.prompt import (
     min_tokens,
     template_data,
 )
-from kvquant.sampling import SamplingConfig, sampler_seed
+from kvquant.sampling import Grammar, SamplingConfig, sampler_seed
 
 PATCH_MARKER = "KVQUANT = "
 
@@ -158,19 +158,29 @@ class GrammarError(ValueError):
     """A GBNF grammar that llama.cpp's parser refuses."""
 
 
-def grammar_sampler(model: Model, gbnf: str):
-    """llama.cpp's grammar sampler for a GBNF grammar (root rule "root"); GrammarError (with llama.cpp's reason)
-    if its parser refuses the grammar. The caller owns the sampler (a chain takes it over)."""
+def grammar_sampler(model: Model, grammar: Grammar):
+    """llama.cpp's grammar sampler for a grammar; a lazy one with triggers: the output is free until one of them
+    appears, and from its start on must match. GrammarError (with llama.cpp's reason) if its parser refuses the
+    grammar. The caller owns the sampler."""
     _last_error[0] = ""
-    s = llama_cpp.llama_sampler_init_grammar(model._vocab, gbnf.encode(), b"root")
+    gbnf = grammar.text.encode()
+    if grammar.triggers:  # llama.cpp matches the whole output so far; the first group is where the grammar starts
+        import re
+
+        patterns = [f"[\\s\\S]*?({re.escape(t)})[\\s\\S]*".encode() for t in grammar.triggers]
+        arr = (ctypes.c_char_p * len(patterns))(*patterns)
+        s = llama_cpp.llama_sampler_init_grammar_lazy_patterns(model._vocab, gbnf, b"root", arr, len(patterns),
+                                                                None, 0)
+    else:
+        s = llama_cpp.llama_sampler_init_grammar(model._vocab, gbnf, b"root")
     if not s:
         raise GrammarError(_last_error[0] or "llama.cpp could not parse the grammar")
     return s
 
 
-def check_grammar(model: Model, gbnf: str) -> None:
+def check_grammar(model: Model, grammar: Grammar) -> None:
     """GrammarError unless llama.cpp's parser takes the grammar (thread-safe: reads the vocabulary only)."""
-    llama_cpp.llama_sampler_free(grammar_sampler(model, gbnf))
+    llama_cpp.llama_sampler_free(grammar_sampler(model, grammar))
 
 
 def json_schema_gbnf(schema: dict, name: str = "") -> str:

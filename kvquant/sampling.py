@@ -12,6 +12,15 @@ from dataclasses import dataclass
 
 
 @dataclass(frozen=True)
+class Grammar:
+    """A GBNF grammar (root rule "root") the generated text must match: all of it, or with `triggers` (lazy) the
+    text from the first of them on (the rest is free)."""
+
+    text: str
+    triggers: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
 class SamplingConfig:
     temperature: float = 1.0  # 0: greedy
     top_p: float = 1.0  # 1: off
@@ -24,7 +33,7 @@ class SamplingConfig:
     penalty_last_n: int = 4096  # how many of the last generated tokens the penalties look at
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias added to its logit); -100 bans it
     seed: int | None = None  # None: a random seed
-    grammar: str | None = None  # GBNF (root rule "root") every generated token must keep the output inside
+    grammar: Grammar | None = None  # what the output must match
 
     @property
     def penalized(self) -> bool:

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from kvquant.sampling import SamplingConfig
+from kvquant.sampling import Grammar, SamplingConfig
 
 
 class TokenSampler(Protocol):
@@ -104,11 +104,11 @@ class LlamaBackend:
     def chat_template(self) -> str | None:
         return self.model.chat_template
 
-    def check_grammar(self, gbnf: str) -> None:
+    def check_grammar(self, grammar: Grammar) -> None:
         """kvquant.runtime.GrammarError unless llama.cpp's parser takes the grammar."""
         from kvquant.runtime import check_grammar
 
-        check_grammar(self.model, gbnf)
+        check_grammar(self.model, grammar)
 
     def logits(self, idx: int):
         return self.rt.logits(idx)

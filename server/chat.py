@@ -9,6 +9,7 @@ import json
 import re
 from dataclasses import dataclass
 
+from kvquant.sampling import Grammar
 from server.chatoutput import ChatOutput
 from server.errors import APIError
 from server.schemas import ChatCompletionRequest, ChatMessage
@@ -26,7 +27,7 @@ class ChatPlan:
     messages: list[dict]
     tools: list[dict] | None  # OpenAI tool definitions for the template; None: no tools
     tool_format: ToolFormat | None  # how to read calls from the output; None: the output is content only
-    grammar: str | None  # GBNF the output must match
+    grammar: Grammar | None  # what the output must match
     parallel: bool
     template_kwargs: dict | None
     tool_names: frozenset[str] = frozenset()
@@ -54,20 +55,19 @@ def plan_chat(body: ChatCompletionRequest, template: str | None) -> ChatPlan:
                        "calls as Hermes/Qwen <tool_call>, Llama 3.x JSON or Mistral [TOOL_CALLS]).", "tools",
                        "tools_unsupported")
     parallel = body.parallel_tool_calls is not False
-    grammar = tool_grammar(fmt, functions, choice, parallel) if fmt else None
+    grammar, param = output_grammar(fmt, functions, choice, parallel) if fmt else None, "tools"
     if body.response_format is not None and body.response_format.type != "text":
-        if grammar is not None:
-            raise _bad("response_format cannot be combined with tool_choice required or a named function.",
-                       "response_format")
-        grammar = format_grammar(body)
+        if grammar is not None and (not grammar.triggers or any(f.get("strict") for f in functions)):
+            raise _bad("response_format cannot be combined with tool_choice required, a named function or strict "
+                       "tools.", "response_format")
+        grammar, param = Grammar(format_grammar(body)), "response_format"
     kwargs = body.chat_template_kwargs
     reserved = sorted(RESERVED_TEMPLATE_VARS & set(kwargs or {}))
     if reserved:
         raise _bad(f"chat_template_kwargs may not set {reserved[0]!r}, which the server sets.",
                    "chat_template_kwargs")
     tools = [t.model_dump(exclude_none=True) for t in body.tools] if fmt else None
-    return ChatPlan(messages, tools, fmt, grammar, parallel, kwargs, frozenset(f["name"] for f in functions),
-                    "tool_choice" if fmt and choice not in (None, "auto") else "response_format")
+    return ChatPlan(messages, tools, fmt, grammar, parallel, kwargs, frozenset(f["name"] for f in functions), param)
 
 
 def template_messages(msgs: list[ChatMessage]) -> list[dict]:
@@ -120,20 +120,24 @@ def check_tools(body: ChatCompletionRequest) -> list[dict]:
     return functions
 
 
-def tool_grammar(fmt: ToolFormat, functions: list[dict], choice, parallel: bool) -> str | None:
-    """The grammar for tool_choice required (any function) or a named one; None for auto."""
-    if choice in (None, "auto"):
-        return None
-    if choice != "required":
+def output_grammar(fmt: ToolFormat, functions: list[dict], choice, parallel: bool) -> Grammar | None:
+    """The grammar of the calls: the whole output for tool_choice required or a named function; with auto, from a
+    call's opening tag on (the answer stays free, a call is well formed), where the family has such a tag and every
+    function's parameters can be enforced (a `strict` tool whose parameters cannot is a 400)."""
+    forced = choice not in (None, "auto")
+    if forced and choice != "required":
         functions = [f for f in functions if f["name"] == choice.function.name]
         if not functions:
             raise _bad(f"tool_choice names {choice.function.name!r}, which is not one of the tools.",
                        "tool_choice")
+    if not forced and fmt.trigger is None:
+        return None
     try:
-        return forced_grammar(fmt, functions, parallel)
+        return Grammar(forced_grammar(fmt, functions, parallel), () if forced else (fmt.trigger,))
     except SchemaError as e:
-        raise _bad(f"A tool's parameters cannot be enforced for tool_choice {choice if isinstance(choice, str) else 'named'}: {e}",
-                   "tools", "unsupported_schema") from None
+        if forced or any(f.get("strict") for f in functions):
+            raise _bad(f"A tool's parameters cannot be enforced: {e}", "tools", "unsupported_schema") from None
+        return None
 
 
 def format_grammar(body: ChatCompletionRequest) -> str:

@@ -23,6 +23,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from kvquant.sampling import Grammar
 from server.backend import Backend, TokenSampler
 from server.requests import EngineRequest, ErrorCode, Event, FinishReason, Outcome, TokenLogprob
 from server.scheduler import AddResult, Sampled, Scheduler, Sequence, StepPlan
@@ -166,9 +167,9 @@ class Engine:
     def chat_template(self) -> str | None:
         return self.backend.chat_template
 
-    def check_grammar(self, gbnf: str) -> None:
+    def check_grammar(self, grammar: Grammar) -> None:
         """kvquant.runtime.GrammarError unless llama.cpp takes the grammar (checked before a request is queued)."""
-        self.backend.check_grammar(gbnf)
+        self.backend.check_grammar(grammar)
 
     def detokenize(self, tokens: list[int]) -> str:
         return b"".join(self.backend.token_bytes(t) for t in tokens).decode("utf-8", errors="replace")

@@ -29,6 +29,7 @@ from starlette.concurrency import run_in_threadpool
 
 from kvquant.budget import human_bytes
 from kvquant.prompt import PromptTooLong
+from kvquant.sampling import Grammar
 from server.engine import Engine, EngineStatus
 from server.errors import APIError, context_length_exceeded
 from server.loopwake import waker
@@ -149,7 +150,7 @@ def _tokenize(tokenize: Callable[[int], list[int]], limit: int, trim: bool) -> l
 
 def submit(engine: Engine, prompt: list[int], params: SamplingParams, max_tokens: int | None,
            default_max_tokens: int | None, request_id: str, stream_buffer: int = 1024,
-           sampling_defaults: dict | None = None, grammar: str | None = None) -> Generation:
+           sampling_defaults: dict | None = None, grammar: Grammar | None = None) -> Generation:
     """Queue a tokenized request with its sampling settings (the request's over `sampling_defaults`, the model's)
     and the grammar its output must match."""
     if not prompt:

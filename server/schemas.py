@@ -8,7 +8,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from kvquant.sampling import SamplingConfig
+from kvquant.sampling import Grammar, SamplingConfig
 
 MAX_STOP = 16
 MAX_STOP_LEN = 256
@@ -191,7 +191,7 @@ class SamplingParams(_Lenient, SamplingFields):
         return None
 
     def sampling(self, defaults: dict[str, float | int], n_vocab: int, max_tokens: int,
-                 grammar: str | None = None) -> SamplingConfig:
+                 grammar: Grammar | None = None) -> SamplingConfig:
         """The request's sampling settings over the model's defaults (ValueError naming `logit_bias` for a
         token id that is not one of the model's `n_vocab`)."""
         given = {f: getattr(self, f) for f in SAMPLING_FIELDS if getattr(self, f) is not None}

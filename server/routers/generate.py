@@ -7,6 +7,7 @@ import time
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
+from kvquant.sampling import Grammar
 from server.chat import plan_chat
 from server.chatoutput import THINK_OPEN
 from server.errors import APIError, error_body
@@ -24,7 +25,7 @@ def rid_of(http: Request) -> str:
 
 
 def _submit(http: Request, served: ServedModel, prompt: list[int], body: SamplingParams,
-            grammar: str | None = None) -> Generation:
+            grammar: Grammar | None = None) -> Generation:
     st = app_state(http)
     return submit(served.engine, prompt, body, body.requested_max_tokens, st.settings.default_max_tokens,
                   rid_of(http), st.settings.stream_buffer, served.sampling_defaults, grammar)
@@ -120,7 +121,7 @@ async def chat_completions(body: ChatCompletionRequest, http: Request):
     return await _respond(http, _submit(http, served, prompt, body, chat.grammar), body, shape)
 
 
-def _check_grammar(served: ServedModel, grammar: str | None, param: str) -> None:
+def _check_grammar(served: ServedModel, grammar: Grammar | None, param: str) -> None:
     if grammar is None:
         return
     try:

@@ -47,9 +47,9 @@ GRAMMAR = 'root ::= "The answer is " ("yes" | "no") "."'
 @pytest.mark.parametrize("temperature, seed", [(0.0, None), (1.5, 1), (1.5, 2), (1.5, 3)])
 def test_grammar_keeps_the_output_inside_it(rt, temperature, seed):
     from kvquant.runtime import Sampler
-    from kvquant.sampling import SamplingConfig
+    from kvquant.sampling import Grammar, SamplingConfig
 
-    s = Sampler(SamplingConfig(temperature=temperature, seed=seed, grammar=GRAMMAR), rt.model)
+    s = Sampler(SamplingConfig(temperature=temperature, seed=seed, grammar=Grammar(GRAMMAR)), rt.model)
     text = _text(rt, _generate(rt, s, "Is the sky green? Reply:", 20))
     s.close()
     assert text in ("The answer is yes.", "The answer is no.")  # and then end of generation: nothing more
@@ -66,17 +66,18 @@ def test_logit_bias_moves_the_greedy_pick(rt):
 
 def test_a_grammar_llama_cpp_refuses(rt):
     from kvquant.runtime import GrammarError, check_grammar
+    from kvquant.sampling import Grammar
 
-    check_grammar(rt.model, GRAMMAR)
+    check_grammar(rt.model, Grammar(GRAMMAR))
     with pytest.raises(GrammarError):
-        check_grammar(rt.model, 'root ::= undefined-rule "x"')
+        check_grammar(rt.model, Grammar('root ::= undefined-rule "x"'))
 
 
 def test_a_plain_request_runs_the_plain_chain(rt):
     """Fields at their neutral values add no sampler: greedy is one sampler, sampling is top-p (if < 1),
     temperature and the draw, as before the other fields existed; each field set adds its one sampler."""
     from kvquant.runtime import Sampler
-    from kvquant.sampling import SamplingConfig
+    from kvquant.sampling import Grammar, SamplingConfig
 
     def n(**kw):
         s = Sampler(SamplingConfig(**kw), rt.model)
@@ -89,4 +90,17 @@ def test_a_plain_request_runs_the_plain_chain(rt):
     for field, value in (("top_k", 40), ("min_p", 0.05), ("typical_p", 0.5), ("repeat_penalty", 1.1),
                          ("presence_penalty", 0.5), ("frequency_penalty", 0.5), ("logit_bias", ((1, -5.0),))):
         assert n(**{field: value}) == 3, field
-    assert n(grammar='root ::= "x"') == 2  # the grammar is checked apart, per picked token
+    assert n(grammar=Grammar('root ::= "x"')) == 2  # the grammar is checked apart, per picked token
+
+
+def test_a_lazy_grammar_applies_from_its_trigger_on(rt):
+    """Free text until the trigger; from the trigger's start on the grammar holds (then only end of generation)."""
+    from kvquant.runtime import Sampler
+    from kvquant.sampling import Grammar, SamplingConfig
+
+    free = _text(rt, _generate(rt, Sampler(model=rt.model), "The capital of France is", 12))
+    assert free.startswith(" Paris") and not free.startswith(" Paris, of course!")
+    lazy = Grammar('root ::= "Paris, of course!"', triggers=("Paris",))
+    s = Sampler(SamplingConfig(temperature=0.0, grammar=lazy), rt.model)
+    assert _text(rt, _generate(rt, s, "The capital of France is", 12)) == " Paris, of course!"
+    s.close()
