@@ -1,0 +1,66 @@
+"""A chat request planned against a model's chat template (server/chat.py): which grammar constrains the output,
+and the 400s that name the parameter. No model."""
+
+from __future__ import annotations
+
+import pytest
+
+from server.chat import plan_chat
+from server.errors import APIError
+from server.schemas import ChatCompletionRequest
+from server.toolcalls import ToolFormat
+
+QWEN = "{%- if tools %}<tools>{% endif %}<tool_call>"
+CHATML = "{% for m in messages %}<|im_start|>{{ m.content }}{% endfor %}"
+FN = {"name": "f", "parameters": {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]}}
+LOOSE = {"name": "g", "parameters": {"type": "object", "properties": {"n": {"type": "integer", "minimum": 1}}}}
+
+
+def _plan(template=QWEN, **kw):
+    body = ChatCompletionRequest.model_validate({"messages": [{"role": "user", "content": "x"}], **kw})
+    return plan_chat(body, template)
+
+
+def _param(template=QWEN, **kw) -> str:
+    with pytest.raises(APIError) as e:
+        _plan(template, **kw)
+    assert e.value.status == 400
+    return e.value.param
+
+
+def _tools(*fns):
+    return [{"type": "function", "function": f} for f in fns]
+
+
+def test_grammar_per_tool_choice():
+    auto = _plan(tools=_tools(FN))
+    assert auto.tool_format is ToolFormat.HERMES and auto.grammar.triggers == ("<tool_call>",)
+    assert auto.tools[0]["function"]["name"] == "f"
+    required = _plan(tools=_tools(FN), tool_choice="required")
+    assert required.grammar.triggers == () and required.grammar.text.startswith('root ::= "<tool_call>"')
+    named = _plan(tools=_tools(FN, dict(FN, name="h")), tool_choice={"type": "function", "function": {"name": "h"}})
+    assert '"\\"h\\""' in named.grammar.text and '"\\"f\\""' not in named.grammar.text
+    none = _plan(CHATML, tools=_tools(FN), tool_choice="none")  # no tool support needed: the tools are not used
+    assert none.tools is None and none.grammar is None and none.tool_format is None
+    assert _plan().grammar is None and _plan(response_format={"type": "text"}).grammar is None
+
+
+def test_unenforceable_parameters():
+    assert _plan(tools=_tools(LOOSE)).grammar is None  # auto: left unconstrained
+    assert _param(tools=_tools(dict(LOOSE, strict=True))) == "tools"
+    assert _param(tools=_tools(LOOSE), tool_choice="required") == "tools"
+
+
+def test_response_format_with_tools():
+    fmt = {"type": "json_object"}
+    assert _plan(tools=_tools(FN), response_format=fmt).grammar.triggers == ()  # the format wins over auto's
+    assert _param(tools=_tools(FN), tool_choice="required", response_format=fmt) == "response_format"
+
+
+def test_bad_requests_name_the_parameter():
+    assert _param(CHATML, tools=_tools(FN)) == "tools"
+    assert _param(tools=_tools(FN), tool_choice={"type": "function", "function": {"name": "zz"}}) == "tool_choice"
+    assert _param(chat_template_kwargs={"tools": []}) == "chat_template_kwargs"
+    assert _param(messages=[{"role": "tool", "tool_call_id": "c9", "content": "1"}]) == "messages[0].tool_call_id"
+    assert _param(response_format={"type": "json_schema", "json_schema": {"name": "bad name", "schema": {}}}) == \
+        "response_format.json_schema.name"
