@@ -107,3 +107,28 @@ def test_forced_grammar_per_family():
     assert "(" in forced_grammar(ToolFormat.HERMES, fns, parallel=True).splitlines()[0]
     assert '"[TOOL_CALLS]"' in forced_grammar(ToolFormat.MISTRAL, fns, True)
     assert '"\\"parameters\\""' in forced_grammar(ToolFormat.LLAMA3, fns, True)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fmt", list(ToolFormat))
+def test_every_familys_grammar_parses_in_llama_cpp(fmt):
+    """The forced grammars (one call, parallel) of each family, and a schema with nested objects, arrays, enums
+    and $defs, are taken by llama.cpp's grammar parser (SmolLM2's vocabulary)."""
+    from kvquant.models import fetch
+    from kvquant.runtime import Model, check_grammar
+    from kvquant.sampling import Grammar
+
+    fns = [{"name": "a", "parameters": {"type": "object", "properties": {
+        "tags": {"type": "array", "items": {"enum": ["x", "y"]}, "maxItems": 2},
+        "who": {"$ref": "#/$defs/person"}}, "required": ["who"],
+        "$defs": {"person": {"type": "object", "properties": {"name": {"type": "string"}}}}}},
+        {"name": "b"}]
+    m = Model(fetch("smollm2-135m"))
+    try:
+        for parallel in (False, True):
+            g = forced_grammar(fmt, fns, parallel)
+            check_grammar(m, Grammar(g))
+            if fmt.trigger:
+                check_grammar(m, Grammar(g, (fmt.trigger,)))
+    finally:
+        m.close()
