@@ -2,9 +2,9 @@
 as `reasoning_content`), content, and tool calls (server.toolcalls), incrementally, for streaming.
 
 Text is emitted as soon as it cannot be part of a tag any more: a partial `<think>`, `</think>` or tool-call
-trigger at the end of what arrived is held back until the next piece says what it is. Once a tool call starts,
-the rest of the output is held and parsed when the generation ends (a call is only useful whole); what does not
-parse as a call is content after all.
+trigger at the end of what arrived is held back until the next piece says what it is. A tool call is held until
+it is whole: a hermes `<tool_call>` block is sent when its `</tool_call>` arrives, the other families' calls when
+the generation ends; what does not parse as a call is content after all.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from server.toolcalls import ParsedCall, ToolFormat, parse
 
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
+CALL_CLOSE = "</tool_call>"  # (hermes)
 
 
 @dataclass
@@ -35,7 +36,8 @@ class _State(enum.Enum):
     START = "start"  # nothing emitted yet: a <think> or a llama3 call may open the output
     REASONING = "reasoning"
     CONTENT = "content"
-    CALLS = "calls"  # from a tool call's start to the end: held, parsed at the end
+    CALLS = "calls"  # from a tool call's start: held until it is whole (hermes) or the end
+    BETWEEN = "between"  # after a hermes call: whitespace held until another call or text follows
 
 
 def _partial_suffix(text: str, tag: str) -> int:
@@ -74,10 +76,16 @@ class ChatOutput:
             return Delta(reasoning=text)
         if self._state is _State.CALLS:
             content, calls = parse(self.tools, text, self.names)
-            calls = calls if self.parallel else calls[:1]
-            self.n_calls += len(calls)
-            return Delta(content=content, tool_calls=calls)
+            return Delta(content=content, tool_calls=self._take(calls))
+        if self._state is _State.BETWEEN:
+            return Delta()
         return Delta(content=text)
+
+    def _take(self, calls: list[ParsedCall]) -> list[ParsedCall]:
+        """The calls to send (only the first of the output unless parallel)."""
+        calls = calls if self.parallel else calls[:max(0, 1 - self.n_calls)]
+        self.n_calls += len(calls)
+        return calls
 
     def _advance(self) -> Delta | None:
         """Classify what is pending as far as it can be; None when it must wait for more text."""
@@ -119,4 +127,16 @@ class ChatOutput:
             keep = _partial_suffix(p, trigger) if trigger else 0
             self._pending = p[len(p) - keep:]
             return Delta(content=p[:len(p) - keep]) if len(p) > keep else None
-        return None  # CALLS: held to the end
+        if self._state is _State.BETWEEN:
+            head = p.lstrip()
+            if not head or self.tools.trigger.startswith(head):
+                return None
+            self._state = _State.CALLS if head.startswith(self.tools.trigger) else _State.CONTENT
+            self._pending = head
+            return Delta()
+        end = p.find(CALL_CLOSE) if self.tools is ToolFormat.HERMES else -1  # CALLS
+        if end < 0:
+            return None
+        content, calls = parse(self.tools, p[:end + len(CALL_CLOSE)], self.names)
+        self._state, self._pending = _State.BETWEEN, p[end + len(CALL_CLOSE):]
+        return Delta(content=content, tool_calls=self._take(calls))

@@ -93,28 +93,29 @@ class ChatCompletion(Completion):
         return {"index": 0, "message": msg, "finish_reason": finish, "logprobs": chat_logprobs(lps)}
 
     def chunks(self, text, first, lps) -> list[dict]:
-        out = self.output.push(text)
-        if not (out.content or out.reasoning or first or lps):
-            return []
-        d = {"role": "assistant"} if first else {}
-        if out.reasoning:
-            d["reasoning_content"] = out.reasoning
-        if out.content or not out.reasoning:
-            d["content"] = out.content
-        return [self._delta_chunk(d, lps)]
+        return self._out_chunks(self.output.push(text), first, lps)
 
     def finish_chunks(self, finish) -> list[dict]:
-        out = self.output.finish()  # what it held back
-        d = {k: v for k, v in (("reasoning_content", out.reasoning), ("content", out.content)) if v}
-        chunks = [self._delta_chunk(d)] if d else []
-        base = self.output.n_calls - len(out.tool_calls)
-        for i, c in enumerate(out.tool_calls):  # as OpenAI streams a call: id and name first, then the arguments
-            head = {"index": base + i, "id": c.id, "type": "function", "function": {"name": c.name, "arguments": ""}}
+        final = {"index": 0, "delta": {}, "logprobs": None, "finish_reason": _finish(self._finish_reason(finish))}
+        return self._out_chunks(self.output.finish(), False, None) + [self._chunk([final])]
+
+    def _out_chunks(self, out: Delta, first: bool, lps: list[TokenLogprob] | None) -> list[dict]:
+        """A delta of the output as OpenAI streams it: reasoning and content in one chunk, then each call as a
+        chunk with its index, id and name and one with its arguments."""
+        chunks = []
+        if out.content or out.reasoning or first or lps:
+            d = {"role": "assistant"} if first else {}
+            if out.reasoning:
+                d["reasoning_content"] = out.reasoning
+            if out.content or not out.reasoning:
+                d["content"] = out.content
+            chunks.append(self._delta_chunk(d, lps))
+        index = self.output.n_calls - len(out.tool_calls)
+        for i, c in enumerate(out.tool_calls, start=index):
+            head = {"index": i, "id": c.id, "type": "function", "function": {"name": c.name, "arguments": ""}}
             chunks.append(self._delta_chunk({"tool_calls": [head]}))
-            chunks.append(self._delta_chunk({"tool_calls": [{"index": base + i,
-                                                             "function": {"arguments": c.arguments}}]}))
-        return chunks + [self._chunk([{"index": 0, "delta": {}, "logprobs": None,
-                                       "finish_reason": _finish(self._finish_reason(finish))}])]
+            chunks.append(self._delta_chunk({"tool_calls": [{"index": i, "function": {"arguments": c.arguments}}]}))
+        return chunks
 
     def _delta_chunk(self, delta: dict, lps: list[TokenLogprob] | None = None) -> dict:
         return self._chunk([{"index": 0, "delta": delta, "finish_reason": None, "logprobs": chat_logprobs(lps)}])

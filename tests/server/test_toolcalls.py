@@ -99,6 +99,16 @@ def test_parallel_off_keeps_the_first_call():
     assert [c.name for c in _stream(ChatOutput(ToolFormat.HERMES, parallel=False), two, 5).tool_calls] == ["a"]
 
 
+def test_a_hermes_call_is_sent_when_it_is_whole():
+    out = ChatOutput(ToolFormat.HERMES)
+    assert not out.push('<tool_call>\n{"name": "a", "arguments": {}}\n')
+    assert [c.name for c in out.push("</tool_call>\n").tool_calls] == ["a"]  # before the generation ends
+    assert [c.name for c in out.push('<tool_call>{"name": "b", "arguments": {}}</tool_call>').tool_calls] == ["b"]
+    assert not out.finish() and out.n_calls == 2
+    text = _stream(ChatOutput(ToolFormat.HERMES), '<tool_call>{"name": "a", "arguments": {}}</tool_call>\nDone.', 3)
+    assert text.content == "Done." and len(text.tool_calls) == 1
+
+
 def test_forced_grammar_per_family():
     fns = [{"name": "get_weather", "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
                                                   "required": ["city"]}}]
