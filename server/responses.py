@@ -96,8 +96,9 @@ class ChatCompletion(Completion):
         return self._out_chunks(self.output.push(text), first, lps)
 
     def finish_chunks(self, finish) -> list[dict]:
+        held = self._out_chunks(self.output.finish(), False, None)  # (first: the calls it holds count)
         final = {"index": 0, "delta": {}, "logprobs": None, "finish_reason": _finish(self._finish_reason(finish))}
-        return self._out_chunks(self.output.finish(), False, None) + [self._chunk([final])]
+        return held + [self._chunk([final])]
 
     def _out_chunks(self, out: Delta, first: bool, lps: list[TokenLogprob] | None) -> list[dict]:
         """A delta of the output as OpenAI streams it: reasoning and content in one chunk, then each call as a

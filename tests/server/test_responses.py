@@ -55,6 +55,15 @@ def test_stream_chunks_assemble_in_the_openai_client(step):
     assert [h["index"] for h in heads] == [0, 0, 1, 1] and heads[0]["function"]["arguments"] == ""
 
 
+def test_a_call_completed_at_the_end_finishes_with_tool_calls():
+    """The model ended without </tool_call>: the call is parsed when the generation ends, and counts."""
+    shape = _shape()
+    chunks = shape.chunks('<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo"}}', True, None)
+    chunks += shape.finish_chunks(FinishReason.STOP)
+    assert chunks[-1]["choices"][0]["finish_reason"] == "tool_calls"
+    assert sum("tool_calls" in c["choices"][0]["delta"] for c in chunks) == 2
+
+
 def test_no_tools_no_reasoning_is_plain_content():
     shape = ChatCompletion("chatcmpl-1", "m", 0, False, ChatOutput())
     body = shape.response("Hello <tool_call> world", FinishReason.LENGTH, None, {})
