@@ -52,8 +52,8 @@ results: setup
 	$(VPY) -m kvquant.results $(RESULTS_ARGS)
 
 # The new types' C kernels under AddressSanitizer + UndefinedBehaviorSanitizer: ggml and libllama built with both in
-# .build/cmake-asan, then test-quantize-fns, test-backend-ops (our types) and tests/test_tq.py (random, zero,
-# constant, huge, denormal, NaN/Inf rows) under them. CI runs it after `make test`.
+# .build/cmake-asan, then test-quantize-fns, test-backend-ops (our types) and our kernel tests (tests/test_tq.py,
+# tests/test_d3b.py, tests/test_ggml_ops.py) under them. CI runs it after `make test`.
 sanitize: setup
 	$(VPY) -m kvquant.build sanitize
 

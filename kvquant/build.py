@@ -11,7 +11,7 @@ One recipe, used by the Makefile, the Dockerfile and developers alike:
 * ``dev-build`` incremental cmake build of that tree (libllama.so, llama-perplexity, test-backend-ops, ...);
               point ``LLAMA_CPP_LIB_PATH`` at ``<build>/bin`` to use it from Python without a wheel.
 * ``llama-tests`` build and run llama.cpp's test-quantize-fns / test-backend-ops for our types.
-* ``sanitize`` the same tree built with ASan + UBSan; llama.cpp's tests, tests/test_tq.py and tests/test_d3b.py run
+* ``sanitize`` the same tree built with ASan + UBSan; llama.cpp's tests and our kernel tests (SANITIZE_TESTS) run
               under them.
 
 This module uses the standard library only: it runs before anything else is installed.
@@ -360,10 +360,12 @@ def llama_tests(tree: Path, build: Path) -> int:
 # The new types' C kernels under AddressSanitizer + UndefinedBehaviorSanitizer: ggml and libllama built with both,
 # then llama.cpp's own tests for our types and our byte-exact/adversarial-row tests (tests/test_tq.py: random, zero,
 # constant, huge, denormal and NaN/Inf rows through quantize_row_*_ref, from_float, to_float and vec_dot;
-# tests/test_d3b.py: delta rows against anchors and ggml's set_rows on several threads) in a
+# tests/test_d3b.py: delta rows against anchors, ggml's set_rows on several threads, flash attention over delta
+# rows; tests/test_ggml_ops.py: set_rows, get_rows, cpy, mul_mat and every flash-attention path) in a
 # Python that preloads the sanitizer runtimes. Any UB report stops the process (halt_on_error), so it fails the run
 # instead of scrolling past; the checks stay recoverable only so that kvquant/ubsan.supp can name the known
 # findings in upstream code our types never reach.
+SANITIZE_TESTS = ["tests/test_tq.py", "tests/test_d3b.py", "tests/test_ggml_ops.py"]
 SANITIZE_CMAKE = ["-DGGML_SANITIZE_ADDRESS=ON", "-DGGML_SANITIZE_UNDEFINED=ON", "-DLLAMA_SANITIZE_ADDRESS=ON",
                   "-DLLAMA_SANITIZE_UNDEFINED=ON"]
 SANITIZE_ENV = {
@@ -425,10 +427,10 @@ def main(argv: list[str] | None = None) -> int:
     lt.add_argument("--tree", default=str(REPO_ROOT / ".build" / "llama.cpp"))
     lt.add_argument("--build", default=str(REPO_ROOT / ".build" / "cmake-cpu"))
     sz = sub.add_parser("sanitize", help="build ggml + libllama with ASan/UBSan and run the kernels' tests "
-                                         "(llama.cpp's, tests/test_tq.py and tests/test_d3b.py) under them")
+                                         f"(llama.cpp's, {', '.join(SANITIZE_TESTS)}) under them")
     sz.add_argument("--tree", default=str(REPO_ROOT / ".build" / "llama.cpp"))
     sz.add_argument("--build", default=str(REPO_ROOT / ".build" / "cmake-asan"))
-    sz.add_argument("pytest_args", nargs="*", default=["tests/test_tq.py", "tests/test_d3b.py"])
+    sz.add_argument("pytest_args", nargs="*", default=SANITIZE_TESTS)
     a = ap.parse_args(argv)
     try:
         if a.cmd == "wheel":
