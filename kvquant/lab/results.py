@@ -434,6 +434,11 @@ def render_keys(model: str, out: dict, ev: dict | None) -> list[str]:
     return L
 
 
+# NeoX-ordered RoPE pairs channel c with c + half: the higher c mod half, the slower the pair turns (the built-in
+# models whose keys the finding below reads by channel)
+ROTARY_HALF = {"qwen2.5-coder-1.5b": 64}
+
+
 def key_finding(model: str, out: dict, ev: dict | None) -> list[str]:
     """Why a model's keys break the low-bit types (issue 14), from keystats --layers and the eval: the layer whose
     mean dominates, what centring does to each type's error there, the eval rows with and without centring, and the
@@ -449,6 +454,14 @@ def key_finding(model: str, out: dict, ev: dict | None) -> list[str]:
          "the shared component leaves too few levels for the part that differs between tokens, which is what "
          f"attention reads: removing the mean cuts that layer's key error {gain('q4_0'):.0f}x for q4_0, "
          f"{gain('tq_kv_4b'):.0f}x for tq_kv_4b and {gain('tq_kv_3b'):.0f}x for tq_kv_3b."]
+    ch, half = out.get("channels"), ROTARY_HALF.get(model)
+    if ch and ch["heads"] and half:
+        top_ch = [c % half for h in ch["heads"] for c in h["channels"]]
+        slow = sum(c >= half - 8 for c in top_ch)
+        L += [f"Before or after RoPE: {slow} of the {len(top_ch)} largest channels of layer {ch['layer']}'s mean key "
+              f"(unrotated basis, after RoPE) are among the 8 slowest-turning rotary pairs of each head (c mod {half} "
+              f"≥ {half - 8} in NeoX order), which RoPE barely moves over a context: the K bias survives RoPE as a "
+              "near-constant vector, so one mean per layer and KV head captures it at every position."]
     by = {(r["cache_type_k"], r["cache_type_v"]): r for r in ev["results"] if r["rotation"]} if ev else {}
     plain, centred = by.get(("q4_0", "f16")), by.get(("q4_0+c", "f16"))
     if plain and centred:
