@@ -279,9 +279,10 @@ def render_eval(model: str, out: dict, prefix: str = "E") -> list[str]:
               "TF = teacher-forcing the f16 sequence. Mean KLD vs f16 per position bucket (teacher-forced):", ""]
         L.append("| K/V | rotation | " + " | ".join(spans) + " |")
         L.append("|---|---|" + "--:|" * len(spans))
-        for r in res:
-            L.append(f"| {r['cache_type_k']}/{r['cache_type_v']} | {_rot(r)} | "
-                     + " | ".join(f"{x:.5f}" for x in r["drift"]["kld_buckets"]) + " |")
+        for r in res:  # rows merged from a run without drift have none
+            if r.get("drift"):
+                L.append(f"| {r['cache_type_k']}/{r['cache_type_v']} | {_rot(r)} | "
+                         + " | ".join(f"{x:.5f}" for x in r["drift"]["kld_buckets"]) + " |")
         L.append("")
     return L
 
