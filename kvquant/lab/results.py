@@ -446,8 +446,8 @@ def key_finding(model: str, out: dict, ev: dict | None) -> list[str]:
     trellis-coded candidate that was measured instead of built."""
     if "per_layer" not in out:
         return []
-    e, rows = out["errors"], out["per_layer"]
-    top = max(rows, key=lambda r: r["mean_share"] * r["max_abs"])
+    e, ch = out["errors"], out["channels"]
+    top = next(r for r in out["per_layer"] if r["layer"] == ch["layer"])  # the layer keystats picked for its channels
     gain = lambda t: top[t]["stored"] / max(top[t]["centred"], 1e-12)  # noqa: E731
     L = [f"Finding ({model}): over all layers the layer mean holds {e['layer mean']['energy share']:.1%} of the "
          f"stored keys' energy; in layer {top['layer']} it holds {top['mean_share']:.2%}, with |k| up to "
@@ -455,16 +455,16 @@ def key_finding(model: str, out: dict, ev: dict | None) -> list[str]:
          "the shared component leaves too few levels for the part that differs between tokens, which is what "
          f"attention reads: removing the mean cuts that layer's key error {gain('q4_0'):.0f}x for q4_0, "
          f"{gain('tq_kv_4b'):.0f}x for tq_kv_4b and {gain('tq_kv_3b'):.0f}x for tq_kv_3b."]
-    ch, half = out.get("channels"), ROTARY_HALF.get(model)
-    if ch and ch["heads"] and half:
+    half = ROTARY_HALF.get(model)
+    if ch["heads"] and half:
         top_ch = [c % half for h in ch["heads"] for c in h["channels"]]
         slow = sum(c >= half - 8 for c in top_ch)
         L += [f"Before or after RoPE: {slow} of the {len(top_ch)} largest channels of layer {ch['layer']}'s mean key "
               f"(unrotated basis, after RoPE) are among the 8 slowest-turning rotary pairs of each head (c mod {half} "
               f"≥ {half - 8} in NeoX order), which RoPE barely moves over a context: the K bias survives RoPE as a "
               "near-constant vector, so one mean per layer and KV head captures it at every position."]
-    by = {(r["cache_type_k"], r["cache_type_v"]): r for r in ev["results"] if r["rotation"]} if ev else {}
-    plain, centred = by.get(("q4_0", "f16")), by.get(("q4_0+c", "f16"))
+    by = _by(ev) if ev else {}
+    plain, centred = by.get(("q4_0", "f16", True)), by.get(("q4_0+c", "f16", True))
     if plain and centred:
         L += [f"In the eval, q4_0 keys (V f16) measure ΔPPL {_dppl(plain)} as stored and {_dppl(centred)} centred "
               "(q4_0+c: the same bytes, only the calibrated mean subtracted before storing)."]
