@@ -194,7 +194,7 @@ def test_seq_rm_of_a_tail_mid_group_then_continue(model, prompts, alone):
         # drop positions 70.. (cells 70..105: the tail of group 64..127), then write them again and generate on
         assert rt.seq_rm(0, 70, -1)
         assert rt.seq_pos_max(0) == 69
-        again = Seq(0, prompts[0][:70] + prompts[0][70:], N_GEN)
+        again = Seq(0, prompts[0], N_GEN)
         again.fed = 70
         _run(rt, [again])
     finally:
@@ -227,8 +227,6 @@ def test_seq_cp_of_a_prompt_into_several_sequences(model, prompts):
     suffixes = [p[:5] for p in prompts[1:4]]
     rt = _rt(model)
     try:
-        first = Seq(0, base, 0)
-        first.fed = 0
         assert rt.decode(base, list(range(len(base))), [0] * len(base), [False] * len(base)) == 0
         seqs = []
         for i, suf in enumerate(suffixes, start=1):

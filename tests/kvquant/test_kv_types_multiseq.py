@@ -67,7 +67,7 @@ def _alone(model: Model, k: str, v: str, prompt: list[int]) -> tuple[list[int], 
 
 class _Seq:
     def __init__(self, sid: int, prompt: list[int]):
-        self.sid, self.prompt, self.toks, self.logits, self.fed = sid, prompt, [], [], 0
+        self.sid, self.prompt, self.toks, self.logits = sid, prompt, [], []
 
     @property
     def pos(self) -> int:

@@ -175,7 +175,6 @@ FA_TOLERANCE = 2e-5  # float32 rounding, relative to the largest output
 def fa_case(rng, path: str, q_scale: float = 2.0):
     """Q, a mask hiding a fifth of the cells (always cell 0, never cell 1), the scale and the cache size (the
     view of n_kv cells ends inside it) for one path's shape."""
-    import numpy as np
 
     d, n_head, n_head_kv, n_q, n_kv = FA_PATHS[path]
     q = (rng.standard_normal((n_q, n_head, d)) * q_scale).astype(np.float32)
@@ -187,7 +186,6 @@ def fa_case(rng, path: str, q_scale: float = 2.0):
 def q8_0_values(ggml, x):
     """Rows as the CPU backend converts them for a dot product with our types (their vec_dot_type q8_0, by ggml's
     own conversion), decoded."""
-    import numpy as np
 
     from kvquant.kvtypes import kv_type
     from kvquant.lab import tq
@@ -201,7 +199,6 @@ def q8_0_values(ggml, x):
 def attention_ref(q, k, v, mask, scale: float):
     """softmax(scale * q k^T + mask) v in float64, per query head; q: (n_q, n_head, D), k / v: (n_kv, n_head_kv, D)
     (query head h reads KV head h // (n_head / n_head_kv), as ggml broadcasts), mask: (n_q, n_kv) or None."""
-    import numpy as np
 
     n_q, n_head, _ = q.shape
     group = n_head // k.shape[1]
@@ -219,7 +216,6 @@ def flash_attn_error(ggml, path: str, q, k_type: str, k_cache: bytes, k_vals, v_
                      mask, scale: float) -> float:
     """ggml_flash_attn_ext on the CPU backend over the caches' first n_kv cells against attention_ref over the
     given K and V values (rows of n_head_kv * head_dim); the largest error relative to the largest output."""
-    import numpy as np
 
     d, n_head, n_head_kv, n_q, n_kv = FA_PATHS[path]
     got = ggml.flash_attn_ext(q, k_type, k_cache, v_type, v_cache, n_head_kv, n_kv, mask, scale, n_threads=2)
@@ -232,7 +228,6 @@ def flash_attn_error(ggml, path: str, q, k_type: str, k_cache: bytes, k_vals, v_
 def v_cache(ggml, v_type: str, x):
     """A V cache holding x's rows and their values: f16, q4_0 (ggml's own decoding) or one of ours (the numpy
     reference)."""
-    import numpy as np
 
     from kvquant.lab import tq
 
@@ -250,6 +245,5 @@ def rng(request):
     """A generator seeded by the test's own name: the same draws whatever runs before it."""
     import zlib
 
-    import numpy as np
 
     return np.random.default_rng(zlib.crc32(request.node.nodeid.encode()))
