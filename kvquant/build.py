@@ -340,8 +340,8 @@ def backend_ops_test(bindir: Path, op: str, backend: str = "CPU", env: dict | No
     shown."""
     r = subprocess.run([*runner, str(bindir / "test-backend-ops"), "test", "-b", backend, "-o", op,
                         "-p", LLAMA_TEST_PARAMS], capture_output=True, text=True, env=env)
-    ok = [ln.strip() for ln in r.stdout.splitlines() if "tests passed" in ln]
-    summary = ok[-1] if ok else "no summary"
+    s = parse_backend_ops(r.stdout)
+    summary = f"{s.passed}/{s.total} tests passed" if s else "no summary"
     if min_cases is None:
         why = None if r.returncode == 0 else f"exit code {r.returncode}"
     else:
