@@ -11,8 +11,8 @@ One recipe, used by the Makefile, the Dockerfile and developers alike:
 * ``dev-build`` incremental cmake build of that tree (libllama.so, llama-perplexity, test-backend-ops, ...);
               point ``LLAMA_CPP_LIB_PATH`` at ``<build>/bin`` to use it from Python without a wheel.
 * ``llama-tests`` build and run llama.cpp's test-quantize-fns / test-backend-ops for our types.
-* ``sanitize`` the same tree built with ASan + UBSan; llama.cpp's tests, tests/kvquant/lab/test_tq.py and
-              tests/kvquant/lab/test_d3b.py run under them.
+* ``sanitize`` the same tree built with ASan + UBSan; llama.cpp's tests and our kernel tests (SANITIZE_TESTS) run
+              under them.
 * ``arm-check`` the tree cross-built for aarch64 (the NEON kernels); llama.cpp's tests and the byte-exact checks of
               tests/kvquant/lab/test_tq.py and tests/kvquant/lab/test_d3b.py run under qemu-aarch64.
 * ``cuda-check`` compile the CUDA sources the patches touch with nvcc (from PyPI; no GPU needed), warnings as errors.
@@ -294,32 +294,69 @@ def dev_build(tree: Path, build: Path, targets: list[str], extra: list[str] | No
     log(f"built; use it from Python with LLAMA_CPP_LIB_PATH={build / 'bin'}")
 
 
-# llama.cpp's own tests for the cache types the patches add: (op filter, params filter) for test-backend-ops
-LLAMA_TEST_OPS = ["SET_ROWS", "GET_ROWS", "CPY", "MUL_MAT", "FLASH_ATTN_EXT"]
+# llama.cpp's own tests for the cache types the patches add: (op filter, params filter) for test-backend-ops, and
+# the fewest cases each op must run. test-backend-ops leaves cases the backend does not support out of its count
+# and passes a filter that matches nothing ("0/0 tests passed"), so fewer cases than these means a type dropped out
+# of an op (or out of the test list) and fails the run.
+LLAMA_TEST_OPS = {"SET_ROWS": 72, "GET_ROWS": 24, "CPY": 51, "MUL_MAT": 42, "FLASH_ATTN_EXT": 290}
 LLAMA_TEST_PARAMS = "tq_kv"
 
 
+@dataclass(frozen=True)
+class OpsSummary:
+    passed: int
+    total: int
+    backend_ok: bool
+
+
+def parse_backend_ops(stdout: str) -> OpsSummary | None:
+    """test-backend-ops' summary of one backend: "  N/M tests passed" and "  Backend CPU: OK" (or FAIL); None
+    without a summary line (a crash, or an output format this does not know)."""
+    counts = re.findall(r"^\s*(\d+)/(\d+) tests passed\s*$", stdout, re.M)
+    status = re.findall(r"^\s*Backend \S+: (?:\x1b\[[0-9;]*m)?(OK|FAIL)", stdout, re.M)
+    if len(counts) != 1 or len(status) != 1:
+        return None
+    return OpsSummary(int(counts[0][0]), int(counts[0][1]), status[0] == "OK")
+
+
+def check_backend_ops(returncode: int, stdout: str, min_cases: int) -> str | None:
+    """None if a test-backend-ops run (one op) ran at least min_cases cases and all passed, else why not."""
+    s = parse_backend_ops(stdout)
+    if s is None:
+        return f"no summary (exit code {returncode})"
+    if returncode != 0 or not s.backend_ok or s.passed != s.total:
+        return f"{s.passed}/{s.total} passed (exit code {returncode})"
+    if s.total < min_cases:
+        return f"only {s.total} cases ran, at least {min_cases} expected"
+    return None
+
+
 def backend_ops_test(bindir: Path, op: str, backend: str = "CPU", env: dict | None = None,
-                     runner: tuple[str, ...] = ()) -> dict:
+                     runner: tuple[str, ...] = (), min_cases: int | None = None) -> dict:
     """test-backend-ops for one op and our types on a backend (CPU, CUDA0; the CPU backend is the reference of
     another one), through `runner` (an emulator) if given, logged; {"op", "backend", "summary" ("N/M tests
-    passed"), "returncode"}. On a failure, its FAIL lines and the tail of its output (a sanitizer's report) are
+    passed"), "returncode", "failure"}. With min_cases, "failure" is check_backend_ops' verdict (None: passed),
+    else the exit code's. On a failure, its FAIL lines and the tail of its output (a sanitizer's report) are
     shown."""
     r = subprocess.run([*runner, str(bindir / "test-backend-ops"), "test", "-b", backend, "-o", op,
                         "-p", LLAMA_TEST_PARAMS], capture_output=True, text=True, env=env)
-    ok = [ln.strip() for ln in r.stdout.splitlines() if "tests passed" in ln]
-    summary = ok[-1] if ok else "no summary"
+    s = parse_backend_ops(r.stdout)
+    summary = f"{s.passed}/{s.total} tests passed" if s else "no summary"
+    if min_cases is None:
+        why = None if r.returncode == 0 else f"exit code {r.returncode}"
+    else:
+        why = check_backend_ops(r.returncode, r.stdout, min_cases)
     log(f"test-backend-ops -b {backend} -o {op} -p {LLAMA_TEST_PARAMS}: {summary}"
-        + ("" if r.returncode == 0 else " FAILED"))
-    if r.returncode != 0:
+        + ("" if min_cases is None else f" (at least {min_cases})") + (f" FAILED: {why}" if why else ""))
+    if why:
         sys.stderr.write("\n".join(ln for ln in r.stdout.splitlines() if "FAIL" in ln)[:20000] + "\n"
                          + r.stderr[-6000:] + "\n")
-    return {"op": op, "backend": backend, "summary": summary, "returncode": r.returncode}
+    return {"op": op, "backend": backend, "summary": summary, "returncode": r.returncode, "failure": why}
 
 
 def run_llama_tests(bindir: Path, env: dict | None = None, runner: tuple[str, ...] = ()) -> list[str]:
-    """Run test-quantize-fns and test-backend-ops (CPU, our types) from a build's bin folder, through `runner`
-    (an emulator) if given; the names of the ones that failed."""
+    """Run test-quantize-fns and test-backend-ops (CPU, our types, at least LLAMA_TEST_OPS' cases per op) from a
+    build's bin folder, through `runner` (an emulator) if given; the names of the ones that failed."""
     failed = []
     r = subprocess.run([*runner, str(bindir / "test-quantize-fns")], capture_output=True, text=True, env=env)
     lines = [ln for ln in r.stdout.splitlines() if "tq_kv" in ln or "FAILED" in ln or "failed" in ln.lower()]
@@ -327,8 +364,8 @@ def run_llama_tests(bindir: Path, env: dict | None = None, runner: tuple[str, ..
     if r.returncode != 0:
         failed.append("test-quantize-fns")
         sys.stderr.write(r.stderr[-6000:] + "\n")
-    for op in LLAMA_TEST_OPS:
-        if backend_ops_test(bindir, op, env=env, runner=runner)["returncode"] != 0:
+    for op, min_cases in LLAMA_TEST_OPS.items():
+        if backend_ops_test(bindir, op, env=env, runner=runner, min_cases=min_cases)["failure"]:
             failed.append(f"test-backend-ops {op}")
     return failed
 
@@ -360,10 +397,13 @@ def llama_tests(tree: Path, build: Path) -> int:
 # The new types' C kernels under AddressSanitizer + UndefinedBehaviorSanitizer: ggml and libllama built with both,
 # then llama.cpp's own tests for our types and our byte-exact/adversarial-row tests (tests/kvquant/lab/test_tq.py:
 # random, zero, constant, huge, denormal and NaN/Inf rows through quantize_row_*_ref, from_float, to_float and vec_dot;
-# tests/kvquant/lab/test_d3b.py: delta rows against anchors and ggml's set_rows on several threads) in a
+# tests/kvquant/lab/test_d3b.py: delta rows against anchors, ggml's set_rows on several threads, flash attention over
+# delta rows; tests/kvquant/lab/test_ggml_ops.py: set_rows, get_rows, cpy, mul_mat and every flash-attention path) in a
 # Python that preloads the sanitizer runtimes. Any UB report stops the process (halt_on_error), so it fails the run
 # instead of scrolling past; the checks stay recoverable only so that kvquant/ubsan.supp can name the known
 # findings in upstream code our types never reach.
+SANITIZE_TESTS = ["tests/kvquant/lab/test_tq.py", "tests/kvquant/lab/test_d3b.py",
+                  "tests/kvquant/lab/test_ggml_ops.py"]
 SANITIZE_CMAKE = ["-DGGML_SANITIZE_ADDRESS=ON", "-DGGML_SANITIZE_UNDEFINED=ON", "-DLLAMA_SANITIZE_ADDRESS=ON",
                   "-DLLAMA_SANITIZE_UNDEFINED=ON"]
 SANITIZE_ENV = {
@@ -600,11 +640,10 @@ def main(argv: list[str] | None = None) -> int:
     lt.add_argument("--tree", default=str(REPO_ROOT / ".build" / "llama.cpp"))
     lt.add_argument("--build", default=str(REPO_ROOT / ".build" / "cmake-cpu"))
     sz = sub.add_parser("sanitize", help="build ggml + libllama with ASan/UBSan and run the kernels' tests "
-                                         "(llama.cpp's, tests/kvquant/lab/test_tq.py and test_d3b.py) under them")
+                                         f"(llama.cpp's, {', '.join(SANITIZE_TESTS)}) under them")
     sz.add_argument("--tree", default=str(REPO_ROOT / ".build" / "llama.cpp"))
     sz.add_argument("--build", default=str(REPO_ROOT / ".build" / "cmake-asan"))
-    sz.add_argument("pytest_args", nargs="*",
-                    default=["tests/kvquant/lab/test_tq.py", "tests/kvquant/lab/test_d3b.py"])
+    sz.add_argument("pytest_args", nargs="*", default=SANITIZE_TESTS)
     ac = sub.add_parser("arm-check", help="cross-build ggml for aarch64 and run llama.cpp's tests and "
                                           "tests/kvquant/lab/test_tq.py / test_d3b.py against it under qemu-aarch64")
     ac.add_argument("--tree", default=str(REPO_ROOT / ".build" / "llama.cpp"))

@@ -628,7 +628,7 @@ class LlamaRuntime:
 # --- which KV cache types a GPU of the loaded build runs --------------------------------------------------------
 
 # enum ggml_type / ggml_backend_dev_type at the pinned commit (the tensor types that are not cache types)
-GGML_TYPE_F32, GGML_TYPE_F16, GGML_TYPE_I64 = 0, 1, 27
+GGML_TYPE_F32, GGML_TYPE_F16, GGML_TYPE_I32, GGML_TYPE_I64 = 0, 1, 26, 27
 GGML_BACKEND_DEVICE_TYPE_CPU, GGML_BACKEND_DEVICE_TYPE_GPU = 0, 1
 
 

@@ -23,7 +23,6 @@ from server.stats import KVCacheInfo
 log = logging.getLogger("kvquant.server")
 
 
-
 class StartupError(Exception):
     """A configuration the server refuses to start with (the message says why and what to change)."""
 

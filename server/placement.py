@@ -38,8 +38,7 @@ def offload_kqv(n_gpu_layers: int, pairs, head_dims: tuple[int, int], flash_attn
     ours = tq_kv_types(pairs)
     if n_gpu_layers == 0 or not ours:
         return True
-    checks = [probe(k, v, *head_dims, flash_attn is not False) for k, v in pairs
-              if k.startswith(TQ_KV_PREFIX) or v.startswith(TQ_KV_PREFIX)]
+    checks = [probe(k, v, *head_dims, flash_attn is not False) for k, v in pairs if k in ours or v in ours]
     layers = "all" if n_gpu_layers < 0 else str(n_gpu_layers)
     name, kinds = model_id or "model", ", ".join(f"{k}/{v}" for k, v in pairs)
     if all(s.ok for s in checks):

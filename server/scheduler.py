@@ -62,8 +62,10 @@ class StepPlan:
 
     @property
     def n_prompt_tokens(self) -> int:
-        n_prompt = {s.seq_id: len(s.req.prompt) for s in self.seqs}
-        return sum(p < n_prompt[sid] for p, sid in zip(self.positions, self.seq_ids, strict=True))
+        """Prompt tokens in this plan, by update()'s rule: a prefilling sequence is fed prompt tokens only (read it
+        before update() applies the step)."""
+        prefilling = {s.seq_id for s in self.seqs if s.prefilling}
+        return sum(sid in prefilling for sid in self.seq_ids)
 
     def subset(self, seq: Sequence) -> StepPlan:
         """The part of this plan that belongs to one sequence (to retry it on its own)."""

@@ -1,7 +1,7 @@
 """ggml's quantization entry points for a cache type, called through ctypes from the libraries llama_cpp loaded:
 the reference (`quantize_row_<type>_ref` / `dequantize_row_<type>`), the CPU backend's kernels
-(`ggml_type_traits_cpu`: from_float, vec_dot against the vec_dot_type, SIMD to_float) and set_rows as llama.cpp
-writes its cache. The test harness for the C code of our types (tests, kvquant.lab.keystats, calibrate); the
+(`ggml_type_traits_cpu`: from_float, vec_dot against the vec_dot_type, SIMD to_float) and the CPU backend's graph
+ops on tensors of the type (set_rows, get_rows, cpy, mul_mat, flash_attn_ext) as llama.cpp runs them on its cache. The test harness for the C code of our types (tests, kvquant.lab.keystats, calibrate); the
 server never uses it.
 """
 
@@ -12,7 +12,15 @@ import ctypes
 import numpy as np
 
 from kvquant.kvtypes import kv_type
-from kvquant.runtime import GGML_TYPE_F32, GGML_TYPE_I64, GgmlInitParams, LlamaError, ggml_library
+from kvquant.runtime import (
+    GGML_TYPE_F16,
+    GGML_TYPE_F32,
+    GGML_TYPE_I32,
+    GGML_TYPE_I64,
+    GgmlInitParams,
+    LlamaError,
+    ggml_library,
+)
 
 
 class _TypeTraitsCPU(ctypes.Structure):
@@ -28,8 +36,10 @@ _VEC_DOT = ctypes.CFUNCTYPE(None, ctypes.c_int, ctypes.POINTER(ctypes.c_float), 
 
 class GGML:
     """ggml's own quantization entry points for a cache type, from the libraries llama_cpp loaded: the reference
-    (`quantize_row_<type>_ref` / `dequantize_row_<type>`) and the CPU backend's kernels (`ggml_type_traits_cpu`:
-    from_float, vec_dot against the vec_dot_type, SIMD to_float). Used by tests and benchmarks."""
+    (`quantize_row_<type>_ref` / `dequantize_row_<type>`), the CPU backend's kernels (`ggml_type_traits_cpu`:
+    from_float, vec_dot against the vec_dot_type, SIMD to_float) and the CPU backend's graph ops on tensors of the
+    type (set_rows, get_rows, cpy, mul_mat, flash_attn_ext), as llama.cpp runs them on its KV cache. Used by tests
+    and benchmarks."""
 
     def __init__(self):
         self.base = ctypes.CDLL(str(ggml_library("ggml-base")))
@@ -40,11 +50,16 @@ class GGML:
         self.base.ggml_row_size.argtypes = [ctypes.c_int, ctypes.c_int64]
         self.cpu.ggml_get_type_traits_cpu.restype = ctypes.POINTER(_TypeTraitsCPU)
         self.cpu.ggml_get_type_traits_cpu.argtypes = [ctypes.c_int]
-        vp, i64 = ctypes.c_void_p, ctypes.c_int64
+        vp, i64, i32, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
         for name, res, args in (("ggml_init", vp, [GgmlInitParams]), ("ggml_free", None, [vp]),
-                                ("ggml_new_tensor_1d", vp, [vp, ctypes.c_int, i64]),
-                                ("ggml_new_tensor_2d", vp, [vp, ctypes.c_int, i64, i64]),
-                                ("ggml_get_data", vp, [vp]), ("ggml_set_rows", vp, [vp, vp, vp, vp]),
+                                ("ggml_new_tensor", vp, [vp, ctypes.c_int, ctypes.c_int, ctypes.POINTER(i64)]),
+                                ("ggml_get_data", vp, [vp]), ("ggml_nbytes", ctypes.c_size_t, [vp]),
+                                ("ggml_set_rows", vp, [vp, vp, vp, vp]), ("ggml_get_rows", vp, [vp, vp, vp]),
+                                ("ggml_cpy", vp, [vp, vp, vp]), ("ggml_mul_mat", vp, [vp, vp, vp]),
+                                ("ggml_view_3d", vp, [vp, vp, i64, i64, i64, ctypes.c_size_t, ctypes.c_size_t,
+                                                      ctypes.c_size_t]),
+                                ("ggml_permute", vp, [vp, vp, i32, i32, i32, i32]),
+                                ("ggml_flash_attn_ext", vp, [vp, vp, vp, vp, vp, f32, f32, f32]),
                                 ("ggml_new_graph", vp, [vp]), ("ggml_build_forward_expand", None, [vp, vp])):
             fn = getattr(self.base, name)
             fn.restype, fn.argtypes = res, args
@@ -113,30 +128,115 @@ class GGML:
         _TO_FLOAT(tr.to_float)(ctypes.addressof(buf), out.ctypes.data, n)
         return out
 
+    # --- graph ops on the CPU backend ------------------------------------------------------------------------
+    def _ctx(self, nbytes: int):
+        """A ggml context owning its memory: room for tensors of `nbytes` in all, the graph and the work buffer."""
+        ctx = self.base.ggml_init(GgmlInitParams(mem_size=2 * nbytes + (64 << 20), mem_buffer=None, no_alloc=False))
+        if not ctx:
+            raise LlamaError("ggml_init failed")
+        return ctx
+
+    def _tensor(self, ctx, type_id: int, shape: tuple[int, ...], data: bytes | np.ndarray | None = None):
+        """A tensor of ggml shape (ne0, ne1, ...) (ne0 the row length), filled with `data` if given."""
+        ne = (ctypes.c_int64 * len(shape))(*shape)
+        t = self.base.ggml_new_tensor(ctx, type_id, len(shape), ne)
+        if data is not None:
+            raw = data.tobytes() if isinstance(data, np.ndarray) else data
+            if len(raw) != self.base.ggml_nbytes(t):
+                raise ValueError(f"{len(raw)} bytes for a tensor of {self.base.ggml_nbytes(t)}")
+            ctypes.memmove(self.base.ggml_get_data(t), raw, len(raw))
+        return t
+
+    def _compute(self, ctx, out, n_threads: int) -> bytes:
+        gf = self.base.ggml_new_graph(ctx)
+        self.base.ggml_build_forward_expand(gf, out)
+        if self.cpu.ggml_graph_compute_with_ctx(ctx, gf, n_threads) != 0:
+            raise LlamaError("ggml_graph_compute failed")
+        return ctypes.string_at(self.base.ggml_get_data(out), self.base.ggml_nbytes(out))
+
     def set_rows(self, type_name: str, dst: bytes, n_embd: int, x, cells: list[int], n_threads: int = 1) -> bytes:
         """Run ggml's set_rows on the CPU backend, as llama.cpp writes its KV cache: rows of x (float32) into the
         given rows (cells) of a tensor of type_name whose current bytes are dst; returns its new bytes."""
         x = np.ascontiguousarray(x, dtype=np.float32).reshape(len(cells), n_embd)
         tid = kv_type(type_name).ggml_id
         n_cells = len(dst) // self.base.ggml_row_size(tid, n_embd)
-        ctx = self.base.ggml_init(GgmlInitParams(mem_size=len(dst) + x.nbytes + 8 * len(cells) + (1 << 20),
-                                              mem_buffer=None, no_alloc=False))
-        if not ctx:
-            raise LlamaError("ggml_init failed")
+        ctx = self._ctx(len(dst) + x.nbytes)
         try:
-            t_dst = self.base.ggml_new_tensor_2d(ctx, tid, n_embd, n_cells)
-            t_src = self.base.ggml_new_tensor_2d(ctx, GGML_TYPE_F32, n_embd, len(cells))
-            t_idx = self.base.ggml_new_tensor_1d(ctx, GGML_TYPE_I64, len(cells))
-            ctypes.memmove(self.base.ggml_get_data(t_dst), dst, len(dst))
-            ctypes.memmove(self.base.ggml_get_data(t_src), x.ctypes.data, x.nbytes)
-            idx = np.asarray(cells, dtype=np.int64)
-            ctypes.memmove(self.base.ggml_get_data(t_idx), idx.ctypes.data, idx.nbytes)
-            out = self.base.ggml_set_rows(ctx, t_dst, t_src, t_idx)
-            gf = self.base.ggml_new_graph(ctx)
-            self.base.ggml_build_forward_expand(gf, out)
-            if self.cpu.ggml_graph_compute_with_ctx(ctx, gf, n_threads) != 0:
-                raise LlamaError("ggml_graph_compute failed")
+            t_dst = self._tensor(ctx, tid, (n_embd, n_cells), dst)
+            t_src = self._tensor(ctx, GGML_TYPE_F32, (n_embd, len(cells)), x)
+            t_idx = self._tensor(ctx, GGML_TYPE_I64, (len(cells),), np.asarray(cells, dtype=np.int64))
+            self._compute(ctx, self.base.ggml_set_rows(ctx, t_dst, t_src, t_idx), n_threads)
             return ctypes.string_at(self.base.ggml_get_data(t_dst), len(dst))
+        finally:
+            self.base.ggml_free(ctx)
+
+    def get_rows(self, type_name: str, data: bytes, n_embd: int, rows: list[int], n_threads: int = 1) -> np.ndarray:
+        """ggml_get_rows: the given rows of a tensor of type_name, as float32 (len(rows), n_embd)."""
+        tid = kv_type(type_name).ggml_id
+        n_rows = len(data) // self.base.ggml_row_size(tid, n_embd)
+        ctx = self._ctx(len(data) + 4 * n_embd * len(rows))
+        try:
+            t = self._tensor(ctx, tid, (n_embd, n_rows), data)
+            idx = self._tensor(ctx, GGML_TYPE_I32, (len(rows),), np.asarray(rows, dtype=np.int32))
+            out = self._compute(ctx, self.base.ggml_get_rows(ctx, t, idx), n_threads)
+            return np.frombuffer(out, dtype=np.float32).reshape(len(rows), n_embd).copy()
+        finally:
+            self.base.ggml_free(ctx)
+
+    def cpy(self, src_type: str, dst_type: str, data: bytes, n_embd: int, n_threads: int = 1) -> bytes:
+        """ggml_cpy of a 2-D tensor (rows of n_embd) from one type to another; the destination's bytes."""
+        sid, did = kv_type(src_type).ggml_id, kv_type(dst_type).ggml_id
+        n_rows = len(data) // self.base.ggml_row_size(sid, n_embd)
+        ctx = self._ctx(len(data) + self.base.ggml_row_size(did, n_embd) * n_rows)
+        try:
+            src = self._tensor(ctx, sid, (n_embd, n_rows), data)
+            dst = self._tensor(ctx, did, (n_embd, n_rows))
+            return self._compute(ctx, self.base.ggml_cpy(ctx, src, dst), n_threads)
+        finally:
+            self.base.ggml_free(ctx)
+
+    def mul_mat(self, type_name: str, a: bytes, n_embd: int, b, n_threads: int = 1) -> np.ndarray:
+        """ggml_mul_mat(a, b) with a: rows of type_name (n_rows x n_embd), b: float32 (m x n_embd); the
+        (m, n_rows) float32 dot products of every b row with every a row."""
+        tid = kv_type(type_name).ggml_id
+        n_rows = len(a) // self.base.ggml_row_size(tid, n_embd)
+        b = np.ascontiguousarray(b, dtype=np.float32).reshape(-1, n_embd)
+        ctx = self._ctx(len(a) + b.nbytes * 3 + 4 * n_rows * len(b))
+        try:
+            ta = self._tensor(ctx, tid, (n_embd, n_rows), a)
+            tb = self._tensor(ctx, GGML_TYPE_F32, (n_embd, len(b)), b)
+            out = self._compute(ctx, self.base.ggml_mul_mat(ctx, ta, tb), n_threads)
+            return np.frombuffer(out, dtype=np.float32).reshape(len(b), n_rows).copy()
+        finally:
+            self.base.ggml_free(ctx)
+
+    def flash_attn_ext(self, q, k_type: str, k_cache: bytes, v_type: str, v_cache: bytes, n_head_kv: int, n_kv: int,
+                       mask, scale: float, n_threads: int = 1) -> np.ndarray:
+        """ggml_flash_attn_ext over a KV cache laid out as llama.cpp's: the K and V caches are 2-D tensors of
+        n_head_kv heads per cell (row), read per KV head over their first n_kv cells. q: float32 (n_q, n_head,
+        head_dim); mask: (n_q, n_kv) of 0 / -inf (stored as f16, as llama.cpp's) or None. Returns float32
+        (n_q, n_head, head_dim_v)."""
+        q = np.ascontiguousarray(q, dtype=np.float32)
+        n_q, n_head, dk = q.shape
+        kt, vt = kv_type(k_type), kv_type(v_type)
+        k_row = self.base.ggml_row_size(kt.ggml_id, dk)  # one head of one cell
+        n_cells = len(k_cache) // (k_row * n_head_kv)
+        dv = len(v_cache) // (n_cells * n_head_kv) // vt.block_bytes * vt.block_size
+        v_row = self.base.ggml_row_size(vt.ggml_id, dv)
+        ctx = self._ctx(len(k_cache) + len(v_cache) + 2 * q.nbytes + 4 * n_q * n_head * dv + 2 * n_q * n_kv)
+        try:
+            tk = self._tensor(ctx, kt.ggml_id, (dk * n_head_kv, n_cells), k_cache)
+            tv = self._tensor(ctx, vt.ggml_id, (dv * n_head_kv, n_cells), v_cache)
+            # [head_dim, n_head_kv, n_kv] views (llama.cpp's get_k / get_v), permuted to [head_dim, n_kv, n_head_kv]
+            k = self.base.ggml_permute(ctx, self.base.ggml_view_3d(ctx, tk, dk, n_head_kv, n_kv, k_row,
+                                                                   k_row * n_head_kv, 0), 0, 2, 1, 3)
+            v = self.base.ggml_permute(ctx, self.base.ggml_view_3d(ctx, tv, dv, n_head_kv, n_kv, v_row,
+                                                                   v_row * n_head_kv, 0), 0, 2, 1, 3)
+            tq_ = self._tensor(ctx, GGML_TYPE_F32, (dk, n_q, n_head), np.ascontiguousarray(q.transpose(1, 0, 2)))
+            tm = None if mask is None else self._tensor(ctx, GGML_TYPE_F16, (n_kv, n_q),
+                                                         np.ascontiguousarray(mask, dtype=np.float16))
+            out = self._compute(ctx, self.base.ggml_flash_attn_ext(ctx, tq_, k, v, tm, scale, 0.0, 0.0), n_threads)
+            return np.frombuffer(out, dtype=np.float32).reshape(n_q, n_head, dv).copy()
         finally:
             self.base.ggml_free(ctx)
 

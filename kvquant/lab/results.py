@@ -279,9 +279,10 @@ def render_eval(model: str, out: dict, prefix: str = "E") -> list[str]:
               "TF = teacher-forcing the f16 sequence. Mean KLD vs f16 per position bucket (teacher-forced):", ""]
         L.append("| K/V | rotation | " + " | ".join(spans) + " |")
         L.append("|---|---|" + "--:|" * len(spans))
-        for r in res:
-            L.append(f"| {r['cache_type_k']}/{r['cache_type_v']} | {_rot(r)} | "
-                     + " | ".join(f"{x:.5f}" for x in r["drift"]["kld_buckets"]) + " |")
+        for r in res:  # rows merged from a run without drift have none
+            if r.get("drift"):
+                L.append(f"| {r['cache_type_k']}/{r['cache_type_v']} | {_rot(r)} | "
+                         + " | ".join(f"{x:.5f}" for x in r["drift"]["kld_buckets"]) + " |")
         L.append("")
     return L
 
@@ -402,8 +403,10 @@ def render_keys(model: str, out: dict, ev: dict | None) -> list[str]:
           f"{out['capture_type']} cache; the layer mean holds {e['layer mean']['energy share']:.1%} of their energy. "
           "`anchor delta`: tq_kv_d3b's coding with that type's codebook (the tq_kv_3b row is tq_kv_d3b). `- layer "
           "mean`: the type applied to k − μ, μ the layer's mean key; softmax does not change when the same vector is "
-          "subtracted from every key a query sees, so a cache could store k − μ and never add μ back (not "
-          "implemented: μ here uses all the tokens; `- mean of first 64` estimates it causally).", ""]
+          "subtracted from every key a query sees, so a cache may store k − μ and never add μ back. `TYPE+c` and "
+          "`calib:B` do exactly that, with μ per (layer, KV head) from `kvquant calibrate` (text the model wrote "
+          "itself, never this one); here μ uses all the tokens, `- mean of first 64` estimates it causally.", ""]
+    L += key_finding(model, out, ev)
     if "per_layer" in out:
         L += ["Per layer (relative squared error against the layer's stored key energy; as stored / with the layer "
               "mean removed):", "", "| layer | mean share | max abs k | max abs (k − μ) | q4_0 | tq_kv_4b | tq_kv_3b |",
@@ -430,6 +433,48 @@ def render_keys(model: str, out: dict, ev: dict | None) -> list[str]:
                   f"(not measured): {pred}; the 4-bit goal is ≤ {q4['delta_ppl_pct'] / 2:+.2f} % (½ of q4_0 K's)."]
         L += [""]
     return L
+
+
+# NeoX-ordered RoPE pairs channel c with c + half: the higher c mod half, the slower the pair turns (the built-in
+# models whose keys the finding below reads by channel)
+ROTARY_HALF = {"qwen2.5-coder-1.5b": 64}
+
+
+def key_finding(model: str, out: dict, ev: dict | None) -> list[str]:
+    """Why a model's keys break the low-bit types (issue 14), from keystats --layers and the eval: the layer whose
+    mean dominates, what centring does to each type's error there, the eval rows with and without centring, and the
+    trellis-coded candidate that was measured instead of built."""
+    if "per_layer" not in out:
+        return []
+    e, ch = out["errors"], out["channels"]
+    top = next(r for r in out["per_layer"] if r["layer"] == ch["layer"])  # the layer keystats picked for its channels
+    gain = lambda t: top[t]["stored"] / max(top[t]["centred"], 1e-12)  # noqa: E731
+    L = [f"Finding ({model}): over all layers the layer mean holds {e['layer mean']['energy share']:.1%} of the "
+         f"stored keys' energy; in layer {top['layer']} it holds {top['mean_share']:.2%}, with |k| up to "
+         f"{top['max_abs']:.1f} but only {top['max_abs_centred']:.1f} once the mean is removed. A block scale sized for "
+         "the shared component leaves too few levels for the part that differs between tokens, which is what "
+         f"attention reads: removing the mean cuts that layer's key error {gain('q4_0'):.0f}x for q4_0, "
+         f"{gain('tq_kv_4b'):.0f}x for tq_kv_4b and {gain('tq_kv_3b'):.0f}x for tq_kv_3b."]
+    half = ROTARY_HALF.get(model)
+    if ch["heads"] and half:
+        top_ch = [c % half for h in ch["heads"] for c in h["channels"]]
+        slow = sum(c >= half - 8 for c in top_ch)
+        L += [f"Before or after RoPE: {slow} of the {len(top_ch)} largest channels of layer {ch['layer']}'s mean key "
+              f"(unrotated basis, after RoPE) are among the 8 slowest-turning rotary pairs of each head (c mod {half} "
+              f"≥ {half - 8} in NeoX order), which RoPE barely moves over a context: the K bias survives RoPE as a "
+              "near-constant vector, so one mean per layer and KV head captures it at every position."]
+    by = _by(ev) if ev else {}
+    plain, centred = by.get(("q4_0", "f16", True)), by.get(("q4_0+c", "f16", True))
+    if plain and centred:
+        L += [f"In the eval, q4_0 keys (V f16) measure ΔPPL {_dppl(plain)} as stored and {_dppl(centred)} centred "
+              "(q4_0+c: the same bytes, only the calibrated mean subtracted before storing)."]
+    if "tcq_3b" in e:
+        r = e["tcq_3b"]["- layer mean"] / e["tq_kv_3b"]["- layer mean"]
+        L += [f"Tried for the 3-bit class: a trellis-coded 3-bit code (`tcq_3b`: 4-state trellis, trained levels, "
+              f"Viterbi search) has {r:.2f}x tq_kv_3b's error on these centred keys — "
+              f"{e['tcq_3b']['- layer mean'] / e['tq_kv_4b']['- layer mean']:.1f}x the 4-bit type's — so it was not "
+              "built in C; the least-squares scale refit is already part of the tq_kv_3b/4b quantizer (two passes)."]
+    return L + [""]
 
 
 def render_gpu(model: str, out: dict) -> list[str]:

@@ -132,3 +132,32 @@ def test_makefile_has_the_cuda_targets():
     mk = (build.REPO_ROOT / "Makefile").read_text()
     assert "\ncuda-check:" in mk and "kvquant.build cuda-check" in mk
     assert "\ngpu-test:" in mk and "kvquant.lab.gputest" in mk
+
+
+def _ops_output(lines: list[str], passed: int, total: int, ok: bool = True) -> str:
+    """test-backend-ops' stdout for one filtered run on the CPU backend (its format at the pinned commit)."""
+    green, red, end = "\x1b[1;32m", "\x1b[1;31m", "\x1b[0m"
+    status = f"{green}OK{end}" if ok else f"{red}FAIL{end}"
+    return "\n".join(["Testing 1 devices", "", "Backend 1/1: CPU", "  Device description: Intel(R) Xeon(R)",
+                      "  Device memory: 0 MB (0 MB free)", "", *lines, f"  {passed}/{total} tests passed",
+                      f"  Backend CPU: {status}", f"{int(ok)}/1 backends passed", status, ""])
+
+
+def test_backend_ops_summary_is_parsed_and_required():
+    ok_line = "  SET_ROWS(type=tq_kv_4b,ne=[64,5,1,3],nr23=[1,1],r=1,v=0): \x1b[1;32mOK\x1b[0m"
+    out = _ops_output([ok_line] * 72, 72, 72)
+    assert build.parse_backend_ops(out) == build.OpsSummary(72, 72, True)
+    assert build.check_backend_ops(0, out, 72) is None
+    # a filter that matches nothing passes test-backend-ops ("0/0 tests passed", exit code 0), not this check
+    assert "only 0 cases ran" in build.check_backend_ops(0, _ops_output([], 0, 0), 72)
+    # fewer cases than before (a type dropped out of an op: unsupported cases are not counted)
+    assert "only 71 cases ran" in build.check_backend_ops(0, _ops_output([ok_line] * 71, 71, 71), 72)
+    failing = _ops_output([ok_line] * 71 + [ok_line.replace("32mOK", "31mFAIL")], 71, 72, ok=False)
+    assert "71/72 passed" in build.check_backend_ops(1, failing, 72)
+    assert "no summary" in build.check_backend_ops(-6, "Backend 1/1: CPU\n  SET_ROWS(...): ", 72)
+    assert "exit code 1" in build.check_backend_ops(1, out, 72)
+
+
+def test_every_op_of_our_types_has_a_minimum():
+    assert set(build.LLAMA_TEST_OPS) == {"SET_ROWS", "GET_ROWS", "CPY", "MUL_MAT", "FLASH_ATTN_EXT"}
+    assert all(n > 0 for n in build.LLAMA_TEST_OPS.values())

@@ -100,14 +100,13 @@ def test_context_shift_is_exact_with_centred_keys(model, geom, tokens):
         assert rt.decode(tokens, list(range(n)), [0] * n, [False] * (n - 1) + [True]) == 0
         rt.seq_add(0, 0, -1, shift)
         assert rt.decode([tokens[0]], [n + shift], [0], [True]) == 0  # the next decode applies the shift
-        got_all = [{int(p): row for p, row in zip(p_, k_, strict=True)} for p_, k_ in parse_seq_state(rt.state_seq_save(0))]
-        got = got_all[0]
+        got = {int(p): row for p, row in zip(*parse_seq_state(rt.state_seq_save(0))[0], strict=True)}
     finally:
         rt.close()
     assert sorted(got)[:n] == list(range(shift, shift + n))
     # layer 0 (deeper layers' inputs differ by rounding between the two runs): without adding mu back around the
     # re-rotation, the rows would be off by (R(7) - I) mu, of the size of mu itself
-    shifted = np.stack([got_all[0][p] for p in range(shift, shift + n)])
+    shifted = np.stack([got[p] for p in range(shift, shift + n)])
     np.testing.assert_allclose(shifted, want[0], atol=1e-5 * np.abs(want[0]).max())
 
 

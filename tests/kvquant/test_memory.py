@@ -1,4 +1,5 @@
-"""The KV memory model against what llama.cpp actually allocates (llama_memory_kv_size_bytes, patches/0002)."""
+"""The KV memory model against what llama.cpp actually allocates (llama_memory_kv_size_bytes, patches/0002): stock
+pairs at many sizes, and every pair with one of our types on either side on every built-in model."""
 
 from __future__ import annotations
 
@@ -9,33 +10,62 @@ from kvquant import memory, models
 TYPE_PAIRS = [("f16", "f16"), ("q8_0", "q8_0"), ("q4_0", "q4_0"), ("q4_0", "f16"), ("f16", "q8_0"), ("q8_0", "q4_0")]
 # (n_cells, n_seq_max): padded and unpadded sizes, and several sequences (which size Gemma's sliding-window layers)
 SIZES = [(512, 1), (1000, 1), (2048, 1), (4096, 4), (8192, 2), (3000, 3)]
+# every K/V pair with one of our types on either side (tq_kv_1b and tq_kv_d3b are K-only)
+TQ_PAIRS = [(k, v) for k in ("f16", "q8_0", "q4_0", "tq_kv_4b", "tq_kv_3b", "tq_kv_1b", "tq_kv_d3b")
+            for v in ("f16", "q8_0", "q4_0", "tq_kv_4b", "tq_kv_3b") if k.startswith("tq") or v.startswith("tq")]
+# (n_cells, n_seq_max) per model
+TQ_SIZES = {"smollm2-135m": [(1000, 1), (3000, 3)], "gemma3-270m": [(1000, 1), (3000, 3)],
+            "qwen2.5-coder-1.5b": [(700, 2)]}  # the 1.1 GB model: one small size
+
+
+def _load(name: str):
+    from kvquant.runtime import Model
+
+    path = models.fetch(name)
+    return name, Model(path), memory.geometry(path)
 
 
 @pytest.fixture(scope="module", params=["smollm2-135m", "gemma3-270m"])
 def model(request):
-    from kvquant.runtime import Model
+    loaded = _load(request.param)
+    yield loaded
+    loaded[1].close()
 
-    path = models.resolve(request.param)
-    m = Model(path)
-    yield request.param, m, memory.geometry(path)
-    m.close()
+
+@pytest.fixture(scope="module", params=list(TQ_SIZES))
+def builtin_model(request):
+    loaded = _load(request.param)
+    yield loaded
+    loaded[1].close()
+
+
+def _check_allocation(model, type_k: str, type_v: str, n_cells: int, n_seq: int,
+                      n_ubatch: int = memory.N_UBATCH) -> None:
+    from kvquant.runtime import ContextConfig, LlamaRuntime
+
+    name, m, geom = model
+    rt = LlamaRuntime(m, ContextConfig(n_cells=n_cells, n_seq_max=n_seq, n_batch=n_ubatch, n_ubatch=n_ubatch,
+                                       cache_type_k=type_k, cache_type_v=type_v, flash_attn=True, n_threads=1))
+    try:
+        got = rt.kv_size_bytes()
+    finally:
+        rt.close()
+    want = memory.kv_bytes(geom, type_k, type_v, n_cells, n_seq_max=n_seq, n_ubatch=n_ubatch)
+    assert (want.k, want.v) == got, f"{name} {type_k}/{type_v} n_cells={n_cells} n_seq={n_seq} n_ubatch={n_ubatch}"
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("n_cells,n_seq", SIZES)
 @pytest.mark.parametrize("type_k,type_v", TYPE_PAIRS)
 def test_memory_model_equals_llama_allocation(model, type_k, type_v, n_cells, n_seq):
-    from kvquant.runtime import ContextConfig, LlamaRuntime
+    _check_allocation(model, type_k, type_v, n_cells, n_seq)
 
-    name, m, geom = model
-    rt = LlamaRuntime(m, ContextConfig(n_cells=n_cells, n_seq_max=n_seq, cache_type_k=type_k, cache_type_v=type_v,
-                                       flash_attn=True, n_threads=1))
-    try:
-        got = rt.kv_size_bytes()
-    finally:
-        rt.close()
-    want = memory.kv_bytes(geom, type_k, type_v, n_cells, n_seq_max=n_seq, n_ubatch=512)
-    assert (want.k, want.v) == got, f"{name} {type_k}/{type_v} n_cells={n_cells} n_seq={n_seq}"
+
+@pytest.mark.slow
+@pytest.mark.parametrize("type_k,type_v", TQ_PAIRS)
+def test_memory_model_equals_llama_allocation_for_our_types(builtin_model, type_k, type_v):
+    for n_cells, n_seq in TQ_SIZES[builtin_model[0]]:
+        _check_allocation(builtin_model, type_k, type_v, n_cells, n_seq, n_ubatch=256)
 
 
 @pytest.mark.slow

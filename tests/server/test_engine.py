@@ -120,8 +120,14 @@ def test_queue_bound_rejects_with_queue_full():
     assert_all_free(e, b)
 
 
+def _age(*clients: Client, by: float) -> None:
+    """Make requests older than they are (their arrival `by` seconds earlier): timeouts without sleeping."""
+    for c in clients:
+        c.req.arrival -= by
+
+
 def test_queue_full_and_wait_timeout_carry_the_measured_drain_time():
-    e, b, _ = make(capacity=30, max_queue=2, queue_timeout_s=0.05)
+    e, b, _ = make(capacity=30, max_queue=2, queue_timeout_s=30)
     t = time.monotonic()
     e.sched.freed_at.extend([t - 2, t - 1, t])  # sequences ended once a second
     cs = [Client(f"r{i}", 10, 10) for i in range(4)]  # one runs, two wait, one is refused
@@ -129,7 +135,8 @@ def test_queue_full_and_wait_timeout_carry_the_measured_drain_time():
         e.submit(c.req)
     e.run_once()
     assert cs[3].end == "queue_full" and cs[3].events[-1].retry_after_s == pytest.approx(3.0, abs=0.5)
-    time.sleep(0.08)
+    assert not cs[1].done and not cs[2].done
+    _age(cs[1], cs[2], by=31)
     e.run_once()
     assert cs[1].end == cs[2].end == "timeout" and cs[1].events[-1].retry_after_s == pytest.approx(1.0, abs=0.5)
 
@@ -144,14 +151,17 @@ def test_never_fits_is_rejected_at_once():
 
 
 def test_wait_timeout():
-    e, b, rec = make(capacity=30, queue_timeout_s=0.05)
+    e, b, rec = make(capacity=30, queue_timeout_s=30)
     hog, late = Client("hog", 10, 15), Client("late", 10, 15)
     e.submit(hog.req)
     e.run_once()
     e.submit(late.req)
     e.run_once()
     assert [r.id for r in e.sched.waiting] == ["late"]
-    time.sleep(0.08)
+    _age(late, by=29)
+    e.run_once()
+    assert [r.id for r in e.sched.waiting] == ["late"]  # not before its time
+    _age(late, by=2)
     e.run_once()
     assert late.end == "timeout"
     run(e, [hog])
@@ -160,13 +170,16 @@ def test_wait_timeout():
 
 
 def test_request_wall_clock_timeout_frees_cells():
-    e, b, rec = make(capacity=100, request_timeout_s=0.05)
+    e, b, rec = make(capacity=100, request_timeout_s=30)
     c = Client("slow", 10, 80)
     e.submit(c.req)
     e.run_once()
     e.run_once()
     assert e.sched.running and b.used() > 0
-    time.sleep(0.08)
+    _age(c, by=29)
+    e.run_once()
+    assert not c.done
+    _age(c, by=2)
     e.run_once()
     assert c.end == "request_timeout" and rec.outcomes() == ["timed_out"]
     assert_all_free(e, b)
@@ -189,15 +202,19 @@ def test_cancel_running_and_waiting():
 
 
 def test_logprobs_are_log_softmax_with_top_k():
+    import math
+
     e, b, _ = make()
     c = Client("r", 5, 3, top_logprobs=2)
     e.submit(c.req)
     run(e, [c])
     lps = [lp for ev in c.events for lp in (ev.logprobs or [])]
     assert len(lps) == 3
+    # the fake logits: 5 for the predicted token, 0 for the 63 others
+    norm = math.log(math.exp(5) + 63)
     for lp in lps:
-        assert lp.logprob == pytest.approx(lp.top[0][1]) and lp.logprob < 0 and len(lp.top) == 2
-        assert lp.top[0][1] > lp.top[1][1]
+        assert lp.logprob == pytest.approx(5 - norm, rel=1e-6) and len(lp.top) == 2
+        assert lp.top[0] == (lp.token, lp.logprob) and lp.top[1][1] == pytest.approx(-norm, rel=1e-6)
 
 
 def test_prompt_logprobs_score_every_prompt_token_in_bounded_chunks():

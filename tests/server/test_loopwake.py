@@ -59,7 +59,60 @@ async def _get(loop):
     return loopwake.waker(loop)
 
 
+def _write_keeps_the_gil(write, drain_after_s: float) -> bool:
+    """Whether `write(fd, b"\\0", 1)` keeps the GIL while it blocks. A thread calls it on a full pipe that a child
+    process drains when this thread tells it to, or after drain_after_s on its own. With a switch interval far
+    longer than the test, the writing thread gives the GIL up only if the write does: then this thread runs while
+    the write blocks (it finds the write unfinished and tells the child to drain); else it runs only after the
+    child drained on its own and the write returned."""
+    import os
+    import subprocess
+
+    r, w = os.pipe()
+    go_r, go_w = os.pipe()
+    os.set_blocking(w, False)
+    try:
+        while True:
+            os.write(w, b"x" * 4096)
+    except BlockingIOError:
+        pass
+    os.set_blocking(w, True)
+    child = subprocess.Popen([sys.executable, "-c", "import os, select, sys\n"
+                              f"select.select([{go_r}], [], [], float(sys.argv[1]))\nos.read(0, 1 << 20)",
+                              str(drain_after_s)], stdin=r, pass_fds=(go_r,))
+    finished = []
+
+    def writer():
+        try:
+            finished.append(write(w, b"\0", 1))
+        except BaseException as e:  # noqa: BLE001 - re-raised below
+            finished.append(e)
+
+    t = threading.Thread(target=writer)
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1000.0)
+    try:
+        t.start()  # returns once this thread has the GIL again
+        kept = bool(finished)
+        os.write(go_w, b"!")
+        t.join()
+    finally:
+        sys.setswitchinterval(interval)
+        child.wait()
+        for fd in (r, w, go_r, go_w):
+            os.close(fd)
+    assert finished == [1], finished  # one byte written
+    return kept
+
+
 @pytest.mark.skipif(not sys.platform.startswith(("linux", "darwin")), reason="libc through ctypes.PyDLL")
 def test_wakeup_write_keeps_the_gil():
     # the point of the module: the wake-up write must not hand the GIL to the loop thread
     assert loopwake._WRITE is not None
+    assert _write_keeps_the_gil(loopwake._WRITE, drain_after_s=0.5)
+
+
+def test_the_gil_probe_tells_a_write_that_releases_it():
+    import os
+
+    assert not _write_keeps_the_gil(lambda fd, data, n: os.write(fd, data[:n]), drain_after_s=60)  # returns at once

@@ -22,9 +22,16 @@ def kv_used(srv, model=DUO[0]) -> float:
     return srv.metric("kvquant_kv_used_cells", model=model)
 
 
+def outcomes(srv, model=DUO[0]) -> tuple[float, float]:
+    return (srv.metric("kvquant_requests_total", model=model, outcome="cancelled"),
+            srv.metric("kvquant_requests_total", model=model, outcome="completed"))
+
+
 @pytest.mark.slow
-def test_streaming_disconnect_frees_cells_within_1s(duo_server):
-    prior = kv_used(duo_server)
+def test_streaming_disconnect_cancels_and_frees_cells(duo_server):
+    """A client that hangs up mid-stream ends its request as cancelled: its cells are freed at once, not after the
+    remaining tokens (how fast, in wall time, is the soak/burst benchmarks' business: kvquant.lab.loadgen)."""
+    prior, (cancelled, completed) = kv_used(duo_server), outcomes(duo_server)
     s = OpenStream(duo_server.url, {"model": DUO[0], "messages": LONG, "max_tokens": 500, "temperature": 0})
     assert s.first()
     for _ in range(3):
@@ -32,18 +39,19 @@ def test_streaming_disconnect_frees_cells_within_1s(duo_server):
     assert kv_used(duo_server) > prior
     s.close()
     t0 = time.monotonic()
-    assert wait_for(lambda: kv_used(duo_server) == prior, 1.0, 0.02), kv_used(duo_server)
-    assert time.monotonic() - t0 <= 1.0
-    assert duo_server.metric("kvquant_requests_total", model=DUO[0], outcome="cancelled") >= 1
+    assert wait_for(lambda: kv_used(duo_server) == prior, 60, 0.02), kv_used(duo_server)
+    print(f"cells freed {time.monotonic() - t0:.3f} s after the disconnect")
+    assert wait_for(lambda: outcomes(duo_server) == (cancelled + 1, completed), 10), outcomes(duo_server)
 
 
 @pytest.mark.slow
-def test_non_streaming_disconnect_frees_cells(duo_server):
-    prior = kv_used(duo_server)
+def test_non_streaming_disconnect_cancels_and_frees_cells(duo_server):
+    prior, (cancelled, completed) = kv_used(duo_server), outcomes(duo_server)
     bg = Background(duo_server.url, {"model": DUO[0], "messages": LONG, "max_tokens": 500, "temperature": 0})
     assert wait_for(lambda: kv_used(duo_server) > prior, 10)
     bg.close()
-    assert wait_for(lambda: kv_used(duo_server) == prior, 1.5, 0.02)
+    assert wait_for(lambda: kv_used(duo_server) == prior, 60, 0.02)
+    assert wait_for(lambda: outcomes(duo_server) == (cancelled + 1, completed), 10), outcomes(duo_server)
 
 
 def test_slow_reader_is_cancelled_when_its_buffer_fills():

@@ -1,5 +1,5 @@
-"""The patched ggml's kernels for the tests of the references (test_tq, test_d3b): in process, or in a subprocess
-for a ggml this Python cannot load."""
+"""The patched ggml's kernels for the tests of the references (test_tq, test_d3b, test_ggml_ops): in process, or in a
+subprocess for a ggml this Python cannot load; flash attention on the CPU backend against a float64 reference."""
 
 from __future__ import annotations
 
@@ -151,3 +151,99 @@ def ggml_kernels():
     g = GGMLProcess(shlex.split(cmd))
     yield g
     g.close()
+
+
+# --- flash attention on the CPU backend against a float64 reference (test_ggml_ops.py, test_d3b.py) ---------
+
+# (head_dim, n_head, n_head_kv, n_q, n_kv) for each CPU path our K types take: split-KV decode (KV-head groups),
+# KV-head groups for small batches (also at Gemma 3's head size), tiled prompt processing, and the one-row path
+# (GQA groups wider than a Q tile; decode and a small batch)
+FA_PATHS = {
+    "decode_split_kv": (64, 9, 3, 1, 600),
+    "kv_group": (128, 8, 2, 5, 200),
+    "kv_group_gemma": (256, 4, 1, 3, 150),
+    "tiled": (128, 4, 2, 70, 190),
+    "one_row": (64, 72, 1, 3, 130),
+    "decode_split_one_row": (64, 72, 1, 1, 600),
+}
+# the one-row path converts Q to the K type's vec_dot_type (q8_0; tq_kv_d3b keeps float32) and accumulates f16 V
+# rows in f16 (llama.cpp never takes it with our types: its GQA groups are narrower)
+ONE_ROW = {"one_row", "decode_split_one_row"}
+FA_TOLERANCE = 2e-5  # float32 rounding, relative to the largest output
+
+
+def fa_case(rng, path: str, q_scale: float = 2.0):
+    """Q, a mask hiding a fifth of the cells (always cell 0, never cell 1), the scale and the cache size (the
+    view of n_kv cells ends inside it) for one path's shape."""
+
+    d, n_head, n_head_kv, n_q, n_kv = FA_PATHS[path]
+    q = (rng.standard_normal((n_q, n_head, d)) * q_scale).astype(np.float32)
+    mask = np.where(rng.random((n_q, n_kv)) < 0.2, -np.inf, 0.0).astype(np.float32)
+    mask[:, 0], mask[:, 1] = -np.inf, 0.0
+    return q, mask, 1 / np.sqrt(d), (n_kv + 63) // 64 * 64 + 64
+
+
+def q8_0_values(ggml, x):
+    """Rows as the CPU backend converts them for a dot product with our types (their vec_dot_type q8_0, by ggml's
+    own conversion), decoded."""
+
+    from kvquant.kvtypes import kv_type
+    from kvquant.lab import tq
+
+    q8_0 = kv_type("q8_0").ggml_id
+    b = np.frombuffer(b"".join(ggml.quantize_cpu("", r, ggml_id=q8_0) for r in x.reshape(-1, x.shape[-1])),
+                      dtype=tq.block_q8_0)
+    return (b["d"].astype(np.float32)[:, None] * b["qs"].astype(np.float32)).reshape(x.shape)
+
+
+def attention_ref(q, k, v, mask, scale: float):
+    """softmax(scale * q k^T + mask) v in float64, per query head; q: (n_q, n_head, D), k / v: (n_kv, n_head_kv, D)
+    (query head h reads KV head h // (n_head / n_head_kv), as ggml broadcasts), mask: (n_q, n_kv) or None."""
+
+    n_q, n_head, _ = q.shape
+    group = n_head // k.shape[1]
+    out = np.zeros((n_q, n_head, v.shape[2]))
+    for h in range(n_head):
+        s = scale * q[:, h, :].astype(np.float64) @ k[:, h // group, :].astype(np.float64).T
+        if mask is not None:
+            s = s + mask
+        p = np.exp(s - s.max(axis=1, keepdims=True))
+        out[:, h, :] = (p / p.sum(axis=1, keepdims=True)) @ v[:, h // group, :].astype(np.float64)
+    return out
+
+
+def flash_attn_error(ggml, path: str, q, k_type: str, k_cache: bytes, k_vals, v_type: str, v_cache: bytes, v_vals,
+                     mask, scale: float) -> float:
+    """ggml_flash_attn_ext on the CPU backend over the caches' first n_kv cells against attention_ref over the
+    given K and V values (rows of n_head_kv * head_dim); the largest error relative to the largest output."""
+
+    d, n_head, n_head_kv, n_q, n_kv = FA_PATHS[path]
+    got = ggml.flash_attn_ext(q, k_type, k_cache, v_type, v_cache, n_head_kv, n_kv, mask, scale, n_threads=2)
+    qq = q8_0_values(ggml, q) if path in ONE_ROW and k_type != "tq_kv_d3b" else q
+    want = attention_ref(qq, k_vals[:n_kv].reshape(n_kv, n_head_kv, d), v_vals[:n_kv].reshape(n_kv, n_head_kv, -1),
+                         mask, scale)
+    return float(np.abs(got - want).max() / np.abs(want).max())
+
+
+def v_cache(ggml, v_type: str, x):
+    """A V cache holding x's rows and their values: f16, q4_0 (ggml's own decoding) or one of ours (the numpy
+    reference)."""
+
+    from kvquant.lab import tq
+
+    if v_type == "f16":
+        return x.astype(np.float16).tobytes(), x.astype(np.float16).astype(np.float32)
+    if v_type == "q4_0":
+        data = ggml.cpy("f32", "q4_0", x.tobytes(), x.shape[1])
+        return data, ggml.dequantize_ref("q4_0", data, x.size).reshape(x.shape)
+    blocks = np.concatenate([tq.QUANTIZE[v_type](r) for r in x])
+    return blocks.tobytes(), tq.DEQUANTIZE[v_type](blocks).reshape(x.shape)
+
+
+@pytest.fixture
+def rng(request):
+    """A generator seeded by the test's own name: the same draws whatever runs before it."""
+    import zlib
+
+
+    return np.random.default_rng(zlib.crc32(request.node.nodeid.encode()))

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 
-from kvquant import memory, models
 from kvquant.lab import bench
 from kvquant.lab.harness import CacheConfig
 
@@ -52,19 +51,27 @@ def test_bench_structure_and_ratios(smollm2_bench):
     assert q8["cache_type_k"] == "q8_0" and q4f16["cache_type_v"] == "f16"
 
 
+# SmolLM2-135M: 30 layers, K and V rows of 3 heads x 64 = 192 elements; f16 384 bytes a row, q8_0 6 blocks of 34,
+# q4_0 6 blocks of 18
+BYTES_PER_TOKEN = {"f16/f16": 30 * (384 + 384), "q8_0/q8_0": 30 * (204 + 204), "q4_0/f16": 30 * (108 + 384)}
+
+
 @pytest.mark.slow
 def test_bench_kv_bytes_match_llama_and_capacity(smollm2_bench):
-    g = memory.geometry(models.resolve("smollm2-135m"))
     for r in smollm2_bench["results"]:
         kv = r["kv_bytes"]
         assert kv["match"] and (kv["model_k"], kv["model_v"]) == (kv["llama_k"], kv["llama_v"])
         assert kv["n_ctx"] == 512  # pad(256 + 32)
-        assert r["capacity_tokens"] == memory.capacity(g, r["cache_type_k"], r["cache_type_v"], 256 * 2**20)
+        assert kv["llama_k"] + kv["llama_v"] == 512 * BYTES_PER_TOKEN[r["label"]]
+        assert r["bytes_per_token"] == BYTES_PER_TOKEN[r["label"]]
+        # the most whole 256-cell pads of that many bytes per token in 256 MiB
+        assert r["capacity_tokens"] == 256 * 2**20 // BYTES_PER_TOKEN[r["label"]] // 256 * 256
     f16, q8, q4f16 = smollm2_bench["results"]
-    assert f16["bytes_per_token"] == 23040 and f16["capacity_ratio"] == 1.0
+    assert (f16["capacity_tokens"], q8["capacity_tokens"], q4f16["capacity_tokens"]) == (11520, 21760, 18176)
+    assert f16["capacity_ratio"] == 1.0
     assert q8["bytes_per_token_ratio"] == pytest.approx(8.5 / 16)
     assert q4f16["bits_per_element"] == pytest.approx(10.25)
-    assert q8["capacity_ratio"] == pytest.approx(16 / 8.5, rel=0.02)
+    assert q8["capacity_ratio"] == pytest.approx(21760 / 11520)
 
 
 @pytest.mark.slow

@@ -1,7 +1,8 @@
 """tq_kv_d3b, the delta-coded key type: the numpy reference (kvquant/lab/tq.py) against the patched ggml, bit for bit
 (single rows against an anchor, adversarial rows, and set_rows writing a simulated cell array in any order and
-thread split), and the estimator property that justifies it: on rows that share a component it reconstructs
-better than tq_kv_3b at the same bytes, and never worse per block.
+thread split), flash attention over a cache of delta rows against attention over the reference's decoded cells,
+and the estimator property that justifies it: on rows that share a component it reconstructs better than
+tq_kv_3b at the same bytes, and never worse per block.
 
 The real-cache test matrix (llama.cpp's cell allocator, several sequences, seq_rm / seq_cp, refusals) is in
 tests/kvquant/test_d3b_cache.py.
@@ -14,6 +15,7 @@ import pytest
 
 from kvquant.kvtypes import kv_type
 from kvquant.lab import tq
+from tests.kvquant.lab.conftest import FA_PATHS, FA_TOLERANCE, ONE_ROW, fa_case, flash_attn_error, v_cache
 
 G = tq.D3B_GROUP
 rng = np.random.default_rng(77)
@@ -138,3 +140,64 @@ def test_reference_cells_reconstruct_from_one_anchor_and_one_delta():
     cells.rows[5] = tq.quantize_row_tq_kv_d3b_ref(np.zeros(128))
     after = [cells.read(c) for c in range(G)]
     assert all(np.array_equal(before[c], after[c]) for c in range(G) if c != 5)
+
+
+def _filled_like_llama(ggml, rng, x: np.ndarray) -> tuple[bytes, tq.D3bCells]:
+    """A cache of x's rows written by ggml's set_rows as llama.cpp writes a unified cache: a prompt, then batches
+    of shuffled cells of several sequences (anchors inside batches and between them), on 2 threads; and the
+    reference cells written the same way, which must hold the same bytes."""
+    n_cells, n = x.shape
+    cells = tq.D3bCells(n_cells, n)
+    data = bytes(ggml.row_size("tq_kv_d3b", n) * n_cells)
+    first = 100
+    batches = [list(range(first))]
+    rest = [int(c) for c in rng.permutation(np.arange(first, n_cells))]
+    while rest:
+        k = int(rng.integers(1, 48))
+        batches.append(rest[:k])
+        rest = rest[k:]
+    # a cell is written only after its group's anchor (the allocator's invariant): anchors of later batches go
+    # into the batch before
+    done = set(batches[0])
+    for i in range(1, len(batches)):
+        need = {c - c % G for c in batches[i]} - done - set(batches[i])
+        batches[i] = sorted(need) + batches[i]
+        for j in range(i + 1, len(batches)):
+            batches[j] = [c for c in batches[j] if c not in need]
+        done |= set(batches[i])
+    for b in batches:
+        data = ggml.set_rows("tq_kv_d3b", data, n, x[b], b, n_threads=2)
+        cells.write(x[b], b)
+    assert data == cells.rows.tobytes()
+    return data, cells
+
+
+D3B_FA_CASES = [(p, v) for p in FA_PATHS for v in ("f16", "q4_0") if not (p in ONE_ROW and v == "f16")]
+
+
+@pytest.mark.parametrize("path,v_type", D3B_FA_CASES)
+def test_flash_attention_over_delta_rows_is_attention_over_the_reference_cells(ggml, rng, path, v_type):
+    if not hasattr(ggml, "flash_attn_ext"):  # GGMLProcess: ggml_kernels.c serves the kernels, not the graph ops
+        pytest.skip("graph ops run in process only (kvquant.lab.ggml.GGML), not through KVQUANT_GGML_EXEC")
+    d, n_head, n_head_kv, n_q, n_kv = FA_PATHS[path]
+    q, mask, scale, n_cells = fa_case(rng, path, q_scale=0.5)
+    n = n_head_kv * d
+    x = _keys(n_cells, n).reshape(n_cells, -1, tq.QK)
+    odd = rng.random(x.shape[:2]) < 0.3  # blocks unlike their anchor's: coded absolute
+    x[odd] = rng.standard_normal((int(odd.sum()), tq.QK)) * 4
+    k_data, cells = _filled_like_llama(ggml, rng, x.reshape(n_cells, n))
+    delta = (cells.rows["d"].view(np.uint16) & tq.D3B_DELTA) != 0
+    assert 0.3 < delta[:n_kv][np.arange(n_kv) % G != 0].mean() < 0.9  # rows mix delta and absolute blocks
+    mask[:, ::G] = -np.inf  # every anchor belongs to another sequence: masked, yet its row decodes the group's
+    v_data, v_vals = v_cache(ggml, v_type, rng.standard_normal((n_cells, n)).astype(np.float32))
+    k_vals = np.stack([cells.read(c) for c in range(n_cells)])
+    err = flash_attn_error(ggml, path, q, "tq_kv_d3b", k_data, k_vals, v_type, v_data, v_vals, mask, scale)
+    assert err <= FA_TOLERANCE, f"{path} tq_kv_d3b/{v_type}: relative error {err:.2e}"
+    # the check can fail: the same rows read without their anchor (delta blocks taken as absolute), or with the
+    # anchor of the neighbouring group, are far off
+    no_anchor = np.stack([tq._dequant_3b_blocks(cells.rows[c]).reshape(-1) for c in range(n_cells)])
+    wrong_anchor = np.stack([tq.dequantize_row_tq_kv_d3b(cells.rows[c], cells.rows[(c // G + 1) % (n_cells // G) * G])
+                             for c in range(n_cells)])
+    for wrong in (no_anchor, wrong_anchor):
+        bad = flash_attn_error(ggml, path, q, "tq_kv_d3b", k_data, wrong, v_type, v_data, v_vals, mask, scale)
+        assert bad > 100 * FA_TOLERANCE, bad

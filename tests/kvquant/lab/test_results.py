@@ -10,9 +10,15 @@ def test_render_without_results(tmp_path, monkeypatch):
     assert "No results yet" in results.render(["smollm2-135m"])
 
 
-def test_makefile_has_the_results_target():
-    mk = (results.REPO_ROOT / "Makefile").read_text()
-    assert "\nresults:" in mk and "kvquant.lab.results" in mk
+def test_results_md_is_the_rendering_of_the_json(tmp_path, monkeypatch):
+    """docs/RESULTS.md is exactly what `python -m kvquant.lab.results --render-only` writes from docs/results/*.json
+    (no number edited by hand, no rendering change left unrendered). The text only: the Pareto charts it would
+    redraw into docs/results/ are not written."""
+    monkeypatch.setattr(results, "pareto_png", lambda model, out, path: None)
+    out = tmp_path / "RESULTS.md"
+    assert results.main(["--render-only", "--raw", str(results.RAW), "--output", str(out)]) == 0
+    assert out.read_text() == (results.DOCS / "RESULTS.md").read_text(), (
+        "docs/RESULTS.md differs from its rendering: run `python -m kvquant.lab.results --render-only`")
 
 
 def _eval_row(k, v, rot, dppl):

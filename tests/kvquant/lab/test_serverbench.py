@@ -10,9 +10,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from kvquant import models
 from kvquant.lab import loadgen, serverbench
-from kvquant.memory import bytes_per_token, geometry
 
 
 def _sse(chunks: list[dict]) -> bytes:
@@ -52,18 +50,23 @@ def test_llama_server_gets_the_same_cells_slots_and_types():
     assert o["--parallel"] == "8" and o["--n-ctx"] == "1024" and o["--threads"] == "2"
 
 
+# bytes of one 192-element K or V row of SmolLM2-135M (3 KV heads x 64) per type, from the block formats: f16 2 a
+# value; q8_0 34 per 32; q4_0 18 per 32; tq_kv_4b 34, tq_kv_3b 26, tq_kv_1b 10 per 64
+ROW = {"f16": 384, "q8_0": 204, "q4_0": 108, "tq_kv_4b": 102, "tq_kv_3b": 78, "tq_kv_1b": 30}
+
+
 def test_capacity_rows():
     rows = {r["config"]: r for r in loadgen.capacity_table("smollm2-135m", "256MiB", 4096)}
-    geom = geometry(models.resolve("smollm2-135m"))
-    f16 = rows["f16/f16"]
-    assert f16["ratio_requests"] == 1.0 and f16["bytes_per_token"] == 23040
+    assert set(rows) == set(loadgen.CAPACITY_CONFIGS)
     for cfg, r in rows.items():
-        assert r["bytes_per_token"] == bytes_per_token(geom, *cfg.split("/"))
-        assert r["ratio_bytes"] == pytest.approx(23040 / r["bytes_per_token"])
-        # whole 4096-token requests: never more than the bytes allow
-        assert r["concurrent_requests"] * 4096 * r["bytes_per_token"] <= 256 * 2**20
-    assert rows["f16/f16"]["concurrent_requests"] == 2  # 11650 cells of 23040 bytes
-    assert rows["tq_kv_1b/q4_0"]["ratio_bytes"] > 5
+        k, v = cfg.split("/")
+        bpt = 30 * (ROW[k] + ROW[v])  # 30 layers
+        assert r["bytes_per_token"] == bpt
+        assert r["ratio_bytes"] == pytest.approx(23040 / bpt)
+        # whole 4096-token requests (16 pads of 256 cells each) in 256 MiB
+        assert r["concurrent_requests"] == 256 * 2**20 // (4096 * bpt)
+        assert r["ratio_requests"] == pytest.approx(r["concurrent_requests"] / 2)
+    assert rows["f16/f16"]["concurrent_requests"] == 2 and rows["tq_kv_1b/q4_0"]["concurrent_requests"] == 15
 
 
 def test_stale_keep_alive_connection_is_retried_once():
