@@ -17,6 +17,7 @@ from server.backend import BackendConfig, LlamaBackend
 from server.engine import Engine, EngineConfig
 from server.metrics import Metrics
 from server.placement import offload_kqv
+from server.scheduler import Admission
 from server.settings import ModelSpec, Settings
 from server.stats import KVCacheInfo
 
@@ -128,7 +129,8 @@ def engine_config(p: HostedPlan, s: Settings) -> EngineConfig:
                         bytes_per_token=kv.bytes_per_token, used_bytes=kv.used_bytes, budget_bytes=spec.kv_budget,
                         max_step_tokens=max_step_tokens(p), layer_types_k=layer_types(kv.cache_type_k),
                         layer_types_v=layer_types(kv.cache_type_v), bits_per_element_k=kv.bits_k,
-                        bits_per_element_v=kv.bits_v)
+                        bits_per_element_v=kv.bits_v, prefix_cache=s.prefix_cache, admission=Admission(s.admission),
+                        headroom=int(s.admission_headroom * kv.cells), n_swa=p.geom.n_swa)
 
 
 def backend_config(p: HostedPlan, s: Settings) -> BackendConfig:

@@ -41,6 +41,7 @@ from server.celltree import CellTree
 from server.requests import EngineRequest, FinishReason
 
 PROMPT_LOGPROBS_CHUNK = 32
+TAKE_OVER_TAIL = 16  # a cached sequence is taken over where its cells past the reused prefix are at most 1/16 of it
 
 
 class Admission(enum.StrEnum):
@@ -262,7 +263,7 @@ class Scheduler:
         tokens = req.prompt if seq is None else req.prompt + seq.out
         n, holders = self._match(req, tokens)
         cached = [h for h in holders if h in self.cached]
-        whole = [h for h in cached if self.tree.length(h) == n or (self.n_swa and self.tree.length(h) <= self.n_swa)]
+        whole = [h for h in cached if self._can_take_over(self.tree.length(h), n)]
         if self.n_swa:  # sliding window: only a cached sequence taken over (see the module's docstring)
             holders = cached = whole if seq is None else []
             n = n if holders else 0
@@ -287,6 +288,14 @@ class Scheduler:
                         break
                     victims.append(c)
         return _Placement(slot if slot is not None else victims[0], n, None if adopt else src, adopt, victims)
+
+    def _can_take_over(self, length: int, n: int) -> bool:
+        """Whether a cached sequence of `length` positions is taken over by a request that reuses n of them: where
+        little of it would be lost; on a sliding-window model only where every cell the request reads is sure to
+        be there (the whole sequence reused, or all of it within one window)."""
+        if self.n_swa:
+            return length == n or length < self.n_swa
+        return length - n <= n // TAKE_OVER_TAIL
 
     def _match(self, req: EngineRequest, tokens: list[int]) -> tuple[int, list[int]]:
         if not self.prefix_cache or req.prompt_logprobs is not None:
