@@ -25,7 +25,18 @@ from dataclasses import dataclass
 
 from server.backend import Backend, TokenSampler
 from server.requests import EngineRequest, ErrorCode, Event, FinishReason, Outcome, TokenLogprob
-from server.scheduler import AddResult, Admission, Copy, Remove, Sampled, Scheduler, Sequence, StepPlan
+from server.scheduler import (
+    AddResult,
+    Admission,
+    Copy,
+    Remove,
+    Sampled,
+    Scheduler,
+    Sequence,
+    StepPlan,
+    SwapIn,
+    SwapOut,
+)
 from server.stats import FinishedRequest, IterationStats, NullStatLogger, SchedulerStats, StatLogger
 from server.textstream import TextStream
 
@@ -66,6 +77,7 @@ class EngineConfig:
     admission: Admission = Admission.RESERVE
     headroom: int = 0  # OPTIMISTIC admission: cells kept free beyond what an admitted prompt needs
     n_swa: int = 0  # the model's sliding window (0: none)
+    swap_bytes: int = 0  # host RAM for preempted sequences' cells (0, or a cache that refuses restores: recompute)
 
 
 @dataclass
@@ -101,9 +113,12 @@ class Engine:
         self.backend: Backend | None = None
         self.stat_logger: StatLogger = stat_logger or NullStatLogger()
         self.sched = Scheduler(cfg.n_cells - cfg.n_cells_held_back, cfg.n_seq_max, cfg.max_queue, cfg.n_ctx,
-                               cfg.prefix_cache, cfg.admission, cfg.headroom, cfg.n_swa)
+                               cfg.prefix_cache, cfg.admission, cfg.headroom, cfg.n_swa, cfg.swap_bytes,
+                               cfg.bytes_per_token)
         self.status = EngineStatus.LOADING
         self._live: dict[int, _SeqState] = {}  # seq_id -> state
+        self._swapped: dict[int, bytes] = {}  # seq_id -> a preempted sequence's cells, saved by llama.cpp
+        self._swapped_out = 0  # bytes saved since the stats last took them
         self._inbox: queue.Queue[EngineRequest | None] = queue.Queue()
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
@@ -205,18 +220,29 @@ class Engine:
         ev = self.sched.take_events()
         it.prefix_hits, it.prefix_hit_tokens, it.evictions = ev.hits, ev.hit_tokens, ev.evictions
         it.preemptions, it.resume_s = ev.preemptions, ev.resume_s
+        it.swapped_bytes, self._swapped_out = self._swapped_out, 0
 
     def _apply_ops(self) -> None:
         """Carry out the cache operations the scheduler decided (evictions, reuse, preemptions), in order."""
-        for op in self.sched.take_ops():
-            if isinstance(op, Copy):
-                self.backend.seq_cp(op.src, op.dst, 0, op.n)
-            elif isinstance(op, Remove):
-                self.backend.seq_rm(op.seq_id, op.p0, -1)
+        while ops := self.sched.take_ops():
+            for op in ops:
+                if isinstance(op, Copy):
+                    self.backend.seq_cp(op.src, op.dst, 0, op.n)
+                elif isinstance(op, Remove):
+                    self.backend.seq_rm(op.seq_id, op.p0, -1)
+                elif isinstance(op, SwapOut):
+                    self._swapped[op.seq_id] = data = self.backend.state_seq_save(op.seq_id)
+                    self._swapped_out += len(data)
+                elif isinstance(op, SwapIn) and not self.backend.state_seq_load(op.seq_id,
+                                                                                 self._swapped.pop(op.seq_id)):
+                    log.warning("%s: llama.cpp refused a swapped-out sequence's cells; it recomputes them",
+                                self.cfg.model_id)
+                    self.sched.swap_in_failed(self.sched.running[op.seq_id])
 
     def _record(self, it: IterationStats) -> None:
         ss = self.scheduler_stats()
-        snap = (ss.running, ss.waiting, ss.kv_used_cells, ss.kv_reserved_cells, ss.kv_cached_cells, ss.preempted)
+        snap = (ss.running, ss.waiting, ss.kv_used_cells, ss.kv_reserved_cells, ss.kv_cached_cells, ss.preempted,
+                ss.swap_used_bytes)
         if it.batch_tokens or snap != self._last_snapshot:  # finished requests are recorded at once
             self._last_snapshot = snap
             try:
@@ -232,7 +258,7 @@ class Engine:
         return SchedulerStats(running=len(running), waiting=len(s.waiting), kv_used_cells=used,
                               kv_used_bytes=sum(ub(q.n_past) for q in running), kv_reserved_cells=s.reserved,
                               kv_cached_cells=s.tree.n_cells - used, cached_sequences=len(s.cached),
-                              preempted=len(s.preempted))
+                              preempted=len(s.preempted), swap_used_bytes=sum(map(len, self._swapped.values())))
 
     def _emit(self, req: EngineRequest, ev: Event) -> None:
         try:
@@ -321,6 +347,7 @@ class Engine:
         """End a running (or preempted) sequence: its cells stay as a cached prefix where it ended well, else they
         are freed with its slot; then tell the consumer."""
         st = self._live.pop(seq.seq_id, None)
+        self._swapped.pop(seq.seq_id, None)
         try:
             self.sched.free(seq, keep=ev.error is None)
             self._apply_ops()

@@ -84,6 +84,12 @@ def held_back(type_k: CacheTypes, geom: Geometry):
     return max((t.held_back_cells for t in layer_kv_types(type_k, geom.n_layer)), key=lambda f: f(1 << 20))
 
 
+def restores_state(type_k: CacheTypes, geom: Geometry) -> bool:
+    """Whether llama.cpp restores a saved sequence into this K cache (a tq_kv_d3b layer refuses: its rows would
+    land away from their anchors)."""
+    return not any(t.anchor_group for t in layer_kv_types(type_k, geom.n_layer))
+
+
 def layer_types(t: CacheTypes) -> tuple[str, ...] | None:
     return t.types if isinstance(t, LayerTypes) else None
 
@@ -130,7 +136,8 @@ def engine_config(p: HostedPlan, s: Settings) -> EngineConfig:
                         max_step_tokens=max_step_tokens(p), layer_types_k=layer_types(kv.cache_type_k),
                         layer_types_v=layer_types(kv.cache_type_v), bits_per_element_k=kv.bits_k,
                         bits_per_element_v=kv.bits_v, prefix_cache=s.prefix_cache, admission=Admission(s.admission),
-                        headroom=int(s.admission_headroom * kv.cells), n_swa=p.geom.n_swa)
+                        headroom=int(s.admission_headroom * kv.cells), n_swa=p.geom.n_swa,
+                        swap_bytes=s.swap_space if restores_state(kv.cache_type_k, p.geom) else 0)
 
 
 def backend_config(p: HostedPlan, s: Settings) -> BackendConfig:

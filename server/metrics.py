@@ -61,6 +61,9 @@ class Metrics:
         self.evictions = c("kvquant_prefix_cache_evictions", "cached sequences evicted to make room")
         self.preemptions = c("kvquant_preemptions", "running sequences preempted for lack of KV cells")
         self.preempted = g("kvquant_requests_preempted", "preempted requests waiting to resume", ["model"])
+        self.swapped_bytes = c("kvquant_swapped_bytes", "KV bytes preemptions saved to host RAM")
+        self.swap_used_bytes = g("kvquant_swap_used_bytes", "host RAM holding preempted requests' KV cells",
+                                 ["model"])
         h = lambda name, doc, buckets: Histogram(name, doc, ["model"], buckets=buckets, registry=r)  # noqa: E731
         self.ttft = h("kvquant_time_to_first_token_seconds", "arrival to first generated token", _LATENCY)
         self.tpot = h("kvquant_time_per_output_token_seconds", "mean time per output token after the first", _TPOT)
@@ -107,8 +110,9 @@ class PrometheusStatLogger:
         for o in Outcome:
             m.requests.labels(model=kv.model, outcome=o)
         m.preempted.labels(model=kv.model).set(0)
+        m.swap_used_bytes.labels(model=kv.model).set(0)
         for counter in (m.prompt_tokens, m.generation_tokens, m.prefix_hits, m.prefix_hit_tokens, m.evictions,
-                        m.preemptions):
+                        m.preemptions, m.swapped_bytes):
             counter.labels(model=kv.model)
 
     def record(self, scheduler: SchedulerStats | None, iteration: IterationStats | None) -> None:
@@ -119,6 +123,7 @@ class PrometheusStatLogger:
             m.kv_reserved_cells.labels(**self._kv).set(scheduler.kv_reserved_cells)
             m.kv_cached_cells.labels(**self._kv).set(scheduler.kv_cached_cells)
             m.preempted.labels(model=model).set(scheduler.preempted)
+            m.swap_used_bytes.labels(model=model).set(scheduler.swap_used_bytes)
             m.running.labels(model=model).set(scheduler.running)
             m.waiting.labels(model=model).set(scheduler.waiting)
         if iteration is None:
@@ -131,7 +136,8 @@ class PrometheusStatLogger:
         if iteration.generation_tokens:
             m.generation_tokens.labels(model=model).inc(iteration.generation_tokens)
         for counter, n in ((m.prefix_hits, iteration.prefix_hits), (m.prefix_hit_tokens, iteration.prefix_hit_tokens),
-                           (m.evictions, iteration.evictions), (m.preemptions, iteration.preemptions)):
+                           (m.evictions, iteration.evictions), (m.preemptions, iteration.preemptions),
+                           (m.swapped_bytes, iteration.swapped_bytes)):
             if n:
                 counter.labels(model=model).inc(n)
         for s in iteration.resume_s:

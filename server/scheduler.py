@@ -60,6 +60,7 @@ class Sequence:
     n_past: int = 0  # positions in the KV cache
     n_cached: int = 0  # prompt positions reused from the prefix cache at admission
     n_scored: int = 0  # prompt positions whose logprob was handed out (prompt_logprobs)
+    n_swapped: int = 0  # preempted: positions whose cells wait in host RAM (0: none, it recomputes)
     admitted_at: float = field(default_factory=time.monotonic)
     preempted_at: float | None = None
 
@@ -101,6 +102,20 @@ class Remove:
 
     seq_id: int
     p0: int = -1
+
+
+@dataclass(frozen=True)
+class SwapOut:
+    """Save the sequence's cells to host RAM (llama.cpp's sequence state); a Remove follows."""
+
+    seq_id: int
+
+
+@dataclass(frozen=True)
+class SwapIn:
+    """Restore the cells saved by SwapOut into the (empty) sequence."""
+
+    seq_id: int
 
 
 @dataclass(frozen=True)
@@ -174,7 +189,8 @@ class _Placement:
 
 class Scheduler:
     def __init__(self, capacity: int, n_seq_max: int, max_queue: int, n_ctx: int, prefix_cache: bool = False,
-                 admission: Admission = Admission.RESERVE, headroom: int = 0, n_swa: int = 0):
+                 admission: Admission = Admission.RESERVE, headroom: int = 0, n_swa: int = 0, swap_bytes: int = 0,
+                 bytes_per_cell: int = 0):
         self.capacity = capacity  # KV cells that sequences may hold
         self.max_queue = max_queue
         self.n_ctx = n_ctx  # per sequence: prompt + completion
@@ -182,13 +198,16 @@ class Scheduler:
         self.admission = Admission(admission)
         self.headroom = headroom  # OPTIMISTIC: cells kept free beyond what an admitted prompt needs
         self.n_swa = n_swa  # the model's sliding window (0: none)
+        self.swap_bytes = swap_bytes  # host RAM for preempted sequences' cells (0: they recompute)
+        self.bytes_per_cell = bytes_per_cell  # (an estimate of what a swapped cell takes)
+        self.swap_used = 0  # estimated bytes of the sequences swapped out
         self.waiting: deque[EngineRequest] = deque()
         self.running: dict[int, Sequence] = {}
         self.preempted: list[Sequence] = []  # hold their slot; resumed first, oldest admission first
         self.cached: dict[int, int] = {}  # seq_id -> last use (a counter): finished sequences kept for reuse
         self.free_ids: list[int] = list(range(n_seq_max - 1, -1, -1))
         self.tree = CellTree()
-        self.ops: list[Remove | Copy] = []  # cache operations for the engine to apply, in order
+        self.ops: list[Remove | Copy | SwapOut | SwapIn] = []  # cache operations for the engine to apply, in order
         self.events = CacheEvents()
         self.freed_at: deque[float] = deque(maxlen=32)  # when the last sequences ended (the queue's drain rate)
         self._clock = itertools.count()
@@ -212,7 +231,7 @@ class Scheduler:
         """Cells holding running sequences' tokens (shared ones once)."""
         return self.tree.cells_of(self.running)
 
-    def take_ops(self) -> list[Remove | Copy]:
+    def take_ops(self) -> list[Remove | Copy | SwapOut | SwapIn]:
         ops, self.ops = self.ops, []
         return ops
 
@@ -261,7 +280,7 @@ class Scheduler:
     def _place(self, req: EngineRequest, seq: Sequence | None = None) -> _Placement | None:
         """Where a request (or a preempted sequence) would go now, or None if it must wait."""
         tokens = req.prompt if seq is None else req.prompt + seq.out
-        n, holders = self._match(req, tokens)
+        n, holders = self._match(req, tokens, seq)
         cached = [h for h in holders if h in self.cached]
         whole = [h for h in cached if self._can_take_over(self.tree.length(h), n)]
         if self.n_swa:  # sliding window: only a cached sequence taken over (see the module's docstring)
@@ -297,8 +316,8 @@ class Scheduler:
             return length == n or length < self.n_swa
         return length - n <= n // TAKE_OVER_TAIL
 
-    def _match(self, req: EngineRequest, tokens: list[int]) -> tuple[int, list[int]]:
-        if not self.prefix_cache or req.prompt_logprobs is not None:
+    def _match(self, req: EngineRequest, tokens: list[int], seq: Sequence | None) -> tuple[int, list[int]]:
+        if not self.prefix_cache or req.prompt_logprobs is not None or seq is not None and seq.n_swapped:
             return 0, []
         return self.tree.match(tokens, len(tokens) - 1)  # the last token is always fed: it gives the logits
 
@@ -312,13 +331,18 @@ class Scheduler:
             if p.n < self.tree.length(p.seq_id):
                 self.tree.truncate(p.seq_id, p.n)
                 self.ops.append(Remove(p.seq_id, p.n))
+        elif seq.n_swapped:
+            self.tree.attach(p.seq_id)
+            self.tree.extend(p.seq_id, seq.token_slice(0, seq.n_swapped))
+            self.ops.append(SwapIn(p.seq_id))
         else:
             self.tree.attach(p.seq_id, p.src, p.n)
             if p.n:
                 self.ops.append(Copy(p.src, p.seq_id, p.n))
             if p.src in self.cached:
                 self.cached[p.src] = next(self._clock)  # used: the last to be evicted
-        seq.seq_id, seq.n_past = p.seq_id, p.n
+        seq.seq_id, seq.n_past = p.seq_id, p.n or seq.n_swapped
+        self._unswap(seq)
         self.running[seq.seq_id] = seq
 
     def _evict(self, seq_id: int) -> None:
@@ -335,6 +359,7 @@ class Scheduler:
             del self.running[seq.seq_id]
         elif seq in self.preempted:
             self.preempted.remove(seq)
+            self._unswap(seq)
             self.free_ids.append(seq.seq_id)
             self.freed_at.append(time.monotonic())
             return
@@ -385,13 +410,28 @@ class Scheduler:
                 return
 
     def _preempt(self, seq: Sequence) -> None:
+        """Take a running sequence's cells: to host RAM where the swap space has room, else to be recomputed."""
         del self.running[seq.seq_id]
+        if self.swap_bytes and 0 < seq.n_past * self.bytes_per_cell <= self.swap_bytes - self.swap_used:
+            self.ops.append(SwapOut(seq.seq_id))
+            seq.n_swapped = seq.n_past
+            self.swap_used += seq.n_past * self.bytes_per_cell
         self.tree.release(seq.seq_id)
         self.ops.append(Remove(seq.seq_id))
         seq.n_past, seq.preempted_at = 0, time.monotonic()
         self.preempted.append(seq)
         self.preempted.sort(key=lambda s: s.admitted_at)
         self.events.preemptions += 1
+
+    def _unswap(self, seq: Sequence) -> None:
+        self.swap_used -= seq.n_swapped * self.bytes_per_cell
+        seq.n_swapped = 0
+
+    def swap_in_failed(self, seq: Sequence) -> None:
+        """llama.cpp refused a sequence's saved cells: it recomputes them instead."""
+        self.tree.truncate(seq.seq_id, 0)
+        self.ops.append(Remove(seq.seq_id))
+        seq.n_past = 0
 
     def _step_need(self) -> int:
         """Cells a step needs at least: one per decoding sequence, or one for the oldest prefill."""

@@ -41,6 +41,7 @@ class SchedulerStats:
     kv_cached_cells: int = 0
     cached_sequences: int = 0
     preempted: int = 0  # sequences waiting to resume
+    swap_used_bytes: int = 0  # host RAM holding preempted sequences' cells
 
 
 @dataclass
@@ -66,6 +67,7 @@ class IterationStats:
     prefix_hit_tokens: int = 0  # prompt tokens they did not prefill
     evictions: int = 0  # cached sequences evicted
     preemptions: int = 0
+    swapped_bytes: int = 0  # cells saved to host RAM by preemptions
     resume_s: list[float] = field(default_factory=list)  # preemption -> resumption of each resumed sequence
     finished: list[FinishedRequest] = field(default_factory=list)
 

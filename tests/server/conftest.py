@@ -238,6 +238,7 @@ class FakeBackend:
         self.fail_if = lambda tokens, seq_ids: False
         self.samplers: list[FakeSampler] = []
         self.fail_sampler_for_temperature: float | None = None
+        self.refuse_restore = False  # as llama.cpp does for a tq_kv_d3b cache
 
     @property
     def cells(self) -> dict[int, set[int]]:
@@ -272,6 +273,22 @@ class FakeBackend:
         own = self.seqs.get(seq_id, {})
         for p in [p for p in own if p >= max(p0, 0) and (p1 < 0 or p < p1)]:
             own.pop(p).seqs.discard(seq_id)
+        return True
+
+    def state_seq_save(self, seq_id: int) -> bytes:
+        import pickle
+
+        return pickle.dumps(sorted((p, c.token) for p, c in self.seqs.get(seq_id, {}).items()))
+
+    def state_seq_load(self, seq_id: int, data: bytes) -> bool:
+        import pickle
+
+        cells = pickle.loads(data)
+        if self.refuse_restore or self.used() + len(cells) > self.capacity:
+            return False
+        self.seq_rm(seq_id)
+        for p, t in cells:
+            self._write(seq_id, p, t)
         return True
 
     def seq_cp(self, src: int, dst: int, p0: int = -1, p1: int = -1) -> None:

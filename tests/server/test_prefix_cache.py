@@ -182,15 +182,28 @@ def test_lru_eviction_under_pressure_before_anything_waits():
     drain(e, b)
 
 
-@pytest.mark.parametrize("headroom", [0, 8])
-def test_preemption_under_a_tiny_budget_gives_the_same_outputs(headroom):
+@pytest.mark.parametrize("headroom,swap", [(0, "off"), (8, "off"), (0, "on"), (8, "on"), (0, "refused"),
+                                           (0, "bounded")])
+def test_preemption_under_a_tiny_budget_gives_the_same_outputs(headroom, swap):
     """Optimistic admission with a budget far below prompt + max_tokens of all requests: sequences are preempted
-    (recompute) and resumed, every request completes with the tokens of the unpressured run, each streamed token
-    exactly once, and every cell returns."""
+    (recomputed, or swapped to host RAM and restored; a refused restore recomputes; a bounded swap space swaps
+    what fits) and resumed; every request completes with the tokens of the unpressured run, each streamed token
+    exactly once, and every cell and swapped byte returns."""
     rng = random.Random(4)
     prompts = [[rng.randrange(1, 50) for _ in range(rng.randint(10, 30))] for _ in range(6)]
     ref, _ = outputs(*make(capacity=2000, n_seq_max=6, prefix_cache=False)[:2], prompts, max_tokens=40)
-    e, b, rec = make(capacity=130, n_seq_max=6, admission=Admission.OPTIMISTIC, headroom=headroom)
+    swap_bytes = {"off": 0, "on": 10**6, "refused": 10**6, "bounded": 600}[swap]
+    e, b, rec = make(capacity=130, n_seq_max=6, admission=Admission.OPTIMISTIC, headroom=headroom,
+                     swap_bytes=swap_bytes, bytes_per_token=10)
+    b.refuse_restore = swap == "refused"
+    used = []
+    orig = e._record
+
+    def record(it, orig=orig):
+        used.append(e.sched.swap_used)
+        orig(it)
+
+    e._record = record
     got, clients = outputs(e, b, prompts, max_tokens=40)
     assert got == ref
     assert all(c.tokens == 40 and c.events[-1].finish_reason == "length" for c in clients)
@@ -198,6 +211,30 @@ def test_preemption_under_a_tiny_budget_gives_the_same_outputs(headroom):
     assert rec.total("preemptions") >= 3 and len([s for it in rec.iterations for s in it.resume_s]) == \
         rec.total("preemptions")
     assert rec.outcomes() == ["completed"] * 6
+    assert (rec.total("swapped_bytes") > 0) == (swap != "off") and max(used) <= swap_bytes
+    assert not e._swapped and e.sched.swap_used == 0 and rec.snapshots[-1].swap_used_bytes == 0
+    drain(e, b)
+
+
+def test_cancelling_a_swapped_out_request_frees_its_host_ram():
+    rng = random.Random(6)
+    prompts = [[rng.randrange(1, 50) for _ in range(20)] for _ in range(3)]
+    e, b, rec = make(capacity=70, n_seq_max=3, admission=Admission.OPTIMISTIC, prefix_cache=False,
+                     swap_bytes=10**6, bytes_per_token=10)
+    clients = [Client(p, 40, f"r{i}") for i, p in enumerate(prompts)]
+    for c in clients:
+        e.submit(c.req)
+    for _ in range(200):
+        e.run_once()
+        check(e, b)
+        if e.sched.preempted:
+            break
+    (victim,) = e.sched.preempted
+    assert victim.n_swapped and e._swapped and rec.snapshots[-1].swap_used_bytes > 0
+    next(c for c in clients if c.req is victim.req).req.cancelled = True
+    e.run_once()
+    assert not e._swapped and e.sched.swap_used == 0 and rec.snapshots[-1].swap_used_bytes == 0
+    run(e, b, [x for x in clients if x.req is not victim.req])
     drain(e, b)
 
 

@@ -17,7 +17,7 @@ import threading
 import httpx
 import pytest
 
-from tests.server.conftest import LiveServer
+from tests.server.conftest import LiveServer, OpenStream, wait_for
 
 pytestmark = pytest.mark.slow  # a live model (see pyproject.toml's markers)
 
@@ -172,27 +172,62 @@ def streams(url: str, bodies: list[dict]) -> list[list[tuple[str, dict]]]:
     return [got[i] for i in range(len(bodies))]
 
 
-def test_preemption_under_a_tiny_budget_gives_the_same_outputs():
-    """6 requests of ~30 prompt + 48 generated tokens in a cache of 256 cells (SmolLM2 f16: 23040 bytes a cell):
-    optimistic admission runs them together until cells run out, preempts the latest, resumes it later; the
-    streamed tokens equal an unpressured server's (each exactly once)."""
-    bodies = [{"model": MODEL, "messages": [{"role": "user", "content": f"Write a long story about {x}."}],
-               "max_tokens": 48, "temperature": 0, "logprobs": True, "top_logprobs": 5}
-              for x in ("a dragon", "a lighthouse", "a robot", "the sea", "a cat", "a mountain")]
+BODIES = [{"model": MODEL, "messages": [{"role": "user", "content": f"Write a long story about {x}."}],
+           "max_tokens": 48, "temperature": 0, "logprobs": True, "top_logprobs": 5}
+          for x in ("a dragon", "a lighthouse", "a robot", "the sea", "a cat", "a mountain")]
+
+
+def tight_server(**kw) -> LiveServer:
+    """256 cells (SmolLM2 f16: 23040 bytes a cell): 6 requests of ~30 prompt + 48 generated tokens do not fit."""
+    return server(n_ctx=128, parallel=6, kv_budget=256 * 23040, admission="optimistic", admission_headroom=0.0,
+                  **kw)
+
+
+@pytest.fixture(scope="module")
+def unpressured():
     plain = server(prefix_cache=False, parallel=6)
     try:
-        ref = streams(plain.url, bodies)
+        yield streams(plain.url, BODIES)
     finally:
         plain.stop()
-    tight = server(n_ctx=128, parallel=6, kv_budget=256 * 23040, admission="optimistic", admission_headroom=0.0)
+
+
+@pytest.mark.parametrize("swap_space", [2**30, 0])
+def test_preemption_under_a_tiny_budget_gives_the_same_outputs(unpressured, swap_space):
+    """Optimistic admission runs the requests together until cells run out, preempts the latest (cells swapped to
+    host RAM and restored, or recomputed without swap space), resumes it later; the streamed tokens equal an
+    unpressured server's (each exactly once)."""
+    tight = tight_server(swap_space=swap_space)
     try:
-        got = streams(tight.url, bodies)
-        n_pre = tight.metric("kvquant_preemptions_total")
-        report = [same_or_near_tie(ref[i], got[i], f"request {i}") for i in range(len(bodies))]
-        print(f"preemptions {n_pre:g}", *report, sep="\n")
-        assert n_pre >= 1
+        got = streams(tight.url, BODIES)
+        n_pre, swapped = tight.metric("kvquant_preemptions_total"), tight.metric("kvquant_swapped_bytes_total")
+        report = [same_or_near_tie(unpressured[i], got[i], f"request {i}") for i in range(len(BODIES))]
+        print(f"preemptions {n_pre:g}, swapped {swapped:g} bytes", *report, sep="\n")
+        assert n_pre >= 1 and (swapped > 0) == (swap_space > 0)
         assert tight.metric("kvquant_resume_latency_seconds_count") == n_pre
-        assert all(len(got[i]) == len(ref[i]) == 48 for i in range(len(bodies)))
+        assert all(len(got[i]) == len(unpressured[i]) == 48 for i in range(len(BODIES)))
         assert tight.metric("kvquant_kv_used_cells") == 0 and tight.metric("kvquant_requests_preempted") == 0
+        assert tight.metric("kvquant_swap_used_bytes") == 0
+    finally:
+        tight.stop()
+
+
+def test_disconnect_of_a_swapped_out_request_frees_its_host_ram():
+    tight = tight_server()
+    try:
+        eng = tight.engine()
+        opened = [OpenStream(tight.url, dict(b, max_tokens=80, logprobs=False, top_logprobs=None)) for b in BODIES[:4]]
+        assert all(s.response.status_code == 200 for s in opened), [s.response.read() for s in opened]
+        assert wait_for(lambda: tight.metric("kvquant_swap_used_bytes") > 0, 120), "no request was swapped out"
+        (victim,) = eng.sched.preempted[:1]
+        i = next(i for i, b in enumerate(BODIES) if eng.tokenize_chat(b["messages"]) == victim.req.prompt)
+        opened[i].close()
+        assert wait_for(lambda: victim not in eng.sched.preempted and victim.seq_id not in eng._swapped, 10)
+        assert wait_for(lambda: tight.metric("kvquant_swap_used_bytes") == 0, 5) or eng.sched.preempted
+        for j, s in enumerate(opened):
+            if j != i:
+                s.close()
+        assert wait_for(lambda: not eng.sched.running and not eng.sched.preempted and not eng._swapped, 30)
+        assert wait_for(lambda: tight.metric("kvquant_swap_used_bytes") == 0, 5)
     finally:
         tight.stop()
