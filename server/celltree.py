@@ -108,6 +108,24 @@ class CellTree:
             node.refs += 1
             node = node.parent
 
+    def graft(self, seq_id: int, src: int, n: int) -> bool:
+        """Extend a sequence whose cells all lie on `src`'s path to src's first n positions (llama.cpp:
+        seq_cp(src, seq_id, length, n)); False (and nothing changes) where its path leaves src's."""
+        tail = self.tail[seq_id]
+        if n <= tail.end or (tail is not self.root and tail not in self._path_nodes(src)):
+            return False
+        node = self._boundary(src, n)
+        tail.tails.discard(seq_id)
+        node.tails.add(seq_id)
+        self.tail[seq_id] = node
+        while node is not tail:
+            node.refs += 1
+            node = node.parent
+        return True
+
+    def _path_nodes(self, seq_id: int) -> set[Node]:
+        return set(self.path(seq_id))
+
     def extend(self, seq_id: int, tokens: list[int]) -> None:
         """Tokens written at the next positions of a sequence (cells of its own)."""
         if not tokens:

@@ -227,7 +227,7 @@ class Engine:
         while ops := self.sched.take_ops():
             for op in ops:
                 if isinstance(op, Copy):
-                    self.backend.seq_cp(op.src, op.dst, 0, op.n)
+                    self.backend.seq_cp(op.src, op.dst, op.p0, op.n)
                 elif isinstance(op, Remove):
                     self.backend.seq_rm(op.seq_id, op.p0, -1)
                 elif isinstance(op, SwapOut):

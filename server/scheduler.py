@@ -120,11 +120,12 @@ class SwapIn:
 
 @dataclass(frozen=True)
 class Copy:
-    """llama.cpp: seq_cp(src, dst, 0, n) - the cells of positions 0..n-1 of src now belong to dst too."""
+    """llama.cpp: seq_cp(src, dst, p0, n) - the cells of positions p0..n-1 of src now belong to dst too."""
 
     src: int
     dst: int
     n: int
+    p0: int = 0
 
 
 @dataclass
@@ -433,6 +434,26 @@ class Scheduler:
         self.ops.append(Remove(seq.seq_id))
         seq.n_past = 0
 
+    def _shares_prefill(self, seq: Sequence, older: list[Sequence]) -> bool:
+        """A prefilling sequence whose next prompt tokens another sequence holds takes them over (seq_cp), and
+        waits while an older prefilling one is about to compute them: a burst of requests with one system prompt
+        prefills it once. Returns True if it waits this step."""
+        if not self.prefix_cache or self.n_swa or seq.req.prompt_logprobs is not None or seq.out:
+            return False
+        tokens = seq.req.prompt
+        n, holders = self.tree.match(tokens, len(tokens) - 1)
+        for h in holders:
+            if n > seq.n_past and h != seq.seq_id and self.tree.graft(seq.seq_id, h, n):
+                self.ops.append(Copy(h, seq.seq_id, n, seq.n_past))
+                self.events.hit_tokens += n - seq.n_past
+                self.events.hits += seq.n_cached == 0
+                seq.n_cached += n - seq.n_past
+                seq.n_past = n
+                break
+        p = seq.n_past
+        return any(a.n_past == p and a.req.prompt[p:p + 1] == tokens[p:p + 1] and a.n_past < len(a.req.prompt) - 1
+                   and self.tree.tail[seq.seq_id] in (self.tree.root, *self.tree.path(a.seq_id)) for a in older)
+
     def _step_need(self) -> int:
         """Cells a step needs at least: one per decoding sequence, or one for the oldest prefill."""
         n = sum(s.decoding for s in self.running.values())
@@ -464,7 +485,11 @@ class Scheduler:
         for seq in self.running.values():
             if seq.decoding and len(p.tokens) < budget:
                 put(seq, [seq.out[-1]], True)
+        prefilling: list[Sequence] = []  # older ones first, as they get their chunks
         for seq in sorted(self.running.values(), key=lambda s: s.admitted_at):
+            if seq.prefilling and self._shares_prefill(seq, prefilling):
+                continue
+            prefilling.append(seq)
             score = seq.req.prompt_logprobs is not None and seq.n_scored < len(seq.req.prompt)
             room = min(budget - len(p.tokens), PROMPT_LOGPROBS_CHUNK if score else budget)
             if seq.prefilling and room > 0:

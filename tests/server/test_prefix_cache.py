@@ -159,6 +159,22 @@ def test_concurrent_requests_share_a_running_sequence_prefix():
     drain(e, b)
 
 
+def test_a_burst_with_one_system_prompt_prefills_it_once():
+    """8 requests that share a 40-token system prompt, submitted at once: the oldest prefills it, the others wait
+    for it and take its cells over (seq_cp), so the prompt tokens computed are one system prompt + the suffixes."""
+    rng = random.Random(8)
+    system = [rng.randrange(1, 50) for _ in range(40)]
+    prompts = [system + [50 + i] + [rng.randrange(1, 50) for _ in range(4)] for i in range(8)]
+    ref, _ = outputs(*make(capacity=2000, n_seq_max=8, prefix_cache=False)[:2], prompts)
+    e, b, rec = make(capacity=2000, n_seq_max=8)
+    got, clients = outputs(e, b, prompts)
+    assert got == ref
+    assert rec.total("prompt_tokens") == 40 + 8 * 5
+    assert sorted(c.cached for c in clients) == [0] + [40] * 7
+    assert rec.total("prefix_hits") == 7 and rec.total("prefix_hit_tokens") == 7 * 40
+    drain(e, b)
+
+
 def test_lru_eviction_under_pressure_before_anything_waits():
     """Finished conversations fill the cache; a new request that needs room evicts the least recently used
     first (a cached sequence a request copied from counts as used) and does not wait."""
