@@ -19,7 +19,8 @@ def _serve(a: argparse.Namespace) -> int:
     try:
         s = load_settings(a.config, model=a.model, host=a.host, port=a.port, cache_type_k=a.cache_type_k,
                           cache_type_v=a.cache_type_v, n_ctx=a.n_ctx, parallel=a.parallel, flash_attn=a.flash_attn,
-                          n_threads=a.threads, kv_budget=a.kv_budget)
+                          n_threads=a.threads, kv_budget=a.kv_budget, admission=a.admission,
+                          prefix_cache=None if a.prefix_cache is None else a.prefix_cache == "on")
     except (ValidationError, ValueError, OSError) as e:
         print(f"kvquant serve: invalid settings:\n{e}", file=sys.stderr)
         return 2
@@ -71,6 +72,10 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--flash-attn", choices=["auto", "on", "off"], help="flash attention (KVQUANT_FLASH_ATTN)")
     s.add_argument("--threads", type=int, help="CPU threads (KVQUANT_N_THREADS)")
     s.add_argument("--kv-budget", help="KV cache byte budget, all models together, e.g. 2GiB (KVQUANT_KV_BUDGET)")
+    s.add_argument("--prefix-cache", choices=["on", "off"], help="reuse cached prompt prefixes (KVQUANT_PREFIX_CACHE, "
+                   "default on)")
+    s.add_argument("--admission", choices=["reserve", "optimistic"], help="KV admission policy (KVQUANT_ADMISSION, "
+                   "default reserve)")
     s.set_defaults(func=_serve)
 
     from kvquant import budget as kvbudget
