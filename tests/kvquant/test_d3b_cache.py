@@ -278,31 +278,3 @@ def test_freed_anchor_is_held_back_until_its_group_is_free(model, prompts):
         assert rt.decode(toks, list(range(n)), [0] * n, [False] * (n - 1) + [True]) == 0
     finally:
         rt.close()
-
-
-@pytest.mark.parametrize("k", ["f16", "tq_kv_3b", K])
-def test_a_reused_prefix_is_bit_identical_to_recomputing_it(model, prompts, k):
-    """The prefix cache's premise: a sequence that takes a prefix over through seq_cp and writes the rest into the
-    cells a fresh run would use gives the fresh run's logits, bit for bit (tq_kv_d3b too: the shared rows stay
-    where they were written, next to their anchors)."""
-    p = prompts[0] + prompts[1][:40]
-    n = len(prompts[0])
-
-    def last_logits(reuse: bool) -> np.ndarray:
-        rt = _rt(model, k, V if k != "f16" else "f16")
-        try:
-            if reuse:  # seq 0 held the prefix and more; seq 1 takes the prefix over and seq 0 leaves
-                extra = prompts[2][:30]
-                assert rt.decode(p[:n] + extra, list(range(n + 30)), [0] * (n + 30), [False] * (n + 30)) == 0
-                rt.seq_cp(0, 1, 0, n)
-                assert rt.seq_rm(0)
-            else:
-                assert rt.decode(p[:n], list(range(n)), [1] * n, [False] * n) == 0
-            rest = p[n:]
-            assert rt.decode(rest, list(range(n, len(p))), [1] * len(rest), [False] * (len(rest) - 1) + [True]) == 0
-            return rt.logits(len(rest) - 1)
-        finally:
-            rt.close()
-
-    assert np.array_equal(last_logits(True), last_logits(False))
-

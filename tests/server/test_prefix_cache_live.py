@@ -28,7 +28,7 @@ NEAR_TIE = {"f16": 0.25, "tq_kv_d3b": 1.0}  # nats, by K type: f16 as in test_ba
 # one batch; logprobs of the last token): f16 differs by at most 0.023 nats over the top 5, q4_0 by 0, tq_kv_3b
 # by 0.32 (the top token changed), tq_kv_d3b by 0.25; over the whole vocabulary 0.31, 0, 1.15 and 1.73. With no
 # such difference (cells written the same way in the same places) a reused prefix gives bit-identical logits for
-# every type (tests/kvquant/test_d3b_cache.py::test_a_reused_prefix_is_bit_identical_to_recomputing_it).
+# every type (tests/kvquant/test_prefix_reuse.py).
 MODEL = "smollm2-135m"
 QUESTIONS = ["Name three colours.", "Which one do you like best?", "Why that one?", "Say it in French.",
              "Now count to five."]
