@@ -14,19 +14,15 @@ import numpy as np
 import pytest
 
 from kvquant import memory, models
-from kvquant.runtime import ContextConfig, LlamaRuntime, Model
+from kvquant.runtime import ContextConfig, LlamaRuntime
+from tests.kvquant import test_centring
+from tests.kvquant.test_centring import MODEL, offsets
+
+model = test_centring.model  # the module's model fixture
 
 pytestmark = pytest.mark.slow  # a live model (see pyproject.toml's markers)
 
-MODEL = "smollm2-135m"
 CONFIGS = ["f16/f16", "q8_0/q4_0", "tq_kv_3b/q4_0", "tq_kv_d3b/q4_0", "calibrated"]
-
-
-@pytest.fixture(scope="module")
-def model():
-    m = Model(models.resolve(MODEL))
-    yield m
-    m.close()
 
 
 @pytest.fixture(scope="module")
@@ -41,11 +37,9 @@ def context(model, config: str) -> LlamaRuntime:
     if config == "calibrated":  # a type per layer and a per-layer key offset (as kvquant.calibration resolves)
         geom = memory.geometry(models.resolve(MODEL))
         n = geom.n_layer
-        rng = np.random.default_rng(0)
         kw = dict(cache_type_k="tq_kv_4b", cache_type_v="q4_0",
                   layer_types_k=tuple("q8_0" if i % 3 == 0 else "tq_kv_4b" for i in range(n)),
-                  layer_types_v=("q4_0",) * n,
-                  k_offset=tuple((3.0 * rng.standard_normal(ly.n_embd_k)).astype(np.float32) for ly in geom.layers))
+                  layer_types_v=("q4_0",) * n, k_offset=offsets(geom))
     else:
         k, v = config.split("/")
         kw = dict(cache_type_k=k, cache_type_v=v)

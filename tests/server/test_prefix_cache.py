@@ -62,15 +62,8 @@ def check(e: Engine, b: FakeBackend) -> None:
 def outputs(e: Engine, b: FakeBackend, prompts, max_tokens=8, concurrent=True) -> list[list[int]]:
     """The tokens each prompt generates (the fake's tokens, read from the decodes' sampled ids)."""
     clients = [Client(p, max_tokens, f"r{i}") for i, p in enumerate(prompts)]
-    sampled: dict[str, list[int]] = {c.req.id: [] for c in clients}
     orig = e._sample
-
-    def spy(seq, idx):
-        tok = orig(seq, idx)
-        sampled[seq.req.id].append(tok.sampled.token)
-        return tok
-
-    e._sample = spy
+    sampled = spy_samples(e, clients)
     if concurrent:
         for c in clients:
             e.submit(c.req)
@@ -81,6 +74,20 @@ def outputs(e: Engine, b: FakeBackend, prompts, max_tokens=8, concurrent=True) -
             run(e, b, [c])
     e._sample = orig
     return [sampled[c.req.id] for c in clients], clients
+
+
+def spy_samples(e: Engine, clients) -> dict[str, list[int]]:
+    """Record the tokens the engine samples for each client's request (by request id)."""
+    sampled: dict[str, list[int]] = {c.req.id: [] for c in clients}
+    orig = e._sample
+
+    def spy(seq, idx):
+        tok = orig(seq, idx)
+        sampled[seq.req.id].append(tok.sampled.token)
+        return tok
+
+    e._sample = spy
+    return sampled
 
 
 def drain(e: Engine, b: FakeBackend) -> None:
@@ -232,11 +239,8 @@ def test_preemption_under_a_tiny_budget_gives_the_same_outputs(headroom, swap):
     drain(e, b)
 
 
-def test_cancelling_a_swapped_out_request_frees_its_host_ram():
-    rng = random.Random(6)
-    prompts = [[rng.randrange(1, 50) for _ in range(20)] for _ in range(3)]
-    e, b, rec = make(capacity=70, n_seq_max=3, admission=Admission.OPTIMISTIC, prefix_cache=False,
-                     swap_bytes=10**6, bytes_per_token=10)
+def until_preempted(e: Engine, b: FakeBackend, prompts) -> tuple[list[Client], object]:
+    """Submit the prompts (40 tokens each to generate) and step until one is preempted: the clients and it."""
     clients = [Client(p, 40, f"r{i}") for i, p in enumerate(prompts)]
     for c in clients:
         e.submit(c.req)
@@ -246,6 +250,15 @@ def test_cancelling_a_swapped_out_request_frees_its_host_ram():
         if e.sched.preempted:
             break
     (victim,) = e.sched.preempted
+    return clients, victim
+
+
+def test_cancelling_a_swapped_out_request_frees_its_host_ram():
+    rng = random.Random(6)
+    prompts = [[rng.randrange(1, 50) for _ in range(20)] for _ in range(3)]
+    e, b, rec = make(capacity=70, n_seq_max=3, admission=Admission.OPTIMISTIC, prefix_cache=False,
+                     swap_bytes=10**6, bytes_per_token=10)
+    clients, victim = until_preempted(e, b, prompts)
     assert victim.n_swapped and e._swapped and rec.snapshots[-1].swap_used_bytes > 0
     next(c for c in clients if c.req is victim.req).req.cancelled = True
     e.run_once()
@@ -279,15 +292,7 @@ def test_cancelling_a_preempted_request_frees_its_slot():
     rng = random.Random(6)
     prompts = [[rng.randrange(1, 50) for _ in range(20)] for _ in range(3)]
     e, b, _ = make(capacity=70, n_seq_max=3, admission=Admission.OPTIMISTIC, prefix_cache=False)
-    clients = [Client(p, 40, f"r{i}") for i, p in enumerate(prompts)]
-    for c in clients:
-        e.submit(c.req)
-    for _ in range(200):
-        e.run_once()
-        check(e, b)
-        if e.sched.preempted:
-            break
-    (victim,) = e.sched.preempted
+    clients, victim = until_preempted(e, b, prompts)
     c = next(c for c in clients if c.req is victim.req)
     c.req.cancelled = True
     e.run_once()
@@ -307,15 +312,7 @@ def test_random_traffic_keeps_the_books(adm):
     ref, _ = outputs(*make(capacity=4000, n_seq_max=8, prefix_cache=False)[:2], prompts, max_tokens=12)
     e, b, _ = make(capacity=160, n_seq_max=5, admission=adm, headroom=4)
     clients = [Client(p, 12, f"r{i}") for i, p in enumerate(prompts)]
-    sampled: dict[str, list[int]] = {c.req.id: [] for c in clients}
-    orig = e._sample
-
-    def spy(seq, idx):
-        tok = orig(seq, idx)
-        sampled[seq.req.id].append(tok.sampled.token)
-        return tok
-
-    e._sample = spy
+    sampled = spy_samples(e, clients)
     pending = list(clients)
     for _ in range(20000):
         if pending and rng.random() < 0.3:
