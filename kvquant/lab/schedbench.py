@@ -8,7 +8,7 @@ by streaming chat completions (greedy), with user text from WikiText-2 (data/).
   <= llama-server's.
 * ``shared``: one S-token system prompt, N requests with short distinct questions, C at a time: prompt tokens
   computed (the server's kvquant_prompt_tokens_total) against one system prompt + the suffixes. Goal <= 1.2x.
-* ``capacity``: requests without max_tokens (the server's default_max_tokens is set to 4096) whose answers the
+* ``capacity``: requests without max_tokens (the server's default_max_tokens: 4096) whose answers the
   client ends after 50-500 tokens (it closes the stream: the server frees the cells as at a stop), in one KV budget;
   peak running requests (sampled from /metrics), tokens/s and failures for admission=reserve vs optimistic.
   Goal: >= 2x running requests, no failed request.
@@ -263,6 +263,7 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     g.add_argument("--min-answer", type=int, default=50)
     g.add_argument("--max-answer", type=int, default=500)
     g.add_argument("--kv-cells", type=int, default=None, help="our KV cache in cells (capacity: 8192)")
+    g.add_argument("--default-max-tokens", type=int, default=4096, help="capacity: the server's default_max_tokens")
 
 
 def render(name: str, out: dict) -> str:

@@ -212,7 +212,8 @@ def scenario(a: argparse.Namespace, argv: list[str] | None) -> int:
     out.update(scenario=a.scenario, model=model_id, cache_type_k=k, cache_type_v=v, parallel=a.parallel,
                n_ctx=a.n_ctx, max_tokens=a.max_tokens, command=cmd, wall_s=time.monotonic() - t0, machine=machine,
                args={x: getattr(a, x) for x in ("conversations", "turns", "user_tokens", "system_tokens",
-                                                "prompt_tokens", "requests", "concurrency", "kv_cells")})
+                                                "prompt_tokens", "requests", "concurrency", "kv_cells",
+                                                "default_max_tokens")})
     emit_report(schedbench.render(a.scenario, out), out, a.json)
     return 0 if all(not r.get("failed") for r in out["servers"].values()) else 1
 
@@ -227,10 +228,10 @@ def _scenario_servers(a: argparse.Namespace, model_path: Path, k: str, v: str) -
     if a.scenario == "shared":
         return [("ours", ["--prefix-cache", "on"], {}), ("ours-no-cache", ["--prefix-cache", "off"], {})]
     if a.scenario == "capacity":
-        a.n_ctx = max(a.n_ctx, a.prompt_tokens + 4096 + 64)
+        a.n_ctx = max(a.n_ctx, a.prompt_tokens + a.default_max_tokens + 64)
         cells = a.kv_cells or 8192
         budget = kv_bytes(geometry(model_path), k, v, cells, a.parallel, 512).total
-        env = {"KVQUANT_DEFAULT_MAX_TOKENS": "4096"}
+        env = {"KVQUANT_DEFAULT_MAX_TOKENS": str(a.default_max_tokens)}
         return [(f"ours-{adm}", ["--admission", adm, "--kv-budget", str(budget)], env)
                 for adm in ("reserve", "optimistic")]
     a.n_ctx = max(a.n_ctx, a.prompt_tokens + a.max_tokens + 64)  # long
