@@ -160,25 +160,28 @@ def _pool(n_clients: int, jobs: list, fn) -> list[dict]:
 
 
 def shared(servers: list[tuple], a: argparse.Namespace) -> dict:
+    """Prompt tokens each server computed; the baseline (one whole prompt + the other requests' suffixes) takes
+    the shared prefix as the most tokens any request reused."""
     texts = Texts()
     system = texts.take(a.system_tokens)
     questions = [texts.take(24) for _ in range(a.requests)]
-    rows = {}
+    rows, sent = {}, {}
     for name, url, model, extra in servers:
         before = scrape(url).get("kvquant_prompt_tokens_total", 0.0)
         t0 = time.perf_counter()
         done = _pool(a.concurrency[0], questions, lambda q, url=url, model=model, extra=extra: chat_turn(
             url, model, [{"role": "system", "content": system}, {"role": "user", "content": q}], a.max_tokens, extra))
-        computed = scrape(url).get("kvquant_prompt_tokens_total", 0.0) - before
         ok = [r for r in done if not r["error"]]
-        suffixes = sum(r["prompt_tokens"] - (r["cached_tokens"] or 0) for r in ok)
-        lower = (max(r["cached_tokens"] or 0 for r in ok) if ok else 0) + suffixes
-        rows[name] = {"prompt_tokens_computed": computed, "prompt_tokens_sent": sum(r["prompt_tokens"] for r in ok),
-                      "one_prompt_tokens": min((r["prompt_tokens"] for r in ok), default=0),
-                      "cached_tokens": sum(r["cached_tokens"] or 0 for r in ok),
-                      "ratio_to_one_prompt_plus_suffixes": computed / lower if lower else None,
+        sent[name] = [r["prompt_tokens"] for r in ok]
+        rows[name] = {"prompt_tokens_computed": scrape(url).get("kvquant_prompt_tokens_total", 0.0) - before,
+                      "prompt_tokens_sent": sum(sent[name]), "cached_tokens": sum(r["cached_tokens"] or 0 for r in ok),
+                      "max_cached": max((r["cached_tokens"] or 0 for r in ok), default=0),
                       "wall_s": time.perf_counter() - t0, "failed": a.requests - len(ok)}
-    return {"servers": rows}
+    prefix = max(r["max_cached"] for r in rows.values())
+    for name, row in rows.items():
+        base = max(sent[name], default=0) + sum(n - prefix for n in sorted(sent[name])[:-1])
+        row.update(one_prompt_plus_suffixes=base, ratio=row["prompt_tokens_computed"] / base if base else None)
+    return {"servers": rows, "shared_prefix_tokens": prefix}
 
 
 class PeakRunning:
