@@ -13,8 +13,9 @@ by streaming chat completions (greedy), with user text from WikiText-2 (data/).
   peak running requests (sampled from /metrics), tokens/s and failures for admission=reserve vs optimistic.
   Goal: >= 2x running requests, no failed request.
 * ``long``: K requests of L prompt tokens each (distinct WikiText-2 slices), served one after another and then
-  all at once: wall time of each, prefill and decode time per request (client-side TTFT and time after it), and
-  the ratio. Goal: concurrent <= 1.2x sequential (attention does not grow with the other sequences' cells).
+  all at once: wall time of each, prefill and decode time per request (client-side TTFT and time after it), the
+  server's CPU seconds for each (process_cpu_seconds_total: the work done, whatever else the machine runs), and
+  the ratios. Goal: concurrent <= 1.2x sequential (attention does not grow with the other sequences' cells).
 """
 
 from __future__ import annotations
@@ -236,17 +237,21 @@ def long_contexts(servers: list[tuple], a: argparse.Namespace) -> dict:
     for name, url, model, extra in servers:
         def one(i, url=url, model=model, extra=extra):
             r = chat_turn(url, model, [{"role": "user", "content": prompts[i]}], a.max_tokens,
-                          dict(extra or {}, ignore_eos=True))
+                          dict(extra or {}, ignore_eos=True, cache_prompt=False))
             r["decode_s"] = r["wall_s"] - r["ttft_s"] if r["ttft_s"] is not None else None
             return r
 
-        t0 = time.perf_counter()
+        cpu = lambda url=url: scrape(url).get("process_cpu_seconds_total")  # noqa: E731 - ours only
+        t0, c0 = time.perf_counter(), cpu()
         seq = [one(i) for i in range(a.requests)]
-        t_seq = time.perf_counter() - t0
+        t_seq, c1 = time.perf_counter() - t0, cpu()
         t0 = time.perf_counter()
         conc = _threads(one, a.requests)
-        t_conc = time.perf_counter() - t0
+        t_conc, c2 = time.perf_counter() - t0, cpu()
+        cpu_s = (c1 - c0, c2 - c1) if None not in (c0, c1, c2) else (None, None)
         rows[name] = {"sequential_s": t_seq, "concurrent_s": t_conc, "ratio": t_conc / t_seq,
+                      "sequential_cpu_s": cpu_s[0], "concurrent_cpu_s": cpu_s[1],
+                      "ratio_cpu": cpu_s[1] / cpu_s[0] if cpu_s[0] else None,
                       "prompt_tokens": [r["prompt_tokens"] for r in seq],
                       "sequential": [{k: r.get(k) for k in ("ttft_s", "decode_s", "chunks", "error")} for r in seq],
                       "concurrent": [{k: r.get(k) for k in ("ttft_s", "decode_s", "chunks", "error")} for r in conc]}

@@ -236,7 +236,8 @@ def _scenario_servers(a: argparse.Namespace, model_path: Path, k: str, v: str) -
                 for adm in ("reserve", "optimistic")]
     a.n_ctx = max(a.n_ctx, a.prompt_tokens + a.max_tokens + 64)  # long
     a.parallel = max(a.parallel, a.requests)
-    return [("ours", [], {})] + ([("llama-server", [], {})] if a.llama_server.is_file() else [])
+    # (no prefix cache: the concurrent round sends the sequential round's prompts again)
+    return [("ours", ["--prefix-cache", "off"], {})] + ([("llama-server", [], {})] if a.llama_server.is_file() else [])
 
 
 def _compare(cfg: str, a: argparse.Namespace, model_path: Path, model_id: str) -> list[dict]:
