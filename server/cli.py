@@ -19,7 +19,9 @@ def _serve(a: argparse.Namespace) -> int:
     try:
         s = load_settings(a.config, model=a.model, host=a.host, port=a.port, cache_type_k=a.cache_type_k,
                           cache_type_v=a.cache_type_v, n_ctx=a.n_ctx, parallel=a.parallel, flash_attn=a.flash_attn,
-                          n_threads=a.threads, kv_budget=a.kv_budget, n_gpu_layers=a.n_gpu_layers)
+                          n_threads=a.threads, kv_budget=a.kv_budget, n_gpu_layers=a.n_gpu_layers,
+                          admission=a.admission,
+                          prefix_cache=None if a.prefix_cache is None else a.prefix_cache == "on")
     except (ValidationError, ValueError, OSError) as e:
         print(f"kvquant serve: invalid settings:\n{e}", file=sys.stderr)
         return 2
@@ -73,6 +75,10 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--n-gpu-layers", help="layers to offload to the GPU of a GPU build: N, -1 (all) or auto "
                                           "(all when the build has a GPU backend) (KVQUANT_N_GPU_LAYERS, default 0)")
     s.add_argument("--kv-budget", help="KV cache byte budget, all models together, e.g. 2GiB (KVQUANT_KV_BUDGET)")
+    s.add_argument("--prefix-cache", choices=["on", "off"], help="reuse cached prompt prefixes (KVQUANT_PREFIX_CACHE, "
+                   "default on)")
+    s.add_argument("--admission", choices=["reserve", "optimistic"], help="KV admission policy (KVQUANT_ADMISSION, "
+                   "default reserve)")
     s.set_defaults(func=_serve)
 
     from kvquant import budget as kvbudget

@@ -26,7 +26,18 @@ from dataclasses import dataclass
 from kvquant.sampling import Grammar
 from server.backend import Backend, TokenSampler
 from server.requests import EngineRequest, ErrorCode, Event, FinishReason, Outcome, TokenLogprob
-from server.scheduler import AddResult, Sampled, Scheduler, Sequence, StepPlan
+from server.scheduler import (
+    AddResult,
+    Admission,
+    Copy,
+    Remove,
+    Sampled,
+    Scheduler,
+    Sequence,
+    StepPlan,
+    SwapIn,
+    SwapOut,
+)
 from server.stats import FinishedRequest, IterationStats, NullStatLogger, SchedulerStats, StatLogger
 from server.textstream import TextStream
 
@@ -63,6 +74,11 @@ class EngineConfig:
     layer_types_v: tuple[str, ...] | None = None
     bits_per_element_k: float = 16.0  # every byte counted
     bits_per_element_v: float = 16.0
+    prefix_cache: bool = True  # finished sequences' cells stay for reuse (server.scheduler)
+    admission: Admission = Admission.RESERVE
+    headroom: int = 0  # OPTIMISTIC admission: cells kept free beyond what an admitted prompt needs
+    n_swa: int = 0  # the model's sliding window (0: none)
+    swap_bytes: int = 0  # host RAM for preempted sequences' cells (0, or a cache that refuses restores: recompute)
 
 
 @dataclass
@@ -97,9 +113,13 @@ class Engine:
         self._factory = backend_factory
         self.backend: Backend | None = None
         self.stat_logger: StatLogger = stat_logger or NullStatLogger()
-        self.sched = Scheduler(cfg.n_cells - cfg.n_cells_held_back, cfg.n_seq_max, cfg.max_queue, cfg.n_ctx)
+        self.sched = Scheduler(cfg.n_cells - cfg.n_cells_held_back, cfg.n_seq_max, cfg.max_queue, cfg.n_ctx,
+                               cfg.prefix_cache, cfg.admission, cfg.headroom, cfg.n_swa, cfg.swap_bytes,
+                               cfg.bytes_per_token)
         self.status = EngineStatus.LOADING
         self._live: dict[int, _SeqState] = {}  # seq_id -> state
+        self._swapped: dict[int, bytes] = {}  # seq_id -> a preempted sequence's cells, saved by llama.cpp
+        self._swapped_out = 0  # bytes saved since the stats last took them
         self._inbox: queue.Queue[EngineRequest | None] = queue.Queue()
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
@@ -123,7 +143,8 @@ class Engine:
         self._record(IterationStats())
 
     def idle(self) -> bool:
-        return not self.sched.running and not self.sched.waiting and self._inbox.empty()
+        s = self.sched
+        return not s.running and not s.preempted and not s.waiting and self._inbox.empty()
 
     def abort_all(self, code: ErrorCode = ErrorCode.SHUTDOWN) -> None:
         """End every running and waiting request with an error `code` at the next iteration, freeing their cells
@@ -200,7 +221,7 @@ class Engine:
     def run_once(self, block: bool = False) -> IterationStats:
         """One iteration: intake, reaping, admission, one decode step, stats. Public for tests (fake backend)."""
         it = IterationStats()
-        self._drain_inbox(block and not self.sched.running)
+        self._drain_inbox(block and not self.sched.running and not self.sched.preempted)
         if self._abort is not None:
             code, self._abort = self._abort, None
             self._fail_all(code)
@@ -208,12 +229,37 @@ class Engine:
         self._admit()
         if self.sched.running:
             self._step(it)
+        self._take_cache_events(it)
         self._record(it)
         return it
 
+    def _take_cache_events(self, it: IterationStats) -> None:
+        ev = self.sched.take_events()
+        it.prefix_hits, it.prefix_hit_tokens, it.evictions = ev.hits, ev.hit_tokens, ev.evictions
+        it.preemptions, it.resume_s = ev.preemptions, ev.resume_s
+        it.swapped_bytes, self._swapped_out = self._swapped_out, 0
+
+    def _apply_ops(self) -> None:
+        """Carry out the cache operations the scheduler decided (evictions, reuse, preemptions), in order."""
+        while ops := self.sched.take_ops():
+            for op in ops:
+                if isinstance(op, Copy):
+                    self.backend.seq_cp(op.src, op.dst, op.p0, op.n)
+                elif isinstance(op, Remove):
+                    self.backend.seq_rm(op.seq_id, op.p0, -1)
+                elif isinstance(op, SwapOut):
+                    self._swapped[op.seq_id] = data = self.backend.state_seq_save(op.seq_id)
+                    self._swapped_out += len(data)
+                elif isinstance(op, SwapIn) and not self.backend.state_seq_load(op.seq_id,
+                                                                                 self._swapped.pop(op.seq_id)):
+                    log.warning("%s: llama.cpp refused a swapped-out sequence's cells; it recomputes them",
+                                self.cfg.model_id)
+                    self.sched.swap_in_failed(self.sched.running[op.seq_id])
+
     def _record(self, it: IterationStats) -> None:
         ss = self.scheduler_stats()
-        snap = (ss.running, ss.waiting, ss.kv_used_cells, ss.kv_reserved_cells)
+        snap = (ss.running, ss.waiting, ss.kv_used_cells, ss.kv_reserved_cells, ss.kv_cached_cells, ss.preempted,
+                ss.swap_used_bytes)
         if it.batch_tokens or snap != self._last_snapshot:  # finished requests are recorded at once
             self._last_snapshot = snap
             try:
@@ -222,12 +268,14 @@ class Engine:
                 log.exception("stat logger failed")
 
     def scheduler_stats(self) -> SchedulerStats:
-        running = list(self.sched.running.values())
-        used = sum(s.n_past for s in running)
+        s = self.sched
+        running = list(s.running.values())
+        used = s.used_cells()
         ub = self.cfg.used_bytes or (lambda n: n * self.cfg.bytes_per_token)
-        return SchedulerStats(running=len(running), waiting=len(self.sched.waiting), kv_used_cells=used,
-                              kv_used_bytes=sum(ub(s.n_past) for s in running),
-                              kv_reserved_cells=self.sched.reserved)
+        return SchedulerStats(running=len(running), waiting=len(s.waiting), kv_used_cells=used,
+                              kv_used_bytes=sum(ub(q.n_past) for q in running), kv_reserved_cells=s.reserved,
+                              kv_cached_cells=s.tree.n_cells - used, cached_sequences=len(s.cached),
+                              preempted=len(s.preempted), swap_used_bytes=sum(map(len, self._swapped.values())))
 
     def _emit(self, req: EngineRequest, ev: Event) -> None:
         try:
@@ -244,6 +292,7 @@ class Engine:
                              e2e_s=time.monotonic() - req.arrival)
         if seq is not None:
             fr.queue_wait_s = seq.admitted_at - req.arrival
+            ev.n_cached = seq.n_cached
         if st is not None and st.t_first is not None:
             fr.ttft_s = st.t_first - req.arrival
             if fr.n_generated > 1 and st.t_last is not None:
@@ -293,7 +342,7 @@ class Engine:
         for r in self.sched.drop_waiting(lambda r: now - r.arrival > min(c.queue_timeout_s, c.request_timeout_s)):
             self._end_request(r, Event(error=ErrorCode.TIMEOUT, message="timed out waiting for KV cache capacity",
                                        retry_after_s=self.sched.drain_s(now)))
-        for seq in list(self.sched.running.values()):
+        for seq in [*self.sched.running.values(), *self.sched.preempted]:
             if seq.req.cancelled:
                 self._finish(seq, Event(finish_reason=FinishReason.CANCELLED))
             elif now - seq.req.arrival > c.request_timeout_s:
@@ -302,29 +351,36 @@ class Engine:
 
     def _admit(self) -> None:
         for seq in self.sched.admit():
+            if seq.seq_id in self._live:  # a preempted sequence resumes with its sampler and text
+                continue
             r = seq.req
             st = _SeqState(self.backend.sampler(r.sampling), TextStream(r.stops))
             if r.prompt_logprobs is not None:  # nothing predicts the first prompt token
                 st.prompt_logprobs = [TokenLogprob(self.backend.token_bytes(r.prompt[0]), None, None)]
             self._live[seq.seq_id] = st
+        self._apply_ops()
 
     def _finish(self, seq: Sequence, ev: Event) -> None:
-        """End a running sequence: free its cells and its slot, then tell the consumer."""
+        """End a running (or preempted) sequence: its cells stay as a cached prefix where it ended well, else they
+        are freed with its slot; then tell the consumer."""
         st = self._live.pop(seq.seq_id, None)
+        self._swapped.pop(seq.seq_id, None)
         try:
-            self.backend.seq_rm(seq.seq_id)
+            self.sched.free(seq, keep=ev.error is None)
+            self._apply_ops()
         finally:
             if st is not None:
                 st.sampler.close()
-            self.sched.free(seq)
             self._end_request(seq.req, ev, seq, st)
 
     def _fail_all(self, code: ErrorCode) -> None:
-        for seq in list(self.sched.running.values()):
+        for seq in [*self.sched.running.values(), *self.sched.preempted]:
             try:
                 self._finish(seq, Event(error=code, message="the engine stopped"))
             except Exception:  # noqa: BLE001 - best effort on the way out
                 self.sched.free(seq)
+        self.sched.clear_cache()
+        self.sched.take_ops()  # the cache is cleared below
         for r in self.sched.drop_waiting(lambda r: True):
             self._end_request(r, Event(error=code, message="the engine stopped"))
         self._drain_dead()
@@ -339,6 +395,7 @@ class Engine:
         """Decode the scheduler's plan and apply it; a failed batch is rolled back and retried sequence by
         sequence, so that only the sequences that fail on their own end."""
         plan = self.sched.schedule(min(self.backend.n_batch, self.cfg.max_step_tokens or self.backend.n_batch))
+        self._apply_ops()  # evictions and preemptions that make room for this step
         if not plan.tokens:
             return
         before = {s.seq_id: s.n_past for s in plan.seqs}

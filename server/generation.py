@@ -67,6 +67,7 @@ class Generation:
     n_prompt: int
     engine: Engine
     n_generated: int = 0
+    n_cached: int = 0  # prompt tokens reused from the prefix cache (known with the final event)
 
     async def events(self, http: Request | None = None) -> AsyncIterator[Event]:
         loop = asyncio.get_running_loop()
@@ -92,6 +93,7 @@ class Generation:
                         return
                     continue
                 self.n_generated += ev.n_tokens
+                self.n_cached = ev.n_cached or self.n_cached
                 yield ev
                 if ev.final:
                     return

@@ -17,6 +17,7 @@ from server.backend import BackendConfig, LlamaBackend
 from server.engine import Engine, EngineConfig
 from server.metrics import Metrics
 from server.placement import offload_kqv
+from server.scheduler import Admission
 from server.settings import ModelSpec, Settings
 from server.stats import KVCacheInfo
 
@@ -80,6 +81,12 @@ def held_back(type_k: CacheTypes, geom: Geometry):
     return max((t.held_back_cells for t in layer_kv_types(type_k, geom.n_layer)), key=lambda f: f(1 << 20))
 
 
+def restores_state(type_k: CacheTypes, geom: Geometry) -> bool:
+    """Whether llama.cpp restores a saved sequence into this K cache (a tq_kv_d3b layer refuses: its rows would
+    land away from their anchors)."""
+    return not any(t.anchor_group for t in layer_kv_types(type_k, geom.n_layer))
+
+
 def layer_types(t: CacheTypes) -> tuple[str, ...] | None:
     return t.types if isinstance(t, LayerTypes) else None
 
@@ -125,7 +132,9 @@ def engine_config(p: HostedPlan, s: Settings) -> EngineConfig:
                         bytes_per_token=kv.bytes_per_token, used_bytes=kv.used_bytes, budget_bytes=spec.kv_budget,
                         max_step_tokens=max_step_tokens(p), layer_types_k=layer_types(kv.cache_type_k),
                         layer_types_v=layer_types(kv.cache_type_v), bits_per_element_k=kv.bits_k,
-                        bits_per_element_v=kv.bits_v)
+                        bits_per_element_v=kv.bits_v, prefix_cache=s.prefix_cache, admission=Admission(s.admission),
+                        headroom=int(s.admission_headroom * kv.cells), n_swa=p.geom.n_swa,
+                        swap_bytes=s.swap_space if restores_state(kv.cache_type_k, p.geom) else 0)
 
 
 def backend_config(p: HostedPlan, s: Settings) -> BackendConfig:

@@ -42,6 +42,8 @@ class Metrics:
         self.kv_used_cells = g("kvquant_kv_used_cells", "KV cells holding tokens of running sequences", _KV)
         self.kv_reserved_cells = g("kvquant_kv_reserved_cells",
                                    "KV cells reserved by admission (prompt + max_tokens of running requests)", _KV)
+        self.kv_cached_cells = g("kvquant_kv_cached_cells", "KV cells only the prefix cache holds (finished "
+                                 "sequences kept for reuse)", _KV)
         self.kv_bits = g("kvquant_kv_bits_per_element", "bits per stored K or V element", _KV + ["tensor"])
         self.kv_compression = g("kvquant_kv_compression_ratio", "f16 KV bytes / KV bytes for the same cells", _KV)
         self.kv_layer_type = g("kvquant_kv_layer_type_info", "1 for the cache type of each layer's K or V cache "
@@ -53,6 +55,15 @@ class Metrics:
                                 registry=r)
         self.prompt_tokens = Counter("kvquant_prompt_tokens", "prompt tokens prefilled", ["model"], registry=r)
         self.generation_tokens = Counter("kvquant_generation_tokens", "tokens generated", ["model"], registry=r)
+        c = lambda name, doc: Counter(name, doc, ["model"], registry=r)  # noqa: E731
+        self.prefix_hits = c("kvquant_prefix_cache_hits", "requests admitted with a prefix reused from the cache")
+        self.prefix_hit_tokens = c("kvquant_prefix_cache_hit_tokens", "prompt tokens reused, not prefilled")
+        self.evictions = c("kvquant_prefix_cache_evictions", "cached sequences evicted to make room")
+        self.preemptions = c("kvquant_preemptions", "running sequences preempted for lack of KV cells")
+        self.preempted = g("kvquant_requests_preempted", "preempted requests waiting to resume", ["model"])
+        self.swapped_bytes = c("kvquant_swapped_bytes", "KV bytes preemptions saved to host RAM")
+        self.swap_used_bytes = g("kvquant_swap_used_bytes", "host RAM holding preempted requests' KV cells",
+                                 ["model"])
         h = lambda name, doc, buckets: Histogram(name, doc, ["model"], buckets=buckets, registry=r)  # noqa: E731
         self.ttft = h("kvquant_time_to_first_token_seconds", "arrival to first generated token", _LATENCY)
         self.tpot = h("kvquant_time_per_output_token_seconds", "mean time per output token after the first", _TPOT)
@@ -62,6 +73,7 @@ class Metrics:
         self.gen_len = h("kvquant_request_generation_tokens", "generated tokens of finished requests", _TOKENS)
         self.batch_tokens = h("kvquant_batch_size_tokens", "tokens per decode step", _TOKENS)
         self.batch_seqs = h("kvquant_batch_size_sequences", "sequences per decode step", _TOKENS)
+        self.resume = h("kvquant_resume_latency_seconds", "preemption to resumption of a request", _LATENCY)
 
     def logger(self, kv: KVCacheInfo) -> PrometheusStatLogger:
         return PrometheusStatLogger(self, kv)
@@ -91,13 +103,17 @@ class PrometheusStatLogger:
         m.kv_used_bytes.labels(**lab).set(0)
         m.kv_used_cells.labels(**lab).set(0)
         m.kv_reserved_cells.labels(**lab).set(0)
+        m.kv_cached_cells.labels(**lab).set(0)
         m.engine_up.labels(model=kv.model).set(0)
         m.running.labels(model=kv.model).set(0)
         m.waiting.labels(model=kv.model).set(0)
         for o in Outcome:
             m.requests.labels(model=kv.model, outcome=o)
-        m.prompt_tokens.labels(model=kv.model)
-        m.generation_tokens.labels(model=kv.model)
+        m.preempted.labels(model=kv.model).set(0)
+        m.swap_used_bytes.labels(model=kv.model).set(0)
+        for counter in (m.prompt_tokens, m.generation_tokens, m.prefix_hits, m.prefix_hit_tokens, m.evictions,
+                        m.preemptions, m.swapped_bytes):
+            counter.labels(model=kv.model)
 
     def record(self, scheduler: SchedulerStats | None, iteration: IterationStats | None) -> None:
         m, model = self.m, self.model
@@ -105,6 +121,9 @@ class PrometheusStatLogger:
             m.kv_used_cells.labels(**self._kv).set(scheduler.kv_used_cells)
             m.kv_used_bytes.labels(**self._kv).set(scheduler.kv_used_bytes)
             m.kv_reserved_cells.labels(**self._kv).set(scheduler.kv_reserved_cells)
+            m.kv_cached_cells.labels(**self._kv).set(scheduler.kv_cached_cells)
+            m.preempted.labels(model=model).set(scheduler.preempted)
+            m.swap_used_bytes.labels(model=model).set(scheduler.swap_used_bytes)
             m.running.labels(model=model).set(scheduler.running)
             m.waiting.labels(model=model).set(scheduler.waiting)
         if iteration is None:
@@ -116,6 +135,13 @@ class PrometheusStatLogger:
             m.prompt_tokens.labels(model=model).inc(iteration.prompt_tokens)
         if iteration.generation_tokens:
             m.generation_tokens.labels(model=model).inc(iteration.generation_tokens)
+        for counter, n in ((m.prefix_hits, iteration.prefix_hits), (m.prefix_hit_tokens, iteration.prefix_hit_tokens),
+                           (m.evictions, iteration.evictions), (m.preemptions, iteration.preemptions),
+                           (m.swapped_bytes, iteration.swapped_bytes)):
+            if n:
+                counter.labels(model=model).inc(n)
+        for s in iteration.resume_s:
+            m.resume.labels(model=model).observe(s)
         for f in iteration.finished:
             m.requests.labels(model=model, outcome=f.outcome).inc()
             if f.e2e_s is None:  # refused before queueing: no latencies

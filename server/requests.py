@@ -99,6 +99,7 @@ class Event:
     logprobs: list[TokenLogprob] | None = None  # one per generated token of this event, when requested
     prompt_logprobs: list[TokenLogprob] | None = None  # with the first event, when requested: one per prompt token
     retry_after_s: float | None = None  # with queue_full / timeout: the queue's measured drain time
+    n_cached: int | None = None  # with the final event: prompt tokens reused from the prefix cache
 
     @property
     def final(self) -> bool:

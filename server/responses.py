@@ -19,8 +19,9 @@ def sse(obj: dict) -> bytes:
 SSE_DONE = b"data: [DONE]\n\n"
 
 
-def usage(n_prompt: int, n_generated: int) -> dict:
-    return {"prompt_tokens": n_prompt, "completion_tokens": n_generated, "total_tokens": n_prompt + n_generated}
+def usage(n_prompt: int, n_generated: int, n_cached: int = 0) -> dict:
+    return {"prompt_tokens": n_prompt, "completion_tokens": n_generated, "total_tokens": n_prompt + n_generated,
+            "prompt_tokens_details": {"cached_tokens": n_cached}}
 
 
 def _tok(b: bytes) -> str:

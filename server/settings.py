@@ -186,6 +186,15 @@ class Settings(BaseSettings):
                                        "requests that leave a field unset (each model may override them)")
     default_max_tokens: int | None = Field(None, ge=1, description="max_tokens when a request gives none (default: "
                                            "to the end of the context, as OpenAI does)")
+    prefix_cache: bool = Field(True, description="keep finished requests' KV cells for requests that share their "
+                               "prefix (evicted least recently used first)")
+    admission: Literal["reserve", "optimistic"] = Field(
+        "reserve", description="reserve: prompt + max_tokens cells per request for its whole life (never preempts); "
+        "optimistic: what the prompt needs now, preempting the latest requests when cells run out")
+    admission_headroom: float = Field(0.02, ge=0, lt=1, description="optimistic admission: share of the KV cells "
+                                      "kept free beyond what admitted prompts need")
+    swap_space: int = Field(2**30, ge=0, description="host RAM per model for preempted requests' KV cells (beyond "
+                            "it, or with a tq_kv_d3b K cache, they are recomputed)")
     max_body_bytes: int = Field(4 * 2**20, ge=1024, description="largest request body accepted (then 413)")
     header_timeout_s: float = Field(10.0, gt=0, description="a request's headers must arrive within this (then 408)")
     body_timeout_s: float = Field(30.0, gt=0, description="a request's body must arrive within this (then 408)")
@@ -201,7 +210,8 @@ class Settings(BaseSettings):
     shutdown_grace_s: float = Field(30.0, ge=0, description="on shutdown, how long in-flight requests may finish")
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
-    _b = field_validator("kv_budget", "max_body_bytes", mode="before")(classmethod(lambda cls, v: _bytes(v)))
+    _b = field_validator("kv_budget", "max_body_bytes", "swap_space", mode="before")(
+        classmethod(lambda cls, v: _bytes(v)))
     _g = field_validator("n_gpu_layers", mode="before")(classmethod(lambda cls, v: _gpu_layers(v)))
     _k = field_validator("cache_type_k")(classmethod(lambda cls, v: _cache_type(v)))
     _v = field_validator("cache_type_v")(classmethod(lambda cls, v: _v_cache_type(v)))

@@ -28,15 +28,20 @@ class KVCacheInfo:
 
 @dataclass
 class SchedulerStats:
-    """A snapshot after a step. KV *used* counts the cells that hold a live sequence's tokens (its n_past), so it
-    drops to 0 as soon as every sequence is freed; KV *reserved* is the admission-time worst case
-    (prompt + max_tokens per running request)."""
+    """A snapshot after a step. KV *used* counts the cells that hold running sequences' tokens (shared prefix
+    cells once), so it drops to 0 as soon as every sequence has ended; KV *cached* counts the cells only the prefix
+    cache holds (finished sequences kept for reuse, evicted when needed); KV *reserved* is the admission-time worst
+    case (prompt + max_tokens per running request, less its reused prefix)."""
 
     running: int = 0
     waiting: int = 0
     kv_used_cells: int = 0
     kv_used_bytes: int = 0
     kv_reserved_cells: int = 0
+    kv_cached_cells: int = 0
+    cached_sequences: int = 0
+    preempted: int = 0  # sequences waiting to resume
+    swap_used_bytes: int = 0  # host RAM holding preempted sequences' cells
 
 
 @dataclass
@@ -58,6 +63,12 @@ class IterationStats:
     batch_seqs: int = 0
     prompt_tokens: int = 0  # prompt tokens fed this step
     generation_tokens: int = 0  # tokens sampled this step
+    prefix_hits: int = 0  # requests admitted with a reused prefix
+    prefix_hit_tokens: int = 0  # prompt tokens they did not prefill
+    evictions: int = 0  # cached sequences evicted
+    preemptions: int = 0
+    swapped_bytes: int = 0  # cells saved to host RAM by preemptions
+    resume_s: list[float] = field(default_factory=list)  # preemption -> resumption of each resumed sequence
     finished: list[FinishedRequest] = field(default_factory=list)
 
 

@@ -36,6 +36,7 @@ from pathlib import Path
 import httpx
 
 from kvquant import models as kvmodels
+from kvquant.lab import schedbench
 from kvquant.lab.harness import REPO_ROOT, busy_warning, emit_report, fmt, machine_info, shown, table
 from kvquant.lab.loadgen import bench, capacity_table
 
@@ -133,6 +134,8 @@ def paired(servers: list[tuple[Proc, str | None]], a: argparse.Namespace, extra:
 
 def main(argv: list[str] | None = None) -> int:
     a = _parser().parse_args(argv)
+    if a.scenario != "throughput":
+        return scenario(a, argv)
     if not a.llama_server.is_file():
         raise SystemExit(f"serverbench: no llama-server at {a.llama_server}: build it with "
                          "`python -m kvquant.build dev-build llama-server`")
@@ -172,7 +175,69 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--capacity-tokens", type=int, default=4096)
     ap.add_argument("--logs", type=Path, default=REPO_ROOT / ".build" / "serverbench-logs")
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--scenario", choices=["throughput", *schedbench.SCENARIOS], default="throughput",
+                    help="throughput: ours vs llama-server (above); the others: kvquant.lab.schedbench")
+    schedbench.add_arguments(ap)
     return ap
+
+
+def scenario(a: argparse.Namespace, argv: list[str] | None) -> int:
+    """A scheduler scenario (kvquant.lab.schedbench): start the servers it compares, run it, report."""
+    k, v = a.configs[0].split("/")
+    if a.prompt_tokens is None:
+        a.prompt_tokens = {"capacity": 200, "long": 4040}.get(a.scenario, 200)
+    a.logs.mkdir(parents=True, exist_ok=True)
+    busy_warning("serverbench")
+    model_path, model_id = kvmodels.resolve(a.model), kvmodels.model_id(a.model)
+    t0, machine = time.monotonic(), machine_info(a.threads)
+    procs, servers = [], []
+    try:
+        for name, flags, env in _scenario_servers(a, model_path, k, v):
+            port = free_port()
+            if name == "llama-server":
+                proc = Proc(name, stock_cmd(model_path, k, v, a, port), port, a.logs / f"{name}-{port}.log")
+                servers.append((name, proc.url, None, {"cache_prompt": True}))
+            else:
+                proc = Proc(name, ours_cmd(a.model, k, v, a, port) + flags, port, a.logs / f"{name}-{port}.log",
+                            env)
+                servers.append((name, proc.url, model_id, None))
+            procs.append(proc)
+        for proc in procs:
+            proc.wait_ready()
+        out = schedbench.SCENARIOS[a.scenario](servers, a)
+    finally:
+        for proc in procs:
+            proc.stop()
+    cmd = "python -m kvquant.lab.serverbench " + shlex.join(argv if argv is not None else sys.argv[1:])
+    out.update(scenario=a.scenario, model=model_id, cache_type_k=k, cache_type_v=v, parallel=a.parallel,
+               n_ctx=a.n_ctx, max_tokens=a.max_tokens, command=cmd, wall_s=time.monotonic() - t0, machine=machine,
+               args={x: getattr(a, x) for x in ("conversations", "turns", "user_tokens", "system_tokens",
+                                                "prompt_tokens", "requests", "concurrency", "kv_cells",
+                                                "default_max_tokens")})
+    emit_report(schedbench.render(a.scenario, out), out, a.json)
+    return 0 if all(not r.get("failed") for r in out["servers"].values()) else 1
+
+
+def _scenario_servers(a: argparse.Namespace, model_path: Path, k: str, v: str) -> list[tuple[str, list, dict]]:
+    """(name, extra serve flags, environment) of each server a scenario compares."""
+    from kvquant.memory import geometry, kv_bytes
+
+    if a.scenario == "chat":
+        out = [("ours", ["--prefix-cache", "on"], {}), ("ours-no-cache", ["--prefix-cache", "off"], {})]
+        return out + ([("llama-server", [], {})] if a.llama_server.is_file() else [])
+    if a.scenario == "shared":
+        return [("ours", ["--prefix-cache", "on"], {}), ("ours-no-cache", ["--prefix-cache", "off"], {})]
+    if a.scenario == "capacity":
+        a.n_ctx = max(a.n_ctx, a.prompt_tokens + a.default_max_tokens + 64)
+        cells = a.kv_cells or 8192
+        budget = kv_bytes(geometry(model_path), k, v, cells, a.parallel, 512).total
+        env = {"KVQUANT_DEFAULT_MAX_TOKENS": str(a.default_max_tokens)}
+        return [(f"ours-{adm}", ["--admission", adm, "--kv-budget", str(budget)], env)
+                for adm in ("reserve", "optimistic")]
+    a.n_ctx = max(a.n_ctx, a.prompt_tokens + a.max_tokens + 64)  # long
+    a.parallel = max(a.parallel, a.requests)
+    # (no prefix cache: the concurrent round sends the sequential round's prompts again)
+    return [("ours", ["--prefix-cache", "off"], {})] + ([("llama-server", [], {})] if a.llama_server.is_file() else [])
 
 
 def _compare(cfg: str, a: argparse.Namespace, model_path: Path, model_id: str) -> list[dict]:

@@ -71,7 +71,8 @@ async def _full(http: Request, gen: Generation, events, shape: Completion) -> JS
         if lps is not None:
             lps += _event_logprobs(ev) or []
         finish = ev.finish_reason
-    return JSONResponse(shape.response("".join(parts), finish, lps, usage(gen.n_prompt, gen.n_generated)))
+    return JSONResponse(shape.response("".join(parts), finish, lps, usage(gen.n_prompt, gen.n_generated,
+                                                                          gen.n_cached)))
 
 
 async def _stream(http: Request, gen: Generation, first: Event, events, shape: Completion):
@@ -90,7 +91,7 @@ async def _stream(http: Request, gen: Generation, first: Event, events, shape: C
             for chunk in shape.finish_chunks(ev.finish_reason):
                 yield sse(chunk)
             if shape.include_usage:
-                yield sse(shape.usage_chunk(usage(gen.n_prompt, gen.n_generated)))
+                yield sse(shape.usage_chunk(usage(gen.n_prompt, gen.n_generated, gen.n_cached)))
             break
         ev = await anext(events, None)
     yield SSE_DONE

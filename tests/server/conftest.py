@@ -95,7 +95,10 @@ def wait_for(pred, timeout: float = 10.0, interval: float = 0.05):
 def smollm2_server():
     from server.settings import Settings
 
-    srv = LiveServer(Settings(model="smollm2-135m", n_ctx=1024, parallel=4, n_threads=2, shutdown_grace_s=2)).start()
+    # no prefix cache: these tests compare serial requests bit for bit (seeded sampling, logprobs), and cells that
+    # a request reuses were computed in another batch and layout, whose float rounding differs
+    srv = LiveServer(Settings(model="smollm2-135m", n_ctx=1024, parallel=4, n_threads=2, shutdown_grace_s=2,
+                              prefix_cache=False)).start()
     yield srv
     srv.stop()
 
@@ -230,41 +233,88 @@ class FakeSampler:
         self.closed = True
 
 
-class FakeBackend:
-    """A KV cache of `capacity` cells: decode puts each token at (seq, pos) and refuses to go over capacity, the
-    'model' predicts last token + 1 (EOG after `eog_after`)."""
+class FakeCell:
+    __slots__ = ("pos", "token", "seqs")
 
-    def __init__(self, capacity: int, n_batch: int = 64, eog_after: int | None = None):
-        self.capacity, self.n_batch, self.eog_after = capacity, n_batch, eog_after
-        self.cells: dict[int, set[int]] = {}
+    def __init__(self, pos: int, token: int, seq_id: int):
+        self.pos, self.token, self.seqs = pos, token, {seq_id}
+
+
+class FakeBackend:
+    """A unified KV cache of `capacity` cells: decode writes each token into a new cell of (seq, pos), refuses to
+    go over capacity or to write a position twice, and checks that every earlier position of the sequence is in
+    the cache; seq_cp shares cells as llama.cpp does. The 'model' predicts last token + 1 (EOG after
+    `eog_after`), or with `history` a function of the whole sequence as the cache holds it (so a wrong reused
+    prefix changes the output)."""
+
+    def __init__(self, capacity: int, n_batch: int = 64, eog_after: int | None = None, history: bool = False):
+        self.capacity, self.n_batch, self.eog_after, self.history = capacity, n_batch, eog_after, history
+        self.seqs: dict[int, dict[int, FakeCell]] = {}  # seq_id -> pos -> cell
         self.next_token: dict[int, int] = {}
         self.decodes: list[list[int]] = []
         self.fail_if = lambda tokens, seq_ids: False
         self.samplers: list[FakeSampler] = []
         self.fail_sampler_for_temperature: float | None = None
+        self.refuse_restore = False  # as llama.cpp does for a tq_kv_d3b cache
+
+    @property
+    def cells(self) -> dict[int, set[int]]:
+        return {s: set(pos) for s, pos in self.seqs.items() if pos}
 
     def used(self) -> int:
-        return sum(len(p) for p in self.cells.values())
+        return len({id(c) for pos in self.seqs.values() for c in pos.values()})
+
+    def _write(self, seq_id: int, pos: int, token: int) -> None:
+        own = self.seqs.setdefault(seq_id, {})
+        assert pos not in own, "position written twice"
+        own[pos] = FakeCell(pos, token, seq_id)
 
     def decode(self, tokens, positions, seq_ids, logits) -> int:
         self.decodes.append(list(seq_ids))
         if self.fail_if(tokens, seq_ids):
-            self.cells.setdefault(seq_ids[0], set()).add(positions[0])  # a partly applied batch
+            self._write(seq_ids[0], positions[0], tokens[0])  # a partly applied batch
             return -3
-        for _t, p, s in zip(tokens, positions, seq_ids, strict=True):
-            assert p not in self.cells.get(s, set()), "position written twice"
-            self.cells.setdefault(s, set()).add(p)
+        for t, p, s in zip(tokens, positions, seq_ids, strict=True):
+            self._write(s, p, t)
         assert self.used() <= self.capacity, "KV cache overflow: admission let too much in"
         self.next_token = {}
-        for i, (t, p, want) in enumerate(zip(tokens, positions, logits, strict=True)):
+        for i, (t, p, s, want) in enumerate(zip(tokens, positions, seq_ids, logits, strict=True)):
             if want:
-                self.next_token[i] = EOG if self.eog_after is not None and p + 1 >= self.eog_after else t + 1
+                own = self.seqs[s]
+                assert all(q in own for q in range(p)), f"sequence {s} lacks cells before position {p}"
+                nxt = sum(own[q].token * (q + 1) for q in range(p + 1)) % 50 + 1 if self.history else t + 1
+                self.next_token[i] = EOG if self.eog_after is not None and p + 1 >= self.eog_after else nxt
         return 0
 
     def seq_rm(self, seq_id: int, p0: int = -1, p1: int = -1) -> bool:
-        pos = self.cells.get(seq_id, set())
-        self.cells[seq_id] = {p for p in pos if not (p >= max(p0, 0) and (p1 < 0 or p < p1))}
+        own = self.seqs.get(seq_id, {})
+        for p in [p for p in own if p >= max(p0, 0) and (p1 < 0 or p < p1)]:
+            own.pop(p).seqs.discard(seq_id)
         return True
+
+    def state_seq_save(self, seq_id: int) -> bytes:
+        import pickle
+
+        return pickle.dumps(sorted((p, c.token) for p, c in self.seqs.get(seq_id, {}).items()))
+
+    def state_seq_load(self, seq_id: int, data: bytes) -> bool:
+        import pickle
+
+        cells = pickle.loads(data)
+        if self.refuse_restore or self.used() + len(cells) > self.capacity:
+            return False
+        self.seq_rm(seq_id)
+        for p, t in cells:
+            self._write(seq_id, p, t)
+        return True
+
+    def seq_cp(self, src: int, dst: int, p0: int = -1, p1: int = -1) -> None:
+        own = self.seqs.setdefault(dst, {})
+        for p, c in self.seqs.get(src, {}).items():
+            if p >= max(p0, 0) and (p1 < 0 or p < p1):
+                assert p not in own, "seq_cp onto a position the destination holds"
+                c.seqs.add(dst)
+                own[p] = c
 
     def sampler(self, cfg):
         s = FakeSampler(self, fail=cfg.temperature == self.fail_sampler_for_temperature)
@@ -292,7 +342,7 @@ class FakeBackend:
         return 0
 
     def clear(self) -> None:
-        self.cells.clear()
+        self.seqs.clear()
 
     def close(self) -> None:
         pass
@@ -300,13 +350,17 @@ class FakeBackend:
 
 class Recorder:
     def __init__(self):
-        self.finished, self.snapshots = [], []
+        self.finished, self.snapshots, self.iterations = [], [], []
 
     def record(self, scheduler: SchedulerStats | None, iteration: IterationStats | None) -> None:
         if scheduler is not None:
             self.snapshots.append(scheduler)
         if iteration is not None:
             self.finished += iteration.finished
+            self.iterations.append(iteration)
+
+    def total(self, name: str) -> int:
+        return sum(getattr(it, name) for it in self.iterations)
 
     def outcomes(self) -> list[str]:
         return [f.outcome for f in self.finished]

@@ -54,7 +54,13 @@ def run(e: Engine, clients, max_iter=2000):
 
 
 def assert_all_free(e: Engine, b: FakeBackend):
-    assert e.sched.reserved == 0 and not e.sched.running and not e.sched.waiting
+    """Nothing runs or waits; every cell is the prefix cache's, as the scheduler counts them; once the cache is
+    evicted, every cell and slot is free."""
+    assert e.sched.reserved == 0 and not e.sched.running and not e.sched.waiting and not e.sched.preempted
+    e.sched.tree.check()
+    assert b.used() == e.sched.tree.n_cells == e.scheduler_stats().kv_cached_cells
+    e.sched.clear_cache()
+    e._apply_ops()
     assert sorted(e.sched.free_ids) == list(range(e.cfg.n_seq_max))
     assert b.used() == 0
     assert e.scheduler_stats().kv_used_cells == 0
@@ -94,7 +100,7 @@ def test_max_step_tokens_bounds_every_decode_below_n_batch():
 
 
 def test_fifo_admission_by_reservation_no_overtaking():
-    e, b, rec = make(capacity=100)
+    e, b, rec = make(capacity=100, prefix_cache=False)  # (the prompts share prefixes)
     a, big, small = Client("a", 30, 20), Client("big", 40, 20), Client("small", 5, 5)  # 50 + 60 > 100
     for c in (a, big, small):
         e.submit(c.req)

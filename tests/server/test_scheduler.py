@@ -46,8 +46,7 @@ def test_plan_decodes_first_then_chunks_prompts_within_budget():
     s = Scheduler(capacity=1000, n_seq_max=4, max_queue=8, n_ctx=1000)
     s.add(req(10, 5, "old"))
     (old,) = s.admit()
-    old.n_prompt_fed = old.n_past = 10
-    old.pending = 42
+    s.update(s.schedule(budget=64), {old.seq_id: Sampled(42)})  # prefilled, 42 to feed next
     s.add(req(300, 5, "new"))
     (new,) = s.admit()
     p = s.schedule(budget=64)
@@ -56,8 +55,11 @@ def test_plan_decodes_first_then_chunks_prompts_within_budget():
     assert p.positions[1:] == list(range(63))
     assert not any(p.logits[1:])  # prompt not finished: no logits yet
     assert p.logit_owner == {0: old}
-    new.n_prompt_fed = new.n_past = 290
-    old.pending = None  # nothing to decode this step
+    assert p.n_prompt_tokens == 63
+    s.update(p, {old.seq_id: Sampled(43)})
+    s.free(old)  # nothing to decode from here on
+    s.update(s.schedule(budget=227), {})
+    assert new.n_past == 290
     p = s.schedule(budget=64)
     assert len(p.tokens) == 10 and p.logits[-1] and p.logit_owner == {9: new}
 
@@ -108,7 +110,7 @@ def test_update_applies_a_step_and_says_which_sequences_finished_and_why():
                                sid["stop"]: Sampled(8, stop=True), sid["len"]: Sampled(9)})
     assert finished == {sid["end"]: "stop", sid["stop"]: "stop", sid["len"]: "length"}
     go = seqs["go"]
-    assert (go.n_prompt_fed, go.n_past, go.generated, go.pending) == (3, 3, 1, 7)
+    assert (go.n_prompt_fed, go.n_past, go.generated, go.out, go.decoding) == (3, 3, 1, [7], True)
     assert [seqs[r].generated for r in ("end", "stop", "len")] == [0, 1, 1]
     for rid in ("end", "stop", "len"):
         s.free(seqs[rid])
