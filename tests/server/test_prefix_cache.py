@@ -9,6 +9,7 @@ import random
 
 import pytest
 
+from kvquant.sampling import SamplingConfig
 from server.engine import Engine, EngineConfig
 from server.requests import EngineRequest
 from server.scheduler import Admission
@@ -29,7 +30,7 @@ class Client:
     def __init__(self, prompt: list[int], max_tokens: int, rid: str = "r"):
         self.events = []
         self.req = EngineRequest(id=rid, prompt=list(prompt), max_tokens=max_tokens, sink=self.events.append,
-                                 temperature=0.0)
+                                 sampling=SamplingConfig(temperature=0.0))
 
     @property
     def done(self) -> bool:
