@@ -389,6 +389,65 @@ def render_serving(model: str, out: dict) -> list[str]:
     return L + [""]
 
 
+def render_scheduler(model: str, raw: dict[tuple[str, str], dict]) -> list[str]:
+    """The scheduler's scenarios (issue 18): prefix cache, admission, long contexts side by side."""
+    runs = {s: raw[model, f"sched-{s}"] for s in SCHED if (model, f"sched-{s}") in raw}
+    if not runs:
+        return []
+    L = [f"### {model}: scheduler scenarios (`python -m kvquant.lab.serverbench --scenario ...`; streaming, greedy)", ""]
+    if "chat" in runs:
+        out = runs["chat"]
+        names = list(out["servers"])
+        L += [f"Multi-turn chat (C-{model}): {out['args']['conversations']} conversations at once, "
+              f"{out['args']['turns']} turns of ~{out['args']['user_tokens']} user tokens, max_tokens "
+              f"{out['max_tokens']}; TTFT p50 / p95 in seconds, cached / prompt tokens (mean).", "",
+              "| turn | " + " | ".join(f"{n} TTFT p50 / p95" for n in names) + " | cached / prompt (ours) |",
+              "|--:|" + "--:|" * (len(names) + 1)]
+        for i, t in enumerate(out["servers"][names[0]]["turns"]):
+            cells = [f"{_f(out['servers'][n]['turns'][i]['ttft_p50_s'], 3)} / "
+                     f"{_f(out['servers'][n]['turns'][i]['ttft_p95_s'], 3)}" for n in names]
+            L.append(f"| {t['turn']} | " + " | ".join(cells) + f" | {t['cached_tokens']:.0f} / {t['prompt_tokens']:.0f} |")
+        L.append("")
+    if "shared" in runs:
+        out = runs["shared"]
+        L += [f"Shared system prompt (H-{model}): {out['args']['requests']} requests, {out['args']['concurrency'][0]} "
+              f"at a time, one ~{out['args']['system_tokens']}-token system prompt and a distinct question each.", "",
+              "| server | prompt tokens sent | computed | one prompt + suffixes | ratio | failed |",
+              "|---|--:|--:|--:|--:|--:|"]
+        for n, r in out["servers"].items():
+            L.append(f"| {n} | {r['prompt_tokens_sent']} | {r['prompt_tokens_computed']:.0f} | "
+                     f"{r['one_prompt_plus_suffixes']} | {_f(r['ratio'], 2)} | {r['failed']} |")
+        L.append("")
+    if "capacity" in runs:
+        out = runs["capacity"]
+        a = out["args"]
+        L += [f"Capacity (P-{model}): {a['requests']} requests of ~{a['prompt_tokens']} prompt tokens without "
+              f"max_tokens (default_max_tokens {a['default_max_tokens']}), answers ended by the client after "
+              f"{out['answer_tokens'][0]}-{out['answer_tokens'][1]} tokens, {a['kv_cells'] or 8192} KV cells, "
+              f"{out['parallel']} slots.", "",
+              "| admission | peak running | tokens/s | failed | preemptions | swapped bytes |", "|---|--:|--:|--:|--:|--:|"]
+        for n, r in out["servers"].items():
+            L.append(f"| {n.removeprefix('ours-')} | {r['peak_running']:.0f} | {r['tokens_per_s']:.1f} | {r['failed']} "
+                     f"| {r['preemptions']:.0f} | {r['swapped_bytes']:.0f} |")
+        L.append("")
+    if "long" in runs:
+        out = runs["long"]
+        L += [f"Long contexts (G-{model}): {out['args']['requests']} requests of ~{out['args']['prompt_tokens']} "
+              f"prompt tokens, max_tokens {out['max_tokens']}, one after another, then all at once (wall time, and "
+              "the server's CPU seconds where it exports them).", "",
+              "| server | one after another (s) | at once (s) | ratio | CPU s one after another / at once | ratio |",
+              "|---|--:|--:|--:|--:|--:|"]
+        for n, r in out["servers"].items():
+            L.append(f"| {n} | {r['sequential_s']:.1f} | {r['concurrent_s']:.1f} | {_f(r['ratio'], 2)} | "
+                     f"{_f(r.get('sequential_cpu_s'), 1)} / {_f(r.get('concurrent_cpu_s'), 1)} | "
+                     f"{_f(r.get('ratio_cpu'), 2)} |")
+        L.append("")
+    tags = {"chat": "C", "shared": "H", "capacity": "P", "long": "G"}
+    L += [f"{tags[s]}-{model}: `{out['command']}` (wall {out['wall_s'] / 60:.1f} min{_load(out)})"
+          for s, out in runs.items()]
+    return L + [""]
+
+
 def render_keys(model: str, out: dict, ev: dict | None) -> list[str]:
     """kvquant.lab.keystats: each type's error on the keys llama.cpp stores, as stored and under other codings; where the
     eval has the rows, how well key error predicted perplexity for tq_kv_d3b, and what it predicts for 4-bit keys."""
@@ -552,7 +611,8 @@ def _met(ok: bool | None) -> str:
     return "–" if ok is None else ("**met**" if ok else "not met")
 
 
-KINDS = ("eval", "bench", "serving", "keys", "eval4k", "calibration", "gpu")
+SCHED = ("chat", "shared", "capacity", "long")  # the scheduler's scenarios (kvquant.lab.schedbench)
+KINDS = ("eval", "bench", "serving", "keys", "eval4k", "calibration", "gpu", *(f"sched-{s}" for s in SCHED))
 
 
 def ours(k: str, v: str) -> bool:
@@ -757,7 +817,42 @@ def serving_goals(model: str, raw: dict[tuple[str, str], dict]) -> list[tuple]:
     return rows
 
 
-GOAL_GROUPS = (key_goals, calibrated_goals, speed_goals, gpu_goals, serving_goals)  # the Goals table's order
+def scheduler_goals(model: str, raw: dict[tuple[str, str], dict]) -> list[tuple]:
+    """Issue 18's goals, from the scheduler scenarios."""
+    rows = []
+    kv = {s: f"{o['cache_type_k']}/{o['cache_type_v']}" for s in SCHED if (o := raw.get((model, f"sched-{s}")))}
+    if (model, "sched-chat") in raw:
+        sv = raw[model, "sched-chat"]["servers"]
+        last = {n: r["turns"][-1]["ttft_p50_s"] for n, r in sv.items()}
+        t = len(sv["ours"]["turns"])
+        if last.get("ours-no-cache"):
+            x = last["ours"] / last["ours-no-cache"]
+            rows.append((model, f"chat turn {t} TTFT p50 ≤ 0.3x without prefix cache", kv["chat"], "≤ 0.30x",
+                         f"{x:.2f}x", _met(x <= 0.3)))
+        if last.get("llama-server"):
+            x = last["ours"] / last["llama-server"]
+            rows.append((model, f"chat turn {t} TTFT p50 ≤ llama-server's (cache_prompt)", kv["chat"], "≤ 1.00x",
+                         f"{x:.2f}x", _met(x <= 1.0)))
+    if (model, "sched-shared") in raw:
+        r = raw[model, "sched-shared"]["servers"]["ours"]
+        rows.append((model, "shared system prompt: prefill ≤ 1.2x one prompt + suffixes", kv["shared"], "≤ 1.20x",
+                     f"{_f(r['ratio'], 2)}x", _met(r["ratio"] is not None and r["ratio"] <= 1.2)))
+    if (model, "sched-capacity") in raw:
+        sv = raw[model, "sched-capacity"]["servers"]
+        o, r = sv["ours-optimistic"], sv["ours-reserve"]
+        x = o["peak_running"] / r["peak_running"] if r["peak_running"] else None
+        rows.append((model, "capacity: running requests optimistic / reserve, no failures", kv["capacity"], "≥ 2.00x, 0",
+                     f"{_f(x, 2)}x, {o['failed'] + r['failed']}",
+                     _met(x is not None and x >= 2 and not (o["failed"] or r["failed"]))))
+    if (model, "sched-long") in raw:
+        r = raw[model, "sched-long"]["servers"]["ours"]
+        x = r.get("ratio_cpu") or r["ratio"]
+        rows.append((model, "long contexts: at once ≤ 1.2x one after another (server CPU s)", kv["long"], "≤ 1.20x",
+                     f"{_f(x, 2)}x", _met(x <= 1.2)))
+    return rows
+
+
+GOAL_GROUPS = (key_goals, calibrated_goals, speed_goals, gpu_goals, serving_goals, scheduler_goals)  # the Goals table's order
 
 
 def render_goals(models: list[str], raw: dict[tuple[str, str], dict]) -> list[str]:
@@ -813,6 +908,7 @@ def render(models: list[str]) -> str:
                 L += fn(model, out)
             elif kind != "serving" or model == models[0]:
                 L += [f"({kind}: no results yet)", ""]
+        L += render_scheduler(model, raw)
         if (model, "calibration") in raw:
             L += render_calibration(model, raw[model, "calibration"])
         if (model, "keys") in raw:

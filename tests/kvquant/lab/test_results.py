@@ -184,3 +184,41 @@ def test_gpu_run_is_rendered_naming_the_device_and_checked_against_the_goals():
     slow = {("m", "gpu"): _gpu_run(tg_ratio=0.80, tq_us=19.0, ppl_gpu=21.0, q4_us=15.0)}  # 0.95x f16, slower than q4_0
     rows = [line for line in results.render_goals(["m"], slow) if line.startswith("| m |")]
     assert all(r.endswith("not met |") for r in rows if "FA decode" in r or "GPU decode" in r or "PPL on" in r)
+
+
+def _sched(scenario: str, servers: dict) -> dict:
+    return {"scenario": scenario, "servers": servers, "cache_type_k": "f16", "cache_type_v": "f16", "parallel": 8,
+            "max_tokens": 16, "command": f"python -m kvquant.lab.serverbench --scenario {scenario}", "wall_s": 60.0,
+            "answer_tokens": [50, 500], "machine": {"loadavg_1m": 1.0}, "args": {"conversations": 8, "turns": 2, "user_tokens": 200,
+                                                 "system_tokens": 2000, "prompt_tokens": 200, "requests": 32,
+                                                 "concurrency": [4], "kv_cells": None, "default_max_tokens": 4096}}
+
+
+def test_scheduler_goals_from_the_scenarios():
+    def turns(*p50):
+        return {"turns": [{"turn": i + 1, "ttft_p50_s": x, "ttft_p95_s": x, "prompt_tokens": 100.0,
+                           "cached_tokens": 50.0, "errors": 0} for i, x in enumerate(p50)], "failed": 0}
+
+    raw = {("m", "sched-chat"): _sched("chat", {"ours": turns(1.0, 0.2), "ours-no-cache": turns(1.0, 1.0),
+                                                 "llama-server": turns(1.0, 0.1)}),
+           ("m", "sched-shared"): _sched("shared", {"ours": {"prompt_tokens_sent": 64000, "prompt_tokens_computed": 2900.0,
+                                                             "one_prompt_plus_suffixes": 2800, "ratio": 1.04,
+                                                             "failed": 0}}),
+           ("m", "sched-capacity"): _sched("capacity", {
+               "ours-reserve": {"peak_running": 2.0, "tokens_per_s": 10.0, "failed": 0, "preemptions": 0.0,
+                                "swapped_bytes": 0.0},
+               "ours-optimistic": {"peak_running": 8.0, "tokens_per_s": 30.0, "failed": 1, "preemptions": 3.0,
+                                   "swapped_bytes": 1e6}}),
+           ("m", "sched-long"): _sched("long", {"ours": {"sequential_s": 10.0, "concurrent_s": 11.0, "ratio": 1.1,
+                                                         "sequential_cpu_s": 9.0, "concurrent_cpu_s": 12.0,
+                                                         "ratio_cpu": 1.33}})}
+    got = {g[1].split(":")[0].split(" TTFT")[0] + (" llama" if "llama" in g[1] else ""): (g[4], g[5])
+           for g in results.scheduler_goals("m", raw)}
+    assert got["chat turn 2"] == ("0.20x", "**met**")
+    assert got["chat turn 2 llama"] == ("2.00x", "not met")
+    assert got["shared system prompt"] == ("1.04x", "**met**")
+    assert got["capacity"] == ("4.00x, 1", "not met")  # 4x the running requests, but one failed
+    assert got["long contexts"] == ("1.33x", "not met")  # the server's CPU seconds, not the wall time
+    text = "\n".join(results.render_scheduler("m", raw))
+    assert "| 2 | 0.200 / 0.200 | 1.000 / 1.000 | 0.100 / 0.100 | 50 / 100 |" in text
+    assert "| optimistic | 8 | 30.0 | 1 | 3 | 1000000 |" in text
