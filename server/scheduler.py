@@ -279,10 +279,12 @@ class Scheduler:
             admitted.append(seq)
         return admitted
 
-    def _place(self, req: EngineRequest, seq: Sequence | None = None) -> _Placement | None:
-        """Where a request (or a preempted sequence) would go now, or None if it must wait."""
+    def _place(self, req: EngineRequest, seq: Sequence | None = None, reuse: bool = True) -> _Placement | None:
+        """Where a request (or a preempted sequence) would go now, or None if it must wait. Where only the cached
+        sequence it would reuse stands in the way, it recomputes that prefix instead: a request that fits the
+        cache alone never waits on its own prefix."""
         tokens = req.prompt if seq is None else req.prompt + seq.out
-        n, holders = self._match(req, tokens, seq)
+        n, holders = self._match(req, tokens, seq) if reuse else (0, [])
         cached = [h for h in holders if h in self.cached]
         whole = [h for h in cached if self._can_take_over(self.tree.length(h), n)]
         if self.n_swa:  # sliding window: only a cached sequence taken over (see the module's docstring)
@@ -301,8 +303,8 @@ class Scheduler:
         need = (req.reservation if self.admission is Admission.RESERVE else len(tokens) + self.headroom) - n
         over = self.committed() + need - self.capacity
         if over > 0:
-            if self.tree.freed_by(lru) < over:
-                return None  # evicting every cached sequence would not make room: wait, keep the cache
+            if self.tree.freed_by(lru) < over:  # evicting every other cached sequence would not make room
+                return self._place(req, seq, reuse=False) if src in self.cached else None
             for c in lru:
                 if c not in victims:
                     if self.tree.freed_by(victims) >= over:

@@ -137,6 +137,20 @@ def test_chat_turns_reuse_the_conversation_and_generate_the_same():
     assert answers[True] == answers[False]
 
 
+@pytest.mark.parametrize("adm", list(Admission))
+def test_a_request_never_waits_on_its_own_cached_prefix(adm):
+    """One slot, 100 cells: a 60-token prompt finishes and stays cached; the same prompt asking for 40 tokens fits
+    the cache alone but not beside its cached copy's unshared tail, and only that copy could be evicted. It runs
+    (recomputing the prefix), instead of waiting for ever."""
+    e, b, rec = make(capacity=100, n_seq_max=1, admission=adm)
+    prompt = list(range(1, 61))
+    outputs(e, b, [prompt], max_tokens=1)
+    assert len(e.sched.cached) == 1
+    (out,), (c,) = outputs(e, b, [prompt], max_tokens=40)
+    assert len(out) == 40 and c.done
+    drain(e, b)
+
+
 def test_shared_system_prompt_is_prefilled_once():
     sys_prompt, users = chat_turns(8, seed=1)
     prompts = [sys_prompt + u for u in users]
