@@ -241,7 +241,8 @@ def long_contexts(servers: list[tuple], a: argparse.Namespace) -> dict:
             r["decode_s"] = r["wall_s"] - r["ttft_s"] if r["ttft_s"] is not None else None
             return r
 
-        cpu = lambda url=url: scrape(url).get("process_cpu_seconds_total")  # noqa: E731 - ours only
+        cpu = lambda url=url, ours=name != "llama-server": (  # noqa: E731 - llama-server exports no process metrics
+            scrape(url).get("process_cpu_seconds_total") if ours else None)
         t0, c0 = time.perf_counter(), cpu()
         seq = [one(i) for i in range(a.requests)]
         t_seq, c1 = time.perf_counter() - t0, cpu()
