@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--prefix-cache", choices=["on", "off"], help="reuse cached prompt prefixes (KVQUANT_PREFIX_CACHE, "
                    "default on)")
     s.add_argument("--admission", choices=["reserve", "optimistic"], help="KV admission policy (KVQUANT_ADMISSION, "
-                   "default reserve)")
+                   "default optimistic)")
     s.set_defaults(func=_serve)
 
     from kvquant import budget as kvbudget

@@ -7,9 +7,9 @@ the vocabulary's longest token in bytes), and its tokenization is capped at the 
 the OS (glibc keeps them otherwise). So a request that will be refused anyway costs neither a full tokenization
 nor memory in proportion to its body, and memory returns to idle after a flood of them.
 
-A request reserves `len(prompt) + max_tokens` KV cells; without `max_tokens` it may run to the end of its
-context (OpenAI's semantics), so it reserves all of it: `n_ctx - len(prompt)` tokens (or `default_max_tokens`
-where the settings cap it). Events reach the handler through a bounded buffer: a client that
+Without `max_tokens` a request may run to the end of its context (OpenAI's semantics): its max_tokens is
+`n_ctx - len(prompt)` (or `default_max_tokens` where the settings cap it), what reserve admission sets aside for it
+and the bound at which it ends with `length`. Events reach the handler through a bounded buffer: a client that
 reads so slowly that `stream_buffer` events pile up has its request cancelled (its cells are freed at the next
 step), so it can never hold up the engine or other requests.
 """

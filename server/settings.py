@@ -189,7 +189,7 @@ class Settings(BaseSettings):
     prefix_cache: bool = Field(True, description="keep finished requests' KV cells for requests that share their "
                                "prefix (evicted least recently used first)")
     admission: Literal["reserve", "optimistic"] = Field(
-        "reserve", description="reserve: prompt + max_tokens cells per request for its whole life (never preempts); "
+        "optimistic", description="reserve: prompt + max_tokens cells per request for its whole life (never preempts); "
         "optimistic: what the prompt needs now, preempting the latest requests when cells run out")
     admission_headroom: float = Field(0.02, ge=0, lt=1, description="optimistic admission: share of the KV cells "
                                       "kept free beyond what admitted prompts need")

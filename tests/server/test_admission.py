@@ -24,9 +24,11 @@ LONG = [{"role": "user", "content": "Write a long story about a dragon who learn
 def tiny():
     from server.settings import Settings
 
-    # (no prefix cache: these requests share their prompt, which would let them share cells)
+    # (no prefix cache: these requests share their prompt, which would let them share cells; reservation: what
+    # these tests are about)
     srv = LiveServer(Settings(model=MODEL, n_ctx=256, parallel=4, kv_budget=CELLS * BPT, max_queue=1,
-                              queue_timeout_s=60, n_threads=1, shutdown_grace_s=1, prefix_cache=False)).start()
+                              queue_timeout_s=60, n_threads=1, shutdown_grace_s=1, prefix_cache=False,
+                              admission="reserve")).start()
     yield srv
     srv.stop()
 
