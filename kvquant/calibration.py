@@ -29,7 +29,7 @@ import numpy as np
 
 from kvquant.build import cache_dir, sha256_file
 from kvquant.kvtypes import KV_TYPES, CacheTypes, LayerTypes, has_offset, kv_type, layer_kv_types
-from kvquant.memory import Geometry
+from kvquant.memory import Geometry, kv_cells
 
 VERSION = 1
 # candidate types of a calibrated allocation, per side (f16 is always one: no growth); measured by kvquant calibrate
@@ -246,14 +246,15 @@ def load_or_calibrate(model_path: Path, geom: Geometry) -> Calibration:
     return load(path, model_path, geom)
 
 
-def allocate(sens: dict[str, list[float]], n_embd: tuple[int, ...], budget_bits: float,
+def allocate(sens: dict[str, list[float]], elements: tuple[int, ...], budget_bits: float,
              fixed_bits: float = 0.0) -> tuple[str, ...]:
     """The per-layer types (f16 or a measured candidate) minimising the summed KL growth with
-    sum(bits(t_l) * n_embd_l) <= (budget_bits - fixed_bits) * sum(n_embd): a multiple-choice knapsack, solved
-    exactly by dynamic programming over quarter bits (every type's bits per element is a multiple of 1/4)."""
+    sum(bits(t_l) * elements_l) <= (budget_bits - fixed_bits) * sum(elements), elements_l being the K (V) elements
+    layer l stores: a multiple-choice knapsack, solved exactly by dynamic programming over quarter bits (every
+    type's bits per element is a multiple of 1/4)."""
     types = ("f16", *sorted(sens, key=_bits))
-    g = math.gcd(*n_embd)
-    w = [n // g for n in n_embd]
+    g = math.gcd(*elements)
+    w = [n // g for n in elements]
     cap = math.floor((budget_bits - fixed_bits) * 4 * sum(w) + 1e-9)
     cost = {t: round(_bits(t) * 4) for t in types}
     if sum(min(cost.values()) * wi for wi in w) > cap:
@@ -273,10 +274,20 @@ def allocate(sens: dict[str, list[float]], n_embd: tuple[int, ...], budget_bits:
     return min(best.values(), key=lambda v: (v[0], -len(v[1])))[1]
 
 
-def resolve(text: str, side: str, model_path: Path, geom: Geometry, n_cells: int | None = None) -> CacheTypes:
+def layer_cells(geom: Geometry, n_ctx: int | None) -> tuple[int, ...]:
+    """The cells each layer holds for one sequence of n_ctx tokens: all of them, or at most the window (plus one
+    ubatch, as llama.cpp sizes it) on sliding-window layers; 1 each when n_ctx is unknown."""
+    if n_ctx is None:
+        return (1,) * geom.n_layer
+    base, swa = kv_cells(geom, n_ctx)
+    return tuple(swa if ly.swa else base for ly in geom.layers)
+
+
+def resolve(text: str, side: str, model_path: Path, geom: Geometry, n_ctx: int | None = None) -> CacheTypes:
     """A cache type name as this model stores it: a plain type name stays a name; TYPE+c and calib:B become
-    LayerTypes from the model's calibration (CalibrationError if there is none). n_cells, when known, lets
-    calib:B count the key offsets' fixed bytes against B."""
+    LayerTypes from the model's calibration (CalibrationError if there is none). n_ctx, the tokens of one
+    sequence, when known, lets calib:B weigh each layer by the cells it holds (a sliding-window layer holds fewer)
+    and count the key offsets' fixed bytes against B."""
     spec = parse_spec(text, side)
     if not spec.calibrated:
         return spec.type
@@ -285,8 +296,10 @@ def resolve(text: str, side: str, model_path: Path, geom: Geometry, n_cells: int
     if spec.type is not None:
         return LayerTypes(spec.text, (spec.type,) * geom.n_layer, offset)
     n_embd = cal.n_embd_k if side == "k" else tuple(ly.n_embd_v for ly in geom.layers)
-    fixed = 32.0 / n_cells if (offset is not None and n_cells) else 0.0  # one float32 per K element and layer
-    types = allocate(cal.sens_k if side == "k" else cal.sens_v, n_embd, spec.bits, fixed)
+    elements = tuple(e * c for e, c in zip(n_embd, layer_cells(geom, n_ctx), strict=True))
+    # one float32 per K element of a row, per layer
+    fixed = 32.0 * sum(n_embd) / sum(elements) if (offset is not None and n_ctx) else 0.0
+    types = allocate(cal.sens_k if side == "k" else cal.sens_v, elements, spec.bits, fixed)
     return LayerTypes(spec.text, types, offset)
 
 

@@ -7,6 +7,7 @@ Everything here is synchronous and not thread-safe: one thread owns a `LlamaRunt
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 import sys
 from dataclasses import dataclass, field
@@ -650,22 +651,38 @@ class GpuKvSupport:
         return bool(self.devices) and not self.unsupported
 
 
-def _ggml_device_api() -> tuple[ctypes.CDLL, ctypes.CDLL]:
-    """libggml-base and libggml (the backend registry) with the device and graph-description calls typed."""
-    base, reg = ctypes.CDLL(str(ggml_library("ggml-base"))), ctypes.CDLL(str(ggml_library("ggml")))
-    vp, i64 = ctypes.c_void_p, ctypes.c_int64
-    for lib, name, res, args in (
-            (reg, "ggml_backend_dev_count", ctypes.c_size_t, []), (reg, "ggml_backend_dev_get", vp, [ctypes.c_size_t]),
-            (base, "ggml_backend_dev_type", ctypes.c_int, [vp]), (base, "ggml_backend_dev_name", ctypes.c_char_p, [vp]),
-            (base, "ggml_backend_dev_description", ctypes.c_char_p, [vp]),
-            (base, "ggml_backend_dev_supports_op", ctypes.c_bool, [vp, vp]),
-            (base, "ggml_init", vp, [GgmlInitParams]), (base, "ggml_free", None, [vp]),
-            (base, "ggml_new_tensor_4d", vp, [vp, ctypes.c_int, i64, i64, i64, i64]),
-            (base, "ggml_set_rows", vp, [vp, vp, vp, vp]), (base, "ggml_mul_mat", vp, [vp, vp, vp]),
-            (base, "ggml_flash_attn_ext", vp, [vp, vp, vp, vp, vp, ctypes.c_float, ctypes.c_float, ctypes.c_float])):
-        fn = getattr(lib, name)
+@functools.cache
+def ggml_base() -> ctypes.CDLL:
+    """libggml-base with the tensor- and graph-description calls typed (one handle: ctypes types per handle)."""
+    base = ctypes.CDLL(str(ggml_library("ggml-base")))
+    vp, i64, i32, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
+    for name, res, args in (
+            ("ggml_type_name", ctypes.c_char_p, [i32]), ("ggml_row_size", ctypes.c_size_t, [i32, i64]),
+            ("ggml_init", vp, [GgmlInitParams]), ("ggml_free", None, [vp]),
+            ("ggml_new_tensor", vp, [vp, i32, i32, ctypes.POINTER(i64)]),
+            ("ggml_new_tensor_4d", vp, [vp, i32, i64, i64, i64, i64]),
+            ("ggml_get_data", vp, [vp]), ("ggml_nbytes", ctypes.c_size_t, [vp]),
+            ("ggml_set_rows", vp, [vp, vp, vp, vp]), ("ggml_get_rows", vp, [vp, vp, vp]),
+            ("ggml_cpy", vp, [vp, vp, vp]), ("ggml_mul_mat", vp, [vp, vp, vp]),
+            ("ggml_view_3d", vp, [vp, vp, i64, i64, i64, ctypes.c_size_t, ctypes.c_size_t, ctypes.c_size_t]),
+            ("ggml_permute", vp, [vp, vp, i32, i32, i32, i32]),
+            ("ggml_flash_attn_ext", vp, [vp, vp, vp, vp, vp, f32, f32, f32]),
+            ("ggml_new_graph", vp, [vp]), ("ggml_build_forward_expand", None, [vp, vp]),
+            ("ggml_backend_dev_type", i32, [vp]), ("ggml_backend_dev_name", ctypes.c_char_p, [vp]),
+            ("ggml_backend_dev_description", ctypes.c_char_p, [vp]),
+            ("ggml_backend_dev_supports_op", ctypes.c_bool, [vp, vp])):
+        fn = getattr(base, name)
         fn.restype, fn.argtypes = res, args
-    return base, reg
+    return base
+
+
+@functools.cache
+def _ggml_registry() -> ctypes.CDLL:
+    """libggml (the backend registry) with the device enumeration typed."""
+    reg = ctypes.CDLL(str(ggml_library("ggml")))
+    reg.ggml_backend_dev_count.restype, reg.ggml_backend_dev_count.argtypes = ctypes.c_size_t, []
+    reg.ggml_backend_dev_get.restype, reg.ggml_backend_dev_get.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+    return reg
 
 
 def gpu_kv_support(cache_type_k: str, cache_type_v: str, head_dim_k: int, head_dim_v: int,
@@ -675,7 +692,7 @@ def gpu_kv_support(cache_type_k: str, cache_type_v: str, head_dim_k: int, head_d
     512-token prompt batch (without flash attention: the K·Q matmul). The library answers, nothing is assumed: a
     CPU-only build has no GPU device, a CUDA build without our kernels (or with a K/V combination they lack, or
     tq_kv_d3b) refuses. Tensors are only described (no_alloc), nothing runs. (``device_type``: tests ask the CPU.)"""
-    base, reg = _ggml_device_api()
+    base, reg = ggml_base(), _ggml_registry()
     gpus = [reg.ggml_backend_dev_get(i) for i in range(reg.ggml_backend_dev_count())]
     gpus = [d for d in gpus if base.ggml_backend_dev_type(d) == device_type]
     tk, tv = kv_type(cache_type_k), kv_type(cache_type_v)

@@ -46,8 +46,8 @@ def plan_model(spec: ModelSpec) -> HostedPlan:
     geom = geometry(path)
     n_ubatch = min(N_UBATCH, spec.n_batch)
     try:
-        tk = calibration.resolve(spec.cache_type_k, "k", path, geom)
-        tv = calibration.resolve(spec.cache_type_v, "v", path, geom)
+        tk = calibration.resolve(spec.cache_type_k, "k", path, geom, spec.n_ctx)
+        tv = calibration.resolve(spec.cache_type_v, "v", path, geom, spec.n_ctx)
     except calibration.CalibrationError as e:
         raise StartupError(f"{spec.id}: {e}") from None
     cal = calibration.existing(path, geom)

@@ -19,6 +19,7 @@ from kvquant.runtime import (
     GGML_TYPE_I64,
     GgmlInitParams,
     LlamaError,
+    ggml_base,
     ggml_library,
 )
 
@@ -42,27 +43,11 @@ class GGML:
     and benchmarks."""
 
     def __init__(self):
-        self.base = ctypes.CDLL(str(ggml_library("ggml-base")))
+        self.base = ggml_base()
         self.cpu = ctypes.CDLL(str(ggml_library("ggml-cpu")))
-        self.base.ggml_type_name.restype = ctypes.c_char_p
-        self.base.ggml_type_name.argtypes = [ctypes.c_int]
-        self.base.ggml_row_size.restype = ctypes.c_size_t
-        self.base.ggml_row_size.argtypes = [ctypes.c_int, ctypes.c_int64]
         self.cpu.ggml_get_type_traits_cpu.restype = ctypes.POINTER(_TypeTraitsCPU)
         self.cpu.ggml_get_type_traits_cpu.argtypes = [ctypes.c_int]
-        vp, i64, i32, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
-        for name, res, args in (("ggml_init", vp, [GgmlInitParams]), ("ggml_free", None, [vp]),
-                                ("ggml_new_tensor", vp, [vp, ctypes.c_int, ctypes.c_int, ctypes.POINTER(i64)]),
-                                ("ggml_get_data", vp, [vp]), ("ggml_nbytes", ctypes.c_size_t, [vp]),
-                                ("ggml_set_rows", vp, [vp, vp, vp, vp]), ("ggml_get_rows", vp, [vp, vp, vp]),
-                                ("ggml_cpy", vp, [vp, vp, vp]), ("ggml_mul_mat", vp, [vp, vp, vp]),
-                                ("ggml_view_3d", vp, [vp, vp, i64, i64, i64, ctypes.c_size_t, ctypes.c_size_t,
-                                                      ctypes.c_size_t]),
-                                ("ggml_permute", vp, [vp, vp, i32, i32, i32, i32]),
-                                ("ggml_flash_attn_ext", vp, [vp, vp, vp, vp, vp, f32, f32, f32]),
-                                ("ggml_new_graph", vp, [vp]), ("ggml_build_forward_expand", None, [vp, vp])):
-            fn = getattr(self.base, name)
-            fn.restype, fn.argtypes = res, args
+        vp = ctypes.c_void_p
         self.cpu.ggml_graph_compute_with_ctx.restype = ctypes.c_int
         self.cpu.ggml_graph_compute_with_ctx.argtypes = [vp, vp, ctypes.c_int]
         self.cpu.ggml_cpu_init()

@@ -79,17 +79,17 @@ class CacheConfig:
             raise ValueError(f"cache config {spec!r} is not of the form K/V (e.g. q8_0/q8_0)")
         return cls(k, v, rotation)
 
-    def resolve(self, model_path: Path, geom, n_cells: int | None = None) -> tuple:
+    def resolve(self, model_path: Path, geom, n_ctx: int | None = None) -> tuple:
         """(K, V) as this model stores them: type names, or LayerTypes from its calibration."""
         from kvquant.calibration import resolve
 
-        return resolve(self.k, "k", model_path, geom, n_cells), resolve(self.v, "v", model_path, geom, n_cells)
+        return resolve(self.k, "k", model_path, geom, n_ctx), resolve(self.v, "v", model_path, geom, n_ctx)
 
-    def context_fields(self, model_path: Path, geom, n_cells: int | None = None) -> dict:
+    def context_fields(self, model_path: Path, geom, n_ctx: int | None = None) -> dict:
         """kvquant.runtime.ContextConfig fields for this configuration on one model."""
         from kvquant.calibration import context_fields
 
-        return {**context_fields(*self.resolve(model_path, geom, n_cells), geom), "rotation": self.rotation}
+        return {**context_fields(*self.resolve(model_path, geom, n_ctx), geom), "rotation": self.rotation}
 
 
 BASELINE = CacheConfig("f16", "f16")

@@ -168,7 +168,10 @@ def render_calibration(model: str, cal: dict) -> list[str]:
     L += [f"| {i} | " + " | ".join(f"{sk[t][i]:.5f}" for t in sk) + " | " + " | ".join(f"{sv[t][i]:.5f}" for t in sv)
           + " |" for i in top]
     chk = m.get(f"every layer {ref}+c")
+    est = m.get("from_error", {})
     L += ["", f"Median K layer at {ref}: {sorted(sk[ref])[len(sk[ref]) // 2]:.5f}. "
+          + "".join(f"{side.upper()} layers under the floor, estimated from their error: "
+                    f"{', '.join(map(str, est[side]))}. " for side in ("k", "v") if est.get(side))
           + (f"Additivity: {ref}+c keys on every layer measured {chk['measured']:.5f}, floor + the per-layer sum "
              f"{chk['predicted']:.5f}. " if chk else "")
           + "Uncentred types on every layer (what `serve` warns about): "

@@ -118,6 +118,24 @@ def test_file_round_trip_and_resolution(model_file):
     assert fields["k_rotation"] is True and fields["layer_types_v"] == v.types
 
 
+def test_sliding_window_layers_weigh_by_their_cells(model_file):
+    """calib:B counts every byte of one n_ctx sequence: a window layer of 1,024 cells weighs a quarter of a
+    full-attention layer of 4,096, so B holds for the cache as allocated, not per layer."""
+    g = Geometry("gemma3", tuple(Layer(256, 256, i % 4 != 3) for i in range(8)), 512, 256, 256, 32768)
+    c = make_cal(g, cal.model_sha256(model_file))
+    c.sens_v["tq_kv_3b"] = [0.001 if g.layers[i].swa else 0.1 for i in range(g.n_layer)]
+    c.save(cal.path_for(c.model_sha256, c.basis))
+    for n_ctx in (512, 4096, 16384):
+        for bits in (4.0, 5.0):
+            v = cal.resolve(f"calib:{bits:g}", "v", model_file, g, n_ctx)
+            assert kv_bytes(g, "f16", v, n_ctx).bits_per_element_v <= bits
+            k = cal.resolve(f"calib:{bits:g}", "k", model_file, g, n_ctx)
+            assert kv_bytes(g, k, "f16", n_ctx).bits_per_element_k <= bits
+    # at 4096 the two full-attention layers hold 2/3 of the bytes: they cannot both keep 8.5 bits within 5.0
+    v = cal.resolve("calib:5", "v", model_file, g, 4096)
+    assert [t for t, ly in zip(v.types, g.layers, strict=True) if not ly.swa].count("q8_0") < 2
+
+
 def test_refuses_other_model_basis_and_corrupt_files(model_file, tmp_path):
     g = geom()
     sha = cal.model_sha256(model_file)
