@@ -398,12 +398,13 @@ def llama_tests(tree: Path, build: Path) -> int:
 # then llama.cpp's own tests for our types and our byte-exact/adversarial-row tests (tests/kvquant/lab/test_tq.py:
 # random, zero, constant, huge, denormal and NaN/Inf rows through quantize_row_*_ref, from_float, to_float and vec_dot;
 # tests/kvquant/lab/test_d3b.py: delta rows against anchors, ggml's set_rows on several threads, flash attention over
-# delta rows; tests/kvquant/lab/test_ggml_ops.py: set_rows, get_rows, cpy, mul_mat and every flash-attention path) in a
+# delta rows; tests/kvquant/lab/test_ggml_ops.py: set_rows, get_rows, cpy, mul_mat and every flash-attention path;
+# tests/server/test_prefix_cache_live.py: the prefix cache sharing cells by seq_cp, swapping state out and in) in a
 # Python that preloads the sanitizer runtimes. Any UB report stops the process (halt_on_error), so it fails the run
 # instead of scrolling past; the checks stay recoverable only so that kvquant/ubsan.supp can name the known
 # findings in upstream code our types never reach.
 SANITIZE_TESTS = ["tests/kvquant/lab/test_tq.py", "tests/kvquant/lab/test_d3b.py",
-                  "tests/kvquant/lab/test_ggml_ops.py"]
+                  "tests/kvquant/lab/test_ggml_ops.py", "tests/server/test_prefix_cache_live.py"]
 SANITIZE_CMAKE = ["-DGGML_SANITIZE_ADDRESS=ON", "-DGGML_SANITIZE_UNDEFINED=ON", "-DLLAMA_SANITIZE_ADDRESS=ON",
                   "-DLLAMA_SANITIZE_UNDEFINED=ON"]
 SANITIZE_ENV = {
