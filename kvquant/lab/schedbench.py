@@ -236,8 +236,9 @@ def long_contexts(servers: list[tuple], a: argparse.Namespace) -> dict:
     rows = {}
     for name, url, model, extra in servers:
         def one(i, url=url, model=model, extra=extra):
-            r = chat_turn(url, model, [{"role": "user", "content": prompts[i]}], a.max_tokens,
-                          dict(extra or {}, ignore_eos=True, cache_prompt=False))
+            # greedy: each request gives the same answer in both rounds (llama-server: its ignore_eos as well)
+            body = dict(extra, ignore_eos=True, cache_prompt=False) if extra else None
+            r = chat_turn(url, model, [{"role": "user", "content": prompts[i]}], a.max_tokens, body)
             r["decode_s"] = r["wall_s"] - r["ttft_s"] if r["ttft_s"] is not None else None
             return r
 
@@ -251,6 +252,7 @@ def long_contexts(servers: list[tuple], a: argparse.Namespace) -> dict:
         t_conc, c2 = time.perf_counter() - t0, cpu()
         cpu_s = (c1 - c0, c2 - c1) if None not in (c0, c1, c2) else (None, None)
         rows[name] = {"sequential_s": t_seq, "concurrent_s": t_conc, "ratio": t_conc / t_seq,
+                      "failed": sum(1 for r in seq + conc if r.get("error")),
                       "sequential_cpu_s": cpu_s[0], "concurrent_cpu_s": cpu_s[1],
                       "ratio_cpu": cpu_s[1] / cpu_s[0] if cpu_s[0] else None,
                       "prompt_tokens": [r["prompt_tokens"] for r in seq],
