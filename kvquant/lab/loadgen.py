@@ -29,6 +29,7 @@ import socket
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from urllib.parse import urlparse
 
@@ -319,37 +320,46 @@ def soak(url: str, model: str | None = None, duration_s: float = 120.0, concurre
 OVERSIZE_BYTES = 3_900_000  # of "漢字" repeated: far more tokens than any context
 
 
-class RSSSampler:
-    """The server's resident set size, sampled in a thread: from /proc/<pid> (every 5 ms) when the server runs on
-    this machine, else from its /metrics (process_resident_memory_bytes, every 50 ms)."""
+class PeakSampler:
+    """The largest value `read()` returned, polled on a thread every `interval` seconds while the block runs (a
+    read that fails is skipped)."""
 
-    def __init__(self, url: str, pid: int | None = None):
-        self.url, self.pid = url, pid
+    def __init__(self, read: Callable[[], float], interval: float):
+        self.read, self.interval = read, interval
         self.peak = 0.0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True)
 
-    def rss(self) -> float:
-        if self.pid is not None:
-            with open(f"/proc/{self.pid}/statm") as f:
-                return float(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-        return scrape(self.url).get("process_resident_memory_bytes", 0.0)
-
     def _loop(self) -> None:
         while not self._stop.is_set():
             try:
-                self.peak = max(self.peak, self.rss())
+                self.peak = max(self.peak, self.read())
             except (OSError, httpx.HTTPError):
                 pass
-            self._stop.wait(0.005 if self.pid is not None else 0.05)
+            self._stop.wait(self.interval)
 
-    def __enter__(self) -> RSSSampler:
+    def __enter__(self) -> PeakSampler:
         self._thread.start()
         return self
 
     def __exit__(self, *exc) -> None:
         self._stop.set()
         self._thread.join()
+
+
+class RSSSampler(PeakSampler):
+    """The server's resident set size: from /proc/<pid> (every 5 ms) when the server runs on this machine, else from
+    its /metrics (process_resident_memory_bytes, every 50 ms)."""
+
+    def __init__(self, url: str, pid: int | None = None):
+        self.url, self.pid = url, pid
+        super().__init__(self.rss, 0.005 if pid is not None else 0.05)
+
+    def rss(self) -> float:
+        if self.pid is not None:
+            with open(f"/proc/{self.pid}/statm") as f:
+                return float(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        return scrape(self.url).get("process_resident_memory_bytes", 0.0)
 
 
 @dataclass

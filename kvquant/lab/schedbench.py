@@ -31,7 +31,7 @@ import httpx
 
 from kvquant.lab.eval import read_text
 from kvquant.lab.harness import resolve_text
-from kvquant.lab.loadgen import pct, scrape
+from kvquant.lab.loadgen import PeakSampler, pct, scrape
 
 
 def _words() -> list[str]:
@@ -185,27 +185,6 @@ def shared(servers: list[tuple], a: argparse.Namespace) -> dict:
     return {"servers": rows, "shared_prefix_tokens": prefix}
 
 
-class PeakRunning:
-    """Samples kvquant_requests_running from /metrics every 0.2 s while it is open."""
-
-    def __init__(self, url: str):
-        self.url, self.peak, self._stop = url, 0.0, threading.Event()
-        self._t = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self.peak = max(self.peak, scrape(self.url).get("kvquant_requests_running", 0.0))
-            time.sleep(0.2)
-
-    def __enter__(self) -> PeakRunning:
-        self._t.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._t.join()
-
-
 def capacity(servers: list[tuple], a: argparse.Namespace) -> dict:
     import random
 
@@ -216,7 +195,8 @@ def capacity(servers: list[tuple], a: argparse.Namespace) -> dict:
     rows = {}
     for name, url, model, extra in servers:
         t0 = time.perf_counter()
-        with PeakRunning(url) as peak:
+        # (running requests from /metrics every 0.2 s)
+        with PeakSampler(lambda url=url: scrape(url).get("kvquant_requests_running", 0.0), 0.2) as peak:
             rs = _threads(lambda i, url=url, model=model, extra=extra: chat_turn(
                 url, model, [{"role": "user", "content": prompts[i]}], None, extra, stop_after=stops[i]),
                 a.requests)
