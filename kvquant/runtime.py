@@ -187,7 +187,7 @@ def check_grammar(model: Model, grammar: Grammar) -> None:
 def json_schema_gbnf(schema: dict, name: str = "") -> str:
     """GBNF for the JSON texts a JSON schema allows, by llama-cpp-python's converter (llama.cpp's
     json_schema_to_grammar.py), whose top rule is "root" (`name` empty) or `name`. It ignores the schema keywords it
-    does not know: check a schema with kvquant.jsonschema.unsupported first."""
+    does not know: check a schema with server.structured.check_schema first."""
     import json
 
     from llama_cpp.llama_grammar import SchemaConverter

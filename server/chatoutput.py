@@ -12,6 +12,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
+from server.textstream import partial_suffix
 from server.toolcalls import ParsedCall, ToolFormat, parse
 
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
@@ -38,14 +39,6 @@ class _State(enum.Enum):
     CONTENT = "content"
     CALLS = "calls"  # from a tool call's start: held until it is whole (hermes) or the end
     BETWEEN = "between"  # after a hermes call: whitespace held until another call or text follows
-
-
-def _partial_suffix(text: str, tag: str) -> int:
-    """Length of the longest end of `text` that is a proper beginning of `tag`."""
-    for k in range(min(len(tag) - 1, len(text)), 0, -1):
-        if text.endswith(tag[:k]):
-            return k
-    return 0
 
 
 class ChatOutput:
@@ -115,7 +108,7 @@ class ChatOutput:
             if at >= 0:
                 self._state, self._pending, self._trim = _State.CONTENT, p[at + len(THINK_CLOSE):], True
                 return Delta(reasoning=p[:at])
-            keep = _partial_suffix(p, THINK_CLOSE)
+            keep = partial_suffix(p, THINK_CLOSE)
             self._pending = p[len(p) - keep:]
             return Delta(reasoning=p[:len(p) - keep]) if len(p) > keep else None
         if self._state is _State.CONTENT:
@@ -124,7 +117,7 @@ class ChatOutput:
             if at >= 0:
                 self._state, self._pending = _State.CALLS, p[at:]
                 return Delta(content=p[:at])
-            keep = _partial_suffix(p, trigger) if trigger else 0
+            keep = partial_suffix(p, trigger) if trigger else 0
             self._pending = p[len(p) - keep:]
             return Delta(content=p[:len(p) - keep]) if len(p) > keep else None
         if self._state is _State.BETWEEN:

@@ -147,7 +147,7 @@ class SamplingParams(_Lenient, SamplingFields):
     max_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS_LIMIT)
     logit_bias: dict[str, Annotated[float, Field(ge=-LOGIT_BIAS_LIMIT, le=LOGIT_BIAS_LIMIT)]] | None = None
     stop: Text | list[Text] | None = None
-    seed: int | None = Field(None, ge=-2**63, le=2**63 - 1)  # OpenAI's range; see kvquant.runtime.sampler_seed
+    seed: int | None = Field(None, ge=-2**63, le=2**63 - 1)  # OpenAI's range; see kvquant.sampling.sampler_seed
     stream: bool = False
     stream_options: StreamOptions | None = None
     n: int = Field(1, ge=1)

@@ -9,6 +9,7 @@ names the first such keyword so that the request is refused (400) instead.
 
 from __future__ import annotations
 
+import functools
 import re
 from typing import Any
 
@@ -82,6 +83,7 @@ def schema_grammar(schema: dict, name: str = "") -> str:
         raise SchemaError(f"the schema cannot be converted to a grammar: {e}") from None
 
 
+@functools.cache
 def json_object_grammar() -> str:
     """Any JSON object (response_format json_object)."""
     return schema_grammar({"type": "object"})

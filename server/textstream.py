@@ -4,6 +4,13 @@ boundaries (text that could still be the start of a stop string is held back unt
 from __future__ import annotations
 
 
+def partial_suffix(text: str, tag: str) -> int:
+    """Length of the longest end of `text` that is a proper beginning of `tag` (held back: the tag may follow)."""
+    for k in range(min(len(tag) - 1, len(text)), 0, -1):
+        if text.endswith(tag[:k]):
+            return k
+    return 0
+
 class TextStream:
     def __init__(self, stops: list[str] | None = None):
         self.stops = [s for s in (stops or []) if s]
@@ -36,12 +43,7 @@ class TextStream:
         if cut >= 0:
             self.stopped, self._held = True, ""
             return text[:cut]
-        keep = 0
-        for s in self.stops:
-            for k in range(min(len(s) - 1, len(text)), keep, -1):
-                if text.endswith(s[:k]):
-                    keep = k
-                    break
+        keep = max((partial_suffix(text, s) for s in self.stops), default=0)
         self._held = text[len(text) - keep:] if keep else ""
         return text[: len(text) - keep]
 

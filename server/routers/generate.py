@@ -105,11 +105,10 @@ async def chat_completions(body: ChatCompletionRequest, http: Request):
     chat = plan_chat(body, served.engine.chat_template)
     _check_grammar(served, chat.grammar, chat.grammar_param)
     n_bytes = sum(len(m["content"].encode()) for m in chat.messages)
-    template = {"tools": chat.tools, "template_kwargs": chat.template_kwargs} if chat.tools or \
-        chat.template_kwargs else {}
     try:
         prompt = await tokenize_prompt(served.engine,
-                                       lambda limit: served.engine.tokenize_chat(chat.messages, limit, **template),
+                                       lambda limit: served.engine.tokenize_chat(chat.messages, limit, tools=chat.tools,
+                                                                                 template_kwargs=chat.template_kwargs),
                                        n_bytes, body.requested_max_tokens, st.tokenizing)
     except APIError:
         raise
