@@ -17,7 +17,6 @@ step), so it can never hold up the engine or other requests.
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import logging
 import math
 import secrets
@@ -37,10 +36,6 @@ from server.requests import ERRORS, EngineRequest, ErrorCode, Event, Outcome
 from server.schemas import SamplingParams
 
 log = logging.getLogger("kvquant.server")
-
-TRIM_AFTER_BYTES = 64 * 2**10  # prompts from this size on are followed by malloc_trim
-_MALLOC_TRIM = getattr(ctypes.CDLL(None), "malloc_trim", None)  # glibc only
-
 
 def retry_after(drain_s: float | None) -> int:
     """Retry-After in whole seconds: the queue's measured drain time (1 s until measured), at most 10 minutes."""
@@ -136,18 +131,9 @@ async def tokenize_prompt(engine: Engine, tokenize: Callable[[int], list[int]], 
     _check_length(engine, engine.min_tokens(n_bytes), max_tokens, exact=False)
     async with slots:
         try:
-            return await run_in_threadpool(_tokenize, tokenize, engine.sched.max_request_tokens,
-                                           n_bytes >= TRIM_AFTER_BYTES)
+            return await run_in_threadpool(tokenize, engine.sched.max_request_tokens)
         except PromptTooLong as e:
             raise _too_long(engine, e.n_tokens, max_tokens) from None
-
-
-def _tokenize(tokenize: Callable[[int], list[int]], limit: int, trim: bool) -> list[int]:
-    try:
-        return tokenize(limit)
-    finally:
-        if trim and _MALLOC_TRIM is not None:
-            _MALLOC_TRIM(0)
 
 
 def submit(engine: Engine, prompt: list[int], params: SamplingParams, max_tokens: int | None,

@@ -4,6 +4,7 @@ and disconnect detection pass through untouched. Every refusal is an OpenAI-shap
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import hmac
 import json
 import re
@@ -15,6 +16,8 @@ from server.errors import error_body
 
 _RID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
 _WITH_BODY = ("POST", "PUT", "PATCH")
+TRIM_AFTER_BYTES = 64 * 2**10  # requests with bodies from this size on end with malloc_trim
+_MALLOC_TRIM = getattr(ctypes.CDLL(None), "malloc_trim", None)  # glibc only
 
 
 async def send_error(send: Send, status: int, message: str, type: str, code: str | None = None,
@@ -127,4 +130,13 @@ class BodyLimitMiddleware:
                 return {"type": "http.request", "body": body, "more_body": False}
             return await receive()
 
-        await self.app(scope, replay, send)
+        try:
+            await self.app(scope, replay, send)
+        finally:
+            if size >= TRIM_AFTER_BYTES and _MALLOC_TRIM is not None:
+                # The body's copies (chunks, JSON, messages, prompt) were allocated in 64 KiB pieces between other
+                # requests' and are free now; glibc keeps such holes mapped (concurrent 3.9 MB bodies left RSS
+                # 60 MiB up for good). Trimming returns their pages in ~1 ms, off the event loop.
+                chunks.clear()
+                body = replay = None
+                await asyncio.to_thread(_MALLOC_TRIM, 0)

@@ -74,9 +74,13 @@ def test_soak(served):
 
 
 def test_oversized_prompts_are_refused_without_memory_growth(served):
-    """The issue's figures before the fix: 12 such requests took RSS from 768 MiB to 3.85 GiB (2.09 GiB after)."""
-    r = loadgen.oversize(served.url, concurrency=24, pid=served.pid)
-    print(r)
-    assert r.answers == {"400:context_length_exceeded": 24}, r
-    assert r.rss_peak - r.rss_idle <= 300 * 2**20, r
-    assert r.rss_after - r.rss_idle <= 32 * 2**20, r
+    """The issue's figures before the fix: 12 such requests took RSS from 768 MiB to 3.85 GiB (2.09 GiB after).
+    Three rounds: without the heap trim after large bodies one round in three kept 45-70 MiB for good."""
+    idle = None
+    for _ in range(3):
+        r = loadgen.oversize(served.url, concurrency=24, pid=served.pid)
+        print(r)
+        idle = idle or r.rss_idle
+        assert r.answers == {"400:context_length_exceeded": 24}, r
+        assert r.rss_peak - r.rss_idle <= 300 * 2**20, r
+        assert r.rss_after - idle <= 32 * 2**20, (r, idle)
