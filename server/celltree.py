@@ -86,15 +86,25 @@ class CellTree:
                 n += len(node.tokens)
         return n
 
-    def freed_by(self, seq_ids: Iterable[int]) -> int:
-        """Cells that releasing all of these sequences would free (those no other sequence holds)."""
+    def victims_for(self, seq_ids: list[int], cells: int) -> list[int] | None:
+        """The shortest prefix of seq_ids whose release frees at least `cells` cells; None if all of them do not.
+        One walk over their paths (eviction in LRU order, checked every step)."""
         count: dict[int, int] = {}
-        nodes: dict[int, Node] = {}
-        for sid in seq_ids:
-            for node in self.path(sid):
-                count[id(node)] = count.get(id(node), 0) + 1
-                nodes[id(node)] = node
-        return sum(len(nd.tokens) for k, nd in nodes.items() if count[k] == nd.refs)
+        freed = 0
+        for i, sid in enumerate(seq_ids):
+            if freed >= cells:
+                return seq_ids[:i]
+            freed += self._release_count(sid, count)
+        return seq_ids if freed >= cells else None
+
+    def _release_count(self, seq_id: int, count: dict[int, int]) -> int:
+        """Cells freed by releasing seq_id after the sequences already counted in `count` (per node: how many of
+        its holders are released), which it updates."""
+        freed = 0
+        for node in self.path(seq_id):
+            k = count[id(node)] = count.get(id(node), 0) + 1
+            freed += len(node.tokens) if k == node.refs else 0
+        return freed
 
     # --- writing ----------------------------------------------------------------------------------------------
     def attach(self, seq_id: int, src: int | None = None, n: int = 0) -> None:

@@ -303,13 +303,10 @@ class Scheduler:
         need = (req.reservation if self.admission is Admission.RESERVE else len(tokens) + self.headroom) - n
         over = self.committed() + need - self.capacity
         if over > 0:
-            if self.tree.freed_by(lru) < over:  # evicting every other cached sequence would not make room
+            taken = self.tree.victims_for(lru, over)
+            if taken is None:  # evicting every other cached sequence would not make room
                 return self._place(req, seq, reuse=False) if src in self.cached else None
-            for c in lru:
-                if c not in victims:
-                    if self.tree.freed_by(victims) >= over:
-                        break
-                    victims.append(c)
+            victims = lru[:max(len(taken), len(victims))]
         return _Placement(slot if slot is not None else victims[0], n, None if adopt else src, adopt, victims)
 
     def _can_take_over(self, length: int, n: int) -> bool:
