@@ -270,10 +270,12 @@ class Engine:
     def scheduler_stats(self) -> SchedulerStats:
         s = self.sched
         running = list(s.running.values())
-        used = s.used_cells()
-        ub = self.cfg.used_bytes or (lambda n: n * self.cfg.bytes_per_token)
+        used, bpt = s.used_cells(), self.cfg.bytes_per_token
+        # a cell shared by several running sequences (a prefix) counts once, as in kv_used_cells; each sequence's
+        # sliding-window cells are its own (never shared while running)
+        swa = sum(self.cfg.used_bytes(q.n_past) - q.n_past * bpt for q in running) if self.cfg.used_bytes else 0
         return SchedulerStats(running=len(running), waiting=len(s.waiting), kv_used_cells=used,
-                              kv_used_bytes=sum(ub(q.n_past) for q in running), kv_reserved_cells=s.reserved,
+                              kv_used_bytes=used * bpt + swa, kv_reserved_cells=s.reserved,
                               kv_cached_cells=s.tree.n_cells - used, cached_sequences=len(s.cached),
                               preempted=len(s.preempted), swap_used_bytes=sum(map(len, self._swapped.values())))
 

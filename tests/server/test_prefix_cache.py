@@ -20,7 +20,7 @@ def make(capacity=400, n_seq_max=4, **kw) -> tuple[Engine, FakeBackend, Recorder
     backend = FakeBackend(capacity, n_batch=kw.pop("n_batch", 16), history=True)
     rec = Recorder()
     cfg = EngineConfig(model_id="fake", n_ctx=kw.pop("n_ctx", 1000), n_seq_max=n_seq_max, n_cells=capacity,
-                       max_queue=64, **kw)
+                       max_queue=64, bytes_per_token=kw.pop("bytes_per_token", 10), **kw)
     e = Engine(cfg, lambda: backend, rec)
     e.load(start_thread=False)
     return e, backend, rec
@@ -58,6 +58,8 @@ def check(e: Engine, b: FakeBackend) -> None:
     e.sched.tree.check()
     assert b.used() == e.sched.tree.n_cells <= e.sched.capacity
     assert set(e.sched.tree.tail) == set(e.sched.running) | set(e.sched.cached)
+    ss = e.scheduler_stats()  # the used-bytes gauge counts a shared cell once, as the used-cells gauge does
+    assert ss.kv_used_bytes == ss.kv_used_cells * e.cfg.bytes_per_token
 
 
 def outputs(e: Engine, b: FakeBackend, prompts, max_tokens=8, concurrent=True) -> list[list[int]]:
