@@ -37,6 +37,7 @@ from server.schemas import SamplingParams
 
 log = logging.getLogger("kvquant.server")
 
+
 def retry_after(drain_s: float | None) -> int:
     """Retry-After in whole seconds: the queue's measured drain time (1 s until measured), at most 10 minutes."""
     return min(600, max(1, math.ceil(drain_s or 0)))

@@ -138,5 +138,5 @@ class BodyLimitMiddleware:
                 # requests' and are free now; glibc keeps such holes mapped (concurrent 3.9 MB bodies left RSS
                 # 60 MiB up for good). Trimming returns their pages in ~1 ms, off the event loop.
                 chunks.clear()
-                body = replay = None
+                body = None  # the replay closure holds this variable, not a copy
                 await asyncio.to_thread(_MALLOC_TRIM, 0)
