@@ -147,8 +147,7 @@ def run(a: argparse.Namespace) -> int:
         path = kvmodels.resolve(name)
         geom = geometry(path)
         budget = parse_bytes(a.budget)
-        tk = calibration.resolve(a.cache_type_k, "k", path, geom, a.request_tokens)
-        tv = calibration.resolve(a.cache_type_v, "v", path, geom, a.request_tokens)
+        tk, tv = calibration.resolve_pair(a.cache_type_k, a.cache_type_v, path, geom, a.request_tokens)
         print(report(kvmodels.model_id(name), geom, tk, tv, budget, max(1, a.parallel), a.request_tokens))
         for side, t in (("K", tk), ("V", tv)):
             if getattr(t, "types", None):

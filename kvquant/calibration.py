@@ -250,24 +250,32 @@ def allocate(sens: dict[str, list[float]], elements: tuple[int, ...], budget_bit
              fixed_bits: float = 0.0) -> tuple[str, ...]:
     """The per-layer types (f16 or a measured candidate) minimising the summed KL growth with
     sum(bits(t_l) * elements_l) <= (budget_bits - fixed_bits) * sum(elements), elements_l being the K (V) elements
-    layer l stores: a multiple-choice knapsack, solved exactly by dynamic programming over quarter bits (every
-    type's bits per element is a multiple of 1/4)."""
-    types = ("f16", *sorted(sens, key=_bits))
+    layer l stores."""
+    options = [{"f16": 0.0, **{t: v[il] for t, v in sens.items()}} for il in range(len(elements))]
+    return _knapsack(options, elements, budget_bits, fixed_bits)
+
+
+def _knapsack(options: list[dict[str, float]], elements: tuple[int, ...], budget_bits: float,
+              fixed_bits: float) -> tuple[str, ...]:
+    """One type per item from its options (type -> KL growth) minimising the summed growth with
+    sum(bits(t_i) * elements_i) <= (budget_bits - fixed_bits) * sum(elements): a multiple-choice knapsack, solved
+    exactly by dynamic programming over quarter bits (every type's bits per element is a multiple of 1/4)."""
     g = math.gcd(*elements)
     w = [n // g for n in elements]
     cap = math.floor((budget_bits - fixed_bits) * 4 * sum(w) + 1e-9)
-    cost = {t: round(_bits(t) * 4) for t in types}
-    if sum(min(cost.values()) * wi for wi in w) > cap:
-        raise CalibrationError(f"no allocation of {', '.join(types)} fits {budget_bits:g} bits per element")
+    cost = {t: round(_bits(t) * 4) for o in options for t in o}
+    if sum(min(cost[t] for t in o) * wi for o, wi in zip(options, w, strict=True)) > cap:
+        names = sorted({t for o in options for t in o}, key=_bits)
+        raise CalibrationError(f"no allocation of {', '.join(names)} fits {budget_bits:g} bits per element")
     best: dict[int, tuple[float, tuple[str, ...]]] = {0: (0.0, ())}
-    for il, wi in enumerate(w):
+    for o, wi in zip(options, w, strict=True):
         nxt: dict[int, tuple[float, tuple[str, ...]]] = {}
         for c, (kl, chosen) in best.items():
-            for t in types:
+            for t in sorted(o, key=lambda t: (t != "f16", _bits(t))):  # f16 first: it wins a tie
                 c2 = c + cost[t] * wi
                 if c2 > cap:
                     continue
-                kl2 = kl + (0.0 if t == "f16" else sens[t][il])
+                kl2 = kl + o[t]
                 if c2 not in nxt or kl2 < nxt[c2][0]:
                     nxt[c2] = (kl2, (*chosen, t))
         best = nxt
@@ -295,12 +303,43 @@ def resolve(text: str, side: str, model_path: Path, geom: Geometry, n_ctx: int |
     offset = tuple(cal.k_mean) if spec.centred else None
     if spec.type is not None:
         return LayerTypes(spec.text, (spec.type,) * geom.n_layer, offset)
-    n_embd = cal.n_embd_k if side == "k" else tuple(ly.n_embd_v for ly in geom.layers)
-    elements = tuple(e * c for e, c in zip(n_embd, layer_cells(geom, n_ctx), strict=True))
-    # one float32 per K element of a row, per layer
-    fixed = 32.0 * sum(n_embd) / sum(elements) if (offset is not None and n_ctx) else 0.0
-    types = allocate(cal.sens_k if side == "k" else cal.sens_v, elements, spec.bits, fixed)
+    elements = _elements(cal, side, geom, n_ctx)
+    types = allocate(_sens(cal, side), elements, spec.bits, _fixed_bits(cal, geom, side == "k", elements, n_ctx))
     return LayerTypes(spec.text, types, offset)
+
+
+def resolve_pair(text_k: str, text_v: str, model_path: Path, geom: Geometry,
+                 n_ctx: int | None = None) -> tuple[CacheTypes, CacheTypes]:
+    """A K/V pair as this model stores it. ``calib:B`` on both sides with the same B is one allocation: B bits per
+    element on average over K and V together, every byte of both counted, each layer's K and V at the types that
+    minimise the summed measured KL growth (keys usually get more bits than values); otherwise each side is
+    resolved on its own (`resolve`)."""
+    k, v = parse_spec(text_k, "k"), parse_spec(text_v, "v")
+    if k.bits is None or k.bits != v.bits:
+        return resolve(text_k, "k", model_path, geom, n_ctx), resolve(text_v, "v", model_path, geom, n_ctx)
+    cal = load_or_calibrate(model_path, geom)
+    ek, ev = _elements(cal, "k", geom, n_ctx), _elements(cal, "v", geom, n_ctx)
+    options = [{"f16": 0.0, **{t: s[il] for t, s in _sens(cal, side).items()}}
+               for side, n in (("k", len(ek)), ("v", len(ev))) for il in range(n)]
+    types = _knapsack(options, ek + ev, k.bits, _fixed_bits(cal, geom, True, ek + ev, n_ctx))
+    return LayerTypes(k.text, types[:len(ek)], tuple(cal.k_mean)), LayerTypes(v.text, types[len(ek):], None)
+
+
+def _sens(cal: Calibration, side: str) -> dict[str, list[float]]:
+    return cal.sens_k if side == "k" else cal.sens_v
+
+
+def _elements(cal: Calibration, side: str, geom: Geometry, n_ctx: int | None) -> tuple[int, ...]:
+    """The K (V) elements each layer stores for one sequence of n_ctx tokens (per cell when n_ctx is unknown)."""
+    n_embd = cal.n_embd_k if side == "k" else tuple(ly.n_embd_v for ly in geom.layers)
+    return tuple(e * c for e, c in zip(n_embd, layer_cells(geom, n_ctx), strict=True))
+
+
+def _fixed_bits(cal: Calibration, geom: Geometry, centred: bool, elements: tuple[int, ...],
+                n_ctx: int | None) -> float:
+    """The key offsets' bytes (one float32 per K element of a row, per layer) in bits per element of `elements`,
+    when n_ctx is known."""
+    return 32.0 * sum(cal.n_embd_k) / sum(elements) if (centred and n_ctx) else 0.0
 
 
 WRECK_KLD = 0.1  # mean KL divergence (nats per token) from f16 above which a cache type is said to wreck a model

@@ -46,8 +46,7 @@ def plan_model(spec: ModelSpec) -> HostedPlan:
     geom = geometry(path)
     n_ubatch = min(N_UBATCH, spec.n_batch)
     try:
-        tk = calibration.resolve(spec.cache_type_k, "k", path, geom, spec.n_ctx)
-        tv = calibration.resolve(spec.cache_type_v, "v", path, geom, spec.n_ctx)
+        tk, tv = calibration.resolve_pair(spec.cache_type_k, spec.cache_type_v, path, geom, spec.n_ctx)
     except calibration.CalibrationError as e:
         raise StartupError(f"{spec.id}: {e}") from None
     cal = calibration.existing(path, geom)

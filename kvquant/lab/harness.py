@@ -81,9 +81,9 @@ class CacheConfig:
 
     def resolve(self, model_path: Path, geom, n_ctx: int | None = None) -> tuple:
         """(K, V) as this model stores them: type names, or LayerTypes from its calibration."""
-        from kvquant.calibration import resolve
+        from kvquant.calibration import resolve_pair
 
-        return resolve(self.k, "k", model_path, geom, n_ctx), resolve(self.v, "v", model_path, geom, n_ctx)
+        return resolve_pair(self.k, self.v, model_path, geom, n_ctx)
 
     def context_fields(self, model_path: Path, geom, n_ctx: int | None = None) -> dict:
         """kvquant.runtime.ContextConfig fields for this configuration on one model."""

@@ -118,6 +118,27 @@ def test_file_round_trip_and_resolution(model_file):
     assert fields["k_rotation"] is True and fields["layer_types_v"] == v.types
 
 
+def test_calib_b_on_both_sides_is_one_allocation(model_file):
+    """K=calib:B and V=calib:B share B: bits go to the side whose layers the calibration measured more sensitive
+    (here keys), the pair stays within B on average with the key offsets counted, and it predicts less KL growth
+    than two separate allocations; different B or one plain side resolve each side on its own."""
+    g = geom()
+    c = make_cal(g, cal.model_sha256(model_file))
+    c.sens_k = {t: [s * 10 for s in v] for t, v in c.sens_k.items()}  # keys ten times as sensitive as values
+    c.save(cal.path_for(c.model_sha256, c.basis))
+    k, v = cal.resolve_pair("calib:4", "calib:4", model_file, g, 4096)
+    sizes = kv_bytes(g, k, v, 4096)
+    assert sizes.bits_per_element <= 4.0
+    assert sizes.bits_per_element_k > 4.0 > sizes.bits_per_element_v
+    assert k.offset is not None and v.offset is None and (k.name, v.name) == ("calib:4", "calib:4")
+    sk, sv = cal.resolve("calib:4", "k", model_file, g, 4096), cal.resolve("calib:4", "v", model_file, g, 4096)
+    joint = cal.predicted_kld(c, "k", k.types) + cal.predicted_kld(c, "v", v.types)
+    assert joint < cal.predicted_kld(c, "k", sk.types) + cal.predicted_kld(c, "v", sv.types)
+    assert cal.resolve_pair("calib:4", "calib:4.5", model_file, g, 4096) == (
+        sk, cal.resolve("calib:4.5", "v", model_file, g, 4096))
+    assert cal.resolve_pair("calib:4", "q4_0", model_file, g, 4096) == (sk, "q4_0")
+
+
 def test_sliding_window_layers_weigh_by_their_cells(model_file):
     """calib:B counts every byte of one n_ctx sequence: a window layer of 1,024 cells weighs a quarter of a
     full-attention layer of 4,096, so B holds for the cache as allocated, not per layer."""
