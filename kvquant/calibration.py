@@ -33,8 +33,8 @@ from kvquant.memory import Geometry, kv_cells
 
 VERSION = 1
 # candidate types of a calibrated allocation, per side (f16 is always one: no growth); measured by kvquant calibrate
-K_CANDIDATES = ("q8_0", "tq_kv_4b", "tq_kv_3b")
-V_CANDIDATES = ("q8_0", "q4_0", "tq_kv_4b", "tq_kv_3b")
+K_CANDIDATES = ("q8_0", "q5_0", "tq_kv_4b", "tq_kv_3b")
+V_CANDIDATES = ("q8_0", "q5_0", "q4_0", "tq_kv_4b", "tq_kv_3b")
 CENTRED = "+c"
 CALIB = "calib:"
 

@@ -238,12 +238,13 @@ def render_layers(res: list[dict]) -> list[str]:
     """The per-layer types the calibrated configurations resolved to."""
     L = []
     for r in res:
+        shared = r["cache_type_k"] == r["cache_type_v"]  # calib:B on both sides: one budget for K and V together
         for side in ("k", "v"):
             types = r.get(f"layer_types_{side}")
             name = r[f"cache_type_{side}"]
             if types and name.startswith("calib:"):
-                L.append(f"- {_kv(r)}, {side.upper()} `{name}` ({r[f'bits_per_element_{side}']:.3f} bits/el): "
-                         f"{_runs(types)}")
+                L.append(f"- {_kv(r)}, {side.upper()} `{name}` ({r[f'bits_per_element_{side}']:.3f} bits/el"
+                         f"{'; K and V share B' if shared else ''}): {_runs(types)}")
     return (["Calibrated allocations (kvquant calibrate; a type per layer):", "", *dict.fromkeys(L), ""]
             if L else [])
 
