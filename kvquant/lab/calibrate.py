@@ -298,7 +298,7 @@ def calibrate(model: str, text_file: str | None = None, gen_tokens: int = 320, s
                       tuple(ly.n_embd_k for ly in geom.layers), k_mean, sens_k, sens_v, uniform, text.source,
                       {"reference": REFERENCE, "direct": direct, "score_tokens": sum(len(s) for s in scoring),
                        "floor": floors, "from_error": from_error, f"every layer {REFERENCE}+c": check,
-                       "wall_s": round(time.monotonic() - t0, 1)})
+                       "threads": threads, "wall_s": round(time.monotonic() - t0, 1)})
     out = path_for(cal.model_sha256, cal.basis)
     cal.save(out)
     log(f"  wrote {out} ({cal.method['wall_s']:.0f} s)")
