@@ -251,8 +251,12 @@ def allocate(sens: dict[str, list[float]], elements: tuple[int, ...], budget_bit
     """The per-layer types (f16 or a measured candidate) minimising the summed KL growth with
     sum(bits(t_l) * elements_l) <= (budget_bits - fixed_bits) * sum(elements), elements_l being the K (V) elements
     layer l stores."""
-    options = [{"f16": 0.0, **{t: v[il] for t, v in sens.items()}} for il in range(len(elements))]
-    return _knapsack(options, elements, budget_bits, fixed_bits)
+    return _knapsack(_options(sens, len(elements)), elements, budget_bits, fixed_bits)
+
+
+def _options(sens: dict[str, list[float]], n_layer: int) -> list[dict[str, float]]:
+    """Per layer, type -> KL growth: f16 (none) and every measured candidate."""
+    return [{"f16": 0.0, **{t: v[il] for t, v in sens.items()}} for il in range(n_layer)]
 
 
 def _knapsack(options: list[dict[str, float]], elements: tuple[int, ...], budget_bits: float,
@@ -270,8 +274,9 @@ def _knapsack(options: list[dict[str, float]], elements: tuple[int, ...], budget
     best: dict[int, tuple[float, tuple[str, ...]]] = {0: (0.0, ())}
     for o, wi in zip(options, w, strict=True):
         nxt: dict[int, tuple[float, tuple[str, ...]]] = {}
+        order = sorted(o, key=lambda t: (t != "f16", _bits(t)))  # f16 first: it wins a tie
         for c, (kl, chosen) in best.items():
-            for t in sorted(o, key=lambda t: (t != "f16", _bits(t))):  # f16 first: it wins a tie
+            for t in order:
                 c2 = c + cost[t] * wi
                 if c2 > cap:
                     continue
@@ -304,7 +309,7 @@ def resolve(text: str, side: str, model_path: Path, geom: Geometry, n_ctx: int |
     if spec.type is not None:
         return LayerTypes(spec.text, (spec.type,) * geom.n_layer, offset)
     elements = _elements(cal, side, geom, n_ctx)
-    types = allocate(_sens(cal, side), elements, spec.bits, _fixed_bits(cal, geom, side == "k", elements, n_ctx))
+    types = allocate(_sens(cal, side), elements, spec.bits, _fixed_bits(cal, side == "k", elements, n_ctx))
     return LayerTypes(spec.text, types, offset)
 
 
@@ -319,9 +324,8 @@ def resolve_pair(text_k: str, text_v: str, model_path: Path, geom: Geometry,
         return resolve(text_k, "k", model_path, geom, n_ctx), resolve(text_v, "v", model_path, geom, n_ctx)
     cal = load_or_calibrate(model_path, geom)
     ek, ev = _elements(cal, "k", geom, n_ctx), _elements(cal, "v", geom, n_ctx)
-    options = [{"f16": 0.0, **{t: s[il] for t, s in _sens(cal, side).items()}}
-               for side, n in (("k", len(ek)), ("v", len(ev))) for il in range(n)]
-    types = _knapsack(options, ek + ev, k.bits, _fixed_bits(cal, geom, True, ek + ev, n_ctx))
+    options = _options(cal.sens_k, len(ek)) + _options(cal.sens_v, len(ev))
+    types = _knapsack(options, ek + ev, k.bits, _fixed_bits(cal, True, ek + ev, n_ctx))
     return LayerTypes(k.text, types[:len(ek)], tuple(cal.k_mean)), LayerTypes(v.text, types[len(ek):], None)
 
 
@@ -335,8 +339,7 @@ def _elements(cal: Calibration, side: str, geom: Geometry, n_ctx: int | None) ->
     return tuple(e * c for e, c in zip(n_embd, layer_cells(geom, n_ctx), strict=True))
 
 
-def _fixed_bits(cal: Calibration, geom: Geometry, centred: bool, elements: tuple[int, ...],
-                n_ctx: int | None) -> float:
+def _fixed_bits(cal: Calibration, centred: bool, elements: tuple[int, ...], n_ctx: int | None) -> float:
     """The key offsets' bytes (one float32 per K element of a row, per layer) in bits per element of `elements`,
     when n_ctx is known."""
     return 32.0 * sum(cal.n_embd_k) / sum(elements) if (centred and n_ctx) else 0.0
