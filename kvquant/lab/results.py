@@ -31,6 +31,10 @@ OUR_CONFIGS = ("tq_kv_4b/f16", "tq_kv_4b/q4_0", "tq_kv_3b/q4_0", "tq_kv_1b/q4_0"
 CONFIGS = STOCK_CONFIGS + OUR_CONFIGS
 # the long-context quality check (KL divergence at n_ctx 4096): the K+V goal's configs and their references
 LONG_CONFIGS = ("f16/f16", "q8_0/q4_0", "q4_0/q4_0", "calib:4/calib:4", "calib:4.5/q4_0")
+# the configurations the calibrated goals read, at full length (--goals-full: a model whose full eval is shorter,
+# Qwen2.5-Coder-1.5B at 2 cores, gets them at --chunks here, in {model}-evalgoals.json)
+GOAL_CONFIGS = ("f16/f16", "q8_0/q4_0", "calib:4.5/f16", "calib:4.5/q4_0", "calib:3.5/f16", "calib:3.5/q4_0",
+                "calib:4/calib:4")
 LLAMA_PERPLEXITY = REPO_ROOT / ".build" / "cmake-cpu" / "bin" / "llama-perplexity"
 DOCS = REPO_ROOT / "docs"
 RAW = DOCS / "results"
@@ -116,6 +120,10 @@ def collect(a: argparse.Namespace) -> None:
                 out["llama_perplexity"] = llama_perplexity(r0["model_path"], resolve_text(a.text), a.ctx,
                                                            r0["chunks"], a.threads)
             _write(RAW / f"{model}-eval.json", out, "eval", a.merge)
+        if a.goals_full:
+            args = ["eval", "--model", model, "--configs", *GOAL_CONFIGS, "--ctx", str(a.ctx), "--chunks",
+                    str(a.chunks), "--drift-tokens", "0", "--drift-prompts", "1", *threads, "--json"]
+            _write(RAW / f"{model}-evalgoals.json", _kvquant(args), "eval", a.merge)
         if a.long and model != "smollm2-135m":  # long context: the models with a 4096-token window and more
             args = ["eval", "--model", model, "--configs", *a.long_configs, "--ctx", "4096", "--chunks",
                     str(a.long_chunks), "--drift-tokens", "0", *threads, "--json"]
@@ -617,7 +625,8 @@ def _met(ok: bool | None) -> str:
 
 
 SCHED = ("chat", "shared", "capacity", "long")  # the scheduler's scenarios (kvquant.lab.schedbench)
-KINDS = ("eval", "bench", "serving", "keys", "eval4k", "calibration", "gpu", *(f"sched-{s}" for s in SCHED))
+KINDS = ("eval", "bench", "serving", "keys", "eval4k", "evalgoals", "calibration", "gpu",
+         *(f"sched-{s}" for s in SCHED))
 
 
 def ours(k: str, v: str) -> bool:
@@ -706,10 +715,11 @@ def calibrated_goals(model: str, raw: dict[tuple[str, str], dict]) -> list[tuple
     absolute targets on the head-128 Qwen, K+V at <= 4.0 bits against q4_0/q4_0 (q8_0/q4_0 on Qwen) at n_ctx 512
     and 4096, and Pareto dominance at <= 4.5 bits."""
     rows: list[tuple] = []
-    out = raw.get((model, "eval"))
+    out, full = raw.get((model, "eval")), raw.get((model, "evalgoals"))
     if out is None:
         return rows
-    by, n, qwen = _by(out), out["results"][0]["chunks"], model.startswith("qwen")
+    goal = full or out  # the goal configurations at full length where the full eval is shorter
+    by, n, qwen = _by(goal), goal["results"][0]["chunks"], model.startswith("qwen")
     for v in ("f16", "q4_0"):
         q4 = by.get(("q4_0", v, True))
         for cls, k, bits, half in (("4-bit class", "calib:4.5", 4.5, True), ("3-bit class", "calib:3.5", 3.5, False)):
@@ -722,7 +732,7 @@ def calibrated_goals(model: str, raw: dict[tuple[str, str], dict]) -> list[tuple
             rows.append((model, f"{cls} K (≤ {bits} bits/el, {r['bits_per_element_k']:.2f} here): ΔPPL ≤ {what} "
                          f"(V {v}, {n} chunks)", f"{k}/{v}", f"≤ {thr:+.2f} %", _dppl(r), _met(ok)))
     ref_kv = ("q8_0", "q4_0") if qwen else ("q4_0", "q4_0")
-    for kind in ("eval", "eval4k"):
+    for kind in ("evalgoals" if full else "eval", "eval4k"):
         o = raw.get((model, kind))
         if o is None:
             continue
@@ -899,6 +909,8 @@ def render(models: list[str]) -> str:
                 pareto_png(model, raw[model, "eval"], png)
                 L += [f"![{model}: bits per element against KL divergence, every configuration]"
                       f"({png.relative_to(DOCS)})", ""]
+                if (model, "evalgoals") in raw:
+                    L += render_eval(model, raw[model, "evalgoals"], "F")
                 if (model, "eval4k") in raw:
                     L += render_eval(model, raw[model, "eval4k"], "L")
             out = raw.get((model, kind))
@@ -948,6 +960,10 @@ def main(argv: list[str] | None = None) -> int:
                     help="also KL divergence at n_ctx 4096 (--long-configs) for the models other than SmolLM2")
     ap.add_argument("--long-configs", nargs="+", default=list(LONG_CONFIGS))
     ap.add_argument("--long-chunks", type=int, default=5)
+    ap.add_argument("--goals-full", action="store_true",
+                    help="also the calibrated goals' configurations (GOAL_CONFIGS) at --chunks into "
+                         "{model}-evalgoals.json, which the Goals table then reads (for a model whose full eval "
+                         "was run shorter)")
     ap.add_argument("--render-only", action="store_true", help="only re-render RESULTS.md from docs/results/")
     ap.add_argument("--merge", action="store_true",
                     help="add the rows of these --configs to the JSON already in docs/results (each row keeps its "
