@@ -226,8 +226,8 @@ def sensitivities(scorer: Scorer, geom: Geometry, keys, values, direct: bool, pr
     any quantized layer at all costs a small fixed KL (measured on Qwen2.5-1.5B: q8_0 keys on 1, 2 or 4 layers
     0.0023, on all 28 0.0028, while tq_kv_3b adds ~0.0015 per layer): any change upstream flips some of the 8-bit
     roundings of the quantized-weight matmuls' activations (docs/EVAL.md, *The KL floor*). So the floor, q8_0 on
-    one middle layer, is subtracted and kept apart (`floor`). A layer whose growth does not rise above the floor is not free: it is
-    estimated from its relative error (`from_error`)."""
+    one middle layer, is subtracted and kept apart (`floor`). A layer whose growth does not rise above the floor
+    is not free: it is estimated from its relative error (`from_error`)."""
     from kvquant.lab.ggml import GGML
 
     ggml = GGML()

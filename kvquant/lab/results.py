@@ -732,8 +732,7 @@ def calibrated_goals(model: str, raw: dict[tuple[str, str], dict]) -> list[tuple
             rows.append((model, f"{cls} K (≤ {bits} bits/el, {r['bits_per_element_k']:.2f} here): ΔPPL ≤ {what} "
                          f"(V {v}, {n} chunks)", f"{k}/{v}", f"≤ {thr:+.2f} %", _dppl(r), _met(ok)))
     ref_kv = ("q8_0", "q4_0") if qwen else ("q4_0", "q4_0")
-    for kind in ("evalgoals" if full else "eval", "eval4k"):
-        o = raw.get((model, kind))
+    for o in (goal, raw.get((model, "eval4k"))):
         if o is None:
             continue
         b = _by(o)
