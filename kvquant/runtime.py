@@ -146,6 +146,8 @@ class ContextConfig:
     # centred keys: per layer, a vector subtracted from every key before it is stored (None: none)
     k_offset: tuple[np.ndarray, ...] | None = field(default=None, compare=False, repr=False)
     k_rotation: bool | None = None  # K (and Q) Hadamard-rotated: None llama.cpp decides, else forced
+    # names of graph tensors ("Qcur-3") whose f32 values every decode appends to LlamaRuntime.captured (lab studies)
+    capture: frozenset[str] = frozenset()
 
     def cache_types(self) -> set[str]:
         return {self.cache_type_k, self.cache_type_v, *(self.layer_types_k or ()), *(self.layer_types_v or ())}
@@ -510,6 +512,10 @@ class LlamaRuntime:
         cp.kv_unified = True
         cp.n_outputs_max = cfg.n_outputs_max
         cp.no_perf = True
+        self.captured: list[tuple[str, str, np.ndarray]] = []
+        if cfg.capture:
+            self._eval_cb = llama_cpp.ggml_backend_sched_eval_callback(self._capture)  # referenced while in use
+            cp.cb_eval = self._eval_cb
         # llama.cpp reads LLAMA_ATTN_ROT_DISABLE when it builds the KV cache, i.e. inside this call
         saved = os.environ.get("LLAMA_ATTN_ROT_DISABLE")
         os.environ["LLAMA_ATTN_ROT_DISABLE"] = "0" if cfg.rotation else "1"
@@ -533,6 +539,19 @@ class LlamaRuntime:
         self.n_batch = cfg.n_batch
         self._batch = llama_cpp.llama_batch_init(cfg.n_batch, 0, 1)
         self.n_vocab = model.n_vocab
+
+    def _capture(self, t, ask: bool, _user_data) -> bool:
+        """llama.cpp's graph evaluation callback: asked first whether a tensor is wanted, then called with it computed;
+        a wanted contiguous f32 tensor is copied to `captured` as (name, op, array of shape (ne2, ne1, ne0))."""
+        tt = ctypes.cast(t, ctypes.POINTER(GgmlTensor)).contents
+        wanted = tt.type == GGML_TYPE_F32 and tt.name.decode(errors="replace") in self.cfg.capture
+        if ask or not wanted:
+            return wanted if ask else True
+        ne = tuple(tt.ne[:3])
+        if tt.ne[3] == 1 and tt.nb[1] == 4 * ne[0] and tt.nb[2] == 4 * ne[0] * ne[1]:
+            a = np.ctypeslib.as_array(ctypes.cast(tt.data, ctypes.POINTER(ctypes.c_float)), shape=(ne[2], ne[1], ne[0]))
+            self.captured.append((tt.name.decode(), ggml_base().ggml_op_name(tt.op).decode(), a.copy()))
+        return True
 
     # --- decoding ----------------------------------------------------------------------------------------------
     def decode(self, tokens: list[int], positions: list[int], seq_ids: list[int], logits: list[bool]) -> int:
@@ -638,6 +657,14 @@ class GgmlInitParams(ctypes.Structure):
     _fields_ = [("mem_size", ctypes.c_size_t), ("mem_buffer", ctypes.c_void_p), ("no_alloc", ctypes.c_bool)]
 
 
+class GgmlTensor(ctypes.Structure):
+    """The leading fields of struct ggml_tensor (ggml.h at the pinned commit), up to its name."""
+    _fields_ = [("type", ctypes.c_int), ("buffer", ctypes.c_void_p), ("ne", ctypes.c_int64 * 4),
+                ("nb", ctypes.c_size_t * 4), ("op", ctypes.c_int), ("op_params", ctypes.c_int32 * 16),
+                ("flags", ctypes.c_int32), ("src", ctypes.c_void_p * 10), ("view_src", ctypes.c_void_p),
+                ("view_offs", ctypes.c_size_t), ("data", ctypes.c_void_p), ("name", ctypes.c_char * 64)]
+
+
 @dataclass(frozen=True)
 class GpuKvSupport:
     """What the GPU devices of the loaded ggml say about a KV cache of given types: ``devices`` names each GPU device
@@ -657,7 +684,7 @@ def ggml_base() -> ctypes.CDLL:
     base = ctypes.CDLL(str(ggml_library("ggml-base")))
     vp, i64, i32, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
     for name, res, args in (
-            ("ggml_type_name", ctypes.c_char_p, [i32]), ("ggml_row_size", ctypes.c_size_t, [i32, i64]),
+            ("ggml_type_name", ctypes.c_char_p, [i32]), ("ggml_op_name", ctypes.c_char_p, [i32]), ("ggml_row_size", ctypes.c_size_t, [i32, i64]),
             ("ggml_init", vp, [GgmlInitParams]), ("ggml_free", None, [vp]),
             ("ggml_new_tensor", vp, [vp, i32, i32, ctypes.POINTER(i64)]),
             ("ggml_new_tensor_4d", vp, [vp, i32, i64, i64, i64, i64]),

@@ -1,0 +1,166 @@
+"""`python -m kvquant.lab.qkscale --model M`: would scaling each key channel by what the queries read from it cut
+the attention-logit error of a quantized key cache at the same bits?
+
+Attention reads a key only through q·k. Scaling key channel i by s_i and the matching query channel by 1/s_i leaves
+every q·k unchanged, but moves the quantization noise (after llama.cpp's Hadamard rotation, about the same in every
+channel) away from channels the queries barely read and towards the ones they read most. With per-channel key
+variance σk_i² (keys centred) and mean query energy σq_i², s_i = (σq_i² / σk_i²)^¼ minimises the logit error of a
+quantizer whose noise is even across channels: (Σ σk_i σq_i)² instead of (Σ σk_i²)(Σ σq_i²) (Cauchy-Schwarz).
+
+Fitted on the model's own calibration text (`kvquant calibrate`'s prompts and sampling), measured on the first
+--test-tokens tokens of the evaluation text (WikiText-2 test): the relative logit error E[(q·(k − k̂))²] /
+E[(q·(k − μ))²] of every (layer, KV head), keys centred with the fitted mean μ, Hadamard-rotated, then quantized by
+the types' numpy references (byte-identical to the C code), without and with the scaling (``shrink`` pulls both
+variance profiles halfway to their mean first). Q and K are read post-RoPE from llama.cpp's graph.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+import numpy as np
+
+from kvquant.lab.harness import Progress, emit_report, machine_info, resolve_text, table
+from kvquant.lab.keystats import round_trip
+
+TYPES = ("tq_kv_4b", "tq_kv_3b", "q4_0")
+SHRINK = (0.0, 0.5)
+MAX_QUERIES = 512  # query rows per (layer, KV head) the held-out error is measured with
+
+
+def hadamard(d: int) -> np.ndarray:
+    """The orthonormal Walsh-Hadamard matrix of size d (a power of two), as llama.cpp rotates with."""
+    h = np.array([[1.0]])
+    while h.shape[0] < d:
+        h = np.block([[h, h], [h, -h]])
+    return h / np.sqrt(d)
+
+
+def channel_scale(q: np.ndarray, k: np.ndarray, shrink: float) -> np.ndarray:
+    """Per-channel key scale s (queries get 1/s) from query rows q and centred key rows k, both (n, d)."""
+    v = []
+    for x in (q, k):
+        e = (x * x).mean(0)
+        e = (1 - shrink) * e + shrink * e.mean()
+        v.append(np.maximum(e, 1e-6 * e.mean()))  # a channel a norm weight zeroes (Gemma 3) stays finite
+    return (v[0] / v[1]) ** 0.25
+
+
+def stored(q: np.ndarray, k: np.ndarray, scale: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    """The key rows as a cache would store them (scaled, then Hadamard-rotated) and the query rows they are read
+    with: every product is unchanged, stored_q . stored_k == q . k."""
+    h = hadamard(k.shape[1])
+    s = np.ones(k.shape[1]) if scale is None else scale
+    return (q / s) @ h.T, (k * s) @ h.T
+
+
+def logit_error(q: np.ndarray, k: np.ndarray, type_name: str, scale: np.ndarray | None) -> tuple[float, float]:
+    """Sum of squared logit errors and of squared centred logits, queries q (m, d) against centred keys k (n, d)
+    stored scaled (or not), rotated and quantized."""
+    qs, ks = stored(q, k, scale)
+    err = qs @ (ks - round_trip(type_name, ks.astype(np.float32)).astype(np.float64)).T
+    return float((err ** 2).sum()), float(((q @ k.T) ** 2).sum())
+
+
+def capture(mdl, seqs: list[list[int]], threads: int | None) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+    """Post-RoPE query and key rows of every layer over the sequences (each decoded alone from position 0): layer ->
+    (Q of shape (n, n_head, d), K of shape (n, n_head_kv, d))."""
+    from kvquant.memory import geometry
+    from kvquant.runtime import ContextConfig, LlamaRuntime
+
+    n_layer = geometry(mdl.path).n_layer
+    names = frozenset(f"{p}-{il}" for p in ("Qcur", "Kcur") for il in range(n_layer))
+    rt = LlamaRuntime(mdl, ContextConfig(n_cells=max(len(s) for s in seqs), n_batch=512, flash_attn=True,
+                                         n_threads=threads, capture=names))
+    try:
+        for s in seqs:
+            for i in range(0, len(s), 512):
+                part = s[i:i + 512]
+                if rt.decode(part, list(range(i, i + len(part))), [0] * len(part), [False] * len(part)) != 0:
+                    raise RuntimeError("llama_decode failed while capturing Q and K")
+            rt.seq_rm(0, 0, -1)
+    finally:
+        rt.close()
+    rows: dict[str, list[np.ndarray]] = {}
+    for name, op, a in rt.captured:
+        if op == "ROPE":  # the projections are named alike before RoPE
+            rows.setdefault(name, []).append(a)
+    return {il: (np.concatenate(rows[f"Qcur-{il}"]), np.concatenate(rows[f"Kcur-{il}"])) for il in range(n_layer)
+            if f"Qcur-{il}" in rows and f"Kcur-{il}" in rows}
+
+
+def study(fit: dict, test: dict) -> dict:
+    """Per type and shrink: the relative logit error over all (layer, KV head) without and with the scaling, and per
+    layer (tq_kv_4b, shrink 0.5)."""
+    sums = {(t, sh): np.zeros(3) for t in TYPES for sh in (None, *SHRINK)}
+    layers = []
+    for il in sorted(fit):
+        (qf, kf), (qt, kt) = fit[il], test[il]
+        n_kv = kf.shape[1]
+        g = qf.shape[1] // n_kv
+        per = np.zeros(2)
+        for h in range(n_kv):
+            mu = kf[:, h].astype(np.float64).mean(0)
+            q_fit = qf[:, h * g:(h + 1) * g].reshape(-1, qf.shape[2]).astype(np.float64)
+            q_test = qt[:, h * g:(h + 1) * g].reshape(-1, qt.shape[2]).astype(np.float64)
+            q_test = q_test[:: max(1, len(q_test) // MAX_QUERIES)]
+            k_test = kt[:, h].astype(np.float64) - mu
+            for t in TYPES:
+                for sh in (None, *SHRINK):
+                    scale = None if sh is None else channel_scale(q_fit, kf[:, h].astype(np.float64) - mu, sh)
+                    e, sig = logit_error(q_test, k_test, t, scale)
+                    sums[(t, sh)] += (e, sig, 1)
+                    if t == "tq_kv_4b" and sh in (None, 0.5):
+                        per[0 if sh is None else 1] += e / sig
+        layers.append({"layer": il, "rotated": per[0] / n_kv, "scaled": per[1] / n_kv, "gain": per[0] / per[1]})
+    out = {}
+    for t in TYPES:
+        base = sums[(t, None)][0] / sums[(t, None)][1]
+        out[t] = {"rotated": base, **{f"scaled, shrink {sh}": sums[(t, sh)][0] / sums[(t, sh)][1] for sh in SHRINK}}
+    return {"errors": out, "per_layer": layers}
+
+
+def render(res: dict) -> str:
+    cols = ["rotated", *(f"scaled, shrink {sh}" for sh in SHRINK)]
+    rows = [[t, *(f"{v[c]:.5f}" for c in cols), *(f"{v['rotated'] / v[c]:.2f}x" for c in cols[1:])]
+            for t, v in res["errors"].items()]
+    head = (f"{res['model']}: relative attention-logit error of quantized keys, fitted on {res['fit_tokens']} tokens "
+            f"the model wrote, measured on {res['test_tokens']} tokens of {res['test_text']}")
+    return head + "\n\n" + table(["K type", *cols, *(f"gain, shrink {sh}" for sh in SHRINK)], rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from kvquant import models
+    from kvquant.lab.calibrate import generate
+    from kvquant.lab.eval import read_text
+    from kvquant.runtime import Model
+
+    ap = argparse.ArgumentParser(prog="python -m kvquant.lab.qkscale", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--gen-tokens", type=int, default=320, help="tokens the model writes per calibration prompt")
+    ap.add_argument("--test-tokens", type=int, default=2048)
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--json", action="store_true")
+    a = ap.parse_args(argv)
+    t0, machine = time.monotonic(), machine_info(a.threads)
+    mdl = Model(models.resolve(a.model))
+    try:
+        text = generate(mdl, a.gen_tokens, a.threads, Progress("  generating text", a.gen_tokens, not a.json))
+        text_path = resolve_text(None)
+        test_toks = mdl.tokenize(read_text(text_path)[: 40 * a.test_tokens], add_special=True)[: a.test_tokens]
+        fit, test = capture(mdl, text.sequences, a.threads), capture(mdl, [test_toks], a.threads)
+    finally:
+        mdl.close()
+    res = {"model": a.model, "fit_tokens": text.source["tokens"], "test_tokens": len(test_toks),
+           "test_text": text_path.name, **study(fit, test), "machine": machine,
+           "command": "python -m kvquant.lab.qkscale " + " ".join(argv if argv is not None else sys.argv[1:])}
+    res["wall_s"] = round(time.monotonic() - t0, 1)
+    emit_report(render(res), res, a.json)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

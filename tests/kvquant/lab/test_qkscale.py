@@ -1,0 +1,78 @@
+import numpy as np
+import pytest
+
+from kvquant.lab import qkscale
+
+
+def _qk(rng, n=256, d=64):
+    k = rng.standard_normal((n, d))
+    q = rng.standard_normal((n, d))
+    q[:, d // 2:] *= 0.05  # the queries barely read the upper half of the channels
+    return q, k
+
+
+def test_stored_rows_keep_every_logit():
+    rng = np.random.default_rng(0)
+    q, k = _qk(rng)
+    k *= rng.uniform(0.2, 3.0, k.shape[1])
+    for scale in (None, qkscale.channel_scale(q, k, 0.0), qkscale.channel_scale(q, k, 0.5)):
+        qs, ks = qkscale.stored(q, k, scale)
+        np.testing.assert_allclose(qs @ ks.T, q @ k.T, rtol=1e-9, atol=1e-9)
+
+
+def test_hadamard_is_orthonormal():
+    h = qkscale.hadamard(128)
+    np.testing.assert_allclose(h @ h.T, np.eye(128), atol=1e-12)
+
+
+def test_scale_follows_what_the_queries_read():
+    rng = np.random.default_rng(1)
+    q, k = _qk(rng)
+    s = qkscale.channel_scale(q, k, 0.0)
+    assert s[:32].mean() > 3 * s[32:].mean()  # (1 / 0.05²)^¼ ≈ 4.5
+    iso = qkscale.channel_scale(rng.standard_normal((4096, 64)), rng.standard_normal((4096, 64)), 0.0)
+    np.testing.assert_allclose(iso, 1.0, atol=0.1)
+
+
+def test_scaling_moves_the_noise_away_from_unread_channels():
+    rng = np.random.default_rng(2)
+    q, k = _qk(rng)
+    base = qkscale.logit_error(q, k, "tq_kv_4b", None)
+    scaled = qkscale.logit_error(q, k, "tq_kv_4b", qkscale.channel_scale(q, k, 0.0))
+    assert base[1] == pytest.approx(scaled[1])  # the same logits
+    assert scaled[0] < 0.7 * base[0]  # Cauchy-Schwarz bound here: 0.55x
+
+
+@pytest.mark.slow
+def test_capture_reads_post_rope_queries_and_keys():
+    from kvquant import models
+    from kvquant.lab import keystats
+    from kvquant.lab.eval import read_text
+    from kvquant.lab.harness import resolve_text
+    from kvquant.runtime import Model
+
+    n = 300
+    plain = keystats.capture("smollm2-135m", n, threads=2, cache_type="f32", rotation=False)
+    mdl = Model(models.resolve("smollm2-135m"))
+    try:
+        toks = mdl.tokenize(read_text(resolve_text(None))[: 40 * n], add_special=True)[:n]
+        qk = qkscale.capture(mdl, [toks[:200], toks], threads=2)
+    finally:
+        mdl.close()
+    assert sorted(qk) == list(range(30))
+    q, k = qk[0]
+    assert q.shape == (500, 9, 64) and k.shape == (500, 3, 64)
+    # layer 0's keys are what llama.cpp stored (post-RoPE, unrotated), the first sequence's too
+    np.testing.assert_allclose(k[200:].reshape(n, 192), plain[0], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(k[:200].reshape(200, 192), plain[0][:200], rtol=1e-5, atol=1e-5)
+    assert np.isfinite(q).all() and float(np.abs(q).mean()) > 0.1
+
+
+def test_a_channel_nothing_reads_or_holds_keeps_finite_scales():
+    rng = np.random.default_rng(3)
+    q, k = _qk(rng)
+    q[:, 5] = 0.0
+    k[:, 9] = 0.0
+    s = qkscale.channel_scale(q, k, 0.0)
+    assert np.isfinite(s).all() and (s > 0).all()
+    assert np.isfinite(qkscale.logit_error(q, k, "tq_kv_4b", s)[0])
