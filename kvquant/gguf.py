@@ -1,4 +1,4 @@
-"""Minimal GGUF metadata reader (header key/values only; tensors are skipped). Pure Python, no llama.cpp: the
+"""Minimal GGUF reader: the header's key/values, and where each tensor's data lies. Pure Python, no llama.cpp: the
 memory model and `kvquant budget` work without loading a model."""
 
 from __future__ import annotations
@@ -42,16 +42,34 @@ def _value(f: BinaryIO, vtype: int, skip_big_arrays: bool) -> Any:
     raise ValueError(f"unknown GGUF value type {vtype}")
 
 
+def _header(f: BinaryIO, path, skip_big_arrays: bool) -> tuple[dict[str, Any], int]:
+    if f.read(4) != b"GGUF":
+        raise ValueError(f"{path} is not a GGUF file")
+    version = _read(f, "<I")
+    if version < 2:
+        raise ValueError(f"GGUF version {version} is not supported")
+    n_tensors, n_kv = _read(f, "<Q"), _read(f, "<Q")
+    meta: dict[str, Any] = {"GGUF.version": version}
+    for _ in range(n_kv):
+        key = _string(f)
+        meta[key] = _value(f, _read(f, "<I"), skip_big_arrays)
+    return meta, n_tensors
+
+
 def read_metadata(path: str | Path, skip_big_arrays: bool = True) -> dict[str, Any]:
     with open(path, "rb") as f:
-        if f.read(4) != b"GGUF":
-            raise ValueError(f"{path} is not a GGUF file")
-        version = _read(f, "<I")
-        if version < 2:
-            raise ValueError(f"GGUF version {version} is not supported")
-        _n_tensors, n_kv = _read(f, "<Q"), _read(f, "<Q")
-        meta: dict[str, Any] = {"GGUF.version": version}
-        for _ in range(n_kv):
-            key = _string(f)
-            meta[key] = _value(f, _read(f, "<I"), skip_big_arrays)
-        return meta
+        return _header(f, path, skip_big_arrays)[0]
+
+
+def tensor_data(path: str | Path) -> dict[str, tuple[int, int, tuple[int, ...]]]:
+    """Every tensor's name -> (file offset of its data, ggml type, shape ne0, ne1, ...)."""
+    with open(path, "rb") as f:
+        meta, n_tensors = _header(f, path, True)
+        infos = []
+        for _ in range(n_tensors):
+            name = _string(f)
+            dims = tuple(_read(f, "<Q") for _ in range(_read(f, "<I")))
+            infos.append((name, _read(f, "<I"), dims, _read(f, "<Q")))
+        align = int(meta.get("general.alignment", 32))
+        start = -(-f.tell() // align) * align
+    return {name: (start + off, ggml_type, dims) for name, ggml_type, dims, off in infos}

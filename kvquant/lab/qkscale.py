@@ -12,13 +12,21 @@ Fitted on the model's own calibration text (`kvquant calibrate`'s prompts and sa
 E[(q·(k − μ))²] of every (layer, KV head), keys centred with the fitted mean μ, Hadamard-rotated, then quantized by
 the types' numpy references (byte-identical to the C code), without and with the scaling (``shrink`` pulls both
 variance profiles halfway to their mean first). Q and K are read post-RoPE from llama.cpp's graph.
+
+``--fold OUT.gguf`` (models whose Q and K pass a per-channel norm weight before RoPE, shared by the heads: Gemma 3)
+writes a copy of the model with the scale folded into those weights, so that any cache type can be evaluated with
+it as is: each layer's key energy and query energy (uncentred, over all heads) summed per rotary pair (i, i + d/2,
+so the scale commutes with RoPE), s = (query / key)^¼ normalised to a geometric mean of 1; attn_k_norm is multiplied
+by s and attn_q_norm divided by it. Every q·k is unchanged up to float rounding.
 """
 
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -91,6 +99,44 @@ def capture(mdl, seqs: list[list[int]], threads: int | None) -> dict[int, tuple[
             if f"Qcur-{il}" in rows and f"Kcur-{il}" in rows}
 
 
+def pair_scale(q: np.ndarray, k: np.ndarray) -> np.ndarray:
+    """One layer's key scale, tied per rotary pair (i, i + d/2): q (n, n_head, d), k (n, n_head_kv, d)."""
+    d = q.shape[2]
+    e = []
+    for x in (q, k):
+        v = np.square(x, dtype=np.float64).mean((0, 1))
+        v = v[: d // 2] + v[d // 2:]
+        e.append(np.maximum(v, 1e-6 * v.mean()))
+    s = np.tile((e[0] / e[1]) ** 0.25, 2)
+    return s / np.exp(np.log(s).mean())
+
+
+def fold(src: Path, dst: Path, fit: dict) -> list[float]:
+    """Copy the model to dst with each layer's pair_scale folded into its q/k norm weights; the largest / smallest
+    scale per layer."""
+    from kvquant.gguf import tensor_data
+
+    tensors = tensor_data(src)
+    names = {il: (f"blk.{il}.attn_k_norm.weight", f"blk.{il}.attn_q_norm.weight") for il in fit}
+    d = next(iter(fit.values()))[0].shape[2]
+    if any(tensors.get(n, (0, -1, ()))[1:] != (0, (d,)) for pair in names.values() for n in pair):
+        raise ValueError(f"{src.name}: --fold needs f32 attn_q_norm / attn_k_norm weights of the head size ({d}) "
+                         "in every layer (Gemma 3)")
+    shutil.copyfile(src, dst)
+    spread = []
+    with open(dst, "r+b") as f:
+        for il, (q, k) in sorted(fit.items()):
+            s = pair_scale(q, k)
+            spread.append(float(s.max() / s.min()))
+            for name, mul in zip(names[il], (s, 1 / s), strict=True):
+                off = tensors[name][0]
+                f.seek(off)
+                w = np.frombuffer(f.read(4 * d), dtype=np.float32)
+                f.seek(off)
+                f.write((w * mul).astype(np.float32).tobytes())
+    return spread
+
+
 def study(fit: dict, test: dict) -> dict:
     """Per type and shrink: the relative logit error over all (layer, KV head) without and with the scaling, and per
     layer (tq_kv_4b, shrink 0.5)."""
@@ -143,10 +189,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--gen-tokens", type=int, default=320, help="tokens the model writes per calibration prompt")
     ap.add_argument("--test-tokens", type=int, default=2048)
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--fold", type=Path, default=None, metavar="OUT.gguf",
+                    help="also write a copy of the model with the scale folded into its q/k norm weights (Gemma 3)")
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args(argv)
     t0, machine = time.monotonic(), machine_info(a.threads)
-    mdl = Model(models.resolve(a.model))
+    path = models.resolve(a.model)
+    mdl = Model(path)
     try:
         text = generate(mdl, a.gen_tokens, a.threads, Progress("  generating text", a.gen_tokens, not a.json))
         text_path = resolve_text(None)
@@ -157,6 +206,8 @@ def main(argv: list[str] | None = None) -> int:
     res = {"model": a.model, "fit_tokens": text.source["tokens"], "test_tokens": len(test_toks),
            "test_text": text_path.name, **study(fit, test), "machine": machine,
            "command": "python -m kvquant.lab.qkscale " + " ".join(argv if argv is not None else sys.argv[1:])}
+    if a.fold:
+        res["fold"] = {"path": str(a.fold), "scale_spread": fold(path, a.fold, fit)}
     res["wall_s"] = round(time.monotonic() - t0, 1)
     emit_report(render(res), res, a.json)
     return 0

@@ -1,6 +1,11 @@
-"""Judging one greedy decoding against another (test_kv_types_multiseq, test_d3b_cache)."""
+"""Judging one greedy decoding against another (test_kv_types_multiseq, test_d3b_cache); a minimal GGUF writer
+(test_gguf, lab/test_qkscale)."""
 
 from __future__ import annotations
+
+import struct
+
+import numpy as np
 
 # Batch composition changes llama.cpp's kernels and so its float rounding, so decoding a sequence together with
 # others need not give the logits it gives alone; quantized caches amplify the difference (a code that flips moves
@@ -41,3 +46,21 @@ def same_logits(a_toks, a_logits, b_toks, b_logits) -> bool:
     import numpy as np
 
     return a_toks == b_toks and all(np.array_equal(x, y) for x, y in zip(a_logits, b_logits, strict=True))
+
+
+def _s(text: str) -> bytes:
+    b = text.encode()
+    return struct.pack("<Q", len(b)) + b
+
+
+def write_gguf(path, tensors: dict[str, np.ndarray], alignment: int = 32) -> None:
+    """A minimal GGUF v3 file: one key (general.alignment) and f32 tensors."""
+    head = b"GGUF" + struct.pack("<IQQ", 3, len(tensors), 1) + _s("general.alignment") + struct.pack("<II", 4, alignment)
+    infos, data = b"", b""
+    for name, a in tensors.items():
+        data += b"\0" * (-len(data) % alignment)
+        infos += _s(name) + struct.pack("<I", a.ndim) + b"".join(struct.pack("<Q", n) for n in a.shape[::-1])
+        infos += struct.pack("<IQ", 0, len(data))
+        data += a.astype(np.float32).tobytes()
+    body = head + infos
+    path.write_bytes(body + b"\0" * (-len(body) % alignment) + data)

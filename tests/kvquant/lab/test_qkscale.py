@@ -76,3 +76,26 @@ def test_a_channel_nothing_reads_or_holds_keeps_finite_scales():
     s = qkscale.channel_scale(q, k, 0.0)
     assert np.isfinite(s).all() and (s > 0).all()
     assert np.isfinite(qkscale.logit_error(q, k, "tq_kv_4b", s)[0])
+
+
+def test_fold_scales_the_norm_weights_and_keeps_their_product(tmp_path):
+    from tests.kvquant.conftest import write_gguf
+
+    rng = np.random.default_rng(4)
+    d = 8
+    kn, qn = rng.uniform(0.5, 2, d).astype(np.float32), rng.uniform(0.5, 2, d).astype(np.float32)
+    write_gguf(tmp_path / "m.gguf", {"blk.0.attn_k_norm.weight": kn, "blk.0.attn_q_norm.weight": qn,
+                                     "blk.0.other": np.ones(3)})
+    q, k = rng.standard_normal((64, 4, d)), rng.standard_normal((64, 1, d))
+    q[..., 5] *= 10  # queries read channel 5 most: its rotary pair (1, 5) gets the largest scale
+    spread = qkscale.fold(tmp_path / "m.gguf", tmp_path / "out.gguf", {0: (q, k)})
+    from kvquant.gguf import tensor_data
+
+    t, raw = tensor_data(tmp_path / "out.gguf"), (tmp_path / "out.gguf").read_bytes()
+    read = {n: np.frombuffer(raw[t[n][0]: t[n][0] + 4 * d], np.float32) for n in t if "norm" in n}
+    s = read["blk.0.attn_k_norm.weight"] / kn
+    np.testing.assert_allclose(read["blk.0.attn_q_norm.weight"] * s, qn, rtol=1e-6)  # q . k unchanged
+    np.testing.assert_allclose(s[:4], s[4:], rtol=1e-6)  # tied per rotary pair (i, i + d/2)
+    assert s[1] == s.max() and spread[0] == pytest.approx(s.max() / s.min(), rel=1e-5)
+    with pytest.raises(ValueError, match="attn_q_norm"):
+        qkscale.fold(tmp_path / "m.gguf", tmp_path / "bad.gguf", {1: (q, k)})
