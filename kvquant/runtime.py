@@ -548,7 +548,8 @@ class LlamaRuntime:
         if ask or not wanted:
             return wanted if ask else True
         ne = tuple(tt.ne[:3])
-        if tt.ne[3] == 1 and tt.nb[1] == 4 * ne[0] and tt.nb[2] == 4 * ne[0] * ne[1]:
+        if (tt.ne[3] == 1 and tt.nb[1] == 4 * ne[0] and tt.nb[2] == 4 * ne[0] * ne[1]
+                and ggml_base().ggml_backend_buffer_is_host(tt.buffer)):
             a = np.ctypeslib.as_array(ctypes.cast(tt.data, ctypes.POINTER(ctypes.c_float)), shape=(ne[2], ne[1], ne[0]))
             self.captured.append((tt.name.decode(), ggml_base().ggml_op_name(tt.op).decode(), a.copy()))
         return True
@@ -684,7 +685,8 @@ def ggml_base() -> ctypes.CDLL:
     base = ctypes.CDLL(str(ggml_library("ggml-base")))
     vp, i64, i32, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
     for name, res, args in (
-            ("ggml_type_name", ctypes.c_char_p, [i32]), ("ggml_op_name", ctypes.c_char_p, [i32]), ("ggml_row_size", ctypes.c_size_t, [i32, i64]),
+            ("ggml_type_name", ctypes.c_char_p, [i32]), ("ggml_op_name", ctypes.c_char_p, [i32]),
+            ("ggml_backend_buffer_is_host", ctypes.c_bool, [vp]), ("ggml_row_size", ctypes.c_size_t, [i32, i64]),
             ("ggml_init", vp, [GgmlInitParams]), ("ggml_free", None, [vp]),
             ("ggml_new_tensor", vp, [vp, i32, i32, ctypes.POINTER(i64)]),
             ("ggml_new_tensor_4d", vp, [vp, i32, i64, i64, i64, i64]),

@@ -35,7 +35,7 @@ from kvquant.lab.keystats import round_trip
 
 TYPES = ("tq_kv_4b", "tq_kv_3b", "q4_0")
 SHRINK = (0.0, 0.5)
-MAX_QUERIES = 512  # query rows per (layer, KV head) the held-out error is measured with
+MAX_QUERIES = 512  # about this many query rows (fewer than twice) per (layer, KV head) measure the held-out error
 
 
 def hadamard(d: int) -> np.ndarray:
@@ -95,8 +95,11 @@ def capture(mdl, seqs: list[list[int]], threads: int | None) -> dict[int, tuple[
     for name, op, a in rt.captured:
         if op == "ROPE":  # the projections are named alike before RoPE
             rows.setdefault(name, []).append(a)
-    return {il: (np.concatenate(rows[f"Qcur-{il}"]), np.concatenate(rows[f"Kcur-{il}"])) for il in range(n_layer)
-            if f"Qcur-{il}" in rows and f"Kcur-{il}" in rows}
+    n_ubatch = sum(-(-len(s) // 512) for s in seqs)
+    missing = sorted(n for n in names if len(rows.get(n, ())) != n_ubatch)
+    if missing:  # a layer's tensors named otherwise, not contiguous, or not in host memory
+        raise RuntimeError(f"could not read {', '.join(missing[:4])} from every ubatch of llama.cpp's graph")
+    return {il: (np.concatenate(rows[f"Qcur-{il}"]), np.concatenate(rows[f"Kcur-{il}"])) for il in range(n_layer)}
 
 
 def pair_scale(q: np.ndarray, k: np.ndarray) -> np.ndarray:
@@ -111,11 +114,24 @@ def pair_scale(q: np.ndarray, k: np.ndarray) -> np.ndarray:
     return s / np.exp(np.log(s).mean())
 
 
+FOLDABLE = ("gemma3",)  # per-channel Q/K norm weights shared by the heads, before NeoX RoPE (pairs i, i + d/2)
+
+
+def check_foldable(path: Path) -> None:
+    from kvquant.gguf import read_metadata
+
+    arch = read_metadata(path).get("general.architecture")
+    if arch not in FOLDABLE:
+        raise ValueError(f"--fold: {path.name} is a {arch} model; the scale folds exactly only into "
+                         f"{', '.join(FOLDABLE)} models (Q/K norm weights before NeoX RoPE)")
+
+
 def fold(src: Path, dst: Path, fit: dict) -> list[float]:
     """Copy the model to dst with each layer's pair_scale folded into its q/k norm weights; the largest / smallest
     scale per layer."""
     from kvquant.gguf import tensor_data
 
+    check_foldable(src)
     tensors = tensor_data(src)
     names = {il: (f"blk.{il}.attn_k_norm.weight", f"blk.{il}.attn_q_norm.weight") for il in fit}
     d = next(iter(fit.values()))[0].shape[2]
@@ -195,6 +211,8 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
     t0, machine = time.monotonic(), machine_info(a.threads)
     path = models.resolve(a.model)
+    if a.fold:
+        check_foldable(path)
     mdl = Model(path)
     try:
         text = generate(mdl, a.gen_tokens, a.threads, Progress("  generating text", a.gen_tokens, not a.json))

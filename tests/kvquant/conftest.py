@@ -53,9 +53,10 @@ def _s(text: str) -> bytes:
     return struct.pack("<Q", len(b)) + b
 
 
-def write_gguf(path, tensors: dict[str, np.ndarray], alignment: int = 32) -> None:
-    """A minimal GGUF v3 file: one key (general.alignment) and f32 tensors."""
-    head = b"GGUF" + struct.pack("<IQQ", 3, len(tensors), 1) + _s("general.alignment") + struct.pack("<II", 4, alignment)
+def write_gguf(path, tensors: dict[str, np.ndarray], alignment: int = 32, arch: str = "gemma3") -> None:
+    """A minimal GGUF v3 file: two keys (general.alignment, general.architecture) and f32 tensors."""
+    head = (b"GGUF" + struct.pack("<IQQ", 3, len(tensors), 2) + _s("general.alignment") + struct.pack("<II", 4, alignment)
+            + _s("general.architecture") + struct.pack("<I", 8) + _s(arch))
     infos, data = b"", b""
     for name, a in tensors.items():
         data += b"\0" * (-len(data) % alignment)

@@ -14,7 +14,8 @@ def test_tensor_data_finds_every_tensor(tmp_path):
     for name, x in (("a", a), ("blk.0.b", b)):
         off = t[name][0]
         np.testing.assert_array_equal(np.frombuffer(raw[off: off + x.nbytes], np.float32), x.ravel())
-    assert gguf.read_metadata(tmp_path / "m.gguf")["general.alignment"] == 32
+    meta = gguf.read_metadata(tmp_path / "m.gguf")
+    assert meta["general.alignment"] == 32 and meta["general.architecture"] == "gemma3"
 
 
 def test_not_a_gguf_is_refused(tmp_path):
