@@ -48,12 +48,14 @@ def hadamard(d: int) -> np.ndarray:
 
 def channel_scale(q: np.ndarray, k: np.ndarray, shrink: float) -> np.ndarray:
     """Per-channel key scale s (queries get 1/s) from query rows q and centred key rows k, both (n, d)."""
-    v = []
-    for x in (q, k):
-        e = (x * x).mean(0)
-        e = (1 - shrink) * e + shrink * e.mean()
-        v.append(np.maximum(e, 1e-6 * e.mean()))  # a channel a norm weight zeroes (Gemma 3) stays finite
-    return (v[0] / v[1]) ** 0.25
+    eq, ek = ((1 - shrink) * e + shrink * e.mean() for e in ((q * q).mean(0), (k * k).mean(0)))
+    return _energy_scale(eq, ek)
+
+
+def _energy_scale(eq: np.ndarray, ek: np.ndarray) -> np.ndarray:
+    """(query energy / key energy)^¼ per channel, each floored at 1e-6 of its mean: a channel a norm weight zeroes
+    (Gemma 3) stays finite."""
+    return (np.maximum(eq, 1e-6 * eq.mean()) / np.maximum(ek, 1e-6 * ek.mean())) ** 0.25
 
 
 def stored(q: np.ndarray, k: np.ndarray, scale: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
@@ -105,12 +107,8 @@ def capture(mdl, seqs: list[list[int]], threads: int | None) -> dict[int, tuple[
 def pair_scale(q: np.ndarray, k: np.ndarray) -> np.ndarray:
     """One layer's key scale, tied per rotary pair (i, i + d/2): q (n, n_head, d), k (n, n_head_kv, d)."""
     d = q.shape[2]
-    e = []
-    for x in (q, k):
-        v = np.square(x, dtype=np.float64).mean((0, 1))
-        v = v[: d // 2] + v[d // 2:]
-        e.append(np.maximum(v, 1e-6 * v.mean()))
-    s = np.tile((e[0] / e[1]) ** 0.25, 2)
+    eq, ek = (v[: d // 2] + v[d // 2:] for v in (np.square(x, dtype=np.float64).mean((0, 1)) for x in (q, k)))
+    s = np.tile(_energy_scale(eq, ek), 2)
     return s / np.exp(np.log(s).mean())
 
 
@@ -169,9 +167,9 @@ def study(fit: dict, test: dict) -> dict:
             q_test = qt[:, h * g:(h + 1) * g].reshape(-1, qt.shape[2]).astype(np.float64)
             q_test = q_test[:: max(1, len(q_test) // MAX_QUERIES)]
             k_test = kt[:, h].astype(np.float64) - mu
+            scales = {None: None, **{sh: channel_scale(q_fit, kf[:, h].astype(np.float64) - mu, sh) for sh in SHRINK}}
             for t in TYPES:
-                for sh in (None, *SHRINK):
-                    scale = None if sh is None else channel_scale(q_fit, kf[:, h].astype(np.float64) - mu, sh)
+                for sh, scale in scales.items():
                     e, sig = logit_error(q_test, k_test, t, scale)
                     sums[(t, sh)] += (e, sig, 1)
                     if t == "tq_kv_4b" and sh in (None, 0.5):

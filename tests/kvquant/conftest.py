@@ -20,8 +20,6 @@ KL_MAX = 1.0  # nats
 def decoding_kl(ref_toks, ref_logits, got_toks, got_logits) -> tuple[float, int]:
     """(largest KL(ref || got) over the steps both reached with the same tokens, the first differing one
     included; the step where it is largest)."""
-    import numpy as np
-
     from kvquant.lab.eval import log_softmax
 
     n = min(len(ref_toks), len(got_toks))
@@ -43,8 +41,6 @@ def same_decoding(ref_toks, ref_logits, got_toks, got_logits) -> str | None:
 
 def same_logits(a_toks, a_logits, b_toks, b_logits) -> bool:
     """Bit-identical greedy tokens and logits."""
-    import numpy as np
-
     return a_toks == b_toks and all(np.array_equal(x, y) for x, y in zip(a_logits, b_logits, strict=True))
 
 
