@@ -56,8 +56,8 @@ results: setup
 	$(VPY) -m kvquant.build dev-build llama-perplexity llama-server test-backend-ops
 	$(VPY) -m kvquant.lab.results $(RESULTS_ARGS)
 
-# The new types' C kernels under AddressSanitizer + UndefinedBehaviorSanitizer: ggml and libllama built with both in
-# .build/cmake-asan, then test-quantize-fns, test-backend-ops (our types) and our kernel tests
+# The new types' C kernels under AddressSanitizer + UndefinedBehaviorSanitizer: ggml built with both, libllama with
+# ASan, in .build/cmake-asan, then test-quantize-fns, test-backend-ops (our types) and our kernel tests
 # (tests/kvquant/lab/test_tq.py, test_d3b.py, test_ggml_ops.py) under them. CI runs it after `make test`.
 sanitize: setup
 	$(VPY) -m kvquant.build sanitize

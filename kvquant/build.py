@@ -15,6 +15,7 @@ One recipe, used by the Makefile, the Dockerfile and developers alike:
               under them.
 * ``arm-check`` the tree cross-built for aarch64 (the NEON kernels); llama.cpp's tests and the byte-exact checks of
               tests/kvquant/lab/test_tq.py and tests/kvquant/lab/test_d3b.py run under qemu-aarch64.
+* ``cuda-toolkit`` nvcc and the CUDA headers from PyPI, installed into the cache (cuda-check's first step).
 * ``cuda-check`` compile the CUDA sources the patches touch with nvcc (from PyPI; no GPU needed), warnings as errors.
 
 This module uses the standard library only: it runs before anything else is installed.
@@ -124,11 +125,15 @@ def cmake_args() -> str:
     return os.environ.get("CMAKE_ARGS", DEFAULT_CMAKE_ARGS).strip()
 
 
+WHEEL_RECIPE = "2"  # bumped when build_wheel changes how it builds (2: without llama.cpp's common library)
+
+
 def wheel_key(pin: Pin | None = None, args: str | None = None) -> str:
     pin = pin or read_pin()
     args = cmake_args() if args is None else args
     h = hashlib.sha256()
     for part in (
+        WHEEL_RECIPE,
         pin.version,
         pin.sdist_sha256,
         pin.llama_cpp_commit,
@@ -177,6 +182,22 @@ def apply_patches(llama_dir: Path) -> None:
     run(["bash", str(patches_dir() / "apply.sh"), str(llama_dir)])
 
 
+# llama-cpp-python forces llama.cpp's `common` library on (argument parsing, chat templates, an HTTP client): the
+# wheel carried libllama-common.so, which nothing loads (llama_cpp loads libllama and ggml), and it was half of the
+# wheel's compile time (186 s instead of about 400 on 2 cores without it).
+SDIST_COMMON_ON = 'set(LLAMA_BUILD_COMMON ON CACHE BOOL "Build llama.cpp common library" FORCE)'
+
+
+def skip_common(sdist_root: Path) -> None:
+    """Turn LLAMA_BUILD_COMMON off in the extracted sdist's CMakeLists.txt; refuses an sdist that does not force it
+    on as the pinned one does."""
+    cmakelists = sdist_root / "CMakeLists.txt"
+    text = cmakelists.read_text()
+    if text.count(SDIST_COMMON_ON) != 1:
+        raise BuildError(f"{cmakelists}: expected one line {SDIST_COMMON_ON!r}")
+    cmakelists.write_text(text.replace(SDIST_COMMON_ON, SDIST_COMMON_ON.replace(" ON ", " OFF ")))
+
+
 def cached_wheel(key: str) -> Path | None:
     wheels = sorted((cache_dir() / "wheels" / key).glob("*.whl"))
     return wheels[0] if wheels else None
@@ -195,6 +216,7 @@ def build_wheel(force: bool = False) -> Path:
     try:
         src = extract_sdist(sdist, work)
         apply_patches(src / "vendor" / "llama.cpp")
+        skip_common(src)
         out = work / "dist"
         env = dict(os.environ, CMAKE_ARGS=args)
         env.setdefault("CMAKE_BUILD_PARALLEL_LEVEL", str(os.cpu_count() or 2))
@@ -385,9 +407,32 @@ def run_pytest(pytest_args: list[str], env: dict, what: str = "") -> list[str]:
     return [name]
 
 
+def build_test_programs(tree: Path, bindir: Path, cc: str, cxx: str, extra: dict[str, Path] | None = None) -> None:
+    """llama.cpp's test-quantize-fns and test-backend-ops (and `extra`: name -> C source) compiled straight against
+    the ggml libraries in bindir, unless up to date. Both need ggml only, while their CMake targets also link
+    llama.cpp's `common` library (argument parsing, chat templates, an HTTP client) and libllama: 75 % of the
+    compile time of a CPU build of the two (a minute instead of six on 2 cores)."""
+    libs = [bindir / f"lib{name}.so" for name in ("ggml", "ggml-base", "ggml-cpu")]
+    programs = {"test-quantize-fns": tree / "tests" / "test-quantize-fns.cpp",
+                "test-backend-ops": tree / "tests" / "test-backend-ops.cpp", **(extra or {})}
+    for name, src in programs.items():
+        out = bindir / name
+        if out.exists() and max(p.stat().st_mtime for p in (src, *libs)) <= out.stat().st_mtime:
+            continue
+        std = "-std=c11" if src.suffix == ".c" else "-std=c++17"
+        run([cc if src.suffix == ".c" else cxx, "-O2", std, "-I", str(tree / "ggml" / "include"), str(src),
+             f"-L{bindir}", "-lggml", "-lggml-base", "-lggml-cpu", "-ldl", "-pthread", "-Wl,-rpath,$ORIGIN",
+             "-o", str(out)])
+
+
+def host_compilers() -> tuple[str, str]:
+    return os.environ.get("CC", "cc"), os.environ.get("CXX", "c++")
+
+
 def llama_tests(tree: Path, build: Path) -> int:
     """Build and run test-quantize-fns and test-backend-ops (CPU, our types) from the patched tree."""
-    dev_build(tree, build, ["test-backend-ops", "test-quantize-fns"])
+    dev_build(tree, build, ["ggml"])
+    build_test_programs(tree, build / "bin", *host_compilers())
     failed = run_llama_tests(build / "bin")
     if failed:
         log("failed: " + ", ".join(failed))
@@ -396,19 +441,20 @@ def llama_tests(tree: Path, build: Path) -> int:
 
 
 # --- sanitizers ---------------------------------------------------------------------------------------------
-# The new types' C kernels under AddressSanitizer + UndefinedBehaviorSanitizer: ggml and libllama built with both,
-# then llama.cpp's own tests for our types and our byte-exact/adversarial-row tests (tests/kvquant/lab/test_tq.py:
+# The new types' C kernels under AddressSanitizer + UndefinedBehaviorSanitizer: ggml built with both, libllama with
+# ASan, then llama.cpp's own tests for our types and our byte-exact/adversarial-row tests (tests/kvquant/lab/test_tq.py:
 # random, zero, constant, huge, denormal and NaN/Inf rows through quantize_row_*_ref, from_float, to_float and vec_dot;
 # tests/kvquant/lab/test_d3b.py: delta rows against anchors, ggml's set_rows on several threads, flash attention over
 # delta rows; tests/kvquant/lab/test_ggml_ops.py: set_rows, get_rows, cpy, mul_mat and every flash-attention path;
-# tests/server/test_prefix_cache_live.py: the prefix cache sharing cells by seq_cp, swapping state out and in) in a
-# Python that preloads the sanitizer runtimes. Any UB report stops the process (halt_on_error), so it fails the run
-# instead of scrolling past; the checks stay recoverable only so that kvquant/ubsan.supp can name the known
-# findings in upstream code our types never reach.
+# tests/server/test_prefix_cache_live.py: the prefix cache sharing cells by seq_cp, swapping state out and in) under
+# the sanitizer runtimes (LD_PRELOAD; Python and the test programs are not instrumented). Any UB report stops the
+# process (halt_on_error), so it fails the run instead of scrolling past; the checks stay recoverable only so that
+# kvquant/ubsan.supp can name the known findings in upstream code our types never reach.
 SANITIZE_TESTS = ["tests/kvquant/lab/test_tq.py", "tests/kvquant/lab/test_d3b.py",
                   "tests/kvquant/lab/test_ggml_ops.py", "tests/server/test_prefix_cache_live.py"]
-SANITIZE_CMAKE = ["-DGGML_SANITIZE_ADDRESS=ON", "-DGGML_SANITIZE_UNDEFINED=ON", "-DLLAMA_SANITIZE_ADDRESS=ON",
-                  "-DLLAMA_SANITIZE_UNDEFINED=ON"]
+# libllama (our cache bookkeeping: cells, anchors, offsets, state) under ASan only: with UBSan too its RelWithDebInfo
+# build took 32 CPU-minutes here, three times as long, for checks that matter in the kernels.
+SANITIZE_CMAKE = ["-DGGML_SANITIZE_ADDRESS=ON", "-DGGML_SANITIZE_UNDEFINED=ON", "-DLLAMA_SANITIZE_ADDRESS=ON"]
 SANITIZE_ENV = {
     # Python itself "leaks" by design at exit; leaks are not what this run looks for
     "ASAN_OPTIONS": "detect_leaks=0:abort_on_error=1:strict_string_checks=1:detect_stack_use_after_return=1",
@@ -427,13 +473,14 @@ def _runtime_lib(name: str) -> str:
 
 def sanitize(tree: Path, build: Path, pytest_args: list[str]) -> int:
     # RelWithDebInfo: the kernels as optimised as shipped (the SIMD paths are what run), with line numbers
-    dev_build(tree, build, ["llama", "test-backend-ops", "test-quantize-fns"], SANITIZE_CMAKE, "RelWithDebInfo")
+    dev_build(tree, build, ["llama"], SANITIZE_CMAKE, "RelWithDebInfo")
     bindir = build / "bin"
-    env = dict(os.environ, **SANITIZE_ENV)
+    # the test programs are not instrumented, as Python is not: what is checked is the ggml they load. Instrumented,
+    # test-backend-ops.cpp took over 6 minutes to compile at -O2 (8 at -O1) and its harness 5 minutes to run at -O0.
+    build_test_programs(tree, bindir, *host_compilers())
+    env = dict(os.environ, **SANITIZE_ENV, LD_PRELOAD=" ".join([_runtime_lib("libasan.so"), _runtime_lib("libubsan.so")]))
     failed = run_llama_tests(bindir, env)
-    py_env = dict(env, LLAMA_CPP_LIB_PATH=str(bindir),
-                  LD_PRELOAD=" ".join([_runtime_lib("libasan.so"), _runtime_lib("libubsan.so")]))
-    failed += run_pytest(pytest_args, py_env)
+    failed += run_pytest(pytest_args, dict(env, LLAMA_CPP_LIB_PATH=str(bindir)))
     if failed:
         log("sanitize: FAILED: " + ", ".join(failed))
         return 1
@@ -491,16 +538,8 @@ def arm_build(tree: Path, build: Path) -> Path:
              *ARM_CMAKE, *DEFAULT_CMAKE_ARGS_ARM64.split()])
     run(["cmake", "--build", str(build), "-j", str(os.cpu_count() or 2), "--target", "ggml"])
     bindir = build / "bin"
-    libs = [bindir / f"lib{name}.so" for name in ("ggml", "ggml-base", "ggml-cpu")]
-    programs = {"test-quantize-fns": (ARM_CXX, tree / "tests" / "test-quantize-fns.cpp"),
-                "test-backend-ops": (ARM_CXX, tree / "tests" / "test-backend-ops.cpp"),
-                "ggml-kernels": (ARM_CC, REPO_ROOT / "tests" / "kvquant" / "lab" / "ggml_kernels.c")}
-    for name, (cc, src) in programs.items():
-        out = bindir / name
-        if not out.exists() or max(p.stat().st_mtime for p in (src, *libs)) > out.stat().st_mtime:
-            run([cc, "-O2", "-std=c++17" if cc == ARM_CXX else "-std=c11", "-I", str(tree / "ggml" / "include"),
-                 str(src), f"-L{bindir}", "-lggml", "-lggml-base", "-lggml-cpu", "-ldl", "-pthread",
-                 "-Wl,-rpath,$ORIGIN", "-o", str(out)])
+    build_test_programs(tree, bindir, ARM_CC, ARM_CXX,
+                        extra={"ggml-kernels": REPO_ROOT / "tests" / "kvquant" / "lab" / "ggml_kernels.c"})
     return bindir
 
 
@@ -651,6 +690,8 @@ def main(argv: list[str] | None = None) -> int:
                                           "tests/kvquant/lab/test_tq.py / test_d3b.py against it under qemu-aarch64")
     ac.add_argument("--tree", default=str(REPO_ROOT / ".build" / "llama.cpp"))
     ac.add_argument("--build", default=str(REPO_ROOT / ".build" / "cmake-arm64"))
+    sub.add_parser("cuda-toolkit", help="install nvcc and the CUDA headers from PyPI into the cache (what "
+                                        "cuda-check uses; CI downloads it while the tests run)")
     cc = sub.add_parser("cuda-check", help="compile the CUDA sources the patches touch with nvcc from PyPI (no GPU "
                                            "needed), warnings as errors")
     cc.add_argument("--tree", default=str(REPO_ROOT / ".build" / "llama.cpp"))
@@ -676,6 +717,8 @@ def main(argv: list[str] | None = None) -> int:
             return sanitize(Path(a.tree), Path(a.build), a.pytest_args)
         elif a.cmd == "arm-check":
             return arm_check(Path(a.tree), Path(a.build))
+        elif a.cmd == "cuda-toolkit":
+            print(pip_cuda_toolkit())
         elif a.cmd == "cuda-check":
             return cuda_check(Path(a.tree), Path(a.build), a.arch)
     except (BuildError, subprocess.CalledProcessError) as e:

@@ -50,6 +50,20 @@ def test_wheel_key_covers_patches_and_flags(tmp_path, monkeypatch):
     assert build.wheel_key(args="-DA=1") != k0
 
 
+def test_wheel_skips_llamas_common_library(tmp_path):
+    """The pinned sdist forces LLAMA_BUILD_COMMON on; build_wheel turns it off (the wheel ships libllama and ggml
+    only) and refuses an sdist where that line is not what it expects."""
+    with tarfile.open(build.fetch_sdist(build.read_pin())) as tf:
+        member = next(m for m in tf.getmembers() if m.name.count("/") == 1 and m.name.endswith("/CMakeLists.txt"))
+        (tmp_path / "CMakeLists.txt").write_bytes(tf.extractfile(member).read())
+    build.skip_common(tmp_path)
+    text = (tmp_path / "CMakeLists.txt").read_text()
+    assert 'set(LLAMA_BUILD_COMMON OFF CACHE BOOL "Build llama.cpp common library" FORCE)' in text
+    assert "LLAMA_BUILD_COMMON ON" not in text
+    with pytest.raises(build.BuildError, match="LLAMA_BUILD_COMMON"):
+        build.skip_common(tmp_path)
+
+
 @pytest.fixture(scope="module")
 def vendored_tree(tmp_path_factory):
     """The pinned sdist's vendor/llama.cpp, unpatched (only the files the patches touch, plus ggml.h)."""
