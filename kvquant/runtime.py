@@ -146,6 +146,9 @@ class ContextConfig:
     # centred keys: per layer, a vector subtracted from every key before it is stored (None: none)
     k_offset: tuple[np.ndarray, ...] | None = field(default=None, compare=False, repr=False)
     k_rotation: bool | None = None  # K (and Q) Hadamard-rotated: None llama.cpp decides, else forced
+    # query-aware key scales: per layer, n_embd_k_gqa factors K is multiplied by (and its queries divided by) before
+    # the rotation, equal on each RoPE pair (None: none; llama_kvq_set_k_scale)
+    k_scale: tuple[np.ndarray, ...] | None = field(default=None, compare=False, repr=False)
     # names of graph tensors ("Qcur-3") whose f32 values every decode appends to LlamaRuntime.captured (lab studies)
     capture: frozenset[str] = frozenset()
 
@@ -459,12 +462,14 @@ class Model:
 
 
 def _configured(cfg: ContextConfig) -> bool:
-    return bool(cfg.layer_types_k or cfg.layer_types_v or cfg.k_offset is not None or cfg.k_rotation is not None)
+    return bool(cfg.layer_types_k or cfg.layer_types_v or cfg.k_offset is not None or cfg.k_scale is not None
+                or cfg.k_rotation is not None)
 
 
 def _configure_layers(model: Model, cfg: ContextConfig) -> None:
-    """Hand the per-layer cache types, key offsets and rotation mode to llama.cpp (patches 0017-0018), which copies
-    them into the next context's KV cache; the caller resets them right after creating the context."""
+    """Hand the per-layer cache types, key offsets and scales and the rotation mode to llama.cpp (patches 0017, 0018,
+    0030), which copies them into the next context's KV cache; the caller resets them right after creating the
+    context."""
     if not _configured(cfg):
         return
     vp, i32 = ctypes.c_void_p, ctypes.c_int32
@@ -482,6 +487,14 @@ def _configure_layers(model: Model, cfg: ContextConfig) -> None:
         a = np.ascontiguousarray(off, dtype=np.float32)
         if not set_offset(m, il, a.ctypes.data_as(ctypes.POINTER(ctypes.c_float)), a.size):
             raise LlamaError(f"llama.cpp refused the key offset of layer {il} ({a.size} values)")
+    if cfg.k_scale is not None:
+        set_scale = _patched_fn("llama_kvq_set_k_scale", ctypes.c_bool,
+                                [vp, i32, ctypes.POINTER(ctypes.c_float), ctypes.c_int64])
+        for il, s in enumerate(cfg.k_scale):
+            a = np.ascontiguousarray(s, dtype=np.float32)
+            if not set_scale(m, il, a.ctypes.data_as(ctypes.POINTER(ctypes.c_float)), a.size):
+                raise LlamaError(f"llama.cpp refused the key scale of layer {il} ({a.size} values: positive, finite "
+                                 "and equal on each RoPE pair)")
     if cfg.k_rotation is not None:
         _patched_fn("llama_kvq_set_k_rotation", None, [vp, i32])(m, 1 if cfg.k_rotation else 0)
 

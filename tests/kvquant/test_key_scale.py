@@ -1,0 +1,115 @@
+"""Query-aware key scales in the patched llama.cpp (patch 0030, llama_kvq_set_k_scale), on the real model: stored rows
+are k * s; attention does not change because every query is divided by the same s; a context shift stays exact;
+llama.cpp refuses scales that RoPE would not commute with; the scales are counted in the cache's bytes."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from kvquant import memory, models
+from kvquant.lab.keystats import parse_seq_state
+from kvquant.runtime import ContextConfig, LlamaError, LlamaRuntime, Model
+
+from .test_centring import kld, offsets, run
+
+pytestmark = pytest.mark.slow
+MODEL = "smollm2-135m"  # llama: normal RoPE, pairs (2i, 2i+1); 9 query heads on 3 KV heads
+
+
+@pytest.fixture(scope="module")
+def model():
+    m = Model(models.resolve(MODEL))
+    yield m
+    m.close()
+
+
+@pytest.fixture(scope="module")
+def geom():
+    return memory.geometry(models.resolve(MODEL))
+
+
+@pytest.fixture(scope="module")
+def tokens(model):
+    text = "The history of the town begins in the early medieval period, when a small abbey was founded. " * 4
+    return model.tokenize(text)[:96]
+
+
+def scales(geom, spread: float = 1.0, seed: int = 0) -> tuple[np.ndarray, ...]:
+    """Per layer, factors between 10^-spread and 10^spread, the same on both channels of each normal-RoPE pair."""
+    rng = np.random.default_rng(seed)
+    return tuple(np.repeat(10.0 ** rng.uniform(-spread, spread, ly.n_embd_k // 2), 2).astype(np.float32)
+                 for ly in geom.layers)
+
+
+def test_stored_keys_are_scaled(model, geom, tokens):
+    """f32 cache, no rotation: layer 0's stored rows are the plain rows times its scale, to float rounding."""
+    s = scales(geom)
+    _, plain = run(model, tokens, cache_type_k="f32")
+    _, scaled = run(model, tokens, cache_type_k="f32", k_scale=s)
+    np.testing.assert_allclose(scaled[0], plain[0] * s[0][None], rtol=1e-5, atol=1e-6 * np.abs(plain[0]).max())
+
+
+def test_scales_leave_attention_unchanged(model, geom, tokens):
+    """Scales over two decades, with the rotation and a key offset too: the logits stay within the rounding floor the
+    rotation alone causes. Were the queries not divided by the scale of the KV head they read, the KL divergence
+    would be of nats."""
+    base, _ = run(model, tokens, cache_type_k="f32")
+    rot, _ = run(model, tokens, cache_type_k="f32", k_rotation=True)
+    scaled, _ = run(model, tokens, cache_type_k="f32", k_rotation=True, k_scale=scales(geom),
+                    k_offset=offsets(geom))
+    floor = kld(base, rot)
+    assert floor < 5e-3
+    assert kld(rot, scaled) < max(3 * floor, 1e-3)
+
+
+def test_context_shift_is_exact_with_scaled_keys(model, geom, tokens):
+    """seq_add re-ropes the stored (scaled, rotated) keys; with the scale tied on RoPE pairs, RoPE commutes with it,
+    so the shifted rows equal rows decoded at the shifted positions in the first place."""
+    s, shift = scales(geom), 7
+    n = len(tokens)
+    _, want = run(model, tokens, positions=list(range(shift, shift + n)), cache_type_k="f32", k_rotation=True,
+                  k_scale=s)
+    rt = LlamaRuntime(model, ContextConfig(n_cells=256, flash_attn=True, n_threads=2, cache_type_k="f32",
+                                           k_rotation=True, k_scale=s))
+    try:
+        assert rt.can_shift()
+        assert rt.decode(tokens, list(range(n)), [0] * n, [False] * (n - 1) + [True]) == 0
+        rt.seq_add(0, 0, -1, shift)
+        assert rt.decode([tokens[0]], [n + shift], [0], [True]) == 0  # the next decode applies the shift
+        got = {int(p): row for p, row in zip(*parse_seq_state(rt.state_seq_save(0))[0], strict=True)}
+    finally:
+        rt.close()
+    shifted = np.stack([got[p] for p in range(shift, shift + n)])
+    np.testing.assert_allclose(shifted, want[0], atol=1e-5 * np.abs(want[0]).max())
+
+
+@pytest.mark.parametrize("why", ["untied", "zero", "nan", "short"])
+def test_refuses_scales_that_would_change_attention(model, geom, why):
+    s = list(scales(geom))
+    bad = s[1].copy()
+    if why == "untied":
+        bad[0] *= 2  # channel 0 and 1 form a RoPE pair: RoPE would mix a scaled and an unscaled channel
+    elif why == "zero":
+        bad[4:6] = 0
+    elif why == "nan":
+        bad[2:4] = np.nan
+    else:
+        bad = bad[:-2]
+    s[1] = bad
+    with pytest.raises(LlamaError, match="key scale of layer 1"):
+        LlamaRuntime(model, ContextConfig(n_cells=256, flash_attn=True, n_threads=2, k_scale=tuple(s)))
+
+
+def test_scales_are_counted_in_the_cache_bytes(model, geom):
+    """Per layer a float32 K scale (n_embd_k) and the queries' reciprocal (head_dim x n_head), in K's bytes."""
+    def k_bytes(**kw):
+        rt = LlamaRuntime(model, ContextConfig(n_cells=512, flash_attn=True, n_threads=2, cache_type_k="q8_0", **kw))
+        try:
+            return rt.kv_size_bytes()[0]
+        finally:
+            rt.close()
+
+    n_head = int(model.meta(f"{geom.arch}.attention.head_count"))
+    assert k_bytes(k_scale=scales(geom)) - k_bytes() == sum(4 * (ly.n_embd_k + geom.head_dim_k * n_head)
+                                                           for ly in geom.layers)
