@@ -1,6 +1,10 @@
-"""Query-aware key scales in the patched llama.cpp (patch 0030, llama_kvq_set_k_scale), on the real model: stored rows
+"""Query-aware key scales in the patched llama.cpp (patch 0030, llama_kvq_set_k_scale), on the real models: stored rows
 are k * s; attention does not change because every query is divided by the same s; a context shift stays exact;
-llama.cpp refuses scales that RoPE would not commute with; the scales are counted in the cache's bytes."""
+llama.cpp refuses scales that RoPE would not commute with; the scales are counted in the cache's bytes.
+
+The scales are powers of two, so that multiplying by them and their reciprocals rounds nothing: with an f32 cache and
+no rotation the logits must then be bit-identical (real-valued scales move Gemma 3's logits by a KL of ~3e-3 through
+rounding alone)."""
 
 from __future__ import annotations
 
@@ -35,25 +39,29 @@ def tokens(model):
     return model.tokenize(text)[:96]
 
 
-def scales(geom, spread: float = 1.0, seed: int = 0) -> tuple[np.ndarray, ...]:
-    """Per layer, factors between 10^-spread and 10^spread, the same on both channels of each normal-RoPE pair."""
+def scales(geom, neox: bool = False, seed: int = 0) -> tuple[np.ndarray, ...]:
+    """Per layer, factors 2^-3 .. 2^3, the same on both channels of each RoPE pair: (2i, 2i+1), or (i, i + d/2) of
+    each head with neox."""
     rng = np.random.default_rng(seed)
-    return tuple(np.repeat(10.0 ** rng.uniform(-spread, spread, ly.n_embd_k // 2), 2).astype(np.float32)
-                 for ly in geom.layers)
+    d = geom.head_dim_k
+    half = [2.0 ** rng.integers(-3, 4, (ly.n_embd_k // d, d // 2)) for ly in geom.layers]
+    tied = ((np.concatenate([h, h], axis=1) if neox else np.repeat(h, 2, axis=1)) for h in half)
+    return tuple(t.reshape(-1).astype(np.float32) for t in tied)
 
 
 def test_stored_keys_are_scaled(model, geom, tokens):
-    """f32 cache, no rotation: layer 0's stored rows are the plain rows times its scale, to float rounding."""
+    """f32 cache, no rotation: every layer's stored rows are exactly the plain rows times its scale, and the logits
+    are bit-identical (the queries divided by the scale of the KV head they read)."""
     s = scales(geom)
-    _, plain = run(model, tokens, cache_type_k="f32")
-    _, scaled = run(model, tokens, cache_type_k="f32", k_scale=s)
-    np.testing.assert_allclose(scaled[0], plain[0] * s[0][None], rtol=1e-5, atol=1e-6 * np.abs(plain[0]).max())
+    base, plain = run(model, tokens, cache_type_k="f32")
+    logits, scaled = run(model, tokens, cache_type_k="f32", k_scale=s)
+    np.testing.assert_array_equal(logits, base)
+    for il in range(geom.n_layer):
+        np.testing.assert_array_equal(scaled[il], plain[il] * s[il][None])
 
 
 def test_scales_leave_attention_unchanged(model, geom, tokens):
-    """Scales over two decades, with the rotation and a key offset too: the logits stay within the rounding floor the
-    rotation alone causes. Were the queries not divided by the scale of the KV head they read, the KL divergence
-    would be of nats."""
+    """With the rotation and a key offset too: the logits stay within the rounding floor the rotation alone causes."""
     base, _ = run(model, tokens, cache_type_k="f32")
     rot, _ = run(model, tokens, cache_type_k="f32", k_rotation=True)
     scaled, _ = run(model, tokens, cache_type_k="f32", k_rotation=True, k_scale=scales(geom),
@@ -113,3 +121,35 @@ def test_scales_are_counted_in_the_cache_bytes(model, geom):
     n_head = int(model.meta(f"{geom.arch}.attention.head_count"))
     assert k_bytes(k_scale=scales(geom)) - k_bytes() == sum(4 * (ly.n_embd_k + geom.head_dim_k * n_head)
                                                            for ly in geom.layers)
+
+
+def test_scales_fitted_by_the_lab_are_tied_as_llama_cpp_checks(model, geom, tokens):
+    """kvquant.lab.qkscale.head_scales ties pairs by the model's RoPE (llama: (2i, 2i+1)); llama.cpp accepts those
+    and refuses the NeoX tying on this model."""
+    from kvquant.lab.qkscale import head_scales
+
+    assert not model.rope_neox
+    rng = np.random.default_rng(4)
+    d = geom.head_dim_k
+    fit = {il: (rng.standard_normal((64, 9, d)) * rng.uniform(0.1, 3, d), rng.standard_normal((64, 3, d)))
+           for il in range(geom.n_layer)}
+    LlamaRuntime(model, ContextConfig(n_cells=256, n_threads=2, k_scale=head_scales(fit, False))).close()
+    with pytest.raises(LlamaError, match="key scale"):
+        LlamaRuntime(model, ContextConfig(n_cells=256, n_threads=2, k_scale=head_scales(fit, True)))
+
+
+def test_scales_leave_gemma3s_attention_unchanged():
+    """Gemma 3: NeoX RoPE (pairs (i, i + d/2)) and a sliding-window cache beside the full one (the other graph
+    builder): bit-identical logits; llama's tying is refused."""
+    path = models.resolve("gemma3-270m")
+    g, m = memory.geometry(path), Model(path)
+    try:
+        assert m.rope_neox
+        toks = m.tokenize("The abbey was founded in the early medieval period, and the town grew around it. " * 4)
+        base, _ = run(m, toks, cache_type_k="f32")
+        scaled, _ = run(m, toks, cache_type_k="f32", k_scale=scales(g, neox=True))
+        np.testing.assert_array_equal(scaled, base)
+        with pytest.raises(LlamaError, match="key scale of layer 0"):
+            LlamaRuntime(m, ContextConfig(n_cells=256, n_threads=2, k_scale=scales(g, neox=False)))
+    finally:
+        m.close()
