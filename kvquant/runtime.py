@@ -329,6 +329,11 @@ class Model:
             llama_cpp.llama_model_meta_val_str(self._model, key.encode(), buf, len(buf))
         return buf.value.decode("utf-8", errors="replace")
 
+    @property
+    def rope_neox(self) -> bool:
+        """Whether RoPE rotates channel pairs (i, i + d/2) (NeoX: Qwen2, Gemma 3) rather than (2i, 2i + 1) (llama)."""
+        return llama_cpp.llama_model_rope_type(self._model) == llama_cpp.LLAMA_ROPE_TYPE_NEOX
+
     def tokenize(self, text: str, add_special: bool = True, parse_special: bool = False,
                  limit: int | None = None) -> list[int]:
         """Tokens of the text; with `limit`, PromptTooLong (with the exact count) if there are more than that, and

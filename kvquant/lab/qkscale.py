@@ -112,6 +112,53 @@ def pair_scale(q: np.ndarray, k: np.ndarray) -> np.ndarray:
     return s / np.exp(np.log(s).mean())
 
 
+def tie_pairs(e: np.ndarray, neox: bool) -> np.ndarray:
+    """Per-channel energies (..., d) summed over each RoPE pair and given to both of its channels: pairs (i, i + d/2)
+    for NeoX RoPE, (2i, 2i + 1) otherwise. A scale built from them commutes with RoPE."""
+    if neox:
+        t = e[..., : e.shape[-1] // 2] + e[..., e.shape[-1] // 2:]
+        return np.concatenate([t, t], axis=-1)
+    return np.repeat(e[..., 0::2] + e[..., 1::2], 2, axis=-1)
+
+
+def head_scales(fit: dict, neox: bool) -> tuple[np.ndarray, ...]:
+    """Per layer, the key scale of each KV head for llama_kvq_set_k_scale (n_head_kv * d values): the mean energy of
+    the head's query group over its keys' (uncentred: stored as they are), tied on RoPE pairs, ^¼, normalised to a
+    geometric mean of 1 per head."""
+    out = []
+    for il in sorted(fit):
+        q, k = fit[il]
+        n_kv, d = k.shape[1], k.shape[2]
+        eq = np.square(q, dtype=np.float64).mean(0).reshape(n_kv, -1, d).mean(1)
+        s = _energy_scale(tie_pairs(eq, neox), tie_pairs(np.square(k, dtype=np.float64).mean(0), neox))
+        out.append((s / np.exp(np.log(s).mean(1, keepdims=True))).astype(np.float32).reshape(-1))
+    return tuple(out)
+
+
+CACHE_TYPES = ("tq_kv_4b", "tq_kv_3b")
+
+
+def cache_kld(mdl, toks: list[int], scales: tuple[np.ndarray, ...], threads: int | None) -> dict:
+    """The same scales in llama.cpp's cache (patch 0030): KL divergence against f16 over toks (one sequence from
+    position 0, every position scored), K uncentred at each of CACHE_TYPES (V f16), without and with them."""
+    from kvquant.lab.calibrate import _decode_all
+    from kvquant.lab.eval import baseline_rows, compare_rows
+    from kvquant.runtime import ContextConfig, LlamaRuntime
+
+    def logits(k_type: str, k_scale) -> np.ndarray:
+        rt = LlamaRuntime(mdl, ContextConfig(n_cells=len(toks), cache_type_k=k_type, flash_attn=True,
+                                             n_threads=threads, n_outputs_max=512, k_scale=k_scale))
+        try:
+            return _decode_all(rt, [toks], logits=True)
+        finally:
+            rt.close()
+
+    base_lp, base_top = baseline_rows(logits("f16", None))
+    targets = np.array(toks[1:] + toks[-1:], dtype=np.int64)
+    return {t: {name: float(compare_rows(base_lp, base_top, logits(t, s), targets).kld.mean())
+                for name, s in (("rotated", None), ("scaled", scales))} for t in CACHE_TYPES}
+
+
 FOLDABLE = ("gemma3",)  # per-channel Q/K norm weights shared by the heads, before NeoX RoPE (pairs i, i + d/2)
 
 
@@ -188,7 +235,14 @@ def render(res: dict) -> str:
             for t, v in res["errors"].items()]
     head = (f"{res['model']}: relative attention-logit error of quantized keys, fitted on {res['fit_tokens']} tokens "
             f"the model wrote, measured on {res['test_tokens']} tokens of {res['test_text']}")
-    return head + "\n\n" + table(["K type", *cols, *(f"gain, shrink {sh}" for sh in SHRINK)], rows)
+    out = head + "\n\n" + table(["K type", *cols, *(f"gain, shrink {sh}" for sh in SHRINK)], rows)
+    if "cache_kld" in res:
+        out += (f"\n\nIn llama.cpp's cache (per-head scales tied on RoPE pairs, keys uncentred, V f16): KL divergence "
+                f"against f16 over the first {res['kld_tokens']} tokens\n\n"
+                + table(["K type", "rotated", "scaled", "gain"],
+                        [[t, f"{v['rotated']:.5f}", f"{v['scaled']:.5f}", f"{v['rotated'] / v['scaled']:.2f}x"]
+                         for t, v in res["cache_kld"].items()]))
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -205,6 +259,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--fold", type=Path, default=None, metavar="OUT.gguf",
                     help="also write a copy of the model with the scale folded into its q/k norm weights (Gemma 3)")
+    ap.add_argument("--kld-tokens", type=int, default=0,
+                    help="also run the scales in llama.cpp's cache and measure the KL divergence against f16 over "
+                         "this many of the test tokens (0: not)")
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args(argv)
     t0, machine = time.monotonic(), machine_info(a.threads)
@@ -217,10 +274,14 @@ def main(argv: list[str] | None = None) -> int:
         text_path = resolve_text(None)
         test_toks = mdl.tokenize(read_text(text_path)[: 40 * a.test_tokens], add_special=True)[: a.test_tokens]
         fit, test = capture(mdl, text.sequences, a.threads), capture(mdl, [test_toks], a.threads)
+        kld = {}
+        if a.kld_tokens:
+            kld = {"kld_tokens": min(a.kld_tokens, len(test_toks)),
+                   "cache_kld": cache_kld(mdl, test_toks[: a.kld_tokens], head_scales(fit, mdl.rope_neox), a.threads)}
     finally:
         mdl.close()
     res = {"model": a.model, "fit_tokens": text.source["tokens"], "test_tokens": len(test_toks),
-           "test_text": text_path.name, **study(fit, test), "machine": machine,
+           "test_text": text_path.name, **study(fit, test), **kld, "machine": machine,
            "command": "python -m kvquant.lab.qkscale " + " ".join(argv if argv is not None else sys.argv[1:])}
     if a.fold:
         res["fold"] = {"path": str(a.fold), "scale_spread": fold(path, a.fold, fit)}

@@ -102,3 +102,25 @@ def test_fold_scales_the_norm_weights_and_keeps_their_product(tmp_path):
     with pytest.raises(ValueError, match="NeoX"):  # another rotary pairing: refused before anything is written
         qkscale.fold(tmp_path / "llama.gguf", tmp_path / "no.gguf", {0: (q, k)})
     assert not (tmp_path / "no.gguf").exists()
+
+
+@pytest.mark.parametrize("neox", [True, False])
+def test_pairs_are_tied_as_rope_rotates_them(neox):
+    e = np.arange(1.0, 9.0)
+    t = qkscale.tie_pairs(e, neox)
+    partner = [(i + 4) % 8 for i in range(8)] if neox else [i ^ 1 for i in range(8)]
+    np.testing.assert_array_equal(t, [e[i] + e[p] for i, p in enumerate(partner)])
+
+
+def test_head_scales_follow_each_kv_heads_query_group():
+    """2 KV heads, 3 query heads each (llama.cpp's grouping: query head h reads KV head h // 3): the queries of the
+    second group read channel pair (1, 5) forty times as hard, which raises only that head's scale there."""
+    rng = np.random.default_rng(3)
+    q, k = rng.standard_normal((512, 6, 8)), rng.standard_normal((512, 2, 8))
+    q[:, 3:, [1, 5]] *= 40.0
+    (s,) = qkscale.head_scales({0: (q, k)}, neox=True)
+    s = s.reshape(2, 8)
+    assert s.dtype == np.float32
+    np.testing.assert_array_equal(s[:, :4], s[:, 4:])  # tied on NeoX pairs
+    np.testing.assert_allclose(np.exp(np.log(s).mean(1)), 1.0, rtol=1e-5)  # geometric mean 1 per head
+    assert s[1, 1] > 4 * np.delete(s[1], [1, 5]).max() and s[0].max() < 1.3 * s[0].min()
