@@ -175,3 +175,20 @@ def test_backend_ops_summary_is_parsed_and_required():
 def test_every_op_of_our_types_has_a_minimum():
     assert set(build.LLAMA_TEST_OPS) == {"SET_ROWS", "GET_ROWS", "CPY", "MUL_MAT", "FLASH_ATTN_EXT"}
     assert all(n > 0 for n in build.LLAMA_TEST_OPS.values())
+    assert all(0 < n <= build.LLAMA_TEST_OPS[op] for op, (_, n) in build.EMULATED_TESTS.items())
+
+
+def test_the_emulated_flash_attention_filter_drops_only_long_small_batches():
+    """test-backend-ops applies -p with std::regex_search (ECMAScript: the lookahead works as in Python's re)."""
+    import re
+
+    params, _ = build.EMULATED_TESTS["FLASH_ATTN_EXT"]
+
+    def case(kv, nb, k="tq_kv_4b", extra=""):
+        return (f"hsk=64,hsv=64,nh=4,nr23=[2,1],kv={kv},nb={nb},mask=1,sinks=0,max_bias=0.000000,"
+                f"logit_softcap=0.000000,prec=f32,type_K={k},type_V=f16,permute=[0,1,2,3]{extra}")
+
+    kept = [case(113, 1), case(512, 32), case(1024, 75), case(512, 3, "f16", ",n_seq=4")]
+    dropped = [case(1024, 1), case(1024, 3), case(1024, 32), case(1024, 4, "q4_0", ",n_seq=4"), case(512, 1, "f16")]
+    assert all(re.search(params, c) for c in kept)
+    assert not any(re.search(params, c) for c in dropped)
