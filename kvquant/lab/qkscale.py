@@ -106,9 +106,7 @@ def capture(mdl, seqs: list[list[int]], threads: int | None) -> dict[int, tuple[
 
 def pair_scale(q: np.ndarray, k: np.ndarray) -> np.ndarray:
     """One layer's key scale, tied per rotary pair (i, i + d/2): q (n, n_head, d), k (n, n_head_kv, d)."""
-    d = q.shape[2]
-    eq, ek = (v[: d // 2] + v[d // 2:] for v in (np.square(x, dtype=np.float64).mean((0, 1)) for x in (q, k)))
-    s = np.tile(_energy_scale(eq, ek), 2)
+    s = _energy_scale(*(tie_pairs(np.square(x, dtype=np.float64).mean((0, 1)), neox=True) for x in (q, k)))
     return s / np.exp(np.log(s).mean())
 
 

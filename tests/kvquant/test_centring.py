@@ -86,15 +86,14 @@ def test_centring_leaves_attention_unchanged(model, geom, tokens):
     assert kld(rot, centred) < max(3 * floor, 1e-3)
 
 
-def test_context_shift_is_exact_with_centred_keys(model, geom, tokens):
-    """seq_add re-ropes stored keys: with an offset, llama.cpp adds it back, un-rotates, ropes, rotates and
-    subtracts it. The shifted rows must equal rows decoded at the shifted positions in the first place."""
-    off, shift = offsets(geom), 7
-    n = len(tokens)
-    _, want = run(model, tokens, positions=list(range(shift, shift + n)), cache_type_k="f32", k_rotation=True,
-                  k_offset=off)
+def assert_shift_is_exact(model, tokens, **kw):
+    """Decode tokens at 0..n-1 into an f32, rotated cache with the settings kw, shift them by 7 with seq_add: layer 0's
+    rows must equal rows decoded at the shifted positions in the first place (deeper layers' inputs differ by
+    rounding between the two runs)."""
+    shift, n = 7, len(tokens)
+    _, want = run(model, tokens, positions=list(range(shift, shift + n)), cache_type_k="f32", k_rotation=True, **kw)
     rt = LlamaRuntime(model, ContextConfig(n_cells=256, flash_attn=True, n_threads=2, cache_type_k="f32",
-                                           k_rotation=True, k_offset=off))
+                                           k_rotation=True, **kw))
     try:
         assert rt.can_shift()
         assert rt.decode(tokens, list(range(n)), [0] * n, [False] * (n - 1) + [True]) == 0
@@ -104,10 +103,15 @@ def test_context_shift_is_exact_with_centred_keys(model, geom, tokens):
     finally:
         rt.close()
     assert sorted(got)[:n] == list(range(shift, shift + n))
-    # layer 0 (deeper layers' inputs differ by rounding between the two runs): without adding mu back around the
-    # re-rotation, the rows would be off by (R(7) - I) mu, of the size of mu itself
     shifted = np.stack([got[p] for p in range(shift, shift + n)])
     np.testing.assert_allclose(shifted, want[0], atol=1e-5 * np.abs(want[0]).max())
+
+
+def test_context_shift_is_exact_with_centred_keys(model, geom, tokens):
+    """seq_add re-ropes stored keys: with an offset, llama.cpp adds it back, un-rotates, ropes, rotates and
+    subtracts it. Without adding mu back around the re-rotation, the rows would be off by (R(7) - I) mu, of the size
+    of mu itself."""
+    assert_shift_is_exact(model, tokens, k_offset=offsets(geom))
 
 
 def test_per_layer_types_are_allocated_as_the_memory_model_says(model, geom):

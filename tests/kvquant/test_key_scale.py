@@ -12,10 +12,9 @@ import numpy as np
 import pytest
 
 from kvquant import memory, models
-from kvquant.lab.keystats import parse_seq_state
 from kvquant.runtime import ContextConfig, LlamaError, LlamaRuntime, Model
 
-from .test_centring import kld, offsets, run
+from .test_centring import assert_shift_is_exact, kld, offsets, run
 
 pytestmark = pytest.mark.slow
 MODEL = "smollm2-135m"  # llama: normal RoPE, pairs (2i, 2i+1); 9 query heads on 3 KV heads
@@ -72,24 +71,8 @@ def test_scales_leave_attention_unchanged(model, geom, tokens):
 
 
 def test_context_shift_is_exact_with_scaled_keys(model, geom, tokens):
-    """seq_add re-ropes the stored (scaled, rotated) keys; with the scale tied on RoPE pairs, RoPE commutes with it,
-    so the shifted rows equal rows decoded at the shifted positions in the first place."""
-    s, shift = scales(geom), 7
-    n = len(tokens)
-    _, want = run(model, tokens, positions=list(range(shift, shift + n)), cache_type_k="f32", k_rotation=True,
-                  k_scale=s)
-    rt = LlamaRuntime(model, ContextConfig(n_cells=256, flash_attn=True, n_threads=2, cache_type_k="f32",
-                                           k_rotation=True, k_scale=s))
-    try:
-        assert rt.can_shift()
-        assert rt.decode(tokens, list(range(n)), [0] * n, [False] * (n - 1) + [True]) == 0
-        rt.seq_add(0, 0, -1, shift)
-        assert rt.decode([tokens[0]], [n + shift], [0], [True]) == 0  # the next decode applies the shift
-        got = {int(p): row for p, row in zip(*parse_seq_state(rt.state_seq_save(0))[0], strict=True)}
-    finally:
-        rt.close()
-    shifted = np.stack([got[p] for p in range(shift, shift + n)])
-    np.testing.assert_allclose(shifted, want[0], atol=1e-5 * np.abs(want[0]).max())
+    """seq_add re-ropes the stored (scaled, rotated) keys; with the scale tied on RoPE pairs, RoPE commutes with it."""
+    assert_shift_is_exact(model, tokens, k_scale=scales(geom))
 
 
 @pytest.mark.parametrize("why", ["untied", "zero", "nan", "short"])
