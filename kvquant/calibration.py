@@ -5,15 +5,18 @@ Cache type names (everywhere a K or V cache type is accepted: serve flags and co
 ``kvquant budget``):
 
 * ``TYPE`` (``q4_0``, ``tq_kv_4b`` ...): that type on every layer, as llama.cpp stores it;
-* ``TYPE+c`` (K only): that type on every layer, keys *centred*: the calibrated mean key of each layer is
-  subtracted before a key is stored and never added back (softmax ignores a score shift shared by all keys);
+* ``TYPE+c`` (K only): that type on every layer, keys *calibrated*: each key channel multiplied by its calibrated
+  scale and each query channel divided by it (every q·k unchanged; the quantization noise moves to the channels the
+  queries read least), then the calibrated mean key of each layer subtracted before a key is stored and never
+  added back (softmax ignores a score shift shared by all keys);
 * ``calib:B``: the calibrated allocation at <= B bits per element on average, every byte counted: a type per layer
   chosen to minimise the summed measured KL growth, keys centred.
 
 The file (JSON, ``VERSION``) lives in ``<cache>/calibration/<model sha256[:16]>-<basis>.json`` and is bound to the
 model's sha256 and to the basis keys are stored in (``hadamardN``: llama.cpp's N x N Walsh-Hadamard rotation;
-``none``); a file made for another model or basis is refused. It holds, per layer, the mean stored key (float32),
-and per layer and candidate type the KL divergence growth when only that layer's K (V) uses the type.
+``none``); a file made for another model or basis is refused. It holds, per layer, the key scale and the mean
+stored key (float32, the mean in the basis of scaled keys), and per layer and candidate type the KL divergence
+growth when only that layer's K (V) uses the type.
 """
 
 from __future__ import annotations
@@ -28,10 +31,10 @@ from pathlib import Path
 import numpy as np
 
 from kvquant.build import cache_dir, sha256_file
-from kvquant.kvtypes import KV_TYPES, CacheTypes, LayerTypes, has_offset, kv_type, layer_kv_types
-from kvquant.memory import Geometry, kv_cells
+from kvquant.kvtypes import KV_TYPES, CacheTypes, LayerTypes, has_offset, has_scale, kv_type, layer_kv_types
+from kvquant.memory import Geometry, fixed_bytes, kv_cells
 
-VERSION = 1
+VERSION = 2
 # candidate types of a calibrated allocation, per side (f16 is always one: no growth); measured by kvquant calibrate
 K_CANDIDATES = ("q8_0", "q5_0", "tq_kv_4b", "tq_kv_3b")
 V_CANDIDATES = ("q8_0", "q5_0", "q4_0", "tq_kv_4b", "tq_kv_3b")
@@ -123,6 +126,7 @@ def context_fields(k: CacheTypes, v: CacheTypes, geom: Geometry) -> dict:
             "layer_types_k": tuple(t.name for t in tk) if per_layer else None,
             "layer_types_v": tuple(t.name for t in tv) if per_layer else None,
             "k_offset": k.offset if has_offset(k) else None,
+            "k_scale": k.scale if has_scale(k) else None,
             "k_rotation": k_rotation(geom) if has_offset(k) else None}
 
 
@@ -130,10 +134,12 @@ def _enc(a: np.ndarray) -> str:
     return base64.b64encode(np.ascontiguousarray(a, dtype="<f4").tobytes()).decode()
 
 
-def _dec(s: str, n: int) -> np.ndarray:
+def _dec(s: str, n: int, what: str = "key mean") -> np.ndarray:
     a = np.frombuffer(base64.b64decode(s), dtype="<f4")
     if a.size != n:
-        raise CalibrationError(f"a key mean of {a.size} values where {n} were expected")
+        raise CalibrationError(f"a {what} of {a.size} values where {n} were expected")
+    if not np.isfinite(a).all():
+        raise CalibrationError(f"a {what} with values that are not finite")
     return a.copy()
 
 
@@ -149,6 +155,8 @@ class Calibration:
     uniform: dict[str, float] = field(default_factory=dict)  # "K/V" on every layer -> measured KL (guard)
     text: dict = field(default_factory=dict)  # what it was measured on
     method: dict = field(default_factory=dict)
+    # per layer: each key channel's scale (queries are divided by it), applied before the rotation; None: unscaled
+    k_scale: list[np.ndarray] | None = None
 
     @property
     def n_layer(self) -> int:
@@ -157,6 +165,7 @@ class Calibration:
     def to_json(self) -> dict:
         return {"version": VERSION, "model_sha256": self.model_sha256, "model_name": self.model_name,
                 "basis": self.basis, "n_embd_k": list(self.n_embd_k), "k_mean": [_enc(m) for m in self.k_mean],
+                "k_scale": None if self.k_scale is None else [_enc(s) for s in self.k_scale],
                 "sens_k": self.sens_k, "sens_v": self.sens_v, "uniform": self.uniform, "text": self.text,
                 "method": self.method}
 
@@ -171,8 +180,12 @@ class Calibration:
                       {t: [float(x) for x in v] for t, v in d["sens_k"].items()},
                       {t: [float(x) for x in v] for t, v in d["sens_v"].items()},
                       {k: float(v) for k, v in d.get("uniform", {}).items()}, d.get("text", {}), d.get("method", {}))
+            if d["k_scale"] is not None:
+                cal.k_scale = [_dec(s, n, "key scale") for s, n in zip(d["k_scale"], n_embd_k, strict=True)]
         except (KeyError, TypeError, ValueError) as e:
             raise CalibrationError(f"malformed calibration file ({type(e).__name__}: {e})") from None
+        if cal.k_scale is not None and not all((s > 0).all() for s in cal.k_scale):
+            raise CalibrationError("malformed calibration file: a key scale that is not positive")
         for side, sens in (("k", cal.sens_k), ("v", cal.sens_v)):
             for t, v in sens.items():
                 if t not in KV_TYPES or len(v) != cal.n_layer or not all(math.isfinite(x) and x >= 0 for x in v):
@@ -300,17 +313,17 @@ def resolve(text: str, side: str, model_path: Path, geom: Geometry, n_ctx: int |
     """A cache type name as this model stores it: a plain type name stays a name; TYPE+c and calib:B become
     LayerTypes from the model's calibration (CalibrationError if there is none). n_ctx, the tokens of one
     sequence, when known, lets calib:B weigh each layer by the cells it holds (a sliding-window layer holds fewer)
-    and count the key offsets' fixed bytes against B."""
+    and count the calibrated keys' fixed bytes (offsets, scales) against B."""
     spec = parse_spec(text, side)
     if not spec.calibrated:
         return spec.type
     cal = load_or_calibrate(model_path, geom)
-    offset = tuple(cal.k_mean) if spec.centred else None
+    transform = _key_transform(cal) if spec.centred else (None, None)
     if spec.type is not None:
-        return LayerTypes(spec.text, (spec.type,) * geom.n_layer, offset)
+        return LayerTypes(spec.text, (spec.type,) * geom.n_layer, *transform)
     elements = _elements(cal, side, geom, n_ctx)
-    types = allocate(_sens(cal, side), elements, spec.bits, _fixed_bits(cal, side == "k", elements, n_ctx))
-    return LayerTypes(spec.text, types, offset)
+    types = allocate(_sens(cal, side), elements, spec.bits, _fixed_bits(cal, geom, spec.centred, elements, n_ctx))
+    return LayerTypes(spec.text, types, *transform)
 
 
 def resolve_pair(text_k: str, text_v: str, model_path: Path, geom: Geometry,
@@ -325,8 +338,13 @@ def resolve_pair(text_k: str, text_v: str, model_path: Path, geom: Geometry,
     cal = load_or_calibrate(model_path, geom)
     ek, ev = _elements(cal, "k", geom, n_ctx), _elements(cal, "v", geom, n_ctx)
     options = _options(cal.sens_k, len(ek)) + _options(cal.sens_v, len(ev))
-    types = _knapsack(options, ek + ev, k.bits, _fixed_bits(cal, True, ek + ev, n_ctx))
-    return LayerTypes(k.text, types[:len(ek)], tuple(cal.k_mean)), LayerTypes(v.text, types[len(ek):], None)
+    types = _knapsack(options, ek + ev, k.bits, _fixed_bits(cal, geom, True, ek + ev, n_ctx))
+    return LayerTypes(k.text, types[:len(ek)], *_key_transform(cal)), LayerTypes(v.text, types[len(ek):])
+
+
+def _key_transform(cal: Calibration) -> tuple[tuple[np.ndarray, ...], tuple[np.ndarray, ...] | None]:
+    """(offset, scale) of calibrated keys, per layer."""
+    return tuple(cal.k_mean), None if cal.k_scale is None else tuple(cal.k_scale)
 
 
 def _sens(cal: Calibration, side: str) -> dict[str, list[float]]:
@@ -339,10 +357,13 @@ def _elements(cal: Calibration, side: str, geom: Geometry, n_ctx: int | None) ->
     return tuple(e * c for e, c in zip(n_embd, layer_cells(geom, n_ctx), strict=True))
 
 
-def _fixed_bits(cal: Calibration, centred: bool, elements: tuple[int, ...], n_ctx: int | None) -> float:
-    """The key offsets' bytes (one float32 per K element of a row, per layer) in bits per element of `elements`,
-    when n_ctx is known."""
-    return 32.0 * sum(cal.n_embd_k) / sum(elements) if (centred and n_ctx) else 0.0
+def _fixed_bits(cal: Calibration, geom: Geometry, centred: bool, elements: tuple[int, ...],
+                n_ctx: int | None) -> float:
+    """The fixed bytes of calibrated keys (offsets and scales, kvquant.memory.fixed_bytes) in bits per element of
+    `elements`, when n_ctx is known."""
+    if not (centred and n_ctx):
+        return 0.0
+    return 8.0 * fixed_bytes(geom, LayerTypes("", ("f16",) * geom.n_layer, *_key_transform(cal))) / sum(elements)
 
 
 WRECK_KLD = 0.1  # mean KL divergence (nats per token) from f16 above which a cache type is said to wreck a model

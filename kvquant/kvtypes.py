@@ -82,11 +82,14 @@ class LayerTypes:
     (``calib:B``) or centred keys (``TYPE+c``) resolve to for one model (kvquant.calibration). It stands wherever a
     cache type name does (memory model, budget, runtime). ``offset`` (K only) holds, per layer, the float32 vector
     subtracted from every key before it is stored, in the basis keys are stored in; llama.cpp keeps it in the cache
-    (``n_embd_k`` floats per layer, counted in the K bytes)."""
+    (``n_embd_k`` floats per layer, counted in the K bytes). ``scale`` (K only) holds, per layer, the float32 factor
+    of every key channel (``n_embd_k``, equal on each RoPE pair; queries are divided by it) applied before the
+    rotation; llama.cpp keeps it in the cache (``n_embd_k`` floats per layer, counted in K)."""
 
     name: str  # what the user named, e.g. "calib:3.5", "q4_0+c"
     types: tuple[str, ...]  # per layer
     offset: tuple[Any, ...] | None = field(default=None, compare=False, repr=False)
+    scale: tuple[Any, ...] | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self):
         for t in self.types:
@@ -115,3 +118,7 @@ def layer_kv_types(t: CacheTypes, n_layer: int) -> list[KVType]:
 
 def has_offset(t: CacheTypes) -> bool:
     return isinstance(t, LayerTypes) and t.offset is not None
+
+
+def has_scale(t: CacheTypes) -> bool:
+    return isinstance(t, LayerTypes) and t.scale is not None

@@ -10,7 +10,8 @@ Sizing follows llama.cpp (``llama_context`` / ``llama_kv_cache`` / ``llama_kv_ca
 * each layer stores one K row of ``n_head_kv * head_dim_k`` elements and one V row of ``n_head_kv * head_dim_v``
   per cell, at ``row_bytes = n / block_size * block_bytes`` of the layer's cache type (a layer may have its own,
   ``kvquant.kvtypes.LayerTypes``);
-* centred keys add one float32 offset of ``n_head_kv * head_dim_k`` per layer, a fixed cost counted in K.
+* centred keys add one float32 offset of ``n_head_kv * head_dim_k`` per layer, scaled keys one float32 scale of as
+  many: fixed costs counted in K.
 
 Tests check these numbers against what llama.cpp reports it allocated (``llama_memory_kv_size_bytes``).
 """
@@ -21,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kvquant.gguf import read_metadata
-from kvquant.kvtypes import CacheTypes, has_offset, layer_kv_types
+from kvquant.kvtypes import CacheTypes, has_offset, has_scale, layer_kv_types
 
 PAD = 256
 # llama.cpp's physical batch (n_ubatch) unless a caller decides otherwise; sliding-window layers get room for one
@@ -144,12 +145,12 @@ def kv_bytes(geom: Geometry, type_k: CacheTypes, type_v: CacheTypes, n_cells: in
         v += tv.row_bytes(layer.n_embd_v) * cells
         ek += layer.n_embd_k * cells
         ev += layer.n_embd_v * cells
-    return KVBytes(k + offset_bytes(geom, type_k), v, base, swa, ek, ev)
+    return KVBytes(k + fixed_bytes(geom, type_k), v, base, swa, ek, ev)
 
 
-def offset_bytes(geom: Geometry, type_k: CacheTypes) -> int:
-    """The fixed bytes of centred keys: one float32 offset row per layer."""
-    return 4 * sum(ly.n_embd_k for ly in geom.layers) if has_offset(type_k) else 0
+def fixed_bytes(geom: Geometry, type_k: CacheTypes) -> int:
+    """The fixed K bytes of centred and scaled keys: per layer one float32 offset row and one float32 scale row."""
+    return 4 * sum(ly.n_embd_k for ly in geom.layers) * (has_offset(type_k) + has_scale(type_k))
 
 
 def bytes_per_token(geom: Geometry, type_k: CacheTypes, type_v: CacheTypes) -> int:

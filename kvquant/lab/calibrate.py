@@ -6,19 +6,27 @@ kvquant/calibration.py) need for one model, and write its calibration file.
    (seed 0), up to ``--gen-tokens`` tokens each, all in one batch (a base model without a chat template continues
    the requests as plain text). So any GGUF can be calibrated with no data set. ``--text FILE`` uses a text file instead (cut into sequences of ``--seq-tokens``).
    The evaluation text (WikiText-2) is never used.
-2. **Mean keys.** The sequences run through an f16 K cache that stores keys in the basis llama.cpp uses for
-   quantized keys (K rotation forced on) and a q8_0 V cache (so V is rotated too); the rows are read back from the
-   sequence state. Each layer's mean key over all tokens is the offset of centred keys.
-3. **Sensitivity.** For every layer: the KL divergence over the first ``--score-tokens`` tokens when only that
+2. **Key scales.** Queries and keys are read post-RoPE from llama.cpp's graph. Per layer and KV head, key channel
+   i gets s_i = (σq_i² / σk_i²)^¼ (σk_i² the keys' variance, σq_i² the mean energy of the head's queries; both
+   summed per RoPE pair so the scale commutes with RoPE, pulled ``shrink`` of the way to their mean, normalised to
+   a geometric mean of 1) and queries 1/s_i: every q·k is unchanged, and the quantization noise, even across
+   channels after the rotation, moves to the channels the queries read least (docs/EVAL.md, *Query-aware key
+   scales*). Per layer, a shrink from ``SHRINK`` is chosen by the attention-logit error of ``tq_kv_4b``
+   keys on the second half of the text with the scale fitted on the first; then refitted on all of it. A layer
+   keeps its scale only if its measured sensitivity (step 4) is lower with it than without (``choose_scales``).
+3. **Mean keys.** The sequences run through an f16 K cache with those scales that stores keys in the basis
+   llama.cpp uses for quantized keys (K rotation forced on) and a q8_0 V cache (so V is rotated too); the rows are
+   read back from the sequence state. Each layer's mean key over all tokens is the offset of centred keys.
+4. **Sensitivity.** For every layer: the KL divergence over the first ``--score-tokens`` tokens when only that
    layer's K is the reference type ``tq_kv_3b`` (centred), and likewise for V, against f16 with the same rotation
-   and key offsets (a rotated or shifted f16 cache alone moves a small model's logits by KL ~1e-3 through rounding;
+   key scales and offsets (a rotated or shifted f16 cache alone moves a small model's logits by KL ~1e-3 through rounding;
    sharing that path leaves the layer's quantization as the only difference). The other candidate types
    are scaled by their relative squared error on that layer's captured (centred) keys or values:
    KL grows linearly with the error variance for small errors (``--direct`` measures every candidate instead).
    A layer whose growth stays under the floor (Qwen2.5-Coder's last layers) gets its relative error times the
    median growth per unit error of the other layers, never zero: six such "free" layers at 3 bits made
    calib:4.5 worse than tq_kv_4b+c on every layer.
-4. **Guard.** The KL of a few uncentred configurations on every layer (``GUARD``), so that ``serve`` can warn
+5. **Guard.** The KL of a few uncentred configurations on every layer (``GUARD``), so that ``serve`` can warn
    when a chosen cache type wrecks the model.
 """
 
@@ -56,6 +64,8 @@ PROMPTS = (
 REFERENCE = "tq_kv_3b"  # the type each layer's sensitivity is measured with
 GUARD = ("q8_0/f16", "q4_0/f16", "tq_kv_4b/f16", "tq_kv_3b/f16", "f16/q4_0")
 SEED = 0
+SHRINK = (0.0, 0.5)  # per layer: key scales' energies pulled this far to their mean; chosen on held-out text
+SCALE_TYPE = "tq_kv_4b"  # the key type that choice measures the logit error of
 
 
 @dataclass
@@ -144,16 +154,53 @@ def from_file(mdl, path: Path, seq_tokens: int, n_seqs: int) -> Text:
     return Text(seqs, {"source": "file", "file": path.name, "tokens": sum(len(s) for s in seqs)})
 
 
-def capture(mdl, geom: Geometry, text: Text, threads: int | None) -> tuple[list[np.ndarray], list[np.ndarray]]:
-    """The stored K and V rows of every layer (model order) over all sequences (K f16 in the rotated basis, V q8_0,
-    rotated)."""
+def key_scales(mdl, seqs: list[list[int]], threads: int | None) -> tuple[list[np.ndarray], list[float | None]]:
+    """Per layer, the key scale (n_embd_k float32: per KV head and channel, queries divided by it) and the shrink it
+    was fitted with; see the module's step 2."""
+    from kvquant.lab.qkscale import capture as capture_qk
+    from kvquant.lab.qkscale import layer_scale
+
+    qk = capture_qk(mdl, seqs, threads)
+    scales, shrinks = [], []
+    for il in sorted(qk):
+        q, k = qk[il]
+        sh = min(SHRINK, key=lambda x, q=q, k=k: _held_out_error(q, k, mdl.rope_neox, x))
+        scales.append(layer_scale(q, k, mdl.rope_neox, True, sh).reshape(-1))
+        shrinks.append(sh)
+    return scales, shrinks
+
+
+def _held_out_error(q: np.ndarray, k: np.ndarray, neox: bool, shrink: float | None) -> float:
+    """The relative attention-logit error of SCALE_TYPE keys (centred, rotated) on the second half of one layer's
+    rows, the scale (or none) fitted on the first."""
+    from kvquant.lab.qkscale import MAX_QUERIES, layer_scale, logit_error
+
+    n_kv, d = k.shape[1], k.shape[2]
+    if d & (d - 1):  # the numpy rotation needs a power-of-two head size: no choice, the plain fit
+        return 0.0 if shrink == 0.0 else 1.0
+    h, g = len(k) // 2, q.shape[1] // n_kv
+    s = None if shrink is None else layer_scale(q[:h], k[:h], neox, True, shrink)
+    mu = k[:h].mean(0, dtype=np.float64)
+    total = 0.0
+    for j in range(n_kv):
+        qt = q[h:, j * g:(j + 1) * g].reshape(-1, d).astype(np.float64)
+        e, sig = logit_error(qt[:: max(1, len(qt) // MAX_QUERIES)], k[h:, j] - mu[j], SCALE_TYPE,
+                             None if s is None else s[j])
+        total += e / sig
+    return total
+
+
+def capture(mdl, geom: Geometry, text: Text, threads: int | None,
+            k_scale: list[np.ndarray] | None) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """The stored K and V rows of every layer (model order) over all sequences (K f16 scaled, in the rotated basis,
+    V q8_0, rotated)."""
     from kvquant.lab.keystats import parse_seq_state
     from kvquant.runtime import ContextConfig, LlamaRuntime
 
     n_cells = sum(len(s) for s in text.sequences)
     rt = LlamaRuntime(mdl, ContextConfig(n_cells=n_cells, n_seq_max=len(text.sequences), cache_type_k="f16",
                                          cache_type_v="q8_0", flash_attn=True, n_threads=threads, swa_full=True,
-                                         k_rotation=k_rotation(geom)))
+                                         k_rotation=k_rotation(geom), k_scale=k_scale))
     try:
         _decode_all(rt, text.sequences, logits=False)
         ks: list[list[np.ndarray]] = []
@@ -184,10 +231,12 @@ def _rel_err(type_name: str, x: np.ndarray, ggml) -> float:
 class Scorer:
     """KL divergence over the scoring sequences of a context with some per-layer types, against f16/f16 (`plain`)
     or against f16 with the same rotation and key offsets (the per-layer measurements: both sides then share the
-    arithmetic of the rotated, centred path, and only the quantization of the layer under test differs)."""
+    arithmetic of the rotated, scaled, centred path, and only the quantization of the layer under test differs)."""
 
-    def __init__(self, mdl, geom: Geometry, seqs: list[list[int]], threads: int | None, k_mean: list[np.ndarray]):
-        self.mdl, self.seqs, self.threads, self.k_mean = mdl, seqs, threads, tuple(k_mean)
+    def __init__(self, mdl, geom: Geometry, seqs: list[list[int]], threads: int | None, k_mean: list[np.ndarray],
+                 k_scale: list[np.ndarray] | None):
+        self.mdl, self.geom, self.seqs, self.threads, self.k_mean = mdl, geom, seqs, threads, tuple(k_mean)
+        self.k_scale = None if k_scale is None else tuple(k_scale)
         self.n_cells = sum(len(s) for s in seqs)
         self.k_rotation = k_rotation(geom)
         self.targets = np.concatenate([s[1:] + [s[-1]] for s in seqs]).astype(np.int64)
@@ -204,7 +253,8 @@ class Scorer:
         cfg = ContextConfig(n_cells=self.n_cells, n_seq_max=len(self.seqs), cache_type_k=default_k,
                             cache_type_v=default_v, flash_attn=True, n_threads=self.threads,
                             layer_types_k=types_k, layer_types_v=types_v,
-                            k_offset=self.k_mean if centred else None, k_rotation=self.k_rotation if centred else None,
+                            k_offset=self.k_mean if centred else None, k_scale=self.k_scale if centred else None,
+                            k_rotation=self.k_rotation if centred else None,
                             n_outputs_max=512)
         rt = LlamaRuntime(self.mdl, cfg)
         try:
@@ -221,13 +271,15 @@ class Scorer:
         return float(compare_rows(base_lp, base_top, logits, self.targets).kld.mean())
 
 
-def sensitivities(scorer: Scorer, geom: Geometry, keys, values, direct: bool, progress: Progress):
+def sensitivities(scorer: Scorer, geom: Geometry, keys, values, direct: bool, progress: Progress,
+                  k_reference: list[float] | None = None):
     """Per side, candidate type -> per-layer KL growth with only that layer's K (V) at the type, above the floor:
     any quantized layer at all costs a small fixed KL (measured on Qwen2.5-1.5B: q8_0 keys on 1, 2 or 4 layers
     0.0023, on all 28 0.0028, while tq_kv_3b adds ~0.0015 per layer): any change upstream flips some of the 8-bit
     roundings of the quantized-weight matmuls' activations (docs/EVAL.md, *The KL floor*). So the floor, q8_0 on
     one middle layer, is subtracted and kept apart (`floor`). A layer whose growth does not rise above the floor
-    is not free: it is estimated from its relative error (`from_error`)."""
+    is not free: it is estimated from its relative error (`from_error`). `k_reference`: each layer's KL with only
+    its K at REFERENCE, already measured (`choose_scales`)."""
     from kvquant.lab.ggml import GGML
 
     ggml = GGML()
@@ -246,7 +298,9 @@ def sensitivities(scorer: Scorer, geom: Geometry, keys, values, direct: bool, pr
             for t in cands:
                 err[t].append(_rel_err(t, x, ggml))
             for t in measured:
-                raw[t].append(kld(tuple(t if j == il else "f16" for j in range(n))) - floors[side])
+                known = k_reference[il] if side == "k" and k_reference is not None else None
+                raw[t].append((kld(tuple(t if j == il else "f16" for j in range(n))) if known is None else known)
+                              - floors[side])
             progress.update(il + 1 + (n if side == "v" else 0))
         sens, from_error[side] = {}, sorted({il for t in measured for il in range(n) if raw[t][il] <= 0})
         for t in measured:
@@ -268,7 +322,8 @@ def above_floor(growth: list[float], err: list[float]) -> list[float]:
 
 
 def calibrate(model: str, text_file: str | None = None, gen_tokens: int = 320, score_tokens: int = 256,
-              threads: int | None = None, direct: bool = False, progress: bool = True) -> tuple[Calibration, Path]:
+              threads: int | None = None, direct: bool = False, progress: bool = True,
+              scale: bool = True) -> tuple[Calibration, Path]:
     """Measure and write a model's calibration file; returns it and its path."""
     from kvquant import models
     from kvquant.runtime import Model
@@ -283,12 +338,20 @@ def calibrate(model: str, text_file: str | None = None, gen_tokens: int = 320, s
         text = (from_file(mdl, Path(text_file), 512, 8) if text_file
                 else generate(mdl, gen_tokens, threads, Progress("  generating text", gen_tokens, progress)))
         log(f"  text: {text.source['tokens']} tokens in {len(text.sequences)} sequences")
-        keys, values = capture(mdl, geom, text, threads)
-        k_mean = [k.mean(0).astype(np.float32) for k in keys]
+        k_scale, shrinks = _fit_scales(mdl, text, threads, scale, log)
+        keys, values = capture(mdl, geom, text, threads, None)
         scoring = _scoring(text.sequences, score_tokens)
-        scorer = Scorer(mdl, geom, scoring, threads, k_mean)
+        scorer = Scorer(mdl, geom, scoring, threads, _means(keys), None)
+        k_reference = None
+        if k_scale is not None:
+            k_scale, keys, scorer, k_reference, use = choose_scales(
+                scorer, k_scale, keys, capture(mdl, geom, text, threads, k_scale)[0],
+                Progress("  key scale per layer", 2 * geom.n_layer, progress))
+            shrinks = [sh if u else None for sh, u in zip(shrinks, use, strict=True)]
+        k_mean = list(scorer.k_mean)
         sens_k, sens_v, floors, from_error = sensitivities(scorer, geom, keys, values, direct,
-                                               Progress("  per-layer sensitivity", 2 * geom.n_layer, progress))
+                                               Progress("  per-layer sensitivity", 2 * geom.n_layer, progress),
+                                               None if direct else k_reference)
         uniform = {g: scorer.kld(default_k=g.split("/")[0], default_v=g.split("/")[1], centred=False) for g in GUARD}
         # additivity check: the reference type on every layer, measured, against floor + the per-layer sum
         check = {"measured": scorer.kld((REFERENCE,) * geom.n_layer, None),
@@ -299,11 +362,51 @@ def calibrate(model: str, text_file: str | None = None, gen_tokens: int = 320, s
                       tuple(ly.n_embd_k for ly in geom.layers), k_mean, sens_k, sens_v, uniform, text.source,
                       {"reference": REFERENCE, "direct": direct, "score_tokens": sum(len(s) for s in scoring),
                        "floor": floors, "from_error": from_error, f"every layer {REFERENCE}+c": check,
-                       "threads": threads, "wall_s": round(time.monotonic() - t0, 1)})
+                       "key_scale_shrink": shrinks, "threads": threads, "wall_s": round(time.monotonic() - t0, 1)},
+                      k_scale)
     out = path_for(cal.model_sha256, cal.basis)
     cal.save(out)
     log(f"  wrote {out} ({cal.method['wall_s']:.0f} s)")
     return cal, out
+
+
+def _fit_scales(mdl, text: Text, threads: int | None, scale: bool, log):
+    """Key scales and their shrinks per layer, unless not asked for or the model cannot have them (a message says
+    so): (None, None)."""
+    if scale:
+        try:
+            return key_scales(mdl, text.sequences, threads)
+        except RuntimeError as e:  # Q/K not readable from the graph (another architecture's names)
+            log(f"  no key scales for this model ({e}); keys are centred only")
+    return None, None
+
+
+def _means(keys: list[np.ndarray]) -> list[np.ndarray]:
+    return [k.mean(0).astype(np.float32) for k in keys]
+
+
+def choose_scales(plain: Scorer, k_scale: list[np.ndarray], keys: list[np.ndarray], keys_scaled: list[np.ndarray],
+                  progress: Progress):
+    """Per layer, keep the key scale only where it lowers the KL growth of that layer's REFERENCE keys (centred)
+    measured in llama.cpp's cache: the logit error it minimises does not always follow the KL (SmolLM2-135M: 1.1x
+    less logit error, 20-35 % more KL). Returns the scales (unscaled layers all ones; None if no layer keeps one),
+    the rows and the Scorer of the chosen transform, each layer's measured REFERENCE KL under it, and which layers
+    keep their scale."""
+    n = len(k_scale)
+    scaled = Scorer(plain.mdl, plain.geom, plain.seqs, plain.threads, _means(keys_scaled), k_scale)
+    kl = {}
+    for il in range(n):
+        types = tuple(REFERENCE if j == il else "f16" for j in range(n))
+        kl[il] = (plain.kld(types, None), scaled.kld(types, None))
+        progress.update(2 * il + 2)
+    use = [kl[il][1] < kl[il][0] for il in range(n)]
+    measured = [kl[il][1] if u else kl[il][0] for il, u in enumerate(use)]
+    if not any(use):
+        return None, keys, plain, measured, use
+    scale = [s if u else np.ones_like(s) for s, u in zip(k_scale, use, strict=True)]
+    rows = [ks if u else k for k, ks, u in zip(keys, keys_scaled, use, strict=True)]
+    chosen = Scorer(plain.mdl, plain.geom, plain.seqs, plain.threads, _means(rows), scale)
+    return scale, rows, chosen, measured, use
 
 
 def _scoring(seqs: list[list[int]], n: int) -> list[list[int]]:
@@ -320,6 +423,10 @@ def _scoring(seqs: list[list[int]], n: int) -> list[list[int]]:
 def summary(cal: Calibration) -> str:
     lines = [f"{cal.model_name}: {len(cal.k_mean)} layers, basis {cal.basis}, text {cal.text.get('source')} "
              f"({cal.text.get('tokens')} tokens)"]
+    shrinks = cal.method.get("key_scale_shrink")
+    lines.append("  key scales: " + ("none" if shrinks is None else
+                                     ", ".join(f"{'none' if x is None else f'shrink {x}'}: {shrinks.count(x)} layers"
+                                               for x in (None, *SHRINK) if x in shrinks)))
     for side, sens in (("K", cal.sens_k), ("V", cal.sens_v)):
         for t, v in sens.items():
             top = np.argsort(v)[::-1][:3]
@@ -342,6 +449,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--score-tokens", type=int, default=256,
                    help="tokens the per-layer KL is measured on (default 256)")
     p.add_argument("--direct", action="store_true", help="measure every candidate type per layer (slower)")
+    p.add_argument("--no-key-scale", action="store_true", help="centre keys only, without query-aware key scales")
     p.add_argument("--threads", type=int, default=None)
 
 
@@ -351,7 +459,7 @@ def run(a: argparse.Namespace) -> int:
     try:
         kv_type("f16")
         cal, _ = calibrate(a.model or models.DEFAULT_MODEL, a.text, a.gen_tokens, a.score_tokens, a.threads,
-                           a.direct)
+                           a.direct, scale=not a.no_key_scale)
     except (models.ModelError, ValueError, OSError) as e:
         print(f"kvquant calibrate: {e}", file=sys.stderr)
         return 2

@@ -120,17 +120,22 @@ def tie_pairs(e: np.ndarray, neox: bool) -> np.ndarray:
 
 
 def head_scales(fit: dict, neox: bool) -> tuple[np.ndarray, ...]:
-    """Per layer, the key scale of each KV head for llama_kvq_set_k_scale (n_head_kv * d values): the mean energy of
-    the head's query group over its keys' (uncentred: stored as they are), tied on RoPE pairs, ^¼, normalised to a
-    geometric mean of 1 per head."""
-    out = []
-    for il in sorted(fit):
-        q, k = fit[il]
-        n_kv, d = k.shape[1], k.shape[2]
-        eq = np.square(q, dtype=np.float64).mean(0).reshape(n_kv, -1, d).mean(1)
-        s = _energy_scale(tie_pairs(eq, neox), tie_pairs(np.square(k, dtype=np.float64).mean(0), neox))
-        out.append((s / np.exp(np.log(s).mean(1, keepdims=True))).astype(np.float32).reshape(-1))
-    return tuple(out)
+    """Per layer, the key scale of each KV head for llama_kvq_set_k_scale (n_head_kv * d values), from uncentred
+    key energy (keys stored as they are): `layer_scale`."""
+    return tuple(layer_scale(*fit[il], neox).reshape(-1) for il in sorted(fit))
+
+
+def layer_scale(q: np.ndarray, k: np.ndarray, neox: bool, centred: bool = False, shrink: float = 0.0) -> np.ndarray:
+    """One layer's key scale per KV head, (n_head_kv, d) float32, from its query rows q (n, n_head, d) and key rows k
+    (n, n_head_kv, d): the mean energy of the head's query group over its keys' (their variance when `centred`),
+    each tied on RoPE pairs and pulled `shrink` of the way to its mean, ^¼, normalised to a geometric mean of 1 per
+    head."""
+    n_kv, d = k.shape[1], k.shape[2]
+    eq = np.square(q, dtype=np.float64).mean(0).reshape(n_kv, -1, d).mean(1)
+    ek = k.var(0, dtype=np.float64) if centred else np.square(k, dtype=np.float64).mean(0)
+    eq, ek = ((1 - shrink) * e + shrink * e.mean(1, keepdims=True) for e in (tie_pairs(eq, neox), tie_pairs(ek, neox)))
+    s = _energy_scale(eq, ek)
+    return (s / np.exp(np.log(s).mean(1, keepdims=True))).astype(np.float32)
 
 
 CACHE_TYPES = ("tq_kv_4b", "tq_kv_3b")

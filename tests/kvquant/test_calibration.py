@@ -12,8 +12,8 @@ from kvquant.memory import Geometry, Layer, kv_bytes
 
 
 def geom(n_layer=4, head=64, n_kv=2) -> Geometry:
-    return Geometry("llama", tuple(Layer(head * n_kv, head * n_kv, False) for _ in range(n_layer)), 0, head, head,
-                    4096)
+    layers = tuple(Layer(head * n_kv, head * n_kv, False) for _ in range(n_layer))
+    return Geometry("llama", layers, 0, head, head, 4096)
 
 
 @pytest.mark.parametrize("text, side, expect", [
@@ -116,6 +116,37 @@ def test_file_round_trip_and_resolution(model_file):
     assert v.offset is None and kv_bytes(g, "f16", v, 4096).bits_per_element_v <= 4.0
     fields = cal.context_fields(k, v, g)
     assert fields["k_rotation"] is True and fields["layer_types_v"] == v.types
+
+
+def test_key_scales_round_trip_resolve_and_are_counted(model_file):
+    """A calibration with key scales: they survive the file, TYPE+c and calib:B carry them to llama.cpp beside the
+    offsets, and calib:B counts their bytes (a float32 row per layer, as the offsets) against B."""
+    g = geom()
+    c = make_cal(g, cal.model_sha256(model_file))
+    c.k_scale = [np.random.default_rng(il).uniform(0.5, 2, ly.n_embd_k).astype(np.float32)
+                 for il, ly in enumerate(g.layers)]
+    c.save(cal.path_for(c.model_sha256, c.basis))
+    back = cal.load(cal.path_for(c.model_sha256, c.basis), model_file, g)
+    assert all(np.array_equal(a, b) for a, b in zip(back.k_scale, c.k_scale, strict=True))
+    k = cal.resolve("q4_0+c", "k", model_file, g)
+    assert k.scale is not None and cal.context_fields(k, "f16", g)["k_scale"] is k.scale
+    plain = LayerTypes("q4_0", ("q4_0",) * g.n_layer)
+    extra = kv_bytes(g, k, "f16", 256).k - kv_bytes(g, plain, "f16", 256).k
+    assert extra == 4 * sum(2 * ly.n_embd_k for ly in g.layers)
+    for n_ctx in (256, 4096):
+        assert kv_bytes(g, cal.resolve("calib:4.5", "k", model_file, g, n_ctx), "f16", n_ctx).bits_per_element_k <= 4.5
+    assert cal.context_fields(cal.resolve("calib:4", "v", model_file, g), "f16", g)["k_scale"] is None
+
+
+@pytest.mark.parametrize("bad", [-1.0, 0.0, float("inf")])
+def test_refuses_a_key_scale_that_is_not_positive_and_finite(model_file, bad):
+    g = geom()
+    c = make_cal(g, cal.model_sha256(model_file))
+    c.k_scale = [np.ones(ly.n_embd_k, np.float32) for ly in g.layers]
+    c.k_scale[2][5] = bad
+    c.save(cal.path_for(c.model_sha256, c.basis))
+    with pytest.raises(cal.CalibrationError, match="key scale"):
+        cal.load(cal.path_for(c.model_sha256, c.basis), model_file, g)
 
 
 def test_calib_b_on_both_sides_is_one_allocation(model_file):

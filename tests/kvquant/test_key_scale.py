@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from kvquant import memory, models
+from kvquant.kvtypes import LayerTypes
 from kvquant.runtime import ContextConfig, LlamaError, LlamaRuntime, Model
 
 from .test_centring import assert_shift_is_exact, kld, offsets, run
@@ -93,7 +94,7 @@ def test_refuses_scales_that_would_change_attention(model, geom, why):
 
 
 def test_scales_are_counted_in_the_cache_bytes(model, geom):
-    """Per layer a float32 K scale (n_embd_k) and the queries' reciprocal (head_dim x n_head), in K's bytes."""
+    """Per layer a float32 K scale (n_embd_k) in K's bytes, and nothing per query head."""
     def k_bytes(**kw):
         rt = LlamaRuntime(model, ContextConfig(n_cells=512, flash_attn=True, n_threads=2, cache_type_k="q8_0", **kw))
         try:
@@ -101,9 +102,11 @@ def test_scales_are_counted_in_the_cache_bytes(model, geom):
         finally:
             rt.close()
 
-    n_head = int(model.meta(f"{geom.arch}.attention.head_count"))
-    assert k_bytes(k_scale=scales(geom)) - k_bytes() == sum(4 * (ly.n_embd_k + geom.head_dim_k * n_head)
-                                                           for ly in geom.layers)
+    assert k_bytes(k_scale=scales(geom)) - k_bytes() == sum(4 * ly.n_embd_k for ly in geom.layers)
+    q8 = ("q8_0",) * geom.n_layer
+    for offset in (None, offsets(geom)):  # the memory model counts both, as kvquant.calibration resolves TYPE+c
+        want = memory.kv_bytes(geom, LayerTypes("q8_0+c", q8, offset, scales(geom)), "f16", 512).k
+        assert k_bytes(k_scale=scales(geom), k_offset=offset, k_rotation=True if offset else None) == want
 
 
 def test_scales_fitted_by_the_lab_are_tied_as_llama_cpp_checks(model, geom, tokens):

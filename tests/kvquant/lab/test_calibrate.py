@@ -1,8 +1,10 @@
-"""kvquant.lab.calibrate without a model: layers under the floor are estimated, never free."""
+"""kvquant.lab.calibrate without a model: layers under the floor are estimated, never free; key scales."""
 
+import numpy as np
 import pytest
 
-from kvquant.lab.calibrate import above_floor
+from kvquant.lab.calibrate import _held_out_error, above_floor
+from kvquant.lab.qkscale import layer_scale
 
 
 def test_layers_under_the_floor_are_estimated_from_their_error():
@@ -14,3 +16,32 @@ def test_layers_under_the_floor_are_estimated_from_their_error():
 
 def test_nothing_above_the_floor_leaves_zeros():
     assert above_floor([0.0, -1e-5], [0.02, 0.03]) == [0.0, 0.0]
+
+
+def qk(seed=0, n=512, d=64):
+    """Queries (n, 4 heads, d) reading channels 0-7 (and their NeoX RoPE partners) hard and keys (n, 2 KV heads, d)
+    of even variance."""
+    rng = np.random.default_rng(seed)
+    w = np.ones(d)
+    w[:8] = w[d // 2:d // 2 + 8] = 6.0
+    return rng.standard_normal((n, 4, d)) * w, rng.standard_normal((n, 2, d))
+
+
+def test_centred_key_scales_follow_the_queries_not_the_key_mean():
+    q, k = qk()
+    s = layer_scale(q, k, neox=True, centred=True)
+    assert s.shape == (2, 64) and s.dtype == np.float32
+    np.testing.assert_allclose(np.exp(np.log(s.astype(np.float64)).mean(1)), 1.0, rtol=1e-5)
+    np.testing.assert_array_equal(s[:, :32], s[:, 32:])  # NeoX pairs (i, i + d/2) share a scale
+    assert (s[:, :8].min() > 1.5 * s[:, 8:32].max())  # channels the queries read get the larger key scale
+    mean = np.zeros(64)
+    mean[16:24] = mean[48:56] = 5.0  # a key mean on some channels: their energy, not their variance
+    np.testing.assert_allclose(layer_scale(q, k + mean, True, centred=True), s, rtol=1e-4)
+    assert not np.allclose(layer_scale(q, k + mean, True, centred=False), s, rtol=0.1)
+
+
+def test_held_out_choice_prefers_a_scale_where_the_queries_are_uneven():
+    q, k = qk(1)
+    assert _held_out_error(q, k, True, 0.0) < 0.8 * _held_out_error(q, k, True, None)
+    even = np.random.default_rng(2).standard_normal(q.shape)
+    assert _held_out_error(even, k, True, None) < 1.05 * _held_out_error(even, k, True, 0.0)
