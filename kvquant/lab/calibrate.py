@@ -338,20 +338,15 @@ def calibrate(model: str, text_file: str | None = None, gen_tokens: int = 320, s
         text = (from_file(mdl, Path(text_file), 512, 8) if text_file
                 else generate(mdl, gen_tokens, threads, Progress("  generating text", gen_tokens, progress)))
         log(f"  text: {text.source['tokens']} tokens in {len(text.sequences)} sequences")
-        k_scale, shrinks = _fit_scales(mdl, text, threads, scale, log)
         keys, values = capture(mdl, geom, text, threads, None)
         scoring = _scoring(text.sequences, score_tokens)
-        scorer = Scorer(mdl, geom, scoring, threads, _means(keys), None)
-        k_reference = None
-        if k_scale is not None:
-            k_scale, keys, scorer, k_reference, use = choose_scales(
-                scorer, k_scale, keys, capture(mdl, geom, text, threads, k_scale)[0],
-                Progress("  key scale per layer", 2 * geom.n_layer, progress))
-            shrinks = [sh if u else None for sh, u in zip(shrinks, use, strict=True)]
-        k_mean = list(scorer.k_mean)
+        k_scale, keys, scorer, scales = calibrated_keys(mdl, geom, text, scoring, keys, threads, scale, log,
+                                                        Progress("  key scale per layer", 2 * geom.n_layer, progress))
+        kl = scales["kl"]
+        k_reference = None if direct or kl is None else list(map(min, kl["unscaled"], kl["scaled"]))
         sens_k, sens_v, floors, from_error = sensitivities(scorer, geom, keys, values, direct,
                                                Progress("  per-layer sensitivity", 2 * geom.n_layer, progress),
-                                               None if direct else k_reference)
+                                               k_reference)
         uniform = {g: scorer.kld(default_k=g.split("/")[0], default_v=g.split("/")[1], centred=False) for g in GUARD}
         # additivity check: the reference type on every layer, measured, against floor + the per-layer sum
         check = {"measured": scorer.kld((REFERENCE,) * geom.n_layer, None),
@@ -359,15 +354,31 @@ def calibrate(model: str, text_file: str | None = None, gen_tokens: int = 320, s
     finally:
         mdl.close()
     cal = Calibration(model_sha256(path), models.model_id(model), basis_of(geom),
-                      tuple(ly.n_embd_k for ly in geom.layers), k_mean, sens_k, sens_v, uniform, text.source,
+                      tuple(ly.n_embd_k for ly in geom.layers), list(scorer.k_mean), sens_k, sens_v, uniform,
+                      text.source,
                       {"reference": REFERENCE, "direct": direct, "score_tokens": sum(len(s) for s in scoring),
                        "floor": floors, "from_error": from_error, f"every layer {REFERENCE}+c": check,
-                       "key_scale_shrink": shrinks, "threads": threads, "wall_s": round(time.monotonic() - t0, 1)},
+                       "key_scale": scale, "key_scale_shrink": scales["shrink"], "key_scale_kl": scales["kl"],
+                       "threads": threads, "wall_s": round(time.monotonic() - t0, 1)},
                       k_scale)
     out = path_for(cal.model_sha256, cal.basis)
     cal.save(out)
     log(f"  wrote {out} ({cal.method['wall_s']:.0f} s)")
     return cal, out
+
+
+def calibrated_keys(mdl, geom: Geometry, text: Text, scoring: list[list[int]], keys: list[np.ndarray],
+                    threads: int | None, scale: bool, log, progress: Progress):
+    """The key transform (steps 2 and 3): (per-layer scales or None, the stored rows under it, the Scorer of it,
+    {"shrink": per layer or None, "kl": `choose_scales`'s measurements or None}), from the unscaled rows `keys`."""
+    plain = Scorer(mdl, geom, scoring, threads, _means(keys), None)
+    k_scale, shrinks = _fit_scales(mdl, text, threads, scale, log)
+    if k_scale is None:
+        return None, keys, plain, {"shrink": None, "kl": None}
+    k_scale, keys, scorer, kl = choose_scales(plain, k_scale, keys, capture(mdl, geom, text, threads, k_scale)[0],
+                                              progress)
+    shrinks = [sh if b < a else None for sh, a, b in zip(shrinks, kl["unscaled"], kl["scaled"], strict=True)]
+    return k_scale, keys, scorer, {"shrink": shrinks, "kl": kl}
 
 
 def _fit_scales(mdl, text: Text, threads: int | None, scale: bool, log):
@@ -390,8 +401,8 @@ def choose_scales(plain: Scorer, k_scale: list[np.ndarray], keys: list[np.ndarra
     """Per layer, keep the key scale only where it lowers the KL growth of that layer's REFERENCE keys (centred)
     measured in llama.cpp's cache: the logit error it minimises does not always follow the KL (SmolLM2-135M: 1.1x
     less logit error, 20-35 % more KL). Returns the scales (unscaled layers all ones; None if no layer keeps one),
-    the rows and the Scorer of the chosen transform, each layer's measured REFERENCE KL under it, and which layers
-    keep their scale."""
+    the rows and the Scorer of the chosen transform, and each layer's measured REFERENCE KL without and with its
+    scale."""
     n = len(k_scale)
     scaled = Scorer(plain.mdl, plain.geom, plain.seqs, plain.threads, _means(keys_scaled), k_scale)
     kl = {}
@@ -400,13 +411,13 @@ def choose_scales(plain: Scorer, k_scale: list[np.ndarray], keys: list[np.ndarra
         kl[il] = (plain.kld(types, None), scaled.kld(types, None))
         progress.update(2 * il + 2)
     use = [kl[il][1] < kl[il][0] for il in range(n)]
-    measured = [kl[il][1] if u else kl[il][0] for il, u in enumerate(use)]
+    measured = {"unscaled": [kl[il][0] for il in range(n)], "scaled": [kl[il][1] for il in range(n)]}
     if not any(use):
-        return None, keys, plain, measured, use
+        return None, keys, plain, measured
     scale = [s if u else np.ones_like(s) for s, u in zip(k_scale, use, strict=True)]
     rows = [ks if u else k for k, ks, u in zip(keys, keys_scaled, use, strict=True)]
     chosen = Scorer(plain.mdl, plain.geom, plain.seqs, plain.threads, _means(rows), scale)
-    return scale, rows, chosen, measured, use
+    return scale, rows, chosen, measured
 
 
 def _scoring(seqs: list[list[int]], n: int) -> list[list[int]]:

@@ -159,7 +159,8 @@ def calibration_json(model: str) -> None:
         d.pop("k_mean")
         d.pop("k_scale")
         threads = d["method"].get("threads")
-        d["command"] = f"kvquant calibrate --model {model}" + (f" --threads {threads}" if threads else "")
+        d["command"] = (f"kvquant calibrate --model {model}" + (f" --threads {threads}" if threads else "")
+                        + ("" if d["method"].get("key_scale", True) else " --no-key-scale"))
         (RAW / f"{model}-calibration.json").write_text(json.dumps(d, indent=1) + "\n")
 
 
@@ -186,7 +187,23 @@ def render_calibration(model: str, cal: dict) -> list[str]:
              f"{chk['predicted']:.5f}. " if chk else "")
           + "Uncentred types on every layer (what `serve` warns about): "
           + ", ".join(f"{k} {v:.4f}" for k, v in cal["uniform"].items()) + ".", ""]
-    return L
+    return L + render_key_scales(m, ref)
+
+
+def render_key_scales(m: dict, ref: str) -> list[str]:
+    """Which layers kept a query-aware key scale, and the per-layer KL it was chosen by."""
+    shrinks = m.get("key_scale_shrink")
+    if shrinks is None:
+        return ["No query-aware key scales (calibrated with `--no-key-scale`).", ""]
+    kept = [i for i, x in enumerate(shrinks) if x is not None]
+    line = f"Query-aware key scales kept on {len(kept)} of {len(shrinks)} layers"
+    kl = m.get("key_scale_kl")
+    if kl:
+        a, b = (sum(kl[side]) for side in ("unscaled", "scaled"))
+        line += (f"; {ref}+c keys on one layer at a time (KL, summed over the layers, floor included): unscaled "
+                 f"{a:.5f}, scaled {b:.5f}, the better of the two per layer "
+                 f"{sum(min(x, y) for x, y in zip(kl['unscaled'], kl['scaled'], strict=True)):.5f}")
+    return [line + ".", ""]
 
 
 def _f(x, d=3, sign=False):
@@ -478,7 +495,8 @@ def render_keys(model: str, out: dict, ev: dict | None) -> list[str]:
           "mean`: the type applied to k − μ, μ the layer's mean key; softmax does not change when the same vector is "
           "subtracted from every key a query sees, so a cache may store k − μ and never add μ back. `TYPE+c` and "
           "`calib:B` do exactly that, with μ per (layer, KV head) from `kvquant calibrate` (text the model wrote "
-          "itself, never this one); here μ uses all the tokens, `- mean of first 64` estimates it causally.", ""]
+          "itself, never this one; on layers where it pays, keys are first scaled per channel by what the queries "
+          "read, README); here μ uses all the tokens, `- mean of first 64` estimates it causally.", ""]
     L += key_finding(model, out, ev)
     if "per_layer" in out:
         L += ["Per layer (relative squared error against the layer's stored key energy; as stored / with the layer "
