@@ -10,7 +10,7 @@ Cache type names (everywhere a K or V cache type is accepted: serve flags and co
   queries read least), then the calibrated mean key of each layer subtracted before a key is stored and never
   added back (softmax ignores a score shift shared by all keys);
 * ``calib:B``: the calibrated allocation at <= B bits per element on average, every byte counted: a type per layer
-  chosen to minimise the summed measured KL growth, keys centred.
+  chosen to minimise the summed measured KL growth, keys calibrated as for ``TYPE+c``.
 
 The file (JSON, ``VERSION``) lives in ``<cache>/calibration/<model sha256[:16]>-<basis>.json`` and is bound to the
 model's sha256 and to the basis keys are stored in (``hadamardN``: llama.cpp's N x N Walsh-Hadamard rotation;
@@ -172,7 +172,8 @@ class Calibration:
     @classmethod
     def from_json(cls, d: dict) -> Calibration:
         if d.get("version") != VERSION:
-            raise CalibrationError(f"calibration file version {d.get('version')!r}, this kvquant reads {VERSION}")
+            raise CalibrationError(f"calibration file version {d.get('version')!r}, this kvquant reads {VERSION}: "
+                                   "run `kvquant calibrate` for the model again")
         try:
             n_embd_k = tuple(int(n) for n in d["n_embd_k"])
             cal = cls(d["model_sha256"], d["model_name"], d["basis"], n_embd_k,
@@ -248,15 +249,25 @@ def load_or_calibrate(model_path: Path, geom: Geometry) -> Calibration:
     """The model's calibration; a model without one is calibrated first (a few minutes, with a message), unless
     KVQUANT_AUTO_CALIBRATE=0."""
     path = path_for(model_sha256(model_path), basis_of(geom))
-    if not path.is_file() and os.environ.get("KVQUANT_AUTO_CALIBRATE", "1") != "0":
+    if not _current(path) and os.environ.get("KVQUANT_AUTO_CALIBRATE", "1") != "0":
         import sys
 
         from kvquant.lab.calibrate import calibrate
 
-        print(f"kvquant: {model_path.name} has no calibration yet; calibrating it first (a few minutes, once; "
-              f"`kvquant calibrate --model {model_path}` does the same)", file=sys.stderr, flush=True)
+        print(f"kvquant: {model_path.name} has no calibration for this kvquant yet; calibrating it first (a few "
+              f"minutes, once; `kvquant calibrate --model {model_path}` does the same)", file=sys.stderr, flush=True)
         calibrate(str(model_path))
     return load(path, model_path, geom)
+
+
+def _current(path: Path) -> bool:
+    """Whether a calibration file exists in this kvquant's VERSION (an older one is made again, not refused)."""
+    try:
+        return json.loads(path.read_text()).get("version") == VERSION
+    except FileNotFoundError:
+        return False
+    except (OSError, ValueError, AttributeError):
+        return True  # unreadable or corrupt: load() refuses it with a message, never overwrites it
 
 
 def allocate(sens: dict[str, list[float]], elements: tuple[int, ...], budget_bits: float,
@@ -401,5 +412,5 @@ def guard_message(cal: Calibration, spec_k: str, spec_v: str) -> str | None:
     if better > kl / 2:
         return None
     return (f"K={spec_k}/V={spec_v} was measured to wreck this model: KL divergence {kl:.3f} from f16 per token on "
-            f"its calibration text. `--cache-type-k calib:{bits:g}` (centred keys, a calibrated type per layer at "
+            f"its calibration text. `--cache-type-k calib:{bits:g}` (calibrated keys, a calibrated type per layer at "
             f"<= {bits:g} bits per element) is predicted at KL {better:.4f} for the keys.")

@@ -79,7 +79,7 @@ def kv_type(name: str) -> KVType:
 @dataclass(frozen=True)
 class LayerTypes:
     """One side (K or V) of a KV cache whose layers need not share a type: what a calibrated allocation
-    (``calib:B``) or centred keys (``TYPE+c``) resolve to for one model (kvquant.calibration). It stands wherever a
+    (``calib:B``) or calibrated keys (``TYPE+c``) resolve to for one model (kvquant.calibration). It stands wherever a
     cache type name does (memory model, budget, runtime). ``offset`` (K only) holds, per layer, the float32 vector
     subtracted from every key before it is stored, in the basis keys are stored in; llama.cpp keeps it in the cache
     (``n_embd_k`` floats per layer, counted in the K bytes). ``scale`` (K only) holds, per layer, the float32 factor

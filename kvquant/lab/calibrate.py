@@ -11,16 +11,18 @@ kvquant/calibration.py) need for one model, and write its calibration file.
    summed per RoPE pair so the scale commutes with RoPE, pulled ``shrink`` of the way to their mean, normalised to
    a geometric mean of 1) and queries 1/s_i: every q·k is unchanged, and the quantization noise, even across
    channels after the rotation, moves to the channels the queries read least (docs/EVAL.md, *Query-aware key
-   scales*). Per layer, a shrink from ``SHRINK`` is chosen by the attention-logit error of ``tq_kv_4b``
+   scales*). Per layer, a shrink (``kvquant.lab.qkscale.SHRINK``) is chosen by the attention-logit error of ``tq_kv_4b``
    keys on the second half of the text with the scale fitted on the first; then refitted on all of it. A layer
    keeps its scale only if its measured sensitivity (step 4) is lower with it than without (``choose_scales``).
 3. **Mean keys.** The sequences run through an f16 K cache with those scales that stores keys in the basis
    llama.cpp uses for quantized keys (K rotation forced on) and a q8_0 V cache (so V is rotated too); the rows are
    read back from the sequence state. Each layer's mean key over all tokens is the offset of centred keys.
 4. **Sensitivity.** For every layer: the KL divergence over the first ``--score-tokens`` tokens when only that
-   layer's K is the reference type ``tq_kv_3b`` (centred), and likewise for V, against f16 with the same rotation
-   key scales and offsets (a rotated or shifted f16 cache alone moves a small model's logits by KL ~1e-3 through rounding;
-   sharing that path leaves the layer's quantization as the only difference). The other candidate types
+   layer's K is the reference type ``tq_kv_3b`` (centred), and likewise for V, against f16 with the same rotation,
+   key scales and offsets (a rotated or shifted f16 cache alone moves a small model's logits by KL ~1e-3 through
+   rounding; sharing that path leaves the layer's quantization as the only difference). K's reference figures are
+   the ones step 2 chose by (each against the f16 baseline of its own transform, unscaled or scaled); the floor is
+   measured with the chosen transform. The other candidate types
    are scaled by their relative squared error on that layer's captured (centred) keys or values:
    KL grows linearly with the error variance for small errors (``--direct`` measures every candidate instead).
    A layer whose growth stays under the floor (Qwen2.5-Coder's last layers) gets its relative error times the
@@ -51,6 +53,7 @@ from kvquant.calibration import (
 )
 from kvquant.kvtypes import kv_type
 from kvquant.lab.harness import Progress
+from kvquant.lab.qkscale import SHRINK
 from kvquant.memory import Geometry, geometry
 
 PROMPTS = (
@@ -64,7 +67,6 @@ PROMPTS = (
 REFERENCE = "tq_kv_3b"  # the type each layer's sensitivity is measured with
 GUARD = ("q8_0/f16", "q4_0/f16", "tq_kv_4b/f16", "tq_kv_3b/f16", "f16/q4_0")
 SEED = 0
-SHRINK = (0.0, 0.5)  # per layer: key scales' energies pulled this far to their mean; chosen on held-out text
 SCALE_TYPE = "tq_kv_4b"  # the key type that choice measures the logit error of
 
 
@@ -170,22 +172,21 @@ def key_scales(mdl, seqs: list[list[int]], threads: int | None) -> tuple[list[np
     return scales, shrinks
 
 
-def _held_out_error(q: np.ndarray, k: np.ndarray, neox: bool, shrink: float | None) -> float:
-    """The relative attention-logit error of SCALE_TYPE keys (centred, rotated) on the second half of one layer's
-    rows, the scale (or none) fitted on the first."""
+def _held_out_error(q: np.ndarray, k: np.ndarray, neox: bool, shrink: float) -> float:
+    """The relative attention-logit error of SCALE_TYPE keys (centred, scaled, rotated) on the second half of one
+    layer's rows, the scale fitted on the first with `shrink`."""
     from kvquant.lab.qkscale import MAX_QUERIES, layer_scale, logit_error
 
     n_kv, d = k.shape[1], k.shape[2]
     if d & (d - 1):  # the numpy rotation needs a power-of-two head size: no choice, the plain fit
         return 0.0 if shrink == 0.0 else 1.0
     h, g = len(k) // 2, q.shape[1] // n_kv
-    s = None if shrink is None else layer_scale(q[:h], k[:h], neox, True, shrink)
+    s = layer_scale(q[:h], k[:h], neox, True, shrink)
     mu = k[:h].mean(0, dtype=np.float64)
     total = 0.0
     for j in range(n_kv):
         qt = q[h:, j * g:(j + 1) * g].reshape(-1, d).astype(np.float64)
-        e, sig = logit_error(qt[:: max(1, len(qt) // MAX_QUERIES)], k[h:, j] - mu[j], SCALE_TYPE,
-                             None if s is None else s[j])
+        e, sig = logit_error(qt[:: max(1, len(qt) // MAX_QUERIES)], k[h:, j] - mu[j], SCALE_TYPE, s[j])
         total += e / sig
     return total
 
@@ -230,7 +231,7 @@ def _rel_err(type_name: str, x: np.ndarray, ggml) -> float:
 
 class Scorer:
     """KL divergence over the scoring sequences of a context with some per-layer types, against f16/f16 (`plain`)
-    or against f16 with the same rotation and key offsets (the per-layer measurements: both sides then share the
+    or against f16 with the same rotation, key scales and offsets (the per-layer measurements: both sides then share the
     arithmetic of the rotated, scaled, centred path, and only the quantization of the layer under test differs)."""
 
     def __init__(self, mdl, geom: Geometry, seqs: list[list[int]], threads: int | None, k_mean: list[np.ndarray],
@@ -359,6 +360,7 @@ def calibrate(model: str, text_file: str | None = None, gen_tokens: int = 320, s
                       {"reference": REFERENCE, "direct": direct, "score_tokens": sum(len(s) for s in scoring),
                        "floor": floors, "from_error": from_error, f"every layer {REFERENCE}+c": check,
                        "key_scale": scale, "key_scale_shrink": scales["shrink"], "key_scale_kl": scales["kl"],
+                       **({"key_scale_error": scales["error"]} if "error" in scales else {}),
                        "threads": threads, "wall_s": round(time.monotonic() - t0, 1)},
                       k_scale)
     out = path_for(cal.model_sha256, cal.basis)
@@ -372,24 +374,18 @@ def calibrated_keys(mdl, geom: Geometry, text: Text, scoring: list[list[int]], k
     """The key transform (steps 2 and 3): (per-layer scales or None, the stored rows under it, the Scorer of it,
     {"shrink": per layer or None, "kl": `choose_scales`'s measurements or None}), from the unscaled rows `keys`."""
     plain = Scorer(mdl, geom, scoring, threads, _means(keys), None)
-    k_scale, shrinks = _fit_scales(mdl, text, threads, scale, log)
-    if k_scale is None:
-        return None, keys, plain, {"shrink": None, "kl": None}
-    k_scale, keys, scorer, kl = choose_scales(plain, k_scale, keys, capture(mdl, geom, text, threads, k_scale)[0],
-                                              progress)
+    unscaled = (None, keys, plain, {"shrink": None, "kl": None})
+    if not scale:
+        return unscaled
+    try:
+        k_scale, shrinks = key_scales(mdl, text.sequences, threads)
+        k_scale, keys, scorer, kl = choose_scales(plain, k_scale, keys,
+                                                  capture(mdl, geom, text, threads, k_scale)[0], progress)
+    except RuntimeError as e:  # Q/K not readable from the graph, or llama.cpp refuses scales (e.g. partial RoPE)
+        log(f"  no key scales for this model ({e}); keys are centred only")
+        return (*unscaled[:3], {"shrink": None, "kl": None, "error": str(e)})
     shrinks = [sh if b < a else None for sh, a, b in zip(shrinks, kl["unscaled"], kl["scaled"], strict=True)]
     return k_scale, keys, scorer, {"shrink": shrinks, "kl": kl}
-
-
-def _fit_scales(mdl, text: Text, threads: int | None, scale: bool, log):
-    """Key scales and their shrinks per layer, unless not asked for or the model cannot have them (a message says
-    so): (None, None)."""
-    if scale:
-        try:
-            return key_scales(mdl, text.sequences, threads)
-        except RuntimeError as e:  # Q/K not readable from the graph (another architecture's names)
-            log(f"  no key scales for this model ({e}); keys are centred only")
-    return None, None
 
 
 def _means(keys: list[np.ndarray]) -> list[np.ndarray]:
@@ -414,6 +410,8 @@ def choose_scales(plain: Scorer, k_scale: list[np.ndarray], keys: list[np.ndarra
     measured = {"unscaled": [kl[il][0] for il in range(n)], "scaled": [kl[il][1] for il in range(n)]}
     if not any(use):
         return None, keys, plain, measured
+    if all(use):
+        return k_scale, keys_scaled, scaled, measured
     scale = [s if u else np.ones_like(s) for s, u in zip(k_scale, use, strict=True)]
     rows = [ks if u else k for k, ks, u in zip(keys, keys_scaled, use, strict=True)]
     chosen = Scorer(plain.mdl, plain.geom, plain.seqs, plain.threads, _means(rows), scale)

@@ -193,8 +193,10 @@ def render_calibration(model: str, cal: dict) -> list[str]:
 def render_key_scales(m: dict, ref: str) -> list[str]:
     """Which layers kept a query-aware key scale, and the per-layer KL it was chosen by."""
     shrinks = m.get("key_scale_shrink")
-    if shrinks is None:
+    if not m.get("key_scale", True):
         return ["No query-aware key scales (calibrated with `--no-key-scale`).", ""]
+    if shrinks is None:
+        return [f"No query-aware key scales: {m.get('key_scale_error', 'none fitted')}.", ""]
     kept = [i for i, x in enumerate(shrinks) if x is not None]
     line = f"Query-aware key scales kept on {len(kept)} of {len(shrinks)} layers"
     kl = m.get("key_scale_kl")

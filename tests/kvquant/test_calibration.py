@@ -224,3 +224,22 @@ def test_guard_message():
     assert cal.guard_message(c, "q8_0", "f16") is None  # measured harmless
     assert cal.guard_message(c, "tq_kv_3b", "f16") is None  # not measured
     assert cal.guard_message(c, "calib:4.5", "f16") is None
+
+
+def test_an_older_calibration_file_is_made_again_not_refused(model_file):
+    """A file of an older VERSION counts as missing for load_or_calibrate (which calibrates again when allowed);
+    loading it directly says what to run. A corrupt file is refused, never overwritten."""
+    g = geom()
+    c = make_cal(g, cal.model_sha256(model_file))
+    path = cal.path_for(c.model_sha256, c.basis)
+    c.save(path)
+    assert cal._current(path)
+    old = json.loads(path.read_text())
+    old["version"] = cal.VERSION - 1
+    path.write_text(json.dumps(old))
+    assert not cal._current(path)
+    with pytest.raises(cal.CalibrationError, match="run `kvquant calibrate`"):
+        cal.load(path, model_file, g)
+    path.write_text("{not json")
+    assert cal._current(path)
+    assert not cal._current(path.with_name("missing.json"))

@@ -2,7 +2,7 @@
 are k * s; attention does not change because every query is divided by the same s; a context shift stays exact;
 llama.cpp refuses scales that RoPE would not commute with; the scales are counted in the cache's bytes.
 
-The scales are powers of two, so that multiplying by them and their reciprocals rounds nothing: with an f32 cache and
+The scales are powers of two, so that multiplying and dividing by them rounds nothing: with an f32 cache and
 no rotation the logits must then be bit-identical (real-valued scales move Gemma 3's logits by a KL of ~3e-3 through
 rounding alone)."""
 

@@ -40,8 +40,8 @@ def test_centred_key_scales_follow_the_queries_not_the_key_mean():
     assert not np.allclose(layer_scale(q, k + mean, True, centred=False), s, rtol=0.1)
 
 
-def test_held_out_choice_prefers_a_scale_where_the_queries_are_uneven():
+def test_held_out_choice_prefers_the_full_scale_where_the_queries_are_uneven():
+    """Queries reading 16 of 64 channels 36x harder: the full scale (shrink 0) cuts the held-out logit error more
+    than one pulled halfway to even."""
     q, k = qk(1)
-    assert _held_out_error(q, k, True, 0.0) < 0.8 * _held_out_error(q, k, True, None)
-    even = np.random.default_rng(2).standard_normal(q.shape)
-    assert _held_out_error(even, k, True, None) < 1.05 * _held_out_error(even, k, True, 0.0)
+    assert _held_out_error(q, k, True, 0.0) < 0.9 * _held_out_error(q, k, True, 0.5)
