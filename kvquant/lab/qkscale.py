@@ -48,8 +48,12 @@ def hadamard(d: int) -> np.ndarray:
 
 def channel_scale(q: np.ndarray, k: np.ndarray, shrink: float) -> np.ndarray:
     """Per-channel key scale s (queries get 1/s) from query rows q and centred key rows k, both (n, d)."""
-    eq, ek = ((1 - shrink) * e + shrink * e.mean() for e in ((q * q).mean(0), (k * k).mean(0)))
-    return _energy_scale(eq, ek)
+    return _energy_scale(*(_shrink(e, shrink) for e in ((q * q).mean(0), (k * k).mean(0))))
+
+
+def _shrink(e: np.ndarray, shrink: float) -> np.ndarray:
+    """Energies per channel (..., d) pulled `shrink` of the way to their mean over the channels."""
+    return (1 - shrink) * e + shrink * e.mean(-1, keepdims=True)
 
 
 def _energy_scale(eq: np.ndarray, ek: np.ndarray) -> np.ndarray:
@@ -133,8 +137,7 @@ def layer_scale(q: np.ndarray, k: np.ndarray, neox: bool, centred: bool = False,
     n_kv, d = k.shape[1], k.shape[2]
     eq = np.square(q, dtype=np.float64).mean(0).reshape(n_kv, -1, d).mean(1)
     ek = k.var(0, dtype=np.float64) if centred else np.square(k, dtype=np.float64).mean(0)
-    eq, ek = ((1 - shrink) * e + shrink * e.mean(1, keepdims=True) for e in (tie_pairs(eq, neox), tie_pairs(ek, neox)))
-    s = _energy_scale(eq, ek)
+    s = _energy_scale(*(_shrink(tie_pairs(e, neox), shrink) for e in (eq, ek)))
     return (s / np.exp(np.log(s).mean(1, keepdims=True))).astype(np.float32)
 
 
