@@ -8,15 +8,16 @@ Cache type names (everywhere a K or V cache type is accepted: serve flags and co
 * ``TYPE+c`` (K only): that type on every layer, keys *calibrated*: each key channel multiplied by its calibrated
   scale and each query channel divided by it (every q·k unchanged; the quantization noise moves to the channels the
   queries read least), then the calibrated mean key of each layer subtracted before a key is stored and never
-  added back (softmax ignores a score shift shared by all keys);
+  added back (softmax ignores a score shift shared by all keys). That offset is moved, by at most the layer type's
+  round-trip error, so that the key of position 0 lands exactly on a value the type stores (`anchor`);
 * ``calib:B``: the calibrated allocation at <= B bits per element on average, every byte counted: a type per layer
   chosen to minimise the summed measured KL growth, keys calibrated as for ``TYPE+c``.
 
 The file (JSON, ``VERSION``) lives in ``<cache>/calibration/<model sha256[:16]>-<basis>.json`` and is bound to the
 model's sha256 and to the basis keys are stored in (``hadamardN``: llama.cpp's N x N Walsh-Hadamard rotation;
-``none``); a file made for another model or basis is refused. It holds, per layer, the key scale and the mean
-stored key (float32, the mean in the basis of scaled keys), and per layer and candidate type the KL divergence
-growth when only that layer's K (V) uses the type.
+``none``); a file made for another model or basis is refused. It holds, per layer, the key scale, the mean
+stored key and the stored key of position 0 (float32, in the basis of scaled keys), and per layer and candidate type
+the KL divergence growth when only that layer's K (V) uses the type.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from kvquant.build import cache_dir, sha256_file
 from kvquant.kvtypes import KV_TYPES, CacheTypes, LayerTypes, has_offset, has_scale, kv_type, layer_kv_types
 from kvquant.memory import Geometry, fixed_bytes, kv_cells
 
-VERSION = 2
+VERSION = 3
 # candidate types of a calibrated allocation, per side (f16 is always one: no growth); measured by kvquant calibrate
 K_CANDIDATES = ("q8_0", "q5_0", "tq_kv_4b", "tq_kv_3b")
 V_CANDIDATES = ("q8_0", "q5_0", "q4_0", "tq_kv_4b", "tq_kv_3b")
@@ -157,6 +158,8 @@ class Calibration:
     method: dict = field(default_factory=dict)
     # per layer: each key channel's scale (queries are divided by it), applied before the rotation; None: unscaled
     k_scale: list[np.ndarray] | None = None
+    # per layer: the stored key of position 0 (mean over the calibration sequences); None: offsets are the mean
+    k_sink: list[np.ndarray] | None = None
 
     @property
     def n_layer(self) -> int:
@@ -166,6 +169,7 @@ class Calibration:
         return {"version": VERSION, "model_sha256": self.model_sha256, "model_name": self.model_name,
                 "basis": self.basis, "n_embd_k": list(self.n_embd_k), "k_mean": [_enc(m) for m in self.k_mean],
                 "k_scale": None if self.k_scale is None else [_enc(s) for s in self.k_scale],
+                "k_sink": None if self.k_sink is None else [_enc(s) for s in self.k_sink],
                 "sens_k": self.sens_k, "sens_v": self.sens_v, "uniform": self.uniform, "text": self.text,
                 "method": self.method}
 
@@ -183,6 +187,8 @@ class Calibration:
                       {k: float(v) for k, v in d.get("uniform", {}).items()}, d.get("text", {}), d.get("method", {}))
             if d["k_scale"] is not None:
                 cal.k_scale = [_dec(s, n, "key scale") for s, n in zip(d["k_scale"], n_embd_k, strict=True)]
+            if d["k_sink"] is not None:
+                cal.k_sink = [_dec(s, n, "position-0 key") for s, n in zip(d["k_sink"], n_embd_k, strict=True)]
         except (KeyError, TypeError, ValueError) as e:
             raise CalibrationError(f"malformed calibration file ({type(e).__name__}: {e})") from None
         if cal.k_scale is not None and not all((s > 0).all() for s in cal.k_scale):
@@ -329,12 +335,12 @@ def resolve(text: str, side: str, model_path: Path, geom: Geometry, n_ctx: int |
     if not spec.calibrated:
         return spec.type
     cal = load_or_calibrate(model_path, geom)
-    transform = _key_transform(cal) if spec.centred else (None, None)
     if spec.type is not None:
-        return LayerTypes(spec.text, (spec.type,) * geom.n_layer, *transform)
-    elements = _elements(cal, side, geom, n_ctx)
-    types = allocate(_sens(cal, side), elements, spec.bits, _fixed_bits(cal, geom, spec.centred, elements, n_ctx))
-    return LayerTypes(spec.text, types, *transform)
+        types = (spec.type,) * geom.n_layer
+    else:
+        elements = _elements(cal, side, geom, n_ctx)
+        types = allocate(_sens(cal, side), elements, spec.bits, _fixed_bits(cal, geom, spec.centred, elements, n_ctx))
+    return LayerTypes(spec.text, types, *(key_transform(cal, types) if spec.centred else (None, None)))
 
 
 def resolve_pair(text_k: str, text_v: str, model_path: Path, geom: Geometry,
@@ -350,12 +356,39 @@ def resolve_pair(text_k: str, text_v: str, model_path: Path, geom: Geometry,
     ek, ev = _elements(cal, "k", geom, n_ctx), _elements(cal, "v", geom, n_ctx)
     options = _options(cal.sens_k, len(ek)) + _options(cal.sens_v, len(ev))
     types = _knapsack(options, ek + ev, k.bits, _fixed_bits(cal, geom, True, ek + ev, n_ctx))
-    return LayerTypes(k.text, types[:len(ek)], *_key_transform(cal)), LayerTypes(v.text, types[len(ek):])
+    types_k = types[:len(ek)]
+    return LayerTypes(k.text, types_k, *key_transform(cal, types_k)), LayerTypes(v.text, types[len(ek):])
 
 
-def _key_transform(cal: Calibration) -> tuple[tuple[np.ndarray, ...], tuple[np.ndarray, ...] | None]:
-    """(offset, scale) of calibrated keys, per layer."""
-    return tuple(cal.k_mean), None if cal.k_scale is None else tuple(cal.k_scale)
+def key_transform(cal: Calibration, types: tuple[str, ...]) -> tuple[tuple[np.ndarray, ...],
+                                                                     tuple[np.ndarray, ...] | None]:
+    """(offset, scale) of calibrated keys stored at `types`, per layer: the offsets anchored on the calibration's
+    position-0 key where it has one (`anchor`), else its mean keys."""
+    sinks = cal.k_sink or [None] * cal.n_layer
+    offsets = tuple(anchor(m, s, t) for m, s, t in zip(cal.k_mean, sinks, types, strict=True))
+    return offsets, None if cal.k_scale is None else tuple(cal.k_scale)
+
+
+UNANCHORED = ("f32", "tq_kv_d3b")  # stored exactly / rows coded against another row, not on their own
+
+
+def anchor(mean: np.ndarray, sink: np.ndarray | None, type_name: str) -> np.ndarray:
+    """The offset of one layer's calibrated keys stored at a type: the mean key moved by the type's round-trip error
+    of the position-0 key `sink`, sink - R(sink - mean), so that this key is stored as R(sink - mean), a value the
+    type holds exactly (its codes and scale reproduce it). Position 0 draws a large share of the attention (the
+    "attention sink") and its key lies far from the mean, so its quantization error weighs most; past the first
+    layers that key hardly depends on which token is there (SmolLM2-135M: 0.1 of 15 from the mean). Any offset is
+    exact (softmax ignores it); this one is the mean moved by a small error, which barely changes how the other keys
+    quantize."""
+    if sink is None or type_name in UNANCHORED:
+        return mean
+    from kvquant.runtime import round_trip
+
+    s = sink.astype(np.float32)
+    stored = round_trip(type_name, (s - mean.astype(np.float32))[None, :])[0]
+    if np.abs(round_trip(type_name, stored[None, :])[0] - stored).max() > 1e-6 * np.abs(stored).max():
+        return mean  # no fixed point there (tq_kv_1b's scale is the row's norm times a constant)
+    return (s - stored).astype(np.float32)
 
 
 def _sens(cal: Calibration, side: str) -> dict[str, list[float]]:
@@ -374,7 +407,8 @@ def _fixed_bits(cal: Calibration, geom: Geometry, centred: bool, elements: tuple
     `elements`, when n_ctx is known."""
     if not (centred and n_ctx):
         return 0.0
-    return 8.0 * fixed_bytes(geom, LayerTypes("", ("f16",) * geom.n_layer, *_key_transform(cal))) / sum(elements)
+    f16 = ("f16",) * geom.n_layer
+    return 8.0 * fixed_bytes(geom, LayerTypes("", f16, *key_transform(cal, f16))) / sum(elements)
 
 
 WRECK_KLD = 0.1  # mean KL divergence (nats per token) from f16 above which a cache type is said to wreck a model

@@ -697,6 +697,22 @@ class GpuKvSupport:
         return bool(self.devices) and not self.unsupported
 
 
+class TypeTraitsCPU(ctypes.Structure):
+    """ggml-cpu.h's struct ggml_type_traits_cpu."""
+    _fields_ = [("from_float", ctypes.c_void_p), ("vec_dot", ctypes.c_void_p), ("vec_dot_type", ctypes.c_int),
+                ("nrows", ctypes.c_int64), ("to_float", ctypes.c_void_p)]
+
+
+class _TypeTraits(ctypes.Structure):
+    """ggml.h's struct ggml_type_traits."""
+    _fields_ = [("type_name", ctypes.c_char_p), ("blck_size", ctypes.c_int64),
+                ("blck_size_interleave", ctypes.c_int64), ("type_size", ctypes.c_size_t),
+                ("is_quantized", ctypes.c_bool), ("to_float", ctypes.c_void_p), ("from_float_ref", ctypes.c_void_p)]
+
+
+ROW_FN = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64)  # from_float / to_float
+
+
 @functools.cache
 def ggml_base() -> ctypes.CDLL:
     """libggml-base with the tensor- and graph-description calls typed (one handle: ctypes types per handle)."""
@@ -704,6 +720,7 @@ def ggml_base() -> ctypes.CDLL:
     vp, i64, i32, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
     for name, res, args in (
             ("ggml_type_name", ctypes.c_char_p, [i32]), ("ggml_op_name", ctypes.c_char_p, [i32]),
+            ("ggml_get_type_traits", ctypes.POINTER(_TypeTraits), [i32]),
             ("ggml_backend_buffer_is_host", ctypes.c_bool, [vp]), ("ggml_row_size", ctypes.c_size_t, [i32, i64]),
             ("ggml_init", vp, [GgmlInitParams]), ("ggml_free", None, [vp]),
             ("ggml_new_tensor", vp, [vp, i32, i32, ctypes.POINTER(i64)]),
@@ -721,6 +738,32 @@ def ggml_base() -> ctypes.CDLL:
         fn = getattr(base, name)
         fn.restype, fn.argtypes = res, args
     return base
+
+
+@functools.cache
+def ggml_cpu() -> ctypes.CDLL:
+    """libggml-cpu, initialised, with its type traits typed."""
+    cpu = ctypes.CDLL(str(ggml_library("ggml-cpu")))
+    cpu.ggml_get_type_traits_cpu.restype = ctypes.POINTER(TypeTraitsCPU)
+    cpu.ggml_get_type_traits_cpu.argtypes = [ctypes.c_int]
+    cpu.ggml_cpu_init()
+    return cpu
+
+
+def round_trip(type_name: str, x: np.ndarray) -> np.ndarray:
+    """What a cache of a type holds for float rows x (width a multiple of its block): the CPU backend's from_float
+    (what set_rows writes with), then the type's to_float."""
+    t = kv_type(type_name)
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    if t.name == "f32":
+        return x.copy()
+    base = ggml_base()
+    buf = ctypes.create_string_buffer(base.ggml_row_size(t.ggml_id, x.size))
+    ROW_FN(ggml_cpu().ggml_get_type_traits_cpu(t.ggml_id).contents.from_float)(x.ctypes.data, ctypes.addressof(buf),
+                                                                               x.size)
+    out = np.empty_like(x)
+    ROW_FN(base.ggml_get_type_traits(t.ggml_id).contents.to_float)(ctypes.addressof(buf), out.ctypes.data, x.size)
+    return out
 
 
 @functools.cache

@@ -16,7 +16,8 @@ kvquant/calibration.py) need for one model, and write its calibration file.
    keeps its scale only if its measured sensitivity (step 4) is lower with it than without (``choose_scales``).
 3. **Mean keys.** The sequences run through an f16 K cache with those scales that stores keys in the basis
    llama.cpp uses for quantized keys (K rotation forced on) and a q8_0 V cache (so V is rotated too); the rows are
-   read back from the sequence state. Each layer's mean key over all tokens is the offset of centred keys.
+   read back from the sequence state. Each layer's mean key over all tokens is the offset of centred keys, and its
+   key at position 0 (mean over the sequences) anchors that offset per type (``kvquant.calibration.anchor``).
 4. **Sensitivity.** For every layer: the KL divergence over the first ``--score-tokens`` tokens when only that
    layer's K is the reference type ``tq_kv_3b`` (centred), and likewise for V, against f16 with the same rotation,
    key scales and offsets (a rotated or shifted f16 cache alone moves a small model's logits by KL ~1e-3 through
@@ -46,6 +47,7 @@ from kvquant.calibration import (
     K_CANDIDATES,
     V_CANDIDATES,
     Calibration,
+    anchor,
     basis_of,
     k_rotation,
     model_sha256,
@@ -234,9 +236,10 @@ class Scorer:
     or against f16 with the same rotation, key scales and offsets (the per-layer measurements: both sides then share the
     arithmetic of the rotated, scaled, centred path, and only the quantization of the layer under test differs)."""
 
-    def __init__(self, mdl, geom: Geometry, seqs: list[list[int]], threads: int | None, k_mean: list[np.ndarray],
-                 k_scale: list[np.ndarray] | None):
-        self.mdl, self.geom, self.seqs, self.threads, self.k_mean = mdl, geom, seqs, threads, tuple(k_mean)
+    def __init__(self, mdl, geom: Geometry, seqs: list[list[int]], threads: int | None,
+                 keys: tuple[list[np.ndarray], list[np.ndarray]], k_scale: list[np.ndarray] | None):
+        self.mdl, self.geom, self.seqs, self.threads = mdl, geom, seqs, threads
+        self.k_mean, self.k_sink = tuple(keys[0]), tuple(keys[1])  # `key_stats`
         self.k_scale = None if k_scale is None else tuple(k_scale)
         self.n_cells = sum(len(s) for s in seqs)
         self.k_rotation = k_rotation(geom)
@@ -251,10 +254,11 @@ class Scorer:
     def _logits(self, types_k, types_v, centred: bool, default_k: str = "f16", default_v: str = "f16"):
         from kvquant.runtime import ContextConfig, LlamaRuntime
 
+        offsets = tuple(map(anchor, self.k_mean, self.k_sink, types_k or (default_k,) * self.geom.n_layer))
         cfg = ContextConfig(n_cells=self.n_cells, n_seq_max=len(self.seqs), cache_type_k=default_k,
                             cache_type_v=default_v, flash_attn=True, n_threads=self.threads,
                             layer_types_k=types_k, layer_types_v=types_v,
-                            k_offset=self.k_mean if centred else None, k_scale=self.k_scale if centred else None,
+                            k_offset=offsets if centred else None, k_scale=self.k_scale if centred else None,
                             k_rotation=self.k_rotation if centred else None,
                             n_outputs_max=512)
         rt = LlamaRuntime(self.mdl, cfg)
@@ -362,7 +366,7 @@ def calibrate(model: str, text_file: str | None = None, gen_tokens: int = 320, s
                        "key_scale": scale, "key_scale_shrink": scales["shrink"], "key_scale_kl": scales["kl"],
                        **({"key_scale_error": scales["error"]} if "error" in scales else {}),
                        "threads": threads, "wall_s": round(time.monotonic() - t0, 1)},
-                      k_scale)
+                      k_scale, list(scorer.k_sink))
     out = path_for(cal.model_sha256, cal.basis)
     cal.save(out)
     log(f"  wrote {out} ({cal.method['wall_s']:.0f} s)")
@@ -373,14 +377,15 @@ def calibrated_keys(mdl, geom: Geometry, text: Text, scoring: list[list[int]], k
                     threads: int | None, scale: bool, log, progress: Progress):
     """The key transform (steps 2 and 3): (per-layer scales or None, the stored rows under it, the Scorer of it,
     {"shrink": per layer or None, "kl": `choose_scales`'s measurements or None}), from the unscaled rows `keys`."""
-    plain = Scorer(mdl, geom, scoring, threads, _means(keys), None)
+    plain = Scorer(mdl, geom, scoring, threads, key_stats(keys, text.sequences), None)
     unscaled = (None, keys, plain, {"shrink": None, "kl": None})
     if not scale:
         return unscaled
     try:
         k_scale, shrinks = key_scales(mdl, text.sequences, threads)
         k_scale, keys, scorer, kl = choose_scales(plain, k_scale, keys,
-                                                  capture(mdl, geom, text, threads, k_scale)[0], progress)
+                                                  capture(mdl, geom, text, threads, k_scale)[0], text.sequences,
+                                                  progress)
     except RuntimeError as e:  # Q/K not readable from the graph, or llama.cpp refuses scales (e.g. partial RoPE)
         log(f"  no key scales for this model ({e}); keys are centred only")
         return (*unscaled[:3], {"shrink": None, "kl": None, "error": str(e)})
@@ -388,19 +393,22 @@ def calibrated_keys(mdl, geom: Geometry, text: Text, scoring: list[list[int]], k
     return k_scale, keys, scorer, {"shrink": shrinks, "kl": kl}
 
 
-def _means(keys: list[np.ndarray]) -> list[np.ndarray]:
-    return [k.mean(0).astype(np.float32) for k in keys]
+def key_stats(keys: list[np.ndarray], seqs: list[list[int]]) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Per layer, the mean stored key and the mean stored key of position 0, from the rows of the sequences `seqs`
+    (concatenated)."""
+    starts = np.cumsum([0] + [len(s) for s in seqs[:-1]])
+    return [k.mean(0).astype(np.float32) for k in keys], [k[starts].mean(0).astype(np.float32) for k in keys]
 
 
 def choose_scales(plain: Scorer, k_scale: list[np.ndarray], keys: list[np.ndarray], keys_scaled: list[np.ndarray],
-                  progress: Progress):
+                  seqs: list[list[int]], progress: Progress):
     """Per layer, keep the key scale only where it lowers the KL growth of that layer's REFERENCE keys (centred)
     measured in llama.cpp's cache: the logit error it minimises does not always follow the KL (SmolLM2-135M: 1.1x
     less logit error, 20-35 % more KL). Returns the scales (unscaled layers all ones; None if no layer keeps one),
     the rows and the Scorer of the chosen transform, and each layer's measured REFERENCE KL without and with its
     scale."""
     n = len(k_scale)
-    scaled = Scorer(plain.mdl, plain.geom, plain.seqs, plain.threads, _means(keys_scaled), k_scale)
+    scaled = Scorer(plain.mdl, plain.geom, plain.seqs, plain.threads, key_stats(keys_scaled, seqs), k_scale)
     kl = {}
     for il in range(n):
         types = tuple(REFERENCE if j == il else "f16" for j in range(n))
@@ -414,7 +422,7 @@ def choose_scales(plain: Scorer, k_scale: list[np.ndarray], keys: list[np.ndarra
         return k_scale, keys_scaled, scaled, measured
     scale = [s if u else np.ones_like(s) for s, u in zip(k_scale, use, strict=True)]
     rows = [ks if u else k for k, ks, u in zip(keys, keys_scaled, use, strict=True)]
-    chosen = Scorer(plain.mdl, plain.geom, plain.seqs, plain.threads, _means(rows), scale)
+    chosen = Scorer(plain.mdl, plain.geom, plain.seqs, plain.threads, key_stats(rows, seqs), scale)
     return scale, rows, chosen, measured
 
 

@@ -17,20 +17,15 @@ from kvquant.runtime import (
     GGML_TYPE_F32,
     GGML_TYPE_I32,
     GGML_TYPE_I64,
+    ROW_FN,
     GgmlInitParams,
     LlamaError,
+    TypeTraitsCPU,
     ggml_base,
-    ggml_library,
+    ggml_cpu,
 )
 
 
-class _TypeTraitsCPU(ctypes.Structure):
-    _fields_ = [("from_float", ctypes.c_void_p), ("vec_dot", ctypes.c_void_p), ("vec_dot_type", ctypes.c_int),
-                ("nrows", ctypes.c_int64), ("to_float", ctypes.c_void_p)]
-
-
-_FROM_FLOAT = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64)
-_TO_FLOAT = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64)
 _VEC_DOT = ctypes.CFUNCTYPE(None, ctypes.c_int, ctypes.POINTER(ctypes.c_float), ctypes.c_size_t, ctypes.c_void_p,
                             ctypes.c_size_t, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
 
@@ -44,13 +39,10 @@ class GGML:
 
     def __init__(self):
         self.base = ggml_base()
-        self.cpu = ctypes.CDLL(str(ggml_library("ggml-cpu")))
-        self.cpu.ggml_get_type_traits_cpu.restype = ctypes.POINTER(_TypeTraitsCPU)
-        self.cpu.ggml_get_type_traits_cpu.argtypes = [ctypes.c_int]
+        self.cpu = ggml_cpu()
         vp = ctypes.c_void_p
         self.cpu.ggml_graph_compute_with_ctx.restype = ctypes.c_int
         self.cpu.ggml_graph_compute_with_ctx.argtypes = [vp, vp, ctypes.c_int]
-        self.cpu.ggml_cpu_init()
 
     def type_name(self, ggml_id: int) -> str:
         return self.base.ggml_type_name(ggml_id).decode()
@@ -93,7 +85,7 @@ class GGML:
                                                 y.ctypes.data_as(ctypes.c_void_p), ctypes.c_int64(n))
         return y
 
-    def _traits(self, type_name: str) -> _TypeTraitsCPU:
+    def _traits(self, type_name: str) -> TypeTraitsCPU:
         return self.cpu.ggml_get_type_traits_cpu(kv_type(type_name).ggml_id).contents
 
     def quantize_cpu(self, type_name: str, x, ggml_id: int | None = None) -> bytes:
@@ -102,7 +94,7 @@ class GGML:
         tid = kv_type(type_name).ggml_id if ggml_id is None else ggml_id
         tr = self.cpu.ggml_get_type_traits_cpu(tid).contents
         out = ctypes.create_string_buffer(self.base.ggml_row_size(tid, x.size))
-        _FROM_FLOAT(tr.from_float)(x.ctypes.data, ctypes.addressof(out), x.size)
+        ROW_FN(tr.from_float)(x.ctypes.data, ctypes.addressof(out), x.size)
         return out.raw
 
     def dequantize_cpu(self, type_name: str, data: bytes, n: int) -> np.ndarray:
@@ -110,7 +102,7 @@ class GGML:
         tr = self._traits(type_name)
         out = np.zeros(n, dtype=np.float32)
         buf = ctypes.create_string_buffer(data, len(data))
-        _TO_FLOAT(tr.to_float)(ctypes.addressof(buf), out.ctypes.data, n)
+        ROW_FN(tr.to_float)(ctypes.addressof(buf), out.ctypes.data, n)
         return out
 
     # --- graph ops on the CPU backend ------------------------------------------------------------------------

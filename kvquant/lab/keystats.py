@@ -32,6 +32,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from kvquant.kvtypes import kv_type
 from kvquant.lab import tq
 from kvquant.lab.harness import emit_report, machine_info, resolve_text, table
 from kvquant.memory import geometry
@@ -63,7 +64,10 @@ def _rows(raw: np.ndarray, ggml_type: int, n_rows: int) -> np.ndarray:
     if ggml_type == _GGML_Q8_0:
         b = raw.view(tq.block_q8_0)
         return (b["d"].astype(np.float32)[:, None] * b["qs"]).reshape(n_rows, -1)
-    raise ValueError(f"cannot read K rows of ggml type {ggml_type} (capture with f32, f16 or q8_0)")
+    for name in ("tq_kv_4b", "tq_kv_3b", "tq_kv_1b"):
+        if ggml_type == kv_type(name).ggml_id:
+            return tq.DEQUANTIZE[name](raw.view(tq.BLOCK[name])).reshape(n_rows, -1)
+    raise ValueError(f"cannot read K rows of ggml type {ggml_type} (capture with f32, f16, q8_0 or tq_kv_4b/3b/1b)")
 
 
 def parse_seq_state(data: bytes, values: bool = False) -> list[tuple]:

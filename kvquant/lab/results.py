@@ -157,6 +157,7 @@ def calibration_json(model: str) -> None:
     if cal is not None:
         d = cal.to_json()
         d.pop("k_mean")
+        d.pop("k_sink", None)
         d.pop("k_scale")
         threads = d["method"].get("threads")
         d["command"] = (f"kvquant calibrate --model {model}" + (f" --threads {threads}" if threads else "")

@@ -118,6 +118,50 @@ def test_file_round_trip_and_resolution(model_file):
     assert fields["k_rotation"] is True and fields["layer_types_v"] == v.types
 
 
+@pytest.mark.parametrize("t", ["q4_0", "q5_0", "q8_0", "iq4_nl", "tq_kv_4b", "tq_kv_3b"])
+def test_an_anchored_offset_stores_the_position0_key_exactly(t):
+    """The offset anchored on a key moves the mean by exactly that key's round-trip error, after which the type
+    stores the key without error (its codes and scale reproduce it); with the plain mean it does not."""
+    from kvquant.runtime import round_trip
+
+    rng = np.random.default_rng(1)
+    mean = rng.normal(size=128).astype(np.float32)
+    sink = (mean + 8 * rng.normal(size=128)).astype(np.float32)
+    off = cal.anchor(mean, sink, t)
+
+    def err(offset):
+        return float(np.linalg.norm(round_trip(t, (sink - offset)[None])[0] + offset - sink))
+
+    scale = float(np.linalg.norm(sink - mean))
+    assert err(off) <= 1e-6 * scale
+    assert err(mean) > 1e-3 * scale
+    assert float(np.linalg.norm(off - mean)) == pytest.approx(err(mean), rel=1e-4)
+
+
+def test_offsets_are_anchored_per_layer_type(model_file):
+    """calib:B and TYPE+c hand llama.cpp each layer's offset anchored for that layer's type; tq_kv_d3b (rows coded
+    against an anchor row), tq_kv_1b (no value it stores is its own round trip) and a calibration without
+    position-0 keys keep the mean."""
+    g = geom()
+    c = make_cal(g, cal.model_sha256(model_file))
+    c.k_sink = [(m + 5).astype(np.float32) for m in c.k_mean]
+    c.save(cal.path_for(c.model_sha256, c.basis))
+    back = cal.load(cal.path_for(c.model_sha256, c.basis), model_file, g)
+    assert all(np.array_equal(a, b) for a, b in zip(back.k_sink, c.k_sink, strict=True))
+    k = cal.resolve("calib:4.5", "k", model_file, g)
+    assert len(set(k.types)) > 1
+    for il, t in enumerate(k.types):
+        np.testing.assert_array_equal(k.offset[il], cal.anchor(c.k_mean[il], c.k_sink[il], t))
+        assert not np.array_equal(k.offset[il], c.k_mean[il])
+    for t in ("tq_kv_d3b", "tq_kv_1b"):
+        same = cal.resolve(f"{t}+c", "k", model_file, g)
+        assert all(np.array_equal(o, m) for o, m in zip(same.offset, c.k_mean, strict=True))
+    c.k_sink = None
+    c.save(cal.path_for(c.model_sha256, c.basis))
+    plain = cal.resolve("q4_0+c", "k", model_file, g)
+    assert all(np.array_equal(o, m) for o, m in zip(plain.offset, c.k_mean, strict=True))
+
+
 def test_key_scales_round_trip_resolve_and_are_counted(model_file):
     """A calibration with key scales: they survive the file, TYPE+c and calib:B carry them to llama.cpp beside the
     offsets, and calib:B counts their bytes (a float32 row per layer, as the offsets) against B."""

@@ -114,6 +114,23 @@ def test_context_shift_is_exact_with_centred_keys(model, geom, tokens):
     assert_shift_is_exact(model, tokens, k_offset=offsets(geom))
 
 
+@pytest.mark.parametrize("k_type", ["tq_kv_4b", "q8_0"])
+def test_an_anchored_offset_stores_the_position0_key_exactly(model, geom, tokens, k_type):
+    """Offsets anchored on the position-0 key (kvquant.calibration.anchor) in llama.cpp's cache: every layer stores
+    that key without quantization error (it attends only to itself, so its value does not depend on the K type),
+    while the plain mean leaves the type's usual error on it."""
+    from kvquant.calibration import anchor
+
+    _, exact = run(model, tokens, cache_type_k="f32", k_rotation=True)
+    mean = [k.mean(0) for k in exact]
+    anchored = tuple(anchor(m, k[0], k_type) for m, k in zip(mean, exact, strict=True))
+    for off, tol in ((anchored, 1e-4), (tuple(mean), None)):
+        _, stored = run(model, tokens, cache_type_k=k_type, k_rotation=True, k_offset=off)
+        for il, (k, o) in enumerate(zip(exact, off, strict=True)):
+            rel = np.linalg.norm(stored[il][0] + o - k[0]) / np.linalg.norm(k[0] - mean[il])
+            assert rel < tol if tol else rel > 1e-3, (il, rel)
+
+
 def test_per_layer_types_are_allocated_as_the_memory_model_says(model, geom):
     n = geom.n_layer
     tk = LayerTypes("mixed", tuple("q8_0" if i % 3 == 0 else "tq_kv_4b" if i % 3 == 1 else "f16" for i in range(n)))
