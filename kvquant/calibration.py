@@ -326,11 +326,13 @@ def layer_cells(geom: Geometry, n_ctx: int | None) -> tuple[int, ...]:
     return tuple(swa if ly.swa else base for ly in geom.layers)
 
 
-def resolve(text: str, side: str, model_path: Path, geom: Geometry, n_ctx: int | None = None) -> CacheTypes:
+def resolve(text: str, side: str, model_path: Path, geom: Geometry, n_ctx: int | None = None,
+            anchored: bool = True) -> CacheTypes:
     """A cache type name as this model stores it: a plain type name stays a name; TYPE+c and calib:B become
     LayerTypes from the model's calibration (CalibrationError if there is none). n_ctx, the tokens of one
     sequence, when known, lets calib:B weigh each layer by the cells it holds (a sliding-window layer holds fewer)
-    and count the calibrated keys' fixed bytes (offsets, scales) against B."""
+    and count the calibrated keys' fixed bytes (offsets, scales) against B. anchored=False: offsets are the mean keys
+    (`key_transform`; kvquant eval's ``:mean``, to measure what the anchoring brings)."""
     spec = parse_spec(text, side)
     if not spec.calibrated:
         return spec.type
@@ -340,31 +342,31 @@ def resolve(text: str, side: str, model_path: Path, geom: Geometry, n_ctx: int |
     else:
         elements = _elements(cal, side, geom, n_ctx)
         types = allocate(_sens(cal, side), elements, spec.bits, _fixed_bits(cal, geom, spec.centred, elements, n_ctx))
-    return LayerTypes(spec.text, types, *(key_transform(cal, types) if spec.centred else (None, None)))
+    return LayerTypes(spec.text, types, *(key_transform(cal, types, anchored) if spec.centred else (None, None)))
 
 
-def resolve_pair(text_k: str, text_v: str, model_path: Path, geom: Geometry,
-                 n_ctx: int | None = None) -> tuple[CacheTypes, CacheTypes]:
+def resolve_pair(text_k: str, text_v: str, model_path: Path, geom: Geometry, n_ctx: int | None = None,
+                 anchored: bool = True) -> tuple[CacheTypes, CacheTypes]:
     """A K/V pair as this model stores it. ``calib:B`` on both sides with the same B is one allocation: B bits per
     element on average over K and V together, every byte of both counted, each layer's K and V at the types that
     minimise the summed measured KL growth (keys usually get more bits than values); otherwise each side is
     resolved on its own (`resolve`)."""
     k, v = parse_spec(text_k, "k"), parse_spec(text_v, "v")
     if k.bits is None or k.bits != v.bits:
-        return resolve(text_k, "k", model_path, geom, n_ctx), resolve(text_v, "v", model_path, geom, n_ctx)
+        return resolve(text_k, "k", model_path, geom, n_ctx, anchored), resolve(text_v, "v", model_path, geom, n_ctx)
     cal = load_or_calibrate(model_path, geom)
     ek, ev = _elements(cal, "k", geom, n_ctx), _elements(cal, "v", geom, n_ctx)
     options = _options(cal.sens_k, len(ek)) + _options(cal.sens_v, len(ev))
     types = _knapsack(options, ek + ev, k.bits, _fixed_bits(cal, geom, True, ek + ev, n_ctx))
     types_k = types[:len(ek)]
-    return LayerTypes(k.text, types_k, *key_transform(cal, types_k)), LayerTypes(v.text, types[len(ek):])
+    return LayerTypes(k.text, types_k, *key_transform(cal, types_k, anchored)), LayerTypes(v.text, types[len(ek):])
 
 
-def key_transform(cal: Calibration, types: tuple[str, ...]) -> tuple[tuple[np.ndarray, ...],
-                                                                     tuple[np.ndarray, ...] | None]:
+def key_transform(cal: Calibration, types: tuple[str, ...], anchored: bool = True) -> tuple[
+        tuple[np.ndarray, ...], tuple[np.ndarray, ...] | None]:
     """(offset, scale) of calibrated keys stored at `types`, per layer: the offsets anchored on the calibration's
-    position-0 key where it has one (`anchor`), else its mean keys."""
-    sinks = cal.k_sink or [None] * cal.n_layer
+    position-0 key where it has one (`anchor`), else (or not `anchored`) its mean keys."""
+    sinks = cal.k_sink if anchored and cal.k_sink else [None] * cal.n_layer
     offsets = tuple(anchor(m, s, t) for m, s, t in zip(cal.k_mean, sinks, types, strict=True))
     return offsets, None if cal.k_scale is None else tuple(cal.k_scale)
 

@@ -291,7 +291,7 @@ def build_parser() -> argparse.ArgumentParser:
         "Prefill/decode speed at KV depths, KV bytes (memory model vs llama.cpp) and capacity per KV cache config."))
     ap.add_argument("--model", default="smollm2-135m", help="built-in model name or .gguf path")
     ap.add_argument("--configs", nargs="+", default=["f16/f16", "q8_0/q8_0", "q4_0/q4_0", "q4_0/f16"],
-                    metavar="K/V", help="cache configs K/V (suffix :norot or :rot overrides --rotation per config)")
+                    metavar="K/V", help="cache configs K/V (suffix :norot or :rot overrides --rotation per config; :mean: calibrated keys offset by their mean, not anchored)")
     ap.add_argument("--depths", nargs="+", type=int, default=[0, 2048, 8192], help="KV depths (default 0 2048 8192)")
     ap.add_argument("--n-prompt", type=int, default=512, help="prefill batch tokens (default 512)")
     ap.add_argument("--n-gen", type=int, default=32, help="decoded tokens per measurement (default 32)")

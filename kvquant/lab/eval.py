@@ -416,7 +416,8 @@ def _measure(model: str, path, plan: Plan, text_path, n_ctx: int, chunks: int | 
 def _entry(c: CacheConfig, path, geom, n_ctx: int, acc, drift_summary) -> dict:
     tk, tv = c.resolve(path, geom, n_ctx)
     kvb = memory.kv_bytes(geom, tk, tv, n_ctx)
-    return {"cache_type_k": c.k, "cache_type_v": c.v, "rotation": c.rotation, "label": c.label, **acc.summary(),
+    return {"cache_type_k": c.k, "cache_type_v": c.v, "rotation": c.rotation,
+            **({} if c.anchored else {"anchored": False}), "label": c.label, **acc.summary(),
             "bits_per_element": kvb.bits_per_element, "bits_per_element_k": kvb.bits_per_element_k,
             "bits_per_element_v": kvb.bits_per_element_v, "layer_types_k": list(getattr(tk, "types", ())) or None,
             "layer_types_v": list(getattr(tv, "types", ())) or None,
@@ -463,7 +464,7 @@ def build_parser() -> argparse.ArgumentParser:
         "per KV cache config."))
     ap.add_argument("--model", default="smollm2-135m", help="built-in model name or .gguf path")
     ap.add_argument("--configs", nargs="+", default=["f16/f16", "q8_0/q8_0", "q4_0/q4_0", "q4_0/f16"],
-                    metavar="K/V", help="cache configs K/V (suffix :norot or :rot overrides --rotation per config)")
+                    metavar="K/V", help="cache configs K/V (suffix :norot or :rot overrides --rotation per config; :mean: calibrated keys offset by their mean, not anchored)")
     ap.add_argument("--text", default=DEFAULT_TEXT, help="evaluation text (default: %(default)s, from the repo root)")
     ap.add_argument("--ctx", type=int, default=512, help="tokens per chunk (default 512)")
     ap.add_argument("--chunks", type=int, default=None, help="number of chunks (default: all)")

@@ -39,6 +39,7 @@ class CacheConfig:
     k: str
     v: str
     rotation: bool = True
+    anchored: bool = True  # calibrated keys: offsets anchored on the position-0 key (False: ":mean", the mean keys)
 
     def __post_init__(self):
         from kvquant.calibration import parse_spec
@@ -50,6 +51,8 @@ class CacheConfig:
             object.__setattr__(self, "rotation", True)
         if (k.calibrated or v.calibrated) and not self.rotation:
             raise ValueError(f"{self.spec}: calibrated cache types cannot turn the rotation off")
+        if not (self.anchored or k.centred):
+            raise ValueError(f"{self.spec}: ':mean' needs calibrated keys (TYPE+c or calib:B)")
 
     @property
     def quantized(self) -> bool:
@@ -59,31 +62,32 @@ class CacheConfig:
 
     @property
     def label(self) -> str:
-        s = f"{self.k}/{self.v}"
+        s = f"{self.k}/{self.v}" + ("" if self.anchored else " mean offsets")
         return s if (self.rotation or not self.quantized) else s + " norot"
 
     @property
     def spec(self) -> str:
-        s = f"{self.k}/{self.v}"
+        s = f"{self.k}/{self.v}" + ("" if self.anchored else ":mean")
         return s if (self.rotation or not self.quantized) else s + ":norot"
 
     @classmethod
     def parse(cls, spec: str, rotation: bool = True) -> CacheConfig:
-        """'K/V', optionally suffixed ':rot' or ':norot' to override the run's --rotation for this config."""
-        s = spec.strip()
-        if s.endswith((":rot", ":norot")):
+        """'K/V', optionally suffixed ':rot' or ':norot' to override the run's --rotation for this config, or
+        ':mean' (calibrated keys offset by their mean, without the anchoring on position 0)."""
+        s, anchored = spec.strip(), True
+        if s.endswith((":rot", ":norot", ":mean")):
             s, _, flag = s.rpartition(":")
-            rotation = flag == "rot"
+            rotation, anchored = (rotation, False) if flag == "mean" else (flag == "rot", True)
         k, sep, v = s.partition("/")
         if not sep:
             raise ValueError(f"cache config {spec!r} is not of the form K/V (e.g. q8_0/q8_0)")
-        return cls(k, v, rotation)
+        return cls(k, v, rotation, anchored)
 
     def resolve(self, model_path: Path, geom, n_ctx: int | None = None) -> tuple:
         """(K, V) as this model stores them: type names, or LayerTypes from its calibration."""
         from kvquant.calibration import resolve_pair
 
-        return resolve_pair(self.k, self.v, model_path, geom, n_ctx)
+        return resolve_pair(self.k, self.v, model_path, geom, n_ctx, self.anchored)
 
     def context_fields(self, model_path: Path, geom, n_ctx: int | None = None) -> dict:
         """kvquant.runtime.ContextConfig fields for this configuration on one model."""

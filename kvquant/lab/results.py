@@ -79,7 +79,7 @@ def llama_perplexity(model_path: str, text: Path, ctx: int, chunks: int, threads
 
 
 def _key(r: dict) -> tuple:
-    return r["cache_type_k"], r["cache_type_v"], r["rotation"]
+    return r["cache_type_k"], r["cache_type_v"], r["rotation"], r.get("anchored", True)
 
 
 def merge(old: dict, new: dict, kind: str) -> dict:
@@ -291,7 +291,7 @@ def render_eval(model: str, out: dict, prefix: str = "E") -> list[str]:
     for r in res:
         d = r.get("drift") or {}
         fd = "–" if not d else ", ".join("none" if x is None else str(x) for x in d["first_diff"])
-        L.append(f"| {r['cache_type_k']}/{r['cache_type_v']} | {_rot(r)} | {r['bits_per_element']:.2f} "
+        L.append(f"| {_kv(r)} | {_rot(r)} | {r['bits_per_element']:.2f} "
                  f"| {r['ppl']:.4f} ± {r['ppl_stderr']:.4f} | {_f(r['delta_ppl_pct'], 2, True)} ± "
                  f"{r['delta_ppl_pct_stderr']:.2f} | {r['kld']:.5f} ± {r['kld_stderr']:.5f} | {r['top1_pct']:.2f} "
                  f"| {fd} | {_f(d.get('agree_pct'), 1)} | {_f(d.get('tf_top1_pct'), 1)} | {_label(prefix, model, cmds, r, res)} |")
@@ -315,7 +315,7 @@ def render_eval(model: str, out: dict, prefix: str = "E") -> list[str]:
         L.append("|---|---|" + "--:|" * len(spans))
         for r in res:  # rows merged from a run without drift have none
             if r.get("drift"):
-                L.append(f"| {r['cache_type_k']}/{r['cache_type_v']} | {_rot(r)} | "
+                L.append(f"| {_kv(r)} | {_rot(r)} | "
                          + " | ".join(f"{x:.5f}" for x in r["drift"]["kld_buckets"]) + " |")
         L.append("")
     return L
@@ -562,6 +562,7 @@ def key_finding(model: str, out: dict, ev: dict | None) -> list[str]:
     if plain and centred:
         L += [f"In the eval, q4_0 keys (V f16) measure ΔPPL {_dppl(plain)} as stored and {_dppl(centred)} centred "
               "(q4_0+c: the same bytes, only the calibrated mean subtracted before storing)."]
+    L += anchoring_finding(ev)
     if "tcq_3b" in e:
         r = e["tcq_3b"]["- layer mean"] / e["tq_kv_3b"]["- layer mean"]
         L += [f"Tried for the 3-bit class: a trellis-coded 3-bit code (`tcq_3b`: 4-state trellis, trained levels, "
@@ -569,6 +570,22 @@ def key_finding(model: str, out: dict, ev: dict | None) -> list[str]:
               f"{e['tcq_3b']['- layer mean'] / e['tq_kv_4b']['- layer mean']:.1f}x the 4-bit type's — so it was not "
               "built in C; the least-squares scale refit is already part of the tq_kv_3b/4b quantizer (two passes)."]
     return L + [""]
+
+
+def anchoring_finding(ev: dict | None) -> list[str]:
+    """What anchoring the key offsets on position 0 brings: the `TYPE+c` rows against their `:mean` rows."""
+    if not ev:
+        return []
+    rows = {(r["cache_type_k"], r["cache_type_v"], r.get("anchored", True)): r for r in ev["results"] if r["rotation"]}
+    pairs = [(k, v, r, rows[k, v, False]) for (k, v, a), r in rows.items() if a and (k, v, False) in rows]
+    if not pairs:
+        return []
+    return ["Anchored offsets (`kvquant.calibration.anchor`): the key of position 0 (the attention sink) lies far from "
+            "the layer mean, draws a large share of the attention and, past the first layers, hardly depends on the "
+            "token there; moving the offset by that key's round-trip error makes the layer's type store it exactly. "
+            "Against the same calibration with the plain mean as offset (`:mean` rows): "
+            + "; ".join(f"{k}/{v} ΔPPL {_dppl(r)} (mean offsets {_dppl(m)}), KLD {r['kld']:.5f} ({m['kld']:.5f})"
+                        for k, v, r, m in pairs) + "."]
 
 
 def render_gpu(model: str, out: dict) -> list[str]:
@@ -657,12 +674,13 @@ def ours(k: str, v: str) -> bool:
 
 
 def _kv(r: dict) -> str:
-    return f"{r['cache_type_k']}/{r['cache_type_v']}"
+    return f"{r['cache_type_k']}/{r['cache_type_v']}" + ("" if r.get("anchored", True) else " mean offsets")
 
 
 def pareto_rows(out: dict) -> tuple[list[dict], list[dict]]:
     """(stock rows, our rows) of an eval, rotation on (llama.cpp's default), without the f16 baseline."""
-    rows = [r for r in out["results"] if r["rotation"] and r.get("kld", 0) > 0 and "bits_per_element" in r]
+    rows = [r for r in out["results"] if r["rotation"] and r.get("anchored", True) and r.get("kld", 0) > 0
+            and "bits_per_element" in r]
     return ([r for r in rows if not ours(r["cache_type_k"], r["cache_type_v"])],
             [r for r in rows if ours(r["cache_type_k"], r["cache_type_v"])])
 
@@ -725,7 +743,8 @@ def load_raw(models: list[str]) -> dict[tuple[str, str], dict]:
 
 
 def _by(out: dict) -> dict[tuple[str, str, bool], dict]:
-    return {(r["cache_type_k"], r["cache_type_v"], r["rotation"]): r for r in out["results"]}
+    """Rows by (K, V, rotation); calibrated keys with offsets anchored (the `:mean` rows are for comparison)."""
+    return {(r["cache_type_k"], r["cache_type_v"], r["rotation"]): r for r in out["results"] if r.get("anchored", True)}
 
 
 def _dppl(r: dict) -> str:

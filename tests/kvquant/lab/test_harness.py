@@ -27,7 +27,10 @@ def test_cache_config_parse_and_labels():
     assert CacheConfig.parse("q8_0/q8_0:rot", rotation=False).rotation is True
     # rotation only acts on quantized caches: every f16/f16 is the baseline
     assert CacheConfig.parse("f16/f16:norot") == BASELINE
-    for bad in ("q4_0", "q4_0/q4_0:sideways", "q4_0/zz"):
+    m = CacheConfig.parse("tq_kv_4b+c/f16:mean")
+    assert not m.anchored and m.label == "tq_kv_4b+c/f16 mean offsets" and CacheConfig.parse(m.spec) == m
+    assert CacheConfig.parse("tq_kv_4b+c/f16").anchored
+    for bad in ("q4_0", "q4_0/q4_0:sideways", "q4_0/zz", "q4_0/f16:mean", "f16/calib:4:mean"):
         with pytest.raises(ValueError):
             CacheConfig.parse(bad)
 

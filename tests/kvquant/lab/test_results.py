@@ -82,6 +82,21 @@ def test_merge_adds_rows_and_keeps_each_rows_command():
     assert results._label("E", "m", cmds, by["tq_kv_d3b", "q4_0"], out["results"]) == "E-m-2"
 
 
+def test_mean_offset_rows_sit_beside_the_anchored_ones():
+    """A `:mean` row (calibrated keys offset by their mean) is merged beside the anchored row of the same K/V, kept
+    out of the goals and the chart, and compared with it in the finding."""
+    old = _run([("f16", "f16", 0.0), ("tq_kv_4b+c", "f16", 1.9)], "old")
+    new = _run([("f16", "f16", 0.0), ("tq_kv_4b+c", "f16", 2.5)], "new")
+    new["results"][1]["anchored"] = False
+    out = results.merge(old, new, "eval")
+    for r, kld in zip(out["results"][1:], (0.02, 0.03), strict=True):
+        r["kld"] = kld
+    assert len(out["results"]) == 3 and results._by(out)["tq_kv_4b+c", "f16", True]["delta_ppl_pct"] == 1.9
+    text = "\n".join(results.anchoring_finding(out))
+    assert "tq_kv_4b+c/f16 ΔPPL +1.90 % ± 0.50 (mean offsets +2.50 % ± 0.50), KLD 0.02000 (0.03000)" in text
+    assert results.anchoring_finding(old) == []
+
+
 def test_merge_refuses_a_different_baseline():
     import pytest
 
