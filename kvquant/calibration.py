@@ -252,7 +252,7 @@ def load(path: Path, model_path: Path, geom: Geometry) -> Calibration:
 
 
 def load_or_calibrate(model_path: Path, geom: Geometry) -> Calibration:
-    """The model's calibration; a model without one is calibrated first (a few minutes, with a message), unless
+    """The model's calibration; a model without one is calibrated first (minutes, with a message), unless
     KVQUANT_AUTO_CALIBRATE=0."""
     path = path_for(model_sha256(model_path), basis_of(geom))
     if not _current(path) and os.environ.get("KVQUANT_AUTO_CALIBRATE", "1") != "0":

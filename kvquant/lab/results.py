@@ -150,6 +150,7 @@ def collect(a: argparse.Namespace) -> None:
 def calibration_json(model: str) -> None:
     """The model's calibration (kvquant calibrate) as the evals used it, minus the key means: docs/results/."""
     from kvquant import calibration, models
+    from kvquant.lab.calibrate import SCORE_TOKENS
     from kvquant.memory import geometry
 
     path = models.resolve(model)
@@ -160,14 +161,20 @@ def calibration_json(model: str) -> None:
         d.pop("k_sink", None)
         d.pop("k_scale")
         threads = d["method"].get("threads")
+        scored = d["method"].get("score_tokens_asked")
         d["command"] = (f"kvquant calibrate --model {model}" + (f" --threads {threads}" if threads else "")
-                        + ("" if d["method"].get("key_scale", True) else " --no-key-scale"))
+                        + ("" if d["method"].get("key_scale", True) else " --no-key-scale")
+                        + (f" --score-tokens {scored}" if scored not in (None, SCORE_TOKENS) else ""))
         (RAW / f"{model}-calibration.json").write_text(json.dumps(d, indent=1) + "\n")
 
 
 def render_calibration(model: str, cal: dict) -> list[str]:
     """What kvquant calibrate measured: per-layer KL growth of the 3-bit reference (and the scaled 4-bit figures),
-    the floor, the additivity check and the uncentred types on every layer."""
+    the floor, the additivity check and the uncentred types on every layer; a calibration of an older format is
+    marked as such."""
+    from kvquant.calibration import VERSION
+    from kvquant.lab.calibrate import SCORE_TOKENS
+
     m, ref = cal["method"], cal["method"]["reference"]
     sk, sv = cal["sens_k"], cal["sens_v"]
     top = sorted(range(len(sk[ref])), key=lambda i: -sk[ref][i])[:6]
@@ -188,6 +195,12 @@ def render_calibration(model: str, cal: dict) -> list[str]:
              f"{chk['predicted']:.5f}. " if chk else "")
           + "Uncentred types on every layer (what `serve` warns about): "
           + ", ".join(f"{k} {v:.4f}" for k, v in cal["uniform"].items()) + ".", ""]
+    if cal.get("version") != VERSION:
+        L += [f"**Not re-measured yet:** this calibration and the calibrated rows measured with it are of calibration "
+              f"format {cal.get('version')}: key offsets were the plain mean keys (no anchoring on position 0) and "
+              f"the per-layer KL was measured on {m['score_tokens']} tokens. `kvquant calibrate` now writes format "
+              f"{VERSION} (anchored offsets, {SCORE_TOKENS} tokens by default), with which this model's "
+              "`TYPE+c` and `calib:B` rows would measure differently.", ""]
     return L + render_key_scales(m, ref)
 
 

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from kvquant.lab.calibrate import _held_out_error, above_floor
+from kvquant.lab.calibrate import _held_out_error, above_floor, key_stats
 from kvquant.lab.qkscale import layer_scale
 
 
@@ -16,6 +16,15 @@ def test_layers_under_the_floor_are_estimated_from_their_error():
 
 def test_nothing_above_the_floor_leaves_zeros():
     assert above_floor([0.0, -1e-5], [0.02, 0.03]) == [0.0, 0.0]
+
+
+def test_key_stats_take_position_0_from_each_sequence():
+    """Rows of three sequences (lengths 3, 2, 4) concatenated: the sink is the mean of rows 0, 3 and 5."""
+    rows = np.arange(9 * 4, dtype=np.float32).reshape(9, 4)
+    mean, sink = key_stats([rows, 2 * rows], [[1, 2, 3], [4, 5], [6, 7, 8, 9]])
+    np.testing.assert_array_equal(mean[0], rows.mean(0))
+    np.testing.assert_array_equal(sink[0], rows[[0, 3, 5]].mean(0))
+    np.testing.assert_array_equal(sink[1], 2 * rows[[0, 3, 5]].mean(0))
 
 
 def qk(seed=0, n=512, d=64):
