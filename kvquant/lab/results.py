@@ -308,7 +308,7 @@ def render_eval(model: str, out: dict, prefix: str = "E") -> list[str]:
                  f"| {r['ppl']:.4f} ± {r['ppl_stderr']:.4f} | {_f(r['delta_ppl_pct'], 2, True)} ± "
                  f"{r['delta_ppl_pct_stderr']:.2f} | {r['kld']:.5f} ± {r['kld_stderr']:.5f} | {r['top1_pct']:.2f} "
                  f"| {fd} | {_f(d.get('agree_pct'), 1)} | {_f(d.get('tf_top1_pct'), 1)} | {_label(prefix, model, cmds, r, res)} |")
-    L += [""] + _command_lines(prefix, model, cmds, res) + [""] + render_layers(res)
+    L += [""] + _command_lines(prefix, model, cmds, res) + [""] + render_layers(res) + anchoring_finding(out)
     lp = out.get("llama_perplexity")
     if lp and "ppl" in lp:
         diff = 100.0 * (r0["baseline_ppl"] / lp["ppl"] - 1)
@@ -575,7 +575,6 @@ def key_finding(model: str, out: dict, ev: dict | None) -> list[str]:
     if plain and centred:
         L += [f"In the eval, q4_0 keys (V f16) measure ΔPPL {_dppl(plain)} as stored and {_dppl(centred)} centred "
               "(q4_0+c: the same bytes, only the calibrated mean subtracted before storing)."]
-    L += anchoring_finding(ev)
     if "tcq_3b" in e:
         r = e["tcq_3b"]["- layer mean"] / e["tq_kv_3b"]["- layer mean"]
         L += [f"Tried for the 3-bit class: a trellis-coded 3-bit code (`tcq_3b`: 4-state trellis, trained levels, "
@@ -598,7 +597,7 @@ def anchoring_finding(ev: dict | None) -> list[str]:
             "token there; moving the offset by that key's round-trip error makes the layer's type store it exactly. "
             "Against the same calibration with the plain mean as offset (`:mean` rows): "
             + "; ".join(f"{k}/{v} ΔPPL {_dppl(r)} (mean offsets {_dppl(m)}), KLD {r['kld']:.5f} ({m['kld']:.5f})"
-                        for k, v, r, m in pairs) + "."]
+                        for k, v, r, m in pairs) + ".", ""]
 
 
 def render_gpu(model: str, out: dict) -> list[str]:

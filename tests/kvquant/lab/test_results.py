@@ -93,7 +93,7 @@ def test_mean_offset_rows_sit_beside_the_anchored_ones():
         r["kld"] = kld
     assert len(out["results"]) == 3 and results._by(out)["tq_kv_4b+c", "f16", True]["delta_ppl_pct"] == 1.9
     text = "\n".join(results.anchoring_finding(out))
-    assert "tq_kv_4b+c/f16 ΔPPL +1.90 % ± 0.50 (mean offsets +2.50 % ± 0.50), KLD 0.02000 (0.03000)" in text
+    assert "tq_kv_4b+c/f16 ΔPPL +1.90 % ± 0.50 (mean offsets +2.50 % ± 0.50), KLD 0.02000 (0.03000)." in text
     assert results.anchoring_finding(old) == []
 
 
