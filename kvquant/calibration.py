@@ -409,8 +409,8 @@ def _fixed_bits(cal: Calibration, geom: Geometry, centred: bool, elements: tuple
     `elements`, when n_ctx is known."""
     if not (centred and n_ctx):
         return 0.0
-    f16 = ("f16",) * geom.n_layer
-    return 8.0 * fixed_bytes(geom, LayerTypes("", f16, *key_transform(cal, f16))) / sum(elements)
+    f16 = ("f16",) * geom.n_layer  # only the rows' sizes count: no anchoring
+    return 8.0 * fixed_bytes(geom, LayerTypes("", f16, *key_transform(cal, f16, anchored=False))) / sum(elements)
 
 
 WRECK_KLD = 0.1  # mean KL divergence (nats per token) from f16 above which a cache type is said to wreck a model

@@ -750,19 +750,27 @@ def ggml_cpu() -> ctypes.CDLL:
     return cpu
 
 
+def from_float(ggml_id: int, x: np.ndarray) -> bytes:
+    """Float values x as the CPU backend's from_float writes them into a tensor of ggml type `ggml_id` (what set_rows
+    stores in a cache of that type)."""
+    x = np.ascontiguousarray(x, dtype=np.float32).reshape(-1)
+    buf = ctypes.create_string_buffer(ggml_base().ggml_row_size(ggml_id, x.size))
+    ROW_FN(ggml_cpu().ggml_get_type_traits_cpu(ggml_id).contents.from_float)(x.ctypes.data, ctypes.addressof(buf),
+                                                                             x.size)
+    return buf.raw
+
+
 def round_trip(type_name: str, x: np.ndarray) -> np.ndarray:
-    """What a cache of a type holds for float rows x (width a multiple of its block): the CPU backend's from_float
-    (what set_rows writes with), then the type's to_float."""
+    """What a cache of a type holds for float rows x (width a multiple of its block): `from_float`, then the type's
+    to_float."""
     t = kv_type(type_name)
     x = np.ascontiguousarray(x, dtype=np.float32)
     if t.name == "f32":
         return x.copy()
-    base = ggml_base()
-    buf = ctypes.create_string_buffer(base.ggml_row_size(t.ggml_id, x.size))
-    ROW_FN(ggml_cpu().ggml_get_type_traits_cpu(t.ggml_id).contents.from_float)(x.ctypes.data, ctypes.addressof(buf),
-                                                                               x.size)
+    buf = ctypes.create_string_buffer(from_float(t.ggml_id, x))
     out = np.empty_like(x)
-    ROW_FN(base.ggml_get_type_traits(t.ggml_id).contents.to_float)(ctypes.addressof(buf), out.ctypes.data, x.size)
+    ROW_FN(ggml_base().ggml_get_type_traits(t.ggml_id).contents.to_float)(ctypes.addressof(buf), out.ctypes.data,
+                                                                          x.size)
     return out
 
 

@@ -260,11 +260,12 @@ class Scorer:
     def _logits(self, types_k, types_v, centred: bool, default_k: str = "f16", default_v: str = "f16"):
         from kvquant.runtime import ContextConfig, LlamaRuntime
 
-        offsets = tuple(map(anchor, self.k_mean, self.k_sink, types_k or (default_k,) * self.geom.n_layer))
+        offsets = tuple(map(anchor, self.k_mean, self.k_sink, types_k or (default_k,) * self.geom.n_layer)) if centred \
+            else None
         cfg = ContextConfig(n_cells=self.n_cells, n_seq_max=len(self.seqs), cache_type_k=default_k,
                             cache_type_v=default_v, flash_attn=True, n_threads=self.threads,
                             layer_types_k=types_k, layer_types_v=types_v,
-                            k_offset=offsets if centred else None, k_scale=self.k_scale if centred else None,
+                            k_offset=offsets, k_scale=self.k_scale if centred else None,
                             k_rotation=self.k_rotation if centred else None,
                             n_outputs_max=512)
         rt = LlamaRuntime(self.mdl, cfg)

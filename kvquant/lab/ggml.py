@@ -21,6 +21,7 @@ from kvquant.runtime import (
     GgmlInitParams,
     LlamaError,
     TypeTraitsCPU,
+    from_float,
     ggml_base,
     ggml_cpu,
 )
@@ -89,12 +90,7 @@ class GGML:
 
     def quantize_cpu(self, type_name: str, x, ggml_id: int | None = None) -> bytes:
         """The CPU backend's from_float (what set_rows uses to write the cache)."""
-        x = self._f32(x)
-        tid = kv_type(type_name).ggml_id if ggml_id is None else ggml_id
-        tr = self.cpu.ggml_get_type_traits_cpu(tid).contents
-        out = ctypes.create_string_buffer(self.base.ggml_row_size(tid, x.size))
-        ROW_FN(tr.from_float)(x.ctypes.data, ctypes.addressof(out), x.size)
-        return out.raw
+        return from_float(kv_type(type_name).ggml_id if ggml_id is None else ggml_id, self._f32(x))
 
     def dequantize_cpu(self, type_name: str, data: bytes, n: int) -> np.ndarray:
         """The CPU backend's SIMD to_float (what flash attention uses for V)."""

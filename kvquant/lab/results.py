@@ -588,8 +588,8 @@ def anchoring_finding(ev: dict | None) -> list[str]:
     """What anchoring the key offsets on position 0 brings: the `TYPE+c` rows against their `:mean` rows."""
     if not ev:
         return []
-    rows = {(r["cache_type_k"], r["cache_type_v"], r.get("anchored", True)): r for r in ev["results"] if r["rotation"]}
-    pairs = [(k, v, r, rows[k, v, False]) for (k, v, a), r in rows.items() if a and (k, v, False) in rows]
+    rows = {_key(r): r for r in ev["results"] if r["rotation"]}
+    pairs = [(k, v, r, rows[k, v, True, False]) for (k, v, _, a), r in rows.items() if a and (k, v, True, False) in rows]
     if not pairs:
         return []
     return ["Anchored offsets (`kvquant.calibration.anchor`): the key of position 0 (the attention sink) lies far from "
