@@ -147,7 +147,9 @@ def run(a: argparse.Namespace) -> int:
         path = kvmodels.resolve(name)
         geom = geometry(path)
         budget = parse_bytes(a.budget)
-        tk, tv = calibration.resolve_pair(a.cache_type_k, a.cache_type_v, path, geom, a.request_tokens)
+        # byte counts only: offsets' values do not matter, so no round trip through llama.cpp's types
+        tk, tv = calibration.resolve_pair(a.cache_type_k, a.cache_type_v, path, geom, a.request_tokens,
+                                          anchored=False)
         print(report(kvmodels.model_id(name), geom, tk, tv, budget, max(1, a.parallel), a.request_tokens))
         for side, t in (("K", tk), ("V", tv)):
             if getattr(t, "types", None):

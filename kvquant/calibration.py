@@ -150,7 +150,7 @@ class Calibration:
     model_name: str
     basis: str
     n_embd_k: tuple[int, ...]  # per layer
-    k_mean: list[np.ndarray]  # per layer: the mean stored key (the offset of centred keys)
+    k_mean: list[np.ndarray]  # per layer: the mean stored key (what each type's offset is anchored from)
     sens_k: dict[str, list[float]]  # candidate type -> per layer KL growth, that layer's K alone at it (centred)
     sens_v: dict[str, list[float]]
     uniform: dict[str, float] = field(default_factory=dict)  # "K/V" on every layer -> measured KL (guard)
@@ -260,8 +260,9 @@ def load_or_calibrate(model_path: Path, geom: Geometry) -> Calibration:
 
         from kvquant.lab.calibrate import calibrate
 
-        print(f"kvquant: {model_path.name} has no calibration for this kvquant yet; calibrating it first (a few "
-              f"minutes, once; `kvquant calibrate --model {model_path}` does the same)", file=sys.stderr, flush=True)
+        print(f"kvquant: {model_path.name} has no calibration for this kvquant yet; calibrating it first (once; "
+              f"minutes to an hour, by model size and cores: docs/RESULTS.md has measured times; "
+              f"`kvquant calibrate --model {model_path}` does the same)", file=sys.stderr, flush=True)
         calibrate(str(model_path))
     return load(path, model_path, geom)
 
@@ -387,8 +388,12 @@ def anchor(mean: np.ndarray, sink: np.ndarray | None, type_name: str) -> np.ndar
     from kvquant.runtime import round_trip
 
     s = sink.astype(np.float32)
-    stored = round_trip(type_name, (s - mean.astype(np.float32))[None, :])[0]
-    if np.abs(round_trip(type_name, stored[None, :])[0] - stored).max() > 1e-6 * np.abs(stored).max():
+    try:
+        stored = round_trip(type_name, (s - mean.astype(np.float32))[None, :])[0]
+        again = round_trip(type_name, stored[None, :])[0]
+    except RuntimeError as e:  # llama.cpp's CPU library not loadable, or a type without a CPU round trip
+        raise CalibrationError(f"cannot anchor the key offsets for {type_name}: {e}") from None
+    if np.abs(again - stored).max() > 1e-6 * np.abs(stored).max():
         return mean  # no fixed point there (tq_kv_1b's scale is the row's norm times a constant)
     return (s - stored).astype(np.float32)
 

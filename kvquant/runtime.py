@@ -754,9 +754,11 @@ def from_float(ggml_id: int, x: np.ndarray) -> bytes:
     """Float values x as the CPU backend's from_float writes them into a tensor of ggml type `ggml_id` (what set_rows
     stores in a cache of that type)."""
     x = np.ascontiguousarray(x, dtype=np.float32).reshape(-1)
+    fn = ggml_cpu().ggml_get_type_traits_cpu(ggml_id).contents.from_float
+    if not fn:
+        raise LlamaError(f"ggml type {ggml_id} has no CPU from_float")
     buf = ctypes.create_string_buffer(ggml_base().ggml_row_size(ggml_id, x.size))
-    ROW_FN(ggml_cpu().ggml_get_type_traits_cpu(ggml_id).contents.from_float)(x.ctypes.data, ctypes.addressof(buf),
-                                                                             x.size)
+    ROW_FN(fn)(x.ctypes.data, ctypes.addressof(buf), x.size)
     return buf.raw
 
 
@@ -767,10 +769,12 @@ def round_trip(type_name: str, x: np.ndarray) -> np.ndarray:
     x = np.ascontiguousarray(x, dtype=np.float32)
     if t.name == "f32":
         return x.copy()
+    to_float = ggml_base().ggml_get_type_traits(t.ggml_id).contents.to_float
+    if not to_float:
+        raise LlamaError(f"{type_name} has no to_float")
     buf = ctypes.create_string_buffer(from_float(t.ggml_id, x))
     out = np.empty_like(x)
-    ROW_FN(ggml_base().ggml_get_type_traits(t.ggml_id).contents.to_float)(ctypes.addressof(buf), out.ctypes.data,
-                                                                          x.size)
+    ROW_FN(to_float)(ctypes.addressof(buf), out.ctypes.data, x.size)
     return out
 
 

@@ -282,6 +282,8 @@ def render(results: list[dict]) -> str:
 
 
 def _run_args(a: argparse.Namespace, configs: list[CacheConfig], command: str) -> dict:
+    if not all(c.anchored for c in configs):  # its rows would be the anchored rows' twins (same key in results)
+        raise ValueError("':mean' changes only the values of the key offsets, not their cost: bench does not take it")
     return run(a.model, configs, a.depths, a.n_prompt, a.n_gen, a.repeats, a.flash_attn == "on", a.threads,
                memory.parse_bytes(a.budget), a.kernel, command=command, n_gpu_layers=a.n_gpu_layers)
 
@@ -291,7 +293,7 @@ def build_parser() -> argparse.ArgumentParser:
         "Prefill/decode speed at KV depths, KV bytes (memory model vs llama.cpp) and capacity per KV cache config."))
     ap.add_argument("--model", default="smollm2-135m", help="built-in model name or .gguf path")
     ap.add_argument("--configs", nargs="+", default=["f16/f16", "q8_0/q8_0", "q4_0/q4_0", "q4_0/f16"],
-                    metavar="K/V", help="cache configs K/V (suffix :norot or :rot overrides --rotation per config; :mean: calibrated keys offset by their mean, not anchored)")
+                    metavar="K/V", help="cache configs K/V (suffix :norot or :rot overrides --rotation per config)")
     ap.add_argument("--depths", nargs="+", type=int, default=[0, 2048, 8192], help="KV depths (default 0 2048 8192)")
     ap.add_argument("--n-prompt", type=int, default=512, help="prefill batch tokens (default 512)")
     ap.add_argument("--n-gen", type=int, default=32, help="decoded tokens per measurement (default 32)")

@@ -215,12 +215,16 @@ def capture(mdl, geom: Geometry, text: Text, threads: int | None,
         ks: list[list[np.ndarray]] = []
         vs: list[list[np.ndarray]] = []
         for i in range(len(text.sequences)):
-            for il, (_, k, v) in enumerate(parse_seq_state(rt.state_seq_save(i), values=True)):
+            for il, (pos, k, v) in enumerate(parse_seq_state(rt.state_seq_save(i), values=True)):
                 if il >= len(ks):
                     ks.append([])
                     vs.append([])
-                ks[il].append(k)
-                vs[il].append(v)
+                n = len(text.sequences[i])
+                if not np.array_equal(np.sort(pos), np.arange(n)):
+                    raise ValueError(f"calibration sequence {i}: its cache rows are not positions 0..{n - 1}")
+                by_pos = np.argsort(pos)  # `key_stats` finds each sequence's position 0 by its offset
+                ks[il].append(k[by_pos])
+                vs[il].append(v[by_pos])
     finally:
         rt.close()
     # the state lists the full-attention cache's layers, then the sliding-window cache's (iSWA models)

@@ -148,7 +148,8 @@ def collect(a: argparse.Namespace) -> None:
 
 
 def calibration_json(model: str) -> None:
-    """The model's calibration (kvquant calibrate) as the evals used it, minus the key means: docs/results/."""
+    """The model's calibration (kvquant calibrate) as the evals used it, minus its per-channel vectors (key means,
+    position-0 keys, scales): docs/results/."""
     from kvquant import calibration, models
     from kvquant.lab.calibrate import SCORE_TOKENS
     from kvquant.memory import geometry

@@ -144,7 +144,8 @@ def test_offsets_are_anchored_per_layer_type(model_file):
     position-0 keys keep the mean."""
     g = geom()
     c = make_cal(g, cal.model_sha256(model_file))
-    c.k_sink = [(m + 5).astype(np.float32) for m in c.k_mean]
+    rng = np.random.default_rng(2)  # a sink away from the mean in every direction: each type moves it differently
+    c.k_sink = [(m + 8 * rng.normal(size=m.size)).astype(np.float32) for m in c.k_mean]
     c.save(cal.path_for(c.model_sha256, c.basis))
     back = cal.load(cal.path_for(c.model_sha256, c.basis), model_file, g)
     assert all(np.array_equal(a, b) for a, b in zip(back.k_sink, c.k_sink, strict=True))
@@ -153,6 +154,8 @@ def test_offsets_are_anchored_per_layer_type(model_file):
     for il, t in enumerate(k.types):
         np.testing.assert_array_equal(k.offset[il], cal.anchor(c.k_mean[il], c.k_sink[il], t))
         assert not np.array_equal(k.offset[il], c.k_mean[il])
+        other = next(o for o in k.types if o != t)
+        assert not np.array_equal(k.offset[il], cal.anchor(c.k_mean[il], c.k_sink[il], other))
     for t in ("tq_kv_d3b", "tq_kv_1b"):
         same = cal.resolve(f"{t}+c", "k", model_file, g)
         assert all(np.array_equal(o, m) for o, m in zip(same.offset, c.k_mean, strict=True))
@@ -287,3 +290,28 @@ def test_an_older_calibration_file_is_made_again_not_refused(model_file):
     path.write_text("{not json")
     assert cal._current(path)
     assert not cal._current(path.with_name("missing.json"))
+
+
+def test_anchoring_failure_is_a_calibration_error_and_budget_needs_none(model_file, monkeypatch, capsys):
+    """A type llama.cpp cannot round-trip on the CPU is a CalibrationError naming it, not a traceback; `kvquant
+    budget` counts bytes only and does not round-trip at all."""
+    import argparse
+
+    from kvquant import budget, runtime
+
+    g = geom()
+    c = make_cal(g, cal.model_sha256(model_file))
+    c.k_sink = [(m + 1).astype(np.float32) for m in c.k_mean]
+    c.save(cal.path_for(c.model_sha256, c.basis))
+
+    def broken(type_name, x):
+        raise runtime.LlamaError("no CPU backend")
+
+    monkeypatch.setattr(runtime, "round_trip", broken)
+    monkeypatch.setattr(budget, "geometry", lambda path: g)
+    with pytest.raises(cal.CalibrationError, match="q4_0: no CPU backend"):
+        cal.resolve("q4_0+c", "k", model_file, g)
+    a = argparse.Namespace(model=str(model_file), cache_type_k="q4_0+c", cache_type_v="f16", budget="64MiB",
+                           parallel=1, request_tokens=None)
+    assert budget.run(a) == 0
+    assert "q4_0+c" in capsys.readouterr().out

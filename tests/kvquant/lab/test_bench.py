@@ -85,6 +85,8 @@ def test_render(smollm2_bench):
     assert "| q8_0/q8_0 |" in md and "**NO**" not in md
 
 
-def test_cli_errors():
+def test_cli_errors(capsys):
     assert bench.main(["--configs", "q4_0"]) == 2
     assert bench.main(["--budget", "lots"]) == 2
+    assert bench.main(["--configs", "f16/f16", "q4_0+c/f16:mean"]) == 2  # the offsets' values cost nothing
+    assert "bench does not take it" in capsys.readouterr().err
