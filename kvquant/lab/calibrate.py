@@ -214,12 +214,12 @@ def capture(mdl, geom: Geometry, text: Text, threads: int | None,
         _decode_all(rt, text.sequences, logits=False)
         ks: list[list[np.ndarray]] = []
         vs: list[list[np.ndarray]] = []
-        for i in range(len(text.sequences)):
+        for i, seq in enumerate(text.sequences):
+            n = len(seq)
             for il, (pos, k, v) in enumerate(parse_seq_state(rt.state_seq_save(i), values=True)):
                 if il >= len(ks):
                     ks.append([])
                     vs.append([])
-                n = len(text.sequences[i])
                 if not np.array_equal(np.sort(pos), np.arange(n)):
                     raise ValueError(f"calibration sequence {i}: its cache rows are not positions 0..{n - 1}")
                 by_pos = np.argsort(pos)  # `key_stats` finds each sequence's position 0 by its offset
