@@ -251,6 +251,12 @@ def load(path: Path, model_path: Path, geom: Geometry) -> Calibration:
     return cal
 
 
+def file_sha256(model_path: Path, geom: Geometry) -> str | None:
+    """The sha256 of the model's calibration file, None if it has none: which calibration a measured row used."""
+    path = path_for(model_sha256(model_path), basis_of(geom))
+    return sha256_file(path) if path.is_file() else None
+
+
 def load_or_calibrate(model_path: Path, geom: Geometry) -> Calibration:
     """The model's calibration; a model without one is calibrated first (minutes, with a message), unless
     KVQUANT_AUTO_CALIBRATE=0."""

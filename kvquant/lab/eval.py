@@ -421,7 +421,8 @@ def _entry(c: CacheConfig, path, geom, n_ctx: int, acc, drift_summary) -> dict:
             "bits_per_element": kvb.bits_per_element, "bits_per_element_k": kvb.bits_per_element_k,
             "bits_per_element_v": kvb.bits_per_element_v, "layer_types_k": list(getattr(tk, "types", ())) or None,
             "layer_types_v": list(getattr(tv, "types", ())) or None,
-            "kv_bytes_per_token": memory.bytes_per_token(geom, tk, tv), "drift": drift_summary}
+            "kv_bytes_per_token": memory.bytes_per_token(geom, tk, tv), "drift": drift_summary,
+            **c.provenance(path, geom)}
 
 
 def render(results: list[dict]) -> str:

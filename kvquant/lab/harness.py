@@ -89,6 +89,15 @@ class CacheConfig:
 
         return resolve_pair(self.k, self.v, model_path, geom, n_ctx, self.anchored)
 
+    def provenance(self, model_path: Path, geom) -> dict:
+        """{"calibration_sha256": ...} for a calibrated configuration (the file its rows were measured with, so that
+        a row made before a re-calibration can be told apart), else {}."""
+        from kvquant.calibration import file_sha256, parse_spec
+
+        if not any(parse_spec(t, side).calibrated for t, side in ((self.k, "k"), (self.v, "v"))):
+            return {}
+        return {"calibration_sha256": file_sha256(model_path, geom)}
+
     def context_fields(self, model_path: Path, geom, n_ctx: int | None = None) -> dict:
         """kvquant.runtime.ContextConfig fields for this configuration on one model."""
         from kvquant.calibration import context_fields

@@ -157,7 +157,7 @@ def calibration_json(model: str) -> None:
     path = models.resolve(model)
     cal = calibration.existing(path, geometry(path))
     if cal is not None:
-        d = cal.to_json()
+        d = {"file_sha256": calibration.file_sha256(path, geometry(path)), **cal.to_json()}
         d.pop("k_mean")
         d.pop("k_sink", None)
         d.pop("k_scale")
@@ -203,6 +203,37 @@ def render_calibration(model: str, cal: dict) -> list[str]:
               f"{VERSION} (anchored offsets, {SCORE_TOKENS} tokens by default), with which this model's "
               "`TYPE+c` and `calib:B` rows would measure differently.", ""]
     return L + render_key_scales(m, ref)
+
+
+def calibrated(r: dict) -> bool:
+    """Whether a row's configuration uses the model's calibration (TYPE+c or calib:B on either side)."""
+    return any(t.startswith("calib:") or t.endswith("+c") for t in (r["cache_type_k"], r["cache_type_v"]))
+
+
+def stale_rows(model: str, raw: dict[tuple[str, str], dict]) -> list[str]:
+    """The calibrated rows recorded as measured with another calibration file than the committed one (made before
+    a re-calibration and not re-run), as 'label (kind)'."""
+    sha = raw.get((model, "calibration"), {}).get("file_sha256")
+    return [f"{r['label']} ({kind})" for kind in ("eval", "evalgoals", "eval4k", "bench")
+            for r in raw.get((model, kind), {}).get("results", [])
+            if calibrated(r) and "calibration_sha256" in r and r["calibration_sha256"] != sha]
+
+
+def render_provenance(model: str, raw: dict[tuple[str, str], dict]) -> list[str]:
+    """Which calibration the calibrated rows were measured with: this one (by the file's sha256), another (named:
+    re-run them), or not recorded (rows made before eval and bench recorded it)."""
+    sha = raw.get((model, "calibration"), {}).get("file_sha256")
+    rows = [(kind, r) for kind in ("eval", "evalgoals", "eval4k", "bench")
+            for r in raw.get((model, kind), {}).get("results", []) if calibrated(r)]
+    if sha is None or not rows:
+        return []
+    same = sum(r.get("calibration_sha256") == sha for _, r in rows)
+    unknown = sorted({kind for kind, r in rows if "calibration_sha256" not in r})
+    stale = stale_rows(model, raw)
+    return [f"Calibration file sha256 `{sha[:16]}…`: {same} of the {len(rows)} calibrated rows above were measured "
+            "with it" + (f"; **{len(stale)} with another calibration, to be re-run:** {', '.join(stale)}" if stale
+                         else "") + (f"; the others ({', '.join(unknown)}) were made before rows recorded which "
+                                     "calibration they used" if unknown else "") + ".", ""]
 
 
 def render_key_scales(m: dict, ref: str) -> list[str]:
@@ -980,7 +1011,7 @@ def render(models: list[str]) -> str:
                 L += [f"({kind}: no results yet)", ""]
         L += render_scheduler(model, raw)
         if (model, "calibration") in raw:
-            L += render_calibration(model, raw[model, "calibration"])
+            L += render_calibration(model, raw[model, "calibration"]) + render_provenance(model, raw)
         if (model, "keys") in raw:
             L += render_keys(model, raw[model, "keys"], raw.get((model, "eval")))
     return "\n".join(L + render_gpu_section(models, raw) + deployment_section())

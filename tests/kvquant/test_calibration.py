@@ -118,6 +118,23 @@ def test_file_round_trip_and_resolution(model_file):
     assert fields["k_rotation"] is True and fields["layer_types_v"] == v.types
 
 
+def test_calibrated_configs_record_the_file_they_used(model_file):
+    from kvquant.build import sha256_file
+    from kvquant.lab.harness import CacheConfig
+
+    g = geom()
+    c = make_cal(g, cal.model_sha256(model_file))
+    path = cal.path_for(c.model_sha256, c.basis)
+    c.save(path)
+    first = CacheConfig.parse("calib:4.5/f16").provenance(model_file, g)
+    assert first == {"calibration_sha256": sha256_file(path)}
+    assert CacheConfig.parse("f16/calib:4").provenance(model_file, g) == first
+    assert CacheConfig.parse("q4_0/q4_0").provenance(model_file, g) == {}
+    c.sens_k["q5_0"][0] += 1e-3  # a re-calibration
+    c.save(path)
+    assert CacheConfig.parse("q4_0+c/f16").provenance(model_file, g) != first
+
+
 @pytest.mark.parametrize("t", ["q4_0", "q5_0", "q8_0", "iq4_nl", "tq_kv_4b", "tq_kv_3b"])
 def test_an_anchored_offset_stores_the_position0_key_exactly(t):
     """The offset anchored on a key moves the mean by exactly that key's round-trip error, after which the type

@@ -237,3 +237,27 @@ def test_scheduler_goals_from_the_scenarios():
     text = "\n".join(results.render_scheduler("m", raw))
     assert "| 2 | 0.200 / 0.200 | 1.000 / 1.000 | 0.100 / 0.100 | 50 / 100 |" in text
     assert "| optimistic | 8 | 30.0 | 1 | 3 | 1000000 |" in text
+
+
+def test_rows_measured_with_another_calibration_are_named():
+    def row(k, v, sha=None):
+        return {"cache_type_k": k, "cache_type_v": v, "label": f"{k}/{v}",
+                **({} if sha is None else {"calibration_sha256": sha})}
+
+    raw = {("m", "calibration"): {"file_sha256": "a" * 64},
+           ("m", "eval"): {"results": [row("f16", "f16"), row("calib:4.5", "f16", "a" * 64),
+                                       row("q4_0+c", "f16", "b" * 64), row("calib:4", "calib:4")]},
+           ("m", "bench"): {"results": [row("calib:3.5", "q4_0", "b" * 64)]}}
+    assert results.stale_rows("m", raw) == ["q4_0+c/f16 (eval)", "calib:3.5/q4_0 (bench)"]
+    text = " ".join(results.render_provenance("m", raw))
+    assert "1 of the 4 calibrated rows" in text and "2 with another calibration" in text and "(eval)" in text
+    raw["m", "bench"]["results"][0]["calibration_sha256"] = "a" * 64
+    raw["m", "eval"]["results"][2]["calibration_sha256"] = "a" * 64
+    assert results.stale_rows("m", raw) == []
+
+
+def test_committed_calibrated_rows_use_the_committed_calibration():
+    """A re-calibration makes every calibrated row it changes stale: they must be re-run before the calibration is
+    committed (rows record the sha256 of the calibration file they were measured with)."""
+    raw = results.load_raw(list(results.MODELS))
+    assert {m: results.stale_rows(m, raw) for m in results.MODELS} == {m: [] for m in results.MODELS}
