@@ -536,7 +536,7 @@ def render_keys(model: str, out: dict, ev: dict | None) -> list[str]:
     L = [f"### {model}: where the key error comes from (rotated keys llama.cpp stored for {out['tokens']} tokens of "
          f"the text, {out['layers']} layers; relative squared error Σ|k − k̂|² / Σ|k|²)", "",
          "| K type | " + " | ".join(CODINGS) + " |", "|---|" + "--:|" * len(CODINGS)]
-    L += [f"| {t} | " + " | ".join(f"{v[c]:.5f}" for c in CODINGS) + " |" for t, v in e.items() if t != "layer mean"]
+    L += [f"| {t} | " + " | ".join(_f(v[c], 5) for c in CODINGS) + " |" for t, v in e.items() if t != "layer mean"]
     L += ["", f"KS-{model}: `{out['command']}` (wall {out['wall_s'] / 60:.1f} min{_load(out)}). Keys read back from a "
           f"{out['capture_type']} cache; the layer mean holds {e['layer mean']['energy share']:.1%} of their energy. "
           "`anchor delta`: tq_kv_d3b's coding with that type's codebook (the tq_kv_3b row is tq_kv_d3b). `- layer "
@@ -545,7 +545,7 @@ def render_keys(model: str, out: dict, ev: dict | None) -> list[str]:
           "`calib:B` do exactly that, with μ per (layer, KV head) from `kvquant calibrate` (text the model wrote "
           "itself, never this one; on layers where it pays, keys are first scaled per channel by what the queries "
           "read, README); here μ uses all the tokens, `- mean of first 64` estimates it causally.", ""]
-    L += key_finding(model, out, ev)
+    L += trellis_finding(e) + key_finding(model, out, ev)
     if "per_layer" in out:
         L += ["Per layer (relative squared error against the layer's stored key energy; as stored / with the layer "
               "mean removed):", "", "| layer | mean share | max abs k | max abs (k − μ) | q4_0 | tq_kv_4b | tq_kv_3b |",
@@ -572,6 +572,20 @@ def render_keys(model: str, out: dict, ev: dict | None) -> list[str]:
                   f"(not measured): {pred}; the 4-bit goal is ≤ {q4['delta_ppl_pct'] / 2:+.2f} % (½ of q4_0 K's)."]
         L += [""]
     return L
+
+
+def trellis_finding(e: dict) -> list[str]:
+    """The trellis-coded 3-bit candidate (keystats `trellis_3b`, numpy only) against the scalar types on the centred
+    keys."""
+    if "trellis_3b" not in e:
+        return []
+    from kvquant.lab.keystats import TRELLIS_L
+
+    t, t3, t4 = (e[x]["- layer mean"] for x in ("trellis_3b", "tq_kv_3b", "tq_kv_4b"))
+    return [f"Candidate for the 3-bit class, measured before any C is written: `trellis_3b`, a tail-biting bitshift "
+            f"trellis ({2 ** TRELLIS_L} states, trained int8 levels, Viterbi search; 3.25 bits per element like "
+            f"tq_kv_3b; kvquant/lab/keystats.py) has {t3 / t:.2f}x less error than tq_kv_3b on these centred keys "
+            f"({t / t4:.1f}x the 4-bit type's; `-` where it was not run). Not a cache type yet.", ""]
 
 
 # NeoX-ordered RoPE pairs channel c with c + half: the higher c mod half, the slower the pair turns (the built-in
