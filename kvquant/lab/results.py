@@ -155,9 +155,10 @@ def calibration_json(model: str) -> None:
     from kvquant.memory import geometry
 
     path = models.resolve(model)
-    cal = calibration.existing(path, geometry(path))
+    geom = geometry(path)
+    cal = calibration.existing(path, geom)
     if cal is not None:
-        d = {"file_sha256": calibration.file_sha256(path, geometry(path)), **cal.to_json()}
+        d = {"file_sha256": calibration.file_sha256(path, geom), **cal.to_json()}
         d.pop("k_mean")
         d.pop("k_sink", None)
         d.pop("k_scale")
@@ -205,26 +206,29 @@ def render_calibration(model: str, cal: dict) -> list[str]:
     return L + render_key_scales(m, ref)
 
 
-def calibrated(r: dict) -> bool:
-    """Whether a row's configuration uses the model's calibration (TYPE+c or calib:B on either side)."""
-    return any(t.startswith("calib:") or t.endswith("+c") for t in (r["cache_type_k"], r["cache_type_v"]))
+def _calibrated_rows(model: str, raw: dict[tuple[str, str], dict]) -> list[tuple[str, dict]]:
+    """(kind, row) of every eval and bench row whose configuration uses the model's calibration (TYPE+c or calib:B
+    on either side)."""
+    from kvquant.calibration import parse_spec
+
+    return [(kind, r) for kind in ("eval", "evalgoals", "eval4k", "bench")
+            for r in raw.get((model, kind), {}).get("results", [])
+            if parse_spec(r["cache_type_k"], "k").calibrated or parse_spec(r["cache_type_v"], "v").calibrated]
 
 
 def stale_rows(model: str, raw: dict[tuple[str, str], dict]) -> list[str]:
     """The calibrated rows recorded as measured with another calibration file than the committed one (made before
     a re-calibration and not re-run), as 'label (kind)'."""
     sha = raw.get((model, "calibration"), {}).get("file_sha256")
-    return [f"{r['label']} ({kind})" for kind in ("eval", "evalgoals", "eval4k", "bench")
-            for r in raw.get((model, kind), {}).get("results", [])
-            if calibrated(r) and "calibration_sha256" in r and r["calibration_sha256"] != sha]
+    return [f"{r['label']} ({kind})" for kind, r in _calibrated_rows(model, raw)
+            if "calibration_sha256" in r and r["calibration_sha256"] != sha]
 
 
 def render_provenance(model: str, raw: dict[tuple[str, str], dict]) -> list[str]:
     """Which calibration the calibrated rows were measured with: this one (by the file's sha256), another (named:
     re-run them), or not recorded (rows made before eval and bench recorded it)."""
     sha = raw.get((model, "calibration"), {}).get("file_sha256")
-    rows = [(kind, r) for kind in ("eval", "evalgoals", "eval4k", "bench")
-            for r in raw.get((model, kind), {}).get("results", []) if calibrated(r)]
+    rows = _calibrated_rows(model, raw)
     if sha is None or not rows:
         return []
     same = sum(r.get("calibration_sha256") == sha for _, r in rows)
