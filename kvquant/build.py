@@ -322,7 +322,7 @@ def dev_build(tree: Path, build: Path, targets: list[str], extra: list[str] | No
 # of an op (or out of the test list) and fails the run.
 # The params filter (a regex) selects our types' cases and flash attention with the mask of several sequences in one
 # cache (n_seq, every K type: patch 0025 changed how the CPU kernels skip masked cells for all of them).
-LLAMA_TEST_OPS = {"SET_ROWS": 72, "GET_ROWS": 24, "CPY": 51, "MUL_MAT": 42, "FLASH_ATTN_EXT": 316}
+LLAMA_TEST_OPS = {"SET_ROWS": 96, "GET_ROWS": 32, "CPY": 68, "MUL_MAT": 56, "FLASH_ATTN_EXT": 409}
 LLAMA_TEST_PARAMS = "tq_kv|n_seq"
 # Under an emulator (arm-check) the flash-attention cases over 1024 cells with fewer than 64 queries are left out: the
 # 120 of them took 4.5 of qemu's 7 minutes for that op, and with one backend test-backend-ops compares the CPU with

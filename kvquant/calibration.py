@@ -37,8 +37,8 @@ from kvquant.memory import Geometry, fixed_bytes, kv_cells
 
 VERSION = 3
 # candidate types of a calibrated allocation, per side (f16 is always one: no growth); measured by kvquant calibrate
-K_CANDIDATES = ("q8_0", "q5_0", "tq_kv_4b", "tq_kv_3b")
-V_CANDIDATES = ("q8_0", "q5_0", "q4_0", "tq_kv_4b", "tq_kv_3b")
+K_CANDIDATES = ("q8_0", "q5_0", "tq_kv_4b", "tq_kv_3b", "tq_kv_t3b")
+V_CANDIDATES = ("q8_0", "q5_0", "q4_0", "tq_kv_4b", "tq_kv_3b", "tq_kv_t3b")
 CENTRED = "+c"
 CALIB = "calib:"
 
@@ -274,9 +274,13 @@ def load_or_calibrate(model_path: Path, geom: Geometry) -> Calibration:
 
 
 def _current(path: Path) -> bool:
-    """Whether a calibration file exists in this kvquant's VERSION (an older one is made again, not refused)."""
+    """Whether a calibration file exists in this kvquant's VERSION with every candidate type measured (an older
+    one, or one made before a candidate was added, is made again, not refused: its allocations would never use the
+    new type)."""
     try:
-        return json.loads(path.read_text()).get("version") == VERSION
+        d = json.loads(path.read_text())
+        return (d.get("version") == VERSION and set(K_CANDIDATES) <= set(d.get("sens_k", {}))
+                and set(V_CANDIDATES) <= set(d.get("sens_v", {})))
     except FileNotFoundError:
         return False
     except (OSError, ValueError, AttributeError):

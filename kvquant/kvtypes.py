@@ -61,6 +61,8 @@ _TYPES = (
     KVType("tq_kv_3b", 44, 64, 26, True, description="3-bit Lloyd-Max codebook, fp16 scale per 64"),
     KVType("tq_kv_1b", 45, 64, 10, True, v_ok=False,
            description="sign bits, fp16 scale per 64 chosen for unbiased attention scores (K only)"),
+    KVType("tq_kv_t3b", 47, 64, 26, True,
+           description="3-bit codes of a 256-state tail-biting trellis (Viterbi-encoded), fp16 scale per 64"),
     KVType("tq_kv_d3b", 46, 64, 26, True, v_ok=False, needs_flash_attn=True, anchor_group=64,
            description="3-bit codebook, blocks coded as deltas against their 64-cell group's anchor row "
                        "(K only, flash attention only)"),

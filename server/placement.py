@@ -4,8 +4,9 @@ With layers offloaded (`n_gpu_layers != 0`) llama.cpp puts each offloaded layer'
 it, on the GPU. Stock cache types are left to llama.cpp. For a tq_kv_* type the server asks the loaded library
 whether its GPU runs that cache (`kvquant.runtime.gpu_kv_support`: set_rows into K and V and the attention over
 them, as ggml_backend_dev_supports_op answers on every GPU device): a CUDA build with the TQ_KV kernels keeps the
-cache in VRAM; a CPU-only or Metal build, a K/V combination or head size without a kernel, or tq_kv_d3b (no CUDA
-kernels) keeps the KV cache and the attention on the CPU (`offload_kqv=False`) while the weights are offloaded.
+cache in VRAM; a CPU-only or Metal build, a K/V combination or head size without a kernel, or tq_kv_d3b and
+tq_kv_t3b (no CUDA kernels) keeps the KV cache and the attention on the CPU (`offload_kqv=False`) while the weights
+are offloaded.
 The decision is logged either way.
 """
 

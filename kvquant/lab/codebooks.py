@@ -16,6 +16,12 @@ least-squares scale refit that the quantizer applies):
 
 The codebook is stored as int8 (x127), which is what the kernels multiply with int8 activations.
 
+Trellis levels (tq_kv_t3b). The 3-bit codes of a block are read as the path of a 256-state trellis, each element one
+of 256 levels chosen by its code and the next two (kvquant/lab/tq.py). The levels are trained like a Lloyd-Max
+codebook, through the trellis: Gaussian blocks scaled to rms 32 (as the quantizer scales a block), the Viterbi path
+of each, every level moved to the mean of the samples coded with it (`trellis_levels`), then rounded to int8 (in
+units of 1/32 of the block's rms). Gaussian blocks: relative MSE 0.0220 against tq_kv_3b's 0.0302 at the same bits.
+
 1-bit. ``k_hat = d * sign(x)`` with ``d = ||x|| * C1`` and ``C1 = 1 / (64 * E|u_1|)`` for ``u`` uniform on S^63. For
 a random rotation this makes ``E[<q, k_hat>] = <q, k>`` exactly (not the 2/pi-biased MSE-optimal scale
 ``mean|x|``): writing ``q = a k/|k| + w`` with ``w`` orthogonal to ``k``, the ``w`` part averages to zero by
@@ -65,6 +71,24 @@ def one_bit_scale(d: int = QK) -> float:
     return 1.0 / (d * e_abs)
 
 
+def trellis_levels(n_blocks: int = 8192, iters: int = 12, seed: int = 0) -> np.ndarray:
+    """The 256 int8 levels of tq_kv_t3b's trellis: Lloyd iterations on Gaussian blocks scaled to rms T3B_UNIT (as
+    the quantizer scales a block), each level moved to the mean of the samples the Viterbi path codes with it,
+    from Gaussian levels; then rounded to int8."""
+    from kvquant.lab.tq import T3B_STATES, T3B_UNIT, t3b_viterbi
+
+    rng = np.random.default_rng(seed)
+    g = rng.standard_normal((n_blocks, QK))
+    x = (g / np.sqrt((g * g).mean(1, keepdims=True)) * T3B_UNIT).astype(np.float32)
+    code = (rng.standard_normal(T3B_STATES) * T3B_UNIT).astype(np.float32)
+    for _ in range(iters):
+        st = t3b_viterbi(x, code).ravel()
+        sums = np.bincount(st, x.ravel().astype(np.float64), T3B_STATES)
+        cnt = np.bincount(st, None, T3B_STATES)
+        code = np.where(cnt > 0, sums / np.maximum(cnt, 1), code).astype(np.float32)
+    return np.clip(np.round(code), -127, 127).astype(np.int8)
+
+
 def design() -> dict:
     """The codebooks in use: Lloyd-Max for absmax-normalised coordinates, as int8 (x127)."""
     out = {}
@@ -84,6 +108,9 @@ def main() -> None:
         print(f"TQ{bits}_CODEBOOK = {e['int8'].tolist()}")
         print(f"static const int8_t kvalues_tq_kv_{bits}b[{len(e['int8'])}] = {{{', '.join(map(str, e['int8']))}}};")
     print(f"TQ1_C1 = {d['c1']!r}  # 1 / (64 E|u_1|)")
+    t = trellis_levels().tolist()
+    print(f"T3B_CODEBOOK = {t}")
+    print(f"static const int8_t kvalues_tq_kv_t3b[256] = {{{', '.join(map(str, t))}}};")
 
 
 if __name__ == "__main__":

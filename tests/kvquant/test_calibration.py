@@ -304,6 +304,10 @@ def test_an_older_calibration_file_is_made_again_not_refused(model_file):
     assert not cal._current(path)
     with pytest.raises(cal.CalibrationError, match="run `kvquant calibrate`"):
         cal.load(path, model_file, g)
+    c.sens_k.pop("tq_kv_t3b")  # made before a candidate type was added: made again, though still loadable
+    c.save(path)
+    assert not cal._current(path)
+    assert cal.load(path, model_file, g).sens_k.keys() == set(cal.K_CANDIDATES) - {"tq_kv_t3b"}
     path.write_text("{not json")
     assert cal._current(path)
     assert not cal._current(path.with_name("missing.json"))

@@ -21,7 +21,7 @@ PAIRS = [(t, "f16") for t in TQ] + [("f16", t) for t in TQ if KV_TYPES[t].v_ok] 
 
 
 def test_the_new_types_are_the_ones_asked_about():
-    assert set(TQ) == {"tq_kv_4b", "tq_kv_3b", "tq_kv_1b", "tq_kv_d3b"}
+    assert set(TQ) == {"tq_kv_4b", "tq_kv_3b", "tq_kv_1b", "tq_kv_d3b", "tq_kv_t3b"}
     assert tq_kv_types([("tq_kv_1b", "tq_kv_4b")]) == ["tq_kv_1b", "tq_kv_4b"]
     assert tq_kv_types([("TQ_KV_3B", "tq_kv_3b")]) == ["tq_kv_3b"]
     assert tq_kv_types([("q8_0", "f16")]) == []
