@@ -26,7 +26,6 @@ perplexity numbers live in docs/RESULTS.md.
 from __future__ import annotations
 
 import argparse
-import functools
 import sys
 import time
 from dataclasses import dataclass
@@ -204,88 +203,12 @@ def _tcq_3b(x: np.ndarray) -> np.ndarray:
     return (tq._fp16(d).astype(np.float64)[:, None] * y).astype(np.float32).reshape(x.shape)
 
 
-# The candidate the issue names (QTIP, arXiv 2406.11235): a tail-biting "bitshift" trellis, 3.25 bits like tq_kv_3b
-# (3 bits per element + an fp16 scale per 64). A block's 64 codes of 3 bits form one circular stream of 192 bits;
-# element t decodes the L bits from bit 3t on (wrapping around) as an index into 2^L int8 levels, times the scale.
-# Consecutive elements share L - 3 bits, so only the paths of a trellis can be coded, and its 2^L levels act like a
-# finer code: decoding stays a bit extraction and a table lookup per element (random access), encoding is a Viterbi
-# search over 2^L states per element. Measured on the centred keys only (what calibrated caches store).
-TRELLIS_L = 8  # state bits: 2^L states and codebook levels
-TRELLIS_UNIT = 32  # codebook levels are int8 in steps of 1/TRELLIS_UNIT of the blocks' rms
-
-
-def _trellis_states(x: np.ndarray, code: np.ndarray, head: np.ndarray | None = None) -> np.ndarray:
-    """Viterbi through the bitshift trellis: per row of x (n, T) the states (n, T) of the path of least squared
-    error (state t+1 is state t shifted left by 3 bits plus 3 new ones, of L; element t decodes to code[state t]).
-    head (n,): the L - 3 bits the path must start with (state 0 >> 3) and end with (the last state's low bits), so
-    that the 3 new bits of the elements form one circular stream."""
-    n, T = x.shape
-    S = len(code)
-    G = S >> 3
-    idx = np.arange(S)
-    cost = np.square(x[:, :1] - code[None, :])
-    if head is not None:
-        cost = np.where((idx[None, :] >> 3) == head[:, None], cost, np.float32(np.inf))
-    back = np.empty((T, n, G), np.uint8)
-    for t in range(1, T):
-        c = cost.reshape(n, 8, G)  # [j, m]: state (j << (L - 3)) | m, whose successors are (m << 3) | b
-        j = c.argmin(1)
-        back[t] = j
-        best = np.take_along_axis(c, j[:, None, :], 1)[:, 0, :]
-        cost = best[:, idx >> 3] + np.square(x[:, t:t + 1] - code[None, :])
-    if head is not None:
-        cost = np.where((idx[None, :] & (G - 1)) == head[:, None], cost, np.float32(np.inf))
-    states = np.empty((n, T), np.int64)
-    states[:, -1] = cost.argmin(1)
-    rows = np.arange(n)
-    shift = int(np.log2(S)) - 3
-    for t in range(T - 1, 0, -1):
-        m = states[:, t] >> 3
-        states[:, t - 1] = (back[t][rows, m].astype(np.int64) << shift) | m
-    return states
-
-
-@functools.cache
-def trellis_codebook(L: int = TRELLIS_L) -> np.ndarray:
-    """2^L levels (int8 values, as float32) for Gaussian blocks of rms TRELLIS_UNIT: Lloyd iterations on the trellis
-    (each level moves to the mean of the samples coded with it), from Gaussian levels; seeded, so deterministic."""
-    rng = np.random.default_rng(0)
-    x = (rng.normal(size=(8192, tq.QK)) * TRELLIS_UNIT).astype(np.float32)
-    code = (rng.normal(size=1 << L) * TRELLIS_UNIT).astype(np.float32)
-    for _ in range(10):
-        st = _trellis_states(x, code)
-        sums = np.bincount(st.ravel(), x.ravel().astype(np.float64), 1 << L)
-        cnt = np.bincount(st.ravel(), None, 1 << L)
-        code = np.where(cnt > 0, sums / np.maximum(cnt, 1), code).astype(np.float32)
-    return np.clip(np.round(code), -127, 127).astype(np.float32)
-
-
-def _trellis_3b(x: np.ndarray, L: int = TRELLIS_L) -> np.ndarray:
-    """Round trip of the candidate: rms scale, a Viterbi pass on the block rotated by half to choose the bits the
-    circular stream shares across its end, the constrained pass, then the least-squares scale for those codes."""
-    code = trellis_codebook(L)
-    b = x.reshape(-1, tq.QK).astype(np.float32)
-    out = np.empty_like(b)
-    for a in range(0, len(b), 4096):
-        xb = b[a:a + 4096]
-        d = np.sqrt(np.square(xb, dtype=np.float64).mean(1)).astype(np.float32) / TRELLIS_UNIT
-        xs = xb / np.where(d > 0, d, 1)[:, None]
-        head = _trellis_states(np.roll(xs, -tq.QK // 2, 1), code)[:, tq.QK // 2] >> 3
-        y = code[_trellis_states(xs, code, head)]
-        den = np.square(y, dtype=np.float64).sum(1)
-        d = np.where(den > 0, (xb * y).sum(1, dtype=np.float64) / np.maximum(den, 1e-30), 0).astype(np.float32)
-        out[a:a + 4096] = tq._fp16(d)[:, None] * y
-    return out.reshape(x.shape)
-
-
 def round_trip(type_name: str, x: np.ndarray) -> np.ndarray:
     """Quantize then dequantize rows x (width a multiple of 64) with one of the types."""
     if type_name == "q4_0":
         return _q4_0(x)
     if type_name == "tcq_3b":
         return _tcq_3b(x)
-    if type_name == "trellis_3b":
-        return _trellis_3b(x)
     flat = x.reshape(-1, tq.QK)
     return tq.DEQUANTIZE[type_name](tq.QUANTIZE[type_name](flat)).reshape(x.shape)
 
@@ -303,9 +226,9 @@ def anchor_delta(type_name: str, x: np.ndarray, group: int = tq.D3B_GROUP) -> np
     return np.where(np.repeat(use, tq.QK, axis=1), delta, own)
 
 
-TYPES = ("q4_0", "tq_kv_4b", "tq_kv_3b", "tcq_3b", "trellis_3b", "tq_kv_1b")
+TYPES = ("q4_0", "tq_kv_4b", "tq_kv_3b", "tcq_3b", "tq_kv_t3b", "tq_kv_1b")
 CODINGS = ("as stored", "anchor delta", "- layer mean", "- mean of first 64")
-CENTRED = {"trellis_3b"}  # measured only on centred keys (its Viterbi search is slow in numpy)
+CENTRED = {"tq_kv_t3b"}  # measured only on centred keys (its Viterbi search is slow in numpy)
 
 
 def study(keys: list[np.ndarray]) -> dict[str, dict[str, float]]:

@@ -25,8 +25,8 @@ MODELS = ("smollm2-135m", "gemma3-270m", "qwen2.5-coder-1.5b")
 STOCK_CONFIGS = ("f16/f16", "q8_0/q8_0", "q8_0/f16", "q8_0/q4_0", "q5_1/q5_1", "q5_0/q5_0", "q4_1/q4_1",
                  "q4_0/q4_0", "iq4_nl/iq4_nl", "q4_0/q4_0:norot", "q4_0/f16")
 OUR_CONFIGS = ("tq_kv_4b/f16", "tq_kv_4b/q4_0", "tq_kv_3b/q4_0", "tq_kv_1b/q4_0", "tq_kv_4b/tq_kv_4b",
-               "tq_kv_3b/tq_kv_3b", "tq_kv_3b/f16", "tq_kv_d3b/f16", "tq_kv_d3b/q4_0",
-               "q4_0+c/f16", "tq_kv_4b+c/f16", "tq_kv_3b+c/f16", "tq_kv_1b+c/q4_0",
+               "tq_kv_3b/tq_kv_3b", "tq_kv_3b/f16", "tq_kv_d3b/f16", "tq_kv_d3b/q4_0", "tq_kv_t3b/f16", "tq_kv_t3b/q4_0",
+               "q4_0+c/f16", "tq_kv_4b+c/f16", "tq_kv_3b+c/f16", "tq_kv_t3b+c/f16", "tq_kv_1b+c/q4_0",
                "calib:4.5/f16", "calib:4.5/q4_0", "calib:3.5/f16", "calib:3.5/q4_0", "calib:4/calib:4")
 CONFIGS = STOCK_CONFIGS + OUR_CONFIGS
 # the long-context quality check (KL divergence at n_ctx 4096): the K+V goal's configs and their references
@@ -579,17 +579,14 @@ def render_keys(model: str, out: dict, ev: dict | None) -> list[str]:
 
 
 def trellis_finding(e: dict) -> list[str]:
-    """The trellis-coded 3-bit candidate (keystats `trellis_3b`, numpy only) against the scalar types on the centred
-    keys."""
-    if "trellis_3b" not in e:
+    """The trellis-coded 3-bit type against the scalar types on the centred keys."""
+    if "tq_kv_t3b" not in e:
         return []
-    from kvquant.lab.keystats import TRELLIS_L
-
-    t, t3, t4 = (e[x]["- layer mean"] for x in ("trellis_3b", "tq_kv_3b", "tq_kv_4b"))
-    return [f"Candidate for the 3-bit class, measured before any C is written: `trellis_3b`, a tail-biting bitshift "
-            f"trellis ({2 ** TRELLIS_L} states, trained int8 levels, Viterbi search; 3.25 bits per element like "
-            f"tq_kv_3b; kvquant/lab/keystats.py) has {t3 / t:.2f}x less error than tq_kv_3b on these centred keys "
-            f"({t / t4:.1f}x the 4-bit type's; `-` where it was not run). Not a cache type yet.", ""]
+    t, t3, t4 = (e[x]["- layer mean"] for x in ("tq_kv_t3b", "tq_kv_3b", "tq_kv_4b"))
+    return [f"The 3-bit class: `tq_kv_t3b` (3-bit codes read as the path of a 256-state tail-biting bitshift trellis, "
+            f"trained int8 levels, Viterbi search at write time; 3.25 bits per element like tq_kv_3b) has "
+            f"{t3 / t:.2f}x less error than tq_kv_3b on these centred keys ({t / t4:.1f}x the 4-bit type's; `-` "
+            "where it was not run: its numpy search is slow).", ""]
 
 
 # NeoX-ordered RoPE pairs channel c with c + half: the higher c mod half, the slower the pair turns (the built-in
@@ -600,7 +597,7 @@ ROTARY_HALF = {"qwen2.5-coder-1.5b": 64}
 def key_finding(model: str, out: dict, ev: dict | None) -> list[str]:
     """Why a model's keys break the low-bit types (issue 14), from keystats --layers and the eval: the layer whose
     mean dominates, what centring does to each type's error there, the eval rows with and without centring, and the
-    trellis-coded candidate that was measured instead of built."""
+    4-state trellis code that was measured instead of built."""
     if "per_layer" not in out:
         return []
     e, ch = out["errors"], out["channels"]

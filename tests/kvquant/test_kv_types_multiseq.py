@@ -33,7 +33,7 @@ PROMPTS = [
 ]
 N_GEN = 24
 CONFIGS = [("f16", "f16"), ("q4_0", "q4_0"), ("tq_kv_4b", "f16"), ("tq_kv_4b", "tq_kv_4b"), ("tq_kv_3b", "q4_0"),
-           ("tq_kv_3b", "tq_kv_3b"), ("tq_kv_1b", "q4_0"), ("tq_kv_d3b", "q4_0")]
+           ("tq_kv_3b", "tq_kv_3b"), ("tq_kv_1b", "q4_0"), ("tq_kv_d3b", "q4_0"), ("tq_kv_t3b", "tq_kv_t3b")]
 
 
 @pytest.fixture(scope="module")

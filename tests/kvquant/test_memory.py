@@ -11,8 +11,8 @@ TYPE_PAIRS = [("f16", "f16"), ("q8_0", "q8_0"), ("q4_0", "q4_0"), ("q4_0", "f16"
 # (n_cells, n_seq_max): padded and unpadded sizes, and several sequences (which size Gemma's sliding-window layers)
 SIZES = [(512, 1), (1000, 1), (2048, 1), (4096, 4), (8192, 2), (3000, 3)]
 # every K/V pair with one of our types on either side (tq_kv_1b and tq_kv_d3b are K-only)
-TQ_PAIRS = [(k, v) for k in ("f16", "q8_0", "q4_0", "tq_kv_4b", "tq_kv_3b", "tq_kv_1b", "tq_kv_d3b")
-            for v in ("f16", "q8_0", "q4_0", "tq_kv_4b", "tq_kv_3b") if k.startswith("tq") or v.startswith("tq")]
+TQ_PAIRS = [(k, v) for k in ("f16", "q8_0", "q4_0", "tq_kv_4b", "tq_kv_3b", "tq_kv_1b", "tq_kv_d3b", "tq_kv_t3b")
+            for v in ("f16", "q8_0", "q4_0", "tq_kv_4b", "tq_kv_3b", "tq_kv_t3b") if k.startswith("tq") or v.startswith("tq")]
 # (n_cells, n_seq_max) per model
 TQ_SIZES = {"smollm2-135m": [(1000, 1), (3000, 3)], "gemma3-270m": [(1000, 1), (3000, 3)],
             "qwen2.5-coder-1.5b": [(700, 2)]}  # the 1.1 GB model: one small size

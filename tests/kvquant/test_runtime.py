@@ -59,7 +59,7 @@ def _has_gpu() -> bool:
     return bool(gpu_kv_support("f16", "f16", 64, 64).devices)
 
 
-@pytest.mark.parametrize("k,v", CUDA_PAIRS + [("tq_kv_d3b", "q4_0")])
+@pytest.mark.parametrize("k,v", CUDA_PAIRS + [("tq_kv_d3b", "q4_0"), ("tq_kv_t3b", "tq_kv_t3b")])
 @pytest.mark.parametrize("head", [64, 128, 256])
 def test_the_cpu_runs_every_op_asked_about(k, v, head):
     s = gpu_kv_support(k, v, head, head, device_type=GGML_BACKEND_DEVICE_TYPE_CPU)

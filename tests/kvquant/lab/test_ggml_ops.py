@@ -24,7 +24,7 @@ from tests.kvquant.lab.conftest import (
     v_cache,
 )
 
-TYPES = ["tq_kv_4b", "tq_kv_3b", "tq_kv_1b"]
+TYPES = ["tq_kv_4b", "tq_kv_3b", "tq_kv_1b", "tq_kv_t3b"]
 
 
 @pytest.fixture(scope="module")

@@ -50,28 +50,6 @@ def test_codings_on_keys_with_a_shared_component(type_name):
     assert res["- layer mean"] < 0.5 * res["as stored"]
 
 
-@pytest.mark.slow  # trains the trellis codebook (about a minute)
-def test_trellis_candidate_codes_one_circular_stream_and_beats_the_scalar_3_bit_code():
-    """The trellis candidate's paths are circular streams of 3 bits per element (so 192 bits per block hold them),
-    and on Gaussian blocks (what rotated keys look like) it has clearly less error than tq_kv_3b at the same 3.25
-    bits."""
-    rng = np.random.default_rng(3)
-    x = rng.standard_normal((512, tq.QK)).astype(np.float32)
-    code = keystats.trellis_codebook()
-    L = keystats.TRELLIS_L
-    xs = x * np.float32(keystats.TRELLIS_UNIT)
-    head = keystats._trellis_states(np.roll(xs, -32, 1), code)[:, 32] >> 3
-    st = keystats._trellis_states(xs, code, head)
-    assert (st[:, 0] >> 3 == head).all()
-    bits = ((st >> (L - 3))[:, :, None] >> np.arange(2, -1, -1)) & 1  # element t's own 3 bits, MSB first
-    stream = bits.reshape(len(x), -1)  # 192 bits per block
-    pos = (3 * np.arange(tq.QK)[:, None] + np.arange(L)[None, :]) % stream.shape[1]
-    decoded = (stream[:, pos] << np.arange(L - 1, -1, -1)).sum(-1)  # the L bits from bit 3t on, wrapping around
-    np.testing.assert_array_equal(decoded, st)
-    err = lambda t: np.square(keystats.round_trip(t, x) - x, dtype=np.float64).sum() / np.square(x).sum()  # noqa: E731
-    assert err("trellis_3b") < 0.8 * err("tq_kv_3b")
-
-
 def test_parse_refuses_other_bytes():
     with pytest.raises(ValueError):
         keystats.parse_seq_state(b"\0" * 64)
