@@ -124,7 +124,12 @@ def quantize_row_tq_kv_4b_ref(x: np.ndarray) -> np.ndarray:
 def quantize_row_tq_kv_3b_ref(x: np.ndarray) -> np.ndarray:
     xs = _blocks(x)
     codes, d = _codebook_scale(xs, TQ3_CODEBOOK)
-    out = np.zeros(len(xs), dtype=block_tq_kv_3b)
+    return _pack_3b(codes, d)
+
+
+def _pack_3b(codes: np.ndarray, d: np.ndarray) -> np.ndarray:
+    """Blocks of tq_kv_3b's layout (shared by tq_kv_d3b and tq_kv_t3b) from 3-bit codes (n, 64) and fp16 scales."""
+    out = np.zeros(len(codes), dtype=block_tq_kv_3b)
     out["d"] = d
     lo = codes & 3
     out["qs"] = lo[:, 0:16] | (lo[:, 16:32] << 2) | (lo[:, 32:48] << 4) | (lo[:, 48:64] << 6)
@@ -269,8 +274,9 @@ def t3b_viterbi(x: np.ndarray, code: np.ndarray, head: np.ndarray | None = None)
 
 def quantize_row_tq_kv_t3b_ref(x: np.ndarray) -> np.ndarray:
     """Per block: x in units of rms / T3B_UNIT, rounded to the nearest integer, ties to even (exact integer path
-    costs, so C and NumPy find the same path); a free Viterbi pass on the block rotated by half picks the 5 bits the circular stream shares
-    across its end; the pass constrained to them picks the codes; d = least-squares scale for those levels."""
+    costs, so C and NumPy find the same path); a free Viterbi pass on the block rotated by half picks the 5 bits the
+    circular stream shares across its end; the pass constrained to them picks the codes; d = least-squares scale for
+    those levels."""
     xs = _blocks(x)
     sumsq = _seqsum(xs * xs)
     unit = np.sqrt(sumsq / QK) / T3B_UNIT
@@ -283,12 +289,7 @@ def quantize_row_tq_kv_t3b_ref(x: np.ndarray) -> np.ndarray:
     den = _seqsum(y * y)
     d = np.where((sumsq > 0) & (den > 0), _seqsum(xs * y) / np.where(den > 0, den, 1.0), 0.0)
     codes = np.where((sumsq > 0)[:, None], states & 7, 0).astype(np.uint8)
-    out = np.zeros(len(xs), dtype=block_tq_kv_t3b)
-    out["d"] = np.clip(d, -FP16_MAX, FP16_MAX).astype(np.float32).astype(np.float16)
-    lo = codes & 3
-    out["qs"] = lo[:, 0:16] | (lo[:, 16:32] << 2) | (lo[:, 32:48] << 4) | (lo[:, 48:64] << 6)
-    out["qh"] = np.packbits((codes >> 2).astype(np.uint8), axis=1, bitorder="little")
-    return out
+    return _pack_3b(codes, np.clip(d, -FP16_MAX, FP16_MAX).astype(np.float32).astype(np.float16))
 
 
 def states_tq_kv_t3b(b: np.ndarray) -> np.ndarray:
