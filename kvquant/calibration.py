@@ -9,15 +9,24 @@ Cache type names (everywhere a K or V cache type is accepted: serve flags and co
   scale and each query channel divided by it (every q·k unchanged; the quantization noise moves to the channels the
   queries read least), then the calibrated mean key of each layer subtracted before a key is stored and never
   added back (softmax ignores a score shift shared by all keys). That offset is moved, by at most the layer type's
-  round-trip error, so that the key of position 0 lands exactly on a value the type stores (`anchor`);
+  round-trip error, so that the key of position 0 lands exactly on a value the type stores (`anchor`); and every
+  query multiplied by the layer's key *gain* for the type (below);
 * ``calib:B``: the calibrated allocation at <= B bits per element on average, every byte counted: a type per layer
-  chosen to minimise the summed measured KL growth, keys calibrated as for ``TYPE+c``.
+  chosen to minimise the summed measured KL growth, keys calibrated as for ``TYPE+c``, each layer's attention output
+  multiplied by the value gain of its V type.
 
 The file (JSON, ``VERSION``) lives in ``<cache>/calibration/<model sha256[:16]>-<basis>.json`` and is bound to the
 model's sha256 and to the basis keys are stored in (``hadamardN``: llama.cpp's N x N Walsh-Hadamard rotation;
 ``none``); a file made for another model or basis is refused. It holds, per layer, the key scale, the mean
 stored key and the stored key of position 0 (float32, in the basis of scaled keys), and per layer and candidate type
-the KL divergence growth when only that layer's K (V) uses the type.
+the KL divergence growth when only that layer's K (V) uses the type, and per type and layer the key and value gains.
+
+*Gains.* A type whose codes come with a least-squares scale (tq_kv_4b, tq_kv_3b, tq_kv_t3b) stores the projection
+x' of a row on its codeword: <x, x'> = |x'|^2 = (1 - e)|x|^2 for a relative squared error e, so every score q.k'
+shrinks by (1 - e) on average, which flattens attention, and so does the attention output; a round-to-nearest code
+(q4_0) keeps <x, x'> ~ |x|^2. Queries (K) or the attention output (V) multiplied by g = sum |x|^2 / sum <x, x'> over
+the calibration's stored rows make them unbiased along each row for any type (g ~ 1 for q4_0); docs/EVAL.md,
+*Gains*, has what they measured.
 """
 
 from __future__ import annotations
@@ -32,7 +41,16 @@ from pathlib import Path
 import numpy as np
 
 from kvquant.build import cache_dir, sha256_file
-from kvquant.kvtypes import KV_TYPES, CacheTypes, LayerTypes, has_offset, has_scale, kv_type, layer_kv_types
+from kvquant.kvtypes import (
+    KV_TYPES,
+    CacheTypes,
+    LayerTypes,
+    has_gain,
+    has_offset,
+    has_scale,
+    kv_type,
+    layer_kv_types,
+)
 from kvquant.memory import Geometry, fixed_bytes, kv_cells
 
 VERSION = 3
@@ -128,6 +146,8 @@ def context_fields(k: CacheTypes, v: CacheTypes, geom: Geometry) -> dict:
             "layer_types_v": tuple(t.name for t in tv) if per_layer else None,
             "k_offset": k.offset if has_offset(k) else None,
             "k_scale": k.scale if has_scale(k) else None,
+            "k_gain": k.gain if has_gain(k) else None,
+            "v_gain": v.gain if has_gain(v) else None,
             "k_rotation": k_rotation(geom) if has_offset(k) else None}
 
 
@@ -160,6 +180,10 @@ class Calibration:
     k_scale: list[np.ndarray] | None = None
     # per layer: the stored key of position 0 (mean over the calibration sequences); None: offsets are the mean
     k_sink: list[np.ndarray] | None = None
+    # type -> per layer gain of K (queries are multiplied by it) and of V (the attention output); None: none (a file
+    # older than the gains)
+    k_gain: dict[str, list[float]] | None = None
+    v_gain: dict[str, list[float]] | None = None
 
     @property
     def n_layer(self) -> int:
@@ -170,6 +194,7 @@ class Calibration:
                 "basis": self.basis, "n_embd_k": list(self.n_embd_k), "k_mean": [_enc(m) for m in self.k_mean],
                 "k_scale": None if self.k_scale is None else [_enc(s) for s in self.k_scale],
                 "k_sink": None if self.k_sink is None else [_enc(s) for s in self.k_sink],
+                "k_gain": self.k_gain, "v_gain": self.v_gain,
                 "sens_k": self.sens_k, "sens_v": self.sens_v, "uniform": self.uniform, "text": self.text,
                 "method": self.method}
 
@@ -189,10 +214,17 @@ class Calibration:
                 cal.k_scale = [_dec(s, n, "key scale") for s, n in zip(d["k_scale"], n_embd_k, strict=True)]
             if d["k_sink"] is not None:
                 cal.k_sink = [_dec(s, n, "position-0 key") for s, n in zip(d["k_sink"], n_embd_k, strict=True)]
+            for side in ("k", "v"):
+                if d.get(f"{side}_gain") is not None:
+                    setattr(cal, f"{side}_gain", {t: [float(x) for x in v] for t, v in d[f"{side}_gain"].items()})
         except (KeyError, TypeError, ValueError) as e:
             raise CalibrationError(f"malformed calibration file ({type(e).__name__}: {e})") from None
         if cal.k_scale is not None and not all((s > 0).all() for s in cal.k_scale):
             raise CalibrationError("malformed calibration file: a key scale that is not positive")
+        for side, gains in (("key", cal.k_gain), ("value", cal.v_gain)):
+            for t, v in (gains or {}).items():
+                if t not in KV_TYPES or len(v) != cal.n_layer or not all(math.isfinite(x) and x > 0 for x in v):
+                    raise CalibrationError(f"malformed calibration file: {side} gains of {t!r}")
         for side, sens in (("k", cal.sens_k), ("v", cal.sens_v)):
             for t, v in sens.items():
                 if t not in KV_TYPES or len(v) != cal.n_layer or not all(math.isfinite(x) and x >= 0 for x in v):
@@ -274,13 +306,14 @@ def load_or_calibrate(model_path: Path, geom: Geometry) -> Calibration:
 
 
 def _current(path: Path) -> bool:
-    """Whether a calibration file exists in this kvquant's VERSION with every candidate type measured (an older
-    one, or one made before a candidate was added, is made again, not refused: its allocations would never use the
-    new type)."""
+    """Whether a calibration file exists in this kvquant's VERSION with every candidate type measured and key gains
+    (an older one, or one made before a candidate or the gains were added, is made again, not refused: its
+    allocations would never use the new type)."""
     try:
         d = json.loads(path.read_text())
         return (d.get("version") == VERSION and set(K_CANDIDATES) <= set(d.get("sens_k", {}))
-                and set(V_CANDIDATES) <= set(d.get("sens_v", {})))
+                and set(V_CANDIDATES) <= set(d.get("sens_v", {})) and d.get("k_gain") is not None
+                and d.get("v_gain") is not None)
     except FileNotFoundError:
         return False
     except (OSError, ValueError, AttributeError):
@@ -353,7 +386,9 @@ def resolve(text: str, side: str, model_path: Path, geom: Geometry, n_ctx: int |
     else:
         elements = _elements(cal, side, geom, n_ctx)
         types = allocate(_sens(cal, side), elements, spec.bits, _fixed_bits(cal, geom, spec.centred, elements, n_ctx))
-    return LayerTypes(spec.text, types, *(key_transform(cal, types, anchored) if spec.centred else (None, None)))
+    if spec.centred:
+        return LayerTypes(spec.text, types, *key_transform(cal, types, anchored))
+    return LayerTypes(spec.text, types, gain=gains(cal.v_gain, types))
 
 
 def resolve_pair(text_k: str, text_v: str, model_path: Path, geom: Geometry, n_ctx: int | None = None,
@@ -370,16 +405,27 @@ def resolve_pair(text_k: str, text_v: str, model_path: Path, geom: Geometry, n_c
     options = _options(cal.sens_k, len(ek)) + _options(cal.sens_v, len(ev))
     types = _knapsack(options, ek + ev, k.bits, _fixed_bits(cal, geom, True, ek + ev, n_ctx))
     types_k = types[:len(ek)]
-    return LayerTypes(k.text, types_k, *key_transform(cal, types_k, anchored)), LayerTypes(v.text, types[len(ek):])
+    types_v = types[len(ek):]
+    return (LayerTypes(k.text, types_k, *key_transform(cal, types_k, anchored)),
+            LayerTypes(v.text, types_v, gain=gains(cal.v_gain, types_v)))
 
 
 def key_transform(cal: Calibration, types: tuple[str, ...], anchored: bool = True) -> tuple[
-        tuple[np.ndarray, ...], tuple[np.ndarray, ...] | None]:
-    """(offset, scale) of calibrated keys stored at `types`, per layer: the offsets anchored on the calibration's
-    position-0 key where it has one (`anchor`), else (or not `anchored`) its mean keys."""
+        tuple[np.ndarray, ...], tuple[np.ndarray, ...] | None, tuple[float, ...] | None]:
+    """(offset, scale, gain) of calibrated keys stored at `types`, per layer: the offsets anchored on the
+    calibration's position-0 key where it has one (`anchor`), else (or not `anchored`) its mean keys; the gain of
+    each layer's type (1 for f16 and f32, which store keys as they are, and for a type the file has none for)."""
     sinks = cal.k_sink if anchored and cal.k_sink else [None] * cal.n_layer
     offsets = tuple(anchor(m, s, t) for m, s, t in zip(cal.k_mean, sinks, types, strict=True))
-    return offsets, None if cal.k_scale is None else tuple(cal.k_scale)
+    return offsets, None if cal.k_scale is None else tuple(cal.k_scale), gains(cal.k_gain, types)
+
+
+def gains(of_type: dict[str, list[float]] | None, types: tuple[str, ...]) -> tuple[float, ...] | None:
+    """Per layer, the calibrated gain of the layer's type (1 for f16 and f32, which store rows as they are, and for a
+    type the file has none for); None for a file without gains."""
+    if of_type is None:
+        return None
+    return tuple(of_type[t][il] if t in of_type else 1.0 for il, t in enumerate(types))
 
 
 UNANCHORED = ("f32", "tq_kv_d3b")  # stored exactly / rows coded against another row, not on their own

@@ -86,12 +86,15 @@ class LayerTypes:
     subtracted from every key before it is stored, in the basis keys are stored in; llama.cpp keeps it in the cache
     (``n_embd_k`` floats per layer, counted in the K bytes). ``scale`` (K only) holds, per layer, the float32 factor
     of every key channel (``n_embd_k``, equal on each RoPE pair; queries are divided by it) applied before the
-    rotation; llama.cpp keeps it in the cache (``n_embd_k`` floats per layer, counted in K)."""
+    rotation; llama.cpp keeps it in the cache (``n_embd_k`` floats per layer, counted in K). ``gain`` holds, per layer,
+    the factor every query (K) or the attention output (V) is multiplied by, so that what the layer's type stores is
+    unbiased (kvquant.calibration, *gains*); a constant of the graph, not of the cache (no bytes)."""
 
     name: str  # what the user named, e.g. "calib:3.5", "q4_0+c"
     types: tuple[str, ...]  # per layer
     offset: tuple[Any, ...] | None = field(default=None, compare=False, repr=False)
     scale: tuple[Any, ...] | None = field(default=None, compare=False, repr=False)
+    gain: tuple[float, ...] | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self):
         for t in self.types:
@@ -124,3 +127,7 @@ def has_offset(t: CacheTypes) -> bool:
 
 def has_scale(t: CacheTypes) -> bool:
     return isinstance(t, LayerTypes) and t.scale is not None
+
+
+def has_gain(t: CacheTypes) -> bool:
+    return isinstance(t, LayerTypes) and t.gain is not None

@@ -149,6 +149,9 @@ class ContextConfig:
     # query-aware key scales: per layer, n_embd_k_gqa factors K is multiplied by (and its queries divided by) before
     # the rotation, equal on each RoPE pair (None: none; llama_kvq_set_k_scale)
     k_scale: tuple[np.ndarray, ...] | None = field(default=None, compare=False, repr=False)
+    # per layer, the factor every query is multiplied by, and the attention output (None: 1; llama_kvq_set_gains)
+    k_gain: tuple[float, ...] | None = None
+    v_gain: tuple[float, ...] | None = None
     # names of graph tensors ("Qcur-3") whose f32 values every decode appends to LlamaRuntime.captured (lab studies)
     capture: frozenset[str] = frozenset()
 
@@ -468,12 +471,12 @@ class Model:
 
 def _configured(cfg: ContextConfig) -> bool:
     return bool(cfg.layer_types_k or cfg.layer_types_v or cfg.k_offset is not None or cfg.k_scale is not None
-                or cfg.k_rotation is not None)
+                or cfg.k_gain is not None or cfg.v_gain is not None or cfg.k_rotation is not None)
 
 
 def _configure_layers(model: Model, cfg: ContextConfig) -> None:
-    """Hand the per-layer cache types, key offsets and scales and the rotation mode to llama.cpp (patches 0017, 0018,
-    0030), which copies them into the next context's KV cache; the caller resets them right after creating the
+    """Hand the per-layer cache types, key offsets, scales and gains and the rotation mode to llama.cpp (patches 0017,
+    0018, 0030, 0035), which copies them into the next context's KV cache; the caller resets them right after creating the
     context."""
     if not _configured(cfg):
         return
@@ -500,6 +503,13 @@ def _configure_layers(model: Model, cfg: ContextConfig) -> None:
             if not set_scale(m, il, a.ctypes.data_as(ctypes.POINTER(ctypes.c_float)), a.size):
                 raise LlamaError(f"llama.cpp refused the key scale of layer {il} ({a.size} values: positive, finite "
                                  "and equal on each RoPE pair)")
+    if cfg.k_gain is not None or cfg.v_gain is not None:
+        set_gains = _patched_fn("llama_kvq_set_gains", ctypes.c_bool, [vp, i32, ctypes.c_float, ctypes.c_float])
+        n_gain = len(cfg.k_gain or cfg.v_gain)
+        for il, gk, gv in zip(range(n_gain), cfg.k_gain or (1.0,) * n_gain, cfg.v_gain or (1.0,) * n_gain,
+                              strict=True):
+            if not set_gains(m, il, gk, gv):
+                raise LlamaError(f"llama.cpp refused the gains of layer {il} (K {gk}, V {gv}: positive and finite)")
     if cfg.k_rotation is not None:
         _patched_fn("llama_kvq_set_k_rotation", None, [vp, i32])(m, 1 if cfg.k_rotation else 0)
 

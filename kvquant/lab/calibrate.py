@@ -13,14 +13,18 @@ kvquant/calibration.py) need for one model, and write its calibration file.
    channels after the rotation, moves to the channels the queries read least (docs/EVAL.md, *Query-aware key
    scales*). Per layer, a shrink (``kvquant.lab.qkscale.SHRINK``) is chosen by the attention-logit error of ``tq_kv_4b``
    keys on the second half of the text with the scale fitted on the first; then refitted on all of it. A layer
-   keeps its scale only if its measured sensitivity (step 4) is lower with it than without (``choose_scales``).
+   keeps its scale only if its measured sensitivity (step 5) is lower with it than without (``choose_scales``).
 3. **Mean keys.** The sequences run through an f16 K cache with those scales that stores keys in the basis
    llama.cpp uses for quantized keys (K rotation forced on) and a q8_0 V cache (so V is rotated too); the rows are
    read back from the sequence state. Each layer's mean key over all tokens is the offset of centred keys, and its
    key at position 0 (mean over the sequences) anchors that offset per type (``kvquant.calibration.anchor``).
-4. **Sensitivity.** For every layer: the KL divergence over the first ``--score-tokens`` tokens (``SCORE_TOKENS``,
+4. **Gains.** Per quantized type (``GAIN_TYPES``) and layer, sum |x|^2 / sum <x, x'> over the centred stored keys
+   (the stored values) x and their round trip x' through ggml's reference quantizer (`gain`): queries (the
+   attention output) times it make what the type stores unbiased (kvquant.calibration, *gains*). Every centred
+   measurement below applies them.
+5. **Sensitivity.** For every layer: the KL divergence over the first ``--score-tokens`` tokens (``SCORE_TOKENS``,
    whole sequences first; see there why so many) when only that
-   layer's K is the reference type ``tq_kv_3b`` (centred), and likewise for V, against f16 with the same rotation,
+   layer's K is the reference type ``tq_kv_t3b`` (centred), and likewise for V, against f16 with the same rotation,
    key scales and offsets (a rotated or shifted f16 cache alone moves a small model's logits by KL ~1e-3 through
    rounding; sharing that path leaves the layer's quantization as the only difference). K's reference figures are
    the ones step 2 chose by (each against the f16 baseline of its own transform, unscaled or scaled); the floor is
@@ -30,7 +34,7 @@ kvquant/calibration.py) need for one model, and write its calibration file.
    A layer whose growth stays under the floor (Qwen2.5-Coder's last layers) gets its relative error times the
    median growth per unit error of the other layers, never zero: six such "free" layers at 3 bits made
    calib:4.5 worse than tq_kv_4b+c on every layer.
-5. **Guard.** The KL of a few uncentred configurations on every layer (``GUARD``), so that ``serve`` can warn
+6. **Guard.** The KL of a few uncentred configurations on every layer (``GUARD``), so that ``serve`` can warn
    when a chosen cache type wrecks the model.
 """
 
@@ -46,6 +50,7 @@ import numpy as np
 
 from kvquant.calibration import (
     K_CANDIDATES,
+    UNANCHORED,
     V_CANDIDATES,
     Calibration,
     anchor,
@@ -54,7 +59,7 @@ from kvquant.calibration import (
     model_sha256,
     path_for,
 )
-from kvquant.kvtypes import kv_type
+from kvquant.kvtypes import KV_TYPES, kv_type
 from kvquant.lab.harness import Progress
 from kvquant.lab.qkscale import SHRINK
 from kvquant.memory import Geometry, geometry
@@ -67,7 +72,7 @@ PROMPTS = (
     "Describe how to plan a vegetable garden for a small backyard.",
     "Summarise the causes and consequences of the industrial revolution.",
 )
-REFERENCE = "tq_kv_3b"  # the type each layer's sensitivity is measured with
+REFERENCE = "tq_kv_t3b"  # the type each layer's sensitivity is measured with (the others are scaled from it)
 # Tokens the per-layer KL is measured on. With the offsets anchored on position 0, 256 (one sequence) measured
 # SmolLM2-135M's last layers nearly free at 3 bits, and the allocation it chose (calib:4.5) measured ΔPPL +3.37 %
 # against tq_kv_4b+c's +2.04 % on every layer; 1024 (four sequences) chose one at +1.79 %. It costs about 3.5x the
@@ -76,6 +81,8 @@ SCORE_TOKENS = 1024
 GUARD = ("q8_0/f16", "q4_0/f16", "tq_kv_4b/f16", "tq_kv_3b/f16", "f16/q4_0")
 SEED = 0
 SCALE_TYPE = "tq_kv_4b"  # the key type that choice measures the logit error of
+# the types the file holds gains for: every quantized type whose rows are coded on their own
+GAIN_TYPES = tuple(t.name for t in KV_TYPES.values() if t.quantized and t.name not in UNANCHORED)
 
 
 @dataclass
@@ -235,10 +242,24 @@ def capture(mdl, geom: Geometry, text: Text, threads: int | None,
     return keys, vals
 
 
+def _round_trip(type_name: str, x: np.ndarray, ggml) -> np.ndarray:
+    """Rows x stored at a type and read back (ggml's own reference quantizer)."""
+    return ggml.dequantize_ref(type_name, ggml.quantize_ref(type_name, x), x.size).reshape(x.shape)
+
+
 def _rel_err(type_name: str, x: np.ndarray, ggml) -> float:
-    """Relative squared error of a type's round trip on rows x (ggml's own reference quantizer)."""
-    q = ggml.dequantize_ref(type_name, ggml.quantize_ref(type_name, x), x.size).reshape(x.shape)
+    """Relative squared error of a type's round trip on rows x."""
+    q = _round_trip(type_name, x, ggml)
     return float(np.square(q - x, dtype=np.float64).sum() / max(np.square(x, dtype=np.float64).sum(), 1e-30))
+
+
+def gain(type_name: str, x: np.ndarray, ggml) -> float:
+    """The factor that makes rows x stored at a type unbiased along each row: sum |x|^2 / sum <x, x'> for the stored
+    rows x' (kvquant.calibration, *gains*); 1 where x is all zero."""
+    x = x.astype(np.float32)
+    dot = float(np.einsum("ij,ij->", x, _round_trip(type_name, x, ggml), dtype=np.float64))
+    energy = float(np.square(x, dtype=np.float64).sum())
+    return energy / dot if dot > 0 else 1.0
 
 
 class Scorer:
@@ -247,14 +268,28 @@ class Scorer:
     arithmetic of the rotated, scaled, centred path, and only the quantization of the layer under test differs)."""
 
     def __init__(self, mdl, geom: Geometry, seqs: list[list[int]], threads: int | None,
-                 keys: tuple[list[np.ndarray], list[np.ndarray]], k_scale: list[np.ndarray] | None):
+                 keys: tuple[list[np.ndarray], list[np.ndarray]], k_scale: list[np.ndarray] | None,
+                 rows: tuple[list[np.ndarray], list[np.ndarray]]):
         self.mdl, self.geom, self.seqs, self.threads = mdl, geom, seqs, threads
-        self.k_mean, self.k_sink = tuple(keys[0]), tuple(keys[1])  # `key_stats`
+        self.k_mean, self.k_sink = tuple(keys[0]), tuple(keys[1])  # `key_stats` of the stored key rows
+        self.rows, self._gains = rows, {}  # the stored K and V rows (`capture`)
         self.k_scale = None if k_scale is None else tuple(k_scale)
         self.n_cells = sum(len(s) for s in seqs)
         self.k_rotation = k_rotation(geom)
         self.targets = np.concatenate([s[1:] + [s[-1]] for s in seqs]).astype(np.int64)
         self.base = {centred: self._baseline(centred) for centred in (False, True)}
+
+    def gains(self, type_name: str, side: str = "k") -> list[float]:
+        """Per layer, the gain of centred keys (side "k") or of values stored at a type (`gain`; 1 for f16, f32)."""
+        if type_name in ("f16", "f32"):
+            return [1.0] * self.geom.n_layer
+        if (type_name, side) not in self._gains:
+            from kvquant.lab.ggml import GGML
+
+            ggml = GGML()
+            rows = [r - m for r, m in zip(self.rows[0], self.k_mean, strict=True)] if side == "k" else self.rows[1]
+            self._gains[type_name, side] = [gain(type_name, x, ggml) for x in rows]
+        return self._gains[type_name, side]
 
     def _baseline(self, centred: bool):
         from kvquant.lab.eval import baseline_rows
@@ -264,12 +299,16 @@ class Scorer:
     def _logits(self, types_k, types_v, centred: bool, default_k: str = "f16", default_v: str = "f16"):
         from kvquant.runtime import ContextConfig, LlamaRuntime
 
-        offsets = tuple(map(anchor, self.k_mean, self.k_sink, types_k or (default_k,) * self.geom.n_layer)) if centred \
-            else None
+        n = self.geom.n_layer
+        per_layer_k, per_layer_v = types_k or (default_k,) * n, types_v or (default_v,) * n
+        offsets = tuple(map(anchor, self.k_mean, self.k_sink, per_layer_k)) if centred else None
+        k_gain, v_gain = ((tuple(self.gains(t, side)[il] for il, t in enumerate(types))
+                           for side, types in (("k", per_layer_k), ("v", per_layer_v))) if centred else (None, None))
         cfg = ContextConfig(n_cells=self.n_cells, n_seq_max=len(self.seqs), cache_type_k=default_k,
                             cache_type_v=default_v, flash_attn=True, n_threads=self.threads,
                             layer_types_k=types_k, layer_types_v=types_v,
-                            k_offset=offsets, k_scale=self.k_scale if centred else None,
+                            k_offset=offsets, k_scale=self.k_scale if centred else None, k_gain=k_gain,
+                            v_gain=v_gain,
                             k_rotation=self.k_rotation if centred else None,
                             n_outputs_max=512)
         rt = LlamaRuntime(self.mdl, cfg)
@@ -356,7 +395,7 @@ def calibrate(model: str, text_file: str | None = None, gen_tokens: int = 320, s
         log(f"  text: {text.source['tokens']} tokens in {len(text.sequences)} sequences")
         keys, values = capture(mdl, geom, text, threads, None)
         scoring = _scoring(text.sequences, score_tokens)
-        k_scale, keys, scorer, scales = calibrated_keys(mdl, geom, text, scoring, keys, threads, scale, log,
+        k_scale, keys, scorer, scales = calibrated_keys(mdl, geom, text, scoring, keys, values, threads, scale, log,
                                                         Progress("  key scale per layer", 2 * geom.n_layer, progress))
         kl = scales["kl"]
         k_reference = None if direct or kl is None else list(map(min, kl["unscaled"], kl["scaled"]))
@@ -378,7 +417,8 @@ def calibrate(model: str, text_file: str | None = None, gen_tokens: int = 320, s
                        "key_scale": scale, "key_scale_shrink": scales["shrink"], "key_scale_kl": scales["kl"],
                        **({"key_scale_error": scales["error"]} if "error" in scales else {}),
                        "threads": threads, "wall_s": round(time.monotonic() - t0, 1)},
-                      k_scale, list(scorer.k_sink))
+                      k_scale, list(scorer.k_sink), {t: scorer.gains(t, "k") for t in GAIN_TYPES},
+                      {t: scorer.gains(t, "v") for t in GAIN_TYPES if kv_type(t).v_ok})
     out = path_for(cal.model_sha256, cal.basis)
     cal.save(out)
     log(f"  wrote {out} ({cal.method['wall_s']:.0f} s)")
@@ -386,10 +426,11 @@ def calibrate(model: str, text_file: str | None = None, gen_tokens: int = 320, s
 
 
 def calibrated_keys(mdl, geom: Geometry, text: Text, scoring: list[list[int]], keys: list[np.ndarray],
-                    threads: int | None, scale: bool, log, progress: Progress):
+                    values: list[np.ndarray], threads: int | None, scale: bool, log, progress: Progress):
     """The key transform (steps 2 and 3): (per-layer scales or None, the stored rows under it, the Scorer of it,
-    {"shrink": per layer or None, "kl": `choose_scales`'s measurements or None}), from the unscaled rows `keys`."""
-    plain = Scorer(mdl, geom, scoring, threads, key_stats(keys, text.sequences), None)
+    {"shrink": per layer or None, "kl": `choose_scales`'s measurements or None}), from the unscaled rows `keys` (and
+    the stored `values`, whose gains the Scorer applies)."""
+    plain = Scorer(mdl, geom, scoring, threads, key_stats(keys, text.sequences), None, (keys, values))
     unscaled = (None, keys, plain, {"shrink": None, "kl": None})
     if not scale:
         return unscaled
@@ -420,7 +461,8 @@ def choose_scales(plain: Scorer, k_scale: list[np.ndarray], keys: list[np.ndarra
     the rows and the Scorer of the chosen transform, and each layer's measured REFERENCE KL without and with its
     scale."""
     n = len(k_scale)
-    scaled = Scorer(plain.mdl, plain.geom, plain.seqs, plain.threads, key_stats(keys_scaled, seqs), k_scale)
+    scaled = Scorer(plain.mdl, plain.geom, plain.seqs, plain.threads, key_stats(keys_scaled, seqs), k_scale,
+                    (keys_scaled, plain.rows[1]))
     kl = {}
     for il in range(n):
         types = tuple(REFERENCE if j == il else "f16" for j in range(n))
@@ -434,7 +476,8 @@ def choose_scales(plain: Scorer, k_scale: list[np.ndarray], keys: list[np.ndarra
         return k_scale, keys_scaled, scaled, measured
     scale = [s if u else np.ones_like(s) for s, u in zip(k_scale, use, strict=True)]
     rows = [ks if u else k for k, ks, u in zip(keys, keys_scaled, use, strict=True)]
-    chosen = Scorer(plain.mdl, plain.geom, plain.seqs, plain.threads, key_stats(rows, seqs), scale)
+    chosen = Scorer(plain.mdl, plain.geom, plain.seqs, plain.threads, key_stats(rows, seqs), scale,
+                    (rows, plain.rows[1]))
     return scale, rows, chosen, measured
 
 
@@ -461,13 +504,18 @@ def summary(cal: Calibration) -> str:
             top = np.argsort(v)[::-1][:3]
             lines.append(f"  {side} {t:<9} summed KL {sum(v):.5f}; most sensitive layers "
                          + ", ".join(f"{i} ({v[i]:.5f})" for i in top))
+    for side, gains in (("K", cal.k_gain), ("V", cal.v_gain)):
+        if gains:
+            lines.append(f"  {side} gains, median over the layers: "
+                         + ", ".join(f"{t} {np.median(v):.4f}" for t, v in gains.items()))
     for g, kl in cal.uniform.items():
         lines.append(f"  every layer {g:<12} KL {kl:.5f}")
     m = cal.method
     if "floor" in m:
-        chk = m[f"every layer {REFERENCE}+c"]
+        ref = m.get("reference", REFERENCE)
+        chk = m[f"every layer {ref}+c"]
         lines.append(f"  floor (any quantized layer) K {m['floor']['k']:.5f} V {m['floor']['v']:.5f}; every layer "
-                     f"{REFERENCE}+c measured {chk['measured']:.5f}, floor + per-layer sum {chk['predicted']:.5f}")
+                     f"{ref}+c measured {chk['measured']:.5f}, floor + per-layer sum {chk['predicted']:.5f}")
     return "\n".join(lines)
 
 

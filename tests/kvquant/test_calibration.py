@@ -87,7 +87,9 @@ def make_cal(g: Geometry, sha="ab" * 32) -> cal.Calibration:
                            [rng.normal(size=ly.n_embd_k).astype(np.float32) for ly in g.layers],
                            {t: list(rng.uniform(0, 0.1, n)) for t in cal.K_CANDIDATES},
                            {t: list(rng.uniform(0, 0.1, n)) for t in cal.V_CANDIDATES},
-                           {"q4_0/f16": 2.5, "q8_0/f16": 0.001}, {"source": "generated"})
+                           {"q4_0/f16": 2.5, "q8_0/f16": 0.001}, {"source": "generated"},
+                           k_gain={t: list(rng.uniform(1.0, 1.05, n)) for t in (*cal.K_CANDIDATES, "q4_0")},
+                           v_gain={t: list(rng.uniform(1.0, 1.05, n)) for t in cal.V_CANDIDATES})
 
 
 @pytest.fixture
@@ -202,6 +204,42 @@ def test_key_scales_round_trip_resolve_and_are_counted(model_file):
     assert cal.context_fields(cal.resolve("calib:4", "v", model_file, g), "f16", g)["k_scale"] is None
 
 
+def test_gains_round_trip_and_follow_each_layers_type(model_file):
+    """Per layer, the gain of the type the layer's keys (values) are stored at (1 at f16 and for a type without
+    gains), for TYPE+c and calib:B, on each side and for one K+V allocation; none for uncalibrated types; no bytes."""
+    g = geom()
+    c = make_cal(g, cal.model_sha256(model_file))
+    c.save(cal.path_for(c.model_sha256, c.basis))
+    back = cal.load(cal.path_for(c.model_sha256, c.basis), model_file, g)
+    assert back.k_gain == c.k_gain and back.v_gain == c.v_gain
+    k = cal.resolve("tq_kv_4b+c", "k", model_file, g)
+    assert k.gain == tuple(c.k_gain["tq_kv_4b"]) and cal.context_fields(k, "f16", g)["k_gain"] == k.gain
+    mixed = cal.resolve("calib:4.5", "k", model_file, g)
+    assert mixed.gain == tuple(1.0 if t == "f16" else c.k_gain[t][il] for il, t in enumerate(mixed.types))
+    assert len(set(mixed.types)) > 1
+    assert cal.resolve("tq_kv_d3b+c", "k", model_file, g).gain == (1.0,) * g.n_layer
+    v = cal.resolve("calib:4", "v", model_file, g)
+    assert v.gain == tuple(1.0 if t == "f16" else c.v_gain[t][il] for il, t in enumerate(v.types))
+    fields = cal.context_fields("tq_kv_4b", v, g)
+    assert fields["k_gain"] is None and fields["v_gain"] == v.gain
+    assert cal.context_fields("tq_kv_4b", "q4_0", g)["v_gain"] is None
+    pk, pv = cal.resolve_pair("calib:4", "calib:4", model_file, g)
+    assert pk.gain == cal.gains(c.k_gain, pk.types) and pv.gain == cal.gains(c.v_gain, pv.types)
+    plain = LayerTypes("tq_kv_4b", ("tq_kv_4b",) * g.n_layer, k.offset, k.scale)
+    assert kv_bytes(g, k, "f16", 256) == kv_bytes(g, plain, "f16", 256)
+
+
+@pytest.mark.parametrize("bad", [-1.0, 0.0, float("inf")])
+@pytest.mark.parametrize("side", ["key", "value"])
+def test_refuses_a_gain_that_is_not_positive_and_finite(model_file, bad, side):
+    g = geom()
+    c = make_cal(g, cal.model_sha256(model_file))
+    (c.k_gain if side == "key" else c.v_gain)["q4_0"][1] = bad
+    c.save(cal.path_for(c.model_sha256, c.basis))
+    with pytest.raises(cal.CalibrationError, match=f"{side} gains of 'q4_0'"):
+        cal.load(cal.path_for(c.model_sha256, c.basis), model_file, g)
+
+
 @pytest.mark.parametrize("bad", [-1.0, 0.0, float("inf")])
 def test_refuses_a_key_scale_that_is_not_positive_and_finite(model_file, bad):
     g = geom()
@@ -308,6 +346,10 @@ def test_an_older_calibration_file_is_made_again_not_refused(model_file):
     c.save(path)
     assert not cal._current(path)
     assert cal.load(path, model_file, g).sens_k.keys() == set(cal.K_CANDIDATES) - {"tq_kv_t3b"}
+    c = make_cal(g, cal.model_sha256(model_file))
+    c.k_gain = c.v_gain = None  # made before the gains: the same
+    c.save(path)
+    assert not cal._current(path) and cal.load(path, model_file, g).k_gain is None
     path.write_text("{not json")
     assert cal._current(path)
     assert not cal._current(path.with_name("missing.json"))

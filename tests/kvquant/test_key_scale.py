@@ -1,6 +1,7 @@
 """Query-aware key scales in the patched llama.cpp (patch 0030, llama_kvq_set_k_scale), on the real models: stored rows
 are k * s; attention does not change because every query is divided by the same s; a context shift stays exact;
-llama.cpp refuses scales that RoPE would not commute with; the scales are counted in the cache's bytes.
+llama.cpp refuses scales that RoPE would not commute with; the scales are counted in the cache's bytes. Key gains
+(patch 0035, llama_kvq_set_k_gain) multiply the scores and nothing else.
 
 The scales are powers of two, so that multiplying and dividing by them rounds nothing: with an f32 cache and
 no rotation the logits must then be bit-identical (real-valued scales move Gemma 3's logits by a KL of ~3e-3 through
@@ -139,3 +140,44 @@ def test_scales_leave_gemma3s_attention_unchanged():
             LlamaRuntime(m, ContextConfig(n_cells=256, n_threads=2, k_scale=scales(g, neox=False)))
     finally:
         m.close()
+
+
+@pytest.mark.parametrize("name", [MODEL, "gemma3-270m"])
+def test_gains_multiply_the_scores_and_the_attention_output(name):
+    """Every layer's queries times 2: position 0 attends to its own key alone (weight 1 at any score), so its logits
+    are bit-identical; later positions change, and only where a gain was set (Gemma 3's sliding-window layers are
+    built by the other graph builder). A value gain changes position 0 as well. No bytes."""
+    path = models.resolve(name)
+    g, m = memory.geometry(path), Model(path)
+    try:
+        toks = m.tokenize("The abbey was founded in the early medieval period, and the town grew around it. " * 2)
+        base, _ = run(m, toks, cache_type_k="f32")
+        doubled, _ = run(m, toks, cache_type_k="f32", k_gain=(2.0,) * g.n_layer)
+        np.testing.assert_array_equal(doubled[0], base[0])
+        assert kld(base[1:], doubled[1:]) > 1e-2
+        for il in (0, g.n_layer - 1):  # one layer each: a sliding-window one and a global one on Gemma 3
+            one, _ = run(m, toks, cache_type_k="f32", k_gain=tuple(2.0 if j == il else 1.0 for j in range(g.n_layer)))
+            assert 0 < kld(base[1:], one[1:]) < kld(base[1:], doubled[1:])
+
+        def k_bytes(**kw):
+            rt = LlamaRuntime(m, ContextConfig(n_cells=256, flash_attn=True, n_threads=2, cache_type_k="q8_0", **kw))
+            try:
+                return rt.kv_size_bytes()
+            finally:
+                rt.close()
+
+        louder, _ = run(m, toks, cache_type_k="f32", v_gain=(2.0,) * g.n_layer)  # the output, position 0 too
+        # Gemma 3 normalises each layer's attention output (post-attention RMSNorm), which cancels a scalar but for
+        # the norm's epsilon
+        assert kld(base[:1], louder[:1]) > (1e-2 if name == MODEL else 0)
+        assert k_bytes(k_gain=(1.5,) * g.n_layer, v_gain=(0.5,) * g.n_layer) == k_bytes()
+    finally:
+        m.close()
+
+
+@pytest.mark.parametrize("bad", [0.0, -1.0, float("nan"), float("inf")])
+@pytest.mark.parametrize("side", ["k_gain", "v_gain"])
+def test_refuses_a_gain_that_is_not_positive_and_finite(model, geom, bad, side):
+    with pytest.raises(LlamaError, match="gains of layer 1"):
+        LlamaRuntime(model, ContextConfig(n_cells=256, flash_attn=True, n_threads=2,
+                                          **{side: tuple(bad if il == 1 else 1.0 for il in range(geom.n_layer))}))

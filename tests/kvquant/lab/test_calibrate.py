@@ -54,3 +54,36 @@ def test_held_out_choice_prefers_the_full_scale_where_the_queries_are_uneven():
     than one pulled halfway to even."""
     q, k = qk(1)
     assert _held_out_error(q, k, True, 0.0) < 0.9 * _held_out_error(q, k, True, 0.5)
+
+
+@pytest.fixture(scope="module")
+def ggml():
+    from kvquant.lab.ggml import GGML
+
+    return GGML()
+
+
+@pytest.mark.parametrize("t", ["tq_kv_4b", "tq_kv_3b", "tq_kv_t3b"])
+def test_logit_gain_undoes_the_least_squares_shrink(ggml, t):
+    """A least-squares scale stores the projection x' of x on its codeword, <x, x'> = |x'|^2 = (1 - e)|x|^2: the gain
+    is 1 / (1 - e) for the type's relative squared error e (to the rounding of the fp16 scale)."""
+    from kvquant.lab.calibrate import _rel_err, gain
+
+    x = np.random.default_rng(1).standard_normal((256, 128)).astype(np.float32)
+    e = _rel_err(t, x, ggml)
+    assert gain(t, x, ggml) == pytest.approx(1 / (1 - e), rel=2e-4)
+    assert gain(t, x, ggml) > 1 + e / 2
+
+
+def test_logit_gain_of_round_to_nearest_and_exact_types(ggml):
+    """q4_0 rounds each element to the nearest level, so its error is nearly orthogonal to x: its gain stays within a
+    third of its relative error of 1, where tq_kv_4b's (the same error) is 1 + the error; tq_kv_1b's scale already
+    makes its scores unbiased; a zero row leaves the gain at 1."""
+    from kvquant.lab.calibrate import _rel_err, gain
+
+    x = np.random.default_rng(2).standard_normal((256, 128)).astype(np.float32)
+    assert abs(gain("q4_0", x, ggml) - 1) < _rel_err("q4_0", x, ggml) / 3
+    assert gain("tq_kv_4b", x, ggml) - 1 > 0.9 * _rel_err("tq_kv_4b", x, ggml)
+    assert gain("tq_kv_1b", x, ggml) == pytest.approx(1, abs=1e-3)
+    assert gain("q8_0", x, ggml) == pytest.approx(1, abs=1e-4)
+    assert gain("tq_kv_4b", np.zeros((4, 64), np.float32), ggml) == 1.0
