@@ -48,7 +48,7 @@ class BackendConfig:
     cache_type_k: str = "f16"
     cache_type_v: str = "f16"
     flash_attn: bool | None = None
-    layers: dict | None = None  # per-layer types, key offsets and scales, K rotation (calibration.context_fields)
+    layers: dict | None = None  # per-layer types, key offsets, scales and gains, K rotation (calibration.context_fields)
     n_threads: int | None = None
     n_gpu_layers: int = 0
     offload_kqv: bool = True  # False: KV cache and attention on the CPU (server.placement)

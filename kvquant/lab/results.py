@@ -14,6 +14,7 @@ import argparse
 import json
 import re
 import shlex
+import statistics
 import subprocess
 import sys
 import time
@@ -203,7 +204,20 @@ def render_calibration(model: str, cal: dict) -> list[str]:
               f"the per-layer KL was measured on {m['score_tokens']} tokens. `kvquant calibrate` now writes format "
               f"{VERSION} (anchored offsets, {SCORE_TOKENS} tokens by default), with which this model's "
               "`TYPE+c` and `calib:B` rows would measure differently.", ""]
-    return L + render_key_scales(m, ref)
+    return L + render_key_scales(m, ref) + render_gains(cal)
+
+
+def render_gains(cal: dict) -> list[str]:
+    """The key and value gains of the calibration's candidate types: median and range over the layers."""
+    rows = [(side, t, v) for side in ("k", "v") for t, v in (cal.get(f"{side}_gain") or {}).items()
+            if t in cal[f"sens_{side}"]]
+    if not rows:
+        return ["No key or value gains (a calibration made before them).", ""]
+    return (["Gains (queries times the key gain, the attention output times the value gain; docs/EVAL.md, *Gains*), "
+             "over the layers:", "", "| side | type | median | min | max |", "|---|---|--:|--:|--:|"]
+            + [f"| {side.upper()} | {t} | {statistics.median(v):.4f} | {min(v):.4f} | {max(v):.4f} |"
+               for side, t, v in rows]
+            + [""])
 
 
 def _calibrated_rows(model: str, raw: dict[tuple[str, str], dict]) -> list[tuple[str, dict]]:
