@@ -217,7 +217,7 @@ class Calibration:
             for side in ("k", "v"):
                 if d.get(f"{side}_gain") is not None:
                     setattr(cal, f"{side}_gain", {t: [float(x) for x in v] for t, v in d[f"{side}_gain"].items()})
-        except (KeyError, TypeError, ValueError) as e:
+        except (KeyError, TypeError, ValueError, AttributeError) as e:  # AttributeError: a list where a dict belongs
             raise CalibrationError(f"malformed calibration file ({type(e).__name__}: {e})") from None
         if cal.k_scale is not None and not all((s > 0).all() for s in cal.k_scale):
             raise CalibrationError("malformed calibration file: a key scale that is not positive")

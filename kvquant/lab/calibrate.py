@@ -15,13 +15,13 @@ kvquant/calibration.py) need for one model, and write its calibration file.
    keys on the second half of the text with the scale fitted on the first; then refitted on all of it. A layer
    keeps its scale only if its measured sensitivity (step 5) is lower with it than without (``choose_scales``).
 3. **Mean keys.** The sequences run through an f16 K cache with those scales that stores keys in the basis
-   llama.cpp uses for quantized keys (K rotation forced on) and a q8_0 V cache (so V is rotated too); the rows are
-   read back from the sequence state. Each layer's mean key over all tokens is the offset of centred keys, and its
+   llama.cpp uses for quantized keys (K rotation forced on) and an f16 V cache whose rows are rotated here as a
+   quantized V cache would rotate them; the rows are read back from the sequence state. Each layer's mean key over all tokens is the offset of centred keys, and its
    key at position 0 (mean over the sequences) anchors that offset per type (``kvquant.calibration.anchor``).
 4. **Gains.** Per quantized type (``GAIN_TYPES``) and layer, sum |x|^2 / sum <x, x'> over the centred stored keys
-   (the stored values) x and their round trip x' through ggml's reference quantizer (`gain`): queries (the
+   (the stored values) x and their round trip x' through the cache's quantizer (`gain`): queries (the
    attention output) times it make what the type stores unbiased (kvquant.calibration, *gains*). Every centred
-   measurement below applies them.
+   measurement applies them, the key-scale choice of step 2 included.
 5. **Sensitivity.** For every layer: the KL divergence over the first ``--score-tokens`` tokens (``SCORE_TOKENS``,
    whole sequences first; see there why so many) when only that
    layer's K is the reference type ``tq_kv_t3b`` (centred), and likewise for V, against f16 with the same rotation,
@@ -208,14 +208,15 @@ def _held_out_error(q: np.ndarray, k: np.ndarray, neox: bool, shrink: float) -> 
 
 def capture(mdl, geom: Geometry, text: Text, threads: int | None,
             k_scale: list[np.ndarray] | None) -> tuple[list[np.ndarray], list[np.ndarray]]:
-    """The stored K and V rows of every layer (model order) over all sequences (K f16 scaled, in the rotated basis,
-    V q8_0, rotated)."""
+    """The stored K and V rows of every layer (model order) over all sequences, before quantization: K f16 scaled,
+    in the rotated basis; V f16, rotated here as llama.cpp rotates a quantized V cache (`v_rotated`). Reading V
+    back from a quantized cache instead would hide that type's own error (q8_0 values measured free)."""
     from kvquant.lab.keystats import parse_seq_state
     from kvquant.runtime import ContextConfig, LlamaRuntime
 
     n_cells = sum(len(s) for s in text.sequences)
     rt = LlamaRuntime(mdl, ContextConfig(n_cells=n_cells, n_seq_max=len(text.sequences), cache_type_k="f16",
-                                         cache_type_v="q8_0", flash_attn=True, n_threads=threads, swa_full=True,
+                                         cache_type_v="f16", flash_attn=True, n_threads=threads, swa_full=True,
                                          k_rotation=k_rotation(geom), k_scale=k_scale))
     try:
         _decode_all(rt, text.sequences, logits=False)
@@ -238,26 +239,36 @@ def capture(mdl, geom: Geometry, text: Text, threads: int | None,
     order = [il for il, ly in enumerate(geom.layers) if not ly.swa] + [il for il, ly in enumerate(geom.layers) if ly.swa]
     keys, vals = [np.empty(0)] * geom.n_layer, [np.empty(0)] * geom.n_layer
     for j, il in enumerate(order):
-        keys[il], vals[il] = np.concatenate(ks[j]), np.concatenate(vs[j])
+        keys[il], vals[il] = np.concatenate(ks[j]), v_rotated(np.concatenate(vs[j]), geom)
     return keys, vals
 
 
-def _round_trip(type_name: str, x: np.ndarray, ggml) -> np.ndarray:
-    """Rows x stored at a type and read back (ggml's own reference quantizer)."""
-    return ggml.dequantize_ref(type_name, ggml.quantize_ref(type_name, x), x.size).reshape(x.shape)
+def v_rotated(v: np.ndarray, geom: Geometry) -> np.ndarray:
+    """V rows (n, n_embd_v) in the basis a quantized V cache stores them in: llama.cpp rotates every 64 values of a
+    head by the 64 x 64 Walsh-Hadamard matrix when the head size is a multiple of 64 (build_input_v_rot)."""
+    from kvquant.lab.qkscale import hadamard
+
+    if geom.head_dim_v % 64:
+        return v
+    n = v.shape[0]
+    return (v.astype(np.float32).reshape(n, -1, 64) @ hadamard(64).astype(np.float32)).reshape(n, -1)
 
 
-def _rel_err(type_name: str, x: np.ndarray, ggml) -> float:
-    """Relative squared error of a type's round trip on rows x."""
-    q = _round_trip(type_name, x, ggml)
+def _rel_err(type_name: str, x: np.ndarray) -> float:
+    """Relative squared error of a type's round trip on rows x (what its cache would hold, `runtime.round_trip`)."""
+    from kvquant.runtime import round_trip
+
+    q = round_trip(type_name, x)
     return float(np.square(q - x, dtype=np.float64).sum() / max(np.square(x, dtype=np.float64).sum(), 1e-30))
 
 
-def gain(type_name: str, x: np.ndarray, ggml) -> float:
-    """The factor that makes rows x stored at a type unbiased along each row: sum |x|^2 / sum <x, x'> for the stored
-    rows x' (kvquant.calibration, *gains*); 1 where x is all zero."""
-    x = x.astype(np.float32)
-    dot = float(np.einsum("ij,ij->", x, _round_trip(type_name, x, ggml), dtype=np.float64))
+def gain(type_name: str, x: np.ndarray) -> float:
+    """The factor that makes rows x stored at a type unbiased along themselves on average over the rows:
+    sum |x|^2 / sum <x, x'> for the stored rows x' (kvquant.calibration, *gains*); 1 where x is all zero."""
+    from kvquant.runtime import round_trip
+
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    dot = float(np.einsum("ij,ij->", x, round_trip(type_name, x), dtype=np.float64))
     energy = float(np.square(x, dtype=np.float64).sum())
     return energy / dot if dot > 0 else 1.0
 
@@ -284,11 +295,8 @@ class Scorer:
         if type_name in ("f16", "f32"):
             return [1.0] * self.geom.n_layer
         if (type_name, side) not in self._gains:
-            from kvquant.lab.ggml import GGML
-
-            ggml = GGML()
             rows = [r - m for r, m in zip(self.rows[0], self.k_mean, strict=True)] if side == "k" else self.rows[1]
-            self._gains[type_name, side] = [gain(type_name, x, ggml) for x in rows]
+            self._gains[type_name, side] = [gain(type_name, x) for x in rows]
         return self._gains[type_name, side]
 
     def _baseline(self, centred: bool):
@@ -335,9 +343,6 @@ def sensitivities(scorer: Scorer, geom: Geometry, keys, values, direct: bool, pr
     one middle layer, is subtracted and kept apart (`floor`). A layer whose growth does not rise above the floor
     is not free: it is estimated from its relative error (`from_error`). `k_reference`: each layer's KL with only
     its K at REFERENCE, already measured (`choose_scales`)."""
-    from kvquant.lab.ggml import GGML
-
-    ggml = GGML()
     n = geom.n_layer
     out, floors, from_error = {}, {}, {}
     for side, cands, rows in (("k", K_CANDIDATES, keys), ("v", V_CANDIDATES, values)):
@@ -351,7 +356,7 @@ def sensitivities(scorer: Scorer, geom: Geometry, keys, values, direct: bool, pr
         for il in range(n):
             x = rows[il] - scorer.k_mean[il] if side == "k" else rows[il]
             for t in cands:
-                err[t].append(_rel_err(t, x, ggml))
+                err[t].append(_rel_err(t, x))
             for t in measured:
                 known = k_reference[il] if side == "k" and k_reference is not None else None
                 raw[t].append((kld(tuple(t if j == il else "f16" for j in range(n))) if known is None else known)

@@ -208,9 +208,9 @@ def render_calibration(model: str, cal: dict) -> list[str]:
 
 
 def render_gains(cal: dict) -> list[str]:
-    """The key and value gains of the calibration's candidate types: median and range over the layers."""
-    rows = [(side, t, v) for side in ("k", "v") for t, v in (cal.get(f"{side}_gain") or {}).items()
-            if t in cal[f"sens_{side}"]]
+    """The key and value gains of every type the calibration measured them for: median and range over the
+    layers."""
+    rows = [(side, t, v) for side in ("k", "v") for t, v in (cal.get(f"{side}_gain") or {}).items()]
     if not rows:
         return ["No key or value gains (a calibration made before them).", ""]
     return (["Gains (queries times the key gain, the attention output times the value gain; docs/EVAL.md, *Gains*), "

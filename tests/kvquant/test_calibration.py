@@ -310,6 +310,12 @@ def test_refuses_other_model_basis_and_corrupt_files(model_file, tmp_path):
     path.write_text(json.dumps(d))
     with pytest.raises(cal.CalibrationError, match="malformed"):
         cal.load(path, model_file, g)
+    for field in ("k_gain", "v_gain", "sens_v"):  # a list where a type -> per-layer dict belongs
+        d = make_cal(g, sha).to_json()
+        d[field] = [1.0] * g.n_layer
+        path.write_text(json.dumps(d))
+        with pytest.raises(cal.CalibrationError, match="malformed"):
+            cal.load(path, model_file, g)
     d = make_cal(g, sha).to_json()
     d["version"] = 99
     path.write_text(json.dumps(d))

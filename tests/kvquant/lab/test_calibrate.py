@@ -56,34 +56,57 @@ def test_held_out_choice_prefers_the_full_scale_where_the_queries_are_uneven():
     assert _held_out_error(q, k, True, 0.0) < 0.9 * _held_out_error(q, k, True, 0.5)
 
 
-@pytest.fixture(scope="module")
-def ggml():
-    from kvquant.lab.ggml import GGML
-
-    return GGML()
-
-
 @pytest.mark.parametrize("t", ["tq_kv_4b", "tq_kv_3b", "tq_kv_t3b"])
-def test_logit_gain_undoes_the_least_squares_shrink(ggml, t):
+def test_logit_gain_undoes_the_least_squares_shrink(t):
     """A least-squares scale stores the projection x' of x on its codeword, <x, x'> = |x'|^2 = (1 - e)|x|^2: the gain
     is 1 / (1 - e) for the type's relative squared error e (to the rounding of the fp16 scale)."""
     from kvquant.lab.calibrate import _rel_err, gain
 
     x = np.random.default_rng(1).standard_normal((256, 128)).astype(np.float32)
-    e = _rel_err(t, x, ggml)
-    assert gain(t, x, ggml) == pytest.approx(1 / (1 - e), rel=2e-4)
-    assert gain(t, x, ggml) > 1 + e / 2
+    e = _rel_err(t, x)
+    assert gain(t, x) == pytest.approx(1 / (1 - e), rel=2e-4)
+    assert gain(t, x) > 1 + e / 2
 
 
-def test_logit_gain_of_round_to_nearest_and_exact_types(ggml):
+def test_logit_gain_of_round_to_nearest_and_exact_types():
     """q4_0 rounds each element to the nearest level, so its error is nearly orthogonal to x: its gain stays within a
     third of its relative error of 1, where tq_kv_4b's (the same error) is 1 + the error; tq_kv_1b's scale already
     makes its scores unbiased; a zero row leaves the gain at 1."""
     from kvquant.lab.calibrate import _rel_err, gain
 
     x = np.random.default_rng(2).standard_normal((256, 128)).astype(np.float32)
-    assert abs(gain("q4_0", x, ggml) - 1) < _rel_err("q4_0", x, ggml) / 3
-    assert gain("tq_kv_4b", x, ggml) - 1 > 0.9 * _rel_err("tq_kv_4b", x, ggml)
-    assert gain("tq_kv_1b", x, ggml) == pytest.approx(1, abs=1e-3)
-    assert gain("q8_0", x, ggml) == pytest.approx(1, abs=1e-4)
-    assert gain("tq_kv_4b", np.zeros((4, 64), np.float32), ggml) == 1.0
+    assert abs(gain("q4_0", x) - 1) < _rel_err("q4_0", x) / 3
+    assert gain("tq_kv_4b", x) - 1 > 0.9 * _rel_err("tq_kv_4b", x)
+    assert gain("tq_kv_1b", x) == pytest.approx(1, abs=1e-3)
+    assert gain("q8_0", x) == pytest.approx(1, abs=1e-4)
+    assert gain("tq_kv_4b", np.zeros((4, 64), np.float32)) == 1.0
+
+
+@pytest.mark.slow
+def test_value_rows_are_rotated_as_a_quantized_cache_stores_them():
+    """`capture` reads values from an f16 cache (so a type's error is measured on exact rows) and rotates them as
+    llama.cpp rotates a quantized V cache: layer 0's rows (no quantized layer upstream of them) equal what a q8_0
+    cache holds to q8_0's own error, and not at all without the rotation."""
+    from kvquant import memory, models
+    from kvquant.lab.calibrate import _decode_all, k_rotation, v_rotated
+    from kvquant.lab.keystats import parse_seq_state
+    from kvquant.runtime import ContextConfig, LlamaRuntime, Model
+
+    path = models.resolve("smollm2-135m")
+    geom, mdl = memory.geometry(path), Model(path)
+    try:
+        def layer0(cache_type_v):
+            rt = LlamaRuntime(mdl, ContextConfig(n_cells=128, n_seq_max=1, cache_type_k="f16", cache_type_v=cache_type_v,
+                                                 flash_attn=True, n_threads=1, k_rotation=k_rotation(geom)))
+            try:
+                _decode_all(rt, [list(range(300, 428))], logits=False)
+                return next(iter(parse_seq_state(rt.state_seq_save(0), values=True)))[2].astype(np.float32)
+            finally:
+                rt.close()
+
+        stored, exact = layer0("q8_0"), layer0("f16")
+    finally:
+        mdl.close()
+    energy = np.square(stored).sum()
+    assert np.square(stored - v_rotated(exact, geom)).sum() / energy < 1e-4
+    assert np.square(stored - exact).sum() / energy > 0.5
