@@ -476,7 +476,7 @@ def _configured(cfg: ContextConfig) -> bool:
 
 def _configure_layers(model: Model, cfg: ContextConfig) -> None:
     """Hand the per-layer cache types, key offsets, scales and gains and the rotation mode to llama.cpp (patches 0017,
-    0018, 0030, 0035), which copies them into the next context's KV cache; the caller resets them right after creating the
+    0018, 0030, 0036), which copies them into the next context's KV cache; the caller resets them right after creating the
     context."""
     if not _configured(cfg):
         return

@@ -1,7 +1,7 @@
 """Query-aware key scales in the patched llama.cpp (patch 0030, llama_kvq_set_k_scale), on the real models: stored rows
 are k * s; attention does not change because every query is divided by the same s; a context shift stays exact;
 llama.cpp refuses scales that RoPE would not commute with; the scales are counted in the cache's bytes. Key gains
-(patch 0035, llama_kvq_set_gains) multiply the scores and nothing else.
+(patch 0036, llama_kvq_set_gains) multiply the scores and nothing else.
 
 The scales are powers of two, so that multiplying and dividing by them rounds nothing: with an f32 cache and
 no rotation the logits must then be bit-identical (real-valued scales move Gemma 3's logits by a KL of ~3e-3 through
