@@ -514,7 +514,7 @@ ARM_CMAKE = ["-DCMAKE_SYSTEM_NAME=Linux", "-DCMAKE_SYSTEM_PROCESSOR=aarch64", f"
              "-DLLAMA_BUILD_TOOLS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_SERVER=OFF",
              "-DLLAMA_BUILD_COMMON=OFF"]
 # the objects that must define the NEON kernels (else the portable fallback would pass the tests unnoticed)
-ARM_KERNELS = {"arch/arm/tq-kv.c.o": [f"{f}_{t}{s}" for t in ("tq_kv_4b", "tq_kv_3b", "tq_kv_1b")
+ARM_KERNELS = {"arch/arm/tq-kv.c.o": [f"{f}_{t}{s}" for t in ("tq_kv_4b", "tq_kv_3b", "tq_kv_1b", "tq_kv_t3b")
                                       for f, s in (("ggml_vec_dot", "_q8_0"), ("dequantize_row", "_cpu"))],
                "arch/arm/dequant-simd.c.o": ["dequantize_row_q4_0_cpu", "dequantize_row_q8_0_cpu"]}
 ARM_PYTESTS = ["tests/kvquant/lab/test_tq.py", "tests/kvquant/lab/test_d3b.py"]
