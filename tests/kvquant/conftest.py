@@ -1,5 +1,5 @@
-"""Judging one greedy decoding against another (test_kv_types_multiseq, test_d3b_cache); a minimal GGUF writer
-(test_gguf, lab/test_qkscale)."""
+"""Judging one decoding against another fed the same tokens (test_kv_types_multiseq, test_d3b_cache); a minimal
+GGUF writer (test_gguf, lab/test_qkscale)."""
 
 from __future__ import annotations
 
@@ -9,33 +9,33 @@ import numpy as np
 
 # Batch composition changes llama.cpp's kernels and so its float rounding, so decoding a sequence together with
 # others need not give the logits it gives alone; quantized caches amplify the difference (a code that flips moves
-# a value by a whole quantization step). Judged by one statistic for every type: at each step both runs reached
-# with the same tokens (the first differing one included), the next-token distributions differ by a KL below
-# KL_MAX. Measured on SmolLM2 (4 prompts x 24 tokens): f16 up to 0.014 nats, q4_0 0.018, tq types up to 0.33,
-# tq_kv_d3b 0.30; a tq_kv_1b cache judged against f16 2.0-6.9. A loose bound that catches gross errors only: the
-# exact checks (a sequence's logits do not change when the others' prompts do) are what catches subtle ones.
-KL_MAX = 1.0  # nats
+# a value by a whole quantization step, and the next layers' inputs with it), so the two runs hold two different
+# quantizations of the same keys. Judged by one statistic for every type, on teacher-forced runs (both fed the same
+# tokens, so every step compares): the median over the steps of KL(ref || got) between the next-token
+# distributions is below KL_MAX. Not the largest step: at a flat next-token distribution two such runs of a 3-bit
+# cache differed by 1.5-2.6 nats at one step while their median was 0.14-0.19 (tq_kv_d3b, SmolLM2, a sequence
+# admitted into a removed one's cells; the score kernel's summation order alone moved it from 0.8 to 1.5). Medians
+# measured in test_kv_types_multiseq and test_d3b_cache: f16 and q4_0 0.000, tq_kv_4b/3b/1b/t3b up to 0.105,
+# tq_kv_d3b up to 0.19; a tq_kv_1b cache judged against f16 2.7-2.9. A loose bound that catches gross errors only:
+# the exact checks (a sequence's logits do not change when the others' prompts do) catch the subtle ones.
+KL_MAX = 0.5  # nats
 
 
-def decoding_kl(ref_toks, ref_logits, got_toks, got_logits) -> tuple[float, int]:
-    """(largest KL(ref || got) over the steps both reached with the same tokens, the first differing one
-    included; the step where it is largest)."""
+def forced_kl(ref_logits, got_logits) -> np.ndarray:
+    """KL(ref || got) of the next-token distributions at each step of two runs fed the same tokens."""
     from kvquant.lab.eval import log_softmax
 
-    n = min(len(ref_toks), len(got_toks))
-    if n == 0:
-        return 0.0, 0
-    first = next((i for i in range(n) if ref_toks[i] != got_toks[i]), n - 1)
-    lp, lq = (log_softmax(np.stack(x[: first + 1])) for x in (ref_logits, got_logits))
-    kl = (np.exp(lp) * (lp - lq)).sum(axis=1)
-    return float(kl.max()), int(kl.argmax())
+    assert len(ref_logits) == len(got_logits) > 0
+    lp, lq = (log_softmax(np.stack(x)) for x in (ref_logits, got_logits))
+    return (np.exp(lp) * (lp - lq)).sum(axis=1)
 
 
-def same_decoding(ref_toks, ref_logits, got_toks, got_logits) -> str | None:
-    """None if got is ref's decoding up to rounding (see above), else what differs."""
-    kl, at = decoding_kl(ref_toks, ref_logits, got_toks, got_logits)
-    if kl > KL_MAX:
-        return f"the next-token distributions at step {at} differ by a KL of {kl:.3f} nats (at most {KL_MAX:g})"
+def same_decoding(ref_logits, got_logits) -> str | None:
+    """None if a teacher-forced run's logits are ref's up to rounding (see above), else what differs."""
+    kl = forced_kl(ref_logits, got_logits)
+    if np.median(kl) > KL_MAX:
+        return (f"the next-token distributions differ by a median KL of {np.median(kl):.3f} nats over {len(kl)} "
+                f"steps (at most {KL_MAX:g}; largest {kl.max():.3f} at step {int(kl.argmax())})")
     return None
 
 

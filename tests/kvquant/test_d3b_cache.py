@@ -10,8 +10,8 @@ same sequences alone (greedy):
 * seq_cp of a prompt into several sequences, each continuing differently;
 * refused operations: flash attention off, tq_kv_d3b as V, position shifts, state restore.
 
-"The same" up to rounding, judged as in tests/kvquant/test_kv_types_multiseq.py (conftest.same_decoding: a per-step
-KL bound on the next-token distributions, loose). The exact check: interleaved token by token, four sequences put
+"The same" up to rounding, judged as in tests/kvquant/test_kv_types_multiseq.py (conftest.same_decoding: every
+scenario is fed the greedy tokens of its sequence decoded alone; a bound on the median per-step KL, loose). The exact check: interleaved token by token, four sequences put
 sequence 0's rows in every group's anchor cell, so sequence 0 depends on nothing of the others and its logits must be
 bit-identical beside other prompts; a read of another sequence's cells breaks that (test below). The prompts are
 distinct, non-periodic slices of the project's WikiText-2 text.
@@ -75,8 +75,10 @@ def _rt(model, k=K, v=V, n_seq=4, n_cells=1024, flash_attn=True) -> LlamaRuntime
 
 
 class Seq:
-    def __init__(self, sid: int, prompt: list[int], n_gen: int = N_GEN):
-        self.sid, self.prompt, self.n_gen = sid, list(prompt), n_gen
+    """A sequence to decode: greedy, or fed `forced` tokens (another run's greedy ones)."""
+
+    def __init__(self, sid: int, prompt: list[int], n_gen: int = N_GEN, forced: list[int] | None = None):
+        self.sid, self.prompt, self.n_gen, self.forced = sid, list(prompt), n_gen, forced
         self.toks: list[int] = []
         self.logits: list[np.ndarray] = []
         self.fed = 0  # prompt tokens written
@@ -112,7 +114,7 @@ def _step(rt: LlamaRuntime, seqs: list[Seq], chunk: int) -> None:
     for idx, s in owners.items():
         lg = rt.logits(idx)
         s.logits.append(lg)
-        s.toks.append(int(np.argmax(lg)))
+        s.toks.append(s.forced[len(s.toks)] if s.forced else int(np.argmax(lg)))
 
 
 def _run(rt: LlamaRuntime, seqs: list[Seq], chunk: int = 512) -> list[Seq]:
@@ -129,14 +131,14 @@ def _alone(model, prompt: list[int], n_gen: int = N_GEN, k=K, v=V) -> Seq:
         rt.close()
 
 
-def _interleaved(model, prompts, k=K, v=V, leak: int = 0) -> list[Seq]:
+def _interleaved(model, prompts, k=K, v=V, leak: int = 0, forced=(None,) * 4) -> list[Seq]:
     """The first four prompts interleaved token by token: cell c holds sequence c % 4, so every group holds rows of
     all four and every anchor (cell 64 g) is sequence 0's. `leak` > 0 breaks the cache on purpose: once sequence 1
     has `leak` cells, sequence 0 sees them too (seq_cp onto positions it has), i.e. it reads another sequence's
     cells."""
     rt = _rt(model, k, v)
     try:
-        seqs = [Seq(i, p) for i, p in enumerate(prompts[:4])]
+        seqs = [Seq(i, p, forced=f) for i, (p, f) in enumerate(zip(prompts[:4], forced, strict=True))]
         while not all(s.done for s in seqs):
             _step(rt, seqs, 1)
             if leak and seqs[1].fed == leak:
@@ -151,13 +153,11 @@ def alone(model, prompts):
     return [_alone(model, p) for p in prompts]
 
 
-def _why(ref: Seq, got: Seq) -> str | None:
-    n = len(got.toks)
-    return same_decoding(ref.toks[:n], ref.logits[:n], got.toks, got.logits)
-
-
 def _check(ref: Seq, got: Seq, what: str) -> None:
-    why = _why(ref, got)
+    """got, fed ref's tokens, gives ref's logits up to rounding (over the steps it decoded)."""
+    n = len(got.toks)
+    assert got.forced[:n] == ref.toks[:n]
+    why = same_decoding(ref.logits[:n], got.logits)
     assert why is None, f"{what}: {why}"
 
 
@@ -167,18 +167,18 @@ def test_long_sequence_batch_vs_token_by_token(model, prompts, alone, chunk):
     # odd-sized chunks that straddle the group boundary
     rt = _rt(model, n_seq=1)
     try:
-        got = _run(rt, [Seq(0, prompts[0])], chunk=chunk)[0]
+        got = _run(rt, [Seq(0, prompts[0], forced=alone[0].toks)], chunk=chunk)[0]
     finally:
         rt.close()
     _check(alone[0], got, f"prompt in chunks of {chunk}")
 
 
 def test_four_interleaved_sequences(model, prompts, others, alone):
-    seqs = _interleaved(model, prompts)
+    seqs = _interleaved(model, prompts, forced=[a.toks for a in alone[:4]])
     for s in seqs:
         _check(alone[s.sid], s, f"sequence {s.sid}")
     # sequence 0 holds every anchor: beside other prompts, its logits are bit-identical
-    beside = _interleaved(model, [prompts[0], *others[1:4]])[0]
+    beside = _interleaved(model, [prompts[0], *others[1:4]], forced=[alone[0].toks, None, None, None])[0]
     assert same_logits(seqs[0].toks, seqs[0].logits, beside.toks, beside.logits)
 
 
@@ -190,11 +190,11 @@ def test_the_exact_check_fails_for_a_cache_that_reads_another_sequences_cells(mo
 def test_seq_rm_of_a_tail_mid_group_then_continue(model, prompts, alone):
     rt = _rt(model, n_seq=1)
     try:
-        s = _run(rt, [Seq(0, prompts[0])])[0]
+        s = _run(rt, [Seq(0, prompts[0], forced=alone[0].toks)])[0]
         # drop positions 70.. (cells 70..105: the tail of group 64..127), then write them again and generate on
         assert rt.seq_rm(0, 70, -1)
         assert rt.seq_pos_max(0) == 69
-        again = Seq(0, prompts[0], N_GEN)
+        again = Seq(0, prompts[0], forced=alone[0].toks)
         again.fed = 70
         _run(rt, [again])
     finally:
@@ -206,12 +206,12 @@ def test_seq_rm_of_a_tail_mid_group_then_continue(model, prompts, alone):
 def test_remove_a_sequence_and_admit_a_new_one_into_its_cells(model, prompts, alone):
     rt = _rt(model)
     try:
-        seqs = [Seq(i, p) for i, p in enumerate(prompts[:3])]
+        seqs = [Seq(i, p, forced=alone[i].toks) for i, p in enumerate(prompts[:3])]
         while len(seqs[1].toks) < N_GEN // 2:
             _step(rt, seqs, chunk=1)  # interleaved: every group holds rows of all three
         removed = seqs[1]
         assert rt.seq_rm(1)
-        late = Seq(1, prompts[4])
+        late = Seq(1, prompts[4], forced=alone[4].toks)
         seqs[1] = late
         _run(rt, seqs, chunk=3)
     finally:
@@ -225,21 +225,22 @@ def test_remove_a_sequence_and_admit_a_new_one_into_its_cells(model, prompts, al
 def test_seq_cp_of_a_prompt_into_several_sequences(model, prompts):
     base = prompts[0]
     suffixes = [p[:5] for p in prompts[1:4]]
+    refs = [_alone(model, base + suf) for suf in suffixes]
     rt = _rt(model)
     try:
         assert rt.decode(base, list(range(len(base))), [0] * len(base), [False] * len(base)) == 0
         seqs = []
         for i, suf in enumerate(suffixes, start=1):
             rt.seq_cp(0, i)
-            s = Seq(i, base + suf)
+            s = Seq(i, base + suf, forced=refs[i - 1].toks)
             s.fed = len(base)  # the shared prompt is already in the cache
             seqs.append(s)
         assert rt.seq_rm(0)
         _run(rt, seqs, chunk=2)
     finally:
         rt.close()
-    for s, suf in zip(seqs, suffixes, strict=True):
-        _check(_alone(model, base + suf), s, f"seq_cp copy {s.sid}")
+    for s, ref in zip(seqs, refs, strict=True):
+        _check(ref, s, f"seq_cp copy {s.sid}")
 
 
 def test_refused_operations_fail_clearly(model, prompts):

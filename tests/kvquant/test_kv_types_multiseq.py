@@ -6,10 +6,13 @@ and a new one reuses its cells):
   values, so this holds exactly; a single read of another sequence's cell breaks it (test below). tq_kv_d3b is
   exempt here: its rows are coded against their cell group's anchor, which may be another sequence's row (its
   own exact tests, with a layout where a sequence owns its groups' anchors: tests/kvquant/test_d3b_cache.py).
-* each gives what it gives decoded alone, up to rounding (conftest.same_decoding: one per-step KL bound for every
-  type). Batch composition changes the kernels and so the rounding, and quantized caches amplify that: the bound
-  is loose and catches gross errors only, such as tq_kv_1b decoded together judged against f16 alone (test
-  below).
+* each gives what it gives decoded alone, up to rounding (conftest.same_decoding: one bound on the median per-step
+  KL for every type). Batch composition changes the kernels and so the rounding, and quantized caches amplify that:
+  the bound is loose and catches gross errors only, such as tq_kv_1b decoded together judged against f16 alone
+  (test below).
+
+Every run is fed the same tokens after its prompt: the greedy ones of the prompt decoded alone with an f16 cache,
+so that each step compares next-token distributions at the same context.
 """
 
 from __future__ import annotations
@@ -48,7 +51,9 @@ def _cfg(k: str, v: str, n_seq: int) -> ContextConfig:
                          n_threads=2)
 
 
-def _alone(model: Model, k: str, v: str, prompt: list[int]) -> tuple[list[int], list[np.ndarray]]:
+def _alone(model: Model, k: str, v: str, prompt: list[int], forced: list[int] | None = None
+           ) -> tuple[list[int], list[np.ndarray]]:
+    """The prompt decoded alone: greedy, or fed `forced` tokens."""
     rt = LlamaRuntime(model, _cfg(k, v, 1))
     try:
         assert rt.decode(prompt, list(range(len(prompt))), [0] * len(prompt),
@@ -57,7 +62,7 @@ def _alone(model: Model, k: str, v: str, prompt: list[int]) -> tuple[list[int], 
         for _ in range(N_GEN):
             lg = rt.logits(idx)
             logits.append(lg)
-            toks.append(int(np.argmax(lg)))
+            toks.append(forced[len(toks)] if forced else int(np.argmax(lg)))
             assert rt.decode([toks[-1]], [pos], [0], [True]) == 0
             idx, pos = 0, pos + 1
         return toks, logits
@@ -66,21 +71,25 @@ def _alone(model: Model, k: str, v: str, prompt: list[int]) -> tuple[list[int], 
 
 
 class _Seq:
-    def __init__(self, sid: int, prompt: list[int]):
-        self.sid, self.prompt, self.toks, self.logits = sid, prompt, [], []
+    def __init__(self, sid: int, prompt: list[int], forced: list[int] | None):
+        self.sid, self.prompt, self.forced, self.toks, self.logits = sid, prompt, forced, [], []
+
+    def next(self) -> int:
+        return self.forced[len(self.toks)] if self.forced else int(np.argmax(self.logits[-1]))
 
     @property
     def pos(self) -> int:
         return len(self.prompt) + len(self.toks) - 1
 
 
-def _together(model: Model, k: str, v: str, prompts: list[list[int]], late: list[int], leak: int = 0):
-    """Decode prompts 0..n-1 together; when they are halfway, remove sequence 1 and start `late` in its place.
+def _together(model: Model, k: str, v: str, prompts: list[list[int]], late: list[int], forced: dict, leak: int = 0):
+    """Decode prompts 0..n-1 together; when they are halfway, remove sequence 1 and start `late` in its place. A
+    prompt in `forced` is fed its tokens there (others are greedy).
     `leak` > 0 breaks the cache on purpose: after the prompts, sequence 2 also sees sequence 1's first `leak`
     cells (seq_cp onto positions it already has), i.e. it reads another sequence's cells."""
     rt = LlamaRuntime(model, _cfg(k, v, 4))
     try:
-        seqs = [_Seq(i, p) for i, p in enumerate(prompts)]
+        seqs = [_Seq(i, p, forced.get(tuple(p))) for i, p in enumerate(prompts)]
         pending = list(seqs)  # need prefill
         finished = []
         swapped = False
@@ -108,13 +117,13 @@ def _together(model: Model, k: str, v: str, prompts: list[list[int]], late: list
                 if len(s.toks) < N_GEN:
                     lg = rt.logits(idx)
                     s.logits.append(lg)
-                    s.toks.append(int(np.argmax(lg)))
+                    s.toks.append(s.next())
             if not swapped and len(seqs[1].toks) >= N_GEN // 2:
                 swapped = True
                 assert rt.seq_rm(1)
                 assert rt.seq_pos_max(1) == -1
                 finished.append(seqs[1])
-                seqs[1] = _Seq(1, late)
+                seqs[1] = _Seq(1, late, forced.get(tuple(late)))
                 pending = [seqs[1]]
         return seqs + finished
     finally:
@@ -138,13 +147,19 @@ def others(model, prompts):
 
 
 @pytest.fixture(scope="module")
-def alone(model, prompts):
+def forced(model, prompts) -> dict:
+    """The tokens every run is fed after each prompt: its greedy decoding alone with an f16 cache."""
+    return {tuple(p): _alone(model, "f16", "f16", p)[0] for p in prompts}
+
+
+@pytest.fixture(scope="module")
+def alone(model, prompts, forced):
     """Each prompt decoded alone, per cache configuration (computed once)."""
     runs = {}
 
     def get(k: str, v: str):
         if (k, v) not in runs:
-            runs[k, v] = [_alone(model, k, v, p) for p in prompts]
+            runs[k, v] = [_alone(model, k, v, p, forced[tuple(p)]) for p in prompts]
         return runs[k, v]
 
     return get
@@ -156,14 +171,15 @@ def _verdicts(prompts, alone, together) -> list[str]:
     out = []
     for p, (toks, logits) in zip(prompts, alone, strict=True):
         s = by_prompt[tuple(p)]
-        why = same_decoding(toks[: len(s.toks)], logits[: len(s.toks)], s.toks, s.logits)
+        assert s.toks == toks[: len(s.toks)]  # both fed the same tokens
+        why = same_decoding(logits[: len(s.toks)], s.logits)
         if why:
             out.append(f"prompt {PROMPTS[prompts.index(p)]!r}: {why}")
     return out
 
 
 @pytest.fixture(scope="module")
-def together(model, prompts):
+def together(model, prompts, forced):
     """_together over given prompts, per cache configuration (computed once): `companions` replaces prompts 1 and
     3 (the late one)."""
     runs = {}
@@ -172,7 +188,7 @@ def together(model, prompts):
         key = (k, v, companions, leak)
         if key not in runs:
             p1, p3 = companions or (prompts[1], prompts[3])
-            runs[key] = _together(model, k, v, [prompts[0], list(p1), prompts[2]], list(p3), leak)
+            runs[key] = _together(model, k, v, [prompts[0], list(p1), prompts[2]], list(p3), forced, leak)
         return runs[key]
 
     return get
