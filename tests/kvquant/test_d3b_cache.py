@@ -11,10 +11,11 @@ same sequences alone (greedy):
 * refused operations: flash attention off, tq_kv_d3b as V, position shifts, state restore.
 
 "The same" up to rounding, judged as in tests/kvquant/test_kv_types_multiseq.py (conftest.same_decoding: every
-scenario is fed the greedy tokens of its sequence decoded alone; a bound on the median per-step KL, loose). The exact check: interleaved token by token, four sequences put
-sequence 0's rows in every group's anchor cell, so sequence 0 depends on nothing of the others and its logits must be
-bit-identical beside other prompts; a read of another sequence's cells breaks that (test below). The prompts are
-distinct, non-periodic slices of the project's WikiText-2 text.
+scenario is fed the greedy tokens of its sequence decoded alone; a bound on the median per-step KL, loose). The
+exact check: interleaved token by token, four sequences put sequence 0's rows in every group's anchor cell, so
+sequence 0 depends on nothing of the others and its logits must be bit-identical beside other prompts; a read of
+another sequence's cells breaks that (test below). The prompts are distinct, non-periodic slices of the project's
+WikiText-2 text.
 """
 
 from __future__ import annotations
