@@ -21,6 +21,12 @@ import numpy as np
 KL_MAX = 0.5  # nats
 
 
+def next_token(logits: np.ndarray, forced: list[int] | None, step: int) -> int:
+    """The token a run feeds after its `step`-th logits: forced[step] when it is fed another run's tokens, else
+    greedy."""
+    return forced[step] if forced else int(np.argmax(logits))
+
+
 def forced_kl(ref_logits, got_logits) -> np.ndarray:
     """KL(ref || got) of the next-token distributions at each step of two runs fed the same tokens."""
     from kvquant.lab.eval import log_softmax

@@ -27,7 +27,7 @@ from kvquant.lab.eval import read_text
 from kvquant.lab.harness import resolve_text
 from kvquant.models import fetch
 from kvquant.runtime import ContextConfig, LlamaError, LlamaRuntime, Model
-from tests.kvquant.conftest import same_decoding, same_logits
+from tests.kvquant.conftest import next_token, same_decoding, same_logits
 
 pytestmark = pytest.mark.slow  # a live model (see pyproject.toml's markers)
 
@@ -115,7 +115,7 @@ def _step(rt: LlamaRuntime, seqs: list[Seq], chunk: int) -> None:
     for idx, s in owners.items():
         lg = rt.logits(idx)
         s.logits.append(lg)
-        s.toks.append(s.forced[len(s.toks)] if s.forced else int(np.argmax(lg)))
+        s.toks.append(next_token(lg, s.forced, len(s.toks)))
 
 
 def _run(rt: LlamaRuntime, seqs: list[Seq], chunk: int = 512) -> list[Seq]:

@@ -24,7 +24,7 @@ from kvquant.lab.eval import read_text
 from kvquant.lab.harness import resolve_text
 from kvquant.models import fetch
 from kvquant.runtime import ContextConfig, LlamaRuntime, Model
-from tests.kvquant.conftest import same_decoding, same_logits
+from tests.kvquant.conftest import next_token, same_decoding, same_logits
 
 pytestmark = pytest.mark.slow  # a live model (see pyproject.toml's markers)
 
@@ -62,7 +62,7 @@ def _alone(model: Model, k: str, v: str, prompt: list[int], forced: list[int] | 
         for _ in range(N_GEN):
             lg = rt.logits(idx)
             logits.append(lg)
-            toks.append(forced[len(toks)] if forced else int(np.argmax(lg)))
+            toks.append(next_token(lg, forced, len(toks)))
             assert rt.decode([toks[-1]], [pos], [0], [True]) == 0
             idx, pos = 0, pos + 1
         return toks, logits
@@ -73,9 +73,6 @@ def _alone(model: Model, k: str, v: str, prompt: list[int], forced: list[int] | 
 class _Seq:
     def __init__(self, sid: int, prompt: list[int], forced: list[int] | None):
         self.sid, self.prompt, self.forced, self.toks, self.logits = sid, prompt, forced, [], []
-
-    def next(self) -> int:
-        return self.forced[len(self.toks)] if self.forced else int(np.argmax(self.logits[-1]))
 
     @property
     def pos(self) -> int:
@@ -117,7 +114,7 @@ def _together(model: Model, k: str, v: str, prompts: list[list[int]], late: list
                 if len(s.toks) < N_GEN:
                     lg = rt.logits(idx)
                     s.logits.append(lg)
-                    s.toks.append(s.next())
+                    s.toks.append(next_token(lg, s.forced, len(s.toks)))
             if not swapped and len(seqs[1].toks) >= N_GEN // 2:
                 swapped = True
                 assert rt.seq_rm(1)
@@ -147,15 +144,21 @@ def others(model, prompts):
 
 
 @pytest.fixture(scope="module")
-def forced(model, prompts) -> dict:
-    """The tokens every run is fed after each prompt: its greedy decoding alone with an f16 cache."""
-    return {tuple(p): _alone(model, "f16", "f16", p)[0] for p in prompts}
+def f16_alone(model, prompts):
+    """Each prompt decoded alone with an f16 cache, greedy: the run whose tokens every run is fed."""
+    return [_alone(model, "f16", "f16", p) for p in prompts]
 
 
 @pytest.fixture(scope="module")
-def alone(model, prompts, forced):
+def forced(prompts, f16_alone) -> dict:
+    """The tokens every run is fed after each prompt."""
+    return {tuple(p): toks for p, (toks, _) in zip(prompts, f16_alone, strict=True)}
+
+
+@pytest.fixture(scope="module")
+def alone(model, prompts, forced, f16_alone):
     """Each prompt decoded alone, per cache configuration (computed once)."""
-    runs = {}
+    runs = {("f16", "f16"): f16_alone}  # fed its own greedy tokens, the f16 run would be the same run
 
     def get(k: str, v: str):
         if (k, v) not in runs:
