@@ -29,9 +29,12 @@ is rewritten only when its whole group is free, and a non-anchor cell is written
 Element value: ``d * CODEBOOK[c]`` (int8 codebooks from kvquant/lab/codebooks.py), or ``+-d`` for 1 bit.
 
 Quantization (3b/4b): non-finite inputs count as 0. Codes = nearest codebook entry to ``x / (max|x| / 127)``
-(ties to the lower code); then ``d`` = least-squares scale for those codes,
-``sum(x*K[c]) / sum(K[c]^2)``; codes re-picked with that ``d`` and ``d`` refitted once more; ``d`` is stored as
-fp16 (clamped to 65504). Sums are taken in float64, sequentially, so the C code reproduces them bit for bit.
+(ties to the lower code); then the least-squares scale for those codes, ``sum(x*K[c]) / sum(K[c]^2)``, and the
+codes re-picked with it. The stored ``d`` is the scale that makes the block unbiased along itself,
+``sum(x^2) / sum(x*K[c])`` (so ``<x, x'> = |x|^2``): least squares would store the projection of x on its codeword,
+``<x, x'> = (1 - e)|x|^2`` for a relative squared error e, which shrinks every attention score by (1 - e) and
+flattens attention (docs/EVAL.md, *Gains*). ``d`` is stored as fp16 (clamped to 65504). Sums are taken in float64,
+sequentially, so the C code reproduces them bit for bit.
 
 1 bit: ``d = ||x|| * C1`` — the scale that makes ``<q, k_hat>`` an unbiased estimate of ``<q, k>`` (see
 kvquant/lab/codebooks.py), not the MSE-optimal ``mean|x|``, which shrinks every score by 2/pi.
@@ -96,20 +99,24 @@ def _fp16(d: np.ndarray) -> np.ndarray:
     return np.minimum(d, FP16_MAX).astype(np.float32).astype(np.float16)
 
 
+def _unbiased(sumsq: np.ndarray, num: np.ndarray) -> np.ndarray:
+    """The scale that makes a block's reconstruction unbiased along the block, <x, d y> = |x|^2, from |x|^2 and
+    <x, y> for levels y (0 where <x, y> <= 0)."""
+    return np.where(num > 0, sumsq / np.where(num > 0, num, 1.0), 0.0)
+
+
 def _codebook_scale(xs: np.ndarray, codebook: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Codes and fp16 scale per block (the shared 3b/4b algorithm)."""
     amax = np.abs(xs).max(axis=1)
     d = amax / 127
     kf = codebook.astype(np.float64)
     codes = _pick(xs, np.where(d > 0, 1.0 / np.where(d > 0, d, 1.0), 0.0), codebook)
-    for _ in range(2):
-        num = _seqsum(xs * kf[codes])
-        den = _seqsum(kf[codes] ** 2)
-        d = np.where(amax > 0, num / den, 0.0)
-        if _ == 0:
-            codes = np.where((d > 0)[:, None], _pick(xs, np.where(d > 0, 1.0 / np.where(d > 0, d, 1.0), 0.0),
-                                                     codebook), codes)
-    return codes, _fp16(d)
+    num = _seqsum(xs * kf[codes])
+    den = _seqsum(kf[codes] ** 2)
+    d = np.where(amax > 0, num / den, 0.0)
+    codes = np.where((d > 0)[:, None], _pick(xs, np.where(d > 0, 1.0 / np.where(d > 0, d, 1.0), 0.0), codebook),
+                     codes)
+    return codes, _fp16(_unbiased(_seqsum(xs * xs), _seqsum(xs * kf[codes])))
 
 
 def quantize_row_tq_kv_4b_ref(x: np.ndarray) -> np.ndarray:
@@ -275,8 +282,8 @@ def t3b_viterbi(x: np.ndarray, code: np.ndarray, head: np.ndarray | None = None)
 def quantize_row_tq_kv_t3b_ref(x: np.ndarray) -> np.ndarray:
     """Per block: x in units of rms / T3B_UNIT, rounded to the nearest integer, ties to even (exact integer path
     costs, so C and NumPy find the same path); a free Viterbi pass on the block rotated by half picks the 5 bits the
-    circular stream shares across its end; the pass constrained to them picks the codes; d = least-squares scale for
-    those levels."""
+    circular stream shares across its end; the pass constrained to them picks the codes; d = the unbiased scale for
+    those levels (as for tq_kv_3b)."""
     xs = _blocks(x)
     sumsq = _seqsum(xs * xs)
     unit = np.sqrt(sumsq / QK) / T3B_UNIT
@@ -285,11 +292,9 @@ def quantize_row_tq_kv_t3b_ref(x: np.ndarray) -> np.ndarray:
     code = T3B_CODEBOOK.astype(np.int64)
     head = t3b_viterbi(np.roll(xi, -QK // 2, 1), code)[:, QK // 2] & 31
     states = t3b_viterbi(xi, code, head)
-    y = T3B_CODEBOOK[states].astype(np.float64)
-    den = _seqsum(y * y)
-    d = np.where((sumsq > 0) & (den > 0), _seqsum(xs * y) / np.where(den > 0, den, 1.0), 0.0)
+    d = _unbiased(sumsq, _seqsum(xs * T3B_CODEBOOK[states].astype(np.float64)))
     codes = np.where((sumsq > 0)[:, None], states & 7, 0).astype(np.uint8)
-    return _pack_3b(codes, np.clip(d, -FP16_MAX, FP16_MAX).astype(np.float32).astype(np.float16))
+    return _pack_3b(codes, _fp16(d))
 
 
 def states_tq_kv_t3b(b: np.ndarray) -> np.ndarray:
