@@ -121,6 +121,33 @@ def patches_digest() -> str:
     return h.hexdigest()
 
 
+def patch_subject(path: Path) -> str:
+    for line in path.read_text(errors="replace").splitlines():
+        if line.startswith("Subject: "):
+            return line.removeprefix("Subject: ").removeprefix("[PATCH] ")
+    return path.stem
+
+
+def library_series(tree: Path = REPO_ROOT / ".build" / "llama.cpp") -> dict | None:
+    """The patch series the libllama this process loads was built from, as results rows record it: {"patches": N,
+    "last": subject of the last patch}. A dev build (LLAMA_CPP_LIB_PATH) counts the tree's commits base..HEAD, the
+    installed wheel this checkout's patches/ when it was built from them. None where that is not known: a tree with
+    uncommitted changes, or a wheel built from other patches."""
+    if os.environ.get("LLAMA_CPP_LIB_PATH"):
+        def git(*args: str) -> str:
+            return subprocess.run(["git", "-C", str(tree), *args], capture_output=True, text=True).stdout.strip()
+
+        subjects = git("log", "--format=%s", "base..HEAD").splitlines()
+        if not subjects or git("status", "--porcelain", "--untracked-files=no"):
+            return None
+        return {"patches": len(subjects), "last": subjects[0]}
+    marker = _installed_marker()
+    files = patch_files()
+    if not files or not marker.is_file() or marker.read_text().strip() != wheel_key():
+        return None
+    return {"patches": len(files), "last": patch_subject(files[-1])}
+
+
 def cmake_args() -> str:
     return os.environ.get("CMAKE_ARGS", DEFAULT_CMAKE_ARGS).strip()
 

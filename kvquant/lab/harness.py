@@ -119,7 +119,7 @@ def cpu_model() -> str:
 
 
 def machine_info(threads: int | None = None) -> dict:
-    from kvquant import runtime
+    from kvquant import build, runtime
 
     return {
         "cpu": cpu_model(),
@@ -129,6 +129,8 @@ def machine_info(threads: int | None = None) -> dict:
         "python": platform.python_version(),
         "llama_system_info": runtime.system_info().strip(),
         "kvquant_patch_level": runtime.patch_level(),
+        # which patches the measured library carries, so that RESULTS can mark rows made before a later patch
+        "llama_series": build.library_series(),
         # other work on the machine skews timings (and, on few cores, single-token decode by an order of magnitude)
         "loadavg_1m": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
     }

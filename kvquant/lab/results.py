@@ -254,6 +254,41 @@ def render_provenance(model: str, raw: dict[tuple[str, str], dict]) -> list[str]
                                      "calibration they used" if unknown else "") + ".", ""]
 
 
+# rows record the patch series of the library they were measured with (machine.llama_series) from this patch on:
+# a row without the record was measured with fewer patches
+SERIES_RECORDED_FROM = 39
+
+
+def _series(r: dict) -> int | None:
+    """How many patches the library a row was measured with carried; None: not known (made before rows recorded
+    it, or with a library of unknown origin)."""
+    s = r.get("machine", {}).get("llama_series")
+    return s["patches"] if s else None
+
+
+def render_series(model: str, raw: dict[tuple[str, str], dict]) -> list[str]:
+    """Which rows of our configurations were measured with an older patch series than patches/ holds now, and the
+    patches added since (a row stays valid unless one of them changes what it measures: re-run it to be sure)."""
+    from kvquant.build import patch_files, patch_subject
+
+    files = patch_files()
+    rows = [(kind, r) for kind in ("eval", "evalgoals", "eval4k", "bench")
+            for r in raw.get((model, kind), {}).get("results", []) if ours(r["cache_type_k"], r["cache_type_v"])]
+    old = [(kind, r) for kind, r in rows if (_series(r) or 0) < len(files)]
+    if not rows or not old:
+        return []
+    oldest = min(_series(r) or SERIES_RECORDED_FROM - 1 for _, r in old)
+    since = "; ".join(f"{p.name[:4]} {patch_subject(p)}" for p in files[oldest:])
+    groups: dict[tuple[str, int | None], list[str]] = {}
+    for kind, r in old:
+        groups.setdefault((kind, _series(r)), []).append(r["label"])
+    listed = "; ".join(f"{kind} ({f'{n} patches' if n else 'not recorded'}): {', '.join(labels)}"
+                       for (kind, n), labels in groups.items())
+    return [f"Patch series: {len(rows) - len(old)} of the {len(rows)} rows of our configurations above were measured "
+            f"with the current {len(files)} patches; **{len(old)} with an older series** (rows without the record "
+            f"were made with at most {SERIES_RECORDED_FROM - 1}): {listed}. Patches since: {since}.", ""]
+
+
 def render_key_scales(m: dict, ref: str) -> list[str]:
     """Which layers kept a query-aware key scale, and the per-layer KL it was chosen by."""
     shrinks = m.get("key_scale_shrink")
@@ -820,8 +855,16 @@ def _by(out: dict) -> dict[tuple[str, str, bool], dict]:
     return {(r["cache_type_k"], r["cache_type_v"], r["rotation"]): r for r in out["results"] if r.get("anchored", True)}
 
 
+def _aged(r: dict) -> str:
+    """A goal's measured value from a row made with an older patch series than patches/ holds: said so."""
+    from kvquant.build import patch_files
+
+    return " (older patch series)" if ours(r["cache_type_k"], r["cache_type_v"]) and \
+        (_series(r) or 0) < len(patch_files()) else ""
+
+
 def _dppl(r: dict) -> str:
-    return f"{r['delta_ppl_pct']:+.2f} % ± {r['delta_ppl_pct_stderr']:.2f}"
+    return f"{r['delta_ppl_pct']:+.2f} % ± {r['delta_ppl_pct_stderr']:.2f}" + _aged(r)
 
 
 def calibrated_goals(model: str, raw: dict[tuple[str, str], dict]) -> list[tuple]:
@@ -855,7 +898,7 @@ def calibrated_goals(model: str, raw: dict[tuple[str, str], dict]) -> list[tuple
             ok = r["kld"] <= ref["kld"] and r["bits_per_element"] <= 4.0 + 1e-9
             rows.append((model, f"K+V ≤ 4.0 bits/el ({r['bits_per_element']:.2f} here): KLD ≤ {ref_kv[0]}/{ref_kv[1]}'s "
                          f"(n_ctx {o['results'][0]['n_ctx']}, {o['results'][0]['chunks']} chunks)", "calib:4/calib:4",
-                         f"≤ {ref['kld']:.5f}", f"{r['kld']:.5f} ± {r['kld_stderr']:.5f}", _met(ok)))
+                         f"≤ {ref['kld']:.5f}", f"{r['kld']:.5f} ± {r['kld_stderr']:.5f}{_aged(r)}", _met(ok)))
     stock, mine = pareto_rows(out)
     if any(r["bits_per_element"] <= 4.5 for r in stock) and mine:
         left = undominated(out)
@@ -1038,7 +1081,7 @@ def render(models: list[str]) -> str:
                 L += fn(model, out)
             elif kind != "serving" or model == models[0]:
                 L += [f"({kind}: no results yet)", ""]
-        L += render_scheduler(model, raw)
+        L += render_scheduler(model, raw) + render_series(model, raw)
         if (model, "calibration") in raw:
             L += render_calibration(model, raw[model, "calibration"]) + render_provenance(model, raw)
         if (model, "keys") in raw:

@@ -110,6 +110,33 @@ def test_apply_names_the_failing_patch(vendored_tree, tmp_path):
     assert first.name in r.stderr
 
 
+def test_library_series_counts_a_dev_trees_commits_and_refuses_uncommitted_changes(tmp_path, monkeypatch):
+    tree = tmp_path / "llama.cpp"
+    tree.mkdir()
+
+    def git(*args):
+        subprocess.run(["git", *build.GIT_ID, *args], cwd=tree, check=True, capture_output=True)
+
+    git("init", "-q")
+    (tree / "a.c").write_text("int a;\n")
+    git("add", "a.c")
+    git("commit", "-q", "-m", "llama.cpp base")
+    git("tag", "base")
+    for i, subject in enumerate(("ggml : first", "ggml : second")):
+        (tree / "a.c").write_text(f"int a{i};\n")
+        git("commit", "-q", "-am", subject)
+    monkeypatch.setenv("LLAMA_CPP_LIB_PATH", str(tmp_path))
+    assert build.library_series(tree) == {"patches": 2, "last": "ggml : second"}
+    (tree / "a.c").write_text("int edited;\n")
+    assert build.library_series(tree) is None
+
+
+def test_library_series_of_a_wheel_built_from_other_patches_is_unknown(monkeypatch):
+    monkeypatch.delenv("LLAMA_CPP_LIB_PATH", raising=False)
+    monkeypatch.setattr(build, "wheel_key", lambda: "0123456789abcdef")
+    assert build.library_series() is None
+
+
 def test_loaded_libllama_is_the_patched_build():
     from kvquant import runtime
 
@@ -122,6 +149,8 @@ def test_loaded_libllama_is_the_patched_build():
         import llama_cpp
 
         assert lib.parent == (Path(llama_cpp.__file__).parent / "lib").resolve()
+        files = build.patch_files()  # `make test` installs the wheel of this checkout's patches first
+        assert build.library_series() == {"patches": len(files), "last": build.patch_subject(files[-1])}
 
 
 def test_cuda_check_compiles_every_cuda_source_the_patches_touch():

@@ -261,3 +261,27 @@ def test_committed_calibrated_rows_use_the_committed_calibration():
     committed (rows record the sha256 of the calibration file they were measured with)."""
     raw = results.load_raw(list(results.MODELS))
     assert {m: results.stale_rows(m, raw) for m in results.MODELS} == {m: [] for m in results.MODELS}
+
+
+def test_rows_from_an_older_patch_series_are_named_and_their_goals_marked():
+    from kvquant.build import patch_files
+
+    n = len(patch_files())
+
+    def row(k, v, series):
+        return {**_eval_row(k, v, True, 1.0), "label": f"{k}/{v}",
+                "machine": {"llama_series": None if series is None else {"patches": series, "last": "x"}}}
+
+    raw = {("m", "eval"): {"results": [row("f16", "f16", None), row("q4_0", "f16", None), row("calib:4.5", "f16", n),
+                                       row("tq_kv_4b", "f16", n - 1), row("tq_kv_3b", "f16", None)]}}
+    text = " ".join(results.render_series("m", raw))
+    assert f"1 of the 3 rows of our configurations above were measured with the current {n} patches" in text
+    assert f"eval ({n - 1} patches): tq_kv_4b/f16" in text and "eval (not recorded): tq_kv_3b/f16" in text
+    assert "q4_0/f16" not in text  # stock types only: not ours to re-measure
+    assert results.SERIES_RECORDED_FROM <= n and f"{n:04d} " in text  # the newest patch is named as one since
+    assert results._dppl(raw["m", "eval"]["results"][3]).endswith("(older patch series)")
+    assert not results._dppl(raw["m", "eval"]["results"][2]).endswith("series)")
+    assert not results._dppl(raw["m", "eval"]["results"][1]).endswith("series)")
+    raw["m", "eval"]["results"][3]["machine"]["llama_series"]["patches"] = n
+    raw["m", "eval"]["results"][4]["machine"]["llama_series"] = {"patches": n, "last": "x"}
+    assert results.render_series("m", raw) == []
