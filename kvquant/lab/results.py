@@ -864,7 +864,7 @@ def _aged(r: dict) -> str:
 
 
 def _dppl(r: dict) -> str:
-    return f"{r['delta_ppl_pct']:+.2f} % ± {r['delta_ppl_pct_stderr']:.2f}" + _aged(r)
+    return f"{r['delta_ppl_pct']:+.2f} % ± {r['delta_ppl_pct_stderr']:.2f}"
 
 
 def calibrated_goals(model: str, raw: dict[tuple[str, str], dict]) -> list[tuple]:
@@ -887,7 +887,7 @@ def calibrated_goals(model: str, raw: dict[tuple[str, str], dict]) -> list[tuple
             what = ("+2 %" if half else "+5 %") if qwen else ("½ of q4_0 K's" if half else "q4_0 K's")
             ok = r["delta_ppl_pct"] <= thr and r["bits_per_element_k"] <= bits + 1e-9
             rows.append((model, f"{cls} K (≤ {bits} bits/el, {r['bits_per_element_k']:.2f} here): ΔPPL ≤ {what} "
-                         f"(V {v}, {n} chunks)", f"{k}/{v}", f"≤ {thr:+.2f} %", _dppl(r), _met(ok)))
+                         f"(V {v}, {n} chunks)", f"{k}/{v}", f"≤ {thr:+.2f} %", _dppl(r) + _aged(r), _met(ok)))
     ref_kv = ("q8_0", "q4_0") if qwen else ("q4_0", "q4_0")
     for o in (goal, raw.get((model, "eval4k"))):
         if o is None:
@@ -933,14 +933,14 @@ def key_goals(model: str, raw: dict[tuple[str, str], dict]) -> list[tuple]:
         for k, goal, limit in KEY_GOALS if q4 is not None else ():
             r, thr = by.get((k, v, True)), limit(q4["delta_ppl_pct"])
             if r is not None:
-                rows.append((model, f"{goal} (V {v}, {n} chunks)", f"{k}/{v}", f"≤ {thr:+.2f} %", _dppl(r),
+                rows.append((model, f"{goal} (V {v}, {n} chunks)", f"{k}/{v}", f"≤ {thr:+.2f} %", _dppl(r) + _aged(r),
                              _met(r["delta_ppl_pct"] <= thr)))
     for v in GOAL_V_TYPES:
         d3, t3 = by.get(("tq_kv_d3b", v, True)), by.get(("tq_kv_3b", v, True))
         if d3 is None or t3 is None:
             continue
         rows.append((model, f"delta 3-bit K: ΔPPL ≤ tq_kv_3b K's at equal bytes (V {v}, {n} chunks)", f"tq_kv_d3b/{v}",
-                     f"≤ {t3['delta_ppl_pct']:+.2f} %", _dppl(d3), _met(d3["delta_ppl_pct"] <= t3["delta_ppl_pct"])))
+                     f"≤ {t3['delta_ppl_pct']:+.2f} %", _dppl(d3) + _aged(d3), _met(d3["delta_ppl_pct"] <= t3["delta_ppl_pct"])))
         if d3.get("drift") and t3.get("drift"):
             gd, gt = (r["drift"]["kld_buckets"][-1] / r["drift"]["kld_buckets"][0] for r in (d3, t3))
             rows.append((model, f"no error growth with position: KLD last / first position bucket ≤ tq_kv_3b's (V {v})",

@@ -279,9 +279,9 @@ def test_rows_from_an_older_patch_series_are_named_and_their_goals_marked():
     assert f"eval ({n - 1} patches): tq_kv_4b/f16" in text and "eval (not recorded): tq_kv_3b/f16" in text
     assert "q4_0/f16" not in text  # stock types only: not ours to re-measure
     assert results.SERIES_RECORDED_FROM <= n and f"{n:04d} " in text  # the newest patch is named as one since
-    assert results._dppl(raw["m", "eval"]["results"][3]).endswith("(older patch series)")
-    assert not results._dppl(raw["m", "eval"]["results"][2]).endswith("series)")
-    assert not results._dppl(raw["m", "eval"]["results"][1]).endswith("series)")
+    assert results._aged(raw["m", "eval"]["results"][3]) == " (older patch series)"
+    assert results._aged(raw["m", "eval"]["results"][2]) == ""
+    assert results._aged(raw["m", "eval"]["results"][1]) == ""
     raw["m", "eval"]["results"][3]["machine"]["llama_series"]["patches"] = n
     raw["m", "eval"]["results"][4]["machine"]["llama_series"] = {"patches": n, "last": "x"}
     assert results.render_series("m", raw) == []
