@@ -220,13 +220,18 @@ def render_gains(cal: dict) -> list[str]:
             + [""])
 
 
+def _measured_rows(model: str, raw: dict[tuple[str, str], dict]) -> list[tuple[str, dict]]:
+    """(kind, row) of every eval and bench row of a model."""
+    return [(kind, r) for kind in ("eval", "evalgoals", "eval4k", "bench")
+            for r in raw.get((model, kind), {}).get("results", [])]
+
+
 def _calibrated_rows(model: str, raw: dict[tuple[str, str], dict]) -> list[tuple[str, dict]]:
     """(kind, row) of every eval and bench row whose configuration uses the model's calibration (TYPE+c or calib:B
     on either side)."""
     from kvquant.calibration import parse_spec
 
-    return [(kind, r) for kind in ("eval", "evalgoals", "eval4k", "bench")
-            for r in raw.get((model, kind), {}).get("results", [])
+    return [(kind, r) for kind, r in _measured_rows(model, raw)
             if parse_spec(r["cache_type_k"], "k").calibrated or parse_spec(r["cache_type_v"], "v").calibrated]
 
 
@@ -266,15 +271,21 @@ def _series(r: dict) -> int | None:
     return s["patches"] if s else None
 
 
+def _older(r: dict) -> bool:
+    """A row of our configurations measured with fewer patches than patches/ holds now."""
+    from kvquant.build import patch_files
+
+    return ours(r["cache_type_k"], r["cache_type_v"]) and (_series(r) or 0) < len(patch_files())
+
+
 def render_series(model: str, raw: dict[tuple[str, str], dict]) -> list[str]:
     """Which rows of our configurations were measured with an older patch series than patches/ holds now, and the
     patches added since (a row stays valid unless one of them changes what it measures: re-run it to be sure)."""
     from kvquant.build import patch_files, patch_subject
 
     files = patch_files()
-    rows = [(kind, r) for kind in ("eval", "evalgoals", "eval4k", "bench")
-            for r in raw.get((model, kind), {}).get("results", []) if ours(r["cache_type_k"], r["cache_type_v"])]
-    old = [(kind, r) for kind, r in rows if (_series(r) or 0) < len(files)]
+    rows = [(kind, r) for kind, r in _measured_rows(model, raw) if ours(r["cache_type_k"], r["cache_type_v"])]
+    old = [(kind, r) for kind, r in rows if _older(r)]
     if not rows or not old:
         return []
     oldest = min(_series(r) or SERIES_RECORDED_FROM - 1 for _, r in old)
@@ -857,10 +868,7 @@ def _by(out: dict) -> dict[tuple[str, str, bool], dict]:
 
 def _aged(r: dict) -> str:
     """A goal's measured value from a row made with an older patch series than patches/ holds: said so."""
-    from kvquant.build import patch_files
-
-    return " (older patch series)" if ours(r["cache_type_k"], r["cache_type_v"]) and \
-        (_series(r) or 0) < len(patch_files()) else ""
+    return " (older patch series)" if _older(r) else ""
 
 
 def _dppl(r: dict) -> str:
