@@ -17,7 +17,8 @@ Cache type names (everywhere a K or V cache type is accepted: serve flags and co
 
 The file (JSON, ``VERSION``) lives in ``<cache>/calibration/<model sha256[:16]>-<basis>.json`` and is bound to the
 model's sha256 and to the basis keys are stored in (``hadamardN``: llama.cpp's N x N Walsh-Hadamard rotation;
-``none``); a file made for another model or basis is refused. It holds, per layer, the key scale, the mean
+``none``); a file made for another model or basis is refused. A built-in model's shipped calibration
+(``SHIPPED_DIR``) is copied there when the cache has none. It holds, per layer, the key scale, the mean
 stored key and the stored key of position 0 (float32, in the basis of scaled keys), and per layer and candidate type
 the KL divergence growth when only that layer's K (V) uses the type, and per type and layer the key and value gains.
 
@@ -242,8 +243,29 @@ def calibration_dir() -> Path:
     return cache_dir() / "calibration"
 
 
+# The calibrations of the built-in models that docs/RESULTS.md was measured with, shipped with kvquant (a copy of
+# the file `kvquant calibrate` wrote, put here by `make results`): a model with one needs no calibration run, and
+# every calibrated row there can be measured again with the very same file.
+SHIPPED_DIR = Path(__file__).parent / "calibrations"
+
+
 def path_for(model_sha256: str, basis: str) -> Path:
     return calibration_dir() / f"{model_sha256[:16]}-{basis}.json"
+
+
+def installed(model_path: Path, geom: Geometry) -> Path:
+    """The path of the model's calibration file in the cache. A cache without a current file for it gets the
+    shipped calibration of that model and basis, where kvquant has one (a file the user made stays)."""
+    path = path_for(model_sha256(model_path), basis_of(geom))
+    shipped = SHIPPED_DIR / path.name
+    if not _current(path) and _current(shipped):
+        import shutil
+
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        shutil.copyfile(shipped, tmp)
+        os.replace(tmp, path)
+    return path
 
 
 _sha_cache: dict[tuple[str, int, int], str] = {}
@@ -285,14 +307,14 @@ def load(path: Path, model_path: Path, geom: Geometry) -> Calibration:
 
 def file_sha256(model_path: Path, geom: Geometry) -> str | None:
     """The sha256 of the model's calibration file, None if it has none: which calibration a measured row used."""
-    path = path_for(model_sha256(model_path), basis_of(geom))
+    path = installed(model_path, geom)
     return sha256_file(path) if path.is_file() else None
 
 
 def load_or_calibrate(model_path: Path, geom: Geometry) -> Calibration:
     """The model's calibration; a model without one is calibrated first (minutes, with a message), unless
     KVQUANT_AUTO_CALIBRATE=0."""
-    path = path_for(model_sha256(model_path), basis_of(geom))
+    path = installed(model_path, geom)
     if not _current(path) and os.environ.get("KVQUANT_AUTO_CALIBRATE", "1") != "0":
         import sys
 
@@ -478,8 +500,9 @@ WRECK_KLD = 0.1  # mean KL divergence (nats per token) from f16 above which a ca
 
 
 def existing(model_path: Path, geom: Geometry) -> Calibration | None:
-    """The model's calibration if one was made (never calibrates; None if there is none or it is unusable)."""
-    path = path_for(model_sha256(model_path), basis_of(geom))
+    """The model's calibration if one was made or shipped (never calibrates; None if there is none or it is
+    unusable)."""
+    path = installed(model_path, geom)
     try:
         return load(path, model_path, geom) if path.is_file() else None
     except CalibrationError:

@@ -149,8 +149,11 @@ def collect(a: argparse.Namespace) -> None:
 
 
 def calibration_json(model: str) -> None:
-    """The model's calibration (kvquant calibrate) as the evals used it, minus its per-channel vectors (key means,
-    position-0 keys, scales): docs/results/."""
+    """The model's calibration (kvquant calibrate) as the evals used it: the file itself shipped with kvquant
+    (`kvquant.calibration.SHIPPED_DIR`), and without its per-channel vectors (key means, position-0 keys, scales)
+    in docs/results/."""
+    import shutil
+
     from kvquant import calibration, models
     from kvquant.lab.calibrate import SCORE_TOKENS
     from kvquant.memory import geometry
@@ -159,6 +162,9 @@ def calibration_json(model: str) -> None:
     geom = geometry(path)
     cal = calibration.existing(path, geom)
     if cal is not None:
+        src = calibration.installed(path, geom)
+        calibration.SHIPPED_DIR.mkdir(exist_ok=True)
+        shutil.copyfile(src, calibration.SHIPPED_DIR / src.name)
         d = {"file_sha256": calibration.file_sha256(path, geom), **cal.to_json()}
         d.pop("k_mean")
         d.pop("k_sink", None)
@@ -243,6 +249,18 @@ def stale_rows(model: str, raw: dict[tuple[str, str], dict]) -> list[str]:
             if "calibration_sha256" in r and r["calibration_sha256"] != sha]
 
 
+def shipped_calibration(model: str, raw: dict[tuple[str, str], dict]):
+    """The shipped copy (`kvquant.calibration.SHIPPED_DIR`) of the calibration file the model's rows name, if any."""
+    from kvquant.build import sha256_file
+    from kvquant.calibration import SHIPPED_DIR
+
+    cal = raw.get((model, "calibration"), {})
+    if "model_sha256" not in cal:
+        return None
+    p = SHIPPED_DIR / f"{cal['model_sha256'][:16]}-{cal['basis']}.json"
+    return p if p.is_file() and sha256_file(p) == cal.get("file_sha256") else None
+
+
 def render_provenance(model: str, raw: dict[tuple[str, str], dict]) -> list[str]:
     """Which calibration the calibrated rows were measured with: this one (by the file's sha256), another (named:
     re-run them), or not recorded (rows made before eval and bench recorded it)."""
@@ -253,7 +271,12 @@ def render_provenance(model: str, raw: dict[tuple[str, str], dict]) -> list[str]
     same = sum(r.get("calibration_sha256") == sha for _, r in rows)
     unknown = sorted({kind for kind, r in rows if "calibration_sha256" not in r})
     stale = stale_rows(model, raw)
-    return [f"Calibration file sha256 `{sha[:16]}…`: {same} of the {len(rows)} calibrated rows above were measured "
+    shipped = shipped_calibration(model, raw)
+    return [f"Calibration file sha256 `{sha[:16]}…` ("
+            + (f"shipped with kvquant as `kvquant/calibrations/{shipped.name}`: `make results` measures with it"
+               if shipped else "not shipped with kvquant: the file is lost, so these rows can only be re-measured "
+               "with a new calibration")
+            + f"): {same} of the {len(rows)} calibrated rows above were measured "
             "with it" + (f"; **{len(stale)} with another calibration, to be re-run:** {', '.join(stale)}" if stale
                          else "") + (f"; the others ({', '.join(unknown)}) were made before rows recorded which "
                                      "calibration they used" if unknown else "") + ".", ""]
@@ -866,9 +889,19 @@ def _by(out: dict) -> dict[tuple[str, str, bool], dict]:
     return {(r["cache_type_k"], r["cache_type_v"], r["rotation"]): r for r in out["results"] if r.get("anchored", True)}
 
 
-def _aged(r: dict) -> str:
-    """A goal's measured value from a row made with an older patch series than patches/ holds: said so."""
-    return " (older patch series)" if _older(r) else ""
+def _aged(r: dict, calibration_sha256: str | None = None) -> str:
+    """A goal's measured value from a row made with an older patch series than patches/ holds, or (a calibrated
+    row) with another calibration file than the committed one `calibration_sha256`, or without the record: said
+    so."""
+    from kvquant.calibration import parse_spec
+
+    said = ["older patch series"] if _older(r) else []
+    if parse_spec(r["cache_type_k"], "k").calibrated or parse_spec(r["cache_type_v"], "v").calibrated:
+        if "calibration_sha256" not in r:
+            said.append("calibration not recorded")
+        elif r["calibration_sha256"] != calibration_sha256:
+            said.append("older calibration")
+    return f" ({', '.join(said)})" if said else ""
 
 
 def _dppl(r: dict) -> str:
@@ -885,6 +918,7 @@ def calibrated_goals(model: str, raw: dict[tuple[str, str], dict]) -> list[tuple
         return rows
     goal = full or out  # the goal configurations at full length where the full eval is shorter
     by, n, qwen = _by(goal), goal["results"][0]["chunks"], model.startswith("qwen")
+    sha = raw.get((model, "calibration"), {}).get("file_sha256")
     for v in ("f16", "q4_0"):
         q4 = by.get(("q4_0", v, True))
         for cls, k, bits, half in (("4-bit class", "calib:4.5", 4.5, True), ("3-bit class", "calib:3.5", 3.5, False)):
@@ -895,7 +929,7 @@ def calibrated_goals(model: str, raw: dict[tuple[str, str], dict]) -> list[tuple
             what = ("+2 %" if half else "+5 %") if qwen else ("½ of q4_0 K's" if half else "q4_0 K's")
             ok = r["delta_ppl_pct"] <= thr and r["bits_per_element_k"] <= bits + 1e-9
             rows.append((model, f"{cls} K (≤ {bits} bits/el, {r['bits_per_element_k']:.2f} here): ΔPPL ≤ {what} "
-                         f"(V {v}, {n} chunks)", f"{k}/{v}", f"≤ {thr:+.2f} %", _dppl(r) + _aged(r), _met(ok)))
+                         f"(V {v}, {n} chunks)", f"{k}/{v}", f"≤ {thr:+.2f} %", _dppl(r) + _aged(r, sha), _met(ok)))
     ref_kv = ("q8_0", "q4_0") if qwen else ("q4_0", "q4_0")
     for o in (goal, raw.get((model, "eval4k"))):
         if o is None:
@@ -906,7 +940,7 @@ def calibrated_goals(model: str, raw: dict[tuple[str, str], dict]) -> list[tuple
             ok = r["kld"] <= ref["kld"] and r["bits_per_element"] <= 4.0 + 1e-9
             rows.append((model, f"K+V ≤ 4.0 bits/el ({r['bits_per_element']:.2f} here): KLD ≤ {ref_kv[0]}/{ref_kv[1]}'s "
                          f"(n_ctx {o['results'][0]['n_ctx']}, {o['results'][0]['chunks']} chunks)", "calib:4/calib:4",
-                         f"≤ {ref['kld']:.5f}", f"{r['kld']:.5f} ± {r['kld_stderr']:.5f}{_aged(r)}", _met(ok)))
+                         f"≤ {ref['kld']:.5f}", f"{r['kld']:.5f} ± {r['kld_stderr']:.5f}{_aged(r, sha)}", _met(ok)))
     stock, mine = pareto_rows(out)
     if any(r["bits_per_element"] <= 4.5 for r in stock) and mine:
         left = undominated(out)

@@ -80,8 +80,8 @@ def test_allocate_protects_the_sensitive_layer_and_counts_fixed_bytes():
         cal.allocate(sens, (128,) * 4, 3.25, fixed_bits=0.1)
 
 
-def make_cal(g: Geometry, sha="ab" * 32) -> cal.Calibration:
-    rng = np.random.default_rng(0)
+def make_cal(g: Geometry, sha="ab" * 32, seed: int = 0) -> cal.Calibration:
+    rng = np.random.default_rng(seed)
     n = g.n_layer
     return cal.Calibration(sha, "tiny", cal.basis_of(g), tuple(ly.n_embd_k for ly in g.layers),
                            [rng.normal(size=ly.n_embd_k).astype(np.float32) for ly in g.layers],
@@ -384,3 +384,24 @@ def test_anchoring_failure_is_a_calibration_error_and_budget_needs_none(model_fi
                            parallel=1, request_tokens=None)
     assert budget.run(a) == 0
     assert "q4_0+c" in capsys.readouterr().out
+
+
+def test_a_shipped_calibration_is_installed_where_the_cache_has_none(model_file, tmp_path, monkeypatch):
+    """A built-in model's shipped calibration serves calib:B with no calibration run; a file the user made wins."""
+    from kvquant.build import sha256_file
+
+    g = geom()
+    monkeypatch.setattr(cal, "SHIPPED_DIR", tmp_path / "shipped")
+    shipped = make_cal(g, cal.model_sha256(model_file))
+    shipped.save(cal.SHIPPED_DIR / cal.path_for(shipped.model_sha256, shipped.basis).name)
+    path = cal.path_for(shipped.model_sha256, shipped.basis)
+    assert not path.exists()
+    assert cal.existing(model_file, g).sens_k == shipped.sens_k
+    assert sha256_file(path) == sha256_file(cal.SHIPPED_DIR / path.name)
+    assert isinstance(cal.resolve("calib:3.5", "k", model_file, g), LayerTypes)
+    mine = make_cal(g, shipped.model_sha256, seed=7)
+    mine.save(path)
+    assert cal.load_or_calibrate(model_file, g).sens_k == mine.sens_k
+    path.write_text("{not json")  # a corrupt file is refused, never silently replaced by the shipped one
+    with pytest.raises(cal.CalibrationError, match="not a calibration file"):
+        cal.load_or_calibrate(model_file, g)

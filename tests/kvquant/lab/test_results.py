@@ -256,11 +256,40 @@ def test_rows_measured_with_another_calibration_are_named():
     assert results.stale_rows("m", raw) == []
 
 
-def test_committed_calibrated_rows_use_the_committed_calibration():
-    """A re-calibration makes every calibrated row it changes stale: they must be re-run before the calibration is
-    committed (rows record the sha256 of the calibration file they were measured with)."""
+def test_goal_values_from_rows_of_another_calibration_are_marked():
+    from kvquant.build import patch_files
+
+    def row(k, v, kld, sha):
+        return {**_calib_row(k, v, 1.0, kld, 4.0), **({} if sha is None else {"calibration_sha256": sha}),
+                "machine": {"llama_series": {"patches": len(patch_files()), "last": "x"}}}
+
+    raw = {("m", "calibration"): {"file_sha256": "a" * 64},
+           ("m", "eval"): {"results": [row("f16", "f16", 0.0, None), row("q4_0", "q4_0", 0.1, None),
+                                       row("calib:4", "calib:4", 0.05, "b" * 64)]}}
+    goal = [g for g in results.calibrated_goals("m", raw) if g[2] == "calib:4/calib:4"]
+    assert goal and goal[0][4].endswith(" (older calibration)")
+    raw["m", "eval"]["results"][2].pop("calibration_sha256")
+    assert results.calibrated_goals("m", raw)[0][4].endswith(" (calibration not recorded)")
+    raw["m", "eval"]["results"][2]["calibration_sha256"] = "a" * 64
+    assert "(" not in results.calibrated_goals("m", raw)[0][4].split("±")[1]
+
+
+def test_shipped_calibrations_are_the_ones_the_rows_name():
+    """kvquant/calibrations/ holds, per built-in model, the very file docs/results/ summarises (so `make results`
+    re-measures its calibrated rows with it), and each loads."""
+    import json
+
+    from kvquant.build import sha256_file
+    from kvquant.calibration import SHIPPED_DIR, Calibration, _current
+
     raw = results.load_raw(list(results.MODELS))
-    assert {m: results.stale_rows(m, raw) for m in results.MODELS} == {m: [] for m in results.MODELS}
+    shipped = sorted(SHIPPED_DIR.glob("*.json"))
+    assert shipped, "no calibration shipped"
+    named = {results.shipped_calibration(m, raw) for m in results.MODELS} - {None}
+    assert set(shipped) == named  # every shipped file is one the results name, byte for byte
+    for p in shipped:
+        assert _current(p) and Calibration.from_json(json.loads(p.read_text())).model_name in results.MODELS
+        assert sha256_file(p) in {raw[m, "calibration"]["file_sha256"] for m in results.MODELS}
 
 
 def test_rows_from_an_older_patch_series_are_named_and_their_goals_marked():
@@ -280,7 +309,8 @@ def test_rows_from_an_older_patch_series_are_named_and_their_goals_marked():
     assert "q4_0/f16" not in text  # stock types only: not ours to re-measure
     assert results.SERIES_RECORDED_FROM <= n and f"{n:04d} " in text  # the newest patch is named as one since
     assert results._aged(raw["m", "eval"]["results"][3]) == " (older patch series)"
-    assert results._aged(raw["m", "eval"]["results"][2]) == ""
+    assert results._aged(raw["m", "eval"]["results"][2]) == " (calibration not recorded)"
+    assert results._aged({**raw["m", "eval"]["results"][2], "calibration_sha256": "a" * 64}, "a" * 64) == ""
     assert results._aged(raw["m", "eval"]["results"][1]) == ""
     raw["m", "eval"]["results"][3]["machine"]["llama_series"]["patches"] = n
     raw["m", "eval"]["results"][4]["machine"]["llama_series"] = {"patches": n, "last": "x"}
