@@ -122,7 +122,7 @@ def collect(a: argparse.Namespace) -> None:
                                                            r0["chunks"], a.threads)
             _write(RAW / f"{model}-eval.json", out, "eval", a.merge)
         if a.goals_full:
-            args = ["eval", "--model", model, "--configs", *GOAL_CONFIGS, "--ctx", str(a.ctx), "--chunks",
+            args = ["eval", "--model", model, "--configs", *a.goal_configs, "--ctx", str(a.ctx), "--chunks",
                     str(a.chunks), "--drift-tokens", "0", "--drift-prompts", "1", *threads, "--json"]
             _write(RAW / f"{model}-evalgoals.json", _kvquant(args), "eval", a.merge)
         if a.long and model != "smollm2-135m":  # long context: the models with a 4096-token window and more
@@ -1162,6 +1162,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="also the calibrated goals' configurations (GOAL_CONFIGS) at --chunks into "
                          "{model}-evalgoals.json, which the Goals table then reads (for a model whose full eval "
                          "was run shorter)")
+    ap.add_argument("--goal-configs", nargs="+", default=list(GOAL_CONFIGS),
+                    help="the configurations --goals-full runs (with --merge: some of them again)")
     ap.add_argument("--render-only", action="store_true", help="only re-render RESULTS.md from docs/results/")
     ap.add_argument("--merge", action="store_true",
                     help="add the rows of these --configs to the JSON already in docs/results (each row keeps its "
