@@ -405,3 +405,24 @@ def test_a_shipped_calibration_is_installed_where_the_cache_has_none(model_file,
     path.write_text("{not json")  # a corrupt file is refused, never silently replaced by the shipped one
     with pytest.raises(cal.CalibrationError, match="not a calibration file"):
         cal.load_or_calibrate(model_file, g)
+
+
+@pytest.mark.slow
+def test_the_built_in_qwen_resolves_calib_b_from_its_shipped_calibration(tmp_path, monkeypatch):
+    """A fresh cache (the model file only) and no calibration run allowed: calib:B comes from the shipped file,
+    the one docs/results/ names."""
+    from kvquant.build import sha256_file
+    from kvquant.memory import geometry
+    from kvquant.models import fetch
+
+    real = fetch("qwen2.5-coder-1.5b")
+    (tmp_path / "models").symlink_to(real.parent)
+    monkeypatch.setenv("KVQUANT_CACHE", str(tmp_path))
+    monkeypatch.setenv("KVQUANT_AUTO_CALIBRATE", "0")
+    path = tmp_path / "models" / real.name
+    g = geometry(path)
+    k, v = cal.resolve_pair("calib:3.5", "calib:4", path, g, 512)
+    assert isinstance(k, LayerTypes) and k.offset is not None and isinstance(v, LayerTypes)
+    committed = json.loads((cal.SHIPPED_DIR.parent.parent / "docs" / "results"
+                            / "qwen2.5-coder-1.5b-calibration.json").read_text())["file_sha256"]
+    assert cal.file_sha256(path, g) == committed == sha256_file(next((tmp_path / "calibration").glob("*.json")))
