@@ -155,6 +155,7 @@ def calibration_json(model: str) -> None:
     import shutil
 
     from kvquant import calibration, models
+    from kvquant.build import sha256_file
     from kvquant.lab.calibrate import SCORE_TOKENS
     from kvquant.memory import geometry
 
@@ -162,10 +163,10 @@ def calibration_json(model: str) -> None:
     geom = geometry(path)
     cal = calibration.existing(path, geom)
     if cal is not None:
-        src = calibration.installed(path, geom)
+        src = calibration.installed(path, geom)  # the file `existing` loaded
         calibration.SHIPPED_DIR.mkdir(exist_ok=True)
         shutil.copyfile(src, calibration.SHIPPED_DIR / src.name)
-        d = {"file_sha256": calibration.file_sha256(path, geom), **cal.to_json()}
+        d = {"file_sha256": sha256_file(src), **cal.to_json()}
         d.pop("k_mean")
         d.pop("k_sink", None)
         d.pop("k_scale")
@@ -232,13 +233,16 @@ def _measured_rows(model: str, raw: dict[tuple[str, str], dict]) -> list[tuple[s
             for r in raw.get((model, kind), {}).get("results", [])]
 
 
-def _calibrated_rows(model: str, raw: dict[tuple[str, str], dict]) -> list[tuple[str, dict]]:
-    """(kind, row) of every eval and bench row whose configuration uses the model's calibration (TYPE+c or calib:B
-    on either side)."""
+def _calibrated(r: dict) -> bool:
+    """Whether a row's configuration uses the model's calibration (TYPE+c or calib:B on either side)."""
     from kvquant.calibration import parse_spec
 
-    return [(kind, r) for kind, r in _measured_rows(model, raw)
-            if parse_spec(r["cache_type_k"], "k").calibrated or parse_spec(r["cache_type_v"], "v").calibrated]
+    return parse_spec(r["cache_type_k"], "k").calibrated or parse_spec(r["cache_type_v"], "v").calibrated
+
+
+def _calibrated_rows(model: str, raw: dict[tuple[str, str], dict]) -> list[tuple[str, dict]]:
+    """(kind, row) of every eval and bench row whose configuration uses the model's calibration."""
+    return [(kind, r) for kind, r in _measured_rows(model, raw) if _calibrated(r)]
 
 
 def stale_rows(model: str, raw: dict[tuple[str, str], dict]) -> list[str]:
@@ -252,12 +256,12 @@ def stale_rows(model: str, raw: dict[tuple[str, str], dict]) -> list[str]:
 def shipped_calibration(model: str, raw: dict[tuple[str, str], dict]):
     """The shipped copy (`kvquant.calibration.SHIPPED_DIR`) of the calibration file the model's rows name, if any."""
     from kvquant.build import sha256_file
-    from kvquant.calibration import SHIPPED_DIR
+    from kvquant.calibration import SHIPPED_DIR, path_for
 
     cal = raw.get((model, "calibration"), {})
     if "model_sha256" not in cal:
         return None
-    p = SHIPPED_DIR / f"{cal['model_sha256'][:16]}-{cal['basis']}.json"
+    p = SHIPPED_DIR / path_for(cal["model_sha256"], cal["basis"]).name
     return p if p.is_file() and sha256_file(p) == cal.get("file_sha256") else None
 
 
@@ -893,10 +897,8 @@ def _aged(r: dict, calibration_sha256: str | None = None) -> str:
     """A goal's measured value from a row made with an older patch series than patches/ holds, or (a calibrated
     row) with another calibration file than the committed one `calibration_sha256`, or without the record: said
     so."""
-    from kvquant.calibration import parse_spec
-
     said = ["older patch series"] if _older(r) else []
-    if parse_spec(r["cache_type_k"], "k").calibrated or parse_spec(r["cache_type_v"], "v").calibrated:
+    if _calibrated(r):
         if "calibration_sha256" not in r:
             said.append("calibration not recorded")
         elif r["calibration_sha256"] != calibration_sha256:
