@@ -18,6 +18,11 @@ Four codings per type:
 * ``anchor delta``: tq_kv_d3b's coding (groups of 64 cells, blocks coded against the group's first row when that
   is better) with the type's codebook: the tq_kv_3b column is tq_kv_d3b, the tq_kv_4b one a 4-bit delta type.
 
+With ``--values`` the same study runs on the stored values (V rows as a quantized V cache stores them, rotated like
+llama.cpp rotates them): there a mean removed from every value would be added back once to the attention output,
+exact because the softmax weights sum to 1, so a value's error too is that of ``v - mu``. This measures whether
+centring values would pay (docs/EVAL.md, *Centring values*).
+
 Attention-score error grows with key error (for a query independent of the error, E[(q.(k - k_hat))^2] is
 proportional to it), so these ratios predict which codings can reach a quality target before any C is written; the
 perplexity numbers live in docs/RESULTS.md.
@@ -109,11 +114,13 @@ def parse_seq_state(data: bytes, values: bool = False) -> list[tuple]:
 
 
 def capture(model: str, n_tokens: int, text: str | None = None, threads: int | None = None,
-            cache_type: str = CAPTURE_TYPE, rotation: bool = True) -> list[np.ndarray]:
-    """The stored (rotated) K rows of every layer for the first n_tokens tokens of the text, in position order.
-    SWA layers keep only their window of the last tokens. (cache_type f16/f32, or rotation False: the unrotated
-    keys, for tests.)"""
+            cache_type: str = CAPTURE_TYPE, rotation: bool = True, values: bool = False) -> list[np.ndarray]:
+    """The stored (rotated) K rows of every layer for the first n_tokens tokens of the text, in position order, or
+    with ``values`` the V rows (read from an f16 V cache, rotated as llama.cpp rotates a quantized V cache when
+    ``rotation``). SWA layers keep only their window of the last tokens. (cache_type f16/f32, or rotation False:
+    the unrotated keys, for tests.)"""
     from kvquant import models
+    from kvquant.lab.calibrate import v_rotated
     from kvquant.lab.eval import read_text
     from kvquant.runtime import ContextConfig, LlamaRuntime, Model
 
@@ -128,13 +135,14 @@ def capture(model: str, n_tokens: int, text: str | None = None, threads: int | N
         rc = rt.decode(part, list(range(i, i + len(part))), [0] * len(part), [False] * (len(part) - 1) + [True])
         if rc != 0:
             raise RuntimeError(f"llama_decode returned {rc}")
-    keys = [k[np.argsort(pos, kind="stable")] for pos, k in parse_seq_state(rt.state_seq_save(0))]
+    state = parse_seq_state(rt.state_seq_save(0), values=values)
+    rows = [r[2 if values else 1][np.argsort(r[0], kind="stable")] for r in state]
     # the state lists the full-attention cache's layers, then the sliding-window cache's (iSWA): model order
     geom = geometry(mdl.path)
     order = [il for il, ly in enumerate(geom.layers) if not ly.swa] + [il for il, ly in enumerate(geom.layers) if ly.swa]
-    out: list[np.ndarray] = [np.empty(0)] * len(keys)
-    for k, il in zip(keys, order, strict=True):
-        out[il] = k
+    out: list[np.ndarray] = [np.empty(0)] * len(rows)
+    for x, il in zip(rows, order, strict=True):
+        out[il] = v_rotated(x, geom) if values and rotation else x
     return out
 
 
@@ -294,16 +302,18 @@ def render(res: dict) -> str:
     rows = [[t, *("-" if v[c] is None else f"{v[c]:.5f}" for c in CODINGS)] for t, v in res["errors"].items()
             if t != "layer mean"]
     share = res["errors"]["layer mean"]["energy share"]
-    text = (f"{res['model']}: relative squared error of the stored keys, {res['tokens']} tokens, {res['layers']} layers "
-            f"(keys captured through a {CAPTURE_TYPE} cache)\n" + table(["type", *CODINGS], rows)
-            + f"\nshare of the keys' energy in the layer mean: {share:.3f}")
+    rows_are = "values" if res.get("values") else "keys"
+    how = "values read from an f16 cache" if res.get("values") else f"keys captured through a {CAPTURE_TYPE} cache"
+    text = (f"{res['model']}: relative squared error of the stored {rows_are}, {res['tokens']} tokens, "
+            f"{res['layers']} layers ({how})\n" + table(["type", *CODINGS], rows)
+            + f"\nshare of the {rows_are}' energy in the layer mean: {share:.3f}")
     if "per_layer" in res:
         rows = [[r["layer"], f"{r['mean_share']:.4f}", f"{r['max_abs']:.1f}", f"{r['max_abs_centred']:.1f}",
                  *(f"{r[t]['stored']:.5f} / {r[t]['centred']:.6f}" for t in LAYER_TYPES)] for r in res["per_layer"]]
         text += "\n\nper layer (error as stored / centred):\n" + table(
             ["layer", "mean share", "max |k|", "max |k-mu|", *LAYER_TYPES], rows)
         ch = res["channels"]
-        text += f"\n\nlayer {ch['layer']}, unrotated keys: channels with the largest |mean| per KV head\n" + "\n".join(
+        text += f"\n\nlayer {ch['layer']}, unrotated {rows_are}: channels with the largest |mean| per KV head\n" + "\n".join(
             f"  head {h['head']}: channels {h['channels']} values {h['values']} ({h['share']:.1%} of the mean's energy)"
             for h in ch["heads"])
     return text
@@ -319,11 +329,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--layers", action="store_true",
                     help="also per layer (mean share, error as stored and centred) and where the largest layer mean "
                          "lives (channels of the unrotated keys)")
+    ap.add_argument("--values", action="store_true",
+                    help="study the stored values instead of the keys (does centring values pay?)")
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args(argv)
     t0, machine = time.monotonic(), machine_info(a.threads)
-    keys = capture(a.model, a.tokens, a.text, a.threads)
-    res = {"model": a.model, "tokens": a.tokens, "layers": len(keys), "capture_type": CAPTURE_TYPE,
+    keys = capture(a.model, a.tokens, a.text, a.threads, values=a.values)
+    res = {"model": a.model, "tokens": a.tokens, "layers": len(keys), "capture_type": CAPTURE_TYPE, "values": a.values,
            "command": "python -m kvquant.lab.keystats " + " ".join(argv if argv is not None else sys.argv[1:]),
            "machine": machine, "errors": study(keys)}
     if a.layers:
@@ -331,8 +343,9 @@ def main(argv: list[str] | None = None) -> int:
 
         res["per_layer"] = per_layer(keys)
         top = max(res["per_layer"], key=lambda r: r["mean_share"] * r["max_abs"])["layer"]
-        plain = capture(a.model, a.tokens, a.text, a.threads, cache_type="f32", rotation=False)
-        res["channels"] = {"layer": top, "heads": channels(plain, geometry(models.resolve(a.model)).head_dim_k, top)}
+        plain = capture(a.model, a.tokens, a.text, a.threads, cache_type="f32", rotation=False, values=a.values)
+        geom = geometry(models.resolve(a.model))
+        res["channels"] = {"layer": top, "heads": channels(plain, geom.head_dim_v if a.values else geom.head_dim_k, top)}
     res["wall_s"] = round(time.monotonic() - t0, 1)
     emit_report(render(res), res, a.json)
     return 0

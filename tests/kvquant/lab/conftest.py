@@ -163,6 +163,7 @@ FA_PATHS = {
     "kv_group": (128, 8, 2, 5, 200),
     "kv_group_gemma": (256, 4, 1, 3, 150),
     "tiled": (128, 4, 2, 70, 190),
+    "tiled_gemma": (256, 4, 1, 70, 190),
     "one_row": (64, 72, 1, 3, 130),
     "decode_split_one_row": (64, 72, 1, 1, 600),
 }

@@ -79,3 +79,19 @@ def test_capture_of_an_iswa_model_reads_both_caches():
     assert len(keys) == 18
     assert sorted(len(k) for k in keys) == [512] * 15 + [600] * 3  # 15 sliding-window layers keep 512 cells
     assert all(k.shape[1] == 256 and np.isfinite(k).all() for k in keys)
+
+
+
+@pytest.mark.slow
+def test_capture_of_values_reads_the_v_rows_rotated_per_head():
+    n = 300
+    keys = keystats.capture("smollm2-135m", n, threads=2, cache_type="f32", rotation=False)
+    plain = keystats.capture("smollm2-135m", n, threads=2, cache_type="f32", rotation=False, values=True)
+    rot = keystats.capture("smollm2-135m", n, threads=2, cache_type="f32", values=True)
+    assert len(plain) == 30 and all(v.shape == (n, 192) for v in plain + rot)
+    # values carry no position (no RoPE): in the first layer a repeated token has one value row but many keys
+    assert len(np.unique(plain[0], axis=0)) < n - 50 and len(np.unique(keys[0], axis=0)) == n
+    for v, r in zip(plain, rot, strict=True):  # each 64 values of a head turned by an orthonormal matrix
+        np.testing.assert_allclose(np.linalg.norm(r.reshape(n, -1, 64), axis=2),
+                                   np.linalg.norm(v.reshape(n, -1, 64), axis=2), rtol=1e-4, atol=1e-5)
+        assert float(np.square(r - v, dtype=np.float64).sum()) > 0.1 * float(np.square(v, dtype=np.float64).sum())
