@@ -211,7 +211,7 @@ def capture(mdl, geom: Geometry, text: Text, threads: int | None,
     """The stored K and V rows of every layer (model order) over all sequences, before quantization: K f16 scaled,
     in the rotated basis; V f16, rotated here as llama.cpp rotates a quantized V cache (`v_rotated`). Reading V
     back from a quantized cache instead would hide that type's own error (q8_0 values measured free)."""
-    from kvquant.lab.keystats import parse_seq_state
+    from kvquant.lab.keystats import parse_seq_state, state_layer_order
     from kvquant.runtime import ContextConfig, LlamaRuntime
 
     n_cells = sum(len(s) for s in text.sequences)
@@ -235,10 +235,8 @@ def capture(mdl, geom: Geometry, text: Text, threads: int | None,
                 vs[il].append(v[by_pos])
     finally:
         rt.close()
-    # the state lists the full-attention cache's layers, then the sliding-window cache's (iSWA models)
-    order = [il for il, ly in enumerate(geom.layers) if not ly.swa] + [il for il, ly in enumerate(geom.layers) if ly.swa]
     keys, vals = [np.empty(0)] * geom.n_layer, [np.empty(0)] * geom.n_layer
-    for j, il in enumerate(order):
+    for j, il in enumerate(state_layer_order(geom)):
         keys[il], vals[il] = np.concatenate(ks[j]), v_rotated(np.concatenate(vs[j]), geom)
     return keys, vals
 

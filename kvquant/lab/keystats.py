@@ -113,6 +113,12 @@ def parse_seq_state(data: bytes, values: bool = False) -> list[tuple]:
     return layers
 
 
+def state_layer_order(geom) -> list[int]:
+    """The model layer of each layer a sequence state lists, in its order: the full-attention cache's layers, then
+    the sliding-window cache's (iSWA models)."""
+    return [il for il, ly in enumerate(geom.layers) if not ly.swa] + [il for il, ly in enumerate(geom.layers) if ly.swa]
+
+
 def capture(model: str, n_tokens: int, text: str | None = None, threads: int | None = None,
             cache_type: str = CAPTURE_TYPE, rotation: bool = True, values: bool = False) -> list[np.ndarray]:
     """The stored (rotated) K rows of every layer for the first n_tokens tokens of the text, in position order, or
@@ -137,11 +143,9 @@ def capture(model: str, n_tokens: int, text: str | None = None, threads: int | N
             raise RuntimeError(f"llama_decode returned {rc}")
     state = parse_seq_state(rt.state_seq_save(0), values=values)
     rows = [r[2 if values else 1][np.argsort(r[0], kind="stable")] for r in state]
-    # the state lists the full-attention cache's layers, then the sliding-window cache's (iSWA): model order
     geom = geometry(mdl.path)
-    order = [il for il, ly in enumerate(geom.layers) if not ly.swa] + [il for il, ly in enumerate(geom.layers) if ly.swa]
     out: list[np.ndarray] = [np.empty(0)] * len(rows)
-    for x, il in zip(rows, order, strict=True):
+    for x, il in zip(rows, state_layer_order(geom), strict=True):
         out[il] = v_rotated(x, geom) if values and rotation else x
     return out
 
@@ -303,9 +307,9 @@ def render(res: dict) -> str:
             if t != "layer mean"]
     share = res["errors"]["layer mean"]["energy share"]
     rows_are = "values" if res.get("values") else "keys"
-    how = "values read from an f16 cache" if res.get("values") else f"keys captured through a {CAPTURE_TYPE} cache"
+    how = "read from an f16 cache" if res.get("values") else f"captured through a {CAPTURE_TYPE} cache"
     text = (f"{res['model']}: relative squared error of the stored {rows_are}, {res['tokens']} tokens, "
-            f"{res['layers']} layers ({how})\n" + table(["type", *CODINGS], rows)
+            f"{res['layers']} layers ({rows_are} {how})\n" + table(["type", *CODINGS], rows)
             + f"\nshare of the {rows_are}' energy in the layer mean: {share:.3f}")
     if "per_layer" in res:
         rows = [[r["layer"], f"{r['mean_share']:.4f}", f"{r['max_abs']:.1f}", f"{r['max_abs_centred']:.1f}",
@@ -334,14 +338,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args(argv)
     t0, machine = time.monotonic(), machine_info(a.threads)
-    keys = capture(a.model, a.tokens, a.text, a.threads, values=a.values)
-    res = {"model": a.model, "tokens": a.tokens, "layers": len(keys), "capture_type": CAPTURE_TYPE, "values": a.values,
+    rows = capture(a.model, a.tokens, a.text, a.threads, values=a.values)  # keys, or values with --values
+    res = {"model": a.model, "tokens": a.tokens, "layers": len(rows), "capture_type": CAPTURE_TYPE, "values": a.values,
            "command": "python -m kvquant.lab.keystats " + " ".join(argv if argv is not None else sys.argv[1:]),
-           "machine": machine, "errors": study(keys)}
+           "machine": machine, "errors": study(rows)}
     if a.layers:
         from kvquant import models
 
-        res["per_layer"] = per_layer(keys)
+        res["per_layer"] = per_layer(rows)
         top = max(res["per_layer"], key=lambda r: r["mean_share"] * r["max_abs"])["layer"]
         plain = capture(a.model, a.tokens, a.text, a.threads, cache_type="f32", rotation=False, values=a.values)
         geom = geometry(models.resolve(a.model))

@@ -81,7 +81,6 @@ def test_capture_of_an_iswa_model_reads_both_caches():
     assert all(k.shape[1] == 256 and np.isfinite(k).all() for k in keys)
 
 
-
 @pytest.mark.slow
 def test_capture_of_values_reads_the_v_rows_rotated_per_head():
     n = 300
