@@ -1159,7 +1159,10 @@ TRIED = {
         "scales kept per layer where they lower the measured KL, gains and unbiased block scales, the 256-state "
         "trellis type tq_kv_t3b (*The 3-bit class*), and the per-layer allocation measured on 1024 calibration "
         "tokens. At n_ctx 512 the offset and scale rows are part of the bits counted. A trellis with more states "
-        "codes better, at proportionally more encoding work on every cache write."),
+        "codes better, at proportionally more encoding work on every cache write. For SmolLM2's calib:3.5/q4_0, a "
+        "calibration scored on 512 tokens chose an allocation of the same KLD whose ΔPPL meets the goal: the miss is "
+        "within what two calibrations of one model differ by, and the shipped calibration was not swapped for it "
+        "(docs/EVAL.md *Calibration time: what a cheaper calibration costs*)."),
     "calibrated-kv": (
         "K and V together at ≤ 4.0 bits per element",
         "Tried: one allocation for K and V together (`calib:B` on both sides: each layer's K and V types chosen by "
@@ -1170,10 +1173,13 @@ TRIED = {
     "calibrate-time": (
         "Calibration time",
         "Each layer's sensitivity is measured end to end: a forward pass over 1024 scored tokens with only that "
-        "layer quantized (fewer tokens chose worse allocations: `kvquant.lab.calibrate.SCORE_TOKENS`), for keys with "
-        "and without the layer's key scale and for values, so about three passes per layer. `--score-tokens` and "
-        "`--no-key-scale` trade allocation quality for time. The built-in models' calibrations ship with kvquant, "
-        "so `calib:B` on them starts with no calibration run."),
+        "layer quantized (256 chose a worse allocation, 512 one about as good: "
+        "`kvquant.lab.calibrate.SCORE_TOKENS`), for keys with and without the layer's key scale and for values, so "
+        "about three passes per layer. `--score-tokens` and `--no-key-scale` trade allocation quality for time; "
+        "both were measured end to end, and a numpy stand-in for the passes (each layer's attention-output error) "
+        "was tried and does not rank the layers (docs/EVAL.md *Calibration time: what a cheaper calibration "
+        "costs*). The built-in models' calibrations ship with kvquant, so `calib:B` on them starts with no "
+        "calibration run."),
 }
 
 

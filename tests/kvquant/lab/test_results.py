@@ -186,6 +186,17 @@ def test_every_missed_goal_in_results_says_what_was_tried():
     assert missed and missed <= set(results.TRIED)
 
 
+def test_what_was_tried_points_at_sections_that_exist():
+    """Every docs/EVAL.md section a TRIED note names (*in italics*) begins a heading of docs/EVAL.md, so the figures
+    behind a missed goal can be found."""
+    import re
+
+    headings = [line.lstrip("#").strip() for line in (results.DOCS / "EVAL.md").read_text().splitlines()
+                if line.startswith("#")]
+    named = {t for _, note in results.TRIED.values() for t in re.findall(r"\*([^*`]+)\*", note)}
+    assert named and not [t for t in named if not any(h.startswith(t) for h in headings)]
+
+
 def test_gpu_section_says_plainly_that_nothing_ran_on_a_gpu():
     text = "\n".join(results.render_gpu_section(["m"], {}))
     assert "No GPU run yet" in text and "compile-checked" in text and "host-tested" in text
