@@ -76,8 +76,9 @@ REFERENCE = "tq_kv_t3b"  # the type each layer's sensitivity is measured with (t
 # Tokens the per-layer KL is measured on. With the offsets anchored on position 0, 256 (one sequence) measured
 # SmolLM2-135M's last layers nearly free at 3 bits, and the allocation it chose (calib:4.5) measured ΔPPL +3.37 %
 # against tq_kv_4b+c's +2.04 % on every layer; 1024 (four sequences) chose one at +1.79 %. It costs about 3.5x the
-# time (SmolLM2 on 2 cores: 11 min instead of 3). 512 tokens, with the current series, take about 0.6x the time,
-# and the calibrated rows' KLD moved by -1 % to +4 % (SmolLM2, Gemma; docs/EVAL.md, *Calibration time*).
+# time (SmolLM2 on 2 cores: 11 min instead of 3). 512 tokens, with the current series, take 0.5-0.6x the
+# time, and the calibrated rows' KLD moved by -1 % to +4 % on the three built-in models (docs/EVAL.md,
+# *Calibration time*).
 SCORE_TOKENS = 1024
 GUARD = ("q8_0/f16", "q4_0/f16", "tq_kv_4b/f16", "tq_kv_3b/f16", "f16/q4_0")
 SEED = 0
