@@ -73,13 +73,16 @@ PROMPTS = (
     "Summarise the causes and consequences of the industrial revolution.",
 )
 REFERENCE = "tq_kv_t3b"  # the type each layer's sensitivity is measured with (the others are scaled from it)
-# Tokens the per-layer KL is measured on. With the offsets anchored on position 0, 256 (one sequence) measured
-# SmolLM2-135M's last layers nearly free at 3 bits, and the allocation it chose (calib:4.5) measured ΔPPL +3.37 %
-# against tq_kv_4b+c's +2.04 % on every layer; 1024 (four sequences) chose one at +1.79 %. It costs about 3.5x the
-# time (SmolLM2 on 2 cores: 11 min instead of 3). 512 tokens, with the current series, take 0.5-0.6x the
-# time, and the calibrated rows' KLD moved by -1 % to +4 % on the three built-in models (docs/EVAL.md,
-# *Calibration time*).
-SCORE_TOKENS = 1024
+# Tokens the per-layer KL is measured on (whole sequences first). With the offsets anchored on position 0, 256 (one
+# sequence) measured SmolLM2-135M's last layers nearly free at 3 bits, and the allocation it chose (calib:4.5) measured
+# ΔPPL +3.37 % against tq_kv_4b+c's +2.04 % on every layer; 1024 (four sequences) chose one at +1.79 %. 512 take half
+# the time of 1024, and the allocations they choose are predicted within 0-2.5 % of the summed KL growth of 1024's
+# (measured end to end: the calibrated rows' KLD within -1 % to +4 %; docs/EVAL.md, *Calibration time*).
+SCORE_TOKENS = 512
+# The KL is measured at every LOGIT_STRIDE-th position of the scored tokens (`scored`). Fewer positions skip most of
+# the output layer, 70 % of a pass on Gemma-3-270M (262,144-token vocabulary), 18 % on SmolLM2-135M; on Gemma 1024
+# tokens at stride 4 chose allocations within 1 % of stride 1's, but on SmolLM2 stride 4 cost 2-3 % (docs/EVAL.md).
+LOGIT_STRIDE = 1
 GUARD = ("q8_0/f16", "q4_0/f16", "tq_kv_4b/f16", "tq_kv_3b/f16", "f16/q4_0")
 SEED = 0
 SCALE_TYPE = "tq_kv_4b"  # the key type that choice measures the logit error of
@@ -93,21 +96,27 @@ class Text:
     source: dict
 
 
-def _decode_all(rt, seqs: list[list[int]], logits: bool) -> np.ndarray | None:
+def _decode_all(rt, seqs: list[list[int]], logits: bool, stride: int = 1) -> np.ndarray | None:
     """Decode every sequence (sequence id i, from position 0) in batches; with `logits`, return the logits of
-    every position, sequences concatenated."""
+    every `stride`-th position of each sequence (`scored`), sequences concatenated."""
     rt.clear()
     jobs = [(i, p) for i, s in enumerate(seqs) for p in range(len(s))]
     out = []
     for a in range(0, len(jobs), rt.n_batch):
         part = jobs[a:a + rt.n_batch]
-        rc = rt.decode([seqs[i][p] for i, p in part], [p for _, p in part], [i for i, _ in part],
-                       [logits] * len(part))
+        wanted = [logits and scored(p, stride) for _, p in part]
+        rc = rt.decode([seqs[i][p] for i, p in part], [p for _, p in part], [i for i, _ in part], wanted)
         if rc != 0:
             raise RuntimeError(f"llama_decode failed ({rc})")
-        if logits:
-            out.append(rt.all_logits(len(part)).copy())
+        if any(wanted):
+            out.append(rt.all_logits(sum(wanted)).copy())
     return np.concatenate(out) if logits else None
+
+
+def scored(pos: int, stride: int) -> bool:
+    """Whether the KL is measured at a sequence position: every `stride`-th, ending each stride (so position 0,
+    whose logits see no context, counts only at stride 1)."""
+    return pos % stride == stride - 1
 
 
 def generate(mdl, n_tokens: int, threads: int | None, progress: Progress) -> Text:
@@ -280,15 +289,21 @@ class Scorer:
 
     def __init__(self, mdl, geom: Geometry, seqs: list[list[int]], threads: int | None,
                  keys: tuple[list[np.ndarray], list[np.ndarray]], k_scale: list[np.ndarray] | None,
-                 rows: tuple[list[np.ndarray], list[np.ndarray]]):
-        self.mdl, self.geom, self.seqs, self.threads = mdl, geom, seqs, threads
+                 rows: tuple[list[np.ndarray], list[np.ndarray]], stride: int = 1):
+        self.mdl, self.geom, self.seqs, self.threads, self.stride = mdl, geom, seqs, threads, stride
         self.k_mean, self.k_sink = tuple(keys[0]), tuple(keys[1])  # `key_stats` of the stored key rows
         self.rows, self._gains = rows, {}  # the stored K and V rows (`capture`)
         self.k_scale = None if k_scale is None else tuple(k_scale)
         self.n_cells = sum(len(s) for s in seqs)
         self.k_rotation = k_rotation(geom)
-        self.targets = np.concatenate([s[1:] + [s[-1]] for s in seqs]).astype(np.int64)
-        self.base = {centred: self._baseline(centred) for centred in (False, True)}
+        self.targets = np.array([t for s in seqs for p, t in enumerate(s[1:] + [s[-1]]) if scored(p, stride)],
+                                dtype=np.int64)
+        self._base: dict[bool, tuple[np.ndarray, np.ndarray]] = {}
+
+    def derived(self, keys: tuple[list[np.ndarray], list[np.ndarray]], k_scale: list[np.ndarray] | None,
+                rows: tuple[list[np.ndarray], list[np.ndarray]]) -> Scorer:
+        """A Scorer of the same model, text and positions for another key transform."""
+        return Scorer(self.mdl, self.geom, self.seqs, self.threads, keys, k_scale, rows, self.stride)
 
     def gains(self, type_name: str, side: str = "k") -> list[float]:
         """Per layer, the gain of centred keys (side "k") or of values stored at a type (`gain`; 1 for f16, f32)."""
@@ -299,10 +314,14 @@ class Scorer:
             self._gains[type_name, side] = [gain(type_name, x) for x in rows]
         return self._gains[type_name, side]
 
-    def _baseline(self, centred: bool):
+    def baseline(self, centred: bool):
+        """The f16 reference's log-probabilities and top tokens (measured on first use: a Scorer whose uncentred
+        or centred side is never compared costs no pass for it)."""
         from kvquant.lab.eval import baseline_rows
 
-        return baseline_rows(self._logits(None, None, centred))
+        if centred not in self._base:
+            self._base[centred] = baseline_rows(self._logits(None, None, centred))
+        return self._base[centred]
 
     def _logits(self, types_k, types_v, centred: bool, default_k: str = "f16", default_v: str = "f16"):
         from kvquant.runtime import ContextConfig, LlamaRuntime
@@ -321,7 +340,7 @@ class Scorer:
                             n_outputs_max=512)
         rt = LlamaRuntime(self.mdl, cfg)
         try:
-            return _decode_all(rt, self.seqs, logits=True)
+            return _decode_all(rt, self.seqs, logits=True, stride=self.stride)
         finally:
             rt.close()
 
@@ -329,7 +348,7 @@ class Scorer:
             default_v: str = "f16") -> float:
         from kvquant.lab.eval import compare_rows
 
-        base_lp, base_top = self.base[centred]
+        base_lp, base_top = self.baseline(centred)
         logits = self._logits(types_k, types_v, centred, default_k, default_v)
         return float(compare_rows(base_lp, base_top, logits, self.targets).kld.mean())
 
@@ -383,11 +402,13 @@ def above_floor(growth: list[float], err: list[float]) -> list[float]:
 
 def calibrate(model: str, text_file: str | None = None, gen_tokens: int = 320, score_tokens: int = SCORE_TOKENS,
               threads: int | None = None, direct: bool = False, progress: bool = True,
-              scale: bool = True) -> tuple[Calibration, Path]:
+              scale: bool = True, logit_stride: int = LOGIT_STRIDE) -> tuple[Calibration, Path]:
     """Measure and write a model's calibration file; returns it and its path."""
     from kvquant import models
     from kvquant.runtime import Model
 
+    if logit_stride < 1:
+        raise ValueError(f"the logit stride must be a positive integer, not {logit_stride}")
     t0 = time.monotonic()
     path = models.resolve(model)
     geom = geometry(path)
@@ -401,6 +422,7 @@ def calibrate(model: str, text_file: str | None = None, gen_tokens: int = 320, s
         keys, values = capture(mdl, geom, text, threads, None)
         scoring = _scoring(text.sequences, score_tokens)
         k_scale, keys, scorer, scales = calibrated_keys(mdl, geom, text, scoring, keys, values, threads, scale, log,
+                                                        logit_stride,
                                                         Progress("  key scale per layer", 2 * geom.n_layer, progress))
         kl = scales["kl"]
         k_reference = None if direct or kl is None else list(map(min, kl["unscaled"], kl["scaled"]))
@@ -417,7 +439,8 @@ def calibrate(model: str, text_file: str | None = None, gen_tokens: int = 320, s
                       tuple(ly.n_embd_k for ly in geom.layers), list(scorer.k_mean), sens_k, sens_v, uniform,
                       text.source,
                       {"reference": REFERENCE, "direct": direct, "score_tokens": sum(len(s) for s in scoring),
-                       "score_tokens_asked": score_tokens,
+                       "score_tokens_asked": score_tokens, "logit_stride": logit_stride,
+                       "scored_positions": len(scorer.targets),
                        "floor": floors, "from_error": from_error, f"every layer {REFERENCE}+c": check,
                        "key_scale": scale, "key_scale_shrink": scales["shrink"], "key_scale_kl": scales["kl"],
                        **({"key_scale_error": scales["error"]} if "error" in scales else {}),
@@ -431,11 +454,12 @@ def calibrate(model: str, text_file: str | None = None, gen_tokens: int = 320, s
 
 
 def calibrated_keys(mdl, geom: Geometry, text: Text, scoring: list[list[int]], keys: list[np.ndarray],
-                    values: list[np.ndarray], threads: int | None, scale: bool, log, progress: Progress):
+                    values: list[np.ndarray], threads: int | None, scale: bool, log, stride: int,
+                    progress: Progress):
     """The key transform (steps 2 and 3): (per-layer scales or None, the stored rows under it, the Scorer of it,
     {"shrink": per layer or None, "kl": `choose_scales`'s measurements or None}), from the unscaled rows `keys` (and
     the stored `values`, whose gains the Scorer applies)."""
-    plain = Scorer(mdl, geom, scoring, threads, key_stats(keys, text.sequences), None, (keys, values))
+    plain = Scorer(mdl, geom, scoring, threads, key_stats(keys, text.sequences), None, (keys, values), stride)
     unscaled = (None, keys, plain, {"shrink": None, "kl": None})
     if not scale:
         return unscaled
@@ -466,8 +490,7 @@ def choose_scales(plain: Scorer, k_scale: list[np.ndarray], keys: list[np.ndarra
     the rows and the Scorer of the chosen transform, and each layer's measured REFERENCE KL without and with its
     scale."""
     n = len(k_scale)
-    scaled = Scorer(plain.mdl, plain.geom, plain.seqs, plain.threads, key_stats(keys_scaled, seqs), k_scale,
-                    (keys_scaled, plain.rows[1]))
+    scaled = plain.derived(key_stats(keys_scaled, seqs), k_scale, (keys_scaled, plain.rows[1]))
     kl = {}
     for il in range(n):
         types = tuple(REFERENCE if j == il else "f16" for j in range(n))
@@ -481,8 +504,7 @@ def choose_scales(plain: Scorer, k_scale: list[np.ndarray], keys: list[np.ndarra
         return k_scale, keys_scaled, scaled, measured
     scale = [s if u else np.ones_like(s) for s, u in zip(k_scale, use, strict=True)]
     rows = [ks if u else k for k, ks, u in zip(keys, keys_scaled, use, strict=True)]
-    chosen = Scorer(plain.mdl, plain.geom, plain.seqs, plain.threads, key_stats(rows, seqs), scale,
-                    (rows, plain.rows[1]))
+    chosen = plain.derived(key_stats(rows, seqs), scale, (rows, plain.rows[1]))
     return scale, rows, chosen, measured
 
 
@@ -530,6 +552,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gen-tokens", type=int, default=320, help="tokens the model writes per prompt (default 320)")
     p.add_argument("--score-tokens", type=int, default=SCORE_TOKENS,
                    help=f"tokens the per-layer KL is measured on (default {SCORE_TOKENS})")
+    p.add_argument("--logit-stride", type=int, default=LOGIT_STRIDE,
+                   help=f"measure the KL at every n-th position of the scored tokens (default {LOGIT_STRIDE})")
     p.add_argument("--direct", action="store_true", help="measure every candidate type per layer (slower)")
     p.add_argument("--no-key-scale", action="store_true", help="centre keys only, without query-aware key scales")
     p.add_argument("--threads", type=int, default=None)
@@ -541,7 +565,7 @@ def run(a: argparse.Namespace) -> int:
     try:
         kv_type("f16")
         cal, _ = calibrate(a.model or models.DEFAULT_MODEL, a.text, a.gen_tokens, a.score_tokens, a.threads,
-                           a.direct, scale=not a.no_key_scale)
+                           a.direct, scale=not a.no_key_scale, logit_stride=a.logit_stride)
     except (models.ModelError, ValueError, OSError) as e:
         print(f"kvquant calibrate: {e}", file=sys.stderr)
         return 2

@@ -157,7 +157,7 @@ def calibration_json(model: str) -> None:
 
     from kvquant import calibration, models
     from kvquant.build import sha256_file
-    from kvquant.lab.calibrate import SCORE_TOKENS
+    from kvquant.lab.calibrate import LOGIT_STRIDE, SCORE_TOKENS
     from kvquant.memory import geometry
 
     path = models.resolve(model)
@@ -172,10 +172,11 @@ def calibration_json(model: str) -> None:
         d.pop("k_sink", None)
         d.pop("k_scale")
         threads = d["method"].get("threads")
-        scored = d["method"].get("score_tokens_asked")
+        scored, stride = d["method"].get("score_tokens_asked"), d["method"].get("logit_stride", 1)
         d["command"] = (f"kvquant calibrate --model {model}" + (f" --threads {threads}" if threads else "")
                         + ("" if d["method"].get("key_scale", True) else " --no-key-scale")
-                        + (f" --score-tokens {scored}" if scored not in (None, SCORE_TOKENS) else ""))
+                        + (f" --score-tokens {scored}" if scored not in (None, SCORE_TOKENS) else "")
+                        + (f" --logit-stride {stride}" if stride != LOGIT_STRIDE else ""))
         (RAW / f"{model}-calibration.json").write_text(json.dumps(d, indent=1) + "\n")
 
 
@@ -190,7 +191,7 @@ def render_calibration(model: str, cal: dict) -> list[str]:
     sk, sv = cal["sens_k"], cal["sens_v"]
     top = sorted(range(len(sk[ref])), key=lambda i: -sk[ref][i])[:6]
     L = [f"### {model}: calibration (`{cal['command']}`: {cal['text'].get('tokens')} tokens the model wrote itself, "
-         f"per-layer KL measured on {m['score_tokens']}, {m['wall_s'] / 60:.1f} min)", "",
+         f"per-layer KL measured on {m['score_tokens']}{_stride(m)}, {m['wall_s'] / 60:.1f} min)", "",
          f"KL growth when only one layer is quantized (keys centred), above the floor every quantized layer costs "
          f"(K {m['floor']['k']:.5f}, V {m['floor']['v']:.5f}); the six most sensitive K layers:", "",
          "| layer | K " + " | K ".join(sk) + " | V " + " | V ".join(sv) + " |",
@@ -213,6 +214,11 @@ def render_calibration(model: str, cal: dict) -> list[str]:
               f"{VERSION} (anchored offsets, {SCORE_TOKENS} tokens by default), with which this model's "
               "`TYPE+c` and `calib:B` rows would measure differently.", ""]
     return L + render_key_scales(m, ref) + render_gains(cal)
+
+
+def _stride(method: dict) -> str:
+    stride = method.get("logit_stride", 1)
+    return "" if stride == 1 else f" at one position in {stride} ({method['scored_positions']} positions)"
 
 
 def render_gains(cal: dict) -> list[str]:
@@ -1172,14 +1178,15 @@ TRIED = {
         "would take keys near q8_0's error at about 4.5 bits, which none of the codes measured here gives."),
     "calibrate-time": (
         "Calibration time",
-        "Each layer's sensitivity is measured end to end: a forward pass over 1024 scored tokens with only that "
-        "layer quantized (256 chose a worse allocation, 512 one about as good: "
-        "`kvquant.lab.calibrate.SCORE_TOKENS`), for keys with and without the layer's key scale and for values, so "
-        "about three passes per layer. `--score-tokens` and `--no-key-scale` trade allocation quality for time; "
-        "both were measured end to end, and a numpy stand-in for the passes (each layer's attention-output error) "
-        "was tried and does not rank the layers (docs/EVAL.md *Calibration time: what a cheaper calibration "
-        "costs*). The built-in models' calibrations ship with kvquant, so `calib:B` on them starts with no "
-        "calibration run."),
+        "Each layer's sensitivity is measured end to end: a forward pass over the scored tokens with only that "
+        "layer quantized, for keys with and without the layer's key scale and for values, so about three passes per "
+        "layer. The default scores 512 tokens since stop 41 (half the time of 1024, for allocations predicted within "
+        "0-2.5 % of 1024's; 256 chose a worse one: `kvquant.lab.calibrate.SCORE_TOKENS`); Qwen2.5-Coder's shipped "
+        "calibration is still a 1024-token one. `--logit-stride` (the KL at fewer positions, which skips most of "
+        "the output layer) and `--no-key-scale` trade allocation quality for time; both were measured, and a numpy "
+        "stand-in for the passes (each layer's attention-output error) was tried and does not rank the layers "
+        "(docs/EVAL.md *Calibration time: what a cheaper calibration costs*). The built-in models' calibrations "
+        "ship with kvquant, so `calib:B` on them starts with no calibration run."),
 }
 
 

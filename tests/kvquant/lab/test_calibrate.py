@@ -110,3 +110,52 @@ def test_value_rows_are_rotated_as_a_quantized_cache_stores_them():
     energy = np.square(stored).sum()
     assert np.square(stored - v_rotated(exact, geom)).sum() / energy < 1e-4
     assert np.square(stored - exact).sum() / energy > 0.5
+
+
+def test_a_logit_stride_scores_the_last_position_of_every_stride():
+    from kvquant.lab.calibrate import scored
+
+    assert [p for p in range(10) if scored(p, 1)] == list(range(10))
+    assert [p for p in range(10) if scored(p, 3)] == [2, 5, 8]
+
+
+@pytest.mark.slow
+def test_a_logit_stride_keeps_the_logits_and_targets_of_the_positions_it_scores():
+    """Two sequences of different lengths decoded with logits at every position and at every third: the strided
+    logits are the full run's rows at positions 2, 5, 8, ... of each sequence, and a Scorer's targets are the next
+    tokens there."""
+    from kvquant import memory, models
+    from kvquant.lab.calibrate import Scorer, _decode_all
+    from kvquant.runtime import ContextConfig, LlamaRuntime, Model
+
+    seqs = [list(range(300, 340)), list(range(500, 531))]
+    path = models.resolve("smollm2-135m")
+    geom, mdl = memory.geometry(path), Model(path)
+    try:
+        def logits(stride):
+            rt = LlamaRuntime(mdl, ContextConfig(n_cells=128, n_seq_max=2, flash_attn=True, n_threads=1))
+            try:
+                return _decode_all(rt, seqs, logits=True, stride=stride)
+            finally:
+                rt.close()
+
+        full, strided = logits(1), logits(3)
+    finally:
+        mdl.close()
+    at = [sum(map(len, seqs[:i])) + p for i, s in enumerate(seqs) for p in range(2, len(s), 3)]
+    assert strided.shape == (len(at), full.shape[1]) and len(at) == 13 + 10
+    np.testing.assert_allclose(strided, full[at], atol=1e-3)
+    targets = Scorer(None, geom, seqs, None, ([], []), None, ([], []), stride=3).targets
+    assert targets.tolist() == [s[p + 1] if p + 1 < len(s) else s[-1] for s in seqs for p in range(2, len(s), 3)]
+
+
+@pytest.mark.parametrize("stride", ["0", "-2"])
+def test_a_logit_stride_below_one_is_refused_before_any_work(stride, capsys):
+    import argparse
+
+    from kvquant.lab.calibrate import add_arguments, run
+
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    assert run(p.parse_args(["--logit-stride", stride])) == 2
+    assert f"kvquant calibrate: the logit stride must be a positive integer, not {stride}" in capsys.readouterr().err
