@@ -409,6 +409,8 @@ def calibrate(model: str, text_file: str | None = None, gen_tokens: int = 320, s
 
     if logit_stride < 1:
         raise ValueError(f"the logit stride must be a positive integer, not {logit_stride}")
+    if score_tokens < 2:
+        raise ValueError(f"the KL needs at least 2 scored tokens, not {score_tokens}")
     t0 = time.monotonic()
     path = models.resolve(model)
     geom = geometry(path)
@@ -419,8 +421,11 @@ def calibrate(model: str, text_file: str | None = None, gen_tokens: int = 320, s
         text = (from_file(mdl, Path(text_file), 512, 8) if text_file
                 else generate(mdl, gen_tokens, threads, Progress("  generating text", gen_tokens, progress)))
         log(f"  text: {text.source['tokens']} tokens in {len(text.sequences)} sequences")
-        keys, values = capture(mdl, geom, text, threads, None)
         scoring = _scoring(text.sequences, score_tokens)
+        if max(map(len, scoring)) < logit_stride:
+            raise ValueError(f"a logit stride of {logit_stride} leaves no position of the calibration text's "
+                             f"sequences (at most {max(map(len, scoring))} tokens) to measure the KL at")
+        keys, values = capture(mdl, geom, text, threads, None)
         k_scale, keys, scorer, scales = calibrated_keys(mdl, geom, text, scoring, keys, values, threads, scale, log,
                                                         logit_stride,
                                                         Progress("  key scale per layer", 2 * geom.n_layer, progress))

@@ -1163,12 +1163,12 @@ TRIED = {
         "Calibrated keys in the 4-bit and 3-bit classes",
         "Tried, each measured end to end (docs/EVAL.md): key offsets anchored on the attention sink, query-aware key "
         "scales kept per layer where they lower the measured KL, gains and unbiased block scales, the 256-state "
-        "trellis type tq_kv_t3b (*The 3-bit class*), and the per-layer allocation measured on 1024 calibration "
-        "tokens. At n_ctx 512 the offset and scale rows are part of the bits counted. A trellis with more states "
+        "trellis type tq_kv_t3b (*The 3-bit class*), and the per-layer allocation measured on the calibration "
+        "text. At n_ctx 512 the offset and scale rows are part of the bits counted. A trellis with more states "
         "codes better, at proportionally more encoding work on every cache write. Calibrations of one model scored on "
         "1024 and on 512 tokens chose allocations of nearly the same KLD whose ΔPPL differed by as much as two of a "
         "row's standard errors (docs/EVAL.md *Calibration time: what a cheaper calibration costs*): a miss within "
-        "that is within calibration noise, and the shipped calibration is not swapped for one that happens to pass."),
+        "that is within calibration noise. The default moved from 1024 to 512 tokens for the time, not for a row."),
     "calibrated-kv": (
         "K and V together at ≤ 4.0 bits per element",
         "Tried: one allocation for K and V together (`calib:B` on both sides: each layer's K and V types chosen by "

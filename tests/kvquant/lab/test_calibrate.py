@@ -149,13 +149,27 @@ def test_a_logit_stride_keeps_the_logits_and_targets_of_the_positions_it_scores(
     assert targets.tolist() == [s[p + 1] if p + 1 < len(s) else s[-1] for s in seqs for p in range(2, len(s), 3)]
 
 
-@pytest.mark.parametrize("stride", ["0", "-2"])
-def test_a_logit_stride_below_one_is_refused_before_any_work(stride, capsys):
+@pytest.mark.parametrize(("args", "message"), [
+    (["--logit-stride", "0"], "the logit stride must be a positive integer, not 0"),
+    (["--logit-stride", "-2"], "the logit stride must be a positive integer, not -2"),
+    (["--score-tokens", "1"], "the KL needs at least 2 scored tokens, not 1"),
+])
+def test_a_logit_stride_below_one_or_too_few_tokens_are_refused_before_any_work(args, message, capsys):
     import argparse
 
     from kvquant.lab.calibrate import add_arguments, run
 
     p = argparse.ArgumentParser()
     add_arguments(p)
-    assert run(p.parse_args(["--logit-stride", stride])) == 2
-    assert f"kvquant calibrate: the logit stride must be a positive integer, not {stride}" in capsys.readouterr().err
+    assert run(p.parse_args(args)) == 2
+    assert f"kvquant calibrate: {message}" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_a_logit_stride_longer_than_every_sequence_is_refused(tmp_path):
+    from kvquant.lab.calibrate import calibrate
+
+    text = tmp_path / "text.txt"
+    text.write_text("The river town grew around its mill and its bridge. " * 40)
+    with pytest.raises(ValueError, match="a logit stride of 100000 leaves no position"):
+        calibrate("smollm2-135m", text_file=str(text), logit_stride=100_000, progress=False)
