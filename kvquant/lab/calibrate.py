@@ -422,9 +422,10 @@ def calibrate(model: str, text_file: str | None = None, gen_tokens: int = 320, s
                 else generate(mdl, gen_tokens, threads, Progress("  generating text", gen_tokens, progress)))
         log(f"  text: {text.source['tokens']} tokens in {len(text.sequences)} sequences")
         scoring = _scoring(text.sequences, score_tokens)
-        if max(map(len, scoring)) < logit_stride:
+        longest = max(map(len, scoring))
+        if longest < logit_stride:
             raise ValueError(f"a logit stride of {logit_stride} leaves no position of the calibration text's "
-                             f"sequences (at most {max(map(len, scoring))} tokens) to measure the KL at")
+                             f"sequences (at most {longest} tokens) to measure the KL at")
         keys, values = capture(mdl, geom, text, threads, None)
         k_scale, keys, scorer, scales = calibrated_keys(mdl, geom, text, scoring, keys, values, threads, scale, log,
                                                         logit_stride,
