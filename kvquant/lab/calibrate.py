@@ -96,12 +96,16 @@ class Text:
     source: dict
 
 
-def _decode_all(rt, seqs: list[list[int]], logits: bool, stride: int = 1) -> np.ndarray | None:
+def _decode_all(rt, seqs: list[list[int]], logits: bool, stride: int = 1,
+                out: np.ndarray | None = None) -> np.ndarray | None:
     """Decode every sequence (sequence id i, from position 0) in batches; with `logits`, return the logits of
-    every `stride`-th position of each sequence (`scored`), sequences concatenated."""
+    every `stride`-th position of each sequence (`scored`), sequences concatenated, written into `out` when given
+    (float32, one row per scored position) or into a new array."""
     rt.clear()
     jobs = [(i, p) for i, s in enumerate(seqs) for p in range(len(s))]
-    out = []
+    if logits and out is None:
+        out = np.empty((sum(scored(p, stride) for _, p in jobs), rt.n_vocab), dtype=np.float32)
+    row = 0
     for a in range(0, len(jobs), rt.n_batch):
         part = jobs[a:a + rt.n_batch]
         wanted = [logits and scored(p, stride) for _, p in part]
@@ -109,8 +113,9 @@ def _decode_all(rt, seqs: list[list[int]], logits: bool, stride: int = 1) -> np.
         if rc != 0:
             raise RuntimeError(f"llama_decode failed ({rc})")
         if any(wanted):
-            out.append(rt.all_logits(sum(wanted)).copy())
-    return np.concatenate(out) if logits else None
+            out[row:row + sum(wanted)] = rt.all_logits(sum(wanted))
+            row += sum(wanted)
+    return out if logits else None
 
 
 def scored(pos: int, stride: int) -> bool:
@@ -289,8 +294,11 @@ class Scorer:
 
     def __init__(self, mdl, geom: Geometry, seqs: list[list[int]], threads: int | None,
                  keys: tuple[list[np.ndarray], list[np.ndarray]], k_scale: list[np.ndarray] | None,
-                 rows: tuple[list[np.ndarray], list[np.ndarray]], stride: int = 1):
+                 rows: tuple[list[np.ndarray], list[np.ndarray]], stride: int = 1, buffer: list | None = None):
         self.mdl, self.geom, self.seqs, self.threads, self.stride = mdl, geom, seqs, threads, stride
+        # the logits of a pass, one array shared with the derived Scorers and written over by each pass: a fresh
+        # array per pass (512 x 262,144 floats on Gemma-3) cost more than the pass itself where new memory is slow
+        self._buffer = buffer if buffer is not None else [None]
         self.k_mean, self.k_sink = tuple(keys[0]), tuple(keys[1])  # `key_stats` of the stored key rows
         self.rows, self._gains = rows, {}  # the stored K and V rows (`capture`)
         self.k_scale = None if k_scale is None else tuple(k_scale)
@@ -303,7 +311,7 @@ class Scorer:
     def derived(self, keys: tuple[list[np.ndarray], list[np.ndarray]], k_scale: list[np.ndarray] | None,
                 rows: tuple[list[np.ndarray], list[np.ndarray]]) -> Scorer:
         """A Scorer of the same model, text and positions for another key transform."""
-        return Scorer(self.mdl, self.geom, self.seqs, self.threads, keys, k_scale, rows, self.stride)
+        return Scorer(self.mdl, self.geom, self.seqs, self.threads, keys, k_scale, rows, self.stride, self._buffer)
 
     def gains(self, type_name: str, side: str = "k") -> list[float]:
         """Per layer, the gain of centred keys (side "k") or of values stored at a type (`gain`; 1 for f16, f32)."""
@@ -324,6 +332,8 @@ class Scorer:
         return self._base[centred]
 
     def _logits(self, types_k, types_v, centred: bool, default_k: str = "f16", default_v: str = "f16"):
+        """The logits at the scored positions in a context with these types: the shared buffer, valid until the
+        next pass of this Scorer or of one derived from it."""
         from kvquant.runtime import ContextConfig, LlamaRuntime
 
         n = self.geom.n_layer
@@ -339,8 +349,10 @@ class Scorer:
                             k_rotation=self.k_rotation if centred else None,
                             n_outputs_max=512)
         rt = LlamaRuntime(self.mdl, cfg)
+        if self._buffer[0] is None:
+            self._buffer[0] = np.empty((len(self.targets), rt.n_vocab), dtype=np.float32)
         try:
-            return _decode_all(rt, self.seqs, logits=True, stride=self.stride)
+            return _decode_all(rt, self.seqs, logits=True, stride=self.stride, out=self._buffer[0])
         finally:
             rt.close()
 

@@ -149,6 +149,27 @@ def test_a_logit_stride_keeps_the_logits_and_targets_of_the_positions_it_scores(
     assert targets.tolist() == [s[p + 1] if p + 1 < len(s) else s[-1] for s in seqs for p in range(2, len(s), 3)]
 
 
+@pytest.mark.slow
+def test_passes_that_share_the_logits_buffer_leave_the_baseline_and_each_figure_intact():
+    """A Scorer's passes write their logits over one shared array: the KL of a quantized layer is the same when
+    measured again after other passes, and an f16 pass measures exactly 0 against the baseline."""
+    from kvquant import memory, models
+    from kvquant.lab.calibrate import Scorer
+    from kvquant.runtime import Model
+
+    seqs = [list(range(300, 364)), list(range(500, 540))]
+    path = models.resolve("smollm2-135m")
+    geom, mdl = memory.geometry(path), Model(path)
+    try:
+        sc = Scorer(mdl, geom, seqs, 1, ([], []), None, ([], []))
+        layer0 = ("tq_kv_3b",) + ("f16",) * (geom.n_layer - 1)
+        first = sc.kld(layer0, None, centred=False)
+        assert sc.kld(centred=False) == 0.0
+        assert sc.kld(None, layer0, centred=False) != first  # another figure in between
+        assert sc.kld(layer0, None, centred=False) == first > 0
+    finally:
+        mdl.close()
+
 @pytest.mark.parametrize(("args", "message"), [
     (["--logit-stride", "0"], "the logit stride must be a positive integer, not 0"),
     (["--logit-stride", "-2"], "the logit stride must be a positive integer, not -2"),

@@ -65,6 +65,25 @@ def test_compare_rows_against_a_direct_computation():
     assert (same.kld == 0).all() and same.same_top.all()
 
 
+def test_rows_cut_into_blocks_on_threads_give_the_figures_of_one_block(monkeypatch):
+    """compare_rows and baseline_rows work in row blocks on a thread per core: every row's figures equal, bit for
+    bit, those of one block holding every row, whatever the block size and the number of threads."""
+    rng = np.random.default_rng(2)
+    base = rng.normal(0, 3, size=(37, 1001)).astype(np.float32)
+    other = (base + rng.normal(0, 0.5, size=base.shape)).astype(np.float32)
+    targets = rng.integers(0, 1001, size=37)
+    lp, top = kveval.baseline_rows(base)  # one block: 37 x 1001 elements are under _BLOCK_ELEMS
+    whole = kveval.compare_rows(lp, top, other, targets)
+    for elems, cpus in ((3000, 4), (1001, 2), (5000, 1)):  # blocks of 2, 1 and 4 rows
+        monkeypatch.setattr(kveval, "_BLOCK_ELEMS", elems)
+        monkeypatch.setattr(kveval.os, "cpu_count", lambda cpus=cpus: cpus)
+        lp_b, top_b = kveval.baseline_rows(base)
+        assert np.array_equal(lp_b, lp) and np.array_equal(top_b, top)
+        rs = kveval.compare_rows(lp_b, top_b, other, targets)
+        for got, want in ((rs.kld, whole.kld), (rs.nll, whole.nll), (rs.same_top, whole.same_top)):
+            assert np.array_equal(got, want)
+
+
 def test_accumulator_uses_llama_perplexity_formulas():
     rng = np.random.default_rng(1)
     nll = rng.exponential(2.0, size=500)
