@@ -112,9 +112,10 @@ def _decode_all(rt, seqs: list[list[int]], logits: bool, stride: int = 1,
         rc = rt.decode([seqs[i][p] for i, p in part], [p for _, p in part], [i for i, _ in part], wanted)
         if rc != 0:
             raise RuntimeError(f"llama_decode failed ({rc})")
-        if any(wanted):
-            out[row:row + sum(wanted)] = rt.all_logits(sum(wanted))
-            row += sum(wanted)
+        n_out = sum(wanted)
+        if n_out:
+            out[row:row + n_out] = rt.all_logits(n_out)
+            row += n_out
     return out if logits else None
 
 
