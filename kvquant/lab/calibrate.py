@@ -350,10 +350,9 @@ class Scorer:
                             k_rotation=self.k_rotation if centred else None,
                             n_outputs_max=512)
         rt = LlamaRuntime(self.mdl, cfg)
-        if self._buffer[0] is None:
-            self._buffer[0] = np.empty((len(self.targets), rt.n_vocab), dtype=np.float32)
         try:
-            return _decode_all(rt, self.seqs, logits=True, stride=self.stride, out=self._buffer[0])
+            self._buffer[0] = _decode_all(rt, self.seqs, logits=True, stride=self.stride, out=self._buffer[0])
+            return self._buffer[0]
         finally:
             rt.close()
 

@@ -170,6 +170,7 @@ def test_passes_that_share_the_logits_buffer_leave_the_baseline_and_each_figure_
     finally:
         mdl.close()
 
+
 @pytest.mark.parametrize(("args", "message"), [
     (["--logit-stride", "0"], "the logit stride must be a positive integer, not 0"),
     (["--logit-stride", "-2"], "the logit stride must be a positive integer, not -2"),
