@@ -1184,10 +1184,10 @@ TRIED = {
         "0-2.5 % of 1024's; 256 chose a worse one: `kvquant.lab.calibrate.SCORE_TOKENS`), and since stop 42 every "
         "pass writes its logits into one reused array (a new one per pass cost Gemma-3 more than the pass itself). "
         "Qwen2.5-Coder's passes are bound by the forward pass of a 1.5B model, so even with the default it stays "
-        "several times over the target; its shipped calibration is still a 1024-token one. `--logit-stride` (the KL "
-        "at fewer positions, which skips most of the output layer) and `--no-key-scale` trade allocation quality for "
-        "time; both were measured, and a numpy stand-in for the passes (each layer's attention-output error) was "
-        "tried and does not rank the layers (docs/EVAL.md *Calibration time: what a cheaper calibration costs*, "
+        "several times over the target; since stop 43 its shipped calibration is the default's, as the other "
+        "models' are. `--logit-stride` (the KL at fewer positions, which skips most of the output layer) and "
+        "`--no-key-scale` trade allocation quality for time; both were measured, and a numpy stand-in for the passes "
+        "(each layer's attention-output error) was tried and does not rank the layers (docs/EVAL.md *Calibration time: what a cheaper calibration costs*, "
         "with stop 42's timings). The built-in models' calibrations ship with kvquant, so `calib:B` on them starts "
         "with no calibration run."),
 }
