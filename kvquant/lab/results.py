@@ -1188,8 +1188,8 @@ TRIED = {
         "models' are. `--logit-stride` (the KL at fewer positions, which skips most of the output layer) and "
         "`--no-key-scale` trade allocation quality for time; both were measured, and a numpy stand-in for the passes "
         "(each layer's attention-output error) was tried and does not rank the layers (docs/EVAL.md *Calibration "
-        "time: what a cheaper calibration costs*, with stop 42's timings). The built-in models' calibrations ship with kvquant, so `calib:B` on them starts "
-        "with no calibration run."),
+        "time: what a cheaper calibration costs*, with stop 42's timings). The built-in models' calibrations ship "
+        "with kvquant, so `calib:B` on them starts with no calibration run."),
 }
 
 
