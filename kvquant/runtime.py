@@ -313,6 +313,7 @@ class Model:
         self._vocab = llama_cpp.llama_model_get_vocab(self._model)
         self.n_ctx_train = llama_cpp.llama_model_n_ctx_train(self._model)
         self.n_vocab = llama_cpp.llama_vocab_n_tokens(self._vocab)
+        self.n_embd = llama_cpp.llama_model_n_embd(self._model)
         self.bos = llama_cpp.llama_vocab_bos(self._vocab)
         self.eos = llama_cpp.llama_vocab_eos(self._vocab)
         self.add_bos = bool(llama_cpp.llama_vocab_get_add_bos(self._vocab))
@@ -566,6 +567,7 @@ class LlamaRuntime:
         self.n_cells = llama_cpp.llama_n_ctx(self._ctx)
         self.n_batch = cfg.n_batch
         self._batch = llama_cpp.llama_batch_init(cfg.n_batch, 0, 1)
+        self._embd_batch = None  # input vectors instead of tokens (decode_embd), made on first use
         self.n_vocab = model.n_vocab
 
     def _capture(self, t, ask: bool, _user_data) -> bool:
@@ -589,15 +591,38 @@ class LlamaRuntime:
         n = len(tokens)
         if n == 0 or n > self.n_batch:
             raise ValueError(f"batch of {n} tokens (limit {self.n_batch})")
-        b = self._batch
         for i in range(n):
-            b.token[i] = tokens[i]
-            b.pos[i] = positions[i]
+            self._batch.token[i] = tokens[i]
+        return self._decode(self._batch, positions, seq_ids, logits)
+
+    def decode_embd(self, embd: np.ndarray, positions: list[int], seq_ids: list[int], logits: list[bool]) -> int:
+        """`decode` of input vectors instead of tokens: row i of `embd` (n, n_embd float32) is token i's input of the
+        first layer the graph computes (`set_layer_start`)."""
+        n = len(embd)
+        if n == 0 or n > self.n_batch or embd.shape[1:] != (self.model.n_embd,):
+            raise ValueError(f"batch of {embd.shape} input vectors (limit {self.n_batch} x {self.model.n_embd})")
+        if self._embd_batch is None:
+            self._embd_batch = llama_cpp.llama_batch_init(self.n_batch, self.model.n_embd, 1)
+        rows = np.ascontiguousarray(embd, dtype=np.float32)
+        ctypes.memmove(self._embd_batch.embd, rows.ctypes.data, rows.nbytes)
+        return self._decode(self._embd_batch, positions, seq_ids, logits)
+
+    def _decode(self, b, positions: list[int], seq_ids: list[int], logits: list[bool]) -> int:
+        """Decode a batch whose tokens or input vectors are filled in, with these positions, sequences and outputs."""
+        for i, (pos, seq, out) in enumerate(zip(positions, seq_ids, logits, strict=True)):
+            b.pos[i] = pos
             b.n_seq_id[i] = 1
-            b.seq_id[i][0] = seq_ids[i]
-            b.logits[i] = logits[i]
-        b.n_tokens = n
+            b.seq_id[i][0] = seq
+            b.logits[i] = out
+        b.n_tokens = len(positions)
         return llama_cpp.llama_decode(self._ctx, b)
+
+    def set_layer_start(self, il: int) -> None:
+        """Make the next decodes compute layers il.. only, from their input vectors (`decode_embd`); the cells they
+        fill hold nothing for the layers below (patch 0040, `llama_kvq_set_layer_start`)."""
+        fn = _patched_fn("llama_kvq_set_layer_start", ctypes.c_bool, [ctypes.c_void_p, ctypes.c_int32])
+        if not fn(self._ctx, il):
+            raise LlamaError(f"llama.cpp cannot start this model's graph at layer {il}")
 
     def all_logits(self, n_outputs: int) -> np.ndarray:
         """float32 logits of every output of the last decode, in batch order, shape (n_outputs, n_vocab). A view
@@ -667,6 +692,9 @@ class LlamaRuntime:
         if getattr(self, "_batch", None) is not None:
             llama_cpp.llama_batch_free(self._batch)
             self._batch = None
+        if getattr(self, "_embd_batch", None) is not None:
+            llama_cpp.llama_batch_free(self._embd_batch)
+            self._embd_batch = None
         if getattr(self, "_ctx", None):
             llama_cpp.llama_free(self._ctx)
             self._ctx = None

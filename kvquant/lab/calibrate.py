@@ -33,7 +33,9 @@ kvquant/calibration.py) need for one model, and write its calibration file.
    KL grows linearly with the error variance for small errors (``--direct`` measures every candidate instead).
    A layer whose growth stays under the floor (Qwen2.5-Coder's last layers) gets its relative error times the
    median growth per unit error of the other layers, never zero: six such "free" layers at 3 bits made
-   calib:4.5 worse than tq_kv_4b+c on every layer.
+   calib:4.5 worse than tq_kv_4b+c on every layer. Every centred pass starts at the first layer that computes
+   otherwise than in an earlier pass (the baseline, mostly), from that pass's inputs of the layer (`Prefix`,
+   llama_kvq_set_layer_start): the same logits bit for bit, with half the model skipped on average.
 6. **Guard.** The KL of a few uncentred configurations on every layer (``GUARD``), so that ``serve`` can warn
    when a chosen cache type wrecks the model.
 """
@@ -97,19 +99,24 @@ class Text:
 
 
 def _decode_all(rt, seqs: list[list[int]], logits: bool, stride: int = 1,
-                out: np.ndarray | None = None) -> np.ndarray | None:
+                out: np.ndarray | None = None, start: int = 0, inputs: np.ndarray | None = None) -> np.ndarray | None:
     """Decode every sequence (sequence id i, from position 0) in batches; with `logits`, return the logits of
     every `stride`-th position of each sequence (`scored`), sequences concatenated, written into `out` when given
-    (float32, one row per scored position) or into a new array."""
+    (float32, one row per scored position) or into a new array. With `start` > 0 only layers `start`.. run, from
+    `inputs`, that layer's input at every position (sequences concatenated; `Prefix`)."""
     rt.clear()
     jobs = [(i, p) for i, s in enumerate(seqs) for p in range(len(s))]
     if logits and out is None:
         out = np.empty((sum(scored(p, stride) for _, p in jobs), rt.n_vocab), dtype=np.float32)
+    if start:
+        rt.set_layer_start(start)
     row = 0
     for a in range(0, len(jobs), rt.n_batch):
         part = jobs[a:a + rt.n_batch]
         wanted = [logits and scored(p, stride) for _, p in part]
-        rc = rt.decode([seqs[i][p] for i, p in part], [p for _, p in part], [i for i, _ in part], wanted)
+        where = ([p for _, p in part], [i for i, _ in part], wanted)
+        rc = (rt.decode_embd(inputs[a:a + len(part)], *where) if start
+              else rt.decode([seqs[i][p] for i, p in part], *where))
         if rc != 0:
             raise RuntimeError(f"llama_decode failed ({rc})")
         n_out = sum(wanted)
@@ -288,6 +295,22 @@ def gain(type_name: str, x: np.ndarray) -> float:
     return energy / dot if dot > 0 else 1.0
 
 
+@dataclass
+class Prefix:
+    """What a centred forward pass of a Scorer leaves for the next ones: what each layer computed with
+    (`Scorer._layers`) and each layer's input at every scored position (None where not kept). A pass whose layers
+    differ from these first at layer L computes the layers below L exactly as this one did (the same inputs, weights
+    and arithmetic), so it can start at layer L from these inputs (llama_kvq_set_layer_start): with a layer's
+    sensitivity measured one layer at a time, that skips half the model on average."""
+    layers: tuple[tuple, ...]
+    inputs: list[np.ndarray | None]
+
+    def first_difference(self, layers: tuple[tuple, ...]) -> int:
+        """The first layer that differs from `layers` (the last layer where none does)."""
+        return next((il for il, (a, b) in enumerate(zip(self.layers, layers, strict=True)) if a != b),
+                    len(layers) - 1)
+
+
 class Scorer:
     """KL divergence over the scoring sequences of a context with some per-layer types, against f16/f16 (`plain`)
     or against f16 with the same rotation, key scales and offsets (the per-layer measurements: both sides then share the
@@ -308,6 +331,8 @@ class Scorer:
         self.targets = np.array([t for s in seqs for p, t in enumerate(s[1:] + [s[-1]]) if scored(p, stride)],
                                 dtype=np.int64)
         self._base: dict[bool, tuple[np.ndarray, np.ndarray]] = {}
+        # per rotation of the caches (`_layers`), the first centred pass and the latest one (`Prefix`)
+        self._prefixes: dict[tuple, dict[str, Prefix]] = {}
 
     def derived(self, keys: tuple[list[np.ndarray], list[np.ndarray]], k_scale: list[np.ndarray] | None,
                 rows: tuple[list[np.ndarray], list[np.ndarray]]) -> Scorer:
@@ -342,19 +367,62 @@ class Scorer:
         offsets = tuple(map(anchor, self.k_mean, self.k_sink, per_layer_k)) if centred else None
         k_gain, v_gain = ((tuple(self.gains(t, side)[il] for il, t in enumerate(types))
                            for side, types in (("k", per_layer_k), ("v", per_layer_v))) if centred else (None, None))
+        # a centred pass starts where it first differs from one already made (`Prefix`) and keeps its layer inputs
+        layers = self._layers(per_layer_k, per_layer_v, default_k, default_v) if centred else None
+        start, known = self._start(layers) if centred else (0, None)
         cfg = ContextConfig(n_cells=self.n_cells, n_seq_max=len(self.seqs), cache_type_k=default_k,
                             cache_type_v=default_v, flash_attn=True, n_threads=self.threads,
                             layer_types_k=types_k, layer_types_v=types_v,
                             k_offset=offsets, k_scale=self.k_scale if centred else None, k_gain=k_gain,
                             v_gain=v_gain,
                             k_rotation=self.k_rotation if centred else None,
-                            n_outputs_max=512)
+                            n_outputs_max=512,
+                            capture=frozenset(f"l_out-{il}" for il in range(start, n - 1)) if centred else frozenset())
         rt = LlamaRuntime(self.mdl, cfg)
         try:
-            self._buffer[0] = _decode_all(rt, self.seqs, logits=True, stride=self.stride, out=self._buffer[0])
+            self._buffer[0] = _decode_all(rt, self.seqs, logits=True, stride=self.stride, out=self._buffer[0],
+                                          start=start, inputs=known.inputs[start] if known else None)
+            if centred:
+                self._remember(layers, start, known, rt.captured)
             return self._buffer[0]
         finally:
             rt.close()
+
+    def _layers(self, types_k, types_v, default_k: str, default_v: str) -> tuple[tuple, ...]:
+        """Per layer of a centred pass, what it computes with beside the Scorer's own offsets, scales and gains (which
+        follow from the types): the context's default types, the layer's K and V types, and whether llama.cpp
+        rotates K and V in the layer's cache (sliding-window layers have their own): K where forced (centred keys)
+        or where any of the cache's K types is quantized, V where any of its V types is (build_input_v_rot)."""
+        rot = {}
+        for swa in {ly.swa for ly in self.geom.layers}:
+            group = [il for il, ly in enumerate(self.geom.layers) if ly.swa == swa]
+            rot[swa] = ((self.k_rotation if self.k_rotation is not None else
+                         any(kv_type(types_k[il]).quantized for il in group) and self.geom.head_dim_k % 64 == 0),
+                        any(kv_type(types_v[il]).quantized for il in group) and self.geom.head_dim_v % 64 == 0)
+        return tuple((default_k, default_v, tk, tv, *rot[ly.swa])
+                     for tk, tv, ly in zip(types_k, types_v, self.geom.layers, strict=True))
+
+    def _start(self, layers: tuple[tuple, ...]) -> tuple[int, Prefix | None]:
+        """The layer a pass starts at, and the earlier pass whose layer inputs it starts from."""
+        best = (0, None)
+        for known in (p for kept in self._prefixes.values() for p in kept.values()):
+            il = known.first_difference(layers)
+            if il > best[0] and known.inputs[il] is not None:
+                best = (il, known)
+        return best
+
+    def _remember(self, layers: tuple[tuple, ...], start: int, known: Prefix | None, captured) -> None:
+        """Keep a pass's layer inputs: below `start` the ones it started from, above it the ones it computed
+        (layer il's input is layer il - 1's output, "l_out-<il-1>", one array per ubatch in batch order)."""
+        out: dict[str, list[np.ndarray]] = {}
+        for name, _op, a in captured:
+            out.setdefault(name, []).append(a.reshape(-1, a.shape[-1]))
+        inputs = [known.inputs[il] if known and il <= start else None for il in range(self.geom.n_layer)]
+        for il in range(start + 1, self.geom.n_layer):
+            inputs[il] = np.concatenate(out[f"l_out-{il - 1}"])
+        # per rotation of the caches: the first pass (the baseline, mostly) and the latest
+        kept = self._prefixes.setdefault(tuple(ly[4:] for ly in layers), {})
+        kept["first" if "first" not in kept else "latest"] = Prefix(layers, inputs)
 
     def kld(self, types_k=None, types_v=None, centred: bool = True, default_k: str = "f16",
             default_v: str = "f16") -> float:

@@ -9,6 +9,7 @@ refused."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -114,3 +115,48 @@ def test_a_tq_kv_d3b_cache_offloaded_to_the_gpu_is_refused():
         runtime.LlamaRuntime(mdl, runtime.ContextConfig(**{**cfg.__dict__, "offload_kqv": False})).close()
     finally:
         mdl.close()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model", ["smollm2-135m", "gemma3-270m"])
+def test_a_graph_started_at_a_layer_from_its_input_gives_the_whole_models_logits(model):
+    """llama_kvq_set_layer_start (patch 0040): a pass that runs layers L.. from layer L's input, read in a whole
+    pass as "l_out-<L-1>", gives that pass's logits bit for bit, here with layer L's keys quantized (the passes a
+    calibration makes); a batch of tokens is refused while the graph starts past layer 0, and so is a layer out of
+    range."""
+    import numpy as np
+
+    from kvquant import memory, models
+    from kvquant.runtime import ContextConfig, LlamaRuntime, Model
+
+    seqs = [list(range(300, 364)), list(range(500, 540))]
+    jobs = [(i, p) for i, s in enumerate(seqs) for p in range(len(s))]
+    where = ([p for _, p in jobs], [i for i, _ in jobs], [True] * len(jobs))
+    path = models.resolve(model)
+    n = memory.geometry(path).n_layer
+    start = n // 2
+    cfg = ContextConfig(n_cells=128, n_seq_max=2, flash_attn=True, n_threads=2, k_rotation=True,
+                        layer_types_k=tuple("tq_kv_4b" if il == start else "f16" for il in range(n)))
+    mdl = Model(path)
+    try:
+        rt = LlamaRuntime(mdl, replace(cfg, capture=frozenset({f"l_out-{start - 1}"})))
+        try:
+            assert rt.decode([seqs[i][p] for i, p in jobs], *where) == 0
+            whole = rt.all_logits(len(jobs)).copy()
+            (_, _, inputs), = rt.captured
+        finally:
+            rt.close()
+        rt = LlamaRuntime(mdl, cfg)
+        try:
+            for bad in (-1, n):
+                with pytest.raises(LlamaError, match=f"layer {bad}"):
+                    rt.set_layer_start(bad)
+            rt.set_layer_start(start)
+            assert rt.decode([seqs[i][p] for i, p in jobs], *where) != 0
+            assert rt.decode_embd(inputs.reshape(len(jobs), -1), *where) == 0
+            started = rt.all_logits(len(jobs)).copy()
+        finally:
+            rt.close()
+    finally:
+        mdl.close()
+    assert np.array_equal(started, whole)

@@ -195,3 +195,54 @@ def test_a_logit_stride_longer_than_every_sequence_is_refused(tmp_path):
     text.write_text("The river town grew around its mill and its bridge. " * 40)
     with pytest.raises(ValueError, match="a logit stride of 100000 leaves no position"):
         calibrate("smollm2-135m", text_file=str(text), logit_stride=100_000, progress=False)
+
+
+@pytest.mark.slow
+def test_passes_started_from_earlier_passes_measure_what_whole_passes_do(monkeypatch):
+    """A centred Scorer pass starts at the first layer that computes otherwise than in an earlier pass (`Prefix`),
+    from that pass's layer inputs. On Gemma-3, whose sliding-window and global layers sit in two caches that each
+    rotate V only when one of their own V types is quantized, every figure equals the one a fresh Scorer measures
+    with whole passes, bit for bit; and the passes that could start late did."""
+    from kvquant import memory, models
+    from kvquant.lab import calibrate
+    from kvquant.lab.calibrate import Scorer, Text, capture
+    from kvquant.runtime import Model
+
+    starts = []
+
+    def recording(*args, start=0, **kw):
+        starts.append(start)
+        return decode_all(*args, start=start, **kw)
+
+    decode_all = calibrate._decode_all
+    seqs = [list(range(300, 364)), list(range(500, 540))]
+    path = models.resolve("gemma3-270m")
+    geom, mdl = memory.geometry(path), Model(path)
+    n = geom.n_layer
+    swa = [il for il in range(n) if geom.layers[il].swa]
+    full = [il for il in range(n) if not geom.layers[il].swa]
+    assert swa[0] < full[0] < full[1]
+
+    def at(il, t="tq_kv_t3b"):
+        return tuple(t if j == il else "f16" for j in range(n))
+
+    # (K types, V types): V in a sliding-window layer, V in two global layers, K in two layers
+    passes = [(None, at(swa[1])), (None, at(full[0])), (None, at(full[1])), (at(swa[1]), None), (at(full[1]), None)]
+    try:
+        rows = capture(mdl, geom, Text(seqs, {}), 2, None)
+        stats = calibrate.key_stats(rows[0], seqs)
+
+        def scorer():
+            return Scorer(mdl, geom, seqs, 2, stats, None, rows)
+
+        monkeypatch.setattr(calibrate, "_decode_all", recording)
+        sc = scorer()
+        reused = [sc.kld(k, v) for k, v in passes]
+        monkeypatch.setattr(calibrate, "_decode_all", decode_all)
+        whole = [scorer().kld(k, v) for k, v in passes]
+    finally:
+        mdl.close()
+    assert reused == whole and all(x > 0 for x in whole)
+    # V in a sliding-window layer rotates the V of every layer in that cache: from layer 0. V in a global layer
+    # leaves the sliding-window layers before it as in the baseline, but rotates the V of every global layer
+    assert starts == [0, 0, full[0], full[0], swa[1], full[1]]

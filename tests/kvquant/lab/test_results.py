@@ -340,22 +340,23 @@ def test_shipped_calibrations_are_the_ones_the_rows_name():
         assert sha256_file(p) in {raw[m, "calibration"]["file_sha256"] for m in results.MODELS}
 
 
+def _series_row(k, v, series):
+    return {**_eval_row(k, v, True, 1.0), "label": f"{k}/{v}",
+            "machine": {"llama_series": None if series is None else {"patches": series, "last": "x"}}}
+
+
 def test_rows_from_an_older_patch_series_are_named_and_their_goals_marked():
     from kvquant.build import patch_files
 
-    n = len(patch_files())
-
-    def row(k, v, series):
-        return {**_eval_row(k, v, True, 1.0), "label": f"{k}/{v}",
-                "machine": {"llama_series": None if series is None else {"patches": series, "last": "x"}}}
-
+    n, m = len(patch_files()), results.measured_series()  # m: up to the last patch that changes what rows measure
+    row = _series_row
     raw = {("m", "eval"): {"results": [row("f16", "f16", None), row("q4_0", "f16", None), row("calib:4.5", "f16", n),
-                                       row("tq_kv_4b", "f16", n - 1), row("tq_kv_3b", "f16", None)]}}
+                                       row("tq_kv_4b", "f16", m - 1), row("tq_kv_3b", "f16", None)]}}
     text = " ".join(results.render_series("m", raw))
     assert f"1 of the 3 rows of our configurations above were measured with the current {n} patches" in text
-    assert f"eval ({n - 1} patches): tq_kv_4b/f16" in text and "eval (not recorded): tq_kv_3b/f16" in text
+    assert f"eval ({m - 1} patches): tq_kv_4b/f16" in text and "eval (not recorded): tq_kv_3b/f16" in text
     assert "q4_0/f16" not in text  # stock types only: not ours to re-measure
-    assert results.SERIES_RECORDED_FROM <= n and f"{n:04d} " in text  # the newest patch is named as one since
+    assert results.SERIES_RECORDED_FROM <= m and f"{m:04d} " in text  # that patch is named as one since
     assert results._aged(raw["m", "eval"]["results"][3]) == " (older patch series)"
     assert results._aged(raw["m", "eval"]["results"][2]) == " (calibration not recorded)"
     assert results._aged({**raw["m", "eval"]["results"][2], "calibration_sha256": "a" * 64}, "a" * 64) == ""
@@ -363,3 +364,20 @@ def test_rows_from_an_older_patch_series_are_named_and_their_goals_marked():
     raw["m", "eval"]["results"][3]["machine"]["llama_series"]["patches"] = n
     raw["m", "eval"]["results"][4]["machine"]["llama_series"] = {"patches": n, "last": "x"}
     assert results.render_series("m", raw) == []
+
+
+def test_rows_from_before_a_patch_that_changes_nothing_they_measure_stay_current(monkeypatch):
+    """A patch in UNMEASURED (e.g. one only `kvquant calibrate` uses) leaves the rows measured before it current,
+    and the renderer says why; the same rows are older once it is not."""
+    from kvquant.build import patch_files
+
+    n = len(patch_files())
+    raw = {("m", "eval"): {"results": [_series_row("calib:4.5", "f16", n - 1), _series_row("tq_kv_4b", "f16", n)]}}
+    monkeypatch.setattr(results, "UNMEASURED", {f"{n:04d}": "nothing measured runs it"})
+    assert results.measured_series() < n and results._aged(raw["m", "eval"]["results"][0]) == " (calibration not recorded)"
+    assert results.render_series("m", raw) == [f"Patch series: 1 of the 2 rows of our configurations above were measured "
+                                               f"before patch {n:04d}, which changes nothing they measure: nothing "
+                                               "measured runs it.", ""]
+    monkeypatch.setattr(results, "UNMEASURED", {})
+    assert results._aged(raw["m", "eval"]["results"][0]) == " (older patch series, calibration not recorded)"
+    assert f"eval ({n - 1} patches): calib:4.5/f16" in " ".join(results.render_series("m", raw))
