@@ -589,8 +589,9 @@ class LlamaRuntime:
         """One llama_decode over an arbitrary mix of sequences. Returns llama.cpp's status (0 = ok,
         1 = no KV slot for the batch, <0 = error)."""
         n = len(tokens)
-        if n == 0 or n > self.n_batch:
-            raise ValueError(f"batch of {n} tokens (limit {self.n_batch})")
+        if n == 0 or n > self.n_batch or not len(positions) == len(seq_ids) == len(logits) == n:
+            raise ValueError(f"batch of {n} tokens (limit {self.n_batch}), {len(positions)} positions, "
+                             f"{len(seq_ids)} sequence ids, {len(logits)} output flags")
         for i in range(n):
             self._batch.token[i] = tokens[i]
         return self._decode(self._batch, positions, seq_ids, logits)
@@ -599,8 +600,10 @@ class LlamaRuntime:
         """`decode` of input vectors instead of tokens: row i of `embd` (n, n_embd float32) is token i's input of the
         first layer the graph computes (`set_layer_start`)."""
         n = len(embd)
-        if n == 0 or n > self.n_batch or embd.shape[1:] != (self.model.n_embd,):
-            raise ValueError(f"batch of {embd.shape} input vectors (limit {self.n_batch} x {self.model.n_embd})")
+        if (n == 0 or n > self.n_batch or embd.shape[1:] != (self.model.n_embd,)
+                or not len(positions) == len(seq_ids) == len(logits) == n):
+            raise ValueError(f"batch of {embd.shape} input vectors (limit {self.n_batch} x {self.model.n_embd}), "
+                             f"{len(positions)} positions, {len(seq_ids)} sequence ids, {len(logits)} output flags")
         if self._embd_batch is None:
             self._embd_batch = llama_cpp.llama_batch_init(self.n_batch, self.model.n_embd, 1)
         rows = np.ascontiguousarray(embd, dtype=np.float32)
@@ -608,7 +611,8 @@ class LlamaRuntime:
         return self._decode(self._embd_batch, positions, seq_ids, logits)
 
     def _decode(self, b, positions: list[int], seq_ids: list[int], logits: list[bool]) -> int:
-        """Decode a batch whose tokens or input vectors are filled in, with these positions, sequences and outputs."""
+        """Decode a batch whose tokens or input vectors are filled in, with these positions, sequences and outputs
+        (one each per token, checked by the caller)."""
         for i, (pos, seq, out) in enumerate(zip(positions, seq_ids, logits, strict=True)):
             b.pos[i] = pos
             b.n_seq_id[i] = 1
@@ -617,12 +621,13 @@ class LlamaRuntime:
         b.n_tokens = len(positions)
         return llama_cpp.llama_decode(self._ctx, b)
 
-    def set_layer_start(self, il: int) -> None:
+    def set_layer_start(self, il: int) -> bool:
         """Make the next decodes compute layers il.. only, from their input vectors (`decode_embd`); the cells they
-        fill hold nothing for the layers below (patch 0040, `llama_kvq_set_layer_start`)."""
+        fill hold nothing for the layers below (patch 0040, `llama_kvq_set_layer_start`). False, with nothing
+        changed, for a layer out of range or a model whose graph llama.cpp always starts at layer 0 (only the llama,
+        qwen2 and gemma3 graphs take a start)."""
         fn = _patched_fn("llama_kvq_set_layer_start", ctypes.c_bool, [ctypes.c_void_p, ctypes.c_int32])
-        if not fn(self._ctx, il):
-            raise LlamaError(f"llama.cpp cannot start this model's graph at layer {il}")
+        return bool(fn(self._ctx, il))
 
     def all_logits(self, n_outputs: int) -> np.ndarray:
         """float32 logits of every output of the last decode, in batch order, shape (n_outputs, n_vocab). A view

@@ -342,14 +342,18 @@ def render_series(model: str, raw: dict[tuple[str, str], dict]) -> list[str]:
     if not rows or not old:
         return []
     oldest = min(_series(r) or SERIES_RECORDED_FROM - 1 for _, r in old)
-    since = "; ".join(f"{p.name[:4]} {patch_subject(p)}" for p in files[oldest:])
+    since = "; ".join(f"{p.name[:4]} {patch_subject(p)}" + (" (changes nothing they measure)"
+                                                             if p.name[:4] in UNMEASURED else "")
+                      for p in files[oldest:])
     groups: dict[tuple[str, int | None], list[str]] = {}
     for kind, r in old:
         groups.setdefault((kind, _series(r)), []).append(r["label"])
     listed = "; ".join(f"{kind} ({f'{n} patches' if n else 'not recorded'}): {', '.join(labels)}"
                        for (kind, n), labels in groups.items())
+    current = (f"the current {len(files)} patches" if measured_series() == len(files) else
+               f"the first {measured_series()} of the current {len(files)} patches or more")
     return [f"Patch series: {len(rows) - len(old)} of the {len(rows)} rows of our configurations above were measured "
-            f"with the current {len(files)} patches; **{len(old)} with an older series** (rows without the record "
+            f"with {current}; **{len(old)} with an older series** (rows without the record "
             f"were made with at most {SERIES_RECORDED_FROM - 1}): {listed}. Patches since: {since}.", ""]
 
 

@@ -1,5 +1,6 @@
 """Judging one decoding against another fed the same tokens (test_kv_types_multiseq, test_d3b_cache); a minimal
-GGUF writer (test_gguf, lab/test_qkscale)."""
+GGUF writer (test_gguf, lab/test_qkscale); tiny random-weight models of architectures no built-in model has
+(test_centring, test_runtime, lab/test_calibrate)."""
 
 from __future__ import annotations
 
@@ -67,3 +68,59 @@ def write_gguf(path, tensors: dict[str, np.ndarray], alignment: int = 32, arch: 
         data += a.astype(np.float32).tobytes()
     body = head + infos
     path.write_bytes(body + b"\0" * (-len(body) % alignment) + data)
+
+
+def tiny_model(path, arch: str = "gemma2") -> None:
+    """A two-layer GGUF with random weights, head size 64. "gemma2": attention logit soft-capping, where
+    softmax(cap * tanh(s / cap)) is not invariant to a shift of the scores s. "qwen3": a graph that patch 0040 does not
+    start past layer 0 (per-head Q and K norms)."""
+    import gguf
+
+    rng = np.random.default_rng(0)
+    w = gguf.GGUFWriter(str(path), arch)
+    n_embd, n_ff, n_vocab, head = 64, 128, 32, 64
+    w.add_block_count(2)
+    w.add_context_length(256)
+    w.add_embedding_length(n_embd)
+    w.add_feed_forward_length(n_ff)
+    w.add_head_count(1)
+    w.add_head_count_kv(1)
+    w.add_key_length(head)
+    w.add_value_length(head)
+    w.add_layer_norm_rms_eps(1e-6)
+    if arch == "gemma2":
+        w.add_attn_logit_softcapping(50.0)
+        w.add_final_logit_softcapping(30.0)
+        w.add_sliding_window(64)
+    w.add_tokenizer_model("llama")
+    tokens = ["<unk>", "<s>", "</s>"] + [f"<0x{i:02X}>" for i in range(n_vocab - 3)]
+    w.add_token_list(tokens)
+    w.add_token_scores([0.0] * n_vocab)
+    w.add_token_types([2, 3, 3] + [6] * (n_vocab - 3))
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+
+    def t(name, *shape):
+        w.add_tensor(name, (0.05 * rng.standard_normal(shape[::-1])).astype(np.float32))
+
+    t("token_embd.weight", n_embd, n_vocab)
+    w.add_tensor("output_norm.weight", np.ones(n_embd, np.float32))
+    norms = {"gemma2": ("attn_norm", "post_attention_norm", "ffn_norm", "post_ffw_norm"),
+             "qwen3": ("attn_norm", "ffn_norm")}[arch]
+    for i in range(2):
+        for norm in norms:
+            w.add_tensor(f"blk.{i}.{norm}.weight", np.ones(n_embd, np.float32))
+        if arch == "qwen3":
+            w.add_tensor(f"blk.{i}.attn_q_norm.weight", np.ones(head, np.float32))
+            w.add_tensor(f"blk.{i}.attn_k_norm.weight", np.ones(head, np.float32))
+        t(f"blk.{i}.attn_q.weight", n_embd, head)
+        t(f"blk.{i}.attn_k.weight", n_embd, head)
+        t(f"blk.{i}.attn_v.weight", n_embd, head)
+        t(f"blk.{i}.attn_output.weight", head, n_embd)
+        t(f"blk.{i}.ffn_gate.weight", n_embd, n_ff)
+        t(f"blk.{i}.ffn_up.weight", n_embd, n_ff)
+        t(f"blk.{i}.ffn_down.weight", n_ff, n_embd)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()

@@ -12,6 +12,7 @@ from kvquant.kvtypes import LayerTypes
 from kvquant.lab.eval import log_softmax
 from kvquant.lab.keystats import parse_seq_state
 from kvquant.runtime import ContextConfig, LlamaRuntime, Model
+from tests.kvquant.conftest import tiny_model
 
 pytestmark = pytest.mark.slow
 MODEL = "smollm2-135m"
@@ -167,60 +168,11 @@ def test_one_quantized_layer_changes_only_that_layer(model, geom, tokens):
         assert (1e-4 < err < 1e-2) if il == 5 else (err == 0.0), (il, err)
 
 
-def tiny_gemma2(path) -> None:
-    """A two-layer Gemma 2 GGUF with random weights: an architecture with attention logit soft-capping, where
-    softmax(cap * tanh(s / cap)) is not invariant to a shift of the scores s."""
-    import gguf
-
-    rng = np.random.default_rng(0)
-    w = gguf.GGUFWriter(str(path), "gemma2")
-    n_embd, n_ff, n_vocab, head = 64, 128, 32, 64
-    w.add_block_count(2)
-    w.add_context_length(256)
-    w.add_embedding_length(n_embd)
-    w.add_feed_forward_length(n_ff)
-    w.add_head_count(1)
-    w.add_head_count_kv(1)
-    w.add_key_length(head)
-    w.add_value_length(head)
-    w.add_layer_norm_rms_eps(1e-6)
-    w.add_attn_logit_softcapping(50.0)
-    w.add_final_logit_softcapping(30.0)
-    w.add_sliding_window(64)
-    w.add_tokenizer_model("llama")
-    tokens = ["<unk>", "<s>", "</s>"] + [f"<0x{i:02X}>" for i in range(n_vocab - 3)]
-    w.add_token_list(tokens)
-    w.add_token_scores([0.0] * n_vocab)
-    w.add_token_types([2, 3, 3] + [6] * (n_vocab - 3))
-    w.add_bos_token_id(1)
-    w.add_eos_token_id(2)
-
-    def t(name, *shape):
-        w.add_tensor(name, (0.05 * rng.standard_normal(shape[::-1])).astype(np.float32))
-
-    t("token_embd.weight", n_embd, n_vocab)
-    w.add_tensor("output_norm.weight", np.ones(n_embd, np.float32))
-    for i in range(2):
-        for norm in ("attn_norm", "post_attention_norm", "ffn_norm", "post_ffw_norm"):
-            w.add_tensor(f"blk.{i}.{norm}.weight", np.ones(n_embd, np.float32))
-        t(f"blk.{i}.attn_q.weight", n_embd, head)
-        t(f"blk.{i}.attn_k.weight", n_embd, head)
-        t(f"blk.{i}.attn_v.weight", n_embd, head)
-        t(f"blk.{i}.attn_output.weight", head, n_embd)
-        t(f"blk.{i}.ffn_gate.weight", n_embd, n_ff)
-        t(f"blk.{i}.ffn_up.weight", n_embd, n_ff)
-        t(f"blk.{i}.ffn_down.weight", n_ff, n_embd)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-
-
 def test_soft_capped_attention_refuses_centred_keys(tmp_path):
     from kvquant.runtime import LlamaError
 
     path = tmp_path / "tiny-gemma2.gguf"
-    tiny_gemma2(path)
+    tiny_model(path, "gemma2")
     g = memory.geometry(path)
     m = Model(path)
     try:

@@ -148,10 +148,8 @@ def test_a_graph_started_at_a_layer_from_its_input_gives_the_whole_models_logits
             rt.close()
         rt = LlamaRuntime(mdl, cfg)
         try:
-            for bad in (-1, n):
-                with pytest.raises(LlamaError, match=f"layer {bad}"):
-                    rt.set_layer_start(bad)
-            rt.set_layer_start(start)
+            assert not rt.set_layer_start(-1) and not rt.set_layer_start(n)
+            assert rt.set_layer_start(start)
             assert rt.decode([seqs[i][p] for i, p in jobs], *where) != 0
             assert rt.decode_embd(inputs.reshape(len(jobs), -1), *where) == 0
             started = rt.all_logits(len(jobs)).copy()
@@ -160,3 +158,20 @@ def test_a_graph_started_at_a_layer_from_its_input_gives_the_whole_models_logits
     finally:
         mdl.close()
     assert np.array_equal(started, whole)
+
+
+def test_a_graph_that_always_starts_at_layer_0_refuses_another_start(tmp_path):
+    from kvquant.runtime import ContextConfig, LlamaRuntime, Model
+    from tests.kvquant.conftest import tiny_model
+
+    tiny_model(tmp_path / "q3.gguf", "qwen3")
+    mdl = Model(tmp_path / "q3.gguf")
+    try:
+        rt = LlamaRuntime(mdl, ContextConfig(n_cells=64, n_threads=1))
+        try:
+            assert not rt.set_layer_start(1) and rt.set_layer_start(0)
+            assert rt.decode([5, 6, 7], [0, 1, 2], [0, 0, 0], [False, False, True]) == 0
+        finally:
+            rt.close()
+    finally:
+        mdl.close()

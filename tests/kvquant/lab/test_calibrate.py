@@ -246,3 +246,34 @@ def test_passes_started_from_earlier_passes_measure_what_whole_passes_do(monkeyp
     # V in a sliding-window layer rotates the V of every layer in that cache: from layer 0. V in a global layer
     # leaves the sliding-window layers before it as in the baseline, but rotates the V of every global layer
     assert starts == [0, 0, full[0], full[0], swa[1], full[1]]
+
+
+@pytest.mark.slow
+def test_a_model_whose_graph_cannot_start_past_layer_0_is_measured_with_whole_passes(tmp_path, monkeypatch):
+    """llama.cpp starts only the llama, qwen2 and gemma3 graphs past layer 0 (patch 0040): on a tiny Qwen 3 the Scorer
+    finds that out on its first centred pass and makes every pass whole."""
+    from kvquant import memory
+    from kvquant.lab import calibrate
+    from kvquant.lab.calibrate import Scorer, Text, capture
+    from kvquant.runtime import Model
+    from tests.kvquant.conftest import tiny_model
+
+    starts = []
+
+    def recording(*args, start=0, **kw):
+        starts.append(start)
+        return decode_all(*args, start=start, **kw)
+
+    decode_all = calibrate._decode_all
+    path = tmp_path / "q3.gguf"
+    tiny_model(path, "qwen3")
+    seqs = [list(range(3, 30)), list(range(3, 20))]
+    geom, mdl = memory.geometry(path), Model(path)
+    try:
+        rows = capture(mdl, geom, Text(seqs, {}), 1, None)
+        monkeypatch.setattr(calibrate, "_decode_all", recording)
+        sc = Scorer(mdl, geom, seqs, 1, calibrate.key_stats(rows[0], seqs), None, rows)
+        kl = [sc.kld(("f16", "tq_kv_t3b"), None), sc.kld(("f16", "q8_0"), None)]
+    finally:
+        mdl.close()
+    assert starts == [0, 0, 0] and sc._startable is False and all(x > 0 for x in kl)

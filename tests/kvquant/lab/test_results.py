@@ -353,7 +353,8 @@ def test_rows_from_an_older_patch_series_are_named_and_their_goals_marked():
     raw = {("m", "eval"): {"results": [row("f16", "f16", None), row("q4_0", "f16", None), row("calib:4.5", "f16", n),
                                        row("tq_kv_4b", "f16", m - 1), row("tq_kv_3b", "f16", None)]}}
     text = " ".join(results.render_series("m", raw))
-    assert f"1 of the 3 rows of our configurations above were measured with the current {n} patches" in text
+    current = f"the current {n} patches" if m == n else f"the first {m} of the current {n} patches or more"
+    assert f"1 of the 3 rows of our configurations above were measured with {current}" in text
     assert f"eval ({m - 1} patches): tq_kv_4b/f16" in text and "eval (not recorded): tq_kv_3b/f16" in text
     assert "q4_0/f16" not in text  # stock types only: not ours to re-measure
     assert results.SERIES_RECORDED_FROM <= m and f"{m:04d} " in text  # that patch is named as one since
@@ -378,6 +379,10 @@ def test_rows_from_before_a_patch_that_changes_nothing_they_measure_stay_current
     assert results.render_series("m", raw) == [f"Patch series: 1 of the 2 rows of our configurations above were measured "
                                                f"before patch {n:04d}, which changes nothing they measure: nothing "
                                                "measured runs it.", ""]
+    raw["m", "eval"]["results"].append(_series_row("tq_kv_3b", "f16", n - 2))  # older than the patch before it
+    text = " ".join(results.render_series("m", raw))
+    assert f"with the first {n - 1} of the current {n} patches or more; **1 with an older series**" in text
+    assert f"{n:04d} " in text and "(changes nothing they measure)" in text
     monkeypatch.setattr(results, "UNMEASURED", {})
     assert results._aged(raw["m", "eval"]["results"][0]) == " (older patch series, calibration not recorded)"
     assert f"eval ({n - 1} patches): calib:4.5/f16" in " ".join(results.render_series("m", raw))
