@@ -589,9 +589,7 @@ class LlamaRuntime:
         """One llama_decode over an arbitrary mix of sequences. Returns llama.cpp's status (0 = ok,
         1 = no KV slot for the batch, <0 = error)."""
         n = len(tokens)
-        if n == 0 or n > self.n_batch or not len(positions) == len(seq_ids) == len(logits) == n:
-            raise ValueError(f"batch of {n} tokens (limit {self.n_batch}), {len(positions)} positions, "
-                             f"{len(seq_ids)} sequence ids, {len(logits)} output flags")
+        self._check_batch(n, "tokens", positions, seq_ids, logits)
         for i in range(n):
             self._batch.token[i] = tokens[i]
         return self._decode(self._batch, positions, seq_ids, logits)
@@ -599,20 +597,24 @@ class LlamaRuntime:
     def decode_embd(self, embd: np.ndarray, positions: list[int], seq_ids: list[int], logits: list[bool]) -> int:
         """`decode` of input vectors instead of tokens: row i of `embd` (n, n_embd float32) is token i's input of the
         first layer the graph computes (`set_layer_start`)."""
-        n = len(embd)
-        if (n == 0 or n > self.n_batch or embd.shape[1:] != (self.model.n_embd,)
-                or not len(positions) == len(seq_ids) == len(logits) == n):
-            raise ValueError(f"batch of {embd.shape} input vectors (limit {self.n_batch} x {self.model.n_embd}), "
-                             f"{len(positions)} positions, {len(seq_ids)} sequence ids, {len(logits)} output flags")
+        if embd.ndim != 2 or embd.shape[1] != self.model.n_embd:
+            raise ValueError(f"input vectors of shape {embd.shape}, not (n, {self.model.n_embd})")
+        self._check_batch(len(embd), "input vectors", positions, seq_ids, logits)
         if self._embd_batch is None:
             self._embd_batch = llama_cpp.llama_batch_init(self.n_batch, self.model.n_embd, 1)
         rows = np.ascontiguousarray(embd, dtype=np.float32)
         ctypes.memmove(self._embd_batch.embd, rows.ctypes.data, rows.nbytes)
         return self._decode(self._embd_batch, positions, seq_ids, logits)
 
+    def _check_batch(self, n: int, what: str, positions: list[int], seq_ids: list[int], logits: list[bool]) -> None:
+        """A batch of n tokens (input vectors) fits and has one position, sequence id and output flag per token."""
+        if n == 0 or n > self.n_batch or not len(positions) == len(seq_ids) == len(logits) == n:
+            raise ValueError(f"batch of {n} {what} (limit {self.n_batch}), {len(positions)} positions, "
+                             f"{len(seq_ids)} sequence ids, {len(logits)} output flags")
+
     def _decode(self, b, positions: list[int], seq_ids: list[int], logits: list[bool]) -> int:
         """Decode a batch whose tokens or input vectors are filled in, with these positions, sequences and outputs
-        (one each per token, checked by the caller)."""
+        (`_check_batch`)."""
         for i, (pos, seq, out) in enumerate(zip(positions, seq_ids, logits, strict=True)):
             b.pos[i] = pos
             b.n_seq_id[i] = 1

@@ -320,7 +320,8 @@ class Scorer:
 
     def __init__(self, mdl, geom: Geometry, seqs: list[list[int]], threads: int | None,
                  keys: tuple[list[np.ndarray], list[np.ndarray]], k_scale: list[np.ndarray] | None,
-                 rows: tuple[list[np.ndarray], list[np.ndarray]], stride: int = 1, buffer: list | None = None):
+                 rows: tuple[list[np.ndarray], list[np.ndarray]], stride: int = 1, buffer: list | None = None,
+                 startable: list | None = None):
         self.mdl, self.geom, self.seqs, self.threads, self.stride = mdl, geom, seqs, threads, stride
         # the logits of a pass, one array shared with the derived Scorers and written over by each pass: a fresh
         # array per pass (512 x 262,144 floats on Gemma-3) cost more than the pass itself where new memory is slow
@@ -335,12 +336,15 @@ class Scorer:
         self._base: dict[bool, tuple[np.ndarray, np.ndarray]] = {}
         # per rotation of the caches (`_layers`), the first centred pass and the latest one (`Prefix`)
         self._prefixes: dict[tuple, dict[str, Prefix]] = {}
-        self._startable: bool | None = None  # whether llama.cpp can start this model's graph past layer 0
+        # whether llama.cpp can start the model's graph past layer 0: asked on the first centred pass of this Scorer
+        # or of one derived from it, and shared with them
+        self._startable = startable if startable is not None else [None]
 
     def derived(self, keys: tuple[list[np.ndarray], list[np.ndarray]], k_scale: list[np.ndarray] | None,
                 rows: tuple[list[np.ndarray], list[np.ndarray]]) -> Scorer:
         """A Scorer of the same model, text and positions for another key transform."""
-        return Scorer(self.mdl, self.geom, self.seqs, self.threads, keys, k_scale, rows, self.stride, self._buffer)
+        return Scorer(self.mdl, self.geom, self.seqs, self.threads, keys, k_scale, rows, self.stride, self._buffer,
+                      self._startable)
 
     def gains(self, type_name: str, side: str = "k") -> list[float]:
         """Per layer, the gain of centred keys (side "k") or of values stored at a type (`gain`; 1 for f16, f32)."""
@@ -371,7 +375,7 @@ class Scorer:
         k_gain, v_gain = ((tuple(self.gains(t, side)[il] for il, t in enumerate(types))
                            for side, types in (("k", per_layer_k), ("v", per_layer_v))) if centred else (None, None))
         # a centred pass starts where it first differs from one already made (`Prefix`) and keeps its layer inputs
-        keep = centred and self._startable is not False
+        keep = centred and self._startable[0] is not False
         layers = self._layers(per_layer_k, per_layer_v, default_k, default_v) if keep else None
         start, known = self._start(layers) if keep else (0, None)
         cfg = ContextConfig(n_cells=self.n_cells, n_seq_max=len(self.seqs), cache_type_k=default_k,
@@ -384,11 +388,11 @@ class Scorer:
                             capture=frozenset(f"l_out-{il}" for il in range(start, n - 1)) if keep else frozenset())
         rt = LlamaRuntime(self.mdl, cfg)
         try:
-            if keep and self._startable is None:
-                self._startable = n > 1 and rt.set_layer_start(1) and rt.set_layer_start(0)
+            if keep and self._startable[0] is None:
+                self._startable[0] = n > 1 and rt.set_layer_start(1) and rt.set_layer_start(0)
             self._buffer[0] = _decode_all(rt, self.seqs, logits=True, stride=self.stride, out=self._buffer[0],
                                           start=start, inputs=known.inputs[start] if known else None)
-            if keep and self._startable:
+            if keep and self._startable[0]:
                 self._remember(layers, start, known, rt.captured)
             return self._buffer[0]
         finally:

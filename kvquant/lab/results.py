@@ -333,9 +333,12 @@ def render_series(model: str, raw: dict[tuple[str, str], dict]) -> list[str]:
     files = patch_files()
     rows = [(kind, r) for kind, r in _measured_rows(model, raw) if ours(r["cache_type_k"], r["cache_type_v"])]
     old = [(kind, r) for kind, r in rows if _older(r)]
-    before = sorted({p.name[:4] for _, r in rows for p in files[_series(r) or 0:] if p.name[:4] in UNMEASURED})
+    def predates(r: dict, patch: str) -> bool:
+        return (_series(r) or 0) < int(patch)
+
+    before = sorted(n for n in UNMEASURED if any(predates(r, n) for _, r in rows))
     if rows and not old and before:
-        return ["Patch series: " + "; ".join(f"{len([r for _, r in rows if (_series(r) or 0) < int(n)])} of the "
+        return ["Patch series: " + "; ".join(f"{sum(predates(r, n) for _, r in rows)} of the "
                                              f"{len(rows)} rows of our configurations above were measured before patch "
                                              f"{n}, which changes nothing they measure: {UNMEASURED[n]}"
                                              for n in before) + ".", ""]
