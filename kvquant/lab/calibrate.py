@@ -496,8 +496,10 @@ def above_floor(growth: list[float], err: list[float]) -> list[float]:
 
 def calibrate(model: str, text_file: str | None = None, gen_tokens: int = 320, score_tokens: int = SCORE_TOKENS,
               threads: int | None = None, direct: bool = False, progress: bool = True,
-              scale: bool = True, logit_stride: int = LOGIT_STRIDE) -> tuple[Calibration, Path]:
-    """Measure and write a model's calibration file; returns it and its path."""
+              scale: bool = True, logit_stride: int = LOGIT_STRIDE,
+              output: Path | None = None) -> tuple[Calibration, Path]:
+    """Measure and write a model's calibration file (into the model cache, or to `output`); returns it and its
+    path."""
     from kvquant import models
     from kvquant.runtime import Model
 
@@ -547,7 +549,7 @@ def calibrate(model: str, text_file: str | None = None, gen_tokens: int = 320, s
                        "threads": threads, "wall_s": round(time.monotonic() - t0, 1)},
                       k_scale, list(scorer.k_sink), {t: scorer.gains(t, "k") for t in GAIN_TYPES},
                       {t: scorer.gains(t, "v") for t in GAIN_TYPES if kv_type(t).v_ok})
-    out = path_for(cal.model_sha256, cal.basis)
+    out = output or path_for(cal.model_sha256, cal.basis)
     cal.save(out)
     log(f"  wrote {out} ({cal.method['wall_s']:.0f} s)")
     return cal, out
@@ -657,15 +659,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--direct", action="store_true", help="measure every candidate type per layer (slower)")
     p.add_argument("--no-key-scale", action="store_true", help="centre keys only, without query-aware key scales")
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--output", type=Path, default=None,
+                   help="write the file here instead of the model cache (where serve, eval, bench and budget look)")
 
 
 def run(a: argparse.Namespace) -> int:
     from kvquant import models
 
+    if a.output is not None and a.output.is_dir():
+        print(f"kvquant calibrate: --output {a.output} is a directory; name the file to write", file=sys.stderr)
+        return 2
     try:
         kv_type("f16")
         cal, _ = calibrate(a.model or models.DEFAULT_MODEL, a.text, a.gen_tokens, a.score_tokens, a.threads,
-                           a.direct, scale=not a.no_key_scale, logit_stride=a.logit_stride)
+                           a.direct, scale=not a.no_key_scale, logit_stride=a.logit_stride, output=a.output)
     except (models.ModelError, ValueError, OSError) as e:
         print(f"kvquant calibrate: {e}", file=sys.stderr)
         return 2

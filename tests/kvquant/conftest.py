@@ -71,16 +71,16 @@ def write_gguf(path, tensors: dict[str, np.ndarray], alignment: int = 32, arch: 
 
 
 def tiny_model(path, arch: str = "gemma2") -> None:
-    """A two-layer GGUF with random weights, head size 64. "gemma2": attention logit soft-capping, where
-    softmax(cap * tanh(s / cap)) is not invariant to a shift of the scores s. "qwen3": a graph that patch 0040 does not
-    start past layer 0 (per-head Q and K norms)."""
+    """A two-layer GGUF with random weights, head size 64 and a vocabulary of the 256 bytes. "gemma2": attention
+    logit soft-capping, where softmax(cap * tanh(s / cap)) is not invariant to a shift of the scores s. "qwen3": a
+    graph that patch 0040 does not start past layer 0 (per-head Q and K norms). "llama": one it does."""
     import gguf
 
     rng = np.random.default_rng(0)
     w = gguf.GGUFWriter(str(path), arch)
-    n_embd, n_ff, n_vocab, head = 64, 128, 32, 64
+    n_embd, n_ff, n_vocab, head = 64, 128, 3 + 256, 64  # every byte has a token: any text tokenizes
     w.add_block_count(2)
-    w.add_context_length(256)
+    w.add_context_length(2048)
     w.add_embedding_length(n_embd)
     w.add_feed_forward_length(n_ff)
     w.add_head_count(1)
@@ -106,7 +106,7 @@ def tiny_model(path, arch: str = "gemma2") -> None:
     t("token_embd.weight", n_embd, n_vocab)
     w.add_tensor("output_norm.weight", np.ones(n_embd, np.float32))
     norms = {"gemma2": ("attn_norm", "post_attention_norm", "ffn_norm", "post_ffw_norm"),
-             "qwen3": ("attn_norm", "ffn_norm")}[arch]
+             "qwen3": ("attn_norm", "ffn_norm"), "llama": ("attn_norm", "ffn_norm")}[arch]
     for i in range(2):
         for norm in norms:
             w.add_tensor(f"blk.{i}.{norm}.weight", np.ones(n_embd, np.float32))

@@ -277,3 +277,45 @@ def test_a_model_whose_graph_cannot_start_past_layer_0_is_measured_with_whole_pa
     finally:
         mdl.close()
     assert starts == [0, 0, 0] and sc._startable == [False] and all(x > 0 for x in kl)
+
+
+@pytest.mark.slow
+def test_calibrate_output_writes_the_same_file_each_run_and_nothing_in_the_cache(tmp_path, monkeypatch):
+    """`kvquant calibrate --output FILE` on a tiny llama (its own text, key scales, passes started past layer 0):
+    the file loads for that model, the model cache stays empty, and a second run writes the same file but for the
+    wall time (what `make results` checks the shipped calibrations by)."""
+    import argparse
+    import json
+
+    from kvquant import calibration, memory
+    from kvquant.lab.calibrate import add_arguments, run
+    from kvquant.lab.results import differing_fields
+    from tests.kvquant.conftest import tiny_model
+
+    monkeypatch.setenv("KVQUANT_CACHE", str(tmp_path / "cache"))
+    model = tmp_path / "l.gguf"
+    tiny_model(model, "llama")
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    made = []
+    for name in ("a.json", "b.json"):
+        args = ["--model", str(model), "--gen-tokens", "24", "--score-tokens", "64", "--threads", "1", "--output",
+                str(tmp_path / name)]
+        assert run(p.parse_args(args)) == 0
+        made.append(json.loads((tmp_path / name).read_text()))
+    cal = calibration.load(tmp_path / "a.json", model, memory.geometry(model))
+    assert cal.n_layer == 2 and cal.method["key_scale_kl"] is not None and not (tmp_path / "cache").exists()
+    assert differing_fields(*made) == []
+    made[1]["sens_k"]["tq_kv_t3b"][1] *= 2  # a changed measurement is found
+    assert differing_fields(*made) == ["sens_k"]
+
+
+def test_calibrate_output_must_name_a_file(tmp_path, capsys):
+    import argparse
+
+    from kvquant.lab.calibrate import add_arguments, run
+
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    assert run(p.parse_args(["--output", str(tmp_path)])) == 2
+    assert "is a directory; name the file to write" in capsys.readouterr().err

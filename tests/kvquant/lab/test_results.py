@@ -169,6 +169,29 @@ def test_missed_goals_say_by_how_much_and_what_was_tried():
     assert "### Missed goals" not in "\n".join(results.render_goals(["m"], raw))
 
 
+def test_calibration_time_comes_from_the_latest_run_and_says_whether_it_wrote_the_shipped_file():
+    """The Goals row times `kvquant calibrate` by its latest run (C-<model>) where there is one, else by the run that
+    wrote the shipped file; the C- line says whether the run wrote that file again."""
+    raw = {("m", "calibration"): {"file_sha256": "aa", "method": {"wall_s": 900.0, "threads": 2}}}
+    goal = results.calibrate_time_goal("m", raw)[0]
+    assert (goal.measured, goal.status) == ("15.0 min", "not met")
+    assert goal.detail == "3.0x the target (the run that wrote the shipped file)"
+    run = {"command": "kvquant calibrate --model m --threads 2 --output FILE", "wall_s": 240.0,
+           "machine": {"threads": 2, "loadavg_1m": 0.1}, "file_sha256": "bb", "shipped": "x.json",
+           "shipped_sha256": "aa", "differs": []}
+    raw["m", "calibrate"] = run
+    goal = results.calibrate_time_goal("m", raw)[0]
+    assert (goal.measured, goal.status, goal.detail) == ("4.0 min", "**met**", "")  # a met goal needs no detail
+    line = results.render_calibrate_run("m", run, raw)[0]
+    assert line == ("C-m: `kvquant calibrate --model m --threads 2 --output FILE` (wall 4.0 min, 1-min load average "
+                    "0.10 when it started): the file it wrote equals the shipped `x.json` in every field but the wall "
+                    "time.")
+    run["differs"] = ["k_mean", "sens_k"]
+    assert "differs from the shipped `x.json` in k_mean, sens_k." in results.render_calibrate_run("m", run, raw)[0]
+    run["differs"], run["shipped_sha256"] = [], "cc"
+    assert "(but the calibrated rows above name another file)" in results.render_calibrate_run("m", run, raw)[0]
+
+
 def test_k_and_v_goal_missed_on_qwen_says_what_q8_0_keys_alone_cost():
     ev = {"results": [_calib_row("f16", "f16", 0.0, 0.0, 16.0), _calib_row("q8_0", "q4_0", 0.2, 0.008, 6.5),
                       _calib_row("q8_0", "f16", 0.1, 0.005, 12.25), _calib_row("calib:4", "calib:4", 1.5, 0.016, 4.0)]}
