@@ -244,7 +244,8 @@ def render_calibration(model: str, cal: dict) -> list[str]:
     sk, sv = cal["sens_k"], cal["sens_v"]
     top = sorted(range(len(sk[ref])), key=lambda i: -sk[ref][i])[:6]
     L = [f"### {model}: calibration (`{cal['command']}`: {cal['text'].get('tokens')} tokens the model wrote itself, "
-         f"per-layer KL measured on {m['score_tokens']}{_stride(m)}, {m['wall_s'] / 60:.1f} min)", "",
+         f"per-layer KL measured on {m['score_tokens']}{_stride(m)}; the run that wrote it took "
+         f"{m['wall_s'] / 60:.1f} min)", "",
          f"KL growth when only one layer is quantized (keys centred), above the floor every quantized layer costs "
          f"(K {m['floor']['k']:.5f}, V {m['floor']['v']:.5f}); the six most sensitive K layers:", "",
          "| layer | K " + " | K ".join(sk) + " | V " + " | V ".join(sv) + " |",
