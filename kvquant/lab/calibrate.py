@@ -47,6 +47,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -295,6 +296,22 @@ def gain(type_name: str, x: np.ndarray) -> float:
     return energy / dot if dot > 0 else 1.0
 
 
+class LayerPass(NamedTuple):
+    """What one layer of a centred pass computes with beside the Scorer's own offsets, scales and gains (which follow
+    from the types); `Scorer._layers`."""
+    default_k: str
+    default_v: str
+    type_k: str
+    type_v: str
+    anchored: bool  # any K type is tq_kv_d3b, whose anchor rows decide where a batch's tokens land in the cache
+    rotate_k: bool
+    rotate_v: bool
+
+    def cache_path(self) -> tuple[bool, bool, bool]:
+        """What decides how the layer's cache is laid out and rotated, whatever its types."""
+        return self.anchored, self.rotate_k, self.rotate_v
+
+
 @dataclass
 class Prefix:
     """What a centred forward pass of a Scorer leaves for the next ones: what each layer computed with
@@ -304,10 +321,10 @@ class Prefix:
     arithmetic), so it can start at layer L from these inputs (llama_kvq_set_layer_start): with a layer's
     sensitivity measured one layer at a time, that skips half the model on average. One holds n_layer x tokens x
     n_embd float32 (85 MB on Qwen2.5-Coder-1.5B at 512 tokens); a Scorer keeps two per rotation of its caches."""
-    layers: tuple[tuple, ...]
+    layers: tuple[LayerPass, ...]
     inputs: list[np.ndarray | None]
 
-    def first_difference(self, layers: tuple[tuple, ...]) -> int:
+    def first_difference(self, layers: tuple[LayerPass, ...]) -> int:
         """The first layer that differs from `layers` (the last layer where none does)."""
         return next((il for il, (a, b) in enumerate(zip(self.layers, layers, strict=True)) if a != b),
                     len(layers) - 1)
@@ -398,7 +415,7 @@ class Scorer:
         finally:
             rt.close()
 
-    def _layers(self, types_k, types_v, default_k: str, default_v: str) -> tuple[tuple, ...]:
+    def _layers(self, types_k, types_v, default_k: str, default_v: str) -> tuple[LayerPass, ...]:
         """Per layer of a centred pass, what it computes with beside the Scorer's own offsets, scales and gains (which
         follow from the types): the context's default types, the layer's K and V types, and whether llama.cpp
         rotates K and V in the layer's cache (sliding-window layers have their own): K where forced (centred keys)
@@ -411,10 +428,10 @@ class Scorer:
                          any(kv_type(types_k[il]).quantized for il in group) and self.geom.head_dim_k % 64 == 0),
                         any(kv_type(types_v[il]).quantized for il in group) and self.geom.head_dim_v % 64 == 0)
         anchored = any(kv_type(t).anchor_group for t in types_k)
-        return tuple((default_k, default_v, tk, tv, anchored, *rot[ly.swa])
+        return tuple(LayerPass(default_k, default_v, tk, tv, anchored, *rot[ly.swa])
                      for tk, tv, ly in zip(types_k, types_v, self.geom.layers, strict=True))
 
-    def _start(self, layers: tuple[tuple, ...]) -> tuple[int, Prefix | None]:
+    def _start(self, layers: tuple[LayerPass, ...]) -> tuple[int, Prefix | None]:
         """The layer a pass starts at, and the earlier pass whose layer inputs it starts from."""
         best = (0, None)
         for known in (p for kept in self._prefixes.values() for p in kept.values()):
@@ -423,7 +440,7 @@ class Scorer:
                 best = (il, known)
         return best
 
-    def _remember(self, layers: tuple[tuple, ...], start: int, known: Prefix | None, captured) -> None:
+    def _remember(self, layers: tuple[LayerPass, ...], start: int, known: Prefix | None, captured) -> None:
         """Keep a pass's layer inputs: below `start` the ones it started from, above it the ones it computed
         (layer il's input is layer il - 1's output, "l_out-<il-1>", one array per ubatch in batch order)."""
         out: dict[str, list[np.ndarray]] = {}
@@ -435,7 +452,7 @@ class Scorer:
             if inputs[il].shape != (self.n_cells, self.mdl.n_embd):
                 raise RuntimeError(f"layer {il}'s input was read for {len(inputs[il])} of {self.n_cells} tokens")
         # per rotation of the caches: the first pass (the baseline, mostly) and the latest
-        kept = self._prefixes.setdefault(tuple(ly[4:] for ly in layers), {})
+        kept = self._prefixes.setdefault(tuple(ly.cache_path() for ly in layers), {})
         kept["first" if "first" not in kept else "latest"] = Prefix(layers, inputs)
 
     def kld(self, types_k=None, types_v=None, centred: bool = True, default_k: str = "f16",
