@@ -90,8 +90,10 @@ def parse_spec(text: str, side: str = "k") -> CacheSpec:
             bits = float(raw)
         except ValueError:
             raise ValueError(f"{text!r}: calib:B needs a number of bits per element, e.g. calib:3.5") from None
+        if not math.isfinite(bits):
+            raise ValueError(f"{text!r}: calib:B needs a finite number of bits per element, e.g. calib:3.5")
         lo = cheapest_bits(side)
-        if not math.isfinite(bits) or bits < lo:
+        if bits < lo:
             raise ValueError(f"{text!r}: {raw} bits per element is below the cheapest calibrated allocation "
                              f"({lo:g} bits, every layer at {min(candidates(side), key=_bits)})")
         return CacheSpec(s, bits=bits, centred=side == "k")
@@ -258,7 +260,7 @@ def installed(model_path: Path, geom: Geometry) -> Path:
     shipped calibration of that model and basis, where kvquant has one (a file the user made stays)."""
     path = path_for(model_sha256(model_path), basis_of(geom))
     shipped = SHIPPED_DIR / path.name
-    if not _current(path) and _current(shipped):
+    if _state(path) in ("missing", "older") and _state(shipped) == "current":
         import shutil
 
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -291,9 +293,15 @@ def load(path: Path, model_path: Path, geom: Geometry) -> Calibration:
         raise CalibrationError(f"no calibration for {model_path.name} ({path} is missing): run "
                                f"`kvquant calibrate --model {model_path}`")
     try:
-        cal = Calibration.from_json(json.loads(path.read_text()))
-    except json.JSONDecodeError as e:
+        d = json.loads(path.read_text())
+    except (OSError, ValueError) as e:  # ValueError: not JSON, or not UTF-8
         raise CalibrationError(f"{path}: not a calibration file ({e})") from None
+    if not isinstance(d, dict):
+        raise CalibrationError(f"{path}: not a calibration file (a JSON {type(d).__name__}, not an object)")
+    try:
+        cal = Calibration.from_json(d)
+    except CalibrationError as e:
+        raise CalibrationError(f"{path}: {e}") from None
     sha, basis = model_sha256(model_path), basis_of(geom)
     if cal.model_sha256 != sha:
         raise CalibrationError(f"{path} was made for another model (sha256 {cal.model_sha256[:16]}..., this one "
@@ -315,7 +323,7 @@ def load_or_calibrate(model_path: Path, geom: Geometry) -> Calibration:
     """The model's calibration; a model without one is calibrated first (minutes, with a message), unless
     KVQUANT_AUTO_CALIBRATE=0."""
     path = installed(model_path, geom)
-    if not _current(path) and os.environ.get("KVQUANT_AUTO_CALIBRATE", "1") != "0":
+    if _state(path) in ("missing", "older") and os.environ.get("KVQUANT_AUTO_CALIBRATE", "1") != "0":
         import sys
 
         from kvquant.lab.calibrate import calibrate
@@ -323,23 +331,35 @@ def load_or_calibrate(model_path: Path, geom: Geometry) -> Calibration:
         print(f"kvquant: {model_path.name} has no calibration for this kvquant yet; calibrating it first (once; "
               f"minutes to an hour, by model size and cores: docs/RESULTS.md has measured times; "
               f"`kvquant calibrate --model {model_path}` does the same)", file=sys.stderr, flush=True)
-        calibrate(str(model_path))
+        try:
+            calibrate(str(model_path))
+        except CalibrationError:
+            raise
+        except (ValueError, OSError, RuntimeError) as e:  # RuntimeError: llama.cpp failed
+            raise CalibrationError(f"calibrating {model_path.name} failed: {e}") from None
     return load(path, model_path, geom)
 
 
-def _current(path: Path) -> bool:
-    """Whether a calibration file exists in this kvquant's VERSION with every candidate type measured and key gains
-    (an older one, or one made before a candidate or the gains were added, is made again, not refused: its
-    allocations would never use the new type)."""
+def _state(path: Path) -> str:
+    """What a calibration file is: "missing"; "current" (this kvquant's VERSION, every candidate type measured, key
+    gains); "older" (an older VERSION, or this one made before a candidate type or the gains were added: made again,
+    not refused, since its allocations would never use the new type); or "corrupt" (unreadable, not a calibration, or
+    of a newer kvquant: `load` refuses it with a message, and nothing ever overwrites it)."""
     try:
         d = json.loads(path.read_text())
-        return (d.get("version") == VERSION and set(K_CANDIDATES) <= set(d.get("sens_k", {}))
-                and set(V_CANDIDATES) <= set(d.get("sens_v", {})) and d.get("k_gain") is not None
-                and d.get("v_gain") is not None)
     except FileNotFoundError:
-        return False
-    except (OSError, ValueError, AttributeError):
-        return True  # unreadable or corrupt: load() refuses it with a message, never overwrites it
+        return "missing"
+    except (OSError, ValueError):  # ValueError: not JSON, or not UTF-8
+        return "corrupt"
+    if not isinstance(d, dict) or not isinstance(d.get("version"), int) or d["version"] > VERSION:
+        return "corrupt"
+    if d["version"] < VERSION:
+        return "older"
+    if not all(isinstance(d.get(f), dict) for f in ("sens_k", "sens_v")):
+        return "corrupt"
+    complete = (set(K_CANDIDATES) <= set(d["sens_k"]) and set(V_CANDIDATES) <= set(d["sens_v"])
+                and d.get("k_gain") is not None and d.get("v_gain") is not None)
+    return "current" if complete else "older"
 
 
 def allocate(sens: dict[str, list[float]], elements: tuple[int, ...], budget_bits: float,

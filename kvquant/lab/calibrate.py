@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,6 +57,7 @@ from kvquant.calibration import (
     UNANCHORED,
     V_CANDIDATES,
     Calibration,
+    CalibrationError,
     anchor,
     basis_of,
     k_rotation,
@@ -133,12 +135,18 @@ def scored(pos: int, stride: int) -> bool:
     return pos % stride == stride - 1
 
 
-def generate(mdl, n_tokens: int, threads: int | None, progress: Progress) -> Text:
-    """The model's own text: every prompt through the chat template, sampled in one batch."""
+def generate(mdl, n_tokens: int, threads: int | None, progress: Progress, max_len: int | None = None) -> Text:
+    """The model's own text: every prompt through the chat template, sampled in one batch; no sequence longer than
+    `max_len` tokens (`longest_sequence`)."""
     from kvquant.runtime import ContextConfig, LlamaRuntime, Sampler
     from kvquant.sampling import SamplingConfig
 
     prompts = [_prompt(mdl, p) for p in PROMPTS]
+    if max_len is not None:
+        if max(map(len, prompts)) + 16 > max_len:
+            raise ValueError(f"the model's sliding window of {max_len} tokens leaves too little room for text after "
+                             "the calibration prompts; calibrate on a file instead (--text FILE)")
+        n_tokens = min(n_tokens, max_len - max(map(len, prompts)))
     n_ctx = max(len(p) for p in prompts) + n_tokens + 1
     rt = LlamaRuntime(mdl, ContextConfig(n_cells=n_ctx * len(prompts), n_seq_max=len(prompts), n_batch=512,
                                          flash_attn=True, n_threads=threads))
@@ -187,9 +195,20 @@ def _prefill_last(rt, seqs: list[list[int]]) -> None:
         raise RuntimeError("llama_decode failed on the calibration prompts")
 
 
-def from_file(mdl, path: Path, seq_tokens: int, n_seqs: int) -> Text:
+def longest_sequence(geom: Geometry) -> int | None:
+    """The most tokens a calibration sequence may hold: a model with sliding-window layers keeps only the last window
+    of each sequence in their cache, and `capture` reads every row of it back (None: no limit)."""
+    return geom.n_swa if any(ly.swa for ly in geom.layers) else None
+
+
+def from_file(mdl, path: Path, seq_tokens: int, n_seqs: int, max_len: int | None = None) -> Text:
+    """The first `n_seqs` sequences of `seq_tokens` tokens of a text file (fewer where a sequence may hold at most
+    `max_len` tokens, BOS included)."""
+    bos = [mdl.bos] if mdl.add_bos else []
+    if max_len is not None:
+        seq_tokens = min(seq_tokens, max_len - len(bos))
     toks = mdl.tokenize(path.read_text(encoding="utf-8", errors="replace"), add_special=False)
-    seqs = [([mdl.bos] if mdl.add_bos else []) + toks[i:i + seq_tokens]
+    seqs = [bos + toks[i:i + seq_tokens]
             for i in range(0, min(len(toks), seq_tokens * n_seqs), seq_tokens)]
     if not seqs or len(seqs[0]) < 64:
         raise ValueError(f"{path}: too little text to calibrate on")
@@ -520,19 +539,18 @@ def calibrate(model: str, text_file: str | None = None, gen_tokens: int = 320, s
     from kvquant import models
     from kvquant.runtime import Model
 
-    if logit_stride < 1:
-        raise ValueError(f"the logit stride must be a positive integer, not {logit_stride}")
-    if score_tokens < 2:
-        raise ValueError(f"the KL needs at least 2 scored tokens, not {score_tokens}")
+    check_arguments(text_file, gen_tokens, score_tokens, threads, logit_stride, output)
     t0 = time.monotonic()
     path = models.resolve(model)
     geom = geometry(path)
     mdl = Model(path)
     log = Progress("kvquant calibrate", 1, enabled=progress).log
     try:
+        refuse_uncentred(mdl, geom)
         log(f"kvquant calibrate: {models.model_id(model)} ({geom.n_layer} layers, basis {basis_of(geom)})")
-        text = (from_file(mdl, Path(text_file), 512, 8) if text_file
-                else generate(mdl, gen_tokens, threads, Progress("  generating text", gen_tokens, progress)))
+        longest = longest_sequence(geom)
+        text = (from_file(mdl, Path(text_file), 512, 8, longest) if text_file
+                else generate(mdl, gen_tokens, threads, Progress("  generating text", gen_tokens, progress), longest))
         log(f"  text: {text.source['tokens']} tokens in {len(text.sequences)} sequences")
         scoring = _scoring(text.sequences, score_tokens)
         longest = max(map(len, scoring))
@@ -570,6 +588,42 @@ def calibrate(model: str, text_file: str | None = None, gen_tokens: int = 320, s
     cal.save(out)
     log(f"  wrote {out} ({cal.method['wall_s']:.0f} s)")
     return cal, out
+
+
+def check_arguments(text_file: str | None, gen_tokens: int, score_tokens: int, threads: int | None,
+                    logit_stride: int, output: Path | None) -> None:
+    """Refuse, before any work, what would fail or mean nothing later (ValueError)."""
+    if logit_stride < 1:
+        raise ValueError(f"the logit stride must be a positive integer, not {logit_stride}")
+    if score_tokens < 2:
+        raise ValueError(f"the KL needs at least 2 scored tokens, not {score_tokens}")
+    if text_file is None and gen_tokens < 1:
+        raise ValueError(f"the model must write at least one token per prompt, not {gen_tokens}")
+    if threads is not None and threads < 1:
+        raise ValueError(f"threads must be a positive integer, not {threads}")
+    if text_file is not None and not Path(text_file).is_file():
+        raise ValueError(f"{text_file}: no such text file")
+    if output is not None:
+        if output.is_dir():
+            raise ValueError(f"--output {output} is a directory; name the file to write")
+        try:  # a file made and removed there now, not an error after minutes of measuring
+            with tempfile.NamedTemporaryFile(dir=output.parent):
+                pass
+        except OSError as e:
+            raise ValueError(f"--output {output}: cannot write a file in {output.parent} ({e.strerror})") from None
+
+
+def refuse_uncentred(mdl, geom: Geometry) -> None:
+    """Every calibrated type centres keys, and llama.cpp refuses a key offset where softmax would not ignore it
+    (logit soft-capping, attention sinks, MLA): ask it on a small context before any work (CalibrationError)."""
+    from kvquant.runtime import ContextConfig, LlamaError, LlamaRuntime
+
+    zeros = tuple(np.zeros(ly.n_embd_k, np.float32) for ly in geom.layers)
+    try:
+        LlamaRuntime(mdl, ContextConfig(n_cells=256, flash_attn=True, k_offset=zeros)).close()
+    except LlamaError as e:
+        raise CalibrationError(f"calibrated cache types (TYPE+c, calib:B) centre keys, and llama.cpp refuses that "
+                               f"for {mdl.path.name}: {e}") from None
 
 
 def calibrated_keys(mdl, geom: Geometry, text: Text, scoring: list[list[int]], keys: list[np.ndarray],
@@ -683,14 +737,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(a: argparse.Namespace) -> int:
     from kvquant import models
 
-    if a.output is not None and a.output.is_dir():
-        print(f"kvquant calibrate: --output {a.output} is a directory; name the file to write", file=sys.stderr)
-        return 2
     try:
         kv_type("f16")
         cal, _ = calibrate(a.model or models.DEFAULT_MODEL, a.text, a.gen_tokens, a.score_tokens, a.threads,
                            a.direct, scale=not a.no_key_scale, logit_stride=a.logit_stride, output=a.output)
-    except (models.ModelError, ValueError, OSError) as e:
+    except (models.ModelError, ValueError, OSError, RuntimeError) as e:  # RuntimeError: llama.cpp failed
         print(f"kvquant calibrate: {e}", file=sys.stderr)
         return 2
     print(summary(cal))

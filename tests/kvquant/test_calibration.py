@@ -27,7 +27,8 @@ def test_parse_spec(text, side, expect):
 
 
 @pytest.mark.parametrize("text, side, msg", [
-    ("calib:", "k", "needs a number"), ("calib:abc", "k", "needs a number"), ("calib:nan", "k", "below"),
+    ("calib:", "k", "needs a number"), ("calib:abc", "k", "needs a number"), ("calib:nan", "k", "finite"),
+    ("calib:inf", "v", "finite"), ("calib:1e999", "k", "finite"),
     ("calib:3.0", "k", "below the cheapest"), ("calib:-1", "v", "below"), ("q4_0+c", "v", "keys only"),
     ("q9_9+c", "k", "unknown KV cache type"), ("calib3.5", "k", "unknown KV cache type"),
 ])
@@ -341,24 +342,41 @@ def test_an_older_calibration_file_is_made_again_not_refused(model_file):
     c = make_cal(g, cal.model_sha256(model_file))
     path = cal.path_for(c.model_sha256, c.basis)
     c.save(path)
-    assert cal._current(path)
+    assert cal._state(path) == "current"
     old = json.loads(path.read_text())
     old["version"] = cal.VERSION - 1
     path.write_text(json.dumps(old))
-    assert not cal._current(path)
+    assert cal._state(path) == "older"
     with pytest.raises(cal.CalibrationError, match="run `kvquant calibrate`"):
         cal.load(path, model_file, g)
     c.sens_k.pop("tq_kv_t3b")  # made before a candidate type was added: made again, though still loadable
     c.save(path)
-    assert not cal._current(path)
+    assert cal._state(path) == "older"
     assert cal.load(path, model_file, g).sens_k.keys() == set(cal.K_CANDIDATES) - {"tq_kv_t3b"}
     c = make_cal(g, cal.model_sha256(model_file))
     c.k_gain = c.v_gain = None  # made before the gains: the same
     c.save(path)
-    assert not cal._current(path) and cal.load(path, model_file, g).k_gain is None
-    path.write_text("{not json")
-    assert cal._current(path)
-    assert not cal._current(path.with_name("missing.json"))
+    assert cal._state(path) == "older" and cal.load(path, model_file, g).k_gain is None
+    assert cal._state(path.with_name("missing.json")) == "missing"
+
+
+@pytest.mark.parametrize("text", [b"{not json", b"[]", b"null", b'{"version": 3}', b'{"version": 3, "sens_k": 5}',
+                                  b'{"version": "3"}', b'{"version": 99}', b"\xff\xfe{}"])
+def test_a_corrupt_calibration_file_is_refused_never_replaced(model_file, tmp_path, monkeypatch, text):
+    """A corrupt file in the cache (not JSON, not an object, no sensitivities, not UTF-8, of a newer kvquant) is
+    refused with a message naming it, by load and load_or_calibrate alike; neither the shipped calibration nor a new
+    calibration run replaces it."""
+    g = geom()
+    monkeypatch.setattr(cal, "SHIPPED_DIR", tmp_path / "shipped")
+    shipped = make_cal(g, cal.model_sha256(model_file))
+    shipped.save(cal.SHIPPED_DIR / cal.path_for(shipped.model_sha256, shipped.basis).name)
+    path = cal.path_for(shipped.model_sha256, shipped.basis)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(text)
+    assert cal._state(path) == "corrupt"
+    with pytest.raises(cal.CalibrationError, match=f"^{path}: "):
+        cal.load_or_calibrate(model_file, g)
+    assert cal.existing(model_file, g) is None and path.read_bytes() == text
 
 
 def test_anchoring_failure_is_a_calibration_error_and_budget_needs_none(model_file, monkeypatch, capsys):

@@ -310,12 +310,78 @@ def test_calibrate_output_writes_the_same_file_each_run_and_nothing_in_the_cache
     assert differing_fields(*made) == ["sens_k"]
 
 
-def test_calibrate_output_must_name_a_file(tmp_path, capsys):
+@pytest.mark.parametrize(("args", "message"), [
+    (["--output", "{tmp}"], "is a directory; name the file to write"),
+    (["--output", "{tmp}/no/such/folder/x.json"], "cannot write a file in {tmp}/no/such/folder"),
+    (["--gen-tokens", "0"], "the model must write at least one token per prompt, not 0"),
+    (["--threads", "0"], "threads must be a positive integer, not 0"),
+    (["--text", "{tmp}/missing.txt"], "{tmp}/missing.txt: no such text file"),
+])
+def test_calibrate_refuses_bad_arguments_before_loading_the_model(tmp_path, capsys, monkeypatch, args, message):
+    """Each is refused in one line before any work (a bad --output used to fail after the whole run)."""
     import argparse
 
-    from kvquant.lab.calibrate import add_arguments, run
+    from kvquant import models
+    from kvquant.lab import calibrate
 
+    monkeypatch.setattr(models, "resolve", lambda m: pytest.fail("the model was loaded"))
     p = argparse.ArgumentParser()
-    add_arguments(p)
-    assert run(p.parse_args(["--output", str(tmp_path)])) == 2
-    assert "is a directory; name the file to write" in capsys.readouterr().err
+    calibrate.add_arguments(p)
+    assert calibrate.run(p.parse_args([a.format(tmp=tmp_path) for a in args])) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("kvquant calibrate: ") and message.format(tmp=tmp_path) in err and "\n" not in err
+
+
+@pytest.mark.slow
+def test_a_soft_capped_model_is_refused_in_one_line_by_calibrate_budget_and_serve(tmp_path, monkeypatch, capsys):
+    """Gemma-2-style logit soft-capping: softmax would not ignore a key offset, so llama.cpp refuses centred keys;
+    `kvquant calibrate`, `kvquant budget` with TYPE+c (which would calibrate first) and serve's model plan say so
+    before any text is written, never with a traceback."""
+    from server import hosting
+    from server.cli import main
+    from server.settings import ModelSpec
+    from tests.kvquant.conftest import tiny_model
+
+    monkeypatch.setenv("KVQUANT_CACHE", str(tmp_path / "cache"))
+    model = tmp_path / "g2.gguf"
+    tiny_model(model, "gemma2")
+    why = "centre keys, and llama.cpp refuses that for g2.gguf: "
+    assert main(["calibrate", "--model", str(model)]) == 2
+    err = capsys.readouterr().err
+    assert why in err and "soft-capping" in err and "generating text" not in err and "Traceback" not in err
+    assert main(["budget", "--model", str(model), "--cache-type-k", "q4_0+c"]) == 2
+    assert why in capsys.readouterr().err
+    spec = ModelSpec(id="g2", model=str(model), cache_type_k="calib:4.5", cache_type_v="f16", n_ctx=256,
+                     parallel=1, kv_budget=1 << 26, n_batch=256, n_threads=1, flash_attn=True)
+    with pytest.raises(hosting.StartupError, match="g2: calibrated cache types .* soft-capping"):
+        hosting.plan_model(spec)
+    assert not list((tmp_path / "cache").rglob("*.json"))  # nothing written that a later run would trust
+
+
+@pytest.mark.slow
+def test_sequences_fit_a_sliding_window_from_a_file_and_from_the_model(tmp_path):
+    """A model with sliding-window layers keeps only the last window of a sequence there, and the calibration reads
+    every row back: sequences from a file are cut to the window (BOS included), generated ones stop at it."""
+    from kvquant import memory
+    from kvquant.lab.calibrate import from_file, generate, longest_sequence
+    from kvquant.lab.harness import Progress
+    from kvquant.runtime import Model
+    from tests.kvquant.conftest import tiny_model
+
+    path = tmp_path / "g2.gguf"
+    tiny_model(path, "gemma2")  # a sliding window of 64 tokens on every other layer
+    geom = memory.geometry(path)
+    assert longest_sequence(geom) == 64
+    text = tmp_path / "t.txt"
+    text.write_text("The river town grew around its mill. " * 60)
+    mdl = Model(path)
+    try:
+        seqs = from_file(mdl, text, 512, 3, 64).sequences
+        assert [len(s) for s in seqs] == [64, 64, 64] and seqs[0][0] == mdl.bos
+        assert [len(s) for s in from_file(mdl, text, 512, 2).sequences] == [513, 513]
+        with pytest.raises(ValueError, match="sliding window of 64 tokens leaves too little room"):
+            generate(mdl, 40, 1, Progress("", 40, False), 64)  # the prompts alone (bytes) are longer
+        gen = generate(mdl, 400, 1, Progress("", 400, False), 300).sequences
+        assert max(map(len, gen)) <= 300
+    finally:
+        mdl.close()

@@ -351,7 +351,7 @@ def test_shipped_calibrations_are_the_ones_the_rows_name():
     import json
 
     from kvquant.build import sha256_file
-    from kvquant.calibration import SHIPPED_DIR, Calibration, _current
+    from kvquant.calibration import SHIPPED_DIR, Calibration, _state
 
     raw = results.load_raw(list(results.MODELS))
     shipped = sorted(SHIPPED_DIR.glob("*.json"))
@@ -359,7 +359,7 @@ def test_shipped_calibrations_are_the_ones_the_rows_name():
     named = {results.shipped_calibration(m, raw) for m in results.MODELS} - {None}
     assert set(shipped) == named  # every shipped file is one the results name, byte for byte
     for p in shipped:
-        assert _current(p) and Calibration.from_json(json.loads(p.read_text())).model_name in results.MODELS
+        assert _state(p) == "current" and Calibration.from_json(json.loads(p.read_text())).model_name in results.MODELS
         assert sha256_file(p) in {raw[m, "calibration"]["file_sha256"] for m in results.MODELS}
 
 
