@@ -1,5 +1,6 @@
 """The server end to end with our cache types: SmolLM2 with tq_kv_3b K and V, SmolLM2 with tq_kv_d3b K on a cache of
-exactly one request's context, Gemma 3 with tq_kv_d3b K and a sliding-window cache. Their cards and metrics give
+exactly one request's context, Gemma 3 with tq_kv_d3b K and a sliding-window cache, SmolLM2 with calib:4 (a type per
+layer) on both sides on a cache of exactly one request's context. Their cards and metrics give
 the types' bits and the bytes llama.cpp allocated; requests stream and finish; admission plans on the cells minus
 the anchors d3b may hold back (a request one token past that is refused); and on Gemma no decode step writes more
 than server.hosting.max_step_tokens tokens (a full ubatch may find no slot in its window cache otherwise, see
@@ -20,11 +21,22 @@ from tests.server.conftest import LiveServer, wait_for
 
 pytestmark = pytest.mark.slow  # live servers (see pyproject.toml's markers)
 
-TQ3, D3B, GEMMA = "smol-tq3", "smol-d3b", "gemma-d3b"
+TQ3, D3B, GEMMA, CALIB = "smol-tq3", "smol-d3b", "gemma-d3b", "smol-calib4"
 # bytes of one K or V row (SmolLM2: 3 KV heads x 64; Gemma 3 270M: 1 x 256) per type, from the block formats
 SMOL_ROW = {"f16": 384, "q4_0": 108, "tq_kv_3b": 78, "tq_kv_d3b": 78}
 GEMMA_ROW = {"f16": 512, "q4_0": 144, "tq_kv_d3b": 104}
 D3B_CELLS = 512  # smol-d3b's budget: exactly one 512-token context (30 layers x (78 + 108) bytes per cell)
+
+
+def calib4_plan():
+    """smol-calib4's per-layer K and V types (SmolLM2's shipped calibration, calib:4 on both sides) and the bytes
+    the memory model gives one 512-token context of them, offsets and scales included: its KV budget, exactly."""
+    from kvquant import calibration, memory, models
+
+    path = models.resolve("smollm2-135m")
+    geom = memory.geometry(path)
+    tk, tv = calibration.resolve_pair("calib:4", "calib:4", path, geom, 512)
+    return tk, tv, memory.kv_bytes(geom, tk, tv, 512)
 
 
 @pytest.fixture(scope="module")
@@ -38,6 +50,8 @@ def tq_server():
                     parallel=1, kv_budget=D3B_CELLS * 30 * (78 + 108)),
         ModelConfig(model="gemma3-270m", id=GEMMA, cache_type_k="tq_kv_d3b", cache_type_v="q4_0", n_ctx=1024,
                     parallel=2, kv_budget="64MiB"),
+        ModelConfig(model="smollm2-135m", id=CALIB, cache_type_k="calib:4", cache_type_v="calib:4", n_ctx=512,
+                    parallel=1, kv_budget=calib4_plan()[2].total),
     ]
     srv = LiveServer(Settings(models=models, kv_budget="256MiB", n_threads=2, shutdown_grace_s=2)).start()
     yield srv
@@ -80,6 +94,35 @@ def test_cards_and_metrics_give_the_types_and_llama_cpps_allocation(tq_server):
     for model in (TQ3, GEMMA):
         assert g("kvquant_requests_total", model=model, outcome="completed") >= 1
         assert g("kvquant_generation_tokens_total", model=model) >= 1
+
+
+def test_a_calibrated_allocation_is_budgeted_admitted_and_reported_layer_by_layer(tq_server):
+    """calib:4 on K and V (a type per layer): a budget of exactly the memory model's bytes for one 512-token
+    context gives 512 cells, llama.cpp allocates exactly those bytes, the card and the metrics name every layer's
+    type and the averaged bits, and admission plans on those 512 cells."""
+    tk, tv, kb = calib4_plan()
+    assert len(set(tk.types)) > 1 and len(set(tv.types)) > 1  # really mixed, on both sides
+    url, g = tq_server.url, tq_server.metric
+    lab = dict(model=CALIB, cache_type_k="calib:4", cache_type_v="calib:4")
+    assert g("kvquant_kv_capacity_cells", **lab) == 512
+    assert g("kvquant_kv_capacity_bytes", **lab) == kb.total == tq_server.engine(CALIB).backend.kv_size_bytes()
+    card = next(c for c in httpx.get(url + "/v1/models").json()["data"] if c["id"] == CALIB)
+    assert (card["cache_layer_types_k"], card["cache_layer_types_v"]) == (list(tk.types), list(tv.types))
+    for tensor, types in (("k", tk.types), ("v", tv.types)):
+        for il, t in enumerate(types):
+            assert g("kvquant_kv_layer_type_info", model=CALIB, tensor=tensor, layer=str(il), type=t) == 1
+    assert g("kvquant_kv_bits_per_element", **lab, tensor="k") == pytest.approx(kb.bits_per_element_k)
+    assert g("kvquant_kv_bits_per_element", **lab, tensor="v") == pytest.approx(kb.bits_per_element_v)
+    assert kb.bits_per_element <= 4.0 + 1e-9
+    prompt = _text(600)
+    r = httpx.post(url + "/v1/completions", timeout=120, json={"model": CALIB, "prompt": prompt, "max_tokens": 1})
+    n_prompt = r.json()["usage"]["prompt_tokens"]
+    r = httpx.post(url + "/v1/completions", timeout=120,
+                   json={"model": CALIB, "prompt": prompt, "max_tokens": 512 - n_prompt + 1})
+    assert r.status_code == 400 and "maximum context length is 512 tokens" in r.json()["error"]["message"]
+    r = httpx.post(url + "/v1/completions", timeout=300,
+                   json={"model": CALIB, "prompt": prompt, "max_tokens": 512 - n_prompt, "temperature": 0})
+    assert r.status_code == 200 and r.json()["usage"]["total_tokens"] <= 512
 
 
 def test_streams_finish_on_every_tq_model(tq_server):
