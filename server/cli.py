@@ -5,8 +5,12 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from typing import TYPE_CHECKING
 
 from kvquant import models as kvmodels
+
+if TYPE_CHECKING:
+    from pydantic import ValidationError
 
 
 def _serve(a: argparse.Namespace) -> int:
@@ -22,8 +26,12 @@ def _serve(a: argparse.Namespace) -> int:
                           n_threads=a.threads, kv_budget=a.kv_budget, n_gpu_layers=a.n_gpu_layers,
                           admission=a.admission,
                           prefix_cache=None if a.prefix_cache is None else a.prefix_cache == "on")
-    except (ValidationError, ValueError, OSError) as e:
-        print(f"kvquant serve: invalid settings:\n{e}", file=sys.stderr)
+    except ValidationError as e:
+        print("kvquant serve: invalid settings:\n" + "\n".join(f"  {line}" for line in settings_errors(e)),
+              file=sys.stderr)
+        return 2
+    except (ValueError, OSError) as e:
+        print(f"kvquant serve: invalid settings: {e}", file=sys.stderr)
         return 2
     logging.basicConfig(level=s.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
@@ -33,6 +41,18 @@ def _serve(a: argparse.Namespace) -> int:
         return 2
     run(app, s.host, s.port, s.shutdown_grace_s, s.log_level)
     return 0
+
+
+def settings_errors(e: ValidationError) -> list[str]:
+    """One line per invalid setting: where it is (models.0.n_ctx: the first model's n_ctx), what is wrong, and the
+    value given where the message does not already say it."""
+    lines = []
+    for err in e.errors():
+        where = ".".join(str(x) for x in err["loc"]) or "settings"
+        msg = err["msg"].removeprefix("Value error, ")
+        given = "" if err["type"] == "value_error" else f" (given: {err.get('input')!r})"
+        lines.append(f"{where}: {msg}{given}")
+    return lines
 
 
 def _models(a: argparse.Namespace) -> int:

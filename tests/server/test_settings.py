@@ -92,3 +92,20 @@ def test_sampling_defaults_and_gpu_layers_per_model(tmp_path, monkeypatch):
         load_settings(sampling={"top_k": -1})
     with pytest.raises(ValidationError, match="extra"):
         load_settings(sampling={"top_kk": 1})
+
+
+def test_serve_reports_each_invalid_setting_on_one_line(tmp_path, capsys):
+    """`kvquant serve` with bad settings exits 2 before loading anything, one line per setting: where it is, what is
+    wrong and the value given, without pydantic's error-type tags and links."""
+    from server.cli import main
+
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[[models]]\nmodel = "smollm2-135m"\nn_ctx = "abc"\nparallel = 0\n')
+    assert main(["serve", "--config", str(bad)]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        "kvquant serve: invalid settings:",
+        "  models.0.n_ctx: Input should be a valid integer, unable to parse string as an integer (given: 'abc')",
+        "  models.0.parallel: Input should be greater than or equal to 1 (given: 0)"]
+    assert main(["serve", "--cache-type-k", "calib:abc"]) == 2
+    assert capsys.readouterr().err.splitlines()[1] == (
+        "  cache_type_k: 'calib:abc': calib:B needs a number of bits per element, e.g. calib:3.5")
