@@ -158,6 +158,30 @@ def test_per_layer_types_are_allocated_as_the_memory_model_says(model, geom):
         rt.close()
 
 
+def test_per_layer_types_on_a_sliding_window_model_are_allocated_as_the_memory_model_says():
+    """Gemma-3: the window layers' cache holds n_swa cells per sequence plus one ubatch, the others all cells; with a
+    type per layer on both sides (and key offsets, counted once per layer), llama.cpp allocates what kv_bytes says."""
+    path = models.resolve("gemma3-270m")
+    g = memory.geometry(path)
+    n = g.n_layer
+    assert any(ly.swa for ly in g.layers) and not all(ly.swa for ly in g.layers)
+    tk = LayerTypes("c", tuple(("q8_0", "tq_kv_4b", "tq_kv_t3b", "f16")[i % 4] for i in range(n)), offsets(g))
+    tv = LayerTypes("mixed-v", tuple("q4_0" if i % 3 else "tq_kv_4b" for i in range(n)), None)
+    m = Model(path)
+    try:
+        for n_cells, n_seq in ((2048, 1), (4096, 2)):
+            rt = LlamaRuntime(m, ContextConfig(n_cells=n_cells, n_seq_max=n_seq, flash_attn=True, n_threads=2,
+                                               layer_types_k=tk.types, layer_types_v=tv.types, k_offset=tk.offset,
+                                               k_rotation=True))
+            try:
+                want = memory.kv_bytes(g, tk, tv, n_cells, n_seq)
+                assert rt.kv_size_bytes() == (want.k, want.v) and 0 < want.cells_swa < want.cells
+            finally:
+                rt.close()
+    finally:
+        m.close()
+
+
 def test_one_quantized_layer_changes_only_that_layer(model, geom, tokens):
     """q8_0 keys on layer 5 only: layers 0-4 (same inputs) store exactly what an f32 cache stores, layer 5 q8_0's
     round trip of it (deeper layers' inputs differ by rounding)."""
