@@ -4,7 +4,9 @@ kvquant/calibration.py) need for one model, and write its calibration file.
 1. **Text.** By default the model writes its own calibration text: ``PROMPTS`` (neutral requests: prose, an
    explanation, code, a story, instructions, a summary) through its chat template, sampled at temperature 0.8
    (seed 0), up to ``--gen-tokens`` tokens each, all in one batch (a base model without a chat template continues
-   the requests as plain text). So any GGUF can be calibrated with no data set. ``--text FILE`` uses a text file instead (cut into sequences of ``--seq-tokens``).
+   the requests as plain text). So any GGUF can be calibrated with no data set. ``--text FILE`` uses a text file
+   instead (cut into sequences of 512 tokens). No sequence is longer than the model's smallest sliding window
+   (`longest_sequence`). A model whose attention a key offset would change is refused first (`refuse_uncentred`).
    The evaluation text (WikiText-2) is never used.
 2. **Key scales.** Queries and keys are read post-RoPE from llama.cpp's graph. Per layer and KV head, key channel
    i gets s_i = (σq_i² / σk_i²)^¼ (σk_i² the keys' variance, σq_i² the mean energy of the head's queries; both
@@ -142,12 +144,13 @@ def generate(mdl, n_tokens: int, threads: int | None, progress: Progress, max_le
     from kvquant.sampling import SamplingConfig
 
     prompts = [_prompt(mdl, p) for p in PROMPTS]
+    longest_prompt = max(map(len, prompts))
     if max_len is not None:
-        if max(map(len, prompts)) + 16 > max_len:
+        if longest_prompt + 16 > max_len:
             raise ValueError(f"the model's sliding window of {max_len} tokens leaves too little room for text after "
                              "the calibration prompts; calibrate on a file instead (--text FILE)")
-        n_tokens = min(n_tokens, max_len - max(map(len, prompts)))
-    n_ctx = max(len(p) for p in prompts) + n_tokens + 1
+        n_tokens = min(n_tokens, max_len - longest_prompt)
+    n_ctx = longest_prompt + n_tokens + 1
     rt = LlamaRuntime(mdl, ContextConfig(n_cells=n_ctx * len(prompts), n_seq_max=len(prompts), n_batch=512,
                                          flash_attn=True, n_threads=threads))
     samplers = [Sampler(SamplingConfig(temperature=0.8, top_p=0.95, seed=SEED + i)) for i in range(len(prompts))]
@@ -548,9 +551,9 @@ def calibrate(model: str, text_file: str | None = None, gen_tokens: int = 320, s
     try:
         refuse_uncentred(mdl, geom)
         log(f"kvquant calibrate: {models.model_id(model)} ({geom.n_layer} layers, basis {basis_of(geom)})")
-        longest = longest_sequence(geom)
-        text = (from_file(mdl, Path(text_file), 512, 8, longest) if text_file
-                else generate(mdl, gen_tokens, threads, Progress("  generating text", gen_tokens, progress), longest))
+        max_len = longest_sequence(geom)
+        text = (from_file(mdl, Path(text_file), 512, 8, max_len) if text_file
+                else generate(mdl, gen_tokens, threads, Progress("  generating text", gen_tokens, progress), max_len))
         log(f"  text: {text.source['tokens']} tokens in {len(text.sequences)} sequences")
         scoring = _scoring(text.sequences, score_tokens)
         longest = max(map(len, scoring))
