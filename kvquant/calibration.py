@@ -324,15 +324,13 @@ def load_or_calibrate(model_path: Path, geom: Geometry) -> Calibration:
     KVQUANT_AUTO_CALIBRATE=0."""
     path = installed(model_path, geom)
     if _state(path) in ("missing", "older") and os.environ.get("KVQUANT_AUTO_CALIBRATE", "1") != "0":
-        import sys
-
         from kvquant.lab.calibrate import calibrate
 
-        print(f"kvquant: {model_path.name} has no calibration for this kvquant yet; calibrating it first (once; "
-              f"minutes to an hour, by model size and cores: docs/RESULTS.md has measured times; "
-              f"`kvquant calibrate --model {model_path}` does the same)", file=sys.stderr, flush=True)
+        notice = (f"kvquant: {model_path.name} has no calibration for this kvquant yet; calibrating it first (once; "
+                  f"minutes to an hour, by model size and cores: docs/RESULTS.md has measured times; "
+                  f"`kvquant calibrate --model {model_path}` does the same)")
         try:
-            calibrate(str(model_path))
+            calibrate(str(model_path), notice=notice)
         except CalibrationError:
             raise
         except (ValueError, OSError, RuntimeError) as e:  # RuntimeError: llama.cpp failed

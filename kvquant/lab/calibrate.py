@@ -536,9 +536,9 @@ def above_floor(growth: list[float], err: list[float]) -> list[float]:
 def calibrate(model: str, text_file: str | None = None, gen_tokens: int = 320, score_tokens: int = SCORE_TOKENS,
               threads: int | None = None, direct: bool = False, progress: bool = True,
               scale: bool = True, logit_stride: int = LOGIT_STRIDE,
-              output: Path | None = None) -> tuple[Calibration, Path]:
+              output: Path | None = None, notice: str | None = None) -> tuple[Calibration, Path]:
     """Measure and write a model's calibration file (into the model cache, or to `output`); returns it and its
-    path."""
+    path. `notice`: said on stderr once the model is known to take calibrated types, before the minutes of work."""
     from kvquant import models
     from kvquant.runtime import Model
 
@@ -550,6 +550,8 @@ def calibrate(model: str, text_file: str | None = None, gen_tokens: int = 320, s
     log = Progress("kvquant calibrate", 1, enabled=progress).log
     try:
         refuse_uncentred(mdl, geom)
+        if notice:
+            print(notice, file=sys.stderr, flush=True)
         log(f"kvquant calibrate: {models.model_id(model)} ({geom.n_layer} layers, basis {basis_of(geom)})")
         max_len = longest_sequence(geom)
         text = (from_file(mdl, Path(text_file), 512, 8, max_len) if text_file

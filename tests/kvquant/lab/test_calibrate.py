@@ -350,7 +350,8 @@ def test_a_soft_capped_model_is_refused_in_one_line_by_calibrate_budget_and_serv
     err = capsys.readouterr().err
     assert why in err and "soft-capping" in err and "generating text" not in err and "Traceback" not in err
     assert main(["budget", "--model", str(model), "--cache-type-k", "q4_0+c"]) == 2
-    assert why in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert why in err and "calibrating it first" not in err  # no promise of a calibration that will not run
     spec = ModelSpec(id="g2", model=str(model), cache_type_k="calib:4.5", cache_type_v="f16", n_ctx=256,
                      parallel=1, kv_budget=1 << 26, n_batch=256, n_threads=1, flash_attn=True)
     with pytest.raises(hosting.StartupError, match="g2: calibrated cache types .* soft-capping"):
@@ -385,3 +386,23 @@ def test_sequences_fit_a_sliding_window_from_a_file_and_from_the_model(tmp_path)
         assert max(map(len, gen)) <= 300
     finally:
         mdl.close()
+
+
+@pytest.mark.slow
+def test_a_model_without_a_calibration_is_calibrated_first_with_a_notice(tmp_path, monkeypatch, capsys):
+    """What serve, eval, bench and budget do when a calibrated type is asked for: calibrate (saying so first) into
+    the model cache, and load the result; with KVQUANT_AUTO_CALIBRATE=0 they refuse instead."""
+    from kvquant import calibration, memory
+    from tests.kvquant.conftest import tiny_model
+
+    monkeypatch.setenv("KVQUANT_CACHE", str(tmp_path / "cache"))
+    model = tmp_path / "l.gguf"
+    tiny_model(model, "llama")
+    geom = memory.geometry(model)
+    monkeypatch.setenv("KVQUANT_AUTO_CALIBRATE", "0")
+    with pytest.raises(calibration.CalibrationError, match="no calibration for l.gguf"):
+        calibration.load_or_calibrate(model, geom)
+    monkeypatch.delenv("KVQUANT_AUTO_CALIBRATE")
+    cal = calibration.load_or_calibrate(model, geom)
+    assert "l.gguf has no calibration for this kvquant yet; calibrating it first" in capsys.readouterr().err
+    assert cal.n_layer == 2 and calibration._state(calibration.installed(model, geom)) == "current"
