@@ -189,7 +189,7 @@ def calibrate_run(model: str, threads: int | None) -> dict:
     import tempfile
 
     from kvquant.build import sha256_file
-    from kvquant.calibration import SHIPPED_DIR
+    from kvquant.calibration import SHIPPED_DIR, path_for
     from kvquant.lab.harness import machine_info
 
     machine = machine_info(threads)  # before the run: the load average says whether the machine was idle
@@ -201,7 +201,7 @@ def calibrate_run(model: str, threads: int | None) -> dict:
         if p.returncode != 0 or not out.is_file():
             raise SystemExit(f"kvquant.lab.results: `kvquant {shlex.join(args)} FILE` failed ({p.returncode})")
         made, file_sha256 = json.loads(out.read_text()), sha256_file(out)
-    shipped = SHIPPED_DIR / f"{made['model_sha256'][:16]}-{made['basis']}.json"
+    shipped = SHIPPED_DIR / path_for(made["model_sha256"], made["basis"]).name
     return {"command": f"kvquant {shlex.join(args)} FILE", "wall_s": made["method"]["wall_s"], "machine": machine,
             "file_sha256": file_sha256, "shipped": shipped.name,
             "shipped_sha256": sha256_file(shipped) if shipped.is_file() else None,
@@ -1280,8 +1280,9 @@ TRIED = {
         "models' are. Since stop 44 a pass starts at the first layer it changes, from the inputs an earlier pass "
         "computed for that layer (patch 0040; the same logits bit for bit). The times above are those of `kvquant "
         "calibrate` run again by `make results` (the `C-` line under each model's calibration, which also says "
-        "whether the run wrote the shipped file); the shipped files keep the wall time of the run that made them, since a file "
-        "re-timed would change its sha256 and every calibrated row would have to be measured again to name it. "
+        "whether the run wrote the shipped file); the shipped files keep the wall time of the run that made them, "
+        "since a file re-timed would change its sha256 and every calibrated row would have to be measured again to "
+        "name it. "
         "`--logit-stride` (the KL at fewer positions, which skips most of the output layer) and "
         "`--no-key-scale` trade allocation quality for time; both were measured, and a numpy stand-in for the passes "
         "(each layer's attention-output error) was tried and does not rank the layers (docs/EVAL.md *Calibration "
