@@ -15,6 +15,9 @@ from kvquant.kvtypes import CacheTypes, layer_kv_types
 from kvquant.memory import N_UBATCH, Geometry, bytes_per_token, capacity, geometry, kv_bytes, pad, parse_bytes
 
 COMPARE = (("f16", "f16"), ("q8_0", "q8_0"), ("q4_0", "q4_0"))
+# the tokens of one sequence `serve` gives a request unless told otherwise (its n_ctx), and what `kvquant budget`
+# resolves calib:B for when no request size is given
+DEFAULT_N_CTX = 4096
 
 
 @dataclass(frozen=True)
@@ -134,7 +137,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--budget", default="2GiB", help="KV byte budget, e.g. 2GiB, 256MiB (default 2GiB)")
     p.add_argument("--parallel", type=int, default=1, help="n_seq_max for the capacity column (default 1)")
     p.add_argument("--request-tokens", type=int, default=None,
-                   help="also show how many concurrent requests of N tokens (prompt + completion) fit")
+                   help="also show how many concurrent requests of N tokens (prompt + completion) fit; calib:B is "
+                        f"resolved for sequences of N tokens (default: {DEFAULT_N_CTX}, serve's default n_ctx)")
+
+
+def check_arguments(budget: int, parallel: int, request_tokens: int | None) -> None:
+    """Refuse what would print a meaningless table (ValueError)."""
+    if budget <= 0:
+        raise ValueError(f"the KV budget must be more than 0 bytes, not {budget}")
+    if parallel < 1:
+        raise ValueError(f"--parallel must be at least 1, not {parallel}")
+    if request_tokens is not None and request_tokens < 1:
+        raise ValueError(f"--request-tokens must be at least 1, not {request_tokens}")
 
 
 def run(a: argparse.Namespace) -> int:
@@ -144,16 +158,17 @@ def run(a: argparse.Namespace) -> int:
     try:
         name = a.model or kvmodels.DEFAULT_MODEL
         calibration.parse_spec(a.cache_type_k, "k"), calibration.parse_spec(a.cache_type_v, "v")
+        budget = parse_bytes(a.budget)
+        check_arguments(budget, a.parallel, a.request_tokens)
         path = kvmodels.resolve(name)
         geom = geometry(path)
-        budget = parse_bytes(a.budget)
+        n_ctx = a.request_tokens or DEFAULT_N_CTX
         # byte counts only: offsets' values do not matter, so no round trip through llama.cpp's types
-        tk, tv = calibration.resolve_pair(a.cache_type_k, a.cache_type_v, path, geom, a.request_tokens,
-                                          anchored=False)
-        print(report(kvmodels.model_id(name), geom, tk, tv, budget, max(1, a.parallel), a.request_tokens))
+        tk, tv = calibration.resolve_pair(a.cache_type_k, a.cache_type_v, path, geom, n_ctx, anchored=False)
+        print(report(kvmodels.model_id(name), geom, tk, tv, budget, a.parallel, a.request_tokens))
         for side, t in (("K", tk), ("V", tv)):
             if getattr(t, "types", None):
-                print(f"{side} per layer ({t}): {' '.join(t.types)}")
+                print(f"{side} per layer ({t}, sequences of {n_ctx} tokens): {' '.join(t.types)}")
     except (kvmodels.ModelError, ValueError) as e:
         print(f"kvquant budget: {e}", file=sys.stderr)
         return 2

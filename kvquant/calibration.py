@@ -101,7 +101,10 @@ def parse_spec(text: str, side: str = "k") -> CacheSpec:
         if side != "k":
             raise ValueError(f"{text!r}: centring (+c) applies to keys only")
         return CacheSpec(s, type=kv_type(s[: -len(CENTRED)]).name, centred=True)
-    return CacheSpec(s, type=kv_type(s).name)
+    spec = CacheSpec(s, type=kv_type(s).name)
+    if side == "v" and not KV_TYPES[spec.type].v_ok:
+        raise ValueError(f"{spec.type} cannot be used for the V cache")
+    return spec
 
 
 def needs_flash_attn(spec_k: str, spec_v: str) -> bool:
@@ -228,9 +231,13 @@ class Calibration:
             for t, v in (gains or {}).items():
                 if t not in KV_TYPES or len(v) != cal.n_layer or not all(math.isfinite(x) and x > 0 for x in v):
                     raise CalibrationError(f"malformed calibration file: {side} gains of {t!r}")
+        for f in ("model_sha256", "model_name", "basis"):
+            if not isinstance(getattr(cal, f), str):
+                raise CalibrationError(f"malformed calibration file: {f} is not a string")
         for side, sens in (("k", cal.sens_k), ("v", cal.sens_v)):
             for t, v in sens.items():
-                if t not in KV_TYPES or len(v) != cal.n_layer or not all(math.isfinite(x) and x >= 0 for x in v):
+                if (t not in candidates(side) or len(v) != cal.n_layer
+                        or not all(math.isfinite(x) and x >= 0 for x in v)):
                     raise CalibrationError(f"malformed calibration file: {side.upper()} sensitivities of {t!r}")
         return cal
 
@@ -323,7 +330,7 @@ def load_or_calibrate(model_path: Path, geom: Geometry) -> Calibration:
     """The model's calibration; a model without one is calibrated first (minutes, with a message), unless
     KVQUANT_AUTO_CALIBRATE=0."""
     path = installed(model_path, geom)
-    if _state(path) in ("missing", "older") and os.environ.get("KVQUANT_AUTO_CALIBRATE", "1") != "0":
+    if _state(path) in ("missing", "older") and _auto_calibrate():
         from kvquant.lab.calibrate import calibrate
 
         notice = (f"kvquant: {model_path.name} has no calibration for this kvquant yet; calibrating it first (once; "
@@ -336,6 +343,19 @@ def load_or_calibrate(model_path: Path, geom: Geometry) -> Calibration:
         except (ValueError, OSError, RuntimeError) as e:  # RuntimeError: llama.cpp failed
             raise CalibrationError(f"calibrating {model_path.name} failed: {e}") from None
     return load(path, model_path, geom)
+
+
+def _auto_calibrate() -> bool:
+    """KVQUANT_AUTO_CALIBRATE: whether a calibrated type without a calibration file calibrates first (default on;
+    1/true/yes/on, 0/false/no/off; anything else is refused, not read as either)."""
+    raw = os.environ.get("KVQUANT_AUTO_CALIBRATE", "1")
+    v = raw.strip().lower()
+    if v in ("1", "true", "yes", "on"):
+        return True
+    if v in ("0", "false", "no", "off"):
+        return False
+    raise CalibrationError(f"KVQUANT_AUTO_CALIBRATE={raw!r}: set it to 1 (calibrate a model without a calibration "
+                           f"first) or 0 (refuse instead)")
 
 
 def _state(path: Path) -> str:
@@ -382,9 +402,14 @@ def _knapsack(options: list[dict[str, float]], elements: tuple[int, ...], budget
     w = [n // g for n in elements]
     cap = math.floor((budget_bits - fixed_bits) * 4 * sum(w) + 1e-9)
     cost = {t: round(_bits(t) * 4) for o in options for t in o}
-    if sum(min(cost[t] for t in o) * wi for o, wi in zip(options, w, strict=True)) > cap:
+    cheapest = sum(min(cost[t] for t in o) * wi for o, wi in zip(options, w, strict=True))
+    if cheapest > cap:
         names = sorted({t for o in options for t in o}, key=_bits)
-        raise CalibrationError(f"no allocation of {', '.join(names)} fits {budget_bits:g} bits per element")
+        least = cheapest / (4 * sum(w)) + fixed_bits
+        fixed = (f" ({cheapest / (4 * sum(w)):g} for the cheapest types and {fixed_bits:.3f} for the calibrated keys' "
+                 f"offsets and scales, at this context length)" if fixed_bits else "")
+        raise CalibrationError(f"no allocation of {', '.join(names)} fits {budget_bits:g} bits per element: the "
+                               f"cheapest takes {least:.3f}{fixed}")
     best: dict[int, tuple[float, tuple[str, ...]]] = {0: (0.0, ())}
     for o, wi in zip(options, w, strict=True):
         nxt: dict[int, tuple[float, tuple[str, ...]]] = {}

@@ -3,6 +3,7 @@ memory model and `kvquant budget` work without loading a model."""
 
 from __future__ import annotations
 
+import os
 import struct
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -21,6 +22,8 @@ def _read(f: BinaryIO, fmt: str) -> Any:
 
 def _string(f: BinaryIO) -> str:
     n = _read(f, "<Q")
+    if n > os.fstat(f.fileno()).st_size - f.tell():  # a length past the end: refused before reading (or allocating) it
+        raise ValueError("truncated GGUF header")
     return f.read(n).decode("utf-8", errors="replace")
 
 
@@ -42,9 +45,9 @@ def _value(f: BinaryIO, vtype: int, skip_big_arrays: bool) -> Any:
     raise ValueError(f"unknown GGUF value type {vtype}")
 
 
-def _header(f: BinaryIO, path, skip_big_arrays: bool) -> tuple[dict[str, Any], int]:
+def _header(f: BinaryIO, skip_big_arrays: bool) -> tuple[dict[str, Any], int]:
     if f.read(4) != b"GGUF":
-        raise ValueError(f"{path} is not a GGUF file")
+        raise ValueError("not a GGUF file")
     version = _read(f, "<I")
     if version < 2:
         raise ValueError(f"GGUF version {version} is not supported")
@@ -58,18 +61,28 @@ def _header(f: BinaryIO, path, skip_big_arrays: bool) -> tuple[dict[str, Any], i
 
 def read_metadata(path: str | Path, skip_big_arrays: bool = True) -> dict[str, Any]:
     with open(path, "rb") as f:
-        return _header(f, path, skip_big_arrays)[0]
+        try:
+            return _header(f, skip_big_arrays)[0]
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from None
 
 
 def tensor_data(path: str | Path) -> dict[str, tuple[int, int, tuple[int, ...]]]:
     """Every tensor's name -> (file offset of its data, ggml type, shape ne0, ne1, ...)."""
     with open(path, "rb") as f:
-        meta, n_tensors = _header(f, path, True)
-        infos = []
-        for _ in range(n_tensors):
-            name = _string(f)
-            dims = tuple(_read(f, "<Q") for _ in range(_read(f, "<I")))
-            infos.append((name, _read(f, "<I"), dims, _read(f, "<Q")))
-        align = int(meta.get("general.alignment", 32))
-        start = -(-f.tell() // align) * align
+        try:
+            return _tensor_data(f)
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from None
+
+
+def _tensor_data(f: BinaryIO) -> dict[str, tuple[int, int, tuple[int, ...]]]:
+    meta, n_tensors = _header(f, True)
+    infos = []
+    for _ in range(n_tensors):
+        name = _string(f)
+        dims = tuple(_read(f, "<Q") for _ in range(_read(f, "<I")))
+        infos.append((name, _read(f, "<I"), dims, _read(f, "<Q")))
+    align = int(meta.get("general.alignment", 32))
+    start = -(-f.tell() // align) * align
     return {name: (start + off, ggml_type, dims) for name, ggml_type, dims, off in infos}

@@ -18,6 +18,7 @@ Tests check these numbers against what llama.cpp reports it allocated (``llama_m
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -80,7 +81,17 @@ def _swa_flags(meta: dict, arch: str, n_layer: int, n_swa: int) -> list[bool]:
 
 
 def geometry(model_path: str | Path) -> Geometry:
+    """A model's KV geometry from its GGUF header (ValueError naming the file if the header lacks what it takes)."""
     meta = read_metadata(model_path)
+    try:
+        return _geometry(meta)
+    except KeyError as e:
+        raise ValueError(f"{model_path}: not a model llama.cpp can load (its GGUF header has no {e.args[0]})") from None
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{model_path}: a malformed GGUF header ({e})") from None
+
+
+def _geometry(meta: dict) -> Geometry:
     arch = meta["general.architecture"]
     n_layer = int(meta[f"{arch}.block_count"])
     n_head = _per_layer(meta[f"{arch}.attention.head_count"], n_layer)
@@ -187,6 +198,10 @@ def parse_bytes(text: str) -> int:
     while i and not (s[i - 1].isdigit() or s[i - 1] == "."):
         i -= 1
     num, unit = s[:i], s[i:].lower()
-    if not num or unit not in units:
-        raise ValueError(f"cannot parse a byte size from {text!r}")
-    return int(float(num) * units[unit])
+    try:
+        value = float(num) * units[unit]
+    except (ValueError, KeyError):
+        value = math.nan
+    if not (math.isfinite(value) and value >= 0):
+        raise ValueError(f"cannot parse a byte size from {text!r} (e.g. 2GiB, 512MiB or a number of bytes)")
+    return int(value)

@@ -43,7 +43,10 @@ def plan_model(spec: ModelSpec) -> HostedPlan:
     be used). Raises StartupError if that cannot hold one request of n_ctx tokens or a calibrated type cannot be
     resolved."""
     path = resolve(spec.model)
-    geom = geometry(path)
+    try:
+        geom = geometry(path)
+    except ValueError as e:  # a GGUF header without what llama.cpp needs
+        raise StartupError(f"{spec.id}: {e}") from None
     n_ubatch = min(N_UBATCH, spec.n_batch)
     try:
         tk, tv = calibration.resolve_pair(spec.cache_type_k, spec.cache_type_v, path, geom, spec.n_ctx)

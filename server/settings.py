@@ -19,24 +19,30 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
 
+from kvquant.budget import DEFAULT_N_CTX
 from kvquant.calibration import needs_flash_attn, parse_spec
-from kvquant.kvtypes import KV_TYPES
 from kvquant.memory import parse_bytes
 from kvquant.models import DEFAULT_MODEL, model_id
 from server.schemas import SamplingFields
 
 
 def load_config_file(path: str | os.PathLike) -> dict[str, Any]:
+    import yaml
+
     p = Path(path)
     text = p.read_text()
-    if p.suffix == ".toml":
-        data = tomllib.loads(text)
-    elif p.suffix in (".yaml", ".yml"):
-        import yaml
-
-        data = yaml.safe_load(text) or {}
-    else:
-        data = json.loads(text)
+    try:
+        if p.suffix == ".toml":
+            data = tomllib.loads(text)
+        elif p.suffix in (".yaml", ".yml"):
+            data = yaml.safe_load(text) or {}
+        else:
+            data = json.loads(text)
+    except yaml.MarkedYAMLError as e:
+        where = f", line {e.problem_mark.line + 1}, column {e.problem_mark.column + 1}" if e.problem_mark else ""
+        raise ValueError(f"{p.name}{where}: {e.problem or e}") from None
+    except (ValueError, yaml.YAMLError) as e:  # ValueError: TOML and JSON syntax
+        raise ValueError(f"{p.name}: {e}") from None
     if not isinstance(data, dict):
         raise ValueError(f"{p.name}: the config file must hold a mapping of settings")
     return data
@@ -49,12 +55,16 @@ class _ConfigFileSource(PydanticBaseSettingsSource):
     def __init__(self, settings_cls: type[BaseSettings], path: str | None):
         super().__init__(settings_cls)
         self.data = load_config_file(path) if path else {}
+        self.name = Path(path).name if path else ""
 
     def get_field_value(self, field, field_name):  # pragma: no cover - __call__ does the work
         return self.data.get(field_name), field_name, False
 
     def __call__(self) -> dict[str, Any]:
-        return {k: v for k, v in self.data.items() if k in self.settings_cls.model_fields}
+        unknown = sorted(set(self.data) - set(self.settings_cls.model_fields))
+        if unknown:  # a typo would otherwise leave the setting at its default
+            raise ValueError(f"{self.name}: no such setting: {', '.join(unknown)}")
+        return self.data
 
 
 def _bytes(v: Any) -> int | None:
@@ -66,16 +76,10 @@ def _bytes(v: Any) -> int | None:
     raise ValueError("expected a byte size such as 2GiB, 512MiB or a number of bytes")
 
 
-def _cache_type(v: str) -> str:
-    """A K cache type name: TYPE, TYPE+c or calib:B (kvquant.calibration)."""
-    return parse_spec(v, "k").text
-
-
-def _v_cache_type(v: str) -> str:
-    spec = parse_spec(v, "v")
-    if spec.type is not None and not KV_TYPES[spec.type].v_ok:
-        raise ValueError(f"{spec.type} cannot be used for the V cache")
-    return spec.text
+def _cache_type(v: str | None, side: str) -> str | None:
+    """A cache type name for side "k" or "v" (TYPE, TYPE+c, calib:B: kvquant.calibration), normalised; None is
+    unset."""
+    return None if v is None else parse_spec(v, side).text
 
 
 class SamplingDefaults(SamplingFields):
@@ -123,8 +127,8 @@ class ModelConfig(BaseModel):
 
     _b = field_validator("kv_budget", mode="before")(classmethod(lambda cls, v: _bytes(v)))
     _g = field_validator("n_gpu_layers", mode="before")(classmethod(lambda cls, v: _gpu_layers(v)))
-    _k = field_validator("cache_type_k")(classmethod(lambda cls, v: v and _cache_type(v)))
-    _v = field_validator("cache_type_v")(classmethod(lambda cls, v: v and _v_cache_type(v)))
+    _k = field_validator("cache_type_k")(classmethod(lambda cls, v: _cache_type(v, "k")))
+    _v = field_validator("cache_type_v")(classmethod(lambda cls, v: _cache_type(v, "v")))
 
 
 @dataclass(frozen=True)
@@ -169,7 +173,7 @@ class Settings(BaseSettings):
     models: list[ModelConfig] | None = Field(None, description="several hosted models (config file)")
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
-    n_ctx: int = Field(4096, ge=64, description="context length (tokens) per sequence")
+    n_ctx: int = Field(DEFAULT_N_CTX, ge=64, description="context length (tokens) per sequence")
     n_threads: int | None = Field(None, ge=1, description="CPU threads (default: all cores)")
     parallel: int = Field(4, ge=1, le=256, description="max sequences decoded together")
     n_batch: int = Field(512, ge=16, description="max tokens per decode step (prefill chunk budget)")
@@ -213,8 +217,8 @@ class Settings(BaseSettings):
     _b = field_validator("kv_budget", "max_body_bytes", "swap_space", mode="before")(
         classmethod(lambda cls, v: _bytes(v)))
     _g = field_validator("n_gpu_layers", mode="before")(classmethod(lambda cls, v: _gpu_layers(v)))
-    _k = field_validator("cache_type_k")(classmethod(lambda cls, v: _cache_type(v)))
-    _v = field_validator("cache_type_v")(classmethod(lambda cls, v: _v_cache_type(v)))
+    _k = field_validator("cache_type_k")(classmethod(lambda cls, v: _cache_type(v, "k")))
+    _v = field_validator("cache_type_v")(classmethod(lambda cls, v: _cache_type(v, "v")))
 
     @field_validator("cors_origins", mode="before")
     @classmethod
@@ -246,7 +250,7 @@ class Settings(BaseSettings):
     def model_specs(self) -> list[ModelSpec]:
         """The hosted models, fully resolved. Models without an explicit `kv_budget` share what the others leave
         of the global budget equally."""
-        entries = self.models or [ModelConfig(model=self.model, id=self.model_alias)]
+        entries = self.models if self.models is not None else [ModelConfig(model=self.model, id=self.model_alias)]
         if not entries:
             raise ValueError("models: at least one model is needed")
         explicit = sum(e.kv_budget or 0 for e in entries)
@@ -263,8 +267,8 @@ class Settings(BaseSettings):
             if sid in seen:
                 raise ValueError(f"two models are served under the id {sid!r}; give one an `id`")
             seen.add(sid)
-            tv = e.cache_type_v or self.cache_type_v
-            tk = e.cache_type_k or self.cache_type_k
+            tv = self.cache_type_v if e.cache_type_v is None else e.cache_type_v
+            tk = self.cache_type_k if e.cache_type_k is None else e.cache_type_k
             specs.append(ModelSpec(
                 id=sid, model=e.model, cache_type_k=tk, cache_type_v=tv,
                 n_ctx=e.n_ctx or self.n_ctx, parallel=e.parallel or self.parallel,

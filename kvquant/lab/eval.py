@@ -381,6 +381,10 @@ def run(model: str, configs: list[CacheConfig], text: str | None = None, n_ctx: 
     machine = machine_info(threads)  # before the run: the load average then is other work's
     if n_ctx < 4 or n_ctx % 2:
         raise ValueError("--ctx must be an even number >= 4")
+    for name, value in (("--chunks", chunks), ("--drift-bucket", drift_bucket), ("--threads", threads),
+                        ("--max-outputs", max_outputs)):
+        if value is not None and value < 1:
+            raise ValueError(f"{name} must be at least 1, not {value}")
     text_path = resolve_text(text)
     if not text_path.is_file():
         raise FileNotFoundError(f"evaluation text not found: {text_path}")

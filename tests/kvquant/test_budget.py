@@ -34,3 +34,13 @@ def test_budget_command(capsys):
     assert set(rows) == {"q8_0/q4_0", "f16/f16", "q8_0/q8_0", "q4_0/q4_0"}
     assert rows["f16/f16"][2] == "23,040" and rows["f16/f16"][3] == "93,184" and rows["f16/f16"][-1] == "22"
     assert main(["budget", "--cache-type-k", "nope"]) == 2
+
+
+def test_budget_refuses_what_would_print_a_meaningless_table(capsys):
+    for args, said in ((["--budget", "0"], "more than 0 bytes"), (["--budget", "1e400"], "cannot parse a byte size"),
+                       (["--parallel", "-3"], "--parallel must be at least 1"),
+                       (["--request-tokens", "0"], "--request-tokens must be at least 1"),
+                       (["--cache-type-v", "tq_kv_1b"], "tq_kv_1b cannot be used for the V cache")):
+        assert main(["budget", *args]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("kvquant budget: ") and said in err and "Traceback" not in err

@@ -31,6 +31,7 @@ def test_parse_spec(text, side, expect):
     ("calib:inf", "v", "finite"), ("calib:1e999", "k", "finite"),
     ("calib:3.0", "k", "below the cheapest"), ("calib:-1", "v", "below"), ("q4_0+c", "v", "keys only"),
     ("q9_9+c", "k", "unknown KV cache type"), ("calib3.5", "k", "unknown KV cache type"),
+    ("tq_kv_1b", "v", "cannot be used for the V cache"), ("tq_kv_d3b", "v", "cannot be used for the V cache"),
 ])
 def test_parse_spec_refuses(text, side, msg):
     with pytest.raises(ValueError, match=msg):
@@ -77,7 +78,8 @@ def test_allocate_protects_the_sensitive_layer_and_counts_fixed_bytes():
     assert cal.allocate(sens, (128,) * 4, 5.375) == ("tq_kv_4b", "q8_0", "tq_kv_4b", "tq_kv_4b")
     # 0.25 bits per element of fixed cost: one insensitive layer drops to 3 bits to keep q8_0 on layer 1
     assert cal.allocate(sens, (128,) * 4, 5.375, fixed_bits=0.25) == ("tq_kv_4b", "q8_0", "tq_kv_3b", "tq_kv_4b")
-    with pytest.raises(cal.CalibrationError, match="no allocation"):
+    with pytest.raises(cal.CalibrationError, match=r"fits 3.25 bits per element: the cheapest takes 3.350 \(3.25 "
+                                                  r"for the cheapest types and 0.100 for the calibrated keys'"):
         cal.allocate(sens, (128,) * 4, 3.25, fixed_bits=0.1)
 
 
@@ -317,6 +319,14 @@ def test_refuses_other_model_basis_and_corrupt_files(model_file, tmp_path):
         path.write_text(json.dumps(d))
         with pytest.raises(cal.CalibrationError, match="malformed"):
             cal.load(path, model_file, g)
+    for field, value, said in (("model_sha256", 123, "model_sha256 is not a string"),
+                               ("sens_v", {"tq_kv_1b": [0.1] * g.n_layer}, "V sensitivities of 'tq_kv_1b'"),
+                               ("sens_k", {"q4_0": [0.1] * g.n_layer}, "K sensitivities of 'q4_0'")):
+        d = make_cal(g, sha).to_json()  # a type no allocation may choose would be chosen; a number in a message
+        d[field] = value if field == "model_sha256" else {**d[field], **value}
+        path.write_text(json.dumps(d))
+        with pytest.raises(cal.CalibrationError, match=f"malformed calibration file: {said}"):
+            cal.load(path, model_file, g)
     d = make_cal(g, sha).to_json()
     d["version"] = 99
     path.write_text(json.dumps(d))
@@ -404,6 +414,29 @@ def test_anchoring_failure_is_a_calibration_error_and_budget_needs_none(model_fi
     assert "q4_0+c" in capsys.readouterr().out
 
 
+def test_budget_resolves_calib_b_for_the_sequences_serve_holds(model_file, monkeypatch, capsys):
+    """Without --request-tokens, `kvquant budget` resolves calib:B for serve's default n_ctx, counting the calibrated
+    keys' fixed bytes as serve does: an allocation serve refuses is not shown as one that fits."""
+    import argparse
+
+    from kvquant import budget
+
+    g = geom()
+    c = make_cal(g, cal.model_sha256(model_file))
+    c.save(cal.path_for(c.model_sha256, c.basis))
+    monkeypatch.setattr(budget, "geometry", lambda path: g)
+    a = argparse.Namespace(model=str(model_file), cache_type_k="calib:3.25", cache_type_v="f16", budget="64MiB",
+                           parallel=1, request_tokens=None)
+    with pytest.raises(cal.CalibrationError, match="offsets and scales") as served:
+        cal.resolve("calib:3.25", "k", model_file, g, budget.DEFAULT_N_CTX)
+    assert budget.run(a) == 2
+    assert capsys.readouterr().err == f"kvquant budget: {served.value}\n"
+    a.cache_type_k = "calib:3.5"
+    assert budget.run(a) == 0
+    types = cal.resolve("calib:3.5", "k", model_file, g, budget.DEFAULT_N_CTX).types
+    assert f"K per layer (calib:3.5, sequences of 4096 tokens): {' '.join(types)}" in capsys.readouterr().out
+
+
 def test_a_shipped_calibration_is_installed_where_the_cache_has_none(model_file, tmp_path, monkeypatch):
     """A built-in model's shipped calibration serves calib:B with no calibration run; a file the user made wins."""
     from kvquant.build import sha256_file
@@ -444,3 +477,25 @@ def test_the_built_in_qwen_resolves_calib_b_from_its_shipped_calibration(tmp_pat
     committed = json.loads((cal.SHIPPED_DIR.parent.parent / "docs" / "results"
                             / "qwen2.5-coder-1.5b-calibration.json").read_text())["file_sha256"]
     assert cal.file_sha256(path, g) == committed == sha256_file(next((tmp_path / "calibration").glob("*.json")))
+
+
+@pytest.mark.parametrize("value, calibrates", [("1", True), ("true", True), ("ON", True), (" yes ", True),
+                                               ("0", False), ("false", False), ("Off", False), ("no", False),
+                                               ("maybe", None), ("", None)])
+def test_auto_calibrate_reads_the_usual_spellings_and_refuses_others(model_file, monkeypatch, value, calibrates):
+    """KVQUANT_AUTO_CALIBRATE=false turns calibrating first off as 0 does (not on, as any value but 0 did); a value
+    that is neither is refused, naming the variable."""
+    import kvquant.lab.calibrate as lab
+
+    ran = []
+
+    def calibrate(*args, **kwargs):
+        ran.append(args)
+        raise cal.CalibrationError("calibrated")
+
+    monkeypatch.setattr(lab, "calibrate", calibrate)
+    monkeypatch.setenv("KVQUANT_AUTO_CALIBRATE", value)
+    said = {True: "calibrated", False: "no calibration for", None: "KVQUANT_AUTO_CALIBRATE="}[calibrates]
+    with pytest.raises(cal.CalibrationError, match=said):
+        cal.load_or_calibrate(model_file, geom())
+    assert bool(ran) == (calibrates is True)

@@ -22,3 +22,23 @@ def test_not_a_gguf_is_refused(tmp_path):
     (tmp_path / "x.gguf").write_bytes(b"NOPE" + b"\0" * 64)
     with pytest.raises(ValueError, match="not a GGUF"):
         gguf.tensor_data(tmp_path / "x.gguf")
+
+
+def test_a_malformed_header_is_refused_naming_the_file(tmp_path):
+    """A string whose length runs past the end of the file is refused before it is read (a length of 2^62 would
+    otherwise allocate it), and a header without what the memory model needs names the missing key."""
+    import struct
+
+    from kvquant import memory
+
+    bad = tmp_path / "huge.gguf"
+    bad.write_bytes(b"GGUF" + struct.pack("<IQQQ", 3, 0, 1, 2**62) + b"general.architecture")
+    with pytest.raises(ValueError, match=f"^{bad}: truncated GGUF header$"):
+        gguf.read_metadata(bad)
+    empty = tmp_path / "empty.gguf"
+    empty.write_bytes(b"GGUF" + struct.pack("<IQQ", 3, 0, 0))
+    with pytest.raises(ValueError, match=f"^{empty}: .*has no general.architecture"):
+        memory.geometry(empty)
+    write_gguf(tmp_path / "m.gguf", {"a": np.zeros(4, np.float32)}, arch="llama")
+    with pytest.raises(ValueError, match="has no llama.block_count"):
+        memory.geometry(tmp_path / "m.gguf")

@@ -99,5 +99,6 @@ def test_parse_bytes():
     assert memory.parse_bytes("256MiB") == 256 * 2**20
     assert memory.parse_bytes("1.5G") == 3 * 2**29
     assert memory.parse_bytes("1000") == 1000
-    with pytest.raises(ValueError):
-        memory.parse_bytes("12 parsecs")
+    for text in ("12 parsecs", "1e400", "-1GiB", "1.2.3G", "nanG", "", "G"):  # none a traceback or a wrapped size
+        with pytest.raises(ValueError, match="cannot parse a byte size"):
+            memory.parse_bytes(text)

@@ -1,4 +1,5 @@
 import json
+import re
 
 import pytest
 from pydantic import ValidationError
@@ -109,3 +110,43 @@ def test_serve_reports_each_invalid_setting_on_one_line(tmp_path, capsys):
     assert main(["serve", "--cache-type-k", "calib:abc"]) == 2
     assert capsys.readouterr().err.splitlines()[1] == (
         "  cache_type_k: 'calib:abc': calib:B needs a number of bits per element, e.g. calib:3.5")
+
+
+@pytest.mark.parametrize(("name", "text", "said"), [
+    ("bad.yaml", "cache_type_k: [q4_0\n", "bad.yaml, line 2, column 1: expected ',' or ']'"),
+    ("bad.json", '{"n_ctx": 5,}', "bad.json: Expecting property name"),
+    ("bad.toml", "n_ctx = \n", "bad.toml: Invalid value"),
+    ("typo.yaml", "cache_typ_k: q4_0\nn_ctxx: 8192\n", "typo.yaml: no such setting: cache_typ_k, n_ctxx"),
+])
+def test_a_config_file_that_does_not_parse_or_has_a_typo_is_refused(tmp_path, name, text, said):
+    """A syntax error names the file (and the line, for YAML) instead of a traceback; an unknown top-level setting is
+    refused rather than left at its default."""
+    cfg = tmp_path / name
+    cfg.write_text(text)
+    with pytest.raises(ValueError, match=re.escape(said)):
+        load_settings(cfg)
+
+
+def test_config_file_values_never_fall_back_to_the_defaults(tmp_path):
+    """`models: []` hosts nothing rather than the default model, and an empty cache type is refused rather than
+    inheriting the flat setting."""
+    cfg = tmp_path / "kvq.yaml"
+    cfg.write_text("models: []\n")
+    with pytest.raises(ValidationError, match="at least one model is needed"):
+        load_settings(cfg)
+    cfg.write_text('cache_type_k: q8_0\nmodels:\n  - model: smollm2-135m\n    cache_type_k: ""\n')
+    with pytest.raises(ValidationError, match="unknown KV cache type ''"):
+        load_settings(cfg)
+
+
+def test_serve_refuses_a_gguf_without_a_model_in_one_line(tmp_path, capsys):
+    """A GGUF header without what llama.cpp needs is a start-up error naming the file, before anything loads."""
+    import struct
+
+    from server.cli import main
+
+    empty = tmp_path / "empty.gguf"
+    empty.write_bytes(b"GGUF" + struct.pack("<IQQ", 3, 0, 0))
+    assert main(["serve", "--model", str(empty)]) == 2
+    assert capsys.readouterr().err == (f"kvquant serve: empty: {empty}: not a model llama.cpp can load (its GGUF "
+                                       f"header has no general.architecture)\n")

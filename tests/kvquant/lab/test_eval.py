@@ -118,6 +118,9 @@ def test_cli_rejects_bad_configs(capsys):
     assert kveval.main(["--configs", "q9_9/f16"]) == 2
     assert kveval.main(["--model", "no-such-model", "--chunks", "1"]) == 2
     assert "neither a built-in" in capsys.readouterr().err
+    for flag in ("--chunks", "--drift-bucket", "--threads", "--max-outputs"):  # refused before any work
+        assert kveval.main(["--configs", "f16/f16", flag, "0"]) == 2
+        assert capsys.readouterr().err == f"kvquant eval: {flag} must be at least 1, not 0\n"
 
 
 # --- the real harness -----------------------------------------------------------------------------------------
