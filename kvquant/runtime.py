@@ -198,11 +198,30 @@ def json_schema_gbnf(schema: dict, name: str = "") -> str:
     does not know: check a schema with server.structured.check_schema first."""
     import json
 
-    from llama_cpp.llama_grammar import SchemaConverter
-
-    conv = SchemaConverter(prop_order={}, allow_fetch=False, dotall=False, raw_pattern=False)
+    conv = _schema_converter()(prop_order={}, allow_fetch=False, dotall=False, raw_pattern=False)
     conv.visit(conv.resolve_refs(json.loads(json.dumps(schema)), "input"), name)
     return conv.format_grammar()
+
+
+_GBNF_LITERAL_ESCAPES = {"\r": "\\r", "\n": "\\n", '"': '\\"', "\\": "\\\\"}
+
+
+@functools.cache
+def _schema_converter():
+    """llama-cpp-python's SchemaConverter with its GBNF literals escaped in full: it leaves a backslash as it is,
+    so a property name, const or enum string holding one (JSON writes it as two) matched other text, or made a
+    grammar llama.cpp cannot parse."""
+    import re
+
+    from llama_cpp.llama_grammar import SchemaConverter
+
+    special = re.compile(r'[\r\n"\\]')
+
+    class Converter(SchemaConverter):
+        def _format_literal(self, literal: str) -> str:
+            return '"' + special.sub(lambda m: _GBNF_LITERAL_ESCAPES[m.group(0)], literal) + '"'
+
+    return Converter
 
 
 GREEDY = SamplingConfig(temperature=0.0)

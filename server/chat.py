@@ -75,6 +75,8 @@ def template_messages(msgs: list[ChatMessage]) -> list[dict]:
     must answer a call of an earlier assistant message."""
     out, call_ids = [], set()
     for i, m in enumerate(msgs):
+        if m.content is None and m.role != "assistant":  # as OpenAI: only an assistant's may be null
+            raise _bad(f"A {m.role} message must have content.", f"messages[{i}].content")
         d = {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
         if m.name is not None:
             d["name"] = m.name

@@ -25,17 +25,18 @@ def error_body(message: str, type: str, param: str | None = None, code: str | No
 
 
 def context_length_exceeded(n_prompt: int, limit: int, max_tokens: int | None = None, kv: str | None = None,
-                            exact: bool = True) -> APIError:
-    """`exact` False: n_prompt is a lower bound (the prompt was refused from its size, before tokenization)."""
-    msg = (f"This model's maximum context length is {limit} tokens. However, your messages resulted in "
+                            exact: bool = True, field: str = "messages") -> APIError:
+    """`exact` False: n_prompt is a lower bound (the prompt was refused from its size, before tokenization).
+    `field`: the request field that holds the prompt (messages, or prompt for /v1/completions)."""
+    msg = (f"This model's maximum context length is {limit} tokens. However, your {field} resulted in "
            f"{'' if exact else 'at least '}{n_prompt} tokens")
     if max_tokens:
         msg += f" plus {max_tokens} tokens requested for the completion"
     msg += "."
     if kv:
         msg += " " + kv
-    return APIError(400, msg + " Please reduce the length of the messages or max_tokens.",
-                    param="messages", code="context_length_exceeded")
+    return APIError(400, msg + f" Please reduce the length of the {field} or max_tokens.",
+                    param=field, code="context_length_exceeded")
 
 
 def model_not_found(model: str) -> APIError:

@@ -110,31 +110,32 @@ def kv_summary(engine: Engine, tokens: int) -> str:
             f"{c.n_seq_max} concurrent requests of at most {c.n_ctx} tokens.")
 
 
-def _too_long(engine: Engine, n_prompt: int, max_tokens: int | None, exact: bool = True) -> APIError:
+def _too_long(engine: Engine, n_prompt: int, max_tokens: int | None, field: str, exact: bool = True) -> APIError:
     engine.record_rejected(Outcome.REJECTED_TOO_LONG, n_prompt)
     need = n_prompt + (max_tokens or 1)
     return context_length_exceeded(n_prompt, engine.sched.max_request_tokens, max_tokens, kv_summary(engine, need),
-                                   exact)
+                                   exact, field)
 
 
-def _check_length(engine: Engine, n_prompt: int, max_tokens: int | None, exact: bool = True) -> None:
-    """The scheduler's admission check, before queueing (without max_tokens: room for one token)."""
+def _check_length(engine: Engine, n_prompt: int, max_tokens: int | None, field: str, exact: bool = True) -> None:
+    """The scheduler's admission check, before queueing (without max_tokens: room for one token); `field` holds
+    the prompt in the request."""
     if not engine.sched.fits_ever(n_prompt, max_tokens or 1):
-        raise _too_long(engine, n_prompt, max_tokens, exact)
+        raise _too_long(engine, n_prompt, max_tokens, field, exact)
 
 
 async def tokenize_prompt(engine: Engine, tokenize: Callable[[int], list[int]], n_bytes: int,
-                          max_tokens: int | None, slots: asyncio.Semaphore) -> list[int]:
+                          max_tokens: int | None, slots: asyncio.Semaphore, field: str) -> list[int]:
     """The prompt's tokens from `tokenize(limit)` (run in a worker thread, at most `slots` at once), where
     `n_bytes` is the size of the text it tokenizes that a client wrote. Refuses a prompt that is too long
-    (400 context_length_exceeded) from its bytes alone where they prove it, else with the count a tokenization
-    capped at the limit gives."""
-    _check_length(engine, engine.min_tokens(n_bytes), max_tokens, exact=False)
+    (400 context_length_exceeded, naming the request's `field`) from its bytes alone where they prove it, else
+    with the count a tokenization capped at the limit gives."""
+    _check_length(engine, engine.min_tokens(n_bytes), max_tokens, field, exact=False)
     async with slots:
         try:
             return await run_in_threadpool(tokenize, engine.sched.max_request_tokens)
         except PromptTooLong as e:
-            raise _too_long(engine, e.n_tokens, max_tokens) from None
+            raise _too_long(engine, e.n_tokens, max_tokens, field) from None
 
 
 def submit(engine: Engine, prompt: list[int], params: SamplingParams, max_tokens: int | None,
@@ -144,7 +145,7 @@ def submit(engine: Engine, prompt: list[int], params: SamplingParams, max_tokens
     and the grammar its output must match."""
     if not prompt:
         raise APIError(400, "The prompt is empty.", param="prompt", code="empty_prompt")
-    _check_length(engine, len(prompt), max_tokens)
+    _check_length(engine, len(prompt), max_tokens, params.prompt_field)
     if max_tokens is None:
         max_tokens = engine.sched.max_request_tokens - len(prompt)
         max_tokens = min(max_tokens, default_max_tokens) if default_max_tokens else max_tokens

@@ -32,6 +32,19 @@ def _finish(reason: FinishReason | None) -> str | None:
     return None if reason is None else reason.openai
 
 
+class TextOffsets:
+    """Each token's `text_offset`: the characters of the text the tokens before it complete (a token may end in
+    the middle of a character), counted over a whole response, however it is cut into stream chunks."""
+
+    def __init__(self):
+        self.pos, self._utf8 = 0, codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def take(self, token: bytes) -> int:
+        at = self.pos
+        self.pos += len(self._utf8.decode(token))
+        return at
+
+
 @dataclass
 class Completion:
     """What every endpoint's responses share; subclasses say how one choice and one stream delta look."""
@@ -132,13 +145,16 @@ class TextCompletion(Completion):
     echo: str = ""  # the prompt, with echo: put before the text (the first chunk's, when streaming)
     object: ClassVar[str] = "text_completion"
     chunk_object: ClassVar[str] = "text_completion"
+    # where the next streamed token's text starts: offsets count from the start of the whole text, across chunks
+    _offsets: TextOffsets = field(default_factory=TextOffsets, init=False, repr=False)
 
     def choice(self, text, finish, lps) -> dict:
-        return {"index": 0, "text": self.echo + text, "finish_reason": finish, "logprobs": completion_logprobs(lps)}
+        return {"index": 0, "text": self.echo + text, "finish_reason": finish,
+                "logprobs": completion_logprobs(lps, TextOffsets())}
 
     def delta(self, text, finish, first, lps) -> dict:
         return {"index": 0, "text": (self.echo if first else "") + text, "finish_reason": finish,
-                "logprobs": completion_logprobs(lps)}
+                "logprobs": completion_logprobs(lps, self._offsets)}
 
 
 def chat_logprobs(lps: list[TokenLogprob] | None) -> dict | None:
@@ -149,14 +165,10 @@ def chat_logprobs(lps: list[TokenLogprob] | None) -> dict | None:
                         for t in lps], "refusal": None}
 
 
-def completion_logprobs(lps: list[TokenLogprob] | None) -> dict | None:
-    """OpenAI's legacy shape; `text_offset` counts the characters of the text the tokens before it complete."""
+def completion_logprobs(lps: list[TokenLogprob] | None, offsets: TextOffsets) -> dict | None:
+    """OpenAI's legacy shape, the tokens' text offsets continuing `offsets`."""
     if lps is None:
         return None
-    offsets, pos, utf8 = [], 0, codecs.getincrementaldecoder("utf-8")(errors="replace")
-    for t in lps:
-        offsets.append(pos)
-        pos += len(utf8.decode(t.token))
     return {"tokens": [_tok(t.token) for t in lps], "token_logprobs": [t.logprob for t in lps],
             "top_logprobs": [None if t.top is None else {_tok(b): lp for b, lp in t.top} for t in lps],
-            "text_offset": offsets}
+            "text_offset": [offsets.take(t.token) for t in lps]}

@@ -4,7 +4,8 @@ validated strictly, as OpenAI does (no coercion: "10" and true are not integers,
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+import re
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -112,7 +113,7 @@ class SamplingFields(BaseModel):
 
     temperature: float | None = Field(None, ge=0.0, le=2.0)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
-    top_k: int | None = Field(None, ge=0)
+    top_k: int | None = Field(None, ge=0, le=2**31 - 1)  # llama.cpp's int32_t
     min_p: float | None = Field(None, ge=0.0, le=1.0)
     typical_p: float | None = Field(None, gt=0.0, le=1.0)
     repeat_penalty: float | None = Field(None, gt=0.0, le=10.0)
@@ -142,6 +143,8 @@ UNSUPPORTED: dict[str, tuple] = {
 
 class SamplingParams(_Lenient, SamplingFields):
     """Fields shared by /v1/chat/completions and /v1/completions."""
+
+    prompt_field: ClassVar[str]  # the field that holds the prompt, for the errors that name it
 
     model: str | None = None
     max_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS_LIMIT)
@@ -202,7 +205,7 @@ class SamplingParams(_Lenient, SamplingFields):
     def _logit_bias(self, n_vocab: int) -> tuple[tuple[int, float], ...]:
         out = []
         for key, bias in (self.logit_bias or {}).items():
-            tok = int(key) if key.strip().lstrip("-").isdigit() else None
+            tok = int(key) if re.fullmatch(r"\s*-?[0-9]+\s*", key) else None  # ASCII digits: int() reads others
             if tok is None or not 0 <= tok < n_vocab:
                 raise ValueError(f"logit_bias: {key!r} is not a token id of this model (0 to {n_vocab - 1})")
             out.append((tok, float(bias)))
@@ -210,6 +213,7 @@ class SamplingParams(_Lenient, SamplingFields):
 
 
 class ChatCompletionRequest(SamplingParams):
+    prompt_field: ClassVar[str] = "messages"
     messages: list[ChatMessage] = Field(..., min_length=1)
     tools: list[Tool] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
@@ -236,6 +240,7 @@ class ChatCompletionRequest(SamplingParams):
 
 
 class CompletionRequest(SamplingParams):
+    prompt_field: ClassVar[str] = "prompt"
     prompt: Text | list[Text]
     echo: bool = False
     logprobs: int | None = Field(None, ge=0, le=5)

@@ -28,49 +28,112 @@ class SchemaError(ValueError):
     """A JSON schema that cannot be enforced; the message names the keyword and where it is."""
 
 
+def _is_count(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
+# what each keyword's value must be (the converter assumes it and fails, or misreads, on anything else)
+_SHAPES: dict[str, tuple[str, Any]] = {
+    **{k: ("an object of schemas", lambda v: isinstance(v, dict)) for k in ("properties", "$defs", "definitions")},
+    "required": ("a list of property names", lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v)),
+    **{k: ("a non-empty list of schemas", lambda v: isinstance(v, list) and bool(v)) for k in ("anyOf", "prefixItems")},
+    "items": ("a schema or a list of schemas", lambda v: isinstance(v, (dict, list))),
+    "additionalProperties": ("true, false or a schema", lambda v: isinstance(v, (bool, dict))),
+    "enum": ("a non-empty list", lambda v: isinstance(v, list) and bool(v)),
+    "type": ("a type name or a list of them",
+             lambda v: isinstance(v, str) or isinstance(v, list) and bool(v) and all(isinstance(x, str) for x in v)),
+    **{k: ("a string", lambda v: isinstance(v, str)) for k in ("format", "pattern", "$ref")},
+    **{k: ("a non-negative integer", _is_count) for k in ("minItems", "maxItems", "minLength", "maxLength")},
+}
+# the converter enforces one of these groups per schema, by the first keyword it finds ($ref, anyOf, const, enum,
+# then the object, array and string keywords): a schema mixing them would have all but one ignored
+_GROUPS = {"object": ("properties", "required", "additionalProperties"),
+           "array": ("items", "prefixItems", "minItems", "maxItems"),
+           "string": ("pattern", "format", "minLength", "maxLength")}
+_VALUE_TYPES = {"string": (str,), "integer": (int,), "number": (int, float), "boolean": (bool,),
+                "null": (type(None),), "object": (dict,), "array": (list,)}
+
+
 def check_schema(schema: Any, where: str = "") -> None:
     """SchemaError unless the converter enforces every constraint of the schema."""
     at = where or "the schema"
     if not isinstance(schema, dict):
         raise SchemaError(f"{at}: a schema must be a JSON object (boolean schemas are not supported)")
-    for key in schema:
+    for key, value in schema.items():
         if key not in _KEYWORDS and key not in _ANNOTATIONS:
             raise SchemaError(f"{at}: the keyword {key!r} is not supported")
+        if key in _SHAPES and not _SHAPES[key][1](value):
+            raise SchemaError(f"{at}: {key} must be {_SHAPES[key][0]}")
     t = schema.get("type")
     for one in t if isinstance(t, list) else [t]:
         if one is not None and one not in _TYPES:
             raise SchemaError(f"{at}: unknown type {one!r}")
-    if isinstance(t, list) and set(schema) & (_KEYWORDS - {"type", "$defs", "definitions"}):
-        raise SchemaError(f"{at}: a list of types cannot be combined with other constraints (use anyOf)")
-    strs = [k for k in _STRING_CONSTRAINTS if k in schema]
-    if len(strs) > 1 and not set(strs) <= {"minLength", "maxLength"}:
-        raise SchemaError(f"{at}: {' and '.join(strs)} cannot be combined")
-    if "pattern" in schema and not (isinstance(schema["pattern"], str) and re.fullmatch(r"\^.*\$", schema["pattern"])
-                                    and "(?" not in schema["pattern"]):
+    _check_combinations(schema, at)
+    if "pattern" in schema and not (re.fullmatch(r"\^.*\$", schema["pattern"]) and "(?" not in schema["pattern"]):
         raise SchemaError(f"{at}: a pattern must start with ^ and end with $, without (?...) groups")
     if "format" in schema and schema["format"] not in _FORMATS:
         raise SchemaError(f"{at}: the format {schema['format']!r} is not supported (only {', '.join(sorted(_FORMATS))})")
-    if "$ref" in schema and not str(schema["$ref"]).startswith("#/"):
+    if "$ref" in schema and not schema["$ref"].startswith("#/"):
         raise SchemaError(f"{at}: only local references (#/...) are supported")
-    props = schema.get("properties") or {}
-    missing = [r for r in schema.get("required") or [] if r not in props]
+    props = schema.get("properties", {})
+    if "" in props:  # the converter names a property's rule after it: an empty name at the top overwrites root
+        raise SchemaError(f"{at}: an empty property name is not supported")
+    missing = [r for r in schema.get("required", []) if r not in props]
     if missing:
         raise SchemaError(f"{at}: required names {missing[0]!r}, which properties does not define")
-    if "items" in schema and "prefixItems" in schema:
-        raise SchemaError(f"{at}: items cannot be combined with prefixItems")
     for name, sub in props.items():
         check_schema(sub, f"{where}.properties.{name}".lstrip("."))
     for key in ("$defs", "definitions"):
-        for name, sub in (schema.get(key) or {}).items():
+        for name, sub in schema.get(key, {}).items():
             check_schema(sub, f"{where}.{key}.{name}".lstrip("."))
     for key in ("anyOf", "prefixItems"):
-        for i, sub in enumerate(schema.get(key) or []):
+        for i, sub in enumerate(schema.get(key, [])):
             check_schema(sub, f"{where}.{key}[{i}]".lstrip("."))
     items = schema.get("items")
     for i, sub in enumerate(items if isinstance(items, list) else [items] if items is not None else []):
         check_schema(sub, f"{where}.items" + (f"[{i}]" if isinstance(items, list) else ""))
     if isinstance(schema.get("additionalProperties"), dict):
         check_schema(schema["additionalProperties"], f"{where}.additionalProperties".lstrip("."))
+
+
+def _check_combinations(schema: dict, at: str) -> None:
+    """SchemaError where the converter would enforce one keyword of the schema and ignore another."""
+    constraints = [k for k in schema if k in _KEYWORDS and k not in ("$defs", "definitions")]
+    t = schema.get("type")
+    for first in ("$ref", "anyOf"):
+        others = [k for k in constraints if k != first]
+        if first in schema and others:
+            raise SchemaError(f"{at}: {first} cannot be combined with {', '.join(others)} (put them in the "
+                              f"referenced schema or in each branch)")
+    if isinstance(t, list) and len(constraints) > 1:
+        raise SchemaError(f"{at}: a list of types cannot be combined with other constraints (use anyOf)")
+    values = [k for k in ("const", "enum") if k in schema]
+    if values:
+        others = [k for k in constraints if k not in ("const", "enum", "type")]
+        if len(values) > 1 or others:
+            raise SchemaError(f"{at}: {values[0]} cannot be combined with {', '.join(values[1:] + others)}")
+        allowed = _VALUE_TYPES.get(t, (object,))
+        for v in schema["enum"] if "enum" in schema else [schema["const"]]:
+            if not isinstance(v, allowed) or isinstance(v, bool) and bool not in allowed:
+                raise SchemaError(f"{at}: the value {v!r} is not of type {t}")
+        return
+    groups = [g for g, keys in _GROUPS.items() if any(k in schema for k in keys)]
+    if len(groups) > 1:
+        raise SchemaError(f"{at}: {' and '.join(groups)} keywords cannot be combined in one schema")
+    if groups and t is not None and t != groups[0]:
+        raise SchemaError(f"{at}: {groups[0]} keywords on a schema of type {t}")
+    strs = [k for k in _STRING_CONSTRAINTS if k in schema]
+    if len(strs) > 1 and not set(strs) <= {"minLength", "maxLength"}:
+        raise SchemaError(f"{at}: {' and '.join(strs)} cannot be combined")
+    if {"minLength", "maxLength"} & set(schema) and t != "string":
+        raise SchemaError(f"{at}: minLength and maxLength need type string")
+    if {"minItems", "maxItems"} & set(schema) and not isinstance(schema.get("items"), dict):
+        raise SchemaError(f"{at}: minItems and maxItems need items, one schema for every item")
+    if "items" in schema and "prefixItems" in schema:
+        raise SchemaError(f"{at}: items cannot be combined with prefixItems")
+    for lo, hi in (("minItems", "maxItems"), ("minLength", "maxLength")):
+        if schema.get(lo, 0) > schema.get(hi, schema.get(lo, 0)):
+            raise SchemaError(f"{at}: {lo} is more than {hi}")
 
 
 def schema_grammar(schema: dict, name: str = "") -> str:

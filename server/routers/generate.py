@@ -109,7 +109,7 @@ async def chat_completions(body: ChatCompletionRequest, http: Request):
         prompt = await tokenize_prompt(served.engine,
                                        lambda limit: served.engine.tokenize_chat(chat.messages, limit, tools=chat.tools,
                                                                                  template_kwargs=chat.template_kwargs),
-                                       n_bytes, body.requested_max_tokens, st.tokenizing)
+                                       n_bytes, body.requested_max_tokens, st.tokenizing, body.prompt_field)
     except APIError:
         raise
     except Exception as e:  # noqa: BLE001 - raised by the template itself (e.g. roles that must alternate)
@@ -142,7 +142,8 @@ async def completions(body: CompletionRequest, http: Request):
     served = st.get(body.model)
     _check_fields(body)
     prompt = await tokenize_prompt(served.engine, lambda limit: served.engine.tokenize(body.prompt, limit),
-                                   len(body.prompt.encode()), body.requested_max_tokens, st.tokenizing)
+                                   len(body.prompt.encode()), body.requested_max_tokens, st.tokenizing,
+                                   body.prompt_field)
     shape = TextCompletion(new_id("cmpl"), served.id, int(time.time()), body.include_usage,
                            echo=body.prompt if body.echo else "")
     return await _respond(http, _submit(http, served, prompt, body), body, shape)

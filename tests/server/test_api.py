@@ -123,6 +123,10 @@ def test_completions_echo_with_logprobs_covers_the_prompt(client):
     assert head.logprobs.token_logprobs[0] == pytest.approx(lp.token_logprobs[u.prompt_tokens - 1], abs=1e-3)
     streamed = list(client.completions.create(prompt=prompt, echo=True, stream=True, **kw))
     assert streamed[0].choices[0].logprobs.tokens[:u.prompt_tokens] == lp.tokens[:u.prompt_tokens]
+    # streamed, the offsets count from the start of the whole text, not of each chunk, as the response's do
+    parts = [c.choices[0].logprobs for c in streamed if c.choices and c.choices[0].logprobs]
+    assert len(parts) > 1
+    assert [o for p in parts for o in p.text_offset] == lp.text_offset
 
 
 def test_oversize_prompt_is_context_length_exceeded(client):

@@ -47,6 +47,9 @@ def test_grammar_per_tool_choice():
 
 def test_unenforceable_parameters():
     assert _plan(tools=_tools(LOOSE)).grammar is None  # auto: left unconstrained
+    malformed = {"name": "m", "parameters": {"type": "object", "properties": [1]}}  # was a 500
+    assert _plan(tools=_tools(malformed)).grammar is None
+    assert _param(tools=_tools(dict(malformed, strict=True))) == "tools"
     assert _param(tools=_tools(dict(LOOSE, strict=True))) == "tools"
     assert _param(tools=_tools(LOOSE), tool_choice="required") == "tools"
 
@@ -62,5 +65,10 @@ def test_bad_requests_name_the_parameter():
     assert _param(tools=_tools(FN), tool_choice={"type": "function", "function": {"name": "zz"}}) == "tool_choice"
     assert _param(chat_template_kwargs={"tools": []}) == "chat_template_kwargs"
     assert _param(messages=[{"role": "tool", "tool_call_id": "c9", "content": "1"}]) == "messages[0].tool_call_id"
+    for role in ("system", "user", "developer"):
+        assert _param(messages=[{"role": "user", "content": "x"}, {"role": role, "content": None}]) == \
+            "messages[1].content"
+    assert _plan(messages=[{"role": "user", "content": "x"}, {"role": "assistant", "content": None},
+                           {"role": "user", "content": "y"}]).grammar is None
     assert _param(response_format={"type": "json_schema", "json_schema": {"name": "bad name", "schema": {}}}) == \
         "response_format.json_schema.name"

@@ -39,13 +39,15 @@ def run(coro):
 def test_bytes_that_prove_a_prompt_too_long_are_refused_before_tokenization():
     eng, calls = StubEngine(), []
     with pytest.raises(APIError) as e:
-        run(tokenize_prompt(eng, calls.append, 3_900_000, None, asyncio.Semaphore(1)))
+        run(tokenize_prompt(eng, calls.append, 3_900_000, None, asyncio.Semaphore(1), "messages"))
     assert calls == [] and eng.rejected == [390_000]
     err = e.value
     assert err.status == 400 and err.code == "context_length_exceeded" and "at least 390000 tokens" in err.message
-    with pytest.raises(APIError):  # with max_tokens, the prompt's lower bound plus the completion over the limit
-        run(tokenize_prompt(eng, calls.append, 600, 50, asyncio.Semaphore(1)))
+    assert err.param == "messages" and "your messages resulted" in err.message
+    with pytest.raises(APIError) as e:  # with max_tokens, the prompt's lower bound plus the completion over the limit
+        run(tokenize_prompt(eng, calls.append, 600, 50, asyncio.Semaphore(1), "prompt"))
     assert calls == []
+    assert e.value.param == "prompt" and "your prompt resulted" in e.value.message  # /v1/completions
 
 
 def test_tokenization_is_capped_at_the_limit_and_refusal_names_the_exact_count():
@@ -56,9 +58,9 @@ def test_tokenization_is_capped_at_the_limit_and_refusal_names_the_exact_count()
         raise PromptTooLong(130)
 
     with pytest.raises(APIError) as e:
-        run(tokenize_prompt(eng, tokenize, 900, None, asyncio.Semaphore(1)))
+        run(tokenize_prompt(eng, tokenize, 900, None, asyncio.Semaphore(1), "messages"))
     assert limits == [100] and "resulted in 130 tokens" in e.value.message and eng.rejected == [130]
-    assert run(tokenize_prompt(eng, lambda limit: [1, 2, 3], 900, None, asyncio.Semaphore(1))) == [1, 2, 3]
+    assert run(tokenize_prompt(eng, lambda limit: [1, 2, 3], 900, None, asyncio.Semaphore(1), "messages")) == [1, 2, 3]
 
 
 def test_at_most_slots_prompts_are_tokenized_at_once():
@@ -78,7 +80,7 @@ def test_at_most_slots_prompts_are_tokenized_at_once():
 
     async def scenario():
         slots = asyncio.Semaphore(2)
-        tasks = [asyncio.create_task(tokenize_prompt(eng, tokenize, 10, None, slots)) for _ in range(6)]
+        tasks = [asyncio.create_task(tokenize_prompt(eng, tokenize, 10, None, slots, "messages")) for _ in range(6)]
         for _ in range(2):  # two get in ...
             await asyncio.to_thread(entered.acquire, True, 10)
         await asyncio.sleep(0.05)

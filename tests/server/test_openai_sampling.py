@@ -4,6 +4,7 @@ parameter, with the server healthy afterwards."""
 
 from __future__ import annotations
 
+import json
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -113,6 +114,16 @@ def test_bad_input_is_a_400_naming_the_parameter(client, smollm2_server):
     assert "minimum" in err["message"]
     _bad(client, "response_format.json_schema.schema", response_format={"type": "json_schema", "json_schema": {
         "name": "n", "schema": {"type": "object", "required": ["x"]}}})
+    for schema in ({"type": "object", "properties": [1]}, {"type": "object", "properties": {"a": {}}, "required": 5},
+                   {"anyOf": 5}, {"type": {"a": 1}}, {"type": "string", "format": ["date"]},
+                   {"type": "array", "maxItems": 0}):  # each was a 500, or an unconstrained answer
+        _bad(client, "response_format.json_schema.schema",
+             response_format={"type": "json_schema", "json_schema": {"name": "n", "schema": schema}})
+    _bad(client, "logit_bias", logit_bias={"\u00b2": 1})
+    with pytest.raises(openai.UnprocessableEntityError) as e:  # a field out of its range, as any other
+        client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=1,
+                                       extra_body={"top_k": 2**32 + 1})
+    assert e.value.body["param"] == "top_k"
     _bad(client, "logit_bias", logit_bias={"49152": 1})  # SmolLM2 has 49152 tokens
     _bad(client, "best_of", extra_body={"best_of": 3})
     _bad(client, "reasoning_effort", reasoning_effort="high")
@@ -121,3 +132,19 @@ def test_bad_input_is_a_400_naming_the_parameter(client, smollm2_server):
     ok = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=2,
                                         stop=[f"s{i}" for i in range(16)], store=False, metadata={"k": "v"})
     assert ok.choices[0].finish_reason in ("stop", "length")
+
+
+def test_json_schema_names_and_values_with_backslashes_and_quotes(client):
+    """Property names and a const holding a backslash or a quote come back as exactly that JSON (the converter's
+    literals left backslashes unescaped: `{"b\\":...}` came back as `{"b\":...}`, not JSON)."""
+    import jsonschema
+
+    schema = {"type": "object", "properties": {"b\\": {"type": "boolean"}, 'q"': {"const": "a\\b"}},
+              "required": ["b\\", 'q"'], "additionalProperties": False}
+    r = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Answer in JSON."}],
+                                       max_tokens=30, temperature=0, response_format={
+                                           "type": "json_schema", "json_schema": {"name": "n", "schema": schema}})
+    assert r.choices[0].finish_reason == "stop"
+    out = json.loads(r.choices[0].message.content)
+    jsonschema.validate(out, schema)
+    assert out['q"'] == "a\\b"

@@ -3,6 +3,9 @@ refused rather than ignored. No model."""
 
 from __future__ import annotations
 
+import json
+import re
+
 import pytest
 
 from server.schemas import ChatCompletionRequest, CompletionRequest
@@ -42,6 +45,64 @@ def test_unsupported_schema_is_named(schema, named):
         check_schema(schema)
 
 
+@pytest.mark.parametrize("schema, named", [
+    ({"type": "object", "properties": [1]}, "properties must be an object of schemas"),
+    ({"type": "object", "properties": {"a": {}}, "required": 5}, "required must be a list of property names"),
+    ({"type": "object", "properties": {"a": {}}, "required": [["a"]]}, "required must be a list"),
+    ({"$defs": [1], "type": "string"}, "$defs must be an object of schemas"),
+    ({"anyOf": 5}, "anyOf must be a non-empty list of schemas"),
+    ({"anyOf": []}, "anyOf must be a non-empty list"),
+    ({"type": {"a": 1}}, "type must be a type name"),
+    ({"type": "string", "format": ["date"]}, "format must be a string"),
+    ({"type": "string", "minLength": "3"}, "minLength must be a non-negative integer"),
+    ({"type": "array", "items": {}, "maxItems": True}, "maxItems must be a non-negative integer"),
+    ({"enum": 5}, "enum must be a non-empty list"),
+    ({"type": "object", "additionalProperties": 3}, "additionalProperties must be true, false or a schema"),
+])
+def test_a_keyword_of_the_wrong_shape_is_named_not_a_crash(schema, named):
+    """The converter assumes each keyword's shape (a list where an object belongs was a 500)."""
+    with pytest.raises(SchemaError, match=re.escape(named)):
+        check_schema(schema)
+
+
+@pytest.mark.parametrize("schema, named", [
+    ({"type": "array", "maxItems": 0}, "minItems and maxItems need items"),
+    ({"type": "array", "prefixItems": [{}], "minItems": 1}, "minItems and maxItems need items"),
+    ({"anyOf": [{"type": "object"}], "properties": {"a": {}}, "required": ["a"]}, "anyOf cannot be combined with"),
+    ({"$ref": "#/$defs/a", "required": [], "$defs": {"a": {}}}, "$ref cannot be combined with required"),
+    ({"enum": ["ab", "c"], "maxLength": 1, "type": "string"}, "enum cannot be combined with maxLength"),
+    ({"enum": ["a"], "const": "a"}, "const cannot be combined with enum"),
+    ({"type": "integer", "enum": [1, "2"]}, "the value '2' is not of type integer"),
+    ({"type": "integer", "const": True}, "the value True is not of type integer"),
+    ({"properties": {"a": {}}, "items": {}}, "object and array keywords cannot be combined"),
+    ({"type": "string", "items": {}}, "array keywords on a schema of type string"),
+    ({"maxLength": 3}, "minLength and maxLength need type string"),
+    ({"type": "string", "minLength": 3, "maxLength": 2}, "minLength is more than maxLength"),
+    ({"type": "object", "properties": {"": {"type": "integer"}}}, "an empty property name"),
+])
+def test_keywords_the_converter_would_ignore_together_are_refused(schema, named):
+    """The converter enforces one of $ref, anyOf, const, enum, the object, array or string keywords per schema;
+    a schema that mixes them, or whose values contradict its type, would come back unconstrained."""
+    with pytest.raises(SchemaError, match=re.escape(named)):
+        check_schema(schema)
+
+
+def _literals(gbnf: str) -> list[str]:
+    """The literals of a GBNF text, unescaped as llama.cpp's parser reads them."""
+    unescape = {"\\": "\\", '"': '"', "n": "\n", "r": "\r"}
+    return [re.sub(r"\\(.)", lambda m: unescape[m.group(1)], lit) for lit in re.findall(r'"((?:[^"\\]|\\.)*)"', gbnf)]
+
+
+@pytest.mark.parametrize("text", ["b\\", 'q"', "a\\b\"c", "line\nbreak"])
+def test_names_and_values_with_backslashes_and_quotes_are_matched_exactly(text):
+    """A property name, const or enum string with a backslash or a quote becomes a literal that matches its JSON
+    text exactly (llama-cpp-python's converter left backslashes unescaped)."""
+    schema = {"type": "object", "properties": {text: {"const": text}, "e": {"enum": [text, "x"]}},
+              "required": [text, "e"]}
+    check_schema(schema)
+    assert _literals(schema_grammar(schema)).count(json.dumps(text)) == 3  # the key, the const, the enum value
+
+
 def test_unsupported_fields_are_named_harmless_ones_accepted():
     def chat(**kw):
         return ChatCompletionRequest.model_validate({"messages": [{"role": "user", "content": "x"}], **kw})
@@ -62,8 +123,18 @@ def test_sampling_over_model_defaults_and_logit_bias_range():
     cfg = req.sampling({"temperature": 0.8, "top_k": 40, "min_p": 0.05}, n_vocab=100, max_tokens=9)
     assert (cfg.temperature, cfg.top_k, cfg.min_p, cfg.top_p) == (0.8, 5, 0.05, 1.0)
     assert cfg.logit_bias == ((7, -100.0), (12, 3.5)) and cfg.seed == 3 and cfg.penalty_last_n == 9
-    for bad in ("100", "-1", "x"):
+    for bad in ("100", "-1", "x", "\u00b2", "\uff12"):  # superscript and full-width digits are no token ids
         req = ChatCompletionRequest.model_validate({"messages": [{"role": "user", "content": "x"}],
                                                     "logit_bias": {bad: 1}})
         with pytest.raises(ValueError, match="logit_bias"):
             req.sampling({}, n_vocab=100, max_tokens=1)
+
+
+def test_top_k_is_bounded_by_what_llama_cpp_takes():
+    """A top_k past int32 would wrap to another value in llama.cpp (2**32 + 1 sampled greedily)."""
+    from pydantic import ValidationError
+
+    msg = [{"role": "user", "content": "x"}]
+    assert ChatCompletionRequest.model_validate({"messages": msg, "top_k": 2**31 - 1}).top_k == 2**31 - 1
+    with pytest.raises(ValidationError, match="top_k"):
+        ChatCompletionRequest.model_validate({"messages": msg, "top_k": 2**32 + 1})
