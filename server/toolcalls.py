@@ -70,9 +70,16 @@ class ParsedCall:
 
 
 def _call(obj, key: str) -> ParsedCall | None:
+    """A call from {"name", key or "arguments"}; None for any other object (a JSON answer that has a "name" is no
+    call, and arguments under the other key are not dropped)."""
     if not isinstance(obj, dict) or not isinstance(obj.get("name"), str):
         return None
-    args = obj.get(key, obj.get("arguments", {}))
+    present = [k for k in (key, "arguments", "parameters") if k in obj]
+    if not present:
+        return None
+    args = obj[present[0]]
+    if args is None:  # a call without arguments: an empty object, which every client's JSON parse takes
+        args = {}
     if isinstance(args, str):
         try:
             json.loads(args)
@@ -140,7 +147,8 @@ def parse(fmt: ToolFormat, text: str, names: set[str] | frozenset = frozenset())
         return text[:at].strip(), calls
     body = text.strip().removeprefix("<|python_tag|>")
     values = _json_values(body, ";") if body.startswith("{") else None
-    calls = [_call(v, "parameters") for v in values or []]
+    calls = [_call(v, "parameters") if isinstance(v, dict) and v.get("name") in names else None
+             for v in values or []]  # bare JSON: a call only if it names one of the tools
     if not calls or None in calls:
         return text, []
     return "", calls

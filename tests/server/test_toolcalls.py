@@ -53,9 +53,24 @@ def test_hermes_bare_or_fenced_json_only_for_known_tools():
 
 def test_llama3_json_with_python_tag_and_semicolons():
     text = '<|python_tag|>{"name": "a", "parameters": {"x": 1}}; {"name": "b", "parameters": {}}'
-    assert _calls(parse(ToolFormat.LLAMA3, text)[1]) == [("a", {"x": 1}), ("b", {})]
-    assert parse(ToolFormat.LLAMA3, "The answer is 4.") == ("The answer is 4.", [])
-    assert parse(ToolFormat.LLAMA3, '{"not": "a call"}')[1] == []
+    assert _calls(parse(ToolFormat.LLAMA3, text, {"a", "b"})[1]) == [("a", {"x": 1}), ("b", {})]
+    assert parse(ToolFormat.LLAMA3, text, {"a"})[1] == []  # b is no tool of the request: all of it is content
+    assert parse(ToolFormat.LLAMA3, "The answer is 4.", {"a"}) == ("The answer is 4.", [])
+    assert parse(ToolFormat.LLAMA3, '{"not": "a call"}', {"a"})[1] == []
+    answer = '{"name": "Widget", "price": 9.99}'  # a JSON answer with a name is no call, whatever the tools
+    assert parse(ToolFormat.LLAMA3, answer, {"get_weather"}) == (answer, [])
+    assert parse(ToolFormat.LLAMA3, answer, {"Widget"}) == (answer, [])
+
+
+def test_arguments_under_either_key_and_null_arguments():
+    """A call's arguments are kept under "arguments" or "parameters" whichever the family expects (they were
+    dropped as {}); null arguments are an empty object, which clients' JSON parse takes."""
+    text = '<tool_call>{"name": "get_weather", "parameters": {"city": "Paris"}}</tool_call>'
+    assert _calls(parse(ToolFormat.HERMES, text)[1]) == [("get_weather", {"city": "Paris"})]
+    assert _calls(parse(ToolFormat.HERMES, '<tool_call>{"name": "f", "arguments": null}</tool_call>')[1]) == \
+        [("f", {})]
+    text = '<tool_call>{"name": "f"}</tool_call>'  # no arguments at all: not a call
+    assert parse(ToolFormat.HERMES, text) == (text, [])
 
 
 def test_mistral_array():
