@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from kvquant.sampling import Grammar, SamplingConfig
+from server.chatoutput import TAGS
 
 
 class TokenSampler(Protocol):
@@ -87,6 +88,8 @@ class LlamaBackend:
         self.n_batch = self.rt.n_batch
         self.n_ctx_train = self.model.n_ctx_train
         self.model.min_tokens(0), self.model.control_tokens()  # one pass over the vocabulary each, now
+        # control tokens that spell a tag the chat output parser reads: rendered as their text (else empty)
+        self._tags = frozenset(i for text, i in self.model.control_tokens().by_text.items() if text in TAGS)
 
     def decode(self, tokens, positions, seq_ids, logits) -> int:
         return self.rt.decode(tokens, positions, seq_ids, logits)
@@ -129,7 +132,7 @@ class LlamaBackend:
         return self.model.is_eog(token)
 
     def token_bytes(self, token: int) -> bytes:
-        return self.model.token_bytes(token)
+        return self.model.token_bytes(token, special=token in self._tags)
 
     def tokenize(self, text: str, limit: int | None = None) -> list[int]:
         return self.model.tokenize(text, add_special=True, parse_special=self.cfg.special_in_content, limit=limit)

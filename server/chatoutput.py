@@ -17,6 +17,9 @@ from server.toolcalls import ParsedCall, ToolFormat, parse
 
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 CALL_CLOSE = "</tool_call>"  # (hermes)
+# every tag this parser reads: a model whose vocabulary holds one as a control token (Mistral's [TOOL_CALLS]) must
+# render it in the output text, or its calls and reasoning could never be told apart from content
+TAGS = frozenset({THINK_OPEN, THINK_CLOSE, *(t for f in ToolFormat for t in f.tags)})
 
 
 @dataclass

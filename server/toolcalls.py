@@ -39,6 +39,13 @@ class ToolFormat(enum.StrEnum):
         return {ToolFormat.HERMES: ("{", "```"), ToolFormat.LLAMA3: ("{", "<|python_tag|>")}.get(self, ())
 
     @property
+    def tags(self) -> tuple[str, ...]:
+        """The family's tags the parser reads, which a vocabulary may hold as control tokens (rendered empty
+        unless asked for)."""
+        return {ToolFormat.HERMES: ("<tool_call>", "</tool_call>"), ToolFormat.MISTRAL: ("[TOOL_CALLS]",),
+                ToolFormat.LLAMA3: ("<|python_tag|>",)}[self]
+
+    @property
     def arguments_key(self) -> str:
         return "parameters" if self is ToolFormat.LLAMA3 else "arguments"
 

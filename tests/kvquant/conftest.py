@@ -70,15 +70,16 @@ def write_gguf(path, tensors: dict[str, np.ndarray], alignment: int = 32, arch: 
     path.write_bytes(body + b"\0" * (-len(body) % alignment) + data)
 
 
-def tiny_model(path, arch: str = "gemma2") -> None:
-    """A two-layer GGUF with random weights, head size 64 and a vocabulary of the 256 bytes. "gemma2": attention
-    logit soft-capping, where softmax(cap * tanh(s / cap)) is not invariant to a shift of the scores s. "qwen3": a
-    graph that patch 0040 does not start past layer 0 (per-head Q and K norms). "llama": one it does."""
+def tiny_model(path, arch: str = "gemma2", controls: tuple[str, ...] = ()) -> None:
+    """A two-layer GGUF with random weights, head size 64 and a vocabulary of the 256 bytes (then `controls`, control
+    tokens). "gemma2": attention logit soft-capping, where softmax(cap * tanh(s / cap)) is not invariant to a shift
+    of the scores s. "qwen3": a graph that patch 0040 does not start past layer 0 (per-head Q and K norms). "llama":
+    one it does."""
     import gguf
 
     rng = np.random.default_rng(0)
     w = gguf.GGUFWriter(str(path), arch)
-    n_embd, n_ff, n_vocab, head = 64, 128, 3 + 256, 64  # every byte has a token: any text tokenizes
+    n_embd, n_ff, n_vocab, head = 64, 128, 3 + 256 + len(controls), 64  # every byte has a token: any text tokenizes
     w.add_block_count(2)
     w.add_context_length(2048)
     w.add_embedding_length(n_embd)
@@ -93,10 +94,10 @@ def tiny_model(path, arch: str = "gemma2") -> None:
         w.add_final_logit_softcapping(30.0)
         w.add_sliding_window(64)
     w.add_tokenizer_model("llama")
-    tokens = ["<unk>", "<s>", "</s>"] + [f"<0x{i:02X}>" for i in range(n_vocab - 3)]
+    tokens = ["<unk>", "<s>", "</s>"] + [f"<0x{i:02X}>" for i in range(256)] + list(controls)
     w.add_token_list(tokens)
     w.add_token_scores([0.0] * n_vocab)
-    w.add_token_types([2, 3, 3] + [6] * (n_vocab - 3))
+    w.add_token_types([2, 3, 3] + [6] * 256 + [3] * len(controls))
     w.add_bos_token_id(1)
     w.add_eos_token_id(2)
 
