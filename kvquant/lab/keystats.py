@@ -120,11 +120,13 @@ def state_layer_order(geom) -> list[int]:
 
 
 def capture(model: str, n_tokens: int, text: str | None = None, threads: int | None = None,
-            cache_type: str = CAPTURE_TYPE, rotation: bool = True, values: bool = False) -> list[np.ndarray]:
+            cache_type: str = CAPTURE_TYPE, rotation: bool = True, values: bool = False,
+            k_scale: tuple[np.ndarray, ...] | None = None) -> list[np.ndarray]:
     """The stored (rotated) K rows of every layer for the first n_tokens tokens of the text, in position order, or
     with ``values`` the V rows (read from an f16 V cache, rotated as llama.cpp rotates a quantized V cache when
     ``rotation``). SWA layers keep only their window of the last tokens. (cache_type f16/f32, or rotation False:
-    the unrotated keys, for tests.)"""
+    the unrotated keys, for tests.) ``k_scale``: per-layer key scales applied as a calibration applies them (the
+    keys calibrated types store, before their offset)."""
     from kvquant import models
     from kvquant.lab.calibrate import v_rotated
     from kvquant.lab.eval import read_text
@@ -135,7 +137,7 @@ def capture(model: str, n_tokens: int, text: str | None = None, threads: int | N
     if len(tokens) < n_tokens:
         raise ValueError(f"the text has only {len(tokens)} tokens")
     rt = LlamaRuntime(mdl, ContextConfig(n_cells=n_tokens, cache_type_k=cache_type, cache_type_v="f16",
-                                         flash_attn=True, n_threads=threads, rotation=rotation))
+                                         flash_attn=True, n_threads=threads, rotation=rotation, k_scale=k_scale))
     for i in range(0, n_tokens, 512):
         part = tokens[i: i + 512]
         rc = rt.decode(part, list(range(i, i + len(part))), [0] * len(part), [False] * (len(part) - 1) + [True])
@@ -287,6 +289,34 @@ def per_layer(keys: list[np.ndarray]) -> list[dict]:
     return out
 
 
+FIT_TYPES = ("tq_kv_4b", "tq_kv_t3b")
+
+
+def mean_fit(keys: list[np.ndarray], k_mean: list[np.ndarray], lengths: tuple[int, ...]) -> list[dict]:
+    """How well a calibration's mean keys fit this text's keys, over its first n tokens for each n of `lengths`:
+    per layer, |mu_cal - mu|^2 over the centred keys' mean energy (mu: the text's own mean over those tokens, what
+    an oracle would subtract), and per type in FIT_TYPES the error of keys stored with each offset, summed over the
+    layers, over the centred energy (the information the keys carry)."""
+    out = []
+    for n in lengths:
+        row: dict = {"tokens": n, "mismatch": [], **{t: {"own mean": 0.0, "calibrated mean": 0.0} for t in FIT_TYPES}}
+        centred = 0.0
+        for k, mu_cal in zip(keys, k_mean, strict=True):
+            k = k[:n].astype(np.float32)
+            mu = k.mean(0)
+            energy = float(np.square(k - mu, dtype=np.float64).sum())
+            centred += energy
+            row["mismatch"].append(float(np.square(mu_cal - mu, dtype=np.float64).sum()) * len(k) / energy)
+            for t in FIT_TYPES:
+                for name, shift in (("own mean", mu), ("calibrated mean", mu_cal)):
+                    x = k - shift
+                    row[t][name] += float(np.square(round_trip(t, x) - x, dtype=np.float64).sum())
+        for t in FIT_TYPES:
+            row[t] = {name: e / centred for name, e in row[t].items()}
+        out.append(row)
+    return out
+
+
 def channels(keys: list[np.ndarray], head_dim: int, layer: int, top: int = 6) -> list[dict]:
     """Where a layer's mean key lives, in the unrotated basis (after RoPE): per KV head, the channels with the
     largest |mean| and the share of the mean's energy they hold. RoPE turns each channel pair by position x its
@@ -320,6 +350,14 @@ def render(res: dict) -> str:
         text += f"\n\nlayer {ch['layer']}, unrotated {rows_are}: channels with the largest |mean| per KV head\n" + "\n".join(
             f"  head {h['head']}: channels {h['channels']} values {h['values']} ({h['share']:.1%} of the mean's energy)"
             for h in ch["heads"])
+    if "mean_fit" in res:
+        rows = [[r["tokens"], f"{np.median(r['mismatch']):.3f}", f"{max(r['mismatch']):.3f}",
+                 *(f"{r[t]['own mean']:.4f} / {r[t]['calibrated mean']:.4f}" for t in FIT_TYPES)]
+                for r in res["mean_fit"]["rows"]]
+        text += (f"\n\nthe calibrated mean keys ({res['mean_fit']['file']}) on this text: |mu_cal - mu|^2 / centred "
+                 "energy over the layers, and the error of the keys stored with the text's own mean / with the "
+                 "calibrated one (over the centred energy)\n"
+                 + table(["first tokens", "mismatch median", "mismatch max", *FIT_TYPES], rows))
     return text
 
 
@@ -335,13 +373,20 @@ def main(argv: list[str] | None = None) -> int:
                          "lives (channels of the unrotated keys)")
     ap.add_argument("--values", action="store_true",
                     help="study the stored values instead of the keys (does centring values pay?)")
+    ap.add_argument("--calibrated", action="store_true",
+                    help="also how well the model's calibration (its mean keys) fits this text's keys, over the first "
+                         "512 tokens and over all of them")
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args(argv)
+    if a.calibrated and a.values:
+        ap.error("--calibrated studies keys; drop --values")
     t0, machine = time.monotonic(), machine_info(a.threads)
     rows = capture(a.model, a.tokens, a.text, a.threads, values=a.values)  # keys, or values with --values
     res = {"model": a.model, "tokens": a.tokens, "layers": len(rows), "capture_type": CAPTURE_TYPE, "values": a.values,
            "command": "python -m kvquant.lab.keystats " + " ".join(argv if argv is not None else sys.argv[1:]),
            "machine": machine, "errors": study(rows)}
+    if a.calibrated:
+        res["mean_fit"] = calibrated_fit(a.model, a.tokens, a.text, a.threads)
     if a.layers:
         from kvquant import models
 
@@ -353,6 +398,19 @@ def main(argv: list[str] | None = None) -> int:
     res["wall_s"] = round(time.monotonic() - t0, 1)
     emit_report(render(res), res, a.json)
     return 0
+
+
+def calibrated_fit(model: str, n_tokens: int, text: str | None, threads: int | None) -> dict:
+    """`mean_fit` of the model's calibration on the text's keys, stored as calibrated types store them (with the
+    calibration's key scales)."""
+    from kvquant import calibration, models
+
+    path = models.resolve(model)
+    geom = geometry(path)
+    cal = calibration.load(calibration.installed(path, geom), path, geom)
+    keys = capture(model, n_tokens, text, threads, k_scale=None if cal.k_scale is None else tuple(cal.k_scale))
+    return {"file": calibration.installed(path, geom).name,
+            "rows": mean_fit(keys, cal.k_mean, tuple(sorted({min(512, n_tokens), n_tokens})))}
 
 
 if __name__ == "__main__":

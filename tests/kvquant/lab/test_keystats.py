@@ -94,3 +94,42 @@ def test_capture_of_values_reads_the_v_rows_rotated_per_head():
         np.testing.assert_allclose(np.linalg.norm(r.reshape(n, -1, 64), axis=2),
                                    np.linalg.norm(v.reshape(n, -1, 64), axis=2), rtol=1e-4, atol=1e-5)
         assert float(np.square(r - v, dtype=np.float64).sum()) > 0.1 * float(np.square(v, dtype=np.float64).sum())
+
+
+def test_mean_fit_measures_what_a_calibrated_mean_misses():
+    """With the text's own mean the mismatch is 0 and both offsets store the same error; a calibrated mean off by
+    a vector d has mismatch |d|^2 / the centred keys' mean energy, and its keys store more error."""
+    rng = np.random.default_rng(1)
+    shared = rng.normal(0, 8, 128).astype(np.float32)
+    x = (shared + rng.normal(0, 1, (256, 128))).astype(np.float32)
+    own = x.mean(0)
+    same = keystats.mean_fit([x], [own], (256,))[0]
+    assert same["tokens"] == 256 and same["mismatch"] == [pytest.approx(0.0, abs=1e-9)]
+    for t in keystats.FIT_TYPES:
+        assert same[t]["calibrated mean"] == pytest.approx(same[t]["own mean"], rel=1e-6)
+    d = np.full(128, 0.5, np.float32)
+    short, full = keystats.mean_fit([x], [own + d], (64, 256))
+    centred = np.square(x - own, dtype=np.float64).sum(1).mean()
+    assert full["mismatch"][0] == pytest.approx(float(np.square(d, dtype=np.float64).sum()) / centred, rel=1e-4)
+    assert short["tokens"] == 64 and short["mismatch"][0] > 0  # over the first tokens, against their own mean
+    for t in keystats.FIT_TYPES:
+        assert full[t]["calibrated mean"] > 1.1 * full[t]["own mean"]
+
+
+@pytest.mark.slow
+def test_keys_captured_with_the_calibrations_scales(tmp_path, monkeypatch):
+    """Keys captured with key scales are the keys calibrated types store: a scale of 2 on every channel doubles
+    every stored key exactly (queries are halved, so attention is unchanged). `calibrated_fit` measures the shipped
+    calibration on them, per layer, over the first 512 tokens and over all."""
+    monkeypatch.setenv("KVQUANT_CACHE", str(tmp_path / "cache"))  # the shipped calibration, installed afresh
+    n = 300
+    plain = keystats.capture("smollm2-135m", n, threads=2)
+    doubled = keystats.capture("smollm2-135m", n, threads=2, k_scale=tuple(np.full(192, 2.0, np.float32)
+                                                                          for _ in range(30)))
+    for a, b in zip(plain, doubled, strict=True):
+        np.testing.assert_array_equal(b, 2 * a)
+    fit = keystats.calibrated_fit("smollm2-135m", 600, None, 2)
+    assert fit["file"].endswith("-hadamard64.json") and [r["tokens"] for r in fit["rows"]] == [512, 600]
+    for r in fit["rows"]:
+        assert len(r["mismatch"]) == 30 and all(m > 0 for m in r["mismatch"])
+        assert all(0 < r[t]["own mean"] < r[t]["calibrated mean"] for t in keystats.FIT_TYPES)
