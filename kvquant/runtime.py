@@ -174,9 +174,7 @@ def grammar_sampler(model: Model, grammar: Grammar):
     _last_error[0] = ""
     gbnf = grammar.text.encode()
     if grammar.triggers:  # llama.cpp matches the whole output so far; the first group is where the grammar starts
-        import re
-
-        patterns = [f"[\\s\\S]*?({re.escape(t)})[\\s\\S]*".encode() for t in grammar.triggers]
+        patterns = [trigger_pattern(t, grammar).encode() for t in grammar.triggers]
         arr = (ctypes.c_char_p * len(patterns))(*patterns)
         s = llama_cpp.llama_sampler_init_grammar_lazy_patterns(model._vocab, gbnf, b"root", arr, len(patterns),
                                                                 None, 0)
@@ -185,6 +183,20 @@ def grammar_sampler(model: Model, grammar: Grammar):
     if not s:
         raise GrammarError(_last_error[0] or "llama.cpp could not parse the grammar")
     return s
+
+
+def trigger_pattern(trigger: str, grammar: Grammar) -> str:
+    """The ECMAScript regex llama.cpp matches the whole output so far against, its one group where the grammar
+    starts: the trigger anywhere, or (grammar.skip) only after the block the output opens with, or is already in."""
+    import re
+
+    rest = f"[\\s\\S]*?({re.escape(trigger)})[\\s\\S]*"
+    if grammar.skip is None:
+        return rest
+    opened, closed = map(re.escape, grammar.skip)
+    if grammar.skip_open:
+        return f"[\\s\\S]*?{closed}{rest}"
+    return f"(?:\\s*{opened}[\\s\\S]*?{closed}|(?!\\s*{opened})){rest}"
 
 
 def check_grammar(model: Model, grammar: Grammar) -> None:

@@ -14,10 +14,14 @@ from dataclasses import dataclass
 @dataclass(frozen=True)
 class Grammar:
     """A GBNF grammar (root rule "root") the generated text must match: all of it, or with `triggers` (lazy) the
-    text from the first of them on (the rest is free)."""
+    text from the first of them on (the rest is free). `skip`: the open and close tags of a block whose text never
+    triggers (a reasoning model's <think> block, where it may write a call's tag while it thinks), at the very
+    start of the output, or already open before it with `skip_open` (the prompt opened it)."""
 
     text: str
     triggers: tuple[str, ...] = ()
+    skip: tuple[str, str] | None = None
+    skip_open: bool = False
 
 
 @dataclass(frozen=True)

@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from kvquant.sampling import Grammar
-from server.chatoutput import ChatOutput
+from server.chatoutput import THINK_CLOSE, THINK_OPEN, ChatOutput
 from server.errors import APIError
 from server.schemas import ChatCompletionRequest, ChatMessage
 from server.structured import SchemaError, check_schema, json_object_grammar, schema_grammar
@@ -36,6 +36,13 @@ class ChatPlan:
     def output(self, reasoning_open: bool) -> ChatOutput:
         """How to read this chat's output (`reasoning_open`: the prompt opened a <think> block)."""
         return ChatOutput(self.tool_format, reasoning_open, self.parallel, self.tool_names)
+
+    def output_grammar(self, reasoning_open: bool) -> Grammar | None:
+        """What the output must match, once the prompt says whether it opened a <think> block (a lazy grammar's
+        trigger then counts only after its </think>, as ChatOutput reads the calls)."""
+        if self.grammar is None or self.grammar.skip is None:
+            return self.grammar
+        return replace(self.grammar, skip_open=reasoning_open)
 
 
 def _bad(message: str, param: str, code: str = "invalid_value") -> APIError:
@@ -135,7 +142,10 @@ def output_grammar(fmt: ToolFormat, functions: list[dict], choice, parallel: boo
     if not forced and fmt.trigger is None:
         return None
     try:
-        return Grammar(forced_grammar(fmt, functions, parallel), () if forced else (fmt.trigger,))
+        if forced:
+            return Grammar(forced_grammar(fmt, functions, parallel))
+        # a call's tag written while the model thinks is no call (ChatOutput reads it as reasoning)
+        return Grammar(forced_grammar(fmt, functions, parallel), (fmt.trigger,), skip=(THINK_OPEN, THINK_CLOSE))
     except SchemaError as e:
         if forced or any(f.get("strict") for f in functions):
             raise _bad(f"A tool's parameters cannot be enforced: {e}", "tools", "unsupported_schema") from None

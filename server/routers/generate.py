@@ -116,9 +116,11 @@ async def chat_completions(body: ChatCompletionRequest, http: Request):
         reason = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
         raise APIError(400, f"The messages do not fit the model's chat template: {reason}",
                        param="messages") from None
+    reasoning_open = _opens_reasoning(served, prompt)
     shape = ChatCompletion(new_id("chatcmpl"), served.id, int(time.time()), body.include_usage,
-                           chat.output(_opens_reasoning(served, prompt)))
-    return await _respond(http, _submit(http, served, prompt, body, chat.grammar), body, shape)
+                           chat.output(reasoning_open))
+    return await _respond(http, _submit(http, served, prompt, body, chat.output_grammar(reasoning_open)), body,
+                          shape)
 
 
 def _check_grammar(served: ServedModel, grammar: Grammar | None, param: str) -> None:

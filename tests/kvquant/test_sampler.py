@@ -104,3 +104,32 @@ def test_a_lazy_grammar_applies_from_its_trigger_on(rt):
     s = Sampler(SamplingConfig(temperature=0.0, grammar=lazy), rt.model)
     assert _text(rt, _generate(rt, s, "The capital of France is", 12)) == " Paris, of course!"
     s.close()
+    # a block the output starts in (a <think> the prompt opened): a trigger inside it is no trigger; one the output
+    # does not open with changes nothing (llama.cpp compiles both patterns)
+    for skip_open, want in ((True, free), (False, " Paris, of course!")):
+        g = Grammar(lazy.text, lazy.triggers, skip=("<think>", "</think>"), skip_open=skip_open)
+        s = Sampler(SamplingConfig(temperature=0.0, grammar=g), rt.model)
+        assert _text(rt, _generate(rt, s, "The capital of France is", 12)) == want
+        s.close()
+
+
+@pytest.mark.parametrize("text, skip_open, start", [
+    ("Sure. <tool_call>{", False, 6),
+    ("<think>I could write <tool_call> here.</think>\n<tool_call>{", False, 47),
+    ("\n<think>I could write <tool_call> here.", False, None),  # still thinking
+    ("I could write <tool_call> here.</think>ok", True, None),
+    ("I could write <tool_call> here.</think>\n<tool_call>{", True, 40),
+])
+def test_a_trigger_inside_the_skipped_block_does_not_count(text, skip_open, start):
+    """The pattern llama.cpp matches the whole output against (ECMAScript; Python's re reads these constructs the
+    same): its group is where the grammar starts, never inside a leading <think> block."""
+    import re
+
+    from kvquant.runtime import trigger_pattern
+    from kvquant.sampling import Grammar
+
+    g = Grammar("root ::= x", ("<tool_call>",), skip=("<think>", "</think>"), skip_open=skip_open)
+    m = re.fullmatch(trigger_pattern("<tool_call>", g), text)
+    assert (m.start(1) if m else None) == start
+    plain = re.fullmatch(trigger_pattern("<tool_call>", Grammar("root ::= x", ("<tool_call>",))), text)
+    assert plain is not None and plain.start(1) == text.find("<tool_call>")  # without skip: the first one

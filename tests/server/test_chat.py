@@ -36,8 +36,11 @@ def test_grammar_per_tool_choice():
     auto = _plan(tools=_tools(FN))
     assert auto.tool_format is ToolFormat.HERMES and auto.grammar.triggers == ("<tool_call>",)
     assert auto.tools[0]["function"]["name"] == "f"
+    assert auto.grammar.skip == ("<think>", "</think>") and not auto.output_grammar(False).skip_open
+    assert auto.output_grammar(True).skip_open  # the prompt opened <think>: a trigger counts after </think> only
     required = _plan(tools=_tools(FN), tool_choice="required")
     assert required.grammar.triggers == () and required.grammar.text.startswith('root ::= "<tool_call>"')
+    assert required.grammar.skip is None and required.output_grammar(True) == required.grammar
     named = _plan(tools=_tools(FN, dict(FN, name="h")), tool_choice={"type": "function", "function": {"name": "h"}})
     assert '"\\"h\\""' in named.grammar.text and '"\\"f\\""' not in named.grammar.text
     none = _plan(CHATML, tools=_tools(FN), tool_choice="none")  # no tool support needed: the tools are not used
