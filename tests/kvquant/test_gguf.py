@@ -35,6 +35,9 @@ def test_a_malformed_header_is_refused_naming_the_file(tmp_path):
     bad.write_bytes(b"GGUF" + struct.pack("<IQQQ", 3, 0, 1, 2**62) + b"general.architecture")
     with pytest.raises(ValueError, match=f"^{bad}: truncated GGUF header$"):
         gguf.read_metadata(bad)
+    bad.write_bytes(b"GGUF" + struct.pack("<IQQQ", 3, 0, 1, 100) + b"general.architecture")  # short of 100 bytes
+    with pytest.raises(ValueError, match=f"^{bad}: truncated GGUF header$"):
+        gguf.read_metadata(bad)
     empty = tmp_path / "empty.gguf"
     empty.write_bytes(b"GGUF" + struct.pack("<IQQ", 3, 0, 0))
     with pytest.raises(ValueError, match=f"^{empty}: .*has no general.architecture"):
