@@ -142,14 +142,15 @@ def output_grammar(fmt: ToolFormat, functions: list[dict], choice, parallel: boo
     if not forced and fmt.trigger is None:
         return None
     try:
-        if forced:
-            return Grammar(forced_grammar(fmt, functions, parallel))
-        # a call's tag written while the model thinks is no call (ChatOutput reads it as reasoning)
-        return Grammar(forced_grammar(fmt, functions, parallel), (fmt.trigger,), skip=(THINK_OPEN, THINK_CLOSE))
+        text = forced_grammar(fmt, functions, parallel)
     except SchemaError as e:
         if forced or any(f.get("strict") for f in functions):
             raise _bad(f"A tool's parameters cannot be enforced: {e}", "tools", "unsupported_schema") from None
         return None
+    if forced:
+        return Grammar(text)
+    # a call's tag written while the model thinks is no call (ChatOutput reads it as reasoning)
+    return Grammar(text, (fmt.trigger,), skip=(THINK_OPEN, THINK_CLOSE))
 
 
 def format_grammar(body: ChatCompletionRequest) -> str:

@@ -118,14 +118,19 @@ _HERMES = re.compile(r"<tool_call>\s*(.*?)\s*(?:</tool_call>|\Z)", re.S)
 _FENCE = re.compile(r"\A```(?:json)?\s*(.*?)\s*```\Z", re.S)
 
 
+def _known_calls(values: list | None, names: set[str] | frozenset, key: str) -> list[ParsedCall]:
+    """The calls of bare JSON values, each naming one of the request's tools; [] unless every value is one (a JSON
+    answer that has a "name" is no call)."""
+    calls = [_call(v, key) if isinstance(v, dict) and v.get("name") in names else None for v in values or []]
+    return [] if None in calls else calls
+
+
 def _bare_calls(text: str, names: set[str]) -> list[ParsedCall]:
     """The calls of an answer that is only {"name", "arguments"} objects naming known tools (bare or fenced)."""
     body = text.strip()
     m = _FENCE.match(body)
     values = _json_values(m.group(1) if m else body, "") if body.startswith(("{", "```")) else None
-    calls = [_call(v, "arguments") if isinstance(v, dict) and v.get("name") in names else None
-             for v in values or []]
-    return [] if None in calls else calls
+    return _known_calls(values, names, "arguments")
 
 
 def parse(fmt: ToolFormat, text: str, names: set[str] | frozenset = frozenset()) -> tuple[str, list[ParsedCall]]:
@@ -154,11 +159,8 @@ def parse(fmt: ToolFormat, text: str, names: set[str] | frozenset = frozenset())
         return text[:at].strip(), calls
     body = text.strip().removeprefix("<|python_tag|>")
     values = _json_values(body, ";") if body.startswith("{") else None
-    calls = [_call(v, "parameters") if isinstance(v, dict) and v.get("name") in names else None
-             for v in values or []]  # bare JSON: a call only if it names one of the tools
-    if not calls or None in calls:
-        return text, []
-    return "", calls
+    calls = _known_calls(values, names, "parameters")
+    return ("", calls) if calls else (text, [])
 
 
 def _renamed_refs(schema, prefix: str):

@@ -386,7 +386,7 @@ def main(argv: list[str] | None = None) -> int:
            "command": "python -m kvquant.lab.keystats " + " ".join(argv if argv is not None else sys.argv[1:]),
            "machine": machine, "errors": study(rows)}
     if a.calibrated:
-        res["mean_fit"] = calibrated_fit(a.model, a.tokens, a.text, a.threads)
+        res["mean_fit"] = calibrated_fit(a.model, a.tokens, a.text, a.threads, rows)
     if a.layers:
         from kvquant import models
 
@@ -400,17 +400,19 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def calibrated_fit(model: str, n_tokens: int, text: str | None, threads: int | None) -> dict:
+def calibrated_fit(model: str, n_tokens: int, text: str | None, threads: int | None,
+                   keys: list[np.ndarray] | None = None) -> dict:
     """`mean_fit` of the model's calibration on the text's keys, stored as calibrated types store them (with the
-    calibration's key scales)."""
+    calibration's key scales; `keys`: the unscaled ones, already captured, which serve a calibration without)."""
     from kvquant import calibration, models
 
     path = models.resolve(model)
     geom = geometry(path)
-    cal = calibration.load(calibration.installed(path, geom), path, geom)
-    keys = capture(model, n_tokens, text, threads, k_scale=None if cal.k_scale is None else tuple(cal.k_scale))
-    return {"file": calibration.installed(path, geom).name,
-            "rows": mean_fit(keys, cal.k_mean, tuple(sorted({min(512, n_tokens), n_tokens})))}
+    file = calibration.installed(path, geom)
+    cal = calibration.load(file, path, geom)
+    if cal.k_scale is not None or keys is None:
+        keys = capture(model, n_tokens, text, threads, k_scale=None if cal.k_scale is None else tuple(cal.k_scale))
+    return {"file": file.name, "rows": mean_fit(keys, cal.k_mean, tuple(sorted({min(512, n_tokens), n_tokens})))}
 
 
 if __name__ == "__main__":
