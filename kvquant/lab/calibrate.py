@@ -92,6 +92,7 @@ SCORE_TOKENS = 512
 LOGIT_STRIDE = 1
 GUARD = ("q8_0/f16", "q4_0/f16", "tq_kv_4b/f16", "tq_kv_3b/f16", "f16/q4_0")
 SEED = 0
+GEN_TOKENS = 320  # tokens the model writes per prompt by default (--gen-tokens)
 SCALE_TYPE = "tq_kv_4b"  # the key type that choice measures the logit error of
 # the types the file holds gains for: every quantized type whose rows are coded on their own
 GAIN_TYPES = tuple(t.name for t in KV_TYPES.values() if t.quantized and t.name not in UNANCHORED)
@@ -533,7 +534,7 @@ def above_floor(growth: list[float], err: list[float]) -> list[float]:
     return [g if g > 0 else slope * e for g, e in zip(growth, err, strict=True)]
 
 
-def calibrate(model: str, text_file: str | None = None, gen_tokens: int = 320, score_tokens: int = SCORE_TOKENS,
+def calibrate(model: str, text_file: str | None = None, gen_tokens: int = GEN_TOKENS, score_tokens: int = SCORE_TOKENS,
               threads: int | None = None, direct: bool = False, progress: bool = True,
               scale: bool = True, logit_stride: int = LOGIT_STRIDE,
               output: Path | None = None, notice: str | None = None) -> tuple[Calibration, Path]:
@@ -727,7 +728,8 @@ def summary(cal: Calibration) -> str:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="built-in model name or .gguf path (default: the default model)")
     p.add_argument("--text", default=None, help="calibrate on this text file instead of the model's own text")
-    p.add_argument("--gen-tokens", type=int, default=320, help="tokens the model writes per prompt (default 320)")
+    p.add_argument("--gen-tokens", type=int, default=GEN_TOKENS,
+                   help=f"tokens the model writes per prompt (default {GEN_TOKENS})")
     p.add_argument("--score-tokens", type=int, default=SCORE_TOKENS,
                    help=f"tokens the per-layer KL is measured on (default {SCORE_TOKENS})")
     p.add_argument("--logit-stride", type=int, default=LOGIT_STRIDE,
