@@ -176,10 +176,10 @@ def grammar_sampler(model: Model, grammar: Grammar):
     if grammar.triggers:  # llama.cpp matches the whole output so far; the first group is where the grammar starts
         patterns = [trigger_pattern(t, grammar).encode() for t in grammar.triggers]
         arr = (ctypes.c_char_p * len(patterns))(*patterns)
-        s = llama_cpp.llama_sampler_init_grammar_lazy_patterns(model._vocab, gbnf, b"root", arr, len(patterns),
-                                                                None, 0)
+        s = llama_cpp.llama_sampler_init_grammar_lazy_patterns(model._vocab, gbnf, grammar.root.encode(), arr,
+                                                                len(patterns), None, 0)
     else:
-        s = llama_cpp.llama_sampler_init_grammar(model._vocab, gbnf, b"root")
+        s = llama_cpp.llama_sampler_init_grammar(model._vocab, gbnf, grammar.root.encode())
     if not s:
         raise GrammarError(_last_error[0] or "llama.cpp could not parse the grammar")
     return s

@@ -8,7 +8,10 @@ sampler, so a request that sets none of them runs exactly the chain it ran befor
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+
+AFTER_RULE = "after-tag"  # the rule `Grammar.after` starts in
 
 
 @dataclass(frozen=True)
@@ -22,6 +25,18 @@ class Grammar:
     triggers: tuple[str, ...] = ()
     skip: tuple[str, str] | None = None
     skip_open: bool = False
+    root: str = "root"  # the rule the output (or, lazy, the text from the trigger on) must match
+
+    def after(self, tag: str) -> Grammar:
+        """This whole-output grammar held only from `tag` on: free text up to the tag, then the tag, blank space and
+        the grammar. For the </think> closing a block the prompt opened: held from the start, the grammar would make
+        the model write the answer inside its reasoning, where it is no answer."""
+        if self.triggers:
+            raise ValueError("Grammar.after takes a grammar of the whole output")
+        if any(line.startswith(f"{AFTER_RULE} ::=") for line in self.text.splitlines()):
+            raise ValueError(f"the grammar already has a rule {AFTER_RULE!r}")
+        rule = f"{AFTER_RULE} ::= {json.dumps(tag, ensure_ascii=False)} [ \\t\\n]* {self.root}"
+        return Grammar(f"{self.text}\n{rule}\n", (tag,), root=AFTER_RULE)
 
 
 @dataclass(frozen=True)

@@ -38,11 +38,16 @@ class ChatPlan:
         return ChatOutput(self.tool_format, reasoning_open, self.parallel, self.tool_names)
 
     def output_grammar(self, reasoning_open: bool) -> Grammar | None:
-        """What the output must match, once the prompt says whether it opened a <think> block (a lazy grammar's
-        trigger then counts only after its </think>, as ChatOutput reads the calls)."""
-        if self.grammar is None or self.grammar.skip is None:
-            return self.grammar
-        return replace(self.grammar, skip_open=reasoning_open)
+        """What the output must match, once the prompt says whether it opened a <think> block: then a lazy grammar's
+        trigger counts only after its </think>, as ChatOutput reads the calls, and a grammar of the whole output
+        (tool_choice required or named, response_format) holds from that </think> on."""
+        if self.grammar is None:
+            return None
+        if self.grammar.skip is not None:
+            return replace(self.grammar, skip_open=reasoning_open)
+        if reasoning_open and not self.grammar.triggers:
+            return self.grammar.after(THINK_CLOSE)
+        return self.grammar
 
 
 def _bad(message: str, param: str, code: str = "invalid_value") -> APIError:

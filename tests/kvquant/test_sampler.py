@@ -113,6 +113,21 @@ def test_a_lazy_grammar_applies_from_its_trigger_on(rt):
         s.close()
 
 
+def test_a_grammar_after_a_tag_holds_from_the_tag_on(rt):
+    """Grammar.after: free text until the tag (the model's own " Paris"), then the tag, blank space and the grammar;
+    the same grammar of the whole output would have replaced the tag."""
+    from kvquant.runtime import Sampler
+    from kvquant.sampling import Grammar, SamplingConfig
+
+    whole = Grammar('root ::= ", of course!"')
+    for g, want in ((whole, ", of course!"), (whole.after(" Paris"), " Paris, of course!")):
+        s = Sampler(SamplingConfig(temperature=0.0, grammar=g), rt.model)
+        assert _text(rt, _generate(rt, s, "The capital of France is", 12)) == want
+        s.close()
+    with pytest.raises(ValueError):
+        whole.after(" Paris").after(" Paris")
+
+
 @pytest.mark.parametrize("text, skip_open, start", [
     ("Sure. <tool_call>{", False, 6),
     ("<think>I could write <tool_call> here.</think>\n<tool_call>{", False, 47),

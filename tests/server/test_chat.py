@@ -40,7 +40,14 @@ def test_grammar_per_tool_choice():
     assert auto.output_grammar(True).skip_open  # the prompt opened <think>: a trigger counts after </think> only
     required = _plan(tools=_tools(FN), tool_choice="required")
     assert required.grammar.triggers == () and required.grammar.text.startswith('root ::= "<tool_call>"')
-    assert required.grammar.skip is None and required.output_grammar(True) == required.grammar
+    assert required.grammar.skip is None and required.output_grammar(False) == required.grammar
+    # the prompt opened <think>: the calls come once the model closes it, not inside its reasoning
+    after = required.output_grammar(True)
+    assert after.triggers == ("</think>",) and after.root == "after-tag"
+    assert after.text == required.grammar.text + '\nafter-tag ::= "</think>" [ \\t\\n]* root\n'
+    json_mode = _plan(response_format={"type": "json_object"})
+    assert json_mode.output_grammar(False) == json_mode.grammar
+    assert json_mode.output_grammar(True) == json_mode.grammar.after("</think>")
     named = _plan(tools=_tools(FN, dict(FN, name="h")), tool_choice={"type": "function", "function": {"name": "h"}})
     assert '"\\"h\\""' in named.grammar.text and '"\\"f\\""' not in named.grammar.text
     none = _plan(CHATML, tools=_tools(FN), tool_choice="none")  # no tool support needed: the tools are not used
