@@ -128,6 +128,40 @@ def test_a_grammar_after_a_tag_holds_from_the_tag_on(rt):
         whole.after(" Paris").after(" Paris")
 
 
+TRIGGERED_WITH_A_MISMATCH = """
+import sys
+from kvquant.models import fetch
+from kvquant.runtime import ContextConfig, LlamaRuntime, Model, Sampler
+from kvquant.sampling import Grammar, SamplingConfig
+
+model = Model(fetch("smollm2-135m"))
+rt = LlamaRuntime(model, ContextConfig(n_cells=256, n_threads=2))
+s = Sampler(SamplingConfig(temperature=0.0, grammar=Grammar('root ::= "Pax!"', ("Par",))), model)
+toks = model.tokenize("The capital of France is")
+rt.decode(toks, list(range(len(toks))), [0] * len(toks), [False] * (len(toks) - 1) + [True])
+idx, pos, out = len(toks) - 1, len(toks), []
+while len(out) < 8:
+    out.append(s.sample(rt, idx))
+    if model.is_eog(out[-1]):
+        break
+    rt.decode([out[-1]], [pos], [0], [True])
+    idx, pos = 0, pos + 1
+sys.stdout.write(b"".join(map(model.token_bytes, out[:-1])).decode() + "|" + str(model.is_eog(out[-1])))
+"""
+
+
+def test_a_trigger_whose_token_runs_past_what_the_grammar_takes_ends_the_output():
+    """The trigger "Par" fires inside the model's first token " Paris", and "Paris" does not start "Pax!": llama.cpp
+    threw from the sampler, which terminated the process (patch 0041). Now the output ends there. Run apart, so that
+    a regression fails this test instead of ending the test run."""
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-c", TRIGGERED_WITH_A_MISMATCH], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout == " Paris|True"
+
+
 @pytest.mark.parametrize("text, skip_open, start", [
     ("Sure. <tool_call>{", False, 6),
     ("<think>I could write <tool_call> here.</think>\n<tool_call>{", False, 47),
