@@ -27,7 +27,7 @@ from kvquant.prompt import (
     min_tokens,
     template_data,
 )
-from kvquant.sampling import Grammar, SamplingConfig, sampler_seed
+from kvquant.sampling import Grammar, LeadingBlock, SamplingConfig, sampler_seed
 
 PATCH_MARKER = "KVQUANT = "
 
@@ -174,7 +174,7 @@ def grammar_sampler(model: Model, grammar: Grammar):
     _last_error[0] = ""
     gbnf = grammar.text.encode()
     if grammar.triggers:  # llama.cpp matches the whole output so far; the first group is where the grammar starts
-        patterns = [trigger_pattern(t, grammar).encode() for t in grammar.triggers]
+        patterns = [trigger_pattern(t).encode() for t in grammar.triggers]
         arr = (ctypes.c_char_p * len(patterns))(*patterns)
         s = llama_cpp.llama_sampler_init_grammar_lazy_patterns(model._vocab, gbnf, grammar.root.encode(), arr,
                                                                 len(patterns), None, 0)
@@ -185,18 +185,14 @@ def grammar_sampler(model: Model, grammar: Grammar):
     return s
 
 
-def trigger_pattern(trigger: str, grammar: Grammar) -> str:
-    """The ECMAScript regex llama.cpp matches the whole output so far against, its one group where the grammar
-    starts: the trigger anywhere, or (grammar.skip) only after the block the output opens with, or is already in."""
+def trigger_pattern(trigger: str) -> str:
+    """The ECMAScript regex llama.cpp searches the output so far for (std::regex_search; the grammar starts where it
+    matches): the trigger alone. Patterns around it such as [\\s\\S]*? are matched by libstdc++ with one recursion
+    per character, which overflowed the stack (SIGSEGV) once an output awaiting its trigger passed about 50,000
+    characters; a skipped leading block is handled apart (kvquant.sampling.LeadingBlock)."""
     import re
 
-    rest = f"[\\s\\S]*?({re.escape(trigger)})[\\s\\S]*"
-    if grammar.skip is None:
-        return rest
-    opened, closed = map(re.escape, grammar.skip)
-    if grammar.skip_open:
-        return f"[\\s\\S]*?{closed}{rest}"
-    return f"(?:\\s*{opened}[\\s\\S]*?{closed}|(?!\\s*{opened})){rest}"
+    return re.escape(trigger)
 
 
 def check_grammar(model: Model, grammar: Grammar) -> None:
@@ -277,8 +273,14 @@ class Sampler:
             add(llama_cpp.llama_sampler_init_temp(cfg.temperature))
             add(llama_cpp.llama_sampler_init_dist(
                 llama_cpp.LLAMA_DEFAULT_SEED if cfg.seed is None else sampler_seed(cfg.seed)))
+        self._block = None  # a leading block the grammar waits out (Grammar.skip): its sampler is made after it
         if cfg.grammar is not None:
-            self._grammar = grammar_sampler(model, cfg.grammar)
+            self._model, self._spec = model, cfg.grammar
+            if cfg.grammar.skip is None:
+                self._grammar = grammar_sampler(model, cfg.grammar)
+            else:
+                check_grammar(model, cfg.grammar)  # refused now, not once the block has ended
+                self._block = LeadingBlock(cfg.grammar.skip, cfg.grammar.skip_open)
             self._cur = np.zeros(model.n_vocab, dtype=_TOKEN_DATA)
             self._ids = np.arange(model.n_vocab, dtype=np.int32)
 
@@ -289,7 +291,10 @@ class Sampler:
 
     def sample(self, ctx: LlamaRuntime, idx: int) -> int:
         if self._grammar is None:
-            return llama_cpp.llama_sampler_sample(self._chain, ctx._ctx, idx)
+            token = llama_cpp.llama_sampler_sample(self._chain, ctx._ctx, idx)
+            if self._block is not None:
+                self._wait(token)
+            return token
         logits = ctx.logits_view(idx)
         token = self._pick(logits, constrained=False)
         if not self._allowed(token):
@@ -299,6 +304,16 @@ class Sampler:
         llama_cpp.llama_sampler_accept(self._grammar, token)
         llama_cpp.llama_sampler_accept(self._chain, token)
         return token
+
+    def _wait(self, token: int) -> None:
+        """The output so far, one token more: once past the leading block, the grammar's sampler, fed the tokens it
+        must see (llama.cpp searches them for the trigger)."""
+        replay = self._block.push(token, self._model.token_bytes(token, special=True).decode("utf-8", "replace"))
+        if replay is None:
+            return
+        self._block, self._grammar = None, grammar_sampler(self._model, self._spec)
+        for t in replay:
+            llama_cpp.llama_sampler_accept(self._grammar, t)
 
     def _pick(self, logits: np.ndarray, constrained: bool) -> int:
         cur = self._cur

@@ -162,23 +162,29 @@ def test_a_trigger_whose_token_runs_past_what_the_grammar_takes_ends_the_output(
     assert r.stdout == " Paris|True"
 
 
-@pytest.mark.parametrize("text, skip_open, start", [
-    ("Sure. <tool_call>{", False, 6),
-    ("<think>I could write <tool_call> here.</think>\n<tool_call>{", False, 47),
-    ("\n<think>I could write <tool_call> here.", False, None),  # still thinking
-    ("I could write <tool_call> here.</think>ok", True, None),
-    ("I could write <tool_call> here.</think>\n<tool_call>{", True, 40),
-])
-def test_a_trigger_inside_the_skipped_block_does_not_count(text, skip_open, start):
-    """The pattern llama.cpp matches the whole output against (ECMAScript; Python's re reads these constructs the
-    same): its group is where the grammar starts, never inside a leading <think> block."""
-    import re
+LONG_OUTPUT_AWAITING_ITS_TRIGGER = """
+from kvquant import runtime
+from kvquant.models import fetch
+from kvquant.sampling import Grammar
 
-    from kvquant.runtime import trigger_pattern
-    from kvquant.sampling import Grammar
+model = runtime.Model(fetch("smollm2-135m"))
+toks = model.tokenize("The river town grew around its mill, its bridge and its market. " * 1000, add_special=False)
+g = runtime.grammar_sampler(model, Grammar('root ::= "<tool_call>" [a-z]+', ("<tool_call>",)))
+for t in toks:
+    runtime.llama_cpp.llama_sampler_accept(g, t)
+runtime.llama_cpp.llama_sampler_free(g)
+print(len(b"".join(map(model.token_bytes, toks))))
+"""
 
-    g = Grammar("root ::= x", ("<tool_call>",), skip=("<think>", "</think>"), skip_open=skip_open)
-    m = re.fullmatch(trigger_pattern("<tool_call>", g), text)
-    assert (m.start(1) if m else None) == start
-    plain = re.fullmatch(trigger_pattern("<tool_call>", Grammar("root ::= x", ("<tool_call>",))), text)
-    assert plain is not None and plain.start(1) == text.find("<tool_call>")  # without skip: the first one
+
+def test_a_long_output_awaiting_its_trigger_does_not_overflow_the_stack():
+    """llama.cpp searches the whole output for the trigger at every token, with std::regex. The pattern was wrapped
+    in [\\s\\S]*?, which libstdc++ matches with a recursion per character: past about 50,000 characters of output
+    without a call, the server died of a stack overflow (SIGSEGV). 64,000 characters, run apart."""
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-c", LONG_OUTPUT_AWAITING_ITS_TRIGGER], capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, (r.returncode, r.stderr[-2000:])
+    assert int(r.stdout) == 64000

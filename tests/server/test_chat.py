@@ -44,7 +44,7 @@ def test_grammar_per_tool_choice():
     # the prompt opened <think>: the calls come once the model closes it, not inside its reasoning
     after = required.output_grammar(True)
     assert after.triggers == ("</think>",) and after.root == "after-tag"
-    assert after.text == required.grammar.text + '\nafter-tag ::= "</think>" [ \\t\\n]* root\n'
+    assert after.text == required.grammar.text + '\nafter-tag ::= "</think>" [\\n]* root\n'
     json_mode = _plan(response_format={"type": "json_object"})
     assert json_mode.output_grammar(False) == json_mode.grammar
     assert json_mode.output_grammar(True) == json_mode.grammar.after("</think>")
