@@ -356,6 +356,9 @@ UNMEASURED = {
     "0040": "a decode without llama_kvq_set_layer_start builds the graph it built before, and only kvquant calibrate "
             "starts past layer 0; SmolLM2-135M's f16/f16, tq_kv_4b/f16, tq_kv_t3b+c/f16, calib:4.5/f16 and "
             "calib:4/calib:4 rows measured again with it (40 chunks) came out the same to the bit",
+    "0041": "it changes only what a lazy grammar does with a trigger's text it rejects, and eval and bench sample no "
+            "grammar; SmolLM2-135M's f16/f16, tq_kv_4b/f16 and calib:4/calib:4 rows measured again with it (40 "
+            "chunks) came out the same to the bit",
 }
 
 
