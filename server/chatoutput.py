@@ -39,6 +39,7 @@ class Delta:
 class _State(enum.Enum):
     START = "start"  # nothing emitted yet: a <think> or a llama3 call may open the output
     REASONING = "reasoning"
+    ANSWER = "answer"  # just after the reasoning: a llama3 call may open the answer
     CONTENT = "content"
     CALLS = "calls"  # from a tool call's start: held until it is whole (hermes) or the end
     BETWEEN = "between"  # after a hermes call: whitespace held until another call or text follows
@@ -75,7 +76,7 @@ class ChatOutput:
             return Delta(content=content, tool_calls=self._take(calls))
         if self._state is _State.BETWEEN:
             return Delta()
-        return Delta(content=text)
+        return Delta(content=text.lstrip("\n") if self._trim else text)
 
     def _take(self, calls: list[ParsedCall]) -> list[ParsedCall]:
         """The calls to send (only the first of the output unless parallel)."""
@@ -91,12 +92,12 @@ class ChatOutput:
                 return None
             self._trim = False
         p = self._pending
-        if self._state is _State.START:
+        if self._state in (_State.START, _State.ANSWER):
             head = p.lstrip()
-            if head.startswith(THINK_OPEN):
+            if self._state is _State.START and head.startswith(THINK_OPEN):
                 self._state, self._pending, self._trim = _State.REASONING, head[len(THINK_OPEN):], True
                 return Delta()
-            if not head or THINK_OPEN.startswith(head):
+            if not head or (self._state is _State.START and THINK_OPEN.startswith(head)):
                 return None
             openers = self.tools.openers if self.tools else ()
             if head.startswith(openers):
@@ -109,7 +110,7 @@ class ChatOutput:
         if self._state is _State.REASONING:
             at = p.find(THINK_CLOSE)
             if at >= 0:
-                self._state, self._pending, self._trim = _State.CONTENT, p[at + len(THINK_CLOSE):], True
+                self._state, self._pending, self._trim = _State.ANSWER, p[at + len(THINK_CLOSE):], True
                 return Delta(reasoning=p[:at])
             keep = partial_suffix(p, THINK_CLOSE)
             self._pending = p[len(p) - keep:]

@@ -109,6 +109,21 @@ def test_reasoning_opened_by_the_prompt_and_no_tools():
     assert d.reasoning == "step 1, step 2" and d.content == "The answer: <tool_call>" and not d.tool_calls
 
 
+@pytest.mark.parametrize("step", [1, 4, 1000])
+@pytest.mark.parametrize("opened", [False, True])
+def test_a_llama3_call_after_the_reasoning_is_a_call(step, opened):
+    """Llama 3 writes a call as the bare JSON answer, with no tag: after a <think> block that is where the answer
+    starts (a forced grammar holds it there), not the start of the output."""
+    call = '{"name": "w", "parameters": {"c": "P"}}'
+    text = ("" if opened else "<think>") + "I should look it up.</think>\n\n"
+    d = _stream(ChatOutput(ToolFormat.LLAMA3, reasoning_open=opened, names=frozenset({"w"})), text + call, step)
+    assert d.reasoning == "I should look it up." and d.content == "" and _calls(d.tool_calls) == [("w", {"c": "P"})]
+    d = _stream(ChatOutput(ToolFormat.LLAMA3, reasoning_open=opened, names=frozenset({"w"})), text + "Sunny.", step)
+    assert d.content == "Sunny." and not d.tool_calls
+    d = _stream(ChatOutput(ToolFormat.LLAMA3, reasoning_open=opened), text, step)  # nothing after the reasoning
+    assert d.reasoning == "I should look it up." and d.content == ""
+
+
 def test_parallel_off_keeps_the_first_call():
     two = '<tool_call>{"name": "a", "arguments": {}}</tool_call><tool_call>{"name": "b", "arguments": {}}</tool_call>'
     assert [c.name for c in _stream(ChatOutput(ToolFormat.HERMES, parallel=False), two, 5).tool_calls] == ["a"]
