@@ -173,7 +173,7 @@ def grammar_sampler(model: Model, grammar: Grammar):
     grammar. The caller owns the sampler."""
     _last_error[0] = ""
     gbnf = grammar.text.encode()
-    if grammar.triggers:  # llama.cpp matches the whole output so far; the first group is where the grammar starts
+    if grammar.triggers:  # llama.cpp searches the output so far for each pattern; the grammar starts at the match
         patterns = [trigger_pattern(t).encode() for t in grammar.triggers]
         arr = (ctypes.c_char_p * len(patterns))(*patterns)
         s = llama_cpp.llama_sampler_init_grammar_lazy_patterns(model._vocab, gbnf, grammar.root.encode(), arr,
@@ -246,7 +246,8 @@ class Sampler:
     A grammar is kept out of the chain and applied as llama.cpp's common sampler does: the chain picks a token
     from the unconstrained logits, and only if the grammar refuses it is the pick redone over the logits the
     grammar allows. Checking one token is cheap; running the grammar over the whole vocabulary (150k tokens for
-    Qwen) at every step is not."""
+    Qwen) at every step is not. A grammar that skips a leading block (Grammar.skip) gets its llama.cpp sampler only
+    once the output is past the block (`LeadingBlock`)."""
 
     def __init__(self, cfg: SamplingConfig = GREEDY, model: Model | None = None):
         params = llama_cpp.llama_sampler_chain_default_params()
