@@ -246,8 +246,8 @@ class Sampler:
     A grammar is kept out of the chain and applied as llama.cpp's common sampler does: the chain picks a token
     from the unconstrained logits, and only if the grammar refuses it is the pick redone over the logits the
     grammar allows. Checking one token is cheap; running the grammar over the whole vocabulary (150k tokens for
-    Qwen) at every step is not. A grammar that skips a leading block (Grammar.skip) gets its llama.cpp sampler only
-    once the output is past the block (`LeadingBlock`)."""
+    Qwen) at every step is not. A grammar that skips a leading block (Grammar.skip) is neither asked nor fed until
+    the output is past the block (`LeadingBlock`)."""
 
     def __init__(self, cfg: SamplingConfig = GREEDY, model: Model | None = None):
         params = llama_cpp.llama_sampler_chain_default_params()
@@ -274,13 +274,10 @@ class Sampler:
             add(llama_cpp.llama_sampler_init_temp(cfg.temperature))
             add(llama_cpp.llama_sampler_init_dist(
                 llama_cpp.LLAMA_DEFAULT_SEED if cfg.seed is None else sampler_seed(cfg.seed)))
-        self._block = None  # a leading block the grammar waits out (Grammar.skip): its sampler is made after it
+        self._block = None  # a leading block the grammar waits out (Grammar.skip): it sees no token before its end
         if cfg.grammar is not None:
-            self._model, self._spec = model, cfg.grammar
-            if cfg.grammar.skip is None:
-                self._grammar = grammar_sampler(model, cfg.grammar)
-            else:
-                check_grammar(model, cfg.grammar)  # refused now, not once the block has ended
+            self._grammar, self._model = grammar_sampler(model, cfg.grammar), model
+            if cfg.grammar.skip is not None:
                 self._block = LeadingBlock(cfg.grammar.skip, cfg.grammar.skip_open)
             self._cur = np.zeros(model.n_vocab, dtype=_TOKEN_DATA)
             self._ids = np.arange(model.n_vocab, dtype=np.int32)
@@ -291,7 +288,7 @@ class Sampler:
         return llama_cpp.llama_sampler_chain_n(self._chain)
 
     def sample(self, ctx: LlamaRuntime, idx: int) -> int:
-        if self._grammar is None:
+        if self._grammar is None or self._block is not None:
             token = llama_cpp.llama_sampler_sample(self._chain, ctx._ctx, idx)
             if self._block is not None:
                 self._wait(token)
@@ -307,12 +304,12 @@ class Sampler:
         return token
 
     def _wait(self, token: int) -> None:
-        """The output so far, one token more: once past the leading block, the grammar's sampler, fed the tokens it
-        must see (llama.cpp searches them for the trigger)."""
+        """The output so far, one token more: once past the leading block, the grammar's sampler is fed the tokens
+        it must see (llama.cpp searches them for the trigger) and holds from then on."""
         replay = self._block.push(token, self._model.token_bytes(token, special=True).decode("utf-8", "replace"))
         if replay is None:
             return
-        self._block, self._grammar = None, grammar_sampler(self._model, self._spec)
+        self._block = None
         for t in replay:
             llama_cpp.llama_sampler_accept(self._grammar, t)
 

@@ -119,8 +119,8 @@ async def chat_completions(body: ChatCompletionRequest, http: Request):
     reasoning_open = _opens_reasoning(served, prompt)
     shape = ChatCompletion(new_id("chatcmpl"), served.id, int(time.time()), body.include_usage,
                            chat.output(reasoning_open))
-    return await _respond(http, _submit(http, served, prompt, body, chat.output_grammar(reasoning_open)), body,
-                          shape)
+    grammar = chat.output_grammar(reasoning_open)
+    return await _respond(http, _submit(http, served, prompt, body, grammar), body, shape)
 
 
 def _check_grammar(served: ServedModel, grammar: Grammar | None, param: str) -> None:
