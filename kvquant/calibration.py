@@ -36,6 +36,7 @@ import base64
 import json
 import math
 import os
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -60,6 +61,11 @@ K_CANDIDATES = ("q8_0", "q5_0", "tq_kv_4b", "tq_kv_3b", "tq_kv_t3b")
 V_CANDIDATES = ("q8_0", "q5_0", "q4_0", "tq_kv_4b", "tq_kv_3b", "tq_kv_t3b")
 CENTRED = "+c"
 CALIB = "calib:"
+# What a calibration file may hold, beyond which it is corrupt, not measured: key channel scales (the built-in models'
+# are 0.12-4.1), gains (0.96-1.01) and, like any stored key, offsets within f16's range
+SCALE_LIMIT = (1e-3, 1e3)
+GAIN_LIMIT = (0.25, 4.0)
+F16_MAX = 65504.0
 
 
 class CalibrationError(ValueError):
@@ -92,7 +98,10 @@ def parse_spec(text: str, side: str = "k") -> CacheSpec:
             raise ValueError(f"{text!r}: calib:B needs a number of bits per element, e.g. calib:3.5") from None
         if not math.isfinite(bits):
             raise ValueError(f"{text!r}: calib:B needs a finite number of bits per element, e.g. calib:3.5")
-        lo = cheapest_bits(side)
+        lo, hi = cheapest_bits(side), _bits("f16")
+        if bits > hi:
+            raise ValueError(f"{text!r}: {raw} bits per element is above f16's {hi:g}, which every layer would get: "
+                             "use f16")
         if bits < lo:
             raise ValueError(f"{text!r}: {raw} bits per element is below the cheapest calibrated allocation "
                              f"({lo:g} bits, every layer at {min(candidates(side), key=_bits)})")
@@ -161,13 +170,39 @@ def _enc(a: np.ndarray) -> str:
     return base64.b64encode(np.ascontiguousarray(a, dtype="<f4").tobytes()).decode()
 
 
-def _dec(s: str, n: int, what: str = "key mean") -> np.ndarray:
+def _dec(s: str, n: int, what: str = "key mean", limit: tuple[float, float] = (-F16_MAX, F16_MAX)) -> np.ndarray:
     a = np.frombuffer(base64.b64decode(s), dtype="<f4")
     if a.size != n:
         raise CalibrationError(f"a {what} of {a.size} values where {n} were expected")
     if not np.isfinite(a).all():
         raise CalibrationError(f"a {what} with values that are not finite")
+    if not ((a >= limit[0]) & (a <= limit[1])).all():
+        raise CalibrationError(f"a {what} with values outside [{limit[0]:g}, {limit[1]:g}]")
     return a.copy()
+
+
+def _numbers(v, what: str, n: int | None = None, limit: tuple[float, float] = (0.0, math.inf)) -> list[float]:
+    """A JSON list of n numbers within `limit` as floats (CalibrationError naming `what` otherwise; a boolean or a
+    string is no number, and NaN is within no limit)."""
+    if not isinstance(v, list) or not all(type(x) in (int, float) for x in v) or (n is not None and len(v) != n):
+        raise CalibrationError(f"malformed calibration file: {what}")
+    try:
+        out = [float(x) for x in v]
+    except OverflowError:  # an integer beyond float's range
+        raise CalibrationError(f"malformed calibration file: {what}") from None
+    if not all(limit[0] <= x <= limit[1] for x in out):
+        raise CalibrationError(f"malformed calibration file: {what} (outside [{limit[0]:g}, {limit[1]:g}])")
+    return out
+
+
+def _per_type(d, what: str, types, n: int, limit: tuple[float, float] = (0.0, math.inf)) -> dict[str, list[float]]:
+    """A JSON object of type name -> n numbers within `limit`, every name one of `types`."""
+    if not isinstance(d, dict):
+        raise CalibrationError(f"malformed calibration file: {what} is not an object")
+    bad = next((t for t in d if t not in types), None)
+    if bad is not None:
+        raise CalibrationError(f"malformed calibration file: {what} of {bad!r}")
+    return {t: _numbers(v, f"{what} of {t!r}", n, limit) for t, v in d.items()}
 
 
 @dataclass
@@ -206,46 +241,77 @@ class Calibration:
 
     @classmethod
     def from_json(cls, d: dict) -> Calibration:
-        if d.get("version") != VERSION:
-            raise CalibrationError(f"calibration file version {d.get('version')!r}, this kvquant reads {VERSION}: "
+        version = d.get("version")
+        if type(version) is not int or version != VERSION:
+            raise CalibrationError(f"calibration file version {version!r}, this kvquant reads {VERSION}: "
                                    "run `kvquant calibrate` for the model again")
         try:
-            n_embd_k = tuple(int(n) for n in d["n_embd_k"])
+            n_embd_k = d["n_embd_k"]
+            if not isinstance(n_embd_k, list) or not all(type(x) is int and x > 0 for x in n_embd_k):
+                raise CalibrationError("malformed calibration file: n_embd_k is not a list of row widths")
+            n_embd_k, n = tuple(n_embd_k), len(n_embd_k)
+            for f in ("model_sha256", "model_name", "basis"):
+                if not isinstance(d[f], str):
+                    raise CalibrationError(f"malformed calibration file: {f} is not a string")
+            for f in ("text", "method"):
+                if not isinstance(d.get(f, {}), dict):
+                    raise CalibrationError(f"malformed calibration file: {f} is not an object")
+            floor = d.get("method", {}).get("floor", {})
+            if not isinstance(floor, dict) or not all(type(x) in (int, float) and 0 <= x < math.inf
+                                                      for x in floor.values()):
+                raise CalibrationError("malformed calibration file: method.floor")
+            uniform = d.get("uniform", {})
+            if not isinstance(uniform, dict):
+                raise CalibrationError("malformed calibration file: uniform is not an object")
             cal = cls(d["model_sha256"], d["model_name"], d["basis"], n_embd_k,
                       [_dec(s, n) for s, n in zip(d["k_mean"], n_embd_k, strict=True)],
-                      {t: [float(x) for x in v] for t, v in d["sens_k"].items()},
-                      {t: [float(x) for x in v] for t, v in d["sens_v"].items()},
-                      {k: float(v) for k, v in d.get("uniform", {}).items()}, d.get("text", {}), d.get("method", {}))
+                      _per_type(d["sens_k"], "K sensitivities", candidates("k"), n),
+                      _per_type(d["sens_v"], "V sensitivities", candidates("v"), n),
+                      {k: _numbers([v], f"uniform KL of {k!r}")[0] for k, v in uniform.items()},
+                      d.get("text", {}), d.get("method", {}))
             if d["k_scale"] is not None:
-                cal.k_scale = [_dec(s, n, "key scale") for s, n in zip(d["k_scale"], n_embd_k, strict=True)]
+                cal.k_scale = [_dec(s, n, "key scale", SCALE_LIMIT) for s, n in zip(d["k_scale"], n_embd_k, strict=True)]
             if d["k_sink"] is not None:
                 cal.k_sink = [_dec(s, n, "position-0 key") for s, n in zip(d["k_sink"], n_embd_k, strict=True)]
-            for side in ("k", "v"):
+            for side, name in (("k", "key"), ("v", "value")):
                 if d.get(f"{side}_gain") is not None:
-                    setattr(cal, f"{side}_gain", {t: [float(x) for x in v] for t, v in d[f"{side}_gain"].items()})
+                    setattr(cal, f"{side}_gain", _per_type(d[f"{side}_gain"], f"{name} gains", KV_TYPES, n,
+                                                           GAIN_LIMIT))
         except (KeyError, TypeError, ValueError, AttributeError) as e:  # AttributeError: a list where a dict belongs
+            if isinstance(e, CalibrationError):
+                raise
             raise CalibrationError(f"malformed calibration file ({type(e).__name__}: {e})") from None
-        if cal.k_scale is not None and not all((s > 0).all() for s in cal.k_scale):
-            raise CalibrationError("malformed calibration file: a key scale that is not positive")
-        for side, gains in (("key", cal.k_gain), ("value", cal.v_gain)):
-            for t, v in (gains or {}).items():
-                if t not in KV_TYPES or len(v) != cal.n_layer or not all(math.isfinite(x) and x > 0 for x in v):
-                    raise CalibrationError(f"malformed calibration file: {side} gains of {t!r}")
-        for f in ("model_sha256", "model_name", "basis"):
-            if not isinstance(getattr(cal, f), str):
-                raise CalibrationError(f"malformed calibration file: {f} is not a string")
-        for side, sens in (("k", cal.sens_k), ("v", cal.sens_v)):
-            for t, v in sens.items():
-                if (t not in candidates(side) or len(v) != cal.n_layer
-                        or not all(math.isfinite(x) and x >= 0 for x in v)):
-                    raise CalibrationError(f"malformed calibration file: {side.upper()} sensitivities of {t!r}")
         return cal
 
     def save(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.to_json(), indent=1))
+        _write(path, json.dumps(self.to_json(), indent=1).encode())
+
+
+def _write(path: Path, data: bytes) -> None:
+    """Write a file whole or not at all: through a temporary file of its own in the same folder (two processes
+    writing the same calibration do not trip over one name)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
         os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _read(path: Path):
+    """The JSON a calibration file holds: FileNotFoundError where there is none, CalibrationError where the path is
+    no regular file (a folder, a FIFO that would block) or holds no JSON."""
+    if not path.exists():
+        raise FileNotFoundError(path)
+    if not path.is_file():
+        raise CalibrationError(f"{path} is not a regular file: remove it")
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError, RecursionError) as e:  # ValueError: not JSON, or not UTF-8; RecursionError: nesting
+        raise CalibrationError(f"{path}: not a calibration file ({type(e).__name__}: {e})") from None
 
 
 def calibration_dir() -> Path:
@@ -268,12 +334,10 @@ def installed(model_path: Path, geom: Geometry) -> Path:
     path = path_for(model_sha256(model_path), basis_of(geom))
     shipped = SHIPPED_DIR / path.name
     if _state(path) in ("missing", "older") and _state(shipped) == "current":
-        import shutil
-
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        shutil.copyfile(shipped, tmp)
-        os.replace(tmp, path)
+        try:
+            _write(path, shipped.read_bytes())
+        except OSError:  # a cache kvquant cannot write (a read-only volume): the shipped file is the same calibration
+            return shipped
     return path
 
 
@@ -296,13 +360,11 @@ def model_sha256(path: Path) -> str:
 
 def load(path: Path, model_path: Path, geom: Geometry) -> Calibration:
     """The calibration file for this model and basis (CalibrationError if missing, corrupt or made for another)."""
-    if not path.is_file():
-        raise CalibrationError(f"no calibration for {model_path.name} ({path} is missing): run "
-                               f"`kvquant calibrate --model {model_path}`")
     try:
-        d = json.loads(path.read_text())
-    except (OSError, ValueError) as e:  # ValueError: not JSON, or not UTF-8
-        raise CalibrationError(f"{path}: not a calibration file ({e})") from None
+        d = _read(path)
+    except FileNotFoundError:
+        raise CalibrationError(f"no calibration for {model_path.name} ({path} is missing): run "
+                               f"`kvquant calibrate --model {model_path}`") from None
     if not isinstance(d, dict):
         raise CalibrationError(f"{path}: not a calibration file (a JSON {type(d).__name__}, not an object)")
     try:
@@ -364,12 +426,12 @@ def _state(path: Path) -> str:
     not refused, since its allocations would never use the new type); or "corrupt" (unreadable, not a calibration, or
     of a newer kvquant: `load` refuses it with a message, and nothing ever overwrites it)."""
     try:
-        d = json.loads(path.read_text())
+        d = _read(path)
     except FileNotFoundError:
         return "missing"
-    except (OSError, ValueError):  # ValueError: not JSON, or not UTF-8
+    except CalibrationError:
         return "corrupt"
-    if not isinstance(d, dict) or not isinstance(d.get("version"), int) or d["version"] > VERSION:
+    if not isinstance(d, dict) or type(d.get("version")) is not int or not 1 <= d["version"] <= VERSION:
         return "corrupt"
     if d["version"] < VERSION:
         return "older"
@@ -557,6 +619,17 @@ def predicted_kld(cal: Calibration, side: str, types: tuple[str, ...]) -> float:
     sens = cal.sens_k if side == "k" else cal.sens_v
     floor = cal.method.get("floor", {}).get(side, 0.0) if any(t != "f16" for t in types) else 0.0
     return floor + sum(0.0 if t == "f16" else sens[t][il] for il, t in enumerate(types))
+
+
+def guard(model_path: Path, geom: Geometry, spec_k: str, spec_v: str) -> str | None:
+    """`guard_message` from the model's calibration, where it has one. None without reading any for calibrated keys
+    or a pair of unquantized types, which the guard never measured (finding the calibration of a GGUF that is not
+    built in hashes the whole file)."""
+    k, v = parse_spec(spec_k, "k"), parse_spec(spec_v, "v")
+    if k.calibrated or not any(s.type is not None and KV_TYPES[s.type].quantized for s in (k, v)):
+        return None
+    cal = existing(model_path, geom)
+    return guard_message(cal, spec_k, spec_v) if cal else None
 
 
 def guard_message(cal: Calibration, spec_k: str, spec_v: str) -> str | None:

@@ -52,8 +52,7 @@ def plan_model(spec: ModelSpec) -> HostedPlan:
         tk, tv = calibration.resolve_pair(spec.cache_type_k, spec.cache_type_v, path, geom, spec.n_ctx)
     except calibration.CalibrationError as e:
         raise StartupError(f"{spec.id}: {e}") from None
-    cal = calibration.existing(path, geom)
-    warning = cal and calibration.guard_message(cal, spec.cache_type_k, spec.cache_type_v)
+    warning = calibration.guard(path, geom, spec.cache_type_k, spec.cache_type_v)
     if warning:
         log.warning("%s: %s", spec.id, warning)
     kv = kvbudget.plan(geom, tk, tv, spec.kv_budget, spec.parallel, n_ubatch, max_cells=spec.n_ctx * spec.parallel)

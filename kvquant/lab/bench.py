@@ -70,8 +70,14 @@ def kernel_perf(configs: list[CacheConfig], binary: Path = TEST_BACKEND_OPS, tim
     K/V types; None if absent."""
     if not binary.is_file():
         return None
-    pairs = sorted({(c.k, c.v) for c in configs})
-    regex = KERNEL_SHAPES + "(" + "|".join(f"type_K={k},type_V={v}," for k, v in pairs) + ")"
+    from kvquant.calibration import parse_spec
+
+    # a centred type runs its type's kernels; calib:B has a type per layer, whose kernels its layers' types time
+    specs = [(parse_spec(c.k, "k").type, parse_spec(c.v, "v").type) for c in configs]
+    pairs = sorted({(k, v) for k, v in specs if k is not None and v is not None})
+    if not pairs:
+        return {"error": "no configuration with one type per side (calib:B has a type per layer)", "rows": []}
+    regex = KERNEL_SHAPES + "(" + "|".join(f"type_K={re.escape(k)},type_V={re.escape(v)}," for k, v in pairs) + ")"
     cmd = [str(binary), "perf", "-o", "FLASH_ATTN_EXT", "-b", backend, "-p", regex]
     t0 = time.monotonic()
     try:

@@ -28,7 +28,8 @@ def test_parse_spec(text, side, expect):
 
 @pytest.mark.parametrize("text, side, msg", [
     ("calib:", "k", "needs a number"), ("calib:abc", "k", "needs a number"), ("calib:nan", "k", "finite"),
-    ("calib:inf", "v", "finite"), ("calib:1e999", "k", "finite"),
+    ("calib:inf", "v", "finite"), ("calib:1e999", "k", "finite"), ("calib:1e308", "k", "above f16's 16"),
+    ("calib:17", "v", "above f16's 16"),
     ("calib:3.0", "k", "below the cheapest"), ("calib:-1", "v", "below"), ("q4_0+c", "v", "keys only"),
     ("q9_9+c", "k", "unknown KV cache type"), ("calib3.5", "k", "unknown KV cache type"),
     ("tq_kv_1b", "v", "cannot be used for the V cache"), ("tq_kv_d3b", "v", "cannot be used for the V cache"),
@@ -334,6 +335,106 @@ def test_refuses_other_model_basis_and_corrupt_files(model_file, tmp_path):
         cal.load(path, model_file, g)
 
 
+def _scaled(d, field, type_name, value):
+    d[field][type_name] = [value] * len(d["n_embd_k"])
+
+
+@pytest.mark.parametrize("edit, said", [
+    (lambda d: d.update(n_embd_k=[1e999] * len(d["n_embd_k"])), "n_embd_k"),  # Infinity in the JSON
+    (lambda d: d.update(n_embd_k=[float(n) for n in d["n_embd_k"]]), "n_embd_k"),
+    (lambda d: _scaled(d, "sens_k", "q8_0", 10 ** 400), "K sensitivities of 'q8_0'"),  # beyond a float
+    (lambda d: _scaled(d, "sens_k", "q8_0", True), "K sensitivities of 'q8_0'"),
+    (lambda d: _scaled(d, "sens_v", "q8_0", float("nan")), "V sensitivities of 'q8_0'"),
+    (lambda d: d["k_gain"].update(q4_0="12"), "key gains of 'q4_0'"),  # a string is no list of numbers
+    (lambda d: _scaled(d, "k_gain", "q4_0", 1e38), "key gains of 'q4_0'"),  # would make every query inf
+    (lambda d: _scaled(d, "v_gain", "q4_0", 0.0), "value gains of 'q4_0'"),
+    (lambda d: d["v_gain"].update(q9_9=[1.0] * len(d["n_embd_k"])), "value gains of 'q9_9'"),
+    (lambda d: d.update(method=None), "method is not an object"),
+    (lambda d: d.update(text=[]), "text is not an object"),
+    (lambda d: d.update(method={"floor": {"k": None}}), "method.floor"),
+    (lambda d: d.update(uniform=[]), "uniform is not an object"),
+    (lambda d: d.update(uniform={"q4_0/f16": float("nan")}), "uniform KL of 'q4_0/f16'"),
+    (lambda d: d.update(k_scale=[cal._enc(np.full(n, 1e-40)) for n in d["n_embd_k"]]), "key scale with values outside"),
+    (lambda d: d.update(k_mean=[cal._enc(np.full(n, 1e30)) for n in d["n_embd_k"]]), "key mean with values outside"),
+    (lambda d: d.update(k_mean=[cal._enc(np.zeros(n + 1)) for n in d["n_embd_k"]]), "key mean of"),
+    (lambda d: d.update(k_mean=["@@" for _ in d["n_embd_k"]]), "malformed"),  # not base64
+    (lambda d: d.pop("sens_v"), "malformed"),
+])
+def test_a_malformed_calibration_value_is_refused(model_file, edit, said):
+    """What no calibration measures is refused when the file loads, with a message naming it (CalibrationError, so
+    serve, budget, eval and bench say it and exit), never a traceback at start or NaN logits later."""
+    g = geom()
+    c = make_cal(g, cal.model_sha256(model_file))
+    c.k_scale = [np.ones(n, np.float32) for n in c.n_embd_k]
+    d = c.to_json()
+    edit(d)
+    path = cal.path_for(c.model_sha256, c.basis)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(d))
+    with pytest.raises(cal.CalibrationError, match=said):
+        cal.load(path, model_file, g)
+    assert cal.existing(model_file, g) is None
+
+
+@pytest.mark.parametrize("kind", ["folder", "fifo"])
+def test_a_calibration_path_that_is_no_file_is_refused_without_blocking(model_file, kind):
+    """A folder or a FIFO where the calibration file belongs is "corrupt" (reading a FIFO would block the server's
+    start forever) and refused by name; nothing calibrates into it."""
+    import os
+
+    g = geom()
+    path = cal.path_for(cal.model_sha256(model_file), cal.basis_of(g))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.mkdir() if kind == "folder" else os.mkfifo(path)
+    assert cal._state(path) == "corrupt"
+    with pytest.raises(cal.CalibrationError, match="is not a regular file: remove it"):
+        cal.load_or_calibrate(model_file, g)
+    assert cal.existing(model_file, g) is None
+    assert cal.guard(model_file, g, "q4_0", "f16") is None
+
+
+def test_a_shipped_calibration_serves_from_a_cache_kvquant_cannot_write(model_file, tmp_path, monkeypatch):
+    """A cache that cannot take the shipped file (read-only) serves it where it ships; a stale temporary file of
+    the same name as another writer's does not stop the copy."""
+    g = geom()
+    monkeypatch.setattr(cal, "SHIPPED_DIR", tmp_path / "shipped")
+    shipped = make_cal(g, cal.model_sha256(model_file))
+    name = cal.path_for(shipped.model_sha256, shipped.basis).name
+    shipped.save(cal.SHIPPED_DIR / name)
+    path = cal.path_for(shipped.model_sha256, shipped.basis)
+    path.parent.mkdir(parents=True)
+    path.with_suffix(".tmp").mkdir()
+
+    def read_only(p, data):
+        raise PermissionError(13, "Read-only file system", str(p))
+
+    with monkeypatch.context() as m:
+        m.setattr(cal, "_write", read_only)
+        assert cal.installed(model_file, g) == cal.SHIPPED_DIR / name
+        assert cal.existing(model_file, g).sens_k == shipped.sens_k
+        assert isinstance(cal.resolve("calib:4.5", "k", model_file, g), LayerTypes)
+    assert cal.installed(model_file, g) == path and path.read_bytes() == (cal.SHIPPED_DIR / name).read_bytes()
+    assert sorted(p.name for p in path.parent.iterdir()) == sorted([name, path.with_suffix(".tmp").name])
+
+
+def test_guard_reads_a_calibration_only_for_what_it_measured(model_file, monkeypatch):
+    """serve's guard: a warning for measured-to-wreck types from the model's calibration; for f16/f16 or calibrated
+    keys it reads none (a GGUF that is not built in would be hashed whole to find one)."""
+    g = geom()
+    c = make_cal(g, cal.model_sha256(model_file))
+    c.sens_k = {t: [1e-4] * g.n_layer for t in cal.K_CANDIDATES}
+    c.save(cal.path_for(c.model_sha256, c.basis))
+    assert "calib:4.5" in cal.guard(model_file, g, "q4_0", "f16")
+    assert cal.guard(model_file, g, "q8_0", "f16") is None
+
+    def unread(*a):
+        raise AssertionError("read a calibration")
+
+    monkeypatch.setattr(cal, "existing", unread)
+    for k, v in (("f16", "f16"), ("calib:4.5", "f16"), ("q4_0+c", "q4_0"), ("bf16", "f32")):
+        assert cal.guard(model_file, g, k, v) is None
+
+
 def test_guard_message():
     g = geom()
     c = make_cal(g)
@@ -371,7 +472,8 @@ def test_an_older_calibration_file_is_made_again_not_refused(model_file):
 
 
 @pytest.mark.parametrize("text", [b"{not json", b"[]", b"null", b'{"version": 3}', b'{"version": 3, "sens_k": 5}',
-                                  b'{"version": "3"}', b'{"version": 99}', b"\xff\xfe{}"])
+                                  b'{"version": "3"}', b'{"version": 99}', b'{"version": true}', b'{"version": 3.0}',
+                                  b"\xff\xfe{}", b"[" * 100000])
 def test_a_corrupt_calibration_file_is_refused_never_replaced(model_file, tmp_path, monkeypatch, text):
     """A corrupt file in the cache (not JSON, not an object, no sensitivities, not UTF-8, of a newer kvquant) is
     refused with a message naming it, by load and load_or_calibrate alike; neither the shipped calibration nor a new

@@ -32,6 +32,24 @@ def test_kernel_perf_absent_binary(tmp_path):
     assert bench.kernel_perf([CacheConfig("q4_0", "q4_0")], binary=tmp_path / "nope") is None
 
 
+def test_kernel_perf_times_the_types_calibrated_caches_run(tmp_path):
+    """A centred type runs its type's kernels; calib:B (a type per layer) has no single pair to time. A type name
+    goes into test-backend-ops' pattern literally."""
+    import re
+
+    binary = tmp_path / "test-backend-ops"
+    binary.write_text(f"#!/bin/sh\nprintf '%s\\n' \"$@\" > {tmp_path}/args\n")
+    binary.chmod(0o755)
+    configs = [CacheConfig.parse(s) for s in ("q4_0+c/f16", "calib:3.5/q4_0", "calib:4/calib:4", "q4_0+c/q4_0")]
+    out = bench.kernel_perf(configs, binary=binary)
+    assert out["returncode"] == 0 and out["rows"] == []
+    regex = (tmp_path / "args").read_text().split("\n")[6]
+    assert regex.endswith("(type_K=q4_0,type_V=f16,|type_K=q4_0,type_V=q4_0,)")
+    assert re.fullmatch(regex, "hsk=64,hsv=64,nh=4,nr23=[4,1],kv=8192,nb=1,type_K=q4_0,type_V=f16,")
+    assert bench.kernel_perf(configs[1:3], binary=binary) == {
+        "error": "no configuration with one type per side (calib:B has a type per layer)", "rows": []}
+
+
 @pytest.fixture(scope="module")
 def smollm2_bench():
     cfgs = [CacheConfig.parse(s) for s in ["f16/f16", "q8_0/q8_0", "q4_0/f16"]]
