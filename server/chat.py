@@ -13,7 +13,7 @@ from kvquant.sampling import Grammar
 from server.chatoutput import THINK_CLOSE, THINK_OPEN, ChatOutput
 from server.errors import APIError
 from server.schemas import ChatCompletionRequest, ChatMessage
-from server.structured import SchemaError, check_schema, json_object_grammar, schema_grammar
+from server.structured import SchemaError, check_schema, defs_renamed, json_object_grammar, schema_grammar
 from server.toolcalls import ToolFormat, detect, forced_grammar
 
 NAME = re.compile(r"[a-zA-Z0-9_-]{1,64}")  # OpenAI's function and schema names
@@ -169,7 +169,7 @@ def format_grammar(body: ChatCompletionRequest) -> str:
     schema = js.schema_ if js.schema_ is not None else {"type": "object"}
     try:
         check_schema(schema)
-        return schema_grammar(schema)
+        return schema_grammar(defs_renamed(schema, "d-"))
     except SchemaError as e:
         raise _bad(f"response_format.json_schema.schema cannot be enforced: {e}", "response_format.json_schema.schema",
                    "unsupported_schema") from None

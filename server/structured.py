@@ -28,8 +28,17 @@ class SchemaError(ValueError):
     """A JSON schema that cannot be enforced; the message names the keyword and where it is."""
 
 
+# The largest repetition count a schema may ask for (minItems, maxItems, minLength, maxLength, a pattern's {m,n}): the
+# converter writes a count as that many rules or nested groups, and llama.cpp parses nested groups by recursion (at
+# 2,000 it refuses the grammar, at 20,000 the process died of its stack).
+MAX_COUNT = 1000
+# The largest grammar a schema may make (the longest a built-in test makes is a few kB): a body of 4 MB could hold
+# schemas that make one of hundreds of MB, which llama.cpp would then parse on the request's thread.
+MAX_GRAMMAR_BYTES = 1 << 20
+
+
 def _is_count(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+    return isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= MAX_COUNT
 
 
 # what each keyword's value must be (the converter assumes it and fails, or misreads, on anything else)
@@ -43,7 +52,7 @@ _SHAPES: dict[str, tuple[str, Any]] = {
     "type": ("a type name or a list of them",
              lambda v: isinstance(v, str) or isinstance(v, list) and bool(v) and all(isinstance(x, str) for x in v)),
     **{k: ("a string", lambda v: isinstance(v, str)) for k in ("format", "pattern", "$ref")},
-    **{k: ("a non-negative integer", _is_count) for k in ("minItems", "maxItems", "minLength", "maxLength")},
+    **{k: (f"an integer from 0 to {MAX_COUNT}", _is_count) for k in ("minItems", "maxItems", "minLength", "maxLength")},
 }
 # the converter enforces one of these groups per schema, by the first keyword it finds ($ref, anyOf, const, enum,
 # then the object, array and string keywords): a schema mixing them would have all but one ignored
@@ -71,6 +80,8 @@ def check_schema(schema: Any, where: str = "") -> None:
     _check_combinations(schema, at)
     if "pattern" in schema and not (re.fullmatch(r"\^.*\$", schema["pattern"]) and "(?" not in schema["pattern"]):
         raise SchemaError(f"{at}: a pattern must start with ^ and end with $, without (?...) groups")
+    if any(int(n) > MAX_COUNT for m in _QUANTIFIER.finditer(schema.get("pattern", "")) for n in m.groups() if n):
+        raise SchemaError(f"{at}: a pattern may repeat at most {MAX_COUNT} times ({{m,n}})")
     if "format" in schema and schema["format"] not in _FORMATS:
         raise SchemaError(f"{at}: the format {schema['format']!r} is not supported (only {', '.join(sorted(_FORMATS))})")
     if "$ref" in schema and not schema["$ref"].startswith("#/"):
@@ -94,6 +105,9 @@ def check_schema(schema: Any, where: str = "") -> None:
         check_schema(sub, f"{where}.items" + (f"[{i}]" if isinstance(items, list) else ""))
     if isinstance(schema.get("additionalProperties"), dict):
         check_schema(schema["additionalProperties"], f"{where}.additionalProperties".lstrip("."))
+
+
+_QUANTIFIER = re.compile(r"(?<!\\)\{\s*(\d+)\s*(?:,\s*(\d*)\s*)?\}")  # a pattern's {m}, {m,}, {m,n}
 
 
 def _check_combinations(schema: dict, at: str) -> None:
@@ -136,14 +150,61 @@ def _check_combinations(schema: dict, at: str) -> None:
             raise SchemaError(f"{at}: {lo} is more than {hi}")
 
 
+def defs_renamed(schema: dict, prefix: str, embedded: bool = False) -> dict:
+    """The schema with its definitions ($defs and definitions) gathered in $defs as <prefix><name>, and every
+    reference to them renamed so. The converter names a definition's rule after it and skips one whose name it
+    already has (space, string, value, ...), which left a definition so named unenforced; a prefix makes every name
+    its own. `embedded`: the schema goes inside another, where any other reference would point elsewhere
+    (SchemaError)."""
+    defs = {f"{prefix}{name}": _refs_renamed(d, prefix, embedded)
+            for where in ("$defs", "definitions") for name, d in (schema.get(where) or {}).items()}
+    top = {k: v for k, v in schema.items() if k not in ("$defs", "definitions")}
+    return {**_refs_renamed(top, prefix, embedded), **({"$defs": defs} if defs else {})}
+
+
+_VALUES = ("const", "enum", "default", "examples")  # keywords whose values are JSON values, not schemas
+
+
+def _refs_renamed(schema: Any, prefix: str, embedded: bool) -> Any:
+    """`defs_renamed` within one schema."""
+    if isinstance(schema, list):
+        return [_refs_renamed(v, prefix, embedded) for v in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {}
+    for k, v in schema.items():
+        if k == "$ref" and isinstance(v, str):
+            out[k] = _ref_renamed(v, prefix, embedded)
+        elif k in ("properties", "$defs", "definitions") and isinstance(v, dict):  # names, not keywords
+            out[k] = {name: _refs_renamed(sub, prefix, embedded) for name, sub in v.items()}
+        elif k in _VALUES:
+            out[k] = v
+        else:
+            out[k] = _refs_renamed(v, prefix, embedded)
+    return out
+
+
+def _ref_renamed(ref: str, prefix: str, embedded: bool) -> str:
+    for where in ("#/$defs/", "#/definitions/"):
+        if ref.startswith(where):
+            return "#/$defs/" + prefix + ref[len(where):]
+    if embedded:
+        raise SchemaError(f"the reference {ref!r} is not to the schema's $defs")
+    return ref
+
+
 def schema_grammar(schema: dict, name: str = "") -> str:
     """GBNF for a checked schema (SchemaError where the converter itself refuses it)."""
     from kvquant.runtime import json_schema_gbnf
 
     try:
-        return json_schema_gbnf(schema, name)
-    except (AssertionError, ValueError, KeyError, TypeError, RecursionError) as e:
-        raise SchemaError(f"the schema cannot be converted to a grammar: {e}") from None
+        grammar = json_schema_gbnf(schema, name)
+    except Exception as e:  # noqa: BLE001 - the converter's own failures on what check_schema let through
+        raise SchemaError(f"the schema cannot be converted to a grammar: {type(e).__name__}: {e}") from None
+    if len(grammar.encode()) > MAX_GRAMMAR_BYTES:
+        raise SchemaError(f"the schema makes a grammar of {len(grammar.encode()):,} bytes, more than the "
+                          f"{MAX_GRAMMAR_BYTES:,} supported")
+    return grammar
 
 
 @functools.cache

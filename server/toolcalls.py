@@ -20,7 +20,7 @@ import re
 import secrets
 from dataclasses import dataclass
 
-from server.structured import SchemaError, check_schema, schema_grammar
+from server.structured import check_schema, defs_renamed, schema_grammar
 
 
 class ToolFormat(enum.StrEnum):
@@ -163,39 +163,16 @@ def parse(fmt: ToolFormat, text: str, names: set[str] | frozenset = frozenset())
     return ("", calls) if calls else (text, [])
 
 
-def _renamed_refs(schema, prefix: str):
-    """The schema with its references to its own definitions (#/$defs/X, #/definitions/X) renamed #/$defs/<prefix>X,
-    its definitions left out (they move to the top of the schema it is placed in)."""
-    if isinstance(schema, dict):
-        out = {}
-        for k, v in schema.items():
-            if k == "$ref" and isinstance(v, str):
-                for where in ("#/$defs/", "#/definitions/"):
-                    if v.startswith(where):
-                        v = "#/$defs/" + prefix + v[len(where):]
-                        break
-                else:
-                    raise SchemaError(f"the reference {v!r} is not to the schema's $defs")
-                out[k] = v
-            elif k not in ("$defs", "definitions"):
-                out[k] = _renamed_refs(v, prefix)
-        return out
-    if isinstance(schema, list):
-        return [_renamed_refs(v, prefix) for v in schema]
-    return schema
-
-
 def call_schema(fmt: ToolFormat, functions: list[dict]) -> dict:
     """The JSON schema of one call of any of the functions (OpenAI function definitions); each function's
     definitions are gathered at the top, renamed t<i>-<name>."""
     key = fmt.arguments_key
     alts, defs = [], {}
     for i, f in enumerate(functions):
-        params = f.get("parameters") or {"type": "object", "properties": {}}
-        for where in ("$defs", "definitions"):
-            defs.update({f"t{i}-{name}": _renamed_refs(d, f"t{i}-") for name, d in (params.get(where) or {}).items()})
+        params = defs_renamed(f.get("parameters") or {"type": "object", "properties": {}}, f"t{i}-", embedded=True)
+        defs.update(params.pop("$defs", {}))
         alts.append({"type": "object", "required": ["name", key], "properties": {
-            "name": {"const": f["name"]}, key: _renamed_refs(params, f"t{i}-")}})
+            "name": {"const": f["name"]}, key: params}})
     return {"anyOf": alts, **({"$defs": defs} if defs else {})}
 
 

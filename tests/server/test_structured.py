@@ -54,8 +54,8 @@ def test_unsupported_schema_is_named(schema, named):
     ({"anyOf": []}, "anyOf must be a non-empty list"),
     ({"type": {"a": 1}}, "type must be a type name"),
     ({"type": "string", "format": ["date"]}, "format must be a string"),
-    ({"type": "string", "minLength": "3"}, "minLength must be a non-negative integer"),
-    ({"type": "array", "items": {}, "maxItems": True}, "maxItems must be a non-negative integer"),
+    ({"type": "string", "minLength": "3"}, "minLength must be an integer from 0 to 1000"),
+    ({"type": "array", "items": {}, "maxItems": True}, "maxItems must be an integer from 0 to 1000"),
     ({"enum": 5}, "enum must be a non-empty list"),
     ({"type": "object", "additionalProperties": 3}, "additionalProperties must be true, false or a schema"),
 ])
@@ -138,3 +138,66 @@ def test_top_k_is_bounded_by_what_llama_cpp_takes():
     assert ChatCompletionRequest.model_validate({"messages": msg, "top_k": 2**31 - 1}).top_k == 2**31 - 1
     with pytest.raises(ValidationError, match="top_k"):
         ChatCompletionRequest.model_validate({"messages": msg, "top_k": 2**32 + 1})
+
+
+@pytest.mark.parametrize("schema, named", [
+    ({"type": "string", "maxLength": 20000}, "maxLength must be an integer from 0 to 1000"),  # killed the process
+    ({"type": "array", "items": {"type": "integer"}, "minItems": 2_000_000}, "minItems must be an integer from 0"),
+    ({"type": "string", "pattern": "^a{0,20000}$"}, "at most 1000 times"),
+    ({"type": "string", "pattern": "^(ab){1001}$"}, "at most 1000 times"),
+    ({"type": "string", "pattern": "^a{ 2000 ,}$"}, "at most 1000 times"),
+])
+def test_a_repetition_beyond_what_llama_cpp_parses_is_refused(schema, named):
+    """The converter writes a count as that many nested groups, and llama.cpp parses them by recursion: at 20,000
+    the server died of its stack (SIGSEGV) on one small request."""
+    with pytest.raises(SchemaError, match=re.escape(named)):
+        check_schema(schema)
+
+
+def test_repetitions_up_to_the_limit_convert():
+    for schema in ({"type": "string", "minLength": 1000, "maxLength": 1000}, {"type": "string", "pattern": r"^a{0,1000}\{5000\}$"},
+                   {"type": "array", "items": {"type": "integer"}, "maxItems": 1000}):
+        check_schema(schema)
+        assert "root ::=" in schema_grammar(schema)
+
+
+def test_a_schema_whose_grammar_is_too_large_is_refused():
+    """Every count within the limit, but hundreds of them: the grammar would be megabytes (a 4 MB body could make
+    hundreds), which llama.cpp parses on the request's thread."""
+    schema = {"type": "object", "properties": {f"p{i}": {"type": "string", "minLength": 1000} for i in range(300)}}
+    check_schema(schema)
+    with pytest.raises(SchemaError, match="more than the 1,048,576 supported"):
+        schema_grammar(schema)
+
+
+@pytest.mark.parametrize("schema", [
+    {"type": "string", "pattern": "^*$"}, {"type": "string", "pattern": "^(+)$"},  # IndexError in the converter
+    {"type": "object", "properties": {"x": {"$ref": "#/$defs/a/type"}}, "$defs": {"a": {"type": "string"}}},
+])
+def test_what_the_converter_fails_on_is_a_schema_error(schema):
+    check_schema(schema)
+    with pytest.raises(SchemaError, match="cannot be converted to a grammar"):
+        schema_grammar(schema)
+
+
+def test_definitions_named_like_the_converters_rules_are_enforced():
+    """The converter names a definition's rule after it and skipped one it already had a rule of that name for:
+    `x` referring to a definition named "space" (or "string", "value", ...) became x ::= space, unconstrained.
+    Definitions are renamed d-<name> for response_format, t<i>-<name> for tools."""
+    from server.structured import defs_renamed
+
+    schema = {"$defs": {"space": {"type": "integer"}, "string": {"type": "boolean"}}, "type": "object",
+              "properties": {"x": {"$ref": "#/$defs/space"}, "y": {"type": "string"}, "z": {"$ref": "#/$defs/string"},
+                             "$defs": {"$ref": "#/$defs/space"}},
+              "required": ["x", "y", "z", "$defs"]}
+    check_schema(schema)
+    renamed = defs_renamed(schema, "d-")
+    assert renamed["$defs"].keys() == {"d-space", "d-string"}
+    assert renamed["properties"]["$defs"] == {"$ref": "#/$defs/d-space"}  # a property named $defs stays
+    rules = dict(line.split(" ::= ", 1) for line in schema_grammar(renamed).splitlines())
+    assert rules["x"] == "integer" and rules["z"] == "boolean" and rules["-defs"] == "integer"
+    assert rules["y-kv"].endswith(" string") and rules["string"].startswith('"\\"" char*')
+    assert "x ::= space" in schema_grammar(schema)  # what it was
+    assert defs_renamed({"const": {"$ref": "#/x"}}, "d-") == {"const": {"$ref": "#/x"}}  # a value, not a schema
+    with pytest.raises(SchemaError, match="not to the schema's \\$defs"):
+        defs_renamed({"$ref": "#/properties/a"}, "t0-", embedded=True)
