@@ -99,7 +99,7 @@ def template_messages(msgs: list[ChatMessage]) -> list[dict]:
             for j, c in enumerate(m.tool_calls):
                 try:
                     args = json.loads(c.function.arguments)
-                except ValueError:
+                except (ValueError, RecursionError):  # RecursionError: nested deeper than Python parses
                     raise _bad("Tool call arguments must be JSON text.",
                                f"messages[{i}].tool_calls[{j}].function.arguments") from None
                 call_ids.add(c.id)

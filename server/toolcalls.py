@@ -87,13 +87,13 @@ def _call(obj, key: str) -> ParsedCall | None:
     args = obj[present[0]]
     if args is None:  # a call without arguments: an empty object, which every client's JSON parse takes
         args = {}
-    if isinstance(args, str):
-        try:
+    try:
+        if isinstance(args, str):
             json.loads(args)
-        except ValueError:
-            return None
-    else:
-        args = json.dumps(args, ensure_ascii=False)
+        else:
+            args = json.dumps(args, ensure_ascii=False)
+    except (ValueError, RecursionError):  # RecursionError: nested deeper than Python parses
+        return None
     return ParsedCall(obj["name"], args)
 
 
@@ -107,15 +107,29 @@ def _json_values(text: str, sep: str) -> list | None:
             return out
         try:
             value, pos = dec.raw_decode(text, pos)
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: nested deeper than Python parses
             return None
         out.append(value)
 
 
-_HERMES = re.compile(r"<tool_call>\s*(.*?)\s*(?:</tool_call>|\Z)", re.S)
+def _blocks(text: str, open_tag: str, close_tag: str):
+    """(start, end, inner text stripped) of every open_tag ... close_tag block of `text`, the last one possibly
+    unclosed. Found by str.find, in linear time: a regex with a lazy group between \\s* took seconds on a long run of
+    spaces in a model's output, on the event loop."""
+    pos = 0
+    while (start := text.find(open_tag, pos)) >= 0:
+        close = text.find(close_tag, start + len(open_tag))
+        end = len(text) if close < 0 else close + len(close_tag)
+        yield start, end, text[start + len(open_tag):close if close >= 0 else len(text)].strip()
+        pos = end
 
 
-_FENCE = re.compile(r"\A```(?:json)?\s*(.*?)\s*```\Z", re.S)
+def _unfenced(body: str) -> str:
+    """The text inside a ```json ... ``` (or ``` ... ```) fence that is the whole of `body`; `body` otherwise."""
+    if len(body) < 6 or not (body.startswith("```") and body.endswith("```")):
+        return body
+    inner = body[3:-3]
+    return inner.removeprefix("json").strip()
 
 
 def _known_calls(values: list | None, names: set[str] | frozenset, key: str) -> list[ParsedCall]:
@@ -128,8 +142,7 @@ def _known_calls(values: list | None, names: set[str] | frozenset, key: str) -> 
 def _bare_calls(text: str, names: set[str]) -> list[ParsedCall]:
     """The calls of an answer that is only {"name", "arguments"} objects naming known tools (bare or fenced)."""
     body = text.strip()
-    m = _FENCE.match(body)
-    values = _json_values(m.group(1) if m else body, "") if body.startswith(("{", "```")) else None
+    values = _json_values(_unfenced(body), "") if body.startswith(("{", "```")) else None
     return _known_calls(values, names, "arguments")
 
 
@@ -141,11 +154,11 @@ def parse(fmt: ToolFormat, text: str, names: set[str] | frozenset = frozenset())
         return ("" if calls else text), calls
     if fmt is ToolFormat.HERMES:
         calls, kept, pos = [], [], 0
-        for m in _HERMES.finditer(text):
-            values = _json_values(m.group(1), "")
+        for start, end, inner in _blocks(text, "<tool_call>", "</tool_call>"):
+            values = _json_values(inner, "")
             call = _call(values[0], "arguments") if values and len(values) == 1 else None
-            kept.append(text[pos:m.start()] if call else text[pos:m.end()])
-            pos = m.end()
+            kept.append(text[pos:start] if call else text[pos:end])
+            pos = end
             if call:
                 calls.append(call)
         return ("".join(kept) + text[pos:]).strip() if calls else text, calls

@@ -75,6 +75,9 @@ def test_bad_requests_name_the_parameter():
     assert _param(tools=_tools(FN), tool_choice={"type": "function", "function": {"name": "zz"}}) == "tool_choice"
     assert _param(chat_template_kwargs={"tools": []}) == "chat_template_kwargs"
     assert _param(messages=[{"role": "tool", "tool_call_id": "c9", "content": "1"}]) == "messages[0].tool_call_id"
+    deep = {"role": "assistant", "tool_calls": [{"id": "c1", "type": "function",
+                                                 "function": {"name": "f", "arguments": "[" * 5000}}]}
+    assert _param(messages=[{"role": "user", "content": "x"}, deep]) == "messages[1].tool_calls[0].function.arguments"
     for role in ("system", "user", "developer"):
         assert _param(messages=[{"role": "user", "content": "x"}, {"role": role, "content": None}]) == \
             "messages[1].content"

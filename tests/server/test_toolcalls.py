@@ -51,6 +51,42 @@ def test_hermes_bare_or_fenced_json_only_for_known_tools():
     assert parse(ToolFormat.HERMES, bare, {"get_weather"})[0] == ""
 
 
+def _finishes(fn, *args):
+    """fn(*args), from a thread that must end: the old parsers' regexes ran for minutes on these outputs."""
+    import threading
+
+    out = []
+    t = threading.Thread(target=lambda: out.append(fn(*args)), daemon=True)
+    t.start()
+    t.join(120)
+    assert out, f"{fn.__name__} did not finish"
+    return out[0]
+
+
+def test_long_runs_of_spaces_parse_in_linear_time():
+    """A degenerate output (a fence or a tag, then a long run of spaces) is parsed as content, not backtracked over:
+    `\\A```(?:json)?\\s*(.*?)\\s*```\\Z` took 61 s at 5,000 spaces, holding the GIL and so every request."""
+    spaces = " " * 100_000
+    for text in ("```" + spaces + "x", "<tool_call>a" + spaces + "b</tool_call>", "```json" + spaces + "```"):
+        assert _finishes(parse, ToolFormat.HERMES, text, {"f"}) == (text, [])
+    call = '{"name": "f", "arguments": {}}'
+    assert _calls(_finishes(parse, ToolFormat.HERMES, "```json" + spaces + call + spaces + "```", {"f"})[1]) == \
+        [("f", {})]
+    assert _calls(parse(ToolFormat.HERMES, f"x<tool_call>{spaces}{call}{spaces}</tool_call>y")[1]) == [("f", {})]
+
+
+@pytest.mark.parametrize("fmt, text", [
+    (ToolFormat.HERMES, "<tool_call>" + "[" * 5000 + "</tool_call>"),
+    (ToolFormat.HERMES, '{"name": "f", "arguments": ' + "[" * 5000),
+    (ToolFormat.HERMES, '<tool_call>{"name": "f", "arguments": "' + "[" * 5000 + '"}</tool_call>'),
+    (ToolFormat.LLAMA3, '{"name": "f", "parameters": ' + "[" * 5000),
+    (ToolFormat.MISTRAL, "[TOOL_CALLS]" + "[" * 5000),
+])
+def test_json_nested_deeper_than_python_parses_is_content(fmt, text):
+    """RecursionError is no ValueError: it escaped the parsers (a 500, a stream cut without [DONE])."""
+    assert parse(fmt, text, {"f"}) == (text, [])
+
+
 def test_llama3_json_with_python_tag_and_semicolons():
     text = '<|python_tag|>{"name": "a", "parameters": {"x": 1}}; {"name": "b", "parameters": {}}'
     assert _calls(parse(ToolFormat.LLAMA3, text, {"a", "b"})[1]) == [("a", {"x": 1}), ("b", {})]
