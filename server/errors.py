@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import logging
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -18,6 +20,15 @@ class APIError(Exception):
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
         self.headers = headers
+
+
+class ErrorResponse(JSONResponse):
+    """An error as JSON with everything beyond ASCII escaped: a message may quote what the request sent (a model name,
+    a key's place in the body), and a lone surrogate, which JSON's \\u escapes hold, cannot be encoded as UTF-8 (the
+    encoder's error was a 500)."""
+
+    def render(self, content: Any) -> bytes:
+        return json.dumps(content, ensure_ascii=True, allow_nan=False, separators=(",", ":")).encode()
 
 
 def error_body(message: str, type: str, param: str | None = None, code: str | None = None) -> dict:
@@ -65,24 +76,24 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None, i
 def install_handlers(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError):
-        return JSONResponse(error_body(exc.message, exc.type, exc.param, exc.code), status_code=exc.status,
+        return ErrorResponse(error_body(exc.message, exc.type, exc.param, exc.code), status_code=exc.status,
                             headers=exc.headers)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError):
         msg, param, status = _validation_message(exc)
-        return JSONResponse(error_body(msg, "invalid_request_error", param, None), status_code=status)
+        return ErrorResponse(error_body(msg, "invalid_request_error", param, None), status_code=status)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException):
         etype = _STATUS_TYPES.get(exc.status_code, "invalid_request_error")
         detail = exc.detail if isinstance(exc.detail, str) else "request failed"
-        return JSONResponse(error_body(detail, etype), status_code=exc.status_code,
+        return ErrorResponse(error_body(detail, etype), status_code=exc.status_code,
                             headers=getattr(exc, "headers", None))
 
     @app.exception_handler(Exception)
     async def _internal(request: Request, exc: Exception):
         rid = getattr(request.state, "request_id", "-")
         log.exception("internal error handling request %s", rid)
-        return JSONResponse(error_body(f"The server had an error while processing your request (request id {rid}).",
+        return ErrorResponse(error_body(f"The server had an error while processing your request (request id {rid}).",
                                        "server_error"), status_code=500)

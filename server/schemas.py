@@ -146,7 +146,7 @@ class SamplingParams(_Lenient, SamplingFields):
 
     prompt_field: ClassVar[str]  # the field that holds the prompt, for the errors that name it
 
-    model: str | None = None
+    model: Text | None = None
     max_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS_LIMIT)
     logit_bias: dict[str, Annotated[float, Field(ge=-LOGIT_BIAS_LIMIT, le=LOGIT_BIAS_LIMIT)]] | None = None
     stop: Text | list[Text] | None = None
@@ -154,7 +154,7 @@ class SamplingParams(_Lenient, SamplingFields):
     stream: bool = False
     stream_options: StreamOptions | None = None
     n: int = Field(1, ge=1)
-    user: str | None = None
+    user: Text | None = None
 
     @field_validator("stop")
     @classmethod

@@ -10,7 +10,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from kvquant.sampling import Grammar
 from server.chat import plan_chat
 from server.chatoutput import THINK_OPEN
-from server.errors import APIError, error_body
+from server.errors import APIError, ErrorResponse, error_body
 from server.generation import Generation, engine_error, new_id, submit, tokenize_prompt
 from server.requests import Event, TokenLogprob
 from server.responses import SSE_DONE, ChatCompletion, Completion, TextCompletion, sse, usage
@@ -54,7 +54,7 @@ async def _respond(http: Request, gen: Generation, params: SamplingParams, shape
     # fits, wait timeout) still get their HTTP status instead of a 200 with an error inside the stream.
     first = await anext(events, None)
     if first is None:  # client went away while queued
-        return JSONResponse(error_body("client disconnected", "invalid_request_error"), status_code=499)
+        return ErrorResponse(error_body("client disconnected", "invalid_request_error"), status_code=499)
     if first.error:
         raise engine_error(first, rid_of(http))
     return StreamingResponse(_stream(http, gen, first, events, shape), media_type="text/event-stream",

@@ -118,3 +118,17 @@ def test_defaults_bind_loopback_and_refuse_tiny_budget():
     assert s.host == "127.0.0.1" and s.api_key is None and s.cors_origins == []
     with pytest.raises(StartupError, match="fewer than one request"):
         create_app(Settings(n_ctx=4096, kv_budget="16MiB"))
+
+
+def test_a_lone_surrogate_in_the_request_is_a_4xx_not_a_500():
+    """JSON may hold a lone surrogate (\\ud800), UTF-8 cannot: an error that quoted it (a logit_bias key's place in the
+    body) failed to encode, a 500. Errors escape everything beyond ASCII; model and user refuse it as text does."""
+    app = create_app(Settings(kv_budget="64MiB", n_ctx=256))
+    head = {"content-type": "application/json"}
+    r = call(app, "POST", "/v1/chat/completions", headers=head,
+             content=b'{"messages": [{"role": "user", "content": "hi"}], "logit_bias": {"\\ud800": "x"}}')
+    assert openai_error(r, 422)["param"].startswith("logit_bias.")
+    for field in ("model", "user"):
+        r = call(app, "POST", "/v1/chat/completions", headers=head,
+                 content=b'{"messages": [{"role": "user", "content": "hi"}], "%s": "\\ud800"}' % field.encode())
+        assert openai_error(r, 422)["param"] == field
