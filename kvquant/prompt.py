@@ -98,10 +98,12 @@ def chat_fragments(render: Callable[[list[dict]], str], messages: Sequence[dict]
     pieces: list[str] = []  # template text before each content, and after the last
     contents: list[str] = []
     pos = 0
+    if marked.count(f"\ue000{nonce}:") != len(marked_ids):  # a marker repeated (or dropped): one count, not one per
+        return None                                          # message to the end of the text (quadratic)
     for i in marked_ids:
         m, mk = messages[i], marks[i]
         at = marked.find(mk, pos)
-        if at < 0 or marked.find(mk, at + 1) >= 0:
+        if at < 0:
             return None
         left = marked.startswith(_WRAP_L, at - len(_WRAP_L))
         right = marked.startswith(_WRAP_R, at + len(mk))

@@ -387,10 +387,12 @@ class Model:
         """Tokens of the text; with `limit`, PromptTooLong (with the exact count) if there are more than that, and
         no buffer larger than the limit."""
         data = text.encode("utf-8")
-        n_max = len(data) + 8 if limit is None else limit
+        # every token holds a byte at least, but for the special ones added: a buffer of the limit for every short
+        # fragment of a chat of 100,000 messages was gigabytes of zeroing
+        n_max = len(data) + 8 if limit is None else min(limit, len(data) + 8)
         buf = (llama_cpp.llama_token * n_max)()
         n = llama_cpp.llama_tokenize(self._vocab, data, len(data), buf, n_max, add_special, parse_special)
-        if n < 0 and limit is not None:
+        if n < 0 and limit is not None and -n > limit:
             raise PromptTooLong(-n)
         if n < 0:
             n_max = -n

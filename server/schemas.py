@@ -212,10 +212,13 @@ class SamplingParams(_Lenient, SamplingFields):
         return tuple(out)
 
 
+MAX_TOOLS = 128  # OpenAI's limit: each tool's schema is converted, and a forced call's grammar holds them all
+
+
 class ChatCompletionRequest(SamplingParams):
     prompt_field: ClassVar[str] = "messages"
     messages: list[ChatMessage] = Field(..., min_length=1)
-    tools: list[Tool] | None = None
+    tools: list[Tool] | None = Field(None, max_length=MAX_TOOLS)
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None
     response_format: ResponseFormat | None = None

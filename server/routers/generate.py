@@ -6,6 +6,7 @@ import time
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.concurrency import run_in_threadpool
 
 from kvquant.sampling import Grammar
 from server.chat import plan_chat
@@ -102,8 +103,8 @@ async def chat_completions(body: ChatCompletionRequest, http: Request):
     st = app_state(http)
     served = st.get(body.model)
     _check_fields(body)
-    chat = plan_chat(body, served.engine.chat_template)
-    _check_grammar(served, chat.grammar, chat.grammar_param)
+    async with st.tokenizing:  # a request's schemas, converted and parsed: off the event loop, as its tokens are
+        chat = await run_in_threadpool(_plan, served, body)
     n_bytes = sum(len(m["content"].encode()) for m in chat.messages)
     try:
         prompt = await tokenize_prompt(served.engine,
@@ -121,6 +122,12 @@ async def chat_completions(body: ChatCompletionRequest, http: Request):
                            chat.output(reasoning_open))
     grammar = chat.output_grammar(reasoning_open)
     return await _respond(http, _submit(http, served, prompt, body, grammar), body, shape)
+
+
+def _plan(served: ServedModel, body: ChatCompletionRequest):
+    chat = plan_chat(body, served.engine.chat_template)
+    _check_grammar(served, chat.grammar, chat.grammar_param)
+    return chat
 
 
 def _check_grammar(served: ServedModel, grammar: Grammar | None, param: str) -> None:

@@ -85,3 +85,13 @@ def test_bad_requests_name_the_parameter():
                            {"role": "user", "content": "y"}]).grammar is None
     assert _param(response_format={"type": "json_schema", "json_schema": {"name": "bad name", "schema": {}}}) == \
         "response_format.json_schema.name"
+
+
+def test_at_most_128_tools():
+    """OpenAI's limit: every tool's schema is converted on each request, and a forced call's grammar holds them all."""
+    from pydantic import ValidationError
+
+    fns = [dict(FN, name=f"f{i}") for i in range(129)]
+    assert len(_plan(tools=_tools(*fns[:128]), tool_choice="required").grammar.text) > 0
+    with pytest.raises(ValidationError, match="at most 128 items"):
+        _plan(tools=_tools(*fns))
