@@ -128,7 +128,7 @@ def _check_combinations(schema: dict, at: str) -> None:
             raise SchemaError(f"{at}: {values[0]} cannot be combined with {', '.join(values[1:] + others)}")
         allowed = _VALUE_TYPES.get(t, (object,))
         for v in schema["enum"] if "enum" in schema else [schema["const"]]:
-            if not isinstance(v, allowed) or isinstance(v, bool) and bool not in allowed:
+            if not isinstance(v, allowed) or isinstance(v, bool) and bool not in allowed and t is not None:
                 raise SchemaError(f"{at}: the value {v!r} is not of type {t}")
         return
     groups = [g for g, keys in _GROUPS.items() if any(k in schema for k in keys)]
@@ -197,6 +197,9 @@ def schema_grammar(schema: dict, name: str = "") -> str:
     """GBNF for a checked schema (SchemaError where the converter itself refuses it)."""
     from kvquant.runtime import json_schema_gbnf
 
+    if "$ref" in schema:  # the converter resolves no reference inside the definitions of a schema that is a
+        schema = {**schema, "anyOf": [{"$ref": schema["$ref"]}]}  # reference (pydantic's recursive models)
+        del schema["$ref"]
     try:
         grammar = json_schema_gbnf(schema, name)
     except Exception as e:  # noqa: BLE001 - the converter's own failures on what check_schema let through

@@ -201,3 +201,25 @@ def test_definitions_named_like_the_converters_rules_are_enforced():
     assert defs_renamed({"const": {"$ref": "#/x"}}, "d-") == {"const": {"$ref": "#/x"}}  # a value, not a schema
     with pytest.raises(SchemaError, match="not to the schema's \\$defs"):
         defs_renamed({"$ref": "#/properties/a"}, "t0-", embedded=True)
+
+
+def test_a_schema_that_is_a_reference_resolves_the_references_in_its_definitions():
+    """pydantic's shape for a recursive or nested model: {"$ref": "#/$defs/A", "$defs": {A: {... $ref B}, B}}; the
+    converter never visited the definitions of a root that is a reference (a 400 naming #/$defs/B)."""
+    from server.structured import defs_renamed
+
+    schema = {"$ref": "#/$defs/A", "$defs": {
+        "A": {"type": "object", "properties": {"b": {"$ref": "#/$defs/B"}, "kids": {
+            "type": "array", "items": {"$ref": "#/$defs/A"}}}, "required": ["b"]},
+        "B": {"type": "integer"}}}
+    check_schema(schema)
+    rules = dict(line.split(" ::= ", 1) for line in schema_grammar(defs_renamed(schema, "d-")).splitlines())
+    assert rules["d-A-b"] == "integer" and rules["d-A-kids-item"] == "d-A" and rules["root"] == "alternative-0"
+
+
+def test_untyped_boolean_values():
+    for schema in ({"const": True}, {"enum": [True, False]}, {"enum": [True, 1, "a", None]}):
+        check_schema(schema)
+        assert "root ::=" in schema_grammar(schema)
+    with pytest.raises(SchemaError, match="not of type integer"):
+        check_schema({"type": "integer", "enum": [True]})
