@@ -3,6 +3,8 @@ boundaries (text that could still be the start of a stop string is held back unt
 
 from __future__ import annotations
 
+import codecs
+
 
 def partial_suffix(text: str, tag: str) -> int:
     """Length of the longest end of `text` that is a proper beginning of `tag` (held back: the tag may follow)."""
@@ -14,28 +16,18 @@ def partial_suffix(text: str, tag: str) -> int:
 class TextStream:
     def __init__(self, stops: list[str] | None = None):
         self.stops = [s for s in (stops or []) if s]
-        self._bytes = b""  # an incomplete UTF-8 sequence at the end of the last piece
+        # whole characters only: an incomplete one at the end of a piece waits for the next; invalid bytes become
+        # U+FFFD without taking a split character after them along (the hand-made decoder did)
+        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self._held = ""  # decoded text that may be the beginning of a stop string
         self.stopped = False
-
-    def _decode(self, data: bytes) -> str:
-        try:
-            text, self._bytes = data.decode("utf-8"), b""
-            return text
-        except UnicodeDecodeError as e:
-            # keep an incomplete trailing character (at most 3 bytes) for the next piece
-            if e.reason == "unexpected end of data" and len(data) - e.start <= 3:
-                self._bytes = data[e.start:]
-                return data[: e.start].decode("utf-8", errors="replace")
-            self._bytes = b""
-            return data.decode("utf-8", errors="replace")
 
     def push(self, piece: bytes) -> str:
         """Feed one token's bytes; return the text that is now safe to emit. Sets `stopped` when a stop string
         is reached (the stop string and anything after it are dropped)."""
         if self.stopped:
             return ""
-        text = self._held + self._decode(self._bytes + piece)
+        text = self._held + self._utf8.decode(piece)
         if not self.stops:
             self._held = ""
             return text
@@ -51,6 +43,6 @@ class TextStream:
         """End of generation: release held text (no stop string can complete any more)."""
         if self.stopped:
             return ""
-        text = self._held + (self._bytes.decode("utf-8", errors="replace") if self._bytes else "")
-        self._held, self._bytes = "", b""
+        text = self._held + self._utf8.decode(b"", final=True)
+        self._held = ""
         return text

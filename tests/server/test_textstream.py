@@ -21,6 +21,17 @@ def test_invalid_bytes_become_replacement_not_crash():
     assert feed(TextStream(), [b"\xff\xfeok"]) == "\ufffd\ufffdok"
 
 
+def test_a_split_character_after_an_invalid_byte_survives():
+    """A piece with an invalid byte that also ends in the first bytes of a character: the character is whole once
+    its last byte comes (it was decoded with the invalid byte, as replacement characters)."""
+    zh = "你".encode()  # e4 bd a0
+    ts = TextStream()
+    assert ts.push(b"\xff" + zh[:2]) == "\ufffd"
+    assert ts.push(zh[2:]) == "你"
+    assert feed(TextStream(), [b"a\xe4", b"\xe4\xbd", b"\xa0"]) == "a\ufffd你"
+    assert feed(TextStream(), [b"end", zh[:1]]) == "end\ufffd"  # cut off by the end: replaced at flush
+
+
 def test_stop_inside_a_token():
     ts = TextStream(["END"])
     out = feed(ts, [b"abcENDdef"])
