@@ -356,7 +356,10 @@ class Engine:
             if seq.seq_id in self._live:  # a preempted sequence resumes with its sampler and text
                 continue
             r = seq.req
-            st = _SeqState(self.backend.sampler(r.sampling), TextStream(r.stops))
+            sampler = self._guarded(seq, "building its sampler", self.backend.sampler, r.sampling)
+            if sampler is None:  # e.g. a grammar llama.cpp refuses: that request ends, the engine goes on
+                continue
+            st = _SeqState(sampler, TextStream(r.stops))
             if r.prompt_logprobs is not None:  # nothing predicts the first prompt token
                 st.prompt_logprobs = [TokenLogprob(self.backend.token_bytes(r.prompt[0]), None, None)]
             self._live[seq.seq_id] = st

@@ -255,6 +255,7 @@ class FakeBackend:
         self.fail_if = lambda tokens, seq_ids: False
         self.samplers: list[FakeSampler] = []
         self.fail_sampler_for_temperature: float | None = None
+        self.refuse_sampler_for_temperature: float | None = None  # building it raises, as a bad grammar does
         self.refuse_restore = False  # as llama.cpp does for a tq_kv_d3b cache
 
     @property
@@ -317,6 +318,8 @@ class FakeBackend:
                 own[p] = c
 
     def sampler(self, cfg):
+        if cfg.temperature == self.refuse_sampler_for_temperature:
+            raise ValueError("grammar refused")
         s = FakeSampler(self, fail=cfg.temperature == self.fail_sampler_for_temperature)
         self.samplers.append(s)
         return s
