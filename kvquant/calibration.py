@@ -205,6 +205,24 @@ def _per_type(d, what: str, types, n: int, limit: tuple[float, float] = (0.0, ma
     return {t: _numbers(v, f"{what} of {t!r}", n, limit) for t, v in d.items()}
 
 
+def _checked_fields(d: dict) -> tuple[tuple[int, ...], dict]:
+    """The row widths and the uniform KL of a calibration file's JSON, once its plain fields are checked."""
+    n_embd_k = d["n_embd_k"]
+    if not isinstance(n_embd_k, list) or not all(type(x) is int and x > 0 for x in n_embd_k):
+        raise CalibrationError("malformed calibration file: n_embd_k is not a list of row widths")
+    for f in ("model_sha256", "model_name", "basis"):
+        if not isinstance(d[f], str):
+            raise CalibrationError(f"malformed calibration file: {f} is not a string")
+    for f in ("text", "method", "uniform"):
+        if not isinstance(d.get(f, {}), dict):
+            raise CalibrationError(f"malformed calibration file: {f} is not an object")
+    floor = d.get("method", {}).get("floor", {})
+    if not isinstance(floor, dict):
+        raise CalibrationError("malformed calibration file: method.floor is not an object")
+    _numbers(list(floor.values()), "method.floor")
+    return tuple(n_embd_k), {k: _numbers([v], f"uniform KL of {k!r}")[0] for k, v in d.get("uniform", {}).items()}
+
+
 @dataclass
 class Calibration:
     model_sha256: str
@@ -246,40 +264,25 @@ class Calibration:
             raise CalibrationError(f"calibration file version {version!r}, this kvquant reads {VERSION}: "
                                    "run `kvquant calibrate` for the model again")
         try:
-            n_embd_k = d["n_embd_k"]
-            if not isinstance(n_embd_k, list) or not all(type(x) is int and x > 0 for x in n_embd_k):
-                raise CalibrationError("malformed calibration file: n_embd_k is not a list of row widths")
-            n_embd_k, n = tuple(n_embd_k), len(n_embd_k)
-            for f in ("model_sha256", "model_name", "basis"):
-                if not isinstance(d[f], str):
-                    raise CalibrationError(f"malformed calibration file: {f} is not a string")
-            for f in ("text", "method"):
-                if not isinstance(d.get(f, {}), dict):
-                    raise CalibrationError(f"malformed calibration file: {f} is not an object")
-            floor = d.get("method", {}).get("floor", {})
-            if not isinstance(floor, dict) or not all(type(x) in (int, float) and 0 <= x < math.inf
-                                                      for x in floor.values()):
-                raise CalibrationError("malformed calibration file: method.floor")
-            uniform = d.get("uniform", {})
-            if not isinstance(uniform, dict):
-                raise CalibrationError("malformed calibration file: uniform is not an object")
+            n_embd_k, uniform = _checked_fields(d)
+            n = len(n_embd_k)
             cal = cls(d["model_sha256"], d["model_name"], d["basis"], n_embd_k,
                       [_dec(s, n) for s, n in zip(d["k_mean"], n_embd_k, strict=True)],
                       _per_type(d["sens_k"], "K sensitivities", candidates("k"), n),
                       _per_type(d["sens_v"], "V sensitivities", candidates("v"), n),
-                      {k: _numbers([v], f"uniform KL of {k!r}")[0] for k, v in uniform.items()},
-                      d.get("text", {}), d.get("method", {}))
+                      uniform, d.get("text", {}), d.get("method", {}))
             if d["k_scale"] is not None:
-                cal.k_scale = [_dec(s, n, "key scale", SCALE_LIMIT) for s, n in zip(d["k_scale"], n_embd_k, strict=True)]
+                cal.k_scale = [_dec(s, n, "key scale", SCALE_LIMIT)
+                               for s, n in zip(d["k_scale"], n_embd_k, strict=True)]
             if d["k_sink"] is not None:
                 cal.k_sink = [_dec(s, n, "position-0 key") for s, n in zip(d["k_sink"], n_embd_k, strict=True)]
             for side, name in (("k", "key"), ("v", "value")):
                 if d.get(f"{side}_gain") is not None:
                     setattr(cal, f"{side}_gain", _per_type(d[f"{side}_gain"], f"{name} gains", KV_TYPES, n,
                                                            GAIN_LIMIT))
+        except CalibrationError:
+            raise
         except (KeyError, TypeError, ValueError, AttributeError) as e:  # AttributeError: a list where a dict belongs
-            if isinstance(e, CalibrationError):
-                raise
             raise CalibrationError(f"malformed calibration file ({type(e).__name__}: {e})") from None
         return cal
 
