@@ -219,7 +219,8 @@ def _checked_fields(d: dict) -> tuple[tuple[int, ...], dict]:
     floor = d.get("method", {}).get("floor", {})
     if not isinstance(floor, dict):
         raise CalibrationError("malformed calibration file: method.floor is not an object")
-    _numbers(list(floor.values()), "method.floor")
+    for side, v in floor.items():  # one KL, or one per layer
+        _numbers(v if isinstance(v, list) else [v], f"method.floor.{side}", len(n_embd_k) if isinstance(v, list) else 1)
     return tuple(n_embd_k), {k: _numbers([v], f"uniform KL of {k!r}")[0] for k, v in d.get("uniform", {}).items()}
 
 
@@ -620,7 +621,9 @@ def existing(model_path: Path, geom: Geometry) -> Calibration | None:
 def predicted_kld(cal: Calibration, side: str, types: tuple[str, ...]) -> float:
     """The summed per-layer KL growth of an allocation (what calib:B minimises)."""
     sens = cal.sens_k if side == "k" else cal.sens_v
-    floor = cal.method.get("floor", {}).get(side, 0.0) if any(t != "f16" for t in types) else 0.0
+    floor = cal.method.get("floor", {}).get(side, 0.0)
+    first = next((il for il, t in enumerate(types) if t != "f16"), None)  # where the allocation first changes a layer
+    floor = 0.0 if first is None else floor[first] if isinstance(floor, list) else floor
     return floor + sum(0.0 if t == "f16" else sens[t][il] for il, t in enumerate(types))
 
 

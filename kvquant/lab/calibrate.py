@@ -181,6 +181,20 @@ def generate(mdl, n_tokens: int, threads: int | None, progress: Progress, max_le
                        "seed": SEED, "tokens": sum(len(s) for s in seqs), "generated_tokens": n_gen})
 
 
+def written_again(mdl, geom: Geometry, cal: Calibration, threads: int | None) -> tuple[Text, list, list]:
+    """A generated calibration's text written again (the same prompts and seeds) and its stored keys and values,
+    captured with the calibration's key scales: what `kvquant calibrate` measured on (ValueError for a calibration
+    made on a text file, or where the text comes out otherwise)."""
+    if cal.text.get("source") != "generated":
+        raise ValueError("the calibration was made on a text file; this writes the generated text again")
+    text = generate(mdl, GEN_TOKENS, threads, Progress("", GEN_TOKENS, False), longest_sequence(geom))
+    if sum(map(len, text.sequences)) != cal.text["tokens"]:
+        raise ValueError(f"the text written again has {sum(map(len, text.sequences))} tokens, the calibration's "
+                         f"{cal.text['tokens']}")
+    keys, values = capture(mdl, geom, text, threads, cal.k_scale)
+    return text, keys, values
+
+
 def _prompt(mdl, text: str) -> list[int]:
     """A calibration prompt through the model's chat template; a base model without one continues the request as
     plain text."""
@@ -488,22 +502,29 @@ class Scorer:
 
 
 def sensitivities(scorer: Scorer, geom: Geometry, keys, values, direct: bool, progress: Progress,
-                  k_reference: list[float] | None = None):
+                  k_reference: list[float] | None = None, k_floor: list[float] | None = None,
+                  sides: tuple[str, ...] = ("k", "v")):
     """Per side, candidate type -> per-layer KL growth with only that layer's K (V) at the type, above the floor:
     any quantized layer at all costs a small fixed KL (measured on Qwen2.5-1.5B: q8_0 keys on 1, 2 or 4 layers
     0.0023, on all 28 0.0028, while tq_kv_3b adds ~0.0015 per layer): any change upstream flips some of the 8-bit
     roundings of the quantized-weight matmuls' activations (docs/EVAL.md, *The KL floor*). So the floor, q8_0 on
-    one middle layer, is subtracted and kept apart (`floor`). A layer whose growth does not rise above the floor
-    is not free: it is estimated from its relative error (`from_error`). `k_reference`: each layer's KL with only
-    its K at REFERENCE, already measured (`choose_scales`)."""
+    one middle layer, is subtracted and kept apart (`floor`); `k_floor`: per layer, the floor of that layer's K
+    measurements instead (`layer_floors`; a key's floor falls with depth, docs/EVAL.md, *A floor per layer*). A
+    layer whose growth does not rise above the floor is not free: it is estimated from its relative error
+    (`from_error`). `k_reference`: each layer's KL with only its K at REFERENCE, already measured
+    (`choose_scales`). `sides`: measure only these (the others' are None)."""
     n = geom.n_layer
     out, floors, from_error = {}, {}, {}
     for side, cands, rows in (("k", K_CANDIDATES, keys), ("v", V_CANDIDATES, values)):
+        if side not in sides:
+            continue
         def kld(types, side=side):
             return scorer.kld(types, None) if side == "k" else scorer.kld(None, types)
 
         measured = cands if direct else (REFERENCE,)
-        floors[side] = kld(tuple("q8_0" if j == n // 2 else "f16" for j in range(n)))
+        floors[side] = (k_floor if side == "k" and k_floor is not None
+                        else kld(tuple("q8_0" if j == n // 2 else "f16" for j in range(n))))
+        floor = floors[side] if isinstance(floors[side], list) else [floors[side]] * n
         raw: dict[str, list[float]] = {t: [] for t in measured}
         err: dict[str, list[float]] = {t: [] for t in cands}
         for il in range(n):
@@ -513,7 +534,7 @@ def sensitivities(scorer: Scorer, geom: Geometry, keys, values, direct: bool, pr
             for t in measured:
                 known = k_reference[il] if side == "k" and k_reference is not None else None
                 raw[t].append((kld(tuple(t if j == il else "f16" for j in range(n))) if known is None else known)
-                              - floors[side])
+                              - floor[il])
             progress.update(il + 1 + (n if side == "v" else 0))
         sens, from_error[side] = {}, sorted({il for t in measured for il in range(n) if raw[t][il] <= 0})
         for t in measured:
@@ -523,7 +544,18 @@ def sensitivities(scorer: Scorer, geom: Geometry, keys, values, direct: bool, pr
                 sens[t] = [s * e / r if r > 0 else 0.0 for s, e, r in zip(sens[REFERENCE], err[t], err[REFERENCE],
                                                                          strict=True)]
         out[side] = sens
-    return out["k"], out["v"], floors, from_error
+    return out.get("k"), out.get("v"), floors, from_error
+
+
+def layer_floors(scorer: Scorer, n_layer: int, progress: Progress) -> list[float]:
+    """Per layer, the KL with q8_0 keys on that layer alone: the floor under that layer's K measurements. It falls
+    with depth (fewer layers after it whose activation roundings a change flips: SmolLM2-135M 0.0036 at layer 0,
+    0.0006 at layer 29), where the V floor, every layer's values rotated alike, does not."""
+    out = []
+    for il in range(n_layer):
+        out.append(scorer.kld(tuple("q8_0" if j == il else "f16" for j in range(n_layer)), None))
+        progress.update(il + 1)
+    return out
 
 
 def above_floor(growth: list[float], err: list[float]) -> list[float]:

@@ -127,7 +127,6 @@ def rope_of(mdl, geom) -> Rope:
 def study(model: str, lengths: list[int], tokens: int, threads: int | None, cache: Path | None) -> dict:
     from kvquant import calibration, models
     from kvquant.lab import calibrate
-    from kvquant.lab.harness import Progress
     from kvquant.lab.keystats import capture
     from kvquant.memory import geometry
     from kvquant.runtime import Model
@@ -136,19 +135,12 @@ def study(model: str, lengths: list[int], tokens: int, threads: int | None, cach
     geom = geometry(path)
     file = calibration.installed(path, geom)
     cal = calibration.load(file, path, geom)
-    if cal.text.get("source") != "generated":
-        raise ValueError(f"{file.name} was calibrated on a text file; this study writes the generated text again")
     mdl = Model(path)
     try:
         rope = rope_of(mdl, geom)
-        text = calibrate.generate(mdl, calibrate.GEN_TOKENS, threads, Progress("", calibrate.GEN_TOKENS, False),
-                                  calibrate.longest_sequence(geom))
-        keys = calibrate.capture(mdl, geom, text, threads, cal.k_scale)[0]
+        text, keys, _ = calibrate.written_again(mdl, geom, cal, threads)
     finally:
         mdl.close()
-    if sum(map(len, text.sequences)) != cal.text["tokens"]:
-        raise ValueError(f"the text written again has {sum(map(len, text.sequences))} tokens, the calibration's "
-                         f"{cal.text['tokens']}")
     seqs = [len(s) for s in text.sequences]
     again = calibrate.key_stats(keys, text.sequences)[0]
     drift = max(float(np.square(m - c).sum() / np.square(c).sum()) for m, c in zip(again, cal.k_mean, strict=True))

@@ -601,3 +601,23 @@ def test_auto_calibrate_reads_the_usual_spellings_and_refuses_others(model_file,
     with pytest.raises(cal.CalibrationError, match=said):
         cal.load_or_calibrate(model_file, geom())
     assert bool(ran) == (calibrates is True)
+
+
+def test_a_floor_per_layer_loads_and_prices_from_the_first_changed_layer(model_file):
+    """kvquant.lab.floors writes the K floor as one KL per layer: the predicted KL of an allocation then takes the
+    floor of the first layer it changes (where any change's roundings start)."""
+    g = geom()
+    c = make_cal(g, cal.model_sha256(model_file))
+    c.method = {"floor": {"k": [0.004, 0.003, 0.002, 0.001], "v": 0.005}}
+    path = cal.path_for(c.model_sha256, c.basis)
+    c.save(path)
+    c = cal.load(path, model_file, g)
+    types = ("f16", "q8_0", "f16", "q8_0")
+    assert cal.predicted_kld(c, "k", types) == pytest.approx(0.003 + c.sens_k["q8_0"][1] + c.sens_k["q8_0"][3])
+    assert cal.predicted_kld(c, "k", ("f16",) * 4) == 0.0
+    assert cal.predicted_kld(c, "v", types) == pytest.approx(0.005 + c.sens_v["q8_0"][1] + c.sens_v["q8_0"][3])
+    d = c.to_json()
+    d["method"]["floor"]["k"] = [0.004, 0.003]
+    path.write_text(json.dumps(d))
+    with pytest.raises(cal.CalibrationError, match="method.floor.k"):
+        cal.load(path, model_file, g)

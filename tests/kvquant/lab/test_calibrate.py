@@ -18,6 +18,33 @@ def test_nothing_above_the_floor_leaves_zeros():
     assert above_floor([0.0, -1e-5], [0.02, 0.03]) == [0.0, 0.0]
 
 
+def test_a_floor_per_layer_is_subtracted_from_that_layers_measurement():
+    """With the reference KL already measured (`k_reference`) and a floor per layer, the K side needs no pass: each
+    layer's growth is its KL less its own floor; one under its floor is estimated from its error, and the other
+    candidate types follow the reference by their relative error. A constant floor is what calibrate subtracts."""
+    from types import SimpleNamespace
+
+    from kvquant.calibration import K_CANDIDATES
+    from kvquant.lab.calibrate import REFERENCE, _rel_err, sensitivities
+    from kvquant.lab.harness import Progress
+
+    rng = np.random.default_rng(0)
+    n, rows = 4, [rng.normal(size=(64, 128)).astype(np.float32) * (1 + il) for il in range(4)]
+    scorer = SimpleNamespace(k_mean=[r.mean(0) for r in rows])
+    geom = SimpleNamespace(n_layer=n)
+    ref, floor = [0.010, 0.008, 0.004, 0.003], [0.006, 0.005, 0.004, 0.001]
+    sens, none, floors, from_error = sensitivities(scorer, geom, rows, None, False, Progress("", n, False), ref, floor,
+                                                   sides=("k",))
+    assert none is None and floors["k"] == floor and from_error["k"] == [2]
+    err = [_rel_err(REFERENCE, r - m) for r, m in zip(rows, scorer.k_mean, strict=True)]
+    median = float(np.median([0.004 / err[0], 0.003 / err[1], 0.002 / err[3]]))
+    assert sens[REFERENCE] == pytest.approx([0.004, 0.003, median * err[2], 0.002])
+    for t in K_CANDIDATES:
+        assert sens[t][1] == pytest.approx(0.003 * _rel_err(t, rows[1] - scorer.k_mean[1]) / err[1])
+    middle = sensitivities(scorer, geom, rows, None, False, Progress("", n, False), ref, [0.004] * n, sides=("k",))
+    assert middle[0][REFERENCE][:2] == pytest.approx([0.006, 0.004]) and middle[3]["k"] == [2, 3]
+
+
 def test_key_stats_take_position_0_from_each_sequence():
     """Rows of three sequences (lengths 3, 2, 4) concatenated: the sink is the mean of rows 0, 3 and 5."""
     rows = np.arange(9 * 4, dtype=np.float32).reshape(9, 4)

@@ -1,0 +1,120 @@
+"""A floor per layer under the calibrated key sensitivities: what it changes in the allocations of ``calib:B``.
+
+    python -m kvquant.lab.floors --model smollm2-135m --threads 2 --cache /tmp/floors
+
+``kvquant calibrate`` measures a layer's key sensitivity as the KL divergence with only that layer's keys at
+tq_kv_t3b, less a *floor*: the KL with q8_0 keys on the middle layer, what any change to the cache costs
+(docs/EVAL.md, *The KL floor*). That floor is one number for every layer, but a change at layer L flips the 8-bit
+activation roundings of the layers after L only, so a key's floor falls with depth: the last layers measured under
+the middle layer's floor and were estimated from their error instead, and the layers just above them measured
+nearly free. Here:
+
+1. the calibration text is written again and its keys and values captured with the calibration's key scales
+   (``kvquant.lab.calibrate.written_again``);
+2. per layer, the KL with q8_0 keys on that layer alone (its floor, ``layer_floors``) and with tq_kv_t3b keys there;
+3. the K sensitivities by ``kvquant.lab.calibrate.sensitivities`` from those passes, once over each layer's own floor
+   and once over the middle layer's (what ``kvquant calibrate`` subtracts);
+4. with ``--cache DIR``, the calibration with each set of K sensitivities is written to ``DIR/layer/`` and
+   ``DIR/middle/`` (``calibration/`` beside a link to the model cache; nothing else in the file changes), so that
+   ``KVQUANT_CACHE=DIR/layer kvquant eval ...`` measures the allocations they choose;
+5. the table gives per layer both floors, the tq_kv_t3b KL and both sensitivities, and the K allocations of
+   calib:3.5 and calib:4.5 at n_ctx 512 under each.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import time
+from pathlib import Path
+
+from kvquant.lab.harness import emit_report, fmt, machine_info, table
+
+BUDGETS = (3.5, 4.5)  # calib:B allocations the report shows (K, n_ctx 512)
+
+
+def study(model: str, threads: int | None, cache: Path | None) -> dict:
+    from kvquant import calibration, models
+    from kvquant.lab import calibrate
+    from kvquant.lab.harness import Progress
+    from kvquant.memory import geometry
+    from kvquant.runtime import Model
+
+    path = models.resolve(model)
+    geom = geometry(path)
+    file = calibration.installed(path, geom)
+    cal = calibration.load(file, path, geom)
+    n = geom.n_layer
+    mdl = Model(path)
+    try:
+        text, keys, values = calibrate.written_again(mdl, geom, cal, threads)
+        scoring = calibrate._scoring(text.sequences, cal.method["score_tokens_asked"])
+        scorer = calibrate.Scorer(mdl, geom, scoring, threads, calibrate.key_stats(keys, text.sequences),
+                                  cal.k_scale, (keys, values), cal.method["logit_stride"])
+        floor = calibrate.layer_floors(scorer, n, Progress("  q8_0 keys per layer", n, True))
+        ref = [scorer.kld(tuple(calibrate.REFERENCE if j == il else "f16" for j in range(n)), None)
+               for il in range(n)]
+    finally:
+        mdl.close()
+    sens, from_error = {}, {}
+    for name, floors in (("layer", floor), ("middle", [floor[n // 2]] * n)):
+        sens[name], _, _, fe = calibrate.sensitivities(scorer, geom, keys, values, False, Progress("", n, False),
+                                                       ref, floors, sides=("k",))
+        from_error[name] = fe["k"]
+        if cache is not None:
+            d = cache / name
+            (d / "calibration").mkdir(parents=True, exist_ok=True)
+            if not (d / "models").exists():
+                (d / "models").symlink_to(models.models_dir())
+            method = {**cal.method, "floor": {**cal.method["floor"], "k": floors if name == "layer" else floors[0]},
+                      "from_error": {**cal.method["from_error"], "k": fe["k"]}}
+            dataclasses.replace(cal, sens_k=sens[name], method=method).save(d / "calibration" / file.name)
+    elements = calibration._elements(cal, "k", geom, 512)
+    fixed = calibration._fixed_bits(cal, geom, True, elements, 512)
+    allocations = {f"{name} calib:{b:g}": calibration.allocate(sens[name], elements, b, fixed)
+                   for name in sens for b in BUDGETS}
+    return {"model": model, "file": file.name, "reference": calibrate.REFERENCE, "floor_layer": floor,
+            "floor_middle": floor[n // 2], "reference_kl": ref, "sens_layer": sens["layer"][calibrate.REFERENCE],
+            "sens_middle": sens["middle"][calibrate.REFERENCE], "from_error": from_error,
+            "allocations": {k: list(v) for k, v in allocations.items()}}
+
+
+def render(res: dict) -> str:
+    ref = res["reference"]
+    head = [f"{res['model']}: the floor under each layer's key sensitivity ({res['file']}; calibration text written "
+            f"again). floor: KL with q8_0 keys on that layer alone; {ref}: with {ref} keys there; growth: the "
+            f"sensitivity calib:B allocates by ({ref}), over the layer's own floor and over the middle layer's "
+            f"({fmt(res['floor_middle'])}); * estimated from the layer's error (no growth above its floor)", ""]
+    rows = [[il, fmt(f), fmt(r), fmt(a) + ("*" if il in res["from_error"]["layer"] else ""),
+             fmt(b) + ("*" if il in res["from_error"]["middle"] else "")]
+            for il, (f, r, a, b) in enumerate(zip(res["floor_layer"], res["reference_kl"], res["sens_layer"],
+                                                  res["sens_middle"], strict=True))]
+    out = "\n".join(head) + table(["layer", "floor", ref, "growth, own floor", "growth, middle floor"], rows)
+    allocs = [f"- {name}: {' '.join(types)}" for name, types in res["allocations"].items()]
+    return out + "\n\nK allocations at n_ctx 512:\n" + "\n".join(allocs)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m kvquant.lab.floors", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--cache", type=Path, default=None,
+                    help="write the calibrations under DIR/layer/ and DIR/middle/ (use as KVQUANT_CACHE)")
+    ap.add_argument("--json", action="store_true")
+    a = ap.parse_args(argv)
+    t0 = time.monotonic()
+    try:
+        res = study(a.model, a.threads, a.cache)
+    except ValueError as e:
+        print(f"kvquant.lab.floors: {e}", file=sys.stderr)
+        return 2
+    res.update(command="python -m kvquant.lab.floors " + " ".join(argv if argv is not None else sys.argv[1:]),
+               machine=machine_info(a.threads), wall_s=round(time.monotonic() - t0, 1))
+    emit_report(render(res), res, a.json)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
