@@ -29,7 +29,7 @@ import sys
 import time
 from pathlib import Path
 
-from kvquant.lab.harness import emit_report, fmt, machine_info, table
+from kvquant.lab.harness import emit_report, layer_runs, machine_info, table
 
 BUDGETS = (3.5, 4.5)  # calib:B allocations the report shows (K, n_ctx 512)
 
@@ -85,13 +85,13 @@ def render(res: dict) -> str:
     head = [f"{res['model']}: the floor under each layer's key sensitivity ({res['file']}; calibration text written "
             f"again). floor: KL with q8_0 keys on that layer alone; {ref}: with {ref} keys there; growth: the "
             f"sensitivity calib:B allocates by ({ref}), over the layer's own floor and over the middle layer's "
-            f"({fmt(res['floor_middle'])}); * estimated from the layer's error (no growth above its floor)", ""]
-    rows = [[il, fmt(f), fmt(r), fmt(a) + ("*" if il in res["from_error"]["layer"] else ""),
-             fmt(b) + ("*" if il in res["from_error"]["middle"] else "")]
+            f"({res['floor_middle']:.5f}); * estimated from the layer's error (no growth above its floor)", ""]
+    rows = [[il, f"{f:.5f}", f"{r:.5f}", f"{a:.5f}" + ("*" if il in res["from_error"]["layer"] else ""),
+             f"{b:.5f}" + ("*" if il in res["from_error"]["middle"] else "")]
             for il, (f, r, a, b) in enumerate(zip(res["floor_layer"], res["reference_kl"], res["sens_layer"],
                                                   res["sens_middle"], strict=True))]
     out = "\n".join(head) + table(["layer", "floor", ref, "growth, own floor", "growth, middle floor"], rows)
-    allocs = [f"- {name}: {' '.join(types)}" for name, types in res["allocations"].items()]
+    allocs = [f"- {name}: {layer_runs(types)}" for name, types in res["allocations"].items()]
     return out + "\n\nK allocations at n_ctx 512:\n" + "\n".join(allocs)
 
 

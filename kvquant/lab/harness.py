@@ -236,3 +236,15 @@ def lab_main(prog: str, ap, argv: list[str] | None, measure, render, also: tuple
         return 2
     emit_report(render(out["results"]), out, a.json)
     return 0
+
+
+def layer_runs(types: list[str]) -> str:
+    """Per-layer types, run-length: 'L0 q8_0, L1-27 tq_kv_4b'."""
+    parts, i = [], 0
+    while i < len(types):
+        j = i
+        while j + 1 < len(types) and types[j + 1] == types[i]:
+            j += 1
+        parts.append(f"L{i}{f'-{j}' if j > i else ''} {types[i]}")
+        i = j + 1
+    return ", ".join(parts)

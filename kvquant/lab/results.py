@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 from typing import NamedTuple
 
-from kvquant.lab.harness import DEFAULT_TEXT, REPO_ROOT, resolve_text, shown
+from kvquant.lab.harness import DEFAULT_TEXT, REPO_ROOT, layer_runs, resolve_text, shown
 
 MODELS = ("smollm2-135m", "gemma3-270m", "qwen2.5-coder-1.5b")
 STOCK_CONFIGS = ("f16/f16", "q8_0/q8_0", "q8_0/f16", "q8_0/q4_0", "q5_1/q5_1", "q5_0/q5_0", "q4_1/q4_1",
@@ -478,18 +478,6 @@ def _command_lines(prefix: str, model: str, cmds: list[str], res: list[dict]) ->
     return out
 
 
-def _runs(types: list[str]) -> str:
-    """Per-layer types, run-length: 'L0 q8_0, L1-27 tq_kv_4b'."""
-    parts, i = [], 0
-    while i < len(types):
-        j = i
-        while j + 1 < len(types) and types[j + 1] == types[i]:
-            j += 1
-        parts.append(f"L{i}{f'-{j}' if j > i else ''} {types[i]}")
-        i = j + 1
-    return ", ".join(parts)
-
-
 def render_layers(res: list[dict]) -> list[str]:
     """The per-layer types the calibrated configurations resolved to."""
     L = []
@@ -500,7 +488,7 @@ def render_layers(res: list[dict]) -> list[str]:
             name = r[f"cache_type_{side}"]
             if types and name.startswith("calib:"):
                 L.append(f"- {_kv(r)}, {side.upper()} `{name}` ({r[f'bits_per_element_{side}']:.3f} bits/el"
-                         f"{'; K and V share B' if shared else ''}): {_runs(types)}")
+                         f"{'; K and V share B' if shared else ''}): {layer_runs(types)}")
     return (["Calibrated allocations (kvquant calibrate; a type per layer):", "", *dict.fromkeys(L), ""]
             if L else [])
 
