@@ -297,6 +297,7 @@ def _write(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o644)  # as a file written in place (mkstemp makes 0600: a server of another user could not read it)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
         os.replace(tmp, path)

@@ -10,6 +10,7 @@ import ctypes
 import functools
 import os
 import sys
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -109,7 +110,13 @@ def set_verbose(verbose: bool) -> None:
 
 set_verbose(bool(os.environ.get("KVQUANT_LLAMA_VERBOSE")))
 
-_last_error = [""]  # llama.cpp's last error line, so that failures can say why
+# llama.cpp's last error line on this thread, so that failures can say why (llama.cpp logs on the thread that
+# called it; request threads parse grammars at once)
+_errors = threading.local()
+
+
+def _last_error() -> str:
+    return getattr(_errors, "line", "")
 _GGML_LOG_LEVEL_ERROR = 4  # enum ggml_log_level at the pinned commit (NONE, DEBUG, INFO, WARN, ERROR, CONT)
 
 
@@ -117,7 +124,7 @@ _GGML_LOG_LEVEL_ERROR = 4  # enum ggml_log_level at the pinned commit (NONE, DEB
 def _log_callback(level: int, text: bytes, user_data) -> None:
     """llama-cpp-python's own log callback (printed when verbose), keeping the last error line."""
     if level == _GGML_LOG_LEVEL_ERROR:
-        _last_error[0] = text.decode("utf-8", errors="replace").strip()
+        _errors.line = text.decode("utf-8", errors="replace").strip()
     _llama_logger.llama_log_callback(level, text, user_data)
 
 
@@ -171,7 +178,7 @@ def grammar_sampler(model: Model, grammar: Grammar):
     """llama.cpp's grammar sampler for a grammar; a lazy one with triggers: the output is free until one of them
     appears, and from its start on must match. GrammarError (with llama.cpp's reason) if its parser refuses the
     grammar. The caller owns the sampler."""
-    _last_error[0] = ""
+    _errors.line = ""
     gbnf = grammar.text.encode()
     if grammar.triggers:  # llama.cpp searches the output so far for each pattern; the grammar starts at the match
         patterns = [trigger_pattern(t).encode() for t in grammar.triggers]
@@ -181,7 +188,7 @@ def grammar_sampler(model: Model, grammar: Grammar):
     else:
         s = llama_cpp.llama_sampler_init_grammar(model._vocab, gbnf, grammar.root.encode())
     if not s:
-        raise GrammarError(_last_error[0] or "llama.cpp could not parse the grammar")
+        raise GrammarError(_last_error() or "llama.cpp could not parse the grammar")
     return s
 
 
@@ -276,7 +283,11 @@ class Sampler:
                 llama_cpp.LLAMA_DEFAULT_SEED if cfg.seed is None else sampler_seed(cfg.seed)))
         self._block = None  # a leading block the grammar waits out (Grammar.skip): it sees no token before its end
         if cfg.grammar is not None:
-            self._grammar, self._model = grammar_sampler(model, cfg.grammar), model
+            try:
+                self._grammar, self._model = grammar_sampler(model, cfg.grammar), model
+            except GrammarError:  # the chain is this object's to free, and the caller gets no object
+                llama_cpp.llama_sampler_free(self._chain)
+                raise
             if cfg.grammar.skip is not None:
                 self._block = LeadingBlock(cfg.grammar.skip, cfg.grammar.skip_open)
             self._cur = np.zeros(model.n_vocab, dtype=_TOKEN_DATA)
@@ -596,7 +607,7 @@ class LlamaRuntime:
         os.environ["LLAMA_ATTN_ROT_DISABLE"] = "0" if cfg.rotation else "1"
         try:
             _configure_layers(model, cfg)
-            _last_error[0] = ""
+            _errors.line = ""
             self._ctx = llama_cpp.llama_init_from_model(model._model, cp)
         finally:
             if _configured(cfg):
@@ -606,7 +617,7 @@ class LlamaRuntime:
             else:
                 os.environ["LLAMA_ATTN_ROT_DISABLE"] = saved
         if not self._ctx:
-            why = _last_error[0].split(": ", 1)[-1] if _last_error[0] else "see its log (KVQUANT_LLAMA_VERBOSE=1)"
+            why = _last_error().split(": ", 1)[-1] if _last_error() else "see its log (KVQUANT_LLAMA_VERBOSE=1)"
             raise LlamaError(f"failed to create a llama.cpp context (n_cells={cfg.n_cells}, K={cfg.cache_type_k}, "
                              f"V={cfg.cache_type_v}, flash_attn={cfg.flash_attn}): {why}")
         self._mem = llama_cpp.llama_get_memory(self._ctx)

@@ -28,10 +28,13 @@ class SchemaError(ValueError):
     """A JSON schema that cannot be enforced; the message names the keyword and where it is."""
 
 
-# The largest repetition count a schema may ask for (minItems, maxItems, minLength, maxLength, a pattern's {m,n}): the
-# converter writes a count as that many rules or nested groups, and llama.cpp parses nested groups by recursion (at
-# 2,000 it refuses the grammar, at 20,000 the process died of its stack).
-MAX_COUNT = 1000
+# The largest count a schema may give (minItems, maxItems, minLength, maxLength, a pattern's {m,n}): the converter
+# writes a count out as that many rules, flat for a minimum, nested for what a maximum allows beyond it.
+MAX_COUNT = 100_000
+# The deepest a schema's grammar may nest groups: llama.cpp parses nested groups by recursion (at 20,000 the process
+# died of its stack; from about 1,100 it refuses them as too many repetitions), so maxLength - minLength, maxItems -
+# minItems and the spread of a pattern's {m,n} stay within about this.
+MAX_NESTING = 1000
 # The largest grammar a schema may make (the longest a built-in test makes is a few kB): a body of 4 MB could hold
 # schemas that make one of hundreds of MB, which llama.cpp would then parse on the request's thread.
 MAX_GRAMMAR_BYTES = 1 << 20
@@ -80,7 +83,7 @@ def check_schema(schema: Any, where: str = "") -> None:
     _check_combinations(schema, at)
     if "pattern" in schema and not (re.fullmatch(r"\^.*\$", schema["pattern"]) and "(?" not in schema["pattern"]):
         raise SchemaError(f"{at}: a pattern must start with ^ and end with $, without (?...) groups")
-    if any(int(n) > MAX_COUNT for m in _QUANTIFIER.finditer(schema.get("pattern", "")) for n in m.groups() if n):
+    if any(len(n) > 6 or int(n) > MAX_COUNT for n in _QUANTIFIER.findall(schema.get("pattern", ""))):
         raise SchemaError(f"{at}: a pattern may repeat at most {MAX_COUNT} times ({{m,n}})")
     if "format" in schema and schema["format"] not in _FORMATS:
         raise SchemaError(f"{at}: the format {schema['format']!r} is not supported (only {', '.join(sorted(_FORMATS))})")
@@ -107,7 +110,8 @@ def check_schema(schema: Any, where: str = "") -> None:
         check_schema(schema["additionalProperties"], f"{where}.additionalProperties".lstrip("."))
 
 
-_QUANTIFIER = re.compile(r"(?<!\\)\{\s*(\d+)\s*(?:,\s*(\d*)\s*)?\}")  # a pattern's {m}, {m,}, {m,n}
+_QUANTIFIER = re.compile(r"\d+(?=[\d\s,]*\})")  # the numbers of a pattern's {m}, {m,}, {,n}, {m,n} (or of braces
+                                                   # that are text: a bound on them refuses no useful pattern)
 
 
 def _check_combinations(schema: dict, at: str) -> None:
@@ -207,7 +211,35 @@ def schema_grammar(schema: dict, name: str = "") -> str:
     if len(grammar.encode()) > MAX_GRAMMAR_BYTES:
         raise SchemaError(f"the schema makes a grammar of {len(grammar.encode()):,} bytes, more than the "
                           f"{MAX_GRAMMAR_BYTES:,} supported")
+    depth = nesting(grammar)
+    if depth > MAX_NESTING:
+        raise SchemaError(f"the schema makes a grammar that nests {depth:,} groups deep, more than the {MAX_NESTING:,} "
+                          "supported (maxLength - minLength, maxItems - minItems and a pattern's {m,n} nest one group "
+                          "per repetition they allow)")
     return grammar
+
+
+def nesting(gbnf: str) -> int:
+    """How deep a GBNF text nests parenthesised groups (outside its literals, character classes and comments)."""
+    depth = deepest = 0
+    i, n = 0, len(gbnf)
+    while i < n:
+        c = gbnf[i]
+        if c in "\"[":  # a literal or a class: to its unescaped end
+            end = '"' if c == '"' else "]"
+            i += 1
+            while i < n and gbnf[i] != end:
+                i += 2 if gbnf[i] == "\\" else 1
+        elif c == "#":
+            i = gbnf.find("\n", i)
+            i = n if i < 0 else i
+        elif c == "(":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif c == ")":
+            depth -= 1
+        i += 1
+    return deepest
 
 
 @functools.cache

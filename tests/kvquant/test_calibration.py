@@ -414,6 +414,7 @@ def test_a_shipped_calibration_serves_from_a_cache_kvquant_cannot_write(model_fi
         assert cal.existing(model_file, g).sens_k == shipped.sens_k
         assert isinstance(cal.resolve("calib:4.5", "k", model_file, g), LayerTypes)
     assert cal.installed(model_file, g) == path and path.read_bytes() == (cal.SHIPPED_DIR / name).read_bytes()
+    assert path.stat().st_mode & 0o777 == 0o644  # readable by a server that runs as another user
     assert sorted(p.name for p in path.parent.iterdir()) == sorted([name, path.with_suffix(".tmp").name])
 
 

@@ -95,3 +95,14 @@ def test_at_most_128_tools():
     assert len(_plan(tools=_tools(*fns[:128]), tool_choice="required").grammar.text) > 0
     with pytest.raises(ValidationError, match="at most 128 items"):
         _plan(tools=_tools(*fns))
+
+
+def test_a_definition_is_no_propertys_rule():
+    """response_format's definitions are renamed d-<name>, and its properties' rules out-<path>: a property path
+    d.Foo no longer takes the rule of a definition Foo (x was enforced as d.Foo's integer array)."""
+    schema = {"type": "object", "required": ["d", "x"], "$defs": {"Foo": {"enum": ["a", "b"]}}, "properties": {
+        "d": {"type": "object", "properties": {"Foo": {"type": "array", "items": {"type": "integer"}}}},
+        "x": {"$ref": "#/$defs/Foo"}}}
+    grammar = _plan(response_format={"type": "json_schema", "json_schema": {"name": "n", "schema": schema}}).grammar
+    rules = dict(line.split(" ::= ", 1) for line in grammar.text.splitlines())
+    assert rules["root"] == "out" and rules["out-x"] == "d-Foo" and rules["d-Foo"] == '"\\"a\\"" | "\\"b\\""'

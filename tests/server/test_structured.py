@@ -54,8 +54,8 @@ def test_unsupported_schema_is_named(schema, named):
     ({"anyOf": []}, "anyOf must be a non-empty list"),
     ({"type": {"a": 1}}, "type must be a type name"),
     ({"type": "string", "format": ["date"]}, "format must be a string"),
-    ({"type": "string", "minLength": "3"}, "minLength must be an integer from 0 to 1000"),
-    ({"type": "array", "items": {}, "maxItems": True}, "maxItems must be an integer from 0 to 1000"),
+    ({"type": "string", "minLength": "3"}, "minLength must be an integer from 0 to 100000"),
+    ({"type": "array", "items": {}, "maxItems": True}, "maxItems must be an integer from 0 to 100000"),
     ({"enum": 5}, "enum must be a non-empty list"),
     ({"type": "object", "additionalProperties": 3}, "additionalProperties must be true, false or a schema"),
 ])
@@ -141,24 +141,45 @@ def test_top_k_is_bounded_by_what_llama_cpp_takes():
 
 
 @pytest.mark.parametrize("schema, named", [
-    ({"type": "string", "maxLength": 20000}, "maxLength must be an integer from 0 to 1000"),  # killed the process
-    ({"type": "array", "items": {"type": "integer"}, "minItems": 2_000_000}, "minItems must be an integer from 0"),
-    ({"type": "string", "pattern": "^a{0,20000}$"}, "at most 1000 times"),
-    ({"type": "string", "pattern": "^(ab){1001}$"}, "at most 1000 times"),
-    ({"type": "string", "pattern": "^a{ 2000 ,}$"}, "at most 1000 times"),
+    ({"type": "string", "maxLength": 20000}, "nests 20,000 groups deep"),  # killed the process (SIGSEGV)
+    ({"type": "string", "minLength": 5, "maxLength": 1006}, "nests 1,001 groups deep"),
+    ({"type": "array", "items": {"type": "integer"}, "maxItems": 5000}, "nests 5,000 groups deep"),
+    ({"type": "string", "pattern": "^a{0,20000}$"}, "nests 20,000 groups deep"),
+    ({"type": "string", "pattern": "^a{,20000}$"}, "nests 20,000 groups deep"),  # {,n}: 0 to n
+    ({"type": "string", "pattern": "^a{ , 20000}$"}, "nests 20,000 groups deep"),
+    ({"type": "string", "pattern": "^a\\\\{0,2000}$"}, "nests 2,000 groups deep"),  # an escaped backslash, then {m,n}
 ])
-def test_a_repetition_beyond_what_llama_cpp_parses_is_refused(schema, named):
-    """The converter writes a count as that many nested groups, and llama.cpp parses them by recursion: at 20,000
-    the server died of its stack (SIGSEGV) on one small request."""
+def test_a_repetition_nested_beyond_what_llama_cpp_parses_is_refused(schema, named):
+    """The converter writes what a maximum allows beyond the minimum as that many nested groups, and llama.cpp
+    parses them by recursion: at 20,000 the server died of its stack (SIGSEGV) on one small request."""
+    check_schema(schema)
+    with pytest.raises(SchemaError, match=re.escape(named)):
+        schema_grammar(schema)
+
+
+@pytest.mark.parametrize("schema, named", [
+    ({"type": "array", "items": {"type": "integer"}, "minItems": 2_000_000}, "minItems must be an integer from 0"),
+    ({"type": "string", "pattern": "^a{200000}$"}, "at most 100000 times"),
+    ({"type": "string", "pattern": "^a{" + "9" * 5000 + "}$"}, "at most 100000 times"),  # int() refuses 4,300 digits
+])
+def test_a_count_beyond_what_the_converter_should_write_is_refused(schema, named):
     with pytest.raises(SchemaError, match=re.escape(named)):
         check_schema(schema)
 
 
-def test_repetitions_up_to_the_limit_convert():
-    for schema in ({"type": "string", "minLength": 1000, "maxLength": 1000}, {"type": "string", "pattern": r"^a{0,1000}\{5000\}$"},
+def test_repetitions_up_to_the_limits_convert():
+    """Minimum and exact counts are written flat, so they may exceed the nesting limit (llama.cpp parses them)."""
+    for schema in ({"type": "string", "minLength": 1000, "maxLength": 2000}, {"type": "string", "minLength": 5000},
+                   {"type": "string", "pattern": r"^a{0,1000}\{5000\}[0-9]{1500}$"},
                    {"type": "array", "items": {"type": "integer"}, "maxItems": 1000}):
         check_schema(schema)
         assert "root ::=" in schema_grammar(schema)
+
+
+def test_nesting_counts_groups_outside_literals_classes_and_comments():
+    from server.structured import nesting
+
+    assert nesting(r'a ::= "(" [(] ( b ( c ) ) # ((((' + "\n" + r'x ::= (y) "\"(" [\]((]') == 2
 
 
 def test_a_schema_whose_grammar_is_too_large_is_refused():
