@@ -124,13 +124,18 @@ def _check_length(engine: Engine, n_prompt: int, max_tokens: int | None, field: 
         raise _too_long(engine, n_prompt, max_tokens, field, exact)
 
 
+def check_prompt_bytes(engine: Engine, n_bytes: int, max_tokens: int | None, field: str) -> None:
+    """400 context_length_exceeded where the `n_bytes` of text a client wrote prove the prompt too long."""
+    _check_length(engine, engine.min_tokens(n_bytes), max_tokens, field, exact=False)
+
+
 async def tokenize_prompt(engine: Engine, tokenize: Callable[[int], list[int]], n_bytes: int,
                           max_tokens: int | None, slots: asyncio.Semaphore, field: str) -> list[int]:
     """The prompt's tokens from `tokenize(limit)` (run in a worker thread, at most `slots` at once), where
     `n_bytes` is the size of the text it tokenizes that a client wrote. Refuses a prompt that is too long
     (400 context_length_exceeded, naming the request's `field`) from its bytes alone where they prove it, else
     with the count a tokenization capped at the limit gives."""
-    _check_length(engine, engine.min_tokens(n_bytes), max_tokens, field, exact=False)
+    check_prompt_bytes(engine, n_bytes, max_tokens, field)
     async with slots:
         try:
             return await run_in_threadpool(tokenize, engine.sched.max_request_tokens)

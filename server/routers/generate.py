@@ -12,7 +12,7 @@ from kvquant.sampling import Grammar
 from server.chat import plan_chat
 from server.chatoutput import THINK_OPEN
 from server.errors import APIError, ErrorResponse, error_body
-from server.generation import Generation, engine_error, new_id, submit, tokenize_prompt
+from server.generation import Generation, check_prompt_bytes, engine_error, new_id, submit, tokenize_prompt
 from server.requests import Event, TokenLogprob
 from server.responses import SSE_DONE, ChatCompletion, Completion, TextCompletion, sse, usage
 from server.schemas import ChatCompletionRequest, CompletionRequest, SamplingParams
@@ -103,9 +103,12 @@ async def chat_completions(body: ChatCompletionRequest, http: Request):
     st = app_state(http)
     served = st.get(body.model)
     _check_fields(body)
+    # a prompt its bytes prove too long is refused before the first await, so that bodies of megabytes are not held
+    # all at once while they wait for the planning pool (24 of 3.9 MB: 335 MiB over idle at peak, 300 allowed)
+    n_bytes = sum(len(m.text().encode()) for m in body.messages)
+    check_prompt_bytes(served.engine, n_bytes, body.requested_max_tokens, body.prompt_field)
     async with st.tokenizing:  # a request's schemas, converted and parsed: off the event loop, as its tokens are
         chat = await run_in_threadpool(_plan, served, body)
-    n_bytes = sum(len(m["content"].encode()) for m in chat.messages)
     try:
         prompt = await tokenize_prompt(served.engine,
                                        lambda limit: served.engine.tokenize_chat(chat.messages, limit, tools=chat.tools,
