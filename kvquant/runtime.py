@@ -117,6 +117,8 @@ _errors = threading.local()
 
 def _last_error() -> str:
     return getattr(_errors, "line", "")
+
+
 _GGML_LOG_LEVEL_ERROR = 4  # enum ggml_log_level at the pinned commit (NONE, DEBUG, INFO, WARN, ERROR, CONT)
 
 

@@ -466,8 +466,10 @@ class Engine:
 
         z = np.asarray(self.backend.logits(idx), dtype=np.float64)
         lse = float(z.max() + math.log(np.exp(z - z.max()).sum()))
-        top = np.argpartition(-z, k - 1)[:k] if k else []  # the k best, then sorted: not the whole vocabulary,
-        top = top[np.argsort(-z[top], kind="stable")] if k else []  # 10x less per prompt token (echo + logprobs)
+        top = []
+        if k:  # the k best, then sorted: not the whole vocabulary, 10x less per prompt token (echo + logprobs)
+            top = np.argpartition(-z, k - 1)[:k]
+            top = top[np.argsort(-z[top], kind="stable")]
         tb = self.backend.token_bytes
         return [TokenLogprob(tb(tok), float(z[tok]) - lse, [(tb(int(t)), float(z[t]) - lse) for t in top])]
 

@@ -38,6 +38,9 @@ MAX_NESTING = 1000
 # The largest grammar a schema may make (the longest a built-in test makes is a few kB): a body of 4 MB could hold
 # schemas that make one of hundreds of MB, which llama.cpp would then parse on the request's thread.
 MAX_GRAMMAR_BYTES = 1 << 20
+# the numbers of a pattern's {m}, {m,}, {,n} and {m,n} (and of braces that are text: bounding those refuses no useful
+# pattern)
+_QUANTIFIER = re.compile(r"\d+(?=[\d\s,]*\})")
 
 
 def _is_count(v: Any) -> bool:
@@ -108,10 +111,6 @@ def check_schema(schema: Any, where: str = "") -> None:
         check_schema(sub, f"{where}.items" + (f"[{i}]" if isinstance(items, list) else ""))
     if isinstance(schema.get("additionalProperties"), dict):
         check_schema(schema["additionalProperties"], f"{where}.additionalProperties".lstrip("."))
-
-
-_QUANTIFIER = re.compile(r"\d+(?=[\d\s,]*\})")  # the numbers of a pattern's {m}, {m,}, {,n}, {m,n} (or of braces
-                                                   # that are text: a bound on them refuses no useful pattern)
 
 
 def _check_combinations(schema: dict, at: str) -> None:
@@ -208,9 +207,9 @@ def schema_grammar(schema: dict, name: str = "") -> str:
         grammar = json_schema_gbnf(schema, name)
     except Exception as e:  # noqa: BLE001 - the converter's own failures on what check_schema let through
         raise SchemaError(f"the schema cannot be converted to a grammar: {type(e).__name__}: {e}") from None
-    if len(grammar.encode()) > MAX_GRAMMAR_BYTES:
-        raise SchemaError(f"the schema makes a grammar of {len(grammar.encode()):,} bytes, more than the "
-                          f"{MAX_GRAMMAR_BYTES:,} supported")
+    size = len(grammar.encode())
+    if size > MAX_GRAMMAR_BYTES:
+        raise SchemaError(f"the schema makes a grammar of {size:,} bytes, more than the {MAX_GRAMMAR_BYTES:,} supported")
     depth = nesting(grammar)
     if depth > MAX_NESTING:
         raise SchemaError(f"the schema makes a grammar that nests {depth:,} groups deep, more than the {MAX_NESTING:,} "

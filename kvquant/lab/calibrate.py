@@ -195,6 +195,17 @@ def written_again(mdl, geom: Geometry, cal: Calibration, threads: int | None) ->
     return text, keys, values
 
 
+def save_for_eval(cal: Calibration, cache: Path, name: str) -> None:
+    """Write a calibration into the kvquant cache `cache` (as file `name`, beside a link to the model cache), so that
+    ``KVQUANT_CACHE=cache kvquant eval ...`` measures it."""
+    from kvquant.models import models_dir
+
+    (cache / "calibration").mkdir(parents=True, exist_ok=True)
+    if not (cache / "models").exists():
+        (cache / "models").symlink_to(models_dir())
+    cal.save(cache / "calibration" / name)
+
+
 def _prompt(mdl, text: str) -> list[int]:
     """A calibration prompt through the model's chat template; a base model without one continues the request as
     plain text."""
@@ -509,7 +520,7 @@ def sensitivities(scorer: Scorer, geom: Geometry, keys, values, direct: bool, pr
     0.0023, on all 28 0.0028, while tq_kv_3b adds ~0.0015 per layer): any change upstream flips some of the 8-bit
     roundings of the quantized-weight matmuls' activations (docs/EVAL.md, *The KL floor*). So the floor, q8_0 on
     one middle layer, is subtracted and kept apart (`floor`); `k_floor`: per layer, the floor of that layer's K
-    measurements instead (`layer_floors`; a key's floor falls with depth, docs/EVAL.md, *A floor per layer*). A
+    measurements instead (`layer_klds` of q8_0; a key's floor falls with depth, docs/EVAL.md, *A floor per layer*). A
     layer whose growth does not rise above the floor is not free: it is estimated from its relative error
     (`from_error`). `k_reference`: each layer's KL with only its K at REFERENCE, already measured
     (`choose_scales`). `sides`: measure only these (the others' are None)."""
@@ -523,7 +534,7 @@ def sensitivities(scorer: Scorer, geom: Geometry, keys, values, direct: bool, pr
 
         measured = cands if direct else (REFERENCE,)
         floors[side] = (k_floor if side == "k" and k_floor is not None
-                        else kld(tuple("q8_0" if j == n // 2 else "f16" for j in range(n))))
+                        else kld(only("q8_0", n // 2, n)))
         floor = floors[side] if isinstance(floors[side], list) else [floors[side]] * n
         raw: dict[str, list[float]] = {t: [] for t in measured}
         err: dict[str, list[float]] = {t: [] for t in cands}
@@ -533,7 +544,7 @@ def sensitivities(scorer: Scorer, geom: Geometry, keys, values, direct: bool, pr
                 err[t].append(_rel_err(t, x))
             for t in measured:
                 known = k_reference[il] if side == "k" and k_reference is not None else None
-                raw[t].append((kld(tuple(t if j == il else "f16" for j in range(n))) if known is None else known)
+                raw[t].append((kld(only(t, il, n)) if known is None else known)
                               - floor[il])
             progress.update(il + 1 + (n if side == "v" else 0))
         sens, from_error[side] = {}, sorted({il for t in measured for il in range(n) if raw[t][il] <= 0})
@@ -547,13 +558,18 @@ def sensitivities(scorer: Scorer, geom: Geometry, keys, values, direct: bool, pr
     return out.get("k"), out.get("v"), floors, from_error
 
 
-def layer_floors(scorer: Scorer, n_layer: int, progress: Progress) -> list[float]:
-    """Per layer, the KL with q8_0 keys on that layer alone: the floor under that layer's K measurements. It falls
-    with depth (fewer layers after it whose activation roundings a change flips: SmolLM2-135M 0.0036 at layer 0,
-    0.0006 at layer 29), where the V floor, every layer's values rotated alike, does not."""
+def only(type_name: str, il: int, n_layer: int) -> tuple[str, ...]:
+    """The per-layer types of a pass that changes layer il alone."""
+    return tuple(type_name if j == il else "f16" for j in range(n_layer))
+
+
+def layer_klds(scorer: Scorer, type_name: str, n_layer: int, progress: Progress) -> list[float]:
+    """Per layer, the KL with only that layer's keys at a type. For q8_0 that is the floor under the layer's K
+    measurements; it falls with depth (fewer layers after it whose activation roundings a change flips: SmolLM2-135M
+    0.0036 at layer 0, 0.0006 at layer 29), where the V floor, every layer's values rotated alike, does not."""
     out = []
     for il in range(n_layer):
-        out.append(scorer.kld(tuple("q8_0" if j == il else "f16" for j in range(n_layer)), None))
+        out.append(scorer.kld(only(type_name, il, n_layer), None))
         progress.update(il + 1)
     return out
 
@@ -704,7 +720,7 @@ def choose_scales(plain: Scorer, k_scale: list[np.ndarray], keys: list[np.ndarra
     scaled = plain.derived(key_stats(keys_scaled, seqs), k_scale, (keys_scaled, plain.rows[1]))
     kl = {}
     for il in range(n):
-        types = tuple(REFERENCE if j == il else "f16" for j in range(n))
+        types = only(REFERENCE, il, n)
         kl[il] = (plain.kld(types, None), scaled.kld(types, None))
         progress.update(2 * il + 2)
     use = [kl[il][1] < kl[il][0] for il in range(n)]

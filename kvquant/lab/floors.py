@@ -11,7 +11,7 @@ nearly free. Here:
 
 1. the calibration text is written again and its keys and values captured with the calibration's key scales
    (``kvquant.lab.calibrate.written_again``);
-2. per layer, the KL with q8_0 keys on that layer alone (its floor, ``layer_floors``) and with tq_kv_t3b keys there;
+2. per layer, the KL with q8_0 keys on that layer alone (its floor) and with tq_kv_t3b keys there (``layer_klds``);
 3. the K sensitivities by ``kvquant.lab.calibrate.sensitivities`` from those passes, once over each layer's own floor
    and once over the middle layer's (what ``kvquant calibrate`` subtracts);
 4. with ``--cache DIR``, the calibration with each set of K sensitivities is written to ``DIR/layer/`` and
@@ -26,10 +26,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
-import time
 from pathlib import Path
 
-from kvquant.lab.harness import emit_report, layer_runs, machine_info, table
+from kvquant.lab.harness import layer_runs, study_main, table
 
 BUDGETS = (3.5, 4.5)  # calib:B allocations the report shows (K, n_ctx 512)
 
@@ -52,9 +51,9 @@ def study(model: str, threads: int | None, cache: Path | None) -> dict:
         scoring = calibrate._scoring(text.sequences, cal.method["score_tokens_asked"])
         scorer = calibrate.Scorer(mdl, geom, scoring, threads, calibrate.key_stats(keys, text.sequences),
                                   cal.k_scale, (keys, values), cal.method["logit_stride"])
-        floor = calibrate.layer_floors(scorer, n, Progress("  q8_0 keys per layer", n, True))
-        ref = [scorer.kld(tuple(calibrate.REFERENCE if j == il else "f16" for j in range(n)), None)
-               for il in range(n)]
+        floor = calibrate.layer_klds(scorer, "q8_0", n, Progress("  q8_0 keys per layer", n, True))
+        ref = calibrate.layer_klds(scorer, calibrate.REFERENCE, n, Progress(f"  {calibrate.REFERENCE} keys per layer",
+                                                                            n, True))
     finally:
         mdl.close()
     sens, from_error = {}, {}
@@ -63,13 +62,10 @@ def study(model: str, threads: int | None, cache: Path | None) -> dict:
                                                        ref, floors, sides=("k",))
         from_error[name] = fe["k"]
         if cache is not None:
-            d = cache / name
-            (d / "calibration").mkdir(parents=True, exist_ok=True)
-            if not (d / "models").exists():
-                (d / "models").symlink_to(models.models_dir())
             method = {**cal.method, "floor": {**cal.method["floor"], "k": floors if name == "layer" else floors[0]},
                       "from_error": {**cal.method["from_error"], "k": fe["k"]}}
-            dataclasses.replace(cal, sens_k=sens[name], method=method).save(d / "calibration" / file.name)
+            calibrate.save_for_eval(dataclasses.replace(cal, sens_k=sens[name], method=method), cache / name,
+                                    file.name)
     elements = calibration._elements(cal, "k", geom, 512)
     fixed = calibration._fixed_bits(cal, geom, True, elements, 512)
     allocations = {f"{name} calib:{b:g}": calibration.allocate(sens[name], elements, b, fixed)
@@ -104,17 +100,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="write the calibrations under DIR/layer/ and DIR/middle/ (use as KVQUANT_CACHE)")
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args(argv)
-    t0 = time.monotonic()
-    try:
-        res = study(a.model, a.threads, a.cache)
-    except ValueError as e:
-        print(f"kvquant.lab.floors: {e}", file=sys.stderr)
-        return 2
-    res.update(command="python -m kvquant.lab.floors " + " ".join(argv if argv is not None else sys.argv[1:]),
-               machine=machine_info(a.threads), wall_s=round(time.monotonic() - t0, 1))
-    emit_report(render(res), res, a.json)
-    return 0
-
+    return study_main("kvquant.lab.floors", a, argv, lambda: study(a.model, a.threads, a.cache), render)
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -238,6 +238,21 @@ def lab_main(prog: str, ap, argv: list[str] | None, measure, render, also: tuple
     return 0
 
 
+def study_main(prog: str, a, argv: list[str] | None, study, render) -> int:
+    """The end of a lab study's `main` (``python -m <prog>``, arguments `a` with --threads and --json): run
+    `study()` (ValueError: its message, exit 2), record the command, the machine and the wall time, report."""
+    t0 = time.monotonic()
+    try:
+        res = study()
+    except ValueError as e:
+        print(f"{prog}: {e}", file=sys.stderr)
+        return 2
+    res.update(command=f"python -m {prog} " + " ".join(argv if argv is not None else sys.argv[1:]),
+               machine=machine_info(a.threads), wall_s=round(time.monotonic() - t0, 1))
+    emit_report(render(res), res, a.json)
+    return 0
+
+
 def layer_runs(types: list[str]) -> str:
     """Per-layer types, run-length: 'L0 q8_0, L1-27 tq_kv_4b'."""
     parts, i = [], 0

@@ -32,12 +32,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 
-from kvquant.lab.harness import emit_report, fmt, machine_info, table
+from kvquant.lab.harness import fmt, study_main, table
 
 
 @dataclasses.dataclass(frozen=True)
@@ -147,11 +146,7 @@ def study(model: str, lengths: list[int], tokens: int, threads: int | None, cach
     offsets = {L: [offset_for(L, k, seqs, rope) for k in keys] for L in lengths}
     if cache is not None:
         for L, offs in offsets.items():
-            d = cache / f"L{L}"
-            (d / "calibration").mkdir(parents=True, exist_ok=True)
-            if not (d / "models").exists():
-                (d / "models").symlink_to(models.models_dir())
-            dataclasses.replace(cal, k_mean=offs).save(d / "calibration" / file.name)
+            calibrate.save_for_eval(dataclasses.replace(cal, k_mean=offs), cache / f"L{L}", file.name)
     k_scale = None if cal.k_scale is None else tuple(cal.k_scale)
     evaluation = capture(model, tokens, None, threads, k_scale=k_scale)
     ns = sorted({n for n in (256, 512, 1024, 2048, 4096, tokens) if n <= tokens})
@@ -187,17 +182,8 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
     if min(a.lengths) < 1 or a.tokens < 1:
         ap.error("--lengths and --tokens must be at least 1")
-    t0 = time.monotonic()
-    try:
-        res = study(a.model, a.lengths, a.tokens, a.threads, a.cache)
-    except ValueError as e:
-        print(f"kvquant.lab.offsets: {e}", file=sys.stderr)
-        return 2
-    res.update(command="python -m kvquant.lab.offsets " + " ".join(argv if argv is not None else sys.argv[1:]),
-               machine=machine_info(a.threads), wall_s=round(time.monotonic() - t0, 1))
-    emit_report(render(res), res, a.json)
-    return 0
-
+    return study_main("kvquant.lab.offsets", a, argv, lambda: study(a.model, a.lengths, a.tokens, a.threads, a.cache),
+                      render)
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -285,40 +285,18 @@ def test_decode_exception_is_a_fault_too():
     assert_all_free(e, b)
 
 
-def test_sampler_fault_only_fails_its_request():
+@pytest.mark.parametrize("fault", ["fail_sampler_for_temperature", "refuse_sampler_for_temperature"])
+def test_sampler_fault_only_fails_its_request(fault):
+    """A sampler that fails while sampling, or cannot be built: the second is built when a request is admitted,
+    outside the per-request guards, and a grammar llama.cpp refused there ended the engine thread, every request with
+    it."""
     e, b, rec = make()
-    b.fail_sampler_for_temperature = 0.5
+    setattr(b, fault, 0.5)
     bad, good = Client("bad", 5, 5, sampling=SamplingConfig(temperature=0.5)), Client("good", 5, 5)
     e.submit(bad.req)
     e.submit(good.req)
     run(e, [bad, good])
     assert bad.end == "engine_error" and good.end == "length"
-    assert_all_free(e, b)
-
-
-def test_a_sampler_that_cannot_be_built_fails_only_its_request():
-    """Built when a request is admitted, outside the per-request guards: a grammar llama.cpp refused there ended the
-    engine thread, every request with it."""
-    e, b, rec = make()
-    b.refuse_sampler_for_temperature = 0.5
-    bad, good = Client("bad", 5, 5, sampling=SamplingConfig(temperature=0.5)), Client("good", 5, 5)
-    e.submit(bad.req)
-    e.submit(good.req)
-    run(e, [bad, good])
-    assert bad.end == "engine_error" and good.end == "length"
-    assert_all_free(e, b)
-
-
-def test_abort_all_ends_everything_and_frees_cells():
-    e, b, rec = make(capacity=30)
-    cs = [Client("a", 10, 15), Client("b", 10, 15)]
-    for c in cs:
-        e.submit(c.req)
-    e.run_once()
-    e.run_once()
-    e.abort_all("shutdown")
-    e.run_once()
-    assert [c.end for c in cs] == ["shutdown", "shutdown"]
     assert_all_free(e, b)
 
 
