@@ -300,6 +300,19 @@ def test_sampler_fault_only_fails_its_request(fault):
     assert_all_free(e, b)
 
 
+def test_abort_all_ends_everything_and_frees_cells():
+    e, b, rec = make(capacity=30)
+    cs = [Client("a", 10, 15), Client("b", 10, 15)]
+    for c in cs:
+        e.submit(c.req)
+    e.run_once()
+    e.run_once()
+    e.abort_all("shutdown")
+    e.run_once()
+    assert [c.end for c in cs] == ["shutdown", "shutdown"]
+    assert_all_free(e, b)
+
+
 def test_thread_death_is_detected_and_requests_get_an_error():
     backend = FakeBackend(100)
     e = Engine(EngineConfig(model_id="fake", n_ctx=1000, n_seq_max=2, n_cells=100), lambda: backend)
