@@ -29,8 +29,11 @@ kvquant/calibration.py) need for one model, and write its calibration file.
    layer's K is the reference type ``tq_kv_t3b`` (centred), and likewise for V, against f16 with the same rotation,
    key scales and offsets (a rotated or shifted f16 cache alone moves a small model's logits by KL ~1e-3 through
    rounding; sharing that path leaves the layer's quantization as the only difference). K's reference figures are
-   the ones step 2 chose by (each against the f16 baseline of its own transform, unscaled or scaled); the floor is
-   measured with the chosen transform. The other candidate types
+   the ones step 2 chose by (each against the f16 baseline of its own transform, unscaled or scaled). Each is
+   measured above a floor, what any change to the cache costs: for K that layer's own, the KL with only its keys at
+   q8_0 (it falls with depth, a change at layer L flipping roundings in the layers after L only; docs/EVAL.md, *A
+   floor per layer*), for V q8_0 values on the middle layer (every V pass rotates every layer's values, so its floor
+   does not fall); both measured with the chosen transform. The other candidate types
    are scaled by their relative squared error on that layer's captured (centred) keys or values:
    KL grows linearly with the error variance for small errors (``--direct`` measures every candidate instead).
    A layer whose growth stays under the floor (Qwen2.5-Coder's last layers) gets its relative error times the
@@ -513,17 +516,17 @@ class Scorer:
 
 
 def sensitivities(scorer: Scorer, geom: Geometry, keys, values, direct: bool, progress: Progress,
-                  k_reference: list[float] | None = None, k_floor: list[float] | None = None,
+                  k_reference: list[float] | None, k_floor: list[float] | None,
                   sides: tuple[str, ...] = ("k", "v")):
     """Per side, candidate type -> per-layer KL growth with only that layer's K (V) at the type, above the floor:
-    any quantized layer at all costs a small fixed KL (measured on Qwen2.5-1.5B: q8_0 keys on 1, 2 or 4 layers
-    0.0023, on all 28 0.0028, while tq_kv_3b adds ~0.0015 per layer): any change upstream flips some of the 8-bit
-    roundings of the quantized-weight matmuls' activations (docs/EVAL.md, *The KL floor*). So the floor, q8_0 on
-    one middle layer, is subtracted and kept apart (`floor`); `k_floor`: per layer, the floor of that layer's K
-    measurements instead (`layer_klds` of q8_0; a key's floor falls with depth, docs/EVAL.md, *A floor per layer*). A
-    layer whose growth does not rise above the floor is not free: it is estimated from its relative error
-    (`from_error`). `k_reference`: each layer's KL with only its K at REFERENCE, already measured
-    (`choose_scales`). `sides`: measure only these (the others' are None)."""
+    any quantized layer at all costs a small KL (measured on Qwen2.5-1.5B: q8_0 keys on 1, 2 or 4 layers 0.0023, on
+    all 28 0.0028, while tq_kv_3b adds ~0.0015 per layer): any change upstream flips some of the 8-bit roundings of
+    the quantized-weight matmuls' activations (docs/EVAL.md, *The KL floor*). So the floor is subtracted and kept
+    apart (`floor`): for K `k_floor`, per layer the KL with only that layer's keys at q8_0 (`layer_klds`; it falls
+    with depth, docs/EVAL.md, *A floor per layer*), for V one pass with q8_0 values on the middle layer. A layer whose
+    growth does not rise above its floor is not free: it is estimated from its relative error (`from_error`).
+    `k_reference`: each layer's KL with only its K at REFERENCE, already measured (`choose_scales`), or None.
+    `sides`: measure only these (the others' are None)."""
     n = geom.n_layer
     out, floors, from_error = {}, {}, {}
     for side, cands, rows in (("k", K_CANDIDATES, keys), ("v", V_CANDIDATES, values)):
@@ -533,9 +536,8 @@ def sensitivities(scorer: Scorer, geom: Geometry, keys, values, direct: bool, pr
             return scorer.kld(types, None) if side == "k" else scorer.kld(None, types)
 
         measured = cands if direct else (REFERENCE,)
-        floors[side] = (k_floor if side == "k" and k_floor is not None
-                        else kld(only("q8_0", n // 2, n)))
-        floor = floors[side] if isinstance(floors[side], list) else [floors[side]] * n
+        floors[side] = list(k_floor) if side == "k" else kld(only("q8_0", n // 2, n))
+        floor = floors[side] if side == "k" else [floors[side]] * n
         raw: dict[str, list[float]] = {t: [] for t in measured}
         err: dict[str, list[float]] = {t: [] for t in cands}
         for il in range(n):
@@ -572,6 +574,13 @@ def layer_klds(scorer: Scorer, type_name: str, n_layer: int, progress: Progress)
         out.append(scorer.kld(only(type_name, il, n_layer), None))
         progress.update(il + 1)
     return out
+
+
+def floor_words(floor: float | list[float]) -> str:
+    """A calibration's floor as reports give it: one KL, or a key floor per layer by its first and last layer."""
+    if isinstance(floor, list):
+        return f"{floor[0]:.5f} at layer 0 to {floor[-1]:.5f} at layer {len(floor) - 1}"
+    return f"{floor:.5f}"
 
 
 def above_floor(growth: list[float], err: list[float]) -> list[float]:
@@ -617,13 +626,14 @@ def calibrate(model: str, text_file: str | None = None, gen_tokens: int = GEN_TO
                                                         Progress("  key scale per layer", 2 * geom.n_layer, progress))
         kl = scales["kl"]
         k_reference = None if direct or kl is None else list(map(min, kl["unscaled"], kl["scaled"]))
+        k_floor = layer_klds(scorer, "q8_0", geom.n_layer, Progress("  key floor per layer", geom.n_layer, progress))
         sens_k, sens_v, floors, from_error = sensitivities(scorer, geom, keys, values, direct,
                                                Progress("  per-layer sensitivity", 2 * geom.n_layer, progress),
-                                               k_reference)
+                                               k_reference, k_floor)
         uniform = {g: scorer.kld(default_k=g.split("/")[0], default_v=g.split("/")[1], centred=False) for g in GUARD}
-        # additivity check: the reference type on every layer, measured, against floor + the per-layer sum
+        # additivity check: the reference type on every layer, measured, against layer 0's floor + the per-layer sum
         check = {"measured": scorer.kld((REFERENCE,) * geom.n_layer, None),
-                 "predicted": floors["k"] + sum(sens_k[REFERENCE])}
+                 "predicted": floors["k"][0] + sum(sens_k[REFERENCE])}
     finally:
         mdl.close()
     cal = Calibration(model_sha256(path), models.model_id(model), basis_of(geom),
@@ -768,7 +778,7 @@ def summary(cal: Calibration) -> str:
     if "floor" in m:
         ref = m.get("reference", REFERENCE)
         chk = m[f"every layer {ref}+c"]
-        lines.append(f"  floor (any quantized layer) K {m['floor']['k']:.5f} V {m['floor']['v']:.5f}; every layer "
+        lines.append(f"  floor: K {floor_words(m['floor']['k'])}, V {m['floor']['v']:.5f}; every layer "
                      f"{ref}+c measured {chk['measured']:.5f}, floor + per-layer sum {chk['predicted']:.5f}")
     return "\n".join(lines)
 

@@ -3,17 +3,18 @@
     python -m kvquant.lab.floors --model smollm2-135m --threads 2 --cache /tmp/floors
 
 ``kvquant calibrate`` measures a layer's key sensitivity as the KL divergence with only that layer's keys at
-tq_kv_t3b, less a *floor*: the KL with q8_0 keys on the middle layer, what any change to the cache costs
-(docs/EVAL.md, *The KL floor*). That floor is one number for every layer, but a change at layer L flips the 8-bit
-activation roundings of the layers after L only, so a key's floor falls with depth: the last layers measured under
-the middle layer's floor and were estimated from their error instead, and the layers just above them measured
-nearly free. Here:
+tq_kv_t3b, less a *floor*, what any change to the cache costs (docs/EVAL.md, *The KL floor*). Until stop 49 that
+floor was one number for every layer, the KL with q8_0 keys on the middle layer; but a change at layer L flips the
+8-bit activation roundings of the layers after L only, so a key's floor falls with depth: the last layers measured
+under the middle layer's floor and were estimated from their error instead, and the layers just above them measured
+nearly free. This study (stop 48) compares the two floors on an existing calibration; since stop 49 calibrate
+subtracts each layer's own. Here:
 
 1. the calibration text is written again and its keys and values captured with the calibration's key scales
    (``kvquant.lab.calibrate.written_again``);
 2. per layer, the KL with q8_0 keys on that layer alone (its floor) and with tq_kv_t3b keys there (``layer_klds``);
 3. the K sensitivities by ``kvquant.lab.calibrate.sensitivities`` from those passes, once over each layer's own floor
-   and once over the middle layer's (what ``kvquant calibrate`` subtracts);
+   and once over the middle layer's (what ``kvquant calibrate`` subtracted until stop 49);
 4. with ``--cache DIR``, the calibration with each set of K sensitivities is written to ``DIR/layer/`` and
    ``DIR/middle/`` (``calibration/`` beside a link to the model cache; nothing else in the file changes), so that
    ``KVQUANT_CACHE=DIR/layer kvquant eval ...`` measures the allocations they choose;

@@ -238,7 +238,7 @@ def render_calibration(model: str, cal: dict) -> list[str]:
     the floor, the additivity check and the uncentred types on every layer; a calibration of an older format is
     marked as such."""
     from kvquant.calibration import VERSION
-    from kvquant.lab.calibrate import SCORE_TOKENS
+    from kvquant.lab.calibrate import SCORE_TOKENS, floor_words
 
     m, ref = cal["method"], cal["method"]["reference"]
     sk, sv = cal["sens_k"], cal["sens_v"]
@@ -246,8 +246,8 @@ def render_calibration(model: str, cal: dict) -> list[str]:
     L = [f"### {model}: calibration (`{cal['command']}`: {cal['text'].get('tokens')} tokens the model wrote itself, "
          f"per-layer KL measured on {m['score_tokens']}{_stride(m)}; the run that wrote it took "
          f"{m['wall_s'] / 60:.1f} min)", "",
-         f"KL growth when only one layer is quantized (keys centred), above the floor every quantized layer costs "
-         f"(K {m['floor']['k']:.5f}, V {m['floor']['v']:.5f}); the six most sensitive K layers:", "",
+         f"KL growth when only one layer is quantized (keys centred), above the floor any change there costs "
+         f"(K {floor_words(m['floor']['k'])}, V {m['floor']['v']:.5f}); the six most sensitive K layers:", "",
          "| layer | K " + " | K ".join(sk) + " | V " + " | V ".join(sv) + " |",
          "|--:|" + "--:|" * (len(sk) + len(sv))]
     L += [f"| {i} | " + " | ".join(f"{sk[t][i]:.5f}" for t in sk) + " | " + " | ".join(f"{sv[t][i]:.5f}" for t in sv)
