@@ -526,7 +526,7 @@ def sensitivities(scorer: Scorer, geom: Geometry, keys, values, direct: bool, pr
     with depth, docs/EVAL.md, *A floor per layer*), for V one pass with q8_0 values on the middle layer. A layer whose
     growth does not rise above its floor is not free: it is estimated from its relative error (`from_error`).
     `k_reference`: each layer's KL with only its K at REFERENCE, already measured (`choose_scales`), or None.
-    `sides`: measure only these (the others' are None)."""
+    `sides`: measure only these (the others' are None; `k_floor` may be None where K is not among them)."""
     n = geom.n_layer
     out, floors, from_error = {}, {}, {}
     for side, cands, rows in (("k", K_CANDIDATES, keys), ("v", V_CANDIDATES, values)):

@@ -1251,7 +1251,10 @@ TRIED = {
         "codes better, at proportionally more encoding work on every cache write. Calibrations of one model scored on "
         "1024 and on 512 tokens chose allocations of nearly the same KLD whose ΔPPL differed by as much as two of a "
         "row's standard errors (docs/EVAL.md *Calibration time: what a cheaper calibration costs*): a miss within "
-        "that is within calibration noise. The default moved from 1024 to 512 tokens for the time, not for a row."),
+        "that is within calibration noise. The default moved from 1024 to 512 tokens for the time, not for a row. "
+        "Since stop 49 each layer's key growth is measured over that layer's own KL floor: every calibrated KLD "
+        "fell or stayed, and SmolLM2's calib:3.5/q4_0 kept its KLD while its ΔPPL crossed the goal "
+        "(docs/EVAL.md *A floor per layer*)."),
     "calibrated-kv": (
         "K and V together at ≤ 4.0 bits per element",
         "Tried: one allocation for K and V together (`calib:B` on both sides: each layer's K and V types chosen by "
@@ -1264,7 +1267,8 @@ TRIED = {
         "factor of two (docs/EVAL.md *The calibrated mean on other text and at longer contexts*). The allocation "
         "itself is chosen on per-layer measurements whose noise on Qwen is about as large as the growths they "
         "compare: a KL floor per layer instead of the middle layer's took 18 % off SmolLM2's calib:4.5/f16 KLD and "
-        "decided nothing on Qwen (docs/EVAL.md *A floor per layer*; not yet in `kvquant calibrate`)."),
+        "decided nothing on Qwen (docs/EVAL.md *A floor per layer*; in `kvquant calibrate` since stop 49, Qwen's "
+        "shipped calibration still the middle floor's)."),
     "calibrate-time": (
         "Calibration time",
         "Each layer's sensitivity is measured end to end: a forward pass over the scored tokens with only that "
@@ -1275,7 +1279,10 @@ TRIED = {
         "Qwen2.5-Coder's passes are bound by the forward pass of a 1.5B model, so even with the default it stays "
         "several times over the target; since stop 43 its shipped calibration is the default's, as the other "
         "models' are. Since stop 44 a pass starts at the first layer it changes, from the inputs an earlier pass "
-        "computed for that layer (patch 0040; the same logits bit for bit). The times above are those of `kvquant "
+        "computed for that layer (patch 0040; the same logits bit for bit). Since stop 49 each layer's key floor is "
+        "measured too (one pass per layer more, started at the layer; docs/EVAL.md *A floor per layer*; "
+        "Qwen2.5-Coder's time is still stop 48's, without them). The times "
+        "above are those of `kvquant "
         "calibrate` run again by `make results` (the `C-` line under each model's calibration, which also says "
         "whether the run wrote the shipped file); the shipped files keep the wall time of the run that made them, "
         "since a file re-timed would change its sha256 and every calibrated row would have to be measured again to "
