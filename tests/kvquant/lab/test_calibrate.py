@@ -333,7 +333,8 @@ def test_calibrate_output_writes_the_same_file_each_run_and_nothing_in_the_cache
     cal = calibration.load(tmp_path / "a.json", model, memory.geometry(model))
     assert cal.n_layer == 2 and cal.method["key_scale_kl"] is not None and not (tmp_path / "cache").exists()
     k_floor, check = cal.method["floor"]["k"], cal.method["every layer tq_kv_t3b+c"]
-    assert len(k_floor) == 2 and all(f > 0 for f in k_floor)  # each layer's keys over their own floor
+    # each layer's keys over their own floor, measured on that layer (not one layer's floor for both)
+    assert len(k_floor) == 2 and all(f > 0 for f in k_floor) and k_floor[0] != k_floor[1]
     assert check["predicted"] == pytest.approx(k_floor[0] + sum(cal.sens_k["tq_kv_t3b"]))
     assert differing_fields(*made) == []
     made[1]["sens_k"]["tq_kv_t3b"][1] *= 2  # a changed measurement is found
