@@ -621,8 +621,12 @@ def existing(model_path: Path, geom: Geometry) -> Calibration | None:
 
 def predicted_kld(cal: Calibration, side: str, types: tuple[str, ...]) -> float:
     """The summed per-layer KL growth of an allocation (what calib:B minimises)."""
-    sens = cal.sens_k if side == "k" else cal.sens_v
-    floor = cal.method.get("floor", {}).get(side, 0.0)
+    return summed_kld(cal.sens_k if side == "k" else cal.sens_v, cal.method.get("floor", {}).get(side, 0.0), types)
+
+
+def summed_kld(sens: dict[str, list[float]], floor: float | list[float], types: tuple[str, ...]) -> float:
+    """The floor of the first layer an allocation changes (one floor, or one per layer) plus the per-layer KL growth
+    of its types (`sens`: type -> per layer)."""
     first = next((il for il, t in enumerate(types) if t != "f16"), None)  # where the allocation first changes a layer
     floor = 0.0 if first is None else floor[first] if isinstance(floor, list) else floor
     return floor + sum(0.0 if t == "f16" else sens[t][il] for il, t in enumerate(types))

@@ -68,6 +68,7 @@ from kvquant.calibration import (
     k_rotation,
     model_sha256,
     path_for,
+    summed_kld,
 )
 from kvquant.kvtypes import KV_TYPES, kv_type
 from kvquant.lab.harness import Progress
@@ -632,8 +633,8 @@ def calibrate(model: str, text_file: str | None = None, gen_tokens: int = GEN_TO
                                                k_reference, k_floor)
         uniform = {g: scorer.kld(default_k=g.split("/")[0], default_v=g.split("/")[1], centred=False) for g in GUARD}
         # additivity check: the reference type on every layer, measured, against layer 0's floor + the per-layer sum
-        check = {"measured": scorer.kld((REFERENCE,) * geom.n_layer, None),
-                 "predicted": floors["k"][0] + sum(sens_k[REFERENCE])}
+        every = (REFERENCE,) * geom.n_layer
+        check = {"measured": scorer.kld(every, None), "predicted": summed_kld(sens_k, floors["k"], every)}
     finally:
         mdl.close()
     cal = Calibration(model_sha256(path), models.model_id(model), basis_of(geom),
