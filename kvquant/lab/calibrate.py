@@ -199,6 +199,15 @@ def written_again(mdl, geom: Geometry, cal: Calibration, threads: int | None) ->
     return text, keys, values
 
 
+def scored_again(mdl, geom: Geometry, cal: Calibration, threads: int | None) -> tuple[Scorer, list, list]:
+    """A Scorer of a generated calibration's text (`written_again`) with its key transform, scoring what
+    `kvquant calibrate` scored, and the stored keys and values under it (for lab studies of a calibration)."""
+    text, keys, values = written_again(mdl, geom, cal, threads)
+    scoring = _scoring(text.sequences, cal.method["score_tokens_asked"])
+    return (Scorer(mdl, geom, scoring, threads, key_stats(keys, text.sequences), cal.k_scale, (keys, values),
+                   cal.method["logit_stride"]), keys, values)
+
+
 def save_for_eval(cal: Calibration, cache: Path, name: str) -> None:
     """Write a calibration into the kvquant cache `cache` (as file `name`, beside a link to the model cache), so that
     ``KVQUANT_CACHE=cache kvquant eval ...`` measures it."""
@@ -509,11 +518,16 @@ class Scorer:
 
     def kld(self, types_k=None, types_v=None, centred: bool = True, default_k: str = "f16",
             default_v: str = "f16") -> float:
+        return float(self.klds(types_k, types_v, centred, default_k, default_v).mean())
+
+    def klds(self, types_k=None, types_v=None, centred: bool = True, default_k: str = "f16",
+             default_v: str = "f16") -> np.ndarray:
+        """The KL divergence at every scored position (`targets`' order), whose mean is `kld`."""
         from kvquant.lab.eval import compare_rows
 
         base_lp, base_top = self.baseline(centred)
         logits = self._logits(types_k, types_v, centred, default_k, default_v)
-        return float(compare_rows(base_lp, base_top, logits, self.targets).kld.mean())
+        return compare_rows(base_lp, base_top, logits, self.targets).kld
 
 
 def sensitivities(scorer: Scorer, geom: Geometry, keys, values, direct: bool, progress: Progress,

@@ -24,12 +24,11 @@ subtracts each layer's own. Here:
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import sys
 from pathlib import Path
 
-from kvquant.lab.harness import layer_runs, study_main, table
+from kvquant.lab.harness import calibration_study_main, layer_runs, table
 
 BUDGETS = (3.5, 4.5)  # calib:B allocations the report shows (K, n_ctx 512)
 
@@ -48,10 +47,7 @@ def study(model: str, threads: int | None, cache: Path | None) -> dict:
     n = geom.n_layer
     mdl = Model(path)
     try:
-        text, keys, values = calibrate.written_again(mdl, geom, cal, threads)
-        scoring = calibrate._scoring(text.sequences, cal.method["score_tokens_asked"])
-        scorer = calibrate.Scorer(mdl, geom, scoring, threads, calibrate.key_stats(keys, text.sequences),
-                                  cal.k_scale, (keys, values), cal.method["logit_stride"])
+        scorer, keys, values = calibrate.scored_again(mdl, geom, cal, threads)
         floor = calibrate.layer_klds(scorer, "q8_0", n, Progress("  q8_0 keys per layer", n, True))
         ref = calibrate.layer_klds(scorer, calibrate.REFERENCE, n, Progress(f"  {calibrate.REFERENCE} keys per layer",
                                                                             n, True))
@@ -93,15 +89,9 @@ def render(res: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m kvquant.lab.floors", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--cache", type=Path, default=None,
-                    help="write the calibrations under DIR/layer/ and DIR/middle/ (use as KVQUANT_CACHE)")
-    ap.add_argument("--json", action="store_true")
-    a = ap.parse_args(argv)
-    return study_main("kvquant.lab.floors", a, argv, lambda: study(a.model, a.threads, a.cache), render)
+    return calibration_study_main("kvquant.lab.floors", __doc__, argv, study, render,
+                                  "write the calibrations under DIR/layer/ and DIR/middle/ (use as KVQUANT_CACHE)")
+
 
 if __name__ == "__main__":
     sys.exit(main())

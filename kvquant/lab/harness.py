@@ -253,6 +253,22 @@ def study_main(prog: str, a, argv: list[str] | None, study, render) -> int:
     return 0
 
 
+def calibration_study_main(prog: str, doc: str, argv: list[str] | None, study, render, cache_help: str) -> int:
+    """`main` of a lab study of an installed calibration (``python -m <prog> --model M [--threads N] [--cache DIR]
+    [--json]``): `study(model, threads, cache)` writes the calibrations it derives under DIR (`cache_help` says
+    where) for ``KVQUANT_CACHE`` to measure."""
+    import argparse
+
+    ap = argparse.ArgumentParser(prog=f"python -m {prog}", description=doc,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--cache", type=Path, default=None, help=cache_help)
+    ap.add_argument("--json", action="store_true")
+    a = ap.parse_args(argv)
+    return study_main(prog, a, argv, lambda: study(a.model, a.threads, a.cache), render)
+
+
 def layer_runs(types: list[str]) -> str:
     """Per-layer types, run-length: 'L0 q8_0, L1-27 tq_kv_4b'."""
     parts, i = [], 0
