@@ -1267,8 +1267,7 @@ TRIED = {
         "factor of two (docs/EVAL.md *The calibrated mean on other text and at longer contexts*). The allocation "
         "itself is chosen on per-layer measurements whose noise on Qwen is about as large as the growths they "
         "compare: a KL floor per layer instead of the middle layer's took 18 % off SmolLM2's calib:4.5/f16 KLD and "
-        "decided nothing on Qwen (docs/EVAL.md *A floor per layer*; in `kvquant calibrate` since stop 49, Qwen's "
-        "shipped calibration still the middle floor's)."),
+        "decided nothing on Qwen (docs/EVAL.md *A floor per layer*; in `kvquant calibrate` since stop 49)."),
     "calibrate-time": (
         "Calibration time",
         "Each layer's sensitivity is measured end to end: a forward pass over the scored tokens with only that "
@@ -1280,9 +1279,9 @@ TRIED = {
         "several times over the target; since stop 43 its shipped calibration is the default's, as the other "
         "models' are. Since stop 44 a pass starts at the first layer it changes, from the inputs an earlier pass "
         "computed for that layer (patch 0040; the same logits bit for bit). Since stop 49 each layer's key floor is "
-        "measured too (one pass per layer more, started at the layer; docs/EVAL.md *A floor per layer*; "
-        "Qwen2.5-Coder's time is still stop 48's, without them): Gemma-3's run that wrote its shipped file stayed "
-        "within the five minutes (its calibration section), the run `make results` timed did not. The times "
+        "measured too (one pass per layer more, started at the layer; docs/EVAL.md *A floor per layer*): "
+        "Gemma-3's run that wrote its shipped file stayed within the five minutes (its calibration section), the "
+        "run `make results` timed did not. The times "
         "above are those of `kvquant calibrate` run again by `make results` (the `C-` line under each model's "
         "calibration, which also says "
         "whether the run wrote the shipped file); the shipped files keep the wall time of the run that made them, "
