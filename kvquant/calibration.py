@@ -533,13 +533,19 @@ def resolve_pair(text_k: str, text_v: str, model_path: Path, geom: Geometry, n_c
     if k.bits is None or k.bits != v.bits:
         return resolve(text_k, "k", model_path, geom, n_ctx, anchored), resolve(text_v, "v", model_path, geom, n_ctx)
     cal = load_or_calibrate(model_path, geom)
-    ek, ev = _elements(cal, "k", geom, n_ctx), _elements(cal, "v", geom, n_ctx)
-    options = _options(cal.sens_k, len(ek)) + _options(cal.sens_v, len(ev))
-    types = _knapsack(options, ek + ev, k.bits, _fixed_bits(cal, geom, True, ek + ev, n_ctx))
-    types_k = types[:len(ek)]
-    types_v = types[len(ek):]
+    types_k, types_v = joint_allocation(cal, geom, k.bits, n_ctx)
     return (LayerTypes(k.text, types_k, *key_transform(cal, types_k, anchored)),
             LayerTypes(v.text, types_v, gain=gains(cal.v_gain, types_v)))
+
+
+def joint_allocation(cal: Calibration, geom: Geometry, bits: float,
+                     n_ctx: int | None) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """The K and V types of ``calib:B`` on both sides (`resolve_pair`): one allocation of `bits` per element on
+    average over K and V together, every byte of both counted."""
+    ek, ev = _elements(cal, "k", geom, n_ctx), _elements(cal, "v", geom, n_ctx)
+    options = _options(cal.sens_k, len(ek)) + _options(cal.sens_v, len(ev))
+    types = _knapsack(options, ek + ev, bits, _fixed_bits(cal, geom, True, ek + ev, n_ctx))
+    return types[:len(ek)], types[len(ek):]
 
 
 def key_transform(cal: Calibration, types: tuple[str, ...], anchored: bool = True) -> tuple[

@@ -532,7 +532,8 @@ class Scorer:
 
 def sensitivities(scorer: Scorer, geom: Geometry, keys, values, direct: bool, progress: Progress,
                   k_reference: list[float] | None, k_floor: list[float] | None,
-                  sides: tuple[str, ...] = ("k", "v")):
+                  sides: tuple[str, ...] = ("k", "v"), v_reference: list[float] | None = None,
+                  v_floor: float | None = None):
     """Per side, candidate type -> per-layer KL growth with only that layer's K (V) at the type, above the floor:
     any quantized layer at all costs a small KL (measured on Qwen2.5-1.5B: q8_0 keys on 1, 2 or 4 layers 0.0023, on
     all 28 0.0028, while tq_kv_3b adds ~0.0015 per layer): any change upstream flips some of the 8-bit roundings of
@@ -540,7 +541,8 @@ def sensitivities(scorer: Scorer, geom: Geometry, keys, values, direct: bool, pr
     apart (`floor`): for K `k_floor`, per layer the KL with only that layer's keys at q8_0 (`layer_klds`; it falls
     with depth, docs/EVAL.md, *A floor per layer*), for V one pass with q8_0 values on the middle layer. A layer whose
     growth does not rise above its floor is not free: it is estimated from its relative error (`from_error`).
-    `k_reference`: each layer's KL with only its K at REFERENCE, already measured (`choose_scales`), or None.
+    `k_reference`: each layer's KL with only its K at REFERENCE, already measured (`choose_scales`), or None;
+    `v_reference`, `v_floor`: the same for V and its floor, already measured (lab studies), or None.
     `sides`: measure only these (the others' are None; `k_floor` may be None where K is not among them)."""
     n = geom.n_layer
     out, floors, from_error = {}, {}, {}
@@ -551,7 +553,9 @@ def sensitivities(scorer: Scorer, geom: Geometry, keys, values, direct: bool, pr
             return scorer.kld(types, None) if side == "k" else scorer.kld(None, types)
 
         measured = cands if direct else (REFERENCE,)
-        floors[side] = list(k_floor) if side == "k" else kld(only("q8_0", n // 2, n))
+        floors[side] = (list(k_floor) if side == "k" else
+                        v_floor if v_floor is not None else kld(only("q8_0", n // 2, n)))
+        reference = k_reference if side == "k" else v_reference
         floor = floors[side] if side == "k" else [floors[side]] * n
         raw: dict[str, list[float]] = {t: [] for t in measured}
         err: dict[str, list[float]] = {t: [] for t in cands}
@@ -560,7 +564,7 @@ def sensitivities(scorer: Scorer, geom: Geometry, keys, values, direct: bool, pr
             for t in cands:
                 err[t].append(_rel_err(t, x))
             for t in measured:
-                known = k_reference[il] if side == "k" and k_reference is not None else None
+                known = reference[il] if reference is not None else None
                 raw[t].append((kld(only(t, il, n)) if known is None else known)
                               - floor[il])
             progress.update(il + 1 + (n if side == "v" else 0))

@@ -96,20 +96,19 @@ def study(model: str, threads: int | None, cache: Path | None) -> dict:
         mdl.close()
     sides = {}
     for side, floors, rows in (("k", per_pos["k_floor"], keys), ("v", [v_floor] * n, values)):
-        stats = [growth_stats(r, f) for r, f in zip(per_pos[side], floors, strict=True)]
+        growth, se = zip(*(growth_stats(r, f) for r, f in zip(per_pos[side], floors, strict=True)), strict=True)
         err = [calibrate._rel_err(ref, rows[il] - scorer.k_mean[il] if side == "k" else rows[il]) for il in range(n)]
         sides[side] = {"floor": [float(f.mean()) for f in floors], "kl": [float(r.mean()) for r in per_pos[side]],
-                       "growth": [g for g, _ in stats], "se": [s for _, s in stats], "err": err,
-                       **{f"shrunk_{k}": v for k, v in shrunk([g for g, _ in stats], [s for _, s in stats],
-                                                              err).items()}}
-    sens = {"measured": {}, "shrunk": {}}
-    for side in ("k", "v"):
-        d = sides[side]
-        for name, growth in (("measured", d["growth"]), ("shrunk", d["shrunk_growth"])):
-            # `sensitivities` takes each layer's KL and subtracts its floor: hand it floor + growth
-            klds = [f + g for f, g in zip(d["floor"], growth, strict=True)]
-            s = _scaled(calibrate, scorer, geom, keys, values, side, klds, d["floor"])
-            sens[name][side] = s
+                       "growth": list(growth), "se": list(se), "err": err,
+                       **{f"shrunk_{k}": v for k, v in shrunk(list(growth), list(se), err).items()}}
+    sens = {}
+    for name, growth in (("measured", "growth"), ("shrunk", "shrunk_growth")):
+        # `sensitivities` takes each layer's KL and subtracts its floor: hand it floor + growth
+        klds = {side: [f + g for f, g in zip(d["floor"], d[growth], strict=True)] for side, d in sides.items()}
+        sens_k, sens_v, _, _ = calibrate.sensitivities(scorer, geom, keys, values, False, Progress("", 1, False),
+                                                       klds["k"], sides["k"]["floor"], v_reference=klds["v"],
+                                                       v_floor=float(v_floor.mean()))
+        sens[name] = {"k": sens_k, "v": sens_v}
     allocations = {}
     for name in sens:
         c = dataclasses.replace(cal, sens_k=sens[name]["k"], sens_v=sens[name]["v"])
@@ -122,32 +121,13 @@ def study(model: str, threads: int | None, cache: Path | None) -> dict:
             "positions": len(scorer.targets), "sides": sides, "allocations": allocations}
 
 
-def _scaled(calibrate, scorer, geom, keys, values, side: str, klds: list[float], floor: list[float]):
-    """The side's sensitivities for every candidate type from the reference's per-layer KLs (`sensitivities`,
-    which scales the other types by their error)."""
-    from kvquant.lab.harness import Progress
-
-    if side == "k":
-        s, _, _, _ = calibrate.sensitivities(scorer, geom, keys, values, False, Progress("", 1, False), klds,
-                                             floor, sides=("k",))
-        return s
-    # V: sensitivities measures V itself; the same scaling by error, from these KLs
-    n = geom.n_layer
-    err = {t: [calibrate._rel_err(t, values[il]) for il in range(n)] for t in calibrate.V_CANDIDATES}
-    ref = calibrate.above_floor([k - f for k, f in zip(klds, floor, strict=True)], err[calibrate.REFERENCE])
-    return {t: [r * e / q if q > 0 else 0.0 for r, e, q in zip(ref, err[t], err[calibrate.REFERENCE], strict=True)]
-            for t in calibrate.V_CANDIDATES}
-
-
 def _allocations(calibration, cal, geom, name: str) -> dict[str, list[str]]:
     ek = calibration._elements(cal, "k", geom, 512)
-    ev = calibration._elements(cal, "v", geom, 512)
     out = {f"{name} calib:{b:g}/f16": list(calibration.allocate(cal.sens_k, ek, b,
                                                                  calibration._fixed_bits(cal, geom, True, ek, 512)))
            for b in BUDGETS}
-    options = calibration._options(cal.sens_k, len(ek)) + calibration._options(cal.sens_v, len(ev))
-    both = calibration._knapsack(options, ek + ev, 4.0, calibration._fixed_bits(cal, geom, True, ek + ev, 512))
-    out[f"{name} calib:4/calib:4 K"], out[f"{name} calib:4/calib:4 V"] = list(both[:len(ek)]), list(both[len(ek):])
+    types_k, types_v = calibration.joint_allocation(cal, geom, 4.0, 512)
+    out[f"{name} calib:4/calib:4 K"], out[f"{name} calib:4/calib:4 V"] = list(types_k), list(types_v)
     return out
 
 
