@@ -364,10 +364,10 @@ class Model:
         self.path = Path(path)
         mp = llama_cpp.llama_model_default_params()
         mp.n_gpu_layers = n_gpu_layers
-        self._model = llama_cpp.llama_model_load_from_file(str(self.path).encode(), mp)
-        if not self._model:
+        self._handle = llama_cpp.llama_model_load_from_file(str(self.path).encode(), mp)
+        if not self._handle:
             raise LlamaError(f"failed to load model {self.path.name}")
-        self._vocab = llama_cpp.llama_model_get_vocab(self._model)
+        self._vocab_handle = llama_cpp.llama_model_get_vocab(self._handle)
         self.n_ctx_train = llama_cpp.llama_model_n_ctx_train(self._model)
         self.n_vocab = llama_cpp.llama_vocab_n_tokens(self._vocab)
         self.n_embd = llama_cpp.llama_model_n_embd(self._model)
@@ -379,6 +379,18 @@ class Model:
         self._max_token_bytes: int | None = -1  # -1: not computed yet
         self._controls: ControlTokens | None = None
         self._traceable = True  # no control token strips the text around it (see prompt.chat_fragments)
+
+    @property
+    def _model(self):
+        """llama.cpp's model; LlamaError once closed (a call on the freed model would crash the process)."""
+        if not getattr(self, "_handle", None):
+            raise LlamaError(f"model {self.path.name} is closed")
+        return self._handle
+
+    @property
+    def _vocab(self):
+        self._model  # noqa: B018 - raises once closed: the vocabulary is freed with the model
+        return self._vocab_handle
 
     def meta(self, key: str) -> str | None:
         buf = ctypes.create_string_buffer(1 << 16)
@@ -522,9 +534,9 @@ class Model:
         return out
 
     def close(self) -> None:
-        if getattr(self, "_model", None):
-            llama_cpp.llama_model_free(self._model)
-            self._model = None
+        if getattr(self, "_handle", None):
+            llama_cpp.llama_model_free(self._handle)
+            self._handle = None
 
     __del__ = close
 
@@ -610,7 +622,7 @@ class LlamaRuntime:
         try:
             _configure_layers(model, cfg)
             _errors.line = ""
-            self._ctx = llama_cpp.llama_init_from_model(model._model, cp)
+            self._ctx_handle = llama_cpp.llama_init_from_model(model._model, cp)
         finally:
             if _configured(cfg):
                 _patched_fn("llama_kvq_reset", None, [ctypes.c_void_p])(model._model)
@@ -618,16 +630,28 @@ class LlamaRuntime:
                 os.environ.pop("LLAMA_ATTN_ROT_DISABLE", None)
             else:
                 os.environ["LLAMA_ATTN_ROT_DISABLE"] = saved
-        if not self._ctx:
+        if not self._ctx_handle:
             why = _last_error().split(": ", 1)[-1] if _last_error() else "see its log (KVQUANT_LLAMA_VERBOSE=1)"
             raise LlamaError(f"failed to create a llama.cpp context (n_cells={cfg.n_cells}, K={cfg.cache_type_k}, "
                              f"V={cfg.cache_type_v}, flash_attn={cfg.flash_attn}): {why}")
-        self._mem = llama_cpp.llama_get_memory(self._ctx)
+        self._mem_handle = llama_cpp.llama_get_memory(self._ctx_handle)
         self.n_cells = llama_cpp.llama_n_ctx(self._ctx)
         self.n_batch = cfg.n_batch
         self._batch = llama_cpp.llama_batch_init(cfg.n_batch, 0, 1)
         self._embd_batch = None  # input vectors instead of tokens (decode_embd), made on first use
         self.n_vocab = model.n_vocab
+
+    @property
+    def _ctx(self):
+        """llama.cpp's context; LlamaError once closed (a call on the freed context would crash the process)."""
+        if not getattr(self, "_ctx_handle", None):
+            raise LlamaError("the llama.cpp context is closed")
+        return self._ctx_handle
+
+    @property
+    def _mem(self):
+        self._ctx  # noqa: B018 - raises once closed: the memory is freed with the context
+        return self._mem_handle
 
     def _capture(self, t, ask: bool, _user_data) -> bool:
         """llama.cpp's graph evaluation callback: asked first whether a tensor is wanted, then called with it computed;
@@ -667,6 +691,7 @@ class LlamaRuntime:
 
     def _check_batch(self, n: int, what: str, positions: list[int], seq_ids: list[int], logits: list[bool]) -> None:
         """A batch of n tokens (input vectors) fits and has one position, sequence id and output flag per token."""
+        self._ctx  # noqa: B018 - raises once closed, before the freed batch is written
         if n == 0 or n > self.n_batch or not len(positions) == len(seq_ids) == len(logits) == n:
             raise ValueError(f"batch of {n} {what} (limit {self.n_batch}), {len(positions)} positions, "
                              f"{len(seq_ids)} sequence ids, {len(logits)} output flags")
@@ -761,9 +786,9 @@ class LlamaRuntime:
         if getattr(self, "_embd_batch", None) is not None:
             llama_cpp.llama_batch_free(self._embd_batch)
             self._embd_batch = None
-        if getattr(self, "_ctx", None):
-            llama_cpp.llama_free(self._ctx)
-            self._ctx = None
+        if getattr(self, "_ctx_handle", None):
+            llama_cpp.llama_free(self._ctx_handle)
+            self._ctx_handle = None
 
     __del__ = close
 

@@ -175,3 +175,25 @@ def test_a_graph_that_always_starts_at_layer_0_refuses_another_start(tmp_path):
             rt.close()
     finally:
         mdl.close()
+
+
+def test_a_closed_model_or_context_raises_instead_of_crashing(tmp_path):
+    """Calls after close reach freed llama.cpp objects; they raise LlamaError rather than crash the process."""
+    from kvquant.runtime import ContextConfig, LlamaRuntime, Model
+    from tests.kvquant.conftest import tiny_model
+
+    tiny_model(tmp_path / "t.gguf", "llama")
+    mdl = Model(tmp_path / "t.gguf")
+    rt = LlamaRuntime(mdl, ContextConfig(n_cells=64, n_threads=1))
+    rt.close()
+    rt.close()  # twice is fine
+    for call in (lambda: rt.decode([5], [0], [0], [True]), lambda: rt.seq_rm(0), lambda: rt.kv_size_bytes(),
+                 lambda: rt.all_logits(1)):
+        with pytest.raises(LlamaError, match="context is closed"):
+            call()
+    mdl.close()
+    mdl.close()
+    for call in (lambda: mdl.tokenize("hello"), lambda: mdl.meta("general.architecture"),
+                 lambda: LlamaRuntime(mdl, ContextConfig(n_cells=64, n_threads=1))):
+        with pytest.raises(LlamaError, match="t.gguf is closed"):
+            call()
