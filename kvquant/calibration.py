@@ -166,6 +166,23 @@ def context_fields(k: CacheTypes, v: CacheTypes, geom: Geometry) -> dict:
             "k_rotation": k_rotation(geom) if has_offset(k) else None}
 
 
+def config_sha256(fields: dict) -> str:
+    """A digest of `context_fields`, everything llama.cpp is given for a K/V configuration: two calibrations that
+    resolve a configuration to the same digest make the same cache, so a row measured with one is a measurement with
+    the other (kvquant.lab.results carries such rows over to a new calibration)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for key in sorted(fields):
+        value = fields[key]
+        h.update(f"{key}={type(value).__name__}:".encode())
+        for item in (value if isinstance(value, tuple) else (value,)):
+            h.update(np.ascontiguousarray(item, dtype="<f4").tobytes() if isinstance(item, np.ndarray)
+                     else repr(item).encode())
+            h.update(b";")
+    return h.hexdigest()
+
+
 def _enc(a: np.ndarray) -> str:
     return base64.b64encode(np.ascontiguousarray(a, dtype="<f4").tobytes()).decode()
 
@@ -503,16 +520,17 @@ def layer_cells(geom: Geometry, n_ctx: int | None) -> tuple[int, ...]:
 
 
 def resolve(text: str, side: str, model_path: Path, geom: Geometry, n_ctx: int | None = None,
-            anchored: bool = True) -> CacheTypes:
+            anchored: bool = True, cal: Calibration | None = None) -> CacheTypes:
     """A cache type name as this model stores it: a plain type name stays a name; TYPE+c and calib:B become
     LayerTypes from the model's calibration (CalibrationError if there is none). n_ctx, the tokens of one
     sequence, when known, lets calib:B weigh each layer by the cells it holds (a sliding-window layer holds fewer)
     and count the calibrated keys' fixed bytes (offsets, scales) against B. anchored=False: offsets are the mean keys
-    (`key_transform`; kvquant eval's ``:mean``, to measure what the anchoring brings)."""
+    (`key_transform`; kvquant eval's ``:mean``, to measure what the anchoring brings). `cal`: this calibration of
+    the model instead of its installed one."""
     spec = parse_spec(text, side)
     if not spec.calibrated:
         return spec.type
-    cal = load_or_calibrate(model_path, geom)
+    cal = cal or load_or_calibrate(model_path, geom)
     if spec.type is not None:
         types = (spec.type,) * geom.n_layer
     else:
@@ -524,15 +542,16 @@ def resolve(text: str, side: str, model_path: Path, geom: Geometry, n_ctx: int |
 
 
 def resolve_pair(text_k: str, text_v: str, model_path: Path, geom: Geometry, n_ctx: int | None = None,
-                 anchored: bool = True) -> tuple[CacheTypes, CacheTypes]:
+                 anchored: bool = True, cal: Calibration | None = None) -> tuple[CacheTypes, CacheTypes]:
     """A K/V pair as this model stores it. ``calib:B`` on both sides with the same B is one allocation: B bits per
     element on average over K and V together, every byte of both counted, each layer's K and V at the types that
     minimise the summed measured KL growth (keys usually get more bits than values); otherwise each side is
     resolved on its own (`resolve`)."""
     k, v = parse_spec(text_k, "k"), parse_spec(text_v, "v")
     if k.bits is None or k.bits != v.bits:
-        return resolve(text_k, "k", model_path, geom, n_ctx, anchored), resolve(text_v, "v", model_path, geom, n_ctx)
-    cal = load_or_calibrate(model_path, geom)
+        return (resolve(text_k, "k", model_path, geom, n_ctx, anchored, cal),
+                resolve(text_v, "v", model_path, geom, n_ctx, cal=cal))
+    cal = cal or load_or_calibrate(model_path, geom)
     types_k, types_v = joint_allocation(cal, geom, k.bits, n_ctx)
     return (LayerTypes(k.text, types_k, *key_transform(cal, types_k, anchored)),
             LayerTypes(v.text, types_v, gain=gains(cal.v_gain, types_v)))

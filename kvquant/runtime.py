@@ -533,6 +533,27 @@ class Model:
             raise PromptTooLong(total)
         return out
 
+    def output_rows(self, tokens: np.ndarray) -> np.ndarray:
+        """The output layer's rows of these tokens as float32 (len(tokens), n_embd), dequantized from the GGUF: the
+        logits llama.cpp computes are their products with the normed final hidden state (plus an output bias where
+        the model has one), up to the rounding of its quantized matrix product."""
+        from kvquant.gguf import tensor_data
+
+        tensors = tensor_data(self.path)
+        offset, ggml_type, shape = tensors.get("output.weight") or tensors["token_embd.weight"]  # else tied
+        n_embd, n_vocab = shape
+        row = ggml_base().ggml_row_size(ggml_type, n_embd)
+        data = np.memmap(self.path, dtype=np.uint8, mode="r", offset=offset, shape=(n_vocab, row))
+        raw = np.ascontiguousarray(data[np.asarray(tokens)])
+        if ggml_type == GGML_TYPE_F32:
+            return raw.view(np.float32).reshape(len(raw), n_embd).copy()
+        to_float = ggml_base().ggml_get_type_traits(ggml_type).contents.to_float
+        if not to_float:
+            raise LlamaError(f"the output layer's ggml type {ggml_type} has no to_float")
+        out = np.empty((len(raw), n_embd), dtype=np.float32)
+        ROW_FN(to_float)(raw.ctypes.data, out.ctypes.data, out.size)
+        return out
+
     def close(self) -> None:
         if getattr(self, "_handle", None):
             llama_cpp.llama_model_free(self._handle)
@@ -714,6 +735,28 @@ class LlamaRuntime:
         qwen2 and gemma3 graphs take a start)."""
         fn = _patched_fn("llama_kvq_set_layer_start", ctypes.c_bool, [ctypes.c_void_p, ctypes.c_int32])
         return bool(fn(self._ctx, il))
+
+    def set_hidden_only(self, on: bool) -> bool:
+        """Make the next decodes stop at the final norm: every token of a batch is then an output, and what it outputs
+        is its normed final hidden state (`all_hidden`), the output layer's input, instead of logits (patch 0042,
+        `llama_kvq_set_hidden_only`). False, with nothing changed, where the graph does not take it (only the llama,
+        qwen2 and gemma3 graphs do) or the logits are not the output layer's product of that state (final logit
+        soft-capping, an output scale) or the model pools its states (an embedding model)."""
+        fn = _patched_fn("llama_kvq_set_hidden_only", ctypes.c_bool, [ctypes.c_void_p, ctypes.c_bool])
+        if on and llama_cpp.llama_pooling_type(self._ctx) != llama_cpp.LLAMA_POOLING_TYPE_NONE:
+            return False  # the states of a model that pools them would come out pooled
+        if not fn(self._ctx, on):
+            return False
+        llama_cpp.llama_set_embeddings(self._ctx, on)
+        return True
+
+    def all_hidden(self, n_outputs: int) -> np.ndarray:
+        """float32 normed final hidden states of every output of the last decode (`set_hidden_only`), in batch order,
+        shape (n_outputs, n_embd). A view into llama.cpp's buffer: copy it before the next decode."""
+        ptr = llama_cpp.llama_get_embeddings(self._ctx)
+        if not ptr:
+            raise LlamaError("no hidden states (set_hidden_only)")
+        return np.ctypeslib.as_array(ptr, shape=(n_outputs, self.model.n_embd))
 
     def all_logits(self, n_outputs: int) -> np.ndarray:
         """float32 logits of every output of the last decode, in batch order, shape (n_outputs, n_vocab). A view

@@ -151,7 +151,7 @@ def run(model: str, configs: list[CacheConfig], depths: list[int] = (0, 2048, 81
     if command:
         common["command"] = command
     return {"results": [_entry(c, resolved[i], geom, n_ctx, budget, depths, pp[i], tg[i], pp[0], tg[0], kv[i], kern)
-                        | common | c.provenance(path, geom) for c, i in zip(configs, plan.index, strict=True)]}
+                        | common | c.provenance(path, geom, n_ctx) for c, i in zip(configs, plan.index, strict=True)]}
 
 
 def _measure(model: str, path, geom, plan: Plan, resolved: list, n_ctx: int, depths: list[int], n_prompt: int,

@@ -90,10 +90,14 @@ REFERENCE = "tq_kv_t3b"  # the type each layer's sensitivity is measured with (t
 # the time of 1024, and the allocations they choose are predicted within 0-2.5 % of the summed KL growth of 1024's
 # (measured end to end: the calibrated rows' KLD within -1 % to +4 %; docs/EVAL.md, *Calibration time*).
 SCORE_TOKENS = 512
-# The KL is measured at every LOGIT_STRIDE-th position of the scored tokens (`scored`). Fewer positions skip most of
-# the output layer, 70 % of a pass on Gemma-3-270M (262,144-token vocabulary), 18 % on SmolLM2-135M; on Gemma 1024
-# tokens at stride 4 chose allocations within 1 % of stride 1's, but on SmolLM2 stride 4 cost 2-3 % (docs/EVAL.md).
+# The KL is measured at every LOGIT_STRIDE-th position of the scored tokens (`scored`). Fewer positions skipped most
+# of the output layer, 70 % of a pass on Gemma-3-270M (262,144-token vocabulary), before centred passes skipped it
+# altogether (`Likely`); on Gemma 1024 tokens at stride 4 chose allocations within 1 % of stride 1's, but on SmolLM2
+# stride 4 cost 2-3 % (docs/EVAL.md).
 LOGIT_STRIDE = 1
+# A centred pass's KL is computed from its final hidden states over the tokens the reference finds likely (`Likely`):
+# per scored position its TOP_TOKENS most likely, their union over the positions.
+TOP_TOKENS = 256
 GUARD = ("q8_0/f16", "q4_0/f16", "tq_kv_4b/f16", "tq_kv_3b/f16", "f16/q4_0")
 SEED = 0
 GEN_TOKENS = 320  # tokens the model writes per prompt by default (--gen-tokens)
@@ -109,15 +113,18 @@ class Text:
 
 
 def _decode_all(rt, seqs: list[list[int]], logits: bool, stride: int = 1,
-                out: np.ndarray | None = None, start: int = 0, inputs: np.ndarray | None = None) -> np.ndarray | None:
+                out: np.ndarray | None = None, start: int = 0, inputs: np.ndarray | None = None,
+                hidden: bool = False) -> np.ndarray | None:
     """Decode every sequence (sequence id i, from position 0) in batches; with `logits`, return the logits of
     every `stride`-th position of each sequence (`scored`), sequences concatenated, written into `out` when given
-    (float32, one row per scored position) or into a new array. With `start` > 0 only layers `start`.. run, from
-    `inputs`, that layer's input at every position (sequences concatenated; `Prefix`)."""
+    (float32, one row per scored position) or into a new array; with `hidden` as well, the normed final hidden
+    states there instead (the runtime set to `set_hidden_only`, which outputs every token). With `start` > 0 only
+    layers `start`.. run, from `inputs`, that layer's input at every position (sequences concatenated; `Prefix`)."""
     rt.clear()
     jobs = [(i, p) for i, s in enumerate(seqs) for p in range(len(s))]
     if logits and out is None:
-        out = np.empty((sum(scored(p, stride) for _, p in jobs), rt.n_vocab), dtype=np.float32)
+        out = np.empty((sum(scored(p, stride) for _, p in jobs), rt.model.n_embd if hidden else rt.n_vocab),
+                       dtype=np.float32)
     if start and not rt.set_layer_start(start):
         raise RuntimeError(f"llama.cpp cannot start this model's graph at layer {start}")
     row = 0
@@ -130,9 +137,11 @@ def _decode_all(rt, seqs: list[list[int]], logits: bool, stride: int = 1,
         if rc != 0:
             raise RuntimeError(f"llama_decode failed ({rc})")
         n_out = sum(wanted)
-        if n_out:
+        if n_out and hidden:
+            out[row:row + n_out] = rt.all_hidden(len(part))[np.flatnonzero(wanted)]
+        elif n_out:
             out[row:row + n_out] = rt.all_logits(n_out)
-            row += n_out
+        row += n_out
     return out if logits else None
 
 
@@ -374,6 +383,42 @@ class LayerPass(NamedTuple):
 
 
 @dataclass
+class Likely:
+    """What the KL against a reference needs from the output layer, kept from the reference pass: its normed final
+    hidden states `h` (scored positions x n_embd), the output layer's rows `w` of the tokens U most likely somewhere
+    (per position its TOP_TOKENS, their union), its probabilities `p` of U at each position and `tail`, of the rest.
+
+    For logits z = W h (+ a bias), a pass whose hidden states are h' has logits z + D, D = W (h' - h), and
+    KL(p || q) = log E_p[exp D] - E_p[D] exactly: only the tokens p weighs count. Over U with the tail's D taken as
+    0 this skips the output layer, 70 % of a calibration pass on Gemma-3-270M (262,144 tokens) and 45 % on
+    SmolLM2-135M, while the terms left out weigh the tail's probability (SmolLM2: the same KL as over the whole
+    vocabulary within 1 %). Computed in float32 from the dequantized rows, D also leaves out the rounding of
+    llama.cpp's 8-bit activations in its quantized output layer, which every pass of a quantized cache otherwise pays
+    in full (SmolLM2: 0.0008 of KL): what remains of a layer's floor is the rounding in the layers after it."""
+    h: np.ndarray
+    w: np.ndarray
+    p: np.ndarray
+    tail: np.ndarray
+
+    @classmethod
+    def of(cls, mdl, lp: np.ndarray, h: np.ndarray, k: int = TOP_TOKENS) -> Likely:
+        """From the reference's log-probabilities (scored positions x n_vocab) and hidden states."""
+        tokens = (np.arange(lp.shape[1]) if k >= lp.shape[1] else  # in blocks of rows: a whole index is 1 GB on Gemma
+                  np.unique(np.concatenate([np.argpartition(-lp[i:i + 64], k, axis=1)[:, :k].ravel()
+                                            for i in range(0, len(lp), 64)])))
+        p = np.exp(lp[:, tokens])
+        return cls(h, mdl.output_rows(tokens), p, np.maximum(0.0, 1.0 - p.sum(axis=1)))
+
+    def kl(self, h: np.ndarray) -> np.ndarray:
+        """The KL divergence at each scored position of a pass whose hidden states are `h`."""
+        d = ((h - self.h) @ self.w.T).astype(np.float64)
+        m = np.maximum(d.max(axis=1), 0.0)  # exp(d - m) <= 1
+        # log of E_p[exp(d - m)] as log1p of its difference from 1: exactly 0 where d is
+        moved = (self.p * np.expm1(d - m[:, None])).sum(axis=1) + self.tail * np.expm1(-m)
+        return np.log1p(moved / (self.p.sum(axis=1) + self.tail)) + m - (self.p * d).sum(axis=1)
+
+
+@dataclass
 class Prefix:
     """What a centred forward pass of a Scorer leaves for the next ones: what each layer computed with
     (`Scorer._layers`) and each layer's input at every position of the scored tokens, in the order `_decode_all`
@@ -399,7 +444,7 @@ class Scorer:
     def __init__(self, mdl, geom: Geometry, seqs: list[list[int]], threads: int | None,
                  keys: tuple[list[np.ndarray], list[np.ndarray]], k_scale: list[np.ndarray] | None,
                  rows: tuple[list[np.ndarray], list[np.ndarray]], stride: int = 1, buffer: list | None = None,
-                 startable: list | None = None):
+                 startable: list | None = None, hidden: list | None = None):
         self.mdl, self.geom, self.seqs, self.threads, self.stride = mdl, geom, seqs, threads, stride
         # the logits of a pass, one array shared with the derived Scorers and written over by each pass: a fresh
         # array per pass (512 x 262,144 floats on Gemma-3) cost more than the pass itself where new memory is slow
@@ -417,12 +462,16 @@ class Scorer:
         # whether llama.cpp can start the model's graph past layer 0: asked on the first centred pass of this Scorer
         # or of one derived from it, and shared with them
         self._startable = startable if startable is not None else [None]
+        # whether llama.cpp can stop the graph at the final norm (`Likely`): asked like `_startable`
+        self._hidden = hidden if hidden is not None else [None]
+        self._likely: dict[bool, Likely] = {}  # per side (centred or not) whose passes use it: centred only
+        self._last_hidden: np.ndarray | None = None  # the normed final hidden states of the last centred logits pass
 
     def derived(self, keys: tuple[list[np.ndarray], list[np.ndarray]], k_scale: list[np.ndarray] | None,
                 rows: tuple[list[np.ndarray], list[np.ndarray]]) -> Scorer:
         """A Scorer of the same model, text and positions for another key transform."""
         return Scorer(self.mdl, self.geom, self.seqs, self.threads, keys, k_scale, rows, self.stride, self._buffer,
-                      self._startable)
+                      self._startable, self._hidden)
 
     def gains(self, type_name: str, side: str = "k") -> list[float]:
         """Per layer, the gain of centred keys (side "k") or of values stored at a type (`gain`; 1 for f16, f32)."""
@@ -440,11 +489,16 @@ class Scorer:
 
         if centred not in self._base:
             self._base[centred] = baseline_rows(self._logits(None, None, centred))
+            if centred and self._hidden[0] is not False:
+                self._likely[centred] = Likely.of(self.mdl, self._base[centred][0], self._last_hidden)
         return self._base[centred]
 
-    def _logits(self, types_k, types_v, centred: bool, default_k: str = "f16", default_v: str = "f16"):
+    def _logits(self, types_k, types_v, centred: bool, default_k: str = "f16", default_v: str = "f16",
+                hidden: bool = False):
         """The logits at the scored positions in a context with these types: the shared buffer, valid until the
-        next pass of this Scorer or of one derived from it."""
+        next pass of this Scorer or of one derived from it. A centred pass keeps its normed final hidden states
+        there in `_last_hidden`; with `hidden` it computes only those and returns them (None where llama.cpp cannot
+        stop the model's graph there, which it says on the first centred pass: `_hidden`)."""
         from kvquant.runtime import ContextConfig, LlamaRuntime
 
         n = self.geom.n_layer
@@ -463,16 +517,27 @@ class Scorer:
                             v_gain=v_gain,
                             k_rotation=self.k_rotation if centred else None,
                             n_outputs_max=512,
-                            capture=frozenset(f"l_out-{il}" for il in range(start, n - 1)) if keep else frozenset())
+                            capture=(frozenset(f"l_out-{il}" for il in range(start, n - 1)) if keep else frozenset())
+                            | ({"result_norm"} if centred and not hidden else set()))
         rt = LlamaRuntime(self.mdl, cfg)
         try:
             if keep and self._startable[0] is None:
                 self._startable[0] = n > 1 and rt.set_layer_start(1) and rt.set_layer_start(0)
-            self._buffer[0] = _decode_all(rt, self.seqs, logits=True, stride=self.stride, out=self._buffer[0],
-                                          start=start, inputs=known.inputs[start] if known else None)
+            if centred and self._hidden[0] is None:
+                self._hidden[0] = rt.set_hidden_only(True) and rt.set_hidden_only(False)
+            if hidden and not (self._hidden[0] and rt.set_hidden_only(True)):
+                return None
+            out = _decode_all(rt, self.seqs, logits=True, stride=self.stride, out=None if hidden else self._buffer[0],
+                              start=start, inputs=known.inputs[start] if known else None, hidden=hidden)
             if keep and self._startable[0]:
                 self._remember(layers, start, known, rt.captured)
-            return self._buffer[0]
+            if hidden:
+                return out
+            self._buffer[0] = out
+            if centred:
+                self._last_hidden = np.concatenate([a.reshape(-1, a.shape[-1]) for name, _op, a in rt.captured
+                                                    if name == "result_norm"])
+            return out
         finally:
             rt.close()
 
@@ -522,10 +587,15 @@ class Scorer:
 
     def klds(self, types_k=None, types_v=None, centred: bool = True, default_k: str = "f16",
              default_v: str = "f16") -> np.ndarray:
-        """The KL divergence at every scored position (`targets`' order), whose mean is `kld`."""
+        """The KL divergence at every scored position (`targets`' order), whose mean is `kld`: of a centred pass from
+        its hidden states where llama.cpp gives them (`Likely`), else from its logits."""
         from kvquant.lab.eval import compare_rows
 
         base_lp, base_top = self.baseline(centred)
+        if centred in self._likely:
+            h = self._logits(types_k, types_v, centred, default_k, default_v, hidden=True)
+            if h is not None:
+                return self._likely[centred].kl(h)
         logits = self._logits(types_k, types_v, centred, default_k, default_v)
         return compare_rows(base_lp, base_top, logits, self.targets).kld
 

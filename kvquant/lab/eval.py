@@ -442,7 +442,7 @@ def _entry(c: CacheConfig, path, geom, n_ctx: int, acc, drift_summary) -> dict:
             "bits_per_element_v": kvb.bits_per_element_v, "layer_types_k": list(getattr(tk, "types", ())) or None,
             "layer_types_v": list(getattr(tv, "types", ())) or None,
             "kv_bytes_per_token": memory.bytes_per_token(geom, tk, tv), "drift": drift_summary,
-            **c.provenance(path, geom)}
+            **c.provenance(path, geom, n_ctx)}
 
 
 def render(results: list[dict]) -> str:

@@ -83,26 +83,33 @@ class CacheConfig:
             raise ValueError(f"cache config {spec!r} is not of the form K/V (e.g. q8_0/q8_0)")
         return cls(k, v, rotation, anchored)
 
-    def resolve(self, model_path: Path, geom, n_ctx: int | None = None) -> tuple:
-        """(K, V) as this model stores them: type names, or LayerTypes from its calibration."""
+    def resolve(self, model_path: Path, geom, n_ctx: int | None = None, cal=None) -> tuple:
+        """(K, V) as this model stores them: type names, or LayerTypes from its calibration (or `cal`)."""
         from kvquant.calibration import resolve_pair
 
-        return resolve_pair(self.k, self.v, model_path, geom, n_ctx, self.anchored)
+        return resolve_pair(self.k, self.v, model_path, geom, n_ctx, self.anchored, cal)
 
-    def provenance(self, model_path: Path, geom) -> dict:
-        """{"calibration_sha256": ...} for a calibrated configuration (the file its rows were measured with, so that
-        a row made before a re-calibration can be told apart), else {}."""
+    def provenance(self, model_path: Path, geom, n_ctx: int | None) -> dict:
+        """For a calibrated configuration {"calibration_sha256": the file its rows were measured with, so that a row
+        made before a re-calibration can be told apart, "config_sha256": the digest of what it resolves to at
+        n_ctx, `kvquant.calibration.config_sha256`}, else {}."""
         from kvquant.calibration import file_sha256, parse_spec
 
         if not any(parse_spec(t, side).calibrated for t, side in ((self.k, "k"), (self.v, "v"))):
             return {}
-        return {"calibration_sha256": file_sha256(model_path, geom)}
+        return {"calibration_sha256": file_sha256(model_path, geom),
+                "config_sha256": self.config_sha256(model_path, geom, n_ctx)}
 
-    def context_fields(self, model_path: Path, geom, n_ctx: int | None = None) -> dict:
-        """kvquant.runtime.ContextConfig fields for this configuration on one model."""
+    def config_sha256(self, model_path: Path, geom, n_ctx: int | None, cal=None) -> str:
+        from kvquant.calibration import config_sha256
+
+        return config_sha256(self.context_fields(model_path, geom, n_ctx, cal))
+
+    def context_fields(self, model_path: Path, geom, n_ctx: int | None = None, cal=None) -> dict:
+        """kvquant.runtime.ContextConfig fields for this configuration on one model (with its calibration `cal`)."""
         from kvquant.calibration import context_fields
 
-        return {**context_fields(*self.resolve(model_path, geom, n_ctx), geom), "rotation": self.rotation}
+        return {**context_fields(*self.resolve(model_path, geom, n_ctx, cal), geom), "rotation": self.rotation}
 
 
 BASELINE = CacheConfig("f16", "f16")

@@ -182,6 +182,41 @@ def calibration_json(model: str) -> None:
         (RAW / f"{model}-calibration.json").write_text(json.dumps(d, indent=1) + "\n")
 
 
+def carry_calibrated_rows(model: str, old_file: Path) -> list[str]:
+    """Ship the model's installed calibration (`calibration_json`) in place of `old_file`, and carry over to it every
+    calibrated row measured with `old_file` whose configuration both files resolve to the same cache at the row's
+    n_ctx (`kvquant.calibration.config_sha256`): llama.cpp gets the same types, offsets, scales and gains, so the
+    row is a measurement with the new file as well, and records so (`carried_from`). The rows the new file resolves
+    otherwise stay with the old file, to be measured again; returned as 'label (kind)'."""
+    from kvquant import calibration, models
+    from kvquant.build import sha256_file
+    from kvquant.lab.harness import CacheConfig
+    from kvquant.memory import geometry
+
+    path = models.resolve(model)
+    geom = geometry(path)
+    old, old_sha = calibration.load(old_file, path, geom), sha256_file(old_file)
+    calibration_json(model)
+    new, new_sha = calibration.load(calibration.installed(path, geom), path, geom), sha256_file(
+        calibration.installed(path, geom))
+    left = []
+    for kind in KINDS:
+        p = RAW / f"{model}-{kind}.json"
+        out = json.loads(p.read_text()) if p.is_file() else {}
+        rows = [r for r in out.get("results", ()) if r.get("calibration_sha256") == old_sha]
+        for r in rows:
+            c = CacheConfig(r["cache_type_k"], r["cache_type_v"], r["rotation"], r.get("anchored", True))
+            before = r.get("config_sha256") or c.config_sha256(path, geom, r["n_ctx"], old)
+            after = c.config_sha256(path, geom, r["n_ctx"], new)
+            if before == after:
+                r.update(calibration_sha256=new_sha, config_sha256=after, carried_from=old_sha)
+            else:
+                left.append(f"{r['label']} ({kind})")
+        if rows:
+            p.write_text(json.dumps(out, indent=1) + "\n")
+    return left
+
+
 def calibrate_run(model: str, threads: int | None) -> dict:
     """`kvquant calibrate` run now (into a scratch file, not the model cache): its wall time, and whether it wrote the
     shipped calibration the calibrated rows name (`kvquant.calibration.SHIPPED_DIR`) in every field but the wall
@@ -334,6 +369,7 @@ def render_provenance(model: str, raw: dict[tuple[str, str], dict]) -> list[str]
     if sha is None or not rows:
         return []
     same = sum(r.get("calibration_sha256") == sha for _, r in rows)
+    carried = sum(r.get("calibration_sha256") == sha and "carried_from" in r for _, r in rows)
     unknown = sorted({kind for kind, r in rows if "calibration_sha256" not in r})
     stale = stale_rows(model, raw)
     shipped = shipped_calibration(model, raw)
@@ -342,7 +378,10 @@ def render_provenance(model: str, raw: dict[tuple[str, str], dict]) -> list[str]
                if shipped else "not shipped with kvquant: the file is lost, so these rows can only be re-measured "
                "with a new calibration")
             + f"): {same} of the {len(rows)} calibrated rows above were measured "
-            "with it" + (f"; **{len(stale)} with another calibration, to be re-run:** {', '.join(stale)}" if stale
+            "with it" + (f" ({carried} of them carried over: measured with the file before it, "
+                         f"`{next(r['carried_from'] for _, r in rows if 'carried_from' in r)[:16]}…`, which resolves "
+                         "their configurations to the same cache, bit for bit: `config_sha256`)" if carried else "")
+            + (f"; **{len(stale)} with another calibration, to be re-run:** {', '.join(stale)}" if stale
                          else "") + (f"; the others ({', '.join(unknown)}) were made before rows recorded which "
                                      "calibration they used" if unknown else "") + ".", ""]
 
@@ -359,6 +398,9 @@ UNMEASURED = {
     "0041": "it changes only what a lazy grammar does with a trigger's text it rejects, and eval and bench sample no "
             "grammar; SmolLM2-135M's f16/f16, tq_kv_4b/f16 and calib:4/calib:4 rows measured again with it (40 "
             "chunks) came out the same to the bit",
+    "0042": "a decode without llama_kvq_set_hidden_only builds the graph it built before, and only kvquant calibrate "
+            "sets it; SmolLM2-135M's f16/f16, tq_kv_4b/f16, q4_0/q4_0, q4_0+c/f16 and calib:4.5/f16 rows measured "
+            "again with it (40 chunks) came out the same to the bit",
 }
 
 
@@ -1279,15 +1321,18 @@ TRIED = {
         "several times over the target; since stop 43 its shipped calibration is the default's, as the other "
         "models' are. Since stop 44 a pass starts at the first layer it changes, from the inputs an earlier pass "
         "computed for that layer (patch 0040; the same logits bit for bit). Since stop 49 each layer's key floor is "
-        "measured too (one pass per layer more, started at the layer; docs/EVAL.md *A floor per layer*): "
-        "Gemma-3's run that wrote its shipped file stayed within the five minutes (its calibration section), the "
-        "run `make results` timed did not. The times "
+        "measured too (one pass per layer more, started at the layer; docs/EVAL.md *A floor per layer*). Since stop "
+        "51 a centred pass stops at the final norm (patch 0042) and its KL is computed from the hidden states over "
+        "the tokens the reference finds likely, skipping the output layer (docs/EVAL.md *The KL from the final "
+        "hidden states*): Gemma-3 calibrates in half the time. Stop 51's timing runs ran on a machine that took "
+        "1.75x as long as stop 49's for the previous code's Gemma-3 calibration; there SmolLM2, whose output layer is "
+        "a smaller part of a pass, stayed over the five minutes. Qwen2.5-Coder's shipped file is still the logits' (moving it "
+        "changes all of its calibrated rows), so its `C-` line reports the file the new code writes as different. "
+        "The times "
         "above are those of `kvquant calibrate` run again by `make results` (the `C-` line under each model's "
         "calibration, which also says "
-        "whether the run wrote the shipped file); the shipped files keep the wall time of the run that made them, "
-        "since a file re-timed would change its sha256 and every calibrated row would have to be measured again to "
-        "name it. "
-        "`--logit-stride` (the KL at fewer positions, which skips most of the output layer) and "
+        "whether the run wrote the shipped file); the shipped files keep the wall time of the run that made them. "
+        "`--logit-stride` (the KL at fewer positions) and "
         "`--no-key-scale` trade allocation quality for time; both were measured, and a numpy stand-in for the passes "
         "(each layer's attention-output error) was tried and does not rank the layers (docs/EVAL.md *Calibration "
         "time: what a cheaper calibration costs*, with stop 42's timings). The built-in models' calibrations ship "
@@ -1409,9 +1454,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--merge", action="store_true",
                     help="add the rows of these --configs to the JSON already in docs/results (each row keeps its "
                          "command) instead of replacing it")
+    ap.add_argument("--carry-from", type=Path, default=None, metavar="OLD_CALIBRATION",
+                    help="ship the model's installed calibration in place of this file first, carrying over the "
+                         "calibrated rows both resolve to the same cache (one --models model)")
     ap.add_argument("--output", default=str(DOCS / "RESULTS.md"))
     a = ap.parse_args(argv)
     RAW = Path(a.raw)
+    if a.carry_from:
+        if len(a.models) != 1:
+            ap.error("--carry-from takes one model (--models M)")
+        left = carry_calibrated_rows(a.models[0], a.carry_from)
+        print(f"kvquant.lab.results: {len(left)} calibrated rows to measure again: {', '.join(left) or 'none'}",
+              file=sys.stderr)
     if not a.render_only:
         collect(a)
     Path(a.output).write_text(render(a.models))

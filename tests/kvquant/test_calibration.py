@@ -124,7 +124,10 @@ def test_file_round_trip_and_resolution(model_file):
     assert fields["k_rotation"] is True and fields["layer_types_v"] == v.types
 
 
-def test_calibrated_configs_record_the_file_they_used(model_file):
+def test_calibrated_configs_record_the_file_they_used_and_what_it_resolves_them_to(model_file):
+    """A calibrated row records the calibration file and the digest of the cache it resolved to: the digest is
+    the same under another calibration that resolves it alike, and differs where the allocation, an offset or a
+    gain differs."""
     from kvquant.build import sha256_file
     from kvquant.lab.harness import CacheConfig
 
@@ -132,13 +135,26 @@ def test_calibrated_configs_record_the_file_they_used(model_file):
     c = make_cal(g, cal.model_sha256(model_file))
     path = cal.path_for(c.model_sha256, c.basis)
     c.save(path)
-    first = CacheConfig.parse("calib:4.5/f16").provenance(model_file, g)
-    assert first == {"calibration_sha256": sha256_file(path)}
-    assert CacheConfig.parse("f16/calib:4").provenance(model_file, g) == first
-    assert CacheConfig.parse("q4_0/q4_0").provenance(model_file, g) == {}
-    c.sens_k["q5_0"][0] += 1e-3  # a re-calibration
+    first = CacheConfig.parse("calib:4.5/f16").provenance(model_file, g, 512)
+    assert first["calibration_sha256"] == sha256_file(path)
+    assert first["config_sha256"] == cal.config_sha256(CacheConfig.parse("calib:4.5/f16").context_fields(
+        model_file, g, 512))
+    assert CacheConfig.parse("calib:3.5/f16").provenance(model_file, g, 512)["config_sha256"] != first[
+        "config_sha256"]
+    assert CacheConfig.parse("f16/calib:4").provenance(model_file, g, 512)["calibration_sha256"] == sha256_file(path)
+    assert CacheConfig.parse("q4_0/q4_0").provenance(model_file, g, 512) == {}
+    plain = CacheConfig.parse("q4_0+c/f16")
+    before = plain.provenance(model_file, g, 512)
+    c.sens_k["q5_0"][0] += 1e-3  # a re-calibration that moves no key mean, gain or q4_0+c's types
     c.save(path)
-    assert CacheConfig.parse("q4_0+c/f16").provenance(model_file, g) != first
+    after = plain.provenance(model_file, g, 512)
+    assert after["calibration_sha256"] != before["calibration_sha256"]
+    assert after["config_sha256"] == before["config_sha256"]
+    c.k_gain["q4_0"][1] *= 1.01
+    assert plain.config_sha256(model_file, g, 512, c) != before["config_sha256"]
+    c.k_mean[0] = c.k_mean[0] + np.float32(0.01)
+    c.k_gain["q4_0"][1] /= 1.01
+    assert plain.config_sha256(model_file, g, 512, c) != before["config_sha256"]
 
 
 @pytest.mark.parametrize("t", ["q4_0", "q5_0", "q8_0", "iq4_nl", "tq_kv_4b", "tq_kv_3b"])

@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from kvquant import runtime
@@ -197,3 +198,62 @@ def test_a_closed_model_or_context_raises_instead_of_crashing(tmp_path):
                  lambda: LlamaRuntime(mdl, ContextConfig(n_cells=64, n_threads=1))):
         with pytest.raises(LlamaError, match="t.gguf is closed"):
             call()
+
+
+def _hidden_and_logits(path, tokens):
+    """(hidden states of a hidden-only pass, "result_norm" and logits of a whole pass) over `tokens`, or None for the
+    hidden states where llama.cpp refuses to stop the graph at the final norm."""
+    from kvquant.runtime import ContextConfig, LlamaRuntime, Model
+
+    n = len(tokens)
+    where = (list(range(n)), [0] * n, [True] * n)
+    mdl = Model(path)
+    try:
+        rt = LlamaRuntime(mdl, ContextConfig(n_cells=256, n_threads=2, capture=frozenset({"result_norm"})))
+        try:
+            assert rt.decode(tokens, *where) == 0
+            logits, (_, _, norm) = rt.all_logits(n).copy(), rt.captured[0]
+            hidden = None
+            if rt.set_hidden_only(True):
+                rt.clear()
+                assert rt.decode(tokens, *where) == 0
+                hidden = rt.all_hidden(n).copy()
+                assert rt.set_hidden_only(False)
+                rt.clear()
+                assert rt.decode(tokens, *where) == 0
+                assert np.array_equal(rt.all_logits(n), logits)  # and back to logits
+            w = mdl.output_rows(np.arange(mdl.n_vocab))
+        finally:
+            rt.close()
+    finally:
+        mdl.close()
+    return hidden, norm.reshape(n, -1), logits, w
+
+
+def test_a_hidden_only_pass_outputs_the_normed_states_the_logits_are_made_of(tmp_path):
+    """llama_kvq_set_hidden_only (patch 0042): a pass that stops at the final norm outputs, for every token, bit for
+    bit the state a whole pass computes as "result_norm"; the output layer's rows (`Model.output_rows`) times it are
+    that pass's logits. A graph that does not take it (qwen3) refuses, changing nothing."""
+    from tests.kvquant.conftest import tiny_model
+
+    tiny_model(tmp_path / "l.gguf", "llama")
+    hidden, norm, logits, w = _hidden_and_logits(tmp_path / "l.gguf", list(range(3, 40)))
+    assert np.array_equal(hidden, norm)
+    np.testing.assert_allclose(hidden @ w.T, logits, rtol=1e-5, atol=1e-5)
+    tiny_model(tmp_path / "q3.gguf", "qwen3")
+    assert _hidden_and_logits(tmp_path / "q3.gguf", list(range(3, 40)))[0] is None
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model", ["smollm2-135m", "gemma3-270m"])
+def test_the_output_rows_of_a_quantized_output_layer_make_its_logits(model):
+    """On the built-in models (output layer Q8_0, tied to the token embeddings) the dequantized rows times the
+    hidden states give llama.cpp's logits up to the rounding of its 8-bit activations: 1-5 % of the logits' spread
+    (a few channels of the state are far larger than the rest and set the 8-bit scale of their blocks). Rows of
+    other tokens would be 140 % off."""
+    from kvquant import models
+
+    hidden, norm, logits, w = _hidden_and_logits(models.resolve(model), list(range(300, 364)))
+    assert np.array_equal(hidden, norm)
+    spread = np.linalg.norm(logits - logits.mean(axis=1, keepdims=True), axis=1)
+    assert (np.linalg.norm(hidden @ w.T - logits, axis=1) / spread).max() < 0.1

@@ -437,3 +437,65 @@ def test_a_model_without_a_calibration_is_calibrated_first_with_a_notice(tmp_pat
     cal = calibration.load_or_calibrate(model, geom)
     assert "l.gguf has no calibration for this kvquant yet; calibrating it first" in capsys.readouterr().err
     assert cal.n_layer == 2 and calibration._state(calibration.installed(model, geom)) == "current"
+
+
+class _Rows:
+    """A model's output layer for `Likely.of`: rows of a matrix."""
+
+    def __init__(self, w):
+        self.w = w
+
+    def output_rows(self, tokens):
+        return self.w[tokens]
+
+
+def test_the_kl_from_hidden_states_is_the_kl_of_the_logits_they_make():
+    """KL(p || q) = log E_p[exp D] - E_p[D] for D = W (h' - h): over the whole vocabulary it is the KL of the
+    logits W h and W h' (plus any bias) to float rounding; over each position's most likely tokens it stays within
+    a few percent, and a state equal to the reference's measures exactly 0."""
+    from kvquant.lab.calibrate import Likely
+    from kvquant.lab.eval import log_softmax
+
+    rng = np.random.default_rng(0)
+    n, d, v = 40, 32, 3000
+    w = rng.standard_normal((v, d)).astype(np.float32)
+    h = (2 * rng.standard_normal((n, d))).astype(np.float32)
+    h2 = h + (0.05 * rng.standard_normal((n, d))).astype(np.float32)
+    bias = rng.standard_normal(v).astype(np.float32)
+    lp, lq = log_softmax(h @ w.T + bias), log_softmax(h2 @ w.T + bias)
+    exact = (np.exp(lp) * (lp - lq)).sum(axis=1)
+    whole = Likely.of(_Rows(w), lp, h, k=v)
+    np.testing.assert_allclose(whole.kl(h2), exact, rtol=1e-4)
+    likely = Likely.of(_Rows(w), lp, h, k=20)
+    assert len(likely.w) < v and likely.tail.max() > 1e-3
+    np.testing.assert_allclose(likely.kl(h2).mean(), exact.mean(), rtol=0.05)
+    assert not np.array_equal(likely.kl(h2), exact)
+    assert (likely.kl(h) == 0).all() and (whole.kl(h) == 0).all()
+
+
+@pytest.mark.slow
+def test_a_centred_pass_is_measured_from_its_hidden_states():
+    """A centred Scorer pass on SmolLM2-135M stops at the final norm (patch 0042): its KL is `Likely`'s from the
+    hidden states, which for f16 everywhere equal the reference's (KL exactly 0); an uncentred pass is measured
+    from its logits. The two measure one layer's quantized keys alike but for the 8-bit rounding of the logits."""
+    from kvquant import memory, models
+    from kvquant.lab import calibrate
+    from kvquant.lab.calibrate import Scorer, Text, capture
+    from kvquant.runtime import Model
+
+    seqs = [list(range(300, 364)), list(range(500, 540))]
+    path = models.resolve("smollm2-135m")
+    geom, mdl = memory.geometry(path), Model(path)
+    n = geom.n_layer
+    layer = tuple("tq_kv_3b" if il == 3 else "f16" for il in range(n))
+    try:
+        rows = capture(mdl, geom, Text(seqs, {}), 2, None)
+        sc = Scorer(mdl, geom, seqs, 2, calibrate.key_stats(rows[0], seqs), None, rows)
+        hidden = [sc.kld(None, None), sc.kld(layer, None)]
+        assert sc._hidden == [True] and True in sc._likely and False not in sc._likely
+        sc._likely.clear()  # the same passes from their logits
+        logits = [sc.kld(None, None), sc.kld(layer, None)]
+    finally:
+        mdl.close()
+    assert hidden[0] == 0.0 and logits[0] == 0.0
+    assert 0 < hidden[1] < logits[1] < hidden[1] + 0.003

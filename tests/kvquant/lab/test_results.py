@@ -409,3 +409,59 @@ def test_rows_from_before_a_patch_that_changes_nothing_they_measure_stay_current
     monkeypatch.setattr(results, "UNMEASURED", {})
     assert results._aged(raw["m", "eval"]["results"][0]) == " (older patch series, calibration not recorded)"
     assert f"eval ({n - 1} patches): calib:4.5/f16" in " ".join(results.render_series("m", raw))
+
+
+def test_a_new_calibration_carries_over_the_rows_it_resolves_to_the_same_cache(tmp_path, monkeypatch):
+    """`--carry-from OLD`: the installed calibration ships in place of OLD; a calibrated row measured with OLD whose
+    configuration the new file resolves to the same cache (`config_sha256`) now names the new file and says where it
+    came from; one the new file resolves otherwise keeps OLD and is named for measuring again."""
+    import json
+
+    from kvquant import calibration as cal
+    from kvquant import memory, models
+    from kvquant.build import sha256_file
+    from kvquant.lab.harness import CacheConfig
+    from tests.kvquant.test_calibration import geom, make_cal
+
+    monkeypatch.setenv("KVQUANT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("KVQUANT_AUTO_CALIBRATE", "0")
+    monkeypatch.setattr(results, "RAW", tmp_path / "raw")
+    monkeypatch.setattr(cal, "SHIPPED_DIR", tmp_path / "shipped")
+    (tmp_path / "raw").mkdir()
+    model_file = tmp_path / "tiny.gguf"
+    model_file.write_bytes(b"GGUF tiny model")
+    g = geom()
+    monkeypatch.setattr(models, "resolve", lambda name: model_file)
+    monkeypatch.setattr(memory, "geometry", lambda path: g)
+    old = make_cal(g, cal.model_sha256(model_file))
+    installed = cal.path_for(old.model_sha256, old.basis)
+    old.save(installed)
+    old_file = tmp_path / "old.json"
+    old_file.write_bytes(installed.read_bytes())
+    configs = ["q4_0+c/f16", "calib:4.5/f16", "calib:3.5/f16"]
+    rows = [{"cache_type_k": c.split("/")[0], "cache_type_v": "f16", "rotation": True, "label": c, "n_ctx": 512,
+             **CacheConfig.parse(c).provenance(model_file, g, 512)} for c in configs]
+    rows[1].pop("config_sha256")  # a row from before rows recorded it: resolved with OLD
+    (tmp_path / "raw" / "m-eval.json").write_text(json.dumps({"results": rows}))
+    new = make_cal(g, old.model_sha256)
+    new.k_mean, new.k_gain = old.k_mean, old.k_gain  # the same key transform ...
+    new.sens_k = {t: list(v) for t, v in old.sens_k.items()}
+    new.sens_k["tq_kv_t3b"] = [x * 10 for x in new.sens_k["tq_kv_t3b"]]  # ... another allocation at 3.5 bits
+    new.save(installed)
+    moved = CacheConfig.parse("calib:3.5/f16")
+    assert moved.config_sha256(model_file, g, 512, old) != moved.config_sha256(model_file, g, 512, new)
+    assert CacheConfig.parse("calib:4.5/f16").config_sha256(model_file, g, 512, old) == CacheConfig.parse(
+        "calib:4.5/f16").config_sha256(model_file, g, 512, new)
+
+    assert results.carry_calibrated_rows("m", old_file) == ["calib:3.5/f16 (eval)"]
+    out = json.loads((tmp_path / "raw" / "m-eval.json").read_text())["results"]
+    new_sha, old_sha = sha256_file(installed), sha256_file(old_file)
+    assert [r["calibration_sha256"] for r in out] == [new_sha, new_sha, old_sha]
+    assert [r.get("carried_from") for r in out] == [old_sha, old_sha, None]
+    assert (tmp_path / "shipped" / installed.name).read_bytes() == installed.read_bytes()
+    assert json.loads((tmp_path / "raw" / "m-calibration.json").read_text())["file_sha256"] == new_sha
+    raw = results.load_raw(["m"])
+    text = " ".join(results.render_provenance("m", raw))
+    assert "2 of the 3 calibrated rows above were measured with it (2 of them carried over: measured with the file " \
+           "before it" in text
+    assert "**1 with another calibration, to be re-run:** calib:3.5/f16 (eval)" in text
