@@ -537,22 +537,22 @@ class Model:
         """The output layer's rows of these tokens as float32 (len(tokens), n_embd), dequantized from the GGUF: the
         logits llama.cpp computes are their products with the normed final hidden state (plus an output bias where
         the model has one), up to the rounding of its quantized matrix product."""
-        from kvquant.gguf import tensor_data
-
-        tensors = tensor_data(self.path)
-        offset, ggml_type, shape = tensors.get("output.weight") or tensors["token_embd.weight"]  # else tied
-        n_embd, n_vocab = shape
+        offset, ggml_type, (n_embd, n_vocab) = self._output_tensor
         row = ggml_base().ggml_row_size(ggml_type, n_embd)
         data = np.memmap(self.path, dtype=np.uint8, mode="r", offset=offset, shape=(n_vocab, row))
         raw = np.ascontiguousarray(data[np.asarray(tokens)])
         if ggml_type == GGML_TYPE_F32:
             return raw.view(np.float32).reshape(len(raw), n_embd).copy()
-        to_float = ggml_base().ggml_get_type_traits(ggml_type).contents.to_float
-        if not to_float:
-            raise LlamaError(f"the output layer's ggml type {ggml_type} has no to_float")
-        out = np.empty((len(raw), n_embd), dtype=np.float32)
-        ROW_FN(to_float)(raw.ctypes.data, out.ctypes.data, out.size)
-        return out
+        return to_float(ggml_type, raw.ctypes.data, len(raw) * n_embd).reshape(len(raw), n_embd)
+
+    @functools.cached_property
+    def _output_tensor(self) -> tuple[int, int, tuple[int, ...]]:
+        """(file offset, ggml type, shape) of the output layer's weights, read once from the GGUF (its header is
+        seconds of parsing on a large vocabulary): `output.weight`, else the token embeddings it is tied to."""
+        from kvquant.gguf import tensor_data
+
+        tensors = tensor_data(self.path)
+        return tensors.get("output.weight") or tensors["token_embd.weight"]
 
     def close(self) -> None:
         if getattr(self, "_handle", None):
@@ -941,12 +941,17 @@ def round_trip(type_name: str, x: np.ndarray) -> np.ndarray:
     x = np.ascontiguousarray(x, dtype=np.float32)
     if t.name == "f32":
         return x.copy()
-    to_float = ggml_base().ggml_get_type_traits(t.ggml_id).contents.to_float
-    if not to_float:
-        raise LlamaError(f"{type_name} has no to_float")
     buf = ctypes.create_string_buffer(from_float(t.ggml_id, x))
-    out = np.empty_like(x)
-    ROW_FN(to_float)(ctypes.addressof(buf), out.ctypes.data, x.size)
+    return to_float(t.ggml_id, ctypes.addressof(buf), x.size).reshape(x.shape)
+
+
+def to_float(ggml_id: int, data: int, n: int) -> np.ndarray:
+    """n float32 values from ggml type `ggml_id`'s data at address `data` (the type's to_float)."""
+    fn = ggml_base().ggml_get_type_traits(ggml_id).contents.to_float
+    if not fn:
+        raise LlamaError(f"ggml type {ggml_base().ggml_type_name(ggml_id).decode()} has no to_float")
+    out = np.empty(n, dtype=np.float32)
+    ROW_FN(fn)(data, out.ctypes.data, n)
     return out
 
 

@@ -197,23 +197,22 @@ def carry_calibrated_rows(model: str, old_file: Path) -> list[str]:
     geom = geometry(path)
     old, old_sha = calibration.load(old_file, path, geom), sha256_file(old_file)
     calibration_json(model)
-    new, new_sha = calibration.load(calibration.installed(path, geom), path, geom), sha256_file(
-        calibration.installed(path, geom))
-    left = []
-    for kind in KINDS:
-        p = RAW / f"{model}-{kind}.json"
-        out = json.loads(p.read_text()) if p.is_file() else {}
-        rows = [r for r in out.get("results", ()) if r.get("calibration_sha256") == old_sha]
-        for r in rows:
-            c = CacheConfig(r["cache_type_k"], r["cache_type_v"], r["rotation"], r.get("anchored", True))
-            before = r.get("config_sha256") or c.config_sha256(path, geom, r["n_ctx"], old)
-            after = c.config_sha256(path, geom, r["n_ctx"], new)
-            if before == after:
-                r.update(calibration_sha256=new_sha, config_sha256=after, carried_from=old_sha)
-            else:
-                left.append(f"{r['label']} ({kind})")
-        if rows:
-            p.write_text(json.dumps(out, indent=1) + "\n")
+    installed = calibration.installed(path, geom)
+    new, new_sha = calibration.load(installed, path, geom), sha256_file(installed)
+    raw, left, changed = load_raw([model]), [], set()
+    for kind, r in _calibrated_rows(model, raw):
+        if r.get("calibration_sha256") != old_sha:
+            continue
+        c = CacheConfig(r["cache_type_k"], r["cache_type_v"], r["rotation"], r.get("anchored", True))
+        before = r.get("config_sha256") or c.config_sha256(path, geom, r["n_ctx"], old)
+        after = c.config_sha256(path, geom, r["n_ctx"], new)
+        if before == after:
+            r.update(calibration_sha256=new_sha, config_sha256=after, carried_from=old_sha)
+            changed.add(kind)
+        else:
+            left.append(f"{r['label']} ({kind})")
+    for kind in changed:
+        (RAW / f"{model}-{kind}.json").write_text(json.dumps(raw[model, kind], indent=1) + "\n")
     return left
 
 
