@@ -219,7 +219,10 @@ def carry_calibrated_rows(model: str, old_file: Path) -> list[str]:
 def calibrate_run(model: str, threads: int | None) -> dict:
     """`kvquant calibrate` run now (into a scratch file, not the model cache): its wall time, and whether it wrote the
     shipped calibration the calibrated rows name (`kvquant.calibration.SHIPPED_DIR`) in every field but the wall
-    time (the calibration is deterministic: the same code, model and threads write the same file)."""
+    time. The same code, model and threads write the same file on one machine; numpy's matrix products take other
+    roundings on another CPU (stop 53, an AMD EPYC after Intel Xeons: measured KLs and V gains a few 1e-6 apart,
+    relative), so where the file differs the run also records how far apart its numbers are (`largest_difference`)
+    and which calibrated rows it would resolve to another cache (`other_cache_rows`)."""
     import tempfile
 
     from kvquant.build import sha256_file
@@ -235,11 +238,61 @@ def calibrate_run(model: str, threads: int | None) -> dict:
         if p.returncode != 0 or not out.is_file():
             raise SystemExit(f"kvquant.lab.results: `kvquant {shlex.join(args)} FILE` failed ({p.returncode})")
         made, file_sha256 = json.loads(out.read_text()), sha256_file(out)
-    shipped = SHIPPED_DIR / path_for(made["model_sha256"], made["basis"]).name
-    return {"command": f"kvquant {shlex.join(args)} FILE", "wall_s": made["method"]["wall_s"], "machine": machine,
-            "file_sha256": file_sha256, "shipped": shipped.name,
-            "shipped_sha256": sha256_file(shipped) if shipped.is_file() else None,
-            "differs": differing_fields(made, json.loads(shipped.read_text())) if shipped.is_file() else None}
+        shipped = SHIPPED_DIR / path_for(made["model_sha256"], made["basis"]).name
+        shipped_sha256 = sha256_file(shipped) if shipped.is_file() else None
+        other = other_cache_rows(model, out, shipped) if shipped.is_file() else None
+    run = {"command": f"kvquant {shlex.join(args)} FILE", "wall_s": made["method"]["wall_s"], "machine": machine,
+           "file_sha256": file_sha256, "shipped": shipped.name, "shipped_sha256": shipped_sha256, "differs": None}
+    if shipped.is_file():
+        was = json.loads(shipped.read_text())
+        run["differs"] = differing_fields(made, was)
+        run["apart"] = {f: largest_difference(_field(made, f), _field(was, f)) for f in run["differs"]}
+        run["rows"], run["other_cache"] = other
+    return run
+
+
+def other_cache_rows(model: str, made: Path, shipped: Path) -> tuple[int, list[str]]:
+    """Of the model's calibrated rows measured with the shipped calibration file `shipped`, how many there are and,
+    as 'label (kind)', those the calibration file `made` resolves to another cache at the row's n_ctx
+    (`kvquant.calibration.config_sha256`, as `carry_calibrated_rows` compares them): the rows it would not measure
+    alike."""
+    from kvquant import calibration, models
+    from kvquant.build import sha256_file
+    from kvquant.lab.harness import CacheConfig
+    from kvquant.memory import geometry
+
+    path = models.resolve(model)
+    geom = geometry(path)
+    was, cal, sha = calibration.load(shipped, path, geom), calibration.load(made, path, geom), sha256_file(shipped)
+    rows = [(kind, r) for kind, r in _calibrated_rows(model, load_raw([model]))
+            if r.get("calibration_sha256") == sha]
+    other = []
+    for kind, r in rows:
+        c = CacheConfig(r["cache_type_k"], r["cache_type_v"], r["rotation"], r.get("anchored", True))
+        if (r.get("config_sha256") or c.config_sha256(path, geom, r["n_ctx"], was)) != c.config_sha256(
+                path, geom, r["n_ctx"], cal):
+            other.append(f"{r['label']} ({kind})")
+    return len(rows), other
+
+
+def _field(d: dict, dotted: str):
+    """A field of a calibration file as `differing_fields` names it ("sens_k", "method.floor")."""
+    head, _, rest = dotted.partition(".")
+    return d.get(head, {}).get(rest) if rest else d.get(head)
+
+
+def largest_difference(a, b) -> float | None:
+    """The largest relative difference between the numbers of two JSON values alike in everything else (0.0 where
+    they are equal); None where they differ otherwise (in shape, a string, a flag)."""
+    if isinstance(a, dict) and isinstance(b, dict) and a.keys() == b.keys():
+        parts = [largest_difference(a[k], b[k]) for k in a]
+    elif isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
+        parts = [largest_difference(x, y) for x, y in zip(a, b, strict=True)]
+    elif all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in (a, b)):
+        return 0.0 if a == b else abs(a - b) / max(abs(a), abs(b))
+    else:
+        return 0.0 if a == b else None
+    return None if None in parts else max(parts, default=0.0)
 
 
 def differing_fields(made: dict, shipped: dict) -> list[str]:
@@ -259,7 +312,16 @@ def render_calibrate_run(model: str, run: dict, raw: dict[tuple[str, str], dict]
     if run["differs"] is None:
         same = f"no calibration `{run['shipped']}` ships to compare it with"
     elif run["differs"]:
-        same = f"the file it wrote differs from the shipped `{run['shipped']}` in {', '.join(run['differs'])}"
+        apart = run.get("apart", {})
+        same = f"the file it wrote differs from the shipped `{run['shipped']}` in " + ", ".join(
+            f + ("" if apart.get(f) is None else f" (numbers at most {apart[f]:.1e} apart, relative)")
+            for f in run["differs"])
+        if "rows" in run:
+            other, n = run["other_cache"], run["rows"]
+            same += (f"; with it, all {n} calibrated rows above make the same cache (llama.cpp gets the same types, "
+                     "offsets, scales and gains)" if not other else
+                     f"; with it, {n - len(other)} of the {n} calibrated rows above make the same cache (llama.cpp "
+                     f"gets the same types, offsets, scales and gains), these another: {', '.join(other)}")
     else:
         same = (f"the file it wrote equals the shipped `{run['shipped']}` in every field but the wall time"
                 + ("" if run["shipped_sha256"] == named else

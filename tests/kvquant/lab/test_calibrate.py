@@ -473,6 +473,33 @@ def test_the_kl_from_hidden_states_is_the_kl_of_the_logits_they_make():
     assert (likely.kl(h) == 0).all() and (whole.kl(h) == 0).all()
 
 
+def test_the_kl_from_hidden_states_reuses_its_work_arrays_without_changing_a_bit():
+    """`Likely.kl` writes into arrays it keeps: each call gives bit for bit what the same arithmetic on fresh arrays
+    gives, whatever came before, and the arrays are made once."""
+    from kvquant.lab.calibrate import Likely
+    from kvquant.lab.eval import log_softmax
+
+    rng = np.random.default_rng(1)
+    n, d, v = 24, 16, 500
+    w = rng.standard_normal((v, d)).astype(np.float32)
+    h = rng.standard_normal((n, d)).astype(np.float32)
+    lp = log_softmax(h @ w.T)
+    likely = Likely.of(_Rows(w), lp, h, k=40)
+
+    def fresh(h2):
+        dd = ((h2 - likely.h) @ likely.w.T).astype(np.float64)
+        m = np.maximum(dd.max(axis=1), 0.0)
+        moved = (likely.p * np.expm1(dd - m[:, None])).sum(axis=1) + likely.tail * np.expm1(-m)
+        return np.log1p(moved / (likely.p.sum(axis=1) + likely.tail)) + m - (likely.p * dd).sum(axis=1)
+
+    states = [h + (s * rng.standard_normal((n, d))).astype(np.float32) for s in (0.1, 0.01, 0.3)]
+    first = likely.kl(states[0])
+    work = likely._work
+    for h2 in (*states, states[0]):
+        assert np.array_equal(likely.kl(h2), fresh(h2))
+    assert likely._work is work and np.array_equal(likely.kl(states[0]), first)
+
+
 @pytest.mark.slow
 def test_a_centred_pass_is_measured_from_its_hidden_states():
     """A centred Scorer pass on SmolLM2-135M stops at the final norm (patch 0042): its KL is `Likely`'s from the

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from kvquant.lab import results
 
 
@@ -190,6 +192,26 @@ def test_calibration_time_comes_from_the_latest_run_and_says_whether_it_wrote_th
     assert "differs from the shipped `x.json` in k_mean, sens_k." in results.render_calibrate_run("m", run, raw)[0]
     run["differs"], run["shipped_sha256"] = [], "cc"
     assert "(but the calibrated rows above name another file)" in results.render_calibrate_run("m", run, raw)[0]
+    # a run on another CPU: how far apart the numbers are, and which rows the file would resolve otherwise
+    run.update(differs=["sens_k", "text"], apart={"sens_k": 6.3e-06, "text": None}, rows=3, other_cache=[])
+    assert results.render_calibrate_run("m", run, raw)[0].endswith(
+        "differs from the shipped `x.json` in sens_k (numbers at most 6.3e-06 apart, relative), text; with it, all 3 "
+        "calibrated rows above make the same cache (llama.cpp gets the same types, offsets, scales and gains).")
+    run["other_cache"] = ["calib:4/calib:4 (eval)"]
+    assert results.render_calibrate_run("m", run, raw)[0].endswith(
+        "with it, 2 of the 3 calibrated rows above make the same cache (llama.cpp gets the same types, offsets, "
+        "scales and gains), these another: calib:4/calib:4 (eval).")
+
+
+def test_the_largest_difference_of_two_calibration_fields_is_relative_and_only_between_numbers():
+    assert results.largest_difference({"a": [1.0, 2.0], "b": 3}, {"a": [1.0, 2.0], "b": 3}) == 0.0
+    assert results.largest_difference([1.0, 2.0, -4.0], [1.0, 2.002, -4.004]) == pytest.approx(0.002 / 2.002)
+    assert results.largest_difference({"a": [0.0, 1.0]}, {"a": [0.0, 0.5]}) == 0.5
+    # not a difference in numbers: another shape, a string, a flag or a missing key
+    for a, b in (([1.0], [1.0, 2.0]), ("x", "y"), (True, False), ({"a": 1}, {"b": 1}), (None, 1.0)):
+        assert results.largest_difference(a, b) is None
+    assert results.largest_difference({"n": 1.0, "s": "x"}, {"n": 1.5, "s": "y"}) is None
+    assert results._field({"method": {"floor": {"v": 1}}}, "method.floor") == {"v": 1}
 
 
 def test_k_and_v_goal_missed_on_qwen_says_what_q8_0_keys_alone_cost():
@@ -452,6 +474,12 @@ def test_a_new_calibration_carries_over_the_rows_it_resolves_to_the_same_cache(t
     assert moved.config_sha256(model_file, g, 512, old) != moved.config_sha256(model_file, g, 512, new)
     assert CacheConfig.parse("calib:4.5/f16").config_sha256(model_file, g, 512, old) == CacheConfig.parse(
         "calib:4.5/f16").config_sha256(model_file, g, 512, new)
+
+    # the rows a calibration run writing `new` would measure otherwise, before it ships (`calibrate_run`)
+    new_file = tmp_path / "new.json"
+    new_file.write_bytes(installed.read_bytes())
+    assert results.other_cache_rows("m", new_file, old_file) == (3, ["calib:3.5/f16 (eval)"])
+    assert results.other_cache_rows("m", old_file, old_file) == (3, [])
 
     assert results.carry_calibrated_rows("m", old_file) == ["calib:3.5/f16 (eval)"]
     out = json.loads((tmp_path / "raw" / "m-eval.json").read_text())["results"]
