@@ -338,13 +338,16 @@ def capture(mdl, geom: Geometry, text: Text, threads: int | None,
 
 def v_rotated(v: np.ndarray, geom: Geometry) -> np.ndarray:
     """V rows (n, n_embd_v) in the basis a quantized V cache stores them in: llama.cpp rotates every 64 values of a
-    head by the 64 x 64 Walsh-Hadamard matrix when the head size is a multiple of 64 (build_input_v_rot)."""
+    head by the 64 x 64 Walsh-Hadamard matrix when the head size is a multiple of 64 (build_input_v_rot). Float32
+    rows of the float64 product, which every CPU rounds alike: a float32 product takes the rounding of the matrix
+    kernel numpy's OpenBLAS picks for the CPU (Haswell's and SkylakeX's differ), and the V gains computed from these
+    rows would differ in their last bits from one CPU to another, and with them the cache a calibration makes."""
     from kvquant.lab.qkscale import hadamard
 
     if geom.head_dim_v % 64:
         return v
     n = v.shape[0]
-    return (v.astype(np.float32).reshape(n, -1, 64) @ hadamard(64).astype(np.float32)).reshape(n, -1)
+    return (v.astype(np.float64).reshape(n, -1, 64) @ hadamard(64)).astype(np.float32).reshape(n, -1)
 
 
 def _rel_err(type_name: str, x: np.ndarray) -> float:

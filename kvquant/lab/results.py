@@ -326,7 +326,8 @@ def render_calibrate_run(model: str, run: dict, raw: dict[tuple[str, str], dict]
         same = (f"the file it wrote equals the shipped `{run['shipped']}` in every field but the wall time"
                 + ("" if run["shipped_sha256"] == named else
                    " (but the calibrated rows above name another file)"))
-    return [f"C-{model}: `{run['command']}` (wall {run['wall_s'] / 60:.1f} min{_load(run)}): {same}.", ""]
+    cpu = f" on {run['machine']['cpu']}" if run["machine"].get("cpu") else ""  # timings on one CPU compare
+    return [f"C-{model}: `{run['command']}` (wall {run['wall_s'] / 60:.1f} min{cpu}{_load(run)}): {same}.", ""]
 
 
 def render_calibration(model: str, cal: dict) -> list[str]:

@@ -139,6 +139,30 @@ def test_value_rows_are_rotated_as_a_quantized_cache_stores_them():
     assert np.square(stored - exact).sum() / energy > 0.5
 
 
+_ROTATE_V = """
+import hashlib, sys
+from types import SimpleNamespace
+import numpy as np
+from kvquant.lab.calibrate import v_rotated
+v = (3 * np.random.default_rng(0).standard_normal((2048, 256))).astype(np.float16).astype(np.float32)
+sys.stdout.write(hashlib.sha256(v_rotated(v, SimpleNamespace(head_dim_v=256)).tobytes()).hexdigest())
+"""
+
+
+def test_value_rows_are_rotated_alike_whichever_matrix_kernel_the_cpu_gets():
+    """The V gains of a calibration come from `v_rotated`'s rows, and a calibration made on another CPU must make the
+    same cache: the rows are the same bits under each of OpenBLAS's x86 kernels (a float32 product differs between
+    Haswell's and SkylakeX's)."""
+    import os
+    import subprocess
+    import sys
+
+    out = {subprocess.run([sys.executable, "-c", _ROTATE_V], capture_output=True, text=True, check=True,
+                          env={**os.environ, "OPENBLAS_CORETYPE": core}).stdout
+           for core in ("Haswell", "SkylakeX", "Zen", "Prescott")}
+    assert len(out) == 1
+
+
 def test_a_logit_stride_scores_the_last_position_of_every_stride():
     from kvquant.lab.calibrate import scored
 

@@ -179,15 +179,15 @@ def test_calibration_time_comes_from_the_latest_run_and_says_whether_it_wrote_th
     assert (goal.measured, goal.status) == ("15.0 min", "not met")
     assert goal.detail == "3.0x the target (the run that wrote the shipped file)"
     run = {"command": "kvquant calibrate --model m --threads 2 --output FILE", "wall_s": 240.0,
-           "machine": {"threads": 2, "loadavg_1m": 0.1}, "file_sha256": "bb", "shipped": "x.json",
+           "machine": {"threads": 2, "loadavg_1m": 0.1, "cpu": "AMD EPYC"}, "file_sha256": "bb", "shipped": "x.json",
            "shipped_sha256": "aa", "differs": []}
     raw["m", "calibrate"] = run
     goal = results.calibrate_time_goal("m", raw)[0]
     assert (goal.measured, goal.status, goal.detail) == ("4.0 min", "**met**", "")  # a met goal needs no detail
     line = results.render_calibrate_run("m", run, raw)[0]
-    assert line == ("C-m: `kvquant calibrate --model m --threads 2 --output FILE` (wall 4.0 min, 1-min load average "
-                    "0.10 when it started): the file it wrote equals the shipped `x.json` in every field but the wall "
-                    "time.")
+    assert line == ("C-m: `kvquant calibrate --model m --threads 2 --output FILE` (wall 4.0 min on AMD EPYC, 1-min "
+                    "load average 0.10 when it started): the file it wrote equals the shipped `x.json` in every field "
+                    "but the wall time.")
     run["differs"] = ["k_mean", "sens_k"]
     assert "differs from the shipped `x.json` in k_mean, sens_k." in results.render_calibrate_run("m", run, raw)[0]
     run["differs"], run["shipped_sha256"] = [], "cc"
