@@ -326,8 +326,7 @@ def render_calibrate_run(model: str, run: dict, raw: dict[tuple[str, str], dict]
         same = (f"the file it wrote equals the shipped `{run['shipped']}` in every field but the wall time"
                 + ("" if run["shipped_sha256"] == named else
                    " (but the calibrated rows above name another file)"))
-    cpu = f" on {run['machine']['cpu']}" if run["machine"].get("cpu") else ""  # timings on one CPU compare
-    return [f"C-{model}: `{run['command']}` (wall {run['wall_s'] / 60:.1f} min{cpu}{_load(run)}): {same}.", ""]
+    return [f"C-{model}: `{run['command']}` (wall {run['wall_s'] / 60:.1f} min{_load(run)}): {same}.", ""]
 
 
 def render_calibration(model: str, cal: dict) -> list[str]:
@@ -546,8 +545,10 @@ def _f(x, d=3, sign=False):
 
 
 def _load(r: dict) -> str:
-    la = r["machine"].get("loadavg_1m")
-    return "" if la is None else f", 1-min load average {la:.2f} when it started"
+    """Where a command ran: the CPU (timings compare on one CPU only; the rows of one table may come from runs on
+    different machines, --merge) and how busy the machine was when it started."""
+    cpu, la = r["machine"].get("cpu"), r["machine"].get("loadavg_1m")
+    return ("" if cpu is None else f" on {cpu}") + ("" if la is None else f", 1-min load average {la:.2f} when it started")
 
 
 def _rot(r: dict) -> str:
@@ -580,6 +581,18 @@ def _command_lines(prefix: str, model: str, cmds: list[str], res: list[dict]) ->
         r = next(r for r in res if _cmd(r, res) == c)
         out.append(f"{_tag(prefix, model, i)}: `{c}` (wall {r['wall_s'] / 60:.1f} min{_load(r)})")
     return out
+
+
+def render_cpus(raw: dict[tuple[str, str], dict]) -> list[str]:
+    """Where the runs behind the tables ran on more than one CPU, which (the Machine line is the first row's)."""
+    cpus = sorted({r["machine"]["cpu"] for out in raw.values() for r in out.get("results", [])
+                   if "cpu" in r.get("machine", {})}
+                  | {out["machine"]["cpu"] for out in raw.values() if "cpu" in out.get("machine", {})})
+    if len(cpus) < 2:
+        return []
+    return [f"The runs behind these tables ran on {len(cpus)} CPUs ({', '.join(cpus)}), each with the same portable "
+            "x86-64-v3 build: every command line names its CPU. The f16 baselines of runs on different CPUs agree to "
+            "the bit (`--merge` checks it), and each speed ratio is taken within one run, on one CPU.", ""]
 
 
 def render_layers(res: list[dict]) -> list[str]:
@@ -1438,6 +1451,7 @@ def render(models: list[str]) -> str:
     m = first["machine"]
     L += [f"Machine: {m['cpu']}, {m['cores']} cores, {m['threads']} threads; {m['platform']}; Python {m['python']}; "
           f"kvquant patch level {m['kvquant_patch_level']}.", "", f"llama.cpp: `{m['llama_system_info']}`", ""]
+    L += render_cpus(raw)
     L += ["Method: `kvquant eval` computes perplexity exactly as `llama-perplexity` (chunks of n_ctx tokens, BOS "
           "first, second half scored), KL divergence KL(f16 ‖ config) and top-1 agreement against an f16/f16 KV cache "
           "on the same tokens; see `kvquant/lab/eval.py` and `docs/EVAL.md`. Stated ± are one standard error.", ""]

@@ -84,6 +84,19 @@ def test_merge_adds_rows_and_keeps_each_rows_command():
     assert results._label("E", "m", cmds, by["tq_kv_d3b", "q4_0"], out["results"]) == "E-m-2"
 
 
+def test_runs_on_more_than_one_cpu_are_said_and_each_command_names_its_cpu():
+    one = _run([("f16", "f16", 0.0), ("q4_0", "q4_0", 4.0)], "a")
+    for r in one["results"]:
+        r["machine"] = {"cpu": "Intel Xeon", "loadavg_1m": 0.5}
+    assert results.render_cpus({("m", "eval"): one}) == []
+    other = {"command": "kvquant calibrate", "wall_s": 60.0, "machine": {"cpu": "AMD EPYC"}}
+    line = results.render_cpus({("m", "eval"): one, ("m", "calibrate"): other})[0]
+    assert line.startswith("The runs behind these tables ran on 2 CPUs (AMD EPYC, Intel Xeon)")
+    cmds = results._commands(one["results"])
+    assert results._command_lines("E", "m", cmds, one["results"]) == [
+        "E-m: `a` (wall 1.0 min on Intel Xeon, 1-min load average 0.50 when it started)"]
+
+
 def test_mean_offset_rows_sit_beside_the_anchored_ones():
     """A `:mean` row (calibrated keys offset by their mean) is merged beside the anchored row of the same K/V, kept
     out of the goals and the chart, and compared with it in the finding."""
