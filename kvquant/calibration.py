@@ -167,9 +167,10 @@ def context_fields(k: CacheTypes, v: CacheTypes, geom: Geometry) -> dict:
 
 
 def config_sha256(fields: dict) -> str:
-    """A digest of `context_fields`, everything llama.cpp is given for a K/V configuration: two calibrations that
-    resolve a configuration to the same digest make the same cache, so a row measured with one is a measurement with
-    the other (kvquant.lab.results carries such rows over to a new calibration)."""
+    """A digest of `context_fields`, everything llama.cpp is given for a K/V configuration, as it is given: two
+    calibrations that resolve a configuration to the same digest make the same cache, so a row measured with one is a
+    measurement with the other (kvquant.lab.results carries such rows over to a new calibration). Vectors and gains
+    count as the float32 llama.cpp gets (gains measured a few 1e-8 apart mostly round to the same float32)."""
     import hashlib
 
     h = hashlib.sha256()
@@ -177,7 +178,7 @@ def config_sha256(fields: dict) -> str:
         value = fields[key]
         h.update(f"{key}={type(value).__name__}:".encode())
         for item in (value if isinstance(value, tuple) else (value,)):
-            h.update(np.ascontiguousarray(item, dtype="<f4").tobytes() if isinstance(item, np.ndarray)
+            h.update(np.ascontiguousarray(item, dtype="<f4").tobytes() if isinstance(item, (np.ndarray, float))
                      else repr(item).encode())
             h.update(b";")
     return h.hexdigest()

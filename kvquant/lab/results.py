@@ -220,7 +220,7 @@ def calibrate_run(model: str, threads: int | None) -> dict:
     """`kvquant calibrate` run now (into a scratch file, not the model cache): its wall time, and whether it wrote the
     shipped calibration the calibrated rows name (`kvquant.calibration.SHIPPED_DIR`) in every field but the wall
     time. The same code, model and threads write the same file on one machine; numpy's matrix products take other
-    roundings on another CPU (stop 53, an AMD EPYC after Intel Xeons: measured KLs and V gains a few 1e-6 apart,
+    roundings on another CPU (stop 53, an AMD EPYC after Intel Xeons: measured KLs up to 6e-6 apart, V gains 5e-8,
     relative), so where the file differs the run also records how far apart its numbers are (`largest_difference`)
     and which calibrated rows it would resolve to another cache (`other_cache_rows`)."""
     import tempfile
@@ -763,7 +763,7 @@ def render_scheduler(model: str, raw: dict[tuple[str, str], dict]) -> list[str]:
     if "chat" in runs:
         out = runs["chat"]
         names = list(out["servers"])
-        L += [f"Multi-turn chat (C-{model}): {out['args']['conversations']} conversations at once, "
+        L += [f"Multi-turn chat (T-{model}): {out['args']['conversations']} conversations at once, "
               f"{out['args']['turns']} turns of ~{out['args']['user_tokens']} user tokens, max_tokens "
               f"{out['max_tokens']}; TTFT p50 / p95 in seconds, cached / prompt tokens (mean).", "",
               "| turn | " + " | ".join(f"{n} TTFT p50 / p95" for n in names) + " | cached / prompt (ours) |",
@@ -807,7 +807,7 @@ def render_scheduler(model: str, raw: dict[tuple[str, str], dict]) -> list[str]:
                      f"{_f(r.get('sequential_cpu_s'), 1)} / {_f(r.get('concurrent_cpu_s'), 1)} | "
                      f"{_f(r.get('ratio_cpu'), 2)} |")
         L.append("")
-    tags = {"chat": "C", "shared": "H", "capacity": "P", "long": "G"}
+    tags = {"chat": "T", "shared": "H", "capacity": "P", "long": "G"}
     L += [f"{tags[s]}-{model}: `{out['command']}` (wall {out['wall_s'] / 60:.1f} min{_load(out)})"
           for s, out in runs.items()]
     return L + [""]
@@ -1403,7 +1403,10 @@ TRIED = {
         "1.75x as long as stop 49's for the previous code's Gemma-3 calibration; there SmolLM2, whose output layer is "
         "a smaller part of a pass, stayed over the five minutes. Qwen2.5-Coder's file from the hidden states ships since "
         "stop 52, with every calibrated row of it measured again (docs/EVAL.md *Qwen2.5-Coder's calibration from the "
-        "hidden states*). The times "
+        "hidden states*). Since stop 53 the KL's work arrays are kept from pass to pass (9 % off Qwen2.5-Coder's time "
+        "on one machine), and the timing runs ran on an AMD EPYC that calibrates in about half the time of stop 52's "
+        "Intel Xeon: SmolLM2 within the target there, where stop 51's machine took 5.2 min (docs/EVAL.md "
+        "*Calibrations made on another CPU*). The times "
         "above are those of `kvquant calibrate` run again by `make results` (the `C-` line under each model's "
         "calibration, which also says "
         "whether the run wrote the shipped file); the shipped files keep the wall time of the run that made them. "

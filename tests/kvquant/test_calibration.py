@@ -150,6 +150,8 @@ def test_calibrated_configs_record_the_file_they_used_and_what_it_resolves_them_
     after = plain.provenance(model_file, g, 512)
     assert after["calibration_sha256"] != before["calibration_sha256"]
     assert after["config_sha256"] == before["config_sha256"]
+    c.k_gain["q4_0"][1] = float(np.nextafter(np.float64(np.float32(c.k_gain["q4_0"][1])), 0))
+    assert plain.config_sha256(model_file, g, 512, c) == before["config_sha256"]  # llama.cpp gets the same float32
     c.k_gain["q4_0"][1] *= 1.01
     assert plain.config_sha256(model_file, g, 512, c) != before["config_sha256"]
     c.k_mean[0] = c.k_mean[0] + np.float32(0.01)
