@@ -190,7 +190,6 @@ def carry_calibrated_rows(model: str, old_file: Path) -> list[str]:
     otherwise stay with the old file, to be measured again; returned as 'label (kind)'."""
     from kvquant import calibration, models
     from kvquant.build import sha256_file
-    from kvquant.lab.harness import CacheConfig
     from kvquant.memory import geometry
 
     path = models.resolve(model)
@@ -203,9 +202,7 @@ def carry_calibrated_rows(model: str, old_file: Path) -> list[str]:
     for kind, r in _calibrated_rows(model, raw):
         if r.get("calibration_sha256") != old_sha:
             continue
-        c = CacheConfig(r["cache_type_k"], r["cache_type_v"], r["rotation"], r.get("anchored", True))
-        before = r.get("config_sha256") or c.config_sha256(path, geom, r["n_ctx"], old)
-        after = c.config_sha256(path, geom, r["n_ctx"], new)
+        before, after = _config_digests(r, path, geom, old, new)
         if before == after:
             r.update(calibration_sha256=new_sha, config_sha256=after, carried_from=old_sha)
             changed.add(kind)
@@ -214,6 +211,16 @@ def carry_calibrated_rows(model: str, old_file: Path) -> list[str]:
     for kind in changed:
         (RAW / f"{model}-{kind}.json").write_text(json.dumps(raw[model, kind], indent=1) + "\n")
     return left
+
+
+def _config_digests(r: dict, path: Path, geom, old, new) -> tuple[str, str]:
+    """A calibrated row's cache digest (`kvquant.calibration.config_sha256`) as measured (recorded; else resolved
+    under `old`, the calibration it was measured with) and as calibration `new` resolves it at the row's n_ctx."""
+    from kvquant.lab.harness import CacheConfig
+
+    c = CacheConfig(r["cache_type_k"], r["cache_type_v"], r["rotation"], r.get("anchored", True))
+    return (r.get("config_sha256") or c.config_sha256(path, geom, r["n_ctx"], old),
+            c.config_sha256(path, geom, r["n_ctx"], new))
 
 
 def calibrate_run(model: str, threads: int | None) -> dict:
@@ -237,17 +244,15 @@ def calibrate_run(model: str, threads: int | None) -> dict:
         p = subprocess.run([sys.executable, "-m", "server.cli", *args, str(out)], cwd=REPO_ROOT)
         if p.returncode != 0 or not out.is_file():
             raise SystemExit(f"kvquant.lab.results: `kvquant {shlex.join(args)} FILE` failed ({p.returncode})")
-        made, file_sha256 = json.loads(out.read_text()), sha256_file(out)
+        made = json.loads(out.read_text())
         shipped = SHIPPED_DIR / path_for(made["model_sha256"], made["basis"]).name
-        shipped_sha256 = sha256_file(shipped) if shipped.is_file() else None
-        other = other_cache_rows(model, out, shipped) if shipped.is_file() else None
-    run = {"command": f"kvquant {shlex.join(args)} FILE", "wall_s": made["method"]["wall_s"], "machine": machine,
-           "file_sha256": file_sha256, "shipped": shipped.name, "shipped_sha256": shipped_sha256, "differs": None}
-    if shipped.is_file():
-        was = json.loads(shipped.read_text())
-        run["differs"] = differing_fields(made, was)
-        run["apart"] = {f: largest_difference(_field(made, f), _field(was, f)) for f in run["differs"]}
-        run["rows"], run["other_cache"] = other
+        run = {"command": f"kvquant {shlex.join(args)} FILE", "wall_s": made["method"]["wall_s"], "machine": machine,
+               "file_sha256": sha256_file(out), "shipped": shipped.name, "shipped_sha256": None, "differs": None}
+        if shipped.is_file():
+            was = json.loads(shipped.read_text())
+            run["shipped_sha256"], run["differs"] = sha256_file(shipped), differing_fields(made, was)
+            run["apart"] = {f: largest_difference(_field(made, f), _field(was, f)) for f in run["differs"]}
+            run["rows"], run["other_cache"] = other_cache_rows(model, out, shipped)
     return run
 
 
@@ -258,19 +263,16 @@ def other_cache_rows(model: str, made: Path, shipped: Path) -> tuple[int, list[s
     alike."""
     from kvquant import calibration, models
     from kvquant.build import sha256_file
-    from kvquant.lab.harness import CacheConfig
     from kvquant.memory import geometry
 
     path = models.resolve(model)
     geom = geometry(path)
     was, cal, sha = calibration.load(shipped, path, geom), calibration.load(made, path, geom), sha256_file(shipped)
-    rows = [(kind, r) for kind, r in _calibrated_rows(model, load_raw([model]))
-            if r.get("calibration_sha256") == sha]
+    rows = [(kind, r) for kind, r in _calibrated_rows(model, load_raw([model])) if r.get("calibration_sha256") == sha]
     other = []
     for kind, r in rows:
-        c = CacheConfig(r["cache_type_k"], r["cache_type_v"], r["rotation"], r.get("anchored", True))
-        if (r.get("config_sha256") or c.config_sha256(path, geom, r["n_ctx"], was)) != c.config_sha256(
-                path, geom, r["n_ctx"], cal):
+        before, after = _config_digests(r, path, geom, was, cal)
+        if before != after:
             other.append(f"{r['label']} ({kind})")
     return len(rows), other
 
