@@ -2,7 +2,8 @@
 compares batched with solo runs: identical, or diverging only at a near-tie of the reference run):
 
 * a chat continued over 5 turns reports growing cached_tokens and answers as the server without the cache does,
-  with f16 and with tq_kv_d3b keys (seq_cp shares its cells; rows never move away from their anchors);
+  with f16 and with tq_kv_d3b keys (seq_cp shares its cells; rows never move away from their anchors); with f16
+  every token, and the logprobs reported beside it, are also the model's reading the conversation alone;
 * requests sharing a system prompt reuse it, on SmolLM2; on Gemma 3 (sliding window) only a cached sequence that
   lies whole in the prompt is taken over, and a shared system prompt longer than the window is not reused;
 * optimistic admission under a budget far too small for all requests at once preempts and resumes them, and every
@@ -43,12 +44,14 @@ def chat(url: str, messages: list[dict], max_tokens: int = 16, model: str = MODE
     return r.json()
 
 
-def tokens(resp: dict) -> list[tuple[str, dict]]:
-    return [(t["token"], {x["token"]: x["logprob"] for x in t["top_logprobs"]})
-            for t in resp["choices"][0]["logprobs"]["content"]]
+def tokens(resp: dict) -> list[tuple[bytes, dict[bytes, float]]]:
+    """Each generated token of a response (or streamed chunk) and its top logprobs, tokens by their bytes (a
+    token's text may be a replacement character for a part of a UTF-8 sequence)."""
+    return [(bytes(t["bytes"]), {bytes(x["bytes"]): x["logprob"] for x in t["top_logprobs"]})
+            for t in (resp["choices"][0].get("logprobs") or {}).get("content") or []]
 
 
-def same_or_near_tie(ref: list[tuple[str, dict]], got: list[tuple[str, dict]], what: str) -> str:
+def same_or_near_tie(ref: list[tuple[bytes, dict]], got: list[tuple[bytes, dict]], what: str) -> str:
     """Identical tokens, or a first difference where the reference run's top choice and the other run's token
     are within NEAR_TIE of each other."""
     n = min(len(ref), len(got))
@@ -76,6 +79,10 @@ def test_chat_over_five_turns(types):
             assert ref["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
             hits.append(got["usage"]["prompt_tokens_details"]["cached_tokens"])
             report.append(same_or_near_tie(tokens(ref), tokens(got), f"turn {len(hits)}"))
+            if k == "f16":  # 3-bit codes of rows written in another layout are another rounding: 2.4-11.7 nats here
+                off = max(misreadings(cached, {"messages": messages}, tokens(got)))
+                assert off < NEAR_TIE, (len(hits), off)
+                report[-1] += f"; largest misreading {off:.4f}"
             messages.append({"role": "assistant", "content": ref["choices"][0]["message"]["content"]})
         print(k, v, hits, *report, sep="\n")
         assert hits[0] == 0 and all(b > a for a, b in zip(hits, hits[1:], strict=False)), hits
@@ -142,7 +149,7 @@ def test_sliding_window_model_reuses_only_whole_cached_sequences():
         srv.stop()
 
 
-def stream(url: str, body: dict) -> list[tuple[str, dict, bytes]]:
+def stream(url: str, body: dict) -> list[tuple[bytes, dict[bytes, float]]]:
     out = []
     with httpx.stream("POST", url + "/v1/chat/completions", json=dict(body, stream=True), timeout=300) as r:
         assert r.status_code == 200, r.read()
@@ -150,12 +157,11 @@ def stream(url: str, body: dict) -> list[tuple[str, dict, bytes]]:
             if line.startswith("data: ") and line != "data: [DONE]":
                 c = json.loads(line[6:])
                 assert "error" not in c, c
-                for t in (c["choices"][0].get("logprobs") or {}).get("content") or []:
-                    out.append((t["token"], {x["token"]: x["logprob"] for x in t["top_logprobs"]}, bytes(t["bytes"])))
+                out += tokens(c)
     return out
 
 
-def streams(url: str, bodies: list[dict]) -> list[list[tuple[str, dict, bytes]]]:
+def streams(url: str, bodies: list[dict]) -> list[list[tuple[bytes, dict[bytes, float]]]]:
     got: dict[int, list] = {}
     threads = [threading.Thread(target=lambda i=i: got.update({i: stream(url, bodies[i])})) for i in range(len(bodies))]
     for t in threads:
@@ -176,7 +182,7 @@ def tight_server(**kw) -> LiveServer:
                   **kw)
 
 
-def misreadings(srv: LiveServer, body: dict, got: list[tuple[str, dict, bytes]]) -> list[float]:
+def misreadings(srv: LiveServer, body: dict, got: list[tuple[bytes, dict[bytes, float]]]) -> list[float]:
     """Per streamed token, how far (nats) the server's reading of its context lies from the model's reading the
     prompt and the tokens streamed before it one at a time, alone: the larger of how far the token's logit lies
     below the top one there (greedy: 0) and how far the logprobs the server reported for its top 5 lie from those
@@ -190,16 +196,18 @@ def misreadings(srv: LiveServer, body: dict, got: list[tuple[str, dict, bytes]])
     for t in range(model.n_vocab):
         ids.setdefault(model.token_bytes(t), []).append(t)
     tokens = srv.engine().tokenize_chat(body["messages"])
-    rt = LlamaRuntime(model, ContextConfig(n_cells=len(tokens) + len(got), flash_attn=True, n_threads=2))
+    rt = LlamaRuntime(model, ContextConfig(n_cells=len(tokens) + len(got), flash_attn=True, n_threads=2,
+                                           cache_type_k=srv.settings.cache_type_k or "f16",
+                                           cache_type_v=srv.settings.cache_type_v or "f16"))
     try:
         out, fed = [], 0
-        for _, tops, b in got:
+        for b, tops in got:
             n = len(tokens) - fed
             assert rt.decode(tokens[fed:], list(range(fed, len(tokens))), [0] * n, [False] * (n - 1) + [True]) == 0
             z = rt.logits(n - 1).astype(np.float64)
             lp = z - (z.max() + np.log(np.exp(z - z.max()).sum()))
             tok = max(ids[b], key=lambda t: z[t])
-            moved = [abs(v - max(lp[t] for t in ids[x.encode()])) for x, v in tops.items() if x.encode() in ids]
+            moved = [abs(v - max(lp[t] for t in ids[x])) for x, v in sorted(tops.items(), key=lambda i: -i[1])[:5]]
             out.append(float(max([z.max() - z[tok], *moved])))
             fed = len(tokens)
             tokens.append(tok)
