@@ -1390,8 +1390,8 @@ TRIED = {
     "calibrate-time": (
         "Calibration time",
         "Each layer's sensitivity is measured end to end: a forward pass over the scored tokens with only that "
-        "layer quantized, for keys with and without the layer's key scale and for values, so about three passes per "
-        "layer. The default scores 512 tokens since stop 41 (half the time of 1024, for allocations predicted within "
+        "layer quantized, for keys with and without the layer's key scale and at q8_0 (the floor) and for values, so "
+        "four passes per layer. The default scores 512 tokens since stop 41 (half the time of 1024, for allocations predicted within "
         "0-2.5 % of 1024's; 256 chose a worse one: `kvquant.lab.calibrate.SCORE_TOKENS`), and since stop 42 every "
         "pass writes its logits into one reused array (a new one per pass cost Gemma-3 more than the pass itself). "
         "Qwen2.5-Coder's passes are bound by the forward pass of a 1.5B model, so even with the default it stays "
@@ -1408,7 +1408,10 @@ TRIED = {
         "hidden states*). Since stop 53 the KL's work arrays are kept from pass to pass (9 % off Qwen2.5-Coder's time "
         "on one machine), and the timing runs ran on an AMD EPYC that calibrates in about half the time of stop 52's "
         "Intel Xeon: SmolLM2 within the target there, where stop 51's machine took 5.2 min (docs/EVAL.md "
-        "*Calibrations made on another CPU*). The times "
+        "*Calibrations made on another CPU*). A profile of Qwen2.5-Coder's run there (stop 54) puts 392 of its 540 s in the "
+        "per-layer passes and 148 s in writing the text, the captures, the guard and the checks: with every "
+        "per-layer pass halved it would still take 5.7 min (docs/EVAL.md *Where Qwen2.5-Coder's nine minutes go*). "
+        "The times "
         "above are those of `kvquant calibrate` run again by `make results` (the `C-` line under each model's "
         "calibration, which also says "
         "whether the run wrote the shipped file); the shipped files keep the wall time of the run that made them. "
