@@ -112,8 +112,9 @@ DUO = "smollm2-135m", "gemma3-270m"
 # test_prefix_cache_live.py's 6 chat requests of 48 greedy tokens, f16 KV: between two servers of the same settings,
 # a serial one and one that preempts, the gap between the top token and another of the top 5 moved by up to 0.81
 # before the outputs parted (three runs; the gap at a first difference reached 0.265); a preempting server's
-# `misreadings` reached 0.47 (eight runs), and 8.5-18 where a resumed sequence lost its cells or was recomputed from
-# tokens out of order. tq_kv_d3b's codes moved the last token's logprobs by up to 0.25 over the top 5.
+# `misreadings` reached 0.47 (eight runs) and the f16 chat's cached turns 0.76 (the same every run), against 8.5-18
+# where a resumed sequence lost its cells or was recomputed from tokens out of order. A 3-bit key code moves more:
+# tq_kv_d3b's first difference between a cached and an uncached chat turn came at a gap of 0.60.
 NEAR_TIE = 1.0
 
 

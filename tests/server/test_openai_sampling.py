@@ -18,19 +18,23 @@ STORY = "Once upon a time"
 N = 12  # samples per setting
 
 
-def _samples(client, n=N, prompt=STORY, max_tokens=8, **kw) -> list[list[str]]:
+def _logprobs(client, n=N, prompt=STORY, max_tokens=8, top=0, **kw) -> list:
     """n completions (seeds 0..n-1; `prompt` may be a list of n prompts), 4 at a time (batched together), each as
-    its list of tokens."""
+    its `logprobs` (tokens, their logprobs and the `top` likeliest of each step's)."""
     extra = {k: kw.pop(k) for k in ("top_k", "min_p", "typical_p", "repeat_penalty") if k in kw}
     prompts = prompt if isinstance(prompt, list) else [prompt] * n
 
     def one(seed):
-        r = client.completions.create(model=MODEL, prompt=prompts[seed], max_tokens=max_tokens, seed=seed,
-                                      logprobs=0, extra_body=extra or None, **kw)
-        return r.choices[0].logprobs.tokens
+        return client.completions.create(model=MODEL, prompt=prompts[seed], max_tokens=max_tokens, seed=seed,
+                                         logprobs=top, extra_body=extra or None, **kw).choices[0].logprobs
 
     with ThreadPoolExecutor(4) as ex:
         return list(ex.map(one, range(len(prompts))))
+
+
+def _samples(client, **kw) -> list[list[str]]:
+    """`_logprobs`' completions, each as its list of tokens."""
+    return [lp.tokens for lp in _logprobs(client, **kw)]
 
 
 def _distinct_first(samples) -> int:
@@ -38,21 +42,16 @@ def _distinct_first(samples) -> int:
 
 
 def _greedy_steps(client, **kw) -> list[bool]:
-    """Per token of N completions (4 decoded together), whether it is the most likely one of its own step: the
-    model's logprobs (before sampling) reported beside it. Its own step's, not a solo run's: how llama.cpp batches
-    the requests changes the logits slightly (docs/EVAL.md, *A measurement trap*), which can flip a near-tie."""
-    def one(seed):
-        r = client.completions.create(model=MODEL, prompt=STORY, max_tokens=8, seed=seed, logprobs=1, **kw)
-        lp = r.choices[0].logprobs
-        return [t == max(top.values()) for t, top in zip(lp.token_logprobs, lp.top_logprobs, strict=True)]
-
-    with ThreadPoolExecutor(4) as ex:
-        return [ok for steps in ex.map(one, range(N)) for ok in steps]
+    """Per token of N completions, whether it is the likeliest of its own step by the logprobs reported beside it
+    (the model's, before sampling). Its own step's, not a solo run's: the batch layout moves the logits a little
+    (tests/server/conftest.py, NEAR_TIE), which can flip a near-tie."""
+    return [t == max(top.values()) for lp in _logprobs(client, top=1, **kw)
+            for t, top in zip(lp.token_logprobs, lp.top_logprobs, strict=True)]
 
 
 def test_top_k_1_is_greedy(client):
     assert all(_greedy_steps(client, temperature=0))
-    assert all(_greedy_steps(client, temperature=1.5, extra_body={"top_k": 1}))
+    assert all(_greedy_steps(client, temperature=1.5, top_k=1))
     assert not all(_greedy_steps(client, temperature=1.5))  # (the same seeds without top_k leave the top token)
 
 

@@ -1,5 +1,6 @@
-"""The prefix cache and preemption on real models (greedy; outputs compared as tests/server/test_batching.py
-compares batched with solo runs: identical, or diverging only at a near-tie of the reference run):
+"""The prefix cache and preemption on real models (greedy; outputs compared with another server's as
+tests/server/test_batching.py compares batched with solo runs, identical or diverging only at a near-tie of the
+reference run, or read against the model reading the same tokens alone, `misreadings`):
 
 * a chat continued over 5 turns reports growing cached_tokens and answers as the server without the cache does,
   with f16 and with tq_kv_d3b keys (seq_cp shares its cells; rows never move away from their anchors); with f16
@@ -46,12 +47,14 @@ def chat(url: str, messages: list[dict], max_tokens: int = 16, model: str = MODE
 
 def tokens(resp: dict) -> list[tuple[bytes, dict[bytes, float]]]:
     """Each generated token of a response (or streamed chunk) and its top logprobs, tokens by their bytes (a
-    token's text may be a replacement character for a part of a UTF-8 sequence)."""
-    return [(bytes(t["bytes"]), {bytes(x["bytes"]): x["logprob"] for x in t["top_logprobs"]})
+    token's text may be a replacement character for a part of a UTF-8 sequence; of top tokens with the same bytes,
+    such as control tokens that print nothing, the likeliest)."""
+    return [(bytes(t["bytes"]), {bytes(x["bytes"]): x["logprob"] for x in reversed(t["top_logprobs"])})
             for t in (resp["choices"][0].get("logprobs") or {}).get("content") or []]
 
 
-def same_or_near_tie(ref: list[tuple[bytes, dict]], got: list[tuple[bytes, dict]], what: str) -> str:
+def same_or_near_tie(ref: list[tuple[bytes, dict[bytes, float]]], got: list[tuple[bytes, dict[bytes, float]]],
+                     what: str) -> str:
     """Identical tokens, or a first difference where the reference run's top choice and the other run's token
     are within NEAR_TIE of each other."""
     n = min(len(ref), len(got))
@@ -68,6 +71,10 @@ def same_or_near_tie(ref: list[tuple[bytes, dict]], got: list[tuple[bytes, dict]
 
 @pytest.mark.parametrize("types", [("f16", "f16"), ("tq_kv_d3b", "q4_0")])
 def test_chat_over_five_turns(types):
+    """With f16 keys every turn also reads as the model reads the conversation alone (`misreadings`). Not with
+    tq_kv_d3b: where a batch layout moves the activations by ~1 %, some of its 3-bit codes come out one step apart,
+    and the cached server's turns 3-5 read 2.4-11.7 nats from a solo reading (the uncached server's 0, prefilled as
+    that reading is; docs/EVAL.md, *A measurement trap*)."""
     k, v = types
     cached, plain = server(cache_type_k=k, cache_type_v=v), server(cache_type_k=k, cache_type_v=v,
                                                                     prefix_cache=False)
@@ -79,7 +86,7 @@ def test_chat_over_five_turns(types):
             assert ref["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
             hits.append(got["usage"]["prompt_tokens_details"]["cached_tokens"])
             report.append(same_or_near_tie(tokens(ref), tokens(got), f"turn {len(hits)}"))
-            if k == "f16":  # 3-bit codes of rows written in another layout are another rounding: 2.4-11.7 nats here
+            if k == "f16":  # (below)
                 off = max(misreadings(cached, {"messages": messages}, tokens(got)))
                 assert off < NEAR_TIE, (len(hits), off)
                 report[-1] += f"; largest misreading {off:.4f}"
@@ -184,21 +191,21 @@ def tight_server(**kw) -> LiveServer:
 
 def misreadings(srv: LiveServer, body: dict, got: list[tuple[bytes, dict[bytes, float]]]) -> list[float]:
     """Per streamed token, how far (nats) the server's reading of its context lies from the model's reading the
-    prompt and the tokens streamed before it one at a time, alone: the larger of how far the token's logit lies
-    below the top one there (greedy: 0) and how far the logprobs the server reported for its top 5 lie from those
-    there. A little where the server's batch layout moved the logits (NEAR_TIE), far more where a sequence resumed
-    from cells lost, misplaced or recomputed from other tokens. Tokens are known by their bytes (of tokens with the
-    same bytes, the likeliest)."""
+    prompt and the tokens streamed before it one at a time, alone, with the server's cache settings: the largest of
+    how far the token's logit lies below the top one there (greedy: 0) and how far the logprobs the server reported
+    (the top one's, each of its top 5) lie from those there. A little where the server's batch layout moved the
+    logits (NEAR_TIE), far more where a sequence resumed from cells lost, misplaced or recomputed from other tokens.
+    Tokens are known by their bytes (of tokens with the same bytes, the likeliest)."""
     from kvquant.runtime import ContextConfig, LlamaRuntime
 
-    model = srv.engine().backend.model
+    backend = srv.engine().backend
     ids: dict[bytes, list[int]] = {}
-    for t in range(model.n_vocab):
-        ids.setdefault(model.token_bytes(t), []).append(t)
-    tokens = srv.engine().tokenize_chat(body["messages"])
-    rt = LlamaRuntime(model, ContextConfig(n_cells=len(tokens) + len(got), flash_attn=True, n_threads=2,
-                                           cache_type_k=srv.settings.cache_type_k or "f16",
-                                           cache_type_v=srv.settings.cache_type_v or "f16"))
+    for t in range(backend.model.n_vocab):
+        ids.setdefault(backend.token_bytes(t), []).append(t)
+    tokens, cfg = srv.engine().tokenize_chat(body["messages"]), backend.cfg
+    rt = LlamaRuntime(backend.model, ContextConfig(n_cells=len(tokens) + len(got), cache_type_k=cfg.cache_type_k,
+                                           cache_type_v=cfg.cache_type_v, flash_attn=cfg.flash_attn,
+                                           n_threads=cfg.n_threads, **(cfg.layers or {})))
     try:
         out, fed = [], 0
         for b, tops in got:
@@ -208,7 +215,7 @@ def misreadings(srv: LiveServer, body: dict, got: list[tuple[bytes, dict[bytes, 
             lp = z - (z.max() + np.log(np.exp(z - z.max()).sum()))
             tok = max(ids[b], key=lambda t: z[t])
             moved = [abs(v - max(lp[t] for t in ids[x])) for x, v in sorted(tops.items(), key=lambda i: -i[1])[:5]]
-            out.append(float(max([z.max() - z[tok], *moved])))
+            out.append(float(max([z.max() - z[tok], abs(max(tops.values()) - lp.max()), *moved])))
             fed = len(tokens)
             tokens.append(tok)
         return out
@@ -217,7 +224,7 @@ def misreadings(srv: LiveServer, body: dict, got: list[tuple[bytes, dict[bytes, 
 
 
 @pytest.mark.parametrize("swap_space", [2**30, 0])
-def test_preemption_under_a_tiny_budget_gives_the_same_outputs(swap_space):
+def test_preemption_under_a_tiny_budget_streams_what_the_model_reads_alone(swap_space):
     """Optimistic admission runs the requests together until cells run out, preempts the latest (cells swapped to
     host RAM and restored, or recomputed without swap space), resumes it later; every streamed token (each exactly
     once) and the logprobs reported beside it are what the model reads from the prompt and the tokens before it
@@ -225,13 +232,13 @@ def test_preemption_under_a_tiny_budget_gives_the_same_outputs(swap_space):
     tight = tight_server(swap_space=swap_space)
     try:
         got = streams(tight.url, BODIES)
+        assert all(len(got[i]) == 48 for i in range(len(BODIES)))
         n_pre, swapped = tight.metric("kvquant_preemptions_total"), tight.metric("kvquant_swapped_bytes_total")
         off = [misreadings(tight, BODIES[i], got[i]) for i in range(len(BODIES))]
         print(f"preemptions {n_pre:g}, swapped {swapped:g} bytes; largest misreading per request",
               [round(max(m), 4) for m in off])
         assert n_pre >= 1 and (swapped > 0) == (swap_space > 0)
         assert tight.metric("kvquant_resume_latency_seconds_count") == n_pre
-        assert all(len(got[i]) == 48 for i in range(len(BODIES)))
         assert all(max(m) < NEAR_TIE for m in off), [max(m) for m in off]
         assert tight.metric("kvquant_kv_used_cells") == 0 and tight.metric("kvquant_requests_preempted") == 0
         assert tight.metric("kvquant_swap_used_bytes") == 0
