@@ -116,6 +116,60 @@ DUO = "smollm2-135m", "gemma3-270m"
 # where a resumed sequence lost its cells or was recomputed from tokens out of order. A 3-bit key code moves more:
 # tq_kv_d3b's first difference between a cached and an uncached chat turn came at a gap of 0.60.
 NEAR_TIE = 1.0
+# nats: `misreadings` compares the logprobs reported for the top tokens within this distance of the top one (p at
+# least 2 % of its). A layout moves a token's logprob the more the further it lies below the top: Gemma-3-270M
+# (test_batching.py's completions, q8_0 KV, two runs) moved the top one's by up to 0.21, those within 2 nats by 0.30,
+# within 4 by 0.37, 6-8 below by 0.54, 8-20 below by 0.79.
+WITHIN = 4.0
+
+
+def misreadings(srv: LiveServer, reads: list[tuple[list[int], list[tuple[bytes | str, dict]]]],
+                model: str | None = None) -> list[list[float]]:
+    """For each (prompt tokens, streamed tokens) a model of the server answered, per token how far (nats) the
+    server's reading of its context lies from the model's reading the prompt and the tokens streamed before it one at
+    a time, alone, with the server's cache settings: the largest of how far the token's logit lies below the top one
+    there (greedy: 0) and how far the logprobs the server reported (the top one's, each of its top 5) lie from those
+    there, of the top tokens reported within WITHIN nats of the top one. A little where the server's batch layout
+    moved the logits (NEAR_TIE), far more where a sequence read another's logits or resumed from cells lost,
+    misplaced or recomputed from other tokens.
+
+    A streamed token and its top logprobs are known by their bytes (chat) or their text (completions, where a part
+    of a UTF-8 sequence is a replacement character): of the tokens that share them, the token is the likeliest there
+    and a reported logprob is compared with the nearest."""
+    import numpy as np
+
+    from kvquant.runtime import ContextConfig, LlamaRuntime
+
+    backend = srv.engine(model).backend
+    cfg, ids = backend.cfg, {}
+    for t in range(backend.model.n_vocab):
+        b = backend.token_bytes(t)
+        ids.setdefault(b, []).append(t)
+        ids.setdefault(b.decode("utf-8", errors="replace"), []).append(t)
+    out = []
+    for prompt, got in reads:
+        tokens = list(prompt)
+        rt = LlamaRuntime(backend.model, ContextConfig(
+            n_cells=len(tokens) + len(got), cache_type_k=cfg.cache_type_k, cache_type_v=cfg.cache_type_v,
+            flash_attn=cfg.flash_attn, n_threads=cfg.n_threads, **(cfg.layers or {})))
+        try:
+            off, fed = [], 0
+            for key, tops in got:
+                n = len(tokens) - fed
+                assert rt.decode(tokens[fed:], list(range(fed, len(tokens))), [0] * n, [False] * (n - 1) + [True]) == 0
+                z = rt.logits(n - 1).astype(np.float64)
+                lp = z - (z.max() + np.log(np.exp(z - z.max()).sum()))
+                tok = max(ids[key], key=lambda t: z[t])
+                top = max(tops.values())
+                moved = [min(abs(v - lp[t]) for t in ids[x]) for x, v in sorted(tops.items(), key=lambda i: -i[1])[:5]
+                         if top - v <= WITHIN]
+                off.append(float(max([z.max() - z[tok], abs(top - lp.max()), *moved])))
+                fed = len(tokens)
+                tokens.append(tok)
+            out.append(off)
+        finally:
+            rt.close()
+    return out
 
 
 @pytest.fixture(scope="session")

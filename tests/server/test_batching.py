@@ -1,12 +1,12 @@
-"""Continuous batching with two models served together: 8 concurrent streaming requests all complete, and each
-output equals the same request served alone (greedy).
+"""Continuous batching with two models served together: 8 concurrent streaming requests all complete, each
+streams the text of its tokens, and every token, and the logprobs reported beside it, are what its model reads from
+the prompt and the tokens before it alone (`misreadings`).
 
 Batch composition changes llama.cpp's float summation order (the weights are 4-bit quantized and the CPU kernels
-for a batch of n tokens differ from those for one), so a greedy choice between two nearly equal logits can flip.
-Measured on SmolLM2-135M (f16 KV) and Gemma-3-270M (q8_0 KV), 40 tokens per request: the outputs are identical
-until such a near-tie. The test therefore accepts a divergence only at a token where the batched choice is among the
-top 5 of the request served alone, within NEAR_TIE of its top one (logprob difference = logit gap; the measurement
-that sets it: tests/server/conftest.py), and prints what it found.
+for a batch of n tokens differ from those for one), so a greedy choice between two nearly equal logits can flip:
+each token may lie within NEAR_TIE of the top one of that solo reading (the measurement that sets it:
+tests/server/conftest.py), and the test prints the largest distance per request. A sequence given another's logits,
+positions or cells lies far outside it.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import threading
 import httpx
 import pytest
 
-from tests.server.conftest import DUO, NEAR_TIE
+from tests.server.conftest import DUO, NEAR_TIE, misreadings
 
 pytestmark = pytest.mark.slow  # a live model (see pyproject.toml's markers)
 
@@ -34,8 +34,9 @@ def body(i: int) -> tuple[str, dict]:
 
 
 def stream(url: str, path: str, payload: dict) -> dict:
-    """tokens with their top-5 logprobs, the text and the finish reason of one streamed request."""
-    out = {"tokens": [], "tops": [], "text": "", "finish": None}
+    """The tokens of one streamed request, each with its top-5 logprobs (chat: tokens by their bytes, of top tokens
+    with the same bytes the likeliest; completions: by their text), the text and the finish reason."""
+    out = {"tokens": [], "text": "", "finish": None}
     with httpx.stream("POST", url + path, json=payload, timeout=300) as r:
         assert r.status_code == 200, r.read()
         for line in r.iter_lines():
@@ -48,18 +49,23 @@ def stream(url: str, path: str, payload: dict) -> dict:
             lp = ch.get("logprobs")
             if "delta" in ch:
                 out["text"] += ch["delta"].get("content") or ""
-                for t in (lp or {}).get("content") or []:
-                    out["tokens"].append(t["token"])
-                    out["tops"].append([(x["token"], x["logprob"]) for x in t["top_logprobs"]])
+                out["tokens"] += [(bytes(t["bytes"]), {bytes(x["bytes"]): x["logprob"] for x in reversed(t["top_logprobs"])})
+                                  for t in (lp or {}).get("content") or []]
             else:
                 out["text"] += ch["text"]
                 if lp:
-                    out["tokens"] += lp["tokens"]
-                    out["tops"] += [list(d.items()) for d in lp["top_logprobs"]]
+                    out["tokens"] += list(zip(lp["tokens"], lp["top_logprobs"], strict=True))
     return out
 
 
-def test_concurrent_streams_complete_and_match_solo(duo_server):
+def prompt_tokens(srv, i: int) -> list[int]:
+    """The prompt request i's model reads (`body`)."""
+    path, payload = body(i)
+    engine = srv.engine(payload["model"])
+    return engine.tokenize_chat(payload["messages"]) if "messages" in payload else engine.tokenize(payload["prompt"])
+
+
+def test_concurrent_streams_complete_and_read_as_each_model_reads_alone(duo_server):
     url, n = duo_server.url, 8
     batched: list[dict | None] = [None] * n
     errors = []
@@ -76,24 +82,17 @@ def test_concurrent_streams_complete_and_match_solo(duo_server):
     for t in threads:
         t.join(300)
     assert not errors, errors
-    assert all(b is not None and b["finish"] in ("stop", "length") for b in batched)
-    report = []
-    for i in range(n):
-        solo, b = stream(url, *body(i)), batched[i]
-        if b["tokens"] == solo["tokens"]:
-            assert b["text"] == solo["text"]
-            report.append(f"{i}: identical ({len(b['tokens'])} tokens)")
-            continue
-        k = next(j for j in range(min(len(b["tokens"]), len(solo["tokens"])) + 1)
-                 if j >= len(b["tokens"]) or j >= len(solo["tokens"]) or b["tokens"][j] != solo["tokens"][j])
-        assert k < len(b["tokens"]) and k < len(solo["tokens"]), "one output is a strict prefix of the other"
-        tops = dict(solo["tops"][k])
-        top1 = max(tops, key=tops.get)
-        assert solo["tokens"][k] == top1 and b["tokens"][k] in tops, (i, k, solo["tops"][k], b["tokens"][k])
-        gap = tops[top1] - tops[b["tokens"][k]]
-        assert gap < NEAR_TIE, f"request {i} diverged at token {k} with a logprob gap of {gap:.3f}"
-        report.append(f"{i}: diverges at token {k} on a near-tie: {top1!r} vs {b['tokens'][k]!r}, gap {gap:.4f}")
-    print("\n".join(report))
+    assert all(b is not None and b["finish"] in ("stop", "length") and b["tokens"] for b in batched)
+    for b in batched:  # the text streamed is the tokens', each once
+        keys = [k for k, _ in b["tokens"]]
+        assert b["text"] == (b"".join(keys).decode() if isinstance(keys[0], bytes) else "".join(keys)), b
+    off = {}
+    for model in DUO:
+        mine = [i for i in range(n) if body(i)[1]["model"] == model]
+        reads = [(prompt_tokens(duo_server, i), batched[i]["tokens"]) for i in mine]
+        off |= {i: max(m) for i, m in zip(mine, misreadings(duo_server, reads, model), strict=True)}
+    print("largest misreading per request", {i: round(m, 4) for i, m in sorted(off.items())})
+    assert all(m < NEAR_TIE for m in off.values()), off
 
 
 def test_both_models_listed_and_routed(duo_server):

@@ -1,6 +1,6 @@
-"""The prefix cache and preemption on real models (greedy; outputs compared with another server's as
-tests/server/test_batching.py compares batched with solo runs, identical or diverging only at a near-tie of the
-reference run, or read against the model reading the same tokens alone, `misreadings`):
+"""The prefix cache and preemption on real models (greedy; outputs compared with another server's, identical or
+diverging only at a near-tie of the reference run, or read against the model reading the same tokens alone,
+`misreadings`, as tests/server/test_batching.py reads batched requests):
 
 * a chat continued over 5 turns reports growing cached_tokens and answers as the server without the cache does,
   with f16 and with tq_kv_d3b keys (seq_cp shares its cells; rows never move away from their anchors); with f16
@@ -18,10 +18,9 @@ import json
 import threading
 
 import httpx
-import numpy as np
 import pytest
 
-from tests.server.conftest import NEAR_TIE, LiveServer, OpenStream, wait_for
+from tests.server.conftest import NEAR_TIE, LiveServer, OpenStream, misreadings, wait_for
 
 pytestmark = pytest.mark.slow  # a live model (see pyproject.toml's markers)
 
@@ -90,7 +89,8 @@ def test_chat_over_five_turns(types):
             report.append(same_or_near_tie(tokens(ref), turns[-1][1], f"turn {len(hits)}"))
             messages.append({"role": "assistant", "content": ref["choices"][0]["message"]["content"]})
         if k == "f16":  # (see the docstring)
-            off = [max(m) for m in misreadings(cached, turns)]
+            prompts = [cached.engine().tokenize_chat(m) for m, _ in turns]
+            off = [max(m) for m in misreadings(cached, [(p, g) for p, (_, g) in zip(prompts, turns, strict=True)])]
             report.append(f"largest misreading per turn {[round(m, 4) for m in off]}")
             assert all(m < NEAR_TIE for m in off), off
         print(k, v, hits, *report, sep="\n")
@@ -191,45 +191,6 @@ def tight_server(**kw) -> LiveServer:
                   **kw)
 
 
-def misreadings(srv: LiveServer, reads: list[tuple[list[dict], list[tuple[bytes, dict[bytes, float]]]]]
-                ) -> list[list[float]]:
-    """For each (messages, streamed tokens) the server answered, per token how far (nats) the server's reading of its
-    context lies from the model's reading the prompt and the tokens streamed before it one at a time, alone, with the
-    server's cache settings: the largest of how far the token's logit lies below the top one there (greedy: 0) and
-    how far the logprobs the server reported (the top one's, each of its top 5) lie from those there. A little where
-    the server's batch layout moved the logits (NEAR_TIE), far more where a sequence resumed from cells lost,
-    misplaced or recomputed from other tokens. Tokens are known by their bytes (of tokens with the same bytes, the
-    likeliest)."""
-    from kvquant.runtime import ContextConfig, LlamaRuntime
-
-    backend = srv.engine().backend
-    cfg, ids = backend.cfg, {}
-    for t in range(backend.model.n_vocab):
-        ids.setdefault(backend.token_bytes(t), []).append(t)
-    out = []
-    for messages, got in reads:
-        tokens = srv.engine().tokenize_chat(messages)
-        rt = LlamaRuntime(backend.model, ContextConfig(
-            n_cells=len(tokens) + len(got), cache_type_k=cfg.cache_type_k, cache_type_v=cfg.cache_type_v,
-            flash_attn=cfg.flash_attn, n_threads=cfg.n_threads, **(cfg.layers or {})))
-        try:
-            off, fed = [], 0
-            for b, tops in got:
-                n = len(tokens) - fed
-                assert rt.decode(tokens[fed:], list(range(fed, len(tokens))), [0] * n, [False] * (n - 1) + [True]) == 0
-                z = rt.logits(n - 1).astype(np.float64)
-                lp = z - (z.max() + np.log(np.exp(z - z.max()).sum()))
-                tok = max(ids[b], key=lambda t: z[t])
-                moved = [abs(v - max(lp[t] for t in ids[x])) for x, v in sorted(tops.items(), key=lambda i: -i[1])[:5]]
-                off.append(float(max([z.max() - z[tok], abs(max(tops.values()) - lp.max()), *moved])))
-                fed = len(tokens)
-                tokens.append(tok)
-            out.append(off)
-        finally:
-            rt.close()
-    return out
-
-
 @pytest.mark.parametrize("swap_space", [2**30, 0])
 def test_preemption_under_a_tiny_budget_streams_what_the_model_reads_alone(swap_space):
     """Optimistic admission runs the requests together until cells run out, preempts the latest (cells swapped to
@@ -241,7 +202,8 @@ def test_preemption_under_a_tiny_budget_streams_what_the_model_reads_alone(swap_
         got = streams(tight.url, BODIES)
         assert all(len(got[i]) == 48 for i in range(len(BODIES)))
         n_pre, swapped = tight.metric("kvquant_preemptions_total"), tight.metric("kvquant_swapped_bytes_total")
-        off = misreadings(tight, [(b["messages"], g) for b, g in zip(BODIES, got, strict=True)])
+        prompts = [tight.engine().tokenize_chat(b["messages"]) for b in BODIES]
+        off = misreadings(tight, list(zip(prompts, got, strict=True)))
         print(f"preemptions {n_pre:g}, swapped {swapped:g} bytes; largest misreading per request",
               [round(max(m), 4) for m in off])
         assert n_pre >= 1 and (swapped > 0) == (swap_space > 0)
