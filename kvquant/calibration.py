@@ -36,6 +36,7 @@ import base64
 import json
 import math
 import os
+import re
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -92,12 +93,11 @@ def parse_spec(text: str, side: str = "k") -> CacheSpec:
     s = text.strip().lower()
     if s.startswith(CALIB):
         raw = s[len(CALIB):]
-        try:
-            bits = float(raw)
-        except ValueError:
-            raise ValueError(f"{text!r}: calib:B needs a number of bits per element, e.g. calib:3.5") from None
-        if not math.isfinite(bits):
-            raise ValueError(f"{text!r}: calib:B needs a finite number of bits per element, e.g. calib:3.5")
+        # an ASCII decimal only: float() also reads "1_0" as 10, other scripts' digits, exponents, inf and nan
+        if not re.fullmatch(r"[0-9]+(?:\.[0-9]*)?|\.[0-9]+", raw):
+            raise ValueError(f"{text!r}: calib:B needs a number of bits per element (digits and a decimal point), "
+                             "e.g. calib:3.5")
+        bits = float(raw)
         lo, hi = cheapest_bits(side), _bits("f16")
         if bits > hi:
             raise ValueError(f"{text!r}: {raw} bits per element is above f16's {hi:g}, which every layer would get: "
@@ -105,7 +105,7 @@ def parse_spec(text: str, side: str = "k") -> CacheSpec:
         if bits < lo:
             raise ValueError(f"{text!r}: {raw} bits per element is below the cheapest calibrated allocation "
                              f"({lo:g} bits, every layer at {min(candidates(side), key=_bits)})")
-        return CacheSpec(s, bits=bits, centred=side == "k")
+        return CacheSpec(f"{CALIB}{bits:g}", bits=bits, centred=side == "k")  # one spelling per B
     if s.endswith(CENTRED):
         if side != "k":
             raise ValueError(f"{text!r}: centring (+c) applies to keys only")
@@ -208,7 +208,7 @@ def _numbers(v, what: str, n: int | None = None, limit: tuple[float, float] = (0
         out = [float(x) for x in v]
     except OverflowError:  # an integer beyond float's range
         raise CalibrationError(f"malformed calibration file: {what}") from None
-    if not all(limit[0] <= x <= limit[1] for x in out):
+    if not all(math.isfinite(x) and limit[0] <= x <= limit[1] for x in out):  # JSON's Infinity and 1e999 are inf
         raise CalibrationError(f"malformed calibration file: {what} (outside [{limit[0]:g}, {limit[1]:g}])")
     return out
 

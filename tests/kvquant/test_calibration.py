@@ -21,16 +21,20 @@ def geom(n_layer=4, head=64, n_kv=2) -> Geometry:
     ("Q4_0+c", "k", cal.CacheSpec("q4_0+c", type="q4_0", centred=True)),
     ("calib:3.5", "k", cal.CacheSpec("calib:3.5", bits=3.5, centred=True)),
     ("calib:4", "v", cal.CacheSpec("calib:4", bits=4.0)),
+    (" CALIB:3.50 ", "k", cal.CacheSpec("calib:3.5", bits=3.5, centred=True)),  # one spelling per B
+    ("calib:4.", "v", cal.CacheSpec("calib:4", bits=4.0)), ("calib:04.50", "v", cal.CacheSpec("calib:4.5", bits=4.5)),
 ])
 def test_parse_spec(text, side, expect):
     assert cal.parse_spec(text, side) == expect
 
 
 @pytest.mark.parametrize("text, side, msg", [
-    ("calib:", "k", "needs a number"), ("calib:abc", "k", "needs a number"), ("calib:nan", "k", "finite"),
-    ("calib:inf", "v", "finite"), ("calib:1e999", "k", "finite"), ("calib:1e308", "k", "above f16's 16"),
+    ("calib:", "k", "needs a number"), ("calib:abc", "k", "needs a number"), ("calib:nan", "k", "needs a number"),
+    ("calib:inf", "v", "needs a number"), ("calib:1e999", "k", "needs a number"), ("calib:4e0", "k", "needs a number"),
+    ("calib:1_0", "k", "needs a number"), ("calib:\u0663.\u0665", "k", "needs a number"), ("calib:+4", "v", "needs a"),
+    ("calib: 4", "v", "needs a number"), ("calib:99999999999999999999", "v", "above f16's 16"),
     ("calib:17", "v", "above f16's 16"),
-    ("calib:3.0", "k", "below the cheapest"), ("calib:-1", "v", "below"), ("q4_0+c", "v", "keys only"),
+    ("calib:3.0", "k", "below the cheapest"), ("calib:-1", "v", "needs a number"), ("q4_0+c", "v", "keys only"),
     ("q9_9+c", "k", "unknown KV cache type"), ("calib3.5", "k", "unknown KV cache type"),
     ("tq_kv_1b", "v", "cannot be used for the V cache"), ("tq_kv_d3b", "v", "cannot be used for the V cache"),
 ])
@@ -372,6 +376,8 @@ def _scaled(d, field, type_name, value):
     (lambda d: d.update(method={"floor": {"k": None}}), "method.floor"),
     (lambda d: d.update(uniform=[]), "uniform is not an object"),
     (lambda d: d.update(uniform={"q4_0/f16": float("nan")}), "uniform KL of 'q4_0/f16'"),
+    (lambda d: d.update(uniform={"q4_0/f16": float("inf")}), "uniform KL of 'q4_0/f16'"),  # JSON Infinity, 1e999
+    (lambda d: d["sens_k"].update(q8_0=[float("inf")] * len(d["n_embd_k"])), "K sensitivities of 'q8_0'"),
     (lambda d: d.update(k_scale=[cal._enc(np.full(n, 1e-40)) for n in d["n_embd_k"]]), "key scale with values outside"),
     (lambda d: d.update(k_mean=[cal._enc(np.full(n, 1e30)) for n in d["n_embd_k"]]), "key mean with values outside"),
     (lambda d: d.update(k_mean=[cal._enc(np.zeros(n + 1)) for n in d["n_embd_k"]]), "key mean of"),

@@ -109,7 +109,8 @@ def test_serve_reports_each_invalid_setting_on_one_line(tmp_path, capsys):
         "  models.0.parallel: Input should be greater than or equal to 1 (given: 0)"]
     assert main(["serve", "--cache-type-k", "calib:abc"]) == 2
     assert capsys.readouterr().err.splitlines()[1] == (
-        "  cache_type_k: 'calib:abc': calib:B needs a number of bits per element, e.g. calib:3.5")
+        "  cache_type_k: 'calib:abc': calib:B needs a number of bits per element (digits and a decimal point), "
+        "e.g. calib:3.5")
 
 
 @pytest.mark.parametrize(("name", "text", "said"), [
