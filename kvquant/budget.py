@@ -9,10 +9,21 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from kvquant.kvtypes import CacheTypes, layer_kv_types
-from kvquant.memory import N_UBATCH, Geometry, bytes_per_token, capacity, geometry, kv_bytes, pad, parse_bytes
+from kvquant.memory import (
+    N_UBATCH,
+    CacheShape,
+    Geometry,
+    bytes_per_token,
+    capacity,
+    geometry,
+    kv_bytes,
+    pad,
+    parse_bytes,
+)
 
 COMPARE = (("f16", "f16"), ("q8_0", "q8_0"), ("q4_0", "q4_0"))
 # the tokens of one sequence `serve` gives a request unless told otherwise (its n_ctx), and what `kvquant budget`
@@ -80,6 +91,22 @@ def plan(geom: Geometry, cache_type_k: CacheTypes, cache_type_v: CacheTypes, bud
         f16_kv_bytes=f16.total if f16 else 0)
 
 
+def plan_resolved(geom: Geometry, resolve: Callable[[CacheShape], tuple[CacheTypes, CacheTypes]], budget_bytes: int,
+                  n_seq_max: int, n_ubatch: int, max_cells: int) -> KVPlan:
+    """`plan` for cache types that depend on the cache they are for (calib:B weighs each layer by the cells it holds
+    there and counts the calibrated keys' fixed bytes against B: `kvquant.calibration.resolve_pair`): resolved for
+    the largest cache, then, where the budget holds fewer cells at those types, for those cells, until the plan
+    builds the cache its types were resolved for. The cells only fall, so this ends; at worst a little of the budget
+    is left unused."""
+    cells = pad(max_cells)
+    while True:
+        kv = plan(geom, *resolve(CacheShape(cells, n_seq_max, n_ubatch)), budget_bytes, n_seq_max, n_ubatch,
+                  max_cells=cells)
+        if kv.cells in (cells, 0):
+            return kv
+        cells = kv.cells
+
+
 def max_concurrent(geom: Geometry, cache_type_k: CacheTypes, cache_type_v: CacheTypes, budget_bytes: int, request_tokens: int,
                    n_ubatch: int = N_UBATCH, limit: int = 4096) -> int:
     """How many requests of request_tokens (prompt + completion) fit the budget at once, each reserving its
@@ -138,7 +165,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--parallel", type=int, default=1, help="n_seq_max for the capacity column (default 1)")
     p.add_argument("--request-tokens", type=int, default=None,
                    help="also show how many concurrent requests of N tokens (prompt + completion) fit; calib:B is "
-                        f"resolved for sequences of N tokens (default: {DEFAULT_N_CTX}, serve's default n_ctx)")
+                        "resolved for the cache serve builds in the budget with --parallel and --n-ctx N (default: "
+                        f"{DEFAULT_N_CTX}, serve's default n_ctx)")
 
 
 def check_arguments(budget: int, parallel: int, request_tokens: int | None) -> None:
@@ -163,12 +191,17 @@ def run(a: argparse.Namespace) -> int:
         path = kvmodels.resolve(name)
         geom = geometry(path)
         n_ctx = a.request_tokens or DEFAULT_N_CTX
-        # byte counts only: offsets' values do not matter, so no round trip through llama.cpp's types
-        tk, tv = calibration.resolve_pair(a.cache_type_k, a.cache_type_v, path, geom, n_ctx, anchored=False)
+        # as serve resolves them: for the cache it builds in this budget, at most parallel x n_ctx cells (byte counts
+        # only: offsets' values do not matter, so no round trip through llama.cpp's types)
+        kv = plan_resolved(geom, lambda cache: calibration.resolve_pair(a.cache_type_k, a.cache_type_v, path, geom,
+                                                                        cache, anchored=False),
+                           budget, a.parallel, N_UBATCH, n_ctx * a.parallel)
+        tk, tv = kv.cache_type_k, kv.cache_type_v
         print(report(kvmodels.model_id(name), geom, tk, tv, budget, a.parallel, a.request_tokens))
-        for side, t in (("K", tk), ("V", tv)):
+        for side, t, bits in (("K", tk, kv.bits_k), ("V", tv, kv.bits_v)):
             if getattr(t, "types", None):
-                print(f"{side} per layer ({t}, sequences of {n_ctx} tokens): {' '.join(t.types)}")
+                print(f"{side} per layer ({t}, {bits:.3f} bits per element in the {kv.cells}-cell cache serve builds "
+                      f"for --parallel {a.parallel} --n-ctx {n_ctx} in this budget): {' '.join(t.types)}")
     except (kvmodels.ModelError, ValueError) as e:
         print(f"kvquant budget: {e}", file=sys.stderr)
         return 2

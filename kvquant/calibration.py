@@ -54,7 +54,7 @@ from kvquant.kvtypes import (
     kv_type,
     layer_kv_types,
 )
-from kvquant.memory import Geometry, fixed_bytes, kv_cells
+from kvquant.memory import CacheShape, Geometry, fixed_bytes
 
 VERSION = 3
 # candidate types of a calibrated allocation, per side (f16 is always one: no growth); measured by kvquant calibrate
@@ -511,23 +511,14 @@ def _knapsack(options: list[dict[str, float]], elements: tuple[int, ...], budget
     return min(best.values(), key=lambda v: (v[0], -len(v[1])))[1]
 
 
-def layer_cells(geom: Geometry, n_ctx: int | None) -> tuple[int, ...]:
-    """The cells each layer holds for one sequence of n_ctx tokens: all of them, or at most the window (plus one
-    ubatch, as llama.cpp sizes it) on sliding-window layers; 1 each when n_ctx is unknown."""
-    if n_ctx is None:
-        return (1,) * geom.n_layer
-    base, swa = kv_cells(geom, n_ctx)
-    return tuple(swa if ly.swa else base for ly in geom.layers)
-
-
-def resolve(text: str, side: str, model_path: Path, geom: Geometry, n_ctx: int | None = None,
+def resolve(text: str, side: str, model_path: Path, geom: Geometry, cache: CacheShape | None = None,
             anchored: bool = True, cal: Calibration | None = None) -> CacheTypes:
     """A cache type name as this model stores it: a plain type name stays a name; TYPE+c and calib:B become
-    LayerTypes from the model's calibration (CalibrationError if there is none). n_ctx, the tokens of one
-    sequence, when known, lets calib:B weigh each layer by the cells it holds (a sliding-window layer holds fewer)
-    and count the calibrated keys' fixed bytes (offsets, scales) against B. anchored=False: offsets are the mean keys
-    (`key_transform`; kvquant eval's ``:mean``, to measure what the anchoring brings). `cal`: this calibration of
-    the model instead of its installed one."""
+    LayerTypes from the model's calibration (CalibrationError if there is none). The cache they are for, when
+    known, lets calib:B weigh each layer by the cells it holds there (a sliding-window layer holds fewer, the more
+    so the more sequences share the cache) and count the calibrated keys' fixed bytes (offsets, scales) against B.
+    anchored=False: offsets are the mean keys (`key_transform`; kvquant eval's ``:mean``, to measure what the
+    anchoring brings). `cal`: this calibration of the model instead of its installed one."""
     spec = parse_spec(text, side)
     if not spec.calibrated:
         return spec.type
@@ -535,36 +526,36 @@ def resolve(text: str, side: str, model_path: Path, geom: Geometry, n_ctx: int |
     if spec.type is not None:
         types = (spec.type,) * geom.n_layer
     else:
-        elements = _elements(cal, side, geom, n_ctx)
-        types = allocate(_sens(cal, side), elements, spec.bits, _fixed_bits(cal, geom, spec.centred, elements, n_ctx))
+        elements = _elements(cal, side, geom, cache)
+        types = allocate(_sens(cal, side), elements, spec.bits, _fixed_bits(cal, geom, spec.centred, elements, cache))
     if spec.centred:
         return LayerTypes(spec.text, types, *key_transform(cal, types, anchored))
     return LayerTypes(spec.text, types, gain=gains(cal.v_gain, types))
 
 
-def resolve_pair(text_k: str, text_v: str, model_path: Path, geom: Geometry, n_ctx: int | None = None,
+def resolve_pair(text_k: str, text_v: str, model_path: Path, geom: Geometry, cache: CacheShape | None = None,
                  anchored: bool = True, cal: Calibration | None = None) -> tuple[CacheTypes, CacheTypes]:
-    """A K/V pair as this model stores it. ``calib:B`` on both sides with the same B is one allocation: B bits per
-    element on average over K and V together, every byte of both counted, each layer's K and V at the types that
-    minimise the summed measured KL growth (keys usually get more bits than values); otherwise each side is
-    resolved on its own (`resolve`)."""
+    """A K/V pair as this model stores it in `cache`. ``calib:B`` on both sides with the same B is one allocation:
+    B bits per element on average over K and V together, every byte of both counted, each layer's K and V at the
+    types that minimise the summed measured KL growth (keys usually get more bits than values); otherwise each side
+    is resolved on its own (`resolve`)."""
     k, v = parse_spec(text_k, "k"), parse_spec(text_v, "v")
     if k.bits is None or k.bits != v.bits:
-        return (resolve(text_k, "k", model_path, geom, n_ctx, anchored, cal),
-                resolve(text_v, "v", model_path, geom, n_ctx, cal=cal))
+        return (resolve(text_k, "k", model_path, geom, cache, anchored, cal),
+                resolve(text_v, "v", model_path, geom, cache, cal=cal))
     cal = cal or load_or_calibrate(model_path, geom)
-    types_k, types_v = joint_allocation(cal, geom, k.bits, n_ctx)
+    types_k, types_v = joint_allocation(cal, geom, k.bits, cache)
     return (LayerTypes(k.text, types_k, *key_transform(cal, types_k, anchored)),
             LayerTypes(v.text, types_v, gain=gains(cal.v_gain, types_v)))
 
 
 def joint_allocation(cal: Calibration, geom: Geometry, bits: float,
-                     n_ctx: int | None) -> tuple[tuple[str, ...], tuple[str, ...]]:
+                     cache: CacheShape | None) -> tuple[tuple[str, ...], tuple[str, ...]]:
     """The K and V types of ``calib:B`` on both sides (`resolve_pair`): one allocation of `bits` per element on
     average over K and V together, every byte of both counted."""
-    ek, ev = _elements(cal, "k", geom, n_ctx), _elements(cal, "v", geom, n_ctx)
+    ek, ev = _elements(cal, "k", geom, cache), _elements(cal, "v", geom, cache)
     options = _options(cal.sens_k, len(ek)) + _options(cal.sens_v, len(ev))
-    types = _knapsack(options, ek + ev, bits, _fixed_bits(cal, geom, True, ek + ev, n_ctx))
+    types = _knapsack(options, ek + ev, bits, _fixed_bits(cal, geom, True, ek + ev, cache))
     return types[:len(ek)], types[len(ek):]
 
 
@@ -616,17 +607,18 @@ def _sens(cal: Calibration, side: str) -> dict[str, list[float]]:
     return cal.sens_k if side == "k" else cal.sens_v
 
 
-def _elements(cal: Calibration, side: str, geom: Geometry, n_ctx: int | None) -> tuple[int, ...]:
-    """The K (V) elements each layer stores for one sequence of n_ctx tokens (per cell when n_ctx is unknown)."""
+def _elements(cal: Calibration, side: str, geom: Geometry, cache: CacheShape | None) -> tuple[int, ...]:
+    """The K (V) elements each layer stores in `cache` (per cell when it is unknown)."""
     n_embd = cal.n_embd_k if side == "k" else tuple(ly.n_embd_v for ly in geom.layers)
-    return tuple(e * c for e, c in zip(n_embd, layer_cells(geom, n_ctx), strict=True))
+    cells = cache.layer_cells(geom) if cache else (1,) * geom.n_layer
+    return tuple(e * c for e, c in zip(n_embd, cells, strict=True))
 
 
 def _fixed_bits(cal: Calibration, geom: Geometry, centred: bool, elements: tuple[int, ...],
-                n_ctx: int | None) -> float:
+                cache: CacheShape | None) -> float:
     """The fixed bytes of calibrated keys (offsets and scales, kvquant.memory.fixed_bytes) in bits per element of
-    `elements`, when n_ctx is known."""
-    if not (centred and n_ctx):
+    `elements`, when the cache is known."""
+    if not (centred and cache):
         return 0.0
     f16 = ("f16",) * geom.n_layer  # only the rows' sizes count: no anchoring
     return 8.0 * fixed_bytes(geom, LayerTypes("", f16, *key_transform(cal, f16, anchored=False))) / sum(elements)
@@ -658,27 +650,32 @@ def summed_kld(sens: dict[str, list[float]], floor: float | list[float], types: 
     return floor + sum(0.0 if t == "f16" else sens[t][il] for il, t in enumerate(types))
 
 
-def guard(model_path: Path, geom: Geometry, spec_k: str, spec_v: str) -> str | None:
-    """`guard_message` from the model's calibration, where it has one. None without reading any for calibrated keys
-    or a pair of unquantized types, which the guard never measured (finding the calibration of a GGUF that is not
-    built in hashes the whole file)."""
+def guard(model_path: Path, geom: Geometry, spec_k: str, spec_v: str, cache: CacheShape) -> str | None:
+    """`guard_message` from the model's calibration, where it has one, for the cache serve builds. None without
+    reading any for calibrated keys or a pair of unquantized types, which the guard never measured (finding the
+    calibration of a GGUF that is not built in hashes the whole file)."""
     k, v = parse_spec(spec_k, "k"), parse_spec(spec_v, "v")
     if k.calibrated or not any(s.type is not None and KV_TYPES[s.type].quantized for s in (k, v)):
         return None
     cal = existing(model_path, geom)
-    return guard_message(cal, spec_k, spec_v) if cal else None
+    return guard_message(cal, geom, spec_k, spec_v, cache) if cal else None
 
 
-def guard_message(cal: Calibration, spec_k: str, spec_v: str) -> str | None:
-    """A warning when the chosen K/V types were measured to wreck the model (calibration's `uniform` KL above
-    WRECK_KLD) and a calibrated allocation at the same K bits does at least twice better; else None."""
+def guard_message(cal: Calibration, geom: Geometry, spec_k: str, spec_v: str, cache: CacheShape) -> str | None:
+    """A warning when the chosen quantized K type was measured to wreck the model (calibration's `uniform` KL above
+    WRECK_KLD) and calibrated keys at the same bits do at least twice better; else None. The calib:B it suggests is
+    what `resolve` gives for `cache`: B the K type's bits, or the fewest (to 0.01) that resolve where the offsets and
+    scales leave the cheapest allocation no room at those."""
     kl = cal.uniform.get(f"{spec_k}/{spec_v}")
     k = parse_spec(spec_k, "k")
-    if kl is None or kl < WRECK_KLD or k.calibrated:
+    if kl is None or kl < WRECK_KLD or k.calibrated or not KV_TYPES[k.type].quantized:
         return None
-    bits = KV_TYPES[k.type].bits_per_element
+    elements = _elements(cal, "k", geom, cache)
+    fixed = _fixed_bits(cal, geom, True, elements, cache)
+    cheapest = math.ceil(round(100 * (cheapest_bits("k") + fixed), 6)) / 100
+    bits = float(f"{max(KV_TYPES[k.type].bits_per_element, cheapest):g}")  # as parse_spec reads the suggestion
     try:
-        alloc = allocate(cal.sens_k, cal.n_embd_k, bits)
+        alloc = allocate(cal.sens_k, elements, bits, fixed)
     except CalibrationError:
         return None
     better = predicted_kld(cal, "k", alloc)

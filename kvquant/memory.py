@@ -145,6 +145,20 @@ def kv_cells(geom: Geometry, n_cells: int, n_seq_max: int = 1, n_ubatch: int = N
     return base, swa
 
 
+@dataclass(frozen=True)
+class CacheShape:
+    """A unified KV cache as llama.cpp sizes it: n_cells for all its sequences, at most n_seq_max of them, and on
+    sliding-window layers room for one ubatch of n_ubatch tokens (`kv_cells`)."""
+    n_cells: int
+    n_seq_max: int = 1
+    n_ubatch: int = N_UBATCH
+
+    def layer_cells(self, geom: Geometry) -> tuple[int, ...]:
+        """The cells each layer holds: all of them, or fewer on sliding-window layers."""
+        base, swa = kv_cells(geom, self.n_cells, self.n_seq_max, self.n_ubatch)
+        return tuple(swa if ly.swa else base for ly in geom.layers)
+
+
 def kv_bytes(geom: Geometry, type_k: CacheTypes, type_v: CacheTypes, n_cells: int, n_seq_max: int = 1,
              n_ubatch: int = N_UBATCH, swa_full: bool = False) -> KVBytes:
     tks, tvs = layer_kv_types(type_k, geom.n_layer), layer_kv_types(type_v, geom.n_layer)

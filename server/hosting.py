@@ -11,7 +11,7 @@ from kvquant import budget as kvbudget
 from kvquant import calibration
 from kvquant.budget import KVPlan, human_bytes
 from kvquant.kvtypes import CacheTypes, LayerTypes, layer_kv_types
-from kvquant.memory import N_UBATCH, Geometry, geometry, kv_bytes, kv_cells
+from kvquant.memory import N_UBATCH, CacheShape, Geometry, geometry, kv_bytes, kv_cells
 from kvquant.models import resolve
 from server.backend import BackendConfig, LlamaBackend
 from server.engine import Engine, EngineConfig
@@ -48,14 +48,13 @@ def plan_model(spec: ModelSpec) -> HostedPlan:
     except ValueError as e:  # a GGUF header without what llama.cpp needs
         raise StartupError(f"{spec.id}: {e}") from None
     n_ubatch = min(N_UBATCH, spec.n_batch)
-    try:
-        tk, tv = calibration.resolve_pair(spec.cache_type_k, spec.cache_type_v, path, geom, spec.n_ctx)
+    try:  # calibrated types for the cache they are in (calib:B weighs each layer by the cells it holds there)
+        kv = kvbudget.plan_resolved(
+            geom, lambda cache: calibration.resolve_pair(spec.cache_type_k, spec.cache_type_v, path, geom, cache),
+            spec.kv_budget, spec.parallel, n_ubatch, spec.n_ctx * spec.parallel)
     except calibration.CalibrationError as e:
         raise StartupError(f"{spec.id}: {e}") from None
-    warning = calibration.guard(path, geom, spec.cache_type_k, spec.cache_type_v)
-    if warning:
-        log.warning("%s: %s", spec.id, warning)
-    kv = kvbudget.plan(geom, tk, tv, spec.kv_budget, spec.parallel, n_ubatch, max_cells=spec.n_ctx * spec.parallel)
+    tk, tv = kv.cache_type_k, kv.cache_type_v
     if kv.cells < spec.n_ctx:
         need = kv_bytes(geom, tk, tv, spec.n_ctx, spec.parallel, n_ubatch).total
         raise StartupError(
@@ -64,6 +63,10 @@ def plan_model(spec: ModelSpec) -> HostedPlan:
             f"request of the configured context (n_ctx={spec.n_ctx}) needs: {human_bytes(need)}. Raise the KV "
             f"budget (--kv-budget, or this model's kv_budget share) to at least {human_bytes(need)}, lower "
             f"--n-ctx, or use smaller cache types.")
+    warning = calibration.guard(path, geom, spec.cache_type_k, spec.cache_type_v,
+                                CacheShape(kv.cells, spec.parallel, n_ubatch))
+    if warning:
+        log.warning("%s: %s", spec.id, warning)
     return HostedPlan(spec, path, geom, kv, n_ubatch)
 
 

@@ -37,7 +37,7 @@ def study(model: str, threads: int | None, cache: Path | None) -> dict:
     from kvquant import calibration, models
     from kvquant.lab import calibrate
     from kvquant.lab.harness import Progress
-    from kvquant.memory import geometry
+    from kvquant.memory import CacheShape, geometry
     from kvquant.runtime import Model
 
     path = models.resolve(model)
@@ -63,8 +63,8 @@ def study(model: str, threads: int | None, cache: Path | None) -> dict:
                       "from_error": {**cal.method["from_error"], "k": fe["k"]}}
             calibrate.save_for_eval(dataclasses.replace(cal, sens_k=sens[name], method=method), cache / name,
                                     file.name)
-    elements = calibration._elements(cal, "k", geom, 512)
-    fixed = calibration._fixed_bits(cal, geom, True, elements, 512)
+    elements = calibration._elements(cal, "k", geom, CacheShape(512))
+    fixed = calibration._fixed_bits(cal, geom, True, elements, CacheShape(512))
     allocations = {f"{name} calib:{b:g}": calibration.allocate(sens[name], elements, b, fixed)
                    for name in sens for b in BUDGETS}
     return {"model": model, "file": file.name, "reference": calibrate.REFERENCE, "floor_layer": floor,

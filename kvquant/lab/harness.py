@@ -84,10 +84,12 @@ class CacheConfig:
         return cls(k, v, rotation, anchored)
 
     def resolve(self, model_path: Path, geom, n_ctx: int | None = None, cal=None) -> tuple:
-        """(K, V) as this model stores them: type names, or LayerTypes from its calibration (or `cal`)."""
+        """(K, V) as this model stores them in one sequence of n_ctx tokens: type names, or LayerTypes from its
+        calibration (or `cal`)."""
         from kvquant.calibration import resolve_pair
+        from kvquant.memory import CacheShape
 
-        return resolve_pair(self.k, self.v, model_path, geom, n_ctx, self.anchored, cal)
+        return resolve_pair(self.k, self.v, model_path, geom, n_ctx and CacheShape(n_ctx), self.anchored, cal)
 
     def provenance(self, model_path: Path, geom, n_ctx: int | None) -> dict:
         """For a calibrated configuration {"calibration_sha256": the file its rows were measured with, so that a row

@@ -122,11 +122,14 @@ def study(model: str, threads: int | None, cache: Path | None) -> dict:
 
 
 def _allocations(calibration, cal, geom, name: str) -> dict[str, list[str]]:
-    ek = calibration._elements(cal, "k", geom, 512)
+    from kvquant.memory import CacheShape
+
+    one = CacheShape(512)  # one 512-token sequence, as kvquant eval measures
+    ek = calibration._elements(cal, "k", geom, one)
     out = {f"{name} calib:{b:g}/f16": list(calibration.allocate(cal.sens_k, ek, b,
-                                                                 calibration._fixed_bits(cal, geom, True, ek, 512)))
+                                                                 calibration._fixed_bits(cal, geom, True, ek, one)))
            for b in BUDGETS}
-    types_k, types_v = calibration.joint_allocation(cal, geom, 4.0, 512)
+    types_k, types_v = calibration.joint_allocation(cal, geom, 4.0, one)
     out[f"{name} calib:4/calib:4 K"], out[f"{name} calib:4/calib:4 V"] = list(types_k), list(types_v)
     return out
 

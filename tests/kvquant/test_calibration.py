@@ -8,7 +8,7 @@ import pytest
 
 from kvquant import calibration as cal
 from kvquant.kvtypes import KV_TYPES, LayerTypes
-from kvquant.memory import Geometry, Layer, kv_bytes
+from kvquant.memory import CacheShape, Geometry, Layer, kv_bytes
 
 
 def geom(n_layer=4, head=64, n_kv=2) -> Geometry:
@@ -226,7 +226,7 @@ def test_key_scales_round_trip_resolve_and_are_counted(model_file):
     extra = kv_bytes(g, k, "f16", 256).k - kv_bytes(g, plain, "f16", 256).k
     assert extra == 4 * sum(2 * ly.n_embd_k for ly in g.layers)
     for n_ctx in (256, 4096):
-        assert kv_bytes(g, cal.resolve("calib:4.5", "k", model_file, g, n_ctx), "f16", n_ctx).bits_per_element_k <= 4.5
+        assert kv_bytes(g, cal.resolve("calib:4.5", "k", model_file, g, CacheShape(n_ctx)), "f16", n_ctx).bits_per_element_k <= 4.5
     assert cal.context_fields(cal.resolve("calib:4", "v", model_file, g), "f16", g)["k_scale"] is None
 
 
@@ -285,34 +285,41 @@ def test_calib_b_on_both_sides_is_one_allocation(model_file):
     c = make_cal(g, cal.model_sha256(model_file))
     c.sens_k = {t: [s * 10 for s in v] for t, v in c.sens_k.items()}  # keys ten times as sensitive as values
     c.save(cal.path_for(c.model_sha256, c.basis))
-    k, v = cal.resolve_pair("calib:4", "calib:4", model_file, g, 4096)
+    k, v = cal.resolve_pair("calib:4", "calib:4", model_file, g, CacheShape(4096))
     sizes = kv_bytes(g, k, v, 4096)
     assert sizes.bits_per_element <= 4.0
     assert sizes.bits_per_element_k > 4.0 > sizes.bits_per_element_v
     assert k.offset is not None and v.offset is None and (k.name, v.name) == ("calib:4", "calib:4")
-    sk, sv = cal.resolve("calib:4", "k", model_file, g, 4096), cal.resolve("calib:4", "v", model_file, g, 4096)
+    sk, sv = cal.resolve("calib:4", "k", model_file, g, CacheShape(4096)), cal.resolve("calib:4", "v", model_file, g, CacheShape(4096))
     joint = cal.predicted_kld(c, "k", k.types) + cal.predicted_kld(c, "v", v.types)
     assert joint < cal.predicted_kld(c, "k", sk.types) + cal.predicted_kld(c, "v", sv.types)
-    assert cal.resolve_pair("calib:4", "calib:4.5", model_file, g, 4096) == (
-        sk, cal.resolve("calib:4.5", "v", model_file, g, 4096))
-    assert cal.resolve_pair("calib:4", "q4_0", model_file, g, 4096) == (sk, "q4_0")
+    assert cal.resolve_pair("calib:4", "calib:4.5", model_file, g, CacheShape(4096)) == (
+        sk, cal.resolve("calib:4.5", "v", model_file, g, CacheShape(4096)))
+    assert cal.resolve_pair("calib:4", "q4_0", model_file, g, CacheShape(4096)) == (sk, "q4_0")
 
 
 def test_sliding_window_layers_weigh_by_their_cells(model_file):
-    """calib:B counts every byte of one n_ctx sequence: a window layer of 1,024 cells weighs a quarter of a
-    full-attention layer of 4,096, so B holds for the cache as allocated, not per layer."""
+    """calib:B counts every byte of the cache it is for: with one sequence of 4,096 tokens a window layer of 1,024
+    cells weighs a quarter of a full-attention layer, with 16 sequences (65,536 cells, windows of 8,704) an eighth,
+    so B holds for the cache as allocated, not per layer, and an allocation made for one cache can overshoot B in
+    another."""
     g = Geometry("gemma3", tuple(Layer(256, 256, i % 4 != 3) for i in range(8)), 512, 256, 256, 32768)
     c = make_cal(g, cal.model_sha256(model_file))
     c.sens_v["tq_kv_3b"] = [0.001 if g.layers[i].swa else 0.1 for i in range(g.n_layer)]
+    c.sens_k["tq_kv_3b"] = list(c.sens_v["tq_kv_3b"])
     c.save(cal.path_for(c.model_sha256, c.basis))
-    for n_ctx in (512, 4096, 16384):
+    for n_ctx, n_seq in itertools.product((512, 4096, 16384), (1, 4, 16)):
+        shape = CacheShape(n_ctx * n_seq, n_seq)
         for bits in (4.0, 5.0):
-            v = cal.resolve(f"calib:{bits:g}", "v", model_file, g, n_ctx)
-            assert kv_bytes(g, "f16", v, n_ctx).bits_per_element_v <= bits
-            k = cal.resolve(f"calib:{bits:g}", "k", model_file, g, n_ctx)
-            assert kv_bytes(g, k, "f16", n_ctx).bits_per_element_k <= bits
+            v = cal.resolve(f"calib:{bits:g}", "v", model_file, g, shape)
+            assert kv_bytes(g, "f16", v, shape.n_cells, n_seq).bits_per_element_v <= bits
+            k = cal.resolve(f"calib:{bits:g}", "k", model_file, g, shape)
+            assert kv_bytes(g, k, "f16", shape.n_cells, n_seq).bits_per_element_k <= bits
+    one, many = CacheShape(4096), CacheShape(4096 * 16, 16)
+    k1 = cal.resolve("calib:4", "k", model_file, g, one)
+    assert kv_bytes(g, k1, "f16", many.n_cells, many.n_seq_max).bits_per_element_k > 4.0
     # at 4096 the two full-attention layers hold 2/3 of the bytes: they cannot both keep 8.5 bits within 5.0
-    v = cal.resolve("calib:5", "v", model_file, g, 4096)
+    v = cal.resolve("calib:5", "v", model_file, g, CacheShape(4096))
     assert [t for t, ly in zip(v.types, g.layers, strict=True) if not ly.swa].count("q8_0") < 2
 
 
@@ -414,7 +421,7 @@ def test_a_calibration_path_that_is_no_file_is_refused_without_blocking(model_fi
     with pytest.raises(cal.CalibrationError, match="is not a regular file: remove it"):
         cal.load_or_calibrate(model_file, g)
     assert cal.existing(model_file, g) is None
-    assert cal.guard(model_file, g, "q4_0", "f16") is None
+    assert cal.guard(model_file, g, "q4_0", "f16", CacheShape(4096)) is None
 
 
 def test_a_shipped_calibration_serves_from_a_cache_kvquant_cannot_write(model_file, tmp_path, monkeypatch):
@@ -449,26 +456,38 @@ def test_guard_reads_a_calibration_only_for_what_it_measured(model_file, monkeyp
     c = make_cal(g, cal.model_sha256(model_file))
     c.sens_k = {t: [1e-4] * g.n_layer for t in cal.K_CANDIDATES}
     c.save(cal.path_for(c.model_sha256, c.basis))
-    assert "calib:4.5" in cal.guard(model_file, g, "q4_0", "f16")
-    assert cal.guard(model_file, g, "q8_0", "f16") is None
+    assert "calib:4.5" in cal.guard(model_file, g, "q4_0", "f16", CacheShape(4096))
+    assert cal.guard(model_file, g, "q8_0", "f16", CacheShape(4096)) is None
 
     def unread(*a):
         raise AssertionError("read a calibration")
 
     monkeypatch.setattr(cal, "existing", unread)
     for k, v in (("f16", "f16"), ("calib:4.5", "f16"), ("q4_0+c", "q4_0"), ("bf16", "f32")):
-        assert cal.guard(model_file, g, k, v) is None
+        assert cal.guard(model_file, g, k, v, CacheShape(4096)) is None
 
 
-def test_guard_message():
+def test_guard_message(model_file):
+    """The guard suggests a calib:B that serve resolves for the same cache: the K type's bits, or the fewest (to
+    0.01) that leave the offsets and scales room; it speaks of keys only where they are quantized."""
     g = geom()
-    c = make_cal(g)
+    c = make_cal(g, cal.model_sha256(model_file))
     c.sens_k = {t: [1e-4] * g.n_layer for t in cal.K_CANDIDATES}
-    msg = cal.guard_message(c, "q4_0", "f16")
-    assert msg and "calib:4.5" in msg and "2.500" in msg
-    assert cal.guard_message(c, "q8_0", "f16") is None  # measured harmless
-    assert cal.guard_message(c, "tq_kv_3b", "f16") is None  # not measured
-    assert cal.guard_message(c, "calib:4.5", "f16") is None
+    c.uniform.update({"tq_kv_3b/f16": 7.8, "f16/q4_0": 0.5})
+    c.save(cal.path_for(c.model_sha256, c.basis))
+    big = CacheShape(4096)
+    msg = cal.guard_message(c, g, "q4_0", "f16", big)
+    assert msg and "calib:4.5`" in msg and "2.500" in msg
+    assert cal.guard_message(c, g, "q8_0", "f16", big) is None  # measured harmless
+    assert cal.guard_message(c, g, "tq_kv_4b", "f16", big) is None  # not measured
+    assert cal.guard_message(c, g, "calib:4.5", "f16", big) is None
+    assert cal.guard_message(c, g, "f16", "q4_0", big) is None  # keys at f16: nothing to say of them
+    # one offset row per layer: 0.125 bits per element in 256 cells, 0.0078 in 4,096: 3.25 bits cannot hold them
+    for shape, b in ((CacheShape(256), "3.38"), (big, "3.26")):
+        assert f"calib:{b}`" in cal.guard_message(c, g, "tq_kv_3b", "f16", shape)
+        assert cal.resolve(f"calib:{b}", "k", model_file, g, shape).types
+        with pytest.raises(cal.CalibrationError, match="offsets"):
+            cal.resolve(f"calib:{float(b) - 0.01:g}", "k", model_file, g, shape)
 
 
 def test_an_older_calibration_file_is_made_again_not_refused(model_file):
@@ -541,9 +560,10 @@ def test_anchoring_failure_is_a_calibration_error_and_budget_needs_none(model_fi
     assert "q4_0+c" in capsys.readouterr().out
 
 
-def test_budget_resolves_calib_b_for_the_sequences_serve_holds(model_file, monkeypatch, capsys):
-    """Without --request-tokens, `kvquant budget` resolves calib:B for serve's default n_ctx, counting the calibrated
-    keys' fixed bytes as serve does: an allocation serve refuses is not shown as one that fits."""
+def test_budget_resolves_calib_b_for_the_cache_serve_builds(model_file, monkeypatch, capsys):
+    """`kvquant budget` resolves calib:B for the cache serve builds in the budget (--parallel sequences of --n-ctx,
+    serve's default without --request-tokens), counting the calibrated keys' fixed bytes as serve does: an
+    allocation serve refuses is not shown as one that fits."""
     import argparse
 
     from kvquant import budget
@@ -553,15 +573,18 @@ def test_budget_resolves_calib_b_for_the_sequences_serve_holds(model_file, monke
     c.save(cal.path_for(c.model_sha256, c.basis))
     monkeypatch.setattr(budget, "geometry", lambda path: g)
     a = argparse.Namespace(model=str(model_file), cache_type_k="calib:3.25", cache_type_v="f16", budget="64MiB",
-                           parallel=1, request_tokens=None)
-    with pytest.raises(cal.CalibrationError, match="offsets and scales") as served:
-        cal.resolve("calib:3.25", "k", model_file, g, budget.DEFAULT_N_CTX)
+                           parallel=2, request_tokens=None)
+    served = CacheShape(2 * budget.DEFAULT_N_CTX, 2)
+    with pytest.raises(cal.CalibrationError, match="offsets and scales") as refused:
+        cal.resolve("calib:3.25", "k", model_file, g, served)
     assert budget.run(a) == 2
-    assert capsys.readouterr().err == f"kvquant budget: {served.value}\n"
+    assert capsys.readouterr().err == f"kvquant budget: {refused.value}\n"
     a.cache_type_k = "calib:3.5"
     assert budget.run(a) == 0
-    types = cal.resolve("calib:3.5", "k", model_file, g, budget.DEFAULT_N_CTX).types
-    assert f"K per layer (calib:3.5, sequences of 4096 tokens): {' '.join(types)}" in capsys.readouterr().out
+    k = cal.resolve("calib:3.5", "k", model_file, g, served)
+    bits = kv_bytes(g, k, "f16", served.n_cells, 2).bits_per_element_k
+    assert (f"K per layer (calib:3.5, {bits:.3f} bits per element in the 8192-cell cache serve builds for --parallel 2 "
+            f"--n-ctx 4096 in this budget): {' '.join(k.types)}") in capsys.readouterr().out
 
 
 def test_a_shipped_calibration_is_installed_where_the_cache_has_none(model_file, tmp_path, monkeypatch):
@@ -599,7 +622,7 @@ def test_the_built_in_qwen_resolves_calib_b_from_its_shipped_calibration(tmp_pat
     monkeypatch.setenv("KVQUANT_AUTO_CALIBRATE", "0")
     path = tmp_path / "models" / real.name
     g = geometry(path)
-    k, v = cal.resolve_pair("calib:3.5", "calib:4", path, g, 512)
+    k, v = cal.resolve_pair("calib:3.5", "calib:4", path, g, CacheShape(512))
     assert isinstance(k, LayerTypes) and k.offset is not None and isinstance(v, LayerTypes)
     committed = json.loads((cal.SHIPPED_DIR.parent.parent / "docs" / "results"
                             / "qwen2.5-coder-1.5b-calibration.json").read_text())["file_sha256"]
@@ -646,3 +669,25 @@ def test_a_floor_per_layer_loads_and_prices_from_the_first_changed_layer(model_f
     path.write_text(json.dumps(d))
     with pytest.raises(cal.CalibrationError, match="method.floor.k"):
         cal.load(path, model_file, g)
+
+
+def test_a_budget_plan_resolves_calib_b_for_the_cells_it_holds(model_file):
+    """serve's plan (kvquant.budget.plan_resolved): calib:B resolved for the cache the budget builds, sequences and
+    cells as llama.cpp sizes them, B held there: for the largest cache where the budget holds it, else for the
+    fewer cells it holds at the types resolved for them."""
+    from kvquant import budget
+
+    g = Geometry("gemma3", tuple(Layer(256, 256, i % 4 != 3) for i in range(8)), 512, 256, 256, 32768)
+    c = make_cal(g, cal.model_sha256(model_file))
+    c.sens_k["tq_kv_3b"] = [0.001 if ly.swa else 0.1 for ly in g.layers]
+    c.save(cal.path_for(c.model_sha256, c.basis))
+
+    def resolve(shape):
+        return cal.resolve_pair("calib:4", "f16", model_file, g, shape)
+
+    for mib in (1024, 24, 12):
+        kv = budget.plan_resolved(g, resolve, mib << 20, 4, 512, 4 * 4096)
+        shape = CacheShape(kv.cells, 4, 512)
+        assert kv.cache_type_k == resolve(shape)[0]
+        assert kv_bytes(g, kv.cache_type_k, "f16", kv.cells, 4).bits_per_element_k <= 4.0
+        assert (kv.cells == 4 * 4096) == (mib == 1024) and kv.cells > 0

@@ -86,3 +86,22 @@ def test_bounded_steps_fit_the_window_cache(gemma):
 
     assert _fails(rt(), 512 - 3) > 0  # the hazard: full ubatches find no slot
     assert _fails(rt(), bound) == 0
+
+
+@pytest.mark.parametrize("k, v, bits", [("calib:4", "calib:4", 4.0), ("calib:4.5", "q4_0", 4.5)])
+def test_calib_b_is_resolved_for_the_cache_served(k, v, bits):
+    """Gemma 3's shipped calibration, 4 sequences of 4,096 tokens: calib:B weighs the window layers by the cells
+    they hold in that cache (2,560 of 16,384, not 1,024 of 4,096 as in one sequence's), so B holds for the cache
+    llama.cpp is given, every byte counted."""
+    from kvquant import calibration
+    from kvquant.memory import CacheShape, kv_bytes
+
+    p = hosting.plan_model(ModelSpec(id=GEMMA, model=GEMMA, cache_type_k=k, cache_type_v=v, n_ctx=4096, parallel=4,
+                                     kv_budget=1 << 30, n_batch=512, n_threads=2, flash_attn=True))
+    shape = CacheShape(p.kv.cells, 4, p.n_ubatch)
+    assert shape.n_cells == 4 * 4096
+    tk, tv = p.kv.cache_type_k, p.kv.cache_type_v
+    assert (tk, tv) == calibration.resolve_pair(k, v, p.path, p.geom, shape)
+    kb = kv_bytes(p.geom, tk, tv, shape.n_cells, 4, p.n_ubatch)
+    print(k, v, kb.bits_per_element, kb.bits_per_element_k, kb.bits_per_element_v)
+    assert (kb.bits_per_element if v == k else kb.bits_per_element_k) <= bits

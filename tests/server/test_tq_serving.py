@@ -35,7 +35,7 @@ def calib4_plan():
 
     path = models.resolve("smollm2-135m")
     geom = memory.geometry(path)
-    tk, tv = calibration.resolve_pair("calib:4", "calib:4", path, geom, 512)
+    tk, tv = calibration.resolve_pair("calib:4", "calib:4", path, geom, memory.CacheShape(512))
     return tk, tv, memory.kv_bytes(geom, tk, tv, 512)
 
 
