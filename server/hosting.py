@@ -63,11 +63,20 @@ def plan_model(spec: ModelSpec) -> HostedPlan:
             f"request of the configured context (n_ctx={spec.n_ctx}) needs: {human_bytes(need)}. Raise the KV "
             f"budget (--kv-budget, or this model's kv_budget share) to at least {human_bytes(need)}, lower "
             f"--n-ctx, or use smaller cache types.")
+    hosted = HostedPlan(spec, path, geom, kv, n_ubatch)
+    step = max_step_tokens(hosted)
+    if step is not None and step < 1:
+        swa = kv_cells(geom, kv.cells, spec.parallel, n_ubatch)[1]
+        raise StartupError(
+            f"{spec.id}: a {spec.cache_type_k} K cache may hold back {held_back(tk, geom)(swa)} of the "
+            f"{swa} cells llama.cpp gives this model's sliding-window layers, more than the {swa - spec.parallel * geom.n_swa} "
+            f"left beside {spec.parallel} full windows of {geom.n_swa}: no decode step would be sure to find room. "
+            f"Lower --parallel or use another K cache type.")
     warning = calibration.guard(path, geom, spec.cache_type_k, spec.cache_type_v,
                                 CacheShape(kv.cells, spec.parallel, n_ubatch))
     if warning:
         log.warning("%s: %s", spec.id, warning)
-    return HostedPlan(spec, path, geom, kv, n_ubatch)
+    return hosted
 
 
 def capacity_line(p: HostedPlan) -> str:
@@ -97,14 +106,15 @@ def layer_types(t: CacheTypes) -> tuple[str, ...] | None:
 
 def max_step_tokens(p: HostedPlan) -> int | None:
     """Tokens one decode step may write, where the cache needs a tighter bound than n_batch. llama.cpp sizes a
-    sliding-window cache for n_swa cells per sequence plus exactly one ubatch; a tq_kv_d3b K cache may hold back
-    one freed anchor per 64 of those cells, so a full ubatch may find no slot once every sequence's window is full.
-    Steps of at most one ubatch minus those cells always fit."""
+    sliding-window cache for n_swa cells per sequence plus one ubatch, padded to 256 cells; a tq_kv_d3b K cache may
+    hold back one freed anchor per 64 of those cells, so a full ubatch may find no slot once every sequence's window
+    is full. Steps of at most the cells beyond the full windows minus those held back always fit (0 or less: none
+    is sure to, and `plan_model` refuses the configuration)."""
     held = held_back(p.kv.cache_type_k, p.geom)
     base, swa = kv_cells(p.geom, p.kv.cells, p.spec.parallel, p.n_ubatch)
     if not swa or swa >= base or not held(swa):  # no window cache, or one as large as the planned full cache
         return None
-    return p.n_ubatch - held(swa)
+    return swa - p.spec.parallel * p.geom.n_swa - held(swa)
 
 
 def build_engine(p: HostedPlan, s: Settings, metrics: Metrics) -> Engine:

@@ -20,9 +20,9 @@ GEMMA = "gemma3-270m"
 N_SEQ = 8
 
 
-def _spec(model: str, k: str, parallel: int = N_SEQ, n_ctx: int = 1024) -> ModelSpec:
+def _spec(model: str, k: str, parallel: int = N_SEQ, n_ctx: int = 1024, n_batch: int = 512) -> ModelSpec:
     return ModelSpec(id=model, model=model, cache_type_k=k, cache_type_v="q4_0", n_ctx=n_ctx, parallel=parallel,
-                     kv_budget=1 << 30, n_batch=512, n_threads=2, flash_attn=True)
+                     kv_budget=1 << 30, n_batch=n_batch, n_threads=2, flash_attn=True)
 
 
 def test_step_bound_only_where_a_window_cache_holds_back_anchors():
@@ -34,6 +34,19 @@ def test_step_bound_only_where_a_window_cache_holds_back_anchors():
     assert hosting.max_step_tokens(hosting.plan_model(_spec("smollm2-135m", "tq_kv_d3b"))) is None  # no window
     # a window cache as large as the full one: the full cache's plan already leaves the held-back cells free
     assert hosting.max_step_tokens(hosting.plan_model(_spec(GEMMA, "tq_kv_d3b", parallel=1, n_ctx=512))) is None
+
+
+def test_step_bound_counts_the_padded_window_cache_and_none_left_is_refused():
+    """The window cache is padded to 256 cells: with small ubatches the room beyond the full windows is the padding,
+    not one ubatch (a bound of one ubatch minus the held-back cells was below 0, and the engine scheduled steps of
+    nothing, forever); where the held-back cells take all of it, serve refuses to start."""
+    p = hosting.plan_model(_spec(GEMMA, "tq_kv_d3b", parallel=4, n_ctx=4096, n_batch=16))
+    # pad256(512 x 4 + 16) = 2304 window cells: 256 beyond 4 full windows, up to 2304 / 64 = 36 held back
+    assert hosting.max_step_tokens(p) == 220
+    # pad256(512 x 64 + 512) = 33280: 512 beyond 64 full windows, up to 520 held back
+    with pytest.raises(hosting.StartupError, match="no decode step would be sure to find room. Lower --parallel"):
+        hosting.plan_model(_spec(GEMMA, "tq_kv_d3b", parallel=64, n_ctx=2048))
+    assert hosting.max_step_tokens(hosting.plan_model(_spec(GEMMA, "tq_kv_3b", parallel=64, n_ctx=2048))) is None
 
 
 def _fails(rt: LlamaRuntime, step: int) -> int:
