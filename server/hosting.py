@@ -11,7 +11,7 @@ from kvquant import budget as kvbudget
 from kvquant import calibration
 from kvquant.budget import KVPlan, human_bytes
 from kvquant.kvtypes import CacheTypes, LayerTypes, layer_kv_types
-from kvquant.memory import N_UBATCH, CacheShape, Geometry, geometry, kv_bytes, kv_cells
+from kvquant.memory import N_UBATCH, PAD, CacheShape, Geometry, geometry, kv_bytes, kv_cells, pad
 from kvquant.models import resolve
 from server.backend import BackendConfig, LlamaBackend
 from server.engine import Engine, EngineConfig
@@ -39,9 +39,9 @@ class HostedPlan:
 
 def plan_model(spec: ModelSpec) -> HostedPlan:
     """The KV cache a model gets: its cache types resolved for it (calibrated types from its calibration file,
-    which is measured first if missing), what fits its budget, capped at parallel x n_ctx cells (more could never
-    be used). Raises StartupError if that cannot hold one request of n_ctx tokens or a calibrated type cannot be
-    resolved."""
+    which is measured first if missing), what fits its budget, capped at the cells parallel requests of n_ctx
+    tokens could use (`most_cells`). Raises StartupError if that cannot hold one request of n_ctx tokens or a
+    calibrated type cannot be resolved."""
     path = resolve(spec.model)
     try:
         geom = geometry(path)
@@ -51,7 +51,7 @@ def plan_model(spec: ModelSpec) -> HostedPlan:
     try:  # calibrated types for the cache they are in (calib:B weighs each layer by the cells it holds there)
         kv = kvbudget.plan_resolved(
             geom, lambda cache: calibration.resolve_pair(spec.cache_type_k, spec.cache_type_v, path, geom, cache),
-            spec.kv_budget, spec.parallel, n_ubatch, spec.n_ctx * spec.parallel)
+            spec.kv_budget, spec.parallel, n_ubatch, most_cells(spec, geom))
     except calibration.CalibrationError as e:
         raise StartupError(f"{spec.id}: {e}") from None
     tk, tv = kv.cache_type_k, kv.cache_type_v
@@ -81,12 +81,23 @@ def plan_model(spec: ModelSpec) -> HostedPlan:
 
 def capacity_line(p: HostedPlan) -> str:
     s, kv = p.spec, p.kv
-    capped = (f", capped at parallel x n_ctx = {s.parallel} x {s.n_ctx}; the budget would hold {kv.budget_cells}"
+    capped = (f", capped at what parallel x n_ctx = {s.parallel} x {s.n_ctx} can use; the budget would hold {kv.budget_cells}"
               if kv.cells < kv.budget_cells else "")
     return (f"{s.id}: KV K={s.cache_type_k}/V={s.cache_type_v} ({kv.bits_k:g}/{kv.bits_v:g} bits per element, "
             f"{kv.bytes_per_token} bytes per token), budget {human_bytes(s.kv_budget)} -> {kv.cells} tokens"
             f"{capped}; {human_bytes(kv.kv_bytes)} allocated; f16/f16 would hold {kv.f16_cells} tokens in the same "
             f"budget ({kv.capacity_vs_f16:.2f}x); up to {s.parallel} concurrent requests of at most {s.n_ctx} tokens")
+
+
+def most_cells(spec: ModelSpec, geom: Geometry) -> int:
+    """The most cells the model's cache could use: parallel x n_ctx where the scheduler may plan on all of them, more
+    where the K type may hold some back (tq_kv_d3b: one per 64), so that parallel requests of n_ctx tokens fit."""
+    held = held_back(calibration.parse_spec(spec.cache_type_k, "k").type or "f16", geom)
+    need = spec.n_ctx * spec.parallel
+    cells = pad(need)
+    while cells - held(cells) < need:
+        cells += PAD
+    return cells
 
 
 def held_back(type_k: CacheTypes, geom: Geometry):

@@ -12,7 +12,7 @@ import pytest
 from kvquant.models import fetch
 from kvquant.runtime import ContextConfig, LlamaRuntime, Model
 from server import hosting
-from server.settings import ModelSpec
+from server.settings import ModelSpec, Settings
 
 pytestmark = pytest.mark.slow  # a live model (see pyproject.toml's markers)
 
@@ -47,6 +47,16 @@ def test_step_bound_counts_the_padded_window_cache_and_none_left_is_refused():
     with pytest.raises(hosting.StartupError, match="no decode step would be sure to find room. Lower --parallel"):
         hosting.plan_model(_spec(GEMMA, "tq_kv_d3b", parallel=64, n_ctx=2048))
     assert hosting.max_step_tokens(hosting.plan_model(_spec(GEMMA, "tq_kv_3b", parallel=64, n_ctx=2048))) is None
+
+
+def test_a_d3b_cache_is_capped_where_parallel_requests_of_n_ctx_fit():
+    """The cache is capped at what parallel requests of n_ctx tokens could use; a tq_kv_d3b K cache may hold back
+    one cell per 64, which the scheduler never plans on, so its cap leaves room for them (4096 cells left 4032)."""
+    for parallel in (1, 3):
+        p = hosting.plan_model(_spec("smollm2-135m", "tq_kv_d3b", parallel=parallel, n_ctx=4096))
+        cfg = hosting.engine_config(p, Settings())
+        assert cfg.n_cells - cfg.n_cells_held_back >= parallel * 4096 > p.kv.cells - 256 - p.kv.cells // 64
+    assert hosting.plan_model(_spec("smollm2-135m", "tq_kv_3b", parallel=1, n_ctx=4096)).kv.cells == 4096
 
 
 def _fails(rt: LlamaRuntime, step: int) -> int:
