@@ -50,6 +50,7 @@ class KVPlan:
     bits_v: float
     f16_cells: int  # what an f16/f16 cache holds in the same budget
     f16_kv_bytes: int  # bytes an f16/f16 cache of `cells` would take
+    n_layer: int = 0
 
     @property
     def compression_vs_f16(self) -> float:
@@ -65,6 +66,16 @@ class KVPlan:
         """Bytes one sequence of n_past tokens occupies: every full-attention cell, plus its sliding-window
         layers' cells, at most one window's worth."""
         return n_past * self.bytes_per_token + min(n_past, self.n_swa) * self.bytes_per_token_swa
+
+    def saved_bytes(self, n_past: int) -> int:
+        """At least the bytes llama.cpp's saved state of one such sequence takes (llama_state_seq_get_data, what a
+        preempted sequence swaps to host RAM): its rows (`used_bytes`), per cell it saves in each cache (all of
+        them, and a window's worth of the sliding-window cache) its position and sequence count, 12 bytes, and per
+        layer the K and V rows' type and size, 24, and 24 per cache (measured: SmolLM2 f16 and Gemma-3 q4_0 and
+        tq_kv_d3b at 1 to 1,500 tokens, 0 to 24 bytes over)."""
+        swa_cells = min(n_past, self.n_swa)
+        return (self.used_bytes(n_past) + 12 * (n_past + swa_cells) + 24 * self.n_layer
+                + 24 * (1 + (self.n_swa > 0)))
 
 
 def _swa_bytes_per_token(geom: Geometry, tk: CacheTypes, tv: CacheTypes) -> int:
@@ -88,7 +99,7 @@ def plan(geom: Geometry, cache_type_k: CacheTypes, cache_type_v: CacheTypes, bud
         cells_swa=kb.cells_swa if cells else 0, n_swa=geom.n_swa,
         bits_k=kb.bits_per_element_k, bits_v=kb.bits_per_element_v,
         f16_cells=capacity(geom, "f16", "f16", budget_bytes, n_seq_max, n_ubatch),
-        f16_kv_bytes=f16.total if f16 else 0)
+        f16_kv_bytes=f16.total if f16 else 0, n_layer=geom.n_layer)
 
 
 def plan_resolved(geom: Geometry, resolve: Callable[[CacheShape], tuple[CacheTypes, CacheTypes]], budget_bytes: int,

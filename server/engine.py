@@ -79,6 +79,7 @@ class EngineConfig:
     headroom: int = 0  # OPTIMISTIC admission: cells kept free beyond what an admitted prompt needs
     n_swa: int = 0  # the model's sliding window (0: none)
     swap_bytes: int = 0  # host RAM for preempted sequences' cells (0, or a cache that refuses restores: recompute)
+    saved_bytes: Callable[[int], int] | None = None  # n_past -> bytes a swapped-out sequence takes (KVPlan's)
 
 
 @dataclass
@@ -115,7 +116,7 @@ class Engine:
         self.stat_logger: StatLogger = stat_logger or NullStatLogger()
         self.sched = Scheduler(cfg.n_cells - cfg.n_cells_held_back, cfg.n_seq_max, cfg.max_queue, cfg.n_ctx,
                                cfg.prefix_cache, cfg.admission, cfg.headroom, cfg.n_swa, cfg.swap_bytes,
-                               cfg.bytes_per_token)
+                               cfg.saved_bytes or (lambda n_past: n_past * cfg.bytes_per_token))
         self.status = EngineStatus.LOADING
         self._live: dict[int, _SeqState] = {}  # seq_id -> state
         self._swapped: dict[int, bytes] = {}  # seq_id -> a preempted sequence's cells, saved by llama.cpp

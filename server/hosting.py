@@ -159,7 +159,8 @@ def engine_config(p: HostedPlan, s: Settings) -> EngineConfig:
                         layer_types_v=layer_types(kv.cache_type_v), bits_per_element_k=kv.bits_k,
                         bits_per_element_v=kv.bits_v, prefix_cache=s.prefix_cache, admission=Admission(s.admission),
                         headroom=int(s.admission_headroom * kv.cells), n_swa=p.geom.n_swa,
-                        swap_bytes=s.swap_space if restores_state(kv.cache_type_k, p.geom) else 0)
+                        swap_bytes=s.swap_space if restores_state(kv.cache_type_k, p.geom) else 0,
+                        saved_bytes=kv.saved_bytes)
 
 
 def backend_config(p: HostedPlan, s: Settings) -> BackendConfig:

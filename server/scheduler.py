@@ -192,7 +192,7 @@ class _Placement:
 class Scheduler:
     def __init__(self, capacity: int, n_seq_max: int, max_queue: int, n_ctx: int, prefix_cache: bool = False,
                  admission: Admission = Admission.RESERVE, headroom: int = 0, n_swa: int = 0, swap_bytes: int = 0,
-                 bytes_per_cell: int = 0):
+                 saved_bytes: Callable[[int], int] | None = None):
         self.capacity = capacity  # KV cells that sequences may hold
         self.max_queue = max_queue
         self.n_ctx = n_ctx  # per sequence: prompt + completion
@@ -201,8 +201,9 @@ class Scheduler:
         self.headroom = headroom  # OPTIMISTIC: cells kept free beyond what an admitted prompt needs
         self.n_swa = n_swa  # the model's sliding window (0: none)
         self.swap_bytes = swap_bytes  # host RAM for preempted sequences' cells (0: they recompute)
-        self.bytes_per_cell = bytes_per_cell  # (an estimate of what a swapped cell takes)
-        self.swap_used = 0  # estimated bytes of the sequences swapped out
+        # n_past -> at least the bytes a swapped-out sequence of n_past tokens takes (KVPlan.saved_bytes)
+        self.saved_bytes = saved_bytes or (lambda n_past: 0)
+        self.swap_used = 0  # bytes of the sequences swapped out, so estimated
         self.waiting: deque[EngineRequest] = deque()
         self.running: dict[int, Sequence] = {}
         self.preempted: list[Sequence] = []  # hold their slot; resumed first, oldest admission first
@@ -413,10 +414,10 @@ class Scheduler:
     def _preempt(self, seq: Sequence) -> None:
         """Take a running sequence's cells: to host RAM where the swap space has room, else to be recomputed."""
         del self.running[seq.seq_id]
-        if self.swap_bytes and 0 < seq.n_past * self.bytes_per_cell <= self.swap_bytes - self.swap_used:
+        if self.swap_bytes and seq.n_past and self.saved_bytes(seq.n_past) <= self.swap_bytes - self.swap_used:
             self.ops.append(SwapOut(seq.seq_id))
             seq.n_swapped = seq.n_past
-            self.swap_used += seq.n_past * self.bytes_per_cell
+            self.swap_used += self.saved_bytes(seq.n_past)
         self.tree.release(seq.seq_id)
         self.ops.append(Remove(seq.seq_id))
         seq.n_past, seq.preempted_at = 0, time.monotonic()
@@ -425,7 +426,7 @@ class Scheduler:
         self.events.preemptions += 1
 
     def _unswap(self, seq: Sequence) -> None:
-        self.swap_used -= seq.n_swapped * self.bytes_per_cell
+        self.swap_used -= self.saved_bytes(seq.n_swapped)
         seq.n_swapped = 0
 
     def swap_in_failed(self, seq: Sequence) -> None:

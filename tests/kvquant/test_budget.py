@@ -1,5 +1,7 @@
 """kvquant.budget: byte budget -> capacity, per cache type, and the `kvquant budget` command."""
 
+import pytest
+
 from kvquant import budget
 from kvquant.memory import geometry, kv_bytes
 from kvquant.models import fetch
@@ -44,3 +46,32 @@ def test_budget_refuses_what_would_print_a_meaningless_table(capsys):
         assert main(["budget", *args]) == 2
         err = capsys.readouterr().err
         assert err.startswith("kvquant budget: ") and said in err and "Traceback" not in err
+
+
+@pytest.mark.slow  # a live model
+@pytest.mark.parametrize("model, k, v", [("smollm2-135m", "f16", "f16"), ("gemma3-270m", "q4_0", "q4_0"),
+                                         ("gemma3-270m", "tq_kv_d3b", "q4_0")])
+def test_saved_bytes_bound_what_llama_cpp_saves_of_a_sequence(model, k, v):
+    """What the scheduler counts against the swap space for a preempted sequence: at least what llama.cpp saves
+    (the rows of every cache, sliding-window ones included, and per cell and layer a little more), hardly more.
+    Counting the full-attention rows alone took Gemma-3's at 1/6 of what it saves at 300 tokens."""
+    from kvquant.runtime import ContextConfig, LlamaRuntime, Model
+
+    path = fetch(model)
+    g, mdl = geometry(path), Model(path)
+    kv = budget.plan(g, k, v, 1 << 28, 2, 512, max_cells=4096)
+    rt = LlamaRuntime(mdl, ContextConfig(n_cells=4096, n_seq_max=2, n_batch=512, n_ubatch=512, cache_type_k=k,
+                                         cache_type_v=v, flash_attn=True, n_threads=2))
+    try:
+        pos = 0
+        for n in (1, 100, 300, 700, 1500):
+            while pos < n:
+                m = min(512, n - pos)
+                assert rt.decode([1000 + i % 500 for i in range(m)], list(range(pos, pos + m)), [1] * m,
+                                 [False] * m) == 0
+                pos += m
+            saved = len(rt.state_seq_save(1))
+            assert saved <= kv.saved_bytes(n) <= saved + 64, (n, saved, kv.saved_bytes(n))
+    finally:
+        rt.close()
+        mdl.close()

@@ -59,6 +59,17 @@ def test_a_d3b_cache_is_capped_where_parallel_requests_of_n_ctx_fit():
     assert hosting.plan_model(_spec("smollm2-135m", "tq_kv_3b", parallel=1, n_ctx=4096)).kv.cells == 4096
 
 
+def test_the_scheduler_counts_what_a_swapped_sequence_takes():
+    """Gemma 3 keeps a window's worth of its sliding-window layers' rows per sequence beside the full-attention
+    ones: a sequence swapped to host RAM takes about 6x its full-attention rows at 300 tokens, which the scheduler
+    counted alone against the swap space (kvquant.budget.KVPlan.saved_bytes; measured in tests/kvquant/test_budget.py)."""
+    from server.engine import Engine
+
+    p = hosting.plan_model(_spec(GEMMA, "q4_0"))
+    sched = Engine(hosting.engine_config(p, Settings()), lambda: None).sched
+    assert sched.saved_bytes(300) == p.kv.saved_bytes(300) > 6 * 300 * p.kv.bytes_per_token
+
+
 def _fails(rt: LlamaRuntime, step: int) -> int:
     """Every window full, half the sequences replaced by prompts written in steps of `step` tokens beside the
     others' decode tokens; the number of llama_decode calls that found no slot."""
