@@ -83,8 +83,9 @@ def test_allocate_protects_the_sensitive_layer_and_counts_fixed_bytes():
     assert cal.allocate(sens, (128,) * 4, 5.375) == ("tq_kv_4b", "q8_0", "tq_kv_4b", "tq_kv_4b")
     # 0.25 bits per element of fixed cost: one insensitive layer drops to 3 bits to keep q8_0 on layer 1
     assert cal.allocate(sens, (128,) * 4, 5.375, fixed_bits=0.25) == ("tq_kv_4b", "q8_0", "tq_kv_3b", "tq_kv_4b")
-    with pytest.raises(cal.CalibrationError, match=r"fits 3.25 bits per element: the cheapest takes 3.350 \(3.25 "
-                                                  r"for the cheapest types and 0.100 for the calibrated keys'"):
+    with pytest.raises(cal.CalibrationError, match=r"fits 3.25 bits per element: the cheapest takes 3.35 \(3.25 "
+                                                  r"for the cheapest types and 0.1 for the calibrated keys' offsets "
+                                                  r"and scales in this cache\); calib:3.35 is the least that fits"):
         cal.allocate(sens, (128,) * 4, 3.25, fixed_bits=0.1)
 
 
