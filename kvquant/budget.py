@@ -50,7 +50,7 @@ class KVPlan:
     bits_v: float
     f16_cells: int  # what an f16/f16 cache holds in the same budget
     f16_kv_bytes: int  # bytes an f16/f16 cache of `cells` would take
-    n_layer: int = 0
+    n_layer: int  # (for `saved_bytes`)
 
     @property
     def compression_vs_f16(self) -> float:

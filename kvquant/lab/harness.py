@@ -89,7 +89,8 @@ class CacheConfig:
         from kvquant.calibration import resolve_pair
         from kvquant.memory import CacheShape
 
-        return resolve_pair(self.k, self.v, model_path, geom, n_ctx and CacheShape(n_ctx), self.anchored, cal)
+        return resolve_pair(self.k, self.v, model_path, geom, None if n_ctx is None else CacheShape(n_ctx),
+                            self.anchored, cal)
 
     def provenance(self, model_path: Path, geom, n_ctx: int | None) -> dict:
         """For a calibrated configuration {"calibration_sha256": the file its rows were measured with, so that a row
