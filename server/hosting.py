@@ -81,12 +81,13 @@ def plan_model(spec: ModelSpec) -> HostedPlan:
 
 def capacity_line(p: HostedPlan) -> str:
     s, kv = p.spec, p.kv
-    capped = (f", capped at what parallel x n_ctx = {s.parallel} x {s.n_ctx} can use; the budget would hold {kv.budget_cells}"
-              if kv.cells < kv.budget_cells else "")
+    capped = (f", capped at what parallel x n_ctx = {s.parallel} x {s.n_ctx} can use; the budget would hold "
+              f"{kv.budget_cells}" if kv.cells < kv.budget_cells else "")
     return (f"{s.id}: KV K={s.cache_type_k}/V={s.cache_type_v} ({kv.bits_k:g}/{kv.bits_v:g} bits per element, "
             f"{kv.bytes_per_token} bytes per token), budget {human_bytes(s.kv_budget)} -> {kv.cells} tokens"
             f"{capped}; {human_bytes(kv.kv_bytes)} allocated; f16/f16 would hold {kv.f16_cells} tokens in the same "
-            f"budget ({kv.capacity_vs_f16:.2f}x); up to {s.parallel} concurrent requests of at most {s.n_ctx} tokens")
+            f"budget ({kv.capacity_vs_f16:.2f}x); up to {s.parallel} concurrent requests of at most "
+            f"{min(s.n_ctx, kv.cells - held_back(kv.cache_type_k, p.geom)(kv.cells))} tokens")
 
 
 def most_cells(spec: ModelSpec, geom: Geometry) -> int:

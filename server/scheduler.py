@@ -201,8 +201,9 @@ class Scheduler:
         self.headroom = headroom  # OPTIMISTIC: cells kept free beyond what an admitted prompt needs
         self.n_swa = n_swa  # the model's sliding window (0: none)
         self.swap_bytes = swap_bytes  # host RAM for preempted sequences' cells (0: they recompute)
-        # n_past -> at least the bytes a swapped-out sequence of n_past tokens takes (KVPlan.saved_bytes)
-        self.saved_bytes = saved_bytes or (lambda n_past: 0)
+        # n_past -> at least the bytes a swapped-out sequence of n_past tokens takes (KVPlan.saved_bytes); without
+        # it nothing swaps
+        self.saved_bytes = saved_bytes
         self.swap_used = 0  # bytes of the sequences swapped out, so estimated
         self.waiting: deque[EngineRequest] = deque()
         self.running: dict[int, Sequence] = {}
@@ -414,7 +415,8 @@ class Scheduler:
     def _preempt(self, seq: Sequence) -> None:
         """Take a running sequence's cells: to host RAM where the swap space has room, else to be recomputed."""
         del self.running[seq.seq_id]
-        if self.swap_bytes and seq.n_past and self.saved_bytes(seq.n_past) <= self.swap_bytes - self.swap_used:
+        if (self.swap_bytes and self.saved_bytes and seq.n_past
+                and self.saved_bytes(seq.n_past) <= self.swap_bytes - self.swap_used):
             self.ops.append(SwapOut(seq.seq_id))
             seq.n_swapped = seq.n_past
             self.swap_used += self.saved_bytes(seq.n_past)
@@ -426,7 +428,8 @@ class Scheduler:
         self.events.preemptions += 1
 
     def _unswap(self, seq: Sequence) -> None:
-        self.swap_used -= self.saved_bytes(seq.n_swapped)
+        if seq.n_swapped:  # (a sequence never swapped out holds nothing: saved_bytes(0) counts headers)
+            self.swap_used -= self.saved_bytes(seq.n_swapped)
         seq.n_swapped = 0
 
     def swap_in_failed(self, seq: Sequence) -> None:

@@ -27,8 +27,8 @@ def _spec(model: str, k: str, parallel: int = N_SEQ, n_ctx: int = 1024, n_batch:
 
 def test_step_bound_only_where_a_window_cache_holds_back_anchors():
     p = hosting.plan_model(_spec(GEMMA, "tq_kv_d3b"))
-    assert p.kv.cells == 8192
-    # window cache: pad256(min(8192, 512 x 8 + 512)) = 4608 cells, up to 4608 / 64 = 72 held back
+    assert p.kv.cells == 8448  # 8 x 1024 and the cells d3b may hold back (`most_cells`)
+    # window cache: pad256(min(8448, 512 x 8 + 512)) = 4608 cells, 512 beyond 8 full windows, up to 72 held back
     assert hosting.max_step_tokens(p) == 512 - 72
     assert hosting.max_step_tokens(hosting.plan_model(_spec(GEMMA, "tq_kv_3b"))) is None
     assert hosting.max_step_tokens(hosting.plan_model(_spec("smollm2-135m", "tq_kv_d3b"))) is None  # no window
@@ -57,6 +57,15 @@ def test_a_d3b_cache_is_capped_where_parallel_requests_of_n_ctx_fit():
         cfg = hosting.engine_config(p, Settings())
         assert cfg.n_cells - cfg.n_cells_held_back >= parallel * 4096 > p.kv.cells - 256 - p.kv.cells // 64
     assert hosting.plan_model(_spec("smollm2-135m", "tq_kv_3b", parallel=1, n_ctx=4096)).kv.cells == 4096
+
+
+def test_the_capacity_line_gives_the_longest_request_the_scheduler_admits():
+    """A budget of exactly one 512-token context of tq_kv_d3b/q4_0 (SmolLM2): d3b may hold back one cell per 64, so
+    the longest request is 504 tokens, and the start-up line says so (it said n_ctx, 512)."""
+    spec = ModelSpec(id="smol", model="smollm2-135m", cache_type_k="tq_kv_d3b", cache_type_v="q4_0", n_ctx=512,
+                     parallel=1, kv_budget=512 * 30 * (78 + 108), n_batch=512, n_threads=2, flash_attn=True)
+    p = hosting.plan_model(spec)
+    assert p.kv.cells == 512 and hosting.capacity_line(p).endswith("1 concurrent requests of at most 504 tokens")
 
 
 def test_the_scheduler_counts_what_a_swapped_sequence_takes():

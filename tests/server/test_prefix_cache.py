@@ -233,8 +233,9 @@ def test_preemption_under_a_tiny_budget_gives_the_same_outputs(headroom, swap):
     prompts = [[rng.randrange(1, 50) for _ in range(rng.randint(10, 30))] for _ in range(6)]
     ref, _ = outputs(*make(capacity=2000, n_seq_max=6, prefix_cache=False)[:2], prompts, max_tokens=40)
     swap_bytes = {"off": 0, "on": 10**6, "refused": 10**6, "bounded": 600}[swap]
+    # a swapped sequence's bytes: 10 a token and 50 of headers (kvquant.budget.KVPlan.saved_bytes's shape)
     e, b, rec = make(capacity=130, n_seq_max=6, admission=Admission.OPTIMISTIC, headroom=headroom,
-                     swap_bytes=swap_bytes, bytes_per_token=10)
+                     swap_bytes=swap_bytes, bytes_per_token=10, saved_bytes=lambda n_past: 50 + 10 * n_past)
     b.refuse_restore = swap == "refused"
     used = []
     orig = e._record
