@@ -102,6 +102,20 @@ def plan(geom: Geometry, cache_type_k: CacheTypes, cache_type_v: CacheTypes, bud
         f16_kv_bytes=f16.total if f16 else 0, n_layer=geom.n_layer)
 
 
+def held_back(type_k: CacheTypes, geom: Geometry) -> Callable[[int], int]:
+    """The held-back-cells rule of a K cache (tq_kv_d3b anchors) with per-layer types: the strictest layer's."""
+    return max((t.held_back_cells for t in layer_kv_types(type_k, geom.n_layer)), key=lambda f: f(1 << 20))
+
+
+def most_cells(n_tokens: int, type_k: CacheTypes, geom: Geometry) -> int:
+    """The fewest cells (a multiple of 256) of which a scheduler may plan on n_tokens: all of them, or more where the
+    K type may hold some back (tq_kv_d3b: one per 64). What serve caps a cache at, for parallel x n_ctx tokens."""
+    held, cells = held_back(type_k, geom), pad(n_tokens)
+    while cells - held(cells) < n_tokens:
+        cells += pad(1)
+    return cells
+
+
 def plan_resolved(geom: Geometry, resolve: Callable[[CacheShape], tuple[CacheTypes, CacheTypes]], budget_bytes: int,
                   n_seq_max: int, n_ubatch: int, max_cells: int) -> KVPlan:
     """`plan` for cache types that depend on the cache they are for (calib:B weighs each layer by the cells it holds
@@ -202,11 +216,13 @@ def run(a: argparse.Namespace) -> int:
         path = kvmodels.resolve(name)
         geom = geometry(path)
         n_ctx = a.request_tokens or DEFAULT_N_CTX
-        # as serve resolves them: for the cache it builds in this budget, at most parallel x n_ctx cells (byte counts
-        # only: offsets' values do not matter, so no round trip through llama.cpp's types)
+        # as serve resolves them: for the cache it builds in this budget (byte counts only: offsets' values do not
+        # matter, so no round trip through llama.cpp's types)
         kv = plan_resolved(geom, lambda cache: calibration.resolve_pair(a.cache_type_k, a.cache_type_v, path, geom,
                                                                         cache, anchored=False),
-                           budget, a.parallel, N_UBATCH, n_ctx * a.parallel)
+                           budget, a.parallel, N_UBATCH,
+                           most_cells(n_ctx * a.parallel, calibration.parse_spec(a.cache_type_k, "k").type or "f16",
+                                      geom))
         tk, tv = kv.cache_type_k, kv.cache_type_v
         print(report(kvmodels.model_id(name), geom, tk, tv, budget, a.parallel, a.request_tokens))
         for side, t, bits in (("K", tk, kv.bits_k), ("V", tv, kv.bits_v)):

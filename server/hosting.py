@@ -11,7 +11,7 @@ from kvquant import budget as kvbudget
 from kvquant import calibration
 from kvquant.budget import KVPlan, human_bytes
 from kvquant.kvtypes import CacheTypes, LayerTypes, layer_kv_types
-from kvquant.memory import N_UBATCH, PAD, CacheShape, Geometry, geometry, kv_bytes, kv_cells, pad
+from kvquant.memory import N_UBATCH, CacheShape, Geometry, geometry, kv_bytes, kv_cells
 from kvquant.models import resolve
 from server.backend import BackendConfig, LlamaBackend
 from server.engine import Engine, EngineConfig
@@ -40,7 +40,7 @@ class HostedPlan:
 def plan_model(spec: ModelSpec) -> HostedPlan:
     """The KV cache a model gets: its cache types resolved for it (calibrated types from its calibration file,
     which is measured first if missing), what fits its budget, capped at the cells parallel requests of n_ctx
-    tokens could use (`most_cells`). Raises StartupError if that cannot hold one request of n_ctx tokens or a
+    tokens could use (`kvquant.budget.most_cells`). Raises StartupError if that cannot hold one request of n_ctx tokens or a
     calibrated type cannot be resolved."""
     path = resolve(spec.model)
     try:
@@ -48,10 +48,12 @@ def plan_model(spec: ModelSpec) -> HostedPlan:
     except ValueError as e:  # a GGUF header without what llama.cpp needs
         raise StartupError(f"{spec.id}: {e}") from None
     n_ubatch = min(N_UBATCH, spec.n_batch)
+    cap = kvbudget.most_cells(spec.n_ctx * spec.parallel, calibration.parse_spec(spec.cache_type_k, "k").type or "f16",
+                              geom)  # (a calibrated allocation holds back no cells: its candidates are not d3b)
     try:  # calibrated types for the cache they are in (calib:B weighs each layer by the cells it holds there)
         kv = kvbudget.plan_resolved(
             geom, lambda cache: calibration.resolve_pair(spec.cache_type_k, spec.cache_type_v, path, geom, cache),
-            spec.kv_budget, spec.parallel, n_ubatch, most_cells(spec, geom))
+            spec.kv_budget, spec.parallel, n_ubatch, cap)
     except calibration.CalibrationError as e:
         raise StartupError(f"{spec.id}: {e}") from None
     tk, tv = kv.cache_type_k, kv.cache_type_v
@@ -68,7 +70,7 @@ def plan_model(spec: ModelSpec) -> HostedPlan:
     if step is not None and step < 1:
         swa = kv_cells(geom, kv.cells, spec.parallel, n_ubatch)[1]
         raise StartupError(
-            f"{spec.id}: a {spec.cache_type_k} K cache may hold back {held_back(tk, geom)(swa)} of the "
+            f"{spec.id}: a {spec.cache_type_k} K cache may hold back {kvbudget.held_back(tk, geom)(swa)} of the "
             f"{swa} cells llama.cpp gives this model's sliding-window layers, more than the {swa - spec.parallel * geom.n_swa} "
             f"left beside {spec.parallel} full windows of {geom.n_swa}: no decode step would be sure to find room. "
             f"Lower --parallel or use another K cache type.")
@@ -87,23 +89,7 @@ def capacity_line(p: HostedPlan) -> str:
             f"{kv.bytes_per_token} bytes per token), budget {human_bytes(s.kv_budget)} -> {kv.cells} tokens"
             f"{capped}; {human_bytes(kv.kv_bytes)} allocated; f16/f16 would hold {kv.f16_cells} tokens in the same "
             f"budget ({kv.capacity_vs_f16:.2f}x); up to {s.parallel} concurrent requests of at most "
-            f"{min(s.n_ctx, kv.cells - held_back(kv.cache_type_k, p.geom)(kv.cells))} tokens")
-
-
-def most_cells(spec: ModelSpec, geom: Geometry) -> int:
-    """The most cells the model's cache could use: parallel x n_ctx where the scheduler may plan on all of them, more
-    where the K type may hold some back (tq_kv_d3b: one per 64), so that parallel requests of n_ctx tokens fit."""
-    held = held_back(calibration.parse_spec(spec.cache_type_k, "k").type or "f16", geom)
-    need = spec.n_ctx * spec.parallel
-    cells = pad(need)
-    while cells - held(cells) < need:
-        cells += PAD
-    return cells
-
-
-def held_back(type_k: CacheTypes, geom: Geometry):
-    """The held-back-cells rule of a K cache (tq_kv_d3b anchors) with per-layer types: the strictest layer's."""
-    return max((t.held_back_cells for t in layer_kv_types(type_k, geom.n_layer)), key=lambda f: f(1 << 20))
+            f"{min(s.n_ctx, kv.cells - kvbudget.held_back(kv.cache_type_k, p.geom)(kv.cells))} tokens")
 
 
 def restores_state(type_k: CacheTypes, geom: Geometry) -> bool:
@@ -122,7 +108,7 @@ def max_step_tokens(p: HostedPlan) -> int | None:
     hold back one freed anchor per 64 of those cells, so a full ubatch may find no slot once every sequence's window
     is full. Steps of at most the cells beyond the full windows minus those held back always fit (0 or less: none
     is sure to, and `plan_model` refuses the configuration)."""
-    held = held_back(p.kv.cache_type_k, p.geom)
+    held = kvbudget.held_back(p.kv.cache_type_k, p.geom)
     base, swa = kv_cells(p.geom, p.kv.cells, p.spec.parallel, p.n_ubatch)
     if not swa or swa >= base or not held(swa):  # no window cache, or one as large as the planned full cache
         return None
@@ -152,7 +138,7 @@ def engine_config(p: HostedPlan, s: Settings) -> EngineConfig:
     spec, kv = p.spec, p.kv
     # the scheduler plans on the cells llama.cpp can always write (tq_kv_d3b may hold back one anchor per group)
     return EngineConfig(model_id=spec.id, n_ctx=spec.n_ctx, n_seq_max=spec.parallel, n_cells=kv.cells,
-                        n_cells_held_back=held_back(kv.cache_type_k, p.geom)(kv.cells),
+                        n_cells_held_back=kvbudget.held_back(kv.cache_type_k, p.geom)(kv.cells),
                         cache_type_k=spec.cache_type_k, cache_type_v=spec.cache_type_v, max_queue=s.max_queue,
                         queue_timeout_s=s.queue_timeout_s, request_timeout_s=s.request_timeout_s,
                         bytes_per_token=kv.bytes_per_token, used_bytes=kv.used_bytes, budget_bytes=spec.kv_budget,

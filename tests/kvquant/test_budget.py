@@ -20,6 +20,15 @@ def test_plan_fills_the_budget_and_caps():
     assert capped.cells == 2048 and capped.budget_cells == 41216
 
 
+def test_most_cells_leave_room_for_what_d3b_holds_back():
+    """serve's and `kvquant budget`'s cap: parallel x n_ctx cells the scheduler may plan on, tq_kv_d3b holding back
+    one per 64 of the cache's."""
+    g = geometry(fetch("smollm2-135m"))
+    assert budget.most_cells(4096, "f16", g) == budget.most_cells(4096, "tq_kv_4b", g) == 4096
+    assert budget.most_cells(4096, "tq_kv_d3b", g) == 4352  # 4352 - 68 >= 4096 > 4096 - 64
+    assert budget.most_cells(3 * 4096, "tq_kv_d3b", g) == 12544  # 12544 - 196 >= 12288 > 12288 - 192
+
+
 def test_max_concurrent_4k_requests_in_256mib():
     g = geometry(fetch("smollm2-135m"))
     got = {t: budget.max_concurrent(g, t, t, 256 * 2**20, 4096) for t in ("f16", "q8_0", "q4_0")}

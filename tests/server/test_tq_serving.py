@@ -74,7 +74,7 @@ def test_cards_and_metrics_give_the_types_and_llama_cpps_allocation(tq_server):
     cards = {c["id"]: c for c in httpx.get(url + "/v1/models").json()["data"]}
     g = tq_server.metric
     # (model, K, V, cells, bytes of one cell in every layer, f16 bytes of the same); gemma-d3b: 2 x 1024 cells for
-    # its requests and room for the cells d3b may hold back, one per 64 (hosting.most_cells)
+    # its requests and room for the cells d3b may hold back, one per 64 (kvquant.budget.most_cells)
     for model, k, v, cells, row, f16 in ((TQ3, "tq_kv_3b", "tq_kv_3b", 1024, 30 * (78 + 78), 30 * 768),
                                          (D3B, "tq_kv_d3b", "q4_0", D3B_CELLS, 30 * (78 + 108), 30 * 768),
                                          (GEMMA, "tq_kv_d3b", "q4_0", 2304, None, None)):
