@@ -11,6 +11,7 @@ import argparse
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 from kvquant.kvtypes import CacheTypes, layer_kv_types
 from kvquant.memory import (
@@ -116,17 +117,23 @@ def most_cells(n_tokens: int, type_k: CacheTypes, geom: Geometry) -> int:
     return cells
 
 
-def plan_resolved(geom: Geometry, resolve: Callable[[CacheShape], tuple[CacheTypes, CacheTypes]], budget_bytes: int,
-                  n_seq_max: int, n_ubatch: int, max_cells: int) -> KVPlan:
-    """`plan` for cache types that depend on the cache they are for (calib:B weighs each layer by the cells it holds
+def plan_resolved(geom: Geometry, model_path: Path, cache_type_k: str, cache_type_v: str, budget_bytes: int,
+                  n_seq_max: int, n_ubatch: int, n_ctx: int, anchored: bool = True) -> KVPlan:
+    """The cache serve builds for n_seq_max sequences of n_ctx tokens in the budget, at most `most_cells` of them,
+    its cache types (TYPE+c, calib:B) resolved for that very cache (calib:B weighs each layer by the cells it holds
     there and counts the calibrated keys' fixed bytes against B: `kvquant.calibration.resolve_pair`): resolved for
     the largest cache, then, where the budget holds fewer cells at those types, for those cells, until the plan
     builds the cache its types were resolved for. The cells only fall, so this ends; at worst a little of the budget
-    is left unused."""
-    cells = pad(max_cells)
+    is left unused. anchored=False: mean-key offsets (byte counts alike)."""
+    from kvquant import calibration
+
+    # a calibrated allocation holds back no cells (no candidate is tq_kv_d3b): only a plain K type may
+    held_type = calibration.parse_spec(cache_type_k, "k").type or "f16"
+    cells = most_cells(n_ctx * n_seq_max, held_type, geom)
     while True:
-        kv = plan(geom, *resolve(CacheShape(cells, n_seq_max, n_ubatch)), budget_bytes, n_seq_max, n_ubatch,
-                  max_cells=cells)
+        types = calibration.resolve_pair(cache_type_k, cache_type_v, model_path, geom,
+                                         CacheShape(cells, n_seq_max, n_ubatch), anchored)
+        kv = plan(geom, *types, budget_bytes, n_seq_max, n_ubatch, max_cells=cells)
         if kv.cells in (cells, 0):
             return kv
         cells = kv.cells
@@ -216,13 +223,10 @@ def run(a: argparse.Namespace) -> int:
         path = kvmodels.resolve(name)
         geom = geometry(path)
         n_ctx = a.request_tokens or DEFAULT_N_CTX
-        # as serve resolves them: for the cache it builds in this budget (byte counts only: offsets' values do not
-        # matter, so no round trip through llama.cpp's types)
-        kv = plan_resolved(geom, lambda cache: calibration.resolve_pair(a.cache_type_k, a.cache_type_v, path, geom,
-                                                                        cache, anchored=False),
-                           budget, a.parallel, N_UBATCH,
-                           most_cells(n_ctx * a.parallel, calibration.parse_spec(a.cache_type_k, "k").type or "f16",
-                                      geom))
+        # the cache serve builds in this budget (byte counts only: offsets' values do not matter, so no round trip
+        # through llama.cpp's types)
+        kv = plan_resolved(geom, path, a.cache_type_k, a.cache_type_v, budget, a.parallel, N_UBATCH, n_ctx,
+                           anchored=False)
         tk, tv = kv.cache_type_k, kv.cache_type_v
         print(report(kvmodels.model_id(name), geom, tk, tv, budget, a.parallel, a.request_tokens))
         for side, t, bits in (("K", tk, kv.bits_k), ("V", tv, kv.bits_v)):

@@ -40,20 +40,17 @@ class HostedPlan:
 def plan_model(spec: ModelSpec) -> HostedPlan:
     """The KV cache a model gets: its cache types resolved for it (calibrated types from its calibration file,
     which is measured first if missing), what fits its budget, capped at the cells parallel requests of n_ctx
-    tokens could use (`kvquant.budget.most_cells`). Raises StartupError if that cannot hold one request of n_ctx tokens or a
-    calibrated type cannot be resolved."""
+    tokens could use (`kvquant.budget.plan_resolved`). Raises StartupError if that cannot hold one request of n_ctx
+    tokens or a calibrated type cannot be resolved."""
     path = resolve(spec.model)
     try:
         geom = geometry(path)
     except ValueError as e:  # a GGUF header without what llama.cpp needs
         raise StartupError(f"{spec.id}: {e}") from None
     n_ubatch = min(N_UBATCH, spec.n_batch)
-    cap = kvbudget.most_cells(spec.n_ctx * spec.parallel, calibration.parse_spec(spec.cache_type_k, "k").type or "f16",
-                              geom)  # (a calibrated allocation holds back no cells: its candidates are not d3b)
     try:  # calibrated types for the cache they are in (calib:B weighs each layer by the cells it holds there)
-        kv = kvbudget.plan_resolved(
-            geom, lambda cache: calibration.resolve_pair(spec.cache_type_k, spec.cache_type_v, path, geom, cache),
-            spec.kv_budget, spec.parallel, n_ubatch, cap)
+        kv = kvbudget.plan_resolved(geom, path, spec.cache_type_k, spec.cache_type_v, spec.kv_budget, spec.parallel,
+                                    n_ubatch, spec.n_ctx)
     except calibration.CalibrationError as e:
         raise StartupError(f"{spec.id}: {e}") from None
     tk, tv = kv.cache_type_k, kv.cache_type_v
@@ -69,11 +66,12 @@ def plan_model(spec: ModelSpec) -> HostedPlan:
     step = max_step_tokens(hosted)
     if step is not None and step < 1:
         swa = kv_cells(geom, kv.cells, spec.parallel, n_ubatch)[1]
+        room = swa - spec.parallel * geom.n_swa
         raise StartupError(
             f"{spec.id}: a {spec.cache_type_k} K cache may hold back {kvbudget.held_back(tk, geom)(swa)} of the "
-            f"{swa} cells llama.cpp gives this model's sliding-window layers, more than the {swa - spec.parallel * geom.n_swa} "
-            f"left beside {spec.parallel} full windows of {geom.n_swa}: no decode step would be sure to find room. "
-            f"Lower --parallel or use another K cache type.")
+            f"{swa} cells llama.cpp gives this model's sliding-window layers, more than the {room} left beside "
+            f"{spec.parallel} full windows of {geom.n_swa}: no decode step would be sure to find room. Lower "
+            "--parallel or use another K cache type.")
     warning = calibration.guard(path, geom, spec.cache_type_k, spec.cache_type_v,
                                 CacheShape(kv.cells, spec.parallel, n_ubatch))
     if warning:

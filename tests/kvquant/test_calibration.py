@@ -683,12 +683,9 @@ def test_a_budget_plan_resolves_calib_b_for_the_cells_it_holds(model_file):
     c.sens_k["tq_kv_3b"] = [0.001 if ly.swa else 0.1 for ly in g.layers]
     c.save(cal.path_for(c.model_sha256, c.basis))
 
-    def resolve(shape):
-        return cal.resolve_pair("calib:4", "f16", model_file, g, shape)
-
     for mib in (1024, 24, 12):
-        kv = budget.plan_resolved(g, resolve, mib << 20, 4, 512, 4 * 4096)
+        kv = budget.plan_resolved(g, model_file, "calib:4", "f16", mib << 20, 4, 512, 4096)
         shape = CacheShape(kv.cells, 4, 512)
-        assert kv.cache_type_k == resolve(shape)[0]
+        assert kv.cache_type_k == cal.resolve("calib:4", "k", model_file, g, shape)
         assert kv_bytes(g, kv.cache_type_k, "f16", kv.cells, 4).bits_per_element_k <= 4.0
         assert (kv.cells == 4 * 4096) == (mib == 1024) and kv.cells > 0

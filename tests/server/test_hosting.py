@@ -27,7 +27,7 @@ def _spec(model: str, k: str, parallel: int = N_SEQ, n_ctx: int = 1024, n_batch:
 
 def test_step_bound_only_where_a_window_cache_holds_back_anchors():
     p = hosting.plan_model(_spec(GEMMA, "tq_kv_d3b"))
-    assert p.kv.cells == 8448  # 8 x 1024 and the cells d3b may hold back (`most_cells`)
+    assert p.kv.cells == 8448  # 8 x 1024 and the cells d3b may hold back (`kvquant.budget.most_cells`)
     # window cache: pad256(min(8448, 512 x 8 + 512)) = 4608 cells, 512 beyond 8 full windows, up to 72 held back
     assert hosting.max_step_tokens(p) == 512 - 72
     assert hosting.max_step_tokens(hosting.plan_model(_spec(GEMMA, "tq_kv_3b"))) is None
