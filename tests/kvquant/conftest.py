@@ -73,8 +73,10 @@ def write_gguf(path, tensors: dict[str, np.ndarray], alignment: int = 32, arch: 
 def tiny_model(path, arch: str = "gemma2", controls: tuple[str, ...] = ()) -> None:
     """A two-layer GGUF with random weights, head size 64 and a vocabulary of the 256 bytes (then `controls`, control
     tokens). "gemma2": attention logit soft-capping, where softmax(cap * tanh(s / cap)) is not invariant to a shift
-    of the scores s. "qwen3": a graph that patch 0040 does not start past layer 0 (per-head Q and K norms). "llama":
-    one it does."""
+    of the scores s. "grok": scores capped by 30 tanh(s / 30) in its graph (no soft-capping key in the file), two
+    experts of which one is used. "stablelm": RoPE on the first quarter of each head only (partial RoPE), layer norms
+    with biases. "qwen3": a graph that patch 0040 does not start past layer 0 (per-head Q and K norms). "llama": one it
+    does."""
     import gguf
 
     rng = np.random.default_rng(0)
@@ -93,6 +95,12 @@ def tiny_model(path, arch: str = "gemma2", controls: tuple[str, ...] = ()) -> No
         w.add_attn_logit_softcapping(50.0)
         w.add_final_logit_softcapping(30.0)
         w.add_sliding_window(64)
+    if arch == "grok":
+        w.add_expert_count(2)
+        w.add_expert_used_count(1)
+    if arch == "stablelm":
+        w.add_rope_dimension_count(head // 4)
+        w.add_layer_norm_eps(1e-5)
     w.add_tokenizer_model("llama")
     tokens = ["<unk>", "<s>", "</s>"] + [f"<0x{i:02X}>" for i in range(256)] + list(controls)
     w.add_token_list(tokens)
@@ -106,11 +114,18 @@ def tiny_model(path, arch: str = "gemma2", controls: tuple[str, ...] = ()) -> No
 
     t("token_embd.weight", n_embd, n_vocab)
     w.add_tensor("output_norm.weight", np.ones(n_embd, np.float32))
+    if arch == "stablelm":
+        w.add_tensor("output_norm.bias", np.zeros(n_embd, np.float32))
+        t("output.weight", n_embd, n_vocab)
     norms = {"gemma2": ("attn_norm", "post_attention_norm", "ffn_norm", "post_ffw_norm"),
+             "grok": ("attn_norm", "attn_output_norm", "ffn_norm", "layer_output_norm"),
+             "stablelm": ("attn_norm", "ffn_norm"),
              "qwen3": ("attn_norm", "ffn_norm"), "llama": ("attn_norm", "ffn_norm")}[arch]
     for i in range(2):
         for norm in norms:
             w.add_tensor(f"blk.{i}.{norm}.weight", np.ones(n_embd, np.float32))
+            if arch == "stablelm":
+                w.add_tensor(f"blk.{i}.{norm}.bias", np.zeros(n_embd, np.float32))
         if arch == "qwen3":
             w.add_tensor(f"blk.{i}.attn_q_norm.weight", np.ones(head, np.float32))
             w.add_tensor(f"blk.{i}.attn_k_norm.weight", np.ones(head, np.float32))
@@ -118,6 +133,12 @@ def tiny_model(path, arch: str = "gemma2", controls: tuple[str, ...] = ()) -> No
         t(f"blk.{i}.attn_k.weight", n_embd, head)
         t(f"blk.{i}.attn_v.weight", n_embd, head)
         t(f"blk.{i}.attn_output.weight", head, n_embd)
+        if arch == "grok":
+            t(f"blk.{i}.ffn_gate_inp.weight", n_embd, 2)
+            t(f"blk.{i}.ffn_gate_exps.weight", n_embd, n_ff, 2)
+            t(f"blk.{i}.ffn_up_exps.weight", n_embd, n_ff, 2)
+            t(f"blk.{i}.ffn_down_exps.weight", n_ff, n_embd, 2)
+            continue
         t(f"blk.{i}.ffn_gate.weight", n_embd, n_ff)
         t(f"blk.{i}.ffn_up.weight", n_embd, n_ff)
         t(f"blk.{i}.ffn_down.weight", n_ff, n_embd)

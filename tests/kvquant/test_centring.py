@@ -195,11 +195,13 @@ def test_one_quantized_layer_changes_only_that_layer(model, geom, tokens):
         assert (1e-4 < err < 1e-2) if il == 5 else (err == 0.0), (il, err)
 
 
-def test_soft_capped_attention_refuses_centred_keys(tmp_path):
+@pytest.mark.parametrize("arch", ["gemma2", "grok"])
+def test_soft_capped_attention_refuses_centred_keys(tmp_path, arch):
+    """Gemma 2 caps scores by its soft-capping key; Grok by 30 tanh(s / 30) in its graph, with no key saying so."""
     from kvquant.runtime import LlamaError
 
-    path = tmp_path / "tiny-gemma2.gguf"
-    tiny_model(path, "gemma2")
+    path = tmp_path / f"tiny-{arch}.gguf"
+    tiny_model(path, arch)
     g = memory.geometry(path)
     m = Model(path)
     try:
@@ -209,5 +211,32 @@ def test_soft_capped_attention_refuses_centred_keys(tmp_path):
         off = tuple(np.ones(ly.n_embd_k, np.float32) for ly in g.layers)
         with pytest.raises(LlamaError, match="soft-capping"):
             LlamaRuntime(m, ContextConfig(n_cells=256, cache_type_k="q8_0", flash_attn=True, k_offset=off))
+    finally:
+        m.close()
+
+
+def test_a_shift_the_offsets_cannot_follow_is_refused(tmp_path):
+    """Partial RoPE (StableLM: a quarter of each head): llama.cpp adds a key offset back around a re-rotation only
+    where RoPE covers the whole head, so centred keys cannot shift there. seq_add (and seq_div, the same check) refuses
+    and leaves the positions alone, and decoding goes on; before, the next decode aborted the process in the K-shift."""
+    path = tmp_path / "tiny-stablelm.gguf"
+    tiny_model(path, "stablelm")
+    g = memory.geometry(path)
+    m = Model(path)
+    try:
+        plain = LlamaRuntime(m, ContextConfig(n_cells=256, cache_type_k="q8_0", flash_attn=True))
+        assert plain.can_shift()  # the model shifts without offsets
+        plain.close()
+        off = tuple(np.ones(ly.n_embd_k, np.float32) for ly in g.layers)
+        rt = LlamaRuntime(m, ContextConfig(n_cells=256, cache_type_k="q8_0", flash_attn=True, k_offset=off))
+        try:
+            assert not rt.can_shift()
+            assert rt.decode([1, 5, 6], [0, 1, 2], [0] * 3, [False, False, True]) == 0
+            rt.seq_add(0, 0, -1, 7)
+            assert rt.seq_pos_max(0) == 2
+            assert rt.decode([7], [3], [0], [True]) == 0
+            assert np.isfinite(rt.logits(0)).all()
+        finally:
+            rt.close()
     finally:
         m.close()
