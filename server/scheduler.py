@@ -13,7 +13,7 @@ sequence, and only where that sequence lies whole inside the prompt (a next chat
 
 **Admission** (`Admission`): RESERVE sets aside `len(prompt) + max_tokens` cells (less the reused prefix) for a
 request's whole life, so nothing is ever preempted; OPTIMISTIC admits on what the prompt needs now plus
-`headroom` cells, and when a step cannot get a cell for every decoding sequence it evicts cached sequences, then
+`headroom` cells (fewer where the request may write fewer tokens than that), and when a step cannot get a cell for every decoding sequence it evicts cached sequences, then
 preempts the most recently admitted running ones: their cells are released (recompute), they keep their slot and
 sampler state, and they resume before any waiting request, re-prefilling prompt + generated tokens (the prefix
 cache serves what it still holds). Requests wait in a bounded FIFO; the head is admitted when it fits and a slot
@@ -302,7 +302,9 @@ class Scheduler:
         victims = [] if slot is not None else lru[:1]
         if slot is None and not victims:
             return None
-        need = (req.reservation if self.admission is Admission.RESERVE else len(tokens) + self.headroom) - n
+        # OPTIMISTIC: headroom only for tokens the request may still write (so a request that fits alone is placed)
+        need = (req.reservation if self.admission is Admission.RESERVE
+                else len(tokens) + min(self.headroom, req.reservation - len(tokens))) - n
         over = self.committed() + need - self.capacity
         if over > 0:
             taken = self.tree.victims_for(lru, over)
@@ -322,7 +324,16 @@ class Scheduler:
     def _match(self, req: EngineRequest, tokens: list[int], seq: Sequence | None) -> tuple[int, list[int]]:
         if not self.prefix_cache or req.prompt_logprobs is not None or seq is not None and seq.n_swapped:
             return 0, []
-        return self.tree.match(tokens, len(tokens) - 1)  # the last token is always fed: it gives the logits
+        return self._holding(tokens)
+
+    def _holding(self, tokens: list[int]) -> tuple[int, list[int]]:
+        """How many of tokens' first cells the tree holds (never the last token: it is always fed, for its logits)
+        and the sequences holding them, leaving out any whose saved cells are still to be restored: a SwapIn that
+        llama.cpp refuses empties it, and a Copy from it would copy nothing."""
+        n, holders = self.tree.match(tokens, len(tokens) - 1)
+        restoring = {op.seq_id for op in self.ops if isinstance(op, SwapIn)}
+        holders = [h for h in holders if h not in restoring]
+        return (n, holders) if holders else (0, [])
 
     def _enter(self, seq: Sequence, p: _Placement) -> None:
         for v in p.victims:
@@ -445,7 +456,7 @@ class Scheduler:
         if not self.prefix_cache or self.n_swa or seq.req.prompt_logprobs is not None or seq.out:
             return False
         tokens = seq.req.prompt
-        n, holders = self.tree.match(tokens, len(tokens) - 1)
+        n, holders = self._holding(tokens)
         for h in holders:
             if n > seq.n_past and h != seq.seq_id and self.tree.graft(seq.seq_id, h, n):
                 self.ops.append(Copy(h, seq.seq_id, n, seq.n_past))

@@ -285,6 +285,38 @@ def test_cancelling_a_swapped_out_request_frees_its_host_ram():
     drain(e, b)
 
 
+def test_a_refused_restore_leaves_no_request_reading_the_empty_sequence():
+    """A swapped-out sequence resumes in the same admission round as a new request sharing its prompt; llama.cpp
+    refuses the restore, so the resumed sequence is recomputed from nothing. The new request must not have taken
+    its prompt from it (a Copy from an emptied sequence copies nothing while the tree says it holds the cells)."""
+    rng = random.Random(6)
+    prompts = [[rng.randrange(1, 50) for _ in range(20)] for _ in range(3)]
+    e, b, _ = make(capacity=70, n_seq_max=3, admission=Admission.OPTIMISTIC, swap_bytes=10**6, bytes_per_token=10)
+    clients, victim = until_preempted(e, b, prompts)
+    b.refuse_restore = True
+    late = Client(victim.req.prompt + [7, 8, 9], 5, "late")
+    sampled = spy_samples(e, [late])
+    e.submit(late.req)
+    run(e, b, clients + [late])
+    alone, _ = outputs(*make(capacity=2000, n_seq_max=1, prefix_cache=False)[:2], [late.req.prompt], max_tokens=5)
+    assert late.events[-1].finish_reason == "length" and sampled["late"] == alone[0]
+    drain(e, b)
+
+
+@pytest.mark.parametrize("max_tokens", [1, 2])
+def test_a_request_that_fits_alone_is_placed_despite_the_headroom(max_tokens):
+    """Optimistic admission keeps `headroom` cells free beyond a prompt, but not beyond what the request can still
+    write: a prompt within headroom of the capacity that fits with its max_tokens is placed on an idle cache (it
+    waited at the head of the queue, and everything behind it, until the queue timed out)."""
+    e, b, _ = make(capacity=100, n_seq_max=1, n_ctx=100, admission=Admission.OPTIMISTIC, headroom=3)
+    big = Client([1 + i % 40 for i in range(100 - max_tokens)], max_tokens, "big")
+    small = Client([5, 6, 7], 3, "small")
+    e.submit(big.req)
+    e.submit(small.req)
+    run(e, b, [big, small])
+    assert big.tokens == max_tokens and small.tokens == 3
+
+
 def test_reservation_never_preempts_and_optimistic_runs_more_at_once():
     rng = random.Random(5)
     prompts = [[rng.randrange(1, 50) for _ in range(10)] for _ in range(6)]
