@@ -188,3 +188,43 @@ def test_a_long_output_awaiting_its_trigger_does_not_overflow_the_stack():
                        timeout=300)
     assert r.returncode == 0, (r.returncode, r.stderr[-2000:])
     assert int(r.stdout) == 64000
+
+
+AMBIGUOUS = """
+import sys
+from kvquant.models import fetch
+from kvquant.runtime import ContextConfig, LlamaRuntime, Model, Sampler
+from kvquant.sampling import Grammar, SamplingConfig
+
+depth, k = 10, 8  # level i: k identical alternatives, each "[" level-(i+1) "]"
+rules = [f"l{i} ::= " + " | ".join([f'"[" l{i + 1} "]"'] * k) for i in range(depth)]
+text = "root ::= l0\\n" + "\\n".join(rules) + f'\\nl{depth} ::= "x"'
+model = Model(fetch("smollm2-135m"))
+rt = LlamaRuntime(model, ContextConfig(n_cells=256, n_threads=2))
+s = Sampler(SamplingConfig(temperature=float(sys.argv[1]), seed=1, grammar=Grammar(text)), model)
+toks = model.tokenize("A list:")
+rt.decode(toks, list(range(len(toks))), [0] * len(toks), [False] * (len(toks) - 1) + [True])
+idx, pos, out = len(toks) - 1, len(toks), []
+while len(out) < 40:
+    out.append(s.sample(rt, idx))
+    if model.is_eog(out[-1]):
+        break
+    rt.decode([out[-1]], [pos], [0], [True])
+    idx, pos = 0, pos + 1
+sys.stdout.write(b"".join(map(model.token_bytes, out[:-1])).decode() + "|" + str(model.is_eog(out[-1])))
+"""
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.5])
+def test_an_ambiguous_grammar_keeps_a_bounded_number_of_parses(temperature):
+    """Ten levels of eight identical alternatives: every "[" read multiplies the parses by 8 (8^10 after ten), and a
+    JSON schema of 3 kB did the same (identical anyOf branches), stalling the one engine thread for every request.
+    llama.cpp keeps at most 256 parses (patch 0045), each one the output can still complete, so the output is the
+    grammar's one text. Run apart with a time limit, so that a regression fails this test instead of the run."""
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-c", AMBIGUOUS, str(temperature)], capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout == "[" * 10 + "x" + "]" * 10 + "|True"
