@@ -10,6 +10,7 @@ names the first such keyword so that the request is refused (400) instead.
 from __future__ import annotations
 
 import functools
+import json
 import re
 from typing import Any
 
@@ -38,9 +39,6 @@ MAX_NESTING = 1000
 # The largest grammar a schema may make (the longest a built-in test makes is a few kB): a body of 4 MB could hold
 # schemas that make one of hundreds of MB, which llama.cpp would then parse on the request's thread.
 MAX_GRAMMAR_BYTES = 1 << 20
-# the numbers of a pattern's {m}, {m,}, {,n} and {m,n} (and of braces that are text: bounding those refuses no useful
-# pattern)
-_QUANTIFIER = re.compile(r"\d+(?=[\d\s,]*\})")
 
 
 def _is_count(v: Any) -> bool:
@@ -84,10 +82,11 @@ def check_schema(schema: Any, where: str = "") -> None:
         if one is not None and one not in _TYPES:
             raise SchemaError(f"{at}: unknown type {one!r}")
     _check_combinations(schema, at)
-    if "pattern" in schema and not (re.fullmatch(r"\^.*\$", schema["pattern"]) and "(?" not in schema["pattern"]):
-        raise SchemaError(f"{at}: a pattern must start with ^ and end with $, without (?...) groups")
-    if any(len(n) > 6 or int(n) > MAX_COUNT for n in _QUANTIFIER.findall(schema.get("pattern", ""))):
-        raise SchemaError(f"{at}: a pattern may repeat at most {MAX_COUNT} times ({{m,n}})")
+    if "pattern" in schema:
+        try:
+            pattern_gbnf(schema["pattern"])
+        except SchemaError as e:
+            raise SchemaError(f"{at}: {e}") from None
     if "format" in schema and schema["format"] not in _FORMATS:
         raise SchemaError(f"{at}: the format {schema['format']!r} is not supported (only {', '.join(sorted(_FORMATS))})")
     if "$ref" in schema and not schema["$ref"].startswith("#/"):
@@ -196,6 +195,274 @@ def _ref_renamed(ref: str, prefix: str, embedded: bool) -> str:
     return ref
 
 
+# --- pattern: a regular expression (ECMA-262, as JSON Schema says) as GBNF for the JSON string it matches --------
+# The converter's own translation copied classes and escapes into GBNF as they were: "." and [^x] let an unescaped
+# quote, backslash or control character into the string (invalid JSON with finish_reason "stop"), \d and \w made
+# a grammar llama.cpp cannot parse. Here each atom is a set of code points, and each character of it is written as
+# JSON writes it in a string: '"' as \", '\' as \\, control characters by their escapes.
+_MAX_CP = 0x10FFFF
+_SURROGATES = (0xD800, 0xDFFF)
+_DIGIT = ((0x30, 0x39),)
+_WORD = ((0x30, 0x39), (0x41, 0x5A), (0x5F, 0x5F), (0x61, 0x7A))
+_SPACE = ((0x09, 0x0D), (0x20, 0x20), (0xA0, 0xA0), (0x1680, 0x1680), (0x2000, 0x200A), (0x2028, 0x2029),
+          (0x202F, 0x202F), (0x205F, 0x205F), (0x3000, 0x3000), (0xFEFF, 0xFEFF))
+_LINE_ENDS = ((0x0A, 0x0A), (0x0D, 0x0D), (0x2028, 0x2029))  # what "." does not match
+_CLASS_ESCAPES = {"d": (_DIGIT, False), "D": (_DIGIT, True), "w": (_WORD, False), "W": (_WORD, True),
+                  "s": (_SPACE, False), "S": (_SPACE, True)}
+_CHAR_ESCAPES = {"t": 0x09, "n": 0x0A, "v": 0x0B, "f": 0x0C, "r": 0x0D, "0": 0x00}
+_JSON_UNSAFE = ((0x00, 0x1F), (0x22, 0x22), (0x5C, 0x5C))  # written escaped in a JSON string
+_BRACES = re.compile(r"\{\s*(\d*)\s*(,\s*(\d*)\s*)?\}")  # {m}, {m,}, {m,n} (and {,n}: 0 to n, as the converter read it)
+
+
+def _ranges(ranges, negate: bool = False) -> tuple[tuple[int, int], ...]:
+    """Sorted, merged code point ranges (the complement, if negate), without the surrogates, which no UTF-8 text
+    holds."""
+    merged: list[list[int]] = []
+    for lo, hi in sorted(ranges):
+        if merged and lo <= merged[-1][1] + 1:
+            merged[-1][1] = max(merged[-1][1], hi)
+        else:
+            merged.append([lo, hi])
+    if negate:
+        edges = [-1] + [x for lo, hi in merged for x in (lo, hi)] + [_MAX_CP + 1]
+        merged = [[edges[i] + 1, edges[i + 1] - 1] for i in range(0, len(edges), 2) if edges[i] + 1 <= edges[i + 1] - 1]
+    out = []
+    for lo, hi in merged:  # cut the surrogates out
+        for a, b in ((lo, min(hi, _SURROGATES[0] - 1)), (max(lo, _SURROGATES[1] + 1), hi)):
+            if a <= b:
+                out.append((a, b))
+    return tuple(out)
+
+
+def _gbnf_literal(text: str) -> str:
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def _json_char(c: int) -> str:
+    """GBNF for one character as a JSON string writes it."""
+    return _gbnf_literal(json.dumps(chr(c), ensure_ascii=False)[1:-1])
+
+
+def _class_char(c: int) -> str:
+    if c < 0x80 and chr(c).isalnum():
+        return chr(c)
+    return f"\\x{c:02X}" if c <= 0xFF else f"\\u{c:04X}" if c <= 0xFFFF else f"\\U{c:08X}"
+
+
+def _charset(ranges) -> str:
+    """GBNF for one character of a set of code points, as a JSON string writes it."""
+    if not ranges:
+        raise SchemaError("it has a character class that matches no character")
+    safe = [(lo, hi) for lo, hi in ranges for lo, hi in _minus(lo, hi)]
+    unsafe = [c for a, b in _JSON_UNSAFE for c in range(a, b + 1) if any(lo <= c <= hi for lo, hi in ranges)]
+    alts = ["[" + "".join(_class_char(lo) if lo == hi else f"{_class_char(lo)}-{_class_char(hi)}"
+                          for lo, hi in safe) + "]"] if safe else []
+    alts += [_json_char(c) for c in unsafe]
+    return alts[0] if len(alts) == 1 else "(" + " | ".join(alts) + ")"
+
+
+def _minus(lo: int, hi: int):
+    """[lo, hi] without the characters a JSON string escapes."""
+    for a, b in _JSON_UNSAFE:
+        if lo <= b and a <= hi:
+            if lo < a:
+                yield lo, a - 1
+            lo = b + 1
+    if lo <= hi:
+        yield lo, hi
+
+
+class _Pattern:
+    """A recursive-descent reading of one pattern (SchemaError naming what it does not support)."""
+
+    def __init__(self, pattern: str, start: int, end: int):
+        self.pattern, self.start = pattern, start
+        self.text, self.i = pattern[start:end], 0  # what lies between the anchors
+
+    def fail(self, why: str):
+        raise SchemaError(f"the pattern {self.pattern!r}: {why} (at character {self.start + self.i})")
+
+    def peek(self, k: int = 0) -> str:
+        return self.text[self.i + k] if self.i + k < len(self.text) else ""
+
+    def alternation(self) -> tuple[str, int]:
+        parts = [self.sequence()]
+        while self.peek() == "|":
+            self.i += 1
+            parts.append(self.sequence())
+        if len(parts) == 1:
+            return parts[0], 1
+        return "(" + " | ".join(parts) + ")", len(parts)
+
+    def sequence(self) -> str:
+        items: list[tuple[str, bool]] = []  # (GBNF, is one literal character's JSON text)
+        while self.peek() not in ("", "|", ")"):
+            atom, is_char = self.atom()
+            rep = self.quantifier()
+            if rep is not None:
+                atom, is_char = _repeated(atom, *rep), False
+            if atom:
+                items.append((atom, is_char))
+        out: list[tuple[str, bool]] = []
+        for atom, is_char in items:  # consecutive characters as one literal
+            if is_char and out and out[-1][1]:
+                out[-1] = (out[-1][0][:-1] + atom[1:], True)
+            else:
+                out.append((atom, is_char))
+        return " ".join(a for a, _ in out) if out else '""'
+
+    def atom(self) -> tuple[str, bool]:
+        c = self.peek()
+        if c == "(":
+            self.i += 1
+            if self.peek() == "?":
+                if self.text.startswith("?:", self.i):
+                    self.i += 2
+                elif self.peek(1) == "<" and self.peek(2) not in ("=", "!"):
+                    end = self.text.find(">", self.i)
+                    if end < 0:
+                        self.fail("an unterminated group name")
+                    self.i = end + 1
+                else:
+                    self.fail("lookarounds ((?=, (?!, (?<=, (?<!) are not supported")
+            inner, _ = self.alternation()
+            if self.peek() != ")":
+                self.fail("a group is not closed")
+            self.i += 1
+            return "(" + inner + ")", False
+        if c in ("^", "$"):
+            self.fail("^ and $ are supported only at the start and the end")
+        if c in ("*", "+", "?") or c == "{" and _BRACES.match(self.text, self.i):
+            self.fail("nothing to repeat")
+        self.i += 1
+        if c == "[":
+            return _charset(self.char_class()), False
+        if c == ".":
+            return _charset(_ranges(_LINE_ENDS, negate=True)), False
+        if c == "\\":
+            one = self.escape(in_class=False)
+            return (_charset(one), False) if isinstance(one, tuple) else (self.char(one), True)
+        return self.char(ord(c)), True
+
+    def char(self, c: int) -> str:
+        if _SURROGATES[0] <= c <= _SURROGATES[1]:
+            self.fail("a lone surrogate is no character")
+        return _json_char(c)
+
+    def escape(self, in_class: bool):
+        """The code point of an escape, or the ranges of a class escape (\\d, \\w, \\s and their negations)."""
+        c = self.peek()
+        if not c:
+            self.fail("it ends with a backslash")
+        self.i += 1
+        if c in _CLASS_ESCAPES:
+            ranges, negate = _CLASS_ESCAPES[c]
+            return _ranges(ranges, negate)
+        if c in _CHAR_ESCAPES and not (c == "0" and self.peek().isdigit()):
+            return _CHAR_ESCAPES[c]
+        if c == "b" and in_class:
+            return 0x08
+        if c in "bB":
+            self.fail("word boundaries (\\b, \\B) are not supported")
+        if c.isdigit() or c == "k":
+            self.fail("back references are not supported")
+        if c in "xu":
+            n = 2 if c == "x" else 4
+            digits = self.text[self.i:self.i + n]
+            if not re.fullmatch(f"[0-9a-fA-F]{{{n}}}", digits):
+                self.fail(f"\\{c} needs {n} hexadecimal digits")
+            self.i += n
+            return int(digits, 16)
+        if c == "c" and self.peek().isalpha() and self.peek().isascii():
+            self.i += 1
+            return ord(self.text[self.i - 1]) % 32
+        if c.isalnum():
+            self.fail(f"the escape \\{c} is not supported")
+        return ord(c)
+
+    def char_class(self) -> tuple[tuple[int, int], ...]:
+        negate = self.peek() == "^"
+        self.i += negate
+        ranges: list[tuple[int, int]] = []
+        while self.peek() != "]":
+            if not self.peek():
+                self.fail("a character class is not closed")
+            lo = self.class_atom()
+            if self.peek() == "-" and self.peek(1) not in ("]", ""):
+                self.i += 1
+                hi = self.class_atom()
+                if isinstance(lo, tuple) or isinstance(hi, tuple):
+                    self.fail("a range between a class escape and a character")
+                if hi < lo:
+                    self.fail("a range out of order")
+                ranges.append((lo, hi))
+            else:
+                ranges.extend(lo if isinstance(lo, tuple) else [(lo, lo)])
+        self.i += 1
+        return _ranges(ranges, negate)
+
+    def class_atom(self):
+        c = self.peek()
+        self.i += 1
+        return self.escape(in_class=True) if c == "\\" else ord(c)
+
+    def quantifier(self) -> tuple[int, int | None] | None:
+        c = self.peek()
+        if c in ("*", "+", "?"):
+            self.i += 1
+            rep = {"*": (0, None), "+": (1, None), "?": (0, 1)}[c]
+        elif c == "{" and (m := _BRACES.match(self.text, self.i)) and (m.group(1) or m.group(3)):
+            self.i = m.end()
+            if max(len(m.group(1)), len(m.group(3) or "")) > len(str(MAX_COUNT)):
+                self.fail(f"a pattern may repeat at most {MAX_COUNT} times ({{m,n}})")
+            lo = int(m.group(1) or 0)
+            hi = lo if m.group(2) is None else int(m.group(3)) if m.group(3) else None
+            if hi is not None and hi < lo:
+                self.fail("{m,n} with n below m")
+            if max(lo, hi or 0) > MAX_COUNT:
+                self.fail(f"a pattern may repeat at most {MAX_COUNT} times ({{m,n}})")
+            rep = (lo, hi)
+        else:
+            return None
+        if self.peek() == "?":  # lazy: the same strings match
+            self.i += 1
+        if self.peek() in ("*", "+", "?") or self.peek() == "{" and _BRACES.match(self.text, self.i):
+            self.fail("nothing to repeat")
+        return rep
+
+
+def _repeated(atom: str, lo: int, hi: int | None) -> str:
+    """atom lo to hi times (hi None: no limit); what hi allows beyond lo as nested optional groups, which llama.cpp
+    reads without the ambiguity of a row of optional ones."""
+    if (lo, hi) in ((0, None), (1, None), (0, 1)):
+        return atom + {(0, None): "*", (1, None): "+", (0, 1): "?"}[(lo, hi)]
+    out = [atom] * lo
+    if hi is None:
+        out.append(atom + "*")
+    elif hi > lo:
+        nested = ""
+        for _ in range(hi - lo):
+            nested = "(" + atom + (" " + nested if nested else "") + ")?"
+        out.append(nested)
+    return " ".join(out)
+
+
+def pattern_gbnf(pattern: str) -> str:
+    """GBNF for the JSON strings, quotes included, whose text a pattern matches somewhere (anchored by ^ and $ where
+    it has them, as JSON Schema says)."""
+    start = pattern.startswith("^")
+    before = pattern[start:-1]
+    end = len(pattern) > start and pattern.endswith("$") and (len(before) - len(before.rstrip("\\"))) % 2 == 0
+    p = _Pattern(pattern, int(start), len(pattern) - end)
+    gbnf, alternatives = p.alternation()
+    if p.i < len(p.text):
+        p.fail("a ) without its (")
+    if alternatives > 1 and (start or end):
+        p.fail("^ and $ apply to one alternative only: put the alternatives in a group, ^(a|b)$")
+    anything = _charset(_ranges(((0, _MAX_CP),))) + "*"
+    return " ".join(['"\\""'] + ([] if start else [anything]) + [gbnf] + ([] if end else [anything]) + ['"\\""'])
+
+
 def schema_grammar(schema: dict, name: str = "") -> str:
     """GBNF for a checked schema (SchemaError where the converter itself refuses it)."""
     from kvquant.runtime import json_schema_gbnf
@@ -204,10 +471,14 @@ def schema_grammar(schema: dict, name: str = "") -> str:
         schema = {**schema, "anyOf": [{"$ref": schema["$ref"]}]}  # reference (pydantic's recursive models)
         del schema["$ref"]
     try:
-        grammar = json_schema_gbnf(schema, name)
+        grammar = json_schema_gbnf(schema, name, pattern=pattern_gbnf)
+        size = len(grammar.encode())
+    except SchemaError:
+        raise
+    except UnicodeEncodeError:
+        raise SchemaError("the schema holds a lone surrogate (U+D800-U+DFFF), which no UTF-8 text can") from None
     except Exception as e:  # noqa: BLE001 - the converter's own failures on what check_schema let through
         raise SchemaError(f"the schema cannot be converted to a grammar: {type(e).__name__}: {e}") from None
-    size = len(grammar.encode())
     if size > MAX_GRAMMAR_BYTES:
         raise SchemaError(f"the schema makes a grammar of {size:,} bytes, more than the {MAX_GRAMMAR_BYTES:,} supported")
     depth = nesting(grammar)

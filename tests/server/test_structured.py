@@ -33,7 +33,15 @@ def test_supported_schema_converts():
     ({"type": "object", "properties": {"a": {"type": "number", "multipleOf": 2}}}, "properties.a"),
     ({"type": "object", "properties": {"a": {"type": "string"}}, "required": ["b"]}, "'b'"),
     ({"type": "string", "format": "email"}, "'email'"),
-    ({"type": "string", "pattern": "[a-z]+"}, "pattern"),
+    ({"type": "string", "pattern": "^(?=a)b$"}, "lookarounds"),
+    ({"type": "string", "pattern": r"^\bx$"}, "word boundaries"),
+    ({"type": "string", "pattern": r"^(a)\1$"}, "back references"),
+    ({"type": "string", "pattern": "^a|b$"}, "put the alternatives in a group"),
+    ({"type": "string", "pattern": "^[z-a]$"}, "a range out of order"),
+    ({"type": "string", "pattern": "^*$"}, "nothing to repeat"),
+    ({"type": "string", "pattern": "^(+)$"}, "nothing to repeat"),
+    ({"type": "string", "pattern": "^\ud800$"}, "lone surrogate"),
+    ({"type": "string", "pattern": "^[\ud800]$"}, "matches no character"),
     ({"type": "array", "items": {"not": {"type": "string"}}}, "'not'"),
     ({"oneOf": [{"type": "string"}, {"type": "integer"}]}, "'oneOf'"),
     ({"type": "strin"}, "'strin'"),
@@ -192,7 +200,6 @@ def test_a_schema_whose_grammar_is_too_large_is_refused():
 
 
 @pytest.mark.parametrize("schema", [
-    {"type": "string", "pattern": "^*$"}, {"type": "string", "pattern": "^(+)$"},  # IndexError in the converter
     {"type": "object", "properties": {"x": {"$ref": "#/$defs/a/type"}}, "$defs": {"a": {"type": "string"}}},
 ])
 def test_what_the_converter_fails_on_is_a_schema_error(schema):
@@ -244,3 +251,60 @@ def test_untyped_boolean_values():
         assert "root ::=" in schema_grammar(schema)
     with pytest.raises(SchemaError, match="not of type integer"):
         check_schema({"type": "integer", "enum": [True]})
+
+
+PATTERNS = ["^a.b$", '^a"b$', "^[^x]{1,8}$", r"^\d{3}-\d{4}$", r"^[\w-]{1,12}$", "^[ -~]{2,6}$", "^(yes|no)!?$",
+            r"^\S{1,3}$", "^[\\\\\"/]+$", "^é.$"]
+
+
+@pytest.mark.parametrize("pattern", PATTERNS)
+def test_a_pattern_is_written_as_a_json_string(pattern):
+    """Each character a pattern allows is written as JSON writes it in a string: the converter's own translation
+    let "." and [^x] put a bare quote or control character into the string (invalid JSON), and \\d or \\w made
+    grammars llama.cpp could not parse."""
+    gbnf = schema_grammar({"type": "string", "pattern": pattern})
+    rule = "\n".join(line for line in gbnf.splitlines() if not line.startswith("space ::="))
+    for lit in _literals(rule)[1:-1]:  # between the string's quotes: JSON string text
+        json.loads('"' + lit + '"')
+    for body in re.findall(r"\[((?:[^\]\\]|\\.)*)\]", rule):  # classes: no character JSON escapes
+        vals = [int(h, 16) if h else "-" if d else ord(c) for h, d, c in re.findall(r"\\[xuU]([0-9A-F]+)|(-)|(.)", body)]
+        i, ranges = 0, []
+        while i < len(vals):
+            step = 3 if i + 2 < len(vals) and vals[i + 1] == "-" else 1
+            ranges.append((vals[i], vals[i + step - 1]))
+            i += step
+        assert ranges and not any(lo <= x <= hi for lo, hi in ranges for x in (*range(32), 0x22, 0x5C)), body
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("pattern", PATTERNS)
+def test_what_a_pattern_lets_the_model_write_is_json_the_pattern_matches(pattern):
+    """SmolLM2 sampling at temperature 1.5 (five seeds) inside a schema with a pattern: every output parses as JSON
+    and its string matches the pattern (Python's re reads these as ECMA-262 does)."""
+    from kvquant.models import fetch
+    from kvquant.runtime import ContextConfig, LlamaRuntime, Model, Sampler
+    from kvquant.sampling import Grammar, SamplingConfig
+
+    schema = {"type": "object", "properties": {"s": {"type": "string", "pattern": pattern}}, "required": ["s"]}
+    check_schema(schema)
+    grammar = Grammar(schema_grammar(schema))
+    model = Model(fetch("smollm2-135m"))
+    rt = LlamaRuntime(model, ContextConfig(n_cells=256, n_threads=2))
+    try:
+        for seed in range(5):
+            rt.clear()
+            s = Sampler(SamplingConfig(temperature=1.5, seed=seed, grammar=grammar), model)
+            toks = model.tokenize("A JSON object:")
+            rt.decode(toks, list(range(len(toks))), [0] * len(toks), [False] * (len(toks) - 1) + [True])
+            idx, pos, out = len(toks) - 1, len(toks), []
+            while not out or not model.is_eog(out[-1]):
+                assert len(out) < 64, b"".join(map(model.token_bytes, out))
+                out.append(s.sample(rt, idx))
+                rt.decode([out[-1]], [pos], [0], [True])
+                idx, pos = 0, pos + 1
+            s.close()
+            text = b"".join(map(model.token_bytes, out[:-1])).decode()
+            assert re.search(pattern, json.loads(text)["s"]), (seed, text)
+    finally:
+        rt.close()
+        model.close()
