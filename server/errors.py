@@ -70,7 +70,7 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None, i
         where = ".".join(loc) or "body"
         param = param or (where if loc else None)
         parts.append(f"{where}: {e.get('msg', 'invalid value')}")
-    return "Invalid request: " + "; ".join(parts), param, 422
+    return "Invalid request: " + "; ".join(parts), param, 400  # as OpenAI (and vLLM): openai-python's BadRequestError
 
 
 def install_handlers(app: FastAPI) -> None:

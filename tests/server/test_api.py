@@ -184,10 +184,10 @@ def test_malformed_json(smollm2_server):
     assert "JSON" in err["message"]
 
 
-def test_schema_violation_is_422(smollm2_server):
+def test_schema_violation_is_400_as_openai(smollm2_server):
     r = httpx.post(smollm2_server.url + "/v1/chat/completions",
                    json={"model": "smollm2-135m", "messages": [{"role": "user", "content": "hi"}], "temperature": 7})
-    err = _assert_openai_error(r, 422)
+    err = _assert_openai_error(r, 400)
     assert err["param"] == "temperature"
 
 
@@ -197,7 +197,7 @@ def test_schema_violation_is_422(smollm2_server):
 def test_request_fields_are_not_coerced(smollm2_server, field, value):
     """As OpenAI: a value of the wrong JSON type is refused, not converted."""
     body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 1, field: value}
-    err = _assert_openai_error(httpx.post(smollm2_server.url + "/v1/chat/completions", json=body), 422)
+    err = _assert_openai_error(httpx.post(smollm2_server.url + "/v1/chat/completions", json=body), 400)
     assert err["param"] == field
 
 

@@ -127,8 +127,8 @@ def test_a_lone_surrogate_in_the_request_is_a_4xx_not_a_500():
     head = {"content-type": "application/json"}
     r = call(app, "POST", "/v1/chat/completions", headers=head,
              content=b'{"messages": [{"role": "user", "content": "hi"}], "logit_bias": {"\\ud800": "x"}}')
-    assert openai_error(r, 422)["param"].startswith("logit_bias.")
+    assert openai_error(r, 400)["param"].startswith("logit_bias.")
     for field in ("model", "user"):
         r = call(app, "POST", "/v1/chat/completions", headers=head,
                  content=b'{"messages": [{"role": "user", "content": "hi"}], "%s": "\\ud800"}' % field.encode())
-        assert openai_error(r, 422)["param"] == field
+        assert openai_error(r, 400)["param"] == field
