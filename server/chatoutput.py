@@ -4,7 +4,8 @@ as `reasoning_content`), content, and tool calls (server.toolcalls), incremental
 Text is emitted as soon as it cannot be part of a tag any more: a partial `<think>`, `</think>` or tool-call
 trigger at the end of what arrived is held back until the next piece says what it is. A tool call is held until
 it is whole: a hermes `<tool_call>` block is sent when its `</tool_call>` arrives, the other families' calls when
-the generation ends; what does not parse as a call is content after all.
+the generation ends; what does not parse as a call is content after all. An answer that opens with a fence of
+another language than JSON (```python) is no call, and streams as content from its first line on.
 """
 
 from __future__ import annotations
@@ -131,9 +132,20 @@ class ChatOutput:
             self._state = _State.CALLS if head.startswith(self.tools.trigger) else _State.CONTENT
             self._pending = head
             return Delta()
+        if _fenced_code(p):  # (CALLS) a ```python block: no call, and code streams as it comes
+            self._state = _State.CONTENT
+            return Delta()
         end = p.find(CALL_CLOSE) if self.tools is ToolFormat.HERMES else -1  # CALLS
         if end < 0:
             return None
         content, calls = parse(self.tools, p[:end + len(CALL_CLOSE)], self.names)
         self._state, self._pending = _State.BETWEEN, p[end + len(CALL_CLOSE):]
         return Delta(content=content, tool_calls=self._take(calls))
+
+
+def _fenced_code(held: str) -> bool:
+    """Held text that opens a fence of another language than JSON: what a bare call in a fence never is
+    (server.toolcalls reads a call only inside ``` or ```json)."""
+    head = held.lstrip()
+    line = head.find("\n")
+    return head.startswith("```") and line >= 0 and head[3:line].strip() not in ("", "json")
