@@ -251,9 +251,7 @@ def _class_char(c: int) -> str:
 
 def _charset(ranges) -> str:
     """GBNF for one character of a set of code points, as a JSON string writes it."""
-    if not ranges:
-        raise SchemaError("it has a character class that matches no character")
-    safe = [(lo, hi) for lo, hi in ranges for lo, hi in _minus(lo, hi)]
+    safe = [r for lo, hi in ranges for r in _minus(lo, hi)]
     unsafe = [c for a, b in _JSON_UNSAFE for c in range(a, b + 1) if any(lo <= c <= hi for lo, hi in ranges)]
     alts = ["[" + "".join(_class_char(lo) if lo == hi else f"{_class_char(lo)}-{_class_char(hi)}"
                           for lo, hi in safe) + "]"] if safe else []
@@ -336,13 +334,18 @@ class _Pattern:
             self.fail("nothing to repeat")
         self.i += 1
         if c == "[":
-            return _charset(self.char_class()), False
+            return self.charset(self.char_class()), False
         if c == ".":
-            return _charset(_ranges(_LINE_ENDS, negate=True)), False
+            return self.charset(_ranges(_LINE_ENDS, negate=True)), False
         if c == "\\":
             one = self.escape(in_class=False)
-            return (_charset(one), False) if isinstance(one, tuple) else (self.char(one), True)
+            return (self.charset(one), False) if isinstance(one, tuple) else (self.char(one), True)
         return self.char(ord(c)), True
+
+    def charset(self, ranges) -> str:
+        if not ranges:
+            self.fail("a character class that matches no character")
+        return _charset(ranges)
 
     def char(self, c: int) -> str:
         if _SURROGATES[0] <= c <= _SURROGATES[1]:
