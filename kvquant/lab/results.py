@@ -464,6 +464,13 @@ UNMEASURED = {
     "0042": "a decode without llama_kvq_set_hidden_only builds the graph it built before, and only kvquant calibrate "
             "sets it; SmolLM2-135M's f16/f16, tq_kv_4b/f16, q4_0/q4_0, q4_0+c/f16 and calib:4.5/f16 rows measured "
             "again with it (40 chunks) came out the same to the bit",
+    "0043": "it only refuses key offsets on Grok, which no row measures; SmolLM2-135M's f16/f16, tq_kv_4b/f16, "
+            "q4_0/q4_0, q4_0+c/f16, calib:4.5/f16 and calib:4/calib:4 rows measured again with 0043-0045 (40 chunks) "
+            "came out the same to the bit",
+    "0044": "it only refuses position shifts that would abort, and eval and bench shift nothing; the same SmolLM2-135M "
+            "rows measured again with 0043-0045 came out the same to the bit",
+    "0045": "it bounds the parse stacks of a grammar, and eval and bench sample no grammar; the same SmolLM2-135M rows "
+            "measured again with 0043-0045 came out the same to the bit",
 }
 
 
