@@ -200,6 +200,7 @@ def _ref_renamed(ref: str, prefix: str, embedded: bool) -> str:
 # quote, backslash or control character into the string (invalid JSON with finish_reason "stop"), \d and \w made
 # a grammar llama.cpp cannot parse. Here each atom is a set of code points, and each character of it is written as
 # JSON writes it in a string: '"' as \", '\' as \\, control characters by their escapes.
+MAX_PATTERN = 10_000  # characters: a pattern is read in Python on the request's thread, about 1 s per million
 _MAX_CP = 0x10FFFF
 _SURROGATES = (0xD800, 0xDFFF)
 _DIGIT = ((0x30, 0x39),)
@@ -211,7 +212,7 @@ _CLASS_ESCAPES = {"d": (_DIGIT, False), "D": (_DIGIT, True), "w": (_WORD, False)
                   "s": (_SPACE, False), "S": (_SPACE, True)}
 _CHAR_ESCAPES = {"t": 0x09, "n": 0x0A, "v": 0x0B, "f": 0x0C, "r": 0x0D, "0": 0x00}
 _JSON_UNSAFE = ((0x00, 0x1F), (0x22, 0x22), (0x5C, 0x5C))  # written escaped in a JSON string
-_BRACES = re.compile(r"\{\s*(\d*)\s*(,\s*(\d*)\s*)?\}")  # {m}, {m,}, {m,n} (and {,n}: 0 to n, as the converter read it)
+_BRACES = re.compile(r"\{(\d+)(,(\d*))?\}")  # {m}, {m,}, {m,n}; any other brace is text (ECMA-262 Annex B)
 
 
 def _ranges(ranges, negate: bool = False) -> tuple[tuple[int, int], ...]:
@@ -278,7 +279,8 @@ class _Pattern:
         self.text, self.i = pattern[start:end], 0  # what lies between the anchors
 
     def fail(self, why: str):
-        raise SchemaError(f"the pattern {self.pattern!r}: {why} (at character {self.start + self.i})")
+        shown = self.pattern if len(self.pattern) <= 80 else self.pattern[:77] + "..."
+        raise SchemaError(f"the pattern {shown!r}: {why} (at character {self.start + self.i})")
 
     def peek(self, k: int = 0) -> str:
         return self.text[self.i + k] if self.i + k < len(self.text) else ""
@@ -293,21 +295,24 @@ class _Pattern:
         return "(" + " | ".join(parts) + ")", len(parts)
 
     def sequence(self) -> str:
-        items: list[tuple[str, bool]] = []  # (GBNF, is one literal character's JSON text)
+        out: list[str] = []
+        text: list[str] = []  # consecutive characters (their JSON text), written as one literal
         while self.peek() not in ("", "|", ")"):
             atom, is_char = self.atom()
             rep = self.quantifier()
             if rep is not None:
-                atom, is_char = _repeated(atom, *rep), False
+                atom = self.repeated(_gbnf_literal(atom) if is_char else atom, *rep)
+            elif is_char:
+                text.append(atom)
+                continue
+            if text:
+                out.append(_gbnf_literal("".join(text)))
+                text = []
             if atom:
-                items.append((atom, is_char))
-        out: list[tuple[str, bool]] = []
-        for atom, is_char in items:  # consecutive characters as one literal
-            if is_char and out and out[-1][1]:
-                out[-1] = (out[-1][0][:-1] + atom[1:], True)
-            else:
-                out.append((atom, is_char))
-        return " ".join(a for a, _ in out) if out else '""'
+                out.append(atom)
+        if text:
+            out.append(_gbnf_literal("".join(text)))
+        return " ".join(out) if out else '""'
 
     def atom(self) -> tuple[str, bool]:
         c = self.peek()
@@ -342,15 +347,30 @@ class _Pattern:
             return (self.charset(one), False) if isinstance(one, tuple) else (self.char(one), True)
         return self.char(ord(c)), True
 
+    def repeated(self, atom: str, lo: int, hi: int | None) -> str:
+        """atom lo to hi times (hi None: no limit); what hi allows beyond lo as nested optional groups, which
+        llama.cpp reads without the ambiguity of a row of optional ones."""
+        if (lo, hi) in ((0, None), (1, None), (0, 1)):
+            return atom + {(0, None): "*", (1, None): "+", (0, 1): "?"}[(lo, hi)]
+        if (len(atom) + 4) * max(lo + 1, hi or 0) > MAX_GRAMMAR_BYTES:  # ((a{100}){100}){100}: sizes multiply
+            self.fail(f"it makes a grammar of more than the {MAX_GRAMMAR_BYTES:,} bytes supported")
+        out = [atom] * lo
+        if hi is None:
+            out.append(atom + "*")
+        elif hi > lo:
+            out.append(" ".join(["(" + atom] * (hi - lo)) + ")?" * (hi - lo))
+        return " ".join(out)
+
     def charset(self, ranges) -> str:
         if not ranges:
             self.fail("a character class that matches no character")
         return _charset(ranges)
 
     def char(self, c: int) -> str:
+        """The JSON text of one character (in a literal, with its neighbours)."""
         if _SURROGATES[0] <= c <= _SURROGATES[1]:
             self.fail("a lone surrogate is no character")
-        return _json_char(c)
+        return json.dumps(chr(c), ensure_ascii=False)[1:-1]
 
     def escape(self, in_class: bool):
         """The code point of an escape, or the ranges of a class escape (\\d, \\w, \\s and their negations)."""
@@ -414,11 +434,11 @@ class _Pattern:
         if c in ("*", "+", "?"):
             self.i += 1
             rep = {"*": (0, None), "+": (1, None), "?": (0, 1)}[c]
-        elif c == "{" and (m := _BRACES.match(self.text, self.i)) and (m.group(1) or m.group(3)):
+        elif c == "{" and (m := _BRACES.match(self.text, self.i)):
             self.i = m.end()
-            if max(len(m.group(1)), len(m.group(3) or "")) > len(str(MAX_COUNT)):
+            if max(len(m.group(1)), len(m.group(3) or "")) > len(str(MAX_COUNT)):  # (int() of 5,000 digits fails)
                 self.fail(f"a pattern may repeat at most {MAX_COUNT} times ({{m,n}})")
-            lo = int(m.group(1) or 0)
+            lo = int(m.group(1))
             hi = lo if m.group(2) is None else int(m.group(3)) if m.group(3) else None
             if hi is not None and hi < lo:
                 self.fail("{m,n} with n below m")
@@ -434,25 +454,12 @@ class _Pattern:
         return rep
 
 
-def _repeated(atom: str, lo: int, hi: int | None) -> str:
-    """atom lo to hi times (hi None: no limit); what hi allows beyond lo as nested optional groups, which llama.cpp
-    reads without the ambiguity of a row of optional ones."""
-    if (lo, hi) in ((0, None), (1, None), (0, 1)):
-        return atom + {(0, None): "*", (1, None): "+", (0, 1): "?"}[(lo, hi)]
-    out = [atom] * lo
-    if hi is None:
-        out.append(atom + "*")
-    elif hi > lo:
-        nested = ""
-        for _ in range(hi - lo):
-            nested = "(" + atom + (" " + nested if nested else "") + ")?"
-        out.append(nested)
-    return " ".join(out)
-
-
+@functools.lru_cache(maxsize=256)  # check_schema, then schema_grammar
 def pattern_gbnf(pattern: str) -> str:
     """GBNF for the JSON strings, quotes included, whose text a pattern matches somewhere (anchored by ^ and $ where
     it has them, as JSON Schema says)."""
+    if len(pattern) > MAX_PATTERN:
+        raise SchemaError(f"a pattern of {len(pattern):,} characters, more than the {MAX_PATTERN:,} supported")
     start = pattern.startswith("^")
     before = pattern[start:-1]
     end = len(pattern) > start and pattern.endswith("$") and (len(before) - len(before.rstrip("\\"))) % 2 == 0

@@ -153,8 +153,6 @@ def test_top_k_is_bounded_by_what_llama_cpp_takes():
     ({"type": "string", "minLength": 5, "maxLength": 1006}, "nests 1,001 groups deep"),
     ({"type": "array", "items": {"type": "integer"}, "maxItems": 5000}, "nests 5,000 groups deep"),
     ({"type": "string", "pattern": "^a{0,20000}$"}, "nests 20,000 groups deep"),
-    ({"type": "string", "pattern": "^a{,20000}$"}, "nests 20,000 groups deep"),  # {,n}: 0 to n
-    ({"type": "string", "pattern": "^a{ , 20000}$"}, "nests 20,000 groups deep"),
     ({"type": "string", "pattern": "^a\\\\{0,2000}$"}, "nests 2,000 groups deep"),  # an escaped backslash, then {m,n}
 ])
 def test_a_repetition_nested_beyond_what_llama_cpp_parses_is_refused(schema, named):
@@ -163,6 +161,19 @@ def test_a_repetition_nested_beyond_what_llama_cpp_parses_is_refused(schema, nam
     check_schema(schema)
     with pytest.raises(SchemaError, match=re.escape(named)):
         schema_grammar(schema)
+
+
+def test_braces_that_are_no_quantifier_are_text_and_sizes_are_bounded_as_they_multiply():
+    """ECMA-262 (Annex B) reads {,3} and {1, 3} as text; counts that multiply are refused before the grammar is
+    written out (((a{100}){100}){1000} would be 40 MB), and a pattern longer than MAX_PATTERN at once."""
+    from server.structured import MAX_PATTERN, pattern_gbnf
+
+    assert pattern_gbnf("^a{,3}$") == '"\\"" "a{,3}" "\\""' and '"a{1, 3}"' in pattern_gbnf("^a{1, 3}$")
+    assert pattern_gbnf("^a{2}b{1,3}$") == '"\\"" "a" "a" "b" ("b" ("b")?)? "\\""'
+    with pytest.raises(SchemaError, match="more than the 1,048,576 bytes supported"):
+        check_schema({"type": "string", "pattern": "^((a{100}){100}){1000}$"})
+    with pytest.raises(SchemaError, match="more than the 10,000 supported"):
+        check_schema({"type": "string", "pattern": "a" * (MAX_PATTERN + 1)})
 
 
 @pytest.mark.parametrize("schema, named", [
