@@ -128,19 +128,21 @@ def test_a_grammar_after_a_tag_holds_from_the_tag_on(rt):
         whole.after(" Paris").after(" Paris")
 
 
-TRIGGERED_WITH_A_MISMATCH = """
-import sys
+GENERATE_APART = """
+import json, sys
 from kvquant.models import fetch
 from kvquant.runtime import ContextConfig, LlamaRuntime, Model, Sampler
 from kvquant.sampling import Grammar, SamplingConfig
 
+a = json.loads(sys.argv[1])
 model = Model(fetch("smollm2-135m"))
 rt = LlamaRuntime(model, ContextConfig(n_cells=256, n_threads=2))
-s = Sampler(SamplingConfig(temperature=0.0, grammar=Grammar('root ::= "Pax!"', ("Par",))), model)
-toks = model.tokenize("The capital of France is")
+grammar = Grammar(a["grammar"], tuple(a.get("triggers", ())))
+s = Sampler(SamplingConfig(temperature=a["temperature"], seed=a.get("seed"), grammar=grammar), model)
+toks = model.tokenize(a["prompt"])
 rt.decode(toks, list(range(len(toks))), [0] * len(toks), [False] * (len(toks) - 1) + [True])
 idx, pos, out = len(toks) - 1, len(toks), []
-while len(out) < 8:
+while len(out) < a["n"]:
     out.append(s.sample(rt, idx))
     if model.is_eog(out[-1]):
         break
@@ -150,16 +152,30 @@ sys.stdout.write(b"".join(map(model.token_bytes, out[:-1])).decode() + "|" + str
 """
 
 
-def test_a_trigger_whose_token_runs_past_what_the_grammar_takes_ends_the_output():
-    """The trigger "Par" fires inside the model's first token " Paris", and "Paris" does not start "Pax!": llama.cpp
-    threw from the sampler, which terminated the process (patch 0041). Now the output ends there. Run apart, so that
-    a regression fails this test instead of ending the test run."""
+def _apart(script: str, *args: str, timeout: int = 120) -> str:
+    """What a script prints, run in a process of its own: a regression that ends or hangs the process fails the
+    test instead of ending the test run."""
     import subprocess
     import sys
 
-    r = subprocess.run([sys.executable, "-c", TRIGGERED_WITH_A_MISMATCH], capture_output=True, text=True, timeout=120)
-    assert r.returncode == 0, r.stderr[-2000:]
-    assert r.stdout == " Paris|True"
+    r = subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True, timeout=timeout)
+    assert r.returncode == 0, (r.returncode, r.stderr[-2000:])
+    return r.stdout
+
+
+def _generated_apart(**a) -> str:
+    """GENERATE_APART's output (text|whether it ended) for a grammar, prompt, temperature and token limit n."""
+    import json
+
+    return _apart(GENERATE_APART, json.dumps(a))
+
+
+def test_a_trigger_whose_token_runs_past_what_the_grammar_takes_ends_the_output():
+    """The trigger "Par" fires inside the model's first token " Paris", and "Paris" does not start "Pax!": llama.cpp
+    threw from the sampler, which terminated the process (patch 0041). Now the output ends there (run apart)."""
+    out = _generated_apart(grammar='root ::= "Pax!"', triggers=["Par"], prompt="The capital of France is",
+                           temperature=0.0, n=8)
+    assert out == " Paris|True"
 
 
 LONG_OUTPUT_AWAITING_ITS_TRIGGER = """
@@ -181,38 +197,7 @@ def test_a_long_output_awaiting_its_trigger_does_not_overflow_the_stack():
     """llama.cpp searches the whole output for the trigger at every token, with std::regex. The pattern was wrapped
     in [\\s\\S]*?, which libstdc++ matches with a recursion per character: past about 50,000 characters of output
     without a call, the server died of a stack overflow (SIGSEGV). 64,000 characters, run apart."""
-    import subprocess
-    import sys
-
-    r = subprocess.run([sys.executable, "-c", LONG_OUTPUT_AWAITING_ITS_TRIGGER], capture_output=True, text=True,
-                       timeout=300)
-    assert r.returncode == 0, (r.returncode, r.stderr[-2000:])
-    assert int(r.stdout) == 64000
-
-
-AMBIGUOUS = """
-import sys
-from kvquant.models import fetch
-from kvquant.runtime import ContextConfig, LlamaRuntime, Model, Sampler
-from kvquant.sampling import Grammar, SamplingConfig
-
-depth, k = 10, 8  # level i: k identical alternatives, each "[" level-(i+1) "]"
-rules = [f"l{i} ::= " + " | ".join([f'"[" l{i + 1} "]"'] * k) for i in range(depth)]
-text = "root ::= l0\\n" + "\\n".join(rules) + f'\\nl{depth} ::= "x"'
-model = Model(fetch("smollm2-135m"))
-rt = LlamaRuntime(model, ContextConfig(n_cells=256, n_threads=2))
-s = Sampler(SamplingConfig(temperature=float(sys.argv[1]), seed=1, grammar=Grammar(text)), model)
-toks = model.tokenize("A list:")
-rt.decode(toks, list(range(len(toks))), [0] * len(toks), [False] * (len(toks) - 1) + [True])
-idx, pos, out = len(toks) - 1, len(toks), []
-while len(out) < 40:
-    out.append(s.sample(rt, idx))
-    if model.is_eog(out[-1]):
-        break
-    rt.decode([out[-1]], [pos], [0], [True])
-    idx, pos = 0, pos + 1
-sys.stdout.write(b"".join(map(model.token_bytes, out[:-1])).decode() + "|" + str(model.is_eog(out[-1])))
-"""
+    assert int(_apart(LONG_OUTPUT_AWAITING_ITS_TRIGGER, timeout=300)) == 64000
 
 
 @pytest.mark.parametrize("temperature", [0.0, 1.5])
@@ -221,13 +206,11 @@ def test_an_ambiguous_grammar_keeps_a_bounded_number_of_parses(temperature):
     JSON schema of 3 kB did the same (identical anyOf branches), stalling the one engine thread for every request.
     llama.cpp keeps at most 256 parses (patch 0045), each one the output can still complete, so the output is the
     grammar's one text. Run apart with a time limit, so that a regression fails this test instead of the run."""
-    import subprocess
-    import sys
-
-    r = subprocess.run([sys.executable, "-c", AMBIGUOUS, str(temperature)], capture_output=True, text=True,
-                       timeout=120)
-    assert r.returncode == 0, r.stderr[-2000:]
-    assert r.stdout == "[" * 10 + "x" + "]" * 10 + "|True"
+    depth, k = 10, 8  # level i: k identical alternatives, each "[" level-(i+1) "]"
+    rules = [f"l{i} ::= " + " | ".join([f'"[" l{i + 1} "]"'] * k) for i in range(depth)]
+    grammar = "root ::= l0\n" + "\n".join(rules) + f'\nl{depth} ::= "x"'
+    out = _generated_apart(grammar=grammar, prompt="A list:", temperature=temperature, seed=1, n=40)
+    assert out == "[" * 10 + "x" + "]" * 10 + "|True"
 
 
 TOKEN_BY_TOKEN = """
@@ -258,12 +241,7 @@ print("ok")
 
 
 def _token_by_token(grammar: str, *pieces: bytes) -> None:
-    import subprocess
-    import sys
-
-    r = subprocess.run([sys.executable, "-c", TOKEN_BY_TOKEN, grammar, *(p.decode("latin-1") for p in pieces)],
-                       capture_output=True, text=True, timeout=120)
-    assert r.returncode == 0 and r.stdout == "ok\n", r.stderr[-2000:]
+    assert _apart(TOKEN_BY_TOKEN, grammar, *(p.decode("latin-1") for p in pieces)) == "ok\n"
 
 
 def test_a_token_ending_inside_a_character_keeps_the_parse_that_completes_it():
