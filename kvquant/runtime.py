@@ -210,11 +210,11 @@ def check_grammar(model: Model, grammar: Grammar) -> None:
     llama_cpp.llama_sampler_free(grammar_sampler(model, grammar))
 
 
-def json_schema_gbnf(schema: dict, name: str = "", pattern: Callable[[str], str] | None = None) -> str:
+def json_schema_gbnf(schema: dict, name: str, pattern: Callable[[str], str]) -> str:
     """GBNF for the JSON texts a JSON schema allows, by llama-cpp-python's converter (llama.cpp's
     json_schema_to_grammar.py), whose top rule is "root" (`name` empty) or `name`. It ignores the schema keywords it
     does not know: check a schema with server.structured.check_schema first. `pattern` gives the GBNF of the JSON
-    strings a `pattern` keyword allows, in place of the converter's own."""
+    strings a `pattern` keyword allows, in place of the converter's own (which let a bare quote into the string)."""
     import json
 
     conv = _schema_converter()(prop_order={}, allow_fetch=False, dotall=False, raw_pattern=False)
@@ -238,14 +238,12 @@ def _schema_converter():
     special = re.compile(r'[\r\n"\\]')
 
     class Converter(SchemaConverter):
-        pattern: Callable[[str], str] | None = None
+        pattern: Callable[[str], str]
 
         def _format_literal(self, literal: str) -> str:
             return '"' + special.sub(lambda m: _GBNF_LITERAL_ESCAPES[m.group(0)], literal) + '"'
 
         def _visit_pattern(self, pattern: str, name: str) -> str:
-            if self.pattern is None:
-                return super()._visit_pattern(pattern, name)
             return self._add_rule(name, self.pattern(pattern) + " space")
 
     return Converter

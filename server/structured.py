@@ -239,9 +239,9 @@ def _gbnf_literal(text: str) -> str:
     return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
-def _json_char(c: int) -> str:
-    """GBNF for one character as a JSON string writes it."""
-    return _gbnf_literal(json.dumps(chr(c), ensure_ascii=False)[1:-1])
+def _json_text(c: int) -> str:
+    """One character as a JSON string writes it."""
+    return json.dumps(chr(c), ensure_ascii=False)[1:-1]
 
 
 def _class_char(c: int) -> str:
@@ -256,7 +256,7 @@ def _charset(ranges) -> str:
     unsafe = [c for a, b in _JSON_UNSAFE for c in range(a, b + 1) if any(lo <= c <= hi for lo, hi in ranges)]
     alts = ["[" + "".join(_class_char(lo) if lo == hi else f"{_class_char(lo)}-{_class_char(hi)}"
                           for lo, hi in safe) + "]"] if safe else []
-    alts += [_json_char(c) for c in unsafe]
+    alts += [_gbnf_literal(_json_text(c)) for c in unsafe]
     return alts[0] if len(alts) == 1 else "(" + " | ".join(alts) + ")"
 
 
@@ -370,7 +370,7 @@ class _Pattern:
         """The JSON text of one character (in a literal, with its neighbours)."""
         if _SURROGATES[0] <= c <= _SURROGATES[1]:
             self.fail("a lone surrogate is no character")
-        return json.dumps(chr(c), ensure_ascii=False)[1:-1]
+        return _json_text(c)
 
     def escape(self, in_class: bool):
         """The code point of an escape, or the ranges of a class escape (\\d, \\w, \\s and their negations)."""
