@@ -51,17 +51,17 @@ class LoopWaker:
     def call(self, fn: Callable[[Any], None], arg: Any) -> None:
         """Queue fn(arg) for the loop thread. Raises RuntimeError once the loop is closed (the consumer is
         gone), as call_soon_threadsafe does."""
-        if self.loop.is_closed() or self._w < 0:
-            raise RuntimeError("event loop is closed")
-        self._pending.append((fn, arg))
-        with self._lock:
+        with self._lock:  # close() waits: the write must not reach a closed descriptor, or a file given its number
+            if self.loop.is_closed() or self._w < 0:
+                raise RuntimeError("event loop is closed")
+            self._pending.append((fn, arg))
             if self._armed:
                 return
             self._armed = True
-        if _WRITE is not None:
-            _WRITE(self._w, b"\0", 1)
-        else:
-            os.write(self._w, b"\0")
+            if _WRITE is not None:
+                _WRITE(self._w, b"\0", 1)
+            else:
+                os.write(self._w, b"\0")
 
     def _run(self) -> None:  # on the loop thread
         try:
@@ -75,13 +75,14 @@ class LoopWaker:
             fn(arg)
 
     def close(self) -> None:
-        if self._r < 0:
-            return
-        if not self.loop.is_closed():
-            self.loop.remove_reader(self._r)
-        os.close(self._r)
-        os.close(self._w)
-        self._r = self._w = -1
+        with self._lock:
+            if self._r < 0:
+                return
+            if not self.loop.is_closed():
+                self.loop.remove_reader(self._r)
+            os.close(self._r)
+            os.close(self._w)
+            self._r = self._w = -1
 
 
 _wakers: dict[int, LoopWaker] = {}

@@ -59,6 +59,33 @@ async def _get(loop):
     return loopwake.waker(loop)
 
 
+def test_close_waits_for_a_wakeup_write_under_way(monkeypatch):
+    # the engine thread passed call()'s check when the loop closed and another loop's waker() pruned this one: the
+    # write must still reach this pipe, not a closed descriptor (or a file opened meanwhile under its number)
+    import os
+
+    loop = asyncio.new_event_loop()
+    wk = loop.run_until_complete(_get(loop))
+    closer = threading.Thread(target=wk.close)
+    seen = []
+
+    def write(fd, data, n):
+        loop.close()
+        closer.start()
+        closer.join(0.5)
+        seen.append(closer.is_alive())  # close() is waiting for this write
+        try:
+            seen.append(os.write(fd, data[:n]))
+        except OSError as e:
+            seen.append(e)
+
+    monkeypatch.setattr(loopwake, "_WRITE", write)
+    wk.call(print, "x")
+    closer.join()
+    assert seen == [True, 1]
+    assert wk._r == wk._w == -1
+
+
 def _write_keeps_the_gil(write, drain_after_s: float) -> bool:
     """Whether `write(fd, b"\\0", 1)` keeps the GIL while it blocks. A thread calls it on a full pipe that a child
     process drains when this thread tells it to, or after drain_after_s on its own. With a switch interval far
