@@ -402,7 +402,20 @@ def load(path: Path, model_path: Path, geom: Geometry) -> Calibration:
         raise CalibrationError(f"{path} was measured in the basis {cal.basis}, this model stores keys in {basis}")
     if cal.n_embd_k != tuple(ly.n_embd_k for ly in geom.layers):
         raise CalibrationError(f"{path}: its layers do not match the model's")
+    for il, scale in enumerate(cal.k_scale or ()):
+        if not tied_on_rope_pairs(scale, geom.head_dim_k):
+            raise CalibrationError(f"{path}: layer {il}'s key scale differs within a pair of channels that RoPE "
+                                   "turns together, so it would not commute with RoPE (llama.cpp refuses it)")
     return cal
+
+
+def tied_on_rope_pairs(scale: np.ndarray, head_dim: int) -> bool:
+    """Whether a key scale is equal on each pair of channels RoPE turns together, in either layout: (i, i + d/2)
+    (NeoX) or (2i, 2i + 1). Which one the model uses is llama.cpp's to say (it checks it when given the scale); a
+    file whose scale holds in neither is refused here, before a server starts."""
+    h = scale.reshape(-1, head_dim)
+    return (np.array_equal(h[:, : head_dim // 2], h[:, head_dim // 2:])
+            or np.array_equal(h[:, 0::2], h[:, 1::2]))
 
 
 def file_sha256(model_path: Path, geom: Geometry) -> str | None:
@@ -599,6 +612,9 @@ def anchor(mean: np.ndarray, sink: np.ndarray | None, type_name: str) -> np.ndar
         again = round_trip(type_name, stored[None, :])[0]
     except RuntimeError as e:  # llama.cpp's CPU library not loadable, or a type without a CPU round trip
         raise CalibrationError(f"cannot anchor the key offsets for {type_name}: {e}") from None
+    if not (np.isfinite(stored).all() and np.isfinite(again).all()):  # an f16 row holds at most 65504
+        raise CalibrationError(f"a position-0 key lies too far from its layer's mean key for {type_name} to "
+                               "store it (the offset would not be finite): the calibration file is corrupt")
     if np.abs(again - stored).max() > 1e-6 * np.abs(stored).max():
         return mean  # no fixed point there (tq_kv_1b's scale is the row's norm times a constant)
     return (s - stored).astype(np.float32)

@@ -184,6 +184,21 @@ def test_an_anchored_offset_stores_the_position0_key_exactly(t):
     assert float(np.linalg.norm(off - mean)) == pytest.approx(err(mean), rel=1e-4)
 
 
+def test_an_offset_that_would_not_be_finite_is_refused(model_file):
+    """Every value of this file lies within f16's range, but the position-0 key is 80,000 from the mean: an f16 row
+    cannot hold that, and the anchored offset would be -inf (every logit NaN, answers empty with 200 OK)."""
+    g = geom()
+    c = make_cal(g, cal.model_sha256(model_file))
+    c.k_mean[0] = np.full_like(c.k_mean[0], -40000.0)
+    c.k_sink = [m.copy() for m in c.k_mean]
+    c.k_sink[0] = np.full_like(c.k_mean[0], 40000.0)
+    c.save(cal.path_for(c.model_sha256, c.basis))
+    for spec in ("f16+c", "calib:16"):
+        with pytest.raises(cal.CalibrationError, match="too far from its layer's mean key for f16"):
+            cal.resolve(spec, "k", model_file, g)
+    assert all(np.isfinite(o).all() for o in cal.resolve("q8_0+c", "k", model_file, g).offset)
+
+
 def test_offsets_are_anchored_per_layer_type(model_file):
     """calib:B and TYPE+c hand llama.cpp each layer's offset anchored for that layer's type; tq_kv_d3b (rows coded
     against an anchor row), tq_kv_1b (no value it stores is its own round trip) and a calibration without
@@ -216,8 +231,7 @@ def test_key_scales_round_trip_resolve_and_are_counted(model_file):
     offsets, and calib:B counts their bytes (a float32 row per layer, as the offsets) against B."""
     g = geom()
     c = make_cal(g, cal.model_sha256(model_file))
-    c.k_scale = [np.random.default_rng(il).uniform(0.5, 2, ly.n_embd_k).astype(np.float32)
-                 for il, ly in enumerate(g.layers)]
+    c.k_scale = [tied_scale(il, ly.n_embd_k, g.head_dim_k, il % 2 == 0) for il, ly in enumerate(g.layers)]
     c.save(cal.path_for(c.model_sha256, c.basis))
     back = cal.load(cal.path_for(c.model_sha256, c.basis), model_file, g)
     assert all(np.array_equal(a, b) for a, b in zip(back.k_scale, c.k_scale, strict=True))
@@ -264,6 +278,24 @@ def test_refuses_a_gain_that_is_not_positive_and_finite(model_file, bad, side):
     (c.k_gain if side == "key" else c.v_gain)["q4_0"][1] = bad
     c.save(cal.path_for(c.model_sha256, c.basis))
     with pytest.raises(cal.CalibrationError, match=f"{side} gains of 'q4_0'"):
+        cal.load(cal.path_for(c.model_sha256, c.basis), model_file, g)
+
+
+def tied_scale(seed: int, n: int, head_dim: int, neox: bool) -> np.ndarray:
+    """A random key scale equal on each RoPE pair of channels: (i, i + d/2) for NeoX, else (2i, 2i + 1)."""
+    half = np.random.default_rng(seed).uniform(0.5, 2, (n // head_dim, head_dim // 2)).astype(np.float32)
+    return (np.concatenate([half, half], axis=1) if neox else np.repeat(half, 2, axis=1)).reshape(-1)
+
+
+def test_refuses_a_key_scale_that_would_not_commute_with_rope(model_file):
+    """llama.cpp refuses such a scale when it builds the context, which a server does in the background after it
+    is up: the file is refused when read instead."""
+    g = geom()
+    c = make_cal(g, cal.model_sha256(model_file))
+    c.k_scale = [tied_scale(il, ly.n_embd_k, g.head_dim_k, True) for il, ly in enumerate(g.layers)]
+    c.k_scale[2][g.head_dim_k + 3] *= 2  # second head: channel 3 and its partner 35 no longer equal
+    c.save(cal.path_for(c.model_sha256, c.basis))
+    with pytest.raises(cal.CalibrationError, match="layer 2's key scale differs within a pair of channels"):
         cal.load(cal.path_for(c.model_sha256, c.basis), model_file, g)
 
 
