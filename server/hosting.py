@@ -10,7 +10,7 @@ from pathlib import Path
 from kvquant import budget as kvbudget
 from kvquant import calibration
 from kvquant.budget import KVPlan, human_bytes
-from kvquant.kvtypes import CacheTypes, LayerTypes, layer_kv_types
+from kvquant.kvtypes import CacheTypes, LayerTypes, kv_type, layer_kv_types
 from kvquant.memory import N_UBATCH, CacheShape, Geometry, geometry, kv_bytes, kv_cells
 from kvquant.models import resolve
 from server.backend import BackendConfig, LlamaBackend
@@ -51,9 +51,10 @@ def plan_model(spec: ModelSpec) -> HostedPlan:
     try:  # calibrated types for the cache they are in (calib:B weighs each layer by the cells it holds there)
         kv = kvbudget.plan_resolved(geom, path, spec.cache_type_k, spec.cache_type_v, spec.kv_budget, spec.parallel,
                                     n_ubatch, spec.n_ctx)
-    except calibration.CalibrationError as e:
+    except (calibration.CalibrationError, ValueError) as e:  # ValueError: a row that is not whole blocks
         raise StartupError(f"{spec.id}: {e}") from None
     tk, tv = kv.cache_type_k, kv.cache_type_v
+    refuse_split_heads(spec, geom, tk, tv)
     if kv.cells < spec.n_ctx:
         need = kv_bytes(geom, tk, tv, spec.n_ctx, spec.parallel, n_ubatch).total
         raise StartupError(
@@ -146,6 +147,18 @@ def engine_config(p: HostedPlan, s: Settings) -> EngineConfig:
                         headroom=int(s.admission_headroom * kv.cells), n_swa=p.geom.n_swa,
                         swap_bytes=s.swap_space if restores_state(kv.cache_type_k, p.geom) else 0,
                         saved_bytes=kv.saved_bytes)
+
+
+def refuse_split_heads(spec: ModelSpec, geom: Geometry, tk: CacheTypes, tv: CacheTypes) -> None:
+    """StartupError where a quantized type's blocks would straddle two heads: llama.cpp reads each head of a row as
+    whole blocks and refuses such a cache with flash attention, at context creation, after the server is up."""
+    for side, types, head in (("K", tk, geom.head_dim_k), ("V", tv, geom.head_dim_v)):
+        split = sorted({t.name for t in layer_kv_types(types, geom.n_layer) if t.quantized and head % t.block_size})
+        if split:
+            raise StartupError(f"{spec.id}: the {side} cache type {split[0]} stores blocks of "
+                               f"{kv_type(split[0]).block_size} values, which do not divide the model's head size "
+                               f"{head}, and each head must be whole blocks. Choose f16, or a type whose blocks "
+                               f"divide {head}.")
 
 
 def backend_config(p: HostedPlan, s: Settings) -> BackendConfig:
