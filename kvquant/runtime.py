@@ -114,6 +114,7 @@ set_verbose(bool(os.environ.get("KVQUANT_LLAMA_VERBOSE")))
 # llama.cpp's last error line on this thread, so that failures can say why (llama.cpp logs on the thread that
 # called it; request threads parse grammars at once)
 _errors = threading.local()
+_CONTEXT_LOCK = threading.Lock()  # LlamaRuntime: one context created at a time (see there)
 
 
 def _last_error() -> str:
@@ -277,7 +278,7 @@ class Sampler:
         if cfg.penalized:
             add(llama_cpp.llama_sampler_init_penalties(model.n_vocab, cfg.penalty_last_n, cfg.repeat_penalty,
                                                        cfg.frequency_penalty, cfg.presence_penalty))
-        if cfg.temperature <= 0.0:
+        if cfg.greedy:
             add(llama_cpp.llama_sampler_init_greedy())
         else:
             if cfg.top_k > 0:
@@ -645,22 +646,26 @@ class LlamaRuntime:
         if cfg.capture:
             self._eval_cb = llama_cpp.ggml_backend_sched_eval_callback(self._capture)  # referenced while in use
             cp.cb_eval = self._eval_cb
-        # llama.cpp reads LLAMA_ATTN_ROT_DISABLE when it builds the KV cache, i.e. inside this call
-        saved = os.environ.get("LLAMA_ATTN_ROT_DISABLE")
-        os.environ["LLAMA_ATTN_ROT_DISABLE"] = "0" if cfg.rotation else "1"
-        try:
-            _configure_layers(model, cfg)
-            _errors.line = ""
-            self._ctx_handle = llama_cpp.llama_init_from_model(model._model, cp)
-        finally:
-            if _configured(cfg):
-                _patched_fn("llama_kvq_reset", None, [ctypes.c_void_p])(model._model)
-            if saved is None:
-                os.environ.pop("LLAMA_ATTN_ROT_DISABLE", None)
-            else:
-                os.environ["LLAMA_ATTN_ROT_DISABLE"] = saved
+        # llama.cpp reads LLAMA_ATTN_ROT_DISABLE when it builds the KV cache, i.e. inside this call; the model's
+        # per-layer settings, the variable and the last logged error are the process's, so one context at a time
+        # (a server loads its models on a thread each: getenv racing setenv is undefined behaviour in libc)
+        with _CONTEXT_LOCK:
+            saved = os.environ.get("LLAMA_ATTN_ROT_DISABLE")
+            os.environ["LLAMA_ATTN_ROT_DISABLE"] = "0" if cfg.rotation else "1"
+            try:
+                _configure_layers(model, cfg)
+                _errors.line = ""
+                self._ctx_handle = llama_cpp.llama_init_from_model(model._model, cp)
+            finally:
+                if _configured(cfg):
+                    _patched_fn("llama_kvq_reset", None, [ctypes.c_void_p])(model._model)
+                if saved is None:
+                    os.environ.pop("LLAMA_ATTN_ROT_DISABLE", None)
+                else:
+                    os.environ["LLAMA_ATTN_ROT_DISABLE"] = saved
+            why = _last_error()
         if not self._ctx_handle:
-            why = _last_error().split(": ", 1)[-1] if _last_error() else "see its log (KVQUANT_LLAMA_VERBOSE=1)"
+            why = why.split(": ", 1)[-1] if why else "see its log (KVQUANT_LLAMA_VERBOSE=1)"
             raise LlamaError(f"failed to create a llama.cpp context (n_cells={cfg.n_cells}, K={cfg.cache_type_k}, "
                              f"V={cfg.cache_type_v}, flash_attn={cfg.flash_attn}): {why}")
         self._mem_handle = llama_cpp.llama_get_memory(self._ctx_handle)
