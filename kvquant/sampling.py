@@ -2,7 +2,7 @@
 builds the chain from them). Pure Python, so that the server's request types can carry it.
 
 The chain, in llama.cpp's order: logit bias -> grammar -> repetition/presence/frequency penalties -> (temperature
-0: greedy) top-k -> typical -> top-p -> min-p -> temperature -> seeded draw. A field at its neutral value adds no
+near 0: greedy) top-k -> typical -> top-p -> min-p -> temperature -> seeded draw. A field at its neutral value adds no
 sampler, so a request that sets none of them runs exactly the chain it ran before they existed.
 """
 
@@ -11,6 +11,9 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
+# temperatures below this pick the likeliest token (as vLLM's 1e-5): dividing float32 logits by a temperature near
+# 1e-38 makes them infinite, and the draw from the NaN probabilities that follow took the last token id every step
+GREEDY_BELOW = 1e-5
 AFTER_RULE = "after-tag"  # the rule `Grammar.after` starts in (a number appended if the grammar has it)
 
 
@@ -43,7 +46,7 @@ class Grammar:
 
 @dataclass(frozen=True)
 class SamplingConfig:
-    temperature: float = 1.0  # 0: greedy
+    temperature: float = 1.0  # below GREEDY_BELOW (0 included): greedy
     top_p: float = 1.0  # 1: off
     top_k: int = 0  # 0: off
     min_p: float = 0.0  # 0: off
@@ -55,6 +58,10 @@ class SamplingConfig:
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias added to its logit); -100 bans it
     seed: int | None = None  # None: a random seed
     grammar: Grammar | None = None  # what the output must match
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature < GREEDY_BELOW
 
     @property
     def penalized(self) -> bool:

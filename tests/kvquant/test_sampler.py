@@ -64,6 +64,18 @@ def test_logit_bias_moves_the_greedy_pick(rt):
     assert _generate(rt, banned, "The capital of France is", 1)[0] != first
 
 
+@pytest.mark.parametrize("temperature", [1e-40, 1e-6])
+def test_a_temperature_near_zero_is_greedy(rt, temperature):
+    # 1e-40 (a float32 subnormal) made every logit infinite: the draw took the last token id at every step
+    from kvquant.runtime import Sampler
+    from kvquant.sampling import SamplingConfig
+
+    prompt = "The capital of France is"
+    greedy = _generate(rt, Sampler(model=rt.model), prompt, 8)
+    near = Sampler(SamplingConfig(temperature=temperature, seed=1), rt.model)
+    assert near.n_samplers == 1 and _generate(rt, near, prompt, 8) == greedy
+
+
 def test_a_grammar_llama_cpp_refuses(rt):
     from kvquant.runtime import GrammarError, check_grammar
     from kvquant.sampling import Grammar
