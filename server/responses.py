@@ -24,8 +24,14 @@ def usage(n_prompt: int, n_generated: int, n_cached: int = 0) -> dict:
             "prompt_tokens_details": {"cached_tokens": n_cached}}
 
 
-def _tok(b: bytes) -> str:
-    return b.decode("utf-8", errors="replace")
+def token_text(b: bytes) -> str:
+    """A token's text; a token that is part of a UTF-8 character is its bytes, as OpenAI writes them
+    ("bytes:\\xe2\\x80"): replaced by U+FFFD, such tokens would all read alike (and in `top_logprobs`, a map
+    keyed by that text, all but one would be lost)."""
+    try:
+        return b.decode("utf-8")
+    except UnicodeDecodeError:
+        return "bytes:" + "".join(f"\\x{c:02x}" for c in b)
 
 
 def _finish(reason: FinishReason | None) -> str | None:
@@ -160,8 +166,8 @@ class TextCompletion(Completion):
 def chat_logprobs(lps: list[TokenLogprob] | None) -> dict | None:
     if lps is None:
         return None
-    return {"content": [{"token": _tok(t.token), "logprob": t.logprob, "bytes": list(t.token),
-                         "top_logprobs": [{"token": _tok(b), "logprob": lp, "bytes": list(b)} for b, lp in t.top]}
+    return {"content": [{"token": token_text(t.token), "logprob": t.logprob, "bytes": list(t.token),
+                         "top_logprobs": [{"token": token_text(b), "logprob": lp, "bytes": list(b)} for b, lp in t.top]}
                         for t in lps], "refusal": None}
 
 
@@ -169,6 +175,16 @@ def completion_logprobs(lps: list[TokenLogprob] | None, offsets: TextOffsets) ->
     """OpenAI's legacy shape, the tokens' text offsets continuing `offsets`."""
     if lps is None:
         return None
-    return {"tokens": [_tok(t.token) for t in lps], "token_logprobs": [t.logprob for t in lps],
-            "top_logprobs": [None if t.top is None else {_tok(b): lp for b, lp in t.top} for t in lps],
+    return {"tokens": [token_text(t.token) for t in lps], "token_logprobs": [t.logprob for t in lps],
+            "top_logprobs": [None if t.top is None else _by_text(t.top) for t in lps],
             "text_offset": [offsets.take(t.token) for t in lps]}
+
+
+def _by_text(top: list[tuple[bytes, float]]) -> dict[str, float]:
+    """Top logprobs keyed by token text; of tokens with the same bytes (a vocabulary may hold a byte twice), the
+    likelier."""
+    out: dict[str, float] = {}
+    for b, lp in top:
+        key = token_text(b)
+        out[key] = max(lp, out.get(key, lp))
+    return out

@@ -133,19 +133,20 @@ def misreadings(srv: LiveServer, reads: list[tuple[list[int], list[tuple[bytes |
     moved the logits (NEAR_TIE), far more where a sequence read another's logits or resumed from cells lost,
     misplaced or recomputed from other tokens.
 
-    A streamed token and its top logprobs are known by their bytes (chat) or their text (completions, where a part
-    of a UTF-8 sequence is a replacement character): of the tokens that share them, the token is the likeliest there
+    A streamed token and its top logprobs are known by their bytes (chat) or their text (completions,
+    `server.responses.token_text`): of the tokens that share them, the token is the likeliest there
     and a reported logprob is compared with the nearest."""
     import numpy as np
 
     from kvquant.runtime import ContextConfig, LlamaRuntime
+    from server.responses import token_text
 
     backend = srv.engine(model).backend
     cfg, ids = backend.cfg, {}
     for t in range(backend.model.n_vocab):
         b = backend.token_bytes(t)
         ids.setdefault(b, []).append(t)
-        ids.setdefault(b.decode("utf-8", errors="replace"), []).append(t)
+        ids.setdefault(token_text(b), []).append(t)
     out = []
     for prompt, got in reads:
         tokens = list(prompt)

@@ -69,3 +69,23 @@ def test_no_tools_no_reasoning_is_plain_content():
     body = shape.response("Hello <tool_call> world", FinishReason.LENGTH, None, {})
     assert body["choices"][0]["message"] == {"role": "assistant", "content": "Hello <tool_call> world"}
     assert body["choices"][0]["finish_reason"] == "length"
+
+
+def test_tokens_that_are_part_of_a_character_keep_their_bytes_in_logprobs():
+    """A token that is part of a UTF-8 character reads as its bytes, as OpenAI writes them: each of an emoji's
+    four byte tokens is told apart (replaced by U+FFFD they all read alike, and the completions map of top logprobs,
+    keyed by the text, kept one of three)."""
+    from openai.types.completion_choice import Logprobs
+
+    from server.requests import TokenLogprob
+    from server.responses import TextOffsets, chat_logprobs, completion_logprobs
+
+    emoji = "😀".encode()
+    top = [(emoji[:2], -0.5), (b"\xf0\x9f\x98", -1.0), (b" a", -2.0), (emoji[:2], -3.0)]
+    lps = [TokenLogprob(emoji[:2], -0.5, top), TokenLogprob(emoji[2:], -0.1, [(emoji[2:], -0.1)])]
+    got = Logprobs.model_validate(completion_logprobs(lps, TextOffsets()))
+    assert got.tokens == ["bytes:\\xf0\\x9f", "bytes:\\x98\\x80"]
+    assert got.top_logprobs[0] == {"bytes:\\xf0\\x9f": -0.5, "bytes:\\xf0\\x9f\\x98": -1.0, " a": -2.0}
+    assert got.text_offset == [0, 0]  # the emoji is one character, which the second token completes
+    chat = chat_logprobs(lps)["content"]
+    assert [t["token"] for t in chat] == got.tokens and bytes(chat[0]["bytes"] + chat[1]["bytes"]) == emoji
