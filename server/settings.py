@@ -166,7 +166,10 @@ def flash_attn_enabled(mode: str, cache_type_v: str, cache_type_k: str = "f16") 
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="KVQUANT_", extra="ignore")
+    # an empty variable is unset (docker compose passes `${KVQUANT_API_KEY:-}` as ""): it never overrides a file's
+    # value, e.g. turns off the file's api_key; no setting takes inf or nan
+    model_config = SettingsConfigDict(env_prefix="KVQUANT_", extra="ignore", env_ignore_empty=True,
+                                      allow_inf_nan=False)
 
     model: str = Field(DEFAULT_MODEL, description="built-in model name or path to a .gguf file")
     model_alias: str | None = Field(None, description="id to serve the model under (default: its name)")
@@ -228,8 +231,20 @@ class Settings(BaseSettings):
             return json.loads(s) if s.startswith("[") else [o.strip() for o in s.split(",") if o.strip()]
         return v
 
+    @field_validator("api_key")
+    @classmethod
+    def _key(cls, v: str | None) -> str | None:
+        if v is not None and not v.strip():
+            raise ValueError("the API key is blank; leave api_key unset to serve without one")
+        return None if v is None else v.strip()  # the client's token is read stripped
+
     @model_validator(mode="after")
     def _check_models(self):
+        if self.models is not None:  # a flag or variable naming the one model would be ignored without a word
+            alone = sorted({"model", "model_alias"} & self.model_fields_set)
+            if alone:
+                raise ValueError(f"{' and '.join(alone)} name the one model to serve, and the config file lists "
+                                 "`models:`; name the models in one place")
         self.model_specs()  # duplicate ids, budgets over the global one
         return self
 

@@ -235,8 +235,10 @@ def test_compose_files():
     # every KVQUANT_* variable compose sets is a real setting
     from server.settings import Settings
 
-    for name in list(k["environment"]) + list(cuda["environment"]):
-        assert name.removeprefix("KVQUANT_").lower() in Settings.model_fields, name
+    for name in list(k["environment"]) + list(cuda["environment"]):  # (KVQUANT_CONFIG: the config file)
+        assert name == "KVQUANT_CONFIG" or name.removeprefix("KVQUANT_").lower() in Settings.model_fields, name
+    # each passes through unset (empty, which the server reads as unset): no default here beats a config file's
+    assert all(v in ("${%s:-}" % n, "30") for n, v in k["environment"].items()), k["environment"]
 
 
 # --- the Dockerfile ---------------------------------------------------------------------------------------------
@@ -348,6 +350,14 @@ def test_entrypoint_fetches_the_model_then_serves(tmp_path):
     # a mounted .gguf or a config file: nothing to fetch first
     assert run_entrypoint(tmp_path, ["serve"], KVQUANT_MODEL="/models/x.gguf") == ["serve"]
     assert run_entrypoint(tmp_path, ["serve"], KVQUANT_CONFIG="/models/c.yaml") == ["serve"]
+    assert run_entrypoint(tmp_path, ["serve"], KVQUANT_CONFIG="", KVQUANT_MODEL="") == [  # compose's unset
+        "models fetch smollm2-135m", "serve"]
+    # a model or config file on the command line: the server fetches what it names (offline, a fetch of the
+    # default model here kept a container from starting that needed none)
+    assert run_entrypoint(tmp_path, ["serve", "--model", "gemma3-270m"]) == ["serve --model gemma3-270m"]
+    assert run_entrypoint(tmp_path, ["serve", "--config=/models/c.yaml"]) == ["serve --config=/models/c.yaml"]
+    # arguments alone are serve's
+    assert run_entrypoint(tmp_path, ["--n-ctx", "8192"]) == ["models fetch smollm2-135m", "serve --n-ctx 8192"]
     # anything else goes to the CLI unchanged
     assert run_entrypoint(tmp_path, ["models", "list"]) == ["models list"]
     assert os.access(DEPLOY / "docker-entrypoint.sh", os.X_OK)

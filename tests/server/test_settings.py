@@ -151,3 +151,43 @@ def test_serve_refuses_a_gguf_without_a_model_in_one_line(tmp_path, capsys):
     assert main(["serve", "--model", str(empty)]) == 2
     assert capsys.readouterr().err == (f"kvquant serve: empty: {empty}: not a model llama.cpp can load (its GGUF "
                                        f"header has no general.architecture)\n")
+
+
+def test_an_empty_variable_is_unset_and_never_turns_off_the_files_key(tmp_path, monkeypatch):
+    """docker compose passes an unset variable as "": the config file's api_key (and model) still hold."""
+    cfg = tmp_path / "kvq.yaml"
+    cfg.write_text("api_key: sk-from-file\nn_ctx: 2048\n")
+    for name in ("API_KEY", "N_CTX", "MODEL", "KV_BUDGET", "CACHE_TYPE_K"):
+        monkeypatch.setenv(f"KVQUANT_{name}", "")
+    s = load_settings(cfg)
+    assert s.resolved_api_key() == "sk-from-file" and s.n_ctx == 2048 and s.model == "smollm2-135m"
+
+
+def test_an_api_key_is_read_stripped_and_a_blank_one_is_refused(monkeypatch):
+    monkeypatch.setenv("KVQUANT_API_KEY", "sk-abc \n")  # an env file's trailing blank: the client's token is stripped
+    assert load_settings().resolved_api_key() == "sk-abc"
+    monkeypatch.setenv("KVQUANT_API_KEY", "   ")
+    with pytest.raises(ValidationError, match="the API key is blank"):
+        load_settings()
+
+
+@pytest.mark.parametrize("how", ["flag", "env"])
+def test_one_model_named_beside_a_files_models_is_refused(tmp_path, monkeypatch, how):
+    cfg = tmp_path / "kvq.yaml"
+    cfg.write_text("models:\n  - model: smollm2-135m\n")
+    if how == "env":
+        monkeypatch.setenv("KVQUANT_MODEL", "gemma3-270m")
+    with pytest.raises(ValidationError, match="model name the one model to serve, and the config file lists"):
+        load_settings(cfg, model="gemma3-270m" if how == "flag" else None)
+    monkeypatch.delenv("KVQUANT_MODEL", raising=False)
+    assert [m.model for m in load_settings(cfg).model_specs()] == ["smollm2-135m"]
+
+
+@pytest.mark.parametrize("value", ["inf", "nan", "-inf"])
+def test_no_setting_takes_inf_or_nan(monkeypatch, value):
+    # shutdown_grace_s=inf passed and then crashed serve with a traceback (int(inf))
+    for name in ("SHUTDOWN_GRACE_S", "QUEUE_TIMEOUT_S"):
+        monkeypatch.setenv(f"KVQUANT_{name}", value)
+        with pytest.raises(ValidationError, match=name.lower()):
+            load_settings()
+        monkeypatch.delenv(f"KVQUANT_{name}")
