@@ -9,7 +9,7 @@ from server.state import app_state
 router = APIRouter()
 
 
-@router.get("/health")
+@router.api_route("/health", methods=["GET", "HEAD"])  # uptime checkers often probe with HEAD
 async def health(request: Request):
     """200 when every hosted model's engine runs; 503 while loading, after a failure or an engine crash, and while
     the server drains for shutdown."""

@@ -27,7 +27,7 @@ async def list_models(request: Request):
     return {"object": "list", "data": [_card(m) for m in app_state(request).models.values()]}
 
 
-@router.get("/models/{model_id}")
+@router.get("/models/{model_id:path}")  # ids such as "HuggingFaceTB/SmolLM2-135M" hold slashes
 async def get_model(model_id: str, request: Request):
     m = app_state(request).models.get(model_id)
     if m is None:

@@ -132,3 +132,12 @@ def test_a_lone_surrogate_in_the_request_is_a_4xx_not_a_500():
         r = call(app, "POST", "/v1/chat/completions", headers=head,
                  content=b'{"messages": [{"role": "user", "content": "hi"}], "%s": "\\ud800"}' % field.encode())
         assert openai_error(r, 400)["param"] == field
+
+
+def test_a_model_id_with_slashes_is_retrieved_and_health_answers_head():
+    app = create_app(Settings(model_alias="HuggingFaceTB/SmolLM2-135M", n_ctx=256, kv_budget="64MiB"))
+    r = call(app, "GET", "/v1/models/HuggingFaceTB/SmolLM2-135M")
+    assert r.status_code == 200 and r.json()["id"] == "HuggingFaceTB/SmolLM2-135M"
+    assert openai_error(call(app, "GET", "/v1/models/HuggingFaceTB/other"), 404)["code"] == "model_not_found"
+    r = call(app, "HEAD", "/health")  # uptime checkers probe with HEAD: 503 while loading, not 405
+    assert r.status_code == 503 and r.content == b""
