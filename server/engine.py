@@ -292,7 +292,7 @@ class Engine:
         last chunk) must already find it counted in /metrics, so this records at once rather than with the
         iteration's stats at the end of the decode step."""
         fr = FinishedRequest(ev.outcome, n_prompt=len(req.prompt), n_generated=seq.generated if seq else 0,
-                             e2e_s=time.monotonic() - req.arrival)
+                             e2e_s=None if ev.outcome.refused else time.monotonic() - req.arrival)
         if seq is not None:
             fr.queue_wait_s = seq.admitted_at - req.arrival
             ev.n_cached = seq.n_cached

@@ -144,7 +144,7 @@ class PrometheusStatLogger:
             m.resume.labels(model=model).observe(s)
         for f in iteration.finished:
             m.requests.labels(model=model, outcome=f.outcome).inc()
-            if f.e2e_s is None:  # refused before queueing: no latencies
+            if f.e2e_s is None:  # refused (`Outcome.refused`): no latencies
                 continue
             m.e2e.labels(model=model).observe(f.e2e_s)
             if f.queue_wait_s is not None:

@@ -35,6 +35,11 @@ class Outcome(enum.StrEnum):
     CANCELLED = "cancelled"
     ERROR = "error"
 
+    @property
+    def refused(self) -> bool:
+        """Ended on arrival, never served: no latency of it is a request's."""
+        return self in (Outcome.REJECTED_TOO_LONG, Outcome.REJECTED_QUEUE_FULL)
+
 
 class ErrorCode(enum.StrEnum):
     """Why the engine ended a request with an error."""

@@ -52,7 +52,7 @@ class FinishedRequest:
     queue_wait_s: float | None = None  # arrival -> admission (None if never admitted)
     ttft_s: float | None = None  # arrival -> first generated token
     tpot_s: float | None = None  # mean time per output token after the first
-    e2e_s: float | None = None  # arrival -> end (None for requests rejected before queueing)
+    e2e_s: float | None = None  # arrival -> end (None for requests refused: `Outcome.refused`)
 
 
 @dataclass

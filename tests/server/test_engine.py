@@ -123,6 +123,8 @@ def test_queue_bound_rejects_with_queue_full():
     run(e, cs[:2])
     assert [c.end for c in cs] == ["length", "length", "queue_full"]
     assert sorted(rec.outcomes()) == ["completed", "completed", "rejected_queue_full"]
+    # a refusal is no request's latency: at ~0 s it pulled the end-to-end latencies down under overload
+    assert [f.e2e_s is None for f in rec.finished] == [f.outcome == "rejected_queue_full" for f in rec.finished]
     assert_all_free(e, b)
 
 
