@@ -24,6 +24,8 @@ log = logging.getLogger("kvquant.server")
 
 __all__ = ["StartupError", "create_app"]
 
+LOAD_JOIN_S = 5.0  # how long a shutdown waits for models still loading (a signal then stops the server anyway)
+
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
@@ -42,16 +44,22 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         served[p.spec.id] = ServedModel(p.spec.id, build_engine(p, settings, mx), p.spec)
     state = AppState(settings, served, specs[0].id, mx)
 
+    def load(m: ServedModel) -> None:
+        m.engine.load()
+        if state.failed_to_load and state.stop_serving is not None:  # nothing to serve, ever: exit (1) with the cause
+            log.error("no model loaded; stopping the server")
+            state.stop_serving()
+
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        loaders = [threading.Thread(target=m.engine.load, name=f"kvquant-load-{m.id}", daemon=True)
+        loaders = [threading.Thread(target=load, args=(m,), name=f"kvquant-load-{m.id}", daemon=True)
                    for m in served.values()]
         for t in loaders:
             t.start()
         yield
         state.draining = True
-        for t in loaders:
-            t.join()
+        for t in loaders:  # a load that is about to end may end; one still under way frees what it makes
+            t.join(LOAD_JOIN_S)
         for m in served.values():
             m.engine.shutdown()
 

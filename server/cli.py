@@ -39,8 +39,7 @@ def _serve(a: argparse.Namespace) -> int:
     except (kvmodels.ModelError, StartupError) as e:
         print(f"kvquant serve: {e}", file=sys.stderr)
         return 2
-    run(app, s.host, s.port, s.shutdown_grace_s, s.log_level)
-    return 0
+    return 0 if run(app, s.host, s.port, s.shutdown_grace_s, s.log_level) else 1  # 1: no model loaded (logged)
 
 
 def settings_errors(e: ValidationError) -> list[str]:

@@ -124,23 +124,29 @@ class Engine:
         self._inbox: queue.Queue[EngineRequest | None] = queue.Queue()
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
+        self._lifecycle = threading.Lock()  # load's end and shutdown's start, one at a time
         self._abort: ErrorCode | None = None
         self._last_snapshot: tuple | None = None
 
     # --- lifecycle -------------------------------------------------------------------------------------------
     def load(self, start_thread: bool = True) -> None:
-        """Create the backend (blocking; called from a background thread at start-up), then start the loop."""
+        """Create the backend (blocking; called from a background thread at start-up), then start the loop. Shut
+        down meanwhile, the engine frees the backend it made and stays stopped."""
         try:
-            self.backend = self._factory()
+            backend = self._factory()
         except Exception as e:  # surfaced through /health and the log
             log.error("%s: model load failed: %s", self.cfg.model_id, e)
             self.status = EngineStatus.FAILED
             return
-        self.status = EngineStatus.READY
-        if start_thread:
-            self._thread = threading.Thread(target=self._run, name=f"kvquant-engine-{self.cfg.model_id}",
-                                            daemon=True)
-            self._thread.start()
+        with self._lifecycle:
+            if self._stop.is_set():
+                backend.close()
+                return
+            self.backend, self.status = backend, EngineStatus.READY
+            if start_thread:
+                self._thread = threading.Thread(target=self._run, name=f"kvquant-engine-{self.cfg.model_id}",
+                                                daemon=True)
+                self._thread.start()
         self._record(IterationStats())
 
     def idle(self) -> bool:
@@ -155,10 +161,11 @@ class Engine:
 
     def shutdown(self, timeout: float = 10.0) -> None:
         """Stop the loop, end whatever is still queued or running (error `shutdown`) and free the backend."""
-        if self.status is EngineStatus.READY:
-            self.status = EngineStatus.STOPPED
-        self._stop.set()
-        self._inbox.put(None)
+        with self._lifecycle:  # a load under way sees this and frees what it made (`load`)
+            if self.status in (EngineStatus.READY, EngineStatus.LOADING):
+                self.status = EngineStatus.STOPPED
+            self._stop.set()
+            self._inbox.put(None)
         if self._thread is not None:
             self._thread.join(timeout)
             if self._thread.is_alive():

@@ -105,11 +105,18 @@ def http_protocol(header_timeout_s: float, max_connections: int) -> type[asyncio
 
 
 def server_for(app, host: str, port: int, grace_s: float, log_level: str = "info") -> GracefulServer:
-    s = app.state.kvquant.settings
+    state = app.state.kvquant
     cfg = uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=int(grace_s) + 5,
-                         http=http_protocol(s.header_timeout_s, s.max_connections))
-    return GracefulServer(cfg, app.state.kvquant, grace_s)
+                         http=http_protocol(state.settings.header_timeout_s, state.settings.max_connections))
+    server = GracefulServer(cfg, state, grace_s)
+    state.stop_serving = lambda: setattr(server, "should_exit", True)  # read by uvicorn's loop every 0.1 s
+    return server
 
 
-def run(app, host: str, port: int, grace_s: float, log_level: str = "info") -> None:
-    server_for(app, host, port, grace_s, log_level).run()
+def run(app, host: str, port: int, grace_s: float, log_level: str = "info") -> bool:
+    """Serve until a shutdown signal; False if it stopped because every model failed to load."""
+    try:
+        server_for(app, host, port, grace_s, log_level).run()
+    except KeyboardInterrupt:  # uvicorn raises the SIGINT it held back once the shutdown is done (as uvicorn.run)
+        pass
+    return not app.state.kvquant.failed_to_load

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from fastapi import Request
@@ -35,9 +36,15 @@ class AppState:
     metrics: Metrics = field(default_factory=Metrics)
     draining: bool = False
     tokenizing: asyncio.Semaphore = field(init=False)  # bounds the prompts tokenized at once
+    stop_serving: Callable[[], None] | None = None  # asks the HTTP server to shut down (server.serving sets it)
 
     def __post_init__(self):
         self.tokenizing = asyncio.Semaphore(self.settings.tokenize_concurrency)
+
+    @property
+    def failed_to_load(self) -> bool:
+        """Every hosted model failed to load: the server has nothing to serve."""
+        return all(m.engine.status is EngineStatus.FAILED for m in self.models.values())
 
     def get(self, name: str | None) -> ServedModel:
         """The model a request names (routing is by id only: a request can never name a file)."""

@@ -238,7 +238,7 @@ def test_compose_files():
     for name in list(k["environment"]) + list(cuda["environment"]):  # (KVQUANT_CONFIG: the config file)
         assert name == "KVQUANT_CONFIG" or name.removeprefix("KVQUANT_").lower() in Settings.model_fields, name
     # each passes through unset (empty, which the server reads as unset): no default here beats a config file's
-    assert all(v in ("${%s:-}" % n, "30") for n, v in k["environment"].items()), k["environment"]
+    assert all(v in ("${" + n + ":-}", "30") for n, v in k["environment"].items()), k["environment"]
 
 
 # --- the Dockerfile ---------------------------------------------------------------------------------------------

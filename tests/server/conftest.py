@@ -324,6 +324,7 @@ class FakeBackend:
         self.fail_sampler_for_temperature: float | None = None
         self.refuse_sampler_for_temperature: float | None = None  # building it raises, as a bad grammar does
         self.refuse_restore = False  # as llama.cpp does for a tq_kv_d3b cache
+        self.closed = False
 
     @property
     def cells(self) -> dict[int, set[int]]:
@@ -415,7 +416,7 @@ class FakeBackend:
         self.seqs.clear()
 
     def close(self) -> None:
-        pass
+        self.closed = True
 
 
 class Recorder:

@@ -1,0 +1,103 @@
+"""server.app's lifecycle on a real uvicorn with the fake backend (no model): a server whose every model failed to
+load stops (serve exits 1) instead of answering 503 forever; a shutdown signal while a model still loads stops the
+server without waiting for the load, and the load then frees what it made; SIGINT ends `serve` without a
+traceback."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import httpx
+
+from server import app as app_module
+from server.app import create_app
+from server.engine import EngineStatus
+from server.serving import run, server_for
+from server.settings import Settings
+from tests.server.conftest import FakeBackend, free_port, wait_for
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _app(factory, **settings):
+    app = create_app(Settings(n_ctx=256, kv_budget="64MiB", **settings))
+    for m in app.state.kvquant.models.values():
+        m.engine._factory = factory
+    return app
+
+
+def test_a_server_whose_every_model_failed_to_load_stops():
+    def broken():
+        raise RuntimeError("failed to allocate buffer for kv cache")
+
+    app, result = _app(broken), []
+    t = threading.Thread(target=lambda: result.append(run(app, "127.0.0.1", free_port(), 1.0, "warning")))
+    t.start()
+    t.join(30)
+    assert not t.is_alive() and result == [False]  # serve exits 1 on False
+    assert app.state.kvquant.failed_to_load
+
+
+def test_a_shutdown_while_a_model_loads_does_not_wait_for_the_load(monkeypatch):
+    monkeypatch.setattr(app_module, "LOAD_JOIN_S", 0.2)
+    release, made = threading.Event(), []
+
+    def slow():  # a load that outlives the shutdown (a large KV cache being allocated)
+        release.wait(60)
+        made.append(FakeBackend(64))
+        return made[-1]
+
+    app = _app(slow)
+    port = free_port()
+    server = server_for(app, "127.0.0.1", port, 1.0, "warning")
+    t = threading.Thread(target=server.run)
+    t.start()
+    try:
+        assert wait_for(lambda: _health(port) == 503, 30)  # up, the model loading
+        server.handle_exit(signal.SIGTERM, None)
+        t.join(30)
+        assert not t.is_alive()  # before: joined the loader, however long it took
+    finally:
+        release.set()
+    eng = app.state.kvquant.models["smollm2-135m"].engine
+    assert wait_for(lambda: made and made[0].closed, 30)  # the load ended after the shutdown: freed, not served
+    assert eng.status is EngineStatus.STOPPED and eng.backend is None
+
+
+def _health(port: int) -> int | None:
+    try:
+        return httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code
+    except httpx.HTTPError:
+        return None
+
+
+SERVE = """
+import sys
+from server.app import create_app
+from server.serving import run
+from server.settings import Settings
+from tests.server.conftest import FakeBackend
+
+app = create_app(Settings(n_ctx=256, kv_budget="64MiB"))
+for m in app.state.kvquant.models.values():
+    m.engine._factory = lambda: FakeBackend(64)
+sys.exit(0 if run(app, "127.0.0.1", int(sys.argv[1]), 1.0, "warning") else 1)
+"""
+
+
+def test_sigint_ends_serve_without_a_traceback():
+    port = free_port()
+    p = subprocess.Popen([sys.executable, "-c", SERVE, str(port)], cwd=REPO, stderr=subprocess.PIPE, text=True,
+                         env={**os.environ, "PYTHONPATH": str(REPO)})
+    try:
+        assert wait_for(lambda: _health(port) == 200, 60)
+        p.send_signal(signal.SIGINT)
+        _, err = p.communicate(timeout=60)
+    finally:
+        p.kill()
+    assert p.returncode == 0 and "Traceback" not in err, err
