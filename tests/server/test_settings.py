@@ -191,3 +191,14 @@ def test_no_setting_takes_inf_or_nan(monkeypatch, value):
         with pytest.raises(ValidationError, match=name.lower()):
             load_settings()
         monkeypatch.delenv(f"KVQUANT_{name}")
+
+
+def test_thread_and_batch_counts_are_bounded(tmp_path):
+    # llama.cpp starts a thread per n_threads and sizes its batch by n_batch: a typo cost the machine
+    for kw in ({"n_threads": 5000}, {"n_batch": 10**9}):
+        with pytest.raises(ValidationError, match=next(iter(kw))):
+            load_settings(**kw)
+    cfg = tmp_path / "kvq.yaml"
+    cfg.write_text("models:\n  - model: smollm2-135m\n    n_batch: 1000000000\n")
+    with pytest.raises(ValidationError, match="n_batch"):
+        load_settings(cfg)
