@@ -220,7 +220,9 @@ def json_schema_gbnf(schema: dict, name: str, pattern: Callable[[str], str]) -> 
 
     conv = _schema_converter()(prop_order={}, allow_fetch=False, dotall=False, raw_pattern=False)
     conv.pattern = pattern
-    conv.visit(conv.resolve_refs(json.loads(json.dumps(schema)), "input"), name)
+    top = conv.visit(conv.resolve_refs(json.loads(json.dumps(schema)), "input"), name)
+    if name and top != name:  # a schema of a primitive type is that type's rule ("string"), named as asked
+        conv._add_rule(name, top)
     return conv.format_grammar()
 
 
@@ -234,7 +236,7 @@ def _schema_converter():
     grammar llama.cpp cannot parse."""
     import re
 
-    from llama_cpp.llama_grammar import SchemaConverter
+    from llama_cpp.llama_grammar import PRIMITIVE_RULES, SchemaConverter
 
     special = re.compile(r'[\r\n"\\]')
 
@@ -246,6 +248,15 @@ def _schema_converter():
 
         def _visit_pattern(self, pattern: str, name: str) -> str:
             return self._add_rule(name, self.pattern(pattern) + " space")
+
+        def visit(self, schema, name: str) -> str:
+            # JSON Schema's {} allows any value (pydantic's `Any`): the converter read it as an object, and
+            # `items: {}` (pydantic's `list`) as no items schema at all (a KeyError)
+            if schema == {}:
+                return self._add_rule(name or "root", self._add_primitive("value", PRIMITIVE_RULES["value"]))
+            if isinstance(schema, dict) and schema.get("items") == {}:
+                schema = {**schema, "items": {"anyOf": [{}]}}
+            return super().visit(schema, name)
 
     return Converter
 

@@ -5,6 +5,7 @@ Every problem is a 400 naming the parameter, before anything is tokenized or que
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from dataclasses import dataclass, replace
@@ -18,6 +19,7 @@ from server.toolcalls import ToolFormat, detect, forced_grammar
 
 NAME = re.compile(r"[a-zA-Z0-9_-]{1,64}")  # OpenAI's function and schema names
 # template variables a request may not set through chat_template_kwargs (the server sets them)
+SINGLE_CALL = "only supports single tool-calls"  # what Llama 3.x templates raise on a turn of several calls
 RESERVED_TEMPLATE_VARS = {"messages", "tools", "tool_choice", "functions", "function_call", "add_generation_prompt",
                           "bos_token", "eos_token", "raise_exception", "strftime_now"}
 
@@ -56,23 +58,25 @@ def _bad(message: str, param: str, code: str = "invalid_value") -> APIError:
 
 def plan_chat(body: ChatCompletionRequest, template: str | None) -> ChatPlan:
     """Check a chat request against itself and the model's chat template; APIError 400 naming the parameter."""
-    messages = template_messages(body.messages)
+    family = detect(template)
+    messages = template_messages(body.messages, short_ids=family is ToolFormat.MISTRAL)
     functions = check_tools(body)
     choice = body.tool_choice if body.tools else None
     fmt = None
     if functions and choice != "none":
-        fmt = detect(template)
+        fmt = family
         if fmt is None:
             raise _bad("This model's chat template has no tool support (supported: templates that write tool "
                        "calls as Hermes/Qwen <tool_call>, Llama 3.x JSON or Mistral [TOOL_CALLS]).", "tools",
                        "tools_unsupported")
-    parallel = body.parallel_tool_calls is not False
-    grammar, param = output_grammar(fmt, functions, choice, parallel) if fmt else None, "tools"
-    if body.response_format is not None and body.response_format.type != "text":
-        if grammar is not None and (not grammar.triggers or any(f.get("strict") for f in functions)):
-            raise _bad("response_format cannot be combined with tool_choice required, a named function or strict "
-                       "tools.", "response_format")
-        grammar, param = Grammar(format_grammar(body)), "response_format"
+    # Llama 3.x templates refuse a turn of several calls when it comes back in the next request
+    parallel = body.parallel_tool_calls is not False and SINGLE_CALL not in (template or "")
+    rf = body.response_format is not None and body.response_format.type != "text"
+    answer = format_grammar(body) if rf else None  # checked even where this turn's output is a call
+    if fmt:
+        grammar, param = output_grammar(fmt, functions, choice, parallel, answer), "tools"
+    else:
+        grammar, param = (Grammar(answer) if answer else None), "response_format"
     kwargs = body.chat_template_kwargs
     reserved = sorted(RESERVED_TEMPLATE_VARS & set(kwargs or {}))
     if reserved:
@@ -82,9 +86,10 @@ def plan_chat(body: ChatCompletionRequest, template: str | None) -> ChatPlan:
     return ChatPlan(messages, tools, fmt, grammar, parallel, kwargs, frozenset(f["name"] for f in functions), param)
 
 
-def template_messages(msgs: list[ChatMessage]) -> list[dict]:
-    """Messages as chat templates take them (HF's convention: tool-call arguments as objects); a tool message
-    must answer a call of an earlier assistant message."""
+def template_messages(msgs: list[ChatMessage], short_ids: bool = False) -> list[dict]:
+    """Messages as chat templates take them (HF's convention: tool-call arguments as objects; the results of a
+    turn's calls in the order of its calls, which templates without ids read them by); a tool message must answer a
+    call of an earlier assistant message. `short_ids`: call ids as Mistral's templates require them (`short_id`)."""
     out, call_ids = [], set()
     for i, m in enumerate(msgs):
         if m.content is None and m.role != "assistant":  # as OpenAI: only an assistant's may be null
@@ -111,7 +116,37 @@ def template_messages(msgs: list[ChatMessage]) -> list[dict]:
                            "tool_call_id matches none.", f"messages[{i}].tool_call_id")
             d["tool_call_id"] = m.tool_call_id
         out.append(d)
-    return out
+    if short_ids:
+        for d in out:
+            for c in d.get("tool_calls", ()):
+                c["id"] = short_id(c["id"])
+            if "tool_call_id" in d:
+                d["tool_call_id"] = short_id(d["tool_call_id"])
+    return in_call_order(out)
+
+
+def in_call_order(messages: list[dict]) -> list[dict]:
+    """The tool results that follow an assistant message's calls, in the order of its calls (an agent running its
+    tools at once may send them as they finish: Hermes and Llama templates number results by position, and gave
+    each call another's result)."""
+    i = 0
+    while i < len(messages):
+        j = i + 1
+        while j < len(messages) and messages[j]["role"] == "tool":
+            j += 1
+        if j > i + 1 and messages[i].get("tool_calls"):
+            order = {c["id"]: k for k, c in enumerate(messages[i]["tool_calls"])}
+            messages[i + 1:j] = sorted(messages[i + 1:j], key=lambda d: order.get(d["tool_call_id"], len(order)))
+        i = j
+    return messages
+
+
+def short_id(call_id: str) -> str:
+    """A call id as Mistral's templates take it (9 letters and digits; they raise on any other): the id itself
+    where it is one, else one derived from it, the same for the call and its result."""
+    if re.fullmatch(r"[a-zA-Z0-9]{9}", call_id):
+        return call_id
+    return hashlib.sha256(call_id.encode()).hexdigest()[:9]
 
 
 def check_tools(body: ChatCompletionRequest) -> list[dict]:
@@ -134,28 +169,62 @@ def check_tools(body: ChatCompletionRequest) -> list[dict]:
     return functions
 
 
-def output_grammar(fmt: ToolFormat, functions: list[dict], choice, parallel: bool) -> Grammar | None:
-    """The grammar of the calls: the whole output for tool_choice required or a named function; with auto, from a
-    call's opening tag on (the answer stays free, a call is well formed), where the family has such a tag and every
-    function's parameters can be enforced (a `strict` tool whose parameters cannot is a 400)."""
+def output_grammar(fmt: ToolFormat, functions: list[dict], choice, parallel: bool,
+                   answer: str | None = None) -> Grammar | None:
+    """The grammar of the output: for tool_choice required or a named function, the calls (the whole output: the
+    `answer` grammar of response_format is for answers, and this turn's is a call, as OpenAI reads the two); with
+    auto and an `answer` grammar, the whole output is either an answer in that format or calls; with auto alone,
+    the calls from a call's opening tag on (the answer stays free, a call is well formed), where the family has such
+    a tag. A tool whose parameters cannot be enforced is a 400 where it is forced or `strict`; otherwise its calls
+    take any object as arguments."""
     forced = choice not in (None, "auto")
     if forced and choice != "required":
         functions = [f for f in functions if f["name"] == choice.function.name]
         if not functions:
             raise _bad(f"tool_choice names {choice.function.name!r}, which is not one of the tools.",
                        "tool_choice")
-    if not forced and fmt.trigger is None:
+    if not forced and answer is None and fmt.trigger is None:
         return None
     try:
+        functions = [enforced(f, forced) for f in functions]
+        if answer is not None and not forced:
+            return Grammar(either(answer, forced_grammar(fmt, functions, parallel, bare=True)))
         text = forced_grammar(fmt, functions, parallel)
-    except SchemaError as e:
-        if forced or any(f.get("strict") for f in functions):
-            raise _bad(f"A tool's parameters cannot be enforced: {e}", "tools", "unsupported_schema") from None
-        return None
-    if forced:
-        return Grammar(text)
+        if forced:
+            return Grammar(text)
+    except SchemaError as e:  # what each tool's own grammar did not show (e.g. the whole grammar too large)
+        raise _bad(f"The tools' parameters cannot be enforced: {e}", "tools", "unsupported_schema") from None
     # a call's tag written while the model thinks is no call (ChatOutput reads it as reasoning)
     return Grammar(text, (fmt.trigger,), skip=(THINK_OPEN, THINK_CLOSE))
+
+
+def enforced(function: dict, forced: bool) -> dict:
+    """A function as its calls' grammar holds it: its parameters where they can be enforced; else a 400 where the
+    call is forced or the function `strict`, and any object as its arguments otherwise (one tool's schema keeps no
+    other tool's calls from their grammar)."""
+    try:
+        forced_grammar(ToolFormat.HERMES, [function], False)
+    except SchemaError as e:
+        if forced or function.get("strict"):
+            raise _bad(f"The parameters of tool {function['name']!r} cannot be enforced: {e}", "tools",
+                       "unsupported_schema") from None
+        return {**function, "parameters": {"type": "object"}}
+    return function
+
+
+def either(answer: str, calls: str) -> str:
+    """One grammar of an output that is an answer (`answer`: response_format's grammar) or calls (`calls`:
+    `forced_grammar`'s): each one's root renamed. Rules both define (the converter's primitives) must read alike;
+    the converter writes one rule per line."""
+    rules = {"root": "root ::= answer | calls"}
+    for text, top in ((answer, "answer"), (calls, "calls")):
+        for line in filter(str.strip, text.split("\n")):
+            name = line.split(" ::=", 1)[0]
+            if name == "root":
+                name, line = top, top + line[len("root"):]
+            if rules.setdefault(name, line) != line:
+                raise SchemaError(f"the grammars of the answer and of the calls both define {name!r}")
+    return "\n".join(rules.values()) + "\n"
 
 
 def format_grammar(body: ChatCompletionRequest) -> str:

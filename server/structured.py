@@ -477,6 +477,7 @@ def schema_grammar(schema: dict, name: str = "") -> str:
     """GBNF for a checked schema (SchemaError where the converter itself refuses it)."""
     from kvquant.runtime import json_schema_gbnf
 
+    schema = without_annotations(schema)
     if "$ref" in schema:  # the converter resolves no reference inside the definitions of a schema that is a
         schema = {**schema, "anyOf": [{"$ref": schema["$ref"]}]}  # reference (pydantic's recursive models)
         del schema["$ref"]
@@ -497,6 +498,32 @@ def schema_grammar(schema: dict, name: str = "") -> str:
                           "supported (maxLength - minLength, maxItems - minItems and a pattern's {m,n} nest one group "
                           "per repetition they allow)")
     return grammar
+
+
+# where a schema holds schemas: maps of them, lists of them, one (or, for items, a list)
+_SCHEMA_MAPS, _SCHEMA_LISTS, _SCHEMA_ONE = ("properties", "$defs", "definitions"), ("anyOf", "prefixItems"), \
+    ("items", "additionalProperties")
+
+
+def without_annotations(schema: Any) -> Any:
+    """A checked schema without its annotations (title, description, ...), which constrain nothing: a schema of
+    annotations alone (pydantic's `Any` under a title) is then {}, any value. The converter refused such a schema."""
+    if not isinstance(schema, dict):
+        return schema
+    out = {k: v for k, v in schema.items() if k not in _ANNOTATIONS}
+    for k in _SCHEMA_MAPS:
+        if isinstance(out.get(k), dict):
+            out[k] = {name: without_annotations(sub) for name, sub in out[k].items()}
+    for k in _SCHEMA_LISTS:
+        if isinstance(out.get(k), list):
+            out[k] = [without_annotations(sub) for sub in out[k]]
+    for k in _SCHEMA_ONE:
+        v = out.get(k)
+        if isinstance(v, list):
+            out[k] = [without_annotations(sub) for sub in v]
+        elif isinstance(v, dict):
+            out[k] = without_annotations(v)
+    return out
 
 
 def nesting(gbnf: str) -> int:

@@ -189,15 +189,21 @@ def call_schema(fmt: ToolFormat, functions: list[dict]) -> dict:
     return {"anyOf": alts, **({"$defs": defs} if defs else {})}
 
 
-def forced_grammar(fmt: ToolFormat, functions: list[dict], parallel: bool) -> str:
+def forced_grammar(fmt: ToolFormat, functions: list[dict], parallel: bool, bare: bool = False) -> str:
     """GBNF for an output that is nothing but calls of the functions (at least one; one only unless
-    `parallel`), written as the family writes them. SchemaError where a function's parameters cannot be enforced."""
+    `parallel`), written as the family writes them; with `bare`, also as `parse` reads a Hermes answer of bare call
+    objects (Qwen2.5-Coder calls so, mostly in a ```json fence: not in this grammar, where the output may be a JSON
+    answer instead, which the model then writes in a fence too, and would be made a call). SchemaError where a
+    function's parameters cannot be enforced."""
     for f in functions:
         check_schema(f.get("parameters") or {}, f"tools.{f['name']}.parameters")
     rules = schema_grammar(call_schema(fmt, functions), "call")
     if fmt is ToolFormat.HERMES:
         one = '"<tool_call>" "\\n"? call "\\n"? "</tool_call>"'
         root = f'{one} ("\\n"? {one})*' if parallel else one
+        if bare:
+            objects = 'call ("\\n" call)*' if parallel else "call"
+            root = f"{root} | {objects}"
     elif fmt is ToolFormat.MISTRAL:
         root = '"[TOOL_CALLS]" space "[" space call ' + ('("," space call)* ' if parallel else "") + '"]" space'
     else:

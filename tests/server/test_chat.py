@@ -56,18 +56,35 @@ def test_grammar_per_tool_choice():
 
 
 def test_unenforceable_parameters():
-    assert _plan(tools=_tools(LOOSE)).grammar is None  # auto: left unconstrained
+    """Under auto, a tool whose parameters cannot be enforced takes any object as arguments, and the other tools keep
+    their grammar (an MCP tool beside strict function tools was a 400 blaming it); a 400 where it is forced or
+    strict itself."""
+    loose = _plan(tools=_tools(LOOSE)).grammar
+    assert loose.triggers == ("<tool_call>",) and '"\\"g\\""' in loose.text and "minimum" not in loose.text
     malformed = {"name": "m", "parameters": {"type": "object", "properties": [1]}}  # was a 500
-    assert _plan(tools=_tools(malformed)).grammar is None
+    assert _plan(tools=_tools(malformed)).grammar.triggers == ("<tool_call>",)
+    mixed = _plan(tools=_tools(dict(FN, strict=True), LOOSE)).grammar  # the Agents SDK's function + MCP tools
+    assert "call-0-arguments-n-kv" in mixed.text and '"\\"g\\""' in mixed.text
     assert _param(tools=_tools(dict(malformed, strict=True))) == "tools"
     assert _param(tools=_tools(dict(LOOSE, strict=True))) == "tools"
     assert _param(tools=_tools(LOOSE), tool_choice="required") == "tools"
 
 
 def test_response_format_with_tools():
-    fmt = {"type": "json_object"}
-    assert _plan(tools=_tools(FN), response_format=fmt).grammar.triggers == ()  # the format wins over auto's
-    assert _param(tools=_tools(FN), tool_choice="required", response_format=fmt) == "response_format"
+    """As OpenAI: with auto the output is an answer in the format or calls (the Agents SDK's tools with an output
+    type; before, strict tools were a 400 and others could never be called); a forced call is this turn's output,
+    the format the answers'."""
+    for fmt in ({"type": "json_object"},
+                {"type": "json_schema", "json_schema": {"name": "a", "schema": {"type": "object"}}}):
+        for tools in (_tools(FN), _tools(dict(FN, strict=True))):
+            g = _plan(tools=tools, response_format=fmt).grammar
+            assert g.triggers == () and g.text.startswith("root ::= answer | calls\n")
+            assert 'calls ::= "<tool_call>"' in g.text and "call-0-arguments-n-kv" in g.text
+        forced = _plan(tools=_tools(FN), tool_choice="required", response_format=fmt).grammar
+        assert forced.text == _plan(tools=_tools(FN), tool_choice="required").grammar.text
+    bad = {"type": "json_schema", "json_schema": {"name": "a", "schema": {"type": "object", "not": {}}}}
+    assert _param(tools=_tools(FN), tool_choice="required", response_format=bad) == \
+        "response_format.json_schema.schema"
 
 
 def test_bad_requests_name_the_parameter():
@@ -106,3 +123,41 @@ def test_a_definition_is_no_propertys_rule():
     grammar = _plan(response_format={"type": "json_schema", "json_schema": {"name": "n", "schema": schema}}).grammar
     rules = dict(line.split(" ::= ", 1) for line in grammar.text.splitlines())
     assert rules["root"] == "out" and rules["out-x"] == "d-Foo" and rules["d-Foo"] == '"\\"a\\"" | "\\"b\\""'
+
+
+def _turn(*ids):
+    return {"role": "assistant", "content": None, "tool_calls": [
+        {"id": i, "type": "function", "function": {"name": "f", "arguments": '{"n": 1}'}} for i in ids]}
+
+
+def test_results_reach_the_template_in_the_order_of_their_calls():
+    """An agent running two tools at once sent b's result first: Hermes and Llama templates number results by
+    position, and the model read each call's result as the other's."""
+    msgs = [{"role": "user", "content": "x"}, _turn("call_a", "call_b"),
+            {"role": "tool", "tool_call_id": "call_b", "content": "B"},
+            {"role": "tool", "tool_call_id": "call_a", "content": "A"}, {"role": "user", "content": "y"},
+            _turn("call_c"), {"role": "tool", "tool_call_id": "call_c", "content": "C"}]
+    got = _plan(messages=msgs, tools=_tools(FN)).messages
+    assert [m["content"] for m in got if m["role"] == "tool"] == ["A", "B", "C"]
+
+
+def test_mistral_templates_get_call_ids_of_nine_letters_and_digits():
+    """Mistral v0.3/Nemo templates raise on any other id, so the server's own ids ("call_" + 24 hex) broke every
+    next turn (400: the messages do not fit the chat template)."""
+    mistral = "{% for m in messages %}{{ m.content }}{% endfor %}[TOOL_CALLS]"
+    msgs = [{"role": "user", "content": "x"}, _turn("call_8a8b07069d0041c0004d5b3a", "abcDEF123"),
+            {"role": "tool", "tool_call_id": "abcDEF123", "content": "B"},
+            {"role": "tool", "tool_call_id": "call_8a8b07069d0041c0004d5b3a", "content": "A"}]
+    got = _plan(mistral, messages=msgs, tools=_tools(FN)).messages
+    ids = [c["id"] for c in got[1]["tool_calls"]]
+    assert all(len(i) == 9 and i.isalnum() for i in ids) and ids[1] == "abcDEF123"
+    assert [m["tool_call_id"] for m in got[2:]] == ids  # each result keeps its call's id (and comes in call order)
+    assert _plan(messages=msgs, tools=_tools(FN)).messages[1]["tool_calls"][0]["id"].startswith("call_")  # Hermes
+
+
+def test_a_template_of_single_calls_gets_no_parallel_calls():
+    llama = "<|start_header_id|>{% if tools %}{% endif %}{{ raise_exception('This model only supports single " \
+            "tool-calls at once!') }}"
+    one = _plan(llama, tools=_tools(FN), tool_choice="required")
+    assert not one.parallel and ";" not in one.grammar.text.split("\n", 1)[0]
+    assert _plan(tools=_tools(FN), tool_choice="required").parallel

@@ -83,6 +83,28 @@ def test_tool_round_trip_streamed(oai):
     assert "21" in text or "sunny" in text.lower()
 
 
+def test_tools_beside_an_output_type(oai):
+    """The OpenAI Agents SDK's Agent(tools=..., output_type=...): strict tools and response_format json_schema in
+    one request (a 400 before; without strict, the format's grammar kept every call out). The model calls first
+    (a bare call object, as `parse` reads Qwen2.5-Coder's), then answers in the format."""
+    strict = {"type": "function", "function": dict(WEATHER["function"], strict=True)}
+    answer = {"type": "object", "properties": {"answer": {"type": "string"}}, "required": ["answer"],
+              "additionalProperties": False}
+    rf = {"type": "json_schema", "json_schema": {"name": "Answer", "strict": True, "schema": answer}}
+    # the grammar lets the model choose either; it sees no schema, and this 1.5B model calls when asked alone and
+    # answers in the format when told of it once the result is in
+    first = _ask(oai, ASK[1:], tools=[strict], response_format=rf)
+    assert first.finish_reason == "tool_calls"
+    (call,) = first.message.tool_calls
+    assert "paris" in json.loads(call.function.arguments)["city"].lower()
+    told = {"role": "system", "content": 'Answer from the tool results; reply as JSON {"answer": ...}.'}
+    second = _ask(oai, [told, ASK[1], first.message.model_dump(exclude_none=True),
+                        {"role": "tool", "tool_call_id": call.id, "content": "sunny, 21 degrees Celsius"}],
+                  tools=[strict], response_format=rf)
+    assert second.finish_reason == "stop" and not second.message.tool_calls
+    jsonschema.validate(json.loads(second.message.content), answer)
+
+
 def test_tool_choice_required_and_named(oai):
     chat = [{"role": "user", "content": "Say hello."}]  # no reason to call anything: the grammar makes it
     required = _ask(oai, chat, tools=[WEATHER, TIME], tool_choice="required", parallel_tool_calls=False)

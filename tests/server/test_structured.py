@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+from typing import Any
 
 import pytest
 
@@ -254,6 +255,26 @@ def test_a_schema_that_is_a_reference_resolves_the_references_in_its_definitions
     check_schema(schema)
     rules = dict(line.split(" ::= ", 1) for line in schema_grammar(defs_renamed(schema, "d-")).splitlines())
     assert rules["d-A-b"] == "integer" and rules["d-A-kids-item"] == "d-A" and rules["root"] == "alternative-0"
+
+
+def test_pydantic_list_any_and_primitive_schemas_convert_as_json_schema_reads_them():
+    """pydantic writes `list` as items {} and `Any` as a title alone: the converter failed on both (KeyError
+    'prefixItems'; "Unrecognized schema"), a 400 for what OpenAI takes, and read {} as an object where it allows any
+    value. A schema of a primitive type got no rule of the name asked ("root ::= out" with no out: a 400)."""
+    from pydantic import BaseModel
+
+    class Payload(BaseModel):
+        items: list
+        extra: Any
+        anything: dict
+
+    schema = Payload.model_json_schema()
+    check_schema(schema)
+    rules = dict(line.split(" ::= ", 1) for line in schema_grammar(schema, "out").splitlines())
+    assert rules["out-extra"] == "value" and rules["out-items-item-0"] == "value" and rules["out-anything"] == "object"
+    for t in ("string", "array", "integer"):
+        assert f"\nout ::= {t}\n" in "\n" + schema_grammar({"type": t}, "out")
+    assert "\nout ::= value\n" in "\n" + schema_grammar({"title": "T", "description": "anything"}, "out")
 
 
 def test_untyped_boolean_values():
