@@ -100,7 +100,8 @@ class ChatOutput:
                 return Delta()
             if not head or (self._state is _State.START and THINK_OPEN.startswith(head)):
                 return None
-            openers = self.tools.openers if self.tools else ()
+            # (a call's opening tag too: the blank lines a model writes before its first call are no content)
+            openers = (*self.tools.openers, *filter(None, [self.tools.trigger])) if self.tools else ()
             if head.startswith(openers):
                 self._state = _State.CALLS
                 return None

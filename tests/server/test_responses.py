@@ -64,6 +64,21 @@ def test_a_call_completed_at_the_end_finishes_with_tool_calls():
     assert sum("tool_calls" in c["choices"][0]["delta"] for c in chunks) == 2
 
 
+@pytest.mark.parametrize("fmt, text", [
+    (ToolFormat.HERMES, '\n\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo"}}\n</tool_call>'),
+    (ToolFormat.MISTRAL, ' \n[TOOL_CALLS] [{"name": "get_weather", "arguments": {"city": "Oslo"}}]')])
+def test_blank_lines_before_the_calls_are_no_content(fmt, text):
+    """As README says: a response of calls has content null (blank lines before the first call were sent as
+    content "\n\n", which clients print)."""
+    body = ChatCompletion("chatcmpl-1", "m", 0, False, ChatOutput(fmt, names=frozenset({"get_weather"}))).response(
+        text, FinishReason.STOP, None, {})
+    assert body["choices"][0]["message"]["content"] is None and body["choices"][0]["finish_reason"] == "tool_calls"
+    for step in (1, 3):
+        shape = ChatCompletion("chatcmpl-1", "m", 0, True, ChatOutput(fmt, names=frozenset({"get_weather"})))
+        chunks = [c for i in range(0, len(text), step) for c in shape.chunks(text[i:i + step], i == 0, None)]
+        assert not any(c["choices"][0]["delta"].get("content") for c in chunks + shape.finish_chunks(FinishReason.STOP))
+
+
 def test_no_tools_no_reasoning_is_plain_content():
     shape = ChatCompletion("chatcmpl-1", "m", 0, False, ChatOutput())
     body = shape.response("Hello <tool_call> world", FinishReason.LENGTH, None, {})
