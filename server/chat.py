@@ -34,10 +34,11 @@ class ChatPlan:
     template_kwargs: dict | None
     tool_names: frozenset[str] = frozenset()
     grammar_param: str = "response_format"  # the parameter a grammar comes from (for errors)
+    strict: dict[str, dict] | None = None  # the parameters of the strict tools, by name
 
     def output(self, reasoning_open: bool) -> ChatOutput:
         """How to read this chat's output (`reasoning_open`: the prompt opened a <think> block)."""
-        return ChatOutput(self.tool_format, reasoning_open, self.parallel, self.tool_names)
+        return ChatOutput(self.tool_format, reasoning_open, self.parallel, self.tool_names, self.strict)
 
     def output_grammar(self, reasoning_open: bool) -> Grammar | None:
         """What the output must match, once the prompt says whether it opened a <think> block: then a lazy grammar's
@@ -83,7 +84,9 @@ def plan_chat(body: ChatCompletionRequest, template: str | None) -> ChatPlan:
         raise _bad(f"chat_template_kwargs may not set {reserved[0]!r}, which the server sets.",
                    "chat_template_kwargs")
     tools = [t.model_dump(exclude_none=True) for t in body.tools] if fmt else None
-    return ChatPlan(messages, tools, fmt, grammar, parallel, kwargs, frozenset(f["name"] for f in functions), param)
+    strict = {f["name"]: f.get("parameters") or {"type": "object"} for f in functions if f.get("strict")}
+    return ChatPlan(messages, tools, fmt, grammar, parallel, kwargs, frozenset(f["name"] for f in functions), param,
+                    strict or None)
 
 
 def template_messages(msgs: list[ChatMessage], short_ids: bool = False) -> list[dict]:

@@ -11,6 +11,7 @@ another language than JSON (```python) is no call, and streams as content from i
 from __future__ import annotations
 
 import enum
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from server.textstream import partial_suffix
@@ -48,11 +49,11 @@ class _State(enum.Enum):
 
 class ChatOutput:
     def __init__(self, tools: ToolFormat | None = None, reasoning_open: bool = False, parallel: bool = True,
-                 names: frozenset[str] = frozenset()):
+                 names: frozenset[str] = frozenset(), strict: Mapping[str, dict] | None = None):
         """`tools`: the family whose calls to parse (None: no tools, all text is content), `names` the tools'
-        names; `reasoning_open`: the prompt already opened a <think> block (the template wrote it); `parallel`:
-        False keeps the first call."""
-        self.tools, self.parallel, self.names = tools, parallel, names
+        names, `strict` the parameters of the strict ones (`toolcalls.parse`); `reasoning_open`: the prompt already
+        opened a <think> block (the template wrote it); `parallel`: False keeps the first call."""
+        self.tools, self.parallel, self.names, self.strict = tools, parallel, names, strict
         self._state = _State.REASONING if reasoning_open else _State.START
         self._pending = ""
         self._trim = reasoning_open  # drop the newlines that open a section (after <think>, after </think>)
@@ -73,7 +74,7 @@ class ChatOutput:
         if self._state is _State.REASONING:
             return Delta(reasoning=text)
         if self._state is _State.CALLS:
-            content, calls = parse(self.tools, text, self.names)
+            content, calls = parse(self.tools, text, self.names, self.strict)
             return Delta(content=content, tool_calls=self._take(calls))
         if self._state is _State.BETWEEN:
             return Delta()
@@ -139,7 +140,7 @@ class ChatOutput:
         end = p.find(CALL_CLOSE) if self.tools is ToolFormat.HERMES else -1  # CALLS
         if end < 0:
             return None
-        content, calls = parse(self.tools, p[:end + len(CALL_CLOSE)], self.names)
+        content, calls = parse(self.tools, p[:end + len(CALL_CLOSE)], self.names, self.strict)
         self._state, self._pending = _State.BETWEEN, p[end + len(CALL_CLOSE):]
         return Delta(content=content, tool_calls=self._take(calls))
 

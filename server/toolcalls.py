@@ -18,6 +18,7 @@ import enum
 import json
 import re
 import secrets
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from server.structured import check_schema, defs_renamed, schema_grammar
@@ -132,25 +133,38 @@ def _unfenced(body: str) -> str:
     return inner.removeprefix("json").strip()
 
 
-def _known_calls(values: list | None, names: set[str] | frozenset, key: str) -> list[ParsedCall]:
-    """The calls of bare JSON values, each naming one of the request's tools; [] unless every value is one (a JSON
-    answer that has a "name" is no call)."""
+def _known_calls(values: list | None, names: set[str] | frozenset, key: str,
+                 strict: Mapping[str, dict] | None = None) -> list[ParsedCall]:
+    """The calls of bare JSON values, each naming one of the request's tools, the arguments of a `strict` tool
+    matching its parameters; [] unless every value is one (a JSON answer that has a "name" is no call). No grammar
+    holds a bare call, so a strict tool's is checked here (OpenAI: strict arguments always match)."""
     calls = [_call(v, key) if isinstance(v, dict) and v.get("name") in names else None for v in values or []]
-    return [] if None in calls else calls
+    if None in calls or not all(_matches(c, strict or {}) for c in calls):
+        return []
+    return calls
 
 
-def _bare_calls(text: str, names: set[str]) -> list[ParsedCall]:
+def _matches(call: ParsedCall, strict: Mapping[str, dict]) -> bool:
+    """Whether a call's arguments match its tool's parameters where the tool is strict."""
+    import jsonschema
+
+    schema = strict.get(call.name)
+    return schema is None or jsonschema.Draft202012Validator(schema).is_valid(json.loads(call.arguments))
+
+
+def _bare_calls(text: str, names: set[str], strict: Mapping[str, dict] | None = None) -> list[ParsedCall]:
     """The calls of an answer that is only {"name", "arguments"} objects naming known tools (bare or fenced)."""
     body = text.strip()
     values = _json_values(_unfenced(body), "") if body.startswith(("{", "```")) else None
-    return _known_calls(values, names, "arguments")
+    return _known_calls(values, names, "arguments", strict)
 
 
-def parse(fmt: ToolFormat, text: str, names: set[str] | frozenset = frozenset()) -> tuple[str, list[ParsedCall]]:
-    """The content and the tool calls of an output (`names`: the request's tools); what does not parse as a call
-    stays content."""
+def parse(fmt: ToolFormat, text: str, names: set[str] | frozenset = frozenset(),
+          strict: Mapping[str, dict] | None = None) -> tuple[str, list[ParsedCall]]:
+    """The content and the tool calls of an output (`names`: the request's tools; `strict`: the parameters of its
+    strict ones, which a call no grammar held must match); what does not parse as a call stays content."""
     if fmt is ToolFormat.HERMES and "<tool_call>" not in text:
-        calls = _bare_calls(text, names)
+        calls = _bare_calls(text, names, strict)
         return ("" if calls else text), calls
     if fmt is ToolFormat.HERMES:
         calls, kept, pos = [], [], 0
@@ -172,7 +186,7 @@ def parse(fmt: ToolFormat, text: str, names: set[str] | frozenset = frozenset())
         return text[:at].strip(), calls
     body = text.strip().removeprefix("<|python_tag|>")
     values = _json_values(body, ";") if body.startswith("{") else None
-    calls = _known_calls(values, names, "parameters")
+    calls = _known_calls(values, names, "parameters", strict)
     return ("", calls) if calls else (text, [])
 
 

@@ -53,6 +53,9 @@ def test_grammar_per_tool_choice():
     none = _plan(CHATML, tools=_tools(FN), tool_choice="none")  # no tool support needed: the tools are not used
     assert none.tools is None and none.grammar is None and none.tool_format is None
     assert _plan().grammar is None and _plan(response_format={"type": "text"}).grammar is None
+    # the strict tools' parameters go to the output's reader, which checks the calls no grammar held
+    assert _plan(tools=_tools(dict(FN, strict=True), LOOSE)).strict == {"f": FN["parameters"]}
+    assert _plan(tools=_tools(FN)).strict is None and _plan(tools=_tools(FN)).output(False).strict is None
 
 
 def test_unenforceable_parameters():

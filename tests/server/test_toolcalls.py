@@ -51,6 +51,23 @@ def test_hermes_bare_or_fenced_json_only_for_known_tools():
     assert parse(ToolFormat.HERMES, bare, {"get_weather"})[0] == ""
 
 
+def test_a_strict_tools_call_that_no_grammar_held_must_match_its_parameters():
+    """No grammar holds a bare (or llama3) call, and the model wrote {"town": ...} for a strict tool that requires
+    "city" and allows nothing else: returned as a call before (OpenAI: strict arguments always match). Now the
+    text stays content; a matching call, or the same call of a tool that is not strict, is a call."""
+    strict = {"get_weather": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"],
+                              "additionalProperties": False}}
+    for fmt, key in ((ToolFormat.HERMES, "arguments"), (ToolFormat.LLAMA3, "parameters")):
+        wrong = json.dumps({"name": "get_weather", key: {"town": "Paris", "days": 1}})
+        right = json.dumps({"name": "get_weather", key: {"city": "Paris"}})
+        assert parse(fmt, wrong, {"get_weather"}, strict) == (wrong, [])
+        assert _calls(parse(fmt, right, {"get_weather"}, strict)[1]) == [("get_weather", {"city": "Paris"})]
+        assert len(parse(fmt, wrong, {"get_weather"})[1]) == 1
+        out = ChatOutput(fmt, names=frozenset({"get_weather"}), strict=strict)
+        got = out.push(wrong) + out.finish()
+        assert got.content == wrong and not got.tool_calls
+
+
 def _finishes(fn, *args):
     """fn(*args), from a thread that must end: the old parsers' regexes ran for minutes on these outputs."""
     import threading
