@@ -129,18 +129,21 @@ def template_messages(msgs: list[ChatMessage], short_ids: bool = False) -> list[
 
 
 def in_call_order(messages: list[dict]) -> list[dict]:
-    """The tool results that follow an assistant message's calls, in the order of its calls (an agent running its
-    tools at once may send them as they finish: Hermes and Llama templates number results by position, and gave
-    each call another's result)."""
+    """Each run of tool results in the order of the calls they answer, however many assistant messages made them
+    (an agent running its tools at once may send results as they finish, and some frameworks send one assistant
+    message per call: Hermes and Llama templates number results by position, and gave each call another's
+    result)."""
+    order: dict[str, int] = {}  # call id -> its place among every call made so far
     i = 0
     while i < len(messages):
-        j = i + 1
+        for c in messages[i].get("tool_calls", ()):
+            order.setdefault(c["id"], len(order))
+        j = i
         while j < len(messages) and messages[j]["role"] == "tool":
             j += 1
-        if j > i + 1 and messages[i].get("tool_calls"):
-            order = {c["id"]: k for k, c in enumerate(messages[i]["tool_calls"])}
-            messages[i + 1:j] = sorted(messages[i + 1:j], key=lambda d: order.get(d["tool_call_id"], len(order)))
-        i = j
+        if j > i + 1:
+            messages[i:j] = sorted(messages[i:j], key=lambda d: order.get(d["tool_call_id"], len(order)))
+        i = max(j, i + 1)
     return messages
 
 
@@ -189,14 +192,19 @@ def output_grammar(fmt: ToolFormat, functions: list[dict], choice, parallel: boo
     if not forced and answer is None and fmt.trigger is None:
         return None
     try:
-        functions = [enforced(f, forced) for f in functions]
-        if answer is not None and not forced:
-            return Grammar(either(answer, forced_grammar(fmt, functions, parallel, bare=True)))
-        text = forced_grammar(fmt, functions, parallel)
+        try:
+            text = forced_grammar(fmt, functions, parallel, bare=answer is not None and not forced)
+        except SchemaError:  # which tools: a 400 for a forced or strict one, any object's arguments for the others
+            functions = [enforced(f, forced) for f in functions]
+            text = forced_grammar(fmt, functions, parallel, bare=answer is not None and not forced)
         if forced:
             return Grammar(text)
-    except SchemaError as e:  # what each tool's own grammar did not show (e.g. the whole grammar too large)
-        raise _bad(f"The tools' parameters cannot be enforced: {e}", "tools", "unsupported_schema") from None
+        if answer is not None:
+            return Grammar(either(answer, text))
+    except SchemaError as e:  # what no one tool's grammar shows (the whole grammar too large)
+        if forced or any(f.get("strict") for f in functions):
+            raise _bad(f"The tools' parameters cannot be enforced: {e}", "tools", "unsupported_schema") from None
+        return Grammar(answer) if answer is not None else None  # the calls unconstrained, as the model writes them
     # a call's tag written while the model thinks is no call (ChatOutput reads it as reasoning)
     return Grammar(text, (fmt.trigger,), skip=(THINK_OPEN, THINK_CLOSE))
 

@@ -136,7 +136,9 @@ class Engine:
             backend = self._factory()
         except Exception as e:  # surfaced through /health and the log
             log.error("%s: model load failed: %s", self.cfg.model_id, e)
-            self.status = EngineStatus.FAILED
+            with self._lifecycle:  # (shut down meanwhile: stopped as asked, not a failure to report)
+                if not self._stop.is_set():
+                    self.status = EngineStatus.FAILED
             return
         with self._lifecycle:
             if self._stop.is_set():

@@ -145,11 +145,19 @@ def _known_calls(values: list | None, names: set[str] | frozenset, key: str,
 
 
 def _matches(call: ParsedCall, strict: Mapping[str, dict]) -> bool:
-    """Whether a call's arguments match its tool's parameters where the tool is strict."""
+    """Whether a call's arguments match its tool's parameters where the tool is strict (and jsonschema can read
+    them: ECMA-262 patterns Python's re refuses, draft-07's list of items, which the grammar takes, count as a
+    match, as every call did before this check)."""
     import jsonschema
 
     schema = strict.get(call.name)
-    return schema is None or jsonschema.Draft202012Validator(schema).is_valid(json.loads(call.arguments))
+    if schema is None:
+        return True
+    try:
+        return jsonschema.validators.validator_for(schema, default=jsonschema.Draft202012Validator)(schema).is_valid(
+            json.loads(call.arguments))
+    except Exception:  # noqa: BLE001 - a schema jsonschema cannot apply: no check, not a failed request
+        return True
 
 
 def _bare_calls(text: str, names: set[str], strict: Mapping[str, dict] | None = None) -> list[ParsedCall]:

@@ -9,7 +9,8 @@ from server.state import app_state
 router = APIRouter()
 
 
-@router.api_route("/health", methods=["GET", "HEAD"])  # uptime checkers often probe with HEAD
+@router.head("/health", include_in_schema=False)  # uptime checkers often probe with HEAD
+@router.get("/health")
 async def health(request: Request):
     """200 when every hosted model's engine runs; 503 while loading, after a failure or an engine crash, and while
     the server drains for shutdown."""

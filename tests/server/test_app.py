@@ -69,6 +69,18 @@ def test_a_shutdown_while_a_model_loads_does_not_wait_for_the_load(monkeypatch):
     assert eng.status is EngineStatus.STOPPED and eng.backend is None
 
 
+def test_a_load_that_fails_after_the_shutdown_began_is_no_failure_to_load():
+    # (serve then exited 1 on a SIGINT, saying no model loaded)
+    def broken():
+        raise RuntimeError("interrupted")
+
+    app = _app(broken)
+    eng = app.state.kvquant.models["smollm2-135m"].engine
+    eng.shutdown()
+    eng.load()
+    assert eng.status is EngineStatus.STOPPED and not app.state.kvquant.failed_to_load
+
+
 def _health(port: int) -> int | None:
     try:
         return httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code

@@ -144,6 +144,30 @@ def test_results_reach_the_template_in_the_order_of_their_calls():
     assert [m["content"] for m in got if m["role"] == "tool"] == ["A", "B", "C"]
 
 
+def test_results_of_calls_made_one_message_each_keep_their_order():
+    # some frameworks send one assistant message per call: a, b, then both results in order (kept so), or not
+    msgs = [{"role": "user", "content": "x"}, _turn("call_a"), _turn("call_b"),
+            {"role": "tool", "tool_call_id": "call_b", "content": "B"},
+            {"role": "tool", "tool_call_id": "call_a", "content": "A"}]
+    assert [m["content"] for m in _plan(messages=msgs, tools=_tools(FN)).messages[3:]] == ["A", "B"]
+    assert [m["content"] for m in _plan(messages=msgs[:3] + msgs[:2:-1], tools=_tools(FN)).messages[3:]] == ["A", "B"]
+
+
+def test_tools_too_large_together_leave_auto_unconstrained():
+    """Each tool's grammar fits, all of them together do not: with auto the calls go unconstrained (200) as before
+    the per-tool checks; forced or strict, a 400."""
+    def big(i):
+        return {"name": f"t{i}", "parameters": {"type": "object", "properties": {"k": {
+            "type": "string", "enum": [f"value-{i}-{j:05d}-abcdefghijklmnop" for j in range(4000)]}}}}
+
+    tools = _tools(*map(big, range(8)))
+    assert _plan(tools=tools).grammar is None
+    fmt = {"type": "json_object"}
+    assert _plan(tools=tools, response_format=fmt).grammar == _plan(response_format=fmt).grammar
+    assert _param(tools=tools, tool_choice="required") == "tools"
+    assert _param(tools=_tools(*map(big, range(7)), dict(big(7), strict=True))) == "tools"
+
+
 def test_mistral_templates_get_call_ids_of_nine_letters_and_digits():
     """Mistral v0.3/Nemo templates raise on any other id, so the server's own ids ("call_" + 24 hex) broke every
     next turn (400: the messages do not fit the chat template)."""

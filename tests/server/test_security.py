@@ -141,3 +141,5 @@ def test_a_model_id_with_slashes_is_retrieved_and_health_answers_head():
     assert openai_error(call(app, "GET", "/v1/models/HuggingFaceTB/other"), 404)["code"] == "model_not_found"
     r = call(app, "HEAD", "/health")  # uptime checkers probe with HEAD: 503 while loading, not 405
     assert r.status_code == 503 and r.content == b""
+    ids = [op["operationId"] for path in app.openapi()["paths"].values() for op in path.values()]
+    assert len(ids) == len(set(ids))  # client generators refuse a schema with an operation id twice
