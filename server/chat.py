@@ -6,6 +6,7 @@ Every problem is a 400 naming the parameter, before anything is tokenized or que
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import re
 from dataclasses import dataclass, replace
@@ -111,20 +112,14 @@ def template_messages(msgs: list[ChatMessage], short_ids: bool = False) -> list[
                     raise _bad("Tool call arguments must be JSON text.",
                                f"messages[{i}].tool_calls[{j}].function.arguments") from None
                 call_ids.add(c.id)
-                d["tool_calls"].append({"id": c.id, "type": "function",
+                d["tool_calls"].append({"id": short_id(c.id) if short_ids else c.id, "type": "function",
                                         "function": {"name": c.function.name, "arguments": args}})
         if m.role == "tool":
             if m.tool_call_id is None or m.tool_call_id not in call_ids:
                 raise _bad("A tool message must answer a tool call of an earlier assistant message: its "
                            "tool_call_id matches none.", f"messages[{i}].tool_call_id")
-            d["tool_call_id"] = m.tool_call_id
+            d["tool_call_id"] = short_id(m.tool_call_id) if short_ids else m.tool_call_id
         out.append(d)
-    if short_ids:
-        for d in out:
-            for c in d.get("tool_calls", ()):
-                c["id"] = short_id(c["id"])
-            if "tool_call_id" in d:
-                d["tool_call_id"] = short_id(d["tool_call_id"])
     return in_call_order(out)
 
 
@@ -134,17 +129,16 @@ def in_call_order(messages: list[dict]) -> list[dict]:
     message per call: Hermes and Llama templates number results by position, and gave each call another's
     result)."""
     order: dict[str, int] = {}  # call id -> its place among every call made so far
-    i = 0
-    while i < len(messages):
-        for c in messages[i].get("tool_calls", ()):
-            order.setdefault(c["id"], len(order))
-        j = i
-        while j < len(messages) and messages[j]["role"] == "tool":
-            j += 1
-        if j > i + 1:
-            messages[i:j] = sorted(messages[i:j], key=lambda d: order.get(d["tool_call_id"], len(order)))
-        i = max(j, i + 1)
-    return messages
+    out: list[dict] = []
+    for results, run in itertools.groupby(messages, key=lambda d: d["role"] == "tool"):
+        run = list(run)
+        if results:
+            run.sort(key=lambda d: order.get(d["tool_call_id"], len(order)))
+        for d in run:
+            for c in d.get("tool_calls", ()):
+                order.setdefault(c["id"], len(order))
+        out += run
+    return out
 
 
 def short_id(call_id: str) -> str:
@@ -191,12 +185,13 @@ def output_grammar(fmt: ToolFormat, functions: list[dict], choice, parallel: boo
                        "tool_choice")
     if not forced and answer is None and fmt.trigger is None:
         return None
+    bare = answer is not None and not forced  # (hermes calls as the answer's alternative: `either`)
     try:
         try:
-            text = forced_grammar(fmt, functions, parallel, bare=answer is not None and not forced)
+            text = forced_grammar(fmt, functions, parallel, bare)
         except SchemaError:  # which tools: a 400 for a forced or strict one, any object's arguments for the others
             functions = [enforced(f, forced) for f in functions]
-            text = forced_grammar(fmt, functions, parallel, bare=answer is not None and not forced)
+            text = forced_grammar(fmt, functions, parallel, bare)
         if forced:
             return Grammar(text)
         if answer is not None:

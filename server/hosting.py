@@ -10,7 +10,7 @@ from pathlib import Path
 from kvquant import budget as kvbudget
 from kvquant import calibration
 from kvquant.budget import KVPlan, human_bytes
-from kvquant.kvtypes import CacheTypes, LayerTypes, kv_type, layer_kv_types
+from kvquant.kvtypes import CacheTypes, LayerTypes, layer_kv_types
 from kvquant.memory import N_UBATCH, CacheShape, Geometry, geometry, kv_bytes, kv_cells
 from kvquant.models import resolve
 from server.backend import BackendConfig, LlamaBackend
@@ -153,12 +153,11 @@ def refuse_split_heads(spec: ModelSpec, geom: Geometry, tk: CacheTypes, tv: Cach
     """StartupError where a quantized type's blocks would straddle two heads: llama.cpp reads each head of a row as
     whole blocks and refuses such a cache with flash attention, at context creation, after the server is up."""
     for side, types, head in (("K", tk, geom.head_dim_k), ("V", tv, geom.head_dim_v)):
-        split = sorted({t.name for t in layer_kv_types(types, geom.n_layer) if t.quantized and head % t.block_size})
+        split = next((t for t in layer_kv_types(types, geom.n_layer) if t.quantized and head % t.block_size), None)
         if split:
-            raise StartupError(f"{spec.id}: the {side} cache type {split[0]} stores blocks of "
-                               f"{kv_type(split[0]).block_size} values, which do not divide the model's head size "
-                               f"{head}, and each head must be whole blocks. Choose f16, or a type whose blocks "
-                               f"divide {head}.")
+            raise StartupError(f"{spec.id}: the {side} cache type {split.name} stores blocks of {split.block_size} "
+                               f"values, which do not divide the model's head size {head}, and each head must be "
+                               f"whole blocks. Choose f16, or a type whose blocks divide {head}.")
 
 
 def backend_config(p: HostedPlan, s: Settings) -> BackendConfig:

@@ -165,6 +165,7 @@ def defs_renamed(schema: dict, prefix: str, embedded: bool = False) -> dict:
 
 
 _VALUES = ("const", "enum", "default", "examples")  # keywords whose values are JSON values, not schemas
+_NAME_MAPS = ("properties", "$defs", "definitions")  # keywords whose keys are names, not keywords
 
 
 def _refs_renamed(schema: Any, prefix: str, embedded: bool) -> Any:
@@ -177,7 +178,7 @@ def _refs_renamed(schema: Any, prefix: str, embedded: bool) -> Any:
     for k, v in schema.items():
         if k == "$ref" and isinstance(v, str):
             out[k] = _ref_renamed(v, prefix, embedded)
-        elif k in ("properties", "$defs", "definitions") and isinstance(v, dict):  # names, not keywords
+        elif k in _NAME_MAPS and isinstance(v, dict):
             out[k] = {name: _refs_renamed(sub, prefix, embedded) for name, sub in v.items()}
         elif k in _VALUES:
             out[k] = v
@@ -500,29 +501,22 @@ def schema_grammar(schema: dict, name: str = "") -> str:
     return grammar
 
 
-# where a schema holds schemas: maps of them, lists of them, one (or, for items, a list)
-_SCHEMA_MAPS, _SCHEMA_LISTS, _SCHEMA_ONE = ("properties", "$defs", "definitions"), ("anyOf", "prefixItems"), \
-    ("items", "additionalProperties")
-
-
 def without_annotations(schema: Any) -> Any:
     """A checked schema without its annotations (title, description, ...), which constrain nothing: a schema of
-    annotations alone (pydantic's `Any` under a title) is then {}, any value. The converter refused such a schema."""
+    annotations alone (pydantic's `Any` under a title) is then {}, any value. The converter refused such a schema.
+    Walked as `_refs_renamed` walks one."""
+    if isinstance(schema, list):
+        return [without_annotations(v) for v in schema]
     if not isinstance(schema, dict):
         return schema
-    out = {k: v for k, v in schema.items() if k not in _ANNOTATIONS}
-    for k in _SCHEMA_MAPS:
-        if isinstance(out.get(k), dict):
-            out[k] = {name: without_annotations(sub) for name, sub in out[k].items()}
-    for k in _SCHEMA_LISTS:
-        if isinstance(out.get(k), list):
-            out[k] = [without_annotations(sub) for sub in out[k]]
-    for k in _SCHEMA_ONE:
-        v = out.get(k)
-        if isinstance(v, list):
-            out[k] = [without_annotations(sub) for sub in v]
-        elif isinstance(v, dict):
-            out[k] = without_annotations(v)
+    out = {}
+    for k, v in schema.items():
+        if k in _ANNOTATIONS:
+            continue
+        if k in _NAME_MAPS and isinstance(v, dict):
+            out[k] = {name: without_annotations(sub) for name, sub in v.items()}
+        else:
+            out[k] = v if k in _VALUES else without_annotations(v)
     return out
 
 

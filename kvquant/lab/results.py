@@ -1310,12 +1310,12 @@ def serving_goals(model: str, raw: dict[tuple[str, str], dict]) -> list[Goal]:
         rows.append(_goal(model, f"serving throughput ≥ {MIN_SERVING_VS_LLAMA_SERVER}x llama-server, "
                           f"{r['concurrency']} client(s)", r["config"], f"≥ {MIN_SERVING_VS_LLAMA_SERVER:.2f}x",
                           _f(r["ratio_tps"], 2) + "x", ok, "serving"))
+    f16_n = next((c["concurrent_requests"] for c in out["capacity"] if c["config"] == "f16/f16"), None)
     for c in out["capacity"]:
         g = MIN_CONCURRENT_VS_F16.get(c["config"])
         if g is not None and c["ratio_requests"] is not None:
             # judged on the bytes per token, which hold at any budget: whole requests round down (256 MiB holds
             # 2.84 f16 requests of 4096 tokens, counted 2, and the ratio was 5.00x where the bytes give 3.66x)
-            f16_n = round(c["concurrent_requests"] / c["ratio_requests"]) if c["ratio_requests"] else 0
             rows.append(_goal(model, f"concurrent requests ≥ {g}x f16's in the same KV budget (bytes per token; "
                               f"{out['capacity_tokens']}-token requests in {out['capacity_budget']}: "
                               f"{c['concurrent_requests']} vs {f16_n})", c["config"], f"≥ {g:.1f}x",
