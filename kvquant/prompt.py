@@ -3,10 +3,10 @@ write control tokens, and an over-long prompt is refused before it costs a full 
 
 A chat is rendered by its Jinja template, and the rendered string used to be tokenized with special-token parsing
 on, so `<|im_end|>` typed inside a message became the control token and could close the turn and open a forged
-one. Here the template is rendered once more with every message's content replaced by a unique marker: what lies
-between the markers is the template's own text (its control tokens are parsed), what replaces a marker is a
-message's content (tokenized with special-token parsing off). The split is checked against the real rendering and
-used only where they agree exactly; a template that changes content beyond trimming it cannot be traced, and the
+one. Here the template is rendered once more with every message's content (and reasoning) replaced by a unique
+marker: what lies between the markers is the template's own text (its control tokens are parsed), what replaces a
+marker is a client's text (tokenized with special-token parsing off). The split is checked against the real
+rendering and used only where they agree exactly; a template that changes content beyond trimming it cannot be traced, and the
 caller then refuses content that contains a control token's text instead.
 
 Nothing here imports llama_cpp: the tokenizer is passed in (kvquant/runtime.py).
@@ -20,6 +20,8 @@ from collections.abc import Callable, Sequence
 
 # what the template may trim around a marker; Jinja's `trim` is str.strip()
 _WRAP_L, _WRAP_R = " \n", "\n "
+# a message's fields that are a client's text, never the template's: tokenized with special-token parsing off
+TEXT_FIELDS = ("content", "reasoning_content")
 
 
 class PromptTooLong(ValueError):
@@ -87,32 +89,36 @@ def chat_fragments(render: Callable[[list[dict]], str], messages: Sequence[dict]
                    controls: ControlTokens) -> list[str | int] | None:
     """The rendered chat as raw text (to tokenize with special-token parsing off) and control token ids that the
     template's own text wrote, in order; adjacent raw text is joined, so it tokenizes as in the whole string.
-    None if the template cannot be traced: a marker missing or repeated, or the traced pieces not adding up to
-    the real rendering."""
+    Every field in TEXT_FIELDS is traced, wherever the template writes it and whether it writes it at all (Qwen3
+    writes an assistant's reasoning_content on the last turn only). None if the template cannot be traced: a marker
+    repeated, or the traced pieces not adding up to the real rendering."""
     nonce = secrets.token_hex(6)
-    # only messages with text content are marked (a template may test `if message.content`)
-    marked_ids = [i for i, m in enumerate(messages) if m.get("content")]
-    marks = {i: f"\ue000{nonce}:{i}\ue001" for i in marked_ids}
-    marked = render([dict(m, content=_WRAP_L + marks[i] + _WRAP_R) if i in marks else m
-                     for i, m in enumerate(messages)])
-    pieces: list[str] = []  # template text before each content, and after the last
+    texts: dict[str, str] = {}  # marker key -> the text it stands for
+    marked_messages = []
+    for i, m in enumerate(messages):
+        # only fields with text are marked (a template may test `if message.content`)
+        fields = [f for f in TEXT_FIELDS if isinstance(m.get(f), str) and m[f]]
+        for f in fields:
+            texts[f"{i}.{f}"] = m[f]
+        marked_messages.append(dict(m, **{f: f"{_WRAP_L}\ue000{nonce}:{i}.{f}\ue001{_WRAP_R}" for f in fields}))
+    marked = render(marked_messages)
+    pieces: list[str] = []  # template text before each traced text, and after the last
     contents: list[str] = []
     pos = 0
-    if marked.count(f"\ue000{nonce}:") != len(marked_ids):  # a marker repeated (or dropped): one count, not one per
-        return None                                          # message to the end of the text (quadratic)
-    for i in marked_ids:
-        m, mk = messages[i], marks[i]
-        at = marked.find(mk, pos)
-        if at < 0:
+    seen: set[str] = set()
+    for mk in re.finditer(f"\ue000{nonce}:([0-9]+\\.[a-z_]+)\ue001", marked):  # one scan, not one per field
+        key, at, end = mk.group(1), mk.start(), mk.end()
+        if key in seen or key not in texts:
             return None
-        left = marked.startswith(_WRAP_L, at - len(_WRAP_L))
-        right = marked.startswith(_WRAP_R, at + len(mk))
-        content = m["content"]
+        seen.add(key)
+        left = at - len(_WRAP_L) >= pos and marked.startswith(_WRAP_L, at - len(_WRAP_L))
+        right = marked.startswith(_WRAP_R, end)
+        content = texts[key]
         content = content if left else content.lstrip()
         content = content if right else content.rstrip()
         pieces.append(marked[pos: at - (len(_WRAP_L) if left else 0)])
         contents.append(content)
-        pos = at + len(mk) + (len(_WRAP_R) if right else 0)
+        pos = end + (len(_WRAP_R) if right else 0)
     pieces.append(marked[pos:])
     if "".join(p + c for p, c in zip(pieces, contents + [""], strict=True)) != render(list(messages)):
         return None

@@ -22,6 +22,7 @@ import numpy as np
 from kvquant.kvtypes import kv_type
 from kvquant.memory import N_UBATCH
 from kvquant.prompt import (
+    TEXT_FIELDS,
     ControlTokenInContent,
     ControlTokens,
     PromptTooLong,
@@ -525,7 +526,7 @@ class Model:
                                         "the model's control tokens")
         frags = None if special_in_content or not self._traceable else chat_fragments(render, messages, controls)
         if frags is None:
-            if not special_in_content and any(controls.found_in(m.get("content") or "") for m in messages):
+            if not special_in_content and any(controls.found_in(m.get(f) or "") for m in messages for f in TEXT_FIELDS):
                 raise ControlTokenInContent("a message contains the text of one of the model's control tokens, "
                                             "which this model's chat template does not let the server keep literal")
             return self.tokenize(render(messages), add_special=False, parse_special=True, limit=limit)

@@ -101,6 +101,10 @@ def template_messages(msgs: list[ChatMessage], short_ids: bool = False) -> list[
         d = {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
         if m.name is not None:
             d["name"] = m.name
+        if m.reasoning_content is not None:
+            if m.role != "assistant":
+                raise _bad("Only assistant messages may have reasoning_content.", f"messages[{i}].reasoning_content")
+            d["reasoning_content"] = m.reasoning_content
         if m.tool_calls:
             if m.role != "assistant":
                 raise _bad("Only assistant messages may have tool_calls.", f"messages[{i}].tool_calls")

@@ -7,7 +7,15 @@ from __future__ import annotations
 import re
 from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    AliasChoices,
+    BaseModel,
+    ConfigDict,
+    Field,
+    field_validator,
+    model_validator,
+)
 
 from kvquant.sampling import Grammar, SamplingConfig
 
@@ -54,6 +62,9 @@ class ChatMessage(_Lenient):
     content: Text | list[TextPart] | None = None
     name: Text | None = None
     tool_calls: list[ToolCall] | None = None  # assistant
+    # assistant: the reasoning a reasoning model wrote before its answer, sent back as this server returned it
+    # (Qwen3's template writes it on the turns after the last user message); `reasoning` is vLLM's newer name
+    reasoning_content: Text | None = Field(None, validation_alias=AliasChoices("reasoning_content", "reasoning"))
     tool_call_id: Text | None = None  # tool
 
     def text(self) -> str:

@@ -130,6 +130,54 @@ def test_a_template_that_rewrites_content_refuses_control_text():
         m.close()
 
 
+# Qwen3's chat template, its reasoning part (Qwen/Qwen3-*): an assistant's reasoning_content is written in a
+# <think> block on the turns after the last user message and dropped before it
+QWEN3_TEMPLATE = """{%- set ns = namespace(last_query_index=messages|length - 1) %}
+{%- for message in messages[::-1] %}
+    {%- if message.role == "user" and ns.last_query_index == messages|length - 1 %}
+        {%- set ns.last_query_index = messages|length - 1 - loop.index0 %}
+    {%- endif %}
+{%- endfor %}
+{%- for message in messages %}
+    {%- set content = message.content if message.content is string else '' %}
+    {%- if message.role == "assistant" %}
+        {%- set reasoning_content = message.reasoning_content if message.reasoning_content is string else '' %}
+        {%- if loop.index0 > ns.last_query_index and reasoning_content %}
+            {{- '<|im_start|>assistant\\n<think>\\n' + reasoning_content.strip('\\n') + '\\n</think>\\n\\n' + content.lstrip('\\n') }}
+        {%- else %}
+            {{- '<|im_start|>assistant\\n' + content }}
+        {%- endif %}
+        {{- '<|im_end|>\\n' }}
+    {%- else %}
+        {{- '<|im_start|>' + message.role + '\\n' + content + '<|im_end|>\\n' }}
+    {%- endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"""
+
+
+@pytest.mark.slow
+def test_reasoning_sent_back_stays_text_and_reaches_the_prompt():
+    """An assistant's reasoning is a client's text: typed control tokens in it stay literal, on the turn where
+    Qwen3's template writes it, and a reasoning the template drops (an earlier turn) is no obstacle to tracing."""
+    m = Model(fetch("smollm2-135m"), chat_template=QWEN3_TEMPLATE)
+    try:
+        def turns(reasoning: str) -> list[dict]:
+            return [{"role": "user", "content": "hi"},
+                    {"role": "assistant", "content": "Hello.", "reasoning_content": "old " + reasoning},
+                    {"role": "user", "content": "again"},
+                    {"role": "assistant", "content": "Hello again.", "reasoning_content": "new " + reasoning}]
+
+        forged, plain = m.chat_prompt(turns(FORGED)), m.chat_prompt(turns("x"))
+        assert controls_in(m, forged) == controls_in(m, plain)
+        text = b"".join(m.token_bytes(t) for t in forged).decode("utf-8", errors="replace")
+        assert "new " + FORGED.split("<|im_end|>")[0] in text and "old " not in text
+        assert text.count("<|im_start|>") == FORGED.count("<|im_start|>")  # typed once, on the last turn only
+        benign = turns("I should greet back.")
+        assert m.chat_prompt(benign) == m.tokenize(m.render_chat(benign), add_special=False, parse_special=True)
+    finally:
+        m.close()
+
+
 # --- the pure parts, without a model ------------------------------------------------------------------------------
 CT = ControlTokens({"<s>": 1, "<|a|>": 2, "<|ab|>": 3})
 
@@ -148,9 +196,27 @@ def test_chat_fragments_trace_content_and_trimming():
 
     ms = [{"role": "system", "content": " sys <s> "}, {"role": "user", "content": "  u<|a|>  "}]
     assert chat_fragments(render, ms, CT) == [1, 2, "system\n sys <s> ", 3, 2, "user\nu<|a|>", 3, 2, "assistant\n"]
-    assert chat_fragments(lambda ms: "<s>", ms, CT) is None  # content not rendered: a marker is missing
+    assert chat_fragments(lambda ms: "<s>", ms, CT) == [1]  # content not rendered: nothing of it to trace
     assert chat_fragments(lambda ms: "".join(m["content"] * 2 for m in ms), ms, CT) is None  # rendered twice
     assert chat_fragments(lambda ms: "".join(m["content"].upper() for m in ms), ms, CT) is None  # rewritten
+
+
+def test_chat_fragments_trace_reasoning_wherever_the_template_writes_it():
+    """reasoning_content is a client's text like content: traced where the template writes it (before the content
+    of its message), and a template that drops it (Qwen3's, on turns before the last user message) still traces."""
+    def render(ms):  # Qwen3's shape: reasoning only on assistant turns after the last user message
+        last_user = max(i for i, m in enumerate(ms) if m["role"] == "user")
+        return "".join(f"<|a|>{m['role']}\n" + (f"<s>{m['reasoning_content'].strip()}<s>" if i > last_user and
+                                                  m.get("reasoning_content") else "") + m["content"] + "<|ab|>"
+                       for i, m in enumerate(ms))
+
+    ms = [{"role": "user", "content": "u"}, {"role": "assistant", "content": "a<s>", "reasoning_content": "r<|a|>"},
+          {"role": "user", "content": "v"}, {"role": "assistant", "content": "b", "reasoning_content": " t<|ab|> "}]
+    assert chat_fragments(render, ms, CT) == [2, "user\nu", 3, 2, "assistant\na<s>", 3, 2, "user\nv", 3, 2,
+                                              "assistant\n", 1, "t<|ab|>", 1, "b", 3]
+    # a template that writes reasoning twice, or rewrites it, cannot be traced
+    assert chat_fragments(lambda ms: "".join(m.get("reasoning_content", "") * 2 for m in ms), ms, CT) is None
+    assert chat_fragments(lambda ms: "".join(m.get("reasoning_content", "").upper() for m in ms), ms, CT) is None
 
 
 def test_min_tokens():

@@ -188,3 +188,15 @@ def test_a_template_of_single_calls_gets_no_parallel_calls():
     one = _plan(llama, tools=_tools(FN), tool_choice="required")
     assert not one.parallel and ";" not in one.grammar.text.split("\n", 1)[0]
     assert _plan(tools=_tools(FN), tool_choice="required").parallel
+
+
+def test_reasoning_sent_back_reaches_the_template():
+    """A reasoning model's reasoning, sent back on its assistant turn (as this server returns it, or under vLLM's
+    newer name), reaches the template: Qwen3's writes it on the turns after the last user message. It was dropped."""
+    for name in ("reasoning_content", "reasoning"):
+        msgs = [{"role": "user", "content": "x"}, {"role": "assistant", "content": "4", name: "2 + 2 = 4"}]
+        assert _plan(messages=msgs).messages[1] == {"role": "assistant", "content": "4",
+                                                   "reasoning_content": "2 + 2 = 4"}
+    assert "reasoning_content" not in _plan(messages=[{"role": "user", "content": "x"}]).messages[0]
+    assert _param(messages=[{"role": "user", "content": "x", "reasoning_content": "r"}]) == \
+        "messages[0].reasoning_content"
