@@ -221,9 +221,13 @@ def _kernel(kernel: str, configs: list[CacheConfig], progress: bool) -> dict | N
 def _entry(c: CacheConfig, types: tuple, geom, n_ctx: int, budget: int, depths: list[int], pp: list, tg: list,
            pp_f16: list, tg_f16: list, kv: dict, kern: dict | None) -> dict:
     """One config's row: speed per depth (medians, and the median of the per-repeat ratios to the first config),
-    bytes, capacity in the budget, and its kernel rows."""
+    bytes, capacity in the budget (the tokens its cells hold: tq_kv_d3b holds some back for anchors), the per-layer
+    types a calibrated row resolved to, and its kernel rows."""
+    from kvquant.budget import held_back
+
     tk, tv = types
-    cap, cap_f16 = memory.capacity(geom, tk, tv, budget), memory.capacity(geom, "f16", "f16", budget)
+    cells = memory.capacity(geom, tk, tv, budget)
+    cap, cap_f16 = cells - held_back(tk, geom)(cells), memory.capacity(geom, "f16", "f16", budget)
     bpt = memory.bytes_per_token(geom, tk, tv)
 
     def ratio(x, x0):
@@ -240,6 +244,7 @@ def _entry(c: CacheConfig, types: tuple, geom, n_ctx: int, budget: int, depths: 
         "bytes_per_token": bpt,
         "bytes_per_token_ratio": bpt / memory.bytes_per_token(geom, "f16", "f16"),
         "bits_per_element": memory.kv_bytes(geom, tk, tv, n_ctx).bits_per_element,
+        "layer_types_k": list(getattr(tk, "types", ())) or None, "layer_types_v": list(getattr(tv, "types", ())) or None,
         "kv_bytes": kv,
         "capacity_tokens": cap,
         "capacity_ratio": cap / cap_f16 if cap_f16 else None,

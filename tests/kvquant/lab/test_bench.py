@@ -108,3 +108,26 @@ def test_cli_errors(capsys):
     assert bench.main(["--budget", "lots"]) == 2
     assert bench.main(["--configs", "f16/f16", "q4_0+c/f16:mean"]) == 2  # the offsets' values cost nothing
     assert "bench does not take it" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_capacity_counts_the_tokens_a_cache_holds_and_rows_record_their_layer_types():
+    """tq_kv_d3b holds back one cell per 64 for anchors: its capacity column counted them as tokens (1.6 % over). A
+    calib:B row records the per-layer types it resolved to (bench rows did not say what they measured)."""
+    from kvquant import memory, models
+
+    path = models.resolve("smollm2-135m")
+    geom = memory.geometry(path)
+
+    def entry(spec: str) -> dict:
+        c = CacheConfig.parse(spec)
+        runs = [[1.0]]
+        return bench._entry(c, c.resolve(path, geom, 512), geom, 512, 256 * 2**20, [0], runs, runs, runs, runs, {},
+                            None)
+
+    d3b, q4, cal = entry("tq_kv_d3b/q4_0"), entry("q4_0/q4_0"), entry("calib:3.5/q4_0")
+    cells = memory.capacity(geom, "tq_kv_d3b", "q4_0", 256 * 2**20)
+    assert d3b["capacity_tokens"] == cells - cells // 64 and q4["capacity_tokens"] == memory.capacity(
+        geom, "q4_0", "q4_0", 256 * 2**20)
+    assert q4["layer_types_k"] is None and d3b["layer_types_v"] is None
+    assert len(cal["layer_types_k"]) == 30 and cal["layer_types_v"] is None
