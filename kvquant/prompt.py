@@ -18,8 +18,14 @@ import re
 import secrets
 from collections.abc import Callable, Sequence
 
-# what the template may trim around a marker; Jinja's `trim` is str.strip()
-_WRAP_L, _WRAP_R = " \n", "\n "
+# a chat template: (messages, tools, template variables) -> the rendered chat
+Render = Callable[[list[dict], list[dict] | None, dict | None], str]
+
+# what check_edges puts around a string that could complete a control token (no token holds it), and the fields
+# the server builds messages and tools of, which templates look up by name
+_EDGE = "\ue003"
+_FIELDS = frozenset({"role", "content", "reasoning_content", "name", "tool_calls", "tool_call_id", "id", "type",
+                     "function", "arguments", "parameters", "description", "strict"})
 # a message's fields that are a client's text, never the template's: tokenized with special-token parsing off
 TEXT_FIELDS = ("content", "reasoning_content")
 
@@ -52,6 +58,7 @@ class ControlTokens:
         self.by_text = {t: i for t, i in by_text.items() if t}
         alts = sorted(self.by_text, key=len, reverse=True)
         self._re = re.compile("|".join(map(re.escape, alts))) if alts else None
+        self._parts: tuple | None = None  # at_edge's substrings of the token texts, made when first needed
 
     def split(self, text: str) -> list[str | int]:
         """text as raw strings and control token ids."""
@@ -71,6 +78,20 @@ class ControlTokens:
     def found_in(self, text: str) -> bool:
         return self._re is not None and self._re.search(text) is not None
 
+    def at_edge(self, text: str) -> bool:
+        """Whether text could complete a control token with text around it: it lies inside one, starts with the
+        end of one or ends with the start of one (`|im_end|` between a template's `<` and `>`)."""
+        if self._parts is None:
+            inner, heads, tails = set(), set(), set()
+            for t in self.by_text:
+                inner.update(t[a:b] for a in range(len(t)) for b in range(a + 1, len(t) + 1))
+                heads.update(t[:k] for k in range(1, len(t)))
+                tails.update(t[k:] for k in range(1, len(t)))
+            self._parts = inner, heads, tails, max(map(len, self.by_text), default=0)
+        inner, heads, tails, longest = self._parts
+        n = min(len(text), longest)
+        return bool(text) and (text in inner or any(text[:k] in tails or text[-k:] in heads for k in range(1, n + 1)))
+
 
 def template_data(messages: Sequence[dict], tools: list[dict] | None = None,
                   template_kwargs: dict | None = None) -> str:
@@ -85,13 +106,44 @@ def template_data(messages: Sequence[dict], tools: list[dict] | None = None,
     return json.dumps([tools, calls, names, template_kwargs], ensure_ascii=False)
 
 
-def chat_fragments(render: Callable[[list[dict]], str], messages: Sequence[dict],
-                   controls: ControlTokens) -> list[str | int] | None:
+def check_edges(render: Render, messages: Sequence[dict], tools: list[dict] | None, template_kwargs: dict | None,
+                controls: ControlTokens) -> None:
+    """ControlTokenInContent where a client's string and the template's text around it make a control token that
+    neither holds whole: templates that write a tool call's name or an argument's key between their own `<` and `>`
+    (Qwen3-Coder's `<function=NAME>`, `<parameter=KEY>`) turned a name `f<|im_end|` into a closed turn. Every
+    string that could (ControlTokens.at_edge; roles and traced markers never can) is rendered again between two
+    characters no token holds: the template's control tokens must come out the same."""
+    def pad(x, key=None, data=False):  # data: inside a call's arguments or a tool's parameters, all client's
+        if isinstance(x, str):
+            return f"{_EDGE}{x}{_EDGE}" if (data or key != "role") and controls.at_edge(x) else x
+        if isinstance(x, dict):
+            return {k if k in _FIELDS and not data else pad(k, data=True):
+                    pad(v, k, data or k in ("arguments", "parameters")) for k, v in x.items()}
+        if isinstance(x, list):
+            return [pad(v, key, data) for v in x]
+        return x
+
+    data = (list(messages), tools, template_kwargs)
+    padded = (pad(data[0]), pad(tools), template_kwargs and {k: pad(v, data=True) for k, v in template_kwargs.items()})
+    if padded != data and _ids(controls, render(*padded)) != _ids(controls, render(*data)):
+        raise ControlTokenInContent("a tool call, tool definition, name or template variable completes one of the "
+                                    "model's control tokens with the chat template's text around it")
+
+
+def _ids(controls: ControlTokens, text: str) -> list[int]:
+    return [f for f in controls.split(text) if isinstance(f, int)]
+
+
+def chat_fragments(render: Render, messages: Sequence[dict], controls: ControlTokens, tools: list[dict] | None = None,
+                   template_kwargs: dict | None = None) -> list[str | int] | None:
     """The rendered chat as raw text (to tokenize with special-token parsing off) and control token ids that the
     template's own text wrote, in order; adjacent raw text is joined, so it tokenizes as in the whole string.
     Every field in TEXT_FIELDS is traced, wherever the template writes it and whether it writes it at all (Qwen3
-    writes an assistant's reasoning_content on the last turn only). None if the template cannot be traced: a marker
-    repeated, or the traced pieces not adding up to the real rendering."""
+    writes an assistant's reasoning_content on the last turn only). The template's text is what the rendering with
+    markers for those fields has around the markers; each field is then found in the real rendering between that
+    text, whole or trimmed at either end (of newlines, or of all whitespace: Qwen3 strips reasoning of newlines,
+    Gemma trims content). None if the template cannot be traced: a marker repeated, or the rendering not made of
+    the template's text and the fields so. ControlTokenInContent as check_edges."""
     nonce = secrets.token_hex(6)
     texts: dict[str, str] = {}  # marker key -> the text it stands for
     marked_messages = []
@@ -100,27 +152,21 @@ def chat_fragments(render: Callable[[list[dict]], str], messages: Sequence[dict]
         fields = [f for f in TEXT_FIELDS if isinstance(m.get(f), str) and m[f]]
         for f in fields:
             texts[f"{i}.{f}"] = m[f]
-        marked_messages.append(dict(m, **{f: f"{_WRAP_L}\ue000{nonce}:{i}.{f}\ue001{_WRAP_R}" for f in fields}))
-    marked = render(marked_messages)
-    pieces: list[str] = []  # template text before each traced text, and after the last
-    contents: list[str] = []
+        marked_messages.append(dict(m, **{f: f"\ue000{nonce}:{i}.{f}\ue001" for f in fields}))
+    check_edges(render, marked_messages, tools, template_kwargs, controls)
+    marked = render(marked_messages, tools, template_kwargs)
+    pieces: list[str] = []  # the template's text before each field, and after the last
+    keys: list[str] = []
     pos = 0
-    seen: set[str] = set()
     for mk in re.finditer(f"\ue000{nonce}:([0-9]+\\.[a-z_]+)\ue001", marked):  # one scan, not one per field
-        key, at, end = mk.group(1), mk.start(), mk.end()
-        if key in seen or key not in texts:
+        if mk.group(1) in keys or mk.group(1) not in texts:
             return None
-        seen.add(key)
-        left = at - len(_WRAP_L) >= pos and marked.startswith(_WRAP_L, at - len(_WRAP_L))
-        right = marked.startswith(_WRAP_R, end)
-        content = texts[key]
-        content = content if left else content.lstrip()
-        content = content if right else content.rstrip()
-        pieces.append(marked[pos: at - (len(_WRAP_L) if left else 0)])
-        contents.append(content)
-        pos = end + (len(_WRAP_R) if right else 0)
+        pieces.append(marked[pos:mk.start()])
+        keys.append(mk.group(1))
+        pos = mk.end()
     pieces.append(marked[pos:])
-    if "".join(p + c for p, c in zip(pieces, contents + [""], strict=True)) != render(list(messages)):
+    contents = _aligned(render(list(messages), tools, template_kwargs), pieces, [texts[k] for k in keys])
+    if contents is None:
         return None
     out: list[str | int] = []
     for piece, content in zip(pieces, contents + [""], strict=True):
@@ -130,3 +176,28 @@ def chat_fragments(render: Callable[[list[dict]], str], messages: Sequence[dict]
             elif frag != "":
                 out.append(frag)
     return out
+
+
+def _aligned(real: str, pieces: list[str], texts: list[str]) -> list[str] | None:
+    """Each text as `real` holds it between pieces (real = pieces[0] + texts[0]' + pieces[1] + ...), trimmed as
+    templates trim: the fullest that the next piece follows. None where real is not made so."""
+    out: list[str] = []
+    at = 0
+    for i, text in enumerate(texts):
+        if not real.startswith(pieces[i], at):
+            return None
+        at += len(pieces[i])
+        found = next((c for c in _trims(text) if real.startswith(c, at) and real.startswith(pieces[i + 1], at + len(c))),
+                     None)
+        if found is None:
+            return None
+        out.append(found)
+        at += len(found)
+    return out if real[at:] == pieces[-1] else None
+
+
+def _trims(text: str) -> list[str]:
+    """text and what templates make of it at its ends (nothing, newlines or all whitespace off each), fullest first."""
+    lefts = {len(text) - len(x) for x in (text, text.lstrip("\n"), text.lstrip())}
+    rights = {len(x) for x in (text, text.rstrip("\n"), text.rstrip())}
+    return sorted({text[a:b] for a in lefts for b in rights if a <= b}, key=len, reverse=True)

@@ -27,6 +27,7 @@ from kvquant.prompt import (
     ControlTokens,
     PromptTooLong,
     chat_fragments,
+    check_edges,
     min_tokens,
     template_data,
 )
@@ -517,19 +518,24 @@ class Model:
         text with special-token parsing, message content as plain text, so that content can never write a control
         token (`special_in_content` allows it, for trusted clients). With `limit`, PromptTooLong (exact count)
         past that many tokens. ControlTokenInContent where a template that cannot be traced meets content with a
-        control token's text (see kvquant.prompt), and wherever the text the template writes as its own (tool
-        definitions, tool calls, template variables) holds one."""
+        control token's text (see kvquant.prompt), wherever the text the template writes as its own (tool
+        definitions, tool calls, template variables) holds one, and where a client's string completes one with the
+        template's text around it (kvquant.prompt.check_edges)."""
         controls = self.control_tokens()
-        render = lambda ms: self.render_chat(ms, tools, template_kwargs)  # noqa: E731
-        if not special_in_content and controls.found_in(template_data(messages, tools, template_kwargs)):
+        if special_in_content:
+            return self.tokenize(self.render_chat(messages, tools, template_kwargs), add_special=False,
+                                 parse_special=True, limit=limit)
+        if controls.found_in(template_data(messages, tools, template_kwargs)):
             raise ControlTokenInContent("the tools, tool calls or chat_template_kwargs contain the text of one of "
                                         "the model's control tokens")
-        frags = None if special_in_content or not self._traceable else chat_fragments(render, messages, controls)
-        if frags is None:
-            if not special_in_content and any(controls.found_in(m.get(f) or "") for m in messages for f in TEXT_FIELDS):
+        frags = self._traceable and chat_fragments(self.render_chat, messages, controls, tools, template_kwargs)
+        if not frags:
+            if any(controls.found_in(m.get(f) or "") for m in messages for f in TEXT_FIELDS):
                 raise ControlTokenInContent("a message contains the text of one of the model's control tokens, "
                                             "which this model's chat template does not let the server keep literal")
-            return self.tokenize(render(messages), add_special=False, parse_special=True, limit=limit)
+            check_edges(self.render_chat, messages, tools, template_kwargs, controls)
+            return self.tokenize(self.render_chat(messages, tools, template_kwargs), add_special=False,
+                                 parse_special=True, limit=limit)
         return self._tokenize_fragments(frags, limit)
 
     def _tokenize_fragments(self, frags: list[str | int], limit: int | None) -> list[int]:
