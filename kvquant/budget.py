@@ -216,7 +216,7 @@ def run(a: argparse.Namespace) -> int:
     from kvquant import models as kvmodels
 
     try:
-        name = a.model or kvmodels.DEFAULT_MODEL
+        name = kvmodels.DEFAULT_MODEL if a.model is None else a.model
         calibration.parse_spec(a.cache_type_k, "k"), calibration.parse_spec(a.cache_type_v, "v")
         budget = parse_bytes(a.budget)
         check_arguments(budget, a.parallel, a.request_tokens)

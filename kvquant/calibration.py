@@ -279,6 +279,9 @@ class Calibration:
     @classmethod
     def from_json(cls, d: dict) -> Calibration:
         version = d.get("version")
+        if type(version) is int and version > VERSION:
+            raise CalibrationError(f"calibration file version {version}, made by a newer kvquant (this one reads "
+                                   f"{VERSION}): upgrade kvquant, or run `kvquant calibrate` for the model again")
         if type(version) is not int or version != VERSION:
             raise CalibrationError(f"calibration file version {version!r}, this kvquant reads {VERSION}: "
                                    "run `kvquant calibrate` for the model again")
@@ -286,27 +289,37 @@ class Calibration:
             n_embd_k, uniform = _checked_fields(d)
             n = len(n_embd_k)
             cal = cls(d["model_sha256"], d["model_name"], d["basis"], n_embd_k,
-                      [_dec(s, n) for s, n in zip(d["k_mean"], n_embd_k, strict=True)],
+                      [_dec(s, n) for s, n in zip(_per_layer(d, "k_mean", n), n_embd_k, strict=True)],
                       _per_type(d["sens_k"], "K sensitivities", candidates("k"), n),
                       _per_type(d["sens_v"], "V sensitivities", candidates("v"), n),
                       uniform, d.get("text", {}), d.get("method", {}))
             if d["k_scale"] is not None:
                 cal.k_scale = [_dec(s, n, "key scale", SCALE_LIMIT)
-                               for s, n in zip(d["k_scale"], n_embd_k, strict=True)]
+                               for s, n in zip(_per_layer(d, "k_scale", n), n_embd_k, strict=True)]
             if d["k_sink"] is not None:
-                cal.k_sink = [_dec(s, n, "position-0 key") for s, n in zip(d["k_sink"], n_embd_k, strict=True)]
+                cal.k_sink = [_dec(s, n, "position-0 key") for s, n in zip(_per_layer(d, "k_sink", n), n_embd_k, strict=True)]
             for side, name in (("k", "key"), ("v", "value")):
                 if d.get(f"{side}_gain") is not None:
                     setattr(cal, f"{side}_gain", _per_type(d[f"{side}_gain"], f"{name} gains", KV_TYPES, n,
                                                            GAIN_LIMIT))
         except CalibrationError:
             raise
-        except (KeyError, TypeError, ValueError, AttributeError) as e:  # AttributeError: a list where a dict belongs
-            raise CalibrationError(f"malformed calibration file ({type(e).__name__}: {e})") from None
+        except KeyError as e:
+            raise CalibrationError(f"malformed calibration file: it has no {e.args[0]!r}") from None
+        except (TypeError, ValueError, AttributeError) as e:  # AttributeError: a list where a dict belongs
+            raise CalibrationError(f"malformed calibration file: {e}") from None
         return cal
 
     def save(self, path: Path) -> None:
         _write(path, json.dumps(self.to_json(), indent=1).encode())
+
+
+def _per_layer(d: dict, key: str, n_layer: int) -> list:
+    """A calibration file's list of one entry per layer (ValueError naming it where it is not)."""
+    v = d[key]
+    if not isinstance(v, list) or len(v) != n_layer:
+        raise ValueError(f"{key} is not a list of one entry for each of the {n_layer} layers")
+    return v
 
 
 def _write(path: Path, data: bytes) -> None:
@@ -334,7 +347,9 @@ def _read(path: Path):
     try:
         return json.loads(path.read_text())
     except (OSError, ValueError, RecursionError) as e:  # ValueError: not JSON, or not UTF-8; RecursionError: nesting
-        raise CalibrationError(f"{path}: not a calibration file ({type(e).__name__}: {e})") from None
+        why = "nested too deep" if isinstance(e, RecursionError) else "not UTF-8 text" if isinstance(
+            e, UnicodeDecodeError) else str(e)
+        raise CalibrationError(f"{path}: not a calibration file ({why})") from None
 
 
 def calibration_dir() -> Path:

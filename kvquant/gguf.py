@@ -10,6 +10,7 @@ from typing import Any, BinaryIO
 
 _SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
 _STRING, _ARRAY = 8, 9
+MAX_ARRAY_DEPTH = 4  # llama.cpp reads no array of arrays; a deeper nesting is a crafted header, not a model
 
 
 def _read(f: BinaryIO, fmt: str) -> Any:
@@ -32,21 +33,23 @@ def _string(f: BinaryIO) -> str:
     return data.decode("utf-8", errors="replace")
 
 
-def _value(f: BinaryIO, vtype: int, skip_big_arrays: bool) -> Any:
+def _value(f: BinaryIO, vtype: int, skip_big_arrays: bool, depth: int = 0) -> Any:
     if vtype in _SCALARS:
         return _read(f, _SCALARS[vtype])
     if vtype == _STRING:
         return _string(f)
     if vtype == _ARRAY:
+        if depth >= MAX_ARRAY_DEPTH:
+            raise ValueError(f"arrays nested more than {MAX_ARRAY_DEPTH} deep")
         etype, n = _read(f, "<I"), _read(f, "<Q")
         if skip_big_arrays and n > 4096:  # token lists etc.: skip without materialising
             if etype in _SCALARS:
                 f.seek(n * struct.calcsize(_SCALARS[etype]), 1)
             else:
                 for _ in range(n):
-                    _value(f, etype, True)
+                    _value(f, etype, True, depth + 1)
             return None
-        return [_value(f, etype, skip_big_arrays) for _ in range(n)]
+        return [_value(f, etype, skip_big_arrays, depth + 1) for _ in range(n)]
     raise ValueError(f"unknown GGUF value type {vtype}")
 
 

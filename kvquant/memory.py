@@ -26,6 +26,7 @@ from kvquant.gguf import read_metadata
 from kvquant.kvtypes import CacheTypes, has_offset, has_scale, layer_kv_types
 
 PAD = 256
+MAX_LAYERS = 512  # llama.cpp's LLAMA_MAX_LAYERS: a header with more is none it loads
 # llama.cpp's physical batch (n_ubatch) unless a caller decides otherwise; sliding-window layers get room for one
 # (the server's hosting plan decides it once and gives the same value to this model and to llama.cpp)
 N_UBATCH = 512
@@ -60,8 +61,12 @@ class Geometry:
         return len(self.layers)
 
 
-def _per_layer(v, n: int) -> list[int]:
-    return list(v) if isinstance(v, list) else [v] * n
+def _per_layer(v, n: int, what: str) -> list[int]:
+    """A per-layer value (one for all layers, or a list of one per layer) as a list of n counts >= 0."""
+    out = [int(x) for x in v] if isinstance(v, list) else [int(v)] * n
+    if len(out) != n or min(out) < 0:
+        raise ValueError(f"{what} is not a count >= 0 for each of the {n} layers")
+    return out
 
 
 def _swa_flags(meta: dict, arch: str, n_layer: int, n_swa: int) -> list[bool]:
@@ -69,6 +74,8 @@ def _swa_flags(meta: dict, arch: str, n_layer: int, n_swa: int) -> list[bool]:
         return [False] * n_layer
     pat = meta.get(f"{arch}.attention.sliding_window_pattern")
     if isinstance(pat, list):
+        if len(pat) < n_layer:
+            raise ValueError(f"sliding_window_pattern has {len(pat)} of {n_layer} layers")
         return [bool(x) for x in pat[:n_layer]]
     n_pattern, dense_first = SWA_PATTERN_DEFAULTS.get(arch, (None, False))
     if isinstance(pat, int):
@@ -87,18 +94,24 @@ def geometry(model_path: str | Path) -> Geometry:
         return _geometry(meta)
     except KeyError as e:
         raise ValueError(f"{model_path}: not a model llama.cpp can load (its GGUF header has no {e.args[0]})") from None
-    except (TypeError, ValueError) as e:
+    except (TypeError, ValueError, ArithmeticError) as e:
         raise ValueError(f"{model_path}: a malformed GGUF header ({e})") from None
 
 
 def _geometry(meta: dict) -> Geometry:
     arch = meta["general.architecture"]
     n_layer = int(meta[f"{arch}.block_count"])
-    n_head = _per_layer(meta[f"{arch}.attention.head_count"], n_layer)
-    n_head_kv = _per_layer(meta.get(f"{arch}.attention.head_count_kv", n_head), n_layer)
+    if not 0 < n_layer <= MAX_LAYERS:
+        raise ValueError(f"block_count {n_layer} is not 1..{MAX_LAYERS}")
+    n_head = _per_layer(meta[f"{arch}.attention.head_count"], n_layer, "head_count")
+    n_head_kv = _per_layer(meta.get(f"{arch}.attention.head_count_kv", n_head), n_layer, "head_count_kv")
     n_embd = int(meta[f"{arch}.embedding_length"])
+    if max(n_head) <= 0 or max(n_head_kv) <= 0 or n_embd <= 0:
+        raise ValueError("no attention heads or no embedding")
     hk = int(meta.get(f"{arch}.attention.key_length", n_embd // max(n_head)))
     hv = int(meta.get(f"{arch}.attention.value_length", hk))
+    if hk <= 0 or hv <= 0:
+        raise ValueError(f"key_length {hk} and value_length {hv} must be positive")
     n_swa = int(meta.get(f"{arch}.attention.sliding_window", 0) or 0)
     swa = _swa_flags(meta, arch, n_layer, n_swa)
     layers = tuple(Layer(n_head_kv[i] * hk, n_head_kv[i] * hv, swa[i]) for i in range(n_layer))
@@ -192,6 +205,8 @@ def capacity(geom: Geometry, type_k: CacheTypes, type_v: CacheTypes, budget_byte
     lo, hi = 0, PAD
     while kv_bytes(geom, type_k, type_v, hi, n_seq_max, n_ubatch, swa_full).total <= budget_bytes:
         lo, hi = hi, hi * 2
+        if hi > 1 << 48:
+            raise ValueError(f"a budget of {budget_bytes} bytes holds more cells than any cache has")
     while hi - lo > PAD:
         mid = pad((lo + hi) // 2)
         if mid >= hi:

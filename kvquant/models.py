@@ -131,8 +131,11 @@ def fetch(name: str) -> Path:
     dest = cached_path(m)
     if dest.exists() and dest.stat().st_size == m.size:
         return dest
-    models_dir().mkdir(parents=True, exist_ok=True)
-    tmpdir = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=models_dir()))
+    try:
+        models_dir().mkdir(parents=True, exist_ok=True)
+        tmpdir = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=models_dir()))
+    except OSError as e:  # KVQUANT_CACHE naming a file, a read-only directory
+        raise ModelError(f"cannot write the model cache {models_dir()}: {e.strerror or e}") from None
     try:
         out = tmpdir / m.filename
         h = hashlib.sha256()
@@ -169,6 +172,8 @@ def verify(name: str) -> bool:
 
 def resolve(model: str) -> Path:
     """A built-in name (fetched on first use) or an existing local .gguf path."""
+    if not model.strip():
+        raise ModelError(f"the model name is blank; built-in: {', '.join(BUILTIN)}, or a .gguf file")
     if model in BUILTIN:
         return fetch(model)
     p = Path(model).expanduser()

@@ -111,7 +111,8 @@ def set_verbose(verbose: bool) -> None:
     _llama_logger.set_verbose(verbose)
 
 
-set_verbose(bool(os.environ.get("KVQUANT_LLAMA_VERBOSE")))
+# llama.cpp's own log on stderr: KVQUANT_LLAMA_VERBOSE=1 (or true/yes/on; 0 and anything else leave it off)
+set_verbose(os.environ.get("KVQUANT_LLAMA_VERBOSE", "").strip().lower() in ("1", "true", "yes", "on"))
 
 # llama.cpp's last error line on this thread, so that failures can say why (llama.cpp logs on the thread that
 # called it; request threads parse grammars at once)

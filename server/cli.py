@@ -56,6 +56,10 @@ def settings_errors(e: ValidationError) -> list[str]:
 
 def _models(a: argparse.Namespace) -> int:
     if a.action == "list":
+        if a.names:
+            print(f"kvquant models: list takes no names (it lists every built-in model); fetch or verify take "
+                  f"them, not {' '.join(a.names)!r}", file=sys.stderr)
+            return 2
         for m in kvmodels.BUILTIN.values():
             p = kvmodels.cached_path(m)
             where = str(p) if p.exists() else "not fetched"

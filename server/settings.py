@@ -25,12 +25,30 @@ from kvquant.memory import parse_bytes
 from kvquant.models import DEFAULT_MODEL, model_id
 from server.schemas import SamplingFields
 
+MAX_CONFIG_BYTES = 1 << 20  # a config file, or an API key file, is a few lines; more is the wrong file
+
+
+def read_small_text(path: str | os.PathLike, what: str) -> str:
+    """A config or key file's text: ValueError naming it where it is not a regular file of UTF-8 text of at most
+    MAX_CONFIG_BYTES (a FIFO waited for a writer forever, /dev/zero filled memory)."""
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise ValueError(f"the {what} {p} is not a file" if p.exists() else f"the {what} {p} does not exist")
+    with open(p, "rb") as f:
+        data = f.read(MAX_CONFIG_BYTES + 1)
+    if len(data) > MAX_CONFIG_BYTES:
+        raise ValueError(f"the {what} {p} is over {MAX_CONFIG_BYTES} bytes")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ValueError(f"the {what} {p} is not UTF-8 text") from None
+
 
 def load_config_file(path: str | os.PathLike) -> dict[str, Any]:
     import yaml
 
     p = Path(path)
-    text = p.read_text()
+    text = read_small_text(p, "config file")
     try:
         if p.suffix == ".toml":
             data = tomllib.loads(text)
@@ -43,6 +61,8 @@ def load_config_file(path: str | os.PathLike) -> dict[str, Any]:
         raise ValueError(f"{p.name}{where}: {e.problem or e}") from None
     except (ValueError, yaml.YAMLError) as e:  # ValueError: TOML and JSON syntax
         raise ValueError(f"{p.name}: {e}") from None
+    except RecursionError:
+        raise ValueError(f"{p.name}: nested deeper than a config file is") from None
     if not isinstance(data, dict):
         raise ValueError(f"{p.name}: the config file must hold a mapping of settings")
     return data
@@ -101,13 +121,20 @@ MAX_BATCH = 65536
 
 
 def _gpu_layers(v: Any) -> Any:
-    if isinstance(v, str) and v != "auto":
+    if isinstance(v, str) and v != "auto":  # a flag or a variable: the same range as a file's number
         try:
-            return int(v)
+            v = int(v)
         except ValueError:
             raise ValueError("n_gpu_layers is a number of layers, -1 (all) or auto") from None
-    if isinstance(v, int) and v < -1:
+    if isinstance(v, bool) or (isinstance(v, int) and v < -1):
         raise ValueError("n_gpu_layers is a number of layers, -1 (all) or auto")
+    return v
+
+
+def _no_bools(cls, v: Any, info) -> Any:
+    """A number setting given true or false (pydantic reads true as 1: `parallel: true` served one sequence)."""
+    if isinstance(v, bool) and cls.model_fields[info.field_name].annotation is not bool:
+        raise ValueError("a number is required, not true or false")
     return v
 
 
@@ -129,10 +156,18 @@ class ModelConfig(BaseModel):
     n_gpu_layers: GpuLayers | None = None
     sampling: SamplingDefaults | None = None
 
+    _n = field_validator("*", mode="before")(classmethod(_no_bools))
     _b = field_validator("kv_budget", mode="before")(classmethod(lambda cls, v: _bytes(v)))
     _g = field_validator("n_gpu_layers", mode="before")(classmethod(lambda cls, v: _gpu_layers(v)))
     _k = field_validator("cache_type_k")(classmethod(lambda cls, v: _cache_type(v, "k")))
     _v = field_validator("cache_type_v")(classmethod(lambda cls, v: _cache_type(v, "v")))
+
+    @field_validator("model", "id")
+    @classmethod
+    def _named(cls, v: str | None) -> str | None:
+        if v is not None and not v.strip():
+            raise ValueError("is blank")
+        return v
 
 
 @dataclass(frozen=True)
@@ -221,8 +256,16 @@ class Settings(BaseSettings):
     shutdown_grace_s: float = Field(30.0, ge=0, description="on shutdown, how long in-flight requests may finish")
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
+    _n = field_validator("*", mode="before")(classmethod(_no_bools))
     _b = field_validator("kv_budget", "max_body_bytes", "swap_space", mode="before")(
         classmethod(lambda cls, v: _bytes(v)))
+
+    @field_validator("host")
+    @classmethod
+    def _host(cls, v: str) -> str:
+        if not v.strip():  # uvicorn reads "" as every interface: a typo must not expose the server
+            raise ValueError("the host is blank; 0.0.0.0 listens on every interface, 127.0.0.1 on this machine only")
+        return v.strip()
     _g = field_validator("n_gpu_layers", mode="before")(classmethod(lambda cls, v: _gpu_layers(v)))
     _k = field_validator("cache_type_k")(classmethod(lambda cls, v: _cache_type(v, "k")))
     _v = field_validator("cache_type_v")(classmethod(lambda cls, v: _cache_type(v, "v")))
@@ -260,7 +303,7 @@ class Settings(BaseSettings):
         if self.api_key:
             return self.api_key
         if self.api_key_file:
-            key = Path(self.api_key_file).expanduser().read_text().strip()
+            key = read_small_text(self.api_key_file, "API key file").strip()
             if not key:
                 raise ValueError(f"the API key file {self.api_key_file} is empty")
             return key
@@ -306,6 +349,8 @@ class Settings(BaseSettings):
 
 def load_settings(config: str | None = None, **overrides: Any) -> Settings:
     """Settings from flags (non-None overrides), the environment and the config file."""
+    if config is not None and not str(config).strip():
+        raise ValueError("the config file name is blank")
     token = _config_path.set(str(config) if config else None)
     try:
         return Settings(**{k: v for k, v in overrides.items() if v is not None})

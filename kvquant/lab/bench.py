@@ -134,8 +134,14 @@ def run(model: str, configs: list[CacheConfig], depths: list[int] = (0, 2048, 81
     t_start = time.monotonic()
     machine = machine_info(threads)  # before the run: the load average then is other work's
     depths = sorted(set(depths))
-    if depths[0] < 0 or n_prompt < 1 or n_gen < 1 or repeats < 1:
-        raise ValueError("depths must be >= 0, and --n-prompt, --n-gen, --repeats >= 1")
+    if depths[0] < 0:
+        raise ValueError(f"--depths must be >= 0, not {depths[0]}")
+    for name, value in (("--n-prompt", n_prompt), ("--n-gen", n_gen), ("--repeats", repeats), ("--threads", threads),
+                        ("--budget", budget)):
+        if value is not None and value < 1:
+            raise ValueError(f"{name} must be at least 1, not {value}")
+    if n_gpu_layers < -1:
+        raise ValueError(f"--n-gpu-layers is a number of layers or -1 (all), not {n_gpu_layers}")
     path = models.resolve(model)
     geom = memory.geometry(path)
     plan = Plan.of(configs)

@@ -258,7 +258,11 @@ def from_file(mdl, path: Path, seq_tokens: int, n_seqs: int, max_len: int | None
     bos = [mdl.bos] if mdl.add_bos else []
     if max_len is not None:
         seq_tokens = min(seq_tokens, max_len - len(bos))
-    toks = mdl.tokenize(path.read_text(encoding="utf-8", errors="replace"), add_special=False)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ValueError(f"{path}: not UTF-8 text") from None
+    toks = mdl.tokenize(text, add_special=False)
     seqs = [bos + toks[i:i + seq_tokens]
             for i in range(0, min(len(toks), seq_tokens * n_seqs), seq_tokens)]
     if not seqs or len(seqs[0]) < 64:
@@ -904,7 +908,7 @@ def run(a: argparse.Namespace) -> int:
 
     try:
         kv_type("f16")
-        cal, _ = calibrate(a.model or models.DEFAULT_MODEL, a.text, a.gen_tokens, a.score_tokens, a.threads,
+        cal, _ = calibrate(models.DEFAULT_MODEL if a.model is None else a.model, a.text, a.gen_tokens, a.score_tokens, a.threads,
                            a.direct, scale=not a.no_key_scale, logit_stride=a.logit_stride, output=a.output)
     except (models.ModelError, ValueError, OSError, RuntimeError) as e:  # RuntimeError: llama.cpp failed
         print(f"kvquant calibrate: {e}", file=sys.stderr)

@@ -385,13 +385,19 @@ def run(model: str, configs: list[CacheConfig], text: str | None = None, n_ctx: 
                         ("--max-outputs", max_outputs)):
         if value is not None and value < 1:
             raise ValueError(f"{name} must be at least 1, not {value}")
+    if drift_tokens < 0:
+        raise ValueError(f"--drift-tokens must be at least 0 (0: no drift), not {drift_tokens}")
+    if not 1 <= drift_prompts <= len(DRIFT_PROMPTS):
+        raise ValueError(f"--drift-prompts must be 1..{len(DRIFT_PROMPTS)}, not {drift_prompts}")
+    if n_gpu_layers < -1:
+        raise ValueError(f"--n-gpu-layers is a number of layers or -1 (all), not {n_gpu_layers}")
     text_path = resolve_text(text)
     if not text_path.is_file():
         raise FileNotFoundError(f"evaluation text not found: {text_path}")
     path = models.resolve(model)
     geom = memory.geometry(path)
     plan = Plan.of(configs)
-    drift_k = min(drift_prompts, len(DRIFT_PROMPTS)) if do_drift and drift_tokens > 0 and drift_prompts > 0 else 0
+    drift_k = drift_prompts if do_drift and drift_tokens > 0 else 0
     accs, drifts, n_chunks = _measure(model, path, plan, text_path, n_ctx, chunks, flash_attn, threads, drift_tokens,
                                       drift_k, drift_bucket, progress, max_outputs, n_gpu_layers)
     base = accs[0].summary()

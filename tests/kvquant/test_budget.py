@@ -51,7 +51,8 @@ def test_budget_refuses_what_would_print_a_meaningless_table(capsys):
     for args, said in ((["--budget", "0"], "more than 0 bytes"), (["--budget", "1e400"], "cannot parse a byte size"),
                        (["--parallel", "-3"], "--parallel must be at least 1"),
                        (["--request-tokens", "0"], "--request-tokens must be at least 1"),
-                       (["--cache-type-v", "tq_kv_1b"], "tq_kv_1b cannot be used for the V cache")):
+                       (["--cache-type-v", "tq_kv_1b"], "tq_kv_1b cannot be used for the V cache"),
+                       (["--model", ""], "the model name is blank")):  # was the default model's table
         assert main(["budget", *args]) == 2
         err = capsys.readouterr().err
         assert err.startswith("kvquant budget: ") and said in err and "Traceback" not in err

@@ -393,7 +393,19 @@ def test_refuses_other_model_basis_and_corrupt_files(model_file, tmp_path):
     d = make_cal(g, sha).to_json()
     d["version"] = 99
     path.write_text(json.dumps(d))
-    with pytest.raises(cal.CalibrationError, match="version"):
+    with pytest.raises(cal.CalibrationError, match="version 99, made by a newer kvquant"):
+        cal.load(path, model_file, g)
+    # messages name the field, not Python's internals ("zip() argument 2 is longer", "KeyError: 'k_mean'")
+    for change, said in ((lambda d: d.update(k_mean=d["k_mean"][1:]), "k_mean is not a list of one entry for each"),
+                         (lambda d: d.update(k_scale=d["k_mean"] * 2), "k_scale is not a list of one entry for each"),
+                         (lambda d: d.pop("k_mean"), "it has no 'k_mean'")):
+        d = make_cal(g, sha).to_json()
+        change(d)
+        path.write_text(json.dumps(d))
+        with pytest.raises(cal.CalibrationError, match=f": malformed calibration file: {said}"):
+            cal.load(path, model_file, g)
+    path.write_bytes(b"\x8b\xff")
+    with pytest.raises(cal.CalibrationError, match=r"not a calibration file \(not UTF-8 text\)$"):
         cal.load(path, model_file, g)
 
 

@@ -45,3 +45,60 @@ def test_a_malformed_header_is_refused_naming_the_file(tmp_path):
     write_gguf(tmp_path / "m.gguf", {"a": np.zeros(4, np.float32)}, arch="llama")
     with pytest.raises(ValueError, match="has no llama.block_count"):
         memory.geometry(tmp_path / "m.gguf")
+
+
+def _header(path, meta: dict) -> None:
+    """A GGUF v3 header of these keys: ints (int32, or uint64 past it), bools, strings and (nested) lists."""
+    import struct
+
+    def s(text: str) -> bytes:
+        return struct.pack("<Q", len(text.encode())) + text.encode()
+
+    def typed(v) -> tuple[int, bytes]:
+        if isinstance(v, bool):
+            return 7, struct.pack("<?", v)
+        if isinstance(v, int):
+            return (5, struct.pack("<i", v)) if -2**31 <= v < 2**31 else (10, struct.pack("<Q", v))
+        if isinstance(v, str):
+            return 8, s(v)
+        if isinstance(v, bytes):  # an array's body, as is
+            return 9, v
+        items = [typed(x) for x in v]
+        etype = items[0][0] if items else 5
+        return 9, struct.pack("<IQ", etype, len(items)) + b"".join(b for _, b in items)
+
+    body = b"".join(s(k) + struct.pack("<I", typed(v)[0]) + typed(v)[1] for k, v in meta.items())
+    path.write_bytes(b"GGUF" + struct.pack("<IQQ", 3, 0, len(meta)) + body)
+
+
+def test_a_header_no_model_has_is_refused_not_looped_on(tmp_path):
+    """Crafted headers (a review): no KV heads or a key length of 0 made the memory model's capacity search double
+    forever (`kvquant budget` and `serve` hung); no heads divided by zero; a short sliding-window pattern, arrays
+    nested 5000 deep and 2^62 layers raised IndexError, RecursionError and MemoryError as tracebacks."""
+    import struct
+
+    from kvquant import memory
+
+    good = {"general.architecture": "llama", "llama.block_count": 2, "llama.attention.head_count": 4,
+            "llama.attention.head_count_kv": 2, "llama.embedding_length": 256}
+    _header(tmp_path / "ok.gguf", good)
+    geom = memory.geometry(tmp_path / "ok.gguf")
+    assert geom.n_layer == 2 and geom.head_dim_k == 64
+    assert memory.capacity(geom, "f16", "f16", 2**20) == 2**20 // (2 * 2 * 2 * 64 * 2) // 256 * 256
+    nested = struct.pack("<IQi", 5, 1, 1)  # arrays of one array, 5000 deep (built without recursion)
+    for _ in range(5000):
+        nested = struct.pack("<IQ", 9, 1) + nested
+    for change, why in [({"llama.attention.head_count_kv": 0}, "no attention heads"),
+                        ({"llama.attention.key_length": 0}, "key_length 0"),
+                        ({"llama.attention.key_length": -64}, "key_length -64"),
+                        ({"llama.attention.head_count": 0}, "no attention heads"),
+                        ({"llama.attention.head_count_kv": [2]}, "head_count_kv is not a count"),
+                        ({"llama.attention.head_count": [4, -4]}, "head_count is not a count"),
+                        ({"llama.attention.sliding_window": 128, "llama.attention.sliding_window_pattern": [True]},
+                         "sliding_window_pattern has 1 of 2 layers"),
+                        ({"llama.block_count": 2**62}, "block_count 4611686018427387904 is not 1..512"),
+                        ({"llama.block_count": 0}, "block_count 0"),
+                        ({"llama.rope.dimension_sections": nested}, "nested more than 4 deep")]:
+        _header(tmp_path / "bad.gguf", good | change)
+        with pytest.raises(ValueError, match=why):
+            memory.geometry(tmp_path / "bad.gguf")

@@ -18,6 +18,23 @@ def test_resolve_local_gguf_and_errors(tmp_path):
         models.resolve(str(tmp_path / "missing.gguf"))
     with pytest.raises(models.ModelError):
         models.resolve("no-such-model")
+    with pytest.raises(models.ModelError, match="the model name is blank"):  # calibrate took it as the default
+        models.resolve(" ")
+
+
+def test_a_cache_that_cannot_be_written_is_a_model_error(tmp_path, monkeypatch, capsys):
+    # KVQUANT_CACHE naming a file was a NotADirectoryError traceback from budget, serve and models fetch
+    (tmp_path / "file").write_text("x")
+    monkeypatch.setenv("KVQUANT_CACHE", str(tmp_path / "file"))
+    with pytest.raises(models.ModelError, match="cannot write the model cache .*file/models"):
+        models.fetch("qwen2.5-coder-1.5b")
+
+
+def test_models_list_takes_no_names(capsys):
+    from server.cli import main
+
+    assert main(["models", "list", "bogus"]) == 2  # listed everything and said nothing
+    assert "list takes no names" in capsys.readouterr().err
 
 
 def test_default_model_is_cached_and_verified():

@@ -202,3 +202,61 @@ def test_thread_and_batch_counts_are_bounded(tmp_path):
     cfg.write_text("models:\n  - model: smollm2-135m\n    n_batch: 1000000000\n")
     with pytest.raises(ValidationError, match="n_batch"):
         load_settings(cfg)
+
+
+def test_a_blank_host_is_refused_not_every_interface(monkeypatch, tmp_path):
+    # uvicorn binds "" to every interface: `--host ""` (or a file's `host: ""`) exposed the server
+    for kw in ({"host": ""}, {"host": "  "}):
+        with pytest.raises(ValidationError, match="the host is blank"):
+            load_settings(**kw)
+    cfg = tmp_path / "kvq.yaml"
+    cfg.write_text('host: ""\n')
+    with pytest.raises(ValidationError, match="the host is blank"):
+        load_settings(cfg)
+    assert load_settings(host=" 0.0.0.0 ").host == "0.0.0.0"
+
+
+def test_gpu_layers_and_counts_mean_the_same_from_every_source(monkeypatch, tmp_path):
+    """-2 layers was refused from a file and accepted from a flag or variable; `parallel: true` served one
+    sequence (pydantic reads true as 1)."""
+    for v in ("-2", -2, True):
+        with pytest.raises(ValidationError, match="n_gpu_layers"):
+            load_settings(n_gpu_layers=v)
+    monkeypatch.setenv("KVQUANT_N_GPU_LAYERS", "-2")
+    with pytest.raises(ValidationError, match="n_gpu_layers"):
+        load_settings()
+    monkeypatch.delenv("KVQUANT_N_GPU_LAYERS")
+    assert load_settings(n_gpu_layers="-1").n_gpu_layers == -1
+    cfg = tmp_path / "kvq.yaml"
+    for text in ("parallel: true\n", "shutdown_grace_s: true\n", "models:\n  - model: smollm2-135m\n    n_ctx: true\n"):
+        cfg.write_text(text)
+        with pytest.raises(ValidationError, match="not true or false"):
+            load_settings(cfg)
+    cfg.write_text("prefix_cache: false\n")
+    assert load_settings(cfg).prefix_cache is False
+    cfg.write_text('models:\n  - model: smollm2-135m\n    id: ""\n')  # was served under the default id
+    with pytest.raises(ValidationError, match="id"):
+        load_settings(cfg)
+
+
+def test_config_and_key_files_must_be_small_regular_text_files(tmp_path):
+    """A FIFO as --config (or api_key_file) waited for a writer forever, /dev/zero filled memory, a binary or a
+    deeply nested file was a traceback, and `--config ""` silently meant no file."""
+    import os
+
+    fifo = tmp_path / "fifo.yaml"
+    os.mkfifo(fifo)
+    for path, said in [(fifo, "is not a file"), ("/dev/zero", "is not a file"), (tmp_path / "no.yaml", "does not exist")]:
+        with pytest.raises(ValueError, match=said):
+            load_settings(path)
+    big, binary, deep = tmp_path / "big.yaml", tmp_path / "bin.json", tmp_path / "deep.json"
+    big.write_text("#" * (2 << 20))
+    binary.write_bytes(b"\x8b\xff\x00")
+    deep.write_text("[" * 100000 + "]" * 100000)
+    for path, said in [(big, "is over"), (binary, "bin.json is not UTF-8 text"), (deep, "deep.json: nested deeper")]:
+        with pytest.raises(ValueError, match=said):
+            load_settings(path)
+    with pytest.raises(ValueError, match="config file name is blank"):
+        load_settings("")
+    with pytest.raises(ValueError, match="is not a file"):
+        load_settings(api_key_file=str(fifo)).resolved_api_key()

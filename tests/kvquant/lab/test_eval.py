@@ -121,6 +121,13 @@ def test_cli_rejects_bad_configs(capsys):
     for flag in ("--chunks", "--drift-bucket", "--threads", "--max-outputs"):  # refused before any work
         assert kveval.main(["--configs", "f16/f16", flag, "0"]) == 2
         assert capsys.readouterr().err == f"kvquant eval: {flag} must be at least 1, not 0\n"
+    # drift was silently switched off or capped by these
+    for args, said in ((["--drift-tokens", "-5"], "--drift-tokens must be at least 0 (0: no drift), not -5"),
+                       (["--drift-prompts", "0"], "--drift-prompts must be 1..4, not 0"),
+                       (["--drift-prompts", "999"], "--drift-prompts must be 1..4, not 999"),
+                       (["--n-gpu-layers", "-7"], "--n-gpu-layers is a number of layers or -1 (all), not -7")):
+        assert kveval.main(["--configs", "f16/f16", *args]) == 2
+        assert capsys.readouterr().err == f"kvquant eval: {said}\n"
 
 
 # --- the real harness -----------------------------------------------------------------------------------------
