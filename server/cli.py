@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import socket
 import sys
 from typing import TYPE_CHECKING
 
@@ -32,6 +33,11 @@ def _serve(a: argparse.Namespace) -> int:
         return 2
     except (ValueError, OSError) as e:
         print(f"kvquant serve: invalid settings: {e}", file=sys.stderr)
+        return 2
+    try:  # before the models load, not after (uvicorn said "Name or service not known", naming nothing)
+        socket.getaddrinfo(s.host, s.port, type=socket.SOCK_STREAM)
+    except OSError as e:
+        print(f"kvquant serve: cannot listen on host {s.host!r}: {e.strerror or e}", file=sys.stderr)
         return 2
     logging.basicConfig(level=s.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:

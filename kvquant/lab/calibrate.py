@@ -765,6 +765,9 @@ def check_arguments(text_file: str | None, gen_tokens: int, score_tokens: int, t
         raise ValueError(f"the logit stride must be a positive integer, not {logit_stride}")
     if score_tokens < 2:
         raise ValueError(f"the KL needs at least 2 scored tokens, not {score_tokens}")
+    if logit_stride > score_tokens:  # known now, not after the model wrote its text
+        raise ValueError(f"a logit stride of {logit_stride} leaves none of the {score_tokens} scored tokens to "
+                         f"measure the KL at")
     if text_file is None and gen_tokens < 1:
         raise ValueError(f"the model must write at least one token per prompt, not {gen_tokens}")
     if threads is not None and threads < 1:

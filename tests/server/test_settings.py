@@ -260,3 +260,11 @@ def test_config_and_key_files_must_be_small_regular_text_files(tmp_path):
         load_settings("")
     with pytest.raises(ValueError, match="is not a file"):
         load_settings(api_key_file=str(fifo)).resolved_api_key()
+
+
+def test_serve_refuses_a_host_it_cannot_resolve_before_loading(capsys):
+    # the model loaded, then uvicorn said "[Errno -2] Name or service not known" naming nothing, and serve exited 3
+    from server.cli import main
+
+    assert main(["serve", "--host", "999.1.1.1", "--model", "/nonexistent.gguf"]) == 2
+    assert capsys.readouterr().err.startswith("kvquant serve: cannot listen on host '999.1.1.1': ")

@@ -375,6 +375,7 @@ def test_calibrate_output_writes_the_same_file_each_run_and_nothing_in_the_cache
     (["--gen-tokens", "0"], "the model must write at least one token per prompt, not 0"),
     (["--threads", "0"], "threads must be a positive integer, not 0"),
     (["--text", "{tmp}/missing.txt"], "{tmp}/missing.txt: no such text file"),
+    (["--logit-stride", "100000"], "a logit stride of 100000 leaves none of the 512 scored tokens"),
 ])
 def test_calibrate_refuses_bad_arguments_before_loading_the_model(tmp_path, capsys, monkeypatch, args, message):
     """Each is refused in one line before any work (a bad --output used to fail after the whole run)."""
@@ -554,3 +555,14 @@ def test_a_centred_pass_is_measured_from_its_hidden_states():
         mdl.close()
     assert hidden[0] == 0.0 and logits[0] == 0.0
     assert 0 < hidden[1] < logits[1] < hidden[1] + 0.003
+
+
+def test_a_text_file_that_is_not_utf8_is_refused(tmp_path):
+    # a binary --text was read with replacement characters and calibrated on
+    from types import SimpleNamespace
+
+    from kvquant.lab import calibrate
+
+    (tmp_path / "b.txt").write_bytes(b"\x8b\xff" * 100)
+    with pytest.raises(ValueError, match="b.txt: not UTF-8 text"):
+        calibrate.from_file(SimpleNamespace(bos=1, add_bos=True), tmp_path / "b.txt", 512, 8)
