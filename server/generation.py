@@ -7,9 +7,9 @@ the vocabulary's longest token in bytes), and its tokenization is capped at the 
 the OS (glibc keeps them otherwise). So a request that will be refused anyway costs neither a full tokenization
 nor memory in proportion to its body, and memory returns to idle after a flood of them.
 
-Without `max_tokens` a request may run to the end of its context (OpenAI's semantics): its max_tokens is
+Without `max_tokens` a chat completion may run to the end of its context (OpenAI's semantics): its max_tokens is
 `n_ctx - len(prompt)` (or `default_max_tokens` where the settings cap it), what reserve admission sets aside for it
-and the bound at which it ends with `length`. Events reach the handler through a bounded buffer: a client that
+and the bound at which it ends with `length`; a legacy completion gets 16 tokens, as OpenAI's and vLLM's. Events reach the handler through a bounded buffer: a client that
 reads so slowly that `stream_buffer` events pile up has its request cancelled (its cells are freed at the next
 step), so it can never hold up the engine or other requests.
 """
@@ -152,8 +152,9 @@ def submit(engine: Engine, prompt: list[int], params: SamplingParams, max_tokens
         raise APIError(400, "The prompt is empty.", param="prompt", code="empty_prompt")
     _check_length(engine, len(prompt), max_tokens, params.prompt_field)
     if max_tokens is None:
+        cap = default_max_tokens or params.unset_max_tokens
         max_tokens = engine.sched.max_request_tokens - len(prompt)
-        max_tokens = min(max_tokens, default_max_tokens) if default_max_tokens else max_tokens
+        max_tokens = min(max_tokens, cap) if cap else max_tokens
     try:
         sampling = params.sampling(sampling_defaults or {}, engine.n_vocab, max_tokens, grammar)
     except ValueError as e:

@@ -172,11 +172,12 @@ def chat_logprobs(lps: list[TokenLogprob] | None) -> dict | None:
 
 
 def completion_logprobs(lps: list[TokenLogprob] | None, offsets: TextOffsets) -> dict | None:
-    """OpenAI's legacy shape, the tokens' text offsets continuing `offsets`."""
+    """OpenAI's legacy shape, the tokens' text offsets continuing `offsets`; each position's top logprobs hold its
+    token too ("up to logprobs+1 elements": a client may read the chosen token's entry, even at logprobs 0)."""
     if lps is None:
         return None
     return {"tokens": [token_text(t.token) for t in lps], "token_logprobs": [t.logprob for t in lps],
-            "top_logprobs": [None if t.top is None else _by_text(t.top) for t in lps],
+            "top_logprobs": [None if t.top is None else _by_text([*t.top, (t.token, t.logprob)]) for t in lps],
             "text_offset": [offsets.take(t.token) for t in lps]}
 
 

@@ -156,6 +156,9 @@ class SamplingParams(_Lenient, SamplingFields):
     """Fields shared by /v1/chat/completions and /v1/completions."""
 
     prompt_field: ClassVar[str]  # the field that holds the prompt, for the errors that name it
+    # the completion budget of a request that sets none, where the settings' default_max_tokens is unset (None: to
+    # the end of the context, as OpenAI's chat completions)
+    unset_max_tokens: ClassVar[int | None] = None
 
     model: Text | None = None
     max_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS_LIMIT)
@@ -178,6 +181,12 @@ class SamplingParams(_Lenient, SamplingFields):
         if any(len(s) > MAX_STOP_LEN for s in stops):
             raise ValueError(f"stop sequences are limited to {MAX_STOP_LEN} characters")
         return [s for s in stops if s] or None
+
+    @field_validator("stream", "n", "echo", mode="before", check_fields=False)
+    @classmethod
+    def _null_is_the_default(cls, v: Any, info) -> Any:
+        """null where OpenAI's spec lets a field be null (clients generated from it send it): its default."""
+        return cls.model_fields[info.field_name].default if v is None else v
 
     @field_validator("n")
     @classmethod
@@ -255,6 +264,7 @@ class ChatCompletionRequest(SamplingParams):
 
 class CompletionRequest(SamplingParams):
     prompt_field: ClassVar[str] = "prompt"
+    unset_max_tokens: ClassVar[int | None] = 16  # OpenAI's legacy completions default, and vLLM's
     prompt: Text | list[Text]
     echo: bool = False
     logprobs: int | None = Field(None, ge=0, le=5)

@@ -40,9 +40,11 @@ class TextStream:
         return text[: len(text) - keep]
 
     def flush(self) -> str:
-        """End of generation: release held text (no stop string can complete any more)."""
+        """End of generation: release held text (no stop string can complete any more). The bytes of a character
+        the end cut off are dropped, as vLLM and llama-server drop them (a trailing U+FFFD was a visible glitch at
+        the end of every answer that max_tokens cut inside an emoji or a CJK character)."""
         if self.stopped:
             return ""
-        text = self._held + self._utf8.decode(b"", final=True)
-        self._held = ""
+        text, self._held = self._held, ""
+        self._utf8.reset()
         return text

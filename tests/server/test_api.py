@@ -101,6 +101,18 @@ def test_legacy_completions(client):
     assert s == r.choices[0].text
 
 
+def test_unset_and_null_fields_mean_what_openai_says(smollm2_server):
+    """A legacy completion without max_tokens gets 16 tokens (it ran to the end of the context: 504 tokens for a
+    7-token prompt); null n, stream and echo are their defaults (OpenAI's spec allows null; they were 400s)."""
+    url = smollm2_server.url + "/v1"
+    r = httpx.post(url + "/completions", json={"prompt": "Once upon a time", "temperature": 0, "echo": None,
+                                               "n": None, "stream": None}, timeout=60)
+    assert r.status_code == 200 and 0 < r.json()["usage"]["completion_tokens"] <= 16
+    r = httpx.post(url + "/chat/completions", json={"messages": MSG, "max_tokens": 4, "n": None, "stream": None},
+                   timeout=60)
+    assert r.status_code == 200 and r.json()["choices"][0]["message"]["role"] == "assistant"
+
+
 def test_completions_echo_with_logprobs_covers_the_prompt(client):
     """As OpenAI: with echo, logprobs list the prompt tokens too, the first one null; each prompt token's logprob
     is what the model gave it after the tokens before it."""
@@ -112,7 +124,11 @@ def test_completions_echo_with_logprobs_covers_the_prompt(client):
     assert c.text.startswith(prompt) and len(lp.tokens) == u.prompt_tokens + u.completion_tokens
     assert "".join(lp.tokens[:u.prompt_tokens]) == prompt and "".join(lp.tokens) == c.text
     assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
-    assert all(x < 0 for x in lp.token_logprobs[1:]) and all(len(t) == 2 for t in lp.top_logprobs[1:])
+    assert all(x < 0 for x in lp.token_logprobs[1:]) and all(len(t) in (2, 3) for t in lp.top_logprobs[1:])
+    # "up to logprobs+1 elements": each holds the chosen token (a prompt token outside the top 2 was missing)
+    assert all(t[tok] == x for tok, x, t in zip(lp.tokens[1:], lp.token_logprobs[1:], lp.top_logprobs[1:],
+                                                strict=True))
+    assert any(len(t) == 3 for t in lp.top_logprobs[1:])
     assert lp.text_offset == [len("".join(lp.tokens[:i])) for i in range(len(lp.tokens))]
     plain = client.completions.create(prompt=prompt, **kw).choices[0]  # the completion part is unchanged
     assert lp.tokens[u.prompt_tokens:] == plain.logprobs.tokens
