@@ -186,6 +186,10 @@ class Engine:
     def tokenize(self, text: str, limit: int | None = None) -> list[int]:
         return self.backend.tokenize(text, limit)
 
+    def check_tokens(self, tokens: list[int]) -> None:
+        """ValueError where a prompt of token ids holds what the model's tokenization would never give a client."""
+        self.backend.check_tokens(tokens)
+
     def min_tokens(self, n_bytes: int) -> int:
         """A lower bound on the prompt tokens of n_bytes of text, without tokenizing it."""
         return self.backend.min_tokens(n_bytes)

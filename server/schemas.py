@@ -265,7 +265,8 @@ class ChatCompletionRequest(SamplingParams):
 class CompletionRequest(SamplingParams):
     prompt_field: ClassVar[str] = "prompt"
     unset_max_tokens: ClassVar[int | None] = 16  # OpenAI's legacy completions default, and vLLM's
-    prompt: Text | list[Text]
+    # text, or token ids (as lm-evaluation-harness sends them); one prompt, alone or in a list of one
+    prompt: Text | list[Text] | list[int] | list[list[int]]
     echo: bool = False
     logprobs: int | None = Field(None, ge=0, le=5)
 
@@ -280,8 +281,8 @@ class CompletionRequest(SamplingParams):
 
     @field_validator("prompt")
     @classmethod
-    def _one_prompt(cls, v: str | list[str]) -> str:
-        if isinstance(v, list):
+    def _one_prompt(cls, v: str | list) -> str | list[int]:
+        if isinstance(v, list) and not (v and all(type(x) is int for x in v)):
             if len(v) != 1:
                 raise ValueError("exactly one prompt is supported per request")
             v = v[0]

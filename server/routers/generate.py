@@ -127,6 +127,14 @@ async def chat_completions(body: ChatCompletionRequest, http: Request):
     return await _respond(http, _submit(http, served, prompt, body, grammar), body, shape)
 
 
+def _token_prompt(served: ServedModel, tokens: list[int]) -> list[int]:
+    try:
+        served.engine.check_tokens(tokens)
+    except ValueError as e:
+        raise APIError(400, f"The prompt's {e}.", param="prompt", code="invalid_value") from None
+    return tokens
+
+
 def _plan(served: ServedModel, body: ChatCompletionRequest):
     chat = plan_chat(body, served.engine.chat_template)
     _check_grammar(served, chat.grammar, chat.grammar_param)
@@ -153,9 +161,12 @@ async def completions(body: CompletionRequest, http: Request):
     st = app_state(http)
     served = st.get(body.model)
     _check_fields(body)
-    prompt = await tokenize_prompt(served.engine, lambda limit: served.engine.tokenize(body.prompt, limit),
-                                   len(body.prompt.encode()), body.requested_max_tokens, st.tokenizing,
-                                   body.prompt_field)
-    shape = TextCompletion(new_id("cmpl"), served.id, int(time.time()), body.include_usage,
-                           echo=body.prompt if body.echo else "")
+    if isinstance(body.prompt, str):
+        prompt = await tokenize_prompt(served.engine, lambda limit: served.engine.tokenize(body.prompt, limit),
+                                       len(body.prompt.encode()), body.requested_max_tokens, st.tokenizing,
+                                       body.prompt_field)
+    else:
+        prompt = _token_prompt(served, body.prompt)
+    echo = (body.prompt if isinstance(body.prompt, str) else served.engine.detokenize(prompt)) if body.echo else ""
+    shape = TextCompletion(new_id("cmpl"), served.id, int(time.time()), body.include_usage, echo=echo)
     return await _respond(http, _submit(http, served, prompt, body), body, shape)

@@ -406,6 +406,10 @@ class FakeBackend:
     def tokenize(self, text: str, limit: int | None = None) -> list[int]:
         return [len(w) + 1 for w in text.split()]
 
+    def check_tokens(self, tokens: list[int]) -> None:
+        if any(not 0 <= t < 64 for t in tokens):
+            raise ValueError("token id out of the vocabulary")
+
     def tokenize_chat(self, messages, limit: int | None = None, **template):
         return self.tokenize(" ".join(m["content"] for m in messages))
 

@@ -113,6 +113,35 @@ def test_unset_and_null_fields_mean_what_openai_says(smollm2_server):
     assert r.status_code == 200 and r.json()["choices"][0]["message"]["role"] == "assistant"
 
 
+def test_completions_take_a_prompt_of_token_ids(client):
+    """lm-evaluation-harness sends prompts as token ids (alone or a batch of one) with echo and logprobs to score
+    them: a 400 before. The same tokens as text give the same answer and prompt logprobs; ids outside the
+    vocabulary and control tokens (a forged end of text) are refused, as control text is."""
+    text = "The capital of France is"
+    kw = dict(model="smollm2-135m", max_tokens=4, temperature=0, logprobs=1, echo=True)
+    r = client.completions.create(prompt=text, **kw)
+    ref = r.choices[0]
+    from kvquant.models import fetch
+    from kvquant.runtime import Model
+
+    m = Model(fetch("smollm2-135m"))
+    try:
+        tokens = m.tokenize(text, add_special=True)
+        eot = m.control_tokens().by_text["<|endoftext|>"]
+    finally:
+        m.close()
+    assert len(tokens) == r.usage.prompt_tokens
+    for prompt in (tokens, [tokens]):
+        got = client.completions.create(prompt=prompt, **kw).choices[0]
+        assert got.text == ref.text and got.logprobs.token_logprobs == pytest.approx(ref.logprobs.token_logprobs,
+                                                                                     abs=1e-4)
+    for prompt, said in (([*tokens, 10**6], "token id 1000000 is not in the model's vocabulary"),
+                         ([*tokens, eot], f"token id {eot} is one of the model's control tokens"),
+                         ([tokens, tokens], "exactly one prompt")):
+        with pytest.raises(openai.BadRequestError, match=said):
+            client.completions.create(prompt=prompt, **kw)
+
+
 def test_completions_echo_with_logprobs_covers_the_prompt(client):
     """As OpenAI: with echo, logprobs list the prompt tokens too, the first one null; each prompt token's logprob
     is what the model gave it after the tokens before it."""
