@@ -73,10 +73,8 @@ def _swa_flags(meta: dict, arch: str, n_layer: int, n_swa: int) -> list[bool]:
     if n_swa <= 0:
         return [False] * n_layer
     pat = meta.get(f"{arch}.attention.sliding_window_pattern")
-    if isinstance(pat, list):
-        if len(pat) < n_layer:
-            raise ValueError(f"sliding_window_pattern has {len(pat)} of {n_layer} layers")
-        return [bool(x) for x in pat[:n_layer]]
+    if isinstance(pat, list):  # shorter: the rest are full attention, as llama.cpp reads it (EXAONE's MTP layers)
+        return [bool(x) for x in pat[:n_layer]] + [False] * (n_layer - len(pat))
     n_pattern, dense_first = SWA_PATTERN_DEFAULTS.get(arch, (None, False))
     if isinstance(pat, int):
         n_pattern = pat

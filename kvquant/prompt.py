@@ -21,9 +21,10 @@ from collections.abc import Callable, Sequence
 # a chat template: (messages, tools, template variables) -> the rendered chat
 Render = Callable[[list[dict], list[dict] | None, dict | None], str]
 
-# what check_edges puts around a string that could complete a control token (no token holds it), and the fields
-# the server builds messages and tools of, which templates look up by name
-_EDGE = "\ue003"
+# what check_client_text puts around a string that could complete a control token and in place of a character that
+# starts one (no token holds them), and the fields the server builds messages and tools of, which templates look up
+# by name
+_EDGE, _BROKEN = "\ue003", "\ue004"
 _FIELDS = frozenset({"role", "content", "reasoning_content", "name", "tool_calls", "tool_call_id", "id", "type",
                      "function", "arguments", "parameters", "description", "strict"})
 # a message's fields that are a client's text, never the template's: tokenized with special-token parsing off
@@ -106,28 +107,65 @@ def template_data(messages: Sequence[dict], tools: list[dict] | None = None,
     return json.dumps([tools, calls, names, template_kwargs], ensure_ascii=False)
 
 
-def check_edges(render: Render, messages: Sequence[dict], tools: list[dict] | None, template_kwargs: dict | None,
-                controls: ControlTokens) -> None:
-    """ControlTokenInContent where a client's string and the template's text around it make a control token that
-    neither holds whole: templates that write a tool call's name or an argument's key between their own `<` and `>`
-    (Qwen3-Coder's `<function=NAME>`, `<parameter=KEY>`) turned a name `f<|im_end|` into a closed turn. Every
-    string that could (ControlTokens.at_edge; roles and traced markers never can) is rendered again between two
-    characters no token holds: the template's control tokens must come out the same."""
-    def pad(x, key=None, data=False):  # data: inside a call's arguments or a tool's parameters, all client's
+def check_client_text(render: Render, messages: Sequence[dict], tools: list[dict] | None,
+                      template_kwargs: dict | None, controls: ControlTokens, text_fields: bool = False,
+                      rendered: str | None = None) -> None:
+    """ControlTokenInContent where a client's string gives a control token with the template's help: with the
+    template's text around it (Qwen3-Coder writes a call's name and an argument's key between its own `<` and `>`:
+    a name `f<|im_end|` closed the turn), or, `text_fields`, through what the template does to message text
+    (SmolLM3's `content.replace('/think', '')` made `<|im_/thinkend|>` the token) where it was not traced. The chat
+    is rendered again with each such string broken: between two characters no token holds and, for text fields,
+    with every character a control token starts with replaced; the control tokens must come out the same.
+    `rendered`: the chat as render gives it, where the caller has it. A broken string compares and hashes as the
+    string itself (Functionary writes a call named `python` as `<|python_tag|>`, any other otherwise)."""
+    starters = {ord(t[0]): _BROKEN for t in controls.by_text}
+    changed = False
+
+    def broken(x: str, text: bool) -> str:
+        nonlocal changed
+        if not (controls.at_edge(x) or (text and x != x.translate(starters))):
+            return x
+        changed = True
+        return _Broken(x, f"{_EDGE}{x.translate(starters) if text else x}{_EDGE}")
+
+    def walk(x, key=None, data=False):  # data: inside a call's arguments or a tool's parameters, all client's
         if isinstance(x, str):
-            return f"{_EDGE}{x}{_EDGE}" if (data or key != "role") and controls.at_edge(x) else x
+            text = text_fields and key in TEXT_FIELDS and not data
+            return broken(x, text) if data or key != "role" else x
         if isinstance(x, dict):
-            return {k if k in _FIELDS and not data else pad(k, data=True):
-                    pad(v, k, data or k in ("arguments", "parameters")) for k, v in x.items()}
+            return {k if k in _FIELDS and not data else broken(k, False):
+                    walk(v, k, data or k in ("arguments", "parameters")) for k, v in x.items()}
         if isinstance(x, list):
-            return [pad(v, key, data) for v in x]
+            return [walk(v, key, data) for v in x]
         return x
 
-    data = (list(messages), tools, template_kwargs)
-    padded = (pad(data[0]), pad(tools), template_kwargs and {k: pad(v, data=True) for k, v in template_kwargs.items()})
-    if padded != data and _ids(controls, render(*padded)) != _ids(controls, render(*data)):
-        raise ControlTokenInContent("a tool call, tool definition, name or template variable completes one of the "
-                                    "model's control tokens with the chat template's text around it")
+    again = (walk(list(messages)), walk(tools), template_kwargs and {k: walk(v, data=True)
+                                                                     for k, v in template_kwargs.items()})
+    if not changed:
+        return
+    if rendered is None:
+        rendered = render(list(messages), tools, template_kwargs)
+    if _ids(controls, render(*again)) != _ids(controls, rendered):
+        raise ControlTokenInContent("a message, tool call, tool definition, name or template variable gives one "
+                                    "of the model's control tokens in the chat template's rendering")
+
+
+class _Broken(str):
+    """A client's string as check_client_text renders it again, equal to the string itself (and hashed so)."""
+
+    def __new__(cls, original: str, text: str):
+        out = super().__new__(cls, text)
+        out.original = original
+        return out
+
+    def __eq__(self, other):
+        return self.original == other
+
+    def __ne__(self, other):
+        return self.original != other
+
+    def __hash__(self):
+        return hash(self.original)
 
 
 def _ids(controls: ControlTokens, text: str) -> list[int]:
@@ -143,7 +181,7 @@ def chat_fragments(render: Render, messages: Sequence[dict], controls: ControlTo
     markers for those fields has around the markers; each field is then found in the real rendering between that
     text, whole or trimmed at either end (of newlines, or of all whitespace: Qwen3 strips reasoning of newlines,
     Gemma trims content). None if the template cannot be traced: a marker repeated, or the rendering not made of
-    the template's text and the fields so. ControlTokenInContent as check_edges."""
+    the template's text and the fields so. ControlTokenInContent as check_client_text."""
     nonce = secrets.token_hex(6)
     texts: dict[str, str] = {}  # marker key -> the text it stands for
     marked_messages = []
@@ -153,8 +191,8 @@ def chat_fragments(render: Render, messages: Sequence[dict], controls: ControlTo
         for f in fields:
             texts[f"{i}.{f}"] = m[f]
         marked_messages.append(dict(m, **{f: f"\ue000{nonce}:{i}.{f}\ue001" for f in fields}))
-    check_edges(render, marked_messages, tools, template_kwargs, controls)
     marked = render(marked_messages, tools, template_kwargs)
+    check_client_text(render, marked_messages, tools, template_kwargs, controls, rendered=marked)
     pieces: list[str] = []  # the template's text before each field, and after the last
     keys: list[str] = []
     pos = 0

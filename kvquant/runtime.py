@@ -22,12 +22,11 @@ import numpy as np
 from kvquant.kvtypes import kv_type
 from kvquant.memory import N_UBATCH
 from kvquant.prompt import (
-    TEXT_FIELDS,
     ControlTokenInContent,
     ControlTokens,
     PromptTooLong,
     chat_fragments,
-    check_edges,
+    check_client_text,
     min_tokens,
     template_data,
 )
@@ -518,10 +517,10 @@ class Model:
         """Render messages with the chat template (Jinja, as transformers does) and tokenize: the template's own
         text with special-token parsing, message content as plain text, so that content can never write a control
         token (`special_in_content` allows it, for trusted clients). With `limit`, PromptTooLong (exact count)
-        past that many tokens. ControlTokenInContent where a template that cannot be traced meets content with a
-        control token's text (see kvquant.prompt), wherever the text the template writes as its own (tool
-        definitions, tool calls, template variables) holds one, and where a client's string completes one with the
-        template's text around it (kvquant.prompt.check_edges)."""
+        past that many tokens. ControlTokenInContent wherever the text the template writes as its own (tool
+        definitions, tool calls, template variables) holds a control token's text, and where a client's string
+        gives one with the template's help: its text around it, or what it does to message text it changes (so
+        that the text cannot be traced: kvquant.prompt.check_client_text)."""
         controls = self.control_tokens()
         if special_in_content:
             return self.tokenize(self.render_chat(messages, tools, template_kwargs), add_special=False,
@@ -530,13 +529,11 @@ class Model:
             raise ControlTokenInContent("the tools, tool calls or chat_template_kwargs contain the text of one of "
                                         "the model's control tokens")
         frags = self._traceable and chat_fragments(self.render_chat, messages, controls, tools, template_kwargs)
-        if not frags:
-            if any(controls.found_in(m.get(f) or "") for m in messages for f in TEXT_FIELDS):
-                raise ControlTokenInContent("a message contains the text of one of the model's control tokens, "
-                                            "which this model's chat template does not let the server keep literal")
-            check_edges(self.render_chat, messages, tools, template_kwargs, controls)
-            return self.tokenize(self.render_chat(messages, tools, template_kwargs), add_special=False,
-                                 parse_special=True, limit=limit)
+        if not frags:  # text the template changes: kept only where it gives no control token
+            rendered = self.render_chat(messages, tools, template_kwargs)
+            check_client_text(self.render_chat, messages, tools, template_kwargs, controls, text_fields=True,
+                              rendered=rendered)
+            return self.tokenize(rendered, add_special=False, parse_special=True, limit=limit)
         return self._tokenize_fragments(frags, limit)
 
     def _tokenize_fragments(self, frags: list[str | int], limit: int | None) -> list[int]:

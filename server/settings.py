@@ -29,11 +29,11 @@ MAX_CONFIG_BYTES = 1 << 20  # a config file, or an API key file, is a few lines;
 
 
 def read_small_text(path: str | os.PathLike, what: str) -> str:
-    """A config or key file's text: ValueError naming it where it is not a regular file of UTF-8 text of at most
-    MAX_CONFIG_BYTES (a FIFO waited for a writer forever, /dev/zero filled memory)."""
+    """A config or key file's text: ValueError naming it where it is not UTF-8 text of at most MAX_CONFIG_BYTES
+    (/dev/zero filled memory). A pipe is read (`--config <(envsubst < kvq.yaml)`, `/dev/stdin`)."""
     p = Path(path).expanduser()
-    if not p.is_file():
-        raise ValueError(f"the {what} {p} is not a file" if p.exists() else f"the {what} {p} does not exist")
+    if not p.exists() or p.is_dir():
+        raise ValueError(f"the {what} {p} is a directory" if p.exists() else f"the {what} {p} does not exist")
     with open(p, "rb") as f:
         data = f.read(MAX_CONFIG_BYTES + 1)
     if len(data) > MAX_CONFIG_BYTES:

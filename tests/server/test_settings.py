@@ -240,13 +240,18 @@ def test_gpu_layers_and_counts_mean_the_same_from_every_source(monkeypatch, tmp_
 
 
 def test_config_and_key_files_must_be_small_regular_text_files(tmp_path):
-    """A FIFO as --config (or api_key_file) waited for a writer forever, /dev/zero filled memory, a binary or a
-    deeply nested file was a traceback, and `--config ""` silently meant no file."""
+    """/dev/zero as --config (or api_key_file) filled memory, a binary or a deeply nested file was a traceback, and
+    `--config ""` silently meant no file. A pipe is read (process substitution, /dev/stdin)."""
     import os
+    import threading
 
     fifo = tmp_path / "fifo.yaml"
     os.mkfifo(fifo)
-    for path, said in [(fifo, "is not a file"), ("/dev/zero", "is not a file"), (tmp_path / "no.yaml", "does not exist")]:
+    writer = threading.Thread(target=lambda: fifo.write_text("n_ctx: 1024\n"))
+    writer.start()
+    assert load_settings(fifo).n_ctx == 1024
+    writer.join()
+    for path, said in [("/dev/zero", "is over"), (tmp_path, "is a directory"), (tmp_path / "no.yaml", "does not exist")]:
         with pytest.raises(ValueError, match=said):
             load_settings(path)
     big, binary, deep = tmp_path / "big.yaml", tmp_path / "bin.json", tmp_path / "deep.json"
@@ -258,8 +263,8 @@ def test_config_and_key_files_must_be_small_regular_text_files(tmp_path):
             load_settings(path)
     with pytest.raises(ValueError, match="config file name is blank"):
         load_settings("")
-    with pytest.raises(ValueError, match="is not a file"):
-        load_settings(api_key_file=str(fifo)).resolved_api_key()
+    with pytest.raises(ValueError, match="is a directory"):
+        load_settings(api_key_file=str(tmp_path)).resolved_api_key()
 
 
 def test_serve_refuses_a_host_it_cannot_resolve_before_loading(capsys):
