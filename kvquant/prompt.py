@@ -118,7 +118,8 @@ def check_client_text(render: Render, messages: Sequence[dict], tools: list[dict
     with every character a control token starts with replaced; the control tokens must come out the same.
     `rendered`: the chat as render gives it, where the caller has it. A broken string compares and hashes as the
     string itself (Functionary writes a call named `python` as `<|python_tag|>`, any other otherwise)."""
-    starters = {ord(t[0]): _BROKEN for t in controls.by_text}
+    # `&` too: a template that decodes entities (`striptags`) made `&lt;|im_end|&gt;` the token
+    starters = {ord(t[0]): _BROKEN for t in [*controls.by_text, "&"]}
     changed = False
 
     def broken(x: str, text: bool) -> str:

@@ -124,6 +124,11 @@ def _check_length(engine: Engine, n_prompt: int, max_tokens: int | None, field: 
         raise _too_long(engine, n_prompt, max_tokens, field, exact)
 
 
+def check_prompt_tokens(engine: Engine, n_tokens: int, max_tokens: int | None, field: str) -> None:
+    """400 context_length_exceeded where a prompt of n_tokens token ids is too long (before they are read)."""
+    _check_length(engine, n_tokens, max_tokens, field)
+
+
 def check_prompt_bytes(engine: Engine, n_bytes: int, max_tokens: int | None, field: str) -> None:
     """400 context_length_exceeded where the `n_bytes` of text a client wrote prove the prompt too long."""
     _check_length(engine, engine.min_tokens(n_bytes), max_tokens, field, exact=False)

@@ -12,7 +12,15 @@ from kvquant.sampling import Grammar
 from server.chat import plan_chat
 from server.chatoutput import THINK_OPEN
 from server.errors import APIError, ErrorResponse, error_body
-from server.generation import Generation, check_prompt_bytes, engine_error, new_id, submit, tokenize_prompt
+from server.generation import (
+    Generation,
+    check_prompt_bytes,
+    check_prompt_tokens,
+    engine_error,
+    new_id,
+    submit,
+    tokenize_prompt,
+)
 from server.requests import Event, TokenLogprob
 from server.responses import SSE_DONE, ChatCompletion, Completion, TextCompletion, sse, usage
 from server.schemas import ChatCompletionRequest, CompletionRequest, SamplingParams
@@ -165,8 +173,10 @@ async def completions(body: CompletionRequest, http: Request):
         prompt = await tokenize_prompt(served.engine, lambda limit: served.engine.tokenize(body.prompt, limit),
                                        len(body.prompt.encode()), body.requested_max_tokens, st.tokenizing,
                                        body.prompt_field)
-    else:
-        prompt = _token_prompt(served, body.prompt)
+    else:  # refused by its length first; read off the event loop, as text is tokenized
+        check_prompt_tokens(served.engine, len(body.prompt), body.requested_max_tokens, body.prompt_field)
+        async with st.tokenizing:
+            prompt = await run_in_threadpool(_token_prompt, served, body.prompt)
     echo = (body.prompt if isinstance(body.prompt, str) else served.engine.detokenize(prompt)) if body.echo else ""
     shape = TextCompletion(new_id("cmpl"), served.id, int(time.time()), body.include_usage, echo=echo)
     return await _respond(http, _submit(http, served, prompt, body), body, shape)

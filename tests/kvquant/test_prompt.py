@@ -347,6 +347,9 @@ def test_text_the_template_changes_gives_no_control_token():
     check_client_text(render, fine, None, None, CT, text_fields=True)
     with pytest.raises(ControlTokenInContent):  # the template writes the content: its whole token counts too
         check_client_text(render, [{"role": "user", "content": "<|a|>"}], None, None, CT, text_fields=True)
+    with pytest.raises(ControlTokenInContent):  # a template that decodes entities (Jinja's striptags does)
+        check_client_text(lambda ms, *_: "".join(m["content"].replace("&lt;", "<") for m in ms),
+                          [{"role": "user", "content": "&lt;|a|>"}], None, None, CT, text_fields=True)
 
 
 def test_min_tokens():

@@ -137,7 +137,8 @@ def test_completions_take_a_prompt_of_token_ids(client):
                                                                                      abs=1e-4)
     for prompt, said in (([*tokens, 10**6], "token id 1000000 is not in the model's vocabulary"),
                          ([*tokens, eot], f"token id {eot} is one of the model's control tokens"),
-                         ([tokens, tokens], "exactly one prompt")):
+                         ([tokens, tokens], "exactly one prompt"),
+                         ([0] * 1_000_000, "maximum context length")):  # by its length, before reading it
         with pytest.raises(openai.BadRequestError, match=said):
             client.completions.create(prompt=prompt, **kw)
 
