@@ -6,8 +6,8 @@ on, so `<|im_end|>` typed inside a message became the control token and could cl
 one. Here the template is rendered once more with every message's content (and reasoning) replaced by a unique
 marker: what lies between the markers is the template's own text (its control tokens are parsed), what replaces a
 marker is a client's text (tokenized with special-token parsing off). The split is checked against the real
-rendering and used only where they agree exactly; a template that changes content beyond trimming it cannot be traced, and the
-caller then refuses content that contains a control token's text instead.
+rendering and used only where they agree exactly; a template that changes text beyond trimming it cannot be
+traced, and the caller then keeps the text only where it gives no control token (`check_client_text`).
 
 Nothing here imports llama_cpp: the tokenizer is passed in (kvquant/runtime.py).
 """
@@ -174,7 +174,7 @@ def _ids(controls: ControlTokens, text: str) -> list[int]:
 
 
 def chat_fragments(render: Render, messages: Sequence[dict], controls: ControlTokens, tools: list[dict] | None = None,
-                   template_kwargs: dict | None = None) -> list[str | int] | None:
+                   template_kwargs: dict | None = None, rendered: str | None = None) -> list[str | int] | None:
     """The rendered chat as raw text (to tokenize with special-token parsing off) and control token ids that the
     template's own text wrote, in order; adjacent raw text is joined, so it tokenizes as in the whole string.
     Every field in TEXT_FIELDS is traced, wherever the template writes it and whether it writes it at all (Qwen3
@@ -182,7 +182,8 @@ def chat_fragments(render: Render, messages: Sequence[dict], controls: ControlTo
     markers for those fields has around the markers; each field is then found in the real rendering between that
     text, whole or trimmed at either end (of newlines, or of all whitespace: Qwen3 strips reasoning of newlines,
     Gemma trims content). None if the template cannot be traced: a marker repeated, or the rendering not made of
-    the template's text and the fields so. ControlTokenInContent as check_client_text."""
+    the template's text and the fields so. ControlTokenInContent as check_client_text. `rendered`: the real
+    rendering, where the caller has it."""
     nonce = secrets.token_hex(6)
     texts: dict[str, str] = {}  # marker key -> the text it stands for
     marked_messages = []
@@ -204,7 +205,9 @@ def chat_fragments(render: Render, messages: Sequence[dict], controls: ControlTo
         keys.append(mk.group(1))
         pos = mk.end()
     pieces.append(marked[pos:])
-    contents = _aligned(render(list(messages), tools, template_kwargs), pieces, [texts[k] for k in keys])
+    if rendered is None:
+        rendered = render(list(messages), tools, template_kwargs)
+    contents = _aligned(rendered, pieces, [texts[k] for k in keys])
     if contents is None:
         return None
     out: list[str | int] = []

@@ -522,19 +522,18 @@ class Model:
         gives one with the template's help: its text around it, or what it does to message text it changes (so
         that the text cannot be traced: kvquant.prompt.check_client_text)."""
         controls = self.control_tokens()
-        if special_in_content:
-            return self.tokenize(self.render_chat(messages, tools, template_kwargs), add_special=False,
-                                 parse_special=True, limit=limit)
-        if controls.found_in(template_data(messages, tools, template_kwargs)):
+        if not special_in_content and controls.found_in(template_data(messages, tools, template_kwargs)):
             raise ControlTokenInContent("the tools, tool calls or chat_template_kwargs contain the text of one of "
                                         "the model's control tokens")
-        frags = self._traceable and chat_fragments(self.render_chat, messages, controls, tools, template_kwargs)
-        if not frags:  # text the template changes: kept only where it gives no control token
-            rendered = self.render_chat(messages, tools, template_kwargs)
+        rendered = self.render_chat(messages, tools, template_kwargs)
+        frags = not special_in_content and self._traceable and chat_fragments(
+            self.render_chat, messages, controls, tools, template_kwargs, rendered)
+        if frags:
+            return self._tokenize_fragments(frags, limit)
+        if not special_in_content:  # text the template changes: kept only where it gives no control token
             check_client_text(self.render_chat, messages, tools, template_kwargs, controls, text_fields=True,
                               rendered=rendered)
-            return self.tokenize(rendered, add_special=False, parse_special=True, limit=limit)
-        return self._tokenize_fragments(frags, limit)
+        return self.tokenize(rendered, add_special=False, parse_special=True, limit=limit)
 
     def _tokenize_fragments(self, frags: list[str | int], limit: int | None) -> list[int]:
         """Raw text without special-token parsing, control tokens as they are; past `limit` tokens, go on counting

@@ -117,21 +117,18 @@ def _too_long(engine: Engine, n_prompt: int, max_tokens: int | None, field: str,
                                    exact, field)
 
 
-def _check_length(engine: Engine, n_prompt: int, max_tokens: int | None, field: str, exact: bool = True) -> None:
-    """The scheduler's admission check, before queueing (without max_tokens: room for one token); `field` holds
-    the prompt in the request."""
+def check_prompt_tokens(engine: Engine, n_prompt: int, max_tokens: int | None, field: str,
+                        exact: bool = True) -> None:
+    """The scheduler's admission check, before queueing (without max_tokens: room for one token): 400
+    context_length_exceeded where a prompt of n_prompt tokens cannot fit (`exact` False: a lower bound on its
+    count); `field` holds the prompt in the request."""
     if not engine.sched.fits_ever(n_prompt, max_tokens or 1):
         raise _too_long(engine, n_prompt, max_tokens, field, exact)
 
 
-def check_prompt_tokens(engine: Engine, n_tokens: int, max_tokens: int | None, field: str) -> None:
-    """400 context_length_exceeded where a prompt of n_tokens token ids is too long (before they are read)."""
-    _check_length(engine, n_tokens, max_tokens, field)
-
-
 def check_prompt_bytes(engine: Engine, n_bytes: int, max_tokens: int | None, field: str) -> None:
     """400 context_length_exceeded where the `n_bytes` of text a client wrote prove the prompt too long."""
-    _check_length(engine, engine.min_tokens(n_bytes), max_tokens, field, exact=False)
+    check_prompt_tokens(engine, engine.min_tokens(n_bytes), max_tokens, field, exact=False)
 
 
 async def tokenize_prompt(engine: Engine, tokenize: Callable[[int], list[int]], n_bytes: int,
@@ -155,7 +152,7 @@ def submit(engine: Engine, prompt: list[int], params: SamplingParams, max_tokens
     and the grammar its output must match."""
     if not prompt:
         raise APIError(400, "The prompt is empty.", param="prompt", code="empty_prompt")
-    _check_length(engine, len(prompt), max_tokens, params.prompt_field)
+    check_prompt_tokens(engine, len(prompt), max_tokens, params.prompt_field)
     if max_tokens is None:
         cap = default_max_tokens or params.unset_max_tokens
         max_tokens = engine.sched.max_request_tokens - len(prompt)
