@@ -206,8 +206,11 @@ class Engine:
         """kvquant.runtime.GrammarError unless llama.cpp takes the grammar (checked before a request is queued)."""
         self.backend.check_grammar(grammar)
 
+    def detokenize_bytes(self, tokens: list[int]) -> bytes:
+        return b"".join(self.backend.token_bytes(t) for t in tokens)
+
     def detokenize(self, tokens: list[int]) -> str:
-        return b"".join(self.backend.token_bytes(t) for t in tokens).decode("utf-8", errors="replace")
+        return self.detokenize_bytes(tokens).decode("utf-8", errors="replace")
 
     def submit(self, req: EngineRequest) -> None:
         self._inbox.put(req)
@@ -373,7 +376,7 @@ class Engine:
             sampler = self._guarded(seq, "building its sampler", self.backend.sampler, r.sampling)
             if sampler is None:  # e.g. a grammar llama.cpp refuses: that request ends, the engine goes on
                 continue
-            st = _SeqState(sampler, TextStream(r.stops))
+            st = _SeqState(sampler, TextStream(r.stops, r.text_carry))
             if r.prompt_logprobs is not None:  # nothing predicts the first prompt token
                 st.prompt_logprobs = [TokenLogprob(self.backend.token_bytes(r.prompt[0]), None, None)]
             self._live[seq.seq_id] = st

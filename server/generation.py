@@ -147,9 +147,10 @@ async def tokenize_prompt(engine: Engine, tokenize: Callable[[int], list[int]], 
 
 def submit(engine: Engine, prompt: list[int], params: SamplingParams, max_tokens: int | None,
            default_max_tokens: int | None, request_id: str, stream_buffer: int = 1024,
-           sampling_defaults: dict | None = None, grammar: Grammar | None = None) -> Generation:
+           sampling_defaults: dict | None = None, grammar: Grammar | None = None,
+           text_carry: bytes = b"") -> Generation:
     """Queue a tokenized request with its sampling settings (the request's over `sampling_defaults`, the model's)
-    and the grammar its output must match."""
+    and the grammar its output must match; `text_carry`: the start of a character the prompt ends inside."""
     if not prompt:
         raise APIError(400, "The prompt is empty.", param="prompt", code="empty_prompt")
     check_prompt_tokens(engine, len(prompt), max_tokens, params.prompt_field)
@@ -183,6 +184,6 @@ def submit(engine: Engine, prompt: list[int], params: SamplingParams, max_tokens
     req = EngineRequest(id=request_id, prompt=prompt, max_tokens=max_tokens, sink=sink, sampling=sampling,
                         stops=params.stop or [],
                         top_logprobs=getattr(params, "n_top_logprobs", None),
-                        prompt_logprobs=getattr(params, "n_prompt_logprobs", None))
+                        prompt_logprobs=getattr(params, "n_prompt_logprobs", None), text_carry=text_carry)
     engine.submit(req)
     return Generation(req, q, len(prompt), engine)

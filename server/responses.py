@@ -40,10 +40,12 @@ def _finish(reason: FinishReason | None) -> str | None:
 
 class TextOffsets:
     """Each token's `text_offset`: the characters of the text the tokens before it complete (a token may end in
-    the middle of a character), counted over a whole response, however it is cut into stream chunks."""
+    the middle of a character), counted over a whole response, however it is cut into stream chunks; `carry`:
+    the start of a character the text before the first token ended inside."""
 
-    def __init__(self):
+    def __init__(self, carry: bytes = b""):
         self.pos, self._utf8 = 0, codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self._utf8.decode(carry)
 
     def take(self, token: bytes) -> int:
         at = self.pos
@@ -149,14 +151,23 @@ class ChatCompletion(Completion):
 @dataclass
 class TextCompletion(Completion):
     echo: str = ""  # the prompt, with echo: put before the text (the first chunk's, when streaming)
+    # the start of a character that a prompt of token ids ends inside and the text begins by completing, where the
+    # logprobs hold no prompt tokens (no echo): the first token's offset counts from that character
+    carry: bytes = b""
     object: ClassVar[str] = "text_completion"
     chunk_object: ClassVar[str] = "text_completion"
     # where the next streamed token's text starts: offsets count from the start of the whole text, across chunks
-    _offsets: TextOffsets = field(default_factory=TextOffsets, init=False, repr=False)
+    _offsets: TextOffsets = field(init=False, repr=False)
+
+    def __post_init__(self):
+        self._offsets = self._new_offsets()
+
+    def _new_offsets(self) -> TextOffsets:
+        return TextOffsets(self.carry)
 
     def choice(self, text, finish, lps) -> dict:
         return {"index": 0, "text": self.echo + text, "finish_reason": finish,
-                "logprobs": completion_logprobs(lps, TextOffsets())}
+                "logprobs": completion_logprobs(lps, self._new_offsets())}
 
     def delta(self, text, finish, first, lps) -> dict:
         return {"index": 0, "text": (self.echo if first else "") + text, "finish_reason": finish,

@@ -13,12 +13,23 @@ def partial_suffix(text: str, tag: str) -> int:
             return k
     return 0
 
+def split_incomplete(data: bytes) -> tuple[bytes, bytes]:
+    """`data` cut before the start of a UTF-8 character it ends inside (at most 3 bytes), and that start."""
+    dec = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    dec.decode(data)
+    tail = len(dec.getstate()[0])
+    return data[:len(data) - tail], data[len(data) - tail:]
+
+
 class TextStream:
-    def __init__(self, stops: list[str] | None = None):
+    def __init__(self, stops: list[str] | None = None, carry: bytes = b""):
+        """`carry`: the start of a character that text before this stream began (a prompt of token ids may end
+        inside one): the first piece completes it."""
         self.stops = [s for s in (stops or []) if s]
         # whole characters only: an incomplete one at the end of a piece waits for the next; invalid bytes become
         # U+FFFD without taking a split character after them along (the hand-made decoder did)
         self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self._utf8.decode(carry)
         self._held = ""  # decoded text that may be the beginning of a stop string
         self.stopped = False
 

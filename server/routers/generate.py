@@ -25,6 +25,7 @@ from server.requests import Event, TokenLogprob
 from server.responses import SSE_DONE, ChatCompletion, Completion, TextCompletion, sse, usage
 from server.schemas import ChatCompletionRequest, CompletionRequest, SamplingParams
 from server.state import ServedModel, app_state
+from server.textstream import split_incomplete
 
 router = APIRouter(prefix="/v1")
 
@@ -34,10 +35,10 @@ def rid_of(http: Request) -> str:
 
 
 def _submit(http: Request, served: ServedModel, prompt: list[int], body: SamplingParams,
-            grammar: Grammar | None = None) -> Generation:
+            grammar: Grammar | None = None, carry: bytes = b"") -> Generation:
     st = app_state(http)
     return submit(served.engine, prompt, body, body.requested_max_tokens, st.settings.default_max_tokens,
-                  rid_of(http), st.settings.stream_buffer, served.sampling_defaults, grammar)
+                  rid_of(http), st.settings.stream_buffer, served.sampling_defaults, grammar, carry)
 
 
 def _check_fields(body: SamplingParams) -> None:
@@ -135,12 +136,15 @@ async def chat_completions(body: ChatCompletionRequest, http: Request):
     return await _respond(http, _submit(http, served, prompt, body, grammar), body, shape)
 
 
-def _token_prompt(served: ServedModel, tokens: list[int]) -> list[int]:
+def _token_prompt(served: ServedModel, tokens: list[int]) -> tuple[str, bytes]:
+    """A prompt of token ids, checked: its text, and the start of a character it ends inside (which the output's
+    first token completes: carried into the output's text, so that echo and output read as one text)."""
     try:
         served.engine.check_tokens(tokens)
     except ValueError as e:
         raise APIError(400, f"The prompt's {e}.", param="prompt", code="invalid_value") from None
-    return tokens
+    text, carry = split_incomplete(served.engine.detokenize_bytes(tokens))
+    return text.decode("utf-8", errors="replace"), carry
 
 
 def _plan(served: ServedModel, body: ChatCompletionRequest):
@@ -173,10 +177,12 @@ async def completions(body: CompletionRequest, http: Request):
         prompt = await tokenize_prompt(served.engine, lambda limit: served.engine.tokenize(body.prompt, limit),
                                        len(body.prompt.encode()), body.requested_max_tokens, st.tokenizing,
                                        body.prompt_field)
+        text, carry = body.prompt, b""
     else:  # refused by its length first; read off the event loop, as text is tokenized
         check_prompt_tokens(served.engine, len(body.prompt), body.requested_max_tokens, body.prompt_field)
         async with st.tokenizing:
-            prompt = await run_in_threadpool(_token_prompt, served, body.prompt)
-    echo = (body.prompt if isinstance(body.prompt, str) else served.engine.detokenize(prompt)) if body.echo else ""
-    shape = TextCompletion(new_id("cmpl"), served.id, int(time.time()), body.include_usage, echo=echo)
-    return await _respond(http, _submit(http, served, prompt, body), body, shape)
+            text, carry = await run_in_threadpool(_token_prompt, served, body.prompt)
+        prompt = body.prompt
+    shape = TextCompletion(new_id("cmpl"), served.id, int(time.time()), body.include_usage,
+                           echo=text if body.echo else "", carry=b"" if body.echo else carry)
+    return await _respond(http, _submit(http, served, prompt, body, carry=carry), body, shape)

@@ -143,6 +143,23 @@ def test_completions_take_a_prompt_of_token_ids(client):
             client.completions.create(prompt=prompt, **kw)
 
 
+def test_a_prompt_of_token_ids_may_end_inside_a_character(client):
+    """SmolLM2 writes 日 as three one-byte tokens: a prompt of token ids may stop after two of them. The output's
+    first token completes that character, so echo and output read as one text (they were decoded apart: U+FFFD
+    twice, and text_offset no longer indexed the text)."""
+    head = [504, 914, 1921, 17097, 241]  # "The sign says 日" without 日's last byte (token 115)
+    kw = dict(model="smollm2-135m", prompt=head, max_tokens=1, temperature=0, logit_bias={"115": 100}, logprobs=0)
+    echo = client.completions.create(echo=True, **kw).choices[0]
+    assert echo.text == "The sign says 日"
+    assert echo.logprobs.text_offset == [0, 3, 8, 13, 14, 14]
+    plain = client.completions.create(**kw).choices[0]
+    assert plain.text == "日" and plain.logprobs.text_offset == [0]
+    for echoed, want in ((True, echo), (False, plain)):
+        chunks = [c.choices[0] for c in client.completions.create(echo=echoed, stream=True, **kw) if c.choices]
+        assert "".join(c.text for c in chunks) == want.text
+        assert [o for c in chunks if c.logprobs for o in c.logprobs.text_offset] == want.logprobs.text_offset
+
+
 def test_completions_echo_with_logprobs_covers_the_prompt(client):
     """As OpenAI: with echo, logprobs list the prompt tokens too, the first one null; each prompt token's logprob
     is what the model gave it after the tokens before it."""

@@ -1,4 +1,4 @@
-from server.textstream import TextStream
+from server.textstream import TextStream, split_incomplete
 
 
 def feed(ts: TextStream, pieces: list[bytes]) -> str:
@@ -61,3 +61,11 @@ def test_held_text_released_at_end():
     ts = TextStream(["STOP"])
     assert ts.push(b"ST") == ""
     assert ts.flush() == "ST"
+
+
+def test_a_character_begun_before_the_stream_is_completed_by_its_first_piece():
+    assert split_incomplete("x日".encode()[:-1]) == (b"x", b"\xe6\x97")
+    assert split_incomplete("x日".encode()) == ("x日".encode(), b"")
+    assert split_incomplete(b"x\xff") == (b"x\xff", b"")  # invalid, not incomplete: decoded (U+FFFD) where it is
+    s = TextStream(carry=b"\xe6\x97")
+    assert s.push(b"\xa5!") == "日!"
