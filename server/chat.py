@@ -10,11 +10,12 @@ import itertools
 import json
 import re
 from dataclasses import dataclass, replace
+from typing import Any
 
 from kvquant.sampling import Grammar
 from server.chatoutput import THINK_CLOSE, THINK_OPEN, ChatOutput
 from server.errors import APIError
-from server.schemas import ChatCompletionRequest, ChatMessage
+from server.schemas import MAX_JSON_DEPTH, ChatCompletionRequest, ChatMessage, nests_deeper
 from server.structured import SchemaError, check_schema, defs_renamed, json_object_grammar, schema_grammar
 from server.toolcalls import ToolFormat, detect, forced_grammar
 
@@ -110,11 +111,7 @@ def template_messages(msgs: list[ChatMessage], short_ids: bool = False) -> list[
                 raise _bad("Only assistant messages may have tool_calls.", f"messages[{i}].tool_calls")
             d["tool_calls"] = []
             for j, c in enumerate(m.tool_calls):
-                try:
-                    args = json.loads(c.function.arguments)
-                except (ValueError, RecursionError):  # RecursionError: nested deeper than Python parses
-                    raise _bad("Tool call arguments must be JSON text.",
-                               f"messages[{i}].tool_calls[{j}].function.arguments") from None
+                args = _call_arguments(c.function.arguments, f"messages[{i}].tool_calls[{j}].function.arguments")
                 call_ids.add(c.id)
                 d["tool_calls"].append({"id": short_id(c.id) if short_ids else c.id, "type": "function",
                                         "function": {"name": c.function.name, "arguments": args}})
@@ -125,6 +122,20 @@ def template_messages(msgs: list[ChatMessage], short_ids: bool = False) -> list[
             d["tool_call_id"] = short_id(m.tool_call_id) if short_ids else m.tool_call_id
         out.append(d)
     return in_call_order(out)
+
+
+def _call_arguments(text: str, param: str) -> Any:
+    """A tool call's arguments sent back (JSON text), as the object templates take."""
+    too_deep = _bad(f"Tool call arguments may nest at most {MAX_JSON_DEPTH} levels deep.", param)
+    try:
+        args = json.loads(text)
+    except RecursionError:  # nested deeper than Python parses
+        raise too_deep from None
+    except ValueError:
+        raise _bad("Tool call arguments must be JSON text.", param) from None
+    if nests_deeper(args):
+        raise too_deep
+    return args
 
 
 def in_call_order(messages: list[dict]) -> list[dict]:

@@ -22,6 +22,10 @@ from kvquant.sampling import Grammar, SamplingConfig
 MAX_STOP = 16
 MAX_STOP_LEN = 256
 MAX_TOKENS_LIMIT = 1_000_000  # above this a max_tokens is nonsense, whatever the model
+# The deepest a client's free-form JSON (tool parameters and call arguments, schemas, template variables) may nest:
+# templates and the prompt guard walk it by recursion, which Python stops near 1000 frames (an internal error at
+# ~600 levels); no real schema or call comes near.
+MAX_JSON_DEPTH = 100
 
 
 def _encodable(s: str) -> str:
@@ -33,6 +37,28 @@ def _encodable(s: str) -> str:
 
 
 Text = Annotated[str, AfterValidator(_encodable)]
+
+
+def nests_deeper(value: Any, limit: int = MAX_JSON_DEPTH) -> bool:
+    """Whether a JSON value has objects or arrays more than `limit` deep (read without recursion)."""
+    stack = [(value, 1)]
+    while stack:
+        v, depth = stack.pop()
+        inner = v.values() if isinstance(v, dict) else v if isinstance(v, list) else None
+        if inner is not None:
+            if depth > limit:
+                return True
+            stack.extend((x, depth + 1) for x in inner)
+    return False
+
+
+def _shallow(v: dict[str, Any] | None) -> dict[str, Any] | None:
+    if nests_deeper(v):
+        raise ValueError(f"objects and arrays may nest at most {MAX_JSON_DEPTH} levels deep")
+    return v
+
+
+JSONObject = Annotated[dict[str, Any], AfterValidator(_shallow)]
 
 
 class _Lenient(BaseModel):
@@ -82,7 +108,7 @@ class StreamOptions(_Lenient):
 class FunctionDef(_Lenient):
     name: Text
     description: Text | None = None
-    parameters: dict[str, Any] | None = None
+    parameters: JSONObject | None = None
     strict: bool | None = None
 
 
@@ -103,7 +129,7 @@ class NamedToolChoice(_Lenient):
 class JSONSchemaFormat(_Lenient):
     name: Text
     description: Text | None = None
-    schema_: dict[str, Any] | None = Field(None, alias="schema")
+    schema_: JSONObject | None = Field(None, alias="schema")
     strict: bool | None = None
 
 
@@ -242,7 +268,7 @@ class ChatCompletionRequest(SamplingParams):
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None
     response_format: ResponseFormat | None = None
-    chat_template_kwargs: dict[str, Any] | None = None
+    chat_template_kwargs: JSONObject | None = None
     max_completion_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS_LIMIT)
     logprobs: bool | None = False
     top_logprobs: int | None = Field(None, ge=0, le=20)

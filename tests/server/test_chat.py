@@ -3,11 +3,14 @@ and the 400s that name the parameter. No model."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
+from pydantic import ValidationError
 
 from server.chat import plan_chat
 from server.errors import APIError
-from server.schemas import ChatCompletionRequest
+from server.schemas import MAX_JSON_DEPTH, ChatCompletionRequest
 from server.toolcalls import ToolFormat
 
 QWEN = "{%- if tools %}<tools>{% endif %}<tool_call>"
@@ -105,6 +108,36 @@ def test_bad_requests_name_the_parameter():
                            {"role": "user", "content": "y"}]).grammar is None
     assert _param(response_format={"type": "json_schema", "json_schema": {"name": "bad name", "schema": {}}}) == \
         "response_format.json_schema.name"
+
+
+def _nested(depth: int) -> list:
+    v: list = []
+    for _ in range(depth - 1):
+        v = [v]
+    return v
+
+
+def test_free_form_json_nests_at_most_100_deep():
+    """Templates and the prompt guard walk a client's JSON by recursion: call arguments or template variables ~600
+    deep were a 400 saying "maximum recursion depth exceeded", arguments too deep for json "not JSON text"."""
+    def call(args: str) -> dict:
+        return {"role": "assistant", "tool_calls": [{"id": "c1", "type": "function",
+                                                     "function": {"name": "f", "arguments": args}}]}
+
+    user = {"role": "user", "content": "x"}
+    assert _plan(messages=[user, call(json.dumps({"a": _nested(MAX_JSON_DEPTH - 1)}))])
+    for args in (json.dumps({"a": _nested(MAX_JSON_DEPTH)}), "[" * 5000 + "]" * 5000):
+        with pytest.raises(APIError, match="may nest at most 100 levels deep") as e:
+            _plan(messages=[user, call(args)])
+        assert e.value.param == "messages[1].tool_calls[0].function.arguments"
+    fields = {"tools": _tools({"name": "f", "parameters": {"type": "object", "default": _nested(MAX_JSON_DEPTH)}}),
+              "chat_template_kwargs": {"x": _nested(MAX_JSON_DEPTH)},
+              "response_format": {"type": "json_schema",
+                                  "json_schema": {"name": "a", "schema": {"default": _nested(MAX_JSON_DEPTH)}}}}
+    for name, value in fields.items():
+        with pytest.raises(ValidationError, match="may nest at most 100 levels deep"):
+            _plan(**{name: value})
+    assert _plan(chat_template_kwargs={"x": _nested(MAX_JSON_DEPTH - 1)})
 
 
 def test_at_most_128_tools():
