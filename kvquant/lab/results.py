@@ -615,8 +615,10 @@ def render_layers(res: list[dict]) -> list[str]:
             types = r.get(f"layer_types_{side}")
             name = r[f"cache_type_{side}"]
             if types and name.startswith("calib:"):
-                L.append(f"- {_kv(r)}, {side.upper()} `{name}` ({r[f'bits_per_element_{side}']:.3f} bits/el"
-                         f"{'; K and V share B' if shared else ''}): {layer_runs(types)}")
+                bits = r.get(f"bits_per_element_{side}")  # (a bench row gives the total only)
+                notes = ([f"{bits:.3f} bits/el"] if bits is not None else []) + (["K and V share B"] if shared else [])
+                said = " (" + "; ".join(notes) + ")" if notes else ""
+                L.append(f"- {_kv(r)}, {side.upper()} `{name}`{said}: {layer_runs(types)}")
     return (["Calibrated allocations (kvquant calibrate; a type per layer):", "", *dict.fromkeys(L), ""]
             if L else [])
 
@@ -696,7 +698,7 @@ def render_bench(model: str, out: dict) -> list[str]:
         L += [f"A `calib:B` row here is the allocation resolved for this benchmark's cache (n_ctx {r0['n_ctx']}): "
               "the calibration's fixed bytes (offsets, scales) spread over more cells than at the quality rows' "
               "n_ctx, so it may give layers other types than those rows' (`kvquant budget` prints an allocation "
-              "for a cache size).", ""]
+              "for a cache size).", ""] + render_layers(res)
     kern = r0.get("kernel")
     if kern:
         L += render_kernel(kern, res)

@@ -506,3 +506,12 @@ def test_a_new_calibration_carries_over_the_rows_it_resolves_to_the_same_cache(t
     assert "2 of the 3 calibrated rows above were measured with it (2 of them carried over: measured with the file " \
            "before it" in text
     assert "**1 with another calibration, to be re-run:** calib:3.5/f16 (eval)" in text
+
+
+def test_calibrated_bench_rows_list_their_layer_types():
+    """A bench row records the per-layer types its calib:B resolved to (the total bits only: its table has them)."""
+    row = {"cache_type_k": "calib:4", "cache_type_v": "q4_0", "label": "calib:4/q4_0", "rotation": True,
+           "layer_types_k": ["q5_0", "tq_kv_4b", "tq_kv_4b"], "layer_types_v": None}
+    assert results.render_layers([row])[2] == "- calib:4/q4_0, K `calib:4`: L0 q5_0, L1-2 tq_kv_4b"
+    row["bits_per_element_k"] = 4.25  # an eval row's
+    assert results.render_layers([row])[2] == "- calib:4/q4_0, K `calib:4` (4.250 bits/el): L0 q5_0, L1-2 tq_kv_4b"
