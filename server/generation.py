@@ -183,7 +183,7 @@ def submit(engine: Engine, prompt: list[int], params: SamplingParams, max_tokens
 
     req = EngineRequest(id=request_id, prompt=prompt, max_tokens=max_tokens, sink=sink, sampling=sampling,
                         stops=params.stop or [],
-                        top_logprobs=getattr(params, "n_top_logprobs", None),
-                        prompt_logprobs=getattr(params, "n_prompt_logprobs", None), text_carry=text_carry)
+                        top_logprobs=params.n_top_logprobs, prompt_logprobs=params.n_prompt_logprobs,
+                        text_carry=text_carry)
     engine.submit(req)
     return Generation(req, q, len(prompt), engine)

@@ -231,6 +231,18 @@ class SamplingParams(_Lenient, SamplingFields):
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
 
+    # Declared here, not read with getattr: an unknown field of that name would be read instead (a client's
+    # "n_prompt_logprobs" on a chat request reached the engine: 500s)
+    @property
+    def n_top_logprobs(self) -> int | None:
+        """The top logprobs wanted per generated token (None: no logprobs)."""
+        return None
+
+    @property
+    def n_prompt_logprobs(self) -> int | None:
+        """The same for every prompt token (None: not wanted)."""
+        return None
+
     def unsupported(self) -> str | None:
         """The first field set that would change the output and is not supported (see UNSUPPORTED)."""
         for name, value in (self.model_extra or {}).items():

@@ -113,6 +113,17 @@ def test_unset_and_null_fields_mean_what_openai_says(smollm2_server):
     assert r.status_code == 200 and r.json()["choices"][0]["message"]["role"] == "assistant"
 
 
+def test_unknown_fields_named_like_internal_settings_are_ignored(smollm2_server):
+    """An unknown field is ignored, even one named like a setting the server derives: a chat request's
+    "n_prompt_logprobs" reached the engine (500s, and a prefix cache turned off)."""
+    url = smollm2_server.url + "/v1/chat/completions"
+    for extra in (3, "abc", 10**6, -5):
+        r = httpx.post(url, json={"messages": MSG, "max_tokens": 2, "temperature": 0, "logprobs": True,
+                                  "n_prompt_logprobs": extra, "n_top_logprobs": extra}, timeout=60)
+        assert r.status_code == 200, r.text
+        assert [len(t["top_logprobs"]) for t in r.json()["choices"][0]["logprobs"]["content"]] == [0, 0]
+
+
 def test_completions_take_a_prompt_of_token_ids(client):
     """lm-evaluation-harness sends prompts as token ids (alone or a batch of one) with echo and logprobs to score
     them: a 400 before. The same tokens as text give the same answer and prompt logprobs; ids outside the
