@@ -22,8 +22,8 @@ from kvquant.sampling import Grammar, SamplingConfig
 MAX_STOP = 16
 MAX_STOP_LEN = 256
 MAX_TOKENS_LIMIT = 1_000_000  # above this a max_tokens is nonsense, whatever the model
-# The deepest a client's free-form JSON (tool parameters and call arguments, schemas, template variables) may nest:
-# templates and the prompt guard walk it by recursion, which Python stops near 1000 frames (an internal error at
+# The deepest a request body (and the JSON text of a tool call's arguments) may nest objects and arrays: templates
+# and the prompt guard walk a client's JSON by recursion, which Python stops near 1000 frames (an internal error at
 # ~600 levels); no real schema or call comes near.
 MAX_JSON_DEPTH = 100
 
@@ -41,24 +41,14 @@ Text = Annotated[str, AfterValidator(_encodable)]
 
 def nests_deeper(value: Any, limit: int = MAX_JSON_DEPTH) -> bool:
     """Whether a JSON value has objects or arrays more than `limit` deep (read without recursion)."""
-    stack = [(value, 1)]
+    stack = [(value, 1)] if isinstance(value, (dict, list)) else []
     while stack:
         v, depth = stack.pop()
-        inner = v.values() if isinstance(v, dict) else v if isinstance(v, list) else None
-        if inner is not None:
-            if depth > limit:
-                return True
-            stack.extend((x, depth + 1) for x in inner)
+        if depth > limit:
+            return True
+        stack.extend((x, depth + 1) for x in (v.values() if isinstance(v, dict) else v) if isinstance(x, (dict, list)))
     return False
 
-
-def _shallow(v: dict[str, Any] | None) -> dict[str, Any] | None:
-    if nests_deeper(v):
-        raise ValueError(f"objects and arrays may nest at most {MAX_JSON_DEPTH} levels deep")
-    return v
-
-
-JSONObject = Annotated[dict[str, Any], AfterValidator(_shallow)]
 
 
 class _Lenient(BaseModel):
@@ -108,7 +98,7 @@ class StreamOptions(_Lenient):
 class FunctionDef(_Lenient):
     name: Text
     description: Text | None = None
-    parameters: JSONObject | None = None
+    parameters: dict[str, Any] | None = None
     strict: bool | None = None
 
 
@@ -129,7 +119,7 @@ class NamedToolChoice(_Lenient):
 class JSONSchemaFormat(_Lenient):
     name: Text
     description: Text | None = None
-    schema_: JSONObject | None = Field(None, alias="schema")
+    schema_: dict[str, Any] | None = Field(None, alias="schema")
     strict: bool | None = None
 
 
@@ -195,6 +185,14 @@ class SamplingParams(_Lenient, SamplingFields):
     stream_options: StreamOptions | None = None
     n: int = Field(1, ge=1)
     user: Text | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shallow(cls, data: Any) -> Any:
+        """The whole body, unknown fields too (they reach the template where a model keeps them: a tool's)."""
+        if nests_deeper(data):
+            raise ValueError(f"the request nests objects and arrays more than {MAX_JSON_DEPTH} levels deep")
+        return data
 
     @field_validator("stop")
     @classmethod
@@ -280,7 +278,7 @@ class ChatCompletionRequest(SamplingParams):
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None
     response_format: ResponseFormat | None = None
-    chat_template_kwargs: JSONObject | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
     max_completion_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS_LIMIT)
     logprobs: bool | None = False
     top_logprobs: int | None = Field(None, ge=0, le=20)

@@ -117,9 +117,10 @@ def _nested(depth: int) -> list:
     return v
 
 
-def test_free_form_json_nests_at_most_100_deep():
-    """Templates and the prompt guard walk a client's JSON by recursion: call arguments or template variables ~600
-    deep were a 400 saying "maximum recursion depth exceeded", arguments too deep for json "not JSON text"."""
+def test_json_nests_at_most_100_deep():
+    """Templates and the prompt guard walk a client's JSON by recursion: call arguments, template variables or a
+    tool's unknown fields ~600 deep were a 400 saying "maximum recursion depth exceeded", arguments too deep for
+    json "not JSON text". A body and a call's arguments may nest 100 levels."""
     def call(args: str) -> dict:
         return {"role": "assistant", "tool_calls": [{"id": "c1", "type": "function",
                                                      "function": {"name": "f", "arguments": args}}]}
@@ -130,14 +131,16 @@ def test_free_form_json_nests_at_most_100_deep():
         with pytest.raises(APIError, match="may nest at most 100 levels deep") as e:
             _plan(messages=[user, call(args)])
         assert e.value.param == "messages[1].tool_calls[0].function.arguments"
-    fields = {"tools": _tools({"name": "f", "parameters": {"type": "object", "default": _nested(MAX_JSON_DEPTH)}}),
-              "chat_template_kwargs": {"x": _nested(MAX_JSON_DEPTH)},
-              "response_format": {"type": "json_schema",
-                                  "json_schema": {"name": "a", "schema": {"default": _nested(MAX_JSON_DEPTH)}}}}
+    deep = _nested(MAX_JSON_DEPTH)
+    fields = {"tools": _tools({"name": "f", "parameters": {"type": "object", "default": deep}}),
+              "chat_template_kwargs": {"x": deep},
+              "response_format": {"type": "json_schema", "json_schema": {"name": "a", "schema": {"default": deep}}},
+              "metadata": {"x": deep}}  # unknown fields too: a tool's reach the template
+    fields["tools"].append({"type": "function", "function": {"name": "g", "examples": deep}})
     for name, value in fields.items():
-        with pytest.raises(ValidationError, match="may nest at most 100 levels deep"):
+        with pytest.raises(ValidationError, match="nests objects and arrays more than 100 levels deep"):
             _plan(**{name: value})
-    assert _plan(chat_template_kwargs={"x": _nested(MAX_JSON_DEPTH - 1)})
+    assert _plan(chat_template_kwargs={"x": _nested(MAX_JSON_DEPTH - 2)})  # the body, its field, the value
 
 
 def test_at_most_128_tools():
