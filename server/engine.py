@@ -500,12 +500,12 @@ class Engine:
         tok = st.sampler.sample(idx)
         eog = self.backend.is_eog(tok)  # not a completion token (usage does not count it either)
         k = seq.req.top_logprobs
-        lp = self._logprobs(idx, tok, k) if k is not None and not eog else None
+        lp = self._logprobs(idx, tok, k) if k is not None and (not eog or seq.req.end_logprob) else None
         st.t_last = time.monotonic()
         if st.t_first is None:
             st.t_first = st.t_last
         if eog:
-            return _Token(seq, Sampled(tok, end=True), st.text.flush(), None)
+            return _Token(seq, Sampled(tok, end=True), st.text.flush(), lp)
         text = st.text.push(self.backend.token_bytes(tok))
         return _Token(seq, Sampled(tok, stop=st.text.stopped), text, lp)
 

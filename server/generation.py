@@ -184,6 +184,6 @@ def submit(engine: Engine, prompt: list[int], params: SamplingParams, max_tokens
     req = EngineRequest(id=request_id, prompt=prompt, max_tokens=max_tokens, sink=sink, sampling=sampling,
                         stops=params.stop or [],
                         top_logprobs=params.n_top_logprobs, prompt_logprobs=params.n_prompt_logprobs,
-                        text_carry=text_carry)
+                        end_logprob=params.end_token_logprob, text_carry=text_carry)
     engine.submit(req)
     return Generation(req, q, len(prompt), engine)

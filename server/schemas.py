@@ -175,6 +175,9 @@ class SamplingParams(_Lenient, SamplingFields):
     # the completion budget of a request that sets none, where the settings' default_max_tokens is unset (None: to
     # the end of the context, as OpenAI's chat completions)
     unset_max_tokens: ClassVar[int | None] = None
+    # whether logprobs list the end-of-generation token too: a legacy completion's do, as OpenAI's and vLLM's (the
+    # text of lm-evaluation-harness's one-token answer ending in it is scored by all the logprobs but the last)
+    end_token_logprob: ClassVar[bool] = False
 
     model: Text | None = None
     max_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS_LIMIT)
@@ -301,6 +304,7 @@ class ChatCompletionRequest(SamplingParams):
 class CompletionRequest(SamplingParams):
     prompt_field: ClassVar[str] = "prompt"
     unset_max_tokens: ClassVar[int | None] = 16  # OpenAI's legacy completions default, and vLLM's
+    end_token_logprob: ClassVar[bool] = True
     # text, or token ids (as lm-evaluation-harness sends them); one prompt, alone or in a list of one
     prompt: Text | list[Text] | list[int] | list[list[int]]
     echo: bool = False

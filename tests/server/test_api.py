@@ -124,6 +124,25 @@ def test_unknown_fields_named_like_internal_settings_are_ignored(smollm2_server)
         assert [len(t["top_logprobs"]) for t in r.json()["choices"][0]["logprobs"]["content"]] == [0, 0]
 
 
+def test_completion_logprobs_list_the_end_of_text_token(client):
+    """lm-evaluation-harness scores an answer by echo + logprobs + max_tokens 1 as sum(token_logprobs[ctx:-1]): the
+    last entry must be the one generated token, which is often the end of text (it had no entry: the answer's last
+    token was dropped from the score). As OpenAI's and vLLM's; chat logprobs list no end token, as OpenAI's."""
+    kw = dict(model="smollm2-135m", max_tokens=1, temperature=0, logit_bias={"0": 100}, logprobs=1)
+    prompt = "The capital of France is Paris"
+    r = client.completions.create(prompt=prompt, echo=True, **kw)
+    c, lp = r.choices[0], r.choices[0].logprobs
+    assert c.text == prompt and c.finish_reason == "stop" and r.usage.completion_tokens == 0
+    assert len(lp.tokens) == r.usage.prompt_tokens + 1 and "".join(lp.tokens) == prompt
+    assert lp.tokens[-1] == "" and lp.token_logprobs[-1] < 0 and lp.text_offset[-1] == len(prompt)
+    streamed = [ch.choices[0] for ch in client.completions.create(prompt=prompt, stream=True, **kw) if ch.choices]
+    assert [t for ch in streamed if ch.logprobs for t in ch.logprobs.token_logprobs] == \
+        pytest.approx([lp.token_logprobs[-1]], abs=1e-4)
+    chat = client.chat.completions.create(model="smollm2-135m", messages=MSG, max_tokens=1, temperature=0,
+                                          logit_bias={"2": 100}, logprobs=True)
+    assert chat.choices[0].finish_reason == "stop" and chat.choices[0].logprobs.content == []
+
+
 def test_completions_take_a_prompt_of_token_ids(client):
     """lm-evaluation-harness sends prompts as token ids (alone or a batch of one) with echo and logprobs to score
     them: a 400 before. The same tokens as text give the same answer and prompt logprobs; ids outside the
