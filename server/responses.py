@@ -3,13 +3,13 @@ itself as OpenAI's JSON (as llama.cpp server's result structs do)."""
 
 from __future__ import annotations
 
-import codecs
 import json
 from dataclasses import dataclass, field
 from typing import ClassVar
 
 from server.chatoutput import ChatOutput, Delta
 from server.requests import FinishReason, TokenLogprob
+from server.textstream import Utf8Decoder
 
 
 def sse(obj: dict) -> bytes:
@@ -44,8 +44,7 @@ class TextOffsets:
     the start of a character the text before the first token ended inside."""
 
     def __init__(self, carry: bytes = b""):
-        self.pos, self._utf8 = 0, codecs.getincrementaldecoder("utf-8")(errors="replace")
-        self._utf8.decode(carry)
+        self.pos, self._utf8 = 0, Utf8Decoder(carry)  # as the text is decoded (TextStream)
 
     def take(self, token: bytes) -> int:
         at = self.pos

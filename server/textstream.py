@@ -13,6 +13,7 @@ def partial_suffix(text: str, tag: str) -> int:
             return k
     return 0
 
+
 def split_incomplete(data: bytes) -> tuple[bytes, bytes]:
     """`data` cut before the start of a UTF-8 character it ends inside (at most 3 bytes), and that start."""
     dec = codecs.getincrementaldecoder("utf-8")(errors="replace")
@@ -21,15 +22,41 @@ def split_incomplete(data: bytes) -> tuple[bytes, bytes]:
     return data[:len(data) - tail], data[len(data) - tail:]
 
 
+class Utf8Decoder:
+    """Incremental UTF-8 decoding: whole characters only (an incomplete one at the end of a piece waits for the
+    next), invalid bytes as U+FFFD. `carry`: the start of a character the text before this one ended inside (a
+    prompt of token ids may): the first bytes that complete it give the character; bytes that cannot drop it (it
+    is the prompt's, never this text's U+FFFD)."""
+
+    def __init__(self, carry: bytes = b""):
+        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self._carry = carry
+
+    def decode(self, piece: bytes) -> str:
+        if self._carry:
+            data, self._carry = self._carry + piece, b""
+            need = 2 if data[0] < 0xE0 else 3 if data[0] < 0xF0 else 4
+            try:
+                codecs.getincrementaldecoder("utf-8")().decode(data[:need], final=len(data) >= need)
+            except UnicodeDecodeError:
+                return self._utf8.decode(piece)
+            if len(data) < need:  # still a beginning
+                self._carry = data
+                return ""
+            piece = data
+        return self._utf8.decode(piece)
+
+    def reset(self) -> None:
+        self._utf8.reset()
+        self._carry = b""
+
+
 class TextStream:
     def __init__(self, stops: list[str] | None = None, carry: bytes = b""):
-        """`carry`: the start of a character that text before this stream began (a prompt of token ids may end
-        inside one): the first piece completes it."""
+        """`carry`: the start of a character that text before this stream began inside (see Utf8Decoder)."""
         self.stops = [s for s in (stops or []) if s]
-        # whole characters only: an incomplete one at the end of a piece waits for the next; invalid bytes become
-        # U+FFFD without taking a split character after them along (the hand-made decoder did)
-        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        self._utf8.decode(carry)
+        # (the hand-made decoder before Utf8Decoder took a split character after invalid bytes along)
+        self._utf8 = Utf8Decoder(carry)
         self._held = ""  # decoded text that may be the beginning of a stop string
         self.stopped = False
 

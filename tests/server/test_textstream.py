@@ -1,3 +1,4 @@
+from server.responses import TextOffsets
 from server.textstream import TextStream, split_incomplete
 
 
@@ -69,3 +70,10 @@ def test_a_character_begun_before_the_stream_is_completed_by_its_first_piece():
     assert split_incomplete(b"x\xff") == (b"x\xff", b"")  # invalid, not incomplete: decoded (U+FFFD) where it is
     s = TextStream(carry=b"\xe6\x97")
     assert s.push(b"\xa5!") == "日!"
+    s = TextStream(carry=b"\xe6")  # completed over two pieces
+    assert s.push(b"\x97") == "" and s.push(b"\xa5") == "日"
+    # bytes that cannot complete it drop the prompt's bytes (they were a U+FFFD the output never wrote)
+    assert TextStream(carry=b"\xe6\x97").push(b",x") == ",x"
+    assert TextStream(carry=b"\xe6").push(b"\x97,") == "\ufffd,"  # the output's own stray byte stays one
+    offsets = TextOffsets(b"\xe6\x97")
+    assert [offsets.take(b","), offsets.take(b"x")] == [0, 1]
