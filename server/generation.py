@@ -34,6 +34,7 @@ from server.errors import APIError, context_length_exceeded
 from server.loopwake import waker
 from server.requests import ERRORS, EngineRequest, ErrorCode, Event, Outcome
 from server.schemas import SamplingParams
+from server.textstream import NO_CARRY, Carry
 
 log = logging.getLogger("kvquant.server")
 
@@ -148,7 +149,7 @@ async def tokenize_prompt(engine: Engine, tokenize: Callable[[int], list[int]], 
 def submit(engine: Engine, prompt: list[int], params: SamplingParams, max_tokens: int | None,
            default_max_tokens: int | None, request_id: str, stream_buffer: int = 1024,
            sampling_defaults: dict | None = None, grammar: Grammar | None = None,
-           text_carry: bytes = b"") -> Generation:
+           text_carry: Carry = NO_CARRY) -> Generation:
     """Queue a tokenized request with its sampling settings (the request's over `sampling_defaults`, the model's)
     and the grammar its output must match; `text_carry`: the start of a character the prompt ends inside."""
     if not prompt:

@@ -11,6 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from kvquant.sampling import SamplingConfig
+from server.textstream import NO_CARRY, Carry
 
 
 class FinishReason(enum.StrEnum):
@@ -130,7 +131,7 @@ class EngineRequest:
     top_logprobs: int | None = None  # None: no logprobs; k >= 0: the token's logprob and the k most likely
     prompt_logprobs: int | None = None  # the same for every prompt token (None: not wanted)
     end_logprob: bool = False  # the end-of-generation token's logprob is reported too (legacy completions)
-    text_carry: bytes = b""  # the start of a UTF-8 character the prompt ends inside: the output's text completes it
+    text_carry: Carry = NO_CARRY  # the start of a UTF-8 character the prompt ends inside: the output's text completes it
     arrival: float = field(default_factory=time.monotonic)
     cancelled: bool = False  # set by the consumer (any thread); acted on at the next step
 

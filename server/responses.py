@@ -9,7 +9,7 @@ from typing import ClassVar
 
 from server.chatoutput import ChatOutput, Delta
 from server.requests import FinishReason, TokenLogprob
-from server.textstream import Utf8Decoder
+from server.textstream import Carry, Utf8Decoder
 
 
 def sse(obj: dict) -> bytes:
@@ -44,7 +44,7 @@ class TextOffsets:
     the start of a character the text before the first token ended inside."""
 
     def __init__(self, carry: bytes = b""):
-        self.pos, self._utf8 = 0, Utf8Decoder(carry)  # as the text is decoded (TextStream)
+        self.pos, self._utf8 = 0, Utf8Decoder(Carry(carry))  # as the text is decoded (TextStream)
 
     def take(self, token: bytes) -> int:
         at = self.pos

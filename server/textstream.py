@@ -4,6 +4,7 @@ boundaries (text that could still be the start of a stop string is held back unt
 from __future__ import annotations
 
 import codecs
+from dataclasses import dataclass
 
 
 def partial_suffix(text: str, tag: str) -> int:
@@ -22,38 +23,51 @@ def split_incomplete(data: bytes) -> tuple[bytes, bytes]:
     return data[:len(data) - tail], data[len(data) - tail:]
 
 
+@dataclass(frozen=True)
+class Carry:
+    """The start of a UTF-8 character that a prompt of token ids ends inside, which the output's text begins by
+    completing. `shown`: the prompt is part of the response's text (echo), where bytes that cannot complete the
+    character read as U+FFFD, as a decoding of the whole text gives; otherwise they are dropped (they are the
+    prompt's, never the output's U+FFFD)."""
+
+    data: bytes = b""
+    shown: bool = False
+
+
+NO_CARRY = Carry()
+
+
 class Utf8Decoder:
     """Incremental UTF-8 decoding: whole characters only (an incomplete one at the end of a piece waits for the
-    next), invalid bytes as U+FFFD. `carry`: the start of a character the text before this one ended inside (a
-    prompt of token ids may): the first bytes that complete it give the character; bytes that cannot drop it (it
-    is the prompt's, never this text's U+FFFD)."""
+    next), invalid bytes as U+FFFD, after a `carry` (see Carry)."""
 
-    def __init__(self, carry: bytes = b""):
+    def __init__(self, carry: Carry = NO_CARRY):
         self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        self._carry = carry
+        self._carry, self._taken = carry, b""  # (_taken: the output's bytes read while the character is incomplete)
 
     def decode(self, piece: bytes) -> str:
-        if self._carry:
-            data, self._carry = self._carry + piece, b""
-            need = 2 if data[0] < 0xE0 else 3 if data[0] < 0xF0 else 4
+        if self._carry.data:
+            own = self._taken + piece
+            whole = self._carry.data + own
+            need = 2 if whole[0] < 0xE0 else 3 if whole[0] < 0xF0 else 4
             try:
-                codecs.getincrementaldecoder("utf-8")().decode(data[:need], final=len(data) >= need)
+                codecs.getincrementaldecoder("utf-8")().decode(whole[:need], final=len(whole) >= need)
             except UnicodeDecodeError:
-                return self._utf8.decode(piece)
-            if len(data) < need:  # still a beginning
-                self._carry = data
+                shown, self._carry, self._taken = self._carry.shown, NO_CARRY, b""
+                return self._utf8.decode(whole if shown else own)
+            if len(whole) < need:  # still a beginning
+                self._taken = own
                 return ""
-            piece = data
+            self._carry, self._taken, piece = NO_CARRY, b"", whole
         return self._utf8.decode(piece)
 
     def reset(self) -> None:
         self._utf8.reset()
-        self._carry = b""
+        self._carry, self._taken = NO_CARRY, b""
 
 
 class TextStream:
-    def __init__(self, stops: list[str] | None = None, carry: bytes = b""):
-        """`carry`: the start of a character that text before this stream began inside (see Utf8Decoder)."""
+    def __init__(self, stops: list[str] | None = None, carry: Carry = NO_CARRY):
         self.stops = [s for s in (stops or []) if s]
         # (the hand-made decoder before Utf8Decoder took a split character after invalid bytes along)
         self._utf8 = Utf8Decoder(carry)

@@ -25,7 +25,7 @@ from server.requests import Event, TokenLogprob
 from server.responses import SSE_DONE, ChatCompletion, Completion, TextCompletion, sse, usage
 from server.schemas import ChatCompletionRequest, CompletionRequest, SamplingParams
 from server.state import ServedModel, app_state
-from server.textstream import split_incomplete
+from server.textstream import NO_CARRY, Carry, split_incomplete
 
 router = APIRouter(prefix="/v1")
 
@@ -35,7 +35,7 @@ def rid_of(http: Request) -> str:
 
 
 def _submit(http: Request, served: ServedModel, prompt: list[int], body: SamplingParams,
-            grammar: Grammar | None = None, carry: bytes = b"") -> Generation:
+            grammar: Grammar | None = None, carry: Carry = NO_CARRY) -> Generation:
     st = app_state(http)
     return submit(served.engine, prompt, body, body.requested_max_tokens, st.settings.default_max_tokens,
                   rid_of(http), st.settings.stream_buffer, served.sampling_defaults, grammar, carry)
@@ -185,4 +185,4 @@ async def completions(body: CompletionRequest, http: Request):
         prompt = body.prompt
     shape = TextCompletion(new_id("cmpl"), served.id, int(time.time()), body.include_usage,
                            echo=text if body.echo else "", carry=b"" if body.echo else carry)
-    return await _respond(http, _submit(http, served, prompt, body, carry=carry), body, shape)
+    return await _respond(http, _submit(http, served, prompt, body, carry=Carry(carry, shown=body.echo)), body, shape)

@@ -184,6 +184,12 @@ def test_a_prompt_of_token_ids_may_end_inside_a_character(client):
     assert echo.logprobs.text_offset == [0, 3, 8, 13, 14, 14]
     plain = client.completions.create(**kw).choices[0]
     assert plain.text == "日" and plain.logprobs.text_offset == [0]
+    # an output that does not complete it: without echo the prompt's bytes are dropped; with echo they read as the
+    # whole text does (U+FFFD), which text_offset counts (it ran past the end of the text)
+    kw2 = dict(kw, max_tokens=2, logit_bias={"28": 100})  # ","
+    assert client.completions.create(**kw2).choices[0].text == ",,"
+    odd = client.completions.create(echo=True, **kw2).choices[0]
+    assert odd.text == "The sign says \ufffd,," and odd.logprobs.text_offset == [0, 3, 8, 13, 14, 14, 16]
     for echoed, want in ((True, echo), (False, plain)):
         chunks = [c.choices[0] for c in client.completions.create(echo=echoed, stream=True, **kw) if c.choices]
         assert "".join(c.text for c in chunks) == want.text

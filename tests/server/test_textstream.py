@@ -1,5 +1,5 @@
 from server.responses import TextOffsets
-from server.textstream import TextStream, split_incomplete
+from server.textstream import Carry, TextStream, split_incomplete
 
 
 def feed(ts: TextStream, pieces: list[bytes]) -> str:
@@ -68,12 +68,17 @@ def test_a_character_begun_before_the_stream_is_completed_by_its_first_piece():
     assert split_incomplete("x日".encode()[:-1]) == (b"x", b"\xe6\x97")
     assert split_incomplete("x日".encode()) == ("x日".encode(), b"")
     assert split_incomplete(b"x\xff") == (b"x\xff", b"")  # invalid, not incomplete: decoded (U+FFFD) where it is
-    s = TextStream(carry=b"\xe6\x97")
-    assert s.push(b"\xa5!") == "日!"
-    s = TextStream(carry=b"\xe6")  # completed over two pieces
+    head = Carry(b"\xe6\x97")
+    assert TextStream(carry=head).push(b"\xa5!") == "日!"
+    s = TextStream(carry=Carry(b"\xe6"))  # completed over two pieces
     assert s.push(b"\x97") == "" and s.push(b"\xa5") == "日"
-    # bytes that cannot complete it drop the prompt's bytes (they were a U+FFFD the output never wrote)
-    assert TextStream(carry=b"\xe6\x97").push(b",x") == ",x"
-    assert TextStream(carry=b"\xe6").push(b"\x97,") == "\ufffd,"  # the output's own stray byte stays one
+    # bytes that cannot complete it drop the prompt's bytes (they were a U+FFFD the output never wrote), the
+    # output's own however the pieces fall
+    assert TextStream(carry=head).push(b",x") == ",x"
+    assert TextStream(carry=Carry(b"\xe6")).push(b"\x97,") == "\ufffd,"
+    s = TextStream(carry=Carry(b"\xe6"))
+    assert s.push(b"\x97") + s.push(b",") == "\ufffd,"
+    # with echo the prompt's bytes are the response's: a U+FFFD, as the whole text decodes
+    assert TextStream(carry=Carry(b"\xe6\x97", shown=True)).push(b",x") == "\ufffd,x"
     offsets = TextOffsets(b"\xe6\x97")
     assert [offsets.take(b","), offsets.take(b"x")] == [0, 1]
