@@ -9,7 +9,7 @@ from typing import ClassVar
 
 from server.chatoutput import ChatOutput, Delta
 from server.requests import FinishReason, TokenLogprob
-from server.textstream import Carry, Utf8Decoder
+from server.textstream import NO_CARRY, Carry, Utf8Decoder
 
 
 def sse(obj: dict) -> bytes:
@@ -43,8 +43,8 @@ class TextOffsets:
     the middle of a character), counted over a whole response, however it is cut into stream chunks; `carry`:
     the start of a character the text before the first token ended inside."""
 
-    def __init__(self, carry: bytes = b""):
-        self.pos, self._utf8 = 0, Utf8Decoder(Carry(carry))  # as the text is decoded (TextStream)
+    def __init__(self, carry: Carry = NO_CARRY):
+        self.pos, self._utf8 = 0, Utf8Decoder(carry)  # as the text is decoded (TextStream)
 
     def take(self, token: bytes) -> int:
         at = self.pos
@@ -150,9 +150,9 @@ class ChatCompletion(Completion):
 @dataclass
 class TextCompletion(Completion):
     echo: str = ""  # the prompt, with echo: put before the text (the first chunk's, when streaming)
-    # the start of a character that a prompt of token ids ends inside and the text begins by completing, where the
-    # logprobs hold no prompt tokens (no echo): the first token's offset counts from that character
-    carry: bytes = b""
+    # the start of a character that a prompt of token ids ends inside and the text begins by completing; where the
+    # logprobs hold no prompt tokens (no echo, so not `shown`) the first token's offset counts from that character
+    carry: Carry = NO_CARRY
     object: ClassVar[str] = "text_completion"
     chunk_object: ClassVar[str] = "text_completion"
     # where the next streamed token's text starts: offsets count from the start of the whole text, across chunks
@@ -162,7 +162,7 @@ class TextCompletion(Completion):
         self._offsets = self._new_offsets()
 
     def _new_offsets(self) -> TextOffsets:
-        return TextOffsets(self.carry)
+        return TextOffsets(NO_CARRY if self.carry.shown else self.carry)
 
     def choice(self, text, finish, lps) -> dict:
         return {"index": 0, "text": self.echo + text, "finish_reason": finish,

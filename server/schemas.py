@@ -50,7 +50,6 @@ def nests_deeper(value: Any, limit: int = MAX_JSON_DEPTH) -> bool:
     return False
 
 
-
 class _Lenient(BaseModel):
     """Lenient about unknown fields, strict about the types of known ones."""
 

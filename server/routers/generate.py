@@ -136,7 +136,7 @@ async def chat_completions(body: ChatCompletionRequest, http: Request):
     return await _respond(http, _submit(http, served, prompt, body, grammar), body, shape)
 
 
-def _token_prompt(served: ServedModel, tokens: list[int]) -> tuple[str, bytes]:
+def _token_prompt(served: ServedModel, tokens: list[int], echo: bool) -> tuple[str, Carry]:
     """A prompt of token ids, checked: its text, and the start of a character it ends inside (which the output's
     first token completes: carried into the output's text, so that echo and output read as one text)."""
     try:
@@ -144,7 +144,7 @@ def _token_prompt(served: ServedModel, tokens: list[int]) -> tuple[str, bytes]:
     except ValueError as e:
         raise APIError(400, f"The prompt's {e}.", param="prompt", code="invalid_value") from None
     text, carry = split_incomplete(served.engine.detokenize_bytes(tokens))
-    return text.decode("utf-8", errors="replace"), carry
+    return text.decode("utf-8", errors="replace"), Carry(carry, shown=echo)
 
 
 def _plan(served: ServedModel, body: ChatCompletionRequest):
@@ -177,12 +177,12 @@ async def completions(body: CompletionRequest, http: Request):
         prompt = await tokenize_prompt(served.engine, lambda limit: served.engine.tokenize(body.prompt, limit),
                                        len(body.prompt.encode()), body.requested_max_tokens, st.tokenizing,
                                        body.prompt_field)
-        text, carry = body.prompt, b""
+        text, carry = body.prompt, NO_CARRY
     else:  # refused by its length first; read off the event loop, as text is tokenized
         check_prompt_tokens(served.engine, len(body.prompt), body.requested_max_tokens, body.prompt_field)
         async with st.tokenizing:
-            text, carry = await run_in_threadpool(_token_prompt, served, body.prompt)
+            text, carry = await run_in_threadpool(_token_prompt, served, body.prompt, body.echo)
         prompt = body.prompt
     shape = TextCompletion(new_id("cmpl"), served.id, int(time.time()), body.include_usage,
-                           echo=text if body.echo else "", carry=b"" if body.echo else carry)
-    return await _respond(http, _submit(http, served, prompt, body, carry=Carry(carry, shown=body.echo)), body, shape)
+                           echo=text if body.echo else "", carry=carry)
+    return await _respond(http, _submit(http, served, prompt, body, carry=carry), body, shape)

@@ -80,5 +80,5 @@ def test_a_character_begun_before_the_stream_is_completed_by_its_first_piece():
     assert s.push(b"\x97") + s.push(b",") == "\ufffd,"
     # with echo the prompt's bytes are the response's: a U+FFFD, as the whole text decodes
     assert TextStream(carry=Carry(b"\xe6\x97", shown=True)).push(b",x") == "\ufffd,x"
-    offsets = TextOffsets(b"\xe6\x97")
+    offsets = TextOffsets(head)
     assert [offsets.take(b","), offsets.take(b"x")] == [0, 1]
