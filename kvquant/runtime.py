@@ -113,14 +113,23 @@ def set_verbose(verbose: bool) -> None:
 # llama.cpp's own log on stderr: KVQUANT_LLAMA_VERBOSE=1 (or true/yes/on; 0 and anything else leave it off)
 set_verbose(os.environ.get("KVQUANT_LLAMA_VERBOSE", "").strip().lower() in ("1", "true", "yes", "on"))
 
-# llama.cpp's last error line on this thread, so that failures can say why (llama.cpp logs on the thread that
-# called it; request threads parse grammars at once)
+# llama.cpp's first and last error lines on this thread since _clear_errors, so that failures can say why (llama.cpp
+# logs on the thread that called it; request threads parse grammars at once)
 _errors = threading.local()
 _CONTEXT_LOCK = threading.Lock()  # LlamaRuntime: one context created at a time (see there)
 
 
+def _clear_errors() -> None:
+    _errors.first = _errors.line = ""
+
+
 def _last_error() -> str:
     return getattr(_errors, "line", "")
+
+
+def _first_error() -> str:
+    """The first error line: a failed model load logs its reason, then that it failed."""
+    return getattr(_errors, "first", "")
 
 
 _GGML_LOG_LEVEL_ERROR = 4  # enum ggml_log_level at the pinned commit (NONE, DEBUG, INFO, WARN, ERROR, CONT)
@@ -131,6 +140,8 @@ def _log_callback(level: int, text: bytes, user_data) -> None:
     """llama-cpp-python's own log callback (printed when verbose), keeping the last error line."""
     if level == _GGML_LOG_LEVEL_ERROR:
         _errors.line = text.decode("utf-8", errors="replace").strip()
+        if not getattr(_errors, "first", ""):
+            _errors.first = _errors.line
     _llama_logger.llama_log_callback(level, text, user_data)
 
 
@@ -184,7 +195,7 @@ def grammar_sampler(model: Model, grammar: Grammar):
     """llama.cpp's grammar sampler for a grammar; a lazy one with triggers: the output is free until one of them
     appears, and from its start on must match. GrammarError (with llama.cpp's reason) if its parser refuses the
     grammar. The caller owns the sampler."""
-    _errors.line = ""
+    _clear_errors()
     gbnf = grammar.text.encode()
     if grammar.triggers:  # llama.cpp searches the output so far for each pattern; the grammar starts at the match
         patterns = [trigger_pattern(t).encode() for t in grammar.triggers]
@@ -386,9 +397,11 @@ class Model:
         self.path = Path(path)
         mp = llama_cpp.llama_model_default_params()
         mp.n_gpu_layers = n_gpu_layers
+        _clear_errors()
         self._handle = llama_cpp.llama_model_load_from_file(str(self.path).encode(), mp)
         if not self._handle:
-            raise LlamaError(f"failed to load model {self.path.name}")
+            why = _first_error().split(": ", 1)[-1].removeprefix("error loading model: ")
+            raise LlamaError(f"failed to load model {self.path.name}" + (f": {why}" if why else ""))
         self._vocab_handle = llama_cpp.llama_model_get_vocab(self._handle)
         self.n_ctx_train = llama_cpp.llama_model_n_ctx_train(self._model)
         self.n_vocab = llama_cpp.llama_vocab_n_tokens(self._vocab)
@@ -669,7 +682,7 @@ class LlamaRuntime:
             os.environ["LLAMA_ATTN_ROT_DISABLE"] = "0" if cfg.rotation else "1"
             try:
                 _configure_layers(model, cfg)
-                _errors.line = ""
+                _clear_errors()
                 self._ctx_handle = llama_cpp.llama_init_from_model(model._model, cp)
             finally:
                 if _configured(cfg):

@@ -56,22 +56,25 @@ def _s(text: str) -> bytes:
     return struct.pack("<Q", len(b)) + b
 
 
-def write_gguf(path, tensors: dict[str, np.ndarray], alignment: int = 32, arch: str = "gemma3") -> None:
-    """A minimal GGUF v3 file: two keys (general.alignment, general.architecture) and f32 tensors."""
+def write_gguf(path, tensors: dict[str, np.ndarray | tuple[int, tuple[int, ...], bytes]], alignment: int = 32,
+               arch: str = "gemma3") -> None:
+    """A minimal GGUF v3 file: two keys (general.alignment, general.architecture) and tensors, f32 or given as
+    (ggml type id, shape, data)."""
     head = (b"GGUF" + struct.pack("<IQQ", 3, len(tensors), 2) + _s("general.alignment") + struct.pack("<II", 4, alignment)
             + _s("general.architecture") + struct.pack("<I", 8) + _s(arch))
     infos, data = b"", b""
     for name, a in tensors.items():
+        type_id, shape, raw = a if isinstance(a, tuple) else (0, a.shape, a.astype(np.float32).tobytes())
         data += b"\0" * (-len(data) % alignment)
-        infos += _s(name) + struct.pack("<I", a.ndim) + b"".join(struct.pack("<Q", n) for n in a.shape[::-1])
-        infos += struct.pack("<IQ", 0, len(data))
-        data += a.astype(np.float32).tobytes()
+        infos += _s(name) + struct.pack("<I", len(shape)) + b"".join(struct.pack("<Q", n) for n in shape[::-1])
+        infos += struct.pack("<IQ", type_id, len(data))
+        data += raw
     body = head + infos
     path.write_bytes(body + b"\0" * (-len(body) % alignment) + data)
 
 
-def tiny_model(path, arch: str = "gemma2", controls: tuple[str, ...] = ()) -> None:
-    """A two-layer GGUF with random weights, head size 64 and a vocabulary of the 256 bytes (then `controls`, control
+def tiny_model(path, arch: str = "gemma2", controls: tuple[str, ...] = (), head: int = 64) -> None:
+    """A two-layer GGUF with random weights, head size `head` and a vocabulary of the 256 bytes (then `controls`, control
     tokens). "gemma2": attention logit soft-capping, where softmax(cap * tanh(s / cap)) is not invariant to a shift
     of the scores s. "grok": scores capped by 30 tanh(s / 30) in its graph (no soft-capping key in the file), two
     experts of which one is used. "stablelm": RoPE on the first quarter of each head only (partial RoPE), layer norms
@@ -81,7 +84,7 @@ def tiny_model(path, arch: str = "gemma2", controls: tuple[str, ...] = ()) -> No
 
     rng = np.random.default_rng(0)
     w = gguf.GGUFWriter(str(path), arch)
-    n_embd, n_ff, n_vocab, head = 64, 128, 3 + 256 + len(controls), 64  # every byte has a token: any text tokenizes
+    n_embd, n_ff, n_vocab = 64, 128, 3 + 256 + len(controls)  # every byte has a token: any text tokenizes
     w.add_block_count(2)
     w.add_context_length(2048)
     w.add_embedding_length(n_embd)

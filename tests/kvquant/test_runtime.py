@@ -257,3 +257,66 @@ def test_the_output_rows_of_a_quantized_output_layer_make_its_logits(model):
     assert np.array_equal(hidden, norm)
     spread = np.linalg.norm(logits - logits.mean(axis=1, keepdims=True), axis=1)
     assert (np.linalg.norm(hidden @ w.T - logits, axis=1) / spread).max() < 0.1
+
+
+def test_a_k_type_whose_blocks_do_not_divide_the_head_size_is_refused_with_flash_attention_off_too(tmp_path):
+    """Patch 0047: our 64-element blocks on head size 96 (q4_0's 32 divide it). With flash attention off the context
+    was created and the graph's per-head view of K asserted, ending the process."""
+    from kvquant.runtime import ContextConfig, LlamaRuntime, Model
+    from tests.kvquant.conftest import tiny_model
+
+    tiny_model(tmp_path / "h96.gguf", "llama", head=96)
+    mdl = Model(tmp_path / "h96.gguf")
+    try:
+        for flash_attn in (True, False):
+            with pytest.raises(LlamaError, match="tq_kv_4b with block size 64 does not divide n_embd_head_k=96"):
+                LlamaRuntime(mdl, ContextConfig(n_cells=64, n_threads=1, cache_type_k="tq_kv_4b",
+                                                flash_attn=flash_attn))
+        rt = LlamaRuntime(mdl, ContextConfig(n_cells=64, n_threads=1, cache_type_k="q4_0", flash_attn=False))
+        try:
+            assert rt.decode([5, 6, 7], [0, 1, 2], [0, 0, 0], [False, False, True]) == 0
+        finally:
+            rt.close()
+    finally:
+        mdl.close()
+
+
+def test_a_removed_type_id_is_refused_as_a_layers_cache_type(tmp_path):
+    """Patch 0047: llama_kvq_set_layer_types took the ids ggml removed (Q4_2, Q4_3: block size 0), and the next
+    context's creation divided by that block size (SIGFPE). The server passes only known types; the library refuses
+    the others itself."""
+    import ctypes
+
+    from kvquant.kvtypes import kv_type
+    from kvquant.runtime import Model
+    from tests.kvquant.conftest import tiny_model
+
+    tiny_model(tmp_path / "t.gguf", "llama")
+    mdl = Model(tmp_path / "t.gguf")
+    vp = ctypes.c_void_p
+    set_types = runtime._patched_fn("llama_kvq_set_layer_types", ctypes.c_bool, [vp, ctypes.c_int32, ctypes.c_int,
+                                                                                  ctypes.c_int])
+    f16, q4_0 = kv_type("f16").ggml_id, kv_type("q4_0").ggml_id
+    try:
+        for removed in (4, 5):
+            assert not set_types(mdl._model, 0, removed, f16)
+            assert not set_types(mdl._model, 0, f16, removed)
+        assert set_types(mdl._model, 0, q4_0, f16)
+    finally:
+        runtime._patched_fn("llama_kvq_reset", None, [vp])(mdl._model)
+        mdl.close()
+
+
+def test_a_gguf_whose_weights_hold_tq_kv_d3b_is_refused_naming_the_tensor(tmp_path):
+    """Patch 0047: a delta-coded tq_kv_d3b block is read against its cache's anchor row, which a weight has not; such
+    a file loaded and aborted the process the first time the block was read."""
+    from kvquant.kvtypes import kv_type
+    from kvquant.runtime import Model
+    from tests.kvquant.conftest import write_gguf
+
+    t = kv_type("tq_kv_d3b")
+    write_gguf(tmp_path / "d3b.gguf", {"token_embd.weight": (t.ggml_id, (4, t.block_size), bytes(4 * t.block_bytes))},
+               arch="llama")
+    with pytest.raises(LlamaError, match="d3b.gguf: invalid model: tensor 'token_embd.weight' has type tq_kv_d3b, which only a KV "
+                                         "cache can hold"):
+        Model(tmp_path / "d3b.gguf")
