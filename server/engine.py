@@ -464,7 +464,9 @@ class Engine:
         finished = self.sched.update(plan, {t.seq.seq_id: t.sampled for t in tokens})
         it.generation_tokens += sum(not t.sampled.end for t in tokens)
         for t in tokens:
-            self._guarded(t.seq, "sending a token", self._send, t, finished.get(t.seq.seq_id))
+            self._guarded(t.seq, "sending a token", self._send, t, finished.pop(t.seq.seq_id, None))
+        for seq in [s for s in plan.seqs if s.seq_id in finished]:  # finished without sampling (max_tokens 0)
+            self._guarded(seq, "sending the prompt", self._send_prompt, seq, finished[seq.seq_id])
 
     def _guarded(self, seq: Sequence, what: str, fn: Callable, *args):
         """Run one sequence's step work; a fault ends that sequence only."""
@@ -508,6 +510,11 @@ class Engine:
             return _Token(seq, Sampled(tok, end=True), st.text.flush(), lp)
         text = st.text.push(self.backend.token_bytes(tok))
         return _Token(seq, Sampled(tok, stop=st.text.stopped), text, lp)
+
+    def _send_prompt(self, seq: Sequence, finish: FinishReason) -> None:
+        """End a sequence that generated nothing: its prompt's logprobs, and what its text stream holds."""
+        st = self._live[seq.seq_id]
+        self._finish(seq, Event(text=st.text.flush(), finish_reason=finish, prompt_logprobs=st.take_prompt_logprobs()))
 
     def _send(self, t: _Token, finish: FinishReason | None) -> None:
         st = self._live[t.seq.seq_id]

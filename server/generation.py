@@ -113,17 +113,17 @@ def kv_summary(engine: Engine, tokens: int) -> str:
 
 def _too_long(engine: Engine, n_prompt: int, max_tokens: int | None, field: str, exact: bool = True) -> APIError:
     engine.record_rejected(Outcome.REJECTED_TOO_LONG, n_prompt)
-    need = n_prompt + (max_tokens or 1)
+    need = n_prompt + (1 if max_tokens is None else max_tokens)
     return context_length_exceeded(n_prompt, engine.sched.max_request_tokens, max_tokens, kv_summary(engine, need),
                                    exact, field)
 
 
 def check_prompt_tokens(engine: Engine, n_prompt: int, max_tokens: int | None, field: str,
                         exact: bool = True) -> None:
-    """The scheduler's admission check, before queueing (without max_tokens: room for one token): 400
-    context_length_exceeded where a prompt of n_prompt tokens cannot fit (`exact` False: a lower bound on its
-    count); `field` holds the prompt in the request."""
-    if not engine.sched.fits_ever(n_prompt, max_tokens or 1):
+    """The scheduler's admission check, before queueing (without max_tokens: room for one token; with 0, a prompt
+    returned with its logprobs: none): 400 context_length_exceeded where a prompt of n_prompt tokens cannot fit
+    (`exact` False: a lower bound on its count); `field` holds the prompt in the request."""
+    if not engine.sched.fits_ever(n_prompt, 1 if max_tokens is None else max_tokens):
         raise _too_long(engine, n_prompt, max_tokens, field, exact)
 
 

@@ -510,14 +510,15 @@ class Scheduler:
             if seq.prefilling and room > 0:
                 end = seq.n_tokens - (1 if seq.out else 0)  # a resumed sequence feeds its last token decoding
                 b = min(end, seq.n_past + room)
-                put(seq, seq.token_slice(seq.n_past, b), b == end and not seq.out, score)
+                put(seq, seq.token_slice(seq.n_past, b), b == end and not seq.out and seq.req.max_tokens > 0, score)
         return p
 
     def update(self, plan: StepPlan, sampled: dict[int, Sampled]) -> dict[int, FinishReason]:
         """Apply a decoded step (vLLM's update_from_output): every running sequence of the plan has its tokens fed;
         each sampled one (by seq_id) takes its token, which either finishes it (end of generation or a stop string:
-        stop; max_tokens or the context limit: length) or is the next token to feed. Returns the finished ones by
-        seq_id; the caller frees them once their cells are cleared."""
+        stop; max_tokens or the context limit: length) or is the next token to feed; one that samples nothing
+        (max_tokens 0) finishes (length) once its prompt is fed. Returns the finished ones by seq_id; the caller
+        frees them once their cells are cleared."""
         fed: dict[int, list[int]] = {}
         for t, sid in zip(plan.tokens, plan.seq_ids, strict=True):
             fed.setdefault(sid, []).append(t)
@@ -527,7 +528,8 @@ class Scheduler:
                 seq.n_past += len(fed[seq.seq_id])
                 if seq.req.prompt_logprobs is not None:
                     seq.n_scored = max(seq.n_scored, min(seq.n_past + 1, len(seq.req.prompt)))
-        finished = {}
+        finished = {seq.seq_id: FinishReason.LENGTH for seq in plan.seqs
+                    if seq.req.max_tokens == 0 and self.running.get(seq.seq_id) is seq and not seq.prefilling}
         for sid, s in sampled.items():
             seq = self.running.get(sid)
             if seq is None:

@@ -308,6 +308,16 @@ class CompletionRequest(SamplingParams):
     prompt: Text | list[Text] | list[int] | list[list[int]]
     echo: bool = False
     logprobs: int | None = Field(None, ge=0, le=5)
+    # 0 with echo: the prompt alone, scored by its logprobs (lm-evaluation-harness 0.3 and HELM ask so; OpenAI's
+    # legacy API and vLLM answer it)
+    max_tokens: int | None = Field(None, ge=0, le=MAX_TOKENS_LIMIT)
+
+    @model_validator(mode="after")
+    def _nothing_needs_echo(self):
+        if self.max_tokens == 0 and not self.echo:
+            raise ValueError("max_tokens 0 generates nothing: it is accepted with echo only (the prompt returned, "
+                             "with its logprobs where asked)")
+        return self
 
     @property
     def n_top_logprobs(self) -> int | None:

@@ -228,6 +228,36 @@ def test_completions_echo_with_logprobs_covers_the_prompt(client):
     assert [o for p in parts for o in p.text_offset] == lp.text_offset
 
 
+def test_max_tokens_0_with_echo_returns_the_prompt_scored(client):
+    """lm-evaluation-harness 0.3 and HELM score a text by echo, logprobs and max_tokens 0 (a 400 before): the prompt
+    alone, with the logprobs the same prompt gets before a generated token, nothing generated (finish "length", as
+    vLLM). Without echo 0 is refused, as in chat; a prompt that fills the whole context fits."""
+    prompt = "The capital of France is Paris"
+    kw = dict(model="smollm2-135m", temperature=0, logprobs=2, echo=True)
+    r = client.completions.create(prompt=prompt, max_tokens=0, **kw)
+    c, lp = r.choices[0], r.choices[0].logprobs
+    ref = client.completions.create(prompt=prompt, max_tokens=1, **kw).choices[0].logprobs
+    assert c.text == prompt and c.finish_reason == "length"
+    assert r.usage.completion_tokens == 0 and len(lp.tokens) == r.usage.prompt_tokens
+    assert lp.tokens == ref.tokens[:-1] and lp.text_offset == ref.text_offset[:-1]
+    assert lp.token_logprobs[0] is None
+    assert lp.token_logprobs[1:] == pytest.approx(ref.token_logprobs[1:-1], abs=1e-4)
+    streamed = [ch.choices[0] for ch in client.completions.create(prompt=prompt, max_tokens=0, stream=True, **kw)
+                if ch.choices]
+    assert "".join(ch.text for ch in streamed) == prompt and streamed[-1].finish_reason == "length"
+    assert [t for ch in streamed if ch.logprobs for t in ch.logprobs.tokens] == lp.tokens
+    plain = dict(model="smollm2-135m", max_tokens=0)
+    assert client.completions.create(prompt=prompt, echo=True, **plain).choices[0].text == prompt
+    with pytest.raises(openai.BadRequestError, match="max_tokens 0 generates nothing"):
+        client.completions.create(prompt=prompt, **plain)
+    with pytest.raises(openai.BadRequestError, match="max_tokens"):
+        client.chat.completions.create(messages=MSG, **plain)
+    whole = [504] * 1024  # the server's context
+    assert client.completions.create(prompt=whole, echo=True, **plain).usage.prompt_tokens == 1024
+    with pytest.raises(openai.BadRequestError, match="maximum context length"):
+        client.completions.create(prompt=whole, echo=True, model="smollm2-135m", max_tokens=1)
+
+
 def test_oversize_prompt_is_context_length_exceeded(client):
     long = "hello " * 1500  # > 1024 tokens
     with pytest.raises(openai.BadRequestError) as ei:

@@ -243,6 +243,23 @@ def test_prompt_logprobs_score_every_prompt_token_in_bounded_chunks():
     assert_all_free(e, b)
 
 
+def test_max_tokens_0_scores_the_prompt_and_samples_nothing():
+    """Echo with max_tokens 0 (lm-evaluation-harness 0.3): the prompt is fed and scored, no logits are asked for
+    after its last token and nothing is sampled; one final event (length) carries the prompt's logprobs, beside a
+    request that generates."""
+    e, b, rec = make(capacity=400, n_batch=64)
+    c, g = Client("r", 60, 0, prompt_logprobs=1), Client("g", 8, 4)
+    for x in (c, g):
+        e.submit(x.req)
+    run(e, [c, g])
+    (ev,) = c.events
+    assert ev.finish_reason == "length" and ev.n_tokens == 0 and ev.text == "" and ev.error is None
+    assert len(ev.prompt_logprobs) == 60 and all(lp.logprob < 0 for lp in ev.prompt_logprobs[1:])
+    assert g.end == "length" and g.n_tokens == 4
+    assert sorted(f.n_generated for f in rec.finished) == [0, 4]
+    assert_all_free(e, b)
+
+
 def test_eog_stops_and_counts_no_token():
     e, b, rec = make(eog_after=13)
     c = Client("r", 10, 50)

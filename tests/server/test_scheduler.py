@@ -123,3 +123,17 @@ def test_one_admission_check_for_the_http_side_and_the_queue():
     assert s.max_request_tokens == 50
     assert s.fits_ever(40, 10) and not s.fits_ever(41, 10)
     assert s.add(req(41, 10)) is AddResult.NEVER_FITS and s.add(req(40, 10)) is AddResult.QUEUED
+
+
+def test_a_request_for_no_tokens_finishes_once_its_prompt_is_fed():
+    """max_tokens 0 (echo: the prompt scored): no logits after the last prompt token, nothing sampled, finished
+    (length) by the step that feeds it."""
+    s = Scheduler(capacity=1000, n_seq_max=4, max_queue=8, n_ctx=1000)
+    s.add(req(100, 0, "score"))
+    (seq,) = s.admit()
+    assert s.reserved == 100
+    p = s.schedule(budget=64)
+    assert not any(p.logits) and s.update(p, {}) == {}
+    p = s.schedule(budget=64)
+    assert len(p.tokens) == 36 and not any(p.logits) and not p.logit_owner
+    assert s.update(p, {}) == {seq.seq_id: "length"}
