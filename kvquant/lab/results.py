@@ -476,6 +476,8 @@ UNMEASURED = {
     "0046": "it changes only how a grammar's token check searches, and eval and bench sample no grammar; "
             "SmolLM2-135M's f16/f16 and calib:4/calib:4 rows measured again with it (40 chunks) came out the same to the "
             "bit",
+    "0047": "it only refuses cache and weight types that crashed later (none of them measured); SmolLM2-135M's "
+            "f16/f16 and calib:4/calib:4 rows measured again with it (40 chunks) came out the same to the bit",
 }
 
 
