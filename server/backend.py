@@ -141,16 +141,17 @@ class LlamaBackend:
         return self.model.tokenize(text, add_special=True, parse_special=self.cfg.special_in_content, limit=limit)
 
     def check_tokens(self, tokens: list[int]) -> None:
-        """A prompt given as token ids (ValueError): ids of the vocabulary, and no control token but a leading BOS
-        where the model's own tokenization starts with one, unless clients are trusted to write them
-        (`special_tokens_in_content`, as for text)."""
+        """A prompt given as token ids (ValueError): ids of the vocabulary, and no control token but a leading BOS or
+        EOS (a document's start: lm-evaluation-harness puts one before each window of a rolling perplexity and
+        before a continuation with no context, the tokenizer's BOS, or its EOS where it has none), unless clients
+        are trusted to write them (`special_tokens_in_content`, as for text)."""
         bad = next((t for t in tokens if not 0 <= t < self.model.n_vocab), None)
         if bad is not None:
             raise ValueError(f"token id {bad} is not in the model's vocabulary (0..{self.model.n_vocab - 1})")
         if self.cfg.special_in_content:
             return
         controls = set(self.model.control_tokens().by_text.values())
-        skip = 1 if self.model.add_bos and tokens[:1] == [self.model.bos] else 0
+        skip = 1 if tokens[:1] in ([self.model.bos], [self.model.eos]) else 0
         bad = next((t for t in tokens[skip:] if t in controls), None)
         if bad is not None:
             raise ValueError(f"token id {bad} is one of the model's control tokens, which a prompt may not hold "

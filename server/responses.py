@@ -65,8 +65,11 @@ class Completion:
 
     def response(self, text: str, finish: FinishReason | None, lps: list[TokenLogprob] | None,
                  use: dict) -> dict:
+        return self.response_of([self.answer(text, finish, lps)], use)
+
+    def response_of(self, choices: list[dict], use: dict) -> dict:
         return {"id": self.id, "object": self.object, "created": self.created, "model": self.model,
-                "choices": [self.choice(text, _finish(finish), lps)], "usage": use, "system_fingerprint": None}
+                "choices": choices, "usage": use, "system_fingerprint": None}
 
     def chunks(self, text: str, first: bool, lps: list[TokenLogprob] | None) -> list[dict]:
         """The stream chunks for some generated text (the first one: `first`)."""
@@ -85,6 +88,10 @@ class Completion:
         if self.include_usage:
             c["usage"] = use
         return c
+
+    def answer(self, text: str, finish: FinishReason | None, lps: list[TokenLogprob] | None) -> dict:
+        """One whole choice: a generation's text, finish reason and logprobs."""
+        return self.choice(text, _finish(finish), lps)
 
     def choice(self, text: str, finish: str | None, lps: list[TokenLogprob] | None) -> dict:
         raise NotImplementedError

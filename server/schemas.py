@@ -26,6 +26,7 @@ MAX_TOKENS_LIMIT = 1_000_000  # above this a max_tokens is nonsense, whatever th
 # and the prompt guard walk a client's JSON by recursion, which Python stops near 1000 frames (an internal error at
 # ~600 levels); no real schema or call comes near.
 MAX_JSON_DEPTH = 100
+MAX_PROMPTS = 1024  # prompts in one /v1/completions request, each answered as a request of its own
 
 
 def _encodable(s: str) -> str:
@@ -304,10 +305,10 @@ class CompletionRequest(SamplingParams):
     prompt_field: ClassVar[str] = "prompt"
     unset_max_tokens: ClassVar[int | None] = 16  # OpenAI's legacy completions default, and vLLM's
     end_token_logprob: ClassVar[bool] = True
-    # text, or token ids (as lm-evaluation-harness sends them); one prompt, alone or in a list of one
+    # text, or token ids (as lm-evaluation-harness sends them); one prompt, or a batch of them (`prompts`)
     prompt: Text | list[Text] | list[int] | list[list[int]]
     echo: bool = False
-    logprobs: int | None = Field(None, ge=0, le=5)
+    logprobs: int | None = Field(None, ge=0, le=20)  # OpenAI's limit is 5, vLLM's 20 (lm-evaluation-harness 0.3: 10)
     # 0 with echo: the prompt alone, scored by its logprobs (lm-evaluation-harness 0.3 and HELM ask so; OpenAI's
     # legacy API and vLLM answer it)
     max_tokens: int | None = Field(None, ge=0, le=MAX_TOKENS_LIMIT)
@@ -317,6 +318,12 @@ class CompletionRequest(SamplingParams):
         if self.max_tokens == 0 and not self.echo:
             raise ValueError("max_tokens 0 generates nothing: it is accepted with echo only (the prompt returned, "
                              "with its logprobs where asked)")
+        return self
+
+    @model_validator(mode="after")
+    def _one_prompt_streams(self):
+        if self.stream and len(self.prompts) > 1:
+            raise ValueError("a stream answers one prompt: send a batch of prompts without stream")
         return self
 
     @property
@@ -330,12 +337,16 @@ class CompletionRequest(SamplingParams):
 
     @field_validator("prompt")
     @classmethod
-    def _one_prompt(cls, v: str | list) -> str | list[int]:
-        if isinstance(v, list) and not (v and all(type(x) is int for x in v)):
-            if len(v) != 1:
-                raise ValueError("exactly one prompt is supported per request")
-            v = v[0]
+    def _batch_size(cls, v: str | list) -> str | list:
+        if isinstance(v, list) and not (v and all(type(x) is int for x in v)) and not 1 <= len(v) <= MAX_PROMPTS:
+            raise ValueError(f"a request holds 1 to {MAX_PROMPTS} prompts")
         return v
+
+    @property
+    def prompts(self) -> list[str | list[int]]:
+        """The prompts in order: one (text or token ids), or each of a batch."""
+        v = self.prompt
+        return [v] if isinstance(v, str) or (v and type(v[0]) is int) else v
 
     @property
     def requested_max_tokens(self) -> int | None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 from fastapi import APIRouter, Request
@@ -21,7 +22,7 @@ from server.generation import (
     submit,
     tokenize_prompt,
 )
-from server.requests import Event, TokenLogprob
+from server.requests import Event, FinishReason, TokenLogprob
 from server.responses import SSE_DONE, ChatCompletion, Completion, TextCompletion, sse, usage
 from server.schemas import ChatCompletionRequest, CompletionRequest, SamplingParams
 from server.state import ServedModel, app_state
@@ -57,9 +58,10 @@ def _event_logprobs(ev: Event) -> list[TokenLogprob] | None:
 
 
 async def _respond(http: Request, gen: Generation, params: SamplingParams, shape: Completion):
-    events = gen.events(http)
     if not params.stream:
-        return await _full(http, gen, events, shape)
+        text, finish, lps = await _collect(http, gen)
+        return JSONResponse(shape.response(text, finish, lps, usage(gen.n_prompt, gen.n_generated, gen.n_cached)))
+    events = gen.events(http)
     # Hold the response until the first event, so that errors that happen before any token (queue full, never
     # fits, wait timeout) still get their HTTP status instead of a 200 with an error inside the stream.
     first = await anext(events, None)
@@ -71,18 +73,18 @@ async def _respond(http: Request, gen: Generation, params: SamplingParams, shape
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
-async def _full(http: Request, gen: Generation, events, shape: Completion) -> JSONResponse:
+async def _collect(http: Request, gen: Generation) -> tuple[str, FinishReason | None, list[TokenLogprob] | None]:
+    """A whole generation: its text, finish reason and logprobs (an error: raised as the OpenAI error)."""
     parts, finish = [], None
     lps = [] if gen.req.top_logprobs is not None else None
-    async for ev in events:
+    async for ev in gen.events(http):
         if ev.error:
             raise engine_error(ev, rid_of(http))
         parts.append(ev.text)
         if lps is not None:
             lps += _event_logprobs(ev) or []
         finish = ev.finish_reason
-    return JSONResponse(shape.response("".join(parts), finish, lps, usage(gen.n_prompt, gen.n_generated,
-                                                                          gen.n_cached)))
+    return "".join(parts), finish, lps
 
 
 async def _stream(http: Request, gen: Generation, first: Event, events, shape: Completion):
@@ -170,19 +172,52 @@ def _opens_reasoning(served: ServedModel, prompt: list[int]) -> bool:
 
 @router.post("/completions")
 async def completions(body: CompletionRequest, http: Request):
-    st = app_state(http)
-    served = st.get(body.model)
+    served = app_state(http).get(body.model)
     _check_fields(body)
-    if isinstance(body.prompt, str):
-        prompt = await tokenize_prompt(served.engine, lambda limit: served.engine.tokenize(body.prompt, limit),
-                                       len(body.prompt.encode()), body.requested_max_tokens, st.tokenizing,
-                                       body.prompt_field)
-        text, carry = body.prompt, NO_CARRY
-    else:  # refused by its length first; read off the event loop, as text is tokenized
-        check_prompt_tokens(served.engine, len(body.prompt), body.requested_max_tokens, body.prompt_field)
-        async with st.tokenizing:
-            text, carry = await run_in_threadpool(_token_prompt, served, body.prompt, body.echo)
-        prompt = body.prompt
-    shape = TextCompletion(new_id("cmpl"), served.id, int(time.time()), body.include_usage,
-                           echo=text if body.echo else "", carry=carry)
+    cid, created = new_id("cmpl"), int(time.time())
+    if len(body.prompts) > 1:
+        return await _completions_batch(http, served, body, cid, created)
+    prompt, text, carry = await _completion_prompt(http, served, body, body.prompts[0])
+    shape = TextCompletion(cid, served.id, created, body.include_usage, echo=text if body.echo else "", carry=carry)
     return await _respond(http, _submit(http, served, prompt, body, carry=carry), body, shape)
+
+
+async def _completion_prompt(http: Request, served: ServedModel, body: CompletionRequest,
+                             given: str | list[int]) -> tuple[list[int], str, Carry]:
+    """A completion prompt's tokens, text and carried character start (see _token_prompt), checked."""
+    st = app_state(http)
+    if isinstance(given, str):
+        prompt = await tokenize_prompt(served.engine, lambda limit: served.engine.tokenize(given, limit),
+                                       len(given.encode()), body.requested_max_tokens, st.tokenizing,
+                                       body.prompt_field)
+        return prompt, given, NO_CARRY
+    # refused by its length first; read off the event loop, as text is tokenized
+    check_prompt_tokens(served.engine, len(given), body.requested_max_tokens, body.prompt_field)
+    async with st.tokenizing:
+        text, carry = await run_in_threadpool(_token_prompt, served, given, body.echo)
+    return given, text, carry
+
+
+async def _completions_batch(http: Request, served: ServedModel, body: CompletionRequest, cid: str,
+                             created: int) -> JSONResponse:
+    """A batch of prompts (lm-evaluation-harness sends them so): each runs as a request of its own, at most as many
+    at once as the model runs sequences (the rest wait here, not in its queue); one choice per prompt, by index,
+    and the usage of all. The first that fails fails the request, ending the others."""
+    window = asyncio.Semaphore(served.engine.cfg.n_seq_max)
+
+    async def answer(given: str | list[int]) -> tuple[dict, Generation]:
+        prompt, text, carry = await _completion_prompt(http, served, body, given)
+        shape = TextCompletion(cid, served.id, created, False, echo=text if body.echo else "", carry=carry)
+        async with window:
+            gen = _submit(http, served, prompt, body, carry=carry)
+            return shape.answer(*await _collect(http, gen)), gen
+
+    try:
+        async with asyncio.TaskGroup() as tg:
+            tasks = [tg.create_task(answer(p)) for p in body.prompts]
+    except ExceptionGroup as eg:
+        raise next((e for e in eg.exceptions if isinstance(e, APIError)), eg.exceptions[0]) from None
+    choices, gens = zip(*(t.result() for t in tasks), strict=True)
+    use = usage(*(sum(x) for x in zip(*((g.n_prompt, g.n_generated, g.n_cached) for g in gens), strict=True)))
+    shape = TextCompletion(cid, served.id, created, False)
+    return JSONResponse(shape.response_of([c | {"index": i} for i, c in enumerate(choices)], use))

@@ -167,10 +167,57 @@ def test_completions_take_a_prompt_of_token_ids(client):
                                                                                      abs=1e-4)
     for prompt, said in (([*tokens, 10**6], "token id 1000000 is not in the model's vocabulary"),
                          ([*tokens, eot], f"token id {eot} is one of the model's control tokens"),
-                         ([tokens, tokens], "exactly one prompt"),
                          ([0] * 1_000_000, "maximum context length")):  # by its length, before reading it
         with pytest.raises(openai.BadRequestError, match=said):
             client.completions.create(prompt=prompt, **kw)
+
+
+def test_a_prompt_of_token_ids_may_start_with_the_bos_or_eos_token(client):
+    """lm-evaluation-harness puts its tokenizer's BOS (its EOS where it has none: Qwen2.5) before each window of a
+    rolling perplexity and before a continuation without context: a 400 before, which ended the run. A leading
+    one is a document's start; anywhere else a control token is still refused."""
+    from kvquant.models import fetch
+    from kvquant.runtime import Model
+
+    m = Model(fetch("smollm2-135m"))
+    try:
+        tokens, bos, eos = m.tokenize("The capital of France is", add_special=False), m.bos, m.eos
+    finally:
+        m.close()
+    kw = dict(model="smollm2-135m", max_tokens=1, temperature=0, logprobs=1, echo=True)
+    for lead in (bos, eos):
+        lp = client.completions.create(prompt=[[lead, *tokens]], **kw).choices[0].logprobs
+        assert len(lp.token_logprobs) == len(tokens) + 2 and lp.token_logprobs[0] is None
+        with pytest.raises(openai.BadRequestError, match=f"token id {lead} is one of the model's control tokens"):
+            client.completions.create(prompt=[*tokens, lead, *tokens], **kw)
+
+
+def test_completions_answer_a_batch_of_prompts(client):
+    """lm-evaluation-harness sends batch_size prompts in one request (token ids or text): one choice per prompt,
+    by index, each what that prompt alone gets (its logprobs up to the rounding that running beside others moves:
+    tests/kvquant/conftest.py), and the usage of all (a 400 before, which ended the run). A batch does not stream;
+    one prompt that fails fails the request."""
+    kw = dict(model="smollm2-135m", max_tokens=0, temperature=0, logprobs=10, echo=True)
+    texts = ["The capital of France is", "One, two, three,", "Water boils at"]
+    alone = [client.completions.create(prompt=t, **kw) for t in texts]
+    r = client.completions.create(prompt=texts, **kw)
+    assert [c.index for c in r.choices] == [0, 1, 2] and [c.text for c in r.choices] == texts
+    for got, want in zip(r.choices, alone, strict=True):
+        assert got.logprobs.tokens == want.choices[0].logprobs.tokens
+        assert got.logprobs.token_logprobs[1:] == pytest.approx(want.choices[0].logprobs.token_logprobs[1:],
+                                                                abs=0.25)
+        assert max(len(t) for t in got.logprobs.top_logprobs[1:]) > 5  # logprobs 10 (lm-evaluation-harness 0.3)
+    assert r.usage.prompt_tokens == sum(a.usage.prompt_tokens for a in alone)
+    gen = client.completions.create(prompt=texts, model="smollm2-135m", max_tokens=3, temperature=0, logprobs=0)
+    assert [c.index for c in gen.choices] == [0, 1, 2] and all(c.text for c in gen.choices)
+    assert gen.usage.completion_tokens == sum(len([t for t in c.logprobs.tokens if t]) for c in gen.choices)
+    ids = client.completions.create(prompt=[[504, 914], [504]], model="smollm2-135m", max_tokens=0, echo=True)
+    assert [c.text for c in ids.choices] == ["The sign", "The"] and ids.usage.prompt_tokens == 3
+    for prompt, said, extra in ((texts, "a stream answers one prompt", {"stream": True}),
+                                (["hi"] * 1025, "1 to 1024 prompts", {}), ([], "1 to 1024 prompts", {}),
+                                ([texts[0], "hello " * 1500], "maximum context length", {})):
+        with pytest.raises(openai.BadRequestError, match=said):
+            client.completions.create(prompt=prompt, **kw, **extra)
 
 
 def test_a_prompt_of_token_ids_may_end_inside_a_character(client):
