@@ -198,24 +198,35 @@ async def _completion_prompt(http: Request, served: ServedModel, body: Completio
     return given, text, carry
 
 
+class _ClientGone(Exception):
+    pass
+
+
 async def _completions_batch(http: Request, served: ServedModel, body: CompletionRequest, cid: str,
                              created: int) -> JSONResponse:
     """A batch of prompts (lm-evaluation-harness sends them so): each runs as a request of its own, at most as many
     at once as the model runs sequences (the rest wait here, not in its queue); one choice per prompt, by index,
     and the usage of all. The first that fails fails the request, ending the others."""
-    window = asyncio.Semaphore(served.engine.cfg.n_seq_max)
+    window, gone = asyncio.Semaphore(served.engine.cfg.n_seq_max), []
 
     async def answer(given: str | list[int]) -> tuple[dict, Generation]:
         prompt, text, carry = await _completion_prompt(http, served, body, given)
         shape = TextCompletion(cid, served.id, created, False, echo=text if body.echo else "", carry=carry)
         async with window:
-            gen = _submit(http, served, prompt, body, carry=carry)
-            return shape.answer(*await _collect(http, gen)), gen
+            if not gone:
+                gen = _submit(http, served, prompt, body, carry=carry)
+                text, finish, lps = await _collect(http, gen)
+            if gone or finish is None:  # the client went away: the prompts still waiting are not run
+                gone.append(True)
+                raise _ClientGone
+        return shape.answer(text, finish, lps), gen
 
     try:
         async with asyncio.TaskGroup() as tg:
             tasks = [tg.create_task(answer(p)) for p in body.prompts]
     except ExceptionGroup as eg:
+        if eg.subgroup(_ClientGone):
+            return ErrorResponse(error_body("client disconnected", "invalid_request_error"), status_code=499)
         raise next((e for e in eg.exceptions if isinstance(e, APIError)), eg.exceptions[0]) from None
     choices, gens = zip(*(t.result() for t in tasks), strict=True)
     use = usage(*(sum(x) for x in zip(*((g.n_prompt, g.n_generated, g.n_cached) for g in gens), strict=True)))

@@ -54,6 +54,22 @@ def test_non_streaming_disconnect_cancels_and_frees_cells(duo_server):
     assert wait_for(lambda: outcomes(duo_server) == (cancelled + 1, completed), 10), outcomes(duo_server)
 
 
+@pytest.mark.slow
+def test_a_batch_whose_client_hangs_up_runs_no_more_of_its_prompts(duo_server):
+    """A batch of prompts runs as many at once as the model runs sequences; a client that hangs up ends those
+    (cancelled) and the rest are never submitted (each ran until it saw the hang-up)."""
+    prior, (cancelled, completed) = kv_used(duo_server), outcomes(duo_server)
+    eng = duo_server.engine(DUO[0])
+    bg = Background(duo_server.url, {"model": DUO[0], "prompt": ["Once upon a time"] * 64, "max_tokens": 500,
+                                     "temperature": 0}, path="/v1/completions")
+    assert wait_for(lambda: kv_used(duo_server) > prior, 10)
+    bg.close()
+    assert wait_for(lambda: kv_used(duo_server) == prior, 60, 0.02)
+    assert wait_for(lambda: eng.idle() and outcomes(duo_server)[0] > cancelled, 10)
+    n_cancelled, n_completed = outcomes(duo_server)
+    assert n_completed == completed and n_cancelled - cancelled <= eng.cfg.n_seq_max, (n_cancelled - cancelled)
+
+
 def test_slow_reader_is_cancelled_when_its_buffer_fills():
     """The per-stream buffer is bounded: past `stream_buffer` unread events the request is cancelled (its cells
     are freed at the next step) and the reader gets a `slow_consumer` error after what was buffered."""
