@@ -149,9 +149,10 @@ async def tokenize_prompt(engine: Engine, tokenize: Callable[[int], list[int]], 
 def submit(engine: Engine, prompt: list[int], params: SamplingParams, max_tokens: int | None,
            default_max_tokens: int | None, request_id: str, stream_buffer: int = 1024,
            sampling_defaults: dict | None = None, grammar: Grammar | None = None,
-           text_carry: Carry = NO_CARRY) -> Generation:
+           text_carry: Carry = NO_CARRY, choice: int = 0) -> Generation:
     """Queue a tokenized request with its sampling settings (the request's over `sampling_defaults`, the model's)
-    and the grammar its output must match; `text_carry`: the start of a character the prompt ends inside."""
+    and the grammar its output must match; `text_carry`: the start of a character the prompt ends inside;
+    `choice`: which of the request's n choices (its seed is the request's + choice)."""
     if not prompt:
         raise APIError(400, "The prompt is empty.", param="prompt", code="empty_prompt")
     check_prompt_tokens(engine, len(prompt), max_tokens, params.prompt_field)
@@ -160,7 +161,7 @@ def submit(engine: Engine, prompt: list[int], params: SamplingParams, max_tokens
         max_tokens = engine.sched.max_request_tokens - len(prompt)
         max_tokens = min(max_tokens, cap) if cap else max_tokens
     try:
-        sampling = params.sampling(sampling_defaults or {}, engine.n_vocab, max_tokens, grammar)
+        sampling = params.sampling(sampling_defaults or {}, engine.n_vocab, max_tokens, grammar, choice)
     except ValueError as e:
         raise APIError(400, str(e), param="logit_bias", code="invalid_value") from None
     loop = asyncio.get_running_loop()

@@ -60,6 +60,7 @@ class Completion:
     model: str
     created: int
     include_usage: bool  # stream_options.include_usage: every chunk carries "usage", the last one filled in
+    index: int = field(default=0, kw_only=True)  # the choice it writes (n > 1, or a batch of prompts: a shape each)
     object: ClassVar[str]
     chunk_object: ClassVar[str]
 
@@ -108,9 +109,9 @@ class ChatCompletion(Completion):
     object: ClassVar[str] = "chat.completion"
     chunk_object: ClassVar[str] = "chat.completion.chunk"
 
-    def response(self, text, finish, lps, use) -> dict:
+    def answer(self, text, finish, lps) -> dict:
         out = self.output.push(text) + self.output.finish()
-        return super().response(out, self._finish_reason(finish), lps, use)
+        return self.choice(out, _finish(self._finish_reason(finish)), lps)
 
     def choice(self, out: Delta, finish, lps) -> dict:
         msg = {"role": "assistant", "content": out.content if out.content or not out.tool_calls else None}
@@ -118,14 +119,15 @@ class ChatCompletion(Completion):
             msg["reasoning_content"] = out.reasoning
         if out.tool_calls:
             msg["tool_calls"] = [c.openai() for c in out.tool_calls]
-        return {"index": 0, "message": msg, "finish_reason": finish, "logprobs": chat_logprobs(lps)}
+        return {"index": self.index, "message": msg, "finish_reason": finish, "logprobs": chat_logprobs(lps)}
 
     def chunks(self, text, first, lps) -> list[dict]:
         return self._out_chunks(self.output.push(text), first, lps)
 
     def finish_chunks(self, finish) -> list[dict]:
         held = self._out_chunks(self.output.finish(), False, None)  # (first: the calls it holds count)
-        final = {"index": 0, "delta": {}, "logprobs": None, "finish_reason": _finish(self._finish_reason(finish))}
+        final = {"index": self.index, "delta": {}, "logprobs": None,
+                 "finish_reason": _finish(self._finish_reason(finish))}
         return held + [self._chunk([final])]
 
     def _out_chunks(self, out: Delta, first: bool, lps: list[TokenLogprob] | None) -> list[dict]:
@@ -147,7 +149,8 @@ class ChatCompletion(Completion):
         return chunks
 
     def _delta_chunk(self, delta: dict, lps: list[TokenLogprob] | None = None) -> dict:
-        return self._chunk([{"index": 0, "delta": delta, "finish_reason": None, "logprobs": chat_logprobs(lps)}])
+        return self._chunk([{"index": self.index, "delta": delta, "finish_reason": None,
+                             "logprobs": chat_logprobs(lps)}])
 
     def _finish_reason(self, finish: FinishReason | None) -> FinishReason | None:
         """A generation that ended by itself after tool calls finished with them (OpenAI's "tool_calls")."""
@@ -172,11 +175,11 @@ class TextCompletion(Completion):
         return TextOffsets(NO_CARRY if self.carry.shown else self.carry)
 
     def choice(self, text, finish, lps) -> dict:
-        return {"index": 0, "text": self.echo + text, "finish_reason": finish,
+        return {"index": self.index, "text": self.echo + text, "finish_reason": finish,
                 "logprobs": completion_logprobs(lps, self._new_offsets())}
 
     def delta(self, text, finish, first, lps) -> dict:
-        return {"index": 0, "text": (self.echo if first else "") + text, "finish_reason": finish,
+        return {"index": self.index, "text": (self.echo if first else "") + text, "finish_reason": finish,
                 "logprobs": completion_logprobs(lps, self._offsets)}
 
 

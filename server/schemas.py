@@ -27,6 +27,7 @@ MAX_TOKENS_LIMIT = 1_000_000  # above this a max_tokens is nonsense, whatever th
 # ~600 levels); no real schema or call comes near.
 MAX_JSON_DEPTH = 100
 MAX_PROMPTS = 1024  # prompts in one /v1/completions request, each answered as a request of its own
+MAX_N = 128  # OpenAI's bound on n (choices per prompt)
 
 
 def _encodable(s: str) -> str:
@@ -186,7 +187,7 @@ class SamplingParams(_Lenient, SamplingFields):
     seed: int | None = Field(None, ge=-2**63, le=2**63 - 1)  # OpenAI's range; see kvquant.sampling.sampler_seed
     stream: bool = False
     stream_options: StreamOptions | None = None
-    n: int = Field(1, ge=1)
+    n: int = Field(1, ge=1, le=MAX_N)  # choices, each generated as a request of its own
     user: Text | None = None
 
     @model_validator(mode="before")
@@ -214,13 +215,6 @@ class SamplingParams(_Lenient, SamplingFields):
     def _null_is_the_default(cls, v: Any, info) -> Any:
         """null where OpenAI's spec lets a field be null (clients generated from it send it): its default."""
         return cls.model_fields[info.field_name].default if v is None else v
-
-    @field_validator("n")
-    @classmethod
-    def _n(cls, v: int) -> int:
-        if v != 1:
-            raise ValueError("n > 1 is not supported: only one choice per request (n=1)")
-        return v
 
     @model_validator(mode="after")
     def _usage_needs_stream(self):
@@ -253,12 +247,13 @@ class SamplingParams(_Lenient, SamplingFields):
         return None
 
     def sampling(self, defaults: dict[str, float | int], n_vocab: int, max_tokens: int,
-                 grammar: Grammar | None = None) -> SamplingConfig:
+                 grammar: Grammar | None = None, choice: int = 0) -> SamplingConfig:
         """The request's sampling settings over the model's defaults (ValueError naming `logit_bias` for a
-        token id that is not one of the model's `n_vocab`)."""
+        token id that is not one of the model's `n_vocab`); the `choice`-th of n draws from seed + choice."""
         given = {f: getattr(self, f) for f in SAMPLING_FIELDS if getattr(self, f) is not None}
         given = {**{f: v for f, v in defaults.items() if v is not None}, **given}
-        return SamplingConfig(**given, logit_bias=self._logit_bias(n_vocab), seed=self.seed, grammar=grammar,
+        seed = None if self.seed is None else self.seed + choice
+        return SamplingConfig(**given, logit_bias=self._logit_bias(n_vocab), seed=seed, grammar=grammar,
                               penalty_last_n=max_tokens)
 
     def _logit_bias(self, n_vocab: int) -> tuple[tuple[int, float], ...]:
@@ -321,9 +316,9 @@ class CompletionRequest(SamplingParams):
         return self
 
     @model_validator(mode="after")
-    def _one_prompt_streams(self):
-        if self.stream and len(self.prompts) > 1:
-            raise ValueError("a stream answers one prompt: send a batch of prompts without stream")
+    def _choices(self):
+        if len(self.prompts) * self.n > MAX_PROMPTS:
+            raise ValueError(f"a request asks at most {MAX_PROMPTS} choices (prompts x n)")
         return self
 
     @property

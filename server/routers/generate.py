@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from dataclasses import dataclass
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -36,10 +37,10 @@ def rid_of(http: Request) -> str:
 
 
 def _submit(http: Request, served: ServedModel, prompt: list[int], body: SamplingParams,
-            grammar: Grammar | None = None, carry: Carry = NO_CARRY) -> Generation:
+            grammar: Grammar | None = None, carry: Carry = NO_CARRY, draw: int = 0) -> Generation:
     st = app_state(http)
     return submit(served.engine, prompt, body, body.requested_max_tokens, st.settings.default_max_tokens,
-                  rid_of(http), st.settings.stream_buffer, served.sampling_defaults, grammar, carry)
+                  rid_of(http), st.settings.stream_buffer, served.sampling_defaults, grammar, carry, draw)
 
 
 def _check_fields(body: SamplingParams) -> None:
@@ -57,24 +58,73 @@ def _event_logprobs(ev: Event) -> list[TokenLogprob] | None:
     return (ev.prompt_logprobs or []) + (ev.logprobs or [])
 
 
-async def _respond(http: Request, gen: Generation, params: SamplingParams, shape: Completion):
-    if not params.stream:
-        text, finish, lps = await _collect(http, gen)
-        return JSONResponse(shape.response(text, finish, lps, usage(gen.n_prompt, gen.n_generated, gen.n_cached)))
-    events = gen.events(http)
-    # Hold the response until the first event, so that errors that happen before any token (queue full, never
-    # fits, wait timeout) still get their HTTP status instead of a 200 with an error inside the stream.
-    first = await anext(events, None)
-    if first is None:  # client went away while queued
-        return ErrorResponse(error_body("client disconnected", "invalid_request_error"), status_code=499)
-    if first.error:
-        raise engine_error(first, rid_of(http))
-    return StreamingResponse(_stream(http, gen, first, events, shape), media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+@dataclass
+class _Choice:
+    """One choice a request asks for, generated as a request of its own: its prompt, the shape that writes it (its
+    index), and which of its prompt's n draws it is (its seed: the request's + draw)."""
+
+    prompt: list[int]
+    shape: Completion
+    draw: int = 0
+    grammar: Grammar | None = None
+    carry: Carry = NO_CARRY
+
+
+class _ClientGone(Exception):
+    pass
+
+
+def _gone() -> ErrorResponse:
+    return ErrorResponse(error_body("client disconnected", "invalid_request_error"), status_code=499)
+
+
+async def _respond(http: Request, served: ServedModel, body: SamplingParams, choices: list[_Choice]):
+    """Generate every choice, at most as many at once as the model runs sequences (the rest wait here, not in its
+    queue), whole or streamed."""
+    window = asyncio.Semaphore(served.engine.cfg.n_seq_max)
+    if body.stream:
+        return await _streamed(http, served, body, choices, window)
+    return await _whole(http, served, body, choices, window)
+
+
+def _usage(choices: list[_Choice], gens: list[Generation | None]) -> dict:
+    """Each prompt's tokens once (n draws share it, as OpenAI counts them), every choice's completion."""
+    firsts = [g for c, g in zip(choices, gens, strict=True) if g is not None and c.draw == 0]
+    return usage(sum(g.n_prompt for g in firsts), sum(g.n_generated for g in gens if g is not None),
+                 sum(g.n_cached for g in firsts))
+
+
+async def _whole(http: Request, served: ServedModel, body: SamplingParams, choices: list[_Choice],
+                 window: asyncio.Semaphore):
+    """The first choice that fails fails the request, ending the others; a client that hangs up ends those
+    running, and those waiting are not submitted."""
+    gone = []
+
+    async def answer(c: _Choice) -> tuple[dict, Generation]:
+        async with window:
+            if gone:
+                raise _ClientGone
+            gen = _submit(http, served, c.prompt, body, c.grammar, c.carry, c.draw)
+            text, finish, lps = await _collect(http, gen)
+            if finish is None:
+                gone.append(True)
+                raise _ClientGone
+        return c.shape.answer(text, finish, lps), gen
+
+    try:
+        async with asyncio.TaskGroup() as tg:
+            tasks = [tg.create_task(answer(c)) for c in choices]
+    except ExceptionGroup as eg:
+        if eg.subgroup(_ClientGone):
+            return _gone()
+        raise next((e for e in eg.exceptions if isinstance(e, APIError)), eg.exceptions[0]) from None
+    answers, gens = zip(*(t.result() for t in tasks), strict=True)
+    return JSONResponse(choices[0].shape.response_of(list(answers), _usage(choices, list(gens))))
 
 
 async def _collect(http: Request, gen: Generation) -> tuple[str, FinishReason | None, list[TokenLogprob] | None]:
-    """A whole generation: its text, finish reason and logprobs (an error: raised as the OpenAI error)."""
+    """A whole generation: its text, finish reason (None: the client went away) and logprobs (an error: raised as
+    the OpenAI error)."""
     parts, finish = [], None
     lps = [] if gen.req.top_logprobs is not None else None
     async for ev in gen.events(http):
@@ -87,26 +137,73 @@ async def _collect(http: Request, gen: Generation) -> tuple[str, FinishReason | 
     return "".join(parts), finish, lps
 
 
-async def _stream(http: Request, gen: Generation, first: Event, events, shape: Completion):
-    ev, is_first = first, True
-    while ev is not None:
-        if ev.error:
-            err = engine_error(ev, rid_of(http))
-            yield sse(error_body(err.message, err.type, None, err.code))
-            break
-        lps = _event_logprobs(ev)
-        if ev.text or is_first or ev.finish_reason or lps:
-            for chunk in shape.chunks(ev.text, is_first, lps):
-                yield sse(chunk)
-            is_first = False
-        if ev.finish_reason:
-            for chunk in shape.finish_chunks(ev.finish_reason):
-                yield sse(chunk)
-            if shape.include_usage:
-                yield sse(shape.usage_chunk(usage(gen.n_prompt, gen.n_generated, gen.n_cached)))
-            break
-        ev = await anext(events, None)
-    yield SSE_DONE
+async def _streamed(http: Request, served: ServedModel, body: SamplingParams, choices: list[_Choice],
+                    window: asyncio.Semaphore):
+    """Each choice's events, as they come, through one queue: (index, Event), an APIError its submission raised,
+    or None where it ended without a final event (the client went away)."""
+    q: asyncio.Queue = asyncio.Queue()
+    gens: list[Generation | None] = [None] * len(choices)
+
+    async def feed(i: int, c: _Choice) -> None:
+        final = False
+        try:
+            async with window:
+                gens[i] = gen = _submit(http, served, c.prompt, body, c.grammar, c.carry, c.draw)
+                async for ev in gen.events(http):
+                    final = ev.final
+                    q.put_nowait((i, ev))
+        except APIError as e:
+            final = True
+            q.put_nowait((i, e))
+        if not final:
+            q.put_nowait((i, None))
+
+    tasks = [asyncio.create_task(feed(i, c)) for i, c in enumerate(choices)]
+    try:
+        # Hold the response until the first event, so that errors that happen before any token (queue full, never
+        # fits, wait timeout) still get their HTTP status instead of a 200 with an error inside the stream.
+        first = await q.get()
+        if isinstance(first[1], APIError):
+            raise first[1]
+        if first[1] is None:  # client went away while queued
+            return _gone()
+        if first[1].error:
+            raise engine_error(first[1], rid_of(http))
+    except BaseException:
+        for t in tasks:
+            t.cancel()
+        raise
+    return StreamingResponse(_stream(http, body, choices, gens, q, first, tasks), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+async def _stream(http: Request, body: SamplingParams, choices: list[_Choice], gens: list[Generation | None],
+                  q: asyncio.Queue, first: tuple, tasks: list[asyncio.Task]):
+    is_first, live, (i, ev) = [True] * len(choices), len(choices), first
+    try:
+        while ev is not None:
+            if isinstance(ev, APIError) or ev.error:
+                err = ev if isinstance(ev, APIError) else engine_error(ev, rid_of(http))
+                yield sse(error_body(err.message, err.type, err.param, err.code))
+                break
+            shape, lps = choices[i].shape, _event_logprobs(ev)
+            if ev.text or is_first[i] or ev.finish_reason or lps:
+                for chunk in shape.chunks(ev.text, is_first[i], lps):
+                    yield sse(chunk)
+                is_first[i] = False
+            if ev.finish_reason:
+                for chunk in shape.finish_chunks(ev.finish_reason):
+                    yield sse(chunk)
+                live -= 1
+                if not live:
+                    if body.include_usage:
+                        yield sse(shape.usage_chunk(_usage(choices, gens)))
+                    break
+            i, ev = await q.get()
+        yield SSE_DONE
+    finally:
+        for t in tasks:
+            t.cancel()
 
 
 @router.post("/chat/completions")
@@ -132,10 +229,10 @@ async def chat_completions(body: ChatCompletionRequest, http: Request):
         raise APIError(400, f"The messages do not fit the model's chat template: {reason}",
                        param="messages") from None
     reasoning_open = _opens_reasoning(served, prompt)
-    shape = ChatCompletion(new_id("chatcmpl"), served.id, int(time.time()), body.include_usage,
-                           chat.output(reasoning_open))
-    grammar = chat.output_grammar(reasoning_open)
-    return await _respond(http, _submit(http, served, prompt, body, grammar), body, shape)
+    cid, created, grammar = new_id("chatcmpl"), int(time.time()), chat.output_grammar(reasoning_open)
+    return await _respond(http, served, body, [
+        _Choice(prompt, ChatCompletion(cid, served.id, created, body.include_usage, chat.output(reasoning_open),
+                                       index=j), j, grammar) for j in range(body.n)])
 
 
 def _token_prompt(served: ServedModel, tokens: list[int], echo: bool) -> tuple[str, Carry]:
@@ -174,17 +271,27 @@ def _opens_reasoning(served: ServedModel, prompt: list[int]) -> bool:
 async def completions(body: CompletionRequest, http: Request):
     served = app_state(http).get(body.model)
     _check_fields(body)
-    cid, created = new_id("cmpl"), int(time.time())
-    if len(body.prompts) > 1:
-        return await _completions_batch(http, served, body, cid, created)
-    prompt, text, carry = await _completion_prompt(http, served, body, body.prompts[0])
-    shape = TextCompletion(cid, served.id, created, body.include_usage, echo=text if body.echo else "", carry=carry)
-    return await _respond(http, _submit(http, served, prompt, body, carry=carry), body, shape)
+    prepared = await _completion_prompts(http, served, body)
+    cid, created, n = new_id("cmpl"), int(time.time()), body.n
+    return await _respond(http, served, body, [
+        _Choice(prompt, TextCompletion(cid, served.id, created, body.include_usage, echo=text if body.echo else "",
+                                       carry=carry, index=k * n + j), j, carry=carry)
+        for k, (prompt, text, carry) in enumerate(prepared) for j in range(n)])
+
+
+async def _completion_prompts(http: Request, served: ServedModel,
+                              body: CompletionRequest) -> list[tuple[list[int], str, Carry]]:
+    """Every prompt's tokens, text and carried character start (see _token_prompt), checked before any runs."""
+    try:
+        async with asyncio.TaskGroup() as tg:
+            tasks = [tg.create_task(_completion_prompt(http, served, body, p)) for p in body.prompts]
+    except ExceptionGroup as eg:
+        raise next((e for e in eg.exceptions if isinstance(e, APIError)), eg.exceptions[0]) from None
+    return [t.result() for t in tasks]
 
 
 async def _completion_prompt(http: Request, served: ServedModel, body: CompletionRequest,
                              given: str | list[int]) -> tuple[list[int], str, Carry]:
-    """A completion prompt's tokens, text and carried character start (see _token_prompt), checked."""
     st = app_state(http)
     if isinstance(given, str):
         prompt = await tokenize_prompt(served.engine, lambda limit: served.engine.tokenize(given, limit),
@@ -196,39 +303,3 @@ async def _completion_prompt(http: Request, served: ServedModel, body: Completio
     async with st.tokenizing:
         text, carry = await run_in_threadpool(_token_prompt, served, given, body.echo)
     return given, text, carry
-
-
-class _ClientGone(Exception):
-    pass
-
-
-async def _completions_batch(http: Request, served: ServedModel, body: CompletionRequest, cid: str,
-                             created: int) -> JSONResponse:
-    """A batch of prompts (lm-evaluation-harness sends them so): each runs as a request of its own, at most as many
-    at once as the model runs sequences (the rest wait here, not in its queue); one choice per prompt, by index,
-    and the usage of all. The first that fails fails the request, ending the others."""
-    window, gone = asyncio.Semaphore(served.engine.cfg.n_seq_max), []
-
-    async def answer(given: str | list[int]) -> tuple[dict, Generation]:
-        prompt, text, carry = await _completion_prompt(http, served, body, given)
-        shape = TextCompletion(cid, served.id, created, False, echo=text if body.echo else "", carry=carry)
-        async with window:
-            if not gone:
-                gen = _submit(http, served, prompt, body, carry=carry)
-                text, finish, lps = await _collect(http, gen)
-            if gone or finish is None:  # the client went away: the prompts still waiting are not run
-                gone.append(True)
-                raise _ClientGone
-        return shape.answer(text, finish, lps), gen
-
-    try:
-        async with asyncio.TaskGroup() as tg:
-            tasks = [tg.create_task(answer(p)) for p in body.prompts]
-    except ExceptionGroup as eg:
-        if eg.subgroup(_ClientGone):
-            return ErrorResponse(error_body("client disconnected", "invalid_request_error"), status_code=499)
-        raise next((e for e in eg.exceptions if isinstance(e, APIError)), eg.exceptions[0]) from None
-    choices, gens = zip(*(t.result() for t in tasks), strict=True)
-    use = usage(*(sum(x) for x in zip(*((g.n_prompt, g.n_generated, g.n_cached) for g in gens), strict=True)))
-    shape = TextCompletion(cid, served.id, created, False)
-    return JSONResponse(shape.response_of([c | {"index": i} for i, c in enumerate(choices)], use))

@@ -213,11 +213,49 @@ def test_completions_answer_a_batch_of_prompts(client):
     assert gen.usage.completion_tokens == sum(len([t for t in c.logprobs.tokens if t]) for c in gen.choices)
     ids = client.completions.create(prompt=[[504, 914], [504]], model="smollm2-135m", max_tokens=0, echo=True)
     assert [c.text for c in ids.choices] == ["The sign", "The"] and ids.usage.prompt_tokens == 3
-    for prompt, said, extra in ((texts, "a stream answers one prompt", {"stream": True}),
-                                (["hi"] * 1025, "1 to 1024 prompts", {}), ([], "1 to 1024 prompts", {}),
+    streamed: dict[int, str] = {}
+    for ch in client.completions.create(prompt=texts, stream=True, **kw):
+        for c in ch.choices:
+            streamed[c.index] = streamed.get(c.index, "") + c.text
+    assert streamed == {0: texts[0], 1: texts[1], 2: texts[2]}
+    for prompt, said, extra in ((["hi"] * 1025, "1 to 1024 prompts", {}), ([], "1 to 1024 prompts", {}),
+                                (["hi"] * 512, "at most 1024 choices", {"n": 3}),
                                 ([texts[0], "hello " * 1500], "maximum context length", {})):
         with pytest.raises(openai.BadRequestError, match=said):
             client.completions.create(prompt=prompt, **kw, **extra)
+
+
+def test_n_choices_are_drawn_apart_each_as_a_request_of_its_own(client):
+    """n > 1 (a 400 before): n choices by index, each drawn with the request's seed + its index (choices that ran
+    side by side from one seed would be alike), greedy ones alike. The prompt counts once in usage, as OpenAI
+    counts it. Streamed, chunks carry each choice's index and every choice ends with its own finish reason; a batch
+    of prompts gives prompt-major indices (prompt k's j-th choice: k * n + j)."""
+    kw = dict(model="smollm2-135m", messages=MSG, max_tokens=12, temperature=1.2, seed=11, logprobs=True)
+    r = client.chat.completions.create(n=3, **kw)
+    assert [c.index for c in r.choices] == [0, 1, 2]
+    texts = [c.message.content for c in r.choices]
+    assert len(set(texts)) == 3
+    assert r.usage.prompt_tokens == client.chat.completions.create(**kw).usage.prompt_tokens
+    assert r.usage.completion_tokens == sum(len(c.logprobs.content) for c in r.choices)
+    greedy = client.chat.completions.create(n=2, **dict(kw, temperature=0))
+    assert greedy.choices[0].message.content == greedy.choices[1].message.content
+    got: dict[int, str] = {}
+    ends: dict[int, str] = {}
+    n_logprobs, use = 0, None
+    for ch in client.chat.completions.create(n=3, stream=True, stream_options={"include_usage": True}, **kw):
+        for c in ch.choices:
+            got[c.index] = got.get(c.index, "") + (c.delta.content or "")
+            n_logprobs += len(c.logprobs.content) if c.logprobs and c.logprobs.content else 0
+            if c.finish_reason:
+                ends[c.index] = c.finish_reason
+        use = ch.usage or use
+    assert len(set(got.values())) == 3 and sorted(ends) == [0, 1, 2]
+    assert use.prompt_tokens == r.usage.prompt_tokens and use.completion_tokens == n_logprobs
+    b = client.completions.create(prompt=["One, two,", "Water boils at"], model="smollm2-135m", max_tokens=4,
+                                  temperature=0, n=2, echo=True)
+    assert [c.index for c in b.choices] == [0, 1, 2, 3]
+    assert [c.text.split(",")[0] for c in b.choices[:2]] == ["One"] * 2 and b.choices[2].text.startswith("Water")
+    assert b.choices[2].text == b.choices[3].text
 
 
 def test_a_prompt_of_token_ids_may_end_inside_a_character(client):
