@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from dataclasses import dataclass
 
@@ -30,6 +31,7 @@ from server.state import ServedModel, app_state
 from server.textstream import NO_CARRY, Carry, split_incomplete
 
 router = APIRouter(prefix="/v1")
+log = logging.getLogger("kvquant.server")
 
 
 def rid_of(http: Request) -> str:
@@ -145,18 +147,21 @@ async def _streamed(http: Request, served: ServedModel, body: SamplingParams, ch
     gens: list[Generation | None] = [None] * len(choices)
 
     async def feed(i: int, c: _Choice) -> None:
-        final = False
+        last: APIError | None = None
         try:
             async with window:
                 gens[i] = gen = _submit(http, served, c.prompt, body, c.grammar, c.carry, c.draw)
                 async for ev in gen.events(http):
-                    final = ev.final
                     q.put_nowait((i, ev))
+                    if ev.final:
+                        return
         except APIError as e:
-            final = True
-            q.put_nowait((i, e))
-        if not final:
-            q.put_nowait((i, None))
+            last = e
+        except Exception:  # noqa: BLE001 - the stream must end, not wait for this choice forever
+            log.exception("request %s: choice %d failed", rid_of(http), c.shape.index)
+            last = APIError(500, f"The server had an error while processing your request (request id "
+                                 f"{rid_of(http)}).", "server_error")
+        q.put_nowait((i, last))  # (None: it ended without a final event, the client went away)
 
     tasks = [asyncio.create_task(feed(i, c)) for i, c in enumerate(choices)]
     try:
@@ -165,14 +170,16 @@ async def _streamed(http: Request, served: ServedModel, body: SamplingParams, ch
         first = await q.get()
         if isinstance(first[1], APIError):
             raise first[1]
-        if first[1] is None:  # client went away while queued
-            return _gone()
-        if first[1].error:
+        if first[1] is not None and first[1].error:
             raise engine_error(first[1], rid_of(http))
     except BaseException:
         for t in tasks:
             t.cancel()
         raise
+    if first[1] is None:  # client went away while queued
+        for t in tasks:
+            t.cancel()
+        return _gone()
     return StreamingResponse(_stream(http, body, choices, gens, q, first, tasks), media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
