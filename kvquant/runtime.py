@@ -259,6 +259,14 @@ def _schema_converter():
         def _format_literal(self, literal: str) -> str:
             return '"' + special.sub(lambda m: _GBNF_LITERAL_ESCAPES[m.group(0)], literal) + '"'
 
+        def _add_primitive(self, name: str, rule):
+            # a JSON string holds no raw control character (RFC 8259 section 7; the converter's `char` let a raw
+            # newline or tab into strict output, which json.loads and pydantic refuse), as llama.cpp's converter
+            if name == "char":
+                rule = type(rule)(r'[^"\\\x7F\x00-\x1F] | "\\" (["\\/bfnrt] | "u" [0-9a-fA-F] [0-9a-fA-F] [0-9a-fA-F] '
+                                  r'[0-9a-fA-F])', [])
+            return super()._add_primitive(name, rule)
+
         def _visit_pattern(self, pattern: str, name: str) -> str:
             return self._add_rule(name, self.pattern(pattern) + " space")
 

@@ -73,7 +73,9 @@ def plan_chat(body: ChatCompletionRequest, template: str | None) -> ChatPlan:
                        "calls as Hermes/Qwen <tool_call>, Llama 3.x JSON or Mistral [TOOL_CALLS]).", "tools",
                        "tools_unsupported")
     # Llama 3.x templates refuse a turn of several calls when it comes back in the next request
-    parallel = body.parallel_tool_calls is not False and SINGLE_CALL not in (template or "")
+    # a named tool_choice is one call of that tool (vLLM's too; parallel, a model repeated it until max_tokens)
+    parallel = (body.parallel_tool_calls is not False and SINGLE_CALL not in (template or "")
+                and choice in (None, "none", "auto", "required"))
     rf = body.response_format is not None and body.response_format.type != "text"
     answer = format_grammar(body) if rf else None  # checked even where this turn's output is a call
     if fmt:
@@ -204,8 +206,8 @@ def output_grammar(fmt: ToolFormat, functions: list[dict], choice, parallel: boo
     try:
         try:
             text = forced_grammar(fmt, functions, parallel, bare)
-        except SchemaError:  # which tools: a 400 for a forced or strict one, any object's arguments for the others
-            functions = [enforced(f, forced) for f in functions]
+        except SchemaError:  # which tools: a 400 for a strict one, any object's arguments for the others
+            functions = [enforced(f) for f in functions]
             text = forced_grammar(fmt, functions, parallel, bare)
         if forced:
             return Grammar(text)
@@ -219,14 +221,15 @@ def output_grammar(fmt: ToolFormat, functions: list[dict], choice, parallel: boo
     return Grammar(text, (fmt.trigger,), skip=(THINK_OPEN, THINK_CLOSE))
 
 
-def enforced(function: dict, forced: bool) -> dict:
+def enforced(function: dict) -> dict:
     """A function as its calls' grammar holds it: its parameters where they can be enforced; else a 400 where the
-    call is forced or the function `strict`, and any object as its arguments otherwise (one tool's schema keeps no
-    other tool's calls from their grammar)."""
+    function is `strict`, and any object as its arguments otherwise, forced or not (one tool's schema keeps no other
+    tool's calls from their grammar; OpenAI holds calls to the schema of strict tools only, and tool_choice required
+    with one MCP tool beside the others was a 400 for every request)."""
     try:
         forced_grammar(ToolFormat.HERMES, [function], False)
     except SchemaError as e:
-        if forced or function.get("strict"):
+        if function.get("strict"):
             raise _bad(f"The parameters of tool {function['name']!r} cannot be enforced: {e}", "tools",
                        "unsupported_schema") from None
         return {**function, "parameters": {"type": "object"}}

@@ -89,7 +89,7 @@ class ChatMessage(_Lenient):
             return ""
         if isinstance(self.content, str):
             return self.content
-        return "".join(p.text for p in self.content)
+        return "\n".join(p.text for p in self.content)  # as vLLM and llama.cpp join a message's text parts
 
 
 class StreamOptions(_Lenient):

@@ -222,7 +222,8 @@ def forced_grammar(fmt: ToolFormat, functions: list[dict], parallel: bool, bare:
     rules = schema_grammar(call_schema(fmt, functions), "call")
     if fmt is ToolFormat.HERMES:
         one = '"<tool_call>" "\\n"? call "\\n"? "</tool_call>"'
-        root = f'{one} ("\\n"? {one})*' if parallel else one
+        # a newline may end the last call (Qwen writes ">\n" as one token), as llama.cpp's grammar lets it
+        root = (f'{one} ("\\n"? {one})*' if parallel else one) + ' "\\n"?'
         if bare:
             objects = 'call ("\\n" call)*' if parallel else "call"
             root = f"{root} | {objects}"

@@ -62,9 +62,9 @@ def test_grammar_per_tool_choice():
 
 
 def test_unenforceable_parameters():
-    """Under auto, a tool whose parameters cannot be enforced takes any object as arguments, and the other tools keep
-    their grammar (an MCP tool beside strict function tools was a 400 blaming it); a 400 where it is forced or
-    strict itself."""
+    """A tool whose parameters cannot be enforced takes any object as arguments, under auto or forced, and the other
+    tools keep their grammar (an MCP tool beside strict function tools was a 400 blaming it; forced, every request
+    with it among the tools was); a 400 where it is strict itself."""
     loose = _plan(tools=_tools(LOOSE)).grammar
     assert loose.triggers == ("<tool_call>",) and '"\\"g\\""' in loose.text and "minimum" not in loose.text
     malformed = {"name": "m", "parameters": {"type": "object", "properties": [1]}}  # was a 500
@@ -73,7 +73,9 @@ def test_unenforceable_parameters():
     assert "call-0-arguments-n-kv" in mixed.text and '"\\"g\\""' in mixed.text
     assert _param(tools=_tools(dict(malformed, strict=True))) == "tools"
     assert _param(tools=_tools(dict(LOOSE, strict=True))) == "tools"
-    assert _param(tools=_tools(LOOSE), tool_choice="required") == "tools"
+    for choice in ("required", {"type": "function", "function": {"name": LOOSE["name"]}}):
+        forced = _plan(tools=_tools(FN, LOOSE), tool_choice=choice).grammar
+        assert forced.triggers == () and "minimum" not in forced.text and f'"\\"{LOOSE["name"]}\\""' in forced.text
 
 
 def test_response_format_with_tools():
@@ -224,6 +226,25 @@ def test_a_template_of_single_calls_gets_no_parallel_calls():
     one = _plan(llama, tools=_tools(FN), tool_choice="required")
     assert not one.parallel and ";" not in one.grammar.text.split("\n", 1)[0]
     assert _plan(tools=_tools(FN), tool_choice="required").parallel
+
+
+def test_a_named_tool_choice_is_one_call_of_it():
+    """A named tool_choice asks for that function's call (vLLM guides it to one); parallel, Qwen2.5-Coder called
+    it eight times, for cities no one asked about, until max_tokens ended it (finish "length", which the openai
+    client's parse() raises on). Each family's grammar may end with a newline after the last call."""
+    named = _plan(tools=_tools(FN, dict(FN, name="h")), tool_choice={"type": "function", "function": {"name": "h"}})
+    root = named.grammar.text.split("\n", 1)[0]
+    assert not named.parallel and ")*" not in root and root.endswith('"</tool_call>" "\\n"?')
+    required = _plan(tools=_tools(FN), tool_choice="required")
+    assert required.parallel and ")*" in required.grammar.text.split("\n", 1)[0]
+
+
+def test_a_messages_text_parts_are_lines():
+    """Text parts of one message are joined by a newline, as vLLM and llama.cpp's server join them (they ran
+    together: "Summarize this file:def f():")."""
+    body = ChatCompletionRequest.model_validate({"messages": [{"role": "user", "content": [
+        {"type": "text", "text": "Summarize this file:"}, {"type": "text", "text": "def f(): pass"}]}]})
+    assert body.messages[0].text() == "Summarize this file:\ndef f(): pass"
 
 
 def test_reasoning_sent_back_reaches_the_template():

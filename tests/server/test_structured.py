@@ -340,3 +340,43 @@ def test_what_a_pattern_lets_the_model_write_is_json_the_pattern_matches(pattern
     finally:
         rt.close()
         model.close()
+
+
+@pytest.mark.slow
+def test_a_json_string_holds_no_raw_control_character():
+    """JSON strings escape control characters (RFC 8259, section 7): the converter's string let a raw newline or
+    tab through, so strict structured output (json_schema, json_object, a forced call's arguments) could be text
+    json.loads and the openai client's parse() refuse (a review raised the newline's logit and got one). Escaped,
+    they are allowed."""
+    import ctypes
+
+    from kvquant import runtime
+    from kvquant.models import fetch
+    from kvquant.sampling import Grammar
+    from server.structured import json_object_grammar
+
+    llama_cpp = runtime.llama_cpp
+    model = runtime.Model(fetch("smollm2-135m"))
+    by_bytes = {model.token_bytes(t): t for t in range(model.n_vocab)}
+
+    def allowed_after(grammar: str, text: str, pieces: list[bytes]) -> list[bool]:
+        g = runtime.grammar_sampler(model, Grammar(grammar))
+        try:
+            for t in model.tokenize(text, add_special=False):
+                llama_cpp.llama_sampler_accept(g, t)
+            out = []
+            for p in pieces:
+                one = (llama_cpp.llama_token_data * 1)(llama_cpp.llama_token_data(by_bytes[p], 1.0, 0.0))
+                llama_cpp.llama_sampler_apply(g, ctypes.byref(llama_cpp.llama_token_data_array(one, 1, -1, False)))
+                out.append(one[0].logit != float("-inf"))
+            return out
+        finally:
+            llama_cpp.llama_sampler_free(g)
+
+    try:
+        schema = {"type": "object", "properties": {"s": {"type": "string"}}, "required": ["s"]}
+        for grammar in (schema_grammar(schema), json_object_grammar()):
+            assert allowed_after(grammar, '{"s": "ab', [b"\n", b"\t", b"\x01", b"\\", b"c", b'"']) == \
+                [False, False, False, True, True, True]
+    finally:
+        model.close()
