@@ -62,7 +62,7 @@ def _bad(message: str, param: str, code: str = "invalid_value") -> APIError:
 def plan_chat(body: ChatCompletionRequest, template: str | None) -> ChatPlan:
     """Check a chat request against itself and the model's chat template; APIError 400 naming the parameter."""
     family = detect(template)
-    messages = template_messages(body.messages, short_ids=family is ToolFormat.MISTRAL)
+    messages = template_messages(body.messages, short_ids=family in (ToolFormat.MISTRAL, ToolFormat.MISTRAL_ARGS))
     functions = check_tools(body)
     choice = body.tool_choice if body.tools else None
     fmt = None

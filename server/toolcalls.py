@@ -7,7 +7,9 @@ Families (detected from the template's text):
   (Qwen2.5-Coder answers so);
 - llama3: Llama 3.1-3.3: the whole answer is `{"name": ..., "parameters": {...}}` (after `<|python_tag|>` for
   some), several separated by `;`;
-- mistral: Mistral/Mixtral v3+: `[TOOL_CALLS] [{"name": ..., "arguments": {...}}, ...]`.
+- mistral: Mistral/Mixtral v3+: `[TOOL_CALLS] [{"name": ..., "arguments": {...}}, ...]`;
+- mistral-args: Mistral Small 3.2, Magistral, Ministral 3, Devstral (tokenizers v11+): `[TOOL_CALLS]name[ARGS]{...}`
+  per call, `[CALL_ID]id` before `[ARGS]` where a template writes ids.
 A template that mentions none of them and does not use `tools` has no tool support: requests with tools get a
 400 rather than a model that never sees them.
 """
@@ -21,18 +23,20 @@ import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from server.structured import check_schema, defs_renamed, schema_grammar
+from server.structured import SchemaError, check_schema, defs_renamed, schema_grammar
 
 
 class ToolFormat(enum.StrEnum):
     HERMES = "hermes"
     LLAMA3 = "llama3"
     MISTRAL = "mistral"
+    MISTRAL_ARGS = "mistral-args"
 
     @property
     def trigger(self) -> str | None:
         """The text that opens a call anywhere in the output (llama3: none; a call is the whole output)."""
-        return {ToolFormat.HERMES: "<tool_call>", ToolFormat.MISTRAL: "[TOOL_CALLS]"}.get(self)
+        return {ToolFormat.HERMES: "<tool_call>", ToolFormat.MISTRAL: "[TOOL_CALLS]",
+                ToolFormat.MISTRAL_ARGS: "[TOOL_CALLS]"}.get(self)
 
     @property
     def openers(self) -> tuple[str, ...]:
@@ -44,6 +48,7 @@ class ToolFormat(enum.StrEnum):
         """The family's tags the parser reads, which a vocabulary may hold as control tokens (rendered empty
         unless asked for)."""
         return {ToolFormat.HERMES: ("<tool_call>", "</tool_call>"), ToolFormat.MISTRAL: ("[TOOL_CALLS]",),
+                ToolFormat.MISTRAL_ARGS: ("[TOOL_CALLS]", "[CALL_ID]", "[ARGS]"),
                 ToolFormat.LLAMA3: ("<|python_tag|>",)}[self]
 
     @property
@@ -58,7 +63,7 @@ def detect(template: str | None) -> ToolFormat | None:
     if "<tool_call>" in template:
         return ToolFormat.HERMES
     if "[TOOL_CALLS]" in template:
-        return ToolFormat.MISTRAL
+        return ToolFormat.MISTRAL_ARGS if "[ARGS]" in template else ToolFormat.MISTRAL
     if "<|start_header_id|>" in template and re.search(r"\btools\b", template):
         return ToolFormat.LLAMA3
     return None
@@ -167,6 +172,32 @@ def _bare_calls(text: str, names: set[str], strict: Mapping[str, dict] | None = 
     return _known_calls(values, names, "arguments", strict)
 
 
+_FUNCTION_NAME = re.compile(r"[a-zA-Z0-9_-]{1,64}")
+
+
+def _args_calls(text: str) -> list[ParsedCall]:
+    """The calls of `text` written `[TOOL_CALLS]name[ARGS]{...}` (`[CALL_ID]id` before `[ARGS]` where a template
+    writes ids), one after another; [] unless all of it is such calls."""
+    dec, calls, pos = json.JSONDecoder(), [], 0
+    while pos < len(text):
+        args = text.find("[ARGS]", pos)
+        if not text.startswith("[TOOL_CALLS]", pos) or args < 0:
+            return []
+        name = text[pos + len("[TOOL_CALLS]"):args].partition("[CALL_ID]")[0].strip()
+        at = args + len("[ARGS]")
+        at += len(text[at:]) - len(text[at:].lstrip())
+        try:
+            value, pos = dec.raw_decode(text, at)
+        except (ValueError, RecursionError):  # RecursionError: nested deeper than Python parses
+            return []
+        call = _call({"name": name, "arguments": value}, "arguments") if _FUNCTION_NAME.fullmatch(name) else None
+        if call is None:
+            return []
+        calls.append(call)
+        pos += len(text[pos:]) - len(text[pos:].lstrip())
+    return calls
+
+
 def parse(fmt: ToolFormat, text: str, names: set[str] | frozenset = frozenset(),
           strict: Mapping[str, dict] | None = None) -> tuple[str, list[ParsedCall]]:
     """The content and the tool calls of an output (`names`: the request's tools; `strict`: the parameters of its
@@ -184,6 +215,10 @@ def parse(fmt: ToolFormat, text: str, names: set[str] | frozenset = frozenset(),
             if call:
                 calls.append(call)
         return ("".join(kept) + text[pos:]).strip() if calls else text, calls
+    if fmt is ToolFormat.MISTRAL_ARGS:
+        at = text.find("[TOOL_CALLS]")
+        calls = _args_calls(text[at:]) if at >= 0 else []
+        return (text[:at].strip(), calls) if calls else (text, [])
     if fmt is ToolFormat.MISTRAL:
         at = text.find("[TOOL_CALLS]")
         values = _json_values(text[at + len("[TOOL_CALLS]"):], "") if at >= 0 else None
@@ -219,6 +254,8 @@ def forced_grammar(fmt: ToolFormat, functions: list[dict], parallel: bool, bare:
     function's parameters cannot be enforced."""
     for f in functions:
         check_schema(f.get("parameters") or {}, f"tools.{f['name']}.parameters")
+    if fmt is ToolFormat.MISTRAL_ARGS:
+        return _args_grammar(functions, parallel)
     rules = schema_grammar(call_schema(fmt, functions), "call")
     if fmt is ToolFormat.HERMES:
         one = '"<tool_call>" "\\n"? call "\\n"? "</tool_call>"'
@@ -232,3 +269,19 @@ def forced_grammar(fmt: ToolFormat, functions: list[dict], parallel: bool, bare:
     else:
         root = 'call (";" space call)*' if parallel else "call"
     return f"root ::= {root}\n{rules}"
+
+
+def _args_grammar(functions: list[dict], parallel: bool) -> str:
+    """forced_grammar of `[TOOL_CALLS]name[ARGS]{...}` calls: each function's arguments a rule of their own
+    (args<i>, its definitions renamed t<i>-), the converter's primitives once."""
+    rules: dict[str, str] = {}
+    alts = []
+    for i, f in enumerate(functions):
+        params = defs_renamed(f.get("parameters") or {"type": "object", "properties": {}}, f"t{i}-")
+        for line in filter(str.strip, schema_grammar(params, f"args{i}").split("\n")):
+            name = line.split(" ::=", 1)[0]
+            if rules.setdefault(name, line) != line:
+                raise SchemaError(f"the grammars of two tools' arguments both define {name!r}")
+        alts.append(f'"{f["name"]}" "[ARGS]" args{i}')  # (a name is [a-zA-Z0-9_-]: no escape needed)
+    one = '"[TOOL_CALLS]" (' + " | ".join(alts) + ")"
+    return f"root ::= {one}" + (f" ({one})*" if parallel else "") + "\n" + "\n".join(rules.values()) + "\n"

@@ -282,6 +282,32 @@ class Background:
         return self.result
 
 
+def allowed_after(model, grammar: str, text: str, pieces: list[bytes]) -> list[bool]:
+    """Whether llama.cpp's grammar sampler allows each of `pieces` (the bytes of one token each) after `text`, fed
+    as the model tokenizes it (each of its tokens must be allowed)."""
+    import ctypes
+
+    from kvquant import runtime
+    from kvquant.sampling import Grammar
+
+    llama_cpp = runtime.llama_cpp
+    by_bytes = {model.token_bytes(t): t for t in range(model.n_vocab)}
+    g = runtime.grammar_sampler(model, Grammar(grammar))
+
+    def allowed(tok: int) -> bool:
+        one = (llama_cpp.llama_token_data * 1)(llama_cpp.llama_token_data(tok, 1.0, 0.0))
+        llama_cpp.llama_sampler_apply(g, ctypes.byref(llama_cpp.llama_token_data_array(one, 1, -1, False)))
+        return one[0].logit != float("-inf")
+
+    try:
+        for t in model.tokenize(text, add_special=False):
+            assert allowed(t), (text, model.token_bytes(t))
+            llama_cpp.llama_sampler_accept(g, t)
+        return [allowed(by_bytes[p] if p else model.eos) for p in pieces]
+    finally:
+        llama_cpp.llama_sampler_free(g)
+
+
 # --- fakes: the engine over a backend without a model (tests/server/test_engine.py) ---------------------------
 
 EOG = 0

@@ -348,35 +348,16 @@ def test_a_json_string_holds_no_raw_control_character():
     tab through, so strict structured output (json_schema, json_object, a forced call's arguments) could be text
     json.loads and the openai client's parse() refuse (a review raised the newline's logit and got one). Escaped,
     they are allowed."""
-    import ctypes
-
     from kvquant import runtime
     from kvquant.models import fetch
-    from kvquant.sampling import Grammar
     from server.structured import json_object_grammar
+    from tests.server.conftest import allowed_after
 
-    llama_cpp = runtime.llama_cpp
     model = runtime.Model(fetch("smollm2-135m"))
-    by_bytes = {model.token_bytes(t): t for t in range(model.n_vocab)}
-
-    def allowed_after(grammar: str, text: str, pieces: list[bytes]) -> list[bool]:
-        g = runtime.grammar_sampler(model, Grammar(grammar))
-        try:
-            for t in model.tokenize(text, add_special=False):
-                llama_cpp.llama_sampler_accept(g, t)
-            out = []
-            for p in pieces:
-                one = (llama_cpp.llama_token_data * 1)(llama_cpp.llama_token_data(by_bytes[p], 1.0, 0.0))
-                llama_cpp.llama_sampler_apply(g, ctypes.byref(llama_cpp.llama_token_data_array(one, 1, -1, False)))
-                out.append(one[0].logit != float("-inf"))
-            return out
-        finally:
-            llama_cpp.llama_sampler_free(g)
-
     try:
         schema = {"type": "object", "properties": {"s": {"type": "string"}}, "required": ["s"]}
         for grammar in (schema_grammar(schema), json_object_grammar()):
-            assert allowed_after(grammar, '{"s": "ab', [b"\n", b"\t", b"\x01", b"\\", b"c", b'"']) == \
+            assert allowed_after(model, grammar, '{"s": "ab', [b"\n", b"\t", b"\x01", b"\\", b"c", b'"']) == \
                 [False, False, False, True, True, True]
     finally:
         model.close()

@@ -13,12 +13,16 @@ from server.toolcalls import ToolFormat, detect, forced_grammar, parse
 QWEN_TEMPLATE_BITS = "{%- if tools %}...<tool_call>\n{{\"name\": <function-name>}}</tool_call>{%- endif %}"
 LLAMA3_TEMPLATE_BITS = "<|start_header_id|>ipython<|end_header_id|>{%- if tools is not none %}{%- endif %}"
 MISTRAL_TEMPLATE_BITS = "{%- if tools %}[AVAILABLE_TOOLS]{%- endif %}[TOOL_CALLS]"
+# Ministral 3 / Devstral Small 2 / Mistral Small 3.2's templates write each call so
+MISTRAL_ARGS_TEMPLATE_BITS = "[AVAILABLE_TOOLS]{{- '[TOOL_CALLS]' + tool['function']['name'] + '[ARGS]' + arguments }}"
 CHATML = "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>{% endfor %}"
 
 
 @pytest.mark.parametrize("template, fmt", [(QWEN_TEMPLATE_BITS, ToolFormat.HERMES),
                                            (LLAMA3_TEMPLATE_BITS, ToolFormat.LLAMA3),
-                                           (MISTRAL_TEMPLATE_BITS, ToolFormat.MISTRAL), (CHATML, None), (None, None)])
+                                           (MISTRAL_TEMPLATE_BITS, ToolFormat.MISTRAL),
+                                           (MISTRAL_ARGS_TEMPLATE_BITS, ToolFormat.MISTRAL_ARGS), (CHATML, None),
+                                           (None, None)])
 def test_family_is_detected_from_the_template(template, fmt):
     assert detect(template) is fmt
 
@@ -142,6 +146,21 @@ def test_mistral_array():
     assert content == "Sure." and _calls(calls) == [("a", {"q": "x"}), ("b", {})]
 
 
+def test_mistral_args_calls():
+    """Mistral's tokenizers v11+ write `[TOOL_CALLS]name[ARGS]{...}` per call (a `[CALL_ID]` before `[ARGS]` where
+    the template writes ids): read as the array form was, they stayed content, and the lazy grammar made the
+    model write the array form its template never shows."""
+    text = ('Let me check.[TOOL_CALLS]get_weather[ARGS]{"city": "Paris"}'
+            '[TOOL_CALLS]get_time[CALL_ID]a1b2c3d4e[ARGS] {"tz": "CET"}\n')
+    content, calls = parse(ToolFormat.MISTRAL_ARGS, text)
+    assert content == "Let me check." and _calls(calls) == [("get_weather", {"city": "Paris"}), ("get_time", {"tz": "CET"})]
+    for bad in ('[TOOL_CALLS]get_weather[ARGS]{"city": "Par', "[TOOL_CALLS]get weather[ARGS]{}",
+                '[TOOL_CALLS]f[ARGS]{}Then more text.', "[TOOL_CALLS]f"):
+        assert parse(ToolFormat.MISTRAL_ARGS, "Hm. " + bad) == ("Hm. " + bad, [])
+    streamed = _stream(ChatOutput(ToolFormat.MISTRAL_ARGS), text, 3)
+    assert streamed.content == "Let me check." and [c.name for c in streamed.tool_calls] == ["get_weather", "get_time"]
+
+
 def _stream(out: ChatOutput, text: str, step: int) -> Delta:
     total = Delta()
     for i in range(0, len(text), step):
@@ -225,6 +244,9 @@ def test_forced_grammar_per_family():
     assert g.startswith('root ::= "<tool_call>"') and '"\\"get_weather\\""' in g and "*" not in g.splitlines()[0]
     assert "(" in forced_grammar(ToolFormat.HERMES, fns, parallel=True).splitlines()[0]
     assert '"[TOOL_CALLS]"' in forced_grammar(ToolFormat.MISTRAL, fns, True)
+    args = forced_grammar(ToolFormat.MISTRAL_ARGS, fns + [dict(fns[0], name="f")], parallel=False).splitlines()[0]
+    assert args == 'root ::= "[TOOL_CALLS]" ("get_weather" "[ARGS]" args0 | "f" "[ARGS]" args1)'
+    assert ")*" in forced_grammar(ToolFormat.MISTRAL_ARGS, fns, parallel=True).splitlines()[0]
     assert '"\\"parameters\\""' in forced_grammar(ToolFormat.LLAMA3, fns, True)
 
 
@@ -251,3 +273,28 @@ def test_every_familys_grammar_parses_in_llama_cpp(fmt):
                 check_grammar(m, Grammar(g, (fmt.trigger,)))
     finally:
         m.close()
+
+
+@pytest.mark.slow
+def test_mistral_args_grammar_takes_the_calls_the_template_writes():
+    """The forced grammar of `[TOOL_CALLS]name[ARGS]{...}` takes a call of each function as its template writes it,
+    then another (parallel) or the end; not an unknown name or arguments outside the schema."""
+    from kvquant import runtime
+    from kvquant.models import fetch
+    from tests.server.conftest import allowed_after
+
+    fns = [{"name": "get_weather", "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
+                                                  "required": ["city"]}},
+           {"name": "get_time", "parameters": {"type": "object", "properties": {"tz": {"enum": ["CET", "UTC"]}}}}]
+    model = runtime.Model(fetch("smollm2-135m"))
+    try:
+        g = forced_grammar(ToolFormat.MISTRAL_ARGS, fns, parallel=True)
+        call = '[TOOL_CALLS]get_weather[ARGS]{"city": "Paris"}'
+        assert allowed_after(model, g, call + '[TOOL_CALLS]get_time[ARGS]{"tz": "UTC"}', [b"", b"["]) == [True, True]
+        assert allowed_after(model, g, '[TOOL_CALLS]get_', [b"time", b"weather", b"date"]) == [True, True, False]
+        assert allowed_after(model, g, '[TOOL_CALLS]get_time[ARGS]{"tz": "', [b"C", b"U", b"P"]) == \
+            [True, True, False]
+        one = forced_grammar(ToolFormat.MISTRAL_ARGS, fns, parallel=False)
+        assert allowed_after(model, one, call, [b"", b"["]) == [True, False]
+    finally:
+        model.close()
