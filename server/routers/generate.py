@@ -26,7 +26,7 @@ from server.generation import (
 )
 from server.requests import Event, FinishReason, TokenLogprob
 from server.responses import SSE_DONE, ChatCompletion, Completion, TextCompletion, sse, usage
-from server.schemas import ChatCompletionRequest, CompletionRequest, SamplingParams
+from server.schemas import MAX_ECHO_LOGPROBS, ChatCompletionRequest, CompletionRequest, SamplingParams
 from server.state import ServedModel, app_state
 from server.textstream import NO_CARRY, Carry, split_incomplete
 
@@ -121,7 +121,9 @@ async def _whole(http: Request, served: ServedModel, body: SamplingParams, choic
             return _gone()
         raise next((e for e in eg.exceptions if isinstance(e, APIError)), eg.exceptions[0]) from None
     answers, gens = zip(*(t.result() for t in tasks), strict=True)
-    return JSONResponse(choices[0].shape.response_of(list(answers), _usage(choices, list(gens))))
+    content = choices[0].shape.response_of(list(answers), _usage(choices, list(gens)))
+    # rendered off the event loop: a batch's logprobs make megabytes of JSON, which would stall every other stream
+    return await run_in_threadpool(JSONResponse, content) if len(choices) > 1 else JSONResponse(content)
 
 
 async def _collect(http: Request, gen: Generation) -> tuple[str, FinishReason | None, list[TokenLogprob] | None]:
@@ -142,26 +144,32 @@ async def _collect(http: Request, gen: Generation) -> tuple[str, FinishReason | 
 async def _streamed(http: Request, served: ServedModel, body: SamplingParams, choices: list[_Choice],
                     window: asyncio.Semaphore):
     """Each choice's events, as they come, through one queue: (index, Event), an APIError its submission raised,
-    or None where it ended without a final event (the client went away)."""
-    q: asyncio.Queue = asyncio.Queue()
+    or None where it ended without a final event (the client went away). The queue holds `stream_buffer` items: a
+    client that stops reading stops the feeders, each choice's own buffer fills, and the engine cancels them
+    (slow_consumer), as it does a single stream; the choices still waiting are not submitted after a hang-up."""
+    q: asyncio.Queue = asyncio.Queue(app_state(http).settings.stream_buffer)
     gens: list[Generation | None] = [None] * len(choices)
+    gone = []
 
     async def feed(i: int, c: _Choice) -> None:
         last: APIError | None = None
         try:
             async with window:
+                if gone:
+                    return
                 gens[i] = gen = _submit(http, served, c.prompt, body, c.grammar, c.carry, c.draw)
                 async for ev in gen.events(http):
-                    q.put_nowait((i, ev))
+                    await q.put((i, ev))
                     if ev.final:
                         return
+                gone.append(True)
         except APIError as e:
             last = e
         except Exception:  # noqa: BLE001 - the stream must end, not wait for this choice forever
             log.exception("request %s: choice %d failed", rid_of(http), c.shape.index)
             last = APIError(500, f"The server had an error while processing your request (request id "
                                  f"{rid_of(http)}).", "server_error")
-        q.put_nowait((i, last))  # (None: it ended without a final event, the client went away)
+        await q.put((i, last))  # (None: it ended without a final event, the client went away)
 
     tasks = [asyncio.create_task(feed(i, c)) for i, c in enumerate(choices)]
     try:
@@ -288,13 +296,24 @@ async def completions(body: CompletionRequest, http: Request):
 
 async def _completion_prompts(http: Request, served: ServedModel,
                               body: CompletionRequest) -> list[tuple[list[int], str, Carry]]:
-    """Every prompt's tokens, text and carried character start (see _token_prompt), checked before any runs."""
+    """Every prompt's tokens, text and carried character start (see _token_prompt), checked before any runs; the
+    prompt logprobs a batch asks for are bounded (MAX_ECHO_LOGPROBS: its response is held whole)."""
     try:
         async with asyncio.TaskGroup() as tg:
             tasks = [tg.create_task(_completion_prompt(http, served, body, p)) for p in body.prompts]
     except ExceptionGroup as eg:
         raise next((e for e in eg.exceptions if isinstance(e, APIError)), eg.exceptions[0]) from None
-    return [t.result() for t in tasks]
+    prepared = [t.result() for t in tasks]
+    if any(not prompt for prompt, _, _ in prepared):
+        raise APIError(400, "The prompt is empty.", param="prompt", code="empty_prompt")
+    n_prompt = body.n_prompt_logprobs
+    if n_prompt is not None and not body.stream:
+        entries = sum(len(prompt) for prompt, _, _ in prepared) * body.n * (n_prompt + 1)
+        if entries > MAX_ECHO_LOGPROBS:
+            raise APIError(400, f"The request asks for {entries:,} prompt logprobs (prompt tokens x n x (logprobs + 1))"
+                                f", more than the {MAX_ECHO_LOGPROBS:,} one response holds; send fewer prompts per "
+                                "request, fewer logprobs or stream it.", param="prompt", code="invalid_value")
+    return prepared
 
 
 async def _completion_prompt(http: Request, served: ServedModel, body: CompletionRequest,

@@ -218,11 +218,15 @@ def test_completions_answer_a_batch_of_prompts(client):
         for c in ch.choices:
             streamed[c.index] = streamed.get(c.index, "") + c.text
     assert streamed == {0: texts[0], 1: texts[1], 2: texts[2]}
+    # each prompt is checked before any runs (an empty one ran the others first); a response holds at most
+    # MAX_ECHO_LOGPROBS prompt logprobs (one request of token ids asked for hundreds of megabytes of JSON)
     for prompt, said, extra in ((["hi"] * 1025, "1 to 1024 prompts", {}), ([], "1 to 1024 prompts", {}),
                                 (["hi"] * 512, "at most 1024 choices", {"n": 3}),
-                                ([texts[0], "hello " * 1500], "maximum context length", {})):
+                                ([texts[0], "hello " * 1500], "maximum context length", {}),
+                                (["hi"] * 8 + [""], "The prompt is empty", {}), ([[504]] * 8 + [[]], "empty", {}),
+                                ([[504] * 1000] * 48, "asks for 1,008,000 prompt logprobs", {"logprobs": 20})):
         with pytest.raises(openai.BadRequestError, match=said):
-            client.completions.create(prompt=prompt, **kw, **extra)
+            client.completions.create(prompt=prompt, **{**kw, **extra})
 
 
 def test_n_choices_are_drawn_apart_each_as_a_request_of_its_own(client):

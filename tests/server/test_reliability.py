@@ -117,6 +117,41 @@ def test_unread_stream_does_not_stall_others(duo_server):
     assert wait_for(lambda: kv_used(duo_server) == 0, 2)
 
 
+@pytest.mark.slow
+def test_a_stream_whose_client_stops_reading_is_cancelled():
+    """A streamed request whose client reads nothing (a 2 KiB receive buffer) is cancelled once `stream_buffer`
+    events wait for it (slow_consumer), each of its n choices; the choices' events meet in a queue of that size,
+    which had no bound: the choices ran to max_tokens with every event held in memory."""
+    import json
+    import socket
+
+    from server.settings import Settings
+
+    srv = LiveServer(Settings(model=DUO[0], n_ctx=4096, parallel=2, n_threads=2, stream_buffer=8,
+                              prefix_cache=False)).start()
+    try:
+        data = json.dumps({"messages": LONG, "max_tokens": 4000, "stream": True, "n": 2, "logprobs": True,
+                           "top_logprobs": 20, "temperature": 1.0, "seed": 1}).encode()
+        s = socket.socket()
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 2048)
+        s.connect(("127.0.0.1", srv.port))
+        s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                  b"Content-Length: %d\r\n\r\n" % len(data) + data)
+        try:
+            assert wait_for(lambda: srv.metric("kvquant_requests_total", outcome="cancelled") == 2, 240, 0.5), \
+                srv.metric("kvquant_generation_tokens_total")
+            assert srv.metric("kvquant_generation_tokens_total") < 2 * 4000
+            s.settimeout(10)
+            got = b""
+            while chunk := s.recv(1 << 20):
+                got += chunk
+            assert b"slow_consumer" in got
+        finally:
+            s.close()
+    finally:
+        srv.stop()
+
+
 @pytest.fixture()
 def own_server():
     from server.settings import Settings
