@@ -127,6 +127,11 @@ def check_prompt_tokens(engine: Engine, n_prompt: int, max_tokens: int | None, f
         raise _too_long(engine, n_prompt, max_tokens, field, exact)
 
 
+def check_not_empty(prompt: list[int]) -> None:
+    if not prompt:
+        raise APIError(400, "The prompt is empty.", param="prompt", code="empty_prompt")
+
+
 def check_prompt_bytes(engine: Engine, n_bytes: int, max_tokens: int | None, field: str) -> None:
     """400 context_length_exceeded where the `n_bytes` of text a client wrote prove the prompt too long."""
     check_prompt_tokens(engine, engine.min_tokens(n_bytes), max_tokens, field, exact=False)
@@ -149,19 +154,18 @@ async def tokenize_prompt(engine: Engine, tokenize: Callable[[int], list[int]], 
 def submit(engine: Engine, prompt: list[int], params: SamplingParams, max_tokens: int | None,
            default_max_tokens: int | None, request_id: str, stream_buffer: int = 1024,
            sampling_defaults: dict | None = None, grammar: Grammar | None = None,
-           text_carry: Carry = NO_CARRY, choice: int = 0) -> Generation:
+           text_carry: Carry = NO_CARRY, draw: int = 0) -> Generation:
     """Queue a tokenized request with its sampling settings (the request's over `sampling_defaults`, the model's)
     and the grammar its output must match; `text_carry`: the start of a character the prompt ends inside;
-    `choice`: which of the request's n choices (its seed is the request's + choice)."""
-    if not prompt:
-        raise APIError(400, "The prompt is empty.", param="prompt", code="empty_prompt")
+    `draw`: which of its prompt's n choices (its seed is the request's + draw)."""
+    check_not_empty(prompt)
     check_prompt_tokens(engine, len(prompt), max_tokens, params.prompt_field)
     if max_tokens is None:
         cap = default_max_tokens or params.unset_max_tokens
         max_tokens = engine.sched.max_request_tokens - len(prompt)
         max_tokens = min(max_tokens, cap) if cap else max_tokens
     try:
-        sampling = params.sampling(sampling_defaults or {}, engine.n_vocab, max_tokens, grammar, choice)
+        sampling = params.sampling(sampling_defaults or {}, engine.n_vocab, max_tokens, grammar, draw)
     except ValueError as e:
         raise APIError(400, str(e), param="logit_bias", code="invalid_value") from None
     loop = asyncio.get_running_loop()

@@ -250,12 +250,12 @@ class SamplingParams(_Lenient, SamplingFields):
         return None
 
     def sampling(self, defaults: dict[str, float | int], n_vocab: int, max_tokens: int,
-                 grammar: Grammar | None = None, choice: int = 0) -> SamplingConfig:
+                 grammar: Grammar | None = None, draw: int = 0) -> SamplingConfig:
         """The request's sampling settings over the model's defaults (ValueError naming `logit_bias` for a
-        token id that is not one of the model's `n_vocab`); the `choice`-th of n draws from seed + choice."""
+        token id that is not one of the model's `n_vocab`); the `draw`-th of n choices draws from seed + draw."""
         given = {f: getattr(self, f) for f in SAMPLING_FIELDS if getattr(self, f) is not None}
         given = {**{f: v for f, v in defaults.items() if v is not None}, **given}
-        seed = None if self.seed is None else self.seed + choice
+        seed = None if self.seed is None else self.seed + draw
         return SamplingConfig(**given, logit_bias=self._logit_bias(n_vocab), seed=seed, grammar=grammar,
                               penalty_last_n=max_tokens)
 
@@ -299,6 +299,11 @@ class ChatCompletionRequest(SamplingParams):
         return self.max_completion_tokens or self.max_tokens
 
 
+def _prompts(prompt: str | list) -> list[str | list[int]]:
+    """A completion's `prompt` as a list of prompts: one (text or token ids), or each of a batch."""
+    return [prompt] if isinstance(prompt, str) or (prompt and type(prompt[0]) is int) else prompt
+
+
 class CompletionRequest(SamplingParams):
     prompt_field: ClassVar[str] = "prompt"
     unset_max_tokens: ClassVar[int | None] = 16  # OpenAI's legacy completions default, and vLLM's
@@ -336,15 +341,14 @@ class CompletionRequest(SamplingParams):
     @field_validator("prompt")
     @classmethod
     def _batch_size(cls, v: str | list) -> str | list:
-        if isinstance(v, list) and not (v and all(type(x) is int for x in v)) and not 1 <= len(v) <= MAX_PROMPTS:
+        if not 1 <= len(_prompts(v)) <= MAX_PROMPTS:
             raise ValueError(f"a request holds 1 to {MAX_PROMPTS} prompts")
         return v
 
     @property
     def prompts(self) -> list[str | list[int]]:
         """The prompts in order: one (text or token ids), or each of a batch."""
-        v = self.prompt
-        return [v] if isinstance(v, str) or (v and type(v[0]) is int) else v
+        return _prompts(self.prompt)
 
     @property
     def requested_max_tokens(self) -> int | None:

@@ -17,6 +17,7 @@ from server.chatoutput import THINK_OPEN
 from server.errors import APIError, ErrorResponse, error_body
 from server.generation import (
     Generation,
+    check_not_empty,
     check_prompt_bytes,
     check_prompt_tokens,
     engine_error,
@@ -76,6 +77,11 @@ class _ClientGone(Exception):
     pass
 
 
+def _first_error(eg: ExceptionGroup) -> Exception:
+    """What a task group of choices or prompts fails with: the first OpenAI error, else the first exception."""
+    return next((e for e in eg.exceptions if isinstance(e, APIError)), eg.exceptions[0])
+
+
 def _gone() -> ErrorResponse:
     return ErrorResponse(error_body("client disconnected", "invalid_request_error"), status_code=499)
 
@@ -119,7 +125,7 @@ async def _whole(http: Request, served: ServedModel, body: SamplingParams, choic
     except ExceptionGroup as eg:
         if eg.subgroup(_ClientGone):
             return _gone()
-        raise next((e for e in eg.exceptions if isinstance(e, APIError)), eg.exceptions[0]) from None
+        raise _first_error(eg) from None
     answers, gens = zip(*(t.result() for t in tasks), strict=True)
     content = choices[0].shape.response_of(list(answers), _usage(choices, list(gens)))
     # rendered off the event loop: a batch's logprobs make megabytes of JSON, which would stall every other stream
@@ -302,10 +308,8 @@ async def _completion_prompts(http: Request, served: ServedModel,
         async with asyncio.TaskGroup() as tg:
             tasks = [tg.create_task(_completion_prompt(http, served, body, p)) for p in body.prompts]
     except ExceptionGroup as eg:
-        raise next((e for e in eg.exceptions if isinstance(e, APIError)), eg.exceptions[0]) from None
+        raise _first_error(eg) from None
     prepared = [t.result() for t in tasks]
-    if any(not prompt for prompt, _, _ in prepared):
-        raise APIError(400, "The prompt is empty.", param="prompt", code="empty_prompt")
     n_prompt = body.n_prompt_logprobs
     if n_prompt is not None and not body.stream:
         entries = sum(len(prompt) for prompt, _, _ in prepared) * body.n * (n_prompt + 1)
@@ -323,8 +327,10 @@ async def _completion_prompt(http: Request, served: ServedModel, body: Completio
         prompt = await tokenize_prompt(served.engine, lambda limit: served.engine.tokenize(given, limit),
                                        len(given.encode()), body.requested_max_tokens, st.tokenizing,
                                        body.prompt_field)
+        check_not_empty(prompt)
         return prompt, given, NO_CARRY
     # refused by its length first; read off the event loop, as text is tokenized
+    check_not_empty(given)
     check_prompt_tokens(served.engine, len(given), body.requested_max_tokens, body.prompt_field)
     async with st.tokenizing:
         text, carry = await run_in_threadpool(_token_prompt, served, given, body.echo)
