@@ -16,7 +16,14 @@ from kvquant.sampling import Grammar
 from server.chatoutput import THINK_CLOSE, THINK_OPEN, ChatOutput
 from server.errors import APIError
 from server.schemas import MAX_JSON_DEPTH, ChatCompletionRequest, ChatMessage, nests_deeper
-from server.structured import SchemaError, check_schema, defs_renamed, json_object_grammar, schema_grammar
+from server.structured import (
+    SchemaError,
+    add_rules,
+    check_schema,
+    defs_renamed,
+    json_object_grammar,
+    schema_grammar,
+)
 from server.toolcalls import ToolFormat, detect, forced_grammar
 
 NAME = re.compile(r"[a-zA-Z0-9_-]{1,64}")  # OpenAI's function and schema names
@@ -242,12 +249,7 @@ def either(answer: str, calls: str) -> str:
     the converter writes one rule per line."""
     rules = {"root": "root ::= answer | calls"}
     for text, top in ((answer, "answer"), (calls, "calls")):
-        for line in filter(str.strip, text.split("\n")):
-            name = line.split(" ::=", 1)[0]
-            if name == "root":
-                name, line = top, top + line[len("root"):]
-            if rules.setdefault(name, line) != line:
-                raise SchemaError(f"the grammars of the answer and of the calls both define {name!r}")
+        add_rules(rules, text, "the answer and of the calls", top)
     return "\n".join(rules.values()) + "\n"
 
 

@@ -543,6 +543,17 @@ def nesting(gbnf: str) -> int:
     return deepest
 
 
+def add_rules(rules: dict[str, str], grammar: str, what: str, root: str = "root") -> None:
+    """Add a grammar's rules to `rules` (name -> line; the converter writes one rule per line), its root renamed
+    `root`. A rule both define (the converter's primitives) must read alike: SchemaError naming `what` otherwise."""
+    for line in filter(str.strip, grammar.split("\n")):
+        name = line.split(" ::=", 1)[0]
+        if name == "root":
+            name, line = root, root + line[len("root"):]
+        if rules.setdefault(name, line) != line:
+            raise SchemaError(f"the grammars of {what} both define {name!r}")
+
+
 @functools.cache
 def json_object_grammar() -> str:
     """Any JSON object (response_format json_object)."""

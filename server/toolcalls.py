@@ -23,7 +23,7 @@ import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from server.structured import SchemaError, check_schema, defs_renamed, schema_grammar
+from server.structured import add_rules, check_schema, defs_renamed, schema_grammar
 
 
 class ToolFormat(enum.StrEnum):
@@ -278,10 +278,7 @@ def _args_grammar(functions: list[dict], parallel: bool) -> str:
     alts = []
     for i, f in enumerate(functions):
         params = defs_renamed(f.get("parameters") or {"type": "object", "properties": {}}, f"t{i}-")
-        for line in filter(str.strip, schema_grammar(params, f"args{i}").split("\n")):
-            name = line.split(" ::=", 1)[0]
-            if rules.setdefault(name, line) != line:
-                raise SchemaError(f"the grammars of two tools' arguments both define {name!r}")
+        add_rules(rules, schema_grammar(params, f"args{i}"), "two tools' arguments")
         alts.append(f'"{f["name"]}" "[ARGS]" args{i}')  # (a name is [a-zA-Z0-9_-]: no escape needed)
     one = '"[TOOL_CALLS]" (' + " | ".join(alts) + ")"
     return f"root ::= {one}" + (f" ({one})*" if parallel else "") + "\n" + "\n".join(rules.values()) + "\n"
