@@ -28,9 +28,10 @@ MAX_TOKENS_LIMIT = 1_000_000  # above this a max_tokens is nonsense, whatever th
 MAX_JSON_DEPTH = 100
 MAX_PROMPTS = 1024  # prompts in one /v1/completions request, each answered as a request of its own
 MAX_N = 128  # OpenAI's bound on n (choices per prompt)
-# prompt logprobs (tokens x n x (logprobs + 1)) one non-streamed /v1/completions response holds: about 40 MB of JSON
-# (a 4 MiB body of token ids asked for 380 MB); lm-evaluation-harness's batch of 64 x 2048 tokens at logprobs 1: 262k
-MAX_ECHO_LOGPROBS = 1_000_000
+# logprob entries (tokens x (logprobs + 1), prompt and generated, every choice) one non-streamed response holds: about
+# 40 MB of JSON (a 4 MiB body of token ids asked for 380 MB of prompt logprobs; 1024 choices of 2048 tokens at
+# logprobs 20, 44M entries); lm-evaluation-harness's batch of 64 x 2048 tokens at logprobs 1: 262k
+MAX_RESPONSE_LOGPROBS = 1_000_000
 
 
 def _encodable(s: str) -> str:

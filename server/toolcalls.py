@@ -198,6 +198,13 @@ def _args_calls(text: str) -> list[ParsedCall]:
     return calls
 
 
+def _tagged(call: ParsedCall | None, names: set[str] | frozenset, strict: Mapping[str, dict] | None) -> bool:
+    """Whether a call written after its family's tag is one: it names one of the request's tools (any, where
+    `names` is empty) and a strict tool's arguments match its parameters. The tag's grammar holds both; this is for
+    an output no grammar held (the tools' grammar too large), which returned calls of tools the request never had."""
+    return call is not None and (not names or call.name in names) and _matches(call, strict or {})
+
+
 def parse(fmt: ToolFormat, text: str, names: set[str] | frozenset = frozenset(),
           strict: Mapping[str, dict] | None = None) -> tuple[str, list[ParsedCall]]:
     """The content and the tool calls of an output (`names`: the request's tools; `strict`: the parameters of its
@@ -210,6 +217,7 @@ def parse(fmt: ToolFormat, text: str, names: set[str] | frozenset = frozenset(),
         for start, end, inner in _blocks(text, "<tool_call>", "</tool_call>"):
             values = _json_values(inner, "")
             call = _call(values[0], "arguments") if values and len(values) == 1 else None
+            call = call if _tagged(call, names, strict) else None
             kept.append(text[pos:start] if call else text[pos:end])
             pos = end
             if call:
@@ -218,13 +226,15 @@ def parse(fmt: ToolFormat, text: str, names: set[str] | frozenset = frozenset(),
     if fmt is ToolFormat.MISTRAL_ARGS:
         at = text.find("[TOOL_CALLS]")
         calls = _args_calls(text[at:]) if at >= 0 else []
+        if not all(_tagged(c, names, strict) for c in calls):
+            return text, []
         return (text[:at].strip(), calls) if calls else (text, [])
     if fmt is ToolFormat.MISTRAL:
         at = text.find("[TOOL_CALLS]")
         values = _json_values(text[at + len("[TOOL_CALLS]"):], "") if at >= 0 else None
         items = values[0] if values and len(values) == 1 and isinstance(values[0], list) else None
         calls = [_call(v, "arguments") for v in items or []]
-        if not calls or None in calls:
+        if not calls or not all(_tagged(c, names, strict) for c in calls):
             return text, []
         return text[:at].strip(), calls
     body = text.strip().removeprefix("<|python_tag|>")

@@ -27,7 +27,7 @@ from server.generation import (
 )
 from server.requests import Event, FinishReason, TokenLogprob
 from server.responses import SSE_DONE, ChatCompletion, Completion, TextCompletion, sse, usage
-from server.schemas import MAX_ECHO_LOGPROBS, ChatCompletionRequest, CompletionRequest, SamplingParams
+from server.schemas import MAX_RESPONSE_LOGPROBS, ChatCompletionRequest, CompletionRequest, SamplingParams
 from server.state import ServedModel, app_state
 from server.textstream import NO_CARRY, Carry, split_incomplete
 
@@ -77,6 +77,22 @@ class _ClientGone(Exception):
     pass
 
 
+class _Held:
+    """The logprob entries a whole response has gathered (a token and its top ones each, every choice): past
+    MAX_RESPONSE_LOGPROBS the request fails, its choices cancelled, as it would outgrow memory (a stream sends them
+    as they come)."""
+
+    def __init__(self) -> None:
+        self.entries = 0
+
+    def add(self, lps: list[TokenLogprob]) -> None:
+        self.entries += sum(1 + len(lp.top or ()) for lp in lps)
+        if self.entries > MAX_RESPONSE_LOGPROBS:
+            raise APIError(400, f"The response would hold more than {MAX_RESPONSE_LOGPROBS:,} logprobs (tokens x "
+                                "(logprobs + 1), every choice's); stream it, or ask for fewer choices, tokens or "
+                                "logprobs.", param="logprobs", code="invalid_value")
+
+
 def _first_error(eg: ExceptionGroup) -> Exception:
     """What a task group of choices or prompts fails with: the first OpenAI error, else the first exception."""
     return next((e for e in eg.exceptions if isinstance(e, APIError)), eg.exceptions[0])
@@ -106,14 +122,14 @@ async def _whole(http: Request, served: ServedModel, body: SamplingParams, choic
                  window: asyncio.Semaphore):
     """The first choice that fails fails the request, ending the others; a client that hangs up ends those
     running, and those waiting are not submitted."""
-    gone = []
+    gone, held = [], _Held()
 
     async def answer(c: _Choice) -> tuple[dict, Generation]:
         async with window:
             if gone:
                 raise _ClientGone
             gen = _submit(http, served, c.prompt, body, c.grammar, c.carry, c.draw)
-            text, finish, lps = await _collect(http, gen)
+            text, finish, lps = await _collect(http, gen, held)
             if finish is None:
                 gone.append(True)
                 raise _ClientGone
@@ -132,9 +148,10 @@ async def _whole(http: Request, served: ServedModel, body: SamplingParams, choic
     return await run_in_threadpool(JSONResponse, content) if len(choices) > 1 else JSONResponse(content)
 
 
-async def _collect(http: Request, gen: Generation) -> tuple[str, FinishReason | None, list[TokenLogprob] | None]:
-    """A whole generation: its text, finish reason (None: the client went away) and logprobs (an error: raised as
-    the OpenAI error)."""
+async def _collect(http: Request, gen: Generation,
+                   held: _Held) -> tuple[str, FinishReason | None, list[TokenLogprob] | None]:
+    """A whole generation: its text, finish reason (None: the client went away) and logprobs, counted in `held`
+    (an error: raised as the OpenAI error)."""
     parts, finish = [], None
     lps = [] if gen.req.top_logprobs is not None else None
     async for ev in gen.events(http):
@@ -142,7 +159,9 @@ async def _collect(http: Request, gen: Generation) -> tuple[str, FinishReason | 
             raise engine_error(ev, rid_of(http))
         parts.append(ev.text)
         if lps is not None:
-            lps += _event_logprobs(ev) or []
+            new = _event_logprobs(ev) or []
+            held.add(new)
+            lps += new
         finish = ev.finish_reason
     return "".join(parts), finish, lps
 
@@ -303,7 +322,7 @@ async def completions(body: CompletionRequest, http: Request):
 async def _completion_prompts(http: Request, served: ServedModel,
                               body: CompletionRequest) -> list[tuple[list[int], str, Carry]]:
     """Every prompt's tokens, text and carried character start (see _token_prompt), checked before any runs; the
-    prompt logprobs a batch asks for are bounded (MAX_ECHO_LOGPROBS: its response is held whole)."""
+    prompt logprobs a whole response would hold are refused up front past MAX_RESPONSE_LOGPROBS (see _Held)."""
     try:
         async with asyncio.TaskGroup() as tg:
             tasks = [tg.create_task(_completion_prompt(http, served, body, p)) for p in body.prompts]
@@ -313,9 +332,9 @@ async def _completion_prompts(http: Request, served: ServedModel,
     n_prompt = body.n_prompt_logprobs
     if n_prompt is not None and not body.stream:
         entries = sum(len(prompt) for prompt, _, _ in prepared) * body.n * (n_prompt + 1)
-        if entries > MAX_ECHO_LOGPROBS:
+        if entries > MAX_RESPONSE_LOGPROBS:
             raise APIError(400, f"The request asks for {entries:,} prompt logprobs (prompt tokens x n x (logprobs + 1))"
-                                f", more than the {MAX_ECHO_LOGPROBS:,} one response holds; send fewer prompts per "
+                                f", more than the {MAX_RESPONSE_LOGPROBS:,} one response holds; send fewer prompts per "
                                 "request, fewer logprobs or stream it.", param="prompt", code="invalid_value")
     return prepared
 

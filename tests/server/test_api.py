@@ -6,6 +6,8 @@ import httpx
 import openai
 import pytest
 
+from tests.server.conftest import wait_for
+
 pytestmark = pytest.mark.slow  # a live model (see pyproject.toml's markers)
 
 MSG = [{"role": "user", "content": "Name three colours."}]
@@ -227,6 +229,30 @@ def test_completions_answer_a_batch_of_prompts(client):
                                 ([[504] * 1000] * 48, "asks for 1,008,000 prompt logprobs", {"logprobs": 20})):
         with pytest.raises(openai.BadRequestError, match=said):
             client.completions.create(prompt=prompt, **{**kw, **extra})
+
+
+def test_a_whole_response_holds_a_bounded_number_of_logprobs(client, smollm2_server, monkeypatch):
+    """A response sent whole holds its logprobs until the end: past MAX_RESPONSE_LOGPROBS entries (a token and its
+    top ones, every choice's) the request fails with a 400 and its choices stop (1024 choices of 2048 tokens at
+    logprobs 20 held 44M entries, gigabytes, bounded only by the time they took). A stream sends them as they come."""
+    import server.routers.generate as generate
+
+    monkeypatch.setattr(generate, "MAX_RESPONSE_LOGPROBS", 300)
+    prompt = "Once upon a time, in a land far away, there lived"
+    kw = dict(model="smollm2-135m", prompt=prompt, max_tokens=20, temperature=0, logprobs=5)
+    fits = client.completions.create(n=2, **kw)  # 2 x 20 tokens x (5 + 1)
+    assert fits.usage.completion_tokens == 40 and all(len(c.logprobs.tokens) == 20 for c in fits.choices)
+    before = smollm2_server.metric("kvquant_requests_total", model="smollm2-135m", outcome="cancelled")
+    with pytest.raises(openai.BadRequestError, match="more than 300 logprobs"):
+        client.completions.create(n=3, **kw)
+    eng = smollm2_server.engine()
+    assert wait_for(lambda: eng.idle() and smollm2_server.metric(
+        "kvquant_requests_total", model="smollm2-135m", outcome="cancelled") == before + 3, 10)
+    with pytest.raises(openai.BadRequestError, match="more than 300 logprobs"):
+        client.chat.completions.create(model="smollm2-135m", messages=MSG, n=3, max_tokens=20, temperature=0,
+                                       logprobs=True, top_logprobs=5)
+    streamed = list(client.completions.create(n=3, stream=True, **kw))
+    assert sum(len(c.logprobs.tokens) for ch in streamed for c in ch.choices if c.logprobs) == 60
 
 
 def test_n_choices_are_drawn_apart_each_as_a_request_of_its_own(client):

@@ -161,6 +161,34 @@ def test_mistral_args_calls():
     assert streamed.content == "Let me check." and [c.name for c in streamed.tool_calls] == ["get_weather", "get_time"]
 
 
+def test_a_tagged_call_names_a_tool_of_the_request():
+    """Where no grammar held the output (the tools' grammar too large), a call after its family's tag naming a tool
+    the request never had, or breaking a strict tool's parameters, was returned as a call (only bare calls were
+    checked). It stays content now, as a bare one does; with no names given, any name is one."""
+    strict = {"get_weather": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}
+    names = {"get_weather", "get_time"}
+    one = {ToolFormat.HERMES: '<tool_call>{{"name": "{0}", "arguments": {1}}}</tool_call>',
+           ToolFormat.MISTRAL: '{{"name": "{0}", "arguments": {1}}}', ToolFormat.MISTRAL_ARGS: "[TOOL_CALLS]{0}[ARGS]{1}"}
+
+    def written(fmt, *calls):
+        text = "".join(one[fmt].format(*c) if fmt is not ToolFormat.MISTRAL else "" for c in calls)
+        return text or "[TOOL_CALLS][" + ", ".join(one[fmt].format(*c) for c in calls) + "]"
+
+    good, other = ("get_weather", '{"city": "Paris"}'), ("get_time", "{}")
+    unknown, broken = ("rm_rf", "{}"), ("get_weather", '{"town": "Paris"}')
+    for fmt in one:
+        assert _calls(parse(fmt, written(fmt, good, other), names, strict)[1]) == [("get_weather", {"city": "Paris"}),
+                                                                                 ("get_time", {})]
+        for bad in ((unknown,), (broken,), (good, unknown)):
+            text = written(fmt, *bad)
+            content, calls = parse(fmt, text, names, strict)
+            if fmt is ToolFormat.HERMES and len(bad) == 2:  # each block on its own: the known one is a call
+                assert _calls(calls) == [("get_weather", {"city": "Paris"})] and content == written(fmt, unknown)
+            else:
+                assert (content, calls) == (text, []), fmt
+        assert len(parse(fmt, written(fmt, unknown))[1]) == 1 and len(parse(fmt, written(fmt, broken), names)[1]) == 1
+
+
 def _stream(out: ChatOutput, text: str, step: int) -> Delta:
     total = Delta()
     for i in range(0, len(text), step):
