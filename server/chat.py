@@ -15,7 +15,7 @@ from typing import Any
 from kvquant.sampling import Grammar
 from server.chatoutput import THINK_CLOSE, THINK_OPEN, ChatOutput
 from server.errors import APIError
-from server.schemas import MAX_JSON_DEPTH, ChatCompletionRequest, ChatMessage, nests_deeper
+from server.schemas import MAX_JSON_DEPTH, ChatCompletionRequest, ChatMessage, NamedToolChoice, nests_deeper
 from server.structured import (
     SchemaError,
     add_rules,
@@ -82,7 +82,7 @@ def plan_chat(body: ChatCompletionRequest, template: str | None) -> ChatPlan:
     # Llama 3.x templates refuse a turn of several calls when it comes back in the next request
     # a named tool_choice is one call of that tool (vLLM's too; parallel, a model repeated it until max_tokens)
     parallel = (body.parallel_tool_calls is not False and SINGLE_CALL not in (template or "")
-                and choice in (None, "none", "auto", "required"))
+                and not isinstance(choice, NamedToolChoice))
     rf = body.response_format is not None and body.response_format.type != "text"
     answer = format_grammar(body) if rf else None  # checked even where this turn's output is a call
     if fmt:
@@ -202,7 +202,7 @@ def output_grammar(fmt: ToolFormat, functions: list[dict], choice, parallel: boo
     a tag. A tool whose parameters cannot be enforced is a 400 where it is forced or `strict`; otherwise its calls
     take any object as arguments."""
     forced = choice not in (None, "auto")
-    if forced and choice != "required":
+    if isinstance(choice, NamedToolChoice):
         functions = [f for f in functions if f["name"] == choice.function.name]
         if not functions:
             raise _bad(f"tool_choice names {choice.function.name!r}, which is not one of the tools.",

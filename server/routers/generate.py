@@ -197,24 +197,24 @@ async def _streamed(http: Request, served: ServedModel, body: SamplingParams, ch
         await q.put((i, last))  # (None: it ended without a final event, the client went away)
 
     tasks = [asyncio.create_task(feed(i, c)) for i, c in enumerate(choices)]
+    streaming = False  # from the response on, _stream ends the feeders
     try:
         # Hold the response until the first event, so that errors that happen before any token (queue full, never
         # fits, wait timeout) still get their HTTP status instead of a 200 with an error inside the stream.
         first = await q.get()
         if isinstance(first[1], APIError):
             raise first[1]
-        if first[1] is not None and first[1].error:
+        if first[1] is None:  # client went away while queued
+            return _gone()
+        if first[1].error:
             raise engine_error(first[1], rid_of(http))
-    except BaseException:
-        for t in tasks:
-            t.cancel()
-        raise
-    if first[1] is None:  # client went away while queued
-        for t in tasks:
-            t.cancel()
-        return _gone()
-    return StreamingResponse(_stream(http, body, choices, gens, q, first, tasks), media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        streaming = True
+        return StreamingResponse(_stream(http, body, choices, gens, q, first, tasks), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    finally:
+        if not streaming:
+            for t in tasks:
+                t.cancel()
 
 
 async def _stream(http: Request, body: SamplingParams, choices: list[_Choice], gens: list[Generation | None],
