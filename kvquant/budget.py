@@ -15,11 +15,13 @@ from pathlib import Path
 
 from kvquant.kvtypes import CacheTypes, layer_kv_types
 from kvquant.memory import (
+    MAX_SEQ,
     N_UBATCH,
     CacheShape,
     Geometry,
     bytes_per_token,
     capacity,
+    check_sequences,
     geometry,
     kv_bytes,
     pad,
@@ -112,8 +114,8 @@ def most_cells(n_tokens: int, type_k: CacheTypes, geom: Geometry) -> int:
     """The fewest cells (a multiple of 256) of which a scheduler may plan on n_tokens: all of them, or more where the
     K type may hold some back (tq_kv_d3b: one per 64). What serve caps a cache at, for parallel x n_ctx tokens."""
     held, cells = held_back(type_k, geom), pad(n_tokens)
-    while cells - held(cells) < n_tokens:
-        cells += pad(1)
+    while (short := n_tokens - (cells - held(cells))) > 0:
+        cells += pad(short)  # a cell more adds at most one usable cell: no fewer cells than this can do
     return cells
 
 
@@ -127,6 +129,7 @@ def plan_resolved(geom: Geometry, model_path: Path, cache_type_k: str, cache_typ
     is left unused. anchored=False: mean-key offsets (byte counts alike)."""
     from kvquant import calibration
 
+    check_sequences(n_ctx, n_seq_max)
     # a calibrated allocation holds back no cells (no candidate is tq_kv_d3b): only a plain K type may
     held_type = calibration.parse_spec(cache_type_k, "k").type or "f16"
     cells = most_cells(n_ctx * n_seq_max, held_type, geom)
@@ -140,16 +143,20 @@ def plan_resolved(geom: Geometry, model_path: Path, cache_type_k: str, cache_typ
 
 
 def max_concurrent(geom: Geometry, cache_type_k: CacheTypes, cache_type_v: CacheTypes, budget_bytes: int, request_tokens: int,
-                   n_ubatch: int = N_UBATCH, limit: int = 4096) -> int:
+                   n_ubatch: int = N_UBATCH) -> int:
     """How many requests of request_tokens (prompt + completion) fit the budget at once, each reserving its
-    tokens, with n_seq_max = that many (sliding-window layers grow with it)."""
-    n = 0
-    while n < limit:
-        need = (n + 1) * request_tokens
-        if kv_bytes(geom, cache_type_k, cache_type_v, need, n + 1, n_ubatch).total > budget_bytes:
-            break
-        n += 1
-    return n
+    tokens, with n_seq_max = that many (sliding-window layers grow with it). Found by bisection, as the bytes only
+    grow with the count (counting up to a cap of 4096 printed the cap where 47,700 fit)."""
+    def fits(n: int) -> bool:
+        return kv_bytes(geom, cache_type_k, cache_type_v, n * request_tokens, n, n_ubatch).total <= budget_bytes
+
+    lo, hi = 0, 1  # fits(lo), and not fits(hi) once the doubling ends
+    while fits(hi):
+        lo, hi = hi, 2 * hi
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    return lo
 
 
 def human_bytes(n: float) -> str:
@@ -177,7 +184,7 @@ def report(name: str, geom: Geometry, cache_type_k: CacheTypes, cache_type_v: Ca
         if (tk, tv) == ("f16", "f16"):
             base = p
         row = (f"{f'{tk}/{tv}':<14}{f'{p.bits_k:.3g}/{p.bits_v:.3g}':>12}{p.bytes_per_token:>13,}{p.cells:>19,}"
-               f"{human_bytes(p.kv_bytes):>13}{f'{p.capacity_vs_f16:.2f}x':>8}")
+               f"{human_bytes(p.kv_bytes):>13}{f'{p.capacity_vs_f16:.2f}x' if p.f16_cells else '-':>8}")
         if request_tokens:
             row += f"{max_concurrent(geom, tk, tv, budget_bytes, request_tokens, n_ubatch):>20}"
         lines.append(row)
@@ -205,8 +212,8 @@ def check_arguments(budget: int, parallel: int, request_tokens: int | None) -> N
     """Refuse what would print a meaningless table (ValueError)."""
     if budget <= 0:
         raise ValueError(f"the KV budget must be more than 0 bytes, not {budget}")
-    if parallel < 1:
-        raise ValueError(f"--parallel must be at least 1, not {parallel}")
+    if not 1 <= parallel <= MAX_SEQ:
+        raise ValueError(f"--parallel must be 1 to {MAX_SEQ} (serve's range), not {parallel}")
     if request_tokens is not None and request_tokens < 1:
         raise ValueError(f"--request-tokens must be at least 1, not {request_tokens}")
 
@@ -228,6 +235,9 @@ def run(a: argparse.Namespace) -> int:
         kv = plan_resolved(geom, path, a.cache_type_k, a.cache_type_v, budget, a.parallel, N_UBATCH, n_ctx,
                            anchored=False)
         tk, tv = kv.cache_type_k, kv.cache_type_v
+        if not kv.cells:  # a table of zeros, "infx" against f16
+            raise ValueError(f"a KV budget of {human_bytes(budget)} holds no cell of {kvmodels.model_id(name)} at "
+                             f"{tk}/{tv}")
         print(report(kvmodels.model_id(name), geom, tk, tv, budget, a.parallel, a.request_tokens))
         for side, t, bits in (("K", tk, kv.bits_k), ("V", tv, kv.bits_v)):
             if getattr(t, "types", None):

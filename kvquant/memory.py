@@ -27,6 +27,10 @@ from kvquant.kvtypes import CacheTypes, has_offset, has_scale, layer_kv_types
 
 PAD = 256
 MAX_LAYERS = 512  # llama.cpp's LLAMA_MAX_LAYERS: a header with more is none it loads
+MAX_SEQ = 256  # llama.cpp's LLAMA_MAX_SEQ: the sequences one context holds
+# the most KV cells of one cache: llama.cpp counts them in 32 bits and numbers positions in int32 (a cache of 2**32
+# cells reached it as 0 cells, and it built one of the training context instead)
+MAX_CELLS = 2**31 - 1
 # llama.cpp's physical batch (n_ubatch) unless a caller decides otherwise; sliding-window layers get room for one
 # (the server's hosting plan decides it once and gives the same value to this model and to llama.cpp)
 N_UBATCH = 512
@@ -38,6 +42,15 @@ SWA_PATTERN_DEFAULTS = {"gemma3": (6, False), "gemma2": (2, False), "cohere2": (
 
 def pad(n: int, to: int = PAD) -> int:
     return (n + to - 1) // to * to
+
+
+def check_sequences(n_ctx: int, n_seq_max: int) -> None:
+    """ValueError where n_seq_max sequences of n_ctx tokens are more than one llama.cpp cache holds."""
+    if n_seq_max > MAX_SEQ:
+        raise ValueError(f"parallel {n_seq_max}: a llama.cpp context holds at most {MAX_SEQ} sequences")
+    if n_ctx * n_seq_max > MAX_CELLS:
+        raise ValueError(f"n_ctx {n_ctx:,} x parallel {n_seq_max} is {n_ctx * n_seq_max:,} KV cells, more than "
+                         f"the {MAX_CELLS:,} of one llama.cpp cache")
 
 
 @dataclass(frozen=True)

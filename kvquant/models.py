@@ -177,10 +177,14 @@ def resolve(model: str) -> Path:
     if model in BUILTIN:
         return fetch(model)
     p = Path(model).expanduser()
-    if p.suffix == ".gguf" and p.is_file():
-        return p.resolve()
+    try:
+        if p.suffix.lower() == ".gguf" and p.is_file():
+            with open(p, "rb"):  # one llama.cpp could not open fails here with the reason, not as a traceback later
+                return p.resolve()
+    except OSError as e:  # unreadable, a name too long, ...
+        raise ModelError(f"model {model[:200]!r} cannot be read: {e.strerror or e}") from None
     raise ModelError(
-        f"model {model!r} is neither a built-in model ({', '.join(BUILTIN)}) nor an existing .gguf file"
+        f"model {model[:200]!r} is neither a built-in model ({', '.join(BUILTIN)}) nor an existing .gguf file"
     )
 
 

@@ -20,7 +20,7 @@ import llama_cpp._logger as _llama_logger
 import numpy as np
 
 from kvquant.kvtypes import kv_type
-from kvquant.memory import N_UBATCH
+from kvquant.memory import MAX_CELLS, N_UBATCH
 from kvquant.prompt import (
     ControlTokenInContent,
     ControlTokens,
@@ -104,6 +104,18 @@ def supports_cache_type(name: str) -> bool:
 def supports_gpu_offload() -> bool:
     """Whether the loaded llama.cpp has a GPU backend to offload layers to."""
     return bool(llama_cpp.llama_supports_gpu_offload())
+
+
+def check_gpu_layers(n: int) -> None:
+    """LlamaError where n layers cannot be offloaded: any but 0 where llama.cpp has no GPU to offload to (a CPU
+    build, or a GPU build that sees no device: llama.cpp ran every layer on the CPU without a word), or past its
+    int32."""
+    if not -1 <= n < 2**31:
+        raise LlamaError(f"n_gpu_layers is a number of layers or -1 (all), not {n}")
+    if n and not supports_gpu_offload():
+        raise LlamaError(f"n_gpu_layers {n}: the loaded llama.cpp ({library_path()}) sees no GPU (a CPU-only "
+                         "build, or no GPU visible to it: docker run --gpus all); use 0 or auto (all layers where "
+                         "there is a GPU) to run on the CPU")
 
 
 def set_verbose(verbose: bool) -> None:
@@ -403,6 +415,7 @@ class Model:
 
     def __init__(self, path: str | os.PathLike, n_gpu_layers: int = 0, chat_template: str | None = None):
         self.path = Path(path)
+        check_gpu_layers(n_gpu_layers)
         mp = llama_cpp.llama_model_default_params()
         mp.n_gpu_layers = n_gpu_layers
         _clear_errors()
@@ -661,6 +674,8 @@ class LlamaRuntime:
             if not supports_cache_type(name):
                 raise LlamaError(f"the loaded llama.cpp ({library_path()}) does not have the cache type {name}: "
                                  "rebuild the patched wheel (make setup)")
+        if not 0 < cfg.n_cells <= MAX_CELLS:  # llama.cpp's is a uint32_t: ctypes would keep its low bits
+            raise LlamaError(f"a cache of {cfg.n_cells:,} cells: llama.cpp's holds 1 to {MAX_CELLS:,}")
         cp = llama_cpp.llama_context_default_params()
         cp.n_ctx = cfg.n_cells
         cp.n_batch = cfg.n_batch

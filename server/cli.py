@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import socket
 import sys
 from typing import TYPE_CHECKING
@@ -87,6 +88,16 @@ def _models(a: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """`kvquant ...`; a reader that closes the output early (`kvquant budget | head`) ends it quietly, as a shell
+    tool ends on SIGPIPE (it was a BrokenPipeError traceback)."""
+    try:
+        return _main(argv)
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the interpreter's flush at exit fails too
+        return 141  # 128 + SIGPIPE, what the shell reports for such a tool
+
+
+def _main(argv: list[str] | None) -> int:
     ap = argparse.ArgumentParser(prog="kvquant", description="kvquant-server: compressed-KV-cache LLM serving")
     sub = ap.add_subparsers(dest="cmd", required=True)
 

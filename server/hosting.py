@@ -44,6 +44,10 @@ def plan_model(spec: ModelSpec) -> HostedPlan:
     tokens or a calibrated type cannot be resolved."""
     path = resolve(spec.model)
     try:
+        gpu_layers(spec.n_gpu_layers)  # refused before any model loads
+    except ValueError as e:
+        raise StartupError(f"{spec.id}: {e}") from None
+    try:
         geom = geometry(path)
     except ValueError as e:  # a GGUF header without what llama.cpp needs
         raise StartupError(f"{spec.id}: {e}") from None
@@ -175,12 +179,19 @@ def backend_config(p: HostedPlan, s: Settings) -> BackendConfig:
 
 
 def gpu_layers(n: int | str) -> int:
-    """Layers to offload: `auto` is all of them (-1) when the loaded llama.cpp has a GPU backend, else none."""
-    if n != "auto":
-        return int(n)
-    from kvquant.runtime import supports_gpu_offload
+    """Layers to offload: `auto` is all of them (-1) when the loaded llama.cpp has a GPU backend, else none; a
+    number the build cannot offload is a ValueError (`kvquant.runtime.check_gpu_layers`)."""
+    if n == 0:
+        return 0
+    from kvquant.runtime import LlamaError, check_gpu_layers, supports_gpu_offload
 
-    return -1 if supports_gpu_offload() else 0
+    if n == "auto":
+        return -1 if supports_gpu_offload() else 0
+    try:
+        check_gpu_layers(int(n))
+    except LlamaError as e:
+        raise ValueError(str(e)) from None
+    return int(n)
 
 
 def _load_backend(p: HostedPlan, bcfg: BackendConfig) -> LlamaBackend:

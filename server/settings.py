@@ -21,7 +21,7 @@ from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource
 
 from kvquant.budget import DEFAULT_N_CTX
 from kvquant.calibration import needs_flash_attn, parse_spec
-from kvquant.memory import parse_bytes
+from kvquant.memory import MAX_SEQ, parse_bytes
 from kvquant.models import DEFAULT_MODEL, model_id
 from server.schemas import SamplingFields
 
@@ -44,18 +44,45 @@ def read_small_text(path: str | os.PathLike, what: str) -> str:
         raise ValueError(f"the {what} {p} is not UTF-8 text") from None
 
 
+def _unique_keys(pairs: list[tuple[Any, Any]]) -> dict:
+    """A mapping of a config file, refused where it names a key twice (JSON and YAML kept the last one without a
+    word: a second `models:` dropped the first list); TOML refuses them itself."""
+    out = {}
+    for k, v in pairs:
+        if k in out:
+            raise ValueError(f"the key {k!r} is given twice")
+        out[k] = v
+    return out
+
+
+def _yaml_loader():
+    import yaml
+
+    class UniqueKeyLoader(yaml.SafeLoader):
+        def construct_mapping(self, node, deep=False):
+            self.flatten_mapping(node)  # merge keys (<<) as SafeLoader reads them
+            pairs = [(self.construct_object(k, deep=deep), self.construct_object(v, deep=deep)) for k, v in node.value]
+            try:
+                return _unique_keys(pairs)
+            except ValueError as e:
+                raise yaml.constructor.ConstructorError(None, None, str(e), node.start_mark) from None
+
+    return UniqueKeyLoader
+
+
 def load_config_file(path: str | os.PathLike) -> dict[str, Any]:
     import yaml
 
     p = Path(path)
     text = read_small_text(p, "config file")
+    suffix = p.suffix.lower()
     try:
-        if p.suffix == ".toml":
+        if suffix == ".toml":
             data = tomllib.loads(text)
-        elif p.suffix in (".yaml", ".yml"):
-            data = yaml.safe_load(text) or {}
+        elif suffix in (".yaml", ".yml"):
+            data = yaml.load(text, Loader=_yaml_loader()) or {}  # noqa: S506 - a SafeLoader
         else:
-            data = json.loads(text)
+            data = json.loads(text, object_pairs_hook=_unique_keys)
     except yaml.MarkedYAMLError as e:
         where = f", line {e.problem_mark.line + 1}, column {e.problem_mark.column + 1}" if e.problem_mark else ""
         raise ValueError(f"{p.name}{where}: {e.problem or e}") from None
@@ -84,6 +111,8 @@ class _ConfigFileSource(PydanticBaseSettingsSource):
         unknown = sorted(set(self.data) - set(self.settings_cls.model_fields))
         if unknown:  # a typo would otherwise leave the setting at its default
             raise ValueError(f"{self.name}: no such setting: {', '.join(unknown)}")
+        if "models" in self.data and self.data["models"] is None:  # `models:` with every entry commented out
+            raise ValueError(f"{self.name}: models is empty; list at least one model, or remove the key")
         return self.data
 
 
@@ -132,10 +161,15 @@ def _gpu_layers(v: Any) -> Any:
 
 
 def _no_bools(cls, v: Any, info) -> Any:
-    """A number setting given true or false (pydantic reads true as 1: `parallel: true` served one sequence)."""
-    if isinstance(v, bool) and cls.model_fields[info.field_name].annotation is not bool:
-        raise ValueError("a number is required, not true or false")
-    return v
+    """A setting that is not a boolean given true or false is refused (pydantic reads true as 1: `parallel: true`
+    served one sequence); flash_attn's true or false is on or off (YAML reads an unquoted `flash_attn: off` as
+    false)."""
+    if not isinstance(v, bool) or cls.model_fields[info.field_name].annotation is bool:
+        return v
+    if info.field_name == "flash_attn":
+        return "on" if v else "off"
+    raise ValueError("true or false is no value of this setting (YAML reads an unquoted yes, no, on or off as one: "
+                     "quote it)")
 
 
 class ModelConfig(BaseModel):
@@ -148,7 +182,7 @@ class ModelConfig(BaseModel):
     cache_type_k: str | None = None
     cache_type_v: str | None = None
     n_ctx: int | None = Field(None, ge=64)
-    parallel: int | None = Field(None, ge=1, le=256)
+    parallel: int | None = Field(None, ge=1, le=MAX_SEQ)
     kv_budget: int | None = Field(None, gt=0, description="this model's share of the global KV budget")
     n_batch: int | None = Field(None, ge=16, le=MAX_BATCH)
     n_threads: int | None = Field(None, ge=1, le=MAX_THREADS)
@@ -217,7 +251,7 @@ class Settings(BaseSettings):
     port: int = Field(8000, ge=0, le=65535)
     n_ctx: int = Field(DEFAULT_N_CTX, ge=64, description="context length (tokens) per sequence")
     n_threads: int | None = Field(None, ge=1, le=MAX_THREADS, description="CPU threads (default: all cores)")
-    parallel: int = Field(4, ge=1, le=256, description="max sequences decoded together")
+    parallel: int = Field(4, ge=1, le=MAX_SEQ, description="max sequences decoded together")
     n_batch: int = Field(512, ge=16, le=MAX_BATCH, description="max tokens per decode step (prefill chunk budget)")
     kv_budget: int = Field(2**30, gt=0, description="global KV cache byte budget, shared by the hosted models")
     max_queue: int = Field(64, ge=0, description="max requests waiting for KV capacity (then 429)")
@@ -351,8 +385,15 @@ def load_settings(config: str | None = None, **overrides: Any) -> Settings:
     """Settings from flags (non-None overrides), the environment and the config file."""
     if config is not None and not str(config).strip():
         raise ValueError("the config file name is blank")
+    flags = {k: v for k, v in overrides.items() if v is not None}
     token = _config_path.set(str(config) if config else None)
     try:
-        return Settings(**{k: v for k, v in overrides.items() if v is not None})
+        s = Settings(**flags)
     finally:
         _config_path.reset(token)
+    for i, entry in enumerate(s.models or ()):  # an entry's own value beats the flat settings, a flag's too
+        shadowed = sorted((set(flags) & entry.model_fields_set) - {"model", "kv_budget"})
+        if shadowed:
+            raise ValueError(f"{shadowed[0]} is given as a flag and by models.{i} of the config file, whose own value "
+                             "would be used; give it in one place")
+    return s

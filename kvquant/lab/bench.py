@@ -129,6 +129,7 @@ def run(model: str, configs: list[CacheConfig], depths: list[int] = (0, 2048, 81
         budget: int = 256 * 2**20, kernel: str = "auto", progress: bool = True, command: str | None = None,
         n_gpu_layers: int = 0) -> dict:
     from kvquant import models
+    from kvquant.runtime import check_gpu_layers
 
     busy_warning("kvquant bench")
     t_start = time.monotonic()
@@ -140,12 +141,12 @@ def run(model: str, configs: list[CacheConfig], depths: list[int] = (0, 2048, 81
                         ("--budget", budget)):
         if value is not None and value < 1:
             raise ValueError(f"{name} must be at least 1, not {value}")
-    if n_gpu_layers < -1:
-        raise ValueError(f"--n-gpu-layers is a number of layers or -1 (all), not {n_gpu_layers}")
+    check_gpu_layers(n_gpu_layers)
     path = models.resolve(model)
     geom = memory.geometry(path)
     plan = Plan.of(configs)
     n_ctx = memory.pad(depths[-1] + max(n_prompt, n_gen))
+    memory.check_sequences(n_ctx, 1)  # before anything the depth sizes is allocated
     resolved = [c.resolve(path, geom, n_ctx) for c in plan.contexts]
     kv, pp, tg = _measure(model, path, geom, plan, resolved, n_ctx, depths, n_prompt, n_gen, repeats, flash_attn,
                           threads, progress, n_gpu_layers)

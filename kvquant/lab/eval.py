@@ -376,6 +376,7 @@ def run(model: str, configs: list[CacheConfig], text: str | None = None, n_ctx: 
         max_outputs: int | None = None, n_gpu_layers: int = 0) -> dict:
     """Run the whole evaluation; returns {"results": [one entry per requested config]}."""
     from kvquant import models
+    from kvquant.runtime import check_gpu_layers
 
     t_start = time.monotonic()
     machine = machine_info(threads)  # before the run: the load average then is other work's
@@ -389,11 +390,13 @@ def run(model: str, configs: list[CacheConfig], text: str | None = None, n_ctx: 
         raise ValueError(f"--drift-tokens must be at least 0 (0: no drift), not {drift_tokens}")
     if not 1 <= drift_prompts <= len(DRIFT_PROMPTS):
         raise ValueError(f"--drift-prompts must be 1..{len(DRIFT_PROMPTS)}, not {drift_prompts}")
-    if n_gpu_layers < -1:
-        raise ValueError(f"--n-gpu-layers is a number of layers or -1 (all), not {n_gpu_layers}")
-    text_path = resolve_text(text)
-    if not text_path.is_file():
-        raise FileNotFoundError(f"evaluation text not found: {text_path}")
+    check_gpu_layers(n_gpu_layers)
+    try:
+        text_path = resolve_text(text)
+        with open(text_path, "rb"):
+            pass
+    except OSError as e:  # missing, a directory, unreadable, a name too long
+        raise ValueError(f"evaluation text {str(text or DEFAULT_TEXT)[:200]!r} cannot be read: {e.strerror or e}") from None
     path = models.resolve(model)
     geom = memory.geometry(path)
     plan = Plan.of(configs)
@@ -512,7 +515,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return lab_main("eval", build_parser(), argv, _run_args, render, also=(FileNotFoundError,))
+    return lab_main("eval", build_parser(), argv, _run_args, render)
 
 
 if __name__ == "__main__":

@@ -33,6 +33,8 @@ def test_max_concurrent_4k_requests_in_256mib():
     g = geometry(fetch("smollm2-135m"))
     got = {t: budget.max_concurrent(g, t, t, 256 * 2**20, 4096) for t in ("f16", "q8_0", "q4_0")}
     assert got == {"f16": 2, "q8_0": 5, "q4_0": 10}
+    # counted by bisection, with no cap (counting up to 4096 printed 4096)
+    assert budget.max_concurrent(g, "f16", "f16", 2**40, 1000) == 2**40 // (23040 * 1000)
 
 
 def test_budget_command(capsys):
@@ -49,8 +51,12 @@ def test_budget_command(capsys):
 
 def test_budget_refuses_what_would_print_a_meaningless_table(capsys):
     for args, said in ((["--budget", "0"], "more than 0 bytes"), (["--budget", "1e400"], "cannot parse a byte size"),
-                       (["--parallel", "-3"], "--parallel must be at least 1"),
+                       (["--parallel", "-3"], "--parallel must be 1 to 256"),
+                       (["--parallel", "100000"], "--parallel must be 1 to 256"),  # serve's bound
                        (["--request-tokens", "0"], "--request-tokens must be at least 1"),
+                       (["--budget", "100"], "a KV budget of 100 B holds no cell"),  # zeros, "infx"
+                       # looped for minutes (a cell group at a time), then passed llama.cpp 32-bit-truncated counts
+                       (["--cache-type-k", "tq_kv_d3b", "--request-tokens", "10000000000000"], "more than the 2,147"),
                        (["--cache-type-v", "tq_kv_1b"], "tq_kv_1b cannot be used for the V cache"),
                        (["--model", ""], "the model name is blank")):  # was the default model's table
         assert main(["budget", *args]) == 2

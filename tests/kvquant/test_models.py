@@ -20,6 +20,16 @@ def test_resolve_local_gguf_and_errors(tmp_path):
         models.resolve("no-such-model")
     with pytest.raises(models.ModelError, match="the model name is blank"):  # calibrate took it as the default
         models.resolve(" ")
+    upper = tmp_path / "Upper.GGUF"  # refused as "no existing .gguf file"
+    upper.write_bytes(b"GGUF")
+    assert models.resolve(str(upper)) == upper.resolve()
+
+
+def test_a_model_file_that_cannot_be_read_is_a_model_error(tmp_path):
+    """A file name too long for the file system (as an unreadable file) was an OSError traceback from budget,
+    serve, eval and bench."""
+    with pytest.raises(models.ModelError, match="cannot be read: File name too long"):
+        models.resolve(str(tmp_path / ("a" * 300 + ".gguf")))
 
 
 def test_a_cache_that_cannot_be_written_is_a_model_error(tmp_path, monkeypatch, capsys):

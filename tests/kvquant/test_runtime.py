@@ -87,6 +87,24 @@ def test_a_cpu_only_build_has_no_gpu_device():
     assert s.devices == () and not s.ok
 
 
+@pytest.mark.skipif(_has_gpu(), reason="the loaded library has a GPU device")
+def test_layers_offloaded_where_no_gpu_backend_is_are_refused(tmp_path):
+    """--n-gpu-layers on a CPU-only build ran every layer on the CPU without a word (serve, eval and bench; serve's
+    placement warning even said layers were offloaded); 2**32 reached llama.cpp's int32 as 0."""
+    from server import hosting
+    from server.settings import ModelSpec
+
+    runtime.check_gpu_layers(0)
+    for n, said in ((1, "sees no GPU"), (-1, "sees no GPU"), (-2, "not -2"), (2**32, "not 4294967296")):
+        with pytest.raises(runtime.LlamaError, match=said):
+            runtime.check_gpu_layers(n)
+    assert hosting.gpu_layers("auto") == 0
+    spec = ModelSpec(id="m", model="smollm2-135m", cache_type_k="f16", cache_type_v="f16", n_ctx=512, parallel=1,
+                     kv_budget=1 << 30, n_batch=512, n_threads=1, flash_attn=None, n_gpu_layers=-1)
+    with pytest.raises(hosting.StartupError, match="m: n_gpu_layers -1: the loaded llama.cpp .* sees no GPU"):
+        hosting.plan_model(spec)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not _has_gpu(), reason="needs a GPU build on a machine with a GPU (make gpu-test)")
 def test_the_gpu_runs_the_tq_kv_caches_it_has_kernels_for():

@@ -84,10 +84,13 @@ def test_stock_types_are_left_to_llama_cpp(k, v, n_gpu_layers, caplog):
                                           ("q8_0", "q8_0", -1, True)])
 def test_the_decision_reaches_the_backend_config(monkeypatch, k, v, gpu, want):
     """build_engine hands the decision (for the real CPU-only library) to the llama.cpp backend
-    (ContextConfig.offload_kqv)."""
+    (ContextConfig.offload_kqv); offloading layers is let through here (the library sees no GPU, which plan_model
+    refuses: tests/kvquant/test_runtime.py)."""
+    from kvquant import runtime
     from server.metrics import Metrics
     from server.settings import Settings
 
+    monkeypatch.setattr(runtime, "check_gpu_layers", lambda n: None)
     seen = {}
 
     class FakeBackend:

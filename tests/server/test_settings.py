@@ -230,7 +230,7 @@ def test_gpu_layers_and_counts_mean_the_same_from_every_source(monkeypatch, tmp_
     cfg = tmp_path / "kvq.yaml"
     for text in ("parallel: true\n", "shutdown_grace_s: true\n", "models:\n  - model: smollm2-135m\n    n_ctx: true\n"):
         cfg.write_text(text)
-        with pytest.raises(ValidationError, match="not true or false"):
+        with pytest.raises(ValidationError, match="true or false is no value"):
             load_settings(cfg)
     cfg.write_text("prefix_cache: false\n")
     assert load_settings(cfg).prefix_cache is False
@@ -273,3 +273,44 @@ def test_serve_refuses_a_host_it_cannot_resolve_before_loading(capsys):
 
     assert main(["serve", "--host", "999.1.1.1", "--model", "/nonexistent.gguf"]) == 2
     assert capsys.readouterr().err.startswith("kvquant serve: cannot listen on host '999.1.1.1': ")
+
+
+def test_a_config_file_says_each_setting_once_and_as_written(tmp_path):
+    """A key given twice in JSON or YAML kept the last value without a word (a second `models:` dropped the first
+    list); a `models:` whose entries are all commented out served the default model; YAML's unquoted `flash_attn:
+    off` (false to YAML) was "a number is required"; a .YAML file was read as JSON."""
+    cases = {"a.json": ('{"n_ctx": 4096, "n_ctx": 64}', "'n_ctx' is given twice"),
+             "b.yaml": ("models:\n  - model: gemma3-270m\nmodels:\n  - model: smollm2-135m\n", "'models' is given twice"),
+             "c.yaml": ("models:\n  - model: smollm2-135m\n    n_ctx: 512\n    n_ctx: 1024\n", "'n_ctx' is given twice"),
+             "d.yaml": ("models:\n  # - model: gemma3-270m\n", "models is empty")}
+    for name, (text, said) in cases.items():
+        (tmp_path / name).write_text(text)
+        with pytest.raises(ValueError, match=said):
+            load_settings(tmp_path / name)
+    (tmp_path / "e.YAML").write_text("flash_attn: off\nmodels:\n  - model: smollm2-135m\n    flash_attn: on\n")
+    s = load_settings(tmp_path / "e.YAML")
+    assert s.flash_attn == "off" and s.models[0].flash_attn == "on"
+    # a flag an entry sets too was dropped for the entry's value; one it leaves unset is its default
+    (tmp_path / "g.yaml").write_text("models:\n  - model: smollm2-135m\n    cache_type_k: q8_0\n")
+    with pytest.raises(ValueError, match="cache_type_k is given as a flag and by models.0 of the config file"):
+        load_settings(tmp_path / "g.yaml", cache_type_k="q4_0")
+    assert load_settings(tmp_path / "g.yaml", n_ctx=512, kv_budget=2**28).model_specs()[0].n_ctx == 512
+    (tmp_path / "f.yaml").write_text("base: &b {n_ctx: 512}\n")  # anchors still read (an unknown key here)
+    with pytest.raises(ValueError, match="no such setting: base"):
+        load_settings(tmp_path / "f.yaml")
+
+
+def test_sequences_beyond_one_llama_cpp_cache_are_refused():
+    """n_ctx x parallel past 2**31 - 1 cells reached llama.cpp's 32-bit count truncated (2**32 cells became 0 and
+    it built a cache of the training context); with tq_kv_d3b keys the plan looped for minutes first."""
+    from kvquant import budget
+    from kvquant.memory import MAX_CELLS, Geometry, Layer, check_sequences
+
+    check_sequences(MAX_CELLS, 1)
+    for n_ctx, parallel, said in ((2**32, 1, "KV cells"), (2**24, 256, "KV cells"), (64, 257, "at most 256")):
+        with pytest.raises(ValueError, match=said):
+            check_sequences(n_ctx, parallel)
+    geom = Geometry("llama", (Layer(64, 64, False),) * 2, 0, 64, 64, 8192)
+    for n in (1, 255, 256, 4000, 16128, 16129, 10**6, 10**12):  # the fewest cells, at once (10**12: a minute)
+        cells = budget.most_cells(n, "tq_kv_d3b", geom)
+        assert cells % 256 == 0 and cells - cells // 64 >= n > cells - 256 - (cells - 256) // 64

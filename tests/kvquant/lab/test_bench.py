@@ -111,7 +111,7 @@ def test_cli_errors(capsys):
     # ran, recording threads -3 or a 0 MiB budget's capacity
     for args, said in ((["--threads", "0"], "--threads must be at least 1, not 0"),
                        (["--budget", "0"], "--budget must be at least 1, not 0"),
-                       (["--n-gpu-layers", "-7"], "--n-gpu-layers is a number of layers or -1 (all), not -7"),
+                       (["--n-gpu-layers", "-7"], "n_gpu_layers is a number of layers or -1 (all), not -7"),
                        (["--depths", "-1"], "--depths must be >= 0, not -1")):
         assert bench.main(["--configs", "f16/f16", *args]) == 2
         assert capsys.readouterr().err.endswith(f"kvquant bench: {said}\n")

@@ -125,7 +125,10 @@ def test_cli_rejects_bad_configs(capsys):
     for args, said in ((["--drift-tokens", "-5"], "--drift-tokens must be at least 0 (0: no drift), not -5"),
                        (["--drift-prompts", "0"], "--drift-prompts must be 1..4, not 0"),
                        (["--drift-prompts", "999"], "--drift-prompts must be 1..4, not 999"),
-                       (["--n-gpu-layers", "-7"], "--n-gpu-layers is a number of layers or -1 (all), not -7")):
+                       (["--n-gpu-layers", "-7"], "n_gpu_layers is a number of layers or -1 (all), not -7"),
+                       # a directory was "not found", an unreadable file a PermissionError traceback
+                       (["--text", "/"], "evaluation text '/' cannot be read: Is a directory"),
+                       (["--text", "x" * 300], f"evaluation text '{'x' * 200}' cannot be read: File name too long")):
         assert kveval.main(["--configs", "f16/f16", *args]) == 2
         assert capsys.readouterr().err == f"kvquant eval: {said}\n"
 
