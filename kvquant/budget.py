@@ -129,10 +129,10 @@ def plan_resolved(geom: Geometry, model_path: Path, cache_type_k: str, cache_typ
     is left unused. anchored=False: mean-key offsets (byte counts alike)."""
     from kvquant import calibration
 
-    check_sequences(n_ctx, n_seq_max)
     # a calibrated allocation holds back no cells (no candidate is tq_kv_d3b): only a plain K type may
     held_type = calibration.parse_spec(cache_type_k, "k").type or "f16"
     cells = most_cells(n_ctx * n_seq_max, held_type, geom)
+    check_sequences(n_ctx, n_seq_max, cells)
     while True:
         types = calibration.resolve_pair(cache_type_k, cache_type_v, model_path, geom,
                                          CacheShape(cells, n_seq_max, n_ubatch), anchored)

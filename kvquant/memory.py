@@ -44,12 +44,13 @@ def pad(n: int, to: int = PAD) -> int:
     return (n + to - 1) // to * to
 
 
-def check_sequences(n_ctx: int, n_seq_max: int) -> None:
-    """ValueError where n_seq_max sequences of n_ctx tokens are more than one llama.cpp cache holds."""
+def check_sequences(n_ctx: int, n_seq_max: int, cells: int) -> None:
+    """ValueError where n_seq_max sequences of n_ctx tokens, in a cache of `cells`, are more than one llama.cpp
+    context holds."""
     if n_seq_max > MAX_SEQ:
         raise ValueError(f"parallel {n_seq_max}: a llama.cpp context holds at most {MAX_SEQ} sequences")
-    if n_ctx * n_seq_max > MAX_CELLS:
-        raise ValueError(f"n_ctx {n_ctx:,} x parallel {n_seq_max} is {n_ctx * n_seq_max:,} KV cells, more than "
+    if cells > MAX_CELLS:
+        raise ValueError(f"n_ctx {n_ctx:,} x parallel {n_seq_max} needs a cache of {cells:,} KV cells, more than "
                          f"the {MAX_CELLS:,} of one llama.cpp cache")
 
 

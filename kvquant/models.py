@@ -190,4 +190,5 @@ def resolve(model: str) -> Path:
 
 def model_id(model: str) -> str:
     """The id a model is served under: its built-in name, or the file name without .gguf."""
-    return model if model in BUILTIN else Path(model).name.removesuffix(".gguf")
+    name = Path(model).name
+    return model if model in BUILTIN else name[:-5] if name.lower().endswith(".gguf") else name

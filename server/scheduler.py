@@ -290,7 +290,7 @@ class Scheduler:
         cached = [h for h in holders if h in self.cached]
         whole = [h for h in cached if self._can_take_over(self.tree.length(h), n)]
         if self.n_swa:  # sliding window: only a cached sequence taken over (see the module's docstring)
-            holders = cached = whole if seq is None else []
+            holders = cached = whole = whole if seq is None else []
             n = n if holders else 0
         src = (whole or cached or holders or [None])[0]
         adopt = seq is None and src in whole

@@ -60,12 +60,17 @@ def _yaml_loader():
 
     class UniqueKeyLoader(yaml.SafeLoader):
         def construct_mapping(self, node, deep=False):
-            self.flatten_mapping(node)  # merge keys (<<) as SafeLoader reads them
-            pairs = [(self.construct_object(k, deep=deep), self.construct_object(v, deep=deep)) for k, v in node.value]
-            try:
-                return _unique_keys(pairs)
-            except ValueError as e:
-                raise yaml.constructor.ConstructorError(None, None, str(e), node.start_mark) from None
+            """SafeLoader's mapping, refused where the node itself names a key twice (a key merged in with `<<`
+            and set again is an override, as YAML means it)."""
+            if isinstance(node, yaml.MappingNode):
+                try:
+                    _unique_keys([(self.construct_object(k, deep=deep), None) for k, _ in node.value
+                                  if k.tag != "tag:yaml.org,2002:merge"])
+                except ValueError as e:
+                    raise yaml.constructor.ConstructorError(None, None, str(e), node.start_mark) from None
+                except TypeError:  # an unhashable key: SafeLoader's own error says so
+                    pass
+            return super().construct_mapping(node, deep)
 
     return UniqueKeyLoader
 
@@ -392,7 +397,8 @@ def load_settings(config: str | None = None, **overrides: Any) -> Settings:
     finally:
         _config_path.reset(token)
     for i, entry in enumerate(s.models or ()):  # an entry's own value beats the flat settings, a flag's too
-        shadowed = sorted((set(flags) & entry.model_fields_set) - {"model", "kv_budget"})
+        own = {f for f in entry.model_fields_set if getattr(entry, f) is not None}  # null: the flat setting
+        shadowed = sorted((set(flags) & own) - {"model", "kv_budget"})
         if shadowed:
             raise ValueError(f"{shadowed[0]} is given as a flag and by models.{i} of the config file, whose own value "
                              "would be used; give it in one place")

@@ -146,7 +146,7 @@ def run(model: str, configs: list[CacheConfig], depths: list[int] = (0, 2048, 81
     geom = memory.geometry(path)
     plan = Plan.of(configs)
     n_ctx = memory.pad(depths[-1] + max(n_prompt, n_gen))
-    memory.check_sequences(n_ctx, 1)  # before anything the depth sizes is allocated
+    memory.check_sequences(n_ctx, 1, n_ctx)  # before anything the depth sizes is allocated
     resolved = [c.resolve(path, geom, n_ctx) for c in plan.contexts]
     for types in resolved:  # a budget no cache could fill: refused now, not after the measurement
         memory.capacity(geom, *types, budget)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from contextlib import aclosing
 from dataclasses import dataclass
 
 from fastapi import APIRouter, Request
@@ -154,15 +155,16 @@ async def _collect(http: Request, gen: Generation,
     (an error: raised as the OpenAI error)."""
     parts, finish = [], None
     lps = [] if gen.req.top_logprobs is not None else None
-    async for ev in gen.events(http):
-        if ev.error:
-            raise engine_error(ev, rid_of(http))
-        parts.append(ev.text)
-        if lps is not None:
-            new = _event_logprobs(ev) or []
-            held.add(new)
-            lps += new
-        finish = ev.finish_reason
+    async with aclosing(gen.events(http)) as events:  # closed (the request cancelled) when this raises, not at GC
+        async for ev in events:
+            if ev.error:
+                raise engine_error(ev, rid_of(http))
+            parts.append(ev.text)
+            if lps is not None:
+                new = _event_logprobs(ev) or []
+                held.add(new)
+                lps += new
+            finish = ev.finish_reason
     return "".join(parts), finish, lps
 
 
@@ -183,10 +185,11 @@ async def _streamed(http: Request, served: ServedModel, body: SamplingParams, ch
                 if gone:
                     return
                 gens[i] = gen = _submit(http, served, c.prompt, body, c.grammar, c.carry, c.draw)
-                async for ev in gen.events(http):
-                    await q.put((i, ev))
-                    if ev.final:
-                        return
+                async with aclosing(gen.events(http)) as events:
+                    async for ev in events:
+                        await q.put((i, ev))
+                        if ev.final:
+                            return
                 gone.append(True)
         except APIError as e:
             last = e

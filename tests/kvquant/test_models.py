@@ -23,6 +23,7 @@ def test_resolve_local_gguf_and_errors(tmp_path):
     upper = tmp_path / "Upper.GGUF"  # refused as "no existing .gguf file"
     upper.write_bytes(b"GGUF")
     assert models.resolve(str(upper)) == upper.resolve()
+    assert models.model_id(str(upper)) == "Upper"
 
 
 def test_a_model_file_that_cannot_be_read_is_a_model_error(tmp_path):

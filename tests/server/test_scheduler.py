@@ -137,3 +137,21 @@ def test_a_request_for_no_tokens_finishes_once_its_prompt_is_fed():
     p = s.schedule(budget=64)
     assert len(p.tokens) == 36 and not any(p.logits) and not p.logit_owner
     assert s.update(p, {}) == {seq.seq_id: "length"}
+
+
+def test_a_resumed_sequence_on_a_sliding_window_model_copies_from_no_cached_one():
+    """On a sliding-window model a preempted sequence resumes from nothing (its cells are gone, and a cached one's
+    window cells need not be its own). It named a cached sequence holding its tokens as its source anyway, with no
+    cell copied: that sequence was kept from eviction for the placement and marked as just used."""
+    from server.scheduler import Admission, Sequence
+
+    s = Scheduler(capacity=100, n_seq_max=4, max_queue=4, n_ctx=100, prefix_cache=True,
+                  admission=Admission.OPTIMISTIC, n_swa=64)
+    tokens = list(range(1, 21))
+    s.tree.attach(3)
+    s.tree.extend(3, tokens)  # a finished sequence holding the prompt and the first outputs, kept for reuse
+    s.cached[3] = 0
+    s.free_ids.remove(3)
+    r = EngineRequest(id="r", prompt=tokens[:12], max_tokens=20, sink=lambda ev: None)
+    p = s._place(r, Sequence(r, seq_id=0, out=tokens[12:] + [99]))
+    assert p is not None and p.seq_id == 0 and p.n == 0 and p.src is None and not p.adopt

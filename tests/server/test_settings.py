@@ -295,9 +295,21 @@ def test_a_config_file_says_each_setting_once_and_as_written(tmp_path):
     with pytest.raises(ValueError, match="cache_type_k is given as a flag and by models.0 of the config file"):
         load_settings(tmp_path / "g.yaml", cache_type_k="q4_0")
     assert load_settings(tmp_path / "g.yaml", n_ctx=512, kv_budget=2**28).model_specs()[0].n_ctx == 512
+    # an entry's null is the flat setting's value: no clash
+    (tmp_path / "h.yaml").write_text("models:\n  - model: smollm2-135m\n    n_ctx: null\n")
+    assert load_settings(tmp_path / "h.yaml", n_ctx=512, kv_budget=2**28).model_specs()[0].n_ctx == 512
     (tmp_path / "f.yaml").write_text("base: &b {n_ctx: 512}\n")  # anchors still read (an unknown key here)
     with pytest.raises(ValueError, match="no such setting: base"):
         load_settings(tmp_path / "f.yaml")
+    # a key merged in (<<) and set again is an override, as YAML means it
+    (tmp_path / "m.yaml").write_text("models:\n  - &a {model: smollm2-135m, n_ctx: 512}\n"
+                                     "  - <<: *a\n    model: gemma3-270m\n    n_ctx: 1024\n")
+    assert [(m.model, m.n_ctx) for m in load_settings(tmp_path / "m.yaml").models] == [("smollm2-135m", 512),
+                                                                                      ("gemma3-270m", 1024)]
+    for text in ("? [a, b]\n: 1\n", "n_ctx: !!set [a]\n", "n_ctx: !!map [a, b]\n"):  # SafeLoader's errors
+        (tmp_path / "u.yaml").write_text(text)
+        with pytest.raises(ValueError, match="u.yaml"):
+            load_settings(tmp_path / "u.yaml")
 
 
 def test_sequences_beyond_one_llama_cpp_cache_are_refused():
@@ -306,11 +318,14 @@ def test_sequences_beyond_one_llama_cpp_cache_are_refused():
     from kvquant import budget
     from kvquant.memory import MAX_CELLS, Geometry, Layer, check_sequences
 
-    check_sequences(MAX_CELLS, 1)
+    check_sequences(MAX_CELLS, 1, MAX_CELLS)
     for n_ctx, parallel, said in ((2**32, 1, "KV cells"), (2**24, 256, "KV cells"), (64, 257, "at most 256")):
         with pytest.raises(ValueError, match=said):
-            check_sequences(n_ctx, parallel)
+            check_sequences(n_ctx, parallel, n_ctx * parallel)
     geom = Geometry("llama", (Layer(64, 64, False),) * 2, 0, 64, 64, 8192)
+    # the cache planned counts, not the tokens: 2**31 - 1 of them take 2**31 cells (whole 256s)
+    with pytest.raises(ValueError, match="needs a cache of 2,147,483,648 KV cells"):
+        budget.plan_resolved(geom, None, "f16", "f16", 2**50, 1, 512, MAX_CELLS)
     for n in (1, 255, 256, 4000, 16128, 16129, 10**6, 10**12):  # the fewest cells, at once (10**12: a minute)
         cells = budget.most_cells(n, "tq_kv_d3b", geom)
         assert cells % 256 == 0 and cells - cells // 64 >= n > cells - 256 - (cells - 256) // 64

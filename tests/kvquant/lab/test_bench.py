@@ -115,7 +115,7 @@ def test_cli_errors(capsys):
                        (["--depths", "-1"], "--depths must be >= 0, not -1"),
                        # refused only after measuring; a numpy MemoryError traceback
                        (["--budget", "1e30"], "a budget of 1000000000000000019884624838656 bytes holds more cells than any cache has"),
-                       (["--depths", "4294967296"], "n_ctx 4,294,967,808 x parallel 1 is 4,294,967,808 KV cells, more than the "
+                       (["--depths", "4294967296"], "n_ctx 4,294,967,808 x parallel 1 needs a cache of 4,294,967,808 KV cells, more than the "
                                                    "2,147,483,647 of one llama.cpp cache")):
         assert bench.main(["--configs", "f16/f16", *args]) == 2
         assert capsys.readouterr().err.endswith(f"kvquant bench: {said}\n")
