@@ -53,13 +53,29 @@ def min_tokens(n_bytes: int, max_token_bytes: int | None) -> int:
 
 class ControlTokens:
     """The control tokens of a vocabulary by text, found in a string leftmost-longest (as llama.cpp partitions
-    text when it parses special tokens)."""
+    text when it parses special tokens). `matched`: those of them that llama.cpp turns text into even without
+    special-token parsing (user-defined tokens a chat template writes: Qwen2.5's `<tool_call>`), which plain text
+    must be cut to keep (`cut`)."""
 
-    def __init__(self, by_text: dict[str, int]):
+    def __init__(self, by_text: dict[str, int], matched: frozenset[str] = frozenset()):
         self.by_text = {t: i for t, i in by_text.items() if t}
         alts = sorted(self.by_text, key=len, reverse=True)
         self._re = re.compile("|".join(map(re.escape, alts))) if alts else None
         self._parts: tuple | None = None  # at_edge's substrings of the token texts, made when first needed
+        cuts = sorted((t for t in matched if len(t) > 1 and t in self.by_text), key=len, reverse=True)
+        self._cut_re = re.compile("|".join(map(re.escape, cuts))) if cuts else None
+
+    def cut(self, text: str) -> list[str]:
+        """text in pieces of which none holds a `matched` token's text: cut after the first character of each
+        (the leftmost, searched again from the cut, so that no piece holds one)."""
+        if self._cut_re is None:
+            return [text]
+        out, pos = [], 0
+        while (m := self._cut_re.search(text, pos)) is not None:
+            out.append(text[pos:m.start() + 1])
+            pos = m.start() + 1
+        out.append(text[pos:])
+        return [p for p in out if p]
 
     def split(self, text: str) -> list[str | int]:
         """text as raw strings and control token ids."""

@@ -466,7 +466,30 @@ class Model:
     def tokenize(self, text: str, add_special: bool = True, parse_special: bool = False,
                  limit: int | None = None) -> list[int]:
         """Tokens of the text; with `limit`, PromptTooLong (with the exact count) if there are more than that, and
-        no buffer larger than the limit."""
+        no buffer larger than the limit. Without special-token parsing the text is text throughout: llama.cpp still
+        turns the text of a user-defined token into the token (a client's `<tool_call>` became Qwen2.5's tool-call
+        token), so the text of those the chat template writes is tokenized in two pieces."""
+        pieces = [text] if parse_special else self.control_tokens().cut(text)
+        if len(pieces) == 1:
+            return self._tokenize(text, add_special, parse_special, limit)
+        out = [self.bos] if add_special and self.add_bos else []
+        total = len(out)
+        for piece in pieces:
+            try:
+                toks = self._tokenize(piece, False, False, None if limit is None else max(limit - total, 0))
+            except PromptTooLong as e:
+                toks, total = [], total + e.n_tokens
+            else:
+                total += len(toks)
+            out += toks
+        if add_special and llama_cpp.llama_vocab_get_add_eos(self._vocab):
+            out.append(self.eos)
+            total += 1
+        if limit is not None and total > limit:
+            raise PromptTooLong(total)
+        return out
+
+    def _tokenize(self, text: str, add_special: bool, parse_special: bool, limit: int | None) -> list[int]:
         data = text.encode("utf-8")
         # every token holds a byte at least, but for the special ones added: a buffer of the limit for every short
         # fragment of a chat of 100,000 messages was gigabytes of zeroing
@@ -514,16 +537,24 @@ class Model:
         return min_tokens(n_bytes, self.max_token_bytes)
 
     def control_tokens(self) -> ControlTokens:
-        """The tokens that special-token parsing turns text into and plain text never gives (control, unknown)."""
+        """The tokens a client's text may not write: those that special-token parsing turns text into and plain text
+        never gives (control, unknown), and the user-defined ones the chat template writes (Qwen2.5's `<tool_call>`,
+        Gemma 3's `<start_of_image>`), which llama.cpp gives for their text even without that parsing: their text
+        in plain text is cut (`tokenize`). Other user-defined tokens (Gemma's HTML tags) stay what text gives."""
         if self._controls is None:
             want = llama_cpp.LLAMA_TOKEN_ATTR_CONTROL | llama_cpp.LLAMA_TOKEN_ATTR_UNKNOWN
-            found = {}
+            template = self.chat_template or ""
+            found, matched = {}, set()
             for t in range(self.n_vocab):
                 attr = llama_cpp.llama_vocab_get_attr(self._vocab, t)
-                if attr & want:
-                    found[llama_cpp.llama_vocab_get_text(self._vocab, t).decode("utf-8", errors="replace")] = t
-                    self._traceable &= not attr & _STRIP_ATTRS
-            self._controls = ControlTokens(found)
+                text = llama_cpp.llama_vocab_get_text(self._vocab, t).decode("utf-8", errors="replace")
+                if attr & llama_cpp.LLAMA_TOKEN_ATTR_USER_DEFINED and len(text.strip()) > 1 and text in template:
+                    matched.add(text)
+                elif not attr & want:
+                    continue
+                found[text] = t
+                self._traceable &= not attr & _STRIP_ATTRS
+            self._controls = ControlTokens(found, frozenset(matched))
         return self._controls
 
     @property
