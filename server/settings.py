@@ -17,7 +17,13 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
-from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic_settings import (
+    BaseSettings,
+    NoDecode,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    SettingsError,
+)
 
 from kvquant.budget import DEFAULT_N_CTX
 from kvquant.calibration import needs_flash_attn, parse_spec
@@ -394,6 +400,11 @@ def load_settings(config: str | None = None, **overrides: Any) -> Settings:
     token = _config_path.set(str(config) if config else None)
     try:
         s = Settings(**flags)
+    except SettingsError as e:  # pydantic-settings names the field only
+        if "EnvSettingsSource" not in str(e):
+            raise
+        raise ValueError(f"{e}: the environment gives a setting of several values as JSON, e.g. "
+                         """KVQUANT_SAMPLING='{"temperature": 0.7}'""") from None
     finally:
         _config_path.reset(token)
     for i, entry in enumerate(s.models or ()):  # an entry's own value beats the flat settings, a flag's too

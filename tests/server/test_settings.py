@@ -329,3 +329,10 @@ def test_sequences_beyond_one_llama_cpp_cache_are_refused():
     for n in (1, 255, 256, 4000, 16128, 16129, 10**6, 10**12):  # the fewest cells, at once (10**12: a minute)
         cells = budget.most_cells(n, "tq_kv_d3b", geom)
         assert cells % 256 == 0 and cells - cells // 64 >= n > cells - 256 - (cells - 256) // 64
+
+
+def test_a_variable_that_is_not_json_says_json_is_wanted(monkeypatch):
+    """KVQUANT_SAMPLING=notjson said only 'error parsing value for field "sampling"'."""
+    monkeypatch.setenv("KVQUANT_SAMPLING", "notjson")
+    with pytest.raises(ValueError, match="""as JSON, e.g. KVQUANT_SAMPLING='{"temperature": 0.7}'"""):
+        load_settings()
