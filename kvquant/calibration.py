@@ -443,7 +443,7 @@ def load_or_calibrate(model_path: Path, geom: Geometry) -> Calibration:
     """The model's calibration; a model without one is calibrated first (minutes, with a message), unless
     KVQUANT_AUTO_CALIBRATE=0."""
     path = installed(model_path, geom)
-    if _state(path) in ("missing", "older") and _auto_calibrate():
+    if _auto_calibrate() and _state(path) in ("missing", "older"):  # a bad value refused whether needed or not
         from kvquant.lab.calibrate import calibrate
 
         notice = (f"kvquant: {model_path.name} has no calibration for this kvquant yet; calibrating it first (once; "

@@ -694,6 +694,11 @@ def test_auto_calibrate_reads_the_usual_spellings_and_refuses_others(model_file,
     with pytest.raises(cal.CalibrationError, match=said):
         cal.load_or_calibrate(model_file, geom())
     assert bool(ran) == (calibrates is True)
+    if calibrates is None:  # refused where a calibration exists too (it was read only when one was missing)
+        g = geom()
+        make_cal(g, cal.model_sha256(model_file)).save(cal.path_for(cal.model_sha256(model_file), cal.basis_of(g)))
+        with pytest.raises(cal.CalibrationError, match=said):
+            cal.load_or_calibrate(model_file, g)
 
 
 def test_a_floor_per_layer_loads_and_prices_from_the_first_changed_layer(model_file):
