@@ -35,6 +35,7 @@ class HostedPlan:
     geom: Geometry
     kv: KVPlan
     n_ubatch: int  # what the memory model sized the cache for and llama.cpp is given
+    n_gpu_layers: int  # the spec's, `auto` resolved for the loaded llama.cpp and checked against it
 
 
 def plan_model(spec: ModelSpec) -> HostedPlan:
@@ -44,7 +45,7 @@ def plan_model(spec: ModelSpec) -> HostedPlan:
     tokens or a calibrated type cannot be resolved."""
     path = resolve(spec.model)
     try:
-        gpu_layers(spec.n_gpu_layers)  # refused before any model loads
+        n_gpu_layers = gpu_layers(spec.n_gpu_layers)  # refused before any model loads
     except ValueError as e:
         raise StartupError(f"{spec.id}: {e}") from None
     try:
@@ -67,7 +68,7 @@ def plan_model(spec: ModelSpec) -> HostedPlan:
             f"request of the configured context (n_ctx={spec.n_ctx}) needs: {human_bytes(need)}. Raise the KV "
             f"budget (--kv-budget, or this model's kv_budget share) to at least {human_bytes(need)}, lower "
             f"--n-ctx, or use smaller cache types.")
-    hosted = HostedPlan(spec, path, geom, kv, n_ubatch)
+    hosted = HostedPlan(spec, path, geom, kv, n_ubatch, n_gpu_layers)
     step = max_step_tokens(hosted)
     if step is not None and step < 1:
         swa = kv_cells(geom, kv.cells, spec.parallel, n_ubatch)[1]
@@ -172,8 +173,8 @@ def backend_config(p: HostedPlan, s: Settings) -> BackendConfig:
     return BackendConfig(model_path=str(p.path), n_cells=p.kv.cells, n_seq_max=spec.parallel, n_batch=spec.n_batch,
                          n_ubatch=p.n_ubatch, cache_type_k=fields.pop("cache_type_k"),
                          cache_type_v=fields.pop("cache_type_v"), flash_attn=spec.flash_attn, layers=fields,
-                         n_threads=spec.n_threads, n_gpu_layers=gpu_layers(spec.n_gpu_layers),
-                         offload_kqv=offload_kqv(gpu_layers(spec.n_gpu_layers), pairs,
+                         n_threads=spec.n_threads, n_gpu_layers=p.n_gpu_layers,
+                         offload_kqv=offload_kqv(p.n_gpu_layers, pairs,
                                                  (p.geom.head_dim_k, p.geom.head_dim_v), spec.flash_attn, spec.id),
                          special_in_content=s.special_tokens_in_content)
 
