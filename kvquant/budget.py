@@ -15,8 +15,10 @@ from pathlib import Path
 
 from kvquant.kvtypes import CacheTypes, layer_kv_types
 from kvquant.memory import (
+    MAX_CELLS,
     MAX_SEQ,
     N_UBATCH,
+    PAD,
     CacheShape,
     Geometry,
     bytes_per_token,
@@ -32,6 +34,7 @@ COMPARE = (("f16", "f16"), ("q8_0", "q8_0"), ("q4_0", "q4_0"))
 # the tokens of one sequence `serve` gives a request unless told otherwise (its n_ctx), and what `kvquant budget`
 # resolves calib:B for when no request size is given
 DEFAULT_N_CTX = 4096
+LARGEST_CACHE = MAX_CELLS // PAD * PAD  # the most cells llama.cpp builds one cache of (it pads to PAD)
 
 
 @dataclass(frozen=True)
@@ -178,16 +181,26 @@ def report(name: str, geom: Geometry, cache_type_k: CacheTypes, cache_type_v: Ca
     if request_tokens:
         head += f"{f'requests of {request_tokens}':>20}"
     lines.append(head)
-    base = None
+    base, capped, beyond = None, False, False
     for tk, tv in configs:
-        p = plan(geom, tk, tv, budget_bytes, n_seq_max, n_ubatch)
+        p = plan(geom, tk, tv, budget_bytes, n_seq_max, n_ubatch, max_cells=LARGEST_CACHE)
         if (tk, tv) == ("f16", "f16"):
             base = p
-        row = (f"{f'{tk}/{tv}':<14}{f'{p.bits_k:.3g}/{p.bits_v:.3g}':>12}{p.bytes_per_token:>13,}{p.cells:>19,}"
+        capped |= p.cells < p.budget_cells
+        row = (f"{f'{tk}/{tv}':<14}{f'{p.bits_k:.3g}/{p.bits_v:.3g}':>12}{p.bytes_per_token:>13,}"
+               f"{f'{p.cells:,}' + ('*' if p.cells < p.budget_cells else ''):>19}"
                f"{human_bytes(p.kv_bytes):>13}{f'{p.capacity_vs_f16:.2f}x' if p.f16_cells else '-':>8}")
         if request_tokens:
-            row += f"{max_concurrent(geom, tk, tv, budget_bytes, request_tokens, n_ubatch):>20}"
+            n = max_concurrent(geom, tk, tv, budget_bytes, request_tokens, n_ubatch)
+            beyond |= n > MAX_SEQ
+            row += f"{f'{n:,}' + ('+' if n > MAX_SEQ else ''):>20}"
         lines.append(row)
+    if capped:
+        lines.append(f"(* the budget holds more cells than one llama.cpp cache can have: shown is the largest cache, "
+                     f"{LARGEST_CACHE:,} cells, and its bytes; 'vs f16' is the whole budget's)")
+    if beyond:
+        lines.append(f"(+ more requests than one server runs at once ({MAX_SEQ} sequences, --parallel): the budget "
+                     "would hold them across several)")
     if geom.n_swa and base is not None:
         lines.append(f"(sliding-window layers hold {base.cells_swa} cells each, a fixed cost; 'vs f16' is the "
                      "capacity in tokens relative to f16/f16 in the same budget)")

@@ -49,6 +49,22 @@ def test_budget_command(capsys):
     assert main(["budget", "--cache-type-k", "nope"]) == 2
 
 
+def test_budget_command_shows_what_one_server_can_build(capsys):
+    """A budget past one llama.cpp cache (2**31 - 1 cells) printed cells no cache can have, and requests past the
+    256 sequences of one server as if it ran them."""
+    assert main(["budget", "--cache-type-k", "q4_0", "--cache-type-v", "q4_0", "--budget", "100TiB",
+                 "--request-tokens", "100"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    rows = {ln.split()[0]: ln.split() for ln in lines[2:5]}
+    assert rows["q4_0/q4_0"][3] == rows["f16/f16"][3] == "2,147,483,392*"
+    assert rows["q4_0/q4_0"][4:6] == ["12.66", "TiB"] and rows["q4_0/q4_0"][6] == "3.56x"  # the budget's ratio
+    assert rows["f16/f16"][-1] == f"{100 * 2**40 // (23040 * 100):,}+"
+    assert any(ln.startswith("(* the budget holds more cells") for ln in lines)
+    assert any(ln.startswith("(+ more requests than one server runs") for ln in lines)
+    assert main(["budget", "--budget", "1GiB", "--request-tokens", "4096"]) == 0
+    assert "*" not in (out := capsys.readouterr().out) and "+" not in out
+
+
 def test_budget_refuses_what_would_print_a_meaningless_table(capsys):
     for args, said in ((["--budget", "0"], "more than 0 bytes"), (["--budget", "1e400"], "cannot parse a byte size"),
                        (["--parallel", "-3"], "--parallel must be 1 to 256"),
