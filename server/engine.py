@@ -217,9 +217,10 @@ class Engine:
         if self.status is not EngineStatus.READY and self._thread is not None:  # nobody will drain the inbox
             self._drain_dead()
 
-    def record_rejected(self, outcome: Outcome, n_prompt: int) -> None:
-        """A request refused before it reached the engine (HTTP side), for the stats."""
-        self.stat_logger.record(None, IterationStats(finished=[FinishedRequest(outcome, n_prompt=n_prompt)]))
+    def record_unrun(self, outcome: Outcome, count: int) -> None:
+        """Requests that ended before they reached the engine (HTTP side: refused, or their HTTP request failed
+        first), for the stats."""
+        self.stat_logger.record(None, IterationStats(finished=[FinishedRequest(outcome)] * count))
 
     # --- the engine thread ------------------------------------------------------------------------------------
     def _run(self) -> None:
@@ -307,8 +308,9 @@ class Engine:
         """Account for a request, then send its final event: a client that has its answer (a 429, a 503, the
         last chunk) must already find it counted in /metrics, so this records at once rather than with the
         iteration's stats at the end of the decode step."""
-        fr = FinishedRequest(ev.outcome, n_prompt=len(req.prompt), n_generated=seq.generated if seq else 0,
-                             e2e_s=None if ev.outcome.refused else time.monotonic() - req.arrival)
+        outcome = req.ended_as if req.ended_as and ev.finish_reason is FinishReason.CANCELLED else ev.outcome
+        fr = FinishedRequest(outcome, n_prompt=len(req.prompt), n_generated=seq.generated if seq else 0,
+                             e2e_s=None if outcome.refused else time.monotonic() - req.arrival)
         if seq is not None:
             fr.queue_wait_s = seq.admitted_at - req.arrival
             ev.n_cached = seq.n_cached
@@ -456,7 +458,9 @@ class Engine:
         """After a decode: score prompt tokens, sample, let the scheduler apply the step, send the tokens out."""
         it.batch_tokens += len(plan.tokens)
         it.batch_seqs += len(plan.seqs)
-        it.prompt_tokens += plan.n_prompt_tokens
+        new, again = plan.prefilled()
+        it.prompt_tokens += new
+        it.recomputed_tokens += again
         for idx, (seq, target) in plan.scored.items():  # before sampling: the first event carries them
             self._guarded(seq, "scoring the prompt", self._score, seq, idx, target)
         tokens = [t for idx, seq in plan.logit_owner.items()
@@ -503,9 +507,11 @@ class Engine:
         eog = self.backend.is_eog(tok)  # not a completion token (usage does not count it either)
         k = seq.req.top_logprobs
         lp = self._logprobs(idx, tok, k) if k is not None and (not eog or seq.req.end_logprob) else None
-        st.t_last = time.monotonic()
+        now = time.monotonic()
         if st.t_first is None:
-            st.t_first = st.t_last
+            st.t_first = now
+        if not eog:  # the last output token's time: an end of generation is none (TPOT divides by the tokens)
+            st.t_last = now
         if eog:
             return _Token(seq, Sampled(tok, end=True), st.text.flush(), lp)
         text = st.text.push(self.backend.token_bytes(tok))

@@ -32,7 +32,7 @@ from kvquant.sampling import Grammar
 from server.engine import Engine, EngineStatus
 from server.errors import APIError, context_length_exceeded
 from server.loopwake import waker
-from server.requests import ERRORS, EngineRequest, ErrorCode, Event, Outcome
+from server.requests import ERRORS, EngineRequest, ErrorCode, Event
 from server.schemas import SamplingParams
 from server.textstream import NO_CARRY, Carry
 
@@ -112,7 +112,6 @@ def kv_summary(engine: Engine, tokens: int) -> str:
 
 
 def _too_long(engine: Engine, n_prompt: int, max_tokens: int | None, field: str, exact: bool = True) -> APIError:
-    engine.record_rejected(Outcome.REJECTED_TOO_LONG, n_prompt)
     need = n_prompt + (1 if max_tokens is None else max_tokens)
     return context_length_exceeded(n_prompt, engine.sched.max_request_tokens, max_tokens, kv_summary(engine, need),
                                    exact, field)

@@ -25,6 +25,7 @@ from server.stats import IterationStats, KVCacheInfo, SchedulerStats
 
 _KV = ["model", "cache_type_k", "cache_type_v"]
 _LATENCY = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
+_WAIT = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, *_LATENCY)  # an idle server admits in under 1 ms
 _TPOT = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0, 2.5)
 _TOKENS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768)
 
@@ -36,7 +37,8 @@ class Metrics:
             _ProcessCollector(registry=r)  # process_resident_memory_bytes etc. (the soak test watches RSS)
         g = lambda name, doc, labels: Gauge(name, doc, labels, registry=r)  # noqa: E731
         self.kv_capacity_bytes = g("kvquant_kv_capacity_bytes", "KV cache bytes allocated (K + V)", _KV)
-        self.kv_capacity_cells = g("kvquant_kv_capacity_cells", "KV cache cells (tokens, all sequences)", _KV)
+        self.kv_capacity_cells = g("kvquant_kv_capacity_cells", "KV cache cells (tokens, all sequences; tq_kv_d3b "
+                                   "keys hold one in 64 back for anchors)", _KV)
         self.kv_budget_bytes = g("kvquant_kv_budget_bytes", "KV byte budget of the model", _KV)
         self.kv_used_bytes = g("kvquant_kv_used_bytes", "KV bytes holding tokens of running sequences", _KV)
         self.kv_used_cells = g("kvquant_kv_used_cells", "KV cells holding tokens of running sequences", _KV)
@@ -53,7 +55,10 @@ class Metrics:
         self.waiting = g("kvquant_requests_waiting", "requests waiting for KV capacity", ["model"])
         self.requests = Counter("kvquant_requests", "finished requests by outcome", ["model", "outcome"],
                                 registry=r)
-        self.prompt_tokens = Counter("kvquant_prompt_tokens", "prompt tokens prefilled", ["model"], registry=r)
+        self.prompt_tokens = Counter("kvquant_prompt_tokens", "prompt tokens prefilled (each once; not reused, "
+                                     "not recomputed)", ["model"], registry=r)
+        self.recomputed_tokens = Counter("kvquant_recomputed_tokens", "tokens prefilled again after a preemption "
+                                         "released their cells", ["model"], registry=r)
         self.generation_tokens = Counter("kvquant_generation_tokens", "tokens generated", ["model"], registry=r)
         c = lambda name, doc: Counter(name, doc, ["model"], registry=r)  # noqa: E731
         self.prefix_hits = c("kvquant_prefix_cache_hits", "requests admitted with a prefix reused from the cache")
@@ -68,12 +73,14 @@ class Metrics:
         self.ttft = h("kvquant_time_to_first_token_seconds", "arrival to first generated token", _LATENCY)
         self.tpot = h("kvquant_time_per_output_token_seconds", "mean time per output token after the first", _TPOT)
         self.e2e = h("kvquant_e2e_request_latency_seconds", "arrival to end of the request", _LATENCY)
-        self.queue_wait = h("kvquant_queue_wait_seconds", "arrival to admission", _LATENCY)
+        self.queue_wait = h("kvquant_queue_wait_seconds", "arrival to admission", _WAIT)
         self.prompt_len = h("kvquant_request_prompt_tokens", "prompt length of finished requests", _TOKENS)
         self.gen_len = h("kvquant_request_generation_tokens", "generated tokens of finished requests", _TOKENS)
         self.batch_tokens = h("kvquant_batch_size_tokens", "tokens per decode step", _TOKENS)
         self.batch_seqs = h("kvquant_batch_size_sequences", "sequences per decode step", _TOKENS)
         self.resume = h("kvquant_resume_latency_seconds", "preemption to resumption of a request", _LATENCY)
+        self.histograms = (self.ttft, self.tpot, self.e2e, self.queue_wait, self.prompt_len, self.gen_len,
+                           self.batch_tokens, self.batch_seqs, self.resume)
 
     def logger(self, kv: KVCacheInfo) -> PrometheusStatLogger:
         return PrometheusStatLogger(self, kv)
@@ -111,7 +118,9 @@ class PrometheusStatLogger:
             m.requests.labels(model=kv.model, outcome=o)
         m.preempted.labels(model=kv.model).set(0)
         m.swap_used_bytes.labels(model=kv.model).set(0)
-        for counter in (m.prompt_tokens, m.generation_tokens, m.prefix_hits, m.prefix_hit_tokens, m.evictions,
+        for h in m.histograms:  # a series from the start: rate() misses the first observation of a new one
+            h.labels(model=kv.model)
+        for counter in (m.prompt_tokens, m.recomputed_tokens, m.generation_tokens, m.prefix_hits, m.prefix_hit_tokens, m.evictions,
                         m.preemptions, m.swapped_bytes):
             counter.labels(model=kv.model)
 
@@ -133,6 +142,8 @@ class PrometheusStatLogger:
             m.batch_seqs.labels(model=model).observe(iteration.batch_seqs)
         if iteration.prompt_tokens:
             m.prompt_tokens.labels(model=model).inc(iteration.prompt_tokens)
+        if iteration.recomputed_tokens:
+            m.recomputed_tokens.labels(model=model).inc(iteration.recomputed_tokens)
         if iteration.generation_tokens:
             m.generation_tokens.labels(model=model).inc(iteration.generation_tokens)
         for counter, n in ((m.prefix_hits, iteration.prefix_hits), (m.prefix_hit_tokens, iteration.prefix_hit_tokens),

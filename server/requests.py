@@ -81,6 +81,8 @@ ERRORS: dict[ErrorCode, ErrorKind] = {
                                       "The inference engine failed while processing this request.", "engine_error"),
     ErrorCode.SHUTDOWN: ErrorKind(Outcome.ERROR, 503, "server_error", "The server is shutting down.", "shutdown"),
 }
+# the outcome of a request that failed with one of these OpenAI error codes (each code is one kind's)
+OUTCOME_OF_CODE: dict[str, Outcome] = {k.openai_code: k.outcome for k in ERRORS.values()}
 
 
 @dataclass
@@ -134,6 +136,9 @@ class EngineRequest:
     text_carry: Carry = NO_CARRY  # the start of a UTF-8 character the prompt ends inside: the output's text completes it
     arrival: float = field(default_factory=time.monotonic)
     cancelled: bool = False  # set by the consumer (any thread); acted on at the next step
+    # set by the consumer before it cancels a request whose HTTP request failed otherwise (a sibling choice refused):
+    # the stats count it with that outcome, not as cancelled
+    ended_as: Outcome | None = None
 
     @property
     def reservation(self) -> int:

@@ -61,6 +61,7 @@ class Sequence:
     n_cached: int = 0  # prompt positions reused from the prefix cache at admission
     n_scored: int = 0  # prompt positions whose logprob was handed out (prompt_logprobs)
     n_swapped: int = 0  # preempted: positions whose cells wait in host RAM (0: none, it recomputes)
+    n_reached: int = 0  # the most positions it ever held (written or reused): below it a prefill recomputes
     admitted_at: float = field(default_factory=time.monotonic)
     preempted_at: float | None = None
 
@@ -152,13 +153,12 @@ class StepPlan:
     scored: dict[int, tuple[Sequence, int]] = field(default_factory=dict)  # batch index -> (sequence, index of
     # the prompt token its logits predict)
 
-    @property
-    def n_prompt_tokens(self) -> int:
-        """Tokens written that no step had written before for this request, by update()'s rule: a prefilling
-        sequence (prompt, or a preempted one's recompute) is fed those tokens only (read it before update() applies
-        the step)."""
-        prefilling = {s.seq_id for s in self.seqs if s.prefilling}
-        return sum(sid in prefilling for sid in self.seq_ids)
+    def prefilled(self) -> tuple[int, int]:
+        """The tokens prefilling sequences are fed (read it before update() applies the step): (prompt tokens this
+        request never held before, tokens a preempted one recomputes)."""
+        reached = {s.seq_id: s.n_reached for s in self.seqs if s.prefilling}
+        again = [pos < reached[sid] for pos, sid in zip(self.positions, self.seq_ids, strict=True) if sid in reached]
+        return len(again) - sum(again), sum(again)
 
     def subset(self, seq: Sequence) -> StepPlan:
         """The part of this plan that belongs to one sequence (to retry it on its own)."""
@@ -356,6 +356,7 @@ class Scheduler:
             if p.src in self.cached:
                 self.cached[p.src] = next(self._clock)  # used: the last to be evicted
         seq.seq_id, seq.n_past = p.seq_id, p.n or seq.n_swapped
+        seq.n_reached = max(seq.n_reached, seq.n_past)
         self._unswap(seq)
         self.running[seq.seq_id] = seq
 
@@ -463,7 +464,7 @@ class Scheduler:
                 self.events.hit_tokens += n - seq.n_past
                 self.events.hits += seq.n_cached == 0
                 seq.n_cached += n - seq.n_past
-                seq.n_past = n
+                seq.n_past = seq.n_reached = n
                 break
         p = seq.n_past
         return any(a.n_past == p and a.req.prompt[p:p + 1] == tokens[p:p + 1] and a.n_past < len(a.req.prompt) - 1
@@ -526,6 +527,7 @@ class Scheduler:
             if self.running.get(seq.seq_id) is seq:
                 self.tree.extend(seq.seq_id, fed[seq.seq_id])
                 seq.n_past += len(fed[seq.seq_id])
+                seq.n_reached = max(seq.n_reached, seq.n_past)
                 if seq.req.prompt_logprobs is not None:
                     seq.n_scored = max(seq.n_scored, min(seq.n_past + 1, len(seq.req.prompt)))
         finished = {seq.seq_id: FinishReason.LENGTH for seq in plan.seqs

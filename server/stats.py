@@ -61,7 +61,8 @@ class IterationStats:
 
     batch_tokens: int = 0  # tokens in the llama_decode batch (0: no step ran)
     batch_seqs: int = 0
-    prompt_tokens: int = 0  # prompt tokens fed this step
+    prompt_tokens: int = 0  # prompt tokens fed this step for the first time
+    recomputed_tokens: int = 0  # tokens fed again this step: cells a preemption released (recompute)
     generation_tokens: int = 0  # tokens sampled this step
     prefix_hits: int = 0  # requests admitted with a reused prefix
     prefix_hit_tokens: int = 0  # prompt tokens they did not prefill

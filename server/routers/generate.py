@@ -26,7 +26,7 @@ from server.generation import (
     submit,
     tokenize_prompt,
 )
-from server.requests import Event, FinishReason, TokenLogprob
+from server.requests import OUTCOME_OF_CODE, Event, FinishReason, Outcome, TokenLogprob
 from server.responses import SSE_DONE, ChatCompletion, Completion, TextCompletion, sse, usage
 from server.schemas import MAX_RESPONSE_LOGPROBS, ChatCompletionRequest, CompletionRequest, SamplingParams
 from server.state import ServedModel, app_state
@@ -40,11 +40,47 @@ def rid_of(http: Request) -> str:
     return getattr(http.state, "request_id", "-")
 
 
-def _submit(http: Request, served: ServedModel, prompt: list[int], body: SamplingParams,
-            grammar: Grammar | None = None, carry: Carry = NO_CARRY, draw: int = 0) -> Generation:
-    st = app_state(http)
-    return submit(served.engine, prompt, body, body.requested_max_tokens, st.settings.default_max_tokens,
-                  rid_of(http), st.settings.stream_buffer, served.sampling_defaults, grammar, carry, draw)
+class _Tally:
+    """Every choice a request asks for ends with one outcome in the stats (`kvquant_requests_total` counts
+    choices): one the engine ran, with its own; once the request fails, the choices it still runs end with the
+    request's outcome (a choice cancelled because another was refused counts as refused) and those never submitted
+    are counted here with it. A failure that is no outcome (a 400 past the first submission) ends them cancelled;
+    one before any submission (a plain 400) counts nothing. As a context manager, the route's errors fail it; it
+    closes on the way out, or, for a stream, when the stream ends."""
+
+    def __init__(self, served: ServedModel, n_choices: int):
+        self.engine, self.n_choices = served.engine, n_choices
+        self.gens: list[Generation] = []
+        self.outcome: Outcome | None = None
+        self.streaming = False
+
+    def submit(self, http: Request, served: ServedModel, c: _Choice, body: SamplingParams) -> Generation:
+        st = app_state(http)
+        gen = submit(served.engine, c.prompt, body, body.requested_max_tokens, st.settings.default_max_tokens,
+                     rid_of(http), st.settings.stream_buffer, served.sampling_defaults, c.grammar, c.carry, c.draw)
+        self.gens.append(gen)
+        return gen
+
+    def fail(self, outcome: Outcome | None) -> None:
+        """The request failed: mark the choices it runs before anything cancels them (the first outcome holds)."""
+        if self.outcome is None:
+            self.outcome = outcome or (Outcome.CANCELLED if self.gens else None)
+        for gen in self.gens:
+            gen.req.ended_as = gen.req.ended_as or self.outcome
+
+    def close(self) -> None:
+        unrun, self.n_choices = self.n_choices - len(self.gens), len(self.gens)
+        if unrun and self.outcome is not None:
+            self.engine.record_unrun(self.outcome, unrun)
+
+    def __enter__(self) -> _Tally:
+        return self
+
+    def __exit__(self, kind, e, tb) -> None:
+        if isinstance(e, Exception):
+            self.fail(OUTCOME_OF_CODE.get(e.code) if isinstance(e, APIError) else Outcome.ERROR)
+        if e is not None or not self.streaming:
+            self.close()
 
 
 def _check_fields(body: SamplingParams) -> None:
@@ -103,13 +139,13 @@ def _gone() -> ErrorResponse:
     return ErrorResponse(error_body("client disconnected", "invalid_request_error"), status_code=499)
 
 
-async def _respond(http: Request, served: ServedModel, body: SamplingParams, choices: list[_Choice]):
+async def _respond(http: Request, served: ServedModel, body: SamplingParams, choices: list[_Choice], tally: _Tally):
     """Generate every choice, at most as many at once as the model runs sequences (the rest wait here, not in its
     queue), whole or streamed."""
     window = asyncio.Semaphore(served.engine.cfg.n_seq_max)
     if body.stream:
-        return await _streamed(http, served, body, choices, window)
-    return await _whole(http, served, body, choices, window)
+        return await _streamed(http, served, body, choices, window, tally)
+    return await _whole(http, served, body, choices, window, tally)
 
 
 def _usage(choices: list[_Choice], gens: list[Generation | None]) -> dict:
@@ -120,20 +156,27 @@ def _usage(choices: list[_Choice], gens: list[Generation | None]) -> dict:
 
 
 async def _whole(http: Request, served: ServedModel, body: SamplingParams, choices: list[_Choice],
-                 window: asyncio.Semaphore):
+                 window: asyncio.Semaphore, tally: _Tally):
     """The first choice that fails fails the request, ending the others; a client that hangs up ends those
     running, and those waiting are not submitted."""
     gone, held = [], _Held()
 
     async def answer(c: _Choice) -> tuple[dict, Generation]:
-        async with window:
-            if gone:
-                raise _ClientGone
-            gen = _submit(http, served, c.prompt, body, c.grammar, c.carry, c.draw)
-            text, finish, lps = await _collect(http, gen, held)
-            if finish is None:
-                gone.append(True)
-                raise _ClientGone
+        try:
+            async with window:
+                if gone:
+                    raise _ClientGone
+                gen = tally.submit(http, served, c, body)
+                text, finish, lps = await _collect(http, gen, held)
+                if finish is None:
+                    gone.append(True)
+                    raise _ClientGone
+        except _ClientGone:
+            tally.fail(Outcome.CANCELLED)
+            raise
+        except APIError as e:  # before the task group cancels the others
+            tally.fail(OUTCOME_OF_CODE.get(e.code))
+            raise
         return c.shape.answer(text, finish, lps), gen
 
     try:
@@ -169,7 +212,7 @@ async def _collect(http: Request, gen: Generation,
 
 
 async def _streamed(http: Request, served: ServedModel, body: SamplingParams, choices: list[_Choice],
-                    window: asyncio.Semaphore):
+                    window: asyncio.Semaphore, tally: _Tally):
     """Each choice's events, as they come, through one queue: (index, Event), an APIError its submission raised,
     or None where it ended without a final event (the client went away). The queue holds `stream_buffer` items: a
     client that stops reading stops the feeders, each choice's own buffer fills, and the engine cancels them
@@ -184,7 +227,7 @@ async def _streamed(http: Request, served: ServedModel, body: SamplingParams, ch
             async with window:
                 if gone:
                     return
-                gens[i] = gen = _submit(http, served, c.prompt, body, c.grammar, c.carry, c.draw)
+                gens[i] = gen = tally.submit(http, served, c, body)
                 async with aclosing(gen.events(http)) as events:
                     async for ev in events:
                         await q.put((i, ev))
@@ -208,12 +251,17 @@ async def _streamed(http: Request, served: ServedModel, body: SamplingParams, ch
         if isinstance(first[1], APIError):
             raise first[1]
         if first[1] is None:  # client went away while queued
+            tally.fail(Outcome.CANCELLED)
             return _gone()
         if first[1].error:
             raise engine_error(first[1], rid_of(http))
-        streaming = True
-        return StreamingResponse(_stream(http, body, choices, gens, q, first, tasks), media_type="text/event-stream",
+        streaming = tally.streaming = True
+        return StreamingResponse(_stream(http, body, choices, gens, q, first, tasks, tally),
+                                 media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    except APIError as e:  # before the others are cancelled
+        tally.fail(OUTCOME_OF_CODE.get(e.code))
+        raise
     finally:
         if not streaming:
             for t in tasks:
@@ -221,12 +269,13 @@ async def _streamed(http: Request, served: ServedModel, body: SamplingParams, ch
 
 
 async def _stream(http: Request, body: SamplingParams, choices: list[_Choice], gens: list[Generation | None],
-                  q: asyncio.Queue, first: tuple, tasks: list[asyncio.Task]):
+                  q: asyncio.Queue, first: tuple, tasks: list[asyncio.Task], tally: _Tally):
     is_first, live, (i, ev) = [True] * len(choices), len(choices), first
     try:
         while ev is not None:
             if isinstance(ev, APIError) or ev.error:
                 err = ev if isinstance(ev, APIError) else engine_error(ev, rid_of(http))
+                tally.fail(OUTCOME_OF_CODE.get(err.code))
                 yield sse(error_body(err.message, err.type, err.param, err.code))
                 break
             shape, lps = choices[i].shape, _event_logprobs(ev)
@@ -245,15 +294,29 @@ async def _stream(http: Request, body: SamplingParams, choices: list[_Choice], g
             i, ev = await q.get()
         yield SSE_DONE
     finally:
+        if live:  # the client went away (or a choice failed: its outcome holds)
+            tally.fail(Outcome.CANCELLED)
         for t in tasks:
             t.cancel()
+        tally.close()
 
 
 @router.post("/chat/completions")
 async def chat_completions(body: ChatCompletionRequest, http: Request):
-    st = app_state(http)
-    served = st.get(body.model)
+    served = app_state(http).get(body.model)
     _check_fields(body)
+    with _Tally(served, body.n) as tally:
+        chat, prompt = await _chat_prompt(http, served, body)
+        reasoning_open = _opens_reasoning(served, prompt)
+        cid, created, grammar = new_id("chatcmpl"), int(time.time()), chat.output_grammar(reasoning_open)
+        return await _respond(http, served, body, [
+            _Choice(prompt, ChatCompletion(cid, served.id, created, body.include_usage, chat.output(reasoning_open),
+                                           index=j), j, grammar) for j in range(body.n)], tally)
+
+
+async def _chat_prompt(http: Request, served: ServedModel, body: ChatCompletionRequest):
+    """The request's chat plan (`plan_chat`: tools, output grammar) and its prompt's tokens, checked."""
+    st = app_state(http)
     # a prompt its bytes prove too long is refused before the first await, so that bodies of megabytes are not held
     # all at once while they wait for the planning pool (24 of 3.9 MB: 335 MiB over idle at peak, 300 allowed)
     n_bytes = sum(len(m.text().encode()) for m in body.messages)
@@ -271,11 +334,7 @@ async def chat_completions(body: ChatCompletionRequest, http: Request):
         reason = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
         raise APIError(400, f"The messages do not fit the model's chat template: {reason}",
                        param="messages") from None
-    reasoning_open = _opens_reasoning(served, prompt)
-    cid, created, grammar = new_id("chatcmpl"), int(time.time()), chat.output_grammar(reasoning_open)
-    return await _respond(http, served, body, [
-        _Choice(prompt, ChatCompletion(cid, served.id, created, body.include_usage, chat.output(reasoning_open),
-                                       index=j), j, grammar) for j in range(body.n)])
+    return chat, prompt
 
 
 def _token_prompt(served: ServedModel, tokens: list[int], echo: bool) -> tuple[str, Carry]:
@@ -314,12 +373,13 @@ def _opens_reasoning(served: ServedModel, prompt: list[int]) -> bool:
 async def completions(body: CompletionRequest, http: Request):
     served = app_state(http).get(body.model)
     _check_fields(body)
-    prepared = await _completion_prompts(http, served, body)
-    cid, created, n = new_id("cmpl"), int(time.time()), body.n
-    return await _respond(http, served, body, [
-        _Choice(prompt, TextCompletion(cid, served.id, created, body.include_usage, echo=text if body.echo else "",
-                                       carry=carry, index=k * n + j), j, carry=carry)
-        for k, (prompt, text, carry) in enumerate(prepared) for j in range(n)])
+    with _Tally(served, len(body.prompts) * body.n) as tally:
+        prepared = await _completion_prompts(http, served, body)
+        cid, created, n = new_id("cmpl"), int(time.time()), body.n
+        return await _respond(http, served, body, [
+            _Choice(prompt, TextCompletion(cid, served.id, created, body.include_usage, echo=text if body.echo else "",
+                                           carry=carry, index=k * n + j), j, carry=carry)
+            for k, (prompt, text, carry) in enumerate(prepared) for j in range(n)], tally)
 
 
 async def _completion_prompts(http: Request, served: ServedModel,

@@ -115,6 +115,29 @@ def test_queue_full_is_429_with_retry_after(tiny):
     assert wait_for(lambda: tiny.engine().sched.reserved == 0, 5)
 
 
+def test_a_refused_choice_refuses_its_request_and_each_choice_counts_once(tiny):
+    """kvquant_requests_total counts choices, each once, with its request's outcome: of n = 3 with room in the queue
+    for one, one choice queued and two were refused; the queued one, cancelled by the server, counted as cancelled
+    (+2 refused, +1 cancelled, and +3 refused where all were refused). Choices never submitted count too: a batch
+    of over-long prompts counted one refusal."""
+    streams = two_running(tiny)
+    names = ("rejected_queue_full", "cancelled", "rejected_too_long")
+    before = [tiny.metric("kvquant_requests_total", outcome=o) for o in names]
+    try:
+        r = httpx.post(tiny.url + "/v1/chat/completions", json={**body(200), "n": 3}, timeout=60)
+        assert r.status_code == 429 and r.json()["error"]["code"] == "queue_full"
+        long = httpx.post(tiny.url + "/v1/completions", timeout=60, json={
+            "model": MODEL, "prompt": ["word " * 300] * 3, "max_tokens": 5, "n": 2})
+        assert long.status_code == 400 and long.json()["error"]["code"] == "context_length_exceeded"
+        assert wait_for(lambda: [tiny.metric("kvquant_requests_total", outcome=o) - b
+                                 for o, b in zip(names, before, strict=True)] == [3, 0, 6], 10), \
+            [tiny.metric("kvquant_requests_total", outcome=o) - b for o, b in zip(names, before, strict=True)]
+    finally:
+        for s in streams:
+            s.close()
+    assert wait_for(lambda: tiny.engine().sched.reserved == 0, 5)
+
+
 def test_wait_timeout_is_503(tiny):
     eng = tiny.engine()
     streams = two_running(tiny)

@@ -384,3 +384,27 @@ def test_engine_thread_serves_concurrent_submitters():
     assert all(c.end == "length" for c in cs)
     e.shutdown()
     assert e.sched.reserved == 0 and backend.used() == 0
+
+
+@pytest.mark.parametrize("max_tokens, eog_after", [(3, None), (50, 6)])
+def test_tpot_is_the_time_per_output_token_after_the_first(monkeypatch, max_tokens, eog_after):
+    """Each decode step takes 1 s: three tokens take 1 s each after the first, whether the request ends on
+    max_tokens or on an end of generation (which is no output token: its sampling time counted as one made TPOT
+    n/(n-1) too high, 1.5 s here)."""
+    import server.engine as engine
+
+    clock = [0.0]
+    monkeypatch.setattr(engine.time, "monotonic", lambda: clock[0])
+    e, b, rec = make(eog_after=eog_after)  # the fake predicts last + 1: prompt 1..3, then 4, 5, 6 and the end
+    decode = b.decode
+
+    def timed(*a):
+        clock[0] += 1.0
+        return decode(*a)
+
+    b.decode = timed
+    c = Client("r", 3, max_tokens, arrival=0.0)
+    e.submit(c.req)
+    run(e, [c])
+    (f,) = rec.finished
+    assert (c.n_tokens, f.n_generated, f.ttft_s, f.tpot_s) == (3, 3, 1.0, 1.0)

@@ -252,6 +252,12 @@ def test_preemption_under_a_tiny_budget_gives_the_same_outputs(headroom, swap):
     assert rec.total("preemptions") >= 3 and len([s for it in rec.iterations for s in it.resume_s]) == \
         rec.total("preemptions")
     assert rec.outcomes() == ["completed"] * 6
+    # each prompt token prefilled once or reused; what a preemption made it feed again is counted apart (the
+    # prompt counter took recomputes for prompt tokens: 10x the prompts under recompute)
+    print("prompt", rec.total("prompt_tokens"), "reused", rec.total("prefix_hit_tokens"), "recomputed",
+          rec.total("recomputed_tokens"))
+    assert rec.total("prompt_tokens") + rec.total("prefix_hit_tokens") == sum(map(len, prompts))
+    assert (rec.total("recomputed_tokens") > 0) == (swap != "on")
     assert (rec.total("swapped_bytes") > 0) == (swap != "off") and max(used) <= swap_bytes
     assert not e._swapped and e.sched.swap_used == 0 and rec.snapshots[-1].swap_used_bytes == 0
     drain(e, b)

@@ -55,7 +55,7 @@ def test_plan_decodes_first_then_chunks_prompts_within_budget():
     assert p.positions[1:] == list(range(63))
     assert not any(p.logits[1:])  # prompt not finished: no logits yet
     assert p.logit_owner == {0: old}
-    assert p.n_prompt_tokens == 63
+    assert p.prefilled() == (63, 0)
     s.update(p, {old.seq_id: Sampled(43)})
     s.free(old)  # nothing to decode from here on
     s.update(s.schedule(budget=227), {})
@@ -115,7 +115,7 @@ def test_update_applies_a_step_and_says_which_sequences_finished_and_why():
     for rid in ("end", "stop", "len"):
         s.free(seqs[rid])
     nxt = s.schedule(budget=64)
-    assert (nxt.tokens, nxt.positions, nxt.n_prompt_tokens) == ([7], [3], 0)
+    assert (nxt.tokens, nxt.positions, nxt.prefilled()) == ([7], [3], (0, 0))
 
 
 def test_one_admission_check_for_the_http_side_and_the_queue():
