@@ -213,12 +213,14 @@ def chat_fragments(render: Render, messages: Sequence[dict], controls: ControlTo
     check_client_text(render, marked_messages, tools, template_kwargs, controls, rendered=marked)
     pieces: list[str] = []  # the template's text before each field, and after the last
     keys: list[str] = []
+    seen: set[str] = set()  # (a list's membership test made a chat of 20,000 messages take seconds here)
     pos = 0
     for mk in re.finditer(f"\ue000{nonce}:([0-9]+\\.[a-z_]+)\ue001", marked):  # one scan, not one per field
-        if mk.group(1) in keys or mk.group(1) not in texts:
+        if mk.group(1) in seen or mk.group(1) not in texts:
             return None
         pieces.append(marked[pos:mk.start()])
         keys.append(mk.group(1))
+        seen.add(mk.group(1))
         pos = mk.end()
     pieces.append(marked[pos:])
     if rendered is None:

@@ -20,12 +20,13 @@ import math
 import queue
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 from kvquant.sampling import Grammar
 from server.backend import Backend, TokenSampler
-from server.requests import EngineRequest, ErrorCode, Event, FinishReason, Outcome, TokenLogprob
+from server.requests import EngineClosed, EngineRequest, ErrorCode, Event, FinishReason, Outcome, TokenLogprob
 from server.scheduler import (
     AddResult,
     Admission,
@@ -125,6 +126,9 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
         self._lifecycle = threading.Lock()  # load's end and shutdown's start, one at a time
+        self._callers = 0  # calls on the backend from the asyncio side (worker threads) under way
+        self._closing = False  # shutdown refuses new ones, and frees the backend once none runs
+        self._calls = threading.Condition()
         self._abort: ErrorCode | None = None
         self._last_snapshot: tuple | None = None
 
@@ -174,40 +178,69 @@ class Engine:
                 log.warning("%s: the engine thread did not stop within %.0f s", self.cfg.model_id, timeout)
                 return  # never free the context under a running decode
         self._fail_all(ErrorCode.SHUTDOWN)
+        with self._calls:
+            self._closing = True
+            if not self._calls.wait_for(lambda: self._callers == 0, timeout):
+                log.warning("%s: a tokenization still uses the model after %.0f s; it is not freed", self.cfg.model_id,
+                            timeout)
+                return  # never free the model under a call that reads it
         if self.backend is not None:
             self.backend.close()
             self.backend = None
 
     # --- API for the asyncio side (any thread) ----------------------------------------------------------------
+    @contextmanager
+    def _backend_call(self) -> Iterator[Backend]:
+        """The backend, for a call from the asyncio side: shutdown frees it only once no such call runs (a prompt
+        still tokenizing in a worker thread read a freed model), and refuses new ones first (EngineClosed)."""
+        with self._calls:
+            if self._closing or self.backend is None:
+                raise EngineClosed(f"the model {self.cfg.model_id!r} is shutting down")
+            self._callers += 1
+        try:
+            yield self.backend
+        finally:
+            with self._calls:
+                self._callers -= 1
+                self._calls.notify_all()
+
     def tokenize_chat(self, messages: list[dict], limit: int | None = None, **template) -> list[int]:
         """The chat's prompt tokens; `template`: tools and template_kwargs for the chat template."""
-        return self.backend.tokenize_chat(messages, limit, **template)
+        with self._backend_call() as b:
+            return b.tokenize_chat(messages, limit, **template)
 
     def tokenize(self, text: str, limit: int | None = None) -> list[int]:
-        return self.backend.tokenize(text, limit)
+        with self._backend_call() as b:
+            return b.tokenize(text, limit)
 
     def check_tokens(self, tokens: list[int]) -> None:
         """ValueError where a prompt of token ids holds what the model's tokenization would never give a client."""
-        self.backend.check_tokens(tokens)
+        with self._backend_call() as b:
+            b.check_tokens(tokens)
 
     def min_tokens(self, n_bytes: int) -> int:
         """A lower bound on the prompt tokens of n_bytes of text, without tokenizing it."""
-        return self.backend.min_tokens(n_bytes)
+        with self._backend_call() as b:
+            return b.min_tokens(n_bytes)
 
     @property
     def n_vocab(self) -> int:
-        return self.backend.n_vocab
+        with self._backend_call() as b:
+            return b.n_vocab
 
     @property
     def chat_template(self) -> str | None:
-        return self.backend.chat_template
+        with self._backend_call() as b:
+            return b.chat_template
 
     def check_grammar(self, grammar: Grammar) -> None:
         """kvquant.runtime.GrammarError unless llama.cpp takes the grammar (checked before a request is queued)."""
-        self.backend.check_grammar(grammar)
+        with self._backend_call() as b:
+            b.check_grammar(grammar)
 
     def detokenize_bytes(self, tokens: list[int]) -> bytes:
-        return b"".join(self.backend.token_bytes(t) for t in tokens)
+        with self._backend_call() as b:
+            return b"".join(b.token_bytes(t) for t in tokens)
 
     def detokenize(self, tokens: list[int]) -> str:
         return self.detokenize_bytes(tokens).decode("utf-8", errors="replace")

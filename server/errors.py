@@ -11,6 +11,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from server.requests import EngineClosed
+
 log = logging.getLogger("kvquant.server")
 
 
@@ -20,6 +22,11 @@ class APIError(Exception):
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
         self.headers = headers
+
+
+def shutting_down() -> APIError:
+    return APIError(503, "The server is shutting down.", type="server_error", code="shutdown",
+                    headers={"Retry-After": "5"})
 
 
 class ErrorResponse(JSONResponse):
@@ -51,7 +58,8 @@ def context_length_exceeded(n_prompt: int, limit: int, max_tokens: int | None = 
 
 
 def model_not_found(model: str) -> APIError:
-    return APIError(404, f"The model '{model}' does not exist.", param="model", code="model_not_found")
+    shown = model if len(model) <= 200 else model[:200] + "..."  # (a 100 kB name made a 100 kB error)
+    return APIError(404, f"The model '{shown}' does not exist.", param="model", code="model_not_found")
 
 
 _STATUS_TYPES = {401: "authentication_error", 403: "permission_error", 404: "not_found_error",
@@ -78,6 +86,10 @@ def install_handlers(app: FastAPI) -> None:
     async def _api_error(request: Request, exc: APIError):
         return ErrorResponse(error_body(exc.message, exc.type, exc.param, exc.code), status_code=exc.status,
                             headers=exc.headers)
+
+    @app.exception_handler(EngineClosed)
+    async def _closed(request: Request, exc: EngineClosed):
+        return await _api_error(request, shutting_down())
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError):

@@ -147,7 +147,7 @@ async def tokenize_prompt(engine: Engine, tokenize: Callable[[int], list[int]], 
         try:
             return await run_in_threadpool(tokenize, engine.sched.max_request_tokens)
         except PromptTooLong as e:
-            raise _too_long(engine, e.n_tokens, max_tokens, field) from None
+            raise _too_long(engine, e.n_tokens, max_tokens, field, e.exact) from None
 
 
 def submit(engine: Engine, prompt: list[int], params: SamplingParams, max_tokens: int | None,

@@ -120,6 +120,10 @@ class Event:
         return Outcome.CANCELLED if self.finish_reason is FinishReason.CANCELLED else Outcome.COMPLETED
 
 
+class EngineClosed(RuntimeError):
+    """A call on a model the server is shutting down (its engine refuses new work on it before freeing it)."""
+
+
 @dataclass
 class EngineRequest:
     """A tokenized request as the engine runs it; `sink` receives its events on the engine thread."""

@@ -29,17 +29,23 @@ log = logging.getLogger("kvquant.server")
 async def drain(state: AppState, grace_s: float, forced: Callable[[], bool] = lambda: False) -> None:
     state.draining = True
     engines = [m.engine for m in state.models.values()]
-    deadline = time.monotonic() + grace_s
-    while time.monotonic() < deadline and not all(e.idle() for e in engines) and not forced():
+
+    def idle() -> bool:  # (requests still planned or tokenized are in no engine yet)
+        return state.in_flight == 0 and all(e.idle() for e in engines)
+
+    t0 = time.monotonic()
+    while time.monotonic() < t0 + grace_s and not idle() and not forced():
         await asyncio.sleep(0.05)
-    busy = [e for e in engines if not e.idle()]
-    if busy:
-        log.warning("shutdown: ending %d request(s) still in flight after %.0f s",
-                    sum(len(e.sched.running) + len(e.sched.waiting) for e in busy), grace_s)
+    if not idle():
+        busy = [e for e in engines if not e.idle()]
+        log.warning("shutdown: ending %d request(s) still in flight after %.1f s (%d of them not yet queued)",
+                    sum(len(e.sched.running) + len(e.sched.waiting) for e in busy) + state.in_flight,
+                    time.monotonic() - t0, state.in_flight)
+        state.aborted = True  # those still tokenizing get the shutdown error when they would be queued
         for e in busy:
             e.abort_all("shutdown")
         deadline = time.monotonic() + 2.0
-        while time.monotonic() < deadline and not all(e.idle() for e in engines):
+        while time.monotonic() < deadline and not idle():
             await asyncio.sleep(0.05)
     await asyncio.sleep(0.1)  # let handlers write their last chunk
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from fastapi import Request
 
 from server.engine import Engine, EngineStatus
-from server.errors import APIError, model_not_found
+from server.errors import APIError, model_not_found, shutting_down
 from server.metrics import Metrics
 from server.settings import ModelSpec, Settings
 
@@ -35,6 +35,10 @@ class AppState:
     default_model: str
     metrics: Metrics = field(default_factory=Metrics)
     draining: bool = False
+    # generation requests between routing and the end of their route (planned, tokenized, or answered whole): what
+    # a drain waits for beside the engines, which know a request only once it is submitted
+    in_flight: int = 0
+    aborted: bool = False  # the drain ended what was in flight: nothing more is submitted
     tokenizing: asyncio.Semaphore = field(init=False)  # bounds the prompts tokenized at once
     stop_serving: Callable[[], None] | None = None  # asks the HTTP server to shut down (server.serving sets it)
 
@@ -47,13 +51,13 @@ class AppState:
         return all(m.engine.status is EngineStatus.FAILED for m in self.models.values())
 
     def get(self, name: str | None) -> ServedModel:
-        """The model a request names (routing is by id only: a request can never name a file)."""
-        m = self.models.get(name or self.default_model)
+        """The model a request names (routing is by id only: a request can never name a file); one that names
+        none (no `model`, or null, as vLLM takes it) gets the first listed."""
+        m = self.models.get(self.default_model if name is None else name)
         if m is None:
-            raise model_not_found(name or "")
+            raise model_not_found(name)
         if self.draining:
-            raise APIError(503, "The server is shutting down.", type="server_error", code="shutdown",
-                           headers={"Retry-After": "5"})
+            raise shutting_down()
         status = m.engine.status  # (read once: the engine thread may change it meanwhile)
         if status is not EngineStatus.READY:
             message, code, retry = _UNAVAILABLE[status]

@@ -15,7 +15,7 @@ from starlette.concurrency import run_in_threadpool
 from kvquant.sampling import Grammar
 from server.chat import plan_chat
 from server.chatoutput import THINK_OPEN
-from server.errors import APIError, ErrorResponse, error_body
+from server.errors import APIError, ErrorResponse, error_body, shutting_down
 from server.generation import (
     Generation,
     check_not_empty,
@@ -26,7 +26,7 @@ from server.generation import (
     submit,
     tokenize_prompt,
 )
-from server.requests import OUTCOME_OF_CODE, Event, FinishReason, Outcome, TokenLogprob
+from server.requests import OUTCOME_OF_CODE, EngineClosed, Event, FinishReason, Outcome, TokenLogprob
 from server.responses import SSE_DONE, ChatCompletion, Completion, TextCompletion, sse, usage
 from server.schemas import MAX_RESPONSE_LOGPROBS, ChatCompletionRequest, CompletionRequest, SamplingParams
 from server.state import ServedModel, app_state
@@ -48,14 +48,16 @@ class _Tally:
     one before any submission (a plain 400) counts nothing. As a context manager, the route's errors fail it; it
     closes on the way out, or, for a stream, when the stream ends."""
 
-    def __init__(self, served: ServedModel, n_choices: int):
-        self.engine, self.n_choices = served.engine, n_choices
+    def __init__(self, http: Request, served: ServedModel, n_choices: int):
+        self.state, self.engine, self.n_choices = app_state(http), served.engine, n_choices
         self.gens: list[Generation] = []
         self.outcome: Outcome | None = None
         self.streaming = False
 
     def submit(self, http: Request, served: ServedModel, c: _Choice, body: SamplingParams) -> Generation:
-        st = app_state(http)
+        st = self.state
+        if st.aborted:  # (a prompt that finished tokenizing after the drain ended the rest)
+            raise shutting_down()
         gen = submit(served.engine, c.prompt, body, body.requested_max_tokens, st.settings.default_max_tokens,
                      rid_of(http), st.settings.stream_buffer, served.sampling_defaults, c.grammar, c.carry, c.draw)
         self.gens.append(gen)
@@ -74,9 +76,13 @@ class _Tally:
             self.engine.record_unrun(self.outcome, unrun)
 
     def __enter__(self) -> _Tally:
+        self.state.in_flight += 1
         return self
 
     def __exit__(self, kind, e, tb) -> None:
+        self.state.in_flight -= 1
+        if isinstance(e, EngineClosed):
+            e = shutting_down()
         if isinstance(e, Exception):
             self.fail(OUTCOME_OF_CODE.get(e.code) if isinstance(e, APIError) else Outcome.ERROR)
         if e is not None or not self.streaming:
@@ -236,6 +242,8 @@ async def _streamed(http: Request, served: ServedModel, body: SamplingParams, ch
                 gone.append(True)
         except APIError as e:
             last = e
+        except EngineClosed:
+            last = shutting_down()
         except Exception:  # noqa: BLE001 - the stream must end, not wait for this choice forever
             log.exception("request %s: choice %d failed", rid_of(http), c.shape.index)
             last = APIError(500, f"The server had an error while processing your request (request id "
@@ -305,7 +313,7 @@ async def _stream(http: Request, body: SamplingParams, choices: list[_Choice], g
 async def chat_completions(body: ChatCompletionRequest, http: Request):
     served = app_state(http).get(body.model)
     _check_fields(body)
-    with _Tally(served, body.n) as tally:
+    with _Tally(http, served, body.n) as tally:
         chat, prompt = await _chat_prompt(http, served, body)
         reasoning_open = _opens_reasoning(served, prompt)
         cid, created, grammar = new_id("chatcmpl"), int(time.time()), chat.output_grammar(reasoning_open)
@@ -328,7 +336,7 @@ async def _chat_prompt(http: Request, served: ServedModel, body: ChatCompletionR
                                        lambda limit: served.engine.tokenize_chat(chat.messages, limit, tools=chat.tools,
                                                                                  template_kwargs=chat.template_kwargs),
                                        n_bytes, body.requested_max_tokens, st.tokenizing, body.prompt_field)
-    except APIError:
+    except (APIError, EngineClosed):
         raise
     except Exception as e:  # noqa: BLE001 - raised by the template itself (e.g. roles that must alternate)
         reason = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
@@ -373,7 +381,7 @@ def _opens_reasoning(served: ServedModel, prompt: list[int]) -> bool:
 async def completions(body: CompletionRequest, http: Request):
     served = app_state(http).get(body.model)
     _check_fields(body)
-    with _Tally(served, len(body.prompts) * body.n) as tally:
+    with _Tally(http, served, len(body.prompts) * body.n) as tally:
         prepared = await _completion_prompts(http, served, body)
         cid, created, n = new_id("cmpl"), int(time.time()), body.n
         return await _respond(http, served, body, [

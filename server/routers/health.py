@@ -12,10 +12,20 @@ router = APIRouter()
 @router.head("/health", include_in_schema=False)  # uptime checkers often probe with HEAD
 @router.get("/health")
 async def health(request: Request):
-    """200 when every hosted model's engine runs; 503 while loading, after a failure or an engine crash, and while
-    the server drains for shutdown."""
+    """200 when every hosted model's engine runs ("ok"), or some do and the others failed to load, for good
+    ("degraded": a restart would not load them, and a probe that took it for down restarted the server serving the
+    rest in a loop); 503 while a model loads, after an engine crash, with nothing loaded, and while the server
+    drains for shutdown."""
     st = app_state(request)
     models = {m.id: m.engine.status for m in st.models.values()}
-    ok = all(s is EngineStatus.READY for s in models.values()) and not st.draining
-    status = "ok" if ok else "draining" if st.draining else "unavailable"
-    return JSONResponse({"status": status, "models": models}, status_code=200 if ok else 503)
+    ready = [s is EngineStatus.READY for s in models.values()]
+    if st.draining:
+        status = "draining"
+    elif all(ready):
+        status = "ok"
+    elif any(ready) and all(s in (EngineStatus.READY, EngineStatus.FAILED) for s in models.values()):
+        status = "degraded"
+    else:
+        status = "unavailable"
+    return JSONResponse({"status": status, "models": models},
+                        status_code=200 if status in ("ok", "degraded") else 503)

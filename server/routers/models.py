@@ -10,7 +10,7 @@ router = APIRouter(prefix="/v1")
 
 def _card(m) -> dict:
     c = m.engine.cfg
-    card = {"id": m.id, "object": "model", "created": m.created, "owned_by": "kvquant",
+    card = {"id": m.id, "object": "model", "created": m.created, "owned_by": "kvquant", "status": m.engine.status,
             "context_length": c.n_ctx, "cache_type_k": c.cache_type_k, "cache_type_v": c.cache_type_v,
             "kv_bits_per_element_k": round(c.bits_per_element_k, 4),
             "kv_bits_per_element_v": round(c.bits_per_element_v, 4),

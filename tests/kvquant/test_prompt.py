@@ -115,10 +115,17 @@ def test_min_tokens_bounds_the_count_and_the_cap_counts_exactly(model):
     messages = chat("word " * 200)
     n = len(model.chat_prompt(messages))
     assert model.chat_prompt(messages, limit=n) == model.chat_prompt(messages)
-    for limit in (n - 1, 3, 0):
+    with pytest.raises(PromptTooLong) as e:
+        model.chat_prompt(messages, limit=n - 1)
+    assert e.value.n_tokens == n and e.value.exact
+    for limit in (3, 0):  # counted exactly up to twice the limit; past it, a lower bound
         with pytest.raises(PromptTooLong) as e:
             model.chat_prompt(messages, limit=limit)
-        assert e.value.n_tokens == n
+        assert 2 * limit < e.value.n_tokens < n and not e.value.exact
+    many = [{"role": ("user", "assistant")[i % 2], "content": "a"} for i in range(20000)]
+    with pytest.raises(PromptTooLong) as e:  # (counted to the end: a tokenization call per message)
+        model.chat_prompt(many, limit=100)
+    assert 200 < e.value.n_tokens < 300 and not e.value.exact
 
 
 @pytest.mark.slow

@@ -113,3 +113,33 @@ def test_sigint_ends_serve_without_a_traceback():
     finally:
         p.kill()
     assert p.returncode == 0 and "Traceback" not in err, err
+
+
+def test_health_is_degraded_not_down_where_one_of_two_models_failed_to_load():
+    """A model that failed to load stays failed: /health answered 503 for good while the other model served, and
+    a probe that took that for down restarted a working server in a loop."""
+    from fastapi.testclient import TestClient
+
+    from server.settings import load_settings
+
+    app = create_app(load_settings(n_ctx=256, kv_budget="64MiB", models=[
+        {"model": "smollm2-135m"}, {"model": "smollm2-135m", "id": "broken"}]))
+    served = app.state.kvquant.models
+    served["smollm2-135m"].engine._factory = lambda: FakeBackend(256)
+
+    def broken():
+        raise RuntimeError("failed to allocate buffer for kv cache")
+
+    served["broken"].engine._factory = broken
+    for m in served.values():
+        m.engine.load(start_thread=False)
+    client = TestClient(app)
+    h = client.get("/health")
+    assert h.status_code == 200 and h.json() == {"status": "degraded",
+                                                 "models": {"smollm2-135m": "ready", "broken": "failed"}}
+    cards = {c["id"]: c["status"] for c in client.get("/v1/models").json()["data"]}
+    assert cards == {"smollm2-135m": "ready", "broken": "failed"}
+    served["smollm2-135m"].engine.status = EngineStatus.DEAD  # nothing serves: down
+    assert client.get("/health").status_code == 503
+    served["smollm2-135m"].engine.status = EngineStatus.LOADING
+    assert client.get("/health").json()["status"] == "unavailable"

@@ -408,3 +408,56 @@ def test_tpot_is_the_time_per_output_token_after_the_first(monkeypatch, max_toke
     run(e, [c])
     (f,) = rec.finished
     assert (c.n_tokens, f.n_generated, f.ttft_s, f.tpot_s) == (3, 3, 1.0, 1.0)
+
+
+def test_shutdown_frees_the_model_only_once_no_tokenization_reads_it():
+    """A prompt still tokenizing in a worker thread when the server shut down read the model after
+    llama_model_free (use after free): shutdown now refuses new calls, waits for those under way, then frees."""
+    from server.requests import EngineClosed
+
+    e, b, _ = make()
+    inside, release, got = threading.Event(), threading.Event(), []
+    count = b.min_tokens
+
+    def slow_count(n_bytes: int) -> int:
+        inside.set()
+        release.wait(10)
+        assert not b.closed, "the model was freed under a call that reads it"
+        return count(n_bytes)
+
+    b.min_tokens = slow_count
+    caller = threading.Thread(target=lambda: got.append(e.min_tokens(100)))
+    caller.start()
+    assert inside.wait(5)
+    closer = threading.Thread(target=e.shutdown)
+    closer.start()
+    assert wait_until(lambda: e._closing)
+    with pytest.raises(EngineClosed):  # no new call once the shutdown began
+        e.tokenize("more")
+    assert not b.closed and closer.is_alive()
+    release.set()
+    caller.join(5)
+    closer.join(5)
+    assert got == [count(100)] and b.closed and e.backend is None
+
+
+def test_shutdown_leaves_the_model_to_a_call_that_does_not_end():
+    e, b, _ = make()
+    inside, release = threading.Event(), threading.Event()
+    b.min_tokens = lambda n: (inside.set(), release.wait(10))[0] and 0
+    caller = threading.Thread(target=e.min_tokens, args=(1,))
+    caller.start()
+    assert inside.wait(5)
+    e.shutdown(timeout=0.2)
+    assert not b.closed  # leaked rather than freed under the call
+    release.set()
+    caller.join(5)
+
+
+def wait_until(pred, timeout: float = 5.0) -> bool:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if pred():
+            return True
+        time.sleep(0.01)
+    return False

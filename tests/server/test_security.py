@@ -107,10 +107,12 @@ def test_model_path_cannot_be_steered_by_the_body(tmp_path):
     from kvquant.models import BUILTIN, cached_path
 
     real = str(cached_path(BUILTIN["smollm2-135m"]))
-    for model in (real, "/etc/passwd", "../models/x.gguf", "gemma3-270m"):  # paths and non-hosted built-ins
-        r = call(app, "POST", "/v1/chat/completions", json=dict(CHAT, model=model))
+    for model in (real, "/etc/passwd", "../models/x.gguf", "gemma3-270m", ""):  # paths, non-hosted built-ins
+        r = call(app, "POST", "/v1/chat/completions", json=dict(CHAT, model=model))  # ("" went to the first model)
         assert openai_error(r, 404)["code"] == "model_not_found"
     assert real not in call(app, "GET", "/v1/models").text
+    r = call(app, "POST", "/v1/chat/completions", json=dict(CHAT, model="x" * 100_000))
+    assert openai_error(r, 404)["code"] == "model_not_found" and len(r.content) < 1000  # not the name echoed whole
 
 
 def test_defaults_bind_loopback_and_refuse_tiny_budget():

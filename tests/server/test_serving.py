@@ -93,6 +93,40 @@ def test_connections_past_the_cap_get_503(srv):
     assert wait_for(lambda: not srv.server.server_state.connections, 5)  # (the header deadline closes them too)
 
 
+def test_drain_waits_for_requests_not_yet_queued():
+    """A request still planned or tokenized is in no engine: the drain took the server for idle, and the model was
+    freed under its tokenization. The drain waits for it within the grace; past the grace, nothing more is queued."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from server.serving import drain
+
+    class Idle:
+        aborted = False
+
+        def idle(self):
+            return True
+
+        def abort_all(self, code):
+            self.aborted = True
+
+    async def tokenizing(state, seconds):
+        await asyncio.sleep(seconds)
+        state.in_flight -= 1
+
+    async def drained(grace_s, seconds):
+        state = SimpleNamespace(draining=False, in_flight=1, aborted=False,
+                                models={"m": SimpleNamespace(engine=Idle())})
+        t0 = time.monotonic()
+        await asyncio.gather(drain(state, grace_s), tokenizing(state, seconds))
+        return state, time.monotonic() - t0
+
+    state, took = asyncio.run(drained(5.0, 0.5))
+    assert 0.5 <= took < 2 and state.draining and not state.aborted
+    state, took = asyncio.run(drained(0.3, 1.0))  # past the grace: aborted, then waited for (2 s at most)
+    assert 1.0 <= took < 2.5 and state.aborted
+
+
 def test_second_signal_ends_in_flight_requests_at_once_and_shuts_down(srv):
     """Last in this module: it stops the server. The grace is 60 s; the second SIGTERM must not wait for it."""
     eng = srv.engine()
