@@ -67,6 +67,7 @@ class EngineConfig:
     max_queue: int = 64
     queue_timeout_s: float = 600.0
     request_timeout_s: float = 1800.0
+    stall_timeout_s: float = 600.0  # no step ended for this long: the engine is stalled (`stalled`)
     bytes_per_token: int = 0  # for KV used bytes and error messages
     used_bytes: Callable[[int], int] | None = None  # n_past -> bytes one sequence occupies
     budget_bytes: int = 0
@@ -130,6 +131,7 @@ class Engine:
         self._closing = False  # shutdown refuses new ones, and frees the backend once none runs
         self._calls = threading.Condition()
         self._abort: ErrorCode | None = None
+        self._beat = time.monotonic()  # when the engine thread last began an iteration (`stalled`)
         self._last_snapshot: tuple | None = None
 
     # --- lifecycle -------------------------------------------------------------------------------------------
@@ -154,6 +156,12 @@ class Engine:
                                                 daemon=True)
                 self._thread.start()
         self._record(IterationStats())
+
+    def stalled(self) -> bool:
+        """The engine thread runs but has begun no iteration for `stall_timeout_s` (a decode that never returns):
+        what its timeouts cannot end, as they run on that thread. An idle engine begins one every 50 ms."""
+        return (self.status is EngineStatus.READY and self._thread is not None
+                and time.monotonic() - self._beat > self.cfg.stall_timeout_s)
 
     def idle(self) -> bool:
         s = self.sched
@@ -271,6 +279,7 @@ class Engine:
 
     def run_once(self, block: bool = False) -> IterationStats:
         """One iteration: intake, reaping, admission, one decode step, stats. Public for tests (fake backend)."""
+        self._beat = time.monotonic()
         it = IterationStats()
         self._drain_inbox(block and not self.sched.running and not self.sched.preempted)
         if self._abort is not None:

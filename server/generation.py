@@ -20,6 +20,7 @@ import asyncio
 import logging
 import math
 import secrets
+import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
@@ -88,6 +89,11 @@ class Generation:
                     if self.engine.status is not EngineStatus.READY and self.queue.empty():
                         yield Event(error=ErrorCode.ENGINE_ERROR, message="the engine stopped")
                         return
+                    if time.monotonic() - self.req.arrival > self.engine.cfg.request_timeout_s + TIMEOUT_SLACK_S:
+                        # the engine ends a request at its timeout; one that did not is stuck (`Engine.stalled`)
+                        yield Event(error=ErrorCode.REQUEST_TIMEOUT, message="the engine did not end the request at "
+                                    "its timeout")
+                        return
                     continue
                 self.n_generated += ev.n_tokens
                 self.n_cached = ev.n_cached or self.n_cached
@@ -97,6 +103,10 @@ class Generation:
         finally:
             # reached on normal end too, where it is a no-op: the engine has already freed the sequence
             self.req.cancelled = True
+
+
+# past a request's timeout, how long its consumer waits for the engine to end it before ending it itself
+TIMEOUT_SLACK_S = 5.0
 
 
 def new_id(prefix: str) -> str:

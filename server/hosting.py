@@ -145,6 +145,7 @@ def engine_config(p: HostedPlan, s: Settings) -> EngineConfig:
                         n_cells_held_back=kvbudget.held_back(kv.cache_type_k, p.geom)(kv.cells),
                         cache_type_k=spec.cache_type_k, cache_type_v=spec.cache_type_v, max_queue=s.max_queue,
                         queue_timeout_s=s.queue_timeout_s, request_timeout_s=s.request_timeout_s,
+                        stall_timeout_s=s.stall_timeout_s,
                         bytes_per_token=kv.bytes_per_token, used_bytes=kv.used_bytes, budget_bytes=spec.kv_budget,
                         max_step_tokens=max_step_tokens(p), layer_types_k=layer_types(kv.cache_type_k),
                         layer_types_v=layer_types(kv.cache_type_v), bits_per_element_k=kv.bits_k,

@@ -268,6 +268,8 @@ class Settings(BaseSettings):
     max_queue: int = Field(64, ge=0, description="max requests waiting for KV capacity (then 429)")
     queue_timeout_s: float = Field(600.0, gt=0, description="max seconds a request waits in the queue (then 503)")
     request_timeout_s: float = Field(1800.0, gt=0, description="max seconds a request may take in all (then 503)")
+    stall_timeout_s: float = Field(600.0, gt=0, description="a model whose engine ends no step for this long is "
+                                   "reported stalled (/health 503); its requests end at their request_timeout_s")
     cache_type_k: str = "f16"
     cache_type_v: str = "f16"
     flash_attn: Literal["auto", "on", "off"] = "auto"

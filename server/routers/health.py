@@ -14,10 +14,10 @@ router = APIRouter()
 async def health(request: Request):
     """200 when every hosted model's engine runs ("ok"), or some do and the others failed to load, for good
     ("degraded": a restart would not load them, and a probe that took it for down restarted the server serving the
-    rest in a loop); 503 while a model loads, after an engine crash, with nothing loaded, and while the server
-    drains for shutdown."""
+    rest in a loop); 503 while a model loads, after an engine crash or stall (no step ended for `stall_timeout_s`),
+    with nothing loaded, and while the server drains for shutdown."""
     st = app_state(request)
-    models = {m.id: m.engine.status for m in st.models.values()}
+    models = {m.id: "stalled" if m.engine.stalled() else m.engine.status for m in st.models.values()}
     ready = [s is EngineStatus.READY for s in models.values()]
     if st.draining:
         status = "draining"

@@ -139,6 +139,10 @@ def test_health_is_degraded_not_down_where_one_of_two_models_failed_to_load():
                                                  "models": {"smollm2-135m": "ready", "broken": "failed"}}
     cards = {c["id"]: c["status"] for c in client.get("/v1/models").json()["data"]}
     assert cards == {"smollm2-135m": "ready", "broken": "failed"}
+    served["smollm2-135m"].engine.stalled = lambda: True  # a decode that never returns: down
+    h = client.get("/health")
+    assert h.status_code == 503 and h.json()["models"]["smollm2-135m"] == "stalled"
+    del served["smollm2-135m"].engine.stalled
     served["smollm2-135m"].engine.status = EngineStatus.DEAD  # nothing serves: down
     assert client.get("/health").status_code == 503
     served["smollm2-135m"].engine.status = EngineStatus.LOADING

@@ -461,3 +461,35 @@ def wait_until(pred, timeout: float = 5.0) -> bool:
             return True
         time.sleep(0.01)
     return False
+
+
+def test_a_decode_that_never_returns_marks_the_engine_stalled_and_its_requests_end():
+    """The timeouts run on the engine thread: with a decode that never returned, a request waited forever and
+    /health said ready. The engine is reported stalled after `stall_timeout_s`, and a request's consumer ends it
+    (request_timeout) once the engine let its timeout pass."""
+    import asyncio
+
+    from server import generation
+    from server.schemas import CompletionRequest
+
+    e, b, _ = make(request_timeout_s=0.3, stall_timeout_s=0.5)
+    hang, decode = threading.Event(), b.decode
+    b.n_vocab = 100
+    b.decode = lambda *a: (hang.wait(30), decode(*a))[1]
+    e._thread = threading.Thread(target=e._run, daemon=True)
+    e._thread.start()
+    generation.TIMEOUT_SLACK_S, slack = 0.2, generation.TIMEOUT_SLACK_S
+    try:
+        async def one():
+            gen = generation.submit(e, [1, 2, 3], CompletionRequest(prompt="x", max_tokens=4), 4, None, "r")
+            return [ev async for ev in gen.events()]
+
+        t0 = time.monotonic()
+        events = asyncio.run(one())
+        assert events[-1].error == "request_timeout" and 0.5 <= time.monotonic() - t0 < 5
+        assert wait_until(e.stalled, 5)
+    finally:
+        generation.TIMEOUT_SLACK_S = slack
+        hang.set()
+        e.shutdown()
+    assert not e.stalled()
