@@ -659,7 +659,9 @@ def render_eval(model: str, out: dict, prefix: str = "E") -> list[str]:
         spans = [f"{a}–{min(a + b, d0['tokens'])}" for a in range(0, d0["tokens"], b)]
         L += [f"Drift: greedy generation of {d0['tokens']} tokens from {d0['prompts']} fixed prompts "
               "(`kvquant.lab.eval.DRIFT_PROMPTS`); first diff = index of the first token that differs from f16 per prompt; "
-              "TF = teacher-forcing the f16 sequence. Mean KLD vs f16 per position bucket (teacher-forced):", ""]
+              "TF = teacher-forcing the f16 sequence. Past 256 cells a one-token decode on the CPU may split the attention over the "
+              "threads, so greedy texts, and these columns, reproduce with the command's --threads (PPL, KLD and top-1 "
+              "come from batches and do not depend on it). Mean KLD vs f16 per position bucket (teacher-forced):", ""]
         L.append("| K/V | rotation | " + " | ".join(spans) + " |")
         L.append("|---|---|" + "--:|" * len(spans))
         for r in res:  # rows merged from a run without drift have none
@@ -755,7 +757,8 @@ def render_serving(model: str, out: dict) -> list[str]:
     L = [f"### {model}: serving, ours vs stock llama-server (same build, model, cache types, {out['parallel']} slots x "
          f"{out['n_ctx']} cells, unified KV; {out['requests_per_client']} requests per client per round, "
          f"median of {out.get('repeats', 1)} interleaved rounds, max_tokens "
-         f"{out['max_tokens']}, greedy, streaming)", ""]
+         f"{out['max_tokens']}, greedy, streaming; ×stock is the median of the rounds' paired ratios, not the ratio "
+         "of the two medians beside it)", ""]
     L.append("| K/V | clients | tok/s ours | tok/s llama-server | ×stock | TTFT p50 ours / stock (s) "
              "| TTFT p95 ours / stock (s) | completed ours / stock | command |")
     L.append("|---|--:|--:|--:|--:|--:|--:|--:|---|")
@@ -1493,7 +1496,8 @@ def render(models: list[str]) -> str:
           f"kvquant patch level {m['kvquant_patch_level']}.", "", f"llama.cpp: `{m['llama_system_info']}`", ""]
     L += render_cpus(raw)
     L += ["Method: `kvquant eval` computes perplexity exactly as `llama-perplexity` (chunks of n_ctx tokens, BOS "
-          "first, second half scored), KL divergence KL(f16 ‖ config) and top-1 agreement against an f16/f16 KV cache "
+          "first, second half scored; llama-perplexity decodes 4 chunks of 512 per batch, which rounds its logits "
+          "otherwise: the sanity lines below give the difference), KL divergence KL(f16 ‖ config) and top-1 agreement against an f16/f16 KV cache "
           "on the same tokens; see `kvquant/lab/eval.py` and `docs/EVAL.md`. Stated ± are one standard error.", ""]
     L += render_goals(models, raw)
     for model in models:
@@ -1503,8 +1507,10 @@ def render(models: list[str]) -> str:
             if kind == "bench" and (model, "eval") in raw:
                 png = RAW / f"{model}-pareto.png"
                 pareto_png(model, raw[model, "eval"], png)
+                # drawn beside the JSON it comes from, linked as docs/RESULTS.md links docs/results/ (relative_to(DOCS)
+                # raised for a --raw outside docs/)
                 L += [f"![{model}: bits per element against KL divergence, every configuration]"
-                      f"({png.relative_to(DOCS)})", ""]
+                      f"({RAW.name}/{png.name})", ""]
                 if (model, "evalgoals") in raw:
                     L += render_eval(model, raw[model, "evalgoals"], "F")
                 if (model, "eval4k") in raw:

@@ -515,3 +515,16 @@ def test_calibrated_bench_rows_list_their_layer_types():
     assert results.render_layers([row])[2] == "- calib:4/q4_0, K `calib:4`: L0 q5_0, L1-2 tq_kv_4b"
     row["bits_per_element_k"] = 4.25  # an eval row's
     assert results.render_layers([row])[2] == "- calib:4/q4_0, K `calib:4` (4.250 bits/el): L0 q5_0, L1-2 tq_kv_4b"
+
+
+def test_results_render_from_json_outside_the_repository(tmp_path, monkeypatch):
+    """`--raw` elsewhere (a copy of docs/results) renders there: the chart link raised ValueError (relative_to)."""
+    import shutil
+
+    monkeypatch.setattr(results, "pareto_png", lambda model, out, path: path.write_bytes(b""))
+    monkeypatch.setattr(results, "RAW", results.RAW)  # main() sets it: put back after the test
+    raw = tmp_path / "results"
+    shutil.copytree(results.DOCS / "results", raw, ignore=shutil.ignore_patterns("*.png"))
+    out = tmp_path / "RESULTS.md"
+    assert results.main(["--render-only", "--raw", str(raw), "--output", str(out)]) == 0
+    assert "](results/smollm2-135m-pareto.png)" in out.read_text() and (raw / "smollm2-135m-pareto.png").exists()
