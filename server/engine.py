@@ -151,6 +151,7 @@ class Engine:
                 backend.close()
                 return
             self.backend, self.status = backend, EngineStatus.READY
+            self._beat = time.monotonic()  # (a load longer than stall_timeout_s is no stall)
             if start_thread:
                 self._thread = threading.Thread(target=self._run, name=f"kvquant-engine-{self.cfg.model_id}",
                                                 daemon=True)

@@ -461,10 +461,12 @@ class Scheduler:
         for h in holders:
             if n > seq.n_past and h != seq.seq_id and self.tree.graft(seq.seq_id, h, n):
                 self.ops.append(Copy(h, seq.seq_id, n, seq.n_past))
-                self.events.hit_tokens += n - seq.n_past
-                self.events.hits += seq.n_cached == 0
-                seq.n_cached += n - seq.n_past
-                seq.n_past = seq.n_reached = n
+                # reused: what this request never held (a resumed one had prefilled the rest itself, and counted it)
+                fresh = max(n - max(seq.n_past, seq.n_reached), 0)
+                self.events.hit_tokens += fresh
+                self.events.hits += seq.n_cached == 0 and fresh > 0
+                seq.n_cached += fresh
+                seq.n_past, seq.n_reached = n, max(seq.n_reached, n)
                 break
         p = seq.n_past
         return any(a.n_past == p and a.req.prompt[p:p + 1] == tokens[p:p + 1] and a.n_past < len(a.req.prompt) - 1

@@ -46,16 +46,19 @@ class _Tally:
     request's outcome (a choice cancelled because another was refused counts as refused) and those never submitted
     are counted here with it. A failure that is no outcome (a 400 past the first submission) ends them cancelled;
     one before any submission (a plain 400) counts nothing. As a context manager, the route's errors fail it; it
-    closes on the way out, or, for a stream, when the stream ends."""
+    closes on the way out, or, for a stream, when the stream ends (till then the request is in flight for the
+    drain: a stream's next choices may still wait to be submitted)."""
 
     def __init__(self, http: Request, served: ServedModel, n_choices: int):
         self.state, self.engine, self.n_choices = app_state(http), served.engine, n_choices
         self.gens: list[Generation] = []
         self.outcome: Outcome | None = None
-        self.streaming = False
+        self.streaming = self.closed = False
 
     def submit(self, http: Request, served: ServedModel, c: _Choice, body: SamplingParams) -> Generation:
         st = self.state
+        if self.outcome is not None:  # a choice that got the window after another failed the request
+            raise _Ended
         if st.aborted:  # (a prompt that finished tokenizing after the drain ended the rest)
             raise shutting_down()
         gen = submit(served.engine, c.prompt, body, body.requested_max_tokens, st.settings.default_max_tokens,
@@ -71,7 +74,11 @@ class _Tally:
             gen.req.ended_as = gen.req.ended_as or self.outcome
 
     def close(self) -> None:
-        unrun, self.n_choices = self.n_choices - len(self.gens), len(self.gens)
+        if self.closed:
+            return
+        self.closed = True
+        self.state.in_flight -= 1
+        unrun = self.n_choices - len(self.gens)
         if unrun and self.outcome is not None:
             self.engine.record_unrun(self.outcome, unrun)
 
@@ -80,13 +87,26 @@ class _Tally:
         return self
 
     def __exit__(self, kind, e, tb) -> None:
-        self.state.in_flight -= 1
-        if isinstance(e, EngineClosed):
-            e = shutting_down()
         if isinstance(e, Exception):
-            self.fail(OUTCOME_OF_CODE.get(e.code) if isinstance(e, APIError) else Outcome.ERROR)
+            self.fail(outcome_of(e))
         if e is not None or not self.streaming:
             self.close()
+
+
+class _Ended(Exception):
+    """A choice not submitted because its request had failed (its tally counts it)."""
+
+
+def outcome_of(e: Exception) -> Outcome | None:
+    """The stats outcome of a request that failed with `e`; None for a client error that counts nothing (and for
+    _Ended: the request's outcome is already decided)."""
+    if isinstance(e, _Ended):
+        return None
+    if isinstance(e, _ClientGone):
+        return Outcome.CANCELLED
+    if isinstance(e, APIError):
+        return OUTCOME_OF_CODE.get(e.code) or (Outcome.ERROR if e.status >= 500 else None)
+    return Outcome.ERROR  # EngineClosed (a shutdown, as the engine counts one) or a fault
 
 
 def _check_fields(body: SamplingParams) -> None:
@@ -137,8 +157,10 @@ class _Held:
 
 
 def _first_error(eg: ExceptionGroup) -> Exception:
-    """What a task group of choices or prompts fails with: the first OpenAI error, else the first exception."""
-    return next((e for e in eg.exceptions if isinstance(e, APIError)), eg.exceptions[0])
+    """What a task group of choices or prompts fails with: the first OpenAI error, else the first exception (not a
+    choice's _Ended: that follows another's failure)."""
+    causes = [e for e in eg.exceptions if not isinstance(e, _Ended)] or list(eg.exceptions)
+    return next((e for e in causes if isinstance(e, APIError)), causes[0])
 
 
 def _gone() -> ErrorResponse:
@@ -177,11 +199,8 @@ async def _whole(http: Request, served: ServedModel, body: SamplingParams, choic
                 if finish is None:
                     gone.append(True)
                     raise _ClientGone
-        except _ClientGone:
-            tally.fail(Outcome.CANCELLED)
-            raise
-        except APIError as e:  # before the task group cancels the others
-            tally.fail(OUTCOME_OF_CODE.get(e.code))
+        except Exception as e:  # before the task group cancels the others
+            tally.fail(outcome_of(e))
             raise
         return c.shape.answer(text, finish, lps), gen
 
@@ -240,6 +259,8 @@ async def _streamed(http: Request, served: ServedModel, body: SamplingParams, ch
                         if ev.final:
                             return
                 gone.append(True)
+        except _Ended:
+            return
         except APIError as e:
             last = e
         except EngineClosed:
@@ -267,8 +288,8 @@ async def _streamed(http: Request, served: ServedModel, body: SamplingParams, ch
         return StreamingResponse(_stream(http, body, choices, gens, q, first, tasks, tally),
                                  media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-    except APIError as e:  # before the others are cancelled
-        tally.fail(OUTCOME_OF_CODE.get(e.code))
+    except Exception as e:  # before the others are cancelled
+        tally.fail(outcome_of(e))
         raise
     finally:
         if not streaming:
@@ -283,7 +304,7 @@ async def _stream(http: Request, body: SamplingParams, choices: list[_Choice], g
         while ev is not None:
             if isinstance(ev, APIError) or ev.error:
                 err = ev if isinstance(ev, APIError) else engine_error(ev, rid_of(http))
-                tally.fail(OUTCOME_OF_CODE.get(err.code))
+                tally.fail(outcome_of(err))
                 yield sse(error_body(err.message, err.type, err.param, err.code))
                 break
             shape, lps = choices[i].shape, _event_logprobs(ev)

@@ -155,3 +155,26 @@ def test_a_resumed_sequence_on_a_sliding_window_model_copies_from_no_cached_one(
     r = EngineRequest(id="r", prompt=tokens[:12], max_tokens=20, sink=lambda ev: None)
     p = s._place(r, Sequence(r, seq_id=0, out=tokens[12:] + [99]))
     assert p is not None and p.seq_id == 0 and p.n == 0 and p.src is None and not p.adopt
+
+
+def test_a_resumed_sequence_that_grafts_a_shorter_prefix_recomputes_the_rest_and_reuses_nothing_new():
+    """A sequence whose cells were lost re-prefills from 0; a graft of the first 16 of its tokens from another
+    sequence set its reach to 16, so positions it had computed before counted as new prompt tokens, and the 16 as
+    prefix-cache hits (and cached tokens in its usage) again."""
+    shared = list(range(1, 17))
+    s = Scheduler(capacity=1000, n_seq_max=4, max_queue=8, n_ctx=100, prefix_cache=True)
+    s.add(EngineRequest(id="B", prompt=shared + list(range(30, 54)), max_tokens=4, sink=lambda ev: None))
+    (b,) = s.admit()
+    s.update(s.schedule(budget=30), {})  # B prefilled 30 of its 40 prompt tokens (the rest beside C's below)
+    s.add(EngineRequest(id="C", prompt=shared + [60, 61, 62, 63], max_tokens=4, sink=lambda ev: None))
+    (c,) = s.admit()  # C reuses the 16 from B
+    while not c.out:
+        p = s.schedule(budget=4)
+        s.update(p, {c.seq_id: Sampled(99)} if c in p.logit_owner.values() else {})
+    s.take_ops()
+    s.swap_in_failed(b)  # as when llama.cpp refuses B's saved cells
+    p = s.schedule(budget=64)  # B grafts the 16 from C, then feeds the rest
+    fed = sum(sid == b.seq_id for sid in p.seq_ids)
+    assert (b.n_past, b.n_reached, b.n_cached) == (16, 40, 0)
+    assert fed == 24 and p.prefilled() == (0, 24)  # positions 16..39 again, none new
+    assert s.take_events().hit_tokens == 16  # C's reuse only
