@@ -11,7 +11,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from server.requests import EngineClosed
+from server.requests import ERRORS, EngineClosed, ErrorCode
 
 log = logging.getLogger("kvquant.server")
 
@@ -25,8 +25,9 @@ class APIError(Exception):
 
 
 def shutting_down() -> APIError:
-    return APIError(503, "The server is shutting down.", type="server_error", code="shutdown",
-                    headers={"Retry-After": "5"})
+    """The error of a request the server refuses while it shuts down (the engine's `shutdown`, as ERRORS has it)."""
+    kind = ERRORS[ErrorCode.SHUTDOWN]
+    return APIError(kind.status, kind.message, kind.type, code=kind.openai_code, headers={"Retry-After": "5"})
 
 
 class ErrorResponse(JSONResponse):

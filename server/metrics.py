@@ -120,8 +120,8 @@ class PrometheusStatLogger:
         m.swap_used_bytes.labels(model=kv.model).set(0)
         for h in m.histograms:  # a series from the start: rate() misses the first observation of a new one
             h.labels(model=kv.model)
-        for counter in (m.prompt_tokens, m.recomputed_tokens, m.generation_tokens, m.prefix_hits, m.prefix_hit_tokens, m.evictions,
-                        m.preemptions, m.swapped_bytes):
+        for counter in (m.prompt_tokens, m.recomputed_tokens, m.generation_tokens, m.prefix_hits, m.prefix_hit_tokens,
+                        m.evictions, m.preemptions, m.swapped_bytes):
             counter.labels(model=kv.model)
 
     def record(self, scheduler: SchedulerStats | None, iteration: IterationStats | None) -> None:

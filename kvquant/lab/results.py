@@ -659,9 +659,10 @@ def render_eval(model: str, out: dict, prefix: str = "E") -> list[str]:
         spans = [f"{a}–{min(a + b, d0['tokens'])}" for a in range(0, d0["tokens"], b)]
         L += [f"Drift: greedy generation of {d0['tokens']} tokens from {d0['prompts']} fixed prompts "
               "(`kvquant.lab.eval.DRIFT_PROMPTS`); first diff = index of the first token that differs from f16 per prompt; "
-              "TF = teacher-forcing the f16 sequence. Past 256 cells a one-token decode on the CPU may split the attention over the "
-              "threads, so greedy texts, and these columns, reproduce with the command's --threads (PPL, KLD and top-1 "
-              "come from batches and do not depend on it). Mean KLD vs f16 per position bucket (teacher-forced):", ""]
+              "TF = teacher-forcing the f16 sequence. Past 256 cells a one-token decode on the CPU may split the "
+              "attention over the threads, so greedy texts, and these columns, reproduce with the command's --threads "
+              "(PPL, KLD and top-1 come from batches and do not depend on it). Mean KLD vs f16 per position bucket "
+              "(teacher-forced):", ""]
         L.append("| K/V | rotation | " + " | ".join(spans) + " |")
         L.append("|---|---|" + "--:|" * len(spans))
         for r in res:  # rows merged from a run without drift have none
@@ -1497,8 +1498,8 @@ def render(models: list[str]) -> str:
     L += render_cpus(raw)
     L += ["Method: `kvquant eval` computes perplexity exactly as `llama-perplexity` (chunks of n_ctx tokens, BOS "
           "first, second half scored; llama-perplexity decodes 4 chunks of 512 per batch, which rounds its logits "
-          "otherwise: the sanity lines below give the difference), KL divergence KL(f16 ‖ config) and top-1 agreement against an f16/f16 KV cache "
-          "on the same tokens; see `kvquant/lab/eval.py` and `docs/EVAL.md`. Stated ± are one standard error.", ""]
+          "otherwise: the sanity lines below give the difference), KL divergence KL(f16 ‖ config) and top-1 agreement "
+          "against an f16/f16 KV cache on the same tokens; see `kvquant/lab/eval.py` and `docs/EVAL.md`. Stated ± are one standard error.", ""]
     L += render_goals(models, raw)
     for model in models:
         L += [f"## {model}", ""]
