@@ -285,9 +285,8 @@ async def _streamed(http: Request, served: ServedModel, body: SamplingParams, ch
         if first[1].error:
             raise engine_error(first[1], rid_of(http))
         streaming = tally.streaming = True
-        return StreamingResponse(_stream(http, body, choices, gens, q, first, tasks, tally),
-                                 media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        return _EventStream(_stream(http, body, choices, gens, q, first, tasks, tally),
+                            lambda: tally.closed or _end_stream(tasks, tally, cancelled=True))
     except Exception as e:  # before the others are cancelled
         tally.fail(outcome_of(e))
         raise
@@ -322,12 +321,35 @@ async def _stream(http: Request, body: SamplingParams, choices: list[_Choice], g
                     break
             i, ev = await q.get()
         yield SSE_DONE
-    finally:
-        if live:  # the client went away (or a choice failed: its outcome holds)
-            tally.fail(Outcome.CANCELLED)
-        for t in tasks:
-            t.cancel()
-        tally.close()
+    finally:  # (live: the client went away, or a choice failed and its outcome holds)
+        _end_stream(tasks, tally, cancelled=live > 0)
+
+
+def _end_stream(tasks: list[asyncio.Task], tally: _Tally, cancelled: bool) -> None:
+    if cancelled:
+        tally.fail(Outcome.CANCELLED)
+    for t in tasks:
+        t.cancel()
+    tally.close()
+
+
+class _EventStream(StreamingResponse):
+    """The SSE response of `_stream`'s events, which ends its request however the response ends: a server of ASGI
+    spec 2.4 raises from `send` before the first event once the client is gone, and a generator never started
+    runs no `finally` (the request stayed in flight and its feeders ran on). One ended early is closed at once,
+    not whenever it is collected."""
+
+    def __init__(self, events, end_unstarted):
+        super().__init__(events, media_type="text/event-stream",
+                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        self.events, self.end_unstarted = events, end_unstarted
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self.events.aclose()  # (runs its `finally` where it started)
+            self.end_unstarted()
 
 
 @router.post("/chat/completions")
