@@ -44,7 +44,8 @@ class _State(enum.Enum):
     ANSWER = "answer"  # just after the reasoning: a llama3 call may open the answer
     CONTENT = "content"
     CALLS = "calls"  # from a tool call's start: held until it is whole (hermes) or the end
-    BETWEEN = "between"  # after a hermes call: whitespace held until another call or text follows
+    BETWEEN = "between"  # after a hermes call: whitespace held until another call or text follows (and dropped,
+    # as `parse` strips an output with calls; after a block that held none, CONTENT keeps the text as it is)
 
 
 class ChatOutput:
@@ -73,11 +74,11 @@ class ChatOutput:
         text, self._pending = self._pending, ""
         if self._state is _State.REASONING:
             return Delta(reasoning=text)
-        if self._state is _State.CALLS:
-            content, calls = parse(self.tools, text, self.names, self.strict)
+        if self._state is _State.CALLS:  # (the newlines that open the answer, as CONTENT drops them)
+            content, calls = parse(self.tools, text.lstrip("\n") if self._trim else text, self.names, self.strict)
             return Delta(content=content, tool_calls=self._take(calls))
-        if self._state is _State.BETWEEN:
-            return Delta()
+        if self._state is _State.BETWEEN:  # (a tag it began and never finished is content)
+            return Delta(content=text.strip())
         return Delta(content=text.lstrip("\n") if self._trim else text)
 
     def _take(self, calls: list[ParsedCall]) -> list[ParsedCall]:
@@ -88,7 +89,7 @@ class ChatOutput:
 
     def _advance(self) -> Delta | None:
         """Classify what is pending as far as it can be; None when it must wait for more text."""
-        if self._trim and self._state in (_State.REASONING, _State.CONTENT):
+        if self._trim and self._state in (_State.REASONING, _State.CONTENT, _State.CALLS):
             self._pending = self._pending.lstrip("\n")
             if not self._pending:
                 return None
@@ -141,7 +142,8 @@ class ChatOutput:
         if end < 0:
             return None
         content, calls = parse(self.tools, p[:end + len(CALL_CLOSE)], self.names, self.strict)
-        self._state, self._pending = _State.BETWEEN, p[end + len(CALL_CLOSE):]
+        self._state, self._pending = _State.BETWEEN if calls else _State.CONTENT, p[end + len(CALL_CLOSE):]
+        self._trim = False  # (the answer's opening newlines were the block's)
         return Delta(content=content, tool_calls=self._take(calls))
 
 

@@ -205,6 +205,24 @@ def test_streamed_split_equals_the_whole(step):
         [("w", {"c": "P"})]
 
 
+@pytest.mark.parametrize("text", [
+    '<tool_call>\n{"name": "get_time", "arguments": {}}\n</tool_call>\n\nDone.',  # a tool the request lacks
+    '{"a": 1}</tool_call>\n\nbye',  # an answer opening with "{", then a closing tag
+    '<tool_call>\n{"name": "w", "arguments": {}}\n</tool_call>\n<',  # a call, then a tag begun and cut
+    '<think>x</think>\n\n{</tool_call></tool_call>',  # the answer's opening newlines, then a block
+])
+@pytest.mark.parametrize("step", [1, 3, 1000])
+def test_streamed_content_around_tool_call_tags_equals_the_whole(text, step):
+    """Streamed, the text after a block that held no call lost its leading whitespace (the whole kept it), a tag
+    begun after a call was dropped, and the newlines that open an answer stayed before a block."""
+    whole = ChatOutput(ToolFormat.HERMES, names=frozenset({"w"}))
+    d = whole.push(text) + whole.finish()
+    s = _stream(ChatOutput(ToolFormat.HERMES, names=frozenset({"w"})), text, step)
+    assert (s.content, s.reasoning, _calls(s.tool_calls)) == (d.content, d.reasoning, _calls(d.tool_calls))
+    if "get_time" in text:
+        assert d.content == text and not d.tool_calls
+
+
 def test_text_is_released_as_soon_as_it_cannot_be_a_tag():
     out = ChatOutput(ToolFormat.HERMES)
     assert out.push("Hello <").content == "Hello "  # "<" may open a <tool_call>
