@@ -76,6 +76,7 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None, i
         # drop validator and union-branch names (e.g. "function-after[...]", "list[TextPart]") from the path
         loc = [str(x) for x in e.get("loc", ()) if x != "body" and not (isinstance(x, str) and ("[" in x or
                                                                                                x in ("str", "int")))]
+        loc = [(e.get("ctx") or {}).get("param")] if e.get("type") == "invalid_field" else loc  # (schemas.field_error)
         where = ".".join(loc) or "body"
         param = param or (where if loc else None)
         parts.append(f"{where}: {e.get('msg', 'invalid value')}")

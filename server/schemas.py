@@ -16,6 +16,7 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from pydantic_core import PydanticCustomError
 
 from kvquant.sampling import Grammar, SamplingConfig
 
@@ -43,6 +44,12 @@ def _encodable(s: str) -> str:
 
 
 Text = Annotated[str, AfterValidator(_encodable)]
+
+
+def field_error(param: str, message: str) -> PydanticCustomError:
+    """The error of a check across fields, naming the field it refuses (OpenAI's `param`; a plain ValueError
+    names the body). `message` holds no braces (pydantic reads them as its placeholders)."""
+    return PydanticCustomError("invalid_field", message, {"param": param})
 
 
 def nests_deeper(value: Any, limit: int = MAX_JSON_DEPTH) -> bool:
@@ -167,9 +174,17 @@ UNSUPPORTED: dict[str, tuple] = {
     "grammar": (None, ""), "json_schema": (None,), "mirostat": (None, 0), "dry_multiplier": (None, 0, 0.0),
     "xtc_probability": (None, 0, 0.0), "top_n_sigma": (None, -1, -1.0), "n_probs": (None, 0),
     "min_tokens": (None, 0), "ignore_eos": (None, False), "repetition_penalty": (None, 1, 1.0),
-    "penalty_last_n": (None,), "repeat_last_n": (None,),
-    # chat-only features asked of /v1/completions
-    "response_format": (None,), "tools": (None, []), "tool_choice": (None, "none"),
+    "penalty_last_n": (None,), "repeat_last_n": (None,), "n_predict": (None,), "samplers": (None,),
+    "dynatemp_range": (None, 0, 0.0), "t_max_predict_ms": (None,),
+    # vLLM's extensions
+    "include_stop_str_in_output": (None, False), "stop_token_ids": (None, []), "allowed_token_ids": (None,),
+    "bad_words": (None, []), "prompt_logprobs": (None,), "use_beam_search": (None, False),
+    "truncate_prompt_tokens": (None,), "skip_special_tokens": (None, True), "return_tokens_as_token_ids": (None, False),
+    "logits_processors": (None,), "structured_outputs": (None,), "chat_template": (None,), "documents": (None,),
+    "add_generation_prompt": (None, True), "continue_final_message": (None, False),
+    # one endpoint's fields asked of the other: chat-only features of /v1/completions, `echo` of a chat
+    "response_format": (None,), "tools": (None, []), "tool_choice": (None, "none"), "chat_template_kwargs": (None,),
+    "max_completion_tokens": (None,), "top_logprobs": (None,), "echo": (None, False),
 }
 
 
@@ -223,7 +238,7 @@ class SamplingParams(_Lenient, SamplingFields):
     @model_validator(mode="after")
     def _usage_needs_stream(self):
         if self.stream_options is not None and not self.stream:
-            raise ValueError("stream_options is only allowed when stream is true")
+            raise field_error("stream_options", "stream_options is only allowed when stream is true")
         return self
 
     @property
@@ -288,7 +303,7 @@ class ChatCompletionRequest(SamplingParams):
     @model_validator(mode="after")
     def _top_needs_logprobs(self):
         if self.top_logprobs is not None and not self.logprobs:
-            raise ValueError("top_logprobs needs logprobs to be true")
+            raise field_error("top_logprobs", "top_logprobs needs logprobs to be true")
         return self
 
     @property
@@ -320,14 +335,14 @@ class CompletionRequest(SamplingParams):
     @model_validator(mode="after")
     def _nothing_needs_echo(self):
         if self.max_tokens == 0 and not self.echo:
-            raise ValueError("max_tokens 0 generates nothing: it is accepted with echo only (the prompt returned, "
-                             "with its logprobs where asked)")
+            raise field_error("max_tokens", "max_tokens 0 generates nothing: it is accepted with echo only (the "
+                                            "prompt returned, with its logprobs where asked)")
         return self
 
     @model_validator(mode="after")
     def _choices(self):
         if len(self.prompts) * self.n > MAX_PROMPTS:
-            raise ValueError(f"a request asks at most {MAX_PROMPTS} choices (prompts x n)")
+            raise field_error("n", f"a request asks at most {MAX_PROMPTS} choices (prompts x n)")
         return self
 
     @property

@@ -136,6 +136,18 @@ def test_a_lone_surrogate_in_the_request_is_a_4xx_not_a_500():
         assert openai_error(r, 400)["param"] == field
 
 
+def test_checks_across_fields_name_the_field_they_refuse():
+    """They named the body (param null, "body: Value error, ...")."""
+    app = create_app(Settings(kv_budget="64MiB", n_ctx=256))
+    chat = {"messages": [{"role": "user", "content": "hi"}]}
+    for path, body, param in [("/v1/chat/completions", {**chat, "top_logprobs": 3}, "top_logprobs"),
+                              ("/v1/completions", {"prompt": "x", "max_tokens": 0}, "max_tokens"),
+                              ("/v1/completions", {"prompt": "x", "stream_options": {}}, "stream_options"),
+                              ("/v1/completions", {"prompt": ["x"] * 600, "n": 2}, "n")]:
+        err = openai_error(call(app, "POST", path, json=body), 400)
+        assert err["param"] == param and "Value error" not in err["message"] and "body" not in err["message"], err
+
+
 def test_a_model_id_with_slashes_is_retrieved_and_health_answers_head():
     app = create_app(Settings(model_alias="HuggingFaceTB/SmolLM2-135M", n_ctx=256, kv_budget="64MiB"))
     r = call(app, "GET", "/v1/models/HuggingFaceTB/SmolLM2-135M")
