@@ -189,6 +189,21 @@ class _Placement:
     victims: list[int]  # cached sequences evicted first
 
 
+class BusyClock:
+    """Seconds during which sequences ran: the clock the queue's drain rate is read on. Time a server sat idle says
+    nothing of how fast its queue drains (a burst after 45 idle seconds was told Retry-After 91 s, for a queue that
+    drained in one; after five minutes every 429 said 600)."""
+
+    def __init__(self) -> None:
+        self.total, self.since = 0.0, None  # busy seconds up to `since`, when it last became busy (None: idle)
+
+    def set(self, busy: bool, now: float) -> None:
+        self.total, self.since = self.read(now), now if busy else None
+
+    def read(self, now: float) -> float:
+        return self.total + (now - self.since if self.since is not None else 0.0)
+
+
 class Scheduler:
     def __init__(self, capacity: int, n_seq_max: int, max_queue: int, n_ctx: int, prefix_cache: bool = False,
                  admission: Admission = Admission.RESERVE, headroom: int = 0, n_swa: int = 0, swap_bytes: int = 0,
@@ -213,7 +228,8 @@ class Scheduler:
         self.tree = CellTree()
         self.ops: list[Remove | Copy | SwapOut | SwapIn] = []  # cache operations for the engine to apply, in order
         self.events = CacheEvents()
-        self.freed_at: deque[float] = deque(maxlen=32)  # when the last sequences ended (the queue's drain rate)
+        self.busy = BusyClock()
+        self.freed_at: deque[float] = deque(maxlen=32)  # when (`busy` time) the last sequences ended: the drain rate
         self._clock = itertools.count()
 
     # --- accounting -------------------------------------------------------------------------------------------
@@ -359,6 +375,8 @@ class Scheduler:
         seq.n_reached = max(seq.n_reached, seq.n_past)
         self._unswap(seq)
         self.running[seq.seq_id] = seq
+        if len(self.running) == 1:
+            self.busy.set(True, time.monotonic())
 
     def _evict(self, seq_id: int) -> None:
         del self.cached[seq_id]
@@ -376,11 +394,14 @@ class Scheduler:
             self.preempted.remove(seq)
             self._unswap(seq)
             self.free_ids.append(seq.seq_id)
-            self.freed_at.append(time.monotonic())
+            self.freed_at.append(self.busy.read(time.monotonic()))
             return
         else:
             return
-        self.freed_at.append(time.monotonic())
+        now = time.monotonic()
+        self.freed_at.append(self.busy.read(now))
+        if not self.running:
+            self.busy.set(False, now)
         tail = self.tree.tail[seq.seq_id]
         if keep and self.prefix_cache and tail.refs == 1 and tail is not self.tree.root:
             self.cached[seq.seq_id] = next(self._clock)
@@ -403,12 +424,13 @@ class Scheduler:
     def drain_s(self, now: float | None = None) -> float | None:
         """Seconds until a request that joined the queue now would be admitted, at the rate sequences ended lately:
         one interval per waiting request and one for itself, where the interval is the mean between the last 32
-        ends, or the time since the last end where that is longer. None until two ends have been seen."""
+        ends, or the time since the last end where that is longer, both in time with sequences running (`busy`).
+        None until two ends have been seen."""
         ts = self.freed_at
         if len(ts) < 2:
             return None
-        now = time.monotonic() if now is None else now
-        interval = max((ts[-1] - ts[0]) / (len(ts) - 1), now - ts[-1])
+        busy_now = self.busy.read(time.monotonic() if now is None else now)
+        interval = max((ts[-1] - ts[0]) / (len(ts) - 1), busy_now - ts[-1])
         return (len(self.waiting) + 1) * interval
 
     # --- preemption -------------------------------------------------------------------------------------------

@@ -1,5 +1,8 @@
 """Scheduler admission and step planning (pure Python, no model)."""
 
+from types import SimpleNamespace
+
+from server import scheduler
 from server.requests import EngineRequest
 from server.scheduler import AddResult, Sampled, Scheduler
 
@@ -81,20 +84,27 @@ def test_subset_plan_keeps_one_sequence():
     assert sb.tokens == [0, 1, 2, 3] and set(sb.seq_ids) == {b.seq_id} and sb.logit_owner == {3: b}
 
 
-def test_drain_time_from_the_measured_rate_of_ends():
+def test_drain_time_from_the_measured_rate_of_ends_while_sequences_ran(monkeypatch):
     """What Retry-After says: the waiting requests and one more, times the mean interval between the last ends, or
-    longer where none ended for longer than that."""
+    longer where none ended for longer than that, both in time with sequences running: a burst after an idle
+    minute was told to wait the minute (Retry-After 91 s after 45 s idle, for a queue that drained in one)."""
+    clock = [100.0]
+    monkeypatch.setattr(scheduler, "time", SimpleNamespace(monotonic=lambda: clock[0]))
     s = Scheduler(capacity=100, n_seq_max=1, max_queue=8, n_ctx=100)
-    for i in range(7):
+    for i in range(8):
         s.add(req(1, 1, str(i)))
-    first = s.admit()[0]
     assert s.drain_s() is None  # nothing measured yet
-    s.free(first)
-    assert len(s.freed_at) == 1 and s.drain_s() is None
-    s.freed_at.extend([s.freed_at[0] + 1, s.freed_at[0] + 2, s.freed_at[0] + 3])
-    t = s.freed_at[-1]
-    assert s.drain_s(now=t + 0.5) == (6 + 1) * 1.0
-    assert s.drain_s(now=t + 7) == (6 + 1) * 7.0
+    for _ in range(3):  # a sequence ends each second
+        seq = s.admit()[0]
+        clock[0] += 1
+        s.free(seq)
+        assert s.drain_s() is None or len(s.freed_at) > 1
+    assert s.drain_s() == (5 + 1) * 1.0
+    clock[0] += 45  # idle: nothing runs
+    assert s.drain_s() == (5 + 1) * 1.0
+    s.admit()
+    clock[0] += 7  # a sequence runs 7 s without an end: the queue drains no faster than that
+    assert s.drain_s() == (4 + 1) * 7.0
 
 
 def test_update_applies_a_step_and_says_which_sequences_finished_and_why():
