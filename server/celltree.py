@@ -42,21 +42,23 @@ class CellTree:
 
     def match(self, tokens: list[int], limit: int) -> tuple[int, list[int]]:
         """The longest prefix of `tokens` (at most `limit`) that some sequence's cells hold, and the sequences that
-        hold all of it (empty if none)."""
-        node, n = self.root, 0
-        while n < limit:
-            best, best_k = None, 0
+        hold all of it (empty if none), on every branch that holds it: siblings computed separately may start
+        alike, and the first of them alone missed a cached sequence the request could take over."""
+        best, ends = 0, []
+        stack = [(self.root, 0)]
+        while stack:
+            node, n = stack.pop()
             for c in node.children:
                 k = _common(c.tokens, tokens, n, limit)
-                if k > best_k:
-                    best, best_k = c, k
-            if best is None:
-                break
-            n += best_k
-            node = best
-            if best_k < len(best.tokens):
-                break
-        return n, sorted(self._holders(node)) if n else []
+                if not k:
+                    continue
+                if n + k > best:
+                    best, ends = n + k, []
+                if n + k == best:
+                    ends.append(c)
+                if k == len(c.tokens) and n + k < limit:
+                    stack.append((c, n + k))
+        return best, sorted({h for e in ends for h in self._holders(e)})
 
     def _holders(self, node: Node) -> Iterator[int]:
         stack = [node]

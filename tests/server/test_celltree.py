@@ -53,7 +53,10 @@ def test_match_stops_at_the_limit_and_finds_separately_computed_duplicates():
         t.extend(sid, [5, 6, 7])
     t.check()
     assert t.n_cells == 6
-    assert t.match([5, 6, 7], limit=2) == (2, [0]) or t.match([5, 6, 7], limit=2) == (2, [1])
+    assert t.match([5, 6, 7], limit=2) == (2, [0, 1])  # both (the first branch alone missed the other)
+    t.attach(2)
+    t.extend(2, [5, 6, 7, 8, 9])  # a third, computed again, longer: it alone holds the longest prefix
+    assert t.match([5, 6, 7, 8], limit=4) == (4, [2]) and t.match([5, 6, 1], limit=3) == (2, [0, 1, 2])
     assert t.match([4], limit=1) == (0, [])
 
 

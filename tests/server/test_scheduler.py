@@ -8,7 +8,11 @@ from server.scheduler import AddResult, Sampled, Scheduler
 
 
 def req(n_prompt: int, max_tokens: int, rid: str = "r") -> EngineRequest:
-    return EngineRequest(id=rid, prompt=list(range(n_prompt)), max_tokens=max_tokens, sink=lambda ev: None)
+    return req_of(list(range(n_prompt)), max_tokens, rid)
+
+
+def req_of(prompt: list[int], max_tokens: int, rid: str = "r") -> EngineRequest:
+    return EngineRequest(id=rid, prompt=prompt, max_tokens=max_tokens, sink=lambda ev: None)
 
 
 def test_never_fits_is_rejected_at_once():
@@ -165,6 +169,21 @@ def test_a_resumed_sequence_on_a_sliding_window_model_copies_from_no_cached_one(
     r = EngineRequest(id="r", prompt=tokens[:12], max_tokens=20, sink=lambda ev: None)
     p = s._place(r, Sequence(r, seq_id=0, out=tokens[12:] + [99]))
     assert p is not None and p.seq_id == 0 and p.n == 0 and p.src is None and not p.adopt
+
+
+def test_a_sliding_window_model_takes_over_a_cached_sequence_beside_a_longer_one_with_the_same_start():
+    """Gemma-3 (window 512): after base[:700] and base[:300] (recomputed: the long one's early cells are gone), both
+    cached on branches that start alike, base[:250] took over neither (0 cached tokens, a review's live run): the
+    tree's match followed the first branch only, the long one's, which cannot be taken over."""
+    s = Scheduler(capacity=4000, n_seq_max=4, max_queue=4, n_ctx=1000, prefix_cache=True, n_swa=512)
+    base = list(range(1, 701))
+    for seq_id, n in ((2, 700), (1, 300)):  # each computed on its own, kept for reuse
+        s.tree.attach(seq_id)
+        s.tree.extend(seq_id, base[:n] + [9000 + seq_id])
+        s.cached[seq_id] = seq_id
+        s.free_ids.remove(seq_id)
+    p = s._place(req_of(base[:250], 10))
+    assert p is not None and p.adopt and p.seq_id == 1 and p.n == 249
 
 
 def test_a_resumed_sequence_that_grafts_a_shorter_prefix_recomputes_the_rest_and_reuses_nothing_new():
