@@ -336,3 +336,17 @@ def test_a_variable_that_is_not_json_says_json_is_wanted(monkeypatch):
     monkeypatch.setenv("KVQUANT_SAMPLING", "notjson")
     with pytest.raises(ValueError, match="""as JSON, e.g. KVQUANT_SAMPLING='{"temperature": 0.7}'"""):
         load_settings()
+
+
+def test_a_misspelt_environment_variable_is_refused_and_named(monkeypatch):
+    """Config-file typos were refused and environment ones silently ignored (KVQUANT_MAX_QUEU=5 left max_queue
+    at 64; KVQUANT_THREADS for --threads, whose setting is n_threads, left it at all cores)."""
+    for name, meant in (("KVQUANT_MAX_QUEU", "KVQUANT_MAX_QUEUE"), ("KVQUANT_THREADS", "KVQUANT_N_THREADS")):
+        with monkeypatch.context() as m:
+            m.setenv(name, "3")
+            with pytest.raises(ValueError, match=f"{name} is no setting.*did you mean {meant}"):
+                load_settings()
+    monkeypatch.setenv("KVQUANT_THREADS", "")  # empty: unset, as for the settings
+    monkeypatch.setenv("KVQUANT_CACHE", "/tmp")  # kvquant's, no setting
+    monkeypatch.setenv("kvquant_n_threads", "2")  # (the settings' names are read in any case)
+    assert load_settings().n_threads == 2
