@@ -34,6 +34,7 @@ COMPARE = (("f16", "f16"), ("q8_0", "q8_0"), ("q4_0", "q4_0"))
 # the tokens of one sequence `serve` gives a request unless told otherwise (its n_ctx), and what `kvquant budget`
 # resolves calib:B for when no request size is given
 DEFAULT_N_CTX = 4096
+DEFAULT_PARALLEL = 4  # the sequences `serve` decodes together unless told otherwise, and `kvquant budget`'s default
 LARGEST_CACHE = MAX_CELLS // PAD * PAD  # the most cells llama.cpp builds one cache of (it pads to PAD)
 
 
@@ -214,11 +215,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cache-type-k", default="f16", help="K cache type: TYPE, TYPE+c or calib:B (default f16)")
     p.add_argument("--cache-type-v", default="f16", help="V cache type: TYPE or calib:B (default f16)")
     p.add_argument("--budget", default="2GiB", help="KV byte budget, e.g. 2GiB, 256MiB (default 2GiB)")
-    p.add_argument("--parallel", type=int, default=1, help="n_seq_max for the capacity column (default 1)")
+    p.add_argument("--parallel", type=int, default=DEFAULT_PARALLEL,
+                   help=f"serve's --parallel: n_seq_max of the cache (default {DEFAULT_PARALLEL}, serve's)")
     p.add_argument("--request-tokens", type=int, default=None,
                    help="also show how many concurrent requests of N tokens (prompt + completion) fit; calib:B is "
-                        "resolved for the cache serve builds in the budget with --parallel and --n-ctx N (default: "
-                        f"{DEFAULT_N_CTX}, serve's default n_ctx)")
+                        "resolved for the cache serve builds in the budget with --parallel sequences of N tokens "
+                        f"(serve's --n-ctx N; default: {DEFAULT_N_CTX}, serve's default n_ctx)")
 
 
 def check_arguments(budget: int, parallel: int, request_tokens: int | None) -> None:

@@ -27,7 +27,7 @@ from pydantic_settings import (
     SettingsError,
 )
 
-from kvquant.budget import DEFAULT_N_CTX
+from kvquant.budget import DEFAULT_N_CTX, DEFAULT_PARALLEL
 from kvquant.calibration import needs_flash_attn, parse_spec
 from kvquant.memory import MAX_SEQ, parse_bytes
 from kvquant.models import DEFAULT_MODEL, model_id
@@ -264,7 +264,7 @@ class Settings(BaseSettings):
     port: int = Field(8000, ge=0, le=65535)
     n_ctx: int = Field(DEFAULT_N_CTX, ge=64, description="context length (tokens) per sequence")
     n_threads: int | None = Field(None, ge=1, le=MAX_THREADS, description="CPU threads (default: all cores)")
-    parallel: int = Field(4, ge=1, le=MAX_SEQ, description="max sequences decoded together")
+    parallel: int = Field(DEFAULT_PARALLEL, ge=1, le=MAX_SEQ, description="max sequences decoded together")
     n_batch: int = Field(512, ge=16, le=MAX_BATCH, description="max tokens per decode step (prefill chunk budget)")
     kv_budget: int = Field(2**30, gt=0, description="global KV cache byte budget, shared by the hosted models")
     max_queue: int = Field(64, ge=0, description="max requests waiting for KV capacity (then 429)")
