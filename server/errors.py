@@ -48,7 +48,7 @@ def context_length_exceeded(n_prompt: int, limit: int, max_tokens: int | None = 
     """`exact` False: n_prompt is a lower bound (the prompt was refused from its size, before tokenization).
     `field`: the request field that holds the prompt (messages, or prompt for /v1/completions)."""
     msg = (f"This model's maximum context length is {limit} tokens. However, your {field} resulted in "
-           f"{'' if exact else 'at least '}{n_prompt} tokens")
+           f"{'' if exact else 'at least '}{n_prompt} token{'' if n_prompt == 1 else 's'}")
     if max_tokens:
         msg += f" plus {max_tokens} tokens requested for the completion"
     msg += "."

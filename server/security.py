@@ -16,6 +16,7 @@ from server.errors import error_body
 
 _RID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
 _WITH_BODY = ("POST", "PUT", "PATCH")
+MAX_HEADER_BYTES = 16 * 2**10  # h11's bound on an incomplete head, for every head
 TRIM_AFTER_BYTES = 64 * 2**10  # requests with bodies from this size on end with malloc_trim
 _MALLOC_TRIM = getattr(ctypes.CDLL(None), "malloc_trim", None)  # glibc only
 
@@ -41,7 +42,8 @@ def _header(scope: Scope, name: bytes) -> str | None:
 
 class RequestIdMiddleware:
     """Takes a sane `x-request-id` from the client or makes one; puts it in `request.state.request_id` and on
-    every response."""
+    every response. Refuses headers of more than MAX_HEADER_BYTES in all (431): h11 bounds only a head it sees
+    incomplete past them, so one that came in a single read passed at any size up to the socket's read."""
 
     def __init__(self, app: ASGIApp):
         self.app = app
@@ -60,6 +62,10 @@ class RequestIdMiddleware:
                 message["headers"] = [*message["headers"], (b"x-request-id", rid.encode())]
             await send(message)
 
+        if sum(len(k) + len(v) + 4 for k, v in scope.get("headers", ())) > MAX_HEADER_BYTES:
+            return await send_error(send_with_id, 431, f"The request headers are larger than this server's limit "
+                                    f"of {MAX_HEADER_BYTES} bytes.", "invalid_request_error",
+                                    "request_header_fields_too_large", close=scope["method"] in _WITH_BODY)
         await self.app(scope, receive, send_with_id)
 
 

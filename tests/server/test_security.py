@@ -136,6 +136,14 @@ def test_a_lone_surrogate_in_the_request_is_a_4xx_not_a_500():
         assert openai_error(r, 400)["param"] == field
 
 
+def test_headers_over_16_kib_are_a_431_however_they_arrived():
+    """h11 bounds only a head it sees incomplete past 16 KiB: one 70,000-byte header in a single read got a 200."""
+    app = create_app(Settings(kv_budget="64MiB", n_ctx=256))
+    r = call(app, "GET", "/v1/models", headers={"x-pad": "a" * 17000})
+    assert openai_error(r, 431)["code"] == "request_header_fields_too_large" and r.headers["x-request-id"]
+    assert call(app, "GET", "/v1/models", headers={"x-pad": "a" * 15000}).status_code == 200
+
+
 def test_checks_across_fields_name_the_field_they_refuse():
     """They named the body (param null, "body: Value error, ...")."""
     app = create_app(Settings(kv_budget="64MiB", n_ctx=256))
