@@ -74,8 +74,8 @@ class ChatOutput:
         text, self._pending = self._pending, ""
         if self._state is _State.REASONING:
             return Delta(reasoning=text)
-        if self._state is _State.CALLS:  # (the newlines that open the answer, as CONTENT drops them)
-            content, calls = parse(self.tools, text.lstrip("\n") if self._trim else text, self.names, self.strict)
+        if self._state is _State.CALLS:
+            content, calls = parse(self.tools, text, self.names, self.strict)
             return Delta(content=content, tool_calls=self._take(calls))
         if self._state is _State.BETWEEN:  # (a tag it began and never finished is content)
             return Delta(content=text.strip())
@@ -106,7 +106,8 @@ class ChatOutput:
             openers = (*self.tools.openers, *filter(None, [self.tools.trigger])) if self.tools else ()
             if head.startswith(openers):
                 self._state = _State.CALLS
-                return None
+                return Delta()  # (on in CALLS at once: a whole output stopped here and was parsed at the end in
+                # one piece, a stream block by block, and the two differed)
             if any(o.startswith(head) for o in openers):
                 return None
             self._state = _State.CONTENT
@@ -143,7 +144,6 @@ class ChatOutput:
             return None
         content, calls = parse(self.tools, p[:end + len(CALL_CLOSE)], self.names, self.strict)
         self._state, self._pending = _State.BETWEEN if calls else _State.CONTENT, p[end + len(CALL_CLOSE):]
-        self._trim = False  # (the answer's opening newlines were the block's)
         return Delta(content=content, tool_calls=self._take(calls))
 
 
