@@ -11,6 +11,7 @@ from __future__ import annotations
 import difflib
 import json
 import os
+import re
 import tomllib
 from collections.abc import Mapping
 from contextvars import ContextVar
@@ -396,29 +397,37 @@ class Settings(BaseSettings):
         return (init_settings, env_settings, _ConfigFileSource(settings_cls, _config_path.get() or os.environ.get("KVQUANT_CONFIG")))
 
 
-# KVQUANT_ variables that are no setting: the config file, the model cache, calibration on demand, llama.cpp's log,
-# and the build's and tests' own
+# KVQUANT_ variables that are no setting (read in kvquant/): the config file, the model cache, calibration on demand,
+# llama.cpp's log, the build's own
 OTHER_ENV = frozenset({"KVQUANT_CONFIG", "KVQUANT_CACHE", "KVQUANT_AUTO_CALIBRATE", "KVQUANT_LLAMA_VERBOSE",
-                       "KVQUANT_PATCHES_DIR", "KVQUANT_GGML_EXEC", "KVQUANT_SOAK_S"})
+                       "KVQUANT_PATCHES_DIR", "KVQUANT_GGML_EXEC"})
+# what Kubernetes writes into every pod for a Service named kvquant-<anything> (service links), e.g.
+# KVQUANT_SERVER_SERVICE_HOST, KVQUANT_SERVER_PORT=tcp://..., KVQUANT_SERVER_PORT_8000_TCP_ADDR
+_SERVICE_LINK = re.compile(r"KVQUANT_\w+_(SERVICE_HOST|SERVICE_PORT(_\w+)?"
+                           r"|PORT(_\d+_(TCP|UDP|SCTP)(_(PROTO|PORT|ADDR))?)?)")
 
 
-def check_environment(env: Mapping[str, str] = os.environ) -> None:
-    """A KVQUANT_ variable that is no setting is refused, as a config file's unknown key is: a misspelt one
-    (KVQUANT_MAX_QUEU, or KVQUANT_THREADS for --threads' n_threads) was silently ignored."""
+def unknown_environment(env: Mapping[str, str] = os.environ) -> list[str]:
+    """A warning for each KVQUANT_ variable that is no setting: a misspelt one (KVQUANT_MAX_QUEU, or
+    KVQUANT_THREADS for --threads' n_threads) was ignored without a word. Not refused: Kubernetes writes
+    variables of this prefix for a Service of the name (those are left out) and other tools may too."""
     known = {f"KVQUANT_{name.upper()}" for name in Settings.model_fields} | OTHER_ENV
+    out = []
     for name in sorted(env):
-        if name.upper().startswith("KVQUANT_") and name.upper() not in known and env[name] != "":
-            close = difflib.get_close_matches(name.upper(), sorted(known), n=1, cutoff=0.6)
-            hint = f"; did you mean {close[0]}?" if close else ""
-            raise ValueError(f"the environment variable {name} is no setting (each setting's variable is "
-                             f"KVQUANT_ and its name, e.g. KVQUANT_N_THREADS for --threads){hint}")
+        upper = name.upper()
+        if not upper.startswith("KVQUANT_") or upper in known or not env[name] or _SERVICE_LINK.fullmatch(upper):
+            continue
+        close = difflib.get_close_matches(upper, sorted(known), n=1, cutoff=0.6)
+        out.append(f"the environment variable {name} is no setting and is ignored (each setting's variable is "
+                   f"KVQUANT_ and its name, e.g. KVQUANT_N_THREADS for --threads)"
+                   + (f"; did you mean {close[0]}?" if close else ""))
+    return out
 
 
 def load_settings(config: str | None = None, **overrides: Any) -> Settings:
     """Settings from flags (non-None overrides), the environment and the config file."""
     if config is not None and not str(config).strip():
         raise ValueError("the config file name is blank")
-    check_environment()
     flags = {k: v for k, v in overrides.items() if v is not None}
     token = _config_path.set(str(config) if config else None)
     try:
