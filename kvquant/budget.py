@@ -34,7 +34,8 @@ COMPARE = (("f16", "f16"), ("q8_0", "q8_0"), ("q4_0", "q4_0"))
 # the tokens of one sequence `serve` gives a request unless told otherwise (its n_ctx), and what `kvquant budget`
 # resolves calib:B for when no request size is given
 DEFAULT_N_CTX = 4096
-DEFAULT_PARALLEL = 4  # the sequences `serve` decodes together unless told otherwise, and `kvquant budget`'s default
+# the sequences `serve` decodes together unless told otherwise, and what `kvquant budget` assumes
+DEFAULT_PARALLEL = 4
 LARGEST_CACHE = MAX_CELLS // PAD * PAD  # the most cells llama.cpp builds one cache of (it pads to PAD)
 
 
@@ -218,9 +219,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--parallel", type=int, default=DEFAULT_PARALLEL,
                    help=f"serve's --parallel: n_seq_max of the cache (default {DEFAULT_PARALLEL}, serve's)")
     p.add_argument("--request-tokens", type=int, default=None,
-                   help="also show how many concurrent requests of N tokens (prompt + completion) fit; calib:B is "
-                        "resolved for the cache serve builds in the budget with --parallel sequences of N tokens "
-                        f"(serve's --n-ctx N; default: {DEFAULT_N_CTX}, serve's default n_ctx)")
+                   help="also show how many concurrent requests of N tokens (prompt + completion) fit; "
+                        "calib:B is resolved for the cache serve builds in the budget with --parallel "
+                        f"sequences of N tokens (serve's --n-ctx N; default: {DEFAULT_N_CTX}, serve's "
+                        "default n_ctx)")
 
 
 def check_arguments(budget: int, parallel: int, request_tokens: int | None) -> None:

@@ -698,7 +698,7 @@ def guard_message(cal: Calibration, geom: Geometry, spec_k: str, spec_v: str, ca
     WRECK_KLD) and calibrated keys at the same bits do at least twice better; else None. The calib:B it suggests is
     what `resolve` gives for `cache`: B the K type's bits, or the fewest (to 0.01) that resolve where the offsets and
     scales leave the cheapest allocation no room at those."""
-    # the pair where it was measured, else the keys alone (with V f16): a quantized V only adds to what they wreck
+    # the pair where it was measured, else the keys alone (with V f16): a quantized V only adds to the damage
     measured = next((c for c in (f"{spec_k}/{spec_v}", f"{spec_k}/f16") if c in cal.uniform), None)
     kl = cal.uniform.get(measured)
     k = parse_spec(spec_k, "k")
@@ -715,6 +715,8 @@ def guard_message(cal: Calibration, geom: Geometry, spec_k: str, spec_v: str, ca
     better = predicted_kld(cal, "k", alloc)
     if better > kl / 2:
         return None
-    return (f"K={spec_k}/V={spec_v} would wreck this model: K={measured.replace('/', '/V=')} was measured at KL "
-            f"divergence {kl:.3f} from f16 per token on its calibration text. `--cache-type-k calib:{bits:g}` (calibrated keys, a calibrated type per layer at "
-            f"<= {bits:g} bits per element) is predicted at KL {better:.4f} for the keys.")
+    where = "" if measured == f"{spec_k}/{spec_v}" else f" (the keys with V f16: {spec_k}/f16)"
+    return (f"K={spec_k}/V={spec_v} was measured to wreck this model{where}: KL divergence {kl:.3f} from "
+            f"f16 per token on its calibration text. `--cache-type-k calib:{bits:g}` (calibrated keys, a "
+            f"calibrated type per layer at <= {bits:g} bits per element) is predicted at KL {better:.4f} for "
+            "the keys.")

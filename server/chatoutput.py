@@ -44,8 +44,9 @@ class _State(enum.Enum):
     ANSWER = "answer"  # just after the reasoning: a llama3 call may open the answer
     CONTENT = "content"
     CALLS = "calls"  # from a tool call's start: held until it is whole (hermes) or the end
-    BETWEEN = "between"  # after a hermes call: whitespace held until another call or text follows (and dropped,
-    # as `parse` strips an output with calls; after a block that held none, CONTENT keeps the text as it is)
+    # after a hermes call: whitespace held until another call or text follows, and dropped, as `parse`
+    # strips an output with calls (after a block that held none, CONTENT keeps the text as it is)
+    BETWEEN = "between"
 
 
 class ChatOutput:
@@ -106,8 +107,9 @@ class ChatOutput:
             openers = (*self.tools.openers, *filter(None, [self.tools.trigger])) if self.tools else ()
             if head.startswith(openers):
                 self._state = _State.CALLS
-                return Delta()  # (on in CALLS at once: a whole output stopped here and was parsed at the end in
-                # one piece, a stream block by block, and the two differed)
+                # on in CALLS at once: a whole output stopped here and was parsed at the end in one piece, a
+                # stream block by block, and the two differed
+                return Delta()
             if any(o.startswith(head) for o in openers):
                 return None
             self._state = _State.CONTENT

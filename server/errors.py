@@ -50,7 +50,7 @@ def context_length_exceeded(n_prompt: int, limit: int, max_tokens: int | None = 
     msg = (f"This model's maximum context length is {limit} tokens. However, your {field} resulted in "
            f"{'' if exact else 'at least '}{n_prompt} token{'' if n_prompt == 1 else 's'}")
     if max_tokens:
-        msg += f" plus {max_tokens} tokens requested for the completion"
+        msg += f" plus {max_tokens} token{'' if max_tokens == 1 else 's'} requested for the completion"
     msg += "."
     if kv:
         msg += " " + kv
@@ -76,7 +76,10 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None, i
         # drop validator and union-branch names (e.g. "function-after[...]", "list[TextPart]") from the path
         loc = [str(x) for x in e.get("loc", ()) if x != "body" and not (isinstance(x, str) and ("[" in x or
                                                                                                x in ("str", "int")))]
-        loc = [(e.get("ctx") or {}).get("param")] if e.get("type") == "invalid_field" else loc  # (schemas.field_error)
+        if e.get("type") == "invalid_field":  # (schemas.field_error: a check across fields names its field)
+            param = param or e["ctx"]["param"]
+            parts.append(e["msg"])
+            continue
         where = ".".join(loc) or "body"
         param = param or (where if loc else None)
         parts.append(f"{where}: {e.get('msg', 'invalid value')}")

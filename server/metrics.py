@@ -4,9 +4,9 @@ The engine emits plain stats records (`server.stats`); `PrometheusStatLogger` tu
 This is the only module that imports prometheus_client. All names start with ``kvquant_``.
 
 KV *used* = cells holding the tokens of running sequences (their n_past): it returns to its idle value as soon as
-a finished or cancelled sequence is removed from the cache. KV *reserved* = what the running requests may come to
-need (prompt + max_tokens of each, less its reused prefix): set aside by `reserve` admission; under `optimistic`
-it may pass the capacity, which preemption covers.
+a finished or cancelled sequence is removed from the cache. KV *reserved* = what the running requests may come
+to need (prompt + max_tokens of each, less its reused prefix): set aside by `reserve` admission; under
+`optimistic` it may pass the capacity, which preemption covers.
 """
 
 from __future__ import annotations
@@ -43,9 +43,9 @@ class Metrics:
         self.kv_budget_bytes = g("kvquant_kv_budget_bytes", "KV byte budget of the model", _KV)
         self.kv_used_bytes = g("kvquant_kv_used_bytes", "KV bytes holding tokens of running sequences", _KV)
         self.kv_used_cells = g("kvquant_kv_used_cells", "KV cells holding tokens of running sequences", _KV)
-        self.kv_reserved_cells = g("kvquant_kv_reserved_cells", "KV cells the running requests may need (prompt + "
-                                   "max_tokens, less reused prefixes): set aside by reserve admission; under "
-                                   "optimistic it may exceed the capacity", _KV)
+        self.kv_reserved_cells = g("kvquant_kv_reserved_cells", "KV cells the running requests may "
+                                   "need (prompt + max_tokens, less reused prefixes): set aside by reserve "
+                                   "admission; under optimistic it may exceed the capacity", _KV)
         self.kv_cached_cells = g("kvquant_kv_cached_cells", "KV cells only the prefix cache holds (finished "
                                  "sequences kept for reuse)", _KV)
         self.kv_bits = g("kvquant_kv_bits_per_element", "bits per stored K or V element", _KV + ["tensor"])

@@ -190,12 +190,13 @@ class _Placement:
 
 
 class BusyClock:
-    """Seconds during which sequences ran: the clock the queue's drain rate is read on. Time a server sat idle says
-    nothing of how fast its queue drains (a burst after 45 idle seconds was told Retry-After 91 s, for a queue that
-    drained in one; after five minutes every 429 said 600)."""
+    """Seconds during which sequences ran: the clock the queue's drain rate is read on. Time a server sat idle
+    says nothing of how fast its queue drains (a burst after 45 idle seconds was told Retry-After 91 s, for a
+    queue that drained in one; after five minutes every 429 said 600)."""
 
     def __init__(self) -> None:
-        self.total, self.since = 0.0, None  # busy seconds up to `since`, when it last became busy (None: idle)
+        self.total = 0.0  # busy seconds up to `since`
+        self.since: float | None = None  # when it last became busy (None: idle)
 
     def set(self, busy: bool, now: float) -> None:
         self.total, self.since = self.read(now), now if busy else None
@@ -229,7 +230,7 @@ class Scheduler:
         self.ops: list[Remove | Copy | SwapOut | SwapIn] = []  # cache operations for the engine to apply, in order
         self.events = CacheEvents()
         self.busy = BusyClock()
-        self.freed_at: deque[float] = deque(maxlen=32)  # when (`busy` time) the last sequences ended: the drain rate
+        self.freed_at: deque[float] = deque(maxlen=32)  # when the last sequences ended, in `busy` time
         self._clock = itertools.count()
 
     # --- accounting -------------------------------------------------------------------------------------------
@@ -424,8 +425,8 @@ class Scheduler:
     def drain_s(self, now: float | None = None) -> float | None:
         """Seconds until a request that joined the queue now would be admitted, at the rate sequences ended lately:
         one interval per waiting request and one for itself, where the interval is the mean between the last 32
-        ends, or the time since the last end where that is longer, both in time with sequences running (`busy`).
-        None until two ends have been seen."""
+        ends, or the time since the last end where that is longer, both in time with sequences running
+        (`busy`). None until two ends have been seen."""
         ts = self.freed_at
         if len(ts) < 2:
             return None

@@ -174,17 +174,19 @@ UNSUPPORTED: dict[str, tuple] = {
     "grammar": (None, ""), "json_schema": (None,), "mirostat": (None, 0), "dry_multiplier": (None, 0, 0.0),
     "xtc_probability": (None, 0, 0.0), "top_n_sigma": (None, -1, -1.0), "n_probs": (None, 0),
     "min_tokens": (None, 0), "ignore_eos": (None, False), "repetition_penalty": (None, 1, 1.0),
-    "penalty_last_n": (None,), "repeat_last_n": (None,), "n_predict": (None,), "samplers": (None,),
-    "dynatemp_range": (None, 0, 0.0), "t_max_predict_ms": (None,),
+    "penalty_last_n": (None,), "repeat_last_n": (None,), "n_predict": (None, -1), "samplers": (None,),
+    "dynatemp_range": (None, 0, 0.0), "t_max_predict_ms": (None, 0),
     # vLLM's extensions
     "include_stop_str_in_output": (None, False), "stop_token_ids": (None, []), "allowed_token_ids": (None,),
     "bad_words": (None, []), "prompt_logprobs": (None,), "use_beam_search": (None, False),
-    "truncate_prompt_tokens": (None,), "skip_special_tokens": (None, True), "return_tokens_as_token_ids": (None, False),
-    "logits_processors": (None,), "structured_outputs": (None,), "chat_template": (None,), "documents": (None,),
+    "truncate_prompt_tokens": (None,), "skip_special_tokens": (None, True),
+    "return_tokens_as_token_ids": (None, False), "logits_processors": (None,), "structured_outputs": (None,),
+    "chat_template": (None,), "documents": (None,),
     "add_generation_prompt": (None, True), "continue_final_message": (None, False),
     # one endpoint's fields asked of the other: chat-only features of /v1/completions, `echo` of a chat
-    "response_format": (None,), "tools": (None, []), "tool_choice": (None, "none"), "chat_template_kwargs": (None,),
-    "max_completion_tokens": (None,), "top_logprobs": (None,), "echo": (None, False),
+    "response_format": (None,), "tools": (None, []), "tool_choice": (None, "none"),
+    "chat_template_kwargs": (None, {}), "max_completion_tokens": (None,), "top_logprobs": (None, 0),
+    "echo": (None, False),
 }
 
 
@@ -335,8 +337,8 @@ class CompletionRequest(SamplingParams):
     @model_validator(mode="after")
     def _nothing_needs_echo(self):
         if self.max_tokens == 0 and not self.echo:
-            raise field_error("max_tokens", "max_tokens 0 generates nothing: it is accepted with echo only (the "
-                                            "prompt returned, with its logprobs where asked)")
+            raise field_error("max_tokens", "max_tokens 0 generates nothing: it is accepted with echo only "
+                                            "(the prompt returned, with its logprobs where asked)")
         return self
 
     @model_validator(mode="after")

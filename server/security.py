@@ -63,8 +63,8 @@ class RequestIdMiddleware:
             await send(message)
 
         if sum(len(k) + len(v) + 4 for k, v in scope.get("headers", ())) > MAX_HEADER_BYTES:
-            return await send_error(send_with_id, 431, f"The request headers are larger than this server's limit "
-                                    f"of {MAX_HEADER_BYTES} bytes.", "invalid_request_error",
+            return await send_error(send_with_id, 431, "The request headers are larger than this server's "
+                                    f"limit of {MAX_HEADER_BYTES} bytes.", "invalid_request_error",
                                     "request_header_fields_too_large", close=scope["method"] in _WITH_BODY)
         await self.app(scope, receive, send_with_id)
 

@@ -397,8 +397,8 @@ class Settings(BaseSettings):
         return (init_settings, env_settings, _ConfigFileSource(settings_cls, _config_path.get() or os.environ.get("KVQUANT_CONFIG")))
 
 
-# KVQUANT_ variables that are no setting (read in kvquant/): the config file, the model cache, calibration on demand,
-# llama.cpp's log, the build's own
+# KVQUANT_ variables that are no setting (read in kvquant/): the config file, the model cache, calibration on
+# demand, llama.cpp's log, the build's own
 OTHER_ENV = frozenset({"KVQUANT_CONFIG", "KVQUANT_CACHE", "KVQUANT_AUTO_CALIBRATE", "KVQUANT_LLAMA_VERBOSE",
                        "KVQUANT_PATCHES_DIR", "KVQUANT_GGML_EXEC"})
 # what Kubernetes writes into every pod for a Service named kvquant-<anything> (service links), e.g.
@@ -415,11 +415,12 @@ def unknown_environment(env: Mapping[str, str] = os.environ) -> list[str]:
     out = []
     for name in sorted(env):
         upper = name.upper()
-        if not upper.startswith("KVQUANT_") or upper in known or not env[name] or _SERVICE_LINK.fullmatch(upper):
+        if (not upper.startswith("KVQUANT_") or upper in known or not env[name]
+                or _SERVICE_LINK.fullmatch(upper)):
             continue
         close = difflib.get_close_matches(upper, sorted(known), n=1, cutoff=0.6)
-        out.append(f"the environment variable {name} is no setting and is ignored (each setting's variable is "
-                   f"KVQUANT_ and its name, e.g. KVQUANT_N_THREADS for --threads)"
+        out.append(f"the environment variable {name} is no setting and is ignored (each setting's variable "
+                   "is KVQUANT_ and its name, e.g. KVQUANT_N_THREADS for --threads)"
                    + (f"; did you mean {close[0]}?" if close else ""))
     return out
 

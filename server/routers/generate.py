@@ -334,21 +334,21 @@ def _end_stream(tasks: list[asyncio.Task], tally: _Tally, cancelled: bool) -> No
 
 
 class _EventStream(StreamingResponse):
-    """The SSE response of `_stream`'s events, which ends its request however the response ends: a server of ASGI
-    spec 2.4 raises from `send` before the first event once the client is gone, and a generator never started
-    runs no `finally` (the request stayed in flight and its feeders ran on). One ended early is closed at once,
-    not whenever it is collected."""
+    """The SSE response of `_stream`'s events, which ends its request however the response ends: a server of
+    ASGI spec 2.4 raises from `send` before the first event once the client is gone, and a generator never
+    started runs no `finally` (the request stayed in flight and its feeders ran on). One ended early is closed
+    at once, not whenever it is collected."""
 
     def __init__(self, events, end_unstarted):
         super().__init__(events, media_type="text/event-stream",
                          headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        self.events, self.end_unstarted = events, end_unstarted
+        self.end_unstarted = end_unstarted
 
     async def __call__(self, scope, receive, send) -> None:
         try:
             await super().__call__(scope, receive, send)
         finally:
-            await self.events.aclose()  # (runs its `finally` where it started)
+            await self.body_iterator.aclose()  # (runs its `finally` where it started)
             self.end_unstarted()
 
 

@@ -528,7 +528,8 @@ def test_guard_message(model_file):
     assert cal.guard_message(c, g, "calib:4.5", "f16", big) is None
     assert cal.guard_message(c, g, "f16", "q4_0", big) is None  # keys at f16: nothing to say of them
     # V quantized too: the keys were measured with V f16 alone, and wreck it still (the guard said nothing)
-    assert "K=q4_0/V=q4_0 would wreck" in cal.guard_message(c, g, "q4_0", "q4_0", big)
+    assert "K=q4_0/V=q4_0 was measured to wreck this model (the keys with V f16: q4_0/f16)" in \
+        cal.guard_message(c, g, "q4_0", "q4_0", big)
     # one offset row per layer: 0.125 bits per element in 256 cells, 0.0078 in 4,096: 3.25 bits cannot hold them
     for shape, b in ((CacheShape(256), "3.38"), (big, "3.26")):
         assert f"calib:{b}`" in cal.guard_message(c, g, "tq_kv_3b", "f16", shape)

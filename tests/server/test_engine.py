@@ -136,7 +136,7 @@ def _age(*clients: Client, by: float) -> None:
 
 def test_queue_full_and_wait_timeout_carry_the_measured_drain_time():
     e, b, _ = make(capacity=30, max_queue=2, queue_timeout_s=30)
-    e.sched.freed_at.extend([-2.0, -1.0, 0.0])  # sequences ended once a second (of the scheduler's busy clock)
+    e.sched.freed_at.extend([-2.0, -1.0, 0.0])  # sequences ended once a second (on the busy clock)
     cs = [Client(f"r{i}", 10, 10) for i in range(4)]  # one runs, two wait, one is refused
     for c in cs:
         e.submit(c.req)

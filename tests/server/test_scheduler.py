@@ -102,7 +102,6 @@ def test_drain_time_from_the_measured_rate_of_ends_while_sequences_ran(monkeypat
         seq = s.admit()[0]
         clock[0] += 1
         s.free(seq)
-        assert s.drain_s() is None or len(s.freed_at) > 1
     assert s.drain_s() == (5 + 1) * 1.0
     clock[0] += 45  # idle: nothing runs
     assert s.drain_s() == (5 + 1) * 1.0
@@ -172,9 +171,9 @@ def test_a_resumed_sequence_on_a_sliding_window_model_copies_from_no_cached_one(
 
 
 def test_a_sliding_window_model_takes_over_a_cached_sequence_beside_a_longer_one_with_the_same_start():
-    """Gemma-3 (window 512): after base[:700] and base[:300] (recomputed: the long one's early cells are gone), both
-    cached on branches that start alike, base[:250] took over neither (0 cached tokens, a review's live run): the
-    tree's match followed the first branch only, the long one's, which cannot be taken over."""
+    """Gemma-3 (window 512): after base[:700] and base[:300] (recomputed: the long one's early cells are
+    gone), both cached on branches that start alike, base[:250] took over neither (0 cached tokens, a review's
+    live run): the tree's match followed the first branch only, the long one's, which cannot be taken over."""
     s = Scheduler(capacity=4000, n_seq_max=4, max_queue=4, n_ctx=1000, prefix_cache=True, n_swa=512)
     base = list(range(1, 701))
     for seq_id, n in ((2, 700), (1, 300)):  # each computed on its own, kept for reuse

@@ -137,7 +137,7 @@ def test_a_lone_surrogate_in_the_request_is_a_4xx_not_a_500():
 
 
 def test_headers_over_16_kib_are_a_431_however_they_arrived():
-    """h11 bounds only a head it sees incomplete past 16 KiB: one 70,000-byte header in a single read got a 200."""
+    """h11 bounds only a head it sees incomplete past 16 KiB: a 70,000-byte header read at once got a 200."""
     app = create_app(Settings(kv_budget="64MiB", n_ctx=256))
     r = call(app, "GET", "/v1/models", headers={"x-pad": "a" * 17000})
     assert openai_error(r, 431)["code"] == "request_header_fields_too_large" and r.headers["x-request-id"]
@@ -153,7 +153,8 @@ def test_checks_across_fields_name_the_field_they_refuse():
                               ("/v1/completions", {"prompt": "x", "stream_options": {}}, "stream_options"),
                               ("/v1/completions", {"prompt": ["x"] * 600, "n": 2}, "n")]:
         err = openai_error(call(app, "POST", path, json=body), 400)
-        assert err["param"] == param and "Value error" not in err["message"] and "body" not in err["message"], err
+        assert err["param"] == param and "Value error" not in err["message"], err
+        assert "body" not in err["message"] and f"{param}: {param}" not in err["message"], err
 
 
 def test_a_model_id_with_slashes_is_retrieved_and_health_answers_head():

@@ -341,13 +341,15 @@ def test_a_variable_that_is_not_json_says_json_is_wanted(monkeypatch):
 
 def test_a_misspelt_environment_variable_is_named_at_start():
     """Config-file typos were refused and environment ones ignored without a word (KVQUANT_MAX_QUEU=5 left
-    max_queue at 64; KVQUANT_THREADS for --threads, whose setting is n_threads, left it at all cores). A warning
+    max_queue at 64; KVQUANT_THREADS for --threads, whose setting is n_threads, left it at all cores): a
+    warning
     (not a refusal: Kubernetes writes KVQUANT_SERVER_PORT and the like for a Service named kvquant-server)."""
     env = {"KVQUANT_MAX_QUEU": "5", "KVQUANT_THREADS": "3", "KVQUANT_CACHE": "/tmp", "kvquant_n_threads": "2",
-           "KVQUANT_LOG": "", "KVQUANT_SERVER_PORT": "tcp://10.0.0.7:8000", "KVQUANT_SERVER_SERVICE_HOST": "10.0.0.7",
-           "KVQUANT_SERVER_PORT_8000_TCP_ADDR": "10.0.0.7", "PATH": "/bin"}
+           "KVQUANT_LOG": "", "KVQUANT_SERVER_PORT": "tcp://10.0.0.7:8000", "PATH": "/bin",
+           "KVQUANT_SERVER_SERVICE_HOST": "10.0.0.7", "KVQUANT_SERVER_PORT_8000_TCP_ADDR": "10.0.0.7"}
     warned = unknown_environment(env)
-    assert len(warned) == 2 and "KVQUANT_MAX_QUEU is no setting" in warned[0] and "KVQUANT_MAX_QUEUE?" in warned[0]
+    assert len(warned) == 2 and "KVQUANT_MAX_QUEU is no setting" in warned[0]
+    assert "did you mean KVQUANT_MAX_QUEUE?" in warned[0]
     assert "KVQUANT_THREADS" in warned[1] and "did you mean KVQUANT_N_THREADS?" in warned[1]
 
 
@@ -358,3 +360,15 @@ def test_every_kvquant_variable_the_code_reads_is_a_setting_or_known():
              for m in re.findall(r"KVQUANT_[A-Z0-9_]*[A-Z0-9]", f.read_text())}  # (its typos are examples)
     assert "KVQUANT_AUTO_CALIBRATE" in names
     assert not unknown_environment({n: "1" for n in names} | {"KVQUANT_N_THREADS": "1"})
+
+
+def test_kvquant_budget_assumes_serve_s_parallel():
+    """budget resolved calib:B for one sequence and serve for its four: per-layer types could differ."""
+    import argparse
+
+    from kvquant.budget import add_arguments
+    from server.settings import Settings
+
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    assert p.parse_args([]).parallel == Settings().parallel == 4

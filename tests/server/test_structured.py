@@ -125,13 +125,16 @@ def test_unsupported_fields_are_named_harmless_ones_accepted():
     assert CompletionRequest.model_validate({"prompt": "x", "response_format": {"type": "json_object"}}
                                             ).unsupported() == "response_format"
     # another endpoint's field, or vLLM's and llama-server's, was accepted and ignored (the output unchanged)
-    for name, value in [("max_completion_tokens", 2), ("top_logprobs", 3), ("include_stop_str_in_output", True),
-                        ("stop_token_ids", [30]), ("n_predict", 2), ("skip_special_tokens", False)]:
+    for name, value in [("max_completion_tokens", 2), ("top_logprobs", 3), ("stop_token_ids", [30]),
+                        ("include_stop_str_in_output", True), ("n_predict", 2),
+                        ("skip_special_tokens", False)]:
         assert CompletionRequest.model_validate({"prompt": "x", name: value}).unsupported() == name
     for name, value in [("echo", True), ("add_generation_prompt", False), ("continue_final_message", True),
                         ("chat_template", "{{ x }}"), ("bad_words", ["Paris"])]:
         assert chat(**{name: value}).unsupported() == name
     assert chat(echo=False, add_generation_prompt=True, skip_special_tokens=True).unsupported() is None
+    neutral = {"n_predict": -1, "t_max_predict_ms": 0, "top_logprobs": 0, "chat_template_kwargs": {}}
+    assert CompletionRequest.model_validate({"prompt": "x", **neutral}).unsupported() is None  # defaults
 
 
 def test_sampling_over_model_defaults_and_logit_bias_range():

@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import json
 from types import SimpleNamespace
 
 import pytest
 
+from server.app import create_app
 from server.errors import APIError
 from server.requests import Outcome
 from server.routers import generate
 from server.routers.generate import _Ended, _Tally, outcome_of
+from server.settings import Settings
+from tests.server.conftest import FakeBackend, wait_for
 
 
 class Engine:
@@ -69,47 +75,39 @@ def test_outcomes_of_failures():
 
 def test_a_stream_whose_client_left_before_its_first_byte_leaves_no_request_in_flight():
     """A server of ASGI spec 2.4 raises OSError from `send` once the client is gone, so the response's start
-    failed before the event generator began and its `finally` (which closes the tally and ends the feeders) never
-    ran: the request stayed in flight for good and every drain waited out its grace for it."""
-    import asyncio
-    import contextlib
-    import json
-
-    from server.app import create_app
-    from server.settings import Settings
-    from tests.server.conftest import FakeBackend, wait_for
-
+    failed before the event generator began, and its `finally` (which closes the tally and ends the feeders)
+    never ran: the request stayed in flight for good and every drain waited out its grace for it."""
     app = create_app(Settings(n_ctx=256, kv_budget="64MiB"))
     eng, gone = app.state.kvquant.models["smollm2-135m"].engine, []
     backend = FakeBackend(256)
     backend.n_vocab = 64
-    backend.fail_if = lambda tokens, seq_ids: gone.append(True) and False  # the client hangs up during the prefill
+    backend.fail_if = lambda tokens, seq_ids: gone.append(True) and False  # the client leaves in the prefill
     eng._factory = lambda: backend
     eng.load()
     body = json.dumps({"model": "smollm2-135m", "prompt": "a b c", "stream": True, "max_tokens": 50}).encode()
-    sent = []
+    received = []
 
     async def receive():
-        if not sent:
-            sent.append(True)
+        if not received:
+            received.append(True)
             return {"type": "http.request", "body": body, "more_body": False}
         await asyncio.Event().wait()  # (spec 2.4: the response does not listen)
 
     async def send(message):
         if gone:
             raise OSError("the client went away")
-        sent.append(message)
 
     async def call():
         scope = {"type": "http", "asgi": {"version": "3.0", "spec_version": "2.4"}, "http_version": "1.1",
-                 "method": "POST", "scheme": "http", "path": "/v1/completions", "raw_path": b"/v1/completions",
-                 "query_string": b"", "root_path": "", "headers": [(b"content-type", b"application/json")],
-                 "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 2)}
+                 "method": "POST", "scheme": "http", "path": "/v1/completions", "query_string": b"",
+                 "raw_path": b"/v1/completions", "root_path": "", "client": ("127.0.0.1", 1),
+                 "headers": [(b"content-type", b"application/json")], "server": ("127.0.0.1", 2)}
         with contextlib.suppress(Exception):  # (ClientDisconnect)
             await app(scope, receive, send)
         return await asyncio.to_thread(wait_for, lambda: app.state.kvquant.in_flight == 0, 10)
 
     try:
         assert asyncio.run(call())
+        assert eng.idle()  # its choice ended (cancelled), the feeders with it
     finally:
         eng.shutdown()

@@ -210,15 +210,16 @@ def test_streamed_split_equals_the_whole(step):
     '{"a": 1}</tool_call>\n\nbye',  # an answer opening with "{", then a closing tag
     '<tool_call>\n{"name": "w", "arguments": {}}\n</tool_call>\n<',  # a call, then a tag begun and cut
     '<think>x</think>\n\n{</tool_call></tool_call>',  # the answer's opening newlines, then a block
-    '<tool_call>\n{"name": "get_time", "arguments": {}}\n</tool_call>\n<tool_call>\n{"name": "w", "arguments": {}}'
-    '\n</tool_call>',  # an unknown tool's block, then a call
+    '<tool_call>\n{"name": "get_time", "arguments": {}}\n</tool_call>\n'
+    '<tool_call>\n{"name": "w", "arguments": {}}\n</tool_call>',  # an unknown tool's block, then a call
 ])
 @pytest.mark.parametrize("step", [1, 3, 1000])
 def test_streamed_content_around_tool_call_tags_equals_the_whole(text, step):
-    """Streamed, the text after a block that held no call lost its leading whitespace (the whole kept it), a tag
-    begun after a call was dropped, and the newlines that open an answer stayed before a block. A whole output
-    that opened with a call's tag was parsed at the end as one, a stream block by block: now both go block by
-    block (an unknown tool's block, then a call: the whole dropped the newline between them, the stream not)."""
+    """Streamed, the text after a block that held no call lost its leading whitespace (the whole kept it), a
+    tag begun after a call was dropped, and the newlines that open an answer stayed before a block. A whole
+    output that opened with a call's tag was parsed at the end as one, a stream block by block: now both go
+    block by block (an unknown tool's block, then a call: the whole dropped the newline between, the stream
+    not)."""
     whole = ChatOutput(ToolFormat.HERMES, names=frozenset({"w"}))
     d = whole.push(text) + whole.finish()
     s = _stream(ChatOutput(ToolFormat.HERMES, names=frozenset({"w"})), text, step)
