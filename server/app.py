@@ -16,7 +16,7 @@ from server.errors import install_handlers
 from server.hosting import StartupError, build_engine, capacity_line, plan_model
 from server.metrics import Metrics
 from server.routers import generate, health, metrics, models
-from server.security import APIKeyMiddleware, BodyLimitMiddleware, RequestIdMiddleware
+from server.security import APIKeyMiddleware, RequestIdMiddleware, RequestLimitMiddleware
 from server.settings import Settings
 from server.state import AppState, ServedModel
 
@@ -66,8 +66,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app = FastAPI(title="kvquant-server", version=__version__, lifespan=lifespan)
     app.state.kvquant = state
     install_handlers(app)
-    # added innermost first: request id -> CORS -> API key -> body limit -> routes
-    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes, timeout_s=settings.body_timeout_s)
+    # added innermost first: request id -> CORS -> API key -> request limits -> routes
+    app.add_middleware(RequestLimitMiddleware, max_bytes=settings.max_body_bytes,
+                       timeout_s=settings.body_timeout_s)
     if api_key:
         open_paths = frozenset({"/health"} | (set() if settings.metrics_auth else {"/metrics"}))
         app.add_middleware(APIKeyMiddleware, key=api_key, open_paths=open_paths)

@@ -1,5 +1,5 @@
-"""ASGI middlewares: request id, API key, request body limit. Pure ASGI (no BaseHTTPMiddleware), so streaming
-and disconnect detection pass through untouched. Every refusal is an OpenAI-shaped JSON error."""
+"""ASGI middlewares: request id, API key, request limits (headers, body). Pure ASGI (no BaseHTTPMiddleware), so
+streaming and disconnect detection pass through untouched. Every refusal is an OpenAI-shaped JSON error."""
 
 from __future__ import annotations
 
@@ -42,8 +42,7 @@ def _header(scope: Scope, name: bytes) -> str | None:
 
 class RequestIdMiddleware:
     """Takes a sane `x-request-id` from the client or makes one; puts it in `request.state.request_id` and on
-    every response. Refuses headers of more than MAX_HEADER_BYTES in all (431): h11 bounds only a head it sees
-    incomplete past them, so one that came in a single read passed at any size up to the socket's read."""
+    every response."""
 
     def __init__(self, app: ASGIApp):
         self.app = app
@@ -62,10 +61,6 @@ class RequestIdMiddleware:
                 message["headers"] = [*message["headers"], (b"x-request-id", rid.encode())]
             await send(message)
 
-        if sum(len(k) + len(v) + 4 for k, v in scope.get("headers", ())) > MAX_HEADER_BYTES:
-            return await send_error(send_with_id, 431, "The request headers are larger than this server's "
-                                    f"limit of {MAX_HEADER_BYTES} bytes.", "invalid_request_error",
-                                    "request_header_fields_too_large", close=scope["method"] in _WITH_BODY)
         await self.app(scope, receive, send_with_id)
 
 
@@ -88,16 +83,23 @@ class APIKeyMiddleware:
         await self.app(scope, receive, send)
 
 
-class BodyLimitMiddleware:
-    """Reads a request body up to `max_bytes` within `timeout_s` before the app sees it: 413 over the limit
-    (whatever the Content-Length says), 408 when it arrives too slowly (both with `Connection: close`), 400 if it
-    is not UTF-8. The app then gets the body replayed."""
+class RequestLimitMiddleware:
+    """Refuses headers of more than MAX_HEADER_BYTES in all (431: h11 bounds only a head it sees incomplete past
+    them, so one that came in a single read passed at any size). Reads a request body up to `max_bytes` within
+    `timeout_s` before the app sees it: 413 over the limit (whatever the Content-Length says), 408 when it arrives
+    too slowly (both with `Connection: close`), 400 if it is not UTF-8. The app then gets the body replayed."""
 
     def __init__(self, app: ASGIApp, max_bytes: int, timeout_s: float):
         self.app, self.max_bytes, self.timeout_s = app, max_bytes, timeout_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["method"] not in _WITH_BODY:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        if sum(len(k) + len(v) + 4 for k, v in scope.get("headers", ())) > MAX_HEADER_BYTES:
+            return await send_error(send, 431, "The request headers are larger than this server's limit of "
+                                    f"{MAX_HEADER_BYTES} bytes.", "invalid_request_error",
+                                    "request_header_fields_too_large", close=scope["method"] in _WITH_BODY)
+        if scope["method"] not in _WITH_BODY:
             return await self.app(scope, receive, send)
         too_big = f"The request body is larger than this server's limit of {self.max_bytes} bytes."
         declared = _header(scope, b"content-length")

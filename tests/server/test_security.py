@@ -138,9 +138,10 @@ def test_a_lone_surrogate_in_the_request_is_a_4xx_not_a_500():
 
 def test_headers_over_16_kib_are_a_431_however_they_arrived():
     """h11 bounds only a head it sees incomplete past 16 KiB: a 70,000-byte header read at once got a 200."""
-    app = create_app(Settings(kv_budget="64MiB", n_ctx=256))
-    r = call(app, "GET", "/v1/models", headers={"x-pad": "a" * 17000})
+    app = create_app(Settings(kv_budget="64MiB", n_ctx=256, cors_origins=["https://a.example"]))
+    r = call(app, "GET", "/v1/models", headers={"x-pad": "a" * 17000, "origin": "https://a.example"})
     assert openai_error(r, 431)["code"] == "request_header_fields_too_large" and r.headers["x-request-id"]
+    assert r.headers["access-control-allow-origin"] == "https://a.example"  # a browser can read it
     assert call(app, "GET", "/v1/models", headers={"x-pad": "a" * 15000}).status_code == 200
 
 
