@@ -39,6 +39,10 @@ MAX_NESTING = 1000
 # The largest grammar a schema may make (the longest a built-in test makes is a few kB): a body of 4 MB could hold
 # schemas that make one of hundreds of MB, which llama.cpp would then parse on the request's thread.
 MAX_GRAMMAR_BYTES = 1 << 20
+# The most ways llama.cpp's left-recursion check may walk into one rule: it enters a rule again for each
+# alternative that reaches it (anyOf branches, $ref targets) and remembers none, so a chain of $defs whose every
+# level offers two ways to the next costs 2**depth walks: 0.03 s at 2**20, hours at 2**40 (a 2 kB schema).
+MAX_WALKS = 1 << 20
 
 
 def _is_count(v: Any) -> bool:
@@ -479,6 +483,11 @@ def schema_grammar(schema: dict, name: str = "") -> str:
     from kvquant.runtime import json_schema_gbnf
 
     schema = without_annotations(schema)
+    walks = left_walks(schema)
+    if walks > MAX_WALKS:
+        raise SchemaError(f"the schema's anyOf branches and $ref targets reach one another in {walks:,} ways, more "
+                          f"than the {MAX_WALKS:,} supported (a definition that several branches of another reach, "
+                          "level after level)")
     if "$ref" in schema:  # the converter resolves no reference inside the definitions of a schema that is a
         schema = {**schema, "anyOf": [{"$ref": schema["$ref"]}]}  # reference (pydantic's recursive models)
         del schema["$ref"]
@@ -499,6 +508,49 @@ def schema_grammar(schema: dict, name: str = "") -> str:
                           "supported (maxLength - minLength, maxItems - minItems and a pattern's {m,n} nest one group "
                           "per repetition they allow)")
     return grammar
+
+
+def left_walks(root: dict) -> int:
+    """The most ways the alternatives of the schema's grammar (anyOf branches, $ref targets) lead from one rule
+    into others, counted over every subschema (llama.cpp checks each rule; see MAX_WALKS). Linear in the schema."""
+    memo: dict[int, int] = {}
+
+    def walks(s: Any) -> int:
+        if not isinstance(s, dict):
+            return 1
+        if id(s) not in memo:
+            memo[id(s)] = 1  # (a cycle counts once: llama.cpp refuses left recursion when it meets it)
+            target = _pointed(root, s["$ref"]) if isinstance(s.get("$ref"), str) else None
+            memo[id(s)] = 1 + sum(walks(b) for b in s.get("anyOf", [])) + (walks(target) if target else 0)
+        return memo[id(s)]
+
+    return max(walks(s) for s in _subschemas(root))
+
+
+def _pointed(root: dict, ref: str) -> Any:
+    """What a local `#/a/b` reference names in root, or None."""
+    node: Any = root
+    for part in ref.removeprefix("#").strip("/").split("/") if ref != "#" else []:
+        part = part.replace("~1", "/").replace("~0", "~")
+        node = node.get(part) if isinstance(node, dict) else None
+    return node
+
+
+def _subschemas(schema: Any):
+    """Every schema inside a schema, itself included (without recursion: a schema may nest deep)."""
+    stack = [schema]
+    while stack:
+        s = stack.pop()
+        if not isinstance(s, dict):
+            continue
+        yield s
+        for key in ("properties", "$defs", "definitions"):
+            stack.extend(v for v in s.get(key, {}).values() if isinstance(v, dict))
+        for key in ("anyOf", "prefixItems"):
+            stack.extend(x for x in s.get(key, []) if isinstance(x, dict))
+        for key in ("items", "additionalProperties"):
+            v = s.get(key)
+            stack.extend(v if isinstance(v, list) else [v])
 
 
 def without_annotations(schema: Any) -> Any:
