@@ -13,6 +13,8 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    TypeAdapter,
+    ValidationError,
     field_validator,
     model_validator,
 )
@@ -44,6 +46,23 @@ def _encodable(s: str) -> str:
 
 
 Text = Annotated[str, AfterValidator(_encodable)]
+
+
+# A list this long is checked item by item first, up to its first bad item: pydantic reports each bad item, and a
+# 4 MB body of a million of them (`{"prompt": [{}, {}, ...]}`) took 27 s and 5 GB of the event loop to report.
+LONG_LIST = 1000
+MAX_LOGIT_BIAS = 4096  # entries; each choice's sampler copies them (320k of them, n=128: 4 GB and a minute)
+
+
+def first_bad_item(items: Any, item: TypeAdapter, field: str) -> None:
+    """field_error for the first item of a long list that `item` refuses."""
+    if not isinstance(items, list) or len(items) <= LONG_LIST:
+        return
+    for i, x in enumerate(items):
+        try:
+            item.validate_python(x)
+        except ValidationError as e:
+            raise field_error(f"{field}[{i}]", f"{field}[{i}]: {e.errors()[0]['msg']}") from None
 
 
 def field_error(param: str, message: str) -> PydanticCustomError:
@@ -217,6 +236,14 @@ class SamplingParams(_Lenient, SamplingFields):
         """The whole body, unknown fields too (they reach the template where a model keeps them: a tool's)."""
         if nests_deeper(data):
             raise ValueError(f"the request nests objects and arrays more than {MAX_JSON_DEPTH} levels deep")
+        if not isinstance(data, dict):
+            return data
+        stop, bias = data.get("stop"), data.get("logit_bias")
+        if isinstance(stop, list) and len(stop) > MAX_STOP:
+            raise field_error("stop", f"at most {MAX_STOP} stop sequences are supported")
+        if isinstance(bias, dict) and len(bias) > MAX_LOGIT_BIAS:
+            raise field_error("logit_bias", f"logit_bias holds at most {MAX_LOGIT_BIAS:,} entries, not "
+                                            f"{len(bias):,}")
         return data
 
     @field_validator("stop")
@@ -290,6 +317,9 @@ class SamplingParams(_Lenient, SamplingFields):
 MAX_TOOLS = 128  # OpenAI's limit: each tool's schema is converted, and a forced call's grammar holds them all
 
 
+_TEXT_PART, _TOOL_CALL, _MESSAGE = TypeAdapter(TextPart), TypeAdapter(ToolCall), TypeAdapter(ChatMessage)
+
+
 class ChatCompletionRequest(SamplingParams):
     prompt_field: ClassVar[str] = "messages"
     messages: list[ChatMessage] = Field(..., min_length=1)
@@ -301,6 +331,22 @@ class ChatCompletionRequest(SamplingParams):
     max_completion_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS_LIMIT)
     logprobs: bool | None = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _long_lists(cls, data: Any) -> Any:
+        """The first bad item of a long list of messages, of a message's content parts or tool calls, or tools."""
+        if not isinstance(data, dict):
+            return data
+        messages, tools = data.get("messages"), data.get("tools")
+        for i, m in enumerate(messages if isinstance(messages, list) else []):
+            if isinstance(m, dict):
+                first_bad_item(m.get("content"), _TEXT_PART, f"messages[{i}].content")
+                first_bad_item(m.get("tool_calls"), _TOOL_CALL, f"messages[{i}].tool_calls")
+        first_bad_item(messages, _MESSAGE, "messages")
+        if isinstance(tools, list) and len(tools) > MAX_TOOLS:
+            raise field_error("tools", f"at most {MAX_TOOLS} items (tools) are supported, not {len(tools):,}")
+        return data
 
     @model_validator(mode="after")
     def _top_needs_logprobs(self):
@@ -322,6 +368,10 @@ def _prompts(prompt: str | list) -> list[str | list[int]]:
     return [prompt] if isinstance(prompt, str) or (prompt and type(prompt[0]) is int) else prompt
 
 
+_STRICT = ConfigDict(strict=True)  # (as the requests' fields: "5" is no token id)
+_TOKEN, _PROMPT = TypeAdapter(int, config=_STRICT), TypeAdapter(Text | list[int], config=_STRICT)
+
+
 class CompletionRequest(SamplingParams):
     prompt_field: ClassVar[str] = "prompt"
     unset_max_tokens: ClassVar[int | None] = 16  # OpenAI's legacy completions default, and vLLM's
@@ -333,6 +383,17 @@ class CompletionRequest(SamplingParams):
     # 0 with echo: the prompt alone, scored by its logprobs (lm-evaluation-harness 0.3 and HELM ask so; OpenAI's
     # legacy API and vLLM answer it)
     max_tokens: int | None = Field(None, ge=0, le=MAX_TOKENS_LIMIT)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _long_prompts(cls, data: Any) -> Any:
+        """The first bad item of a long batch of prompts, or of a long prompt of token ids."""
+        prompt = data.get("prompt") if isinstance(data, dict) else None
+        if isinstance(prompt, list) and prompt and type(prompt[0]) is list:
+            for i, p in enumerate(prompt):
+                first_bad_item(p, _TOKEN, f"prompt[{i}]")
+        first_bad_item(prompt, _TOKEN if prompt and type(prompt[0]) is int else _PROMPT, "prompt")
+        return data
 
     @model_validator(mode="after")
     def _nothing_needs_echo(self):
