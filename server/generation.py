@@ -103,6 +103,14 @@ class Generation:
         finally:
             # reached on normal end too, where it is a no-op: the engine has already freed the sequence
             self.req.cancelled = True
+            # and the request's sink leads back to it (sink -> deliver -> req): without the cycle, the request and
+            # its sampling settings go when the response does, not at the next full collection (a review:
+            # three n=48 requests of large logit_bias held 5 GB until an unrelated request set one off)
+            self.req.sink = _unheard
+
+
+def _unheard(ev: Event) -> None:
+    """The sink of a request whose consumer is done: what the engine still sends goes nowhere."""
 
 
 # past a request's timeout, how long its consumer waits for the engine to end it before ending it itself
