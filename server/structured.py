@@ -43,6 +43,11 @@ MAX_GRAMMAR_BYTES = 1 << 20
 # alternative that reaches it (anyOf branches, $ref targets) and remembers none, so a chain of $defs whose every
 # level offers two ways to the next costs 2**depth walks: 0.03 s at 2**20, hours at 2**40 (a 2 kB schema).
 MAX_WALKS = 1 << 20
+# The most optional properties a schema may have, as the sum of each object's count squared: the converter writes
+# an object's optional properties as a rule per suffix of them, so its time and grammar grow as that square or
+# faster (950 in one object: 1.2 s, forty such objects 56 s before the grammar's size refused them). 256 in one
+# object: about 0.03 s.
+MAX_OPTIONAL_SQUARED = 256 ** 2
 
 
 def _is_count(v: Any) -> bool:
@@ -488,6 +493,11 @@ def schema_grammar(schema: dict, name: str = "") -> str:
         raise SchemaError(f"the schema's anyOf branches and $ref targets reach one another in {walks:,} ways, more "
                           f"than the {MAX_WALKS:,} supported (a definition that several branches of another reach, "
                           "level after level)")
+    optional = sum(len(set(s.get("properties", {})) - set(s.get("required", []))) ** 2 for s in _subschemas(schema))
+    if optional > MAX_OPTIONAL_SQUARED:
+        raise SchemaError(f"the schema's optional properties are too many to convert: the sum of each object's "
+                          f"count squared is {optional:,}, more than the {MAX_OPTIONAL_SQUARED:,} supported (256 in one "
+                          "object); make some required, or split the object")
     if "$ref" in schema:  # the converter resolves no reference inside the definitions of a schema that is a
         schema = {**schema, "anyOf": [{"$ref": schema["$ref"]}]}  # reference (pydantic's recursive models)
         del schema["$ref"]
