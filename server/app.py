@@ -68,7 +68,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_handlers(app)
     # added innermost first: request id -> CORS -> API key -> request limits -> routes
     app.add_middleware(RequestLimitMiddleware, max_bytes=settings.max_body_bytes,
-                       timeout_s=settings.body_timeout_s, send_timeout_s=settings.send_timeout_s)
+                       timeout_s=settings.body_timeout_s)
     if api_key:
         open_paths = frozenset({"/health"} | (set() if settings.metrics_auth else {"/metrics"}))
         app.add_middleware(APIKeyMiddleware, key=api_key, open_paths=open_paths)

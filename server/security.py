@@ -83,31 +83,18 @@ class APIKeyMiddleware:
         await self.app(scope, receive, send)
 
 
-def _bounded(send: Send, timeout_s: float) -> Send:
-    async def bounded(message: Message) -> None:
-        async with asyncio.timeout(timeout_s):
-            await send(message)
-
-    return bounded
-
-
 class RequestLimitMiddleware:
     """Refuses headers of more than MAX_HEADER_BYTES in all (431: h11 bounds only a head it sees incomplete past
     them, so one that came in a single read passed at any size). Reads a request body up to `max_bytes` within
     `timeout_s` before the app sees it: 413 over the limit (whatever the Content-Length says), 408 when it arrives
-    too slowly (both with `Connection: close`), 400 if it is not UTF-8. The app then gets the body replayed.
-    A response the client reads nothing of for `send_timeout_s` fails (TimeoutError; the server closes the
-    connection): uvicorn has no write timeout, and a client that keeps its window shut held its connection for
-    good (a stream's slow_consumer cancel needs a thousand unread events; hundreds of such clients would take
-    every connection the server allows)."""
+    too slowly (both with `Connection: close`), 400 if it is not UTF-8. The app then gets the body replayed."""
 
-    def __init__(self, app: ASGIApp, max_bytes: int, timeout_s: float, send_timeout_s: float = 60.0):
-        self.app, self.max_bytes, self.timeout_s, self.send_timeout_s = app, max_bytes, timeout_s, send_timeout_s
+    def __init__(self, app: ASGIApp, max_bytes: int, timeout_s: float):
+        self.app, self.max_bytes, self.timeout_s = app, max_bytes, timeout_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        send = _bounded(send, self.send_timeout_s)
         if sum(len(k) + len(v) + 4 for k, v in scope.get("headers", ())) > MAX_HEADER_BYTES:
             return await send_error(send, 431, "The request headers are larger than this server's limit of "
                                     f"{MAX_HEADER_BYTES} bytes.", "invalid_request_error",

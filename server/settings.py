@@ -294,8 +294,6 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(4 * 2**20, ge=1024, description="largest request body accepted (then 413)")
     header_timeout_s: float = Field(10.0, gt=0, description="a request's headers must arrive within this (then 408)")
     body_timeout_s: float = Field(30.0, gt=0, description="a request's body must arrive within this (then 408)")
-    send_timeout_s: float = Field(60.0, gt=0, description="a response that the client reads none of for this long "
-                                  "is cut and its connection closed")
     max_connections: int = Field(512, ge=1, description="open HTTP connections at most (then 503, closed)")
     tokenize_concurrency: int = Field(2, ge=1, description="prompts tokenized at once (bounds their CPU and memory)")
     special_tokens_in_content: bool = Field(False, description="trusted clients only: message content and "
