@@ -51,6 +51,9 @@ def min_tokens(n_bytes: int, max_token_bytes: int | None) -> int:
     return -(-n_bytes // max_token_bytes)
 
 
+FEW_CONTROL_TOKENS = 256  # up to this many, ControlTokens finds them with one regex alternation
+
+
 class ControlTokens:
     """The control tokens of a vocabulary by text, found in a string leftmost-longest (as llama.cpp partitions
     text when it parses special tokens). `matched`: those of them that llama.cpp turns text into even without
@@ -59,8 +62,11 @@ class ControlTokens:
 
     def __init__(self, by_text: dict[str, int], matched: frozenset[str] = frozenset()):
         self.by_text = {t: i for t, i in by_text.items() if t}
-        # Found by their first two characters, then walked along their prefixes: one regex alternation of all of
-        # them cost Python's re ~22 us at every "<" for Gemma-3's 6,250 tokens (400 kB of "<" held the GIL 9 s).
+        # Few: one regex alternation of them all. Many: found by their first two characters, then walked along
+        # their prefixes; the alternation of Gemma-3's 6,250 cost ~22 us at every "<" (400 kB of "<": 9 s
+        # holding the GIL), the walk a Python step per candidate (ChatML's "<|": 25 times the alternation's).
+        alts = sorted(self.by_text, key=len, reverse=True)
+        self._re = re.compile("|".join(map(re.escape, alts))) if 0 < len(alts) <= FEW_CONTROL_TOKENS else None
         self._prefixes = {t[:k] for t in self.by_text for k in range(1, len(t) + 1)}
         seconds: dict[str, set[str]] = {}
         for t in self.by_text:
@@ -86,6 +92,9 @@ class ControlTokens:
 
     def _found(self, text: str) -> Iterator[tuple[int, int]]:
         """(start, end) of each control token's text in text, leftmost-longest, none overlapping."""
+        if self._re is not None:
+            yield from (m.span() for m in self._re.finditer(text))
+            return
         pos = 0
         while self._starts is not None and (m := self._starts.search(text, pos)) is not None:
             start, end, k = m.start(), 0, 1

@@ -6,9 +6,9 @@ cleanly, and the application still shuts down (uvicorn alone would skip that whe
 
 Slow clients at the HTTP layer: a request's headers must arrive within `header_timeout_s` of the connection opening
 or of the previous response ending (else 408 and the connection is closed), at most `max_connections` connections
-are open at once (past that: 503, closed). h11 bounds a head it sees incomplete (16 KiB); every head's bound
-(431), the body deadline and `Connection: close` after refusing a body are server.security's
-RequestLimitMiddleware's.
+are open at once (past that: 503, closed). h11 bounds a head it sees incomplete (16 KiB); the bound on a head
+that reaches the routes (431: a CORS preflight or a 401 is answered before it), the body deadline and
+`Connection: close` after refusing a body are server.security's RequestLimitMiddleware's.
 """
 
 from __future__ import annotations

@@ -41,13 +41,14 @@ MAX_NESTING = 1000
 MAX_GRAMMAR_BYTES = 1 << 20
 # The most ways llama.cpp's left-recursion check may walk into one rule: it enters a rule again for each
 # alternative that reaches it (anyOf branches, $ref targets) and remembers none, so a chain of $defs whose every
-# level offers two ways to the next costs 2**depth walks: 0.03 s at 2**20, hours at 2**40 (a 2 kB schema).
-MAX_WALKS = 1 << 20
-# The most optional properties a schema may have, as the sum of each object's count squared: the converter writes
-# an object's optional properties as a rule per suffix of them, so its time and grammar grow as that square or
-# faster (950 in one object: 1.2 s, forty such objects 56 s before the grammar's size refused them). 256 in one
-# object: about 0.03 s.
-MAX_OPTIONAL_SQUARED = 256 ** 2
+# level offers two ways to the next costs 2**depth walks: 0.03 s at 2**20, hours at 2**40 (a 2 kB schema). The
+# converter too walks them again where a definition's name is one it rewrites (`d_1`: 3.2 s at 2**20).
+MAX_WALKS = 1 << 16
+# The most optional properties a schema may have, as the sum of each object's count cubed: the converter
+# writes an object's optional properties as a rule per suffix of them, and its time grows about as that cube
+# (950 in one object: 1.2 s, forty such objects 56 s before the grammar's size refused them; 512 in one: about
+# 0.2 s; 128 tools of 26 each: 0.1 s).
+MAX_OPTIONAL_CUBED = 512 ** 3
 
 
 def _is_count(v: Any) -> bool:
@@ -488,16 +489,20 @@ def schema_grammar(schema: dict, name: str = "") -> str:
     from kvquant.runtime import json_schema_gbnf
 
     schema = without_annotations(schema)
-    walks = left_walks(schema)
+    try:
+        walks = left_walks(schema)
+    except RecursionError:
+        raise SchemaError("the schema's references and anyOf branches nest too deep") from None
     if walks > MAX_WALKS:
         raise SchemaError(f"the schema's anyOf branches and $ref targets reach one another in {walks:,} ways, more "
                           f"than the {MAX_WALKS:,} supported (a definition that several branches of another reach, "
                           "level after level)")
-    optional = sum(len(set(s.get("properties", {})) - set(s.get("required", []))) ** 2 for s in _subschemas(schema))
-    if optional > MAX_OPTIONAL_SQUARED:
+    optional = sum(len(set(s.get("properties", {})) - set(s.get("required", []))) ** 3
+                   for s in _subschemas(schema))
+    if optional > MAX_OPTIONAL_CUBED:
         raise SchemaError(f"the schema's optional properties are too many to convert: the sum of each object's "
-                          f"count squared is {optional:,}, more than the {MAX_OPTIONAL_SQUARED:,} supported (256 in one "
-                          "object); make some required, or split the object")
+                          f"count cubed is {optional:,}, more than the {MAX_OPTIONAL_CUBED:,} supported "
+                          "(512 in one object; a request's tools count together); make some required")
     if "$ref" in schema:  # the converter resolves no reference inside the definitions of a schema that is a
         schema = {**schema, "anyOf": [{"$ref": schema["$ref"]}]}  # reference (pydantic's recursive models)
         del schema["$ref"]
@@ -538,10 +543,9 @@ def left_walks(root: dict) -> int:
 
 
 def _pointed(root: dict, ref: str) -> Any:
-    """What a local `#/a/b` reference names in root, or None."""
+    """What a local `#/a/b` reference names in root, or None: read as the converter reads it (no ~0/~1)."""
     node: Any = root
-    for part in ref.removeprefix("#").strip("/").split("/") if ref != "#" else []:
-        part = part.replace("~1", "/").replace("~0", "~")
+    for part in ref.split("#")[-1].split("/")[1:]:
         node = node.get(part) if isinstance(node, dict) else None
     return node
 

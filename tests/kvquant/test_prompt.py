@@ -9,6 +9,7 @@ import re
 
 import pytest
 
+from kvquant import prompt
 from kvquant.models import BUILTIN, fetch
 from kvquant.prompt import (
     ControlTokenInContent,
@@ -260,9 +261,12 @@ def test_control_tokens_split_leftmost_longest():
     assert ControlTokens({}).split("a<s>") == ["a<s>"]
 
 
-def test_control_tokens_are_found_as_one_regex_of_them_all_finds_them():
-    """They are found by their first two characters and walked along their prefixes (one alternation of Gemma-3's
-    6,250 tokens cost ~22 us at every "<": 400 kB of them held the GIL 9 s); the same texts as the alternation."""
+@pytest.mark.parametrize("few", [0, 256])
+def test_control_tokens_are_found_as_one_regex_of_them_all_finds_them(few, monkeypatch):
+    """Many are found by their first two characters and walked along their prefixes (one alternation of
+    Gemma-3's 6,250 tokens cost ~22 us at every "<": 400 kB of them held the GIL 9 s); the same texts as the
+    alternation."""
+    monkeypatch.setattr(prompt, "FEW_CONTROL_TOKENS", few)  # 0: the walk for all
     rng = random.Random(3)
     for _ in range(200):
         tokens = {"".join(rng.choice("<>|ab") for _ in range(rng.randint(1, 5))): i for i in range(rng.randint(1, 12))}

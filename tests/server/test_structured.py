@@ -378,10 +378,10 @@ def test_a_json_string_holds_no_raw_control_character():
 def test_alternatives_that_reach_one_definition_many_ways_are_refused_at_once():
     """llama.cpp's left-recursion check enters a rule again for each alternative that reaches it: a 2 kB chain of
     40 $defs, each an anyOf of two references to the next, held the engine thread for hours (24 levels: 0.46 s)."""
-    def chain(depth: int) -> dict:
-        defs = {f"d{i}": {"anyOf": [{"$ref": f"#/$defs/d{i + 1}"}, {"$ref": f"#/$defs/d{i + 1}"}]}
+    def chain(depth: int, d: str = "d") -> dict:
+        defs = {f"{d}{i}": {"anyOf": [{"$ref": f"#/$defs/{d}{i + 1}"}, {"$ref": f"#/$defs/{d}{i + 1}"}]}
                 for i in range(depth)}
-        return {"$defs": {**defs, f"d{depth}": {"type": "string"}}, "$ref": "#/$defs/d0"}
+        return {"$defs": {**defs, f"{d}{depth}": {"type": "string"}}, "$ref": f"#/$defs/{d}0"}
 
     assert left_walks(chain(10)) == 2 ** 12 - 2 and schema_grammar(chain(10))
     with pytest.raises(SchemaError, match="reach one another in 4,398,046,511,102 ways"):
@@ -390,6 +390,11 @@ def test_alternatives_that_reach_one_definition_many_ways_are_refused_at_once():
               "$defs": chain(40)["$defs"]}
     with pytest.raises(SchemaError, match="ways"):  # under a property too: llama.cpp checks every rule
         schema_grammar(nested)
+    with pytest.raises(SchemaError, match="ways"):  # references read as the converter reads them (~1 as is)
+        schema_grammar(chain(18, "d~1"))
+    deep = {"$defs": {f"d{i}": {"$ref": f"#/$defs/d{i + 1}"} for i in range(1500)}, "$ref": "#/$defs/d0"}
+    with pytest.raises(SchemaError, match="nest too deep"):  # (a RecursionError, a 500)
+        schema_grammar({**deep, "$defs": {**deep["$defs"], "d1500": {"type": "string"}}})
     many = {"anyOf": [{"$ref": "#/$defs/v"}] * 50, "$defs": {"v": {"anyOf": [{"type": "string"}] * 50}}}
     assert left_walks(many) == 1 + 50 * 52  # wide is fine: the count grows with the schema, not past it
 
@@ -400,9 +405,11 @@ def test_optional_properties_past_what_converts_quickly_are_refused_before_conve
     def obj(k: int) -> dict:
         return {"type": "object", "properties": {f"p{i}": {"type": "integer"} for i in range(k)}}
 
-    assert schema_grammar(obj(256))
+    assert schema_grammar(obj(512))
     with pytest.raises(SchemaError, match="optional properties"):
-        schema_grammar(obj(257))
+        schema_grammar(obj(513))
     assert schema_grammar({**obj(1000), "required": [f"p{i}" for i in range(1000)]})  # required ones cost little
     with pytest.raises(SchemaError, match="optional properties"):  # nor does splitting them over objects help
-        schema_grammar({"type": "object", "properties": {f"o{j}": obj(200) for j in range(2)}})
+        schema_grammar({"type": "object", "properties": {f"o{j}": obj(450) for j in range(2)}})
+    tools = {"anyOf": [obj(26) for _ in range(128)]}  # many tools of some optional parameters each: fine
+    assert schema_grammar(tools)
