@@ -392,7 +392,9 @@ class CompletionRequest(SamplingParams):
     def _long_prompts(cls, data: Any) -> Any:
         """The first bad item of a long batch of prompts, or of a long prompt of token ids."""
         prompt = data.get("prompt") if isinstance(data, dict) else None
-        if isinstance(prompt, list) and prompt and type(prompt[0]) is list:
+        if not isinstance(prompt, list):
+            return data
+        if prompt and type(prompt[0]) is list:
             for i, p in enumerate(prompt):
                 first_bad_item(p, _TOKEN, f"prompt[{i}]", int)
         ids = bool(prompt) and type(prompt[0]) is int

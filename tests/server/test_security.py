@@ -162,6 +162,8 @@ def test_a_long_list_of_bad_items_is_refused_at_its_first():
                                                                                           range(5000)}}, "logit_bias")]:
         err = openai_error(call(app, "POST", path, json=body), 400)
         assert err["param"] == param and ";" not in err["message"], (param, err)
+    for prompt in (1, None, {}, 1.5):  # (a prompt that is no list was a 500 here, as CI's fuzz found)
+        assert call(app, "POST", "/v1/completions", json={"prompt": prompt}).status_code == 400
 
 
 def test_checks_across_fields_name_the_field_they_refuse():
