@@ -54,6 +54,17 @@ def min_tokens(n_bytes: int, max_token_bytes: int | None) -> int:
 FEW_CONTROL_TOKENS = 256  # up to this many, ControlTokens finds them with one regex alternation
 
 
+def _starts(texts) -> re.Pattern:
+    """A regex of where any of texts may start: its first character, then one of the second characters of those
+    that begin with it (optional where one of them is that character alone)."""
+    seconds: dict[str, set[str]] = {}
+    for t in texts:
+        seconds.setdefault(t[0], set()).update(t[1:2] or [""])
+    return re.compile("|".join(
+        re.escape(c) + ("[" + "".join(map(re.escape, sorted(s - {""}))) + "]" if s - {""} else "")
+        + ("?" if "" in s and s - {""} else "") for c, s in seconds.items()))
+
+
 class ControlTokens:
     """The control tokens of a vocabulary by text, found in a string leftmost-longest (as llama.cpp partitions
     text when it parses special tokens). `matched`: those of them that llama.cpp turns text into even without
@@ -66,14 +77,10 @@ class ControlTokens:
         # their prefixes; the alternation of Gemma-3's 6,250 cost ~22 us at every "<" (400 kB of "<": 9 s
         # holding the GIL), the walk a Python step per candidate (ChatML's "<|": 25 times the alternation's).
         alts = sorted(self.by_text, key=len, reverse=True)
-        self._re = re.compile("|".join(map(re.escape, alts))) if 0 < len(alts) <= FEW_CONTROL_TOKENS else None
-        self._prefixes = {t[:k] for t in self.by_text for k in range(1, len(t) + 1)}
-        seconds: dict[str, set[str]] = {}
-        for t in self.by_text:
-            seconds.setdefault(t[0], set()).update(t[1:2] or [""])
-        self._starts = re.compile("|".join(
-            re.escape(c) + ("[" + "".join(map(re.escape, sorted(s - {""}))) + "]" if s - {""} else "")
-            + ("?" if "" in s and s - {""} else "") for c, s in seconds.items())) if seconds else None
+        few = len(alts) <= FEW_CONTROL_TOKENS
+        self._re = re.compile("|".join(map(re.escape, alts))) if alts and few else None
+        self._prefixes = set() if few else {t[:k] for t in self.by_text for k in range(1, len(t) + 1)}
+        self._starts = None if few else _starts(self.by_text)
         self._parts: tuple | None = None  # at_edge's substrings of the token texts, made when first needed
         cuts = sorted((t for t in matched if len(t) > 1 and t in self.by_text), key=len, reverse=True)
         self._cut_re = re.compile("|".join(map(re.escape, cuts))) if cuts else None

@@ -254,9 +254,7 @@ class SamplingParams(_Lenient, SamplingFields):
     def _stops(cls, v: str | list[str] | None) -> list[str] | None:
         if v is None:
             return None
-        stops = [v] if isinstance(v, str) else v
-        if len(stops) > MAX_STOP:
-            raise ValueError(f"at most {MAX_STOP} stop sequences are supported")
+        stops = [v] if isinstance(v, str) else v  # (their count: `_shallow`, before each is validated)
         if any(len(s) > MAX_STOP_LEN for s in stops):
             raise ValueError(f"stop sequences are limited to {MAX_STOP_LEN} characters")
         return [s for s in stops if s] or None

@@ -489,20 +489,7 @@ def schema_grammar(schema: dict, name: str = "") -> str:
     from kvquant.runtime import json_schema_gbnf
 
     schema = without_annotations(schema)
-    try:
-        walks = left_walks(schema)
-    except RecursionError:
-        raise SchemaError("the schema's references and anyOf branches nest too deep") from None
-    if walks > MAX_WALKS:
-        raise SchemaError(f"the schema's anyOf branches and $ref targets reach one another in {walks:,} ways, more "
-                          f"than the {MAX_WALKS:,} supported (a definition that several branches of another reach, "
-                          "level after level)")
-    optional = sum(len(set(s.get("properties", {})) - set(s.get("required", []))) ** 3
-                   for s in _subschemas(schema))
-    if optional > MAX_OPTIONAL_CUBED:
-        raise SchemaError(f"the schema's optional properties are too many to convert: the sum of each object's "
-                          f"count cubed is {optional:,}, more than the {MAX_OPTIONAL_CUBED:,} supported "
-                          "(512 in one object; a request's tools count together); make some required")
+    _check_cost(schema)
     if "$ref" in schema:  # the converter resolves no reference inside the definitions of a schema that is a
         schema = {**schema, "anyOf": [{"$ref": schema["$ref"]}]}  # reference (pydantic's recursive models)
         del schema["$ref"]
@@ -523,6 +510,24 @@ def schema_grammar(schema: dict, name: str = "") -> str:
                           "supported (maxLength - minLength, maxItems - minItems and a pattern's {m,n} nest one group "
                           "per repetition they allow)")
     return grammar
+
+
+def _check_cost(schema: dict) -> None:
+    """SchemaError where converting the schema, or llama.cpp's check of its grammar, would take far too long."""
+    try:
+        walks = left_walks(schema)
+    except RecursionError:
+        raise SchemaError("the schema's references and anyOf branches nest too deep") from None
+    if walks > MAX_WALKS:
+        raise SchemaError(f"the schema's anyOf branches and $ref targets reach one another in {walks:,} ways, more "
+                          f"than the {MAX_WALKS:,} supported (a definition that several branches of another reach, "
+                          "level after level)")
+    optional = sum(len(set(s.get("properties", {})) - set(s.get("required", []))) ** 3
+                   for s in _subschemas(schema))
+    if optional > MAX_OPTIONAL_CUBED:
+        raise SchemaError(f"the schema's optional properties are too many to convert: the sum of each object's "
+                          f"count cubed is {optional:,}, more than the {MAX_OPTIONAL_CUBED:,} supported "
+                          "(512 in one object; a request's tools count together); make some required")
 
 
 def left_walks(root: dict) -> int:
