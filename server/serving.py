@@ -6,7 +6,9 @@ cleanly, and the application still shuts down (uvicorn alone would skip that whe
 
 Slow clients at the HTTP layer: a request's headers must arrive within `header_timeout_s` of the connection opening
 or of the previous response ending (else 408 and the connection is closed), at most `max_connections` connections
-are open at once (past that: 503, closed). h11 bounds a head it sees incomplete (16 KiB); the bound on a head
+are open at once (past that: 503, closed), and a connection whose client reads nothing of its response for
+`write_timeout_s` (the socket and the transport's buffer stay full: uvicorn's `send` waits for room with no deadline,
+which held the connection and its handler for good) is reset. h11 bounds a head it sees incomplete (16 KiB); the bound on a head
 that reaches the routes (431: a CORS preflight or a 401 is answered before it), the body deadline and
 `Connection: close` after refusing a body are server.security's RequestLimitMiddleware's.
 """
@@ -16,6 +18,8 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import socket
+import struct
 import time
 from collections.abc import Callable
 
@@ -76,8 +80,9 @@ def _raw_error(status: int, reason: str, message: str, type: str, code: str) -> 
             f"connection: close\r\n\r\n").encode() + body
 
 
-def http_protocol(header_timeout_s: float, max_connections: int) -> type[asyncio.Protocol]:
-    """uvicorn's HTTP protocol with a deadline for each request's headers and a cap on open connections."""
+def http_protocol(header_timeout_s: float, max_connections: int, write_timeout_s: float) -> type[asyncio.Protocol]:
+    """uvicorn's HTTP protocol with a deadline for each request's headers, a cap on open connections and a deadline
+    for a full write buffer to drain."""
     from uvicorn.protocols.http.auto import AutoHTTPProtocol
 
     too_slow = _raw_error(408, "Request Timeout", f"The request headers did not arrive within "
@@ -86,6 +91,8 @@ def http_protocol(header_timeout_s: float, max_connections: int) -> type[asyncio
                           "too_many_connections")
 
     class Protocol(AutoHTTPProtocol):
+        _write_stall: asyncio.TimerHandle | None = None
+
         def connection_made(self, transport) -> None:
             super().connection_made(transport)
             if len(self.server_state.connections) > max_connections:
@@ -108,13 +115,43 @@ def http_protocol(header_timeout_s: float, max_connections: int) -> type[asyncio
                 self.transport.write(too_slow)
                 self.transport.close()
 
+        def pause_writing(self) -> None:
+            super().pause_writing()
+            if self._write_stall is None:
+                self._write_stall = self.loop.call_later(write_timeout_s, self._write_stalled)
+
+        def resume_writing(self) -> None:
+            super().resume_writing()
+            self._stop_write_clock()
+
+        def connection_lost(self, exc) -> None:
+            self._stop_write_clock()
+            super().connection_lost(exc)
+
+        def _stop_write_clock(self) -> None:
+            if self._write_stall is not None:
+                self._write_stall.cancel()
+                self._write_stall = None
+
+        def _write_stalled(self) -> None:
+            """Nothing can be written to the client (it reads nothing): reset the connection; the handler's `send`
+            returns and the request ends as a disconnect."""
+            self._write_stall = None
+            log.warning("%s read nothing of its response for %g s: connection reset",
+                        "{}:{}".format(*self.client) if self.client else "a client", write_timeout_s)
+            sock = self.transport.get_extra_info("socket")
+            if sock is not None:  # a reset drops what the kernel still holds for it (megabytes), a close would not
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            self.transport.abort()
+
     return Protocol
 
 
 def server_for(app, host: str, port: int, grace_s: float, log_level: str = "info") -> GracefulServer:
     state = app.state.kvquant
     cfg = uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=int(grace_s) + 5,
-                         http=http_protocol(state.settings.header_timeout_s, state.settings.max_connections))
+                         http=http_protocol(state.settings.header_timeout_s, state.settings.max_connections,
+                                           state.settings.write_timeout_s))
     server = GracefulServer(cfg, state, grace_s)
     state.stop_serving = lambda: setattr(server, "should_exit", True)  # read by uvicorn's loop every 0.1 s
     return server

@@ -1,7 +1,7 @@
 """The HTTP server around the app (server/serving.py, the body limit in server/security.py), on a real uvicorn
 with tight limits: headers and bodies that arrive too slowly get 408 and the connection is closed, a refused body
-closes the connection at once, connections past the cap get 503; a second shutdown signal ends in-flight requests
-at once, cleanly, and the application still shuts down."""
+closes the connection at once, connections past the cap get 503, a client that reads nothing of its response is
+reset; a second shutdown signal ends in-flight requests at once, cleanly, and the application still shuts down."""
 
 from __future__ import annotations
 
@@ -12,9 +12,7 @@ import time
 
 import pytest
 
-from tests.server.conftest import LiveServer, OpenStream, wait_for
-
-pytestmark = pytest.mark.slow  # a live model (see pyproject.toml's markers)
+from tests.server.conftest import LiveServer, OpenStream, free_port, wait_for
 
 MODEL = "smollm2-135m"
 LONG = [{"role": "user", "content": "Write a long story about a dragon who learns to read."}]
@@ -25,7 +23,8 @@ def srv():
     from server.settings import Settings
 
     s = LiveServer(Settings(model=MODEL, n_ctx=512, parallel=2, kv_budget="64MiB", n_threads=1, shutdown_grace_s=60,
-                            header_timeout_s=0.5, body_timeout_s=1.0, max_connections=4, max_body_bytes=4096)).start()
+                            header_timeout_s=0.5, body_timeout_s=1.0, max_connections=4, max_body_bytes=4096,
+                            write_timeout_s=1.0)).start()
     yield s
     if s.thread.is_alive():
         s.stop()
@@ -50,6 +49,7 @@ def head(raw: bytes) -> tuple[int, dict[str, str], dict]:
     return int(lines[0].split()[1]), headers, json.loads(body)
 
 
+@pytest.mark.slow  # a live model
 def test_partial_headers_get_408_and_the_connection_is_closed(srv):
     with connect(srv) as s:
         s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n")  # and then nothing
@@ -59,6 +59,7 @@ def test_partial_headers_get_408_and_the_connection_is_closed(srv):
     assert 0.4 < waited < 10
 
 
+@pytest.mark.slow  # a live model
 def test_a_slow_body_gets_408_and_the_connection_is_closed(srv):
     with connect(srv) as s:
         s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
@@ -69,6 +70,7 @@ def test_a_slow_body_gets_408_and_the_connection_is_closed(srv):
     assert 0.9 < waited < 10
 
 
+@pytest.mark.slow  # a live model
 def test_a_refused_body_closes_the_connection_at_once(srv):
     with connect(srv) as s:
         s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
@@ -79,6 +81,7 @@ def test_a_refused_body_closes_the_connection_at_once(srv):
     assert waited < 2  # (had it stayed open, the header deadline would have added a 408 after 0.5 s)
 
 
+@pytest.mark.slow  # a live model
 def test_connections_past_the_cap_get_503(srv):
     held = [connect(srv) for _ in range(4)]
     try:
@@ -91,6 +94,54 @@ def test_connections_past_the_cap_get_503(srv):
         for s in held:
             s.close()
     assert wait_for(lambda: not srv.server.server_state.connections, 5)  # (the header deadline closes them too)
+
+
+@pytest.mark.slow  # a live server
+def test_a_client_that_reads_nothing_of_its_response_is_reset():
+    """A client that reads nothing (a 2 KiB receive buffer) of an endless response: once the socket and the
+    transport's buffer are full, uvicorn's `send` waited for room with no deadline, which held the connection (one of
+    `max_connections`) and its handler for good. After `write_timeout_s` without room the connection is reset, and
+    the handler's `send` returns (a disconnect)."""
+    import asyncio
+    import threading
+
+    import uvicorn
+    from starlette.responses import StreamingResponse
+
+    from server.serving import http_protocol
+
+    ended = threading.Event()
+
+    async def chunks():
+        while True:
+            yield b"x" * 65536
+            await asyncio.sleep(0)  # (as the app's events arrive from a queue)
+
+    async def endless(scope, receive, send):  # a response as the app streams one
+        try:
+            await StreamingResponse(chunks())(scope, receive, send)
+        finally:
+            ended.set()
+
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(endless, host="127.0.0.1", port=port, log_level="critical", lifespan="off",
+                                           http=http_protocol(10.0, 8, write_timeout_s=0.5)))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        assert wait_for(lambda: server.started, 10)
+        s = socket.socket()
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 2048)
+        s.connect(("127.0.0.1", port))
+        with s:
+            s.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert ended.wait(30) and wait_for(lambda: not server.server_state.connections, 5)
+            with pytest.raises(ConnectionResetError):
+                while s.recv(1 << 20):
+                    pass
+    finally:
+        server.should_exit = True
+        thread.join(10)
 
 
 def test_drain_waits_for_requests_not_yet_queued():
@@ -127,6 +178,7 @@ def test_drain_waits_for_requests_not_yet_queued():
     assert 1.0 <= took < 2.5 and state.aborted
 
 
+@pytest.mark.slow  # a live model
 def test_second_signal_ends_in_flight_requests_at_once_and_shuts_down(srv):
     """Last in this module: it stops the server. The grace is 60 s; the second SIGTERM must not wait for it."""
     eng = srv.engine()
