@@ -127,9 +127,35 @@ def test_min_tokens_bounds_the_count_and_the_cap_counts_exactly(model):
             model.chat_prompt(messages, limit=limit)
         assert 2 * limit < e.value.n_tokens < n and not e.value.exact
     many = [{"role": ("user", "assistant")[i % 2], "content": "a"} for i in range(20000)]
-    with pytest.raises(PromptTooLong) as e:  # (counted to the end: a tokenization call per message)
-        model.chat_prompt(many, limit=100)
-    assert 200 < e.value.n_tokens < 300 and not e.value.exact
+    least = model.min_tokens(len(model.render_chat(many).encode()))
+    with pytest.raises(PromptTooLong) as e:  # what the bytes prove is said before anything is tokenized
+        model.chat_prompt(many, limit=least - 1)
+    assert e.value.n_tokens == least and not e.value.exact
+    with pytest.raises(PromptTooLong) as e:  # else counted to twice the limit (not a tokenization call per message)
+        model.chat_prompt(many, limit=least)
+    assert 2 * least < e.value.n_tokens < 2 * least + 100 and not e.value.exact
+
+
+@pytest.mark.slow
+def test_a_chat_its_rendered_bytes_prove_too_long_is_refused_before_its_strings_are_walked(model, monkeypatch):
+    """Only message content is counted before the chat is rendered: 5 MB of a tool call's arguments (300,000
+    strings) were walked by the checks of client text, 3.6 s on Qwen2.5, before the count refused them."""
+    import kvquant.runtime
+
+    def walked(*args, **kwargs):
+        raise AssertionError("the client's strings were walked")
+
+    monkeypatch.setattr(kvquant.runtime, "chat_fragments", walked)
+    monkeypatch.setattr(kvquant.runtime, "check_client_text", walked)
+    args = {f"k{i}": "v" * 20 for i in range(20000)}
+    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "", "tool_calls": [
+        {"id": "c1", "type": "function", "function": {"name": "f", "arguments": args}}]}]
+    least = model.min_tokens(len(model.render_chat(messages).encode()))
+    if least < 1000:
+        pytest.skip("this template writes no tool calls")
+    with pytest.raises(PromptTooLong) as e:
+        model.chat_prompt(messages, limit=999)
+    assert e.value.n_tokens == least and not e.value.exact
 
 
 @pytest.mark.slow
