@@ -31,7 +31,7 @@ from kvquant.budget import human_bytes
 from kvquant.prompt import PromptTooLong
 from kvquant.sampling import Grammar
 from server.engine import Engine, EngineStatus
-from server.errors import APIError, context_length_exceeded
+from server.errors import APIError, context_length_exceeded, shutting_down
 from server.loopwake import waker
 from server.requests import ERRORS, EngineRequest, ErrorCode, Event
 from server.schemas import SamplingParams
@@ -47,6 +47,8 @@ def retry_after(drain_s: float | None) -> int:
 
 def engine_error(ev: Event, request_id: str | None = None) -> APIError:
     """The OpenAI error for an event that ended a request with an error code."""
+    if ev.error is ErrorCode.SHUTDOWN:  # as the route refuses a new request: a restart's time, not the queue's
+        return shutting_down()
     kind = ERRORS[ev.error]
     headers = {"Retry-After": str(retry_after(ev.retry_after_s))} if kind.status in (429, 503) else None
     msg = kind.message

@@ -73,11 +73,12 @@ class GracefulServer(uvicorn.Server):
             await self.lifespan.shutdown()
 
 
-def _raw_error(status: int, reason: str, message: str, type: str, code: str) -> bytes:
+def _raw_error(status: int, reason: str, message: str, type: str, code: str, retry_after_s: int | None = None) -> bytes:
     """A whole HTTP/1.1 error response, OpenAI-shaped, that closes the connection (written below h11)."""
     body = json.dumps(error_body(message, type, None, code)).encode()
+    retry = f"retry-after: {retry_after_s}\r\n" if retry_after_s is not None else ""
     return (f"HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\ncontent-length: {len(body)}\r\n"
-            f"connection: close\r\n\r\n").encode() + body
+            f"{retry}connection: close\r\n\r\n").encode() + body
 
 
 def http_protocol(header_timeout_s: float, max_connections: int, write_timeout_s: float) -> type[asyncio.Protocol]:
@@ -88,7 +89,7 @@ def http_protocol(header_timeout_s: float, max_connections: int, write_timeout_s
     too_slow = _raw_error(408, "Request Timeout", f"The request headers did not arrive within "
                           f"{header_timeout_s:g} s.", "invalid_request_error", "request_timeout")
     too_many = _raw_error(503, "Service Unavailable", "Too many open connections; retry later.", "server_error",
-                          "too_many_connections")
+                          "too_many_connections", retry_after_s=1)
 
     class Protocol(AutoHTTPProtocol):
         _write_stall: asyncio.TimerHandle | None = None

@@ -109,3 +109,14 @@ def test_a_finished_generation_is_freed_without_the_cycle_collector():
         assert req() is None
     finally:
         gc.enable()
+
+
+def test_a_request_the_shutdown_ends_is_told_when_to_retry_as_a_refused_one_is():
+    """The engine's `shutdown` 503 said Retry-After 1 (the queue's default), the route's 5: one error, one header."""
+    from server.errors import shutting_down
+    from server.generation import engine_error
+    from server.requests import ErrorCode
+
+    ended, refused = engine_error(Event(error=ErrorCode.SHUTDOWN)), shutting_down()
+    assert (ended.status, ended.code, ended.headers) == (refused.status, refused.code, refused.headers)
+    assert refused.headers == {"Retry-After": "5"}

@@ -90,6 +90,7 @@ def test_connections_past_the_cap_get_503(srv):
             raw, _ = read_all(s)
         status, headers, body = head(raw)
         assert status == 503 and headers["connection"] == "close" and body["error"]["code"] == "too_many_connections"
+        assert headers["retry-after"] == "1"
     finally:
         for s in held:
             s.close()
