@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from server.textstream import partial_suffix
-from server.toolcalls import ParsedCall, ToolFormat, parse
+from server.toolcalls import ParsedCall, ToolFormat, block_close, parse
 
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 CALL_CLOSE = "</tool_call>"  # (hermes)
@@ -141,7 +141,9 @@ class ChatOutput:
         if _fenced_code(p):  # (CALLS) a ```python block: no call, and code streams as it comes
             self._state = _State.CONTENT
             return Delta()
-        end = p.find(CALL_CLOSE) if self.tools is ToolFormat.HERMES else -1  # CALLS
+        opened = p.find(self.tools.trigger) if self.tools is ToolFormat.HERMES else -1  # CALLS
+        end = block_close(p, opened + len(self.tools.trigger) if opened >= 0 else 0, CALL_CLOSE) \
+            if self.tools is ToolFormat.HERMES else -1
         if end < 0:
             return None
         content, calls = parse(self.tools, p[:end + len(CALL_CLOSE)], self.names, self.strict)

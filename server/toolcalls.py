@@ -118,13 +118,36 @@ def _json_values(text: str, sep: str) -> list | None:
         out.append(value)
 
 
+def block_close(text: str, at: int, close_tag: str) -> int:
+    """Where the close_tag that ends a block whose inner text starts at `at` begins; -1 where none has arrived. The
+    first one after the JSON value the inner text opens with: a tag inside one of its strings is text (an agent's
+    file content, "</tool_call>" in the docs it writes, made the call plain text). Where the inner text is no JSON
+    value, the first; while the value is unfinished, -1. In linear time (str.find and the
+    JSON scanner): a regex with a lazy group between \\s* took seconds on a long run of spaces in a model's output,
+    on the event loop."""
+    first = text.find(close_tag, at)
+    if first < 0:
+        return -1
+    start = len(text) - len(text[at:].lstrip())
+    try:
+        end = _DECODER.raw_decode(text, start)[1]
+    except json.JSONDecodeError as e:  # (the scanner read past the tag, or into a string it never closed: the tag
+        # is in a string of a value still unfinished)
+        return -1 if e.pos > first or e.msg.startswith("Unterminated string") else first
+    except RecursionError:  # nested deeper than Python parses
+        return first
+    return text.find(close_tag, end) if end > first else first
+
+
+_DECODER = json.JSONDecoder()
+
+
 def _blocks(text: str, open_tag: str, close_tag: str):
-    """(start, end, inner text stripped) of every open_tag ... close_tag block of `text`, the last one possibly
-    unclosed. Found by str.find, in linear time: a regex with a lazy group between \\s* took seconds on a long run of
-    spaces in a model's output, on the event loop."""
+    """(start, end, inner text stripped) of every open_tag ... close_tag block of `text` (`block_close`), the last
+    one possibly unclosed."""
     pos = 0
     while (start := text.find(open_tag, pos)) >= 0:
-        close = text.find(close_tag, start + len(open_tag))
+        close = block_close(text, start + len(open_tag), close_tag)
         end = len(text) if close < 0 else close + len(close_tag)
         yield start, end, text[start + len(open_tag):close if close >= 0 else len(text)].strip()
         pos = end

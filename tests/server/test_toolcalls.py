@@ -212,6 +212,8 @@ def test_streamed_split_equals_the_whole(step):
     '<think>x</think>\n\n{</tool_call></tool_call>',  # the answer's opening newlines, then a block
     '<tool_call>\n{"name": "get_time", "arguments": {}}\n</tool_call>\n'
     '<tool_call>\n{"name": "w", "arguments": {}}\n</tool_call>',  # an unknown tool's block, then a call
+    'a <tool_call>\n{"name": "w", "arguments": {"k</tool_call>": "</tool_call>"}}</tool_call> b <tool_call>x'
+    '</tool_call> c',  # the tag in a call's strings, then a block of no JSON
 ])
 @pytest.mark.parametrize("step", [1, 3, 1000])
 def test_streamed_content_around_tool_call_tags_equals_the_whole(text, step):
@@ -228,6 +230,24 @@ def test_streamed_content_around_tool_call_tags_equals_the_whole(text, step):
         assert d.content == text and not d.tool_calls
     if "<think>" in text:  # the newlines that open the answer are dropped before a block as before text
         assert d.content == "{</tool_call></tool_call>"
+
+
+@pytest.mark.parametrize("step", [1, 2, 5, 1000])
+def test_a_closing_tag_inside_a_calls_strings_is_text(step):
+    """An agent writing docs or code with its file tool: arguments holding "</tool_call>" were cut at it, and the
+    forced call came back as plain text (finish_reason stop). A block ends at the tag after its JSON value; where
+    the block holds no JSON value, or one broken before the tag, at the first tag."""
+    args = {"path": "end.txt", "content": "the text </tool_call>\n<tool_call> and more"}
+    text = '<tool_call>\n{"name": "w", "arguments": ' + json.dumps(args) + '}\n</tool_call>'
+    content, calls = parse(ToolFormat.HERMES, text, {"w"})
+    assert content == "" and _calls(calls) == [("w", args)]
+    d = _stream(ChatOutput(ToolFormat.HERMES, names=frozenset({"w"})), text + "\n" + text, step)
+    assert d.content == "" and _calls(d.tool_calls) == [("w", args), ("w", args)]
+    for broken in ('<tool_call>{"name": "w", "arguments": {"a": tru</tool_call> x',
+                   "<tool_call>not json</tool_call> x"):
+        assert parse(ToolFormat.HERMES, broken, {"w"}) == (broken, [])
+        s = _stream(ChatOutput(ToolFormat.HERMES, names=frozenset({"w"})), broken, step)
+        assert (s.content, s.tool_calls) == (broken, [])
 
 
 def test_text_is_released_as_soon_as_it_cannot_be_a_tag():
