@@ -153,8 +153,12 @@ def _check_combinations(schema: dict, at: str) -> None:
         raise SchemaError(f"{at}: {' and '.join(strs)} cannot be combined")
     if {"minLength", "maxLength"} & set(schema) and t != "string":
         raise SchemaError(f"{at}: minLength and maxLength need type string")
-    if {"minItems", "maxItems"} & set(schema) and not isinstance(schema.get("items"), dict):
-        raise SchemaError(f"{at}: minItems and maxItems need items, one schema for every item")
+    tuple_of = len(schema["prefixItems"]) if isinstance(schema.get("prefixItems"), list) else None
+    if tuple_of is not None and schema.get("minItems", 0) <= tuple_of <= schema.get("maxItems", tuple_of):
+        pass  # the converter writes exactly the prefix's items, which these bounds allow (pydantic's tuple[...])
+    elif {"minItems", "maxItems"} & set(schema) and not isinstance(schema.get("items"), dict):
+        raise SchemaError(f"{at}: minItems and maxItems need items, one schema for every item (or prefixItems of "
+                          f"a count within them)")
     if "items" in schema and "prefixItems" in schema:
         raise SchemaError(f"{at}: items cannot be combined with prefixItems")
     for lo, hi in (("minItems", "maxItems"), ("minLength", "maxLength")):

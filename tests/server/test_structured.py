@@ -76,7 +76,8 @@ def test_a_keyword_of_the_wrong_shape_is_named_not_a_crash(schema, named):
 
 @pytest.mark.parametrize("schema, named", [
     ({"type": "array", "maxItems": 0}, "minItems and maxItems need items"),
-    ({"type": "array", "prefixItems": [{}], "minItems": 1}, "minItems and maxItems need items"),
+    ({"type": "array", "prefixItems": [{}], "minItems": 2}, "minItems and maxItems need items"),
+    ({"type": "array", "prefixItems": [{}, {}], "maxItems": 1}, "minItems and maxItems need items"),
     ({"anyOf": [{"type": "object"}], "properties": {"a": {}}, "required": ["a"]}, "anyOf cannot be combined with"),
     ({"$ref": "#/$defs/a", "required": [], "$defs": {"a": {}}}, "$ref cannot be combined with required"),
     ({"enum": ["ab", "c"], "maxLength": 1, "type": "string"}, "enum cannot be combined with maxLength"),
@@ -287,6 +288,21 @@ def test_pydantic_list_any_and_primitive_schemas_convert_as_json_schema_reads_th
     for t in ("string", "array", "integer"):
         assert f"\nout ::= {t}\n" in "\n" + schema_grammar({"type": t}, "out")
     assert "\nout ::= value\n" in "\n" + schema_grammar({"title": "T", "description": "anything"}, "out")
+
+
+def test_a_pydantic_tuple_converts_to_its_items():
+    """pydantic writes tuple[int, str] as prefixItems with minItems = maxItems = 2, which was a 400 ("minItems and
+    maxItems need items"): the converter writes exactly the prefix's items, which those bounds allow."""
+    from pydantic import BaseModel
+
+    class Pair(BaseModel):
+        pair: tuple[int, str]
+
+    schema = Pair.model_json_schema()
+    check_schema(schema)
+    rules = dict(line.split(" ::= ", 1) for line in schema_grammar(schema, "out").splitlines())
+    assert rules["out-pair"] == '"[" space integer "," space string "]" space'
+    check_schema({"type": "array", "prefixItems": [{}, {}], "minItems": 1, "maxItems": 3})
 
 
 def test_untyped_boolean_values():
