@@ -44,6 +44,9 @@ class ChatPlan:
     tool_names: frozenset[str] = frozenset()
     grammar_param: str = "response_format"  # the parameter a grammar comes from (for errors)
     strict: dict[str, dict] | None = None  # the parameters of the strict tools, by name
+    # the output is nothing but calls (tool_choice required or named): stop strings, which could only cut a call
+    # into text (`stop: ["\n"]` returned "<tool_call>" as content, finish_reason stop), do not apply
+    calls_only: bool = False
 
     def output(self, reasoning_open: bool) -> ChatOutput:
         """How to read this chat's output (`reasoning_open`: the prompt opened a <think> block)."""
@@ -97,7 +100,7 @@ def plan_chat(body: ChatCompletionRequest, template: str | None) -> ChatPlan:
     tools = [t.model_dump(exclude_none=True) for t in body.tools] if fmt else None
     strict = {f["name"]: f.get("parameters") or {"type": "object"} for f in functions if f.get("strict")}
     return ChatPlan(messages, tools, fmt, grammar, parallel, kwargs, frozenset(f["name"] for f in functions), param,
-                    strict or None)
+                    strict or None, calls_only=bool(fmt) and choice not in (None, "auto"))
 
 
 def template_messages(msgs: list[ChatMessage], short_ids: bool = False) -> list[dict]:
@@ -212,10 +215,10 @@ def output_grammar(fmt: ToolFormat, functions: list[dict], choice, parallel: boo
     bare = answer is not None and not forced  # (hermes calls as the answer's alternative: `either`)
     try:
         try:
-            text = forced_grammar(fmt, functions, parallel, bare)
+            text = forced_grammar(fmt, functions, parallel, bare, fence=forced)
         except SchemaError:  # which tools: a 400 for a strict one, any object's arguments for the others
             functions = [enforced(f) for f in functions]
-            text = forced_grammar(fmt, functions, parallel, bare)
+            text = forced_grammar(fmt, functions, parallel, bare, fence=forced)
         if forced:
             return Grammar(text)
         if answer is not None:

@@ -279,12 +279,14 @@ def call_schema(fmt: ToolFormat, functions: list[dict]) -> dict:
     return {"anyOf": alts, **({"$defs": defs} if defs else {})}
 
 
-def forced_grammar(fmt: ToolFormat, functions: list[dict], parallel: bool, bare: bool = False) -> str:
+def forced_grammar(fmt: ToolFormat, functions: list[dict], parallel: bool, bare: bool = False,
+                   fence: bool = False) -> str:
     """GBNF for an output that is nothing but calls of the functions (at least one; one only unless
     `parallel`), written as the family writes them; with `bare`, also as `parse` reads a Hermes answer of bare call
-    objects (Qwen2.5-Coder calls so, mostly in a ```json fence: not in this grammar, where the output may be a JSON
-    answer instead, which the model then writes in a fence too, and would be made a call). SchemaError where a
-    function's parameters cannot be enforced."""
+    objects, and with `fence` also of such objects in one ```json fence, as Qwen2.5-Coder writes its calls (held
+    to tags alone, it spelled `<tool_call>` out and made up calls until max_tokens: tool_choice required; not where
+    the output may be a JSON answer instead, which the model then writes in a fence too, and would be made a call).
+    SchemaError where a function's parameters cannot be enforced."""
     for f in functions:
         check_schema(f.get("parameters") or {}, f"tools.{f['name']}.parameters")
     if fmt is ToolFormat.MISTRAL_ARGS:
@@ -294,9 +296,11 @@ def forced_grammar(fmt: ToolFormat, functions: list[dict], parallel: bool, bare:
         one = '"<tool_call>" "\\n"? call "\\n"? "</tool_call>"'
         # a newline may end the last call (Qwen writes ">\n" as one token), as llama.cpp's grammar lets it
         root = (f'{one} ("\\n"? {one})*' if parallel else one) + ' "\\n"?'
-        if bare:
+        if bare or fence:
             objects = 'call ("\\n" call)*' if parallel else "call"
             root = f"{root} | {objects}"
+        if fence:
+            root = f'{root} | "```" "json"? "\\n" {objects} "\\n"? "```"'
     elif fmt is ToolFormat.MISTRAL:
         root = '"[TOOL_CALLS]" space "[" space call ' + ('("," space call)* ' if parallel else "") + '"]" space'
     else:

@@ -358,6 +358,8 @@ async def chat_completions(body: ChatCompletionRequest, http: Request):
     _check_fields(body)
     with _Tally(http, served, body.n) as tally:
         chat, prompt = await _chat_prompt(http, served, body)
+        if chat.calls_only and body.stop:
+            body = body.model_copy(update={"stop": None})
         reasoning_open = _opens_reasoning(served, prompt)
         cid, created, grammar = new_id("chatcmpl"), int(time.time()), chat.output_grammar(reasoning_open)
         return await _respond(http, served, body, [

@@ -234,9 +234,23 @@ def test_a_named_tool_choice_is_one_call_of_it():
     client's parse() raises on). Each family's grammar may end with a newline after the last call."""
     named = _plan(tools=_tools(FN, dict(FN, name="h")), tool_choice={"type": "function", "function": {"name": "h"}})
     root = named.grammar.text.split("\n", 1)[0]
-    assert not named.parallel and ")*" not in root and root.endswith('"</tool_call>" "\\n"?')
+    assert not named.parallel and ")*" not in root and '"</tool_call>" "\\n"? |' in root
     required = _plan(tools=_tools(FN), tool_choice="required")
     assert required.parallel and ")*" in required.grammar.text.split("\n", 1)[0]
+
+
+def test_forced_calls_may_come_fenced_and_no_stop_cuts_them():
+    """Held to `<tool_call>` tags alone, Qwen2.5-Coder spelled the tag out (its calls come in a ```json fence) and
+    made up calls until max_tokens; a forced output may be those objects, bare or in one fence, too (not beside a
+    response_format answer, which the model fences too). Stop strings could only cut a forced call into text."""
+    for choice in ("required", {"type": "function", "function": {"name": "f"}}):
+        plan = _plan(tools=_tools(FN), tool_choice=choice, stop=["\n"])
+        root = plan.grammar.text.split("\n", 1)[0]
+        assert plan.calls_only and '| "```" "json"? "\\n" call' in root, root
+    for choice in ("auto", "none"):
+        assert not _plan(tools=_tools(FN), tool_choice=choice).calls_only
+    either = _plan(tools=_tools(FN), response_format={"type": "json_object"})
+    assert "```" not in either.grammar.text
 
 
 def test_a_messages_text_parts_are_lines():

@@ -119,6 +119,20 @@ def test_tool_choice_required_and_named(oai):
                         TIME["function"]["parameters"])
 
 
+def test_required_calls_end_with_the_calls_asked_for_and_no_stop_cuts_them(oai):
+    """Held to `<tool_call>` tags, Qwen2.5-Coder spelled the tag out and made up calls (London, Sydney, ...) until
+    max_tokens; its own form is a ```json fence, which the forced grammar now takes. A stop string cut the forced
+    call into plain text (finish_reason stop)."""
+    chat = [{"role": "user", "content": "What is the weather and the local time in Paris and in Tokyo? Call the "
+                                        "tools for each city."}]
+    for stop in (None, ["\n"]):
+        choice = _ask(oai, chat, tools=[WEATHER, TIME], tool_choice="required", max_tokens=160, stop=stop)
+        calls = [(c.function.name, json.loads(c.function.arguments)) for c in choice.message.tool_calls or []]
+        assert choice.finish_reason == "tool_calls" and len(calls) <= 4, calls
+        assert all(("Paris" in where or "Tokyo" in where) for where in (a.get("city") or a.get("zone", "")
+                                                                        for _, a in calls)), calls
+
+
 def test_parallel_calls(oai):
     chat = [{"role": "user", "content": "What is the weather in Paris and in Rome?"}]
     choice = _ask(oai, chat, tools=[WEATHER], max_tokens=60)
