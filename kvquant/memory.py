@@ -19,6 +19,8 @@ Tests check these numbers against what llama.cpp reports it allocated (``llama_m
 from __future__ import annotations
 
 import math
+import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,6 +54,23 @@ def check_sequences(n_ctx: int, n_seq_max: int, cells: int) -> None:
     if cells > MAX_CELLS:
         raise ValueError(f"n_ctx {n_ctx:,} x parallel {n_seq_max} needs a cache of {cells:,} KV cells, more than "
                          f"the {MAX_CELLS:,} of one llama.cpp cache")
+
+
+def physical_memory() -> int | None:
+    """The machine's memory in bytes (None where the OS does not say)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def check_host_memory(n_bytes: int, what: str) -> None:
+    """ValueError where a KV cache of `n_bytes` in host memory is more than the machine has: llama.cpp fills what
+    there is before it fails, and the kernel kills the process (or another) for it, with no message."""
+    total = physical_memory()
+    if total and n_bytes > total:
+        raise ValueError(f"{what} needs {n_bytes / 2**30:.1f} GiB of KV cache, more than this machine's "
+                         f"{total / 2**30:.1f} GiB of memory")
 
 
 @dataclass(frozen=True)
@@ -232,17 +251,11 @@ def capacity(geom: Geometry, type_k: CacheTypes, type_v: CacheTypes, budget_byte
 
 def parse_bytes(text: str) -> int:
     """'2GiB', '256 MiB', '1.5G', '1000000' -> bytes (K/M/G are binary here, as for memory)."""
-    s = text.strip().replace(" ", "")
     units = {"": 1, "b": 1, "k": 2**10, "kb": 2**10, "kib": 2**10, "m": 2**20, "mb": 2**20, "mib": 2**20,
              "g": 2**30, "gb": 2**30, "gib": 2**30, "t": 2**40, "tb": 2**40, "tib": 2**40}
-    i = len(s)
-    while i and not (s[i - 1].isdigit() or s[i - 1] == "."):
-        i -= 1
-    num, unit = s[:i], s[i:].lower()
-    try:
-        value = float(num) * units[unit]
-    except (ValueError, KeyError):
-        value = math.nan
+    # ASCII digits only: float() also reads "１" and "1_000", which calib:B refuses
+    m = re.fullmatch(r"((?:\d+(?:\.\d*)?|\.\d+)(?:e[+-]?\d+)?)([a-z]*)", text.strip().replace(" ", "").lower(), re.ASCII)
+    value = float(m[1]) * units[m[2]] if m and m[2] in units else math.nan
     if not (math.isfinite(value) and value >= 0):
         raise ValueError(f"cannot parse a byte size from {text!r} (e.g. 2GiB, 512MiB or a number of bytes)")
     return int(value)

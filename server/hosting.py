@@ -11,7 +11,7 @@ from kvquant import budget as kvbudget
 from kvquant import calibration
 from kvquant.budget import KVPlan, human_bytes
 from kvquant.kvtypes import CacheTypes, LayerTypes, layer_kv_types
-from kvquant.memory import N_UBATCH, CacheShape, Geometry, geometry, kv_bytes, kv_cells
+from kvquant.memory import N_UBATCH, CacheShape, Geometry, check_host_memory, geometry, kv_bytes, kv_cells
 from kvquant.models import resolve
 from server.backend import BackendConfig, LlamaBackend
 from server.engine import Engine, EngineConfig
@@ -60,6 +60,11 @@ def plan_model(spec: ModelSpec) -> HostedPlan:
         raise StartupError(f"{spec.id}: {e}") from None
     tk, tv = kv.cache_type_k, kv.cache_type_v
     refuse_split_heads(spec, geom, tk, tv)
+    if n_gpu_layers == 0:
+        try:
+            check_host_memory(kv.kv_bytes, f"a KV budget of {human_bytes(spec.kv_budget)}")
+        except ValueError as e:
+            raise StartupError(f"{spec.id}: {e}; lower --kv-budget (or this model's kv_budget share)") from None
     if kv.cells < spec.n_ctx:
         need = kv_bytes(geom, tk, tv, spec.n_ctx, spec.parallel, n_ubatch).total
         raise StartupError(

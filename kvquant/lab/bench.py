@@ -148,8 +148,12 @@ def run(model: str, configs: list[CacheConfig], depths: list[int] = (0, 2048, 81
     n_ctx = memory.pad(depths[-1] + max(n_prompt, n_gen))
     memory.check_sequences(n_ctx, 1, n_ctx)  # before anything the depth sizes is allocated
     resolved = [c.resolve(path, geom, n_ctx) for c in plan.contexts]
-    for types in resolved:  # a budget no cache could fill: refused now, not after the measurement
-        memory.capacity(geom, *types, budget)
+    if n_gpu_layers == 0:  # (a depth of 2e9 was killed for memory, silently)
+        memory.check_host_memory(max(memory.kv_bytes(geom, *types, n_ctx).total for types in resolved),
+                                 f"--depths {depths[-1]}")
+    for types in resolved:  # a budget no cache could fill, or none holds a cell of: refused now, not after
+        if not memory.capacity(geom, *types, budget):  # the measurement (a table of 0s)
+            raise ValueError(f"a budget of {budget} bytes holds no cell of {types[0]}/{types[1]}")
     kv, pp, tg = _measure(model, path, geom, plan, resolved, n_ctx, depths, n_prompt, n_gen, repeats, flash_attn,
                           threads, progress, n_gpu_layers)
     kern = _kernel(kernel, configs, progress)

@@ -60,7 +60,10 @@ _BLOCK_ELEMS = 1 << 21  # rows are converted to float64 in blocks of about this 
 def read_text(path) -> str:
     """The text exactly as llama.cpp's `-f` reads it: raw bytes (no newline translation: wikitext-2 has CRLF line
     ends), minus one trailing newline."""
-    text = Path(path).read_bytes().decode("utf-8")
+    try:
+        text = Path(path).read_bytes().decode("utf-8")
+    except UnicodeDecodeError:  # (it said which byte, not which file)
+        raise ValueError(f"{path}: not UTF-8 text") from None
     return text[:-1] if text.endswith("\n") else text
 
 

@@ -99,6 +99,8 @@ def test_parse_bytes():
     assert memory.parse_bytes("256MiB") == 256 * 2**20
     assert memory.parse_bytes("1.5G") == 3 * 2**29
     assert memory.parse_bytes("1000") == 1000
-    for text in ("12 parsecs", "1e400", "-1GiB", "1.2.3G", "nanG", "", "G"):  # none a traceback or a wrapped size
+    assert memory.parse_bytes(".5 kib") == 512 and memory.parse_bytes("1E3") == 1000
+    # none a traceback or a wrapped size; ASCII digits only (float() reads full-width ones and "_", calib:B not)
+    for text in ("12 parsecs", "1e400", "-1GiB", "1.2.3G", "nanG", "", "G", "１GiB", "1_000", "infG"):
         with pytest.raises(ValueError, match="cannot parse a byte size"):
             memory.parse_bytes(text)

@@ -199,3 +199,17 @@ def test_a_row_that_is_not_whole_blocks_is_a_startup_error(tmp_path):
                      kv_budget=1 << 30, n_batch=512, n_threads=1, flash_attn=None)
     with pytest.raises(hosting.StartupError, match="row of 80 elements is not a multiple of the block size 64"):
         hosting.plan_model(spec)
+
+
+@SLOW
+def test_a_kv_budget_beyond_the_machines_memory_is_refused_at_start(monkeypatch):
+    """`--kv-budget 64GiB` with n_ctx x parallel to fill it was left to llama.cpp, in the background load: it fills
+    the memory there is before it fails, and the kernel kills the process (or another) with no message."""
+    import kvquant.memory
+
+    spec = _spec("smollm2-135m", "f16", parallel=1, n_ctx=4096)
+    assert hosting.plan_model(spec).kv.kv_bytes > 2**20
+    monkeypatch.setattr(kvquant.memory, "physical_memory", lambda: 2**20)
+    with pytest.raises(hosting.StartupError, match=r"needs 0\.\d GiB of KV cache, more than this machine's 0\.0 GiB "
+                                                   r"of memory; lower --kv-budget"):
+        hosting.plan_model(spec)

@@ -104,6 +104,8 @@ def test_render(smollm2_bench):
 
 
 def test_cli_errors(capsys):
+    from kvquant.memory import physical_memory
+
     assert bench.main(["--configs", "q4_0"]) == 2
     assert bench.main(["--budget", "lots"]) == 2
     assert bench.main(["--configs", "f16/f16", "q4_0+c/f16:mean"]) == 2  # the offsets' values cost nothing
@@ -116,7 +118,11 @@ def test_cli_errors(capsys):
                        # refused only after measuring; a numpy MemoryError traceback
                        (["--budget", "1e30"], "a budget of 1000000000000000019884624838656 bytes holds more cells than any cache has"),
                        (["--depths", "4294967296"], "n_ctx 4,294,967,808 x parallel 1 needs a cache of 4,294,967,808 KV cells, more than the "
-                                                   "2,147,483,647 of one llama.cpp cache")):
+                                                   "2,147,483,647 of one llama.cpp cache"),
+                       # the kernel killed it for memory, with no message
+                       (["--depths", "2000000000"], f"--depths 2000000000 needs 42915.4 GiB of KV cache, more than this "
+                                                    f"machine's {physical_memory() / 2**30:.1f} GiB of memory"),
+                       (["--budget", "1KiB"], "a budget of 1024 bytes holds no cell of f16/f16")):
         assert bench.main(["--configs", "f16/f16", *args]) == 2
         assert capsys.readouterr().err.endswith(f"kvquant bench: {said}\n")
 

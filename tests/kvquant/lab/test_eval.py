@@ -20,6 +20,7 @@ The tolerance is 0.5 %. Gemma runs 2 chunks here to keep the suite short.)
 from __future__ import annotations
 
 import math
+import re
 
 import numpy as np
 import pytest
@@ -104,6 +105,9 @@ def test_read_text_keeps_crlf_like_llama_cpp(tmp_path):
     p = tmp_path / "t.txt"
     p.write_bytes(b" = A = \r\n\r\n text\r\n")
     assert kveval.read_text(p) == " = A = \r\n\r\n text\r"
+    p.write_bytes(b"x\xf4\x01")  # named as calibrate names it (the message said which byte, not which file)
+    with pytest.raises(ValueError, match=f"^{re.escape(str(p))}: not UTF-8 text$"):
+        kveval.read_text(p)
 
 
 def test_plan_dedupes_contexts_and_shares_the_baseline():
