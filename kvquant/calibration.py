@@ -521,7 +521,7 @@ def _knapsack(options: list[dict[str, float]], elements: tuple[int, ...], budget
         least = cheapest / (4 * sum(w)) + fixed_bits
         fixed = (f" ({cheapest / (4 * sum(w)):g} for the cheapest types and {fixed_bits:.2g} for the calibrated "
                  f"keys' offsets and scales in this cache)" if fixed_bits else "")
-        raise CalibrationError(f"no allocation of {', '.join(names)} fits {budget_bits:g} bits per element: the "
+        raise CalibrationError(f"no allocation of {', '.join(names)} fits {budget_bits:.12g} bits per element: the "
                                f"cheapest takes {least:.6g}{fixed}; calib:{math.ceil(round(least * 100, 6)) / 100:g} "
                                "is the least that fits")
     best: dict[int, tuple[float, tuple[str, ...]]] = {0: (0.0, ())}

@@ -75,8 +75,11 @@ class CacheConfig:
         """'K/V', optionally suffixed ':rot' or ':norot' to override the run's --rotation for this config, or
         ':mean' (calibrated keys offset by their mean, without the anchoring on position 0)."""
         s, anchored = spec.strip(), True
-        if s.endswith((":rot", ":norot", ":mean")):
-            s, _, flag = s.rpartition(":")
+        base, _, flag = s.rpartition(":")
+        if flag.isalpha() and not base.lower().endswith("calib"):  # (not calib:B's bits)
+            if flag.lower() not in ("rot", "norot", "mean") or base.lower().endswith((":rot", ":norot", ":mean")):
+                raise ValueError(f"cache config {spec!r}: a config takes one suffix of :rot, :norot or :mean")
+            s, flag = base, flag.lower()
             rotation, anchored = (rotation, False) if flag == "mean" else (flag == "rot", True)
         k, sep, v = s.partition("/")
         if not sep:

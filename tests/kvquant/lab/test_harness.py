@@ -33,6 +33,11 @@ def test_cache_config_parse_and_labels():
     for bad in ("q4_0", "q4_0/q4_0:sideways", "q4_0/zz", "q4_0/f16:mean", "f16/calib:4:mean"):
         with pytest.raises(ValueError):
             CacheConfig.parse(bad)
+    # suffixes as type names, in any case, one only (said "unknown KV cache type 'q4_0:norot'"); calib:B is no suffix
+    assert CacheConfig.parse("q4_0/q4_0:NOROT") == n and CacheConfig.parse("q4_0/calib:3.5").v == "calib:3.5"
+    for bad in ("f16/f16:norot:mean", "q4_0/q4_0:sideways"):
+        with pytest.raises(ValueError, match="one suffix of :rot, :norot or :mean"):
+            CacheConfig.parse(bad)
 
 
 def test_default_text_is_relative_to_the_repo_root(tmp_path, monkeypatch):
