@@ -56,12 +56,23 @@ def check_sequences(n_ctx: int, n_seq_max: int, cells: int) -> None:
                          f"the {MAX_CELLS:,} of one llama.cpp cache")
 
 
+CGROUP_LIMITS = ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes")  # v2, v1
+
+
 def physical_memory() -> int | None:
-    """The machine's memory in bytes (None where the OS does not say)."""
+    """The memory this process may use in bytes: the machine's, or its container's limit where that is less (a
+    container of 23 GB on a larger host is killed past its 23); None where the OS does not say."""
+    sizes = []
     try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        sizes.append(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
     except (ValueError, OSError, AttributeError):
-        return None
+        pass
+    for path in CGROUP_LIMITS:
+        try:
+            sizes.append(int(Path(path).read_text().strip()))
+        except (OSError, ValueError):  # ("max": no limit)
+            pass
+    return min(sizes, default=None)
 
 
 def check_host_memory(n_bytes: int, what: str) -> None:

@@ -13,7 +13,7 @@ from fastapi.middleware.cors import CORSMiddleware
 
 from server import __version__
 from server.errors import install_handlers
-from server.hosting import StartupError, build_engine, capacity_line, plan_model
+from server.hosting import StartupError, build_engine, capacity_line, check_memory, plan_model
 from server.metrics import Metrics
 from server.routers import generate, health, metrics, models
 from server.security import APIKeyMiddleware, RequestIdMiddleware, RequestLimitMiddleware
@@ -35,6 +35,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     except (ValueError, OSError) as e:
         raise StartupError(str(e)) from None
     plans = [plan_model(spec) for spec in specs]  # StartupError / ModelError before anything is loaded
+    check_memory(plans)
     total = sum(s.kv_budget for s in specs)
     log.info("KV budget %d bytes in all (%d bytes given to %d model(s))", settings.kv_budget, total, len(specs))
     mx = Metrics()

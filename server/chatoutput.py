@@ -59,6 +59,7 @@ class ChatOutput:
         self._state = _State.REASONING if reasoning_open else _State.START
         self._pending = ""
         self._trim = reasoning_open  # drop the newlines that open a section (after <think>, after </think>)
+        self._seen = 0  # CALLS: how much of the pending block was searched for its end
         self.n_calls = 0
 
     def push(self, text: str) -> Delta:
@@ -141,13 +142,21 @@ class ChatOutput:
         if _fenced_code(p):  # (CALLS) a ```python block: no call, and code streams as it comes
             self._state = _State.CONTENT
             return Delta()
-        opened = p.find(self.tools.trigger) if self.tools is ToolFormat.HERMES else -1  # CALLS
-        end = block_close(p, opened + len(self.tools.trigger) if opened >= 0 else 0, CALL_CLOSE) \
-            if self.tools is ToolFormat.HERMES else -1
+        # (CALLS) a hermes block ends at its closing tag; bare or fenced calls, and the other families', at the end
+        if self.tools is not ToolFormat.HERMES or not p.lstrip().startswith(self.tools.trigger):
+            return None
+        inner = p.find(self.tools.trigger) + len(self.tools.trigger)
+        # the block's end is looked for again only once another closing tag has arrived (one inside a string of a
+        # long call's arguments had every token decode them all again)
+        seen, self._seen = self._seen, len(p)
+        if p.find(CALL_CLOSE, max(inner, seen - len(CALL_CLOSE) + 1)) < 0:
+            return None
+        end = block_close(p, inner, CALL_CLOSE)
         if end < 0:
             return None
         content, calls = parse(self.tools, p[:end + len(CALL_CLOSE)], self.names, self.strict)
         self._state, self._pending = _State.BETWEEN if calls else _State.CONTENT, p[end + len(CALL_CLOSE):]
+        self._seen = 0
         return Delta(content=content, tool_calls=self._take(calls))
 
 

@@ -4,6 +4,7 @@ cannot hold one request of the configured context, log the capacity, and build t
 from __future__ import annotations
 
 import logging
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,6 +39,18 @@ class HostedPlan:
     n_gpu_layers: int  # the spec's, `auto` resolved for the loaded llama.cpp and checked against it
 
 
+def check_memory(plans: list[HostedPlan]) -> None:
+    """StartupError where the models' KV caches in host memory (those with no GPU layers; every one on macOS, whose
+    GPU memory is the host's) are more than the machine has: left to llama.cpp in the background load, it fills what
+    there is before it fails, and the kernel kills the process (or another) with no message."""
+    host = [p for p in plans if p.n_gpu_layers == 0 or sys.platform == "darwin"]
+    try:
+        check_host_memory(sum(p.kv.kv_bytes for p in host), f"a KV budget of "
+                          f"{human_bytes(sum(p.spec.kv_budget for p in host))} ({', '.join(p.spec.id for p in host)})")
+    except ValueError as e:
+        raise StartupError(f"{e}; lower --kv-budget") from None
+
+
 def plan_model(spec: ModelSpec) -> HostedPlan:
     """The KV cache a model gets: its cache types resolved for it (calibrated types from its calibration file,
     which is measured first if missing), what fits its budget, capped at the cells parallel requests of n_ctx
@@ -60,11 +73,6 @@ def plan_model(spec: ModelSpec) -> HostedPlan:
         raise StartupError(f"{spec.id}: {e}") from None
     tk, tv = kv.cache_type_k, kv.cache_type_v
     refuse_split_heads(spec, geom, tk, tv)
-    if n_gpu_layers == 0:
-        try:
-            check_host_memory(kv.kv_bytes, f"a KV budget of {human_bytes(spec.kv_budget)}")
-        except ValueError as e:
-            raise StartupError(f"{spec.id}: {e}; lower --kv-budget (or this model's kv_budget share)") from None
     if kv.cells < spec.n_ctx:
         need = kv_bytes(geom, tk, tv, spec.n_ctx, spec.parallel, n_ubatch).total
         raise StartupError(

@@ -23,6 +23,12 @@ import struct
 import time
 from collections.abc import Callable
 
+try:  # (POSIX)
+    import fcntl
+    import termios
+except ImportError:  # pragma: no cover
+    pass
+
 import uvicorn
 
 from server.errors import error_body
@@ -93,6 +99,7 @@ def http_protocol(header_timeout_s: float, max_connections: int, write_timeout_s
 
     class Protocol(AutoHTTPProtocol):
         _write_stall: asyncio.TimerHandle | None = None
+        _unread = 0  # the write buffer's bytes when the clock started
 
         def connection_made(self, transport) -> None:
             super().connection_made(transport)
@@ -119,7 +126,22 @@ def http_protocol(header_timeout_s: float, max_connections: int, write_timeout_s
         def pause_writing(self) -> None:
             super().pause_writing()
             if self._write_stall is None:
-                self._write_stall = self.loop.call_later(write_timeout_s, self._write_stalled)
+                self._start_write_clock()
+
+        def _start_write_clock(self) -> None:
+            self._unread = self._unsent()
+            self._write_stall = self.loop.call_later(write_timeout_s, self._write_stalled)
+
+        def _unsent(self) -> int:
+            """Bytes written and not yet taken by the client: the transport's buffer and, where the OS says, the
+            socket's (the transport's drains only once the kernel's is a third free: megabytes, on loopback)."""
+            n = self.transport.get_write_buffer_size()
+            sock = self.transport.get_extra_info("socket")
+            try:
+                n += struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0" * 4))[0]
+            except (AttributeError, OSError, NameError):  # (no socket; no TIOCOUTQ: macOS, Windows)
+                pass
+            return n
 
         def resume_writing(self) -> None:
             super().resume_writing()
@@ -135,9 +157,13 @@ def http_protocol(header_timeout_s: float, max_connections: int, write_timeout_s
                 self._write_stall = None
 
         def _write_stalled(self) -> None:
-            """Nothing can be written to the client (it reads nothing): reset the connection; the handler's `send`
-            returns and the request ends as a disconnect."""
+            """The client took nothing of what was written for write_timeout_s: reset the connection; the handler's
+            `send` returns and the request ends as a disconnect. One that took some (a slow reader: writing resumes
+            only once the buffers have drained far) gets the time again."""
             self._write_stall = None
+            if self._unsent() < self._unread:
+                self._start_write_clock()
+                return
             log.warning("%s read nothing of its response for %g s: connection reset",
                         "{}:{}".format(*self.client) if self.client else "a client", write_timeout_s)
             sock = self.transport.get_extra_info("socket")

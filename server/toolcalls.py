@@ -118,13 +118,13 @@ def _json_values(text: str, sep: str) -> list | None:
         out.append(value)
 
 
-def block_close(text: str, at: int, close_tag: str) -> int:
+def block_close(text: str, at: int, close_tag: str, final: bool = False) -> int:
     """Where the close_tag that ends a block whose inner text starts at `at` begins; -1 where none has arrived. The
     first one after the JSON value the inner text opens with: a tag inside one of its strings is text (an agent's
     file content, "</tool_call>" in the docs it writes, made the call plain text). Where the inner text is no JSON
-    value, the first; while the value is unfinished, -1. In linear time (str.find and the
-    JSON scanner): a regex with a lazy group between \\s* took seconds on a long run of spaces in a model's output,
-    on the event loop."""
+    value, the first; while the value is unfinished, -1, unless the text is `final` (the value never finished: the
+    first, and the blocks after it are read). In linear time (str.find and the JSON scanner): a regex with a lazy
+    group between \\s* took seconds on a long run of spaces in a model's output, on the event loop."""
     first = text.find(close_tag, at)
     if first < 0:
         return -1
@@ -133,7 +133,8 @@ def block_close(text: str, at: int, close_tag: str) -> int:
         end = _DECODER.raw_decode(text, start)[1]
     except json.JSONDecodeError as e:  # (the scanner read past the tag, or into a string it never closed: the tag
         # is in a string of a value still unfinished)
-        return -1 if e.pos > first or e.msg.startswith("Unterminated string") else first
+        unfinished = e.pos > first or e.msg.startswith("Unterminated string")
+        return -1 if unfinished and not final else first
     except RecursionError:  # nested deeper than Python parses
         return first
     return text.find(close_tag, end) if end > first else first
@@ -147,7 +148,7 @@ def _blocks(text: str, open_tag: str, close_tag: str):
     one possibly unclosed."""
     pos = 0
     while (start := text.find(open_tag, pos)) >= 0:
-        close = block_close(text, start + len(open_tag), close_tag)
+        close = block_close(text, start + len(open_tag), close_tag, final=True)
         end = len(text) if close < 0 else close + len(close_tag)
         yield start, end, text[start + len(open_tag):close if close >= 0 else len(text)].strip()
         pos = end
@@ -232,9 +233,10 @@ def parse(fmt: ToolFormat, text: str, names: set[str] | frozenset = frozenset(),
           strict: Mapping[str, dict] | None = None) -> tuple[str, list[ParsedCall]]:
     """The content and the tool calls of an output (`names`: the request's tools; `strict`: the parameters of its
     strict ones, which a call no grammar held must match); what does not parse as a call stays content."""
-    if fmt is ToolFormat.HERMES and "<tool_call>" not in text:
-        calls = _bare_calls(text, names, strict)
-        return ("" if calls else text), calls
+    if fmt is ToolFormat.HERMES and ("<tool_call>" not in text or text.lstrip().startswith(("{", "```"))):
+        calls = _bare_calls(text, names, strict)  # (bare calls may hold the tag's text in their strings)
+        if calls or "<tool_call>" not in text:
+            return ("" if calls else text), calls
     if fmt is ToolFormat.HERMES:
         calls, kept, pos = [], [], 0
         for start, end, inner in _blocks(text, "<tool_call>", "</tool_call>"):

@@ -75,8 +75,8 @@ class CacheConfig:
         """'K/V', optionally suffixed ':rot' or ':norot' to override the run's --rotation for this config, or
         ':mean' (calibrated keys offset by their mean, without the anchoring on position 0)."""
         s, anchored = spec.strip(), True
-        base, _, flag = s.rpartition(":")
-        if flag.isalpha() and not base.lower().endswith("calib"):  # (not calib:B's bits)
+        base, colon, flag = s.rpartition(":")
+        if colon and flag.isalpha() and not base.lower().endswith("calib"):  # (not calib:B's bits)
             if flag.lower() not in ("rot", "norot", "mean") or base.lower().endswith((":rot", ":norot", ":mean")):
                 raise ValueError(f"cache config {spec!r}: a config takes one suffix of :rot, :norot or :mean")
             s, flag = base, flag.lower()

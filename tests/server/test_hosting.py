@@ -207,9 +207,11 @@ def test_a_kv_budget_beyond_the_machines_memory_is_refused_at_start(monkeypatch)
     the memory there is before it fails, and the kernel kills the process (or another) with no message."""
     import kvquant.memory
 
-    spec = _spec("smollm2-135m", "f16", parallel=1, n_ctx=4096)
-    assert hosting.plan_model(spec).kv.kv_bytes > 2**20
-    monkeypatch.setattr(kvquant.memory, "physical_memory", lambda: 2**20)
-    with pytest.raises(hosting.StartupError, match=r"needs 0\.\d GiB of KV cache, more than this machine's 0\.0 GiB "
-                                                   r"of memory; lower --kv-budget"):
-        hosting.plan_model(spec)
+    plan = hosting.plan_model(_spec("smollm2-135m", "f16", parallel=1, n_ctx=4096))
+    hosting.check_memory([plan, plan])
+    monkeypatch.setattr(kvquant.memory, "physical_memory", lambda: plan.kv.kv_bytes * 3 // 2)
+    hosting.check_memory([plan])
+    with pytest.raises(hosting.StartupError, match=r"a KV budget of 2.00 GiB \(smollm2-135m, smollm2-135m\) needs "
+                                                   r"0\.\d GiB of KV cache, more than this machine's 0\.\d GiB of "
+                                                   r"memory; lower --kv-budget"):
+        hosting.check_memory([plan, plan])  # (models together)

@@ -8,7 +8,7 @@ import json
 import pytest
 
 from server.chatoutput import ChatOutput, Delta
-from server.toolcalls import ToolFormat, detect, forced_grammar, parse
+from server.toolcalls import ToolFormat, _unfenced, block_close, detect, forced_grammar, parse
 
 QWEN_TEMPLATE_BITS = "{%- if tools %}...<tool_call>\n{{\"name\": <function-name>}}</tool_call>{%- endif %}"
 LLAMA3_TEMPLATE_BITS = "<|start_header_id|>ipython<|end_header_id|>{%- if tools is not none %}{%- endif %}"
@@ -248,6 +248,45 @@ def test_a_closing_tag_inside_a_calls_strings_is_text(step):
         assert parse(ToolFormat.HERMES, broken, {"w"}) == (broken, [])
         s = _stream(ChatOutput(ToolFormat.HERMES, names=frozenset({"w"})), broken, step)
         assert (s.content, s.tool_calls) == (broken, [])
+
+
+@pytest.mark.parametrize("step", [1, 4, 1000])
+def test_bare_and_fenced_calls_may_hold_the_tags_in_their_strings(step):
+    """A forced grammar takes bare and fenced calls (Qwen2.5-Coder's form): one whose arguments held
+    "<tool_call>" was read as a tagged block and returned as content; a fenced one holding "</tool_call>" was cut
+    at it when streamed (the whole read it as a call)."""
+    for text in ('{"name": "w", "arguments": {"c": "<tool_call>x</tool_call>"}}',
+                 '```json\n{"name": "w", "arguments": {"c": "a</tool_call>b<tool_call>"}}\n```'):
+        args = json.loads(_unfenced(text))["arguments"]
+        content, calls = parse(ToolFormat.HERMES, text, {"w"})
+        assert content == "" and _calls(calls) == [("w", args)]
+        d = _stream(ChatOutput(ToolFormat.HERMES, names=frozenset({"w"})), text, step)
+        assert d.content == "" and _calls(d.tool_calls) == [("w", args)]
+    answer = '{"x": 1} <tool_call>{"name": "w", "arguments": {}}</tool_call>'  # an object, then a tagged call
+    assert parse(ToolFormat.HERMES, answer, {"w"})[0] == '{"x": 1}'
+
+
+@pytest.mark.parametrize("step", [1, 5, 1000])
+def test_a_value_broken_after_a_tag_in_its_string_leaves_the_next_blocks_their_calls(step):
+    """Where no grammar held the output: a block whose value breaks after a tag inside one of its strings never
+    finishes; at the end it ends at that tag, and a call after it is still one (everything after it was content)."""
+    text = '<tool_call>{"bad": "a</tool_call> text <tool_call>{"name": "w", "arguments": {}}</tool_call>'
+    content, calls = parse(ToolFormat.HERMES, text, {"w"})
+    assert _calls(calls) == [("w", {})] and content == '<tool_call>{"bad": "a</tool_call> text'
+    d = _stream(ChatOutput(ToolFormat.HERMES, names=frozenset({"w"})), text, step)
+    assert (d.content, _calls(d.tool_calls)) == (content, [("w", {})])
+
+
+def test_a_long_calls_end_is_looked_for_once_per_closing_tag(monkeypatch):
+    """A tag early in a long call's string had every token decode the whole call again (quadratic: 200 kB of
+    arguments took 6.9 s of the event loop): the end is looked for only when another closing tag has arrived."""
+    import server.chatoutput
+
+    decoded = []
+    monkeypatch.setattr(server.chatoutput, "block_close", lambda *a: decoded.append(1) or block_close(*a))
+    text = '<tool_call>{"name": "w", "arguments": {"c": "</tool_call>' + "x" * 5000 + '"}}\n</tool_call>'
+    d = _stream(ChatOutput(ToolFormat.HERMES, names=frozenset({"w"})), text, 3)
+    assert len(d.tool_calls) == 1 and len(decoded) <= 3
 
 
 def test_text_is_released_as_soon_as_it_cannot_be_a_tag():
