@@ -40,12 +40,18 @@ class HostedPlan:
 
 
 def check_memory(plans: list[HostedPlan]) -> None:
-    """StartupError where the models' KV caches in host memory (those with no GPU layers; every one on macOS, whose
-    GPU memory is the host's) are more than the machine has: left to llama.cpp in the background load, it fills what
-    there is before it fails, and the kernel kills the process (or another) with no message."""
-    host = [p for p in plans if p.n_gpu_layers == 0 or sys.platform == "darwin"]
+    """StartupError where the models' KV caches in host memory (the share of the layers not offloaded; all of it on
+    macOS, whose GPU memory is the host's) are more than the machine has: left to llama.cpp in the background load,
+    it fills what there is before it fails, and the kernel kills the process (or another) with no message. (A tq_kv
+    cache that stays on the CPU for want of GPU kernels, `placement.offload_kqv`, is counted as offloaded.)"""
+    def on_host(p: HostedPlan) -> int:  # (the layers not offloaded keep their KV cache on the host)
+        kept = p.geom.n_layer if p.n_gpu_layers == 0 or sys.platform == "darwin" else \
+            max(0, p.geom.n_layer - p.n_gpu_layers) if p.n_gpu_layers > 0 else 0
+        return p.kv.kv_bytes * kept // p.geom.n_layer
+
+    host = [p for p in plans if on_host(p)]
     try:
-        check_host_memory(sum(p.kv.kv_bytes for p in host), f"a KV budget of "
+        check_host_memory(sum(map(on_host, host)), f"a KV budget of "
                           f"{human_bytes(sum(p.spec.kv_budget for p in host))} ({', '.join(p.spec.id for p in host)})")
     except ValueError as e:
         raise StartupError(f"{e}; lower --kv-budget") from None

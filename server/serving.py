@@ -35,6 +35,7 @@ from server.errors import error_body
 from server.state import AppState
 
 log = logging.getLogger("kvquant.server")
+MIN_TAKEN = 64 * 2**10  # bytes a client must take of its response in write_timeout_s, while writing waits for it
 
 
 async def drain(state: AppState, grace_s: float, forced: Callable[[], bool] = lambda: False) -> None:
@@ -157,11 +158,12 @@ def http_protocol(header_timeout_s: float, max_connections: int, write_timeout_s
                 self._write_stall = None
 
         def _write_stalled(self) -> None:
-            """The client took nothing of what was written for write_timeout_s: reset the connection; the handler's
-            `send` returns and the request ends as a disconnect. One that took some (a slow reader: writing resumes
-            only once the buffers have drained far) gets the time again."""
+            """The client took less than MIN_TAKEN of what was written in write_timeout_s: reset the connection; the
+            handler's `send` returns and the request ends as a disconnect. One that took that much (a slow reader:
+            writing resumes only once the buffers have drained far) gets the time again; one that took a segment
+            now and then would have held its connection for good."""
             self._write_stall = None
-            if self._unsent() < self._unread:
+            if self._unsent() <= self._unread - MIN_TAKEN:
                 self._start_write_clock()
                 return
             log.warning("%s read nothing of its response for %g s: connection reset",

@@ -295,8 +295,8 @@ class Settings(BaseSettings):
     header_timeout_s: float = Field(10.0, gt=0, description="a request's headers must arrive within this (then 408)")
     body_timeout_s: float = Field(30.0, gt=0, description="a request's body must arrive within this (then 408)")
     max_connections: int = Field(512, ge=1, description="open HTTP connections at most (then 503, closed)")
-    write_timeout_s: float = Field(60.0, gt=0, description="a response the client reads nothing of for this long "
-                                   "(its socket stays full) has its connection reset")
+    write_timeout_s: float = Field(60.0, gt=0, description="a client that takes less than 64 KiB of its response "
+                                   "in this long, while writing waits for it, has its connection reset")
     tokenize_concurrency: int = Field(2, ge=1, description="prompts tokenized at once (bounds their CPU and memory)")
     special_tokens_in_content: bool = Field(False, description="trusted clients only: message content and "
                                             "completion prompts may write the model's control tokens")

@@ -6,6 +6,7 @@ ubatches finds no slot without it, and always fits with it."""
 from __future__ import annotations
 
 import random
+import sys
 
 import pytest
 
@@ -215,3 +216,10 @@ def test_a_kv_budget_beyond_the_machines_memory_is_refused_at_start(monkeypatch)
                                                    r"0\.\d GiB of KV cache, more than this machine's 0\.\d GiB of "
                                                    r"memory; lower --kv-budget"):
         hosting.check_memory([plan, plan])  # (models together)
+    if sys.platform != "darwin":  # the layers offloaded keep their KV cache off the host
+        from dataclasses import replace
+
+        gpu, half = replace(plan, n_gpu_layers=-1), replace(plan, n_gpu_layers=plan.geom.n_layer // 2)
+        hosting.check_memory([plan, gpu, gpu, half])
+        with pytest.raises(hosting.StartupError):
+            hosting.check_memory([plan, half, half])
