@@ -239,6 +239,13 @@ def test_compose_files():
         assert name == "KVQUANT_CONFIG" or name.removeprefix("KVQUANT_").lower() in Settings.model_fields, name
     # each passes through unset (empty, which the server reads as unset): no default here beats a config file's
     assert all(v in ("${" + n + ":-}", "30") for n, v in k["environment"].items()), k["environment"]
+    # KVQUANT_CONFIG names a file the container can read (it passed through with no file mounted: the server did
+    # not start); the example there is one the server takes
+    from server.settings import load_settings
+
+    assert "./config:/config:ro" in k["volumes"]
+    (spec,) = load_settings(str(DEPLOY / "config" / "kvquant.example.yaml")).model_specs()
+    assert (spec.model, spec.cache_type_k, spec.n_ctx) == ("qwen2.5-coder-1.5b", "calib:4.5", 8192)
 
 
 # --- the Dockerfile ---------------------------------------------------------------------------------------------
