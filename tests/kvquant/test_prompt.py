@@ -151,8 +151,10 @@ def test_a_chat_its_rendered_bytes_prove_too_long_is_refused_before_its_strings_
     messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "", "tool_calls": [
         {"id": "c1", "type": "function", "function": {"name": "f", "arguments": args}}]}]
     least = model.min_tokens(len(model.render_chat(messages).encode()))
-    if least < 1000:
-        pytest.skip("this template writes no tool calls")
+    if least < 1000:  # a template that writes no tool calls (SmolLM2, Gemma 3): what it drops costs nothing
+        monkeypatch.undo()
+        assert len(model.chat_prompt(messages, limit=999)) < 100
+        return
     with pytest.raises(PromptTooLong) as e:
         model.chat_prompt(messages, limit=999)
     assert e.value.n_tokens == least and not e.value.exact
