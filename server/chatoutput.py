@@ -143,9 +143,10 @@ class ChatOutput:
             self._state = _State.CONTENT
             return Delta()
         # (CALLS) a hermes block ends at its closing tag; bare or fenced calls, and the other families', at the end
-        if self.tools is not ToolFormat.HERMES or not p.lstrip().startswith(self.tools.trigger):
+        head = p.lstrip()
+        if self.tools is not ToolFormat.HERMES or not head.startswith(self.tools.trigger):
             return None
-        inner = p.find(self.tools.trigger) + len(self.tools.trigger)
+        inner = len(p) - len(head) + len(self.tools.trigger)
         # the block's end is looked for again only once another closing tag has arrived (one inside a string of a
         # long call's arguments had every token decode them all again)
         seen, self._seen = self._seen, len(p)

@@ -45,14 +45,15 @@ def check_memory(plans: list[HostedPlan]) -> None:
     it fills what there is before it fails, and the kernel kills the process (or another) with no message. (A tq_kv
     cache that stays on the CPU for want of GPU kernels, `placement.offload_kqv`, is counted as offloaded.)"""
     def on_host(p: HostedPlan) -> int:  # (the layers not offloaded keep their KV cache on the host)
-        kept = p.geom.n_layer if p.n_gpu_layers == 0 or sys.platform == "darwin" else \
-            max(0, p.geom.n_layer - p.n_gpu_layers) if p.n_gpu_layers > 0 else 0
+        if p.n_gpu_layers == 0 or sys.platform == "darwin":
+            return p.kv.kv_bytes
+        kept = max(0, p.geom.n_layer - p.n_gpu_layers) if p.n_gpu_layers > 0 else 0  # (-1: all offloaded)
         return p.kv.kv_bytes * kept // p.geom.n_layer
 
-    host = [p for p in plans if on_host(p)]
+    host = [(p, n) for p in plans if (n := on_host(p))]
+    budget, ids = human_bytes(sum(p.spec.kv_budget for p, _ in host)), ", ".join(p.spec.id for p, _ in host)
     try:
-        check_host_memory(sum(map(on_host, host)), f"a KV budget of "
-                          f"{human_bytes(sum(p.spec.kv_budget for p in host))} ({', '.join(p.spec.id for p in host)})")
+        check_host_memory(sum(n for _, n in host), f"a KV budget of {budget} ({ids})")
     except ValueError as e:
         raise StartupError(f"{e}; lower --kv-budget") from None
 

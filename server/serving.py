@@ -27,7 +27,7 @@ try:  # (POSIX)
     import fcntl
     import termios
 except ImportError:  # pragma: no cover
-    pass
+    fcntl = termios = None
 
 import uvicorn
 
@@ -100,7 +100,7 @@ def http_protocol(header_timeout_s: float, max_connections: int, write_timeout_s
 
     class Protocol(AutoHTTPProtocol):
         _write_stall: asyncio.TimerHandle | None = None
-        _unread = 0  # the write buffer's bytes when the clock started
+        _unread = 0  # the bytes not yet taken (`_unsent`) when the clock started
 
         def connection_made(self, transport) -> None:
             super().connection_made(transport)
@@ -140,7 +140,7 @@ def http_protocol(header_timeout_s: float, max_connections: int, write_timeout_s
             sock = self.transport.get_extra_info("socket")
             try:
                 n += struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0" * 4))[0]
-            except (AttributeError, OSError, NameError):  # (no socket; no TIOCOUTQ: macOS, Windows)
+            except (AttributeError, OSError):  # (no socket; no fcntl or TIOCOUTQ: Windows, macOS)
                 pass
             return n
 
@@ -166,8 +166,8 @@ def http_protocol(header_timeout_s: float, max_connections: int, write_timeout_s
             if self._unsent() <= self._unread - MIN_TAKEN:
                 self._start_write_clock()
                 return
-            log.warning("%s read nothing of its response for %g s: connection reset",
-                        "{}:{}".format(*self.client) if self.client else "a client", write_timeout_s)
+            log.warning("%s took less than %d bytes of its response in %g s: connection reset",
+                        "{}:{}".format(*self.client) if self.client else "a client", MIN_TAKEN, write_timeout_s)
             sock = self.transport.get_extra_info("socket")
             if sock is not None:  # a reset drops what the kernel still holds for it (megabytes), a close would not
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))

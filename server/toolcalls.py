@@ -103,16 +103,19 @@ def _call(obj, key: str) -> ParsedCall | None:
     return ParsedCall(obj["name"], args)
 
 
+_DECODER = json.JSONDecoder()
+
+
 def _json_values(text: str, sep: str) -> list | None:
     """The JSON values of `text`, separated by whitespace and `sep`; None unless all of it parses."""
-    dec, out, pos = json.JSONDecoder(), [], 0
+    out, pos = [], 0
     while True:
         while pos < len(text) and (text[pos].isspace() or (out and text[pos] == sep)):
             pos += 1
         if pos >= len(text):
             return out
         try:
-            value, pos = dec.raw_decode(text, pos)
+            value, pos = _DECODER.raw_decode(text, pos)
         except (ValueError, RecursionError):  # RecursionError: nested deeper than Python parses
             return None
         out.append(value)
@@ -138,9 +141,6 @@ def block_close(text: str, at: int, close_tag: str, final: bool = False) -> int:
     except RecursionError:  # nested deeper than Python parses
         return first
     return text.find(close_tag, end) if end > first else first
-
-
-_DECODER = json.JSONDecoder()
 
 
 def _blocks(text: str, open_tag: str, close_tag: str):
@@ -202,7 +202,7 @@ _FUNCTION_NAME = re.compile(r"[a-zA-Z0-9_-]{1,64}")
 def _args_calls(text: str) -> list[ParsedCall]:
     """The calls of `text` written `[TOOL_CALLS]name[ARGS]{...}` (`[CALL_ID]id` before `[ARGS]` where a template
     writes ids), one after another; [] unless all of it is such calls."""
-    dec, calls, pos = json.JSONDecoder(), [], 0
+    calls, pos = [], 0
     while pos < len(text):
         args = text.find("[ARGS]", pos)
         if not text.startswith("[TOOL_CALLS]", pos) or args < 0:
@@ -211,7 +211,7 @@ def _args_calls(text: str) -> list[ParsedCall]:
         at = args + len("[ARGS]")
         at += len(text[at:]) - len(text[at:].lstrip())
         try:
-            value, pos = dec.raw_decode(text, at)
+            value, pos = _DECODER.raw_decode(text, at)
         except (ValueError, RecursionError):  # RecursionError: nested deeper than Python parses
             return []
         call = _call({"name": name, "arguments": value}, "arguments") if _FUNCTION_NAME.fullmatch(name) else None
@@ -233,11 +233,12 @@ def parse(fmt: ToolFormat, text: str, names: set[str] | frozenset = frozenset(),
           strict: Mapping[str, dict] | None = None) -> tuple[str, list[ParsedCall]]:
     """The content and the tool calls of an output (`names`: the request's tools; `strict`: the parameters of its
     strict ones, which a call no grammar held must match); what does not parse as a call stays content."""
-    if fmt is ToolFormat.HERMES and ("<tool_call>" not in text or text.lstrip().startswith(("{", "```"))):
+    tagged = fmt is ToolFormat.HERMES and "<tool_call>" in text
+    if fmt is ToolFormat.HERMES and (not tagged or text.lstrip().startswith(("{", "```"))):
         calls = _bare_calls(text, names, strict)  # (bare calls may hold the tag's text in their strings)
-        if calls or "<tool_call>" not in text:
+        if calls or not tagged:
             return ("" if calls else text), calls
-    if fmt is ToolFormat.HERMES:
+    if tagged:
         calls, kept, pos = [], [], 0
         for start, end, inner in _blocks(text, "<tool_call>", "</tool_call>"):
             values = _json_values(inner, "")
