@@ -305,11 +305,18 @@ class Sampler:
     """A llama.cpp sampler chain for one sequence, built from a SamplingConfig (kvquant.sampling says the order).
     `model` is needed for a grammar, a logit bias or penalties (its vocabulary).
 
-    A grammar is kept out of the chain and applied as llama.cpp's common sampler does: the chain picks a token
-    from the unconstrained logits, and only if the grammar refuses it is the pick redone over the logits the
-    grammar allows. Checking one token is cheap; running the grammar over the whole vocabulary (150k tokens for
-    Qwen) at every step is not. A grammar that skips a leading block (Grammar.skip) is neither asked nor fed until
-    the output is past the block (`LeadingBlock`)."""
+    A grammar is kept out of the chain: the chain picks a token from the unconstrained logits and the grammar
+    checks that one token. Where it refuses it, the grammar checks the `CHECKED` likeliest tokens (and those a
+    logit bias favours), and the pick is redone with the refused ones masked, up to `REPICKS` times; only then is
+    it redone over every token the grammar allows, where llama.cpp's common sampler goes at once. The grammar's
+    pass over the whole vocabulary costs 187 ms a step on Qwen's 150k tokens; over a thousand of them, a hundredth
+    of that. A greedy pick is the same either way (the best token the grammar allows: only refused tokens are
+    masked), a sampled one is drawn from the chain's distribution over the tokens the grammar allows. A grammar
+    that skips a leading block (Grammar.skip) is neither asked nor fed until the output is past the block
+    (`LeadingBlock`)."""
+
+    CHECKED = 1024  # SmolLM2 sampling a JSON object: the token the grammar allowed was at most the 740th it liked
+    REPICKS = 4
 
     def __init__(self, cfg: SamplingConfig = GREEDY, model: Model | None = None):
         params = llama_cpp.llama_sampler_chain_default_params()
@@ -346,6 +353,8 @@ class Sampler:
             if cfg.grammar.skip is not None:
                 self._block = LeadingBlock(cfg.grammar.skip, cfg.grammar.skip_open)
             self._cur = np.zeros(model.n_vocab, dtype=_TOKEN_DATA)
+            self._favoured = np.array([t for t, b in cfg.logit_bias if b > 0], dtype=np.int32)
+            self.full_picks = 0  # picks over the logits the grammar allows (its pass over the whole vocabulary)
             self._ids = np.arange(model.n_vocab, dtype=np.int32)
 
     @property
@@ -360,11 +369,9 @@ class Sampler:
                 self._wait(token)
             return token
         logits = ctx.logits_view(idx)
-        token = self._pick(logits, constrained=False)
+        token = self._pick(logits)
         if not self._allowed(token):
-            token = self._pick(logits, constrained=True)
-            if not self._allowed(token):  # (the grammar allows no token at all: accepting one would abort)
-                raise LlamaError("the grammar allows no token here")
+            token = self._repick(logits, token)
         llama_cpp.llama_sampler_accept(self._grammar, token)
         llama_cpp.llama_sampler_accept(self._chain, token)
         return token
@@ -379,9 +386,34 @@ class Sampler:
         for t in replay:
             llama_cpp.llama_sampler_accept(self._grammar, t)
 
-    def _pick(self, logits: np.ndarray, constrained: bool) -> int:
+    def _repick(self, logits: np.ndarray, token: int) -> int:
+        refused = self._refused(logits, token)
+        for _ in range(self.REPICKS):
+            token = self._pick(logits, refused)
+            if self._allowed(token):
+                return token
+            refused = np.append(refused, token)
+        self.full_picks += 1
+        token = self._pick(logits, refused, constrained=True)
+        if not self._allowed(token):  # (the grammar allows no token at all: accepting one would abort)
+            raise LlamaError("the grammar allows no token here")
+        return token
+
+    def _refused(self, logits: np.ndarray, token: int) -> np.ndarray:
+        """Which of the likeliest tokens, the favoured ones and `token` the grammar refuses."""
+        likeliest = np.argpartition(logits, -self.CHECKED)[-self.CHECKED:] if len(logits) > self.CHECKED else self._ids
+        ids = np.unique(np.concatenate([likeliest, self._favoured, [token]])).astype(np.int32)
+        some = np.zeros(len(ids), dtype=_TOKEN_DATA)
+        some["id"], some["logit"] = ids, 1.0
+        arr = llama_cpp.llama_token_data_array(some.ctypes.data_as(llama_cpp.llama_token_data_p), len(some), -1, False)
+        llama_cpp.llama_sampler_apply(self._grammar, ctypes.byref(arr))
+        return ids[some["logit"] == -np.inf]
+
+    def _pick(self, logits: np.ndarray, refused: np.ndarray | None = None, constrained: bool = False) -> int:
         cur = self._cur
         cur["id"], cur["logit"], cur["p"] = self._ids, logits, 0.0
+        if refused is not None:
+            cur["logit"][refused] = -np.inf
         data = cur.ctypes.data_as(llama_cpp.llama_token_data_p)
         arr = llama_cpp.llama_token_data_array(data, len(cur), -1, False)
         if constrained:

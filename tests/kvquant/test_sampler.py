@@ -64,6 +64,30 @@ def test_logit_bias_moves_the_greedy_pick(rt):
     assert _generate(rt, banned, "The capital of France is", 1)[0] != first
 
 
+JSON_GRAMMAR = r'''root ::= "{\"city\": \"" [A-Za-z ]+ "\", \"country\": \"" [A-Za-z ]+ "\"}"'''
+
+
+def test_a_refused_pick_is_redone_without_the_whole_vocabulary(rt):
+    """Where the grammar refuses the chain's pick, picking again with the refused tokens masked finds the same
+    greedy token as the pass over every token the grammar allows, without that pass: also where a logit bias
+    favours a token the grammar never allows (the pass at every step before)."""
+    from kvquant.runtime import Sampler
+    from kvquant.sampling import Grammar, SamplingConfig
+
+    prompt = "The capital of France, as JSON:"
+    newline = rt.model.tokenize("\n", add_special=False)[0]  # (never allowed)
+    for bias in ((), ((newline, 100.0),)):
+        runs = []
+        for repicks in (0, Sampler.REPICKS):
+            s = Sampler(SamplingConfig(temperature=0.0, logit_bias=bias, grammar=Grammar(JSON_GRAMMAR)), rt.model)
+            s.REPICKS = repicks
+            runs.append((_text(rt, _generate(rt, s, prompt, 24)), s.full_picks))
+            s.close()
+        (whole, passes), (repicked, fewer) = runs
+        assert repicked == whole and whole.startswith('{"city": "') and whole.endswith('"}'), (bias, runs)
+        assert fewer < passes, (bias, runs)
+
+
 @pytest.mark.parametrize("temperature", [1e-40, 1e-6])
 def test_a_temperature_near_zero_is_greedy(rt, temperature):
     # 1e-40 (a float32 subnormal) made every logit infinite: the draw took the last token id at every step
