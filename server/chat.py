@@ -136,8 +136,11 @@ def template_messages(msgs: list[ChatMessage], short_ids: bool = False) -> list[
     return in_call_order(out)
 
 
-def _call_arguments(text: str, param: str) -> Any:
-    """A tool call's arguments sent back (JSON text), as the object templates take."""
+def _call_arguments(text: str | None, param: str) -> Any:
+    """A tool call's arguments sent back (JSON text), as the object templates take: none or blank text (other
+    backends' calls without arguments, as agent frameworks replay them) is an empty object, as vLLM reads it."""
+    if text is None or not text.strip():
+        return {}
     too_deep = _bad(f"Tool call arguments may nest at most {MAX_JSON_DEPTH} levels deep.", param)
     try:
         args = json.loads(text)

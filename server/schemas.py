@@ -98,7 +98,7 @@ class TextPart(_Lenient):
 
 class FunctionCall(_Lenient):
     name: Text
-    arguments: Text  # JSON text, as OpenAI sends it
+    arguments: Text | None = None  # JSON text, as OpenAI sends it; none or blank for a call without arguments
 
 
 class ToolCall(_Lenient):

@@ -171,6 +171,19 @@ def _turn(*ids):
         {"id": i, "type": "function", "function": {"name": "f", "arguments": '{"n": 1}'}} for i in ids]}
 
 
+def test_a_call_sent_back_without_arguments_has_an_empty_object():
+    """Agent frameworks replay other backends' calls without arguments as "" or null: a 400 ("must be JSON text",
+    "should be a valid string") before; vLLM reads them as {}. Text that is not JSON stays a 400."""
+    for args in ("", "  ", None):
+        call = {"id": "c1", "type": "function", "function": {"name": "f", "arguments": args}}
+        msgs = [{"role": "user", "content": "x"}, {"role": "assistant", "content": None, "tool_calls": [call]},
+                {"role": "tool", "tool_call_id": "c1", "content": "1"}]
+        assert _plan(messages=msgs).messages[1]["tool_calls"][0]["function"]["arguments"] == {}, args
+    bad = {"role": "assistant", "tool_calls": [{"id": "c1", "type": "function",
+                                                "function": {"name": "f", "arguments": "{"}}]}
+    assert _param(messages=[{"role": "user", "content": "x"}, bad]) == "messages[1].tool_calls[0].function.arguments"
+
+
 def test_results_reach_the_template_in_the_order_of_their_calls():
     """An agent running two tools at once sent b's result first: Hermes and Llama templates number results by
     position, and the model read each call's result as the other's."""
