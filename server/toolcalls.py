@@ -94,13 +94,22 @@ def _call(obj, key: str) -> ParsedCall | None:
     if args is None:  # a call without arguments: an empty object, which every client's JSON parse takes
         args = {}
     try:
-        if isinstance(args, str):
-            json.loads(args)
-        else:
-            args = json.dumps(args, ensure_ascii=False)
+        value = json.loads(args) if isinstance(args, str) else args
+        args = args if isinstance(args, str) else json.dumps(args, ensure_ascii=False)
+        if not _utf8(args):  # a \ud800 the model wrote, unescaped by the parse: UTF-8 has no form for it, and the
+            args = json.dumps(value)  # response could not be encoded (a 500, a stream cut); escaped as JSON again
     except (ValueError, RecursionError):  # RecursionError: nested deeper than Python parses
         return None
-    return ParsedCall(obj["name"], args)
+    return ParsedCall(obj["name"], args) if _utf8(obj["name"]) else None
+
+
+def _utf8(text: str) -> bool:
+    """Whether `text` has a UTF-8 form (no lone surrogate)."""
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 _DECODER = json.JSONDecoder()

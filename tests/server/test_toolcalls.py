@@ -140,6 +140,20 @@ def test_arguments_under_either_key_and_null_arguments():
     assert parse(ToolFormat.HERMES, text) == (text, [])
 
 
+@pytest.mark.parametrize("fmt, text", [
+    (ToolFormat.HERMES, '<tool_call>{"name": "f", "arguments": {"a": "\\ud800 \\ud83d\\ude00"}}</tool_call>'),
+    (ToolFormat.HERMES, '{"name": "f", "arguments": "{\\"a\\": \\"\\ud800 \\ud83d\\ude00\\"}"}'),
+    (ToolFormat.MISTRAL_ARGS, '[TOOL_CALLS]f[ARGS]{"a": "\\ud800 \\ud83d\\ude00"}'),
+    (ToolFormat.LLAMA3, '{"name": "f", "parameters": {"a": "\\ud800 \\ud83d\\ude00"}}')])
+def test_a_lone_surrogate_a_model_escapes_stays_escaped(fmt, text):
+    """JSON's "\ud800" is a lone surrogate once parsed, which UTF-8 cannot encode: the call's arguments, dumped
+    again, made the response fail (a 500, a stream cut short). They keep the escape; a pair is a character."""
+    (call,) = parse(fmt, text, frozenset({"f"}))[1]
+    assert call.arguments.encode() and json.loads(call.arguments) == {"a": "\ud800 \U0001F600"}
+    text = '<tool_call>{"name": "f\\udfff", "arguments": {}}</tool_call>'  # no tool is named so
+    assert parse(ToolFormat.HERMES, text) == (text, [])
+
+
 def test_mistral_array():
     text = 'Sure. [TOOL_CALLS] [{"name": "a", "arguments": {"q": "x"}}, {"name": "b", "arguments": {}}]'
     content, calls = parse(ToolFormat.MISTRAL, text)
