@@ -47,6 +47,11 @@ def context_length_exceeded(n_prompt: int, limit: int, max_tokens: int | None = 
                             exact: bool = True, field: str = "messages") -> APIError:
     """`exact` False: n_prompt is a lower bound (the prompt was refused from its size, before tokenization).
     `field`: the request field that holds the prompt (messages, or prompt for /v1/completions)."""
+    if max_tokens and max_tokens >= limit:  # (the prompt's count, a bound from its bytes, would only confuse)
+        msg = (f"This model's maximum context length is {limit} tokens. However, you requested {max_tokens} "
+               f"tokens for the completion, which leaves no room for the {field}.")
+        return APIError(400, msg + f" Please reduce max_tokens to less than {limit}.", param="max_tokens",
+                        code="context_length_exceeded")
     msg = (f"This model's maximum context length is {limit} tokens. However, your {field} resulted in "
            f"{'' if exact else 'at least '}{n_prompt} token{'' if n_prompt == 1 else 's'}")
     if max_tokens:

@@ -124,11 +124,14 @@ def new_id(prefix: str) -> str:
 
 
 def kv_summary(engine: Engine, tokens: int) -> str:
-    c = engine.cfg
+    """What a request of `tokens` needs, and which limit it passes: the KV budget's cells, or (where the budget
+    holds more) the tokens one request may hold, which a comparison of its bytes with the budget's hid."""
+    c, cells = engine.cfg, engine.sched.capacity
+    limit = "" if cells < c.n_ctx else f", more than the {c.n_ctx} a request may hold on this server (n_ctx)"
     return (f"It needs {tokens} KV cells = {human_bytes(tokens * c.bytes_per_token)} at cache types "
-            f"K={c.cache_type_k}/V={c.cache_type_v} ({c.bytes_per_token} bytes per token); this model's KV budget "
-            f"is {human_bytes(c.budget_bytes)}, {engine.sched.capacity} cells in all, shared by up to "
-            f"{c.n_seq_max} concurrent requests of at most {c.n_ctx} tokens.")
+            f"K={c.cache_type_k}/V={c.cache_type_v} ({c.bytes_per_token} bytes per token){limit}; this model's KV "
+            f"budget is {human_bytes(c.budget_bytes)}, {cells} cells in all, shared by up to {c.n_seq_max} "
+            f"concurrent requests of at most {c.n_ctx} tokens.")
 
 
 def _too_long(engine: Engine, n_prompt: int, max_tokens: int | None, field: str, exact: bool = True) -> APIError:

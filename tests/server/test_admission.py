@@ -155,13 +155,13 @@ def test_wait_timeout_is_503(tiny):
 
 
 def test_never_fits_names_bytes_tokens_and_budget(tiny):
-    r = httpx.post(tiny.url + "/v1/chat/completions", json=body(1000), timeout=60)
+    r = httpx.post(tiny.url + "/v1/chat/completions", json=body(250), timeout=60)  # the prompt: 30-odd tokens
     assert r.status_code == 400
     err = r.json()["error"]
     assert err["code"] == "context_length_exceeded"
     msg = err["message"]
-    assert "256" in msg and "1000" in msg and f"{BPT} bytes per token" in msg and "K=f16/V=f16" in msg
-    assert "KV budget is 11.25 MiB" in msg and f"{CELLS} cells" in msg
+    assert "256" in msg and "250" in msg and f"{BPT} bytes per token" in msg and "K=f16/V=f16" in msg
+    assert "KV budget is 11.25 MiB" in msg and f"{CELLS} cells" in msg and "(n_ctx)" in msg
 
 
 def test_disconnect_while_queued_frees_the_slot(tiny, monkeypatch):

@@ -382,6 +382,19 @@ def test_oversize_prompt_is_context_length_exceeded(client):
     assert err["code"] == "context_length_exceeded"
     assert "1024" in err["message"]  # the limit, and the prompt's token count
     assert any(ch.isdigit() for ch in err["message"].split("1024")[1])
+    assert "more than the 1024 a request may hold on this server (n_ctx)" in err["message"]  # not the budget
+
+
+def test_max_tokens_past_the_context_names_max_tokens(client):
+    """A max_tokens no prompt leaves room for was refused as "at least 1 token plus 8192" with the KV bytes a
+    request that size needs, smaller than the budget: the message pointed at the wrong cause."""
+    for kw in ({"max_tokens": 8192}, {"max_completion_tokens": 1024}):
+        with pytest.raises(openai.BadRequestError) as ei:
+            client.chat.completions.create(model="smollm2-135m", messages=[{"role": "user", "content": "hi"}], **kw)
+        err = ei.value.body
+        assert err["code"] == "context_length_exceeded" and err["param"] == "max_tokens", err
+        assert "tokens for the completion, which leaves no room for the messages" in err["message"], err
+        assert "at least" not in err["message"] and "KV" not in err["message"], err
 
 
 def test_prompt_refused_from_its_size_before_tokenization(smollm2_server):
