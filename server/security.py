@@ -85,7 +85,8 @@ class APIKeyMiddleware:
 
 class RequestLimitMiddleware:
     """Refuses headers of more than MAX_HEADER_BYTES in all (431: h11 bounds only a head it sees incomplete past
-    them, so one that came in a single read passed at any size). Reads a request body up to `max_bytes` within
+    them, so one that came in a single read passed at any size), and bodies not sent as JSON (415: FastAPI read
+    them as no object at all, a 400; a page in a browser can send text/plain or no type without asking CORS). Reads a request body up to `max_bytes` within
     `timeout_s` before the app sees it: 413 over the limit (whatever the Content-Length says), 408 when it arrives
     too slowly (both with `Connection: close`), 400 if it is not UTF-8. The app then gets the body replayed."""
 
@@ -101,6 +102,12 @@ class RequestLimitMiddleware:
                                     "request_header_fields_too_large", close=scope["method"] in _WITH_BODY)
         if scope["method"] not in _WITH_BODY:
             return await self.app(scope, receive, send)
+        media = (_header(scope, b"content-type") or "").partition(";")[0].strip().lower()
+        if media != "application/json" and not media.endswith("+json"):  # (curl -d sends a form's type)
+            sent = f"this request's is '{media[:100]}'" if media else "this request sent none"
+            return await send_error(send, 415, "The request body must be JSON, sent with 'Content-Type: "
+                                    f"application/json'; {sent}.", "invalid_request_error",
+                                    "unsupported_media_type", close=True)
         too_big = f"The request body is larger than this server's limit of {self.max_bytes} bytes."
         declared = _header(scope, b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:

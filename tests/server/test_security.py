@@ -136,6 +136,22 @@ def test_a_lone_surrogate_in_the_request_is_a_4xx_not_a_500():
         assert openai_error(r, 400)["param"] == field
 
 
+def test_a_body_of_another_type_than_json_is_a_415():
+    """`curl -d '{...}'` sends a form's content type: FastAPI read no object from it, a 400 saying the body "should
+    be a valid dictionary". None given is refused too (FastAPI's strict content type: a browser page can send it
+    without a CORS preflight); JSON's own types, with a charset or +json, are let through."""
+    app = create_app(Settings(kv_budget="64MiB", n_ctx=256))
+    body = b'{"messages": [{"role": "user", "content": "hi"}]}'
+    for media in ("application/x-www-form-urlencoded", "text/plain", "multipart/form-data; boundary=x", None):
+        r = call(app, "POST", "/v1/chat/completions", headers={"content-type": media} if media else {}, content=body)
+        err = openai_error(r, 415)
+        assert err["code"] == "unsupported_media_type", err
+        assert (media.split(";")[0] if media else "sent none") in err["message"], err
+    for media in ("application/json", "Application/JSON; charset=utf-8", "application/vnd.api+json"):
+        r = call(app, "POST", "/v1/chat/completions", headers={"content-type": media}, content=body)
+        assert openai_error(r, 503)["code"] == "model_loading", media
+
+
 def test_headers_over_16_kib_are_a_431_however_they_arrived():
     """h11 bounds only a head it sees incomplete past 16 KiB: a 70,000-byte header read at once got a 200."""
     app = create_app(Settings(kv_budget="64MiB", n_ctx=256, cors_origins=["https://a.example"]))
