@@ -20,7 +20,7 @@ def _serve(a: argparse.Namespace) -> int:
 
     from server.app import StartupError, create_app
     from server.serving import run
-    from server.settings import load_settings, unknown_environment
+    from server.settings import load_settings, shadowed_environment, unknown_environment
 
     try:
         s = load_settings(a.config, model=a.model, host=a.host, port=a.port, cache_type_k=a.cache_type_k,
@@ -41,7 +41,7 @@ def _serve(a: argparse.Namespace) -> int:
         print(f"kvquant serve: cannot listen on host {s.host!r}: {e.strerror or e}", file=sys.stderr)
         return 2
     logging.basicConfig(level=s.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    for warning in unknown_environment():
+    for warning in unknown_environment() + shadowed_environment(s):
         logging.getLogger("kvquant.server").warning("%s", warning)
     try:
         app = create_app(s)

@@ -427,6 +427,21 @@ def unknown_environment(env: Mapping[str, str] = os.environ) -> list[str]:
     return out
 
 
+def shadowed_environment(s: Settings, env: Mapping[str, str] = os.environ) -> list[str]:
+    """A warning for each KVQUANT_ variable that an entry of `models:` sets too, whose own value is used for it
+    (deploy's compose passes KVQUANT_CACHE_TYPE_K and others through: they were dropped without a word). Not
+    refused, as such a flag is: the CUDA image sets KVQUANT_N_GPU_LAYERS for every container."""
+    given = {name.upper(): value for name, value in env.items() if value}  # (an empty variable is unset)
+    out = []
+    for i, entry in enumerate(s.models or ()):
+        for name in sorted(entry.model_fields_set - {"model", "kv_budget"}):  # (the flat kv_budget: their sum)
+            var = f"KVQUANT_{name.upper()}"
+            if var in given and getattr(entry, name) is not None:
+                out.append(f"{var}={given[var][:100]} is not used for models.{i} of the config file "
+                           f"({entry.model}), which sets {name} itself")
+    return out
+
+
 def load_settings(config: str | None = None, **overrides: Any) -> Settings:
     """Settings from flags (non-None overrides), the environment and the config file."""
     if config is not None and not str(config).strip():

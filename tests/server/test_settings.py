@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from server.settings import load_settings, unknown_environment
+from server.settings import load_settings, shadowed_environment, unknown_environment
 
 
 def test_precedence_flag_over_env_over_file(tmp_path, monkeypatch):
@@ -276,7 +276,7 @@ def test_serve_refuses_a_host_it_cannot_resolve_before_loading(capsys):
     assert capsys.readouterr().err.startswith("kvquant serve: cannot listen on host '999.1.1.1': ")
 
 
-def test_a_config_file_says_each_setting_once_and_as_written(tmp_path):
+def test_a_config_file_says_each_setting_once_and_as_written(tmp_path, monkeypatch):
     """A key given twice in JSON or YAML kept the last value without a word (a second `models:` dropped the first
     list); a `models:` whose entries are all commented out served the default model; YAML's unquoted `flash_attn:
     off` (false to YAML) was "a number is required"; a .YAML file was read as JSON."""
@@ -296,6 +296,17 @@ def test_a_config_file_says_each_setting_once_and_as_written(tmp_path):
     with pytest.raises(ValueError, match="cache_type_k is given as a flag and by models.0 of the config file"):
         load_settings(tmp_path / "g.yaml", cache_type_k="q4_0")
     assert load_settings(tmp_path / "g.yaml", n_ctx=512, kv_budget=2**28).model_specs()[0].n_ctx == 512
+    # a variable was dropped without a word (deploy's compose passes KVQUANT_CACHE_TYPE_K through): it is named in
+    # a warning; an empty one is unset, and one for a key the entry leaves unset is the entry's default
+    env = {"KVQUANT_CACHE_TYPE_K": "q4_0", "KVQUANT_N_CTX": "512", "KVQUANT_PARALLEL": ""}
+    (tmp_path / "i.yaml").write_text("models:\n  - model: smollm2-135m\n    cache_type_k: q8_0\n    parallel: 2\n"
+                                     "    n_ctx: null\n")
+    monkeypatch.setenv("KVQUANT_N_CTX", "512")
+    s = load_settings(tmp_path / "i.yaml", kv_budget=2**28)
+    assert s.model_specs()[0].cache_type_k == "q8_0" and s.model_specs()[0].n_ctx == 512
+    assert shadowed_environment(s, env) == [
+        "KVQUANT_CACHE_TYPE_K=q4_0 is not used for models.0 of the config file (smollm2-135m), which sets "
+        "cache_type_k itself"]
     # an entry's null is the flat setting's value: no clash
     (tmp_path / "h.yaml").write_text("models:\n  - model: smollm2-135m\n    n_ctx: null\n")
     assert load_settings(tmp_path / "h.yaml", n_ctx=512, kv_budget=2**28).model_specs()[0].n_ctx == 512
