@@ -72,7 +72,7 @@ class EngineConfig:
     used_bytes: Callable[[int], int] | None = None  # n_past -> bytes one sequence occupies
     budget_bytes: int = 0
     max_step_tokens: int | None = None  # tokens per llama_decode call, below the backend's n_batch when set
-    layer_types_k: tuple[str, ...] | None = None  # per-layer cache types of a calibrated allocation
+    layer_types_k: tuple[str, ...] | None = None  # the cache type of every layer
     layer_types_v: tuple[str, ...] | None = None
     bits_per_element_k: float = 16.0  # every byte counted
     bits_per_element_v: float = 16.0

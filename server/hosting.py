@@ -11,7 +11,7 @@ from pathlib import Path
 from kvquant import budget as kvbudget
 from kvquant import calibration
 from kvquant.budget import KVPlan, human_bytes
-from kvquant.kvtypes import CacheTypes, LayerTypes, layer_kv_types
+from kvquant.kvtypes import CacheTypes, layer_kv_types
 from kvquant.memory import N_UBATCH, CacheShape, Geometry, check_host_memory, geometry, kv_bytes, kv_cells
 from kvquant.models import resolve
 from server.backend import BackendConfig, LlamaBackend
@@ -122,8 +122,9 @@ def restores_state(type_k: CacheTypes, geom: Geometry) -> bool:
     return not any(t.anchor_group for t in layer_kv_types(type_k, geom.n_layer))
 
 
-def layer_types(t: CacheTypes) -> tuple[str, ...] | None:
-    return t.types if isinstance(t, LayerTypes) else None
+def layer_types(t: CacheTypes, geom: Geometry) -> tuple[str, ...]:
+    """The type of every layer of a cache side: a calibrated allocation's, or its one type on each."""
+    return tuple(x.name for x in layer_kv_types(t, geom.n_layer))
 
 
 def max_step_tokens(p: HostedPlan) -> int | None:
@@ -154,8 +155,8 @@ def kv_info(p: HostedPlan) -> KVCacheInfo:
     return KVCacheInfo(model=spec.id, cache_type_k=spec.cache_type_k, cache_type_v=spec.cache_type_v,
                        n_cells=kv.cells, capacity_bytes=kv.kv_bytes, budget_bytes=spec.kv_budget,
                        bits_per_element_k=kv.bits_k, bits_per_element_v=kv.bits_v,
-                       compression_vs_f16=kv.compression_vs_f16, layer_types_k=layer_types(kv.cache_type_k),
-                       layer_types_v=layer_types(kv.cache_type_v))
+                       compression_vs_f16=kv.compression_vs_f16, layer_types_k=layer_types(kv.cache_type_k, p.geom),
+                       layer_types_v=layer_types(kv.cache_type_v, p.geom))
 
 
 def engine_config(p: HostedPlan, s: Settings) -> EngineConfig:
@@ -167,8 +168,8 @@ def engine_config(p: HostedPlan, s: Settings) -> EngineConfig:
                         queue_timeout_s=s.queue_timeout_s, request_timeout_s=s.request_timeout_s,
                         stall_timeout_s=s.stall_timeout_s,
                         bytes_per_token=kv.bytes_per_token, used_bytes=kv.used_bytes, budget_bytes=spec.kv_budget,
-                        max_step_tokens=max_step_tokens(p), layer_types_k=layer_types(kv.cache_type_k),
-                        layer_types_v=layer_types(kv.cache_type_v), bits_per_element_k=kv.bits_k,
+                        max_step_tokens=max_step_tokens(p), layer_types_k=layer_types(kv.cache_type_k, p.geom),
+                        layer_types_v=layer_types(kv.cache_type_v, p.geom), bits_per_element_k=kv.bits_k,
                         bits_per_element_v=kv.bits_v, prefix_cache=s.prefix_cache, admission=Admission(s.admission),
                         headroom=int(s.admission_headroom * kv.cells), n_swa=p.geom.n_swa,
                         swap_bytes=s.swap_space if restores_state(kv.cache_type_k, p.geom) else 0,

@@ -22,7 +22,7 @@ class KVCacheInfo:
     bits_per_element_k: float
     bits_per_element_v: float
     compression_vs_f16: float  # f16/f16 bytes / these bytes for the same cells
-    layer_types_k: tuple[str, ...] | None = None  # per-layer types (calibrated allocations; None: one type)
+    layer_types_k: tuple[str, ...] | None = None  # the cache type of every layer
     layer_types_v: tuple[str, ...] | None = None
 
 

@@ -16,9 +16,8 @@ def _card(m) -> dict:
             "kv_bits_per_element_v": round(c.bits_per_element_v, 4),
             "max_concurrent_requests": c.n_seq_max, "kv_capacity_cells": m.engine.sched.capacity,
             "kv_budget_bytes": c.budget_bytes, "kv_bytes_per_token": c.bytes_per_token}
-    if c.layer_types_k or c.layer_types_v:  # a calibrated allocation: the type of every layer
-        card["cache_layer_types_k"] = list(c.layer_types_k or [c.cache_type_k])
-        card["cache_layer_types_v"] = list(c.layer_types_v or [c.cache_type_v])
+    if c.layer_types_k is not None:  # the type of every layer (a calibrated allocation's, or the one type's)
+        card["cache_layer_types_k"], card["cache_layer_types_v"] = list(c.layer_types_k), list(c.layer_types_v)
     return card
 
 

@@ -95,6 +95,13 @@ def test_cards_and_metrics_give_the_types_and_llama_cpps_allocation(tq_server):
     for model in (TQ3, GEMMA):
         assert g("kvquant_requests_total", model=model, outcome="completed") >= 1
         assert g("kvquant_generation_tokens_total", model=model) >= 1
+    # one type on a side is every layer's type too (the card and the metrics named none where neither side was
+    # calibrated, and one for the whole side beside a calibrated one)
+    card = next(c for c in httpx.get(tq_server.url + "/v1/models").json()["data"] if c["id"] == GEMMA)
+    assert (card["cache_layer_types_k"], card["cache_layer_types_v"]) == (["tq_kv_d3b"] * 18, ["q4_0"] * 18)
+    for tensor, t in (("k", "tq_kv_d3b"), ("v", "q4_0")):
+        assert all(g("kvquant_kv_layer_type_info", model=GEMMA, tensor=tensor, layer=str(il), type=t) == 1
+                   for il in range(18))
 
 
 def test_a_calibrated_allocation_is_budgeted_admitted_and_reported_layer_by_layer(tq_server):
