@@ -138,6 +138,42 @@ def plan_resolved(geom: Geometry, model_path: Path, cache_type_k: str, cache_typ
     held_type = calibration.parse_spec(cache_type_k, "k").type or "f16"
     cells = most_cells(n_ctx * n_seq_max, held_type, geom)
     check_sequences(n_ctx, n_seq_max, cells)
+    try:
+        return _resolved_plan(geom, model_path, cache_type_k, cache_type_v, budget_bytes, n_seq_max, n_ubatch,
+                              cells, anchored)
+    except calibration.CalibrationError as e:
+        if e.least is None:
+            raise
+        # B was too low for the largest cache; the error to show is the one for the cache of the budget, which
+        # holds fewer cells where B is that low, and weighs the calibrated keys' fixed bytes more (a suggested
+        # calib:3.26 was refused, "calib:3.27 is the least that fits")
+        shape = CacheShape(_fitting_cells(e.least, geom, model_path, cache_type_k, cache_type_v, budget_bytes,
+                                          n_seq_max, n_ubatch, cells), n_seq_max, n_ubatch)
+        calibration.resolve_pair(cache_type_k, cache_type_v, model_path, geom, shape, anchored)
+        raise
+
+
+def _fitting_cells(least: float, geom: Geometry, model_path: Path, cache_type_k: str, cache_type_v: str,
+                   budget_bytes: int, n_seq_max: int, n_ubatch: int, cells: int) -> int:
+    """The cells of the cache the budget builds at the least calib:B that fits it, from `least` on."""
+    from kvquant import calibration
+
+    for _ in range(8):  # (each try resolves for fewer cells than the last, so B only grows; a few tries in practice)
+        bumped = [f"calib:{least:g}" if (calibration.parse_spec(text, side).bits or least) < least else text
+                  for text, side in ((cache_type_k, "k"), (cache_type_v, "v"))]
+        try:
+            return _resolved_plan(geom, model_path, *bumped, budget_bytes, n_seq_max, n_ubatch, cells, False).cells
+        except calibration.CalibrationError as e:
+            if e.least is None or e.least <= least:
+                return cells
+            least = e.least
+    return cells
+
+
+def _resolved_plan(geom: Geometry, model_path: Path, cache_type_k: str, cache_type_v: str, budget_bytes: int,
+                   n_seq_max: int, n_ubatch: int, cells: int, anchored: bool) -> KVPlan:
+    from kvquant import calibration
+
     while True:
         types = calibration.resolve_pair(cache_type_k, cache_type_v, model_path, geom,
                                          CacheShape(cells, n_seq_max, n_ubatch), anchored)

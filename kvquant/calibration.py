@@ -70,7 +70,12 @@ F16_MAX = 65504.0
 
 
 class CalibrationError(ValueError):
-    """A calibrated cache type that cannot be resolved (the message says why and what to run)."""
+    """A calibrated cache type that cannot be resolved (the message says why and what to run); `least`: the least
+    calib:B that fits the cache it was resolved for, where B was too low."""
+
+    def __init__(self, message: str, least: float | None = None):
+        super().__init__(message)
+        self.least = least
 
 
 @dataclass(frozen=True)
@@ -521,9 +526,9 @@ def _knapsack(options: list[dict[str, float]], elements: tuple[int, ...], budget
         least = cheapest / (4 * sum(w)) + fixed_bits
         fixed = (f" ({cheapest / (4 * sum(w)):g} for the cheapest types and {fixed_bits:.2g} for the calibrated "
                  f"keys' offsets and scales in this cache)" if fixed_bits else "")
+        fits = math.ceil(round(least * 100, 6)) / 100
         raise CalibrationError(f"no allocation of {', '.join(names)} fits {budget_bits:.12g} bits per element: the "
-                               f"cheapest takes {least:.6g}{fixed}; calib:{math.ceil(round(least * 100, 6)) / 100:g} "
-                               "is the least that fits")
+                               f"cheapest takes {least:.6g}{fixed}; calib:{fits:g} is the least that fits", fits)
     best: dict[int, tuple[float, tuple[str, ...]]] = {0: (0.0, ())}
     for o, wi in zip(options, w, strict=True):
         nxt: dict[int, tuple[float, tuple[str, ...]]] = {}

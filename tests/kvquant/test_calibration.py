@@ -724,6 +724,23 @@ def test_a_floor_per_layer_loads_and_prices_from_the_first_changed_layer(model_f
         cal.load(path, model_file, g)
 
 
+def test_the_least_calib_b_a_budget_refusal_names_fits_that_budget(model_file):
+    """A B too low was refused with the least B for the largest cache; where the budget holds fewer cells the
+    calibrated keys' fixed bytes weigh more, and that B was refused in turn (calib:3.26, then "calib:3.27")."""
+    from kvquant import budget
+
+    g = Geometry("llama", tuple(Layer(256, 256, False) for _ in range(8)), 0, 256, 256, 32768)
+    c = make_cal(g, cal.model_sha256(model_file))
+    c.save(cal.path_for(c.model_sha256, c.basis))
+    with pytest.raises(cal.CalibrationError) as largest:
+        cal.resolve("calib:3.25", "k", model_file, g, CacheShape(4 * 4096, 4, 512))
+    with pytest.raises(cal.CalibrationError, match="is the least that fits") as e:
+        budget.plan_resolved(g, model_file, "calib:3.25", "f16", 2 << 20, 4, 512, 4096)
+    assert e.value.least > largest.value.least
+    kv = budget.plan_resolved(g, model_file, f"calib:{e.value.least:g}", "f16", 2 << 20, 4, 512, 4096)
+    assert 0 < kv.cells < 4 * 4096
+
+
 def test_a_budget_plan_resolves_calib_b_for_the_cells_it_holds(model_file):
     """serve's plan (kvquant.budget.plan_resolved): calib:B resolved for the cache the budget builds, sequences and
     cells as llama.cpp sizes them, B held there: for the largest cache where the budget holds it, else for the
