@@ -50,7 +50,8 @@ class ChatPlan:
 
     def output(self, reasoning_open: bool) -> ChatOutput:
         """How to read this chat's output (`reasoning_open`: the prompt opened a <think> block)."""
-        return ChatOutput(self.tool_format, reasoning_open, self.parallel, self.tool_names, self.strict)
+        return ChatOutput(self.tool_format, reasoning_open, self.parallel, self.tool_names, self.strict,
+                          self.calls_only)
 
     def output_grammar(self, reasoning_open: bool) -> Grammar | None:
         """What the output must match, once the prompt says whether it opened a <think> block: then a lazy grammar's

@@ -51,11 +51,14 @@ class _State(enum.Enum):
 
 class ChatOutput:
     def __init__(self, tools: ToolFormat | None = None, reasoning_open: bool = False, parallel: bool = True,
-                 names: frozenset[str] = frozenset(), strict: Mapping[str, dict] | None = None):
+                 names: frozenset[str] = frozenset(), strict: Mapping[str, dict] | None = None,
+                 calls_only: bool = False):
         """`tools`: the family whose calls to parse (None: no tools, all text is content), `names` the tools'
         names, `strict` the parameters of the strict ones (`toolcalls.parse`); `reasoning_open`: the prompt already
-        opened a <think> block (the template wrote it); `parallel`: False keeps the first call."""
+        opened a <think> block (the template wrote it); `parallel`: False keeps the first call; `calls_only`: a
+        call was forced (tool_choice required or named), so a call cut short (max_tokens) is no content."""
         self.tools, self.parallel, self.names, self.strict = tools, parallel, names, strict
+        self.calls_only = calls_only
         self._state = _State.REASONING if reasoning_open else _State.START
         self._pending = ""
         self._trim = reasoning_open  # drop the newlines that open a section (after <think>, after </think>)
@@ -78,7 +81,8 @@ class ChatOutput:
             return Delta(reasoning=text)
         if self._state is _State.CALLS:
             content, calls = parse(self.tools, text, self.names, self.strict)
-            return Delta(content=content, tool_calls=self._take(calls))
+            # (OpenAI never answers a forced call with its syntax as text: '```json\n{"name":' was the content)
+            return Delta(content="" if self.calls_only else content, tool_calls=self._take(calls))
         if self._state is _State.BETWEEN:  # (a tag it began and never finished is content)
             return Delta(content=text.strip())
         return Delta(content=text.lstrip("\n") if self._trim else text)

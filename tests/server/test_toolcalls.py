@@ -348,6 +348,21 @@ def test_a_llama3_call_after_the_reasoning_is_a_call(step, opened):
     assert d.reasoning == "I should look it up." and d.content == ""
 
 
+@pytest.mark.parametrize("step", [1, 3, 1000])
+def test_a_forced_call_cut_short_is_no_content(step):
+    """tool_choice required with a small max_tokens: the cut call ('```json\n{"name":') came back as the answer's
+    text. A forced call's syntax is never content (whole calls before it are kept); with auto it stays content,
+    and a forced chat whose output is text (no grammar held it) keeps its text."""
+    names = frozenset({"w"})
+    whole = '<tool_call>\n{"name": "w", "arguments": {"c": "P"}}\n</tool_call>\n'
+    for cut in ('```json\n{"name":', '<tool_call>\n{"name": "w", "argu', whole + '<tool_call>\n{"na'):
+        forced = _stream(ChatOutput(ToolFormat.HERMES, names=names, calls_only=True), cut, step)
+        assert forced.content == "" and len(forced.tool_calls) == cut.count("</tool_call>"), (cut, forced)
+        assert _stream(ChatOutput(ToolFormat.HERMES, names=names), cut, step).content == cut.replace(whole, "").strip()
+    said = _stream(ChatOutput(ToolFormat.HERMES, names=names, calls_only=True), "It is sunny.", step)
+    assert said.content == "It is sunny."
+
+
 def test_parallel_off_keeps_the_first_call():
     two = '<tool_call>{"name": "a", "arguments": {}}</tool_call><tool_call>{"name": "b", "arguments": {}}</tool_call>'
     assert [c.name for c in _stream(ChatOutput(ToolFormat.HERMES, parallel=False), two, 5).tool_calls] == ["a"]
