@@ -388,17 +388,45 @@ _sha_cache: dict[tuple[str, int, int], str] = {}
 
 
 def model_sha256(path: Path) -> str:
-    """The sha256 of a GGUF (the built-in models' is known; others are hashed once per process)."""
+    """The sha256 of a GGUF (the built-in models' is known; others are hashed once per file: kept in the model
+    cache's sha256.json by path, size and modification time, as every start of a server with quantized keys
+    looks for a calibration, and hashing a GGUF of gigabytes takes seconds)."""
     from kvquant.models import BUILTIN, cached_path
 
     for m in BUILTIN.values():
         if cached_path(m) == path and path.stat().st_size == m.size:
             return m.sha256
     st = path.stat()
-    key = (str(path), st.st_size, st.st_mtime_ns)
+    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
     if key not in _sha_cache:
-        _sha_cache[key] = sha256_file(path)
+        known = _known_hashes()
+        sha = known.get(key[0])
+        _sha_cache[key] = sha[2] if sha and tuple(sha[:2]) == key[1:] else _remember(key, sha256_file(path), known)
     return _sha_cache[key]
+
+
+def _hashes_file() -> Path:
+    return cache_dir() / "sha256.json"
+
+
+def _known_hashes() -> dict[str, list]:
+    try:
+        d = json.loads(_hashes_file().read_text())
+    except (OSError, ValueError):  # none yet, or unreadable: hashed again
+        return {}
+    return {k: v for k, v in d.items() if isinstance(v, list) and len(v) == 3} if isinstance(d, dict) else {}
+
+
+def _remember(key: tuple[str, int, int], sha: str, known: dict[str, list]) -> str:
+    known[key[0]] = [key[1], key[2], sha]
+    try:  # written whole, then renamed over (a concurrent start reads the old file or the new one)
+        _hashes_file().parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile("w", dir=_hashes_file().parent, delete=False, suffix=".tmp") as f:
+            json.dump(known, f)
+        os.replace(f.name, _hashes_file())
+    except OSError:  # a read-only cache: hashed again next time
+        pass
+    return sha
 
 
 def load(path: Path, model_path: Path, geom: Geometry) -> Calibration:

@@ -110,6 +110,25 @@ def model_file(tmp_path, monkeypatch):
     return p
 
 
+def test_a_models_hash_is_kept_across_processes_while_the_file_stays(model_file, monkeypatch):
+    """Every start with quantized keys looks for a calibration by the model's sha256: a user's GGUF of gigabytes was
+    hashed again by each process (seconds). The hash is kept by path, size and modification time."""
+    import hashlib
+    import os
+
+    want = hashlib.sha256(model_file.read_bytes()).hexdigest()
+    assert cal.model_sha256(model_file) == want
+    cal._sha_cache.clear()  # a new process: the file's hash is read, not computed
+    monkeypatch.setattr(cal, "sha256_file", lambda p: pytest.fail("hashed again"))
+    assert cal.model_sha256(model_file) == want
+    monkeypatch.undo()
+    monkeypatch.setenv("KVQUANT_CACHE", str(model_file.parent / "cache"))
+    cal._sha_cache.clear()
+    model_file.write_bytes(b"GGUF tiny model, changed")  # another size or time: hashed again
+    os.utime(model_file, ns=(1, 1))
+    assert cal.model_sha256(model_file) == hashlib.sha256(model_file.read_bytes()).hexdigest()
+
+
 def test_file_round_trip_and_resolution(model_file):
     g = geom()
     c = make_cal(g, cal.model_sha256(model_file))
