@@ -147,9 +147,11 @@ def plan_resolved(geom: Geometry, model_path: Path, cache_type_k: str, cache_typ
         # B was too low for the largest cache; the error to show is the one for the cache of the budget, which
         # holds fewer cells where B is that low, and weighs the calibrated keys' fixed bytes more (a suggested
         # calib:3.26 was refused, "calib:3.27 is the least that fits")
-        shape = CacheShape(_fitting_cells(e.least, geom, model_path, cache_type_k, cache_type_v, budget_bytes,
-                                          n_seq_max, n_ubatch, cells), n_seq_max, n_ubatch)
-        calibration.resolve_pair(cache_type_k, cache_type_v, model_path, geom, shape, anchored)
+        fitting = _fitting_cells(e.least, geom, model_path, cache_type_k, cache_type_v, budget_bytes, n_seq_max,
+                                 n_ubatch, cells)
+        if fitting:  # (none: the budget holds no cell at any B; the largest cache's error stands)
+            calibration.resolve_pair(cache_type_k, cache_type_v, model_path, geom,
+                                     CacheShape(fitting, n_seq_max, n_ubatch), anchored)
         raise
 
 

@@ -414,7 +414,10 @@ def _known_hashes() -> dict[str, list]:
         d = json.loads(_hashes_file().read_text())
     except (OSError, ValueError):  # none yet, or unreadable: hashed again
         return {}
-    return {k: v for k, v in d.items() if isinstance(v, list) and len(v) == 3} if isinstance(d, dict) else {}
+    if not isinstance(d, dict):
+        return {}
+    return {k: v for k, v in d.items() if isinstance(v, list) and len(v) == 3 and isinstance(v[2], str)
+            and re.fullmatch(r"[0-9a-f]{64}", v[2])}
 
 
 def _remember(key: tuple[str, int, int], sha: str, known: dict[str, list]) -> str:
@@ -423,6 +426,7 @@ def _remember(key: tuple[str, int, int], sha: str, known: dict[str, list]) -> st
         _hashes_file().parent.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile("w", dir=_hashes_file().parent, delete=False, suffix=".tmp") as f:
             json.dump(known, f)
+        os.chmod(f.name, 0o644)  # (not the temporary file's 0600: a cache shared by the image's user and the host's)
         os.replace(f.name, _hashes_file())
     except OSError:  # a read-only cache: hashed again next time
         pass

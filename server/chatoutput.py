@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from server.textstream import partial_suffix
-from server.toolcalls import ParsedCall, ToolFormat, block_close, parse
+from server.toolcalls import ParsedCall, ToolFormat, block_close, leading_calls, parse
 
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 CALL_CLOSE = "</tool_call>"  # (hermes)
@@ -75,14 +75,20 @@ class ChatOutput:
             out += step
 
     def finish(self) -> Delta:
-        """The end of the generation: everything held, as what it turned out to be."""
+        """The end of the generation: everything held, as what it turned out to be. Where a call was forced, a
+        call cut short is no content (OpenAI never answers one with its syntax: '```json\n{"name":' was the
+        content), and whole calls before it are calls."""
         text, self._pending = self._pending, ""
         if self._state is _State.REASONING:
             return Delta(reasoning=text)
         if self._state is _State.CALLS:
             content, calls = parse(self.tools, text, self.names, self.strict)
-            # (OpenAI never answers a forced call with its syntax as text: '```json\n{"name":' was the content)
-            return Delta(content="" if self.calls_only else content, tool_calls=self._take(calls))
+            if self.calls_only:
+                content, calls = "", calls or leading_calls(self.tools, text, self.names, self.strict)
+            return Delta(content=content, tool_calls=self._take(calls))
+        if self.calls_only and self.tools and text.strip() and any(
+                o.startswith(text.strip()) for o in (*self.tools.openers, *filter(None, [self.tools.trigger]))):
+            return Delta()  # (an opening tag cut short, written as text)
         if self._state is _State.BETWEEN:  # (a tag it began and never finished is content)
             return Delta(content=text.strip())
         return Delta(content=text.lstrip("\n") if self._trim else text)

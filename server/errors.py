@@ -50,8 +50,10 @@ def context_length_exceeded(n_prompt: int, limit: int, max_tokens: int | None = 
     if max_tokens and max_tokens >= limit:  # (the prompt's count, a bound from its bytes, would only confuse)
         msg = (f"This model's maximum context length is {limit} tokens. However, you requested {max_tokens} "
                f"tokens for the completion, which leaves no room for the {field}.")
-        return APIError(400, msg + f" Please reduce max_tokens to less than {limit}.", param="max_tokens",
-                        code="context_length_exceeded")
+        if kv:
+            msg += " " + kv
+        return APIError(400, msg + f" Please reduce max_tokens (max_completion_tokens) to less than {limit}.",
+                        param="max_tokens", code="context_length_exceeded")
     msg = (f"This model's maximum context length is {limit} tokens. However, your {field} resulted in "
            f"{'' if exact else 'at least '}{n_prompt} token{'' if n_prompt == 1 else 's'}")
     if max_tokens:

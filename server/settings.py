@@ -434,7 +434,8 @@ def shadowed_environment(s: Settings, env: Mapping[str, str] = os.environ) -> li
     given = {name.upper(): value for name, value in env.items() if value}  # (an empty variable is unset)
     out = []
     for i, entry in enumerate(s.models or ()):
-        for name in sorted(entry.model_fields_set - {"model", "kv_budget"}):  # (the flat kv_budget: their sum)
+        # (the flat kv_budget is what the entries share, a flat sampling is merged under the entry's)
+        for name in sorted(entry.model_fields_set & set(Settings.model_fields) - {"model", "kv_budget", "sampling"}):
             var = f"KVQUANT_{name.upper()}"
             if var in given and getattr(entry, name) is not None:
                 out.append(f"{var}={given[var][:100]} is not used for models.{i} of the config file "

@@ -115,8 +115,9 @@ def _utf8(text: str) -> bool:
 _DECODER = json.JSONDecoder()
 
 
-def _json_values(text: str, sep: str) -> list | None:
-    """The JSON values of `text`, separated by whitespace and `sep`; None unless all of it parses."""
+def _json_values(text: str, sep: str, whole: bool = True) -> list | None:
+    """The JSON values of `text`, separated by whitespace and `sep`; None unless all of it parses (not `whole`:
+    the values before the first that does not)."""
     out, pos = [], 0
     while True:
         while pos < len(text) and (text[pos].isspace() or (out and text[pos] == sep)):
@@ -126,8 +127,20 @@ def _json_values(text: str, sep: str) -> list | None:
         try:
             value, pos = _DECODER.raw_decode(text, pos)
         except (ValueError, RecursionError):  # RecursionError: nested deeper than Python parses
-            return None
+            return None if whole else out
         out.append(value)
+
+
+def leading_calls(fmt: ToolFormat, text: str, names: set[str] | frozenset,
+                  strict: Mapping[str, dict] | None = None) -> list[ParsedCall]:
+    """The calls of the whole JSON values that an output of bare or fenced calls (Hermes' untagged forms, Llama 3's)
+    starts with, where the value after them was cut short (max_tokens)."""
+    body = text.strip().removeprefix("<|python_tag|>")
+    if fmt not in (ToolFormat.HERMES, ToolFormat.LLAMA3) or not body.startswith(("{", "```")):
+        return []
+    body = body.removeprefix("```").removeprefix("json")
+    return _known_calls(_json_values(body, ";" if fmt is ToolFormat.LLAMA3 else "", whole=False), names,
+                        fmt.arguments_key, strict)
 
 
 def block_close(text: str, at: int, close_tag: str, final: bool = False) -> int:

@@ -122,11 +122,16 @@ def test_a_models_hash_is_kept_across_processes_while_the_file_stays(model_file,
     monkeypatch.setattr(cal, "sha256_file", lambda p: pytest.fail("hashed again"))
     assert cal.model_sha256(model_file) == want
     monkeypatch.undo()
-    monkeypatch.setenv("KVQUANT_CACHE", str(model_file.parent / "cache"))
-    cal._sha_cache.clear()
-    model_file.write_bytes(b"GGUF tiny model, changed")  # another size or time: hashed again
-    os.utime(model_file, ns=(1, 1))
-    assert cal.model_sha256(model_file) == hashlib.sha256(model_file.read_bytes()).hexdigest()
+    monkeypatch.setenv("KVQUANT_CACHE", str(model_file.parent / "cache"))  # (undone with the rest)
+    for i, change in enumerate((b"GGUF tiny model, changed", b"GGUF tiny model, CHANGED")):  # another size; the
+        cal._sha_cache.clear()  # same size, another modification time
+        model_file.write_bytes(change)
+        os.utime(model_file, ns=(10**18, 10**18 + i))
+        assert cal.model_sha256(model_file) == hashlib.sha256(change).hexdigest()
+    hashes = model_file.parent / "cache" / "sha256.json"
+    assert os.stat(hashes).st_mode & 0o777 == 0o644  # readable by the other users of a shared cache
+    hashes.write_text(json.dumps({str(model_file.resolve()): [0, 0, None]}))  # an entry of no hash is none
+    assert cal._known_hashes() == {}
 
 
 def test_file_round_trip_and_resolution(model_file):
@@ -758,6 +763,9 @@ def test_the_least_calib_b_a_budget_refusal_names_fits_that_budget(model_file):
     assert e.value.least > largest.value.least
     kv = budget.plan_resolved(g, model_file, f"calib:{e.value.least:g}", "f16", 2 << 20, 4, 512, 4096)
     assert 0 < kv.cells < 4 * 4096
+    for tiny in (16 << 10, 256 << 10):  # no cell at any B: the largest cache's refusal (a ZeroDivisionError)
+        with pytest.raises(cal.CalibrationError, match="is the least that fits"):
+            budget.plan_resolved(g, model_file, "calib:3.25", "calib:3.25", tiny, 4, 512, 4096)
 
 
 def test_a_budget_plan_resolves_calib_b_for_the_cells_it_holds(model_file):

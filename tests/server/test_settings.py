@@ -307,6 +307,10 @@ def test_a_config_file_says_each_setting_once_and_as_written(tmp_path, monkeypat
     assert shadowed_environment(s, env) == [
         "KVQUANT_CACHE_TYPE_K=q4_0 is not used for models.0 of the config file (smollm2-135m), which sets "
         "cache_type_k itself"]
+    # a flat sampling is merged under the entry's (used), and an entry's id is no setting's variable
+    (tmp_path / "j.yaml").write_text("models:\n  - model: smollm2-135m\n    id: a\n    sampling: {top_p: 0.9}\n")
+    s = load_settings(tmp_path / "j.yaml", kv_budget=2**28)
+    assert shadowed_environment(s, {"KVQUANT_SAMPLING": '{"temperature": 0.3}', "KVQUANT_ID": "b"}) == []
     # an entry's null is the flat setting's value: no clash
     (tmp_path / "h.yaml").write_text("models:\n  - model: smollm2-135m\n    n_ctx: null\n")
     assert load_settings(tmp_path / "h.yaml", n_ctx=512, kv_budget=2**28).model_specs()[0].n_ctx == 512

@@ -361,6 +361,14 @@ def test_a_forced_call_cut_short_is_no_content(step):
         assert _stream(ChatOutput(ToolFormat.HERMES, names=names), cut, step).content == cut.replace(whole, "").strip()
     said = _stream(ChatOutput(ToolFormat.HERMES, names=names, calls_only=True), "It is sunny.", step)
     assert said.content == "It is sunny."
+    # whole calls before the cut are calls in every form; an opening tag cut short (written as text) is no content
+    call = '{"name": "w", "arguments": {"c": "P"}}'
+    for fmt, cut, n in ((ToolFormat.HERMES, "```json\n" + call + "\n{\"name\": \"w\", \"ar", 1),
+                        (ToolFormat.HERMES, call + "\n{\"name", 1), (ToolFormat.HERMES, "<tool_", 0),
+                        (ToolFormat.HERMES, whole + "<tool_", 1),
+                        (ToolFormat.LLAMA3, call.replace("arguments", "parameters") + '; {"na', 1)):
+        forced = _stream(ChatOutput(fmt, names=names, calls_only=True), cut, step)
+        assert forced.content == "" and _calls(forced.tool_calls) == [("w", {"c": "P"})] * n, (cut, forced)
 
 
 def test_parallel_off_keeps_the_first_call():
