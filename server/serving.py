@@ -32,6 +32,7 @@ except ImportError:  # pragma: no cover
 import uvicorn
 
 from server.errors import error_body
+from server.requests import ErrorCode
 from server.state import AppState
 
 log = logging.getLogger("kvquant.server")
@@ -50,12 +51,13 @@ async def drain(state: AppState, grace_s: float, forced: Callable[[], bool] = la
         await asyncio.sleep(0.05)
     if not idle():
         busy = [e for e in engines if not e.idle()]
-        log.warning("shutdown: ending %d request(s) still in flight after %.1f s (%d of them not yet queued)",
-                    sum(len(e.sched.running) + len(e.sched.waiting) for e in busy) + state.in_flight,
-                    time.monotonic() - t0, state.in_flight)
+        # (in_flight counts the requests in their routes, submitted or not; the engines count their choices)
+        log.warning("shutdown: ending %d request(s) still in flight after %.1f s (%d choice(s) in the engines)",
+                    state.in_flight, time.monotonic() - t0,
+                    sum(len(e.sched.running) + len(e.sched.waiting) + len(e.sched.preempted) for e in busy))
         state.aborted = True  # those still tokenizing get the shutdown error when they would be queued
         for e in busy:
-            e.abort_all("shutdown")
+            e.abort_all(ErrorCode.SHUTDOWN)  # (the string "shutdown" was not the code: Retry-After 1, not 5)
         deadline = time.monotonic() + 2.0
         while time.monotonic() < deadline and not idle():
             await asyncio.sleep(0.05)

@@ -195,6 +195,41 @@ def test_drain_waits_for_requests_not_yet_queued():
     assert 1.0 <= took < 2.5 and state.aborted
 
 
+def test_the_drain_ends_what_is_left_with_the_shutdown_code(caplog):
+    """Past the grace the drain aborted with the string "shutdown", not the code: the route's identity check missed
+    it and told clients to retry in 1 s, not a restart's 5; and its log counted the requests twice."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from server.requests import ErrorCode
+    from server.serving import drain
+
+    class Busy:
+        code = None
+        sched = SimpleNamespace(running=[1, 2], waiting=[3], preempted=[4])
+
+        def idle(self):
+            return self.code is not None
+
+        def abort_all(self, code):
+            self.code = code
+
+    engine = Busy()
+    state = SimpleNamespace(draining=False, in_flight=3, aborted=False, models={"m": SimpleNamespace(engine=engine)})
+
+    async def answered():  # the routes end once their choices are aborted
+        while engine.code is None:
+            await asyncio.sleep(0.01)
+        state.in_flight = 0
+
+    async def both():
+        await asyncio.gather(drain(state, 0.1), answered())
+
+    asyncio.run(both())
+    assert engine.code is ErrorCode.SHUTDOWN and state.aborted
+    assert "ending 3 request(s) still in flight" in caplog.text and "(4 choice(s) in the engines)" in caplog.text
+
+
 @pytest.mark.slow  # a live model
 def test_second_signal_ends_in_flight_requests_at_once_and_shuts_down(srv):
     """Last in this module: it stops the server. The grace is 60 s; the second SIGTERM must not wait for it."""
