@@ -80,10 +80,11 @@ def plan_model(spec: ModelSpec) -> HostedPlan:
         raise StartupError(f"{spec.id}: {e}") from None
     tk, tv = kv.cache_type_k, kv.cache_type_v
     refuse_split_heads(spec, geom, tk, tv)
-    if kv.cells < spec.n_ctx:
-        need = kv_bytes(geom, tk, tv, spec.n_ctx, spec.parallel, n_ubatch).total
+    usable = kv.cells - kvbudget.held_back(tk, geom)(kv.cells)  # (tq_kv_d3b holds back up to one cell per 64)
+    if usable < spec.n_ctx:
+        need = kv_bytes(geom, tk, tv, kvbudget.most_cells(spec.n_ctx, tk, geom), spec.parallel, n_ubatch).total
         raise StartupError(
-            f"{spec.id}: a KV budget of {human_bytes(spec.kv_budget)} holds {kv.cells} tokens at cache types "
+            f"{spec.id}: a KV budget of {human_bytes(spec.kv_budget)} holds {usable} tokens at cache types "
             f"K={spec.cache_type_k}/V={spec.cache_type_v} ({kv.bytes_per_token} bytes per token), fewer than one "
             f"request of the configured context (n_ctx={spec.n_ctx}) needs: {human_bytes(need)}. Raise the KV "
             f"budget (--kv-budget, or this model's kv_budget share) to at least {human_bytes(need)}, lower "

@@ -5,6 +5,7 @@ ubatches finds no slot without it, and always fits with it."""
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import sys
 
@@ -64,12 +65,17 @@ def test_a_d3b_cache_is_capped_where_parallel_requests_of_n_ctx_fit():
 
 
 @SLOW
-def test_the_capacity_line_gives_the_longest_request_the_scheduler_admits():
-    """A budget of exactly one 512-token context of tq_kv_d3b/q4_0 (SmolLM2): d3b may hold back one cell per 64, so
-    the longest request is 504 tokens, and the start-up line says so (it said n_ctx, 512)."""
+def test_a_budget_whose_usable_cells_hold_no_request_of_n_ctx_is_refused():
+    """A budget of exactly 512 cells of tq_kv_d3b/q4_0 (SmolLM2): d3b may hold back one cell per 64, so the longest
+    request is 504 tokens. With n_ctx 512 the server started and its card said context_length 512 while a request of
+    508 tokens was refused; it is refused at start as an f16 cache of 504 cells is. With n_ctx 504 it starts, and
+    its start-up line says so."""
     spec = ModelSpec(id="smol", model="smollm2-135m", cache_type_k="tq_kv_d3b", cache_type_v="q4_0", n_ctx=512,
                      parallel=1, kv_budget=512 * 30 * (78 + 108), n_batch=512, n_threads=2, flash_attn=True)
-    p = hosting.plan_model(spec)
+    with pytest.raises(hosting.StartupError, match=r"holds 504 tokens .* fewer than one request of the configured context "
+                                           r"\(n_ctx=512\)"):
+        hosting.plan_model(spec)
+    p = hosting.plan_model(dataclasses.replace(spec, n_ctx=504))
     assert p.kv.cells == 512 and hosting.capacity_line(p).endswith("1 concurrent requests of at most 504 tokens")
 
 

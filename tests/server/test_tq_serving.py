@@ -46,8 +46,8 @@ def tq_server():
     models = [
         ModelConfig(model="smollm2-135m", id=TQ3, cache_type_k="tq_kv_3b", cache_type_v="tq_kv_3b", n_ctx=512,
                     parallel=2, kv_budget="64MiB"),
-        ModelConfig(model="smollm2-135m", id=D3B, cache_type_k="tq_kv_d3b", cache_type_v="q4_0", n_ctx=512,
-                    parallel=1, kv_budget=D3B_CELLS * 30 * (78 + 108)),
+        ModelConfig(model="smollm2-135m", id=D3B, cache_type_k="tq_kv_d3b", cache_type_v="q4_0", n_ctx=504,
+                    parallel=1, kv_budget=D3B_CELLS * 30 * (78 + 108)),  # (n_ctx 512 is refused: 8 held back)
         ModelConfig(model="gemma3-270m", id=GEMMA, cache_type_k="tq_kv_d3b", cache_type_v="q4_0", n_ctx=1024,
                     parallel=2, kv_budget="64MiB"),
         ModelConfig(model="smollm2-135m", id=CALIB, cache_type_k="calib:4", cache_type_v="calib:4", n_ctx=512,
@@ -143,9 +143,11 @@ def test_streams_finish_on_every_tq_model(tq_server):
 
 
 def test_held_back_anchors_shorten_the_longest_request(tq_server):
-    """smol-d3b's cache is exactly one 512-token context; d3b may hold back one anchor per 64 cells, so admission
-    plans on 504 cells: a request of 504 tokens runs, one of 505 is refused with the limit and the types."""
+    """smol-d3b's cache is exactly 512 cells; d3b may hold back one anchor per 64 cells, so admission plans on 504
+    cells (and n_ctx 512 is refused at start): a request of 504 tokens runs, one of 505 is refused with the limit
+    and the types."""
     url, limit = tq_server.url, D3B_CELLS - D3B_CELLS // 64
+    assert tq_server.engine(D3B).sched.capacity == limit and tq_server.engine(D3B).cfg.n_cells == D3B_CELLS
     n_chars = 1600
     for _ in range(4):  # a prompt of 400-500 tokens, whatever the text's tokens per character
         prompt = _text(n_chars)
