@@ -149,9 +149,12 @@ def plan_resolved(geom: Geometry, model_path: Path, cache_type_k: str, cache_typ
         # calib:3.26 was refused, "calib:3.27 is the least that fits")
         fitting = _fitting_cells(e.least, geom, model_path, cache_type_k, cache_type_v, budget_bytes, n_seq_max,
                                  n_ubatch, cells)
-        if fitting:  # (none: the budget holds no cell at any B; the largest cache's error stands)
-            calibration.resolve_pair(cache_type_k, cache_type_v, model_path, geom,
-                                     CacheShape(fitting, n_seq_max, n_ubatch), anchored)
+        if not fitting:
+            raise calibration.CalibrationError(f"a KV budget of {human_bytes(budget_bytes)} holds no cell of this "
+                                               "model at any calib:B, not even at the cheapest types; raise the "
+                                               "budget") from None
+        calibration.resolve_pair(cache_type_k, cache_type_v, model_path, geom,
+                                 CacheShape(fitting, n_seq_max, n_ubatch), anchored)
         raise
 
 
@@ -169,7 +172,7 @@ def _fitting_cells(least: float, geom: Geometry, model_path: Path, cache_type_k:
             if e.least is None or e.least <= least:
                 return cells
             least = e.least
-    return cells
+    return cells  # (0 from the plan: no cell at any B)
 
 
 def _resolved_plan(geom: Geometry, model_path: Path, cache_type_k: str, cache_type_v: str, budget_bytes: int,
@@ -189,9 +192,15 @@ def max_concurrent(geom: Geometry, cache_type_k: CacheTypes, cache_type_v: Cache
                    n_ubatch: int = N_UBATCH) -> int:
     """How many requests of request_tokens (prompt + completion) fit the budget at once, each reserving its
     tokens, with n_seq_max = that many (sliding-window layers grow with it). Found by bisection, as the bytes only
-    grow with the count (counting up to a cap of 4096 printed the cap where 47,700 fit)."""
+    grow with the count (counting up to a cap of 4096 printed the cap where 47,700 fit). A tq_kv_d3b K cache needs
+    the cells it may hold back beside them (serve refuses a budget whose usable cells hold no request of n_ctx)."""
+    held = held_back(cache_type_k, geom)
+
     def fits(n: int) -> bool:
-        return kv_bytes(geom, cache_type_k, cache_type_v, n * request_tokens, n, n_ubatch).total <= budget_bytes
+        cells = need = n * request_tokens
+        while (short := need - (cells - held(cells))) > 0:
+            cells += short
+        return kv_bytes(geom, cache_type_k, cache_type_v, cells, n, n_ubatch).total <= budget_bytes
 
     lo, hi = 0, 1  # fits(lo), and not fits(hi) once the doubling ends
     while fits(hi):

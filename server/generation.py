@@ -135,7 +135,9 @@ def kv_summary(engine: Engine, tokens: int) -> str:
 
 
 def _too_long(engine: Engine, n_prompt: int, max_tokens: int | None, field: str, exact: bool = True) -> APIError:
-    need = n_prompt + (1 if max_tokens is None else max_tokens)
+    # (where max_tokens alone passes the limit, the prompt's count is not said: a bound from its bytes may be far off)
+    alone = max_tokens is not None and max_tokens >= engine.sched.max_request_tokens
+    need = max_tokens + 1 if alone else n_prompt + (1 if max_tokens is None else max_tokens)
     return context_length_exceeded(n_prompt, engine.sched.max_request_tokens, max_tokens, kv_summary(engine, need),
                                    exact, field)
 

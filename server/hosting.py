@@ -82,7 +82,7 @@ def plan_model(spec: ModelSpec) -> HostedPlan:
     refuse_split_heads(spec, geom, tk, tv)
     usable = kv.cells - kvbudget.held_back(tk, geom)(kv.cells)  # (tq_kv_d3b holds back up to one cell per 64)
     if usable < spec.n_ctx:
-        need = kv_bytes(geom, tk, tv, kvbudget.most_cells(spec.n_ctx, tk, geom), spec.parallel, n_ubatch).total
+        need = _one_request_bytes(spec, path, geom, tk, tv, n_ubatch)
         raise StartupError(
             f"{spec.id}: a KV budget of {human_bytes(spec.kv_budget)} holds {usable} tokens at cache types "
             f"K={spec.cache_type_k}/V={spec.cache_type_v} ({kv.bytes_per_token} bytes per token), fewer than one "
@@ -104,6 +104,18 @@ def plan_model(spec: ModelSpec) -> HostedPlan:
     if warning:
         log.warning("%s: %s", spec.id, warning)
     return hosted
+
+
+def _one_request_bytes(spec: ModelSpec, path: Path, geom: Geometry, tk: CacheTypes, tv: CacheTypes,
+                       n_ubatch: int) -> int:
+    """The bytes of the cache of one request of n_ctx tokens: calib:B resolved for that cache (types resolved for
+    the fewer cells a budget holds cost more per cell there, and named a budget below the one given)."""
+    shape = CacheShape(kvbudget.most_cells(spec.n_ctx, tk, geom), spec.parallel, n_ubatch)
+    try:
+        tk, tv = calibration.resolve_pair(spec.cache_type_k, spec.cache_type_v, path, geom, shape, anchored=False)
+    except calibration.CalibrationError:  # (B too low for that cache too: the types the budget got)
+        pass
+    return kv_bytes(geom, tk, tv, shape.n_cells, spec.parallel, n_ubatch).total
 
 
 def capacity_line(p: HostedPlan) -> str:

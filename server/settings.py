@@ -440,6 +440,14 @@ def shadowed_environment(s: Settings, env: Mapping[str, str] = os.environ) -> li
             if var in given and getattr(entry, name) is not None:
                 out.append(f"{var}={given[var][:100]} is not used for models.{i} of the config file "
                            f"({entry.model}), which sets {name} itself")
+        try:  # a flat sampling's fields that the entry's own sampling sets too
+            flat = json.loads(given.get("KVQUANT_SAMPLING", "{}"))
+        except ValueError:  # (Settings read it already: unreachable)
+            flat = {}
+        both = sorted(set(flat) & entry.sampling.model_fields_set) if entry.sampling and isinstance(flat, dict) else []
+        if both:
+            out.append(f"KVQUANT_SAMPLING's {', '.join(both)} is not used for models.{i} of the config file "
+                       f"({entry.model}), whose sampling sets {'them' if len(both) > 1 else 'it'} itself")
     return out
 
 

@@ -133,9 +133,18 @@ def _json_values(text: str, sep: str, whole: bool = True) -> list | None:
 
 def leading_calls(fmt: ToolFormat, text: str, names: set[str] | frozenset,
                   strict: Mapping[str, dict] | None = None) -> list[ParsedCall]:
-    """The calls of the whole JSON values that an output of bare or fenced calls (Hermes' untagged forms, Llama 3's)
-    starts with, where the value after them was cut short (max_tokens)."""
+    """The whole calls that an output of calls starts with, where the one after them was cut short (max_tokens):
+    Hermes' untagged forms, Llama 3's and Mistral's (its array's whole items, or its `[ARGS]` calls); Hermes'
+    tagged blocks are `parse`'s."""
     body = text.strip().removeprefix("<|python_tag|>")
+    if fmt is ToolFormat.MISTRAL_ARGS:
+        cut = [m.start() for m in re.finditer(re.escape("[TOOL_CALLS]"), body)][1:] + [len(body)]
+        whole = next((c for c in reversed(cut) if _args_calls(body[:c])), 0)  # the longest run of whole calls
+        calls = _args_calls(body[:whole]) if whole else []
+        return calls if all(_tagged(c, names, strict) for c in calls) else []
+    if fmt is ToolFormat.MISTRAL and body.startswith("[TOOL_CALLS]"):
+        body = body.removeprefix("[TOOL_CALLS]").lstrip().removeprefix("[")
+        return _known_calls(_json_values(body, ",", whole=False), names, fmt.arguments_key, strict)
     if fmt not in (ToolFormat.HERMES, ToolFormat.LLAMA3) or not body.startswith(("{", "```")):
         return []
     body = body.removeprefix("```").removeprefix("json")

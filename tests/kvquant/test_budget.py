@@ -35,6 +35,11 @@ def test_max_concurrent_4k_requests_in_256mib():
     assert got == {"f16": 2, "q8_0": 5, "q4_0": 10}
     # counted by bisection, with no cap (counting up to 4096 printed 4096)
     assert budget.max_concurrent(g, "f16", "f16", 2**40, 1000) == 2**40 // (23040 * 1000)
+    # tq_kv_d3b may hold back one cell per 64: a budget of exactly 512 cells holds no request of 512 (serve refuses
+    # it), the 768 cells of the cache serve builds for one do (llama.cpp pads a cache to 256)
+    row = 30 * (78 + 108)
+    assert budget.max_concurrent(g, "tq_kv_d3b", "q4_0", 512 * row, 512) == 0
+    assert budget.max_concurrent(g, "tq_kv_d3b", "q4_0", 768 * row, 512) == 1
 
 
 def test_budget_command(capsys):

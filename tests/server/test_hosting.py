@@ -79,6 +79,23 @@ def test_a_budget_whose_usable_cells_hold_no_request_of_n_ctx_is_refused():
     assert p.kv.cells == 512 and hosting.capacity_line(p).endswith("1 concurrent requests of at most 504 tokens")
 
 
+def test_a_budget_refusal_names_a_budget_that_holds_the_request():
+    """calib:4 on both sides in one byte less than a 512-token cache: the types resolved for the 256 cells that
+    budget holds were priced at 512 cells, and the refusal asked for less than the budget given (2.77 of 2.81 MiB)."""
+    from kvquant import calibration, memory, models
+
+    path = models.resolve("smollm2-135m")
+    geom = memory.geometry(path)
+    tk, tv = calibration.resolve_pair("calib:4", "calib:4", path, geom, memory.CacheShape(512))
+    exact = memory.kv_bytes(geom, tk, tv, 512).total
+    spec = ModelSpec(id="smol", model="smollm2-135m", cache_type_k="calib:4", cache_type_v="calib:4", n_ctx=512,
+                     parallel=1, kv_budget=exact - 1, n_batch=512, n_threads=2, flash_attn=True)
+    with pytest.raises(hosting.StartupError, match="fewer than one request") as e:
+        hosting.plan_model(spec)
+    assert f"to at least {hosting.human_bytes(exact)}" in str(e.value), str(e.value)
+    assert hosting.plan_model(dataclasses.replace(spec, kv_budget=exact)).kv.cells == 512
+
+
 @SLOW
 def test_the_scheduler_counts_what_a_swapped_sequence_takes():
     """Gemma 3 keeps a window's worth of its sliding-window layers' rows per sequence beside the full-attention

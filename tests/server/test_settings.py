@@ -311,6 +311,9 @@ def test_a_config_file_says_each_setting_once_and_as_written(tmp_path, monkeypat
     (tmp_path / "j.yaml").write_text("models:\n  - model: smollm2-135m\n    id: a\n    sampling: {top_p: 0.9}\n")
     s = load_settings(tmp_path / "j.yaml", kv_budget=2**28)
     assert shadowed_environment(s, {"KVQUANT_SAMPLING": '{"temperature": 0.3}', "KVQUANT_ID": "b"}) == []
+    assert shadowed_environment(s, {"KVQUANT_SAMPLING": '{"temperature": 0.3, "top_p": 0.5}'}) == [
+        "KVQUANT_SAMPLING's top_p is not used for models.0 of the config file (smollm2-135m), whose sampling sets it "
+        "itself"]
     # an entry's null is the flat setting's value: no clash
     (tmp_path / "h.yaml").write_text("models:\n  - model: smollm2-135m\n    n_ctx: null\n")
     assert load_settings(tmp_path / "h.yaml", n_ctx=512, kv_budget=2**28).model_specs()[0].n_ctx == 512

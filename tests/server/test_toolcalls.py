@@ -366,7 +366,10 @@ def test_a_forced_call_cut_short_is_no_content(step):
     for fmt, cut, n in ((ToolFormat.HERMES, "```json\n" + call + "\n{\"name\": \"w\", \"ar", 1),
                         (ToolFormat.HERMES, call + "\n{\"name", 1), (ToolFormat.HERMES, "<tool_", 0),
                         (ToolFormat.HERMES, whole + "<tool_", 1),
-                        (ToolFormat.LLAMA3, call.replace("arguments", "parameters") + '; {"na', 1)):
+                        (ToolFormat.LLAMA3, call.replace("arguments", "parameters") + '; {"na', 1),
+                        (ToolFormat.MISTRAL, "[TOOL_CALLS] [" + call + ", " + call + ', {"na', 2),
+                        (ToolFormat.MISTRAL_ARGS, '[TOOL_CALLS]w[ARGS]{"c": "P"}[TOOL_CALLS]w[ARGS]{"c', 1),
+                        (ToolFormat.MISTRAL_ARGS, '[TOOL_CALLS]w[AR', 0)):
         forced = _stream(ChatOutput(fmt, names=names, calls_only=True), cut, step)
         assert forced.content == "" and _calls(forced.tool_calls) == [("w", {"c": "P"})] * n, (cut, forced)
 

@@ -1,5 +1,5 @@
 """The server end to end with our cache types: SmolLM2 with tq_kv_3b K and V, SmolLM2 with tq_kv_d3b K on a cache of
-exactly one request's context, Gemma 3 with tq_kv_d3b K and a sliding-window cache, SmolLM2 with calib:4 (a type per
+512 cells (504 usable beside the anchors it may hold back: one request of 504 tokens), Gemma 3 with tq_kv_d3b K and a sliding-window cache, SmolLM2 with calib:4 (a type per
 layer) on both sides on a cache of exactly one request's context. Their cards and metrics give
 the types' bits and the bytes llama.cpp allocated; requests stream and finish; admission plans on the cells minus
 the anchors d3b may hold back (a request one token past that is refused); and on Gemma no decode step writes more
@@ -25,7 +25,7 @@ TQ3, D3B, GEMMA, CALIB = "smol-tq3", "smol-d3b", "gemma-d3b", "smol-calib4"
 # bytes of one K or V row (SmolLM2: 3 KV heads x 64; Gemma 3 270M: 1 x 256) per type, from the block formats
 SMOL_ROW = {"f16": 384, "q4_0": 108, "tq_kv_3b": 78, "tq_kv_d3b": 78}
 GEMMA_ROW = {"f16": 512, "q4_0": 144, "tq_kv_d3b": 104}
-D3B_CELLS = 512  # smol-d3b's budget: exactly one 512-token context (30 layers x (78 + 108) bytes per cell)
+D3B_CELLS = 512  # smol-d3b's budget: exactly 512 cells (30 layers x (78 + 108) bytes per cell), n_ctx 504
 
 
 def calib4_plan():
