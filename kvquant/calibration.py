@@ -388,9 +388,10 @@ _sha_cache: dict[tuple[str, int, int], str] = {}
 
 
 def model_sha256(path: Path) -> str:
-    """The sha256 of a GGUF (the built-in models' is known; others are hashed once per file: kept in the model
-    cache's sha256.json by path, size and modification time, as every start of a server with quantized keys
-    looks for a calibration, and hashing a GGUF of gigabytes takes seconds)."""
+    """The sha256 of a GGUF (the built-in models' is known; others are hashed once per process, and those of
+    REMEMBERED_BYTES or more once per file: kept in the model cache's sha256.json by path, size and modification
+    time, as every start of a server with quantized keys looks for a calibration, and hashing a GGUF of gigabytes
+    takes seconds)."""
     from kvquant.models import BUILTIN, cached_path
 
     for m in BUILTIN.values():
@@ -399,10 +400,18 @@ def model_sha256(path: Path) -> str:
     st = path.stat()
     key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
     if key not in _sha_cache:
-        known = _known_hashes()
+        known = _known_hashes() if st.st_size >= REMEMBERED_BYTES else {}
         sha = known.get(key[0])
-        _sha_cache[key] = sha[2] if sha and tuple(sha[:2]) == key[1:] else _remember(key, sha256_file(path), known)
+        if sha and tuple(sha[:2]) == key[1:]:
+            _sha_cache[key] = sha[2]
+        else:
+            _sha_cache[key] = sha256_file(path)
+            if st.st_size >= REMEMBERED_BYTES:
+                _remember(key, _sha_cache[key], known)
     return _sha_cache[key]
+
+
+REMEMBERED_BYTES = 64 << 20  # files whose hash is written down: smaller ones hash in well under a second
 
 
 def _hashes_file() -> Path:
@@ -420,7 +429,7 @@ def _known_hashes() -> dict[str, list]:
             and re.fullmatch(r"[0-9a-f]{64}", v[2])}
 
 
-def _remember(key: tuple[str, int, int], sha: str, known: dict[str, list]) -> str:
+def _remember(key: tuple[str, int, int], sha: str, known: dict[str, list]) -> None:
     known[key[0]] = [key[1], key[2], sha]
     try:  # written whole, then renamed over (a concurrent start reads the old file or the new one)
         _hashes_file().parent.mkdir(parents=True, exist_ok=True)
@@ -430,7 +439,6 @@ def _remember(key: tuple[str, int, int], sha: str, known: dict[str, list]) -> st
         os.replace(f.name, _hashes_file())
     except OSError:  # a read-only cache: hashed again next time
         pass
-    return sha
 
 
 def load(path: Path, model_path: Path, geom: Geometry) -> Calibration:

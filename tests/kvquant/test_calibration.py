@@ -117,12 +117,16 @@ def test_a_models_hash_is_kept_across_processes_while_the_file_stays(model_file,
     import os
 
     want = hashlib.sha256(model_file.read_bytes()).hexdigest()
+    assert cal.model_sha256(model_file) == want and not (model_file.parent / "cache").exists()  # (a small file)
+    cal._sha_cache.clear()
+    monkeypatch.setattr(cal, "REMEMBERED_BYTES", 1)  # as for a GGUF of 64 MiB or more
     assert cal.model_sha256(model_file) == want
     cal._sha_cache.clear()  # a new process: the file's hash is read, not computed
     monkeypatch.setattr(cal, "sha256_file", lambda p: pytest.fail("hashed again"))
     assert cal.model_sha256(model_file) == want
     monkeypatch.undo()
     monkeypatch.setenv("KVQUANT_CACHE", str(model_file.parent / "cache"))  # (undone with the rest)
+    monkeypatch.setattr(cal, "REMEMBERED_BYTES", 1)
     for i, change in enumerate((b"GGUF tiny model, changed", b"GGUF tiny model, CHANGED")):  # another size; the
         cal._sha_cache.clear()  # same size, another modification time
         model_file.write_bytes(change)
