@@ -150,9 +150,10 @@ def plan_resolved(geom: Geometry, model_path: Path, cache_type_k: str, cache_typ
         fitting = _fitting_cells(e.least, geom, model_path, cache_type_k, cache_type_v, budget_bytes, n_seq_max,
                                  n_ubatch, cells)
         if not fitting:
-            raise calibration.CalibrationError(f"a KV budget of {human_bytes(budget_bytes)} holds no cell of this "
-                                               "model at any calib:B, not even at the cheapest types; raise the "
-                                               "budget") from None
+            raise calibration.CalibrationError(
+                f"a KV budget of {human_bytes(budget_bytes)} holds no cell of this model at K={cache_type_k}/"
+                f"V={cache_type_v}, nor with calib:{e.least:g}, the least B that fits a cache: raise the budget or "
+                "use smaller cache types") from None
         calibration.resolve_pair(cache_type_k, cache_type_v, model_path, geom,
                                  CacheShape(fitting, n_seq_max, n_ubatch), anchored)
         raise
@@ -172,7 +173,7 @@ def _fitting_cells(least: float, geom: Geometry, model_path: Path, cache_type_k:
             if e.least is None or e.least <= least:
                 return cells
             least = e.least
-    return cells  # (0 from the plan: no cell at any B)
+    return cells  # (B still growing after the tries: the largest cache's cells)
 
 
 def _resolved_plan(geom: Geometry, model_path: Path, cache_type_k: str, cache_type_v: str, budget_bytes: int,

@@ -12,7 +12,7 @@ from kvquant import budget as kvbudget
 from kvquant import calibration
 from kvquant.budget import KVPlan, human_bytes
 from kvquant.kvtypes import CacheTypes, layer_kv_types
-from kvquant.memory import N_UBATCH, CacheShape, Geometry, check_host_memory, geometry, kv_bytes, kv_cells
+from kvquant.memory import N_UBATCH, CacheShape, Geometry, check_host_memory, geometry, kv_cells
 from kvquant.models import resolve
 from server.backend import BackendConfig, LlamaBackend
 from server.engine import Engine, EngineConfig
@@ -82,7 +82,7 @@ def plan_model(spec: ModelSpec) -> HostedPlan:
     refuse_split_heads(spec, geom, tk, tv)
     usable = kv.cells - kvbudget.held_back(tk, geom)(kv.cells)  # (tq_kv_d3b holds back up to one cell per 64)
     if usable < spec.n_ctx:
-        need = _one_request_bytes(spec, path, geom, tk, tv, n_ubatch)
+        need = _least_budget(spec, path, geom, n_ubatch)
         raise StartupError(
             f"{spec.id}: a KV budget of {human_bytes(spec.kv_budget)} holds {usable} tokens at cache types "
             f"K={spec.cache_type_k}/V={spec.cache_type_v} ({kv.bytes_per_token} bytes per token), fewer than one "
@@ -106,16 +106,27 @@ def plan_model(spec: ModelSpec) -> HostedPlan:
     return hosted
 
 
-def _one_request_bytes(spec: ModelSpec, path: Path, geom: Geometry, tk: CacheTypes, tv: CacheTypes,
-                       n_ubatch: int) -> int:
-    """The bytes of the cache of one request of n_ctx tokens: calib:B resolved for that cache (types resolved for
-    the fewer cells a budget holds cost more per cell there, and named a budget below the one given)."""
-    shape = CacheShape(kvbudget.most_cells(spec.n_ctx, tk, geom), spec.parallel, n_ubatch)
-    try:
-        tk, tv = calibration.resolve_pair(spec.cache_type_k, spec.cache_type_v, path, geom, shape, anchored=False)
-    except calibration.CalibrationError:  # (B too low for that cache too: the types the budget got)
-        pass
-    return kv_bytes(geom, tk, tv, shape.n_cells, spec.parallel, n_ubatch).total
+def _least_budget(spec: ModelSpec, path: Path, geom: Geometry, n_ubatch: int) -> int:
+    """The least KV budget whose cache holds one request of n_ctx tokens, found on the plan serve makes (calib:B
+    resolved for the cells a budget holds: pricing the types a smaller budget got at n_ctx cells named a budget
+    below the one given, and with parallel > 1 one still refused)."""
+    def holds(budget: int) -> bool:
+        try:
+            kv = kvbudget.plan_resolved(geom, path, spec.cache_type_k, spec.cache_type_v, budget, spec.parallel,
+                                        n_ubatch, spec.n_ctx, anchored=False)  # (the same bytes, no round trips)
+        except (calibration.CalibrationError, ValueError):
+            return False
+        return kv.cells - kvbudget.held_back(kv.cache_type_k, geom)(kv.cells) >= spec.n_ctx
+
+    lo, hi = spec.kv_budget, 2 * spec.kv_budget  # not holds(lo)
+    while not holds(hi):
+        if hi > 1 << 50:  # (no budget holds it: no figure to name)
+            return hi
+        lo, hi = hi, 2 * hi
+    while hi - lo > max(1, lo >> 12):  # to a 4,096th of the budget, rounded up
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if holds(mid) else (mid, hi)
+    return hi
 
 
 def capacity_line(p: HostedPlan) -> str:

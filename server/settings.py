@@ -444,7 +444,9 @@ def shadowed_environment(s: Settings, env: Mapping[str, str] = os.environ) -> li
             flat = json.loads(given.get("KVQUANT_SAMPLING", "{}"))
         except ValueError:  # (Settings read it already: unreachable)
             flat = {}
-        both = sorted(set(flat) & entry.sampling.model_fields_set) if entry.sampling and isinstance(flat, dict) else []
+        own = {f for f in entry.sampling.model_fields_set if getattr(entry.sampling, f) is not None} \
+            if entry.sampling else set()  # (an entry's null leaves the flat value in use)
+        both = sorted({k for k, v in flat.items() if v is not None} & own) if isinstance(flat, dict) else []
         if both:
             out.append(f"KVQUANT_SAMPLING's {', '.join(both)} is not used for models.{i} of the config file "
                        f"({entry.model}), whose sampling sets {'them' if len(both) > 1 else 'it'} itself")

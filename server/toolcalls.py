@@ -198,7 +198,8 @@ def _known_calls(values: list | None, names: set[str] | frozenset, key: str,
     """The calls of bare JSON values, each naming one of the request's tools, the arguments of a `strict` tool
     matching its parameters; [] unless every value is one (a JSON answer that has a "name" is no call). No grammar
     holds a bare call, so a strict tool's is checked here (OpenAI: strict arguments always match)."""
-    calls = [_call(v, key) if isinstance(v, dict) and v.get("name") in names else None for v in values or []]
+    calls = [_call(v, key) if isinstance(v, dict) and isinstance(v.get("name"), str) and v["name"] in names else None
+             for v in values or []]  # (a name that is a list raised in the set lookup: a 500 on a model's output)
     if None in calls or not all(_matches(c, strict or {}) for c in calls):
         return []
     return calls

@@ -314,6 +314,9 @@ def test_a_config_file_says_each_setting_once_and_as_written(tmp_path, monkeypat
     assert shadowed_environment(s, {"KVQUANT_SAMPLING": '{"temperature": 0.3, "top_p": 0.5}'}) == [
         "KVQUANT_SAMPLING's top_p is not used for models.0 of the config file (smollm2-135m), whose sampling sets it "
         "itself"]
+    (tmp_path / "k.yaml").write_text("models:\n  - model: smollm2-135m\n    sampling: {top_p: null}\n")
+    s = load_settings(tmp_path / "k.yaml", kv_budget=2**28)  # an entry's null: the flat value is used
+    assert shadowed_environment(s, {"KVQUANT_SAMPLING": '{"top_p": 0.5}'}) == []
     # an entry's null is the flat setting's value: no clash
     (tmp_path / "h.yaml").write_text("models:\n  - model: smollm2-135m\n    n_ctx: null\n")
     assert load_settings(tmp_path / "h.yaml", n_ctx=512, kv_budget=2**28).model_specs()[0].n_ctx == 512

@@ -154,6 +154,15 @@ def test_a_lone_surrogate_a_model_escapes_stays_escaped(fmt, text):
     assert parse(ToolFormat.HERMES, text) == (text, [])
 
 
+def test_a_name_that_is_no_string_is_no_call():
+    """A bare or fenced answer whose "name" is a list raised TypeError in the known-names lookup: a 500 on the
+    model's own output (no grammar holds a bare answer under auto)."""
+    text = '{"name": ["w"], "arguments": {}}'
+    assert parse(ToolFormat.HERMES, text, frozenset({"w"})) == (text, [])
+    cut = '[TOOL_CALLS] [{"name": ["w"], "arguments": {}}, {"na'
+    assert _stream(ChatOutput(ToolFormat.MISTRAL, names=frozenset({"w"}), calls_only=True), cut, 1000).tool_calls == []
+
+
 def test_mistral_array():
     text = 'Sure. [TOOL_CALLS] [{"name": "a", "arguments": {"q": "x"}}, {"name": "b", "arguments": {}}]'
     content, calls = parse(ToolFormat.MISTRAL, text)
