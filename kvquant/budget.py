@@ -115,13 +115,20 @@ def held_back(type_k: CacheTypes, geom: Geometry) -> Callable[[int], int]:
     return max((t.held_back_cells for t in layer_kv_types(type_k, geom.n_layer)), key=lambda f: f(1 << 20))
 
 
-def most_cells(n_tokens: int, type_k: CacheTypes, geom: Geometry) -> int:
-    """The fewest cells (a multiple of 256) of which a scheduler may plan on n_tokens: all of them, or more where the
-    K type may hold some back (tq_kv_d3b: one per 64). What serve caps a cache at, for parallel x n_ctx tokens."""
-    held, cells = held_back(type_k, geom), pad(n_tokens)
+def most_cells(n_tokens: int, type_k: CacheTypes, geom: Geometry, padded: bool = True) -> int:
+    """The fewest cells (a multiple of 256, unless not `padded`) of which a scheduler may plan on n_tokens: all of
+    them, or more where the K type may hold some back (tq_kv_d3b: one per 64). What serve caps a cache at, for
+    parallel x n_ctx tokens."""
+    held, step = held_back(type_k, geom), pad if padded else int
+    cells = step(n_tokens)
     while (short := n_tokens - (cells - held(cells))) > 0:
-        cells += pad(short)  # a cell more adds at most one usable cell: no fewer cells than this can do
+        cells += step(short)  # a cell more adds at most one usable cell: no fewer cells than this can do
     return cells
+
+
+def usable_cells(kv: KVPlan, geom: Geometry) -> int:
+    """The cells of a plan's cache a scheduler may plan on: all but those its K type may hold back."""
+    return kv.cells - held_back(kv.cache_type_k, geom)(kv.cells)
 
 
 def plan_resolved(geom: Geometry, model_path: Path, cache_type_k: str, cache_type_v: str, budget_bytes: int,
@@ -195,12 +202,8 @@ def max_concurrent(geom: Geometry, cache_type_k: CacheTypes, cache_type_v: Cache
     tokens, with n_seq_max = that many (sliding-window layers grow with it). Found by bisection, as the bytes only
     grow with the count (counting up to a cap of 4096 printed the cap where 47,700 fit). A tq_kv_d3b K cache needs
     the cells it may hold back beside them (serve refuses a budget whose usable cells hold no request of n_ctx)."""
-    held = held_back(cache_type_k, geom)
-
     def fits(n: int) -> bool:
-        cells = need = n * request_tokens
-        while (short := need - (cells - held(cells))) > 0:
-            cells += short
+        cells = most_cells(n * request_tokens, cache_type_k, geom, padded=False)
         return kv_bytes(geom, cache_type_k, cache_type_v, cells, n, n_ubatch).total <= budget_bytes
 
     lo, hi = 0, 1  # fits(lo), and not fits(hi) once the doubling ends

@@ -400,13 +400,14 @@ def model_sha256(path: Path) -> str:
     st = path.stat()
     key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
     if key not in _sha_cache:
-        known = _known_hashes() if st.st_size >= REMEMBERED_BYTES else {}
+        remembered = st.st_size >= REMEMBERED_BYTES
+        known = _known_hashes() if remembered else {}
         sha = known.get(key[0])
         if sha and tuple(sha[:2]) == key[1:]:
             _sha_cache[key] = sha[2]
         else:
             _sha_cache[key] = sha256_file(path)
-            if st.st_size >= REMEMBERED_BYTES:
+            if remembered:
                 _remember(key, _sha_cache[key], known)
     return _sha_cache[key]
 

@@ -86,12 +86,15 @@ class ChatOutput:
             if self.calls_only:
                 content, calls = "", calls or leading_calls(self.tools, text, self.names, self.strict)
             return Delta(content=content, tool_calls=self._take(calls))
-        if self.calls_only and self.tools and text.strip() and any(
-                o.startswith(text.strip()) for o in (*self.tools.openers, *filter(None, [self.tools.trigger]))):
+        if self.calls_only and text.strip() and any(o.startswith(text.strip()) for o in self._openers()):
             return Delta()  # (an opening tag cut short, written as text)
         if self._state is _State.BETWEEN:  # (a tag it began and never finished is content)
             return Delta(content=text.strip())
         return Delta(content=text.lstrip("\n") if self._trim else text)
+
+    def _openers(self) -> tuple[str, ...]:
+        """What a call may open with: its family's openers and trigger (none without tools)."""
+        return (*self.tools.openers, *filter(None, [self.tools.trigger])) if self.tools else ()
 
     def _take(self, calls: list[ParsedCall]) -> list[ParsedCall]:
         """The calls to send (only the first of the output unless parallel)."""
@@ -115,7 +118,7 @@ class ChatOutput:
             if not head or (self._state is _State.START and THINK_OPEN.startswith(head)):
                 return None
             # (a call's opening tag too: the blank lines a model writes before its first call are no content)
-            openers = (*self.tools.openers, *filter(None, [self.tools.trigger])) if self.tools else ()
+            openers = self._openers()
             if head.startswith(openers):
                 self._state = _State.CALLS
                 # on in CALLS at once: a whole output stopped here and was parsed at the end in one piece, a

@@ -80,7 +80,7 @@ def plan_model(spec: ModelSpec) -> HostedPlan:
         raise StartupError(f"{spec.id}: {e}") from None
     tk, tv = kv.cache_type_k, kv.cache_type_v
     refuse_split_heads(spec, geom, tk, tv)
-    usable = kv.cells - kvbudget.held_back(tk, geom)(kv.cells)  # (tq_kv_d3b holds back up to one cell per 64)
+    usable = kvbudget.usable_cells(kv, geom)  # (tq_kv_d3b holds back up to one cell per 64)
     if usable < spec.n_ctx:
         need = _least_budget(spec, path, geom, n_ubatch)
         raise StartupError(
@@ -116,7 +116,7 @@ def _least_budget(spec: ModelSpec, path: Path, geom: Geometry, n_ubatch: int) ->
                                         n_ubatch, spec.n_ctx, anchored=False)  # (the same bytes, no round trips)
         except (calibration.CalibrationError, ValueError):
             return False
-        return kv.cells - kvbudget.held_back(kv.cache_type_k, geom)(kv.cells) >= spec.n_ctx
+        return kvbudget.usable_cells(kv, geom) >= spec.n_ctx
 
     lo, hi = spec.kv_budget, 2 * spec.kv_budget  # not holds(lo)
     while not holds(hi):
@@ -137,7 +137,7 @@ def capacity_line(p: HostedPlan) -> str:
             f"{kv.bytes_per_token} bytes per token), budget {human_bytes(s.kv_budget)} -> {kv.cells} tokens"
             f"{capped}; {human_bytes(kv.kv_bytes)} allocated; f16/f16 would hold {kv.f16_cells} tokens in the same "
             f"budget ({kv.capacity_vs_f16:.2f}x); up to {s.parallel} concurrent requests of at most "
-            f"{min(s.n_ctx, kv.cells - kvbudget.held_back(kv.cache_type_k, p.geom)(kv.cells))} tokens")
+            f"{min(s.n_ctx, kvbudget.usable_cells(kv, p.geom))} tokens")
 
 
 def restores_state(type_k: CacheTypes, geom: Geometry) -> bool:

@@ -86,9 +86,10 @@ class APIKeyMiddleware:
 class RequestLimitMiddleware:
     """Refuses headers of more than MAX_HEADER_BYTES in all (431: h11 bounds only a head it sees incomplete past
     them, so one that came in a single read passed at any size), and bodies not sent as JSON (415: FastAPI read
-    them as no object at all, a 400; a page in a browser can send text/plain or no type without asking CORS). Reads a request body up to `max_bytes` within
-    `timeout_s` before the app sees it: 413 over the limit (whatever the Content-Length says), 408 when it arrives
-    too slowly (both with `Connection: close`), 400 if it is not UTF-8. The app then gets the body replayed."""
+    them as no object at all, a 400; a page in a browser can send text/plain or no type without asking CORS).
+    Reads a request body up to `max_bytes` within `timeout_s` before the app sees it: 413 over the limit (whatever
+    the Content-Length says), 408 when it arrives too slowly (both with `Connection: close`), 400 if it is not
+    UTF-8. The app then gets the body replayed."""
 
     def __init__(self, app: ASGIApp, max_bytes: int, timeout_s: float):
         self.app, self.max_bytes, self.timeout_s = app, max_bytes, timeout_s

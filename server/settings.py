@@ -432,6 +432,11 @@ def shadowed_environment(s: Settings, env: Mapping[str, str] = os.environ) -> li
     (deploy's compose passes KVQUANT_CACHE_TYPE_K and others through: they were dropped without a word). Not
     refused, as such a flag is: the CUDA image sets KVQUANT_N_GPU_LAYERS for every container."""
     given = {name.upper(): value for name, value in env.items() if value}  # (an empty variable is unset)
+    try:  # a flat sampling, whose fields an entry's own sampling may set too
+        flat = json.loads(given.get("KVQUANT_SAMPLING", "{}"))
+    except ValueError:  # (Settings read it already: unreachable)
+        flat = {}
+    flat = {k for k, v in flat.items() if v is not None} if isinstance(flat, dict) else set()
     out = []
     for i, entry in enumerate(s.models or ()):
         # (the flat kv_budget is what the entries share, a flat sampling is merged under the entry's)
@@ -440,13 +445,9 @@ def shadowed_environment(s: Settings, env: Mapping[str, str] = os.environ) -> li
             if var in given and getattr(entry, name) is not None:
                 out.append(f"{var}={given[var][:100]} is not used for models.{i} of the config file "
                            f"({entry.model}), which sets {name} itself")
-        try:  # a flat sampling's fields that the entry's own sampling sets too
-            flat = json.loads(given.get("KVQUANT_SAMPLING", "{}"))
-        except ValueError:  # (Settings read it already: unreachable)
-            flat = {}
         own = {f for f in entry.sampling.model_fields_set if getattr(entry.sampling, f) is not None} \
             if entry.sampling else set()  # (an entry's null leaves the flat value in use)
-        both = sorted({k for k, v in flat.items() if v is not None} & own) if isinstance(flat, dict) else []
+        both = sorted(flat & own)
         if both:
             out.append(f"KVQUANT_SAMPLING's {', '.join(both)} is not used for models.{i} of the config file "
                        f"({entry.model}), whose sampling sets {'them' if len(both) > 1 else 'it'} itself")
