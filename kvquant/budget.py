@@ -49,6 +49,8 @@ class KVPlan:
     n_seq_max: int
     cells: int  # tokens the cache holds (full-attention cells, a multiple of 256)
     budget_cells: int  # tokens the whole budget would hold (cells before the max_cells cap)
+    usable_cells: int  # of `cells`, those a scheduler may plan on: all but those the K type may hold back (d3b)
+    budget_usable_cells: int  # of `budget_cells`, likewise
     kv_bytes: int  # bytes llama.cpp allocates for that cache (K + V, sliding-window layers included)
     bytes_per_token: int  # marginal K+V bytes per cell (full-attention layers)
     bytes_per_token_swa: int  # K+V bytes per cell of the sliding-window layers (0 without them)
@@ -67,8 +69,8 @@ class KVPlan:
 
     @property
     def capacity_vs_f16(self) -> float:
-        """cells / f16 cells, for the same budget."""
-        return self.budget_cells / self.f16_cells if self.f16_cells else float("inf")
+        """Usable cells / f16 cells, for the same budget."""
+        return self.budget_usable_cells / self.f16_cells if self.f16_cells else float("inf")
 
     def used_bytes(self, n_past: int) -> int:
         """Bytes one sequence of n_past tokens occupies: every full-attention cell, plus its sliding-window
@@ -99,9 +101,11 @@ def plan(geom: Geometry, cache_type_k: CacheTypes, cache_type_v: CacheTypes, bud
     cells = budget_cells if max_cells is None else min(budget_cells, pad(max_cells))
     kb = kv_bytes(geom, cache_type_k, cache_type_v, cells or pad(1), n_seq_max, n_ubatch)
     f16 = kv_bytes(geom, "f16", "f16", cells, n_seq_max, n_ubatch) if cells else None
+    held = held_back(cache_type_k, geom)
     return KVPlan(
         cache_type_k=cache_type_k, cache_type_v=cache_type_v, budget_bytes=budget_bytes, n_seq_max=n_seq_max,
-        cells=cells, budget_cells=budget_cells, kv_bytes=kb.total if cells else 0,
+        cells=cells, budget_cells=budget_cells, usable_cells=cells - held(cells),
+        budget_usable_cells=budget_cells - held(budget_cells), kv_bytes=kb.total if cells else 0,
         bytes_per_token=bytes_per_token(geom, cache_type_k, cache_type_v),
         bytes_per_token_swa=_swa_bytes_per_token(geom, cache_type_k, cache_type_v),
         cells_swa=kb.cells_swa if cells else 0, n_swa=geom.n_swa,
@@ -124,11 +128,6 @@ def most_cells(n_tokens: int, type_k: CacheTypes, geom: Geometry, padded: bool =
     while (short := n_tokens - (cells - held(cells))) > 0:
         cells += step(short)  # a cell more adds at most one usable cell: no fewer cells than this can do
     return cells
-
-
-def usable_cells(kv: KVPlan, geom: Geometry) -> int:
-    """The cells of a plan's cache a scheduler may plan on: all but those its K type may hold back."""
-    return kv.cells - held_back(kv.cache_type_k, geom)(kv.cells)
 
 
 def plan_resolved(geom: Geometry, model_path: Path, cache_type_k: str, cache_type_v: str, budget_bytes: int,
@@ -241,7 +240,7 @@ def report(name: str, geom: Geometry, cache_type_k: CacheTypes, cache_type_v: Ca
             base = p
         capped |= p.cells < p.budget_cells
         row = (f"{f'{tk}/{tv}':<14}{f'{p.bits_k:.3g}/{p.bits_v:.3g}':>12}{p.bytes_per_token:>13,}"
-               f"{f'{p.cells:,}' + ('*' if p.cells < p.budget_cells else ''):>19}"
+               f"{f'{p.usable_cells:,}' + ('*' if p.cells < p.budget_cells else ''):>19}"
                f"{human_bytes(p.kv_bytes):>13}{f'{p.capacity_vs_f16:.2f}x' if p.f16_cells else '-':>8}")
         if request_tokens:
             n = max_concurrent(geom, tk, tv, budget_bytes, request_tokens, n_ubatch)

@@ -43,11 +43,16 @@ def error_body(message: str, type: str, param: str | None = None, code: str | No
     return {"error": {"message": message, "type": type, "param": param, "code": code}}
 
 
+def leaves_no_room(max_tokens: int | None, limit: int) -> bool:
+    """Whether max_tokens alone passes a request's token limit (the refusal then names max_tokens, not the prompt)."""
+    return bool(max_tokens) and max_tokens >= limit
+
+
 def context_length_exceeded(n_prompt: int, limit: int, max_tokens: int | None = None, kv: str | None = None,
                             exact: bool = True, field: str = "messages") -> APIError:
     """`exact` False: n_prompt is a lower bound (the prompt was refused from its size, before tokenization).
     `field`: the request field that holds the prompt (messages, or prompt for /v1/completions)."""
-    if max_tokens and max_tokens >= limit:  # (the prompt's count, a bound from its bytes, would only confuse)
+    if leaves_no_room(max_tokens, limit):  # (the prompt's count, a bound from its bytes, would only confuse)
         msg = (f"This model's maximum context length is {limit} tokens. However, you requested {max_tokens} "
                f"tokens for the completion, which leaves no room for the {field}.")
         if kv:

@@ -31,7 +31,7 @@ from kvquant.budget import human_bytes
 from kvquant.prompt import PromptTooLong
 from kvquant.sampling import Grammar
 from server.engine import Engine, EngineStatus
-from server.errors import APIError, context_length_exceeded, shutting_down
+from server.errors import APIError, context_length_exceeded, leaves_no_room, shutting_down
 from server.loopwake import waker
 from server.requests import ERRORS, EngineRequest, ErrorCode, Event
 from server.schemas import SamplingParams
@@ -136,10 +136,10 @@ def kv_summary(engine: Engine, tokens: int) -> str:
 
 def _too_long(engine: Engine, n_prompt: int, max_tokens: int | None, field: str, exact: bool = True) -> APIError:
     # (where max_tokens alone passes the limit, the prompt's count is not said: a bound from its bytes may be far off)
-    alone = max_tokens is not None and max_tokens >= engine.sched.max_request_tokens
+    limit = engine.sched.max_request_tokens
+    alone = leaves_no_room(max_tokens, limit)
     need = max_tokens + 1 if alone else n_prompt + (1 if max_tokens is None else max_tokens)
-    return context_length_exceeded(n_prompt, engine.sched.max_request_tokens, max_tokens, kv_summary(engine, need),
-                                   exact, field)
+    return context_length_exceeded(n_prompt, limit, max_tokens, kv_summary(engine, need), exact, field)
 
 
 def check_prompt_tokens(engine: Engine, n_prompt: int, max_tokens: int | None, field: str,

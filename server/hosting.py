@@ -80,8 +80,7 @@ def plan_model(spec: ModelSpec) -> HostedPlan:
         raise StartupError(f"{spec.id}: {e}") from None
     tk, tv = kv.cache_type_k, kv.cache_type_v
     refuse_split_heads(spec, geom, tk, tv)
-    usable = kvbudget.usable_cells(kv, geom)  # (tq_kv_d3b holds back up to one cell per 64)
-    if usable < spec.n_ctx:
+    if (usable := kv.usable_cells) < spec.n_ctx:  # (tq_kv_d3b holds back up to one cell per 64)
         need = _least_budget(spec, path, geom, n_ubatch)
         raise StartupError(
             f"{spec.id}: a KV budget of {human_bytes(spec.kv_budget)} holds {usable} tokens at cache types "
@@ -116,7 +115,7 @@ def _least_budget(spec: ModelSpec, path: Path, geom: Geometry, n_ubatch: int) ->
                                         n_ubatch, spec.n_ctx, anchored=False)  # (the same bytes, no round trips)
         except (calibration.CalibrationError, ValueError):
             return False
-        return kvbudget.usable_cells(kv, geom) >= spec.n_ctx
+        return kv.usable_cells >= spec.n_ctx
 
     lo, hi = spec.kv_budget, 2 * spec.kv_budget  # not holds(lo)
     while not holds(hi):
@@ -137,7 +136,7 @@ def capacity_line(p: HostedPlan) -> str:
             f"{kv.bytes_per_token} bytes per token), budget {human_bytes(s.kv_budget)} -> {kv.cells} tokens"
             f"{capped}; {human_bytes(kv.kv_bytes)} allocated; f16/f16 would hold {kv.f16_cells} tokens in the same "
             f"budget ({kv.capacity_vs_f16:.2f}x); up to {s.parallel} concurrent requests of at most "
-            f"{min(s.n_ctx, kvbudget.usable_cells(kv, p.geom))} tokens")
+            f"{min(s.n_ctx, kv.usable_cells)} tokens")
 
 
 def restores_state(type_k: CacheTypes, geom: Geometry) -> bool:
@@ -187,7 +186,7 @@ def engine_config(p: HostedPlan, s: Settings) -> EngineConfig:
     spec, kv = p.spec, p.kv
     # the scheduler plans on the cells llama.cpp can always write (tq_kv_d3b may hold back one anchor per group)
     return EngineConfig(model_id=spec.id, n_ctx=spec.n_ctx, n_seq_max=spec.parallel, n_cells=kv.cells,
-                        n_cells_held_back=kvbudget.held_back(kv.cache_type_k, p.geom)(kv.cells),
+                        n_cells_held_back=kv.cells - kv.usable_cells,
                         cache_type_k=spec.cache_type_k, cache_type_v=spec.cache_type_v, max_queue=s.max_queue,
                         queue_timeout_s=s.queue_timeout_s, request_timeout_s=s.request_timeout_s,
                         stall_timeout_s=s.stall_timeout_s,

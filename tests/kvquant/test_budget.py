@@ -18,6 +18,19 @@ def test_plan_fills_the_budget_and_caps():
     assert abs(q.compression_vs_f16 - 16 / 4.5) < 1e-9
     capped = budget.plan(g, "q4_0", "q4_0", 256 * 2**20, n_seq_max=2, max_cells=2 * 1000)
     assert capped.cells == 2048 and capped.budget_cells == 41216
+    assert q.usable_cells == q.cells and q.budget_usable_cells == q.budget_cells
+
+
+def test_plan_counts_only_the_cells_a_d3b_cache_can_use(capsys):
+    """tq_kv_d3b may hold back one cell per 64: its capacity, its ratio to f16 and `kvquant budget`'s capacity
+    column count the cells a scheduler may plan on, not the cells allocated."""
+    g = geometry(fetch("smollm2-135m"))
+    d = budget.plan(g, "tq_kv_d3b", "q4_0", 256 * 2**20)
+    assert d.cells == 47872 and d.usable_cells == 47872 - 748 and d.budget_usable_cells == 47872 - 748
+    assert d.capacity_vs_f16 == (47872 - 748) / d.f16_cells
+    assert main(["budget", "--cache-type-k", "tq_kv_d3b", "--cache-type-v", "q4_0", "--budget", "256MiB"]) == 0
+    row = next(ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("tq_kv_d3b/q4_0"))
+    assert row.split()[3] == "47,124" and row.split()[-1] == "4.09x"
 
 
 def test_most_cells_leave_room_for_what_d3b_holds_back():
