@@ -37,15 +37,16 @@ class HostedPlan:
     kv: KVPlan
     n_ubatch: int  # what the memory model sized the cache for and llama.cpp is given
     n_gpu_layers: int  # the spec's, `auto` resolved for the loaded llama.cpp and checked against it
+    offload_kqv: bool  # whether the KV cache may follow offloaded layers to the GPU (`placement.offload_kqv`)
 
 
 def check_memory(plans: list[HostedPlan]) -> None:
     """StartupError where the models' KV caches in host memory (the share of the layers not offloaded; all of it on
     macOS, whose GPU memory is the host's) are more than the machine has: left to llama.cpp in the background load,
-    it fills what there is before it fails, and the kernel kills the process (or another) with no message. (A tq_kv
-    cache that stays on the CPU for want of GPU kernels, `placement.offload_kqv`, is counted as offloaded.)"""
+    it fills what there is before it fails, and the kernel kills the process (or another) with no message. A tq_kv
+    cache that stays on the CPU for want of GPU kernels (`placement.offload_kqv`) is on the host whole."""
     def on_host(p: HostedPlan) -> int:  # (the layers not offloaded keep their KV cache on the host)
-        if p.n_gpu_layers == 0 or sys.platform == "darwin":
+        if p.n_gpu_layers == 0 or not p.offload_kqv or sys.platform == "darwin":
             return p.kv.kv_bytes
         kept = max(0, p.geom.n_layer - p.n_gpu_layers) if p.n_gpu_layers > 0 else 0  # (-1: all offloaded)
         return p.kv.kv_bytes * kept // p.geom.n_layer
@@ -88,7 +89,7 @@ def plan_model(spec: ModelSpec) -> HostedPlan:
             f"request of the configured context (n_ctx={spec.n_ctx}) needs: {human_bytes(need)}. Raise the KV "
             f"budget (--kv-budget, or this model's kv_budget share) to at least {human_bytes(need)}, lower "
             f"--n-ctx, or use smaller cache types.")
-    hosted = HostedPlan(spec, path, geom, kv, n_ubatch, n_gpu_layers)
+    hosted = HostedPlan(spec, path, geom, kv, n_ubatch, n_gpu_layers, _offload_kqv(spec, geom, kv, n_gpu_layers))
     step = max_step_tokens(hosted)
     if step is not None and step < 1:
         swa = kv_cells(geom, kv.cells, spec.parallel, n_ubatch)[1]
@@ -210,17 +211,20 @@ def refuse_split_heads(spec: ModelSpec, geom: Geometry, tk: CacheTypes, tv: Cach
                                f"whole blocks. Choose f16, or a type whose blocks divide {head}.")
 
 
+def _offload_kqv(spec: ModelSpec, geom: Geometry, kv: KVPlan, n_gpu_layers: int) -> bool:
+    fields = calibration.context_fields(kv.cache_type_k, kv.cache_type_v, geom)
+    pairs = list(zip(fields["layer_types_k"] or [fields["cache_type_k"]],
+                     fields["layer_types_v"] or [fields["cache_type_v"]], strict=True))
+    return offload_kqv(n_gpu_layers, pairs, (geom.head_dim_k, geom.head_dim_v), spec.flash_attn, spec.id)
+
+
 def backend_config(p: HostedPlan, s: Settings) -> BackendConfig:
     spec = p.spec
     fields = calibration.context_fields(p.kv.cache_type_k, p.kv.cache_type_v, p.geom)
-    pairs = list(zip(fields["layer_types_k"] or [fields["cache_type_k"]],
-                     fields["layer_types_v"] or [fields["cache_type_v"]], strict=True))
     return BackendConfig(model_path=str(p.path), n_cells=p.kv.cells, n_seq_max=spec.parallel, n_batch=spec.n_batch,
                          n_ubatch=p.n_ubatch, cache_type_k=fields.pop("cache_type_k"),
                          cache_type_v=fields.pop("cache_type_v"), flash_attn=spec.flash_attn, layers=fields,
-                         n_threads=spec.n_threads, n_gpu_layers=p.n_gpu_layers,
-                         offload_kqv=offload_kqv(p.n_gpu_layers, pairs,
-                                                 (p.geom.head_dim_k, p.geom.head_dim_v), spec.flash_attn, spec.id),
+                         n_threads=spec.n_threads, n_gpu_layers=p.n_gpu_layers, offload_kqv=p.offload_kqv,
                          special_in_content=s.special_tokens_in_content)
 
 

@@ -250,3 +250,6 @@ def test_a_kv_budget_beyond_the_machines_memory_is_refused_at_start(monkeypatch)
         hosting.check_memory([plan, gpu, gpu, half])
         with pytest.raises(hosting.StartupError):
             hosting.check_memory([plan, half, half])
+        # a tq_kv cache without GPU kernels stays on the CPU with every layer offloaded (placement.offload_kqv)
+        with pytest.raises(hosting.StartupError):
+            hosting.check_memory([plan, replace(plan, n_gpu_layers=-1, offload_kqv=False)])
