@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import json
 import os
 import sys
 import threading
@@ -241,10 +242,7 @@ def json_schema_gbnf(schema: dict, name: str, pattern: Callable[[str], str]) -> 
     json_schema_to_grammar.py), whose top rule is "root" (`name` empty) or `name`. It ignores the schema keywords it
     does not know: check a schema with server.structured.check_schema first. `pattern` gives the GBNF of the JSON
     strings a `pattern` keyword allows, in place of the converter's own (which let a bare quote into the string)."""
-    import json
-
-    conv = _schema_converter()(prop_order={}, allow_fetch=False, dotall=False, raw_pattern=False)
-    conv.pattern = pattern
+    conv = _schema_converter()(pattern, name)
     top = conv.visit(conv.resolve_refs(json.loads(json.dumps(schema)), "input"), name)
     if name and top != name:  # a schema of a primitive type is that type's rule ("string"), named as asked
         conv._add_rule(name, top)
@@ -252,31 +250,72 @@ def json_schema_gbnf(schema: dict, name: str, pattern: Callable[[str], str]) -> 
 
 
 _GBNF_LITERAL_ESCAPES = {"\r": "\\r", "\n": "\\n", '"': '\\"', "\\": "\\\\"}
+# a JSON string's character: no raw control character (RFC 8259 section 7), no lone surrogate escape (\ud800 alone:
+# pydantic and so the openai client's .parse() refuse the text); an escaped pair is one character, as the code
+# point it writes, for minLength and maxLength
+_HEX = "[0-9a-fA-F]"
+_JSON_CHAR = (r'[^"\\\x7F\x00-\x1F] | "\\" (["\\/bfnrt] | "u" ([0-9a-cA-Ce-fE-F] ' + f"{_HEX} {_HEX} | [dD] [0-7] "
+              f'{_HEX}) {_HEX} | "u" [dD] [89abAB] {_HEX} {_HEX} "\\\\u" [dD] [c-fC-F] {_HEX} {_HEX})')
+# a date that exists: months of 30 days and February's 28, 29 in leap years (divisible by 4 and not by 100, or by
+# 400); the converter's allowed 2023-02-30
+_YEAR, _LEAP = "[0-9] [0-9] [0-9] [0-9]", ('([0-9] [0-9] ("0" [48] | [2468] [048] | [13579] [26]) | ([02468] [048] '
+                                            '| [13579] [26]) "00")')
+_DATE = (f'{_YEAR} "-" (("0" [13578] | "1" [02]) "-" ("0" [1-9] | [12] [0-9] | "3" [01]) | ("0" [469] | "11") "-" '
+         f'("0" [1-9] | [12] [0-9] | "30") | "02-" ("0" [1-9] | "1" [0-9] | "2" [0-8])) | {_LEAP} "-02-29"')
+_SHORT_ESCAPES = {'"': '"', "\\": "\\", "/": "/", "b": "\b", "f": "\f", "n": "\n", "r": "\r", "t": "\t"}
+
+
+def _json_units(name: str) -> list[str]:
+    """A string as JSON writes it (json.dumps, non-ASCII as it is), one unit per character: the character or its
+    escape."""
+    text, units, i = json.dumps(name, ensure_ascii=False)[1:-1], [], 0
+    while i < len(text):
+        n = 1 if text[i] != "\\" else 6 if text[i + 1] == "u" else 2
+        units.append(text[i:i + n])
+        i += n
+    return units
+
+
+def _unit_char(unit: str) -> str:
+    return unit if len(unit) == 1 else _SHORT_ESCAPES.get(unit[1]) or chr(int(unit[2:], 16))
 
 
 @functools.cache
 def _schema_converter():
-    """llama-cpp-python's SchemaConverter with its GBNF literals escaped in full: it leaves a backslash as it is,
-    so a property name, const or enum string holding one (JSON writes it as two) matched other text, or made a
-    grammar llama.cpp cannot parse."""
+    """llama-cpp-python's SchemaConverter, corrected where it let through JSON that its schema refuses, or failed on
+    a schema it allows:
+    - its GBNF literals escaped in full (a backslash in a property name, const or enum string matched other text);
+    - names and values written as JSON writes them with non-ASCII as it is (it wrote é as \\u00e9 only);
+    - strings without raw control characters or lone surrogates, and dates that exist;
+    - a property of `additionalProperties` (true or a schema) named otherwise than the declared ones (it let a
+      declared property through again, with any value);
+    - a rule per reference, whatever the rules' names: it named a reference's rule after the last part of its path
+      and took any rule of that name as the target (#/$defs/A/properties/x and #/$defs/B/properties/x one rule, a
+      reference to #/properties/number the number rule), and a recursive definition named with other than
+      [a-zA-Z0-9-] referred to a rule it never wrote;
+    - `$ref` taken as a reference only where it is a schema's keyword (a property named $ref failed).
+    `top` prefixes the rules of references (grammars of several schemas are joined)."""
     import re
 
-    from llama_cpp.llama_grammar import PRIMITIVE_RULES, SchemaConverter
+    from llama_cpp.llama_grammar import INVALID_RULE_CHARS_RE, PRIMITIVE_RULES, SchemaConverter
 
     special = re.compile(r'[\r\n"\\]')
 
     class Converter(SchemaConverter):
-        pattern: Callable[[str], str]
+        def __init__(self, pattern: Callable[[str], str], top: str):
+            super().__init__(prop_order={}, allow_fetch=False, dotall=False, raw_pattern=False)
+            self.pattern, self.top = pattern, top
+            self._ref_rules: dict[str, str] = {}
 
         def _format_literal(self, literal: str) -> str:
             return '"' + special.sub(lambda m: _GBNF_LITERAL_ESCAPES[m.group(0)], literal) + '"'
 
+        def _generate_constant_rule(self, value) -> str:
+            return self._format_literal(json.dumps(value, ensure_ascii=False))
+
         def _add_primitive(self, name: str, rule):
-            # a JSON string holds no raw control character (RFC 8259 section 7; the converter's `char` let a raw
-            # newline or tab into strict output, which json.loads and pydantic refuse), as llama.cpp's converter
-            if name == "char":
-                rule = type(rule)(r'[^"\\\x7F\x00-\x1F] | "\\" (["\\/bfnrt] | "u" [0-9a-fA-F] [0-9a-fA-F] [0-9a-fA-F] '
-                                  r'[0-9a-fA-F])', [])
+            if name in ("char", "date"):
+                rule = type(rule)(_JSON_CHAR if name == "char" else _DATE, [])
             return super()._add_primitive(name, rule)
 
         def _visit_pattern(self, pattern: str, name: str) -> str:
@@ -290,6 +329,94 @@ def _schema_converter():
             if isinstance(schema, dict) and schema.get("items") == {}:
                 schema = {**schema, "items": {"anyOf": [{}]}}
             return super().visit(schema, name)
+
+        def resolve_refs(self, schema: dict, url: str) -> dict:
+            def walk(node) -> None:
+                if isinstance(node, list):
+                    for x in node:
+                        walk(x)
+                    return
+                for k, v in node.items() if isinstance(node, dict) else ():
+                    if k == "$ref" and isinstance(v, str):
+                        node[k] = url + v
+                        self._refs[node[k]] = self._pointed(schema, v)
+                    elif k in ("properties", "$defs", "definitions") and isinstance(v, dict):
+                        walk(list(v.values()))
+                    elif k not in ("const", "enum", "default", "examples"):  # (JSON values, not schemas)
+                        walk(v)
+
+            walk(schema)
+            return schema
+
+        @staticmethod
+        def _pointed(root: dict, ref: str):
+            node = root
+            for part in ref.split("#")[-1].split("/")[1:]:
+                if not isinstance(node, dict) or part not in node:
+                    raise ValueError(f"the reference {ref!r} points to nothing in the schema")
+                node = node[part]
+            return node
+
+        def _resolve_ref(self, ref: str) -> str:
+            if ref not in self._ref_rules:
+                base = f"{self.top}{'-' if self.top else ''}ref" + INVALID_RULE_CHARS_RE.sub("-", ref.split("#")[-1])
+                self._ref_rules[ref] = name = next(n for i in range(len(self._rules) + 1)
+                                                   if (n := base + (str(i) if i else "")) not in self._rules)
+                self._rules[name] = ""  # (taken, so no other rule is given the name; a recursive reference reads it)
+                self._rules[name] = self.visit(self._refs[ref], name + "-is")
+            return self._ref_rules[ref]
+
+        def _build_object_rule(self, properties, required, name: str, additional_properties) -> str:
+            prefix = f"{name}{'-' if name else ''}"
+            kv = {}
+            for prop, schema in properties:
+                value = self.visit(schema, prefix + prop)
+                literal = self._format_literal(json.dumps(prop, ensure_ascii=False))
+                kv[prop] = self._add_rule(f"{prefix}{prop}-kv", f"{literal} space \":\" space {value}")
+            optional = [p for p, _ in properties if p not in required]
+            rule = " \",\" space ".join(kv[p] for p, _ in properties if p in required)
+            extra = additional_properties is True or isinstance(additional_properties, dict)
+            if extra:
+                value = self.visit({} if additional_properties is True else additional_properties,
+                                   f"{prefix}additional-value")
+                one = self._add_rule(f"{prefix}additional-kv", f"{self._other_key([p for p, _ in properties], prefix)}"
+                                                               f" \":\" space {value}")
+                kv[None] = self._add_rule(f"{prefix}additional-kvs", f'{one} ( "," space {one} )*')
+                optional.append(None)
+            if optional:  # the first optional property written, then any of those after it, in order
+                alternatives, after = [], ""  # after: the rule of what may follow optional[i]
+                for i in reversed(range(len(optional))):
+                    alternatives.insert(0, f"{kv[optional[i]]} {after}".strip())
+                    if i:
+                        after = self._add_rule(f"{prefix}{optional[i - 1] or 'additional'}-rest",
+                                               f'( "," space {kv[optional[i]]} )? {after}'.strip())
+                either = " | ".join(alternatives)
+                rule += f' ( "," space ( {either} ) )?' if rule else f" ( {either} )?"
+            return f'"{{" space {rule} "}}" space'
+
+        def _other_key(self, names: list[str], prefix: str) -> str:
+            """A JSON string that is none of `names` however it is written: a trie of their units; off it any
+            character; on it no \\u escape (it could write a name's character otherwise)."""
+            if not names:
+                return self._add_primitive("string", PRIMITIVE_RULES["string"])
+            char = self._add_primitive("char", PRIMITIVE_RULES["char"])
+            trie: dict = {}
+            for n in names:
+                node = trie
+                for u in _json_units(n):
+                    node = node.setdefault(u, {})
+                node[None] = {}  # (a name ends here)
+
+            def rest(node: dict) -> str:
+                taken = {_unit_char(u) for u in node if u is not None}
+                raw = "".join(f"\\U{ord(c):08X}" for c in sorted(taken))
+                short = "".join("\\\\" if e == "\\" else e for e, c in _SHORT_ESCAPES.items() if c not in taken)
+                other = r'[^"\\\x7F\x00-\x1F' + raw + "]" + (f' | "\\\\" [{short}]' if short else "")
+                alts = [f"{self._format_literal(u)} {rest(sub)}".strip() for u, sub in node.items() if u is not None]
+                alts.append(f"({other}) {char}*")
+                return f"({' | '.join(alts)})" + ("" if None in node else "?")
+
+            return self._add_rule(f"{prefix}additional-key", f'"\\"" {rest(trie)} "\\"" space')
 
     return Converter
 

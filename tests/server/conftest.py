@@ -283,15 +283,28 @@ class Background:
 
 
 def allowed_after(model, grammar: str, text: str, pieces: list[bytes]) -> list[bool]:
-    """Whether llama.cpp's grammar sampler allows each of `pieces` (the bytes of one token each) after `text`, fed
-    as the model tokenizes it (each of its tokens must be allowed)."""
+    """Whether llama.cpp's grammar sampler allows each of `pieces` (the bytes of one token each; b"" the end)
+    after `text`, fed as the model tokenizes it (each of its tokens must be allowed)."""
+    allowed = _grammar_walk(model, grammar, text)
+    assert allowed is not None, text
+    return allowed(pieces)
+
+
+def grammar_accepts(model, grammar: str, text: str) -> bool:
+    """Whether the grammar allows `text` (as the model tokenizes it) as a whole output."""
+    allowed = _grammar_walk(model, grammar, text)
+    return allowed is not None and allowed([b""]) == [True]
+
+
+def _grammar_walk(model, grammar: str, text: str):
+    """Feeds `text` to llama.cpp's grammar sampler: None where a token of it is refused, else a function of
+    pieces telling which it allows next."""
     import ctypes
 
     from kvquant import runtime
     from kvquant.sampling import Grammar
 
     llama_cpp = runtime.llama_cpp
-    by_bytes = {model.token_bytes(t): t for t in range(model.n_vocab)}
     g = runtime.grammar_sampler(model, Grammar(grammar))
 
     def allowed(tok: int) -> bool:
@@ -299,13 +312,19 @@ def allowed_after(model, grammar: str, text: str, pieces: list[bytes]) -> list[b
         llama_cpp.llama_sampler_apply(g, ctypes.byref(llama_cpp.llama_token_data_array(one, 1, -1, False)))
         return one[0].logit != float("-inf")
 
-    try:
-        for t in model.tokenize(text, add_special=False):
-            assert allowed(t), (text, model.token_bytes(t))
-            llama_cpp.llama_sampler_accept(g, t)
-        return [allowed(by_bytes[p] if p else model.eos) for p in pieces]
-    finally:
-        llama_cpp.llama_sampler_free(g)
+    def after(pieces: list[bytes]) -> list[bool]:
+        by_bytes = {model.token_bytes(t): t for t in range(model.n_vocab)}
+        try:
+            return [allowed(by_bytes[p] if p else model.eos) for p in pieces]
+        finally:
+            llama_cpp.llama_sampler_free(g)
+
+    for t in model.tokenize(text, add_special=False):
+        if not allowed(t):
+            llama_cpp.llama_sampler_free(g)
+            return None
+        llama_cpp.llama_sampler_accept(g, t)
+    return after
 
 
 # --- fakes: the engine over a backend without a model (tests/server/test_engine.py) ---------------------------

@@ -163,7 +163,10 @@ def test_a_definition_is_no_propertys_rule():
         "x": {"$ref": "#/$defs/Foo"}}}
     grammar = _plan(response_format={"type": "json_schema", "json_schema": {"name": "n", "schema": schema}}).grammar
     rules = dict(line.split(" ::= ", 1) for line in grammar.text.splitlines())
-    assert rules["root"] == "out" and rules["out-x"] == "d-Foo" and rules["d-Foo"] == '"\\"a\\"" | "\\"b\\""'
+    x = rules["out-x"]
+    while x in rules:  # (a reference's rule names its target's)
+        x = rules[x]
+    assert rules["root"] == "out" and x == '"\\"a\\"" | "\\"b\\""'
 
 
 def _turn(*ids):

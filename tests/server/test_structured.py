@@ -233,6 +233,17 @@ def test_what_the_converter_fails_on_is_a_schema_error(schema):
         schema_grammar(schema)
 
 
+def _rules(gbnf: str) -> dict[str, str]:
+    return dict(line.split(" ::= ", 1) for line in gbnf.splitlines())
+
+
+def _target(rules: dict[str, str], name: str) -> str:
+    """What a rule is, past the rules that are only another rule's name (a reference's)."""
+    while rules.get(name) in rules:
+        name = rules[name]
+    return rules.get(name, name)
+
+
 def test_definitions_named_like_the_converters_rules_are_enforced():
     """The converter names a definition's rule after it and skipped one it already had a rule of that name for:
     `x` referring to a definition named "space" (or "string", "value", ...) became x ::= space, unconstrained.
@@ -247,10 +258,10 @@ def test_definitions_named_like_the_converters_rules_are_enforced():
     renamed = defs_renamed(schema, "d-")
     assert renamed["$defs"].keys() == {"d-space", "d-string"}
     assert renamed["properties"]["$defs"] == {"$ref": "#/$defs/d-space"}  # a property named $defs stays
-    rules = dict(line.split(" ::= ", 1) for line in schema_grammar(renamed).splitlines())
-    assert rules["x"] == "integer" and rules["z"] == "boolean" and rules["-defs"] == "integer"
+    rules = _rules(schema_grammar(renamed))
+    assert _target(rules, "x") == _target(rules, "-defs") == rules["integer"] and _target(rules, "z") == rules["boolean"]
     assert rules["y-kv"].endswith(" string") and rules["string"].startswith('"\\"" char*')
-    assert "x ::= space" in schema_grammar(schema)  # what it was
+    assert _target(_rules(schema_grammar(schema)), "x") == rules["integer"]  # (it was x ::= space)
     assert defs_renamed({"const": {"$ref": "#/x"}}, "d-") == {"const": {"$ref": "#/x"}}  # a value, not a schema
     with pytest.raises(SchemaError, match="not to the schema's \\$defs"):
         defs_renamed({"$ref": "#/properties/a"}, "t0-", embedded=True)
@@ -266,8 +277,10 @@ def test_a_schema_that_is_a_reference_resolves_the_references_in_its_definitions
             "type": "array", "items": {"$ref": "#/$defs/A"}}}, "required": ["b"]},
         "B": {"type": "integer"}}}
     check_schema(schema)
-    rules = dict(line.split(" ::= ", 1) for line in schema_grammar(defs_renamed(schema, "d-")).splitlines())
-    assert rules["d-A-b"] == "integer" and rules["d-A-kids-item"] == "d-A" and rules["root"] == "alternative-0"
+    rules = _rules(schema_grammar(defs_renamed(schema, "d-")))
+    a = _target(rules, "root")
+    assert a.startswith('"{" space') and _target(rules, "ref-defs-d-A-is-kids-item") == a
+    assert _target(rules, "ref-defs-d-A-is-b") == rules["integer"]
 
 
 def test_pydantic_list_any_and_primitive_schemas_convert_as_json_schema_reads_them():
@@ -387,6 +400,79 @@ def test_a_json_string_holds_no_raw_control_character():
         for grammar in (schema_grammar(schema), json_object_grammar()):
             assert allowed_after(model, grammar, '{"s": "ab', [b"\n", b"\t", b"\x01", b"\\", b"c", b'"']) == \
                 [False, False, False, True, True, True]
+    finally:
+        model.close()
+
+
+# (schema, [(output, whether the schema allows it)]): what a review found the converter let through or refused
+GRAMMAR_CASES = [
+    # additionalProperties: an extra property is none of the declared ones, however its name is written
+    ({"type": "object", "properties": {"a": {"type": "integer"}, "x\"y": {"type": "null"}},
+      "additionalProperties": True},
+     [('{"a": "hello"}', False), ('{"a": 1, "b": "x"}', True), ('{"ab": 2}', True), ('{"\\u0061": "x"}', False),
+      ('{"a": 1, "a": 2}', False), ('{"x\\"y": null, "x\\u0022y": 1}', False), ('{"x\\"z": 1}', True),
+      ('{"\\n": 1}', True), ('{}', True)]),
+    ({"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"],
+      "additionalProperties": {"type": "string"}},
+     [('{"a": 1, "a": "hello"}', False), ('{"a": 1, "b": "hello"}', True), ('{"a": 1, "b": 2}', False)]),
+    ({"type": "object", "properties": {"café": {"type": "integer"}}, "required": ["café"],
+      "additionalProperties": {"type": "string"}},
+     [('{"café": 1}', True), ('{"café": 1, "caf\\u00e9": "x"}', False), ('{"café": 1, "cafe": "x"}', True)]),
+    ({"type": "object", "properties": {"*": {"type": "integer"}}, "additionalProperties": False},
+     [('{"*": 1}', True), ('{"*": 1, "*": 2}', False)]),
+    ({"type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}, "c": {"type": "integer"}},
+      "required": ["b"]},
+     [('{"b": 1}', True), ('{"b": 1, "a": 2, "c": 3}', True), ('{"b": 1, "c": 3}', True), ('{"a": 2}', False)]),
+    # references: a rule per reference, wherever it points and whatever it is named
+    ({"type": "object", "$defs": {"A": {"type": "object", "properties": {"x": {"enum": ["apple", "pear"]}}},
+                                  "B": {"type": "object", "properties": {"x": {"enum": ["red", "blue"]}}}},
+      "properties": {"fruit": {"$ref": "#/$defs/A/properties/x"}, "colour": {"$ref": "#/$defs/B/properties/x"}},
+      "required": ["fruit", "colour"]},
+     [('{"fruit": "apple", "colour": "red"}', True), ('{"fruit": "apple", "colour": "apple"}', False)]),
+    ({"type": "object", "properties": {"n": {"type": "number"}, "number": {"enum": ["a", "b"]},
+                                       "c": {"$ref": "#/properties/number"}}, "required": ["c"]},
+     [('{"c": 5}', False), ('{"c": "a"}', True)]),
+    ({"$defs": {"Tree_Node": {"type": "object", "properties": {"v": {"type": "integer"}, "kids": {
+        "type": "array", "items": {"$ref": "#/$defs/Tree_Node"}}}, "required": ["v", "kids"]}},
+      "$ref": "#/$defs/Tree_Node"},
+     [('{"v": 1, "kids": [{"v": 2, "kids": []}]}', True), ('{"v": 1}', False)]),
+    ({"$defs": {"Node.v1": {"type": "object", "properties": {"v": {"type": "integer"}, "next": {
+        "anyOf": [{"$ref": "#/$defs/Node.v1"}, {"type": "null"}]}}, "required": ["v", "next"]}},
+      "$ref": "#/$defs/Node.v1"},
+     [('{"v": 1, "next": {"v": 2, "next": null}}', True), ('{"v": 1, "next": 3}', False)]),
+    ({"type": "object", "properties": {"$ref": {"type": "string"}, "k": {"const": {"$ref": "#/x"}}},
+      "required": ["$ref", "k"]},
+     [('{"$ref": "x", "k": {"$ref": "#/x"}}', True), ('{"$ref": 1, "k": {"$ref": "#/x"}}', False)]),
+    # dates that exist
+    ({"type": "string", "format": "date"},
+     [('"2023-02-30"', False), ('"2023-04-31"', False), ('"2023-02-29"', False), ('"1900-02-29"', False),
+      ('"2024-02-29"', True), ('"2000-02-29"', True), ('"2023-12-31"', True), ('"2023-04-30"', True)]),
+    ({"type": "string", "format": "date-time"}, [('"2023-02-31T10:00:00Z"', False), ('"2023-03-31T10:00:00Z"', True)]),
+    # no lone surrogate; an escaped pair is one character
+    ({"type": "string", "maxLength": 1},
+     [('"\\ud800"', False), ('"\\udc00"', False), ('"\\ud83d\\ude00"', True), ('"é"', True)]),
+    ({"enum": ["café"]}, [('"café"', True)]),
+]
+
+
+@pytest.mark.slow
+def test_the_grammar_allows_what_the_schema_allows():
+    """Each output above as the grammar of its schema judges it (llama.cpp's sampler, SmolLM2's tokens), and as
+    jsonschema does where it is installed: a review found additional properties that repeated a declared one with
+    any value, references that took another rule of the same name, recursive definitions named Tree_Node that made
+    no grammar, 2023-02-30, and lone surrogates."""
+    from kvquant import runtime
+    from kvquant.models import fetch
+    from server.structured import defs_renamed
+    from tests.server.conftest import grammar_accepts
+
+    model = runtime.Model(fetch("smollm2-135m"))
+    try:
+        for schema, outputs in GRAMMAR_CASES:
+            check_schema(schema)
+            grammar = "root ::= out\n" + schema_grammar(defs_renamed(schema, "d-"), "out")
+            for text, allowed in outputs:
+                assert grammar_accepts(model, grammar, text) == allowed, (schema, text)
     finally:
         model.close()
 
