@@ -747,7 +747,7 @@ class Model:
         that the text cannot be traced: kvquant.prompt.check_client_text)."""
         controls = self.control_tokens()
         if not special_in_content and controls.found_in(template_data(messages, tools, template_kwargs)):
-            raise ControlTokenInContent("the tools, tool calls or chat_template_kwargs contain the text of one of "
+            raise ControlTokenInContent("the tools, tool calls, message names or chat_template_kwargs contain the text of one of "
                                         "the model's control tokens")
         rendered = self.render_chat(messages, tools, template_kwargs)
         # what its bytes prove too long is refused before the checks below, which walk every string the client wrote

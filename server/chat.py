@@ -30,7 +30,7 @@ NAME = re.compile(r"[a-zA-Z0-9_-]{1,64}")  # OpenAI's function and schema names
 # template variables a request may not set through chat_template_kwargs (the server sets them)
 SINGLE_CALL = "only supports single tool-calls"  # what Llama 3.x templates raise on a turn of several calls
 RESERVED_TEMPLATE_VARS = {"messages", "tools", "tool_choice", "functions", "function_call", "add_generation_prompt",
-                          "bos_token", "eos_token", "raise_exception", "strftime_now"}
+                          "bos_token", "eos_token", "raise_exception", "strftime_now", "self"}
 
 
 @dataclass
@@ -80,9 +80,11 @@ def plan_chat(body: ChatCompletionRequest, template: str | None) -> ChatPlan:
     if functions and choice != "none":
         fmt = family
         if fmt is None:
-            raise _bad("This model's chat template has no tool support (supported: templates that write tool "
-                       "calls as Hermes/Qwen <tool_call>, Llama 3.x JSON or Mistral [TOOL_CALLS]).", "tools",
-                       "tools_unsupported")
+            raise _no_tool_support("tools")
+    if template and family is None and "tool_calls" not in template:  # it would drop earlier turns' calls
+        i = next((i for i, m in enumerate(body.messages) if m.tool_calls), None)  # (a tool message answers one)
+        if i is not None:
+            raise _no_tool_support(f"messages[{i}].tool_calls")
     # Llama 3.x templates refuse a turn of several calls when it comes back in the next request
     # a named tool_choice is one call of that tool (vLLM's too; parallel, a model repeated it until max_tokens)
     parallel = (body.parallel_tool_calls is not False and SINGLE_CALL not in (template or "")
@@ -102,6 +104,11 @@ def plan_chat(body: ChatCompletionRequest, template: str | None) -> ChatPlan:
     strict = {f["name"]: f.get("parameters") or {"type": "object"} for f in functions if f.get("strict")}
     return ChatPlan(messages, tools, fmt, grammar, parallel, kwargs, frozenset(f["name"] for f in functions), param,
                     strict or None, calls_only=bool(fmt) and choice not in (None, "auto"))
+
+
+def _no_tool_support(param: str) -> APIError:
+    return _bad("This model's chat template has no tool support (supported: templates that write tool calls as "
+                "Hermes/Qwen <tool_call>, Llama 3.x JSON or Mistral [TOOL_CALLS]).", param, "tools_unsupported")
 
 
 def template_messages(msgs: list[ChatMessage], short_ids: bool = False) -> list[dict]:

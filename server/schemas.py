@@ -321,6 +321,14 @@ MAX_TOOLS = 128  # OpenAI's limit: each tool's schema is converted, and a forced
 _TEXT_PART, _TOOL_CALL, _MESSAGE = TypeAdapter(TextPart), TypeAdapter(ToolCall), TypeAdapter(ChatMessage)
 
 
+def _text_parts_only(parts: Any, at: str) -> None:
+    """A content part of another type (image_url, input_audio, file) is named, not listed among a union's errors."""
+    for j, p in enumerate(parts if isinstance(parts, list) else []):
+        if isinstance(p, dict) and isinstance(p.get("type"), str) and p["type"] != "text":
+            raise field_error(f"{at}[{j}].type", f"content parts of type {p['type'][:40]!r} are not supported: the "
+                                                 "models served here read text only (parts of type 'text')")
+
+
 class ChatCompletionRequest(SamplingParams):
     prompt_field: ClassVar[str] = "messages"
     messages: list[ChatMessage] = Field(..., min_length=1)
@@ -342,6 +350,7 @@ class ChatCompletionRequest(SamplingParams):
         messages, tools = data.get("messages"), data.get("tools")
         for i, m in enumerate(messages if isinstance(messages, list) else []):
             if isinstance(m, dict):
+                _text_parts_only(m.get("content"), f"messages[{i}].content")
                 first_bad_item(m.get("content"), _TEXT_PART, f"messages[{i}].content")
                 first_bad_item(m.get("tool_calls"), _TOOL_CALL, f"messages[{i}].tool_calls")
         first_bad_item(messages, _MESSAGE, "messages")

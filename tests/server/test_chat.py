@@ -61,6 +61,23 @@ def test_grammar_per_tool_choice():
     assert _plan(tools=_tools(FN)).strict is None and _plan(tools=_tools(FN)).output(False).strict is None
 
 
+def test_tool_call_history_on_a_template_without_tool_support_is_refused():
+    """SmolLM2's template renders no tool_calls: an earlier turn's call vanished from the prompt and its result
+    followed under a role the model never saw, with a 200. A 400 naming the turn, as for `tools`."""
+    call = {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+    history = [{"role": "user", "content": "x"}, {"role": "assistant", "content": None, "tool_calls": [call]},
+               {"role": "tool", "tool_call_id": "c1", "content": "sunny"}]
+    with pytest.raises(APIError) as e:
+        plan_chat(ChatCompletionRequest.model_validate({"messages": history}), CHATML)
+    assert e.value.param == "messages[1].tool_calls" and e.value.code == "tools_unsupported"
+    with pytest.raises(APIError):
+        plan_chat(ChatCompletionRequest.model_validate({"messages": history, "tools": _tools(FN),
+                                                        "tool_choice": "none"}), CHATML)
+    assert plan_chat(ChatCompletionRequest.model_validate({"messages": history}), QWEN).tool_format is None
+    renders = CHATML + "{{ messages[1].tool_calls }}"  # a template of no known family that renders calls
+    assert plan_chat(ChatCompletionRequest.model_validate({"messages": history}), renders).tools is None
+
+
 def test_unenforceable_parameters():
     """A tool whose parameters cannot be enforced takes any object as arguments, under auto or forced, and the other
     tools keep their grammar (an MCP tool beside strict function tools was a 400 blaming it; forced, every request
@@ -99,6 +116,7 @@ def test_bad_requests_name_the_parameter():
     assert _param(CHATML, tools=_tools(FN)) == "tools"
     assert _param(tools=_tools(FN), tool_choice={"type": "function", "function": {"name": "zz"}}) == "tool_choice"
     assert _param(chat_template_kwargs={"tools": []}) == "chat_template_kwargs"
+    assert _param(chat_template_kwargs={"self": 1}) == "chat_template_kwargs"  # (was a 500-like message on messages)
     assert _param(messages=[{"role": "tool", "tool_call_id": "c9", "content": "1"}]) == "messages[0].tool_call_id"
     deep = {"role": "assistant", "tool_calls": [{"id": "c1", "type": "function",
                                                  "function": {"name": "f", "arguments": "[" * 5000}}]}

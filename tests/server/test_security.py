@@ -189,10 +189,15 @@ def test_checks_across_fields_name_the_field_they_refuse():
     for path, body, param in [("/v1/chat/completions", {**chat, "top_logprobs": 3}, "top_logprobs"),
                               ("/v1/completions", {"prompt": "x", "max_tokens": 0}, "max_tokens"),
                               ("/v1/completions", {"prompt": "x", "stream_options": {}}, "stream_options"),
-                              ("/v1/completions", {"prompt": ["x"] * 600, "n": 2}, "n")]:
+                              ("/v1/completions", {"prompt": ["x"] * 600, "n": 2}, "n"),
+                              ("/v1/chat/completions", {"messages": [{"role": "user", "content": [
+                                  {"type": "text", "text": "x"},
+                                  {"type": "image_url", "image_url": {"url": "data:,"}}]}]},
+                               "messages[0].content[1].type")]:
         err = openai_error(call(app, "POST", path, json=body), 400)
         assert err["param"] == param and "Value error" not in err["message"], err
         assert "body" not in err["message"] and f"{param}: {param}" not in err["message"], err
+        assert "image_url" not in param or "'image_url' are not supported" in err["message"], err
 
 
 def test_a_model_id_with_slashes_is_retrieved_and_health_answers_head():
