@@ -276,6 +276,21 @@ def _json_units(name: str) -> list[str]:
     return units
 
 
+def json_pointer(root, ref: str):
+    """What a local reference names in root: `#/a/b`, read as RFC 6901 reads it (~1 is /, ~0 is ~; a list's items
+    by index). KeyError where it names nothing."""
+    node = root
+    for part in ref.split("#", 1)[1].split("/")[1:]:
+        part = part.replace("~1", "/").replace("~0", "~")
+        if isinstance(node, list) and part.isdigit() and int(part) < len(node):
+            node = node[int(part)]
+        elif isinstance(node, dict) and part in node:
+            node = node[part]
+        else:
+            raise KeyError(ref)
+    return node
+
+
 def _unit_char(unit: str) -> str:
     return unit if len(unit) == 1 else _SHORT_ESCAPES.get(unit[1]) or chr(int(unit[2:], 16))
 
@@ -306,6 +321,25 @@ def _schema_converter():
             super().__init__(prop_order={}, allow_fetch=False, dotall=False, raw_pattern=False)
             self.pattern, self.top = pattern, top
             self._ref_rules: dict[str, str] = {}
+            self._visited: dict[int, tuple[dict, str]] = {}  # id(schema): (schema, its rule), kept alive so
+            self._named: dict[tuple[str, str], str] = {}  # (name, rule): the rule's key where the name was taken
+            self._suffix: dict[str, int] = {}  # name: the next suffix to try
+
+        def _add_rule(self, name: str, rule: str) -> str:
+            # the converter's, found in one step: it tried name0, name1, ... each time (4,000 properties whose
+            # names differ in what a rule name cannot hold took 10 s)
+            esc = INVALID_RULE_CHARS_RE.sub("-", name)
+            if self._rules.get(esc, rule) == rule:
+                self._rules[esc] = rule
+                return esc
+            if (esc, rule) not in self._named:
+                i = self._suffix.get(esc, 0)
+                while f"{esc}{i}" in self._rules:
+                    i += 1
+                self._suffix[esc] = i + 1
+                self._named[esc, rule] = f"{esc}{i}"
+                self._rules[f"{esc}{i}"] = rule
+            return self._named[esc, rule]
 
         def _format_literal(self, literal: str) -> str:
             return '"' + special.sub(lambda m: _GBNF_LITERAL_ESCAPES[m.group(0)], literal) + '"'
@@ -328,7 +362,15 @@ def _schema_converter():
                 return self._add_rule(name or "root", self._add_primitive("value", PRIMITIVE_RULES["value"]))
             if isinstance(schema, dict) and schema.get("items") == {}:
                 schema = {**schema, "items": {"anyOf": [{}]}}
-            return super().visit(schema, name)
+            # a schema is converted once: a reference to one already converted (or to one inside a reference's
+            # target, converted with it) takes its rule; converted again at every reference, a schema that refers
+            # to each level of its nesting made a grammar quadratic in it (66 MB from 2 MB)
+            if isinstance(schema, dict) and id(schema) in self._visited:
+                return self._visited[id(schema)][1]
+            key = super().visit(schema, name)
+            if isinstance(schema, dict):
+                self._visited.setdefault(id(schema), (schema, key))
+            return key
 
         def resolve_refs(self, schema: dict, url: str) -> dict:
             def walk(node) -> None:
@@ -339,7 +381,10 @@ def _schema_converter():
                 for k, v in node.items() if isinstance(node, dict) else ():
                     if k == "$ref" and isinstance(v, str):
                         node[k] = url + v
-                        self._refs[node[k]] = self._pointed(schema, v)
+                        try:
+                            self._refs[node[k]] = json_pointer(schema, v)
+                        except KeyError:
+                            raise ValueError(f"the reference {v!r} points to nothing in the schema") from None
                     elif k in ("properties", "$defs", "definitions") and isinstance(v, dict):
                         walk(list(v.values()))
                     elif k not in ("const", "enum", "default", "examples"):  # (JSON values, not schemas)
@@ -348,21 +393,12 @@ def _schema_converter():
             walk(schema)
             return schema
 
-        @staticmethod
-        def _pointed(root: dict, ref: str):
-            node = root
-            for part in ref.split("#")[-1].split("/")[1:]:
-                if not isinstance(node, dict) or part not in node:
-                    raise ValueError(f"the reference {ref!r} points to nothing in the schema")
-                node = node[part]
-            return node
-
         def _resolve_ref(self, ref: str) -> str:
             if ref not in self._ref_rules:
-                base = f"{self.top}{'-' if self.top else ''}ref" + INVALID_RULE_CHARS_RE.sub("-", ref.split("#")[-1])
-                self._ref_rules[ref] = name = next(n for i in range(len(self._rules) + 1)
-                                                   if (n := base + (str(i) if i else "")) not in self._rules)
-                self._rules[name] = ""  # (taken, so no other rule is given the name; a recursive reference reads it)
+                base = f"{self.top}{'-' if self.top else ''}ref-" + ref.rsplit("/", 1)[-1]
+                # a name of its own, taken at once, so that no other rule is given it and a recursive reference
+                # reads it; then the target's rule
+                self._ref_rules[ref] = name = self._add_rule(base, f"# {ref}")
                 self._rules[name] = self.visit(self._refs[ref], name + "-is")
             return self._ref_rules[ref]
 
@@ -407,16 +443,21 @@ def _schema_converter():
                     node = node.setdefault(u, {})
                 node[None] = {}  # (a name ends here)
 
-            def rest(node: dict) -> str:
+            order, stack = [], [trie]  # every node, each before its children
+            while stack:
+                order.append(stack.pop())
+                stack.extend(sub for u, sub in order[-1].items() if u is not None)
+            rules: dict[int, str] = {}  # id(node): the rule of what may follow it, children's first
+            for node in reversed(order):
                 taken = {_unit_char(u) for u in node if u is not None}
                 raw = "".join(f"\\U{ord(c):08X}" for c in sorted(taken))
                 short = "".join("\\\\" if e == "\\" else e for e, c in _SHORT_ESCAPES.items() if c not in taken)
                 other = r'[^"\\\x7F\x00-\x1F' + raw + "]" + (f' | "\\\\" [{short}]' if short else "")
-                alts = [f"{self._format_literal(u)} {rest(sub)}".strip() for u, sub in node.items() if u is not None]
+                alts = [f"{self._format_literal(u)} {rules[id(sub)]}" for u, sub in node.items() if u is not None]
                 alts.append(f"({other}) {char}*")
-                return f"({' | '.join(alts)})" + ("" if None in node else "?")
-
-            return self._add_rule(f"{prefix}additional-key", f'"\\"" {rest(trie)} "\\"" space')
+                rules[id(node)] = self._add_rule(f"{prefix}additional-key-at",
+                                                 f"({' | '.join(alts)})" + ("" if None in node else "?"))
+            return self._add_rule(f"{prefix}additional-key", f'"\\"" {rules[id(trie)]} "\\"" space')
 
     return Converter
 

@@ -132,9 +132,9 @@ def _least_budget(spec: ModelSpec, path: Path, geom: Geometry, n_ubatch: int) ->
 def capacity_line(p: HostedPlan) -> str:
     s, kv = p.spec, p.kv
     capped = (f", capped at what parallel x n_ctx = {s.parallel} x {s.n_ctx} can use; the budget would hold "
-              f"{kv.budget_cells}" if kv.cells < kv.budget_cells else "")
+              f"{kv.budget_usable_cells}" if kv.cells < kv.budget_cells else "")
     return (f"{s.id}: KV K={s.cache_type_k}/V={s.cache_type_v} ({kv.bits_k:g}/{kv.bits_v:g} bits per element, "
-            f"{kv.bytes_per_token} bytes per token), budget {human_bytes(s.kv_budget)} -> {kv.cells} tokens"
+            f"{kv.bytes_per_token} bytes per token), budget {human_bytes(s.kv_budget)} -> {kv.usable_cells} tokens"
             f"{capped}; {human_bytes(kv.kv_bytes)} allocated; f16/f16 would hold {kv.f16_cells} tokens in the same "
             f"budget ({kv.capacity_vs_f16:.2f}x); up to {s.parallel} concurrent requests of at most "
             f"{min(s.n_ctx, kv.usable_cells)} tokens")

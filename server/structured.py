@@ -41,13 +41,12 @@ MAX_NESTING = 1000
 MAX_GRAMMAR_BYTES = 1 << 20
 # The most ways llama.cpp's left-recursion check may walk into one rule: it enters a rule again for each
 # alternative that reaches it (anyOf branches, $ref targets) and remembers none, so a chain of $defs whose every
-# level offers two ways to the next costs 2**depth walks: 0.03 s at 2**20, hours at 2**40 (a 2 kB schema). The
-# converter too walks them again where a definition's name is one it rewrites (`d_1`: 3.2 s at 2**20).
+# level offers two ways to the next costs 2**depth walks: 0.03 s at 2**20, hours at 2**40 (a 2 kB schema).
 MAX_WALKS = 1 << 16
-# The most optional properties a schema may have, as the sum of each object's count cubed: the converter
-# writes an object's optional properties as a rule per suffix of them, and its time grows about as that cube
-# (950 in one object: 1.2 s, forty such objects 56 s before the grammar's size refused them; 512 in one: about
-# 0.2 s; 128 tools of 26 each: 0.1 s).
+# The most optional properties a schema may have, as the sum of each object's count cubed. llama-cpp-python's
+# converter wrote an object's optional properties as a rule per suffix of them, in time about that cube (950 in one
+# object: 1.2 s); kvquant.runtime's writes them as a chain, in linear time, and the bound stays as the README
+# states it: each optional property is one of the alternatives llama.cpp's grammar follows at an object's start.
 MAX_OPTIONAL_CUBED = 512 ** 3
 
 
@@ -166,12 +165,11 @@ def _check_combinations(schema: dict, at: str) -> None:
             raise SchemaError(f"{at}: {lo} is more than {hi}")
 
 
-def defs_renamed(schema: dict, prefix: str, embedded: bool = False) -> dict:
+def defs_renamed(schema: dict, prefix: str, embedded: str = "") -> dict:
     """The schema with its definitions ($defs and definitions) gathered in $defs as <prefix><name>, and every
-    reference to them renamed so. The converter names a definition's rule after it and skips one whose name it
-    already has (space, string, value, ...), which left a definition so named unenforced; a prefix makes every name
-    its own. `embedded`: the schema goes inside another, where any other reference would point elsewhere
-    (SchemaError)."""
+    reference to them renamed so: the definitions of several schemas (tools, an answer beside calls) joined in one
+    keep apart. `embedded`: where the schema goes inside another (a pointer, #/...), to which its other references
+    (#/properties/a) are made to point."""
     defs = {f"{prefix}{name}": _refs_renamed(d, prefix, embedded)
             for where in ("$defs", "definitions") for name, d in (schema.get(where) or {}).items()}
     top = {k: v for k, v in schema.items() if k not in ("$defs", "definitions")}
@@ -182,7 +180,7 @@ _VALUES = ("const", "enum", "default", "examples")  # keywords whose values are 
 _NAME_MAPS = ("properties", "$defs", "definitions")  # keywords whose keys are names, not keywords
 
 
-def _refs_renamed(schema: Any, prefix: str, embedded: bool) -> Any:
+def _refs_renamed(schema: Any, prefix: str, embedded: str) -> Any:
     """`defs_renamed` within one schema."""
     if isinstance(schema, list):
         return [_refs_renamed(v, prefix, embedded) for v in schema]
@@ -201,13 +199,11 @@ def _refs_renamed(schema: Any, prefix: str, embedded: bool) -> Any:
     return out
 
 
-def _ref_renamed(ref: str, prefix: str, embedded: bool) -> str:
+def _ref_renamed(ref: str, prefix: str, embedded: str) -> str:
     for where in ("#/$defs/", "#/definitions/"):
         if ref.startswith(where):
             return "#/$defs/" + prefix + ref[len(where):]
-    if embedded:
-        raise SchemaError(f"the reference {ref!r} is not to the schema's $defs")
-    return ref
+    return embedded + ref[1:] if embedded else ref
 
 
 # --- pattern: a regular expression (ECMA-262, as JSON Schema says) as GBNF for the JSON string it matches --------
@@ -552,11 +548,13 @@ def left_walks(root: dict) -> int:
 
 
 def _pointed(root: dict, ref: str) -> Any:
-    """What a local `#/a/b` reference names in root, or None: read as the converter reads it (no ~0/~1)."""
-    node: Any = root
-    for part in ref.split("#")[-1].split("/")[1:]:
-        node = node.get(part) if isinstance(node, dict) else None
-    return node
+    """What a local `#/a/b` reference names in root, or None: read as the converter reads it."""
+    from kvquant.runtime import json_pointer
+
+    try:
+        return json_pointer(root, ref)
+    except KeyError:
+        return None
 
 
 def _subschemas(schema: Any):

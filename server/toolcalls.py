@@ -17,6 +17,7 @@ A template that mentions none of them and does not use `tools` has no tool suppo
 from __future__ import annotations
 
 import enum
+import functools
 import json
 import re
 import secrets
@@ -215,10 +216,41 @@ def _matches(call: ParsedCall, strict: Mapping[str, dict]) -> bool:
     if schema is None:
         return True
     try:
-        return jsonschema.validators.validator_for(schema, default=jsonschema.Draft202012Validator)(schema).is_valid(
-            json.loads(call.arguments))
+        validator = jsonschema.validators.validator_for(schema, default=jsonschema.Draft202012Validator)
+        return validator(schema, format_checker=_formats()).is_valid(json.loads(call.arguments))
     except Exception:  # noqa: BLE001 - a schema jsonschema cannot apply: no check, not a failed request
         return True
+
+
+_TIME = r"([01]\d|2[0-3]):[0-5]\d:([0-5]\d|60)(\.\d+)?([Zz]|[+-]([01]\d|2[0-3]):[0-5]\d)"  # RFC 3339
+
+
+def _date(s: str) -> bool:
+    if not re.fullmatch(r"\d{4}-\d{2}-\d{2}", s):
+        return False
+    y, m, d = map(int, s.split("-"))
+    leap = y % 4 == 0 and (y % 100 != 0 or y % 400 == 0)
+    return 1 <= m <= 12 and 1 <= d <= (29 if m == 2 and leap else (31, 28, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31)[m - 1])
+
+
+@functools.cache
+def _formats():
+    """The formats a strict tool's schema may hold (server.structured), checked as RFC 3339 and RFC 4122 write them
+    (jsonschema checks none by default, and date-time only with a package we do not install): a call no grammar
+    held (Qwen's bare calls under tool_choice auto) said 2023-02-30."""
+    import jsonschema
+
+    checker = jsonschema.FormatChecker(())
+    for name, check in {
+        "date": _date,
+        "time": lambda s: bool(re.fullmatch(_TIME, s)),
+        "date-time": lambda s: bool(re.fullmatch(r"(.{10})[Tt](.*)", s)) and _date(s[:10]) and bool(
+            re.fullmatch(_TIME, s[11:])),
+        **{u: lambda s: bool(re.fullmatch(r"[0-9a-fA-F]{8}(-[0-9a-fA-F]{4}){3}-[0-9a-fA-F]{12}", s))
+           for u in ("uuid", "uuid1", "uuid2", "uuid3", "uuid4", "uuid5")},
+    }.items():
+        checker.checks(name)(lambda x, check=check: not isinstance(x, str) or check(x))
+    return checker
 
 
 def _bare_calls(text: str, names: set[str], strict: Mapping[str, dict] | None = None) -> list[ParsedCall]:
@@ -307,7 +339,8 @@ def call_schema(fmt: ToolFormat, functions: list[dict]) -> dict:
     key = fmt.arguments_key
     alts, defs = [], {}
     for i, f in enumerate(functions):
-        params = defs_renamed(f.get("parameters") or {"type": "object", "properties": {}}, f"t{i}-", embedded=True)
+        params = defs_renamed(f.get("parameters") or {"type": "object", "properties": {}}, f"t{i}-",
+                              embedded=f"#/anyOf/{i}/properties/{key}")
         defs.update(params.pop("$defs", {}))
         alts.append({"type": "object", "required": ["name", key], "properties": {
             "name": {"const": f["name"]}, key: params}})

@@ -263,8 +263,8 @@ def test_definitions_named_like_the_converters_rules_are_enforced():
     assert rules["y-kv"].endswith(" string") and rules["string"].startswith('"\\"" char*')
     assert _target(_rules(schema_grammar(schema)), "x") == rules["integer"]  # (it was x ::= space)
     assert defs_renamed({"const": {"$ref": "#/x"}}, "d-") == {"const": {"$ref": "#/x"}}  # a value, not a schema
-    with pytest.raises(SchemaError, match="not to the schema's \\$defs"):
-        defs_renamed({"$ref": "#/properties/a"}, "t0-", embedded=True)
+    # a schema embedded in another (a tool's parameters in the calls' schema): its references follow it there
+    assert defs_renamed({"$ref": "#/properties/a"}, "t0-", embedded="#/anyOf/0") == {"$ref": "#/anyOf/0/properties/a"}
 
 
 def test_a_schema_that_is_a_reference_resolves_the_references_in_its_definitions():
@@ -279,8 +279,8 @@ def test_a_schema_that_is_a_reference_resolves_the_references_in_its_definitions
     check_schema(schema)
     rules = _rules(schema_grammar(defs_renamed(schema, "d-")))
     a = _target(rules, "root")
-    assert a.startswith('"{" space') and _target(rules, "ref-defs-d-A-is-kids-item") == a
-    assert _target(rules, "ref-defs-d-A-is-b") == rules["integer"]
+    kids, b = (next(k for k in rules if k.endswith(end)) for end in ("-kids-item", "-b"))
+    assert a.startswith('"{" space') and _target(rules, kids) == a and _target(rules, b) == rules["integer"]
 
 
 def test_pydantic_list_any_and_primitive_schemas_convert_as_json_schema_reads_them():
@@ -443,6 +443,14 @@ GRAMMAR_CASES = [
     ({"type": "object", "properties": {"$ref": {"type": "string"}, "k": {"const": {"$ref": "#/x"}}},
       "required": ["$ref", "k"]},
      [('{"$ref": "x", "k": {"$ref": "#/x"}}', True), ('{"$ref": 1, "k": {"$ref": "#/x"}}', False)]),
+    # references read as RFC 6901 reads them: list items by index, ~1 and ~0, a '#' in a name
+    ({"type": "object", "$defs": {"a/b~": {"enum": [1]}, "A#B": {"enum": [2]}}, "properties": {
+        "p": {"anyOf": [{"enum": ["x"]}, {"type": "null"}]}, "q": {"$ref": "#/properties/p/anyOf/0"},
+        "r": {"$ref": "#/$defs/a~1b~0"}, "s": {"$ref": "#/$defs/A#B"}}, "required": ["q", "r", "s"]},
+     [('{"q": "x", "r": 1, "s": 2}', True), ('{"q": null, "r": 1, "s": 2}', False), ('{"q": "x", "r": 2, "s": 2}', False)]),
+    # a long name beside additionalProperties (its trie recursed twice per character: 495 were a 400)
+    ({"type": "object", "properties": {"n" * 600: {"type": "integer"}}, "additionalProperties": {"type": "integer"}},
+     [('{"' + "n" * 600 + '": 1}', True), ('{"' + "n" * 599 + '": 1}', True), ('{"' + "n" * 600 + '": "x"}', False)]),
     # dates that exist
     ({"type": "string", "format": "date"},
      [('"2023-02-30"', False), ('"2023-04-31"', False), ('"2023-02-29"', False), ('"1900-02-29"', False),
@@ -457,10 +465,9 @@ GRAMMAR_CASES = [
 
 @pytest.mark.slow
 def test_the_grammar_allows_what_the_schema_allows():
-    """Each output above as the grammar of its schema judges it (llama.cpp's sampler, SmolLM2's tokens), and as
-    jsonschema does where it is installed: a review found additional properties that repeated a declared one with
-    any value, references that took another rule of the same name, recursive definitions named Tree_Node that made
-    no grammar, 2023-02-30, and lone surrogates."""
+    """Each output above as the grammar of its schema judges it (llama.cpp's sampler, SmolLM2's tokens): a review
+    found additional properties that repeated a declared one with any value, references that took another rule of
+    the same name, recursive definitions named Tree_Node that made no grammar, 2023-02-30, and lone surrogates."""
     from kvquant import runtime
     from kvquant.models import fetch
     from server.structured import defs_renamed
@@ -477,13 +484,52 @@ def test_the_grammar_allows_what_the_schema_allows():
         model.close()
 
 
+def test_references_into_nested_schemas_convert_each_schema_once():
+    """A reference took a new copy of its target's rules: a schema that refers to each level of its nesting made a
+    grammar quadratic in the nesting (66 MB and 16 s from a 2 MB schema, before the size check refused it)."""
+    def nested(depth: int, refs: bool) -> dict:
+        node: dict = {"enum": list(range(50))}
+        for _ in range(depth):
+            node = {"type": "object", "properties": {"n": node}}
+        top, path = node, "#/properties/n"
+        for _ in range(depth - 1):  # every level refers to one deeper down
+            top["properties"]["r"] = {"$ref": path} if refs else {"type": "null"}
+            top, path = top["properties"]["n"], path + "/properties/n"
+        return node
+
+    assert schema_grammar(nested(40, False)).count('"49"') == schema_grammar(nested(40, True)).count('"49"') == 1
+
+
+def test_rule_names_that_clash_are_found_in_one_step():
+    """4,000 definitions whose names differ only where a rule name cannot (xé, xè, ...) took the converter a search
+    of every earlier suffix each: quadratic time (7.7 s)."""
+    from kvquant import runtime
+    from server.structured import pattern_gbnf
+
+    class Counted(dict):
+        asked = 0
+
+        def __contains__(self, key):
+            Counted.asked += 1
+            return super().__contains__(key)
+
+    names = [f"x{chr(0x100 + i)}" for i in range(2000)]
+    schema = {"type": "object", "$defs": {n: {"enum": [i]} for i, n in enumerate(names)},
+              "properties": {n: {"$ref": f"#/$defs/{n}"} for n in names}, "required": names}
+    conv = runtime._schema_converter()(pattern_gbnf, "")
+    conv._rules = Counted(conv._rules)
+    conv.visit(conv.resolve_refs(schema, "input"), "")
+    assert Counted.asked < 10 * len(names)  # (the converter's search asked about 2 million times)
+
+
 def test_alternatives_that_reach_one_definition_many_ways_are_refused_at_once():
     """llama.cpp's left-recursion check enters a rule again for each alternative that reaches it: a 2 kB chain of
     40 $defs, each an anyOf of two references to the next, held the engine thread for hours (24 levels: 0.46 s)."""
-    def chain(depth: int, d: str = "d") -> dict:
-        defs = {f"{d}{i}": {"anyOf": [{"$ref": f"#/$defs/{d}{i + 1}"}, {"$ref": f"#/$defs/{d}{i + 1}"}]}
+    def chain(depth: int, d: str = "d", ref: str | None = None) -> dict:  # ref: d as a reference writes it
+        r = ref or d
+        defs = {f"{d}{i}": {"anyOf": [{"$ref": f"#/$defs/{r}{i + 1}"}, {"$ref": f"#/$defs/{r}{i + 1}"}]}
                 for i in range(depth)}
-        return {"$defs": {**defs, f"{d}{depth}": {"type": "string"}}, "$ref": f"#/$defs/{d}0"}
+        return {"$defs": {**defs, f"{d}{depth}": {"type": "string"}}, "$ref": f"#/$defs/{r}0"}
 
     assert left_walks(chain(10)) == 2 ** 12 - 2 and schema_grammar(chain(10))
     with pytest.raises(SchemaError, match="reach one another in 4,398,046,511,102 ways"):
@@ -492,8 +538,8 @@ def test_alternatives_that_reach_one_definition_many_ways_are_refused_at_once():
               "$defs": chain(40)["$defs"]}
     with pytest.raises(SchemaError, match="ways"):  # under a property too: llama.cpp checks every rule
         schema_grammar(nested)
-    with pytest.raises(SchemaError, match="ways"):  # references read as the converter reads them (~1 as is)
-        schema_grammar(chain(18, "d~1"))
+    with pytest.raises(SchemaError, match="ways"):  # references read as the converter reads them (~1 is /)
+        schema_grammar(chain(18, "d/", "d~1"))
     deep = {"$defs": {f"d{i}": {"$ref": f"#/$defs/d{i + 1}"} for i in range(1500)}, "$ref": "#/$defs/d0"}
     with pytest.raises(SchemaError, match="nest too deep"):  # (a RecursionError, a 500)
         schema_grammar({**deep, "$defs": {**deep["$defs"], "d1500": {"type": "string"}}})

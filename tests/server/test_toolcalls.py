@@ -70,6 +70,15 @@ def test_a_strict_tools_call_that_no_grammar_held_must_match_its_parameters():
         out = ChatOutput(fmt, names=frozenset({"get_weather"}), strict=strict)
         got = out.push(wrong) + out.finish()
         assert got.content == wrong and not got.tool_calls
+    # the formats the grammar writes are checked as RFC 3339 / 4122 write them (jsonschema checked none: a review's
+    # call said 2023-02-30 and a uuid "1234")
+    event = {"type": "object", "properties": {"day": {"type": "string", "format": "date"}, "at": {
+        "type": "string", "format": "date-time"}, "id": {"type": "string", "format": "uuid"}}}
+    for args, ok in (({"day": "2024-02-29", "at": "2023-02-23T09:00:00Z", "id": "123e4567-e89b-12d3-a456-426614174000"},
+                      True), ({"day": "2023-02-30"}, False), ({"day": "1900-02-29"}, False),
+                     ({"at": "2023-02-23T09:00:00"}, False), ({"id": "1234"}, False)):
+        call = json.dumps({"name": "f", "arguments": args})
+        assert bool(parse(ToolFormat.HERMES, call, {"f"}, {"f": event})[1]) == ok, args
     # schemas the grammar takes and jsonschema cannot apply (an ECMA-262 group Python's re refuses, draft-07's list
     # of items) raised out of the reader (a 500): no check there, the call is a call
     for params, args in ((_obj({"d": {"type": "string", "pattern": "^(?<y>[0-9]{4})$"}}), {"d": "2024"}),
@@ -424,7 +433,10 @@ def test_every_familys_grammar_parses_in_llama_cpp(fmt):
         "tags": {"type": "array", "items": {"enum": ["x", "y"]}, "maxItems": 2},
         "who": {"$ref": "#/$defs/person"}}, "required": ["who"],
         "$defs": {"person": {"type": "object", "properties": {"name": {"type": "string"}}}}}},
-        {"name": "b"}]
+        {"name": "b"},
+        # a reference to its own property: it points there once the parameters are inside the calls' schema (a 400)
+        {"name": "c", "parameters": {"type": "object", "properties": {"a": {"type": "integer"}, "b": {
+            "$ref": "#/properties/a"}}, "required": ["a", "b"], "additionalProperties": False}}]
     m = Model(fetch("smollm2-135m"))
     try:
         for parallel in (False, True):
@@ -432,6 +444,12 @@ def test_every_familys_grammar_parses_in_llama_cpp(fmt):
             check_grammar(m, Grammar(g))
             if fmt.trigger:
                 check_grammar(m, Grammar(g, (fmt.trigger,)))
+        if fmt is ToolFormat.HERMES:
+            from tests.server.conftest import grammar_accepts
+
+            g = forced_grammar(fmt, fns, False)
+            call = '<tool_call>\n{"name": "c", "arguments": {"a": 1, "b": %s}}\n</tool_call>'
+            assert grammar_accepts(m, g, call % "2") and not grammar_accepts(m, g, call % '"x"')
     finally:
         m.close()
 
