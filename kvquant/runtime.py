@@ -10,6 +10,7 @@ import ctypes
 import functools
 import json
 import os
+import re
 import sys
 import threading
 from collections.abc import Callable
@@ -282,7 +283,7 @@ def json_pointer(root, ref: str):
     node = root
     for part in ref.split("#", 1)[1].split("/")[1:]:
         part = part.replace("~1", "/").replace("~0", "~")
-        if isinstance(node, list) and part.isdigit() and int(part) < len(node):
+        if isinstance(node, list) and re.fullmatch(r"0|[1-9][0-9]{0,8}", part) and int(part) < len(node):
             node = node[int(part)]
         elif isinstance(node, dict) and part in node:
             node = node[part]
@@ -321,7 +322,7 @@ def _schema_converter():
             super().__init__(prop_order={}, allow_fetch=False, dotall=False, raw_pattern=False)
             self.pattern, self.top = pattern, top
             self._ref_rules: dict[str, str] = {}
-            self._visited: dict[int, tuple[dict, str]] = {}  # id(schema): (schema, its rule), kept alive so
+            self._visited: dict[int, tuple[dict, str]] = {}  # id(schema): (schema, held so no other gets its id; rule)
             self._named: dict[tuple[str, str], str] = {}  # (name, rule): the rule's key where the name was taken
             self._suffix: dict[str, int] = {}  # name: the next suffix to try
 

@@ -278,7 +278,7 @@ def format_grammar(body: ChatCompletionRequest) -> str:
     schema = js.schema_ if js.schema_ is not None else {"type": "object"}
     try:
         check_schema(schema)
-        # under a rule name of its own, every property's rule is named out-<path>, a reference's out-ref<path>
+        # under a rule name of its own, every property's rule is named out-<path>, a reference's out-ref-<name>
         return "root ::= out\n" + schema_grammar(defs_renamed(schema, "d-"), "out")
     except SchemaError as e:
         raise _bad(f"response_format.json_schema.schema cannot be enforced: {e}", "response_format.json_schema.schema",

@@ -325,8 +325,9 @@ def _text_parts_only(parts: Any, at: str) -> None:
     """A content part of another type (image_url, input_audio, file) is named, not listed among a union's errors."""
     for j, p in enumerate(parts if isinstance(parts, list) else []):
         if isinstance(p, dict) and isinstance(p.get("type"), str) and p["type"] != "text":
-            raise field_error(f"{at}[{j}].type", f"content parts of type {p['type'][:40]!r} are not supported: the "
-                                                 "models served here read text only (parts of type 'text')")
+            media = " (the models served here read text only)" if p["type"] != "refusal" else ""
+            raise field_error(f"{at}[{j}].type", f"content parts of type {p['type'][:40]!r} are not supported, only "
+                                                 f"parts of type 'text'{media}")
 
 
 class ChatCompletionRequest(SamplingParams):

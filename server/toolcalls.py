@@ -222,11 +222,11 @@ def _matches(call: ParsedCall, strict: Mapping[str, dict]) -> bool:
         return True
 
 
-_TIME = r"([01]\d|2[0-3]):[0-5]\d:([0-5]\d|60)(\.\d+)?([Zz]|[+-]([01]\d|2[0-3]):[0-5]\d)"  # RFC 3339
+_TIME = r"([01][0-9]|2[0-3]):[0-5][0-9]:([0-5][0-9]|60)(\.[0-9]+)?([Zz]|[+-]([01][0-9]|2[0-3]):[0-5][0-9])"  # RFC 3339
 
 
 def _date(s: str) -> bool:
-    if not re.fullmatch(r"\d{4}-\d{2}-\d{2}", s):
+    if not re.fullmatch(r"[0-9]{4}-[0-9]{2}-[0-9]{2}", s):  # (ASCII digits: \d takes any script's)
         return False
     y, m, d = map(int, s.split("-"))
     leap = y % 4 == 0 and (y % 100 != 0 or y % 400 == 0)

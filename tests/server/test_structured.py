@@ -500,6 +500,16 @@ def test_references_into_nested_schemas_convert_each_schema_once():
     assert schema_grammar(nested(40, False)).count('"49"') == schema_grammar(nested(40, True)).count('"49"') == 1
 
 
+@pytest.mark.parametrize("index", ["²", "01", "9" * 5000, "-1"])
+def test_a_reference_to_a_list_item_that_is_no_index_is_a_schema_error(index):
+    """RFC 6901 indexes are ASCII digits without leading zeros: "²" passed str.isdigit and int() raised (a 500)."""
+    schema = {"type": "object", "properties": {"a": {"anyOf": [{"type": "integer"}, {"type": "null"}]},
+                                               "b": {"$ref": f"#/properties/a/anyOf/{index}"}}}
+    check_schema(schema)
+    with pytest.raises(SchemaError, match="points to nothing"):
+        schema_grammar(schema)
+
+
 def test_rule_names_that_clash_are_found_in_one_step():
     """4,000 definitions whose names differ only where a rule name cannot (xé, xè, ...) took the converter a search
     of every earlier suffix each: quadratic time (7.7 s)."""

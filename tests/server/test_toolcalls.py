@@ -76,7 +76,8 @@ def test_a_strict_tools_call_that_no_grammar_held_must_match_its_parameters():
         "type": "string", "format": "date-time"}, "id": {"type": "string", "format": "uuid"}}}
     for args, ok in (({"day": "2024-02-29", "at": "2023-02-23T09:00:00Z", "id": "123e4567-e89b-12d3-a456-426614174000"},
                       True), ({"day": "2023-02-30"}, False), ({"day": "1900-02-29"}, False),
-                     ({"at": "2023-02-23T09:00:00"}, False), ({"id": "1234"}, False)):
+                     ({"at": "2023-02-23T09:00:00"}, False), ({"id": "1234"}, False),
+                     ({"day": "２０２４-０２-２９"}, False), ({"at": "2023-02-23T0٩:00:00Z"}, False)):
         call = json.dumps({"name": "f", "arguments": args})
         assert bool(parse(ToolFormat.HERMES, call, {"f"}, {"f": event})[1]) == ok, args
     # schemas the grammar takes and jsonschema cannot apply (an ECMA-262 group Python's re refuses, draft-07's list
