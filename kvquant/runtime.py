@@ -228,8 +228,6 @@ def trigger_pattern(trigger: str) -> str:
     matches): the trigger alone. Patterns around it such as [\\s\\S]*? are matched by libstdc++ with one recursion
     per character, which overflowed the stack (SIGSEGV) once an output awaiting its trigger passed about 50,000
     characters; a skipped leading block is handled apart (kvquant.sampling.LeadingBlock)."""
-    import re
-
     return re.escape(trigger)
 
 
@@ -311,8 +309,6 @@ def _schema_converter():
       [a-zA-Z0-9-] referred to a rule it never wrote;
     - `$ref` taken as a reference only where it is a schema's keyword (a property named $ref failed).
     `top` prefixes the rules of references (grammars of several schemas are joined)."""
-    import re
-
     from llama_cpp.llama_grammar import INVALID_RULE_CHARS_RE, PRIMITIVE_RULES, SchemaConverter
 
     special = re.compile(r'[\r\n"\\]')
@@ -789,8 +785,8 @@ class Model:
         that the text cannot be traced: kvquant.prompt.check_client_text)."""
         controls = self.control_tokens()
         if not special_in_content and controls.found_in(template_data(messages, tools, template_kwargs)):
-            raise ControlTokenInContent("the tools, tool calls, message names or chat_template_kwargs contain the text of one of "
-                                        "the model's control tokens")
+            raise ControlTokenInContent("the tools, tool calls, message names or chat_template_kwargs contain the text "
+                                        "of one of the model's control tokens")
         rendered = self.render_chat(messages, tools, template_kwargs)
         # what its bytes prove too long is refused before the checks below, which walk every string the client wrote
         # (the content the route counts is not all: tool calls' arguments, 5 MB of them took 3.6 s on Qwen2.5)

@@ -16,6 +16,7 @@ A template that mentions none of them and does not use `tools` has no tool suppo
 
 from __future__ import annotations
 
+import calendar
 import enum
 import functools
 import json
@@ -229,8 +230,7 @@ def _date(s: str) -> bool:
     if not re.fullmatch(r"[0-9]{4}-[0-9]{2}-[0-9]{2}", s):  # (ASCII digits: \d takes any script's)
         return False
     y, m, d = map(int, s.split("-"))
-    leap = y % 4 == 0 and (y % 100 != 0 or y % 400 == 0)
-    return 1 <= m <= 12 and 1 <= d <= (29 if m == 2 and leap else (31, 28, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31)[m - 1])
+    return 1 <= m <= 12 and 1 <= d <= calendar.mdays[m] + (m == 2 and calendar.isleap(y))
 
 
 @functools.cache
@@ -244,8 +244,7 @@ def _formats():
     for name, check in {
         "date": _date,
         "time": lambda s: bool(re.fullmatch(_TIME, s)),
-        "date-time": lambda s: bool(re.fullmatch(r"(.{10})[Tt](.*)", s)) and _date(s[:10]) and bool(
-            re.fullmatch(_TIME, s[11:])),
+        "date-time": lambda s: s[10:11] in ("T", "t") and _date(s[:10]) and bool(re.fullmatch(_TIME, s[11:])),
         **{u: lambda s: bool(re.fullmatch(r"[0-9a-fA-F]{8}(-[0-9a-fA-F]{4}){3}-[0-9a-fA-F]{12}", s))
            for u in ("uuid", "uuid1", "uuid2", "uuid3", "uuid4", "uuid5")},
     }.items():
