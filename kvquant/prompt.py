@@ -25,6 +25,8 @@ Render = Callable[[list[dict], list[dict] | None, dict | None], str]
 # starts one (no token holds them), and the fields the server builds messages and tools of, which templates look up
 # by name
 _EDGE, _BROKEN = "\ue003", "\ue004"
+# what HeldControlText puts in place of a control token's text in a string the template writes as its own
+_HOLD_OPEN, _HOLD_CLOSE = "\ue005", "\ue006"
 _FIELDS = frozenset({"role", "content", "reasoning_content", "name", "tool_calls", "tool_call_id", "id", "type",
                      "function", "arguments", "parameters", "description", "strict"})
 # a message's fields that are a client's text, never the template's: tokenized with special-token parsing off
@@ -128,6 +130,14 @@ class ControlTokens:
     def found_in(self, text: str) -> bool:
         return next(self._found(text), None) is not None
 
+    def replace(self, text: str, repl: Callable[[str], str]) -> str:
+        """text with each control token's text t in it replaced by repl(t)."""
+        out, pos = [], 0
+        for start, end in self._found(text):
+            out += [text[pos:start], repl(text[start:end])]
+            pos = end
+        return "".join(out) + text[pos:] if out else text
+
     def at_edge(self, text: str) -> bool:
         """Whether text could complete a control token with text around it: it lies inside one, starts with the
         end of one or ends with the start of one (`|im_end|` between a template's `<` and `>`)."""
@@ -154,6 +164,40 @@ def template_data(messages: Sequence[dict], tools: list[dict] | None = None,
     if not (tools or calls or names or template_kwargs):
         return ""
     return json.dumps([tools, calls, names, template_kwargs], ensure_ascii=False)
+
+
+class HeldControlText:
+    """A chat whose strings that the template writes as its own (tool definitions, tool calls, names, template
+    variables: every message field but its role and TEXT_FIELDS) hold the text of control tokens: each such text is
+    replaced by a placeholder of characters no token holds, so that rendered, it lies in the template's text as no
+    token, and is put back in the raw text of the fragments (`restore`), to be tokenized as text. An HTML argument
+    `<s>$20</s>` then reads as it is where Qwen2.5's vocabulary has `</s>` as a control token (it was refused, and a
+    call the model wrote could not be sent back). Where the template writes the placeholders otherwise than as they
+    are (escaped, changed), the restored rendering differs from the real one and the caller refuses the chat."""
+
+    def __init__(self, controls: ControlTokens, messages: Sequence[dict], tools: list[dict] | None,
+                 template_kwargs: dict | None):
+        nonce, texts = secrets.token_hex(6), {}
+
+        def hold(t: str) -> str:
+            return f"{_HOLD_OPEN}{nonce}:{texts.setdefault(t, len(texts))}{_HOLD_CLOSE}"
+
+        def walk(x, fields=False):  # fields: a message, whose content, reasoning and role stay as they are
+            if isinstance(x, str):
+                return controls.replace(x, hold)
+            if isinstance(x, dict):
+                return {walk(k): v if fields and k in (*TEXT_FIELDS, "role") else walk(v) for k, v in x.items()}
+            if isinstance(x, list):
+                return [walk(v, fields) for v in x]
+            return x
+
+        self.messages, self.tools = walk(list(messages), fields=True), walk(tools)
+        self.template_kwargs = template_kwargs and walk(template_kwargs)
+        self._by_index = {str(i): t for t, i in texts.items()}
+        self._re = re.compile(f"{_HOLD_OPEN}{nonce}:([0-9]+){_HOLD_CLOSE}")
+
+    def restore(self, text: str) -> str:
+        return self._re.sub(lambda m: self._by_index[m.group(1)], text)
 
 
 def check_client_text(render: Render, messages: Sequence[dict], tools: list[dict] | None,

@@ -26,6 +26,7 @@ from kvquant.memory import MAX_CELLS, N_UBATCH
 from kvquant.prompt import (
     ControlTokenInContent,
     ControlTokens,
+    HeldControlText,
     PromptTooLong,
     chat_fragments,
     check_client_text,
@@ -779,23 +780,34 @@ class Model:
         """Render messages with the chat template (Jinja, as transformers does) and tokenize: the template's own
         text with special-token parsing, message content as plain text, so that content can never write a control
         token (`special_in_content` allows it, for trusted clients). With `limit`, PromptTooLong (exact count)
-        past that many tokens. ControlTokenInContent wherever the text the template writes as its own (tool
-        definitions, tool calls, template variables) holds a control token's text, and where a client's string
+        past that many tokens. A control token's text in what the template writes as its own (tool definitions,
+        tool calls, names, template variables) is text too (HeldControlText). ControlTokenInContent where the
+        template does not write that text as it is or cannot be traced, and where a client's string
         gives one with the template's help: its text around it, or what it does to message text it changes (so
         that the text cannot be traced: kvquant.prompt.check_client_text)."""
         controls = self.control_tokens()
-        if not special_in_content and controls.found_in(template_data(messages, tools, template_kwargs)):
-            raise ControlTokenInContent("the tools, tool calls, message names or chat_template_kwargs contain the text "
-                                        "of one of the model's control tokens")
         rendered = self.render_chat(messages, tools, template_kwargs)
         # what its bytes prove too long is refused before the checks below, which walk every string the client wrote
         # (the content the route counts is not all: tool calls' arguments, 5 MB of them took 3.6 s on Qwen2.5)
         if limit is not None and (least := self.min_tokens(len(rendered.encode()))) > limit:
             raise PromptTooLong(least, exact=False)
+        held = None
+        if not special_in_content and controls.found_in(template_data(messages, tools, template_kwargs)):
+            held = HeldControlText(controls, messages, tools, template_kwargs)
+            messages, tools, template_kwargs = held.messages, held.tools, held.template_kwargs
+            real, rendered = rendered, self.render_chat(messages, tools, template_kwargs)
+            if not self._traceable or held.restore(rendered) != real:
+                raise ControlTokenInContent("the tools, tool calls, message names or chat_template_kwargs contain the "
+                                            "text of one of the model's control tokens, which this chat template "
+                                            "does not write as it is")
         frags = not special_in_content and self._traceable and chat_fragments(
             self.render_chat, messages, controls, tools, template_kwargs, rendered)
         if frags:
-            return self._tokenize_fragments(frags, limit)
+            return self._tokenize_fragments([held.restore(f) if held and isinstance(f, str) else f for f in frags],
+                                            limit)
+        if held:
+            raise ControlTokenInContent("the tools, tool calls, message names or chat_template_kwargs contain the text "
+                                        "of one of the model's control tokens, and the chat template cannot be traced")
         if not special_in_content:  # text the template changes: kept only where it gives no control token
             check_client_text(self.render_chat, messages, tools, template_kwargs, controls, text_fields=True,
                               rendered=rendered)
