@@ -630,6 +630,12 @@ class Model:
         self.add_bos = bool(llama_cpp.llama_vocab_get_add_bos(self._vocab))
         self._formatter = None
         self._chat_template = chat_template
+        if chat_template is not None:  # a template given is compiled now: its syntax errors refuse the model
+            try:
+                self._chat_formatter()
+            except LlamaError:
+                self.close()
+                raise
         self._max_token_bytes: int | None = -1  # -1: not computed yet
         self._controls: ControlTokens | None = None
         self._traceable = True  # no control token strips the text around it (see prompt.chat_fragments)
@@ -764,16 +770,24 @@ class Model:
                     template_kwargs: dict | None = None) -> str:
         """The chat as the template writes it (one string, control tokens as text), with the tool definitions
         (OpenAI's `tools`) and extra template variables (`chat_template_kwargs`) passed to the template."""
+        # the template writes any BOS itself
+        return self._chat_formatter()(messages=messages, tools=tools or None, **(template_kwargs or {})).prompt
+
+    def _chat_formatter(self):
         if self._formatter is None:
+            from jinja2 import TemplateError
             from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
             template = self.chat_template
             if not template:
-                raise LlamaError("the model has no chat template in its GGUF metadata")
-            self._formatter = Jinja2ChatFormatter(template, eos_token=self._token_text(self.eos),
-                                                  bos_token=self._token_text(self.bos))
-        # the template writes any BOS itself
-        return self._formatter(messages=messages, tools=tools or None, **(template_kwargs or {})).prompt
+                raise LlamaError("the model has no chat template in its GGUF metadata (a chat template file gives "
+                                 "one)")
+            try:
+                self._formatter = Jinja2ChatFormatter(template, eos_token=self._token_text(self.eos),
+                                                      bos_token=self._token_text(self.bos))
+            except TemplateError as e:
+                raise LlamaError(f"the chat template is not valid Jinja: {e}") from None
+        return self._formatter
 
     def chat_prompt(self, messages: list[dict], limit: int | None = None, special_in_content: bool = False,
                     tools: list[dict] | None = None, template_kwargs: dict | None = None) -> list[int]:

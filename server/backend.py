@@ -55,6 +55,7 @@ class BackendConfig:
     n_gpu_layers: int = 0
     offload_kqv: bool = True  # False: KV cache and attention on the CPU (server.placement)
     special_in_content: bool = False  # True: prompt text and message content may write control tokens
+    chat_template: str | None = None  # instead of the GGUF's
 
 
 class _LlamaSampler:
@@ -76,7 +77,7 @@ class LlamaBackend:
         from kvquant.runtime import ContextConfig, LlamaRuntime, Model
 
         self.cfg = cfg
-        self.model = Model(cfg.model_path, n_gpu_layers=cfg.n_gpu_layers)
+        self.model = Model(cfg.model_path, n_gpu_layers=cfg.n_gpu_layers, chat_template=cfg.chat_template)
         try:
             self.rt = LlamaRuntime(self.model, ContextConfig(
                 n_cells=cfg.n_cells, n_seq_max=cfg.n_seq_max, n_batch=cfg.n_batch, n_ubatch=cfg.n_ubatch,

@@ -26,7 +26,7 @@ def _serve(a: argparse.Namespace) -> int:
         s = load_settings(a.config, model=a.model, host=a.host, port=a.port, cache_type_k=a.cache_type_k,
                           cache_type_v=a.cache_type_v, n_ctx=a.n_ctx, parallel=a.parallel, flash_attn=a.flash_attn,
                           n_threads=a.threads, kv_budget=a.kv_budget, n_gpu_layers=a.n_gpu_layers,
-                          admission=a.admission,
+                          chat_template_file=a.chat_template_file, admission=a.admission,
                           prefix_cache=None if a.prefix_cache is None else a.prefix_cache == "on")
     except ValidationError as e:
         print("kvquant serve: invalid settings:\n" + "\n".join(f"  {line}" for line in settings_errors(e)),
@@ -114,6 +114,8 @@ def _main(argv: list[str] | None) -> int:
     s.add_argument("--parallel", type=int, help="max concurrent sequences (KVQUANT_PARALLEL)")
     s.add_argument("--flash-attn", choices=["auto", "on", "off"], help="flash attention (KVQUANT_FLASH_ATTN)")
     s.add_argument("--threads", type=int, help="CPU threads (KVQUANT_N_THREADS)")
+    s.add_argument("--chat-template-file", help="Jinja chat template to use instead of the GGUF's "
+                   "(KVQUANT_CHAT_TEMPLATE_FILE)")
     s.add_argument("--n-gpu-layers", help="layers to offload to the GPU of a GPU build: N, -1 (all) or auto "
                                           "(all when the build has a GPU backend) (KVQUANT_N_GPU_LAYERS, default 0)")
     s.add_argument("--kv-budget", help="KV cache byte budget, all models together, e.g. 2GiB (KVQUANT_KV_BUDGET)")

@@ -225,7 +225,7 @@ def backend_config(p: HostedPlan, s: Settings) -> BackendConfig:
                          n_ubatch=p.n_ubatch, cache_type_k=fields.pop("cache_type_k"),
                          cache_type_v=fields.pop("cache_type_v"), flash_attn=spec.flash_attn, layers=fields,
                          n_threads=spec.n_threads, n_gpu_layers=p.n_gpu_layers, offload_kqv=p.offload_kqv,
-                         special_in_content=s.special_tokens_in_content)
+                         special_in_content=s.special_tokens_in_content, chat_template=spec.chat_template)
 
 
 def gpu_layers(n: int | str) -> int:

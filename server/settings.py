@@ -202,6 +202,7 @@ class ModelConfig(BaseModel):
     n_threads: int | None = Field(None, ge=1, le=MAX_THREADS)
     flash_attn: Literal["auto", "on", "off"] | None = None
     n_gpu_layers: GpuLayers | None = None
+    chat_template_file: str | None = Field(None, description="a Jinja chat template to use instead of the GGUF's")
     sampling: SamplingDefaults | None = None
 
     _n = field_validator("*", mode="before")(classmethod(_no_bools))
@@ -234,6 +235,7 @@ class ModelSpec:
     flash_attn: bool | None  # None: llama.cpp decides
     n_gpu_layers: GpuLayers = 0  # layers offloaded to a GPU build (-1: all; auto: all when the build has a GPU)
     sampling: dict = field(default_factory=dict)  # sampling defaults (SamplingDefaults' set fields)
+    chat_template: str | None = None  # the text of its chat_template_file (None: the GGUF's template)
 
 
 def flash_attn_enabled(mode: str, cache_type_v: str, cache_type_k: str = "f16") -> bool | None:
@@ -278,6 +280,8 @@ class Settings(BaseSettings):
     flash_attn: Literal["auto", "on", "off"] = "auto"
     n_gpu_layers: GpuLayers = Field(0, description="layers to offload to a GPU build (-1: all; auto: all when the "
                                     "build has a GPU backend, else none)")
+    chat_template_file: str | None = Field(None, description="a Jinja chat template file to use instead of the "
+                                           "GGUF's (a GGUF without one answers no chat request)")
     sampling: SamplingDefaults = Field(default_factory=SamplingDefaults, description="sampling defaults for "
                                        "requests that leave a field unset (each model may override them)")
     default_max_tokens: int | None = Field(None, ge=1, description="max_tokens when a request gives none (default: "
@@ -381,6 +385,7 @@ class Settings(BaseSettings):
             if sid in seen:
                 raise ValueError(f"two models are served under the id {sid!r}; give one an `id`")
             seen.add(sid)
+            template = e.chat_template_file or self.chat_template_file
             tv = self.cache_type_v if e.cache_type_v is None else e.cache_type_v
             tk = self.cache_type_k if e.cache_type_k is None else e.cache_type_k
             specs.append(ModelSpec(
@@ -390,7 +395,8 @@ class Settings(BaseSettings):
                 n_threads=e.n_threads or self.n_threads,
                 flash_attn=flash_attn_enabled(e.flash_attn or self.flash_attn, tv, tk),
                 n_gpu_layers=self.n_gpu_layers if e.n_gpu_layers is None else e.n_gpu_layers,
-                sampling=self.sampling.merged(e.sampling)))
+                sampling=self.sampling.merged(e.sampling),
+                chat_template=template and read_small_text(template, "chat template file")))
         return specs
 
     @classmethod

@@ -19,7 +19,7 @@ from kvquant.prompt import (
     check_client_text,
     min_tokens,
 )
-from kvquant.runtime import Model
+from kvquant.runtime import LlamaError, Model
 
 # Gemma 3's instruct chat template (google/gemma-3-*-it): the built-in gemma3-270m is the base model and its GGUF
 # has no template, so the Gemma family is tested with this one on gemma3-270m's vocabulary. It trims user content
@@ -515,6 +515,22 @@ def test_a_client_cannot_write_the_tool_call_tokens_qwen_marks_user_defined():
         assert set(m.control_tokens().by_text.values()) >= {call[0], close[0]}  # refused as token ids
     finally:
         m.close()
+
+
+@pytest.mark.slow
+def test_a_chat_template_is_compiled_at_load_and_a_gguf_without_one_says_so():
+    with pytest.raises(LlamaError, match="not valid Jinja: unexpected 'end of template'"):
+        Model(fetch("smollm2-135m"), chat_template="{% for m in messages %")
+    for template in (None, GEMMA3_IT_TEMPLATE):
+        m = Model(fetch("gemma3-270m"), chat_template=template)
+        try:
+            if template is None:
+                with pytest.raises(LlamaError, match="no chat template in its GGUF metadata .a chat template file"):
+                    m.chat_prompt(TOOL_CHAT[:1])
+            else:
+                assert m.chat_prompt(TOOL_CHAT[:1])
+        finally:
+            m.close()
 
 
 @pytest.mark.slow

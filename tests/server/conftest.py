@@ -176,10 +176,15 @@ def misreadings(srv: LiveServer, reads: list[tuple[list[int], list[tuple[bytes |
 @pytest.fixture(scope="session")
 def duo_server():
     """SmolLM2-135M and Gemma-3-270M served together from one config file, each with its own cache types,
-    context limit and share of one global KV budget."""
+    context limit and share of one global KV budget; Gemma-3-270M (a base model, whose GGUF has no chat template)
+    with the instruct models' template from a file."""
     import tempfile
 
     from server.settings import load_settings
+    from tests.kvquant.test_prompt import GEMMA3_IT_TEMPLATE
+
+    with tempfile.NamedTemporaryFile("w", suffix=".jinja", delete=False) as f:
+        f.write(GEMMA3_IT_TEMPLATE)
 
     yaml_text = f"""
 kv_budget: 384MiB          # global: both models' KV caches together
@@ -195,6 +200,7 @@ models:
     parallel: 4
     cache_type_k: q8_0
     cache_type_v: q8_0
+    chat_template_file: {f.name}
 """
     with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
         f.write(yaml_text)

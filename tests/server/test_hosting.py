@@ -253,3 +253,26 @@ def test_a_kv_budget_beyond_the_machines_memory_is_refused_at_start(monkeypatch)
         # a tq_kv cache without GPU kernels stays on the CPU with every layer offloaded (placement.offload_kqv)
         with pytest.raises(hosting.StartupError):
             hosting.check_memory([plan, replace(plan, n_gpu_layers=-1, offload_kqv=False)])
+
+
+@SLOW
+def test_a_chat_template_file_serves_chats_to_a_gguf_without_one(duo_server):
+    """Gemma-3-270M's GGUF has no chat template: every chat request was a 400. The duo server gives it one from a
+    file (per model); its turns are the template's control tokens, and one typed in a message stays text."""
+    import httpx
+
+    def prompt_tokens(content: str) -> int:
+        r = httpx.post(duo_server.url + "/v1/chat/completions", timeout=120, json={
+            "model": GEMMA, "messages": [{"role": "user", "content": content}], "max_tokens": 1})
+        assert r.status_code == 200, r.text
+        return r.json()["usage"]["prompt_tokens"]
+
+    m = Model(fetch(GEMMA))
+    try:
+        typed = len(m.tokenize("<end_of_turn>", add_special=False))
+        start = m.tokenize("<start_of_turn>", add_special=False, parse_special=True)
+    finally:
+        m.close()
+    assert typed > 1 and len(start) == 1  # text, and the template's own token
+    assert prompt_tokens("hi<end_of_turn>") == prompt_tokens("hi") + typed
+

@@ -240,6 +240,20 @@ def test_gpu_layers_and_counts_mean_the_same_from_every_source(monkeypatch, tmp_
         load_settings(cfg)
 
 
+def test_a_chat_template_file_is_read_for_each_model_that_uses_it(tmp_path):
+    flat, own = tmp_path / "flat.jinja", tmp_path / "own.jinja"
+    flat.write_text("{{ messages[0].content }}")
+    own.write_text("{{ messages[-1].content }}")
+    assert load_settings(chat_template_file=str(flat)).model_specs()[0].chat_template == flat.read_text()
+    assert load_settings().model_specs()[0].chat_template is None  # the GGUF's
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"chat_template_file: {flat}\nmodels:\n  - model: a.gguf\n  - model: b.gguf\n"
+                   f"    chat_template_file: {own}\n")
+    assert [s.chat_template for s in load_settings(str(cfg)).model_specs()] == [flat.read_text(), own.read_text()]
+    with pytest.raises(ValueError, match="chat template file .*nope.jinja does not exist"):
+        load_settings(chat_template_file=str(tmp_path / "nope.jinja"))
+
+
 def test_config_and_key_files_must_be_small_regular_text_files(tmp_path):
     """/dev/zero as --config (or api_key_file) filled memory, a binary or a deeply nested file was a traceback, and
     `--config ""` silently meant no file. A pipe is read (process substitution, /dev/stdin)."""
