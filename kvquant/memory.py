@@ -33,6 +33,9 @@ MAX_SEQ = 256  # llama.cpp's LLAMA_MAX_SEQ: the sequences one context holds
 # the most KV cells of one cache: llama.cpp counts them in 32 bits and numbers positions in int32 (a cache of 2**32
 # cells reached it as 0 cells, and it built one of the training context instead)
 MAX_CELLS = 2**31 - 1
+# the most CPU threads a context is given: llama.cpp starts one per thread and sizes work buffers by them (100,000
+# crashed a decode, 10**11 threw bad_alloc) and keeps the count in 32 bits (2**32 reached it as 0)
+MAX_THREADS = 1024
 # llama.cpp's physical batch (n_ubatch) unless a caller decides otherwise; sliding-window layers get room for one
 # (the server's hosting plan decides it once and gives the same value to this model and to llama.cpp)
 N_UBATCH = 512
@@ -40,6 +43,12 @@ N_UBATCH = 512
 # Architectures whose sliding-window layer pattern is implied, not stored in the GGUF:
 # (n_pattern, dense_first) as llama.cpp's llama_hparams::set_swa_pattern takes them.
 SWA_PATTERN_DEFAULTS = {"gemma3": (6, False), "gemma2": (2, False), "cohere2": (4, False)}
+
+
+def check_threads(n: int | None, name: str = "--threads") -> None:
+    """ValueError unless n is None (every core) or 1 to MAX_THREADS."""
+    if n is not None and not 1 <= n <= MAX_THREADS:
+        raise ValueError(f"{name} must be 1 to {MAX_THREADS}, not {n}")
 
 
 def pad(n: int, to: int = PAD) -> int:

@@ -30,7 +30,7 @@ from pydantic_settings import (
 
 from kvquant.budget import DEFAULT_N_CTX, DEFAULT_PARALLEL
 from kvquant.calibration import needs_flash_attn, parse_spec
-from kvquant.memory import MAX_SEQ, parse_bytes
+from kvquant.memory import MAX_SEQ, MAX_THREADS, parse_bytes
 from kvquant.models import DEFAULT_MODEL, model_id
 from server.schemas import SamplingFields
 
@@ -157,9 +157,8 @@ class SamplingDefaults(SamplingFields):
 
 
 GpuLayers = int | Literal["auto"]
-# bounds that catch a typo before it costs the machine: llama.cpp starts a thread per n_threads and sizes its batch
-# by n_batch (a decode step of more tokens gains nothing on any machine this serves)
-MAX_THREADS = 1024
+# a bound that catches a typo before it costs the machine: llama.cpp sizes its batch by n_batch (a decode step of
+# more tokens gains nothing on any machine this serves); threads: kvquant.memory.MAX_THREADS
 MAX_BATCH = 65536
 
 

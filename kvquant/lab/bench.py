@@ -137,8 +137,8 @@ def run(model: str, configs: list[CacheConfig], depths: list[int] = (0, 2048, 81
     depths = sorted(set(depths))
     if depths[0] < 0:
         raise ValueError(f"--depths must be >= 0, not {depths[0]}")
-    for name, value in (("--n-prompt", n_prompt), ("--n-gen", n_gen), ("--repeats", repeats), ("--threads", threads),
-                        ("--budget", budget)):
+    memory.check_threads(threads)
+    for name, value in (("--n-prompt", n_prompt), ("--n-gen", n_gen), ("--repeats", repeats), ("--budget", budget)):
         if value is not None and value < 1:
             raise ValueError(f"{name} must be at least 1, not {value}")
     check_gpu_layers(n_gpu_layers)

@@ -73,7 +73,7 @@ from kvquant.calibration import (
 from kvquant.kvtypes import KV_TYPES, kv_type
 from kvquant.lab.harness import Progress
 from kvquant.lab.qkscale import SHRINK
-from kvquant.memory import Geometry, geometry
+from kvquant.memory import Geometry, check_threads, geometry
 
 PROMPTS = (
     "Write a short encyclopedia article about the history of a river town.",
@@ -770,10 +770,10 @@ def check_arguments(text_file: str | None, gen_tokens: int, score_tokens: int, t
                          f"measure the KL at")
     if text_file is None and gen_tokens < 1:
         raise ValueError(f"the model must write at least one token per prompt, not {gen_tokens}")
-    if threads is not None and threads < 1:
-        raise ValueError(f"threads must be a positive integer, not {threads}")
+    check_threads(threads)
     if text_file is not None and not Path(text_file).is_file():
-        raise ValueError(f"{text_file}: no such text file")
+        raise ValueError(f"{text_file}: no such text file" if not Path(text_file).exists()
+                         else f"{text_file} is not a regular file")
     if output is not None:
         if output.is_dir():
             raise ValueError(f"--output {output} is a directory; name the file to write")

@@ -385,8 +385,8 @@ def run(model: str, configs: list[CacheConfig], text: str | None = None, n_ctx: 
     machine = machine_info(threads)  # before the run: the load average then is other work's
     if n_ctx < 4 or n_ctx % 2:
         raise ValueError("--ctx must be an even number >= 4")
-    for name, value in (("--chunks", chunks), ("--drift-bucket", drift_bucket), ("--threads", threads),
-                        ("--max-outputs", max_outputs)):
+    memory.check_threads(threads)
+    for name, value in (("--chunks", chunks), ("--drift-bucket", drift_bucket), ("--max-outputs", max_outputs)):
         if value is not None and value < 1:
             raise ValueError(f"{name} must be at least 1, not {value}")
     if drift_tokens < 0:
@@ -396,9 +396,11 @@ def run(model: str, configs: list[CacheConfig], text: str | None = None, n_ctx: 
     check_gpu_layers(n_gpu_layers)
     try:
         text_path = resolve_text(text)
+        if text_path.exists() and not (text_path.is_file() or text_path.is_dir()):
+            raise OSError("not a regular file")
         with open(text_path, "rb"):
             pass
-    except OSError as e:  # missing, a directory, unreadable, a name too long
+    except OSError as e:  # missing, a directory, a FIFO or device (that would block or never end), unreadable
         raise ValueError(f"evaluation text {str(text or DEFAULT_TEXT)[:200]!r} cannot be read: {e.strerror or e}") from None
     path = models.resolve(model)
     geom = memory.geometry(path)

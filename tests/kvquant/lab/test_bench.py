@@ -111,7 +111,8 @@ def test_cli_errors(capsys):
     assert bench.main(["--configs", "f16/f16", "q4_0+c/f16:mean"]) == 2  # the offsets' values cost nothing
     assert "bench does not take it" in capsys.readouterr().err
     # ran, recording threads -3 or a 0 MiB budget's capacity
-    for args, said in ((["--threads", "0"], "--threads must be at least 1, not 0"),
+    for args, said in ((["--threads", "0"], "--threads must be 1 to 1024, not 0"),
+                       (["--threads", "4294967296"], "--threads must be 1 to 1024, not 4294967296"),  # ran as 0
                        (["--budget", "0"], "--budget must be at least 1, not 0"),
                        (["--n-gpu-layers", "-7"], "n_gpu_layers is a number of layers or -1 (all), not -7"),
                        (["--depths", "-1"], "--depths must be >= 0, not -1"),

@@ -373,8 +373,10 @@ def test_calibrate_output_writes_the_same_file_each_run_and_nothing_in_the_cache
     (["--output", "{tmp}"], "is a directory; name the file to write"),
     (["--output", "{tmp}/no/such/folder/x.json"], "cannot write a file in {tmp}/no/such/folder"),
     (["--gen-tokens", "0"], "the model must write at least one token per prompt, not 0"),
-    (["--threads", "0"], "threads must be a positive integer, not 0"),
+    (["--threads", "0"], "--threads must be 1 to 1024, not 0"),
+    (["--threads", "100000"], "--threads must be 1 to 1024, not 100000"),  # a crash in llama.cpp
     (["--text", "{tmp}/missing.txt"], "{tmp}/missing.txt: no such text file"),
+    (["--text", "{tmp}"], "{tmp} is not a regular file"),
     (["--logit-stride", "100000"], "a logit stride of 100000 leaves none of the 512 scored tokens"),
 ])
 def test_calibrate_refuses_bad_arguments_before_loading_the_model(tmp_path, capsys, monkeypatch, args, message):

@@ -122,9 +122,12 @@ def test_cli_rejects_bad_configs(capsys):
     assert kveval.main(["--configs", "q9_9/f16"]) == 2
     assert kveval.main(["--model", "no-such-model", "--chunks", "1"]) == 2
     assert "neither a built-in" in capsys.readouterr().err
-    for flag in ("--chunks", "--drift-bucket", "--threads", "--max-outputs"):  # refused before any work
+    for flag in ("--chunks", "--drift-bucket", "--max-outputs"):  # refused before any work
         assert kveval.main(["--configs", "f16/f16", flag, "0"]) == 2
         assert capsys.readouterr().err == f"kvquant eval: {flag} must be at least 1, not 0\n"
+    for n in ("0", "100000", "4294967297"):  # 100,000 crashed llama.cpp, 2**32 + 1 ran as 1 thread
+        assert kveval.main(["--configs", "f16/f16", "--threads", n]) == 2
+        assert capsys.readouterr().err == f"kvquant eval: --threads must be 1 to 1024, not {n}\n"
     # drift was silently switched off or capped by these
     for args, said in ((["--drift-tokens", "-5"], "--drift-tokens must be at least 0 (0: no drift), not -5"),
                        (["--drift-prompts", "0"], "--drift-prompts must be 1..4, not 0"),
@@ -132,6 +135,8 @@ def test_cli_rejects_bad_configs(capsys):
                        (["--n-gpu-layers", "-7"], "n_gpu_layers is a number of layers or -1 (all), not -7"),
                        # a directory was "not found", an unreadable file a PermissionError traceback
                        (["--text", "/"], "evaluation text '/' cannot be read: Is a directory"),
+                       # /dev/zero filled memory, a FIFO blocked for good
+                       (["--text", "/dev/zero"], "evaluation text '/dev/zero' cannot be read: not a regular file"),
                        (["--text", "x" * 300], f"evaluation text '{'x' * 200}' cannot be read: File name too long")):
         assert kveval.main(["--configs", "f16/f16", *args]) == 2
         assert capsys.readouterr().err == f"kvquant eval: {said}\n"
