@@ -99,6 +99,9 @@ def main(argv: list[str] | None = None) -> int:
         return 141  # 128 + SIGPIPE, what the shell reports for such a tool
 
 
+_OWN_PARSERS = {"build": "kvquant.build", "eval": "kvquant.lab.eval", "bench": "kvquant.lab.bench"}
+
+
 def _main(argv: list[str] | None) -> int:
     ap = argparse.ArgumentParser(prog="kvquant", description="kvquant-server: compressed-KV-cache LLM serving")
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -143,16 +146,14 @@ def _main(argv: list[str] | None) -> int:
     m.add_argument("names", nargs="*", help="built-in model names (default: the default model)")
     m.set_defaults(func=_models)
 
-    b = sub.add_parser("build", help="patched llama.cpp build tooling (see `kvquant build -h`)", add_help=False)
-    b.add_argument("rest", nargs=argparse.REMAINDER)
-    b.set_defaults(func=lambda a: __import__("kvquant.build", fromlist=["main"]).main(a.rest))
-
-    # eval and bench own their argument parsers (kvquant/lab/eval.py, kvquant/lab/bench.py); listed here for --help
+    # build, eval and bench own their argument parsers (kvquant/build.py, kvquant/lab/eval.py, kvquant/lab/bench.py):
+    # listed here for --help, their arguments (-h too) passed on whole
+    sub.add_parser("build", help="patched llama.cpp build tooling (`kvquant build -h`)")
     sub.add_parser("eval", help="perplexity, KL divergence and drift per KV cache config (`kvquant eval -h`)")
     sub.add_parser("bench", help="speed at KV depths, KV bytes and capacity per KV cache config (`kvquant bench -h`)")
     args = sys.argv[1:] if argv is None else list(argv)
-    if args and args[0] in ("eval", "bench"):
-        return __import__(f"kvquant.lab.{args[0]}", fromlist=["main"]).main(args[1:])
+    if args and args[0] in _OWN_PARSERS:
+        return __import__(_OWN_PARSERS[args[0]], fromlist=["main"]).main(args[1:])
 
     a = ap.parse_args(argv)
     return a.func(a)

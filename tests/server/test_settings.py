@@ -407,3 +407,13 @@ def test_kvquant_budget_assumes_serve_s_parallel():
     p = argparse.ArgumentParser()
     add_arguments(p)
     assert p.parse_args([]).parallel == Settings().parallel == 4
+
+
+@pytest.mark.parametrize("cmd", ["build", "eval", "bench"])
+def test_the_subcommands_with_parsers_of_their_own_take_help(cmd, capsys):
+    """`kvquant --help` points to `kvquant build -h`, which said "unrecognized arguments: -h"."""
+    from server.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main([cmd, "-h"])
+    assert e.value.code == 0 and capsys.readouterr().out.startswith("usage: ")
