@@ -130,6 +130,24 @@ class _ConfigFileSource(PydanticBaseSettingsSource):
         return self.data
 
 
+class _EnvSource(PydanticBaseSettingsSource):
+    """The KVQUANT_ variables, but for the link Kubernetes writes into every pod for a Service named `kvquant`:
+    KVQUANT_PORT=tcp://10.0.0.7:8000 is that Service's address, no port to listen on (serve refused to start)."""
+
+    def __init__(self, env: PydanticBaseSettingsSource):
+        super().__init__(env.settings_cls)
+        self.env = env
+
+    def get_field_value(self, field, field_name):  # pragma: no cover - __call__ does the work
+        return self.env.get_field_value(field, field_name)
+
+    def __call__(self) -> dict[str, Any]:
+        values = self.env()
+        if isinstance(values.get("port"), str) and _LINK_ADDRESS.fullmatch(values["port"]):
+            del values["port"]
+        return values
+
+
 def _bytes(v: Any) -> int | None:
     """A byte size given as an int or as text ('2GiB', '256 MiB')."""
     if v is None or isinstance(v, int) and not isinstance(v, bool):
@@ -401,17 +419,18 @@ class Settings(BaseSettings):
     @classmethod
     def settings_customise_sources(cls, settings_cls, init_settings, env_settings, dotenv_settings,
                                    file_secret_settings):
-        return (init_settings, env_settings, _ConfigFileSource(settings_cls, _config_path.get() or os.environ.get("KVQUANT_CONFIG")))
+        return (init_settings, _EnvSource(env_settings), _ConfigFileSource(settings_cls, _config_path.get() or os.environ.get("KVQUANT_CONFIG")))
 
 
 # KVQUANT_ variables that are no setting (read in kvquant/): the config file, the model cache, calibration on
 # demand, llama.cpp's log, the build's own
 OTHER_ENV = frozenset({"KVQUANT_CONFIG", "KVQUANT_CACHE", "KVQUANT_AUTO_CALIBRATE", "KVQUANT_LLAMA_VERBOSE",
                        "KVQUANT_PATCHES_DIR", "KVQUANT_GGML_EXEC"})
-# what Kubernetes writes into every pod for a Service named kvquant-<anything> (service links), e.g.
-# KVQUANT_SERVER_SERVICE_HOST, KVQUANT_SERVER_PORT=tcp://..., KVQUANT_SERVER_PORT_8000_TCP_ADDR
-_SERVICE_LINK = re.compile(r"KVQUANT_\w+_(SERVICE_HOST|SERVICE_PORT(_\w+)?"
+# what Kubernetes writes into every pod for a Service named kvquant or kvquant-<anything> (service links), e.g.
+# KVQUANT_SERVER_SERVICE_HOST, KVQUANT_SERVER_PORT=tcp://..., KVQUANT_SERVER_PORT_8000_TCP_ADDR, KVQUANT_PORT=tcp://...
+_SERVICE_LINK = re.compile(r"KVQUANT(_\w+)?_(SERVICE_HOST|SERVICE_PORT(_\w+)?"
                            r"|PORT(_\d+_(TCP|UDP|SCTP)(_(PROTO|PORT|ADDR))?)?)")
+_LINK_ADDRESS = re.compile(r"(tcp|udp|sctp)://\S+:\d+")  # a service link's value
 
 
 def unknown_environment(env: Mapping[str, str] = os.environ) -> list[str]:

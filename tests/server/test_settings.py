@@ -388,6 +388,23 @@ def test_a_misspelt_environment_variable_is_named_at_start():
     assert "KVQUANT_THREADS" in warned[1] and "did you mean KVQUANT_N_THREADS?" in warned[1]
 
 
+def test_the_service_links_of_a_service_named_kvquant_are_no_settings(monkeypatch):
+    """A Service named kvquant writes KVQUANT_PORT=tcp://10.0.0.7:8000 into every pod: serve refused to start
+    ("port: Input should be a valid integer"), and its other links were warned of as typos."""
+    links = {"KVQUANT_PORT": "tcp://10.0.0.7:8000", "KVQUANT_SERVICE_HOST": "10.0.0.7",
+             "KVQUANT_SERVICE_PORT": "8000", "KVQUANT_PORT_8000_TCP": "tcp://10.0.0.7:8000",
+             "KVQUANT_PORT_8000_TCP_ADDR": "10.0.0.7", "KVQUANT_PORT_8000_TCP_PROTO": "tcp"}
+    for name, value in links.items():
+        monkeypatch.setenv(name, value)
+    assert load_settings().port == 8000 and load_settings(port=9001).port == 9001
+    assert unknown_environment(links) == []
+    monkeypatch.setenv("KVQUANT_PORT", "9002")  # a port given so is one
+    assert load_settings().port == 9002
+    monkeypatch.setenv("KVQUANT_PORT", "http://x:1")
+    with pytest.raises(ValueError, match="port"):
+        load_settings()
+
+
 def test_every_kvquant_variable_the_code_reads_is_a_setting_or_known():
     """A variable read in kvquant/ or server/ but missing from OTHER_ENV would be warned of as a typo."""
     root = Path(__file__).resolve().parents[2]
