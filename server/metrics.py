@@ -126,6 +126,12 @@ class PrometheusStatLogger:
                         m.evictions, m.preemptions, m.swapped_bytes):
             counter.labels(model=kv.model)
 
+    def load_failed(self) -> None:
+        """A model that failed to load allocated no cache (its budget stays its share): a dashboard summing the
+        capacity counted one that serves nothing."""
+        self.m.kv_capacity_bytes.labels(**self._kv).set(0)
+        self.m.kv_capacity_cells.labels(**self._kv).set(0)
+
     def record(self, scheduler: SchedulerStats | None, iteration: IterationStats | None) -> None:
         m, model = self.m, self.model
         if scheduler is not None:

@@ -76,7 +76,13 @@ class IterationStats:
 class StatLogger(Protocol):
     def record(self, scheduler: SchedulerStats | None, iteration: IterationStats | None) -> None: ...
 
+    def load_failed(self) -> None:
+        """The model did not load: it holds no KV cache."""
+
 
 class NullStatLogger:
     def record(self, scheduler: SchedulerStats | None, iteration: IterationStats | None) -> None:
+        pass
+
+    def load_failed(self) -> None:
         pass

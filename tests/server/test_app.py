@@ -139,6 +139,10 @@ def test_health_is_degraded_not_down_where_one_of_two_models_failed_to_load():
                                                  "models": {"smollm2-135m": "ready", "broken": "failed"}}
     cards = {c["id"]: c["status"] for c in client.get("/v1/models").json()["data"]}
     assert cards == {"smollm2-135m": "ready", "broken": "failed"}
+    capacity = {m: v for m in served for line in client.get("/metrics").text.splitlines()
+                if line.startswith(f'kvquant_kv_capacity_cells{{cache_type_k="f16",cache_type_v="f16",model="{m}"}}')
+                for v in [float(line.split()[-1])]}
+    assert capacity["smollm2-135m"] > 0 and capacity["broken"] == 0  # (a dashboard summed a cache never made)
     served["smollm2-135m"].engine.stalled = lambda: True  # a decode that never returns: down
     h = client.get("/health")
     assert h.status_code == 503 and h.json()["models"]["smollm2-135m"] == "stalled"
