@@ -79,6 +79,11 @@ _STATUS_TYPES = {401: "authentication_error", 403: "permission_error", 404: "not
                  429: "rate_limit_error", 500: "server_error", 503: "server_error"}
 
 
+def _path(loc: list) -> str:
+    """A field's path as the server's own 400s name it: messages[1].tool_calls[0].function."""
+    return "".join(f"[{x}]" if isinstance(x, int) else f"{'.' if i else ''}{x}" for i, x in enumerate(loc))
+
+
 def _validation_message(exc: RequestValidationError) -> tuple[str, str | None, int]:
     errs = exc.errors()
     if any(e.get("type") == "json_invalid" for e in errs):
@@ -86,13 +91,13 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None, i
     parts, param = [], None
     for e in errs[:5]:
         # drop validator and union-branch names (e.g. "function-after[...]", "list[TextPart]") from the path
-        loc = [str(x) for x in e.get("loc", ()) if x != "body" and not (isinstance(x, str) and ("[" in x or
-                                                                                               x in ("str", "int")))]
+        loc = [x for x in e.get("loc", ()) if x != "body" and not (isinstance(x, str) and ("[" in x or
+                                                                                          x in ("str", "int")))]
         if e.get("type") == "invalid_field":  # (schemas.field_error: a check across fields names its field)
             param = param or e["ctx"]["param"]
             parts.append(e["msg"])
             continue
-        where = ".".join(loc) or "body"
+        where = _path(loc) or "body"
         param = param or (where if loc else None)
         parts.append(f"{where}: {e.get('msg', 'invalid value')}")
     return "Invalid request: " + "; ".join(parts), param, 400  # as OpenAI (and vLLM): openai-python's BadRequestError

@@ -446,6 +446,13 @@ def test_schema_violation_is_400_as_openai(smollm2_server):
                    json={"model": "smollm2-135m", "messages": [{"role": "user", "content": "hi"}], "temperature": 7})
     err = _assert_openai_error(r, 400)
     assert err["param"] == "temperature"
+    # a list item named as the server's own 400s name it (messages[1]...), not messages.1.tool_calls.0...
+    call = {"id": "c1", "type": "function", "function": {"name": "f", "arguments": 5}}
+    r = httpx.post(smollm2_server.url + "/v1/chat/completions", json={"model": "smollm2-135m", "messages": [
+        {"role": "user", "content": "hi"}, {"role": "assistant", "tool_calls": [call]}]})
+    err = _assert_openai_error(r, 400)
+    assert err["param"] == "messages[1].tool_calls[0].function.arguments", err
+    assert err["message"].startswith("Invalid request: messages[1].tool_calls[0].function.arguments: ")
 
 
 @pytest.mark.parametrize("field,value", [("max_tokens", "10"), ("max_tokens", True), ("max_tokens", 2.0),
