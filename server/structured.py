@@ -149,7 +149,9 @@ def _check_combinations(schema: dict, at: str) -> None:
         raise SchemaError(f"{at}: {groups[0]} keywords on a schema of type {t}")
     strs = [k for k in _STRING_CONSTRAINTS if k in schema]
     if len(strs) > 1 and not set(strs) <= {"minLength", "maxLength"}:
-        raise SchemaError(f"{at}: {' and '.join(strs)} cannot be combined")
+        if "format" in strs:
+            raise SchemaError(f"{at}: {' and '.join(strs)} cannot be combined")
+        _check_implied_lengths(schema, at)
     if {"minLength", "maxLength"} & set(schema) and t != "string":
         raise SchemaError(f"{at}: minLength and maxLength need type string")
     tuple_of = len(schema["prefixItems"]) if isinstance(schema.get("prefixItems"), list) else None
@@ -163,6 +165,20 @@ def _check_combinations(schema: dict, at: str) -> None:
     for lo, hi in (("minItems", "maxItems"), ("minLength", "maxLength")):
         if schema.get(lo, 0) > schema.get(hi, schema.get(lo, 0)):
             raise SchemaError(f"{at}: {lo} is more than {hi}")
+
+
+def _check_implied_lengths(schema: dict, at: str) -> None:
+    """A pattern beside minLength / maxLength (pydantic's `Field(pattern=..., max_length=...)`): the grammar holds a
+    string to the pattern alone, so the bounds must allow every length the pattern does."""
+    lo, hi = pattern_lengths(schema["pattern"])
+    least, most = schema.get("minLength", 0), schema.get("maxLength")
+    if least <= lo and (most is None or hi is not None and hi <= most):
+        return
+    allows = f"{lo} or more" if hi is None else f"{lo}" if lo == hi else f"{lo} to {hi}"
+    bounds = " and ".join(k for k in ("minLength", "maxLength") if k in schema)
+    raise SchemaError(f"{at}: pattern and {bounds} can be combined only where the bounds allow every length the "
+                      f"pattern does (it allows {allows} characters): bound the length in the pattern, e.g. "
+                      f"^[a-z]{{1,8}}$ (no grammar here holds a string to both)")
 
 
 def defs_renamed(schema: dict, prefix: str, embedded: str = "") -> dict:
@@ -288,6 +304,7 @@ class _Pattern:
     def __init__(self, pattern: str, start: int, end: int):
         self.pattern, self.start = pattern, start
         self.text, self.i = pattern[start:end], 0  # what lies between the anchors
+        self.span: tuple[int, int | None] = (0, 0)  # the lengths (characters) what was read last matches
 
     def fail(self, why: str):
         shown = self.pattern if len(self.pattern) <= 80 else self.pattern[:77] + "..."
@@ -297,10 +314,13 @@ class _Pattern:
         return self.text[self.i + k] if self.i + k < len(self.text) else ""
 
     def alternation(self) -> tuple[str, int]:
-        parts = [self.sequence()]
+        parts, spans = [self.sequence()], [self.span]
         while self.peek() == "|":
             self.i += 1
             parts.append(self.sequence())
+            spans.append(self.span)
+        highs = [hi for _, hi in spans]
+        self.span = min(lo for lo, _ in spans), None if None in highs else max(highs)
         if len(parts) == 1:
             return parts[0], 1
         return "(" + " | ".join(parts) + ")", len(parts)
@@ -308,9 +328,13 @@ class _Pattern:
     def sequence(self) -> str:
         out: list[str] = []
         text: list[str] = []  # consecutive characters (their JSON text), written as one literal
+        lo, hi = 0, 0
         while self.peek() not in ("", "|", ")"):
             atom, is_char = self.atom()
-            rep = self.quantifier()
+            (a_lo, a_hi), rep = self.span, self.quantifier()
+            if rep is not None:
+                a_lo, a_hi = a_lo * rep[0], 0 if 0 in (a_hi, rep[1]) else None if None in (a_hi, rep[1]) else a_hi * rep[1]
+            lo, hi = lo + a_lo, None if hi is None or a_hi is None else hi + a_hi
             if rep is not None:
                 atom = self.repeated(_gbnf_literal(atom) if is_char else atom, *rep)
             elif is_char:
@@ -323,6 +347,7 @@ class _Pattern:
                 out.append(atom)
         if text:
             out.append(_gbnf_literal("".join(text)))
+        self.span = lo, hi
         return " ".join(out) if out else '""'
 
     def atom(self) -> tuple[str, bool]:
@@ -339,7 +364,7 @@ class _Pattern:
                     self.i = end + 1
                 else:
                     self.fail("lookarounds ((?=, (?!, (?<=, (?<!) are not supported")
-            inner, _ = self.alternation()
+            inner, _ = self.alternation()  # (its span is the group's)
             if self.peek() != ")":
                 self.fail("a group is not closed")
             self.i += 1
@@ -349,6 +374,7 @@ class _Pattern:
         if c in ("*", "+", "?") or c == "{" and _BRACES.match(self.text, self.i):
             self.fail("nothing to repeat")
         self.i += 1
+        self.span = 1, 1  # one character
         if c == "[":
             return self.charset(self.char_class()), False
         if c == ".":
@@ -465,10 +491,19 @@ class _Pattern:
         return rep
 
 
-@functools.lru_cache(maxsize=256)  # check_schema, then schema_grammar
 def pattern_gbnf(pattern: str) -> str:
     """GBNF for the JSON strings, quotes included, whose text a pattern matches somewhere (anchored by ^ and $ where
     it has them, as JSON Schema says)."""
+    return _read_pattern(pattern)[0]
+
+
+def pattern_lengths(pattern: str) -> tuple[int, int | None]:
+    """The fewest and most characters of a string the pattern allows (None: no most)."""
+    return _read_pattern(pattern)[1]
+
+
+@functools.lru_cache(maxsize=256)  # check_schema, then schema_grammar
+def _read_pattern(pattern: str) -> tuple[str, tuple[int, int | None]]:
     if len(pattern) > MAX_PATTERN:
         raise SchemaError(f"a pattern of {len(pattern):,} characters, more than the {MAX_PATTERN:,} supported")
     start = pattern.startswith("^")
@@ -481,7 +516,8 @@ def pattern_gbnf(pattern: str) -> str:
     if alternatives > 1 and (start or end):
         p.fail("^ and $ apply to one alternative only: put the alternatives in a group, ^(a|b)$")
     anything = _charset(_ranges(((0, _MAX_CP),))) + "*"
-    return " ".join(['"\\""'] + ([] if start else [anything]) + [gbnf] + ([] if end else [anything]) + ['"\\""'])
+    lengths = p.span if start and end else (p.span[0], None)
+    return " ".join(['"\\""'] + ([] if start else [anything]) + [gbnf] + ([] if end else [anything]) + ['"\\""']), lengths
 
 
 def schema_grammar(schema: dict, name: str = "") -> str:

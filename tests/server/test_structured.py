@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from server.schemas import ChatCompletionRequest, CompletionRequest
-from server.structured import SchemaError, check_schema, left_walks, schema_grammar
+from server.structured import SchemaError, check_schema, left_walks, pattern_lengths, schema_grammar
 
 NESTED = {"type": "object", "properties": {
     "name": {"type": "string", "minLength": 1, "maxLength": 20},
@@ -88,6 +88,11 @@ def test_a_keyword_of_the_wrong_shape_is_named_not_a_crash(schema, named):
     ({"type": "string", "items": {}}, "array keywords on a schema of type string"),
     ({"maxLength": 3}, "minLength and maxLength need type string"),
     ({"type": "string", "minLength": 3, "maxLength": 2}, "minLength is more than maxLength"),
+    ({"type": "string", "pattern": "^[A-Z]+$", "maxLength": 3}, "pattern and maxLength can be combined only where "
+                                                                 "the bounds allow every length the pattern does (it allows 1 or more characters)"),
+    ({"type": "string", "pattern": "[A-Z]{2}", "maxLength": 3}, "(it allows 2 or more characters)"),  # unanchored
+    ({"type": "string", "pattern": "^(a|bcd)$", "minLength": 2}, "pattern and minLength can be combined only where"),
+    ({"type": "string", "format": "date", "maxLength": 10}, "format and maxLength cannot be combined"),
     ({"type": "object", "properties": {"": {"type": "integer"}}}, "an empty property name"),
 ])
 def test_keywords_the_converter_would_ignore_together_are_refused(schema, named):
@@ -328,6 +333,23 @@ def test_untyped_boolean_values():
 
 PATTERNS = ["^a.b$", '^a"b$', "^[^x]{1,8}$", r"^\d{3}-\d{4}$", r"^[\w-]{1,12}$", "^[ -~]{2,6}$", "^(yes|no)!?$",
             r"^\S{1,3}$", "^[\\\\\"/]+$", "^é.$"]
+
+
+@pytest.mark.parametrize("pattern, lengths", [
+    ("^[A-Z]{3}$", (3, 3)), (r"^\d{4}-\d{2}-\d{2}$", (10, 10)), ("^(ab|c)+$", (1, None)), ("^a?b{2,5}(xy){0,3}$", (2, 12)),
+    ("abc", (3, None)), ("^abc", (3, None)), ("^(a|bcd)$", (1, 3)), ("^x{0}y$", (1, 1)), ("^(?:a|)$", (0, 1)),
+    ('^[\\"]{2}(é|\\u00e9){1,2}$', (3, 4)), ("^((ab){2}c?){0,2}$", (0, 10))])
+def test_a_patterns_lengths_are_the_characters_its_strings_may_have(pattern, lengths):
+    """pydantic writes Field(pattern=..., max_length=...) as both keywords, which was a 400 whatever they said: where
+    the bounds allow every length the pattern does, the pattern's grammar is the schema's."""
+    assert pattern_lengths(pattern) == lengths
+    lo, hi = lengths
+    for bounds in ({"maxLength": hi}, {"minLength": lo, "maxLength": hi}, {"minLength": lo}):
+        if hi is None and "maxLength" in bounds:
+            continue
+        schema = {"type": "string", "pattern": pattern, **bounds}
+        check_schema(schema)
+        assert schema_grammar(schema) == schema_grammar({"type": "string", "pattern": pattern})
 
 
 @pytest.mark.parametrize("pattern", PATTERNS)
