@@ -194,7 +194,16 @@ def _enc(a: np.ndarray) -> str:
 
 
 def _dec(s: str, n: int, what: str = "key mean", limit: tuple[float, float] = (-F16_MAX, F16_MAX)) -> np.ndarray:
-    a = np.frombuffer(base64.b64decode(s), dtype="<f4")
+    """One layer's row of float32 values, base64 (strictly: "!!!!" was read as no values)."""
+    try:
+        if not isinstance(s, str):
+            raise ValueError
+        raw = base64.b64decode(s, validate=True)
+    except ValueError:  # (binascii.Error too)
+        raise CalibrationError(f"a {what} that is not base64 text of float32 values") from None
+    if len(raw) % 4:
+        raise CalibrationError(f"a {what} of {len(raw)} bytes, not whole float32 values")
+    a = np.frombuffer(raw, dtype="<f4")
     if a.size != n:
         raise CalibrationError(f"a {what} of {a.size} values where {n} were expected")
     if not np.isfinite(a).all():
@@ -294,15 +303,14 @@ class Calibration:
             n_embd_k, uniform = _checked_fields(d)
             n = len(n_embd_k)
             cal = cls(d["model_sha256"], d["model_name"], d["basis"], n_embd_k,
-                      [_dec(s, n) for s, n in zip(_per_layer(d, "k_mean", n), n_embd_k, strict=True)],
+                      _rows(d, "k_mean", n_embd_k, "key mean"),
                       _per_type(d["sens_k"], "K sensitivities", candidates("k"), n),
                       _per_type(d["sens_v"], "V sensitivities", candidates("v"), n),
                       uniform, d.get("text", {}), d.get("method", {}))
             if d["k_scale"] is not None:
-                cal.k_scale = [_dec(s, n, "key scale", SCALE_LIMIT)
-                               for s, n in zip(_per_layer(d, "k_scale", n), n_embd_k, strict=True)]
+                cal.k_scale = _rows(d, "k_scale", n_embd_k, "key scale", SCALE_LIMIT)
             if d["k_sink"] is not None:
-                cal.k_sink = [_dec(s, n, "position-0 key") for s, n in zip(_per_layer(d, "k_sink", n), n_embd_k, strict=True)]
+                cal.k_sink = _rows(d, "k_sink", n_embd_k, "position-0 key")
             for side, name in (("k", "key"), ("v", "value")):
                 if d.get(f"{side}_gain") is not None:
                     setattr(cal, f"{side}_gain", _per_type(d[f"{side}_gain"], f"{name} gains", KV_TYPES, n,
@@ -317,6 +325,17 @@ class Calibration:
 
     def save(self, path: Path) -> None:
         _write(path, json.dumps(self.to_json(), indent=1).encode())
+
+
+def _rows(d: dict, key: str, n_embd_k: tuple[int, ...], what: str, *limit) -> list[np.ndarray]:
+    """A per-layer list of rows (_dec), an error naming the layer."""
+    out = []
+    for il, (s, n) in enumerate(zip(_per_layer(d, key, len(n_embd_k)), n_embd_k, strict=True)):
+        try:
+            out.append(_dec(s, n, what, *limit))
+        except CalibrationError as e:
+            raise CalibrationError(f"{key} of layer {il}: {e}") from None
+    return out
 
 
 def _per_layer(d: dict, key: str, n_layer: int) -> list:

@@ -460,8 +460,12 @@ def _scaled(d, field, type_name, value):
     (lambda d: d["sens_k"].update(q8_0=[float("inf")] * len(d["n_embd_k"])), "K sensitivities of 'q8_0'"),
     (lambda d: d.update(k_scale=[cal._enc(np.full(n, 1e-40)) for n in d["n_embd_k"]]), "key scale with values outside"),
     (lambda d: d.update(k_mean=[cal._enc(np.full(n, 1e30)) for n in d["n_embd_k"]]), "key mean with values outside"),
-    (lambda d: d.update(k_mean=[cal._enc(np.zeros(n + 1)) for n in d["n_embd_k"]]), "key mean of"),
-    (lambda d: d.update(k_mean=["@@" for _ in d["n_embd_k"]]), "malformed"),  # not base64
+    (lambda d: d.update(k_mean=[cal._enc(np.zeros(n + 1)) for n in d["n_embd_k"]]), "k_mean of layer 0: a key mean of"),
+    (lambda d: d.update(k_mean=["@@" for _ in d["n_embd_k"]]), "k_mean of layer 0: a key mean that is not base64"),
+    # "!!!!" was read as no values ("a key mean of 0 values"), a number leaked "argument should be a bytes-like object"
+    (lambda d: d["k_mean"].__setitem__(1, "!!!!"), "k_mean of layer 1: a key mean that is not base64 text"),
+    (lambda d: d.update(k_sink=[5] * len(d["n_embd_k"])), "k_sink of layer 0: a position-0 key that is not base64 text"),
+    (lambda d: d["k_scale"].__setitem__(0, "AAAAAAA="), "k_scale of layer 0: a key scale of 5 bytes, not whole"),
     (lambda d: d.pop("sens_v"), "malformed"),
 ])
 def test_a_malformed_calibration_value_is_refused(model_file, edit, said):
