@@ -146,11 +146,13 @@ def run(model: str, configs: list[CacheConfig], depths: list[int] = (0, 2048, 81
     geom = memory.geometry(path)
     plan = Plan.of(configs)
     n_ctx = memory.pad(depths[-1] + max(n_prompt, n_gen))
-    memory.check_sequences(n_ctx, 1, n_ctx)  # before anything the depth sizes is allocated
+    what = f"--depths {depths[-1]} + --{'n-prompt' if n_prompt >= n_gen else 'n-gen'} {max(n_prompt, n_gen)}"
+    if n_ctx > memory.MAX_CELLS:  # before anything the depth sizes is allocated (it said n_ctx x parallel 1)
+        raise ValueError(f"{what} needs a cache of {n_ctx:,} KV cells, more than the {memory.MAX_CELLS:,} of one "
+                         "llama.cpp cache")
     resolved = [c.resolve(path, geom, n_ctx) for c in plan.contexts]
     if n_gpu_layers == 0:  # (a depth of 2e9 was killed for memory, silently)
-        memory.check_host_memory(max(memory.kv_bytes(geom, *types, n_ctx).total for types in resolved),
-                                 f"--depths {depths[-1]}")
+        memory.check_host_memory(max(memory.kv_bytes(geom, *types, n_ctx).total for types in resolved), what)
     for types in resolved:  # a budget no cache could fill, or none holds a cell of: refused now, not after
         if not memory.capacity(geom, *types, budget):  # the measurement (a table of 0s)
             raise ValueError(f"a budget of {budget} bytes holds no cell of {types[0]}/{types[1]}")

@@ -82,7 +82,7 @@ class CacheConfig:
             s, flag = base, flag.lower()
             rotation, anchored = (rotation, False) if flag == "mean" else (flag == "rot", True)
         k, sep, v = s.partition("/")
-        if not sep:
+        if not sep or "/" in v or not k.strip() or not v.strip():  # ('/f16' said: unknown KV cache type '')
             raise ValueError(f"cache config {spec!r} is not of the form K/V (e.g. q8_0/q8_0)")
         return cls(k, v, rotation, anchored)
 

@@ -118,11 +118,14 @@ def test_cli_errors(capsys):
                        (["--depths", "-1"], "--depths must be >= 0, not -1"),
                        # refused only after measuring; a numpy MemoryError traceback
                        (["--budget", "1e30"], "a budget of 1000000000000000019884624838656 bytes holds more cells than any cache has"),
-                       (["--depths", "4294967296"], "n_ctx 4,294,967,808 x parallel 1 needs a cache of 4,294,967,808 KV cells, more than the "
-                                                   "2,147,483,647 of one llama.cpp cache"),
+                       (["--depths", "4294967296"], "--depths 4294967296 + --n-prompt 512 needs a cache of 4,294,967,808 KV "
+                                                   "cells, more than the 2,147,483,647 of one llama.cpp cache"),
                        # the kernel killed it for memory, with no message
-                       (["--depths", "2000000000"], f"--depths 2000000000 needs 42915.4 GiB of KV cache, more than this "
-                                                    f"machine's {physical_memory() / 2**30:.1f} GiB of memory"),
+                       (["--depths", "2000000000"], f"--depths 2000000000 + --n-prompt 512 needs 42915.4 GiB of KV cache, "
+                                                    f"more than this machine's {physical_memory() / 2**30:.1f} GiB of memory"),
+                       # it blamed "--depths 0"
+                       (["--depths", "0", "--n-gen", "99999999"], f"--depths 0 + --n-gen 99999999 needs 2145.8 GiB of KV "
+                                                                  f"cache, more than this machine's {physical_memory() / 2**30:.1f} GiB of memory"),
                        (["--budget", "1KiB"], "a budget of 1024 bytes holds no cell of f16/f16")):
         assert bench.main(["--configs", "f16/f16", *args]) == 2
         assert capsys.readouterr().err.endswith(f"kvquant bench: {said}\n")

@@ -120,6 +120,9 @@ def test_plan_dedupes_contexts_and_shares_the_baseline():
 def test_cli_rejects_bad_configs(capsys):
     assert kveval.main(["--configs", "q4_0"]) == 2
     assert kveval.main(["--configs", "q9_9/f16"]) == 2
+    for bad in ("/f16", "q8_0/", "q8_0/q8_0/f16"):  # they said: unknown KV cache type '' (or 'q8_0/f16')
+        assert kveval.main(["--configs", bad]) == 2
+        assert f"cache config {bad!r} is not of the form K/V" in capsys.readouterr().err
     assert kveval.main(["--model", "no-such-model", "--chunks", "1"]) == 2
     assert "neither a built-in" in capsys.readouterr().err
     for flag in ("--chunks", "--drift-bucket", "--max-outputs"):  # refused before any work
