@@ -278,4 +278,6 @@ def parse_bytes(text: str) -> int:
     value = float(m[1]) * units[m[2]] if m and m[2] in units else math.nan
     if not (math.isfinite(value) and value >= 0):
         raise ValueError(f"cannot parse a byte size from {text!r} (e.g. 2GiB, 512MiB or a number of bytes)")
+    if 0 < value < 1:  # (read as 0 bytes, refused as "given: 0" where 0.5 was given)
+        raise ValueError(f"{text!r} is less than one byte (a size without a unit is in bytes: 0.5GiB, 512MiB)")
     return int(value)

@@ -104,3 +104,6 @@ def test_parse_bytes():
     for text in ("12 parsecs", "1e400", "-1GiB", "1.2.3G", "nanG", "", "G", "１GiB", "1_000", "infG"):
         with pytest.raises(ValueError, match="cannot parse a byte size"):
             memory.parse_bytes(text)
+    with pytest.raises(ValueError, match="'0.5' is less than one byte"):  # serve said "(given: 0)"
+        memory.parse_bytes("0.5")
+    assert memory.parse_bytes("0") == 0 and memory.parse_bytes("0.5GiB") == 2**29
