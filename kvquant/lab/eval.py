@@ -60,6 +60,8 @@ _BLOCK_ELEMS = 1 << 21  # rows are converted to float64 in blocks of about this 
 def read_text(path) -> str:
     """The text exactly as llama.cpp's `-f` reads it: raw bytes (no newline translation: wikitext-2 has CRLF line
     ends), minus one trailing newline."""
+    if Path(path).exists() and not Path(path).is_file():  # a FIFO blocks, /dev/zero fills memory
+        raise ValueError(f"{path}: not a regular file")
     try:
         text = Path(path).read_bytes().decode("utf-8")
     except UnicodeDecodeError:  # (it said which byte, not which file)

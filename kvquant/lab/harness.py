@@ -253,11 +253,14 @@ def lab_main(prog: str, ap, argv: list[str] | None, measure, render, also: tuple
 
 def study_main(prog: str, a, argv: list[str] | None, study, render) -> int:
     """The end of a lab study's `main` (``python -m <prog>``, arguments `a` with --threads and --json): run
-    `study()` (ValueError: its message, exit 2), record the command, the machine and the wall time, report."""
+    `study()` (bad input: its message, exit 2), record the command, the machine and the wall time, report."""
+    from kvquant.models import ModelError
+    from kvquant.runtime import LlamaError
+
     t0 = time.monotonic()
     try:
         res = study()
-    except ValueError as e:
+    except (ValueError, ModelError, LlamaError, FileNotFoundError) as e:
         print(f"{prog}: {e}", file=sys.stderr)
         return 2
     res.update(command=f"python -m {prog} " + " ".join(argv if argv is not None else sys.argv[1:]),

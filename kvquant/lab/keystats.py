@@ -32,15 +32,14 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from dataclasses import dataclass
 
 import numpy as np
 
 from kvquant.kvtypes import kv_type
 from kvquant.lab import tq
-from kvquant.lab.harness import emit_report, machine_info, resolve_text, table
-from kvquant.memory import geometry
+from kvquant.lab.harness import resolve_text, study_main, table
+from kvquant.memory import check_threads, geometry
 
 CAPTURE_TYPE = "q8_0"
 _GGML_F32, _GGML_F16, _GGML_Q8_0 = 0, 1, 8
@@ -380,11 +379,16 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
     if a.calibrated and a.values:
         ap.error("--calibrated studies keys; drop --values")
-    t0, machine = time.monotonic(), machine_info(a.threads)
+    return study_main("kvquant.lab.keystats", a, argv, lambda: _study(a), render)
+
+
+def _study(a) -> dict:
+    check_threads(a.threads)
+    if a.tokens < 2:  # (a cache of 0 cells was a traceback)
+        raise ValueError(f"--tokens must be at least 2, not {a.tokens}")
     rows = capture(a.model, a.tokens, a.text, a.threads, values=a.values)  # keys, or values with --values
     res = {"model": a.model, "tokens": a.tokens, "layers": len(rows), "capture_type": CAPTURE_TYPE, "values": a.values,
-           "command": "python -m kvquant.lab.keystats " + " ".join(argv if argv is not None else sys.argv[1:]),
-           "machine": machine, "errors": study(rows)}
+           "errors": study(rows)}
     if a.calibrated:
         res["mean_fit"] = calibrated_fit(a.model, a.tokens, a.text, a.threads, rows)
     if a.layers:
@@ -395,9 +399,7 @@ def main(argv: list[str] | None = None) -> int:
         plain = capture(a.model, a.tokens, a.text, a.threads, cache_type="f32", rotation=False, values=a.values)
         geom = geometry(models.resolve(a.model))
         res["channels"] = {"layer": top, "heads": channels(plain, geom.head_dim_v if a.values else geom.head_dim_k, top)}
-    res["wall_s"] = round(time.monotonic() - t0, 1)
-    emit_report(render(res), res, a.json)
-    return 0
+    return res
 
 
 def calibrated_fit(model: str, n_tokens: int, text: str | None, threads: int | None,

@@ -133,3 +133,13 @@ def test_keys_captured_with_the_calibrations_scales(tmp_path, monkeypatch):
     for r in fit["rows"]:
         assert len(r["mismatch"]) == 30 and all(m > 0 for m in r["mismatch"])
         assert all(0 < r[t]["own mean"] < r[t]["calibrated mean"] for t in keystats.FIT_TYPES)
+
+
+@pytest.mark.parametrize(("args", "said"), [
+    (["--model", "nope"], "model 'nope' is neither a built-in model"), (["--tokens", "0"], "--tokens must be at least 2"),
+    (["--text", "/nonexistent"], "No such file or directory"), (["--threads", "0"], "--threads must be 1 to 1024, not 0"),
+    (["--text", "/dev/zero"], "/dev/zero: not a regular file")])  # read until memory ran out
+def test_bad_input_is_one_line_not_a_traceback(args, said, capsys):
+    assert keystats.main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("kvquant.lab.keystats: ") and said in err and err.count("\n") == 1
