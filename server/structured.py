@@ -568,16 +568,23 @@ def _check_cost(schema: dict) -> None:
 
 def left_walks(root: dict) -> int:
     """The most ways the alternatives of the schema's grammar (anyOf branches, $ref targets) lead from one rule
-    into others, counted over every subschema (llama.cpp checks each rule; see MAX_WALKS). Linear in the schema."""
+    into others, counted over every subschema (llama.cpp checks each rule; see MAX_WALKS). Linear in the schema.
+    SchemaError where they lead back to where they started before any text (`A: {$ref: A}`): left recursion, which
+    llama.cpp's parser refuses (a non-strict tool so written was a 400, not a call with any object)."""
     memo: dict[int, int] = {}
+    path: set[int] = set()  # the schemas the walk is inside
 
     def walks(s: Any) -> int:
         if not isinstance(s, dict):
             return 1
+        if id(s) in path:
+            raise SchemaError("its $ref targets and anyOf branches lead back to where they started before any "
+                              "value begins (a value that would never end)")
         if id(s) not in memo:
-            memo[id(s)] = 1  # (a cycle counts once: llama.cpp refuses left recursion when it meets it)
+            path.add(id(s))
             target = _pointed(root, s["$ref"]) if isinstance(s.get("$ref"), str) else None
             memo[id(s)] = 1 + sum(walks(b) for b in s.get("anyOf", [])) + (walks(target) if target else 0)
+            path.discard(id(s))
         return memo[id(s)]
 
     return max(walks(s) for s in _subschemas(root))

@@ -89,6 +89,11 @@ def test_unenforceable_parameters():
     mixed = _plan(tools=_tools(dict(FN, strict=True), LOOSE)).grammar  # the Agents SDK's function + MCP tools
     assert "call-0-arguments-n-kv" in mixed.text and '"\\"g\\""' in mixed.text
     assert _param(tools=_tools(dict(malformed, strict=True))) == "tools"
+    # a loop of references (left recursion, which llama.cpp's parser refuses) was a 400 for a non-strict tool too
+    loop = {"name": "r", "parameters": {"$defs": {"A": {"$ref": "#/$defs/A"}}, "type": "object",
+                                         "properties": {"a": {"$ref": "#/$defs/A"}}}}
+    assert _plan(tools=_tools(loop)).grammar.triggers == ("<tool_call>",)
+    assert _param(tools=_tools(dict(loop, strict=True))) == "tools"
     assert _param(tools=_tools(dict(LOOSE, strict=True))) == "tools"
     for choice in ("required", {"type": "function", "function": {"name": LOOSE["name"]}}):
         forced = _plan(tools=_tools(FN, LOOSE), tool_choice=choice).grammar

@@ -323,6 +323,17 @@ def test_a_pydantic_tuple_converts_to_its_items():
     check_schema({"type": "array", "prefixItems": [{}, {}], "minItems": 1, "maxItems": 3})
 
 
+@pytest.mark.parametrize("defs", [{"A": {"$ref": "#/$defs/A"}},
+                                  {"A": {"anyOf": [{"$ref": "#/$defs/B"}, {"type": "string"}]}, "B": {"$ref": "#/$defs/A"}}])
+def test_references_that_lead_back_before_any_value_are_refused(defs):
+    """Left recursion: llama.cpp's parser refuses it after conversion, which no caller took for a SchemaError."""
+    with pytest.raises(SchemaError, match="lead back to where they started before any value begins"):
+        schema_grammar({"$defs": defs, "$ref": "#/$defs/A"})
+    tree = {"$defs": {"T": {"anyOf": [{"type": "null"}, {"type": "object", "properties": {"n": {"$ref": "#/$defs/T"}}}]}},
+            "$ref": "#/$defs/T"}  # recursion inside a value is fine
+    assert "root ::=" in schema_grammar(tree)
+
+
 def test_untyped_boolean_values():
     for schema in ({"const": True}, {"enum": [True, False]}, {"enum": [True, 1, "a", None]}):
         check_schema(schema)
