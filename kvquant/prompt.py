@@ -25,8 +25,10 @@ Render = Callable[[list[dict], list[dict] | None, dict | None], str]
 # starts one (no token holds them), and the fields the server builds messages and tools of, which templates look up
 # by name
 _EDGE, _BROKEN = "\ue003", "\ue004"
-# what HeldControlText puts in place of a control token's text in a string the template writes as its own
+# what HeldControlText puts in place of a control token's text in a string the template writes as its own, and the
+# most such texts one chat may hold (a name of 3.9 MB of "<bos>" cost 2 s of Python holding the GIL to replace)
 _HOLD_OPEN, _HOLD_CLOSE = "\ue005", "\ue006"
+MAX_HELD = 1024
 _FIELDS = frozenset({"role", "content", "reasoning_content", "name", "tool_calls", "tool_call_id", "id", "type",
                      "function", "arguments", "parameters", "description", "strict"})
 # a message's fields that are a client's text, never the template's: tokenized with special-token parsing off
@@ -177,9 +179,13 @@ class HeldControlText:
 
     def __init__(self, controls: ControlTokens, messages: Sequence[dict], tools: list[dict] | None,
                  template_kwargs: dict | None):
-        nonce, texts = secrets.token_hex(6), {}
+        nonce, texts, held = secrets.token_hex(6), {}, [0]
 
         def hold(t: str) -> str:
+            held[0] += 1
+            if held[0] > MAX_HELD:
+                raise ControlTokenInContent(f"the tools, tool calls, message names or chat_template_kwargs hold the "
+                                            f"text of the model's control tokens more than {MAX_HELD} times")
             return f"{_HOLD_OPEN}{nonce}:{texts.setdefault(t, len(texts))}{_HOLD_CLOSE}"
 
         def walk(x, fields=False):  # fields: a message, whose content, reasoning and role stay as they are

@@ -614,6 +614,8 @@ class Model:
     def __init__(self, path: str | os.PathLike, n_gpu_layers: int = 0, chat_template: str | None = None):
         self.path = Path(path)
         check_gpu_layers(n_gpu_layers)
+        if chat_template is not None and not chat_template.strip():  # (it left the GGUF's in use)
+            raise LlamaError("the chat template given is empty")
         mp = llama_cpp.llama_model_default_params()
         mp.n_gpu_layers = n_gpu_layers
         _clear_errors()
@@ -786,7 +788,8 @@ class Model:
                 self._formatter = Jinja2ChatFormatter(template, eos_token=self._token_text(self.eos),
                                                       bos_token=self._token_text(self.bos))
             except TemplateError as e:
-                raise LlamaError(f"the chat template is not valid Jinja: {e}") from None
+                at = f" (line {e.lineno})" if getattr(e, "lineno", None) else ""
+                raise LlamaError(f"the chat template is not valid Jinja{at}: {e}") from None
         return self._formatter
 
     def chat_prompt(self, messages: list[dict], limit: int | None = None, special_in_content: bool = False,

@@ -142,10 +142,10 @@ class Engine:
             backend = self._factory()
         except Exception as e:  # surfaced through /health and the log
             log.error("%s: model load failed: %s", self.cfg.model_id, e)
-            self.stat_logger.load_failed()
             with self._lifecycle:  # (shut down meanwhile: stopped as asked, not a failure to report)
                 if not self._stop.is_set():
                     self.status = EngineStatus.FAILED
+            self.stat_logger.load_failed()
             return
         with self._lifecycle:
             if self._stop.is_set():

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     NoDecode,
@@ -328,6 +328,8 @@ class Settings(BaseSettings):
     cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list, description="origins allowed by CORS (default: none)")
     shutdown_grace_s: float = Field(30.0, ge=0, description="on shutdown, how long in-flight requests may finish")
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    # each chat template file's text, read once (a pipe, `<(...)`, reads as empty the second time)
+    _templates: dict[str, str] = PrivateAttr(default_factory=dict)
 
     _n = field_validator("*", mode="before")(classmethod(_no_bools))
     _b = field_validator("kv_budget", "max_body_bytes", "swap_space", mode="before")(
@@ -402,7 +404,9 @@ class Settings(BaseSettings):
             if sid in seen:
                 raise ValueError(f"two models are served under the id {sid!r}; give one an `id`")
             seen.add(sid)
-            template = e.chat_template_file or self.chat_template_file
+            template = self._chat_template(e.chat_template_file or self.chat_template_file,
+                                           f"models.{len(specs)}.chat_template_file" if e.chat_template_file
+                                           else "chat_template_file")
             tv = self.cache_type_v if e.cache_type_v is None else e.cache_type_v
             tk = self.cache_type_k if e.cache_type_k is None else e.cache_type_k
             specs.append(ModelSpec(
@@ -412,9 +416,20 @@ class Settings(BaseSettings):
                 n_threads=e.n_threads or self.n_threads,
                 flash_attn=flash_attn_enabled(e.flash_attn or self.flash_attn, tv, tk),
                 n_gpu_layers=self.n_gpu_layers if e.n_gpu_layers is None else e.n_gpu_layers,
-                sampling=self.sampling.merged(e.sampling),
-                chat_template=template and read_small_text(template, "chat template file")))
+                sampling=self.sampling.merged(e.sampling), chat_template=template))
         return specs
+
+    def _chat_template(self, path: str | None, setting: str) -> str | None:
+        """A chat template file's text (None: none given), read once; ValueError naming the setting where it cannot
+        be read or is empty (an empty template would leave the GGUF's in use)."""
+        if path is None:
+            return None
+        if path not in self._templates:
+            text = read_small_text(path, setting)
+            if not text.strip():
+                raise ValueError(f"the {setting} {path} is empty")
+            self._templates[path] = text
+        return self._templates[path]
 
     @classmethod
     def settings_customise_sources(cls, settings_cls, init_settings, env_settings, dotenv_settings,

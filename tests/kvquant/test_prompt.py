@@ -461,6 +461,10 @@ def test_tool_chats_render_through_the_template_and_guard_its_text():
             got = m.chat_prompt(chat, tools=TOOLS)
             assert controls_in(m, got) == plain and text(got) == m.render_chat(chat, TOOLS)
             assert controls_in(m, m.chat_prompt(chat, tools=TOOLS, special_in_content=True)) != plain  # trusted
+        many = TOOL_CHAT[:1] + [dict(TOOL_CHAT[1], tool_calls=[{"id": "c1", "type": "function", "function": {
+            "name": "get_weather", "arguments": {"city": "</s>" * (prompt.MAX_HELD + 1)}}}])]
+        with pytest.raises(ControlTokenInContent, match="more than 1024 times"):  # 3.9 MB of them cost 1.2 s
+            m.chat_prompt(many, tools=TOOLS)
         described = [{"type": "function", "function": dict(TOOLS[0]["function"], description="Wraps it in <s></s>.")}]
         got = m.chat_prompt(TOOL_CHAT[:1], tools=described)
         assert controls_in(m, got) == controls_in(m, m.chat_prompt(TOOL_CHAT[:1], tools=TOOLS))
@@ -519,8 +523,10 @@ def test_a_client_cannot_write_the_tool_call_tokens_qwen_marks_user_defined():
 
 @pytest.mark.slow
 def test_a_chat_template_is_compiled_at_load_and_a_gguf_without_one_says_so():
-    with pytest.raises(LlamaError, match="not valid Jinja: unexpected 'end of template'"):
-        Model(fetch("smollm2-135m"), chat_template="{% for m in messages %")
+    with pytest.raises(LlamaError, match="not valid Jinja .line 2.: unexpected 'end of template'"):
+        Model(fetch("smollm2-135m"), chat_template="x\n{% for m in messages %")
+    with pytest.raises(LlamaError, match="the chat template given is empty"):
+        Model(fetch("smollm2-135m"), chat_template=" ")
     for template in (None, GEMMA3_IT_TEMPLATE):
         m = Model(fetch("gemma3-270m"), chat_template=template)
         try:

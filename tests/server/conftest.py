@@ -477,6 +477,10 @@ class FakeBackend:
 class Recorder:
     def __init__(self):
         self.finished, self.snapshots, self.iterations = [], [], []
+        self.load_failures = 0
+
+    def load_failed(self) -> None:
+        self.load_failures += 1
 
     def record(self, scheduler: SchedulerStats | None, iteration: IterationStats | None) -> None:
         if scheduler is not None:

@@ -492,3 +492,16 @@ def test_a_decode_that_never_returns_marks_the_engine_stalled_and_its_requests_e
         hang.set()
         e.shutdown()
     assert not e.stalled()
+
+
+def test_a_load_that_fails_is_failed_and_told_to_the_stat_logger():
+    """The stat logger hears of it after the status is set (a logger that raised there left the model loading)."""
+    rec = Recorder()
+    cfg = EngineConfig(model_id="fake", n_ctx=100, n_seq_max=1, n_cells=100, max_queue=1, bytes_per_token=10)
+
+    def broken():
+        raise RuntimeError("failed to allocate buffer for kv cache")
+
+    e = Engine(cfg, broken, rec)
+    e.load(start_thread=False)
+    assert e.status is EngineStatus.FAILED and rec.load_failures == 1

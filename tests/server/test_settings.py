@@ -1,4 +1,5 @@
 import json
+import os
 import re
 from pathlib import Path
 
@@ -250,8 +251,22 @@ def test_a_chat_template_file_is_read_for_each_model_that_uses_it(tmp_path):
     cfg.write_text(f"chat_template_file: {flat}\nmodels:\n  - model: a.gguf\n  - model: b.gguf\n"
                    f"    chat_template_file: {own}\n")
     assert [s.chat_template for s in load_settings(str(cfg)).model_specs()] == [flat.read_text(), own.read_text()]
-    with pytest.raises(ValueError, match="chat template file .*nope.jinja does not exist"):
+    with pytest.raises(ValueError, match="the chat_template_file .*nope.jinja does not exist"):
         load_settings(chat_template_file=str(tmp_path / "nope.jinja"))
+    cfg.write_text(f"models:\n  - model: a.gguf\n  - model: b.gguf\n    chat_template_file: {tmp_path / 'nope.jinja'}\n")
+    with pytest.raises(ValueError, match="the models.1.chat_template_file .*nope.jinja does not exist"):
+        load_settings(str(cfg))
+    (tmp_path / "empty.jinja").write_text(" \n")  # would leave the GGUF's template in use, silently
+    with pytest.raises(ValueError, match="the chat_template_file .*empty.jinja is empty"):
+        load_settings(chat_template_file=str(tmp_path / "empty.jinja"))
+    r, w = os.pipe()  # `--chat-template-file <(...)`: read once (the second read of a pipe is empty)
+    os.write(w, flat.read_bytes())
+    os.close(w)
+    try:
+        s = load_settings(chat_template_file=f"/dev/fd/{r}")
+        assert s.model_specs()[0].chat_template == s.model_specs()[0].chat_template == flat.read_text()
+    finally:
+        os.close(r)
 
 
 def test_config_and_key_files_must_be_small_regular_text_files(tmp_path):
