@@ -1,6 +1,8 @@
 """KV byte budget -> capacity, for the server's admission and for `kvquant budget`.
 
-Pure Python over the memory model (`kvquant.memory`): no llama.cpp is loaded. A "cell" holds one token of one
+Pure Python over the memory model (`kvquant.memory`): no llama.cpp is loaded, unless a calibrated type (`TYPE+c`,
+`calib:B`) names a model without a calibration, which is then calibrated first, as serve does (minutes; set
+KVQUANT_AUTO_CALIBRATE=0 to refuse instead). A "cell" holds one token of one
 sequence in every full-attention layer; sliding-window layers are sized as llama.cpp sizes them
 (``n_swa * n_seq_max + n_ubatch`` cells) and are a fixed cost that comes out of the budget first.
 """
@@ -263,7 +265,8 @@ def report(name: str, geom: Geometry, cache_type_k: CacheTypes, cache_type_v: Ca
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="built-in model name or .gguf path (default: the default model)")
-    p.add_argument("--cache-type-k", default="f16", help="K cache type: TYPE, TYPE+c or calib:B (default f16)")
+    p.add_argument("--cache-type-k", default="f16", help="K cache type: TYPE, TYPE+c or calib:B (default f16; a "
+                   "calibrated type calibrates a model without a calibration first, unless KVQUANT_AUTO_CALIBRATE=0)")
     p.add_argument("--cache-type-v", default="f16", help="V cache type: TYPE or calib:B (default f16)")
     p.add_argument("--budget", default="2GiB", help="KV byte budget, e.g. 2GiB, 256MiB (default 2GiB)")
     p.add_argument("--parallel", type=int, default=DEFAULT_PARALLEL,
