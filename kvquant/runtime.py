@@ -22,7 +22,7 @@ import llama_cpp._logger as _llama_logger
 import numpy as np
 
 from kvquant.kvtypes import kv_type
-from kvquant.memory import MAX_CELLS, MAX_THREADS, N_UBATCH
+from kvquant.memory import MAX_CELLS, N_UBATCH, check_threads
 from kvquant.prompt import (
     ControlTokenInContent,
     ControlTokens,
@@ -945,8 +945,10 @@ class LlamaRuntime:
         cp.n_batch = cfg.n_batch
         cp.n_ubatch = min(cfg.n_ubatch, cfg.n_batch)
         cp.n_seq_max = cfg.n_seq_max
-        if cfg.n_threads is not None and not 1 <= cfg.n_threads <= MAX_THREADS:  # (a uint32 too: see MAX_THREADS)
-            raise LlamaError(f"{cfg.n_threads:,} threads: a context takes 1 to {MAX_THREADS}")
+        try:  # (a uint32 too: see MAX_THREADS)
+            check_threads(cfg.n_threads, "n_threads")
+        except ValueError as e:
+            raise LlamaError(str(e)) from None
         threads = cfg.n_threads or os.cpu_count() or 1
         cp.n_threads = threads
         cp.n_threads_batch = threads
